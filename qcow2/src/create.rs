@@ -1,0 +1,219 @@
+//! Creating images, laid out as QEMU lays them out: a minimal qcow2 with
+//! header, refcount table and one refcount block, then grown to the
+//! requested size through the normal resize path (as qemu-img does).
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::header::{compat, incompat, CompressionType, Header, V3_HEADER_LEN_COMPRESSION};
+use crate::image::{Format, Image};
+use crate::qcow::{Qcow2, Qcow2Options};
+use crate::refcount::entry_set;
+use crate::storage::Storage;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    #[default]
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+impl Preallocation {
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Self> {
+        Some(match s {
+            "off" => Preallocation::Off,
+            "metadata" => Preallocation::Metadata,
+            "falloc" => Preallocation::Falloc,
+            "full" => Preallocation::Full,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    pub format: Format,
+    pub size: u64,
+    pub cluster_size: u64,
+    /// 2 for compat=0.10, 3 for compat=1.1.
+    pub version: u32,
+    pub refcount_bits: u32,
+    pub lazy_refcounts: bool,
+    pub preallocation: Preallocation,
+    pub backing_file: Option<String>,
+    pub backing_format: Option<String>,
+    pub compression_type: CompressionType,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            format: Format::Qcow2,
+            size: 0,
+            cluster_size: 65536,
+            version: 3,
+            refcount_bits: 16,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+            backing_file: None,
+            backing_format: None,
+            compression_type: CompressionType::Zlib,
+        }
+    }
+}
+
+impl CreateOptions {
+    /// Rejects combinations qemu-img rejects, with its reasons.
+    pub fn validate(&self) -> Result<()> {
+        let inval = |m: &str| Err(Error::InvalidArgument(m.to_string()));
+        if self.format == Format::Raw {
+            if self.backing_file.is_some() {
+                return inval("raw images cannot have a backing file");
+            }
+            if self.preallocation == Preallocation::Metadata {
+                return inval("preallocation mode 'metadata' is not supported for raw images");
+            }
+            return Ok(());
+        }
+        let cs = self.cluster_size;
+        if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
+            return inval("cluster size must be a power of two between 512 and 2048k");
+        }
+        if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
+            return inval("refcount width must be a power of two and may not exceed 64 bits");
+        }
+        if self.version != 2 && self.version != 3 {
+            return inval("compat must be 0.10 or 1.1");
+        }
+        if self.version == 2 {
+            if self.refcount_bits != 16 {
+                return inval("different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+            }
+            if self.lazy_refcounts {
+                return inval("lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+            }
+            if self.compression_type != CompressionType::Zlib {
+                return inval("non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+            }
+        }
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+            return inval("Backing file and preallocation can only be used at the same time if extended_l2 is on");
+        }
+        if self.backing_format.is_some() && self.backing_file.is_none() {
+            return inval("backing format cannot be used without backing file");
+        }
+        if self.size > Header::max_size(cs.trailing_zeros()) {
+            return Err(Error::TooLarge(format!("virtual size {} for cluster size {cs}", self.size)));
+        }
+        Ok(())
+    }
+}
+
+/// Creates (or truncates) `path` as a new image.
+pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    o.validate()?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let st = Storage::from_file(file, path, true);
+    match o.format {
+        Format::Raw => {
+            st.set_len(o.size)?;
+            preallocate_range(&st, o.preallocation, 0, o.size)?;
+            st.sync()
+        }
+        Format::Qcow2 => create_qcow2(st, o),
+    }
+}
+
+fn preallocate_range(st: &Storage, mode: Preallocation, off: u64, len: u64) -> Result<()> {
+    match mode {
+        Preallocation::Off | Preallocation::Metadata => Ok(()),
+        Preallocation::Falloc => st.allocate(off, len),
+        Preallocation::Full => {
+            // Write real zeros (not a zero-range request), as
+            // preallocation=full promises allocated blocks.
+            let zeros = crate::zero_buf();
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(zeros.len() as u64) as usize;
+                st.write_at(&zeros[..n], off + done)?;
+                done += n as u64;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
+    let cs = o.cluster_size;
+    let cluster_bits = cs.trailing_zeros();
+    let refcount_order = o.refcount_bits.trailing_zeros();
+    let mut incompatible = 0;
+    if o.compression_type != CompressionType::Zlib {
+        incompatible |= incompat::COMPRESSION;
+    }
+    let mut h = Header {
+        version: o.version,
+        backing_file_offset: 0,
+        backing_file_size: 0,
+        cluster_bits,
+        size: 0,
+        crypt_method: 0,
+        l1_size: 0,
+        l1_table_offset: 3 * cs,
+        refcount_table_offset: cs,
+        refcount_table_clusters: 1,
+        nb_snapshots: 0,
+        snapshots_offset: 0,
+        incompatible_features: incompatible,
+        compatible_features: if o.lazy_refcounts { compat::LAZY_REFCOUNTS } else { 0 },
+        autoclear_features: 0,
+        refcount_order,
+        header_length: V3_HEADER_LEN_COMPRESSION as u32,
+        compression_type: o.compression_type,
+        backing_file: o.backing_file.clone(),
+        backing_format: o.backing_format.clone(),
+        feature_names: if o.version == 3 { Header::default_feature_names() } else { Vec::new() },
+        other_extensions: Vec::new(),
+    };
+    let first = h.encode()?;
+    // Cluster 1: refcount table with one entry; cluster 2: its block,
+    // counting clusters 0-2.
+    let mut table = vec![0u8; cs as usize];
+    table[..8].copy_from_slice(&(2 * cs).to_be_bytes());
+    let mut block = vec![0u8; cs as usize];
+    for c in 0..3 {
+        entry_set(&mut block, c, refcount_order, 1);
+    }
+    st.write_at(&first, 0)?;
+    st.write_at(&table, cs)?;
+    st.write_at(&block, 2 * cs)?;
+    st.sync()?;
+    let q = Qcow2::open(st, None, Qcow2Options::default())?;
+    q.resize(o.size)?;
+    if o.preallocation != Preallocation::Off {
+        q.preallocate_metadata()?;
+        for (off, len) in q.data_extents()? {
+            preallocate_range(q.storage(), o.preallocation, off, len)?;
+        }
+    }
+    q.flush()
+}

@@ -1,0 +1,76 @@
+//! The crate's one error type.
+
+use std::io;
+use std::path::PathBuf;
+
+/// Everything that can go wrong opening, reading or writing an image.
+///
+/// Variants carry enough context (which field, which offset, which file) for
+/// a command-line tool to print one clear line.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("could not open '{}': {source}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image is not in qcow2 format")]
+    NotQcow2,
+    #[error("invalid qcow2 header: {0}")]
+    InvalidHeader(String),
+    #[error("unsupported qcow2 version {0}")]
+    UnsupportedVersion(u32),
+    #[error("unsupported qcow2 feature(s): {0}")]
+    UnsupportedFeature(String),
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+    #[error(
+        "qcow2 image is marked corrupt and cannot be opened read/write; \
+         run 'rimg check -r all' to repair it"
+    )]
+    MarkedCorrupt,
+    #[error("image is read-only")]
+    ReadOnly,
+    #[error("request [{offset}, +{len}) is outside the image (size {size})")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("backing chain: {0}")]
+    Backing(String),
+    #[error("compressed cluster at host offset {offset:#x}: {reason}")]
+    Decompress { offset: u64, reason: String },
+    #[error("refcount overflow for cluster at host offset {0:#x}")]
+    RefcountOverflow(u64),
+    #[error("image is too large: {0}")]
+    TooLarge(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Adds context to `io::Result`s.
+pub(crate) trait IoContext<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}

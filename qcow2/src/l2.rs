@@ -1,0 +1,152 @@
+//! L1 and L2 table entries (qcow2.rst, "Cluster mapping").
+
+/// Bit 63 of L1 and standard L2 entries: the refcount of the cluster is
+/// exactly one, so it may be written in place.
+pub const COPIED: u64 = 1 << 63;
+/// Bit 62 of an L2 entry: the cluster is compressed.
+pub const COMPRESSED: u64 = 1 << 62;
+/// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeros.
+pub const ZERO: u64 = 1;
+/// Bits 9-55: host cluster offset in L1 and standard L2 entries.
+pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry (1-8, 56-62) that must be zero.
+pub const L1_RESERVED: u64 = 0x7f00_0000_0000_01fe;
+/// Reserved bits of a standard L2 entry (1-8, 56-61).
+pub const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+
+/// Decoded L1 entry: where the L2 table is, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L1Entry(pub u64);
+
+impl L1Entry {
+    pub fn l2_offset(self) -> u64 {
+        self.0 & OFFSET_MASK
+    }
+    pub fn copied(self) -> bool {
+        self.0 & COPIED != 0
+    }
+    pub fn new(offset: u64, copied: bool) -> Self {
+        L1Entry(offset | if copied { COPIED } else { 0 })
+    }
+}
+
+/// Geometry of compressed cluster descriptors, which depends on the
+/// cluster size (qcow2.rst, "Compressed Clusters Descriptor").
+#[derive(Debug, Clone, Copy)]
+pub struct CompressedGeometry {
+    /// x = 62 - (cluster_bits - 8): bits below x hold the host offset.
+    pub shift: u32,
+    pub offset_mask: u64,
+    pub sectors_mask: u64,
+}
+
+impl CompressedGeometry {
+    pub fn new(cluster_bits: u32) -> Self {
+        let shift = 62 - (cluster_bits - 8);
+        CompressedGeometry {
+            shift,
+            offset_mask: (1u64 << shift) - 1,
+            sectors_mask: (1u64 << (cluster_bits - 8)) - 1,
+        }
+    }
+}
+
+/// What one guest cluster maps to in this layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L2Entry {
+    /// Not allocated here: read from the backing file, or zeros.
+    Unallocated,
+    /// Reads as zeros. `host` is a preallocated cluster that may be reused
+    /// for data; `copied` mirrors its COPIED flag.
+    Zero { host: Option<u64>, copied: bool },
+    /// Data at a host cluster offset.
+    Normal { host: u64, copied: bool },
+    /// Compressed data: `len` bytes starting at byte `offset` (the last
+    /// sector may hold trailing bytes of something else).
+    Compressed { offset: u64, len: u64, sectors: u64 },
+}
+
+impl L2Entry {
+    pub fn decode(raw: u64, g: CompressedGeometry) -> L2Entry {
+        if raw & COMPRESSED != 0 {
+            let offset = raw & g.offset_mask;
+            let sectors = ((raw >> g.shift) & g.sectors_mask) + 1;
+            // The stored range begins at `offset` and ends at the end of
+            // the last 512-byte sector counted (QEMU's
+            // qcow2_parse_compressed_l2_entry).
+            let len = sectors * 512 - (offset & 511);
+            return L2Entry::Compressed { offset, len, sectors };
+        }
+        let host = raw & OFFSET_MASK;
+        let copied = raw & COPIED != 0;
+        if raw & ZERO != 0 {
+            return L2Entry::Zero {
+                host: (host != 0).then_some(host),
+                copied,
+            };
+        }
+        if host == 0 {
+            L2Entry::Unallocated
+        } else {
+            L2Entry::Normal { host, copied }
+        }
+    }
+
+    pub fn encode(self, g: CompressedGeometry) -> u64 {
+        match self {
+            L2Entry::Unallocated => 0,
+            L2Entry::Zero { host, copied } => {
+                host.unwrap_or(0) | ZERO | if copied { COPIED } else { 0 }
+            }
+            L2Entry::Normal { host, copied } => host | if copied { COPIED } else { 0 },
+            L2Entry::Compressed { offset, sectors, .. } => {
+                COMPRESSED | ((sectors - 1) << g.shift) | offset
+            }
+        }
+    }
+
+    /// The host range whose refcounts this entry holds a reference on:
+    /// (first byte, length), or None.
+    pub fn host_range(self, cluster_size: u64) -> Option<(u64, u64)> {
+        match self {
+            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => None,
+            L2Entry::Zero { host: Some(h), .. } | L2Entry::Normal { host: h, .. } => {
+                Some((h, cluster_size))
+            }
+            L2Entry::Compressed { offset, sectors, .. } => Some((offset & !511, sectors * 512)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compressed_roundtrip() {
+        for bits in 9..=21 {
+            let g = CompressedGeometry::new(bits);
+            let e = L2Entry::Compressed {
+                offset: 0x12_3456,
+                len: 3 * 512 - (0x12_3456 & 511),
+                sectors: 3,
+            };
+            assert_eq!(L2Entry::decode(e.encode(g), g), e);
+        }
+    }
+
+    #[test]
+    fn standard_entries() {
+        let g = CompressedGeometry::new(16);
+        assert_eq!(L2Entry::decode(0, g), L2Entry::Unallocated);
+        assert_eq!(L2Entry::decode(1, g), L2Entry::Zero { host: None, copied: false });
+        assert_eq!(
+            L2Entry::decode(COPIED | 0x10000, g),
+            L2Entry::Normal { host: 0x10000, copied: true }
+        );
+        assert_eq!(
+            L2Entry::decode(COPIED | 0x10000 | 1, g),
+            L2Entry::Zero { host: Some(0x10000), copied: true }
+        );
+    }
+}

@@ -1,0 +1,51 @@
+//! rimg's qcow2 engine: qcow2 (versions 2 and 3) and raw disk images
+//! behind one [`Image`] interface.
+//!
+//! The on-disk format is QEMU's, as specified in docs/interop/qcow2.rst;
+//! module docs cite its sections where the layout is decoded.
+//!
+//! # Threading
+//! An [`Image`] is `Send + Sync`: several threads (for example one per
+//! virtqueue) may read and write the same image at once. The qcow2 type
+//! keeps all metadata behind one mutex that is never held across guest
+//! data I/O; allocating writes register the guest clusters they are
+//! allocating so that concurrent requests touching the same clusters wait
+//! for the allocation to commit. See [`qcow`] for the exact model and the
+//! write ordering that keeps images consistent across crashes.
+//!
+//! # Untrusted input
+//! Every header field, table entry and offset read from a file is
+//! validated before use. Tables are bounded as QEMU bounds them (L1 at
+//! 32 MiB, refcount table at 8 MiB, 65536 snapshots), so opening a hostile
+//! image allocates at most a few tens of MiB and never panics.
+
+pub(crate) mod cache;
+pub mod check;
+pub mod compress;
+pub mod create;
+pub mod error;
+pub mod header;
+pub mod image;
+pub mod l2;
+pub mod open;
+pub mod qcow;
+pub mod raw;
+pub(crate) mod refcount;
+pub mod snapshot;
+pub mod storage;
+
+pub use check::CheckReport;
+pub use create::{create, CreateOptions, Preallocation};
+pub use error::{Error, Result};
+pub use header::{CompressionType, Header};
+pub use image::{Extent, ExtentKind, Format, Image};
+pub use open::{open, probe, resolve_backing, OpenOptions};
+pub use qcow::{Qcow2, Qcow2Options};
+pub use raw::Raw;
+pub use snapshot::Snapshot;
+
+/// A shared buffer of zeros for writing zero ranges in bounded pieces.
+pub(crate) fn zero_buf() -> &'static [u8] {
+    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+    &ZEROS
+}

@@ -1,0 +1,134 @@
+//! Opening images: format probing and backing chains.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::header::MAGIC;
+use crate::image::{Format, Image};
+use crate::qcow::{Qcow2, Qcow2Options};
+use crate::raw::Raw;
+use crate::storage::Storage;
+
+/// Deepest backing chain followed; deeper chains are refused.
+pub const MAX_CHAIN_DEPTH: usize = 64;
+
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Open the top image for writing (backing images are always
+    /// read-only).
+    pub writable: bool,
+    /// Format of the top image; probed when None.
+    pub format: Option<Format>,
+    /// Do not open backing files: unallocated clusters read as zeros.
+    pub no_backing: bool,
+    pub qcow2: Qcow2Options,
+}
+
+/// Opens an image and, unless told not to, its backing chain.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
+    let mut seen = HashSet::new();
+    open_at_depth(path, opts.format, opts.writable, opts, 0, &mut seen)
+}
+
+/// Reads the first bytes of a file to decide its format: qcow2 by magic,
+/// anything else is raw (as QEMU's probing falls back to raw).
+pub fn probe(path: &Path) -> Result<Format> {
+    let st = Storage::open(path, false)?;
+    probe_storage(&st)
+}
+
+fn probe_storage(st: &Storage) -> Result<Format> {
+    let mut magic = [0u8; 4];
+    st.read_at(&mut magic, 0)?;
+    Ok(if u32::from_be_bytes(magic) == MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+/// Where a backing file name points, as QEMU resolves it: absolute names
+/// and protocol names as they are, relative names against the directory
+/// of the image that names them.
+pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
+    let b = Path::new(backing);
+    if b.is_absolute() {
+        return b.to_path_buf();
+    }
+    match image.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
+        _ => b.to_path_buf(),
+    }
+}
+
+fn open_at_depth(
+    path: &Path,
+    format: Option<Format>,
+    writable: bool,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<Arc<dyn Image>> {
+    if depth > MAX_CHAIN_DEPTH {
+        return Err(Error::Backing(format!(
+            "backing chain is deeper than {MAX_CHAIN_DEPTH} images at '{}'",
+            path.display()
+        )));
+    }
+    let canon = std::fs::canonicalize(path).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !seen.insert(canon) {
+        return Err(Error::Backing(format!(
+            "backing file '{}' creates an infinite loop",
+            path.display()
+        )));
+    }
+    let st = Storage::open(path, writable)?;
+    let format = match format {
+        Some(f) => f,
+        None => probe_storage(&st)?,
+    };
+    match format {
+        Format::Raw => Ok(Arc::new(Raw::open(st)?)),
+        Format::Qcow2 => {
+            let backing = if opts.no_backing {
+                None
+            } else {
+                backing_of(&st, opts, depth, seen)?
+            };
+            Ok(Arc::new(Qcow2::open(st, backing, opts.qcow2.clone())?))
+        }
+    }
+}
+
+fn backing_of(
+    st: &Storage,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<Option<Arc<dyn Image>>> {
+    let mut first = vec![0u8; 1 << crate::header::MAX_CLUSTER_BITS];
+    let len = st.len()?.min(first.len() as u64) as usize;
+    first.truncate(len);
+    st.read_at(&mut first, 0)?;
+    let h = crate::header::Header::parse(&first)?;
+    let Some(name) = h.backing_file.as_deref() else {
+        return Ok(None);
+    };
+    let bpath = resolve_backing(st.path(), name);
+    let bfmt = match h.backing_format.as_deref() {
+        None => None,
+        Some(f) => Some(Format::from_name(f).ok_or_else(|| {
+            Error::Backing(format!("unknown backing file format '{f}' for '{}'", bpath.display()))
+        })?),
+    };
+    let b = open_at_depth(&bpath, bfmt, false, opts, depth + 1, seen).map_err(|e| match e {
+        e @ Error::Backing(_) => e,
+        e => Error::Backing(format!("could not open backing file '{}': {e}", bpath.display())),
+    })?;
+    Ok(Some(b))
+}

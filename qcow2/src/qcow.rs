@@ -1,0 +1,1113 @@
+//! The qcow2 image: guest reads and writes mapped through L1/L2 tables,
+//! cluster allocation with copy-on-write, and the write ordering that keeps
+//! the file consistent across a crash.
+//!
+//! # Locking
+//! All metadata (header copy, L1, the L2 and refcount caches, the in-flight
+//! allocation set, pending frees) lives in one [`Meta`] behind a mutex. The
+//! mutex is held only to look up or change metadata, never across guest
+//! data I/O: a request maps its range under the lock, drops it, and does
+//! its data I/O on the shared file (pread/pwrite take `&self`).
+//!
+//! A write that needs new clusters registers the guest clusters it
+//! allocates in `inflight` before dropping the lock. Any other request that
+//! would change the mapping of one of those guest clusters (another
+//! allocating write, a discard, write-zeroes) waits on `alloc_done` until
+//! the first one has committed its L2 entries. Reads and in-place writes
+//! never wait: they see the old mapping until the commit.
+//!
+//! # Write ordering (crash safety)
+//! - Data and copy-on-write fill are written (pwrite completed) before the
+//!   L2 entry that maps them is changed, even in the cache.
+//! - Refcount increases are durable before any L2 or L1 entry that uses
+//!   them reaches the disk: writing back an L2 table (eviction or flush)
+//!   first flushes the refcount cache and syncs.
+//! - A new L2 table is durable before the L1 entry pointing to it is
+//!   written (L1 entries are written at flush, after the L2 tables).
+//! - A reference is removed on disk before the refcount drops: frees are
+//!   queued in `pending_free` and applied only after the flush that made
+//!   the new L2/L1 entries durable. Queued clusters cannot be reused
+//!   before that, so no freed cluster is overwritten while an old pointer
+//!   to it may still be on disk.
+//! - `flush` makes every completed write durable.
+//!
+//! A crash at any point therefore leaves at worst leaked clusters.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use crate::cache::TableCache;
+use crate::compress;
+use crate::error::{Error, Result};
+use crate::header::{field, incompat, Header};
+use crate::image::{Extent, ExtentKind, Format, Image};
+use crate::l2::{CompressedGeometry, L1Entry, L2Entry, OFFSET_MASK};
+use crate::refcount::Refcounts;
+use crate::snapshot::Snapshot;
+use crate::storage::Storage;
+
+/// Tunables for opening a qcow2 image.
+#[derive(Debug, Clone)]
+pub struct Qcow2Options {
+    /// Bytes of L2 tables to keep cached.
+    pub l2_cache_bytes: u64,
+    /// Bytes of refcount blocks to keep cached.
+    pub refcount_cache_bytes: u64,
+    /// Punch holes in the host file for clusters freed by discard.
+    pub discard_passthrough: bool,
+}
+
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        Qcow2Options {
+            l2_cache_bytes: 32 << 20,
+            refcount_cache_bytes: 4 << 20,
+            discard_passthrough: true,
+        }
+    }
+}
+
+struct Meta {
+    header: Header,
+    l1: Vec<u64>,
+    /// Range of L1 indices changed since the last flush.
+    l1_dirty: Option<(usize, usize)>,
+    l2: TableCache,
+    rc: Refcounts,
+    /// Host byte ranges whose reference was dropped in memory; their
+    /// refcounts are decreased after the next flush.
+    pending_free: Vec<(u64, u64)>,
+    /// Guest clusters whose allocation is in progress.
+    inflight: HashSet<u64>,
+    snapshots: Vec<Snapshot>,
+    snapshot_table_bytes: u64,
+}
+
+/// What a run of guest bytes maps to in this layer.
+#[derive(Debug, Clone, Copy)]
+enum Run {
+    Data(u64),
+    Zero(Option<u64>),
+    Unallocated,
+    Compressed(L2Entry),
+}
+
+/// An allocation handed out by `plan_write` and finished by `commit`.
+struct Alloc {
+    /// First guest cluster and count.
+    gc: u64,
+    n: u64,
+    /// Host offset of the first new cluster (contiguous).
+    host: u64,
+    /// The existing preallocated zero cluster is reused (n == 1).
+    reuse: bool,
+    /// Old entries of the first and last cluster: copy-on-write sources.
+    first_old: L2Entry,
+    last_old: L2Entry,
+}
+
+enum WritePlan {
+    InPlace { host: u64, len: usize },
+    Alloc(Alloc),
+}
+
+thread_local! {
+    /// Cluster-sized buffer for copy-on-write of partial clusters.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Input and output buffers for compressed cluster reads.
+    static DECOMP: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+pub struct Qcow2 {
+    st: Storage,
+    cluster_bits: u32,
+    geom: CompressedGeometry,
+    version: u32,
+    compression: crate::header::CompressionType,
+    size: AtomicU64,
+    backing: Option<Arc<dyn Image>>,
+    meta: Mutex<Meta>,
+    alloc_done: Condvar,
+    opts: Qcow2Options,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2").field("path", &self.st.path()).finish()
+    }
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on `st`. `backing` is the already opened backing
+    /// image (or None to read unallocated clusters as zeros).
+    pub fn open(st: Storage, backing: Option<Arc<dyn Image>>, opts: Qcow2Options) -> Result<Qcow2> {
+        let mut first = vec![0u8; 1 << crate::header::MAX_CLUSTER_BITS];
+        let file_len = st.len()?;
+        first.truncate(file_len.min(first.len() as u64) as usize);
+        st.read_at(&mut first, 0)?;
+        // Parse from at most one cluster of the file.
+        let mut header = Header::parse(&first)?;
+        let cs = header.cluster_size();
+        if (first.len() as u64) > cs {
+            first.truncate(cs as usize);
+            header = Header::parse(&first)?;
+        }
+        if st.writable() && header.is_corrupt() {
+            return Err(Error::MarkedCorrupt);
+        }
+        let cb = header.cluster_bits;
+        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
+        st.read_at(&mut l1_raw, header.l1_table_offset)?;
+        let l1: Vec<u64> = l1_raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect();
+        let rc = Refcounts::load(
+            &st,
+            header.refcount_table_offset,
+            header.refcount_table_clusters as u64,
+            header.refcount_order,
+            cb,
+            opts.refcount_cache_bytes,
+        )?;
+        let (snapshots, snapshot_table_bytes) = Snapshot::read_table(&st, &header)?;
+        let meta = Meta {
+            l1,
+            l1_dirty: None,
+            l2: TableCache::new(cs as usize, opts.l2_cache_bytes),
+            rc,
+            pending_free: Vec::new(),
+            inflight: HashSet::new(),
+            snapshots,
+            snapshot_table_bytes,
+            header: header.clone(),
+        };
+        let q = Qcow2 {
+            cluster_bits: cb,
+            geom: CompressedGeometry::new(cb),
+            version: header.version,
+            compression: header.compression_type,
+            size: AtomicU64::new(header.size),
+            backing,
+            meta: Mutex::new(meta),
+            alloc_done: Condvar::new(),
+            opts,
+            st,
+        };
+        if q.st.writable() {
+            q.prepare_for_writing()?;
+        }
+        Ok(q)
+    }
+
+    /// Before the first write: rebuild refcounts of a dirty image and clear
+    /// autoclear bits whose structures this crate does not maintain.
+    fn prepare_for_writing(&self) -> Result<()> {
+        let mut m = self.lock();
+        if m.header.is_dirty() {
+            crate::check::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
+            m.header.incompatible_features &= !incompat::DIRTY;
+            self.st.write_at(&m.header.incompatible_features.to_be_bytes(), field::INCOMPATIBLE)?;
+            self.st.sync()?;
+        }
+        if m.header.version == 3 && m.header.autoclear_features != 0 {
+            m.header.autoclear_features = 0;
+            self.st.write_at(&0u64.to_be_bytes(), field::AUTOCLEAR)?;
+            self.st.sync()?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock leaves metadata in an unknown
+        // state; continuing would risk writing it, so propagate.
+        self.meta.lock().expect("qcow2 metadata lock poisoned")
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    pub fn header(&self) -> Header {
+        self.lock().header.clone()
+    }
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.lock().snapshots.clone()
+    }
+    pub fn storage(&self) -> &Storage {
+        &self.st
+    }
+
+    fn l2_bits(&self) -> u32 {
+        self.cluster_bits - 3
+    }
+
+    // ----- metadata access (lock held) -----
+
+    /// Writes back a dirty L2 table: refcounts first (see module docs).
+    fn writeback_l2(&self, m: &mut Meta, i: usize) -> Result<()> {
+        if m.l2.is_dirty(i) {
+            m.rc.flush(&self.st)?;
+            self.st.write_at(m.l2.data(i), m.l2.key(i))?;
+            m.l2.mark_clean(i);
+        }
+        Ok(())
+    }
+
+    /// Cache slot of the L2 table at host offset `off`.
+    fn l2_slot(&self, m: &mut Meta, off: u64) -> Result<usize> {
+        if let Some(i) = m.l2.lookup(off) {
+            return Ok(i);
+        }
+        if off & (self.cluster_size() - 1) != 0 {
+            return Err(Error::Corrupt(format!("L2 table offset {off:#x} is not cluster aligned")));
+        }
+        if off == 0 {
+            return Err(Error::Corrupt("L2 table at offset 0 (the header)".into()));
+        }
+        let i = m.l2.victim();
+        self.writeback_l2(m, i)?;
+        self.st.read_at(m.l2.buffer(i), off)?;
+        m.l2.assign(i, off, false);
+        Ok(i)
+    }
+
+    fn l2_get(m: &Meta, slot: usize, idx: usize) -> u64 {
+        let d = m.l2.data(slot);
+        u64::from_be_bytes(d[idx * 8..idx * 8 + 8].try_into().unwrap())
+    }
+
+    fn l2_set(m: &mut Meta, slot: usize, idx: usize, v: u64) {
+        m.l2.data_mut(slot)[idx * 8..idx * 8 + 8].copy_from_slice(&v.to_be_bytes());
+    }
+
+    fn set_l1(m: &mut Meta, idx: usize, v: u64) {
+        m.l1[idx] = v;
+        m.l1_dirty = Some(match m.l1_dirty {
+            None => (idx, idx),
+            Some((a, b)) => (a.min(idx), b.max(idx)),
+        });
+    }
+
+    fn decode(&self, raw: u64) -> Result<L2Entry> {
+        let e = L2Entry::decode(raw, self.geom);
+        match e {
+            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. }
+                if host & (self.cluster_size() - 1) != 0 =>
+            {
+                Err(Error::Corrupt(format!("cluster offset {host:#x} is not cluster aligned")))
+            }
+            L2Entry::Zero { .. } if self.version < 3 => {
+                Err(Error::Corrupt("zero cluster flag in a version 2 image".into()))
+            }
+            _ => Ok(e),
+        }
+    }
+
+    /// Slot of the L2 table for L1 index `l1i`, if one is allocated.
+    fn l2_for(&self, m: &mut Meta, l1i: usize) -> Result<Option<usize>> {
+        let Some(&e) = m.l1.get(l1i) else {
+            return Ok(None);
+        };
+        let off = L1Entry(e).l2_offset();
+        if off == 0 {
+            return Ok(None);
+        }
+        self.l2_slot(m, off).map(Some)
+    }
+
+    /// Maps the run of guest bytes starting at `off` (at most `len`) that
+    /// share one kind of mapping in this layer.
+    fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Run, u64)> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let l2n = 1u64 << self.l2_bits();
+        let gc = off >> cb;
+        let in_cl = off & (cs - 1);
+        let l1i = (gc >> self.l2_bits()) as usize;
+        let l2i = gc & (l2n - 1);
+        // Clusters this request may span within the current L2 table.
+        let want = (in_cl + len).div_ceil(cs).min(l2n - l2i);
+        let Some(slot) = self.l2_for(m, l1i)? else {
+            return Ok((Run::Unallocated, (want * cs - in_cl).min(len)));
+        };
+        let first = self.decode(Self::l2_get(m, slot, l2i as usize))?;
+        let mut n = 1;
+        let run = match first {
+            L2Entry::Normal { host, .. } => {
+                while n < want {
+                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
+                        L2Entry::Normal { host: h, .. } if h == host + n * cs => n += 1,
+                        _ => break,
+                    }
+                }
+                Run::Data(host + in_cl)
+            }
+            L2Entry::Zero { host, .. } => {
+                while n < want {
+                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
+                        L2Entry::Zero { .. } => n += 1,
+                        _ => break,
+                    }
+                }
+                Run::Zero(host.map(|h| h + in_cl).filter(|_| n == 1))
+            }
+            L2Entry::Unallocated => {
+                while n < want {
+                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
+                        L2Entry::Unallocated => n += 1,
+                        _ => break,
+                    }
+                }
+                Run::Unallocated
+            }
+            c @ L2Entry::Compressed { .. } => Run::Compressed(c),
+        };
+        Ok((run, (n * cs - in_cl).min(len)))
+    }
+
+    // ----- reads -----
+
+    fn read_unallocated(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match &self.backing {
+            Some(b) => read_backing(b.as_ref(), buf, off),
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    /// Decompresses the cluster described by `e` and hands it to `f`.
+    fn with_decompressed<R>(&self, e: L2Entry, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        let L2Entry::Compressed { offset, len, .. } = e else {
+            unreachable!("with_decompressed takes compressed entries")
+        };
+        DECOMP.with(|d| {
+            let (input, out) = &mut *d.borrow_mut();
+            input.resize(len as usize, 0);
+            out.resize(self.cluster_size() as usize, 0);
+            self.st.read_at(input, offset)?;
+            compress::decompress(self.compression, input, out)
+                .map_err(|reason| Error::Decompress { offset, reason })?;
+            Ok(f(out))
+        })
+    }
+
+    /// Reads guest data into `buf` from guest offset `off` (which must lie
+    /// within the image).
+    fn read_inner(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let (run, n) = {
+                let mut m = self.lock();
+                self.map_run(&mut m, pos, (buf.len() - done) as u64)?
+            };
+            let part = &mut buf[done..done + n as usize];
+            match run {
+                Run::Data(host) => self.st.read_at(part, host)?,
+                Run::Zero(_) => part.fill(0),
+                Run::Unallocated => self.read_unallocated(part, pos)?,
+                Run::Compressed(e) => {
+                    let in_cl = (pos & (self.cluster_size() - 1)) as usize;
+                    self.with_decompressed(e, |c| part.copy_from_slice(&c[in_cl..in_cl + part.len()]))?
+                }
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    // ----- writes -----
+
+    /// Makes the L2 table for `l1i` exclusively ours (allocating it, or
+    /// copying a table shared with a snapshot) and returns its slot.
+    fn l2_writable(&self, m: &mut Meta, l1i: usize) -> Result<usize> {
+        let e = L1Entry(m.l1[l1i]);
+        let old = e.l2_offset();
+        if old != 0 && e.copied() {
+            return self.l2_slot(m, old);
+        }
+        let cs = self.cluster_size();
+        if old != 0 && m.rc.get(&self.st, old >> self.cluster_bits)? == 1 {
+            // Only the active L1 references it after all: just mark it.
+            Self::set_l1(m, l1i, L1Entry::new(old, true).0);
+            return self.l2_slot(m, old);
+        }
+        let content = if old != 0 {
+            let s = self.l2_slot(m, old)?;
+            Some(m.l2.data(s).to_vec())
+        } else {
+            None
+        };
+        let new = m.rc.alloc(&self.st, 1)?;
+        let i = m.l2.victim();
+        self.writeback_l2(m, i)?;
+        match &content {
+            Some(c) => m.l2.buffer(i).copy_from_slice(c),
+            None => m.l2.buffer(i).fill(0),
+        }
+        m.l2.assign(i, new, true);
+        Self::set_l1(m, l1i, L1Entry::new(new, true).0);
+        if old != 0 {
+            m.pending_free.push((old, cs));
+        }
+        Ok(i)
+    }
+
+    /// Decides how to write `len` bytes at guest offset `pos`: in place
+    /// into clusters we own, or into newly allocated clusters. Called with
+    /// the lock held and the first cluster not in flight.
+    fn plan_write(&self, m: &mut Meta, pos: u64, len: usize) -> Result<WritePlan> {
+        let cs = self.cluster_size();
+        let cb = self.cluster_bits;
+        let l2n = 1u64 << self.l2_bits();
+        let gc = pos >> cb;
+        let in_cl = pos & (cs - 1);
+        let l1i = (gc >> self.l2_bits()) as usize;
+        let l2i = gc & (l2n - 1);
+        let want = (in_cl + len as u64).div_ceil(cs).min(l2n - l2i);
+        if let Some(slot) = self.l2_for(m, l1i)? {
+            if let L2Entry::Normal { host, copied: true } = self.decode(Self::l2_get(m, slot, l2i as usize))? {
+                let mut n = 1;
+                while n < want {
+                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
+                        L2Entry::Normal { host: h, copied: true } if h == host + n * cs => n += 1,
+                        _ => break,
+                    }
+                }
+                let bytes = ((n * cs - in_cl) as usize).min(len);
+                return Ok(WritePlan::InPlace {
+                    host: host + in_cl,
+                    len: bytes,
+                });
+            }
+        }
+        let slot = self.l2_writable(m, l1i)?;
+        let first_old = self.decode(Self::l2_get(m, slot, l2i as usize))?;
+        // A preallocated zero cluster we own is reused in place.
+        if let L2Entry::Zero { host: Some(h), copied: true } = first_old {
+            m.inflight.insert(gc);
+            return Ok(WritePlan::Alloc(Alloc {
+                gc,
+                n: 1,
+                host: h,
+                reuse: true,
+                first_old,
+                last_old: first_old,
+            }));
+        }
+        let mut n = 1;
+        let mut last_old = first_old;
+        while n < want {
+            if m.inflight.contains(&(gc + n)) {
+                break;
+            }
+            match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
+                L2Entry::Normal { copied: true, .. } | L2Entry::Zero { host: Some(_), copied: true } => break,
+                e => last_old = e,
+            }
+            n += 1;
+        }
+        let host = m.rc.alloc(&self.st, n)?;
+        for k in 0..n {
+            m.inflight.insert(gc + k);
+        }
+        Ok(WritePlan::Alloc(Alloc {
+            gc,
+            n,
+            host,
+            reuse: false,
+            first_old,
+            last_old,
+        }))
+    }
+
+    /// Fills `out` (one cluster) with what guest cluster `gc` reads as in
+    /// the mapping `old`: the copy-on-write source.
+    fn cow_source(&self, gc: u64, old: L2Entry, out: &mut [u8]) -> Result<()> {
+        match old {
+            L2Entry::Unallocated => self.read_unallocated(out, gc << self.cluster_bits),
+            L2Entry::Zero { .. } => {
+                out.fill(0);
+                Ok(())
+            }
+            L2Entry::Normal { host, .. } => self.st.read_at(out, host),
+            L2Entry::Compressed { .. } => self.with_decompressed(old, |c| out.copy_from_slice(c)),
+        }
+    }
+
+    /// Writes guest data for an allocation: copy-on-write fill for partial
+    /// first/last clusters, the new data in between. Returns bytes of `buf`
+    /// consumed.
+    fn write_alloc_data(&self, a: &Alloc, buf: &[u8], pos: u64) -> Result<usize> {
+        let cs = self.cluster_size();
+        let in_cl = pos - (a.gc << self.cluster_bits);
+        let len = (buf.len() as u64).min(a.n * cs - in_cl);
+        let end = in_cl + len; // relative to the first cluster
+        BOUNCE.with(|b| -> Result<()> {
+            let mut bounce = b.borrow_mut();
+            bounce.resize(cs as usize, 0);
+            // First cluster.
+            let first_end = end.min(cs);
+            if in_cl != 0 || first_end != cs {
+                self.cow_source(a.gc, a.first_old, &mut bounce)?;
+                bounce[in_cl as usize..first_end as usize].copy_from_slice(&buf[..(first_end - in_cl) as usize]);
+                self.st.write_at(&bounce, a.host)?;
+            } else {
+                self.st.write_at(&buf[..cs as usize], a.host)?;
+            }
+            if a.n == 1 {
+                return Ok(());
+            }
+            // Whole middle clusters straight from the caller's buffer.
+            let last_start = (a.n - 1) * cs;
+            if last_start > cs {
+                let from = (cs - in_cl) as usize;
+                let to = (last_start - in_cl) as usize;
+                self.st.write_at(&buf[from..to], a.host + cs)?;
+            }
+            // Last cluster.
+            let from = (last_start - in_cl) as usize;
+            if end - last_start != cs {
+                self.cow_source(a.gc + a.n - 1, a.last_old, &mut bounce)?;
+                let k = (end - last_start) as usize;
+                bounce[..k].copy_from_slice(&buf[from..]);
+                self.st.write_at(&bounce, a.host + last_start)?;
+            } else {
+                self.st.write_at(&buf[from..len as usize], a.host + last_start)?;
+            }
+            Ok(())
+        })?;
+        Ok(len as usize)
+    }
+
+    /// Points the L2 entries at the new clusters and queues the old
+    /// clusters' references for release.
+    fn commit_alloc(&self, m: &mut Meta, a: &Alloc) -> Result<()> {
+        let cs = self.cluster_size();
+        let l2n = 1u64 << self.l2_bits();
+        let l1i = (a.gc >> self.l2_bits()) as usize;
+        let slot = self.l2_writable(m, l1i)?;
+        for k in 0..a.n {
+            let idx = ((a.gc + k) & (l2n - 1)) as usize;
+            let old = self.decode(Self::l2_get(m, slot, idx))?;
+            let new = L2Entry::Normal {
+                host: a.host + k * cs,
+                copied: true,
+            };
+            Self::l2_set(m, slot, idx, new.encode(self.geom));
+            if !a.reuse {
+                if let Some(r) = old.host_range(cs) {
+                    m.pending_free.push(r);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_alloc(&self, mut m: MutexGuard<'_, Meta>, a: &Alloc) {
+        for k in 0..a.n {
+            m.inflight.remove(&(a.gc + k));
+        }
+        drop(m);
+        self.alloc_done.notify_all();
+    }
+
+    /// Waits until none of the guest clusters [gc, gc + n) is being
+    /// allocated.
+    fn wait_inflight<'a>(&'a self, mut m: MutexGuard<'a, Meta>, gc: u64, n: u64) -> MutexGuard<'a, Meta> {
+        while !m.inflight.is_empty() && (gc..gc + n).any(|c| m.inflight.contains(&c)) {
+            m = self.alloc_done.wait(m).expect("qcow2 metadata lock poisoned");
+        }
+        m
+    }
+
+    fn write_inner(&self, buf: &[u8], off: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = off + done as u64;
+            let m = self.lock();
+            let mut m = self.wait_inflight(m, pos >> self.cluster_bits, 1);
+            let plan = self.plan_write(&mut m, pos, buf.len() - done)?;
+            match plan {
+                WritePlan::InPlace { host, len } => {
+                    drop(m);
+                    self.st.write_at(&buf[done..done + len], host)?;
+                    done += len;
+                }
+                WritePlan::Alloc(a) => {
+                    drop(m);
+                    let r = self.write_alloc_data(&a, &buf[done..], pos);
+                    let mut m = self.lock();
+                    match r.and_then(|n| self.commit_alloc(&mut m, &a).map(|_| n)) {
+                        Ok(n) => {
+                            self.finish_alloc(m, &a);
+                            done += n;
+                        }
+                        Err(e) => {
+                            if !a.reuse {
+                                // Nothing points at the new clusters yet.
+                                let cs = self.cluster_size();
+                                let _ = m.rc.update_range(&self.st, a.host, a.n * cs, -1, |_| {});
+                            }
+                            self.finish_alloc(m, &a);
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes whole guest clusters [gc, gc + n) to zero clusters
+    /// (`zero`) or deallocates them, dropping their host clusters.
+    fn unmap_clusters(&self, gc: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
+        let cs = self.cluster_size();
+        let l2n = 1u64 << self.l2_bits();
+        let mut c = gc;
+        while c < gc + n {
+            let l1i = (c >> self.l2_bits()) as usize;
+            let chunk = (l2n - (c & (l2n - 1))).min(gc + n - c);
+            let m = self.lock();
+            let mut m = self.wait_inflight(m, c, chunk);
+            let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
+            if !has_table && (!zero || self.backing.is_none()) {
+                // Unallocated already reads as zeros without a backing file.
+                c += chunk;
+                continue;
+            }
+            let slot = self.l2_writable(&mut m, l1i)?;
+            for k in 0..chunk {
+                let idx = ((c + k) & (l2n - 1)) as usize;
+                let old = self.decode(Self::l2_get(&m, slot, idx))?;
+                let new = match (zero, old) {
+                    (true, L2Entry::Normal { host, copied: true }) if keep_alloc => L2Entry::Zero {
+                        host: Some(host),
+                        copied: true,
+                    },
+                    (true, L2Entry::Zero { host: Some(h), copied: true }) if keep_alloc => L2Entry::Zero {
+                        host: Some(h),
+                        copied: true,
+                    },
+                    (true, _) => L2Entry::Zero {
+                        host: None,
+                        copied: false,
+                    },
+                    (false, _) => L2Entry::Unallocated,
+                };
+                if new == old {
+                    continue;
+                }
+                Self::l2_set(&mut m, slot, idx, new.encode(self.geom));
+                let kept = matches!(new, L2Entry::Zero { host: Some(_), .. });
+                if !kept {
+                    if let Some(r) = old.host_range(cs) {
+                        m.pending_free.push(r);
+                    }
+                }
+            }
+            drop(m);
+            c += chunk;
+        }
+        Ok(())
+    }
+
+    /// Writes zeros through the normal write path, in bounded pieces.
+    fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
+        let zeros = crate::zero_buf();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(zeros.len() as u64);
+            self.write_inner(&zeros[..n as usize], off + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange { offset: off, len, size });
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.st.writable() {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly)
+        }
+    }
+
+    /// Flushes metadata in the order described in the module docs and
+    /// releases queued frees.
+    fn flush_locked(&self, m: &mut Meta) -> Result<()> {
+        if !self.st.writable() {
+            return Ok(());
+        }
+        m.rc.flush(&self.st)?;
+        let dirty = m.l2.dirty_slots();
+        for &i in &dirty {
+            self.st.write_at(m.l2.data(i), m.l2.key(i))?;
+            m.l2.mark_clean(i);
+        }
+        if let Some((a, b)) = m.l1_dirty.take() {
+            if !dirty.is_empty() {
+                self.st.sync()?;
+            }
+            let mut raw = Vec::with_capacity((b - a + 1) * 8);
+            for e in &m.l1[a..=b] {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            self.st.write_at(&raw, m.header.l1_table_offset + a as u64 * 8)?;
+        }
+        self.st.sync()?;
+        if !m.pending_free.is_empty() {
+            let frees = std::mem::take(&mut m.pending_free);
+            let mut freed = Vec::new();
+            for &(off, len) in &frees {
+                // A freed L2 table must not be found in the cache again.
+                m.l2.remove(off);
+                m.rc.update_range(&self.st, off, len, -1, |c| freed.push(c))?;
+            }
+            if self.opts.discard_passthrough {
+                freed.sort_unstable();
+                let cs = self.cluster_size();
+                let mut k = 0;
+                while k < freed.len() {
+                    let mut j = k + 1;
+                    while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                        j += 1;
+                    }
+                    self.st.punch_hole(freed[k] * cs, (j - k) as u64 * cs)?;
+                    k = j;
+                }
+            }
+            m.rc.flush(&self.st)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the virtual size, growing the L1 table if needed.
+    fn grow(&self, m: &mut Meta, new_size: u64) -> Result<()> {
+        let cb = self.cluster_bits;
+        if new_size > Header::max_size(cb) {
+            return Err(Error::TooLarge(format!("virtual size {new_size} for cluster size {}", 1u64 << cb)));
+        }
+        let need = Header::l1_entries_for(cb, new_size) as usize;
+        if need > m.l1.len() {
+            let cs = self.cluster_size();
+            let have_bytes = (m.l1.len() as u64 * 8).next_multiple_of(cs);
+            // Everything the current L1 points to must be durable before a
+            // copy of it becomes the table of record.
+            self.flush_locked(m)?;
+            if (need as u64 * 8) <= have_bytes && m.header.l1_table_offset != 0 {
+                // Room in the current clusters: zero the new entries, then
+                // publish the size.
+                let old = m.l1.len();
+                self.st.write_at(&vec![0u8; (need - old) * 8], m.header.l1_table_offset + old as u64 * 8)?;
+                self.st.sync()?;
+                self.st.write_at(&(need as u32).to_be_bytes(), field::L1_SIZE)?;
+                m.l1.resize(need, 0);
+            } else {
+                let clusters = (need as u64 * 8).div_ceil(cs);
+                let new_off = m.rc.alloc(&self.st, clusters)?;
+                m.rc.flush(&self.st)?;
+                let mut raw = vec![0u8; (need * 8).next_multiple_of(512)];
+                for (k, e) in m.l1.iter().enumerate() {
+                    raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
+                }
+                self.st.write_at(&raw, new_off)?;
+                self.st.sync()?;
+                let mut hdr = [0u8; 12];
+                hdr[..4].copy_from_slice(&(need as u32).to_be_bytes());
+                hdr[4..].copy_from_slice(&new_off.to_be_bytes());
+                self.st.write_at(&hdr, field::L1_SIZE)?;
+                self.st.sync()?;
+                let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len() as u64);
+                m.header.l1_table_offset = new_off;
+                m.l1.resize(need, 0);
+                if old_off != 0 && old_len != 0 {
+                    m.rc.update_range(&self.st, old_off, (old_len * 8).next_multiple_of(cs), -1, |_| {})?;
+                }
+            }
+            m.header.l1_size = need as u32;
+        }
+        self.st.write_at(&new_size.to_be_bytes(), field::SIZE)?;
+        self.st.sync()?;
+        m.header.size = new_size;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+
+    /// Allocates every cluster of [0, size) that is not allocated yet, in
+    /// large contiguous runs (preallocation=metadata). Data clusters are
+    /// left unwritten: they read as zeros from the sparse file.
+    pub fn preallocate_metadata(&self) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        let l2n = 1u64 << self.l2_bits();
+        let total = self.size().div_ceil(cs);
+        let mut gc = 0;
+        while gc < total {
+            let l1i = (gc >> self.l2_bits()) as usize;
+            let chunk = (l2n - (gc & (l2n - 1))).min(total - gc);
+            let mut m = self.lock();
+            let slot = self.l2_writable(&mut m, l1i)?;
+            // Only clusters that are not mapped yet get new space.
+            let mut k = 0;
+            while k < chunk {
+                let idx = ((gc + k) & (l2n - 1)) as usize;
+                if Self::l2_get(&m, slot, idx) & OFFSET_MASK != 0 {
+                    k += 1;
+                    continue;
+                }
+                let mut run = 1;
+                while k + run < chunk && Self::l2_get(&m, slot, idx + run as usize) & OFFSET_MASK == 0 {
+                    run += 1;
+                }
+                // The refcount allocator does not touch the L2 cache, so
+                // `slot` stays valid.
+                let host = m.rc.alloc(&self.st, run)?;
+                for j in 0..run {
+                    let e = L2Entry::Normal {
+                        host: host + j * cs,
+                        copied: true,
+                    };
+                    Self::l2_set(&mut m, slot, idx + j as usize, e.encode(self.geom));
+                }
+                k += run;
+            }
+            gc += chunk;
+        }
+
+        let mut m = self.lock();
+        self.flush_locked(&mut m)?;
+        // The file covers every allocated cluster, as QEMU leaves it.
+        let end = m.rc.end() * cs;
+        if self.st.len()? < end {
+            self.st.set_len(end)?;
+        }
+        Ok(())
+    }
+
+    /// Host extents of allocated data clusters, in host order (for
+    /// falloc/full preallocation).
+    pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let size = self.size();
+        let mut pos = 0;
+        while pos < size {
+            let (run, n) = {
+                let mut m = self.lock();
+                self.map_run(&mut m, pos, size - pos)?
+            };
+            if let Run::Data(h) = run {
+                match out.last_mut() {
+                    Some((s, l)) if *s + *l == h => *l += n,
+                    _ => out.push((h, n)),
+                }
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    // ----- used by check/rebuild -----
+
+    pub(crate) fn with_meta<R>(&self, f: impl FnOnce(&mut MetaCtx<'_>) -> R) -> R {
+        let mut m = self.lock();
+        f(&mut m.header_mut_ctx())
+    }
+}
+
+/// Access to metadata for the check module, with the lock held.
+pub(crate) struct MetaCtx<'a> {
+    pub header: &'a mut Header,
+    pub l1: &'a mut Vec<u64>,
+    pub snapshots: &'a [Snapshot],
+    pub snapshot_table_bytes: u64,
+    l2: &'a mut TableCache,
+    pub rc: &'a mut Refcounts,
+}
+
+impl Meta {
+    fn header_mut_ctx(&mut self) -> MetaCtx<'_> {
+        MetaCtx {
+            header: &mut self.header,
+            l1: &mut self.l1,
+            snapshots: &self.snapshots,
+            snapshot_table_bytes: self.snapshot_table_bytes,
+            l2: &mut self.l2,
+            rc: &mut self.rc,
+        }
+    }
+}
+
+impl MetaCtx<'_> {
+    /// Forgets cached L2 tables (all were flushed before a rebuild).
+    pub fn drop_l2_cache(&mut self) {
+        self.l2.clear();
+    }
+}
+
+/// Reads from a backing image; bytes past its end read as zeros.
+fn read_backing(b: &dyn Image, buf: &mut [u8], off: u64) -> Result<()> {
+    let bsize = b.size();
+    if off >= bsize {
+        buf.fill(0);
+        return Ok(());
+    }
+    let n = ((bsize - off) as usize).min(buf.len());
+    b.read_at(&mut buf[..n], off)?;
+    buf[n..].fill(0);
+    Ok(())
+}
+
+impl Image for Qcow2 {
+    fn format(&self) -> Format {
+        Format::Qcow2
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn path(&self) -> &Path {
+        self.st.path()
+    }
+    fn is_writable(&self) -> bool {
+        self.st.writable()
+    }
+    fn backing(&self) -> Option<&Arc<dyn Image>> {
+        self.backing.as_ref()
+    }
+    fn as_qcow2(&self) -> Option<&Qcow2> {
+        Some(self)
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.read_inner(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, buf.len() as u64)?;
+        self.write_inner(buf, off)
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, len)?;
+        let cs = self.cluster_size();
+        let first_full = off.next_multiple_of(cs);
+        let end = off + len;
+        // The image's last cluster may be partial: it counts as whole.
+        let last_full = if end == self.size() { end.next_multiple_of(cs) } else { end - end % cs };
+        if first_full >= last_full {
+            return self.write_zero_bytes(off, len);
+        }
+        if off < first_full {
+            self.write_zero_bytes(off, first_full - off)?;
+        }
+        let (gc, n) = (first_full / cs, (last_full - first_full) / cs);
+        if self.version >= 3 {
+            self.unmap_clusters(gc, n, true, !unmap)?;
+        } else if self.backing.is_none() {
+            // Version 2 has no zero flag; unallocated reads as zeros only
+            // without a backing file.
+            self.unmap_clusters(gc, n, false, false)?;
+        } else {
+            self.write_zero_bytes(first_full, last_full.min(end) - first_full)?;
+        }
+        if last_full < end {
+            self.write_zero_bytes(last_full, end - last_full)?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, len)?;
+        let cs = self.cluster_size();
+        let end = off + len;
+        let first_full = off.next_multiple_of(cs);
+        let last_full = if end == self.size() { end.next_multiple_of(cs) } else { end - end % cs };
+        if first_full >= last_full {
+            return Ok(()); // Discard is advisory; partial clusters stay.
+        }
+        // With a backing file, deallocating would expose its data: use
+        // zero clusters where the format has them (as QEMU does).
+        let zero = self.version >= 3 && self.backing.is_some();
+        if self.version < 3 && self.backing.is_some() {
+            return Ok(());
+        }
+        self.unmap_clusters(first_full / cs, (last_full - first_full) / cs, zero, false)
+    }
+
+    fn flush(&self) -> Result<()> {
+        let mut m = self.lock();
+        self.flush_locked(&mut m)
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
+        self.check_range(off, len)?;
+        let mut m = self.lock();
+        let (run, n) = self.map_run(&mut m, off, len)?;
+        Ok(match run {
+            Run::Data(h) => Extent {
+                len: n,
+                kind: ExtentKind::Data,
+                offset: Some(h),
+                compressed: false,
+            },
+            Run::Zero(h) => Extent {
+                len: n,
+                kind: ExtentKind::Zero,
+                offset: h,
+                compressed: false,
+            },
+            Run::Unallocated => Extent {
+                len: n,
+                kind: ExtentKind::Unallocated,
+                offset: None,
+                compressed: false,
+            },
+            Run::Compressed(_) => Extent {
+                len: n,
+                kind: ExtentKind::Data,
+                offset: None,
+                compressed: true,
+            },
+        })
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.lock();
+        if new_size < m.header.size {
+            return Err(Error::InvalidArgument("shrinking qcow2 images is not supported yet".into()));
+        }
+        if !m.snapshots.is_empty() && new_size != m.header.size {
+            return Err(Error::InvalidArgument("cannot resize an image that has snapshots".into()));
+        }
+        self.grow(&mut m, new_size)
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if self.st.writable() {
+            if let Ok(mut m) = self.meta.lock() {
+                // Errors here cannot be reported; callers that care flush
+                // explicitly before dropping.
+                let _ = self.flush_locked(&mut m);
+            }
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Raw images: guest offset = file offset.
+
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentKind, Format, Image};
+use crate::storage::Storage;
+
+#[derive(Debug)]
+pub struct Raw {
+    st: Storage,
+    size: AtomicU64,
+}
+
+impl Raw {
+    pub fn open(st: Storage) -> Result<Raw> {
+        let size = st.len()?;
+        Ok(Raw {
+            st,
+            size: AtomicU64::new(size),
+        })
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.st
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange { offset: off, len, size });
+        }
+        Ok(())
+    }
+
+    /// lseek(SEEK_DATA/SEEK_HOLE) from `off`; None when unsupported.
+    fn seek(&self, off: u64, whence: i32) -> Option<u64> {
+        // SAFETY: lseek on a descriptor owned by `self.st`; it changes only
+        // the file position, which this crate never relies on (all I/O is
+        // positioned).
+        let r = unsafe { libc::lseek(self.st.file().as_raw_fd(), off as i64, whence) };
+        (r >= 0).then_some(r as u64)
+    }
+}
+
+impl Image for Raw {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+    fn path(&self) -> &Path {
+        self.st.path()
+    }
+    fn is_writable(&self) -> bool {
+        self.st.writable()
+    }
+    fn backing(&self) -> Option<&Arc<dyn Image>> {
+        None
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.st.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        self.st.write_at(buf, off)
+    }
+    fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
+        self.check_range(off, len)?;
+        if !self.st.writable() {
+            return Err(Error::ReadOnly);
+        }
+        if unmap {
+            self.st.punch_hole(off, len)
+        } else {
+            self.st.write_zeroes(off, len)
+        }
+    }
+    fn discard(&self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        if !self.st.writable() {
+            return Err(Error::ReadOnly);
+        }
+        self.st.punch_hole(off, len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.st.sync()
+    }
+    fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
+        self.check_range(off, len)?;
+        let end = off + len;
+        let data = |len| Extent {
+            len,
+            kind: ExtentKind::Data,
+            offset: None,
+            compressed: false,
+        };
+        let Some(d) = self.seek(off, libc::SEEK_DATA) else {
+            // ENXIO: no data at or after `off`, the rest is a hole. Other
+            // errors: treat as data.
+            let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+            return Ok(if enxio {
+                Extent {
+                    len,
+                    kind: ExtentKind::Zero,
+                    offset: None,
+                    compressed: false,
+                }
+            } else {
+                data(len)
+            });
+        };
+        if d > off {
+            return Ok(Extent {
+                len: d.min(end) - off,
+                kind: ExtentKind::Zero,
+                offset: None,
+                compressed: false,
+            });
+        }
+        let h = self.seek(off, libc::SEEK_HOLE).unwrap_or(end);
+        let mut e = data(h.min(end).max(off + 1) - off);
+        e.offset = Some(off);
+        Ok(e)
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        if !self.st.writable() {
+            return Err(Error::ReadOnly);
+        }
+        self.st.set_len(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}

@@ -1,0 +1,84 @@
+//! The internal snapshot table (qcow2.rst, "Snapshots").
+
+use crate::error::{Error, Result};
+use crate::header::{Header, MAX_L1_BYTES};
+use crate::storage::Storage;
+
+/// QEMU's limit on a snapshot entry's extra data.
+pub const MAX_EXTRA_DATA: u32 = 1024;
+/// QEMU's limit on the whole snapshot table (QCOW_MAX_SNAPSHOTS_SIZE).
+pub const MAX_TABLE_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub l1_table_offset: u64,
+    pub l1_size: u32,
+    pub id: String,
+    pub name: String,
+    pub date_sec: u32,
+    pub date_nsec: u32,
+    pub vm_clock_nsec: u64,
+    pub vm_state_size: u64,
+    /// Guest disk size when the snapshot was taken (v3 extra data).
+    pub disk_size: Option<u64>,
+    pub icount: Option<u64>,
+    /// Extra data bytes beyond those decoded, kept for rewriting.
+    pub extra_unknown: Vec<u8>,
+}
+
+impl Snapshot {
+    /// Reads and validates the snapshot table named by the header; returns
+    /// the entries and the table's length in bytes.
+    pub fn read_table(st: &Storage, h: &Header) -> Result<(Vec<Snapshot>, u64)> {
+        let cs = h.cluster_size();
+        let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
+        let mut off = h.snapshots_offset;
+        let bad = |m: String| Error::Corrupt(format!("snapshot table: {m}"));
+        for n in 0..h.nb_snapshots {
+            if off - h.snapshots_offset > MAX_TABLE_BYTES {
+                return Err(bad("larger than 64 MiB".into()));
+            }
+            let mut fixed = [0u8; 40];
+            st.read_at(&mut fixed, off)?;
+            let be32 = |a: usize| u32::from_be_bytes(fixed[a..a + 4].try_into().unwrap());
+            let be64 = |a: usize| u64::from_be_bytes(fixed[a..a + 8].try_into().unwrap());
+            let l1_table_offset = be64(0);
+            let l1_size = be32(8);
+            let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
+            let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
+            let extra_len = be32(36);
+            if extra_len > MAX_EXTRA_DATA {
+                return Err(bad(format!("snapshot {n} has {extra_len} bytes of extra data")));
+            }
+            if l1_size as u64 > MAX_L1_BYTES / 8 {
+                return Err(bad(format!("snapshot {n} L1 table has {l1_size} entries")));
+            }
+            if l1_table_offset % cs != 0 {
+                return Err(bad(format!("snapshot {n} L1 table offset {l1_table_offset:#x} unaligned")));
+            }
+            let var_len = extra_len as usize + id_len + name_len;
+            let mut var = vec![0u8; var_len];
+            st.read_at(&mut var, off + 40)?;
+            let extra = &var[..extra_len as usize];
+            let e64 = |a: usize| (extra.len() >= a + 8).then(|| u64::from_be_bytes(extra[a..a + 8].try_into().unwrap()));
+            let vm_state_size = e64(0).unwrap_or(be32(32) as u64);
+            let id = String::from_utf8_lossy(&var[extra_len as usize..extra_len as usize + id_len]).into_owned();
+            let name = String::from_utf8_lossy(&var[extra_len as usize + id_len..]).into_owned();
+            out.push(Snapshot {
+                l1_table_offset,
+                l1_size,
+                id,
+                name,
+                date_sec: be32(16),
+                date_nsec: be32(20),
+                vm_clock_nsec: be64(24),
+                vm_state_size,
+                disk_size: e64(8),
+                icount: e64(16),
+                extra_unknown: extra.get(24..).map(|s| s.to_vec()).unwrap_or_default(),
+            });
+            off = (off + 40 + var_len as u64).next_multiple_of(8);
+        }
+        Ok((out, off - h.snapshots_offset))
+    }
+}

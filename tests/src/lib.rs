@@ -1,0 +1,75 @@
+//! Shared helpers for the workspace-level integration tests. The judge is
+//! always the real QEMU tooling on the machine (qemu-img, qemu-io).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs a command and returns its output; panics with the command line
+/// if it cannot be started at all (a missing tool is a test failure, not
+/// a skip).
+pub fn run(cmd: &str, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd} {args:?}: {e}"))
+}
+
+/// Runs qemu-img and returns its output.
+pub fn qemu_img(args: &[&str]) -> Output {
+    run("qemu-img", args)
+}
+
+/// Asserts that `qemu-img check` finds neither errors nor leaks.
+pub fn assert_qemu_check_clean(path: &Path) {
+    let p = path.to_str().unwrap();
+    let out = qemu_img(&["check", "--output=json", p]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "qemu-img check {p} exited {:?}\nstdout: {text}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&text).expect("qemu-img check json");
+    for key in ["corruptions", "leaks", "check-errors"] {
+        let n = v.get(key).and_then(|x| x.as_u64()).unwrap_or(0);
+        assert_eq!(n, 0, "qemu-img check {p}: {key} = {n}\n{text}");
+    }
+}
+
+/// Asserts that `qemu-img compare` finds the two images' contents equal.
+pub fn assert_qemu_compare_equal(a: &Path, b: &Path) {
+    let out = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Path of a binary built from this workspace (target/<profile>/NAME),
+/// building it first if needed.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let bin = target.join(profile).join(name);
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(&root).args(["build", "--quiet", "--bin", name]);
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("cargo build");
+    assert!(st.success(), "building {name} failed");
+    bin
+}
+
+/// A fresh temporary directory, removed when dropped.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("rimg-test-").tempdir().expect("tempdir")
+}
