@@ -112,7 +112,9 @@ impl TableCache {
     }
     /// Slots with dirty tables, in host offset order (sequential writes).
     pub fn dirty_slots(&self) -> Vec<usize> {
-        let mut v: Vec<usize> = (0..self.slots.len()).filter(|&i| self.is_dirty(i)).collect();
+        let mut v: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.is_dirty(i))
+            .collect();
         v.sort_by_key(|&i| self.slots[i].key);
         v
     }

@@ -49,7 +49,13 @@ fn read_l1(st: &Storage, off: u64, entries: u32) -> Result<Vec<u64>> {
 }
 
 /// Counts references from L2 tables and data clusters under one L1.
-fn count_l1(st: &Storage, l1: &[u64], cluster_bits: u32, refs: &mut References, l2buf: &mut [u8]) -> Result<()> {
+fn count_l1(
+    st: &Storage,
+    l1: &[u64],
+    cluster_bits: u32,
+    refs: &mut References,
+    l2buf: &mut [u8],
+) -> Result<()> {
     let cs = 1u64 << cluster_bits;
     let g = CompressedGeometry::new(cluster_bits);
     for &e in l1 {
@@ -58,7 +64,9 @@ fn count_l1(st: &Storage, l1: &[u64], cluster_bits: u32, refs: &mut References, 
             continue;
         }
         if l2off & (cs - 1) != 0 {
-            return Err(Error::Corrupt(format!("L2 table offset {l2off:#x} is not cluster aligned")));
+            return Err(Error::Corrupt(format!(
+                "L2 table offset {l2off:#x} is not cluster aligned"
+            )));
         }
         refs.add(l2off, cs, "L2 table")?;
         st.read_at(l2buf, l2off)?;
@@ -66,7 +74,9 @@ fn count_l1(st: &Storage, l1: &[u64], cluster_bits: u32, refs: &mut References, 
             let entry = L2Entry::decode(u64::from_be_bytes(raw.try_into().unwrap()), g);
             if let Some((off, len)) = entry.host_range(cs) {
                 if !matches!(entry, L2Entry::Compressed { .. }) && off & (cs - 1) != 0 {
-                    return Err(Error::Corrupt(format!("data cluster offset {off:#x} is not cluster aligned")));
+                    return Err(Error::Corrupt(format!(
+                        "data cluster offset {off:#x} is not cluster aligned"
+                    )));
                 }
                 refs.add(off, len, "data cluster")?;
             }
@@ -83,7 +93,9 @@ pub(crate) fn count_references(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Reference
     let cs = 1u64 << cb;
     let clusters = st.len()?.div_ceil(cs);
     if clusters > MAX_CHECK_CLUSTERS {
-        return Err(Error::TooLarge(format!("{clusters} host clusters to check")));
+        return Err(Error::TooLarge(format!(
+            "{clusters} host clusters to check"
+        )));
     }
     let mut refs = References {
         counts: vec![0; clusters as usize],
@@ -91,10 +103,18 @@ pub(crate) fn count_references(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Reference
     };
     let mut l2buf = vec![0u8; cs as usize];
     refs.add(0, cs, "header")?;
-    refs.add(ctx.header.l1_table_offset, ctx.l1.len() as u64 * 8, "L1 table")?;
+    refs.add(
+        ctx.header.l1_table_offset,
+        ctx.l1.len() as u64 * 8,
+        "L1 table",
+    )?;
     count_l1(st, ctx.l1, cb, &mut refs, &mut l2buf)?;
     if !ctx.snapshots.is_empty() {
-        refs.add(ctx.header.snapshots_offset, ctx.snapshot_table_bytes, "snapshot table")?;
+        refs.add(
+            ctx.header.snapshots_offset,
+            ctx.snapshot_table_bytes,
+            "snapshot table",
+        )?;
     }
     for s in ctx.snapshots {
         refs.add(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table")?;
@@ -154,7 +174,9 @@ pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> 
         tc = need;
     }
     if tc * cs > crate::header::MAX_REFTABLE_BYTES {
-        return Err(Error::TooLarge("rebuilt refcount table would exceed 8 MiB".into()));
+        return Err(Error::TooLarge(
+            "rebuilt refcount table would exceed 8 MiB".into(),
+        ));
     }
     let area = start..start + tc + groups.len() as u64;
     let mut table = vec![0u64; (tc * cs / 8) as usize];
@@ -215,13 +237,24 @@ pub(crate) fn check_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<CheckR
     let st = q.storage();
     let mut refs = count_references(q, ctx)?;
     let cs = 1u64 << ctx.header.cluster_bits;
-    refs.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs, "refcount table")?;
-    let blocks: Vec<u64> = ctx.rc.table().iter().map(|e| e & !511).filter(|&o| o != 0).collect();
+    refs.add(
+        ctx.rc.table_offset(),
+        ctx.rc.table_clusters() * cs,
+        "refcount table",
+    )?;
+    let blocks: Vec<u64> = ctx
+        .rc
+        .table()
+        .iter()
+        .map(|e| e & !511)
+        .filter(|&o| o != 0)
+        .collect();
     for b in blocks {
         refs.add(b, cs, "refcount block")?;
     }
     let mut rep = CheckReport::default();
-    let stored_clusters = (ctx.rc.table().len() as u64) << (ctx.header.cluster_bits + 3 - ctx.header.refcount_order);
+    let stored_clusters =
+        (ctx.rc.table().len() as u64) << (ctx.header.cluster_bits + 3 - ctx.header.refcount_order);
     let n = (refs.counts.len() as u64).max(stored_clusters.min(refs.counts.len() as u64));
     for c in 0..n {
         let want = refs.counts[c as usize] as u64;

@@ -31,7 +31,8 @@ pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
         CompressionType::Zlib => {
             use std::io::Write;
             // QEMU writes raw deflate with a 4 KiB window (-12 bits).
-            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+            let mut e =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
             e.write_all(input).ok()?;
             e.finish().ok()?
         }

@@ -113,7 +113,10 @@ impl CreateOptions {
             return inval("backing format cannot be used without backing file");
         }
         if self.size > Header::max_size(cs.trailing_zeros()) {
-            return Err(Error::TooLarge(format!("virtual size {} for cluster size {cs}", self.size)));
+            return Err(Error::TooLarge(format!(
+                "virtual size {} for cluster size {cs}",
+                self.size
+            )));
         }
         Ok(())
     }
@@ -184,14 +187,22 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
         nb_snapshots: 0,
         snapshots_offset: 0,
         incompatible_features: incompatible,
-        compatible_features: if o.lazy_refcounts { compat::LAZY_REFCOUNTS } else { 0 },
+        compatible_features: if o.lazy_refcounts {
+            compat::LAZY_REFCOUNTS
+        } else {
+            0
+        },
         autoclear_features: 0,
         refcount_order,
         header_length: V3_HEADER_LEN_COMPRESSION as u32,
         compression_type: o.compression_type,
         backing_file: o.backing_file.clone(),
         backing_format: o.backing_format.clone(),
-        feature_names: if o.version == 3 { Header::default_feature_names() } else { Vec::new() },
+        feature_names: if o.version == 3 {
+            Header::default_feature_names()
+        } else {
+            Vec::new()
+        },
         other_extensions: Vec::new(),
     };
     let first = h.encode()?;

@@ -146,15 +146,25 @@ const MAX_OFFSET: u64 = i64::MAX as u64;
 
 /// Checks that a table of `entries * entry_len` bytes at `offset` is cluster
 /// aligned and does not overflow (QEMU's validate_table_offset).
-fn validate_table(what: &str, offset: u64, entries: u64, entry_len: u64, cluster_size: u64) -> Result<()> {
+fn validate_table(
+    what: &str,
+    offset: u64,
+    entries: u64,
+    entry_len: u64,
+    cluster_size: u64,
+) -> Result<()> {
     let bytes = entries
         .checked_mul(entry_len)
         .ok_or_else(|| bad(format!("{what} size overflows")))?;
-    if offset % cluster_size != 0 {
-        return Err(bad(format!("{what} offset {offset:#x} is not cluster aligned")));
+    if !offset.is_multiple_of(cluster_size) {
+        return Err(bad(format!(
+            "{what} offset {offset:#x} is not cluster aligned"
+        )));
     }
     if offset.checked_add(bytes).is_none_or(|end| end > MAX_OFFSET) {
-        return Err(bad(format!("{what} at {offset:#x} extends past the largest file offset")));
+        return Err(bad(format!(
+            "{what} at {offset:#x} extends past the largest file offset"
+        )));
     }
     Ok(())
 }
@@ -250,10 +260,16 @@ impl Header {
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
             if (h.header_length as usize) < V3_HEADER_LEN {
-                return Err(bad(format!("header_length {} is less than 104", h.header_length)));
+                return Err(bad(format!(
+                    "header_length {} is less than 104",
+                    h.header_length
+                )));
             }
             if h.header_length as u64 > cluster_size || h.header_length as usize > buf.len() {
-                return Err(bad(format!("header_length {} is larger than the first cluster", h.header_length)));
+                return Err(bad(format!(
+                    "header_length {} is larger than the first cluster",
+                    h.header_length
+                )));
             }
             if h.header_length > V3_HEADER_LEN as u32 {
                 h.compression_type = match buf[104] {
@@ -267,29 +283,42 @@ impl Header {
             return Err(bad(format!("virtual size {} is too large", h.size)));
         }
         if h.refcount_order > MAX_REFCOUNT_ORDER {
-            return Err(bad(format!("refcount_order {} is larger than 6", h.refcount_order)));
+            return Err(bad(format!(
+                "refcount_order {} is larger than 6",
+                h.refcount_order
+            )));
         }
         // Extensions are read before feature checks so that an unknown
         // incompatible bit can be reported by the name the image gives it.
         h.parse_extensions(buf, cluster_size)?;
         h.check_features()?;
         if h.crypt_method != 0 {
-            return Err(Error::UnsupportedFeature(format!("encryption (method {})", h.crypt_method)));
+            return Err(Error::UnsupportedFeature(format!(
+                "encryption (method {})",
+                h.crypt_method
+            )));
         }
         // Compression type consistency (QEMU's validate_compression_type).
         let bit = h.incompatible_features & incompat::COMPRESSION != 0;
         match (h.compression_type, bit) {
             (CompressionType::Zlib, true) => {
-                return Err(bad("compression type bit is set but the compression type is zlib"))
+                return Err(bad(
+                    "compression type bit is set but the compression type is zlib",
+                ))
             }
             (CompressionType::Zstd, false) => {
-                return Err(bad("compression type is zstd but the compression type bit is clear"))
+                return Err(bad(
+                    "compression type is zstd but the compression type bit is clear",
+                ))
             }
             _ => {}
         }
         // L1 table: bounded and large enough for the virtual size.
         if h.l1_size as u64 > MAX_L1_BYTES / 8 {
-            return Err(Error::TooLarge(format!("active L1 table has {} entries", h.l1_size)));
+            return Err(Error::TooLarge(format!(
+                "active L1 table has {} entries",
+                h.l1_size
+            )));
         }
         if (h.l1_size as u64) < Header::l1_entries_for(cluster_bits, h.size) {
             return Err(bad(format!(
@@ -297,7 +326,13 @@ impl Header {
                 h.l1_size, h.size
             )));
         }
-        validate_table("L1 table", h.l1_table_offset, h.l1_size as u64, 8, cluster_size)?;
+        validate_table(
+            "L1 table",
+            h.l1_table_offset,
+            h.l1_size as u64,
+            8,
+            cluster_size,
+        )?;
         // Refcount table.
         if h.refcount_table_clusters == 0 {
             return Err(bad("image has no refcount table"));
@@ -323,7 +358,13 @@ impl Header {
             return Err(Error::TooLarge(format!("{} snapshots", h.nb_snapshots)));
         }
         // A snapshot header is at least 40 bytes (qcow2.rst "Snapshot table").
-        validate_table("snapshot table", h.snapshots_offset, h.nb_snapshots as u64, 40, cluster_size)?;
+        validate_table(
+            "snapshot table",
+            h.snapshots_offset,
+            h.nb_snapshots as u64,
+            40,
+            cluster_size,
+        )?;
         // Backing file name, which must lie in the first cluster.
         if h.backing_file_offset != 0 {
             let len = h.backing_file_size as u64;
@@ -336,7 +377,8 @@ impl Header {
                 .filter(|&e| e <= cluster_size && e <= buf.len() as u64)
                 .ok_or_else(|| bad("backing file name lies outside the first cluster"))?;
             let raw = &buf[h.backing_file_offset as usize..end as usize];
-            let name = String::from_utf8(raw.to_vec()).map_err(|_| bad("backing file name is not UTF-8"))?;
+            let name = String::from_utf8(raw.to_vec())
+                .map_err(|_| bad("backing file name is not UTF-8"))?;
             if !name.is_empty() {
                 h.backing_file = Some(name);
             }
@@ -357,7 +399,9 @@ impl Header {
             return Err(Error::UnsupportedFeature("external data file".into()));
         }
         if self.incompatible_features & incompat::EXTL2 != 0 {
-            return Err(Error::UnsupportedFeature("extended L2 entries (subclusters)".into()));
+            return Err(Error::UnsupportedFeature(
+                "extended L2 entries (subclusters)".into(),
+            ));
         }
         Ok(())
     }
@@ -375,7 +419,9 @@ impl Header {
                 break;
             }
             if len > end - at {
-                return Err(bad(format!("header extension {kind:#x} is longer than the first cluster")));
+                return Err(bad(format!(
+                    "header extension {kind:#x} is longer than the first cluster"
+                )));
             }
             let data = &buf[at..at + len];
             match kind {
@@ -387,7 +433,10 @@ impl Header {
                 ext::FEATURE_TABLE => {
                     for e in data.chunks_exact(48) {
                         let name_raw = &e[2..];
-                        let n = name_raw.iter().position(|&c| c == 0).unwrap_or(name_raw.len());
+                        let n = name_raw
+                            .iter()
+                            .position(|&c| c == 0)
+                            .unwrap_or(name_raw.len());
                         self.feature_names.push(FeatureName {
                             kind: e[0],
                             bit: e[1],
@@ -469,6 +518,12 @@ impl Header {
             )));
         }
         let total = hlen + exts.len() + name.len();
+        if total > cs && !self.feature_names.is_empty() {
+            // The feature name table is optional; QEMU leaves it out when
+            // the first cluster (512 bytes) has no room for it.
+            self.feature_names.clear();
+            return self.encode();
+        }
         if total > cs {
             return Err(Error::InvalidArgument(
                 "header, extensions and backing file name do not fit in the first cluster".into(),

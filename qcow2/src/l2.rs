@@ -75,7 +75,11 @@ impl L2Entry {
             // the last 512-byte sector counted (QEMU's
             // qcow2_parse_compressed_l2_entry).
             let len = sectors * 512 - (offset & 511);
-            return L2Entry::Compressed { offset, len, sectors };
+            return L2Entry::Compressed {
+                offset,
+                len,
+                sectors,
+            };
         }
         let host = raw & OFFSET_MASK;
         let copied = raw & COPIED != 0;
@@ -99,9 +103,9 @@ impl L2Entry {
                 host.unwrap_or(0) | ZERO | if copied { COPIED } else { 0 }
             }
             L2Entry::Normal { host, copied } => host | if copied { COPIED } else { 0 },
-            L2Entry::Compressed { offset, sectors, .. } => {
-                COMPRESSED | ((sectors - 1) << g.shift) | offset
-            }
+            L2Entry::Compressed {
+                offset, sectors, ..
+            } => COMPRESSED | ((sectors - 1) << g.shift) | offset,
         }
     }
 
@@ -113,7 +117,9 @@ impl L2Entry {
             L2Entry::Zero { host: Some(h), .. } | L2Entry::Normal { host: h, .. } => {
                 Some((h, cluster_size))
             }
-            L2Entry::Compressed { offset, sectors, .. } => Some((offset & !511, sectors * 512)),
+            L2Entry::Compressed {
+                offset, sectors, ..
+            } => Some((offset & !511, sectors * 512)),
         }
     }
 }
@@ -139,14 +145,26 @@ mod tests {
     fn standard_entries() {
         let g = CompressedGeometry::new(16);
         assert_eq!(L2Entry::decode(0, g), L2Entry::Unallocated);
-        assert_eq!(L2Entry::decode(1, g), L2Entry::Zero { host: None, copied: false });
+        assert_eq!(
+            L2Entry::decode(1, g),
+            L2Entry::Zero {
+                host: None,
+                copied: false
+            }
+        );
         assert_eq!(
             L2Entry::decode(COPIED | 0x10000, g),
-            L2Entry::Normal { host: 0x10000, copied: true }
+            L2Entry::Normal {
+                host: 0x10000,
+                copied: true
+            }
         );
         assert_eq!(
             L2Entry::decode(COPIED | 0x10000 | 1, g),
-            L2Entry::Zero { host: Some(0x10000), copied: true }
+            L2Entry::Zero {
+                host: Some(0x10000),
+                copied: true
+            }
         );
     }
 }

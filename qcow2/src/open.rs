@@ -123,12 +123,18 @@ fn backing_of(
     let bfmt = match h.backing_format.as_deref() {
         None => None,
         Some(f) => Some(Format::from_name(f).ok_or_else(|| {
-            Error::Backing(format!("unknown backing file format '{f}' for '{}'", bpath.display()))
+            Error::Backing(format!(
+                "unknown backing file format '{f}' for '{}'",
+                bpath.display()
+            ))
         })?),
     };
     let b = open_at_depth(&bpath, bfmt, false, opts, depth + 1, seen).map_err(|e| match e {
         e @ Error::Backing(_) => e,
-        e => Error::Backing(format!("could not open backing file '{}': {e}", bpath.display())),
+        e => Error::Backing(format!(
+            "could not open backing file '{}': {e}",
+            bpath.display()
+        )),
     })?;
     Ok(Some(b))
 }

@@ -136,7 +136,9 @@ pub struct Qcow2 {
 
 impl std::fmt::Debug for Qcow2 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Qcow2").field("path", &self.st.path()).finish()
+        f.debug_struct("Qcow2")
+            .field("path", &self.st.path())
+            .finish()
     }
 }
 
@@ -210,7 +212,10 @@ impl Qcow2 {
         if m.header.is_dirty() {
             crate::check::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
             m.header.incompatible_features &= !incompat::DIRTY;
-            self.st.write_at(&m.header.incompatible_features.to_be_bytes(), field::INCOMPATIBLE)?;
+            self.st.write_at(
+                &m.header.incompatible_features.to_be_bytes(),
+                field::INCOMPATIBLE,
+            )?;
             self.st.sync()?;
         }
         if m.header.version == 3 && m.header.autoclear_features != 0 {
@@ -262,7 +267,9 @@ impl Qcow2 {
             return Ok(i);
         }
         if off & (self.cluster_size() - 1) != 0 {
-            return Err(Error::Corrupt(format!("L2 table offset {off:#x} is not cluster aligned")));
+            return Err(Error::Corrupt(format!(
+                "L2 table offset {off:#x} is not cluster aligned"
+            )));
         }
         if off == 0 {
             return Err(Error::Corrupt("L2 table at offset 0 (the header)".into()));
@@ -294,14 +301,15 @@ impl Qcow2 {
     fn decode(&self, raw: u64) -> Result<L2Entry> {
         let e = L2Entry::decode(raw, self.geom);
         match e {
-            L2Entry::Normal { host, .. } | L2Entry::Zero { host: Some(host), .. }
-                if host & (self.cluster_size() - 1) != 0 =>
-            {
-                Err(Error::Corrupt(format!("cluster offset {host:#x} is not cluster aligned")))
-            }
-            L2Entry::Zero { .. } if self.version < 3 => {
-                Err(Error::Corrupt("zero cluster flag in a version 2 image".into()))
-            }
+            L2Entry::Normal { host, .. }
+            | L2Entry::Zero {
+                host: Some(host), ..
+            } if host & (self.cluster_size() - 1) != 0 => Err(Error::Corrupt(format!(
+                "cluster offset {host:#x} is not cluster aligned"
+            ))),
+            L2Entry::Zero { .. } if self.version < 3 => Err(Error::Corrupt(
+                "zero cluster flag in a version 2 image".into(),
+            )),
             _ => Ok(e),
         }
     }
@@ -413,7 +421,9 @@ impl Qcow2 {
                 Run::Unallocated => self.read_unallocated(part, pos)?,
                 Run::Compressed(e) => {
                     let in_cl = (pos & (self.cluster_size() - 1)) as usize;
-                    self.with_decompressed(e, |c| part.copy_from_slice(&c[in_cl..in_cl + part.len()]))?
+                    self.with_decompressed(e, |c| {
+                        part.copy_from_slice(&c[in_cl..in_cl + part.len()])
+                    })?
                 }
             }
             done += n as usize;
@@ -471,11 +481,16 @@ impl Qcow2 {
         let l2i = gc & (l2n - 1);
         let want = (in_cl + len as u64).div_ceil(cs).min(l2n - l2i);
         if let Some(slot) = self.l2_for(m, l1i)? {
-            if let L2Entry::Normal { host, copied: true } = self.decode(Self::l2_get(m, slot, l2i as usize))? {
+            if let L2Entry::Normal { host, copied: true } =
+                self.decode(Self::l2_get(m, slot, l2i as usize))?
+            {
                 let mut n = 1;
                 while n < want {
                     match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
-                        L2Entry::Normal { host: h, copied: true } if h == host + n * cs => n += 1,
+                        L2Entry::Normal {
+                            host: h,
+                            copied: true,
+                        } if h == host + n * cs => n += 1,
                         _ => break,
                     }
                 }
@@ -489,7 +504,11 @@ impl Qcow2 {
         let slot = self.l2_writable(m, l1i)?;
         let first_old = self.decode(Self::l2_get(m, slot, l2i as usize))?;
         // A preallocated zero cluster we own is reused in place.
-        if let L2Entry::Zero { host: Some(h), copied: true } = first_old {
+        if let L2Entry::Zero {
+            host: Some(h),
+            copied: true,
+        } = first_old
+        {
             m.inflight.insert(gc);
             return Ok(WritePlan::Alloc(Alloc {
                 gc,
@@ -507,7 +526,11 @@ impl Qcow2 {
                 break;
             }
             match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
-                L2Entry::Normal { copied: true, .. } | L2Entry::Zero { host: Some(_), copied: true } => break,
+                L2Entry::Normal { copied: true, .. }
+                | L2Entry::Zero {
+                    host: Some(_),
+                    copied: true,
+                } => break,
                 e => last_old = e,
             }
             n += 1;
@@ -555,7 +578,8 @@ impl Qcow2 {
             let first_end = end.min(cs);
             if in_cl != 0 || first_end != cs {
                 self.cow_source(a.gc, a.first_old, &mut bounce)?;
-                bounce[in_cl as usize..first_end as usize].copy_from_slice(&buf[..(first_end - in_cl) as usize]);
+                bounce[in_cl as usize..first_end as usize]
+                    .copy_from_slice(&buf[..(first_end - in_cl) as usize]);
                 self.st.write_at(&bounce, a.host)?;
             } else {
                 self.st.write_at(&buf[..cs as usize], a.host)?;
@@ -578,7 +602,8 @@ impl Qcow2 {
                 bounce[..k].copy_from_slice(&buf[from..]);
                 self.st.write_at(&bounce, a.host + last_start)?;
             } else {
-                self.st.write_at(&buf[from..len as usize], a.host + last_start)?;
+                self.st
+                    .write_at(&buf[from..len as usize], a.host + last_start)?;
             }
             Ok(())
         })?;
@@ -619,9 +644,17 @@ impl Qcow2 {
 
     /// Waits until none of the guest clusters [gc, gc + n) is being
     /// allocated.
-    fn wait_inflight<'a>(&'a self, mut m: MutexGuard<'a, Meta>, gc: u64, n: u64) -> MutexGuard<'a, Meta> {
+    fn wait_inflight<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        n: u64,
+    ) -> MutexGuard<'a, Meta> {
         while !m.inflight.is_empty() && (gc..gc + n).any(|c| m.inflight.contains(&c)) {
-            m = self.alloc_done.wait(m).expect("qcow2 metadata lock poisoned");
+            m = self
+                .alloc_done
+                .wait(m)
+                .expect("qcow2 metadata lock poisoned");
         }
         m
     }
@@ -690,7 +723,13 @@ impl Qcow2 {
                         host: Some(host),
                         copied: true,
                     },
-                    (true, L2Entry::Zero { host: Some(h), copied: true }) if keep_alloc => L2Entry::Zero {
+                    (
+                        true,
+                        L2Entry::Zero {
+                            host: Some(h),
+                            copied: true,
+                        },
+                    ) if keep_alloc => L2Entry::Zero {
                         host: Some(h),
                         copied: true,
                     },
@@ -732,7 +771,11 @@ impl Qcow2 {
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         let size = self.size();
         if off.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::OutOfRange { offset: off, len, size });
+            return Err(Error::OutOfRange {
+                offset: off,
+                len,
+                size,
+            });
         }
         Ok(())
     }
@@ -765,7 +808,8 @@ impl Qcow2 {
             for e in &m.l1[a..=b] {
                 raw.extend_from_slice(&e.to_be_bytes());
             }
-            self.st.write_at(&raw, m.header.l1_table_offset + a as u64 * 8)?;
+            self.st
+                .write_at(&raw, m.header.l1_table_offset + a as u64 * 8)?;
         }
         self.st.sync()?;
         if !m.pending_free.is_empty() {
@@ -798,7 +842,10 @@ impl Qcow2 {
     fn grow(&self, m: &mut Meta, new_size: u64) -> Result<()> {
         let cb = self.cluster_bits;
         if new_size > Header::max_size(cb) {
-            return Err(Error::TooLarge(format!("virtual size {new_size} for cluster size {}", 1u64 << cb)));
+            return Err(Error::TooLarge(format!(
+                "virtual size {new_size} for cluster size {}",
+                1u64 << cb
+            )));
         }
         let need = Header::l1_entries_for(cb, new_size) as usize;
         if need > m.l1.len() {
@@ -811,9 +858,13 @@ impl Qcow2 {
                 // Room in the current clusters: zero the new entries, then
                 // publish the size.
                 let old = m.l1.len();
-                self.st.write_at(&vec![0u8; (need - old) * 8], m.header.l1_table_offset + old as u64 * 8)?;
+                self.st.write_at(
+                    &vec![0u8; (need - old) * 8],
+                    m.header.l1_table_offset + old as u64 * 8,
+                )?;
                 self.st.sync()?;
-                self.st.write_at(&(need as u32).to_be_bytes(), field::L1_SIZE)?;
+                self.st
+                    .write_at(&(need as u32).to_be_bytes(), field::L1_SIZE)?;
                 m.l1.resize(need, 0);
             } else {
                 let clusters = (need as u64 * 8).div_ceil(cs);
@@ -834,7 +885,13 @@ impl Qcow2 {
                 m.header.l1_table_offset = new_off;
                 m.l1.resize(need, 0);
                 if old_off != 0 && old_len != 0 {
-                    m.rc.update_range(&self.st, old_off, (old_len * 8).next_multiple_of(cs), -1, |_| {})?;
+                    m.rc.update_range(
+                        &self.st,
+                        old_off,
+                        (old_len * 8).next_multiple_of(cs),
+                        -1,
+                        |_| {},
+                    )?;
                 }
             }
             m.header.l1_size = need as u32;
@@ -869,7 +926,9 @@ impl Qcow2 {
                     continue;
                 }
                 let mut run = 1;
-                while k + run < chunk && Self::l2_get(&m, slot, idx + run as usize) & OFFSET_MASK == 0 {
+                while k + run < chunk
+                    && Self::l2_get(&m, slot, idx + run as usize) & OFFSET_MASK == 0
+                {
                     run += 1;
                 }
                 // The refcount allocator does not touch the L2 cache, so
@@ -1008,7 +1067,11 @@ impl Image for Qcow2 {
         let first_full = off.next_multiple_of(cs);
         let end = off + len;
         // The image's last cluster may be partial: it counts as whole.
-        let last_full = if end == self.size() { end.next_multiple_of(cs) } else { end - end % cs };
+        let last_full = if end == self.size() {
+            end.next_multiple_of(cs)
+        } else {
+            end - end % cs
+        };
         if first_full >= last_full {
             return self.write_zero_bytes(off, len);
         }
@@ -1037,7 +1100,11 @@ impl Image for Qcow2 {
         let cs = self.cluster_size();
         let end = off + len;
         let first_full = off.next_multiple_of(cs);
-        let last_full = if end == self.size() { end.next_multiple_of(cs) } else { end - end % cs };
+        let last_full = if end == self.size() {
+            end.next_multiple_of(cs)
+        } else {
+            end - end % cs
+        };
         if first_full >= last_full {
             return Ok(()); // Discard is advisory; partial clusters stay.
         }
@@ -1091,10 +1158,14 @@ impl Image for Qcow2 {
         self.check_writable()?;
         let mut m = self.lock();
         if new_size < m.header.size {
-            return Err(Error::InvalidArgument("shrinking qcow2 images is not supported yet".into()));
+            return Err(Error::InvalidArgument(
+                "shrinking qcow2 images is not supported yet".into(),
+            ));
         }
         if !m.snapshots.is_empty() && new_size != m.header.size {
-            return Err(Error::InvalidArgument("cannot resize an image that has snapshots".into()));
+            return Err(Error::InvalidArgument(
+                "cannot resize an image that has snapshots".into(),
+            ));
         }
         self.grow(&mut m, new_size)
     }

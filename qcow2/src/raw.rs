@@ -31,7 +31,11 @@ impl Raw {
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         let size = self.size();
         if off.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::OutOfRange { offset: off, len, size });
+            return Err(Error::OutOfRange {
+                offset: off,
+                len,
+                size,
+            });
         }
         Ok(())
     }

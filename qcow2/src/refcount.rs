@@ -334,7 +334,11 @@ impl Refcounts {
             loop {
                 let area_end = start + tc + nb;
                 blocks = (start / per_block..=(area_end - 1) / per_block)
-                    .filter(|&g| self.table.get(g as usize).is_none_or(|&e| e & RT_OFFSET_MASK == 0))
+                    .filter(|&g| {
+                        self.table
+                            .get(g as usize)
+                            .is_none_or(|&e| e & RT_OFFSET_MASK == 0)
+                    })
                     .collect();
                 if blocks.len() as u64 == nb {
                     break;
@@ -478,14 +482,22 @@ mod tests {
     #[test]
     fn entries_roundtrip_every_width() {
         for order in 0..=6u32 {
-            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
             let mut block = vec![0u8; 512];
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             for i in 0..n {
                 entry_set(&mut block, i, order, (i as u64 * 7) & max);
             }
             for i in 0..n {
-                assert_eq!(entry_get(&block, i, order), (i as u64 * 7) & max, "order {order} idx {i}");
+                assert_eq!(
+                    entry_get(&block, i, order),
+                    (i as u64 * 7) & max,
+                    "order {order} idx {i}"
+                );
             }
         }
     }

@@ -48,21 +48,29 @@ impl Snapshot {
             let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
             let extra_len = be32(36);
             if extra_len > MAX_EXTRA_DATA {
-                return Err(bad(format!("snapshot {n} has {extra_len} bytes of extra data")));
+                return Err(bad(format!(
+                    "snapshot {n} has {extra_len} bytes of extra data"
+                )));
             }
             if l1_size as u64 > MAX_L1_BYTES / 8 {
                 return Err(bad(format!("snapshot {n} L1 table has {l1_size} entries")));
             }
             if l1_table_offset % cs != 0 {
-                return Err(bad(format!("snapshot {n} L1 table offset {l1_table_offset:#x} unaligned")));
+                return Err(bad(format!(
+                    "snapshot {n} L1 table offset {l1_table_offset:#x} unaligned"
+                )));
             }
             let var_len = extra_len as usize + id_len + name_len;
             let mut var = vec![0u8; var_len];
             st.read_at(&mut var, off + 40)?;
             let extra = &var[..extra_len as usize];
-            let e64 = |a: usize| (extra.len() >= a + 8).then(|| u64::from_be_bytes(extra[a..a + 8].try_into().unwrap()));
+            let e64 = |a: usize| {
+                (extra.len() >= a + 8)
+                    .then(|| u64::from_be_bytes(extra[a..a + 8].try_into().unwrap()))
+            };
             let vm_state_size = e64(0).unwrap_or(be32(32) as u64);
-            let id = String::from_utf8_lossy(&var[extra_len as usize..extra_len as usize + id_len]).into_owned();
+            let id = String::from_utf8_lossy(&var[extra_len as usize..extra_len as usize + id_len])
+                .into_owned();
             let name = String::from_utf8_lossy(&var[extra_len as usize + id_len..]).into_owned();
             out.push(Snapshot {
                 l1_table_offset,

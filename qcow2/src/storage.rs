@@ -57,14 +57,25 @@ impl Storage {
         self.writable
     }
 
+    /// Length of the file in bytes.
+    #[allow(clippy::len_without_is_empty)] // a file's emptiness is not a question we ask
     pub fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().ctx(|| format!("stat {}", self.path.display()))?.len())
+        Ok(self
+            .file
+            .metadata()
+            .ctx(|| format!("stat {}", self.path.display()))?
+            .len())
     }
 
     /// Bytes the file occupies on disk (st_blocks * 512).
     pub fn allocated_bytes(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
-        Ok(self.file.metadata().ctx(|| format!("stat {}", self.path.display()))?.blocks() * 512)
+        Ok(self
+            .file
+            .metadata()
+            .ctx(|| format!("stat {}", self.path.display()))?
+            .blocks()
+            * 512)
     }
 
     /// Reads `buf.len()` bytes at `off`; bytes past the end of the file
@@ -81,7 +92,11 @@ impl Storage {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(Error::io(
-                        format!("read {} bytes at {off:#x} from {}", buf.len(), self.path.display()),
+                        format!(
+                            "read {} bytes at {off:#x} from {}",
+                            buf.len(),
+                            self.path.display()
+                        ),
                         e,
                     ))
                 }
@@ -94,9 +109,13 @@ impl Storage {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
-        self.file
-            .write_all_at(buf, off)
-            .ctx(|| format!("write {} bytes at {off:#x} to {}", buf.len(), self.path.display()))
+        self.file.write_all_at(buf, off).ctx(|| {
+            format!(
+                "write {} bytes at {off:#x} to {}",
+                buf.len(),
+                self.path.display()
+            )
+        })
     }
 
     /// Makes everything written so far durable.
@@ -104,17 +123,28 @@ impl Storage {
         if !self.writable {
             return Ok(());
         }
-        self.file.sync_data().ctx(|| format!("fdatasync {}", self.path.display()))
+        self.file
+            .sync_data()
+            .ctx(|| format!("fdatasync {}", self.path.display()))
     }
 
     pub fn set_len(&self, len: u64) -> Result<()> {
-        self.file.set_len(len).ctx(|| format!("truncate {} to {len}", self.path.display()))
+        self.file
+            .set_len(len)
+            .ctx(|| format!("truncate {} to {len}", self.path.display()))
     }
 
     /// Deallocates a range, keeping the file size; reads then return zeros.
     /// Falls back to writing zeros where the filesystem cannot punch holes.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
-        if self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len).is_ok() {
+        if self
+            .fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+            .is_ok()
+        {
             return Ok(());
         }
         self.write_zeroes(off, len)
@@ -122,8 +152,12 @@ impl Storage {
 
     /// Reserves disk space for a range (posix_fallocate semantics).
     pub fn allocate(&self, off: u64, len: u64) -> Result<()> {
-        self.fallocate(0, off, len)
-            .ctx(|| format!("fallocate {len} bytes at {off:#x} in {}", self.path.display()))
+        self.fallocate(0, off, len).ctx(|| {
+            format!(
+                "fallocate {len} bytes at {off:#x} in {}",
+                self.path.display()
+            )
+        })
     }
 
     /// Writes zeros over a range, through a bounded buffer.

@@ -53,14 +53,22 @@ pub fn assert_qemu_compare_equal(a: &Path, b: &Path) {
 /// Path of a binary built from this workspace (target/<profile>/NAME),
 /// building it first if needed.
 pub fn workspace_bin(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
-    let profile = if cfg!(debug_assertions) { "debug" } else { "release" };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     let bin = target.join(profile).join(name);
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.current_dir(&root).args(["build", "--quiet", "--bin", name]);
+    cmd.current_dir(&root)
+        .args(["build", "--quiet", "--bin", name]);
     if profile == "release" {
         cmd.arg("--release");
     }
@@ -71,5 +79,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 /// A fresh temporary directory, removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("rimg-test-").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("rimg-test-")
+        .tempdir()
+        .expect("tempdir")
 }

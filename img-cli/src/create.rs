@@ -1,0 +1,242 @@
+//! `rimg create`.
+
+use std::path::Path;
+
+use clap::Args;
+use qcow2::{CompressionType, CreateOptions, Format, OpenOptions, Preallocation};
+
+use crate::opts::{parse_bool, OptList};
+use crate::size::parse_size;
+use crate::CliError;
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// Image format: qcow2 or raw (default raw, as qemu-img)
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Backing file (relative names resolve against the new image's directory)
+    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Backing file format
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_fmt: Option<String>,
+    /// Do not open the backing file (its size is then required)
+    #[arg(short = 'u')]
+    unsafe_backing: bool,
+    /// Format options: cluster_size, compat, refcount_bits, lazy_refcounts,
+    /// preallocation, backing_file, backing_fmt, compression_type, size
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Quiet: print nothing on success
+    #[arg(short = 'q')]
+    quiet: bool,
+    filename: String,
+    /// Virtual size, with optional k/M/G/T suffix
+    size: Option<String>,
+}
+
+const QCOW2_OPTS: &str = "Supported options:
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Image format of the base image
+  cluster_size=<size>    - qcow2 cluster size
+  compat=<str>           - Compatibility level (v2 [0.10], v3 [1.1])
+  compression_type=<str> - Compression method used for image cluster compression (zlib, zstd)
+  lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
+  refcount_bits=<num>    - Width of a reference count entry in bits
+  size=<size>            - Virtual disk size";
+
+const RAW_OPTS: &str = "Supported options:
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size";
+
+pub fn run(a: CreateArgs) -> Result<u8, CliError> {
+    let fmt_name = a.format.clone().unwrap_or_else(|| "raw".into());
+    let format = Format::from_name(&fmt_name)
+        .ok_or_else(|| CliError::new(format!("Unknown file format '{fmt_name}'")))?;
+    let list = OptList::parse(&a.options).map_err(CliError::new)?;
+    if list.wants_help() {
+        println!(
+            "{}",
+            if format == Format::Qcow2 {
+                QCOW2_OPTS
+            } else {
+                RAW_OPTS
+            }
+        );
+        return Ok(0);
+    }
+    let mut o = CreateOptions {
+        format,
+        ..Default::default()
+    };
+    let mut size_arg = a.size.clone();
+    let mut given_prealloc = None;
+    let mut given_compat = None;
+    for (k, v) in &list.items {
+        let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
+        match (format, k.as_str()) {
+            (_, "size") => size_arg = Some(v.clone()),
+            (_, "preallocation") => {
+                o.preallocation = Preallocation::from_name(v)
+                    .ok_or_else(|| CliError::new(format!("Invalid preallocation mode: '{v}'")))?;
+                given_prealloc = Some(v.clone());
+            }
+            (Format::Qcow2, "cluster_size") => o.cluster_size = parse_size(v).ok_or_else(bad)?,
+            (Format::Qcow2, "compat") => {
+                o.version = match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(CliError::new(format!("Invalid compatibility level: '{v}'"))),
+                };
+                given_compat = Some(v.clone());
+            }
+            (Format::Qcow2, "refcount_bits") => o.refcount_bits = v.parse().map_err(|_| bad())?,
+            (Format::Qcow2, "lazy_refcounts") => {
+                o.lazy_refcounts = parse_bool(k, v).map_err(CliError::new)?
+            }
+            (Format::Qcow2, "compression_type") => {
+                o.compression_type = CompressionType::from_name(v)
+                    .ok_or_else(|| CliError::new(format!("Invalid compression type '{v}'")))?
+            }
+            (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
+            (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
+            (Format::Qcow2, "extended_l2") => {
+                if parse_bool(k, v).map_err(CliError::new)? {
+                    return Err(CliError::new("extended_l2 (subclusters) is not supported"));
+                }
+            }
+            (Format::Qcow2, "encryption" | "encrypt.format" | "data_file") => {
+                return Err(CliError::new(format!("option '{k}' is not supported")));
+            }
+            _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    if a.backing.is_some() {
+        o.backing_file = a.backing.clone();
+    }
+    if a.backing_fmt.is_some() {
+        o.backing_format = a.backing_fmt.clone();
+    }
+    if o.backing_file.is_some() && format == Format::Raw {
+        return Err(CliError::new(
+            "Backing file not supported for file format 'raw'",
+        ));
+    }
+    if o.backing_file.is_some() {
+        if o.backing_format.is_none() {
+            return Err(CliError::new(format!(
+                "{}: Backing file specified without backing format",
+                a.filename
+            )));
+        }
+        if let Some(f) = &o.backing_format {
+            if Format::from_name(f).is_none() {
+                return Err(CliError::new(format!("Unknown backing file format '{f}'")));
+            }
+        }
+    }
+    let size = match &size_arg {
+        Some(s) => parse_size(s)
+            .ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'.")))?,
+        None => {
+            let Some(b) = &o.backing_file else {
+                return Err(CliError::new(format!(
+                    "{}: Image creation needs a size parameter",
+                    a.filename
+                )));
+            };
+            if a.unsafe_backing {
+                return Err(CliError::new(format!(
+                    "{}: Image creation needs a size parameter",
+                    a.filename
+                )));
+            }
+            backing_size(&a.filename, b, o.backing_format.as_deref())?
+        }
+    };
+    if size_arg.is_some() && !a.unsafe_backing {
+        if let Some(b) = &o.backing_file {
+            // qemu-img opens the backing file to check it exists.
+            backing_size(&a.filename, b, o.backing_format.as_deref())?;
+        }
+    }
+    o.size = if format == Format::Qcow2 {
+        size.next_multiple_of(512)
+    } else {
+        size
+    };
+    if !a.quiet {
+        println!(
+            "{}",
+            formatting_line(
+                &a.filename,
+                &o,
+                size,
+                given_prealloc.as_deref(),
+                given_compat.as_deref()
+            )
+        );
+    }
+    qcow2::create(Path::new(&a.filename), &o)
+        .map_err(|e| CliError::new(format!("{}: {e}", a.filename)))?;
+    Ok(0)
+}
+
+fn backing_size(image: &str, backing: &str, fmt: Option<&str>) -> Result<u64, CliError> {
+    let path = qcow2::resolve_backing(Path::new(image), backing);
+    let img = qcow2::open(
+        &path,
+        &OpenOptions {
+            format: fmt.and_then(Format::from_name),
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("{image}: Could not open backing file: {e}")))?;
+    Ok(img.size())
+}
+
+/// qemu-img's "Formatting ..." line, options in its order.
+fn formatting_line(
+    name: &str,
+    o: &CreateOptions,
+    size: u64,
+    prealloc: Option<&str>,
+    compat: Option<&str>,
+) -> String {
+    let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
+    match o.format {
+        Format::Raw => {
+            s += &format!(" size={size}");
+            if let Some(p) = prealloc {
+                s += &format!(" preallocation={p}");
+            }
+        }
+        Format::Qcow2 => {
+            s += &format!(" cluster_size={} extended_l2=off", o.cluster_size);
+            if let Some(p) = prealloc {
+                s += &format!(" preallocation={p}");
+            }
+            s += &format!(
+                " compression_type={} size={size}",
+                o.compression_type.name()
+            );
+            if let Some(b) = &o.backing_file {
+                s += &format!(" backing_file={b}");
+            }
+            if let Some(f) = &o.backing_format {
+                s += &format!(" backing_fmt={f}");
+            }
+            if let Some(c) = compat {
+                s += &format!(" compat={c}");
+            }
+            s += &format!(
+                " lazy_refcounts={} refcount_bits={}",
+                if o.lazy_refcounts { "on" } else { "off" },
+                o.refcount_bits
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,331 @@
+//! `rimg info`: qemu-img info's human layout and JSON shape.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::{Args, ValueEnum};
+use qcow2::{Format, Image, OpenOptions};
+use serde_json::{json, Map, Value};
+
+use crate::size::size_to_str;
+use crate::CliError;
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Image format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
+    /// Show every image of the backing chain
+    #[arg(long)]
+    backing_chain: bool,
+    /// Open the image even if another process uses it (accepted for
+    /// compatibility; info only reads)
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    filename: String,
+}
+
+/// Everything info reports about one image.
+struct ImageInfo {
+    filename: String,
+    format: Format,
+    virtual_size: u64,
+    actual_size: u64,
+    file_length: u64,
+    qcow2: Option<qcow2::Header>,
+    snapshots: Vec<qcow2::Snapshot>,
+    /// Backing name as stored and as resolved against the image's directory.
+    backing: Option<(String, String)>,
+}
+
+fn open_one(name: &str, format: Option<Format>) -> Result<ImageInfo, CliError> {
+    let img: Arc<dyn Image> = qcow2::open(
+        Path::new(name),
+        &OpenOptions {
+            format,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| match e {
+        qcow2::Error::Open { source, .. } => {
+            CliError::new(format!("Could not open '{name}': {source}"))
+        }
+        e => CliError::new(format!("Could not open '{name}': {e}")),
+    })?;
+    let (actual_size, file_length) = match img.as_qcow2() {
+        Some(q) => (q.storage().allocated_bytes()?, q.storage().len()?),
+        None => {
+            let md = std::fs::metadata(name).map_err(|e| CliError::new(format!("{name}: {e}")))?;
+            use std::os::unix::fs::MetadataExt;
+            (md.blocks() * 512, md.len())
+        }
+    };
+    let (qh, snapshots) = match img.as_qcow2() {
+        Some(q) => (Some(q.header()), q.snapshots()),
+        None => (None, Vec::new()),
+    };
+    let backing = qh.as_ref().and_then(|h| h.backing_file.clone()).map(|b| {
+        let full = qcow2::resolve_backing(Path::new(name), &b);
+        (b, full.to_string_lossy().into_owned())
+    });
+    // QEMU reports the length of the file node in whole 512-byte sectors.
+    let file_length = file_length.next_multiple_of(512);
+    Ok(ImageInfo {
+        filename: name.to_string(),
+        format: img.format(),
+        virtual_size: img.size(),
+        actual_size,
+        file_length,
+        qcow2: qh,
+        snapshots,
+        backing,
+    })
+}
+
+fn to_json(i: &ImageInfo) -> Value {
+    let mut m = Map::new();
+    m.insert(
+        "children".into(),
+        json!([{
+            "name": "file",
+            "info": {
+                "children": [],
+                "virtual-size": i.file_length,
+                "filename": i.filename,
+                "format": "file",
+                "actual-size": i.actual_size,
+                "format-specific": {"type": "file", "data": {}},
+                "dirty-flag": false
+            }
+        }]),
+    );
+    if let Some(h) = &i.qcow2 {
+        if let Some(f) = &h.backing_format {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+        if !i.snapshots.is_empty() {
+            let snaps: Vec<Value> = i
+                .snapshots
+                .iter()
+                .map(|s| {
+                    let mut o = Map::new();
+                    if let Some(ic) = s.icount {
+                        o.insert("icount".into(), json!(ic));
+                    }
+                    o.insert(
+                        "vm-clock-nsec".into(),
+                        json!(s.vm_clock_nsec % 1_000_000_000),
+                    );
+                    o.insert("name".into(), json!(s.name));
+                    o.insert("date-sec".into(), json!(s.date_sec));
+                    o.insert("date-nsec".into(), json!(s.date_nsec));
+                    o.insert(
+                        "vm-clock-sec".into(),
+                        json!(s.vm_clock_nsec / 1_000_000_000),
+                    );
+                    o.insert("id".into(), json!(s.id));
+                    o.insert("vm-state-size".into(), json!(s.vm_state_size));
+                    Value::Object(o)
+                })
+                .collect();
+            m.insert("snapshots".into(), Value::Array(snaps));
+        }
+    }
+    m.insert("virtual-size".into(), json!(i.virtual_size));
+    m.insert("filename".into(), json!(i.filename));
+    if let Some(h) = &i.qcow2 {
+        m.insert("cluster-size".into(), json!(h.cluster_size()));
+    }
+    m.insert("format".into(), json!(i.format.name()));
+    m.insert("actual-size".into(), json!(i.actual_size));
+    if let Some(h) = &i.qcow2 {
+        let mut d = Map::new();
+        d.insert(
+            "compat".into(),
+            json!(if h.version == 2 { "0.10" } else { "1.1" }),
+        );
+        d.insert("compression-type".into(), json!(h.compression_type.name()));
+        if h.version == 3 {
+            d.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        }
+        d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if h.version == 3 {
+            d.insert("corrupt".into(), json!(h.is_corrupt()));
+            d.insert("extended-l2".into(), json!(false));
+        }
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "qcow2", "data": Value::Object(d)}),
+        );
+    }
+    if let Some((b, full)) = &i.backing {
+        m.insert("full-backing-filename".into(), json!(full));
+        m.insert("backing-filename".into(), json!(b));
+    }
+    m.insert(
+        "dirty-flag".into(),
+        json!(i.qcow2.as_ref().is_some_and(|h| h.is_dirty())),
+    );
+    Value::Object(m)
+}
+
+fn local_date(sec: u32) -> String {
+    let t = sec as libc::time_t;
+    // SAFETY: localtime_r writes only into `tm`, which we own; `t` is a
+    // valid time_t on the stack.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&t, &mut tm).is_null() };
+    if !ok {
+        return "?".into();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+fn to_human(i: &ImageInfo) -> String {
+    let mut s = String::new();
+    s += &format!("image: {}\n", i.filename);
+    s += &format!("file format: {}\n", i.format.name());
+    s += &format!(
+        "virtual size: {} ({} bytes)\n",
+        size_to_str(i.virtual_size),
+        i.virtual_size
+    );
+    s += &format!("disk size: {}\n", size_to_str(i.actual_size));
+    if let Some(h) = &i.qcow2 {
+        s += &format!("cluster_size: {}\n", h.cluster_size());
+        if let Some((b, full)) = &i.backing {
+            if b == full {
+                s += &format!("backing file: {b}\n");
+            } else {
+                s += &format!("backing file: {b} (actual path: {full})\n");
+            }
+        }
+        if let Some(f) = &h.backing_format {
+            s += &format!("backing file format: {f}\n");
+        }
+        if h.is_dirty() {
+            s += "cleanly shut down: no\n";
+        }
+        if !i.snapshots.is_empty() {
+            s += "Snapshot list:\n";
+            s += &format!(
+                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+            );
+            for sn in &i.snapshots {
+                let secs = sn.vm_clock_nsec / 1_000_000_000;
+                let clock = format!(
+                    "{:04}:{:02}:{:02}.{:03}",
+                    secs / 3600,
+                    (secs / 60) % 60,
+                    secs % 60,
+                    (sn.vm_clock_nsec / 1_000_000) % 1000
+                );
+                let icount = sn.icount.map(|c| c.to_string()).unwrap_or_default();
+                s += &format!(
+                    "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+                    sn.id,
+                    sn.name,
+                    size_to_str(sn.vm_state_size),
+                    local_date(sn.date_sec),
+                    clock,
+                    icount
+                );
+            }
+        }
+        s += "Format specific information:\n";
+        s += &format!(
+            "    compat: {}\n",
+            if h.version == 2 { "0.10" } else { "1.1" }
+        );
+        s += &format!("    compression type: {}\n", h.compression_type.name());
+        if h.version == 3 {
+            s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
+        }
+        s += &format!("    refcount bits: {}\n", h.refcount_bits());
+        if h.version == 3 {
+            s += &format!("    corrupt: {}\n", h.is_corrupt());
+            s += "    extended l2: false\n";
+        }
+    }
+    s += "Child node '/file':\n";
+    s += &format!("    filename: {}\n", i.filename);
+    s += "    protocol type: file\n";
+    s += &format!(
+        "    file length: {} ({} bytes)\n",
+        size_to_str(i.file_length),
+        i.file_length
+    );
+    s += &format!("    disk size: {}\n", size_to_str(i.actual_size));
+    s
+}
+
+pub fn run(a: InfoArgs) -> Result<u8, CliError> {
+    let _ = a.force_share;
+    let fmt = match &a.format {
+        Some(f) => Some(
+            Format::from_name(f)
+                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
+        ),
+        None => None,
+    };
+    let mut chain = vec![open_one(&a.filename, fmt)?];
+    if a.backing_chain {
+        let mut seen =
+            vec![std::fs::canonicalize(&a.filename).unwrap_or_else(|_| PathBuf::from(&a.filename))];
+        while let Some((_, full)) = chain.last().unwrap().backing.clone() {
+            let bfmt = chain
+                .last()
+                .unwrap()
+                .qcow2
+                .as_ref()
+                .and_then(|h| h.backing_format.clone());
+            let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
+            if seen.contains(&canon) {
+                return Err(CliError::new(format!(
+                    "Backing file '{full}' creates an infinite loop."
+                )));
+            }
+            if seen.len() > qcow2::open::MAX_CHAIN_DEPTH {
+                return Err(CliError::new("backing chain is too deep"));
+            }
+            seen.push(canon);
+            chain.push(open_one(
+                &full,
+                bfmt.as_deref().and_then(Format::from_name),
+            )?);
+        }
+    }
+    match a.output {
+        Output::Json => {
+            let v = if a.backing_chain {
+                Value::Array(chain.iter().map(to_json).collect())
+            } else {
+                to_json(&chain[0])
+            };
+            println!("{}", crate::json::to_qemu_string(&v));
+        }
+        Output::Human => {
+            let parts: Vec<String> = chain.iter().map(to_human).collect();
+            print!("{}", parts.join("\n"));
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,110 @@
+//! Sizes as qemu-img reads and prints them.
+
+/// Parses a size with an optional binary suffix (k/K, M, G, T, P, E, or B
+/// for bytes), accepting decimals ("1.5G"), as qemu-img's qemu_strtosz.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(split);
+    if num.is_empty() {
+        return None;
+    }
+    let shift = match suffix {
+        "" | "b" | "B" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return None,
+    };
+    if num.contains('.') {
+        let v: f64 = num.parse().ok()?;
+        let bytes = v * (1u64 << shift) as f64;
+        if !bytes.is_finite()
+            || bytes >= 9.223_372_036_854_775e18
+            || (shift == 0 && v.fract() != 0.0)
+        {
+            return None;
+        }
+        Some(bytes as u64)
+    } else {
+        let v: u64 = num.parse().ok()?;
+        let bytes = v.checked_mul(1u64 << shift)?;
+        (bytes <= i64::MAX as u64).then_some(bytes)
+    }
+}
+
+/// C's "%0.3g" for the values size_to_str prints.
+fn fmt_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let e = v.abs().log10().floor() as i32;
+    // Rounding to 3 significant digits may bump the exponent (999.5).
+    let rounded = format!("{:.*e}", 2, v);
+    let exp: i32 = rounded
+        .split('e')
+        .nth(1)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(e);
+    if !(-4..3).contains(&exp) {
+        let (mant, _) = rounded.split_once('e').unwrap();
+        let mant = mant.trim_end_matches('0').trim_end_matches('.');
+        return format!("{mant}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let decimals = (2 - exp).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
+/// qemu's size_to_str: "1 GiB", "332 KiB", "1.5 GiB", "0 B".
+pub fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // Switch to the next unit once the value would print as >= 1000.
+    let scaled = val as f64 / (1000.0 / 1024.0);
+    let i = if scaled < 1.0 {
+        0
+    } else {
+        let exp = scaled.log2().floor() as i32 + 1; // frexp's exponent
+        ((exp - 1) / 10) as usize
+    };
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i.min(6)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_like_qemu() {
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("64k"), Some(65536));
+        assert_eq!(parse_size("12x"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999E"), None);
+    }
+
+    #[test]
+    fn prints_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(1024), "1 KiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(1_610_612_736), "1.5 GiB");
+        assert_eq!(size_to_str(339_968), "332 KiB");
+        assert_eq!(size_to_str(197_120), "192 KiB");
+        assert_eq!(size_to_str(459_264), "448 KiB");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(999), "999 B");
+    }
+}

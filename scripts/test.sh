@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Every test: formatting, lints, unit and integration tests (qemu-img is
+# the judge of every image the tests write).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
