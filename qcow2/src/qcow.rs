@@ -87,12 +87,27 @@ struct Meta {
 }
 
 /// What a run of guest bytes maps to in this layer.
-#[derive(Debug, Clone, Copy)]
-enum Run {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Stored at this host file offset.
     Data(u64),
+    /// Reads as zeros (with the preallocated host offset, if any).
     Zero(Option<u64>),
+    /// Not stored here: the backing image, or zeros.
     Unallocated,
+    /// Inside a compressed cluster.
     Compressed(L2Entry),
+}
+
+/// A guest write mapped to one host extent, between
+/// [`Qcow2::begin_write`] and [`Qcow2::end_write`].
+#[must_use = "a mapped write must be finished with end_write"]
+pub struct WriteIo {
+    /// Host file offset where the data goes.
+    pub host: u64,
+    /// Bytes of the request this extent covers.
+    pub len: usize,
+    alloc: Option<Alloc>,
 }
 
 /// An allocation handed out by `plan_write` and finished by `commit`.
@@ -104,6 +119,9 @@ struct Alloc {
     host: u64,
     /// The existing preallocated zero cluster is reused (n == 1).
     reuse: bool,
+    /// The new clusters lie past everything ever written: they read as
+    /// zeros without being written.
+    fresh: bool,
     /// Old entries of the first and last cluster: copy-on-write sources.
     first_old: L2Entry,
     last_old: L2Entry,
@@ -328,7 +346,7 @@ impl Qcow2 {
 
     /// Maps the run of guest bytes starting at `off` (at most `len`) that
     /// share one kind of mapping in this layer.
-    fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Run, u64)> {
+    fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Mapping, u64)> {
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
@@ -339,7 +357,7 @@ impl Qcow2 {
         // Clusters this request may span within the current L2 table.
         let want = (in_cl + len).div_ceil(cs).min(l2n - l2i);
         let Some(slot) = self.l2_for(m, l1i)? else {
-            return Ok((Run::Unallocated, (want * cs - in_cl).min(len)));
+            return Ok((Mapping::Unallocated, (want * cs - in_cl).min(len)));
         };
         let first = self.decode(Self::l2_get(m, slot, l2i as usize))?;
         let mut n = 1;
@@ -351,7 +369,7 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
-                Run::Data(host + in_cl)
+                Mapping::Data(host + in_cl)
             }
             L2Entry::Zero { host, .. } => {
                 while n < want {
@@ -360,7 +378,7 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
-                Run::Zero(host.map(|h| h + in_cl).filter(|_| n == 1))
+                Mapping::Zero(host.map(|h| h + in_cl).filter(|_| n == 1))
             }
             L2Entry::Unallocated => {
                 while n < want {
@@ -369,9 +387,9 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
-                Run::Unallocated
+                Mapping::Unallocated
             }
-            c @ L2Entry::Compressed { .. } => Run::Compressed(c),
+            c @ L2Entry::Compressed { .. } => Mapping::Compressed(c),
         };
         Ok((run, (n * cs - in_cl).min(len)))
     }
@@ -414,18 +432,7 @@ impl Qcow2 {
                 let mut m = self.lock();
                 self.map_run(&mut m, pos, (buf.len() - done) as u64)?
             };
-            let part = &mut buf[done..done + n as usize];
-            match run {
-                Run::Data(host) => self.st.read_at(part, host)?,
-                Run::Zero(_) => part.fill(0),
-                Run::Unallocated => self.read_unallocated(part, pos)?,
-                Run::Compressed(e) => {
-                    let in_cl = (pos & (self.cluster_size() - 1)) as usize;
-                    self.with_decompressed(e, |c| {
-                        part.copy_from_slice(&c[in_cl..in_cl + part.len()])
-                    })?
-                }
-            }
+            self.read_mapped(run, &mut buf[done..done + n as usize], pos)?;
             done += n as usize;
         }
         Ok(())
@@ -515,6 +522,7 @@ impl Qcow2 {
                 n: 1,
                 host: h,
                 reuse: true,
+                fresh: false,
                 first_old,
                 last_old: first_old,
             }));
@@ -535,6 +543,7 @@ impl Qcow2 {
             }
             n += 1;
         }
+        let fresh_from = m.rc.end();
         let host = m.rc.alloc(&self.st, n)?;
         for k in 0..n {
             m.inflight.insert(gc + k);
@@ -544,6 +553,7 @@ impl Qcow2 {
             n,
             host,
             reuse: false,
+            fresh: host >> self.cluster_bits >= fresh_from,
             first_old,
             last_old,
         }))
@@ -563,51 +573,54 @@ impl Qcow2 {
         }
     }
 
-    /// Writes guest data for an allocation: copy-on-write fill for partial
-    /// first/last clusters, the new data in between. Returns bytes of `buf`
-    /// consumed.
-    fn write_alloc_data(&self, a: &Alloc, buf: &[u8], pos: u64) -> Result<usize> {
+    /// Whether guest cluster `gc` read as zeros under mapping `old`.
+    fn reads_zero(&self, old: L2Entry) -> bool {
+        matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none())
+    }
+
+    /// Copy-on-write fill of the parts of newly allocated clusters that the
+    /// guest write [pos, pos + len) does not cover: the head of the first
+    /// cluster and the tail of the last, from what they read as before.
+    fn cow_fill(&self, a: &Alloc, pos: u64, len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let in_cl = pos - (a.gc << self.cluster_bits);
-        let len = (buf.len() as u64).min(a.n * cs - in_cl);
         let end = in_cl + len; // relative to the first cluster
-        BOUNCE.with(|b| -> Result<()> {
-            let mut bounce = b.borrow_mut();
-            bounce.resize(cs as usize, 0);
-            // First cluster.
-            let first_end = end.min(cs);
-            if in_cl != 0 || first_end != cs {
-                self.cow_source(a.gc, a.first_old, &mut bounce)?;
-                bounce[in_cl as usize..first_end as usize]
-                    .copy_from_slice(&buf[..(first_end - in_cl) as usize]);
-                self.st.write_at(&bounce, a.host)?;
-            } else {
-                self.st.write_at(&buf[..cs as usize], a.host)?;
+        let last = a.n - 1;
+        let mut regions: [(u64, L2Entry, u64, u64); 2] = [(0, a.first_old, 0, 0); 2];
+        let mut count = 0;
+        if in_cl > 0 {
+            regions[count] = (0, a.first_old, 0, in_cl);
+            count += 1;
+        }
+        if end < a.n * cs {
+            regions[count] = (last, a.last_old, end - last * cs, cs);
+            count += 1;
+        }
+        for &(k, old, from, to) in &regions[..count] {
+            let host = a.host + k * cs;
+            if self.reads_zero(old) {
+                if !a.fresh {
+                    self.st.write_zeroes(host + from, to - from)?;
+                }
+                continue;
             }
-            if a.n == 1 {
-                return Ok(());
-            }
-            // Whole middle clusters straight from the caller's buffer.
-            let last_start = (a.n - 1) * cs;
-            if last_start > cs {
-                let from = (cs - in_cl) as usize;
-                let to = (last_start - in_cl) as usize;
-                self.st.write_at(&buf[from..to], a.host + cs)?;
-            }
-            // Last cluster.
-            let from = (last_start - in_cl) as usize;
-            if end - last_start != cs {
-                self.cow_source(a.gc + a.n - 1, a.last_old, &mut bounce)?;
-                let k = (end - last_start) as usize;
-                bounce[..k].copy_from_slice(&buf[from..]);
-                self.st.write_at(&bounce, a.host + last_start)?;
-            } else {
-                self.st
-                    .write_at(&buf[from..len as usize], a.host + last_start)?;
-            }
-            Ok(())
-        })?;
-        Ok(len as usize)
+            BOUNCE.with(|b| -> Result<()> {
+                let mut bounce = b.borrow_mut();
+                bounce.resize(cs as usize, 0);
+                self.cow_source(a.gc + k, old, &mut bounce)?;
+                self.st.write_at(&bounce[from as usize..to as usize], host + from)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Gives back clusters of an allocation that was never committed.
+    fn rollback_alloc(&self, m: &mut Meta, a: &Alloc) {
+        if !a.reuse {
+            // Nothing points at the new clusters yet, so they can be freed
+            // at once. On failure they stay allocated: a leak, not damage.
+            let _ = m.rc.update_range(&self.st, a.host, a.n * self.cluster_size(), -1, |_| {});
+        }
     }
 
     /// Points the L2 entries at the new clusters and queues the old
@@ -659,42 +672,114 @@ impl Qcow2 {
         m
     }
 
+    /// Maps the write after the lock was taken and the first cluster is
+    /// known not to be in flight.
+    fn begin_locked(&self, mut m: MutexGuard<'_, Meta>, pos: u64, len: usize) -> Result<WriteIo> {
+        match self.plan_write(&mut m, pos, len)? {
+            WritePlan::InPlace { host, len } => Ok(WriteIo { host, len, alloc: None }),
+            WritePlan::Alloc(a) => {
+                drop(m);
+                let in_cl = pos - (a.gc << self.cluster_bits);
+                let n = (len as u64).min(a.n * self.cluster_size() - in_cl);
+                if let Err(e) = self.cow_fill(&a, pos, n) {
+                    let mut m = self.lock();
+                    self.rollback_alloc(&mut m, &a);
+                    self.finish_alloc(m, &a);
+                    return Err(e);
+                }
+                Ok(WriteIo {
+                    host: a.host + in_cl,
+                    len: n as usize,
+                    alloc: Some(a),
+                })
+            }
+        }
+    }
+
+    /// First step of a guest write, for callers that do the data I/O
+    /// themselves (io_uring): maps a prefix of [off, off + len) to one host
+    /// extent, allocating and doing copy-on-write fill where needed. The
+    /// caller writes `io.len` bytes of its data at `io.host`, then calls
+    /// [`end_write`](Self::end_write) with the outcome. Blocks while
+    /// another request is allocating the same guest cluster.
+    pub fn begin_write(&self, off: u64, len: usize) -> Result<WriteIo> {
+        self.check_writable()?;
+        self.check_range(off, len as u64)?;
+        let m = self.lock();
+        let m = self.wait_inflight(m, off >> self.cluster_bits, 1);
+        self.begin_locked(m, off, len)
+    }
+
+    /// As [`begin_write`](Self::begin_write), but returns `Ok(None)`
+    /// instead of waiting when another request is allocating the cluster
+    /// (for event loops that must not block on themselves).
+    pub fn try_begin_write(&self, off: u64, len: usize) -> Result<Option<WriteIo>> {
+        self.check_writable()?;
+        self.check_range(off, len as u64)?;
+        let m = self.lock();
+        if m.inflight.contains(&(off >> self.cluster_bits)) {
+            return Ok(None);
+        }
+        self.begin_locked(m, off, len).map(Some)
+    }
+
+    /// Second step of a guest write: once the data write completed
+    /// (`ok`), points the L2 entries at the new clusters; otherwise gives
+    /// the clusters back.
+    pub fn end_write(&self, io: WriteIo, ok: bool) -> Result<()> {
+        let Some(a) = io.alloc else {
+            return Ok(());
+        };
+        let mut m = self.lock();
+        let r = if ok { self.commit_alloc(&mut m, &a) } else { Ok(()) };
+        if !ok || r.is_err() {
+            self.rollback_alloc(&mut m, &a);
+        }
+        self.finish_alloc(m, &a);
+        r
+    }
+
     fn write_inner(&self, buf: &[u8], off: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
             let m = self.lock();
-            let mut m = self.wait_inflight(m, pos >> self.cluster_bits, 1);
-            let plan = self.plan_write(&mut m, pos, buf.len() - done)?;
-            match plan {
-                WritePlan::InPlace { host, len } => {
-                    drop(m);
-                    self.st.write_at(&buf[done..done + len], host)?;
-                    done += len;
-                }
-                WritePlan::Alloc(a) => {
-                    drop(m);
-                    let r = self.write_alloc_data(&a, &buf[done..], pos);
-                    let mut m = self.lock();
-                    match r.and_then(|n| self.commit_alloc(&mut m, &a).map(|_| n)) {
-                        Ok(n) => {
-                            self.finish_alloc(m, &a);
-                            done += n;
-                        }
-                        Err(e) => {
-                            if !a.reuse {
-                                // Nothing points at the new clusters yet.
-                                let cs = self.cluster_size();
-                                let _ = m.rc.update_range(&self.st, a.host, a.n * cs, -1, |_| {});
-                            }
-                            self.finish_alloc(m, &a);
-                            return Err(e);
-                        }
-                    }
-                }
-            }
+            let m = self.wait_inflight(m, pos >> self.cluster_bits, 1);
+            let io = self.begin_locked(m, pos, buf.len() - done)?;
+            let n = io.len;
+            let r = self.st.write_at(&buf[done..done + n], io.host);
+            self.end_write(io, r.is_ok())?;
+            r?;
+            done += n;
         }
         Ok(())
+    }
+
+    /// Maps a prefix of the guest range [off, off + len) for reading:
+    /// returns how it is stored in this layer and the prefix length. Data
+    /// can be read from the host file directly at the returned offset; the
+    /// other kinds go through [`read_mapped`](Self::read_mapped).
+    pub fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.check_range(off, len)?;
+        let mut m = self.lock();
+        self.map_run(&mut m, off, len)
+    }
+
+    /// Reads guest bytes at `off` that [`map_read`](Self::map_read) mapped
+    /// as `mapping` (any kind).
+    pub fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
+        match mapping {
+            Mapping::Data(host) => self.st.read_at(buf, host),
+            Mapping::Zero(_) => {
+                buf.fill(0);
+                Ok(())
+            }
+            Mapping::Unallocated => self.read_unallocated(buf, off),
+            Mapping::Compressed(e) => {
+                let in_cl = (off & (self.cluster_size() - 1)) as usize;
+                self.with_decompressed(e, |c| buf.copy_from_slice(&c[in_cl..in_cl + buf.len()]))
+            }
+        }
     }
 
     /// Changes whole guest clusters [gc, gc + n) to zero clusters
@@ -967,7 +1052,7 @@ impl Qcow2 {
                 let mut m = self.lock();
                 self.map_run(&mut m, pos, size - pos)?
             };
-            if let Run::Data(h) = run {
+            if let Mapping::Data(h) = run {
                 match out.last_mut() {
                     Some((s, l)) if *s + *l == h => *l += n,
                     _ => out.push((h, n)),
@@ -1127,25 +1212,25 @@ impl Image for Qcow2 {
         let mut m = self.lock();
         let (run, n) = self.map_run(&mut m, off, len)?;
         Ok(match run {
-            Run::Data(h) => Extent {
+            Mapping::Data(h) => Extent {
                 len: n,
                 kind: ExtentKind::Data,
                 offset: Some(h),
                 compressed: false,
             },
-            Run::Zero(h) => Extent {
+            Mapping::Zero(h) => Extent {
                 len: n,
                 kind: ExtentKind::Zero,
                 offset: h,
                 compressed: false,
             },
-            Run::Unallocated => Extent {
+            Mapping::Unallocated => Extent {
                 len: n,
                 kind: ExtentKind::Unallocated,
                 offset: None,
                 compressed: false,
             },
-            Run::Compressed(_) => Extent {
+            Mapping::Compressed(_) => Extent {
                 len: n,
                 kind: ExtentKind::Data,
                 offset: None,
