@@ -2,6 +2,7 @@
 //! qemu-img's option names and print its output formats; exit codes follow
 //! qemu-img (1 for errors), so scripts can switch.
 
+mod bench;
 mod create;
 mod info;
 mod json;
@@ -29,6 +30,8 @@ enum Cmd {
     Create(create::CreateArgs),
     /// Show information about an image
     Info(info::InfoArgs),
+    /// Run a simple I/O benchmark on an image
+    Bench(bench::BenchArgs),
 }
 
 /// A failure to report: one line on stderr, exit status 1 unless the
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),
+        Cmd::Bench(a) => bench::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -22,7 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Default::default()
         },
     )?;
-    let raw = FsOpen::new().read(true).write(true).create(true).truncate(true).open(&args[2])?;
+    let raw = FsOpen::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&args[2])?;
     raw.set_len(img.size())?;
     // Unaligned, cluster-straddling writes spread over the disk.
     let mut seed = 0x2545_f491_4f6c_dd1du64;

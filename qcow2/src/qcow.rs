@@ -575,7 +575,8 @@ impl Qcow2 {
 
     /// Whether guest cluster `gc` read as zeros under mapping `old`.
     fn reads_zero(&self, old: L2Entry) -> bool {
-        matches!(old, L2Entry::Zero { .. }) || (old == L2Entry::Unallocated && self.backing.is_none())
+        matches!(old, L2Entry::Zero { .. })
+            || (old == L2Entry::Unallocated && self.backing.is_none())
     }
 
     /// Copy-on-write fill of the parts of newly allocated clusters that the
@@ -608,7 +609,8 @@ impl Qcow2 {
                 let mut bounce = b.borrow_mut();
                 bounce.resize(cs as usize, 0);
                 self.cow_source(a.gc + k, old, &mut bounce)?;
-                self.st.write_at(&bounce[from as usize..to as usize], host + from)
+                self.st
+                    .write_at(&bounce[from as usize..to as usize], host + from)
             })?;
         }
         Ok(())
@@ -619,7 +621,8 @@ impl Qcow2 {
         if !a.reuse {
             // Nothing points at the new clusters yet, so they can be freed
             // at once. On failure they stay allocated: a leak, not damage.
-            let _ = m.rc.update_range(&self.st, a.host, a.n * self.cluster_size(), -1, |_| {});
+            let _ =
+                m.rc.update_range(&self.st, a.host, a.n * self.cluster_size(), -1, |_| {});
         }
     }
 
@@ -676,7 +679,11 @@ impl Qcow2 {
     /// known not to be in flight.
     fn begin_locked(&self, mut m: MutexGuard<'_, Meta>, pos: u64, len: usize) -> Result<WriteIo> {
         match self.plan_write(&mut m, pos, len)? {
-            WritePlan::InPlace { host, len } => Ok(WriteIo { host, len, alloc: None }),
+            WritePlan::InPlace { host, len } => Ok(WriteIo {
+                host,
+                len,
+                alloc: None,
+            }),
             WritePlan::Alloc(a) => {
                 drop(m);
                 let in_cl = pos - (a.gc << self.cluster_bits);
@@ -731,7 +738,11 @@ impl Qcow2 {
             return Ok(());
         };
         let mut m = self.lock();
-        let r = if ok { self.commit_alloc(&mut m, &a) } else { Ok(()) };
+        let r = if ok {
+            self.commit_alloc(&mut m, &a)
+        } else {
+            Ok(())
+        };
         if !ok || r.is_err() {
             self.rollback_alloc(&mut m, &a);
         }

@@ -210,7 +210,7 @@ impl Refcounts {
     /// Allocates `n` contiguous free clusters, sets their refcounts to 1 and
     /// returns the host offset of the first.
     pub fn alloc(&mut self, st: &Storage, n: u64) -> Result<u64> {
-        let start = self.find_free(st, n, self.free_hint)?;
+        let (start, first_free) = self.find_free(st, n, self.free_hint)?;
         let range = start..start + n;
         // Blocks first (they may need clusters, never from `range`), so
         // that setting the refcounts below cannot recurse.
@@ -231,32 +231,40 @@ impl Refcounts {
             }
             self.set(st, c, 1, &range)?;
         }
-        if start == self.free_hint {
-            self.free_hint = start + n;
-        }
+        // Everything between the old hint and the first free cluster seen
+        // is in use; the range just taken is too.
+        self.free_hint = if first_free == start {
+            start + n
+        } else {
+            first_free
+        };
         Ok(start << self.cluster_bits)
     }
 
-    /// First run of `n` clusters with refcount 0 at or after `from`.
-    fn find_free(&mut self, st: &Storage, n: u64, from: u64) -> Result<u64> {
+    /// First run of `n` clusters with refcount 0 at or after `from`, and
+    /// the first free cluster seen on the way.
+    fn find_free(&mut self, st: &Storage, n: u64, from: u64) -> Result<(u64, u64)> {
         let mut run_start = from;
+        let mut first_free = None;
         let mut c = from;
         let per_block = 1u64 << self.block_bits;
         while c - run_start < n {
             let group = c >> self.block_bits;
             if self.block_offset(group)?.is_none() {
                 // No block: the whole group is free.
+                first_free.get_or_insert(c);
                 c = (group + 1) * per_block;
                 continue;
             }
             if self.get(st, c)? == 0 {
+                first_free.get_or_insert(c);
                 c += 1;
             } else {
                 c += 1;
                 run_start = c;
             }
         }
-        Ok(run_start)
+        Ok((run_start, first_free.unwrap_or(run_start)))
     }
 
     /// Creates the refcount block for `group`, placing it so it counts
@@ -309,9 +317,9 @@ impl Refcounts {
     }
 
     fn find_free_outside(&mut self, st: &Storage, avoid: &Range<u64>) -> Result<u64> {
-        let c = self.find_free(st, 1, self.free_hint)?;
+        let (c, _) = self.find_free(st, 1, self.free_hint)?;
         if avoid.contains(&c) {
-            return self.find_free(st, 1, avoid.end);
+            return Ok(self.find_free(st, 1, avoid.end)?.0);
         }
         Ok(c)
     }
