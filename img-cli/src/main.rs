@@ -3,6 +3,7 @@
 //! qemu-img (1 for errors), so scripts can switch.
 
 mod bench;
+mod check;
 mod create;
 mod info;
 mod json;
@@ -30,6 +31,8 @@ enum Cmd {
     Create(create::CreateArgs),
     /// Show information about an image
     Info(info::InfoArgs),
+    /// Check an image for consistency, optionally repairing it
+    Check(check::CheckArgs),
     /// Run a simple I/O benchmark on an image
     Bench(bench::BenchArgs),
 }
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Check(a) => check::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -3,8 +3,8 @@
 //! dirty bit is set, and by `check -r`).
 
 use crate::error::{Error, Result};
-use crate::header::field;
-use crate::l2::{CompressedGeometry, L2Entry, OFFSET_MASK};
+use crate::header::{field, incompat};
+use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK};
 use crate::qcow::{MetaCtx, Qcow2};
 use crate::refcount::entry_set;
 use crate::storage::Storage;
@@ -13,27 +13,163 @@ use crate::storage::Storage;
 /// count array is 4 bytes per cluster: at most 1 GiB of memory).
 pub const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
 
-/// Reference counts computed from the metadata, one per host cluster.
-pub(crate) struct References {
-    pub counts: Vec<u32>,
-    cluster_bits: u32,
+/// How much `check` may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Repair {
+    /// Report only.
+    None,
+    /// Lower refcounts that are too high (leaks).
+    Leaks,
+    /// Everything: invalid entries, refcounts (rebuilt), COPIED flags.
+    All,
 }
 
-impl References {
-    fn add(&mut self, off: u64, len: u64, what: &str) -> Result<()> {
+/// What a check found, in qemu-img check's terms.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Problems that may lose data: refcounts too low, invalid entries,
+    /// wrong COPIED flags.
+    pub corruptions: u64,
+    /// Clusters whose refcount is higher than their references.
+    pub leaks: u64,
+    /// Problems that stopped parts of the check.
+    pub check_errors: u64,
+    pub corruptions_fixed: u64,
+    pub leaks_fixed: u64,
+    /// One line per problem (and per repair), as qemu-img prints them.
+    pub messages: Vec<String>,
+    pub allocated_clusters: u64,
+    pub total_clusters: u64,
+    pub fragmented_clusters: u64,
+    pub compressed_clusters: u64,
+    pub image_end_offset: u64,
+}
+
+/// An active-L1 or active-L2 entry that cannot be used as it is.
+#[derive(Debug, Clone, Copy)]
+enum BadEntry {
+    /// L1 index whose L2 table offset is unaligned or past the end.
+    L1(usize),
+    /// (L2 table offset, index) of a data cluster entry that is unaligned
+    /// or points past the end of the file.
+    L2(u64, usize),
+}
+
+/// Reference counts computed from the metadata, one per host cluster.
+struct Walk<'r> {
+    counts: Vec<u32>,
+    cluster_bits: u32,
+    report: &'r mut CheckReport,
+    bad: Vec<BadEntry>,
+    /// Where the next data cluster would be if the image were not
+    /// fragmented (active L1 only).
+    next_contiguous: u64,
+}
+
+impl Walk<'_> {
+    /// Counts one reference to every cluster of [off, off + len).
+    /// Returns false (and reports a corruption) if it lies past the end.
+    fn add(&mut self, off: u64, len: u64) -> bool {
         if len == 0 {
-            return Ok(());
+            return true;
         }
         let first = off >> self.cluster_bits;
         let last = (off + len - 1) >> self.cluster_bits;
         if last >= self.counts.len() as u64 {
-            return Err(Error::Corrupt(format!(
-                "{what} at {off:#x} lies beyond the end of the file"
-            )));
+            self.report.corruptions += 1;
+            self.report.messages.push(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
+            ));
+            return false;
         }
         for c in first..=last {
             let r = &mut self.counts[c as usize];
             *r = r.saturating_add(1);
+        }
+        true
+    }
+
+    /// Counts the L2 tables and data clusters under one L1 table.
+    fn l1(&mut self, st: &Storage, l1: &[u64], active: bool, l2buf: &mut [u8]) -> Result<()> {
+        let cs = 1u64 << self.cluster_bits;
+        let g = CompressedGeometry::new(self.cluster_bits);
+        for (i, &e) in l1.iter().enumerate() {
+            let l2off = e & OFFSET_MASK;
+            if l2off == 0 {
+                continue;
+            }
+            if l2off & (cs - 1) != 0 {
+                self.report.corruptions += 1;
+                self.report.messages.push(format!(
+                    "ERROR l2_offset={l2off:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                if active {
+                    self.bad.push(BadEntry::L1(i));
+                }
+                continue;
+            }
+            if !self.add(l2off, cs) {
+                if active {
+                    self.bad.push(BadEntry::L1(i));
+                }
+                continue;
+            }
+            st.read_at(l2buf, l2off)?;
+            for (k, raw) in l2buf.chunks_exact(8).enumerate() {
+                let raw = u64::from_be_bytes(raw.try_into().unwrap());
+                let entry = L2Entry::decode(raw, g);
+                match entry {
+                    L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+                    L2Entry::Normal { host, .. }
+                    | L2Entry::Zero {
+                        host: Some(host), ..
+                    } => {
+                        // Statistics first, as qemu-img counts them.
+                        if active {
+                            self.report.allocated_clusters += 1;
+                            if self.next_contiguous != 0 && host != self.next_contiguous {
+                                self.report.fragmented_clusters += 1;
+                            }
+                            self.next_contiguous = host + cs;
+                        }
+                        if host & (cs - 1) != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
+                            ));
+                            if active {
+                                self.bad.push(BadEntry::L2(l2off, k));
+                            }
+                            continue;
+                        }
+                        if !self.add(host, cs) && active {
+                            self.bad.push(BadEntry::L2(l2off, k));
+                        }
+                    }
+                    L2Entry::Compressed {
+                        offset, sectors, ..
+                    } => {
+                        if raw & COPIED != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR: coffset={offset:#x}: Compressed cluster entry has QCOW_OFLAG_COPIED flag set"
+                            ));
+                        }
+                        if !self.add(offset & !511, sectors * 512) {
+                            if active {
+                                self.bad.push(BadEntry::L2(l2off, k));
+                            }
+                            continue;
+                        }
+                        if active {
+                            self.report.allocated_clusters += 1;
+                            self.report.compressed_clusters += 1;
+                            // Compressed clusters are fragmented by nature.
+                            self.report.fragmented_clusters += 1;
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -48,46 +184,9 @@ fn read_l1(st: &Storage, off: u64, entries: u32) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// Counts references from L2 tables and data clusters under one L1.
-fn count_l1(
-    st: &Storage,
-    l1: &[u64],
-    cluster_bits: u32,
-    refs: &mut References,
-    l2buf: &mut [u8],
-) -> Result<()> {
-    let cs = 1u64 << cluster_bits;
-    let g = CompressedGeometry::new(cluster_bits);
-    for &e in l1 {
-        let l2off = e & OFFSET_MASK;
-        if l2off == 0 {
-            continue;
-        }
-        if l2off & (cs - 1) != 0 {
-            return Err(Error::Corrupt(format!(
-                "L2 table offset {l2off:#x} is not cluster aligned"
-            )));
-        }
-        refs.add(l2off, cs, "L2 table")?;
-        st.read_at(l2buf, l2off)?;
-        for raw in l2buf.chunks_exact(8) {
-            let entry = L2Entry::decode(u64::from_be_bytes(raw.try_into().unwrap()), g);
-            if let Some((off, len)) = entry.host_range(cs) {
-                if !matches!(entry, L2Entry::Compressed { .. }) && off & (cs - 1) != 0 {
-                    return Err(Error::Corrupt(format!(
-                        "data cluster offset {off:#x} is not cluster aligned"
-                    )));
-                }
-                refs.add(off, len, "data cluster")?;
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Counts every reference to every host cluster except those from the
-/// refcount structures themselves.
-pub(crate) fn count_references(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<References> {
+/// refcount structures themselves; problems go into `report`.
+fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result<Walk<'r>> {
     let st = q.storage();
     let cb = ctx.header.cluster_bits;
     let cs = 1u64 << cb;
@@ -97,31 +196,43 @@ pub(crate) fn count_references(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Reference
             "{clusters} host clusters to check"
         )));
     }
-    let mut refs = References {
+    let mut w = Walk {
         counts: vec![0; clusters as usize],
         cluster_bits: cb,
+        report,
+        bad: Vec::new(),
+        next_contiguous: 0,
     };
     let mut l2buf = vec![0u8; cs as usize];
-    refs.add(0, cs, "header")?;
-    refs.add(
-        ctx.header.l1_table_offset,
-        ctx.l1.len() as u64 * 8,
-        "L1 table",
-    )?;
-    count_l1(st, ctx.l1, cb, &mut refs, &mut l2buf)?;
+    w.add(0, cs);
+    w.add(ctx.header.l1_table_offset, ctx.l1.len() as u64 * 8);
+    w.l1(st, ctx.l1, true, &mut l2buf)?;
     if !ctx.snapshots.is_empty() {
-        refs.add(
-            ctx.header.snapshots_offset,
-            ctx.snapshot_table_bytes,
-            "snapshot table",
-        )?;
+        w.add(ctx.header.snapshots_offset, ctx.snapshot_table_bytes);
     }
     for s in ctx.snapshots {
-        refs.add(s.l1_table_offset, s.l1_size as u64 * 8, "snapshot L1 table")?;
+        if !w.add(s.l1_table_offset, s.l1_size as u64 * 8) {
+            continue;
+        }
         let l1 = read_l1(st, s.l1_table_offset, s.l1_size)?;
-        count_l1(st, &l1, cb, &mut refs, &mut l2buf)?;
+        w.l1(st, &l1, false, &mut l2buf)?;
     }
-    Ok(refs)
+    Ok(w)
+}
+
+/// Reference counts for a refcount rebuild; refuses images whose
+/// metadata has invalid entries (those need `check -r all`).
+fn count_for_rebuild(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Vec<u32>> {
+    let mut report = CheckReport::default();
+    let w = walk(q, ctx, &mut report)?;
+    let counts = w.counts;
+    if report.corruptions > 0 {
+        return Err(Error::Corrupt(format!(
+            "cannot rebuild refcounts: {}",
+            report.messages.first().cloned().unwrap_or_default()
+        )));
+    }
+    Ok(counts)
 }
 
 /// Replaces the refcount table and blocks with new ones, built from the
@@ -130,16 +241,15 @@ pub(crate) fn count_references(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Reference
 /// table only once it is durable, so a crash leaves the old one in force.
 pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> {
     let st = q.storage();
-    let refs = count_references(q, ctx)?;
+    let counts = count_for_rebuild(q, ctx)?;
     let cb = ctx.header.cluster_bits;
     let cs = 1u64 << cb;
     let order = ctx.header.refcount_order;
     let per_block = 1u64 << (cb + 3 - order);
     let max = ctx.rc.max_refcount();
-    let start = refs.counts.len() as u64;
+    let start = counts.len() as u64;
     let used_groups: Vec<u64> = {
-        let mut g: Vec<u64> = refs
-            .counts
+        let mut g: Vec<u64> = counts
             .iter()
             .enumerate()
             .filter(|(_, &r)| r != 0)
@@ -190,7 +300,7 @@ pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> 
             let r = if area.contains(&c) {
                 1
             } else {
-                refs.counts.get(c as usize).copied().unwrap_or(0) as u64
+                counts.get(c as usize).copied().unwrap_or(0) as u64
             };
             if r > max {
                 return Err(Error::RefcountOverflow(c * cs));
@@ -219,46 +329,67 @@ pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> 
     Ok(())
 }
 
-/// Result of comparing computed references with stored refcounts.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Clusters whose refcount is lower than their references (data at
-    /// risk).
-    pub corruptions: u64,
-    /// Clusters whose refcount is higher than their references.
-    pub leaks: u64,
-    /// Human-readable description of each problem found.
-    pub messages: Vec<String>,
-}
-
-/// Compares stored refcounts with the references the metadata makes,
-/// counting the refcount structures too.
-pub(crate) fn check_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<CheckReport> {
+/// The full check: references against stored refcounts, COPIED flags,
+/// invalid entries, and (per `repair`) the fixes.
+pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<CheckReport> {
     let st = q.storage();
-    let mut refs = count_references(q, ctx)?;
-    let cs = 1u64 << ctx.header.cluster_bits;
-    refs.add(
-        ctx.rc.table_offset(),
-        ctx.rc.table_clusters() * cs,
-        "refcount table",
-    )?;
-    let blocks: Vec<u64> = ctx
+    let cb = ctx.header.cluster_bits;
+    let cs = 1u64 << cb;
+    let mut rep = CheckReport {
+        total_clusters: ctx.header.size.div_ceil(cs),
+        ..Default::default()
+    };
+    let (mut counts, bad) = {
+        let w = walk(q, ctx, &mut rep)?;
+        (w.counts, w.bad)
+    };
+    // References from the refcount structures themselves.
+    let mut extra = Walk {
+        counts: std::mem::take(&mut counts),
+        cluster_bits: cb,
+        report: &mut rep,
+        bad: Vec::new(),
+        next_contiguous: 0,
+    };
+    extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
+    let blocks: Vec<(usize, u64)> = ctx
         .rc
         .table()
         .iter()
-        .map(|e| e & !511)
-        .filter(|&o| o != 0)
+        .enumerate()
+        .map(|(i, e)| (i, e & !511))
+        .filter(|&(_, o)| o != 0)
         .collect();
-    for b in blocks {
-        refs.add(b, cs, "refcount block")?;
+    for (i, b) in blocks {
+        if b & (cs - 1) != 0 {
+            extra.report.corruptions += 1;
+            extra.report.messages.push(format!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            ));
+            continue;
+        }
+        extra.add(b, cs);
     }
-    let mut rep = CheckReport::default();
-    let stored_clusters =
-        (ctx.rc.table().len() as u64) << (ctx.header.cluster_bits + 3 - ctx.header.refcount_order);
-    let n = (refs.counts.len() as u64).max(stored_clusters.min(refs.counts.len() as u64));
-    for c in 0..n {
-        let want = refs.counts[c as usize] as u64;
+    counts = extra.counts;
+
+    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > 0) {
+        fix_entries(q, ctx, &bad, &mut rep)?;
+        rebuild_refcounts(q, ctx)?;
+        fix_copied(q, ctx, &mut rep, true)?;
+        rep.corruptions_fixed = rep.corruptions;
+        return recheck(q, ctx, rep);
+    }
+
+    // Stored refcounts against references.
+    let mut highest = 0u64;
+    let mut leaks_to_fix = Vec::new();
+    for (c, &want) in counts.iter().enumerate() {
+        let c = c as u64;
+        let want = want as u64;
         let have = ctx.rc.get(st, c)?;
+        if have > 0 || want > 0 {
+            highest = c;
+        }
         if have < want {
             rep.corruptions += 1;
             rep.messages.push(format!(
@@ -269,26 +400,210 @@ pub(crate) fn check_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<CheckR
             rep.messages.push(format!(
                 "Leaked cluster {c} refcount={have} reference={want}"
             ));
+            leaks_to_fix.push((c, have - want));
         }
     }
-    Ok(rep)
+    rep.image_end_offset = (highest + 1) * cs;
+    let copied_errors = fix_copied(q, ctx, &mut rep, false)?;
+
+    match repair {
+        Repair::None => Ok(rep),
+        Repair::Leaks if rep.leaks == 0 => Ok(rep),
+        Repair::Leaks => {
+            for &(c, extra) in &leaks_to_fix {
+                ctx.rc
+                    .update_range(st, c * cs, cs, -(extra as i64), |_| {})?;
+                rep.messages.push(format!(
+                    "Repairing cluster {c} refcount={} reference={}",
+                    counts[c as usize] as u64 + extra,
+                    counts[c as usize]
+                ));
+            }
+            ctx.rc.flush(st)?;
+            rep.leaks_fixed = rep.leaks;
+            recheck(q, ctx, rep)
+        }
+        Repair::All => {
+            if rep.leaks == 0 && rep.corruptions == 0 {
+                return Ok(rep);
+            }
+            let refcount_errors = rep.corruptions - copied_errors;
+            if rep.leaks > 0 || refcount_errors > 0 {
+                rebuild_refcounts(q, ctx)?;
+                rep.leaks_fixed = rep.leaks;
+            }
+            fix_copied(q, ctx, &mut rep, true)?;
+            rep.corruptions_fixed = rep.corruptions;
+            recheck(q, ctx, rep)
+        }
+    }
+}
+
+/// Checks again after a repair; the result keeps the "fixed" counts and
+/// all messages of the first pass.
+fn recheck(q: &Qcow2, ctx: &mut MetaCtx<'_>, first: CheckReport) -> Result<CheckReport> {
+    let mut again = check(q, ctx, Repair::None)?;
+    again.corruptions_fixed = first.corruptions_fixed;
+    again.leaks_fixed = first.leaks_fixed;
+    let mut msgs = first.messages;
+    msgs.append(&mut again.messages);
+    again.messages = msgs;
+    Ok(again)
+}
+
+/// Replaces unusable active entries. An entry whose cluster lies past the
+/// end of the file read as zeros, so it becomes a zero cluster; an
+/// unaligned one could not be read at all. Each change is reported.
+fn fix_entries(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    bad: &[BadEntry],
+    rep: &mut CheckReport,
+) -> Result<()> {
+    let st = q.storage();
+    let v3 = ctx.header.version >= 3;
+    // Zero clusters hide the backing file; v2 has none, so those entries
+    // become unallocated (reads then fall through to the backing file).
+    let replacement: u64 = if v3 { crate::l2::ZERO } else { 0 };
+    for b in bad {
+        match *b {
+            BadEntry::L1(i) => {
+                let old = ctx.l1[i];
+                ctx.l1[i] = 0;
+                st.write_at(
+                    &0u64.to_be_bytes(),
+                    ctx.header.l1_table_offset + i as u64 * 8,
+                )?;
+                rep.messages.push(format!(
+                    "Repairing L1 entry {i} ({old:#x}): its L2 table is invalid; the guest range it mapped is now unallocated (data there was unreadable)"
+                ));
+            }
+            BadEntry::L2(table, k) => {
+                let at = table + k as u64 * 8;
+                let mut raw = [0u8; 8];
+                st.read_at(&mut raw, at)?;
+                st.write_at(&replacement.to_be_bytes(), at)?;
+                rep.messages.push(format!(
+                    "Repairing L2 entry {k} of table {table:#x} ({:#x}): it pointed at an invalid cluster; it now reads as {}",
+                    u64::from_be_bytes(raw),
+                    if v3 { "zeros" } else { "unallocated" }
+                ));
+            }
+        }
+    }
+    st.sync()?;
+    ctx.drop_l2_cache();
+    Ok(())
+}
+
+/// Checks (and with `fix`, corrects) the COPIED flags of the active L1
+/// and L2 tables against the stored refcounts. Returns errors found.
+fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool) -> Result<u64> {
+    let st = q.storage();
+    let cb = ctx.header.cluster_bits;
+    let cs = 1u64 << cb;
+    let g = CompressedGeometry::new(cb);
+    let file_end = st.len()?;
+    let mut errors = 0;
+    let mut l2buf = vec![0u8; cs as usize];
+    for i in 0..ctx.l1.len() {
+        let e = ctx.l1[i];
+        let l2off = e & OFFSET_MASK;
+        if l2off == 0 || l2off & (cs - 1) != 0 || l2off >= file_end {
+            continue;
+        }
+        let rc = ctx.rc.get(st, l2off >> cb)?;
+        if (rc == 1) != (e & COPIED != 0) {
+            errors += 1;
+            if fix {
+                let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
+                ctx.l1[i] = ne;
+                st.write_at(&ne.to_be_bytes(), ctx.header.l1_table_offset + i as u64 * 8)?;
+                rep.messages.push(format!(
+                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
+            } else {
+                rep.corruptions += 1;
+                rep.messages.push(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
+                ));
+            }
+        }
+        st.read_at(&mut l2buf, l2off)?;
+        let mut changed = false;
+        for k in 0..(cs as usize / 8) {
+            let raw = u64::from_be_bytes(l2buf[k * 8..k * 8 + 8].try_into().unwrap());
+            let host = match L2Entry::decode(raw, g) {
+                L2Entry::Normal { host, .. }
+                | L2Entry::Zero {
+                    host: Some(host), ..
+                } => host,
+                _ => continue,
+            };
+            if host & (cs - 1) != 0 {
+                continue;
+            }
+            let rc = ctx.rc.get(st, host >> cb)?;
+            if (rc == 1) != (raw & COPIED != 0) {
+                errors += 1;
+                if fix {
+                    let ne = if rc == 1 { raw | COPIED } else { raw & !COPIED };
+                    l2buf[k * 8..k * 8 + 8].copy_from_slice(&ne.to_be_bytes());
+                    changed = true;
+                    rep.messages.push(format!(
+                        "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
+                    ));
+                } else {
+                    rep.corruptions += 1;
+                    rep.messages.push(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
+                    ));
+                }
+            }
+        }
+        if changed {
+            st.write_at(&l2buf, l2off)?;
+        }
+    }
+    if fix && errors > 0 {
+        st.sync()?;
+        ctx.drop_l2_cache();
+    }
+    Ok(errors)
 }
 
 impl Qcow2 {
-    /// Checks refcounts against the metadata (after flushing).
-    pub fn check(&self) -> Result<CheckReport> {
+    /// Checks the image's consistency (after flushing what is cached) and
+    /// repairs it as far as `repair` allows.
+    pub fn check_repair(&self, repair: Repair) -> Result<CheckReport> {
         use crate::image::Image;
-        self.flush()?;
-        self.with_meta(|ctx| check_refcounts(self, ctx))
-    }
-
-    /// Rebuilds all refcount structures from the metadata.
-    pub fn rebuild_refcounts(&self) -> Result<()> {
-        use crate::image::Image;
+        if repair != Repair::None && !self.storage().writable() {
+            return Err(Error::ReadOnly);
+        }
         self.flush()?;
         self.with_meta(|ctx| {
             ctx.drop_l2_cache();
-            rebuild_refcounts(self, ctx)
+            let rep = check(self, ctx, repair)?;
+            if repair != Repair::None && rep.corruptions == 0 {
+                // Refcounts are right and the image is consistent: it is
+                // neither dirty nor corrupt any more.
+                let bits = incompat::DIRTY | incompat::CORRUPT;
+                if ctx.header.incompatible_features & bits != 0 {
+                    ctx.header.incompatible_features &= !bits;
+                    let st = self.storage();
+                    st.write_at(
+                        &ctx.header.incompatible_features.to_be_bytes(),
+                        field::INCOMPATIBLE,
+                    )?;
+                    st.sync()?;
+                }
+            }
+            Ok(rep)
         })
+    }
+
+    /// Checks without repairing.
+    pub fn check(&self) -> Result<CheckReport> {
+        self.check_repair(Repair::None)
     }
 }

@@ -34,7 +34,7 @@ pub(crate) mod refcount;
 pub mod snapshot;
 pub mod storage;
 
-pub use check::CheckReport;
+pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Result};
 pub use header::{CompressionType, Header};

@@ -58,6 +58,9 @@ pub struct Qcow2Options {
     pub refcount_cache_bytes: u64,
     /// Punch holes in the host file for clusters freed by discard.
     pub discard_passthrough: bool,
+    /// Open for repair: images marked corrupt may be opened for writing,
+    /// and a dirty image's refcounts are left for the check to rebuild.
+    pub repair: bool,
 }
 
 impl Default for Qcow2Options {
@@ -66,6 +69,7 @@ impl Default for Qcow2Options {
             l2_cache_bytes: 32 << 20,
             refcount_cache_bytes: 4 << 20,
             discard_passthrough: true,
+            repair: false,
         }
     }
 }
@@ -175,7 +179,7 @@ impl Qcow2 {
             first.truncate(cs as usize);
             header = Header::parse(&first)?;
         }
-        if st.writable() && header.is_corrupt() {
+        if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
         let cb = header.cluster_bits;
@@ -227,7 +231,7 @@ impl Qcow2 {
     /// autoclear bits whose structures this crate does not maintain.
     fn prepare_for_writing(&self) -> Result<()> {
         let mut m = self.lock();
-        if m.header.is_dirty() {
+        if m.header.is_dirty() && !self.opts.repair {
             crate::check::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
             m.header.incompatible_features &= !incompat::DIRTY;
             self.st.write_at(

@@ -1,0 +1,218 @@
+//! `rimg check` against `qemu-img check` on images with injected faults:
+//! same exit codes and counts, and `rimg check -r all` leaves an image
+//! that qemu-img finds clean with every readable cluster's data intact.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use qcow2::Header;
+use rimg_tests::{assert_qemu_check_clean, qemu_img, run, tempdir, workspace_bin};
+use serde_json::Value;
+
+const CS: u64 = 65536;
+
+fn be64(f: &std::fs::File, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, off).unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn put64(f: &std::fs::File, off: u64, v: u64) {
+    f.write_all_at(&v.to_be_bytes(), off).unwrap();
+}
+
+/// Where things are in a freshly made test image.
+struct Layout {
+    /// Host offset of the refcount block covering clusters 0..32767.
+    refblock: u64,
+    /// Host offset of the first L2 table.
+    l2: u64,
+    file_len: u64,
+}
+
+fn layout(path: &Path) -> (std::fs::File, Layout) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut first = vec![0u8; CS as usize];
+    f.read_exact_at(&mut first, 0).unwrap();
+    let h = Header::parse(&first).unwrap();
+    let refblock = be64(&f, h.refcount_table_offset) & !511;
+    let l2 = be64(&f, h.l1_table_offset) & 0x00ff_ffff_ffff_fe00;
+    let file_len = f.metadata().unwrap().len();
+    (
+        f,
+        Layout {
+            refblock,
+            l2,
+            file_len,
+        },
+    )
+}
+
+fn set_refcount(f: &std::fs::File, l: &Layout, cluster: u64, v: u16) {
+    f.write_all_at(&v.to_be_bytes(), l.refblock + cluster * 2)
+        .unwrap();
+}
+
+fn check_json(cmd: &str, path: &Path) -> (i32, Value) {
+    let out = run(cmd, &["check", "--output=json", path.to_str().unwrap()]);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code().unwrap(), v)
+}
+
+fn raw_content(img: &Path, out: &Path) -> Vec<u8> {
+    let o = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn repairs_injected_faults() {
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let dir = tempdir();
+    // The fault kinds the acceptance criterion names.
+    type Fault = fn(&std::fs::File, &Layout);
+    let faults: Vec<(&str, Fault)> = vec![
+        ("leaked cluster", |f, l| {
+            // One more cluster at the end of the file, counted but unused.
+            f.set_len(l.file_len + CS).unwrap();
+            set_refcount(f, l, l.file_len / CS, 1);
+        }),
+        ("refcount too low", |f, l| {
+            let data = be64(f, l.l2) & 0x00ff_ffff_ffff_fe00;
+            set_refcount(f, l, data / CS, 0);
+        }),
+        ("refcount too high", |f, l| {
+            let data = be64(f, l.l2 + 8) & 0x00ff_ffff_ffff_fe00;
+            set_refcount(f, l, data / CS, 2);
+        }),
+        ("L2 entry outside the file", |f, l| {
+            put64(f, l.l2 + 16, (1 << 63) | (1 << 40));
+        }),
+        ("COPIED flag wrong", |f, l| {
+            let e = be64(f, l.l2 + 24);
+            put64(f, l.l2 + 24, e & !(1 << 63));
+        }),
+    ];
+    for (name, inject) in faults {
+        let img = dir.path().join("f.qcow2");
+        let _ = std::fs::remove_file(&img);
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"])
+                .status
+                .success()
+        );
+        let io = run(
+            "qemu-io",
+            &[
+                "-c",
+                "write -P 0x61 0 64k",
+                "-c",
+                "write -P 0x62 64k 64k",
+                "-c",
+                "write -P 0x64 192k 200k",
+                img.to_str().unwrap(),
+            ],
+        );
+        assert!(io.status.success());
+        let (f, l) = layout(&img);
+        inject(&f, &l);
+        drop(f);
+        let before = raw_content(&img, &dir.path().join("before.raw"));
+
+        let (qc, qj) = check_json("qemu-img", &img);
+        let (rc, rj) = check_json(rimg, &img);
+        assert_ne!(qc, 0, "{name}: the fault is visible to qemu-img");
+        assert_eq!(rc, qc, "{name}: exit code\nqemu: {qj}\nrimg: {rj}");
+        for k in [
+            "corruptions",
+            "leaks",
+            "check-errors",
+            "allocated-clusters",
+            "total-clusters",
+        ] {
+            assert_eq!(rj.get(k), qj.get(k), "{name}: {k}\nqemu: {qj}\nrimg: {rj}");
+        }
+
+        let out = run(rimg, &["check", "-r", "all", img.to_str().unwrap()]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{name}: repair: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        if name == "L2 entry outside the file" {
+            // The repair changed an entry: it says so.
+            assert!(
+                stderr.contains("Repairing L2 entry"),
+                "{name}: repair is reported: {stderr}"
+            );
+        }
+        assert_qemu_check_clean(&img);
+        let after = raw_content(&img, &dir.path().join("after.raw"));
+        assert!(before == after, "{name}: content changed by the repair");
+    }
+}
+
+#[test]
+fn repair_leaks_only_and_exit_codes() {
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let dir = tempdir();
+    let img = dir.path().join("l.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"])
+            .status
+            .success()
+    );
+    assert!(run(
+        "qemu-io",
+        &["-c", "write -P 1 0 128k", img.to_str().unwrap()]
+    )
+    .status
+    .success());
+    let (f, l) = layout(&img);
+    f.set_len(l.file_len + 2 * CS).unwrap();
+    set_refcount(&f, &l, l.file_len / CS, 1);
+    set_refcount(&f, &l, l.file_len / CS + 1, 3);
+    drop(f);
+    assert_eq!(check_json(rimg, &img).0, 3, "leaks only: exit 3");
+    let out = run(
+        rimg,
+        &[
+            "check",
+            "-r",
+            "leaks",
+            "--output=json",
+            img.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["leaks-fixed"], 2);
+    assert_qemu_check_clean(&img);
+
+    // A raw image has no checks (qemu-img exits 63); a missing file is 1.
+    let raw = dir.path().join("r.raw");
+    std::fs::write(&raw, [0u8; 4096]).unwrap();
+    assert_eq!(
+        run(rimg, &["check", raw.to_str().unwrap()]).status.code(),
+        Some(63)
+    );
+    assert_eq!(
+        run(rimg, &["check", "/nonexistent/x.qcow2"]).status.code(),
+        Some(1)
+    );
+}
