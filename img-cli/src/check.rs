@@ -51,10 +51,12 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         Some(RepairArg::Leaks) => Repair::Leaks,
         Some(RepairArg::All) => Repair::All,
     };
-    let mut q2 = qcow2::Qcow2Options::default();
     // A repair may open images marked corrupt, and must see a dirty
     // image's refcounts as they are.
-    q2.repair = repair != Repair::None;
+    let q2 = qcow2::Qcow2Options {
+        repair: repair != Repair::None,
+        ..Default::default()
+    };
     let img = qcow2::open(
         Path::new(&a.filename),
         &OpenOptions {
