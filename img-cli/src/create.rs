@@ -66,51 +66,14 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
         );
         return Ok(0);
     }
-    let mut o = CreateOptions {
-        format,
-        ..Default::default()
-    };
-    let mut size_arg = a.size.clone();
-    let mut given_prealloc = None;
-    let mut given_compat = None;
-    for (k, v) in &list.items {
-        let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
-        match (format, k.as_str()) {
-            (_, "size") => size_arg = Some(v.clone()),
-            (_, "preallocation") => {
-                o.preallocation = Preallocation::from_name(v)
-                    .ok_or_else(|| CliError::new(format!("Invalid preallocation mode: '{v}'")))?;
-                given_prealloc = Some(v.clone());
-            }
-            (Format::Qcow2, "cluster_size") => o.cluster_size = parse_size(v).ok_or_else(bad)?,
-            (Format::Qcow2, "compat") => {
-                o.version = match v.as_str() {
-                    "0.10" | "v2" => 2,
-                    "1.1" | "v3" => 3,
-                    _ => return Err(CliError::new(format!("Invalid compatibility level: '{v}'"))),
-                };
-                given_compat = Some(v.clone());
-            }
-            (Format::Qcow2, "refcount_bits") => o.refcount_bits = v.parse().map_err(|_| bad())?,
-            (Format::Qcow2, "lazy_refcounts") => {
-                o.lazy_refcounts = parse_bool(k, v).map_err(CliError::new)?
-            }
-            (Format::Qcow2, "compression_type") => {
-                o.compression_type = CompressionType::from_name(v)
-                    .ok_or_else(|| CliError::new(format!("Invalid compression type '{v}'")))?
-            }
-            (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
-            (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
-            (Format::Qcow2, "extended_l2") => {
-                if parse_bool(k, v).map_err(CliError::new)? {
-                    return Err(CliError::new("extended_l2 (subclusters) is not supported"));
-                }
-            }
-            (Format::Qcow2, "encryption" | "encrypt.format" | "data_file") => {
-                return Err(CliError::new(format!("option '{k}' is not supported")));
-            }
-            _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
-        }
+    let Parsed {
+        mut o,
+        size: mut size_arg,
+        prealloc: given_prealloc,
+        compat: given_compat,
+    } = parse_options(format, &list)?;
+    if a.size.is_some() {
+        size_arg = a.size.clone();
     }
     if a.backing.is_some() {
         o.backing_file = a.backing.clone();
@@ -181,6 +144,70 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     qcow2::create(Path::new(&a.filename), &o)
         .map_err(|e| CliError::new(format!("{}: {e}", a.filename)))?;
     Ok(0)
+}
+
+/// Image options from `-o`, as qemu-img create and convert take them.
+pub struct Parsed {
+    pub o: CreateOptions,
+    pub size: Option<String>,
+    /// Values given explicitly (qemu-img echoes only those).
+    pub prealloc: Option<String>,
+    pub compat: Option<String>,
+}
+
+pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError> {
+    let mut o = CreateOptions {
+        format,
+        ..Default::default()
+    };
+    let mut size_arg = None;
+    let mut given_prealloc = None;
+    let mut given_compat = None;
+    for (k, v) in &list.items {
+        let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
+        match (format, k.as_str()) {
+            (_, "size") => size_arg = Some(v.clone()),
+            (_, "preallocation") => {
+                o.preallocation = Preallocation::from_name(v)
+                    .ok_or_else(|| CliError::new(format!("Invalid preallocation mode: '{v}'")))?;
+                given_prealloc = Some(v.clone());
+            }
+            (Format::Qcow2, "cluster_size") => o.cluster_size = parse_size(v).ok_or_else(bad)?,
+            (Format::Qcow2, "compat") => {
+                o.version = match v.as_str() {
+                    "0.10" | "v2" => 2,
+                    "1.1" | "v3" => 3,
+                    _ => return Err(CliError::new(format!("Invalid compatibility level: '{v}'"))),
+                };
+                given_compat = Some(v.clone());
+            }
+            (Format::Qcow2, "refcount_bits") => o.refcount_bits = v.parse().map_err(|_| bad())?,
+            (Format::Qcow2, "lazy_refcounts") => {
+                o.lazy_refcounts = parse_bool(k, v).map_err(CliError::new)?
+            }
+            (Format::Qcow2, "compression_type") => {
+                o.compression_type = CompressionType::from_name(v)
+                    .ok_or_else(|| CliError::new(format!("Invalid compression type '{v}'")))?
+            }
+            (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
+            (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
+            (Format::Qcow2, "extended_l2") => {
+                if parse_bool(k, v).map_err(CliError::new)? {
+                    return Err(CliError::new("extended_l2 (subclusters) is not supported"));
+                }
+            }
+            (Format::Qcow2, "encryption" | "encrypt.format" | "data_file") => {
+                return Err(CliError::new(format!("option '{k}' is not supported")));
+            }
+            _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
+        }
+    }
+    Ok(Parsed {
+        o,
+        size: size_arg,
+        prealloc: given_prealloc,
+        compat: given_compat,
+    })
 }
 
 fn backing_size(image: &str, backing: &str, fmt: Option<&str>) -> Result<u64, CliError> {

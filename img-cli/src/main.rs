@@ -4,6 +4,7 @@
 
 mod bench;
 mod check;
+mod convert;
 mod create;
 mod info;
 mod json;
@@ -31,6 +32,8 @@ enum Cmd {
     Create(create::CreateArgs),
     /// Show information about an image
     Info(info::InfoArgs),
+    /// Convert an image to another format (or copy it)
+    Convert(convert::ConvertArgs),
     /// Check an image for consistency, optionally repairing it
     Check(check::CheckArgs),
     /// Run a simple I/O benchmark on an image
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         Cmd::Info(a) => info::run(a),
         Cmd::Bench(a) => bench::run(a),
         Cmd::Check(a) => check::run(a),
+        Cmd::Convert(a) => convert::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

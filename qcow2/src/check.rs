@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::header::{field, incompat};
+use crate::image::Image;
 use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK};
 use crate::qcow::{MetaCtx, Qcow2};
 use crate::refcount::entry_set;
@@ -576,7 +577,6 @@ impl Qcow2 {
     /// Checks the image's consistency (after flushing what is cached) and
     /// repairs it as far as `repair` allows.
     pub fn check_repair(&self, repair: Repair) -> Result<CheckReport> {
-        use crate::image::Image;
         if repair != Repair::None && !self.storage().writable() {
             return Err(Error::ReadOnly);
         }

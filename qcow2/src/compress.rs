@@ -24,21 +24,25 @@ pub fn decompress(kind: CompressionType, input: &[u8], out: &mut [u8]) -> Result
     }
 }
 
-/// Compresses one cluster. Returns None when compression does not save at
-/// least one sector (the cluster is then stored uncompressed, as QEMU does).
+/// Compresses one cluster into at most `input.len() - 1` bytes (as QEMU
+/// does); None means "store it uncompressed".
 pub fn compress(kind: CompressionType, input: &[u8]) -> Option<Vec<u8>> {
+    let limit = input.len() - 1;
     let out = match kind {
         CompressionType::Zlib => {
-            use std::io::Write;
-            // QEMU writes raw deflate with a 4 KiB window (-12 bits).
-            let mut e =
-                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
-            e.write_all(input).ok()?;
-            e.finish().ok()?
+            // Raw deflate with a 4 KiB window (-12): QEMU inflates with
+            // windowBits -12 and rejects streams that reach further back.
+            let mut c =
+                flate2::Compress::new_with_window_bits(flate2::Compression::default(), false, 12);
+            let mut out = Vec::with_capacity(limit);
+            match c.compress_vec(input, &mut out, flate2::FlushCompress::Finish) {
+                Ok(flate2::Status::StreamEnd) => out,
+                _ => return None,
+            }
         }
         CompressionType::Zstd => zstd::bulk::compress(input, 0).ok()?,
     };
-    (out.len() + 512 <= input.len()).then_some(out)
+    (out.len() <= limit).then_some(out)
 }
 
 #[cfg(test)]
@@ -62,6 +66,27 @@ mod tests {
         let mut out = vec![0u8; 4096];
         for kind in [CompressionType::Zlib, CompressionType::Zstd] {
             assert!(decompress(kind, &[0xff; 64], &mut out).is_err());
+        }
+    }
+}
+
+#[cfg(test)]
+mod half {
+    use super::*;
+    #[test]
+    fn half_zero_compresses() {
+        let mut v = vec![0u8; 65536];
+        let mut x = 1u32;
+        for b in &mut v[..32768] {
+            x = x.wrapping_mul(1103515245).wrapping_add(12345);
+            *b = (x >> 16) as u8;
+        }
+        for kind in [CompressionType::Zlib, CompressionType::Zstd] {
+            let c = compress(kind, &v);
+            assert!(c.is_some(), "{kind:?}");
+            let mut out = vec![0u8; 65536];
+            decompress(kind, &c.unwrap(), &mut out).unwrap();
+            assert_eq!(out, v);
         }
     }
 }

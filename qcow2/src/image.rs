@@ -81,4 +81,34 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
     /// Changes the virtual size.
     fn resize(&self, new_size: u64) -> Result<()>;
+    /// The host file under the image.
+    fn storage(&self) -> &crate::storage::Storage;
+}
+
+/// How a guest range reads through the whole backing chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainStatus {
+    /// Some layer stores data here (it may still be zeros).
+    Data,
+    /// Reads as zeros: a zero cluster, a hole, or unallocated in every
+    /// layer, or past the end of a shorter backing image.
+    Zero,
+}
+
+/// Status of a prefix of [offset, offset + len) through the chain, and the
+/// prefix length.
+pub fn chain_status(img: &dyn Image, offset: u64, len: u64) -> Result<(ChainStatus, u64)> {
+    let e = img.block_status(offset, len)?;
+    match e.kind {
+        ExtentKind::Data => Ok((ChainStatus::Data, e.len)),
+        ExtentKind::Zero => Ok((ChainStatus::Zero, e.len)),
+        ExtentKind::Unallocated => match img.backing() {
+            None => Ok((ChainStatus::Zero, e.len)),
+            Some(b) if offset >= b.size() => Ok((ChainStatus::Zero, e.len)),
+            Some(b) => {
+                let n = e.len.min(b.size() - offset);
+                chain_status(b.as_ref(), offset, n)
+            }
+        },
+    }
 }

@@ -38,7 +38,7 @@ pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Result};
 pub use header::{CompressionType, Header};
-pub use image::{Extent, ExtentKind, Format, Image};
+pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};
 pub use open::{open, probe, resolve_backing, OpenOptions};
 pub use qcow::{Qcow2, Qcow2Options};
 pub use raw::Raw;

@@ -88,6 +88,9 @@ struct Meta {
     inflight: HashSet<u64>,
     snapshots: Vec<Snapshot>,
     snapshot_table_bytes: u64,
+    /// Next free byte in the host cluster that compressed clusters are
+    /// being packed into (0: none).
+    compressed_tail: u64,
 }
 
 /// What a run of guest bytes maps to in this layer.
@@ -207,6 +210,7 @@ impl Qcow2 {
             inflight: HashSet::new(),
             snapshots,
             snapshot_table_bytes,
+            compressed_tail: 0,
             header: header.clone(),
         };
         let q = Qcow2 {
@@ -262,9 +266,6 @@ impl Qcow2 {
     }
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.lock().snapshots.clone()
-    }
-    pub fn storage(&self) -> &Storage {
-        &self.st
     }
 
     fn l2_bits(&self) -> u32 {
@@ -1078,6 +1079,103 @@ impl Qcow2 {
         Ok(out)
     }
 
+    /// Host bytes for `len` bytes of compressed data, packed after the
+    /// previous compressed cluster as QEMU packs them: each host cluster
+    /// the data touches gets one more reference.
+    fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
+        let cs = self.cluster_size();
+        let tail = m.compressed_tail;
+        let room = if tail == 0 { 0 } else { cs - (tail & (cs - 1)) };
+        let off = if tail != 0 && room >= len {
+            // Fits in the current cluster.
+            m.rc.update_range(&self.st, tail, 1, 1, |_| {})?;
+            tail
+        } else {
+            let new = m.rc.alloc(&self.st, 1)?;
+            if tail != 0 && new == tail + room && room > 0 {
+                // The next cluster is contiguous: spill over into it.
+                m.rc.update_range(&self.st, tail, 1, 1, |_| {})?;
+                tail
+            } else {
+                new
+            }
+        };
+        let end = off + len;
+        m.compressed_tail = if end & (cs - 1) == 0 { 0 } else { end };
+        Ok(off)
+    }
+
+    /// Writes one whole guest cluster compressed (for `convert -c`). The
+    /// guest cluster must not be allocated yet (compressed clusters never
+    /// overwrite data, as in QEMU). Data that does not compress is written
+    /// normally.
+    pub fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        if off & (cs - 1) != 0 || data.len() as u64 != cs.min(self.size() - off) {
+            return Err(Error::InvalidArgument(
+                "compressed writes take whole clusters".into(),
+            ));
+        }
+        let padded;
+        let cluster: &[u8] = if data.len() as u64 == cs {
+            data
+        } else {
+            // The image's last, partial cluster is compressed zero-padded.
+            let mut v = vec![0u8; cs as usize];
+            v[..data.len()].copy_from_slice(data);
+            padded = v;
+            &padded
+        };
+        let Some(z) = compress::compress(self.compression, cluster) else {
+            return self.write_at(data, off);
+        };
+        let gc = off >> self.cluster_bits;
+        let l2n = 1u64 << self.l2_bits();
+        let l1i = (gc >> self.l2_bits()) as usize;
+        let idx = (gc & (l2n - 1)) as usize;
+        let m = self.lock();
+        let mut m = self.wait_inflight(m, gc, 1);
+        let slot = self.l2_writable(&mut m, l1i)?;
+        match self.decode(Self::l2_get(&m, slot, idx))? {
+            L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+            _ => {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot write a compressed cluster over allocated data at {off:#x}"
+                )))
+            }
+        }
+        let host = self.alloc_bytes(&mut m, z.len() as u64)?;
+        m.inflight.insert(gc);
+        drop(m);
+        let r = self.st.write_at(&z, host);
+        let mut m = self.lock();
+        let r = r.map(|_| {
+            let sectors = ((host + z.len() as u64 - 1) >> 9) - (host >> 9) + 1;
+            let e = L2Entry::Compressed {
+                offset: host,
+                len: sectors * 512 - (host & 511),
+                sectors,
+            };
+            // The table may have been evicted meanwhile: look it up again.
+            let slot = self.l2_writable(&mut m, l1i)?;
+            Self::l2_set(&mut m, slot, idx, e.encode(self.geom));
+            Ok::<(), Error>(())
+        });
+        let r = match r {
+            Ok(inner) => inner,
+            Err(e) => {
+                let _ =
+                    m.rc.update_range(&self.st, host, z.len() as u64, -1, |_| {});
+                Err(e)
+            }
+        };
+        m.inflight.remove(&gc);
+        drop(m);
+        self.alloc_done.notify_all();
+        r
+    }
+
     // ----- used by check/rebuild -----
 
     pub(crate) fn with_meta<R>(&self, f: impl FnOnce(&mut MetaCtx<'_>) -> R) -> R {
@@ -1130,6 +1228,9 @@ fn read_backing(b: &dyn Image, buf: &mut [u8], off: u64) -> Result<()> {
 }
 
 impl Image for Qcow2 {
+    fn storage(&self) -> &Storage {
+        &self.st
+    }
     fn format(&self) -> Format {
         Format::Qcow2
     }

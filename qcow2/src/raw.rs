@@ -24,10 +24,6 @@ impl Raw {
         })
     }
 
-    pub fn storage(&self) -> &Storage {
-        &self.st
-    }
-
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         let size = self.size();
         if off.checked_add(len).is_none_or(|e| e > size) {
@@ -51,6 +47,9 @@ impl Raw {
 }
 
 impl Image for Raw {
+    fn storage(&self) -> &Storage {
+        &self.st
+    }
     fn format(&self) -> Format {
         Format::Raw
     }

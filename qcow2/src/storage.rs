@@ -14,6 +14,9 @@ pub struct Storage {
     file: File,
     path: PathBuf,
     writable: bool,
+    /// cache=unsafe: flushes are not passed to the host (a crash may lose
+    /// or damage the image; for throw-away targets such as convert's).
+    no_flush: std::sync::atomic::AtomicBool,
 }
 
 impl Storage {
@@ -36,6 +39,7 @@ impl Storage {
             file,
             path: path.to_path_buf(),
             writable,
+            no_flush: Default::default(),
         })
     }
 
@@ -44,6 +48,7 @@ impl Storage {
             file,
             path: path.to_path_buf(),
             writable,
+            no_flush: Default::default(),
         }
     }
 
@@ -118,9 +123,15 @@ impl Storage {
         })
     }
 
+    /// Ignore flushes from now on (QEMU's cache=unsafe).
+    pub fn set_no_flush(&self, on: bool) {
+        self.no_flush
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Makes everything written so far durable.
     pub fn sync(&self) -> Result<()> {
-        if !self.writable {
+        if !self.writable || self.no_flush.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
         self.file

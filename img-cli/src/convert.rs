@@ -1,0 +1,496 @@
+//! `rimg convert`: copies guest data between images and formats.
+//!
+//! Worker threads (one per core, `-m` at most) each take the next chunk of
+//! the source, find out through block status what is stored there, read
+//! it, detect zeros, compress (`-c`) and write it: reading, zero
+//! detection, compression and writing overlap across the workers. Regions
+//! that read as zeros are never read, and are written only where the
+//! target would not read as zeros anyway.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use qcow2::{chain_status, ChainStatus, Format, Image, OpenOptions};
+
+use crate::create::{parse_options, Parsed};
+use crate::opts::OptList;
+use crate::size::parse_size;
+use crate::CliError;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (default raw)
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    out_format: Option<String>,
+    /// Output image options, as for create
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output (qcow2)
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Backing file of the output; only data that differs from it is written
+    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Format of the output's backing file
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_fmt: Option<String>,
+    /// Do not create the output: write into the existing image
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Runs of zeros at least this long become holes / zero clusters
+    #[arg(short = 'S', value_name = "SPARSE_SIZE", default_value = "4k")]
+    sparse: String,
+    /// Output cache mode: unsafe (default, no flushes), writeback,
+    /// writethrough, none, directsync
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
+    cache: String,
+    /// Source cache mode (accepted for compatibility)
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Allow out-of-order writes (rimg's workers always may)
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Parallel requests (threads, at most one per core are used)
+    #[arg(short = 'm', value_name = "NUM", default_value_t = 8)]
+    parallel: usize,
+    /// The existing output reads as zeros: skip writing zeros (with -n)
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Show progress
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// Copy offloading (accepted for compatibility)
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Internal snapshot to convert from
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Source image(s), concatenated, then the output image
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<String>,
+}
+
+/// Bytes handed to a worker at a time.
+const CHUNK: u64 = 2 << 20;
+
+fn fmt_arg(f: &Option<String>) -> Result<Option<Format>, CliError> {
+    match f {
+        None => Ok(None),
+        Some(f) => Format::from_name(f)
+            .map(Some)
+            .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'"))),
+    }
+}
+
+pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
+    let _ = (
+        &a.src_cache,
+        a.out_of_order,
+        a.force_share,
+        a.copy_offload,
+        a.quiet,
+    );
+    if a.snapshot.is_some() {
+        return Err(CliError::new(
+            "converting from an internal snapshot (-l) is not supported yet",
+        ));
+    }
+    let (srcs, dst) = a.files.split_at(a.files.len() - 1);
+    let dst = &dst[0];
+    let src_fmt = fmt_arg(&a.format)?;
+    let out_fmt = fmt_arg(&a.out_format)?.unwrap_or(Format::Raw);
+    if a.compress && out_fmt != Format::Qcow2 {
+        return Err(CliError::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    let sparse = parse_size(&a.sparse)
+        .ok_or_else(|| CliError::new(format!("Invalid buffer size for sparse output specified")))?;
+    let unsafe_cache = match a.cache.as_str() {
+        "unsafe" => true,
+        "writeback" | "writethrough" | "none" | "directsync" => false,
+        c => return Err(CliError::new(format!("Invalid cache option: {c}"))),
+    };
+    let sources: Vec<Arc<dyn Image>> = srcs
+        .iter()
+        .map(|s| {
+            qcow2::open(
+                Path::new(s),
+                &OpenOptions {
+                    format: src_fmt,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let total: u64 = sources.iter().map(|s| s.size()).sum();
+
+    let target_fresh = !a.no_create;
+    if a.no_create {
+        if a.backing.is_some() || !a.options.is_empty() {
+            return Err(CliError::new("-n cannot be combined with -B or -o"));
+        }
+    } else {
+        let list = OptList::parse(&a.options).map_err(CliError::new)?;
+        let Parsed { mut o, .. } = parse_options(out_fmt, &list)?;
+        if a.backing.is_some() {
+            o.backing_file = a.backing.clone();
+        }
+        if a.backing_fmt.is_some() {
+            o.backing_format = a.backing_fmt.clone();
+        }
+        if o.backing_file.is_some() && o.backing_format.is_none() {
+            return Err(CliError::new(format!(
+                "{dst}: Backing file specified without backing format"
+            )));
+        }
+        o.size = if out_fmt == Format::Qcow2 {
+            total.next_multiple_of(512)
+        } else {
+            total
+        };
+        qcow2::create(Path::new(dst), &o).map_err(|e| {
+            CliError::new(format!(
+                "{dst}: error while converting {}: {e}",
+                out_fmt.name()
+            ))
+        })?;
+    }
+    let target = qcow2::open(
+        Path::new(dst),
+        &OpenOptions {
+            writable: true,
+            format: if a.no_create { None } else { Some(out_fmt) },
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("Could not open '{dst}': {e}")))?;
+    if target.size() < total {
+        return Err(CliError::new(format!(
+            "Target image '{dst}' is smaller than the source ({} < {total} bytes)",
+            target.size()
+        )));
+    }
+    target.storage().set_no_flush(unsafe_cache);
+    if a.compress && target.as_qcow2().is_none() {
+        return Err(CliError::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    let cluster = target.as_qcow2().map_or(65536, |q| q.cluster_size());
+    let job = Job {
+        target: target.as_ref(),
+        cluster,
+        compress: a.compress,
+        sparse: sparse.max(1),
+        // Zeros need not be written where the target already reads as
+        // zeros: a new image without backing file, or one declared zero.
+        target_zero: (target_fresh && target.backing().is_none()) || a.target_is_zero,
+        progress: Progress::new(a.progress && !a.quiet, total),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+    };
+    let workers = a.parallel.clamp(
+        1,
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    );
+    let mut base = 0;
+    for src in &sources {
+        let next = AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..workers {
+                s.spawn(|| job.worker(src.as_ref(), base, &next));
+            }
+        });
+        base += src.size();
+        if job.failed.load(Ordering::Relaxed) {
+            break;
+        }
+    }
+    if let Some(e) = job.error.lock().unwrap().take() {
+        return Err(e);
+    }
+    target.flush()?;
+    job.progress.finish();
+    Ok(0)
+}
+
+struct Job<'a> {
+    target: &'a dyn Image,
+    cluster: u64,
+    compress: bool,
+    sparse: u64,
+    target_zero: bool,
+    progress: Progress,
+    failed: AtomicBool,
+    error: Mutex<Option<CliError>>,
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: reinterpreting initialised bytes as u128 words is valid
+        // for any bit pattern; align_to only yields aligned middle words.
+        unsafe { b.align_to::<u128>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl Job<'_> {
+    fn worker(&self, src: &dyn Image, base: u64, next: &AtomicU64) {
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut cmp = Vec::new();
+        let size = src.size();
+        loop {
+            if self.failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let off = next.fetch_add(CHUNK, Ordering::Relaxed);
+            if off >= size {
+                return;
+            }
+            let len = CHUNK.min(size - off);
+            if let Err(e) = self.chunk(src, base, off, len, &mut buf, &mut cmp) {
+                self.failed.store(true, Ordering::Relaxed);
+                self.error.lock().unwrap().get_or_insert(e);
+                return;
+            }
+            self.progress.add(len);
+        }
+    }
+
+    /// Copies source bytes [off, off + len) to target offset base + off.
+    fn chunk(
+        &self,
+        src: &dyn Image,
+        base: u64,
+        off: u64,
+        len: u64,
+        buf: &mut [u8],
+        cmp: &mut Vec<u8>,
+    ) -> Result<(), CliError> {
+        let end = off + len;
+        if self.target.as_qcow2().is_none() {
+            // Raw target: copy data regions, leave holes.
+            let mut pos = off;
+            while pos < end {
+                let (st, n) = chain_status(src, pos, end - pos)?;
+                match st {
+                    ChainStatus::Zero => self.zeros(base + pos, n)?,
+                    ChainStatus::Data => {
+                        let b = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
+                        src.read_at(b, pos)?;
+                        self.data(base + pos, b, cmp)?;
+                    }
+                }
+                pos += n;
+            }
+            return Ok(());
+        }
+        // qcow2 target: decide per target cluster, so that a cluster whose
+        // source has both data and holes is written whole (and can be
+        // compressed whole).
+        let g = self.cluster;
+        let mut pos = off;
+        let mut run: Option<(u64, bool)> = None; // (start, is_data)
+        let finish = |from: u64,
+                      to: u64,
+                      data: bool,
+                      buf: &mut [u8],
+                      cmp: &mut Vec<u8>|
+         -> Result<(), CliError> {
+            if data {
+                let b = &mut buf[(from - off) as usize..(to - off) as usize];
+                src.read_at(b, from)?;
+                self.data(base + from, b, cmp)
+            } else {
+                self.zeros(base + from, to - from)
+            }
+        };
+        while pos < end {
+            let w_end = ((base + pos) / g + 1) * g - base;
+            let w_end = w_end.min(end);
+            let mut data = false;
+            let mut p = pos;
+            while p < w_end {
+                let (st, n) = chain_status(src, p, w_end - p)?;
+                if st == ChainStatus::Data {
+                    data = true;
+                    break;
+                }
+                p += n;
+            }
+            match run {
+                Some((_, d)) if d == data => {}
+                Some((s, d)) => {
+                    finish(s, pos, d, buf, cmp)?;
+                    run = Some((pos, data));
+                }
+                None => run = Some((pos, data)),
+            }
+            pos = w_end;
+        }
+        if let Some((s, d)) = run {
+            finish(s, end, d, buf, cmp)?;
+        }
+        Ok(())
+    }
+
+    fn zeros(&self, at: u64, len: u64) -> Result<(), CliError> {
+        if self.target_zero {
+            return Ok(());
+        }
+        if let Some(b) = self.target.backing() {
+            // Unallocated target clusters read from the backing file:
+            // only where that reads as zeros may they stay unallocated.
+            if at < b.size() {
+                let mut pos = at;
+                let end = at + len;
+                while pos < end.min(b.size()) {
+                    let (st, n) = chain_status(b.as_ref(), pos, end.min(b.size()) - pos)?;
+                    if st == ChainStatus::Data {
+                        self.target.write_zeroes(pos, n, true)?;
+                    }
+                    pos += n;
+                }
+            }
+            return Ok(());
+        }
+        self.target.write_zeroes(at, len, true)?;
+        Ok(())
+    }
+
+    /// Writes one run of source data at target offset `at`, leaving out
+    /// zeros (and, over a backing file, what the backing file already has).
+    fn data(&self, at: u64, b: &[u8], cmp: &mut Vec<u8>) -> Result<(), CliError> {
+        // Granularity: whole target clusters for qcow2 (a cluster with any
+        // data is allocated anyway), the -S size for raw.
+        let gran = if self.target.as_qcow2().is_some() {
+            self.cluster
+        } else {
+            self.sparse
+        };
+        let backing = self.target.backing().cloned();
+        let mut i = 0usize;
+        let mut run_start: Option<usize> = None;
+        let flush_run = |from: usize, to: usize| -> Result<(), CliError> {
+            if from < to {
+                self.write(at + from as u64, &b[from..to])?;
+            }
+            Ok(())
+        };
+        while i < b.len() {
+            // Piece up to the next granularity boundary in target space.
+            let g_end = ((at + i as u64) / gran + 1) * gran;
+            let j = ((g_end - at) as usize).min(b.len());
+            let piece = &b[i..j];
+            let skip = if let Some(bk) = &backing {
+                // Same as what the backing file shows there: not needed.
+                let pos = at + i as u64;
+                cmp.resize(piece.len(), 0);
+                if pos + piece.len() as u64 <= bk.size() {
+                    bk.read_at(cmp, pos)?;
+                    cmp[..] == *piece
+                } else {
+                    false
+                }
+            } else {
+                is_zero(piece) && (self.target_zero || self.target.as_qcow2().is_some())
+            };
+            if skip {
+                if let Some(s) = run_start.take() {
+                    flush_run(s, i)?;
+                }
+                if backing.is_none() && !self.target_zero {
+                    // A zero piece over data the target may hold.
+                    self.target
+                        .write_zeroes(at + i as u64, piece.len() as u64, true)?;
+                }
+            } else if run_start.is_none() {
+                run_start = Some(i);
+            }
+            i = j;
+        }
+        if let Some(s) = run_start {
+            flush_run(s, b.len())?;
+        }
+        Ok(())
+    }
+
+    fn write(&self, at: u64, data: &[u8]) -> Result<(), CliError> {
+        if !self.compress {
+            return Ok(self.target.write_at(data, at)?);
+        }
+        let q = self.target.as_qcow2().expect("compression needs qcow2");
+        let cs = self.cluster as usize;
+        let mut k = 0;
+        while k < data.len() {
+            let pos = at + k as u64;
+            let n = (cs - (pos % cs as u64) as usize).min(data.len() - k);
+            let whole = pos % cs as u64 == 0 && (n == cs || pos + n as u64 == q.size());
+            if whole {
+                q.write_compressed(pos, &data[k..k + n])?;
+            } else {
+                q.write_at(&data[k..k + n], pos)?;
+            }
+            k += n;
+        }
+        Ok(())
+    }
+}
+
+/// qemu-img's progress line: "    (12.34/100%)".
+struct Progress {
+    on: bool,
+    total: u64,
+    done: AtomicU64,
+    shown: Mutex<u64>,
+}
+
+impl Progress {
+    fn new(on: bool, total: u64) -> Self {
+        let p = Progress {
+            on,
+            total: total.max(1),
+            done: AtomicU64::new(0),
+            shown: Mutex::new(u64::MAX),
+        };
+        p.show(0);
+        p
+    }
+    fn add(&self, n: u64) {
+        let d = self.done.fetch_add(n, Ordering::Relaxed) + n;
+        self.show(d);
+    }
+    fn show(&self, done: u64) {
+        if !self.on {
+            return;
+        }
+        // Redraw at most every 1 %.
+        let pct100 = done * 10000 / self.total;
+        let mut shown = self.shown.lock().unwrap();
+        if *shown != u64::MAX && pct100 / 100 == *shown / 100 && done < self.total {
+            return;
+        }
+        *shown = pct100;
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "    ({:.2}/100%)\r", pct100 as f64 / 100.0);
+        let _ = out.flush();
+    }
+    fn finish(&self) {
+        if self.on {
+            self.show(self.total);
+            println!();
+        }
+    }
+}
