@@ -114,7 +114,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         ));
     }
     let sparse = parse_size(&a.sparse)
-        .ok_or_else(|| CliError::new(format!("Invalid buffer size for sparse output specified")))?;
+        .ok_or_else(|| CliError::new("Invalid buffer size for sparse output specified"))?;
     let unsafe_cache = match a.cache.as_str() {
         "unsafe" => true,
         "writeback" | "writethrough" | "none" | "directsync" => false,
@@ -436,7 +436,7 @@ impl Job<'_> {
         while k < data.len() {
             let pos = at + k as u64;
             let n = (cs - (pos % cs as u64) as usize).min(data.len() - k);
-            let whole = pos % cs as u64 == 0 && (n == cs || pos + n as u64 == q.size());
+            let whole = pos.is_multiple_of(cs as u64) && (n == cs || pos + n as u64 == q.size());
             if whole {
                 q.write_compressed(pos, &data[k..k + n])?;
             } else {
