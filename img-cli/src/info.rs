@@ -198,6 +198,41 @@ fn local_date(sec: u32) -> String {
     )
 }
 
+/// "Snapshot list:" and its table, as qemu-img prints it (empty when
+/// there are no snapshots).
+pub fn snapshot_list(snaps: &[qcow2::Snapshot]) -> String {
+    let mut s = String::new();
+    if snaps.is_empty() {
+        return s;
+    }
+    s += "Snapshot list:\n";
+    s += &format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snaps {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (sn.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = sn.icount.map(|c| c.to_string()).unwrap_or_default();
+        s += &format!(
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
+            sn.id,
+            sn.name,
+            size_to_str(sn.vm_state_size),
+            local_date(sn.date_sec),
+            clock,
+            icount
+        );
+    }
+    s
+}
+
 fn to_human(i: &ImageInfo) -> String {
     let mut s = String::new();
     s += &format!("image: {}\n", i.filename);
@@ -223,33 +258,7 @@ fn to_human(i: &ImageInfo) -> String {
         if h.is_dirty() {
             s += "cleanly shut down: no\n";
         }
-        if !i.snapshots.is_empty() {
-            s += "Snapshot list:\n";
-            s += &format!(
-                "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-                "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-            );
-            for sn in &i.snapshots {
-                let secs = sn.vm_clock_nsec / 1_000_000_000;
-                let clock = format!(
-                    "{:04}:{:02}:{:02}.{:03}",
-                    secs / 3600,
-                    (secs / 60) % 60,
-                    secs % 60,
-                    (sn.vm_clock_nsec / 1_000_000) % 1000
-                );
-                let icount = sn.icount.map(|c| c.to_string()).unwrap_or_default();
-                s += &format!(
-                    "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}\n",
-                    sn.id,
-                    sn.name,
-                    size_to_str(sn.vm_state_size),
-                    local_date(sn.date_sec),
-                    clock,
-                    icount
-                );
-            }
-        }
+        s += &snapshot_list(&i.snapshots);
         s += "Format specific information:\n";
         s += &format!(
             "    compat: {}\n",

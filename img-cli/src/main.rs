@@ -10,6 +10,7 @@ mod info;
 mod json;
 mod opts;
 mod size;
+mod snapshot;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,8 @@ enum Cmd {
     Convert(convert::ConvertArgs),
     /// Check an image for consistency, optionally repairing it
     Check(check::CheckArgs),
+    /// List, create, apply or delete internal snapshots
+    Snapshot(snapshot::SnapshotArgs),
     /// Run a simple I/O benchmark on an image
     Bench(bench::BenchArgs),
 }
@@ -78,6 +81,7 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(a),
         Cmd::Check(a) => check::run(a),
         Cmd::Convert(a) => convert::run(a),
+        Cmd::Snapshot(a) => snapshot::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

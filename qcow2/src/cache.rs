@@ -78,6 +78,11 @@ impl TableCache {
         if old != EMPTY {
             self.index.remove(&old);
         }
+        // One slot per key: a stale copy elsewhere must never be written.
+        if let Some(j) = self.index.remove(&key) {
+            self.slots[j].key = EMPTY;
+            self.slots[j].dirty = false;
+        }
         self.tick += 1;
         let s = &mut self.slots[i];
         s.key = key;

@@ -1383,3 +1383,255 @@ impl Drop for Qcow2 {
         }
     }
 }
+
+// ----- internal snapshots (qcow2.rst, "Snapshots") -----
+//
+// Ordering: references a snapshot adds are durable before the snapshot
+// table that names it; a snapshot is removed from the table (durably)
+// before the references it held are dropped; when applying one, its
+// references are added and durable before the active L1 switches to it,
+// and the old active references are dropped only after the switch.
+
+impl Qcow2 {
+    /// Waits until no allocation is in flight (metadata can then be walked
+    /// and changed as a whole).
+    fn quiesce<'a>(&'a self, mut m: MutexGuard<'a, Meta>) -> MutexGuard<'a, Meta> {
+        while !m.inflight.is_empty() {
+            m = self
+                .alloc_done
+                .wait(m)
+                .expect("qcow2 metadata lock poisoned");
+        }
+        m
+    }
+
+    /// Adds `delta` to the refcount of every L2 table under `l1` and every
+    /// cluster those tables reference.
+    fn update_l1_refcounts(&self, m: &mut Meta, l1: &[u64], delta: i64) -> Result<()> {
+        let cs = self.cluster_size();
+        let mut table = vec![0u8; cs as usize];
+        let mut freed = Vec::new();
+        for &e in l1 {
+            let off = L1Entry(e).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            let slot = self.l2_slot(m, off)?;
+            table.copy_from_slice(m.l2.data(slot));
+            for raw in table.chunks_exact(8) {
+                let entry = self.decode(u64::from_be_bytes(raw.try_into().unwrap()))?;
+                if let Some((o, l)) = entry.host_range(cs) {
+                    m.rc.update_range(&self.st, o, l, delta, |_| {})?;
+                }
+            }
+            m.rc.update_range(&self.st, off, cs, delta, |c| freed.push(c))?;
+        }
+        for c in freed {
+            m.l2.remove(c << self.cluster_bits);
+        }
+        Ok(())
+    }
+
+    /// Sets the COPIED flags of the active L1 and L2 entries from the
+    /// refcounts (qcow2.rst: set exactly when the refcount is 1).
+    fn refresh_copied(&self, m: &mut Meta) -> Result<()> {
+        let l2n = 1usize << self.l2_bits();
+        for i in 0..m.l1.len() {
+            let e = L1Entry(m.l1[i]);
+            let off = e.l2_offset();
+            if off == 0 {
+                continue;
+            }
+            let own = m.rc.get(&self.st, off >> self.cluster_bits)? == 1;
+            if own != e.copied() {
+                Self::set_l1(m, i, L1Entry::new(off, own).0);
+            }
+            let slot = self.l2_slot(m, off)?;
+            for k in 0..l2n {
+                let raw = Self::l2_get(m, slot, k);
+                let host = match self.decode(raw)? {
+                    L2Entry::Normal { host, .. }
+                    | L2Entry::Zero {
+                        host: Some(host), ..
+                    } => host,
+                    _ => continue,
+                };
+                let own = m.rc.get(&self.st, host >> self.cluster_bits)? == 1;
+                let want = if own {
+                    raw | crate::l2::COPIED
+                } else {
+                    raw & !crate::l2::COPIED
+                };
+                if want != raw {
+                    // The refcount lookups above do not touch the L2 cache.
+                    Self::l2_set(m, slot, k, want);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn read_l1_at(&self, off: u64, entries: u32) -> Result<Vec<u64>> {
+        let mut raw = vec![0u8; entries as usize * 8];
+        self.st.read_at(&mut raw, off)?;
+        Ok(raw
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+            .collect())
+    }
+
+    /// Writes a new snapshot table and switches the header to it.
+    fn replace_snapshot_table(&self, m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
+        let cs = self.cluster_size();
+        let raw = Snapshot::encode_table(&snaps);
+        let new_off = if raw.is_empty() {
+            0
+        } else {
+            let off = m.rc.alloc(&self.st, (raw.len() as u64).div_ceil(cs))?;
+            self.st.write_at(&raw, off)?;
+            off
+        };
+        // The table and its refcount are durable before the header names it.
+        m.rc.flush(&self.st)?;
+        self.st.sync()?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&new_off.to_be_bytes());
+        self.st.write_at(&hdr, field::NB_SNAPSHOTS)?;
+        self.st.sync()?;
+        let (old_off, old_len) = (m.header.snapshots_offset, m.snapshot_table_bytes);
+        if m.header.nb_snapshots > 0 && old_len > 0 {
+            m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})?;
+        }
+        m.header.nb_snapshots = snaps.len() as u32;
+        m.header.snapshots_offset = new_off;
+        m.snapshot_table_bytes = raw.len() as u64;
+        m.snapshots = snaps;
+        Ok(())
+    }
+
+    /// Creates an internal snapshot of the current disk state.
+    pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
+        self.check_writable()?;
+        if name.len() > u16::MAX as usize {
+            return Err(Error::InvalidArgument("snapshot name is too long".into()));
+        }
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        if m.rc.max_refcount() < 2 && m.l1.iter().any(|&e| L1Entry(e).l2_offset() != 0) {
+            // Every allocated cluster would need a refcount of 2.
+            return Err(Error::RefcountOverflow(
+                L1Entry(m.l1.iter().copied().find(|&e| e != 0).unwrap_or(0)).l2_offset(),
+            ));
+        }
+        if m.snapshots.len() as u32 >= crate::header::MAX_SNAPSHOTS {
+            return Err(Error::TooLarge("too many snapshots".into()));
+        }
+        self.flush_locked(&mut m)?;
+        let cs = self.cluster_size();
+        let l1 = m.l1.clone();
+        let l1_off = if l1.is_empty() {
+            0
+        } else {
+            let off = m.rc.alloc(&self.st, (l1.len() as u64 * 8).div_ceil(cs))?;
+            let mut raw = vec![0u8; (l1.len() * 8).next_multiple_of(512)];
+            for (k, e) in l1.iter().enumerate() {
+                raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
+            }
+            self.st.write_at(&raw, off)?;
+            off
+        };
+        self.update_l1_refcounts(&mut m, &l1, 1)?;
+        self.refresh_copied(&mut m)?;
+        self.flush_locked(&mut m)?;
+        let id = m
+            .snapshots
+            .iter()
+            .filter_map(|s| s.id.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let sn = Snapshot {
+            l1_table_offset: l1_off,
+            l1_size: l1.len() as u32,
+            id: id.to_string(),
+            name: name.to_string(),
+            date_sec: now.as_secs() as u32,
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(m.header.size),
+            icount: Some(0),
+            extra_unknown: Vec::new(),
+        };
+        let mut snaps = m.snapshots.clone();
+        snaps.push(sn.clone());
+        self.replace_snapshot_table(&mut m, snaps)?;
+        Ok(sn)
+    }
+
+    /// Deletes an internal snapshot (by ID or name).
+    pub fn snapshot_delete(&self, key: &str) -> Result<()> {
+        self.check_writable()?;
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let Some((idx, sn)) = Snapshot::find(&m.snapshots, key).map(|(i, s)| (i, s.clone())) else {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot '{key}' not found"
+            )));
+        };
+        self.flush_locked(&mut m)?;
+        let mut snaps = m.snapshots.clone();
+        snaps.remove(idx);
+        self.replace_snapshot_table(&mut m, snaps)?;
+        let l1 = self.read_l1_at(sn.l1_table_offset, sn.l1_size)?;
+        self.update_l1_refcounts(&mut m, &l1, -1)?;
+        if sn.l1_size > 0 {
+            let cs = self.cluster_size();
+            let bytes = (sn.l1_size as u64 * 8).next_multiple_of(cs);
+            m.rc.update_range(&self.st, sn.l1_table_offset, bytes, -1, |_| {})?;
+        }
+        self.refresh_copied(&mut m)?;
+        self.flush_locked(&mut m)
+    }
+
+    /// Reverts the disk to an internal snapshot (by ID or name).
+    pub fn snapshot_apply(&self, key: &str) -> Result<()> {
+        self.check_writable()?;
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let Some((_, sn)) = Snapshot::find(&m.snapshots, key).map(|(i, s)| (i, s.clone())) else {
+            return Err(Error::InvalidArgument(format!(
+                "snapshot '{key}' not found"
+            )));
+        };
+        if sn.disk_size.is_some_and(|s| s != m.header.size) || sn.l1_size as usize > m.l1.len() {
+            return Err(Error::InvalidArgument(
+                "applying a snapshot taken at another disk size is not supported".into(),
+            ));
+        }
+        self.flush_locked(&mut m)?;
+        let mut new_l1 = self.read_l1_at(sn.l1_table_offset, sn.l1_size)?;
+        new_l1.resize(m.l1.len(), 0);
+        self.update_l1_refcounts(&mut m, &new_l1, 1)?;
+        m.rc.flush(&self.st)?;
+        // Switch the active L1 in place, durably.
+        let mut raw = vec![0u8; new_l1.len() * 8];
+        for (k, e) in new_l1.iter().enumerate() {
+            raw[k * 8..k * 8 + 8].copy_from_slice(&(e & !crate::l2::COPIED).to_be_bytes());
+        }
+        self.st.write_at(&raw, m.header.l1_table_offset)?;
+        self.st.sync()?;
+        let old = std::mem::replace(
+            &mut m.l1,
+            new_l1.iter().map(|e| e & !crate::l2::COPIED).collect(),
+        );
+        m.l1_dirty = None;
+        self.update_l1_refcounts(&mut m, &old, -1)?;
+        self.refresh_copied(&mut m)?;
+        self.flush_locked(&mut m)
+    }
+}

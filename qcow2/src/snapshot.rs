@@ -90,3 +90,42 @@ impl Snapshot {
         Ok((out, off - h.snapshots_offset))
     }
 }
+
+impl Snapshot {
+    /// Serialises a snapshot table (qcow2.rst, "Snapshot table"): each
+    /// entry padded to 8 bytes, with the version 3 extra data (VM state
+    /// size, disk size, icount) followed by any extra data we kept.
+    pub fn encode_table(snaps: &[Snapshot]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in snaps {
+            let mut extra = Vec::with_capacity(24 + s.extra_unknown.len());
+            extra.extend_from_slice(&s.vm_state_size.to_be_bytes());
+            extra.extend_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
+            extra.extend_from_slice(&s.icount.unwrap_or(0).to_be_bytes());
+            extra.extend_from_slice(&s.extra_unknown);
+            out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
+            out.extend_from_slice(&s.l1_size.to_be_bytes());
+            out.extend_from_slice(&(s.id.len() as u16).to_be_bytes());
+            out.extend_from_slice(&(s.name.len() as u16).to_be_bytes());
+            out.extend_from_slice(&s.date_sec.to_be_bytes());
+            out.extend_from_slice(&s.date_nsec.to_be_bytes());
+            out.extend_from_slice(&s.vm_clock_nsec.to_be_bytes());
+            out.extend_from_slice(&(s.vm_state_size.min(u32::MAX as u64) as u32).to_be_bytes());
+            out.extend_from_slice(&(extra.len() as u32).to_be_bytes());
+            out.extend_from_slice(&extra);
+            out.extend_from_slice(s.id.as_bytes());
+            out.extend_from_slice(s.name.as_bytes());
+            out.resize(out.len().next_multiple_of(8), 0);
+        }
+        out
+    }
+
+    /// Finds a snapshot by ID first, then by name (as QEMU does).
+    pub fn find<'a>(snaps: &'a [Snapshot], key: &str) -> Option<(usize, &'a Snapshot)> {
+        snaps
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.id == key)
+            .or_else(|| snaps.iter().enumerate().find(|(_, s)| s.name == key))
+    }
+}

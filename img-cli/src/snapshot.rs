@@ -1,0 +1,74 @@
+//! `rimg snapshot`: list, create, apply and delete internal snapshots.
+
+use std::path::Path;
+
+use clap::Args;
+use qcow2::{Format, OpenOptions};
+
+use crate::CliError;
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("op").args(["list", "apply", "create", "delete"])))]
+pub struct SnapshotArgs {
+    /// List snapshots (the default)
+    #[arg(short = 'l')]
+    list: bool,
+    /// Revert the disk to a snapshot
+    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    apply: Option<String>,
+    /// Create a snapshot
+    #[arg(short = 'c', value_name = "SNAPSHOT")]
+    create: Option<String>,
+    /// Delete a snapshot
+    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    delete: Option<String>,
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    filename: String,
+}
+
+pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
+    let _ = (a.quiet, a.force_share);
+    let format = match &a.format {
+        Some(f) => Some(
+            Format::from_name(f)
+                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
+        ),
+        None => None,
+    };
+    let writable = a.apply.is_some() || a.create.is_some() || a.delete.is_some();
+    let img = qcow2::open(
+        Path::new(&a.filename),
+        &OpenOptions {
+            writable,
+            format,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    let Some(q) = img.as_qcow2() else {
+        return Err(CliError::new(format!(
+            "Could not {} snapshot: the {} format does not support snapshots",
+            if writable { "change" } else { "list" },
+            img.format().name()
+        )));
+    };
+    if let Some(name) = &a.create {
+        q.snapshot_create(name)
+            .map_err(|e| CliError::new(format!("Could not create snapshot '{name}': {e}")))?;
+    } else if let Some(name) = &a.apply {
+        q.snapshot_apply(name)
+            .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {e}")))?;
+    } else if let Some(name) = &a.delete {
+        q.snapshot_delete(name)
+            .map_err(|e| CliError::new(format!("Could not delete snapshot '{name}': {e}")))?;
+    } else {
+        print!("{}", crate::info::snapshot_list(&q.snapshots()));
+    }
+    Ok(0)
+}
