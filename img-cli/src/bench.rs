@@ -74,7 +74,7 @@ struct Slot {
 }
 
 pub fn run(a: BenchArgs) -> Result<u8, CliError> {
-    let _ = (a.aio.as_deref(), a.native, a.force_share, a.no_drain);
+    let _ = (a.aio.as_deref(), a.native, a.no_drain);
     if a.cache != "writeback" && a.cache != "unsafe" && a.cache != "writethrough" {
         return Err(CliError::new(format!(
             "cache mode '{}' is not supported yet",
@@ -104,6 +104,7 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
         &OpenOptions {
             writable: a.write,
             format,
+            force_share: a.force_share,
             ..Default::default()
         },
     )
@@ -145,29 +146,13 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
         issued: 0,
         count: a.count,
         in_flight: 0,
-        fd: types::Fd(match img.as_qcow2() {
-            Some(q) => q.storage().file().as_raw_fd(),
-            None => std::fs::File::open(&a.filename)
-                .map(|f| f.as_raw_fd())
-                .unwrap_or(-1),
-        }),
+        // Guest offset = host offset for raw images; qcow2 requests are
+        // mapped first.
+        fd: types::Fd(img.storage().file().as_raw_fd()),
         waiting: Vec::new(),
         finished: Vec::new(),
     };
-    let raw_file = if img.as_qcow2().is_none() {
-        // Raw images: guest offset = host offset, on a descriptor of our own.
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(a.write)
-            .open(&a.filename)
-            .map_err(|e| CliError::new(format!("{}: {e}", a.filename)))?;
-        b.fd = types::Fd(f.as_raw_fd());
-        Some(f)
-    } else {
-        None
-    };
     b.run(a.flush_interval)?;
-    drop(raw_file);
     if !a.quiet {
         println!(
             "Run completed in {:.3} seconds.",

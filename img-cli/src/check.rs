@@ -38,7 +38,7 @@ pub struct CheckArgs {
 }
 
 pub fn run(a: CheckArgs) -> Result<u8, CliError> {
-    let _ = (&a.cache, a.force_share);
+    let _ = &a.cache;
     let format = match &a.format {
         Some(f) => Some(
             Format::from_name(f)
@@ -63,6 +63,7 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
             writable: repair != Repair::None,
             format,
             no_backing: true,
+            force_share: a.force_share,
             qcow2: q2,
         },
     )

@@ -127,6 +127,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
                 Path::new(s),
                 &OpenOptions {
                     format: src_fmt,
+                    force_share: a.force_share,
                     ..Default::default()
                 },
             )

@@ -46,12 +46,13 @@ struct ImageInfo {
     backing: Option<(String, String)>,
 }
 
-fn open_one(name: &str, format: Option<Format>) -> Result<ImageInfo, CliError> {
+fn open_one(name: &str, format: Option<Format>, force_share: bool) -> Result<ImageInfo, CliError> {
     let img: Arc<dyn Image> = qcow2::open(
         Path::new(name),
         &OpenOptions {
             format,
             no_backing: true,
+            force_share,
             ..Default::default()
         },
     )
@@ -287,7 +288,6 @@ fn to_human(i: &ImageInfo) -> String {
 }
 
 pub fn run(a: InfoArgs) -> Result<u8, CliError> {
-    let _ = a.force_share;
     let fmt = match &a.format {
         Some(f) => Some(
             Format::from_name(f)
@@ -295,7 +295,7 @@ pub fn run(a: InfoArgs) -> Result<u8, CliError> {
         ),
         None => None,
     };
-    let mut chain = vec![open_one(&a.filename, fmt)?];
+    let mut chain = vec![open_one(&a.filename, fmt, a.force_share)?];
     if a.backing_chain {
         let mut seen =
             vec![std::fs::canonicalize(&a.filename).unwrap_or_else(|_| PathBuf::from(&a.filename))];
@@ -319,6 +319,7 @@ pub fn run(a: InfoArgs) -> Result<u8, CliError> {
             chain.push(open_one(
                 &full,
                 bfmt.as_deref().and_then(Format::from_name),
+                a.force_share,
             )?);
         }
     }

@@ -32,7 +32,7 @@ pub struct SnapshotArgs {
 }
 
 pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
-    let _ = (a.quiet, a.force_share);
+    let _ = a.quiet;
     let format = match &a.format {
         Some(f) => Some(
             Format::from_name(f)
@@ -47,6 +47,7 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
             writable,
             format,
             no_backing: true,
+            force_share: a.force_share,
             ..Default::default()
         },
     )

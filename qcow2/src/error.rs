@@ -36,6 +36,8 @@ pub enum Error {
          run 'rimg check -r all' to repair it"
     )]
     MarkedCorrupt,
+    #[error("{0}")]
+    Locked(String),
     #[error("image is read-only")]
     ReadOnly,
     #[error("request [{offset}, +{len}) is outside the image (size {size})")]

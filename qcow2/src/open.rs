@@ -23,6 +23,8 @@ pub struct OpenOptions {
     pub format: Option<Format>,
     /// Do not open backing files: unallocated clusters read as zeros.
     pub no_backing: bool,
+    /// Take no locks (qemu-img's -U): the image may be in use elsewhere.
+    pub force_share: bool,
     pub qcow2: Qcow2Options,
 }
 
@@ -87,7 +89,7 @@ fn open_at_depth(
             path.display()
         )));
     }
-    let st = Storage::open(path, writable)?;
+    let st = Storage::open_locked(path, writable, opts.force_share)?;
     let format = match format {
         Some(f) => f,
         None => probe_storage(&st)?,

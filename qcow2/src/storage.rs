@@ -19,7 +19,103 @@ pub struct Storage {
     no_flush: std::sync::atomic::AtomicBool,
 }
 
+/// QEMU's lock bytes (block/file-posix.c): a process holding permission
+/// `i` keeps a shared lock on byte 100 + i; one that does not let others
+/// have permission `i` keeps a shared lock on byte 200 + i. Permission bits:
+/// 0 consistent read, 1 write, 2 write unchanged, 3 resize.
+mod lockbytes {
+    pub const PERM_BASE: i64 = 100;
+    pub const SHARED_BASE: i64 = 200;
+    pub const CONSISTENT_READ: i64 = 0;
+    pub const WRITE: i64 = 1;
+    pub const RESIZE: i64 = 3;
+    pub fn name(bit: i64) -> &'static str {
+        match bit {
+            0 => "consistent read",
+            1 => "write",
+            2 => "write unchanged",
+            _ => "resize",
+        }
+    }
+}
+
 impl Storage {
+    /// Opens an image file and takes QEMU-compatible locks: writers hold
+    /// read/write/resize and share neither write nor resize; readers hold
+    /// consistent read and do not share write. So rimg, qemu-img,
+    /// qemu-storage-daemon and QEMU exclude each other as they exclude
+    /// themselves. `force_share` (qemu-img's -U) takes no locks.
+    pub fn open_locked(path: &Path, writable: bool, force_share: bool) -> Result<Storage> {
+        let st = Storage::open(path, writable)?;
+        if !force_share {
+            st.lock(writable)?;
+        }
+        Ok(st)
+    }
+
+    fn lock(&self, writable: bool) -> Result<()> {
+        use lockbytes::*;
+        let (held, unshared): (&[i64], &[i64]) = if writable {
+            (&[CONSISTENT_READ, WRITE, RESIZE], &[WRITE, RESIZE])
+        } else {
+            (&[CONSISTENT_READ], &[WRITE])
+        };
+        // Nobody may forbid what we take, nor hold what we forbid.
+        for &b in held {
+            if self.lock_held_by_other(SHARED_BASE + b) {
+                return Err(self.lock_error(b, false));
+            }
+        }
+        for &b in unshared {
+            if self.lock_held_by_other(PERM_BASE + b) {
+                return Err(self.lock_error(b, true));
+            }
+        }
+        for &b in held {
+            self.ofd_lock(PERM_BASE + b);
+        }
+        for &b in unshared {
+            self.ofd_lock(SHARED_BASE + b);
+        }
+        Ok(())
+    }
+
+    fn lock_error(&self, bit: i64, shared: bool) -> Error {
+        Error::Locked(format!(
+            "Failed to get {}\"{}\" lock: is another process using the image [{}]?",
+            if shared { "shared " } else { "" },
+            lockbytes::name(bit),
+            self.path.display()
+        ))
+    }
+
+    fn flock(kind: i32, byte: i64) -> libc::flock {
+        // SAFETY: flock is a plain C struct; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = kind as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = byte;
+        fl.l_len = 1;
+        fl
+    }
+
+    /// Takes a shared OFD lock on one byte. Failures other than conflicts
+    /// (filesystems without locks) are ignored, as QEMU's locking=auto does.
+    fn ofd_lock(&self, byte: i64) {
+        let fl = Self::flock(libc::F_RDLCK, byte);
+        // SAFETY: fcntl reads the flock struct we pass and owns no memory;
+        // the descriptor is ours for the lifetime of `self`.
+        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    }
+
+    /// Whether another open file description holds a lock on `byte`.
+    fn lock_held_by_other(&self, byte: i64) -> bool {
+        let mut fl = Self::flock(libc::F_WRLCK, byte);
+        // SAFETY: as above; F_OFD_GETLK writes into `fl`, which we own.
+        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+        r == 0 && fl.l_type != libc::F_UNLCK as i16
+    }
+
     pub fn open(path: &Path, writable: bool) -> Result<Storage> {
         let file = std::fs::OpenOptions::new()
             .read(true)
