@@ -4,11 +4,13 @@
 
 mod bench;
 mod check;
+mod commit;
 mod convert;
 mod create;
 mod info;
 mod json;
 mod opts;
+mod rebase;
 mod size;
 mod snapshot;
 
@@ -37,6 +39,10 @@ enum Cmd {
     Convert(convert::ConvertArgs),
     /// Check an image for consistency, optionally repairing it
     Check(check::CheckArgs),
+    /// Commit the changes of an image into its backing file
+    Commit(commit::CommitArgs),
+    /// Change the backing file of an image
+    Rebase(rebase::RebaseArgs),
     /// List, create, apply or delete internal snapshots
     Snapshot(snapshot::SnapshotArgs),
     /// Run a simple I/O benchmark on an image
@@ -82,6 +88,8 @@ fn main() -> ExitCode {
         Cmd::Check(a) => check::run(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
+        Cmd::Commit(a) => commit::run(a),
+        Cmd::Rebase(a) => rebase::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

@@ -154,6 +154,10 @@ pub struct Qcow2 {
     compression: crate::header::CompressionType,
     size: AtomicU64,
     backing: Option<Arc<dyn Image>>,
+    /// The header names a backing file (whether or not it was opened):
+    /// decides zero clusters versus deallocation, so that data of the
+    /// backing file never shows through where zeros were written.
+    has_backing_file: bool,
     meta: Mutex<Meta>,
     alloc_done: Condvar,
     opts: Qcow2Options,
@@ -219,6 +223,7 @@ impl Qcow2 {
             version: header.version,
             compression: header.compression_type,
             size: AtomicU64::new(header.size),
+            has_backing_file: header.backing_file.is_some(),
             backing,
             meta: Mutex::new(meta),
             alloc_done: Condvar::new(),
@@ -261,8 +266,54 @@ impl Qcow2 {
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
+    /// The header as it stands now (fields the engine moved, such as the
+    /// refcount table, included).
     pub fn header(&self) -> Header {
-        self.lock().header.clone()
+        Self::current_header(&self.lock())
+    }
+
+    fn current_header(m: &Meta) -> Header {
+        let mut h = m.header.clone();
+        h.refcount_table_offset = m.rc.table_offset();
+        h.refcount_table_clusters = m.rc.table_clusters() as u32;
+        h
+    }
+
+    /// Rewrites the header cluster after applying `f` (backing file,
+    /// feature bits). Extensions this crate does not interpret are kept.
+    /// The first cluster holds nothing else, and QEMU rewrites it the same
+    /// way.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header) -> Result<()>) -> Result<()> {
+        self.check_writable()?;
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        self.flush_locked(&mut m)?;
+        let mut h = Self::current_header(&m);
+        f(&mut h)?;
+        let first = h.encode()?;
+        self.st.write_at(&first, 0)?;
+        self.st.sync()?;
+        m.header = h;
+        Ok(())
+    }
+
+    /// Makes the whole clusters of [off, off + len) unallocated in this
+    /// layer, so that the backing file shows through (commit, rebase).
+    pub fn deallocate(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, len)?;
+        let cs = self.cluster_size();
+        let end = off + len;
+        let first = off.next_multiple_of(cs);
+        let last = if end == self.size() {
+            end.next_multiple_of(cs)
+        } else {
+            end - end % cs
+        };
+        if first < last {
+            self.unmap_clusters(first / cs, (last - first) / cs, false, false)?;
+        }
+        Ok(())
     }
     pub fn snapshots(&self) -> Vec<Snapshot> {
         self.lock().snapshots.clone()
@@ -568,6 +619,12 @@ impl Qcow2 {
     /// the mapping `old`: the copy-on-write source.
     fn cow_source(&self, gc: u64, old: L2Entry, out: &mut [u8]) -> Result<()> {
         match old {
+            // Copy-on-write needs the real backing data.
+            L2Entry::Unallocated if self.has_backing_file && self.backing.is_none() => {
+                Err(Error::Backing(
+                    "the backing file is not open: cannot fill a partial cluster from it".into(),
+                ))
+            }
             L2Entry::Unallocated => self.read_unallocated(out, gc << self.cluster_bits),
             L2Entry::Zero { .. } => {
                 out.fill(0);
@@ -581,7 +638,7 @@ impl Qcow2 {
     /// Whether guest cluster `gc` read as zeros under mapping `old`.
     fn reads_zero(&self, old: L2Entry) -> bool {
         matches!(old, L2Entry::Zero { .. })
-            || (old == L2Entry::Unallocated && self.backing.is_none())
+            || (old == L2Entry::Unallocated && !self.has_backing_file)
     }
 
     /// Copy-on-write fill of the parts of newly allocated clusters that the
@@ -810,7 +867,7 @@ impl Qcow2 {
             let m = self.lock();
             let mut m = self.wait_inflight(m, c, chunk);
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
-            if !has_table && (!zero || self.backing.is_none()) {
+            if !has_table && (!zero || !self.has_backing_file) {
                 // Unallocated already reads as zeros without a backing file.
                 c += chunk;
                 continue;
@@ -1282,7 +1339,7 @@ impl Image for Qcow2 {
         let (gc, n) = (first_full / cs, (last_full - first_full) / cs);
         if self.version >= 3 {
             self.unmap_clusters(gc, n, true, !unmap)?;
-        } else if self.backing.is_none() {
+        } else if !self.has_backing_file {
             // Version 2 has no zero flag; unallocated reads as zeros only
             // without a backing file.
             self.unmap_clusters(gc, n, false, false)?;
@@ -1311,8 +1368,8 @@ impl Image for Qcow2 {
         }
         // With a backing file, deallocating would expose its data: use
         // zero clusters where the format has them (as QEMU does).
-        let zero = self.version >= 3 && self.backing.is_some();
-        if self.version < 3 && self.backing.is_some() {
+        let zero = self.version >= 3 && self.has_backing_file;
+        if self.version < 3 && self.has_backing_file {
             return Ok(());
         }
         self.unmap_clusters(first_full / cs, (last_full - first_full) / cs, zero, false)

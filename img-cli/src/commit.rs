@@ -1,0 +1,165 @@
+//! `rimg commit`: writes what the top image (and any images between it
+//! and the base) stores into the base image, then empties the top.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use clap::Args;
+use qcow2::{ExtentKind, Format, Image, OpenOptions};
+
+use crate::CliError;
+
+#[derive(Args)]
+pub struct CommitArgs {
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Cache mode (accepted for compatibility)
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    /// Commit into this image of the backing chain (default: the backing file)
+    #[arg(short = 'b', value_name = "BASE")]
+    base: Option<String>,
+    /// Keep the top image's data (do not empty it)
+    #[arg(short = 'd')]
+    keep: bool,
+    /// Show progress (accepted for compatibility)
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Rate limit (accepted for compatibility)
+    #[arg(short = 'r', value_name = "RATE")]
+    rate: Option<String>,
+    filename: String,
+}
+
+fn open_layer(
+    path: &Path,
+    format: Option<Format>,
+    writable: bool,
+) -> Result<Arc<dyn Image>, CliError> {
+    qcow2::open(
+        path,
+        &OpenOptions {
+            writable,
+            format,
+            no_backing: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))
+}
+
+/// Backing file of a layer: its resolved path and format.
+fn backing_of(img: &dyn Image) -> Option<(PathBuf, Option<Format>)> {
+    let h = img.as_qcow2()?.header();
+    let name = h.backing_file?;
+    Some((
+        qcow2::resolve_backing(img.path(), &name),
+        h.backing_format.as_deref().and_then(Format::from_name),
+    ))
+}
+
+pub fn run(a: CommitArgs) -> Result<u8, CliError> {
+    let _ = (&a.cache, a.progress, &a.rate);
+    let format = match &a.format {
+        Some(f) => Some(
+            Format::from_name(f)
+                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
+        ),
+        None => None,
+    };
+    let top = open_layer(Path::new(&a.filename), format, !a.keep)?;
+    // The layers above the base, top first, each opened on its own so that
+    // the base can be opened for writing.
+    let mut layers = vec![top];
+    let wanted_base = match &a.base {
+        Some(b) => Some(
+            std::fs::canonicalize(b)
+                .map_err(|e| CliError::new(format!("Could not open '{b}': {e}")))?,
+        ),
+        None => None,
+    };
+    let (base_path, base_fmt) = loop {
+        let Some((next, fmt)) = backing_of(layers.last().unwrap().as_ref()) else {
+            return Err(CliError::new(match &a.base {
+                None => "Image does not have a backing file".to_string(),
+                Some(b) => format!(
+                    "Did not find '{b}' in the backing chain of '{}'",
+                    a.filename
+                ),
+            }));
+        };
+        let canon = std::fs::canonicalize(&next).unwrap_or_else(|_| next.clone());
+        match &wanted_base {
+            Some(w) if *w != canon => {
+                if layers.len() > qcow2::open::MAX_CHAIN_DEPTH {
+                    return Err(CliError::new("backing chain is too deep"));
+                }
+                layers.push(open_layer(&next, fmt, false)?);
+            }
+            _ => break (next, fmt),
+        }
+    };
+    let base = qcow2::open(
+        &base_path,
+        &OpenOptions {
+            writable: true,
+            format: base_fmt,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", base_path.display())))?;
+    let size = layers[0].size();
+    if base.size() < size {
+        base.resize(size)?;
+    }
+    copy_down(&layers, base.as_ref(), size)?;
+    base.flush()?;
+    // As qemu-img: the top is emptied only when the base is its own
+    // backing file (with images in between, they would show through).
+    if !a.keep && layers.len() == 1 {
+        if let Some(q) = layers[0].as_qcow2() {
+            q.deallocate(0, size)?;
+        }
+        layers[0].flush()?;
+    }
+    if !a.quiet {
+        println!("Image committed.");
+    }
+    Ok(0)
+}
+
+/// Copies every range that one of `layers` (top first) stores into `base`.
+fn copy_down(layers: &[Arc<dyn Image>], base: &dyn Image, size: u64) -> Result<(), CliError> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < size {
+        let want = (size - pos).min(buf.len() as u64);
+        // The topmost layer that decides this range, and for how long.
+        let mut len = want;
+        let mut decided = None;
+        for l in layers {
+            if pos >= l.size() {
+                continue;
+            }
+            let e = l.block_status(pos, len.min(l.size() - pos))?;
+            len = len.min(e.len);
+            if e.kind != ExtentKind::Unallocated {
+                decided = Some((l, e.kind));
+                break;
+            }
+        }
+        match decided {
+            Some((_, ExtentKind::Zero)) => base.write_zeroes(pos, len, false)?,
+            Some((l, _)) => {
+                let b = &mut buf[..len as usize];
+                l.read_at(b, pos)?;
+                base.write_at(b, pos)?;
+            }
+            None => {}
+        }
+        pos += len;
+    }
+    Ok(())
+}

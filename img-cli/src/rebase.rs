@@ -1,0 +1,154 @@
+//! `rimg rebase`: changes an image's backing file. Safe mode first copies
+//! into the image every cluster where the old and the new backing chains
+//! read differently, so the image reads the same afterwards; `-u` only
+//! rewrites the header.
+
+use std::path::Path;
+
+use clap::Args;
+use qcow2::{ExtentKind, Format, Image, OpenOptions};
+
+use crate::CliError;
+
+#[derive(Args)]
+pub struct RebaseArgs {
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// New backing file ("" for none)
+    #[arg(short = 'b', value_name = "BACKING_FILE", required = true)]
+    backing: String,
+    /// Format of the new backing file
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_fmt: Option<String>,
+    /// Unsafe: only change the backing file name, copy nothing
+    #[arg(short = 'u')]
+    unsafe_mode: bool,
+    #[arg(short = 't', value_name = "CACHE")]
+    cache: Option<String>,
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    filename: String,
+}
+
+pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
+    let _ = (&a.cache, &a.src_cache, a.progress, a.quiet);
+    let fmt = |f: &Option<String>| -> Result<Option<Format>, CliError> {
+        match f {
+            Some(f) => {
+                Ok(Some(Format::from_name(f).ok_or_else(|| {
+                    CliError::new(format!("Unknown file format '{f}'"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    };
+    let format = fmt(&a.format)?;
+    let new_fmt = fmt(&a.backing_fmt)?;
+    let img = qcow2::open(
+        Path::new(&a.filename),
+        &OpenOptions {
+            writable: true,
+            format,
+            no_backing: a.unsafe_mode,
+            force_share: a.force_share,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    let Some(q) = img.as_qcow2() else {
+        return Err(CliError::new(format!(
+            "rebase is not supported for '{}' images",
+            img.format().name()
+        )));
+    };
+    let new_name = (!a.backing.is_empty()).then(|| a.backing.clone());
+    let mut new_fmt_name = a.backing_fmt.clone();
+    if !a.unsafe_mode {
+        let new = match &new_name {
+            None => None,
+            Some(n) => {
+                let path = qcow2::resolve_backing(Path::new(&a.filename), n);
+                let b = qcow2::open(
+                    &path,
+                    &OpenOptions {
+                        format: new_fmt,
+                        force_share: a.force_share,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|e| {
+                    CliError::new(format!("Could not open new backing file '{n}': {e}"))
+                })?;
+                new_fmt_name.get_or_insert_with(|| b.format().name().to_string());
+                Some(b)
+            }
+        };
+        copy_differences(img.as_ref(), new.as_deref())?;
+    } else if new_name.is_some() && new_fmt_name.is_none() {
+        // Unsafe mode cannot open the new file; probe it if it exists.
+        let path = qcow2::resolve_backing(Path::new(&a.filename), new_name.as_deref().unwrap());
+        new_fmt_name = qcow2::probe(&path).ok().map(|f| f.name().to_string());
+    }
+    img.flush()?;
+    q.update_header(|h| {
+        h.backing_file = new_name.clone();
+        h.backing_format = if new_name.is_some() {
+            new_fmt_name.clone()
+        } else {
+            None
+        };
+        Ok(())
+    })?;
+    Ok(0)
+}
+
+/// Where `img` is unallocated, makes it hold what its old backing chain
+/// shows wherever the new one (or zeros) would show something else.
+fn copy_differences(img: &dyn Image, new: Option<&dyn Image>) -> Result<(), CliError> {
+    let size = img.size();
+    let cs = img.as_qcow2().map_or(65536, |q| q.cluster_size());
+    let step = (1u64 << 20).max(cs);
+    let mut old_buf = vec![0u8; step as usize];
+    let mut new_buf = vec![0u8; step as usize];
+    let mut pos = 0;
+    while pos < size {
+        let e = img.block_status(pos, (size - pos).min(step))?;
+        if e.kind != ExtentKind::Unallocated {
+            pos += e.len;
+            continue;
+        }
+        let len = e.len as usize;
+        // Reads of unallocated ranges come from the old backing chain.
+        img.read_at(&mut old_buf[..len], pos)?;
+        read_or_zero(new, &mut new_buf[..len], pos)?;
+        // Compare per cluster, write the clusters that differ.
+        let mut k = 0;
+        while k < len {
+            let c_end = (((pos + k as u64) / cs + 1) * cs - pos) as usize;
+            let j = c_end.min(len);
+            if old_buf[k..j] != new_buf[k..j] {
+                img.write_at(&old_buf[k..j], pos + k as u64)?;
+            }
+            k = j;
+        }
+        pos += e.len;
+    }
+    Ok(())
+}
+
+fn read_or_zero(img: Option<&dyn Image>, buf: &mut [u8], off: u64) -> Result<(), CliError> {
+    buf.fill(0);
+    if let Some(b) = img {
+        if off < b.size() {
+            let n = ((b.size() - off) as usize).min(buf.len());
+            b.read_at(&mut buf[..n], off)?;
+        }
+    }
+    Ok(())
+}
