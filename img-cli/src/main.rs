@@ -2,6 +2,7 @@
 //! qemu-img's option names and print its output formats; exit codes follow
 //! qemu-img (1 for errors), so scripts can switch.
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -9,6 +10,7 @@ mod convert;
 mod create;
 mod info;
 mod json;
+mod measure;
 mod opts;
 mod rebase;
 mod size;
@@ -39,6 +41,10 @@ enum Cmd {
     Convert(convert::ConvertArgs),
     /// Check an image for consistency, optionally repairing it
     Check(check::CheckArgs),
+    /// Change format options of an existing image
+    Amend(amend::AmendArgs),
+    /// Compute the size of a new image for an input image or size
+    Measure(measure::MeasureArgs),
     /// Commit the changes of an image into its backing file
     Commit(commit::CommitArgs),
     /// Change the backing file of an image
@@ -89,6 +95,8 @@ fn main() -> ExitCode {
         Cmd::Convert(a) => convert::run(a),
         Cmd::Snapshot(a) => snapshot::run(a),
         Cmd::Commit(a) => commit::run(a),
+        Cmd::Measure(a) => measure::run(a),
+        Cmd::Amend(a) => amend::run(a),
         Cmd::Rebase(a) => rebase::run(a),
     };
     match r {

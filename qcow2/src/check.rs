@@ -241,13 +241,24 @@ fn count_for_rebuild(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Vec<u32>> {
 /// The old structures become free space. The header switches to the new
 /// table only once it is durable, so a crash leaves the old one in force.
 pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> {
+    let order = ctx.header.refcount_order;
+    rebuild_refcounts_as(q, ctx, order)
+}
+
+/// Rebuilds the refcount structures with entries of 2^`order` bits. When
+/// the width changes, the header switches table and width in one write of
+/// its first sector.
+pub(crate) fn rebuild_refcounts_as(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32) -> Result<()> {
     let st = q.storage();
     let counts = count_for_rebuild(q, ctx)?;
     let cb = ctx.header.cluster_bits;
     let cs = 1u64 << cb;
-    let order = ctx.header.refcount_order;
     let per_block = 1u64 << (cb + 3 - order);
-    let max = ctx.rc.max_refcount();
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1 << order)) - 1
+    };
     let start = counts.len() as u64;
     let used_groups: Vec<u64> = {
         let mut g: Vec<u64> = counts
@@ -318,13 +329,26 @@ pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> 
     }
     st.write_at(&raw, start * cs)?;
     st.sync()?;
-    let mut hdr = [0u8; 12];
-    hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
-    hdr[8..].copy_from_slice(&(tc as u32).to_be_bytes());
-    st.write_at(&hdr, field::REFCOUNT_TABLE)?;
-    st.sync()?;
-    ctx.header.refcount_table_offset = start * cs;
-    ctx.header.refcount_table_clusters = tc as u32;
+    if order == ctx.header.refcount_order {
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
+        hdr[8..].copy_from_slice(&(tc as u32).to_be_bytes());
+        st.write_at(&hdr, field::REFCOUNT_TABLE)?;
+        st.sync()?;
+        ctx.header.refcount_table_offset = start * cs;
+        ctx.header.refcount_table_clusters = tc as u32;
+    } else {
+        let mut h = ctx.header.clone();
+        h.refcount_table_offset = start * cs;
+        h.refcount_table_clusters = tc as u32;
+        h.refcount_order = order;
+        let first = h.encode()?;
+        st.write_at(&first, 0)?;
+        st.sync()?;
+        *ctx.header = h;
+        *ctx.rc =
+            crate::refcount::Refcounts::load(st, start * cs, tc, order, cb, ctx.rc.cache_bytes())?;
+    }
     ctx.rc.reset(start * cs, table);
     ctx.rc.note_end(area.end);
     Ok(())

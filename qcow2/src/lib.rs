@@ -19,6 +19,7 @@
 //! 32 MiB, refcount table at 8 MiB, 65536 snapshots), so opening a hostile
 //! image allocates at most a few tens of MiB and never panics.
 
+pub mod amend;
 pub(crate) mod cache;
 pub mod check;
 pub mod compress;
@@ -34,6 +35,7 @@ pub(crate) mod refcount;
 pub mod snapshot;
 pub mod storage;
 
+pub use amend::Amend;
 pub use check::{CheckReport, Repair};
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Result};

@@ -33,6 +33,7 @@ pub(crate) struct Refcounts {
     /// log2 of refcount entries per block.
     block_bits: u32,
     cache: TableCache,
+    cache_bytes: u64,
     /// No cluster below this one is free (a hint, kept conservative).
     free_hint: u64,
     /// One past the highest cluster that is allocated or written: where
@@ -70,6 +71,7 @@ impl Refcounts {
             cluster_bits,
             block_bits: cluster_bits + 3 - order,
             cache: TableCache::new(cs as usize, cache_bytes),
+            cache_bytes,
             free_hint: 0,
             end,
         })
@@ -84,6 +86,9 @@ impl Refcounts {
         } else {
             (1u64 << (1 << self.order)) - 1
         }
+    }
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_bytes
     }
     pub fn table_offset(&self) -> u64 {
         self.table_offset

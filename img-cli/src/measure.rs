@@ -1,0 +1,157 @@
+//! `rimg measure`: how large a new image would be, computed as qemu-img
+//! computes it (its numbers are matched exactly).
+
+use std::path::Path;
+
+use clap::Args;
+use qcow2::{chain_status, ChainStatus, Format, Image, OpenOptions, Preallocation};
+use serde_json::{json, Map, Value};
+
+use crate::create::{parse_options, Parsed};
+use crate::info::Output;
+use crate::opts::OptList;
+use crate::size::parse_size;
+use crate::CliError;
+
+#[derive(Args)]
+pub struct MeasureArgs {
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
+    /// Input format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (default raw)
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    out_format: Option<String>,
+    /// Output image options, as for create
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Measure a new empty image of this size instead of an input image
+    #[arg(long, value_name = "SIZE", conflicts_with = "filename")]
+    size: Option<String>,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    #[arg(required_unless_present = "size")]
+    filename: Option<String>,
+}
+
+/// Refcount table and block bytes needed to count `clusters` clusters and
+/// themselves.
+fn refcount_metadata_size(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
+    let per_table_cluster = cs / 8;
+    let per_block = cs * 8 / (1 << refcount_order);
+    let (mut table, mut blocks, mut n) = (0u64, 0u64, 0u64);
+    loop {
+        let last = n;
+        blocks = (clusters + table + blocks).div_ceil(per_block);
+        table = blocks.div_ceil(per_table_cluster);
+        n = clusters + blocks + table;
+        if n == last {
+            return (blocks + table) * cs;
+        }
+    }
+}
+
+/// Bytes of a fully allocated qcow2 image: header, L2 and L1 tables
+/// rounded to whole tables, refcount structures, data.
+fn prealloc_size(size: u64, cs: u64, refcount_order: u32) -> u64 {
+    let data = size.next_multiple_of(cs);
+    let per_table = cs / 8;
+    let l2_entries = (data / cs).next_multiple_of(per_table);
+    let l1_entries = (l2_entries * 8 / cs).next_multiple_of(per_table);
+    let meta = cs + l2_entries * 8 + l1_entries * 8;
+    meta + refcount_metadata_size((meta + data) / cs, cs, refcount_order) + data
+}
+
+pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
+    let fmt = |f: &Option<String>| -> Result<Option<Format>, CliError> {
+        match f {
+            Some(f) => {
+                Ok(Some(Format::from_name(f).ok_or_else(|| {
+                    CliError::new(format!("Unknown file format '{f}'"))
+                })?))
+            }
+            None => Ok(None),
+        }
+    };
+    let out_fmt = fmt(&a.out_format)?.unwrap_or(Format::Raw);
+    let list = OptList::parse(&a.options).map_err(CliError::new)?;
+    let Parsed { o, .. } = parse_options(out_fmt, &list)?;
+    o.validate().map_err(|e| CliError::new(e.to_string()))?;
+    let input: Option<std::sync::Arc<dyn Image>> = match &a.filename {
+        Some(f) => Some(
+            qcow2::open(
+                Path::new(f),
+                &OpenOptions {
+                    format: fmt(&a.format)?,
+                    force_share: a.force_share,
+                    ..Default::default()
+                },
+            )
+            .map_err(|e| CliError::new(format!("Could not open '{f}': {e}")))?,
+        ),
+        None => None,
+    };
+    let size = match (&a.size, &input) {
+        (Some(s), _) => parse_size(s)
+            .ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'")))?,
+        (None, Some(i)) => i.size(),
+        (None, None) => unreachable!("clap requires a size or a file"),
+    };
+    let mut m = Map::new();
+    match out_fmt {
+        Format::Raw => {
+            let required = size.next_multiple_of(512);
+            m.insert("required".into(), json!(required));
+            m.insert("fully-allocated".into(), json!(required));
+        }
+        Format::Qcow2 => {
+            let cs = o.cluster_size;
+            let virtual_size = size.next_multiple_of(cs);
+            let mut required = 0u64;
+            if let Some(i) = &input {
+                if o.backing_file.is_some() {
+                    // Nothing is known about what the backing file shares.
+                    required = virtual_size;
+                } else {
+                    let mut pos = 0;
+                    while pos < size {
+                        let (st, n) = chain_status(i.as_ref(), pos, size - pos)?;
+                        let mut n = n;
+                        if st == ChainStatus::Data {
+                            // Whole clusters, counted from the first one's start.
+                            n = (pos + n).next_multiple_of(cs) - pos;
+                            required += pos % cs + n;
+                        }
+                        pos += n;
+                    }
+                }
+            }
+            if matches!(o.preallocation, Preallocation::Falloc | Preallocation::Full) {
+                required = virtual_size;
+            }
+            let full = prealloc_size(virtual_size, cs, o.refcount_bits.trailing_zeros());
+            let bitmaps = o.version >= 3
+                && input
+                    .as_ref()
+                    .and_then(|i| i.as_qcow2())
+                    .is_some_and(|q| q.header().version >= 3);
+            if bitmaps {
+                m.insert("bitmaps".into(), json!(0));
+            }
+            m.insert("required".into(), json!(full - virtual_size + required));
+            m.insert("fully-allocated".into(), json!(full));
+        }
+    }
+    match a.output {
+        Output::Json => println!("{}", crate::json::to_qemu_string(&Value::Object(m))),
+        Output::Human => {
+            println!("required size: {}", m["required"]);
+            println!("fully allocated size: {}", m["fully-allocated"]);
+            if let Some(b) = m.get("bitmaps") {
+                println!("bitmaps size: {b}");
+            }
+        }
+    }
+    Ok(0)
+}

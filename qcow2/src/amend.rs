@@ -1,0 +1,134 @@
+//! Changing an existing image's format options (qemu-img amend): version
+//! (compat), refcount width, lazy refcounts, backing file fields.
+
+use crate::error::{Error, Result};
+use crate::header::{compat, incompat, Header};
+use crate::image::{ExtentKind, Image};
+use crate::qcow::Qcow2;
+
+/// Requested changes; `None` keeps the current value.
+#[derive(Debug, Clone, Default)]
+pub struct Amend {
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    pub version: Option<u32>,
+    pub refcount_bits: Option<u32>,
+    pub lazy_refcounts: Option<bool>,
+    /// Some(None) removes the backing file.
+    pub backing_file: Option<Option<String>>,
+    pub backing_format: Option<Option<String>>,
+}
+
+impl Qcow2 {
+    /// Applies `a`. Data is converted first (zero clusters expanded before
+    /// a downgrade, refcounts rebuilt for a new width); the header changes
+    /// last, so an interrupted amend leaves a valid image in the old format.
+    pub fn amend(&self, a: &Amend) -> Result<()> {
+        let h = self.header();
+        let version = a.version.unwrap_or(h.version);
+        let bits = a.refcount_bits.unwrap_or(h.refcount_bits());
+        if !bits.is_power_of_two() || bits > 64 {
+            return Err(Error::InvalidArgument(
+                "refcount width must be a power of two and may not exceed 64 bits".into(),
+            ));
+        }
+        let lazy = a.lazy_refcounts.unwrap_or(h.lazy_refcounts());
+        if version == 2 {
+            if bits != 16 {
+                return Err(Error::InvalidArgument(
+                    "different refcount widths than 16 bits require compatibility level 1.1 or above".into(),
+                ));
+            }
+            if lazy {
+                return Err(Error::InvalidArgument(
+                    "lazy refcounts only supported with compatibility level 1.1 and above".into(),
+                ));
+            }
+            if h.version == 3 && h.incompatible_features & incompat::COMPRESSION != 0 {
+                return Err(Error::InvalidArgument(
+                    "cannot downgrade an image whose compression type is not zlib".into(),
+                ));
+            }
+        }
+        if bits != h.refcount_bits() {
+            let order = bits.trailing_zeros();
+            self.flush()?;
+            self.with_meta(|ctx| {
+                ctx.drop_l2_cache();
+                crate::check::rebuild_refcounts_as(self, ctx, order)
+            })?;
+        }
+        if version == 2 && h.version == 3 {
+            if !self.snapshots().is_empty() {
+                return Err(Error::InvalidArgument(
+                    "downgrading an image with internal snapshots is not supported".into(),
+                ));
+            }
+            self.expand_zero_clusters()?;
+        }
+        self.update_header(|n: &mut Header| {
+            if version != n.version {
+                n.version = version;
+                if version == 2 {
+                    // Version 2 has none of these fields.
+                    n.incompatible_features = 0;
+                    n.compatible_features = 0;
+                    n.autoclear_features = 0;
+                    n.feature_names.clear();
+                } else {
+                    n.header_length = crate::header::V3_HEADER_LEN_COMPRESSION as u32;
+                    n.feature_names = Header::default_feature_names();
+                }
+            }
+            if version == 3 {
+                if lazy {
+                    n.compatible_features |= compat::LAZY_REFCOUNTS;
+                } else {
+                    n.compatible_features &= !compat::LAZY_REFCOUNTS;
+                }
+            }
+            if let Some(b) = &a.backing_file {
+                n.backing_file = b.clone();
+                if b.is_none() {
+                    n.backing_format = None;
+                }
+            }
+            if let Some(f) = &a.backing_format {
+                if f.is_some() && n.backing_file.is_none() {
+                    return Err(Error::InvalidArgument(
+                        "backing format cannot be used without backing file".into(),
+                    ));
+                }
+                n.backing_format = f.clone();
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces zero clusters (which version 2 cannot express) with real
+    /// zeros, or with unallocated clusters where nothing shows through.
+    fn expand_zero_clusters(&self) -> Result<()> {
+        let size = self.size();
+        let cs = self.cluster_size();
+        let has_backing = self.header().backing_file.is_some();
+        let zeros = vec![0u8; cs as usize];
+        let mut pos = 0;
+        while pos < size {
+            let e = self.block_status(pos, size - pos)?;
+            if e.kind == ExtentKind::Zero {
+                let end = pos + e.len;
+                let mut p = pos;
+                while p < end {
+                    let n = (end - p).min(cs - p % cs);
+                    if has_backing || e.offset.is_some() {
+                        self.write_at(&zeros[..n as usize], p)?;
+                    } else {
+                        self.deallocate(p, n)?;
+                    }
+                    p += n;
+                }
+            }
+            pos += e.len;
+        }
+        self.flush()
+    }
+}
