@@ -77,6 +77,8 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+pub mod blk;
+
 /// A fresh temporary directory, removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new()

@@ -1,0 +1,190 @@
+//! The vhost-user backend: one worker (and one thread) per queue.
+//!
+//! Event ids seen by [`handle_event`](VhostUserBackend::handle_event): each
+//! thread serves one queue, so its kick is id 0; id `num_queues` is the
+//! framework's exit / vring-enabled event; the queue's io_uring completion
+//! eventfd is registered as `num_queues + 1`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use log::warn;
+use qcow2::Image;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::config::{DeviceConfig, CONFIG_LEN};
+use crate::worker::{DataFiles, Vring, Worker, GM};
+
+pub struct BlkBackend {
+    img: Arc<dyn Image>,
+    cfg: Arc<DeviceConfig>,
+    writeback: Arc<AtomicBool>,
+    workers: Vec<Mutex<Worker>>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
+}
+
+impl BlkBackend {
+    pub fn new(
+        img: Arc<dyn Image>,
+        files: Arc<DataFiles>,
+        cfg: DeviceConfig,
+        mem: GM,
+    ) -> std::io::Result<BlkBackend> {
+        let cfg = Arc::new(cfg);
+        let writeback = Arc::new(AtomicBool::new(true));
+        let mut workers = Vec::new();
+        let mut exits = Vec::new();
+        for _ in 0..cfg.num_queues {
+            workers.push(Mutex::new(Worker::new(
+                img.clone(),
+                files.clone(),
+                cfg.clone(),
+                writeback.clone(),
+                mem.clone(),
+            )?));
+            exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
+        }
+        Ok(BlkBackend {
+            img,
+            cfg,
+            writeback,
+            workers,
+            exits,
+        })
+    }
+
+    /// The id under which queue `q`'s completion fd is registered.
+    pub fn completion_event_id(&self) -> u64 {
+        u64::from(self.cfg.num_queues) + 1
+    }
+
+    pub fn completion_fd(&self, q: usize) -> std::os::fd::RawFd {
+        self.worker(q).completion_fd()
+    }
+
+    fn worker(&self, q: usize) -> MutexGuard<'_, Worker> {
+        self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Finishes all in-flight requests of every queue.
+    pub fn drain(&self) {
+        for q in 0..self.workers.len() {
+            self.worker(q).drain_all();
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.cfg.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        for q in 0..self.workers.len() {
+            self.worker(q).set_event_idx(on);
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        for q in 0..self.workers.len() {
+            self.worker(q).set_event_idx(enabled);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = self.cfg.encode(self.writeback.load(Ordering::Relaxed));
+        let (o, s) = (offset as usize, size as usize);
+        let mut out = vec![0u8; s.min(4096)];
+        if o < CONFIG_LEN {
+            let n = (CONFIG_LEN - o).min(out.len());
+            out[..n].copy_from_slice(&c[o..o + n]);
+        }
+        out
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Only the cache mode (writeback, offset 32) is writable.
+        if offset == 32 && buf.len() == 1 {
+            self.writeback.store(buf[0] != 0, Ordering::Relaxed);
+            if buf[0] != 0 {
+                return Ok(());
+            }
+            // Switching to write-through: later writes are flushed before
+            // they complete; the ones completed so far are flushed now.
+            return self.img.flush().map_err(std::io::Error::other);
+        }
+        warn!(
+            "ignoring config write at offset {offset}, {} bytes",
+            buf.len()
+        );
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GM) -> std::io::Result<()> {
+        // Workers share the framework's GuestMemoryAtomic and load the
+        // current map for each request.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        if let Some(w) = self.workers.get(queue_index as usize) {
+            w.lock().unwrap_or_else(|p| p.into_inner()).drain_all();
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        let mut w = self.worker(thread_id);
+        if u64::from(device_event) == self.completion_event_id() {
+            w.handle_completions();
+        } else if device_event == 0 {
+            w.handle_kick(vring);
+        }
+        // Errors in guest requests are completed as request errors: the
+        // handler never fails, or the framework would stop this thread.
+        Ok(())
+    }
+}

@@ -1,0 +1,15 @@
+//! rimg-vhost-blk: a vhost-user-blk backend serving raw and qcow2 images
+//! (backing chains included) through the rimg qcow2 engine, with guest
+//! data I/O on one io_uring per queue.
+//!
+//! - [`config`]: offered virtio features and the config space.
+//! - [`request`]: decoding and validating requests from descriptor chains.
+//! - [`worker`]: a queue's request engine and its io_uring.
+//! - [`backend`]: the `VhostUserBackend` glue, one thread per queue.
+//! - [`server`]: the socket loop (reconnects, signals, shutdown).
+
+pub mod backend;
+pub mod config;
+pub mod request;
+pub mod server;
+pub mod worker;

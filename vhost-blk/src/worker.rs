@@ -1,0 +1,729 @@
+//! One virtqueue's request engine: requests are decoded from the ring,
+//! mapped through the image (allocating qcow2 clusters where needed), and
+//! their data moves between guest memory and the image file through this
+//! queue's own io_uring. The ring's completion eventfd is polled by the
+//! same epoll loop as the queue's kick, so the thread never blocks on
+//! guest data I/O.
+//!
+//! # Ordering and progress
+//! - A qcow2 write extent is begun with `try_begin_write`: when another
+//!   request is allocating the same cluster, the request is parked and
+//!   retried after the next completions. When this queue has nothing in
+//!   flight, the blocker belongs to another queue, whose thread never
+//!   waits while it has I/O in flight, so a blocking `begin_write` is
+//!   safe then.
+//! - FLUSH, DISCARD and WRITE_ZEROES first drain this queue's ring (they
+//!   may wait for allocations, which must not be our own), then run
+//!   synchronously.
+//! - A request's status is written and its descriptor returned only after
+//!   all of its data I/O and metadata commits completed.
+//! - Guest memory stays mapped while any I/O into it is in flight: each
+//!   request holds a reference to the memory map it was decoded against,
+//!   and dropping a worker drains its ring first.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring};
+use log::{error, warn};
+use qcow2::qcow::{Mapping, WriteIo};
+use qcow2::Image;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::{
+    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::DeviceConfig;
+use crate::request::{Invalid, Kind, Request, ZeroSeg};
+
+pub type Mem = GuestMemoryMmap<()>;
+pub type GM = GuestMemoryAtomic<Mem>;
+pub type Vring = VringRwLock<GM>;
+
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+/// Most iovecs one readv/writev takes (IOV_MAX).
+const IOV_MAX: usize = 1024;
+/// Bounce buffer for data that does not come straight from the file
+/// (backing images, compressed clusters, iovec overflow).
+const BOUNCE_LEN: usize = 1 << 20;
+
+/// Host iovecs pointing into guest memory.
+#[derive(Default)]
+struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the pointers refer to guest memory mappings that the owning
+// slot keeps alive (an Arc of the memory map); they are only handed to the
+// kernel, never dereferenced by this process, so moving them between
+// threads is as safe as moving the Arc.
+unsafe impl Send for IoVecs {}
+
+/// One data I/O in the ring.
+struct Op {
+    iov: IoVecs,
+    /// Position of the op's data in the request's data stream.
+    at: u64,
+    host: u64,
+    write: bool,
+    expect: usize,
+    /// The qcow2 write this op carries the data of.
+    wio: Option<WriteIo>,
+    /// Issued on the O_DIRECT fd (retried buffered on EINVAL).
+    direct: bool,
+}
+
+/// A request slot: the decoded request and its progress.
+#[derive(Default)]
+struct Slot {
+    req: Request,
+    mem: Option<Arc<Mem>>,
+    busy: bool,
+    /// Data bytes already mapped and issued.
+    done: u64,
+    pending: u32,
+    failed: bool,
+    parked: bool,
+    ops: Vec<Option<Op>>,
+}
+
+/// Where data I/O goes: the image file, opened a second time with
+/// O_DIRECT when the daemon runs with `--direct`.
+pub struct DataFiles {
+    pub buffered: RawFd,
+    pub direct: Option<std::fs::File>,
+}
+
+pub struct Worker {
+    img: Arc<dyn Image>,
+    files: Arc<DataFiles>,
+    cfg: Arc<DeviceConfig>,
+    writeback: Arc<AtomicBool>,
+    mem: GM,
+    ring: IoUring,
+    efd: EventFd,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    parked: VecDeque<usize>,
+    inflight_ops: usize,
+    bounce: Vec<u8>,
+    vring: Option<Vring>,
+    /// Used entries were added since the last notification check.
+    need_signal: bool,
+    event_idx: bool,
+}
+
+impl Worker {
+    pub fn new(
+        img: Arc<dyn Image>,
+        files: Arc<DataFiles>,
+        cfg: Arc<DeviceConfig>,
+        writeback: Arc<AtomicBool>,
+        mem: GM,
+    ) -> std::io::Result<Worker> {
+        let qs = usize::from(cfg.queue_size);
+        let ring = IoUring::new((qs * 2).next_power_of_two() as u32)?;
+        let efd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        Ok(Worker {
+            img,
+            files,
+            cfg,
+            writeback,
+            mem,
+            ring,
+            efd,
+            slots: (0..qs).map(|_| Slot::default()).collect(),
+            free: (0..qs).rev().collect(),
+            parked: VecDeque::new(),
+            inflight_ops: 0,
+            bounce: vec![0; BOUNCE_LEN],
+            vring: None,
+            need_signal: false,
+            event_idx: false,
+        })
+    }
+
+    /// The fd that becomes readable when the ring has completions.
+    pub fn completion_fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// Handles a kick: takes every available request from the queue.
+    pub fn handle_kick(&mut self, vring: &Vring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+        let mem = self.mem.memory().into_inner();
+        loop {
+            if self.event_idx {
+                if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
+                    warn!("disable_notification: {e}");
+                }
+            }
+            while let Some(idx) = self.free.last().copied() {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(mem.clone());
+                let Some(chain) = chain else { break };
+                self.free.pop();
+                let slot = &mut self.slots[idx];
+                slot.busy = true;
+                slot.mem = Some(mem.clone());
+                let r = slot
+                    .req
+                    .parse(chain, &*mem, self.cfg.capacity, self.cfg.readonly);
+                self.start(idx, r);
+            }
+            if !self.event_idx || self.free.is_empty() {
+                break;
+            }
+            match vring.get_mut().get_queue_mut().enable_notification(&*mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    warn!("enable_notification: {e}");
+                    break;
+                }
+            }
+        }
+        self.submit();
+        self.signal();
+    }
+
+    /// Handles the ring's completion eventfd.
+    pub fn handle_completions(&mut self) {
+        let _ = self.efd.read();
+        self.reap();
+        self.run_parked();
+        self.submit();
+        self.signal();
+        // A kick that found no free slot left requests in the ring.
+        if let Some(v) = self.vring.clone() {
+            if !self.free.is_empty() {
+                self.handle_kick(&v);
+            }
+        }
+    }
+
+    /// Completes everything in flight (for stop_vring and shutdown).
+    pub fn drain_all(&mut self) {
+        loop {
+            self.drain();
+            if self.parked.is_empty() {
+                break;
+            }
+            self.run_parked();
+            self.submit();
+        }
+        self.signal();
+    }
+
+    fn start(&mut self, idx: usize, parsed: Result<(), Invalid>) {
+        if let Err(inv) = parsed {
+            match inv {
+                Invalid::NoStatus => {
+                    warn!("request without a status descriptor: returned unanswered");
+                    self.finish(idx, None, 0);
+                }
+                Invalid::Status(st, why) => {
+                    warn!("invalid request: {why}");
+                    self.finish(idx, Some(st), 0);
+                }
+            }
+            return;
+        }
+        let slot = &mut self.slots[idx];
+        slot.done = 0;
+        slot.pending = 0;
+        slot.failed = false;
+        slot.parked = false;
+        slot.ops.clear();
+        match slot.req.kind.expect("parsed") {
+            Kind::In => self.plan(idx, false),
+            Kind::Out => self.plan(idx, false),
+            Kind::Flush => {
+                self.drain();
+                let st = match self.img.flush() {
+                    Ok(()) => S_OK,
+                    Err(e) => {
+                        error!("flush: {e}");
+                        S_IOERR
+                    }
+                };
+                self.finish(idx, Some(st), 0);
+            }
+            Kind::GetId => {
+                let slot = &self.slots[idx];
+                let mut id = [0u8; 20];
+                let n = self.cfg.serial.len().min(20);
+                id[..n].copy_from_slice(&self.cfg.serial[..n]);
+                let n = (slot.req.len as usize).min(20);
+                let mem = slot.mem.clone().expect("mem");
+                let ok = slot.req.write_data(&*mem, 0, &id[..n]);
+                self.finish(idx, Some(if ok { S_OK } else { S_IOERR }), n as u32);
+            }
+            Kind::Discard | Kind::WriteZeroes => {
+                self.drain();
+                let st = self.zero_segments(idx);
+                self.finish(idx, Some(st), 0);
+            }
+        }
+    }
+
+    fn zero_segments(&mut self, idx: usize) -> u8 {
+        let slot = &self.slots[idx];
+        let mem = slot.mem.clone().expect("mem");
+        let write_zeroes = slot.req.kind == Some(Kind::WriteZeroes);
+        let nsegs = slot.req.len / 16;
+        for i in 0..nsegs {
+            let mut b = [0u8; 16];
+            if !slot.req.read_data(&*mem, i * 16, &mut b) {
+                return S_IOERR;
+            }
+            let Some(seg) = ZeroSeg::decode(&b) else {
+                warn!("discard/write-zeroes segment with reserved flags");
+                return virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+            };
+            if !write_zeroes && seg.unmap {
+                return virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+            }
+            let len = u64::from(seg.num_sectors) * 512;
+            let end = seg.sector.checked_mul(512).and_then(|o| o.checked_add(len));
+            if end.is_none_or(|e| e > self.cfg.capacity) {
+                warn!("discard/write-zeroes past the end of the disk");
+                return S_IOERR;
+            }
+            let off = seg.sector * 512;
+            let r = if write_zeroes {
+                self.img.write_zeroes(off, len, seg.unmap)
+            } else {
+                self.img.discard(off, len)
+            };
+            if let Err(e) = r {
+                error!("discard/write-zeroes at {off} len {len}: {e}");
+                return S_IOERR;
+            }
+        }
+        if write_zeroes && !self.writeback.load(Ordering::Relaxed) && self.img.flush().is_err() {
+            return S_IOERR;
+        }
+        S_OK
+    }
+
+    /// Maps and issues the rest of a read or write request's data. With
+    /// `may_block`, a write extent whose cluster another queue is
+    /// allocating waits for it instead of parking the request.
+    fn plan(&mut self, idx: usize, may_block: bool) {
+        let write = self.slots[idx].req.kind == Some(Kind::Out);
+        let mut may_block = may_block;
+        while !self.slots[idx].failed && self.slots[idx].done < self.slots[idx].req.len {
+            let slot = &self.slots[idx];
+            let done = slot.done;
+            let off = slot.req.offset + done;
+            let rem = slot.req.len - done;
+            let step = if write {
+                self.plan_write_extent(idx, off, rem, &mut may_block)
+            } else {
+                self.plan_read_extent(idx, off, rem)
+            };
+            match step {
+                Ok(Some(n)) => self.slots[idx].done += n,
+                Ok(None) => {
+                    let slot = &mut self.slots[idx];
+                    if !slot.parked {
+                        slot.parked = true;
+                        self.parked.push_back(idx);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    error!(
+                        "{} at offset {off}: {e}",
+                        if write { "write" } else { "read" }
+                    );
+                    self.slots[idx].failed = true;
+                }
+            }
+        }
+        self.maybe_complete(idx);
+    }
+
+    /// Issues one read extent; returns the bytes it covers.
+    fn plan_read_extent(&mut self, idx: usize, off: u64, rem: u64) -> qcow2::Result<Option<u64>> {
+        let done = self.slots[idx].done;
+        let Some(q) = self.img.as_qcow2() else {
+            // Raw: the guest offset is the file offset.
+            self.issue(idx, done, rem, off, false, None);
+            return Ok(Some(rem));
+        };
+        let (m, n) = q.map_read(off, rem)?;
+        match m {
+            Mapping::Data(host) => self.issue(idx, done, n, host, false, None),
+            other => {
+                // Zeros, the backing image, compressed data: synchronous,
+                // through the bounce buffer.
+                let mem = self.slots[idx].mem.clone().expect("mem");
+                let mut k = 0u64;
+                while k < n {
+                    let c = (n - k).min(BOUNCE_LEN as u64) as usize;
+                    q.read_mapped(other, &mut self.bounce[..c], off + k)?;
+                    if !self.slots[idx]
+                        .req
+                        .write_data(&*mem, done + k, &self.bounce[..c])
+                    {
+                        return Err(qcow2::Error::io(
+                            "guest buffer",
+                            std::io::Error::other("not writable"),
+                        ));
+                    }
+                    k += c as u64;
+                }
+            }
+        }
+        Ok(Some(n))
+    }
+
+    /// Issues one write extent; `None` when the request must wait.
+    fn plan_write_extent(
+        &mut self,
+        idx: usize,
+        off: u64,
+        rem: u64,
+        may_block: &mut bool,
+    ) -> qcow2::Result<Option<u64>> {
+        let done = self.slots[idx].done;
+        let Some(q) = self.img.as_qcow2() else {
+            self.issue(idx, done, rem, off, true, None);
+            return Ok(Some(rem));
+        };
+        let len = rem.min(usize::MAX as u64 >> 1) as usize;
+        let wio = if *may_block && self.inflight_ops == 0 {
+            // Only the first extent may block: afterwards this queue has
+            // I/O in flight again.
+            *may_block = false;
+            q.begin_write(off, len)?
+        } else {
+            match q.try_begin_write(off, len)? {
+                Some(w) => w,
+                None => return Ok(None),
+            }
+        };
+        let (n, host) = (wio.len as u64, wio.host);
+        self.issue(idx, done, n, host, true, Some(wio));
+        Ok(Some(n))
+    }
+
+    /// Queues the transfer of request data bytes [at, at + n) to or from
+    /// file offset `host`.
+    fn issue(&mut self, idx: usize, at: u64, n: u64, host: u64, write: bool, wio: Option<WriteIo>) {
+        let mut iov = IoVecs::default();
+        let slot = &mut self.slots[idx];
+        let mem = slot.mem.clone().expect("mem");
+        let ok = build_iovecs(&mem, &slot.req.segs, at, n, &mut iov.0);
+        if !ok || iov.0.len() > IOV_MAX {
+            // Rare: memory that does not map, or too fragmented for one
+            // vectored call. Do it synchronously through the bounce buffer.
+            let r = self.bounce_io(idx, at, n, host, write);
+            if let Some(w) = wio {
+                if let Some(q) = self.img.as_qcow2() {
+                    if let Err(e) = q.end_write(w, r.is_ok()) {
+                        error!("write commit: {e}");
+                        self.slots[idx].failed = true;
+                    }
+                }
+            }
+            if let Err(e) = r {
+                error!("bounce I/O at {host}: {e}");
+                self.slots[idx].failed = true;
+            }
+            return;
+        }
+        let direct = self.files.direct.is_some();
+        let op = Op {
+            iov,
+            at,
+            host,
+            write,
+            expect: n as usize,
+            wio,
+            direct,
+        };
+        let slot = &mut self.slots[idx];
+        let opi = slot.ops.len();
+        slot.ops.push(Some(op));
+        slot.pending += 1;
+        self.push_op(idx, opi);
+    }
+
+    fn push_op(&mut self, idx: usize, opi: usize) {
+        let op = self.slots[idx].ops[opi].as_ref().expect("op");
+        let fd = match (&self.files.direct, op.direct) {
+            (Some(f), true) => f.as_raw_fd(),
+            _ => self.files.buffered,
+        };
+        let entry = if op.write {
+            opcode::Writev::new(types::Fd(fd), op.iov.0.as_ptr(), op.iov.0.len() as u32)
+                .offset(op.host)
+                .build()
+        } else {
+            opcode::Readv::new(types::Fd(fd), op.iov.0.as_ptr(), op.iov.0.len() as u32)
+                .offset(op.host)
+                .build()
+        };
+        let entry: squeue::Entry = entry.user_data(((idx as u64) << 32) | opi as u64);
+        self.inflight_ops += 1;
+        loop {
+            // SAFETY: the iovec array and the guest memory it points into
+            // stay alive until the completion is reaped: the array is owned
+            // by the op in its slot (not touched until then), and the slot
+            // holds an Arc of the memory map; a worker drains its ring
+            // before it is dropped.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                break;
+            }
+            // Submission queue full: hand what is queued to the kernel.
+            if let Err(e) = self.ring.submit() {
+                error!("io_uring submit: {e}");
+            }
+        }
+    }
+
+    fn bounce_io(
+        &mut self,
+        idx: usize,
+        at: u64,
+        n: u64,
+        host: u64,
+        write: bool,
+    ) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let slot = &self.slots[idx];
+        let mem = slot.mem.clone().expect("mem");
+        let file = self.img.storage().file();
+        let mut k = 0u64;
+        while k < n {
+            let c = (n - k).min(BOUNCE_LEN as u64) as usize;
+            let buf = &mut self.bounce[..c];
+            if write {
+                if !slot.req.read_data(&*mem, at + k, buf) {
+                    return Err(std::io::Error::other("guest buffer not readable"));
+                }
+                file.write_all_at(buf, host + k)?;
+            } else {
+                self.img
+                    .storage()
+                    .read_at(buf, host + k)
+                    .map_err(std::io::Error::other)?;
+                if !slot.req.write_data(&*mem, at + k, buf) {
+                    return Err(std::io::Error::other("guest buffer not writable"));
+                }
+            }
+            k += c as u64;
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            error!("io_uring submit: {e}");
+        }
+    }
+
+    /// Processes every available completion.
+    fn reap(&mut self) {
+        loop {
+            let cqe = self.ring.completion().next();
+            let Some(cqe) = cqe else { break };
+            self.inflight_ops -= 1;
+            let ud = cqe.user_data();
+            let (idx, opi) = ((ud >> 32) as usize, (ud & 0xffff_ffff) as usize);
+            let res = cqe.result();
+            let slot = &mut self.slots[idx];
+            let op = slot.ops[opi].as_mut().expect("op in flight");
+            if res == -libc::EINVAL && op.direct {
+                // The guest buffer is not aligned for O_DIRECT: go buffered.
+                op.direct = false;
+                self.push_op(idx, opi);
+                continue;
+            }
+            let op = slot.ops[opi].take().expect("op in flight");
+            let mut ok = res >= 0 && res as usize == op.expect;
+            if !ok && !op.write && res >= 0 {
+                // A read that stopped at the end of the file (clusters
+                // allocated but never written past it): the rest reads as
+                // zeros, as the engine's own reads do.
+                let r = res as u64;
+                let rest = op.expect as u64 - r;
+                ok = self
+                    .bounce_io(idx, op.at + r, rest, op.host + r, false)
+                    .is_ok();
+            }
+            let slot = &mut self.slots[idx];
+            if !ok {
+                error!(
+                    "{} at file offset {}: {}",
+                    if op.write { "write" } else { "read" },
+                    op.host,
+                    if res < 0 {
+                        std::io::Error::from_raw_os_error(-res).to_string()
+                    } else {
+                        format!("short transfer {res} of {}", op.expect)
+                    }
+                );
+                slot.failed = true;
+            }
+            if let Some(w) = op.wio {
+                if let Some(q) = self.img.as_qcow2() {
+                    if let Err(e) = q.end_write(w, ok) {
+                        error!("write commit: {e}");
+                        slot.failed = true;
+                    }
+                }
+            }
+            slot.pending -= 1;
+            self.maybe_complete(idx);
+        }
+    }
+
+    /// Retries parked writes (their blocker may be gone).
+    fn run_parked(&mut self) {
+        let n = self.parked.len();
+        for _ in 0..n {
+            let Some(idx) = self.parked.pop_front() else {
+                break;
+            };
+            self.slots[idx].parked = false;
+            let may_block = self.inflight_ops == 0;
+            self.plan(idx, may_block);
+        }
+    }
+
+    /// Waits until this queue has no I/O in flight.
+    fn drain(&mut self) {
+        while self.inflight_ops > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    error!("io_uring wait: {e}");
+                    break;
+                }
+            }
+            self.reap();
+        }
+    }
+
+    fn maybe_complete(&mut self, idx: usize) {
+        let slot = &self.slots[idx];
+        if !slot.busy || slot.pending > 0 || slot.parked {
+            return;
+        }
+        if !slot.failed && slot.done < slot.req.len {
+            return;
+        }
+        let mut st = if slot.failed { S_IOERR } else { S_OK };
+        let kind = slot.req.kind;
+        let used = if kind == Some(Kind::In) {
+            slot.req.len as u32
+        } else {
+            0
+        };
+        if st == S_OK && kind == Some(Kind::Out) && !self.writeback.load(Ordering::Relaxed) {
+            // Write-through cache mode: durable before completion.
+            if let Err(e) = self.img.flush() {
+                error!("flush after write-through write: {e}");
+                st = S_IOERR;
+            }
+        }
+        self.finish(idx, Some(st), used);
+    }
+
+    /// Writes the status, returns the descriptor chain and frees the slot.
+    fn finish(&mut self, idx: usize, status: Option<u8>, data_len: u32) {
+        let slot = &mut self.slots[idx];
+        let mem = slot.mem.take().expect("mem");
+        let mut used = 0;
+        if let Some(st) = status {
+            if mem.write_obj(st, slot.req.status).is_ok() {
+                used = data_len + 1;
+            } else {
+                warn!("status byte outside guest memory");
+            }
+        }
+        slot.busy = false;
+        slot.ops.clear();
+        let head = slot.req.head;
+        self.free.push(idx);
+        if let Some(v) = &self.vring {
+            let mut g = v.get_mut();
+            if let Err(e) = g.get_queue_mut().add_used(&*mem, head, used) {
+                error!("add_used: {e}");
+            }
+            self.need_signal = true;
+        }
+    }
+
+    fn signal(&mut self) {
+        if !self.need_signal {
+            return;
+        }
+        self.need_signal = false;
+        let Some(v) = &self.vring else { return };
+        let mem = self.mem.memory();
+        let needed = v.get_mut().get_queue_mut().needs_notification(&*mem);
+        if needed.unwrap_or(true) {
+            if let Err(e) = v.signal_used_queue() {
+                warn!("signal used queue: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // In-flight I/O targets guest memory and commits qcow2 metadata:
+        // finish it before the ring and the memory go away.
+        self.drain_all();
+    }
+}
+
+/// Builds host iovecs for request data bytes [at, at + n). False when part
+/// of the range does not map to host memory.
+fn build_iovecs(
+    mem: &Mem,
+    segs: &[(vm_memory::GuestAddress, u32)],
+    at: u64,
+    n: u64,
+    out: &mut Vec<libc::iovec>,
+) -> bool {
+    let mut pos = 0u64;
+    let end = at + n;
+    for &(addr, len) in segs {
+        let (a, b) = (pos, pos + u64::from(len));
+        pos = b;
+        let (s, e) = (a.max(at), b.min(end));
+        if s >= e {
+            continue;
+        }
+        for sl in GuestMemoryBackend::get_slices(mem, addr.unchecked_add(s - a), (e - s) as usize) {
+            let Ok(sl) = sl else { return false };
+            out.push(libc::iovec {
+                iov_base: sl.ptr_guard_mut().as_ptr().cast(),
+                iov_len: sl.len(),
+            });
+        }
+        if b >= end {
+            break;
+        }
+    }
+    true
+}
