@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# rimg-vhost-blk against qemu-storage-daemon's vhost-user-blk export, same
+# client (libblkio, benches' blk_bench), same images, same run.
+# 4 KiB random reads and writes, queue depth 1 and 32, 1 and 2 queues, on
+# raw, preallocated qcow2 and growing qcow2. Prints IOPS, p50/p99 latency
+# and the ratio rimg/qsd, plus the ceiling: the client reading the raw file
+# through its own io_uring driver.
+#
+# Usage: benches/vhost-blk-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
+set -euo pipefail
+SECS=${1:-3}
+SIZE=${2:-1G}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+cargo build --release -q -p rimg-vhost-blk -p rimg-tests --example blk_bench
+BENCH=$ROOT/target/release/examples/blk_bench
+RIMG=$ROOT/target/release/rimg-vhost-blk
+W=$(mktemp -d /tmp/rimg-blkbench.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+trap cleanup EXIT
+
+make_image() { # kind path
+  case $1 in
+    raw) qemu-img create -q -f raw "$2" "$SIZE"
+         # Fully written so that reads hit the page cache, not holes.
+         qemu-io -f raw -c "write -P 0x5a 0 $SIZE" "$2" >/dev/null ;;
+    qcow2-prealloc) qemu-img create -q -f qcow2 -o preallocation=metadata "$2" "$SIZE"
+         qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$2" >/dev/null ;;
+    qcow2-growing) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
+  esac
+  # Let the prefill's writeback finish: writes into pages under writeback
+  # wait for it, which would measure the disk instead of the daemons.
+  sync
+}
+
+start_daemon() { # which fmt image sock
+  local fmt=$2
+  [ "$fmt" = raw ] || fmt=qcow2
+  if [ "$1" = rimg ]; then
+    "$RIMG" --socket "$4" --image "$3" --format "$fmt" --num-queues 2 2>"$W/daemon.log" &
+  else
+    qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$3" \
+      --blockdev driver=$fmt,node-name=q,file=f \
+      --export type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path="$4",writable=on,num-queues=2 \
+      2>"$W/daemon.log" &
+  fi
+  DPID=$!
+  PIDS+=("$DPID")
+  for _ in $(seq 200); do [ -S "$4" ] && return 0; sleep 0.05; done
+  echo "daemon $1 did not start:"; cat "$W/daemon.log"; exit 1
+}
+
+stop_daemon() { kill -TERM "$DPID"; wait "$DPID" || true; }
+
+field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
+
+printf "%-15s %-5s %2s %2s | %9s %8s %8s | %9s %8s %8s | %6s %6s\n" \
+  image rw qd q "rimg IOPS" "p50 us" "p99 us" "qsd IOPS" "p50 us" "p99 us" ratio p99r
+for kind in raw qcow2-prealloc qcow2-growing; do
+  declare -A R=()
+  for d in rimg qsd; do
+    img=$W/$d.img
+    make_image "$kind" "$img"
+    sock=$W/$d.sock
+    start_daemon "$d" "$kind" "$img" "$sock"
+    for rw in write read; do
+      for qd in 1 32; do
+        for q in 1 2; do
+          R[$d,$rw,$qd,$q]=$("$BENCH" virtio-blk-vhost-user "$sock" "$rw" "$qd" "$q" "$SECS")
+        done
+      done
+    done
+    stop_daemon
+    if [ "$kind" != raw ]; then qemu-img check -q "$img" || { echo "qemu-img check failed on $d $kind"; exit 1; }; fi
+    rm -f "$img"
+  done
+  for rw in write read; do
+    for qd in 1 32; do
+      for q in 1 2; do
+        a=${R[rimg,$rw,$qd,$q]}; b=${R[qsd,$rw,$qd,$q]}
+        ai=$(echo "$a" | field iops); bi=$(echo "$b" | field iops)
+        a5=$(echo "$a" | field p50_us); b5=$(echo "$b" | field p50_us)
+        a9=$(echo "$a" | field p99_us); b9=$(echo "$b" | field p99_us)
+        printf "%-15s %-5s %2s %2s | %9s %8s %8s | %9s %8s %8s | %6.2f %6.2f\n" \
+          "$kind" "$rw" "$qd" "$q" "$ai" "$a5" "$a9" "$bi" "$b5" "$b9" \
+          "$(awk "BEGIN{print $ai / $bi}")" "$(awk "BEGIN{print $a9 / $b9}")"
+      done
+    done
+  done
+  unset R
+done
+make_image raw "$W/ceiling.raw"
+for q in 1 2; do
+  echo "ceiling: libblkio io_uring on the raw file, read qd 32, $q queue(s): $("$BENCH" io_uring "$W/ceiling.raw" read 32 "$q" "$SECS")"
+done
