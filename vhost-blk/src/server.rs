@@ -150,8 +150,12 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             *cur = h;
         }
         info!("frontend connected");
-        if let Err(e) = daemon.wait() {
-            warn!("connection ended: {e}");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => {}
+            Err(e) => warn!("connection ended: {e}"),
         }
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
         // Dropping the daemon stops the queue threads; then finish what
