@@ -30,6 +30,11 @@
 //!   before that, so no freed cluster is overwritten while an old pointer
 //!   to it may still be on disk.
 //! - `flush` makes every completed write durable.
+//! - A freed cluster is not reused while data I/O that may have mapped it
+//!   is still running outside the lock: such I/O holds an [`IoTicket`]
+//!   from [`Qcow2::io_begin`] to [`Qcow2::io_end`], frees are tagged with
+//!   the epoch they were queued in, and a flush applies only frees queued
+//!   after every active ticket was taken (the rest wait for a later flush).
 //!
 //! A crash at any point therefore leaves at worst leaked clusters.
 
@@ -81,9 +86,10 @@ struct Meta {
     l1_dirty: Option<(usize, usize)>,
     l2: TableCache,
     rc: Refcounts,
-    /// Host byte ranges whose reference was dropped in memory; their
-    /// refcounts are decreased after the next flush.
-    pending_free: Vec<(u64, u64)>,
+    /// Host byte ranges whose reference was dropped in memory, with the
+    /// I/O epoch they were dropped in; their refcounts are decreased after
+    /// a flush, once no I/O that started before them is still running.
+    pending_free: Vec<(u64, u64, u64)>,
     /// Guest clusters whose allocation is in progress.
     inflight: HashSet<u64>,
     snapshots: Vec<Snapshot>,
@@ -91,6 +97,22 @@ struct Meta {
     /// Next free byte in the host cluster that compressed clusters are
     /// being packed into (0: none).
     compressed_tail: u64,
+}
+
+/// Data I/O epochs: which epochs have I/O running outside the lock.
+#[derive(Default)]
+struct Epochs {
+    current: u64,
+    /// Epoch -> number of tickets taken in it and not yet returned.
+    active: std::collections::BTreeMap<u64, u32>,
+}
+
+/// Held by data I/O that maps guest ranges and accesses host clusters
+/// outside the metadata lock (see [`Qcow2::io_begin`]).
+#[must_use = "an I/O ticket must be returned with io_end"]
+#[derive(Debug)]
+pub struct IoTicket {
+    epoch: u64,
 }
 
 /// What a run of guest bytes maps to in this layer.
@@ -159,6 +181,8 @@ pub struct Qcow2 {
     /// backing file never shows through where zeros were written.
     has_backing_file: bool,
     meta: Mutex<Meta>,
+    /// Lock order: `meta` before `epochs`.
+    epochs: Mutex<Epochs>,
     alloc_done: Condvar,
     opts: Qcow2Options,
 }
@@ -226,6 +250,7 @@ impl Qcow2 {
             has_backing_file: header.backing_file.is_some(),
             backing,
             meta: Mutex::new(meta),
+            epochs: Mutex::new(Epochs::default()),
             alloc_done: Condvar::new(),
             opts,
             st,
@@ -526,7 +551,7 @@ impl Qcow2 {
         m.l2.assign(i, new, true);
         Self::set_l1(m, l1i, L1Entry::new(new, true).0);
         if old != 0 {
-            m.pending_free.push((old, cs));
+            self.queue_free(m, (old, cs));
         }
         Ok(i)
     }
@@ -705,7 +730,7 @@ impl Qcow2 {
             Self::l2_set(m, slot, idx, new.encode(self.geom));
             if !a.reuse {
                 if let Some(r) = old.host_range(cs) {
-                    m.pending_free.push(r);
+                    self.queue_free(m, r);
                 }
             }
         }
@@ -812,7 +837,50 @@ impl Qcow2 {
         r
     }
 
+    /// Starts data I/O that maps guest ranges ([`map_read`](Self::map_read),
+    /// [`begin_write`](Self::begin_write)) and then reads or writes the
+    /// host clusters outside the metadata lock. Until the ticket is
+    /// returned with [`io_end`](Self::io_end), no cluster freed after this
+    /// call is reused, so the I/O cannot touch another guest range's data
+    /// even when the guest discards the range concurrently.
+    pub fn io_begin(&self) -> IoTicket {
+        let mut e = self.epochs();
+        let epoch = e.current;
+        *e.active.entry(epoch).or_default() += 1;
+        IoTicket { epoch }
+    }
+
+    /// Ends the data I/O started with [`io_begin`](Self::io_begin).
+    pub fn io_end(&self, t: IoTicket) {
+        let mut e = self.epochs();
+        if let Some(n) = e.active.get_mut(&t.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                e.active.remove(&t.epoch);
+            }
+        }
+    }
+
+    fn epochs(&self) -> MutexGuard<'_, Epochs> {
+        self.epochs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a host range whose last reference was just dropped in
+    /// memory, tagged with the current epoch (then advanced).
+    fn queue_free(&self, m: &mut Meta, (off, len): (u64, u64)) {
+        let mut e = self.epochs();
+        m.pending_free.push((off, len, e.current));
+        e.current += 1;
+    }
+
     fn write_inner(&self, buf: &[u8], off: u64) -> Result<()> {
+        let t = self.io_begin();
+        let r = self.write_inner_ticketed(buf, off);
+        self.io_end(t);
+        r
+    }
+
+    fn write_inner_ticketed(&self, buf: &[u8], off: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
@@ -904,7 +972,7 @@ impl Qcow2 {
                 let kept = matches!(new, L2Entry::Zero { host: Some(_), .. });
                 if !kept {
                     if let Some(r) = old.host_range(cs) {
-                        m.pending_free.push(r);
+                        self.queue_free(&mut m, r);
                     }
                 }
             }
@@ -971,9 +1039,15 @@ impl Qcow2 {
         }
         self.st.sync()?;
         if !m.pending_free.is_empty() {
-            let frees = std::mem::take(&mut m.pending_free);
+            // Only frees queued after every running I/O began: older I/O
+            // may still read or write the cluster it mapped before.
+            let oldest = self.epochs().active.keys().next().copied();
+            let (frees, later): (Vec<_>, Vec<_>) = std::mem::take(&mut m.pending_free)
+                .into_iter()
+                .partition(|&(_, _, ep)| oldest.is_none_or(|o| ep < o));
+            m.pending_free = later;
             let mut freed = Vec::new();
-            for &(off, len) in &frees {
+            for &(off, len, _) in &frees {
                 // A freed L2 table must not be found in the cache again.
                 m.l2.remove(off);
                 m.rc.update_range(&self.st, off, len, -1, |c| freed.push(c))?;
@@ -1309,7 +1383,10 @@ impl Image for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
-        self.read_inner(buf, off)
+        let t = self.io_begin();
+        let r = self.read_inner(buf, off);
+        self.io_end(t);
+        r
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {

@@ -28,7 +28,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
-use qcow2::qcow::{Mapping, WriteIo};
+use qcow2::qcow::{IoTicket, Mapping, WriteIo};
 use qcow2::Image;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -89,6 +89,8 @@ struct Slot {
     failed: bool,
     parked: bool,
     ops: Vec<Option<Op>>,
+    /// Held while the request's qcow2 mappings are in use.
+    ticket: Option<IoTicket>,
 }
 
 /// Where data I/O goes: the image file, opened a second time with
@@ -249,8 +251,10 @@ impl Worker {
         slot.parked = false;
         slot.ops.clear();
         match slot.req.kind.expect("parsed") {
-            Kind::In => self.plan(idx, false),
-            Kind::Out => self.plan(idx, false),
+            Kind::In | Kind::Out => {
+                slot.ticket = self.img.as_qcow2().map(|q| q.io_begin());
+                self.plan(idx, false)
+            }
             Kind::Flush => {
                 self.drain();
                 let st = match self.img.flush() {
@@ -661,6 +665,9 @@ impl Worker {
         }
         slot.busy = false;
         slot.ops.clear();
+        if let (Some(t), Some(q)) = (slot.ticket.take(), self.img.as_qcow2()) {
+            q.io_end(t);
+        }
         let head = slot.req.head;
         self.free.push(idx);
         if let Some(v) = &self.vring {
