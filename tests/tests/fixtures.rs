@@ -66,10 +66,13 @@ fn engine_reads_every_fixture_like_qemu() {
     copy_all(d.path());
     for name in IMAGES {
         let img = d.path().join(name);
-        assert!(img.exists(), "fixture {name} missing: run fixtures/make-fixtures.sh");
+        assert!(
+            img.exists(),
+            "fixture {name} missing: run fixtures/make-fixtures.sh"
+        );
         let want = qemu_raw(&img, &d.path().join(format!("{name}.want")));
-        let image = qcow2::open(&img, &OpenOptions::default())
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let image =
+            qcow2::open(&img, &OpenOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(image.size(), want.len() as u64, "{name}: size");
         // Chunk sizes that cross sectors, clusters and L2 tables at odd
         // places, then one read of everything.
@@ -115,7 +118,11 @@ fn cli_matches_qemu_on_every_fixture() {
         // convert -O raw: equal content.
         let out = d.path().join(format!("{name}.rimg.raw"));
         let o = run(rimg, &["convert", "-O", "raw", p, out.to_str().unwrap()]);
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let c = qemu_img(&["compare", "-f", "raw", out.to_str().unwrap(), p]);
         assert!(c.status.success(), "{name}: convert differs");
     }

@@ -1,0 +1,339 @@
+//! Hostile input: thousands of truncated, bit-flipped, field-overwritten
+//! and size-inflated qcow2 images, each opened read-only and read-write,
+//! read at scattered offsets, written, flushed and checked. Every case must
+//! end in a result or an error: never a panic, never a hang (10 s per case,
+//! detected by a channel timeout), never an allocation past the bound.
+//!
+//! The bound: opening caps the L1 table at 32 MiB and the refcount table at
+//! 8 MiB (QEMU's caps), the L2 and refcount-block caches hold at most 32 MiB
+//! and 4 MiB, the snapshot table is capped at 64 MiB, and `check` keeps one
+//! refcount per cluster of the file it can prove exists. With buffers for
+//! one request on top, 256 MiB above the process's baseline is more than any
+//! case may need; a case above it has an allocation driven by a hostile
+//! field.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use qcow2::OpenOptions;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rimg_tests::{qemu_img, run, tempdir};
+
+/// Counts live heap bytes and the peak since the last reset.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: delegates every call to the system allocator unchanged; the
+// counters are plain atomics and never allocate.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(p, l) };
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+    }
+    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let p = unsafe { System.alloc_zeroed(l) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let q = unsafe { System.realloc(p, l, new) };
+        if !q.is_null() {
+            if new >= l.size() {
+                let now = LIVE.fetch_add(new - l.size(), Ordering::Relaxed) + new - l.size();
+                PEAK.fetch_max(now, Ordering::Relaxed);
+            } else {
+                LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
+            }
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+const BOUND: usize = 256 << 20;
+const CASES_PER_SEED: usize = 160;
+
+fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let specs: &[(&str, &str, &[&str])] = &[
+        (
+            "v3-64k",
+            "compat=1.1",
+            &["write -P 0x11 0 200k", "write -P 0x12 3M 64k"],
+        ),
+        (
+            "v2-4k",
+            "compat=0.10,cluster_size=4096",
+            &["write -P 0x21 0 100k", "write -P 0x22 2M 8k"],
+        ),
+        (
+            "zlib-512",
+            "cluster_size=512",
+            &["write -c -P 0x31 0 4k", "write -P 0x32 1M 4k"],
+        ),
+        (
+            "zstd",
+            "compression_type=zstd",
+            &["write -c -P 0x41 0 64k", "write -z 1M 64k"],
+        ),
+        (
+            "rc1",
+            "refcount_bits=1,cluster_size=4096",
+            &["write -P 0x51 0 64k"],
+        ),
+        ("lazy", "lazy_refcounts=on", &["write -P 0x61 0 128k"]),
+    ];
+    let mut out = Vec::new();
+    for (name, opts, cmds) in specs {
+        let p = dir.join(format!("{name}.qcow2"));
+        let ps = p.to_str().unwrap();
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, ps, "4M"])
+                .status
+                .success()
+        );
+        let mut args = Vec::new();
+        for c in *cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(ps);
+        assert!(run("qemu-io", &args).status.success());
+        out.push((name.to_string(), std::fs::read(&p).unwrap()));
+    }
+    // An image with an internal snapshot and a backing file name.
+    let p = dir.join("snap.qcow2");
+    let ps = p.to_str().unwrap();
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", ps, "4M"])
+        .status
+        .success());
+    assert!(run("qemu-io", &["-c", "write -P 0x71 0 128k", ps])
+        .status
+        .success());
+    assert!(qemu_img(&["snapshot", "-c", "s1", ps]).status.success());
+    assert!(run("qemu-io", &["-c", "write -P 0x72 64k 64k", ps])
+        .status
+        .success());
+    out.push(("snap".into(), std::fs::read(&p).unwrap()));
+    out
+}
+
+const BOUNDARY: &[u64] = &[
+    0,
+    1,
+    7,
+    9,
+    0x1ff,
+    0x200,
+    0x10000,
+    0x7fff_ffff,
+    0xffff_ffff,
+    1 << 40,
+    1 << 62,
+    u64::MAX >> 1,
+    u64::MAX,
+];
+
+/// Header fields (offset, width) worth aiming at (qcow2.rst, "Header").
+const FIELDS: &[(usize, usize)] = &[
+    (4, 4),   // version
+    (8, 8),   // backing_file_offset
+    (16, 4),  // backing_file_size
+    (20, 4),  // cluster_bits
+    (24, 8),  // size
+    (32, 4),  // crypt_method
+    (36, 4),  // l1_size
+    (40, 8),  // l1_table_offset
+    (48, 8),  // refcount_table_offset
+    (56, 4),  // refcount_table_clusters
+    (60, 4),  // nb_snapshots
+    (64, 8),  // snapshots_offset
+    (72, 8),  // incompatible_features
+    (80, 8),  // compatible_features
+    (88, 8),  // autoclear_features
+    (96, 4),  // refcount_order
+    (100, 4), // header_length
+];
+
+fn mutate(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
+    let mut v = img.to_vec();
+    match rng.random_range(0..6) {
+        0 => {
+            // Bit flips in the header cluster.
+            for _ in 0..rng.random_range(1..=4) {
+                let i = rng.random_range(0..512.min(v.len()));
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            // A header field set to a boundary value.
+            let (off, w) = FIELDS[rng.random_range(0..FIELDS.len())];
+            let val = BOUNDARY[rng.random_range(0..BOUNDARY.len())];
+            v[off..off + w].copy_from_slice(&val.to_be_bytes()[8 - w..]);
+        }
+        2 => {
+            // Table entries (any 8-byte word past the header) set to a
+            // boundary value or an offset inside or just past the file.
+            for _ in 0..rng.random_range(1..=8) {
+                let i = rng.random_range(1..v.len() / 8) * 8;
+                let val = if rng.random_bool(0.5) {
+                    BOUNDARY[rng.random_range(0..BOUNDARY.len())]
+                } else {
+                    rng.random_range(0..v.len() as u64 * 2) | (rng.random_range(0..4u64) << 62)
+                };
+                v[i..i + 8].copy_from_slice(&val.to_be_bytes());
+            }
+        }
+        3 => {
+            // Random bytes anywhere.
+            for _ in 0..rng.random_range(1..=32) {
+                let i = rng.random_range(0..v.len());
+                v[i] = rng.random();
+            }
+        }
+        4 => {
+            // Truncation.
+            let n = rng.random_range(0..v.len());
+            v.truncate(n);
+        }
+        _ => {
+            // Size inflation: virtual size, L1 size and table sizes grown
+            // together, as a "consistent" hostile header would.
+            let big = BOUNDARY[rng.random_range(6..BOUNDARY.len())];
+            v[24..32].copy_from_slice(&big.to_be_bytes());
+            let l1 = rng.random_range(0..=u32::MAX);
+            v[36..40].copy_from_slice(&l1.to_be_bytes());
+            let rt: u32 = rng.random_range(0..1 << 24);
+            v[56..60].copy_from_slice(&rt.to_be_bytes());
+        }
+    }
+    v
+}
+
+/// Everything a hostile image may be put through; errors are fine.
+fn exercise(path: &Path, rw_path: &Path) {
+    let ro = OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    if let Ok(img) = qcow2::open(path, &ro) {
+        let size = img.size();
+        let mut buf = vec![0u8; 65536];
+        for k in 0..16u64 {
+            if size == 0 {
+                break;
+            }
+            let off = (k.wrapping_mul(0x9e37_79b9_7f4a_7c15)) % size;
+            let n = (size - off).min(buf.len() as u64) as usize;
+            let _ = img.read_at(&mut buf[..n], off);
+        }
+        let _ = img.block_status(0, size);
+        if let Some(q) = img.as_qcow2() {
+            let _ = q.check();
+        }
+    }
+    let rw = OpenOptions {
+        writable: true,
+        no_backing: true,
+        ..Default::default()
+    };
+    if let Ok(img) = qcow2::open(rw_path, &rw) {
+        let size = img.size();
+        if size > 0 {
+            let data = vec![0x5au8; 70000];
+            for k in 0..6u64 {
+                let off = (k.wrapping_mul(0x2545_f491_4f6c_dd1d)) % size;
+                let n = (size - off).min(data.len() as u64) as usize;
+                let _ = match k % 3 {
+                    0 => img.write_at(&data[..n], off),
+                    1 => img.write_zeroes(off, n as u64, k % 2 == 0),
+                    _ => img.discard(off, n as u64),
+                };
+            }
+        }
+        let _ = img.flush();
+    }
+}
+
+#[test]
+fn hostile_images_fail_cleanly() {
+    let d = tempdir();
+    let seeds = seeds(d.path());
+    let case_path: PathBuf = d.path().join("case.qcow2");
+    let rw_path: PathBuf = d.path().join("case-rw.qcow2");
+    let mut cases = 0usize;
+    let mut opened = 0usize;
+    let mut worst = (0usize, String::new());
+    for (si, (name, img)) in seeds.iter().enumerate() {
+        let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
+        for c in 0..CASES_PER_SEED {
+            let m = mutate(&mut rng, img);
+            std::fs::write(&case_path, &m).unwrap();
+            std::fs::write(&rw_path, &m).unwrap();
+            let label = format!("seed image {name}, case {c}");
+            if qcow2::open(
+                &case_path,
+                &OpenOptions {
+                    no_backing: true,
+                    ..Default::default()
+                },
+            )
+            .is_ok()
+            {
+                opened += 1;
+            }
+            let base = LIVE.load(Ordering::Relaxed);
+            PEAK.store(base, Ordering::Relaxed);
+            let (tx, rx) = mpsc::channel();
+            let (p1, p2) = (case_path.clone(), rw_path.clone());
+            let h = std::thread::spawn(move || {
+                let r = std::panic::catch_unwind(|| exercise(&p1, &p2));
+                let _ = tx.send(r.is_ok());
+            });
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(true) => {}
+                Ok(false) => panic!("{label}: panicked"),
+                Err(_) => panic!("{label}: no result within 10 s (hang)"),
+            }
+            h.join().unwrap();
+            let used = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+            if used > worst.0 {
+                worst = (used, label.clone());
+            }
+            assert!(
+                used <= BOUND,
+                "{label}: allocated {} MiB, above the {} MiB bound",
+                used >> 20,
+                BOUND >> 20
+            );
+            cases += 1;
+        }
+    }
+    assert!(cases >= 1000, "only {cases} cases");
+    eprintln!(
+        "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",
+        worst.0 >> 10,
+        worst.1
+    );
+}
