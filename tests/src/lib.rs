@@ -19,6 +19,21 @@ pub fn qemu_img(args: &[&str]) -> Output {
     run("qemu-img", args)
 }
 
+/// Runs qemu-io with one `-c` per command on `img`; asserts success.
+pub fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut args = Vec::new();
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(img.to_str().unwrap());
+    let o = run("qemu-io", &args);
+    assert!(
+        o.status.success(),
+        "qemu-io {cmds:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
 /// Asserts that `qemu-img check` finds neither errors nor leaks.
 pub fn assert_qemu_check_clean(path: &Path) {
     let p = path.to_str().unwrap();

@@ -5,23 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, run, tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_io, run, tempdir,
+    workspace_bin,
 };
 use serde_json::Value;
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = Vec::new();
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img.to_str().unwrap());
-    let o = run("qemu-io", &args);
-    assert!(
-        o.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// Bytes of guest data that are allocated (data: true) in the top layer.
 fn allocated(img: &Path) -> u64 {

@@ -8,22 +8,7 @@
 use std::path::Path;
 
 use qcow2::{open, Image, OpenOptions};
-use rimg_tests::{assert_qemu_check_clean, qemu_img, run, tempdir};
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = Vec::new();
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(img.to_str().unwrap());
-    let out = run("qemu-io", &args);
-    assert!(
-        out.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, tempdir};
 
 fn to_raw(img: &Path, out: &Path, snapshot: Option<&str>) -> Vec<u8> {
     let mut args = vec!["convert", "-O", "raw"];

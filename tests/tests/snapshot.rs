@@ -4,22 +4,8 @@
 
 use std::path::Path;
 
-use rimg_tests::{assert_qemu_check_clean, qemu_img, run, tempdir, workspace_bin};
+use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, run, tempdir, workspace_bin};
 use serde_json::Value;
-
-fn qemu_io(img: &Path, cmds: &[&str]) {
-    let mut args = Vec::new();
-    for c in cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(img.to_str().unwrap());
-    let o = run("qemu-io", &args);
-    assert!(
-        o.status.success(),
-        "qemu-io {cmds:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 fn content(img: &Path, snapshot: Option<&str>) -> Vec<u8> {
     let out = img.with_extension(format!("{}.raw", snapshot.unwrap_or("now")));
