@@ -34,6 +34,37 @@ pub fn qemu_io(img: &Path, cmds: &[&str]) {
     );
 }
 
+/// Creates a qcow2 overlay `top` on the qcow2 image named `backing`
+/// (relative to top's directory, as QEMU resolves it), with extra `-o`
+/// options if any; asserts success.
+pub fn qemu_overlay(top: &Path, backing: &str, opts: &[&str]) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    for o in opts {
+        args.extend(["-o", o]);
+    }
+    args.extend(["-b", backing, "-F", "qcow2", top.to_str().unwrap()]);
+    let o = qemu_img(&args);
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The guest content of `img` as qemu-img reads it (`convert -O raw`
+/// into `scratch`, then read back).
+pub fn qemu_raw_content(img: &Path, scratch: &Path) -> Vec<u8> {
+    let o = qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        scratch.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::read(scratch).unwrap()
+}
+
 /// Asserts that `qemu-img check` finds neither errors nor leaks.
 pub fn assert_qemu_check_clean(path: &Path) {
     let p = path.to_str().unwrap();

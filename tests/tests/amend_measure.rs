@@ -5,7 +5,8 @@
 use std::path::Path;
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, run, tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_overlay, run, tempdir,
+    workspace_bin,
 };
 
 fn ok(o: std::process::Output, what: &str) -> std::process::Output {
@@ -118,20 +119,7 @@ fn amend_backing_fields_and_errors() {
     let base = d.path().join("base.qcow2");
     populated(&base, "compat=1.1");
     let top = d.path().join("top.qcow2");
-    ok(
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-        ]),
-        "create top",
-    );
+    qemu_overlay(&top, "base.qcow2", &[]);
     std::fs::copy(&base, d.path().join("other.qcow2")).unwrap();
     let o = run(
         rimg.to_str().unwrap(),

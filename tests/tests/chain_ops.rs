@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_io, run, tempdir,
-    workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_io, qemu_overlay, run,
+    tempdir, workspace_bin,
 };
 
 /// base <- mid <- top in directory `d`, with overlapping writes, zero
@@ -19,32 +19,8 @@ fn chain(d: &Path) -> [PathBuf; 3] {
             .status
             .success()
     );
-    assert!(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        m.to_str().unwrap()
-    ])
-    .status
-    .success());
-    assert!(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        t.to_str().unwrap()
-    ])
-    .status
-    .success());
+    qemu_overlay(&m, "base.qcow2", &[]);
+    qemu_overlay(&t, "mid.qcow2", &[]);
     qemu_io(&b, &["write -P 1 0 2M", "write -c -P 4 4M 64k"]);
     qemu_io(
         &m,

@@ -6,7 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use qcow2::Header;
-use rimg_tests::{assert_qemu_check_clean, qemu_img, run, tempdir, workspace_bin};
+use rimg_tests::{
+    assert_qemu_check_clean, qemu_img, qemu_raw_content, run, tempdir, workspace_bin,
+};
 use serde_json::Value;
 
 const CS: u64 = 65536;
@@ -63,18 +65,6 @@ fn check_json(cmd: &str, path: &Path) -> (i32, Value) {
     (out.status.code().unwrap(), v)
 }
 
-fn raw_content(img: &Path, out: &Path) -> Vec<u8> {
-    let o = qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::read(out).unwrap()
-}
-
 #[test]
 fn repairs_injected_faults() {
     let rimg = workspace_bin("rimg");
@@ -128,7 +118,7 @@ fn repairs_injected_faults() {
         let (f, l) = layout(&img);
         inject(&f, &l);
         drop(f);
-        let before = raw_content(&img, &dir.path().join("before.raw"));
+        let before = qemu_raw_content(&img, &dir.path().join("before.raw"));
 
         let (qc, qj) = check_json("qemu-img", &img);
         let (rc, rj) = check_json(rimg, &img);
@@ -161,7 +151,7 @@ fn repairs_injected_faults() {
             );
         }
         assert_qemu_check_clean(&img);
-        let after = raw_content(&img, &dir.path().join("after.raw"));
+        let after = qemu_raw_content(&img, &dir.path().join("after.raw"));
         assert!(before == after, "{name}: content changed by the repair");
     }
 }

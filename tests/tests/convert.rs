@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_io, run, tempdir,
-    workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_io, qemu_overlay, run,
+    tempdir, workspace_bin,
 };
 use serde_json::Value;
 
@@ -63,19 +63,7 @@ fn inputs() -> Inputs {
             "write -P 0x13 16M 64k",
         ],
     );
-    assert!(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "base.qcow2",
-        "-F",
-        "qcow2",
-        mid.to_str().unwrap()
-    ])
-    .status
-    .success());
+    qemu_overlay(&mid, "base.qcow2", &[]);
     qemu_io(
         &mid,
         &[
@@ -84,19 +72,7 @@ fn inputs() -> Inputs {
             "write -P 0x22 8200k 64k",
         ],
     );
-    assert!(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap()
-    ])
-    .status
-    .success());
+    qemu_overlay(&top, "mid.qcow2", &[]);
     qemu_io(
         &top,
         &[

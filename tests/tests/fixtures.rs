@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use qcow2::OpenOptions;
-use rimg_tests::{qemu_img, run, tempdir, workspace_bin};
+use rimg_tests::{qemu_img, qemu_raw_content, run, tempdir, workspace_bin};
 
 /// The fixtures the script makes; a missing one fails the test.
 const IMAGES: &[&str] = &[
@@ -48,18 +48,6 @@ fn copy_all(to: &Path) {
     }
 }
 
-fn qemu_raw(img: &Path, out: &Path) -> Vec<u8> {
-    let o = qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::read(out).unwrap()
-}
-
 #[test]
 fn engine_reads_every_fixture_like_qemu() {
     let d = tempdir();
@@ -70,7 +58,7 @@ fn engine_reads_every_fixture_like_qemu() {
             img.exists(),
             "fixture {name} missing: run fixtures/make-fixtures.sh"
         );
-        let want = qemu_raw(&img, &d.path().join(format!("{name}.want")));
+        let want = qemu_raw_content(&img, &d.path().join(format!("{name}.want")));
         let image =
             qcow2::open(&img, &OpenOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(image.size(), want.len() as u64, "{name}: size");

@@ -10,7 +10,9 @@ use std::path::Path;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rimg_tests::blk::{Client, Daemon};
-use rimg_tests::{assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, run, tempdir};
+use rimg_tests::{
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_overlay, run, tempdir,
+};
 
 const SIZE: u64 = 64 << 20;
 
@@ -49,20 +51,7 @@ fn make_image(dir: &Path, fmt: &str, backing: bool) -> (std::path::PathBuf, Vec<
             ),
             "qemu-io base",
         );
-        ok(
-            qemu_img(&[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-b",
-                "base.qcow2",
-                "-F",
-                "qcow2",
-                p,
-            ]),
-            "create overlay",
-        );
+        qemu_overlay(&img, "base.qcow2", &[]);
     } else {
         ok(
             qemu_img(&["create", "-q", "-f", fmt, p, &SIZE.to_string()]),

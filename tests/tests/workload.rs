@@ -14,7 +14,9 @@ use std::sync::Arc;
 use qcow2::{Image, OpenOptions};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rimg_tests::{assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, run, tempdir};
+use rimg_tests::{
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_overlay, run, tempdir,
+};
 
 const SIZE: u64 = 1 << 30;
 const OPS: usize = 10_000;
@@ -86,20 +88,7 @@ fn workload(cluster: u32, backing: bool, seed: u64) {
             ],
         );
         assert!(o.status.success());
-        let o = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opts,
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            img.to_str().unwrap(),
-        ]);
-        assert!(o.status.success());
+        qemu_overlay(&img, "base.qcow2", &[&opts]);
         let o = qemu_img(&["convert", "-O", "raw", b, model_path.to_str().unwrap()]);
         assert!(o.status.success());
     } else {

@@ -12,7 +12,6 @@ use log::warn;
 use qcow2::Image;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -94,13 +93,6 @@ impl VhostUserBackend for BlkBackend {
 
     fn features(&self) -> u64 {
         self.cfg.features()
-    }
-
-    fn acked_features(&self, features: u64) {
-        let on = features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
-        for q in 0..self.workers.len() {
-            self.worker(q).set_event_idx(on);
-        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
