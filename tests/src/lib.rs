@@ -108,10 +108,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     } else {
         "release"
     };
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let bin = target.join(profile).join(name);
+    let bin = target_dir().join(profile).join(name);
     let mut cmd = Command::new(env!("CARGO"));
     cmd.current_dir(&root)
         .args(["build", "--quiet", "--bin", name]);
@@ -124,6 +121,21 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 pub mod blk;
+pub mod guest;
+
+/// The workspace's cargo target directory (`CARGO_TARGET_DIR` or
+/// `<workspace>/target`), where built binaries and downloaded test kits
+/// live.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .unwrap()
+                .join("target")
+        })
+}
 
 /// A fresh temporary directory, removed when dropped.
 pub fn tempdir() -> tempfile::TempDir {
