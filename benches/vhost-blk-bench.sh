@@ -3,7 +3,7 @@
 # client (libblkio, benches' blk_bench), same images, same run.
 # 4 KiB random reads and writes, queue depth 1 and 32, 1 and 2 queues, on
 # raw, preallocated qcow2 and growing qcow2. Prints IOPS, p50/p99 latency
-# and the ratio rimg/qsd, plus the ceiling: the client reading the raw file
+# and the ratio rimg/qsd, plus the ceiling: the client reading and writing the raw file
 # through its own io_uring driver.
 #
 # Usage: benches/vhost-blk-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
@@ -22,7 +22,7 @@ trap cleanup EXIT
 
 make_image() { # kind path
   case $1 in
-    raw) qemu-img create -q -f raw "$2" "$SIZE"
+    raw|raw-direct) qemu-img create -q -f raw "$2" "$SIZE"
          # Fully written so that reads hit the page cache, not holes.
          qemu-io -f raw -c "write -P 0x5a 0 $SIZE" "$2" >/dev/null ;;
     qcow2-prealloc) qemu-img create -q -f qcow2 -o preallocation=metadata "$2" "$SIZE"
@@ -35,12 +35,17 @@ make_image() { # kind path
 }
 
 start_daemon() { # which fmt image sock
-  local fmt=$2
-  [ "$fmt" = raw ] || fmt=qcow2
+  local fmt=$2 rflags="" qflags=""
+  if [ "$fmt" = raw-direct ]; then
+    # O_DIRECT on both sides: the page cache's per-inode write lock is
+    # out of the way, the device underneath is measured.
+    rflags=--direct qflags=",cache.direct=on,aio=io_uring"
+  fi
+  case $fmt in raw*) fmt=raw ;; *) fmt=qcow2 ;; esac
   if [ "$1" = rimg ]; then
-    "$RIMG" --socket "$4" --image "$3" --format "$fmt" --num-queues 2 2>"$W/daemon.log" &
+    "$RIMG" --socket "$4" --image "$3" --format "$fmt" --num-queues 2 $rflags 2>"$W/daemon.log" &
   else
-    qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$3" \
+    qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$3"$qflags \
       --blockdev driver=$fmt,node-name=q,file=f \
       --export type=vhost-user-blk,id=e,node-name=q,addr.type=unix,addr.path="$4",writable=on,num-queues=2 \
       2>"$W/daemon.log" &
@@ -57,7 +62,7 @@ field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
 printf "%-15s %-5s %2s %2s | %9s %8s %8s | %9s %8s %8s | %6s %6s\n" \
   image rw qd q "rimg IOPS" "p50 us" "p99 us" "qsd IOPS" "p50 us" "p99 us" ratio p99r
-for kind in raw qcow2-prealloc qcow2-growing; do
+for kind in ${KINDS:-raw raw-direct qcow2-prealloc qcow2-growing}; do
   declare -A R=()
   for d in rimg qsd; do
     img=$W/$d.img
@@ -72,7 +77,7 @@ for kind in raw qcow2-prealloc qcow2-growing; do
       done
     done
     stop_daemon
-    if [ "$kind" != raw ]; then qemu-img check -q "$img" || { echo "qemu-img check failed on $d $kind"; exit 1; }; fi
+    if [ "${kind#raw}" = "$kind" ]; then qemu-img check -q "$img" || { echo "qemu-img check failed on $d $kind"; exit 1; }; fi
     rm -f "$img"
   done
   for rw in write read; do
@@ -91,6 +96,8 @@ for kind in raw qcow2-prealloc qcow2-growing; do
   unset R
 done
 make_image raw "$W/ceiling.raw"
-for q in 1 2; do
-  echo "ceiling: libblkio io_uring on the raw file, read qd 32, $q queue(s): $("$BENCH" io_uring "$W/ceiling.raw" read 32 "$q" "$SECS")"
+for rw in read write; do
+  for q in 1 2; do
+    echo "ceiling: libblkio io_uring on the raw file (page cache), $rw qd 32, $q queue(s): $("$BENCH" io_uring "$W/ceiling.raw" "$rw" 32 "$q" "$SECS")"
+  done
 done
