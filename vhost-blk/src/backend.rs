@@ -79,6 +79,21 @@ impl BlkBackend {
     }
 }
 
+impl rimg_vhost_server::Device for BlkBackend {
+    fn listeners(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
+        (0..self.workers.len())
+            .map(|q| (q, self.completion_fd(q), self.completion_event_id()))
+            .collect()
+    }
+
+    fn disconnected(&self) {
+        self.drain();
+        if let Err(e) = self.img.flush() {
+            warn!("flush after disconnect: {e}");
+        }
+    }
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;

@@ -1,23 +1,15 @@
 //! The daemon's life: open the image (taking QEMU-compatible locks), then
-//! serve one frontend connection at a time on the socket, forever: a
-//! disconnect ends that connection's device state (rings, memory) and the
-//! next frontend gets a fresh one on the same image. SIGTERM or SIGINT
-//! ends the current connection, drains in-flight requests, flushes the
-//! image and returns.
+//! serve frontends with the shared connection loop (`rimg_vhost_server`):
+//! each connection gets a fresh backend on the same image; a disconnect
+//! drains in-flight requests and flushes. SIGTERM or SIGINT ends the
+//! current connection; the image is flushed and `run` returns.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use log::{info, warn};
 use qcow2::{Format, Image, OpenOptions, Qcow2Options};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::BlkBackend;
 use crate::config::DeviceConfig;
@@ -43,10 +35,8 @@ pub enum Error {
     Image(PathBuf, qcow2::Error),
     #[error("{0}: cannot open for O_DIRECT: {1}")]
     Direct(PathBuf, std::io::Error),
-    #[error("cannot listen on {0}: {1}")]
-    Listen(PathBuf, vhost::vhost_user::Error),
-    #[error("vhost-user daemon: {0}")]
-    Daemon(vhost_user_backend::Error),
+    #[error(transparent)]
+    Serve(#[from] rimg_vhost_server::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
@@ -108,94 +98,24 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         blk_size: 512,
     };
 
-    let mut listener =
-        Listener::new(&cfg.socket, true).map_err(|e| Error::Listen(cfg.socket.clone(), e))?;
-    let terminating = Arc::new(AtomicBool::new(false));
-    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    spawn_signal_thread(cfg.socket.clone(), terminating.clone(), current.clone())?;
-    eprintln!(
-        "rimg-vhost-blk: serving {} ({}, {} bytes) on {}",
-        cfg.image.display(),
-        img.format().name(),
-        img.size(),
-        cfg.socket.display()
-    );
-
-    while !terminating.load(Ordering::SeqCst) {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let backend = Arc::new(BlkBackend::new(
+    let name = cfg.socket.display().to_string();
+    let announce = || {
+        eprintln!(
+            "rimg-vhost-blk: serving {} ({}, {} bytes) on {name}",
+            cfg.image.display(),
+            img.format().name(),
+            img.size(),
+        )
+    };
+    rimg_vhost_server::serve("rimg-vhost-blk", &cfg.socket, announce, |mem| {
+        Ok(Arc::new(BlkBackend::new(
             img.clone(),
             files.clone(),
             dev.clone(),
-            mem.clone(),
-        )?);
-        let mut daemon = VhostUserDaemon::new("rimg-vhost-blk".into(), backend.clone(), mem)
-            .map_err(Error::Daemon)?;
-        for (q, h) in daemon.get_epoll_handlers().iter().enumerate() {
-            h.register_listener(
-                backend.completion_fd(q),
-                EventSet::IN,
-                backend.completion_event_id(),
-            )?;
-        }
-        daemon.start(&mut listener).map_err(Error::Daemon)?;
-        {
-            let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
-            let h = daemon.shutdown_handle();
-            if terminating.load(Ordering::SeqCst) {
-                if let Some(h) = &h {
-                    h.shutdown();
-                }
-            }
-            *cur = h;
-        }
-        info!("frontend connected");
-        match daemon.wait() {
-            Ok(())
-            | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected,
-            )) => {}
-            Err(e) => warn!("connection ended: {e}"),
-        }
-        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        // Dropping the daemon stops the queue threads; then finish what
-        // they left in flight before the next connection.
-        drop(daemon);
-        backend.drain();
-        drop(backend);
-        if let Err(e) = img.flush() {
-            warn!("flush after disconnect: {e}");
-        }
-        info!("frontend disconnected");
-    }
+            mem,
+        )?))
+    })?;
     img.flush()
         .map_err(|e| Error::Image(cfg.image.clone(), e))?;
-    let _ = std::fs::remove_file(&cfg.socket);
-    Ok(())
-}
-
-/// On SIGTERM/SIGINT: mark termination, end the current connection, and
-/// wake a pending accept with a throwaway connection so the main loop
-/// sees the flag.
-fn spawn_signal_thread(
-    socket: PathBuf,
-    terminating: Arc<AtomicBool>,
-    current: Arc<Mutex<Option<ShutdownHandle>>>,
-) -> std::io::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if signals.forever().next().is_some() {
-                terminating.store(true, Ordering::SeqCst);
-                if let Some(h) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    h.shutdown();
-                }
-                let _ = UnixStream::connect(&socket);
-            }
-        })?;
     Ok(())
 }

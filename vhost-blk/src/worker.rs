@@ -30,20 +30,16 @@ use io_uring::{opcode, squeue, types, IoUring};
 use log::{error, warn};
 use qcow2::qcow::{IoTicket, Mapping, WriteIo};
 use qcow2::Image;
-use vhost_user_backend::{VringRwLock, VringT};
+use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{
-    Address, Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
-};
+use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::DeviceConfig;
 use crate::request::{Invalid, Kind, Request, ZeroSeg};
 
-pub type Mem = GuestMemoryMmap<()>;
-pub type GM = GuestMemoryAtomic<Mem>;
-pub type Vring = VringRwLock<GM>;
+pub use rimg_vhost_server::{Mem, Vring, GM};
 
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
 const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;

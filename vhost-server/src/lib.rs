@@ -1,0 +1,134 @@
+//! The life of a rimg vhost-user daemon, shared by the block and net
+//! daemons: listen on a UNIX socket and serve one frontend connection at a
+//! time, forever. A disconnect ends that connection's device state (rings,
+//! guest memory); the next frontend gets a fresh backend on the same
+//! resources (image, TAP). SIGTERM or SIGINT ends the current connection
+//! and makes [`serve`] return, so the caller can flush and exit 0.
+
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+/// Guest memory as the daemons see it.
+pub type Mem = GuestMemoryMmap<()>;
+pub type GM = GuestMemoryAtomic<Mem>;
+pub type Vring = VringRwLock<GM>;
+
+/// A backend the loop can serve.
+pub trait Device: VhostUserBackend<Vring = Vring, Bitmap = ()> + 'static {
+    /// Extra fds for the worker threads' epoll loops, as (thread index,
+    /// fd, event id); ids must be above `num_queues()`.
+    fn listeners(&self) -> Vec<(usize, RawFd, u64)>;
+    /// The connection ended and the worker threads stopped: finish or
+    /// drop what is still in flight.
+    fn disconnected(&self);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {0}: {1}")]
+    Listen(PathBuf, vhost::vhost_user::Error),
+    #[error("vhost-user daemon: {0}")]
+    Daemon(vhost_user_backend::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves frontends on `socket` until SIGTERM or SIGINT. `ready` runs once
+/// the socket is bound (daemons print their "serving" line there, which
+/// tests and scripts wait for); `make` builds a fresh backend for each
+/// connection. Returns after the last connection's backend was dropped.
+pub fn serve<D, F>(
+    name: &str,
+    socket: &Path,
+    ready: impl FnOnce(),
+    mut make: F,
+) -> Result<(), Error>
+where
+    D: Device,
+    F: FnMut(GM) -> std::io::Result<Arc<D>>,
+{
+    let mut listener =
+        Listener::new(socket, true).map_err(|e| Error::Listen(socket.to_path_buf(), e))?;
+    let terminating = Arc::new(AtomicBool::new(false));
+    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    spawn_signal_thread(socket.to_path_buf(), terminating.clone(), current.clone())?;
+    ready();
+
+    while !terminating.load(Ordering::SeqCst) {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = make(mem.clone())?;
+        let mut daemon =
+            VhostUserDaemon::new(name.to_string(), backend.clone(), mem).map_err(Error::Daemon)?;
+        let handlers = daemon.get_epoll_handlers();
+        for (thread, fd, id) in backend.listeners() {
+            if let Some(h) = handlers.get(thread) {
+                h.register_listener(fd, EventSet::IN, id)?;
+            }
+        }
+        drop(handlers);
+        daemon.start(&mut listener).map_err(Error::Daemon)?;
+        {
+            let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
+            let h = daemon.shutdown_handle();
+            // A signal that arrived while we were accepting: end at once.
+            if terminating.load(Ordering::SeqCst) {
+                if let Some(h) = &h {
+                    h.shutdown();
+                }
+            }
+            *cur = h;
+        }
+        info!("frontend connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected,
+            )) => {}
+            Err(e) => warn!("connection ended: {e}"),
+        }
+        *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        // Dropping the daemon stops the worker threads; the backend then
+        // finishes what they left in flight, before the next connection.
+        drop(daemon);
+        backend.disconnected();
+        drop(backend);
+        info!("frontend disconnected");
+    }
+    let _ = std::fs::remove_file(socket);
+    Ok(())
+}
+
+/// On SIGTERM/SIGINT: mark termination, end the current connection, and
+/// wake a pending accept with a throwaway connection so the loop sees the
+/// flag.
+fn spawn_signal_thread(
+    socket: PathBuf,
+    terminating: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<ShutdownHandle>>>,
+) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                terminating.store(true, Ordering::SeqCst);
+                if let Some(h) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    h.shutdown();
+                }
+                let _ = UnixStream::connect(&socket);
+            }
+        })?;
+    Ok(())
+}
