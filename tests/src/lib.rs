@@ -122,6 +122,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 pub mod blk;
 pub mod guest;
+pub mod net;
 
 /// The workspace's cargo target directory (`CARGO_TARGET_DIR` or
 /// `<workspace>/target`), where built binaries and downloaded test kits

@@ -1,0 +1,329 @@
+//! Test support for the net daemon: network namespaces the tests create
+//! and delete (no packet ever leaves loopback and these namespaces),
+//! `rimg-vhost-net` started inside one, and DPDK's testpmd as a real
+//! vhost-user-net frontend (virtio-user port, no VM).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// Creates a namespace with a unique name and loopback up.
+    pub fn new(tag: &str) -> Netns {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "rimg-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let o = crate::run("ip", &["netns", "add", &name]);
+        assert!(
+            o.status.success(),
+            "ip netns add {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `ip ARGS` inside the namespace; asserts success.
+    pub fn ip(&self, args: &[&str]) {
+        let mut a = vec!["netns", "exec", &self.name, "ip"];
+        a.extend_from_slice(args);
+        let o = crate::run("ip", &a);
+        assert!(
+            o.status.success(),
+            "ip {args:?} in {}: {}",
+            self.name,
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// A command that runs `prog` inside the namespace.
+    pub fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(prog);
+        c
+    }
+
+    /// A counter of interface `dev` (`/sys/class/net/DEV/statistics/NAME`)
+    /// as seen inside the namespace.
+    pub fn counter(&self, dev: &str, name: &str) -> u64 {
+        let path = format!("/sys/class/net/{dev}/statistics/{name}");
+        let o = self.command("cat").arg(&path).output().expect("cat");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{path} in {}: {:?}", self.name, o))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it
+    /// opens live there).
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path).expect("open netns");
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns(2) on a namespace fd we hold open; it changes
+            // only this (fresh, private) thread's network namespace.
+            let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = crate::run("ip", &["netns", "del", &self.name]);
+    }
+}
+
+/// Polls `cond` until it holds or `timeout` passes (for counters that
+/// other processes move; there is no event to wait on).
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+/// A running `rimg-vhost-net`; killed if dropped without `terminate`.
+pub struct NetDaemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    stderr: Option<std::thread::JoinHandle<String>>,
+}
+
+impl NetDaemon {
+    /// Starts the daemon inside `ns` with `args` after --socket, and waits
+    /// for its "serving" line (printed once the socket is bound).
+    pub fn start(ns: &Netns, socket: &Path, args: &[&str]) -> Result<NetDaemon, String> {
+        let bin = crate::workspace_bin("rimg-vhost-net");
+        let mut child = ns
+            .command(bin)
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn rimg-vhost-net: {e}"))?;
+        let mut rd = BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        rd.read_line(&mut first).map_err(|e| e.to_string())?;
+        if !first.contains("serving") {
+            let mut rest = String::new();
+            let _ = rd.read_to_string(&mut rest);
+            let st = child.wait().map_err(|e| e.to_string())?;
+            return Err(format!("daemon exited {st}: {first}{rest}"));
+        }
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = rd.read_to_string(&mut s);
+            s
+        });
+        Ok(NetDaemon {
+            child,
+            socket: socket.to_path_buf(),
+            stderr: Some(stderr),
+        })
+    }
+
+    /// SIGTERM, wait; returns the status and the log.
+    pub fn terminate(mut self) -> (ExitStatus, String) {
+        // `ip netns exec` execs the daemon, so the child pid is the daemon.
+        let pid = self.child.id() as i32;
+        // SAFETY: kill(2) on our own unreaped child.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let st = self.child.wait().expect("wait daemon");
+        let log = self.stderr.take().unwrap().join().unwrap_or_default();
+        (st, log)
+    }
+}
+
+impl Drop for NetDaemon {
+    fn drop(&mut self) {
+        if let Some(h) = self.stderr.take() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if std::thread::panicking() {
+                eprintln!("net daemon log:\n{}", h.join().unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// Per-pair counters from the daemon's disconnect log lines, in order of
+/// appearance: (tx frames, tx gso, rx frames, rx gso) for each pair index,
+/// for connections that moved frames.
+pub fn pair_stats(log: &str) -> Vec<(usize, [u64; 4])> {
+    let mut out = Vec::new();
+    for l in log.lines() {
+        let Some(rest) = l.split("pair ").nth(1) else {
+            continue;
+        };
+        let nums: Vec<u64> = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        // Connections that moved nothing (the throwaway connection that
+        // wakes the accept at shutdown) are skipped.
+        if nums.len() == 7 && nums[1..].iter().any(|&n| n != 0) {
+            out.push((nums[0] as usize, [nums[1], nums[2], nums[4], nums[5]]));
+        }
+    }
+    out
+}
+
+/// Installs DPDK's testpmd if the machine lacks it.
+pub fn ensure_testpmd() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if Command::new("dpdk-testpmd")
+            .arg("-h")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok()
+        {
+            return;
+        }
+        let o = Command::new("apt-get")
+            .args(["install", "-y", "-q", "dpdk-dev"])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .output()
+            .expect("apt-get");
+        assert!(
+            o.status.success(),
+            "installing dpdk-dev: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    });
+}
+
+/// A running testpmd (non-interactive: it forwards until a line arrives
+/// on its stdin, then prints its statistics and exits).
+pub struct Testpmd {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    out: Option<std::thread::JoinHandle<String>>,
+    started: std::sync::mpsc::Receiver<()>,
+}
+
+/// Forwarding statistics testpmd printed at exit (all ports).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PmdStats {
+    pub rx: u64,
+    pub tx: u64,
+}
+
+impl Testpmd {
+    /// Starts testpmd inside `ns` with EAL args `eal` and application
+    /// args `app` (after `--`), without hugepages.
+    pub fn start(ns: &Netns, prefix: &str, eal: &[&str], app: &[&str]) -> Testpmd {
+        ensure_testpmd();
+        // Line-buffered stdout, so "Press enter to exit" arrives when
+        // printed rather than at exit.
+        let mut c = ns.command("stdbuf");
+        c.args(["-oL", "dpdk-testpmd"]);
+        c.args(["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci"])
+            .arg(format!("--file-prefix={prefix}"))
+            .arg("--single-file-segments")
+            .args(eal)
+            .arg("--")
+            .args(app)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = c.spawn().expect("spawn dpdk-testpmd");
+        let stdin = child.stdin.take();
+        let so = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = std::thread::spawn(move || {
+            let mut s = String::new();
+            let mut rd = BufReader::new(so);
+            let mut line = String::new();
+            while rd.read_line(&mut line).unwrap_or(0) > 0 {
+                if line.contains("Press enter to exit") {
+                    let _ = tx.send(());
+                }
+                s.push_str(&line);
+                line.clear();
+            }
+            s
+        });
+        Testpmd {
+            child,
+            stdin,
+            out: Some(out),
+            started: rx,
+        }
+    }
+
+    /// Waits until testpmd has started forwarding (its ports are up, so
+    /// the vhost-user rings are live); false if it exited or timed out.
+    pub fn wait_started(&self, timeout: Duration) -> bool {
+        self.started.recv_timeout(timeout).is_ok()
+    }
+
+    /// Stops forwarding, waits for the exit and returns the accumulated
+    /// statistics and the full output.
+    pub fn stop(mut self) -> (PmdStats, String) {
+        if let Some(mut i) = self.stdin.take() {
+            let _ = i.write_all(b"\n");
+        }
+        let _ = self.child.wait();
+        let out = self.out.take().unwrap().join().unwrap_or_default();
+        (parse_pmd_stats(&out), out)
+    }
+}
+
+impl Drop for Testpmd {
+    fn drop(&mut self) {
+        if self.out.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn parse_pmd_stats(out: &str) -> PmdStats {
+    // The block after "Accumulated forward statistics for all ports".
+    let Some(i) = out.find("Accumulated forward statistics") else {
+        return PmdStats::default();
+    };
+    let block = &out[i..];
+    let num = |key: &str| -> u64 {
+        block
+            .find(key)
+            .and_then(|p| {
+                block[p + key.len()..]
+                    .split_whitespace()
+                    .next()
+                    .and_then(|s| s.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    PmdStats {
+        rx: num("RX-packets:"),
+        tx: num("TX-packets:"),
+    }
+}

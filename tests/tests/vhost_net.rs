@@ -1,0 +1,151 @@
+//! rimg-vhost-net against DPDK's testpmd (virtio-user port: a real
+//! vhost-user-net frontend, no VM), inside network namespaces the tests
+//! create and delete.
+
+use std::net::UdpSocket;
+use std::time::Duration;
+
+use rimg_tests::net::{pair_stats, wait_for, NetDaemon, Netns, Testpmd};
+use rimg_tests::tempdir;
+
+const MAC: &str = "52:54:00:aa:bb:01";
+
+fn virtio_user(sock: &std::path::Path, queues: u32) -> String {
+    format!("virtio_user0,path={},queues={queues}", sock.display())
+}
+
+/// testpmd txonly -> daemon -> TAP: every frame testpmd sent is counted
+/// on the TAP, none dropped.
+fn txonly_round(ns: &Netns, sock: &std::path::Path, tap: &str, prefix: &str) -> u64 {
+    let before = ns.counter(tap, "rx_packets");
+    let vdev = virtio_user(sock, 1);
+    let pmd = Testpmd::start(
+        ns,
+        prefix,
+        &["--vdev", &vdev],
+        &["--forward-mode=txonly", "--total-num-mbufs=4096", "-a"],
+    );
+    assert!(
+        pmd.wait_started(Duration::from_secs(60)),
+        "testpmd did not start"
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || ns.counter(tap, "rx_packets")
+            >= before + 50_000),
+        "frames did not reach the TAP"
+    );
+    let (st, out) = pmd.stop();
+    assert!(st.tx > 0, "{out}");
+    // testpmd counts frames it put in the ring; those the device had not
+    // taken when testpmd stopped it (at most one ring) are never sent.
+    let got = ns.counter(tap, "rx_packets") - before;
+    assert!(
+        got <= st.tx && st.tx - got <= 256,
+        "testpmd sent {} frames, TAP received {got}",
+        st.tx
+    );
+    got
+}
+
+#[test]
+fn testpmd_txonly_frames_reach_tap_and_reconnect() {
+    let ns = Netns::new("ntx");
+    let dir = tempdir();
+    let sock = dir.path().join("net.sock");
+    let d = NetDaemon::start(&ns, &sock, &["--tap-create", "rt0", "--mac", MAC]).unwrap();
+    // Two frontends one after the other on the same daemon and TAP.
+    let a = txonly_round(&ns, &sock, "rt0", "ntx1");
+    let b = txonly_round(&ns, &sock, "rt0", "ntx2");
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    let stats = pair_stats(&log);
+    assert_eq!(stats.len(), 2, "{log}");
+    assert_eq!(stats[0].1[0], a, "{log}");
+    assert_eq!(stats[1].1[0], b, "{log}");
+    assert!(!log.contains("dropping"), "{log}");
+}
+
+#[test]
+fn tap_frames_reach_testpmd_rxonly() {
+    let ns = Netns::new("nrx");
+    let dir = tempdir();
+    let sock = dir.path().join("net.sock");
+    let d = NetDaemon::start(&ns, &sock, &["--tap-create", "rr0", "--mac", MAC]).unwrap();
+    // No IPv6 on the TAP: the kernel's own neighbour discovery frames
+    // would make the count below inexact.
+    let o = ns
+        .command("sysctl")
+        .args(["-qw", "net.ipv6.conf.rr0.disable_ipv6=1"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    ns.ip(&["addr", "add", "10.77.0.1/24", "dev", "rr0"]);
+    ns.ip(&["neigh", "add", "10.77.0.2", "lladdr", MAC, "dev", "rr0"]);
+    let vdev = virtio_user(&sock, 1);
+    let pmd = Testpmd::start(
+        &ns,
+        "nrx",
+        &["--vdev", &vdev],
+        &["--forward-mode=rxonly", "--total-num-mbufs=4096", "-a"],
+    );
+    assert!(
+        pmd.wait_started(Duration::from_secs(60)),
+        "testpmd did not start"
+    );
+    const N: u64 = 3000;
+    ns.run_in(|| {
+        let s = UdpSocket::bind("10.77.0.1:0").expect("bind");
+        let payload = [0x5au8; 1000];
+        for _ in 0..N {
+            s.send_to(&payload, "10.77.0.2:9").expect("send");
+        }
+    });
+    let queued = || ns.counter("rr0", "tx_packets");
+    assert!(
+        wait_for(Duration::from_secs(10), || queued()
+            + ns.counter("rr0", "tx_dropped")
+            >= N),
+        "the kernel did not queue the datagrams to the TAP"
+    );
+    assert!(queued() >= N / 2, "TAP queued only {}", queued());
+    let (st, out) = pmd.stop();
+    // Everything the TAP queued reached testpmd.
+    assert_eq!(st.rx, queued(), "{out}");
+    let (es, log) = d.terminate();
+    assert!(es.success(), "{log}");
+    let stats = pair_stats(&log);
+    assert_eq!(stats.len(), 1, "{log}");
+    assert_eq!(stats[0].1[2], st.rx, "{log}");
+}
+
+#[test]
+fn bad_configuration_is_a_clear_error() {
+    let ns = Netns::new("nbad");
+    let dir = tempdir();
+    let sock = dir.path().join("net.sock");
+    let e = NetDaemon::start(&ns, &sock, &["--tap", "nosuchtap0"])
+        .err()
+        .unwrap();
+    assert!(e.contains("does not exist"), "{e}");
+    let e = NetDaemon::start(
+        &ns,
+        &sock,
+        &["--tap-create", "x0", "--mac", "01:02:03:04:05:06"],
+    )
+    .err()
+    .unwrap();
+    assert!(e.contains("multicast"), "{e}");
+    let e = NetDaemon::start(
+        &ns,
+        &sock,
+        &["--tap-create", "x0", "--num-queue-pairs", "0"],
+    )
+    .err()
+    .unwrap();
+    assert!(e.contains("num-queue-pairs"), "{e}");
+    let e = NetDaemon::start(&ns, &sock, &[]).err().unwrap();
+    assert!(e.contains("--tap"), "{e}");
+    for line in e.lines().chain(std::iter::once("")) {
+        assert!(!line.contains("panicked"), "{e}");
+    }
+}

@@ -1,0 +1,613 @@
+//! One queue pair's data path: RX (TAP -> guest) and TX (guest -> TAP)
+//! through this pair's own io_uring, whose completion eventfd wakes the
+//! same epoll loop as the two queues' kicks.
+//!
+//! # Buffers
+//! Frames cross a fixed pool of slots, each large enough for the biggest
+//! GSO frame plus its vnet header, allocated once per connection: the fast
+//! path allocates nothing.
+//! - TX: each available chain is copied into a free slot and returned to
+//!   the guest at once (the copy is what the TAP write reads), then one
+//!   io_uring submission carries the whole burst of writes. With no free
+//!   slot, TX waits for write completions.
+//! - RX: reads are kept posted on the TAP in free slots. A completed read
+//!   is copied into the guest's receive chains (several with MRG_RXBUF).
+//!   When the guest has no buffers, frames wait in their slots and no
+//!   read is re-posted, so the TAP is not read until the guest kicks.
+//!
+//! # Teardown
+//! Posted reads write into the slots: before the worker (and its slots)
+//! goes away, they are cancelled and every in-flight operation is reaped.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use io_uring::{opcode, types, IoUring};
+use log::{error, warn};
+use vhost_user_backend::VringT;
+use virtio_queue::{DescriptorChain, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::Negotiated;
+use crate::tap::{Tap, TAP_HDR_LEN};
+use rimg_vhost_server::{Mem, Vring, GM};
+
+/// Largest frame (GSO super-frame) plus vnet header either way.
+const SLOT_LEN: usize = TAP_HDR_LEN + 65550;
+const RX_SLOTS: usize = 64;
+const TX_SLOTS: usize = 64;
+/// user_data bit marking a TX write (clear: an RX read).
+const TX_BIT: u64 = 1 << 32;
+const CANCEL: u64 = 1 << 33;
+/// Warnings about malformed guest buffers, at most this many per worker.
+const MAX_WARNINGS: u32 = 16;
+
+/// Counters, for tests and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub tx_frames: u64,
+    /// TX frames the guest handed over unsegmented (GSO type set).
+    pub tx_gso: u64,
+    pub tx_dropped: u64,
+    pub rx_frames: u64,
+    /// RX frames the TAP handed over unsegmented.
+    pub rx_gso: u64,
+    pub rx_dropped: u64,
+}
+
+struct Pool {
+    mem: Vec<u8>,
+    free: Vec<usize>,
+}
+
+impl Pool {
+    fn new(n: usize) -> Pool {
+        Pool {
+            mem: vec![0; n * SLOT_LEN],
+            free: (0..n).rev().collect(),
+        }
+    }
+
+    fn slot(&mut self, i: usize) -> &mut [u8] {
+        &mut self.mem[i * SLOT_LEN..(i + 1) * SLOT_LEN]
+    }
+}
+
+/// A receive chain being filled: its head and writable ranges.
+#[derive(Default)]
+struct RxChain {
+    head: u16,
+    segs: Vec<(GuestAddress, u32)>,
+    cap: usize,
+}
+
+pub struct PairWorker {
+    pair: usize,
+    tap: Arc<Tap>,
+    fd: RawFd,
+    mem: GM,
+    ring: IoUring,
+    efd: EventFd,
+    neg: Negotiated,
+    event_idx: bool,
+    rx: Pool,
+    tx: Pool,
+    /// Posted reads (slot indices are in neither free list nor `ready`).
+    rx_posted: usize,
+    tx_inflight: usize,
+    /// Completed reads not yet delivered: (slot, length), in order.
+    ready: VecDeque<(usize, usize)>,
+    /// Chains collected for the frame being delivered (reused).
+    chains: Vec<RxChain>,
+    rx_vring: Option<Vring>,
+    tx_vring: Option<Vring>,
+    tx_blocked: bool,
+    attached: bool,
+    warnings: u32,
+    pub stats: Stats,
+}
+
+impl PairWorker {
+    pub fn new(pair: usize, tap: Arc<Tap>, mem: GM) -> std::io::Result<PairWorker> {
+        let ring = IoUring::new(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32)?;
+        let efd = EventFd::new(EFD_NONBLOCK)?;
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let fd = tap.queue_fd(pair);
+        Ok(PairWorker {
+            pair,
+            tap,
+            fd,
+            mem,
+            ring,
+            efd,
+            neg: Negotiated {
+                hdr_len: 12,
+                mrg_rxbuf: false,
+                tap_offloads: 0,
+            },
+            event_idx: false,
+            rx: Pool::new(RX_SLOTS),
+            tx: Pool::new(TX_SLOTS),
+            rx_posted: 0,
+            tx_inflight: 0,
+            ready: VecDeque::new(),
+            chains: (0..64).map(|_| RxChain::default()).collect(),
+            rx_vring: None,
+            tx_vring: None,
+            tx_blocked: false,
+            attached: true,
+            warnings: 0,
+            stats: Stats::default(),
+        })
+    }
+
+    pub fn completion_fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    pub fn set_negotiated(&mut self, n: Negotiated) {
+        self.neg = n;
+    }
+
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
+        if self.warnings < MAX_WARNINGS {
+            self.warnings += 1;
+            warn!("pair {}: {msg}", self.pair);
+        }
+    }
+
+    fn usable(v: &Option<Vring>) -> bool {
+        v.as_ref().is_some_and(|v| {
+            let s = v.get_ref();
+            s.is_enabled() && s.get_queue().ready()
+        })
+    }
+
+    /// A kick on the RX (`tx == false`) or TX queue, or the vring-enable
+    /// event: remember the rings, then move whatever can move.
+    pub fn handle_kick(&mut self, rx: &Vring, tx: &Vring) {
+        if self.rx_vring.is_none() {
+            self.rx_vring = Some(rx.clone());
+            self.tx_vring = Some(tx.clone());
+        }
+        self.update_attachment();
+        self.process_tx();
+        self.deliver_rx();
+        self.post_reads();
+        self.submit();
+    }
+
+    /// The io_uring completion eventfd fired.
+    pub fn handle_completions(&mut self) {
+        let _ = self.efd.read();
+        self.reap();
+        self.update_attachment();
+        if self.tx_blocked {
+            self.process_tx();
+        }
+        self.deliver_rx();
+        self.post_reads();
+        self.submit();
+    }
+
+    /// A multi-queue TAP steers frames to every attached queue: detach
+    /// ours while the guest has this pair disabled (VQ_PAIRS_SET), or
+    /// those frames would wait here forever.
+    fn update_attachment(&mut self) {
+        let want = Self::usable(&self.rx_vring);
+        if want != self.attached && self.rx_vring.is_some() {
+            match self.tap.set_queue_attached(self.pair, want) {
+                Ok(()) => self.attached = want,
+                Err(e) => error!("{e}"),
+            }
+            if !want {
+                // Frames already read for a disabled queue are dropped.
+                while let Some((slot, _)) = self.ready.pop_front() {
+                    self.rx.free.push(slot);
+                    self.stats.rx_dropped += 1;
+                }
+            }
+        }
+    }
+
+    // ----- TX: guest -> TAP -----
+
+    fn process_tx(&mut self) {
+        self.tx_blocked = false;
+        let Some(vring) = self.tx_vring.clone() else {
+            return;
+        };
+        if !Self::usable(&self.tx_vring) {
+            return;
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut used_any = false;
+        loop {
+            let mut g = vring.get_mut();
+            let q = g.get_queue_mut();
+            if self.event_idx {
+                let _ = q.disable_notification(&*mem);
+            }
+            loop {
+                let Some(slot) = self.tx.free.last().copied() else {
+                    self.tx_blocked = true;
+                    break;
+                };
+                let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
+                let head = chain.head_index();
+                match self.copy_tx(chain, &mem, slot) {
+                    Ok(len) => {
+                        self.tx.free.pop();
+                        let ptr = self.tx.slot(slot).as_ptr();
+                        let sqe = opcode::Write::new(types::Fd(self.fd), ptr, len as u32)
+                            .build()
+                            .user_data(TX_BIT | slot as u64);
+                        self.push(sqe);
+                        self.tx_inflight += 1;
+                    }
+                    Err(why) => {
+                        self.stats.tx_dropped += 1;
+                        self.warn(format_args!("dropping TX chain {head}: {why}"));
+                    }
+                }
+                if let Err(e) = q.add_used(&*mem, head, 0) {
+                    error!("add_used: {e}");
+                }
+                used_any = true;
+            }
+            if self.tx_blocked || !self.event_idx {
+                break;
+            }
+            match q.enable_notification(&*mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used_any {
+            Self::signal(&vring, &mem);
+        }
+    }
+
+    /// Copies a TX chain (vnet header + frame, device-readable only) into
+    /// slot `slot` with the TAP's header layout; returns the length.
+    fn copy_tx(
+        &mut self,
+        chain: DescriptorChain<Arc<Mem>>,
+        mem: &Mem,
+        slot: usize,
+    ) -> Result<usize, &'static str> {
+        let ghdr = self.neg.hdr_len;
+        let buf = self.tx.slot(slot);
+        // Guest headers of 10 bytes lack num_buffers: leave a zero gap so
+        // the frame starts at TAP_HDR_LEN.
+        let gap = TAP_HDR_LEN - ghdr;
+        let mut pos = 0usize; // bytes of the guest stream consumed
+        for d in chain {
+            if d.is_write_only() {
+                return Err("device-writable descriptor in a TX chain");
+            }
+            let len = d.len() as usize;
+            let at = if pos >= ghdr { pos + gap } else { pos };
+            let end = pos + len + if pos + len > ghdr { gap } else { 0 };
+            if end > SLOT_LEN {
+                return Err("frame larger than 64 KiB");
+            }
+            if pos < ghdr && pos + len > ghdr {
+                // The descriptor holds the header's end and the frame's
+                // start: split it around the gap.
+                let h = ghdr - pos;
+                mem.read_slice(&mut buf[pos..ghdr], d.addr())
+                    .map_err(|_| "address outside guest memory")?;
+                let a2 = d
+                    .addr()
+                    .checked_add(h as u64)
+                    .ok_or("address outside guest memory")?;
+                mem.read_slice(&mut buf[ghdr + gap..ghdr + gap + len - h], a2)
+                    .map_err(|_| "address outside guest memory")?;
+            } else {
+                mem.read_slice(&mut buf[at..at + len], d.addr())
+                    .map_err(|_| "address outside guest memory")?;
+            }
+            pos += len;
+        }
+        if pos < ghdr {
+            return Err("chain shorter than the vnet header");
+        }
+        buf[ghdr..ghdr + gap].fill(0);
+        // virtio_net_hdr byte 1 is gso_type.
+        if buf[1] != 0 {
+            self.stats.tx_gso += 1;
+        }
+        self.stats.tx_frames += 1;
+        Ok(pos + gap)
+    }
+
+    // ----- RX: TAP -> guest -----
+
+    /// Keeps reads posted in every free slot while frames flow; none while
+    /// delivered frames wait for guest buffers or the queue is off.
+    fn post_reads(&mut self) {
+        if !self.ready.is_empty() || !Self::usable(&self.rx_vring) {
+            return;
+        }
+        while let Some(slot) = self.rx.free.pop() {
+            let ptr = self.rx.slot(slot).as_mut_ptr();
+            let sqe = opcode::Read::new(types::Fd(self.fd), ptr, SLOT_LEN as u32)
+                .offset(u64::MAX)
+                .build()
+                .user_data(slot as u64);
+            self.push(sqe);
+            self.rx_posted += 1;
+        }
+    }
+
+    fn deliver_rx(&mut self) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let Some(vring) = self.rx_vring.clone() else {
+            return;
+        };
+        if !Self::usable(&self.rx_vring) {
+            return;
+        }
+        let mem = self.mem.memory().into_inner();
+        let mut used_any = false;
+        {
+            let mut g = vring.get_mut();
+            let q = g.get_queue_mut();
+            while let Some(&(slot, len)) = self.ready.front() {
+                match self.place(q, &mem, slot, len) {
+                    Some(true) => {
+                        used_any = true;
+                        self.stats.rx_frames += 1;
+                        if self.rx.mem[slot * SLOT_LEN + 1] != 0 {
+                            self.stats.rx_gso += 1;
+                        }
+                    }
+                    Some(false) => {
+                        used_any = true;
+                        self.stats.rx_dropped += 1;
+                    }
+                    None => {
+                        // Out of guest buffers: ask for a kick, unless
+                        // buffers arrived meanwhile.
+                        if self.event_idx {
+                            if let Ok(true) = q.enable_notification(&*mem) {
+                                continue;
+                            }
+                        }
+                        break;
+                    }
+                }
+                self.ready.pop_front();
+                self.rx.free.push(slot);
+            }
+        }
+        if used_any {
+            Self::signal(&vring, &mem);
+        }
+    }
+
+    /// Puts the frame in slot `slot` into guest receive chains. Some(true)
+    /// delivered, Some(false) dropped (chain too small or bad), None: not
+    /// enough guest buffers yet (nothing consumed).
+    fn place(
+        &mut self,
+        q: &mut virtio_queue::Queue,
+        mem: &Arc<Mem>,
+        slot: usize,
+        len: usize,
+    ) -> Option<bool> {
+        let ghdr = self.neg.hdr_len;
+        let gap = TAP_HDR_LEN - ghdr;
+        let total = len - gap;
+        let start = q.next_avail();
+        let mut n = 0usize;
+        let mut cap = 0usize;
+        while cap < total {
+            let chain = q.pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else {
+                q.set_next_avail(start);
+                return None;
+            };
+            if n == self.chains.len() {
+                self.chains.push(RxChain::default());
+            }
+            let c = &mut self.chains[n];
+            c.head = chain.head_index();
+            c.segs.clear();
+            c.cap = 0;
+            let mut bad = false;
+            for d in chain {
+                if !d.is_write_only() {
+                    bad = true;
+                    break;
+                }
+                c.segs.push((d.addr(), d.len()));
+                c.cap += d.len() as usize;
+            }
+            n += 1;
+            if bad || c.cap < ghdr {
+                let head = c.head;
+                self.warn(format_args!("bad RX chain {head}"));
+                return Some(self.drop_chains(q, mem, n));
+            }
+            cap += c.cap;
+            if !self.neg.mrg_rxbuf && cap < total {
+                self.warn(format_args!(
+                    "RX chain of {cap} bytes for a {total}-byte frame"
+                ));
+                return Some(self.drop_chains(q, mem, n));
+            }
+            // A frame never needs more buffers than num_buffers can count.
+            if n >= 0xffff {
+                return Some(self.drop_chains(q, mem, n));
+            }
+        }
+        // The header with num_buffers, then the frame, as one stream.
+        let slot_buf = &mut self.rx.mem[slot * SLOT_LEN..slot * SLOT_LEN + len];
+        if ghdr == 12 {
+            slot_buf[10..12].copy_from_slice(&(n as u16).to_le_bytes());
+        }
+        let hdr = &slot_buf[..ghdr];
+        let frame = &slot_buf[TAP_HDR_LEN..];
+        let mut src_pos = 0usize;
+        let mut ok = true;
+        for c in &self.chains[..n] {
+            let mut written = 0u32;
+            for &(addr, dlen) in &c.segs {
+                if src_pos >= total {
+                    break;
+                }
+                let want = (dlen as usize).min(total - src_pos);
+                // Copy [src_pos, src_pos + want) of header+frame, in at
+                // most two pieces.
+                let mut done = 0usize;
+                while done < want {
+                    let p = src_pos + done;
+                    let (src, room) = if p < ghdr {
+                        (&hdr[p..], ghdr - p)
+                    } else {
+                        (&frame[p - ghdr..], total - p)
+                    };
+                    let k = room.min(want - done);
+                    let Some(a) = addr.checked_add(done as u64) else {
+                        ok = false;
+                        break;
+                    };
+                    if mem.write_slice(&src[..k], a).is_err() {
+                        ok = false;
+                        break;
+                    }
+                    done += k;
+                }
+                src_pos += want;
+                written += want as u32;
+            }
+            if let Err(e) = q.add_used(&**mem, c.head, written) {
+                error!("add_used: {e}");
+            }
+        }
+        Some(ok)
+    }
+
+    /// Returns `n` collected chains unused (length 0) and drops the frame.
+    fn drop_chains(&mut self, q: &mut virtio_queue::Queue, mem: &Arc<Mem>, n: usize) -> bool {
+        for c in &self.chains[..n] {
+            if let Err(e) = q.add_used(&**mem, c.head, 0) {
+                error!("add_used: {e}");
+            }
+        }
+        false
+    }
+
+    // ----- the ring -----
+
+    fn push(&mut self, sqe: io_uring::squeue::Entry) {
+        // SAFETY: the entry points into a slot of this worker's pools,
+        // which live until the op completes: slots are not reused before
+        // their completion is reaped, and teardown reaps everything.
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            self.submit();
+        }
+    }
+
+    fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            error!("io_uring submit: {e}");
+        }
+    }
+
+    fn reap(&mut self) {
+        let mut cq = Vec::new();
+        for cqe in self.ring.completion() {
+            cq.push((cqe.user_data(), cqe.result()));
+        }
+        for (ud, res) in cq {
+            if ud & CANCEL != 0 {
+                continue;
+            }
+            let slot = (ud & 0xffff_ffff) as usize;
+            if ud & TX_BIT != 0 {
+                self.tx_inflight -= 1;
+                self.tx.free.push(slot);
+                if res < 0 {
+                    self.stats.tx_dropped += 1;
+                }
+                continue;
+            }
+            self.rx_posted -= 1;
+            let n = res.max(0) as usize;
+            if res < 0 || n <= TAP_HDR_LEN {
+                if res < 0 && res != -libc::ECANCELED && res != -libc::EAGAIN {
+                    self.warn(format_args!(
+                        "TAP read: {}",
+                        std::io::Error::from_raw_os_error(-res)
+                    ));
+                }
+                self.rx.free.push(slot);
+            } else {
+                self.ready.push_back((slot, n));
+            }
+        }
+    }
+
+    /// Cancels posted reads and waits for every in-flight operation.
+    pub fn quiesce(&mut self) {
+        if self.rx_posted > 0 {
+            for slot in 0..RX_SLOTS {
+                let sqe = opcode::AsyncCancel::new(slot as u64)
+                    .build()
+                    .user_data(CANCEL);
+                self.push(sqe);
+            }
+        }
+        while self.rx_posted + self.tx_inflight > 0 {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    error!("io_uring wait: {e}");
+                    break;
+                }
+            }
+            self.reap();
+        }
+        while let Some((slot, _)) = self.ready.pop_front() {
+            self.rx.free.push(slot);
+        }
+        self.rx_vring = None;
+        self.tx_vring = None;
+    }
+
+    pub fn pair(&self) -> usize {
+        self.pair
+    }
+
+    fn signal(vring: &Vring, mem: &Mem) {
+        let needed = vring.get_mut().get_queue_mut().needs_notification(mem);
+        if needed.unwrap_or(true) {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("signal used queue: {e}");
+            }
+        }
+    }
+}
+
+impl Drop for PairWorker {
+    fn drop(&mut self) {
+        self.quiesce();
+        // A queue detached for a disabled pair is attached again for the
+        // next connection.
+        if !self.attached {
+            let _ = self.tap.set_queue_attached(self.pair, true);
+        }
+    }
+}
