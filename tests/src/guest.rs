@@ -481,6 +481,24 @@ impl Guest {
         .module("virtio_blk")
     }
 
+    /// A virtio-net-pci NIC on a vhost-user netdev served on `socket`.
+    /// QEMU 7.2 under TCG crashes starting vhost-user-net with MSI-X
+    /// (shared/TESTBED.md), hence `vectors=0`; `romfile=` skips iPXE.
+    pub fn vhost_user_net(self, socket: &Path, queue_pairs: u32, mac: &str) -> Guest {
+        let id = format!("net{}", self.qemu_args.len());
+        let mq = if queue_pairs > 1 { ",mq=on" } else { "" };
+        self.qemu_args([
+            "-chardev".to_string(),
+            format!("socket,id={id}c,path={}", socket.display()),
+            "-netdev".to_string(),
+            format!("vhost-user,id={id},chardev={id}c,queues={queue_pairs}"),
+            "-device".to_string(),
+            format!("virtio-net-pci,netdev={id},mac={mac},vectors=0,romfile={mq}"),
+        ])
+        .module("virtio_pci")
+        .module("virtio_net")
+    }
+
     pub fn memory_mib(mut self, mib: u32) -> Guest {
         self.memory_mib = mib;
         self

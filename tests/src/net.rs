@@ -66,8 +66,16 @@ impl Netns {
     }
 
     /// Runs `f` on a thread that has entered the namespace (sockets it
-    /// opens live there).
+    /// opens live there) and waits for it.
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(f).join().expect("netns thread")
+    }
+
+    /// Starts `f` on a new thread inside the namespace.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path).expect("open netns");
@@ -78,8 +86,6 @@ impl Netns {
             assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
             f()
         })
-        .join()
-        .expect("netns thread")
     }
 }
 
@@ -119,7 +125,10 @@ impl NetDaemon {
             .arg("--socket")
             .arg(socket)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RIMG_NET_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

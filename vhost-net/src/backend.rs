@@ -112,10 +112,13 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // Not CONFIGURE_MEM_SLOTS: QEMU drives each queue pair as its own
+        // vhost device on the one connection and would add the same memory
+        // regions once per pair, which the handler refuses as overlapping;
+        // SET_MEM_TABLE replaces the table and is idempotent.
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -6,7 +6,7 @@
 //! and makes [`serve`] return, so the caller can flush and exit 0.
 
 use std::os::fd::RawFd;
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,8 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+
+mod relay;
 
 /// Guest memory as the daemons see it.
 pub type Mem = GuestMemoryMmap<()>;
@@ -56,8 +58,19 @@ where
     D: Device,
     F: FnMut(GM) -> std::io::Result<Arc<D>>,
 {
+    // Frontends connect to the public socket; each connection is relayed
+    // (see `relay`) to the vhost-user handler through a private socket.
+    let _ = std::fs::remove_file(socket);
+    let public = UnixListener::bind(socket).map_err(|e| {
+        Error::Listen(
+            socket.to_path_buf(),
+            vhost::vhost_user::Error::SocketError(e),
+        )
+    })?;
+    let private_dir = tempfile_dir()?;
+    let private = private_dir.join("handler.sock");
     let mut listener =
-        Listener::new(socket, true).map_err(|e| Error::Listen(socket.to_path_buf(), e))?;
+        Listener::new(&private, true).map_err(|e| Error::Listen(private.clone(), e))?;
     let terminating = Arc::new(AtomicBool::new(false));
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
     spawn_signal_thread(socket.to_path_buf(), terminating.clone(), current.clone())?;
@@ -75,7 +88,10 @@ where
             }
         }
         drop(handlers);
+        let (front, _) = public.accept()?;
+        let back = UnixStream::connect(&private)?;
         daemon.start(&mut listener).map_err(Error::Daemon)?;
+        let relay = relay::spawn(front, back)?;
         {
             let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
             let h = daemon.shutdown_handle();
@@ -96,15 +112,35 @@ where
             Err(e) => warn!("connection ended: {e}"),
         }
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+
         // Dropping the daemon stops the worker threads; the backend then
         // finishes what they left in flight, before the next connection.
         drop(daemon);
+        for t in relay {
+            let _ = t.join();
+        }
         backend.disconnected();
         drop(backend);
         info!("frontend disconnected");
     }
     let _ = std::fs::remove_file(socket);
+    let _ = std::fs::remove_dir_all(&private_dir);
     Ok(())
+}
+
+/// A private directory for the handler's socket (mode 0700, under the
+/// system temporary directory).
+fn tempfile_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "rimg-vhost-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    Ok(dir)
 }
 
 /// On SIGTERM/SIGINT: mark termination, end the current connection, and
