@@ -215,11 +215,19 @@ pub fn ensure_testpmd() {
         {
             return;
         }
-        let o = Command::new("apt-get")
-            .args(["install", "-y", "-q", "dpdk-dev"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-            .expect("apt-get");
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "dpdk-dev"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .output()
+                .expect("apt-get")
+        };
+        let mut o = install();
+        if !o.status.success() {
+            // Stale or missing package lists: refresh once and retry.
+            let _ = Command::new("apt-get").args(["update", "-q"]).output();
+            o = install();
+        }
         assert!(
             o.status.success(),
             "installing dpdk-dev: {}",
