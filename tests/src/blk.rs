@@ -2,81 +2,26 @@
 //! synchronous libblkio (`virtio-blk-vhost-user` driver) client, the real
 //! vhost-user-blk frontend the tests drive it with.
 
-use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
 
-/// A running daemon; killed (SIGKILL) if dropped without `terminate`.
-pub struct Daemon {
-    pub child: Child,
-    pub socket: PathBuf,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
+/// A running `rimg-vhost-blk`.
+pub type Daemon = crate::daemon::DaemonProcess;
 
 impl Daemon {
     /// Starts `rimg-vhost-blk` with `args` (after --socket/--image) and
-    /// waits until it listens: it prints its "serving" line only after the
-    /// socket is bound.
+    /// waits until it listens.
     pub fn start(socket: &Path, image: &Path, args: &[&str]) -> Result<Daemon, String> {
-        let bin = crate::workspace_bin("rimg-vhost-blk");
-        let mut child = Command::new(bin)
-            .arg("--socket")
+        let mut cmd = Command::new(crate::workspace_bin("rimg-vhost-blk"));
+        cmd.arg("--socket")
             .arg(socket)
             .arg("--image")
             .arg(image)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawn rimg-vhost-blk: {e}"))?;
-        let mut rd = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        rd.read_line(&mut first).map_err(|e| e.to_string())?;
-        if !first.contains("serving") {
-            let mut rest = String::new();
-            let _ = std::io::Read::read_to_string(&mut rd, &mut rest);
-            let st = child.wait().map_err(|e| e.to_string())?;
-            return Err(format!("daemon exited {st}: {first}{rest}"));
-        }
-        // Keep draining stderr so the daemon never blocks on a full pipe.
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = std::io::Read::read_to_string(&mut rd, &mut s);
-            s
-        });
-        Ok(Daemon {
-            child,
-            socket: socket.to_path_buf(),
-            stderr: Some(stderr),
-        })
-    }
-
-    /// Sends SIGTERM and waits for the exit; returns the status and what
-    /// the daemon logged.
-    pub fn terminate(mut self) -> (ExitStatus, String) {
-        let pid = self.child.id() as i32;
-        // SAFETY: kill(2) on our own child's pid, which has not been
-        // reaped yet (we still hold the Child), so it cannot be reused.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let st = self.child.wait().expect("wait daemon");
-        let log = self.stderr.take().unwrap().join().unwrap_or_default();
-        (st, log)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(h) = self.stderr.take() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            if std::thread::panicking() {
-                eprintln!("daemon log:\n{}", h.join().unwrap_or_default());
-            }
-        }
+            .args(args);
+        crate::daemon::DaemonProcess::spawn(cmd, socket)
     }
 }
 

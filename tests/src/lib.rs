@@ -121,6 +121,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 }
 
 pub mod blk;
+pub mod daemon;
 pub mod guest;
 pub mod net;
 

@@ -3,9 +3,9 @@
 //! `rimg-vhost-net` started inside one, and DPDK's testpmd as a real
 //! vhost-user-net frontend (virtio-user port, no VM).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -108,74 +108,20 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// A running `rimg-vhost-net`; killed if dropped without `terminate`.
-pub struct NetDaemon {
-    pub child: Child,
-    pub socket: PathBuf,
-    stderr: Option<std::thread::JoinHandle<String>>,
-}
+/// A running `rimg-vhost-net`.
+pub type NetDaemon = crate::daemon::DaemonProcess;
 
 impl NetDaemon {
     /// Starts the daemon inside `ns` with `args` after --socket, and waits
-    /// for its "serving" line (printed once the socket is bound).
-    pub fn start(ns: &Netns, socket: &Path, args: &[&str]) -> Result<NetDaemon, String> {
-        let bin = crate::workspace_bin("rimg-vhost-net");
-        let mut child = ns
-            .command(bin)
-            .arg("--socket")
-            .arg(socket)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RIMG_NET_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("spawn rimg-vhost-net: {e}"))?;
-        let mut rd = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        rd.read_line(&mut first).map_err(|e| e.to_string())?;
-        if !first.contains("serving") {
-            let mut rest = String::new();
-            let _ = rd.read_to_string(&mut rest);
-            let st = child.wait().map_err(|e| e.to_string())?;
-            return Err(format!("daemon exited {st}: {first}{rest}"));
-        }
-        let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = rd.read_to_string(&mut s);
-            s
-        });
-        Ok(NetDaemon {
-            child,
-            socket: socket.to_path_buf(),
-            stderr: Some(stderr),
-        })
-    }
-
-    /// SIGTERM, wait; returns the status and the log.
-    pub fn terminate(mut self) -> (ExitStatus, String) {
-        // `ip netns exec` execs the daemon, so the child pid is the daemon.
-        let pid = self.child.id() as i32;
-        // SAFETY: kill(2) on our own unreaped child.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let st = self.child.wait().expect("wait daemon");
-        let log = self.stderr.take().unwrap().join().unwrap_or_default();
-        (st, log)
-    }
-}
-
-impl Drop for NetDaemon {
-    fn drop(&mut self) {
-        if let Some(h) = self.stderr.take() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            if std::thread::panicking() {
-                eprintln!("net daemon log:\n{}", h.join().unwrap_or_default());
-            }
-        }
+    /// until it listens. (`ip netns exec` execs the daemon, so the child
+    /// is the daemon itself and SIGTERM reaches it.)
+    pub fn start_in(ns: &Netns, socket: &Path, args: &[&str]) -> Result<NetDaemon, String> {
+        let mut cmd = ns.command(crate::workspace_bin("rimg-vhost-net"));
+        cmd.arg("--socket").arg(socket).args(args).env(
+            "RUST_LOG",
+            std::env::var("RIMG_NET_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        crate::daemon::DaemonProcess::spawn(cmd, socket)
     }
 }
 

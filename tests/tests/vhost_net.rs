@@ -52,7 +52,7 @@ fn testpmd_txonly_frames_reach_tap_and_reconnect() {
     let ns = Netns::new("ntx");
     let dir = tempdir();
     let sock = dir.path().join("net.sock");
-    let d = NetDaemon::start(&ns, &sock, &["--tap-create", "rt0", "--mac", MAC]).unwrap();
+    let d = NetDaemon::start_in(&ns, &sock, &["--tap-create", "rt0", "--mac", MAC]).unwrap();
     // Two frontends one after the other on the same daemon and TAP.
     let a = txonly_round(&ns, &sock, "rt0", "ntx1");
     let b = txonly_round(&ns, &sock, "rt0", "ntx2");
@@ -70,7 +70,7 @@ fn tap_frames_reach_testpmd_rxonly() {
     let ns = Netns::new("nrx");
     let dir = tempdir();
     let sock = dir.path().join("net.sock");
-    let d = NetDaemon::start(&ns, &sock, &["--tap-create", "rr0", "--mac", MAC]).unwrap();
+    let d = NetDaemon::start_in(&ns, &sock, &["--tap-create", "rr0", "--mac", MAC]).unwrap();
     // No IPv6 on the TAP: the kernel's own neighbour discovery frames
     // would make the count below inexact.
     let o = ns
@@ -123,11 +123,11 @@ fn bad_configuration_is_a_clear_error() {
     let ns = Netns::new("nbad");
     let dir = tempdir();
     let sock = dir.path().join("net.sock");
-    let e = NetDaemon::start(&ns, &sock, &["--tap", "nosuchtap0"])
+    let e = NetDaemon::start_in(&ns, &sock, &["--tap", "nosuchtap0"])
         .err()
         .unwrap();
     assert!(e.contains("does not exist"), "{e}");
-    let e = NetDaemon::start(
+    let e = NetDaemon::start_in(
         &ns,
         &sock,
         &["--tap-create", "x0", "--mac", "01:02:03:04:05:06"],
@@ -135,7 +135,7 @@ fn bad_configuration_is_a_clear_error() {
     .err()
     .unwrap();
     assert!(e.contains("multicast"), "{e}");
-    let e = NetDaemon::start(
+    let e = NetDaemon::start_in(
         &ns,
         &sock,
         &["--tap-create", "x0", "--num-queue-pairs", "0"],
@@ -143,7 +143,7 @@ fn bad_configuration_is_a_clear_error() {
     .err()
     .unwrap();
     assert!(e.contains("num-queue-pairs"), "{e}");
-    let e = NetDaemon::start(&ns, &sock, &[]).err().unwrap();
+    let e = NetDaemon::start_in(&ns, &sock, &[]).err().unwrap();
     assert!(e.contains("--tap"), "{e}");
     for line in e.lines().chain(std::iter::once("")) {
         assert!(!line.contains("panicked"), "{e}");

@@ -59,7 +59,7 @@ fn guest_run(pairs: u32) -> Vec<(usize, [u64; 4])> {
     let ns = Netns::new("ng");
     let dir = tempdir();
     let sock = dir.path().join("net.sock");
-    let d = NetDaemon::start(
+    let d = NetDaemon::start_in(
         &ns,
         &sock,
         &[

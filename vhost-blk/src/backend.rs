@@ -10,14 +10,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::warn;
 use qcow2::Image;
+use rimg_vhost_server::ExitEvents;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::config::{DeviceConfig, CONFIG_LEN};
+use crate::config::DeviceConfig;
 use crate::worker::{DataFiles, Vring, Worker, GM};
 
 pub struct BlkBackend {
@@ -25,7 +24,7 @@ pub struct BlkBackend {
     cfg: Arc<DeviceConfig>,
     writeback: Arc<AtomicBool>,
     workers: Vec<Mutex<Worker>>,
-    exits: Vec<(EventConsumer, EventNotifier)>,
+    exits: ExitEvents,
 }
 
 impl BlkBackend {
@@ -38,7 +37,6 @@ impl BlkBackend {
         let cfg = Arc::new(cfg);
         let writeback = Arc::new(AtomicBool::new(true));
         let mut workers = Vec::new();
-        let mut exits = Vec::new();
         for _ in 0..cfg.num_queues {
             workers.push(Mutex::new(Worker::new(
                 img.clone(),
@@ -47,14 +45,13 @@ impl BlkBackend {
                 writeback.clone(),
                 mem.clone(),
             )?));
-            exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(BlkBackend {
             img,
             cfg,
             writeback,
+            exits: ExitEvents::new(workers.len())?,
             workers,
-            exits,
         })
     }
 
@@ -124,14 +121,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.cfg.encode(self.writeback.load(Ordering::Relaxed));
-        let (o, s) = (offset as usize, size as usize);
-        let mut out = vec![0u8; s.min(4096)];
-        if o < CONFIG_LEN {
-            let n = (CONFIG_LEN - o).min(out.len());
-            out[..n].copy_from_slice(&c[o..o + n]);
-        }
-        out
+        rimg_vhost_server::config_window(
+            &self.cfg.encode(self.writeback.load(Ordering::Relaxed)),
+            offset,
+            size,
+        )
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
@@ -163,8 +157,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        self.exits.get(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

@@ -9,14 +9,13 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use log::error;
+use rimg_vhost_server::ExitEvents;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use crate::config::{Negotiated, NetConfig, CONFIG_LEN};
+use crate::config::{Negotiated, NetConfig};
 use crate::tap::Tap;
 use crate::worker::PairWorker;
 use rimg_vhost_server::{Vring, GM};
@@ -25,22 +24,20 @@ pub struct NetBackend {
     cfg: NetConfig,
     tap: Arc<Tap>,
     workers: Vec<Mutex<PairWorker>>,
-    exits: Vec<(EventConsumer, EventNotifier)>,
+    exits: ExitEvents,
 }
 
 impl NetBackend {
     pub fn new(cfg: NetConfig, tap: Arc<Tap>, mem: GM) -> std::io::Result<NetBackend> {
         let mut workers = Vec::new();
-        let mut exits = Vec::new();
         for p in 0..usize::from(cfg.queue_pairs) {
             workers.push(Mutex::new(PairWorker::new(p, tap.clone(), mem.clone())?));
-            exits.push(new_event_consumer_and_notifier(EventFlag::NONBLOCK)?);
         }
         Ok(NetBackend {
             cfg,
             tap,
+            exits: ExitEvents::new(workers.len())?,
             workers,
-            exits,
         })
     }
 
@@ -128,14 +125,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = self.cfg.encode();
-        let (o, s) = (offset as usize, size as usize);
-        let mut out = vec![0u8; s.min(4096)];
-        if o < CONFIG_LEN {
-            let n = (CONFIG_LEN - o).min(out.len());
-            out[..n].copy_from_slice(&c[o..o + n]);
-        }
-        out
+        rimg_vhost_server::config_window(&self.cfg.encode(), offset, size)
     }
 
     fn update_memory(&self, _mem: GM) -> std::io::Result<()> {
@@ -151,8 +141,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (c, n) = self.exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+        self.exits.get(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

@@ -16,6 +16,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 mod relay;
 
@@ -32,6 +35,37 @@ pub trait Device: VhostUserBackend<Vring = Vring, Bitmap = ()> + 'static {
     /// The connection ended and the worker threads stopped: finish or
     /// drop what is still in flight.
     fn disconnected(&self);
+}
+
+/// The `size` bytes at `offset` of a device's config space `cfg`, zero
+/// beyond its end (GET_CONFIG; the size is the frontend's and is capped).
+pub fn config_window(cfg: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let (o, s) = (offset as usize, size as usize);
+    let mut out = vec![0u8; s.min(4096)];
+    if o < cfg.len() {
+        let n = (cfg.len() - o).min(out.len());
+        out[..n].copy_from_slice(&cfg[o..o + n]);
+    }
+    out
+}
+
+/// Worker-thread exit events, one per thread, handed to the framework
+/// through `VhostUserBackend::exit_event`.
+pub struct ExitEvents(Vec<(EventConsumer, EventNotifier)>);
+
+impl ExitEvents {
+    pub fn new(threads: usize) -> std::io::Result<ExitEvents> {
+        (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map(ExitEvents)
+    }
+
+    /// Copies of thread `i`'s pair, as `exit_event` returns them.
+    pub fn get(&self, i: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (c, n) = self.0.get(i)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
