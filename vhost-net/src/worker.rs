@@ -106,6 +106,8 @@ pub struct PairWorker {
     tx_blocked: bool,
     attached: bool,
     warnings: u32,
+    /// Completions of one reap (reused: no allocation per burst).
+    cq: Vec<(u64, i32)>,
     pub stats: Stats,
 }
 
@@ -132,13 +134,14 @@ impl PairWorker {
             tx: Pool::new(TX_SLOTS),
             rx_posted: 0,
             tx_inflight: 0,
-            ready: VecDeque::new(),
+            ready: VecDeque::with_capacity(RX_SLOTS),
             chains: (0..64).map(|_| RxChain::default()).collect(),
             rx_vring: None,
             tx_vring: None,
             tx_blocked: false,
             attached: true,
             warnings: 0,
+            cq: Vec::with_capacity(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two()),
             stats: Stats::default(),
         })
     }
@@ -528,11 +531,12 @@ impl PairWorker {
     }
 
     fn reap(&mut self) {
-        let mut cq = Vec::new();
+        let mut cq = std::mem::take(&mut self.cq);
+        cq.clear();
         for cqe in self.ring.completion() {
             cq.push((cqe.user_data(), cqe.result()));
         }
-        for (ud, res) in cq {
+        for &(ud, res) in &cq {
             if ud & CANCEL != 0 {
                 continue;
             }
@@ -559,6 +563,7 @@ impl PairWorker {
                 self.ready.push_back((slot, n));
             }
         }
+        self.cq = cq;
     }
 
     /// Cancels posted reads and waits for every in-flight operation.
