@@ -25,6 +25,8 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod error;
+#[cfg(feature = "fuzz-targets")]
+pub mod fuzz_targets;
 pub mod header;
 pub mod image;
 pub mod l2;

@@ -60,6 +60,17 @@ impl Snapshot {
                     "snapshot {n} L1 table offset {l1_table_offset:#x} unaligned"
                 )));
             }
+            // As for the active L1 (QEMU's validate_table_offset): the
+            // table's end must be a file offset, or every user of the
+            // range (check, delete) would overflow computing it.
+            if l1_table_offset
+                .checked_add(l1_size as u64 * 8)
+                .is_none_or(|end| end > i64::MAX as u64)
+            {
+                return Err(bad(format!(
+                    "snapshot {n} L1 table at {l1_table_offset:#x} extends past the largest file offset"
+                )));
+            }
             let var_len = extra_len as usize + id_len + name_len;
             let mut var = vec![0u8; var_len];
             st.read_at(&mut var, off + 40)?;

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Seeds fuzz/corpus/<target>/ (not committed) from the reference images in
+# fixtures/, the committed regression inputs in fuzz/regressions/, and,
+# when qemu-img and qemu-io are installed, a few small images with
+# 512-byte clusters: libFuzzer mutates small inputs much faster, and in
+# those most bytes are metadata rather than guest data.
+#
+# Usage: fuzz/seed-corpus.sh [TARGET...]   (default: every target)
+set -euo pipefail
+cd "$(dirname "$0")"
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair)
+
+small=$(mktemp -d)
+trap 'rm -rf "$small"' EXIT
+if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
+  mk() { local name=$1 opts=$2; shift 2
+    qemu-img create -q -f qcow2 -o "cluster_size=512,$opts" "$small/$name.qcow2" 256k
+    local a=(); for c in "$@"; do a+=(-c "$c"); done
+    [ ${#a[@]} -eq 0 ] || qemu-io -f qcow2 "${a[@]}" "$small/$name.qcow2" >/dev/null
+  }
+  mk small-v3 compat=1.1 "write -P 0x11 0 2k" "write -P 0x12 100k 700"
+  mk small-v2 compat=0.10 "write -P 0x21 0 1k" "write -P 0x22 200k 512"
+  mk small-zlib compat=1.1 "write -c -P 0x31 0 512" "write -c -P 0x32 4k 512" "write -P 0x33 8k 512"
+  mk small-zstd compat=1.1,compression_type=zstd "write -c -P 0x41 0 512" "write -P 0x42 8k 512"
+  mk small-zero compat=1.1 "write -P 0x51 0 4k" "write -z 1k 1k" "write -z -u 2k 1k" "discard 3k 512"
+  mk small-rc1 refcount_bits=1 "write -P 0x61 0 2k"
+  mk small-rc64 refcount_bits=64 "write -P 0x71 0 2k"
+  mk small-lazy lazy_refcounts=on "write -P 0x81 0 2k"
+  mk small-snap compat=1.1 "write -P 0x91 0 2k"
+  qemu-img snapshot -c s1 "$small/small-snap.qcow2"
+  qemu-io -f qcow2 -c "write -P 0x92 512 1k" "$small/small-snap.qcow2" >/dev/null
+  qemu-img create -q -f qcow2 -o cluster_size=512 -b small-v3.qcow2 -F qcow2 \
+    "$small/small-backed.qcow2"
+else
+  echo "seed-corpus: qemu-img/qemu-io not found; seeding from fixtures/ only" >&2
+fi
+
+for t in "${targets[@]}"; do
+  mkdir -p "corpus/$t"
+  cp ../fixtures/*.qcow2 "corpus/$t/"
+  cp "$small"/*.qcow2 "corpus/$t/" 2>/dev/null || true
+  if [ -d "regressions/$t" ]; then
+    cp regressions/"$t"/* "corpus/$t/" 2>/dev/null || true
+  fi
+  echo "corpus/$t: $(ls "corpus/$t" | wc -l) inputs"
+done

@@ -1,0 +1,276 @@
+//! Bodies of the fuzz targets: the libFuzzer binaries in `fuzz/` and the
+//! deterministic smoke test in the normal test suite
+//! (`tests/tests/fuzz_smoke.rs`) both call these, so a crashing input
+//! found by one replays in the other.
+//!
+//! Each function takes arbitrary bytes. Errors are expected and ignored;
+//! a panic is a bug, and so is a failed assertion here: the assertions
+//! state invariants that hold for every input, however hostile.
+//!
+//! The image lives in a memfd (an anonymous in-memory file): the engine
+//! does positioned I/O on a `File`, and a memfd gives it one without a
+//! path to create or clean up, so a crashed run leaves nothing behind.
+//!
+//! Work per input is bounded ([`MAX_STEPS`], [`MAX_READ_BYTES`]): a tiny
+//! input may describe a petabyte disk, and walking all of it is not a bug
+//! but would stall the fuzzer.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::FromRawFd;
+use std::path::Path;
+
+use crate::check::Repair;
+use crate::header::Header;
+use crate::image::{ExtentKind, Image};
+use crate::qcow::{Qcow2, Qcow2Options};
+use crate::storage::Storage;
+
+/// Most block-status queries or reads one input may cost.
+pub const MAX_STEPS: u64 = 1 << 14;
+/// Most guest bytes one input may read.
+pub const MAX_READ_BYTES: u64 = 64 << 20;
+
+/// A fuzz target's body.
+pub type Target = fn(&[u8]);
+
+/// Every target by name, for drivers that run them all.
+pub const TARGETS: &[(&str, Target)] = &[
+    ("header", header),
+    ("open_walk", open_walk),
+    ("read_all", read_all),
+    ("check_repair", check_repair),
+];
+
+/// An in-memory file holding `data`.
+fn memfile(data: &[u8]) -> File {
+    // SAFETY: the name is a NUL-terminated literal; memfd_create returns a
+    // new descriptor (checked below) that nothing else owns.
+    let fd = unsafe { libc::memfd_create(c"rimg-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a valid descriptor owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.write_all_at(data, 0).expect("writing the memfd");
+    f
+}
+
+fn open_file(f: File, writable: bool, opts: Qcow2Options) -> Option<Qcow2> {
+    let st = Storage::from_file(f, Path::new("fuzz-input.qcow2"), writable);
+    Qcow2::open(st, None, opts).ok()
+}
+
+/// Counts steps and bytes against the per-input bounds.
+struct Budget {
+    steps: u64,
+    bytes: u64,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Budget { steps: 0, bytes: 0 }
+    }
+    /// Takes one step that reads `bytes`; false once the budget is spent.
+    fn take(&mut self, bytes: u64) -> bool {
+        self.steps += 1;
+        self.bytes += bytes;
+        self.steps <= MAX_STEPS && self.bytes <= MAX_READ_BYTES
+    }
+}
+
+/// Header and header-extension parsing: whatever parses must parse the
+/// same from its first cluster alone (as `open` reads it), and must encode
+/// into a first cluster that parses back to the same header.
+pub fn header(data: &[u8]) {
+    let Ok(h) = Header::parse(data) else {
+        return;
+    };
+    let cs = h.cluster_size() as usize;
+    if data.len() > cs {
+        let first = Header::parse(&data[..cs]).expect("the first cluster alone parses");
+        assert_eq!(first, h, "bytes past the first cluster changed the header");
+    }
+    let mut e = h.clone();
+    let Ok(bytes) = e.encode() else {
+        return;
+    };
+    assert_eq!(bytes.len(), cs, "encoded header is not one cluster");
+    let mut back = Header::parse(&bytes).expect("an encoded header parses");
+    // Feature names are decoded lossily from 46-byte fields and cut to 46
+    // bytes on encoding: only their kinds and bits must survive.
+    let names =
+        |h: &Header| -> Vec<(u8, u8)> { h.feature_names.iter().map(|f| (f.kind, f.bit)).collect() };
+    assert_eq!(names(&back), names(&e), "feature table changed");
+    back.feature_names = e.feature_names.clone();
+    assert_eq!(back, e, "header changed through encode and parse");
+}
+
+/// Opening an image and walking all its metadata: the header as the
+/// engine keeps it, the snapshot table, the mapping of every guest
+/// cluster (L1 and L2 tables) and the check's walk of every reference and
+/// refcount (active and snapshot L1/L2 tables, refcount table and blocks).
+pub fn open_walk(data: &[u8]) {
+    let Some(q) = open_file(memfile(data), false, Qcow2Options::default()) else {
+        return;
+    };
+    let h = q.header();
+    assert_eq!(q.snapshots().len() as u64, h.nb_snapshots as u64);
+    assert_eq!(q.size(), h.size);
+    let mut budget = Budget::new();
+    let size = q.size();
+    let mut pos = 0;
+    while pos < size && budget.take(0) {
+        match q.block_status(pos, size - pos) {
+            Ok(e) => {
+                // Callers loop on these lengths: zero would never end.
+                assert!(
+                    e.len > 0 && e.len <= size - pos,
+                    "block_status({pos}, {}) returned {} bytes",
+                    size - pos,
+                    e.len
+                );
+                if e.kind == ExtentKind::Data && !e.compressed {
+                    assert!(e.offset.is_some(), "data extent without a host offset");
+                }
+                pos += e.len;
+            }
+            // A bad entry fails its own cluster only: go on past it.
+            Err(_) => pos = (pos + 1).next_multiple_of(q.cluster_size()),
+        }
+    }
+    let _ = q.check();
+}
+
+/// Reads every allocated cluster of the image (compressed ones included)
+/// one by one and as whole runs, which must agree; ranges that are zero or
+/// unallocated must read as zeros (no backing file is opened).
+pub fn read_all(data: &[u8]) {
+    let Some(q) = open_file(memfile(data), false, Qcow2Options::default()) else {
+        return;
+    };
+    let size = q.size();
+    let cs = q.cluster_size();
+    let mut budget = Budget::new();
+    let mut one = vec![0u8; cs as usize];
+    let mut run = Vec::new();
+    let mut pos = 0;
+    'walk: while pos < size && budget.take(0) {
+        let e = match q.block_status(pos, size - pos) {
+            Ok(e) => e,
+            Err(_) => {
+                // Reading the bad cluster must fail cleanly too.
+                let n = ((pos + 1).next_multiple_of(cs).min(size) - pos) as usize;
+                let _ = q.read_at(&mut one[..n], pos);
+                pos += n as u64;
+                continue;
+            }
+        };
+        assert!(e.len > 0 && e.len <= size - pos);
+        match e.kind {
+            ExtentKind::Data => {
+                // Whole run (in bounded pieces) against cluster by cluster.
+                let mut at = pos;
+                while at < pos + e.len {
+                    let n = (pos + e.len - at).min(1 << 20);
+                    if !budget.take(n) {
+                        break 'walk;
+                    }
+                    run.resize(n as usize, 0);
+                    let whole = q.read_at(&mut run, at).is_ok();
+                    let mut c = at;
+                    while c < at + n {
+                        let k = ((c + 1).next_multiple_of(cs).min(at + n) - c) as usize;
+                        if !budget.take(k as u64) {
+                            break 'walk;
+                        }
+                        if q.read_at(&mut one[..k], c).is_ok() && whole {
+                            let r = (c - at) as usize;
+                            assert!(
+                                one[..k] == run[r..r + k],
+                                "guest bytes at {c:#x} read differently alone and in a run"
+                            );
+                        }
+                        c += k as u64;
+                    }
+                    at += n;
+                }
+            }
+            ExtentKind::Zero | ExtentKind::Unallocated => {
+                // The first cluster of the run is enough: the rest maps
+                // the same way.
+                let k = (pos + 1).next_multiple_of(cs).min(pos + e.len) - pos;
+                if !budget.take(k) {
+                    break;
+                }
+                if q.read_at(&mut one[..k as usize], pos).is_ok() {
+                    assert!(
+                        one[..k as usize].iter().all(|&b| b == 0),
+                        "{:?} range at {pos:#x} does not read as zeros",
+                        e.kind
+                    );
+                }
+            }
+        }
+        pos += e.len;
+    }
+    // Unaligned reads across cluster boundaries, near the start and end.
+    for off in [cs - 7, 2 * cs - 1, size.saturating_sub(cs + 3)] {
+        if off < size {
+            let n = (cs + 13).min(size - off) as usize;
+            run.resize(n, 0);
+            let _ = q.read_at(&mut run, off);
+        }
+    }
+}
+
+/// `check`, then repair everything (as `rimg check -r all`). When the
+/// repair reports a consistent image, that must hold on disk: a fresh
+/// open finds no corruption, and stays consistent after writes.
+pub fn check_repair(data: &[u8]) {
+    let f = memfile(data);
+    let again = f.try_clone().expect("dup of the memfd");
+    let opts = Qcow2Options {
+        repair: true,
+        ..Default::default()
+    };
+    let Some(q) = open_file(f, true, opts) else {
+        return;
+    };
+    if q.check().is_err() {
+        return;
+    }
+    let Ok(rep) = q.check_repair(Repair::All) else {
+        return;
+    };
+    drop(q);
+    if rep.corruptions != 0 {
+        return;
+    }
+    let Some(q) = open_file(again, true, Qcow2Options::default()) else {
+        panic!("a repaired image does not open");
+    };
+    let rep = q.check().expect("checking a repaired image");
+    assert_eq!(
+        rep.corruptions, 0,
+        "repair reported a consistent image, a fresh check disagrees: {:?}",
+        rep.messages
+    );
+    // Written and flushed, the repaired image stays consistent.
+    let size = q.size();
+    let cs = q.cluster_size();
+    let data = vec![0xa5u8; (2 * cs) as usize];
+    for off in [0, size / 2, size.saturating_sub(cs / 2)] {
+        let n = (data.len() as u64).min(size - off.min(size)) as usize;
+        if n > 0 {
+            let _ = q.write_at(&data[..n], off);
+        }
+    }
+    if q.flush().is_err() {
+        return;
+    }
+    let rep = q.check().expect("checking a repaired image after writes");
+    assert_eq!(
+        rep.corruptions, 0,
+        "writes to a repaired image corrupted it: {:?}",
+        rep.messages
+    );
+}

@@ -1,0 +1,254 @@
+//! The fuzz targets (`qcow2::fuzz_targets`, which libFuzzer runs from
+//! `fuzz/`) run deterministically in the normal test suite: over every
+//! fixture, every committed regression input (`fuzz/regressions/`), and a
+//! fixed number of seeded mutations aimed at the fixtures' metadata. No
+//! input may make a target panic or fail one of its assertions, and none
+//! may take more than 10 s.
+
+use std::ops::Range;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use qcow2::fuzz_targets::TARGETS;
+use qcow2::Header;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Mutations per fixture; each mutated image goes through every target.
+const MUTATIONS_PER_FIXTURE: usize = 48;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Files of a directory (sorted, so runs are reproducible), with names.
+fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .collect();
+    v.sort();
+    v.into_iter()
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&p).unwrap())
+        })
+        .collect()
+}
+
+fn fixtures() -> Vec<(String, Vec<u8>)> {
+    let all = files(&root().join("fixtures"));
+    let images: Vec<_> = all
+        .into_iter()
+        .filter(|(n, _)| n.ends_with(".qcow2") || n.ends_with(".raw"))
+        .collect();
+    assert!(images.len() >= 10, "fixtures/ has too few images");
+    images
+}
+
+/// Byte ranges of an image's metadata (header cluster, L1 table, refcount
+/// table and first blocks, snapshot table, first L2 tables): mutations
+/// there reach the parsers; most other bytes are guest data.
+fn metadata(img: &[u8]) -> Vec<Range<usize>> {
+    let len = img.len();
+    let mut out = Vec::new();
+    out.push(0..len.min(4096));
+    let Ok(h) = Header::parse(&img[..len.min(2 << 20)]) else {
+        return out;
+    };
+    let cs = h.cluster_size() as usize;
+    let clamp = |off: u64, n: usize| -> Option<Range<usize>> {
+        let s = usize::try_from(off).ok().filter(|&s| s < len)?;
+        Some(s..(s + n.max(8)).min(len))
+    };
+    let be64 = |at: usize| u64::from_be_bytes(img[at..at + 8].try_into().unwrap());
+    let mut tables = Vec::new();
+    if let Some(r) = clamp(h.l1_table_offset, h.l1_size as usize * 8) {
+        // L2 tables named by the first L1 entries.
+        for at in r.clone().step_by(8).take(4) {
+            if at + 8 <= len {
+                tables.extend(clamp(be64(at) & qcow2::l2::OFFSET_MASK, cs));
+            }
+        }
+        tables.push(r);
+    }
+    if let Some(r) = clamp(h.refcount_table_offset, cs) {
+        for at in r.clone().step_by(8).take(2) {
+            if at + 8 <= len {
+                tables.extend(clamp(be64(at) & !511, cs));
+            }
+        }
+        tables.push(r);
+    }
+    if h.nb_snapshots > 0 {
+        tables.extend(clamp(h.snapshots_offset, 512));
+    }
+    out.extend(tables.into_iter().filter(|r| r.start >= 8));
+    out
+}
+
+const BOUNDARY: &[u64] = &[
+    0,
+    1,
+    0x1ff,
+    0x200,
+    0x10000,
+    0x7fff_ffff,
+    0xffff_ffff,
+    1 << 40,
+    1 << 62,
+    u64::MAX >> 1,
+    u64::MAX,
+];
+
+/// Header fields (offset, width), qcow2.rst "Header".
+const FIELDS: &[(usize, usize)] = &[
+    (4, 4),
+    (8, 8),
+    (16, 4),
+    (20, 4),
+    (24, 8),
+    (32, 4),
+    (36, 4),
+    (40, 8),
+    (48, 8),
+    (56, 4),
+    (60, 4),
+    (64, 8),
+    (72, 8),
+    (80, 8),
+    (88, 8),
+    (96, 4),
+    (100, 4),
+];
+
+fn mutate(rng: &mut StdRng, img: &[u8], regions: &[Range<usize>]) -> Vec<u8> {
+    let mut v = img.to_vec();
+    let r = regions[rng.random_range(0..regions.len())].clone();
+    match rng.random_range(0..6) {
+        0 => {
+            for _ in 0..rng.random_range(1..=4) {
+                let i = rng.random_range(r.clone());
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            for _ in 0..rng.random_range(1..=16) {
+                let i = rng.random_range(r.clone());
+                v[i] = rng.random();
+            }
+        }
+        2 => {
+            // Table entries: boundary values, or offsets inside or just
+            // past the file with flag bits (COPIED, compressed, zero).
+            for _ in 0..rng.random_range(1..=4) {
+                let i = rng.random_range(r.clone()) & !7;
+                if i + 8 > v.len() {
+                    continue;
+                }
+                let val = if rng.random_bool(0.4) {
+                    BOUNDARY[rng.random_range(0..BOUNDARY.len())]
+                } else {
+                    let off = rng.random_range(0..v.len() as u64 * 2) & !0x1ff;
+                    off | (rng.random_range(0..4u64) << 62) | rng.random_range(0..2u64)
+                };
+                v[i..i + 8].copy_from_slice(&val.to_be_bytes());
+            }
+        }
+        3 if v.len() >= 104 => {
+            let (off, w) = FIELDS[rng.random_range(0..FIELDS.len())];
+            let val = BOUNDARY[rng.random_range(0..BOUNDARY.len())];
+            v[off..off + w].copy_from_slice(&val.to_be_bytes()[8 - w..]);
+        }
+        4 => {
+            let n = rng.random_range(r);
+            v.truncate(n);
+        }
+        _ => {
+            // 32-bit words (snapshot entries, refcounts, lengths).
+            let i = rng.random_range(r) & !3;
+            if i + 4 <= v.len() {
+                let val = BOUNDARY[rng.random_range(0..BOUNDARY.len())] as u32;
+                v[i..i + 4].copy_from_slice(&val.to_be_bytes());
+            }
+        }
+    }
+    v
+}
+
+/// Every input the test feeds the targets: (label, bytes).
+fn cases() -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (target, _) in TARGETS {
+        let dir = root().join("fuzz/regressions").join(target);
+        for (n, b) in files(&dir) {
+            out.push((format!("regression {target}/{n}"), b));
+        }
+    }
+    let fx = fixtures();
+    for (i, (name, img)) in fx.iter().enumerate() {
+        out.push((format!("fixture {name}"), img.clone()));
+        let regions = metadata(img);
+        let mut rng = StdRng::seed_from_u64(0xf022 + i as u64);
+        for m in 0..MUTATIONS_PER_FIXTURE {
+            out.push((
+                format!("fixture {name}, mutation {m}"),
+                mutate(&mut rng, img, &regions),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn fuzz_targets_survive_fixtures_regressions_and_mutations() {
+    let cases = cases();
+    let n = cases.len();
+    // One worker runs the cases in order and reports each one it starts;
+    // a case that reports nothing for 10 s is a hang.
+    let (tx, rx) = mpsc::channel::<Result<String, String>>();
+    let worker = std::thread::spawn(move || {
+        for (label, input) in cases {
+            for (target, f) in TARGETS {
+                let what = format!("{target} on {label}");
+                let _ = tx.send(Ok(what.clone()));
+                if catch_unwind(AssertUnwindSafe(|| f(&input))).is_err() {
+                    let _ = tx.send(Err(what));
+                }
+            }
+        }
+    });
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    let mut current = String::from("the first case");
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(what)) => {
+                runs += 1;
+                current = what;
+            }
+            Ok(Err(what)) => failures.push(what),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{current}: no result within 10 s (hang)")
+            }
+        }
+    }
+    worker.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} target runs panicked:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(runs >= 4 * n && n >= 500, "only {runs} target runs");
+    eprintln!("{runs} target runs over {n} inputs, no panic");
+}
