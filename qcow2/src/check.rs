@@ -75,7 +75,11 @@ impl Walk<'_> {
             return true;
         }
         let first = off >> self.cluster_bits;
-        let last = (off + len - 1) >> self.cluster_bits;
+        // A range ending past 2^64 (a refcount table entry near the top,
+        // say) is past the end of any file.
+        let last = off
+            .checked_add(len - 1)
+            .map_or(u64::MAX, |e| e >> self.cluster_bits);
         if last >= self.counts.len() as u64 {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
