@@ -212,6 +212,19 @@ fn for_each_case(mut run: impl FnMut(String, &[u8])) {
     }
 }
 
+/// With `RIMG_FUZZ_SMOKE_SAVE=DIR`, a failing input is written to DIR
+/// (to replay with cargo fuzz, or to commit as a regression input).
+fn save_failing(what: &str, input: &[u8]) {
+    if let Some(dir) = std::env::var_os("RIMG_FUZZ_SMOKE_SAVE") {
+        let name: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(Path::new(&dir).join(name), input).unwrap();
+    }
+}
+
 #[test]
 fn fuzz_targets_survive_fixtures_regressions_and_mutations() {
     // One worker runs the cases in order and reports each one it starts;
@@ -225,6 +238,7 @@ fn fuzz_targets_survive_fixtures_regressions_and_mutations() {
                 let what = format!("{target} on {label}");
                 let _ = tx.send(Ok(what.clone()));
                 if catch_unwind(AssertUnwindSafe(|| f(input))).is_err() {
+                    save_failing(&what, input);
                     let _ = tx.send(Err(what));
                 }
             }
