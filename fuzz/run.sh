@@ -7,10 +7,12 @@
 #   -n RUNS     or this many executions each
 #   TARGET      header, open_walk, read_all, check_repair (default: all)
 # Environment: SANITIZER (default none; "address" for ASan),
-#   FUZZ_ARGS (extra libFuzzer flags).
-# Crashes are saved in fuzz/artifacts/<target>/; logs in fuzz/logs/.
+#   FUZZ_ARGS (extra libFuzzer flags), FUZZ_WORK (where corpus/,
+#   artifacts/ and logs/ go; default fuzz/, where git ignores them).
+# Crashes are saved in $FUZZ_WORK/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")"
+work=${FUZZ_WORK:-.}
 
 secs=600
 runs=""
@@ -38,10 +40,10 @@ san=${SANITIZER:-none}
 build=(-a -s "$san")
 
 for t in "${targets[@]}"; do
-  [ -d "corpus/$t" ] || ./seed-corpus.sh "$t"
+  [ -d "$work/corpus/$t" ] || ./seed-corpus.sh "$t"
 done
 cargo fuzz build "${build[@]}"
-mkdir -p logs
+mkdir -p "$work/logs"
 
 status=0
 for t in "${targets[@]}"; do
@@ -52,11 +54,14 @@ for t in "${targets[@]}"; do
   extra=()
   [ -d "regressions/$t" ] && extra+=("regressions/$t")
   echo "== $t: ${limit[*]}"
+  mkdir -p "$work/artifacts/$t"
+  log=$work/logs/$t.log
   # shellcheck disable=SC2086 # FUZZ_ARGS is a list of flags
-  cargo fuzz run "${build[@]}" "$t" "corpus/$t" "${extra[@]}" -- \
+  cargo fuzz run "${build[@]}" "$t" "$work/corpus/$t" "${extra[@]}" -- \
     -rss_limit_mb=512 -timeout=10 -max_len="$maxlen" -print_final_stats=1 \
-    "${limit[@]}" ${FUZZ_ARGS:-} 2>&1 | tee "logs/$t.log" || status=1
-  echo "== $t: corpus $(ls "corpus/$t" | wc -l) inputs;" \
-    "$(grep -E 'stat::number_of_executed_units' "logs/$t.log" | tail -1)"
+    -artifact_prefix="$work/artifacts/$t/" "${limit[@]}" ${FUZZ_ARGS:-} \
+    2>&1 | tee "$log" || status=1
+  echo "== $t: corpus $(ls "$work/corpus/$t" | wc -l) inputs;" \
+    "$(grep -E 'stat::number_of_executed_units' "$log" | tail -1)"
 done
 exit $status

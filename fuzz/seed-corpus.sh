@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Seeds fuzz/corpus/<target>/ (not committed) from the reference images in
+# Seeds $FUZZ_WORK/corpus/<target>/ (default fuzz/corpus/, not committed)
+# from the reference images in
 # fixtures/, the committed regression inputs in fuzz/regressions/, and,
 # when qemu-img and qemu-io are installed, a few small images with
 # 512-byte clusters: libFuzzer mutates small inputs much faster, and in
@@ -8,6 +9,7 @@
 # Usage: fuzz/seed-corpus.sh [TARGET...]   (default: every target)
 set -euo pipefail
 cd "$(dirname "$0")"
+work=${FUZZ_WORK:-.}
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair)
 
@@ -37,11 +39,12 @@ else
 fi
 
 for t in "${targets[@]}"; do
-  mkdir -p "corpus/$t"
-  cp ../fixtures/*.qcow2 "corpus/$t/"
-  cp "$small"/*.qcow2 "corpus/$t/" 2>/dev/null || true
+  c=$work/corpus/$t
+  mkdir -p "$c"
+  cp ../fixtures/*.qcow2 "$c/"
+  cp "$small"/*.qcow2 "$c/" 2>/dev/null || true
   if [ -d "regressions/$t" ]; then
-    cp regressions/"$t"/* "corpus/$t/" 2>/dev/null || true
+    cp regressions/"$t"/* "$c/" 2>/dev/null || true
   fi
-  echo "corpus/$t: $(ls "corpus/$t" | wc -l) inputs"
+  echo "$c: $(ls "$c" | wc -l) inputs"
 done

@@ -56,9 +56,26 @@ enum BadEntry {
     L2(u64, usize),
 }
 
+/// What the metadata uses a host cluster for. One kind may reference a
+/// cluster several times (snapshots share L2 tables and data clusters);
+/// two kinds never may. A count alone cannot see that: an L2 table that
+/// is also a data cluster has refcount 2 and two references, and a guest
+/// write would then rewrite the table through the data mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Use {
+    Free,
+    Data,
+    L2,
+    /// Header, L1 tables, snapshot table, refcount table and blocks.
+    Meta,
+}
+
 /// Reference counts computed from the metadata, one per host cluster.
 struct Walk<'r> {
     counts: Vec<u32>,
+    /// Strongest use of each cluster (see [`Use`]), marked before counting
+    /// so that the order of the walk does not matter.
+    uses: Vec<Use>,
     cluster_bits: u32,
     report: &'r mut CheckReport,
     bad: Vec<BadEntry>,
@@ -68,6 +85,41 @@ struct Walk<'r> {
 }
 
 impl Walk<'_> {
+    /// Marks the clusters of [off, off + len) as used for `u` at least;
+    /// ranges past the end are reported when counted, not here.
+    fn mark(&mut self, off: u64, len: u64, u: Use) {
+        if len == 0 {
+            return;
+        }
+        let n = self.uses.len() as u64;
+        let first = (off >> self.cluster_bits).min(n);
+        let end = off
+            .checked_add(len - 1)
+            .map_or(n, |e| ((e >> self.cluster_bits) + 1).min(n));
+        for c in first..end {
+            let m = &mut self.uses[c as usize];
+            *m = (*m).max(u);
+        }
+    }
+
+    /// Marks the L2 tables an L1 table names.
+    fn mark_l2_tables(&mut self, l1: &[u64]) {
+        for &e in l1 {
+            let off = e & OFFSET_MASK;
+            if off != 0 {
+                self.mark(off, 1, Use::L2);
+            }
+        }
+    }
+
+    /// Whether the cluster at `off` is used for something stronger than
+    /// `u` (an L2 table or data cluster overlapping other metadata).
+    fn overlaps(&self, off: u64, u: Use) -> bool {
+        self.uses
+            .get((off >> self.cluster_bits) as usize)
+            .is_some_and(|&m| m > u)
+    }
+
     /// Counts one reference to every cluster of [off, off + len).
     /// Returns false (and reports a corruption) if it lies past the end.
     fn add(&mut self, off: u64, len: u64) -> bool {
@@ -75,7 +127,11 @@ impl Walk<'_> {
             return true;
         }
         let first = off >> self.cluster_bits;
-        let last = (off + len - 1) >> self.cluster_bits;
+        // A range ending past 2^64 (a refcount table entry near the top,
+        // say) is past the end of any file.
+        let last = off
+            .checked_add(len - 1)
+            .map_or(u64::MAX, |e| e >> self.cluster_bits);
         if last >= self.counts.len() as u64 {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
@@ -115,6 +171,16 @@ impl Walk<'_> {
                 }
                 continue;
             }
+            if self.overlaps(l2off, Use::L2) {
+                self.report.corruptions += 1;
+                self.report.messages.push(format!(
+                    "ERROR l2_offset={l2off:x}: Table overlaps other metadata; L1 entry corrupted"
+                ));
+                if active {
+                    self.bad.push(BadEntry::L1(i));
+                }
+                continue;
+            }
             st.read_at(l2buf, l2off)?;
             for (k, raw) in l2buf.chunks_exact(8).enumerate() {
                 let raw = u64::from_be_bytes(raw.try_into().unwrap());
@@ -143,8 +209,20 @@ impl Walk<'_> {
                             }
                             continue;
                         }
-                        if !self.add(host, cs) && active {
-                            self.bad.push(BadEntry::L2(l2off, k));
+                        if !self.add(host, cs) {
+                            if active {
+                                self.bad.push(BadEntry::L2(l2off, k));
+                            }
+                            continue;
+                        }
+                        if self.overlaps(host, Use::Data) {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR offset={host:x}: Data cluster overlaps metadata; L2 entry corrupted"
+                            ));
+                            if active {
+                                self.bad.push(BadEntry::L2(l2off, k));
+                            }
                         }
                     }
                     L2Entry::Compressed {
@@ -199,11 +277,46 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
     }
     let mut w = Walk {
         counts: vec![0; clusters as usize],
+        uses: vec![Use::Free; clusters as usize],
         cluster_bits: cb,
         report,
         bad: Vec::new(),
         next_contiguous: 0,
     };
+    // Every cluster's use first: metadata, then L2 tables of every L1.
+    w.mark(0, cs, Use::Meta);
+    w.mark(
+        ctx.header.l1_table_offset,
+        ctx.l1.len() as u64 * 8,
+        Use::Meta,
+    );
+    if !ctx.snapshots.is_empty() {
+        w.mark(
+            ctx.header.snapshots_offset,
+            ctx.snapshot_table_bytes,
+            Use::Meta,
+        );
+    }
+    w.mark(
+        ctx.rc.table_offset(),
+        ctx.rc.table_clusters() * cs,
+        Use::Meta,
+    );
+    for &e in ctx.rc.table() {
+        let b = e & !511;
+        if b != 0 && b & (cs - 1) == 0 {
+            w.mark(b, cs, Use::Meta);
+        }
+    }
+    for s in ctx.snapshots {
+        w.mark(s.l1_table_offset, s.l1_size as u64 * 8, Use::Meta);
+    }
+    w.mark_l2_tables(ctx.l1);
+    for s in ctx.snapshots {
+        if s.l1_table_offset >> cb < clusters {
+            w.mark_l2_tables(&read_l1(st, s.l1_table_offset, s.l1_size)?);
+        }
+    }
     let mut l2buf = vec![0u8; cs as usize];
     w.add(0, cs);
     w.add(ctx.header.l1_table_offset, ctx.l1.len() as u64 * 8);
@@ -371,6 +484,7 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
     // References from the refcount structures themselves.
     let mut extra = Walk {
         counts: std::mem::take(&mut counts),
+        uses: Vec::new(),
         cluster_bits: cb,
         report: &mut rep,
         bad: Vec::new(),

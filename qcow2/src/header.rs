@@ -333,6 +333,12 @@ impl Header {
             8,
             cluster_size,
         )?;
+        // Cluster 0 is the header: an L1 table there could only map the
+        // magic as an L2 offset, and writing its entries (or repairing
+        // them) would overwrite the header.
+        if h.l1_size > 0 && h.l1_table_offset == 0 {
+            return Err(bad("L1 table offset is 0"));
+        }
         // Refcount table.
         if h.refcount_table_clusters == 0 {
             return Err(bad("image has no refcount table"));

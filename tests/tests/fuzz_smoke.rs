@@ -17,7 +17,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Mutations per fixture; each mutated image goes through every target.
-const MUTATIONS_PER_FIXTURE: usize = 48;
+/// `RIMG_FUZZ_SMOKE_MUTATIONS` overrides it for a longer (still seeded)
+/// run.
+fn mutations_per_fixture() -> usize {
+    std::env::var("RIMG_FUZZ_SMOKE_MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(48)
+}
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -184,47 +191,59 @@ fn mutate(rng: &mut StdRng, img: &[u8], regions: &[Range<usize>]) -> Vec<u8> {
     v
 }
 
-/// Every input the test feeds the targets: (label, bytes).
-fn cases() -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
+/// Feeds every input to `run` as (label, bytes): regression inputs, then
+/// each fixture and its mutations. Mutations are made one at a time, so
+/// memory stays at one image and one mutant whatever the count.
+fn for_each_case(mut run: impl FnMut(String, &[u8])) {
     for (target, _) in TARGETS {
         let dir = root().join("fuzz/regressions").join(target);
         for (n, b) in files(&dir) {
-            out.push((format!("regression {target}/{n}"), b));
+            run(format!("regression {target}/{n}"), &b);
         }
     }
-    let fx = fixtures();
-    for (i, (name, img)) in fx.iter().enumerate() {
-        out.push((format!("fixture {name}"), img.clone()));
+    for (i, (name, img)) in fixtures().iter().enumerate() {
+        run(format!("fixture {name}"), img);
         let regions = metadata(img);
         let mut rng = StdRng::seed_from_u64(0xf022 + i as u64);
-        for m in 0..MUTATIONS_PER_FIXTURE {
-            out.push((
-                format!("fixture {name}, mutation {m}"),
-                mutate(&mut rng, img, &regions),
-            ));
+        for m in 0..mutations_per_fixture() {
+            let v = mutate(&mut rng, img, &regions);
+            run(format!("fixture {name}, mutation {m}"), &v);
         }
     }
-    out
+}
+
+/// With `RIMG_FUZZ_SMOKE_SAVE=DIR`, a failing input is written to DIR
+/// (to replay with cargo fuzz, or to commit as a regression input).
+fn save_failing(what: &str, input: &[u8]) {
+    if let Some(dir) = std::env::var_os("RIMG_FUZZ_SMOKE_SAVE") {
+        let name: String = what
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(Path::new(&dir).join(name), input).unwrap();
+    }
 }
 
 #[test]
 fn fuzz_targets_survive_fixtures_regressions_and_mutations() {
-    let cases = cases();
-    let n = cases.len();
     // One worker runs the cases in order and reports each one it starts;
     // a case that reports nothing for 10 s is a hang.
     let (tx, rx) = mpsc::channel::<Result<String, String>>();
     let worker = std::thread::spawn(move || {
-        for (label, input) in cases {
+        let mut inputs = 0usize;
+        for_each_case(|label, input| {
+            inputs += 1;
             for (target, f) in TARGETS {
                 let what = format!("{target} on {label}");
                 let _ = tx.send(Ok(what.clone()));
-                if catch_unwind(AssertUnwindSafe(|| f(&input))).is_err() {
+                if catch_unwind(AssertUnwindSafe(|| f(input))).is_err() {
+                    save_failing(&what, input);
                     let _ = tx.send(Err(what));
                 }
             }
-        }
+        });
+        inputs
     });
     let mut failures = Vec::new();
     let mut runs = 0;
@@ -242,13 +261,13 @@ fn fuzz_targets_survive_fixtures_regressions_and_mutations() {
             }
         }
     }
-    worker.join().unwrap();
+    let n = worker.join().unwrap();
     assert!(
         failures.is_empty(),
         "{} of {runs} target runs panicked:\n{}",
         failures.len(),
         failures.join("\n")
     );
-    assert!(runs >= 4 * n && n >= 500, "only {runs} target runs");
+    assert!(runs >= 4 * n, "only {runs} target runs for {n} inputs");
     eprintln!("{runs} target runs over {n} inputs, no panic");
 }
