@@ -4,15 +4,21 @@
 
 mod amend;
 mod bench;
+mod blockstatus;
 mod check;
 mod commit;
+mod common;
+mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod json;
+mod map;
 mod measure;
 mod opts;
 mod rebase;
+mod resize;
 mod size;
 mod snapshot;
 
@@ -53,6 +59,14 @@ enum Cmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Run a simple I/O benchmark on an image
     Bench(bench::BenchArgs),
+    /// Dump the image's block status (allocation and host offsets)
+    Map(map::MapArgs),
+    /// Check whether two images have the same content
+    Compare(compare::CompareArgs),
+    /// Change the virtual size of an image
+    Resize(resize::ResizeArgs),
+    /// Copy input to a new output image, dd style
+    Dd(dd::DdArgs),
 }
 
 /// A failure to report: one line on stderr, exit status 1 unless the
@@ -81,10 +95,26 @@ impl From<qcow2::Error> for CliError {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            // Bad usage: one line, as every other error (clap's usage
+            // block is one `--help` away).
+            let text = e.render().to_string();
+            // The message is the first paragraph (a list of missing
+            // arguments continues it on indented lines).
+            let msg: Vec<&str> = text
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "rimg: {} (see 'rimg --help')",
+                msg.join(" ").trim_start_matches("error: ")
+            );
+            return ExitCode::from(1);
+        }
         Err(e) => {
-            let code = if e.use_stderr() { 1 } else { 0 };
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(0);
         }
     };
     let r = match cli.cmd {
@@ -98,6 +128,10 @@ fn main() -> ExitCode {
         Cmd::Measure(a) => measure::run(a),
         Cmd::Amend(a) => amend::run(a),
         Cmd::Rebase(a) => rebase::run(a),
+        Cmd::Map(a) => map::run(a),
+        Cmd::Compare(a) => compare::run(a),
+        Cmd::Resize(a) => resize::run(a),
+        Cmd::Dd(a) => dd::run(a),
     };
     match r {
         Ok(code) => ExitCode::from(code),

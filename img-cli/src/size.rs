@@ -38,6 +38,49 @@ pub fn parse_size(s: &str) -> Option<u64> {
     }
 }
 
+/// Parses a number with qemu-img's cvtnum rules (qemu_strtosz: a size
+/// with optional suffix, or plain hex with "0x"; leading blanks allowed)
+/// within [min, max]; the error is qemu-img's message.
+pub fn cvtnum(name: &str, s: &str, min: u64, max: u64) -> Result<u64, String> {
+    let range = || format!("Invalid {name} specified. Must be between {min} and {max}.");
+    let invalid = || format!("Invalid {name} specified: '{s}'.");
+    let t = s.trim_start();
+    let (neg, body) = match t.strip_prefix('-') {
+        Some(b) => (true, b),
+        None => (false, t),
+    };
+    let value = if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+        // Hex takes no suffix and no fraction.
+        if h.is_empty() || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(invalid());
+        }
+        u64::from_str_radix(h, 16).ok()
+    } else {
+        let split = body
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(body.len());
+        let (num, suffix) = body.split_at(split);
+        let well_formed = match num.split_once('.') {
+            None => !num.is_empty(),
+            // A fraction needs a unit larger than bytes.
+            Some((i, f)) => {
+                !i.is_empty()
+                    && !f.is_empty()
+                    && !f.contains('.')
+                    && !matches!(suffix, "" | "b" | "B")
+            }
+        };
+        if !well_formed || parse_size(&format!("1{suffix}")).is_none() || suffix.trim() != suffix {
+            return Err(invalid());
+        }
+        parse_size(body)
+    };
+    match value {
+        Some(v) if !neg && v <= i64::MAX as u64 && (min..=max).contains(&v) => Ok(v),
+        _ => Err(range()),
+    }
+}
+
 /// C's "%0.3g" for the values size_to_str prints.
 fn fmt_g3(v: f64) -> String {
     if v == 0.0 {
@@ -93,6 +136,28 @@ mod tests {
         assert_eq!(parse_size("12x"), None);
         assert_eq!(parse_size(""), None);
         assert_eq!(parse_size("99999999E"), None);
+    }
+
+    #[test]
+    fn cvtnum_like_qemu() {
+        let r = |s: &str| cvtnum("x", s, 0, i64::MAX as u64);
+        assert_eq!(r("1M"), Ok(1 << 20));
+        assert_eq!(r(" 7"), Ok(7));
+        assert_eq!(r("0x100000"), Ok(1 << 20));
+        assert_eq!(r("1.5k"), Ok(1536));
+        let range = Err("Invalid x specified. Must be between 0 and 9223372036854775807.".into());
+        for bad in ["-1", "-0", "99999999999E", "0xffffffffffffffffff", "8E"] {
+            assert_eq!(r(bad), range, "{bad}");
+        }
+        for bad in [
+            "1.5", "1.5b", "0x", "0x10k", "1.5e3", "7 ", "1kB", "abc", "",
+        ] {
+            assert_eq!(
+                r(bad),
+                Err(format!("Invalid x specified: '{bad}'.")),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

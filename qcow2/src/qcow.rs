@@ -46,6 +46,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::cache::TableCache;
 use crate::compress;
+use crate::create::Preallocation;
 use crate::error::{Error, Result};
 use crate::header::{field, incompat, Header};
 use crate::image::{Extent, ExtentKind, Format, Image};
@@ -453,13 +454,18 @@ impl Qcow2 {
                 Mapping::Data(host + in_cl)
             }
             L2Entry::Zero { host, .. } => {
+                // A run is either all plain zero clusters or preallocated
+                // ones at contiguous host offsets, as QEMU counts them
+                // (so that block status and `map` report the same runs).
                 while n < want {
                     match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
-                        L2Entry::Zero { .. } => n += 1,
+                        L2Entry::Zero { host: h, .. } if h == host.map(|first| first + n * cs) => {
+                            n += 1
+                        }
                         _ => break,
                     }
                 }
-                Mapping::Zero(host.map(|h| h + in_cl).filter(|_| n == 1))
+                Mapping::Zero(host.map(|h| h + in_cl))
             }
             L2Entry::Unallocated => {
                 while n < want {
@@ -1135,15 +1141,189 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Shrinks the virtual size to `new_size`, dropping every cluster
+    /// mapped past the new end (qcow2.rst, "Cluster mapping"). Order:
+    /// 1. the new size is written to the header and synced: from then on
+    ///    the image is the shrunken disk, and the mappings past its end are
+    ///    unreachable but still counted (a crash leaves a clean image);
+    /// 2. L2 entries past the end in the last L2 table that stays are
+    ///    cleared, and L1 entries whose whole table lies past the end are
+    ///    zeroed (the L1 keeps its length, as QEMU keeps it); the tables
+    ///    and then the L1 reach the disk;
+    /// 3. only then do the refcounts of the dropped clusters and tables
+    ///    decrease (the usual deferred frees, applied after that flush), so
+    ///    a crash in between leaks clusters and never corrupts;
+    /// 4. refcount blocks left counting only themselves are dropped, and
+    ///    the file is cut after the last cluster still in use.
+    ///
+    /// Clusters shared with internal snapshots keep the snapshots'
+    /// references: a shared L2 table is copied before it is changed, and a
+    /// dropped shared table loses only the active L1's reference (and its
+    /// entries one reference each, as they were counted once per table
+    /// reference when the snapshot was taken).
+    fn shrink(&self, new_size: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let l2n = 1u64 << self.l2_bits();
+        let old_clusters = {
+            let m = self.lock();
+            let mut m = self.quiesce(m);
+            self.flush_locked(&mut m)?;
+            let old_clusters = m.header.size.div_ceil(cs);
+            self.st.write_at(&new_size.to_be_bytes(), field::SIZE)?;
+            self.st.sync()?;
+            m.header.size = new_size;
+            // A packing cluster for compressed data may be freed below.
+            m.compressed_tail = 0;
+            self.size.store(new_size, Ordering::Release);
+            old_clusters
+        };
+        // The partial cluster at the new end keeps its data, as in QEMU
+        // (which discards from the next cluster boundary on).
+        let first = new_size.div_ceil(cs);
+        let keep_l1 = Header::l1_entries_for(self.cluster_bits, new_size);
+        let partial_end = (keep_l1 * l2n).min(old_clusters);
+        if first < partial_end {
+            self.unmap_clusters(first, partial_end - first, false, false)?;
+        }
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        for i in keep_l1 as usize..m.l1.len() {
+            let table = L1Entry(m.l1[i]).l2_offset();
+            if table == 0 {
+                continue;
+            }
+            let slot = self.l2_slot(&mut m, table)?;
+            // Coalesce contiguous host ranges: one queued free each.
+            let mut run: Option<(u64, u64)> = None;
+            let mut ranges = Vec::new();
+            for k in 0..l2n as usize {
+                let e = self.decode(Self::l2_get(&m, slot, k))?;
+                let Some((off, len)) = e.host_range(cs) else {
+                    continue;
+                };
+                match &mut run {
+                    Some((s, l)) if *s + *l == off => *l += len,
+                    _ => {
+                        if let Some(r) = run.replace((off, len)) {
+                            ranges.push(r);
+                        }
+                    }
+                }
+            }
+            ranges.extend(run);
+            for r in ranges {
+                self.queue_free(&mut m, r);
+            }
+            self.queue_free(&mut m, (table, cs));
+            Self::set_l1(&mut m, i, 0);
+        }
+        // L2 tables, then the L1, durable; then the queued frees.
+        self.flush_locked(&mut m)?;
+        m.rc.drop_unused_blocks(&self.st)?;
+        let file_len = self.st.len()?;
+        let mut last = file_len.div_ceil(cs);
+        while last > 0 && m.rc.get(&self.st, last - 1)? == 0 {
+            last -= 1;
+        }
+        if last * cs < file_len {
+            self.st.set_len(last * cs)?;
+            self.st.sync()?;
+        }
+        Ok(())
+    }
+
+    /// Whether the image looks created with preallocation=metadata: at
+    /// least about 10/9 as many clusters carry a refcount as the host file
+    /// has blocks allocated. QEMU makes this same test
+    /// (qcow2_detect_metadata_preallocation) and then reports data
+    /// clusters that are holes in the host file as reading zeros; `map`
+    /// and `compare` follow it.
+    pub fn metadata_preallocation_detected(&self) -> Result<bool> {
+        let cs = self.cluster_size();
+        let end = self.st.len()?.div_ceil(cs);
+        let real = self.st.allocated_bytes()? / cs;
+        let threshold = (real * 10 / 9).max(real + 2);
+        let mut m = self.lock();
+        let mut count = 0;
+        let mut c = 0;
+        while c < end && count < threshold {
+            if m.rc.get(&self.st, c)? != 0 {
+                count += 1;
+            }
+            c += 1;
+        }
+        Ok(count >= threshold)
+    }
+
     /// Allocates every cluster of [0, size) that is not allocated yet, in
     /// large contiguous runs (preallocation=metadata). Data clusters are
     /// left unwritten: they read as zeros from the sparse file.
     pub fn preallocate_metadata(&self) -> Result<()> {
+        self.preallocate_metadata_range(0, self.size())
+    }
+
+    /// Grows the image to `new_size` with host space for the new area
+    /// (`qemu-img resize --preallocation`). The new area reads as zeros from
+    /// its own clusters, which also hides a longer backing file; version 2
+    /// can do that only with data (falloc/full), as in QEMU.
+    pub fn resize_preallocated(&self, new_size: u64, prealloc: Preallocation) -> Result<()> {
+        if prealloc == Preallocation::Off {
+            return Image::resize(self, new_size);
+        }
         self.check_writable()?;
         let cs = self.cluster_size();
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let old = m.header.size;
+        if !m.snapshots.is_empty() && self.version < 3 {
+            return Err(Error::InvalidArgument(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
+        }
+        if new_size <= old {
+            return Err(Error::InvalidArgument(
+                "Preallocation can only be used for growing images".into(),
+            ));
+        }
+        let hide_backing = self.backing.as_ref().is_some_and(|b| b.size() > old);
+        if hide_backing && self.version < 3 && prealloc == Preallocation::Metadata {
+            return Err(Error::InvalidArgument(
+                "Failed to zero out new clusters: Operation not supported".into(),
+            ));
+        }
+        self.grow(&mut m, new_size)?;
+        drop(m);
+        // The cluster holding the old end: a normal write of zeros over its
+        // new part allocates it with its head copied (from the backing file
+        // too), which mapping a fresh cluster there would lose.
+        let head_end = old.next_multiple_of(cs).min(new_size);
+        if head_end > old {
+            let zeros = vec![0u8; (head_end - old) as usize];
+            self.write_at(&zeros, old)?;
+        }
+        self.preallocate_metadata_range(head_end, new_size)?;
+        if prealloc != Preallocation::Metadata {
+            for (off, len) in self.data_extents_range(head_end, new_size)? {
+                match prealloc {
+                    Preallocation::Falloc => self.st.allocate(off, len)?,
+                    // Real zeros: full promises allocated blocks, not holes.
+                    _ => self.st.write_zeroes(off, len)?,
+                }
+            }
+        }
+        self.flush()
+    }
+
+    /// As [`preallocate_metadata`](Self::preallocate_metadata), for the
+    /// clusters touching guest bytes [from, to) only (resize of a
+    /// preallocated image).
+    pub fn preallocate_metadata_range(&self, from: u64, to: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(from, to.saturating_sub(from))?;
+        let cs = self.cluster_size();
         let l2n = 1u64 << self.l2_bits();
-        let total = self.size().div_ceil(cs);
-        let mut gc = 0;
+        let total = to.div_ceil(cs);
+        let mut gc = from / cs;
         while gc < total {
             let l1i = (gc >> self.l2_bits()) as usize;
             let chunk = (l2n - (gc & (l2n - 1))).min(total - gc);
@@ -1165,7 +1345,13 @@ impl Qcow2 {
                 }
                 // The refcount allocator does not touch the L2 cache, so
                 // `slot` stays valid.
+                let fresh_from = m.rc.end();
                 let host = m.rc.alloc(&self.st, run)?;
+                if host >> self.cluster_bits < fresh_from {
+                    // Reused clusters may hold old bytes: they must read
+                    // as zeros before an L2 entry maps them.
+                    self.st.write_zeroes(host, run * cs)?;
+                }
                 for j in 0..run {
                     let e = L2Entry::Normal {
                         host: host + j * cs,
@@ -1191,13 +1377,18 @@ impl Qcow2 {
     /// Host extents of allocated data clusters, in host order (for
     /// falloc/full preallocation).
     pub fn data_extents(&self) -> Result<Vec<(u64, u64)>> {
+        self.data_extents_range(0, self.size())
+    }
+
+    /// Host extents of the data clusters mapping guest bytes [from, to).
+    pub fn data_extents_range(&self, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
+        self.check_range(from, to.saturating_sub(from))?;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        let size = self.size();
-        let mut pos = 0;
-        while pos < size {
+        let mut pos = from;
+        while pos < to {
             let (run, n) = {
                 let mut m = self.lock();
-                self.map_run(&mut m, pos, size - pos)?
+                self.map_run(&mut m, pos, to - pos)?
             };
             if let Mapping::Data(h) = run {
                 match out.last_mut() {
@@ -1491,18 +1682,39 @@ impl Image for Qcow2 {
 
     fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
-        let mut m = self.lock();
-        if new_size < m.header.size {
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let old = m.header.size;
+        if !m.snapshots.is_empty() && self.version < 3 {
+            // Version 2 snapshots do not record their disk size, so a
+            // snapshot taken at another size could not be applied (QEMU
+            // refuses the same way, even for an unchanged size). Version 3
+            // records it per snapshot.
             return Err(Error::InvalidArgument(
-                "shrinking qcow2 images is not supported yet".into(),
+                "Can't resize a v2 image which has snapshots".into(),
             ));
         }
-        if !m.snapshots.is_empty() && new_size != m.header.size {
+        if new_size < old {
+            drop(m);
+            return self.shrink(new_size);
+        }
+        // A backing file longer than the old size would show through the
+        // new area: it must read as zeros instead (QEMU's bdrv_co_truncate
+        // zero-fills it the same way). Version 2 has no zero clusters;
+        // QEMU refuses there, before changing anything.
+        let hide_backing = new_size > old && self.backing.as_ref().is_some_and(|b| b.size() > old);
+        if hide_backing && self.version < 3 {
             return Err(Error::InvalidArgument(
-                "cannot resize an image that has snapshots".into(),
+                "Failed to zero out new clusters: Operation not supported".into(),
             ));
         }
-        self.grow(&mut m, new_size)
+        self.grow(&mut m, new_size)?;
+        drop(m);
+        if hide_backing {
+            self.write_zeroes(old, new_size - old, false)?;
+            self.flush()?;
+        }
+        Ok(())
     }
 }
 

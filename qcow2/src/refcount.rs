@@ -442,6 +442,49 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Removes the refcount blocks that count nothing but themselves (after
+    /// a shrink freed what they covered), as QEMU's qcow2_shrink_reftable
+    /// does, so that the file can end sooner. Order: the table without
+    /// them is durable first; only then does a block counted by another
+    /// block lose that reference (a self-counting block's count goes with
+    /// it).
+    pub fn drop_unused_blocks(&mut self, st: &Storage) -> Result<()> {
+        self.flush(st)?;
+        let per_block = 1u64 << self.block_bits;
+        let mut unused = Vec::new();
+        for g in 0..self.table.len() as u64 {
+            let Some(off) = self.block_offset(g)? else {
+                continue;
+            };
+            let i = self.block_slot(st, off)?;
+            let own = off >> self.cluster_bits;
+            let mut b = self.cache.data(i).to_vec();
+            if own >> self.block_bits == g {
+                entry_set(&mut b, (own & (per_block - 1)) as usize, self.order, 0);
+            }
+            if b.iter().all(|&x| x == 0) {
+                unused.push((g, off));
+            }
+        }
+        if unused.is_empty() {
+            return Ok(());
+        }
+        for &(g, _) in &unused {
+            self.table[g as usize] = 0;
+        }
+        self.table_dirty = true;
+        self.flush(st)?;
+        for &(g, off) in &unused {
+            self.cache.remove(off);
+            let own = off >> self.cluster_bits;
+            if own >> self.block_bits != g {
+                self.update_range(st, off, 1, -1, |_| {})?;
+            }
+            self.free_hint = self.free_hint.min(own);
+        }
+        self.flush(st)
+    }
+
     /// Drops cached blocks (after the structures were rebuilt elsewhere).
     pub fn reset(&mut self, table_offset: u64, table: Vec<u64>) {
         self.table_clusters = (table.len() as u64 * 8).div_ceil(self.cluster_size());

@@ -1,0 +1,253 @@
+//! Block status as QEMU's block layer reports it to qemu-img map and
+//! compare: the BDRV_BLOCK_* flags per layer and through the backing
+//! chain, with the lengths QEMU's drivers answer. `map` prints these flags
+//! and `compare -s` compares them, so they follow QEMU's rules closely:
+//!
+//! - qcow2: data clusters are DATA with a host offset (OFFSET_VALID),
+//!   compressed ones DATA|COMPRESSED without one, zero clusters ZERO (with
+//!   the offset of a preallocated cluster), unallocated ones nothing;
+//! - raw: the host file's data and holes (SEEK_DATA/SEEK_HOLE), always
+//!   with an offset;
+//! - the layer's answer is ALLOCATED when it said DATA or ZERO; an
+//!   unallocated range reads as ZERO when there is no backing file or it
+//!   lies past the backing file's end;
+//! - EOF when the answer reaches the end of the layer;
+//! - a qcow2 image that looks metadata-preallocated also asks its host
+//!   file, and data clusters that are holes there become DATA|ZERO.
+
+use std::sync::Arc;
+
+use qcow2::storage::Storage;
+use qcow2::{ExtentKind, Format, Image, Raw};
+
+use crate::common::qemu_len;
+
+pub const DATA: u32 = 0x01;
+pub const ZERO: u32 = 0x02;
+pub const OFFSET_VALID: u32 = 0x04;
+pub const ALLOCATED: u32 = 0x10;
+pub const EOF: u32 = 0x20;
+pub const COMPRESSED: u32 = 0x80;
+
+/// Status of the first `len` bytes of a queried range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub flags: u32,
+    pub len: u64,
+    /// Host offset of the first byte (with OFFSET_VALID).
+    pub offset: Option<u64>,
+}
+
+impl Status {
+    pub fn has(&self, f: u32) -> bool {
+        self.flags & f != 0
+    }
+}
+
+struct Layer {
+    img: Arc<dyn Image>,
+    len: u64,
+    /// The host file of a qcow2 layer that looks metadata-preallocated,
+    /// opened as raw to ask for its holes.
+    host: Option<Raw>,
+}
+
+/// An image and its backing chain, top first.
+pub struct Chain {
+    layers: Vec<Layer>,
+}
+
+impl Chain {
+    pub fn new(top: &Arc<dyn Image>) -> qcow2::Result<Chain> {
+        let mut layers = Vec::new();
+        let mut cur = Some(top.clone());
+        while let Some(img) = cur {
+            cur = img.backing().cloned();
+            let host = match img.as_qcow2() {
+                Some(q) if q.metadata_preallocation_detected()? => {
+                    Some(Raw::open(Storage::open(img.path(), false)?)?)
+                }
+                _ => None,
+            };
+            layers.push(Layer {
+                len: qemu_len(img.as_ref()),
+                img,
+                host,
+            });
+        }
+        Ok(Chain { layers })
+    }
+
+    /// Length of the top image as QEMU sees it.
+    pub fn len(&self) -> u64 {
+        self.layers[0].len
+    }
+
+    pub fn top(&self) -> &dyn Image {
+        self.layers[0].img.as_ref()
+    }
+
+    /// File name of layer `depth` (0 = top), as opened.
+    pub fn file_name(&self, depth: usize) -> String {
+        self.layers[depth].img.path().display().to_string()
+    }
+
+    /// Status of one layer (bdrv_co_do_block_status): a prefix of
+    /// [off, off + bytes); length 0 with EOF past the layer's end.
+    fn layer_status(&self, depth: usize, off: u64, bytes: u64) -> qcow2::Result<Status> {
+        let l = &self.layers[depth];
+        if off >= l.len {
+            return Ok(Status {
+                flags: EOF,
+                len: 0,
+                offset: None,
+            });
+        }
+        let bytes = bytes.min(l.len - off);
+        let mut s = match l.img.format() {
+            Format::Raw => file_status(l.img.as_ref(), l.len, off, bytes)?,
+            Format::Qcow2 => {
+                let e = l.img.block_status(off, bytes)?;
+                match e.kind {
+                    ExtentKind::Data if e.compressed => Status {
+                        flags: DATA | COMPRESSED,
+                        len: e.len,
+                        offset: None,
+                    },
+                    ExtentKind::Data => {
+                        let s = Status {
+                            flags: DATA | OFFSET_VALID,
+                            len: e.len,
+                            offset: e.offset,
+                        };
+                        match (&l.host, e.offset) {
+                            (Some(h), Some(at)) => recurse(h, s, at)?,
+                            _ => s,
+                        }
+                    }
+                    ExtentKind::Zero => Status {
+                        flags: ZERO | if e.offset.is_some() { OFFSET_VALID } else { 0 },
+                        len: e.len,
+                        offset: e.offset,
+                    },
+                    ExtentKind::Unallocated => Status {
+                        flags: 0,
+                        len: e.len,
+                        offset: None,
+                    },
+                }
+            }
+        };
+        if s.has(DATA | ZERO) {
+            s.flags |= ALLOCATED;
+        } else {
+            match self.layers.get(depth + 1) {
+                Some(b) if off < b.len => {}
+                // Nothing below, or past the end of what is below.
+                _ => s.flags |= ZERO,
+            }
+        }
+        if off + s.len == l.len {
+            s.flags |= EOF;
+        }
+        Ok(s)
+    }
+
+    /// Status through the whole chain (bdrv_block_status_above with no
+    /// base), as compare asks for it: ALLOCATED when any layer stores the
+    /// range.
+    pub fn status_above(&self, off: u64, bytes: u64) -> qcow2::Result<Status> {
+        let mut s = self.layer_status(0, off, bytes)?;
+        if s.len == 0 || s.has(ALLOCATED) || self.layers.len() == 1 {
+            return Ok(s);
+        }
+        let eof = s.has(EOF).then_some(off + s.len);
+        let mut bytes = s.len;
+        for depth in 1..self.layers.len() {
+            let b = self.layer_status(depth, off, bytes)?;
+            if b.len == 0 {
+                // Past the end of a shorter backing image: its zeros count
+                // as allocated there.
+                s = Status {
+                    flags: ZERO | ALLOCATED,
+                    len: bytes,
+                    offset: None,
+                };
+                break;
+            }
+            s = b;
+            if s.has(ALLOCATED) {
+                s.flags &= !EOF;
+                break;
+            }
+            bytes = s.len;
+        }
+        if Some(off + s.len) == eof {
+            s.flags |= EOF;
+        }
+        Ok(s)
+    }
+
+    /// Status as `map` asks for it: layer by layer from the top until one
+    /// decides (DATA or ZERO); returns the status and that layer's depth.
+    pub fn map_status(&self, off: u64, bytes: u64) -> qcow2::Result<(Status, usize)> {
+        let mut bytes = bytes;
+        let mut depth = 0;
+        loop {
+            let s = self.layer_status(depth, off, bytes)?;
+            if s.has(DATA | ZERO) || depth + 1 == self.layers.len() {
+                return Ok((s, depth));
+            }
+            bytes = s.len;
+            depth += 1;
+        }
+    }
+}
+
+/// Status of a host file (file-posix): data or hole from SEEK_DATA and
+/// SEEK_HOLE, always with an offset; `len` is the file's length as QEMU
+/// sees it (rounded up to a sector), past the real end is a hole.
+fn file_status(f: &dyn Image, len: u64, off: u64, bytes: u64) -> qcow2::Result<Status> {
+    let real = f.size();
+    let bytes = bytes.min(len.saturating_sub(off));
+    if off >= real {
+        return Ok(Status {
+            flags: ZERO | OFFSET_VALID,
+            len: bytes,
+            offset: Some(off),
+        });
+    }
+    let e = f.block_status(off, bytes.min(real - off))?;
+    Ok(Status {
+        flags: if e.kind == ExtentKind::Data {
+            DATA
+        } else {
+            ZERO
+        } | OFFSET_VALID,
+        len: e.len,
+        offset: Some(off),
+    })
+}
+
+/// QEMU's BDRV_BLOCK_RECURSE: asks the host file whether the data at host
+/// offset `at` is a hole. A hole makes the range read as zeros; the answer
+/// is cut where the host file's status changes, except at its end.
+fn recurse(host: &Raw, s: Status, at: u64) -> qcow2::Result<Status> {
+    let host_len = host.size().next_multiple_of(512);
+    let mut s = s;
+    if at >= host_len {
+        s.flags |= ZERO;
+        return Ok(s);
+    }
+    let f = file_status(host, host_len, at, s.len)?;
+    let at_eof = at + f.len == host_len;
+    if at_eof && f.has(ZERO) {
+        s.flags |= ZERO;
+    } else {
+        s.len = f.len;
+        if f.has(ZERO) {
+            s.flags |= ZERO;
+        }
+    }
+    Ok(s)
+}

@@ -1,0 +1,128 @@
+//! Opening images and reading them the way qemu-img's block layer sees
+//! them, shared by map, compare, resize and dd.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use qcow2::{Format, Image, OpenOptions};
+
+use crate::CliError;
+
+/// The format named by `-f`/`-F`/`-O`, if any.
+pub fn parse_format(f: &Option<String>) -> Result<Option<Format>, CliError> {
+    match f {
+        None => Ok(None),
+        Some(f) => Format::from_name(f)
+            .map(Some)
+            .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'"))),
+    }
+}
+
+/// Opens `name` (and its backing chain) as qemu-img's commands do.
+pub fn open(
+    name: &str,
+    format: Option<Format>,
+    writable: bool,
+    force_share: bool,
+) -> Result<Arc<dyn Image>, CliError> {
+    qcow2::open(
+        Path::new(name),
+        &OpenOptions {
+            writable,
+            format,
+            force_share,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| match e {
+        qcow2::Error::Open { source, .. } => {
+            CliError::new(format!("Could not open '{name}': {source}"))
+        }
+        e => CliError::new(format!("Could not open '{name}': {e}")),
+    })
+}
+
+/// The length QEMU gives an image: raw files count in whole 512-byte
+/// sectors (the block layer rounds their length up), qcow2 sizes are
+/// exact.
+pub fn qemu_len(img: &dyn Image) -> u64 {
+    match img.format() {
+        Format::Raw => img.size().next_multiple_of(512),
+        Format::Qcow2 => img.size(),
+    }
+}
+
+/// Reads `buf.len()` bytes at `off` within [`qemu_len`]: bytes past the
+/// end of a raw file (its last partial sector) read as zeros, as in QEMU.
+pub fn read_padded(img: &dyn Image, buf: &mut [u8], off: u64) -> qcow2::Result<()> {
+    let real = img.size();
+    let n = real.saturating_sub(off).min(buf.len() as u64) as usize;
+    if n > 0 {
+        img.read_at(&mut buf[..n], off)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
+}
+
+/// Whether `b` is all zeros.
+pub fn is_zero(b: &[u8]) -> bool {
+    // Compare word-sized pieces: much faster than byte by byte.
+    let mut chunks = b.chunks_exact(16);
+    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
+        && chunks.remainder().iter().all(|&x| x == 0)
+}
+
+/// qemu-img's progress line ("    (12.34/100%)\r"), redrawn when it has
+/// moved by at least 2 % (qemu_progress_init(..., 2.0)).
+pub struct Progress {
+    on: bool,
+    total: u64,
+    done: u64,
+    shown: Option<f64>,
+}
+
+impl Progress {
+    pub fn new(on: bool, total: u64) -> Self {
+        let mut p = Progress {
+            on,
+            total: total.max(1),
+            done: 0,
+            shown: None,
+        };
+        p.show();
+        p
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.done = (self.done + n).min(self.total);
+        self.show();
+    }
+
+    fn show(&mut self) {
+        if !self.on {
+            return;
+        }
+        let pct = self.done as f64 * 100.0 / self.total as f64;
+        if self
+            .shown
+            .is_some_and(|s| pct < s + 2.0 && self.done < self.total)
+        {
+            return;
+        }
+        if self.shown == Some(pct) {
+            return;
+        }
+        self.shown = Some(pct);
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = write!(out, "    ({pct:.2}/100%)\r");
+        let _ = out.flush();
+    }
+
+    /// Ends the progress line (qemu_progress_end).
+    pub fn finish(&self) {
+        if self.on {
+            println!();
+        }
+    }
+}

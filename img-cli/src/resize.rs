@@ -1,0 +1,126 @@
+//! `rimg resize`: changes an image's virtual size to SIZE, or by +SIZE /
+//! -SIZE, with qemu-img resize's checks, messages and exit codes (1 for
+//! every error).
+
+use clap::Args;
+use qcow2::Preallocation;
+
+use crate::common::{open, parse_format, qemu_len};
+use crate::size::parse_size;
+use crate::CliError;
+
+#[derive(Args)]
+pub struct ResizeArgs {
+    /// Image format (probed when absent)
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
+    format: Option<String>,
+    /// Allow the new size to be smaller than the current one
+    #[arg(long)]
+    shrink: bool,
+    /// Preallocation of the new area: off, metadata (qcow2), falloc, full
+    #[arg(long, value_name = "PREALLOC", default_value = "off")]
+    preallocation: String,
+    /// Quiet: print nothing on success
+    #[arg(short = 'q', long = "quiet")]
+    quiet: bool,
+    /// Image specifications (not supported)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    filename: String,
+    /// New size, or +SIZE / -SIZE to grow or shrink by (k, M, G, T, P, E
+    /// suffixes)
+    #[arg(allow_hyphen_values = true, value_name = "[+|-]SIZE")]
+    size: String,
+}
+
+pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
+    if a.image_opts {
+        return Err(CliError::new("--image-opts is not supported"));
+    }
+    let prealloc = Preallocation::from_name(&a.preallocation).ok_or_else(|| {
+        CliError::new(format!("Invalid preallocation mode '{}'", a.preallocation))
+    })?;
+    let (sign, digits) = match a.size.as_bytes().first() {
+        Some(b'+') => (1i128, &a.size[1..]),
+        Some(b'-') => (-1i128, &a.size[1..]),
+        _ => (0, a.size.as_str()),
+    };
+    let n = match parse_size(digits) {
+        Some(n) => n,
+        None if digits.starts_with('-') => {
+            return Err(CliError::new(format!(
+                "Value '{digits}' is out of range for parameter 'size'"
+            )))
+        }
+        None => {
+            return Err(CliError::new(
+                "Parameter 'size' expects a non-negative number below 2^64",
+            ))
+        }
+    };
+    let img = open(&a.filename, parse_format(&a.format)?, true, false)?;
+    let current = qemu_len(img.as_ref());
+    let total = if sign == 0 {
+        n as i128
+    } else {
+        current as i128 + sign * n as i128
+    };
+    if total <= 0 {
+        return Err(CliError::new("New image size must be positive"));
+    }
+    if total > i64::MAX as i128 {
+        return Err(CliError::new(
+            "Parameter 'size' expects a non-negative number below 2^64",
+        ));
+    }
+    let total = total as u64;
+    if total <= current && prealloc != Preallocation::Off {
+        return Err(CliError::new(
+            "Preallocation can only be used for growing images",
+        ));
+    }
+    if total < current && !a.shrink {
+        return Err(CliError::new(
+            "Use the --shrink option to perform a shrink operation.",
+        ));
+    }
+    match img.as_qcow2() {
+        Some(q) => {
+            if !total.is_multiple_of(512) {
+                return Err(CliError::new("The new size must be a multiple of 512"));
+            }
+            q.resize_preallocated(total, prealloc).map_err(engine_err)?;
+        }
+        None => {
+            // Refused before any change, as qemu-img does.
+            if prealloc == Preallocation::Metadata {
+                return Err(CliError::new("Unsupported preallocation mode: metadata"));
+            }
+            let old = img.size();
+            img.resize(total).map_err(engine_err)?;
+            if total > old {
+                let st = img.storage();
+                match prealloc {
+                    Preallocation::Off | Preallocation::Metadata => Ok(()),
+                    Preallocation::Falloc => st.allocate(old, total - old),
+                    // Allocated zeros, not holes.
+                    Preallocation::Full => st.write_zeroes(old, total - old),
+                }
+                .map_err(engine_err)?;
+            }
+        }
+    }
+    img.flush().map_err(engine_err)?;
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
+}
+
+/// Engine errors carry qemu-img's message where there is one.
+fn engine_err(e: qcow2::Error) -> CliError {
+    match e {
+        qcow2::Error::InvalidArgument(m) => CliError::new(m),
+        e => CliError::new(e.to_string()),
+    }
+}
