@@ -216,7 +216,8 @@ mod tests {
         b[1500] = 1;
         assert_eq!(first_difference(&a, &b), Some(1024));
         assert_eq!(find_nonzero(&b), Some(1024));
-        assert_eq!(find_nonzero(&b[..1100]), Some(1024));
+        assert_eq!(find_nonzero(&b[..1501]), Some(1024));
+        assert_eq!(find_nonzero(&b[..1100]), None);
         b[0] = 1;
         assert_eq!(find_nonzero(&b), Some(0));
     }
