@@ -594,37 +594,8 @@ impl Guest {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn qemu-system-x86_64");
-        let mut stdout = child.stdout.take().unwrap();
-        let mut stderr = child.stderr.take().unwrap();
-        let out_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = stdout.read_to_end(&mut v);
-            v
-        });
-        let err_t = std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = stderr.read_to_end(&mut v);
-            v
-        });
-        // Watchdog: a waiter thread reports the exit; if none arrives in
-        // time, QEMU is killed and the run reported as timed out.
-        let pid = child.id() as i32;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let waiter = std::thread::spawn(move || {
-            let st = child.wait();
-            let _ = tx.send(());
-            st
-        });
-        let timed_out = rx.recv_timeout(self.timeout).is_err();
-        if timed_out {
-            // SAFETY: kill(2) on our child, not yet reaped (the waiter
-            // thread is still blocked in wait()), so the pid is ours.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = waiter.join();
-        let out = out_t.join().unwrap_or_default();
-        let err = err_t.join().unwrap_or_default();
+        let w = crate::run_watched(cmd, self.timeout);
+        let (out, err, timed_out) = (w.stdout, w.stderr, w.timed_out);
         let mut console = String::from_utf8_lossy(&out).replace('\r', "");
         if !err.is_empty() {
             console.push_str("\n--- qemu stderr ---\n");

@@ -120,10 +120,63 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// What a watched child process left behind.
+pub struct Watched {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// None when it was killed by the watchdog.
+    pub status: Option<std::process::ExitStatus>,
+    pub timed_out: bool,
+}
+
+/// Runs `cmd` (stdin null, output captured) and waits for it; after
+/// `timeout` a watchdog kills it and the run is reported as timed out.
+pub fn run_watched(mut cmd: Command, timeout: std::time::Duration) -> Watched {
+    use std::io::Read;
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stderr.read_to_end(&mut v);
+        v
+    });
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let st = child.wait();
+        let _ = tx.send(());
+        st
+    });
+    let timed_out = rx.recv_timeout(timeout).is_err();
+    if timed_out {
+        // SAFETY: kill(2) on our child, not yet reaped (the waiter thread
+        // is still blocked in wait()), so the pid is ours.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let status = waiter.join().ok().and_then(|r| r.ok());
+    Watched {
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+        status: if timed_out { None } else { status },
+        timed_out,
+    }
+}
+
 pub mod blk;
 pub mod daemon;
 pub mod guest;
 pub mod net;
+pub mod vmm;
 
 /// The workspace's cargo target directory (`CARGO_TARGET_DIR` or
 /// `<workspace>/target`), where built binaries and downloaded test kits

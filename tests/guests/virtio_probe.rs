@@ -1,0 +1,443 @@
+//! A freestanding x86-64 guest for rimg-vmm's fast tests (built by the
+//! test with the host rustc, loaded as an ELF "kernel"). It starts in the
+//! long mode rimg-vmm sets up for Linux (identity map of 4 GiB), drives
+//! every virtio-mmio device it finds as a plain virtio 1.x driver would,
+//! reports on the serial port, and powers off through the ACPI sleep
+//! register.
+//!
+//! Block device: write 4 KiB at sector 40, read it back, flush.
+//! Net device: send one frame (ethertype 0x88b5), then wait for a frame
+//! with ethertype 0x88b6 written into the TAP by the test.
+
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, global_asm};
+use core::ptr::{read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+global_asm!(
+    ".globl _start",
+    "_start:",
+    "mov rsp, 0x1ff000",
+    "call guest_main",
+    "2: hlt",
+    "jmp 2b",
+);
+
+const MMIO: u64 = 0xd000_0000;
+const COM1: u16 = 0x3f8;
+
+// Guest memory used for rings and buffers (above the program, below
+// anything rimg-vmm places: initrd is absent here).
+const DESC: u64 = 0x0030_0000;
+const AVAIL: u64 = 0x0030_1000;
+const USED: u64 = 0x0030_2000;
+const BUF: u64 = 0x0031_0000;
+const QSTRIDE: u64 = 0x1_0000;
+
+fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O to the emulated UART / ACPI registers; no memory
+    // is touched.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v) };
+}
+
+fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: port I/O read from the emulated UART.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v) };
+    v
+}
+
+fn putc(c: u8) {
+    while inb(COM1 + 5) & 0x20 == 0 {}
+    outb(COM1, c);
+}
+
+fn print(s: &str) {
+    for b in s.bytes() {
+        putc(b);
+    }
+}
+
+fn hex(v: u64) {
+    print("0x");
+    let mut started = false;
+    for i in (0..16).rev() {
+        let d = ((v >> (i * 4)) & 0xf) as u8;
+        if d != 0 || started || i == 0 {
+            started = true;
+            putc(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+        }
+    }
+}
+
+fn r32(a: u64) -> u32 {
+    // SAFETY: identity-mapped guest RAM or device MMIO.
+    unsafe { read_volatile(a as *const u32) }
+}
+fn w32(a: u64, v: u32) {
+    // SAFETY: identity-mapped guest RAM or device MMIO.
+    unsafe { write_volatile(a as *mut u32, v) }
+}
+fn r16(a: u64) -> u16 {
+    // SAFETY: identity-mapped guest RAM.
+    unsafe { read_volatile(a as *const u16) }
+}
+fn w16(a: u64, v: u16) {
+    // SAFETY: identity-mapped guest RAM.
+    unsafe { write_volatile(a as *mut u16, v) }
+}
+fn w64(a: u64, v: u64) {
+    // SAFETY: identity-mapped guest RAM.
+    unsafe { write_volatile(a as *mut u64, v) }
+}
+fn r8(a: u64) -> u8 {
+    // SAFETY: identity-mapped guest RAM or device MMIO.
+    unsafe { read_volatile(a as *const u8) }
+}
+fn w8(a: u64, v: u8) {
+    // SAFETY: identity-mapped guest RAM.
+    unsafe { write_volatile(a as *mut u8, v) }
+}
+fn fill(a: u64, len: u64, f: impl Fn(u64) -> u8) {
+    for i in 0..len {
+        w8(a + i, f(i));
+    }
+}
+
+fn rdtsc() -> u64 {
+    let lo: u32;
+    let hi: u32;
+    // SAFETY: reads the time-stamp counter.
+    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi) };
+    ((hi as u64) << 32) | lo as u64
+}
+
+struct Queue {
+    idx: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    size: u16,
+    last_used: u16,
+    avail_idx: u16,
+}
+
+impl Queue {
+    fn new(idx: u16, size: u16) -> Queue {
+        let off = idx as u64 * QSTRIDE;
+        for a in [DESC + off, AVAIL + off, USED + off] {
+            fill(a, 0x1000, |_| 0);
+        }
+        Queue {
+            idx,
+            desc: DESC + off,
+            avail: AVAIL + off,
+            used: USED + off,
+            size,
+            last_used: 0,
+            avail_idx: 0,
+        }
+    }
+
+    fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc + i as u64 * 16;
+        w64(d, addr);
+        w32(d + 8, len);
+        w16(d + 12, flags);
+        w16(d + 14, next);
+    }
+
+    fn push(&mut self, head: u16) {
+        let slot = self.avail_idx % self.size;
+        w16(self.avail + 4 + slot as u64 * 2, head);
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        w16(self.avail + 2, self.avail_idx);
+        fence(Ordering::SeqCst);
+    }
+
+    /// Waits for the next used entry: (id, len), or None after `cycles`.
+    fn pop(&mut self, cycles: u64) -> Option<(u32, u32)> {
+        let start = rdtsc();
+        while r16(self.used + 2) == self.last_used {
+            if rdtsc() - start > cycles {
+                return None;
+            }
+            // SAFETY: a spin-loop hint.
+            unsafe { asm!("pause") };
+        }
+        fence(Ordering::SeqCst);
+        let e = self.used + 4 + (self.last_used % self.size) as u64 * 8;
+        self.last_used = self.last_used.wrapping_add(1);
+        Some((r32(e), r32(e + 4)))
+    }
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const SECOND: u64 = 3_000_000_000;
+
+/// Negotiates VERSION_1 plus `want` and sets up `nq` queues of 8.
+fn init(base: u64, want: u64, nq: u16) -> Option<[Queue; 2]> {
+    w32(base + 0x70, 0);
+    w32(base + 0x70, 1);
+    w32(base + 0x70, 1 | 2);
+    w32(base + 0x14, 0);
+    let lo = r32(base + 0x10) as u64;
+    w32(base + 0x14, 1);
+    let hi = r32(base + 0x10) as u64;
+    let offered = lo | (hi << 32);
+    if offered & (1 << 32) == 0 {
+        print("no VERSION_1\n");
+        return None;
+    }
+    let acked = (1 << 32) | (offered & want);
+    w32(base + 0x24, 0);
+    w32(base + 0x20, acked as u32);
+    w32(base + 0x24, 1);
+    w32(base + 0x20, (acked >> 32) as u32);
+    w32(base + 0x70, 1 | 2 | 8);
+    if r32(base + 0x70) & 8 == 0 {
+        print("FEATURES_OK refused\n");
+        return None;
+    }
+    let qs = [Queue::new(0, 8), Queue::new(1, 8)];
+    for q in qs.iter().take(nq as usize) {
+        w32(base + 0x30, q.idx as u32);
+        if r32(base + 0x34) < 8 {
+            print("queue too small\n");
+            return None;
+        }
+        w32(base + 0x38, q.size as u32);
+        w32(base + 0x80, q.desc as u32);
+        w32(base + 0x84, (q.desc >> 32) as u32);
+        w32(base + 0x90, q.avail as u32);
+        w32(base + 0x94, (q.avail >> 32) as u32);
+        w32(base + 0xa0, q.used as u32);
+        w32(base + 0xa4, (q.used >> 32) as u32);
+        w32(base + 0x44, 1);
+    }
+    w32(base + 0x70, 1 | 2 | 8 | 4);
+    Some(qs)
+}
+
+fn blk_request(base: u64, q: &mut Queue, kind: u32, sector: u64, data: u64, len: u32) -> u8 {
+    let hdr = BUF;
+    let status = BUF + 0x100;
+    w32(hdr, kind);
+    w32(hdr + 4, 0);
+    w64(hdr + 8, sector);
+    w8(status, 0xff);
+    if len > 0 {
+        let dflags = if kind == 0 { F_WRITE } else { 0 };
+        q.set_desc(0, hdr, 16, F_NEXT, 1);
+        q.set_desc(1, data, len, dflags | F_NEXT, 2);
+        q.set_desc(2, status, 1, F_WRITE, 0);
+    } else {
+        q.set_desc(0, hdr, 16, F_NEXT, 1);
+        q.set_desc(1, status, 1, F_WRITE, 0);
+    }
+    q.push(0);
+    w32(base + 0x50, q.idx as u32);
+    match q.pop(10 * SECOND) {
+        Some(_) => r8(status),
+        None => 0xee,
+    }
+}
+
+fn blk(base: u64) -> bool {
+    print("blk: capacity ");
+    let cap = r32(base + 0x100) as u64 | ((r32(base + 0x104) as u64) << 32);
+    hex(cap);
+    print(" sectors\n");
+    // FLUSH (bit 9).
+    let Some([mut q, _]) = init(base, 1 << 9, 1) else {
+        return false;
+    };
+    let wbuf = BUF + 0x1000;
+    let rbuf = BUF + 0x3000;
+    fill(wbuf, 4096, |i| (i as u8) ^ 0x5a ^ ((i >> 8) as u8));
+    fill(rbuf, 4096, |_| 0);
+    let s = blk_request(base, &mut q, 1, 40, wbuf, 4096);
+    print("blk: write status ");
+    hex(s as u64);
+    print("\n");
+    if s != 0 {
+        return false;
+    }
+    let s = blk_request(base, &mut q, 0, 40, rbuf, 4096);
+    print("blk: read status ");
+    hex(s as u64);
+    print("\n");
+    if s != 0 {
+        return false;
+    }
+    for i in 0..4096 {
+        if r8(rbuf + i) != r8(wbuf + i) {
+            print("blk: data mismatch at ");
+            hex(i);
+            print("\n");
+            return false;
+        }
+    }
+    print("blk: data verified\n");
+    let s = blk_request(base, &mut q, 4, 0, 0, 0);
+    print("blk: flush status ");
+    hex(s as u64);
+    print("\n");
+    s == 0
+}
+
+fn net(base: u64) -> bool {
+    // MAC (bit 5).
+    let Some([mut rx, mut tx]) = init(base, 1 << 5, 2) else {
+        return false;
+    };
+    let mut mac = [0u8; 6];
+    for (i, m) in mac.iter_mut().enumerate() {
+        *m = r8(base + 0x100 + i as u64);
+    }
+    // Eight receive buffers of 2 KiB.
+    let rxbuf = BUF + 0x1_0000;
+    for i in 0..8u16 {
+        rx.set_desc(i, rxbuf + i as u64 * 2048, 2048, F_WRITE, 0);
+        rx.push(i);
+    }
+    w32(base + 0x50, 0);
+    // One frame: 12-byte virtio-net header, broadcast, our MAC, 0x88b5.
+    let f = BUF + 0x8000;
+    fill(f, 12 + 60, |_| 0);
+    fill(f + 12, 6, |_| 0xff);
+    for (i, m) in mac.iter().enumerate() {
+        w8(f + 18 + i as u64, *m);
+    }
+    w8(f + 24, 0x88);
+    w8(f + 25, 0xb5);
+    for (i, b) in b"RIMG-VMM-TX".iter().enumerate() {
+        w8(f + 26 + i as u64, *b);
+    }
+    tx.set_desc(0, f, 12 + 60, 0, 0);
+    tx.push(0);
+    w32(base + 0x50, 1);
+    if tx.pop(10 * SECOND).is_none() {
+        print("net: tx not completed\n");
+        return false;
+    }
+    print("net: tx done\n");
+    loop {
+        let Some((id, len)) = rx.pop(20 * SECOND) else {
+            print("net: no frame received\n");
+            return false;
+        };
+        let b = rxbuf + id as u64 * 2048;
+        let et = ((r8(b + 12 + 12) as u16) << 8) | r8(b + 12 + 13) as u16;
+        print("net: rx len ");
+        hex(len as u64);
+        print(" ethertype ");
+        hex(et as u64);
+        print("\n");
+        if et == 0x88b6 {
+            print("net: rx payload ");
+            for i in 0..11 {
+                putc(r8(b + 12 + 14 + i));
+            }
+            print("\n");
+            return true;
+        }
+    }
+}
+
+#[no_mangle]
+extern "C" fn guest_main() -> ! {
+    print("probe: hello\n");
+    let mut ok = true;
+    let mut found = 0;
+    for i in 0..8u64 {
+        let base = MMIO + i * 0x1000;
+        if r32(base) != 0x7472_6976 {
+            continue;
+        }
+        found += 1;
+        let id = r32(base + 8);
+        let pass = match id {
+            2 => blk(base),
+            1 => net(base),
+            _ => true,
+        };
+        print(if pass { "device ok\n" } else { "device FAILED\n" });
+        ok &= pass;
+    }
+    print("probe: devices ");
+    hex(found);
+    print("\n");
+    print(if ok { "probe: PASS\n" } else { "probe: FAIL\n" });
+    // ACPI S5: SLP_TYP 5, SLP_EN.
+    outb(0x3c0, (5 << 2) | 0x20);
+    loop {
+        // SAFETY: halts until the VMM stops the vCPU.
+        unsafe { asm!("hlt") };
+    }
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    print("probe: panic\n");
+    outb(0x3c0, (5 << 2) | 0x20);
+    loop {}
+}
+
+// The host target's compiler_builtins leaves these to libc; loops over
+// volatile accesses keep the compiler from turning them into calls to
+// themselves.
+#[no_mangle]
+unsafe extern "C" fn memset(d: *mut u8, c: i32, n: usize) -> *mut u8 {
+    for i in 0..n {
+        // SAFETY: the caller passes a writable range of n bytes.
+        unsafe { write_volatile(d.add(i), c as u8) };
+    }
+    d
+}
+
+#[no_mangle]
+unsafe extern "C" fn memcpy(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    for i in 0..n {
+        // SAFETY: the caller passes non-overlapping ranges of n bytes.
+        unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+    }
+    d
+}
+
+#[no_mangle]
+unsafe extern "C" fn memmove(d: *mut u8, s: *const u8, n: usize) -> *mut u8 {
+    if (d as usize) < (s as usize) {
+        for i in 0..n {
+            // SAFETY: ranges of n bytes; forward copy is safe when d < s.
+            unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        }
+    } else {
+        for i in (0..n).rev() {
+            // SAFETY: ranges of n bytes; backward copy is safe when d > s.
+            unsafe { write_volatile(d.add(i), read_volatile(s.add(i))) };
+        }
+    }
+    d
+}
+
+#[no_mangle]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: the caller passes two readable ranges of n bytes.
+        let (x, y) = unsafe { (read_volatile(a.add(i)), read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+    }
+    0
+}
+
+/// The host target's precompiled libcore references the unwinder's
+/// personality routine; with panic=abort it is never called.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}

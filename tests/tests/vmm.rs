@@ -1,0 +1,196 @@
+//! rimg-vmm on this machine's /dev/kvm with a freestanding probe guest
+//! (tests/guests/virtio_probe.rs): a virtio-mmio disk served by
+//! rimg-vhost-blk and a NIC served by rimg-vhost-net, driven by the guest
+//! through rings in its own memory, the VMM only relaying the setup.
+//! Plus the VMM's usage errors.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use rimg_tests::blk::Daemon;
+use rimg_tests::net::{NetDaemon, Netns};
+use rimg_tests::vmm::{probe_guest, run_vmm};
+use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_raw_content, tempdir};
+
+const T: Duration = Duration::from_secs(60);
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn probe_guest_writes_reads_and_flushes_a_vhost_blk_disk() {
+    let d = tempdir();
+    let img = d.path().join("disk.qcow2");
+    let sock = d.path().join("blk.sock");
+    let o = qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]);
+    assert!(o.status.success());
+    let daemon = Daemon::start(&sock, &img, &[]).unwrap();
+    let disk = format!("socket={}", s(&sock));
+    let r = run_vmm(
+        &["--kernel", s(probe_guest()), "--memory", "64M", "--disk", &disk],
+        T,
+    );
+    r.assert_clean_exit();
+    for line in [
+        "blk: capacity 0x20000 sectors",
+        "blk: write status 0x0",
+        "blk: read status 0x0",
+        "blk: data verified",
+        "blk: flush status 0x0",
+        "probe: devices 0x1",
+        "probe: PASS",
+    ] {
+        assert!(r.console.contains(line), "missing {line:?}:\n{}", r.console);
+    }
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "daemon: {log}");
+    assert_qemu_check_clean(&img);
+    // The guest wrote 4 KiB at sector 40; the rest stays zero.
+    let raw = qemu_raw_content(&img, &d.path().join("raw"));
+    let at = 40 * 512;
+    for i in 0..4096usize {
+        let want = (i as u8) ^ 0x5a ^ ((i >> 8) as u8);
+        assert_eq!(raw[at + i], want, "byte {i} of the guest's write");
+    }
+    assert!(raw[..at].iter().all(|&b| b == 0));
+    assert!(raw[at + 4096..].iter().all(|&b| b == 0));
+}
+
+/// A packet socket on `dev` inside the namespace it is opened in.
+fn packet_socket(dev: &str) -> OwnedFd {
+    let name = std::ffi::CString::new(dev).unwrap();
+    // SAFETY: plain socket(2); the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW,
+            (libc::ETH_P_ALL as u16).to_be() as i32,
+        )
+    };
+    assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is fresh and ours.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex > 0, "no interface {dev}");
+    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex = ifindex as i32;
+    // SAFETY: bind with a sockaddr_ll of the size passed.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 200_000,
+    };
+    // SAFETY: setsockopt with a timeval of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    fd
+}
+
+#[test]
+fn probe_guest_sends_and_receives_frames_through_vhost_net() {
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let ns = Netns::new("vmm");
+    let d = tempdir();
+    let sock = d.path().join("net.sock");
+    let daemon = NetDaemon::start_in(&ns, &sock, &["--tap-create", "vt0"]).unwrap();
+    // No IPv6 on the TAP: only the guest's frames cross it.
+    ns.command("sysctl")
+        .args(["-qw", "net.ipv6.conf.vt0.disable_ipv6=1"])
+        .status()
+        .unwrap();
+    let pkt = ns.run_in(|| packet_socket("vt0"));
+    let net = format!("socket={},mac=52:54:00:12:34:56", s(&sock));
+    let guest = probe_guest().to_path_buf();
+    let vmm = std::thread::spawn(move || {
+        run_vmm(
+            &["--kernel", s(&guest), "--memory", "64M", "--net", &net],
+            T,
+        )
+    });
+    // The guest's frame: broadcast from its MAC, ethertype 0x88b5.
+    let deadline = Instant::now() + T;
+    let mut buf = [0u8; 2048];
+    let frame = loop {
+        assert!(Instant::now() < deadline, "no frame from the guest on the TAP");
+        // SAFETY: recv into our buffer of the length passed.
+        let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+            break buf[..n as usize].to_vec();
+        }
+    };
+    assert_eq!(&frame[..6], &[0xff; 6]);
+    assert_eq!(&frame[6..12], &MAC, "the MAC given with --net mac=");
+    assert_eq!(&frame[14..25], b"RIMG-VMM-TX");
+    assert_eq!(frame.len(), 60);
+    // A frame into the TAP, to the guest.
+    let mut out = [0u8; 60];
+    out[..6].copy_from_slice(&MAC);
+    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    out[12..14].copy_from_slice(&[0x88, 0xb6]);
+    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
+    // SAFETY: send from our buffer of the length passed.
+    let n = unsafe { libc::send(pkt.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, 60, "send: {}", std::io::Error::last_os_error());
+    let r = vmm.join().unwrap();
+    r.assert_clean_exit();
+    for line in ["net: tx done", "net: rx payload RIMG-VMM-RX", "probe: PASS"] {
+        assert!(r.console.contains(line), "missing {line:?}:\n{}", r.console);
+    }
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "daemon: {log}");
+}
+
+fn one_line_error(args: &[&str], needle: &str) {
+    let r = run_vmm(args, T);
+    assert_eq!(r.code, Some(1), "{args:?}: {}", r.stderr);
+    let err = r.stderr.trim();
+    assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    assert!(err.starts_with("rimg-vmm: "), "{err}");
+    assert!(err.contains(needle), "{args:?}: {err:?} lacks {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn usage_errors_are_one_clear_line() {
+    let d = tempdir();
+    let k = s(probe_guest());
+    let missing = d.path().join("nothing");
+    one_line_error(&["--kernel", s(&missing)], "cannot open kernel");
+    one_line_error(&["--kernel", k, "--memory", "12Q"], "invalid size '12Q'");
+    one_line_error(&["--kernel", k, "--memory", "1M"], "too small");
+    one_line_error(&["--kernel", k, "--cpus", "0"], "--cpus 0");
+    one_line_error(&["--kernel", k, "--disk", "readonly"], "socket=PATH is required");
+    one_line_error(
+        &["--kernel", k, "--net", "socket=/x,mac=zz:00:00:00:00:00"],
+        "invalid MAC",
+    );
+    let text = d.path().join("text");
+    std::fs::write(&text, b"not a kernel").unwrap();
+    one_line_error(&["--kernel", s(&text)], "neither an ELF");
+    // A socket path nobody listens on: absent, and a stale socket file.
+    let absent = format!("socket={}", s(&d.path().join("absent.sock")));
+    one_line_error(&["--kernel", k, "--disk", &absent], "no such socket");
+    let stale = d.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    let stale_spec = format!("socket={}", s(&stale));
+    one_line_error(&["--kernel", k, "--disk", &stale_spec], "stale.sock");
+}

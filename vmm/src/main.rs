@@ -1,0 +1,83 @@
+//! rimg-vmm: a minimal KVM VMM that boots Linux with vhost-user virtio-mmio
+//! disks and NICs.
+
+mod acpi;
+mod config;
+mod cpu;
+mod error;
+mod layout;
+mod loader;
+mod memory;
+mod mmio;
+mod vhost_user;
+mod vmm;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Boot a Linux kernel (bzImage or ELF vmlinux) on KVM, with a 16550
+/// console on ttyS0 and virtio-mmio devices served by vhost-user backends
+/// (rimg-vhost-blk, rimg-vhost-net, qemu-storage-daemon, ...).
+#[derive(Parser)]
+#[command(name = "rimg-vmm", version)]
+struct Args {
+    /// Kernel image: bzImage or ELF vmlinux
+    #[arg(long, value_name = "FILE")]
+    kernel: PathBuf,
+    /// Initramfs loaded at the top of low memory
+    #[arg(long, value_name = "FILE")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (virtio_mmio.device= entries are appended)
+    #[arg(long, value_name = "STR", default_value = "console=ttyS0 reboot=k panic=-1")]
+    cmdline: String,
+    /// Guest memory size (K, M, G suffixes)
+    #[arg(long, value_name = "SIZE", default_value = "256M")]
+    memory: String,
+    /// Number of vCPUs
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u8,
+    /// vhost-user-blk disk: socket=PATH[,readonly]; repeatable
+    #[arg(long, value_name = "SPEC")]
+    disk: Vec<String>,
+    /// vhost-user-net NIC: socket=PATH[,mac=MAC]; repeatable
+    #[arg(long, value_name = "SPEC")]
+    net: Vec<String>,
+}
+
+fn build(a: Args) -> error::Result<vmm::VmConfig> {
+    Ok(vmm::VmConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        memory: config::parse_size(&a.memory)?,
+        cpus: a.cpus,
+        disks: a
+            .disk
+            .iter()
+            .map(|d| config::parse_disk(d))
+            .collect::<error::Result<_>>()?,
+        nets: a
+            .net
+            .iter()
+            .map(|n| config::parse_net(n))
+            .collect::<error::Result<_>>()?,
+    })
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let stop = build(args).and_then(vmm::run);
+    match stop {
+        Ok(vmm::Stop::PowerOff) | Ok(vmm::Stop::Reset) => ExitCode::SUCCESS,
+        Ok(vmm::Stop::Fault(msg)) => {
+            eprintln!("rimg-vmm: {msg}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("rimg-vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Builds the VM (memory, irqchip, PIT, devices, boot state) and runs the
+//! vCPUs until the guest powers off or resets, or a vCPU fails.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd};
+use vm_superio::serial::NoEvents;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi;
+use crate::config::{DiskSpec, NetSpec};
+use crate::cpu;
+use crate::error::{Error, IoContext, KvmContext, Result};
+use crate::layout;
+use crate::loader;
+use crate::memory::GuestRam;
+use crate::mmio::{self, Health, MmioDevice, QUEUE_MAX};
+use crate::vhost_user::{Backend, Kind};
+
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub memory: u64,
+    pub cpus: u8,
+    pub disks: Vec<DiskSpec>,
+    pub nets: Vec<NetSpec>,
+}
+
+/// Why the VM stopped.
+#[derive(Debug)]
+pub enum Stop {
+    PowerOff,
+    Reset,
+    Fault(String),
+}
+
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+
+/// Serial interrupt line: an irqfd on IRQ 4.
+struct IrqLine(EventFd);
+
+impl Trigger for IrqLine {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Guest console output, unbuffered so prompts without a newline show.
+struct Console;
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(b)?;
+        out.flush()?;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+type Uart = Serial<IrqLine, NoEvents, Console>;
+
+struct Bus {
+    serial: Mutex<Uart>,
+    devices: Vec<(u64, Mutex<MmioDevice>)>,
+}
+
+impl Bus {
+    fn device(&self, addr: u64) -> Option<(u64, &Mutex<MmioDevice>)> {
+        self.devices
+            .iter()
+            .find(|(base, _)| addr >= *base && addr < *base + layout::VIRTIO_MMIO_SIZE)
+            .map(|(base, d)| (addr - base, d))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn run(cfg: VmConfig) -> Result<Stop> {
+    if cfg.cpus == 0 || cfg.cpus > 64 {
+        return Err(Error::Usage(format!("--cpus {} out of range 1..=64", cfg.cpus)));
+    }
+    let ndev = cfg.disks.len() + cfg.nets.len();
+    if ndev > layout::MAX_DEVICES {
+        return Err(Error::Usage(format!(
+            "at most {} --disk/--net devices",
+            layout::MAX_DEVICES
+        )));
+    }
+    if !cfg.kernel.is_file() {
+        return Err(Error::Kernel {
+            path: cfg.kernel.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    // Backends first: a socket nobody listens on is a usage error, found
+    // before any guest state exists.
+    let mut backends = Vec::new();
+    for d in &cfg.disks {
+        let extra = if d.readonly { VIRTIO_BLK_F_RO } else { 0 };
+        backends.push(Backend::connect(Kind::Block, &d.socket, extra)?);
+    }
+    for n in &cfg.nets {
+        let extra = if n.mac.is_some() { VIRTIO_NET_F_MAC } else { 0 };
+        let mut b = Backend::connect(Kind::Net, &n.socket, extra)?;
+        if let Some(mac) = n.mac {
+            b.config[..6].copy_from_slice(&mac);
+        }
+        backends.push(b);
+    }
+
+    let kvm = Kvm::new().map_err(|e| Error::Kvm {
+        what: "opening /dev/kvm",
+        source: e,
+    })?;
+    let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+    vm.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
+    vm.set_identity_map_address(0xfffb_c000)
+        .kvm("KVM_SET_IDENTITY_MAP_ADDR")?;
+    vm.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
+    vm.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .kvm("KVM_CREATE_PIT2")?;
+
+    let ram = GuestRam::new(cfg.memory)?;
+    for (slot, r) in ram.regions.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: r.guest,
+            memory_size: r.size,
+            userspace_addr: r.host,
+            flags: 0,
+        };
+        // SAFETY: the host range is a live mapping owned by `ram`, which
+        // outlives the VM (both live until the process exits), and the
+        // guest ranges do not overlap.
+        unsafe { vm.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
+    }
+
+    // Devices: window, IRQ, one ioeventfd per queue, one irqfd.
+    let mut devices = Vec::new();
+    let mut acpi_devs = Vec::new();
+    let mut cmdline = cfg.cmdline.clone();
+    for (i, backend) in backends.into_iter().enumerate() {
+        let base = layout::virtio_mmio(i);
+        let irq = layout::virtio_irq(i);
+        let call = EventFd::new(libc::EFD_NONBLOCK).io_ctx(|| "eventfd")?;
+        vm.register_irqfd(&call, irq).kvm("KVM_IRQFD")?;
+        let mut kicks = Vec::new();
+        for q in 0..backend.queues {
+            let kick = EventFd::new(libc::EFD_NONBLOCK).io_ctx(|| "eventfd")?;
+            vm.register_ioevent(
+                &kick,
+                &IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY),
+                q as u32,
+            )
+            .kvm("KVM_IOEVENTFD")?;
+            kicks.push(kick);
+        }
+        let health = Arc::new(Health {
+            failed: AtomicBool::new(false),
+            interrupt_status: AtomicU32::new(0),
+        });
+        watch_backend(
+            backend.raw_fd(),
+            backend.socket.clone(),
+            health.clone(),
+            call.try_clone().io_ctx(|| "eventfd")?,
+        );
+        devices.push((
+            base,
+            Mutex::new(MmioDevice::new(
+                backend,
+                ram.regions.clone(),
+                ram.fd(),
+                kicks,
+                call,
+                health,
+            )),
+        ));
+        acpi_devs.push(acpi::MmioDev { base, irq });
+        // For kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
+        cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
+    }
+    let _ = QUEUE_MAX;
+
+    cpu::write_boot_tables(&ram.mem)?;
+    let rsdp = acpi::write(&ram.mem, cfg.cpus, &acpi_devs)?;
+    let loaded = loader::load(&ram, &cfg.kernel, cfg.initrd.as_deref(), &cmdline, rsdp)?;
+
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).io_ctx(|| "eventfd")?;
+    vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
+        .kvm("KVM_IRQFD")?;
+    let bus = Arc::new(Bus {
+        serial: Mutex::new(Serial::new(IrqLine(serial_irq), Console)),
+        devices,
+    });
+    spawn_stdin(bus.clone());
+
+    let (tx, rx) = mpsc::channel();
+    let mut vcpus = Vec::new();
+    for id in 0..cfg.cpus {
+        let vcpu = vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?;
+        let entry = (id == 0).then_some(loaded.entry);
+        cpu::setup(&kvm, &vcpu, id, cfg.cpus, entry)?;
+        vcpus.push(vcpu);
+    }
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        let bus = bus.clone();
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || {
+                let stop = run_vcpu(id, vcpu, &bus);
+                let _ = tx.send(stop);
+            })
+            .io_ctx(|| "spawning vCPU thread")?;
+    }
+    drop(tx);
+    let stop = rx
+        .recv()
+        .unwrap_or_else(|_| Stop::Fault("all vCPU threads ended".into()));
+    // Other vCPUs stay in KVM_RUN; the process exit ends them.
+    keep(vm);
+    keep(ram);
+    Ok(stop)
+}
+
+/// Objects the vCPU threads use through raw pointers (guest memory) or
+/// descriptors (the VM) must outlive them: they live until process exit.
+fn keep<T: Send + 'static>(t: T) {
+    std::mem::forget(t);
+}
+
+fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> Stop {
+    loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if let Some(stop) = io_out(bus, port, data) {
+                    return stop;
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => io_in(bus, port, data),
+            Ok(VcpuExit::MmioRead(addr, data)) => match bus.device(addr) {
+                Some((off, d)) => lock(d).read(off, data),
+                None => data.fill(0xff),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((off, d)) = bus.device(addr) {
+                    lock(d).write(off, data)
+                }
+            }
+            Ok(VcpuExit::Hlt) => {}
+            Ok(VcpuExit::Shutdown) => {
+                return Stop::Fault(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Stop::Fault(format!(
+                    "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on CPU {cpu}"
+                ))
+            }
+            Ok(VcpuExit::InternalError) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                return Stop::Fault(format!(
+                    "vCPU {id}: KVM internal error (emulation failure?) at rip {rip:#x}"
+                ));
+            }
+            Ok(other) => return Stop::Fault(format!("vCPU {id}: unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Stop::Fault(format!("vCPU {id}: KVM_RUN: {e}")),
+        }
+    }
+}
+
+fn io_out(bus: &Bus, port: u16, data: &[u8]) -> Option<Stop> {
+    let v = data.first().copied().unwrap_or(0);
+    match port {
+        p if (layout::SERIAL_PORT..layout::SERIAL_PORT + 8).contains(&p) => {
+            let _ = lock(&bus.serial).write((p - layout::SERIAL_PORT) as u8, v);
+        }
+        layout::I8042_CMD if v == 0xfe => return Some(Stop::Reset),
+        layout::ACPI_RESET if v == layout::ACPI_RESET_VALUE => return Some(Stop::Reset),
+        // SLP_EN with sleep type 5 (S5, the DSDT's _S5_).
+        layout::ACPI_SLEEP_CONTROL if v & 0x20 != 0 && (v >> 2) & 7 == 5 => {
+            return Some(Stop::PowerOff)
+        }
+        _ => {}
+    }
+    None
+}
+
+fn io_in(bus: &Bus, port: u16, data: &mut [u8]) {
+    match port {
+        p if (layout::SERIAL_PORT..layout::SERIAL_PORT + 8).contains(&p) => {
+            let v = lock(&bus.serial).read((p - layout::SERIAL_PORT) as u8);
+            data.fill(0);
+            data[0] = v;
+        }
+        // i8042: nothing pending, input buffer empty.
+        layout::I8042_CMD | layout::I8042_DATA => data.fill(0),
+        layout::ACPI_SLEEP_STATUS => data.fill(0),
+        _ => data.fill(0xff),
+    }
+}
+
+/// Guest console input: bytes from stdin into the UART's receive FIFO.
+fn spawn_stdin(bus: Arc<Bus>) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n) = stdin.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let mut rest = &buf[..n];
+                while !rest.is_empty() {
+                    let took = lock(&bus.serial).enqueue_raw_bytes(rest).unwrap_or(0);
+                    rest = &rest[took..];
+                    if took == 0 {
+                        // FIFO full: let the guest drain it.
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        });
+}
+
+/// Watches a backend's socket: when the backend goes away the device is
+/// marked failed and the driver told, instead of the guest waiting
+/// forever on a dead ring.
+fn watch_backend(fd: i32, socket: PathBuf, health: Arc<Health>, call: EventFd) {
+    let _ = std::thread::Builder::new()
+        .name("vhost-watch".into())
+        .spawn(move || loop {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLRDHUP,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; the socket stays open for the
+            // process's lifetime (the device owning it is never dropped
+            // before exit).
+            let r = unsafe { libc::poll(&mut p, 1, -1) };
+            if r < 0 {
+                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                eprintln!(
+                    "rimg-vmm: backend {} disconnected; device marked failed",
+                    socket.display()
+                );
+                health
+                    .failed
+                    .store(true, std::sync::atomic::Ordering::Release);
+                mmio::notify_failed(&health, &call);
+                return;
+            }
+        });
+}
