@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
@@ -512,6 +512,12 @@ impl Guest {
     pub fn timeout(mut self, t: Duration) -> Guest {
         self.timeout = t;
         self
+    }
+
+    /// This guest's initramfs (init, busybox, modules, files, script), e.g.
+    /// to boot it with another VMM.
+    pub fn initramfs_image(&self) -> Vec<u8> {
+        self.initramfs(kit()).expect("initramfs")
     }
 
     fn initramfs(&self, kit: &Kit) -> Result<Vec<u8>, String> {

@@ -71,3 +71,28 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> VmmRun {
         timed_out: w.timed_out,
     }
 }
+
+/// rimg-vmm, rimg-vhost-blk and rimg-vhost-net linked statically (for the
+/// outer TCG guest, which has no libraries), built under
+/// target/static; returns the directory holding them.
+pub fn static_bins() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let target = crate::target_dir().join("static");
+        let triple = "x86_64-unknown-linux-gnu";
+        let st = Command::new(env!("CARGO"))
+            .current_dir(root)
+            .env("CARGO_TARGET_DIR", &target)
+            .env(
+                "RUSTFLAGS",
+                "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
+            )
+            .args(["build", "--quiet", "--target", triple])
+            .args(["-p", "rimg-vmm", "-p", "rimg-vhost-blk", "-p", "rimg-vhost-net"])
+            .status()
+            .expect("cargo build");
+        assert!(st.success(), "static build failed");
+        target.join(triple).join("debug")
+    })
+}

@@ -24,6 +24,8 @@ const TRANSPORT_BITS: u64 = (1 << 27) | (1 << 28) | (1 << 29) | (1 << 32);
 /// Device-specific feature bits 0..24 pass through.
 const DEVICE_BITS: u64 = (1 << 24) - 1;
 const VERSION_1: u64 = 1 << 32;
+/// virtio-net bits 17, 18, 19, 21, 22, 23.
+const NET_CTRL_BITS: u64 = (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | (1 << 22) | (1 << 23);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -148,8 +150,16 @@ impl Backend {
         } else {
             vec![0; kind.config_len() as usize]
         };
-        let features =
+        let mut features =
             (backend_features & (TRANSPORT_BITS | DEVICE_BITS)) | (extra & DEVICE_BITS);
+        if kind == Kind::Net {
+            // The control queue is the frontend's job in vhost-user (the
+            // backend serves data queues only) and this VMM does not
+            // implement one: no CTRL_VQ, and so none of the features that
+            // need it (CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ,
+            // CTRL_MAC_ADDR). One queue pair.
+            features &= !NET_CTRL_BITS;
+        }
         Ok(Backend {
             kind,
             socket: socket.into(),
