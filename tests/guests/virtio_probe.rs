@@ -327,8 +327,10 @@ fn net(base: u64) -> bool {
     }
     print("net: tx done\n");
     loop {
-        let Some((id, len)) = rx.pop(20 * SECOND) else {
-            print("net: no frame received\n");
+        let Some((id, len)) = rx.pop(10 * SECOND) else {
+            print("net: no frame received, device status ");
+            hex(r32(base + 0x70) as u64);
+            print("\n");
             return false;
         };
         let b = rxbuf + id as u64 * 2048;

@@ -159,6 +159,49 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     assert!(st.success(), "daemon: {log}");
 }
 
+/// The backend dies while the guest waits for a frame: the VMM marks the
+/// device failed (NEEDS_RESET in its status, config interrupt), says so,
+/// and still ends cleanly when the guest powers off.
+#[test]
+fn dead_backend_marks_the_device_failed() {
+    let ns = Netns::new("vmmdead");
+    let d = tempdir();
+    let sock = d.path().join("net.sock");
+    let daemon = NetDaemon::start_in(&ns, &sock, &["--tap-create", "vd0"]).unwrap();
+    let pkt = ns.run_in(|| packet_socket("vd0"));
+    let net = format!("socket={}", s(&sock));
+    let guest = probe_guest().to_path_buf();
+    let vmm = std::thread::spawn(move || {
+        run_vmm(&["--kernel", s(&guest), "--memory", "64M", "--net", &net], T)
+    });
+    let deadline = Instant::now() + T;
+    let mut buf = [0u8; 2048];
+    loop {
+        assert!(Instant::now() < deadline, "no frame from the guest on the TAP");
+        // SAFETY: recv into our buffer of the length passed.
+        let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+            break;
+        }
+    }
+    // SIGKILL (Drop), mid-run.
+    drop(daemon);
+    let r = vmm.join().unwrap();
+    assert_eq!(r.code, Some(0), "{}\n{}", r.console, r.stderr);
+    assert!(
+        r.stderr.contains("disconnected; device marked failed"),
+        "{}",
+        r.stderr
+    );
+    // DRIVER_OK | FEATURES_OK | DRIVER | ACK with NEEDS_RESET (0x40).
+    assert!(
+        r.console.contains("net: no frame received, device status 0x4f"),
+        "{}",
+        r.console
+    );
+    assert!(r.console.contains("probe: FAIL"), "{}", r.console);
+}
+
 fn one_line_error(args: &[&str], needle: &str) {
     let r = run_vmm(args, T);
     assert_eq!(r.code, Some(1), "{args:?}: {}", r.stderr);
