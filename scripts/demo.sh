@@ -3,6 +3,7 @@
 # write through the rimg qcow2 library, show it with rimg info, serve it
 # with rimg-vhost-blk to a libblkio vhost-user-blk client for a short
 # random-I/O run, and let qemu-img judge the result (check + compare).
+# Then boot Linux on rimg-vmm with both daemons (nested KVM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet --bin rimg --bin rimg-vhost-blk --example demo --example blk_bench \
@@ -40,4 +41,8 @@ kill -TERM "$daemon"
 wait "$daemon"
 echo "== qemu-img check of the served image"
 qemu-img check "$work/served.qcow2"
+echo "== the whole stack: Linux on rimg-vmm with rimg-vhost-blk and rimg-vhost-net"
+echo "   (nested: this host's KVM cannot boot Linux, so an outer QEMU TCG guest with"
+echo "   kvm_amd hosts the daemons and the VMM; the guest kit is fetched on first use)"
+cargo run --release --quiet -p rimg-tests --example stack_demo
 echo "demo OK"

@@ -6,6 +6,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::guest::{kit, Guest, GuestOutput};
+
 /// Builds tests/guests/virtio_probe.rs into an ELF the VMM loads as its
 /// kernel: no_std, linked at 2 MiB, entered in long mode.
 pub fn probe_guest() -> &'static Path {
@@ -89,10 +91,155 @@ pub fn static_bins() -> &'static Path {
                 "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
             )
             .args(["build", "--quiet", "--target", triple])
-            .args(["-p", "rimg-vmm", "-p", "rimg-vhost-blk", "-p", "rimg-vhost-net"])
+            .args([
+                "-p",
+                "rimg-vmm",
+                "-p",
+                "rimg-vhost-blk",
+                "-p",
+                "rimg-vhost-net",
+            ])
             .status()
             .expect("cargo build");
         assert!(st.success(), "static build failed");
         target.join(triple).join("debug")
     })
+}
+
+/// The inner Linux guest's script (on rimg-vmm): filesystem on the qcow2
+/// disk verified across a remount, ping and TCP both ways to the TAP side.
+pub const INNER: &str = r#"
+echo "inner-cpus $(grep -c ^processor /proc/cpuinfo)"
+mke2fs -q /dev/vda
+mount /dev/vda /mnt
+dd if=/dev/urandom of=/mnt/f bs=1M count=4 2>/dev/null
+sha256sum /mnt/f > /tmp/sum
+umount /mnt
+mount /dev/vda /mnt
+sha256sum -c /tmp/sum
+umount /mnt
+echo "virtio devices: $(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
+ip link set eth0 up
+ip addr add 10.0.0.2/24 dev eth0
+ping -c 2 -W 10 10.0.0.1
+dd if=/dev/urandom of=/tmp/out bs=1M count=4 2>/dev/null
+echo "inner-out $(sha256sum /tmp/out)"
+nc 10.0.0.1 5001 < /tmp/out
+# The receiving side keeps its stdin open (busybox nc half-closes at
+# stdin EOF).
+mkfifo /tmp/hold
+exec 3<>/tmp/hold
+nc 10.0.0.1 5002 < /tmp/hold > /tmp/in
+echo "inner-in $(sha256sum /tmp/in)"
+echo INNER-PASS
+"#;
+
+/// The outer TCG guest's script: the "host" running the daemons and
+/// rimg-vmm under nested KVM; it sends the image back on /dev/vda.
+pub const OUTER: &str = r#"
+ls -l /dev/kvm
+ip link set lo up
+rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 > /tmp/blk.log 2>&1 &
+BLK=$!
+rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 > /tmp/net.log 2>&1 &
+NET=$!
+until grep -q serving /tmp/blk.log && grep -q serving /tmp/net.log; do usleep 20000; done
+ip addr add 10.0.0.1/24 dev tap0
+dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null
+echo "outer-blob $(sha256sum /tmp/blob)"
+mkfifo /tmp/hold
+exec 3<>/tmp/hold
+nc -l -p 5001 < /tmp/hold > /tmp/recv &
+RECV=$!
+nc -l -p 5002 < /tmp/blob &
+until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
+rc=0
+rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 256M --cpus 2 \
+  --cmdline "console=ttyS0 quiet panic=-1 reboot=k" \
+  --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:56 \
+  > /tmp/inner.log 2>&1 || rc=$?
+sed 's/^/inner| /' /tmp/inner.log
+echo "vmm-exit $rc"
+[ $rc = 0 ]
+grep -q INNER-PASS /tmp/inner.log
+wait $RECV
+echo "outer-recv $(sha256sum /tmp/recv)"
+kill -TERM $BLK $NET
+wait $BLK
+wait $NET
+cat /tmp/blk.log /tmp/net.log
+dd if=/disk.qcow2 of=/dev/vda bs=64k conv=fsync 2>/dev/null
+echo "disk-size $(stat -c %s /disk.qcow2)"
+"#;
+
+/// One run of the whole stack in the nested setup (shared/TESTBED.md):
+/// an outer QEMU TCG guest with kvm_amd runs static rimg-vhost-blk,
+/// rimg-vhost-net and rimg-vmm, which boots the 6.1 cloud kernel with 2
+/// vCPUs, the qcow2 disk and the NIC.
+pub struct StackRun {
+    pub out: GuestOutput,
+    /// The qcow2 image as the daemon left it (valid when the run passed).
+    pub image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+pub fn run_linux_stack(timeout: Duration) -> StackRun {
+    let dir = crate::tempdir();
+    let bins = static_bins();
+    let img = dir.path().join("disk.qcow2");
+    let o = crate::qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    assert!(o.status.success(), "qemu-img create");
+    // The outer guest writes the image back here when done.
+    let back = dir.path().join("back.raw");
+    std::fs::File::create(&back)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let inner = Guest::new(INNER)
+        .module("virtio_mmio")
+        .module("virtio_blk")
+        .module("virtio_net")
+        .initramfs_image();
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    let out = Guest::new(OUTER)
+        .module("kvm_amd")
+        .module("tun")
+        .module("virtio_pci")
+        .module("virtio_blk")
+        .memory_mib(1024)
+        .cpus(2)
+        .timeout(timeout)
+        .file("/vmlinuz", read(kit().kernel()), 0o644)
+        .file("/inner.cpio", inner, 0o644)
+        .file("/disk.qcow2", read(&img), 0o644)
+        .file("/bin/rimg-vmm", read(&bins.join("rimg-vmm")), 0o755)
+        .file(
+            "/bin/rimg-vhost-blk",
+            read(&bins.join("rimg-vhost-blk")),
+            0o755,
+        )
+        .file(
+            "/bin/rimg-vhost-net",
+            read(&bins.join("rimg-vhost-net")),
+            0o755,
+        )
+        .qemu_args([
+            "-drive".to_string(),
+            format!("file={},format=raw,if=virtio", back.display()),
+        ])
+        .run();
+    if let Some(size) = out
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("disk-size "))
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    {
+        let data = std::fs::read(&back).unwrap();
+        std::fs::write(&img, &data[..size.min(data.len())]).unwrap();
+    }
+    StackRun {
+        out,
+        image: img,
+        _dir: dir,
+    }
 }

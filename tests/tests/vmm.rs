@@ -28,7 +28,14 @@ fn probe_guest_writes_reads_and_flushes_a_vhost_blk_disk() {
     let daemon = Daemon::start(&sock, &img, &[]).unwrap();
     let disk = format!("socket={}", s(&sock));
     let r = run_vmm(
-        &["--kernel", s(probe_guest()), "--memory", "64M", "--disk", &disk],
+        &[
+            "--kernel",
+            s(probe_guest()),
+            "--memory",
+            "64M",
+            "--disk",
+            &disk,
+        ],
         T,
     );
     r.assert_clean_exit();
@@ -68,7 +75,11 @@ fn packet_socket(dev: &str) -> OwnedFd {
             (libc::ETH_P_ALL as u16).to_be() as i32,
         )
     };
-    assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: `fd` is fresh and ours.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     // SAFETY: if_nametoindex reads a NUL-terminated string.
@@ -130,7 +141,10 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     let deadline = Instant::now() + T;
     let mut buf = [0u8; 2048];
     let frame = loop {
-        assert!(Instant::now() < deadline, "no frame from the guest on the TAP");
+        assert!(
+            Instant::now() < deadline,
+            "no frame from the guest on the TAP"
+        );
         // SAFETY: recv into our buffer of the length passed.
         let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n >= 14 && buf[12..14] == [0x88, 0xb5] {
@@ -172,12 +186,18 @@ fn dead_backend_marks_the_device_failed() {
     let net = format!("socket={}", s(&sock));
     let guest = probe_guest().to_path_buf();
     let vmm = std::thread::spawn(move || {
-        run_vmm(&["--kernel", s(&guest), "--memory", "64M", "--net", &net], T)
+        run_vmm(
+            &["--kernel", s(&guest), "--memory", "64M", "--net", &net],
+            T,
+        )
     });
     let deadline = Instant::now() + T;
     let mut buf = [0u8; 2048];
     loop {
-        assert!(Instant::now() < deadline, "no frame from the guest on the TAP");
+        assert!(
+            Instant::now() < deadline,
+            "no frame from the guest on the TAP"
+        );
         // SAFETY: recv into our buffer of the length passed.
         let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
         if n >= 14 && buf[12..14] == [0x88, 0xb5] {
@@ -195,7 +215,8 @@ fn dead_backend_marks_the_device_failed() {
     );
     // DRIVER_OK | FEATURES_OK | DRIVER | ACK with NEEDS_RESET (0x40).
     assert!(
-        r.console.contains("net: no frame received, device status 0x4f"),
+        r.console
+            .contains("net: no frame received, device status 0x4f"),
         "{}",
         r.console
     );
@@ -221,7 +242,10 @@ fn usage_errors_are_one_clear_line() {
     one_line_error(&["--kernel", k, "--memory", "12Q"], "invalid size '12Q'");
     one_line_error(&["--kernel", k, "--memory", "1M"], "too small");
     one_line_error(&["--kernel", k, "--cpus", "0"], "--cpus 0");
-    one_line_error(&["--kernel", k, "--disk", "readonly"], "socket=PATH is required");
+    one_line_error(
+        &["--kernel", k, "--disk", "readonly"],
+        "socket=PATH is required",
+    );
     one_line_error(
         &["--kernel", k, "--net", "socket=/x,mac=zz:00:00:00:00:00"],
         "invalid MAC",

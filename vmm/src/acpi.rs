@@ -4,13 +4,15 @@
 //! driver binds). The 6.1 cloud kernel finds CPUs and virtio-mmio devices
 //! only this way (no MP table parsing, no command-line devices).
 
-use acpi_tables::{aml, Aml};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::{Error, Result};
@@ -66,7 +68,15 @@ fn dsdt(devs: &[MmioDev]) -> Vec<u8> {
 }
 
 fn fadt(dsdt_addr: u64) -> Vec<u8> {
-    let io = |port: u16| GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port as u64);
+    let io = |port: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            port as u64,
+        )
+    };
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE, 1)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup)
@@ -117,8 +127,11 @@ pub fn write(mem: &Mem, cpus: u8, devs: &[MmioDev]) -> Result<u64> {
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
     let xsdt_addr = put(&bytes(&xsdt))?;
-    mem.write_slice(&bytes(&Rsdp::new(OEM_ID, xsdt_addr)), GuestAddress(rsdp_addr))
-        .map_err(|e| Error::Memory(format!("writing RSDP: {e}")))?;
+    mem.write_slice(
+        &bytes(&Rsdp::new(OEM_ID, xsdt_addr)),
+        GuestAddress(rsdp_addr),
+    )
+    .map_err(|e| Error::Memory(format!("writing RSDP: {e}")))?;
     Ok(rsdp_addr)
 }
 
@@ -137,7 +150,10 @@ mod tests {
             irq: 5,
         }]);
         assert_eq!(&d[..4], b"DSDT");
-        assert_eq!(u32::from_le_bytes(d[4..8].try_into().unwrap()) as usize, d.len());
+        assert_eq!(
+            u32::from_le_bytes(d[4..8].try_into().unwrap()) as usize,
+            d.len()
+        );
         assert!(checksum_ok(&d));
         assert!(d.windows(8).any(|w| w == b"LNRO0005"));
         let f = fadt(0x1234);

@@ -6,7 +6,11 @@ use crate::error::{Error, Result};
 
 /// A size like `256M`, `1G`, `65536` (bytes) or `512K`.
 pub fn parse_size(s: &str) -> Result<u64> {
-    let bad = || Error::Usage(format!("invalid size '{s}': expected a number with K, M or G"));
+    let bad = || {
+        Error::Usage(format!(
+            "invalid size '{s}': expected a number with K, M or G"
+        ))
+    };
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
             let m = match c.to_ascii_uppercase() {

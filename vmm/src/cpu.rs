@@ -136,16 +136,16 @@ pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8, entry: Option<u64>) ->
         ..Default::default()
     };
     let msrs = Msrs::from_entries(&[
-        msr(0x174, 0),         // IA32_SYSENTER_CS
-        msr(0x175, 0),         // IA32_SYSENTER_ESP
-        msr(0x176, 0),         // IA32_SYSENTER_EIP
-        msr(0xc000_0081, 0),   // STAR
-        msr(0xc000_0082, 0),   // LSTAR
-        msr(0xc000_0083, 0),   // CSTAR
-        msr(0xc000_0084, 0),   // SYSCALL_MASK
-        msr(0xc000_0102, 0),   // KERNEL_GS_BASE
-        msr(0x10, 0),          // TSC
-        msr(0x1a0, 1),         // IA32_MISC_ENABLE: fast strings
+        msr(0x174, 0),                     // IA32_SYSENTER_CS
+        msr(0x175, 0),                     // IA32_SYSENTER_ESP
+        msr(0x176, 0),                     // IA32_SYSENTER_EIP
+        msr(0xc000_0081, 0),               // STAR
+        msr(0xc000_0082, 0),               // LSTAR
+        msr(0xc000_0083, 0),               // CSTAR
+        msr(0xc000_0084, 0),               // SYSCALL_MASK
+        msr(0xc000_0102, 0),               // KERNEL_GS_BASE
+        msr(0x10, 0),                      // TSC
+        msr(0x1a0, 1),                     // IA32_MISC_ENABLE: fast strings
         msr(0x277, 0x0007_0406_0007_0406), // PAT, power-on value
     ])
     .map_err(|e| Error::Memory(format!("MSR list: {e:?}")))?;
@@ -228,7 +228,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode() {
         let c = segment(GDT[2], CODE_SEL);
-        assert_eq!((c.l, c.db, c.present, c.s, c.type_, c.g), (1, 0, 1, 1, 0xb, 1));
+        assert_eq!(
+            (c.l, c.db, c.present, c.s, c.type_, c.g),
+            (1, 0, 1, 1, 0xb, 1)
+        );
         let d = segment(GDT[3], DATA_SEL);
         assert_eq!((d.l, d.db, d.present, d.type_), (0, 1, 1, 0x3));
         assert_eq!(gdt_entry(0xa09b, 0, 0xfffff), 0x00af_9b00_0000_ffff);

@@ -81,7 +81,10 @@ mod tests {
         assert_eq!(ram_regions(256 << 20), vec![(0, 256 << 20)]);
         assert_eq!(
             ram_regions(4 << 30),
-            vec![(0, MMIO_HOLE_START), (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)]
+            vec![
+                (0, MMIO_HOLE_START),
+                (FOUR_GIB, (4 << 30) - MMIO_HOLE_START)
+            ]
         );
     }
 
@@ -101,7 +104,7 @@ mod tests {
                 assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} {b:x?}");
             }
         }
-        assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 0x1000);
-        assert!(VIRTIO_MMIO_BASE + MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE < IOAPIC);
+        const { assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 0x1000) };
+        const { assert!(VIRTIO_MMIO_BASE + MAX_DEVICES as u64 * VIRTIO_MMIO_SIZE < IOAPIC) };
     }
 }

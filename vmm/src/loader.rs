@@ -49,9 +49,7 @@ pub fn load(
             Err(bz_err) => {
                 return Err(Error::KernelLoad {
                     path: kernel.into(),
-                    msg: format!(
-                        "neither an ELF ({elf_err}) nor a bzImage ({bz_err})"
-                    ),
+                    msg: format!("neither an ELF ({elf_err}) nor a bzImage ({bz_err})"),
                 })
             }
         },
@@ -117,7 +115,11 @@ pub fn load(
     };
     let mut e820 = vec![
         (0, layout::EBDA_START, E820_RAM),
-        (layout::EBDA_START, layout::HIMEM_START - layout::EBDA_START, E820_RESERVED),
+        (
+            layout::EBDA_START,
+            layout::HIMEM_START - layout::EBDA_START,
+            E820_RESERVED,
+        ),
     ];
     for r in &ram.regions {
         let start = r.guest.max(layout::HIMEM_START);

@@ -30,7 +30,11 @@ struct Args {
     #[arg(long, value_name = "FILE")]
     initrd: Option<PathBuf>,
     /// Kernel command line (virtio_mmio.device= entries are appended)
-    #[arg(long, value_name = "STR", default_value = "console=ttyS0 reboot=k panic=-1")]
+    #[arg(
+        long,
+        value_name = "STR",
+        default_value = "console=ttyS0 reboot=k panic=-1"
+    )]
     cmdline: String,
     /// Guest memory size (K, M, G suffixes)
     #[arg(long, value_name = "SIZE", default_value = "256M")]

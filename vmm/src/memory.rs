@@ -6,7 +6,8 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 use crate::error::{Error, IoContext, Result};
@@ -38,7 +39,7 @@ impl GuestRam {
                 "--memory {size} bytes is too small: at least 64M"
             )));
         }
-        if size % 4096 != 0 {
+        if !size.is_multiple_of(4096) {
             return Err(Error::Usage("--memory must be a multiple of 4K".into()));
         }
         // SAFETY: memfd_create with a valid NUL-terminated name; the result
@@ -76,11 +77,7 @@ impl GuestRam {
                 offset,
             });
         }
-        Ok(GuestRam {
-            mem,
-            file,
-            regions,
-        })
+        Ok(GuestRam { mem, file, regions })
     }
 
     pub fn fd(&self) -> i32 {

@@ -118,16 +118,14 @@ impl MmioDevice {
                 1 => (self.backend.features >> 32) as u32,
                 _ => 0,
             },
-            0x34 => {
-                if self.queue().is_some() {
-                    QUEUE_MAX as u32
-                } else {
-                    0
-                }
-            }
+            0x34 if self.queue().is_some() => QUEUE_MAX as u32,
             0x44 => self.queue().is_some_and(|q| q.ready) as u32,
             0x60 => {
-                let running = if self.running.is_empty() { 0 } else { INT_VRING };
+                let running = if self.running.is_empty() {
+                    0
+                } else {
+                    INT_VRING
+                };
                 running | self.health.interrupt_status.load(Ordering::Acquire)
             }
             0x70 => self.status(),

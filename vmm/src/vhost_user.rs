@@ -105,7 +105,9 @@ impl Backend {
             msg: format!("{e} (is the {} backend listening?)", kind.name()),
         })?;
         fe.set_owner().map_err(vhost_err(socket, "SET_OWNER"))?;
-        let backend_features = fe.get_features().map_err(vhost_err(socket, "GET_FEATURES"))?;
+        let backend_features = fe
+            .get_features()
+            .map_err(vhost_err(socket, "GET_FEATURES"))?;
         if backend_features & VERSION_1 == 0 {
             return Err(Error::Vhost {
                 socket: socket.into(),
@@ -127,7 +129,8 @@ impl Backend {
                 .map_err(vhost_err(socket, "SET_PROTOCOL_FEATURES"))?;
         }
         let queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            fe.get_queue_num().map_err(vhost_err(socket, "GET_QUEUE_NUM"))? as usize
+            fe.get_queue_num()
+                .map_err(vhost_err(socket, "GET_QUEUE_NUM"))? as usize
         } else {
             match kind {
                 Kind::Block => 1,
@@ -144,7 +147,12 @@ impl Backend {
         let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
             let len = kind.config_len();
             let (_, data) = fe
-                .get_config(0, len, VhostUserConfigFlags::WRITABLE, &vec![0; len as usize])
+                .get_config(
+                    0,
+                    len,
+                    VhostUserConfigFlags::WRITABLE,
+                    &vec![0; len as usize],
+                )
                 .map_err(vhost_err(socket, "GET_CONFIG"))?;
             data
         } else {
@@ -189,8 +197,7 @@ impl Backend {
     ) -> Result<()> {
         let s = self.socket.clone();
         let s = s.as_path();
-        let acked = (driver_features & self.features)
-            | (self.backend_features & PROTOCOL_FEATURES);
+        let acked = (driver_features & self.features) | (self.backend_features & PROTOCOL_FEATURES);
         self.fe
             .set_features(acked)
             .map_err(vhost_err(s, "SET_FEATURES"))?;

@@ -20,7 +20,7 @@ use crate::error::{Error, IoContext, KvmContext, Result};
 use crate::layout;
 use crate::loader;
 use crate::memory::GuestRam;
-use crate::mmio::{self, Health, MmioDevice, QUEUE_MAX};
+use crate::mmio::{self, Health, MmioDevice};
 use crate::vhost_user::{Backend, Kind};
 
 pub struct VmConfig {
@@ -91,7 +91,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub fn run(cfg: VmConfig) -> Result<Stop> {
     if cfg.cpus == 0 || cfg.cpus > 64 {
-        return Err(Error::Usage(format!("--cpus {} out of range 1..=64", cfg.cpus)));
+        return Err(Error::Usage(format!(
+            "--cpus {} out of range 1..=64",
+            cfg.cpus
+        )));
     }
     let ndev = cfg.disks.len() + cfg.nets.len();
     if ndev > layout::MAX_DEVICES {
@@ -197,7 +200,6 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         // For kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES.
         cmdline.push_str(&format!(" virtio_mmio.device=4K@{base:#x}:{irq}"));
     }
-    let _ = QUEUE_MAX;
 
     cpu::write_boot_tables(&ram.mem)?;
     let rsdp = acpi::write(&ram.mem, cfg.cpus, &acpi_devs)?;
