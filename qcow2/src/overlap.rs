@@ -301,10 +301,13 @@ impl MetadataMap {
             kind.name()
         );
         self.refused = Some(msg.clone());
-        let marked = if self.v3 { mark_corrupt(st) } else { Ok(()) };
-        Err(Error::OverlapRefused(match marked {
-            Ok(()) => format!("{msg}; refused, image marked corrupt"),
-            Err(e) => format!("{msg}; refused (marking the image corrupt failed: {e})"),
+        Err(Error::OverlapRefused(if !self.v3 {
+            format!("{msg}; refused (version 2 has no corrupt bit: this open image takes no more writes)")
+        } else {
+            match mark_corrupt(st) {
+                Ok(()) => format!("{msg}; refused, image marked corrupt"),
+                Err(e) => format!("{msg}; refused (marking the image corrupt failed: {e})"),
+            }
         }))
     }
 
