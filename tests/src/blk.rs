@@ -36,6 +36,15 @@ pub struct Client {
 /// What a request returned: 0 or a negative errno.
 pub type Ret = i32;
 
+/// One request of [`Client::batch`].
+#[derive(Debug, Clone, Copy)]
+pub enum Req<'a> {
+    Write(u64, &'a [u8]),
+    /// Offset, length, unmap allowed.
+    WriteZeroes(u64, u64, bool),
+    Discard(u64, u64),
+}
+
 impl Client {
     pub fn connect(socket: &Path, num_queues: usize, read_only: bool) -> Result<Client, String> {
         let e = |e: blkio::Error| e.message().to_string();
@@ -129,6 +138,49 @@ impl Client {
         }
         let mut r = vec![1; offs.len()];
         for c in self.wait(q, offs.len()) {
+            r[c.user_data] = c.ret;
+        }
+        r
+    }
+
+    /// Submits `reqs` at once (queue depth = reqs.len()) and waits for
+    /// all of them; write data is copied into the queue's buffer one
+    /// after the other. Returns each request's result.
+    pub fn batch(&mut self, q: usize, reqs: &[Req<'_>]) -> Vec<Ret> {
+        let total: usize = reqs
+            .iter()
+            .map(|r| match r {
+                Req::Write(_, d) => d.len(),
+                _ => 0,
+            })
+            .sum();
+        assert!(total <= self.buf_len, "batch data exceeds the buffer");
+        let base = self.buf(q).as_mut_ptr();
+        let mut at = 0;
+        for (i, r) in reqs.iter().enumerate() {
+            match *r {
+                Req::Write(off, d) => {
+                    self.buf(q)[at..at + d.len()].copy_from_slice(d);
+                    // SAFETY: at + d.len() <= total <= buf_len.
+                    let p = unsafe { base.add(at) };
+                    self.queues[q].write(off, p, d.len(), i, ReqFlags::empty());
+                    at += d.len();
+                }
+                Req::WriteZeroes(off, len, unmap) => {
+                    let f = if unmap {
+                        ReqFlags::empty()
+                    } else {
+                        ReqFlags::NO_UNMAP
+                    };
+                    self.queues[q].write_zeroes(off, len, i, f);
+                }
+                Req::Discard(off, len) => {
+                    self.queues[q].discard(off, len, i, ReqFlags::empty());
+                }
+            }
+        }
+        let mut r = vec![1; reqs.len()];
+        for c in self.wait(q, reqs.len()) {
             r[c.user_data] = c.ret;
         }
         r
