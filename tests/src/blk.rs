@@ -143,28 +143,28 @@ impl Client {
         r
     }
 
-    /// Submits `reqs` at once (queue depth = reqs.len()) and waits for
-    /// all of them; write data is copied into the queue's buffer one
-    /// after the other. Returns each request's result.
-    pub fn batch(&mut self, q: usize, reqs: &[Req<'_>]) -> Vec<Ret> {
-        let total: usize = reqs
-            .iter()
-            .map(|r| match r {
-                Req::Write(_, d) => d.len(),
-                _ => 0,
-            })
-            .sum();
-        assert!(total <= self.buf_len, "batch data exceeds the buffer");
-        let base = self.buf(q).as_mut_ptr();
-        let mut at = 0;
-        for (i, r) in reqs.iter().enumerate() {
-            match *r {
+    /// Submits every request of `reqs` (each on its queue) at once, then
+    /// waits for all of them; write data is copied into each queue's
+    /// buffer one after the other. Returns each request's result.
+    pub fn batch(&mut self, reqs: &[(usize, Req<'_>)]) -> Vec<Ret> {
+        let mut at = vec![0usize; self.queues.len()];
+        let mut per_queue = vec![0usize; self.queues.len()];
+        for (i, &(q, r)) in reqs.iter().enumerate() {
+            per_queue[q] += 1;
+            match r {
                 Req::Write(off, d) => {
-                    self.buf(q)[at..at + d.len()].copy_from_slice(d);
-                    // SAFETY: at + d.len() <= total <= buf_len.
-                    let p = unsafe { base.add(at) };
+                    let from = at[q];
+                    assert!(
+                        from + d.len() <= self.buf_len,
+                        "batch data exceeds the buffer"
+                    );
+                    let buf = self.buf(q);
+                    buf[from..from + d.len()].copy_from_slice(d);
+                    // SAFETY: from + d.len() <= buf_len, inside queue q's
+                    // slice of the mapped region.
+                    let p = unsafe { buf.as_ptr().add(from) };
                     self.queues[q].write(off, p, d.len(), i, ReqFlags::empty());
-                    at += d.len();
+                    at[q] += d.len();
                 }
                 Req::WriteZeroes(off, len, unmap) => {
                     let f = if unmap {
@@ -180,8 +180,12 @@ impl Client {
             }
         }
         let mut r = vec![1; reqs.len()];
-        for c in self.wait(q, reqs.len()) {
-            r[c.user_data] = c.ret;
+        for (q, &n) in per_queue.iter().enumerate() {
+            if n > 0 {
+                for c in self.wait(q, n) {
+                    r[c.user_data] = c.ret;
+                }
+            }
         }
         r
     }

@@ -3,9 +3,9 @@
 //!
 //! `crash_writer lib IMAGE SEED ROUND THREADS`: through the qcow2 library,
 //! each batch's requests spread over THREADS threads.
-//! `crash_writer blk SOCKET SEED ROUND`: through a libblkio
+//! `crash_writer blk SOCKET SEED ROUND QUEUES`: through a libblkio
 //! virtio-blk-vhost-user client (rimg-vhost-blk on the other end), each
-//! batch's requests in flight at once.
+//! batch's requests in flight at once, spread over QUEUES queues.
 //!
 //! Prints `ready` once the image is open, then `F <batch>` after each
 //! batch's flush completed: everything the batches up to it wrote is then
@@ -73,28 +73,30 @@ fn run_lib(image: &Path, seed: u64, round: u64, threads: usize) -> ! {
     unreachable!()
 }
 
-fn run_blk(socket: &Path, seed: u64, round: u64) -> ! {
-    let mut c = Client::connect(socket, 1, false)
+fn run_blk(socket: &Path, seed: u64, round: u64, queues: usize) -> ! {
+    let mut c = Client::connect(socket, queues, false)
         .unwrap_or_else(|e| die(format!("connect {}: {e}", socket.display())));
     let mut wl = Workload::new(seed, round, c.capacity() / SECTOR);
     say("ready");
     for b in 0u64.. {
         let ops = wl.next_batch();
         let data: Vec<Vec<u8>> = ops.iter().map(Op::data).collect();
-        let reqs: Vec<Req<'_>> = ops
+        let reqs: Vec<(usize, Req<'_>)> = ops
             .iter()
             .zip(&data)
-            .map(|(op, d)| {
+            .enumerate()
+            .map(|(i, (op, d))| {
                 let (sector, count) = op.range();
                 let (off, len) = (sector * SECTOR, count * SECTOR);
-                match *op {
+                let r = match *op {
                     Op::Write { .. } => Req::Write(off, d),
                     Op::Zero { unmap, .. } => Req::WriteZeroes(off, len, unmap),
                     Op::Discard { .. } => Req::Discard(off, len),
-                }
+                };
+                (i % queues, r)
             })
             .collect();
-        for (op, r) in ops.iter().zip(c.batch(0, &reqs)) {
+        for (op, r) in ops.iter().zip(c.batch(&reqs)) {
             if r != 0 {
                 die(format!("batch {b}: {op:?}: error {r}"));
             }
@@ -118,7 +120,12 @@ fn main() {
         Some("lib") if a.len() == 6 => {
             run_lib(Path::new(&a[2]), num(3), num(4), num(5).max(1) as usize)
         }
-        Some("blk") if a.len() == 5 => run_blk(Path::new(&a[2]), num(3), num(4)),
-        _ => die("usage: crash_writer lib IMAGE SEED ROUND THREADS | blk SOCKET SEED ROUND".into()),
+        Some("blk") if a.len() == 6 => {
+            run_blk(Path::new(&a[2]), num(3), num(4), num(5).max(1) as usize)
+        }
+        _ => die(
+            "usage: crash_writer lib IMAGE SEED ROUND THREADS | blk SOCKET SEED ROUND QUEUES"
+                .into(),
+        ),
     }
 }
