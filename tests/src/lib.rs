@@ -97,8 +97,19 @@ pub fn assert_qemu_compare_equal(a: &Path, b: &Path) {
 }
 
 /// Path of a binary built from this workspace (target/<profile>/NAME),
-/// building it first if needed.
+/// building it first if needed (once per test process and name).
 pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let p = build_workspace_bin(name);
+    built.push((name.to_string(), p.clone()));
+    p
+}
+
+fn build_workspace_bin(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()

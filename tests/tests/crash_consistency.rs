@@ -207,9 +207,9 @@ fn run_and_kill(
     round: u64,
     rng: &mut StdRng,
 ) -> Option<u64> {
-    let writer = workspace_bin("crash_writer");
+    let writer = env!("CARGO_BIN_EXE_crash_writer");
     let mut daemon = None;
-    let mut cmd = Command::new(&writer);
+    let mut cmd = Command::new(writer);
     match var.writer {
         Writer::Lib(threads) => {
             cmd.arg("lib").arg(img).args([
@@ -410,7 +410,6 @@ fn killed_writers_leave_consistent_images_with_every_flushed_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let rimg = workspace_bin("rimg");
-    workspace_bin("crash_writer");
     workspace_bin("rimg-vhost-blk");
     let mut t = Totals::default();
     let only = std::env::var("RIMG_CRASH_ONLY").ok();
