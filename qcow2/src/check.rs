@@ -459,8 +459,10 @@ pub(crate) fn rebuild_refcounts_as(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32)
         st.write_at(&first, 0)?;
         st.sync()?;
         *ctx.header = h;
+        let overlap = ctx.rc.take_overlap();
         *ctx.rc =
             crate::refcount::Refcounts::load(st, start * cs, tc, order, cb, ctx.rc.cache_bytes())?;
+        ctx.rc.install_overlap(overlap);
     }
     ctx.rc.reset(start * cs, table);
     ctx.rc.note_end(area.end);
@@ -719,7 +721,7 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.flush()?;
-        self.with_meta(|ctx| {
+        let rep = self.with_meta(|ctx| {
             ctx.drop_l2_cache();
             let rep = check(self, ctx, repair)?;
             if repair != Repair::None && rep.corruptions == 0 {
@@ -737,7 +739,13 @@ impl Qcow2 {
                 }
             }
             Ok(rep)
-        })
+        })?;
+        if repair != Repair::None {
+            // The repair changed tables outside the paths that keep the
+            // overlap map; a repaired image takes writes again.
+            self.refresh_overlap(rep.corruptions == 0);
+        }
+        Ok(rep)
     }
 
     /// Checks without repairing.

@@ -31,6 +31,10 @@ pub enum Error {
     UnsupportedFeature(String),
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// A write that would have overwritten qcow2 metadata was not made,
+    /// and the image was marked corrupt (see the `overlap` module).
+    #[error("metadata overlap: {0}")]
+    OverlapRefused(String),
     #[error(
         "qcow2 image is marked corrupt and cannot be opened read/write; \
          run 'rimg check -r all' to repair it"

@@ -31,6 +31,7 @@ pub mod header;
 pub mod image;
 pub mod l2;
 pub mod open;
+pub(crate) mod overlap;
 pub mod qcow;
 pub mod raw;
 pub(crate) mod refcount;

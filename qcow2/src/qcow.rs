@@ -37,6 +37,14 @@
 //!   after every active ticket was taken (the rest wait for a later flush).
 //!
 //! A crash at any point therefore leaves at worst leaked clusters.
+//!
+//! # Metadata overlap checks
+//! Every write (guest data in place or into new clusters, metadata tables,
+//! header fields, holes for freed clusters) is first checked against the
+//! map of where the metadata is ([`crate::overlap`], kept in `Meta::rc`);
+//! a write that would land on other metadata is refused and the image is
+//! marked corrupt. The map follows the L1 entries (`set_l1`), the refcount
+//! structures (the `refcount` module), the L1 and snapshot tables.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -51,6 +59,7 @@ use crate::error::{Error, Result};
 use crate::header::{field, incompat, Header};
 use crate::image::{Extent, ExtentKind, Format, Image};
 use crate::l2::{CompressedGeometry, L1Entry, L2Entry, OFFSET_MASK};
+use crate::overlap::{Allow, Kind, MetadataMap};
 use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;
@@ -242,6 +251,8 @@ impl Qcow2 {
             compressed_tail: 0,
             header: header.clone(),
         };
+        let mut meta = meta;
+        Self::rebuild_overlap(&mut meta, None);
         let q = Qcow2 {
             cluster_bits: cb,
             geom: CompressedGeometry::new(cb),
@@ -269,15 +280,23 @@ impl Qcow2 {
         if m.header.is_dirty() && !self.opts.repair {
             crate::check::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
             m.header.incompatible_features &= !incompat::DIRTY;
-            self.st.write_at(
-                &m.header.incompatible_features.to_be_bytes(),
+            let bits = m.header.incompatible_features.to_be_bytes();
+            m.rc.overlap.write(
+                &self.st,
+                &bits,
                 field::INCOMPATIBLE,
+                Allow::only(Kind::Header),
             )?;
             self.st.sync()?;
         }
         if m.header.version == 3 && m.header.autoclear_features != 0 {
             m.header.autoclear_features = 0;
-            self.st.write_at(&0u64.to_be_bytes(), field::AUTOCLEAR)?;
+            m.rc.overlap.write(
+                &self.st,
+                &0u64.to_be_bytes(),
+                field::AUTOCLEAR,
+                Allow::only(Kind::Header),
+            )?;
             self.st.sync()?;
         }
         Ok(())
@@ -302,7 +321,75 @@ impl Qcow2 {
         let mut h = m.header.clone();
         h.refcount_table_offset = m.rc.table_offset();
         h.refcount_table_clusters = m.rc.table_clusters() as u32;
+        if m.rc.overlap.refused().is_some() && h.version >= 3 {
+            h.incompatible_features |= incompat::CORRUPT;
+        }
         h
+    }
+
+    /// Why this image refuses writes, if a write was refused for
+    /// overlapping metadata (the image is then marked corrupt).
+    pub fn overlap_refused(&self) -> Option<String> {
+        self.lock().rc.overlap.refused().map(str::to_string)
+    }
+
+    /// Builds the metadata overlap map from the metadata as it stands
+    /// (open, and after changes made outside the usual paths: repair,
+    /// header rewrites). `refused` carries an earlier refusal over.
+    fn rebuild_overlap(m: &mut Meta, refused: Option<String>) {
+        let cb = m.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let mut map = MetadataMap::new(cb, m.header.version >= 3);
+        if let Some(r) = refused {
+            map.set_refused(r);
+        }
+        map.add(Kind::Header, 0, cs);
+        map.add(
+            Kind::ActiveL1,
+            m.header.l1_table_offset,
+            m.l1.len() as u64 * 8,
+        );
+        let l2s =
+            m.l1.iter()
+                .map(|&e| L1Entry(e).l2_offset())
+                .filter(|&o| o != 0)
+                .map(|o| (o, cs));
+        map.extend(Kind::ActiveL2, l2s);
+        Self::register_snapshots(
+            &mut map,
+            m.header.snapshots_offset,
+            m.snapshot_table_bytes,
+            &m.snapshots,
+        );
+        m.rc.install_overlap(map);
+    }
+
+    /// Rebuilds the overlap map after a repair; `repaired` forgets an
+    /// earlier refusal.
+    pub(crate) fn refresh_overlap(&self, repaired: bool) {
+        let mut m = self.lock();
+        let refused = if repaired {
+            None
+        } else {
+            m.rc.overlap.refused().map(str::to_string)
+        };
+        Self::rebuild_overlap(&mut m, refused);
+    }
+
+    /// Registers the snapshot table and the snapshots' L1 tables in place
+    /// of those registered before.
+    fn register_snapshots(map: &mut MetadataMap, table: u64, bytes: u64, snaps: &[Snapshot]) {
+        map.clear_kind(Kind::SnapshotTable);
+        map.clear_kind(Kind::SnapshotL1);
+        if !snaps.is_empty() {
+            map.add(Kind::SnapshotTable, table, bytes);
+        }
+        map.extend(
+            Kind::SnapshotL1,
+            snaps
+                .iter()
+                .map(|s| (s.l1_table_offset, s.l1_size as u64 * 8)),
+        );
     }
 
     /// Rewrites the header cluster after applying `f` (backing file,
@@ -317,9 +404,13 @@ impl Qcow2 {
         let mut h = Self::current_header(&m);
         f(&mut h)?;
         let first = h.encode()?;
-        self.st.write_at(&first, 0)?;
+        m.rc.overlap
+            .write(&self.st, &first, 0, Allow::only(Kind::Header))?;
         self.st.sync()?;
         m.header = h;
+        // The version (whether there is a corrupt bit) may have changed.
+        let refused = m.rc.overlap.refused().map(str::to_string);
+        Self::rebuild_overlap(&mut m, refused);
         Ok(())
     }
 
@@ -355,9 +446,17 @@ impl Qcow2 {
     fn writeback_l2(&self, m: &mut Meta, i: usize) -> Result<()> {
         if m.l2.is_dirty(i) {
             m.rc.flush(&self.st)?;
-            self.st.write_at(m.l2.data(i), m.l2.key(i))?;
-            m.l2.mark_clean(i);
+            Self::write_l2(&self.st, m, i)?;
         }
+        Ok(())
+    }
+
+    /// Writes the L2 table in cache slot `i` (overlap checked).
+    fn write_l2(st: &Storage, m: &mut Meta, i: usize) -> Result<()> {
+        let key = m.l2.key(i);
+        m.rc.overlap
+            .write(st, m.l2.data(i), key, Allow::only(Kind::ActiveL2))?;
+        m.l2.mark_clean(i);
         Ok(())
     }
 
@@ -390,7 +489,19 @@ impl Qcow2 {
         m.l2.data_mut(slot)[idx * 8..idx * 8 + 8].copy_from_slice(&v.to_be_bytes());
     }
 
+    /// Sets an active L1 entry (in memory; written at the next flush) and
+    /// keeps the overlap map's active L2 tables in step.
     fn set_l1(m: &mut Meta, idx: usize, v: u64) {
+        let (old, new) = (L1Entry(m.l1[idx]).l2_offset(), L1Entry(v).l2_offset());
+        if old != new {
+            let cs = m.rc.overlap.cluster_size();
+            if old != 0 {
+                m.rc.overlap.remove(Kind::ActiveL2, old, cs);
+            }
+            if new != 0 {
+                m.rc.overlap.add(Kind::ActiveL2, new, cs);
+            }
+        }
         m.l1[idx] = v;
         m.l1_dirty = Some(match m.l1_dirty {
             None => (idx, idx),
@@ -589,6 +700,9 @@ impl Qcow2 {
                     }
                 }
                 let bytes = ((n * cs - in_cl) as usize).min(len);
+                // The mapping may point at metadata (a corrupt image).
+                m.rc.overlap
+                    .check(&self.st, host + in_cl, bytes as u64, Allow::NOTHING)?;
                 return Ok(WritePlan::InPlace {
                     host: host + in_cl,
                     len: bytes,
@@ -603,6 +717,7 @@ impl Qcow2 {
             copied: true,
         } = first_old
         {
+            m.rc.overlap.check(&self.st, h, cs, Allow::NOTHING)?;
             m.inflight.insert(gc);
             return Ok(WritePlan::Alloc(Alloc {
                 gc,
@@ -1026,11 +1141,11 @@ impl Qcow2 {
         if !self.st.writable() {
             return Ok(());
         }
+        m.rc.overlap.usable()?;
         m.rc.flush(&self.st)?;
         let dirty = m.l2.dirty_slots();
         for &i in &dirty {
-            self.st.write_at(m.l2.data(i), m.l2.key(i))?;
-            m.l2.mark_clean(i);
+            Self::write_l2(&self.st, m, i)?;
         }
         if let Some((a, b)) = m.l1_dirty.take() {
             if !dirty.is_empty() {
@@ -1040,8 +1155,14 @@ impl Qcow2 {
             for e in &m.l1[a..=b] {
                 raw.extend_from_slice(&e.to_be_bytes());
             }
-            self.st
-                .write_at(&raw, m.header.l1_table_offset + a as u64 * 8)?;
+            let at = m.header.l1_table_offset + a as u64 * 8;
+            if let Err(e) =
+                m.rc.overlap
+                    .write(&self.st, &raw, at, Allow::only(Kind::ActiveL1))
+            {
+                m.l1_dirty = Some((a, b));
+                return Err(e);
+            }
         }
         self.st.sync()?;
         if !m.pending_free.is_empty() {
@@ -1067,7 +1188,9 @@ impl Qcow2 {
                     while j < freed.len() && freed[j] == freed[j - 1] + 1 {
                         j += 1;
                     }
-                    self.st.punch_hole(freed[k] * cs, (j - k) as u64 * cs)?;
+                    // A freed cluster must be no metadata any more.
+                    m.rc.overlap
+                        .punch_hole(&self.st, freed[k] * cs, (j - k) as u64 * cs)?;
                     k = j;
                 }
             }
@@ -1096,13 +1219,22 @@ impl Qcow2 {
                 // Room in the current clusters: zero the new entries, then
                 // publish the size.
                 let old = m.l1.len();
-                self.st.write_at(
+                let l1_off = m.header.l1_table_offset;
+                m.rc.overlap.write(
+                    &self.st,
                     &vec![0u8; (need - old) * 8],
-                    m.header.l1_table_offset + old as u64 * 8,
+                    l1_off + old as u64 * 8,
+                    Allow::only(Kind::ActiveL1),
                 )?;
                 self.st.sync()?;
-                self.st
-                    .write_at(&(need as u32).to_be_bytes(), field::L1_SIZE)?;
+                m.rc.overlap.write(
+                    &self.st,
+                    &(need as u32).to_be_bytes(),
+                    field::L1_SIZE,
+                    Allow::only(Kind::Header),
+                )?;
+                m.rc.overlap.remove(Kind::ActiveL1, l1_off, old as u64 * 8);
+                m.rc.overlap.add(Kind::ActiveL1, l1_off, need as u64 * 8);
                 m.l1.resize(need, 0);
             } else {
                 let clusters = (need as u64 * 8).div_ceil(cs);
@@ -1112,14 +1244,18 @@ impl Qcow2 {
                 for (k, e) in m.l1.iter().enumerate() {
                     raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
                 }
-                self.st.write_at(&raw, new_off)?;
+                m.rc.overlap
+                    .write(&self.st, &raw, new_off, Allow::NOTHING)?;
                 self.st.sync()?;
                 let mut hdr = [0u8; 12];
                 hdr[..4].copy_from_slice(&(need as u32).to_be_bytes());
                 hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-                self.st.write_at(&hdr, field::L1_SIZE)?;
+                m.rc.overlap
+                    .write(&self.st, &hdr, field::L1_SIZE, Allow::only(Kind::Header))?;
                 self.st.sync()?;
                 let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len() as u64);
+                m.rc.overlap.remove(Kind::ActiveL1, old_off, old_len * 8);
+                m.rc.overlap.add(Kind::ActiveL1, new_off, need as u64 * 8);
                 m.header.l1_table_offset = new_off;
                 m.l1.resize(need, 0);
                 if old_off != 0 && old_len != 0 {
@@ -1134,7 +1270,12 @@ impl Qcow2 {
             }
             m.header.l1_size = need as u32;
         }
-        self.st.write_at(&new_size.to_be_bytes(), field::SIZE)?;
+        m.rc.overlap.write(
+            &self.st,
+            &new_size.to_be_bytes(),
+            field::SIZE,
+            Allow::only(Kind::Header),
+        )?;
         self.st.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
@@ -1169,7 +1310,12 @@ impl Qcow2 {
             let mut m = self.quiesce(m);
             self.flush_locked(&mut m)?;
             let old_clusters = m.header.size.div_ceil(cs);
-            self.st.write_at(&new_size.to_be_bytes(), field::SIZE)?;
+            m.rc.overlap.write(
+                &self.st,
+                &new_size.to_be_bytes(),
+                field::SIZE,
+                Allow::only(Kind::Header),
+            )?;
             self.st.sync()?;
             m.header.size = new_size;
             // A packing cluster for compressed data may be freed below.
@@ -1304,6 +1450,10 @@ impl Qcow2 {
         self.preallocate_metadata_range(head_end, new_size)?;
         if prealloc != Preallocation::Metadata {
             for (off, len) in self.data_extents_range(head_end, new_size)? {
+                self.lock()
+                    .rc
+                    .overlap
+                    .check(&self.st, off, len, Allow::NOTHING)?;
                 match prealloc {
                     Preallocation::Falloc => self.st.allocate(off, len)?,
                     // Real zeros: full promises allocated blocks, not holes.
@@ -1350,7 +1500,8 @@ impl Qcow2 {
                 if host >> self.cluster_bits < fresh_from {
                     // Reused clusters may hold old bytes: they must read
                     // as zeros before an L2 entry maps them.
-                    self.st.write_zeroes(host, run * cs)?;
+                    m.rc.overlap
+                        .write_zeroes(&self.st, host, run * cs, Allow::NOTHING)?;
                 }
                 for j in 0..run {
                     let e = L2Entry::Normal {
@@ -1468,6 +1619,8 @@ impl Qcow2 {
             }
         }
         let host = self.alloc_bytes(&mut m, z.len() as u64)?;
+        m.rc.overlap
+            .check(&self.st, host, z.len() as u64, Allow::NOTHING)?;
         m.inflight.insert(gc);
         drop(m);
         let r = self.st.write_at(&z, host);
@@ -1834,7 +1987,7 @@ impl Qcow2 {
             0
         } else {
             let off = m.rc.alloc(&self.st, (raw.len() as u64).div_ceil(cs))?;
-            self.st.write_at(&raw, off)?;
+            m.rc.overlap.write(&self.st, &raw, off, Allow::NOTHING)?;
             off
         };
         // The table and its refcount are durable before the header names it.
@@ -1843,8 +1996,14 @@ impl Qcow2 {
         let mut hdr = [0u8; 12];
         hdr[..4].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
         hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-        self.st.write_at(&hdr, field::NB_SNAPSHOTS)?;
+        m.rc.overlap.write(
+            &self.st,
+            &hdr,
+            field::NB_SNAPSHOTS,
+            Allow::only(Kind::Header),
+        )?;
         self.st.sync()?;
+        Self::register_snapshots(&mut m.rc.overlap, new_off, raw.len() as u64, &snaps);
         let (old_off, old_len) = (m.header.snapshots_offset, m.snapshot_table_bytes);
         if m.header.nb_snapshots > 0 && old_len > 0 {
             m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})?;
@@ -1884,7 +2043,7 @@ impl Qcow2 {
             for (k, e) in l1.iter().enumerate() {
                 raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
             }
-            self.st.write_at(&raw, off)?;
+            m.rc.overlap.write(&self.st, &raw, off, Allow::NOTHING)?;
             off
         };
         self.update_l1_refcounts(&mut m, &l1, 1)?;
@@ -1969,15 +2128,300 @@ impl Qcow2 {
         for (k, e) in new_l1.iter().enumerate() {
             raw[k * 8..k * 8 + 8].copy_from_slice(&(e & !crate::l2::COPIED).to_be_bytes());
         }
-        self.st.write_at(&raw, m.header.l1_table_offset)?;
+        let l1_off = m.header.l1_table_offset;
+        m.rc.overlap
+            .write(&self.st, &raw, l1_off, Allow::only(Kind::ActiveL1))?;
         self.st.sync()?;
         let old = std::mem::replace(
             &mut m.l1,
             new_l1.iter().map(|e| e & !crate::l2::COPIED).collect(),
         );
         m.l1_dirty = None;
+        // The old active tables are active no more (those the snapshot
+        // shares are named again by the new L1).
+        let cs = self.cluster_size();
+        m.rc.overlap.clear_kind(Kind::ActiveL2);
+        let l2s: Vec<(u64, u64)> =
+            m.l1.iter()
+                .map(|&e| L1Entry(e).l2_offset())
+                .filter(|&o| o != 0)
+                .map(|o| (o, cs))
+                .collect();
+        m.rc.overlap.extend(Kind::ActiveL2, l2s);
         self.update_l1_refcounts(&mut m, &old, -1)?;
         self.refresh_copied(&mut m)?;
         self.flush_locked(&mut m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The overlap checks seen from the outside: writes that would land on
+    //! metadata are refused, the image is marked corrupt, and the file is
+    //! otherwise left exactly as it was.
+    use super::*;
+    use crate::create::{create, CreateOptions};
+    use crate::header::incompat;
+    use crate::Repair;
+    use std::path::PathBuf;
+
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let d = std::env::temp_dir().join(format!(
+                "rimg-qcow-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            std::fs::create_dir_all(&d).unwrap();
+            TempDir(d)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn open(p: &Path, repair: bool) -> Result<Qcow2> {
+        let st = Storage::open(p, true)?;
+        Qcow2::open(
+            st,
+            None,
+            Qcow2Options {
+                repair,
+                ..Default::default()
+            },
+        )
+    }
+
+    fn be64(b: &[u8], at: u64) -> u64 {
+        u64::from_be_bytes(b[at as usize..at as usize + 8].try_into().unwrap())
+    }
+
+    /// A 16 MiB image with guest clusters 0 and 1 written (one L2 table).
+    fn image(dir: &TempDir, version: u32, cs: u64) -> (PathBuf, Header) {
+        let p = dir.0.join("t.qcow2");
+        create(
+            &p,
+            &CreateOptions {
+                size: 16 << 20,
+                cluster_size: cs,
+                version,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let q = open(&p, false).unwrap();
+        q.write_at(&vec![0x11; cs as usize], 0).unwrap();
+        q.write_at(&vec![0x22; cs as usize], cs).unwrap();
+        q.flush().unwrap();
+        let h = q.header();
+        drop(q);
+        (p, h)
+    }
+
+    fn l2_of(file: &[u8], h: &Header) -> u64 {
+        be64(file, h.l1_table_offset) & OFFSET_MASK
+    }
+
+    fn patch(p: &Path, at: u64, bytes: &[u8]) {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
+    /// The file is `before` with the corrupt bit set (version 3) or
+    /// unchanged (version 2).
+    fn assert_only_corrupt_bit(p: &Path, before: &[u8], version: u32) {
+        let after = std::fs::read(p).unwrap();
+        let mut want = before.to_vec();
+        if version >= 3 {
+            let bits = be64(before, field::INCOMPATIBLE) | incompat::CORRUPT;
+            want[72..80].copy_from_slice(&bits.to_be_bytes());
+        }
+        assert_eq!(after.len(), want.len(), "file length");
+        let diff = after.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(diff, None, "first differing byte");
+    }
+
+    #[test]
+    fn in_place_write_onto_an_l2_table_is_refused() {
+        for (version, cs) in [(3, 65536), (2, 65536), (3, 512)] {
+            let dir = TempDir::new("inplace");
+            let (p, h) = image(&dir, version, cs);
+            let file = std::fs::read(&p).unwrap();
+            let l2 = l2_of(&file, &h);
+            // Guest cluster 1 now maps (COPIED, so in place) onto its own
+            // L2 table.
+            patch(&p, l2 + 8, &(l2 | crate::l2::COPIED).to_be_bytes());
+            let before = std::fs::read(&p).unwrap();
+            let q = open(&p, false).unwrap();
+            let e = q.write_at(&[0xee; 512], cs).unwrap_err();
+            let msg = e.to_string();
+            assert!(matches!(e, Error::OverlapRefused(_)), "{msg}");
+            assert!(
+                msg.contains(&format!("active L2 table at {l2:#x}")),
+                "{msg}"
+            );
+            assert!(q.overlap_refused().is_some());
+            // Nothing else gets written through this image either.
+            assert!(q.write_at(&[1; 512], 2 * cs).is_err());
+            assert!(q.flush().is_err());
+            if version >= 3 {
+                assert!(q.header().is_corrupt());
+            }
+            drop(q);
+            assert_only_corrupt_bit(&p, &before, version);
+            if version >= 3 {
+                assert!(matches!(open(&p, false), Err(Error::MarkedCorrupt)));
+            }
+            // Repair drops the entry and clears the bit; writes work again.
+            let q = open(&p, true).unwrap();
+            let rep = q.check_repair(Repair::All).unwrap();
+            assert!(rep.corruptions_fixed > 0, "{rep:?}");
+            assert_eq!(rep.corruptions, 0, "{rep:?}");
+            q.write_at(&[0x33; 512], cs).unwrap();
+            q.flush().unwrap();
+            drop(q);
+            let q = open(&p, false).unwrap();
+            assert!(!q.header().is_corrupt());
+            let mut b = [0u8; 512];
+            q.read_at(&mut b, cs).unwrap();
+            assert_eq!(b, [0x33; 512]);
+            q.read_at(&mut b, 0).unwrap();
+            assert_eq!(b, [0x11; 512]);
+            assert_eq!(q.check().unwrap().corruptions, 0);
+        }
+    }
+
+    #[test]
+    fn in_place_writes_onto_each_kind_are_refused() {
+        let dir = TempDir::new("kinds");
+        let (p0, h) = image(&dir, 3, 65536);
+        let file = std::fs::read(&p0).unwrap();
+        let refblock = be64(&file, h.refcount_table_offset) & !511;
+        let targets = [
+            ("active L1 table", h.l1_table_offset),
+            ("refcount table", h.refcount_table_offset),
+            ("refcount block", refblock),
+        ];
+        for (name, at) in targets {
+            let p = dir.0.join("k.qcow2");
+            std::fs::copy(&p0, &p).unwrap();
+            let l2 = l2_of(&file, &h);
+            patch(&p, l2 + 8, &(at | crate::l2::COPIED).to_be_bytes());
+            let before = std::fs::read(&p).unwrap();
+            let q = open(&p, false).unwrap();
+            let msg = q
+                .write_at(&[0xee; 4096], 65536 + 4096)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(&format!("{name} at {at:#x}")), "{name}: {msg}");
+            drop(q);
+            assert_only_corrupt_bit(&p, &before, 3);
+        }
+    }
+
+    #[test]
+    fn allocation_of_metadata_with_refcount_zero_is_refused() {
+        let dir = TempDir::new("alloc");
+        let (p, h) = image(&dir, 3, 65536);
+        let file = std::fs::read(&p).unwrap();
+        let l2 = l2_of(&file, &h);
+        let refblock = be64(&file, h.refcount_table_offset) & !511;
+        // The L2 table's refcount (16 bits) drops to 0: the allocator would
+        // hand it out as the next data cluster.
+        patch(&p, refblock + (l2 >> 16) * 2, &[0, 0]);
+        let before = std::fs::read(&p).unwrap();
+        let q = open(&p, false).unwrap();
+        let msg = q.write_at(&[0xee; 4096], 8 << 20).unwrap_err().to_string();
+        assert!(
+            msg.contains(&format!("active L2 table at {l2:#x}")),
+            "{msg}"
+        );
+        drop(q);
+        assert_only_corrupt_bit(&p, &before, 3);
+    }
+
+    #[test]
+    fn discarding_a_cluster_that_is_metadata_is_refused() {
+        let dir = TempDir::new("discard");
+        let (p, h) = image(&dir, 3, 65536);
+        let file = std::fs::read(&p).unwrap();
+        let l2 = l2_of(&file, &h);
+        let refblock = be64(&file, h.refcount_table_offset) & !511;
+        // Guest cluster 1 maps onto the refcount block, whose refcount is
+        // 1: discarding it would free and punch the block.
+        patch(&p, l2 + 8, &(refblock | crate::l2::COPIED).to_be_bytes());
+        let before = std::fs::read(&p).unwrap();
+        let q = open(&p, false).unwrap();
+        q.discard(65536, 65536).unwrap();
+        let msg = q.flush().unwrap_err().to_string();
+        assert!(msg.contains("refcount block"), "{msg}");
+        drop(q);
+        // The L2 change never reached the disk either (the refused punch
+        // came after it was written, so only compare the refcount block).
+        let after = std::fs::read(&p).unwrap();
+        let rb = refblock as usize;
+        assert_eq!(after[rb..rb + 65536], before[rb..rb + 65536]);
+        assert_ne!(be64(&after, field::INCOMPATIBLE) & incompat::CORRUPT, 0);
+    }
+
+    /// No false alarms: everything that moves metadata around (refcount
+    /// table growth, L1 growth, snapshots, shrink) keeps the map right.
+    #[test]
+    fn metadata_moves_keep_the_map_right() {
+        use rand::{Rng, SeedableRng};
+        let dir = TempDir::new("moves");
+        let p = dir.0.join("m.qcow2");
+        create(
+            &p,
+            &CreateOptions {
+                size: 4 << 20,
+                cluster_size: 512,
+                lazy_refcounts: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let q = open(&p, false).unwrap();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut model = vec![0u8; 64 << 20];
+        fn write(q: &Qcow2, rng: &mut rand::rngs::StdRng, model: &mut [u8], size: u64) {
+            for _ in 0..400 {
+                let len = rng.random_range(1..4096usize);
+                let off = rng.random_range(0..size - len as u64);
+                let v: u8 = rng.random();
+                q.write_at(&vec![v; len], off).unwrap();
+                model[off as usize..off as usize + len].fill(v);
+            }
+        }
+        write(&q, &mut rng, &mut model, 4 << 20);
+        q.snapshot_create("a").unwrap();
+        write(&q, &mut rng, &mut model, 4 << 20);
+        // Growing moves the L1; the refcount table grows on the way.
+        Image::resize(&q, 64 << 20).unwrap();
+        write(&q, &mut rng, &mut model, 64 << 20);
+        q.snapshot_create("b").unwrap();
+        write(&q, &mut rng, &mut model, 64 << 20);
+        q.snapshot_delete("a").unwrap();
+        q.discard(0, 32 << 20).unwrap();
+        model[..32 << 20].fill(0);
+        write(&q, &mut rng, &mut model, 64 << 20);
+        q.flush().unwrap();
+        assert_eq!(q.overlap_refused(), None);
+        let rep = q.check().unwrap();
+        assert_eq!((rep.corruptions, rep.leaks), (0, 0), "{:?}", rep.messages);
+        let mut got = vec![0u8; 64 << 20];
+        q.read_at(&mut got, 0).unwrap();
+        assert!(got == model, "content");
+        q.snapshot_apply("b").unwrap();
+        Image::resize(&q, 8 << 20).unwrap();
+        q.write_at(&[5; 4096], 0).unwrap();
+        q.flush().unwrap();
+        assert_eq!(q.overlap_refused(), None);
+        assert_eq!(q.check().unwrap().corruptions, 0);
     }
 }

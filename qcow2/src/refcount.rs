@@ -14,12 +14,18 @@
 //! - A refcount table entry is written only after the block it points to is
 //!   durable, and the header switches to a new table only after the table
 //!   is durable.
+//! - The metadata overlap map (`overlap`) lives here, with the allocator:
+//!   every cluster handed out is checked against it (a free cluster can be
+//!   no metadata), refcount blocks and the table are registered where they
+//!   are created, moved or dropped, and every write this module makes is
+//!   checked first (see [`crate::overlap`]).
 
 use std::ops::Range;
 
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
 use crate::header::{field, MAX_REFTABLE_BYTES};
+use crate::overlap::{Allow, Kind, MetadataMap};
 use crate::storage::Storage;
 
 pub(crate) struct Refcounts {
@@ -39,6 +45,9 @@ pub(crate) struct Refcounts {
     /// One past the highest cluster that is allocated or written: where
     /// fresh space at the end of the file begins.
     end: u64,
+    /// Where the image's metadata is; checked before every write of the
+    /// engine (the `Qcow2` reaches it through here too).
+    pub overlap: MetadataMap,
 }
 
 /// Mask for the host offset in a refcount table entry.
@@ -62,7 +71,7 @@ impl Refcounts {
             .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
             .collect();
         let end = st.len()?.div_ceil(cs);
-        Ok(Refcounts {
+        let mut rc = Refcounts {
             table,
             table_offset,
             table_clusters,
@@ -74,7 +83,57 @@ impl Refcounts {
             cache_bytes,
             free_hint: 0,
             end,
-        })
+            overlap: MetadataMap::new(cluster_bits, false),
+        };
+        rc.register_overlap();
+        Ok(rc)
+    }
+
+    /// Installs `map` as the overlap map, with this table and its blocks
+    /// registered in it (in place of any refcount structures it had).
+    pub fn install_overlap(&mut self, map: MetadataMap) {
+        self.overlap = map;
+        self.register_overlap();
+    }
+
+    /// Takes the overlap map out (to carry it over to a reloaded
+    /// `Refcounts`).
+    pub fn take_overlap(&mut self) -> MetadataMap {
+        std::mem::replace(
+            &mut self.overlap,
+            MetadataMap::new(self.cluster_bits, false),
+        )
+    }
+
+    fn register_overlap(&mut self) {
+        let cs = self.cluster_size();
+        self.overlap.clear_kind(Kind::RefcountTable);
+        self.overlap.clear_kind(Kind::RefcountBlock);
+        self.overlap.add(
+            Kind::RefcountTable,
+            self.table_offset,
+            self.table_clusters * cs,
+        );
+        let blocks = self
+            .table
+            .iter()
+            .map(|e| e & RT_OFFSET_MASK)
+            .filter(|&off| off != 0)
+            .map(|off| (off, cs));
+        self.overlap.extend(Kind::RefcountBlock, blocks);
+    }
+
+    /// Writes back the dirty block in cache slot `i`.
+    fn write_block(&mut self, st: &Storage, i: usize) -> Result<()> {
+        let key = self.cache.key(i);
+        self.overlap.write(
+            st,
+            self.cache.data(i),
+            key,
+            Allow::only(Kind::RefcountBlock),
+        )?;
+        self.cache.mark_clean(i);
+        Ok(())
     }
 
     pub fn cluster_size(&self) -> u64 {
@@ -130,9 +189,7 @@ impl Refcounts {
         }
         let i = self.cache.victim();
         if self.cache.is_dirty(i) {
-            let key = self.cache.key(i);
-            st.write_at(self.cache.data(i), key)?;
-            self.cache.mark_clean(i);
+            self.write_block(st, i)?;
         }
         st.read_at(self.cache.buffer(i), off)?;
         self.cache.assign(i, off, false);
@@ -216,6 +273,14 @@ impl Refcounts {
     /// returns the host offset of the first.
     pub fn alloc(&mut self, st: &Storage, n: u64) -> Result<u64> {
         let (start, first_free) = self.find_free(st, n, self.free_hint)?;
+        // A cluster with refcount 0 is no metadata; if it is, the
+        // refcounts are wrong and using it would overwrite a table.
+        self.overlap.check(
+            st,
+            start << self.cluster_bits,
+            n << self.cluster_bits,
+            Allow::NOTHING,
+        )?;
         let range = start..start + n;
         // Blocks first (they may need clusters, never from `range`), so
         // that setting the refcounts below cannot recurse.
@@ -301,14 +366,17 @@ impl Refcounts {
             }
         };
         let off = cluster << self.cluster_bits;
+        self.overlap
+            .check(st, off, self.cluster_size(), Allow::NOTHING)?;
         let i = self.cache.victim();
         if self.cache.is_dirty(i) {
-            let key = self.cache.key(i);
-            st.write_at(self.cache.data(i), key)?;
+            self.write_block(st, i)?;
         }
         self.cache.buffer(i).fill(0);
         self.cache.assign(i, off, true);
         self.table[group as usize] = off;
+        self.overlap
+            .add(Kind::RefcountBlock, off, self.cluster_size());
         self.table_dirty = true;
         self.note_end(cluster + 1);
         if self_counting {
@@ -368,6 +436,13 @@ impl Refcounts {
         if want * 8 > MAX_REFTABLE_BYTES {
             return Err(Error::TooLarge("refcount table would exceed 8 MiB".into()));
         }
+        let area_clusters = tc + blocks.len() as u64;
+        self.overlap.check(
+            st,
+            start << self.cluster_bits,
+            area_clusters << self.cluster_bits,
+            Allow::NOTHING,
+        )?;
         // Lay out: table at [start, start+tc), blocks after it.
         let mut table = self.table.clone();
         table.resize(want as usize, 0);
@@ -381,12 +456,14 @@ impl Refcounts {
             let off = self.table[g as usize];
             let i = self.cache.victim();
             if self.cache.is_dirty(i) {
-                let key = self.cache.key(i);
-                st.write_at(self.cache.data(i), key)?;
+                self.write_block(st, i)?;
             }
             self.cache.buffer(i).fill(0);
             self.cache.assign(i, off, true);
+            self.overlap.add(Kind::RefcountBlock, off, cs);
         }
+        self.overlap
+            .add(Kind::RefcountTable, start << self.cluster_bits, tc * cs);
         self.note_end(area.end);
         for c in area.clone() {
             self.set(st, c, 1, &area)?;
@@ -399,9 +476,12 @@ impl Refcounts {
         let mut hdr = [0u8; 12];
         hdr[..8].copy_from_slice(&(start << self.cluster_bits).to_be_bytes());
         hdr[8..].copy_from_slice(&(tc as u32).to_be_bytes());
-        st.write_at(&hdr, field::REFCOUNT_TABLE)?;
+        self.overlap
+            .write(st, &hdr, field::REFCOUNT_TABLE, Allow::only(Kind::Header))?;
         st.sync()?;
         let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
+        self.overlap
+            .remove(Kind::RefcountTable, old_off, old_clusters * cs);
         self.table_offset = start << self.cluster_bits;
         self.table_clusters = tc;
         self.table_dirty = false;
@@ -410,19 +490,19 @@ impl Refcounts {
         Ok(())
     }
 
-    fn write_table_at(&self, st: &Storage, off: u64) -> Result<()> {
+    fn write_table_at(&mut self, st: &Storage, off: u64) -> Result<()> {
         let cs = self.cluster_size() as usize;
         let mut raw = vec![0u8; (self.table.len() * 8).next_multiple_of(cs)];
         for (k, e) in self.table.iter().enumerate() {
             raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
         }
-        st.write_at(&raw, off)
+        self.overlap
+            .write(st, &raw, off, Allow::only(Kind::RefcountTable))
     }
 
     fn write_dirty_blocks(&mut self, st: &Storage) -> Result<()> {
         for i in self.cache.dirty_slots() {
-            st.write_at(self.cache.data(i), self.cache.key(i))?;
-            self.cache.mark_clean(i);
+            self.write_block(st, i)?;
         }
         Ok(())
     }
@@ -469,8 +549,10 @@ impl Refcounts {
         if unused.is_empty() {
             return Ok(());
         }
-        for &(g, _) in &unused {
+        for &(g, off) in &unused {
             self.table[g as usize] = 0;
+            self.overlap
+                .remove(Kind::RefcountBlock, off, self.cluster_size());
         }
         self.table_dirty = true;
         self.flush(st)?;
@@ -493,6 +575,7 @@ impl Refcounts {
         self.table_dirty = false;
         self.cache.clear();
         self.free_hint = 0;
+        self.register_overlap();
     }
 }
 

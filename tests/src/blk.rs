@@ -36,6 +36,15 @@ pub struct Client {
 /// What a request returned: 0 or a negative errno.
 pub type Ret = i32;
 
+/// One request of [`Client::batch`].
+#[derive(Debug, Clone, Copy)]
+pub enum Req<'a> {
+    Write(u64, &'a [u8]),
+    /// Offset, length, unmap allowed.
+    WriteZeroes(u64, u64, bool),
+    Discard(u64, u64),
+}
+
 impl Client {
     pub fn connect(socket: &Path, num_queues: usize, read_only: bool) -> Result<Client, String> {
         let e = |e: blkio::Error| e.message().to_string();
@@ -130,6 +139,53 @@ impl Client {
         let mut r = vec![1; offs.len()];
         for c in self.wait(q, offs.len()) {
             r[c.user_data] = c.ret;
+        }
+        r
+    }
+
+    /// Submits every request of `reqs` (each on its queue) at once, then
+    /// waits for all of them; write data is copied into each queue's
+    /// buffer one after the other. Returns each request's result.
+    pub fn batch(&mut self, reqs: &[(usize, Req<'_>)]) -> Vec<Ret> {
+        let mut at = vec![0usize; self.queues.len()];
+        let mut per_queue = vec![0usize; self.queues.len()];
+        for (i, &(q, r)) in reqs.iter().enumerate() {
+            per_queue[q] += 1;
+            match r {
+                Req::Write(off, d) => {
+                    let from = at[q];
+                    assert!(
+                        from + d.len() <= self.buf_len,
+                        "batch data exceeds the buffer"
+                    );
+                    let buf = self.buf(q);
+                    buf[from..from + d.len()].copy_from_slice(d);
+                    // SAFETY: from + d.len() <= buf_len, inside queue q's
+                    // slice of the mapped region.
+                    let p = unsafe { buf.as_ptr().add(from) };
+                    self.queues[q].write(off, p, d.len(), i, ReqFlags::empty());
+                    at[q] += d.len();
+                }
+                Req::WriteZeroes(off, len, unmap) => {
+                    let f = if unmap {
+                        ReqFlags::empty()
+                    } else {
+                        ReqFlags::NO_UNMAP
+                    };
+                    self.queues[q].write_zeroes(off, len, i, f);
+                }
+                Req::Discard(off, len) => {
+                    self.queues[q].discard(off, len, i, ReqFlags::empty());
+                }
+            }
+        }
+        let mut r = vec![1; reqs.len()];
+        for (q, &n) in per_queue.iter().enumerate() {
+            if n > 0 {
+                for c in self.wait(q, n) {
+                    r[c.user_data] = c.ret;
+                }
+            }
         }
         r
     }

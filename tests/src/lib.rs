@@ -97,8 +97,19 @@ pub fn assert_qemu_compare_equal(a: &Path, b: &Path) {
 }
 
 /// Path of a binary built from this workspace (target/<profile>/NAME),
-/// building it first if needed.
+/// building it first if needed (once per test process and name).
 pub fn workspace_bin(name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let p = build_workspace_bin(name);
+    built.push((name.to_string(), p.clone()));
+    p
+}
+
+fn build_workspace_bin(name: &str) -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -173,6 +184,7 @@ pub fn run_watched(mut cmd: Command, timeout: std::time::Duration) -> Watched {
 }
 
 pub mod blk;
+pub mod crash;
 pub mod daemon;
 pub mod guest;
 pub mod net;
@@ -198,4 +210,45 @@ pub fn tempdir() -> tempfile::TempDir {
         .prefix("rimg-test-")
         .tempdir()
         .expect("tempdir")
+}
+
+/// Waits (at most `timeout`) until no process holds any of QEMU's lock
+/// bytes on `path` (rimg's and qemu's image locks), by asking the kernel
+/// for an exclusive lock over all of them and blocking until it is given
+/// (then letting it go). A killed process's locks can outlive it for a
+/// moment: files its io_uring requests hold are released by the kernel's
+/// ring teardown, which runs after the process has been reaped.
+pub fn wait_unlocked(path: &Path, timeout: std::time::Duration) {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: flock is a plain C struct; all-zero is a valid value.
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = libc::F_WRLCK as i16;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = 100;
+        fl.l_len = 200;
+        // SAFETY: fcntl reads the flock struct we own; the descriptor
+        // stays open (owned by `f`) for the duration of the call.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLKW, &fl) };
+        let _ = tx.send(if r == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        });
+        // Closing `f` releases the lock.
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("waiting for the locks on {}: {e}", path.display()),
+        Err(_) => panic!(
+            "{} still locked by another process after {timeout:?}",
+            path.display()
+        ),
+    }
 }
