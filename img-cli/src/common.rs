@@ -126,3 +126,13 @@ impl Progress {
         }
     }
 }
+
+/// An I/O error as C's strerror prints it ("Input/output error"), without
+/// Rust's " (os error N)" suffix.
+pub fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}
