@@ -17,6 +17,7 @@ mod json;
 mod map;
 mod measure;
 mod opts;
+mod progress;
 mod rebase;
 mod resize;
 mod size;
