@@ -96,14 +96,14 @@ impl Progress {
             done: AtomicU64::new(0),
             kind,
         };
-        p.show(0);
+        p.show();
         p
     }
 
     /// Counts `n` more units done.
     pub fn add(&self, n: u64) {
-        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        self.show(done);
+        self.done.fetch_add(n, Ordering::Relaxed);
+        self.show();
     }
 
     /// Runs `f` (which prints to the terminal) with the bar out of the way.
@@ -118,7 +118,7 @@ impl Progress {
     /// (qemu_progress_print(100, 0)).
     pub fn complete(&self) {
         self.done.store(self.total, Ordering::Relaxed);
-        self.show(self.total);
+        self.show();
     }
 
     /// Ends the progress output (qemu_progress_end): the bar stays as it
@@ -142,22 +142,25 @@ impl Progress {
         }
     }
 
-    fn show(&self, done: u64) {
+    fn show(&self) {
         match &self.kind {
             Kind::Off => {}
-            Kind::Bar(b) => b.set_position(done.min(self.total)),
+            Kind::Bar(b) => b.set_position(self.done.load(Ordering::Relaxed).min(self.total)),
             Kind::Lines {
                 min_skip,
                 last,
                 out,
             } => {
+                // Read under the lock: with several workers adding, each
+                // prints at least what the one before it printed.
+                let mut last = last.lock().unwrap();
+                let done = self.done.load(Ordering::Relaxed);
                 let cur = if self.total == 0 {
                     100.0
                 } else {
                     (done.min(self.total) as f64 * 100.0 / self.total as f64).min(100.0)
                 };
                 // qemu_progress_print's rule.
-                let mut last = last.lock().unwrap();
                 if cur > *last + min_skip || cur < *last - min_skip || cur == 0.0 || cur == 100.0 {
                     *last = cur;
                     let mut out = out.lock().unwrap();
@@ -222,6 +225,33 @@ mod tests {
         );
         // Nothing to do: straight to 100 %.
         assert_eq!(lines(0, 1.0, &[], false), "    (100.00/100%)\r\n");
+    }
+
+    #[test]
+    fn figures_never_go_back_with_several_workers() {
+        let buf = Shared::default();
+        let b2 = buf.clone();
+        let p = Progress::with_target(Target::Lines, "x", 8 * 2000, 0.1, move || Box::new(b2));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| (0..2000).for_each(|_| p.add(1)));
+            }
+        });
+        p.finish();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let figs: Vec<f64> = text
+            .split('\r')
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix('(')?
+                    .strip_suffix("/100%)")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(figs.len() > 100, "{}", figs.len());
+        assert!(figs.windows(2).all(|w| w[0] <= w[1]), "{figs:?}");
+        assert_eq!(figs.last(), Some(&100.0));
     }
 
     #[test]
