@@ -12,6 +12,11 @@
 //! with O_DIRECT; `-t writethrough`/`directsync` flush after every write;
 //! `-t unsafe` never flushes. `-q` does not silence the report, as in
 //! qemu-img.
+//!
+//! rimg's own option `--preallocate-ahead SIZE` (default 128 MiB, 0 for
+//! off) has the engine reserve file space that much ahead of new
+//! clusters (`Qcow2Options::preallocate_ahead`), as QEMU's `preallocate`
+//! filter does; the unused part is cut off when the run ends.
 
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
