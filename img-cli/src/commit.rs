@@ -7,6 +7,7 @@ use std::sync::Arc;
 use clap::Args;
 use qcow2::{ExtentKind, Format, Image, OpenOptions};
 
+use crate::progress::Progress;
 use crate::CliError;
 
 #[derive(Args)]
@@ -22,7 +23,7 @@ pub struct CommitArgs {
     /// Keep the top image's data (do not empty it)
     #[arg(short = 'd')]
     keep: bool,
-    /// Show progress (accepted for compatibility)
+    /// Show progress
     #[arg(short = 'p')]
     progress: bool,
     #[arg(short = 'q')]
@@ -61,7 +62,7 @@ fn backing_of(img: &dyn Image) -> Option<(PathBuf, Option<Format>)> {
 }
 
 pub fn run(a: CommitArgs) -> Result<u8, CliError> {
-    let _ = (&a.cache, a.progress, &a.rate);
+    let _ = (&a.cache, &a.rate);
     let format = match &a.format {
         Some(f) => Some(
             Format::from_name(f)
@@ -114,7 +115,8 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     if base.size() < size {
         base.resize(size)?;
     }
-    copy_down(&layers, base.as_ref(), size)?;
+    let progress = Progress::new(a.progress && !a.quiet, "Committing", size, 1.0);
+    copy_down(&layers, base.as_ref(), size, &progress)?;
     base.flush()?;
     // As qemu-img: the top is emptied only when the base is its own
     // backing file (with images in between, they would show through).
@@ -124,6 +126,8 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         }
         layers[0].flush()?;
     }
+    progress.complete();
+    progress.finish();
     if !a.quiet {
         println!("Image committed.");
     }
@@ -131,7 +135,12 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
 }
 
 /// Copies every range that one of `layers` (top first) stores into `base`.
-fn copy_down(layers: &[Arc<dyn Image>], base: &dyn Image, size: u64) -> Result<(), CliError> {
+fn copy_down(
+    layers: &[Arc<dyn Image>],
+    base: &dyn Image,
+    size: u64,
+    progress: &Progress,
+) -> Result<(), CliError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < size {
@@ -160,6 +169,7 @@ fn copy_down(layers: &[Arc<dyn Image>], base: &dyn Image, size: u64) -> Result<(
             None => {}
         }
         pos += len;
+        progress.add(len);
     }
     Ok(())
 }

@@ -72,57 +72,12 @@ pub fn is_zero(b: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&x| x == 0)
 }
 
-/// qemu-img's progress line ("    (12.34/100%)\r"), redrawn when it has
-/// moved by at least 2 % (qemu_progress_init(..., 2.0)).
-pub struct Progress {
-    on: bool,
-    total: u64,
-    done: u64,
-    shown: Option<f64>,
-}
-
-impl Progress {
-    pub fn new(on: bool, total: u64) -> Self {
-        let mut p = Progress {
-            on,
-            total: total.max(1),
-            done: 0,
-            shown: None,
-        };
-        p.show();
-        p
-    }
-
-    pub fn add(&mut self, n: u64) {
-        self.done = (self.done + n).min(self.total);
-        self.show();
-    }
-
-    fn show(&mut self) {
-        if !self.on {
-            return;
-        }
-        let pct = self.done as f64 * 100.0 / self.total as f64;
-        if self
-            .shown
-            .is_some_and(|s| pct < s + 2.0 && self.done < self.total)
-        {
-            return;
-        }
-        if self.shown == Some(pct) {
-            return;
-        }
-        self.shown = Some(pct);
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = write!(out, "    ({pct:.2}/100%)\r");
-        let _ = out.flush();
-    }
-
-    /// Ends the progress line (qemu_progress_end).
-    pub fn finish(&self) {
-        if self.on {
-            println!();
-        }
+/// An I/O error as C's strerror prints it ("Input/output error"), without
+/// Rust's " (os error N)" suffix.
+pub fn strerror(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
     }
 }

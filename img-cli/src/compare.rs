@@ -12,7 +12,8 @@
 use clap::Args;
 
 use crate::blockstatus::{Chain, ALLOCATED, ZERO};
-use crate::common::{is_zero, open, parse_format, read_padded, Progress};
+use crate::common::{is_zero, open, parse_format, read_padded};
+use crate::progress::Progress;
 use crate::CliError;
 
 #[derive(Args)]
@@ -119,15 +120,15 @@ pub fn run(a: CompareArgs) -> Result<u8, CliError> {
     };
     let one = open_side(&a.filename1, &a.format1)?;
     let two = open_side(&a.filename2, &a.format2)?;
-    let say = |s: &str| {
-        if !a.quiet {
-            println!("{s}");
-        }
-    };
     let (size1, size2) = (one.chain.len(), two.chain.len());
     let total = size1.min(size2);
-    let mut progress = Progress::new(a.progress && !a.quiet, size1.max(size2));
-    let r = compare(&a, &one, &two, total, &mut progress, &say);
+    let progress = Progress::new(a.progress && !a.quiet, "Comparing", size1.max(size2), 2.0);
+    let say = |s: &str| {
+        if !a.quiet {
+            progress.suspend(|| println!("{s}"));
+        }
+    };
+    let r = compare(&a, &one, &two, total, &progress, &say);
     progress.finish();
     r
 }
@@ -137,7 +138,7 @@ fn compare(
     one: &Side,
     two: &Side,
     total: u64,
-    progress: &mut Progress,
+    progress: &Progress,
     say: &dyn Fn(&str),
 ) -> Result<u8, CliError> {
     let (size1, size2) = (one.chain.len(), two.chain.len());

@@ -16,6 +16,7 @@ use qcow2::{chain_status, ChainStatus, Format, Image, OpenOptions};
 
 use crate::create::{parse_options, Parsed};
 use crate::opts::OptList;
+use crate::progress::Progress;
 use crate::size::parse_size;
 use crate::CliError;
 
@@ -197,7 +198,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         // Zeros need not be written where the target already reads as
         // zeros: a new image without backing file, or one declared zero.
         target_zero: (target_fresh && target.backing().is_none()) || a.target_is_zero,
-        progress: Progress::new(a.progress && !a.quiet, total),
+        progress: Progress::new(a.progress && !a.quiet, "Converting", total, 1.0),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
@@ -222,6 +223,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         return Err(e);
     }
     target.flush()?;
+    job.progress.complete();
     job.progress.finish();
     Ok(0)
 }
@@ -446,52 +448,5 @@ impl Job<'_> {
             k += n;
         }
         Ok(())
-    }
-}
-
-/// qemu-img's progress line: "    (12.34/100%)".
-struct Progress {
-    on: bool,
-    total: u64,
-    done: AtomicU64,
-    shown: Mutex<u64>,
-}
-
-impl Progress {
-    fn new(on: bool, total: u64) -> Self {
-        let p = Progress {
-            on,
-            total: total.max(1),
-            done: AtomicU64::new(0),
-            shown: Mutex::new(u64::MAX),
-        };
-        p.show(0);
-        p
-    }
-    fn add(&self, n: u64) {
-        let d = self.done.fetch_add(n, Ordering::Relaxed) + n;
-        self.show(d);
-    }
-    fn show(&self, done: u64) {
-        if !self.on {
-            return;
-        }
-        // Redraw at most every 1 %.
-        let pct100 = done * 10000 / self.total;
-        let mut shown = self.shown.lock().unwrap();
-        if *shown != u64::MAX && pct100 / 100 == *shown / 100 && done < self.total {
-            return;
-        }
-        *shown = pct100;
-        use std::io::Write;
-        let mut out = std::io::stdout().lock();
-        let _ = write!(out, "    ({:.2}/100%)\r", pct100 as f64 / 100.0);
-        let _ = out.flush();
-    }
-    fn finish(&self) {
-        if self.on {
-            self.show(self.total);
-            println!();
-        }
     }
 }

@@ -12,11 +12,13 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod docs;
 mod info;
 mod json;
 mod map;
 mod measure;
 mod opts;
+mod progress;
 mod rebase;
 mod resize;
 mod size;
@@ -24,7 +26,7 @@ mod snapshot;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +69,12 @@ enum Cmd {
     Resize(resize::ResizeArgs),
     /// Copy input to a new output image, dd style
     Dd(dd::DdArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    #[command(hide = true)]
+    Completions(docs::CompletionsArgs),
+    /// Print the manual page (roff), of rimg or of one subcommand
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 /// A failure to report: one line on stderr, exit status 1 unless the
@@ -132,6 +140,8 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
+        Cmd::Completions(a) => docs::completions(a, Cli::command()),
+        Cmd::Man(a) => docs::man(a, Cli::command()),
     };
     match r {
         Ok(code) => ExitCode::from(code),

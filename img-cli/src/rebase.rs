@@ -8,6 +8,7 @@ use std::path::Path;
 use clap::Args;
 use qcow2::{ExtentKind, Format, Image, OpenOptions};
 
+use crate::progress::Progress;
 use crate::CliError;
 
 #[derive(Args)]
@@ -27,6 +28,7 @@ pub struct RebaseArgs {
     cache: Option<String>,
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
+    /// Show progress
     #[arg(short = 'p')]
     progress: bool,
     #[arg(short = 'q')]
@@ -37,7 +39,7 @@ pub struct RebaseArgs {
 }
 
 pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
-    let _ = (&a.cache, &a.src_cache, a.progress, a.quiet);
+    let _ = (&a.cache, &a.src_cache);
     let fmt = |f: &Option<String>| -> Result<Option<Format>, CliError> {
         match f {
             Some(f) => {
@@ -68,6 +70,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         )));
     };
     let new_name = (!a.backing.is_empty()).then(|| a.backing.clone());
+    let progress = Progress::new(a.progress && !a.quiet, "Rebasing", img.size(), 2.0);
     let mut new_fmt_name = a.backing_fmt.clone();
     if !a.unsafe_mode {
         let new = match &new_name {
@@ -89,7 +92,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
                 Some(b)
             }
         };
-        copy_differences(img.as_ref(), new.as_deref())?;
+        copy_differences(img.as_ref(), new.as_deref(), &progress)?;
     } else if new_name.is_some() && new_fmt_name.is_none() {
         // Unsafe mode cannot open the new file; probe it if it exists.
         let path = qcow2::resolve_backing(Path::new(&a.filename), new_name.as_deref().unwrap());
@@ -105,12 +108,18 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         };
         Ok(())
     })?;
+    progress.complete();
+    progress.finish();
     Ok(0)
 }
 
 /// Where `img` is unallocated, makes it hold what its old backing chain
 /// shows wherever the new one (or zeros) would show something else.
-fn copy_differences(img: &dyn Image, new: Option<&dyn Image>) -> Result<(), CliError> {
+fn copy_differences(
+    img: &dyn Image,
+    new: Option<&dyn Image>,
+    progress: &Progress,
+) -> Result<(), CliError> {
     let size = img.size();
     let cs = img.as_qcow2().map_or(65536, |q| q.cluster_size());
     let step = (1u64 << 20).max(cs);
@@ -121,6 +130,7 @@ fn copy_differences(img: &dyn Image, new: Option<&dyn Image>) -> Result<(), CliE
         let e = img.block_status(pos, (size - pos).min(step))?;
         if e.kind != ExtentKind::Unallocated {
             pos += e.len;
+            progress.add(e.len);
             continue;
         }
         let len = e.len as usize;
@@ -138,6 +148,7 @@ fn copy_differences(img: &dyn Image, new: Option<&dyn Image>) -> Result<(), CliE
             k = j;
         }
         pos += e.len;
+        progress.add(e.len);
     }
     Ok(())
 }

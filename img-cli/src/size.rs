@@ -81,6 +81,42 @@ pub fn cvtnum(name: &str, s: &str, min: u64, max: u64) -> Result<u64, String> {
     }
 }
 
+/// Parses a plain integer as qemu-img's cvtnum_full does for counts
+/// (qemu_strtoi64 with base 0: leading blanks, a sign, "0x" hex, a
+/// leading "0" for octal, no suffix) within [min, max]; the error is
+/// qemu-img's message.
+pub fn cvtint(name: &str, s: &str, min: i64, max: i64) -> Result<i64, String> {
+    let invalid = || format!("Invalid {name} specified: '{s}'.");
+    let t = s.trim_start();
+    let (neg, body) = match t.as_bytes().first() {
+        Some(b'-') => (true, &t[1..]),
+        Some(b'+') => (false, &t[1..]),
+        _ => (false, t),
+    };
+    let (radix, digits) =
+        if let Some(h) = body.strip_prefix("0x").or_else(|| body.strip_prefix("0X")) {
+            (16, h)
+        } else if body.len() > 1 && body.starts_with('0') {
+            (8, &body[1..])
+        } else {
+            (10, body)
+        };
+    if digits.is_empty() || !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(invalid());
+    }
+    // Out of i64's range reads as a range error, as ERANGE does in qemu.
+    let v = i128::from_str_radix(digits, radix)
+        .ok()
+        .map(|v| if neg { -v } else { v })
+        .filter(|v| (i64::MIN as i128..=i64::MAX as i128).contains(v));
+    match v {
+        Some(v) if (min as i128..=max as i128).contains(&v) => Ok(v as i64),
+        _ => Err(format!(
+            "Invalid {name} specified. Must be between {min} and {max}."
+        )),
+    }
+}
+
 /// C's "%0.3g" for the values size_to_str prints.
 fn fmt_g3(v: f64) -> String {
     if v == 0.0 {
@@ -155,6 +191,29 @@ mod tests {
             assert_eq!(
                 r(bad),
                 Err(format!("Invalid x specified: '{bad}'.")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cvtint_like_qemu() {
+        let r = |s: &str| cvtint("request count", s, 1, i32::MAX as i64);
+        assert_eq!(r("5"), Ok(5));
+        assert_eq!(r(" +5"), Ok(5));
+        assert_eq!(r("010"), Ok(8));
+        assert_eq!(r("0x10"), Ok(16));
+        assert_eq!(
+            r("0"),
+            Err("Invalid request count specified. Must be between 1 and 2147483647.".into())
+        );
+        assert_eq!(r("-5"), r("0"));
+        assert_eq!(r("3000000000"), r("0"));
+        assert_eq!(r("99999999999999999999999"), r("0"));
+        for bad in ["1k", "5.0", "abc", "", "0x", "09", "5 "] {
+            assert_eq!(
+                r(bad),
+                Err(format!("Invalid request count specified: '{bad}'.")),
                 "{bad}"
             );
         }

@@ -35,6 +35,9 @@
 //!   from [`Qcow2::io_begin`] to [`Qcow2::io_end`], frees are tagged with
 //!   the epoch they were queued in, and a flush applies only frees queued
 //!   after every active ticket was taken (the rest wait for a later flush).
+//! - Space reserved at the end of the file ahead of new clusters
+//!   (`Qcow2Options::preallocate_ahead`) has no refcounts and nothing
+//!   points into it until an allocation takes it, as any free cluster.
 //!
 //! A crash at any point therefore leaves at worst leaked clusters.
 //!
@@ -76,6 +79,16 @@ pub struct Qcow2Options {
     /// Open for repair: images marked corrupt may be opened for writing,
     /// and a dirty image's refcounts are left for the check to rebuild.
     pub repair: bool,
+    /// When a data allocation reaches past the space reserved at the end
+    /// of the file, reserve this many bytes more beyond it (fallocate,
+    /// extending the file); 0: never. Guest writes into new clusters then
+    /// land in space the filesystem has already allocated, which for
+    /// O_DIRECT writes avoids extending the file once per cluster (ext4
+    /// serializes those). The unused tail is cut off again when the image
+    /// is dropped; after a crash it is only free space at the end of the
+    /// file (no cluster there has a refcount). QEMU's `preallocate`
+    /// filter does the same.
+    pub preallocate_ahead: u64,
 }
 
 impl Default for Qcow2Options {
@@ -85,6 +98,7 @@ impl Default for Qcow2Options {
             refcount_cache_bytes: 4 << 20,
             discard_passthrough: true,
             repair: false,
+            preallocate_ahead: 0,
         }
     }
 }
@@ -107,6 +121,14 @@ struct Meta {
     /// Next free byte in the host cluster that compressed clusters are
     /// being packed into (0: none).
     compressed_tail: u64,
+    /// Host bytes below this are reserved in the file (its length at
+    /// open, then the end of the last `preallocate_ahead` extension).
+    reserved_end: u64,
+    /// The file's length at open: never trimmed below.
+    len_at_open: u64,
+    /// The file was extended ahead of its data (to be trimmed at drop);
+    /// None after a failed extension (not tried again).
+    preallocated: Option<bool>,
 }
 
 /// Data I/O epochs: which epochs have I/O running outside the lock.
@@ -240,6 +262,9 @@ impl Qcow2 {
         )?;
         let (snapshots, snapshot_table_bytes) = Snapshot::read_table(&st, &header)?;
         let meta = Meta {
+            reserved_end: file_len,
+            len_at_open: file_len,
+            preallocated: Some(false),
             l1,
             l1_dirty: None,
             l2: TableCache::new(cs as usize, opts.l2_cache_bytes),
@@ -750,15 +775,56 @@ impl Qcow2 {
         for k in 0..n {
             m.inflight.insert(gc + k);
         }
+        let fresh = host >> self.cluster_bits >= fresh_from;
+        if fresh {
+            self.reserve_ahead(m, host + n * cs);
+        }
         Ok(WritePlan::Alloc(Alloc {
             gc,
             n,
             host,
             reuse: false,
-            fresh: host >> self.cluster_bits >= fresh_from,
+            fresh,
             first_old,
             last_old,
         }))
+    }
+
+    /// With `preallocate_ahead`, makes sure the file has space reserved up
+    /// to `end`, reserving `preallocate_ahead` bytes past it when not.
+    /// Only an optimization: a filesystem that cannot reserve space is not
+    /// asked again, and the data writes report any real lack of space.
+    fn reserve_ahead(&self, m: &mut Meta, end: u64) {
+        let ahead = self.opts.preallocate_ahead;
+        if ahead == 0 || end <= m.reserved_end || m.preallocated.is_none() {
+            return;
+        }
+        let cs = self.cluster_size();
+        let to = end.saturating_add(ahead).next_multiple_of(cs);
+        // Space already reserved or written stays as it is (mode 0).
+        match self.st.allocate(m.reserved_end, to - m.reserved_end) {
+            Ok(()) => {
+                m.reserved_end = to;
+                m.preallocated = Some(true);
+            }
+            Err(_) => m.preallocated = None,
+        }
+    }
+
+    /// Cuts off the space `reserve_ahead` reserved past the last cluster
+    /// in use (at drop). Clusters there have no refcount and nothing
+    /// points at them.
+    fn trim_reserved(&self, m: &mut Meta) -> Result<()> {
+        if m.preallocated != Some(true) {
+            return Ok(());
+        }
+        let end = (m.rc.end() * self.cluster_size()).max(m.len_at_open);
+        if self.st.len()? > end {
+            self.st.set_len(end)?;
+        }
+        m.preallocated = Some(false);
+        m.reserved_end = end;
+        Ok(())
     }
 
     /// Fills `out` (one cluster) with what guest cluster `gc` reads as in
@@ -1878,6 +1944,7 @@ impl Drop for Qcow2 {
                 // Errors here cannot be reported; callers that care flush
                 // explicitly before dropping.
                 let _ = self.flush_locked(&mut m);
+                let _ = self.trim_reserved(&mut m);
             }
         }
     }

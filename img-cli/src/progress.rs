@@ -1,0 +1,268 @@
+//! Progress of long operations (`-p` of convert, commit, rebase and
+//! compare), shown only when asked for, as in qemu-img.
+//!
+//! On a terminal (stderr is a TTY) it is an indicatif bar on stderr.
+//! Anywhere else it is qemu-img's own progress output on stdout, which
+//! scripts read: `    (12.34/100%)\r` each time the figure has moved by
+//! more than the command's step (qemu_progress_init's min_skip), always
+//! at 0 and 100 %, and a newline at the end.
+
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// Where progress goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Off,
+    /// An indicatif bar on stderr.
+    Bar,
+    /// qemu-img's lines on stdout.
+    Lines,
+}
+
+impl Target {
+    /// The target for a command run with `-p` = `on`.
+    pub fn detect(on: bool) -> Target {
+        if !on {
+            Target::Off
+        } else if std::io::stderr().is_terminal() {
+            Target::Bar
+        } else {
+            Target::Lines
+        }
+    }
+}
+
+/// Progress of `total` units of work; shared by worker threads.
+pub struct Progress {
+    total: u64,
+    done: AtomicU64,
+    kind: Kind,
+}
+
+enum Kind {
+    Off,
+    Bar(ProgressBar),
+    Lines {
+        min_skip: f64,
+        /// The figure last printed.
+        last: Mutex<f64>,
+        out: Mutex<Box<dyn Write + Send>>,
+    },
+}
+
+impl Progress {
+    /// Starts showing progress for a command doing `what` (a word for the
+    /// bar: "Converting") in steps of at least `min_skip` percent.
+    pub fn new(on: bool, what: &str, total: u64, min_skip: f64) -> Progress {
+        Self::with_target(Target::detect(on), what, total, min_skip, || {
+            Box::new(std::io::stdout())
+        })
+    }
+
+    /// As [`new`](Self::new) with the target chosen and qemu-img's lines
+    /// written to `out()` (for tests).
+    pub fn with_target(
+        target: Target,
+        what: &str,
+        total: u64,
+        min_skip: f64,
+        out: impl FnOnce() -> Box<dyn Write + Send>,
+    ) -> Progress {
+        let kind = match target {
+            Target::Off => Kind::Off,
+            Target::Bar => {
+                let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+                let style = ProgressStyle::with_template(
+                    "{prefix} [{bar:40}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+                )
+                .expect("a valid template")
+                .progress_chars("=> ");
+                bar.set_style(style);
+                bar.set_prefix(what.to_string());
+                Kind::Bar(bar)
+            }
+            Target::Lines => Kind::Lines {
+                min_skip,
+                last: Mutex::new(0.0),
+                out: Mutex::new(out()),
+            },
+        };
+        let p = Progress {
+            total,
+            done: AtomicU64::new(0),
+            kind,
+        };
+        p.show();
+        p
+    }
+
+    /// Counts `n` more units done.
+    pub fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+        self.show();
+    }
+
+    /// Runs `f` (which prints to the terminal) with the bar out of the way.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        match &self.kind {
+            Kind::Bar(b) => b.suspend(f),
+            _ => f(),
+        }
+    }
+
+    /// The work is done, whatever was counted: shows 100 %
+    /// (qemu_progress_print(100, 0)).
+    pub fn complete(&self) {
+        self.done.store(self.total, Ordering::Relaxed);
+        self.show();
+    }
+
+    /// Ends the progress output (qemu_progress_end): the bar stays as it
+    /// is (full unless the command stopped early); qemu-img's lines end
+    /// with a newline.
+    pub fn finish(&self) {
+        match &self.kind {
+            Kind::Off => {}
+            Kind::Bar(b) => {
+                if self.done.load(Ordering::Relaxed) >= self.total {
+                    b.finish();
+                } else {
+                    b.abandon();
+                }
+            }
+            Kind::Lines { out, .. } => {
+                let mut out = out.lock().unwrap();
+                let _ = writeln!(out);
+                let _ = out.flush();
+            }
+        }
+    }
+
+    fn show(&self) {
+        match &self.kind {
+            Kind::Off => {}
+            Kind::Bar(b) => b.set_position(self.done.load(Ordering::Relaxed).min(self.total)),
+            Kind::Lines {
+                min_skip,
+                last,
+                out,
+            } => {
+                // Read under the lock: with several workers adding, each
+                // prints at least what the one before it printed.
+                let mut last = last.lock().unwrap();
+                let done = self.done.load(Ordering::Relaxed);
+                let cur = if self.total == 0 {
+                    100.0
+                } else {
+                    (done.min(self.total) as f64 * 100.0 / self.total as f64).min(100.0)
+                };
+                // qemu_progress_print's rule.
+                if cur > *last + min_skip || cur < *last - min_skip || cur == 0.0 || cur == 100.0 {
+                    *last = cur;
+                    let mut out = out.lock().unwrap();
+                    let _ = write!(out, "    ({cur:.2}/100%)\r");
+                    let _ = out.flush();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A writer whose bytes the test can read.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn lines(total: u64, min_skip: f64, steps: &[u64], complete: bool) -> String {
+        let buf = Shared::default();
+        let b2 = buf.clone();
+        let p = Progress::with_target(Target::Lines, "x", total, min_skip, move || Box::new(b2));
+        for &s in steps {
+            p.add(s);
+        }
+        if complete {
+            p.complete();
+        }
+        p.finish();
+        let v = buf.0.lock().unwrap().clone();
+        String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn prints_qemu_img_lines() {
+        // Three thirds with a 1 % step: every third shows, and 100 %
+        // again when the command says it is done (as qemu-img convert).
+        assert_eq!(
+            lines(300, 1.0, &[100, 100, 100], true),
+            "    (0.00/100%)\r    (33.33/100%)\r    (66.67/100%)\r    (100.00/100%)\r    (100.00/100%)\r\n"
+        );
+        // Steps of 1 % with a 2 % minimum: only every third one passes;
+        // stopped early (compare's mismatch), it just ends the line.
+        assert_eq!(
+            lines(100, 2.0, &[1; 7], false),
+            "    (0.00/100%)\r    (3.00/100%)\r    (6.00/100%)\r\n"
+        );
+        assert_eq!(
+            lines(100, 2.0, &[1; 7], true),
+            "    (0.00/100%)\r    (3.00/100%)\r    (6.00/100%)\r    (100.00/100%)\r\n"
+        );
+        // Nothing to do: straight to 100 %.
+        assert_eq!(lines(0, 1.0, &[], false), "    (100.00/100%)\r\n");
+    }
+
+    #[test]
+    fn figures_never_go_back_with_several_workers() {
+        let buf = Shared::default();
+        let b2 = buf.clone();
+        let p = Progress::with_target(Target::Lines, "x", 8 * 2000, 0.1, move || Box::new(b2));
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| (0..2000).for_each(|_| p.add(1)));
+            }
+        });
+        p.finish();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let figs: Vec<f64> = text
+            .split('\r')
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix('(')?
+                    .strip_suffix("/100%)")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        assert!(figs.len() > 100, "{}", figs.len());
+        assert!(figs.windows(2).all(|w| w[0] <= w[1]), "{figs:?}");
+        assert_eq!(figs.last(), Some(&100.0));
+    }
+
+    #[test]
+    fn off_prints_nothing_and_counts() {
+        let buf = Shared::default();
+        let b2 = buf.clone();
+        let p = Progress::with_target(Target::Off, "x", 10, 1.0, move || Box::new(b2));
+        p.add(5);
+        p.finish();
+        assert!(buf.0.lock().unwrap().is_empty());
+        assert_eq!(p.done.load(Ordering::Relaxed), 5);
+        assert_eq!(Target::detect(false), Target::Off);
+    }
+}
