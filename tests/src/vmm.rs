@@ -16,7 +16,8 @@ pub fn probe_guest() -> &'static Path {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/virtio_probe.rs");
         let dir = crate::target_dir().join("vmm-guests");
         std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join(format!("virtio_probe-{}.elf", std::process::id()));
+        let out = dir.join("virtio_probe.elf");
+        let tmp = dir.join(format!("virtio_probe-{}.elf", std::process::id()));
         let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
         let o = Command::new(rustc)
             .args(["--edition", "2021", "--crate-type", "bin"])
@@ -28,7 +29,7 @@ pub fn probe_guest() -> &'static Path {
             .args(["-C", "link-arg=-Wl,--build-id=none"])
             .arg(&src)
             .arg("-o")
-            .arg(&out)
+            .arg(&tmp)
             .output()
             .expect("run rustc");
         assert!(
@@ -36,6 +37,9 @@ pub fn probe_guest() -> &'static Path {
             "building the probe guest failed:\n{}",
             String::from_utf8_lossy(&o.stderr)
         );
+        // Renamed into place: concurrent test processes never see a
+        // half-written file.
+        std::fs::rename(&tmp, &out).unwrap();
         out
     })
 }

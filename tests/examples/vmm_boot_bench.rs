@@ -1,0 +1,167 @@
+//! Boot-time and memory benchmark for rimg-vmm (benches/vmm-bench.sh).
+//!
+//! In the nested setup (outer QEMU TCG guest with kvm_amd, see
+//! shared/TESTBED.md), boots the Debian 6.1 cloud kernel with a busybox
+//! initramfs whose init prints a marker first, alternately with rimg-vmm
+//! and with QEMU's `microvm` machine (ACPI on, virtio-mmio, -kernel), both
+//! 2 vCPUs and 256 MiB, ROUNDS times each. Reports the median time from
+//! starting the VMM to the marker line, the ratio, and rimg-vmm's resident
+//! memory outside guest RAM (every resident page except those of the
+//! guest-RAM memfd mapping) sampled when the marker appears.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use rimg_tests::guest::{kit, Guest};
+use rimg_tests::vmm::static_bins;
+
+const CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=k";
+
+/// The QEMU binary's shared libraries (and the dynamic loader), for an
+/// outer guest that has none.
+fn qemu_libs(k: &rimg_tests::guest::Kit) -> Vec<PathBuf> {
+    let q = k.qemu();
+    let bin = PathBuf::from(q.get_program());
+    let env: Vec<_> = q
+        .get_envs()
+        .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+        .collect();
+    let o = Command::new("ldd")
+        .arg(&bin)
+        .envs(env)
+        .output()
+        .expect("ldd");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let mut libs = BTreeSet::new();
+    for l in text.lines() {
+        let path = match l.split_once("=>") {
+            Some((_, r)) => r.split_whitespace().next(),
+            None => l.split_whitespace().next(),
+        };
+        if let Some(p) = path.filter(|p| p.starts_with('/')) {
+            libs.insert(PathBuf::from(p));
+        }
+    }
+    assert!(!libs.is_empty(), "ldd found no libraries: {text}");
+    libs.into_iter().collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let k = kit();
+    let bins = static_bins();
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    let bench_initrd = Guest::new("echo FIRST-LINE\n").initramfs_image();
+    let qemu = k.qemu();
+    let qemu_bin = PathBuf::from(qemu.get_program());
+    let fw = qemu_bin
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("share/qemu");
+    let mut script = String::from("ls -l /dev/kvm\n");
+    let rimg = format!(
+        "first_line FIRST-LINE rimg-vmm --kernel /vmlinuz --initrd /bench.cpio \
+         --memory 256M --cpus 2 --cmdline '{CMDLINE}'"
+    );
+    let microvm = format!(
+        "first_line FIRST-LINE /lib/ld-linux-x86-64.so.2 --library-path /lib \
+         /bin/qemu-system-x86_64 -L /lib -M microvm,acpi=on -accel kvm -cpu host \
+         -m 256 -smp 2 -nodefaults -no-user-config -display none -serial stdio \
+         -kernel /vmlinuz -initrd /bench.cpio -append '{CMDLINE}'"
+    );
+    for i in 0..rounds {
+        script.push_str(&format!(
+            "echo 'run rimg {i}'\n{rimg} | grep -E '^(first-line|rss|exit)'\n"
+        ));
+        script.push_str(&format!(
+            "echo 'run qemu {i}'\n{microvm} | grep -E '^(first-line|rss|exit)'\n"
+        ));
+    }
+    let mut g = Guest::new(&script)
+        .module("kvm_amd")
+        .memory_mib(1024)
+        .cpus(2)
+        .timeout(Duration::from_secs(900))
+        .file("/vmlinuz", read(k.kernel()), 0o644)
+        .file("/bench.cpio", bench_initrd, 0o644)
+        .file("/bin/rimg-vmm", read(&bins.join("rimg-vmm")), 0o755)
+        .file(
+            "/bin/first_line",
+            read(&bins.join("examples/first_line")),
+            0o755,
+        )
+        .file("/bin/qemu-system-x86_64", read(&qemu_bin), 0o755);
+    for lib in qemu_libs(k) {
+        let name = lib.file_name().unwrap().to_str().unwrap().to_string();
+        g = g.file(&format!("/lib/{name}"), read(&lib), 0o755);
+    }
+    for f in [
+        "bios-microvm.bin",
+        "linuxboot_dma.bin",
+        "kvmvapic.bin",
+        "pvh.bin",
+    ] {
+        if fw.join(f).exists() {
+            g = g.file(&format!("/lib/{f}"), read(&fw.join(f)), 0o644);
+        }
+    }
+    let out = g.run();
+    let mut cur = "";
+    let (mut rimg_ms, mut qemu_ms, mut rss) = (Vec::new(), Vec::new(), Vec::new());
+    for l in out.console.lines() {
+        if let Some(r) = l.strip_prefix("run ") {
+            cur = if r.starts_with("rimg") {
+                "rimg"
+            } else {
+                "qemu"
+            };
+        } else if let Some(ms) = l.strip_prefix("first-line-ms ") {
+            let Ok(ms) = ms.trim().parse::<f64>() else {
+                continue;
+            };
+            if cur == "rimg" {
+                rimg_ms.push(ms)
+            } else {
+                qemu_ms.push(ms)
+            }
+        } else if let Some(r) = l.strip_prefix("rss-kib ") {
+            if cur == "rimg" {
+                let kib = |k: &str| -> f64 {
+                    r.split_whitespace()
+                        .find_map(|f| f.strip_prefix(k))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0.0)
+                };
+                rss.push(kib("vmm=") / 1024.0);
+            }
+        }
+    }
+    if rimg_ms.is_empty() || qemu_ms.is_empty() {
+        eprintln!("benchmark failed:\n{}", out.console);
+        std::process::exit(1);
+    }
+    let (r, q) = (median(&mut rimg_ms), median(&mut qemu_ms));
+    println!("boot to init's first line (nested KVM, 2 vCPUs, 256 MiB, median of {rounds}):");
+    println!("  rimg-vmm         {r:8.0} ms   runs {rimg_ms:?}");
+    println!("  qemu -M microvm  {q:8.0} ms   runs {qemu_ms:?}");
+    println!("  ratio rimg/qemu  {:8.2}x  (target <= 0.5x)", r / q);
+    for l in out.console.lines().filter(|l| l.starts_with("rss-kib")) {
+        println!("  {l}");
+    }
+    let m = median(&mut rss);
+    println!(
+        "rimg-vmm resident memory outside guest RAM: {m:.2} MiB median (target <= 5 MiB), samples {rss:.2?}"
+    );
+}
