@@ -1474,6 +1474,19 @@ impl Qcow2 {
         self.preallocate_metadata_range(0, self.size())
     }
 
+    /// Version 2 snapshots do not record their disk size, so a snapshot
+    /// taken at another size could not be applied: QEMU refuses any resize
+    /// of such an image, even to the same size. Version 3 records it per
+    /// snapshot.
+    fn check_resizable(&self, m: &Meta) -> Result<()> {
+        if !m.snapshots.is_empty() && self.version < 3 {
+            return Err(Error::InvalidArgument(
+                "Can't resize a v2 image which has snapshots".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Grows the image to `new_size` with host space for the new area
     /// (`qemu-img resize --preallocation`). The new area reads as zeros from
     /// its own clusters, which also hides a longer backing file; version 2
@@ -1487,11 +1500,7 @@ impl Qcow2 {
         let m = self.lock();
         let mut m = self.quiesce(m);
         let old = m.header.size;
-        if !m.snapshots.is_empty() && self.version < 3 {
-            return Err(Error::InvalidArgument(
-                "Can't resize a v2 image which has snapshots".into(),
-            ));
-        }
+        self.check_resizable(&m)?;
         if new_size <= old {
             return Err(Error::InvalidArgument(
                 "Preallocation can only be used for growing images".into(),
@@ -1904,15 +1913,7 @@ impl Image for Qcow2 {
         let m = self.lock();
         let mut m = self.quiesce(m);
         let old = m.header.size;
-        if !m.snapshots.is_empty() && self.version < 3 {
-            // Version 2 snapshots do not record their disk size, so a
-            // snapshot taken at another size could not be applied (QEMU
-            // refuses the same way, even for an unchanged size). Version 3
-            // records it per snapshot.
-            return Err(Error::InvalidArgument(
-                "Can't resize a v2 image which has snapshots".into(),
-            ));
-        }
+        self.check_resizable(&m)?;
         if new_size < old {
             drop(m);
             return self.shrink(new_size);

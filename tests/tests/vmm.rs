@@ -116,6 +116,23 @@ fn packet_socket(dev: &str) -> OwnedFd {
     fd
 }
 
+/// Waits for the probe guest's frame (ethertype 0x88b5) on `pkt`.
+fn guest_frame(pkt: &OwnedFd) -> Vec<u8> {
+    let deadline = Instant::now() + T;
+    let mut buf = [0u8; 2048];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no frame from the guest on the TAP"
+        );
+        // SAFETY: recv into our buffer of the length passed.
+        let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
+            return buf[..n as usize].to_vec();
+        }
+    }
+}
+
 #[test]
 fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -138,19 +155,7 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
         )
     });
     // The guest's frame: broadcast from its MAC, ethertype 0x88b5.
-    let deadline = Instant::now() + T;
-    let mut buf = [0u8; 2048];
-    let frame = loop {
-        assert!(
-            Instant::now() < deadline,
-            "no frame from the guest on the TAP"
-        );
-        // SAFETY: recv into our buffer of the length passed.
-        let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
-            break buf[..n as usize].to_vec();
-        }
-    };
+    let frame = guest_frame(&pkt);
     assert_eq!(&frame[..6], &[0xff; 6]);
     assert_eq!(&frame[6..12], &MAC, "the MAC given with --net mac=");
     assert_eq!(&frame[14..25], b"RIMG-VMM-TX");
@@ -191,19 +196,7 @@ fn dead_backend_marks_the_device_failed() {
             T,
         )
     });
-    let deadline = Instant::now() + T;
-    let mut buf = [0u8; 2048];
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "no frame from the guest on the TAP"
-        );
-        // SAFETY: recv into our buffer of the length passed.
-        let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
-            break;
-        }
-    }
+    guest_frame(&pkt);
     // SIGKILL (Drop), mid-run.
     drop(daemon);
     let r = vmm.join().unwrap();
