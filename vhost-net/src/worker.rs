@@ -552,7 +552,12 @@ impl PairWorker {
             self.rx_posted -= 1;
             let n = res.max(0) as usize;
             if res < 0 || n <= TAP_HDR_LEN {
-                if res < 0 && res != -libc::ECANCELED && res != -libc::EAGAIN {
+                // A cancelled read that io_uring had punted to a worker
+                // thread may end with EINTR, or on older kernels with the
+                // kernel-internal ERESTARTSYS (512): both mean cancelled.
+                const ERESTARTSYS: i32 = 512;
+                let cancelled = [libc::ECANCELED, libc::EAGAIN, libc::EINTR, ERESTARTSYS];
+                if res < 0 && !cancelled.contains(&-res) {
                     self.warn(format_args!(
                         "TAP read: {}",
                         std::io::Error::from_raw_os_error(-res)
