@@ -124,6 +124,7 @@ pub mod blk;
 pub mod daemon;
 pub mod guest;
 pub mod net;
+pub mod rings;
 
 /// The workspace's cargo target directory (`CARGO_TARGET_DIR` or
 /// `<workspace>/target`), where built binaries and downloaded test kits
