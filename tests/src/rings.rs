@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -127,7 +127,7 @@ impl Driver {
     /// Connects to `sock` with `mem_len` bytes of guest memory at guest
     /// address 0 and sets up and enables `nq` queues of `qs` entries.
     /// `features` picks the acked virtio features from the offered ones;
-    /// protocol features are CONFIG and MQ where offered.
+    /// protocol features are CONFIG, MQ and REPLY_ACK where offered.
     pub fn connect(
         sock: &Path,
         mem_len: usize,
@@ -142,10 +142,17 @@ impl Driver {
         let offered = fe.get_features().unwrap();
         fe.set_features(features(offered)).unwrap();
         let pf = fe.get_protocol_features().unwrap();
+        // REPLY_ACK makes every message synchronous: when a call returns,
+        // the daemon has applied it.
         fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
+            pf & (VhostUserProtocolFeatures::CONFIG
+                | VhostUserProtocolFeatures::MQ
+                | VhostUserProtocolFeatures::REPLY_ACK),
         )
         .unwrap();
+        if pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
         let base = shm.ptr as u64;
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,

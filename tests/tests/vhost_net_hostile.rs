@@ -15,6 +15,7 @@ use std::time::Duration;
 use rimg_tests::net::{pair_stats, NetDaemon, Netns, PacketSocket};
 use rimg_tests::rings::{Desc, Driver, DATA, F_INDIRECT, F_NEXT, F_WRITE};
 use rimg_tests::tempdir;
+use vhost::vhost_user::VhostUserFrontend;
 
 const MEM: usize = 16 << 20;
 const QS: u16 = 16;
@@ -405,6 +406,19 @@ fn broken_pair_does_not_stop_the_other() {
         assert_eq!(r.submit(3, &[(TX_BUF, pkt_len, 0)]), 0);
         assert_eq!(pk.recv(ETHERTYPE, WAIT), Some(f), "pair 1 TX {tag:#x}");
     }
+    // The driver turns pair 1's receive queue off: its TAP queue is
+    // detached (TUNSETQUEUE, allowed by the seccomp filter), and TX on the
+    // pair goes on. At exit the queue is attached again.
+    r.fe.set_vring_enable(2, false).unwrap();
+    let f = guest_frame(0x43);
+    put_tx(&r, &f);
+    assert_eq!(r.submit(3, &[(TX_BUF, pkt_len, 0)]), 0);
+    assert!(
+        d.wait_for_log("pair 1: TAP queue detached", WAIT),
+        "{}",
+        d.log()
+    );
+    assert_eq!(pk.recv(ETHERTYPE, WAIT), Some(f), "pair 1 TX after RX off");
     drop(r);
     let (st, log) = d.terminate();
     assert!(st.success(), "daemon exit {st}: {log}");

@@ -24,7 +24,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use log::{error, warn};
+use log::{error, info, warn};
 use vhost_user_backend::VringT;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
@@ -240,9 +240,8 @@ impl PairWorker {
         self.submit();
     }
 
-    /// Logs an avail index more than the queue size ahead of the device:
-    /// the ring yields nothing (virtio-queue refuses it) until the driver
-    /// publishes a sane index again.
+    /// Logs an avail index more than the queue size ahead of the device
+    /// (see [`Self::avail_sane`]).
     fn check_avail_idx(&mut self, tx: bool) {
         let v = if tx { &self.tx_vring } else { &self.rx_vring };
         if !Self::usable(v) {
@@ -251,23 +250,30 @@ impl PairWorker {
         let Some(v) = v.clone() else {
             return;
         };
-        let mem = self.mem.memory();
-        let (avail, next, size) = {
-            let g = v.get_ref();
-            let q = g.get_queue();
-            let Ok(avail) = q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) else {
-                return;
-            };
-            (avail.0, q.next_avail(), q.size())
-        };
-        let ahead = avail.wrapping_sub(next);
-        if ahead > size {
+        if let Err((avail, ahead, size)) = Self::avail_sane(&v, &self.mem.memory()) {
             let which = if tx { "TX" } else { "RX" };
             self.warn(format_args!(
                 "{which} avail index {avail} is {ahead} entries ahead of the device \
                  (queue size {size}): ignoring the queue until the driver repairs it"
             ));
         }
+    }
+
+    /// Whether the driver's avail index is at most the queue size ahead
+    /// of the device; if not, (index, distance, size). virtio-queue yields
+    /// nothing from such a ring (and logs an error for every attempt), so
+    /// the queue is left alone until the driver publishes a sane index.
+    fn avail_sane(v: &Vring, mem: &Mem) -> Result<(), (u16, u16, u16)> {
+        let g = v.get_ref();
+        let q = g.get_queue();
+        let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
+            return Ok(());
+        };
+        let ahead = avail.0.wrapping_sub(q.next_avail());
+        if ahead > q.size() {
+            return Err((avail.0, ahead, q.size()));
+        }
+        Ok(())
     }
 
     /// The io_uring completion eventfd fired.
@@ -290,7 +296,16 @@ impl PairWorker {
         let want = Self::usable(&self.rx_vring);
         if want != self.attached && self.rx_vring.is_some() {
             match self.tap.set_queue_attached(self.pair, want) {
-                Ok(()) => self.attached = want,
+                Ok(()) => {
+                    self.attached = want;
+                    if self.tap.num_queues() > 1 {
+                        info!(
+                            "pair {}: TAP queue {}",
+                            self.pair,
+                            if want { "attached" } else { "detached" }
+                        );
+                    }
+                }
                 Err(e) => error!("{e}"),
             }
             if !want {
@@ -314,6 +329,9 @@ impl PairWorker {
             return;
         }
         let mem = self.mem.memory().into_inner();
+        if Self::avail_sane(&vring, &mem).is_err() {
+            return;
+        }
         let mut used_any = false;
         loop {
             let mut g = vring.get_mut();
@@ -451,6 +469,9 @@ impl PairWorker {
             return;
         }
         let mem = self.mem.memory().into_inner();
+        if Self::avail_sane(&vring, &mem).is_err() {
+            return;
+        }
         let mut used_any = false;
         {
             let mut g = vring.get_mut();
