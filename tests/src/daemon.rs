@@ -4,12 +4,22 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// What the daemon logged so far, and a signal for each new line.
+#[derive(Default)]
+struct Log {
+    text: Mutex<String>,
+    more: Condvar,
+}
 
 /// A running daemon; killed (SIGKILL) if dropped without `terminate`.
 pub struct DaemonProcess {
     pub child: Child,
     pub socket: PathBuf,
-    stderr: Option<std::thread::JoinHandle<String>>,
+    log: Arc<Log>,
+    stderr: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DaemonProcess {
@@ -33,16 +43,62 @@ impl DaemonProcess {
             return Err(format!("daemon exited {st}: {first}{rest}"));
         }
         // Keep draining stderr so the daemon never blocks on a full pipe.
+        let log = Arc::new(Log::default());
+        let sink = log.clone();
         let stderr = std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = rd.read_to_string(&mut s);
-            s
+            let mut line = String::new();
+            while rd.read_line(&mut line).unwrap_or(0) > 0 {
+                sink.text
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push_str(&line);
+                sink.more.notify_all();
+                line.clear();
+            }
         });
         Ok(DaemonProcess {
             child,
             socket: socket.to_path_buf(),
+            log,
             stderr: Some(stderr),
         })
+    }
+
+    /// Waits until the daemon's log contains `needle`; false if `timeout`
+    /// passes first.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until the daemon's log contains `needle` at least `n` times;
+    /// false if `timeout` passes first.
+    pub fn wait_for_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        let mut text = self.log.text.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if text.matches(needle).count() >= n {
+                return true;
+            }
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            text = self
+                .log
+                .more
+                .wait_timeout(text, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// What the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log
+            .text
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Sends SIGTERM and waits for the exit; returns the status and what
@@ -53,8 +109,8 @@ impl DaemonProcess {
         // reaped yet (we still hold the Child), so it cannot be reused.
         unsafe { libc::kill(pid, libc::SIGTERM) };
         let st = self.child.wait().expect("wait daemon");
-        let log = self.stderr.take().unwrap().join().unwrap_or_default();
-        (st, log)
+        let _ = self.stderr.take().unwrap().join();
+        (st, self.log())
     }
 }
 
@@ -63,8 +119,9 @@ impl Drop for DaemonProcess {
         if let Some(h) = self.stderr.take() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            let _ = h.join();
             if std::thread::panicking() {
-                eprintln!("daemon log:\n{}", h.join().unwrap_or_default());
+                eprintln!("daemon log:\n{}", self.log());
             }
         }
     }

@@ -188,6 +188,7 @@ pub mod crash;
 pub mod daemon;
 pub mod guest;
 pub mod net;
+pub mod rings;
 pub mod vmm;
 
 /// The workspace's cargo target directory (`CARGO_TARGET_DIR` or

@@ -290,3 +290,112 @@ fn parse_pmd_stats(out: &str) -> PmdStats {
         tx: num("TX-packets:"),
     }
 }
+
+/// A raw packet socket (AF_PACKET) on one interface inside a namespace:
+/// it sees the frames the interface receives (for a TAP: what its reader,
+/// the daemon, wrote) and sends frames out through it (to the TAP's
+/// reader). Frames go nowhere else.
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PacketSocket {
+    pub fn open(ns: &Netns, dev: &str) -> PacketSocket {
+        use std::os::fd::FromRawFd;
+        let name = std::ffi::CString::new(dev).unwrap();
+        ns.run_in(move || {
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: socket(2) with constant arguments; checked below.
+            let raw = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                )
+            };
+            assert!(
+                raw >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: a fresh descriptor nobody else owns.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+            // SAFETY: a NUL-terminated name that outlives the call.
+            let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+            assert!(ifindex > 0, "no interface {name:?}");
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_protocol = proto;
+            sa.sll_ifindex = ifindex as i32;
+            // SAFETY: bind reads the sockaddr_ll we pass, of the given size.
+            let r = unsafe {
+                libc::bind(
+                    raw,
+                    (&sa as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+            PacketSocket { fd }
+        })
+    }
+
+    /// Sends `frame` (a whole Ethernet frame) out through the interface.
+    pub fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: send reads `frame`, which outlives the call.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// The next frame the interface received with EtherType `ethertype`
+    /// (frames it sent are skipped); None if `timeout` passes first.
+    pub fn recv(&self, ethertype: u16, timeout: Duration) -> Option<Vec<u8>> {
+        use std::os::fd::AsRawFd;
+        let end = Instant::now() + timeout;
+        let mut buf = vec![0u8; 65536 + 64];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let mut p = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut p, 1, left.as_millis().max(1) as i32) } <= 0 {
+                continue;
+            }
+            // SAFETY: sockaddr_ll is plain data; all-zero is valid.
+            let mut sa: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            let mut sl = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            // SAFETY: recvfrom writes at most buf.len() bytes into buf and
+            // at most `sl` bytes into sa, both ours.
+            let n = unsafe {
+                libc::recvfrom(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                    (&mut sa as *mut libc::sockaddr_ll).cast(),
+                    &mut sl,
+                )
+            };
+            if n < 14 || sa.sll_pkttype == libc::PACKET_OUTGOING {
+                continue;
+            }
+            let f = &buf[..n as usize];
+            if u16::from_be_bytes([f[12], f[13]]) == ethertype {
+                return Some(f.to_vec());
+            }
+        }
+    }
+}

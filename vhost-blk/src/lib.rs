@@ -11,5 +11,6 @@
 pub mod backend;
 pub mod config;
 pub mod request;
+pub mod seccomp;
 pub mod server;
 pub mod worker;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rimg_vhost_blk::server::{self, ServerConfig};
+use rimg_vhost_server::SeccompAction;
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +43,12 @@ struct Args {
     /// Bytes of qcow2 L2 tables to cache (default 32 MiB)
     #[arg(long, value_name = "BYTES")]
     cache_size: Option<u64>,
+    /// Seccomp filter, installed once the image/TAP is open and the socket
+    /// bound: `kill` (default) kills the daemon on any syscall outside its
+    /// list, `log` allows such calls and has the kernel log them (audit
+    /// type 1326), `off` installs no filter
+    #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
+    seccomp: SeccompAction,
 }
 
 fn main() -> ExitCode {
@@ -69,6 +76,7 @@ fn main() -> ExitCode {
         serial: a.serial,
         direct: a.direct,
         l2_cache_bytes: a.cache_size,
+        seccomp: a.seccomp,
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,6 +27,9 @@ pub struct ServerConfig {
     pub serial: String,
     pub direct: bool,
     pub l2_cache_bytes: Option<u64>,
+    /// What a syscall outside the daemon's seccomp list does (or no
+    /// filter).
+    pub seccomp: rimg_vhost_server::SeccompAction,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,14 +110,21 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             img.size(),
         )
     };
-    rimg_vhost_server::serve("rimg-vhost-blk", &cfg.socket, announce, |mem| {
-        Ok(Arc::new(BlkBackend::new(
-            img.clone(),
-            files.clone(),
-            dev.clone(),
-            mem,
-        )?))
-    })?;
+    rimg_vhost_server::serve(
+        "rimg-vhost-blk",
+        &cfg.socket,
+        cfg.seccomp,
+        &crate::seccomp::syscalls(),
+        announce,
+        |mem| {
+            Ok(Arc::new(BlkBackend::new(
+                img.clone(),
+                files.clone(),
+                dev.clone(),
+                mem,
+            )?))
+        },
+    )?;
     img.flush()
         .map_err(|e| Error::Image(cfg.image.clone(), e))?;
     Ok(())

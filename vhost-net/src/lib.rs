@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod seccomp;
 pub mod server;
 pub mod tap;
 pub mod worker;

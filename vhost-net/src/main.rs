@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser};
 use rimg_vhost_net::config::Mac;
 use rimg_vhost_net::server::{self, ServerConfig};
+use rimg_vhost_server::SeccompAction;
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +42,12 @@ struct Args {
     /// MTU offered to the guest (VIRTIO_NET_F_MTU) and set on a created TAP
     #[arg(long, value_name = "N")]
     mtu: Option<u16>,
+    /// Seccomp filter, installed once the image/TAP is open and the socket
+    /// bound: `kill` (default) kills the daemon on any syscall outside its
+    /// list, `log` allows such calls and has the kernel log them (audit
+    /// type 1326), `off` installs no filter
+    #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
+    seccomp: SeccompAction,
 }
 
 fn main() -> ExitCode {
@@ -61,6 +68,7 @@ fn main() -> ExitCode {
         queue_pairs: a.num_queue_pairs,
         queue_size: a.queue_size,
         mtu: a.mtu,
+        seccomp: a.seccomp,
     };
     match server::run(cfg) {
         Ok(()) => ExitCode::SUCCESS,

@@ -22,6 +22,9 @@ pub struct ServerConfig {
     pub queue_pairs: u16,
     pub queue_size: u16,
     pub mtu: Option<u16>,
+    /// What a syscall outside the daemon's seccomp list does (or no
+    /// filter).
+    pub seccomp: rimg_vhost_server::SeccompAction,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,8 +84,13 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             cfg.socket.display()
         )
     };
-    rimg_vhost_server::serve("rimg-vhost-net", &cfg.socket, announce, |mem| {
-        Ok(Arc::new(NetBackend::new(net.clone(), tap.clone(), mem)?))
-    })?;
+    rimg_vhost_server::serve(
+        "rimg-vhost-net",
+        &cfg.socket,
+        cfg.seccomp,
+        &crate::seccomp::syscalls(),
+        announce,
+        |mem| Ok(Arc::new(NetBackend::new(net.clone(), tap.clone(), mem)?)),
+    )?;
     Ok(())
 }

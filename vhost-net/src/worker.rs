@@ -24,10 +24,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use log::{error, warn};
+use log::{error, info, warn};
 use vhost_user_backend::VringT;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::Negotiated;
@@ -41,8 +41,11 @@ const TX_SLOTS: usize = 64;
 /// user_data bit marking a TX write (clear: an RX read).
 const TX_BIT: u64 = 1 << 32;
 const CANCEL: u64 = 1 << 33;
-/// Warnings about malformed guest buffers, at most this many per worker.
-const MAX_WARNINGS: u32 = 16;
+/// Warnings about malformed guest buffers, at most this many per worker
+/// (per connection).
+const MAX_WARNINGS: u32 = 64;
+/// The shortest frame worth writing to the TAP: an Ethernet header.
+const ETH_HLEN: usize = 14;
 
 /// Counters, for tests and logs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -75,11 +78,54 @@ impl Pool {
     }
 }
 
+/// One descriptor of a chain: guest address, length, device-writable.
+#[derive(Clone, Copy)]
+struct Seg {
+    addr: GuestAddress,
+    len: u32,
+    write: bool,
+}
+
+/// Walks `chain` into `out`, refusing what the device must not use: a
+/// chain cut short by the walk's bound (a loop, more descriptors than the
+/// queue or indirect table holds, a next index past the table, over 4 GiB
+/// in all), an empty one (e.g. an indirect table outside guest memory),
+/// and descriptors not wholly inside guest memory. Nothing is read from or
+/// written to the buffers.
+fn collect(
+    chain: DescriptorChain<Arc<Mem>>,
+    mem: &Mem,
+    out: &mut Vec<Seg>,
+) -> Result<(), &'static str> {
+    out.clear();
+    let mut cut_short = false;
+    for d in chain {
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err("address outside guest memory");
+        }
+        out.push(Seg {
+            addr: d.addr(),
+            len: d.len(),
+            write: d.is_write_only(),
+        });
+        // virtio-queue ends the walk quietly after a descriptor that
+        // still has NEXT when it hits a bound.
+        cut_short = d.has_next();
+    }
+    if cut_short {
+        return Err("descriptor chain loops, is longer than the queue or has a bad next index");
+    }
+    if out.is_empty() {
+        return Err("empty descriptor chain");
+    }
+    Ok(())
+}
+
 /// A receive chain being filled: its head and writable ranges.
 #[derive(Default)]
 struct RxChain {
     head: u16,
-    segs: Vec<(GuestAddress, u32)>,
+    segs: Vec<Seg>,
     cap: usize,
 }
 
@@ -106,6 +152,8 @@ pub struct PairWorker {
     tx_blocked: bool,
     attached: bool,
     warnings: u32,
+    /// A TX chain's descriptors (reused).
+    tx_segs: Vec<Seg>,
     /// Completions of one reap (reused: no allocation per burst).
     cq: Vec<(u64, i32)>,
     pub stats: Stats,
@@ -141,6 +189,7 @@ impl PairWorker {
             tx_blocked: false,
             attached: true,
             warnings: 0,
+            tx_segs: Vec::new(),
             cq: Vec::with_capacity(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two()),
             stats: Stats::default(),
         })
@@ -162,6 +211,9 @@ impl PairWorker {
         if self.warnings < MAX_WARNINGS {
             self.warnings += 1;
             warn!("pair {}: {msg}", self.pair);
+            if self.warnings == MAX_WARNINGS {
+                warn!("pair {}: further warnings suppressed", self.pair);
+            }
         }
     }
 
@@ -180,10 +232,48 @@ impl PairWorker {
             self.tx_vring = Some(tx.clone());
         }
         self.update_attachment();
+        self.check_avail_idx(true);
+        self.check_avail_idx(false);
         self.process_tx();
         self.deliver_rx();
         self.post_reads();
         self.submit();
+    }
+
+    /// Logs an avail index more than the queue size ahead of the device
+    /// (see [`Self::avail_sane`]).
+    fn check_avail_idx(&mut self, tx: bool) {
+        let v = if tx { &self.tx_vring } else { &self.rx_vring };
+        if !Self::usable(v) {
+            return;
+        }
+        let Some(v) = v.clone() else {
+            return;
+        };
+        if let Err((avail, ahead, size)) = Self::avail_sane(&v, &self.mem.memory()) {
+            let which = if tx { "TX" } else { "RX" };
+            self.warn(format_args!(
+                "{which} avail index {avail} is {ahead} entries ahead of the device \
+                 (queue size {size}): ignoring the queue until the driver repairs it"
+            ));
+        }
+    }
+
+    /// Whether the driver's avail index is at most the queue size ahead
+    /// of the device; if not, (index, distance, size). virtio-queue yields
+    /// nothing from such a ring (and logs an error for every attempt), so
+    /// the queue is left alone until the driver publishes a sane index.
+    fn avail_sane(v: &Vring, mem: &Mem) -> Result<(), (u16, u16, u16)> {
+        let g = v.get_ref();
+        let q = g.get_queue();
+        let Ok(avail) = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire) else {
+            return Ok(());
+        };
+        let ahead = avail.0.wrapping_sub(q.next_avail());
+        if ahead > q.size() {
+            return Err((avail.0, ahead, q.size()));
+        }
+        Ok(())
     }
 
     /// The io_uring completion eventfd fired.
@@ -206,7 +296,16 @@ impl PairWorker {
         let want = Self::usable(&self.rx_vring);
         if want != self.attached && self.rx_vring.is_some() {
             match self.tap.set_queue_attached(self.pair, want) {
-                Ok(()) => self.attached = want,
+                Ok(()) => {
+                    self.attached = want;
+                    if self.tap.num_queues() > 1 {
+                        info!(
+                            "pair {}: TAP queue {}",
+                            self.pair,
+                            if want { "attached" } else { "detached" }
+                        );
+                    }
+                }
                 Err(e) => error!("{e}"),
             }
             if !want {
@@ -230,6 +329,9 @@ impl PairWorker {
             return;
         }
         let mem = self.mem.memory().into_inner();
+        if Self::avail_sane(&vring, &mem).is_err() {
+            return;
+        }
         let mut used_any = false;
         loop {
             let mut g = vring.get_mut();
@@ -287,17 +389,18 @@ impl PairWorker {
         mem: &Mem,
         slot: usize,
     ) -> Result<usize, &'static str> {
+        collect(chain, mem, &mut self.tx_segs)?;
         let ghdr = self.neg.hdr_len;
-        let buf = self.tx.slot(slot);
+        let buf = &mut self.tx.mem[slot * SLOT_LEN..(slot + 1) * SLOT_LEN];
         // Guest headers of 10 bytes lack num_buffers: leave a zero gap so
         // the frame starts at TAP_HDR_LEN.
         let gap = TAP_HDR_LEN - ghdr;
         let mut pos = 0usize; // bytes of the guest stream consumed
-        for d in chain {
-            if d.is_write_only() {
+        for d in &self.tx_segs {
+            if d.write {
                 return Err("device-writable descriptor in a TX chain");
             }
-            let len = d.len() as usize;
+            let len = d.len as usize;
             let at = if pos >= ghdr { pos + gap } else { pos };
             let end = pos + len + if pos + len > ghdr { gap } else { 0 };
             if end > SLOT_LEN {
@@ -307,22 +410,25 @@ impl PairWorker {
                 // The descriptor holds the header's end and the frame's
                 // start: split it around the gap.
                 let h = ghdr - pos;
-                mem.read_slice(&mut buf[pos..ghdr], d.addr())
+                mem.read_slice(&mut buf[pos..ghdr], d.addr)
                     .map_err(|_| "address outside guest memory")?;
                 let a2 = d
-                    .addr()
+                    .addr
                     .checked_add(h as u64)
                     .ok_or("address outside guest memory")?;
                 mem.read_slice(&mut buf[ghdr + gap..ghdr + gap + len - h], a2)
                     .map_err(|_| "address outside guest memory")?;
             } else {
-                mem.read_slice(&mut buf[at..at + len], d.addr())
+                mem.read_slice(&mut buf[at..at + len], d.addr)
                     .map_err(|_| "address outside guest memory")?;
             }
             pos += len;
         }
         if pos < ghdr {
             return Err("chain shorter than the vnet header");
+        }
+        if pos - ghdr < ETH_HLEN {
+            return Err("frame shorter than an Ethernet header");
         }
         buf[ghdr..ghdr + gap].fill(0);
         // virtio_net_hdr byte 1 is gso_type.
@@ -363,6 +469,9 @@ impl PairWorker {
             return;
         }
         let mem = self.mem.memory().into_inner();
+        if Self::avail_sane(&vring, &mem).is_err() {
+            return;
+        }
         let mut used_any = false;
         {
             let mut g = vring.get_mut();
@@ -427,21 +536,18 @@ impl PairWorker {
             }
             let c = &mut self.chains[n];
             c.head = chain.head_index();
-            c.segs.clear();
-            c.cap = 0;
-            let mut bad = false;
-            for d in chain {
-                if !d.is_write_only() {
-                    bad = true;
-                    break;
-                }
-                c.segs.push((d.addr(), d.len()));
-                c.cap += d.len() as usize;
+            let mut why = collect(chain, mem, &mut c.segs).err();
+            if why.is_none() && c.segs.iter().any(|d| !d.write) {
+                why = Some("device-readable descriptor in an RX chain");
+            }
+            c.cap = c.segs.iter().map(|d| d.len as usize).sum();
+            if why.is_none() && c.cap < ghdr {
+                why = Some("RX chain shorter than the vnet header");
             }
             n += 1;
-            if bad || c.cap < ghdr {
+            if let Some(why) = why {
                 let head = c.head;
-                self.warn(format_args!("bad RX chain {head}"));
+                self.warn(format_args!("dropping a frame: RX chain {head}: {why}"));
                 return Some(self.drop_chains(q, mem, n));
             }
             cap += c.cap;
@@ -467,8 +573,11 @@ impl PairWorker {
         let mut ok = true;
         for c in &self.chains[..n] {
             let mut written = 0u32;
-            for &(addr, dlen) in &c.segs {
-                if src_pos >= total {
+            for &Seg {
+                addr, len: dlen, ..
+            } in &c.segs
+            {
+                if src_pos >= total || !ok {
                     break;
                 }
                 let want = (dlen as usize).min(total - src_pos);
@@ -493,8 +602,9 @@ impl PairWorker {
                     }
                     done += k;
                 }
-                src_pos += want;
-                written += want as u32;
+                // Only what reached guest memory counts as written.
+                src_pos += done;
+                written += done as u32;
             }
             if let Err(e) = q.add_used(&**mem, c.head, written) {
                 error!("add_used: {e}");

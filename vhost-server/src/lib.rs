@@ -5,7 +5,11 @@
 //! resources (image, TAP). SIGTERM or SIGINT ends the current connection
 //! and makes [`serve`] return, so the caller can flush and exit 0.
 
-use std::os::fd::RawFd;
+use std::ffi::CString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,6 +25,9 @@ use vmm_sys_util::event::{
 };
 
 mod relay;
+pub mod seccomp;
+
+pub use seccomp::{SeccompAction, SyscallList};
 
 /// Guest memory as the daemons see it.
 pub type Mem = GuestMemoryMmap<()>;
@@ -76,15 +83,21 @@ pub enum Error {
     Daemon(vhost_user_backend::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] seccomp::Error),
 }
 
 /// Serves frontends on `socket` until SIGTERM or SIGINT. `ready` runs once
-/// the socket is bound (daemons print their "serving" line there, which
-/// tests and scripts wait for); `make` builds a fresh backend for each
-/// connection. Returns after the last connection's backend was dropped.
+/// the socket is bound and the seccomp filter (`syscalls` plus this loop's
+/// own needs, see [`seccomp`]) is installed for `action` (daemons print
+/// their "serving" line there, which tests and scripts wait for); `make`
+/// builds a fresh backend for each connection. Returns after the last
+/// connection's backend was dropped.
 pub fn serve<D, F>(
     name: &str,
     socket: &Path,
+    action: SeccompAction,
+    syscalls: &SyscallList,
     ready: impl FnOnce(),
     mut make: F,
 ) -> Result<(), Error>
@@ -101,13 +114,23 @@ where
             vhost::vhost_user::Error::SocketError(e),
         )
     })?;
-    let private_dir = tempfile_dir()?;
-    let private = private_dir.join("handler.sock");
-    let mut listener =
-        Listener::new(&private, true).map_err(|e| Error::Listen(private.clone(), e))?;
+    // The socket's directory stays open: removing the socket at exit is
+    // the one path operation left once the filter is in place, and it is
+    // allowed relative to this descriptor only.
+    let (dir, file_name) = socket_dir(socket)?;
+    let (private, listener) = PrivateSocket::new()?;
+    let mut listener = Listener::from(listener);
     let terminating = Arc::new(AtomicBool::new(false));
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
     spawn_signal_thread(socket.to_path_buf(), terminating.clone(), current.clone())?;
+
+    let mut list = seccomp::common();
+    list.extend(syscalls);
+    list.allow_if(
+        libc::SYS_unlinkat,
+        &[seccomp::Arg::Eq32(0, dir.as_raw_fd() as u32)],
+    );
+    list.install(action)?;
     ready();
 
     while !terminating.load(Ordering::SeqCst) {
@@ -123,7 +146,7 @@ where
         }
         drop(handlers);
         let (front, _) = public.accept()?;
-        let back = UnixStream::connect(&private)?;
+        let back = private.connect()?;
         daemon.start(&mut listener).map_err(Error::Daemon)?;
         let relay = relay::spawn(front, back)?;
         {
@@ -157,13 +180,86 @@ where
         drop(backend);
         info!("frontend disconnected");
     }
-    let _ = std::fs::remove_file(socket);
-    let _ = std::fs::remove_dir_all(&private_dir);
+    // SAFETY: unlinkat with a directory descriptor we hold open and a
+    // NUL-terminated name that outlives the call.
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), file_name.as_ptr(), 0) } != 0 {
+        warn!(
+            "cannot remove {}: {}",
+            socket.display(),
+            std::io::Error::last_os_error()
+        );
+    }
     Ok(())
 }
 
-/// A private directory for the handler's socket (mode 0700, under the
-/// system temporary directory).
+/// The directory holding `socket` (opened O_PATH) and the socket's file
+/// name in it.
+fn socket_dir(socket: &Path) -> std::io::Result<(File, CString)> {
+    let name = socket
+        .file_name()
+        .ok_or_else(|| std::io::Error::other(format!("{}: no file name", socket.display())))?;
+    let parent = match socket.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(parent)?;
+    let name = CString::new(name.as_bytes()).map_err(std::io::Error::other)?;
+    Ok((dir, name))
+}
+
+/// The handler's listening socket, reachable by this process only and
+/// without a name in the file system: bound in a fresh mode-0700
+/// directory, then held by an O_PATH descriptor while its name and the
+/// directory are removed. Connections go through `/proc/self/fd/N`, the
+/// descriptor's link to the socket, so nothing is left to clean up and no
+/// path operation is needed once the seccomp filter is in place.
+struct PrivateSocket {
+    path: PathBuf,
+    _inode: File,
+}
+
+impl PrivateSocket {
+    fn new() -> std::io::Result<(PrivateSocket, UnixListener)> {
+        let dir = tempfile_dir()?;
+        let named = dir.join("handler.sock");
+        let made = (|| {
+            let listener = UnixListener::bind(&named)?;
+            let inode = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(&named)?;
+            Ok::<_, std::io::Error>((listener, inode))
+        })();
+        let _ = std::fs::remove_file(&named);
+        let _ = std::fs::remove_dir(&dir);
+        let (listener, inode) = made?;
+        let s = PrivateSocket {
+            path: PathBuf::from(format!("/proc/self/fd/{}", inode.as_raw_fd())),
+            _inode: inode,
+        };
+        // Check the route once now, for a clear error (no /proc?) before
+        // any frontend comes.
+        let probe = s.connect().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("private socket via {}: {e}", s.path.display()),
+            )
+        })?;
+        listener.accept()?;
+        drop(probe);
+        Ok((s, listener))
+    }
+
+    fn connect(&self) -> std::io::Result<UnixStream> {
+        UnixStream::connect(&self.path)
+    }
+}
+
+/// A private directory for the handler's socket while it is bound (mode
+/// 0700, under the system temporary directory).
 fn tempfile_dir() -> std::io::Result<PathBuf> {
     use std::os::unix::fs::DirBuilderExt;
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
