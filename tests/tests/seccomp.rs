@@ -1,14 +1,15 @@
 //! The daemons' seccomp filters: a process with a daemon's filter still
 //! does what the daemon does (threads, eventfds, allocations, logs), and
-//! dies by SIGSYS on a call outside the list; `log` lets the call through.
-//! A running daemon has the filter on every thread, and none with
-//! `--seccomp off`. (That the daemons serve guests with the filter on is
+//! dies by SIGSYS on a call outside the list; a thread that entered the
+//! vring workers' filter may do less; `log` lets the call through.
+//! A running daemon has the filter on every thread, its vring workers one
+//! more, and none with `--seccomp off`. (That the daemons serve guests with the filter on is
 //! what the rest of the vhost tests check: it is on by default.)
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
-use rimg_tests::blk::Daemon;
+use rimg_tests::blk::{Client, Daemon};
 use rimg_tests::{qemu_img, tempdir, workspace_bin};
 
 fn probe(daemon: &str, action: &str, call: &str) -> std::process::Output {
@@ -43,17 +44,29 @@ fn assert_killed(daemon: &str, call: &str) {
 
 #[test]
 fn allowed_calls_work_under_the_filters() {
-    for d in ["blk", "net"] {
+    for d in ["blk", "net", "blk-worker", "net-worker"] {
         assert_survives(d, "kill", "allowed");
     }
-    // The net daemon's TAP ioctls are allowed; the block daemon has none.
+    // The net daemon's TAP ioctls are allowed, in its workers too; the
+    // block daemon has none.
     assert_survives("net", "kill", "tun-ioctl");
+    assert_survives("net-worker", "kill", "tun-ioctl");
     assert_killed("blk", "tun-ioctl");
+    assert_killed("blk-worker", "tun-ioctl");
+    // The process may open UNIX sockets and io_urings (each connection
+    // does), its vring workers may not.
+    for d in ["blk", "net"] {
+        assert_survives(d, "kill", "unix-socket");
+        assert_survives(d, "kill", "io-uring-setup");
+        let w = format!("{d}-worker");
+        assert_killed(&w, "unix-socket");
+        assert_killed(&w, "io-uring-setup");
+    }
 }
 
 #[test]
 fn forbidden_calls_kill_the_process() {
-    for d in ["blk", "net"] {
+    for d in ["blk", "net", "blk-worker", "net-worker"] {
         for call in ["openat", "inet-socket", "fork", "exec-mmap", "tty-ioctl"] {
             assert_killed(d, call);
         }
@@ -67,20 +80,23 @@ fn log_mode_lets_forbidden_calls_through() {
     }
 }
 
-/// The Seccomp line of every thread of `pid`: the mode (2 = filter).
-fn thread_seccomp_modes(pid: u32) -> Vec<String> {
-    let mut modes = Vec::new();
+/// For every thread of `pid`: its name, seccomp mode (2 = filter) and
+/// number of filters.
+fn thread_seccomp(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
-        let mode = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Seccomp:"))
-            .expect("Seccomp line")
-            .trim()
-            .to_string();
-        modes.push(mode);
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} line"))
+                .trim()
+                .to_string()
+        };
+        out.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
     }
-    modes
+    out
 }
 
 #[test]
@@ -92,13 +108,41 @@ fn running_daemon_has_the_filter_on_every_thread() {
             .status
             .success()
     );
-    for (args, want) in [(&[][..], "2"), (&["--seccomp", "off"][..], "0")] {
+    // (mode, filters of most threads, filters of the vring workers): the
+    // process has two (the list and the one answering clone3 ENOSYS); a
+    // vring worker adds its own when it first handles an event.
+    for (args, want) in [
+        (&["--num-queues", "2"][..], ("2", "2", "3")),
+        (
+            &["--num-queues", "2", "--seccomp", "off"][..],
+            ("0", "0", "0"),
+        ),
+    ] {
         let sock = d.path().join("s.sock");
         let daemon = Daemon::start(&sock, &img, args).expect("daemon");
-        let modes = thread_seccomp_modes(daemon.child.id());
-        // The main thread and the signal thread at least.
-        assert!(modes.len() >= 2, "{modes:?}");
-        assert!(modes.iter().all(|m| m == want), "{args:?}: {modes:?}");
+        let mut c = Client::connect(&sock, 2, false).expect("connect");
+        for q in 0..2 {
+            c.write(q, 0, &[q as u8; 4096]).expect("write");
+            assert_eq!(c.read(q, 0, 4096).expect("read"), vec![q as u8; 4096]);
+        }
+        let threads = thread_seccomp(daemon.child.id());
+        let workers = threads.iter().filter(|t| t.0 == "vring_worker").count();
+        assert_eq!(workers, 2, "{threads:?}");
+        // (io_uring's kernel workers, iou-*, are listed as threads too and
+        // copy the state of the thread they work for.)
+        for (name, mode, filters) in threads.iter().filter(|t| !t.0.starts_with("iou-")) {
+            let f = if name == "vring_worker" {
+                want.2
+            } else {
+                want.1
+            };
+            assert_eq!(
+                (mode.as_str(), filters.as_str()),
+                (want.0, f),
+                "{args:?}: {threads:?}"
+            );
+        }
+        drop(c);
         let (st, log) = daemon.terminate();
         assert!(st.success(), "{args:?}: exit {st}: {log}");
         assert!(!sock.exists(), "socket left behind");

@@ -174,6 +174,8 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
+        // This thread reads guest rings: narrow what it may call first.
+        rimg_vhost_server::seccomp::enter_vring_worker();
         let Some(vring) = vrings.first() else {
             return Ok(());
         };

@@ -1,25 +1,33 @@
-//! The block daemon's seccomp filter: the shared loop's syscalls
+//! The block daemon's seccomp filters: the shared loop's syscalls
 //! ([`rimg_vhost_server::seccomp::common`]) plus the image engine's
 //! (positioned I/O for metadata and bounce buffers, flushes, discards and
-//! zeroing through fallocate).
+//! zeroing through fallocate), which the vring workers need too.
 
-use rimg_vhost_server::seccomp::{self, SyscallList};
+use rimg_vhost_server::seccomp::{self, Sandbox};
 
-/// Everything `rimg-vhost-blk` may call once it serves guests.
-pub fn syscalls() -> SyscallList {
-    use libc::*;
-    let mut l = seccomp::common();
-    l.allow(&[
-        // Metadata and bounce-buffer I/O (guest data goes through
-        // io_uring).
-        SYS_pread64,
-        SYS_pwrite64,
-        // FLUSH.
-        SYS_fdatasync,
-        // DISCARD and WRITE_ZEROES (punch hole, zero range).
-        SYS_fallocate,
-    ]);
-    l
+/// What the image engine calls from any thread (guest data itself goes
+/// through io_uring).
+const IMAGE_IO: [libc::c_long; 4] = [
+    // Metadata and bounce-buffer I/O.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    // FLUSH.
+    libc::SYS_fdatasync,
+    // DISCARD and WRITE_ZEROES (punch hole, zero range).
+    libc::SYS_fallocate,
+];
+
+/// Everything `rimg-vhost-blk` may call once it serves guests, and what
+/// its vring workers may.
+pub fn sandbox() -> Sandbox {
+    let mut process = seccomp::common();
+    process.allow(&IMAGE_IO);
+    let mut vring_worker = seccomp::vring_worker_common();
+    vring_worker.allow(&IMAGE_IO);
+    Sandbox {
+        process,
+        vring_worker,
+    }
 }
 
 #[cfg(test)]
@@ -27,14 +35,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn list() {
-        let l = syscalls();
+    fn lists() {
+        let s = sandbox();
         for nr in [
             libc::SYS_fallocate,
             libc::SYS_fdatasync,
             libc::SYS_io_uring_enter,
         ] {
-            assert!(l.contains(nr), "{nr}");
+            assert!(s.process.contains(nr), "{nr}");
+            assert!(s.vring_worker.contains(nr), "{nr}");
         }
         for nr in [
             libc::SYS_openat,
@@ -42,9 +51,20 @@ mod tests {
             libc::SYS_execve,
             libc::SYS_ptrace,
         ] {
-            assert!(!l.contains(nr), "{nr}");
+            assert!(!s.process.contains(nr), "{nr}");
         }
-        // The serving loop adds unlinkat (the socket's directory only).
-        assert_eq!(l.len(), 44);
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_recvmsg,
+            libc::SYS_io_uring_setup,
+            libc::SYS_clone,
+        ] {
+            assert!(s.process.contains(nr), "{nr}");
+            assert!(!s.vring_worker.contains(nr), "{nr}");
+        }
+        // The serving loop adds unlinkat (the socket's directory only),
+        // and seccomp and prctl(PR_SET_NO_NEW_PRIVS) for the workers'
+        // own filter.
+        assert_eq!((s.process.len(), s.vring_worker.len()), (44, 27));
     }
 }

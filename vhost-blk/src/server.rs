@@ -114,7 +114,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         "rimg-vhost-blk",
         &cfg.socket,
         cfg.seccomp,
-        &crate::seccomp::syscalls(),
+        &crate::seccomp::sandbox(),
         announce,
         |mem| {
             Ok(Arc::new(BlkBackend::new(

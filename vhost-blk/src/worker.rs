@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
-use log::{error, warn};
+use log::{debug, error, warn};
 use qcow2::qcow::{IoTicket, Mapping, WriteIo};
 use qcow2::Image;
 use vhost_user_backend::VringT;
@@ -160,7 +160,8 @@ impl Worker {
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
         }
-        let mem = self.mem.memory().into_inner();
+        let mut mem = self.mem.memory().into_inner();
+        let (capacity, readonly) = (self.cfg.capacity, self.cfg.readonly);
         loop {
             if self.event_idx {
                 if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
@@ -176,10 +177,25 @@ impl Worker {
                 self.free.pop();
                 let slot = &mut self.slots[idx];
                 slot.busy = true;
+                let mut r = slot.req.parse(chain, &*mem, capacity, readonly);
+                if r.is_err() {
+                    // The frontend may have added memory (ADD_MEM_REG,
+                    // SET_MEM_TABLE) and then published this request after
+                    // `mem` was loaded: before refusing the request, take
+                    // it again against the current map.
+                    let fresh = self.mem.memory().into_inner();
+                    if !Arc::ptr_eq(&fresh, &mem) {
+                        mem = fresh;
+                        let mut g = vring.get_mut();
+                        let q = g.get_queue_mut();
+                        q.set_next_avail(q.next_avail().wrapping_sub(1));
+                        if let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
+                            debug!("request taken again with the current memory map");
+                            r = slot.req.parse(chain, &*mem, capacity, readonly);
+                        }
+                    }
+                }
                 slot.mem = Some(mem.clone());
-                let r = slot
-                    .req
-                    .parse(chain, &*mem, self.cfg.capacity, self.cfg.readonly);
                 self.start(idx, r);
             }
             if !self.event_idx || self.free.is_empty() {

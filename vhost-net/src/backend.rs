@@ -158,6 +158,8 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
+        // This thread reads guest rings: narrow what it may call first.
+        rimg_vhost_server::seccomp::enter_vring_worker();
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };

@@ -1,19 +1,26 @@
-//! The net daemon's seccomp filter: the shared loop's syscalls
+//! The net daemon's seccomp filters: the shared loop's syscalls
 //! ([`rimg_vhost_server::seccomp::common`]) plus the two TAP ioctls a
 //! connection uses (frames themselves cross the TAP through io_uring).
 
-use rimg_vhost_server::seccomp::{self, Arg, SyscallList};
+use rimg_vhost_server::seccomp::{self, Arg, Sandbox};
 
-/// Everything `rimg-vhost-net` may call once it serves guests.
-pub fn syscalls() -> SyscallList {
+/// Everything `rimg-vhost-net` may call once it serves guests, and what
+/// its vring workers may.
+pub fn sandbox() -> Sandbox {
     use libc::*;
-    let mut l = seccomp::common();
+    let mut process = seccomp::common();
     // Offloads from the guest's features; queue attach/detach when the
     // guest changes the number of active pairs. No other ioctl.
     for req in [TUNSETOFFLOAD, TUNSETQUEUE] {
-        l.allow_if(SYS_ioctl, &[Arg::Eq32(1, req as u32)]);
+        process.allow_if(SYS_ioctl, &[Arg::Eq32(1, req as u32)]);
     }
-    l
+    // A worker attaches and detaches its own TAP queue.
+    let mut vring_worker = seccomp::vring_worker_common();
+    vring_worker.allow_if(SYS_ioctl, &[Arg::Eq32(1, TUNSETQUEUE as u32)]);
+    Sandbox {
+        process,
+        vring_worker,
+    }
 }
 
 #[cfg(test)]
@@ -21,15 +28,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn list() {
-        let l = syscalls();
+    fn lists() {
+        let s = sandbox();
         for nr in [libc::SYS_ioctl, libc::SYS_io_uring_enter, libc::SYS_recvmsg] {
-            assert!(l.contains(nr), "{nr}");
+            assert!(s.process.contains(nr), "{nr}");
         }
         for nr in [libc::SYS_openat, libc::SYS_fallocate, libc::SYS_execve] {
-            assert!(!l.contains(nr), "{nr}");
+            assert!(!s.process.contains(nr), "{nr}");
         }
-        // The serving loop adds unlinkat (the socket's directory only).
-        assert_eq!(l.len(), 41);
+        for nr in [
+            libc::SYS_socket,
+            libc::SYS_recvmsg,
+            libc::SYS_io_uring_setup,
+            libc::SYS_clone,
+        ] {
+            assert!(!s.vring_worker.contains(nr), "{nr}");
+        }
+        // The serving loop adds unlinkat (the socket's directory only),
+        // and seccomp and prctl(PR_SET_NO_NEW_PRIVS) for the workers'
+        // own filter.
+        assert_eq!((s.process.len(), s.vring_worker.len()), (41, 24));
     }
 }

@@ -88,7 +88,7 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         "rimg-vhost-net",
         &cfg.socket,
         cfg.seccomp,
-        &crate::seccomp::syscalls(),
+        &crate::seccomp::sandbox(),
         announce,
         |mem| Ok(Arc::new(NetBackend::new(net.clone(), tap.clone(), mem)?)),
     )?;

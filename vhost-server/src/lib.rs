@@ -27,7 +27,7 @@ use vmm_sys_util::event::{
 mod relay;
 pub mod seccomp;
 
-pub use seccomp::{SeccompAction, SyscallList};
+pub use seccomp::{Sandbox, SeccompAction, SyscallList};
 
 /// Guest memory as the daemons see it.
 pub type Mem = GuestMemoryMmap<()>;
@@ -88,16 +88,17 @@ pub enum Error {
 }
 
 /// Serves frontends on `socket` until SIGTERM or SIGINT. `ready` runs once
-/// the socket is bound and the seccomp filter (`syscalls` plus this loop's
-/// own needs, see [`seccomp`]) is installed for `action` (daemons print
-/// their "serving" line there, which tests and scripts wait for); `make`
-/// builds a fresh backend for each connection. Returns after the last
-/// connection's backend was dropped.
+/// the socket is bound and the seccomp filters of `sandbox` (plus this
+/// loop's own needs, see [`seccomp`]) are installed for `action` (daemons
+/// print their "serving" line there, which tests and scripts wait for);
+/// `make` builds a fresh backend for each connection, whose
+/// `handle_event` calls [`seccomp::enter_vring_worker`] first. Returns
+/// after the last connection's backend was dropped.
 pub fn serve<D, F>(
     name: &str,
     socket: &Path,
     action: SeccompAction,
-    syscalls: &SyscallList,
+    sandbox: &Sandbox,
     ready: impl FnOnce(),
     mut make: F,
 ) -> Result<(), Error>
@@ -124,13 +125,12 @@ where
     let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
     spawn_signal_thread(socket.to_path_buf(), terminating.clone(), current.clone())?;
 
-    let mut list = seccomp::common();
-    list.extend(syscalls);
-    list.allow_if(
+    let mut own = seccomp::common();
+    own.allow_if(
         libc::SYS_unlinkat,
         &[seccomp::Arg::Eq32(0, dir.as_raw_fd() as u32)],
     );
-    list.install(action)?;
+    sandbox.install(action, &own)?;
     ready();
 
     while !terminating.load(Ordering::SeqCst) {

@@ -201,7 +201,7 @@ impl SyscallList {
         )
         .map_err(Error::Build)?;
         // In installation order: the main filter last, since it forbids
-        // installing more.
+        // installing more (but for a thread's own, see `Sandbox`).
         Ok(Some(vec![
             no_clone3.try_into().map_err(Error::Build)?,
             main.try_into().map_err(Error::Build)?,
@@ -219,6 +219,102 @@ impl SyscallList {
         }
         Ok(())
     }
+}
+
+/// A daemon's two filters: one for the whole process, installed by
+/// [`Sandbox::install`], and a narrower one that each vring worker thread
+/// (the threads that read guest rings and guest memory, the most exposed
+/// code) adds for itself through [`enter_vring_worker`] before it first
+/// touches a ring. The kernel applies both to such a thread: no sockets,
+/// no new threads, no new io_uring, no descriptors received there.
+#[derive(Debug, Clone, Default)]
+pub struct Sandbox {
+    pub process: SyscallList,
+    pub vring_worker: SyscallList,
+}
+
+/// The vring workers' filter, armed by [`Sandbox::install`].
+static VRING_WORKER: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
+
+impl Sandbox {
+    /// Installs the process filter for `action` on every thread and arms
+    /// the vring workers' filter. `extra` is added to the process list
+    /// (the serving loop's own rules).
+    pub fn install(&self, action: SeccompAction, extra: &SyscallList) -> Result<(), Error> {
+        let mut process = self.process.clone();
+        process.extend(extra);
+        if let Some(mut w) = self.vring_worker.compile(action)? {
+            // The main program only: the clone3 one is process-wide.
+            let main = w.pop().expect("compile returns the main program last");
+            let _ = VRING_WORKER.set(main);
+            // What a worker needs to install its filter: seccomp(2) in
+            // filter mode (which can only narrow what a thread may do) and
+            // the no_new_privs flag it requires.
+            process.allow_if(
+                libc::SYS_seccomp,
+                &[Arg::Eq32(0, libc::SECCOMP_SET_MODE_FILTER), Arg::Eq32(1, 0)],
+            );
+            process.allow_if(
+                libc::SYS_prctl,
+                &[Arg::Eq32(0, libc::PR_SET_NO_NEW_PRIVS as u32)],
+            );
+        }
+        process.install(action)
+    }
+}
+
+/// Called by a vring worker thread before it handles an event: installs
+/// the vring workers' filter on this thread, once (no-op without a
+/// filter).
+pub fn enter_vring_worker() {
+    thread_local!(static ENTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    let Some(p) = VRING_WORKER.get() else {
+        return;
+    };
+    ENTERED.with(|e| {
+        if !e.replace(true) {
+            if let Err(err) = seccompiler::apply_filter(p) {
+                log::error!("vring worker seccomp filter: {err}");
+            }
+        }
+    });
+}
+
+/// What a vring worker does once it serves a ring: wait for kicks and
+/// completions (epoll, eventfds), submit to its io_uring, copy between
+/// guest memory and its buffers, allocate, log, take signals, exit.
+pub fn vring_worker_common() -> SyscallList {
+    use libc::*;
+    let mut l = SyscallList::new();
+    l.allow(&[
+        SYS_brk,
+        SYS_munmap,
+        SYS_mremap,
+        SYS_madvise,
+        SYS_futex,
+        SYS_sched_yield,
+        SYS_gettid,
+        SYS_exit,
+        SYS_exit_group,
+        SYS_rt_sigprocmask,
+        SYS_rt_sigreturn,
+        SYS_sigaltstack,
+        SYS_getrandom,
+        SYS_read,
+        SYS_write,
+        SYS_close,
+        SYS_epoll_wait,
+        SYS_epoll_ctl,
+        // signal-hook's handler, if a signal lands on this thread.
+        SYS_sendto,
+        SYS_io_uring_enter,
+    ]);
+    let no_exec = Arg::Masked32(2, PROT_EXEC as u32, 0);
+    l.allow_if(SYS_mmap, &[no_exec]);
+    l.allow_if(SYS_mprotect, &[no_exec]);
+    // Debug builds check that a descriptor is open before closing it.
+    l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_GETFD as u32)]);
+    l
 }
 
 /// The clone(2) flags glibc's pthread_create uses: threads only, never a
@@ -302,8 +398,8 @@ pub fn common() -> SyscallList {
     l.allow_if(SYS_socket, &[Arg::Eq32(0, AF_UNIX as u32)]);
     // Naming new threads.
     l.allow_if(SYS_prctl, &[Arg::Eq32(0, PR_SET_NAME as u32)]);
-    // Descriptor checks and duplicates (vhost-user's received fds, the
-    // relay's stream clones).
+    // Descriptor checks (debug builds check that a descriptor is open
+    // before closing it) and duplicates (the relay's stream clones).
     for cmd in [F_GETFD, F_DUPFD_CLOEXEC] {
         l.allow_if(SYS_fcntl, &[Arg::Eq32(1, cmd as u32)]);
     }
