@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::{Mem, Region};
 use crate::net_ctrl::CtrlQueue;
-use crate::vhost_user::{Backend, RingAddrs, NET_F_CTRL_VQ, NET_F_MQ};
+use crate::vhost_user::{Backend, Kind, RingAddrs, NET_F_CTRL_VQ, NET_F_MQ};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -247,7 +247,8 @@ impl MmioDevice {
     /// CTRL_VQ; the pairs are chosen on the control queue).
     fn features_acceptable(&self) -> bool {
         let f = self.driver_features;
-        f & !self.backend.features == 0 && (f & NET_F_MQ == 0 || f & NET_F_CTRL_VQ != 0)
+        let net_ok = self.backend.kind != Kind::Net || f & NET_F_MQ == 0 || f & NET_F_CTRL_VQ != 0;
+        f & !self.backend.features == 0 && net_ok
     }
 
     fn negotiated(&self, bit: u64) -> bool {
