@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rimg_tests::blk::Daemon;
-use rimg_tests::net::{NetDaemon, Netns};
+use rimg_tests::net::{pair_stats, NetDaemon, Netns};
 use rimg_tests::vmm::{probe_guest, run_vmm};
 use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_raw_content, tempdir};
 
@@ -176,6 +176,146 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     }
     let (st, log) = daemon.terminate();
     assert!(st.success(), "daemon: {log}");
+}
+
+/// The probe guest's frame with `payload` (ethertype 0x88b5); frames
+/// with other payloads seen first are returned too, in order.
+fn frames_until(pkt: &OwnedFd, payload: &[u8]) -> Vec<Vec<u8>> {
+    let mut seen = Vec::new();
+    loop {
+        let f = guest_frame(pkt);
+        let done = f[14..].starts_with(payload);
+        seen.push(f);
+        if done {
+            return seen;
+        }
+    }
+}
+
+/// Two queue pairs behind rimg-vhost-net: the VMM offers MQ and CTRL_VQ
+/// and runs the control queue. The probe guest finds pair 1 disabled at
+/// DRIVER_OK (a frame queued on it does not go out), gets ERR or an
+/// unused return for bad commands and chains, enables pair 1 with
+/// VQ_PAIRS_SET 2 (OK), and then its frames leave on both pairs; the
+/// daemon's per-pair counters confirm which pair carried them. After a
+/// reset the guest takes CTRL_VQ without MQ: the control queue moves to
+/// index 2 and pair 0 alone carries frames.
+#[test]
+fn probe_guest_enables_a_second_queue_pair_through_the_control_queue() {
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x57];
+    let ns = Netns::new("vmmmq");
+    let d = tempdir();
+    let sock = d.path().join("net.sock");
+    // No IPv6 on the TAP from its creation: only the test's frames cross
+    // it towards the guest.
+    ns.command("sysctl")
+        .args(["-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        .status()
+        .unwrap();
+    let daemon = NetDaemon::start_in(
+        &ns,
+        &sock,
+        &["--tap-create", "vq0", "--num-queue-pairs", "2"],
+    )
+    .unwrap();
+    let pkt = ns.run_in(|| packet_socket("vq0"));
+    let net = format!("socket={},mac=52:54:00:12:34:57", s(&sock));
+    let guest = probe_guest().to_path_buf();
+    let vmm = std::thread::spawn(move || {
+        run_vmm(
+            &["--kernel", s(&guest), "--memory", "64M", "--net", &net],
+            T,
+        )
+    });
+    // Pair 0's frame first: pair 1's early frame leaves only once the
+    // guest has enabled the pair, after it saw pair 0's completion.
+    let frames = frames_until(&pkt, b"RIMG-MQ-TX1\0");
+    let payloads: Vec<String> = frames
+        .iter()
+        .map(|f| {
+            let p = &f[14..];
+            let end = p.iter().position(|&b| b == 0).unwrap_or(p.len());
+            String::from_utf8_lossy(&p[..end]).into_owned()
+        })
+        .collect();
+    assert_eq!(
+        payloads,
+        ["RIMG-MQ-TX0", "RIMG-MQ-TX1-EARLY", "RIMG-MQ-TX1"],
+        "frames on the TAP, in order"
+    );
+    for f in &frames {
+        assert_eq!(&f[6..12], &MAC);
+        assert_eq!(f.len(), 60);
+    }
+    let mut out = [0u8; 60];
+    out[..6].copy_from_slice(&MAC);
+    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    out[12..14].copy_from_slice(&[0x88, 0xb6]);
+    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
+    // SAFETY: send from our buffer of the length passed.
+    let n = unsafe { libc::send(pkt.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
+    assert_eq!(n, 60, "send: {}", std::io::Error::last_os_error());
+    // After a device reset, CTRL_VQ without MQ: pair 0 only.
+    let after = frames_until(&pkt, b"RIMG-CTRL-ONLY-TX0");
+    assert_eq!(after.len(), 1, "unexpected frames after the reset");
+    let r = vmm.join().unwrap();
+    r.assert_clean_exit();
+    for line in [
+        "net: max_virtqueue_pairs 0x2",
+        "net: tx0 done",
+        "net: tx1 held while pair 1 disabled",
+        "net: ctrl pairs-3 len 0x1 ack 0x1",
+        "net: ctrl pairs-0 len 0x1 ack 0x1",
+        "net: ctrl bogus len 0x1 ack 0x1",
+        "net: ctrl short len 0x1 ack 0x1",
+        "net: ctrl outside len 0x1 ack 0x1",
+        "net: ctrl order len 0x1 ack 0x1",
+        "net: ctrl no-ack len 0x0 ack 0xff",
+        "net: ctrl loop len 0x0 ack 0xff",
+        "net: ctrl runaway avail index ignored",
+        "net: ctrl VQ_PAIRS_SET 2 len 0x1 ack 0x0",
+        "net: tx1 early frame sent after VQ_PAIRS_SET",
+        "net: tx1 done",
+        "net: rx payload RIMG-VMM-RX on pair",
+        "net: ctrl ctrl-only pairs-1 len 0x1 ack 0x1",
+        "net: ctrl ctrl-only bogus len 0x1 ack 0x1",
+        "net: ctrl-only tx done",
+        "probe: PASS",
+    ] {
+        assert!(r.console.contains(line), "missing {line:?}:\n{}", r.console);
+    }
+    // Each bad chain was logged, and nothing panicked.
+    for needle in [
+        "VQ_PAIRS_SET 3 outside 1..=2",
+        "VQ_PAIRS_SET 0 outside 1..=2",
+        "class 127 command 127 not supported",
+        "VQ_PAIRS_SET with 1 bytes of data instead of 2",
+        "is outside guest memory",
+        "device-readable descriptor after a device-writable one",
+        "no device-writable byte for the ack",
+        "chain cut short",
+        "entries ahead (queue size 8): ignored",
+        "chain 200 not returned",
+        "VQ_PAIRS_SET without VIRTIO_NET_F_MQ",
+        "class 9 command 9 not supported",
+    ] {
+        assert!(
+            r.stderr.contains(needle),
+            "no {needle:?} in the VMM's log:\n{}",
+            r.stderr
+        );
+    }
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "daemon: {log}");
+    // (tx frames, tx gso, rx frames, rx gso) per pair, from the daemon's
+    // disconnect log: two frames out on pair 0 (one before the reset, one
+    // after), two on pair 1, and the test's frame in on one of them.
+    let stats = pair_stats(&log);
+    let tx = |p: usize| stats.iter().find(|s| s.0 == p).map_or(0, |s| s.1[0]);
+    let rx: u64 = stats.iter().map(|s| s.1[2]).sum();
+    assert_eq!((tx(0), tx(1)), (2, 2), "pair counters: {stats:?}\n{log}");
+    assert!(rx >= 1, "pair counters: {stats:?}\n{log}");
 }
 
 /// The backend dies while the guest waits for a frame: the VMM marks the

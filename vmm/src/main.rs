@@ -9,6 +9,7 @@ mod layout;
 mod loader;
 mod memory;
 mod mmio;
+mod net_ctrl;
 mod vhost_user;
 mod vmm;
 

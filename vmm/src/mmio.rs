@@ -1,20 +1,28 @@
 //! virtio-mmio transport, version 2 (virtio 1.2 spec, section 4.2.2 "MMIO
 //! Device Register Layout"), in front of a vhost-user backend.
 //!
-//! Queue notifications never reach this code: each queue's QueueNotify
-//! write is a KVM ioeventfd that the backend reads directly, and the
-//! backend signals used buffers through an irqfd on the device's IOAPIC
-//! pin. Because the VMM cannot see those signals, InterruptStatus always
-//! reports a used-buffer interrupt once the device runs (the driver then
-//! checks its rings, which is harmless when nothing is new).
+//! Data queue notifications rarely reach this code: each data queue's
+//! QueueNotify write is a KVM ioeventfd that the backend reads directly,
+//! and the backend signals used buffers through an irqfd on the device's
+//! IOAPIC pin. Because the VMM cannot see those signals, InterruptStatus
+//! always reports a used-buffer interrupt once the device runs (the driver
+//! then checks its rings, which is harmless when nothing is new).
+//!
+//! A multiqueue NIC's control queue is the exception: it has no
+//! ioeventfd, so its QueueNotify write exits here and the VMM answers the
+//! commands itself (net_ctrl.rs) and raises the same irqfd. A data queue
+//! notification that reaches the VMM (one without an ioeventfd, see
+//! `vmm.rs`, or a write KVM did not match) is passed on to the queue's
+//! kick eventfd.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::Region;
-use crate::vhost_user::{Backend, RingAddrs};
+use crate::memory::{Mem, Region};
+use crate::net_ctrl::CtrlQueue;
+use crate::vhost_user::{Backend, Kind, RingAddrs, NET_F_CTRL_VQ, NET_F_MQ};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -29,6 +37,8 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 const INT_VRING: u32 = 1;
 const INT_CONFIG: u32 = 2;
+/// VIRTIO_RING_F_EVENT_IDX.
+const F_EVENT_IDX: u64 = 1 << 29;
 
 #[derive(Default, Clone, Copy)]
 struct Queue {
@@ -47,6 +57,10 @@ pub struct MmioDevice {
     backend: Backend,
     regions: Vec<Region>,
     memfd: i32,
+    /// Guest RAM, for the control queue the VMM runs itself.
+    mem: Mem,
+    /// One per backend queue; a notification that exits to the VMM is
+    /// written here.
     kicks: Vec<EventFd>,
     call: EventFd,
     health: Arc<Health>,
@@ -57,7 +71,13 @@ pub struct MmioDevice {
     queues: Vec<Queue>,
     status: u32,
     config_generation: u32,
+    /// Backend rings started at DRIVER_OK (enabled or not).
     running: Vec<usize>,
+    /// The NIC's control queue while the device runs (CTRL_VQ
+    /// negotiated), and its index.
+    ctrl: Option<(usize, CtrlQueue)>,
+    /// Queue pairs the backend has enabled (multiqueue NIC).
+    active_pairs: u16,
 }
 
 impl MmioDevice {
@@ -65,15 +85,17 @@ impl MmioDevice {
         backend: Backend,
         regions: Vec<Region>,
         memfd: i32,
+        mem: Mem,
         kicks: Vec<EventFd>,
         call: EventFd,
         health: Arc<Health>,
     ) -> MmioDevice {
-        let n = backend.queues;
+        let n = backend.device_queues();
         MmioDevice {
             backend,
             regions,
             memfd,
+            mem,
             kicks,
             call,
             health,
@@ -85,6 +107,8 @@ impl MmioDevice {
             status: 0,
             config_generation: 0,
             running: Vec::new(),
+            ctrl: None,
+            active_pairs: 0,
         }
     }
 
@@ -173,6 +197,7 @@ impl MmioDevice {
                     q.ready = v == 1;
                 }
             }
+            REG_QUEUE_NOTIFY => self.notify(v as usize),
             0x64 => {
                 self.health
                     .interrupt_status
@@ -203,34 +228,179 @@ impl MmioDevice {
             self.reset();
             return;
         }
-        if v & STATUS_FEATURES_OK != 0 && self.driver_features & !self.backend.features != 0 {
-            // The driver accepted something never offered: refuse.
+        if v & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
             self.status = v & !STATUS_FEATURES_OK;
             return;
         }
         let starting = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
         self.status = v;
         if starting && !self.health.failed.load(Ordering::Acquire) {
-            let rings: Vec<(usize, RingAddrs)> = self
-                .queues
-                .iter()
-                .enumerate()
-                .filter(|(_, q)| q.ready && q.ring.size > 0)
-                .map(|(i, q)| (i, q.ring))
-                .collect();
-            match self.backend.start(
-                self.driver_features,
-                &self.regions,
-                self.memfd,
-                &rings,
-                &self.kicks,
-                &self.call,
-            ) {
-                Ok(()) => self.running = rings.iter().map(|r| r.0).collect(),
-                Err(e) => {
-                    eprintln!("rimg-vmm: {e}; device marked failed");
-                    self.fail();
+            if let Err(e) = self.start() {
+                eprintln!("rimg-vmm: {e}; device marked failed");
+                self.fail();
+            }
+        }
+    }
+
+    /// Whether FEATURES_OK may be set: nothing the device did not offer,
+    /// and MQ only with CTRL_VQ (virtio 1.2, 5.1.3.1: MQ requires
+    /// CTRL_VQ; the pairs are chosen on the control queue).
+    fn features_acceptable(&self) -> bool {
+        let f = self.driver_features;
+        let net_ok = self.backend.kind != Kind::Net || f & NET_F_MQ == 0 || f & NET_F_CTRL_VQ != 0;
+        f & !self.backend.features == 0 && net_ok
+    }
+
+    fn negotiated(&self, bit: u64) -> bool {
+        self.driver_features & bit != 0
+    }
+
+    /// Where the control queue is (virtio 1.2, 5.1.2 "Virtqueues"): after
+    /// the N data pairs with MQ, N = max_virtqueue_pairs; otherwise index
+    /// 2 (one pair). None without CTRL_VQ.
+    fn ctrl_index(&self) -> Option<usize> {
+        let pairs = self.backend.max_pairs?;
+        if !self.negotiated(NET_F_CTRL_VQ) {
+            return None;
+        }
+        Some(if self.negotiated(NET_F_MQ) {
+            2 * usize::from(pairs)
+        } else {
+            2
+        })
+    }
+
+    /// DRIVER_OK: the ready data rings go to the backend, the control
+    /// queue (if any) stays here. With MQ only the first pair is enabled
+    /// until the driver's VQ_PAIRS_SET (virtio 1.2, 5.1.6.5.5: the device
+    /// starts with one pair).
+    fn start(&mut self) -> crate::error::Result<()> {
+        let ctrl = self.ctrl_index();
+        // Without MQ a multiqueue-capable NIC has one pair (and the
+        // control queue, if any, sits where the second pair would be).
+        let data_queues = if self.backend.max_pairs.is_some() && !self.negotiated(NET_F_MQ) {
+            2
+        } else {
+            self.backend.queues
+        };
+        let rings: Vec<(usize, RingAddrs)> = self
+            .queues
+            .iter()
+            .enumerate()
+            .take(data_queues)
+            .filter(|(_, q)| q.ready && q.ring.size > 0)
+            .map(|(i, q)| (i, q.ring))
+            .collect();
+        self.backend.start(
+            self.driver_features,
+            &self.regions,
+            self.memfd,
+            &rings,
+            &self.kicks,
+            &self.call,
+        )?;
+        self.running = rings.iter().map(|r| r.0).collect();
+        let enabled: Vec<usize> = if self.negotiated(NET_F_MQ) {
+            self.running.iter().copied().filter(|&i| i < 2).collect()
+        } else {
+            self.running.clone()
+        };
+        self.backend.set_rings_enabled(&enabled, true)?;
+        self.active_pairs = 1;
+        self.ctrl = None;
+        if let Some(i) = ctrl {
+            let q = self.queues[i];
+            let max_pairs = if self.negotiated(NET_F_MQ) {
+                self.backend.max_pairs.unwrap_or(1)
+            } else {
+                1
+            };
+            if !q.ready {
+                eprintln!("rimg-vmm: net control queue {i} not set up by the driver; ignored");
+            } else {
+                match CtrlQueue::new(
+                    q.ring,
+                    self.negotiated(F_EVENT_IDX),
+                    &self.mem,
+                    max_pairs,
+                    self.negotiated(NET_F_MQ),
+                ) {
+                    Ok(c) => self.ctrl = Some((i, c)),
+                    Err(e) => eprintln!("rimg-vmm: net control queue {i}: {e}; ignored"),
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// A QueueNotify write that KVM did not turn into an ioeventfd.
+    fn notify(&mut self, q: usize) {
+        if self.status & STATUS_DRIVER_OK == 0 {
+            // The driver must not notify before DRIVER_OK (virtio 1.2,
+            // 3.1.1): nothing runs yet.
+            return;
+        }
+        if self.ctrl.as_ref().is_some_and(|(i, _)| *i == q) {
+            self.process_ctrl();
+        } else if self.running.contains(&q) {
+            if let Some(k) = self.kicks.get(q) {
+                let _ = k.write(1);
+            }
+        }
+    }
+
+    fn process_ctrl(&mut self) {
+        let Some((i, mut ctrl)) = self.ctrl.take() else {
+            return;
+        };
+        let mem = self.mem.clone();
+        let interrupt = ctrl.process(&mem, |n| self.set_active_pairs(n));
+        self.ctrl = Some((i, ctrl));
+        if interrupt {
+            // The ack is a used buffer: the device's one interrupt line,
+            // which InterruptStatus reports as VRING while running.
+            let _ = self.call.write(1);
+        }
+    }
+
+    /// VQ_PAIRS_SET(n), already checked against max_virtqueue_pairs:
+    /// enables pairs 0..n in the backend and disables the others
+    /// (SET_VRING_ENABLE; rimg-vhost-net attaches and detaches its TAP
+    /// queues to match). False if a pair's rings never started or the
+    /// backend refused.
+    fn set_active_pairs(&mut self, n: u16) -> bool {
+        if self.health.failed.load(Ordering::Acquire) {
+            return false;
+        }
+        let rings = |p: u16| [2 * usize::from(p), 2 * usize::from(p) + 1];
+        if let Some(p) = (0..n).find(|&p| rings(p).iter().any(|r| !self.running.contains(r))) {
+            eprintln!(
+                "rimg-vmm: net control queue: VQ_PAIRS_SET {n}, but pair {p} was not set up by the driver"
+            );
+            return false;
+        }
+        let max = self.backend.max_pairs.unwrap_or(1);
+        let mut enable = Vec::new();
+        let mut disable = Vec::new();
+        for p in 0..max {
+            let (want, was) = (p < n, p < self.active_pairs);
+            let list = if want { &mut enable } else { &mut disable };
+            if want != was {
+                list.extend(rings(p).into_iter().filter(|r| self.running.contains(r)));
+            }
+        }
+        let r = self
+            .backend
+            .set_rings_enabled(&disable, false)
+            .and_then(|()| self.backend.set_rings_enabled(&enable, true));
+        match r {
+            Ok(()) => {
+                self.active_pairs = n;
+                true
+            }
+            Err(e) => {
+                eprintln!("rimg-vmm: net control queue: VQ_PAIRS_SET {n}: {e}");
+                false
             }
         }
     }
@@ -249,6 +419,8 @@ impl MmioDevice {
             }
         }
         self.running.clear();
+        self.ctrl = None;
+        self.active_pairs = 0;
         self.status = 0;
         self.driver_features = 0;
         self.device_features_sel = 0;

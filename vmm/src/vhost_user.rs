@@ -24,8 +24,19 @@ const TRANSPORT_BITS: u64 = (1 << 27) | (1 << 28) | (1 << 29) | (1 << 32);
 /// Device-specific feature bits 0..24 pass through.
 const DEVICE_BITS: u64 = (1 << 24) - 1;
 const VERSION_1: u64 = 1 << 32;
-/// virtio-net bits 17, 18, 19, 21, 22, 23.
-const NET_CTRL_BITS: u64 = (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | (1 << 22) | (1 << 23);
+/// VIRTIO_NET_F_CTRL_VQ (17): the control virtqueue, run by the VMM.
+pub const NET_F_CTRL_VQ: u64 = 1 << 17;
+/// VIRTIO_NET_F_MQ (22): several queue pairs, chosen with VQ_PAIRS_SET on
+/// the control queue.
+pub const NET_F_MQ: u64 = 1 << 22;
+/// virtio-net bits that need the control queue (virtio 1.2, 5.1.3.1):
+/// CTRL_GUEST_OFFLOADS (2), CTRL_VQ (17), CTRL_RX (18), CTRL_VLAN (19),
+/// GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23). Masked from what the
+/// backend offers; CTRL_VQ and MQ come back when multiqueue is usable.
+const NET_CTRL_BITS: u64 =
+    (1 << 2) | (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | NET_F_MQ | (1 << 23);
+/// Offset of `max_virtqueue_pairs` (le16) in struct virtio_net_config.
+const NET_CONFIG_MAX_PAIRS: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -75,7 +86,11 @@ pub struct Backend {
     backend_features: u64,
     /// Features offered to the guest.
     pub features: u64,
+    /// Queues the backend serves (for a multiqueue NIC: 2 * max pairs).
     pub queues: usize,
+    /// A multiqueue NIC's number of queue pairs (> 1): the device then
+    /// has one more queue, the control queue, which the VMM runs.
+    pub max_pairs: Option<u16>,
     pub config: Vec<u8>,
 }
 
@@ -158,15 +173,29 @@ impl Backend {
         } else {
             vec![0; kind.config_len() as usize]
         };
+        let mut config = config;
+        let mut queues = queues;
         let mut features =
             (backend_features & (TRANSPORT_BITS | DEVICE_BITS)) | (extra & DEVICE_BITS);
+        let mut max_pairs = None;
         if kind == Kind::Net {
             // The control queue is the frontend's job in vhost-user (the
-            // backend serves data queues only) and this VMM does not
-            // implement one: no CTRL_VQ, and so none of the features that
-            // need it (CTRL_RX, CTRL_VLAN, GUEST_ANNOUNCE, MQ,
-            // CTRL_MAC_ADDR). One queue pair.
+            // backend serves data queues only). This VMM runs it for
+            // VQ_PAIRS_SET alone (net_ctrl.rs), so the features that need
+            // other commands stay hidden: CTRL_RX, CTRL_VLAN,
+            // GUEST_ANNOUNCE, CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS.
             features &= !NET_CTRL_BITS;
+            let pairs = net_max_pairs(backend_features, protocol, queues, &config);
+            if pairs > 1 {
+                // Multiqueue: CTRL_VQ + MQ, 2 * pairs data queues, and
+                // max_virtqueue_pairs as the VMM will honour it (never more
+                // pairs than the backend has queues for).
+                features |= NET_F_CTRL_VQ | NET_F_MQ;
+                queues = 2 * usize::from(pairs);
+                config[NET_CONFIG_MAX_PAIRS..NET_CONFIG_MAX_PAIRS + 2]
+                    .copy_from_slice(&pairs.to_le_bytes());
+                max_pairs = Some(pairs);
+            }
         }
         Ok(Backend {
             kind,
@@ -175,8 +204,15 @@ impl Backend {
             backend_features,
             features,
             queues,
+            max_pairs,
             config,
         })
+    }
+
+    /// Queues the guest sees: the backend's, plus a multiqueue NIC's
+    /// control queue (the last one, index 2 * max pairs).
+    pub fn device_queues(&self) -> usize {
+        self.queues + usize::from(self.max_pairs.is_some())
     }
 
     pub fn raw_fd(&self) -> i32 {
@@ -185,7 +221,8 @@ impl Backend {
 
     /// Starts the device: the features the driver accepted, the memory
     /// table and each ready ring with its kick (ioeventfd) and call
-    /// (irqfd) descriptors, in the order QEMU uses.
+    /// (irqfd) descriptors, in the order QEMU uses. The rings stay
+    /// disabled until [`Self::set_rings_enabled`].
     pub fn start(
         &mut self,
         driver_features: u64,
@@ -197,7 +234,11 @@ impl Backend {
     ) -> Result<()> {
         let s = self.socket.clone();
         let s = s.as_path();
-        let acked = (driver_features & self.features) | (self.backend_features & PROTOCOL_FEATURES);
+        // Only what the backend itself offered: CTRL_VQ belongs to the VMM
+        // (the backend never sees the control queue), and bits the VMM adds
+        // (MAC, RO) are the VMM's promise, not the backend's.
+        let acked = (driver_features & self.features & self.backend_features & !NET_F_CTRL_VQ)
+            | (self.backend_features & PROTOCOL_FEATURES);
         self.fe
             .set_features(acked)
             .map_err(vhost_err(s, "SET_FEATURES"))?;
@@ -253,12 +294,20 @@ impl Backend {
                 .set_vring_kick(i, &kicks[i])
                 .map_err(vhost_err(s, "SET_VRING_KICK"))?;
         }
-        if self.backend_features & PROTOCOL_FEATURES != 0 {
-            for &(i, _) in rings {
-                self.fe
-                    .set_vring_enable(i, true)
-                    .map_err(vhost_err(s, "SET_VRING_ENABLE"))?;
-            }
+        Ok(())
+    }
+
+    /// Enables or disables rings that `start` set up
+    /// (SET_VRING_ENABLE). Without PROTOCOL_FEATURES rings run as soon as
+    /// they have a kick fd and cannot be disabled: nothing to send.
+    pub fn set_rings_enabled(&mut self, rings: &[usize], enable: bool) -> Result<()> {
+        if self.backend_features & PROTOCOL_FEATURES == 0 {
+            return Ok(());
+        }
+        for &i in rings {
+            self.fe
+                .set_vring_enable(i, enable)
+                .map_err(vhost_err(&self.socket, "SET_VRING_ENABLE"))?;
         }
         Ok(())
     }
@@ -277,5 +326,66 @@ impl Backend {
                 .map_err(vhost_err(&s, "GET_VRING_BASE"))?;
         }
         Ok(())
+    }
+}
+
+/// Queue pairs a vhost-user-net backend can run under this VMM: its
+/// config space's `max_virtqueue_pairs` when it offers VIRTIO_NET_F_MQ,
+/// capped by the queues it reported (GET_QUEUE_NUM, protocol MQ) and by
+/// what the virtio-mmio device can number (`MAX_PAIRS`); 1 otherwise.
+fn net_max_pairs(
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    queues: usize,
+    config: &[u8],
+) -> u16 {
+    if backend_features & NET_F_MQ == 0
+        || !protocol.contains(VhostUserProtocolFeatures::MQ)
+        || !protocol.contains(VhostUserProtocolFeatures::CONFIG)
+    {
+        return 1;
+    }
+    let Some(b) = config.get(NET_CONFIG_MAX_PAIRS..NET_CONFIG_MAX_PAIRS + 2) else {
+        return 1;
+    };
+    let offered = u16::from_le_bytes([b[0], b[1]]);
+    let by_queues = u16::try_from(queues / 2).unwrap_or(u16::MAX);
+    offered.min(by_queues).clamp(1, MAX_PAIRS)
+}
+
+/// Most queue pairs a NIC gets: 2 * 31 data queues and the control queue
+/// stay within the 64 queues the VMM accepts from a backend.
+const MAX_PAIRS: u16 = 31;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(pairs: u16) -> Vec<u8> {
+        let mut c = vec![0u8; 12];
+        c[8..10].copy_from_slice(&pairs.to_le_bytes());
+        c
+    }
+
+    #[test]
+    fn max_pairs_needs_mq_everywhere() {
+        let p = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::CONFIG;
+        assert_eq!(net_max_pairs(NET_F_MQ, p, 4, &cfg(2)), 2);
+        // Fewer queues than the config claims: the queues win.
+        assert_eq!(net_max_pairs(NET_F_MQ, p, 4, &cfg(8)), 2);
+        assert_eq!(net_max_pairs(NET_F_MQ, p, 5, &cfg(8)), 2);
+        assert_eq!(net_max_pairs(NET_F_MQ, p, 64, &cfg(100)), MAX_PAIRS);
+        // No MQ feature, no protocol MQ or CONFIG, short or zero config.
+        assert_eq!(net_max_pairs(0, p, 4, &cfg(2)), 1);
+        assert_eq!(
+            net_max_pairs(NET_F_MQ, VhostUserProtocolFeatures::CONFIG, 4, &cfg(2)),
+            1
+        );
+        assert_eq!(
+            net_max_pairs(NET_F_MQ, VhostUserProtocolFeatures::MQ, 4, &cfg(2)),
+            1
+        );
+        assert_eq!(net_max_pairs(NET_F_MQ, p, 4, &[0; 9]), 1);
+        assert_eq!(net_max_pairs(NET_F_MQ, p, 4, &cfg(0)), 1);
     }
 }

@@ -167,12 +167,21 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         let mut kicks = Vec::new();
         for q in 0..backend.queues {
             let kick = EventFd::new(libc::EFD_NONBLOCK).io_ctx(|| "eventfd")?;
-            vm.register_ioevent(
-                &kick,
-                &IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY),
-                q as u32,
-            )
-            .kvm("KVM_IOEVENTFD")?;
+            // A multiqueue NIC's queue 2 is the second pair's receive queue
+            // with MQ, but the control queue when the driver takes CTRL_VQ
+            // without MQ (virtio 1.2, 5.1.2), which only the guest's
+            // feature choice decides, later. Its notifications therefore
+            // exit to the VMM, which passes them on to this eventfd or runs
+            // the control queue (mmio.rs). The control queue at 2 * pairs
+            // has no ioeventfd and no kick at all.
+            if !(backend.max_pairs.is_some() && q == 2) {
+                vm.register_ioevent(
+                    &kick,
+                    &IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .kvm("KVM_IOEVENTFD")?;
+            }
             kicks.push(kick);
         }
         let health = Arc::new(Health {
@@ -191,6 +200,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
                 backend,
                 ram.regions.clone(),
                 ram.fd(),
+                ram.mem.clone(),
                 kicks,
                 call,
                 health,
