@@ -7,6 +7,11 @@
 # through its own io_uring driver.
 #
 # Usage: benches/vhost-blk-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
+# BENCH_DIR=DIR puts the images there (default /tmp). On a disk file
+# system, buffered raw writes at depth 32 measure the file system (ext4
+# serializes buffered writes per inode, and both daemons reach the
+# client's own io_uring ceiling); on tmpfs (BENCH_DIR=/dev/shm) the
+# daemons themselves are measured.
 set -euo pipefail
 SECS=${1:-3}
 SIZE=${2:-1G}
@@ -15,7 +20,7 @@ cd "$ROOT"
 cargo build --release -q -p rimg-vhost-blk -p rimg-tests --example blk_bench
 BENCH=$ROOT/target/release/examples/blk_bench
 RIMG=$ROOT/target/release/rimg-vhost-blk
-W=$(mktemp -d /tmp/rimg-blkbench.XXXXXX)
+W=$(mktemp -d "${BENCH_DIR:-/tmp}/rimg-blkbench.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
 trap cleanup EXIT

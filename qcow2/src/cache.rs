@@ -35,7 +35,9 @@ impl TableCache {
             table_bytes,
             capacity,
             slots: Vec::new(),
-            index: HashMap::with_capacity(capacity),
+            // Grown as tables are loaded: a small image with tiny
+            // clusters would otherwise pay for a large empty index.
+            index: HashMap::new(),
             tick: 0,
         }
     }

@@ -254,15 +254,6 @@ impl Walk<'_> {
     }
 }
 
-fn read_l1(st: &Storage, off: u64, entries: u32) -> Result<Vec<u64>> {
-    let mut raw = vec![0u8; entries as usize * 8];
-    st.read_at(&mut raw, off)?;
-    Ok(raw
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-        .collect())
-}
-
 /// Counts every reference to every host cluster except those from the
 /// refcount structures themselves; problems go into `report`.
 fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result<Walk<'r>> {
@@ -314,7 +305,7 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
     w.mark_l2_tables(ctx.l1);
     for s in ctx.snapshots {
         if s.l1_table_offset >> cb < clusters {
-            w.mark_l2_tables(&read_l1(st, s.l1_table_offset, s.l1_size)?);
+            w.mark_l2_tables(&crate::l2::read_l1(st, s.l1_table_offset, s.l1_size)?);
         }
     }
     let mut l2buf = vec![0u8; cs as usize];
@@ -328,7 +319,7 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         if !w.add(s.l1_table_offset, s.l1_size as u64 * 8) {
             continue;
         }
-        let l1 = read_l1(st, s.l1_table_offset, s.l1_size)?;
+        let l1 = crate::l2::read_l1(st, s.l1_table_offset, s.l1_size)?;
         w.l1(st, &l1, false, &mut l2buf)?;
     }
     Ok(w)

@@ -1,5 +1,8 @@
 //! L1 and L2 table entries (qcow2.rst, "Cluster mapping").
 
+use crate::error::Result;
+use crate::storage::Storage;
+
 /// Bit 63 of L1 and standard L2 entries: the refcount of the cluster is
 /// exactly one, so it may be written in place.
 pub const COPIED: u64 = 1 << 63;
@@ -124,6 +127,36 @@ impl L2Entry {
     }
 }
 
+/// Reads an L1 table of `entries` big-endian entries at `off` (the
+/// active one or a snapshot's). Entries past the end of the file read as
+/// zero (unallocated), as from any short file; they are left as the
+/// allocator's zeroed pages rather than read and converted, so a header
+/// claiming the largest L1 on a small file costs no time per entry.
+pub fn read_l1(st: &Storage, off: u64, entries: u32) -> Result<Vec<u64>> {
+    let mut l1 = vec![0u64; entries as usize];
+    if entries == 0 {
+        return Ok(l1);
+    }
+    // An entry cut by the end of the file keeps its bytes in the file
+    // (the rest reads as zero), as every reader of a short file sees it.
+    let in_file = st
+        .len()?
+        .saturating_sub(off)
+        .min(entries as u64 * 8)
+        .div_ceil(8);
+    // In bounded pieces: no second buffer of the table's full size.
+    const CHUNK: usize = 8192;
+    let mut raw = vec![0u8; CHUNK.min(in_file as usize) * 8];
+    for (i, part) in l1[..in_file as usize].chunks_mut(CHUNK).enumerate() {
+        let raw = &mut raw[..part.len() * 8];
+        st.read_at(raw, off + (i * CHUNK * 8) as u64)?;
+        for (e, c) in part.iter_mut().zip(raw.chunks_exact(8)) {
+            *e = u64::from_be_bytes(c.try_into().unwrap());
+        }
+    }
+    Ok(l1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,5 +201,30 @@ mod tests {
                 copied: true
             }
         );
+    }
+
+    #[test]
+    fn l1_past_the_end_of_the_file_reads_as_zero() {
+        use std::os::unix::fs::FileExt;
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: a NUL-terminated literal name; the new descriptor is
+        // checked and then owned by the File alone.
+        let fd = unsafe { libc::memfd_create(c"l1-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a fresh descriptor nothing else owns.
+        let f = unsafe { std::fs::File::from_raw_fd(fd) };
+        // Two whole entries and five bytes of a third at offset 16.
+        let mut data = vec![0u8; 16];
+        data.extend_from_slice(&0x1_0000u64.to_be_bytes());
+        data.extend_from_slice(&0x2_0000u64.to_be_bytes());
+        data.extend_from_slice(&[0, 0x71, 0x71, 0x71, 0x71]);
+        f.write_all_at(&data, 0).unwrap();
+        let st = Storage::from_file(f, std::path::Path::new("l1-test"), false);
+        let l1 = read_l1(&st, 16, 20_000).unwrap();
+        assert_eq!(l1.len(), 20_000);
+        assert_eq!(&l1[..3], &[0x1_0000, 0x2_0000, 0x0071_7171_7100_0000]);
+        assert!(l1[3..].iter().all(|&e| e == 0));
+        // Entirely past the end.
+        assert!(read_l1(&st, 1 << 20, 10).unwrap().iter().all(|&e| e == 0));
     }
 }

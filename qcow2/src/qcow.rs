@@ -246,12 +246,7 @@ impl Qcow2 {
             return Err(Error::MarkedCorrupt);
         }
         let cb = header.cluster_bits;
-        let mut l1_raw = vec![0u8; header.l1_size as usize * 8];
-        st.read_at(&mut l1_raw, header.l1_table_offset)?;
-        let l1: Vec<u64> = l1_raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-            .collect();
+        let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
             &st,
             header.refcount_table_offset,
@@ -578,12 +573,18 @@ impl Qcow2 {
             return Ok((Mapping::Unallocated, (want * cs - in_cl).min(len)));
         };
         let first = self.decode(Self::l2_get(m, slot, l2i as usize))?;
+        // A bad entry further on ends the run instead of failing it: it
+        // fails only the request that starts on it. (Failing the run
+        // would make a caller stepping past the error rescan the same
+        // entries for every cluster before it: quadratic on a corrupt
+        // table.)
+        let entry = |m: &Meta, n: u64| self.decode(Self::l2_get(m, slot, (l2i + n) as usize)).ok();
         let mut n = 1;
         let run = match first {
             L2Entry::Normal { host, .. } => {
                 while n < want {
-                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
-                        L2Entry::Normal { host: h, .. } if h == host + n * cs => n += 1,
+                    match entry(m, n) {
+                        Some(L2Entry::Normal { host: h, .. }) if h == host + n * cs => n += 1,
                         _ => break,
                     }
                 }
@@ -594,8 +595,10 @@ impl Qcow2 {
                 // ones at contiguous host offsets, as QEMU counts them
                 // (so that block status and `map` report the same runs).
                 while n < want {
-                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
-                        L2Entry::Zero { host: h, .. } if h == host.map(|first| first + n * cs) => {
+                    match entry(m, n) {
+                        Some(L2Entry::Zero { host: h, .. })
+                            if h == host.map(|first| first + n * cs) =>
+                        {
                             n += 1
                         }
                         _ => break,
@@ -605,8 +608,8 @@ impl Qcow2 {
             }
             L2Entry::Unallocated => {
                 while n < want {
-                    match self.decode(Self::l2_get(m, slot, (l2i + n) as usize))? {
-                        L2Entry::Unallocated => n += 1,
+                    match entry(m, n) {
+                        Some(L2Entry::Unallocated) => n += 1,
                         _ => break,
                     }
                 }
@@ -2039,12 +2042,7 @@ impl Qcow2 {
     }
 
     fn read_l1_at(&self, off: u64, entries: u32) -> Result<Vec<u64>> {
-        let mut raw = vec![0u8; entries as usize * 8];
-        self.st.read_at(&mut raw, off)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
-            .collect())
+        crate::l2::read_l1(&self.st, off, entries)
     }
 
     /// Writes a new snapshot table and switches the header to it.

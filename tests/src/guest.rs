@@ -243,6 +243,32 @@ impl Kit {
         &self.kernel
     }
 
+    /// The kernel as an uncompressed ELF vmlinux, unpacked once from the
+    /// bzImage's payload (boot.rst, "payload_offset"/"payload_length";
+    /// Debian compresses it with LZ4 in the legacy frame format) and
+    /// cached next to the kit. VMMs that load ELF kernels skip the
+    /// in-guest decompressor with it.
+    pub fn vmlinux(&self) -> PathBuf {
+        static P: OnceLock<PathBuf> = OnceLock::new();
+        P.get_or_init(|| {
+            let name = self.kernel.file_name().unwrap().to_string_lossy();
+            let out = self
+                .root
+                .parent()
+                .unwrap()
+                .join(name.replace("vmlinuz", "vmlinux"));
+            if !out.exists() {
+                let bz = fs::read(&self.kernel).expect("read bzImage");
+                let elf = unpack_bzimage_lz4(&bz).unwrap_or_else(|e| panic!("{e}"));
+                let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+                fs::write(&tmp, elf).unwrap();
+                fs::rename(&tmp, &out).unwrap();
+            }
+            out
+        })
+        .clone()
+    }
+
     /// The static busybox binary.
     pub fn busybox(&self) -> PathBuf {
         self.root.join("bin/busybox")
@@ -618,4 +644,45 @@ impl Guest {
             timed_out,
         }
     }
+}
+
+/// The ELF inside a bzImage whose payload is LZ4 (legacy frame: magic,
+/// then blocks of `u32` compressed length + data, each at most 8 MiB
+/// decompressed; the kernel build appends the total size after them).
+fn unpack_bzimage_lz4(bz: &[u8]) -> Result<Vec<u8>, String> {
+    const LEGACY_MAGIC: u32 = 0x184c_2102;
+    const BLOCK_MAX: usize = 8 << 20;
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(bz.get(o..o + 4)?.try_into().ok()?)) };
+    let setup_sects = *bz.get(0x1f1).ok_or("bzImage too short")? as usize;
+    let pm = (setup_sects.max(4) + 1) * 512;
+    let off = pm + u32_at(0x248).ok_or("no payload_offset")? as usize;
+    let len = u32_at(0x24c).ok_or("no payload_length")? as usize;
+    let payload = bz.get(off..off + len).ok_or("payload outside the file")?;
+    if payload.get(..4) != Some(&LEGACY_MAGIC.to_le_bytes()[..]) {
+        return Err("bzImage payload is not LZ4 (legacy frame)".into());
+    }
+    let mut out = Vec::new();
+    let mut p = 4;
+    while p + 4 <= payload.len() {
+        let n = u32::from_le_bytes(payload[p..p + 4].try_into().unwrap()) as usize;
+        if n == LEGACY_MAGIC as usize {
+            p += 4;
+            continue;
+        }
+        // The trailing size word, or the end: no further block.
+        let Some(block) = payload.get(p + 4..p + 4 + n).filter(|_| n > 0) else {
+            break;
+        };
+        let start = out.len();
+        out.resize(start + BLOCK_MAX, 0);
+        let got = lz4_flex::block::decompress_into(block, &mut out[start..])
+            .map_err(|e| format!("LZ4 block at {p}: {e}"))?;
+        out.truncate(start + got);
+        p += 4 + n;
+    }
+    if out.get(..4) != Some(&b"\x7fELF"[..]) {
+        return Err("unpacked payload is not an ELF".into());
+    }
+    Ok(out)
 }

@@ -78,8 +78,9 @@ pub fn run_vmm(args: &[&str], timeout: Duration) -> VmmRun {
     }
 }
 
-/// rimg-vmm, rimg-vhost-blk and rimg-vhost-net linked statically (for the
-/// outer TCG guest, which has no libraries), built under
+/// rimg-vmm, rimg-vhost-blk and rimg-vhost-net (and the benchmark aid
+/// `first_line`) linked statically (for the outer TCG guest, which has
+/// no libraries), built under
 /// target/static; returns the directory holding them.
 pub fn static_bins() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
@@ -94,7 +95,8 @@ pub fn static_bins() -> &'static Path {
                 "RUSTFLAGS",
                 "-C target-feature=+crt-static -C debuginfo=0 -C strip=symbols",
             )
-            .args(["build", "--quiet", "--target", triple])
+            .args(["build", "--quiet", "--target", triple, "--bins"])
+            .args(["--example", "first_line"])
             .args([
                 "-p",
                 "rimg-vmm",

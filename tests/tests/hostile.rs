@@ -337,3 +337,51 @@ fn hostile_images_fail_cleanly() {
         worst.1
     );
 }
+
+/// A bad L2 entry in the middle of a table fails the requests that start
+/// on it, and only those: the run before it is reported whole, and the
+/// entries after it map normally. (A bad entry used to fail the whole run
+/// it ended, so a caller stepping past the error one cluster at a time
+/// rescanned the table for every cluster: quadratic, seconds per image.)
+#[test]
+fn bad_l2_entry_ends_a_run_without_failing_it() {
+    let dir = tempdir();
+    let img = dir.path().join("bad-entry.qcow2");
+    let p = img.to_str().unwrap();
+    let cs = 65536u64;
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "1G"])
+        .status
+        .success());
+    rimg_tests::qemu_io(&img, &["write -P 0x11 6553600 64k"]); // cluster 100
+    rimg_tests::qemu_io(&img, &["write -P 0x22 6619136 64k"]); // cluster 101
+    let mut bytes = std::fs::read(&img).unwrap();
+    let be = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let l1 = be(&bytes, 40) as usize;
+    let l2 = (be(&bytes, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let e = l2 + 100 * 8;
+    let entry = be(&bytes, e);
+    assert_ne!(entry, 0, "cluster 100 is allocated");
+    // Host offset no longer cluster aligned.
+    bytes[e..e + 8].copy_from_slice(&(entry + 0x1000).to_be_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+
+    let ro = OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let q = qcow2::open(&img, &ro).unwrap();
+    let size = q.size();
+    let first = q.block_status(0, size).unwrap();
+    assert_eq!(first.kind, qcow2::ExtentKind::Unallocated);
+    assert_eq!(first.len, 100 * cs, "the run before the bad entry");
+    assert!(q.block_status(100 * cs, size - 100 * cs).is_err());
+    let mut buf = vec![0u8; cs as usize];
+    assert!(q.read_at(&mut buf, 100 * cs).is_err());
+    let after = q.block_status(101 * cs, size - 101 * cs).unwrap();
+    assert_eq!(after.kind, qcow2::ExtentKind::Data);
+    assert_eq!(after.len, cs);
+    q.read_at(&mut buf, 101 * cs).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x22));
+    // A read spanning the bad cluster fails as a whole.
+    assert!(q.read_at(&mut vec![0u8; 3 * cs as usize], 99 * cs).is_err());
+}

@@ -77,6 +77,9 @@ impl GuestRam {
                 offset,
             });
         }
+        for r in &regions {
+            advise_huge_pages(r);
+        }
         Ok(GuestRam { mem, file, regions })
     }
 
@@ -87,5 +90,26 @@ impl GuestRam {
     /// Highest guest address + 1 of RAM below the MMIO hole.
     pub fn low_end(&self) -> u64 {
         self.regions[0].guest + self.regions[0].size
+    }
+}
+
+/// Asks for transparent huge pages on guest RAM, as QEMU does for its
+/// RAM blocks. Under KVM every first touch of a guest page is a
+/// nested-paging fault the host must service; with 2 MiB pages there
+/// are 512 times fewer, which is most of what a booting kernel waits
+/// for on a nested host. The host decides: shared memory (a memfd) gets
+/// huge pages when /sys/kernel/mm/transparent_hugepage/shmem_enabled is
+/// `advise` (or `always`), and the advice is ignored otherwise, so a
+/// failure here is not an error.
+fn advise_huge_pages(r: &Region) {
+    // SAFETY: the range is exactly one mapping this process created for
+    // guest RAM and still owns; MADV_HUGEPAGE changes only how the kernel
+    // backs it, never its contents or its validity.
+    unsafe {
+        libc::madvise(
+            r.host as *mut libc::c_void,
+            r.size as usize,
+            libc::MADV_HUGEPAGE,
+        );
     }
 }
