@@ -49,6 +49,17 @@ const IOV_MAX: usize = 1024;
 /// (backing images, compressed clusters, iovec overflow).
 const BOUNCE_LEN: usize = 1 << 20;
 
+/// The io_uring operations a queue's ring accepts: guest data moves with
+/// vectored reads and writes, nothing else (flushes, discards and zeroing
+/// are synchronous calls).
+pub const RING_OPS: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
+
+/// A queue's io_uring: `entries` entries, restricted to [`RING_OPS`],
+/// completions signalled on `efd`.
+pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd())
+}
+
 /// Host iovecs pointing into guest memory.
 #[derive(Default)]
 struct IoVecs(Vec<libc::iovec>);
@@ -124,9 +135,8 @@ impl Worker {
         mem: GM,
     ) -> std::io::Result<Worker> {
         let qs = usize::from(cfg.queue_size);
-        let ring = IoUring::new((qs * 2).next_power_of_two() as u32)?;
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let ring = ring((qs * 2).next_power_of_two() as u32, &efd)?;
         Ok(Worker {
             img,
             files,

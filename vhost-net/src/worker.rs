@@ -47,6 +47,24 @@ const MAX_WARNINGS: u32 = 64;
 /// The shortest frame worth writing to the TAP: an Ethernet header.
 const ETH_HLEN: usize = 14;
 
+/// The io_uring operations a pair's ring accepts: frames are read from
+/// and written to the pair's TAP queue, and posted reads are cancelled at
+/// teardown. Nothing else.
+pub const RING_OPS: [u8; 3] = [
+    opcode::Read::CODE,
+    opcode::Write::CODE,
+    opcode::AsyncCancel::CODE,
+];
+
+/// Entries of a pair's io_uring: every slot's operation and its cancel.
+const RING_ENTRIES: u32 = ((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32;
+
+/// A pair's io_uring: `entries` entries, restricted to [`RING_OPS`],
+/// completions signalled on `efd`.
+pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd())
+}
+
 /// Counters, for tests and logs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -161,9 +179,8 @@ pub struct PairWorker {
 
 impl PairWorker {
     pub fn new(pair: usize, tap: Arc<Tap>, mem: GM) -> std::io::Result<PairWorker> {
-        let ring = IoUring::new(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32)?;
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let ring = ring(RING_ENTRIES, &efd)?;
         let fd = tap.queue_fd(pair);
         Ok(PairWorker {
             pair,
@@ -190,7 +207,7 @@ impl PairWorker {
             attached: true,
             warnings: 0,
             tx_segs: Vec::new(),
-            cq: Vec::with_capacity(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two()),
+            cq: Vec::with_capacity(RING_ENTRIES as usize),
             stats: Stats::default(),
         })
     }

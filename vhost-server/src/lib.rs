@@ -26,8 +26,10 @@ use vmm_sys_util::event::{
 
 mod relay;
 pub mod seccomp;
+pub mod uring;
 
 pub use seccomp::{Sandbox, SeccompAction, SyscallList};
+pub use uring::restricted_ring;
 
 /// Guest memory as the daemons see it.
 pub type Mem = GuestMemoryMmap<()>;

@@ -10,10 +10,11 @@
 //! of every list ([`runtime`]) live in the `rimg-seccomp` crate, shared
 //! with the VMM; this module holds what is particular to the daemons.
 //!
-//! What the filter cannot see: the reads and writes a daemon hands to
-//! io_uring run in the kernel on the daemon's behalf without a syscall of
-//! their own; the list bounds which files the daemon can have (no open,
-//! no socket other than AF_UNIX) rather than what io_uring does with them.
+//! What the filter cannot see: the operations a daemon hands to io_uring
+//! run in the kernel on the daemon's behalf without a syscall of their
+//! own. Each worker ring is therefore restricted to its own opcodes when
+//! it is created ([`crate::uring`]); the list bounds which files the
+//! daemon can have (no open, no socket other than AF_UNIX).
 //!
 //! The daemons' shared part ([`common`]) covers the runtime, threads, the
 //! vhost-user protocol (frontend messages with SCM_RIGHTS descriptors,
