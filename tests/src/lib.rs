@@ -142,10 +142,29 @@ pub struct Watched {
 
 /// Runs `cmd` (stdin null, output captured) and waits for it; after
 /// `timeout` a watchdog kills it and the run is reported as timed out.
-pub fn run_watched(mut cmd: Command, timeout: std::time::Duration) -> Watched {
+pub fn run_watched(cmd: Command, timeout: std::time::Duration) -> Watched {
+    spawn_watched(cmd, std::process::Stdio::null()).wait(timeout)
+}
+
+/// A running child whose output is being captured (see
+/// [`spawn_watched`]); killed (SIGKILL) if dropped before [`wait`].
+///
+/// [`wait`]: WatchedChild::wait
+pub struct WatchedChild {
+    pid: u32,
+    stdin: Option<std::process::ChildStdin>,
+    out_t: Option<std::thread::JoinHandle<Vec<u8>>>,
+    err_t: Option<std::thread::JoinHandle<Vec<u8>>>,
+    waiter: Option<std::thread::JoinHandle<std::io::Result<std::process::ExitStatus>>>,
+    exited: std::sync::mpsc::Receiver<()>,
+}
+
+/// Starts `cmd` with `stdin` (with `Stdio::piped()` the pipe stays open
+/// until [`WatchedChild::wait`]) and its output captured.
+pub fn spawn_watched(mut cmd: Command, stdin: std::process::Stdio) -> WatchedChild {
     use std::io::Read;
     use std::process::Stdio;
-    cmd.stdin(Stdio::null())
+    cmd.stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
@@ -161,25 +180,73 @@ pub fn run_watched(mut cmd: Command, timeout: std::time::Duration) -> Watched {
         let _ = stderr.read_to_end(&mut v);
         v
     });
-    let pid = child.id() as i32;
-    let (tx, rx) = std::sync::mpsc::channel();
+    let pid = child.id();
+    let stdin = child.stdin.take();
+    let (tx, exited) = std::sync::mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let st = child.wait();
         let _ = tx.send(());
         st
     });
-    let timed_out = rx.recv_timeout(timeout).is_err();
-    if timed_out {
-        // SAFETY: kill(2) on our child, not yet reaped (the waiter thread
-        // is still blocked in wait()), so the pid is ours.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+    WatchedChild {
+        pid,
+        stdin,
+        out_t: Some(out_t),
+        err_t: Some(err_t),
+        waiter: Some(waiter),
+        exited,
     }
-    let status = waiter.join().ok().and_then(|r| r.ok());
-    Watched {
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-        status: if timed_out { None } else { status },
-        timed_out,
+}
+
+impl WatchedChild {
+    pub fn id(&self) -> u32 {
+        self.pid
+    }
+
+    /// Closes the child's stdin and waits for its exit; after `timeout`
+    /// a watchdog kills it and the run is reported as timed out.
+    pub fn wait(mut self, timeout: std::time::Duration) -> Watched {
+        drop(self.stdin.take());
+        let timed_out = self.exited.recv_timeout(timeout).is_err();
+        if timed_out {
+            self.kill();
+        }
+        let status = self
+            .waiter
+            .take()
+            .and_then(|w| w.join().ok())
+            .and_then(|r| r.ok());
+        Watched {
+            stdout: self
+                .out_t
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
+            stderr: self
+                .err_t
+                .take()
+                .and_then(|t| t.join().ok())
+                .unwrap_or_default(),
+            status: if timed_out { None } else { status },
+            timed_out,
+        }
+    }
+
+    fn kill(&self) {
+        // SAFETY: kill(2) on our child, not yet reaped (the waiter thread
+        // has not reported its exit), so the pid is ours.
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
+    }
+}
+
+impl Drop for WatchedChild {
+    fn drop(&mut self) {
+        if let Some(w) = self.waiter.take() {
+            if self.exited.try_recv().is_err() {
+                self.kill();
+            }
+            let _ = w.join();
+        }
     }
 }
 

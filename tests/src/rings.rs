@@ -233,9 +233,13 @@ impl Driver {
     }
 
     /// Puts `heads` in queue `q`'s avail ring, publishes the new index
-    /// and kicks.
+    /// and kicks. With EVENT_IDX, used_event asks for a notification of
+    /// the next used entry.
     pub fn publish(&mut self, q: usize, heads: &[u16]) {
+        let used = self.used_idx(q);
         let qu = &self.queues[q];
+        self.shm
+            .write(qu.avail + 4 + 2 * u64::from(qu.size), &used.to_le_bytes());
         let mut idx = qu.avail_idx;
         for &h in heads {
             let slot = idx % qu.size;
@@ -255,6 +259,32 @@ impl Driver {
         self.shm.write(qu.avail + 2, &idx.to_le_bytes());
         fence(Ordering::SeqCst);
         qu.kick.write(1).unwrap();
+    }
+
+    /// Kicks queue `q` and waits until the device has taken the kick (its
+    /// eventfd read empty again; the device reads it before it looks at
+    /// the ring, and takes the next kick only after it handled this one).
+    /// False if `timeout` passes first: the device is stuck.
+    pub fn kick_taken(&self, q: usize, timeout: Duration) -> bool {
+        let kick = &self.queues[q].kick;
+        kick.write(1).unwrap();
+        let end = Instant::now() + timeout;
+        loop {
+            let mut p = libc::pollfd {
+                fd: kick.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; zero timeout.
+            let n = unsafe { libc::poll(&mut p, 1, 0) };
+            if n == 0 {
+                return true;
+            }
+            if Instant::now() >= end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Queue `q`'s used index as the device last wrote it.

@@ -1,15 +1,21 @@
-//! The daemons' seccomp filters: a process with a daemon's filter still
-//! does what the daemon does (threads, eventfds, allocations, logs), and
-//! dies by SIGSYS on a call outside the list; a thread that entered the
-//! vring workers' filter may do less; `log` lets the call through.
-//! A running daemon has the filter on every thread, its vring workers one
-//! more, and none with `--seccomp off`. (That the daemons serve guests with the filter on is
-//! what the rest of the vhost tests check: it is on by default.)
+//! The daemons' and the VMM's seccomp filters: a process with a daemon's
+//! filter still does what the daemon does (threads, eventfds,
+//! allocations, logs), and dies by SIGSYS on a call outside the list; a
+//! thread that entered the vring workers' filter may do less; the VMM's
+//! filter allows its KVM ioctls on its own descriptors only and no new
+//! thread; `log` lets the call through. A running daemon has the filter on
+//! every thread, its vring workers one more, and none with `--seccomp
+//! off`; so has a running VMM. (That the daemons serve guests and the VMM
+//! runs them with the filter on is what the rest of the vhost and VMM
+//! tests check: it is on by default.)
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
+use std::time::Duration;
 
 use rimg_tests::blk::{Client, Daemon};
+use rimg_tests::net::{NetDaemon, Netns};
+use rimg_tests::vmm::{guest_frame, packet_socket, probe_guest, send_frame, VmmProcess};
 use rimg_tests::{qemu_img, tempdir, workspace_bin};
 
 fn probe(daemon: &str, action: &str, call: &str) -> std::process::Output {
@@ -77,6 +83,36 @@ fn forbidden_calls_kill_the_process() {
 fn log_mode_lets_forbidden_calls_through() {
     for call in ["openat", "inet-socket", "fork"] {
         assert_survives("blk", "log", call);
+    }
+    for call in ["openat", "thread", "kvm-create-vcpu", "memfd"] {
+        assert_survives("vmm", "log", call);
+    }
+}
+
+#[test]
+fn vmm_filter_allows_its_kvm_ioctls_and_nothing_else() {
+    // What the running VMM does: eventfds, allocations, stderr; KVM_RUN
+    // on a vCPU, irqfd registration on the VM.
+    for call in ["allowed", "kvm-run", "kvm-irqfd"] {
+        assert_survives("vmm", "kill", call);
+    }
+    for call in [
+        "openat",
+        "inet-socket",
+        "unix-socket",
+        "fork",
+        "thread",
+        "exec-mmap",
+        "memfd",
+        "io-uring-setup",
+        "tty-ioctl",
+        "tun-ioctl",
+        // A vCPU request on the VM descriptor, a VM request the running
+        // VMM never makes.
+        "kvm-run-on-vm",
+        "kvm-create-vcpu",
+    ] {
+        assert_killed("vmm", call);
     }
 }
 
@@ -162,6 +198,89 @@ fn running_daemon_has_the_filter_on_every_thread() {
             "--seccomp",
             "maybe",
         ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("expected kill, log or off"));
+}
+
+/// rimg-vmm running the probe guest with a NIC served by rimg-vhost-net:
+/// while the guest waits for a frame from the TAP, every thread of the
+/// VMM (main, console input, backend watcher, vCPU) has the filter (two
+/// programs: the list and the one answering clone3 ENOSYS), and none has
+/// it with `--seccomp off`. Both runs finish the guest's work.
+#[test]
+fn running_vmm_has_the_filter_on_every_thread() {
+    const T: Duration = Duration::from_secs(60);
+    // (--seccomp, (seccomp mode: 2 = filter, number of filters))
+    for (mode, want) in [("kill", ("2", "2")), ("off", ("0", "0"))] {
+        let ns = Netns::new("vmmsc");
+        let d = tempdir();
+        let sock = d.path().join("net.sock");
+        let daemon = NetDaemon::start_in(&ns, &sock, &["--tap-create", "vs0"]).unwrap();
+        ns.command("sysctl")
+            .args(["-qw", "net.ipv6.conf.vs0.disable_ipv6=1"])
+            .status()
+            .unwrap();
+        let pkt = ns.run_in(|| packet_socket("vs0"));
+        let net = format!("socket={},mac=52:54:00:12:34:56", sock.display());
+        let kernel = probe_guest().to_str().unwrap();
+        let vmm = VmmProcess::spawn(&[
+            "--kernel",
+            kernel,
+            "--memory",
+            "64M",
+            "--net",
+            &net,
+            "--seccomp",
+            mode,
+        ]);
+        guest_frame(&pkt, T);
+        // The guest sent its frame and now waits for one: the VM runs.
+        // (KVM's own kernel worker, kvm-nx-lpage-recovery, is listed as
+        // a thread of the process too.)
+        let threads: Vec<_> = thread_seccomp(vmm.id())
+            .into_iter()
+            .filter(|t| !t.0.starts_with("kvm-"))
+            .collect();
+        let mut names: Vec<&str> = threads.iter().map(|t| t.0.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["rimg-vmm", "stdin", "vcpu0", "vhost-watch"],
+            "{mode}: {threads:?}"
+        );
+        for (name, seccomp, filters) in &threads {
+            assert_eq!(
+                (seccomp.as_str(), filters.as_str()),
+                want,
+                "{mode}: thread {name}: {threads:?}"
+            );
+        }
+        let mut frame = [0u8; 60];
+        frame[..6].copy_from_slice(&[0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
+        frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+        frame[12..14].copy_from_slice(&[0x88, 0xb6]);
+        frame[14..25].copy_from_slice(b"RIMG-VMM-RX");
+        send_frame(&pkt, &frame);
+        let r = vmm.finish(T);
+        r.assert_clean_exit();
+        assert!(
+            r.console.contains("net: rx payload RIMG-VMM-RX") && r.console.contains("probe: PASS"),
+            "{mode}: {}",
+            r.console
+        );
+        let (st, log) = daemon.terminate();
+        assert!(st.success(), "{mode}: daemon: {log}");
+    }
+    let o = Command::new(workspace_bin("rimg-vmm"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&o.stdout);
+    assert!(help.contains("--seccomp <kill|log|off>"), "{help}");
+    let o = Command::new(workspace_bin("rimg-vmm"))
+        .args(["--kernel", "/nonexistent", "--seccomp", "maybe"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2), "{o:?}");

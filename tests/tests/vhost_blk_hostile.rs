@@ -3,7 +3,11 @@
 //! ring in shared memory (vhost crate frontend). Each must complete with
 //! IOERR or UNSUPP (or be returned unanswered when it has no status byte);
 //! the daemon must keep serving, never write outside a request's range,
-//! and exit cleanly with a consistent image.
+//! and exit cleanly with a consistent image. An avail index far ahead of
+//! the device stalls the queue until the driver repairs it, with one log
+//! line however often the driver kicks.
+
+use std::time::Duration;
 
 use rimg_tests::blk::Daemon;
 use rimg_tests::rings::{Desc as D, Driver, DATA, F_INDIRECT, F_NEXT, F_WRITE};
@@ -238,4 +242,106 @@ fn hostile_requests_are_refused() {
     let raw = d.path().join("model.raw");
     std::fs::write(&raw, &model).unwrap();
     assert_qemu_compare_equal(&raw, &img);
+}
+
+/// Kicks a driver makes while its avail index is far ahead.
+const KICKS: usize = 200;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A driver that publishes an avail index more than the queue size ahead
+/// of the device and keeps kicking: the daemon leaves the queue alone and
+/// says so once per episode, not once per kick (its log does not grow
+/// with the kicks), and serves again as soon as the index is repaired.
+/// With and without EVENT_IDX (with it, re-enabling notifications on such
+/// a ring must not make the worker spin).
+#[test]
+fn far_ahead_avail_index_is_logged_once_and_the_queue_serves_after_repair() {
+    for event_idx in [false, true] {
+        let d = tempdir();
+        let img = d.path().join("disk.qcow2");
+        assert!(
+            qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"])
+                .status
+                .success()
+        );
+        let sock = d.path().join("a.sock");
+        let daemon = Daemon::start(&sock, &img, &[]).expect("daemon");
+        let mut r = Driver::connect(&sock, MEM, 1, QS, |f| {
+            if event_idx {
+                f
+            } else {
+                f & !(1 << 29)
+            }
+        });
+        let rw = |r: &mut Driver, write: bool, sector: u64, fill: u8| -> u8 {
+            r.shm.write(HDR, &header(u32::from(write), sector));
+            r.shm.write(STATUS, &[0xff]);
+            let flags = if write {
+                r.shm.write(BUF, &[fill; 4096]);
+                0
+            } else {
+                r.shm.write(BUF, &[0; 4096]);
+                F_WRITE
+            };
+            r.submit(0, &[(HDR, 16, 0), (BUF, 4096, flags), (STATUS, 1, F_WRITE)]);
+            r.shm.read(STATUS, 1)[0]
+        };
+        assert_eq!(rw(&mut r, true, 0, 0x11), 0, "write before");
+        for episode in 1..=2usize {
+            let good = r.queues[0].avail_idx;
+            r.set_avail_idx(0, good.wrapping_add(QS + 3));
+            assert!(
+                daemon.wait_for_log_count("entries ahead of the device", episode, WAIT),
+                "event_idx {event_idx}: bogus index not logged: {}",
+                daemon.log()
+            );
+            let before = daemon.log().lines().count();
+            for k in 0..KICKS {
+                assert!(
+                    r.kick_taken(0, WAIT),
+                    "event_idx {event_idx}: kick {k} not taken: worker stuck"
+                );
+            }
+            // Nothing was taken from the ring meanwhile.
+            assert_eq!(r.used_idx(0), good, "event_idx {event_idx}");
+            // Repaired: the queue serves again, data intact.
+            r.set_avail_idx(0, good);
+            let sector = 8 * episode as u64;
+            assert_eq!(
+                rw(&mut r, true, sector, episode as u8),
+                0,
+                "write after repair"
+            );
+            assert_eq!(rw(&mut r, false, sector, 0), 0, "read after repair");
+            assert_eq!(r.shm.read(BUF, 4096), vec![episode as u8; 4096]);
+            // The request above completed after every kick was handled:
+            // whatever they logged is in the log by now, bar the pipe.
+            let after = daemon.log().lines().count();
+            assert!(
+                after <= before + 1,
+                "event_idx {event_idx}: {KICKS} kicks logged {} lines: {}",
+                after - before,
+                daemon.log()
+            );
+        }
+        assert_eq!(rw(&mut r, false, 0, 0), 0);
+        assert_eq!(r.shm.read(BUF, 4096), vec![0x11; 4096]);
+        drop(r);
+        let (st, log) = daemon.terminate();
+        assert!(st.success(), "daemon exit {st}: {log}");
+        // One line per episode, nothing per kick (virtio-queue's own
+        // "Iterator error" included).
+        assert_eq!(
+            log.matches("entries ahead of the device").count(),
+            2,
+            "event_idx {event_idx}: {log}"
+        );
+        assert!(
+            log.lines().count() <= 4,
+            "event_idx {event_idx}: log grew with the kicks:\n{log}"
+        );
+        assert!(!log.contains("Iterator error"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+        assert_qemu_check_clean(&img);
+    }
 }

@@ -4,12 +4,12 @@
 //! through rings in its own memory, the VMM only relaying the setup.
 //! Plus the VMM's usage errors.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::time::{Duration, Instant};
+use std::os::fd::OwnedFd;
+use std::time::Duration;
 
 use rimg_tests::blk::Daemon;
 use rimg_tests::net::{pair_stats, NetDaemon, Netns};
-use rimg_tests::vmm::{probe_guest, run_vmm};
+use rimg_tests::vmm::{guest_frame, packet_socket, probe_guest, run_vmm, send_frame};
 use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_raw_content, tempdir};
 
 const T: Duration = Duration::from_secs(60);
@@ -64,75 +64,6 @@ fn probe_guest_writes_reads_and_flushes_a_vhost_blk_disk() {
     assert!(raw[at + 4096..].iter().all(|&b| b == 0));
 }
 
-/// A packet socket on `dev` inside the namespace it is opened in.
-fn packet_socket(dev: &str) -> OwnedFd {
-    let name = std::ffi::CString::new(dev).unwrap();
-    // SAFETY: plain socket(2); the result is checked.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            (libc::ETH_P_ALL as u16).to_be() as i32,
-        )
-    };
-    assert!(
-        fd >= 0,
-        "packet socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: `fd` is fresh and ours.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(ifindex > 0, "no interface {dev}");
-    // SAFETY: zeroed sockaddr_ll is valid; fields set below.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = libc::AF_PACKET as u16;
-    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-    sll.sll_ifindex = ifindex as i32;
-    // SAFETY: bind with a sockaddr_ll of the size passed.
-    let r = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        )
-    };
-    assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 200_000,
-    };
-    // SAFETY: setsockopt with a timeval of the size passed.
-    unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            &tv as *const libc::timeval as *const libc::c_void,
-            std::mem::size_of::<libc::timeval>() as u32,
-        )
-    };
-    fd
-}
-
-/// Waits for the probe guest's frame (ethertype 0x88b5) on `pkt`.
-fn guest_frame(pkt: &OwnedFd) -> Vec<u8> {
-    let deadline = Instant::now() + T;
-    let mut buf = [0u8; 2048];
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "no frame from the guest on the TAP"
-        );
-        // SAFETY: recv into our buffer of the length passed.
-        let n = unsafe { libc::recv(pkt.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n >= 14 && buf[12..14] == [0x88, 0xb5] {
-            return buf[..n as usize].to_vec();
-        }
-    }
-}
-
 #[test]
 fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
@@ -155,7 +86,7 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
         )
     });
     // The guest's frame: broadcast from its MAC, ethertype 0x88b5.
-    let frame = guest_frame(&pkt);
+    let frame = guest_frame(&pkt, T);
     assert_eq!(&frame[..6], &[0xff; 6]);
     assert_eq!(&frame[6..12], &MAC, "the MAC given with --net mac=");
     assert_eq!(&frame[14..25], b"RIMG-VMM-TX");
@@ -166,9 +97,7 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     out[12..14].copy_from_slice(&[0x88, 0xb6]);
     out[14..25].copy_from_slice(b"RIMG-VMM-RX");
-    // SAFETY: send from our buffer of the length passed.
-    let n = unsafe { libc::send(pkt.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
-    assert_eq!(n, 60, "send: {}", std::io::Error::last_os_error());
+    send_frame(&pkt, &out);
     let r = vmm.join().unwrap();
     r.assert_clean_exit();
     for line in ["net: tx done", "net: rx payload RIMG-VMM-RX", "probe: PASS"] {
@@ -183,7 +112,7 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
 fn frames_until(pkt: &OwnedFd, payload: &[u8]) -> Vec<Vec<u8>> {
     let mut seen = Vec::new();
     loop {
-        let f = guest_frame(pkt);
+        let f = guest_frame(pkt, T);
         let done = f[14..].starts_with(payload);
         seen.push(f);
         if done {
@@ -252,9 +181,7 @@ fn probe_guest_enables_a_second_queue_pair_through_the_control_queue() {
     out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
     out[12..14].copy_from_slice(&[0x88, 0xb6]);
     out[14..25].copy_from_slice(b"RIMG-VMM-RX");
-    // SAFETY: send from our buffer of the length passed.
-    let n = unsafe { libc::send(pkt.as_raw_fd(), out.as_ptr().cast(), out.len(), 0) };
-    assert_eq!(n, 60, "send: {}", std::io::Error::last_os_error());
+    send_frame(&pkt, &out);
     // After a device reset, CTRL_VQ without MQ: pair 0 only.
     let after = frames_until(&pkt, b"RIMG-CTRL-ONLY-TX0");
     assert_eq!(after.len(), 1, "unexpected frames after the reset");
@@ -336,7 +263,7 @@ fn dead_backend_marks_the_device_failed() {
             T,
         )
     });
-    guest_frame(&pkt);
+    guest_frame(&pkt, T);
     // SIGKILL (Drop), mid-run.
     drop(daemon);
     let r = vmm.join().unwrap();

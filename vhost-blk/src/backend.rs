@@ -37,8 +37,9 @@ impl BlkBackend {
         let cfg = Arc::new(cfg);
         let writeback = Arc::new(AtomicBool::new(true));
         let mut workers = Vec::new();
-        for _ in 0..cfg.num_queues {
+        for q in 0..usize::from(cfg.num_queues) {
             workers.push(Mutex::new(Worker::new(
+                q,
                 img.clone(),
                 files.clone(),
                 cfg.clone(),

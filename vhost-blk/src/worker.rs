@@ -30,9 +30,10 @@ use io_uring::{opcode, squeue, types, IoUring};
 use log::{debug, error, warn};
 use qcow2::qcow::{IoTicket, Mapping, WriteIo};
 use qcow2::Image;
+use rimg_vhost_server::CappedWarnings;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use virtio_queue::QueueT;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -48,6 +49,28 @@ const IOV_MAX: usize = 1024;
 /// Bounce buffer for data that does not come straight from the file
 /// (backing images, compressed clusters, iovec overflow).
 const BOUNCE_LEN: usize = 1 << 20;
+
+/// The io_uring operations a queue's ring accepts: guest data moves with
+/// vectored reads and writes, nothing else (flushes, discards and zeroing
+/// are synchronous calls).
+pub const RING_OPS: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
+
+/// A queue's io_uring: `entries` entries, restricted to [`RING_OPS`],
+/// completions signalled on `efd`.
+pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd())
+}
+
+/// The next request chain of `q`, or why the ring cannot be read: an
+/// available index more than the queue size ahead of the device, or
+/// unreadable. (Unlike `pop_descriptor_chain`, which logs such errors
+/// itself, on every call.)
+fn next_chain(
+    q: &mut virtio_queue::Queue,
+    mem: &Arc<Mem>,
+) -> Result<Option<DescriptorChain<Arc<Mem>>>, virtio_queue::Error> {
+    Ok(q.iter(mem.clone())?.next())
+}
 
 /// Host iovecs pointing into guest memory.
 #[derive(Default)]
@@ -113,10 +136,16 @@ pub struct Worker {
     /// Used entries were added since the last notification check.
     need_signal: bool,
     event_idx: bool,
+    /// The ring could not be read at the last kick (avail index far
+    /// ahead): said once, until the driver repairs it.
+    stalled: bool,
+    /// Warnings the guest can cause, capped.
+    warnings: CappedWarnings,
 }
 
 impl Worker {
     pub fn new(
+        queue: usize,
         img: Arc<dyn Image>,
         files: Arc<DataFiles>,
         cfg: Arc<DeviceConfig>,
@@ -124,9 +153,8 @@ impl Worker {
         mem: GM,
     ) -> std::io::Result<Worker> {
         let qs = usize::from(cfg.queue_size);
-        let ring = IoUring::new((qs * 2).next_power_of_two() as u32)?;
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let ring = ring((qs * 2).next_power_of_two() as u32, &efd)?;
         Ok(Worker {
             img,
             files,
@@ -143,6 +171,8 @@ impl Worker {
             vring: None,
             need_signal: false,
             event_idx: false,
+            stalled: false,
+            warnings: CappedWarnings::new(module_path!(), format!("queue {queue}")),
         })
     }
 
@@ -165,15 +195,24 @@ impl Worker {
         loop {
             if self.event_idx {
                 if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
-                    warn!("disable_notification: {e}");
+                    self.warnings
+                        .warn(format_args!("disable_notification: {e}"));
                 }
             }
+            let mut unreadable = None;
             while let Some(idx) = self.free.last().copied() {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(mem.clone());
-                let Some(chain) = chain else { break };
+                let chain = match next_chain(vring.get_mut().get_queue_mut(), &mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => {
+                        self.stalled = false;
+                        break;
+                    }
+                    Err(e) => {
+                        unreadable = Some(e);
+                        break;
+                    }
+                };
+                self.stalled = false;
                 self.free.pop();
                 let slot = &mut self.slots[idx];
                 slot.busy = true;
@@ -188,15 +227,25 @@ impl Worker {
                         mem = fresh;
                         let mut g = vring.get_mut();
                         let q = g.get_queue_mut();
-                        q.set_next_avail(q.next_avail().wrapping_sub(1));
-                        if let Some(chain) = q.pop_descriptor_chain(mem.clone()) {
-                            debug!("request taken again with the current memory map");
-                            r = slot.req.parse(chain, &*mem, capacity, readonly);
+                        let next = q.next_avail();
+                        q.set_next_avail(next.wrapping_sub(1));
+                        match next_chain(q, &mem) {
+                            Ok(Some(chain)) => {
+                                debug!("request taken again with the current memory map");
+                                r = slot.req.parse(chain, &*mem, capacity, readonly);
+                            }
+                            // The ring cannot be read now: the first
+                            // answer stands, the entry stays consumed.
+                            _ => q.set_next_avail(next),
                         }
                     }
                 }
                 slot.mem = Some(mem.clone());
                 self.start(idx, r);
+            }
+            if let Some(e) = unreadable {
+                self.ring_unreadable(vring, &mem, e);
+                break;
             }
             if !self.event_idx || self.free.is_empty() {
                 break;
@@ -205,13 +254,49 @@ impl Worker {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    warn!("enable_notification: {e}");
+                    self.warnings.warn(format_args!("enable_notification: {e}"));
                     break;
                 }
             }
         }
         self.submit();
         self.signal();
+    }
+
+    /// The driver's available ring cannot be read: its index is more than
+    /// the queue size ahead of the device (virtio-queue refuses to walk
+    /// it), or it lies outside guest memory. Nothing is taken from the
+    /// queue until the driver repairs it; kicks meanwhile are ignored
+    /// quietly (one warning per episode, within the worker's budget).
+    /// With EVENT_IDX, notifications stay on so the repair is kicked.
+    fn ring_unreadable(&mut self, vring: &Vring, mem: &Mem, e: virtio_queue::Error) {
+        if !self.stalled {
+            self.stalled = true;
+            let g = vring.get_ref();
+            let q = g.get_queue();
+            let avail = q.avail_idx(mem, Ordering::Acquire).map(|a| a.0);
+            match (e, avail) {
+                (virtio_queue::Error::InvalidAvailRingIndex, Ok(avail)) => {
+                    let ahead = avail.wrapping_sub(q.next_avail());
+                    let size = q.size();
+                    drop(g);
+                    self.warnings.warn(format_args!(
+                        "avail index {avail} is {ahead} entries ahead of the device \
+                         (queue size {size}): ignoring the queue until the driver repairs it"
+                    ));
+                }
+                (e, _) => {
+                    drop(g);
+                    self.warnings.warn(format_args!(
+                        "available ring unreadable ({e}): ignoring the queue until the \
+                         driver repairs it"
+                    ));
+                }
+            }
+        }
+        if self.event_idx {
+            let _ = vring.get_mut().get_queue_mut().enable_notification(mem);
+        }
     }
 
     /// Handles the ring's completion eventfd.
@@ -246,11 +331,13 @@ impl Worker {
         if let Err(inv) = parsed {
             match inv {
                 Invalid::NoStatus => {
-                    warn!("request without a status descriptor: returned unanswered");
+                    self.warnings.warn(format_args!(
+                        "request without a status descriptor: returned unanswered"
+                    ));
                     self.finish(idx, None, 0);
                 }
                 Invalid::Status(st, why) => {
-                    warn!("invalid request: {why}");
+                    self.warnings.warn(format_args!("invalid request: {why}"));
                     self.finish(idx, Some(st), 0);
                 }
             }
@@ -307,7 +394,9 @@ impl Worker {
                 return S_IOERR;
             }
             let Some(seg) = ZeroSeg::decode(&b) else {
-                warn!("discard/write-zeroes segment with reserved flags");
+                self.warnings.warn(format_args!(
+                    "discard/write-zeroes segment with reserved flags"
+                ));
                 return virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
             };
             if !write_zeroes && seg.unmap {
@@ -316,7 +405,9 @@ impl Worker {
             let len = u64::from(seg.num_sectors) * 512;
             let end = seg.sector.checked_mul(512).and_then(|o| o.checked_add(len));
             if end.is_none_or(|e| e > self.cfg.capacity) {
-                warn!("discard/write-zeroes past the end of the disk");
+                self.warnings.warn(format_args!(
+                    "discard/write-zeroes past the end of the disk"
+                ));
                 return S_IOERR;
             }
             let off = seg.sector * 512;
@@ -672,7 +763,8 @@ impl Worker {
             if mem.write_obj(st, slot.req.status).is_ok() {
                 used = data_len + 1;
             } else {
-                warn!("status byte outside guest memory");
+                self.warnings
+                    .warn(format_args!("status byte outside guest memory"));
             }
         }
         slot.busy = false;
@@ -685,7 +777,8 @@ impl Worker {
         if let Some(v) = &self.vring {
             let mut g = v.get_mut();
             if let Err(e) = g.get_queue_mut().add_used(&*mem, head, used) {
-                error!("add_used: {e}");
+                drop(g);
+                self.warnings.warn(format_args!("add_used: {e}"));
             }
             self.need_signal = true;
         }

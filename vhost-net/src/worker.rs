@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::Negotiated;
 use crate::tap::{Tap, TAP_HDR_LEN};
-use rimg_vhost_server::{Mem, Vring, GM};
+use rimg_vhost_server::{CappedWarnings, Mem, Vring, GM};
 
 /// Largest frame (GSO super-frame) plus vnet header either way.
 const SLOT_LEN: usize = TAP_HDR_LEN + 65550;
@@ -41,11 +41,26 @@ const TX_SLOTS: usize = 64;
 /// user_data bit marking a TX write (clear: an RX read).
 const TX_BIT: u64 = 1 << 32;
 const CANCEL: u64 = 1 << 33;
-/// Warnings about malformed guest buffers, at most this many per worker
-/// (per connection).
-const MAX_WARNINGS: u32 = 64;
 /// The shortest frame worth writing to the TAP: an Ethernet header.
 const ETH_HLEN: usize = 14;
+
+/// The io_uring operations a pair's ring accepts: frames are read from
+/// and written to the pair's TAP queue, and posted reads are cancelled at
+/// teardown. Nothing else.
+pub const RING_OPS: [u8; 3] = [
+    opcode::Read::CODE,
+    opcode::Write::CODE,
+    opcode::AsyncCancel::CODE,
+];
+
+/// Entries of a pair's io_uring: every slot's operation and its cancel.
+const RING_ENTRIES: u32 = ((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32;
+
+/// A pair's io_uring: `entries` entries, restricted to [`RING_OPS`],
+/// completions signalled on `efd`.
+pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd())
+}
 
 /// Counters, for tests and logs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -151,7 +166,8 @@ pub struct PairWorker {
     tx_vring: Option<Vring>,
     tx_blocked: bool,
     attached: bool,
-    warnings: u32,
+    /// Warnings about malformed guest buffers and rings, capped.
+    warnings: CappedWarnings,
     /// A TX chain's descriptors (reused).
     tx_segs: Vec<Seg>,
     /// Completions of one reap (reused: no allocation per burst).
@@ -161,9 +177,8 @@ pub struct PairWorker {
 
 impl PairWorker {
     pub fn new(pair: usize, tap: Arc<Tap>, mem: GM) -> std::io::Result<PairWorker> {
-        let ring = IoUring::new(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32)?;
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let ring = ring(RING_ENTRIES, &efd)?;
         let fd = tap.queue_fd(pair);
         Ok(PairWorker {
             pair,
@@ -188,9 +203,9 @@ impl PairWorker {
             tx_vring: None,
             tx_blocked: false,
             attached: true,
-            warnings: 0,
+            warnings: CappedWarnings::new(module_path!(), format!("pair {pair}")),
             tx_segs: Vec::new(),
-            cq: Vec::with_capacity(((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two()),
+            cq: Vec::with_capacity(RING_ENTRIES as usize),
             stats: Stats::default(),
         })
     }
@@ -208,13 +223,7 @@ impl PairWorker {
     }
 
     fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
-        if self.warnings < MAX_WARNINGS {
-            self.warnings += 1;
-            warn!("pair {}: {msg}", self.pair);
-            if self.warnings == MAX_WARNINGS {
-                warn!("pair {}: further warnings suppressed", self.pair);
-            }
-        }
+        self.warnings.warn(msg);
     }
 
     fn usable(v: &Option<Vring>) -> bool {

@@ -26,8 +26,12 @@ use vmm_sys_util::event::{
 
 mod relay;
 pub mod seccomp;
+pub mod uring;
+pub mod warn;
 
 pub use seccomp::{Sandbox, SeccompAction, SyscallList};
+pub use uring::restricted_ring;
+pub use warn::CappedWarnings;
 
 /// Guest memory as the daemons see it.
 pub type Mem = GuestMemoryMmap<()>;

@@ -33,6 +33,8 @@ pub enum Error {
         what: &'static str,
         msg: String,
     },
+    #[error(transparent)]
+    Seccomp(#[from] rimg_seccomp::Error),
     #[error("{what}: {source}")]
     Io {
         what: String,

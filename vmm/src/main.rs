@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use rimg_seccomp::SeccompAction;
 
 /// Boot a Linux kernel (bzImage or ELF vmlinux) on KVM, with a 16550
 /// console on ttyS0 and virtio-mmio devices served by vhost-user backends
@@ -49,6 +50,12 @@ struct Args {
     /// vhost-user-net NIC: socket=PATH[,mac=MAC]; repeatable
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
+    /// seccomp filter, installed once the VM is built, before the guest
+    /// runs: `kill` ends the VMM on a system call outside its list, `log`
+    /// allows such calls and has the kernel log them (audit type 1326),
+    /// `off` installs no filter
+    #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
+    seccomp: SeccompAction,
 }
 
 fn build(a: Args) -> error::Result<vmm::VmConfig> {
@@ -68,6 +75,7 @@ fn build(a: Args) -> error::Result<vmm::VmConfig> {
             .iter()
             .map(|n| config::parse_net(n))
             .collect::<error::Result<_>>()?,
+        seccomp: a.seccomp,
     })
 }
 

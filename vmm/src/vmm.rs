@@ -2,13 +2,15 @@
 //! vCPUs until the guest powers off or resets, or a vCPU fails.
 
 use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Barrier, Mutex};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd};
+use rimg_seccomp::SeccompAction;
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
@@ -31,6 +33,9 @@ pub struct VmConfig {
     pub cpus: u8,
     pub disks: Vec<DiskSpec>,
     pub nets: Vec<NetSpec>,
+    /// What a system call outside the VMM's seccomp list does (or no
+    /// filter).
+    pub seccomp: SeccompAction,
 }
 
 /// Why the VM stopped.
@@ -156,6 +161,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     }
 
     // Devices: window, IRQ, one ioeventfd per queue, one irqfd.
+    let mut threads = Threads::new();
     let mut devices = Vec::new();
     let mut acpi_devs = Vec::new();
     let mut cmdline = cfg.cmdline.clone();
@@ -189,11 +195,12 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
             interrupt_status: AtomicU32::new(0),
         });
         watch_backend(
+            &mut threads,
             backend.raw_fd(),
             backend.socket.clone(),
             health.clone(),
             call.try_clone().io_ctx(|| "eventfd")?,
-        );
+        )?;
         devices.push((
             base,
             Mutex::new(MmioDevice::new(
@@ -222,7 +229,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         serial: Mutex::new(Serial::new(IrqLine(serial_irq), Console)),
         devices,
     });
-    spawn_stdin(bus.clone());
+    spawn_stdin(&mut threads, bus.clone())?;
 
     let (tx, rx) = mpsc::channel();
     let mut vcpus = Vec::new();
@@ -232,18 +239,25 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         cpu::setup(&kvm, &vcpu, id, cfg.cpus, entry)?;
         vcpus.push(vcpu);
     }
+    let vcpu_fds: Vec<RawFd> = vcpus.iter().map(|v| v.as_raw_fd()).collect();
+    // The vCPUs enter the guest only once the filter is on.
+    let go = Arc::new(Barrier::new(vcpus.len() + 1));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let tx = tx.clone();
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || {
-                let stop = run_vcpu(id, vcpu, &bus);
-                let _ = tx.send(stop);
-            })
-            .io_ctx(|| "spawning vCPU thread")?;
+        let go = go.clone();
+        threads.spawn(format!("vcpu{id}"), move || {
+            go.wait();
+            let stop = run_vcpu(id, vcpu, &bus);
+            let _ = tx.send(stop);
+        })?;
     }
     drop(tx);
+    // Every thread is past its start-up: from here on only the calls the
+    // running VM needs.
+    threads.wait_started();
+    rimg_vmm::seccomp::filter(vm.as_raw_fd(), &vcpu_fds).install(cfg.seccomp)?;
+    go.wait();
     let stop = rx
         .recv()
         .unwrap_or_else(|_| Stop::Fault("all vCPU threads ended".into()));
@@ -251,6 +265,52 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     keep(vm);
     keep(ram);
     Ok(stop)
+}
+
+/// The VMM's threads, all started before the seccomp filter is
+/// installed (which then allows no thread creation): each reports once
+/// its start-up (the C library's and std's per-thread set-up: robust
+/// futex list, rseq, signal stack, name) is behind it.
+struct Threads {
+    started_tx: mpsc::Sender<()>,
+    started: mpsc::Receiver<()>,
+    count: usize,
+}
+
+impl Threads {
+    fn new() -> Threads {
+        let (started_tx, started) = mpsc::channel();
+        Threads {
+            started_tx,
+            started,
+            count: 0,
+        }
+    }
+
+    fn spawn(&mut self, name: String, f: impl FnOnce() + Send + 'static) -> Result<()> {
+        let tx = self.started_tx.clone();
+        std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let _ = tx.send(());
+                drop(tx);
+                f()
+            })
+            .io_ctx(|| format!("spawning thread {name}"))?;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Waits until every thread spawned has started.
+    fn wait_started(self) {
+        drop(self.started_tx);
+        for _ in 0..self.count {
+            // Err: a thread ended before reporting, which it cannot.
+            if self.started.recv().is_err() {
+                break;
+            }
+        }
+    }
 }
 
 /// Objects the vCPU threads use through raw pointers (guest memory) or
@@ -331,61 +391,63 @@ fn io_in(bus: &Bus, port: u16, data: &mut [u8]) {
 }
 
 /// Guest console input: bytes from stdin into the UART's receive FIFO.
-fn spawn_stdin(bus: Arc<Bus>) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
-            let mut buf = [0u8; 64];
-            let mut stdin = std::io::stdin();
-            while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                let mut rest = &buf[..n];
-                while !rest.is_empty() {
-                    let took = lock(&bus.serial).enqueue_raw_bytes(rest).unwrap_or(0);
-                    rest = &rest[took..];
-                    if took == 0 {
-                        // FIFO full: let the guest drain it.
-                        std::thread::yield_now();
-                    }
+fn spawn_stdin(threads: &mut Threads, bus: Arc<Bus>) -> Result<()> {
+    threads.spawn("stdin".into(), move || {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut rest = &buf[..n];
+            while !rest.is_empty() {
+                let took = lock(&bus.serial).enqueue_raw_bytes(rest).unwrap_or(0);
+                rest = &rest[took..];
+                if took == 0 {
+                    // FIFO full: let the guest drain it.
+                    std::thread::yield_now();
                 }
             }
-        });
+        }
+    })
 }
 
 /// Watches a backend's socket: when the backend goes away the device is
 /// marked failed and the driver told, instead of the guest waiting
 /// forever on a dead ring.
-fn watch_backend(fd: i32, socket: PathBuf, health: Arc<Health>, call: EventFd) {
-    let _ = std::thread::Builder::new()
-        .name("vhost-watch".into())
-        .spawn(move || loop {
-            let mut p = libc::pollfd {
-                fd,
-                events: libc::POLLRDHUP,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd; the socket stays open for the
-            // process's lifetime (the device owning it is never dropped
-            // before exit).
-            let r = unsafe { libc::poll(&mut p, 1, -1) };
-            if r < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return;
+fn watch_backend(
+    threads: &mut Threads,
+    fd: i32,
+    socket: PathBuf,
+    health: Arc<Health>,
+    call: EventFd,
+) -> Result<()> {
+    threads.spawn("vhost-watch".into(), move || loop {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; the socket stays open for the
+        // process's lifetime (the device owning it is never dropped
+        // before exit).
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
             }
-            if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-                eprintln!(
-                    "rimg-vmm: backend {} disconnected; device marked failed",
-                    socket.display()
-                );
-                health
-                    .failed
-                    .store(true, std::sync::atomic::Ordering::Release);
-                mmio::notify_failed(&health, &call);
-                return;
-            }
-        });
+            return;
+        }
+        if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+            eprintln!(
+                "rimg-vmm: backend {} disconnected; device marked failed",
+                socket.display()
+            );
+            health
+                .failed
+                .store(true, std::sync::atomic::Ordering::Release);
+            mmio::notify_failed(&health, &call);
+            return;
+        }
+    })
 }

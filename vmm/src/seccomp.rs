@@ -1,0 +1,124 @@
+//! rimg-vmm's seccomp filter: what the VMM may call once the VM runs.
+//!
+//! Everything that needs more is done first: opening /dev/kvm, the kernel
+//! and the initrd, creating guest memory (memfd, mmap), the VM, its
+//! irqchip, PIT, memory slots, irqfds and ioeventfds, the vCPUs and their
+//! state, connecting to the vhost-user backends and starting every
+//! thread (vCPUs, console input, backend watchers). The filter is then
+//! installed on every thread (TSYNC) before any vCPU enters the guest.
+//!
+//! While the guest runs the VMM only:
+//! - runs the vCPUs: `ioctl(KVM_RUN)` on the vCPU descriptors (and
+//!   `KVM_GET_REGS`, to report where a vCPU failed);
+//! - registers irqfds and ioeventfds: `ioctl(KVM_IRQFD, KVM_IOEVENTFD)`
+//!   on the VM descriptor;
+//! - talks vhost-user to the backends from the vCPU threads, when the
+//!   driver starts or resets a device or (control queue) enables queues:
+//!   `sendmsg` with the rings' descriptors, `recvmsg` for replies;
+//! - signals irqfds (`write` on eventfds), prints the console (`write`),
+//!   reads console input (`read`), watches the backends' sockets
+//!   (`poll`);
+//! - and what [`rimg_seccomp::runtime`] allows any thread: memory,
+//!   futexes, signals, closing descriptors, exit.
+//!
+//! No thread is created once the filter is on (no `clone`), no file or
+//! socket opened, no process started, no other ioctl.
+
+use std::os::fd::RawFd;
+
+use rimg_seccomp::{Arg, SyscallList};
+
+/// The KVM ioctl request numbers the running VMM uses (as kvm-ioctls
+/// issues them, which does not export them).
+mod nr {
+    use kvm_bindings::{kvm_ioeventfd, kvm_irqfd, kvm_regs, KVMIO};
+    vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    vmm_sys_util::ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
+    vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+}
+
+/// The ioctl requests allowed on the VM descriptor.
+pub fn vm_ioctls() -> [u32; 2] {
+    [nr::KVM_IRQFD() as u32, nr::KVM_IOEVENTFD() as u32]
+}
+
+/// The ioctl requests allowed on a vCPU descriptor.
+pub fn vcpu_ioctls() -> [u32; 2] {
+    [nr::KVM_RUN() as u32, nr::KVM_GET_REGS() as u32]
+}
+
+/// Everything rimg-vmm may call while the guest runs, for the VM
+/// descriptor `vm` and the vCPU descriptors `vcpus`.
+pub fn filter(vm: RawFd, vcpus: &[RawFd]) -> SyscallList {
+    use libc::*;
+    let mut l = rimg_seccomp::runtime();
+    l.allow(&[
+        // vhost-user requests (with descriptors) and replies.
+        SYS_sendmsg,
+        SYS_recvmsg,
+        // The backend watchers wait for a hang-up.
+        SYS_poll,
+    ]);
+    for req in vm_ioctls() {
+        l.allow_if(SYS_ioctl, &[Arg::Eq32(0, vm as u32), Arg::Eq32(1, req)]);
+    }
+    for &fd in vcpus {
+        for req in vcpu_ioctls() {
+            l.allow_if(SYS_ioctl, &[Arg::Eq32(0, fd as u32), Arg::Eq32(1, req)]);
+        }
+    }
+    l
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rimg_seccomp::SeccompAction;
+
+    #[test]
+    fn kvm_request_numbers() {
+        // linux/kvm.h, as the kernel defines them.
+        assert_eq!(vcpu_ioctls(), [0xae80, 0x8090_ae81]);
+        assert_eq!(vm_ioctls(), [0x4020_ae76, 0x4040_ae79]);
+    }
+
+    #[test]
+    fn list() {
+        let l = filter(10, &[11, 12]);
+        for nr in [
+            libc::SYS_ioctl,
+            libc::SYS_sendmsg,
+            libc::SYS_recvmsg,
+            libc::SYS_poll,
+            libc::SYS_write,
+        ] {
+            assert!(l.contains(nr), "{nr}");
+        }
+        for nr in [
+            libc::SYS_openat,
+            libc::SYS_socket,
+            libc::SYS_connect,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_execve,
+            libc::SYS_memfd_create,
+            libc::SYS_io_uring_setup,
+            libc::SYS_prctl,
+            libc::SYS_seccomp,
+        ] {
+            assert!(!l.contains(nr), "{nr}");
+        }
+        // Two requests on the VM, two on each vCPU.
+        assert_eq!(l.rules(libc::SYS_ioctl), 2 + 2 * 2);
+        assert_eq!(l.len(), 23);
+        // 64 vCPUs still make a program the kernel takes (4096
+        // instructions at most).
+        let fds: Vec<RawFd> = (100..164).collect();
+        let p = filter(99, &fds)
+            .compile(SeccompAction::Kill)
+            .unwrap()
+            .unwrap();
+        assert!(p[1].len() < 4096, "{}", p[1].len());
+    }
+}
