@@ -189,6 +189,8 @@ pub struct Testpmd {
     stdin: Option<ChildStdin>,
     out: Option<std::thread::JoinHandle<String>>,
     started: std::sync::mpsc::Receiver<()>,
+    /// Its DPDK --file-prefix, unique to this run.
+    prefix: String,
 }
 
 /// Forwarding statistics testpmd printed at exit (all ports).
@@ -200,9 +202,19 @@ pub struct PmdStats {
 
 impl Testpmd {
     /// Starts testpmd inside `ns` with EAL args `eal` and application
-    /// args `app` (after `--`), without hugepages.
-    pub fn start(ns: &Netns, prefix: &str, eal: &[&str], app: &[&str]) -> Testpmd {
+    /// args `app` (after `--`), without hugepages. `tag` starts its DPDK
+    /// file prefix, which is made unique (process id and a counter): DPDK
+    /// keeps a runtime directory per prefix and refuses a second primary
+    /// process on one, and tests run in parallel, here and in other
+    /// checkouts on the same machine.
+    pub fn start(ns: &Netns, tag: &str, eal: &[&str], app: &[&str]) -> Testpmd {
         ensure_testpmd();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let prefix = format!(
+            "rimg-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         // Line-buffered stdout, so "Press enter to exit" arrives when
         // printed rather than at exit.
         let mut c = ns.command("stdbuf");
@@ -238,7 +250,25 @@ impl Testpmd {
             stdin,
             out: Some(out),
             started: rx,
+            prefix,
         }
+    }
+
+    /// DPDK's runtime directory for this testpmd (root's: the net tests
+    /// run as root).
+    fn runtime_dir(&self) -> std::path::PathBuf {
+        Path::new("/var/run/dpdk").join(&self.prefix)
+    }
+
+    /// A counter of port `port` (`ipackets`, `opackets`, ...) read live
+    /// through testpmd's telemetry socket; None if it cannot be read (not
+    /// started yet, or gone).
+    pub fn port_stat(&self, port: u16, key: &str) -> Option<u64> {
+        let reply = telemetry(
+            &self.runtime_dir().join("dpdk_telemetry.v2"),
+            &format!("/ethdev/stats,{port}"),
+        )?;
+        reply.get("/ethdev/stats")?.get(key)?.as_u64()
     }
 
     /// Waits until testpmd has started forwarding (its ports are up, so
@@ -255,6 +285,7 @@ impl Testpmd {
         }
         let _ = self.child.wait();
         let out = self.out.take().unwrap().join().unwrap_or_default();
+        let _ = std::fs::remove_dir_all(self.runtime_dir());
         (parse_pmd_stats(&out), out)
     }
 }
@@ -264,8 +295,73 @@ impl Drop for Testpmd {
         if self.out.is_some() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(self.runtime_dir());
         }
     }
+}
+
+/// One request to a DPDK telemetry socket (a SOCK_SEQPACKET socket that
+/// greets with a JSON line, then answers each command with one JSON
+/// object).
+fn telemetry(path: &Path, cmd: &str) -> Option<serde_json::Value> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: socket(2) with constant arguments; checked below.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_un is plain data; all-zero is valid.
+    let mut sa: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sa.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let p = path.as_os_str().as_bytes();
+    if p.len() >= sa.sun_path.len() {
+        return None;
+    }
+    for (d, s) in sa.sun_path.iter_mut().zip(p) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: connect reads the sockaddr_un we pass, of the given size.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&sa as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as u32,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    let tv = libc::timeval {
+        tv_sec: 5,
+        tv_usec: 0,
+    };
+    // SAFETY: setsockopt reads one timeval.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    let mut buf = vec![0u8; 1 << 16];
+    let recv = |buf: &mut [u8]| -> Option<usize> {
+        // SAFETY: recv writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        (n > 0).then_some(n as usize)
+    };
+    recv(&mut buf)?; // the greeting
+                     // SAFETY: send reads cmd, which outlives the call.
+    let n = unsafe { libc::send(fd.as_raw_fd(), cmd.as_ptr().cast(), cmd.len(), 0) };
+    if n != cmd.len() as isize {
+        return None;
+    }
+    let n = recv(&mut buf)?;
+    serde_json::from_slice(&buf[..n]).ok()
 }
 
 fn parse_pmd_stats(out: &str) -> PmdStats {
