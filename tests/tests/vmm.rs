@@ -92,12 +92,7 @@ fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     assert_eq!(&frame[14..25], b"RIMG-VMM-TX");
     assert_eq!(frame.len(), 60);
     // A frame into the TAP, to the guest.
-    let mut out = [0u8; 60];
-    out[..6].copy_from_slice(&MAC);
-    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    out[12..14].copy_from_slice(&[0x88, 0xb6]);
-    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
-    send_frame(&pkt, &out);
+    send_frame(&pkt, &frame_to_guest(MAC));
     let r = vmm.join().unwrap();
     r.assert_clean_exit();
     for line in ["net: tx done", "net: rx payload RIMG-VMM-RX", "probe: PASS"] {
@@ -176,12 +171,7 @@ fn probe_guest_enables_a_second_queue_pair_through_the_control_queue() {
         assert_eq!(&f[6..12], &MAC);
         assert_eq!(f.len(), 60);
     }
-    let mut out = [0u8; 60];
-    out[..6].copy_from_slice(&MAC);
-    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    out[12..14].copy_from_slice(&[0x88, 0xb6]);
-    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
-    send_frame(&pkt, &out);
+    send_frame(&pkt, &frame_to_guest(MAC));
     // After a device reset, CTRL_VQ without MQ: pair 0 only.
     let after = frames_until(&pkt, b"RIMG-CTRL-ONLY-TX0");
     assert_eq!(after.len(), 1, "unexpected frames after the reset");
@@ -320,4 +310,15 @@ fn usage_errors_are_one_clear_line() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let stale_spec = format!("socket={}", s(&stale));
     one_line_error(&["--kernel", k, "--disk", &stale_spec], "stale.sock");
+}
+
+/// The frame the tests write into the TAP for the probe guest: to `mac`,
+/// ethertype 0x88b6, payload "RIMG-VMM-RX", padded to the 60-byte minimum.
+fn frame_to_guest(mac: [u8; 6]) -> [u8; 60] {
+    let mut out = [0u8; 60];
+    out[..6].copy_from_slice(&mac);
+    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    out[12..14].copy_from_slice(&[0x88, 0xb6]);
+    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
+    out
 }
