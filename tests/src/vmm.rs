@@ -226,6 +226,7 @@ pub fn static_bins() -> &'static Path {
 /// The inner Linux guest's script (on rimg-vmm): filesystem on the qcow2
 /// disk verified across a remount, ping and TCP both ways to the TAP side.
 pub const INNER: &str = r#"
+if grep -q rimg_reboot /proc/cmdline; then echo INNER-REBOOT; reboot -f; fi
 echo "inner-cpus $(grep -c ^processor /proc/cpuinfo)"
 mke2fs -q /dev/vda
 mount /dev/vda /mnt
@@ -284,6 +285,12 @@ sed 's/^/inner| /' /tmp/inner.log
 echo "vmm-exit $rc"
 [ $rc = 0 ]
 grep -q INNER-PASS /tmp/inner.log
+# A guest reboot (reboot=k: the i8042 reset) also ends rimg-vmm with 0.
+rc=0
+rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 128M \
+  --cmdline "console=ttyS0 quiet panic=-1 reboot=k rimg_reboot" > /tmp/reboot.log 2>&1 || rc=$?
+sed 's/^/reboot| /' /tmp/reboot.log
+echo "reboot-exit $rc"
 wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
 kill -TERM $BLK $NET

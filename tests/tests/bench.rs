@@ -59,6 +59,28 @@ fn report_shape(out: &str) -> Vec<String> {
     lines
 }
 
+/// The command line `bench ARGS IMG`.
+fn bench<'a>(args: &[&'a str], img: &'a Path) -> Vec<&'a str> {
+    let mut a = vec!["bench"];
+    a.extend(args);
+    a.push(s(img));
+    a
+}
+
+/// Runs qemu-img bench on `q` and rimg bench on `r` with `args`; both
+/// must succeed with the same report.
+fn same_report(q: &Path, r: &Path, args: &[&str]) {
+    let qa = bench(args, q);
+    let qo = ok(qemu_img(&qa), &format!("qemu-img {qa:?}"));
+    let ra = bench(args, r);
+    let ro = ok(rimg(&ra), &format!("rimg {ra:?}"));
+    assert_eq!(
+        report_shape(&text(&ro.stdout)),
+        report_shape(&text(&qo.stdout)),
+        "report of {args:?}"
+    );
+}
+
 /// Creates `name.q` and `name.r` alike with `create` (qemu-img create
 /// arguments after the file name go last), runs qemu-img bench on the
 /// first and rimg bench on the second with `args`, and checks that both
@@ -72,19 +94,7 @@ fn side_by_side(d: &Path, name: &str, create: &[&str], size: &str, args: &[&str]
         a.extend([s(p), size]);
         ok(qemu_img(&a), "qemu-img create");
     }
-    let mut qa = vec!["bench"];
-    qa.extend(args);
-    qa.push(s(&q));
-    let qo = ok(qemu_img(&qa), &format!("qemu-img {qa:?}"));
-    let mut ra = vec!["bench"];
-    ra.extend(args);
-    ra.push(s(&r));
-    let ro = ok(rimg(&ra), &format!("rimg {ra:?}"));
-    assert_eq!(
-        report_shape(&text(&ro.stdout)),
-        report_shape(&text(&qo.stdout)),
-        "report of {args:?}"
-    );
+    same_report(&q, &r, args);
     if args.contains(&"-w") || args.contains(&"--write") {
         if create.contains(&"qcow2") {
             assert_qemu_check_clean(&r);
@@ -342,19 +352,7 @@ fn reads_match_qemu_img() {
         &["-c", "100", "-U", "-q"][..],
         &["--count", "100", "--force-share", "--aio", "io_uring"][..],
     ] {
-        let mut qa = vec!["bench"];
-        qa.extend(args);
-        qa.push(s(&img));
-        let qo = ok(qemu_img(&qa), &format!("qemu-img {qa:?}"));
-        let mut ra = vec!["bench"];
-        ra.extend(args);
-        ra.push(s(&img));
-        let ro = ok(rimg(&ra), &format!("rimg {ra:?}"));
-        assert_eq!(
-            report_shape(&text(&ro.stdout)),
-            report_shape(&text(&qo.stdout)),
-            "{args:?}"
-        );
+        same_report(&img, &img, args);
     }
 }
 
@@ -392,14 +390,8 @@ fn refusals_match_qemu_img() {
         &["-o", "2M", "-c", "1"][..],
         &["-o", "1020k", "-c", "1", "-s", "8k"][..],
     ] {
-        let mut qa = vec!["bench"];
-        qa.extend(args);
-        qa.push(s(&img));
-        let qo = qemu_img(&qa);
-        let mut ra = vec!["bench"];
-        ra.extend(args);
-        ra.push(s(&img));
-        let ro = rimg(&ra);
+        let qo = qemu_img(&bench(args, &img));
+        let ro = rimg(&bench(args, &img));
         assert_eq!(qo.status.code(), Some(1), "qemu-img {args:?}");
         assert_eq!(
             ro.status.code(),
@@ -429,14 +421,8 @@ fn reserved_space_is_trimmed_at_exit() {
         );
     }
     let args = ["-w", "-t", "none", "-c", "1000", "-s", "4k", "-S", "64k"];
-    let mut qa = vec!["bench"];
-    qa.extend(args);
-    qa.push(s(&q));
-    ok(qemu_img(&qa), "qemu-img bench");
-    let mut ra = vec!["bench"];
-    ra.extend(args);
-    ra.push(s(&r));
-    ok(rimg(&ra), "rimg bench");
+    ok(qemu_img(&bench(&args, &q)), "qemu-img bench");
+    ok(rimg(&bench(&args, &r)), "rimg bench");
     assert_qemu_check_clean(&r);
     assert_qemu_compare_equal(&q, &r);
     // rimg reserved 128 MiB at a time past its last cluster; all of it

@@ -50,6 +50,14 @@ fn linux_boots_on_rimg_vmm_with_qcow2_disk_and_nic() {
         "inner script did not finish:\n{c}"
     );
     assert_eq!(field(c, "vmm-exit "), "0");
+    // The second boot reboots at once: the kernel's keyboard-controller
+    // reset ends rimg-vmm cleanly, and it says so.
+    assert!(c.contains("reboot| INNER-REBOOT"), "reboot run:\n{c}");
+    assert!(
+        c.contains("reboot| rimg-vmm: guest reset; exiting"),
+        "reboot run:\n{c}"
+    );
+    assert_eq!(field(c, "reboot-exit "), "0");
     assert_eq!(
         field(c, "inner-out "),
         field(c, "outer-recv "),

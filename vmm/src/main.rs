@@ -83,7 +83,13 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let stop = build(args).and_then(vmm::run);
     match stop {
-        Ok(vmm::Stop::PowerOff) | Ok(vmm::Stop::Reset) => ExitCode::SUCCESS,
+        Ok(vmm::Stop::PowerOff) => ExitCode::SUCCESS,
+        Ok(vmm::Stop::Reset) => {
+            // rimg-vmm does not restart guests (as QEMU's -no-reboot): say
+            // why it ended, since a reboot may not have been meant as an end.
+            eprintln!("rimg-vmm: guest reset; exiting");
+            ExitCode::SUCCESS
+        }
         Ok(vmm::Stop::Fault(msg)) => {
             eprintln!("rimg-vmm: {msg}");
             ExitCode::from(1)
