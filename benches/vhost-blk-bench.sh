@@ -17,7 +17,7 @@ SECS=${1:-3}
 SIZE=${2:-1G}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-cargo build --release -q -p rimg-vhost-blk -p rimg-tests --example blk_bench
+cargo build --release -q -p rimg-vhost-blk -p rimg-tests --bin rimg-vhost-blk --example blk_bench
 BENCH=$ROOT/target/release/examples/blk_bench
 RIMG=$ROOT/target/release/rimg-vhost-blk
 W=$(mktemp -d "${BENCH_DIR:-/tmp}/rimg-blkbench.XXXXXX")

@@ -78,7 +78,7 @@ NICE=${BENCH_NICE:--15}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 command -v dpdk-testpmd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q dpdk-dev >/dev/null
-cargo build --release -q -p rimg-vhost-net -p rimg-tests --example net_gen
+cargo build --release -q -p rimg-vhost-net -p rimg-tests --bin rimg-vhost-net --example net_gen
 RIMG=$ROOT/target/release/rimg-vhost-net
 GEN=$ROOT/target/release/examples/net_gen
 NS=rimg-netbench-$$
