@@ -20,13 +20,14 @@
 //! goes away, they are cancelled and every in-flight operation is reaped.
 
 use std::collections::VecDeque;
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use log::{error, info, warn};
 use vhost_user_backend::VringT;
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -36,6 +37,11 @@ use rimg_vhost_server::{CappedWarnings, Mem, Vring, GM};
 
 /// Largest frame (GSO super-frame) plus vnet header either way.
 const SLOT_LEN: usize = TAP_HDR_LEN + 65550;
+/// Distance between slot starts: the slot rounded up to whole cache lines,
+/// plus 17 lines. With a stride near 64 KiB every slot would start in the
+/// same cache sets, and a burst of frames through 64 slots would evict
+/// itself from L1 and L2; 17 lines (odd) spread their starts over the sets.
+const SLOT_STRIDE: usize = SLOT_LEN.next_multiple_of(64) + 17 * 64;
 const RX_SLOTS: usize = 64;
 const TX_SLOTS: usize = 64;
 /// user_data bit marking a TX write (clear: an RX read).
@@ -83,13 +89,13 @@ struct Pool {
 impl Pool {
     fn new(n: usize) -> Pool {
         Pool {
-            mem: vec![0; n * SLOT_LEN],
+            mem: vec![0; n * SLOT_STRIDE],
             free: (0..n).rev().collect(),
         }
     }
 
     fn slot(&mut self, i: usize) -> &mut [u8] {
-        &mut self.mem[i * SLOT_LEN..(i + 1) * SLOT_LEN]
+        &mut self.mem[i * SLOT_STRIDE..i * SLOT_STRIDE + SLOT_LEN]
     }
 }
 
@@ -136,6 +142,38 @@ fn collect(
     Ok(())
 }
 
+/// Returns `heads` to the used ring (length 0) with one store of the used
+/// index: virtio-queue's add_used stores it for every chain, and it is a
+/// cache line the driver keeps reading. The elements before the last are
+/// written here (virtio 1.x "The Virtqueue Used Ring": a le32 id and a
+/// le32 len each, after the 4-byte flags and idx); the last goes through
+/// add_used, whose release store of the index publishes them all.
+fn add_used_burst(
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    heads: &[u16],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&last, rest)) = heads.split_last() else {
+        return Ok(());
+    };
+    let size = q.size();
+    let used = GuestAddress(q.used_ring());
+    let mut next = Wrapping(q.next_used());
+    for &head in rest {
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        let at = used
+            .checked_add(4 + 8 * u64::from(next.0 % size))
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        mem.write_obj(u64::from(head).to_le(), at)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+        next += Wrapping(1);
+    }
+    q.set_next_used(next.0);
+    q.add_used(mem, last, 0)
+}
+
 /// A receive chain being filled: its head and writable ranges.
 #[derive(Default)]
 struct RxChain {
@@ -170,6 +208,10 @@ pub struct PairWorker {
     warnings: CappedWarnings,
     /// A TX chain's descriptors (reused).
     tx_segs: Vec<Seg>,
+    /// A burst of TX chains taken from the ring (reused).
+    tx_chains: Vec<DescriptorChain<Arc<Mem>>>,
+    /// Their heads, to return as one burst (reused).
+    tx_used: Vec<u16>,
     /// Completions of one reap (reused: no allocation per burst).
     cq: Vec<(u64, i32)>,
     pub stats: Stats,
@@ -205,6 +247,8 @@ impl PairWorker {
             attached: true,
             warnings: CappedWarnings::new(module_path!(), format!("pair {pair}")),
             tx_segs: Vec::new(),
+            tx_chains: Vec::with_capacity(TX_SLOTS),
+            tx_used: Vec::with_capacity(TX_SLOTS),
             cq: Vec::with_capacity(RING_ENTRIES as usize),
             stats: Stats::default(),
         })
@@ -341,7 +385,7 @@ impl PairWorker {
         if Self::avail_sane(&vring, &mem).is_err() {
             return;
         }
-        let mut used_any = false;
+        let old_used = Wrapping(vring.get_ref().get_queue().next_used());
         loop {
             let mut g = vring.get_mut();
             let q = g.get_queue_mut();
@@ -349,33 +393,48 @@ impl PairWorker {
                 let _ = q.disable_notification(&*mem);
             }
             loop {
-                let Some(slot) = self.tx.free.last().copied() else {
+                let free = self.tx.free.len();
+                if free == 0 {
                     self.tx_blocked = true;
                     break;
-                };
-                let Some(chain) = q.pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                let head = chain.head_index();
-                match self.copy_tx(chain, &mem, slot) {
-                    Ok(len) => {
-                        self.tx.free.pop();
-                        let ptr = self.tx.slot(slot).as_ptr();
-                        let sqe = opcode::Write::new(types::Fd(self.fd), ptr, len as u32)
-                            .build()
-                            .user_data(TX_BIT | slot as u64);
-                        self.push(sqe);
-                        self.tx_inflight += 1;
-                    }
-                    Err(why) => {
-                        self.stats.tx_dropped += 1;
-                        self.warn(format_args!("dropping TX chain {head}: {why}"));
-                    }
                 }
-                if let Err(e) = q.add_used(&*mem, head, 0) {
+                // The avail index is read once per burst: it is a cache
+                // line the driver keeps writing (pop_descriptor_chain would
+                // read it again for every chain).
+                let mut chains = std::mem::take(&mut self.tx_chains);
+                match q.iter(mem.clone()) {
+                    Ok(it) => chains.extend(it.take(free)),
+                    Err(e) => error!("TX queue: {e}"),
+                }
+                if chains.is_empty() {
+                    self.tx_chains = chains;
+                    break;
+                }
+                for chain in chains.drain(..) {
+                    let slot = self.tx.free.last().copied().expect("a free slot per chain");
+                    let head = chain.head_index();
+                    match self.copy_tx(chain, &mem, slot) {
+                        Ok(len) => {
+                            self.tx.free.pop();
+                            let ptr = self.tx.slot(slot).as_ptr();
+                            let sqe = opcode::Write::new(types::Fd(self.fd), ptr, len as u32)
+                                .build()
+                                .user_data(TX_BIT | slot as u64);
+                            self.push(sqe);
+                            self.tx_inflight += 1;
+                        }
+                        Err(why) => {
+                            self.stats.tx_dropped += 1;
+                            self.warn(format_args!("dropping TX chain {head}: {why}"));
+                        }
+                    }
+                    self.tx_used.push(head);
+                }
+                self.tx_chains = chains;
+                if let Err(e) = add_used_burst(q, &mem, &self.tx_used) {
                     error!("add_used: {e}");
                 }
-                used_any = true;
+                self.tx_used.clear();
             }
             if self.tx_blocked || !self.event_idx {
                 break;
@@ -385,8 +444,41 @@ impl PairWorker {
                 _ => break,
             }
         }
-        if used_any {
-            Self::signal(&vring, &mem);
+        let g = vring.get_ref();
+        let q = g.get_queue();
+        let new_used = Wrapping(q.next_used());
+        if new_used == old_used {
+            return;
+        }
+        // add_used_burst counts a burst as one chain in virtio-queue's
+        // num_added, which needs_notification relies on: decide here (virtio
+        // 1.x "Used Buffer Notification Suppression"). With EVENT_IDX, its
+        // rule: the driver's used_event passed since old_used. Without, the
+        // avail ring's NO_INTERRUPT flag, which virtio-queue ignores and a
+        // polling driver (DPDK) sets.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let avail = GuestAddress(q.avail_ring());
+        let load = |off: u64| {
+            avail
+                .checked_add(off)
+                .and_then(|a| {
+                    mem.load::<u16>(a, std::sync::atomic::Ordering::Relaxed)
+                        .ok()
+                })
+                .map(u16::from_le)
+        };
+        let needed = if q.event_idx_enabled() {
+            load(4 + 2 * u64::from(q.size()))
+                .is_none_or(|ev| new_used - Wrapping(ev) - Wrapping(1) < new_used - old_used)
+        } else {
+            const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+            load(0).is_none_or(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
+        };
+        drop(g);
+        if needed {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("signal used queue: {e}");
+            }
         }
     }
 
@@ -400,7 +492,7 @@ impl PairWorker {
     ) -> Result<usize, &'static str> {
         collect(chain, mem, &mut self.tx_segs)?;
         let ghdr = self.neg.hdr_len;
-        let buf = &mut self.tx.mem[slot * SLOT_LEN..(slot + 1) * SLOT_LEN];
+        let buf = self.tx.slot(slot);
         // Guest headers of 10 bytes lack num_buffers: leave a zero gap so
         // the frame starts at TAP_HDR_LEN.
         let gap = TAP_HDR_LEN - ghdr;
@@ -490,7 +582,7 @@ impl PairWorker {
                     Some(true) => {
                         used_any = true;
                         self.stats.rx_frames += 1;
-                        if self.rx.mem[slot * SLOT_LEN + 1] != 0 {
+                        if self.rx.slot(slot)[1] != 0 {
                             self.stats.rx_gso += 1;
                         }
                     }
@@ -572,7 +664,7 @@ impl PairWorker {
             }
         }
         // The header with num_buffers, then the frame, as one stream.
-        let slot_buf = &mut self.rx.mem[slot * SLOT_LEN..slot * SLOT_LEN + len];
+        let slot_buf = &mut self.rx.slot(slot)[..len];
         if ghdr == 12 {
             slot_buf[10..12].copy_from_slice(&(n as u16).to_le_bytes());
         }
