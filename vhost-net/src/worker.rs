@@ -6,8 +6,9 @@
 //! Frames cross a fixed pool of slots, each large enough for the biggest
 //! GSO frame plus its vnet header, allocated once per connection: the fast
 //! path allocates nothing.
-//! - TX: each available chain is copied into a free slot and returned to
-//!   the guest at once (the copy is what the TAP write reads), then one
+//! - TX: a burst of available chains (one read of the avail index) is
+//!   copied into free slots and returned to the guest with one store of
+//!   the used index (the copy is what the TAP write reads), then one
 //!   io_uring submission carries the whole burst of writes. With no free
 //!   slot, TX waits for write completions.
 //! - RX: reads are kept posted on the TAP in free slots. A completed read
