@@ -405,7 +405,7 @@ impl PairWorker {
                 let mut chains = std::mem::take(&mut self.tx_chains);
                 match q.iter(mem.clone()) {
                     Ok(it) => chains.extend(it.take(free)),
-                    Err(e) => error!("TX queue: {e}"),
+                    Err(e) => self.warn(format_args!("TX queue: {e}")),
                 }
                 if chains.is_empty() {
                     self.tx_chains = chains;
