@@ -175,6 +175,34 @@ fn add_used_burst(
     q.add_used(mem, last, 0)
 }
 
+/// Whether the driver wants a used-buffer notification now that the last
+/// `returned` used entries were added by [`add_used_burst`] (virtio 1.x
+/// "Used Buffer Notification Suppression"). virtio-queue's
+/// needs_notification cannot decide it: it counts add_used calls, and a
+/// burst makes one. With EVENT_IDX, its rule: the driver's used_event lies
+/// among the entries just added. Without, the avail ring's NO_INTERRUPT
+/// flag (which virtio-queue ignores, and a polling driver sets).
+fn used_notification_needed(q: &virtio_queue::Queue, mem: &Mem, returned: usize) -> bool {
+    use std::sync::atomic::{fence, Ordering};
+    // The used entries must be visible before the driver's fields are read.
+    fence(Ordering::SeqCst);
+    let avail = GuestAddress(q.avail_ring());
+    let load = |off: u64| {
+        avail
+            .checked_add(off)
+            .and_then(|a| mem.load::<u16>(a, Ordering::Relaxed).ok())
+            .map(u16::from_le)
+    };
+    if q.event_idx_enabled() {
+        let new = Wrapping(q.next_used());
+        load(4 + 2 * u64::from(q.size()))
+            .is_none_or(|ev| usize::from((new - Wrapping(ev) - Wrapping(1)).0) < returned)
+    } else {
+        const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+        load(0).is_none_or(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
+    }
+}
+
 /// A receive chain being filled: its head and writable ranges.
 #[derive(Default)]
 struct RxChain {
@@ -386,7 +414,9 @@ impl PairWorker {
         if Self::avail_sane(&vring, &mem).is_err() {
             return;
         }
-        let old_used = Wrapping(vring.get_ref().get_queue().next_used());
+        // Chains returned by this call: counted, since more than 65535
+        // would wrap the used index back to where it started.
+        let mut returned = 0usize;
         loop {
             let mut g = vring.get_mut();
             let q = g.get_queue_mut();
@@ -432,6 +462,7 @@ impl PairWorker {
                     self.tx_used.push(head);
                 }
                 self.tx_chains = chains;
+                returned += self.tx_used.len();
                 if let Err(e) = add_used_burst(q, &mem, &self.tx_used) {
                     error!("add_used: {e}");
                 }
@@ -445,38 +476,7 @@ impl PairWorker {
                 _ => break,
             }
         }
-        let g = vring.get_ref();
-        let q = g.get_queue();
-        let new_used = Wrapping(q.next_used());
-        if new_used == old_used {
-            return;
-        }
-        // add_used_burst counts a burst as one chain in virtio-queue's
-        // num_added, which needs_notification relies on: decide here (virtio
-        // 1.x "Used Buffer Notification Suppression"). With EVENT_IDX, its
-        // rule: the driver's used_event passed since old_used. Without, the
-        // avail ring's NO_INTERRUPT flag, which virtio-queue ignores and a
-        // polling driver (DPDK) sets.
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        let avail = GuestAddress(q.avail_ring());
-        let load = |off: u64| {
-            avail
-                .checked_add(off)
-                .and_then(|a| {
-                    mem.load::<u16>(a, std::sync::atomic::Ordering::Relaxed)
-                        .ok()
-                })
-                .map(u16::from_le)
-        };
-        let needed = if q.event_idx_enabled() {
-            load(4 + 2 * u64::from(q.size()))
-                .is_none_or(|ev| new_used - Wrapping(ev) - Wrapping(1) < new_used - old_used)
-        } else {
-            const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
-            load(0).is_none_or(|flags| flags & VRING_AVAIL_F_NO_INTERRUPT == 0)
-        };
-        drop(g);
-        if needed {
+        if returned > 0 && used_notification_needed(vring.get_ref().get_queue(), &mem, returned) {
             if let Err(e) = vring.signal_used_queue() {
                 warn!("signal used queue: {e}");
             }
@@ -831,5 +831,80 @@ impl Drop for PairWorker {
         if !self.attached {
             let _ = self.tap.set_queue_attached(self.pair, true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::{Queue, QueueT};
+    use vm_memory::GuestMemoryMmap;
+
+    const SIZE: u16 = 8;
+    const AVAIL: u64 = 0x1000;
+    const USED: u64 = 0x2000;
+
+    fn setup(event_idx: bool) -> (Mem, Queue) {
+        let mem: Mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+        let mut q = Queue::new(SIZE).unwrap();
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_event_idx(event_idx);
+        q.set_ready(true);
+        (mem, q)
+    }
+
+    fn used(mem: &Mem, i: u64) -> (u32, u32) {
+        let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * i)).unwrap();
+        (id, len)
+    }
+
+    #[test]
+    fn a_burst_fills_the_used_ring_in_order_and_wraps() {
+        let (mem, mut q) = setup(false);
+        q.set_next_used(6);
+        add_used_burst(&mut q, &mem, &[3, 5, 7, 1]).unwrap();
+        assert_eq!(q.next_used(), 10);
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(idx, 10);
+        assert_eq!(used(&mem, 6), (3, 0));
+        assert_eq!(used(&mem, 7), (5, 0));
+        assert_eq!(used(&mem, 0), (7, 0));
+        assert_eq!(used(&mem, 1), (1, 0));
+        // A head outside the queue is refused before anything is published.
+        assert!(add_used_burst(&mut q, &mem, &[2, SIZE, 4]).is_err());
+        assert_eq!(q.next_used(), 10);
+        add_used_burst(&mut q, &mem, &[]).unwrap();
+        assert_eq!(q.next_used(), 10);
+    }
+
+    #[test]
+    fn notification_follows_used_event_or_the_no_interrupt_flag() {
+        let (mem, mut q) = setup(true);
+        let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE));
+        // Entries 0..3 added: the driver asked to hear of entry 2 (used_event
+        // 2: notify once next_used passes it), or of 5 (not yet), or of 0.
+        add_used_burst(&mut q, &mem, &[0, 1, 2, 3]).unwrap();
+        for (ev, want) in [(2u16, true), (0, true), (3, true), (4, false), (5, false)] {
+            mem.write_obj(ev, used_event).unwrap();
+            assert_eq!(
+                used_notification_needed(&q, &mem, 4),
+                want,
+                "used_event {ev}"
+            );
+        }
+        // Only the last entry counts as new: used_event 0 was already passed.
+        mem.write_obj(0u16, used_event).unwrap();
+        assert!(!used_notification_needed(&q, &mem, 1));
+        // More chains than the index can count: always.
+        assert!(used_notification_needed(&q, &mem, 1 << 16));
+
+        let (mem, mut q) = setup(false);
+        add_used_burst(&mut q, &mem, &[0]).unwrap();
+        assert!(used_notification_needed(&q, &mem, 1));
+        mem.write_obj(1u16, GuestAddress(AVAIL)).unwrap();
+        assert!(!used_notification_needed(&q, &mem, 1), "NO_INTERRUPT");
     }
 }
