@@ -3,7 +3,8 @@
 //! restricted to the operations each worker submits. A ring made by a
 //! daemon's own ring constructor runs its listed opcodes, and completes
 //! any other (opening a file, a socket, an fsync, another kind of read)
-//! with EACCES without doing it; submission flags and further
+//! with EACCES without doing it; submission flags (but IOSQE_FIXED_FILE
+//! on the net ring, whose one fixed file is the TAP queue) and further
 //! `io_uring_register` operations are refused too.
 
 use std::ffi::CString;
@@ -135,19 +136,26 @@ fn net_worker_ring_runs_reads_writes_and_cancels_only() {
         )
     };
     let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-    let mut ring = rimg_vhost_net::worker::ring(16, &efd).unwrap();
+    // The pipe's write end stands for the TAP queue, the fixed file.
+    let mut ring = rimg_vhost_net::worker::ring(16, &efd, wr.as_raw_fd()).unwrap();
 
-    // Allowed: write, read (as frames cross the TAP), cancel.
+    // Allowed: write, read (as frames cross the TAP), cancel, on the
+    // fixed file or not.
     let frame = b"a frame for the TAP";
+    let write = opcode::Write::new(rimg_vhost_net::worker::TAP, frame.as_ptr(), 3)
+        .offset(u64::MAX)
+        .build();
+    // SAFETY: `frame` outlives the call.
+    assert_eq!(unsafe { run(&mut ring, write) }, 3);
     let write = opcode::Write::new(
         types::Fd(wr.as_raw_fd()),
-        frame.as_ptr(),
-        frame.len() as u32,
+        frame[3..].as_ptr(),
+        frame.len() as u32 - 3,
     )
     .offset(u64::MAX)
     .build();
     // SAFETY: `frame` outlives the call.
-    assert_eq!(unsafe { run(&mut ring, write) }, frame.len() as i32);
+    assert_eq!(unsafe { run(&mut ring, write) }, frame.len() as i32 - 3);
     let mut buf = [0u8; 64];
     let read = opcode::Read::new(types::Fd(rd.as_raw_fd()), buf.as_mut_ptr(), 64)
         .offset(u64::MAX)
@@ -183,6 +191,16 @@ fn net_worker_ring_runs_reads_writes_and_cancels_only() {
         unsafe { run(&mut ring, write) },
         -libc::EACCES,
         "write with IOSQE_IO_LINK"
+    );
+    let write = opcode::Write::new(rimg_vhost_net::worker::TAP, frame.as_ptr(), 3)
+        .offset(u64::MAX)
+        .build()
+        .flags(squeue::Flags::ASYNC);
+    // SAFETY: `frame` outlives the call.
+    assert_eq!(
+        unsafe { run(&mut ring, write) },
+        -libc::EACCES,
+        "fixed-file write with IOSQE_ASYNC"
     );
     assert_refuses_open_and_socket(&mut ring, "net");
 }

@@ -58,7 +58,7 @@ pub const RING_OPS: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
 /// A queue's io_uring: `entries` entries, restricted to [`RING_OPS`],
 /// completions signalled on `efd`.
 pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
-    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd())
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd(), &[])
 }
 
 /// The next request chain of `q`, or why the ring cannot be read: an

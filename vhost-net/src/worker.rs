@@ -64,10 +64,15 @@ pub const RING_OPS: [u8; 3] = [
 const RING_ENTRIES: u32 = ((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32;
 
 /// A pair's io_uring: `entries` entries, restricted to [`RING_OPS`],
-/// completions signalled on `efd`.
-pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
-    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd())
+/// completions signalled on `efd`, with the pair's TAP queue `tap` as
+/// fixed file [`TAP`] (no file-table lookup and reference count per
+/// frame).
+pub fn ring(entries: u32, efd: &EventFd, tap: RawFd) -> std::io::Result<IoUring> {
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd(), &[tap])
 }
+
+/// The TAP queue, as the ring's fixed file.
+pub const TAP: types::Fixed = types::Fixed(0);
 
 /// Counters, for tests and logs.
 #[derive(Debug, Default, Clone, Copy)]
@@ -114,8 +119,8 @@ struct Seg {
 /// in all), an empty one (e.g. an indirect table outside guest memory),
 /// and descriptors not wholly inside guest memory. Nothing is read from or
 /// written to the buffers.
-fn collect(
-    chain: DescriptorChain<Arc<Mem>>,
+fn collect<M: std::ops::Deref<Target = Mem>>(
+    chain: DescriptorChain<M>,
     mem: &Mem,
     out: &mut Vec<Seg>,
 ) -> Result<(), &'static str> {
@@ -214,7 +219,6 @@ struct RxChain {
 pub struct PairWorker {
     pair: usize,
     tap: Arc<Tap>,
-    fd: RawFd,
     mem: GM,
     ring: IoUring,
     efd: EventFd,
@@ -237,8 +241,6 @@ pub struct PairWorker {
     warnings: CappedWarnings,
     /// A TX chain's descriptors (reused).
     tx_segs: Vec<Seg>,
-    /// A burst of TX chains taken from the ring (reused).
-    tx_chains: Vec<DescriptorChain<Arc<Mem>>>,
     /// Their heads, to return as one burst (reused).
     tx_used: Vec<u16>,
     /// Completions of one reap (reused: no allocation per burst).
@@ -249,12 +251,10 @@ pub struct PairWorker {
 impl PairWorker {
     pub fn new(pair: usize, tap: Arc<Tap>, mem: GM) -> std::io::Result<PairWorker> {
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        let ring = ring(RING_ENTRIES, &efd)?;
-        let fd = tap.queue_fd(pair);
+        let ring = ring(RING_ENTRIES, &efd, tap.queue_fd(pair))?;
         Ok(PairWorker {
             pair,
             tap,
-            fd,
             mem,
             ring,
             efd,
@@ -276,7 +276,6 @@ impl PairWorker {
             attached: true,
             warnings: CappedWarnings::new(module_path!(), format!("pair {pair}")),
             tx_segs: Vec::new(),
-            tx_chains: Vec::with_capacity(TX_SLOTS),
             tx_used: Vec::with_capacity(TX_SLOTS),
             cq: Vec::with_capacity(RING_ENTRIES as usize),
             stats: Stats::default(),
@@ -431,24 +430,24 @@ impl PairWorker {
                 }
                 // The avail index is read once per burst: it is a cache
                 // line the driver keeps writing (pop_descriptor_chain would
-                // read it again for every chain).
-                let mut chains = std::mem::take(&mut self.tx_chains);
-                match q.iter(mem.clone()) {
-                    Ok(it) => chains.extend(it.take(free)),
-                    Err(e) => self.warn(format_args!("TX queue: {e}")),
-                }
-                if chains.is_empty() {
-                    self.tx_chains = chains;
-                    break;
-                }
-                for chain in chains.drain(..) {
+                // read it again for every chain). The chains borrow the
+                // memory rather than clone its Arc: two atomic operations
+                // less per frame.
+                let chains = match q.iter(&*mem) {
+                    Ok(it) => it,
+                    Err(e) => {
+                        self.warn(format_args!("TX queue: {e}"));
+                        break;
+                    }
+                };
+                for chain in chains.take(free) {
                     let slot = self.tx.free.last().copied().expect("a free slot per chain");
                     let head = chain.head_index();
                     match self.copy_tx(chain, &mem, slot) {
                         Ok(len) => {
                             self.tx.free.pop();
                             let ptr = self.tx.slot(slot).as_ptr();
-                            let sqe = opcode::Write::new(types::Fd(self.fd), ptr, len as u32)
+                            let sqe = opcode::Write::new(TAP, ptr, len as u32)
                                 .build()
                                 .user_data(TX_BIT | slot as u64);
                             self.push(sqe);
@@ -461,7 +460,9 @@ impl PairWorker {
                     }
                     self.tx_used.push(head);
                 }
-                self.tx_chains = chains;
+                if self.tx_used.is_empty() {
+                    break;
+                }
                 returned += self.tx_used.len();
                 if let Err(e) = add_used_burst(q, &mem, &self.tx_used) {
                     error!("add_used: {e}");
@@ -487,7 +488,7 @@ impl PairWorker {
     /// slot `slot` with the TAP's header layout; returns the length.
     fn copy_tx(
         &mut self,
-        chain: DescriptorChain<Arc<Mem>>,
+        chain: DescriptorChain<&Mem>,
         mem: &Mem,
         slot: usize,
     ) -> Result<usize, &'static str> {
@@ -551,7 +552,7 @@ impl PairWorker {
         }
         while let Some(slot) = self.rx.free.pop() {
             let ptr = self.rx.slot(slot).as_mut_ptr();
-            let sqe = opcode::Read::new(types::Fd(self.fd), ptr, SLOT_LEN as u32)
+            let sqe = opcode::Read::new(TAP, ptr, SLOT_LEN as u32)
                 .offset(u64::MAX)
                 .build()
                 .user_data(slot as u64);
