@@ -14,16 +14,23 @@ fn virtio_user(sock: &std::path::Path, queues: u32) -> String {
     format!("virtio_user0,path={},queues={queues}", sock.display())
 }
 
-/// testpmd txonly -> daemon -> TAP: every frame testpmd sent is counted
-/// on the TAP, none dropped.
-fn txonly_round(ns: &Netns, sock: &std::path::Path, tap: &str, prefix: &str) -> u64 {
+/// testpmd txonly of `size`-byte frames -> daemon -> TAP: every frame
+/// testpmd sent is counted on the TAP, none dropped.
+fn txonly_round(ns: &Netns, sock: &std::path::Path, tap: &str, prefix: &str, size: u32) -> u64 {
     let before = ns.counter(tap, "rx_packets");
+    let bytes_before = ns.counter(tap, "rx_bytes");
     let vdev = virtio_user(sock, 1);
+    let txpkts = format!("--txpkts={size}");
     let pmd = Testpmd::start(
         ns,
         prefix,
         &["--vdev", &vdev],
-        &["--forward-mode=txonly", "--total-num-mbufs=4096", "-a"],
+        &[
+            "--forward-mode=txonly",
+            "--total-num-mbufs=4096",
+            &txpkts,
+            "-a",
+        ],
     );
     assert!(
         pmd.wait_started(Duration::from_secs(60)),
@@ -44,6 +51,8 @@ fn txonly_round(ns: &Netns, sock: &std::path::Path, tap: &str, prefix: &str) -> 
         "testpmd sent {} frames, TAP received {got}",
         st.tx
     );
+    let bytes = ns.counter(tap, "rx_bytes") - bytes_before;
+    assert_eq!(bytes, got * u64::from(size), "frames of {size} bytes");
     got
 }
 
@@ -53,9 +62,10 @@ fn testpmd_txonly_frames_reach_tap_and_reconnect() {
     let dir = tempdir();
     let sock = dir.path().join("net.sock");
     let d = NetDaemon::start_in(&ns, &sock, &["--tap-create", "rt0", "--mac", MAC]).unwrap();
-    // Two frontends one after the other on the same daemon and TAP.
-    let a = txonly_round(&ns, &sock, "rt0", "ntx1");
-    let b = txonly_round(&ns, &sock, "rt0", "ntx2");
+    // Two frontends one after the other on the same daemon and TAP; small
+    // frames (copied) then large ones (written from guest memory).
+    let a = txonly_round(&ns, &sock, "rt0", "ntx1", 64);
+    let b = txonly_round(&ns, &sock, "rt0", "ntx2", 1500);
     let (st, log) = d.terminate();
     assert!(st.success(), "daemon exit {st}: {log}");
     let stats = pair_stats(&log);
