@@ -7,10 +7,21 @@
 //! GSO frame plus its vnet header, allocated once per connection: the fast
 //! path allocates nothing.
 //! - TX: a burst of available chains (one read of the avail index) is
-//!   copied into free slots and returned to the guest with one store of
-//!   the used index (the copy is what the TAP write reads), then one
-//!   io_uring submission carries the whole burst of writes. With no free
-//!   slot, TX waits for write completions.
+//!   walked, each chain's frame prefetched `TX_LOOKAHEAD` chains ahead
+//!   of its write. A frame of `IN_PLACE_MIN` bytes or more in one
+//!   descriptor is written straight from guest memory; others are copied
+//!   into a free slot. One io_uring submission carries the burst's
+//!   writes. A copied chain goes back to the guest at once; one written in
+//!   place when its write completes, which for a TAP is inline, within the
+//!   submission, so the whole burst goes back with one store of the used
+//!   index. Every write, in place or not, takes a slot: with none free, TX
+//!   waits for write completions.
+//!
+//! # Guest memory held by in-place writes
+//! An in-place write reads guest memory after the chain was taken: the
+//! memory map it points into is held (`tx_mem`) until the last such write
+//! completes. While writes into an older map are in flight (the frontend
+//! sent a new memory table), frames are copied instead.
 //! - RX: reads are kept posted on the TAP in free slots. A completed read
 //!   is copied into the guest's receive chains (several with MRG_RXBUF).
 //!   When the guest has no buffers, frames wait in their slots and no
