@@ -1005,6 +1005,10 @@ impl PairWorker {
         while let Some((slot, _)) = self.ready.pop_front() {
             self.rx.free.push(slot);
         }
+        // Chains written in place that completed just now go back while
+        // the queue still runs (or are forgotten if it stopped): none may
+        // linger for a restarted queue.
+        self.return_tx_used();
         self.rx_vring = None;
         self.tx_vring = None;
     }
