@@ -134,17 +134,29 @@ struct Seg {
 /// queue or indirect table holds, a next index past the table, over 4 GiB
 /// in all), an empty one (e.g. an indirect table outside guest memory),
 /// and descriptors not wholly inside guest memory. Nothing is read from or
-/// written to the buffers.
+/// written to the buffers; their first `prefetch_budget` bytes are
+/// prefetched.
 fn collect<M: std::ops::Deref<Target = Mem>>(
     chain: DescriptorChain<M>,
     mem: &Mem,
     out: &mut Vec<Seg>,
+    mut prefetch_budget: usize,
 ) -> Result<(), &'static str> {
     out.clear();
     let mut cut_short = false;
     for d in chain {
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err("address outside guest memory");
+        let len = d.len() as usize;
+        // One region lookup checks the range and yields the mapping to
+        // prefetch from; a range over several regions takes the slow way.
+        match mem.get_slice(d.addr(), len) {
+            Ok(s) if prefetch_budget > 0 => {
+                let n = len.min(prefetch_budget);
+                prefetch(s.ptr_guard().as_ptr(), n);
+                prefetch_budget -= n;
+            }
+            Ok(_) => {}
+            Err(_) if GuestMemoryBackend::check_range(mem, d.addr(), len) => {}
+            Err(_) => return Err("address outside guest memory"),
         }
         out.push(Seg {
             addr: d.addr(),
@@ -235,23 +247,36 @@ const TX_LOOKAHEAD: usize = 4;
 /// loses at 64-byte frames and wins from 256 bytes).
 const IN_PLACE_MIN: usize = 256;
 
-/// Asks the CPU to start loading the cache lines of `len` bytes of guest
-/// memory at `addr` (no effect where the range is not one mapping).
-fn prefetch(mem: &Mem, addr: GuestAddress, len: usize) {
+/// Asks the CPU to start loading the cache lines of the `len` bytes at
+/// `p`.
+fn prefetch(p: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    if let Ok(s) = mem.get_slice(addr, len) {
+    {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let p = s.ptr_guard().as_ptr();
         let skew = p as usize % 64;
         let first = p.wrapping_sub(skew);
         for off in (0..len + skew).step_by(64) {
             // SAFETY: a prefetch neither faults nor changes memory, and
-            // the line is part of the mapped range anyway.
+            // the line is part of a mapped range anyway.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(first.wrapping_add(off).cast::<i8>()) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (mem, addr, len);
+    let _ = (p, len);
+}
+
+/// Copies guest memory at `addr` into `buf`: one region lookup and a
+/// memcpy, or vm-memory's walk for a range over several regions.
+fn read_guest(mem: &Mem, addr: GuestAddress, buf: &mut [u8]) -> Result<(), &'static str> {
+    match mem.get_slice(addr, buf.len()) {
+        Ok(s) => {
+            s.copy_to(buf);
+            Ok(())
+        }
+        Err(_) => mem
+            .read_slice(buf, addr)
+            .map_err(|_| "address outside guest memory"),
+    }
 }
 
 /// A TX chain taken from the ring: its head and descriptors, or why
@@ -630,18 +655,7 @@ impl PairWorker {
     fn walk_tx(&mut self, chain: DescriptorChain<&Mem>, mem: &Mem) -> TxWalked {
         let head = chain.head_index();
         let mut segs = self.tx_spare.pop().unwrap_or_default();
-        let walked = collect(chain, mem, &mut segs);
-        if walked.is_ok() {
-            let mut budget = PREFETCH_MAX;
-            for d in &segs {
-                let len = (d.len as usize).min(budget);
-                prefetch(mem, d.addr, len);
-                budget -= len;
-                if budget == 0 {
-                    break;
-                }
-            }
-        }
+        let walked = collect(chain, mem, &mut segs, PREFETCH_MAX);
         TxWalked { head, segs, walked }
     }
 
@@ -705,17 +719,14 @@ impl PairWorker {
                 // The descriptor holds the header's end and the frame's
                 // start: split it around the gap.
                 let h = ghdr - pos;
-                mem.read_slice(&mut buf[pos..ghdr], d.addr)
-                    .map_err(|_| "address outside guest memory")?;
+                read_guest(mem, d.addr, &mut buf[pos..ghdr])?;
                 let a2 = d
                     .addr
                     .checked_add(h as u64)
                     .ok_or("address outside guest memory")?;
-                mem.read_slice(&mut buf[ghdr + gap..ghdr + gap + len - h], a2)
-                    .map_err(|_| "address outside guest memory")?;
+                read_guest(mem, a2, &mut buf[ghdr + gap..ghdr + gap + len - h])?;
             } else {
-                mem.read_slice(&mut buf[at..at + len], d.addr)
-                    .map_err(|_| "address outside guest memory")?;
+                read_guest(mem, d.addr, &mut buf[at..at + len])?;
             }
             pos += len;
         }
@@ -831,7 +842,7 @@ impl PairWorker {
             }
             let c = &mut self.chains[n];
             c.head = chain.head_index();
-            let mut why = collect(chain, mem, &mut c.segs).err();
+            let mut why = collect(chain, mem, &mut c.segs, 0).err();
             if why.is_none() && c.segs.iter().any(|d| !d.write) {
                 why = Some("device-readable descriptor in an RX chain");
             }
