@@ -193,15 +193,30 @@ fn add_used_burst(
     let size = q.size();
     let used = GuestAddress(q.used_ring());
     let mut next = Wrapping(q.next_used());
+    let elems = used
+        .checked_add(4)
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    // The ring's elements, one region lookup for the burst (the ring was
+    // checked to be in guest memory when the queue was set up).
+    let ring = mem.get_slice(elems, 8 * usize::from(size)).ok();
     for &head in rest {
         if head >= size {
             return Err(virtio_queue::Error::InvalidDescriptorIndex);
         }
-        let at = used
-            .checked_add(4 + 8 * u64::from(next.0 % size))
-            .ok_or(virtio_queue::Error::AddressOverflow)?;
-        mem.write_obj(u64::from(head).to_le(), at)
-            .map_err(virtio_queue::Error::GuestMemory)?;
+        let off = 8 * u64::from(next.0 % size);
+        let val = u64::from(head).to_le();
+        match &ring {
+            Some(r) => r
+                .write_obj(val, off as usize)
+                .map_err(|e| virtio_queue::Error::GuestMemory(e.into()))?,
+            None => {
+                let at = elems
+                    .checked_add(off)
+                    .ok_or(virtio_queue::Error::AddressOverflow)?;
+                mem.write_obj(val, at)
+                    .map_err(virtio_queue::Error::GuestMemory)?
+            }
+        }
         next += Wrapping(1);
     }
     q.set_next_used(next.0);
