@@ -947,9 +947,12 @@ impl PairWorker {
     // ----- the ring -----
 
     fn push(&mut self, sqe: io_uring::squeue::Entry) {
-        // SAFETY: the entry points into a slot of this worker's pools,
-        // which live until the op completes: slots are not reused before
-        // their completion is reaped, and teardown reaps everything.
+        // SAFETY: the entry points into a slot of this worker's pools or,
+        // for an in-place TX write, into guest memory; both live until
+        // the op completes. Slots are not reused before their completion
+        // is reaped; the guest memory map an in-place write reads is held
+        // in `tx_mem` until the last such completion is reaped; teardown
+        // (`quiesce`, also run on drop) reaps everything.
         while unsafe { self.ring.submission().push(&sqe) }.is_err() {
             self.submit();
         }
