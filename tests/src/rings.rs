@@ -114,6 +114,9 @@ pub struct Queue {
     pub call: EventFd,
     /// The avail index the driver last published.
     pub avail_idx: u16,
+    /// Published heads the device cannot return (outside the queue): the
+    /// used index is expected to stay this far behind.
+    pub unreturnable: u16,
 }
 
 /// A connected driver with its guest memory and queues.
@@ -173,6 +176,7 @@ impl Driver {
                 kick: EventFd::new(0).unwrap(),
                 call: EventFd::new(0).unwrap(),
                 avail_idx: 0,
+                unreturnable: 0,
             };
             fe.set_vring_num(q, qs).unwrap();
             fe.set_vring_addr(
@@ -333,7 +337,8 @@ impl Driver {
     /// length the device wrote.
     pub fn submit_head(&mut self, q: usize, head: u16) -> u32 {
         self.publish(q, &[head]);
-        let want = self.queues[q].avail_idx;
+        let qu = &self.queues[q];
+        let want = qu.avail_idx.wrapping_sub(qu.unreturnable);
         assert!(
             self.wait_used(q, want, Duration::from_secs(10)),
             "queue {q}: no completion within 10 s: daemon hung"

@@ -251,6 +251,33 @@ fn hostile_chains_are_dropped_and_valid_frames_still_cross() {
         tx_sent.push(f);
     }
 
+    // A head outside the queue published in the same avail update as a
+    // valid chain: the bad one is dropped (it cannot be returned), the
+    // valid one in the same burst still goes back and crosses.
+    let g = guest_frame(0xd4);
+    put_tx(&r, &g);
+    r.write_chain(txq, 0, &[(b, pkt_len, 0)]);
+    let before = r.used_idx(txq);
+    r.publish(txq, &[QS + 3, 0]);
+    assert!(
+        r.wait_used(txq, before.wrapping_add(1), WAIT),
+        "a valid chain beside a bad head was not returned"
+    );
+    assert_eq!(
+        r.used_elem(txq, before),
+        (0, 0),
+        "used entry beside a bad head"
+    );
+    assert_eq!(
+        pk.recv(ETHERTYPE, WAIT),
+        Some(g.clone()),
+        "TX beside a bad head"
+    );
+    logged("empty descriptor chain");
+    r.queues[txq].unreturnable += 1;
+    tx_dropped += 1;
+    tx_sent.push(g);
+
     // ----- RX: TAP -> guest -----
     let mut rx_delivered = 0;
     let w = F_WRITE;

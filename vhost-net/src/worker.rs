@@ -472,7 +472,7 @@ impl PairWorker {
     pub fn handle_completions(&mut self) {
         let _ = self.efd.read();
         self.reap();
-        self.return_tx_used();
+        self.return_tx_used(false);
         self.update_attachment();
         if self.tx_blocked {
             self.process_tx();
@@ -540,14 +540,17 @@ impl PairWorker {
                     self.tx_blocked = true;
                     break;
                 }
-                if self.tx_burst(q, &mem, free) == 0 {
-                    break;
-                }
+                let taken = self.tx_burst(q, &mem, free);
+                // Also chains written in place that completed earlier
+                // while the queue was disabled.
                 returned += self.tx_used.len();
                 if let Err(e) = add_used_burst(q, &mem, &self.tx_used) {
                     error!("add_used: {e}");
                 }
                 self.tx_used.clear();
+                if taken == 0 {
+                    break;
+                }
             }
             if self.tx_blocked || !self.event_idx {
                 break;
@@ -572,6 +575,7 @@ impl PairWorker {
         // driver keeps writing (pop_descriptor_chain would read it again
         // for every chain). The chains borrow the memory rather than
         // clone its Arc: two atomic operations less per frame.
+        let size = q.size();
         let mut chains = match q.iter(&**mem) {
             Ok(it) => it.take(free),
             Err(e) => {
@@ -586,6 +590,7 @@ impl PairWorker {
             self.tx_ahead.push_back(w);
         }
         let mut taken = 0;
+        let mut in_place = false;
         while let Some(w) = self.tx_ahead.pop_front() {
             if let Some(c) = chains.next() {
                 let next = self.walk_tx(c, mem);
@@ -605,6 +610,7 @@ impl PairWorker {
                         self.tx_mem = Some(mem.clone());
                     }
                     self.tx_in_place += 1;
+                    in_place = true;
                     let head = u64::from(w.head) << HEAD_SHIFT;
                     (ptr, len, TX_BIT | IN_PLACE | head | slot as u64)
                 }
@@ -613,7 +619,11 @@ impl PairWorker {
                     self.stats.tx_dropped += 1;
                     let head = w.head;
                     self.warn(format_args!("dropping TX chain {head}: {why}"));
-                    self.tx_used.push(head);
+                    // A head outside the queue cannot be returned, and
+                    // would make the burst's other chains unreturnable.
+                    if head < size {
+                        self.tx_used.push(head);
+                    }
                     continue;
                 }
             };
@@ -623,7 +633,7 @@ impl PairWorker {
             self.push(sqe);
             self.tx_inflight += 1;
         }
-        if self.tx_in_place > 0 {
+        if in_place {
             // TAP writes complete inline: the chains written in place go
             // back in this burst. One punted to a kernel worker goes back
             // when it completes (`return_tx_used`).
@@ -634,16 +644,21 @@ impl PairWorker {
     }
 
     /// Returns the chains of in-place TX writes that completed outside a
-    /// burst to the guest.
-    fn return_tx_used(&mut self) {
+    /// burst to the guest. While the queue is disabled they wait for it
+    /// (the next burst returns them), unless `stopping`: a queue being
+    /// stopped (GET_VRING_BASE, which clears its ready flag first) still
+    /// has its rings, and the frontend reads the avail position that
+    /// counts these chains right after.
+    fn return_tx_used(&mut self, stopping: bool) {
         if self.tx_used.is_empty() {
             return;
         }
         let n = self.tx_used.len();
         let vring = match &self.tx_vring {
-            Some(v) if Self::usable(&self.tx_vring) => v.clone(),
-            // The queue was stopped meanwhile: its chains are not ours.
-            _ => {
+            Some(v) if stopping || Self::usable(&self.tx_vring) => v.clone(),
+            Some(_) => return,
+            // No queue known: nothing was taken from one.
+            None => {
                 self.tx_used.clear();
                 return;
             }
@@ -1012,6 +1027,19 @@ impl PairWorker {
         self.cq = cq;
     }
 
+    /// The ring cannot be waited on: what its in-flight operations read
+    /// or write (the pools, the guest memory map in-place writes read) is
+    /// leaked, never freed under the kernel, and fresh pools take over.
+    fn abandon_inflight(&mut self) {
+        std::mem::forget(std::mem::replace(&mut self.rx, Pool::new(RX_SLOTS)));
+        std::mem::forget(std::mem::replace(&mut self.tx, Pool::new(TX_SLOTS)));
+        std::mem::forget(self.tx_mem.take());
+        self.rx_posted = 0;
+        self.tx_inflight = 0;
+        self.tx_in_place = 0;
+        self.ready.clear();
+    }
+
     /// Cancels posted reads and waits for every in-flight operation.
     pub fn quiesce(&mut self) {
         if self.rx_posted > 0 {
@@ -1024,8 +1052,10 @@ impl PairWorker {
         }
         while self.rx_posted + self.tx_inflight > 0 {
             if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    error!("io_uring wait: {e}");
+                let transient = [libc::EINTR, libc::EAGAIN, libc::EBUSY];
+                if !e.raw_os_error().is_some_and(|c| transient.contains(&c)) {
+                    error!("io_uring wait: {e}: abandoning in-flight operations");
+                    self.abandon_inflight();
                     break;
                 }
             }
@@ -1034,10 +1064,9 @@ impl PairWorker {
         while let Some((slot, _)) = self.ready.pop_front() {
             self.rx.free.push(slot);
         }
-        // Chains written in place that completed just now go back while
-        // the queue still runs (or are forgotten if it stopped): none may
-        // linger for a restarted queue.
-        self.return_tx_used();
+        // Chains written in place that completed just now go back to the
+        // queue they came from: none may linger for a restarted queue.
+        self.return_tx_used(true);
         self.rx_vring = None;
         self.tx_vring = None;
     }
