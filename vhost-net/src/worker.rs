@@ -560,7 +560,13 @@ impl PairWorker {
                 _ => break,
             }
         }
-        if returned > 0 && used_notification_needed(vring.get_ref().get_queue(), &mem, returned) {
+        Self::signal_tx(&vring, &mem, returned);
+    }
+
+    /// Signals the TX queue's used buffers if the driver wants to hear of
+    /// the last `returned` entries (see [`used_notification_needed`]).
+    fn signal_tx(vring: &Vring, mem: &Mem, returned: usize) {
+        if returned > 0 && used_notification_needed(vring.get_ref().get_queue(), mem, returned) {
             if let Err(e) = vring.signal_used_queue() {
                 warn!("signal used queue: {e}");
             }
@@ -671,11 +677,7 @@ impl PairWorker {
             }
         }
         self.tx_used.clear();
-        if used_notification_needed(vring.get_ref().get_queue(), &mem, n) {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!("signal used queue: {e}");
-            }
-        }
+        Self::signal_tx(&vring, &mem, n);
     }
 
     /// Walks a TX chain and starts loading the first PREFETCH_MAX bytes of
