@@ -6,3 +6,6 @@ cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The engine's cross-thread protocols under shuttle's scheduler
+# (qcow2/tests/alloc_model.rs; a feature build of its own).
+cargo test -p rimg-qcow2 --features shuttle --test alloc_model

@@ -369,6 +369,18 @@ fn next_offset(off: u64, step: u64, size: u64, image_size: u64) -> u64 {
     }
 }
 
+/// The waker for `try_begin_write` of a single-threaded caller, which
+/// retries waiting requests after its own completions.
+fn no_wake() -> &'static std::sync::Arc<dyn qcow2::AllocWaker> {
+    struct NoWake;
+    impl qcow2::AllocWaker for NoWake {
+        fn wake(&self) {}
+    }
+    static W: std::sync::LazyLock<std::sync::Arc<dyn qcow2::AllocWaker>> =
+        std::sync::LazyLock::new(|| std::sync::Arc::new(NoWake));
+    &W
+}
+
 /// Buffer alignment for O_DIRECT.
 const ALIGN: usize = 4096;
 
@@ -536,7 +548,9 @@ impl Bench<'_> {
         let q = self.img.as_qcow2();
         let (host, len) = if self.write {
             match q {
-                Some(q) => match q.try_begin_write(pos, rest).map_err(failed)? {
+                // The only allocations this single thread can wait for are
+                // its own requests in the ring: their completions retry it.
+                Some(q) => match q.try_begin_write(pos, rest, no_wake()).map_err(failed)? {
                     Some(io) => {
                         let r = (io.host, io.len);
                         self.slots[i].wio = Some(io);

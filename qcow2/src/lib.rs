@@ -37,6 +37,7 @@ pub mod raw;
 pub(crate) mod refcount;
 pub mod snapshot;
 pub mod storage;
+pub mod sync;
 
 pub use amend::Amend;
 pub use check::{CheckReport, Repair};
@@ -48,6 +49,7 @@ pub use open::{open, probe, resolve_backing, OpenOptions};
 pub use qcow::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use snapshot::Snapshot;
+pub use sync::AllocWaker;
 
 /// A shared buffer of zeros for writing zero ranges in bounded pieces.
 pub(crate) fn zero_buf() -> &'static [u8] {

@@ -53,7 +53,7 @@ use std::cell::RefCell;
 use std::collections::HashSet;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use crate::cache::TableCache;
 use crate::compress;
@@ -66,6 +66,7 @@ use crate::overlap::{Allow, Kind, MetadataMap};
 use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;
+use crate::sync::{AllocWaker, Condvar, Mutex, MutexGuard, Waiters};
 
 /// Tunables for opening a qcow2 image.
 #[derive(Debug, Clone)]
@@ -116,6 +117,9 @@ struct Meta {
     pending_free: Vec<(u64, u64, u64)>,
     /// Guest clusters whose allocation is in progress.
     inflight: HashSet<u64>,
+    /// Callers refused by `try_begin_write`, woken when the cluster they
+    /// found in `inflight` leaves it (see [`crate::sync`]).
+    waiters: Waiters,
     snapshots: Vec<Snapshot>,
     snapshot_table_bytes: u64,
     /// Next free byte in the host cluster that compressed clusters are
@@ -266,6 +270,7 @@ impl Qcow2 {
             rc,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
+            waiters: Waiters::default(),
             snapshots,
             snapshot_table_bytes,
             compressed_tail: 0,
@@ -927,12 +932,24 @@ impl Qcow2 {
         Ok(())
     }
 
-    fn finish_alloc(&self, mut m: MutexGuard<'_, Meta>, a: &Alloc) {
-        for k in 0..a.n {
-            m.inflight.remove(&(a.gc + k));
+    fn finish_alloc(&self, m: MutexGuard<'_, Meta>, a: &Alloc) {
+        self.release_inflight(m, a.gc, a.n);
+    }
+
+    /// Ends the allocation of guest clusters [gc, gc + n): they leave the
+    /// in-flight set, and whoever waits for them (blocked in
+    /// `wait_inflight`, or refused by `try_begin_write`) is woken. The one
+    /// place an allocation ends (see [`crate::sync`]).
+    fn release_inflight(&self, mut m: MutexGuard<'_, Meta>, gc: u64, n: u64) {
+        for k in 0..n {
+            m.inflight.remove(&(gc + k));
         }
+        let wake = m.waiters.take(gc, n);
         drop(m);
         self.alloc_done.notify_all();
+        for w in wake {
+            w.wake();
+        }
     }
 
     /// Waits until none of the guest clusters [gc, gc + n) is being
@@ -996,15 +1013,41 @@ impl Qcow2 {
 
     /// As [`begin_write`](Self::begin_write), but returns `Ok(None)`
     /// instead of waiting when another request is allocating the cluster
-    /// (for event loops that must not block on themselves).
-    pub fn try_begin_write(&self, off: u64, len: usize) -> Result<Option<WriteIo>> {
+    /// (for event loops that must not block on another queue). `waker` is
+    /// then registered on that cluster and called once its allocation
+    /// ends: retry after that (the protocol is in [`crate::sync`]).
+    pub fn try_begin_write(
+        &self,
+        off: u64,
+        len: usize,
+        waker: &Arc<dyn AllocWaker>,
+    ) -> Result<Option<WriteIo>> {
         self.check_writable()?;
         self.check_range(off, len as u64)?;
-        let m = self.lock();
-        if m.inflight.contains(&(off >> self.cluster_bits)) {
+        let mut m = self.lock();
+        let gc = off >> self.cluster_bits;
+        if m.inflight.contains(&gc) {
+            m.waiters.register(gc, waker);
             return Ok(None);
         }
         self.begin_locked(m, off, len).map(Some)
+    }
+
+    /// The allocation state, for a daemon's state dump: guest clusters
+    /// being allocated, and those that refused callers wait on.
+    pub fn alloc_state(&self) -> String {
+        let m = self.lock();
+        let mut inflight: Vec<u64> = m.inflight.iter().copied().collect();
+        inflight.sort_unstable();
+        let active: u32 = self.epochs().active.values().sum();
+        format!(
+            "clusters being allocated {:?}; waiters {} on clusters {:?}; \
+             I/O tickets held {active}; frees pending {}",
+            inflight,
+            m.waiters.len(),
+            m.waiters.clusters(),
+            m.pending_free.len()
+        )
     }
 
     /// Second step of a guest write: once the data write completed
@@ -1723,9 +1766,7 @@ impl Qcow2 {
                 Err(e)
             }
         };
-        m.inflight.remove(&gc);
-        drop(m);
-        self.alloc_done.notify_all();
+        self.release_inflight(m, gc, 1);
         r
     }
 

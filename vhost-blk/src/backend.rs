@@ -69,10 +69,25 @@ impl BlkBackend {
         self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Finishes all in-flight requests of every queue.
+    /// Finishes all in-flight and parked requests of every queue, once
+    /// the worker threads are gone. A parked request may wait for an
+    /// allocation whose write is in another queue's ring, which only
+    /// draining that queue completes: so every queue is drained in turn,
+    /// round after round, never blocking on another (each round ends
+    /// every allocation, so the next one starts at least one request).
     pub fn drain(&self) {
-        for q in 0..self.workers.len() {
-            self.worker(q).drain_all();
+        loop {
+            let (mut left, mut wedged) = (false, false);
+            for q in 0..self.workers.len() {
+                let mut w = self.worker(q);
+                left |= w.drain_stopped();
+                wedged |= w.is_wedged();
+            }
+            // A wedged ring never ends its allocations: what waits for
+            // them is dropped with the connection.
+            if !left || wedged {
+                break;
+            }
         }
     }
 }
@@ -82,6 +97,26 @@ impl rimg_vhost_server::Device for BlkBackend {
         (0..self.workers.len())
             .map(|q| (q, self.completion_fd(q), self.completion_event_id()))
             .collect()
+    }
+
+    fn dump_state(&self) -> String {
+        let mut out = String::new();
+        for (q, w) in self.workers.iter().enumerate() {
+            // A worker busy right now (or blocked) is said to be, rather
+            // than waited for.
+            match w.try_lock() {
+                Ok(w) => out.push_str(&w.state()),
+                Err(std::sync::TryLockError::Poisoned(p)) => out.push_str(&p.into_inner().state()),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    out.push_str(&format!("queue {q}: busy (its lock is held)"))
+                }
+            }
+            out.push('\n');
+        }
+        if let Some(q) = self.img.as_qcow2() {
+            out.push_str(&format!("image: {}\n", q.alloc_state()));
+        }
+        out
     }
 
     fn disconnected(&self) {

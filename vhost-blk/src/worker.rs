@@ -7,14 +7,23 @@
 //!
 //! # Ordering and progress
 //! - A qcow2 write extent is begun with `try_begin_write`: when another
-//!   request is allocating the same cluster, the request is parked and
-//!   retried after the next completions. When this queue has nothing in
-//!   flight, the blocker belongs to another queue, whose thread never
-//!   waits while it has I/O in flight, so a blocking `begin_write` is
-//!   safe then.
-//! - FLUSH, DISCARD and WRITE_ZEROES first drain this queue's ring (they
-//!   may wait for allocations, which must not be our own), then run
-//!   synchronously.
+//!   request is allocating the same cluster, the request is parked and the
+//!   engine registers this queue's waker on that cluster. The waker writes
+//!   the completion eventfd, so the epoll loop runs `handle_completions`,
+//!   which retries the parked requests, once the allocation has ended
+//!   (the protocol and why nothing is lost: `qcow2::sync`). A parked
+//!   request holds no allocation, and the serving thread never blocks on
+//!   another queue's allocation.
+//! - Blocking waits for another queue's allocation happen only with
+//!   nothing of this queue in flight (so no allocation of ours): in
+//!   FLUSH, DISCARD and WRITE_ZEROES, which first drain this queue's ring
+//!   and then run synchronously, and in `drain_all` (stop_vring), where
+//!   the blocker's thread is still serving its queue. A queue holds an
+//!   allocation only while the data write of it is in its ring, and its
+//!   thread reaps its ring whenever it would wait, so such a wait ends.
+//! - When the worker threads are gone (disconnect), `drain_stopped`
+//!   drains every queue's ring before retrying parked requests, without
+//!   blocking: a parked request's blocker may sit in another queue's ring.
 //! - A request's status is written and its descriptor returned only after
 //!   all of its data I/O and metadata commits completed.
 //! - Guest memory stays mapped while any I/O into it is in flight: each
@@ -29,7 +38,7 @@ use std::sync::Arc;
 use io_uring::{opcode, squeue, types, IoUring};
 use log::{debug, error, warn};
 use qcow2::qcow::{IoTicket, Mapping, WriteIo};
-use qcow2::Image;
+use qcow2::{AllocWaker, Image};
 use rimg_vhost_server::CappedWarnings;
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -112,6 +121,17 @@ struct Slot {
     ticket: Option<IoTicket>,
 }
 
+/// Wakes a queue's epoll loop when an allocation its parked requests wait
+/// for has ended: a write to its completion eventfd.
+struct EventFdWaker(EventFd);
+
+impl AllocWaker for EventFdWaker {
+    fn wake(&self) {
+        // Fails only if the counter would overflow: it is readable then.
+        let _ = self.0.write(1);
+    }
+}
+
 /// Where data I/O goes: the image file, opened a second time with
 /// O_DIRECT when the daemon runs with `--direct`.
 pub struct DataFiles {
@@ -125,8 +145,15 @@ pub struct Worker {
     cfg: Arc<DeviceConfig>,
     writeback: Arc<AtomicBool>,
     mem: GM,
-    ring: IoUring,
+    /// Dropped only when nothing is in flight in it (see `Drop`).
+    ring: std::mem::ManuallyDrop<IoUring>,
     efd: EventFd,
+    /// Registered by the engine for parked requests; writes `efd`.
+    waker: Arc<dyn AllocWaker>,
+    /// The ring could not be waited on: what is in flight stays in flight,
+    /// so nothing it touches may be freed (see `Drop`).
+    wedged: bool,
+    queue: usize,
     slots: Vec<Slot>,
     free: Vec<usize>,
     parked: VecDeque<usize>,
@@ -155,14 +182,18 @@ impl Worker {
         let qs = usize::from(cfg.queue_size);
         let efd = EventFd::new(EFD_NONBLOCK)?;
         let ring = ring((qs * 2).next_power_of_two() as u32, &efd)?;
+        let waker: Arc<dyn AllocWaker> = Arc::new(EventFdWaker(efd.try_clone()?));
         Ok(Worker {
             img,
             files,
             cfg,
             writeback,
             mem,
-            ring,
+            ring: std::mem::ManuallyDrop::new(ring),
             efd,
+            waker,
+            wedged: false,
+            queue,
             slots: (0..qs).map(|_| Slot::default()).collect(),
             free: (0..qs).rev().collect(),
             parked: VecDeque::new(),
@@ -314,17 +345,70 @@ impl Worker {
         }
     }
 
-    /// Completes everything in flight (for stop_vring and shutdown).
+    /// Completes everything in flight and parked (stop_vring), while the
+    /// other queues' threads still serve them: a parked request may block
+    /// for another queue's allocation once this queue has nothing in
+    /// flight (see the module docs).
     pub fn drain_all(&mut self) {
-        loop {
-            self.drain();
-            if self.parked.is_empty() {
-                break;
+        while self.drain() && !self.parked.is_empty() {
+            for _ in 0..self.parked.len() {
+                let Some(idx) = self.parked.pop_front() else {
+                    break;
+                };
+                self.slots[idx].parked = false;
+                let may_block = self.inflight_ops == 0;
+                self.plan(idx, may_block);
             }
-            self.run_parked();
             self.submit();
         }
         self.signal();
+    }
+
+    /// One round of draining a queue whose thread is gone (disconnect):
+    /// waits for its ring, then retries its parked requests without
+    /// blocking. Returns whether anything is left (in flight or parked).
+    /// Callers run rounds over every queue until none has anything left
+    /// (see [`BlkBackend::drain`](crate::backend::BlkBackend::drain)); a
+    /// wedged ring ends that early: its requests are left as they are.
+    pub fn drain_stopped(&mut self) -> bool {
+        if !self.drain() {
+            return false;
+        }
+        self.run_parked();
+        self.submit();
+        self.signal();
+        self.inflight_ops > 0 || !self.parked.is_empty()
+    }
+
+    pub fn is_wedged(&self) -> bool {
+        self.wedged
+    }
+
+    /// What this queue holds, for the daemon's state dump (SIGUSR1).
+    pub fn state(&self) -> String {
+        use std::fmt::Write;
+        let busy = self.slots.iter().filter(|s| s.busy).count();
+        let mut out = format!(
+            "queue {}: {busy} requests taken, {} data I/Os in the ring, {} parked{}{}",
+            self.queue,
+            self.inflight_ops,
+            self.parked.len(),
+            if self.stalled {
+                ", ring unreadable"
+            } else {
+                ""
+            },
+            if self.wedged { ", ring wedged" } else { "" },
+        );
+        for &idx in &self.parked {
+            let s = &self.slots[idx];
+            let _ = write!(
+                out,
+                "\n  parked: head {} {:?} offset {} len {} at byte {} ({} I/Os pending)",
+                s.req.head, s.req.kind, s.req.offset, s.req.len, s.done, s.pending
+            );
+        }
+        out
     }
 
     fn start(&mut self, idx: usize, parsed: Result<(), Invalid>) {
@@ -355,7 +439,10 @@ impl Worker {
                 self.plan(idx, false)
             }
             Kind::Flush => {
-                self.drain();
+                if !self.drain() {
+                    self.finish(idx, Some(S_IOERR), 0);
+                    return;
+                }
                 let st = match self.img.flush() {
                     Ok(()) => S_OK,
                     Err(e) => {
@@ -376,7 +463,10 @@ impl Worker {
                 self.finish(idx, Some(if ok { S_OK } else { S_IOERR }), n as u32);
             }
             Kind::Discard | Kind::WriteZeroes => {
-                self.drain();
+                if !self.drain() {
+                    self.finish(idx, Some(S_IOERR), 0);
+                    return;
+                }
                 let st = self.zero_segments(idx);
                 self.finish(idx, Some(st), 0);
             }
@@ -428,8 +518,9 @@ impl Worker {
     }
 
     /// Maps and issues the rest of a read or write request's data. With
-    /// `may_block`, a write extent whose cluster another queue is
-    /// allocating waits for it instead of parking the request.
+    /// `may_block` (only when this queue has nothing in flight, and its
+    /// blockers' threads run: `drain_all`), a write extent whose cluster
+    /// another queue is allocating waits for it instead of parking.
     fn plan(&mut self, idx: usize, may_block: bool) {
         let write = self.slots[idx].req.kind == Some(Kind::Out);
         let mut may_block = may_block;
@@ -520,7 +611,7 @@ impl Worker {
             *may_block = false;
             q.begin_write(off, len)?
         } else {
-            match q.try_begin_write(off, len)? {
+            match q.try_begin_write(off, len, &self.waker)? {
                 Some(w) => w,
                 None => return Ok(None),
             }
@@ -703,30 +794,35 @@ impl Worker {
         }
     }
 
-    /// Retries parked writes (their blocker may be gone).
+    /// Retries parked writes (their blocker may be gone; one that is
+    /// refused again is parked again, with the waker registered anew).
     fn run_parked(&mut self) {
-        let n = self.parked.len();
-        for _ in 0..n {
+        for _ in 0..self.parked.len() {
             let Some(idx) = self.parked.pop_front() else {
                 break;
             };
             self.slots[idx].parked = false;
-            let may_block = self.inflight_ops == 0;
-            self.plan(idx, may_block);
+            self.plan(idx, false);
         }
     }
 
-    /// Waits until this queue has no I/O in flight.
-    fn drain(&mut self) {
-        while self.inflight_ops > 0 {
+    /// Waits until this queue has no I/O in flight. False when the ring
+    /// cannot be waited on: the worker is then wedged for good, and what
+    /// is in flight is never freed (see `Drop`).
+    fn drain(&mut self) -> bool {
+        while self.inflight_ops > 0 && !self.wedged {
             if let Err(e) = self.ring.submit_and_wait(1) {
-                if e.raw_os_error() != Some(libc::EINTR) {
-                    error!("io_uring wait: {e}");
-                    break;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
+                    _ => {
+                        error!("io_uring wait: {e}: queue {} stops here", self.queue);
+                        self.wedged = true;
+                    }
                 }
             }
             self.reap();
         }
+        !self.wedged
     }
 
     fn maybe_complete(&mut self, idx: usize) {
@@ -803,8 +899,36 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         // In-flight I/O targets guest memory and commits qcow2 metadata:
-        // finish it before the ring and the memory go away.
-        self.drain_all();
+        // finish it before the ring and the memory go away. The backend
+        // drained every queue already (`drain_stopped`); this is the last
+        // guard, and never blocks on another queue.
+        self.drain();
+        if self.wedged && self.inflight_ops > 0 {
+            // The kernel may still read or write the iovecs, the guest
+            // memory they point into and the ring: leak them all rather
+            // than free them under it. Their allocations stay in flight
+            // (writes to those clusters fail) and the engine keeps their
+            // tickets: a leak, never damage.
+            error!(
+                "queue {}: {} I/Os still in flight: leaking their memory",
+                self.queue, self.inflight_ops
+            );
+            std::mem::forget(std::mem::take(&mut self.slots));
+            return;
+        }
+        // SAFETY: nothing is in flight (drained), and `self.ring` is not
+        // used again: this is the end of `drop`, and no field's own drop
+        // touches it.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.ring) };
+        // Requests still parked hold no allocation; their I/O tickets go
+        // back, or the engine would keep every later free pending.
+        if let Some(q) = self.img.as_qcow2() {
+            for s in &mut self.slots {
+                if let Some(t) = s.ticket.take() {
+                    q.io_end(t);
+                }
+            }
+        }
     }
 }
 

@@ -46,7 +46,15 @@ pub trait Device: VhostUserBackend<Vring = Vring, Bitmap = ()> + 'static {
     /// The connection ended and the worker threads stopped: finish or
     /// drop what is still in flight.
     fn disconnected(&self);
+    /// What the queues hold right now, for the state dump on SIGUSR1
+    /// (must not block on a busy worker).
+    fn dump_state(&self) -> String {
+        String::new()
+    }
 }
+
+/// The current connection's backend, as the signal thread sees it.
+type Current = Arc<Mutex<Option<(ShutdownHandle, Arc<dyn Fn() -> String + Send + Sync>)>>>;
 
 /// The `size` bytes at `offset` of a device's config space `cfg`, zero
 /// beyond its end (GET_CONFIG; the size is the frontend's and is capped).
@@ -126,7 +134,7 @@ where
     let (private, listener) = PrivateSocket::new()?;
     let mut listener = Listener::from(listener);
     let terminating = Arc::new(AtomicBool::new(false));
-    let current: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let current: Current = Arc::new(Mutex::new(None));
     spawn_signal_thread(socket.to_path_buf(), terminating.clone(), current.clone())?;
 
     let mut own = seccomp::common();
@@ -162,7 +170,11 @@ where
                     h.shutdown();
                 }
             }
-            *cur = h;
+            let b = backend.clone();
+            *cur = h.map(|h| {
+                let dump: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || b.dump_state());
+                (h, dump)
+            });
         }
         info!("frontend connected");
         match daemon.wait() {
@@ -279,24 +291,34 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
 
 /// On SIGTERM/SIGINT: mark termination, end the current connection, and
 /// wake a pending accept with a throwaway connection so the loop sees the
-/// flag.
+/// flag. On SIGUSR1: print the current connection's state dump
+/// ([`Device::dump_state`]) on stderr, for hangs to be diagnosed.
 fn spawn_signal_thread(
     socket: PathBuf,
     terminating: Arc<AtomicBool>,
-    current: Arc<Mutex<Option<ShutdownHandle>>>,
+    current: Current,
 ) -> std::io::Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ])?;
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            if signals.forever().next().is_some() {
-                terminating.store(true, Ordering::SeqCst);
-                if let Some(h) = current.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            for sig in signals.forever() {
+                let cur = current.lock().unwrap_or_else(|p| p.into_inner());
+                if sig == SIGUSR1 {
+                    let dump = cur.as_ref().map(|(_, d)| d());
+                    drop(cur);
+                    let dump = dump.unwrap_or_else(|| "no frontend connected\n".into());
+                    eprint!("state dump (SIGUSR1):\n{dump}state dump end\n");
+                    continue;
+                }
+                if terminating.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                if let Some((h, _)) = cur.as_ref() {
                     h.shutdown();
                 }
+                drop(cur);
                 let _ = UnixStream::connect(&socket);
             }
         })?;

@@ -1,0 +1,86 @@
+//! The engine's synchronization primitives, and how a request that must
+//! wait for another request's cluster allocation is woken.
+//!
+//! With the `shuttle` feature the mutexes and condition variables are
+//! shuttle's, so that a test can explore the interleavings of threads
+//! that share one image (`qcow2/tests/alloc_model.rs`); normal builds use
+//! `std::sync`.
+//!
+//! # Wake-up protocol (no lost requests)
+//! An event-loop caller (a block daemon queue) must not block on another
+//! queue's allocation, so [`Qcow2::try_begin_write`] refuses instead of
+//! waiting and registers the caller's [`AllocWaker`] on the guest cluster
+//! that is being allocated. The invariants:
+//! 1. Registration happens under the metadata lock, in the same critical
+//!    section that found the cluster in flight.
+//! 2. Releasing an allocation removes its clusters from the in-flight set
+//!    and takes every waker registered on them in one critical section,
+//!    then wakes them after the lock is dropped.
+//! 3. Every allocation is released: `end_write` (or the `WriteIo` guard's
+//!    drop) ends it whatever the outcome of the data write.
+//!
+//! So a refused request's waker is called after the allocation it found
+//! ends; the caller retries then, and either succeeds or is refused by a
+//! newer allocation, on which it is registered again. A request can be
+//! refused only while some other request makes progress, so none
+//! starves as long as every allocation ends. A waker must not block and
+//! may be called spuriously (after the caller retried for another reason).
+//!
+//! [`Qcow2::try_begin_write`]: crate::Qcow2::try_begin_write
+
+#[cfg(feature = "shuttle")]
+pub(crate) use shuttle::sync::{Condvar, Mutex, MutexGuard};
+#[cfg(not(feature = "shuttle"))]
+pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
+
+use std::sync::Arc;
+
+/// Wakes a caller whose write was refused because another request was
+/// allocating the same cluster (see the module docs). For an event loop,
+/// typically a write to an eventfd it polls.
+pub trait AllocWaker: Send + Sync {
+    fn wake(&self);
+}
+
+/// Wakers registered on guest clusters that are being allocated.
+#[derive(Default)]
+pub(crate) struct Waiters(Vec<(u64, Arc<dyn AllocWaker>)>);
+
+impl Waiters {
+    /// Registers `w` on guest cluster `gc`, once (a caller refused again
+    /// on the same cluster is not registered twice, so the list stays
+    /// bounded by callers times clusters in flight).
+    pub(crate) fn register(&mut self, gc: u64, w: &Arc<dyn AllocWaker>) {
+        if !self.0.iter().any(|(c, o)| *c == gc && Arc::ptr_eq(o, w)) {
+            self.0.push((gc, w.clone()));
+        }
+    }
+
+    /// Removes and returns the wakers registered on clusters [gc, gc + n).
+    pub(crate) fn take(&mut self, gc: u64, n: u64) -> Vec<Arc<dyn AllocWaker>> {
+        if self.0.is_empty() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        self.0.retain(|(c, w)| {
+            let hit = (gc..gc + n).contains(c);
+            if hit {
+                out.push(w.clone());
+            }
+            !hit
+        });
+        out
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The clusters someone waits on, for state dumps.
+    pub(crate) fn clusters(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.0.iter().map(|(c, _)| *c).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+}
