@@ -893,7 +893,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Gives back clusters of an allocation that was never committed.
+    /// Gives back clusters of an allocation that was never committed (a
+    /// failed `commit_alloc` set no entry, so nothing points at them).
     fn rollback_alloc(&self, m: &mut Meta, a: &Alloc) {
         if !a.reuse {
             // Nothing points at the new clusters yet, so they can be freed
@@ -904,14 +905,23 @@ impl Qcow2 {
     }
 
     /// Points the L2 entries at the new clusters and queues the old
-    /// clusters' references for release.
+    /// clusters' references for release. All or nothing: on error no
+    /// entry has changed, so `rollback_alloc` frees clusters nothing
+    /// points at.
     fn commit_alloc(&self, m: &mut Meta, a: &Alloc) -> Result<()> {
         let cs = self.cluster_size();
         let l2n = 1u64 << self.l2_bits();
         let l1i = (a.gc >> self.l2_bits()) as usize;
         let slot = self.l2_writable(m, l1i)?;
+        let idx = |k: u64| ((a.gc + k) & (l2n - 1)) as usize;
+        // The table may have been evicted and read back since plan_write
+        // decoded the entries: decode them all before changing any.
         for k in 0..a.n {
-            let idx = ((a.gc + k) & (l2n - 1)) as usize;
+            self.decode(Self::l2_get(m, slot, idx(k)))?;
+        }
+        for k in 0..a.n {
+            let idx = idx(k);
+            // Cannot fail: the same entry decoded above, lock held.
             let old = self.decode(Self::l2_get(m, slot, idx))?;
             let new = L2Entry::Normal {
                 host: a.host + k * cs,
