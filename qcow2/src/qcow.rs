@@ -1672,6 +1672,16 @@ impl Qcow2 {
     /// normally.
     pub fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
+        // Checked first: `size - off` and the L1 index below need
+        // `off` inside the image.
+        if off >= self.size() {
+            return Err(Error::OutOfRange {
+                offset: off,
+                len: data.len() as u64,
+                size: self.size(),
+            });
+        }
+        self.check_range(off, data.len() as u64)?;
         let cs = self.cluster_size();
         if off & (cs - 1) != 0 || data.len() as u64 != cs.min(self.size() - off) {
             return Err(Error::InvalidArgument(

@@ -1,7 +1,8 @@
 //! Faults in the middle of a write's metadata update, and writes the
 //! library must refuse: the image stays consistent by qemu-img's account.
 //! An allocation whose commit fails part-way leaves no L2 entry pointing
-//! at a cluster its rollback freed.
+//! at a cluster its rollback freed; a compressed write past the end of
+//! the image is an error, not a panic.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -112,6 +113,40 @@ fn failed_commit_leaves_no_entry_on_a_freed_cluster() {
     // And the image is usable: the same write now succeeds.
     let image = open_rw(&img, CS);
     image.write_at(&[0x33; 4 * 4096], CS).unwrap();
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+/// Compressed writes at or past the end of the image are refused with an
+/// out-of-range error (they underflowed, or indexed past the L1 table).
+#[test]
+fn compressed_write_past_the_end_is_refused() {
+    let d = tempdir();
+    let img = d.path().join("z.qcow2");
+    // Ends in the middle of a cluster, and exactly at an L2 table's span
+    // rounded up (the L1 table has no entry past it).
+    create(&img, &format!("{}", 2 * L2_SPAN - 512));
+    let image = open_rw(&img, 1 << 20);
+    let q = image.as_qcow2().unwrap();
+    let size = 2 * L2_SPAN - 512;
+    let cluster = [0u8; CS as usize];
+    for (off, len) in [
+        (2 * L2_SPAN, CS as usize),
+        (2 * L2_SPAN, 0),
+        (3 * L2_SPAN, CS as usize),
+        (u64::MAX - CS + 1, CS as usize),
+        (1 << 62, 0),
+    ] {
+        match q.write_compressed(off, &cluster[..len]) {
+            Err(Error::OutOfRange { .. }) => {}
+            other => panic!("compressed write at {off:#x}+{len}: {other:?}"),
+        }
+    }
+    // The last, partial cluster and a whole one still work.
+    let last = size & !(CS - 1);
+    q.write_compressed(last, &cluster[..(size - last) as usize])
+        .unwrap();
+    q.write_compressed(0, &cluster).unwrap();
     drop(image);
     assert_qemu_check_clean(&img);
 }
