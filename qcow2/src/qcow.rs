@@ -898,7 +898,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Gives back clusters of an allocation that was never committed.
+    /// Gives back clusters of an allocation that was never committed (a
+    /// failed `commit_alloc` set no entry, so nothing points at them).
     fn rollback_alloc(&self, m: &mut Meta, a: &Alloc) {
         if !a.reuse {
             // Nothing points at the new clusters yet, so they can be freed
@@ -909,14 +910,23 @@ impl Qcow2 {
     }
 
     /// Points the L2 entries at the new clusters and queues the old
-    /// clusters' references for release.
+    /// clusters' references for release. All or nothing: on error no
+    /// entry has changed, so `rollback_alloc` frees clusters nothing
+    /// points at.
     fn commit_alloc(&self, m: &mut Meta, a: &Alloc) -> Result<()> {
         let cs = self.cluster_size();
         let l2n = 1u64 << self.l2_bits();
         let l1i = (a.gc >> self.l2_bits()) as usize;
         let slot = self.l2_writable(m, l1i)?;
+        let idx = |k: u64| ((a.gc + k) & (l2n - 1)) as usize;
+        // The table may have been evicted and read back since plan_write
+        // decoded the entries: decode them all before changing any.
         for k in 0..a.n {
-            let idx = ((a.gc + k) & (l2n - 1)) as usize;
+            self.decode(Self::l2_get(m, slot, idx(k)))?;
+        }
+        for k in 0..a.n {
+            let idx = idx(k);
+            // Cannot fail: the same entry decoded above, lock held.
             let old = self.decode(Self::l2_get(m, slot, idx))?;
             let new = L2Entry::Normal {
                 host: a.host + k * cs,
@@ -1705,6 +1715,16 @@ impl Qcow2 {
     /// normally.
     pub fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
+        // Checked first: `size - off` and the L1 index below need
+        // `off` inside the image.
+        if off >= self.size() {
+            return Err(Error::OutOfRange {
+                offset: off,
+                len: data.len() as u64,
+                size: self.size(),
+            });
+        }
+        self.check_range(off, data.len() as u64)?;
         let cs = self.cluster_size();
         if off & (cs - 1) != 0 || data.len() as u64 != cs.min(self.size() - off) {
             return Err(Error::InvalidArgument(

@@ -53,6 +53,10 @@ impl Storage {
         Ok(st)
     }
 
+    /// Takes the lock bytes, then looks for conflicting ones, as QEMU
+    /// does (raw_apply_lock_bytes, then raw_check_lock_bytes). Looking
+    /// first would let two openers racing each other both pass before
+    /// either had taken its bytes; this way at most one of them does.
     fn lock(&self, writable: bool) -> Result<()> {
         use lockbytes::*;
         let (held, unshared): (&[i64], &[i64]) = if writable {
@@ -60,22 +64,30 @@ impl Storage {
         } else {
             (&[CONSISTENT_READ], &[WRITE])
         };
+        let ours = || {
+            let held = held.iter().map(|&b| PERM_BASE + b);
+            held.chain(unshared.iter().map(|&b| SHARED_BASE + b))
+        };
+        for byte in ours() {
+            self.ofd_lock(byte, libc::F_RDLCK);
+        }
         // Nobody may forbid what we take, nor hold what we forbid.
-        for &b in held {
-            if self.lock_held_by_other(SHARED_BASE + b) {
-                return Err(self.lock_error(b, false));
+        let conflict = held
+            .iter()
+            .find(|&&b| self.lock_held_by_other(SHARED_BASE + b))
+            .map(|&b| self.lock_error(b, false))
+            .or_else(|| {
+                unshared
+                    .iter()
+                    .find(|&&b| self.lock_held_by_other(PERM_BASE + b))
+                    .map(|&b| self.lock_error(b, true))
+            });
+        if let Some(e) = conflict {
+            // Let go at once: the other opener may be checking too.
+            for byte in ours() {
+                self.ofd_lock(byte, libc::F_UNLCK);
             }
-        }
-        for &b in unshared {
-            if self.lock_held_by_other(PERM_BASE + b) {
-                return Err(self.lock_error(b, true));
-            }
-        }
-        for &b in held {
-            self.ofd_lock(PERM_BASE + b);
-        }
-        for &b in unshared {
-            self.ofd_lock(SHARED_BASE + b);
+            return Err(e);
         }
         Ok(())
     }
@@ -99,10 +111,12 @@ impl Storage {
         fl
     }
 
-    /// Takes a shared OFD lock on one byte. Failures other than conflicts
-    /// (filesystems without locks) are ignored, as QEMU's locking=auto does.
-    fn ofd_lock(&self, byte: i64) {
-        let fl = Self::flock(libc::F_RDLCK, byte);
+    /// Takes a shared OFD lock on one byte (`kind` F_RDLCK) or releases
+    /// ours (F_UNLCK). Shared locks never conflict with each other, and
+    /// failures (filesystems without locks) are ignored, as QEMU's
+    /// locking=auto does.
+    fn ofd_lock(&self, byte: i64, kind: i32) {
+        let fl = Self::flock(kind, byte);
         // SAFETY: fcntl reads the flock struct we pass and owns no memory;
         // the descriptor is ours for the lifetime of `self`.
         unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };

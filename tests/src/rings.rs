@@ -203,6 +203,30 @@ impl Driver {
         Driver { shm, fe, queues }
     }
 
+    /// Moves queue `q`'s used ring to guest address `used` (SET_VRING_ADDR
+    /// again; before the queue carries anything). The daemon reads the
+    /// used index there, so `used + 4` must lie in guest memory; the
+    /// elements after it need not.
+    pub fn set_used_ring(&mut self, q: usize, used: u64) {
+        let base = self.shm.ptr as u64;
+        let qu = &mut self.queues[q];
+        qu.used = used;
+        self.fe
+            .set_vring_addr(
+                q,
+                &VringConfigData {
+                    queue_max_size: qu.size,
+                    queue_size: qu.size,
+                    flags: 0,
+                    desc_table_addr: base + qu.desc,
+                    used_ring_addr: base + used,
+                    avail_ring_addr: base + qu.avail,
+                    log_addr: None,
+                },
+            )
+            .unwrap();
+    }
+
     /// Writes descriptor `i` of the table at guest address `table`.
     pub fn write_desc_at(&self, table: u64, i: u16, (addr, len, flags): Desc, next: u16) {
         let mut d = [0u8; 16];

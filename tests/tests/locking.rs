@@ -1,12 +1,13 @@
 //! Image locks compatible with QEMU's: a writer excludes other writers and
 //! consistent readers across rimg, qemu-img and qemu-io; -U (force share)
-//! reads anyway.
+//! reads anyway. Writers racing to open an image at the same instant:
+//! at most one gets it, whether they are rimg or qemu-io processes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 
 use qcow2::{open, Error, OpenOptions};
-use rimg_tests::{qemu_img, run, tempdir, workspace_bin};
+use rimg_tests::{qemu_img, run, tempdir, wait_unlocked, workspace_bin};
 
 #[test]
 fn rimg_writer_excludes_qemu_and_rimg() {
@@ -112,4 +113,262 @@ fn qemu_writer_excludes_rimg() {
         run(rimg, &["check", p]).status.success(),
         "free again after qemu-io quit"
     );
+}
+
+/// One process racing for the write lock.
+struct Racer {
+    child: std::process::Child,
+    /// qemu-io's command pipe (closed to make it quit); None for a daemon.
+    stdin: Option<std::process::ChildStdin>,
+    name: String,
+    /// Everything it printed, once it has exited.
+    output: Option<std::thread::JoinHandle<String>>,
+}
+
+enum Event {
+    /// Past `exec 3<fifo`: waiting at the barrier.
+    Ready,
+    /// Opened the image for writing (true), or failed to (false).
+    Opened(bool),
+}
+
+/// Starts `prog args` behind the barrier FIFO `fifo`: a shell opens it,
+/// says "ready", and execs the program once `cat` reads end of file
+/// there, which every racer does at the same moment: when the test
+/// closes the only writer. Events go to `tx`; `daemon` says how the
+/// program reports success (rimg-vhost-blk: a "serving" line on stderr;
+/// qemu-io: the "wrote" answer to a write on stdin).
+fn racer(
+    i: usize,
+    fifo: &std::path::Path,
+    prog: &std::path::Path,
+    args: &[&str],
+    daemon: bool,
+    tx: std::sync::mpsc::Sender<(usize, Event)>,
+) -> Racer {
+    use std::io::Read;
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"exec 3<"$0" && echo ready && cat <&3 >/dev/null && exec 3<&- && exec "$@""#)
+        .arg(fifo)
+        .arg(prog)
+        .args(args)
+        .stdin(if daemon {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn racer");
+    let mut stdin = child.stdin.take();
+    if let Some(s) = &mut stdin {
+        // Read once the image is open.
+        writeln!(s, "write -P 9 0 512").unwrap();
+    }
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let output = std::thread::spawn(move || {
+        let mut text = String::new();
+        let mut line = String::new();
+        if out.read_line(&mut line).unwrap_or(0) > 0 && line == "ready\n" {
+            let _ = tx.send((i, Event::Ready));
+        }
+        text.push_str(&line);
+        let won = if daemon {
+            line.clear();
+            let _ = err.read_line(&mut line);
+            text.push_str(&line);
+            line.contains("serving")
+        } else {
+            loop {
+                line.clear();
+                if out.read_line(&mut line).unwrap_or(0) == 0 {
+                    break false;
+                }
+                text.push_str(&line);
+                if line.contains("wrote") {
+                    break true;
+                }
+            }
+        };
+        let _ = tx.send((i, Event::Opened(won)));
+        let _ = out.read_to_string(&mut text);
+        let _ = err.read_to_string(&mut text);
+        text
+    });
+    Racer {
+        child,
+        stdin,
+        name: format!("{} #{i}", prog.file_name().unwrap().to_string_lossy()),
+        output: Some(output),
+    }
+}
+
+/// Several rimg-vhost-blk and qemu-io processes open the same image for
+/// writing at the same instant (released together from a FIFO barrier),
+/// round after round. QEMU's locking protocol (take the lock bytes, then
+/// look for conflicting ones) lets at most one of them win; rimg must
+/// follow it, or a checker and a taker can both get through. (Two that
+/// take their bytes at the same moment may both see the other and both
+/// fail: the protocol has no tie-break, in QEMU either.)
+#[test]
+fn racing_writers_at_most_one_wins() {
+    use std::sync::mpsc::channel;
+    use std::time::{Duration, Instant};
+    const ROUNDS: usize = 60;
+    const DAEMONS: usize = 3;
+    const QEMU_IOS: usize = 3;
+    const WAIT: Duration = Duration::from_secs(30);
+    let blk = workspace_bin("rimg-vhost-blk");
+    let qemu_io = std::path::PathBuf::from("qemu-io");
+    let dir = tempdir();
+    let img = dir.path().join("race.qcow2");
+    let p = img.to_str().unwrap();
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"])
+        .status
+        .success());
+    let fifo = dir.path().join("barrier");
+    assert!(run("mkfifo", &[fifo.to_str().unwrap()]).status.success());
+    let mut winners_seen = [0usize; 2];
+    for round in 0..ROUNDS {
+        // Our end, read-write so that opening it does not block and the
+        // racers' opens do not either; closing it releases them.
+        let gate = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&fifo)
+            .unwrap();
+        let (tx, rx) = channel();
+        let mut racers = Vec::new();
+        for i in 0..DAEMONS + QEMU_IOS {
+            racers.push(if i < DAEMONS {
+                let sock = dir.path().join(format!("s{i}.sock"));
+                let args = ["--socket", sock.to_str().unwrap(), "--image", p];
+                racer(i, &fifo, &blk, &args, true, tx.clone())
+            } else {
+                racer(i, &fifo, &qemu_io, &[p], false, tx.clone())
+            });
+        }
+        drop(tx);
+        let end = Instant::now() + WAIT;
+        let wait_all = |what: &str, want: fn(&Event) -> bool, got: &mut Vec<(usize, Event)>| {
+            let mut n = 0;
+            while n < racers.len() {
+                let left = end.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(ev) => {
+                        n += usize::from(want(&ev.1));
+                        got.push(ev);
+                    }
+                    Err(e) => panic!("round {round}: {n} of {} {what}: {e}", racers.len()),
+                }
+            }
+        };
+        let mut events = Vec::new();
+        wait_all("at the barrier", |e| matches!(e, Event::Ready), &mut events);
+        drop(gate);
+        wait_all("decided", |e| matches!(e, Event::Opened(_)), &mut events);
+        let won: Vec<usize> = events
+            .iter()
+            .filter_map(|(i, e)| matches!(e, Event::Opened(true)).then_some(*i))
+            .collect();
+        // Let every winner go, then collect what everyone said.
+        for (i, r) in racers.iter_mut().enumerate() {
+            if won.contains(&i) && i < DAEMONS {
+                // SAFETY: kill(2) on our child, not yet waited for.
+                unsafe { libc::kill(r.child.id() as i32, libc::SIGTERM) };
+            }
+            drop(r.stdin.take());
+        }
+        let mut report = String::new();
+        for (i, r) in racers.iter_mut().enumerate() {
+            let st = loop {
+                if let Some(st) = r.child.try_wait().unwrap() {
+                    break st;
+                }
+                if Instant::now() >= end {
+                    let _ = r.child.kill();
+                    panic!("round {round}: {} did not exit", r.name);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let text = r.output.take().unwrap().join().unwrap();
+            report.push_str(&format!("{} ({st}): {text}\n", r.name));
+            if won.contains(&i) {
+                assert!(st.success(), "round {round}: {} exit {st}: {text}", r.name);
+            } else {
+                assert!(!st.success(), "round {round}: {}: {text}", r.name);
+                assert!(
+                    text.contains("lock"),
+                    "round {round}: {} failed: {text}",
+                    r.name
+                );
+            }
+        }
+        assert!(
+            won.len() <= 1,
+            "round {round}: {} writers opened the image at once:\n{report}",
+            won.len()
+        );
+        winners_seen[won.len()] += 1;
+        wait_unlocked(&img, WAIT);
+    }
+    println!("rounds without a winner / with one: {winners_seen:?}");
+    // The race is real: most rounds someone wins.
+    assert!(winners_seen[1] > ROUNDS / 2, "{winners_seen:?}");
+    assert!(qemu_img(&["check", p]).status.success());
+}
+
+/// The same race within one process, many more rounds: threads released
+/// together by a barrier each open the image for writing through the
+/// library (each its own open file description, so their locks conflict
+/// as separate processes' do). At most one open succeeds per round.
+#[test]
+fn racing_library_openers_at_most_one_wins() {
+    use std::sync::{Arc, Barrier};
+    const ROUNDS: usize = 2000;
+    const THREADS: usize = 4;
+    let dir = tempdir();
+    let img = dir.path().join("t.qcow2");
+    let p = img.to_str().unwrap();
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"])
+        .status
+        .success());
+    let mut seen = [0usize; THREADS + 1];
+    for round in 0..ROUNDS {
+        let start = Arc::new(Barrier::new(THREADS));
+        // Winners keep the image open until every thread has tried.
+        let done = Arc::new(Barrier::new(THREADS));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (start, done, img) = (start.clone(), done.clone(), img.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let r = open(
+                        &img,
+                        &OpenOptions {
+                            writable: true,
+                            ..Default::default()
+                        },
+                    );
+                    done.wait();
+                    match r {
+                        Ok(_) => true,
+                        Err(Error::Locked(_)) => false,
+                        Err(e) => panic!("open: {e}"),
+                    }
+                })
+            })
+            .collect();
+        let won = threads
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .filter(|&w| w)
+            .count();
+        assert!(won <= 1, "round {round}: {won} writers opened the image");
+        seen[won] += 1;
+    }
+    println!("rounds by number of winners: {seen:?}");
+    assert!(seen[1] > ROUNDS / 2, "{seen:?}");
 }

@@ -152,6 +152,14 @@ fn hostile_requests_are_refused() {
             Some(ioerr),
         ),
         (
+            // The chain ends readable: there is no device-writable status
+            // byte, and the readable one must not be written to.
+            "status descriptor device-readable",
+            header(0, 0),
+            vec![(HDR, 16, 0), (BUF, 512, F_WRITE), (STATUS, 1, 0)],
+            None,
+        ),
+        (
             "short header",
             header(0, 0),
             vec![(HDR, 8, 0), (BUF, 512, F_WRITE), (STATUS, 1, F_WRITE)],
@@ -214,6 +222,20 @@ fn hostile_requests_are_refused() {
         r.shm.write(BUF, &[0xee; 512]);
         run(&mut r, name, Some(h), &descs, want);
     }
+
+    // Readable data after the status byte: the chain's last byte is
+    // device-readable, so nothing may be written there (nor anywhere).
+    r.shm.write(HDR, &header(1, 0));
+    r.shm.write(STATUS, &[0xff]);
+    r.shm.write(BUF, &[0xee; 512]);
+    let used = r.submit(0, &[(HDR, 16, 0), (STATUS, 1, F_WRITE), (BUF, 512, 0)]);
+    assert_eq!(used, 0, "readable after status: returned unanswered");
+    assert_eq!(r.shm.read(STATUS, 1)[0], 0xff, "readable after status");
+    assert_eq!(
+        r.shm.read(BUF, 512),
+        vec![0xee; 512],
+        "device-readable buffer written"
+    );
 
     // A descriptor loop (next points back at itself) and an indirect
     // table outside memory: returned unanswered, the daemon goes on.

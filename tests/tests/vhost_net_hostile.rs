@@ -5,7 +5,9 @@
 //! rings in shared memory (tests/src/rings.rs). Each bad chain must be
 //! returned (used length 0) and logged, its frame dropped; valid frames
 //! before and after must cross both ways intact; the daemon must exit
-//! cleanly on SIGTERM. Frames only cross a TAP inside a network namespace
+//! cleanly on SIGTERM. A used ring the daemon cannot write to fails
+//! every return of a chain: logged, but at most the warning cap per pair
+//! and connection. Frames only cross a TAP inside a network namespace
 //! the test creates: a packet socket on the TAP plays the host side.
 
 use std::collections::HashMap;
@@ -15,6 +17,7 @@ use std::time::Duration;
 use rimg_tests::net::{pair_stats, NetDaemon, Netns, PacketSocket};
 use rimg_tests::rings::{Desc, Driver, DATA, F_INDIRECT, F_NEXT, F_WRITE};
 use rimg_tests::tempdir;
+use rimg_vhost_server::warn::MAX_WARNINGS;
 use vhost::vhost_user::VhostUserFrontend;
 
 const MEM: usize = 16 << 20;
@@ -480,4 +483,45 @@ fn broken_pair_does_not_stop_the_other() {
     let (st, log) = d.terminate();
     assert!(st.success(), "daemon exit {st}: {log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// TX chains returned to a used ring whose elements lie outside guest
+/// memory (only its flags and index are inside): every add_used fails.
+/// The frames still cross, and the daemon logs the failures through the
+/// pair's warning cap, not once per chain.
+#[test]
+fn failed_used_ring_writes_are_logged_capped() {
+    const FRAMES: usize = 3 * MAX_WARNINGS as usize;
+    let ns = netns_with_tap("nh3", "rh2", false);
+    let dir = tempdir();
+    let sock = dir.path().join("net.sock");
+    let d = NetDaemon::start_in(&ns, &sock, &["--tap", "rh2", "--mac", MAC_ARG]).unwrap();
+    let pk = PacketSocket::open(&ns, "rh2");
+    let mut r = connect(&sock, 1);
+    let txq = 1;
+    r.set_used_ring(txq, MEM as u64 - 4);
+    let pkt_len = (HDR + 64) as u32;
+    r.write_chain(txq, 0, &[(TX_BUF, pkt_len, 0)]);
+    for k in 0..FRAMES {
+        // Each frame is taken (and its return attempted) on its own.
+        let f = guest_frame(k as u8);
+        put_tx(&r, &f);
+        r.publish(txq, &[0]);
+        assert_eq!(pk.recv(ETHERTYPE, WAIT), Some(f), "TX frame {k}");
+    }
+    // Every kick handled: the last frame's add_used has been tried.
+    assert!(r.kick_taken(txq, WAIT), "TX worker stuck");
+    assert_eq!(r.used_idx(txq), 0, "used index moved");
+    drop(r);
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+    let failures = log.matches("add_used").count();
+    assert!(
+        (1..=MAX_WARNINGS as usize).contains(&failures),
+        "{failures} add_used lines for {FRAMES} failed returns:\n{log}"
+    );
+    assert!(log.contains("further warnings suppressed"), "{log}");
+    let stats = pair_stats(&log);
+    assert_eq!(stats[0].1[0], FRAMES as u64, "tx frames: {log}");
 }

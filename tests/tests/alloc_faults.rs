@@ -1,0 +1,152 @@
+//! Faults in the middle of a write's metadata update, and writes the
+//! library must refuse: the image stays consistent by qemu-img's account.
+//! An allocation whose commit fails part-way leaves no L2 entry pointing
+//! at a cluster its rollback freed; a compressed write past the end of
+//! the image is an error, not a panic.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use qcow2::{open, Error, Image, OpenOptions, Qcow2Options};
+use rimg_tests::{assert_qemu_check_clean, qemu_img, tempdir};
+
+const CS: u64 = 4096;
+/// Guest bytes one L2 table maps with 4 KiB clusters (512 entries).
+const L2_SPAN: u64 = 512 * CS;
+
+fn create(img: &Path, size: &str) {
+    let o = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        img.to_str().unwrap(),
+        size,
+    ]);
+    assert!(o.status.success(), "{o:?}");
+}
+
+fn open_rw(img: &Path, l2_cache_bytes: u64) -> std::sync::Arc<dyn Image> {
+    open(
+        img,
+        &OpenOptions {
+            writable: true,
+            qcow2: Qcow2Options {
+                l2_cache_bytes,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn be64(f: &std::fs::File, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    f.read_exact_at(&mut b, at).unwrap();
+    u64::from_be_bytes(b)
+}
+
+/// An allocation of four clusters whose commit meets a corrupt L2 entry
+/// at its third: the L2 table was evicted from the cache between the
+/// data write and the commit, and the copy read back from the file has
+/// the corrupt entry. The commit must fail as a whole: the entries before
+/// the corrupt one must not point at the clusters the rollback frees.
+#[test]
+fn failed_commit_leaves_no_entry_on_a_freed_cluster() {
+    let d = tempdir();
+    let img = d.path().join("c.qcow2");
+    create(&img, "16M");
+    // The smallest cache (4 tables): five L2 tables in use evict each
+    // other.
+    let image = open_rw(&img, CS);
+    let q = image.as_qcow2().unwrap();
+    for t in 0..5 {
+        q.write_at(&[0x11; 4096], t * L2_SPAN).unwrap();
+    }
+    q.flush().unwrap();
+    let before = std::fs::read(&img).unwrap();
+
+    // Guest clusters 1..=4: one allocation, data written by the caller.
+    let io = q.begin_write(CS, 4 * CS as usize).unwrap();
+    assert_eq!(io.len, 4 * CS as usize, "one allocation of four clusters");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    file.write_all_at(&[0x22; 4 * CS as usize], io.host)
+        .unwrap();
+
+    // Corrupt guest cluster 3's entry in the file (not cluster aligned)
+    // and push the table out of the cache.
+    let l1 = be64(&file, 40);
+    let l2 = be64(&file, l1) & 0x00ff_ffff_ffff_fe00;
+    assert_ne!(l2, 0);
+    file.write_all_at(&0x1_0200u64.to_be_bytes(), l2 + 3 * 8)
+        .unwrap();
+    let mut b = [0u8; 512];
+    for t in 1..5 {
+        q.read_at(&mut b, t * L2_SPAN).unwrap();
+    }
+
+    let e = q.end_write(io, true).unwrap_err();
+    assert!(matches!(e, Error::Corrupt(_)), "{e}");
+    q.flush().unwrap();
+    drop(image);
+
+    // Undo the corruption this test made: what is left is what the
+    // failed write did, and qemu-img judges it.
+    file.write_all_at(&0u64.to_be_bytes(), l2 + 3 * 8).unwrap();
+    drop(file);
+    assert_qemu_check_clean(&img);
+    // The commit changed nothing: the L2 table is as before the write.
+    let after = std::fs::read(&img).unwrap();
+    let l2 = l2 as usize;
+    assert_eq!(
+        after[l2..l2 + CS as usize],
+        before[l2..l2 + CS as usize],
+        "L2 table changed"
+    );
+    // And the image is usable: the same write now succeeds.
+    let image = open_rw(&img, CS);
+    image.write_at(&[0x33; 4 * 4096], CS).unwrap();
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
+
+/// Compressed writes at or past the end of the image are refused with an
+/// out-of-range error (they underflowed, or indexed past the L1 table).
+#[test]
+fn compressed_write_past_the_end_is_refused() {
+    let d = tempdir();
+    let img = d.path().join("z.qcow2");
+    // Ends in the middle of a cluster, and exactly at an L2 table's span
+    // rounded up (the L1 table has no entry past it).
+    create(&img, &format!("{}", 2 * L2_SPAN - 512));
+    let image = open_rw(&img, 1 << 20);
+    let q = image.as_qcow2().unwrap();
+    let size = 2 * L2_SPAN - 512;
+    let cluster = [0u8; CS as usize];
+    for (off, len) in [
+        (2 * L2_SPAN, CS as usize),
+        (2 * L2_SPAN, 0),
+        (3 * L2_SPAN, CS as usize),
+        (u64::MAX - CS + 1, CS as usize),
+        (1 << 62, 0),
+    ] {
+        match q.write_compressed(off, &cluster[..len]) {
+            Err(Error::OutOfRange { .. }) => {}
+            other => panic!("compressed write at {off:#x}+{len}: {other:?}"),
+        }
+    }
+    // The last, partial cluster and a whole one still work.
+    let last = size & !(CS - 1);
+    q.write_compressed(last, &cluster[..(size - last) as usize])
+        .unwrap();
+    q.write_compressed(0, &cluster).unwrap();
+    drop(image);
+    assert_qemu_check_clean(&img);
+}
