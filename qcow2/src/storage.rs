@@ -57,7 +57,31 @@ impl Storage {
     /// does (raw_apply_lock_bytes, then raw_check_lock_bytes). Looking
     /// first would let two openers racing each other both pass before
     /// either had taken its bytes; this way at most one of them does.
+    /// Two openers that take their bytes at the same instant both see a
+    /// conflict and let go: QEMU then fails both; we try again a few
+    /// times after a random pause of a few milliseconds, so that of
+    /// racing rimg openers exactly one wins (and against a QEMU racer,
+    /// which gives up at once, we win). An image really in use still
+    /// fails, some 20 ms later.
     fn lock(&self, writable: bool) -> Result<()> {
+        const TRIES: u32 = 6;
+        let mut k = 0;
+        loop {
+            match self.try_lock(writable) {
+                Err(Error::Locked(_)) if k + 1 < TRIES => {
+                    use std::hash::{BuildHasher, Hasher};
+                    let jitter = std::collections::hash_map::RandomState::new()
+                        .build_hasher()
+                        .finish();
+                    std::thread::sleep(std::time::Duration::from_micros(500 + jitter % 4000));
+                    k += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn try_lock(&self, writable: bool) -> Result<()> {
         use lockbytes::*;
         let (held, unshared): (&[i64], &[i64]) = if writable {
             (&[CONSISTENT_READ, WRITE, RESIZE], &[WRITE, RESIZE])

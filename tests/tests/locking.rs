@@ -1,7 +1,7 @@
 //! Image locks compatible with QEMU's: a writer excludes other writers and
 //! consistent readers across rimg, qemu-img and qemu-io; -U (force share)
 //! reads anyway. Writers racing to open an image at the same instant:
-//! at most one gets it, whether they are rimg or qemu-io processes.
+//! exactly one gets it, whether they are rimg or qemu-io processes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -209,11 +209,12 @@ fn racer(
 /// writing at the same instant (released together from a FIFO barrier),
 /// round after round. QEMU's locking protocol (take the lock bytes, then
 /// look for conflicting ones) lets at most one of them win; rimg must
-/// follow it, or a checker and a taker can both get through. (Two that
-/// take their bytes at the same moment may both see the other and both
-/// fail: the protocol has no tie-break, in QEMU either.)
+/// follow it, or a checker and a taker can both get through. Two that
+/// take their bytes at the same moment both see the other: QEMU gives up,
+/// rimg tries again after a random pause, so with rimg racers in the
+/// round exactly one opener wins, every round.
 #[test]
-fn racing_writers_at_most_one_wins() {
+fn racing_writers_exactly_one_wins() {
     use std::sync::mpsc::channel;
     use std::time::{Duration, Instant};
     const ROUNDS: usize = 60;
@@ -230,7 +231,6 @@ fn racing_writers_at_most_one_wins() {
         .success());
     let fifo = dir.path().join("barrier");
     assert!(run("mkfifo", &[fifo.to_str().unwrap()]).status.success());
-    let mut winners_seen = [0usize; 2];
     for round in 0..ROUNDS {
         // Our end, read-write so that opening it does not block and the
         // racers' opens do not either; closing it releases them.
@@ -307,27 +307,23 @@ fn racing_writers_at_most_one_wins() {
             }
         }
         assert!(
-            won.len() <= 1,
-            "round {round}: {} writers opened the image at once:\n{report}",
+            won.len() == 1,
+            "round {round}: {} writers opened the image:\n{report}",
             won.len()
         );
-        winners_seen[won.len()] += 1;
         wait_unlocked(&img, WAIT);
     }
-    println!("rounds without a winner / with one: {winners_seen:?}");
-    // The race is real: most rounds someone wins.
-    assert!(winners_seen[1] > ROUNDS / 2, "{winners_seen:?}");
     assert!(qemu_img(&["check", p]).status.success());
 }
 
 /// The same race within one process, many more rounds: threads released
 /// together by a barrier each open the image for writing through the
 /// library (each its own open file description, so their locks conflict
-/// as separate processes' do). At most one open succeeds per round.
+/// as separate processes' do). Exactly one open succeeds per round.
 #[test]
-fn racing_library_openers_at_most_one_wins() {
+fn racing_library_openers_exactly_one_wins() {
     use std::sync::{Arc, Barrier};
-    const ROUNDS: usize = 2000;
+    const ROUNDS: usize = 300;
     const THREADS: usize = 4;
     let dir = tempdir();
     let img = dir.path().join("t.qcow2");
@@ -335,7 +331,6 @@ fn racing_library_openers_at_most_one_wins() {
     assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"])
         .status
         .success());
-    let mut seen = [0usize; THREADS + 1];
     for round in 0..ROUNDS {
         let start = Arc::new(Barrier::new(THREADS));
         // Winners keep the image open until every thread has tried.
@@ -366,9 +361,6 @@ fn racing_library_openers_at_most_one_wins() {
             .map(|t| t.join().unwrap())
             .filter(|&w| w)
             .count();
-        assert!(won <= 1, "round {round}: {won} writers opened the image");
-        seen[won] += 1;
+        assert!(won == 1, "round {round}: {won} writers opened the image");
     }
-    println!("rounds by number of winners: {seen:?}");
-    assert!(seen[1] > ROUNDS / 2, "{seen:?}");
 }
