@@ -29,6 +29,10 @@ mod lockbytes {
     pub const CONSISTENT_READ: i64 = 0;
     pub const WRITE: i64 = 1;
     pub const RESIZE: i64 = 3;
+    /// rimg's own byte, below QEMU's ranges: held exclusively while an
+    /// opener takes and checks its lock bytes, so rimg openers do that one
+    /// at a time and never tie with each other.
+    pub const ARBITER: i64 = 99;
     pub fn name(bit: i64) -> &'static str {
         match bit {
             0 => "consistent read",
@@ -58,22 +62,33 @@ impl Storage {
     /// first would let two openers racing each other both pass before
     /// either had taken its bytes; this way at most one of them does.
     /// Two openers that take their bytes at the same instant both see a
-    /// conflict and let go: QEMU then fails both; we try again a few
-    /// times after a random pause of a few milliseconds, so that of
-    /// racing rimg openers exactly one wins (and against a QEMU racer,
-    /// which gives up at once, we win). An image really in use still
-    /// fails, some 20 ms later.
+    /// conflict and let go, and QEMU then fails both. rimg openers take
+    /// and check one at a time (the ARBITER byte), so they never tie with
+    /// each other; against a QEMU opener that tied with us (and gave up
+    /// at once) we try again a few times after random pauses growing from
+    /// about 1 to 32 ms. So of racing openers with rimg among them,
+    /// exactly one wins. An image really in use still fails, some 50 ms
+    /// later.
     fn lock(&self, writable: bool) -> Result<()> {
-        const TRIES: u32 = 6;
+        const TRIES: u32 = 8;
         let mut k = 0;
         loop {
-            match self.try_lock(writable) {
+            let arbiter = self.ofd_lock_wait(lockbytes::ARBITER);
+            let r = self.try_lock(writable);
+            if arbiter {
+                self.ofd_lock(lockbytes::ARBITER, libc::F_UNLCK);
+            }
+            match r {
                 Err(Error::Locked(_)) if k + 1 < TRIES => {
                     use std::hash::{BuildHasher, Hasher};
                     let jitter = std::collections::hash_map::RandomState::new()
                         .build_hasher()
                         .finish();
-                    std::thread::sleep(std::time::Duration::from_micros(500 + jitter % 4000));
+                    // Random exponential back-off: racers that keep
+                    // colliding (a loaded machine preempts one inside its
+                    // check) spread out further each time.
+                    let span = 1000u64 << k.min(5);
+                    std::thread::sleep(std::time::Duration::from_micros(200 + jitter % span));
                     k += 1;
                 }
                 r => return r,
@@ -144,6 +159,22 @@ impl Storage {
         // SAFETY: fcntl reads the flock struct we pass and owns no memory;
         // the descriptor is ours for the lifetime of `self`.
         unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+    }
+
+    /// Takes an exclusive OFD lock on one byte, waiting for it; false
+    /// when the file system has no locks (then nothing was taken).
+    fn ofd_lock_wait(&self, byte: i64) -> bool {
+        let fl = Self::flock(libc::F_WRLCK, byte);
+        loop {
+            // SAFETY: as in `ofd_lock`.
+            let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLKW, &fl) };
+            if r == 0 {
+                return true;
+            }
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return false;
+            }
+        }
     }
 
     /// Whether another open file description holds a lock on `byte`.
