@@ -114,6 +114,54 @@ impl DaemonProcess {
     }
 }
 
+impl DaemonProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `sig` to the daemon (not yet reaped, so the pid is ours).
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid, which has not been
+        // reaped yet (we still hold the Child), so it cannot be reused.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Whether the daemon has exited (a zombie not yet reaped counts).
+    pub fn exited(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()));
+        // The state follows the parenthesised command name.
+        stat.map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_none_or(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+    }
+
+    /// Sends SIGTERM and waits at most `timeout` for the exit, then
+    /// SIGKILLs it. Returns the status (None if it had to be killed) and
+    /// the whole log.
+    pub fn terminate_within(mut self, timeout: Duration) -> (Option<ExitStatus>, String) {
+        self.signal(libc::SIGTERM);
+        let end = Instant::now() + timeout;
+        let st = loop {
+            match self.child.try_wait() {
+                Ok(Some(st)) => break Some(st),
+                Ok(None) if Instant::now() < end => {
+                    // Polls the exit with a deadline (a pidfd would need
+                    // more code for the same result).
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                _ => break None,
+            }
+        };
+        if st.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = self.stderr.take().unwrap().join();
+        (st, self.log())
+    }
+}
+
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
         if let Some(h) = self.stderr.take() {

@@ -256,6 +256,7 @@ pub mod daemon;
 pub mod guest;
 pub mod net;
 pub mod rings;
+pub mod torture;
 pub mod vmm;
 
 /// The workspace's cargo target directory (`CARGO_TARGET_DIR` or
