@@ -11,6 +11,8 @@ use std::sync::Arc;
 
 use qcow2::{Format, Image, OpenOptions, Qcow2Options};
 
+use log::warn;
+
 use crate::backend::BlkBackend;
 use crate::config::DeviceConfig;
 use crate::worker::DataFiles;
@@ -71,13 +73,25 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
-    let direct = if cfg.direct {
+    let small_clusters = img.as_qcow2().filter(|q| q.cluster_size() < 4096);
+    let direct = if let (true, Some(q)) = (cfg.direct, small_clusters) {
+        // Guest data would share pages with other clusters and with
+        // metadata, which the engine writes through the page cache: the
+        // kernel cannot keep both paths coherent on one page.
+        warn!(
+            "--direct ignored: {}-byte clusters share pages with each other and with \
+             metadata; guest data goes through the page cache",
+            q.cluster_size()
+        );
+        None
+    } else if cfg.direct {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(!cfg.readonly)
             .custom_flags(libc::O_DIRECT)
             .open(&cfg.image)
             .map_err(|e| Error::Direct(cfg.image.clone(), e))?;
+        check_direct_alignment(&f).map_err(|e| Error::Direct(cfg.image.clone(), e))?;
         Some(f)
     } else {
         None
@@ -128,4 +142,21 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     img.flush()
         .map_err(|e| Error::Image(cfg.image.clone(), e))?;
     Ok(())
+}
+
+/// Requests are sector-aligned: O_DIRECT must take 512-byte reads at
+/// 512-byte offsets on this file (some devices need 4 KiB; the daemon
+/// would then have to fall back to the page cache, which it does not mix
+/// with O_DIRECT).
+fn check_direct_alignment(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 2 * crate::worker::DIRECT_ALIGN];
+    let at = buf.as_ptr().align_offset(crate::worker::DIRECT_ALIGN);
+    match f.read_at(&mut buf[at..at + crate::worker::DIRECT_ALIGN], 0) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(std::io::Error::other(
+            "O_DIRECT does not take 512-byte aligned I/O on this file system",
+        )),
+        Err(e) => Err(e),
+    }
 }

@@ -56,8 +56,12 @@ const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 /// Most iovecs one readv/writev takes (IOV_MAX).
 const IOV_MAX: usize = 1024;
 /// Bounce buffer for data that does not come straight from the file
-/// (backing images, compressed clusters, iovec overflow).
+/// (backing images, compressed clusters, iovec overflow, guest buffers
+/// not aligned for O_DIRECT).
 const BOUNCE_LEN: usize = 1 << 20;
+/// Alignment of buffers, file offsets and lengths for O_DIRECT (the
+/// daemon checks at start that the file system accepts it).
+pub const DIRECT_ALIGN: usize = 512;
 
 /// The io_uring operations a queue's ring accepts: guest data moves with
 /// vectored reads and writes, nothing else (flushes, discards and zeroing
@@ -158,7 +162,10 @@ pub struct Worker {
     free: Vec<usize>,
     parked: VecDeque<usize>,
     inflight_ops: usize,
+    /// BOUNCE_LEN bytes from `bounce_at` on, aligned for O_DIRECT (the
+    /// vector is never resized, so the address stays).
     bounce: Vec<u8>,
+    bounce_at: usize,
     vring: Option<Vring>,
     /// Used entries were added since the last notification check.
     need_signal: bool,
@@ -183,6 +190,7 @@ impl Worker {
         let efd = EventFd::new(EFD_NONBLOCK)?;
         let ring = ring((qs * 2).next_power_of_two() as u32, &efd)?;
         let waker: Arc<dyn AllocWaker> = Arc::new(EventFdWaker(efd.try_clone()?));
+        let bounce = vec![0u8; BOUNCE_LEN + 4096];
         Ok(Worker {
             img,
             files,
@@ -198,7 +206,8 @@ impl Worker {
             free: (0..qs).rev().collect(),
             parked: VecDeque::new(),
             inflight_ops: 0,
-            bounce: vec![0; BOUNCE_LEN],
+            bounce_at: bounce.as_ptr().align_offset(4096),
+            bounce,
             vring: None,
             need_signal: false,
             event_idx: false,
@@ -574,11 +583,9 @@ impl Worker {
                 let mut k = 0u64;
                 while k < n {
                     let c = (n - k).min(BOUNCE_LEN as u64) as usize;
-                    q.read_mapped(other, &mut self.bounce[..c], off + k)?;
-                    if !self.slots[idx]
-                        .req
-                        .write_data(&*mem, done + k, &self.bounce[..c])
-                    {
+                    let buf = &mut self.bounce[self.bounce_at..][..c];
+                    q.read_mapped(other, buf, off + k)?;
+                    if !self.slots[idx].req.write_data(&*mem, done + k, buf) {
                         return Err(qcow2::Error::io(
                             "guest buffer",
                             std::io::Error::other("not writable"),
@@ -628,9 +635,11 @@ impl Worker {
         let slot = &mut self.slots[idx];
         let mem = slot.mem.clone().expect("mem");
         let ok = build_iovecs(&mem, &slot.req.segs, at, n, &mut iov.0);
-        if !ok || iov.0.len() > IOV_MAX {
-            // Rare: memory that does not map, or too fragmented for one
-            // vectored call. Do it synchronously through the bounce buffer.
+        let direct = self.files.direct.is_some();
+        if !ok || iov.0.len() > IOV_MAX || (direct && !direct_aligned(&iov.0, host, n)) {
+            // Rare: memory that does not map, too fragmented for one
+            // vectored call, or (with O_DIRECT) guest buffers not aligned
+            // for it. Do it synchronously through the bounce buffer.
             let r = self.bounce_io(idx, at, n, host, write);
             if let Some(w) = wio {
                 if let Some(q) = self.img.as_qcow2() {
@@ -646,7 +655,6 @@ impl Worker {
             }
             return;
         }
-        let direct = self.files.direct.is_some();
         let op = Op {
             iov,
             at,
@@ -697,6 +705,12 @@ impl Worker {
         }
     }
 
+    /// Moves request data bytes [at, at + n) to or from file offset
+    /// `host` synchronously, through the bounce buffer. With O_DIRECT the
+    /// data goes through the direct file whenever offset and length allow
+    /// (the bounce buffer is aligned): the same file's pages must not be
+    /// written both through the page cache and around it, or the kernel
+    /// fails to invalidate them (EIO at the next fsync, stale cached data).
     fn bounce_io(
         &mut self,
         idx: usize,
@@ -708,21 +722,22 @@ impl Worker {
         use std::os::unix::fs::FileExt;
         let slot = &self.slots[idx];
         let mem = slot.mem.clone().expect("mem");
-        let file = self.img.storage().file();
         let mut k = 0u64;
         while k < n {
             let c = (n - k).min(BOUNCE_LEN as u64) as usize;
-            let buf = &mut self.bounce[..c];
+            let pos = host + k;
+            let file = match &self.files.direct {
+                Some(f) if (pos | c as u64).is_multiple_of(DIRECT_ALIGN as u64) => f,
+                _ => self.img.storage().file(),
+            };
+            let buf = &mut self.bounce[self.bounce_at..][..c];
             if write {
                 if !slot.req.read_data(&*mem, at + k, buf) {
                     return Err(std::io::Error::other("guest buffer not readable"));
                 }
-                file.write_all_at(buf, host + k)?;
+                file.write_all_at(buf, pos)?;
             } else {
-                self.img
-                    .storage()
-                    .read_at(buf, host + k)
-                    .map_err(std::io::Error::other)?;
+                read_full_at(file, buf, pos)?;
                 if !slot.req.write_data(&*mem, at + k, buf) {
                     return Err(std::io::Error::other("guest buffer not writable"));
                 }
@@ -747,16 +762,16 @@ impl Worker {
             let ud = cqe.user_data();
             let (idx, opi) = ((ud >> 32) as usize, (ud & 0xffff_ffff) as usize);
             let res = cqe.result();
-            let slot = &mut self.slots[idx];
-            let op = slot.ops[opi].as_mut().expect("op in flight");
-            if res == -libc::EINVAL && op.direct {
-                // The guest buffer is not aligned for O_DIRECT: go buffered.
-                op.direct = false;
-                self.push_op(idx, opi);
-                continue;
-            }
-            let op = slot.ops[opi].take().expect("op in flight");
+            let op = self.slots[idx].ops[opi].take().expect("op in flight");
             let mut ok = res >= 0 && res as usize == op.expect;
+            if res == -libc::EINVAL && op.direct {
+                // O_DIRECT refused what `direct_aligned` let through (a
+                // stricter device): again through the aligned bounce
+                // buffer, never through the page cache.
+                ok = self
+                    .bounce_io(idx, op.at, op.expect as u64, op.host, op.write)
+                    .is_ok();
+            }
             if !ok && !op.write && res >= 0 {
                 // A read that stopped at the end of the file (clusters
                 // allocated but never written past it): the rest reads as
@@ -930,6 +945,35 @@ impl Drop for Worker {
             }
         }
     }
+}
+
+/// Whether O_DIRECT takes these buffers at file offset `host` for `n`
+/// bytes.
+fn direct_aligned(iov: &[libc::iovec], host: u64, n: u64) -> bool {
+    let a = DIRECT_ALIGN as u64;
+    (host | n).is_multiple_of(a)
+        && iov
+            .iter()
+            .all(|v| (v.iov_base as u64 | v.iov_len as u64).is_multiple_of(a))
+}
+
+/// Reads `buf.len()` bytes at `pos`; past the end of the file, zeros
+/// (clusters allocated but never written at the file's end).
+fn read_full_at(file: &std::fs::File, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut k = 0;
+    while k < buf.len() {
+        match file.read_at(&mut buf[k..], pos + k as u64) {
+            Ok(0) => {
+                buf[k..].fill(0);
+                break;
+            }
+            Ok(r) => k += r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Builds host iovecs for request data bytes [at, at + n). False when part
