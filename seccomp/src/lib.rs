@@ -8,7 +8,11 @@
 //! A syscall outside the list kills the whole process
 //! (SECCOMP_RET_KILL_PROCESS, seen by the parent as death by SIGSYS), so a
 //! compromised process cannot go on, and a syscall missing from a list is
-//! a visible failure rather than a silent error path.
+//! a visible failure rather than a silent error path. A few syscalls the
+//! C library makes on its own, at moments nobody chooses, and copes with
+//! failing (`openat` of a /proc file when malloc first trims a thread
+//! arena, `clone3`), are instead answered with an errno without running
+//! ([`SyscallList::deny_with`]).
 //! [`SeccompAction::Log`] lets such calls through and has the kernel log
 //! them (audit type 1326 in the kernel log), which is how a list is
 //! checked against a new workload.
@@ -60,6 +64,10 @@ pub enum Error {
     Build(seccompiler::BackendError),
     #[error("cannot install the seccomp filter: {0}")]
     Apply(seccompiler::Error),
+    #[error(
+        "seccomp filter: a thread's list answers a syscall with an errno the process's does not"
+    )]
+    WorkerDenials,
 }
 
 /// A condition on argument `arg` of a syscall.
@@ -72,6 +80,8 @@ pub enum Arg {
     Eq64(u8, u64),
     /// The argument's low 32 bits, masked, equal the value.
     Masked32(u8, u32, u32),
+    /// The argument's low 32 bits, unsigned, are below the value.
+    Lt32(u8, u32),
 }
 
 impl Arg {
@@ -85,6 +95,7 @@ impl Arg {
                 SeccompCmpOp::MaskedEq(u64::from(m)),
                 u64::from(v),
             ),
+            Arg::Lt32(i, v) => (i, SeccompCmpArgLen::Dword, SeccompCmpOp::Lt, u64::from(v)),
         };
         // An argument index above 5 is refused here.
         SeccompCondition::new(i, len, op, v).map_err(Error::Build)
@@ -92,11 +103,15 @@ impl Arg {
 }
 
 /// The syscalls a filter allows: each either with any arguments or only
-/// when one of its rules (all of a rule's conditions) holds.
+/// when one of its rules (all of a rule's conditions) holds; and those it
+/// answers with an errno instead of running them, whatever their
+/// arguments.
 #[derive(Debug, Clone, Default)]
 pub struct SyscallList {
     /// None: any arguments.
     calls: BTreeMap<i64, Option<Vec<Vec<Arg>>>>,
+    /// Syscall → errno. Wins over `calls`.
+    denied: BTreeMap<i64, i32>,
 }
 
 impl SyscallList {
@@ -124,8 +139,42 @@ impl SyscallList {
         self
     }
 
-    /// Adds everything `other` allows.
+    /// Answers each of `nrs` with `errno` (positive, e.g. EACCES) instead
+    /// of running it or killing the process: for calls the C library
+    /// makes on its own and handles failing. This wins over any `allow`
+    /// of the same syscall, in this list or one merged into it.
+    pub fn deny_with(&mut self, nrs: &[libc::c_long], errno: i32) -> &mut Self {
+        assert!(errno > 0 && errno < 4096, "errno {errno} out of range");
+        for &nr in nrs {
+            self.denied.insert(nr, errno);
+        }
+        self
+    }
+
+    /// The errno `nr` is answered with, if it is denied.
+    pub fn denied(&self, nr: libc::c_long) -> Option<i32> {
+        self.denied.get(&nr).copied()
+    }
+
+    /// Number of syscalls answered with an errno.
+    pub fn denied_len(&self) -> usize {
+        self.denied.len()
+    }
+
+    /// Whether every syscall `other` answers with an errno is answered
+    /// with the same errno here.
+    pub fn denies_all_of(&self, other: &SyscallList) -> bool {
+        other
+            .denied
+            .iter()
+            .all(|(nr, e)| self.denied.get(nr) == Some(e))
+    }
+
+    /// Adds everything `other` allows and denies.
     pub fn extend(&mut self, other: &SyscallList) -> &mut Self {
+        for (&nr, &e) in &other.denied {
+            self.deny_with(&[nr], e);
+        }
         for (&nr, rules) in &other.calls {
             match rules {
                 None => {
@@ -142,18 +191,21 @@ impl SyscallList {
     }
 
     /// Number of distinct syscalls allowed (with or without argument
-    /// rules).
+    /// rules; denied ones not counted).
     pub fn len(&self) -> usize {
-        self.calls.len()
+        self.calls
+            .keys()
+            .filter(|nr| !self.denied.contains_key(nr))
+            .count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.calls.is_empty()
+        self.len() == 0
     }
 
-    /// Whether `nr` is allowed at least for some arguments.
+    /// Whether `nr` is allowed (not denied) at least for some arguments.
     pub fn contains(&self, nr: libc::c_long) -> bool {
-        self.calls.contains_key(&nr)
+        self.calls.contains_key(&nr) && !self.denied.contains_key(&nr)
     }
 
     /// Number of argument rules for `nr` (0 when allowed with any
@@ -166,7 +218,15 @@ impl SyscallList {
     }
 
     /// The filter programs for `action`, in the order they must be
-    /// installed; None for [`SeccompAction::Off`].
+    /// installed, the main one (the list) last; None for
+    /// [`SeccompAction::Off`].
+    ///
+    /// With several filters the kernel takes the strictest answer of all
+    /// (kill, then errno, then allow), so an errno answer cannot come from
+    /// a filter of its own alone: the main program allows the denied
+    /// syscalls, whatever their arguments, and one program per errno value
+    /// (seccompiler gives a filter a single match action) answers them with
+    /// it and allows everything else.
     pub fn compile(&self, action: SeccompAction) -> Result<Option<Vec<BpfProgram>>, Error> {
         let mismatch = match action {
             SeccompAction::Off => return Ok(None),
@@ -176,6 +236,9 @@ impl SyscallList {
         let arch = std::env::consts::ARCH.try_into().map_err(Error::Build)?;
         let mut rules = BTreeMap::new();
         for (&nr, rs) in &self.calls {
+            if self.denied.contains_key(&nr) {
+                continue;
+            }
             let v = match rs {
                 None => Vec::new(),
                 Some(rs) => rs
@@ -191,26 +254,27 @@ impl SyscallList {
             };
             rules.insert(nr, v);
         }
+        let mut by_errno: BTreeMap<i32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
+        for (&nr, &e) in &self.denied {
+            rules.insert(nr, Vec::new());
+            by_errno.entry(e).or_default().insert(nr, Vec::new());
+        }
+        let mut progs = Vec::new();
+        for (e, denied) in by_errno {
+            let f = SeccompFilter::new(
+                denied,
+                seccompiler::SeccompAction::Allow,
+                seccompiler::SeccompAction::Errno(e as u32),
+                arch,
+            )
+            .map_err(Error::Build)?;
+            progs.push(f.try_into().map_err(Error::Build)?);
+        }
         let main = SeccompFilter::new(rules, mismatch, seccompiler::SeccompAction::Allow, arch)
             .map_err(Error::Build)?;
-        // clone3 passes its flags in memory, where a filter cannot check
-        // them: it fails with ENOSYS, so the C library falls back to
-        // clone(2), whose flags a list can check. (The kernel takes the
-        // strictest answer of all installed filters: a list without clone3
-        // still kills on it.)
-        let no_clone3 = SeccompFilter::new(
-            [(libc::SYS_clone3, Vec::new())].into_iter().collect(),
-            seccompiler::SeccompAction::Allow,
-            seccompiler::SeccompAction::Errno(libc::ENOSYS as u32),
-            arch,
-        )
-        .map_err(Error::Build)?;
-        // In installation order: the main filter last, since it may
-        // forbid installing more.
-        Ok(Some(vec![
-            no_clone3.try_into().map_err(Error::Build)?,
-            main.try_into().map_err(Error::Build)?,
-        ]))
+        // Last: it may forbid installing more.
+        progs.push(main.try_into().map_err(Error::Build)?);
+        Ok(Some(progs))
     }
 
     /// Installs the filter for `action` on every thread of the process
@@ -252,7 +316,23 @@ pub const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
 /// channels, joins), yield, read and write the descriptors it holds and
 /// close them, block signals and return from a handler (std's stack
 /// overflow handler runs on an alternate stack), draw random numbers
-/// (hash map keys) and exit. Creating threads is not part of it.
+/// (hash map keys), read clocks and exit. Creating threads is not part of
+/// it.
+///
+/// Also what the C library and std do on their own, at any moment of a
+/// long run, which a list measured on a test suite may never have seen:
+/// - malloc trimming a thread arena for the first time reads
+///   /proc/sys/vm/overcommit_memory: `openat` (and `open`) are answered
+///   EACCES, and glibc then assumes the default mode (and gives the
+///   memory back with `madvise(MADV_DONTNEED)`). No file is ever opened.
+/// - malloc creating its ninth arena (a thread's first allocation, or a
+///   retry after an arena is exhausted) counts CPUs: `sched_getaffinity`.
+/// - a thread ending gives back its stack (`madvise`, `munmap`) and its
+///   signal stack (`sigaltstack`, `munmap`).
+/// - clocks are read through the vDSO, but with a clock source it cannot
+///   read (hpet, acpi_pm: some VMs) it falls back to `clock_gettime`.
+/// - `madvise` with any advice but the privileged ones that poison or
+///   take offline physical pages (MADV_HWPOISON and up).
 pub fn runtime() -> SyscallList {
     use libc::*;
     let mut l = SyscallList::new();
@@ -260,10 +340,11 @@ pub fn runtime() -> SyscallList {
         SYS_brk,
         SYS_munmap,
         SYS_mremap,
-        SYS_madvise,
         SYS_futex,
         SYS_sched_yield,
+        SYS_sched_getaffinity,
         SYS_gettid,
+        SYS_clock_gettime,
         SYS_exit,
         SYS_exit_group,
         SYS_rt_sigprocmask,
@@ -277,8 +358,10 @@ pub fn runtime() -> SyscallList {
     let no_exec = Arg::Masked32(2, PROT_EXEC as u32, 0);
     l.allow_if(SYS_mmap, &[no_exec]);
     l.allow_if(SYS_mprotect, &[no_exec]);
+    l.allow_if(SYS_madvise, &[Arg::Lt32(2, MADV_HWPOISON as u32)]);
     // Debug builds check that a descriptor is open before closing it.
     l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_GETFD as u32)]);
+    l.deny_with(&[SYS_openat, SYS_open], EACCES);
     l
 }
 
@@ -317,6 +400,30 @@ mod tests {
         let p = runtime().compile(SeccompAction::Kill).unwrap().unwrap();
         assert_eq!(p.len(), 2);
         assert!(p[1].len() > p[0].len());
+    }
+
+    #[test]
+    fn denials_win_and_get_a_program_per_errno() {
+        let mut a = SyscallList::new();
+        a.allow(&[libc::SYS_read, libc::SYS_openat]);
+        a.deny_with(&[libc::SYS_openat], libc::EACCES);
+        assert!(!a.contains(libc::SYS_openat) && a.contains(libc::SYS_read));
+        assert_eq!((a.len(), a.denied_len()), (1, 1));
+        let mut b = SyscallList::new();
+        b.allow(&[libc::SYS_clone3]);
+        b.deny_with(&[libc::SYS_clone3], libc::ENOSYS);
+        b.deny_with(&[libc::SYS_open], libc::EACCES);
+        assert!(!a.denies_all_of(&b) && b.denies_all_of(&SyscallList::new()));
+        a.extend(&b);
+        assert!(a.denies_all_of(&b));
+        assert_eq!(a.denied(libc::SYS_clone3), Some(libc::ENOSYS));
+        assert_eq!((a.len(), a.denied_len()), (1, 3));
+        // EACCES, ENOSYS, then the list.
+        let p = a.compile(SeccompAction::Kill).unwrap().unwrap();
+        assert_eq!(p.len(), 3);
+        let r = runtime();
+        assert_eq!(r.denied(libc::SYS_openat), Some(libc::EACCES));
+        assert!(r.contains(libc::SYS_madvise) && r.contains(libc::SYS_sched_getaffinity));
     }
 
     #[test]

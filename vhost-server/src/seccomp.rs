@@ -49,7 +49,11 @@ impl Sandbox {
         let mut process = self.process.clone();
         process.extend(extra);
         if let Some(mut w) = self.vring_worker.compile(action)? {
-            // The main program only: the clone3 one is process-wide.
+            // The main program only: the errno answers are the process's
+            // programs', which must then cover the workers' own.
+            if !process.denies_all_of(&self.vring_worker) {
+                return Err(Error::WorkerDenials);
+            }
             let main = w.pop().expect("compile returns the main program last");
             let _ = VRING_WORKER.set(main);
             // What a worker needs to install its filter: seccomp(2) in
@@ -117,15 +121,12 @@ pub fn common() -> SyscallList {
     // The runtime: memory, futexes, descriptors, signals, exit.
     let mut l = runtime();
     l.allow(&[
-        // Threads. (clone3 is in the list but answered ENOSYS by a second
-        // filter, see `SyscallList::compile`; glibc then uses clone,
-        // allowed below for threads only.) signal-hook's handler registry
-        // yields (sched_yield) while it waits for a signal delivery in
-        // progress.
-        SYS_clone3,
+        // Threads (clone3 is answered ENOSYS below). signal-hook's
+        // handler registry yields (sched_yield) while it waits for a
+        // signal delivery in progress; a new thread's start-up asks for
+        // its CPU affinity (sched_getaffinity, in the runtime's part).
         SYS_set_robust_list,
         SYS_rseq,
-        SYS_sched_getaffinity,
         // Descriptors: eventfds, frontend messages, epoll.
         SYS_eventfd2,
         SYS_epoll_create1,
@@ -143,6 +144,10 @@ pub fn common() -> SyscallList {
         SYS_io_uring_enter,
         SYS_io_uring_register,
     ]);
+    // clone3 passes its flags in memory, where a filter cannot check
+    // them: it fails with ENOSYS, so the C library falls back to
+    // clone(2), allowed for threads only.
+    l.deny_with(&[SYS_clone3], ENOSYS);
     l.allow_if(SYS_clone, &[Arg::Eq64(0, THREAD_CLONE_FLAGS)]);
     // The relay's connection to the handler, and the signal thread's
     // wake-up of a pending accept: UNIX sockets only.
@@ -161,13 +166,20 @@ mod tests {
     #[test]
     fn daemon_lists_build_on_the_runtime() {
         let (c, w, r) = (common(), vring_worker_common(), runtime());
-        assert_eq!((c.len(), w.len(), r.len()), (40, 23, 19));
+        assert_eq!((c.len(), w.len(), r.len()), (40, 25, 21));
+        // openat and open (EACCES) everywhere, clone3 (ENOSYS) where
+        // threads are created.
+        assert_eq!((c.denied_len(), w.denied_len(), r.denied_len()), (3, 2, 2));
+        assert_eq!(c.denied(libc::SYS_clone3), Some(libc::ENOSYS));
+        assert!(!c.contains(libc::SYS_clone3) && !c.contains(libc::SYS_openat));
+        assert!(c.denies_all_of(&w));
         for nr in [libc::SYS_futex, libc::SYS_mmap, libc::SYS_fcntl] {
             assert!(c.contains(nr) && w.contains(nr), "{nr}");
         }
         // fcntl: F_GETFD from the runtime, F_DUPFD_CLOEXEC for the relay.
         assert_eq!((c.rules(libc::SYS_fcntl), w.rules(libc::SYS_fcntl)), (2, 1));
+        // ENOSYS, EACCES, the list.
         let p = common().compile(SeccompAction::Kill).unwrap().unwrap();
-        assert_eq!(p.len(), 2);
+        assert_eq!(p.len(), 3);
     }
 }

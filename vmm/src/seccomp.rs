@@ -19,10 +19,12 @@
 //!   reads console input (`read`), watches the backends' sockets
 //!   (`poll`);
 //! - and what [`rimg_seccomp::runtime`] allows any thread: memory,
-//!   futexes, signals, closing descriptors, exit.
+//!   futexes, signals, clocks, closing descriptors, exit; and what the C
+//!   library does on its own (a heap trim's `openat`, answered EACCES).
 //!
-//! No thread is created once the filter is on (no `clone`), no file or
-//! socket opened, no process started, no other ioctl.
+//! No thread is created once the filter is on (no `clone`), no file
+//! (`open` and `openat` fail with EACCES) or socket opened, no process
+//! started, no other ioctl.
 
 use std::os::fd::RawFd;
 
@@ -95,6 +97,8 @@ mod tests {
         ] {
             assert!(l.contains(nr), "{nr}");
         }
+        assert_eq!(l.denied(libc::SYS_openat), Some(libc::EACCES));
+        assert_eq!(l.denied(libc::SYS_clone3), None);
         for nr in [
             libc::SYS_openat,
             libc::SYS_socket,
@@ -111,7 +115,7 @@ mod tests {
         }
         // Two requests on the VM, two on each vCPU.
         assert_eq!(l.rules(libc::SYS_ioctl), 2 + 2 * 2);
-        assert_eq!(l.len(), 23);
+        assert_eq!(l.len(), 25);
         // 64 vCPUs still make a program the kernel takes (4096
         // instructions at most).
         let fds: Vec<RawFd> = (100..164).collect();

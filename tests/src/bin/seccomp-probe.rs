@@ -6,11 +6,20 @@
 //! `blk` and `net` make the call on the main thread under the daemon's
 //! process filter; the `-worker` kinds make it on a thread that has also
 //! entered the vring workers' filter, as a daemon's queue threads do.
-//! `vmm` makes it on the main thread under rimg-vmm's filter, built for
-//! two eventfds standing in for the VM and vCPU descriptors.
+//! `vmm` makes it on a thread started before rimg-vmm's filter (as the
+//! VMM's are), built for two eventfds standing in for the VM and vCPU
+//! descriptors.
 //! CALL is `allowed` (what such a thread does all day: eventfds, an
 //! allocation, a write to stderr, and on a daemon's main thread a new
-//! thread) or a call outside the list: `openat`, `inet-socket`, `fork`,
+//! thread); `runtime` (what the C library and std may do on any thread
+//! of a long run: `clock_gettime` as a real syscall, `sched_getaffinity`,
+//! `madvise` hints); `openat` and `open`, which must fail with EACCES
+//! (the probe panics otherwise); `heap-trim` (a thread frees a large
+//! block at the top of its malloc arena, which glibc trims, reading
+//! /proc/sys/vm/overcommit_memory the first time); `madvise-bad` (an
+//! advice number from the privileged range, MADV_HWPOISON and up: a
+//! value no kernel defines, harmless if it got through); or a call
+//! outside the list: `inet-socket`, `fork`,
 //! `thread`, `exec-mmap`, `tty-ioctl`, `memfd`; `unix-socket` and
 //! `io-uring-setup` (allowed in a daemon's process, not in a worker nor
 //! the VMM); `tun-ioctl`, one of the net daemon's allowed ioctls; or the
@@ -62,8 +71,66 @@ fn call(name: &str, worker: bool, efd: &EventFd, kvm: &Kvm) {
             let v = vec![7u8; 1 << 20];
             eprintln!("allowed calls work ({} bytes)", v.len());
         }
+        "runtime" => {
+            let mut ts = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: clock_gettime writes into the timespec we own; the
+            // raw syscall, as the vDSO makes it with a clock source it
+            // cannot read itself.
+            let r =
+                unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_MONOTONIC, &mut ts) };
+            assert_eq!(r, 0);
+            let mut set = [0u64; 16];
+            // SAFETY: the kernel writes at most size_of_val(&set) bytes
+            // into the mask we own.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_sched_getaffinity,
+                    0,
+                    std::mem::size_of_val(&set),
+                    set.as_mut_ptr(),
+                )
+            };
+            assert!(r > 0 && set.iter().any(|&w| w != 0), "{r}");
+            let m = Mapping::new(4 << 12);
+            for advice in [
+                libc::MADV_DONTNEED,
+                libc::MADV_FREE,
+                libc::MADV_NOHUGEPAGE,
+                libc::MADV_DONTFORK,
+            ] {
+                assert_eq!(m.advise(advice), 0, "advice {advice}");
+            }
+        }
+        "madvise-bad" => {
+            let m = Mapping::new(4096);
+            let _ = m.advise(libc::MADV_HWPOISON + 900);
+        }
         "openat" => {
-            let _ = std::fs::File::open("/proc/self/status");
+            let e = std::fs::File::open("/proc/self/status").expect_err("openat succeeded");
+            assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+        }
+        "open" => {
+            // SAFETY: open(2) with a NUL-terminated path; a descriptor we
+            // get stays open until exit.
+            let r = unsafe { libc::syscall(libc::SYS_open, c"/proc/self/status".as_ptr(), 0) };
+            let e = std::io::Error::last_os_error();
+            assert_eq!((r, e.raw_os_error()), (-1, Some(libc::EACCES)), "{e}");
+        }
+        "heap-trim" => {
+            // Only a thread's own arena (not the main one) reads the
+            // overcommit mode when it shrinks: on the main thread of a
+            // daemon, do it on a new thread.
+            if worker {
+                heap_trim();
+            } else {
+                std::thread::spawn(heap_trim).join().unwrap();
+            }
+            // And the process goes on.
+            let v = vec![3u8; 1 << 20];
+            eprintln!("after the trim ({} bytes)", v.len());
         }
         "thread" => {
             let _ = std::thread::Builder::new().spawn(|| ()).map(|t| t.join());
@@ -128,6 +195,49 @@ fn call(name: &str, worker: bool, efd: &EventFd, kvm: &Kvm) {
     }
 }
 
+/// Fills 64 blocks of 60 KiB (under malloc's mmap threshold: in this
+/// thread's arena, one after the other) and frees them: they merge into
+/// a free block of almost 4 MiB at the arena's top, which glibc trims.
+fn heap_trim() {
+    let blocks: Vec<Vec<u8>> = (1..=64u8).map(|i| vec![i; 60 << 10]).collect();
+    let sum: u64 = blocks.iter().map(|b| u64::from(b[b.len() - 1])).sum();
+    assert_eq!(sum, 64 * 65 / 2);
+    drop(blocks);
+}
+
+/// An anonymous read-write mapping, for madvise.
+struct Mapping(*mut libc::c_void, usize);
+
+impl Mapping {
+    fn new(len: usize) -> Mapping {
+        // SAFETY: an anonymous private mapping; unmapped in drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Mapping(p, len)
+    }
+
+    fn advise(&self, advice: libc::c_int) -> libc::c_int {
+        // SAFETY: advice on our own mapping, which nothing else uses.
+        unsafe { libc::madvise(self.0, self.1, advice) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in new, not used after this.
+        unsafe { libc::munmap(self.0, self.1) };
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let [_, kind, action, name] = &args[..] else {
@@ -147,12 +257,24 @@ fn main() {
         vcpu: vcpu.as_raw_fd(),
     };
     if kind == "vmm" {
-        rimg_vmm::seccomp::filter(kvm.vm, &[kvm.vcpu])
+        // Like the VMM's threads: started before the filter, which they
+        // wait for; they never create threads ("allowed" as a worker's).
+        // (Past its start-up, which the C library does on the new thread:
+        // rseq, robust futex list.)
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started) = std::sync::mpsc::channel::<()>();
+        let name2 = name.clone();
+        let t = std::thread::spawn(move || {
+            started_tx.send(()).unwrap();
+            wait.recv().unwrap();
+            call(&name2, true, &efd, &kvm);
+        });
+        started.recv().unwrap();
+        rimg_vmm::seccomp::filter(vm.as_raw_fd(), &[vcpu.as_raw_fd()])
             .install(action)
             .expect("install filter");
-        // The VMM's threads never create threads: "allowed" as a
-        // worker's.
-        call(name, true, &efd, &kvm);
+        go.send(()).unwrap();
+        t.join().unwrap();
         survived();
         return;
     }
