@@ -307,3 +307,29 @@ fn sigterm_under_load_exits_clean() {
     drop(load);
     assert_qemu_check_clean(&img);
 }
+
+/// SIGUSR1 prints the state of every queue and of the image's allocations
+/// (for diagnosing a stuck guest) and the daemon, seccomp in kill mode,
+/// goes on serving; SIGTERM still ends it cleanly.
+#[test]
+fn sigusr1_dumps_state_and_keeps_serving() {
+    let d = tempdir();
+    let (img, mut model) = make_image(d.path(), "qcow2", false);
+    let sock = d.path().join("u.sock");
+    let daemon = Daemon::start(&sock, &img, &["--num-queues", "2"]).expect("daemon");
+    let mut c = Client::connect(&sock, 2, false).expect("connect");
+    exercise(&mut c, 2, &mut model, 5, 40);
+    daemon.signal(libc::SIGUSR1);
+    assert!(
+        daemon.wait_for_log("state dump end", std::time::Duration::from_secs(10)),
+        "no state dump: {}",
+        daemon.log()
+    );
+    let log = daemon.log();
+    for needle in ["queue 0: ", "queue 1: ", "image: clusters being allocated"] {
+        assert!(log.contains(needle), "dump lacks {needle:?}: {log}");
+    }
+    exercise(&mut c, 2, &mut model, 6, 40);
+    drop(c);
+    finish_and_verify(daemon, &img, &model, d.path());
+}
