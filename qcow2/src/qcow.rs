@@ -1044,9 +1044,16 @@ impl Qcow2 {
     }
 
     /// The allocation state, for a daemon's state dump: guest clusters
-    /// being allocated, and those that refused callers wait on.
+    /// being allocated, and those that refused callers wait on. Never
+    /// blocks: a busy metadata lock is reported as such.
     pub fn alloc_state(&self) -> String {
-        let m = self.lock();
+        let m = match self.meta.try_lock() {
+            Ok(m) => m,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return "metadata lock held (busy or stuck)".into()
+            }
+        };
         let mut inflight: Vec<u64> = m.inflight.iter().copied().collect();
         inflight.sort_unstable();
         let active: u32 = self.epochs().active.values().sum();
@@ -1078,6 +1085,38 @@ impl Qcow2 {
         }
         self.finish_alloc(m, &a);
         r
+    }
+
+    /// Ends a write whose data I/O may still be running and will never be
+    /// waited for (its io_uring could not be waited on). The guest cluster
+    /// keeps its old mapping and the host clusters the write went to are
+    /// leaked, never referenced nor reused, so a late write into them
+    /// damages nothing; whoever waits for the guest clusters goes on.
+    pub fn abandon_write(&self, io: WriteIo) {
+        let Some(a) = io.alloc else {
+            // In place: the late write lands in the request's own range.
+            return;
+        };
+        let mut m = self.lock();
+        if a.reuse {
+            // The preallocated cluster stays allocated but is no longer
+            // this guest cluster's: unmap it (zero without a host).
+            let l2n = 1u64 << self.l2_bits();
+            let idx = (a.gc & (l2n - 1)) as usize;
+            let unmapped = L2Entry::Zero {
+                host: None,
+                copied: false,
+            };
+            match self.l2_writable(&mut m, (a.gc >> self.l2_bits()) as usize) {
+                Ok(slot) => Self::l2_set(&mut m, slot, idx, unmapped.encode(self.geom)),
+                Err(_) => {
+                    // Cannot unmap it: the guest cluster stays in flight
+                    // for good (writes to it wait) rather than risk reuse.
+                    return;
+                }
+            }
+        }
+        self.finish_alloc(m, &a);
     }
 
     /// Starts data I/O that maps guest ranges ([`map_read`](Self::map_read),

@@ -29,8 +29,8 @@ mod lockbytes {
     pub const CONSISTENT_READ: i64 = 0;
     pub const WRITE: i64 = 1;
     pub const RESIZE: i64 = 3;
-    /// rimg's own byte, below QEMU's ranges: held exclusively while an
-    /// opener takes and checks its lock bytes, so rimg openers do that one
+    /// rimg's own byte, below QEMU's ranges: held exclusively while a
+    /// writer takes and checks its lock bytes, so rimg writers do that one
     /// at a time and never tie with each other.
     pub const ARBITER: i64 = 99;
     pub fn name(bit: i64) -> &'static str {
@@ -62,18 +62,18 @@ impl Storage {
     /// first would let two openers racing each other both pass before
     /// either had taken its bytes; this way at most one of them does.
     /// Two openers that take their bytes at the same instant both see a
-    /// conflict and let go, and QEMU then fails both. rimg openers take
-    /// and check one at a time (the ARBITER byte), so they never tie with
-    /// each other; against a QEMU opener that tied with us (and gave up
-    /// at once) we try again a few times after random pauses growing from
-    /// about 1 to 32 ms. So of racing openers with rimg among them,
-    /// exactly one wins. An image really in use still fails, some 50 ms
-    /// later.
+    /// conflict and let go, and QEMU then fails both. rimg writers take
+    /// and check one at a time (the ARBITER byte, an exclusive lock, which
+    /// needs a writable descriptor), so they never tie with each other;
+    /// against any other opener that tied with us (QEMU gives up at once)
+    /// we try again a few times after random pauses growing from about 1
+    /// to 32 ms. So of racing writers with rimg among them, exactly one
+    /// wins. An image really in use still fails, some 50 ms later.
     fn lock(&self, writable: bool) -> Result<()> {
         const TRIES: u32 = 8;
         let mut k = 0;
         loop {
-            let arbiter = self.ofd_lock_wait(lockbytes::ARBITER);
+            let arbiter = writable && self.ofd_lock_briefly(lockbytes::ARBITER);
             let r = self.try_lock(writable);
             if arbiter {
                 self.ofd_lock(lockbytes::ARBITER, libc::F_UNLCK);
@@ -161,20 +161,26 @@ impl Storage {
         unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     }
 
-    /// Takes an exclusive OFD lock on one byte, waiting for it; false
-    /// when the file system has no locks (then nothing was taken).
-    fn ofd_lock_wait(&self, byte: i64) -> bool {
+    /// Takes an exclusive OFD lock on one byte, waiting up to about 200 ms
+    /// for a holder to let go (an opener stopped inside its check must not
+    /// hold everyone else up). False when it was not taken: busy for that
+    /// long, or no locks on this file system.
+    fn ofd_lock_briefly(&self, byte: i64) -> bool {
         let fl = Self::flock(libc::F_WRLCK, byte);
-        loop {
+        for _ in 0..200 {
             // SAFETY: as in `ofd_lock`.
-            let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLKW, &fl) };
+            let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
             if r == 0 {
                 return true;
             }
-            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                return false;
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EACCES) | Some(libc::EINTR) => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                _ => return false,
             }
         }
+        false
     }
 
     /// Whether another open file description holds a lock on `byte`.

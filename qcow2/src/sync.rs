@@ -16,8 +16,11 @@
 //! 2. Releasing an allocation removes its clusters from the in-flight set
 //!    and takes every waker registered on them in one critical section,
 //!    then wakes them after the lock is dropped.
-//! 3. Every allocation is released: `end_write` (or the `WriteIo` guard's
-//!    drop) ends it whatever the outcome of the data write.
+//! 3. Every allocation is released: `end_write` ends it whatever the
+//!    outcome of the data write, and `abandon_write` when the outcome
+//!    will never be known (it leaks the new clusters instead). A
+//!    `WriteIo` dropped without either would keep its clusters in flight
+//!    for good (`#[must_use]`; callers end every one).
 //!
 //! So a refused request's waker is called after the allocation it found
 //! ends; the caller retries then, and either succeeds or is refused by a

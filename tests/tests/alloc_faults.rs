@@ -150,3 +150,76 @@ fn compressed_write_past_the_end_is_refused() {
     drop(image);
     assert_qemu_check_clean(&img);
 }
+
+/// A write abandoned because its data I/O will never be waited for (a
+/// block daemon whose io_uring broke): whoever waits for the cluster is
+/// woken, the guest cluster keeps what it read before, a late write into
+/// the abandoned host cluster shows nowhere, later writes to the cluster
+/// work, and qemu-img finds leaks at most. Both a fresh allocation and the
+/// reuse of an allocated zero cluster (write-zeroes that kept it).
+#[test]
+fn abandoned_write_leaks_and_lets_others_go_on() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    struct Count(AtomicU32);
+    impl qcow2::AllocWaker for Count {
+        fn wake(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    for prealloc in ["fresh", "zero-allocated"] {
+        let d = tempdir();
+        let img = d.path().join("a.qcow2");
+        let o = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            img.to_str().unwrap(),
+            "1M",
+        ]);
+        assert!(o.status.success(), "{o:?}");
+        let im = open_rw(&img, 1 << 20);
+        let q = im.as_qcow2().unwrap();
+        if prealloc == "zero-allocated" {
+            im.write_at(&[0x11; CS as usize], 3 * CS).unwrap();
+            im.write_zeroes(3 * CS, CS, false).unwrap();
+        }
+        let w = q.begin_write(3 * CS, CS as usize).unwrap();
+        let count = Arc::new(Count(AtomicU32::new(0)));
+        let waker: Arc<dyn qcow2::AllocWaker> = count.clone();
+        assert!(
+            q.try_begin_write(3 * CS, CS as usize, &waker)
+                .unwrap()
+                .is_none(),
+            "{prealloc}: the cluster is being allocated"
+        );
+        let host = w.host;
+        q.abandon_write(w);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1, "{prealloc}: waiter woken");
+        // The late data write of the abandoned request.
+        im.storage().write_at(&[0xee; CS as usize], host).unwrap();
+        let mut buf = vec![0xffu8; CS as usize];
+        im.read_at(&mut buf, 3 * CS).unwrap();
+        assert!(buf.iter().all(|&b| b == 0), "{prealloc}: the late write shows");
+        let w = q
+            .try_begin_write(3 * CS, CS as usize, &waker)
+            .unwrap()
+            .expect("the cluster is free to allocate again");
+        assert_ne!(w.host, host, "{prealloc}: the abandoned cluster was reused");
+        im.storage().write_at(&[0x33; CS as usize], w.host).unwrap();
+        q.end_write(w, true).unwrap();
+        im.read_at(&mut buf, 3 * CS).unwrap();
+        assert!(buf.iter().all(|&b| b == 0x33), "{prealloc}: new data");
+        im.flush().unwrap();
+        drop(im);
+        let out = qemu_img(&["check", "--output=json", img.to_str().unwrap()]);
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("qemu-img check json");
+        assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{prealloc}: {v}");
+        assert_eq!(v["check-errors"].as_u64().unwrap_or(0), 0, "{prealloc}: {v}");
+        assert!(v["leaks"].as_u64().unwrap_or(0) >= 1, "{prealloc}: {v}");
+    }
+}

@@ -198,7 +198,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         if let Some(w) = self.workers.get(queue_index as usize) {
-            w.lock().unwrap_or_else(|p| p.into_inner()).drain_all();
+            w.lock().unwrap_or_else(|p| p.into_inner()).stop();
         }
         Ok(())
     }

@@ -73,14 +73,16 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
-    let small_clusters = img.as_qcow2().filter(|q| q.cluster_size() < 4096);
+    // SAFETY: sysconf has no memory effects.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
+    let small_clusters = img.as_qcow2().filter(|q| q.cluster_size() < page);
     let direct = if let (true, Some(q)) = (cfg.direct, small_clusters) {
         // Guest data would share pages with other clusters and with
         // metadata, which the engine writes through the page cache: the
         // kernel cannot keep both paths coherent on one page.
         warn!(
-            "--direct ignored: {}-byte clusters share pages with each other and with \
-             metadata; guest data goes through the page cache",
+            "--direct ignored: {}-byte clusters share {page}-byte pages with each other and \
+             with metadata; guest data goes through the page cache",
             q.cluster_size()
         );
         None

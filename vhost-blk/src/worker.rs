@@ -354,11 +354,20 @@ impl Worker {
         }
     }
 
-    /// Completes everything in flight and parked (stop_vring), while the
-    /// other queues' threads still serve them: a parked request may block
-    /// for another queue's allocation once this queue has nothing in
-    /// flight (see the module docs).
-    pub fn drain_all(&mut self) {
+    /// stop_vring: completes everything in flight and parked, then
+    /// forgets the ring, so that a late completion event (a waker fired by
+    /// an allocation this drain waited for) does not touch the stopped
+    /// queue. The next kick hands the ring back.
+    pub fn stop(&mut self) {
+        self.drain_all();
+        self.vring = None;
+    }
+
+    /// Completes everything in flight and parked while the other queues'
+    /// threads still serve them: a parked request may block for another
+    /// queue's allocation once this queue has nothing in flight (see the
+    /// module docs).
+    fn drain_all(&mut self) {
         while self.drain() && !self.parked.is_empty() {
             for _ in 0..self.parked.len() {
                 let Some(idx) = self.parked.pop_front() else {
@@ -699,8 +708,15 @@ impl Worker {
                 break;
             }
             // Submission queue full: hand what is queued to the kernel.
+            // With the completion queue overflowing the kernel refuses
+            // (EBUSY) until completions are reaped: reap them (this
+            // request has `pending` > 0, so it is not completed under us).
             if let Err(e) = self.ring.submit() {
-                error!("io_uring submit: {e}");
+                match e.raw_os_error() {
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => self.reap(),
+                    Some(libc::EINTR) => {}
+                    _ => error!("io_uring submit: {e}"),
+                }
             }
         }
     }
@@ -921,13 +937,21 @@ impl Drop for Worker {
         if self.wedged && self.inflight_ops > 0 {
             // The kernel may still read or write the iovecs, the guest
             // memory they point into and the ring: leak them all rather
-            // than free them under it. Their allocations stay in flight
-            // (writes to those clusters fail) and the engine keeps their
-            // tickets: a leak, never damage.
+            // than free them under it. Their allocations are abandoned
+            // (the new clusters leaked, so a late write lands nowhere that
+            // matters) and the engine keeps their tickets, so nothing they
+            // mapped is reused: a leak, never damage.
             error!(
                 "queue {}: {} I/Os still in flight: leaking their memory",
                 self.queue, self.inflight_ops
             );
+            if let Some(q) = self.img.as_qcow2() {
+                for op in self.slots.iter_mut().flat_map(|s| s.ops.iter_mut()) {
+                    if let Some(w) = op.as_mut().and_then(|op| op.wio.take()) {
+                        q.abandon_write(w);
+                    }
+                }
+            }
             std::mem::forget(std::mem::take(&mut self.slots));
             return;
         }

@@ -306,9 +306,11 @@ fn spawn_signal_thread(
             for sig in signals.forever() {
                 let cur = current.lock().unwrap_or_else(|p| p.into_inner());
                 if sig == SIGUSR1 {
-                    let dump = cur.as_ref().map(|(_, d)| d());
+                    // Dumped outside the lock: SIGTERM must still work if
+                    // the dump is slow.
+                    let dump = cur.as_ref().map(|(_, d)| d.clone());
                     drop(cur);
-                    let dump = dump.unwrap_or_else(|| "no frontend connected\n".into());
+                    let dump = dump.map_or_else(|| "no frontend connected\n".into(), |d| d());
                     eprint!("state dump (SIGUSR1):\n{dump}state dump end\n");
                     continue;
                 }
