@@ -9,6 +9,11 @@ use std::path::PathBuf;
 /// a command-line tool to print one clear line.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A caller in non-blocking mode ([`crate::sync::without_blocking`])
+    /// would have waited for another request's allocation; its waker is
+    /// registered. Nothing was changed by the step that refused.
+    #[error("would wait for another request's cluster allocation")]
+    WouldBlock,
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -963,20 +963,28 @@ impl Qcow2 {
     }
 
     /// Waits until none of the guest clusters [gc, gc + n) is being
-    /// allocated.
+    /// allocated; in non-blocking mode ([`crate::sync::without_blocking`])
+    /// registers the thread's waker on a busy one and fails instead.
     fn wait_inflight<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
         gc: u64,
         n: u64,
-    ) -> MutexGuard<'a, Meta> {
-        while !m.inflight.is_empty() && (gc..gc + n).any(|c| m.inflight.contains(&c)) {
+    ) -> Result<MutexGuard<'a, Meta>> {
+        while !m.inflight.is_empty() {
+            let Some(busy) = (gc..gc + n).find(|c| m.inflight.contains(c)) else {
+                break;
+            };
+            if let Some(w) = crate::sync::nonblocking_waker() {
+                m.waiters.register(busy, &w);
+                return Err(Error::WouldBlock);
+            }
             m = self
                 .alloc_done
                 .wait(m)
                 .expect("qcow2 metadata lock poisoned");
         }
-        m
+        Ok(m)
     }
 
     /// Maps the write after the lock was taken and the first cluster is
@@ -1017,7 +1025,7 @@ impl Qcow2 {
         self.check_writable()?;
         self.check_range(off, len as u64)?;
         let m = self.lock();
-        let m = self.wait_inflight(m, off >> self.cluster_bits, 1);
+        let m = self.wait_inflight(m, off >> self.cluster_bits, 1)?;
         self.begin_locked(m, off, len)
     }
 
@@ -1041,6 +1049,15 @@ impl Qcow2 {
             return Ok(None);
         }
         self.begin_locked(m, off, len).map(Some)
+    }
+
+    /// Waits until some allocation ends, or `timeout` passes (for callers
+    /// that poll with `try_begin_write` and may not block for good).
+    pub fn wait_for_allocations(&self, timeout: std::time::Duration) {
+        let m = self.lock();
+        if !m.inflight.is_empty() {
+            let _ = self.alloc_done.wait_timeout(m, timeout);
+        }
     }
 
     /// The allocation state, for a daemon's state dump: guest clusters
@@ -1167,7 +1184,7 @@ impl Qcow2 {
         while done < buf.len() {
             let pos = off + done as u64;
             let m = self.lock();
-            let m = self.wait_inflight(m, pos >> self.cluster_bits, 1);
+            let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
             let r = self.st.write_at(&buf[done..done + n], io.host);
@@ -1215,7 +1232,7 @@ impl Qcow2 {
             let l1i = (c >> self.l2_bits()) as usize;
             let chunk = (l2n - (c & (l2n - 1))).min(gc + n - c);
             let m = self.lock();
-            let mut m = self.wait_inflight(m, c, chunk);
+            let mut m = self.wait_inflight(m, c, chunk)?;
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
             if !has_table && (!zero || !self.has_backing_file) {
                 // Unallocated already reads as zeros without a backing file.
@@ -1788,7 +1805,7 @@ impl Qcow2 {
         let l1i = (gc >> self.l2_bits()) as usize;
         let idx = (gc & (l2n - 1)) as usize;
         let m = self.lock();
-        let mut m = self.wait_inflight(m, gc, 1);
+        let mut m = self.wait_inflight(m, gc, 1)?;
         let slot = self.l2_writable(&mut m, l1i)?;
         match self.decode(Self::l2_get(&m, slot, idx))? {
             L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}

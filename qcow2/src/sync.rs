@@ -45,6 +45,35 @@ pub trait AllocWaker: Send + Sync {
     fn wake(&self);
 }
 
+thread_local! {
+    static NONBLOCKING: std::cell::RefCell<Option<Arc<dyn AllocWaker>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread in non-blocking mode: where the engine
+/// would wait for another request's allocation (discard, write-zeroes,
+/// and the other synchronous writes), it registers `waker` on the cluster
+/// and fails with [`Error::WouldBlock`](crate::Error::WouldBlock)
+/// instead. For event loops, whose blocker may be a request in another
+/// loop that is not running any more (a daemon shutting down). The
+/// operations it covers are idempotent, so the caller retries the whole
+/// operation when woken.
+pub fn without_blocking<R>(waker: &Arc<dyn AllocWaker>, f: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Arc<dyn AllocWaker>>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            NONBLOCKING.with(|n| *n.borrow_mut() = self.0.take());
+        }
+    }
+    let _reset = Reset(NONBLOCKING.with(|n| n.borrow_mut().replace(waker.clone())));
+    f()
+}
+
+/// The waker of a thread in non-blocking mode.
+pub(crate) fn nonblocking_waker() -> Option<Arc<dyn AllocWaker>> {
+    NONBLOCKING.with(|n| n.borrow().clone())
+}
+
 /// Wakers registered on guest clusters that are being allocated.
 #[derive(Default)]
 pub(crate) struct Waiters(Vec<(u64, Arc<dyn AllocWaker>)>);

@@ -153,12 +153,17 @@ impl DaemonProcess {
                 _ => break None,
             }
         };
+        let mut threads = String::new();
         if st.is_none() {
+            // Stuck: its own state dump, then where each thread waits.
+            self.signal(libc::SIGUSR1);
+            self.wait_for_log("state dump end", Duration::from_secs(2));
+            threads = proc_threads(self.pid());
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
         let _ = self.stderr.take().unwrap().join();
-        (st, self.log())
+        (st, self.log() + &threads)
     }
 }
 
@@ -173,4 +178,28 @@ impl Drop for DaemonProcess {
             }
         }
     }
+}
+
+/// Each thread of `pid`: name, wait channel and kernel stack (root only).
+pub fn proc_threads(pid: u32) -> String {
+    let mut out = String::from("--- threads (/proc) ---\n");
+    let mut tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    tids.sort();
+    for t in tids {
+        let f = |n: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/{n}")).unwrap_or_default()
+        };
+        out.push_str(&format!(
+            "{t} {} wchan={}\n{}",
+            f("comm").trim(),
+            f("wchan").trim(),
+            f("stack")
+        ));
+    }
+    out
 }

@@ -198,12 +198,19 @@ fn abandoned_write_leaks_and_lets_others_go_on() {
         );
         let host = w.host;
         q.abandon_write(w);
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "{prealloc}: waiter woken");
+        assert_eq!(
+            count.0.load(Ordering::SeqCst),
+            1,
+            "{prealloc}: waiter woken"
+        );
         // The late data write of the abandoned request.
         im.storage().write_at(&[0xee; CS as usize], host).unwrap();
         let mut buf = vec![0xffu8; CS as usize];
         im.read_at(&mut buf, 3 * CS).unwrap();
-        assert!(buf.iter().all(|&b| b == 0), "{prealloc}: the late write shows");
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "{prealloc}: the late write shows"
+        );
         let w = q
             .try_begin_write(3 * CS, CS as usize, &waker)
             .unwrap()
@@ -219,7 +226,11 @@ fn abandoned_write_leaks_and_lets_others_go_on() {
         let v: serde_json::Value =
             serde_json::from_slice(&out.stdout).expect("qemu-img check json");
         assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{prealloc}: {v}");
-        assert_eq!(v["check-errors"].as_u64().unwrap_or(0), 0, "{prealloc}: {v}");
+        assert_eq!(
+            v["check-errors"].as_u64().unwrap_or(0),
+            0,
+            "{prealloc}: {v}"
+        );
         assert!(v["leaks"].as_u64().unwrap_or(0) >= 1, "{prealloc}: {v}");
     }
 }

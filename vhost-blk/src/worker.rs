@@ -6,21 +6,25 @@
 //! guest data I/O.
 //!
 //! # Ordering and progress
+//! - A serving thread never blocks on another queue's allocation: its
+//!   blocker may be a request in another queue's ring, and at shutdown
+//!   that queue's thread may already be gone, leaving its ring unreaped
+//!   until every thread has stopped.
 //! - A qcow2 write extent is begun with `try_begin_write`: when another
 //!   request is allocating the same cluster, the request is parked and the
 //!   engine registers this queue's waker on that cluster. The waker writes
 //!   the completion eventfd, so the epoll loop runs `handle_completions`,
 //!   which retries the parked requests, once the allocation has ended
 //!   (the protocol and why nothing is lost: `qcow2::sync`). A parked
-//!   request holds no allocation, and the serving thread never blocks on
-//!   another queue's allocation.
-//! - Blocking waits for another queue's allocation happen only with
-//!   nothing of this queue in flight (so no allocation of ours): in
-//!   FLUSH, DISCARD and WRITE_ZEROES, which first drain this queue's ring
-//!   and then run synchronously, and in `drain_all` (stop_vring), where
-//!   the blocker's thread is still serving its queue. A queue holds an
-//!   allocation only while the data write of it is in its ring, and its
-//!   thread reaps its ring whenever it would wait, so such a wait ends.
+//!   request holds no allocation.
+//! - DISCARD and WRITE_ZEROES run synchronously in the engine's
+//!   non-blocking mode (`qcow2::sync::without_blocking`): where the engine
+//!   would wait for an allocation it registers the waker and refuses, and
+//!   the request is parked and run again whole when woken (zeroing is
+//!   idempotent). FLUSH waits for this queue's own ring only.
+//! - `drain_all` (stop_vring, on the connection thread) waits for other
+//!   queues' allocations with a timeout, and drops requests still parked
+//!   after a while unanswered (never returned into the stopped ring).
 //! - When the worker threads are gone (disconnect), `drain_stopped`
 //!   drains every queue's ring before retrying parked requests, without
 //!   blocking: a parked request's blocker may sit in another queue's ring.
@@ -364,22 +368,52 @@ impl Worker {
     }
 
     /// Completes everything in flight and parked while the other queues'
-    /// threads still serve them: a parked request may block for another
-    /// queue's allocation once this queue has nothing in flight (see the
-    /// module docs).
+    /// threads still serve them. A request parked on another queue's
+    /// allocation is retried whenever an allocation ends (the engine's
+    /// condition variable, with a timeout: that queue's thread may stop
+    /// at any moment, a daemon shutting down); one still parked after
+    /// `STOP_PATIENCE` is dropped unanswered, never returned into the
+    /// stopped ring.
     fn drain_all(&mut self) {
+        const STOP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + STOP_PATIENCE;
         while self.drain() && !self.parked.is_empty() {
-            for _ in 0..self.parked.len() {
-                let Some(idx) = self.parked.pop_front() else {
-                    break;
-                };
-                self.slots[idx].parked = false;
-                let may_block = self.inflight_ops == 0;
-                self.plan(idx, may_block);
-            }
+            self.run_parked();
             self.submit();
+            if self.inflight_ops == 0 && !self.parked.is_empty() {
+                if std::time::Instant::now() >= deadline {
+                    warn!(
+                        "queue {}: stopping with {} requests still waiting for other \
+                         queues' allocations: dropped unanswered",
+                        self.queue,
+                        self.parked.len()
+                    );
+                    self.drop_parked();
+                    break;
+                }
+                if let Some(q) = self.img.as_qcow2() {
+                    q.wait_for_allocations(std::time::Duration::from_millis(50));
+                }
+            }
         }
         self.signal();
+    }
+
+    /// Frees the slots of parked requests without answering them (a queue
+    /// that stops while they still wait). They hold no allocation and no
+    /// I/O in flight; their I/O tickets go back.
+    fn drop_parked(&mut self) {
+        while let Some(idx) = self.parked.pop_front() {
+            let slot = &mut self.slots[idx];
+            slot.parked = false;
+            slot.busy = false;
+            slot.mem = None;
+            slot.ops.clear();
+            if let (Some(t), Some(q)) = (slot.ticket.take(), self.img.as_qcow2()) {
+                q.io_end(t);
+            }
+            self.free.push(idx);
+        }
     }
 
     /// One round of draining a queue whose thread is gone (disconnect):
@@ -454,7 +488,7 @@ impl Worker {
         match slot.req.kind.expect("parsed") {
             Kind::In | Kind::Out => {
                 slot.ticket = self.img.as_qcow2().map(|q| q.io_begin());
-                self.plan(idx, false)
+                self.plan(idx)
             }
             Kind::Flush => {
                 if !self.drain() {
@@ -485,13 +519,40 @@ impl Worker {
                     self.finish(idx, Some(S_IOERR), 0);
                     return;
                 }
-                let st = self.zero_segments(idx);
-                self.finish(idx, Some(st), 0);
+                self.run_zero(idx);
             }
         }
     }
 
-    fn zero_segments(&mut self, idx: usize) -> u8 {
+    /// Runs a discard or write-zeroes request. The engine does not wait
+    /// for another request's allocation: the request is parked, the waker
+    /// registered, and the whole request runs again when woken (zeroing is
+    /// idempotent).
+    fn run_zero(&mut self, idx: usize) {
+        let w = self.waker.clone();
+        let st = qcow2::sync::without_blocking(&w, || self.zero_segments(idx));
+        match st {
+            Some(st) => self.finish(idx, Some(st), 0),
+            None => {
+                self.slots[idx].parked = true;
+                self.parked.push_back(idx);
+            }
+        }
+    }
+
+    /// Retries a parked request: a read or write maps the rest of its
+    /// data, a discard or write-zeroes runs again.
+    fn retry(&mut self, idx: usize) {
+        self.slots[idx].parked = false;
+        match self.slots[idx].req.kind {
+            Some(Kind::Discard) | Some(Kind::WriteZeroes) => self.run_zero(idx),
+            _ => self.plan(idx),
+        }
+    }
+
+    /// The status of a discard or write-zeroes request, or None when it
+    /// must wait for an allocation (non-blocking mode).
+    fn zero_segments(&mut self, idx: usize) -> Option<u8> {
         let slot = &self.slots[idx];
         let mem = slot.mem.clone().expect("mem");
         let write_zeroes = slot.req.kind == Some(Kind::WriteZeroes);
@@ -499,16 +560,16 @@ impl Worker {
         for i in 0..nsegs {
             let mut b = [0u8; 16];
             if !slot.req.read_data(&*mem, i * 16, &mut b) {
-                return S_IOERR;
+                return Some(S_IOERR);
             }
             let Some(seg) = ZeroSeg::decode(&b) else {
                 self.warnings.warn(format_args!(
                     "discard/write-zeroes segment with reserved flags"
                 ));
-                return virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+                return Some(virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8);
             };
             if !write_zeroes && seg.unmap {
-                return virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
+                return Some(virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8);
             }
             let len = u64::from(seg.num_sectors) * 512;
             let end = seg.sector.checked_mul(512).and_then(|o| o.checked_add(len));
@@ -516,7 +577,7 @@ impl Worker {
                 self.warnings.warn(format_args!(
                     "discard/write-zeroes past the end of the disk"
                 ));
-                return S_IOERR;
+                return Some(S_IOERR);
             }
             let off = seg.sector * 512;
             let r = if write_zeroes {
@@ -524,31 +585,32 @@ impl Worker {
             } else {
                 self.img.discard(off, len)
             };
-            if let Err(e) = r {
-                error!("discard/write-zeroes at {off} len {len}: {e}");
-                return S_IOERR;
+            match r {
+                Ok(()) => {}
+                Err(qcow2::Error::WouldBlock) => return None,
+                Err(e) => {
+                    error!("discard/write-zeroes at {off} len {len}: {e}");
+                    return Some(S_IOERR);
+                }
             }
         }
         if write_zeroes && !self.writeback.load(Ordering::Relaxed) && self.img.flush().is_err() {
-            return S_IOERR;
+            return Some(S_IOERR);
         }
-        S_OK
+        Some(S_OK)
     }
 
-    /// Maps and issues the rest of a read or write request's data. With
-    /// `may_block` (only when this queue has nothing in flight, and its
-    /// blockers' threads run: `drain_all`), a write extent whose cluster
-    /// another queue is allocating waits for it instead of parking.
-    fn plan(&mut self, idx: usize, may_block: bool) {
+    /// Maps and issues the rest of a read or write request's data; parks
+    /// it at a write extent whose cluster another request is allocating.
+    fn plan(&mut self, idx: usize) {
         let write = self.slots[idx].req.kind == Some(Kind::Out);
-        let mut may_block = may_block;
         while !self.slots[idx].failed && self.slots[idx].done < self.slots[idx].req.len {
             let slot = &self.slots[idx];
             let done = slot.done;
             let off = slot.req.offset + done;
             let rem = slot.req.len - done;
             let step = if write {
-                self.plan_write_extent(idx, off, rem, &mut may_block)
+                self.plan_write_extent(idx, off, rem)
             } else {
                 self.plan_read_extent(idx, off, rem)
             };
@@ -608,29 +670,15 @@ impl Worker {
     }
 
     /// Issues one write extent; `None` when the request must wait.
-    fn plan_write_extent(
-        &mut self,
-        idx: usize,
-        off: u64,
-        rem: u64,
-        may_block: &mut bool,
-    ) -> qcow2::Result<Option<u64>> {
+    fn plan_write_extent(&mut self, idx: usize, off: u64, rem: u64) -> qcow2::Result<Option<u64>> {
         let done = self.slots[idx].done;
         let Some(q) = self.img.as_qcow2() else {
             self.issue(idx, done, rem, off, true, None);
             return Ok(Some(rem));
         };
         let len = rem.min(usize::MAX as u64 >> 1) as usize;
-        let wio = if *may_block && self.inflight_ops == 0 {
-            // Only the first extent may block: afterwards this queue has
-            // I/O in flight again.
-            *may_block = false;
-            q.begin_write(off, len)?
-        } else {
-            match q.try_begin_write(off, len, &self.waker)? {
-                Some(w) => w,
-                None => return Ok(None),
-            }
+        let Some(wio) = q.try_begin_write(off, len, &self.waker)? else {
+            return Ok(None);
         };
         let (n, host) = (wio.len as u64, wio.host);
         self.issue(idx, done, n, host, true, Some(wio));
@@ -832,8 +880,7 @@ impl Worker {
             let Some(idx) = self.parked.pop_front() else {
                 break;
             };
-            self.slots[idx].parked = false;
-            self.plan(idx, false);
+            self.retry(idx);
         }
     }
 
