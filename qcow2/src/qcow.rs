@@ -883,7 +883,7 @@ impl Qcow2 {
             let host = a.host + k * cs;
             if self.reads_zero(old) {
                 if !a.fresh {
-                    self.st.write_zeroes(host + from, to - from)?;
+                    self.st.write_data_zeroes(host + from, to - from)?;
                 }
                 continue;
             }
@@ -892,7 +892,7 @@ impl Qcow2 {
                 bounce.resize(cs as usize, 0);
                 self.cow_source(a.gc + k, old, &mut bounce)?;
                 self.st
-                    .write_at(&bounce[from as usize..to as usize], host + from)
+                    .write_data_at(&bounce[from as usize..to as usize], host + from)
             })?;
         }
         Ok(())
@@ -1187,7 +1187,7 @@ impl Qcow2 {
             let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
-            let r = self.st.write_at(&buf[done..done + n], io.host);
+            let r = self.st.write_data_at(&buf[done..done + n], io.host);
             self.end_write(io, r.is_ok())?;
             r?;
             done += n;

@@ -17,6 +17,19 @@ pub struct Storage {
     /// cache=unsafe: flushes are not passed to the host (a crash may lose
     /// or damage the image; for throw-away targets such as convert's).
     no_flush: std::sync::atomic::AtomicBool,
+    /// The same file opened with O_DIRECT, when guest data bypasses the
+    /// page cache (a block daemon's `--direct`): guest data the engine
+    /// writes itself (copy-on-write fill, synchronous writes) goes through
+    /// it too, so no page is written both ways (see `write_data_at`).
+    direct: std::sync::OnceLock<File>,
+}
+
+/// Alignment of buffers, offsets and lengths for O_DIRECT here.
+const DIRECT_ALIGN: u64 = 512;
+
+thread_local! {
+    /// An aligned buffer for O_DIRECT writes of the engine's own data.
+    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// QEMU's lock bytes (block/file-posix.c): a process holding permission
@@ -211,6 +224,7 @@ impl Storage {
             path: path.to_path_buf(),
             writable,
             no_flush: Default::default(),
+            direct: Default::default(),
         })
     }
 
@@ -220,6 +234,7 @@ impl Storage {
             path: path.to_path_buf(),
             writable,
             no_flush: Default::default(),
+            direct: Default::default(),
         }
     }
 
@@ -292,6 +307,60 @@ impl Storage {
                 self.path.display()
             )
         })
+    }
+
+    /// From now on, guest data the engine writes goes through `f`, this
+    /// file opened with O_DIRECT (once; later calls are ignored).
+    pub fn set_direct(&self, f: File) {
+        let _ = self.direct.set(f);
+    }
+
+    /// Writes guest data (not metadata) at `off`. With a direct file set,
+    /// through it whenever offset and length are aligned for O_DIRECT
+    /// (via an aligned buffer): a page written through the cache while
+    /// O_DIRECT writes hit it cannot be invalidated, and the kernel then
+    /// fails the next fsync with EIO and may keep stale data.
+    pub fn write_data_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        let Some(direct) = self.direct.get() else {
+            return self.write_at(buf, off);
+        };
+        if !(off | buf.len() as u64).is_multiple_of(DIRECT_ALIGN) || buf.is_empty() {
+            return self.write_at(buf, off);
+        }
+        DIRECT_BUF.with(|b| {
+            let mut b = b.borrow_mut();
+            let need = buf.len() + 4096;
+            if b.len() < need {
+                b.resize(need, 0);
+            }
+            let at = b.as_ptr().align_offset(4096);
+            b[at..at + buf.len()].copy_from_slice(buf);
+            direct.write_all_at(&b[at..at + buf.len()], off).ctx(|| {
+                format!(
+                    "write {} bytes at {off:#x} to {} (O_DIRECT)",
+                    buf.len(),
+                    self.path.display()
+                )
+            })
+        })
+    }
+
+    /// Zeroes guest data at `off`: as `write_zeroes`, but with a direct
+    /// file set and aligned ranges, by writing zeros through it (a file
+    /// system zeroes the partial blocks of a zero-range request through
+    /// the page cache).
+    pub fn write_data_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        if self.direct.get().is_none() || !(off | len).is_multiple_of(DIRECT_ALIGN) {
+            return self.write_zeroes(off, len);
+        }
+        let zeros = crate::zero_buf();
+        let mut k = 0;
+        while k < len {
+            let n = (len - k).min(zeros.len() as u64);
+            self.write_data_at(&zeros[..n as usize], off + k)?;
+            k += n;
+        }
+        Ok(())
     }
 
     /// Ignore flushes from now on (QEMU's cache=unsafe).

@@ -94,6 +94,12 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             .open(&cfg.image)
             .map_err(|e| Error::Direct(cfg.image.clone(), e))?;
         check_direct_alignment(&f).map_err(|e| Error::Direct(cfg.image.clone(), e))?;
+        // The engine's own guest-data writes (copy-on-write fill, partial
+        // write-zeroes) bypass the cache too.
+        let engine = f
+            .try_clone()
+            .map_err(|e| Error::Direct(cfg.image.clone(), e))?;
+        img.storage().set_direct(engine);
         Some(f)
     } else {
         None
