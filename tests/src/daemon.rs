@@ -1,7 +1,7 @@
 //! A daemon under test (rimg-vhost-blk, rimg-vhost-net): started, waited
 //! for until it listens, stopped with SIGTERM; its log is kept.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -23,9 +23,9 @@ pub struct DaemonProcess {
 }
 
 impl DaemonProcess {
-    /// Spawns `cmd` and waits for its first stderr line: the daemons print
-    /// their "serving" line only once the socket is bound. Anything else
-    /// (an error message, an exit) is returned as the error.
+    /// Spawns `cmd` and waits for its "serving" line on stderr: the
+    /// daemons print it only once the socket is bound (warnings may come
+    /// first; they stay in the log). An exit before it is the error.
     pub fn spawn(mut cmd: Command, socket: &Path) -> Result<DaemonProcess, String> {
         let mut child = cmd
             .stdin(Stdio::null())
@@ -34,16 +34,25 @@ impl DaemonProcess {
             .spawn()
             .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
         let mut rd = BufReader::new(child.stderr.take().unwrap());
-        let mut first = String::new();
-        rd.read_line(&mut first).map_err(|e| e.to_string())?;
-        if !first.contains("serving") {
-            let mut rest = String::new();
-            let _ = rd.read_to_string(&mut rest);
-            let st = child.wait().map_err(|e| e.to_string())?;
-            return Err(format!("daemon exited {st}: {first}{rest}"));
+        let mut before = String::new();
+        loop {
+            let mut line = String::new();
+            let n = rd.read_line(&mut line).map_err(|e| e.to_string())?;
+            before.push_str(&line);
+            if line.contains("serving") {
+                break;
+            }
+            if n == 0 {
+                let st = child.wait().map_err(|e| e.to_string())?;
+                return Err(format!("daemon exited {st}: {before}"));
+            }
         }
         // Keep draining stderr so the daemon never blocks on a full pipe.
         let log = Arc::new(Log::default());
+        log.text
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_str(&before);
         let sink = log.clone();
         let stderr = std::thread::spawn(move || {
             let mut line = String::new();
