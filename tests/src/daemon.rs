@@ -189,7 +189,8 @@ impl Drop for DaemonProcess {
     }
 }
 
-/// Each thread of `pid`: name, wait channel and kernel stack (root only).
+/// Each thread of `pid`: name, wait channel and kernel stack (the stack
+/// needs root).
 pub fn proc_threads(pid: u32) -> String {
     let mut out = String::from("--- threads (/proc) ---\n");
     let mut tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -200,15 +201,22 @@ pub fn proc_threads(pid: u32) -> String {
         .collect();
     tids.sort();
     for t in tids {
-        let f = |n: &str| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/{n}")).unwrap_or_default()
+        let rd = |f: &str| {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/{f}"))
+                .map(|s| s.trim_end().to_string())
+                .unwrap_or_else(|e| format!("<{e}>"))
         };
         out.push_str(&format!(
-            "{t} {} wchan={}\n{}",
-            f("comm").trim(),
-            f("wchan").trim(),
-            f("stack")
+            "tid {t} comm={} wchan={}\n",
+            rd("comm"),
+            rd("wchan")
         ));
+        let stack = rd("stack");
+        if !stack.starts_with('<') {
+            for l in stack.lines() {
+                out.push_str(&format!("    {l}\n"));
+            }
+        }
     }
     out
 }

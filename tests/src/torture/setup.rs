@@ -293,32 +293,6 @@ pub fn dump_state(d: &Daemon) -> String {
     if d.exited() {
         out.push_str("(the daemon died on SIGUSR1: no handler on this branch)\n");
     }
-    out.push_str("--- threads (/proc) ---\n");
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
-    let mut tids: Vec<String> = tasks
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    tids.sort();
-    for t in tids {
-        let rd = |f: &str| {
-            std::fs::read_to_string(format!("/proc/{pid}/task/{t}/{f}"))
-                .map(|s| s.trim_end().to_string())
-                .unwrap_or_else(|e| format!("<{e}>"))
-        };
-        out.push_str(&format!(
-            "tid {t} comm={} wchan={}\n",
-            rd("comm"),
-            rd("wchan")
-        ));
-        let stack = rd("stack");
-        if !stack.starts_with('<') {
-            for l in stack.lines() {
-                out.push_str(&format!("    {l}\n"));
-            }
-        }
-    }
+    out.push_str(&crate::daemon::proc_threads(pid));
     out
 }
