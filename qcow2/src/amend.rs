@@ -65,6 +65,11 @@ impl Qcow2 {
             }
             self.expand_zero_clusters()?;
         }
+        if version == 3 && h.version == 2 {
+            // Version 3 requires every snapshot entry to carry the disk
+            // size; entries written for version 2 may lack it.
+            self.complete_snapshot_table()?;
+        }
         self.update_header(|n: &mut Header| {
             if version != n.version {
                 n.version = version;
