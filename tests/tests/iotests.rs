@@ -22,8 +22,8 @@ const BASELINE_MIN: usize = 110;
 const DEADLINE: Duration = Duration::from_secs(45 * 60);
 
 fn passing(results: &Path) -> BTreeSet<String> {
-    let text = std::fs::read_to_string(results)
-        .unwrap_or_else(|e| panic!("{}: {e}", results.display()));
+    let text =
+        std::fs::read_to_string(results).unwrap_or_else(|e| panic!("{}: {e}", results.display()));
     text.lines()
         .filter_map(|l| l.split_once(' '))
         .filter(|(_, status)| *status == "pass")
