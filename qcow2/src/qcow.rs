@@ -2225,6 +2225,46 @@ impl Qcow2 {
         Ok((msgs, found))
     }
 
+    /// What makes the active tables unfit to be snapshotted, if anything:
+    /// an L2 table or data cluster past the end of the file, or a data
+    /// cluster on metadata.
+    fn snapshot_blocker(&self, m: &mut Meta, l1: &[u64]) -> Result<Option<String>> {
+        let cs = self.cluster_size();
+        // In whole clusters: a compressed cluster's last sector may end
+        // past the last byte of the file.
+        let file_end = self.st.len()?.next_multiple_of(cs);
+        for (i, &e) in l1.iter().enumerate() {
+            let off = L1Entry(e).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            if off.checked_add(cs).is_none_or(|end| end > file_end) {
+                return Ok(Some(format!(
+                    "L1 entry {i} names an L2 table at {off:#x}, past the end of the file"
+                )));
+            }
+            let slot = self.l2_slot(m, off)?;
+            for k in 0..1usize << self.l2_bits() {
+                let entry = self.decode(Self::l2_get(m, slot, k))?;
+                let Some((o, l)) = entry.host_range(cs) else {
+                    continue;
+                };
+                if o.checked_add(l).is_none_or(|end| end > file_end) {
+                    return Ok(Some(format!(
+                        "L2 entry {k} of the table at {off:#x} maps a cluster at {o:#x}, past the end of the file"
+                    )));
+                }
+                if let Some((kind, at)) = m.rc.overlap.find(o, l, Allow::NOTHING) {
+                    return Ok(Some(format!(
+                        "L2 entry {k} of the table at {off:#x} maps a cluster at {o:#x}, onto {} at {at:#x}",
+                        kind.name()
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Creates an internal snapshot of the current disk state.
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.check_writable()?;
@@ -2245,6 +2285,12 @@ impl Qcow2 {
         self.flush_locked(&mut m)?;
         let cs = self.cluster_size();
         let l1 = m.l1.clone();
+        // The snapshot takes a reference to every cluster the tables map:
+        // one past the end of the file or onto metadata would have its
+        // refcount raised where there is no such cluster to count.
+        if let Some(msg) = self.snapshot_blocker(&mut m, &l1)? {
+            return Err(m.rc.overlap.refuse_corrupt(&self.st, msg));
+        }
         let l1_off = if l1.is_empty() {
             0
         } else {
