@@ -152,9 +152,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             o.backing_format = a.backing_fmt.clone();
         }
         if o.backing_file.is_some() && o.backing_format.is_none() {
-            return Err(CliError::new(format!(
-                "{dst}: Backing file specified without backing format"
-            )));
+            // qemu-img's wording (not create's: convert has its own).
+            return Err(CliError::new(
+                "Use of backing file requires explicit backing format",
+            ));
         }
         o.size = if out_fmt == Format::Qcow2 {
             total.next_multiple_of(512)

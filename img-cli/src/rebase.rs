@@ -70,8 +70,17 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         )));
     };
     let new_name = (!a.backing.is_empty()).then(|| a.backing.clone());
+    if new_name.is_some() && a.backing_fmt.is_none() {
+        // As qemu-img (since 6.1): a backing file is never recorded
+        // without its format, which probing would guess (and a guest
+        // could then make a raw backing file look like an image).
+        return Err(CliError::new(format!(
+            "Could not change the backing file to '{}': backing format must be specified",
+            a.backing
+        )));
+    }
     let progress = Progress::new(a.progress && !a.quiet, "Rebasing", img.size(), 2.0);
-    let mut new_fmt_name = a.backing_fmt.clone();
+    let new_fmt_name = a.backing_fmt.clone();
     if !a.unsafe_mode {
         let new = match &new_name {
             None => None,
@@ -88,15 +97,10 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
                 .map_err(|e| {
                     CliError::new(format!("Could not open new backing file '{n}': {e}"))
                 })?;
-                new_fmt_name.get_or_insert_with(|| b.format().name().to_string());
                 Some(b)
             }
         };
         copy_differences(img.as_ref(), new.as_deref(), &progress)?;
-    } else if new_name.is_some() && new_fmt_name.is_none() {
-        // Unsafe mode cannot open the new file; probe it if it exists.
-        let path = qcow2::resolve_backing(Path::new(&a.filename), new_name.as_deref().unwrap());
-        new_fmt_name = qcow2::probe(&path).ok().map(|f| f.name().to_string());
     }
     img.flush()?;
     q.update_header(|h| {
