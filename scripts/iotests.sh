@@ -9,7 +9,8 @@
 # committed), selects the bash tests that run on qcow2 over plain files
 # without a VM, NBD, FUSE, TLS or storage daemon (scripts/iotests_select.py),
 # and runs each of them twice: with the installed qemu-img (the baseline)
-# and with QEMU_IMG_PROG pointing at rimg (qemu-io stays QEMU's).
+# and with QEMU_IMG_PROG pointing at rimg, through a link named qemu-img
+# (rimg installed as qemu-img; qemu-io stays QEMU's).
 #
 # Prints both pass counts and the tests that pass with qemu-img but not
 # with rimg (with the first line where the output differs), and writes
@@ -84,6 +85,10 @@ if [ -z "${RIMG:-}" ]; then
     RIMG=${CARGO_TARGET_DIR:-$ROOT/target}/debug/rimg
 fi
 [ -x "$RIMG" ] || die "no rimg binary at $RIMG"
+# rimg as a drop-in: installed under qemu-img's name (a link), it names
+# itself so in its messages, as qemu-img does from argv[0].
+mkdir -p "$OUT/bin/rimg-as-qemu-img"
+ln -sfn "$(realpath "$RIMG")" "$OUT/bin/rimg-as-qemu-img/qemu-img"
 
 if [ $# -gt 0 ]; then
     tests=("$@")
@@ -98,7 +103,7 @@ run_one() {
     local prog=$1 t=$2 img tdir sock rc status
     case $prog in
     qemu-img) img=$(command -v qemu-img) ;;
-    rimg) img=$RIMG ;;
+    rimg) img=$OUT/bin/rimg-as-qemu-img/qemu-img ;;
     esac
     tdir=$OUT/run/$prog/${t//\//_}
     rm -rf "$tdir"

@@ -127,6 +127,7 @@ fn copy_differences(
     let size = img.size();
     let cs = img.as_qcow2().map_or(65536, |q| q.cluster_size());
     let zero_clusters = img.as_qcow2().is_some_and(|q| q.header().version >= 3);
+    let had_backing = img.backing().is_some();
     let step = (1u64 << 20).max(cs);
     let mut old_buf = vec![0u8; step as usize];
     let mut new_buf = vec![0u8; step as usize];
@@ -148,8 +149,10 @@ fn copy_differences(
             let c_end = (((pos + k as u64) / cs + 1) * cs - pos) as usize;
             let j = c_end.min(len);
             if old_buf[k..j] != new_buf[k..j] {
-                if zero_clusters && old_buf[k..j].iter().all(|&b| b == 0) {
-                    // As qemu-img: a zero cluster, not zero-filled data.
+                if zero_clusters && !had_backing {
+                    // With no old backing file at all, qemu-img writes a
+                    // zero cluster, not zero bytes (with one, even past
+                    // its end, it copies what it reads as data).
                     // (Version 2 has none: zeros written there would read
                     // as "unallocated", showing the new backing file.)
                     img.write_zeroes(pos + k as u64, (j - k) as u64, false)?;

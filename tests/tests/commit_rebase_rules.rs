@@ -211,6 +211,42 @@ fn rebase_writes_zero_clusters() {
     }
 }
 
+/// 024: over an old backing file (reading zeros here, and past its end),
+/// rebase copies what it reads as data, as qemu-img does; zero clusters
+/// are only for an image that had no backing file.
+#[test]
+fn rebase_copies_old_backing_zeros_as_data() {
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let cs = 64 * K;
+    let dir = tempdir();
+    let mine = dir.path().join("rimg");
+    let theirs = dir.path().join("qemu");
+    std::fs::create_dir(&mine).unwrap();
+    let (old, new, top) = (mine.join("t.old"), mine.join("t.new"), mine.join("t.qcow2"));
+    create(&old, None, "compat=1.1", 2 * cs);
+    create(&new, None, "compat=1.1", 4 * cs);
+    create(&top, Some("t.old"), "compat=1.1", 4 * cs);
+    qemu_io(&new, &["write -P 0x11 0 256k"]);
+    copy_dir(&mine, &theirs);
+    for (tool, d) in [(rimg, &mine), ("qemu-img", &theirs)] {
+        ok(
+            tool,
+            &[
+                "rebase",
+                "-b",
+                "t.new",
+                "-F",
+                "qcow2",
+                d.join("t.qcow2").to_str().unwrap(),
+            ],
+        );
+    }
+    assert_eq!(map(&top), map(&theirs.join("t.qcow2")));
+    qemu_io(&top, &["read -P 0 0 256k"]);
+    assert_qemu_check_clean(&top);
+}
+
 fn check_json(img: &Path) -> Value {
     let out = run(
         "qemu-img",
