@@ -81,3 +81,25 @@ pub fn strerror(e: &std::io::Error) -> String {
         _ => s,
     }
 }
+
+/// `msg` with its first letter capitalised, as qemu-img starts messages.
+pub fn sentence(msg: &str) -> String {
+    let mut c = msg.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// An error as qemu-img words an OS error: the system's text alone
+/// ("No such file or directory"), without Rust's " (os error N)".
+pub fn os_error_text(e: &qcow2::Error) -> String {
+    let inner = match e {
+        qcow2::Error::Open { source, .. } | qcow2::Error::Io { source, .. } => source.to_string(),
+        e => e.to_string(),
+    };
+    match inner.rfind(" (os error ") {
+        Some(i) if inner.ends_with(')') => inner[..i].to_string(),
+        _ => inner,
+    }
+}
