@@ -221,6 +221,11 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                 o.compression_type = CompressionType::from_name(v)
                     .ok_or_else(|| CliError::new(format!("Invalid compression type '{v}'")))?
             }
+            // A hint to the host filesystem (XFS extent size); rimg
+            // leaves extent sizes to the filesystem.
+            (_, "extent_size_hint") => {
+                parse_size(v).ok_or_else(bad)?;
+            }
             (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
             (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
             (Format::Qcow2, "extended_l2") => {

@@ -53,16 +53,20 @@ impl Qcow2 {
                 "cannot amend the backing file (rebase -u changes it)".into(),
             ));
         }
+        // As QEMU: a downgrade drops lazy refcounts (the open made the
+        // refcounts right if the image was dirty); only asking to turn them
+        // on where they are off is refused for version 2.
         let lazy = a.lazy_refcounts.unwrap_or(h.lazy_refcounts());
+        if version == 2 && lazy && !h.lazy_refcounts() {
+            return Err(Error::InvalidArgument(
+                "lazy refcounts only supported with compatibility level 1.1 and above".into(),
+            ));
+        }
+        let lazy = lazy && version >= 3;
         if version == 2 {
             if bits != 16 {
                 return Err(Error::InvalidArgument(
                     "different refcount widths than 16 bits require compatibility level 1.1 or above".into(),
-                ));
-            }
-            if lazy {
-                return Err(Error::InvalidArgument(
-                    "lazy refcounts only supported with compatibility level 1.1 and above".into(),
                 ));
             }
             if h.version == 3 && h.incompatible_features & incompat::COMPRESSION != 0 {

@@ -68,6 +68,12 @@ fn amend_matches_qemu_img() {
         ("compat=0.10", "compat=1.1"),
         ("compat=1.1", "lazy_refcounts=on"),
         ("compat=1.1,lazy_refcounts=on", "lazy_refcounts=off"),
+        // A downgrade drops lazy refcounts unless asked to keep them (061).
+        ("compat=1.1,lazy_refcounts=on", "compat=0.10"),
+        (
+            "compat=1.1,lazy_refcounts=on",
+            "compat=0.10,lazy_refcounts=on",
+        ),
         (
             "compat=1.1,cluster_size=4096",
             "refcount_bits=8,lazy_refcounts=on",
