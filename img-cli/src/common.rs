@@ -103,3 +103,13 @@ pub fn os_error_text(e: &qcow2::Error) -> String {
         _ => inner,
     }
 }
+
+/// A filename as QEMU shows it: without a `file:` prefix, and a relative
+/// name with a colon (which would read as a protocol prefix) as `./name`.
+pub fn display_name(given: &str) -> String {
+    match given.strip_prefix("file:") {
+        Some(rest) if !rest.starts_with('/') && rest.contains(':') => format!("./{rest}"),
+        Some(rest) => rest.to_string(),
+        None => given.to_string(),
+    }
+}

@@ -124,6 +124,7 @@ impl CreateOptions {
 
 /// Creates (or truncates) `path` as a new image.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    let path = crate::open::host_path(path);
     o.validate()?;
     let file = std::fs::OpenOptions::new()
         .read(true)
