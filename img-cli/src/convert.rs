@@ -210,7 +210,19 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         // Zeros need not be written where the target already reads as
         // zeros: a new image without backing file, or one declared zero.
         target_zero: (target_fresh && target.backing().is_none()) || a.target_is_zero,
-        progress: Progress::new(a.progress && !a.quiet, "Converting", total, 1.0),
+        // As qemu-img: progress counts the data to copy (everything with
+        // -S 0), not the holes.
+        progress: Progress::new(
+            a.progress && !a.quiet,
+            "Converting",
+            if sparse == 0 || !(a.progress && !a.quiet) {
+                total
+            } else {
+                sources.data_bytes(0, total)?
+            },
+            1.0,
+        ),
+        count_data: a.progress && !a.quiet,
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
@@ -267,6 +279,21 @@ impl Sources {
         Ok(chain_status(img, at, len.min(left))?)
     }
 
+    /// Bytes of [from, to) some layer stores data for (what qemu-img's
+    /// progress counts).
+    fn data_bytes(&self, from: u64, to: u64) -> Result<u64, CliError> {
+        let mut n = 0;
+        let mut pos = from;
+        while pos < to {
+            let (st, len) = self.status(pos, to - pos)?;
+            if st == ChainStatus::Data {
+                n += len;
+            }
+            pos += len;
+        }
+        Ok(n)
+    }
+
     fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<(), CliError> {
         let mut done = 0;
         while done < buf.len() {
@@ -288,6 +315,8 @@ struct Job<'a> {
     sparse: u64,
     target_zero: bool,
     progress: Progress,
+    /// Progress is shown: count the data of each chunk for it.
+    count_data: bool,
     failed: AtomicBool,
     error: Mutex<Option<CliError>>,
 }
@@ -374,16 +403,20 @@ impl Job<'_> {
                 return;
             }
             let len = CHUNK.min(size - off);
-            if let Err(e) = self.chunk(src, off, len, &mut buf, &mut cmp) {
-                self.failed.store(true, Ordering::Relaxed);
-                self.error.lock().unwrap().get_or_insert(e);
-                return;
+            match self.chunk(src, off, len, &mut buf, &mut cmp) {
+                Ok(data) => self.progress.add(data),
+                Err(e) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    self.error.lock().unwrap().get_or_insert(e);
+                    return;
+                }
             }
-            self.progress.add(len);
         }
     }
 
-    /// Copies source bytes [off, off + len) to the same target offset.
+    /// Copies source bytes [off, off + len) to the same target offset;
+    /// returns how many of them were data (read from the source), or all
+    /// of them with -S 0.
     fn chunk(
         &self,
         src: &Sources,
@@ -391,14 +424,16 @@ impl Job<'_> {
         len: u64,
         buf: &mut [u8],
         cmp: &mut Vec<u8>,
-    ) -> Result<(), CliError> {
+    ) -> Result<u64, CliError> {
         let end = off + len;
         if self.sparse == 0 {
             // -S 0: everything is written, zeros included.
             let b = &mut buf[..len as usize];
             src.read_at(b, off)?;
-            return self.write(off, b);
+            self.write(off, b)?;
+            return Ok(len);
         }
+        let mut data_bytes = 0;
         if self.target.as_qcow2().is_none() {
             // Raw target: copy data regions, leave holes.
             let mut pos = off;
@@ -410,11 +445,12 @@ impl Job<'_> {
                         let b = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
                         src.read_at(b, pos)?;
                         self.data(pos, b, cmp)?;
+                        data_bytes += n;
                     }
                 }
                 pos += n;
             }
-            return Ok(());
+            return Ok(data_bytes);
         }
         // qcow2 target: decide per target cluster, so that a cluster whose
         // source has both data and holes is written whole (and can be
@@ -462,7 +498,10 @@ impl Job<'_> {
         if let Some((s, d)) = run {
             finish(s, end, d, buf, cmp)?;
         }
-        Ok(())
+        if self.count_data {
+            data_bytes = src.data_bytes(off, end)?;
+        }
+        Ok(data_bytes)
     }
 
     fn zeros(&self, at: u64, len: u64) -> Result<(), CliError> {
