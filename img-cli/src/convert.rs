@@ -215,7 +215,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         progress: Progress::new(
             a.progress && !a.quiet,
             "Converting",
-            if sparse == 0 || !(a.progress && !a.quiet) {
+            if sparse == 0 || !a.progress || a.quiet {
                 total
             } else {
                 sources.data_bytes(0, total)?
