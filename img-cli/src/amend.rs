@@ -93,6 +93,11 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             img.format().name()
         )));
     };
+    if am.backing_changes(&q.header()) {
+        return Err(CliError::new(
+            "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
+        ));
+    }
     q.amend(&am)
         .map_err(|e| CliError::new(format!("Error while amending options: {e}")))?;
     Ok(0)

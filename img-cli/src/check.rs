@@ -78,7 +78,7 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         Ok(r) => r,
         Err(e) => {
             // The check could not complete.
-            eprintln!("rimg: Check failed: {e}");
+            eprintln!("{}: Check failed: {e}", crate::prog_name());
             let r = CheckReport {
                 check_errors: 1,
                 ..Default::default()

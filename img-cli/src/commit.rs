@@ -61,6 +61,18 @@ fn backing_of(img: &dyn Image) -> Option<(PathBuf, Option<Format>)> {
     ))
 }
 
+/// Whether the base name given with -b names `backing`, the backing file
+/// of the layer at `layer`. As QEMU resolves it (bdrv_find_backing_image):
+/// a relative name is relative to that layer's directory, not the current
+/// one, and the two must be the same file.
+fn names(layer: &Path, given: &str, backing: &Path) -> bool {
+    let want = qcow2::resolve_backing(layer, given);
+    match (std::fs::canonicalize(want), std::fs::canonicalize(backing)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
 pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     let _ = (&a.cache, &a.rate);
     let format = match &a.format {
@@ -74,15 +86,9 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     // The layers above the base, top first, each opened on its own so that
     // the base can be opened for writing.
     let mut layers = vec![top];
-    let wanted_base = match &a.base {
-        Some(b) => Some(
-            std::fs::canonicalize(b)
-                .map_err(|e| CliError::new(format!("Could not open '{b}': {e}")))?,
-        ),
-        None => None,
-    };
     let (base_path, base_fmt) = loop {
-        let Some((next, fmt)) = backing_of(layers.last().unwrap().as_ref()) else {
+        let cur = layers.last().unwrap();
+        let Some((next, fmt)) = backing_of(cur.as_ref()) else {
             return Err(CliError::new(match &a.base {
                 None => "Image does not have a backing file".to_string(),
                 Some(b) => format!(
@@ -91,16 +97,16 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
                 ),
             }));
         };
-        let canon = std::fs::canonicalize(&next).unwrap_or_else(|_| next.clone());
-        match &wanted_base {
-            Some(w) if *w != canon => {
-                if layers.len() > qcow2::open::MAX_CHAIN_DEPTH {
-                    return Err(CliError::new("backing chain is too deep"));
-                }
-                layers.push(open_layer(&next, fmt, false)?);
-            }
-            _ => break (next, fmt),
+        if a.base
+            .as_deref()
+            .is_none_or(|b| names(cur.path(), b, &next))
+        {
+            break (next, fmt);
         }
+        if layers.len() > qcow2::open::MAX_CHAIN_DEPTH {
+            return Err(CliError::new("backing chain is too deep"));
+        }
+        layers.push(open_layer(&next, fmt, false)?);
     };
     let base = qcow2::open(
         &base_path,
@@ -118,9 +124,10 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     let progress = Progress::new(a.progress && !a.quiet, "Committing", size, 1.0);
     copy_down(&layers, base.as_ref(), size, &progress)?;
     base.flush()?;
-    // As qemu-img: the top is emptied only when the base is its own
-    // backing file (with images in between, they would show through).
-    if !a.keep && layers.len() == 1 {
+    // As qemu-img: the top is emptied only when its own backing file is
+    // the base by default; -b implies -d (with images in between, they
+    // would show through; and a named base is kept apart from the top).
+    if !a.keep && a.base.is_none() {
         if let Some(q) = layers[0].as_qcow2() {
             q.deallocate(0, size)?;
         }
@@ -160,7 +167,8 @@ fn copy_down(
             }
         }
         match decided {
-            Some((_, ExtentKind::Zero)) => base.write_zeroes(pos, len, false)?,
+            // As qemu-img: zeros may release the base's clusters.
+            Some((_, ExtentKind::Zero)) => base.write_zeroes(pos, len, true)?,
             Some((l, _)) => {
                 let b = &mut buf[..len as usize];
                 l.read_at(b, pos)?;

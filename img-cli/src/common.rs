@@ -81,3 +81,35 @@ pub fn strerror(e: &std::io::Error) -> String {
         _ => s,
     }
 }
+
+/// `msg` with its first letter capitalised, as qemu-img starts messages.
+pub fn sentence(msg: &str) -> String {
+    let mut c = msg.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// An error as qemu-img words an OS error: the system's text alone
+/// ("No such file or directory"), without Rust's " (os error N)".
+pub fn os_error_text(e: &qcow2::Error) -> String {
+    let inner = match e {
+        qcow2::Error::Open { source, .. } | qcow2::Error::Io { source, .. } => source.to_string(),
+        e => e.to_string(),
+    };
+    match inner.rfind(" (os error ") {
+        Some(i) if inner.ends_with(')') => inner[..i].to_string(),
+        _ => inner,
+    }
+}
+
+/// A filename as QEMU shows it: without a `file:` prefix, and a relative
+/// name with a colon (which would read as a protocol prefix) as `./name`.
+pub fn display_name(given: &str) -> String {
+    match given.strip_prefix("file:") {
+        Some(rest) if !rest.starts_with('/') && rest.contains(':') => format!("./{rest}"),
+        Some(rest) => rest.to_string(),
+        None => given.to_string(),
+    }
+}

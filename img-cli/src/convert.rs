@@ -107,6 +107,11 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     }
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
+    if srcs.len() > 1 && a.backing.is_some() {
+        return Err(CliError::new(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
     let src_fmt = fmt_arg(&a.format)?;
     let out_fmt = fmt_arg(&a.out_format)?.unwrap_or(Format::Raw);
     if a.compress && out_fmt != Format::Qcow2 {
@@ -121,7 +126,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         "writeback" | "writethrough" | "none" | "directsync" => false,
         c => return Err(CliError::new(format!("Invalid cache option: {c}"))),
     };
-    let sources: Vec<Arc<dyn Image>> = srcs
+    let parts: Vec<Arc<dyn Image>> = srcs
         .iter()
         .map(|s| {
             qcow2::open(
@@ -135,12 +140,18 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
         })
         .collect::<Result<_, _>>()?;
-    let total: u64 = sources.iter().map(|s| s.size()).sum();
+    let sources = Sources::new(parts);
+    let total = sources.size;
 
     let target_fresh = !a.no_create;
     if a.no_create {
-        if a.backing.is_some() || !a.options.is_empty() {
-            return Err(CliError::new("-n cannot be combined with -B or -o"));
+        // -B names what the existing target is taken to be based on; rimg
+        // compares with the target's own backing file (if any) instead,
+        // which writes no less than is needed.
+        if !a.options.is_empty() {
+            return Err(CliError::new(
+                "-o has no effect when skipping image creation",
+            ));
         }
     } else {
         let list = OptList::parse(&a.options).map_err(CliError::new)?;
@@ -152,9 +163,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             o.backing_format = a.backing_fmt.clone();
         }
         if o.backing_file.is_some() && o.backing_format.is_none() {
-            return Err(CliError::new(format!(
-                "{dst}: Backing file specified without backing format"
-            )));
+            // qemu-img's wording (not create's: convert has its own).
+            return Err(CliError::new(
+                "Use of backing file requires explicit backing format",
+            ));
         }
         o.size = if out_fmt == Format::Qcow2 {
             total.next_multiple_of(512)
@@ -194,11 +206,23 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         target: target.as_ref(),
         cluster,
         compress: a.compress,
-        sparse: sparse.max(1),
+        sparse,
         // Zeros need not be written where the target already reads as
         // zeros: a new image without backing file, or one declared zero.
         target_zero: (target_fresh && target.backing().is_none()) || a.target_is_zero,
-        progress: Progress::new(a.progress && !a.quiet, "Converting", total, 1.0),
+        // As qemu-img: progress counts the data to copy (everything with
+        // -S 0), not the holes.
+        progress: Progress::new(
+            a.progress && !a.quiet,
+            "Converting",
+            if sparse == 0 || !a.progress || a.quiet {
+                total
+            } else {
+                sources.data_bytes(0, total)?
+            },
+            1.0,
+        ),
+        count_data: a.progress && !a.quiet,
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
@@ -206,19 +230,14 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         1,
         std::thread::available_parallelism().map_or(2, |n| n.get()),
     );
-    let mut base = 0;
-    for src in &sources {
-        let next = AtomicU64::new(0);
-        std::thread::scope(|s| {
-            for _ in 0..workers {
-                s.spawn(|| job.worker(src.as_ref(), base, &next));
-            }
-        });
-        base += src.size();
-        if job.failed.load(Ordering::Relaxed) {
-            break;
+    // The sources as one disk: a target cluster that straddles two of
+    // them is still written (and compressed) whole.
+    let next = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| job.worker(&sources, &next));
         }
-    }
+    });
     if let Some(e) = job.error.lock().unwrap().take() {
         return Err(e);
     }
@@ -228,15 +247,137 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// Several source images read as one disk, one after the other.
+struct Sources {
+    /// (first byte in the concatenation, image)
+    parts: Vec<(u64, Arc<dyn Image>)>,
+    size: u64,
+}
+
+impl Sources {
+    fn new(images: Vec<Arc<dyn Image>>) -> Sources {
+        let mut parts = Vec::with_capacity(images.len());
+        let mut size = 0;
+        for img in images {
+            let n = img.size();
+            parts.push((size, img));
+            size += n;
+        }
+        Sources { parts, size }
+    }
+
+    /// The part holding byte `pos`, and how far it goes from there.
+    fn part(&self, pos: u64) -> (&dyn Image, u64, u64) {
+        let i = self.parts.partition_point(|(start, _)| *start <= pos) - 1;
+        let (start, img) = &self.parts[i];
+        (img.as_ref(), pos - start, start + img.size() - pos)
+    }
+
+    /// As [`chain_status`], within one part.
+    fn status(&self, pos: u64, len: u64) -> Result<(ChainStatus, u64), CliError> {
+        let (img, at, left) = self.part(pos);
+        Ok(chain_status(img, at, len.min(left))?)
+    }
+
+    /// Bytes of [from, to) some layer stores data for (what qemu-img's
+    /// progress counts).
+    fn data_bytes(&self, from: u64, to: u64) -> Result<u64, CliError> {
+        let mut n = 0;
+        let mut pos = from;
+        while pos < to {
+            let (st, len) = self.status(pos, to - pos)?;
+            if st == ChainStatus::Data {
+                n += len;
+            }
+            pos += len;
+        }
+        Ok(n)
+    }
+
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<(), CliError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let (img, at, left) = self.part(pos + done as u64);
+            let n = (left as usize).min(buf.len() - done);
+            img.read_at(&mut buf[done..done + n], at)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 struct Job<'a> {
     target: &'a dyn Image,
     cluster: u64,
     compress: bool,
+    /// -S: zero runs shorter than this are written as data; 0 allocates
+    /// everything.
     sparse: u64,
     target_zero: bool,
     progress: Progress,
+    /// Progress is shown: count the data of each chunk for it.
+    count_data: bool,
     failed: AtomicBool,
     error: Mutex<Option<CliError>>,
+}
+
+/// Splits `b`, to be written at offset `at`, into (from, to, is_data)
+/// runs by qemu-img's -S rule: zeros become a hole only in a run of at
+/// least `min` bytes; runs are judged in 512-byte sectors and their ends
+/// aligned to `min` rounded down to a power of two (a data run's end up,
+/// a hole's end down; a short zero run ending past a boundary is data).
+/// A buffer that starts with zeros starts with a hole.
+fn sparse_runs(b: &[u8], at: u64, min: u64) -> Vec<(usize, usize, bool)> {
+    const SECTOR: usize = 512;
+    let n = b.len();
+    let min = (min as usize).min(n);
+    let align = 1u64 << (min.max(SECTOR) as u64).ilog2();
+    let zero_at = |i: usize| is_zero(&b[i..(i + SECTOR).min(n)]);
+    // The run starting at `i`: its end and whether it is data.
+    let run = |i: usize| -> (usize, bool) {
+        let zero = zero_at(i);
+        let mut j = (i + SECTOR).min(n);
+        while j < n && zero_at(j) == zero {
+            j = (j + SECTOR).min(n);
+        }
+        if j == n {
+            return (n, !zero);
+        }
+        let tail = ((at + j as u64) % align) as usize;
+        if tail == 0 {
+            return (j, !zero);
+        }
+        if !zero || j - i <= tail {
+            ((j + align as usize - tail).min(n), true)
+        } else {
+            (j - tail, false)
+        }
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let (j, data) = run(i);
+        if !data {
+            out.push((i, j, false));
+            i = j;
+            continue;
+        }
+        // Data goes on over zero runs shorter than `min`.
+        let mut used = j;
+        let mut k = j;
+        while k < n {
+            let (e, d) = run(k);
+            if d {
+                used = e;
+            } else if e - k >= min {
+                break;
+            }
+            k = e;
+        }
+        out.push((i, used, true));
+        i = used;
+    }
+    out
 }
 
 fn is_zero(b: &[u8]) -> bool {
@@ -249,10 +390,10 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 impl Job<'_> {
-    fn worker(&self, src: &dyn Image, base: u64, next: &AtomicU64) {
+    fn worker(&self, src: &Sources, next: &AtomicU64) {
         let mut buf = vec![0u8; CHUNK as usize];
         let mut cmp = Vec::new();
-        let size = src.size();
+        let size = src.size;
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 return;
@@ -262,42 +403,54 @@ impl Job<'_> {
                 return;
             }
             let len = CHUNK.min(size - off);
-            if let Err(e) = self.chunk(src, base, off, len, &mut buf, &mut cmp) {
-                self.failed.store(true, Ordering::Relaxed);
-                self.error.lock().unwrap().get_or_insert(e);
-                return;
+            match self.chunk(src, off, len, &mut buf, &mut cmp) {
+                Ok(data) => self.progress.add(data),
+                Err(e) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    self.error.lock().unwrap().get_or_insert(e);
+                    return;
+                }
             }
-            self.progress.add(len);
         }
     }
 
-    /// Copies source bytes [off, off + len) to target offset base + off.
+    /// Copies source bytes [off, off + len) to the same target offset;
+    /// returns how many of them were data (read from the source), or all
+    /// of them with -S 0.
     fn chunk(
         &self,
-        src: &dyn Image,
-        base: u64,
+        src: &Sources,
         off: u64,
         len: u64,
         buf: &mut [u8],
         cmp: &mut Vec<u8>,
-    ) -> Result<(), CliError> {
+    ) -> Result<u64, CliError> {
         let end = off + len;
+        if self.sparse == 0 {
+            // -S 0: everything is written, zeros included.
+            let b = &mut buf[..len as usize];
+            src.read_at(b, off)?;
+            self.write(off, b)?;
+            return Ok(len);
+        }
+        let mut data_bytes = 0;
         if self.target.as_qcow2().is_none() {
             // Raw target: copy data regions, leave holes.
             let mut pos = off;
             while pos < end {
-                let (st, n) = chain_status(src, pos, end - pos)?;
+                let (st, n) = src.status(pos, end - pos)?;
                 match st {
-                    ChainStatus::Zero => self.zeros(base + pos, n)?,
+                    ChainStatus::Zero => self.zeros(pos, n)?,
                     ChainStatus::Data => {
                         let b = &mut buf[(pos - off) as usize..(pos - off + n) as usize];
                         src.read_at(b, pos)?;
-                        self.data(base + pos, b, cmp)?;
+                        self.data(pos, b, cmp)?;
+                        data_bytes += n;
                     }
                 }
                 pos += n;
             }
-            return Ok(());
+            return Ok(data_bytes);
         }
         // qcow2 target: decide per target cluster, so that a cluster whose
         // source has both data and holes is written whole (and can be
@@ -314,18 +467,18 @@ impl Job<'_> {
             if data {
                 let b = &mut buf[(from - off) as usize..(to - off) as usize];
                 src.read_at(b, from)?;
-                self.data(base + from, b, cmp)
+                self.data(from, b, cmp)
             } else {
-                self.zeros(base + from, to - from)
+                self.zeros(from, to - from)
             }
         };
         while pos < end {
-            let w_end = ((base + pos) / g + 1) * g - base;
+            let w_end = (pos / g + 1) * g;
             let w_end = w_end.min(end);
             let mut data = false;
             let mut p = pos;
             while p < w_end {
-                let (st, n) = chain_status(src, p, w_end - p)?;
+                let (st, n) = src.status(p, w_end - p)?;
                 if st == ChainStatus::Data {
                     data = true;
                     break;
@@ -345,7 +498,10 @@ impl Job<'_> {
         if let Some((s, d)) = run {
             finish(s, end, d, buf, cmp)?;
         }
-        Ok(())
+        if self.count_data {
+            data_bytes = src.data_bytes(off, end)?;
+        }
+        Ok(data_bytes)
     }
 
     fn zeros(&self, at: u64, len: u64) -> Result<(), CliError> {
@@ -383,6 +539,19 @@ impl Job<'_> {
             self.sparse
         };
         let backing = self.target.backing().cloned();
+        if backing.is_none() && !self.compress {
+            // -S decides which zero runs become holes (with -c only whole
+            // zero clusters do, as in qemu-img).
+            for (from, to, data) in sparse_runs(b, at, self.sparse) {
+                if data {
+                    self.write(at + from as u64, &b[from..to])?;
+                } else if !self.target_zero {
+                    self.target
+                        .write_zeroes(at + from as u64, (to - from) as u64, true)?;
+                }
+            }
+            return Ok(());
+        }
         let mut i = 0usize;
         let mut run_start: Option<usize> = None;
         let flush_run = |from: usize, to: usize| -> Result<(), CliError> {

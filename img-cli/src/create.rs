@@ -86,12 +86,24 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
             "Backing file not supported for file format 'raw'",
         ));
     }
-    if o.backing_file.is_some() {
+    if let Some(b) = &o.backing_file {
         if o.backing_format.is_none() {
-            return Err(CliError::new(format!(
-                "{}: Backing file specified without backing format",
-                a.filename
-            )));
+            // As qemu-img: the backing file is looked at first, and its
+            // format never recorded on a guess.
+            let path = qcow2::resolve_backing(Path::new(&a.filename), b);
+            return Err(CliError::new(match qcow2::probe(&path) {
+                Ok(f) => format!(
+                    "{}: Backing file specified without backing format\nDetected format of {}.",
+                    a.filename,
+                    f.name()
+                ),
+                Err(e) => format!(
+                    "{}: Could not open '{}': {}\nCould not open backing image.",
+                    a.filename,
+                    path.display(),
+                    crate::common::os_error_text(&e)
+                ),
+            }));
         }
         if let Some(f) = &o.backing_format {
             if Format::from_name(f).is_none() {
@@ -141,8 +153,20 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
             )
         );
     }
-    qcow2::create(Path::new(&a.filename), &o)
-        .map_err(|e| CliError::new(format!("{}: {e}", a.filename)))?;
+    qcow2::create(Path::new(&a.filename), &o).map_err(|e| match e {
+        // qemu-img words these as sentences of their own.
+        qcow2::Error::InvalidArgument(m) => CliError::new(format!(
+            "{}: {}",
+            a.filename,
+            crate::common::sentence(&m)
+        )),
+        qcow2::Error::TooLarge(_) => CliError::new(format!(
+            "{}: The image size is too large for file format '{}' (try using a larger cluster size)",
+            a.filename,
+            format.name()
+        )),
+        e => CliError::new(format!("{}: {e}", a.filename)),
+    })?;
     Ok(0)
 }
 
@@ -181,13 +205,26 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                 };
                 given_compat = Some(v.clone());
             }
-            (Format::Qcow2, "refcount_bits") => o.refcount_bits = v.parse().map_err(|_| bad())?,
+            (Format::Qcow2, "refcount_bits") => {
+                // A number as QEMU parses one (strtoull: "-1" wraps); a
+                // width that does not fit is left to create's check.
+                let n = v
+                    .parse::<u64>()
+                    .or_else(|_| v.parse::<i64>().map(|x| x as u64))
+                    .map_err(|_| bad())?;
+                o.refcount_bits = u32::try_from(n).unwrap_or(u32::MAX);
+            }
             (Format::Qcow2, "lazy_refcounts") => {
                 o.lazy_refcounts = parse_bool(k, v).map_err(CliError::new)?
             }
             (Format::Qcow2, "compression_type") => {
                 o.compression_type = CompressionType::from_name(v)
                     .ok_or_else(|| CliError::new(format!("Invalid compression type '{v}'")))?
+            }
+            // A hint to the host filesystem (XFS extent size); rimg
+            // leaves extent sizes to the filesystem.
+            (_, "extent_size_hint") => {
+                parse_size(v).ok_or_else(bad)?;
             }
             (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
             (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
@@ -220,7 +257,14 @@ fn backing_size(image: &str, backing: &str, fmt: Option<&str>) -> Result<u64, Cl
             ..Default::default()
         },
     )
-    .map_err(|e| CliError::new(format!("{image}: Could not open backing file: {e}")))?;
+    .map_err(|e| match e {
+        qcow2::Error::Open { .. } => CliError::new(format!(
+            "{image}: Could not open '{}': {}\nCould not open backing image.",
+            path.display(),
+            crate::common::os_error_text(&e)
+        )),
+        e => CliError::new(format!("{image}: Could not open backing file: {e}")),
+    })?;
     Ok(img.size())
 }
 

@@ -131,7 +131,10 @@ pub fn run(a: DdArgs) -> Result<u8, CliError> {
     )
     .map_err(|e| CliError::new(format!("Could not open '{output}': {e}")))?;
     if skip_past_end {
-        eprintln!("rimg: {input}: cannot skip to specified offset");
+        eprintln!(
+            "{}: {input}: cannot skip to specified offset",
+            crate::prog_name()
+        );
     }
     let mut buf = vec![0u8; PIECE.min(size - start).max(1) as usize];
     let mut pos = start;

@@ -65,7 +65,8 @@ fn open_one(name: &str, format: Option<Format>, force_share: bool) -> Result<Ima
     let (actual_size, file_length) = match img.as_qcow2() {
         Some(q) => (q.storage().allocated_bytes()?, q.storage().len()?),
         None => {
-            let md = std::fs::metadata(name).map_err(|e| CliError::new(format!("{name}: {e}")))?;
+            let md = std::fs::metadata(qcow2::open::host_path(Path::new(name)))
+                .map_err(|e| CliError::new(format!("{name}: {e}")))?;
             use std::os::unix::fs::MetadataExt;
             (md.blocks() * 512, md.len())
         }
@@ -74,14 +75,15 @@ fn open_one(name: &str, format: Option<Format>, force_share: bool) -> Result<Ima
         Some(q) => (Some(q.header()), q.snapshots()),
         None => (None, Vec::new()),
     };
+    let shown = crate::common::display_name(name);
     let backing = qh.as_ref().and_then(|h| h.backing_file.clone()).map(|b| {
-        let full = qcow2::resolve_backing(Path::new(name), &b);
+        let full = qcow2::resolve_backing(Path::new(&shown), &b);
         (b, full.to_string_lossy().into_owned())
     });
     // QEMU reports the length of the file node in whole 512-byte sectors.
     let file_length = file_length.next_multiple_of(512);
     Ok(ImageInfo {
-        filename: name.to_string(),
+        filename: shown,
         format: img.format(),
         virtual_size: img.size(),
         actual_size,

@@ -77,6 +77,23 @@ enum Cmd {
     Man(docs::ManArgs),
 }
 
+/// The name error messages start with: the last component of argv[0], as
+/// qemu-img does it, so that rimg installed as `qemu-img` speaks as it
+/// (scripts and QEMU's iotests read these lines).
+pub fn prog_name() -> &'static str {
+    static NAME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    NAME.get_or_init(|| {
+        std::env::args_os()
+            .next()
+            .and_then(|a| {
+                std::path::Path::new(&a)
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned())
+            })
+            .unwrap_or_else(|| "rimg".into())
+    })
+}
+
 /// A failure to report: one line on stderr, exit status 1 unless the
 /// command says otherwise.
 #[derive(Debug)]
@@ -115,7 +132,8 @@ fn main() -> ExitCode {
                 .map(str::trim)
                 .collect();
             eprintln!(
-                "rimg: {} (see 'rimg --help')",
+                "{0}: {1} (see '{0} --help')",
+                prog_name(),
                 msg.join(" ").trim_start_matches("error: ")
             );
             return ExitCode::from(1);
@@ -146,7 +164,7 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("rimg: {}", e.msg);
+            eprintln!("{}: {}", prog_name(), e.msg);
             ExitCode::from(e.code)
         }
     }

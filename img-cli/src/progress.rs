@@ -102,6 +102,19 @@ impl Progress {
 
     /// Counts `n` more units done.
     pub fn add(&self, n: u64) {
+        if n == 0 {
+            // Nothing done (a hole): qemu-img prints no step for it.
+            return;
+        }
+        if let Kind::Lines { last, .. } = &self.kind {
+            // Counted and judged under the lock: two workers adding at once
+            // print the steps the same adds in a row would (a step is not
+            // swallowed by the other's larger total).
+            let mut last = last.lock().unwrap();
+            self.done.fetch_add(n, Ordering::Relaxed);
+            self.print_line(&mut last);
+            return;
+        }
         self.done.fetch_add(n, Ordering::Relaxed);
         self.show();
     }
@@ -146,28 +159,33 @@ impl Progress {
         match &self.kind {
             Kind::Off => {}
             Kind::Bar(b) => b.set_position(self.done.load(Ordering::Relaxed).min(self.total)),
-            Kind::Lines {
-                min_skip,
-                last,
-                out,
-            } => {
+            Kind::Lines { last, .. } => {
                 // Read under the lock: with several workers adding, each
                 // prints at least what the one before it printed.
                 let mut last = last.lock().unwrap();
-                let done = self.done.load(Ordering::Relaxed);
-                let cur = if self.total == 0 {
-                    100.0
-                } else {
-                    (done.min(self.total) as f64 * 100.0 / self.total as f64).min(100.0)
-                };
-                // qemu_progress_print's rule.
-                if cur > *last + min_skip || cur < *last - min_skip || cur == 0.0 || cur == 100.0 {
-                    *last = cur;
-                    let mut out = out.lock().unwrap();
-                    let _ = write!(out, "    ({cur:.2}/100%)\r");
-                    let _ = out.flush();
-                }
+                self.print_line(&mut last);
             }
+        }
+    }
+
+    /// Prints the current figure if qemu_progress_print would; `last` is
+    /// the figure printed before (its lock held).
+    fn print_line(&self, last: &mut f64) {
+        let Kind::Lines { min_skip, out, .. } = &self.kind else {
+            return;
+        };
+        let done = self.done.load(Ordering::Relaxed);
+        let cur = if self.total == 0 {
+            100.0
+        } else {
+            (done.min(self.total) as f64 * 100.0 / self.total as f64).min(100.0)
+        };
+        // qemu_progress_print's rule.
+        if cur > *last + min_skip || cur < *last - min_skip || cur == 0.0 || cur == 100.0 {
+            *last = cur;
+            let mut out = out.lock().unwrap();
+            let _ = write!(out, "    ({cur:.2}/100%)\r");
+            let _ = out.flush();
         }
     }
 }

@@ -70,8 +70,17 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         )));
     };
     let new_name = (!a.backing.is_empty()).then(|| a.backing.clone());
+    if new_name.is_some() && a.backing_fmt.is_none() {
+        // As qemu-img (since 6.1): a backing file is never recorded
+        // without its format, which probing would guess (and a guest
+        // could then make a raw backing file look like an image).
+        return Err(CliError::new(format!(
+            "Could not change the backing file to '{}': backing format must be specified",
+            a.backing
+        )));
+    }
     let progress = Progress::new(a.progress && !a.quiet, "Rebasing", img.size(), 2.0);
-    let mut new_fmt_name = a.backing_fmt.clone();
+    let new_fmt_name = a.backing_fmt.clone();
     if !a.unsafe_mode {
         let new = match &new_name {
             None => None,
@@ -88,15 +97,10 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
                 .map_err(|e| {
                     CliError::new(format!("Could not open new backing file '{n}': {e}"))
                 })?;
-                new_fmt_name.get_or_insert_with(|| b.format().name().to_string());
                 Some(b)
             }
         };
         copy_differences(img.as_ref(), new.as_deref(), &progress)?;
-    } else if new_name.is_some() && new_fmt_name.is_none() {
-        // Unsafe mode cannot open the new file; probe it if it exists.
-        let path = qcow2::resolve_backing(Path::new(&a.filename), new_name.as_deref().unwrap());
-        new_fmt_name = qcow2::probe(&path).ok().map(|f| f.name().to_string());
     }
     img.flush()?;
     q.update_header(|h| {
@@ -122,6 +126,8 @@ fn copy_differences(
 ) -> Result<(), CliError> {
     let size = img.size();
     let cs = img.as_qcow2().map_or(65536, |q| q.cluster_size());
+    let zero_clusters = img.as_qcow2().is_some_and(|q| q.header().version >= 3);
+    let had_backing = img.backing().is_some();
     let step = (1u64 << 20).max(cs);
     let mut old_buf = vec![0u8; step as usize];
     let mut new_buf = vec![0u8; step as usize];
@@ -143,7 +149,16 @@ fn copy_differences(
             let c_end = (((pos + k as u64) / cs + 1) * cs - pos) as usize;
             let j = c_end.min(len);
             if old_buf[k..j] != new_buf[k..j] {
-                img.write_at(&old_buf[k..j], pos + k as u64)?;
+                if zero_clusters && !had_backing {
+                    // With no old backing file at all, qemu-img writes a
+                    // zero cluster, not zero bytes (with one, even past
+                    // its end, it copies what it reads as data).
+                    // (Version 2 has none: zeros written there would read
+                    // as "unallocated", showing the new backing file.)
+                    img.write_zeroes(pos + k as u64, (j - k) as u64, false)?;
+                } else {
+                    img.write_at(&old_buf[k..j], pos + k as u64)?;
+                }
             }
             k = j;
         }

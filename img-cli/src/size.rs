@@ -4,6 +4,11 @@
 /// for bytes), accepting decimals ("1.5G"), as qemu-img's qemu_strtosz.
 pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
+    // Plain hex, as qemu_strtosz takes it (no suffix, no fraction).
+    if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        let v = u64::from_str_radix(h, 16).ok()?;
+        return (v <= i64::MAX as u64).then_some(v);
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());

@@ -1,5 +1,6 @@
 //! Changing an existing image's format options (qemu-img amend): version
-//! (compat), refcount width, lazy refcounts, backing file fields.
+//! (compat), refcount width, lazy refcounts. The backing file fields may
+//! only be restated as they are (QEMU's rule; `rebase -u` changes them).
 
 use crate::error::{Error, Result};
 use crate::header::{compat, incompat, Header};
@@ -13,9 +14,25 @@ pub struct Amend {
     pub version: Option<u32>,
     pub refcount_bits: Option<u32>,
     pub lazy_refcounts: Option<bool>,
-    /// Some(None) removes the backing file.
+    /// Must equal the image's (Some(None): no backing file), see
+    /// [`Amend::backing_changes`].
     pub backing_file: Option<Option<String>>,
     pub backing_format: Option<Option<String>>,
+}
+
+impl Amend {
+    /// Whether the backing file fields asked for differ from the image's.
+    /// As in QEMU (which removed changing them by amend in 6.1), naming
+    /// them is allowed only to restate both as they are: a field not
+    /// named counts as "none".
+    pub fn backing_changes(&self, h: &Header) -> bool {
+        if self.backing_file.is_none() && self.backing_format.is_none() {
+            return false;
+        }
+        let file = self.backing_file.clone().flatten();
+        let format = self.backing_format.clone().flatten();
+        file != h.backing_file || format != h.backing_format
+    }
 }
 
 impl Qcow2 {
@@ -31,16 +48,25 @@ impl Qcow2 {
                 "refcount width must be a power of two and may not exceed 64 bits".into(),
             ));
         }
+        if a.backing_changes(&h) {
+            return Err(Error::InvalidArgument(
+                "cannot amend the backing file (rebase -u changes it)".into(),
+            ));
+        }
+        // As QEMU: a downgrade drops lazy refcounts (the open made the
+        // refcounts right if the image was dirty); only asking to turn them
+        // on where they are off is refused for version 2.
         let lazy = a.lazy_refcounts.unwrap_or(h.lazy_refcounts());
+        if version == 2 && lazy && !h.lazy_refcounts() {
+            return Err(Error::InvalidArgument(
+                "lazy refcounts only supported with compatibility level 1.1 and above".into(),
+            ));
+        }
+        let lazy = lazy && version >= 3;
         if version == 2 {
             if bits != 16 {
                 return Err(Error::InvalidArgument(
                     "different refcount widths than 16 bits require compatibility level 1.1 or above".into(),
-                ));
-            }
-            if lazy {
-                return Err(Error::InvalidArgument(
-                    "lazy refcounts only supported with compatibility level 1.1 and above".into(),
                 ));
             }
             if h.version == 3 && h.incompatible_features & incompat::COMPRESSION != 0 {
@@ -65,6 +91,11 @@ impl Qcow2 {
             }
             self.expand_zero_clusters()?;
         }
+        if version == 3 && h.version == 2 {
+            // Version 3 requires every snapshot entry to carry the disk
+            // size; entries written for version 2 may lack it.
+            self.complete_snapshot_table()?;
+        }
         self.update_header(|n: &mut Header| {
             if version != n.version {
                 n.version = version;
@@ -85,20 +116,6 @@ impl Qcow2 {
                 } else {
                     n.compatible_features &= !compat::LAZY_REFCOUNTS;
                 }
-            }
-            if let Some(b) = &a.backing_file {
-                n.backing_file = b.clone();
-                if b.is_none() {
-                    n.backing_format = None;
-                }
-            }
-            if let Some(f) = &a.backing_format {
-                if f.is_some() && n.backing_file.is_none() {
-                    return Err(Error::InvalidArgument(
-                        "backing format cannot be used without backing file".into(),
-                    ));
-                }
-                n.backing_format = f.clone();
             }
             Ok(())
         })

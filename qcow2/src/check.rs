@@ -712,9 +712,16 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.flush()?;
+        let (sn_msgs, sn_found) = self.check_snapshot_table(repair == Repair::All)?;
         let rep = self.with_meta(|ctx| {
             ctx.drop_l2_cache();
-            let rep = check(self, ctx, repair)?;
+            let mut rep = check(self, ctx, repair)?;
+            rep.messages.splice(0..0, sn_msgs);
+            if repair == Repair::All {
+                rep.corruptions_fixed += sn_found;
+            } else {
+                rep.corruptions += sn_found;
+            }
             if repair != Repair::None && rep.corruptions == 0 {
                 // Refcounts are right and the image is consistent: it is
                 // neither dirty nor corrupt any more.

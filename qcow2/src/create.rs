@@ -97,13 +97,13 @@ impl CreateOptions {
         }
         if self.version == 2 {
             if self.refcount_bits != 16 {
-                return inval("different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+                return inval("different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)");
             }
             if self.lazy_refcounts {
-                return inval("lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+                return inval("lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
             if self.compression_type != CompressionType::Zlib {
-                return inval("non-zlib compression type is only supported with compatibility level 1.1 and above (use compat=1.1 or greater)");
+                return inval("non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
         }
         if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
@@ -124,6 +124,7 @@ impl CreateOptions {
 
 /// Creates (or truncates) `path` as a new image.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
+    let path = crate::open::host_path(path);
     o.validate()?;
     let file = std::fs::OpenOptions::new()
         .read(true)

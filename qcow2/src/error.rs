@@ -32,7 +32,7 @@ pub enum Error {
     InvalidHeader(String),
     #[error("unsupported qcow2 version {0}")]
     UnsupportedVersion(u32),
-    #[error("unsupported qcow2 feature(s): {0}")]
+    #[error("Unsupported qcow2 feature(s): {0}")]
     UnsupportedFeature(String),
     #[error("image is corrupt: {0}")]
     Corrupt(String),

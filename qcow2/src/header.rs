@@ -395,10 +395,22 @@ impl Header {
     fn check_features(&self) -> Result<()> {
         let unknown = self.incompatible_features & !incompat::KNOWN;
         if unknown != 0 {
-            let names: Vec<String> = (0..64u8)
-                .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| self.incompat_name(b))
-                .collect();
+            // As QEMU words it: the named bits, then one mask of the rest.
+            let mut names = Vec::new();
+            let mut unnamed = 0u64;
+            for b in (0..64u8).filter(|b| unknown & (1u64 << b) != 0) {
+                match self
+                    .feature_names
+                    .iter()
+                    .find(|f| f.kind == 0 && f.bit == b)
+                {
+                    Some(f) => names.push(f.name.clone()),
+                    None => unnamed |= 1u64 << b,
+                }
+            }
+            if unnamed != 0 {
+                names.push(format!("Unknown incompatible feature: {unnamed:x}"));
+            }
             return Err(Error::UnsupportedFeature(names.join(", ")));
         }
         if self.incompatible_features & incompat::DATA_FILE != 0 {
@@ -437,7 +449,8 @@ impl Header {
                     self.backing_format = Some(s.trim_end_matches('\0').to_string());
                 }
                 ext::FEATURE_TABLE => {
-                    for e in data.chunks_exact(48) {
+                    // A short last entry counts (QEMU reads it padded).
+                    for e in data.chunks(48).filter(|e| e.len() >= 2) {
                         let name_raw = &e[2..];
                         let n = name_raw
                             .iter()

@@ -28,8 +28,20 @@ pub struct OpenOptions {
     pub qcow2: Qcow2Options,
 }
 
+/// The host file a filename names: QEMU's `file:` protocol prefix
+/// (which lets a name hold a colon) is taken off.
+pub fn host_path(path: &Path) -> &Path {
+    use std::os::unix::ffi::OsStrExt;
+    let b = path.as_os_str().as_bytes();
+    match b.strip_prefix(b"file:") {
+        Some(rest) => Path::new(std::ffi::OsStr::from_bytes(rest)),
+        None => path,
+    }
+}
+
 /// Opens an image and, unless told not to, its backing chain.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
+    let path = host_path(path);
     let mut seen = HashSet::new();
     open_at_depth(path, opts.format, opts.writable, opts, 0, &mut seen)
 }
@@ -37,7 +49,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
 /// Reads the first bytes of a file to decide its format: qcow2 by magic,
 /// anything else is raw (as QEMU's probing falls back to raw).
 pub fn probe(path: &Path) -> Result<Format> {
-    let st = Storage::open(path, false)?;
+    let st = Storage::open(host_path(path), false)?;
     probe_storage(&st)
 }
 

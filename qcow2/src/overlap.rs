@@ -311,6 +311,24 @@ impl MetadataMap {
         }))
     }
 
+    /// Refuses an operation that found the metadata corrupt (`msg` says
+    /// how) before writing anything: as a refused write, the image is
+    /// marked corrupt and takes no more writes.
+    pub fn refuse_corrupt(&mut self, st: &Storage, msg: String) -> Error {
+        if let Err(e) = self.usable() {
+            return e;
+        }
+        self.refused = Some(msg.clone());
+        Error::Corrupt(if !self.v3 {
+            format!("{msg}; refused (version 2 has no corrupt bit: this open image takes no more writes)")
+        } else {
+            match mark_corrupt(st) {
+                Ok(()) => format!("{msg}; refused, image marked corrupt"),
+                Err(e) => format!("{msg}; refused (marking the image corrupt failed: {e})"),
+            }
+        })
+    }
+
     /// Checks, then writes `buf` at `off`.
     pub fn write(&mut self, st: &Storage, buf: &[u8], off: u64, allow: Allow) -> Result<()> {
         self.check(st, off, buf.len() as u64, allow)?;

@@ -259,7 +259,9 @@ impl Qcow2 {
             cb,
             opts.refcount_cache_bytes,
         )?;
-        let (snapshots, snapshot_table_bytes) = Snapshot::read_table(&st, &header)?;
+        // A repair opens tables over QEMU's limits (check -r all fixes them).
+        let (snapshots, snapshot_table_bytes, _) =
+            Snapshot::read_table_repairing(&st, &header, opts.repair)?;
         let meta = Meta {
             reserved_end: file_len,
             len_at_open: file_len,
@@ -2164,7 +2166,22 @@ impl Qcow2 {
 
     /// Writes a new snapshot table and switches the header to it.
     fn replace_snapshot_table(&self, m: &mut Meta, snaps: Vec<Snapshot>) -> Result<()> {
+        self.write_snapshot_table(m, snaps, true)
+    }
+
+    /// As [`Self::replace_snapshot_table`]; without `free_old` only the
+    /// old table's clusters that have a refcount are freed (a repair).
+    fn write_snapshot_table(
+        &self,
+        m: &mut Meta,
+        mut snaps: Vec<Snapshot>,
+        free_old: bool,
+    ) -> Result<()> {
         let cs = self.cluster_size();
+        // Every entry is written complete (what version 3 requires).
+        for s in &mut snaps {
+            s.fill_missing(m.header.size);
+        }
         let raw = Snapshot::encode_table(&snaps);
         let new_off = if raw.is_empty() {
             0
@@ -2189,13 +2206,139 @@ impl Qcow2 {
         Self::register_snapshots(&mut m.rc.overlap, new_off, raw.len() as u64, &snaps);
         let (old_off, old_len) = (m.header.snapshots_offset, m.snapshot_table_bytes);
         if m.header.nb_snapshots > 0 && old_len > 0 {
-            m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})?;
+            if free_old {
+                m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})?;
+            } else {
+                // A repair: refcounts may be wrong; what is off is left to
+                // the refcount repair that follows.
+                let cs = self.cluster_size();
+                let first = old_off / cs;
+                for c in first..(old_off + old_len).div_ceil(cs) {
+                    if m.rc.get(&self.st, c)? > 0 {
+                        m.rc.update_range(&self.st, c * cs, cs, -1, |_| {})?;
+                    }
+                }
+            }
         }
         m.header.nb_snapshots = snaps.len() as u32;
         m.header.snapshots_offset = new_off;
         m.snapshot_table_bytes = raw.len() as u64;
         m.snapshots = snaps;
         Ok(())
+    }
+
+    /// Rewrites the snapshot table with every entry complete, if one is not
+    /// (before an upgrade to version 3, which requires them complete).
+    pub(crate) fn complete_snapshot_table(&self) -> Result<()> {
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        if m.snapshots.iter().all(Snapshot::complete_for_v3) {
+            return Ok(());
+        }
+        self.flush_locked(&mut m)?;
+        let snaps = m.snapshots.clone();
+        self.replace_snapshot_table(&mut m, snaps)
+    }
+
+    /// The snapshot table's part of `check`: entries over QEMU's limits
+    /// (left out when the image was opened for repair) and, in version 3,
+    /// incomplete entries. With `fix` the table is written back without
+    /// them. Returns the messages and the number of problems found.
+    pub(crate) fn check_snapshot_table(&self, fix: bool) -> Result<(Vec<String>, u64)> {
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let mut msgs = Vec::new();
+        let mut found = 0;
+        let mut overhanging = 0;
+        let snaps = m.snapshots.clone();
+        if self.opts.repair {
+            let (_, _, fixes) = Snapshot::read_table_repairing(&self.st, &m.header, true)?;
+            for &(n, len) in &fixes.extra_dropped {
+                msgs.push(format!(
+                    "{} too much extra metadata in snapshot table entry {n} ({len} > {})",
+                    if fix { "Discarding" } else { "ERROR" },
+                    crate::snapshot::MAX_EXTRA_DATA
+                ));
+                found += 1;
+            }
+            if fixes.overhanging > 0 {
+                msgs.push(format!(
+                    "{} {} overhanging snapshots (snapshot table is too big)",
+                    if fix { "Discarding" } else { "ERROR" },
+                    fixes.overhanging
+                ));
+                overhanging = fixes.overhanging as u64;
+                found += overhanging;
+            }
+        }
+        if m.header.version >= 3 {
+            for (i, s) in snaps.iter().enumerate() {
+                if !s.complete_for_v3() {
+                    msgs.push(format!(
+                        "{} snapshot table entry {i} is incomplete",
+                        if fix { "Repairing" } else { "ERROR" }
+                    ));
+                    found += 1;
+                }
+            }
+        }
+        let rewrite = found > overhanging;
+        if fix && rewrite {
+            self.flush_locked(&mut m)?;
+            self.write_snapshot_table(&mut m, snaps, false)?;
+        } else if fix && overhanging > 0 {
+            // Only entries at the end go: the table stays where it is and
+            // the header counts fewer (as QEMU repairs it).
+            m.rc.overlap.write(
+                &self.st,
+                &(snaps.len() as u32).to_be_bytes(),
+                field::NB_SNAPSHOTS,
+                Allow::only(Kind::Header),
+            )?;
+            self.st.sync()?;
+            m.header.nb_snapshots = snaps.len() as u32;
+        }
+        Ok((msgs, found))
+    }
+
+    /// What makes the active tables unfit to be snapshotted, if anything:
+    /// an L2 table or data cluster past the end of the file, or a data
+    /// cluster on metadata.
+    fn snapshot_blocker(&self, m: &mut Meta, l1: &[u64]) -> Result<Option<String>> {
+        let cs = self.cluster_size();
+        // In whole clusters: a compressed cluster's last sector may end
+        // past the last byte of the file.
+        let file_end = self.st.len()?.next_multiple_of(cs);
+        for (i, &e) in l1.iter().enumerate() {
+            let off = L1Entry(e).l2_offset();
+            if off == 0 {
+                continue;
+            }
+            if off.checked_add(cs).is_none_or(|end| end > file_end) {
+                return Ok(Some(format!(
+                    "L1 entry {i} names an L2 table at {off:#x}, past the end of the file"
+                )));
+            }
+            let slot = self.l2_slot(m, off)?;
+            for k in 0..1usize << self.l2_bits() {
+                let entry = self.decode(Self::l2_get(m, slot, k))?;
+                let Some((o, l)) = entry.host_range(cs) else {
+                    continue;
+                };
+                if o.checked_add(l).is_none_or(|end| end > file_end) {
+                    return Ok(Some(format!(
+                        "L2 entry {k} of the table at {off:#x} maps a cluster at {o:#x}, past the end of the file"
+                    )));
+                }
+                if let Some((kind, at)) = m.rc.overlap.find(o, l, Allow::NOTHING) {
+                    return Ok(Some(format!(
+                        "L2 entry {k} of the table at {off:#x} maps a cluster at {o:#x}, onto {} at {at:#x}",
+                        kind.name()
+                    )));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Creates an internal snapshot of the current disk state.
@@ -2218,6 +2361,12 @@ impl Qcow2 {
         self.flush_locked(&mut m)?;
         let cs = self.cluster_size();
         let l1 = m.l1.clone();
+        // The snapshot takes a reference to every cluster the tables map:
+        // one past the end of the file or onto metadata would have its
+        // refcount raised where there is no such cluster to count.
+        if let Some(msg) = self.snapshot_blocker(&mut m, &l1)? {
+            return Err(m.rc.overlap.refuse_corrupt(&self.st, msg));
+        }
         let l1_off = if l1.is_empty() {
             0
         } else {

@@ -26,18 +26,47 @@ pub struct Snapshot {
     pub extra_unknown: Vec<u8>,
 }
 
+/// What reading a snapshot table in repair mode had to leave out (QEMU's
+/// limits; `check -r all` then writes the table back without it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableFixes {
+    /// (entry index, extra data bytes) of entries whose extra data was over
+    /// [`MAX_EXTRA_DATA`]: their unknown extra data is dropped.
+    pub extra_dropped: Vec<(u32, u32)>,
+    /// Entries dropped from the end because the table went past
+    /// [`MAX_TABLE_BYTES`].
+    pub overhanging: u32,
+}
+
+impl TableFixes {
+    pub fn is_empty(&self) -> bool {
+        self.extra_dropped.is_empty() && self.overhanging == 0
+    }
+}
+
 impl Snapshot {
     /// Reads and validates the snapshot table named by the header; returns
     /// the entries and the table's length in bytes.
     pub fn read_table(st: &Storage, h: &Header) -> Result<(Vec<Snapshot>, u64)> {
+        let (snaps, len, _) = Self::read_table_repairing(st, h, false)?;
+        Ok((snaps, len))
+    }
+
+    /// As [`Snapshot::read_table`]; with `repair`, entries over QEMU's
+    /// limits are cut down or left out (and listed) instead of refused,
+    /// and the length returned is that of the entries kept, as on disk.
+    pub fn read_table_repairing(
+        st: &Storage,
+        h: &Header,
+        repair: bool,
+    ) -> Result<(Vec<Snapshot>, u64, TableFixes)> {
         let cs = h.cluster_size();
         let mut out = Vec::with_capacity(h.nb_snapshots.min(1024) as usize);
+        let mut fixes = TableFixes::default();
         let mut off = h.snapshots_offset;
+        let mut limited = 0u64;
         let bad = |m: String| Error::Corrupt(format!("snapshot table: {m}"));
         for n in 0..h.nb_snapshots {
-            if off - h.snapshots_offset > MAX_TABLE_BYTES {
-                return Err(bad("larger than 64 MiB".into()));
-            }
             let mut fixed = [0u8; 40];
             st.read_at(&mut fixed, off)?;
             let be32 = |a: usize| u32::from_be_bytes(fixed[a..a + 4].try_into().unwrap());
@@ -47,11 +76,33 @@ impl Snapshot {
             let id_len = u16::from_be_bytes([fixed[12], fixed[13]]) as usize;
             let name_len = u16::from_be_bytes([fixed[14], fixed[15]]) as usize;
             let extra_len = be32(36);
-            if extra_len > MAX_EXTRA_DATA {
-                return Err(bad(format!(
-                    "snapshot {n} has {extra_len} bytes of extra data"
-                )));
+            let end = off + 40 + extra_len as u64 + (id_len + name_len) as u64;
+            // QEMU's limit applies to the table as it would write it back
+            // (extra data cut to the limit), up to this entry's unpadded end.
+            let limit_end =
+                limited + 40 + extra_len.min(MAX_EXTRA_DATA) as u64 + (id_len + name_len) as u64;
+            if limit_end > MAX_TABLE_BYTES {
+                if !repair {
+                    return Err(bad(format!(
+                        "larger than 64 MiB; `check -r all` removes the {} overhanging snapshots",
+                        h.nb_snapshots - n
+                    )));
+                }
+                fixes.overhanging = h.nb_snapshots - n;
+                break;
             }
+            // Extra data kept: at most the known fields when over the limit.
+            let kept_extra = if extra_len > MAX_EXTRA_DATA {
+                if !repair {
+                    return Err(bad(format!(
+                        "snapshot {n} has {extra_len} bytes of extra data; `check -r all` drops them"
+                    )));
+                }
+                fixes.extra_dropped.push((n, extra_len));
+                extra_len.min(24) as usize
+            } else {
+                extra_len as usize
+            };
             if l1_size as u64 > MAX_L1_BYTES / 8 {
                 return Err(bad(format!("snapshot {n} L1 table has {l1_size} entries")));
             }
@@ -71,18 +122,22 @@ impl Snapshot {
                     "snapshot {n} L1 table at {l1_table_offset:#x} extends past the largest file offset"
                 )));
             }
-            let var_len = extra_len as usize + id_len + name_len;
-            let mut var = vec![0u8; var_len];
-            st.read_at(&mut var, off + 40)?;
-            let extra = &var[..extra_len as usize];
+            let mut extra = vec![0u8; kept_extra];
+            st.read_at(&mut extra, off + 40)?;
+            let mut names = vec![0u8; id_len + name_len];
+            st.read_at(&mut names, off + 40 + extra_len as u64)?;
             let e64 = |a: usize| {
                 (extra.len() >= a + 8)
                     .then(|| u64::from_be_bytes(extra[a..a + 8].try_into().unwrap()))
             };
             let vm_state_size = e64(0).unwrap_or(be32(32) as u64);
-            let id = String::from_utf8_lossy(&var[extra_len as usize..extra_len as usize + id_len])
-                .into_owned();
-            let name = String::from_utf8_lossy(&var[extra_len as usize + id_len..]).into_owned();
+            // QEMU keeps them as C strings: they end at the first NUL.
+            let c_str = |b: &[u8]| {
+                let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+                String::from_utf8_lossy(&b[..end]).into_owned()
+            };
+            let id = c_str(&names[..id_len]);
+            let name = c_str(&names[id_len..]);
             out.push(Snapshot {
                 l1_table_offset,
                 l1_size,
@@ -96,9 +151,24 @@ impl Snapshot {
                 icount: e64(16),
                 extra_unknown: extra.get(24..).map(|s| s.to_vec()).unwrap_or_default(),
             });
-            off = (off + 40 + var_len as u64).next_multiple_of(8);
+            off = end.next_multiple_of(8);
+            limited = limit_end.next_multiple_of(8);
         }
-        Ok((out, off - h.snapshots_offset))
+        Ok((out, off - h.snapshots_offset, fixes))
+    }
+
+    /// Whether a version 3 image may hold this entry as it is: version 3
+    /// requires the VM state size and disk size fields (16 bytes of extra
+    /// data).
+    pub fn complete_for_v3(&self) -> bool {
+        self.disk_size.is_some()
+    }
+
+    /// Fills the fields an entry written by an older writer lacks, as QEMU
+    /// reads them: the disk size is the image's, the icount -1 (unknown).
+    pub fn fill_missing(&mut self, disk_size: u64) {
+        self.disk_size.get_or_insert(disk_size);
+        self.icount.get_or_insert(u64::MAX);
     }
 }
 
@@ -111,8 +181,9 @@ impl Snapshot {
         for s in snaps {
             let mut extra = Vec::with_capacity(24 + s.extra_unknown.len());
             extra.extend_from_slice(&s.vm_state_size.to_be_bytes());
+            // Callers fill these first (fill_missing); -1 is "unknown".
             extra.extend_from_slice(&s.disk_size.unwrap_or(0).to_be_bytes());
-            extra.extend_from_slice(&s.icount.unwrap_or(0).to_be_bytes());
+            extra.extend_from_slice(&s.icount.unwrap_or(u64::MAX).to_be_bytes());
             extra.extend_from_slice(&s.extra_unknown);
             out.extend_from_slice(&s.l1_table_offset.to_be_bytes());
             out.extend_from_slice(&s.l1_size.to_be_bytes());

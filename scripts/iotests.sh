@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# QEMU's own qemu-iotests as the judge of rimg as qemu-img.
+#
+# Usage: scripts/iotests.sh [TEST...]   (default: every selected test)
+#
+# Obtains the qemu-iotests of the QEMU release the installed qemu-img
+# comes from (Debian's source package, through a deb-src entry this
+# script adds; cached under target/iotests/, nothing of QEMU's is
+# committed), selects the bash tests that run on qcow2 over plain files
+# without a VM, NBD, FUSE, TLS or storage daemon (scripts/iotests_select.py),
+# and runs each of them twice: with the installed qemu-img (the baseline)
+# and with QEMU_IMG_PROG pointing at rimg, through a link named qemu-img
+# (rimg installed as qemu-img; qemu-io stays QEMU's).
+#
+# Prints both pass counts and the tests that pass with qemu-img but not
+# with rimg (with the first line where the output differs), and writes
+#   target/iotests/results/{qemu-img,rimg}.txt   "<test> <pass|fail|not run|timeout>"
+#   target/iotests/run/<prog>/<test>/check.log   what ./check printed
+#
+# Environment: RIMG (rimg binary; default: cargo build --bin rimg),
+# IOTESTS_JOBS (parallel tests, default 2), IOTESTS_TIMEOUT (seconds per
+# test, default 300: a hang is a failure, never a stuck run).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${CARGO_TARGET_DIR:-$ROOT/target}/iotests
+JOBS=${IOTESTS_JOBS:-2}
+TMO=${IOTESTS_TIMEOUT:-300}
+
+die() { echo "iotests.sh: $*" >&2; exit 1; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+debver=$(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) ||
+    die "qemu-utils is not installed (apt-get install qemu-utils)"
+# 1:10.0.2+ds-2+deb13u1~bpo12+1 -> 10.0.2
+upver=$(sed -e 's/^[0-9]*://' -e 's/[+~-].*//' <<<"$debver")
+SRC=$OUT/qemu-$upver/tests/qemu-iotests
+
+# Adds deb-src twins of the machine's Debian sources, with the backports
+# suite (where QEMU 10 comes from on bookworm).
+add_deb_src() {
+    local list=/etc/apt/sources.list.d/rimg-iotests-src.sources cn
+    [ -e "$list" ] && return 0
+    [ -e /etc/apt/sources.list.d/debian.sources ] ||
+        die "no /etc/apt/sources.list.d/debian.sources to derive deb-src from"
+    cn=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    sed -e 's/^Types: deb$/Types: deb-src/' \
+        -e "/^Suites:.* $cn\( \|\$\)/{/ $cn-backports/!s/\$/ $cn-backports/}" \
+        /etc/apt/sources.list.d/debian.sources | as_root tee "$list" >/dev/null
+}
+
+fetch_iotests() {
+    local dl=$OUT/download tarball
+    rm -rf "$dl" "$OUT/qemu-$upver.tmp"
+    mkdir -p "$dl" "$OUT/qemu-$upver.tmp"
+    add_deb_src
+    as_root apt-get update -qq >/dev/null
+    # The upstream tarball is all that is needed; Debian's own files of a
+    # backports version may be gone from the mirror (404): not an error.
+    (cd "$dl" && apt-get source --download-only -qq "qemu=$debver" >/dev/null 2>&1) || true
+    tarball=$(ls "$dl"/qemu_"$upver"*.orig.tar.* 2>/dev/null | head -1)
+    [ -n "$tarball" ] || die "apt-get source qemu=$debver fetched no upstream tarball"
+    tar -xf "$tarball" -C "$OUT/qemu-$upver.tmp" "qemu-$upver/tests/qemu-iotests"
+    rm -rf "$OUT/qemu-$upver" "$dl"
+    mv "$OUT/qemu-$upver.tmp/qemu-$upver" "$OUT/qemu-$upver"
+    rmdir "$OUT/qemu-$upver.tmp"
+}
+
+mkdir -p "$OUT"
+[ -x "$SRC/check" ] || fetch_iotests
+[ -x "$SRC/check" ] || die "no $SRC/check after extraction"
+
+# iotests' environment insists on a qemu-system binary even for tests
+# that never start one; the selected tests never do.
+mkdir -p "$OUT/bin"
+cat >"$OUT/bin/qemu-system-stub" <<'EOF'
+#!/bin/sh
+if [ "$1" = "-machine" ] && [ "$2" = "help" ]; then exit 0; fi
+echo "qemu-system stub: the iotests harness runs no VM" >&2
+exit 1
+EOF
+chmod +x "$OUT/bin/qemu-system-stub"
+
+if [ -z "${RIMG:-}" ]; then
+    (cd "$ROOT" && cargo build --quiet --bin rimg)
+    RIMG=${CARGO_TARGET_DIR:-$ROOT/target}/debug/rimg
+fi
+[ -x "$RIMG" ] || die "no rimg binary at $RIMG"
+# rimg as a drop-in: installed under qemu-img's name (a link), it names
+# itself so in its messages, as qemu-img does from argv[0].
+mkdir -p "$OUT/bin/rimg-as-qemu-img"
+ln -sfn "$(realpath "$RIMG")" "$OUT/bin/rimg-as-qemu-img/qemu-img"
+
+if [ $# -gt 0 ]; then
+    tests=("$@")
+else
+    mapfile -t tests < <(python3 "$ROOT/scripts/iotests_select.py" "$SRC")
+fi
+[ ${#tests[@]} -gt 0 ] || die "no tests selected"
+
+# One test under one qemu-img: its own TEST_DIR, a deadline, and its
+# verdict as ./check printed it.
+run_one() {
+    local prog=$1 t=$2 img tdir sock rc status
+    case $prog in
+    qemu-img) img=$(command -v qemu-img) ;;
+    rimg) img=$OUT/bin/rimg-as-qemu-img/qemu-img ;;
+    esac
+    tdir=$OUT/run/$prog/${t//\//_}
+    rm -rf "$tdir"
+    mkdir -p "$tdir/scratch"
+    sock=$(mktemp -d /tmp/rimg-iotests-sock.XXXXXX)
+    rc=0
+    (cd "$SRC" && env TEST_DIR="$tdir/scratch" SOCK_DIR="$sock" \
+        QEMU_PROG="$OUT/bin/qemu-system-stub" QEMU_IMG_PROG="$img" \
+        QEMU_IO_PROG="$(command -v qemu-io)" QEMU_NBD_PROG="$(command -v qemu-nbd || echo /bin/false)" \
+        QSD_PROG="$(command -v qemu-storage-daemon || echo /bin/false)" \
+        timeout -k 10 "$TMO" ./check -qcow2 "${t#tests/}") >"$tdir/check.log" 2>&1 || rc=$?
+    rm -rf "$sock"
+    # ./check rewrites its progress line after a carriage return.
+    status=$(tr '\r' '\n' <"$tdir/check.log" |
+        sed -n -E "s#^(tests/)?${t#tests/} +(pass|fail|not run) .*#\2#p" | tail -1)
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        status=timeout
+    fi
+    echo "$t ${status:-fail}" >"$tdir/status"
+}
+export -f run_one
+export OUT SRC RIMG TMO
+
+# Each run_one replaces its own directory; other tests' logs stay.
+for t in "${tests[@]}"; do printf 'qemu-img %s\nrimg %s\n' "$t" "$t"; done |
+    xargs -P "$JOBS" -n 2 bash -c 'run_one "$@"' run_one
+
+mkdir -p "$OUT/results"
+for prog in qemu-img rimg; do
+    for t in "${tests[@]}"; do cat "$OUT/run/$prog/${t//\//_}/status"; done >"$OUT/results/$prog.txt"
+done
+
+passing() { awk '$2 == "pass" { print $1 }' "$OUT/results/$1.txt" | sort; }
+base=$(passing qemu-img | wc -l)
+ours=$(passing rimg | wc -l)
+both=$(comm -12 <(passing qemu-img) <(passing rimg) | wc -l)
+echo "iotests (QEMU $upver, -qcow2, ${#tests[@]} tests): qemu-img passes $base, rimg passes $ours" \
+    "($both of qemu-img's)"
+echo "pass with qemu-img, not with rimg:"
+for t in $(comm -23 <(passing qemu-img) <(passing rimg)); do
+    log=$OUT/run/rimg/${t//\//_}/check.log
+    status=$(awk '{ $1 = ""; print substr($0, 2) }' "$OUT/run/rimg/${t//\//_}/status")
+    # The first line of the diff that differs: usually the reason.
+    first=$(awk '/^@@/ { d = 1; next } d && /^[-+]/ { print; exit }' "$log" | cut -c1-110)
+    printf '  %-28s %-8s %s\n' "$t" "$status" "$first"
+done

@@ -1,0 +1,158 @@
+//! What qemu-img refuses, rimg refuses too (from QEMU's iotests 080, 061
+//! and 114), and the image is left as it was: qemu-img is the judge of
+//! the refusal and of the image afterwards.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rimg_tests::{
+    assert_qemu_check_clean, qemu_img, qemu_io, qemu_raw_content, run, tempdir, workspace_bin,
+};
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn be64(p: &Path, off: u64) -> u64 {
+    let mut b = [0u8; 8];
+    std::fs::File::open(p)
+        .unwrap()
+        .read_exact_at(&mut b, off)
+        .unwrap();
+    u64::from_be_bytes(b)
+}
+
+fn info(p: &Path) -> serde_json::Value {
+    let out = ok("qemu-img", &["info", "--output=json", p.to_str().unwrap()]);
+    serde_json::from_str(&out).unwrap()
+}
+
+/// 080 "Invalid L2 entry (huge physical offset)": an L2 entry pointing
+/// about 1 TiB past the end of the file. A snapshot would raise the
+/// refcount of a cluster that is not there (rimg grew the file to 1 TiB
+/// doing so); it must be refused, the image marked corrupt.
+#[test]
+fn snapshot_of_an_image_mapping_past_its_end_is_refused() {
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let dir = tempdir();
+    let img = dir.path().join("t.qcow2");
+    let p = img.to_str().unwrap();
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_io(&img, &["write 0 512"]);
+    let l2 = be64(&img, be64(&img, 40)) & 0x00ff_ffff_ffff_fe00;
+    let poked = 0x8000_00ff_ffff_0000u64;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .write_all_at(&poked.to_be_bytes(), l2)
+        .unwrap();
+    let judge_copy = dir.path().join("judge.qcow2");
+    std::fs::copy(&img, &judge_copy).unwrap();
+    let judge = qemu_img(&["snapshot", "-c", "test", judge_copy.to_str().unwrap()]);
+    assert!(!judge.status.success(), "qemu-img refuses");
+
+    let len_before = std::fs::metadata(&img).unwrap().len();
+    let o = run(rimg, &["snapshot", "-c", "test", p]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "rimg snapshot -c: {err}");
+    assert!(err.contains("past the end of the file"), "{err}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), len_before);
+    let v = info(&img);
+    assert!(v.get("snapshots").is_none(), "{v}");
+    assert_eq!(v["format-specific"]["data"]["corrupt"], true, "{v}");
+    // A second try is refused at open, as qemu-img refuses a corrupt image.
+    let o = run(rimg, &["snapshot", "-c", "test", p]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+/// 061 "Testing backing file": amend may not give an image a backing
+/// file (it would change what the guest reads); rebase -u does that.
+#[test]
+fn amend_does_not_set_a_backing_file() {
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let dir = tempdir();
+    let img = dir.path().join("t.qcow2");
+    let base = dir.path().join("t.qcow2.base");
+    let (p, b) = (img.to_str().unwrap(), base.to_str().unwrap());
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", b, "64M"]);
+    qemu_io(&base, &["write -P 0x2a 0 128k"]);
+    let opts = format!("backing_file={b},backing_fmt=qcow2");
+    for tool in ["qemu-img", rimg] {
+        let o = run(tool, &["amend", "-o", &opts, p]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{tool} amend: {err}");
+        assert!(
+            err.contains("Cannot amend the backing file"),
+            "{tool}: {err}"
+        );
+        assert!(info(&img).get("backing-filename").is_none());
+        let raw = qemu_raw_content(&img, &dir.path().join("raw"));
+        assert!(raw[..128 << 10].iter().all(|&x| x == 0));
+    }
+    // With the backing file set by rebase -u, restating it is accepted.
+    ok(rimg, &["rebase", "-u", "-b", b, "-F", "qcow2", p]);
+    ok(rimg, &["amend", "-o", &opts, p]);
+    qemu_io(&img, &["read -P 0x2a 0 128k"]);
+    assert_qemu_check_clean(&img);
+}
+
+/// 114: a backing file is never recorded without its format (probing a
+/// raw backing file lets a guest choose what it is read as).
+#[test]
+fn rebase_requires_the_backing_format() {
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let dir = tempdir();
+    let img = dir.path().join("t.qcow2");
+    let base = dir.path().join("t.qcow2.base");
+    let (p, b) = (img.to_str().unwrap(), base.to_str().unwrap());
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", b, "64M"]);
+    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    for unsafe_mode in [true, false] {
+        for tool in ["qemu-img", rimg] {
+            let mut args = vec!["rebase"];
+            if unsafe_mode {
+                args.push("-u");
+            }
+            args.extend(["-b", b, p]);
+            let o = run(tool, &args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{tool} {args:?}: {err}");
+            assert!(
+                err.contains(&format!(
+                    "Could not change the backing file to '{b}': backing format must be specified"
+                )),
+                "{tool}: {err}"
+            );
+            assert!(info(&img).get("backing-filename").is_none());
+        }
+    }
+    ok(rimg, &["rebase", "-u", "-b", b, "-F", "qcow2", p]);
+    assert_eq!(info(&img)["backing-filename-format"], "qcow2");
+    assert_qemu_check_clean(&img);
+    // convert -B without -F: refused, in qemu-img's words.
+    for tool in ["qemu-img", rimg] {
+        let out = dir.path().join(format!("{}.conv", tool.len()));
+        let o = run(
+            tool,
+            &["convert", "-O", "qcow2", "-B", b, b, out.to_str().unwrap()],
+        );
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{tool}: {err}");
+        assert!(
+            err.contains("Use of backing file requires explicit backing format"),
+            "{tool}: {err}"
+        );
+    }
+}
