@@ -13,36 +13,46 @@ use crate::guest::{kit, Guest, GuestOutput};
 /// kernel: no_std, linked at 2 MiB, entered in long mode.
 pub fn probe_guest() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/virtio_probe.rs");
-        let dir = crate::target_dir().join("vmm-guests");
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("virtio_probe.elf");
-        let tmp = dir.join(format!("virtio_probe-{}.elf", std::process::id()));
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        let o = Command::new(rustc)
-            .args(["--edition", "2021", "--crate-type", "bin"])
-            .args(["-C", "panic=abort", "-C", "opt-level=2"])
-            .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
-            .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
-            .args(["-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
-            .args(["-C", "link-arg=-Wl,--image-base=0x200000"])
-            .args(["-C", "link-arg=-Wl,--build-id=none"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&tmp)
-            .output()
-            .expect("run rustc");
-        assert!(
-            o.status.success(),
-            "building the probe guest failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        // Renamed into place: concurrent test processes never see a
-        // half-written file.
-        std::fs::rename(&tmp, &out).unwrap();
-        out
-    })
+    P.get_or_init(|| build_guest("virtio_probe"))
+}
+
+/// Builds tests/guests/cpu_probe.rs (CPUID as the vCPUs see it, an
+/// application processor started by INIT/SIPI, and on request a triple
+/// fault) the same way.
+pub fn cpu_guest() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| build_guest("cpu_probe"))
+}
+
+fn build_guest(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guests/{name}.rs"));
+    let dir = crate::target_dir().join("vmm-guests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{name}.elf"));
+    let tmp = dir.join(format!("{name}-{}.elf", std::process::id()));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let o = Command::new(rustc)
+        .args(["--edition", "2021", "--crate-type", "bin"])
+        .args(["-C", "panic=abort", "-C", "opt-level=2"])
+        .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
+        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
+        .args(["-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
+        .args(["-C", "link-arg=-Wl,--image-base=0x200000"])
+        .args(["-C", "link-arg=-Wl,--build-id=none"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .expect("run rustc");
+    assert!(
+        o.status.success(),
+        "building the {name} guest failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Renamed into place: concurrent test processes never see a
+    // half-written file.
+    std::fs::rename(&tmp, &out).unwrap();
+    out
 }
 
 /// A finished VMM run.
