@@ -266,8 +266,9 @@ echo "inner-in $(sha256sum /tmp/in)"
 echo INNER-PASS
 "#;
 
-/// The outer TCG guest's script: the "host" running the daemons and
-/// rimg-vmm under nested KVM; it sends the image back on /dev/vda.
+/// The outer TCG guest's script: the "host" running the daemons and the
+/// inner VMM under nested KVM (`@RUN_INNER@`, `@REBOOT_RUN@`: see
+/// [`InnerVmm`]); it sends the image back on /dev/vda.
 pub const OUTER: &str = r#"
 ls -l /dev/kvm
 ip link set lo up
@@ -287,21 +288,12 @@ RECV=$!
 nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
 rc=0
-rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 256M --cpus 2 \
-  --cmdline "console=ttyS0 quiet panic=-1 reboot=k" \
-  --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:56 \
-  > /tmp/inner.log 2>&1 || rc=$?
+@RUN_INNER@ > /tmp/inner.log 2>&1 || rc=$?
 sed 's/^/inner| /' /tmp/inner.log
 echo "vmm-exit $rc"
 [ $rc = 0 ]
 grep -q INNER-PASS /tmp/inner.log
-# A guest reboot (reboot=k: the i8042 reset) also ends rimg-vmm with 0.
-rc=0
-rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 128M \
-  --cmdline "console=ttyS0 quiet panic=-1 reboot=k rimg_reboot" > /tmp/reboot.log 2>&1 || rc=$?
-sed 's/^/reboot| /' /tmp/reboot.log
-echo "reboot-exit $rc"
-wait $RECV
+@REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
 kill -TERM $BLK $NET
 wait $BLK
@@ -310,6 +302,115 @@ cat /tmp/blk.log /tmp/net.log
 dd if=/disk.qcow2 of=/dev/vda bs=64k conv=fsync 2>/dev/null
 echo "disk-size $(stat -c %s /disk.qcow2)"
 "#;
+
+/// The VMM the outer guest runs for the inner Linux guest: rimg-vmm, or
+/// for comparison QEMU's microvm machine (`-M microvm,acpi=on -cpu
+/// host`, virtio-mmio devices described in its DSDT, like rimg-vmm's) on
+/// the same kernel, initramfs, backends and load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InnerVmm {
+    Rimg,
+    QemuMicrovm,
+}
+
+const RIMG_INNER: &str = "rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 256M --cpus 2 \\
+  --cmdline \"console=ttyS0 quiet panic=-1 reboot=k\" \\
+  --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:56";
+
+/// A guest reboot (reboot=k: the i8042 reset) also ends rimg-vmm with 0.
+const RIMG_REBOOT: &str = r#"rc=0
+rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 128M \
+  --cmdline "console=ttyS0 quiet panic=-1 reboot=k rimg_reboot" > /tmp/reboot.log 2>&1 || rc=$?
+sed 's/^/reboot| /' /tmp/reboot.log
+echo "reboot-exit $rc"
+"#;
+
+/// QEMU 7.2 (the guest kit's, with its libraries under /qemu) as the
+/// inner VMM. `vhost-user-blk` and `virtio-net-device` are the
+/// virtio-mmio forms of the devices.
+const QEMU_INNER: &str = "LD_LIBRARY_PATH=/qemu/lib /qemu/lib/ld-linux-x86-64.so.2 \\
+  /qemu/qemu-system-x86_64 -L /qemu/share \\
+  -M microvm,acpi=on,memory-backend=mem -accel kvm -cpu host -smp 2 -m 256M \\
+  -object memory-backend-memfd,id=mem,size=256M,share=on \\
+  -nodefaults -no-reboot -display none -monitor none -serial stdio \\
+  -kernel /vmlinuz -initrd /inner.cpio -append \"console=ttyS0 quiet panic=-1 reboot=k\" \\
+  -chardev socket,id=blk,path=/tmp/blk.sock -device vhost-user-blk,chardev=blk,num-queues=1 \\
+  -chardev socket,id=net,path=/tmp/net.sock -netdev vhost-user,id=n,chardev=net,queues=2 \\
+  -device virtio-net-device,netdev=n,mac=52:54:00:12:34:56,mq=on < /dev/null";
+
+impl InnerVmm {
+    /// `RIMG_NESTED_INNER`: `rimg` (the default) or `qemu-microvm`.
+    pub fn from_env() -> InnerVmm {
+        match std::env::var("RIMG_NESTED_INNER").as_deref() {
+            Err(_) | Ok("") | Ok("rimg") => InnerVmm::Rimg,
+            Ok("qemu-microvm") => InnerVmm::QemuMicrovm,
+            Ok(other) => panic!("RIMG_NESTED_INNER={other:?}: rimg or qemu-microvm"),
+        }
+    }
+
+    fn outer_script(self) -> String {
+        let (run, reboot) = match self {
+            InnerVmm::Rimg => (RIMG_INNER, RIMG_REBOOT),
+            InnerVmm::QemuMicrovm => (QEMU_INNER, ""),
+        };
+        OUTER
+            .replace("@RUN_INNER@", run)
+            .replace("@REBOOT_RUN@", reboot)
+    }
+}
+
+/// The guest kit's QEMU for the outer guest's initramfs: the binary,
+/// the dynamic loader and every library it links (as resolved with the
+/// kit's library path), and the firmware a microvm machine loading a
+/// kernel needs.
+fn qemu_files() -> Vec<(String, Vec<u8>, u32)> {
+    let cmd = kit().qemu();
+    let bin = PathBuf::from(cmd.get_program());
+    let args: Vec<_> = cmd.get_args().map(PathBuf::from).collect();
+    let fw = args
+        .iter()
+        .skip_while(|a| a.as_os_str() != "-L")
+        .nth(1)
+        .cloned()
+        .expect("the kit's QEMU command names its firmware directory");
+    let mut ldd = Command::new("ldd");
+    ldd.arg(&bin);
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            ldd.env(k, v);
+        }
+    }
+    let o = ldd.output().expect("run ldd");
+    assert!(o.status.success(), "ldd {}", bin.display());
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    let mut files = vec![("/qemu/qemu-system-x86_64".to_string(), read(&bin), 0o755)];
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        // "libz.so.1 => /path (0x...)", or the loader's own "/lib64/ld-... (0x...)".
+        let path = match line.split_once("=>") {
+            Some((_, r)) => r.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let name = Path::new(path).file_name().unwrap().to_string_lossy();
+        files.push((format!("/qemu/lib/{name}"), read(Path::new(path)), 0o755));
+    }
+    assert!(
+        files
+            .iter()
+            .any(|f| f.0 == "/qemu/lib/ld-linux-x86-64.so.2"),
+        "no dynamic loader in ldd's answer:\n{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    for f in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
+        files.push((format!("/qemu/share/{f}"), read(&fw.join(f)), 0o644));
+    }
+    files
+}
 
 /// One run of the whole stack in the nested setup (shared/TESTBED.md):
 /// an outer QEMU TCG guest with kvm_amd runs static rimg-vhost-blk,
@@ -324,6 +425,11 @@ pub struct StackRun {
 }
 
 pub fn run_linux_stack(timeout: Duration) -> StackRun {
+    run_linux_stack_on(InnerVmm::Rimg, timeout)
+}
+
+/// [`run_linux_stack`] with `inner` as the inner VMM.
+pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
     let dir = crate::tempdir();
     let bins = static_bins();
     let img = dir.path().join("disk.qcow2");
@@ -341,7 +447,13 @@ pub fn run_linux_stack(timeout: Duration) -> StackRun {
         .module("virtio_net")
         .initramfs_image();
     let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-    let out = Guest::new(OUTER)
+    let mut outer = Guest::new(&vmm.outer_script());
+    if vmm == InnerVmm::QemuMicrovm {
+        for (path, data, perm) in qemu_files() {
+            outer = outer.file(&path, data, perm);
+        }
+    }
+    let out = outer
         .module("kvm_amd")
         .module("tun")
         .module("virtio_pci")
