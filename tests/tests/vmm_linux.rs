@@ -133,7 +133,20 @@ fn linux_boots_on_rimg_vmm_with_qcow2_disk_and_nic() {
         }
         match result {
             Ok(()) => {
-                println!("nested round {round}/{rounds} ({vmm:?}): pass in {secs:.0} s");
+                // The outer KVM's complaints about the inner guest's MSR
+                // accesses (e.g. AMD's legacy perf counters, which Linux
+                // probes at boot), counted for comparison with failing
+                // rounds.
+                let msr_lines = run
+                    .out
+                    .console
+                    .lines()
+                    .filter(|l| l.to_ascii_lowercase().contains("wrmsr"))
+                    .count();
+                println!(
+                    "nested round {round}/{rounds} ({vmm:?}): pass in {secs:.0} s \
+                     ({msr_lines} outer-kernel WRMSR messages)"
+                );
                 if rounds == 1 {
                     println!("pairs: {:?}", pair_stats(&run.out.console));
                 }
