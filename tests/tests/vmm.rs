@@ -425,7 +425,7 @@ fn vcpus_see_their_topology_and_no_pmu_or_nested_virtualisation() {
 /// mode) after a dump on stderr: registers, segments, control
 /// registers, descriptor tables, pending events, and the vCPU's last
 /// exits with the guest's marked ones (two POST-port writes and an MMIO
-/// read) last, in order.
+/// read) last, in order; and the dump of the other vCPU, stopped for it.
 #[test]
 fn triple_fault_dumps_registers_and_recent_exits() {
     let r = run_vmm(
@@ -434,8 +434,10 @@ fn triple_fault_dumps_registers_and_recent_exits() {
             s(cpu_guest()),
             "--memory",
             "64M",
+            "--cpus",
+            "2",
             "--cmdline",
-            "fault",
+            "twocpus fault",
         ],
         T,
     );
@@ -497,6 +499,16 @@ fn triple_fault_dumps_registers_and_recent_exits() {
             "mmio-read  addr 0xd0000ff0 len 4 data 0xffffffff",
         ],
         "{e}"
+    );
+    // vCPU 1 (started, halted in its real-mode trampoline) was stopped
+    // and dumped too, after vCPU 0 and before the VMM's last word.
+    let other = e
+        .find("rimg-vmm: vCPU 1 state (stopped after another vCPU failed):")
+        .unwrap_or_else(|| panic!("no dump of vCPU 1:\n{e}"));
+    assert!(other > e.find("vCPU 0 state").unwrap(), "{e}");
+    assert!(
+        e[other..].contains("  cs  sel 0x1000 base 0x0000000000010000"),
+        "vCPU 1 not in its trampoline:\n{e}"
     );
     assert_eq!(
         e.lines().last(),

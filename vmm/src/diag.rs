@@ -4,6 +4,10 @@
 //! KVM_RUN, a dump of its registers, segments, control registers,
 //! descriptor tables and pending events.
 //!
+//! When one vCPU fails, the others are taken out of KVM_RUN (a signal,
+//! [`Kick`]) and dump their state too, before the VMM exits: what the
+//! rest of the guest was doing when one CPU died.
+//!
 //! On AMD (SVM) KVM re-initialises a vCPU after a SHUTDOWN intercept
 //! (the VMCB is undefined after one), so a triple fault the hardware
 //! took leaves the INIT state in the registers: the dump says so, and
@@ -11,7 +15,9 @@
 //! what shows where the guest was.
 
 use std::fmt::Write;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
 use kvm_ioctls::VcpuFd;
@@ -292,6 +298,103 @@ pub fn dump(id: usize, why: &str, vcpu: &VcpuFd, ring: &ExitRing) -> String {
         exit_line(&mut out, e, now);
     }
     out
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Stopping every vCPU for a dump once one has failed.
+pub struct Kick {
+    /// This process's ID, read before the seccomp filter forbids getpid.
+    pid: libc::pid_t,
+    /// Thread ID of each vCPU thread (0 until it registers).
+    tids: Mutex<Vec<libc::pid_t>>,
+    requested: AtomicBool,
+    dumped: Mutex<usize>,
+    cv: Condvar,
+}
+
+impl Kick {
+    /// For `n` vCPUs; installs the (empty) handler of
+    /// [`rimg_vmm::seccomp::kick_signal`], whose only effect is that
+    /// KVM_RUN returns EINTR.
+    pub fn new(n: usize) -> crate::error::Result<Kick> {
+        let sig = rimg_vmm::seccomp::kick_signal();
+        vmm_sys_util::signal::register_signal_handler(sig, on_kick).map_err(|e| {
+            crate::error::Error::Io {
+                what: format!("installing the handler of signal {sig}"),
+                source: e.into(),
+            }
+        })?;
+        Ok(Kick {
+            pid: std::process::id() as libc::pid_t,
+            tids: Mutex::new(vec![0; n]),
+            requested: AtomicBool::new(false),
+            dumped: Mutex::new(0),
+            cv: Condvar::new(),
+        })
+    }
+
+    /// Called by vCPU thread `id` before it first enters the guest.
+    pub fn register(&self, id: usize) {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        lock(&self.tids)[id] = tid;
+    }
+
+    /// Whether another vCPU failed and wants this one's dump.
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// vCPU `me` failed: the others are asked for their dumps, and given
+    /// up to a second to write them. Returns false if another vCPU
+    /// started this first (then `me` only adds its own dump).
+    pub fn stop_others(&self, me: usize) -> bool {
+        if self.requested.swap(true, Ordering::AcqRel) {
+            self.done();
+            return false;
+        }
+        let others: Vec<libc::pid_t> = lock(&self.tids)
+            .iter()
+            .enumerate()
+            .filter(|(i, t)| *i != me && **t != 0)
+            .map(|(_, t)| *t)
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut dumped = lock(&self.dumped);
+        while *dumped < others.len() && Instant::now() < deadline {
+            // Again each round: a signal that lands while a vCPU is out
+            // of KVM_RUN (handling an exit) does not stop it.
+            for &tid in &others {
+                // SAFETY: tgkill to a thread of this process with a
+                // signal whose handler does nothing.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_tgkill,
+                        self.pid,
+                        tid,
+                        rimg_vmm::seccomp::kick_signal(),
+                    )
+                };
+            }
+            dumped = self
+                .cv
+                .wait_timeout(dumped, Duration::from_millis(20))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// This vCPU has written its dump.
+    pub fn done(&self) {
+        *lock(&self.dumped) += 1;
+        self.cv.notify_all();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

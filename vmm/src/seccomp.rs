@@ -13,6 +13,8 @@
 //!   the state of a vCPU that failed, see `diag.rs`);
 //! - registers irqfds and ioeventfds: `ioctl(KVM_IRQFD, KVM_IOEVENTFD)`
 //!   on the VM descriptor;
+//! - stops the other vCPUs when one fails, so they dump their state
+//!   too: `tgkill` to this process's threads with [`kick_signal`] only;
 //! - talks vhost-user to the backends from the vCPU threads, when the
 //!   driver starts or resets a device or (control queue) enables queues:
 //!   `sendmsg` with the rings' descriptors, `recvmsg` for replies;
@@ -59,6 +61,12 @@ pub fn vcpu_dump_ioctls() -> [u32; 2] {
     [nr::KVM_GET_SREGS() as u32, nr::KVM_GET_VCPU_EVENTS() as u32]
 }
 
+/// The signal a failing vCPU sends the others to take them out of
+/// KVM_RUN for their dump (its handler does nothing).
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
 /// Everything rimg-vmm may call while the guest runs, for the VM
 /// descriptor `vm` and the vCPU descriptors `vcpus`.
 pub fn filter(vm: RawFd, vcpus: &[RawFd]) -> SyscallList {
@@ -71,6 +79,13 @@ pub fn filter(vm: RawFd, vcpus: &[RawFd]) -> SyscallList {
         // The backend watchers wait for a hang-up.
         SYS_poll,
     ]);
+    l.allow_if(
+        SYS_tgkill,
+        &[
+            Arg::Eq32(0, std::process::id()),
+            Arg::Eq32(2, kick_signal() as u32),
+        ],
+    );
     for req in vm_ioctls() {
         l.allow_if(SYS_ioctl, &[Arg::Eq32(0, vm as u32), Arg::Eq32(1, req)]);
     }
@@ -125,7 +140,8 @@ mod tests {
         }
         // Two requests on the VM, four on each vCPU.
         assert_eq!(l.rules(libc::SYS_ioctl), 2 + 2 * 4);
-        assert_eq!(l.len(), 25);
+        assert_eq!(l.rules(libc::SYS_tgkill), 1);
+        assert_eq!(l.len(), 26);
         // 64 vCPUs still make a program the kernel takes (4096
         // instructions at most).
         let fds: Vec<RawFd> = (100..164).collect();

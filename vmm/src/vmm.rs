@@ -18,7 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::config::{DiskSpec, NetSpec};
 use crate::cpu;
-use crate::diag::{self, ExitKind, ExitRing};
+use crate::diag::{self, ExitKind, ExitRing, Kick};
 use crate::error::{Error, IoContext, KvmContext, Result};
 use crate::layout;
 use crate::loader;
@@ -243,16 +243,22 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         vcpus.push(vcpu);
     }
     let vcpu_fds: Vec<RawFd> = vcpus.iter().map(|v| v.as_raw_fd()).collect();
+    let kick = Arc::new(Kick::new(vcpus.len())?);
     // The vCPUs enter the guest only once the filter is on.
     let go = Arc::new(Barrier::new(vcpus.len() + 1));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let tx = tx.clone();
         let go = go.clone();
+        let kick = kick.clone();
         threads.spawn(format!("vcpu{id}"), move || {
+            kick.register(id);
             go.wait();
-            let stop = run_vcpu(id, vcpu, &bus);
-            let _ = tx.send(stop);
+            // None: this vCPU was stopped for another's failure, which
+            // that one reports.
+            if let Some(stop) = run_vcpu(id, vcpu, &bus, &kick) {
+                let _ = tx.send(stop);
+            }
         })?;
     }
     drop(tx);
@@ -322,14 +328,22 @@ fn keep<T: Send + 'static>(t: T) {
     std::mem::forget(t);
 }
 
-fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> Stop {
+fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus, kick: &Kick) -> Option<Stop> {
     let mut ring = ExitRing::default();
     let why = loop {
+        if kick.requested() {
+            let report = diag::dump(id, "stopped after another vCPU failed", &vcpu, &ring);
+            let _ = std::io::stderr()
+                .lock()
+                .write_all(format!("rimg-vmm: {report}").as_bytes());
+            kick.done();
+            return None;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 ring.record(ExitKind::IoOut, port.into(), data);
                 if let Some(stop) = io_out(bus, port, data) {
-                    return stop;
+                    return Some(stop);
                 }
             }
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -377,11 +391,13 @@ fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> Stop {
         }
     };
     let report = diag::dump(id, &why, &vcpu, &ring);
-    // One write, so the dumps of two failing vCPUs do not interleave.
+    // One write, so the dumps of several vCPUs do not interleave.
     let _ = std::io::stderr()
         .lock()
         .write_all(format!("rimg-vmm: {report}").as_bytes());
-    Stop::Fault(format!("vCPU {id}: {why}"))
+    // The other vCPUs' state too; the first vCPU to fail reports.
+    kick.stop_others(id)
+        .then(|| Stop::Fault(format!("vCPU {id}: {why}")))
 }
 
 /// linux/kvm.h KVM_INTERNAL_ERROR_*.
