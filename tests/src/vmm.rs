@@ -428,7 +428,15 @@ pub fn run_linux_stack(timeout: Duration) -> StackRun {
     run_linux_stack_on(InnerVmm::Rimg, timeout)
 }
 
-/// [`run_linux_stack`] with `inner` as the inner VMM.
+/// The static rimg-vmm the outer guest runs: this tree's, or the one
+/// `RIMG_NESTED_VMM_BIN` names (to compare builds under the same load).
+fn vmm_binary(bins: &Path) -> PathBuf {
+    std::env::var_os("RIMG_NESTED_VMM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bins.join("rimg-vmm"))
+}
+
+/// [`run_linux_stack`] with `vmm` as the inner VMM.
 pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
     let dir = crate::tempdir();
     let bins = static_bins();
@@ -464,7 +472,7 @@ pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
         .file("/vmlinuz", read(kit().kernel()), 0o644)
         .file("/inner.cpio", inner, 0o644)
         .file("/disk.qcow2", read(&img), 0o644)
-        .file("/bin/rimg-vmm", read(&bins.join("rimg-vmm")), 0o755)
+        .file("/bin/rimg-vmm", read(&vmm_binary(bins)), 0o755)
         .file(
             "/bin/rimg-vhost-blk",
             read(&bins.join("rimg-vhost-blk")),

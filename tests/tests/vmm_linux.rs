@@ -17,7 +17,8 @@
 //! `RIMG_NESTED_KEEP_GOING=1` runs all N rounds and fails at the end
 //! with the count, for measuring a failure rate. `RIMG_NESTED_INNER=
 //! qemu-microvm` runs the same rounds with QEMU's microvm machine as the
-//! inner VMM instead, for comparison.
+//! inner VMM instead, for comparison; `RIMG_NESTED_VMM_BIN=PATH` runs a
+//! given static rimg-vmm build instead of this tree's.
 
 use std::time::{Duration, Instant};
 
