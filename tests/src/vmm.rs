@@ -287,11 +287,12 @@ nc -l -p 5001 < /tmp/hold > /tmp/recv &
 RECV=$!
 nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
-rc=0
-@RUN_INNER@ > /tmp/inner.log 2>&1 || rc=$?
-sed 's/^/inner| /' /tmp/inner.log
+# The inner VMM's output goes to the console as it comes (a hang shows
+# how far the guest got) and to /tmp/inner.log.
+( @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
+rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
 echo "vmm-exit $rc"
-[ $rc = 0 ]
+[ "$rc" = 0 ]
 grep -q INNER-PASS /tmp/inner.log
 @REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
@@ -325,11 +326,11 @@ sed 's/^/reboot| /' /tmp/reboot.log
 echo "reboot-exit $rc"
 "#;
 
-/// QEMU 7.2 (the guest kit's, with its libraries under /qemu) as the
-/// inner VMM. `vhost-user-blk` and `virtio-net-device` are the
+/// QEMU 7.2 (the guest kit's, its libraries and firmware in the outer
+/// guest's /lib) as the inner VMM. `vhost-user-blk` and `virtio-net-device` are the
 /// virtio-mmio forms of the devices.
-const QEMU_INNER: &str = "LD_LIBRARY_PATH=/qemu/lib /qemu/lib/ld-linux-x86-64.so.2 \\
-  /qemu/qemu-system-x86_64 -L /qemu/share \\
+const QEMU_INNER: &str = "LD_LIBRARY_PATH=/lib /lib/ld-linux-x86-64.so.2 \\
+  /bin/qemu-system-x86_64 -L /lib \\
   -M microvm,acpi=on,memory-backend=mem -accel kvm -cpu host -smp 2 -m 256M \\
   -object memory-backend-memfd,id=mem,size=256M,share=on \\
   -nodefaults -no-reboot -display none -monitor none -serial stdio \\
@@ -383,7 +384,8 @@ fn qemu_files() -> Vec<(String, Vec<u8>, u32)> {
     let o = ldd.output().expect("run ldd");
     assert!(o.status.success(), "ldd {}", bin.display());
     let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-    let mut files = vec![("/qemu/qemu-system-x86_64".to_string(), read(&bin), 0o755)];
+    // The initramfs has /bin and /lib (no other directory can be added).
+    let mut files = vec![("/bin/qemu-system-x86_64".to_string(), read(&bin), 0o755)];
     for line in String::from_utf8_lossy(&o.stdout).lines() {
         // "libz.so.1 => /path (0x...)", or the loader's own "/lib64/ld-... (0x...)".
         let path = match line.split_once("=>") {
@@ -397,17 +399,15 @@ fn qemu_files() -> Vec<(String, Vec<u8>, u32)> {
             continue;
         };
         let name = Path::new(path).file_name().unwrap().to_string_lossy();
-        files.push((format!("/qemu/lib/{name}"), read(Path::new(path)), 0o755));
+        files.push((format!("/lib/{name}"), read(Path::new(path)), 0o755));
     }
     assert!(
-        files
-            .iter()
-            .any(|f| f.0 == "/qemu/lib/ld-linux-x86-64.so.2"),
+        files.iter().any(|f| f.0 == "/lib/ld-linux-x86-64.so.2"),
         "no dynamic loader in ldd's answer:\n{}",
         String::from_utf8_lossy(&o.stdout)
     );
     for f in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
-        files.push((format!("/qemu/share/{f}"), read(&fw.join(f)), 0o644));
+        files.push((format!("/lib/{f}"), read(&fw.join(f)), 0o644));
     }
     files
 }
@@ -449,7 +449,13 @@ pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
         .unwrap()
         .set_len(128 << 20)
         .unwrap();
-    let inner = Guest::new(INNER)
+    // QEMU's microvm machine does not power off on the guest's ACPI S5
+    // request; a reset ends it (-no-reboot), so its guest resets on exit.
+    let script = match vmm {
+        InnerVmm::Rimg => INNER.to_string(),
+        InnerVmm::QemuMicrovm => format!("trap 'reboot -f' EXIT\n{INNER}"),
+    };
+    let inner = Guest::new(&script)
         .module("virtio_mmio")
         .module("virtio_blk")
         .module("virtio_net")
