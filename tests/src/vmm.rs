@@ -289,10 +289,12 @@ nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
 # The inner VMM's output goes to the console as it comes (a hang shows
 # how far the guest got) and to /tmp/inner.log.
-( @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
+# A hang is ended (SIGKILL) well before the test's deadline, so the
+# daemons' logs still come out.
+( timeout -s KILL 150 @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
 rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
 echo "vmm-exit $rc"
-[ "$rc" = 0 ]
+[ "$rc" = 0 ] || { cat /tmp/blk.log /tmp/net.log; exit 1; }
 grep -q INNER-PASS /tmp/inner.log
 @REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
@@ -329,10 +331,11 @@ echo "reboot-exit $rc"
 /// QEMU 7.2 (the guest kit's, its libraries and firmware in the outer
 /// guest's /lib) as the inner VMM. `vhost-user-blk` and `virtio-net-device` are the
 /// virtio-mmio forms of the devices.
-const QEMU_INNER: &str = "LD_LIBRARY_PATH=/lib /lib/ld-linux-x86-64.so.2 \\
+const QEMU_INNER: &str = "env LD_LIBRARY_PATH=/lib /lib/ld-linux-x86-64.so.2 \\
   /bin/qemu-system-x86_64 -L /lib \\
   -M microvm,acpi=on,memory-backend=mem -accel kvm -cpu host -smp 2 -m 256M \\
   -object memory-backend-memfd,id=mem,size=256M,share=on \\
+  -global virtio-mmio.force-legacy=false \\
   -nodefaults -no-reboot -display none -monitor none -serial stdio \\
   -kernel /vmlinuz -initrd /inner.cpio -append \"console=ttyS0 quiet panic=-1 reboot=k\" \\
   -chardev socket,id=blk,path=/tmp/blk.sock -device vhost-user-blk,chardev=blk,num-queues=1 \\
