@@ -272,9 +272,9 @@ echo INNER-PASS
 pub const OUTER: &str = r#"
 ls -l /dev/kvm
 ip link set lo up
-rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 > /tmp/blk.log 2>&1 &
+rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 @QUEUE_SIZE@ > /tmp/blk.log 2>&1 &
 BLK=$!
-RUST_LOG=info rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 --num-queue-pairs 2 \
+RUST_LOG=info rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 --num-queue-pairs 2 @QUEUE_SIZE@ \
   > /tmp/net.log 2>&1 &
 NET=$!
 until grep -q serving /tmp/blk.log && grep -q serving /tmp/net.log; do usleep 20000; done
@@ -293,7 +293,7 @@ until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usl
 # daemons' logs still come out.
 ( timeout -s KILL 150 @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
 rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
-echo "vmm-exit $rc"
+echo "vmm-exit ${rc:-none (killed by the watchdog?)}"
 [ "$rc" = 0 ] || { cat /tmp/blk.log /tmp/net.log; exit 1; }
 grep -q INNER-PASS /tmp/inner.log
 @REBOOT_RUN@wait $RECV
@@ -353,13 +353,16 @@ impl InnerVmm {
     }
 
     fn outer_script(self) -> String {
-        let (run, reboot) = match self {
-            InnerVmm::Rimg => (RIMG_INNER, RIMG_REBOOT),
-            InnerVmm::QemuMicrovm => (QEMU_INNER, ""),
+        // QEMU's virtio-mmio offers the driver 1024-entry rings whatever
+        // the backend takes; the daemons' default maximum is 256.
+        let (run, reboot, queue_size) = match self {
+            InnerVmm::Rimg => (RIMG_INNER, RIMG_REBOOT, ""),
+            InnerVmm::QemuMicrovm => (QEMU_INNER, "", "--queue-size 1024"),
         };
         OUTER
             .replace("@RUN_INNER@", run)
             .replace("@REBOOT_RUN@", reboot)
+            .replace("@QUEUE_SIZE@", queue_size)
     }
 }
 
