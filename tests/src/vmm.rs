@@ -13,36 +13,46 @@ use crate::guest::{kit, Guest, GuestOutput};
 /// kernel: no_std, linked at 2 MiB, entered in long mode.
 pub fn probe_guest() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
-    P.get_or_init(|| {
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("guests/virtio_probe.rs");
-        let dir = crate::target_dir().join("vmm-guests");
-        std::fs::create_dir_all(&dir).unwrap();
-        let out = dir.join("virtio_probe.elf");
-        let tmp = dir.join(format!("virtio_probe-{}.elf", std::process::id()));
-        let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-        let o = Command::new(rustc)
-            .args(["--edition", "2021", "--crate-type", "bin"])
-            .args(["-C", "panic=abort", "-C", "opt-level=2"])
-            .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
-            .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
-            .args(["-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
-            .args(["-C", "link-arg=-Wl,--image-base=0x200000"])
-            .args(["-C", "link-arg=-Wl,--build-id=none"])
-            .arg(&src)
-            .arg("-o")
-            .arg(&tmp)
-            .output()
-            .expect("run rustc");
-        assert!(
-            o.status.success(),
-            "building the probe guest failed:\n{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        // Renamed into place: concurrent test processes never see a
-        // half-written file.
-        std::fs::rename(&tmp, &out).unwrap();
-        out
-    })
+    P.get_or_init(|| build_guest("virtio_probe"))
+}
+
+/// Builds tests/guests/cpu_probe.rs (CPUID as the vCPUs see it, an
+/// application processor started by INIT/SIPI, and on request a triple
+/// fault) the same way.
+pub fn cpu_guest() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| build_guest("cpu_probe"))
+}
+
+fn build_guest(name: &str) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("guests/{name}.rs"));
+    let dir = crate::target_dir().join("vmm-guests");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join(format!("{name}.elf"));
+    let tmp = dir.join(format!("{name}-{}.elf", std::process::id()));
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let o = Command::new(rustc)
+        .args(["--edition", "2021", "--crate-type", "bin"])
+        .args(["-C", "panic=abort", "-C", "opt-level=2"])
+        .args(["-C", "relocation-model=static", "-C", "target-cpu=x86-64"])
+        .args(["-C", "link-arg=-nostartfiles", "-C", "link-arg=-nostdlib"])
+        .args(["-C", "link-arg=-static", "-C", "link-arg=-no-pie"])
+        .args(["-C", "link-arg=-Wl,--image-base=0x200000"])
+        .args(["-C", "link-arg=-Wl,--build-id=none"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&tmp)
+        .output()
+        .expect("run rustc");
+    assert!(
+        o.status.success(),
+        "building the {name} guest failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Renamed into place: concurrent test processes never see a
+    // half-written file.
+    std::fs::rename(&tmp, &out).unwrap();
+    out
 }
 
 /// A finished VMM run.
@@ -256,14 +266,15 @@ echo "inner-in $(sha256sum /tmp/in)"
 echo INNER-PASS
 "#;
 
-/// The outer TCG guest's script: the "host" running the daemons and
-/// rimg-vmm under nested KVM; it sends the image back on /dev/vda.
+/// The outer TCG guest's script: the "host" running the daemons and the
+/// inner VMM under nested KVM (`@RUN_INNER@`, `@REBOOT_RUN@`: see
+/// [`InnerVmm`]); it sends the image back on /dev/vda.
 pub const OUTER: &str = r#"
 ls -l /dev/kvm
 ip link set lo up
-rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 > /tmp/blk.log 2>&1 &
+rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 @QUEUE_SIZE@ > /tmp/blk.log 2>&1 &
 BLK=$!
-RUST_LOG=info rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 --num-queue-pairs 2 \
+RUST_LOG=info rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 --num-queue-pairs 2 @QUEUE_SIZE@ \
   > /tmp/net.log 2>&1 &
 NET=$!
 until grep -q serving /tmp/blk.log && grep -q serving /tmp/net.log; do usleep 20000; done
@@ -276,22 +287,16 @@ nc -l -p 5001 < /tmp/hold > /tmp/recv &
 RECV=$!
 nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
-rc=0
-rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 256M --cpus 2 \
-  --cmdline "console=ttyS0 quiet panic=-1 reboot=k" \
-  --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:56 \
-  > /tmp/inner.log 2>&1 || rc=$?
-sed 's/^/inner| /' /tmp/inner.log
-echo "vmm-exit $rc"
-[ $rc = 0 ]
+# The inner VMM's output goes to the console as it comes (a hang shows
+# how far the guest got) and to /tmp/inner.log.
+# A hang is ended (SIGKILL) well before the test's deadline, so the
+# daemons' logs still come out.
+( timeout -s KILL 150 @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
+rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
+echo "vmm-exit ${rc:-none (killed by the watchdog?)}"
+[ "$rc" = 0 ] || { cat /tmp/blk.log /tmp/net.log; exit 1; }
 grep -q INNER-PASS /tmp/inner.log
-# A guest reboot (reboot=k: the i8042 reset) also ends rimg-vmm with 0.
-rc=0
-rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 128M \
-  --cmdline "console=ttyS0 quiet panic=-1 reboot=k rimg_reboot" > /tmp/reboot.log 2>&1 || rc=$?
-sed 's/^/reboot| /' /tmp/reboot.log
-echo "reboot-exit $rc"
-wait $RECV
+@REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
 kill -TERM $BLK $NET
 wait $BLK
@@ -300,6 +305,118 @@ cat /tmp/blk.log /tmp/net.log
 dd if=/disk.qcow2 of=/dev/vda bs=64k conv=fsync 2>/dev/null
 echo "disk-size $(stat -c %s /disk.qcow2)"
 "#;
+
+/// The VMM the outer guest runs for the inner Linux guest: rimg-vmm, or
+/// for comparison QEMU's microvm machine (`-M microvm,acpi=on -cpu
+/// host`, virtio-mmio devices described in its DSDT, like rimg-vmm's) on
+/// the same kernel, initramfs, backends and load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InnerVmm {
+    Rimg,
+    QemuMicrovm,
+}
+
+const RIMG_INNER: &str = "rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 256M --cpus 2 \\
+  --cmdline \"console=ttyS0 quiet panic=-1 reboot=k\" \\
+  --disk socket=/tmp/blk.sock --net socket=/tmp/net.sock,mac=52:54:00:12:34:56";
+
+/// A guest reboot (reboot=k: the i8042 reset) also ends rimg-vmm with 0.
+const RIMG_REBOOT: &str = r#"rc=0
+rimg-vmm --kernel /vmlinuz --initrd /inner.cpio --memory 128M \
+  --cmdline "console=ttyS0 quiet panic=-1 reboot=k rimg_reboot" > /tmp/reboot.log 2>&1 || rc=$?
+sed 's/^/reboot| /' /tmp/reboot.log
+echo "reboot-exit $rc"
+"#;
+
+/// QEMU 7.2 (the guest kit's, its libraries and firmware in the outer
+/// guest's /lib) as the inner VMM. `vhost-user-blk` and `virtio-net-device` are the
+/// virtio-mmio forms of the devices.
+const QEMU_INNER: &str = "env LD_LIBRARY_PATH=/lib /lib/ld-linux-x86-64.so.2 \\
+  /bin/qemu-system-x86_64 -L /lib \\
+  -M microvm,acpi=on,memory-backend=mem -accel kvm -cpu host -smp 2 -m 256M \\
+  -object memory-backend-memfd,id=mem,size=256M,share=on \\
+  -global virtio-mmio.force-legacy=false \\
+  -nodefaults -no-reboot -display none -monitor none -serial stdio \\
+  -kernel /vmlinuz -initrd /inner.cpio -append \"console=ttyS0 quiet panic=-1 reboot=k\" \\
+  -chardev socket,id=blk,path=/tmp/blk.sock -device vhost-user-blk,chardev=blk,num-queues=1 \\
+  -chardev socket,id=net,path=/tmp/net.sock -netdev vhost-user,id=n,chardev=net,queues=2 \\
+  -device virtio-net-device,netdev=n,mac=52:54:00:12:34:56,mq=on < /dev/null";
+
+impl InnerVmm {
+    /// `RIMG_NESTED_INNER`: `rimg` (the default) or `qemu-microvm`.
+    pub fn from_env() -> InnerVmm {
+        match std::env::var("RIMG_NESTED_INNER").as_deref() {
+            Err(_) | Ok("") | Ok("rimg") => InnerVmm::Rimg,
+            Ok("qemu-microvm") => InnerVmm::QemuMicrovm,
+            Ok(other) => panic!("RIMG_NESTED_INNER={other:?}: rimg or qemu-microvm"),
+        }
+    }
+
+    fn outer_script(self) -> String {
+        // QEMU's virtio-mmio offers the driver 1024-entry rings whatever
+        // the backend takes; the daemons' default maximum is 256.
+        let (run, reboot, queue_size) = match self {
+            InnerVmm::Rimg => (RIMG_INNER, RIMG_REBOOT, ""),
+            InnerVmm::QemuMicrovm => (QEMU_INNER, "", "--queue-size 1024"),
+        };
+        OUTER
+            .replace("@RUN_INNER@", run)
+            .replace("@REBOOT_RUN@", reboot)
+            .replace("@QUEUE_SIZE@", queue_size)
+    }
+}
+
+/// The guest kit's QEMU for the outer guest's initramfs: the binary,
+/// the dynamic loader and every library it links (as resolved with the
+/// kit's library path), and the firmware a microvm machine loading a
+/// kernel needs.
+fn qemu_files() -> Vec<(String, Vec<u8>, u32)> {
+    let cmd = kit().qemu();
+    let bin = PathBuf::from(cmd.get_program());
+    let args: Vec<_> = cmd.get_args().map(PathBuf::from).collect();
+    let fw = args
+        .iter()
+        .skip_while(|a| a.as_os_str() != "-L")
+        .nth(1)
+        .cloned()
+        .expect("the kit's QEMU command names its firmware directory");
+    let mut ldd = Command::new("ldd");
+    ldd.arg(&bin);
+    for (k, v) in cmd.get_envs() {
+        if let Some(v) = v {
+            ldd.env(k, v);
+        }
+    }
+    let o = ldd.output().expect("run ldd");
+    assert!(o.status.success(), "ldd {}", bin.display());
+    let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
+    // The initramfs has /bin and /lib (no other directory can be added).
+    let mut files = vec![("/bin/qemu-system-x86_64".to_string(), read(&bin), 0o755)];
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        // "libz.so.1 => /path (0x...)", or the loader's own "/lib64/ld-... (0x...)".
+        let path = match line.split_once("=>") {
+            Some((_, r)) => r.split_whitespace().next(),
+            None => line
+                .split_whitespace()
+                .next()
+                .filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else {
+            continue;
+        };
+        let name = Path::new(path).file_name().unwrap().to_string_lossy();
+        files.push((format!("/lib/{name}"), read(Path::new(path)), 0o755));
+    }
+    assert!(
+        files.iter().any(|f| f.0 == "/lib/ld-linux-x86-64.so.2"),
+        "no dynamic loader in ldd's answer:\n{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    for f in ["bios-microvm.bin", "linuxboot_dma.bin", "kvmvapic.bin"] {
+        files.push((format!("/lib/{f}"), read(&fw.join(f)), 0o644));
+    }
+    files
+}
 
 /// One run of the whole stack in the nested setup (shared/TESTBED.md):
 /// an outer QEMU TCG guest with kvm_amd runs static rimg-vhost-blk,
@@ -314,6 +431,19 @@ pub struct StackRun {
 }
 
 pub fn run_linux_stack(timeout: Duration) -> StackRun {
+    run_linux_stack_on(InnerVmm::Rimg, timeout)
+}
+
+/// The static rimg-vmm the outer guest runs: this tree's, or the one
+/// `RIMG_NESTED_VMM_BIN` names (to compare builds under the same load).
+fn vmm_binary(bins: &Path) -> PathBuf {
+    std::env::var_os("RIMG_NESTED_VMM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bins.join("rimg-vmm"))
+}
+
+/// [`run_linux_stack`] with `vmm` as the inner VMM.
+pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
     let dir = crate::tempdir();
     let bins = static_bins();
     let img = dir.path().join("disk.qcow2");
@@ -325,13 +455,25 @@ pub fn run_linux_stack(timeout: Duration) -> StackRun {
         .unwrap()
         .set_len(128 << 20)
         .unwrap();
-    let inner = Guest::new(INNER)
+    // QEMU's microvm machine does not power off on the guest's ACPI S5
+    // request; a reset ends it (-no-reboot), so its guest resets on exit.
+    let script = match vmm {
+        InnerVmm::Rimg => INNER.to_string(),
+        InnerVmm::QemuMicrovm => format!("trap 'reboot -f' EXIT\n{INNER}"),
+    };
+    let inner = Guest::new(&script)
         .module("virtio_mmio")
         .module("virtio_blk")
         .module("virtio_net")
         .initramfs_image();
     let read = |p: &Path| std::fs::read(p).unwrap_or_else(|e| panic!("{p:?}: {e}"));
-    let out = Guest::new(OUTER)
+    let mut outer = Guest::new(&vmm.outer_script());
+    if vmm == InnerVmm::QemuMicrovm {
+        for (path, data, perm) in qemu_files() {
+            outer = outer.file(&path, data, perm);
+        }
+    }
+    let out = outer
         .module("kvm_amd")
         .module("tun")
         .module("virtio_pci")
@@ -342,7 +484,7 @@ pub fn run_linux_stack(timeout: Duration) -> StackRun {
         .file("/vmlinuz", read(kit().kernel()), 0o644)
         .file("/inner.cpio", inner, 0o644)
         .file("/disk.qcow2", read(&img), 0o644)
-        .file("/bin/rimg-vmm", read(&bins.join("rimg-vmm")), 0o755)
+        .file("/bin/rimg-vmm", read(&vmm_binary(bins)), 0o755)
         .file(
             "/bin/rimg-vhost-blk",
             read(&bins.join("rimg-vhost-blk")),

@@ -3,10 +3,14 @@
 //! with paging on an identity map, a GDT holding flat __BOOT_CS (0x10)
 //! and __BOOT_DS (0x18), interrupts off, %rsi pointing at boot_params.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs};
-use kvm_ioctls::{Kvm, VcpuFd};
+use kvm_bindings::{
+    kvm_enable_cap, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, CpuId, Msrs,
+    KVM_CAP_PMU_CAPABILITY, KVM_PMU_CAP_DISABLE,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::cpuid;
 use crate::error::{Error, KvmContext, Result};
 use crate::layout;
 use crate::memory::Mem;
@@ -81,55 +85,48 @@ pub fn write_boot_tables(mem: &Mem) -> Result<()> {
     Ok(())
 }
 
-/// CPUID for vCPU `id` of `count`: what KVM supports, with the APIC ID,
-/// the logical processor count and the hypervisor bit filled in.
-pub fn cpuid(kvm: &Kvm, id: u8, count: u8) -> Result<CpuId> {
-    let mut cpuid = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .kvm("KVM_GET_SUPPORTED_CPUID")?;
-    for e in cpuid.as_mut_slice() {
-        match e.function {
-            1 => {
-                e.ebx = (e.ebx & 0x0000_ffff) | ((id as u32) << 24) | ((count as u32) << 16);
-                // HTT: the count above is meaningful.
-                e.edx |= 1 << 28;
-                // Hypervisor present.
-                e.ecx |= 1 << 31;
-            }
-            // Extended topology: one thread per core, `count` cores.
-            0xb | 0x1f => {
-                e.edx = id as u32;
-                match e.index {
-                    0 => {
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = (1 << 8) | e.index;
-                    }
-                    1 => {
-                        e.eax = 32 - (count as u32).saturating_sub(1).leading_zeros();
-                        e.ebx = count as u32;
-                        e.ecx = (2 << 8) | e.index;
-                    }
-                    _ => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = e.index;
-                    }
-                }
-            }
-            // AMD: number of cores - 1.
-            0x8000_0008 => e.ecx = (e.ecx & !0xff) | (count as u32 - 1),
-            _ => {}
-        }
+/// What every vCPU's set-up starts from: KVM's CPUID table and
+/// capabilities, read once per VM.
+pub struct HostCpu {
+    supported: CpuId,
+    tsc_deadline: bool,
+}
+
+impl HostCpu {
+    pub fn new(kvm: &Kvm) -> Result<HostCpu> {
+        Ok(HostCpu {
+            supported: kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .kvm("KVM_GET_SUPPORTED_CPUID")?,
+            tsc_deadline: kvm.check_extension(Cap::TscDeadlineTimer),
+        })
     }
-    Ok(cpuid)
+}
+
+/// Turns KVM's virtual PMU off for the VM when KVM offers that
+/// (KVM_CAP_PMU_CAPABILITY; before any vCPU exists): the CPUID hides
+/// performance monitoring (cpuid.rs), and KVM then drops the guest's
+/// counter MSR writes whatever the host has.
+pub fn disable_pmu(vm: &VmFd) -> Result<()> {
+    let caps = vm.check_extension_raw(KVM_CAP_PMU_CAPABILITY.into());
+    if caps <= 0 || caps as u32 & KVM_PMU_CAP_DISABLE == 0 {
+        return Ok(());
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_PMU_CAPABILITY,
+        ..Default::default()
+    };
+    cap.args[0] = KVM_PMU_CAP_DISABLE.into();
+    vm.enable_cap(&cap).kvm("KVM_ENABLE_CAP(PMU_CAPABILITY)")
 }
 
 /// Sets CPUID, MSRs, FPU and local APIC for any vCPU, and for the boot
-/// vCPU the long-mode registers starting at `entry`.
-pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8, entry: Option<u64>) -> Result<()> {
-    vcpu.set_cpuid2(&cpuid(kvm, id, count)?)
-        .kvm("KVM_SET_CPUID2")?;
+/// vCPU the long-mode registers starting at `entry`. Application
+/// processors get the same state; they stay in the in-kernel APIC's
+/// wait-for-SIPI until the guest starts them.
+pub fn setup(host: &HostCpu, vcpu: &VcpuFd, id: u8, count: u8, entry: Option<u64>) -> Result<()> {
+    let cpuid = cpuid::shape(&host.supported, id, count, host.tsc_deadline)?;
+    vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")?;
     let msr = |index: u32, data: u64| kvm_msr_entry {
         index,
         data,
@@ -147,6 +144,9 @@ pub fn setup(kvm: &Kvm, vcpu: &VcpuFd, id: u8, count: u8, entry: Option<u64>) ->
         msr(0x10, 0),                      // TSC
         msr(0x1a0, 1),                     // IA32_MISC_ENABLE: fast strings
         msr(0x277, 0x0007_0406_0007_0406), // PAT, power-on value
+        // MTRRs on, write-back by default (no ranges): Linux 6.1 turns
+        // PAT off too when it finds MTRRs disabled.
+        msr(0x2ff, (1 << 11) | 6),
     ])
     .map_err(|e| Error::Memory(format!("MSR list: {e:?}")))?;
     let n = vcpu.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;

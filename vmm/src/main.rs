@@ -4,6 +4,8 @@
 mod acpi;
 mod config;
 mod cpu;
+mod cpuid;
+mod diag;
 mod error;
 mod layout;
 mod loader;

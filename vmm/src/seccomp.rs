@@ -9,9 +9,12 @@
 //!
 //! While the guest runs the VMM only:
 //! - runs the vCPUs: `ioctl(KVM_RUN)` on the vCPU descriptors (and
-//!   `KVM_GET_REGS`, to report where a vCPU failed);
+//!   `KVM_GET_REGS`, `KVM_GET_SREGS` and `KVM_GET_VCPU_EVENTS`, to dump
+//!   the state of a vCPU that failed, see `diag.rs`);
 //! - registers irqfds and ioeventfds: `ioctl(KVM_IRQFD, KVM_IOEVENTFD)`
 //!   on the VM descriptor;
+//! - stops the other vCPUs when one fails, so they dump their state
+//!   too: `tgkill` to this process's threads with [`kick_signal`] only;
 //! - talks vhost-user to the backends from the vCPU threads, when the
 //!   driver starts or resets a device or (control queue) enables queues:
 //!   `sendmsg` with the rings' descriptors, `recvmsg` for replies;
@@ -33,9 +36,11 @@ use rimg_seccomp::{Arg, SyscallList};
 /// The KVM ioctl request numbers the running VMM uses (as kvm-ioctls
 /// issues them, which does not export them).
 mod nr {
-    use kvm_bindings::{kvm_ioeventfd, kvm_irqfd, kvm_regs, KVMIO};
+    use kvm_bindings::{kvm_ioeventfd, kvm_irqfd, kvm_regs, kvm_sregs, kvm_vcpu_events, KVMIO};
     vmm_sys_util::ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
     vmm_sys_util::ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    vmm_sys_util::ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
     vmm_sys_util::ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_irqfd);
     vmm_sys_util::ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
 }
@@ -45,9 +50,21 @@ pub fn vm_ioctls() -> [u32; 2] {
     [nr::KVM_IRQFD() as u32, nr::KVM_IOEVENTFD() as u32]
 }
 
-/// The ioctl requests allowed on a vCPU descriptor.
+/// The ioctl requests allowed on a vCPU descriptor to run it (and read
+/// its registers).
 pub fn vcpu_ioctls() -> [u32; 2] {
     [nr::KVM_RUN() as u32, nr::KVM_GET_REGS() as u32]
+}
+
+/// The further vCPU requests a failure dump makes (diag.rs).
+pub fn vcpu_dump_ioctls() -> [u32; 2] {
+    [nr::KVM_GET_SREGS() as u32, nr::KVM_GET_VCPU_EVENTS() as u32]
+}
+
+/// The signal a failing vCPU sends the others to take them out of
+/// KVM_RUN for their dump (its handler does nothing).
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN() + 1
 }
 
 /// Everything rimg-vmm may call while the guest runs, for the VM
@@ -62,11 +79,18 @@ pub fn filter(vm: RawFd, vcpus: &[RawFd]) -> SyscallList {
         // The backend watchers wait for a hang-up.
         SYS_poll,
     ]);
+    l.allow_if(
+        SYS_tgkill,
+        &[
+            Arg::Eq32(0, std::process::id()),
+            Arg::Eq32(2, kick_signal() as u32),
+        ],
+    );
     for req in vm_ioctls() {
         l.allow_if(SYS_ioctl, &[Arg::Eq32(0, vm as u32), Arg::Eq32(1, req)]);
     }
     for &fd in vcpus {
-        for req in vcpu_ioctls() {
+        for req in vcpu_ioctls().into_iter().chain(vcpu_dump_ioctls()) {
             l.allow_if(SYS_ioctl, &[Arg::Eq32(0, fd as u32), Arg::Eq32(1, req)]);
         }
     }
@@ -82,6 +106,7 @@ mod tests {
     fn kvm_request_numbers() {
         // linux/kvm.h, as the kernel defines them.
         assert_eq!(vcpu_ioctls(), [0xae80, 0x8090_ae81]);
+        assert_eq!(vcpu_dump_ioctls(), [0x8138_ae83, 0x8040_ae9f]);
         assert_eq!(vm_ioctls(), [0x4020_ae76, 0x4040_ae79]);
     }
 
@@ -113,9 +138,10 @@ mod tests {
         ] {
             assert!(!l.contains(nr), "{nr}");
         }
-        // Two requests on the VM, two on each vCPU.
-        assert_eq!(l.rules(libc::SYS_ioctl), 2 + 2 * 2);
-        assert_eq!(l.len(), 25);
+        // Two requests on the VM, four on each vCPU.
+        assert_eq!(l.rules(libc::SYS_ioctl), 2 + 2 * 4);
+        assert_eq!(l.rules(libc::SYS_tgkill), 1);
+        assert_eq!(l.len(), 26);
         // 64 vCPUs still make a program the kernel takes (4096
         // instructions at most).
         let fds: Vec<RawFd> = (100..164).collect();

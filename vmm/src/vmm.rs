@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::config::{DiskSpec, NetSpec};
 use crate::cpu;
+use crate::diag::{self, ExitKind, ExitRing, Kick};
 use crate::error::{Error, IoContext, KvmContext, Result};
 use crate::layout;
 use crate::loader;
@@ -135,6 +136,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         source: e,
     })?;
     let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+    cpu::disable_pmu(&vm)?;
     vm.set_tss_address(0xfffb_d000).kvm("KVM_SET_TSS_ADDR")?;
     vm.set_identity_map_address(0xfffb_c000)
         .kvm("KVM_SET_IDENTITY_MAP_ADDR")?;
@@ -233,23 +235,30 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
 
     let (tx, rx) = mpsc::channel();
     let mut vcpus = Vec::new();
+    let host = cpu::HostCpu::new(&kvm)?;
     for id in 0..cfg.cpus {
         let vcpu = vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?;
         let entry = (id == 0).then_some(loaded.entry);
-        cpu::setup(&kvm, &vcpu, id, cfg.cpus, entry)?;
+        cpu::setup(&host, &vcpu, id, cfg.cpus, entry)?;
         vcpus.push(vcpu);
     }
     let vcpu_fds: Vec<RawFd> = vcpus.iter().map(|v| v.as_raw_fd()).collect();
+    let kick = Arc::new(Kick::new(vcpus.len())?);
     // The vCPUs enter the guest only once the filter is on.
     let go = Arc::new(Barrier::new(vcpus.len() + 1));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         let bus = bus.clone();
         let tx = tx.clone();
         let go = go.clone();
+        let kick = kick.clone();
         threads.spawn(format!("vcpu{id}"), move || {
+            kick.register(id);
             go.wait();
-            let stop = run_vcpu(id, vcpu, &bus);
-            let _ = tx.send(stop);
+            // None: this vCPU was stopped for another's failure, which
+            // that one reports.
+            if let Some(stop) = run_vcpu(id, vcpu, &bus, &kick) {
+                let _ = tx.send(stop);
+            }
         })?;
     }
     drop(tx);
@@ -319,43 +328,87 @@ fn keep<T: Send + 'static>(t: T) {
     std::mem::forget(t);
 }
 
-fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus) -> Stop {
-    loop {
+fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus, kick: &Kick) -> Option<Stop> {
+    let mut ring = ExitRing::default();
+    let why = loop {
+        if kick.requested() {
+            let report = diag::dump(id, "stopped after another vCPU failed", &vcpu, &ring);
+            let _ = std::io::stderr()
+                .lock()
+                .write_all(format!("rimg-vmm: {report}").as_bytes());
+            kick.done();
+            return None;
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                ring.record(ExitKind::IoOut, port.into(), data);
                 if let Some(stop) = io_out(bus, port, data) {
-                    return stop;
+                    return Some(stop);
                 }
             }
-            Ok(VcpuExit::IoIn(port, data)) => io_in(bus, port, data),
-            Ok(VcpuExit::MmioRead(addr, data)) => match bus.device(addr) {
-                Some((off, d)) => lock(d).read(off, data),
-                None => data.fill(0xff),
-            },
+            Ok(VcpuExit::IoIn(port, data)) => {
+                io_in(bus, port, data);
+                ring.record(ExitKind::IoIn, port.into(), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                match bus.device(addr) {
+                    Some((off, d)) => lock(d).read(off, data),
+                    None => data.fill(0xff),
+                }
+                ring.record(ExitKind::MmioRead, addr, data);
+            }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ring.record(ExitKind::MmioWrite, addr, data);
                 if let Some((off, d)) = bus.device(addr) {
                     lock(d).write(off, data)
                 }
             }
-            Ok(VcpuExit::Hlt) => {}
-            Ok(VcpuExit::Shutdown) => {
-                return Stop::Fault(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)"))
-            }
+            Ok(VcpuExit::Hlt) => ring.record(ExitKind::Hlt, 0, &[]),
+            Ok(VcpuExit::Shutdown) => break "triple fault (KVM_EXIT_SHUTDOWN)".to_string(),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                return Stop::Fault(format!(
-                    "vCPU {id}: KVM entry failed, hardware reason {reason:#x} on CPU {cpu}"
-                ))
+                break format!("KVM entry failed, hardware reason {reason:#x} on CPU {cpu}")
             }
             Ok(VcpuExit::InternalError) => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                return Stop::Fault(format!(
-                    "vCPU {id}: KVM internal error (emulation failure?) at rip {rip:#x}"
-                ));
+                // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for
+                // which KVM fills the `internal` member of the union.
+                let i = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal };
+                let n = (i.ndata as usize).min(i.data.len());
+                let data: Vec<String> = i.data[..n].iter().map(|d| format!("{d:#x}")).collect();
+                break format!(
+                    "KVM internal error, suberror {} ({}), data [{}]",
+                    i.suberror,
+                    internal_suberror(i.suberror),
+                    data.join(" ")
+                );
             }
-            Ok(other) => return Stop::Fault(format!("vCPU {id}: unexpected exit {other:?}")),
+            Ok(other) => {
+                let what = format!("unexpected exit {other:?}");
+                ring.record(ExitKind::Other, 0, &[]);
+                break what;
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
-            Err(e) => return Stop::Fault(format!("vCPU {id}: KVM_RUN: {e}")),
+            Err(e) => break format!("KVM_RUN: {e}"),
         }
+    };
+    let report = diag::dump(id, &why, &vcpu, &ring);
+    // One write, so the dumps of several vCPUs do not interleave.
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("rimg-vmm: {report}").as_bytes());
+    // The other vCPUs' state too; the first vCPU to fail reports.
+    kick.stop_others(id)
+        .then(|| Stop::Fault(format!("vCPU {id}: {why}")))
+}
+
+/// linux/kvm.h KVM_INTERNAL_ERROR_*.
+fn internal_suberror(s: u32) -> &'static str {
+    use kvm_bindings::*;
+    match s {
+        KVM_INTERNAL_ERROR_EMULATION => "emulation failure",
+        KVM_INTERNAL_ERROR_SIMUL_EX => "simultaneous exceptions",
+        KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery",
+        KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON => "unexpected exit reason",
+        _ => "unknown",
     }
 }
 
