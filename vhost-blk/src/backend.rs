@@ -1,16 +1,15 @@
 //! The vhost-user backend: one worker (and one thread) per queue.
 //!
-//! Event ids seen by [`handle_event`](VhostUserBackend::handle_event): each
-//! thread serves one queue, so its kick is id 0; id `num_queues` is the
-//! framework's exit / vring-enabled event; the queue's io_uring completion
-//! eventfd is registered as `num_queues + 1`.
+//! Threads, event routing and teardown hooks are the shared
+//! [`Workers`] layer's; this is what is specific to a block device.
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use log::warn;
 use qcow2::Image;
-use rimg_vhost_server::ExitEvents;
+use rimg_vhost_server::workers::{QueueWorker, Workers};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
@@ -23,8 +22,38 @@ pub struct BlkBackend {
     img: Arc<dyn Image>,
     cfg: Arc<DeviceConfig>,
     writeback: Arc<AtomicBool>,
-    workers: Vec<Mutex<Worker>>,
-    exits: ExitEvents,
+    workers: Workers<Worker>,
+}
+
+impl QueueWorker for Worker {
+    const QUEUES_PER_THREAD: usize = 1;
+
+    fn completion_fd(&self) -> RawFd {
+        Worker::completion_fd(self)
+    }
+
+    fn set_event_idx(&mut self, on: bool) {
+        Worker::set_event_idx(self, on)
+    }
+
+    fn handle_kick(&mut self, event: u16, vrings: &[Vring]) {
+        // The vring-enabled event has nothing for a block queue to do.
+        if event == 0 {
+            Worker::handle_kick(self, &vrings[0])
+        }
+    }
+
+    fn handle_completions(&mut self) {
+        Worker::handle_completions(self)
+    }
+
+    fn stop(&mut self) {
+        Worker::stop(self)
+    }
+
+    fn state(&self) -> String {
+        Worker::state(self)
+    }
 }
 
 impl BlkBackend {
@@ -38,35 +67,21 @@ impl BlkBackend {
         let writeback = Arc::new(AtomicBool::new(true));
         let mut workers = Vec::new();
         for q in 0..usize::from(cfg.num_queues) {
-            workers.push(Mutex::new(Worker::new(
+            workers.push(Worker::new(
                 q,
                 img.clone(),
                 files.clone(),
                 cfg.clone(),
                 writeback.clone(),
                 mem.clone(),
-            )?));
+            )?);
         }
         Ok(BlkBackend {
             img,
             cfg,
             writeback,
-            exits: ExitEvents::new(workers.len())?,
-            workers,
+            workers: Workers::new(workers)?,
         })
-    }
-
-    /// The id under which queue `q`'s completion fd is registered.
-    pub fn completion_event_id(&self) -> u64 {
-        u64::from(self.cfg.num_queues) + 1
-    }
-
-    pub fn completion_fd(&self, q: usize) -> std::os::fd::RawFd {
-        self.worker(q).completion_fd()
-    }
-
-    fn worker(&self, q: usize) -> MutexGuard<'_, Worker> {
-        self.workers[q].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Finishes all in-flight and parked requests of every queue, once
@@ -79,7 +94,7 @@ impl BlkBackend {
         loop {
             let (mut left, mut wedged) = (false, false);
             for q in 0..self.workers.len() {
-                let mut w = self.worker(q);
+                let mut w = self.workers.lock(q);
                 left |= w.drain_stopped();
                 wedged |= w.is_wedged();
             }
@@ -93,26 +108,12 @@ impl BlkBackend {
 }
 
 impl rimg_vhost_server::Device for BlkBackend {
-    fn listeners(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
-        (0..self.workers.len())
-            .map(|q| (q, self.completion_fd(q), self.completion_event_id()))
-            .collect()
+    fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
+        self.workers.listeners()
     }
 
     fn dump_state(&self) -> String {
-        let mut out = String::new();
-        for (q, w) in self.workers.iter().enumerate() {
-            // A worker busy right now (or blocked) is said to be, rather
-            // than waited for.
-            match w.try_lock() {
-                Ok(w) => out.push_str(&w.state()),
-                Err(std::sync::TryLockError::Poisoned(p)) => out.push_str(&p.into_inner().state()),
-                Err(std::sync::TryLockError::WouldBlock) => {
-                    out.push_str(&format!("queue {q}: busy (its lock is held)"))
-                }
-            }
-            out.push('\n');
-        }
+        let mut out = self.workers.dump_state();
         if let Some(q) = self.img.as_qcow2() {
             out.push_str(&format!("image: {}\n", q.alloc_state()));
         }
@@ -151,9 +152,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        for q in 0..self.workers.len() {
-            self.worker(q).set_event_idx(enabled);
-        }
+        self.workers.set_event_idx(enabled)
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -189,17 +188,15 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.cfg.num_queues).map(|q| 1u64 << q).collect()
+        self.workers.queues_per_thread()
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exits.get(thread_index)
+        self.workers.exit_event(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(w) = self.workers.get(queue_index as usize) {
-            w.lock().unwrap_or_else(|p| p.into_inner()).stop();
-        }
+        self.workers.stop_vring(queue_index);
         Ok(())
     }
 
@@ -210,19 +207,6 @@ impl VhostUserBackend for BlkBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
-        // This thread reads guest rings: narrow what it may call first.
-        rimg_vhost_server::seccomp::enter_vring_worker();
-        let Some(vring) = vrings.first() else {
-            return Ok(());
-        };
-        let mut w = self.worker(thread_id);
-        if u64::from(device_event) == self.completion_event_id() {
-            w.handle_completions();
-        } else if device_event == 0 {
-            w.handle_kick(vring);
-        }
-        // Errors in guest requests are completed as request errors: the
-        // handler never fails, or the framework would stop this thread.
-        Ok(())
+        self.workers.handle_event(device_event, vrings, thread_id)
     }
 }

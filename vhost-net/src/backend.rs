@@ -1,15 +1,14 @@
 //! The vhost-user backend: queues 2i (RX) and 2i + 1 (TX) form pair i,
 //! served by thread i with its own io_uring and TAP queue.
 //!
-//! Event ids in [`handle_event`](VhostUserBackend::handle_event) are local
-//! to the thread: 0 is the pair's RX kick, 1 its TX kick, `num_queues` the
-//! framework's exit / vring-enabled event, and `num_queues + 1` the pair's
-//! io_uring completion eventfd.
+//! Threads, event routing and teardown hooks are the shared
+//! [`Workers`] layer's; this is what is specific to a NIC.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use log::error;
-use rimg_vhost_server::ExitEvents;
+use rimg_vhost_server::workers::{QueueWorker, Workers};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vmm_sys_util::epoll::EventSet;
@@ -23,49 +22,63 @@ use rimg_vhost_server::{Vring, GM};
 pub struct NetBackend {
     cfg: NetConfig,
     tap: Arc<Tap>,
-    workers: Vec<Mutex<PairWorker>>,
-    exits: ExitEvents,
+    workers: Workers<PairWorker>,
+}
+
+impl QueueWorker for PairWorker {
+    const QUEUES_PER_THREAD: usize = 2;
+
+    fn completion_fd(&self) -> RawFd {
+        PairWorker::completion_fd(self)
+    }
+
+    fn set_event_idx(&mut self, on: bool) {
+        PairWorker::set_event_idx(self, on)
+    }
+
+    fn handle_kick(&mut self, _event: u16, vrings: &[Vring]) {
+        // Kicks, and the vring-enabled event: both may let frames move.
+        PairWorker::handle_kick(self, &vrings[0], &vrings[1])
+    }
+
+    fn handle_completions(&mut self) {
+        PairWorker::handle_completions(self)
+    }
+
+    fn stop(&mut self) {
+        self.quiesce()
+    }
+
+    fn state(&self) -> String {
+        PairWorker::state(self)
+    }
 }
 
 impl NetBackend {
     pub fn new(cfg: NetConfig, tap: Arc<Tap>, mem: GM) -> std::io::Result<NetBackend> {
         let mut workers = Vec::new();
         for p in 0..usize::from(cfg.queue_pairs) {
-            workers.push(Mutex::new(PairWorker::new(p, tap.clone(), mem.clone())?));
+            workers.push(PairWorker::new(p, tap.clone(), mem.clone())?);
         }
         Ok(NetBackend {
             cfg,
             tap,
-            exits: ExitEvents::new(workers.len())?,
-            workers,
+            workers: Workers::new(workers)?,
         })
-    }
-
-    fn worker(&self, p: usize) -> MutexGuard<'_, PairWorker> {
-        self.workers[p].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn completion_event_id(&self) -> u64 {
-        self.workers.len() as u64 * 2 + 1
     }
 }
 
 impl rimg_vhost_server::Device for NetBackend {
-    fn listeners(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
-        (0..self.workers.len())
-            .map(|p| {
-                (
-                    p,
-                    self.worker(p).completion_fd(),
-                    self.completion_event_id(),
-                )
-            })
-            .collect()
+    fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
+        self.workers.listeners()
+    }
+
+    fn dump_state(&self) -> String {
+        self.workers.dump_state()
     }
 
     fn disconnected(&self) {
-        for p in 0..self.workers.len() {
-            let mut w = self.worker(p);
+        self.workers.for_each(|w| {
             w.quiesce();
             let s = w.stats;
             log::info!(
@@ -78,7 +91,7 @@ impl rimg_vhost_server::Device for NetBackend {
                 s.rx_gso,
                 s.rx_dropped
             );
-        }
+        });
     }
 }
 
@@ -87,7 +100,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        self.workers.len() * 2
+        self.workers.num_queues()
     }
 
     fn max_queue_size(&self) -> usize {
@@ -103,9 +116,7 @@ impl VhostUserBackend for NetBackend {
         if let Err(e) = self.tap.set_offload(n.tap_offloads) {
             error!("{e}");
         }
-        for p in 0..self.workers.len() {
-            self.worker(p).set_negotiated(n);
-        }
+        self.workers.for_each(|w| w.set_negotiated(n));
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -119,9 +130,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        for p in 0..self.workers.len() {
-            self.worker(p).set_event_idx(enabled);
-        }
+        self.workers.set_event_idx(enabled)
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -135,19 +144,15 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.workers.len())
-            .map(|p| 0b11u64 << (2 * p))
-            .collect()
+        self.workers.queues_per_thread()
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exits.get(thread_index)
+        self.workers.exit_event(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        if let Some(w) = self.workers.get(queue_index as usize / 2) {
-            w.lock().unwrap_or_else(|e| e.into_inner()).quiesce();
-        }
+        self.workers.stop_vring(queue_index);
         Ok(())
     }
 
@@ -158,20 +163,6 @@ impl VhostUserBackend for NetBackend {
         vrings: &[Vring],
         thread_id: usize,
     ) -> std::io::Result<()> {
-        // This thread reads guest rings: narrow what it may call first.
-        rimg_vhost_server::seccomp::enter_vring_worker();
-        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
-            return Ok(());
-        };
-        let mut w = self.worker(thread_id);
-        if u64::from(device_event) == self.completion_event_id() {
-            w.handle_completions();
-        } else {
-            // Kicks, and the vring-enabled event: both may let frames move.
-            w.handle_kick(rx, tx);
-        }
-        // Guest mistakes are dropped frames, never handler errors (an
-        // error would stop this thread for good).
-        Ok(())
+        self.workers.handle_event(device_event, vrings, thread_id)
     }
 }

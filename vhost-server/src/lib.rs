@@ -28,6 +28,7 @@ mod relay;
 pub mod seccomp;
 pub mod uring;
 pub mod warn;
+pub mod workers;
 
 pub use seccomp::{Sandbox, SeccompAction, SyscallList};
 pub use uring::restricted_ring;

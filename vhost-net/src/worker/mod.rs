@@ -435,6 +435,28 @@ impl PairWorker {
         self.pair
     }
 
+    /// What the pair holds right now, for the SIGUSR1 state dump.
+    pub fn state(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "pair {}: rx {} reads posted, {} frames waiting for buffers; \
+             tx {} writes in flight ({} from guest memory){}; \
+             tx {} frames, rx {} frames",
+            self.pair,
+            self.rx_posted,
+            self.ready.len(),
+            self.tx_inflight,
+            self.tx_in_place,
+            if self.tx_blocked {
+                ", waiting for a slot"
+            } else {
+                ""
+            },
+            s.tx_frames,
+            s.rx_frames
+        )
+    }
+
     fn signal(vring: &Vring, mem: &Mem) {
         let needed = vring.get_mut().get_queue_mut().needs_notification(mem);
         if needed.unwrap_or(true) {

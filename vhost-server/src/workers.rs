@@ -1,0 +1,154 @@
+//! The part of a vhost-user backend both daemons share: one worker per
+//! thread, each serving a fixed number of consecutive queues with its own
+//! epoll loop and io_uring. This module owns the workers, routes the
+//! framework's events to them and answers the framework's questions about
+//! threads; a daemon's backend keeps only what is specific to its device
+//! (features, config space, what a disconnect must finish).
+//!
+//! Event ids a worker thread sees (local to the thread): its queues' kicks
+//! are `0..queues_per_thread`, the framework's exit / vring-enabled event
+//! is `num_queues`, and the worker's io_uring completion eventfd is
+//! registered as `num_queues + 1` ([`Workers::listeners`]).
+
+use std::os::fd::RawFd;
+use std::sync::{Mutex, MutexGuard, TryLockError};
+
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::{ExitEvents, Vring};
+
+/// A daemon's per-thread worker, as [`Workers`] drives it.
+pub trait QueueWorker: Send {
+    /// Consecutive queues one worker serves (1 for a block queue, 2 for
+    /// a net RX/TX pair).
+    const QUEUES_PER_THREAD: usize;
+    /// The eventfd its io_uring signals completions on.
+    fn completion_fd(&self) -> RawFd;
+    fn set_event_idx(&mut self, on: bool);
+    /// A kick (`event` below `QUEUES_PER_THREAD`) or the vring-enabled
+    /// event for this worker's `vrings`.
+    fn handle_kick(&mut self, event: u16, vrings: &[Vring]);
+    /// Its io_uring completion eventfd fired.
+    fn handle_completions(&mut self);
+    /// The frontend stopped one of its queues: end what is in flight;
+    /// nothing may be returned into a stopped ring afterwards.
+    fn stop(&mut self);
+    /// One or more lines on what it holds, for the SIGUSR1 state dump.
+    fn state(&self) -> String;
+}
+
+/// The workers of one connection.
+pub struct Workers<W> {
+    workers: Vec<Mutex<W>>,
+    exits: ExitEvents,
+}
+
+impl<W: QueueWorker> Workers<W> {
+    pub fn new(workers: Vec<W>) -> std::io::Result<Workers<W>> {
+        Ok(Workers {
+            exits: ExitEvents::new(workers.len())?,
+            workers: workers.into_iter().map(Mutex::new).collect(),
+        })
+    }
+
+    /// Worker threads.
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+
+    /// Worker `t`. A worker whose thread panicked is still reachable: its
+    /// state stays consistent enough to drain and drop, which teardown
+    /// needs more than it needs the panic repeated.
+    pub fn lock(&self, t: usize) -> MutexGuard<'_, W> {
+        self.workers[t].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on every worker in turn.
+    pub fn for_each(&self, mut f: impl FnMut(&mut W)) {
+        for t in 0..self.workers.len() {
+            f(&mut self.lock(t));
+        }
+    }
+
+    /// VhostUserBackend::num_queues.
+    pub fn num_queues(&self) -> usize {
+        self.workers.len() * W::QUEUES_PER_THREAD
+    }
+
+    /// The id under which each worker's completion fd is registered.
+    pub fn completion_event_id(&self) -> u64 {
+        self.num_queues() as u64 + 1
+    }
+
+    /// Device::listeners: each worker's completion fd on its thread.
+    pub fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
+        (0..self.workers.len())
+            .map(|t| (t, self.lock(t).completion_fd(), self.completion_event_id()))
+            .collect()
+    }
+
+    /// VhostUserBackend::queues_per_thread.
+    pub fn queues_per_thread(&self) -> Vec<u64> {
+        let mask = (1u64 << W::QUEUES_PER_THREAD) - 1;
+        (0..self.workers.len())
+            .map(|t| mask << (t * W::QUEUES_PER_THREAD))
+            .collect()
+    }
+
+    /// VhostUserBackend::exit_event.
+    pub fn exit_event(&self, t: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exits.get(t)
+    }
+
+    /// VhostUserBackend::set_event_idx.
+    pub fn set_event_idx(&self, on: bool) {
+        self.for_each(|w| w.set_event_idx(on));
+    }
+
+    /// VhostUserBackend::stop_vring: stops the worker serving the queue.
+    pub fn stop_vring(&self, queue: u32) {
+        let t = queue as usize / W::QUEUES_PER_THREAD;
+        if t < self.workers.len() {
+            self.lock(t).stop();
+        }
+    }
+
+    /// VhostUserBackend::handle_event. Guest mistakes are handled by the
+    /// worker (request errors, dropped frames), never returned: an error
+    /// would stop the thread for good.
+    pub fn handle_event(&self, event: u16, vrings: &[Vring], t: usize) -> std::io::Result<()> {
+        // This thread reads guest rings: narrow what it may call first.
+        crate::seccomp::enter_vring_worker();
+        if vrings.len() < W::QUEUES_PER_THREAD || t >= self.workers.len() {
+            return Ok(());
+        }
+        let mut w = self.lock(t);
+        if u64::from(event) == self.completion_event_id() {
+            w.handle_completions();
+        } else {
+            w.handle_kick(event, vrings);
+        }
+        Ok(())
+    }
+
+    /// Device::dump_state: every worker's state; a worker busy right now
+    /// (or blocked) is said to be, rather than waited for.
+    pub fn dump_state(&self) -> String {
+        let mut out = String::new();
+        for (t, w) in self.workers.iter().enumerate() {
+            match w.try_lock() {
+                Ok(w) => out.push_str(&w.state()),
+                Err(TryLockError::Poisoned(p)) => out.push_str(&p.into_inner().state()),
+                Err(TryLockError::WouldBlock) => {
+                    out.push_str(&format!("thread {t}: busy (its lock is held)"))
+                }
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
