@@ -6,9 +6,16 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MQ,
+};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
@@ -16,25 +23,35 @@ use crate::memory::Region;
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never shown to the
 /// guest.
-const PROTOCOL_FEATURES: u64 = 1 << 30;
+const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+const fn bit(b: u32) -> u64 {
+    1 << b
+}
 /// Transport bits the VMM passes through: INDIRECT_DESC, EVENT_IDX,
 /// VERSION_1 (and ANY_LAYOUT). Packed rings, IOMMU and notification data
 /// are not offered: this transport does not implement them.
-const TRANSPORT_BITS: u64 = (1 << 27) | (1 << 28) | (1 << 29) | (1 << 32);
-/// Device-specific feature bits 0..24 pass through.
-const DEVICE_BITS: u64 = (1 << 24) - 1;
-const VERSION_1: u64 = 1 << 32;
-/// VIRTIO_NET_F_CTRL_VQ (17): the control virtqueue, run by the VMM.
-pub const NET_F_CTRL_VQ: u64 = 1 << 17;
-/// VIRTIO_NET_F_MQ (22): several queue pairs, chosen with VQ_PAIRS_SET on
-/// the control queue.
-pub const NET_F_MQ: u64 = 1 << 22;
-/// virtio-net bits that need the control queue (virtio 1.2, 5.1.3.1):
-/// CTRL_GUEST_OFFLOADS (2), CTRL_VQ (17), CTRL_RX (18), CTRL_VLAN (19),
-/// GUEST_ANNOUNCE (21), MQ (22), CTRL_MAC_ADDR (23). Masked from what the
-/// backend offers; CTRL_VQ and MQ come back when multiqueue is usable.
-const NET_CTRL_BITS: u64 =
-    (1 << 2) | (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | NET_F_MQ | (1 << 23);
+const TRANSPORT_BITS: u64 = bit(VIRTIO_F_ANY_LAYOUT)
+    | bit(VIRTIO_RING_F_INDIRECT_DESC)
+    | bit(VIRTIO_RING_F_EVENT_IDX)
+    | VERSION_1;
+/// Device-specific feature bits 0 to 23 (virtio 1.2, 6 "Reserved Feature
+/// Bits") pass through.
+const DEVICE_BITS: u64 = bit(24) - 1;
+const VERSION_1: u64 = bit(VIRTIO_F_VERSION_1);
+/// The control virtqueue, run by the VMM.
+pub const NET_F_CTRL_VQ: u64 = bit(VIRTIO_NET_F_CTRL_VQ);
+/// Several queue pairs, chosen with VQ_PAIRS_SET on the control queue.
+pub const NET_F_MQ: u64 = bit(VIRTIO_NET_F_MQ);
+/// virtio-net bits that need the control queue (virtio 1.2, 5.1.3.1).
+/// Masked from what the backend offers; CTRL_VQ and MQ come back when
+/// multiqueue is usable.
+const NET_CTRL_BITS: u64 = bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
+    | NET_F_CTRL_VQ
+    | bit(VIRTIO_NET_F_CTRL_RX)
+    | bit(VIRTIO_NET_F_CTRL_VLAN)
+    | bit(VIRTIO_NET_F_GUEST_ANNOUNCE)
+    | NET_F_MQ
+    | bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
 /// Offset of `max_virtqueue_pairs` (le16) in struct virtio_net_config.
 const NET_CONFIG_MAX_PAIRS: usize = 8;
 
@@ -365,6 +382,17 @@ mod tests {
         let mut c = vec![0u8; 12];
         c[8..10].copy_from_slice(&pairs.to_le_bytes());
         c
+    }
+
+    #[test]
+    fn feature_masks_are_the_spec_bits() {
+        // virtio 1.2: ANY_LAYOUT 27, INDIRECT_DESC 28, EVENT_IDX 29,
+        // VERSION_1 32; vhost-user: PROTOCOL_FEATURES 30; virtio-net
+        // 5.1.3: the control-queue bits 2, 17, 18, 19, 21, 22, 23.
+        assert_eq!(TRANSPORT_BITS, 0x1_3800_0000);
+        assert_eq!(PROTOCOL_FEATURES, 0x4000_0000);
+        assert_eq!(DEVICE_BITS, 0xff_ffff);
+        assert_eq!(NET_CTRL_BITS, 0xee_0004);
     }
 
     #[test]
