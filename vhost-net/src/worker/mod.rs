@@ -455,3 +455,6 @@ impl Drop for PairWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
