@@ -224,10 +224,18 @@ fn unsupported_type() {
 fn chain_looping() {
     let mem = guest();
     mem.write_slice(&header(0, 0), GuestAddress(HDR)).unwrap();
-    let table = [raw(HDR, 16, NEXT, 1), raw(BUF, 512, WRITE | NEXT, 1)];
+    // Walked: the header, one byte, then the buffer 14 times (the queue
+    // size bounds the walk): whole sectors, a read the walk alone would
+    // accept.
+    let table = [
+        raw(HDR, 16, NEXT, 1),
+        raw(STATUS, 1, WRITE | NEXT, 2),
+        raw(BUF, 512, WRITE | NEXT, 2),
+    ];
     let chain = pop(&mem, &table, 0);
-    let (r, _) = parse_chain(&mem, chain, CAP, false);
+    let (r, req) = parse_chain(&mem, chain, CAP, false);
     ioerr_with(r, "descriptor chain loops");
+    assert_eq!(req.status, GuestAddress(BUF + 511));
 }
 
 #[test]
