@@ -178,6 +178,12 @@ fn hostile_requests_are_refused() {
             None,
         ),
         (
+            "status descriptor wrapping the address space",
+            header(0, 0),
+            vec![(HDR, 16, 0), (u64::MAX - 4, 16, F_WRITE)],
+            None,
+        ),
+        (
             "header in writable memory only",
             header(0, 0),
             vec![(HDR, 16, F_WRITE), (STATUS, 1, F_WRITE)],
@@ -244,6 +250,20 @@ fn hostile_requests_are_refused() {
     assert_eq!(r.submit_head(0, 0), 0, "descriptor loop");
     r.write_desc(0, 0, (1 << 40, 64, F_INDIRECT), 0);
     assert_eq!(r.submit_head(0, 0), 0, "indirect table outside memory");
+    // A loop over a writable descriptor, walked as the header, one byte
+    // and the buffer 14 times (the queue size bounds the walk): whole
+    // sectors, but cut short. Refused with IOERR in the last byte walked,
+    // no data read into the buffers.
+    r.shm.write(HDR, &header(0, 8));
+    r.shm.write(STATUS, &[0xff]);
+    r.shm.write(BUF, &[0u8; 512]);
+    r.write_desc(0, 0, (HDR, 16, F_NEXT), 1);
+    r.write_desc(0, 1, (STATUS, 1, F_WRITE | F_NEXT), 2);
+    r.write_desc(0, 2, (BUF, 512, F_WRITE | F_NEXT), 2);
+    assert_eq!(r.submit_head(0, 0), 1, "writable descriptor loop");
+    assert_eq!(r.shm.read(BUF + 511, 1)[0], ioerr, "writable loop status");
+    assert_eq!(r.shm.read(STATUS, 1)[0], 0xff, "looped chain read into");
+    assert_eq!(r.shm.read(BUF, 511), vec![0; 511], "looped chain read into");
 
     // Still serving, data intact.
     r.shm.write(BUF, &[0u8; 4096]);

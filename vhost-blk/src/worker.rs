@@ -571,15 +571,12 @@ impl Worker {
             if !write_zeroes && seg.unmap {
                 return Some(virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8);
             }
-            let len = u64::from(seg.num_sectors) * 512;
-            let end = seg.sector.checked_mul(512).and_then(|o| o.checked_add(len));
-            if end.is_none_or(|e| e > self.cfg.capacity) {
+            let Some((off, len)) = seg.byte_range(self.cfg.capacity) else {
                 self.warnings.warn(format_args!(
                     "discard/write-zeroes past the end of the disk"
                 ));
                 return Some(S_IOERR);
-            }
-            let off = seg.sector * 512;
+            };
             let r = if write_zeroes {
                 self.img.write_zeroes(off, len, seg.unmap)
             } else {

@@ -78,6 +78,16 @@ impl Tap {
         })
     }
 
+    /// A stand-in whose queue files are `queues`, for tests that never
+    /// use the device.
+    #[cfg(test)]
+    pub(crate) fn from_files(name: &str, queues: Vec<File>) -> Tap {
+        Tap {
+            name: name.into(),
+            queues,
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -477,3 +477,6 @@ impl Drop for PairWorker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

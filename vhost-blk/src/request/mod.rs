@@ -5,7 +5,7 @@
 //! A chain whose last descriptor is device-readable has no status byte
 //! and is returned unanswered: nothing is written into readable memory.
 //! Everything the guest controls is checked here, once: descriptor order,
-//! addresses inside guest memory, the data direction, sector alignment and
+//! a chain cut short by the walk's bounds, addresses inside guest memory, the data direction, sector alignment and
 //! the range against the capacity. Later stages trust a [`Request`].
 
 use std::ops::Deref;
@@ -30,8 +30,9 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Invalid {
     /// No device-writable byte to put the status in: the chain has no
-    /// device-writable descriptor, or ends with a device-readable one
-    /// (whose memory the device must not write).
+    /// device-writable descriptor, ends with a device-readable one
+    /// (whose memory the device must not write), or with one that
+    /// wraps around the address space.
     NoStatus,
     /// Any other defect: complete with this status and log the reason.
     Status(u8, String),
@@ -76,6 +77,7 @@ impl Request {
         self.offset = 0;
         let (mut readable, mut writable) = (0u64, 0u64);
         let mut bad: Option<&str> = None;
+        let mut cut_short = false;
         for d in chain {
             if d.is_write_only() {
                 writable += u64::from(d.len());
@@ -91,6 +93,14 @@ impl Request {
             if d.len() > 0 {
                 self.descs.push((d.addr(), d.len(), d.is_write_only()));
             }
+            // virtio-queue ends the walk quietly after a descriptor that
+            // still has NEXT when it hits a bound.
+            cut_short = d.has_next();
+        }
+        if cut_short {
+            bad.get_or_insert(
+                "descriptor chain loops, is longer than the queue or has a bad next index",
+            );
         }
         if writable == 0 {
             return Err(Invalid::NoStatus);
@@ -101,7 +111,11 @@ impl Request {
             // virtio puts readable descriptors before writable ones.
             return Err(Invalid::NoStatus);
         }
-        self.status = last_addr.unchecked_add(u64::from(last_len) - 1);
+        // A descriptor ending past the top of the address space has no
+        // last byte to write.
+        self.status = last_addr
+            .checked_add(u64::from(last_len) - 1)
+            .ok_or(Invalid::NoStatus)?;
         if let Some(why) = bad {
             // The status byte itself may be outside memory: the caller
             // checks the write and drops the request if it fails.
@@ -287,227 +301,17 @@ impl ZeroSeg {
             unmap: flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0,
         })
     }
+
+    /// The segment's byte offset and length on a disk of `capacity`
+    /// bytes, or None when it reaches past the end (or overflows).
+    pub fn byte_range(&self, capacity: u64) -> Option<(u64, u64)> {
+        let len = u64::from(self.num_sectors) * 512;
+        let off = self.sector.checked_mul(512)?;
+        off.checked_add(len)
+            .filter(|&e| e <= capacity)
+            .map(|_| (off, len))
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    //! The parser's verdicts on chains laid out by hand in guest memory
-    //! (descriptor table, avail ring, used ring of a 16-entry split queue)
-    //! and popped by virtio-queue, as the worker pops them.
-    use super::*;
-    use virtio_queue::{Queue, QueueOwnedT, QueueT};
-    use vm_memory::GuestMemoryMmap;
-
-    type Mem = GuestMemoryMmap<()>;
-    const MEM: u64 = 1 << 20;
-    const DESC: u64 = 0;
-    const AVAIL: u64 = 0x1000;
-    const USED: u64 = 0x2000;
-    const HDR: u64 = 0x10000;
-    const BUF: u64 = 0x11000;
-    const STATUS: u64 = 0x20000;
-    const CAP: u64 = 1 << 20;
-    /// Descriptors: (guest address, length, device-writable).
-    type Chain = Vec<(u64, u32, bool)>;
-    const R: bool = false;
-    const W: bool = true;
-
-    fn header(typ: u32, sector: u64) -> [u8; 16] {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&typ.to_le_bytes());
-        h[8..16].copy_from_slice(&sector.to_le_bytes());
-        h
-    }
-
-    /// Parses the chain `descs` (address, length, device-writable) with
-    /// `hdr` at HDR; returns the verdict and the request.
-    fn parse(
-        hdr: [u8; 16],
-        descs: &[(u64, u32, bool)],
-        readonly: bool,
-    ) -> (Result<(), Invalid>, Request) {
-        let mem = Mem::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-        mem.write_slice(&hdr, GuestAddress(HDR)).unwrap();
-        for (i, &(addr, len, write)) in descs.iter().enumerate() {
-            let last = i + 1 == descs.len();
-            let flags = u16::from(!last) | if write { 2 } else { 0 };
-            let at = GuestAddress(DESC + 16 * i as u64);
-            mem.write_obj(addr.to_le(), at).unwrap();
-            mem.write_obj(len.to_le(), at.unchecked_add(8)).unwrap();
-            mem.write_obj(flags.to_le(), at.unchecked_add(12)).unwrap();
-            mem.write_obj((i as u16 + 1).to_le(), at.unchecked_add(14))
-                .unwrap();
-        }
-        // One avail entry: head 0.
-        mem.write_obj(1u16.to_le(), GuestAddress(AVAIL + 2))
-            .unwrap();
-        let mut q = Queue::new(16).unwrap();
-        q.try_set_desc_table_address(GuestAddress(DESC)).unwrap();
-        q.try_set_avail_ring_address(GuestAddress(AVAIL)).unwrap();
-        q.try_set_used_ring_address(GuestAddress(USED)).unwrap();
-        q.set_ready(true);
-        let chain = q.iter(&mem).unwrap().next().expect("a chain");
-        let mut req = Request::default();
-        let r = req.parse(chain, &mem, CAP, readonly);
-        (r, req)
-    }
-
-    fn ioerr_with(r: Result<(), Invalid>, why: &str) {
-        match r {
-            Err(Invalid::Status(st, w)) => {
-                assert_eq!(u32::from(st), VIRTIO_BLK_S_IOERR);
-                assert!(w.contains(why), "{w}");
-            }
-            other => panic!("expected IOERR ({why}): {other:?}"),
-        }
-    }
-
-    #[test]
-    fn valid_read_and_write() {
-        let (r, req) = parse(
-            header(0, 2),
-            &[(HDR, 16, R), (BUF, 1024, W), (STATUS, 1, W)],
-            false,
-        );
-        r.unwrap();
-        assert_eq!(req.kind, Some(Kind::In));
-        assert_eq!((req.offset, req.len), (1024, 1024));
-        assert_eq!(req.segs, vec![(GuestAddress(BUF), 1024)]);
-        assert_eq!(req.status, GuestAddress(STATUS));
-        // ANY_LAYOUT: header, data and status in one readable and one
-        // writable descriptor.
-        let (r, req) = parse(header(1, 0), &[(HDR, 16 + 512, R), (STATUS, 1, W)], false);
-        r.unwrap();
-        assert_eq!(req.kind, Some(Kind::Out));
-        assert_eq!(req.segs, vec![(GuestAddress(HDR + 16), 512)]);
-        let (r, req) = parse(header(0, 0), &[(HDR, 16, R), (BUF, 513, W)], false);
-        r.unwrap();
-        assert_eq!((req.len, req.status), (512, GuestAddress(BUF + 512)));
-    }
-
-    /// The status byte is never placed in device-readable memory.
-    #[test]
-    fn chain_ending_readable_has_no_status() {
-        for descs in [
-            &[(HDR, 16, R), (BUF, 512, W), (STATUS, 1, R)][..],
-            &[(HDR, 16, R), (STATUS, 1, W), (BUF, 512, R)],
-            &[(HDR, 16, R), (BUF, 512, R)],
-        ] {
-            let (r, _) = parse(header(0, 0), descs, false);
-            assert_eq!(r, Err(Invalid::NoStatus), "{descs:?}");
-        }
-        // A zero-length writable descriptor last holds no status either.
-        let (r, _) = parse(
-            header(0, 0),
-            &[(HDR, 16, R), (BUF, 512, W), (BUF, 512, R), (STATUS, 0, W)],
-            false,
-        );
-        assert_eq!(r, Err(Invalid::NoStatus));
-        // Readable between writables: refused, status in the last
-        // (writable) byte.
-        let (r, req) = parse(
-            header(0, 0),
-            &[(HDR, 16, R), (BUF, 512, W), (BUF, 512, R), (STATUS, 1, W)],
-            false,
-        );
-        ioerr_with(r, "readable descriptor after a writable one");
-        assert_eq!(req.status, GuestAddress(STATUS));
-    }
-
-    #[test]
-    fn error_paths() {
-        let ok = |d: &[(u64, u32, bool)]| d.to_vec();
-        let cases: Vec<([u8; 16], Chain, bool, &str)> = vec![
-            (
-                header(0, 0),
-                ok(&[(HDR, 8, R), (BUF, 512, W), (STATUS, 1, W)]),
-                false,
-                "shorter than 16",
-            ),
-            (
-                header(0, 0),
-                ok(&[(HDR, 16, R), (MEM - 256, 512, W), (STATUS, 1, W)]),
-                false,
-                "outside guest memory",
-            ),
-            (
-                header(0, 0),
-                ok(&[(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)]),
-                false,
-                "device-readable data in a read",
-            ),
-            (
-                header(1, 0),
-                ok(&[(HDR, 16, R), (BUF, 512, W), (STATUS, 1, W)]),
-                false,
-                "device-writable data in a write",
-            ),
-            (
-                header(1, 0),
-                ok(&[(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)]),
-                true,
-                "read-only",
-            ),
-            (
-                header(1, 0),
-                ok(&[(HDR, 16, R), (BUF, 100, R), (STATUS, 1, W)]),
-                false,
-                "multiple of 512",
-            ),
-            (
-                header(0, CAP / 512),
-                ok(&[(HDR, 16, R), (BUF, 512, W), (STATUS, 1, W)]),
-                false,
-                "past the end",
-            ),
-            (
-                header(1, u64::MAX / 256),
-                ok(&[(HDR, 16, R), (BUF, 512, R), (STATUS, 1, W)]),
-                false,
-                "past the end",
-            ),
-            (
-                header(11, 0),
-                ok(&[(HDR, 16, R), (BUF, 12, R), (STATUS, 1, W)]),
-                false,
-                "whole segments",
-            ),
-            (
-                header(13, 0),
-                ok(&[(HDR, 16, R), (STATUS, 1, W)]),
-                false,
-                "whole segments",
-            ),
-            (
-                header(13, 0),
-                ok(&[(HDR, 16, R), (BUF, 16 * 4096, R), (STATUS, 1, W)]),
-                false,
-                "too many",
-            ),
-        ];
-        for (hdr, descs, ro, why) in cases {
-            let (r, _) = parse(hdr, &descs, ro);
-            ioerr_with(r, why);
-        }
-        let (r, _) = parse(header(99, 0), &[(HDR, 16, R), (STATUS, 1, W)], false);
-        assert!(matches!(r, Err(Invalid::Status(st, _)) if u32::from(st) == VIRTIO_BLK_S_UNSUPP));
-    }
-
-    #[test]
-    fn discard_segment_flags() {
-        let mut b = [0u8; 16];
-        b[0..8].copy_from_slice(&7u64.to_le_bytes());
-        b[8..12].copy_from_slice(&3u32.to_le_bytes());
-        b[12..16].copy_from_slice(&VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP.to_le_bytes());
-        assert_eq!(
-            ZeroSeg::decode(&b),
-            Some(ZeroSeg {
-                sector: 7,
-                num_sectors: 3,
-                unmap: true
-            })
-        );
-        b[12..16].copy_from_slice(&2u32.to_le_bytes());
-        assert_eq!(ZeroSeg::decode(&b), None);
-    }
-}
+mod tests;
