@@ -1,7 +1,6 @@
 //! Opening images and reading them the way qemu-img's block layer sees
 //! them, shared by map, compare, resize and dd.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{Format, Image, OpenOptions};
@@ -25,15 +24,27 @@ pub fn open(
     writable: bool,
     force_share: bool,
 ) -> Result<Arc<dyn Image>, CliError> {
-    qcow2::open(
-        Path::new(name),
-        &OpenOptions {
-            writable,
-            format,
-            force_share,
-            ..Default::default()
-        },
-    )
+    open_opts(name, false, format, writable, force_share)
+}
+
+/// [`open`], with `name` an option string when `image_opts` (qemu-img's
+/// --image-opts); `json:` and `blkdebug:` names go through
+/// [`crate::blockopts`] too.
+pub fn open_opts(
+    name: &str,
+    image_opts: bool,
+    format: Option<Format>,
+    writable: bool,
+    force_share: bool,
+) -> Result<Arc<dyn Image>, CliError> {
+    let opts = OpenOptions {
+        writable,
+        format,
+        force_share,
+        ..Default::default()
+    };
+    let (path, opts) = crate::blockopts::open_options(name, image_opts, opts)?;
+    qcow2::open(&path, &opts)
     .map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{name}': {source}"))

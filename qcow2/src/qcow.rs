@@ -852,7 +852,10 @@ impl Qcow2 {
                 out.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { host, .. } => self.st.read_at(out, host),
+            L2Entry::Normal { host, .. } => {
+                self.st.debug_event("read_aio");
+                self.st.read_at(out, host)
+            }
             L2Entry::Compressed { .. } => self.with_decompressed(old, |c| out.copy_from_slice(c)),
         }
     }
@@ -1189,6 +1192,7 @@ impl Qcow2 {
             let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
+            self.st.debug_event("write_aio");
             let r = self.st.write_data_at(&buf[done..done + n], io.host);
             self.end_write(io, r.is_ok())?;
             r?;
@@ -1211,7 +1215,10 @@ impl Qcow2 {
     /// as `mapping` (any kind).
     pub fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
-            Mapping::Data(host) => self.st.read_at(buf, host),
+            Mapping::Data(host) => {
+                self.st.debug_event("read_aio");
+                self.st.read_at(buf, host)
+            }
             Mapping::Zero(_) => {
                 buf.fill(0);
                 Ok(())
