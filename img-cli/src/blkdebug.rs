@@ -42,9 +42,7 @@ fn boolean(key: &str, v: &str) -> Result<bool, CliError> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => Err(bad(format!(
-            "Parameter '{key}' expects 'on' or 'off'"
-        ))),
+        _ => Err(bad(format!("Parameter '{key}' expects 'on' or 'off'"))),
     }
 }
 
@@ -56,9 +54,20 @@ impl Rule {
         let event = get("event")
             .ok_or_else(|| bad("Missing event name for rule".into()))?
             .to_string();
-        let state = get("state").map(|v| num("state", v)).transpose()?.unwrap_or(0);
+        let state = get("state")
+            .map(|v| num("state", v))
+            .transpose()?
+            .unwrap_or(0);
         let known: &[&str] = if inject {
-            &["event", "state", "errno", "once", "immediately", "sector", "iotype"]
+            &[
+                "event",
+                "state",
+                "errno",
+                "once",
+                "immediately",
+                "sector",
+                "iotype",
+            ]
         } else {
             &["event", "state", "new_state"]
         };
@@ -67,8 +76,14 @@ impl Rule {
         }
         let kind = if inject {
             RuleKind::Inject {
-                errno: get("errno").map(|v| num("errno", v)).transpose()?.unwrap_or(5) as i32,
-                once: get("once").map(|v| boolean("once", v)).transpose()?.unwrap_or(false),
+                errno: get("errno")
+                    .map(|v| num("errno", v))
+                    .transpose()?
+                    .unwrap_or(5) as i32,
+                once: get("once")
+                    .map(|v| boolean("once", v))
+                    .transpose()?
+                    .unwrap_or(false),
                 offset: get("sector")
                     .map(|v| num("sector", v).map(|s| s.saturating_mul(512)))
                     .transpose()?,
@@ -79,11 +94,18 @@ impl Rule {
                     Some("write-zeroes") => Some(IoKind::WriteZeroes),
                     Some("discard") => Some(IoKind::Discard),
                     Some("flush") => Some(IoKind::Flush),
-                    Some(o) => return Err(bad(format!("Invalid parameter value '{o}' for 'iotype'"))),
+                    Some(o) => {
+                        return Err(bad(format!("Invalid parameter value '{o}' for 'iotype'")))
+                    }
                 },
             }
         } else {
-            RuleKind::SetState(get("new_state").map(|v| num("new_state", v)).transpose()?.unwrap_or(0))
+            RuleKind::SetState(
+                get("new_state")
+                    .map(|v| num("new_state", v))
+                    .transpose()?
+                    .unwrap_or(0),
+            )
         };
         Ok(Rule { event, state, kind })
     }
@@ -132,7 +154,12 @@ pub fn read_config(path: &str) -> Result<Vec<Rule>, CliError> {
             .unwrap_or(v);
         match &mut section {
             Some((_, kv)) => kv.push((k.trim().to_string(), v.to_string())),
-            None => return Err(bad(format!("Option '{}' outside a group in blkdebug config", k.trim()))),
+            None => {
+                return Err(bad(format!(
+                    "Option '{}' outside a group in blkdebug config",
+                    k.trim()
+                )))
+            }
         }
     }
     flush(section, &mut rules)?;

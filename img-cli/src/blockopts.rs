@@ -259,13 +259,22 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
 
 /// Keys a node of each driver understands (the rest are refused, as
 /// QEMU refuses options no driver took).
-fn check_keys(flat: &Flat, driver: &str, known: &[&str], children: &[&str]) -> Result<(), CliError> {
+fn check_keys(
+    flat: &Flat,
+    driver: &str,
+    known: &[&str],
+    children: &[&str],
+) -> Result<(), CliError> {
     for k in flat.keys() {
         let head = k.split('.').next().unwrap_or(k);
         if !known.contains(&k.as_str()) && !children.contains(&head) {
             return Err(err(format!(
                 "Block {} '{driver}' doesn't support the option '{k}'",
-                if children.is_empty() { "protocol" } else { "format driver" }
+                if children.is_empty() {
+                    "protocol"
+                } else {
+                    "format driver"
+                }
             )));
         }
     }
@@ -325,11 +334,18 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
             check_keys(
                 flat,
                 "file",
-                &["driver", "filename", "node-name", "read-only", "aio", "locking"],
+                &[
+                    "driver",
+                    "filename",
+                    "node-name",
+                    "read-only",
+                    "aio",
+                    "locking",
+                ],
                 &[],
             )?;
-            let f = get_str(flat, "filename")
-                .ok_or_else(|| err("Parameter 'filename' is required"))?;
+            let f =
+                get_str(flat, "filename").ok_or_else(|| err("Parameter 'filename' is required"))?;
             Ok(Node::File(f))
         }
         Some("blkdebug") => {

@@ -71,7 +71,7 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         },
     )?;
     let img = qcow2::open(&path, &opts)
-    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let Some(q) = img.as_qcow2() else {
         return Err(CliError {
             msg: "This image format does not support checks".into(),

@@ -44,8 +44,7 @@ pub fn open_opts(
         ..Default::default()
     };
     let (path, opts) = crate::blockopts::open_options(name, image_opts, opts)?;
-    qcow2::open(&path, &opts)
-    .map_err(|e| match e {
+    qcow2::open(&path, &opts).map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{name}': {source}"))
         }

@@ -111,17 +111,15 @@ pub fn run(a: CompareArgs) -> Result<u8, CliError> {
     let _ = &a.cache;
     let open_side = |name: &str, fmt: &Option<String>| -> Result<Side, CliError> {
         let f = parse_format(fmt).map_err(|e| fail(2, e.msg))?;
-        let img = open_opts(name, a.image_opts, f, false, a.force_share).map_err(|e| fail(2, e.msg))?;
+        let img =
+            open_opts(name, a.image_opts, f, false, a.force_share).map_err(|e| fail(2, e.msg))?;
         let chain =
             Chain::new(&img).map_err(|e| fail(2, format!("Could not open '{name}': {e}")))?;
         let name = match crate::blockopts::is_special(name) || a.image_opts {
             true => crate::blockopts::parse(name, a.image_opts)?.name,
             false => name.to_string(),
         };
-        Ok(Side {
-            name,
-            chain,
-        })
+        Ok(Side { name, chain })
     };
     let one = open_side(&a.filename1, &a.format1)?;
     let two = open_side(&a.filename2, &a.format2)?;

@@ -66,8 +66,7 @@ fn open_one(
             ..Default::default()
         },
     )?;
-    let img: Arc<dyn Image> = qcow2::open(&path, &opts)
-    .map_err(|e| match e {
+    let img: Arc<dyn Image> = qcow2::open(&path, &opts).map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{name}': {source}"))
         }
@@ -327,7 +326,8 @@ pub fn run(a: InfoArgs) -> Result<u8, CliError> {
     };
     let mut chain = vec![open_one(&a.filename, a.image_opts, fmt, a.force_share)?];
     if a.backing_chain {
-        let top = crate::blockopts::open_options(&a.filename, a.image_opts, OpenOptions::default())?.0;
+        let top =
+            crate::blockopts::open_options(&a.filename, a.image_opts, OpenOptions::default())?.0;
         let mut seen = vec![std::fs::canonicalize(&top).unwrap_or(top)];
         while let Some((_, Some(full))) = chain.last().unwrap().backing.clone() {
             let bfmt = chain

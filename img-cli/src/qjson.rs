@@ -133,10 +133,16 @@ impl Parser<'_> {
     fn number(&mut self) -> Result<Value, JsonError> {
         let start = self.i;
         self.i += 1;
-        while self.i < self.b.len() && matches!(self.b[self.i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
+        while self.i < self.b.len()
+            && matches!(
+                self.b[self.i],
+                b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-'
+            )
+        {
             self.i += 1;
         }
-        let t = std::str::from_utf8(&self.b[start..self.i]).map_err(|_| JsonError::Syntax(start))?;
+        let t =
+            std::str::from_utf8(&self.b[start..self.i]).map_err(|_| JsonError::Syntax(start))?;
         if let Ok(n) = t.parse::<i64>() {
             return Ok(Value::Number(n.into()));
         }
