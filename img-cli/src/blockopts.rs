@@ -508,3 +508,18 @@ pub fn open_options(
     }
     Ok((path, opts))
 }
+
+/// [`open_options`] for the backing file `name` of `image`: a plain name
+/// resolves against the image's directory; a `json:` or `blkdebug:` name
+/// stands as it is.
+pub fn backing_options(
+    image: &Path,
+    name: &str,
+    opts: qcow2::OpenOptions,
+) -> Result<(PathBuf, qcow2::OpenOptions), CliError> {
+    if is_special(name) {
+        open_options(name, false, opts)
+    } else {
+        Ok((qcow2::resolve_backing(image, name), opts))
+    }
+}

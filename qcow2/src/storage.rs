@@ -274,7 +274,11 @@ impl Storage {
     }
 
     fn injected(&self, kind: IoKind, off: u64, len: usize, what: &str) -> Result<()> {
-        match self.faults.get().and_then(|f| f.check(kind, off, len as u64)) {
+        match self
+            .faults
+            .get()
+            .and_then(|f| f.check(kind, off, len as u64))
+        {
             None => Ok(()),
             Some(errno) => Err(Error::io(
                 format!("{what} {len} bytes at {off:#x} of {}", self.path.display()),
