@@ -523,3 +523,46 @@ pub fn backing_options(
         Ok((qcow2::resolve_backing(image, name), opts))
     }
 }
+
+/// The null-co image `name` names, if it names one: a sparse anonymous
+/// file of its size reads as zeros and reports no data, as null-co with
+/// read-zeroes does.
+pub fn open_null(name: &str, image_opts: bool) -> Result<Option<Arc<dyn qcow2::Image>>, CliError> {
+    if !image_opts && !is_special(name) {
+        return Ok(None);
+    }
+    let Some(size) = parse(name, image_opts)?.null_size() else {
+        return Ok(None);
+    };
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; it
+    // returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"null-co".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(err(format!(
+            "Could not open '{name}': {}",
+            crate::common::strerror(&std::io::Error::last_os_error())
+        )));
+    }
+    // SAFETY: `fd` is a descriptor just created and owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).map_err(|e| {
+        err(format!(
+            "Could not open '{name}': {}",
+            crate::common::strerror(&e)
+        ))
+    })?;
+    let st = qcow2::storage::Storage::from_file(file, Path::new(name), false);
+    Ok(Some(Arc::new(qcow2::Raw::open(st)?)))
+}
+
+/// Opens `name` (a filename or, with `image_opts`, an option string):
+/// specification errors are the outer error, the engine's the inner one.
+pub fn open_image(
+    name: &str,
+    image_opts: bool,
+    opts: qcow2::OpenOptions,
+) -> Result<qcow2::Result<Arc<dyn qcow2::Image>>, CliError> {
+    let (path, opts) = open_options(name, image_opts, opts)?;
+    Ok(qcow2::open(&path, &opts))
+}

@@ -31,20 +31,23 @@ pub struct CommitArgs {
     /// Rate limit (accepted for compatibility)
     #[arg(short = 'r', value_name = "RATE")]
     rate: Option<String>,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
 fn open_layer(layer: &Layer, writable: bool, no_backing: bool) -> Result<Arc<dyn Image>, CliError> {
-    let (path, opts) = crate::blockopts::backing_options(
-        Path::new(""),
-        &layer.name,
-        OpenOptions {
-            writable,
-            format: layer.format,
-            no_backing,
-            ..Default::default()
-        },
-    )?;
+    let opts = OpenOptions {
+        writable,
+        format: layer.format,
+        no_backing,
+        ..Default::default()
+    };
+    let (path, opts) = match layer.image_opts {
+        true => crate::blockopts::open_options(&layer.name, true, opts)?,
+        false => crate::blockopts::backing_options(Path::new(""), &layer.name, opts)?,
+    };
     qcow2::open(&path, &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))
 }
@@ -54,6 +57,8 @@ fn open_layer(layer: &Layer, writable: bool, no_backing: bool) -> Result<Arc<dyn
 struct Layer {
     name: String,
     format: Option<Format>,
+    /// `name` is an option string (--image-opts).
+    image_opts: bool,
 }
 
 impl Layer {
@@ -77,6 +82,7 @@ fn backing_of(img: &dyn Image) -> Option<Layer> {
     Some(Layer {
         name,
         format: h.backing_format.as_deref().and_then(Format::from_name),
+        image_opts: false,
     })
 }
 
@@ -105,6 +111,7 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         &Layer {
             name: a.filename.clone(),
             format,
+            image_opts: a.image_opts,
         },
         !a.keep,
         true,

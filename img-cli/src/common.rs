@@ -17,17 +17,8 @@ pub fn parse_format(f: &Option<String>) -> Result<Option<Format>, CliError> {
     }
 }
 
-/// Opens `name` (and its backing chain) as qemu-img's commands do.
-pub fn open(
-    name: &str,
-    format: Option<Format>,
-    writable: bool,
-    force_share: bool,
-) -> Result<Arc<dyn Image>, CliError> {
-    open_opts(name, false, format, writable, force_share)
-}
-
-/// [`open`], with `name` an option string when `image_opts` (qemu-img's
+/// Opens `name` (and its backing chain) as qemu-img's commands do;
+/// `name` an option string when `image_opts` (qemu-img's
 /// --image-opts); `json:` and `blkdebug:` names go through
 /// [`crate::blockopts`] too.
 pub fn open_opts(
@@ -37,6 +28,9 @@ pub fn open_opts(
     writable: bool,
     force_share: bool,
 ) -> Result<Arc<dyn Image>, CliError> {
+    if let Some(img) = crate::blockopts::open_null(name, image_opts)? {
+        return Ok(img);
+    }
     let opts = OpenOptions {
         writable,
         format,
