@@ -308,8 +308,30 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
             check_keys(
                 flat,
                 d,
-                &["driver", "backing", "node-name", "read-only", "filename"],
-                &["file", "cache"],
+                &[
+                    "driver",
+                    "backing",
+                    "node-name",
+                    "read-only",
+                    "filename",
+                    // Runtime tuning rimg takes and has no use for.
+                    "l2-cache-size",
+                    "l2-cache-entry-size",
+                    "refcount-cache-size",
+                    "cache-size",
+                    "cache-clean-interval",
+                    "lazy-refcounts",
+                    "pass-discard-request",
+                    "pass-discard-snapshot",
+                    "pass-discard-other",
+                    "discard-no-unref",
+                    "overlap-check",
+                    "auto-read-only",
+                    "discard",
+                    "detect-zeroes",
+                    "force-share",
+                ],
+                &["file", "cache", "data-file", "overlap-check"],
             )?;
             let file = match child(flat, "file", depth)? {
                 Some(f) => f,
