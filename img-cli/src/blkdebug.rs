@@ -123,9 +123,8 @@ pub fn read_config(path: &str) -> Result<Vec<Rule>, CliError> {
     let mut rules = Vec::new();
     let mut section: Option<(bool, Vec<(String, String)>)> = None;
     let flush = |s: Option<(bool, Vec<(String, String)>)>, rules: &mut Vec<Rule>| {
-        match s {
-            Some((inject, kv)) => rules.push(Rule::from_pairs(inject, &kv)?),
-            None => {}
+        if let Some((inject, kv)) = s {
+            rules.push(Rule::from_pairs(inject, &kv)?);
         }
         Ok::<(), CliError>(())
     };

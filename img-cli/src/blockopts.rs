@@ -290,11 +290,7 @@ fn child(flat: &Flat, key: &str, depth: usize) -> Result<Option<Node>, CliError>
     if s.is_empty() {
         return Ok(None);
     }
-    let n = node(&s, depth + 1)?;
-    Ok(Some(match n {
-        Node::Format { .. } | Node::Probe(_) => n,
-        n => n,
-    }))
+    Ok(Some(node(&s, depth + 1)?))
 }
 
 fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
@@ -337,11 +333,7 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
                 Some(f) => f,
                 None => match get_str(flat, "filename") {
                     Some(f) => parse_protocol(&f)?,
-                    None => {
-                        return Err(err(format!(
-                            "A block device must be specified for \"file\""
-                        )))
-                    }
+                    None => return Err(err("A block device must be specified for \"file\"")),
                 },
             };
             let no_backing = matches!(flat.get("backing"), Some(Value::Null))
@@ -387,8 +379,8 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
                         break;
                     }
                     let kv: Vec<(String, String)> = one
-                        .iter()
-                        .map(|(k, _)| (k.clone(), get_str(&one, k).unwrap_or_default()))
+                        .keys()
+                        .map(|k| (k.clone(), get_str(&one, k).unwrap_or_default()))
                         .collect();
                     rules.push(crate::blkdebug::Rule::from_pairs(kind, &kv)?);
                     i += 1;
@@ -419,7 +411,7 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
             let size = match get_str(flat, "size") {
                 Some(s) => s
                     .parse()
-                    .map_err(|_| err(format!("Parameter 'size' expects a number")))?,
+                    .map_err(|_| err("Parameter 'size' expects a number"))?,
                 None => 1 << 30,
             };
             Ok(Node::NullCo { size })
