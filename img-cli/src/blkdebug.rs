@@ -220,6 +220,10 @@ impl Faults for Blkdebug {
         s.state = new_state;
     }
 
+    fn swallowed(&self, what: &str, err: &qcow2::Error) {
+        eprintln!("{what}: {}", crate::common::os_error_text(err));
+    }
+
     fn check(&self, kind: IoKind, off: u64, len: u64) -> Option<i32> {
         let mut s = self.st.lock().unwrap();
         let pos = s.active.iter().position(|&i| match self.rules[i].kind {

@@ -117,3 +117,13 @@ pub fn display_name(given: &str) -> String {
         None => given.to_string(),
     }
 }
+
+/// An engine error's text without Rust's " (os error N)" suffix, as
+/// qemu-img prints an errno.
+pub fn error_text(e: &qcow2::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}

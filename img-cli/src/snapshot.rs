@@ -68,8 +68,12 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
         q.snapshot_apply(name)
             .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {e}")))?;
     } else if let Some(name) = &a.delete {
-        q.snapshot_delete(name)
-            .map_err(|e| CliError::new(format!("Could not delete snapshot '{name}': {e}")))?;
+        q.snapshot_delete(name).map_err(|e| {
+            CliError::new(format!(
+                "Could not delete snapshot '{name}': {}",
+                crate::common::error_text(&e)
+            ))
+        })?;
     } else {
         print!("{}", crate::info::snapshot_list(&q.snapshots()));
     }

@@ -2214,7 +2214,15 @@ impl Qcow2 {
         let (old_off, old_len) = (m.header.snapshots_offset, m.snapshot_table_bytes);
         if m.header.nb_snapshots > 0 && old_len > 0 {
             if free_old {
-                m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})?;
+                // As qemu-img: a table that cannot be freed is leaked (the
+                // new one is in place already), not a failure.
+                self.st.debug_event("cluster_free");
+                if let Err(e) =
+                    m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})
+                        .and_then(|()| m.rc.flush(&self.st))
+                {
+                    self.st.report_swallowed("qcow2_free_clusters failed", &e);
+                }
             } else {
                 // A repair: refcounts may be wrong; what is off is left to
                 // the refcount repair that follows.
@@ -2431,9 +2439,18 @@ impl Qcow2 {
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
         self.replace_snapshot_table(&mut m, snaps)?;
-        let l1 = self.read_l1_at(sn.l1_table_offset, sn.l1_size)?;
-        self.update_l1_refcounts(&mut m, &l1, -1)?;
+        let l1 = self
+            .read_l1_at(sn.l1_table_offset, sn.l1_size)
+            .and_then(|l1| self.update_l1_refcounts(&mut m, &l1, -1))
+            .map_err(|e| match e {
+                Error::Io { source, .. } => {
+                    Error::io("Failed to free the cluster and L1 table", source)
+                }
+                e => e,
+            });
+        l1?;
         if sn.l1_size > 0 {
+            self.st.debug_event("cluster_free");
             let cs = self.cluster_size();
             let bytes = (sn.l1_size as u64 * 8).next_multiple_of(cs);
             m.rc.update_range(&self.st, sn.l1_table_offset, bytes, -1, |_| {})?;

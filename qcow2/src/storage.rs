@@ -42,6 +42,9 @@ pub enum IoKind {
 pub trait Faults: Send + Sync + std::fmt::Debug {
     fn event(&self, name: &str);
     fn check(&self, kind: IoKind, off: u64, len: u64) -> Option<i32>;
+    /// An I/O failure the engine carried on after (a leak, as QEMU leaks
+    /// there), to report as qemu-img does on stderr.
+    fn swallowed(&self, what: &str, err: &crate::error::Error);
 }
 
 /// Alignment of buffers, offsets and lengths for O_DIRECT here.
@@ -270,6 +273,14 @@ impl Storage {
     pub fn debug_event(&self, name: &str) {
         if let Some(f) = self.faults.get() {
             f.event(name);
+        }
+    }
+
+    /// Reports a failure the engine carried on after, to the fault
+    /// injector (the only source of such failures that is looked at).
+    pub fn report_swallowed(&self, what: &str, err: &Error) {
+        if let Some(f) = self.faults.get() {
+            f.swallowed(what, err);
         }
     }
 

@@ -224,3 +224,42 @@ fn hostile_specifications_are_refused_cleanly() {
         assert!(!e.contains("panicked"), "{e}");
     }
 }
+
+#[test]
+fn snapshot_delete_with_failing_frees_leaks_as_qemu_img() {
+    let dir = tempdir();
+    let conf = dir.path().join("blkdebug.conf");
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"cluster_free\"\nerrno = \"5\"\n",
+    )
+    .unwrap();
+    let mut checks = Vec::new();
+    for tool in [
+        workspace_bin("rimg").to_str().unwrap().to_string(),
+        "qemu-img".into(),
+    ] {
+        let img = dir.path().join("t.qcow2");
+        let _ = std::fs::remove_file(&img);
+        let o = qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+        assert!(o.status.success());
+        qemu_io(&img, &["write 0 64k"]);
+        let o = qemu_img(&["snapshot", "-c", "foo", img.to_str().unwrap()]);
+        assert!(o.status.success());
+        let spec = format!("blkdebug:{}:{}", conf.display(), img.display());
+        let (code, _, e) = out(&tool, &["snapshot", "-d", "foo", &spec]);
+        assert_eq!(code, 1, "{tool}");
+        assert_eq!(
+            e,
+            "qcow2_free_clusters failed: Input/output error\nPROG: Could not delete snapshot \
+             'foo': Failed to free the cluster and L1 table: Input/output error\n",
+            "{tool}"
+        );
+        // The same leaks, and qemu-img repairs them.
+        checks.push(out("qemu-img", &["check", img.to_str().unwrap()]));
+        let o = qemu_img(&["check", "-r", "all", img.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+        assert_qemu_check_clean(&img);
+    }
+    assert_eq!(checks[0], checks[1]);
+}
