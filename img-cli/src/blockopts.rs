@@ -268,14 +268,11 @@ fn check_keys(
     for k in flat.keys() {
         let head = k.split('.').next().unwrap_or(k);
         if !known.contains(&k.as_str()) && !children.contains(&head) {
-            return Err(err(format!(
-                "Block {} '{driver}' doesn't support the option '{k}'",
-                if children.is_empty() {
-                    "protocol"
-                } else {
-                    "format driver"
-                }
-            )));
+            return Err(err(if children.is_empty() {
+                format!("Block protocol '{driver}' doesn't support the option '{k}'")
+            } else {
+                format!("Block format '{driver}' does not support the option '{k}'")
+            }));
         }
     }
     Ok(())
@@ -499,7 +496,8 @@ pub fn open_options(
     if !image_opts && !is_special(name) {
         return Ok((PathBuf::from(name), opts));
     }
-    let spec = parse(name, image_opts)?;
+    let spec =
+        parse(name, image_opts).map_err(|e| err(format!("Could not open '{name}': {}", e.msg)))?;
     let path = spec.host().ok_or_else(|| {
         err(format!(
             "Could not open '{}': the driver cannot be opened here",

@@ -215,6 +215,26 @@ fn hostile_specifications_are_refused_cleanly() {
         assert_eq!(code, 1, "{}", &c[..c.len().min(80)]);
         assert!(e.starts_with("PROG: ") && !e.contains("panicked"), "{e}");
     }
+    // Refusals worded as qemu-img words them.
+    let dir = tempdir();
+    let img = dir.path().join("t.qcow2");
+    create(&img, &[]);
+    let t = img.to_str().unwrap();
+    for bad in [
+        format!("json:{{'driver':'qcow2','bogus':1,'file.filename':'{t}'}}"),
+        format!("json:{{'driver':'qcow2','file':{{'driver':'file','bogus':1,'filename':'{t}'}}}}"),
+        format!("json:{{'driver':'nonesuch','file.filename':'{t}'}}"),
+    ] {
+        let (code, _, _) = same(&["info", &bad]);
+        assert_eq!(code, 1);
+    }
+    for bad in [
+        format!("driver=qcow2,bogus=1,file.filename={t}"),
+        format!("driver=nonesuch,file.filename={t}"),
+    ] {
+        let (code, _, _) = same(&["info", "--image-opts", &bad]);
+        assert_eq!(code, 1);
+    }
     for o in [
         "driver=qcow2,file.filename",
         "file.driver=nonesuch,file.filename=x",
