@@ -1,7 +1,5 @@
 //! `rimg amend`: changes format options of an existing qcow2 image.
 
-use std::path::Path;
-
 use clap::Args;
 use qcow2::{Amend, Format, OpenOptions};
 
@@ -25,6 +23,9 @@ pub struct AmendArgs {
     /// Allow changes that qemu-img guards with --force (accepted)
     #[arg(long)]
     force: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
@@ -78,14 +79,15 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
     }
-    let img = qcow2::open(
-        Path::new(&a.filename),
-        &OpenOptions {
+    let img = crate::blockopts::open_image(
+        &a.filename,
+        a.image_opts,
+        OpenOptions {
             writable: true,
             format,
             ..Default::default()
         },
-    )
+    )?
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let Some(q) = img.as_qcow2() else {
         return Err(CliError::new(format!(

@@ -21,7 +21,6 @@
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
-use std::path::Path;
 use std::time::Instant;
 
 use clap::Args;
@@ -118,6 +117,9 @@ pub struct BenchArgs {
     /// Open the image without taking locks
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// rimg only: when writes allocate clusters at the end of a qcow2
     /// file, reserve this much file space ahead of them at a time
     /// (fallocate; trimmed at the end); 0 turns it off
@@ -246,9 +248,10 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
     let _ = a.quiet;
     let p = parse(&a)?;
     let format = crate::common::parse_format(&a.format)?;
-    let img = qcow2::open(
-        Path::new(&a.filename),
-        &OpenOptions {
+    let img = crate::blockopts::open_image(
+        &a.filename,
+        a.image_opts,
+        OpenOptions {
             writable: a.write,
             format,
             force_share: a.force_share,
@@ -258,7 +261,7 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
             },
             ..Default::default()
         },
-    )
+    )?
     .map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{}': {source}", a.filename))

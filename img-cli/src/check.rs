@@ -2,8 +2,6 @@
 //! (0 clean, 1 check could not complete, 2 corruptions, 3 leaks only,
 //! 63 format without checks).
 
-use std::path::Path;
-
 use clap::{Args, ValueEnum};
 use qcow2::{CheckReport, Format, OpenOptions, Repair};
 use serde_json::{json, Map, Value};
@@ -34,6 +32,9 @@ pub struct CheckArgs {
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
@@ -57,17 +58,20 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         repair: repair != Repair::None,
         ..Default::default()
     };
-    let img = qcow2::open(
-        Path::new(&a.filename),
-        &OpenOptions {
+    let (path, opts) = crate::blockopts::open_options(
+        &a.filename,
+        a.image_opts,
+        OpenOptions {
             writable: repair != Repair::None,
             format,
             no_backing: true,
             force_share: a.force_share,
             qcow2: q2,
+            ..Default::default()
         },
-    )
-    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    )?;
+    let img = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let Some(q) = img.as_qcow2() else {
         return Err(CliError {
             msg: "This image format does not support checks".into(),

@@ -31,34 +31,59 @@ pub struct CommitArgs {
     /// Rate limit (accepted for compatibility)
     #[arg(short = 'r', value_name = "RATE")]
     rate: Option<String>,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
-fn open_layer(
-    path: &Path,
-    format: Option<Format>,
-    writable: bool,
-) -> Result<Arc<dyn Image>, CliError> {
-    qcow2::open(
-        path,
-        &OpenOptions {
-            writable,
-            format,
-            no_backing: true,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))
+fn open_layer(layer: &Layer, writable: bool, no_backing: bool) -> Result<Arc<dyn Image>, CliError> {
+    let opts = OpenOptions {
+        writable,
+        format: layer.format,
+        no_backing,
+        ..Default::default()
+    };
+    let (path, opts) = match layer.image_opts {
+        true => crate::blockopts::open_options(&layer.name, true, opts)?,
+        false => crate::blockopts::backing_options(Path::new(""), &layer.name, opts)?,
+    };
+    qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))
 }
 
-/// Backing file of a layer: its resolved path and format.
-fn backing_of(img: &dyn Image) -> Option<(PathBuf, Option<Format>)> {
+/// A layer to open: its name (a resolved path, or a json:/blkdebug:
+/// specification) and format.
+struct Layer {
+    name: String,
+    format: Option<Format>,
+    /// `name` is an option string (--image-opts).
+    image_opts: bool,
+}
+
+impl Layer {
+    fn path(&self) -> PathBuf {
+        crate::blockopts::backing_options(Path::new(""), &self.name, Default::default())
+            .map(|(p, _)| p)
+            .unwrap_or_else(|_| PathBuf::from(&self.name))
+    }
+}
+
+/// Backing file of a layer: its resolved name and format.
+fn backing_of(img: &dyn Image) -> Option<Layer> {
     let h = img.as_qcow2()?.header();
     let name = h.backing_file?;
-    Some((
-        qcow2::resolve_backing(img.path(), &name),
-        h.backing_format.as_deref().and_then(Format::from_name),
-    ))
+    let name = match crate::blockopts::is_special(&name) {
+        true => name,
+        false => qcow2::resolve_backing(img.path(), &name)
+            .to_string_lossy()
+            .into_owned(),
+    };
+    Some(Layer {
+        name,
+        format: h.backing_format.as_deref().and_then(Format::from_name),
+        image_opts: false,
+    })
 }
 
 /// Whether the base name given with -b names `backing`, the backing file
@@ -82,13 +107,21 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         ),
         None => None,
     };
-    let top = open_layer(Path::new(&a.filename), format, !a.keep)?;
+    let top = open_layer(
+        &Layer {
+            name: a.filename.clone(),
+            format,
+            image_opts: a.image_opts,
+        },
+        !a.keep,
+        true,
+    )?;
     // The layers above the base, top first, each opened on its own so that
     // the base can be opened for writing.
     let mut layers = vec![top];
-    let (base_path, base_fmt) = loop {
+    let base_layer = loop {
         let cur = layers.last().unwrap();
-        let Some((next, fmt)) = backing_of(cur.as_ref()) else {
+        let Some(next) = backing_of(cur.as_ref()) else {
             return Err(CliError::new(match &a.base {
                 None => "Image does not have a backing file".to_string(),
                 Some(b) => format!(
@@ -99,31 +132,30 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         };
         if a.base
             .as_deref()
-            .is_none_or(|b| names(cur.path(), b, &next))
+            .is_none_or(|b| names(cur.path(), b, &next.path()))
         {
-            break (next, fmt);
+            break next;
         }
         if layers.len() > qcow2::open::MAX_CHAIN_DEPTH {
             return Err(CliError::new("backing chain is too deep"));
         }
-        layers.push(open_layer(&next, fmt, false)?);
+        layers.push(open_layer(&next, false, true)?);
     };
-    let base = qcow2::open(
-        &base_path,
-        &OpenOptions {
-            writable: true,
-            format: base_fmt,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", base_path.display())))?;
+    let base = open_layer(&base_layer, true, false)?;
     let size = layers[0].size();
     if base.size() < size {
         base.resize(size)?;
     }
     let progress = Progress::new(a.progress && !a.quiet, "Committing", size, 1.0);
-    copy_down(&layers, base.as_ref(), size, &progress)?;
-    base.flush()?;
+    // Failures while copying are the block job's, as qemu-img words them.
+    copy_down(&layers, base.as_ref(), size, &progress)
+        .and_then(|()| base.flush())
+        .map_err(|e| {
+            CliError::new(format!(
+                "Block job failed: {}",
+                crate::common::os_error_text(&e)
+            ))
+        })?;
     // As qemu-img: the top is emptied only when its own backing file is
     // the base by default; -b implies -d (with images in between, they
     // would show through; and a named base is kept apart from the top).
@@ -147,7 +179,7 @@ fn copy_down(
     base: &dyn Image,
     size: u64,
     progress: &Progress,
-) -> Result<(), CliError> {
+) -> qcow2::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
     while pos < size {

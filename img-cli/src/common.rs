@@ -1,7 +1,6 @@
 //! Opening images and reading them the way qemu-img's block layer sees
 //! them, shared by map, compare, resize and dd.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{Format, Image, OpenOptions};
@@ -18,23 +17,28 @@ pub fn parse_format(f: &Option<String>) -> Result<Option<Format>, CliError> {
     }
 }
 
-/// Opens `name` (and its backing chain) as qemu-img's commands do.
-pub fn open(
+/// Opens `name` (and its backing chain) as qemu-img's commands do;
+/// `name` an option string when `image_opts` (qemu-img's
+/// --image-opts); `json:` and `blkdebug:` names go through
+/// [`crate::blockopts`] too.
+pub fn open_opts(
     name: &str,
+    image_opts: bool,
     format: Option<Format>,
     writable: bool,
     force_share: bool,
 ) -> Result<Arc<dyn Image>, CliError> {
-    qcow2::open(
-        Path::new(name),
-        &OpenOptions {
-            writable,
-            format,
-            force_share,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| match e {
+    if let Some(img) = crate::blockopts::open_null(name, image_opts)? {
+        return Ok(img);
+    }
+    let opts = OpenOptions {
+        writable,
+        format,
+        force_share,
+        ..Default::default()
+    };
+    let (path, opts) = crate::blockopts::open_options(name, image_opts, opts)?;
+    qcow2::open(&path, &opts).map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{name}': {source}"))
         }
@@ -111,5 +115,15 @@ pub fn display_name(given: &str) -> String {
         Some(rest) if !rest.starts_with('/') && rest.contains(':') => format!("./{rest}"),
         Some(rest) => rest.to_string(),
         None => given.to_string(),
+    }
+}
+
+/// An engine error's text without Rust's " (os error N)" suffix, as
+/// qemu-img prints an errno.
+pub fn error_text(e: &qcow2::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
     }
 }

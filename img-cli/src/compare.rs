@@ -12,7 +12,7 @@
 use clap::Args;
 
 use crate::blockstatus::{Chain, ALLOCATED, ZERO};
-use crate::common::{is_zero, open, parse_format, read_padded};
+use crate::common::{is_zero, open_opts, parse_format, read_padded};
 use crate::progress::Progress;
 use crate::CliError;
 
@@ -80,7 +80,11 @@ impl Side {
         read_padded(self.chain.top(), buf, off).map_err(|e| {
             fail(
                 4,
-                format!("Error while reading offset {off} of {}: {e}", self.name),
+                format!(
+                    "Error while reading offset {off} of {}: {}",
+                    self.name,
+                    crate::common::os_error_text(&e)
+                ),
             )
         })
     }
@@ -105,32 +109,53 @@ impl Side {
 
 pub fn run(a: CompareArgs) -> Result<u8, CliError> {
     let _ = &a.cache;
-    if a.image_opts {
-        return Err(fail(2, "--image-opts is not supported".into()));
-    }
     let open_side = |name: &str, fmt: &Option<String>| -> Result<Side, CliError> {
         let f = parse_format(fmt).map_err(|e| fail(2, e.msg))?;
-        let img = open(name, f, false, a.force_share).map_err(|e| fail(2, e.msg))?;
+        let img =
+            open_opts(name, a.image_opts, f, false, a.force_share).map_err(|e| fail(2, e.msg))?;
         let chain =
             Chain::new(&img).map_err(|e| fail(2, format!("Could not open '{name}': {e}")))?;
-        Ok(Side {
-            name: name.to_string(),
-            chain,
-        })
+        let name = match crate::blockopts::is_special(name) || a.image_opts {
+            true => crate::blockopts::parse(name, a.image_opts)?.name,
+            false => name.to_string(),
+        };
+        Ok(Side { name, chain })
     };
     let one = open_side(&a.filename1, &a.format1)?;
     let two = open_side(&a.filename2, &a.format2)?;
     let (size1, size2) = (one.chain.len(), two.chain.len());
     let total = size1.min(size2);
     let progress = Progress::new(a.progress && !a.quiet, "Comparing", size1.max(size2), 2.0);
+    // qemu-img's stdout is fully buffered into a pipe: its lines come
+    // after an error on stderr there, so they wait for the end here too.
+    use std::io::IsTerminal;
+    let buffered = !std::io::stdout().is_terminal();
+    let held = std::cell::RefCell::new(String::new());
     let say = |s: &str| {
-        if !a.quiet {
+        if a.quiet {
+        } else if buffered {
+            held.borrow_mut().push_str(&format!("{s}\n"));
+        } else {
             progress.suspend(|| println!("{s}"));
         }
     };
     let r = compare(&a, &one, &two, total, &progress, &say);
     progress.finish();
-    r
+    let held = held.into_inner();
+    match r {
+        Err(e) if !held.is_empty() => {
+            eprintln!("{}: {}", crate::prog_name(), e.msg);
+            print!("{held}");
+            Err(CliError {
+                msg: String::new(),
+                code: e.code,
+            })
+        }
+        r => {
+            print!("{held}");
+            r
+        }
+    }
 }
 
 fn compare(

@@ -69,6 +69,9 @@ pub struct ConvertArgs {
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     /// Copy offloading (accepted for compatibility)
     #[arg(short = 'C')]
     copy_offload: bool,
@@ -129,15 +132,20 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     let parts: Vec<Arc<dyn Image>> = srcs
         .iter()
         .map(|s| {
-            qcow2::open(
-                Path::new(s),
-                &OpenOptions {
+            if let Some(img) = crate::blockopts::open_null(s, a.image_opts)? {
+                return Ok(img);
+            }
+            let (path, opts) = crate::blockopts::open_options(
+                s,
+                a.image_opts,
+                OpenOptions {
                     format: src_fmt,
                     force_share: a.force_share,
                     ..Default::default()
                 },
-            )
-            .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
+            )?;
+            qcow2::open(&path, &opts)
+                .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
         })
         .collect::<Result<_, _>>()?;
     let sources = Sources::new(parts);

@@ -248,16 +248,17 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
 }
 
 fn backing_size(image: &str, backing: &str, fmt: Option<&str>) -> Result<u64, CliError> {
-    let path = qcow2::resolve_backing(Path::new(image), backing);
-    let img = qcow2::open(
-        &path,
-        &OpenOptions {
+    let (path, opts) = crate::blockopts::backing_options(
+        Path::new(image),
+        backing,
+        OpenOptions {
             format: fmt.and_then(Format::from_name),
             no_backing: true,
             ..Default::default()
         },
     )
-    .map_err(|e| match e {
+    .map_err(|e| CliError::new(format!("{image}: {}\nCould not open backing image.", e.msg)))?;
+    let img = qcow2::open(&path, &opts).map_err(|e| match e {
         qcow2::Error::Open { .. } => CliError::new(format!(
             "{image}: Could not open '{}': {}\nCould not open backing image.",
             path.display(),
@@ -294,7 +295,9 @@ fn formatting_line(
                 o.compression_type.name()
             );
             if let Some(b) = &o.backing_file {
-                s += &format!(" backing_file={b}");
+                // Option values print with commas doubled, as qemu-img
+                // prints them.
+                s += &format!(" backing_file={}", b.replace(',', ",,"));
             }
             if let Some(f) = &o.backing_format {
                 s += &format!(" backing_fmt={f}");

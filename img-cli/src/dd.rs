@@ -11,7 +11,7 @@ use std::path::Path;
 use clap::Args;
 use qcow2::{CreateOptions, Format, OpenOptions};
 
-use crate::common::{open, parse_format, qemu_len, read_padded};
+use crate::common::{open_opts, parse_format, qemu_len, read_padded};
 use crate::size::cvtnum;
 use crate::CliError;
 
@@ -26,7 +26,7 @@ pub struct DdArgs {
     /// Open the input even if another process uses it
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Image specifications (not supported)
+    /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
     image_opts: bool,
     /// bs=BLOCK_SIZE (default 512), count=BLOCKS, skip=BLOCKS, if=INPUT,
@@ -90,13 +90,16 @@ fn parse_operands(args: &[String]) -> Result<Operands, String> {
 const PIECE: u64 = 1 << 20;
 
 pub fn run(a: DdArgs) -> Result<u8, CliError> {
-    if a.image_opts {
-        return Err(CliError::new("--image-opts is not supported"));
-    }
     let o = parse_operands(&a.operands).map_err(CliError::new)?;
     let (input, output) = (o.input.unwrap(), o.output.unwrap());
     let out_fmt = parse_format(&a.out_format)?.unwrap_or(Format::Raw);
-    let src = open(&input, parse_format(&a.format)?, false, a.force_share)?;
+    let src = open_opts(
+        &input,
+        a.image_opts,
+        parse_format(&a.format)?,
+        false,
+        a.force_share,
+    )?;
     let mut size = qemu_len(src.as_ref());
     if let Some(c) = o.count {
         if let Some(b) = c.checked_mul(o.bs).filter(|&b| b <= i64::MAX as u64) {

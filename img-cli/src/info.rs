@@ -30,6 +30,9 @@ pub struct InfoArgs {
     /// compatibility; info only reads)
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
@@ -43,20 +46,27 @@ struct ImageInfo {
     qcow2: Option<qcow2::Header>,
     snapshots: Vec<qcow2::Snapshot>,
     /// Backing name as stored and as resolved against the image's directory.
-    backing: Option<(String, String)>,
+    /// (None: QEMU cannot determine a directory for this node.)
+    backing: Option<(String, Option<String>)>,
 }
 
-fn open_one(name: &str, format: Option<Format>, force_share: bool) -> Result<ImageInfo, CliError> {
-    let img: Arc<dyn Image> = qcow2::open(
-        Path::new(name),
-        &OpenOptions {
+fn open_one(
+    name: &str,
+    image_opts: bool,
+    format: Option<Format>,
+    force_share: bool,
+) -> Result<ImageInfo, CliError> {
+    let (path, opts) = crate::blockopts::open_options(
+        name,
+        image_opts,
+        OpenOptions {
             format,
             no_backing: true,
             force_share,
             ..Default::default()
         },
-    )
-    .map_err(|e| match e {
+    )?;
+    let img: Arc<dyn Image> = qcow2::open(&path, &opts).map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{name}': {source}"))
         }
@@ -65,7 +75,7 @@ fn open_one(name: &str, format: Option<Format>, force_share: bool) -> Result<Ima
     let (actual_size, file_length) = match img.as_qcow2() {
         Some(q) => (q.storage().allocated_bytes()?, q.storage().len()?),
         None => {
-            let md = std::fs::metadata(qcow2::open::host_path(Path::new(name)))
+            let md = std::fs::metadata(qcow2::open::host_path(&path))
                 .map_err(|e| CliError::new(format!("{name}: {e}")))?;
             use std::os::unix::fs::MetadataExt;
             (md.blocks() * 512, md.len())
@@ -75,10 +85,25 @@ fn open_one(name: &str, format: Option<Format>, force_share: bool) -> Result<Ima
         Some(q) => (Some(q.header()), q.snapshots()),
         None => (None, Vec::new()),
     };
-    let shown = crate::common::display_name(name);
+    let (shown, dir) = if image_opts || crate::blockopts::is_special(name) {
+        let spec = crate::blockopts::parse(name, image_opts)?;
+        let dir = spec.dirname();
+        (spec.name, dir)
+    } else {
+        let shown = crate::common::display_name(name);
+        let dir = Path::new(&shown).parent().map(Path::to_path_buf);
+        (shown, Some(dir.unwrap_or_default()))
+    };
     let backing = qh.as_ref().and_then(|h| h.backing_file.clone()).map(|b| {
-        let full = qcow2::resolve_backing(Path::new(&shown), &b);
-        (b, full.to_string_lossy().into_owned())
+        let full = dir.map(|d| {
+            let full = if Path::new(&b).is_absolute() || d.as_os_str().is_empty() {
+                PathBuf::from(&b)
+            } else {
+                d.join(&b)
+            };
+            full.to_string_lossy().into_owned()
+        });
+        (b, full)
     });
     // QEMU reports the length of the file node in whole 512-byte sectors.
     let file_length = file_length.next_multiple_of(512);
@@ -171,7 +196,9 @@ fn to_json(i: &ImageInfo) -> Value {
         );
     }
     if let Some((b, full)) = &i.backing {
-        m.insert("full-backing-filename".into(), json!(full));
+        if let Some(full) = full {
+            m.insert("full-backing-filename".into(), json!(full));
+        }
         m.insert("backing-filename".into(), json!(b));
     }
     m.insert(
@@ -249,10 +276,10 @@ fn to_human(i: &ImageInfo) -> String {
     if let Some(h) = &i.qcow2 {
         s += &format!("cluster_size: {}\n", h.cluster_size());
         if let Some((b, full)) = &i.backing {
-            if b == full {
-                s += &format!("backing file: {b}\n");
-            } else {
-                s += &format!("backing file: {b} (actual path: {full})\n");
+            match full {
+                Some(full) if b == full => s += &format!("backing file: {b}\n"),
+                Some(full) => s += &format!("backing file: {b} (actual path: {full})\n"),
+                None => s += &format!("backing file: {b} (cannot determine actual path)\n"),
             }
         }
         if let Some(f) = &h.backing_format {
@@ -297,11 +324,12 @@ pub fn run(a: InfoArgs) -> Result<u8, CliError> {
         ),
         None => None,
     };
-    let mut chain = vec![open_one(&a.filename, fmt, a.force_share)?];
+    let mut chain = vec![open_one(&a.filename, a.image_opts, fmt, a.force_share)?];
     if a.backing_chain {
-        let mut seen =
-            vec![std::fs::canonicalize(&a.filename).unwrap_or_else(|_| PathBuf::from(&a.filename))];
-        while let Some((_, full)) = chain.last().unwrap().backing.clone() {
+        let top =
+            crate::blockopts::open_options(&a.filename, a.image_opts, OpenOptions::default())?.0;
+        let mut seen = vec![std::fs::canonicalize(&top).unwrap_or(top)];
+        while let Some((_, Some(full))) = chain.last().unwrap().backing.clone() {
             let bfmt = chain
                 .last()
                 .unwrap()
@@ -320,6 +348,7 @@ pub fn run(a: InfoArgs) -> Result<u8, CliError> {
             seen.push(canon);
             chain.push(open_one(
                 &full,
+                false,
                 bfmt.as_deref().and_then(Format::from_name),
                 a.force_share,
             )?);

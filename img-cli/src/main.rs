@@ -4,6 +4,8 @@
 
 mod amend;
 mod bench;
+mod blkdebug;
+mod blockopts;
 mod blockstatus;
 mod check;
 mod commit;
@@ -19,6 +21,7 @@ mod map;
 mod measure;
 mod opts;
 mod progress;
+mod qjson;
 mod rebase;
 mod resize;
 mod size;
@@ -164,7 +167,10 @@ fn main() -> ExitCode {
     match r {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("{}: {}", prog_name(), e.msg);
+            // An empty message: the command has reported it already.
+            if !e.msg.is_empty() {
+                eprintln!("{}: {}", prog_name(), e.msg);
+            }
             ExitCode::from(e.code)
         }
     }

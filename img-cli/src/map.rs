@@ -4,7 +4,7 @@
 use clap::Args;
 
 use crate::blockstatus::{Chain, Status, ALLOCATED, COMPRESSED, DATA, OFFSET_VALID, ZERO};
-use crate::common::{open, parse_format};
+use crate::common::{open_opts, parse_format};
 use crate::info::Output;
 use crate::size::cvtnum;
 use crate::CliError;
@@ -25,7 +25,7 @@ pub struct MapArgs {
     /// Open the image even if another process uses it
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
-    /// Image specifications (not supported)
+    /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
     image_opts: bool,
     filename: String,
@@ -102,9 +102,6 @@ fn hex16(v: u64) -> String {
 }
 
 pub fn run(a: MapArgs) -> Result<u8, CliError> {
-    if a.image_opts {
-        return Err(CliError::new("--image-opts is not supported"));
-    }
     let start = match &a.start_offset {
         Some(s) => cvtnum("start offset", s, 0, i64::MAX as u64).map_err(CliError::new)?,
         None => 0,
@@ -113,7 +110,13 @@ pub fn run(a: MapArgs) -> Result<u8, CliError> {
         Some(s) => Some(cvtnum("max length", s, 0, i64::MAX as u64).map_err(CliError::new)?),
         None => None,
     };
-    let img = open(&a.filename, parse_format(&a.format)?, false, a.force_share)?;
+    let img = open_opts(
+        &a.filename,
+        a.image_opts,
+        parse_format(&a.format)?,
+        false,
+        a.force_share,
+    )?;
     let chain = Chain::new(&img)
         .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let mut length = chain.len();

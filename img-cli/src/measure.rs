@@ -1,8 +1,6 @@
 //! `rimg measure`: how large a new image would be, computed as qemu-img
 //! computes it (its numbers are matched exactly).
 
-use std::path::Path;
-
 use clap::Args;
 use qcow2::{chain_status, ChainStatus, Format, Image, OpenOptions, Preallocation};
 use serde_json::{json, Map, Value};
@@ -31,6 +29,9 @@ pub struct MeasureArgs {
     size: Option<String>,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     #[arg(required_unless_present = "size")]
     filename: Option<String>,
 }
@@ -80,14 +81,15 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
     o.validate().map_err(|e| CliError::new(e.to_string()))?;
     let input: Option<std::sync::Arc<dyn Image>> = match &a.filename {
         Some(f) => Some(
-            qcow2::open(
-                Path::new(f),
-                &OpenOptions {
+            crate::blockopts::open_image(
+                f,
+                a.image_opts,
+                OpenOptions {
                     format: fmt(&a.format)?,
                     force_share: a.force_share,
                     ..Default::default()
                 },
-            )
+            )?
             .map_err(|e| CliError::new(format!("Could not open '{f}': {e}")))?,
         ),
         None => None,

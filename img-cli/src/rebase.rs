@@ -35,6 +35,9 @@ pub struct RebaseArgs {
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
@@ -52,16 +55,17 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
     };
     let format = fmt(&a.format)?;
     let new_fmt = fmt(&a.backing_fmt)?;
-    let img = qcow2::open(
-        Path::new(&a.filename),
-        &OpenOptions {
+    let img = crate::blockopts::open_image(
+        &a.filename,
+        a.image_opts,
+        OpenOptions {
             writable: true,
             format,
             no_backing: a.unsafe_mode,
             force_share: a.force_share,
             ..Default::default()
         },
-    )
+    )?
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let Some(q) = img.as_qcow2() else {
         return Err(CliError::new(format!(

@@ -5,7 +5,7 @@
 use clap::Args;
 use qcow2::Preallocation;
 
-use crate::common::{open, parse_format, qemu_len};
+use crate::common::{open_opts, parse_format, qemu_len};
 use crate::size::parse_size;
 use crate::CliError;
 
@@ -23,7 +23,7 @@ pub struct ResizeArgs {
     /// Quiet: print nothing on success
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Image specifications (not supported)
+    /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
     image_opts: bool,
     filename: String,
@@ -34,9 +34,6 @@ pub struct ResizeArgs {
 }
 
 pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
-    if a.image_opts {
-        return Err(CliError::new("--image-opts is not supported"));
-    }
     let prealloc = Preallocation::from_name(&a.preallocation).ok_or_else(|| {
         CliError::new(format!("Invalid preallocation mode '{}'", a.preallocation))
     })?;
@@ -58,7 +55,13 @@ pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
             ))
         }
     };
-    let img = open(&a.filename, parse_format(&a.format)?, true, false)?;
+    let img = open_opts(
+        &a.filename,
+        a.image_opts,
+        parse_format(&a.format)?,
+        true,
+        false,
+    )?;
     let current = qemu_len(img.as_ref());
     let total = if sign == 0 {
         n as i128

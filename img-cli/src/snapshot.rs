@@ -1,7 +1,5 @@
 //! `rimg snapshot`: list, create, apply and delete internal snapshots.
 
-use std::path::Path;
-
 use clap::Args;
 use qcow2::{Format, OpenOptions};
 
@@ -28,6 +26,9 @@ pub struct SnapshotArgs {
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
     filename: String,
 }
 
@@ -41,16 +42,17 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
         None => None,
     };
     let writable = a.apply.is_some() || a.create.is_some() || a.delete.is_some();
-    let img = qcow2::open(
-        Path::new(&a.filename),
-        &OpenOptions {
+    let img = crate::blockopts::open_image(
+        &a.filename,
+        a.image_opts,
+        OpenOptions {
             writable,
             format,
             no_backing: true,
             force_share: a.force_share,
             ..Default::default()
         },
-    )
+    )?
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let Some(q) = img.as_qcow2() else {
         return Err(CliError::new(format!(
@@ -66,8 +68,12 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
         q.snapshot_apply(name)
             .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {e}")))?;
     } else if let Some(name) = &a.delete {
-        q.snapshot_delete(name)
-            .map_err(|e| CliError::new(format!("Could not delete snapshot '{name}': {e}")))?;
+        q.snapshot_delete(name).map_err(|e| {
+            CliError::new(format!(
+                "Could not delete snapshot '{name}': {}",
+                crate::common::error_text(&e)
+            ))
+        })?;
     } else {
         print!("{}", crate::info::snapshot_list(&q.snapshots()));
     }

@@ -553,6 +553,12 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
             }
             ctx.rc.flush(st)?;
             rep.leaks_fixed = rep.leaks;
+            // As qemu-img: with the leaks gone and nothing else wrong,
+            // COPIED flags the new refcounts contradict are corrected too
+            // (a leak on a shared cluster hid them).
+            if rep.corruptions == 0 {
+                rep.corruptions_fixed += fix_copied(q, ctx, &mut rep, true)?;
+            }
             recheck(q, ctx, rep)
         }
         Repair::All => {

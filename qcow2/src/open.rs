@@ -26,6 +26,8 @@ pub struct OpenOptions {
     /// Take no locks (qemu-img's -U): the image may be in use elsewhere.
     pub force_share: bool,
     pub qcow2: Qcow2Options,
+    /// Fault injection for the top image's file (qemu-img's blkdebug).
+    pub faults: Option<Arc<dyn crate::storage::Faults>>,
 }
 
 /// The host file a filename names: QEMU's `file:` protocol prefix
@@ -102,6 +104,9 @@ fn open_at_depth(
         )));
     }
     let st = Storage::open_locked(path, writable, opts.force_share)?;
+    if let (0, Some(f)) = (depth, &opts.faults) {
+        st.set_faults(f.clone());
+    }
     let format = match format {
         Some(f) => f,
         None => probe_storage(&st)?,

@@ -852,7 +852,10 @@ impl Qcow2 {
                 out.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { host, .. } => self.st.read_at(out, host),
+            L2Entry::Normal { host, .. } => {
+                self.st.debug_event("read_aio");
+                self.st.read_at(out, host)
+            }
             L2Entry::Compressed { .. } => self.with_decompressed(old, |c| out.copy_from_slice(c)),
         }
     }
@@ -1189,6 +1192,7 @@ impl Qcow2 {
             let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
+            self.st.debug_event("write_aio");
             let r = self.st.write_data_at(&buf[done..done + n], io.host);
             self.end_write(io, r.is_ok())?;
             r?;
@@ -1211,7 +1215,10 @@ impl Qcow2 {
     /// as `mapping` (any kind).
     pub fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
-            Mapping::Data(host) => self.st.read_at(buf, host),
+            Mapping::Data(host) => {
+                self.st.debug_event("read_aio");
+                self.st.read_at(buf, host)
+            }
             Mapping::Zero(_) => {
                 buf.fill(0);
                 Ok(())
@@ -2207,7 +2214,15 @@ impl Qcow2 {
         let (old_off, old_len) = (m.header.snapshots_offset, m.snapshot_table_bytes);
         if m.header.nb_snapshots > 0 && old_len > 0 {
             if free_old {
-                m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})?;
+                // As qemu-img: a table that cannot be freed is leaked (the
+                // new one is in place already), not a failure.
+                self.st.debug_event("cluster_free");
+                if let Err(e) =
+                    m.rc.update_range(&self.st, old_off, old_len, -1, |_| {})
+                        .and_then(|()| m.rc.flush(&self.st))
+                {
+                    self.st.report_swallowed("qcow2_free_clusters failed", &e);
+                }
             } else {
                 // A repair: refcounts may be wrong; what is off is left to
                 // the refcount repair that follows.
@@ -2424,9 +2439,18 @@ impl Qcow2 {
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
         self.replace_snapshot_table(&mut m, snaps)?;
-        let l1 = self.read_l1_at(sn.l1_table_offset, sn.l1_size)?;
-        self.update_l1_refcounts(&mut m, &l1, -1)?;
+        let l1 = self
+            .read_l1_at(sn.l1_table_offset, sn.l1_size)
+            .and_then(|l1| self.update_l1_refcounts(&mut m, &l1, -1))
+            .map_err(|e| match e {
+                Error::Io { source, .. } => {
+                    Error::io("Failed to free the cluster and L1 table", source)
+                }
+                e => e,
+            });
+        l1?;
         if sn.l1_size > 0 {
+            self.st.debug_event("cluster_free");
             let cs = self.cluster_size();
             let bytes = (sn.l1_size as u64 * 8).next_multiple_of(cs);
             m.rc.update_range(&self.st, sn.l1_table_offset, bytes, -1, |_| {})?;

@@ -22,6 +22,29 @@ pub struct Storage {
     /// writes itself (copy-on-write fill, synchronous writes) goes through
     /// it too, so no page is written both ways (see `write_data_at`).
     direct: std::sync::OnceLock<File>,
+    /// Fault injection (qemu-img's blkdebug), when set.
+    faults: std::sync::OnceLock<std::sync::Arc<dyn Faults>>,
+}
+
+/// The kinds of I/O a fault rule may fail (blkdebug's iotypes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write,
+    WriteZeroes,
+    Discard,
+    Flush,
+}
+
+/// Fault injection under the engine, as QEMU's blkdebug driver: told of
+/// the engine's debug events (QEMU's BLKDBG event names) and asked before
+/// each I/O whether it fails, and with which errno.
+pub trait Faults: Send + Sync + std::fmt::Debug {
+    fn event(&self, name: &str);
+    fn check(&self, kind: IoKind, off: u64, len: u64) -> Option<i32>;
+    /// An I/O failure the engine carried on after (a leak, as QEMU leaks
+    /// there), to report as qemu-img does on stderr.
+    fn swallowed(&self, what: &str, err: &crate::error::Error);
 }
 
 /// Alignment of buffers, offsets and lengths for O_DIRECT here.
@@ -225,6 +248,7 @@ impl Storage {
             writable,
             no_flush: Default::default(),
             direct: Default::default(),
+            faults: Default::default(),
         })
     }
 
@@ -235,6 +259,42 @@ impl Storage {
             writable,
             no_flush: Default::default(),
             direct: Default::default(),
+            faults: Default::default(),
+        }
+    }
+
+    /// From now on, I/O here may fail as `f` says (once; later calls are
+    /// ignored).
+    pub fn set_faults(&self, f: std::sync::Arc<dyn Faults>) {
+        let _ = self.faults.set(f);
+    }
+
+    /// Tells the fault injector, if any, that the engine reached `name`.
+    pub fn debug_event(&self, name: &str) {
+        if let Some(f) = self.faults.get() {
+            f.event(name);
+        }
+    }
+
+    /// Reports a failure the engine carried on after, to the fault
+    /// injector (the only source of such failures that is looked at).
+    pub fn report_swallowed(&self, what: &str, err: &Error) {
+        if let Some(f) = self.faults.get() {
+            f.swallowed(what, err);
+        }
+    }
+
+    fn injected(&self, kind: IoKind, off: u64, len: usize, what: &str) -> Result<()> {
+        match self
+            .faults
+            .get()
+            .and_then(|f| f.check(kind, off, len as u64))
+        {
+            None => Ok(()),
+            Some(errno) => Err(Error::io(
+                format!("{what} {len} bytes at {off:#x} of {}", self.path.display()),
+                io::Error::from_raw_os_error(errno),
+            )),
         }
     }
 
@@ -272,6 +332,7 @@ impl Storage {
     /// Reads `buf.len()` bytes at `off`; bytes past the end of the file
     /// read as zeros, as QEMU's file driver returns them.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.injected(IoKind::Read, off, buf.len(), "read")?;
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], off + done as u64) {
@@ -300,6 +361,7 @@ impl Storage {
         if !self.writable {
             return Err(Error::ReadOnly);
         }
+        self.injected(IoKind::Write, off, buf.len(), "write")?;
         self.file.write_all_at(buf, off).ctx(|| {
             format!(
                 "write {} bytes at {off:#x} to {}",
@@ -374,6 +436,7 @@ impl Storage {
         if !self.writable || self.no_flush.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(());
         }
+        self.injected(IoKind::Flush, 0, 0, "flush")?;
         self.file
             .sync_data()
             .ctx(|| format!("fdatasync {}", self.path.display()))
