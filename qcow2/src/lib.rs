@@ -24,12 +24,14 @@ pub(crate) mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod crypto;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]
 pub mod fuzz_targets;
 pub mod header;
 pub mod image;
 pub mod l2;
+pub mod luks;
 pub mod open;
 pub(crate) mod overlap;
 pub mod qcow;
