@@ -360,8 +360,13 @@ mod tests {
 
     #[test]
     fn cbc_essiv_round_trips() {
-        let c = SectorCipher::new(&[1u8; 32], CipherMode::Cbc, IvGen::Essiv, Some(HashAlg::Sha256))
-            .unwrap();
+        let c = SectorCipher::new(
+            &[1u8; 32],
+            CipherMode::Cbc,
+            IvGen::Essiv,
+            Some(HashAlg::Sha256),
+        )
+        .unwrap();
         let mut a = vec![9u8; 512];
         c.encrypt(1, &mut a);
         c.decrypt(1, &mut a);

@@ -25,6 +25,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod crypto;
+pub mod encrypt;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]
 pub mod fuzz_targets;
@@ -43,7 +44,7 @@ pub mod sync;
 
 pub use amend::Amend;
 pub use check::{CheckReport, Repair};
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_luks, CreateOptions, Preallocation};
 pub use error::{Error, Result};
 pub use header::{CompressionType, Header};
 pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};

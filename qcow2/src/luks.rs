@@ -187,7 +187,10 @@ impl LuksHeader {
                 )));
             }
             for j in i + 1..SLOTS {
-                let (a, c) = (s.key_offset_sector as u64, h.slots[j].key_offset_sector as u64);
+                let (a, c) = (
+                    s.key_offset_sector as u64,
+                    h.slots[j].key_offset_sector as u64,
+                );
                 if a < c + len as u64 && c < a + len as u64 {
                     return Err(bad(format!(
                         "Keyslots {i} and {j} are overlapping in the header"
@@ -265,7 +268,8 @@ impl LuksHeader {
         let mut b = vec![0u8; HEADER_LEN];
         b[..6].copy_from_slice(MAGIC);
         b[6..8].copy_from_slice(&1u16.to_be_bytes());
-        let put = |b: &mut [u8], at: usize, s: &str| b[at..at + s.len()].copy_from_slice(s.as_bytes());
+        let put =
+            |b: &mut [u8], at: usize, s: &str| b[at..at + s.len()].copy_from_slice(s.as_bytes());
         put(&mut b, 8, &self.cipher_name);
         put(&mut b, 40, &self.cipher_mode);
         put(&mut b, 72, &self.hash_spec);
@@ -277,7 +281,11 @@ impl LuksHeader {
         put(&mut b, 168, &self.uuid);
         for (i, s) in self.slots.iter().enumerate() {
             let o = 208 + i * 48;
-            let st = if s.active { SLOT_ENABLED } else { SLOT_DISABLED };
+            let st = if s.active {
+                SLOT_ENABLED
+            } else {
+                SLOT_DISABLED
+            };
             b[o..o + 4].copy_from_slice(&st.to_be_bytes());
             b[o + 4..o + 8].copy_from_slice(&s.iterations.to_be_bytes());
             b[o + 8..o + 40].copy_from_slice(&s.salt);
@@ -298,9 +306,7 @@ impl LuksHeader {
 
     fn check_iters(n: u32) -> Result<()> {
         if n > MAX_ITERS {
-            return Err(bad(format!(
-                "PBKDF iterations {n} larger than {MAX_ITERS}"
-            )));
+            return Err(bad(format!("PBKDF iterations {n} larger than {MAX_ITERS}")));
         }
         Ok(())
     }
@@ -317,7 +323,8 @@ impl LuksHeader {
         for s in self.slots.iter().filter(|s| s.active) {
             Self::check_iters(s.iterations)?;
             let mut slot_key = vec![0u8; kb];
-            self.hash.pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
+            self.hash
+                .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
             let material_len = kb * STRIPES as usize;
             let padded = (material_len as u64).div_ceil(SECTOR) * SECTOR;
             let mut buf = vec![0u8; padded as usize];
@@ -363,14 +370,18 @@ impl LuksHeader {
         let scaled = |div: u64| -> Result<u32> {
             let n = rate.saturating_mul(p.iter_time_ms) / 1000 / div;
             if n > u32::MAX as u64 {
-                return Err(bad(format!("PBKDF iterations {n} larger than {}", u32::MAX)));
+                return Err(bad(format!(
+                    "PBKDF iterations {n} larger than {}",
+                    u32::MAX
+                )));
             }
             Ok(n.max(MIN_ITERS) as u32)
         };
         let mk_iterations = scaled(8)?;
         let slot_iters = scaled(1)?;
         let mut mk_digest = [0u8; DIGEST_LEN];
-        p.hash.pbkdf2(&master, &mk_salt, mk_iterations, &mut mk_digest);
+        p.hash
+            .pbkdf2(&master, &mk_salt, mk_iterations, &mut mk_digest);
         let split = Self::split_key_sectors(p.key_bytes);
         let slots = (0..SLOTS as u32)
             .map(|i| KeySlot {
@@ -406,7 +417,8 @@ impl LuksHeader {
         let mut material = af_split(p.hash, &master)?;
         material.resize(split as usize * SECTOR as usize, 0);
         let mut slot_key = vec![0u8; kb];
-        p.hash.pbkdf2(password, &slot_salt, slot_iters, &mut slot_key);
+        p.hash
+            .pbkdf2(password, &slot_salt, slot_iters, &mut slot_key);
         h.slot_cipher(&slot_key)?.encrypt(0, &mut material);
         let at = HEADER_SECTORS as usize * SECTOR as usize;
         area[at..at + material.len()].copy_from_slice(&material);

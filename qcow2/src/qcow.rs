@@ -90,6 +90,11 @@ pub struct Qcow2Options {
     /// file (no cluster there has a refcount). QEMU's `preallocate`
     /// filter does the same.
     pub preallocate_ahead: u64,
+    /// Password of an encrypted image (`encrypt.key-secret`).
+    pub encrypt_key: Option<crate::encrypt::Secret>,
+    /// Open an encrypted image without its key, for metadata only (as
+    /// qemu-img info does); data I/O is then refused.
+    pub no_io: bool,
 }
 
 impl Default for Qcow2Options {
@@ -100,6 +105,8 @@ impl Default for Qcow2Options {
             discard_passthrough: true,
             repair: false,
             preallocate_ahead: 0,
+            encrypt_key: None,
+            no_io: false,
         }
     }
 }
@@ -221,6 +228,10 @@ pub struct Qcow2 {
     epochs: Mutex<Epochs>,
     alloc_done: Condvar,
     opts: Qcow2Options,
+    /// crypt_method of the header (0: clear).
+    crypt_method: u32,
+    /// The data cipher of an unlocked encrypted image.
+    cipher: Option<crate::encrypt::DataCipher>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -249,6 +260,7 @@ impl Qcow2 {
         if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
+        let cipher = crate::encrypt::unlock(&st, &header, opts.encrypt_key.as_ref(), opts.no_io)?;
         let cb = header.cluster_bits;
         let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
@@ -293,6 +305,8 @@ impl Qcow2 {
             alloc_done: Condvar::new(),
             opts,
             st,
+            crypt_method: header.crypt_method,
+            cipher,
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
@@ -1025,6 +1039,7 @@ impl Qcow2 {
     /// another request is allocating the same guest cluster.
     pub fn begin_write(&self, off: u64, len: usize) -> Result<WriteIo> {
         self.check_writable()?;
+        self.check_clear()?;
         self.check_range(off, len as u64)?;
         let m = self.lock();
         let m = self.wait_inflight(m, off >> self.cluster_bits, 1)?;
@@ -1043,6 +1058,7 @@ impl Qcow2 {
         waker: &Arc<dyn AllocWaker>,
     ) -> Result<Option<WriteIo>> {
         self.check_writable()?;
+        self.check_clear()?;
         self.check_range(off, len as u64)?;
         let mut m = self.lock();
         let gc = off >> self.cluster_bits;
@@ -1202,6 +1218,7 @@ impl Qcow2 {
     /// can be read from the host file directly at the returned offset; the
     /// other kinds go through [`read_mapped`](Self::read_mapped).
     pub fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.check_clear()?;
         self.check_range(off, len)?;
         let mut m = self.lock();
         self.map_run(&mut m, off, len)
@@ -1211,6 +1228,7 @@ impl Qcow2 {
     /// as `mapping` (any kind).
     pub fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
+            Mapping::Data(host) if self.crypt_method != 0 => self.read_encrypted(buf, host, off),
             Mapping::Data(host) => self.st.read_at(buf, host),
             Mapping::Zero(_) => {
                 buf.fill(0);
@@ -1303,6 +1321,63 @@ impl Qcow2 {
                 len,
                 size,
             });
+        }
+        Ok(())
+    }
+
+    /// Reads and decrypts data at `host` (guest offset `off`), whole
+    /// 512-byte sectors around it.
+    fn read_encrypted(&self, buf: &mut [u8], host: u64, off: u64) -> Result<()> {
+        let c = self.data_cipher()?;
+        let skip = host % crate::crypto::SECTOR;
+        let len = (skip + buf.len() as u64).next_multiple_of(crate::crypto::SECTOR);
+        let mut tmp = vec![0u8; len as usize];
+        self.st.read_at(&mut tmp, host - skip)?;
+        c.decrypt(host - skip, off - skip, &mut tmp);
+        buf.copy_from_slice(&tmp[skip as usize..skip as usize + buf.len()]);
+        Ok(())
+    }
+
+    /// The cipher of an encrypted image opened with its key.
+    fn data_cipher(&self) -> Result<&crate::encrypt::DataCipher> {
+        self.cipher.as_ref().ok_or_else(|| {
+            Error::Crypto("Parameter 'encrypt.key-secret' is required for cipher".into())
+        })
+    }
+
+    /// Allocates zeroed host clusters for `len` bytes (the LUKS header
+    /// area) and returns their offset.
+    pub fn alloc_clusters_zeroed(&self, len: u64) -> Result<u64> {
+        self.check_writable()?;
+        let cs = self.cluster_size();
+        let n = len.div_ceil(cs);
+        let off = {
+            let mut m = self.lock();
+            m.rc.alloc(&self.st, n)?
+        };
+        let zeros = crate::zero_buf();
+        let mut done = 0;
+        while done < n * cs {
+            let k = (n * cs - done).min(zeros.len() as u64) as usize;
+            self.st.write_at(&zeros[..k], off + done)?;
+            done += k as u64;
+        }
+        Ok(off)
+    }
+
+    /// Whether the image's data is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.crypt_method != 0
+    }
+
+    /// Refuses paths that move guest data without the cipher: writes
+    /// (rimg does not encrypt data yet) and raw host mappings.
+    fn check_clear(&self) -> Result<()> {
+        if self.crypt_method != 0 {
+            return Err(Error::Crypto(
+                "writing to encrypted images (and raw host access) is not supported by rimg yet"
+                    .into(),
+            ));
         }
         Ok(())
     }
@@ -1773,6 +1848,7 @@ impl Qcow2 {
     /// normally.
     pub fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
         self.check_writable()?;
+        self.check_clear()?;
         // Checked first: `size - off` and the L1 index below need
         // `off` inside the image.
         if off >= self.size() {
@@ -1932,12 +2008,14 @@ impl Image for Qcow2 {
 
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_writable()?;
+        self.check_clear()?;
         self.check_range(off, buf.len() as u64)?;
         self.write_inner(buf, off)
     }
 
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_writable()?;
+        self.check_clear()?;
         self.check_range(off, len)?;
         let cs = self.cluster_size();
         let first_full = off.next_multiple_of(cs);
