@@ -307,6 +307,12 @@ fn backing_size(image: &str, backing: &str, fmt: Option<&str>) -> Result<u64, Cl
         &OpenOptions {
             format: fmt.and_then(Format::from_name),
             no_backing: true,
+            // Only the size is wanted: an encrypted backing file needs
+            // no key for that (QEMU opens it without I/O).
+            qcow2: qcow2::Qcow2Options {
+                no_io: true,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
