@@ -65,6 +65,7 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
             no_backing: true,
             force_share: a.force_share,
             qcow2: q2,
+            ..Default::default()
         },
     )
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;

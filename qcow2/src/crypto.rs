@@ -220,7 +220,7 @@ impl SectorCipher {
         ivhash: Option<HashAlg>,
     ) -> Result<SectorCipher> {
         let (data, mut aux) = if mode == CipherMode::Xts {
-            if key.len() % 2 != 0 {
+            if !key.len().is_multiple_of(2) {
                 return Err(Error::InvalidArgument("odd XTS key length".into()));
             }
             let (a, b) = key.split_at(key.len() / 2);
