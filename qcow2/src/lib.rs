@@ -33,6 +33,7 @@ pub mod header;
 pub mod image;
 pub mod l2;
 pub mod luks;
+pub mod luks_amend;
 pub mod open;
 pub(crate) mod overlap;
 pub mod qcow;

@@ -318,27 +318,91 @@ impl LuksHeader {
         password: &[u8],
         read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
     ) -> Result<Vec<u8>> {
-        Self::check_iters(self.mk_iterations)?;
-        let kb = self.key_bytes as usize;
-        for s in self.slots.iter().filter(|s| s.active) {
-            Self::check_iters(s.iterations)?;
-            let mut slot_key = vec![0u8; kb];
-            self.hash
-                .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
-            let material_len = kb * STRIPES as usize;
-            let padded = (material_len as u64).div_ceil(SECTOR) * SECTOR;
-            let mut buf = vec![0u8; padded as usize];
-            read(s.key_offset_sector as u64 * SECTOR, &mut buf)?;
-            self.slot_cipher(&slot_key)?.decrypt(0, &mut buf);
-            let master = af_merge(self.hash, &buf[..material_len], kb);
-            let mut digest = [0u8; DIGEST_LEN];
-            self.hash
-                .pbkdf2(&master, &self.mk_salt, self.mk_iterations, &mut digest);
-            if digest == self.mk_digest {
+        for i in 0..SLOTS {
+            if let Some(master) = self.try_slot(i, password, read)? {
                 return Ok(master);
             }
         }
         Err(bad("Invalid password, cannot unlock any keyslot"))
+    }
+
+    /// The master key if slot `i` is active and opens with `password`.
+    pub fn try_slot(
+        &self,
+        i: usize,
+        password: &[u8],
+        read: &mut dyn FnMut(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Vec<u8>>> {
+        let s = &self.slots[i];
+        if !s.active {
+            return Ok(None);
+        }
+        Self::check_iters(self.mk_iterations)?;
+        Self::check_iters(s.iterations)?;
+        let kb = self.key_bytes as usize;
+        let mut slot_key = vec![0u8; kb];
+        self.hash
+            .pbkdf2(password, &s.salt, s.iterations, &mut slot_key);
+        let material_len = kb * STRIPES as usize;
+        let padded = (material_len as u64).div_ceil(SECTOR) * SECTOR;
+        let mut buf = vec![0u8; padded as usize];
+        read(s.key_offset_sector as u64 * SECTOR, &mut buf)?;
+        self.slot_cipher(&slot_key)?.decrypt(0, &mut buf);
+        let master = af_merge(self.hash, &buf[..material_len], kb);
+        let mut digest = [0u8; DIGEST_LEN];
+        self.hash
+            .pbkdf2(&master, &self.mk_salt, self.mk_iterations, &mut digest);
+        Ok((digest == self.mk_digest).then_some(master))
+    }
+
+    /// Stores `master` in slot `i` under `password` (PBKDF2 iterations
+    /// for `iter_time_ms`): returns the key material to write at the
+    /// slot's offset; the slot is marked active in `self`.
+    pub fn store_key(
+        &mut self,
+        i: usize,
+        password: &[u8],
+        master: &[u8],
+        iter_time_ms: u64,
+    ) -> Result<(u64, Vec<u8>)> {
+        let kb = self.key_bytes as usize;
+        let rate = self.hash.iters_per_second(kb);
+        let n = rate.saturating_mul(iter_time_ms) / 1000;
+        if n > u32::MAX as u64 {
+            return Err(bad(format!(
+                "PBKDF iterations {n} larger than {}",
+                u32::MAX
+            )));
+        }
+        let iters = n.max(MIN_ITERS) as u32;
+        let mut salt = [0u8; SALT_LEN];
+        random_bytes(&mut salt)?;
+        let mut material = af_split(self.hash, master)?;
+        material.resize(
+            Self::split_key_sectors(self.key_bytes) as usize * SECTOR as usize,
+            0,
+        );
+        let mut slot_key = vec![0u8; kb];
+        self.hash.pbkdf2(password, &salt, iters, &mut slot_key);
+        self.slot_cipher(&slot_key)?.encrypt(0, &mut material);
+        let s = &mut self.slots[i];
+        s.active = true;
+        s.iterations = iters;
+        s.salt = salt;
+        Ok((s.key_offset_sector as u64 * SECTOR, material))
+    }
+
+    /// Marks slot `i` inactive: returns random bytes to write over its
+    /// key material.
+    pub fn erase_key(&mut self, i: usize) -> Result<(u64, Vec<u8>)> {
+        let mut garbage =
+            vec![0u8; Self::split_key_sectors(self.key_bytes) as usize * SECTOR as usize];
+        random_bytes(&mut garbage)?;
+        let s = &mut self.slots[i];
+        s.active = false;
+        s.iterations = 0;
+        s.salt = [0; SALT_LEN];
+        Ok((s.key_offset_sector as u64 * SECTOR, garbage))
     }
 
     /// Creates a header with slot 0 holding a new random master key

@@ -1428,6 +1428,11 @@ impl Qcow2 {
         Ok(off)
     }
 
+    /// The password the image was opened with.
+    pub fn encrypt_key(&self) -> Option<&crate::encrypt::Secret> {
+        self.opts.encrypt_key.as_ref()
+    }
+
     /// Whether the image's data is encrypted.
     pub fn is_encrypted(&self) -> bool {
         self.crypt_method != 0

@@ -268,3 +268,106 @@ fn hostile_luks_headers_are_refused_quickly() {
         assert!(t.elapsed() < Duration::from_secs(20), "patch at {at}");
     }
 }
+
+/// 293's key slot management through the engine: add a password, erase
+/// the first by its password, refuse to erase the last; QEMU opens the
+/// image with exactly the passwords left.
+#[test]
+fn luks_key_slots_are_amended_as_qemu_amends_them() {
+    use qcow2::luks_amend::{amend_luks, LuksAmend};
+    let dir = tempdir();
+    let img = dir.path().join("k.qcow2");
+    create_rimg(
+        &img,
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    );
+    let amend = |pw: &str, a: LuksAmend| {
+        let i = open_rimg(&img, pw, true).unwrap();
+        let r = amend_luks(
+            i.as_qcow2().unwrap(),
+            &LuksAmend {
+                secret: Some(pw.as_bytes().to_vec()),
+                ..a
+            },
+        );
+        r.map_err(|e| e.to_string())
+    };
+    amend(
+        PW,
+        LuksAmend {
+            active: true,
+            keyslot: Some(4),
+            new_secret: Some(b"other".to_vec()),
+            iter_time_ms: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = amend(
+        PW,
+        LuksAmend {
+            active: true,
+            keyslot: Some(4),
+            new_secret: Some(b"x".to_vec()),
+            iter_time_ms: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "Refusing to overwrite active keyslot 4 - please erase it first"
+    );
+    // Erase slot 0 by its password; the other password still opens.
+    amend(
+        "other",
+        LuksAmend {
+            old_secret: Some(PW.as_bytes().to_vec()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let o = run(
+        "qemu-io",
+        &[
+            "--object",
+            SECRET,
+            "--image-opts",
+            &spec(&img),
+            "-c",
+            "read 0 512",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Invalid password")
+            || String::from_utf8_lossy(&o.stderr).contains("Invalid password")
+    );
+    let other = "secret,id=sec0,data=other";
+    ok(
+        "qemu-io",
+        &[
+            "--object",
+            other,
+            "--image-opts",
+            &spec(&img),
+            "-c",
+            "read -P 0 0 512",
+        ],
+    );
+    ok(
+        "qemu-img",
+        &["check", "--object", other, "--image-opts", &spec(&img)],
+    );
+    let e = amend(
+        "other",
+        LuksAmend {
+            keyslot: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.starts_with("Attempt to erase the only active keyslot 4"),
+        "{e}"
+    );
+}
