@@ -2147,10 +2147,12 @@ impl Image for Qcow2 {
         let mut m = self.lock();
         let (run, n) = self.map_run(&mut m, off, len)?;
         Ok(match run {
+            // Encrypted data has no offset where its guest bytes can be
+            // read (QEMU reports none either).
             Mapping::Data(h) => Extent {
                 len: n,
                 kind: ExtentKind::Data,
-                offset: Some(h),
+                offset: (self.crypt_method == 0).then_some(h),
                 compressed: false,
             },
             Mapping::Zero(h) => Extent {
