@@ -24,7 +24,9 @@ pub struct CreateArgs {
     #[arg(short = 'u')]
     unsafe_backing: bool,
     /// Format options: cluster_size, compat, refcount_bits, lazy_refcounts,
-    /// preallocation, backing_file, backing_fmt, compression_type, size
+    /// preallocation, backing_file, backing_fmt, compression_type, size,
+    /// encrypt.format (luks, aes), encrypt.key-secret and the other
+    /// encrypt.* options, encryption=on
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Quiet: print nothing on success
@@ -41,6 +43,15 @@ const QCOW2_OPTS: &str = "Supported options:
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10], v3 [1.1])
   compression_type=<str> - Compression method used for image cluster compression (zlib, zstd)
+  encrypt.cipher-alg=<str> - Name of encryption cipher algorithm
+  encrypt.cipher-mode=<str> - Name of encryption cipher mode
+  encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'
+  encrypt.hash-alg=<str> - Name of encryption hash algorithm
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.ivgen-alg=<str> - Name of IV generator algorithm
+  encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm
+  encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS passphrase
+  encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
   refcount_bits=<num>    - Width of a reference count entry in bits
