@@ -161,7 +161,15 @@ pub fn encryption(
         .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
     let secret = Secret(self::secret(key).map_err(|e| e.msg)?);
     match format {
-        "aes" => Ok(Some((EncryptFormat::Aes, secret))),
+        "aes" => {
+            // The legacy format has no parameters beyond its key.
+            for k in &ENCRYPT_KEYS[2..] {
+                if find(k).is_some() {
+                    return Err(format!("Parameter '{prefix}{k}' is unexpected"));
+                }
+            }
+            Ok(Some((EncryptFormat::Aes, secret)))
+        }
         "luks" => {
             let mut p = LuksParams::default();
             if let Some(c) = find("cipher-alg") {

@@ -197,13 +197,53 @@ fn qemu_created_image_decrypts_and_converts_with_rimg() {
         raw.to_str().unwrap(),
         out.to_str().unwrap(),
     ]);
-    qcheck(&out);
-    let s = spec(&out);
     let r = format!("driver=raw,file.filename={}", raw.display());
-    ok(
-        "qemu-img",
-        &["compare", "--object", SECRET, "--image-opts", &s, &r],
+    let judge = |out: &Path| {
+        qcheck(out);
+        let info = ok(
+            "qemu-img",
+            &["info", "--output=json", out.to_str().unwrap()],
+        );
+        assert!(info.contains("\"encrypted\": true"), "{info}");
+        let s = spec(out);
+        ok(
+            "qemu-img",
+            &["compare", "--object", SECRET, "--image-opts", &s, &r],
+        );
+    };
+    judge(&out);
+    // Preallocated clusters of an encrypted image read as noise: convert
+    // must write the zeros (188).
+    let pre = dir.path().join("pre.qcow2");
+    rimg(&[
+        "convert",
+        "--object",
+        SECRET,
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,preallocation=metadata",
+        raw.to_str().unwrap(),
+        pre.to_str().unwrap(),
+    ]);
+    judge(&pre);
+    let o = run(
+        workspace_bin("rimg").to_str().unwrap(),
+        &[
+            "convert",
+            "-c",
+            "--object",
+            SECRET,
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            raw.to_str().unwrap(),
+            dir.path().join("c.qcow2").to_str().unwrap(),
+        ],
     );
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("Compression and encryption not supported at the same time"));
 }
 
 #[test]
