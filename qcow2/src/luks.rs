@@ -101,6 +101,11 @@ impl LuksHeader {
         s.div_ceil(HEADER_SECTORS) * HEADER_SECTORS
     }
 
+    /// Bytes of a new header with its key material, for `key_bytes`.
+    pub fn area_len(key_bytes: u32) -> u64 {
+        (HEADER_SECTORS + SLOTS as u32 * Self::split_key_sectors(key_bytes)) as u64 * SECTOR
+    }
+
     pub fn payload_offset(&self) -> u64 {
         self.payload_offset_sector as u64 * SECTOR
     }

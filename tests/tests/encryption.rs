@@ -413,3 +413,18 @@ fn luks_key_slots_are_amended_as_qemu_amends_them() {
         "{e}"
     );
 }
+
+/// measure counts the LUKS header area as qemu-img does.
+#[test]
+fn measure_counts_the_luks_header() {
+    for o in [
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,cluster_size=4k",
+        "encryption=on,encrypt.key-secret=sec0",
+    ] {
+        let args = [
+            "measure", "-O", "qcow2", "--object", SECRET, "-o", o, "--size", "16M",
+        ];
+        assert_eq!(rimg(&args), ok("qemu-img", &args), "{o}");
+    }
+}
