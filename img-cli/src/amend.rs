@@ -39,6 +39,11 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
         None => None,
     };
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
+    let mut luks = qcow2::luks_amend::LuksAmend {
+        force: a.force,
+        ..Default::default()
+    };
+    let mut luks_given = false;
     let mut am = Amend::default();
     for (k, v) in &list.items {
         match k.as_str() {
@@ -76,6 +81,10 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
                     "Changing the size with amend is not supported; use resize",
                 ))
             }
+            k if k.starts_with("encrypt.") => {
+                encrypt_option(&mut luks, k, v)?;
+                luks_given = true;
+            }
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -95,6 +104,10 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             img.format().name()
         )));
     };
+    if luks_given {
+        luks.secret = q.encrypt_key().map(|k| k.0.clone());
+        qcow2::luks_amend::amend_luks(q, &luks).map_err(|e| CliError::new(e.to_string()))?;
+    }
     if am.backing_changes(&q.header()) {
         return Err(CliError::new(
             "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
@@ -103,4 +116,25 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     q.amend(&am)
         .map_err(|e| CliError::new(format!("Error while amending options: {e}")))?;
     Ok(0)
+}
+
+/// One `encrypt.*` amend option (LUKS key slot management).
+fn encrypt_option(l: &mut qcow2::luks_amend::LuksAmend, k: &str, v: &str) -> Result<(), CliError> {
+    let bad = || CliError::new(format!("Parameter '{k}' does not accept value '{v}'"));
+    match k {
+        "encrypt.state" => {
+            l.active = match v {
+                "active" => true,
+                "inactive" => false,
+                _ => return Err(bad()),
+            }
+        }
+        "encrypt.keyslot" => l.keyslot = Some(v.parse().map_err(|_| bad())?),
+        "encrypt.iter-time" => l.iter_time_ms = Some(v.parse().map_err(|_| bad())?),
+        "encrypt.new-secret" => l.new_secret = Some(crate::object::secret(v)?),
+        "encrypt.old-secret" => l.old_secret = Some(crate::object::secret(v)?),
+        "encrypt.format" if v == "luks" => {}
+        _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
+    }
+    Ok(())
 }

@@ -152,6 +152,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     let total = sources.size;
 
     let target_fresh = !a.no_create;
+    let mut target_key = None;
+    // Preallocated clusters of an encrypted image decrypt to noise, not
+    // zeros (QEMU's has_zero_init is false for them too).
+    let mut noise_init = false;
     if a.no_create {
         // -B names what the existing target is taken to be based on; rimg
         // compares with the target's own backing file (if any) instead,
@@ -163,7 +167,16 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         }
     } else {
         let list = OptList::parse(&a.options).map_err(CliError::new)?;
-        let Parsed { mut o, .. } = parse_options(out_fmt, &list)?;
+        let Parsed { mut o, encrypt, .. } = parse_options(out_fmt, &list)?;
+        o.encrypt = crate::object::encryption(&encrypt, "encrypt.")
+            .map_err(|m| CliError::new(format!("{dst}: {m}")))?;
+        if a.compress && o.encrypt.is_some() {
+            return Err(CliError::new(
+                "Compression and encryption not supported at the same time",
+            ));
+        }
+        target_key = o.encrypt.as_ref().map(|(_, k)| k.clone());
+        noise_init = o.encrypt.is_some() && o.preallocation != qcow2::Preallocation::Off;
         if a.backing.is_some() {
             o.backing_file = a.backing.clone();
         }
@@ -193,6 +206,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         &OpenOptions {
             writable: true,
             format: if a.no_create { None } else { Some(out_fmt) },
+            qcow2: qcow2::Qcow2Options {
+                encrypt_key: target_key,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -217,7 +234,8 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         sparse,
         // Zeros need not be written where the target already reads as
         // zeros: a new image without backing file, or one declared zero.
-        target_zero: (target_fresh && target.backing().is_none()) || a.target_is_zero,
+        target_zero: (target_fresh && target.backing().is_none() && !noise_init)
+            || a.target_is_zero,
         // As qemu-img: progress counts the data to copy (everything with
         // -S 0), not the holes.
         progress: Progress::new(

@@ -24,7 +24,9 @@ pub struct CreateArgs {
     #[arg(short = 'u')]
     unsafe_backing: bool,
     /// Format options: cluster_size, compat, refcount_bits, lazy_refcounts,
-    /// preallocation, backing_file, backing_fmt, compression_type, size
+    /// preallocation, backing_file, backing_fmt, compression_type, size,
+    /// encrypt.format (luks, aes), encrypt.key-secret and the other
+    /// encrypt.* options, encryption=on
     #[arg(short = 'o', value_name = "OPTIONS")]
     options: Vec<String>,
     /// Quiet: print nothing on success
@@ -41,6 +43,15 @@ const QCOW2_OPTS: &str = "Supported options:
   cluster_size=<size>    - qcow2 cluster size
   compat=<str>           - Compatibility level (v2 [0.10], v3 [1.1])
   compression_type=<str> - Compression method used for image cluster compression (zlib, zstd)
+  encrypt.cipher-alg=<str> - Name of encryption cipher algorithm
+  encrypt.cipher-mode=<str> - Name of encryption cipher mode
+  encrypt.format=<str>   - Encrypt the image, format choices: 'aes', 'luks'
+  encrypt.hash-alg=<str> - Name of encryption hash algorithm
+  encrypt.iter-time=<num> - Time to spend in PBKDF in milliseconds
+  encrypt.ivgen-alg=<str> - Name of IV generator algorithm
+  encrypt.ivgen-hash-alg=<str> - Name of IV generator hash algorithm
+  encrypt.key-secret=<str> - ID of secret providing qcow AES key or LUKS passphrase
+  encryption=<bool (on/off)> - Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)
   lazy_refcounts=<bool (on/off)> - Postpone refcount updates
   preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
   refcount_bits=<num>    - Width of a reference count entry in bits
@@ -52,6 +63,9 @@ const RAW_OPTS: &str = "Supported options:
 
 pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     let fmt_name = a.format.clone().unwrap_or_else(|| "raw".into());
+    if fmt_name == "luks" {
+        return create_luks(&a);
+    }
     let format = Format::from_name(&fmt_name)
         .ok_or_else(|| CliError::new(format!("Unknown file format '{fmt_name}'")))?;
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
@@ -71,6 +85,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
         size: mut size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
+        encrypt,
     } = parse_options(format, &list)?;
     if a.size.is_some() {
         size_arg = a.size.clone();
@@ -149,10 +164,13 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
                 &o,
                 size,
                 given_prealloc.as_deref(),
-                given_compat.as_deref()
+                given_compat.as_deref(),
+                &encrypt,
             )
         );
     }
+    o.encrypt = crate::object::encryption(&encrypt, "encrypt.")
+        .map_err(|m| CliError::new(format!("{}: {m}", a.filename)))?;
     qcow2::create(Path::new(&a.filename), &o).map_err(|e| match e {
         // qemu-img words these as sentences of their own.
         qcow2::Error::InvalidArgument(m) => CliError::new(format!(
@@ -170,6 +188,44 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     Ok(0)
 }
 
+/// `create -f luks`: a LUKS volume (header, key material, payload).
+fn create_luks(a: &CreateArgs) -> Result<u8, CliError> {
+    let list = OptList::parse(&a.options).map_err(CliError::new)?;
+    let mut size_arg = a.size.clone();
+    let mut enc = Vec::new();
+    for (k, v) in &list.items {
+        match k.as_str() {
+            "size" => size_arg = size_arg.or(Some(v.clone())),
+            _ => enc.push((k.clone(), v.clone())),
+        }
+    }
+    let Some(s) = size_arg else {
+        return Err(CliError::new(format!(
+            "{}: Image creation needs a size parameter",
+            a.filename
+        )));
+    };
+    let size = parse_size(&s)
+        .ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'.")))?;
+    if !a.quiet {
+        println!(
+            "Formatting '{}', fmt=luks size={size}{}",
+            a.filename,
+            crate::object::echo_encrypt(&enc, "")
+        );
+    }
+    let fail = |m: String| CliError::new(format!("{}: {m}", a.filename));
+    let Some((qcow2::encrypt::EncryptFormat::Luks(p), key)) =
+        crate::object::encryption(&enc, "").map_err(fail)?
+    else {
+        return Err(fail(
+            "Parameter 'format' does not accept value 'aes'".into(),
+        ));
+    };
+    qcow2::create_luks(Path::new(&a.filename), size, &p, &key).map_err(|e| fail(e.to_string()))?;
+    Ok(0)
+}
+
 /// Image options from `-o`, as qemu-img create and convert take them.
 pub struct Parsed {
     pub o: CreateOptions,
@@ -177,6 +233,9 @@ pub struct Parsed {
     /// Values given explicitly (qemu-img echoes only those).
     pub prealloc: Option<String>,
     pub compat: Option<String>,
+    /// `encryption` and `encrypt.*` options as given (built into
+    /// `o.encrypt` by [`crate::object::encryption`] once echoed).
+    pub encrypt: Vec<(String, String)>,
 }
 
 pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError> {
@@ -187,6 +246,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
     let mut size_arg = None;
     let mut given_prealloc = None;
     let mut given_compat = None;
+    let mut encrypt = Vec::new();
     for (k, v) in &list.items {
         let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
         match (format, k.as_str()) {
@@ -233,7 +293,10 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                     return Err(CliError::new("extended_l2 (subclusters) is not supported"));
                 }
             }
-            (Format::Qcow2, "encryption" | "encrypt.format" | "data_file") => {
+            (Format::Qcow2, k) if k == "encryption" || k.starts_with("encrypt.") => {
+                encrypt.push((k.to_string(), v.clone()))
+            }
+            (Format::Qcow2, "data_file") => {
                 return Err(CliError::new(format!("option '{k}' is not supported")));
             }
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
@@ -244,6 +307,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
         size: size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
+        encrypt,
     })
 }
 
@@ -254,6 +318,12 @@ fn backing_size(image: &str, backing: &str, fmt: Option<&str>) -> Result<u64, Cl
         OpenOptions {
             format: fmt.and_then(Format::from_name),
             no_backing: true,
+            // Only the size is wanted: an encrypted backing file needs
+            // no key for that (QEMU opens it without I/O).
+            qcow2: qcow2::Qcow2Options {
+                no_io: true,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -276,8 +346,10 @@ fn formatting_line(
     size: u64,
     prealloc: Option<&str>,
     compat: Option<&str>,
+    encrypt: &[(String, String)],
 ) -> String {
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
+    s += &crate::object::echo_encrypt(encrypt, "encrypt.");
     match o.format {
         Format::Raw => {
             s += &format!(" size={size}");

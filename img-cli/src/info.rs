@@ -48,6 +48,8 @@ struct ImageInfo {
     /// Backing name as stored and as resolved against the image's directory.
     /// (None: QEMU cannot determine a directory for this node.)
     backing: Option<(String, Option<String>)>,
+    /// crypt_method 2: the LUKS header.
+    luks: Option<qcow2::luks::LuksHeader>,
 }
 
 fn open_one(
@@ -63,6 +65,10 @@ fn open_one(
             format,
             no_backing: true,
             force_share,
+            qcow2: qcow2::Qcow2Options {
+                no_io: true,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )?;
@@ -84,6 +90,12 @@ fn open_one(
     let (qh, snapshots) = match img.as_qcow2() {
         Some(q) => (Some(q.header()), q.snapshots()),
         None => (None, Vec::new()),
+    };
+    let luks = match (img.as_qcow2(), &qh) {
+        (Some(q), Some(h)) if h.crypt_method == qcow2::header::crypt::LUKS => {
+            Some(qcow2::encrypt::read_luks(q.storage(), h)?)
+        }
+        _ => None,
     };
     let (shown, dir) = if image_opts || crate::blockopts::is_special(name) {
         let spec = crate::blockopts::parse(name, image_opts)?;
@@ -116,7 +128,67 @@ fn open_one(
         qcow2: qh,
         snapshots,
         backing,
+        luks,
     })
+}
+
+/// The `encrypt` block of format-specific information, keys in
+/// qemu-img's order.
+fn encrypt_json(h: &qcow2::Header, luks: Option<&qcow2::luks::LuksHeader>) -> Option<Value> {
+    if h.crypt_method == 0 {
+        return None;
+    }
+    let Some(l) = luks else {
+        return Some(json!({"format": "aes"}));
+    };
+    let mut e = Map::new();
+    e.insert("ivgen-alg".into(), json!(l.ivgen.name()));
+    e.insert("detached-header".into(), json!(false));
+    e.insert("hash-alg".into(), json!(l.hash.name()));
+    e.insert("cipher-alg".into(), json!(l.cipher_alg_name()));
+    e.insert("uuid".into(), json!(l.uuid));
+    if let Some(ih) = l.ivhash {
+        e.insert("ivgen-hash-alg".into(), json!(ih.name()));
+    }
+    e.insert("format".into(), json!("luks"));
+    e.insert("cipher-mode".into(), json!(l.mode.name()));
+    let slots: Vec<Value> = l
+        .slots
+        .iter()
+        .map(|s| {
+            let off = s.key_offset_sector as u64 * 512;
+            if s.active {
+                json!({"active": true, "iters": s.iterations, "key-offset": off, "stripes": s.stripes})
+            } else {
+                json!({"active": false, "key-offset": off})
+            }
+        })
+        .collect();
+    e.insert("slots".into(), Value::Array(slots));
+    e.insert("payload-offset".into(), json!(l.payload_offset()));
+    e.insert("master-key-iters".into(), json!(l.mk_iterations));
+    Some(Value::Object(e))
+}
+
+/// qemu-img's human rendering of a JSON value, nested by 4 spaces.
+fn human_value(name: &str, v: &Value, indent: usize, out: &mut String) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(m) => {
+            *out += &format!("{pad}{name}:\n");
+            for (k, v) in m {
+                human_value(&k.replace('-', " "), v, indent + 4, out);
+            }
+        }
+        Value::Array(a) => {
+            *out += &format!("{pad}{name}:\n");
+            for (i, v) in a.iter().enumerate() {
+                human_value(&format!("[{i}]"), v, indent + 4, out);
+            }
+        }
+        Value::String(s) => *out += &format!("{pad}{name}: {s}\n"),
+        v => *out += &format!("{pad}{name}: {v}\n"),
+    }
 }
 
 fn to_json(i: &ImageInfo) -> Value {
@@ -186,6 +258,9 @@ fn to_json(i: &ImageInfo) -> Value {
             d.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(e) = encrypt_json(h, i.luks.as_ref()) {
+            d.insert("encrypt".into(), e);
+        }
         if h.version == 3 {
             d.insert("corrupt".into(), json!(h.is_corrupt()));
             d.insert("extended-l2".into(), json!(false));
@@ -200,6 +275,9 @@ fn to_json(i: &ImageInfo) -> Value {
             m.insert("full-backing-filename".into(), json!(full));
         }
         m.insert("backing-filename".into(), json!(b));
+    }
+    if i.qcow2.as_ref().is_some_and(|h| h.crypt_method != 0) {
+        m.insert("encrypted".into(), json!(true));
     }
     m.insert(
         "dirty-flag".into(),
@@ -273,6 +351,9 @@ fn to_human(i: &ImageInfo) -> String {
         i.virtual_size
     );
     s += &format!("disk size: {}\n", size_to_str(i.actual_size));
+    if i.qcow2.as_ref().is_some_and(|h| h.crypt_method != 0) {
+        s += "encrypted: yes\n";
+    }
     if let Some(h) = &i.qcow2 {
         s += &format!("cluster_size: {}\n", h.cluster_size());
         if let Some((b, full)) = &i.backing {
@@ -299,6 +380,9 @@ fn to_human(i: &ImageInfo) -> String {
             s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
         }
         s += &format!("    refcount bits: {}\n", h.refcount_bits());
+        if let Some(e) = encrypt_json(h, i.luks.as_ref()) {
+            human_value("encrypt", &e, 4, &mut s);
+        }
         if h.version == 3 {
             s += &format!("    corrupt: {}\n", h.is_corrupt());
             s += "    extended l2: false\n";

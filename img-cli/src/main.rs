@@ -19,6 +19,7 @@ mod info;
 mod json;
 mod map;
 mod measure;
+mod object;
 mod opts;
 mod progress;
 mod qjson;
@@ -40,6 +41,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// User-creatable object, e.g. secret,id=ID,data=STRING (any subcommand)
+    #[arg(long = "object", value_name = "OBJECTDEF", global = true)]
+    object: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -146,6 +150,10 @@ fn main() -> ExitCode {
             return ExitCode::from(0);
         }
     };
+    if let Err(e) = object::init(&cli.object) {
+        eprintln!("{}: {}", prog_name(), e.msg);
+        return ExitCode::from(e.code);
+    }
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),

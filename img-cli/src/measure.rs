@@ -77,7 +77,14 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
     };
     let out_fmt = fmt(&a.out_format)?.unwrap_or(Format::Raw);
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
-    let Parsed { o, .. } = parse_options(out_fmt, &list)?;
+    let Parsed { o, encrypt, .. } = parse_options(out_fmt, &list)?;
+    // A LUKS header area takes whole clusters of its own.
+    let luks_area = match crate::object::encryption(&encrypt, "encrypt.").map_err(CliError::new)? {
+        Some((qcow2::encrypt::EncryptFormat::Luks(p), _)) => {
+            qcow2::luks::LuksHeader::area_len(p.key_bytes).next_multiple_of(o.cluster_size)
+        }
+        _ => 0,
+    };
     o.validate().map_err(|e| CliError::new(e.to_string()))?;
     let input: Option<std::sync::Arc<dyn Image>> = match &a.filename {
         Some(f) => Some(
@@ -141,8 +148,11 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
             if bitmaps {
                 m.insert("bitmaps".into(), json!(0));
             }
-            m.insert("required".into(), json!(full - virtual_size + required));
-            m.insert("fully-allocated".into(), json!(full));
+            m.insert(
+                "required".into(),
+                json!(full - virtual_size + required + luks_area),
+            );
+            m.insert("fully-allocated".into(), json!(full + luks_area));
         }
     }
     match a.output {

@@ -302,6 +302,9 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
     for s in ctx.snapshots {
         w.mark(s.l1_table_offset, s.l1_size as u64 * 8, Use::Meta);
     }
+    if let Some((off, len)) = ctx.header.crypto_area() {
+        w.mark(off, len, Use::Meta);
+    }
     w.mark_l2_tables(ctx.l1);
     for s in ctx.snapshots {
         if s.l1_table_offset >> cb < clusters {
@@ -311,6 +314,9 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
     let mut l2buf = vec![0u8; cs as usize];
     w.add(0, cs);
     w.add(ctx.header.l1_table_offset, ctx.l1.len() as u64 * 8);
+    if let Some((off, len)) = ctx.header.crypto_area() {
+        w.add(off, len);
+    }
     w.l1(st, ctx.l1, true, &mut l2buf)?;
     if !ctx.snapshots.is_empty() {
         w.add(ctx.header.snapshots_offset, ctx.snapshot_table_bytes);

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
+use crate::encrypt::{crypto_extension, luks_area, EncryptFormat, Secret};
 use crate::error::{Error, Result};
+use crate::header::crypt;
 use crate::header::{compat, incompat, CompressionType, Header, V3_HEADER_LEN_COMPRESSION};
 use crate::image::{Format, Image};
 use crate::qcow::{Qcow2, Qcow2Options};
@@ -53,6 +55,8 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub compression_type: CompressionType,
+    /// Encryption and its password.
+    pub encrypt: Option<(EncryptFormat, Secret)>,
 }
 
 impl Default for CreateOptions {
@@ -68,6 +72,7 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             compression_type: CompressionType::Zlib,
+            encrypt: None,
         }
     }
 }
@@ -227,5 +232,52 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
             preallocate_range(q.storage(), o.preallocation, off, len)?;
         }
     }
+    // Encryption last, as QEMU sets it up: the LUKS area follows the
+    // tables and any preallocated data.
+    match &o.encrypt {
+        None => {}
+        Some((EncryptFormat::Aes, _)) => q.update_header(|h| {
+            h.crypt_method = crypt::AES;
+            Ok(())
+        })?,
+        Some((EncryptFormat::Luks(p), key)) => {
+            let area = luks_area(p, key)?;
+            let off = q.alloc_clusters_zeroed(area.len() as u64)?;
+            q.storage().write_at(&area, off)?;
+            q.update_header(|h| {
+                h.crypt_method = crypt::LUKS;
+                h.other_extensions
+                    .push(crypto_extension(off, area.len() as u64));
+                Ok(())
+            })?;
+        }
+    }
     q.flush()
+}
+
+/// Creates a LUKS image (QEMU's `luks` format): the LUKS header and key
+/// material, then `size` bytes of payload (zeros on disk, as QEMU
+/// leaves them: unwritten payload decrypts to noise).
+pub fn create_luks(
+    path: &Path,
+    size: u64,
+    p: &crate::luks::LuksParams,
+    key: &Secret,
+) -> Result<()> {
+    let path = crate::open::host_path(path);
+    let area = luks_area(p, key)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let st = Storage::from_file(file, path, true);
+    st.write_at(&area, 0)?;
+    st.set_len(area.len() as u64 + size)?;
+    st.sync()
 }

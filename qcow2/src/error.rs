@@ -61,6 +61,10 @@ pub enum Error {
     RefcountOverflow(u64),
     #[error("image is too large: {0}")]
     TooLarge(String),
+    /// Encryption: a bad LUKS header, a wrong password, a missing key.
+    /// The message is QEMU's wording, printed as is.
+    #[error("{0}")]
+    Crypto(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

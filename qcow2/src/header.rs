@@ -48,6 +48,17 @@ pub mod autoclear {
 }
 
 /// Header extension types (qcow2.rst, "Header extensions").
+/// crypt_method values.
+pub mod crypt {
+    pub const NONE: u32 = 0;
+    pub const AES: u32 = 1;
+    pub const LUKS: u32 = 2;
+}
+
+/// Largest LUKS header area accepted (8 slots of 64-byte keys take
+/// about 2 MiB).
+const MAX_CRYPTO_AREA: u64 = 64 << 20;
+
 pub mod ext {
     pub const END: u32 = 0;
     pub const BACKING_FORMAT: u32 = 0xe279_2aca;
@@ -292,12 +303,7 @@ impl Header {
         // incompatible bit can be reported by the name the image gives it.
         h.parse_extensions(buf, cluster_size)?;
         h.check_features()?;
-        if h.crypt_method != 0 {
-            return Err(Error::UnsupportedFeature(format!(
-                "encryption (method {})",
-                h.crypt_method
-            )));
-        }
+        h.check_crypto(cluster_size)?;
         // Compression type consistency (QEMU's validate_compression_type).
         let bit = h.incompatible_features & incompat::COMPRESSION != 0;
         match (h.compression_type, bit) {
@@ -390,6 +396,58 @@ impl Header {
             }
         }
         Ok(h)
+    }
+
+    /// The LUKS header area (offset, length) from the full disk
+    /// encryption header extension.
+    pub fn crypto_area(&self) -> Option<(u64, u64)> {
+        let e = self
+            .other_extensions
+            .iter()
+            .find(|e| e.kind == ext::CRYPTO && e.data.len() == 16)?;
+        Some((be64(&e.data, 0), be64(&e.data, 8)))
+    }
+
+    /// Encryption fields as QEMU validates them (its wording).
+    fn check_crypto(&self, cluster_size: u64) -> Result<()> {
+        let ce = |m: String| Err(Error::Crypto(m));
+        if self.crypt_method > crypt::LUKS {
+            return ce(format!(
+                "Unsupported encryption method: {}",
+                self.crypt_method
+            ));
+        }
+        let ext = self.other_extensions.iter().find(|e| e.kind == ext::CRYPTO);
+        match ext {
+            Some(_) if self.crypt_method != crypt::LUKS => {
+                return ce(
+                    "CRYPTO header extension only expected with LUKS encryption method".into(),
+                )
+            }
+            Some(e) if e.data.len() != 16 => {
+                return ce(format!(
+                    "CRYPTO header extension size {}, but expected size 16",
+                    e.data.len()
+                ))
+            }
+            None if self.crypt_method == crypt::LUKS => {
+                return ce("Missing CRYPTO header for crypt method 2".into())
+            }
+            _ => {}
+        }
+        if let Some((off, len)) = self.crypto_area() {
+            if !off.is_multiple_of(cluster_size) {
+                return ce(format!(
+                    "Encryption header offset '{off}' is not a multiple of cluster size '{cluster_size}'"
+                ));
+            }
+            if off.checked_add(len).is_none_or(|e| e > MAX_OFFSET) || len > MAX_CRYPTO_AREA {
+                return ce(format!(
+                    "Encryption header at {off:#x}+{len:#x} is out of range"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn check_features(&self) -> Result<()> {
@@ -514,6 +572,14 @@ impl Header {
         if let Some(fmt) = &self.backing_format {
             push_ext(ext::BACKING_FORMAT, fmt.as_bytes());
         }
+        // QEMU's order: the encryption header pointer before the table.
+        for e in self
+            .other_extensions
+            .iter()
+            .filter(|e| e.kind == ext::CRYPTO)
+        {
+            push_ext(e.kind, &e.data);
+        }
         if !self.feature_names.is_empty() {
             let mut d = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
@@ -526,7 +592,11 @@ impl Header {
             }
             push_ext(ext::FEATURE_TABLE, &d);
         }
-        for e in &self.other_extensions {
+        for e in self
+            .other_extensions
+            .iter()
+            .filter(|e| e.kind != ext::CRYPTO)
+        {
             push_ext(e.kind, &e.data);
         }
         push_ext(ext::END, &[]);

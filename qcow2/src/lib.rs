@@ -24,12 +24,16 @@ pub(crate) mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod crypto;
+pub mod encrypt;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]
 pub mod fuzz_targets;
 pub mod header;
 pub mod image;
 pub mod l2;
+pub mod luks;
+pub mod luks_amend;
 pub mod open;
 pub(crate) mod overlap;
 pub mod qcow;
@@ -41,7 +45,7 @@ pub mod sync;
 
 pub use amend::Amend;
 pub use check::{CheckReport, Repair};
-pub use create::{create, CreateOptions, Preallocation};
+pub use create::{create, create_luks, CreateOptions, Preallocation};
 pub use error::{Error, Result};
 pub use header::{CompressionType, Header};
 pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};

@@ -28,6 +28,10 @@ pub struct OpenOptions {
     pub qcow2: Qcow2Options,
     /// Fault injection for the top image's file (qemu-img's blkdebug).
     pub faults: Option<Arc<dyn crate::storage::Faults>>,
+    /// Passwords of encrypted backing images, nearest first (QEMU's
+    /// `backing.encrypt.key-secret`, `backing.backing.encrypt...`); the
+    /// top image's is `qcow2.encrypt_key`.
+    pub backing_keys: Vec<Option<crate::encrypt::Secret>>,
 }
 
 /// The host file a filename names: QEMU's `file:` protocol prefix
@@ -119,7 +123,11 @@ fn open_at_depth(
             } else {
                 backing_of(&st, opts, depth, seen)?
             };
-            Ok(Arc::new(Qcow2::open(st, backing, opts.qcow2.clone())?))
+            let mut qopts = opts.qcow2.clone();
+            if depth > 0 {
+                qopts.encrypt_key = opts.backing_keys.get(depth - 1).cloned().flatten();
+            }
+            Ok(Arc::new(Qcow2::open(st, backing, qopts)?))
         }
     }
 }

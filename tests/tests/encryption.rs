@@ -1,0 +1,430 @@
+//! Encrypted qcow2 (LUKS and legacy AES) and LUKS images: rimg creates,
+//! QEMU reads and writes them (qemu-io with the key), and the reverse
+//! (QEMU creates and writes, the rimg engine reads and writes);
+//! `qemu-img check` with the key judges every image. Wrong passwords and
+//! hostile LUKS headers give errors, never panics or hours of PBKDF2.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use qcow2::encrypt::Secret;
+use qcow2::{Image, OpenOptions, Qcow2Options};
+use rimg_tests::{run, tempdir, workspace_bin};
+
+const PW: &str = "123456";
+const SECRET: &str = "secret,id=sec0,data=123456";
+
+fn ok(cmd: &str, args: &[&str]) -> String {
+    let o = run(cmd, args);
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn spec(img: &Path) -> String {
+    format!(
+        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+        img.display()
+    )
+}
+
+/// qemu-io with the key; panics unless every command succeeded.
+fn qio(img: &Path, cmds: &[&str]) -> String {
+    let s = spec(img);
+    let mut args = vec!["--object", SECRET, "--image-opts", &s];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    let out = ok("qemu-io", &args);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("failed:"),
+        "{out}"
+    );
+    out
+}
+
+fn qcheck(img: &Path) {
+    let s = spec(img);
+    ok(
+        "qemu-img",
+        &["check", "--object", SECRET, "--image-opts", &s],
+    );
+}
+
+fn rimg(args: &[&str]) -> String {
+    let bin = workspace_bin("rimg");
+    ok(bin.to_str().unwrap(), args)
+}
+
+fn open_rimg(img: &Path, pw: &str, writable: bool) -> qcow2::Result<std::sync::Arc<dyn Image>> {
+    qcow2::open(
+        img,
+        &OpenOptions {
+            writable,
+            qcow2: Qcow2Options {
+                encrypt_key: Some(Secret(pw.as_bytes().to_vec())),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+}
+
+fn create_rimg(img: &Path, opts: &str) {
+    rimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "--object",
+        SECRET,
+        "-o",
+        opts,
+        img.to_str().unwrap(),
+        "4M",
+    ]);
+}
+
+#[test]
+fn rimg_creates_luks_and_aes_images_qemu_reads_and_writes() {
+    let dir = tempdir();
+    for (name, opts) in [
+        (
+            "luks.qcow2",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        ),
+        (
+            "essiv.qcow2",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
+             encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,\
+             encrypt.hash-alg=sha1,cluster_size=4k",
+        ),
+        ("aes.qcow2", "encryption=on,encrypt.key-secret=sec0"),
+    ] {
+        let img = dir.path().join(name);
+        create_rimg(&img, opts);
+        qcheck(&img);
+        qio(
+            &img,
+            &[
+                "read -P 0 0 4M",
+                "write -P 0x5a 0 64k",
+                "write -P 0x11 100k 3000",
+            ],
+        );
+        qio(&img, &["read -P 0x5a 0 64k", "read -P 0x11 100k 3000"]);
+        // rimg reads what QEMU wrote, writes unaligned data QEMU reads.
+        let q = open_rimg(&img, PW, true).unwrap();
+        let mut b = vec![0u8; 65536];
+        q.read_at(&mut b, 0).unwrap();
+        assert!(b.iter().all(|&x| x == 0x5a), "{name}");
+        q.write_at(&[0x77; 1000], 70_001).unwrap();
+        q.write_at(&[0x66; 512], 512).unwrap();
+        // No host offset for encrypted data (as QEMU: map cannot show it).
+        assert_eq!(q.block_status(0, 512).unwrap().offset, None);
+        q.flush().unwrap();
+        drop(q);
+        qio(
+            &img,
+            &[
+                "read -P 0x77 70001 1000",
+                "read -P 0x66 512 512",
+                "read -P 0x5a 1024 63k",
+            ],
+        );
+        qcheck(&img);
+        // info as qemu-img's (minus the sizes that depend on the host).
+        let a = rimg(&["info", "--output=json", img.to_str().unwrap()]);
+        let b = ok(
+            "qemu-img",
+            &["info", "--output=json", img.to_str().unwrap()],
+        );
+        let strip = |s: &str| {
+            let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+            v.as_object_mut().unwrap().remove("actual-size");
+            v.as_object_mut().unwrap().remove("children");
+            v
+        };
+        assert_eq!(strip(&a), strip(&b), "{name}");
+    }
+}
+
+#[test]
+fn qemu_created_image_decrypts_and_converts_with_rimg() {
+    let dir = tempdir();
+    let img = dir.path().join("q.qcow2");
+    let i = img.to_str().unwrap();
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            SECRET,
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            i,
+            "4M",
+        ],
+    );
+    qio(&img, &["write -P 0x42 4096 8192"]);
+    let q = open_rimg(&img, PW, false).unwrap();
+    let mut all = vec![0u8; 4 << 20];
+    q.read_at(&mut all, 0).unwrap();
+    drop(q);
+    let raw = dir.path().join("want.raw");
+    std::fs::write(&raw, &all).unwrap();
+    assert!(all[4096..12288].iter().all(|&x| x == 0x42));
+    assert!(all[..4096].iter().all(|&x| x == 0));
+    // rimg convert encrypts a raw image; QEMU finds the same content.
+    let out = dir.path().join("conv.qcow2");
+    rimg(&[
+        "convert",
+        "--object",
+        SECRET,
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        raw.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    let r = format!("driver=raw,file.filename={}", raw.display());
+    let judge = |out: &Path| {
+        qcheck(out);
+        let info = ok(
+            "qemu-img",
+            &["info", "--output=json", out.to_str().unwrap()],
+        );
+        assert!(info.contains("\"encrypted\": true"), "{info}");
+        let s = spec(out);
+        ok(
+            "qemu-img",
+            &["compare", "--object", SECRET, "--image-opts", &s, &r],
+        );
+    };
+    judge(&out);
+    // Preallocated clusters of an encrypted image read as noise: convert
+    // must write the zeros (188).
+    let pre = dir.path().join("pre.qcow2");
+    rimg(&[
+        "convert",
+        "--object",
+        SECRET,
+        "-O",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,preallocation=metadata",
+        raw.to_str().unwrap(),
+        pre.to_str().unwrap(),
+    ]);
+    judge(&pre);
+    let o = run(
+        workspace_bin("rimg").to_str().unwrap(),
+        &[
+            "convert",
+            "-c",
+            "--object",
+            SECRET,
+            "-O",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            raw.to_str().unwrap(),
+            dir.path().join("c.qcow2").to_str().unwrap(),
+        ],
+    );
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("Compression and encryption not supported at the same time"));
+}
+
+#[test]
+fn wrong_password_and_missing_key_are_errors() {
+    let dir = tempdir();
+    let img = dir.path().join("w.qcow2");
+    create_rimg(
+        &img,
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    );
+    let e = open_rimg(&img, "nope", false).unwrap_err().to_string();
+    assert_eq!(e, "Invalid password, cannot unlock any keyslot");
+    let e = qcow2::open(&img, &OpenOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "Parameter 'encrypt.key-secret' is required for cipher");
+    // Without the key: info only; no data path.
+    let o = run(
+        workspace_bin("rimg").to_str().unwrap(),
+        &["check", img.to_str().unwrap()],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("key-secret"));
+}
+
+#[test]
+fn hostile_luks_headers_are_refused_quickly() {
+    let dir = tempdir();
+    let img = dir.path().join("h.qcow2");
+    create_rimg(
+        &img,
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    );
+    let q = qcow2::open(
+        &img,
+        &OpenOptions {
+            qcow2: Qcow2Options {
+                no_io: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let (area, _) = q.as_qcow2().unwrap().header().crypto_area().unwrap();
+    drop(q);
+    let orig = std::fs::read(&img).unwrap();
+    // (offset in the LUKS header, value): slot 0 iterations, slot 0
+    // stripes, key_bytes, payload offset, master key iterations.
+    for (at, v) in [
+        (208 + 4, u32::MAX),
+        (208 + 44, 1 << 30),
+        (108, 1 << 30),
+        (104, u32::MAX),
+        (104, 1),
+        (164, u32::MAX),
+    ] {
+        std::fs::write(&img, &orig).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.write_all_at(&v.to_be_bytes(), area + at).unwrap();
+        let t = Instant::now();
+        let r = open_rimg(&img, PW, false);
+        assert!(r.is_err(), "patch at {at} accepted");
+        assert!(t.elapsed() < Duration::from_secs(20), "patch at {at}");
+    }
+}
+
+/// 293's key slot management through the engine: add a password, erase
+/// the first by its password, refuse to erase the last; QEMU opens the
+/// image with exactly the passwords left.
+#[test]
+fn luks_key_slots_are_amended_as_qemu_amends_them() {
+    use qcow2::luks_amend::{amend_luks, LuksAmend};
+    let dir = tempdir();
+    let img = dir.path().join("k.qcow2");
+    create_rimg(
+        &img,
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    );
+    let amend = |pw: &str, a: LuksAmend| {
+        let i = open_rimg(&img, pw, true).unwrap();
+        let r = amend_luks(
+            i.as_qcow2().unwrap(),
+            &LuksAmend {
+                secret: Some(pw.as_bytes().to_vec()),
+                ..a
+            },
+        );
+        r.map_err(|e| e.to_string())
+    };
+    amend(
+        PW,
+        LuksAmend {
+            active: true,
+            keyslot: Some(4),
+            new_secret: Some(b"other".to_vec()),
+            iter_time_ms: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let e = amend(
+        PW,
+        LuksAmend {
+            active: true,
+            keyslot: Some(4),
+            new_secret: Some(b"x".to_vec()),
+            iter_time_ms: Some(10),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(
+        e,
+        "Refusing to overwrite active keyslot 4 - please erase it first"
+    );
+    // Erase slot 0 by its password; the other password still opens.
+    amend(
+        "other",
+        LuksAmend {
+            old_secret: Some(PW.as_bytes().to_vec()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let o = run(
+        "qemu-io",
+        &[
+            "--object",
+            SECRET,
+            "--image-opts",
+            &spec(&img),
+            "-c",
+            "read 0 512",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("Invalid password")
+            || String::from_utf8_lossy(&o.stderr).contains("Invalid password")
+    );
+    let other = "secret,id=sec0,data=other";
+    ok(
+        "qemu-io",
+        &[
+            "--object",
+            other,
+            "--image-opts",
+            &spec(&img),
+            "-c",
+            "read -P 0 0 512",
+        ],
+    );
+    ok(
+        "qemu-img",
+        &["check", "--object", other, "--image-opts", &spec(&img)],
+    );
+    let e = amend(
+        "other",
+        LuksAmend {
+            keyslot: Some(4),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.starts_with("Attempt to erase the only active keyslot 4"),
+        "{e}"
+    );
+}
+
+/// measure counts the LUKS header area as qemu-img does.
+#[test]
+fn measure_counts_the_luks_header() {
+    for o in [
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.cipher-alg=aes-128,cluster_size=4k",
+        "encryption=on,encrypt.key-secret=sec0",
+    ] {
+        let args = [
+            "measure", "-O", "qcow2", "--object", SECRET, "-o", o, "--size", "16M",
+        ];
+        assert_eq!(rimg(&args), ok("qemu-img", &args), "{o}");
+    }
+}
