@@ -48,6 +48,10 @@ pub struct Spec {
     pub node: Node,
     /// The name qemu-img shows for the image.
     pub name: String,
+    /// Secret ids of `encrypt.key-secret` for the image, then for its
+    /// backing images nearest first (`backing.encrypt.key-secret`,
+    /// `backing.backing.encrypt.key-secret`, ...).
+    pub keys: Vec<Option<String>>,
 }
 
 impl Spec {
@@ -160,6 +164,7 @@ pub fn parse_filename(name: &str) -> Result<Spec, CliError> {
     Ok(Spec {
         node: Node::Probe(Box::new(node)),
         name,
+        keys: Vec::new(),
     })
 }
 
@@ -254,7 +259,17 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         n => Node::Probe(Box::new(n)),
     };
     let name = plain_name(&node).unwrap_or_else(|| json_name(flat));
-    Ok(Spec { node, name })
+    let mut keys = Vec::new();
+    let mut prefix = String::new();
+    // As deep as the keys given go (each level is a longer key).
+    while flat.keys().any(|k| k.starts_with(&prefix)) {
+        keys.push(get_str(flat, &format!("{prefix}encrypt.key-secret")));
+        prefix.push_str("backing.");
+    }
+    while keys.last().is_some_and(Option::is_none) {
+        keys.pop();
+    }
+    Ok(Spec { node, name, keys })
 }
 
 /// Keys a node of each driver understands (the rest are refused, as
@@ -324,7 +339,14 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
                     "detect-zeroes",
                     "force-share",
                 ],
-                &["file", "cache", "data-file", "overlap-check"],
+                &[
+                    "file",
+                    "cache",
+                    "data-file",
+                    "overlap-check",
+                    "encrypt",
+                    "backing",
+                ],
             )?;
             let file = match child(flat, "file", depth)? {
                 Some(f) => f,
@@ -517,6 +539,15 @@ pub fn open_options(
     opts.no_backing |= spec.no_backing();
     if let Some(f) = spec.faults() {
         opts.faults = Some(f);
+    }
+    let secret = |id: &Option<String>| -> Result<_, CliError> {
+        id.as_deref()
+            .map(|id| crate::object::secret(id).map(qcow2::encrypt::Secret))
+            .transpose()
+    };
+    if let Some((top, backing)) = spec.keys.split_first() {
+        opts.qcow2.encrypt_key = secret(top)?;
+        opts.backing_keys = backing.iter().map(secret).collect::<Result<_, _>>()?;
     }
     Ok((path, opts))
 }
