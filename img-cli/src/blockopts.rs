@@ -258,7 +258,13 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         Node::Blkdebug { ref image, .. } if matches!(**image, Node::Format { .. }) => node,
         n => Node::Probe(Box::new(n)),
     };
-    let name = plain_name(&node).unwrap_or_else(|| json_name(flat));
+    // A key is one of qcow2's "strong" runtime options: with one, no
+    // plain filename says what was opened (QEMU's bdrv_refresh_filename).
+    let strong = flat.keys().any(|k| k.ends_with("encrypt.key-secret"));
+    let name = match plain_name(&node) {
+        Some(n) if !strong => n,
+        _ => json_name(flat),
+    };
     let mut keys = Vec::new();
     let mut prefix = String::new();
     // As deep as the keys given go (each level is a longer key).
@@ -540,10 +546,16 @@ pub fn open_options(
     if let Some(f) = spec.faults() {
         opts.faults = Some(f);
     }
+    // An open that reads no data (info) needs no key, and qemu-img does
+    // not look the secret up then.
+    let no_io = opts.qcow2.no_io;
     let secret = |id: &Option<String>| -> Result<_, CliError> {
-        id.as_deref()
-            .map(|id| crate::object::secret(id).map(qcow2::encrypt::Secret))
-            .transpose()
+        match id.as_deref().map(crate::object::secret) {
+            Some(Ok(k)) => Ok(Some(qcow2::encrypt::Secret(k))),
+            Some(Err(_)) if no_io => Ok(None),
+            Some(Err(e)) => Err(e),
+            None => Ok(None),
+        }
     };
     if let Some((top, backing)) = spec.keys.split_first() {
         opts.qcow2.encrypt_key = secret(top)?;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use clap::Args;
+use qcow2::encrypt::Secret;
 use qcow2::{ExtentKind, Format, Image, OpenOptions};
 
 use crate::progress::Progress;
@@ -37,17 +38,29 @@ pub struct CommitArgs {
     filename: String,
 }
 
-fn open_layer(layer: &Layer, writable: bool, no_backing: bool) -> Result<Arc<dyn Image>, CliError> {
+/// Opens the layer at `depth` in the chain (0: the top). `keys` are the
+/// chain's encryption keys, top first, as the top's options gave them.
+fn open_layer(
+    layer: &Layer,
+    writable: bool,
+    no_backing: bool,
+    keys: &[Option<Secret>],
+    depth: usize,
+) -> Result<Arc<dyn Image>, CliError> {
     let opts = OpenOptions {
         writable,
         format: layer.format,
         no_backing,
         ..Default::default()
     };
-    let (path, opts) = match layer.image_opts {
+    let (path, mut opts) = match layer.image_opts {
         true => crate::blockopts::open_options(&layer.name, true, opts)?,
         false => crate::blockopts::backing_options(Path::new(""), &layer.name, opts)?,
     };
+    if depth > 0 {
+        opts.qcow2.encrypt_key = keys.get(depth).cloned().flatten();
+        opts.backing_keys = keys.iter().skip(depth + 1).cloned().collect();
+    }
     qcow2::open(&path, &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))
 }
@@ -107,6 +120,17 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         ),
         None => None,
     };
+    // Each layer is opened on its own: the keys the top's options give
+    // for its backing chain go to each layer by depth.
+    let keys: Vec<Option<Secret>> = match a.image_opts {
+        true => {
+            let (_, o) = crate::blockopts::open_options(&a.filename, true, OpenOptions::default())?;
+            std::iter::once(o.qcow2.encrypt_key)
+                .chain(o.backing_keys)
+                .collect()
+        }
+        false => Vec::new(),
+    };
     let top = open_layer(
         &Layer {
             name: a.filename.clone(),
@@ -115,6 +139,8 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         },
         !a.keep,
         true,
+        &keys,
+        0,
     )?;
     // The layers above the base, top first, each opened on its own so that
     // the base can be opened for writing.
@@ -139,9 +165,10 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
         if layers.len() > qcow2::open::MAX_CHAIN_DEPTH {
             return Err(CliError::new("backing chain is too deep"));
         }
-        layers.push(open_layer(&next, false, true)?);
+        let depth = layers.len();
+        layers.push(open_layer(&next, false, true, &keys, depth)?);
     };
-    let base = open_layer(&base_layer, true, false)?;
+    let base = open_layer(&base_layer, true, false, &keys, layers.len())?;
     let size = layers[0].size();
     if base.size() < size {
         base.resize(size)?;
