@@ -233,7 +233,11 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                     return Err(CliError::new("extended_l2 (subclusters) is not supported"));
                 }
             }
-            (Format::Qcow2, "encryption" | "encrypt.format" | "data_file") => {
+            (Format::Qcow2, "data_file") => o.data_file = Some(v.clone()),
+            (Format::Qcow2, "data_file_raw") => {
+                o.data_file_raw = parse_bool(k, v).map_err(CliError::new)?
+            }
+            (Format::Qcow2, "encryption" | "encrypt.format") => {
                 return Err(CliError::new(format!("option '{k}' is not supported")));
             }
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
@@ -298,6 +302,12 @@ fn formatting_line(
             }
             if let Some(f) = &o.backing_format {
                 s += &format!(" backing_fmt={f}");
+            }
+            if let Some(d) = &o.data_file {
+                s += &format!(" data_file={d}");
+            }
+            if o.data_file_raw {
+                s += " data_file_raw=on";
             }
             if let Some(c) = compat {
                 s += &format!(" compat={c}");

@@ -82,6 +82,9 @@ struct Walk<'r> {
     /// Where the next data cluster would be if the image were not
     /// fragmented (active L1 only).
     next_contiguous: u64,
+    /// Data clusters live in an external data file: they have no
+    /// refcounts in the image file.
+    data_file: bool,
 }
 
 impl Walk<'_> {
@@ -184,7 +187,7 @@ impl Walk<'_> {
             st.read_at(l2buf, l2off)?;
             for (k, raw) in l2buf.chunks_exact(8).enumerate() {
                 let raw = u64::from_be_bytes(raw.try_into().unwrap());
-                let entry = L2Entry::decode(raw, g);
+                let entry = L2Entry::decode_in(raw, g, self.data_file);
                 match entry {
                     L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
                     L2Entry::Normal { host, .. }
@@ -198,6 +201,9 @@ impl Walk<'_> {
                                 self.report.fragmented_clusters += 1;
                             }
                             self.next_contiguous = host + cs;
+                        }
+                        if self.data_file {
+                            continue;
                         }
                         if host & (cs - 1) != 0 {
                             self.report.corruptions += 1;
@@ -224,6 +230,13 @@ impl Walk<'_> {
                                 self.bad.push(BadEntry::L2(l2off, k));
                             }
                         }
+                    }
+                    L2Entry::Compressed { .. } if self.data_file => {
+                        self.report.corruptions += 1;
+                        self.report.messages.push(format!(
+                            "ERROR compressed cluster {k} with data file, entry={raw:#x}"
+                        ));
+                        break;
                     }
                     L2Entry::Compressed {
                         offset, sectors, ..
@@ -273,6 +286,7 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         report,
         bad: Vec::new(),
         next_contiguous: 0,
+        data_file: ctx.header.has_data_file(),
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -482,6 +496,7 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         report: &mut rep,
         bad: Vec::new(),
         next_contiguous: 0,
+        data_file: ctx.header.has_data_file(),
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -665,7 +680,7 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
         let mut changed = false;
         for k in 0..(cs as usize / 8) {
             let raw = u64::from_be_bytes(l2buf[k * 8..k * 8 + 8].try_into().unwrap());
-            let host = match L2Entry::decode(raw, g) {
+            let host = match L2Entry::decode_in(raw, g, ctx.header.has_data_file()) {
                 L2Entry::Normal { host, .. }
                 | L2Entry::Zero {
                     host: Some(host), ..
@@ -675,7 +690,12 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
             if host & (cs - 1) != 0 {
                 continue;
             }
-            let rc = ctx.rc.get(st, host >> cb)?;
+            // Data file clusters are referenced once, by this entry.
+            let rc = if ctx.header.has_data_file() {
+                1
+            } else {
+                ctx.rc.get(st, host >> cb)?
+            };
             if (rc == 1) != (raw & COPIED != 0) {
                 errors += 1;
                 if fix {

@@ -53,6 +53,10 @@ pub struct CreateOptions {
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
     pub compression_type: CompressionType,
+    /// External data file name (stored as given; created or truncated).
+    pub data_file: Option<String>,
+    /// Keep the data file a raw image of the disk.
+    pub data_file_raw: bool,
 }
 
 impl Default for CreateOptions {
@@ -68,6 +72,8 @@ impl Default for CreateOptions {
             backing_file: None,
             backing_format: None,
             compression_type: CompressionType::Zlib,
+            data_file: None,
+            data_file_raw: false,
         }
     }
 }
@@ -105,6 +111,15 @@ impl CreateOptions {
             if self.compression_type != CompressionType::Zlib {
                 return inval("non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
+        }
+        if self.data_file_raw && self.data_file.is_none() {
+            return inval("data-file-raw requires data-file");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return inval("Backing file and data-file-raw cannot be used at the same time");
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return inval("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
         if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
             return inval("Backing file and preallocation can only be used at the same time if extended_l2 is on");
@@ -167,6 +182,23 @@ fn preallocate_range(st: &Storage, mode: Preallocation, off: u64, len: u64) -> R
 }
 
 fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
+    let mut o = o.clone();
+    if o.data_file_raw && o.preallocation == Preallocation::Off {
+        // A raw data file must read as the image does, so the tables map
+        // every cluster onto it from the start (as QEMU does).
+        o.preallocation = Preallocation::Metadata;
+    }
+    let o = &o;
+    if let Some(name) = &o.data_file {
+        // Created empty (or truncated), as qemu-img creates it.
+        let path = crate::open::resolve_backing(st.path(), name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| Error::Open { path, source })?;
+    }
     let cs = o.cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let refcount_order = o.refcount_bits.trailing_zeros();
@@ -206,6 +238,12 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
         },
         other_extensions: Vec::new(),
     };
+    if let Some(name) = &o.data_file {
+        h.set_data_file(Some(name));
+        if o.data_file_raw {
+            h.autoclear_features |= crate::header::autoclear::DATA_FILE_RAW;
+        }
+    }
     let first = h.encode()?;
     // Cluster 1: refcount table with one entry; cluster 2: its block,
     // counting clusters 0-2.
@@ -221,10 +259,13 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
     st.sync()?;
     let q = Qcow2::open(st, None, Qcow2Options::default())?;
     q.resize(o.size)?;
+    if o.data_file.is_some() {
+        q.data_storage().set_len(o.size)?;
+    }
     if o.preallocation != Preallocation::Off {
         q.preallocate_metadata()?;
         for (off, len) in q.data_extents()? {
-            preallocate_range(q.storage(), o.preallocation, off, len)?;
+            preallocate_range(q.data_storage(), o.preallocation, off, len)?;
         }
     }
     q.flush()

@@ -176,6 +176,50 @@ impl Header {
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
     }
+    /// The external data file name (qcow2.rst, "External data file name"
+    /// header extension), if the image has one.
+    pub fn data_file(&self) -> Option<String> {
+        self.other_extensions
+            .iter()
+            .find(|e| e.kind == ext::DATA_FILE)
+            .map(|e| {
+                let n = e.data.iter().position(|&c| c == 0).unwrap_or(e.data.len());
+                String::from_utf8_lossy(&e.data[..n]).into_owned()
+            })
+    }
+    /// Sets (or, with None, removes) the external data file: the name
+    /// extension and the incompatible bit 2 go together.
+    pub fn set_data_file(&mut self, name: Option<&str>) {
+        self.other_extensions.retain(|e| e.kind != ext::DATA_FILE);
+        match name {
+            Some(n) => {
+                self.other_extensions.insert(
+                    0,
+                    Extension {
+                        kind: ext::DATA_FILE,
+                        data: n.as_bytes().to_vec(),
+                    },
+                );
+                self.incompatible_features |= incompat::DATA_FILE;
+            }
+            None => {
+                self.incompatible_features &= !incompat::DATA_FILE;
+                self.autoclear_features &= !autoclear::DATA_FILE_RAW;
+            }
+        }
+    }
+    /// L2 entries carry subcluster bitmaps (incompatible bit 4).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTL2 != 0
+    }
+    /// Guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+    /// The data file is a raw image of the guest disk (autoclear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
     pub fn lazy_refcounts(&self) -> bool {
         self.compatible_features & compat::LAZY_REFCOUNTS != 0
     }
@@ -413,9 +457,6 @@ impl Header {
             }
             return Err(Error::UnsupportedFeature(names.join(", ")));
         }
-        if self.incompatible_features & incompat::DATA_FILE != 0 {
-            return Err(Error::UnsupportedFeature("external data file".into()));
-        }
         if self.incompatible_features & incompat::EXTL2 != 0 {
             return Err(Error::UnsupportedFeature(
                 "extended L2 entries (subclusters)".into(),
@@ -514,6 +555,14 @@ impl Header {
         if let Some(fmt) = &self.backing_format {
             push_ext(ext::BACKING_FORMAT, fmt.as_bytes());
         }
+        // The data file name comes next, where QEMU puts it.
+        for e in self
+            .other_extensions
+            .iter()
+            .filter(|e| e.kind == ext::DATA_FILE)
+        {
+            push_ext(e.kind, &e.data);
+        }
         if !self.feature_names.is_empty() {
             let mut d = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
@@ -526,7 +575,11 @@ impl Header {
             }
             push_ext(ext::FEATURE_TABLE, &d);
         }
-        for e in &self.other_extensions {
+        for e in self
+            .other_extensions
+            .iter()
+            .filter(|e| e.kind != ext::DATA_FILE)
+        {
             push_ext(e.kind, &e.data);
         }
         push_ext(ext::END, &[]);

@@ -24,6 +24,7 @@ pub(crate) mod cache;
 pub mod check;
 pub mod compress;
 pub mod create;
+pub mod datafile;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]
 pub mod fuzz_targets;

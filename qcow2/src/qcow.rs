@@ -58,6 +58,7 @@ use std::sync::Arc;
 use crate::cache::TableCache;
 use crate::compress;
 use crate::create::Preallocation;
+use crate::datafile::DataFile;
 use crate::error::{Error, Result};
 use crate::header::{field, incompat, Header};
 use crate::image::{Extent, ExtentKind, Format, Image};
@@ -221,6 +222,8 @@ pub struct Qcow2 {
     epochs: Mutex<Epochs>,
     alloc_done: Condvar,
     opts: Qcow2Options,
+    /// The external data file guest data lives in, if any.
+    data: Option<DataFile>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -250,6 +253,7 @@ impl Qcow2 {
             return Err(Error::MarkedCorrupt);
         }
         let cb = header.cluster_bits;
+        let data = DataFile::open_for(st.path(), &header, st.writable())?;
         let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
             &st,
@@ -293,6 +297,7 @@ impl Qcow2 {
             alloc_done: Condvar::new(),
             opts,
             st,
+            data,
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
@@ -316,11 +321,18 @@ impl Qcow2 {
             )?;
             self.st.sync()?;
         }
-        if m.header.version == 3 && m.header.autoclear_features != 0 {
-            m.header.autoclear_features = 0;
+        // The raw data file bit is kept: every write here keeps the data
+        // file a raw image of the disk (guest offset == host offset).
+        let keep = if self.data.is_some() {
+            m.header.autoclear_features & crate::header::autoclear::DATA_FILE_RAW
+        } else {
+            0
+        };
+        if m.header.version == 3 && m.header.autoclear_features != keep {
+            m.header.autoclear_features = keep;
             m.rc.overlap.write(
                 &self.st,
-                &0u64.to_be_bytes(),
+                &keep.to_be_bytes(),
                 field::AUTOCLEAR,
                 Allow::only(Kind::Header),
             )?;
@@ -337,6 +349,26 @@ impl Qcow2 {
 
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// The file guest data clusters live in: the external data file, or
+    /// the image file itself.
+    pub fn data_storage(&self) -> &Storage {
+        self.data.as_ref().map_or(&self.st, |d| &d.st)
+    }
+
+    /// The external data file's name as stored, if the image has one.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.data.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// Checks that guest data at host [off, off + len) lands on no
+    /// metadata: only possible when data shares the image file.
+    fn check_data_overlap(&self, m: &mut Meta, off: u64, len: u64) -> Result<()> {
+        if self.data.is_some() {
+            return Ok(());
+        }
+        m.rc.overlap.check(&self.st, off, len, Allow::NOTHING)
     }
     /// The header as it stands now (fields the engine moved, such as the
     /// refcount table, included).
@@ -537,7 +569,7 @@ impl Qcow2 {
     }
 
     fn decode(&self, raw: u64) -> Result<L2Entry> {
-        let e = L2Entry::decode(raw, self.geom);
+        let e = L2Entry::decode_in(raw, self.geom, self.data.is_some());
         match e {
             L2Entry::Normal { host, .. }
             | L2Entry::Zero {
@@ -644,6 +676,11 @@ impl Qcow2 {
         let L2Entry::Compressed { offset, len, .. } = e else {
             unreachable!("with_decompressed takes compressed entries")
         };
+        if self.data.is_some() {
+            return Err(Error::Corrupt(
+                "compressed cluster entry found in an image with an external data file".into(),
+            ));
+        }
         DECOMP.with(|d| {
             let (input, out) = &mut *d.borrow_mut();
             input.resize(len as usize, 0);
@@ -736,8 +773,7 @@ impl Qcow2 {
                 }
                 let bytes = ((n * cs - in_cl) as usize).min(len);
                 // The mapping may point at metadata (a corrupt image).
-                m.rc.overlap
-                    .check(&self.st, host + in_cl, bytes as u64, Allow::NOTHING)?;
+                self.check_data_overlap(m, host + in_cl, bytes as u64)?;
                 return Ok(WritePlan::InPlace {
                     host: host + in_cl,
                     len: bytes,
@@ -752,7 +788,7 @@ impl Qcow2 {
             copied: true,
         } = first_old
         {
-            m.rc.overlap.check(&self.st, h, cs, Allow::NOTHING)?;
+            self.check_data_overlap(m, h, cs)?;
             m.inflight.insert(gc);
             return Ok(WritePlan::Alloc(Alloc {
                 gc,
@@ -779,6 +815,22 @@ impl Qcow2 {
                 e => last_old = e,
             }
             n += 1;
+        }
+        if self.data.is_some() {
+            // Data clusters of a data file sit at the guest offset and
+            // have no refcounts (qcow2.rst, "External data file").
+            for k in 0..n {
+                m.inflight.insert(gc + k);
+            }
+            return Ok(WritePlan::Alloc(Alloc {
+                gc,
+                n,
+                host: gc << cb,
+                reuse: false,
+                fresh: false,
+                first_old,
+                last_old,
+            }));
         }
         let fresh_from = m.rc.end();
         let host = m.rc.alloc(&self.st, n)?;
@@ -852,7 +904,7 @@ impl Qcow2 {
                 out.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { host, .. } => self.st.read_at(out, host),
+            L2Entry::Normal { host, .. } => self.data_storage().read_at(out, host),
             L2Entry::Compressed { .. } => self.with_decompressed(old, |c| out.copy_from_slice(c)),
         }
     }
@@ -885,7 +937,8 @@ impl Qcow2 {
             let host = a.host + k * cs;
             if self.reads_zero(old) {
                 if !a.fresh {
-                    self.st.write_data_zeroes(host + from, to - from)?;
+                    self.data_storage()
+                        .write_data_zeroes(host + from, to - from)?;
                 }
                 continue;
             }
@@ -893,7 +946,7 @@ impl Qcow2 {
                 let mut bounce = b.borrow_mut();
                 bounce.resize(cs as usize, 0);
                 self.cow_source(a.gc + k, old, &mut bounce)?;
-                self.st
+                self.data_storage()
                     .write_data_at(&bounce[from as usize..to as usize], host + from)
             })?;
         }
@@ -903,7 +956,7 @@ impl Qcow2 {
     /// Gives back clusters of an allocation that was never committed (a
     /// failed `commit_alloc` set no entry, so nothing points at them).
     fn rollback_alloc(&self, m: &mut Meta, a: &Alloc) {
-        if !a.reuse {
+        if !a.reuse && self.data.is_none() {
             // Nothing points at the new clusters yet, so they can be freed
             // at once. On failure they stay allocated: a leak, not damage.
             let _ =
@@ -935,7 +988,8 @@ impl Qcow2 {
                 copied: true,
             };
             Self::l2_set(m, slot, idx, new.encode(self.geom));
-            if !a.reuse {
+            // Data file clusters have no refcounts (and stay where they are).
+            if !a.reuse && self.data.is_none() {
                 if let Some(r) = old.host_range(cs) {
                     self.queue_free(m, r);
                 }
@@ -1189,7 +1243,9 @@ impl Qcow2 {
             let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
-            let r = self.st.write_data_at(&buf[done..done + n], io.host);
+            let r = self
+                .data_storage()
+                .write_data_at(&buf[done..done + n], io.host);
             self.end_write(io, r.is_ok())?;
             r?;
             done += n;
@@ -1211,7 +1267,7 @@ impl Qcow2 {
     /// as `mapping` (any kind).
     pub fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
-            Mapping::Data(host) => self.st.read_at(buf, host),
+            Mapping::Data(host) => self.data_storage().read_at(buf, host),
             Mapping::Zero(_) => {
                 buf.fill(0);
                 Ok(())
@@ -1228,6 +1284,17 @@ impl Qcow2 {
     /// (`zero`) or deallocates them, dropping their host clusters.
     fn unmap_clusters(&self, gc: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
         let cs = self.cluster_size();
+        let mut keep_alloc = keep_alloc;
+        if let Some(d) = self.data.as_ref().filter(|d| d.raw) {
+            // The raw data file must read as the disk does: zeros go into
+            // it, and its clusters stay mapped.
+            if !zero {
+                return Ok(()); // Discard is advisory.
+            }
+            let end = ((gc + n) * cs).min(self.size());
+            d.st.write_zeroes(gc * cs, end - gc * cs)?;
+            keep_alloc = true;
+        }
         let l2n = 1u64 << self.l2_bits();
         let mut c = gc;
         while c < gc + n {
@@ -1273,7 +1340,14 @@ impl Qcow2 {
                 let kept = matches!(new, L2Entry::Zero { host: Some(_), .. });
                 if !kept {
                     if let Some(r) = old.host_range(cs) {
-                        self.queue_free(&mut m, r);
+                        match &self.data {
+                            None => self.queue_free(&mut m, r),
+                            // No refcounts there: only give the space back.
+                            Some(d) if self.opts.discard_passthrough => {
+                                d.st.punch_hole(r.0, r.1)?
+                            }
+                            Some(_) => {}
+                        }
                     }
                 }
             }
@@ -1345,6 +1419,9 @@ impl Qcow2 {
             }
         }
         self.st.sync()?;
+        if let Some(d) = &self.data {
+            d.st.sync()?;
+        }
         if !m.pending_free.is_empty() {
             // Only frees queued after every running I/O began: older I/O
             // may still read or write the cluster it mapped before.
@@ -1639,14 +1716,12 @@ impl Qcow2 {
         self.preallocate_metadata_range(head_end, new_size)?;
         if prealloc != Preallocation::Metadata {
             for (off, len) in self.data_extents_range(head_end, new_size)? {
-                self.lock()
-                    .rc
-                    .overlap
-                    .check(&self.st, off, len, Allow::NOTHING)?;
+                self.check_data_overlap(&mut self.lock(), off, len)?;
+                let st = self.data_storage();
                 match prealloc {
-                    Preallocation::Falloc => self.st.allocate(off, len)?,
+                    Preallocation::Falloc => st.allocate(off, len)?,
                     // Real zeros: full promises allocated blocks, not holes.
-                    _ => self.st.write_zeroes(off, len)?,
+                    _ => st.write_zeroes(off, len)?,
                 }
             }
         }
@@ -1672,21 +1747,29 @@ impl Qcow2 {
             let mut k = 0;
             while k < chunk {
                 let idx = ((gc + k) & (l2n - 1)) as usize;
-                if Self::l2_get(&m, slot, idx) & OFFSET_MASK != 0 {
+                let mapped = |m: &Meta, i: usize| {
+                    let raw = Self::l2_get(m, slot, i);
+                    raw & OFFSET_MASK != 0
+                        || self.data.is_some()
+                            && matches!(self.decode(raw), Ok(L2Entry::Normal { .. }))
+                };
+                if mapped(&m, idx) {
                     k += 1;
                     continue;
                 }
                 let mut run = 1;
-                while k + run < chunk
-                    && Self::l2_get(&m, slot, idx + run as usize) & OFFSET_MASK == 0
-                {
+                while k + run < chunk && !mapped(&m, idx + run as usize) {
                     run += 1;
                 }
                 // The refcount allocator does not touch the L2 cache, so
                 // `slot` stays valid.
                 let fresh_from = m.rc.end();
-                let host = m.rc.alloc(&self.st, run)?;
-                if host >> self.cluster_bits < fresh_from {
+                let host = if self.data.is_some() {
+                    (gc + k) * cs
+                } else {
+                    m.rc.alloc(&self.st, run)?
+                };
+                if self.data.is_none() && host >> self.cluster_bits < fresh_from {
                     // Reused clusters may hold old bytes: they must read
                     // as zeros before an L2 entry maps them.
                     m.rc.overlap
@@ -1784,6 +1867,11 @@ impl Qcow2 {
         }
         self.check_range(off, data.len() as u64)?;
         let cs = self.cluster_size();
+        if self.data.is_some() {
+            return Err(Error::InvalidArgument(
+                "compression is not supported with an external data file".into(),
+            ));
+        }
         if off & (cs - 1) != 0 || data.len() as u64 != cs.min(self.size() - off) {
             return Err(Error::InvalidArgument(
                 "compressed writes take whole clusters".into(),
