@@ -57,6 +57,8 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "lazy_refcounts" => am.lazy_refcounts = Some(parse_bool(k, v).map_err(CliError::new)?),
             "backing_file" => am.backing_file = Some((!v.is_empty()).then(|| v.clone())),
             "backing_fmt" => am.backing_format = Some((!v.is_empty()).then(|| v.clone())),
+            "data_file" => am.data_file = Some(v.clone()),
+            "data_file_raw" => am.data_file_raw = Some(parse_bool(k, v).map_err(CliError::new)?),
             "cluster_size" => {
                 return Err(CliError::new("Changing the cluster size is not supported"))
             }

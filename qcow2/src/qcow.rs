@@ -362,6 +362,18 @@ impl Qcow2 {
         self.data.as_ref().map(|d| d.name.as_str())
     }
 
+    /// Internal snapshots would share data clusters, which a data file
+    /// (one cluster per guest offset, no refcounts) cannot: QEMU refuses
+    /// them too.
+    fn refuse_snapshots_with_data_file(&self) -> Result<()> {
+        if self.data.is_some() {
+            return Err(Error::UnsupportedFeature(
+                "internal snapshots of an image with an external data file".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks that guest data at host [off, off + len) lands on no
     /// metadata: only possible when data shares the image file.
     fn check_data_overlap(&self, m: &mut Meta, off: u64, len: u64) -> Result<()> {
@@ -1497,7 +1509,9 @@ impl Qcow2 {
                 let clusters = (need as u64 * 8).div_ceil(cs);
                 let new_off = m.rc.alloc(&self.st, clusters)?;
                 m.rc.flush(&self.st)?;
-                let mut raw = vec![0u8; (need * 8).next_multiple_of(512)];
+                // Exactly the table, as QEMU writes it: a new image's file
+                // ends with its L1 table.
+                let mut raw = vec![0u8; need * 8];
                 for (k, e) in m.l1.iter().enumerate() {
                     raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
                 }
@@ -2432,6 +2446,7 @@ impl Qcow2 {
     /// Creates an internal snapshot of the current disk state.
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         if name.len() > u16::MAX as usize {
             return Err(Error::InvalidArgument("snapshot name is too long".into()));
         }
@@ -2501,6 +2516,7 @@ impl Qcow2 {
     /// Deletes an internal snapshot (by ID or name).
     pub fn snapshot_delete(&self, key: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         let m = self.lock();
         let mut m = self.quiesce(m);
         let Some((idx, sn)) = Snapshot::find(&m.snapshots, key).map(|(i, s)| (i, s.clone())) else {
@@ -2526,6 +2542,7 @@ impl Qcow2 {
     /// Reverts the disk to an internal snapshot (by ID or name).
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         let m = self.lock();
         let mut m = self.quiesce(m);
         let Some((_, sn)) = Snapshot::find(&m.snapshots, key).map(|(i, s)| (i, s.clone())) else {

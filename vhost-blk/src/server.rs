@@ -80,7 +80,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     // whose clusters map only in part, would be read wrongly there.
     if let Some(h) = img.as_qcow2().map(|q| q.header()) {
         if h.has_data_file() {
-            return Err(Error::Unsupported(cfg.image.clone(), "external data files are"));
+            return Err(Error::Unsupported(
+                cfg.image.clone(),
+                "external data files are",
+            ));
         }
         if h.extended_l2() {
             return Err(Error::Unsupported(
