@@ -229,9 +229,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
             (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
             (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
             (Format::Qcow2, "extended_l2") => {
-                if parse_bool(k, v).map_err(CliError::new)? {
-                    return Err(CliError::new("extended_l2 (subclusters) is not supported"));
-                }
+                o.extended_l2 = parse_bool(k, v).map_err(CliError::new)?;
             }
             (Format::Qcow2, "data_file") => o.data_file = Some(v.clone()),
             (Format::Qcow2, "data_file_raw") => {
@@ -289,7 +287,11 @@ fn formatting_line(
             }
         }
         Format::Qcow2 => {
-            s += &format!(" cluster_size={} extended_l2=off", o.cluster_size);
+            s += &format!(
+                " cluster_size={} extended_l2={}",
+                o.cluster_size,
+                if o.extended_l2 { "on" } else { "off" }
+            );
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");
             }

@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::header::{field, incompat};
 use crate::image::Image;
-use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK};
+use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow::{MetaCtx, Qcow2};
 use crate::refcount::entry_set;
 use crate::storage::Storage;
@@ -85,6 +85,8 @@ struct Walk<'r> {
     /// Data clusters live in an external data file: they have no
     /// refcounts in the image file.
     data_file: bool,
+    /// L2 entries are 16 bytes, with a subcluster bitmap.
+    extl2: bool,
 }
 
 impl Walk<'_> {
@@ -185,11 +187,28 @@ impl Walk<'_> {
                 continue;
             }
             st.read_at(l2buf, l2off)?;
-            for (k, raw) in l2buf.chunks_exact(8).enumerate() {
-                let raw = u64::from_be_bytes(raw.try_into().unwrap());
+            let stride = if self.extl2 { 16 } else { 8 };
+            for (k, raw) in l2buf.chunks_exact(stride).enumerate() {
+                // Extended L2 entries (qcow2.rst, "Extended L2 Entries"):
+                // a subcluster bitmap follows, and bit 0 is no zero flag.
+                let bitmap = if self.extl2 {
+                    u64::from_be_bytes(raw[8..16].try_into().unwrap())
+                } else {
+                    0
+                };
+                let raw = u64::from_be_bytes(raw[..8].try_into().unwrap());
+                let raw = if self.extl2 { raw & !ZERO } else { raw };
                 let entry = L2Entry::decode_in(raw, g, self.data_file);
                 match entry {
-                    L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+                    L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {
+                        if bitmap & 0xffff_ffff != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(
+                                "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                    .into(),
+                            );
+                        }
+                    }
                     L2Entry::Normal { host, .. }
                     | L2Entry::Zero {
                         host: Some(host), ..
@@ -201,6 +220,12 @@ impl Walk<'_> {
                                 self.report.fragmented_clusters += 1;
                             }
                             self.next_contiguous = host + cs;
+                        }
+                        if (bitmap >> 32) & bitmap != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                            ));
                         }
                         if self.data_file {
                             continue;
@@ -247,6 +272,13 @@ impl Walk<'_> {
                                 "ERROR: coffset={offset:#x}: Compressed cluster entry has QCOW_OFLAG_COPIED flag set"
                             ));
                         }
+                        if bitmap != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR compressed cluster {k} with non-zero subcluster allocation bitmap, entry={raw:#x}"
+                            ));
+                            continue;
+                        }
                         if !self.add(offset & !511, sectors * 512) {
                             if active {
                                 self.bad.push(BadEntry::L2(l2off, k));
@@ -287,6 +319,7 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         bad: Vec::new(),
         next_contiguous: 0,
         data_file: ctx.header.has_data_file(),
+        extl2: ctx.header.extended_l2(),
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -497,6 +530,7 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         bad: Vec::new(),
         next_contiguous: 0,
         data_file: ctx.header.has_data_file(),
+        extl2: ctx.header.extended_l2(),
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -678,8 +712,11 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
         }
         st.read_at(&mut l2buf, l2off)?;
         let mut changed = false;
-        for k in 0..(cs as usize / 8) {
-            let raw = u64::from_be_bytes(l2buf[k * 8..k * 8 + 8].try_into().unwrap());
+        let stride = if ctx.header.extended_l2() { 16 } else { 8 };
+        for k in 0..(cs as usize / stride) {
+            let at = k * stride;
+            let raw = u64::from_be_bytes(l2buf[at..at + 8].try_into().unwrap());
+            let raw = if stride == 16 { raw & !ZERO } else { raw };
             let host = match L2Entry::decode_in(raw, g, ctx.header.has_data_file()) {
                 L2Entry::Normal { host, .. }
                 | L2Entry::Zero {
@@ -699,8 +736,14 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
             if (rc == 1) != (raw & COPIED != 0) {
                 errors += 1;
                 if fix {
-                    let ne = if rc == 1 { raw | COPIED } else { raw & !COPIED };
-                    l2buf[k * 8..k * 8 + 8].copy_from_slice(&ne.to_be_bytes());
+                    // Bit 0 as it was (reserved with extended L2 entries).
+                    let orig = u64::from_be_bytes(l2buf[at..at + 8].try_into().unwrap());
+                    let ne = if rc == 1 {
+                        orig | COPIED
+                    } else {
+                        orig & !COPIED
+                    };
+                    l2buf[at..at + 8].copy_from_slice(&ne.to_be_bytes());
                     changed = true;
                     rep.messages.push(format!(
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"

@@ -57,6 +57,8 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// Keep the data file a raw image of the disk.
     pub data_file_raw: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -74,6 +76,7 @@ impl Default for CreateOptions {
             compression_type: CompressionType::Zlib,
             data_file: None,
             data_file_raw: false,
+            extended_l2: false,
         }
     }
 }
@@ -121,13 +124,26 @@ impl CreateOptions {
         if self.data_file.is_some() && self.version < 3 {
             return inval("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
         }
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+        if self.extended_l2 && self.version < 3 {
+            return inval("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if self.extended_l2 && cs < 16384 {
+            return inval(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
+        }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return inval("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return inval("backing format cannot be used without backing file");
         }
-        if self.size > Header::max_size(cs.trailing_zeros()) {
+        let cb = cs.trailing_zeros();
+        let l2_bits = cb - if self.extended_l2 { 4 } else { 3 };
+        if self.size > Header::max_size_with(cb, l2_bits) {
             return Err(Error::TooLarge(format!(
                 "virtual size {} for cluster size {cs}",
                 self.size
@@ -205,6 +221,9 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
     let mut incompatible = 0;
     if o.compression_type != CompressionType::Zlib {
         incompatible |= incompat::COMPRESSION;
+    }
+    if o.extended_l2 {
+        incompatible |= incompat::EXTL2;
     }
     let mut h = Header {
         version: o.version,

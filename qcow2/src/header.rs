@@ -229,9 +229,26 @@ impl Header {
     pub fn is_corrupt(&self) -> bool {
         self.incompatible_features & incompat::CORRUPT != 0
     }
-    /// Entries in one L2 table.
+    /// Entries in one L2 table: 8 bytes each, 16 with extended L2 entries
+    /// (qcow2.rst, "Extended L2 Entries").
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        1 << self.l2_bits()
+    }
+    /// log2 of the entries in one L2 table.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2() { 4 } else { 3 }
+    }
+    /// As [`l1_entries_for`](Self::l1_entries_for), for L2 tables of
+    /// 2^`l2_bits` entries.
+    pub fn l1_entries_with(cluster_bits: u32, l2_bits: u32, size: u64) -> u64 {
+        size.div_ceil(1u64 << (cluster_bits + l2_bits))
+    }
+    /// As [`max_size`](Self::max_size), for L2 tables of 2^`l2_bits`
+    /// entries.
+    pub fn max_size_with(cluster_bits: u32, l2_bits: u32) -> u64 {
+        (MAX_L1_BYTES / 8)
+            .saturating_mul(1u64 << (cluster_bits + l2_bits))
+            .min(MAX_OFFSET)
     }
     /// Minimum L1 entries to map `size` bytes.
     pub fn l1_entries_for(cluster_bits: u32, size: u64) -> u64 {
@@ -364,7 +381,7 @@ impl Header {
                 h.l1_size
             )));
         }
-        if (h.l1_size as u64) < Header::l1_entries_for(cluster_bits, h.size) {
+        if (h.l1_size as u64) < Header::l1_entries_with(cluster_bits, h.l2_bits(), h.size) {
             return Err(bad(format!(
                 "L1 table has {} entries, too few for virtual size {}",
                 h.l1_size, h.size
@@ -457,9 +474,9 @@ impl Header {
             }
             return Err(Error::UnsupportedFeature(names.join(", ")));
         }
-        if self.incompatible_features & incompat::EXTL2 != 0 {
-            return Err(Error::UnsupportedFeature(
-                "extended L2 entries (subclusters)".into(),
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
         Ok(())

@@ -69,6 +69,9 @@ use crate::snapshot::Snapshot;
 use crate::storage::Storage;
 use crate::sync::{AllocWaker, Condvar, Mutex, MutexGuard, Waiters};
 
+#[path = "subcluster.rs"]
+mod subcluster;
+
 /// Tunables for opening a qcow2 image.
 #[derive(Debug, Clone)]
 pub struct Qcow2Options {
@@ -107,6 +110,8 @@ impl Default for Qcow2Options {
 
 struct Meta {
     header: Header,
+    /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
+    l2_stride: usize,
     l1: Vec<u64>,
     /// Range of L1 indices changed since the last flush.
     l1_dirty: Option<(usize, usize)>,
@@ -191,6 +196,12 @@ struct Alloc {
     /// Old entries of the first and last cluster: copy-on-write sources.
     first_old: L2Entry,
     last_old: L2Entry,
+    /// Extended L2 entries: the subclusters [a, b) the write touches
+    /// (None: the whole cluster is copied), see [`subcluster`].
+    sub: Option<(u32, u32)>,
+    /// Extended L2 entries: whether the head and tail subclusters need
+    /// copy-on-write fill.
+    cow_ends: (bool, bool),
 }
 
 enum WritePlan {
@@ -224,6 +235,8 @@ pub struct Qcow2 {
     opts: Qcow2Options,
     /// The external data file guest data lives in, if any.
     data: Option<DataFile>,
+    /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
+    extl2: bool,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -267,6 +280,7 @@ impl Qcow2 {
         let (snapshots, snapshot_table_bytes, _) =
             Snapshot::read_table_repairing(&st, &header, opts.repair)?;
         let meta = Meta {
+            l2_stride: if header.extended_l2() { 16 } else { 8 },
             reserved_end: file_len,
             len_at_open: file_len,
             preallocated: Some(false),
@@ -298,6 +312,7 @@ impl Qcow2 {
             opts,
             st,
             data,
+            extl2: header.extended_l2(),
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
@@ -508,7 +523,7 @@ impl Qcow2 {
     }
 
     fn l2_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.cluster_bits - if self.extl2 { 4 } else { 3 }
     }
 
     // ----- metadata access (lock held) -----
@@ -553,11 +568,13 @@ impl Qcow2 {
 
     fn l2_get(m: &Meta, slot: usize, idx: usize) -> u64 {
         let d = m.l2.data(slot);
-        u64::from_be_bytes(d[idx * 8..idx * 8 + 8].try_into().unwrap())
+        let at = idx * m.l2_stride;
+        u64::from_be_bytes(d[at..at + 8].try_into().unwrap())
     }
 
     fn l2_set(m: &mut Meta, slot: usize, idx: usize, v: u64) {
-        m.l2.data_mut(slot)[idx * 8..idx * 8 + 8].copy_from_slice(&v.to_be_bytes());
+        let at = idx * m.l2_stride;
+        m.l2.data_mut(slot)[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
 
     /// Sets an active L1 entry (in memory; written at the next flush) and
@@ -581,6 +598,13 @@ impl Qcow2 {
     }
 
     fn decode(&self, raw: u64) -> Result<L2Entry> {
+        // Bit 0 is no zero flag with extended L2 entries: the bitmap
+        // says which subclusters read as zeros.
+        let raw = if self.extl2 {
+            raw & !crate::l2::ZERO
+        } else {
+            raw
+        };
         let e = L2Entry::decode_in(raw, self.geom, self.data.is_some());
         match e {
             L2Entry::Normal { host, .. }
@@ -611,6 +635,9 @@ impl Qcow2 {
     /// Maps the run of guest bytes starting at `off` (at most `len`) that
     /// share one kind of mapping in this layer.
     fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        if self.extl2 {
+            return self.map_run_ext(m, off, len);
+        }
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
@@ -761,6 +788,9 @@ impl Qcow2 {
     /// into clusters we own, or into newly allocated clusters. Called with
     /// the lock held and the first cluster not in flight.
     fn plan_write(&self, m: &mut Meta, pos: u64, len: usize) -> Result<WritePlan> {
+        if self.extl2 {
+            return self.plan_write_ext(m, pos, len);
+        }
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
@@ -810,6 +840,8 @@ impl Qcow2 {
                 fresh: false,
                 first_old,
                 last_old: first_old,
+                sub: None,
+                cow_ends: (true, true),
             }));
         }
         let mut n = 1;
@@ -842,6 +874,8 @@ impl Qcow2 {
                 fresh: false,
                 first_old,
                 last_old,
+                sub: None,
+                cow_ends: (true, true),
             }));
         }
         let fresh_from = m.rc.end();
@@ -861,6 +895,8 @@ impl Qcow2 {
             fresh,
             first_old,
             last_old,
+            sub: None,
+            cow_ends: (true, true),
         }))
     }
 
@@ -931,6 +967,9 @@ impl Qcow2 {
     /// guest write [pos, pos + len) does not cover: the head of the first
     /// cluster and the tail of the last, from what they read as before.
     fn cow_fill(&self, a: &Alloc, pos: u64, len: u64) -> Result<()> {
+        if self.extl2 {
+            return self.cow_fill_ext(a, pos, len);
+        }
         let cs = self.cluster_size();
         let in_cl = pos - (a.gc << self.cluster_bits);
         let end = in_cl + len; // relative to the first cluster
@@ -1000,6 +1039,9 @@ impl Qcow2 {
                 copied: true,
             };
             Self::l2_set(m, slot, idx, new.encode(self.geom));
+            if self.extl2 {
+                Self::commit_bitmap(m, slot, idx, a);
+            }
             // Data file clusters have no refcounts (and stay where they are).
             if !a.reuse && self.data.is_none() {
                 if let Some(r) = old.host_range(cs) {
@@ -1183,6 +1225,13 @@ impl Qcow2 {
             return;
         };
         let mut m = self.lock();
+        if a.reuse && self.extl2 {
+            // Our own cluster, with other subclusters' data: it cannot be
+            // unmapped, so the guest cluster stays in flight for good
+            // (writes to it wait) and the late write lands on nothing
+            // that is read.
+            return;
+        }
         if a.reuse {
             // The preallocated cluster stays allocated but is no longer
             // this guest cluster's: unmap it (zero without a host).
@@ -1324,6 +1373,21 @@ impl Qcow2 {
             for k in 0..chunk {
                 let idx = ((c + k) & (l2n - 1)) as usize;
                 let old = self.decode(Self::l2_get(&m, slot, idx))?;
+                if self.extl2 {
+                    let (new, bm) = Self::unmapped_ext(old, zero, keep_alloc);
+                    if new == old && bm == Self::l2_bitmap_get(&m, slot, idx) {
+                        continue;
+                    }
+                    Self::l2_set(&mut m, slot, idx, new.encode(self.geom));
+                    Self::l2_bitmap_set(&mut m, slot, idx, bm);
+                    if new == old {
+                        continue; // The host cluster is kept.
+                    }
+                    if let Some(r) = old.host_range(cs) {
+                        self.release_data(&mut m, r)?;
+                    }
+                    continue;
+                }
                 let new = match (zero, old) {
                     (true, L2Entry::Normal { host, copied: true }) if keep_alloc => L2Entry::Zero {
                         host: Some(host),
@@ -1352,19 +1416,23 @@ impl Qcow2 {
                 let kept = matches!(new, L2Entry::Zero { host: Some(_), .. });
                 if !kept {
                     if let Some(r) = old.host_range(cs) {
-                        match &self.data {
-                            None => self.queue_free(&mut m, r),
-                            // No refcounts there: only give the space back.
-                            Some(d) if self.opts.discard_passthrough => {
-                                d.st.punch_hole(r.0, r.1)?
-                            }
-                            Some(_) => {}
-                        }
+                        self.release_data(&mut m, r)?;
                     }
                 }
             }
             drop(m);
             c += chunk;
+        }
+        Ok(())
+    }
+
+    /// Drops the reference of an unmapped entry to its host range.
+    fn release_data(&self, m: &mut Meta, r: (u64, u64)) -> Result<()> {
+        match &self.data {
+            None => self.queue_free(m, r),
+            // No refcounts there: only give the space back.
+            Some(d) if self.opts.discard_passthrough => d.st.punch_hole(r.0, r.1)?,
+            Some(_) => {}
         }
         Ok(())
     }
@@ -1471,13 +1539,13 @@ impl Qcow2 {
     /// Grows the virtual size, growing the L1 table if needed.
     fn grow(&self, m: &mut Meta, new_size: u64) -> Result<()> {
         let cb = self.cluster_bits;
-        if new_size > Header::max_size(cb) {
+        if new_size > Header::max_size_with(cb, self.l2_bits()) {
             return Err(Error::TooLarge(format!(
                 "virtual size {new_size} for cluster size {}",
                 1u64 << cb
             )));
         }
-        let need = Header::l1_entries_for(cb, new_size) as usize;
+        let need = Header::l1_entries_with(cb, self.l2_bits(), new_size) as usize;
         if need > m.l1.len() {
             let cs = self.cluster_size();
             let have_bytes = (m.l1.len() as u64 * 8).next_multiple_of(cs);
@@ -1597,7 +1665,7 @@ impl Qcow2 {
         // The partial cluster at the new end keeps its data, as in QEMU
         // (which discards from the next cluster boundary on).
         let first = new_size.div_ceil(cs);
-        let keep_l1 = Header::l1_entries_for(self.cluster_bits, new_size);
+        let keep_l1 = Header::l1_entries_with(self.cluster_bits, self.l2_bits(), new_size);
         let partial_end = (keep_l1 * l2n).min(old_clusters);
         if first < partial_end {
             self.unmap_clusters(first, partial_end - first, false, false)?;
@@ -1936,6 +2004,10 @@ impl Qcow2 {
             // The table may have been evicted meanwhile: look it up again.
             let slot = self.l2_writable(&mut m, l1i)?;
             Self::l2_set(&mut m, slot, idx, e.encode(self.geom));
+            if self.extl2 {
+                // Compressed clusters have no subclusters.
+                Self::l2_bitmap_set(&mut m, slot, idx, 0);
+            }
             Ok::<(), Error>(())
         });
         let r = match r {
@@ -2209,7 +2281,8 @@ impl Qcow2 {
             }
             let slot = self.l2_slot(m, off)?;
             table.copy_from_slice(m.l2.data(slot));
-            for raw in table.chunks_exact(8) {
+            for raw in table.chunks_exact(m.l2_stride) {
+                let raw = &raw[..8];
                 let entry = self.decode(u64::from_be_bytes(raw.try_into().unwrap()))?;
                 if let Some((o, l)) = entry.host_range(cs) {
                     m.rc.update_range(&self.st, o, l, delta, |_| {})?;
