@@ -59,6 +59,9 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "backing_fmt" => am.backing_format = Some((!v.is_empty()).then(|| v.clone())),
             "data_file" => am.data_file = Some(v.clone()),
             "data_file_raw" => am.data_file_raw = Some(parse_bool(k, v).map_err(CliError::new)?),
+            "extended_l2" => return Err(CliError::new(
+                "Invalid parameter 'extended_l2'\nThis option is only supported for image creation",
+            )),
             "cluster_size" => {
                 return Err(CliError::new("Changing the cluster size is not supported"))
             }

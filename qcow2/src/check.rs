@@ -660,10 +660,19 @@ fn fix_entries(
                 ));
             }
             BadEntry::L2(table, k) => {
-                let at = table + k as u64 * 8;
+                let extl2 = ctx.header.extended_l2();
+                let at = table + k as u64 * if extl2 { 16 } else { 8 };
                 let mut raw = [0u8; 8];
                 st.read_at(&mut raw, at)?;
-                st.write_at(&replacement.to_be_bytes(), at)?;
+                if extl2 {
+                    // Unallocated, every subcluster reading as zeros
+                    // (qcow2.rst, "Extended L2 Entries").
+                    let mut e = [0u8; 16];
+                    e[8..].copy_from_slice(&(0xffff_ffffu64 << 32).to_be_bytes());
+                    st.write_at(&e, at)?;
+                } else {
+                    st.write_at(&replacement.to_be_bytes(), at)?;
+                }
                 rep.messages.push(format!(
                     "Repairing L2 entry {k} of table {table:#x} ({:#x}): it pointed at an invalid cluster; it now reads as {}",
                     u64::from_be_bytes(raw),

@@ -366,6 +366,12 @@ impl Qcow2 {
         1 << self.cluster_bits
     }
 
+    /// The allocation unit of guest data: the cluster, or with extended
+    /// L2 entries one of its 32 subclusters.
+    pub fn subcluster_size(&self) -> u64 {
+        self.cluster_size() >> if self.extl2 { 5 } else { 0 }
+    }
+
     /// The file guest data clusters live in: the external data file, or
     /// the image file itself.
     pub fn data_storage(&self) -> &Storage {
@@ -1795,7 +1801,11 @@ impl Qcow2 {
             let zeros = vec![0u8; (head_end - old) as usize];
             self.write_at(&zeros, old)?;
         }
-        self.preallocate_metadata_range(head_end, new_size)?;
+        let bitmap = match prealloc {
+            Preallocation::Metadata => subcluster::ALL_ZERO,
+            _ => subcluster::ALL_ALLOC,
+        };
+        self.preallocate_with(head_end, new_size, bitmap)?;
         if prealloc != Preallocation::Metadata {
             for (off, len) in self.data_extents_range(head_end, new_size)? {
                 self.check_data_overlap(&mut self.lock(), off, len)?;
@@ -1814,6 +1824,14 @@ impl Qcow2 {
     /// clusters touching guest bytes [from, to) only (resize of a
     /// preallocated image).
     pub fn preallocate_metadata_range(&self, from: u64, to: u64) -> Result<()> {
+        self.preallocate_with(from, to, 0)
+    }
+
+    /// Preallocation of [from, to) whose new extended L2 entries get
+    /// `bitmap`: 0 leaves the subclusters unallocated (the backing file
+    /// shows through, as after create), all-zero or all-allocated make
+    /// them read as zeros (the new area of a resize).
+    fn preallocate_with(&self, from: u64, to: u64, bitmap: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(from, to.saturating_sub(from))?;
         let cs = self.cluster_size();
@@ -1863,6 +1881,9 @@ impl Qcow2 {
                         copied: true,
                     };
                     Self::l2_set(&mut m, slot, idx + j as usize, e.encode(self.geom));
+                    if self.extl2 {
+                        Self::l2_bitmap_set(&mut m, slot, idx + j as usize, bitmap);
+                    }
                 }
                 k += run;
             }
