@@ -665,10 +665,14 @@ fn fix_entries(
                 let mut raw = [0u8; 8];
                 st.read_at(&mut raw, at)?;
                 if extl2 {
-                    // Unallocated, every subcluster reading as zeros
-                    // (qcow2.rst, "Extended L2 Entries").
+                    // Unallocated, subclusters that read as zeros still
+                    // doing so, the others reading from the backing file
+                    // (qcow2.rst, "Extended L2 Entries"), as QEMU repairs.
                     let mut e = [0u8; 16];
-                    e[8..].copy_from_slice(&(0xffff_ffffu64 << 32).to_be_bytes());
+                    st.read_at(&mut e, at)?;
+                    let bitmap = u64::from_be_bytes(e[8..].try_into().unwrap());
+                    e[..8].fill(0);
+                    e[8..].copy_from_slice(&(bitmap & (0xffff_ffffu64 << 32)).to_be_bytes());
                     st.write_at(&e, at)?;
                 } else {
                     st.write_at(&replacement.to_be_bytes(), at)?;
