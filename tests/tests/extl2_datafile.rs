@@ -285,3 +285,228 @@ fn amend_renames_the_data_file_and_clears_the_raw_bit() {
         .unwrap();
     assert!(!o.status.success());
 }
+
+/// The block daemon's io_uring path reads and writes the image file at
+/// mapped offsets: it refuses both kinds of images at start instead of
+/// serving wrong data.
+#[test]
+fn the_block_daemon_refuses_these_images_at_start() {
+    let dir = tempdir();
+    let ext = dir.path().join("e.qcow2");
+    let df = dir.path().join("d.qcow2");
+    ok(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        ext.to_str().unwrap(),
+        "1M",
+    ]));
+    ok(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", dir.path().join("d.data").display()),
+        df.to_str().unwrap(),
+        "1M",
+    ]));
+    for (img, what) in [(&ext, "extended L2"), (&df, "external data files")] {
+        let o = std::process::Command::new(rimg_tests::workspace_bin("rimg-vhost-blk"))
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .arg("--image")
+            .arg(img)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(what) && err.contains("not supported"), "{err}");
+    }
+}
+
+fn rimg(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(rimg_tests::workspace_bin("rimg"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `qemu-img map --output=json` without host offsets (allocation order
+/// may differ).
+fn map_shape(img: &Path) -> Vec<serde_json::Value> {
+    let o = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+    ok(o.clone());
+    let mut v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    for e in &mut v {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    v
+}
+
+#[test]
+fn rebase_allocates_only_the_differing_subclusters_as_qemu_img() {
+    let dir = tempdir();
+    let p = |n: &str| dir.path().join(n);
+    let opts = "cluster_size=1M,extended_l2=on";
+    ok(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        p("base").to_str().unwrap(),
+        "1M",
+    ]));
+    for (img, back) in [("mid", "base"), ("top", "mid")] {
+        ok(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            opts,
+            "-F",
+            "qcow2",
+            "-b",
+            p(back).to_str().unwrap(),
+            p(img).to_str().unwrap(),
+            "1M",
+        ]));
+    }
+    qemu_io(
+        &p("mid"),
+        &["write -P 0x11 32k 32k", "write -P 0x22 960k 32k"],
+    );
+    std::fs::copy(p("top"), p("top2")).unwrap();
+    let want = qemu_raw_content(&p("top"), &p("before.raw"));
+    ok(rimg(&[
+        "rebase",
+        "-F",
+        "qcow2",
+        "-b",
+        p("base").to_str().unwrap(),
+        p("top").to_str().unwrap(),
+    ]));
+    ok(qemu_img(&[
+        "rebase",
+        "-F",
+        "qcow2",
+        "-b",
+        p("base").to_str().unwrap(),
+        p("top2").to_str().unwrap(),
+    ]));
+    assert_qemu_check_clean(&p("top"));
+    assert_eq!(qemu_raw_content(&p("top"), &p("after.raw")), want);
+    assert_eq!(map_shape(&p("top")), map_shape(&p("top2")));
+}
+
+#[test]
+fn resize_with_preallocation_hides_the_backing_file_per_subcluster() {
+    let dir = tempdir();
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0xffu8; 1 << 20]).unwrap();
+    for mode in ["metadata", "falloc", "full"] {
+        let img = dir.path().join(format!("{mode}.qcow2"));
+        ok(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-F",
+            "raw",
+            "-b",
+            base.to_str().unwrap(),
+            img.to_str().unwrap(),
+            "503k",
+        ]));
+        ok(rimg(&[
+            "resize",
+            &format!("--preallocation={mode}"),
+            img.to_str().unwrap(),
+            "1013k",
+        ]));
+        assert_qemu_check_clean(&img);
+        qemu_io(&img, &["read -P 0xff 0 503k", "read -P 0 503k 510k"]);
+    }
+}
+
+#[test]
+fn measure_counts_extended_entries_as_qemu_img() {
+    for args in [
+        ["--size", "512M", "-O", "qcow2", "-o", "extended_l2=on"],
+        [
+            "--size",
+            "64G",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=16k,extended_l2=on",
+        ],
+        ["--size", "1025T", "-O", "qcow2", "-o", "extended_l2=on"],
+        [
+            "--size",
+            "1M",
+            "-O",
+            "qcow2",
+            "-o",
+            "extended_l2=on,cluster_size=8k",
+        ],
+    ] {
+        let a = rimg(&[&["measure"][..], &args[..]].concat());
+        let b = qemu_img(&[&["measure"][..], &args[..]].concat());
+        assert_eq!(a.status.code(), b.status.code(), "{args:?}");
+        assert_eq!(a.stdout, b.stdout, "{args:?}");
+        let strip = |e: &[u8]| {
+            let s = String::from_utf8_lossy(e).to_string();
+            s.split_once(": ").map(|x| x.1.to_string()).unwrap_or(s)
+        };
+        assert_eq!(strip(&a.stderr), strip(&b.stderr), "{args:?}");
+    }
+}
+
+#[test]
+fn check_finds_the_bitmap_errors_qemu_img_finds() {
+    let dir = tempdir();
+    let img = dir.path().join("c.qcow2");
+    ok(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        img.to_str().unwrap(),
+        "1M",
+    ]));
+    // Cluster #4 gets the L2 table; #1 (unallocated) gets an allocation
+    // bit, #4 both bits of subcluster 0.
+    qemu_io(&img, &["write -q 256k 1k"]);
+    let l2 = 0x40000u64;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&1u64.to_be_bytes(), l2 + 16 + 8).unwrap();
+    f.write_all_at(&((1u64 << 32) | 1).to_be_bytes(), l2 + 4 * 16 + 8)
+        .unwrap();
+    drop(f);
+    let a = rimg(&["check", img.to_str().unwrap()]);
+    let b = qemu_img(&["check", img.to_str().unwrap()]);
+    assert_eq!(a.status.code(), b.status.code());
+    let (ea, eb) = (
+        String::from_utf8_lossy(&a.stderr),
+        String::from_utf8_lossy(&b.stderr),
+    );
+    for msg in [
+        "ERROR: Unallocated cluster has non-zero subcluster allocation map",
+        "Allocated cluster has corrupted subcluster allocation bitmap",
+    ] {
+        assert!(eb.contains(msg), "qemu-img: {eb}");
+        assert!(ea.contains(msg), "rimg: {ea}");
+    }
+}
