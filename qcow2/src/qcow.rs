@@ -2247,6 +2247,16 @@ impl Image for Qcow2 {
         }
         self.grow(&mut m, new_size)?;
         drop(m);
+        if let Some(d) = &self.data {
+            // The data file covers the disk, as QEMU resizes it; a raw one
+            // keeps mapping every cluster (QEMU preallocates the metadata).
+            if d.st.len()? < new_size {
+                d.st.set_len(new_size)?;
+            }
+            if d.raw && new_size > old {
+                self.preallocate_metadata_range(old, new_size)?;
+            }
+        }
         if hide_backing {
             self.write_zeroes(old, new_size - old, false)?;
             self.flush()?;

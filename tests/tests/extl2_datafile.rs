@@ -510,3 +510,46 @@ fn check_finds_the_bitmap_errors_qemu_img_finds() {
         assert!(ea.contains(msg), "rimg: {ea}");
     }
 }
+
+#[test]
+fn resize_grows_the_data_file_and_keeps_a_raw_one_mapped() {
+    let dir = tempdir();
+    for raw in [false, true] {
+        let img = dir.path().join(format!("r{raw}.qcow2"));
+        let data = dir.path().join(format!("r{raw}.data"));
+        let o = format!(
+            "data_file={}{}",
+            data.display(),
+            if raw { ",data_file_raw=on" } else { "" }
+        );
+        ok(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &o,
+            img.to_str().unwrap(),
+            "1M",
+        ]));
+        ok(rimg(&["resize", img.to_str().unwrap(), "3M"]));
+        assert_eq!(std::fs::metadata(&data).unwrap().len(), 3 << 20);
+        assert_qemu_check_clean(&img);
+        qemu_io(&img, &["write -P 0x77 2500k 100k"]);
+        ok(rimg(&[
+            "compare",
+            img.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]));
+        if raw {
+            let d = std::fs::read(&data).unwrap();
+            assert!(d[2500 << 10..2600 << 10].iter().all(|&b| b == 0x77));
+            let m = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
+            let v: Vec<serde_json::Value> = serde_json::from_slice(&m.stdout).unwrap();
+            assert!(
+                v.iter().all(|e| e["data"] == true),
+                "every cluster mapped: {v:?}"
+            );
+        }
+    }
+}
