@@ -284,6 +284,17 @@ fn amend_renames_the_data_file_and_clears_the_raw_bit() {
         .output()
         .unwrap();
     assert!(!o.status.success());
+    let q = qemu_img(&[
+        "amend",
+        "-o",
+        "data_file_raw=on",
+        img_path.to_str().unwrap(),
+    ]);
+    let tail = |e: &[u8]| {
+        let s = String::from_utf8_lossy(e).to_string();
+        s.split_once(": ").map(|x| x.1.to_string()).unwrap_or(s)
+    };
+    assert_eq!(tail(&o.stderr), tail(&q.stderr));
 }
 
 /// The block daemon's io_uring path reads and writes the image file at
