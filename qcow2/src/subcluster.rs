@@ -81,8 +81,8 @@ impl Qcow2 {
         m.l2.data_mut(slot)[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
 
-    /// The subcluster at `idx`/`i` as a mapping of guest bytes at `in_cl`
-    /// into the cluster (None: the same kind continues a run of `prev`).
+    /// A subcluster of kind `k` in entry `e` as the mapping of the guest
+    /// bytes at `in_cl` into its cluster.
     fn sc_mapping(e: L2Entry, k: ScKind, in_cl: u64) -> Result<Mapping> {
         let host = match e {
             L2Entry::Normal { host, .. } => host + in_cl,
