@@ -63,6 +63,11 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "lazy_refcounts" => am.lazy_refcounts = Some(parse_bool(k, v).map_err(CliError::new)?),
             "backing_file" => am.backing_file = Some((!v.is_empty()).then(|| v.clone())),
             "backing_fmt" => am.backing_format = Some((!v.is_empty()).then(|| v.clone())),
+            "data_file" => am.data_file = Some(v.clone()),
+            "data_file_raw" => am.data_file_raw = Some(parse_bool(k, v).map_err(CliError::new)?),
+            "extended_l2" => return Err(CliError::new(
+                "Invalid parameter 'extended_l2'\nThis option is only supported for image creation",
+            )),
             "cluster_size" => {
                 return Err(CliError::new("Changing the cluster size is not supported"))
             }
@@ -113,8 +118,13 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
         ));
     }
-    q.amend(&am)
-        .map_err(|e| CliError::new(format!("Error while amending options: {e}")))?;
+    q.amend(&am).map_err(|e| match e {
+        // qemu-img prints the driver's reason as it is (a sentence,
+        // unless it starts with an option name).
+        qcow2::Error::InvalidArgument(m) if m.starts_with("data-file") => CliError::new(m),
+        qcow2::Error::InvalidArgument(m) => CliError::new(crate::common::sentence(&m)),
+        e => CliError::new(format!("Error while amending options: {e}")),
+    })?;
     Ok(0)
 }
 

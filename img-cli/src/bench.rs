@@ -269,6 +269,15 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
         e => CliError::new(format!("Could not open '{}': {e}", a.filename)),
     })?;
     img.storage().set_no_flush(p.cache.no_flush);
+    // The ring does guest data I/O on the image file at mapped offsets.
+    if let Some(h) = img.as_qcow2().map(|q| q.header()) {
+        if h.has_data_file() || h.extended_l2() {
+            return Err(CliError::new(format!(
+                "'{}': bench does not support external data files or extended L2 entries",
+                a.filename
+            )));
+        }
+    }
     // Data I/O with O_DIRECT goes through a descriptor of its own; the
     // engine keeps its metadata I/O on the buffered one.
     let direct = if p.cache.direct {

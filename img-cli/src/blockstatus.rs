@@ -89,7 +89,12 @@ impl Chain {
 
     /// File name of layer `depth` (0 = top), as opened.
     pub fn file_name(&self, depth: usize) -> String {
-        self.layers[depth].img.path().display().to_string()
+        let img = &self.layers[depth].img;
+        // Data of an image with an external data file is in that file.
+        match img.as_qcow2() {
+            Some(q) => q.data_storage().path().display().to_string(),
+            None => img.path().display().to_string(),
+        }
     }
 
     /// Status of one layer (bdrv_co_do_block_status): a prefix of

@@ -289,15 +289,14 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
             (Format::Qcow2, "backing_file") => o.backing_file = Some(v.clone()),
             (Format::Qcow2, "backing_fmt") => o.backing_format = Some(v.clone()),
             (Format::Qcow2, "extended_l2") => {
-                if parse_bool(k, v).map_err(CliError::new)? {
-                    return Err(CliError::new("extended_l2 (subclusters) is not supported"));
-                }
+                o.extended_l2 = parse_bool(k, v).map_err(CliError::new)?;
+            }
+            (Format::Qcow2, "data_file") => o.data_file = Some(v.clone()),
+            (Format::Qcow2, "data_file_raw") => {
+                o.data_file_raw = parse_bool(k, v).map_err(CliError::new)?
             }
             (Format::Qcow2, k) if k == "encryption" || k.starts_with("encrypt.") => {
                 encrypt.push((k.to_string(), v.clone()))
-            }
-            (Format::Qcow2, "data_file") => {
-                return Err(CliError::new(format!("option '{k}' is not supported")));
             }
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
@@ -358,7 +357,11 @@ fn formatting_line(
             }
         }
         Format::Qcow2 => {
-            s += &format!(" cluster_size={} extended_l2=off", o.cluster_size);
+            s += &format!(
+                " cluster_size={} extended_l2={}",
+                o.cluster_size,
+                if o.extended_l2 { "on" } else { "off" }
+            );
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");
             }
@@ -373,6 +376,12 @@ fn formatting_line(
             }
             if let Some(f) = &o.backing_format {
                 s += &format!(" backing_fmt={f}");
+            }
+            if let Some(d) = &o.data_file {
+                s += &format!(" data_file={d}");
+            }
+            if o.data_file_raw {
+                s += " data_file_raw=on";
             }
             if let Some(c) = compat {
                 s += &format!(" compat={c}");

@@ -258,12 +258,18 @@ fn to_json(i: &ImageInfo) -> Value {
             d.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+        if let Some(f) = h.data_file() {
+            d.insert("data-file".into(), json!(f));
+        }
+        if h.has_data_file() {
+            d.insert("data-file-raw".into(), json!(h.data_file_raw()));
+        }
         if let Some(e) = encrypt_json(h, i.luks.as_ref()) {
             d.insert("encrypt".into(), e);
         }
         if h.version == 3 {
             d.insert("corrupt".into(), json!(h.is_corrupt()));
-            d.insert("extended-l2".into(), json!(false));
+            d.insert("extended-l2".into(), json!(h.extended_l2()));
         }
         m.insert(
             "format-specific".into(),
@@ -380,12 +386,18 @@ fn to_human(i: &ImageInfo) -> String {
             s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
         }
         s += &format!("    refcount bits: {}\n", h.refcount_bits());
+        if let Some(f) = h.data_file() {
+            s += &format!("    data file: {f}\n");
+        }
+        if h.has_data_file() {
+            s += &format!("    data file raw: {}\n", h.data_file_raw());
+        }
         if let Some(e) = encrypt_json(h, i.luks.as_ref()) {
             human_value("encrypt", &e, 4, &mut s);
         }
         if h.version == 3 {
             s += &format!("    corrupt: {}\n", h.is_corrupt());
-            s += "    extended l2: false\n";
+            s += &format!("    extended l2: {}\n", h.extended_l2());
         }
     }
     s += "Child node '/file':\n";

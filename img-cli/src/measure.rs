@@ -55,12 +55,14 @@ fn refcount_metadata_size(clusters: u64, cs: u64, refcount_order: u32) -> u64 {
 
 /// Bytes of a fully allocated qcow2 image: header, L2 and L1 tables
 /// rounded to whole tables, refcount structures, data.
-fn prealloc_size(size: u64, cs: u64, refcount_order: u32) -> u64 {
+/// L2 entries are 16 bytes with extended L2 entries.
+fn prealloc_size(size: u64, cs: u64, refcount_order: u32, extl2: bool) -> u64 {
     let data = size.next_multiple_of(cs);
+    let l2e = if extl2 { 16 } else { 8 };
     let per_table = cs / 8;
-    let l2_entries = (data / cs).next_multiple_of(per_table);
-    let l1_entries = (l2_entries * 8 / cs).next_multiple_of(per_table);
-    let meta = cs + l2_entries * 8 + l1_entries * 8;
+    let l2_entries = (data / cs).next_multiple_of(cs / l2e);
+    let l1_entries = (l2_entries * l2e / cs).next_multiple_of(per_table);
+    let meta = cs + l2_entries * l2e + l1_entries * 8;
     meta + refcount_metadata_size((meta + data) / cs, cs, refcount_order) + data
 }
 
@@ -85,7 +87,11 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
         }
         _ => 0,
     };
-    o.validate().map_err(|e| CliError::new(e.to_string()))?;
+    o.validate().map_err(|e| match e {
+        // qemu-img words these as sentences of their own.
+        qcow2::Error::InvalidArgument(m) => CliError::new(crate::common::sentence(&m)),
+        e => CliError::new(e.to_string()),
+    })?;
     let input: Option<std::sync::Arc<dyn Image>> = match &a.filename {
         Some(f) => Some(
             crate::blockopts::open_image(
@@ -139,7 +145,19 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
             if matches!(o.preallocation, Preallocation::Falloc | Preallocation::Full) {
                 required = virtual_size;
             }
-            let full = prealloc_size(virtual_size, cs, o.refcount_bits.trailing_zeros());
+            let cb = cs.trailing_zeros();
+            let l2_bits = cb - if o.extended_l2 { 4 } else { 3 };
+            if size > qcow2::Header::max_size_with(cb, l2_bits) {
+                return Err(CliError::new(
+                    "The image size is too large (try using a larger cluster size)",
+                ));
+            }
+            let full = prealloc_size(
+                virtual_size,
+                cs,
+                o.refcount_bits.trailing_zeros(),
+                o.extended_l2,
+            );
             let bitmaps = o.version >= 3
                 && input
                     .as_ref()

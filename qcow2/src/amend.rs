@@ -18,6 +18,12 @@ pub struct Amend {
     /// [`Amend::backing_changes`].
     pub backing_file: Option<Option<String>>,
     pub backing_format: Option<Option<String>>,
+    /// New name of the external data file (only images that have one);
+    /// empty: drop the name from the header.
+    pub data_file: Option<String>,
+    /// Only clearing the raw bit is possible (QEMU's rule: an existing
+    /// data file is not known to be a raw image of the disk).
+    pub data_file_raw: Option<bool>,
 }
 
 impl Amend {
@@ -56,6 +62,21 @@ impl Qcow2 {
         // As QEMU: a downgrade drops lazy refcounts (the open made the
         // refcounts right if the image was dirty); only asking to turn them
         // on where they are off is refused for version 2.
+        if a.data_file.is_some() && !h.has_data_file() {
+            return Err(Error::InvalidArgument(
+                "data-file can only be set for images that use an external data file".into(),
+            ));
+        }
+        if a.data_file_raw == Some(true) && !h.data_file_raw() {
+            return Err(Error::InvalidArgument(
+                "data-file-raw cannot be set on existing images".into(),
+            ));
+        }
+        if version == 2 && h.version == 3 && h.has_data_file() {
+            return Err(Error::InvalidArgument(
+                "Cannot downgrade an image with a data file".into(),
+            ));
+        }
         let lazy = a.lazy_refcounts.unwrap_or(h.lazy_refcounts());
         if version == 2 && lazy && !h.lazy_refcounts() {
             return Err(Error::InvalidArgument(
@@ -109,6 +130,20 @@ impl Qcow2 {
                     n.header_length = crate::header::V3_HEADER_LEN_COMPRESSION as u32;
                     n.feature_names = Header::default_feature_names();
                 }
+            }
+            if a.data_file_raw == Some(false) {
+                n.autoclear_features &= !crate::header::autoclear::DATA_FILE_RAW;
+            }
+            match a.data_file.as_deref() {
+                Some("") => n
+                    .other_extensions
+                    .retain(|e| e.kind != crate::header::ext::DATA_FILE),
+                Some(name) => {
+                    let raw = n.autoclear_features & crate::header::autoclear::DATA_FILE_RAW;
+                    n.set_data_file(Some(name));
+                    n.autoclear_features |= raw;
+                }
+                None => {}
             }
             if version == 3 {
                 if lazy {

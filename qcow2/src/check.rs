@@ -5,7 +5,7 @@
 use crate::error::{Error, Result};
 use crate::header::{field, incompat};
 use crate::image::Image;
-use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK};
+use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow::{MetaCtx, Qcow2};
 use crate::refcount::entry_set;
 use crate::storage::Storage;
@@ -82,6 +82,11 @@ struct Walk<'r> {
     /// Where the next data cluster would be if the image were not
     /// fragmented (active L1 only).
     next_contiguous: u64,
+    /// Data clusters live in an external data file: they have no
+    /// refcounts in the image file.
+    data_file: bool,
+    /// L2 entries are 16 bytes, with a subcluster bitmap.
+    extl2: bool,
 }
 
 impl Walk<'_> {
@@ -182,11 +187,28 @@ impl Walk<'_> {
                 continue;
             }
             st.read_at(l2buf, l2off)?;
-            for (k, raw) in l2buf.chunks_exact(8).enumerate() {
-                let raw = u64::from_be_bytes(raw.try_into().unwrap());
-                let entry = L2Entry::decode(raw, g);
+            let stride = if self.extl2 { 16 } else { 8 };
+            for (k, raw) in l2buf.chunks_exact(stride).enumerate() {
+                // Extended L2 entries (qcow2.rst, "Extended L2 Entries"):
+                // a subcluster bitmap follows, and bit 0 is no zero flag.
+                let bitmap = if self.extl2 {
+                    u64::from_be_bytes(raw[8..16].try_into().unwrap())
+                } else {
+                    0
+                };
+                let raw = u64::from_be_bytes(raw[..8].try_into().unwrap());
+                let raw = if self.extl2 { raw & !ZERO } else { raw };
+                let entry = L2Entry::decode_in(raw, g, self.data_file);
                 match entry {
-                    L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {}
+                    L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {
+                        if bitmap & 0xffff_ffff != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(
+                                "ERROR: Unallocated cluster has non-zero subcluster allocation map"
+                                    .into(),
+                            );
+                        }
+                    }
                     L2Entry::Normal { host, .. }
                     | L2Entry::Zero {
                         host: Some(host), ..
@@ -198,6 +220,15 @@ impl Walk<'_> {
                                 self.report.fragmented_clusters += 1;
                             }
                             self.next_contiguous = host + cs;
+                        }
+                        if (bitmap >> 32) & bitmap != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap"
+                            ));
+                        }
+                        if self.data_file {
+                            continue;
                         }
                         if host & (cs - 1) != 0 {
                             self.report.corruptions += 1;
@@ -225,6 +256,13 @@ impl Walk<'_> {
                             }
                         }
                     }
+                    L2Entry::Compressed { .. } if self.data_file => {
+                        self.report.corruptions += 1;
+                        self.report.messages.push(format!(
+                            "ERROR compressed cluster {k} with data file, entry={raw:#x}"
+                        ));
+                        break;
+                    }
                     L2Entry::Compressed {
                         offset, sectors, ..
                     } => {
@@ -233,6 +271,13 @@ impl Walk<'_> {
                             self.report.messages.push(format!(
                                 "ERROR: coffset={offset:#x}: Compressed cluster entry has QCOW_OFLAG_COPIED flag set"
                             ));
+                        }
+                        if bitmap != 0 {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR compressed cluster {k} with non-zero subcluster allocation bitmap, entry={raw:#x}"
+                            ));
+                            continue;
                         }
                         if !self.add(offset & !511, sectors * 512) {
                             if active {
@@ -273,6 +318,8 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         report,
         bad: Vec::new(),
         next_contiguous: 0,
+        data_file: ctx.header.has_data_file(),
+        extl2: ctx.header.extended_l2(),
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -488,6 +535,8 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         report: &mut rep,
         bad: Vec::new(),
         next_contiguous: 0,
+        data_file: ctx.header.has_data_file(),
+        extl2: ctx.header.extended_l2(),
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -623,10 +672,23 @@ fn fix_entries(
                 ));
             }
             BadEntry::L2(table, k) => {
-                let at = table + k as u64 * 8;
+                let extl2 = ctx.header.extended_l2();
+                let at = table + k as u64 * if extl2 { 16 } else { 8 };
                 let mut raw = [0u8; 8];
                 st.read_at(&mut raw, at)?;
-                st.write_at(&replacement.to_be_bytes(), at)?;
+                if extl2 {
+                    // Unallocated, subclusters that read as zeros still
+                    // doing so, the others reading from the backing file
+                    // (qcow2.rst, "Extended L2 Entries"), as QEMU repairs.
+                    let mut e = [0u8; 16];
+                    st.read_at(&mut e, at)?;
+                    let bitmap = u64::from_be_bytes(e[8..].try_into().unwrap());
+                    e[..8].fill(0);
+                    e[8..].copy_from_slice(&(bitmap & (0xffff_ffffu64 << 32)).to_be_bytes());
+                    st.write_at(&e, at)?;
+                } else {
+                    st.write_at(&replacement.to_be_bytes(), at)?;
+                }
                 rep.messages.push(format!(
                     "Repairing L2 entry {k} of table {table:#x} ({:#x}): it pointed at an invalid cluster; it now reads as {}",
                     u64::from_be_bytes(raw),
@@ -675,9 +737,12 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
         }
         st.read_at(&mut l2buf, l2off)?;
         let mut changed = false;
-        for k in 0..(cs as usize / 8) {
-            let raw = u64::from_be_bytes(l2buf[k * 8..k * 8 + 8].try_into().unwrap());
-            let host = match L2Entry::decode(raw, g) {
+        let stride = if ctx.header.extended_l2() { 16 } else { 8 };
+        for k in 0..(cs as usize / stride) {
+            let at = k * stride;
+            let raw = u64::from_be_bytes(l2buf[at..at + 8].try_into().unwrap());
+            let raw = if stride == 16 { raw & !ZERO } else { raw };
+            let host = match L2Entry::decode_in(raw, g, ctx.header.has_data_file()) {
                 L2Entry::Normal { host, .. }
                 | L2Entry::Zero {
                     host: Some(host), ..
@@ -687,12 +752,23 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
             if host & (cs - 1) != 0 {
                 continue;
             }
-            let rc = ctx.rc.get(st, host >> cb)?;
+            // Data file clusters are referenced once, by this entry.
+            let rc = if ctx.header.has_data_file() {
+                1
+            } else {
+                ctx.rc.get(st, host >> cb)?
+            };
             if (rc == 1) != (raw & COPIED != 0) {
                 errors += 1;
                 if fix {
-                    let ne = if rc == 1 { raw | COPIED } else { raw & !COPIED };
-                    l2buf[k * 8..k * 8 + 8].copy_from_slice(&ne.to_be_bytes());
+                    // Bit 0 as it was (reserved with extended L2 entries).
+                    let orig = u64::from_be_bytes(l2buf[at..at + 8].try_into().unwrap());
+                    let ne = if rc == 1 {
+                        orig | COPIED
+                    } else {
+                        orig & !COPIED
+                    };
+                    l2buf[at..at + 8].copy_from_slice(&ne.to_be_bytes());
                     changed = true;
                     rep.messages.push(format!(
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"

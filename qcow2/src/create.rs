@@ -57,6 +57,12 @@ pub struct CreateOptions {
     pub compression_type: CompressionType,
     /// Encryption and its password.
     pub encrypt: Option<(EncryptFormat, Secret)>,
+    /// External data file name (stored as given; created or truncated).
+    pub data_file: Option<String>,
+    /// Keep the data file a raw image of the disk.
+    pub data_file_raw: bool,
+    /// Extended L2 entries (subclusters).
+    pub extended_l2: bool,
 }
 
 impl Default for CreateOptions {
@@ -73,6 +79,9 @@ impl Default for CreateOptions {
             backing_format: None,
             compression_type: CompressionType::Zlib,
             encrypt: None,
+            data_file: None,
+            data_file_raw: false,
+            extended_l2: false,
         }
     }
 }
@@ -89,6 +98,12 @@ impl CreateOptions {
                 return inval("preallocation mode 'metadata' is not supported for raw images");
             }
             return Ok(());
+        }
+        if self.encrypt.is_some() && (self.extended_l2 || self.data_file.is_some()) {
+            // The encrypted data paths know neither (see Qcow2::open).
+            return Err(Error::UnsupportedFeature(
+                "encryption with extended L2 entries or an external data file".into(),
+            ));
         }
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
@@ -111,13 +126,35 @@ impl CreateOptions {
                 return inval("non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)");
             }
         }
-        if self.backing_file.is_some() && self.preallocation != Preallocation::Off {
+        if self.data_file_raw && self.data_file.is_none() {
+            return inval("data-file-raw requires data-file");
+        }
+        if self.data_file_raw && self.backing_file.is_some() {
+            return inval("Backing file and data-file-raw cannot be used at the same time");
+        }
+        if self.data_file.is_some() && self.version < 3 {
+            return inval("External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if self.extended_l2 && self.version < 3 {
+            return inval("Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)");
+        }
+        if self.extended_l2 && cs < 16384 {
+            return inval(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
+            );
+        }
+        if self.backing_file.is_some()
+            && self.preallocation != Preallocation::Off
+            && !self.extended_l2
+        {
             return inval("Backing file and preallocation can only be used at the same time if extended_l2 is on");
         }
         if self.backing_format.is_some() && self.backing_file.is_none() {
             return inval("backing format cannot be used without backing file");
         }
-        if self.size > Header::max_size(cs.trailing_zeros()) {
+        let cb = cs.trailing_zeros();
+        let l2_bits = cb - if self.extended_l2 { 4 } else { 3 };
+        if self.size > Header::max_size_with(cb, l2_bits) {
             return Err(Error::TooLarge(format!(
                 "virtual size {} for cluster size {cs}",
                 self.size
@@ -172,12 +209,32 @@ fn preallocate_range(st: &Storage, mode: Preallocation, off: u64, len: u64) -> R
 }
 
 fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
+    let mut o = o.clone();
+    if o.data_file_raw && o.preallocation == Preallocation::Off {
+        // A raw data file must read as the image does, so the tables map
+        // every cluster onto it from the start (as QEMU does).
+        o.preallocation = Preallocation::Metadata;
+    }
+    let o = &o;
+    if let Some(name) = &o.data_file {
+        // Created empty (or truncated), as qemu-img creates it.
+        let path = crate::open::resolve_backing(st.path(), name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|source| Error::Open { path, source })?;
+    }
     let cs = o.cluster_size;
     let cluster_bits = cs.trailing_zeros();
     let refcount_order = o.refcount_bits.trailing_zeros();
     let mut incompatible = 0;
     if o.compression_type != CompressionType::Zlib {
         incompatible |= incompat::COMPRESSION;
+    }
+    if o.extended_l2 {
+        incompatible |= incompat::EXTL2;
     }
     let mut h = Header {
         version: o.version,
@@ -211,6 +268,12 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
         },
         other_extensions: Vec::new(),
     };
+    if let Some(name) = &o.data_file {
+        h.set_data_file(Some(name));
+        if o.data_file_raw {
+            h.autoclear_features |= crate::header::autoclear::DATA_FILE_RAW;
+        }
+    }
     let first = h.encode()?;
     // Cluster 1: refcount table with one entry; cluster 2: its block,
     // counting clusters 0-2.
@@ -226,10 +289,13 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
     st.sync()?;
     let q = Qcow2::open(st, None, Qcow2Options::default())?;
     q.resize(o.size)?;
+    if o.data_file.is_some() {
+        q.data_storage().set_len(o.size)?;
+    }
     if o.preallocation != Preallocation::Off {
         q.preallocate_metadata()?;
         for (off, len) in q.data_extents()? {
-            preallocate_range(q.storage(), o.preallocation, off, len)?;
+            preallocate_range(q.data_storage(), o.preallocation, off, len)?;
         }
     }
     // Encryption last, as QEMU sets it up: the LUKS area follows the

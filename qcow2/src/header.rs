@@ -187,6 +187,50 @@ impl Header {
     pub fn refcount_bits(&self) -> u32 {
         1 << self.refcount_order
     }
+    /// The external data file name (qcow2.rst, "External data file name"
+    /// header extension), if the image has one.
+    pub fn data_file(&self) -> Option<String> {
+        self.other_extensions
+            .iter()
+            .find(|e| e.kind == ext::DATA_FILE)
+            .map(|e| {
+                let n = e.data.iter().position(|&c| c == 0).unwrap_or(e.data.len());
+                String::from_utf8_lossy(&e.data[..n]).into_owned()
+            })
+    }
+    /// Sets (or, with None, removes) the external data file: the name
+    /// extension and the incompatible bit 2 go together.
+    pub fn set_data_file(&mut self, name: Option<&str>) {
+        self.other_extensions.retain(|e| e.kind != ext::DATA_FILE);
+        match name {
+            Some(n) => {
+                self.other_extensions.insert(
+                    0,
+                    Extension {
+                        kind: ext::DATA_FILE,
+                        data: n.as_bytes().to_vec(),
+                    },
+                );
+                self.incompatible_features |= incompat::DATA_FILE;
+            }
+            None => {
+                self.incompatible_features &= !incompat::DATA_FILE;
+                self.autoclear_features &= !autoclear::DATA_FILE_RAW;
+            }
+        }
+    }
+    /// L2 entries carry subcluster bitmaps (incompatible bit 4).
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & incompat::EXTL2 != 0
+    }
+    /// Guest data lives in an external data file (incompatible bit 2).
+    pub fn has_data_file(&self) -> bool {
+        self.incompatible_features & incompat::DATA_FILE != 0
+    }
+    /// The data file is a raw image of the guest disk (autoclear bit 1).
+    pub fn data_file_raw(&self) -> bool {
+        self.has_data_file() && self.autoclear_features & autoclear::DATA_FILE_RAW != 0
+    }
     pub fn lazy_refcounts(&self) -> bool {
         self.compatible_features & compat::LAZY_REFCOUNTS != 0
     }
@@ -196,9 +240,26 @@ impl Header {
     pub fn is_corrupt(&self) -> bool {
         self.incompatible_features & incompat::CORRUPT != 0
     }
-    /// Entries in one L2 table.
+    /// Entries in one L2 table: 8 bytes each, 16 with extended L2 entries
+    /// (qcow2.rst, "Extended L2 Entries").
     pub fn l2_entries(&self) -> u64 {
-        self.cluster_size() / 8
+        1 << self.l2_bits()
+    }
+    /// log2 of the entries in one L2 table.
+    pub fn l2_bits(&self) -> u32 {
+        self.cluster_bits - if self.extended_l2() { 4 } else { 3 }
+    }
+    /// As [`l1_entries_for`](Self::l1_entries_for), for L2 tables of
+    /// 2^`l2_bits` entries.
+    pub fn l1_entries_with(cluster_bits: u32, l2_bits: u32, size: u64) -> u64 {
+        size.div_ceil(1u64 << (cluster_bits + l2_bits))
+    }
+    /// As [`max_size`](Self::max_size), for L2 tables of 2^`l2_bits`
+    /// entries.
+    pub fn max_size_with(cluster_bits: u32, l2_bits: u32) -> u64 {
+        (MAX_L1_BYTES / 8)
+            .saturating_mul(1u64 << (cluster_bits + l2_bits))
+            .min(MAX_OFFSET)
     }
     /// Minimum L1 entries to map `size` bytes.
     pub fn l1_entries_for(cluster_bits: u32, size: u64) -> u64 {
@@ -326,7 +387,7 @@ impl Header {
                 h.l1_size
             )));
         }
-        if (h.l1_size as u64) < Header::l1_entries_for(cluster_bits, h.size) {
+        if (h.l1_size as u64) < Header::l1_entries_with(cluster_bits, h.l2_bits(), h.size) {
             return Err(bad(format!(
                 "L1 table has {} entries, too few for virtual size {}",
                 h.l1_size, h.size
@@ -471,12 +532,9 @@ impl Header {
             }
             return Err(Error::UnsupportedFeature(names.join(", ")));
         }
-        if self.incompatible_features & incompat::DATA_FILE != 0 {
-            return Err(Error::UnsupportedFeature("external data file".into()));
-        }
-        if self.incompatible_features & incompat::EXTL2 != 0 {
-            return Err(Error::UnsupportedFeature(
-                "extended L2 entries (subclusters)".into(),
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(bad(
+                "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes",
             ));
         }
         Ok(())
@@ -572,13 +630,12 @@ impl Header {
         if let Some(fmt) = &self.backing_format {
             push_ext(ext::BACKING_FORMAT, fmt.as_bytes());
         }
-        // QEMU's order: the encryption header pointer before the table.
-        for e in self
-            .other_extensions
-            .iter()
-            .filter(|e| e.kind == ext::CRYPTO)
-        {
-            push_ext(e.kind, &e.data);
+        // QEMU's order: the encryption header pointer, then the data
+        // file name, before the feature table.
+        for kind in [ext::CRYPTO, ext::DATA_FILE] {
+            for e in self.other_extensions.iter().filter(|e| e.kind == kind) {
+                push_ext(e.kind, &e.data);
+            }
         }
         if !self.feature_names.is_empty() {
             let mut d = Vec::with_capacity(self.feature_names.len() * 48);
@@ -595,7 +652,7 @@ impl Header {
         for e in self
             .other_extensions
             .iter()
-            .filter(|e| e.kind != ext::CRYPTO)
+            .filter(|e| e.kind != ext::CRYPTO && e.kind != ext::DATA_FILE)
         {
             push_ext(e.kind, &e.data);
         }

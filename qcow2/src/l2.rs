@@ -99,6 +99,21 @@ impl L2Entry {
         }
     }
 
+    /// As [`decode`](Self::decode), for an image whose data may be in an
+    /// external data file: there offset 0 is a valid data cluster, told
+    /// from an unallocated entry by its COPIED flag, which every data file
+    /// cluster has (qcow2.rst, "Cluster mapping", and QEMU's
+    /// qcow2_get_cluster_type).
+    pub fn decode_in(raw: u64, g: CompressedGeometry, data_file: bool) -> L2Entry {
+        if data_file && raw & (COMPRESSED | ZERO | OFFSET_MASK) == 0 && raw & COPIED != 0 {
+            return L2Entry::Normal {
+                host: 0,
+                copied: true,
+            };
+        }
+        Self::decode(raw, g)
+    }
+
     pub fn encode(self, g: CompressedGeometry) -> u64 {
         match self {
             L2Entry::Unallocated => 0,

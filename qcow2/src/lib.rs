@@ -25,6 +25,7 @@ pub mod check;
 pub mod compress;
 pub mod create;
 pub mod crypto;
+pub mod datafile;
 pub mod encrypt;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]

@@ -58,6 +58,7 @@ use std::sync::Arc;
 use crate::cache::TableCache;
 use crate::compress;
 use crate::create::Preallocation;
+use crate::datafile::DataFile;
 use crate::error::{Error, Result};
 use crate::header::{field, incompat, Header};
 use crate::image::{Extent, ExtentKind, Format, Image};
@@ -67,6 +68,9 @@ use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;
 use crate::sync::{AllocWaker, Condvar, Mutex, MutexGuard, Waiters};
+
+#[path = "subcluster.rs"]
+mod subcluster;
 
 /// Tunables for opening a qcow2 image.
 #[derive(Debug, Clone)]
@@ -113,6 +117,8 @@ impl Default for Qcow2Options {
 
 struct Meta {
     header: Header,
+    /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
+    l2_stride: usize,
     l1: Vec<u64>,
     /// Range of L1 indices changed since the last flush.
     l1_dirty: Option<(usize, usize)>,
@@ -197,6 +203,12 @@ struct Alloc {
     /// Old entries of the first and last cluster: copy-on-write sources.
     first_old: L2Entry,
     last_old: L2Entry,
+    /// Extended L2 entries: the subclusters [a, b) the write touches
+    /// (None: the whole cluster is copied), see [`subcluster`].
+    sub: Option<(u32, u32)>,
+    /// Extended L2 entries: whether the head and tail subclusters need
+    /// copy-on-write fill.
+    cow_ends: (bool, bool),
 }
 
 enum WritePlan {
@@ -232,6 +244,10 @@ pub struct Qcow2 {
     crypt_method: u32,
     /// The data cipher of an unlocked encrypted image.
     cipher: Option<crate::encrypt::DataCipher>,
+    /// The external data file guest data lives in, if any.
+    data: Option<DataFile>,
+    /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
+    extl2: bool,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -260,8 +276,19 @@ impl Qcow2 {
         if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
+        // The encrypted data paths know neither subclusters nor a data
+        // file: the combinations are refused rather than written in clear.
+        if header.crypt_method != 0
+            && (header.extended_l2() || header.has_data_file())
+            && !opts.no_io
+        {
+            return Err(Error::UnsupportedFeature(
+                "encryption with extended L2 entries or an external data file".into(),
+            ));
+        }
         let cipher = crate::encrypt::unlock(&st, &header, opts.encrypt_key.as_ref(), opts.no_io)?;
         let cb = header.cluster_bits;
+        let data = DataFile::open_for(st.path(), &header, st.writable())?;
         let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
             &st,
@@ -275,6 +302,7 @@ impl Qcow2 {
         let (snapshots, snapshot_table_bytes, _) =
             Snapshot::read_table_repairing(&st, &header, opts.repair)?;
         let meta = Meta {
+            l2_stride: if header.extended_l2() { 16 } else { 8 },
             reserved_end: file_len,
             len_at_open: file_len,
             preallocated: Some(false),
@@ -307,6 +335,8 @@ impl Qcow2 {
             st,
             crypt_method: header.crypt_method,
             cipher,
+            data,
+            extl2: header.extended_l2(),
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
@@ -330,11 +360,18 @@ impl Qcow2 {
             )?;
             self.st.sync()?;
         }
-        if m.header.version == 3 && m.header.autoclear_features != 0 {
-            m.header.autoclear_features = 0;
+        // The raw data file bit is kept: every write here keeps the data
+        // file a raw image of the disk (guest offset == host offset).
+        let keep = if self.data.is_some() {
+            m.header.autoclear_features & crate::header::autoclear::DATA_FILE_RAW
+        } else {
+            0
+        };
+        if m.header.version == 3 && m.header.autoclear_features != keep {
+            m.header.autoclear_features = keep;
             m.rc.overlap.write(
                 &self.st,
-                &0u64.to_be_bytes(),
+                &keep.to_be_bytes(),
                 field::AUTOCLEAR,
                 Allow::only(Kind::Header),
             )?;
@@ -351,6 +388,44 @@ impl Qcow2 {
 
     pub fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
+    }
+
+    /// The allocation unit of guest data: the cluster, or with extended
+    /// L2 entries one of its 32 subclusters.
+    pub fn subcluster_size(&self) -> u64 {
+        self.cluster_size() >> if self.extl2 { 5 } else { 0 }
+    }
+
+    /// The file guest data clusters live in: the external data file, or
+    /// the image file itself.
+    pub fn data_storage(&self) -> &Storage {
+        self.data.as_ref().map_or(&self.st, |d| &d.st)
+    }
+
+    /// The external data file's name as stored, if the image has one.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.data.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// Internal snapshots would share data clusters, which a data file
+    /// (one cluster per guest offset, no refcounts) cannot: QEMU refuses
+    /// them too.
+    fn refuse_snapshots_with_data_file(&self) -> Result<()> {
+        if self.data.is_some() {
+            return Err(Error::UnsupportedFeature(
+                "internal snapshots of an image with an external data file".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that guest data at host [off, off + len) lands on no
+    /// metadata: only possible when data shares the image file.
+    fn check_data_overlap(&self, m: &mut Meta, off: u64, len: u64) -> Result<()> {
+        if self.data.is_some() {
+            return Ok(());
+        }
+        m.rc.overlap.check(&self.st, off, len, Allow::NOTHING)
     }
     /// The header as it stands now (fields the engine moved, such as the
     /// refcount table, included).
@@ -478,7 +553,7 @@ impl Qcow2 {
     }
 
     fn l2_bits(&self) -> u32 {
-        self.cluster_bits - 3
+        self.cluster_bits - if self.extl2 { 4 } else { 3 }
     }
 
     // ----- metadata access (lock held) -----
@@ -523,11 +598,13 @@ impl Qcow2 {
 
     fn l2_get(m: &Meta, slot: usize, idx: usize) -> u64 {
         let d = m.l2.data(slot);
-        u64::from_be_bytes(d[idx * 8..idx * 8 + 8].try_into().unwrap())
+        let at = idx * m.l2_stride;
+        u64::from_be_bytes(d[at..at + 8].try_into().unwrap())
     }
 
     fn l2_set(m: &mut Meta, slot: usize, idx: usize, v: u64) {
-        m.l2.data_mut(slot)[idx * 8..idx * 8 + 8].copy_from_slice(&v.to_be_bytes());
+        let at = idx * m.l2_stride;
+        m.l2.data_mut(slot)[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
 
     /// Sets an active L1 entry (in memory; written at the next flush) and
@@ -551,7 +628,14 @@ impl Qcow2 {
     }
 
     fn decode(&self, raw: u64) -> Result<L2Entry> {
-        let e = L2Entry::decode(raw, self.geom);
+        // Bit 0 is no zero flag with extended L2 entries: the bitmap
+        // says which subclusters read as zeros.
+        let raw = if self.extl2 {
+            raw & !crate::l2::ZERO
+        } else {
+            raw
+        };
+        let e = L2Entry::decode_in(raw, self.geom, self.data.is_some());
         match e {
             L2Entry::Normal { host, .. }
             | L2Entry::Zero {
@@ -581,6 +665,9 @@ impl Qcow2 {
     /// Maps the run of guest bytes starting at `off` (at most `len`) that
     /// share one kind of mapping in this layer.
     fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        if self.extl2 {
+            return self.map_run_ext(m, off, len);
+        }
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
@@ -658,6 +745,11 @@ impl Qcow2 {
         let L2Entry::Compressed { offset, len, .. } = e else {
             unreachable!("with_decompressed takes compressed entries")
         };
+        if self.data.is_some() {
+            return Err(Error::Corrupt(
+                "compressed cluster entry found in an image with an external data file".into(),
+            ));
+        }
         DECOMP.with(|d| {
             let (input, out) = &mut *d.borrow_mut();
             input.resize(len as usize, 0);
@@ -726,6 +818,9 @@ impl Qcow2 {
     /// into clusters we own, or into newly allocated clusters. Called with
     /// the lock held and the first cluster not in flight.
     fn plan_write(&self, m: &mut Meta, pos: u64, len: usize) -> Result<WritePlan> {
+        if self.extl2 {
+            return self.plan_write_ext(m, pos, len);
+        }
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
@@ -750,8 +845,7 @@ impl Qcow2 {
                 }
                 let bytes = ((n * cs - in_cl) as usize).min(len);
                 // The mapping may point at metadata (a corrupt image).
-                m.rc.overlap
-                    .check(&self.st, host + in_cl, bytes as u64, Allow::NOTHING)?;
+                self.check_data_overlap(m, host + in_cl, bytes as u64)?;
                 return Ok(WritePlan::InPlace {
                     host: host + in_cl,
                     len: bytes,
@@ -766,7 +860,7 @@ impl Qcow2 {
             copied: true,
         } = first_old
         {
-            m.rc.overlap.check(&self.st, h, cs, Allow::NOTHING)?;
+            self.check_data_overlap(m, h, cs)?;
             m.inflight.insert(gc);
             return Ok(WritePlan::Alloc(Alloc {
                 gc,
@@ -776,6 +870,8 @@ impl Qcow2 {
                 fresh: false,
                 first_old,
                 last_old: first_old,
+                sub: None,
+                cow_ends: (true, true),
             }));
         }
         let mut n = 1;
@@ -794,6 +890,24 @@ impl Qcow2 {
             }
             n += 1;
         }
+        if self.data.is_some() {
+            // Data clusters of a data file sit at the guest offset and
+            // have no refcounts (qcow2.rst, "External data file").
+            for k in 0..n {
+                m.inflight.insert(gc + k);
+            }
+            return Ok(WritePlan::Alloc(Alloc {
+                gc,
+                n,
+                host: gc << cb,
+                reuse: false,
+                fresh: false,
+                first_old,
+                last_old,
+                sub: None,
+                cow_ends: (true, true),
+            }));
+        }
         let fresh_from = m.rc.end();
         let host = m.rc.alloc(&self.st, n)?;
         for k in 0..n {
@@ -811,6 +925,8 @@ impl Qcow2 {
             fresh,
             first_old,
             last_old,
+            sub: None,
+            cow_ends: (true, true),
         }))
     }
 
@@ -872,7 +988,7 @@ impl Qcow2 {
             }
             L2Entry::Normal { host, .. } => {
                 self.st.debug_event("read_aio");
-                self.st.read_at(out, host)
+                self.data_storage().read_at(out, host)
             }
             L2Entry::Compressed { .. } => self.with_decompressed(old, |c| out.copy_from_slice(c)),
         }
@@ -888,6 +1004,9 @@ impl Qcow2 {
     /// guest write [pos, pos + len) does not cover: the head of the first
     /// cluster and the tail of the last, from what they read as before.
     fn cow_fill(&self, a: &Alloc, pos: u64, len: u64) -> Result<()> {
+        if self.extl2 {
+            return self.cow_fill_ext(a, pos, len);
+        }
         let cs = self.cluster_size();
         let in_cl = pos - (a.gc << self.cluster_bits);
         let end = in_cl + len; // relative to the first cluster
@@ -917,13 +1036,14 @@ impl Qcow2 {
                     }
                     let part = &mut bounce[from as usize..to as usize];
                     c.encrypt(host + from, guest + from, part);
-                    self.st.write_data_at(part, host + from)
+                    self.data_storage().write_data_at(part, host + from)
                 })?;
                 continue;
             }
             if self.reads_zero(old) {
                 if !a.fresh {
-                    self.st.write_data_zeroes(host + from, to - from)?;
+                    self.data_storage()
+                        .write_data_zeroes(host + from, to - from)?;
                 }
                 continue;
             }
@@ -931,7 +1051,7 @@ impl Qcow2 {
                 let mut bounce = b.borrow_mut();
                 bounce.resize(cs as usize, 0);
                 self.cow_source(a.gc + k, old, &mut bounce)?;
-                self.st
+                self.data_storage()
                     .write_data_at(&bounce[from as usize..to as usize], host + from)
             })?;
         }
@@ -941,7 +1061,7 @@ impl Qcow2 {
     /// Gives back clusters of an allocation that was never committed (a
     /// failed `commit_alloc` set no entry, so nothing points at them).
     fn rollback_alloc(&self, m: &mut Meta, a: &Alloc) {
-        if !a.reuse {
+        if !a.reuse && self.data.is_none() {
             // Nothing points at the new clusters yet, so they can be freed
             // at once. On failure they stay allocated: a leak, not damage.
             let _ =
@@ -973,7 +1093,11 @@ impl Qcow2 {
                 copied: true,
             };
             Self::l2_set(m, slot, idx, new.encode(self.geom));
-            if !a.reuse {
+            if self.extl2 {
+                Self::commit_bitmap(m, slot, idx, a);
+            }
+            // Data file clusters have no refcounts (and stay where they are).
+            if !a.reuse && self.data.is_none() {
                 if let Some(r) = old.host_range(cs) {
                     self.queue_free(m, r);
                 }
@@ -1157,6 +1281,13 @@ impl Qcow2 {
             return;
         };
         let mut m = self.lock();
+        if a.reuse && self.extl2 {
+            // Our own cluster, with other subclusters' data: it cannot be
+            // unmapped, so the guest cluster stays in flight for good
+            // (writes to it wait) and the late write lands on nothing
+            // that is read.
+            return;
+        }
         if a.reuse {
             // The preallocated cluster stays allocated but is no longer
             // this guest cluster's: unmap it (zero without a host).
@@ -1234,7 +1365,9 @@ impl Qcow2 {
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
             self.st.debug_event("write_aio");
-            let r = self.st.write_data_at(&buf[done..done + n], io.host);
+            let r = self
+                .data_storage()
+                .write_data_at(&buf[done..done + n], io.host);
             self.end_write(io, r.is_ok())?;
             r?;
             done += n;
@@ -1273,7 +1406,7 @@ impl Qcow2 {
             let n = io.len;
             let chunk = &mut plain[done..done + n];
             c.encrypt(io.host, pos, chunk);
-            let r = self.st.write_data_at(chunk, io.host);
+            let r = self.data_storage().write_data_at(chunk, io.host);
             self.end_write(io, r.is_ok())?;
             r?;
             done += n;
@@ -1302,7 +1435,7 @@ impl Qcow2 {
             }
             Mapping::Data(host) => {
                 self.st.debug_event("read_aio");
-                self.st.read_at(buf, host)
+                self.data_storage().read_at(buf, host)
             }
             Mapping::Zero(_) => {
                 buf.fill(0);
@@ -1320,6 +1453,17 @@ impl Qcow2 {
     /// (`zero`) or deallocates them, dropping their host clusters.
     fn unmap_clusters(&self, gc: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
         let cs = self.cluster_size();
+        let mut keep_alloc = keep_alloc;
+        if let Some(d) = self.data.as_ref().filter(|d| d.raw) {
+            // The raw data file must read as the disk does: zeros go into
+            // it, and its clusters stay mapped.
+            if !zero {
+                return Ok(()); // Discard is advisory.
+            }
+            let end = ((gc + n) * cs).min(self.size());
+            d.st.write_zeroes(gc * cs, end - gc * cs)?;
+            keep_alloc = true;
+        }
         let l2n = 1u64 << self.l2_bits();
         let mut c = gc;
         while c < gc + n {
@@ -1337,6 +1481,21 @@ impl Qcow2 {
             for k in 0..chunk {
                 let idx = ((c + k) & (l2n - 1)) as usize;
                 let old = self.decode(Self::l2_get(&m, slot, idx))?;
+                if self.extl2 {
+                    let (new, bm) = Self::unmapped_ext(old, zero, keep_alloc);
+                    if new == old && bm == Self::l2_bitmap_get(&m, slot, idx) {
+                        continue;
+                    }
+                    Self::l2_set(&mut m, slot, idx, new.encode(self.geom));
+                    Self::l2_bitmap_set(&mut m, slot, idx, bm);
+                    if new == old {
+                        continue; // The host cluster is kept.
+                    }
+                    if let Some(r) = old.host_range(cs) {
+                        self.release_data(&mut m, r)?;
+                    }
+                    continue;
+                }
                 let new = match (zero, old) {
                     (true, L2Entry::Normal { host, copied: true }) if keep_alloc => L2Entry::Zero {
                         host: Some(host),
@@ -1365,12 +1524,23 @@ impl Qcow2 {
                 let kept = matches!(new, L2Entry::Zero { host: Some(_), .. });
                 if !kept {
                     if let Some(r) = old.host_range(cs) {
-                        self.queue_free(&mut m, r);
+                        self.release_data(&mut m, r)?;
                     }
                 }
             }
             drop(m);
             c += chunk;
+        }
+        Ok(())
+    }
+
+    /// Drops the reference of an unmapped entry to its host range.
+    fn release_data(&self, m: &mut Meta, r: (u64, u64)) -> Result<()> {
+        match &self.data {
+            None => self.queue_free(m, r),
+            // No refcounts there: only give the space back.
+            Some(d) if self.opts.discard_passthrough => d.st.punch_hole(r.0, r.1)?,
+            Some(_) => {}
         }
         Ok(())
     }
@@ -1406,7 +1576,7 @@ impl Qcow2 {
         let skip = host % crate::crypto::SECTOR;
         let len = (skip + buf.len() as u64).next_multiple_of(crate::crypto::SECTOR);
         let mut tmp = vec![0u8; len as usize];
-        self.st.read_at(&mut tmp, host - skip)?;
+        self.data_storage().read_at(&mut tmp, host - skip)?;
         c.decrypt(host - skip, off - skip, &mut tmp);
         buf.copy_from_slice(&tmp[skip as usize..skip as usize + buf.len()]);
         Ok(())
@@ -1499,6 +1669,9 @@ impl Qcow2 {
             }
         }
         self.st.sync()?;
+        if let Some(d) = &self.data {
+            d.st.sync()?;
+        }
         if !m.pending_free.is_empty() {
             // Only frees queued after every running I/O began: older I/O
             // may still read or write the cluster it mapped before.
@@ -1536,13 +1709,13 @@ impl Qcow2 {
     /// Grows the virtual size, growing the L1 table if needed.
     fn grow(&self, m: &mut Meta, new_size: u64) -> Result<()> {
         let cb = self.cluster_bits;
-        if new_size > Header::max_size(cb) {
+        if new_size > Header::max_size_with(cb, self.l2_bits()) {
             return Err(Error::TooLarge(format!(
                 "virtual size {new_size} for cluster size {}",
                 1u64 << cb
             )));
         }
-        let need = Header::l1_entries_for(cb, new_size) as usize;
+        let need = Header::l1_entries_with(cb, self.l2_bits(), new_size) as usize;
         if need > m.l1.len() {
             let cs = self.cluster_size();
             let have_bytes = (m.l1.len() as u64 * 8).next_multiple_of(cs);
@@ -1574,7 +1747,9 @@ impl Qcow2 {
                 let clusters = (need as u64 * 8).div_ceil(cs);
                 let new_off = m.rc.alloc(&self.st, clusters)?;
                 m.rc.flush(&self.st)?;
-                let mut raw = vec![0u8; (need * 8).next_multiple_of(512)];
+                // Exactly the table, as QEMU writes it: a new image's file
+                // ends with its L1 table.
+                let mut raw = vec![0u8; need * 8];
                 for (k, e) in m.l1.iter().enumerate() {
                     raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
                 }
@@ -1660,7 +1835,7 @@ impl Qcow2 {
         // The partial cluster at the new end keeps its data, as in QEMU
         // (which discards from the next cluster boundary on).
         let first = new_size.div_ceil(cs);
-        let keep_l1 = Header::l1_entries_for(self.cluster_bits, new_size);
+        let keep_l1 = Header::l1_entries_with(self.cluster_bits, self.l2_bits(), new_size);
         let partial_end = (keep_l1 * l2n).min(old_clusters);
         if first < partial_end {
             self.unmap_clusters(first, partial_end - first, false, false)?;
@@ -1790,17 +1965,19 @@ impl Qcow2 {
             let zeros = vec![0u8; (head_end - old) as usize];
             self.write_at(&zeros, old)?;
         }
-        self.preallocate_metadata_range(head_end, new_size)?;
+        let bitmap = match prealloc {
+            Preallocation::Metadata => subcluster::ALL_ZERO,
+            _ => subcluster::ALL_ALLOC,
+        };
+        self.preallocate_with(head_end, new_size, bitmap)?;
         if prealloc != Preallocation::Metadata {
             for (off, len) in self.data_extents_range(head_end, new_size)? {
-                self.lock()
-                    .rc
-                    .overlap
-                    .check(&self.st, off, len, Allow::NOTHING)?;
+                self.check_data_overlap(&mut self.lock(), off, len)?;
+                let st = self.data_storage();
                 match prealloc {
-                    Preallocation::Falloc => self.st.allocate(off, len)?,
+                    Preallocation::Falloc => st.allocate(off, len)?,
                     // Real zeros: full promises allocated blocks, not holes.
-                    _ => self.st.write_zeroes(off, len)?,
+                    _ => st.write_zeroes(off, len)?,
                 }
             }
         }
@@ -1811,6 +1988,14 @@ impl Qcow2 {
     /// clusters touching guest bytes [from, to) only (resize of a
     /// preallocated image).
     pub fn preallocate_metadata_range(&self, from: u64, to: u64) -> Result<()> {
+        self.preallocate_with(from, to, 0)
+    }
+
+    /// Preallocation of [from, to) whose new extended L2 entries get
+    /// `bitmap`: 0 leaves the subclusters unallocated (the backing file
+    /// shows through, as after create), all-zero or all-allocated make
+    /// them read as zeros (the new area of a resize).
+    fn preallocate_with(&self, from: u64, to: u64, bitmap: u64) -> Result<()> {
         self.check_writable()?;
         self.check_range(from, to.saturating_sub(from))?;
         let cs = self.cluster_size();
@@ -1826,21 +2011,29 @@ impl Qcow2 {
             let mut k = 0;
             while k < chunk {
                 let idx = ((gc + k) & (l2n - 1)) as usize;
-                if Self::l2_get(&m, slot, idx) & OFFSET_MASK != 0 {
+                let mapped = |m: &Meta, i: usize| {
+                    let raw = Self::l2_get(m, slot, i);
+                    raw & OFFSET_MASK != 0
+                        || self.data.is_some()
+                            && matches!(self.decode(raw), Ok(L2Entry::Normal { .. }))
+                };
+                if mapped(&m, idx) {
                     k += 1;
                     continue;
                 }
                 let mut run = 1;
-                while k + run < chunk
-                    && Self::l2_get(&m, slot, idx + run as usize) & OFFSET_MASK == 0
-                {
+                while k + run < chunk && !mapped(&m, idx + run as usize) {
                     run += 1;
                 }
                 // The refcount allocator does not touch the L2 cache, so
                 // `slot` stays valid.
                 let fresh_from = m.rc.end();
-                let host = m.rc.alloc(&self.st, run)?;
-                if host >> self.cluster_bits < fresh_from {
+                let host = if self.data.is_some() {
+                    (gc + k) * cs
+                } else {
+                    m.rc.alloc(&self.st, run)?
+                };
+                if self.data.is_none() && host >> self.cluster_bits < fresh_from {
                     // Reused clusters may hold old bytes: they must read
                     // as zeros before an L2 entry maps them.
                     m.rc.overlap
@@ -1852,6 +2045,9 @@ impl Qcow2 {
                         copied: true,
                     };
                     Self::l2_set(&mut m, slot, idx + j as usize, e.encode(self.geom));
+                    if self.extl2 {
+                        Self::l2_bitmap_set(&mut m, slot, idx + j as usize, bitmap);
+                    }
                 }
                 k += run;
             }
@@ -1939,6 +2135,11 @@ impl Qcow2 {
         }
         self.check_range(off, data.len() as u64)?;
         let cs = self.cluster_size();
+        if self.data.is_some() {
+            return Err(Error::InvalidArgument(
+                "compression is not supported with an external data file".into(),
+            ));
+        }
         if off & (cs - 1) != 0 || data.len() as u64 != cs.min(self.size() - off) {
             return Err(Error::InvalidArgument(
                 "compressed writes take whole clusters".into(),
@@ -1989,6 +2190,10 @@ impl Qcow2 {
             // The table may have been evicted meanwhile: look it up again.
             let slot = self.l2_writable(&mut m, l1i)?;
             Self::l2_set(&mut m, slot, idx, e.encode(self.geom));
+            if self.extl2 {
+                // Compressed clusters have no subclusters.
+                Self::l2_bitmap_set(&mut m, slot, idx, 0);
+            }
             Ok::<(), Error>(())
         });
         let r = match r {
@@ -2209,6 +2414,16 @@ impl Image for Qcow2 {
         }
         self.grow(&mut m, new_size)?;
         drop(m);
+        if let Some(d) = &self.data {
+            // The data file covers the disk, as QEMU resizes it; a raw one
+            // keeps mapping every cluster (QEMU preallocates the metadata).
+            if d.st.len()? < new_size {
+                d.st.set_len(new_size)?;
+            }
+            if d.raw && new_size > old {
+                self.preallocate_metadata_range(old, new_size)?;
+            }
+        }
         if hide_backing {
             self.write_zeroes(old, new_size - old, false)?;
             self.flush()?;
@@ -2264,7 +2479,8 @@ impl Qcow2 {
             }
             let slot = self.l2_slot(m, off)?;
             table.copy_from_slice(m.l2.data(slot));
-            for raw in table.chunks_exact(8) {
+            for raw in table.chunks_exact(m.l2_stride) {
+                let raw = &raw[..8];
                 let entry = self.decode(u64::from_be_bytes(raw.try_into().unwrap()))?;
                 if let Some((o, l)) = entry.host_range(cs) {
                     m.rc.update_range(&self.st, o, l, delta, |_| {})?;
@@ -2509,6 +2725,7 @@ impl Qcow2 {
     /// Creates an internal snapshot of the current disk state.
     pub fn snapshot_create(&self, name: &str) -> Result<Snapshot> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         if name.len() > u16::MAX as usize {
             return Err(Error::InvalidArgument("snapshot name is too long".into()));
         }
@@ -2578,6 +2795,7 @@ impl Qcow2 {
     /// Deletes an internal snapshot (by ID or name).
     pub fn snapshot_delete(&self, key: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         let m = self.lock();
         let mut m = self.quiesce(m);
         let Some((idx, sn)) = Snapshot::find(&m.snapshots, key).map(|(i, s)| (i, s.clone())) else {
@@ -2612,6 +2830,7 @@ impl Qcow2 {
     /// Reverts the disk to an internal snapshot (by ID or name).
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_snapshots_with_data_file()?;
         let m = self.lock();
         let mut m = self.quiesce(m);
         let Some((_, sn)) = Snapshot::find(&m.snapshots, key).map(|(i, s)| (i, s.clone())) else {

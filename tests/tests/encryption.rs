@@ -555,3 +555,65 @@ fn commit_through_an_encrypted_chain_with_image_opts() {
         ],
     );
 }
+
+/// Encryption with subclusters or an external data file is not in rimg's
+/// encrypted data paths: create refuses it, and a QEMU-made image is
+/// refused for data access (never read or written in clear), while info,
+/// which reads no data, still works.
+#[test]
+fn encryption_with_subclusters_or_data_file_is_refused_not_written_in_clear() {
+    let d = tempdir();
+    let luks = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
+    for (i, extra) in ["extended_l2=on", "data_file=DATA"].iter().enumerate() {
+        let ours = d.path().join(format!("ours{i}.qcow2"));
+        let theirs = d.path().join(format!("theirs{i}.qcow2"));
+        let extra = extra.replace("DATA", d.path().join(format!("d{i}")).to_str().unwrap());
+        let o = run(
+            workspace_bin("rimg").to_str().unwrap(),
+            &[
+                "create",
+                "-q",
+                "--object",
+                SECRET,
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("{luks},{extra}"),
+                ours.to_str().unwrap(),
+                "1M",
+            ],
+        );
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("Unsupported"),
+            "{o:?}"
+        );
+        assert!(!ours.exists());
+        ok(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "--object",
+                SECRET,
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("{luks},{extra}"),
+                theirs.to_str().unwrap(),
+                "1M",
+            ],
+        );
+        let s = spec(&theirs);
+        let o = run(
+            workspace_bin("rimg").to_str().unwrap(),
+            &["check", "--object", SECRET, "--image-opts", &s],
+        );
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("Unsupported"),
+            "{o:?}"
+        );
+        rimg(&["info", theirs.to_str().unwrap()]);
+    }
+}

@@ -117,17 +117,23 @@ fn cli_matches_qemu_on_every_fixture() {
 }
 
 #[test]
-fn extended_l2_is_refused_clearly() {
+fn extended_l2_fixture_reads_as_qemu_reads_it() {
     let d = tempdir();
     copy_all(d.path());
     let img = d.path().join("ext-l2.qcow2");
-    let e = qcow2::open(&img, &OpenOptions::default()).expect_err("extended L2 must be refused");
-    let msg = e.to_string();
-    assert!(msg.contains("extended L2"), "{msg}");
+    let q = qcow2::open(&img, &OpenOptions::default()).expect("extended L2 images open");
+    assert!(q.as_qcow2().unwrap().header().extended_l2());
     let rimg = workspace_bin("rimg");
-    let o = run(rimg.to_str().unwrap(), &["info", img.to_str().unwrap()]);
-    assert_eq!(o.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("extended L2"), "{err}");
+    let p = img.to_str().unwrap();
+    let o = run(rimg.to_str().unwrap(), &["info", p]);
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("extended l2: true"));
+    let out = d.path().join("ext-l2.raw");
+    let o = run(
+        rimg.to_str().unwrap(),
+        &["convert", "-O", "raw", p, out.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let c = qemu_img(&["compare", "-f", "raw", out.to_str().unwrap(), p]);
+    assert!(c.status.success(), "convert differs");
 }

@@ -46,6 +46,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("{0}: {1} not supported by the block daemon")]
+    Unsupported(PathBuf, &'static str),
 }
 
 /// Serves the image until a termination signal; returns after the final
@@ -73,6 +75,23 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    // The io_uring data path reads and writes guest data in the image
+    // file at the mapped offsets: images whose data lives elsewhere, or
+    // whose clusters map only in part, would be read wrongly there.
+    if let Some(h) = img.as_qcow2().map(|q| q.header()) {
+        if h.has_data_file() {
+            return Err(Error::Unsupported(
+                cfg.image.clone(),
+                "external data files are",
+            ));
+        }
+        if h.extended_l2() {
+            return Err(Error::Unsupported(
+                cfg.image.clone(),
+                "extended L2 entries (subclusters) are",
+            ));
+        }
+    }
     // SAFETY: sysconf has no memory effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     let small_clusters = img.as_qcow2().filter(|q| q.cluster_size() < page);

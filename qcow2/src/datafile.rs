@@ -1,0 +1,47 @@
+//! External data files (qcow2.rst, "External data file name" header
+//! extension, incompatible bit 2 and autoclear bit 1 "raw external data").
+//!
+//! Guest data of such an image lives in another file, always at the host
+//! offset equal to the guest offset: data clusters take no space and no
+//! refcounts in the qcow2 file, and compressed clusters are impossible.
+//! With the raw bit, the data file alone is a valid raw image of the disk.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::header::Header;
+use crate::open::resolve_backing;
+use crate::storage::Storage;
+
+/// The open external data file of an image.
+#[derive(Debug)]
+pub struct DataFile {
+    pub st: Storage,
+    /// The name as stored in the header extension.
+    pub name: String,
+    /// The data file is kept a raw image of the disk (autoclear bit 1).
+    pub raw: bool,
+}
+
+impl DataFile {
+    /// Opens the data file named by the header of the image at
+    /// `image` (relative names are resolved as backing file names are),
+    /// or None when the image has none.
+    pub fn open_for(image: &Path, h: &Header, writable: bool) -> Result<Option<DataFile>> {
+        if !h.has_data_file() {
+            return Ok(None);
+        }
+        let Some(name) = h.data_file() else {
+            return Err(Error::InvalidArgument(
+                "'data-file' is required for this image".into(),
+            ));
+        };
+        let path = resolve_backing(image, &name);
+        let st = Storage::open(&path, writable)?;
+        Ok(Some(DataFile {
+            st,
+            name,
+            raw: h.data_file_raw(),
+        }))
+    }
+}
