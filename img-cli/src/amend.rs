@@ -98,7 +98,12 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
         ));
     }
-    q.amend(&am)
-        .map_err(|e| CliError::new(format!("Error while amending options: {e}")))?;
+    q.amend(&am).map_err(|e| {
+        CliError::new(match e {
+            // qemu-img prints the driver's message as it is.
+            qcow2::Error::InvalidArgument(m) => m,
+            e => e.to_string(),
+        })
+    })?;
     Ok(0)
 }

@@ -82,6 +82,11 @@ struct Walk<'r> {
     /// Where the next data cluster would be if the image were not
     /// fragmented (active L1 only).
     next_contiguous: u64,
+    /// Largest refcount the image's width can hold; references past it
+    /// are reported and not counted.
+    max: u32,
+    /// How many references were past `max`.
+    overflows: u64,
 }
 
 impl Walk<'_> {
@@ -140,8 +145,19 @@ impl Walk<'_> {
             return false;
         }
         for c in first..=last {
-            let r = &mut self.counts[c as usize];
-            *r = r.saturating_add(1);
+            if self.counts[c as usize] >= self.max {
+                self.overflows += 1;
+                self.report.corruptions += 1;
+                self.report.messages.push(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    c << self.cluster_bits
+                ));
+                self.report.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
+                );
+                continue;
+            }
+            self.counts[c as usize] += 1;
         }
         true
     }
@@ -273,6 +289,8 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         report,
         bad: Vec::new(),
         next_contiguous: 0,
+        max: ctx.rc.max_refcount().min(u32::MAX as u64) as u32,
+        overflows: 0,
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -353,8 +371,61 @@ pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> 
 /// the width changes, the header switches table and width in one write of
 /// its first sector.
 pub(crate) fn rebuild_refcounts_as(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32) -> Result<()> {
-    let st = q.storage();
     let counts = count_for_rebuild(q, ctx)?;
+    write_rebuilt(q, ctx, order, &counts)
+}
+
+/// Changes the refcount width to 2^`order` bits, keeping every stored
+/// refcount as it is (as qemu-img amend does: a wrong refcount stays wrong
+/// for `check` to find). The old structures become free.
+pub(crate) fn change_refcount_width(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32) -> Result<()> {
+    let st = q.storage();
+    let cb = ctx.header.cluster_bits;
+    let cs = 1u64 << cb;
+    let clusters = st.len()?.div_ceil(cs);
+    if clusters > MAX_CHECK_CLUSTERS {
+        return Err(Error::TooLarge(format!("{clusters} host clusters")));
+    }
+    let mut stored = Vec::with_capacity(clusters as usize);
+    for c in 0..clusters {
+        stored.push(ctx.rc.get(st, c)?);
+    }
+    let table = ctx.rc.table_offset() >> cb;
+    let old = (table..table + ctx.rc.table_clusters()).chain(
+        ctx.rc
+            .table()
+            .iter()
+            .map(|e| (e & !511) >> cb)
+            .filter(|&c| c != 0),
+    );
+    for c in old {
+        if let Some(r) = stored.get_mut(c as usize) {
+            *r = r.saturating_sub(1);
+        }
+    }
+    let bits = 1u32 << order;
+    let max = if order == 6 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let mut counts = Vec::with_capacity(stored.len());
+    for (c, r) in stored.into_iter().enumerate() {
+        if r > max {
+            return Err(Error::InvalidArgument(format!(
+                "Cannot decrease refcount entry width to {bits} bits: Cluster at offset {:#x} has a refcount of {r}",
+                c as u64 * cs
+            )));
+        }
+        counts.push(u32::try_from(r).map_err(|_| Error::RefcountOverflow(c as u64 * cs))?);
+    }
+    write_rebuilt(q, ctx, order, &counts)
+}
+
+/// Writes refcount structures holding `counts` (one per host cluster of
+/// the file) past the end of the file and switches the header to them.
+fn write_rebuilt(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32, counts: &[u32]) -> Result<()> {
+    let st = q.storage();
     let cb = ctx.header.cluster_bits;
     let cs = 1u64 << cb;
     let per_block = 1u64 << (cb + 3 - order);
@@ -460,28 +531,21 @@ pub(crate) fn rebuild_refcounts_as(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32)
     Ok(())
 }
 
-/// The full check: references against stored refcounts, COPIED flags,
-/// invalid entries, and (per `repair`) the fixes.
-pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<CheckReport> {
-    let st = q.storage();
-    let cb = ctx.header.cluster_bits;
-    let cs = 1u64 << cb;
-    let mut rep = CheckReport {
-        total_clusters: ctx.header.size.div_ceil(cs),
-        ..Default::default()
-    };
-    let (mut counts, bad) = {
-        let w = walk(q, ctx, &mut rep)?;
-        (w.counts, w.bad)
-    };
-    // References from the refcount structures themselves.
+/// References to every host cluster, those from the refcount structures
+/// included, and the active entries that cannot be used as they are.
+fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Counted> {
+    let cs = 1u64 << ctx.header.cluster_bits;
+    let w = walk(q, ctx, rep)?;
+    let (counts, bad, max, overflows) = (w.counts, w.bad, w.max, w.overflows);
     let mut extra = Walk {
-        counts: std::mem::take(&mut counts),
+        counts,
         uses: Vec::new(),
-        cluster_bits: cb,
-        report: &mut rep,
+        cluster_bits: ctx.header.cluster_bits,
+        report: rep,
         bad: Vec::new(),
         next_contiguous: 0,
+        max,
+        overflows,
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -502,73 +566,166 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         }
         extra.add(b, cs);
     }
-    counts = extra.counts;
+    Ok(Counted {
+        counts: extra.counts,
+        bad,
+        overflows: extra.overflows,
+    })
+}
 
-    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > 0) {
-        fix_entries(q, ctx, &bad, &mut rep)?;
-        rebuild_refcounts(q, ctx)?;
-        fix_copied(q, ctx, &mut rep, true)?;
-        rep.corruptions_fixed = rep.corruptions;
-        return recheck(q, ctx, rep);
-    }
+/// What [`count_refs`] found.
+struct Counted {
+    counts: Vec<u32>,
+    bad: Vec<BadEntry>,
+    /// References past the largest refcount (reported, not counted);
+    /// no repair fixes those, a wider refcount does.
+    overflows: u64,
+}
 
-    // Stored refcounts against references.
-    let mut highest = 0u64;
-    let mut leaks_to_fix = Vec::new();
+/// What comparing stored refcounts with references found.
+struct Compared {
+    /// A referenced cluster has refcount 0: only a rebuild can fix that.
+    rebuild: bool,
+    highest: u64,
+}
+
+/// Compares stored refcounts with `counts`, reporting each mismatch and
+/// correcting (one cluster at a time) what `fix` allows: leaks for
+/// `Leaks`, also too-low refcounts for `All`. A stored refcount of 0 is
+/// never corrected here; it asks for a rebuild.
+fn compare(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    counts: &[u32],
+    rep: &mut CheckReport,
+    fix: Repair,
+) -> Result<Compared> {
+    let st = q.storage();
+    let cs = 1u64 << ctx.header.cluster_bits;
+    let mut out = Compared {
+        rebuild: false,
+        highest: 0,
+    };
+    let mut changed = false;
     for (c, &want) in counts.iter().enumerate() {
         let c = c as u64;
         let want = want as u64;
         let have = ctx.rc.get(st, c)?;
         if have > 0 || want > 0 {
-            highest = c;
+            out.highest = c;
         }
-        if have < want {
-            rep.corruptions += 1;
-            rep.messages.push(format!(
-                "ERROR cluster {c} refcount={have} reference={want}"
-            ));
+        if have == want {
+            continue;
+        }
+        let fixable = if have == 0 {
+            out.rebuild = true;
+            false
         } else if have > want {
+            fix != Repair::None
+        } else {
+            fix == Repair::All
+        };
+        let what = if fixable {
+            "Repairing"
+        } else if have < want {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        rep.messages.push(format!(
+            "{what} cluster {c} refcount={have} reference={want}"
+        ));
+        if fixable {
+            let delta = want as i64 - have as i64;
+            ctx.rc.update_range(st, c * cs, cs, delta, |_| {})?;
+            changed = true;
+            if have > want {
+                rep.leaks_fixed += 1;
+            } else {
+                rep.corruptions_fixed += 1;
+            }
+        } else if have < want {
+            rep.corruptions += 1;
+        } else {
             rep.leaks += 1;
-            rep.messages.push(format!(
-                "Leaked cluster {c} refcount={have} reference={want}"
-            ));
-            leaks_to_fix.push((c, have - want));
+        }
+    }
+    if changed {
+        ctx.rc.flush(st)?;
+    }
+    Ok(out)
+}
+
+/// The full check: references against stored refcounts, COPIED flags,
+/// invalid entries, and (per `repair`) the fixes. The order of the steps
+/// and of the messages is qemu-img's.
+pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<CheckReport> {
+    let cb = ctx.header.cluster_bits;
+    let cs = 1u64 << cb;
+    let mut rep = CheckReport {
+        total_clusters: ctx.header.size.div_ceil(cs),
+        ..Default::default()
+    };
+    let Counted {
+        counts,
+        bad,
+        overflows,
+    } = count_refs(q, ctx, &mut rep)?;
+
+    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > overflows) {
+        fix_entries(q, ctx, &bad, &mut rep)?;
+        rebuild_refcounts(q, ctx)?;
+        fix_copied(q, ctx, &mut rep, true)?;
+        rep.corruptions_fixed += rep.corruptions;
+        rep.corruptions = 0;
+        return recheck(q, ctx, rep);
+    }
+
+    let pre_compare = rep.clone();
+    let cmp = compare(q, ctx, &counts, &mut rep, Repair::None)?;
+    let mut highest = cmp.highest;
+    if cmp.rebuild && repair == Repair::All {
+        rep.messages.push("Rebuilding refcount structure".into());
+        let order = ctx.header.refcount_order;
+        // The old structures stay counted: the pass below frees them as
+        // leaks, as qemu-img reports it.
+        write_rebuilt(q, ctx, order, &counts)?;
+        let mut scratch = CheckReport::default();
+        let counts = count_refs(q, ctx, &mut scratch)?.counts;
+        let after = compare(q, ctx, &counts, &mut scratch, Repair::Leaks)?;
+        highest = after.highest;
+        rep.messages.append(&mut scratch.messages);
+        if after.rebuild {
+            rep.messages
+                .push("ERROR rebuilt refcount structure is still broken".into());
+        }
+        rep.corruptions_fixed += rep.corruptions;
+        rep.leaks_fixed += rep.leaks;
+        rep.corruptions = scratch.corruptions;
+        rep.leaks = scratch.leaks;
+    } else if repair != Repair::None {
+        if cmp.rebuild {
+            rep.messages
+                .push("ERROR need to rebuild refcount structures".into());
+            rep.check_errors += 1;
+            return Ok(rep);
+        }
+        if rep.leaks > 0 || rep.corruptions > 0 {
+            let mut msgs = std::mem::take(&mut rep.messages);
+            rep = pre_compare;
+            let n = rep.messages.len();
+            compare(q, ctx, &counts, &mut rep, repair)?;
+            // qemu-img prints both passes' lines.
+            msgs.extend(rep.messages.drain(n..));
+            rep.messages = msgs;
         }
     }
     rep.image_end_offset = (highest + 1) * cs;
-    let copied_errors = fix_copied(q, ctx, &mut rep, false)?;
-
-    match repair {
-        Repair::None => Ok(rep),
-        Repair::Leaks if rep.leaks == 0 => Ok(rep),
-        Repair::Leaks => {
-            for &(c, extra) in &leaks_to_fix {
-                ctx.rc
-                    .update_range(st, c * cs, cs, -(extra as i64), |_| {})?;
-                rep.messages.push(format!(
-                    "Repairing cluster {c} refcount={} reference={}",
-                    counts[c as usize] as u64 + extra,
-                    counts[c as usize]
-                ));
-            }
-            ctx.rc.flush(st)?;
-            rep.leaks_fixed = rep.leaks;
-            recheck(q, ctx, rep)
-        }
-        Repair::All => {
-            if rep.leaks == 0 && rep.corruptions == 0 {
-                return Ok(rep);
-            }
-            let refcount_errors = rep.corruptions - copied_errors;
-            if rep.leaks > 0 || refcount_errors > 0 {
-                rebuild_refcounts(q, ctx)?;
-                rep.leaks_fixed = rep.leaks;
-            }
-            fix_copied(q, ctx, &mut rep, true)?;
-            rep.corruptions_fixed = rep.corruptions;
-            recheck(q, ctx, rep)
-        }
+    fix_copied(q, ctx, &mut rep, repair == Repair::All)?;
+    if repair != Repair::None && (rep.corruptions_fixed > 0 || rep.leaks_fixed > 0) {
+        return recheck(q, ctx, rep);
     }
+    Ok(rep)
 }
 
 /// Checks again after a repair; the result keeps the "fixed" counts and
@@ -651,6 +808,7 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
                 let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
                 ctx.l1[i] = ne;
                 st.write_at(&ne.to_be_bytes(), ctx.header.l1_table_offset + i as u64 * 8)?;
+                rep.corruptions_fixed += 1;
                 rep.messages.push(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
@@ -682,6 +840,7 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
                     let ne = if rc == 1 { raw | COPIED } else { raw & !COPIED };
                     l2buf[k * 8..k * 8 + 8].copy_from_slice(&ne.to_be_bytes());
                     changed = true;
+                    rep.corruptions_fixed += 1;
                     rep.messages.push(format!(
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
                     ));

@@ -61,6 +61,13 @@ pub enum Error {
     RefcountOverflow(u64),
     #[error("image is too large: {0}")]
     TooLarge(String),
+    /// The virtual size needs an L1 table of more than 2^31 entries
+    /// (qemu-img's wording).
+    #[error("Image is too big")]
+    ImageTooBig { size: u64 },
+    /// The header's L1 table cannot map the whole virtual size.
+    #[error("L1 table is too small")]
+    L1TooSmall { entries: u32, size: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

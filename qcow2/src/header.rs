@@ -320,11 +320,15 @@ impl Header {
                 h.l1_size
             )));
         }
-        if (h.l1_size as u64) < Header::l1_entries_for(cluster_bits, h.size) {
-            return Err(bad(format!(
-                "L1 table has {} entries, too few for virtual size {}",
-                h.l1_size, h.size
-            )));
+        let need = Header::l1_entries_for(cluster_bits, h.size);
+        if need > i32::MAX as u64 {
+            return Err(Error::ImageTooBig { size: h.size });
+        }
+        if (h.l1_size as u64) < need {
+            return Err(Error::L1TooSmall {
+                entries: h.l1_size,
+                size: h.size,
+            });
         }
         validate_table(
             "L1 table",

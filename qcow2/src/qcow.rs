@@ -2349,12 +2349,6 @@ impl Qcow2 {
         }
         let m = self.lock();
         let mut m = self.quiesce(m);
-        if m.rc.max_refcount() < 2 && m.l1.iter().any(|&e| L1Entry(e).l2_offset() != 0) {
-            // Every allocated cluster would need a refcount of 2.
-            return Err(Error::RefcountOverflow(
-                L1Entry(m.l1.iter().copied().find(|&e| e != 0).unwrap_or(0)).l2_offset(),
-            ));
-        }
         if m.snapshots.len() as u32 >= crate::header::MAX_SNAPSHOTS {
             return Err(Error::TooLarge("too many snapshots".into()));
         }
