@@ -1,6 +1,7 @@
 //! `rimg convert`: copies guest data between images and formats.
 //!
-//! Worker threads (one per core, `-m` at most) each take the next chunk of
+//! Worker threads (one per core, `-m` at most; one without -W or -c, as
+//! qemu-img then writes in guest order) each take the next chunk of
 //! the source, find out through block status what is stored there, read
 //! it, detect zeros, compress (`-c`) and write it: reading, zero
 //! detection, compression and writing overlap across the workers. Regions
@@ -53,7 +54,7 @@ pub struct ConvertArgs {
     /// Source cache mode (accepted for compatibility)
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
-    /// Allow out-of-order writes (rimg's workers always may)
+    /// Allow out-of-order writes (several workers write at once)
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Parallel requests (threads, at most one per core are used)
@@ -226,10 +227,17 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
-    let workers = a.parallel.clamp(
-        1,
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    );
+    // Without -W qemu-img writes in guest order, so a fresh target's
+    // clusters lie in guest order (map shows one extent, not several).
+    // Compression keeps its workers: that is where they pay off.
+    let workers = if a.out_of_order || a.compress {
+        a.parallel.clamp(
+            1,
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )
+    } else {
+        1
+    };
     // The sources as one disk: a target cluster that straddles two of
     // them is still written (and compressed) whole.
     let next = AtomicU64::new(0);
