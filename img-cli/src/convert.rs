@@ -101,13 +101,13 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.copy_offload,
         a.quiet,
     );
-    if a.snapshot.is_some() {
-        return Err(CliError::new(
-            "converting from an internal snapshot (-l) is not supported yet",
-        ));
-    }
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
+    if a.snapshot.is_some() && srcs.len() > 1 {
+        return Err(CliError::new(
+            "No support for concatenating multiple snapshot",
+        ));
+    }
     if srcs.len() > 1 && a.backing.is_some() {
         return Err(CliError::new(
             "Having a backing file for the target makes no sense when concatenating multiple input images",
@@ -141,6 +141,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
         })
         .collect::<Result<_, _>>()?;
+    if let Some(sn) = &a.snapshot {
+        load_snapshot(parts[0].as_ref(), sn)?;
+    }
     let sources = Sources::new(parts);
     let total = sources.size;
 
@@ -626,4 +629,33 @@ impl Job<'_> {
         }
         Ok(())
     }
+}
+
+/// Makes the source read as internal snapshot `spec`: an ID or name, or
+/// `snapshot.id=ID[,snapshot.name=NAME]` / `snapshot.name=NAME`.
+fn load_snapshot(img: &dyn Image, spec: &str) -> Result<(), CliError> {
+    let (mut id, mut name) = (None, None);
+    if spec.starts_with("snapshot.") {
+        for kv in spec.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    return Err(CliError::new(format!(
+                        "Failed in parsing snapshot param '{spec}'"
+                    )))
+                }
+            }
+        }
+    } else {
+        name = Some(spec);
+    }
+    let Some(q) = img.as_qcow2() else {
+        return Err(CliError::new(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support internal snapshots",
+            img.format().name()
+        )));
+    };
+    q.snapshot_load_tmp(name.unwrap_or(""), id)
+        .map_err(|e| CliError::new(format!("Failed to load snapshot: {e}")))
 }

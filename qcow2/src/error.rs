@@ -61,6 +61,10 @@ pub enum Error {
     RefcountOverflow(u64),
     #[error("image is too large: {0}")]
     TooLarge(String),
+    /// An internal snapshot could not be loaded for reading (qemu-img's
+    /// wording after "Failed to load snapshot: ").
+    #[error("{0}")]
+    SnapshotLoad(String),
     /// The virtual size needs an L1 table of more than 2^31 entries
     /// (qemu-img's wording).
     #[error("Image is too big")]

@@ -2429,6 +2429,51 @@ impl Qcow2 {
         self.flush_locked(&mut m)
     }
 
+    /// Makes this read-only image read as an internal snapshot (by ID or
+    /// name, or both when `id` is given): its L1 table replaces the active
+    /// one in memory only, as qemu-img convert -l does.
+    pub fn snapshot_load_tmp(&self, key: &str, id: Option<&str>) -> Result<()> {
+        if self.st.writable() {
+            return Err(Error::InvalidArgument(
+                "a snapshot is loaded only into a read-only image".into(),
+            ));
+        }
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let found = match id {
+            Some(id) => m
+                .snapshots
+                .iter()
+                .find(|s| s.id == id && (key.is_empty() || s.name == key))
+                .cloned(),
+            None => Snapshot::find(&m.snapshots, key).map(|(_, s)| s.clone()),
+        };
+        let Some(sn) = found else {
+            return Err(Error::SnapshotLoad("Can't find snapshot".into()));
+        };
+        // qemu-img's checks of the table (qcow2_validate_table's wording).
+        if sn.l1_size as u64 > crate::header::MAX_L1_BYTES / 8 {
+            return Err(Error::SnapshotLoad("Snapshot L1 table too large".into()));
+        }
+        let cs = self.cluster_size();
+        if sn.l1_table_offset & (cs - 1) != 0
+            || sn
+                .l1_table_offset
+                .checked_add(sn.l1_size as u64 * 8)
+                .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(Error::SnapshotLoad(
+                "Snapshot L1 table offset invalid".into(),
+            ));
+        }
+        let mut l1 = self.read_l1_at(sn.l1_table_offset, sn.l1_size)?;
+        // Reads past the snapshot's table find nothing allocated.
+        l1.resize(l1.len().max(m.l1.len()), 0);
+        m.l1 = l1;
+        m.l1_dirty = None;
+        Ok(())
+    }
+
     /// Reverts the disk to an internal snapshot (by ID or name).
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
