@@ -87,6 +87,8 @@ struct Walk<'r> {
     max: u32,
     /// How many references were past `max`.
     overflows: u64,
+    /// Length of the image file.
+    file_len: u64,
 }
 
 impl Walk<'_> {
@@ -137,6 +139,14 @@ impl Walk<'_> {
         let last = off
             .checked_add(len - 1)
             .map_or(u64::MAX, |e| e >> self.cluster_bits);
+        // As qemu-img: a range ending less than a cluster past the end of
+        // the file is counted (the file may end mid-cluster).
+        let past_end = off
+            .checked_add(len)
+            .map_or(u64::MAX, |e| e.saturating_sub(self.file_len));
+        if past_end < 1 << self.cluster_bits && last >= self.counts.len() as u64 {
+            self.counts.resize(last as usize + 1, 0);
+        }
         if last >= self.counts.len() as u64 {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
@@ -291,6 +301,7 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         next_contiguous: 0,
         max: ctx.rc.max_refcount().min(u32::MAX as u64) as u32,
         overflows: 0,
+        file_len: st.len()?,
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -536,7 +547,7 @@ fn write_rebuilt(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32, counts: &[u32]) -
 fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Counted> {
     let cs = 1u64 << ctx.header.cluster_bits;
     let w = walk(q, ctx, rep)?;
-    let (counts, bad, max, overflows) = (w.counts, w.bad, w.max, w.overflows);
+    let (counts, bad, max, overflows, file_len) = (w.counts, w.bad, w.max, w.overflows, w.file_len);
     let mut extra = Walk {
         counts,
         uses: Vec::new(),
@@ -546,6 +557,7 @@ fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Cou
         next_contiguous: 0,
         max,
         overflows,
+        file_len,
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -871,10 +883,24 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.flush()?;
-        let (sn_msgs, sn_found) = self.check_snapshot_table(repair == Repair::All)?;
-        let rep = self.with_meta(|ctx| {
+        let fix = repair == Repair::All;
+        let (sn_msgs, sn_found) = self.check_snapshot_table(fix, false)?;
+        let first = self.with_meta(|ctx| {
             ctx.drop_l2_cache();
-            let mut rep = check(self, ctx, repair)?;
+            check(self, ctx, repair)
+        })?;
+        if fix && sn_found > 0 {
+            self.check_snapshot_table(true, true)?;
+        }
+        let rep = self.with_meta(|ctx| {
+            let mut rep = if fix && sn_found > 0 {
+                // The table was rewritten after the refcount check: check
+                // again, as qemu-img does after any repair.
+                ctx.drop_l2_cache();
+                recheck(self, ctx, first)?
+            } else {
+                first
+            };
             rep.messages.splice(0..0, sn_msgs);
             if repair == Repair::All {
                 rep.corruptions_fixed += sn_found;

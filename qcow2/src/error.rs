@@ -61,6 +61,15 @@ pub enum Error {
     RefcountOverflow(u64),
     #[error("image is too large: {0}")]
     TooLarge(String),
+    /// The snapshot table is over one of QEMU's limits; `check -r all`
+    /// can cut it down (qemu-img's two lines: the problem, the remedy).
+    #[error("{open}")]
+    SnapshotTableLimit {
+        /// What opening the image says.
+        open: String,
+        /// What `check` (without -r all) says instead.
+        check: String,
+    },
     /// An internal snapshot could not be loaded for reading (qemu-img's
     /// wording after "Failed to load snapshot: ").
     #[error("{0}")]
@@ -77,6 +86,13 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// A snapshot table limit error whose check message is the open one
+    /// after "ERROR failed to read the snapshot table: ".
+    pub fn snapshot_table_limit(open: String) -> Self {
+        let check = format!("ERROR failed to read the snapshot table: {open}");
+        Error::SnapshotTableLimit { open, check }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {

@@ -249,6 +249,21 @@ impl Qcow2 {
         if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
+        let max = crate::header::MAX_SNAPSHOTS;
+        let too_many = header.nb_snapshots.saturating_sub(max);
+        if too_many > 0 {
+            if !opts.repair {
+                return Err(Error::SnapshotTableLimit {
+                    open: "Snapshot table too large".into(),
+                    check: format!(
+                        "ERROR snapshot table too large\nYou can force-remove all {too_many} overhanging snapshots with qemu-img check -r all"
+                    ),
+                });
+            }
+            // The repair reads the first MAX_SNAPSHOTS entries and drops
+            // the others from the header (check_snapshot_table).
+            header.nb_snapshots = max;
+        }
         let cb = header.cluster_bits;
         let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
@@ -2244,14 +2259,35 @@ impl Qcow2 {
     /// (left out when the image was opened for repair) and, in version 3,
     /// incomplete entries. With `fix` the table is written back without
     /// them. Returns the messages and the number of problems found.
-    pub(crate) fn check_snapshot_table(&self, fix: bool) -> Result<(Vec<String>, u64)> {
+    ///
+    /// As qemu-img, dropping overhanging entries (a header update) comes
+    /// before the refcount check, so that it finds their clusters leaked;
+    /// rewriting the table comes after it (`rewrite`), like the messages.
+    pub(crate) fn check_snapshot_table(
+        &self,
+        fix: bool,
+        rewrite: bool,
+    ) -> Result<(Vec<String>, u64)> {
         let m = self.lock();
         let mut m = self.quiesce(m);
         let mut msgs = Vec::new();
         let mut found = 0;
         let mut overhanging = 0;
         let snaps = m.snapshots.clone();
+        // The header on disk: the open may have cut its count down.
+        let mut raw = [0u8; 4];
+        self.st.read_at(&mut raw, field::NB_SNAPSHOTS)?;
+        let on_disk = u32::from_be_bytes(raw);
         if self.opts.repair {
+            let too_many = on_disk.saturating_sub(crate::header::MAX_SNAPSHOTS);
+            if too_many > 0 {
+                msgs.push(format!(
+                    "{} {too_many} overhanging snapshots",
+                    if fix { "Discarding" } else { "ERROR" }
+                ));
+                overhanging += too_many as u64;
+                found += too_many as u64;
+            }
             let (_, _, fixes) = Snapshot::read_table_repairing(&self.st, &m.header, true)?;
             for &(n, len) in &fixes.extra_dropped {
                 msgs.push(format!(
@@ -2267,8 +2303,8 @@ impl Qcow2 {
                     if fix { "Discarding" } else { "ERROR" },
                     fixes.overhanging
                 ));
-                overhanging = fixes.overhanging as u64;
-                found += overhanging;
+                overhanging += fixes.overhanging as u64;
+                found += fixes.overhanging as u64;
             }
         }
         if m.header.version >= 3 {
@@ -2282,11 +2318,12 @@ impl Qcow2 {
                 }
             }
         }
-        let rewrite = found > overhanging;
-        if fix && rewrite {
-            self.flush_locked(&mut m)?;
-            self.write_snapshot_table(&mut m, snaps, false)?;
-        } else if fix && overhanging > 0 {
+        if rewrite {
+            if fix && found > overhanging {
+                self.flush_locked(&mut m)?;
+                self.write_snapshot_table(&mut m, snaps, false)?;
+            }
+        } else if fix && overhanging > 0 && on_disk != snaps.len() as u32 {
             // Only entries at the end go: the table stays where it is and
             // the header counts fewer (as QEMU repairs it).
             m.rc.overlap.write(
