@@ -214,6 +214,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         // Zeros need not be written where the target already reads as
         // zeros: a new image without backing file, or one declared zero.
         target_zero: (target_fresh && target.backing().is_none()) || a.target_is_zero,
+        overwrite_zeros: a.no_create && a.backing.is_none(),
         // As qemu-img: progress counts the data to copy (everything with
         // -S 0), not the holes.
         progress: Progress::new(
@@ -325,6 +326,8 @@ struct Job<'a> {
     /// everything.
     sparse: u64,
     target_zero: bool,
+    /// -n without -B: zero regions are written whatever the target holds.
+    overwrite_zeros: bool,
     progress: Progress,
     /// Progress is shown: count the data of each chunk for it.
     count_data: bool,
@@ -517,6 +520,12 @@ impl Job<'_> {
 
     fn zeros(&self, at: u64, len: u64) -> Result<(), CliError> {
         if self.target_zero {
+            return Ok(());
+        }
+        if self.overwrite_zeros {
+            // -n: qemu-img assumes nothing of the target and writes zeros
+            // over every zero region.
+            self.target.write_zeroes(at, len, true)?;
             return Ok(());
         }
         if let Some(b) = self.target.backing() {

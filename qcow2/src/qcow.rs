@@ -1251,8 +1251,10 @@ impl Qcow2 {
             let m = self.lock();
             let mut m = self.wait_inflight(m, c, chunk)?;
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
-            if !has_table && (!zero || !self.has_backing_file) {
-                // Unallocated already reads as zeros without a backing file.
+            if !has_table && !zero {
+                // Unallocated already reads as zeros without a backing file;
+                // zero clusters are still written (QEMU's write-zeroes sets
+                // the flag in version 3, table or not).
                 c += chunk;
                 continue;
             }

@@ -340,3 +340,36 @@ fn snapshot_table_with_too_much_extra_data() {
     t.check_clean(IMG);
     t.same_info(IMG, "Snapshot list");
 }
+
+#[test]
+fn convert_n_writes_zeros_over_the_target() {
+    // As iotest 122: -n assumes nothing of the target, so zero regions
+    // become zero clusters (v3), stay unallocated (v2 alone) or are
+    // written as data (v2 over a backing file).
+    for (compat, backing) in [
+        ("1.1", false),
+        ("0.10", false),
+        ("1.1", true),
+        ("0.10", true),
+    ] {
+        let t = Twins::new();
+        t.both(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "o.qcow2", "4M"],
+        );
+        t.both(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"],
+        );
+        let opt = format!("compat={compat}");
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opt];
+        if backing {
+            args.extend(["-b", "b.qcow2", "-F", "qcow2"]);
+        }
+        args.extend([IMG, "4M"]);
+        t.both("qemu-img", &args);
+        t.same(&["convert", "-O", "qcow2", "-n", "o.qcow2", IMG]);
+        t.same(&["map", "--output=json", IMG]);
+        t.check_clean(IMG);
+    }
+}
