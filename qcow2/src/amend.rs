@@ -87,7 +87,7 @@ impl Qcow2 {
             self.flush()?;
             self.with_meta(|ctx| {
                 ctx.drop_l2_cache();
-                crate::check::change_refcount_width(self, ctx, order)
+                crate::rebuild::change_refcount_width(self, ctx, order)
             })?;
         }
         if version == 2 && h.version == 3 {

@@ -320,7 +320,7 @@ impl Qcow2 {
     fn prepare_for_writing(&self) -> Result<()> {
         let mut m = self.lock();
         if m.header.is_dirty() && !self.opts.repair {
-            crate::check::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
+            crate::rebuild::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
             m.header.incompatible_features &= !incompat::DIRTY;
             let bits = m.header.incompatible_features.to_be_bytes();
             m.rc.overlap.write(
