@@ -118,12 +118,18 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
         ));
     }
-    q.amend(&am).map_err(|e| match e {
-        // qemu-img prints the driver's reason as it is (a sentence,
-        // unless it starts with an option name).
-        qcow2::Error::InvalidArgument(m) if m.starts_with("data-file") => CliError::new(m),
-        qcow2::Error::InvalidArgument(m) => CliError::new(crate::common::sentence(&m)),
-        e => CliError::new(format!("Error while amending options: {e}")),
+    q.amend(&am).map_err(|e| {
+        CliError::new(match e {
+            // qemu-img prints the driver's reason as it is (a sentence,
+            // unless it starts with an option name).
+            qcow2::Error::InvalidArgument(m)
+                if m.starts_with("data-file") || m.starts_with("compat=") =>
+            {
+                m
+            }
+            qcow2::Error::InvalidArgument(m) => crate::common::sentence(&m),
+            e => e.to_string(),
+        })
     })?;
     Ok(0)
 }

@@ -70,8 +70,17 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
             ..Default::default()
         },
     )?;
-    let img = qcow2::open(&path, &opts)
-        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    let img = match qcow2::open(&path, &opts) {
+        Err(qcow2::Error::SnapshotTableLimit { check, .. }) if repair == Repair::None => {
+            // qemu-img opens the image for the check anyway and fails
+            // there, with EFBIG.
+            let p = crate::prog_name();
+            eprintln!("{p}: {check}");
+            eprintln!("{p}: Check failed: File too large");
+            return Ok(1);
+        }
+        r => r.map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?,
+    };
     let Some(q) = img.as_qcow2() else {
         return Err(CliError {
             msg: "This image format does not support checks".into(),

@@ -1,6 +1,7 @@
 //! `rimg convert`: copies guest data between images and formats.
 //!
-//! Worker threads (one per core, `-m` at most) each take the next chunk of
+//! Worker threads (one per core, `-m` at most; one without -W or -c, as
+//! qemu-img then writes in guest order) each take the next chunk of
 //! the source, find out through block status what is stored there, read
 //! it, detect zeros, compress (`-c`) and write it: reading, zero
 //! detection, compression and writing overlap across the workers. Regions
@@ -53,7 +54,7 @@ pub struct ConvertArgs {
     /// Source cache mode (accepted for compatibility)
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
-    /// Allow out-of-order writes (rimg's workers always may)
+    /// Allow out-of-order writes (several workers write at once)
     #[arg(short = 'W')]
     out_of_order: bool,
     /// Parallel requests (threads, at most one per core are used)
@@ -103,13 +104,13 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.copy_offload,
         a.quiet,
     );
-    if a.snapshot.is_some() {
-        return Err(CliError::new(
-            "converting from an internal snapshot (-l) is not supported yet",
-        ));
-    }
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
+    if a.snapshot.is_some() && srcs.len() > 1 {
+        return Err(CliError::new(
+            "No support for concatenating multiple snapshot",
+        ));
+    }
     if srcs.len() > 1 && a.backing.is_some() {
         return Err(CliError::new(
             "Having a backing file for the target makes no sense when concatenating multiple input images",
@@ -148,6 +149,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
                 .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
         })
         .collect::<Result<_, _>>()?;
+    if let Some(sn) = &a.snapshot {
+        load_snapshot(parts[0].as_ref(), sn)?;
+    }
     let sources = Sources::new(parts);
     let total = sources.size;
 
@@ -236,6 +240,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         // zeros: a new image without backing file, or one declared zero.
         target_zero: (target_fresh && target.backing().is_none() && !noise_init)
             || a.target_is_zero,
+        overwrite_zeros: a.no_create && a.backing.is_none(),
         // As qemu-img: progress counts the data to copy (everything with
         // -S 0), not the holes.
         progress: Progress::new(
@@ -252,10 +257,17 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
-    let workers = a.parallel.clamp(
-        1,
-        std::thread::available_parallelism().map_or(2, |n| n.get()),
-    );
+    // Without -W qemu-img writes in guest order, so a fresh target's
+    // clusters lie in guest order (map shows one extent, not several).
+    // Compression keeps its workers: that is where they pay off.
+    let workers = if a.out_of_order || a.compress {
+        a.parallel.clamp(
+            1,
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        )
+    } else {
+        1
+    };
     // The sources as one disk: a target cluster that straddles two of
     // them is still written (and compressed) whole.
     let next = AtomicU64::new(0);
@@ -340,6 +352,8 @@ struct Job<'a> {
     /// everything.
     sparse: u64,
     target_zero: bool,
+    /// -n without -B: zero regions are written whatever the target holds.
+    overwrite_zeros: bool,
     progress: Progress,
     /// Progress is shown: count the data of each chunk for it.
     count_data: bool,
@@ -534,6 +548,12 @@ impl Job<'_> {
         if self.target_zero {
             return Ok(());
         }
+        if self.overwrite_zeros {
+            // -n: qemu-img assumes nothing of the target and writes zeros
+            // over every zero region.
+            self.target.write_zeroes(at, len, true)?;
+            return Ok(());
+        }
         if let Some(b) = self.target.backing() {
             // Unallocated target clusters read from the backing file:
             // only where that reads as zeros may they stay unallocated.
@@ -644,4 +664,33 @@ impl Job<'_> {
         }
         Ok(())
     }
+}
+
+/// Makes the source read as internal snapshot `spec`: an ID or name, or
+/// `snapshot.id=ID[,snapshot.name=NAME]` / `snapshot.name=NAME`.
+fn load_snapshot(img: &dyn Image, spec: &str) -> Result<(), CliError> {
+    let (mut id, mut name) = (None, None);
+    if spec.starts_with("snapshot.") {
+        for kv in spec.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    return Err(CliError::new(format!(
+                        "Failed in parsing snapshot param '{spec}'"
+                    )))
+                }
+            }
+        }
+    } else {
+        name = Some(spec);
+    }
+    let Some(q) = img.as_qcow2() else {
+        return Err(CliError::new(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support internal snapshots",
+            img.format().name()
+        )));
+    };
+    q.snapshot_load_tmp(name.unwrap_or(""), id)
+        .map_err(|e| CliError::new(format!("Failed to load snapshot: {e}")))
 }

@@ -31,6 +31,9 @@ pub struct RebaseArgs {
     /// Show progress
     #[arg(short = 'p')]
     progress: bool,
+    /// Write the copied clusters compressed
+    #[arg(short = 'c', long = "compress")]
+    compress: bool,
     #[arg(short = 'q')]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
@@ -54,7 +57,17 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         }
     };
     let format = fmt(&a.format)?;
-    let new_fmt = fmt(&a.backing_fmt)?;
+    // A format name is only recorded with -u, so any driver qemu-img
+    // knows will do; a safe rebase has to open the file with it.
+    let new_fmt = match &a.backing_fmt {
+        Some(f) if a.unsafe_mode && Format::from_name(f).is_none() => {
+            if !QEMU_DRIVERS.contains(&f.as_str()) {
+                return Err(CliError::new(format!("Invalid format name: '{f}'")));
+            }
+            None
+        }
+        f => fmt(f)?,
+    };
     let img = crate::blockopts::open_image(
         &a.filename,
         a.image_opts,
@@ -67,6 +80,11 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         },
     )?
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    if a.compress && img.as_qcow2().is_none() {
+        return Err(CliError::new(
+            "Compression not supported for this file format",
+        ));
+    }
     let Some(q) = img.as_qcow2() else {
         return Err(CliError::new(format!(
             "rebase is not supported for '{}' images",
@@ -104,7 +122,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
                 Some(b)
             }
         };
-        copy_differences(img.as_ref(), new.as_deref(), &progress)?;
+        copy_differences(img.as_ref(), new.as_deref(), a.compress, &progress)?;
     }
     img.flush()?;
     q.update_header(|h| {
@@ -126,6 +144,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
 fn copy_differences(
     img: &dyn Image,
     new: Option<&dyn Image>,
+    compress: bool,
     progress: &Progress,
 ) -> Result<(), CliError> {
     let size = img.size();
@@ -162,6 +181,15 @@ fn copy_differences(
                     // (Version 2 has none: zeros written there would read
                     // as "unallocated", showing the new backing file.)
                     img.write_zeroes(pos + k as u64, (j - k) as u64, false)?;
+                } else if let Some(q) = img.as_qcow2().filter(|_| compress) {
+                    let at = pos + k as u64;
+                    let whole = at.is_multiple_of(cs)
+                        && ((j - k) as u64 == cs || j == len && pos + e.len == size);
+                    if whole {
+                        q.write_compressed(at, &old_buf[k..j])?;
+                    } else {
+                        q.write_at(&old_buf[k..j], at)?;
+                    }
                 } else {
                     img.write_at(&old_buf[k..j], pos + k as u64)?;
                 }
@@ -184,3 +212,50 @@ fn read_or_zero(img: Option<&dyn Image>, buf: &mut [u8], off: u64) -> Result<(),
     }
     Ok(())
 }
+
+/// Drivers qemu-img knows by name (its --help list): `rebase -u` records
+/// any of them as the backing format.
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "iscsi",
+    "iser",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "snapshot-access",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "vmdk",
+    "vpc",
+    "vvfat",
+];

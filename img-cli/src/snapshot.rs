@@ -62,8 +62,12 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
         )));
     };
     if let Some(name) = &a.create {
-        q.snapshot_create(name)
-            .map_err(|e| CliError::new(format!("Could not create snapshot '{name}': {e}")))?;
+        q.snapshot_create(name).map_err(|e| {
+            CliError::new(format!(
+                "Could not create snapshot '{name}': {}",
+                create_error(&e)
+            ))
+        })?;
     } else if let Some(name) = &a.apply {
         q.snapshot_apply(name)
             .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {e}")))?;
@@ -78,4 +82,14 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
         print!("{}", crate::info::snapshot_list(&q.snapshots()));
     }
     Ok(0)
+}
+
+/// qemu-img reports why a snapshot could not be created by errno: a
+/// refcount that would overflow is EINVAL, a full snapshot table EFBIG.
+fn create_error(e: &qcow2::Error) -> String {
+    match e {
+        qcow2::Error::RefcountOverflow(_) => "Invalid argument".into(),
+        qcow2::Error::TooLarge(_) => "File too large".into(),
+        e => e.to_string(),
+    }
 }

@@ -85,9 +85,16 @@ impl Qcow2 {
         }
         let lazy = lazy && version >= 3;
         if version == 2 {
+            // qemu-img words the two cases apart: a width being changed, or
+            // a downgrade of an image that keeps its non-16-bit width.
+            if bits != 16 && bits != h.refcount_bits() {
+                return Err(Error::InvalidArgument(
+                    "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)".into(),
+                ));
+            }
             if bits != 16 {
                 return Err(Error::InvalidArgument(
-                    "different refcount widths than 16 bits require compatibility level 1.1 or above".into(),
+                    "compat=0.10 requires refcount_bits=16".into(),
                 ));
             }
             if h.version == 3 && h.incompatible_features & incompat::COMPRESSION != 0 {
@@ -101,7 +108,7 @@ impl Qcow2 {
             self.flush()?;
             self.with_meta(|ctx| {
                 ctx.drop_l2_cache();
-                crate::check::rebuild_refcounts_as(self, ctx, order)
+                crate::rebuild::change_refcount_width(self, ctx, order)
             })?;
         }
         if version == 2 && h.version == 3 {

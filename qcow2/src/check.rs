@@ -1,13 +1,13 @@
-//! Consistency: counting every reference in an image, and rebuilding the
-//! refcount structures from those counts (used to recover images whose
-//! dirty bit is set, and by `check -r`).
+//! Consistency: counting every reference in an image and comparing the
+//! counts with the stored refcounts, as `check` (and `check -r`) does;
+//! the rebuild of the refcount structures is in `rebuild`.
 
 use crate::error::{Error, Result};
 use crate::header::{field, incompat};
 use crate::image::Image;
 use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow::{MetaCtx, Qcow2};
-use crate::refcount::entry_set;
+use crate::rebuild::{rebuild_refcounts, write_rebuilt};
 use crate::storage::Storage;
 
 /// Largest number of host clusters a check or rebuild will count (the
@@ -71,8 +71,8 @@ enum Use {
 }
 
 /// Reference counts computed from the metadata, one per host cluster.
-struct Walk<'r> {
-    counts: Vec<u32>,
+pub(crate) struct Walk<'r> {
+    pub(crate) counts: Vec<u32>,
     /// Strongest use of each cluster (see [`Use`]), marked before counting
     /// so that the order of the walk does not matter.
     uses: Vec<Use>,
@@ -87,6 +87,13 @@ struct Walk<'r> {
     data_file: bool,
     /// L2 entries are 16 bytes, with a subcluster bitmap.
     extl2: bool,
+    /// Largest refcount the image's width can hold; references past it
+    /// are reported and not counted.
+    max: u32,
+    /// How many references were past `max`.
+    overflows: u64,
+    /// Length of the image file.
+    file_len: u64,
 }
 
 impl Walk<'_> {
@@ -137,6 +144,14 @@ impl Walk<'_> {
         let last = off
             .checked_add(len - 1)
             .map_or(u64::MAX, |e| e >> self.cluster_bits);
+        // As qemu-img: a range ending less than a cluster past the end of
+        // the file is counted (the file may end mid-cluster).
+        let past_end = off
+            .checked_add(len)
+            .map_or(u64::MAX, |e| e.saturating_sub(self.file_len));
+        if past_end < 1 << self.cluster_bits && last >= self.counts.len() as u64 {
+            self.counts.resize(last as usize + 1, 0);
+        }
         if last >= self.counts.len() as u64 {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
@@ -145,8 +160,19 @@ impl Walk<'_> {
             return false;
         }
         for c in first..=last {
-            let r = &mut self.counts[c as usize];
-            *r = r.saturating_add(1);
+            if self.counts[c as usize] >= self.max {
+                self.overflows += 1;
+                self.report.corruptions += 1;
+                self.report.messages.push(format!(
+                    "ERROR: overflow cluster offset={:#x}",
+                    c << self.cluster_bits
+                ));
+                self.report.messages.push(
+                    "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing".into(),
+                );
+                continue;
+            }
+            self.counts[c as usize] += 1;
         }
         true
     }
@@ -301,7 +327,11 @@ impl Walk<'_> {
 
 /// Counts every reference to every host cluster except those from the
 /// refcount structures themselves; problems go into `report`.
-fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result<Walk<'r>> {
+pub(crate) fn walk<'r>(
+    q: &Qcow2,
+    ctx: &MetaCtx<'_>,
+    report: &'r mut CheckReport,
+) -> Result<Walk<'r>> {
     let st = q.storage();
     let cb = ctx.header.cluster_bits;
     let cs = 1u64 << cb;
@@ -320,6 +350,9 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
         next_contiguous: 0,
         data_file: ctx.header.has_data_file(),
         extl2: ctx.header.extended_l2(),
+        max: ctx.rc.max_refcount().min(u32::MAX as u64) as u32,
+        overflows: 0,
+        file_len: st.len()?,
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -378,165 +411,24 @@ fn walk<'r>(q: &Qcow2, ctx: &MetaCtx<'_>, report: &'r mut CheckReport) -> Result
     Ok(w)
 }
 
-/// Reference counts for a refcount rebuild; refuses images whose
-/// metadata has invalid entries (those need `check -r all`).
-fn count_for_rebuild(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Vec<u32>> {
-    let mut report = CheckReport::default();
-    let w = walk(q, ctx, &mut report)?;
-    let counts = w.counts;
-    if report.corruptions > 0 {
-        return Err(Error::Corrupt(format!(
-            "cannot rebuild refcounts: {}",
-            report.messages.first().cloned().unwrap_or_default()
-        )));
-    }
-    Ok(counts)
-}
-
-/// Replaces the refcount table and blocks with new ones, built from the
-/// references found in the metadata and written past the end of the file.
-/// The old structures become free space. The header switches to the new
-/// table only once it is durable, so a crash leaves the old one in force.
-pub(crate) fn rebuild_refcounts(q: &Qcow2, ctx: &mut MetaCtx<'_>) -> Result<()> {
-    let order = ctx.header.refcount_order;
-    rebuild_refcounts_as(q, ctx, order)
-}
-
-/// Rebuilds the refcount structures with entries of 2^`order` bits. When
-/// the width changes, the header switches table and width in one write of
-/// its first sector.
-pub(crate) fn rebuild_refcounts_as(q: &Qcow2, ctx: &mut MetaCtx<'_>, order: u32) -> Result<()> {
-    let st = q.storage();
-    let counts = count_for_rebuild(q, ctx)?;
-    let cb = ctx.header.cluster_bits;
-    let cs = 1u64 << cb;
-    let per_block = 1u64 << (cb + 3 - order);
-    let max = if order == 6 {
-        u64::MAX
-    } else {
-        (1u64 << (1 << order)) - 1
-    };
-    let start = counts.len() as u64;
-    let used_groups: Vec<u64> = {
-        let mut g: Vec<u64> = counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &r)| r != 0)
-            .map(|(c, _)| c as u64 / per_block)
-            .collect();
-        g.dedup();
-        g
-    };
-    // Find a stable layout: table at [start, start + tc), one block per
-    // group in use, blocks after the table.
-    let (mut tc, mut groups) = (1u64, Vec::new());
-    for _ in 0..64 {
-        // Groups in use plus those the new area touches; the area grows
-        // with the number of blocks, so iterate to a fixed point.
-        loop {
-            let area_end = start + tc + groups.len() as u64;
-            let mut g = used_groups.clone();
-            g.extend(start / per_block..=(area_end - 1) / per_block);
-            g.sort_unstable();
-            g.dedup();
-            let stable = g.len() == groups.len();
-            groups = g;
-            if stable {
-                break;
-            }
-        }
-        let entries = groups.last().map_or(1, |g| g + 1);
-        let need = (entries * 8).div_ceil(cs);
-        if need <= tc {
-            break;
-        }
-        tc = need;
-    }
-    if tc * cs > crate::header::MAX_REFTABLE_BYTES {
-        return Err(Error::TooLarge(
-            "rebuilt refcount table would exceed 8 MiB".into(),
-        ));
-    }
-    let area = start..start + tc + groups.len() as u64;
-    let mut table = vec![0u64; (tc * cs / 8) as usize];
-    let mut block = vec![0u8; cs as usize];
-    for (k, &g) in groups.iter().enumerate() {
-        let boff = (start + tc + k as u64) * cs;
-        table[g as usize] = boff;
-        block.fill(0);
-        for i in 0..per_block {
-            let c = g * per_block + i;
-            let r = if area.contains(&c) {
-                1
-            } else {
-                counts.get(c as usize).copied().unwrap_or(0) as u64
-            };
-            if r > max {
-                return Err(Error::RefcountOverflow(c * cs));
-            }
-            if r != 0 {
-                entry_set(&mut block, i as usize, order, r);
-            }
-        }
-        st.write_at(&block, boff)?;
-    }
-    let mut raw = vec![0u8; (tc * cs) as usize];
-    for (k, e) in table.iter().enumerate() {
-        raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
-    }
-    st.write_at(&raw, start * cs)?;
-    st.sync()?;
-    if order == ctx.header.refcount_order {
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
-        hdr[8..].copy_from_slice(&(tc as u32).to_be_bytes());
-        st.write_at(&hdr, field::REFCOUNT_TABLE)?;
-        st.sync()?;
-        ctx.header.refcount_table_offset = start * cs;
-        ctx.header.refcount_table_clusters = tc as u32;
-    } else {
-        let mut h = ctx.header.clone();
-        h.refcount_table_offset = start * cs;
-        h.refcount_table_clusters = tc as u32;
-        h.refcount_order = order;
-        let first = h.encode()?;
-        st.write_at(&first, 0)?;
-        st.sync()?;
-        *ctx.header = h;
-        let overlap = ctx.rc.take_overlap();
-        *ctx.rc =
-            crate::refcount::Refcounts::load(st, start * cs, tc, order, cb, ctx.rc.cache_bytes())?;
-        ctx.rc.install_overlap(overlap);
-    }
-    ctx.rc.reset(start * cs, table);
-    ctx.rc.note_end(area.end);
-    Ok(())
-}
-
-/// The full check: references against stored refcounts, COPIED flags,
-/// invalid entries, and (per `repair`) the fixes.
-pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<CheckReport> {
-    let st = q.storage();
-    let cb = ctx.header.cluster_bits;
-    let cs = 1u64 << cb;
-    let mut rep = CheckReport {
-        total_clusters: ctx.header.size.div_ceil(cs),
-        ..Default::default()
-    };
-    let (mut counts, bad) = {
-        let w = walk(q, ctx, &mut rep)?;
-        (w.counts, w.bad)
-    };
-    // References from the refcount structures themselves.
+/// References to every host cluster, those from the refcount structures
+/// included, and the active entries that cannot be used as they are.
+fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Counted> {
+    let cs = 1u64 << ctx.header.cluster_bits;
+    let w = walk(q, ctx, rep)?;
+    let (counts, bad, max, overflows, file_len) = (w.counts, w.bad, w.max, w.overflows, w.file_len);
     let mut extra = Walk {
-        counts: std::mem::take(&mut counts),
+        counts,
         uses: Vec::new(),
-        cluster_bits: cb,
-        report: &mut rep,
+        cluster_bits: ctx.header.cluster_bits,
+        report: rep,
         bad: Vec::new(),
         next_contiguous: 0,
         data_file: ctx.header.has_data_file(),
         extl2: ctx.header.extended_l2(),
+        max,
+        overflows,
+        file_len,
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -557,79 +449,171 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         }
         extra.add(b, cs);
     }
-    counts = extra.counts;
+    Ok(Counted {
+        counts: extra.counts,
+        bad,
+        overflows: extra.overflows,
+    })
+}
 
-    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > 0) {
-        fix_entries(q, ctx, &bad, &mut rep)?;
-        rebuild_refcounts(q, ctx)?;
-        fix_copied(q, ctx, &mut rep, true)?;
-        rep.corruptions_fixed = rep.corruptions;
-        return recheck(q, ctx, rep);
-    }
+/// What [`count_refs`] found.
+struct Counted {
+    counts: Vec<u32>,
+    bad: Vec<BadEntry>,
+    /// References past the largest refcount (reported, not counted);
+    /// no repair fixes those, a wider refcount does.
+    overflows: u64,
+}
 
-    // Stored refcounts against references.
-    let mut highest = 0u64;
-    let mut leaks_to_fix = Vec::new();
+/// What comparing stored refcounts with references found.
+struct Compared {
+    /// A referenced cluster has refcount 0: only a rebuild can fix that.
+    rebuild: bool,
+    highest: u64,
+}
+
+/// Compares stored refcounts with `counts`, reporting each mismatch and
+/// correcting (one cluster at a time) what `fix` allows: leaks for
+/// `Leaks`, also too-low refcounts for `All`. A stored refcount of 0 is
+/// never corrected here; it asks for a rebuild.
+fn compare(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    counts: &[u32],
+    rep: &mut CheckReport,
+    fix: Repair,
+) -> Result<Compared> {
+    let st = q.storage();
+    let cs = 1u64 << ctx.header.cluster_bits;
+    let mut out = Compared {
+        rebuild: false,
+        highest: 0,
+    };
+    let mut changed = false;
     for (c, &want) in counts.iter().enumerate() {
         let c = c as u64;
         let want = want as u64;
         let have = ctx.rc.get(st, c)?;
         if have > 0 || want > 0 {
-            highest = c;
+            out.highest = c;
         }
-        if have < want {
-            rep.corruptions += 1;
-            rep.messages.push(format!(
-                "ERROR cluster {c} refcount={have} reference={want}"
-            ));
+        if have == want {
+            continue;
+        }
+        let fixable = if have == 0 {
+            out.rebuild = true;
+            false
         } else if have > want {
+            fix != Repair::None
+        } else {
+            fix == Repair::All
+        };
+        let what = if fixable {
+            "Repairing"
+        } else if have < want {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        rep.messages.push(format!(
+            "{what} cluster {c} refcount={have} reference={want}"
+        ));
+        if fixable {
+            let delta = want as i64 - have as i64;
+            ctx.rc.update_range(st, c * cs, cs, delta, |_| {})?;
+            changed = true;
+            if have > want {
+                rep.leaks_fixed += 1;
+            } else {
+                rep.corruptions_fixed += 1;
+            }
+        } else if have < want {
+            rep.corruptions += 1;
+        } else {
             rep.leaks += 1;
-            rep.messages.push(format!(
-                "Leaked cluster {c} refcount={have} reference={want}"
-            ));
-            leaks_to_fix.push((c, have - want));
+        }
+    }
+    if changed {
+        ctx.rc.flush(st)?;
+    }
+    Ok(out)
+}
+
+/// The full check: references against stored refcounts, COPIED flags,
+/// invalid entries, and (per `repair`) the fixes. The order of the steps
+/// and of the messages is qemu-img's.
+pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<CheckReport> {
+    let cb = ctx.header.cluster_bits;
+    let cs = 1u64 << cb;
+    let mut rep = CheckReport {
+        total_clusters: ctx.header.size.div_ceil(cs),
+        ..Default::default()
+    };
+    let Counted {
+        counts,
+        bad,
+        overflows,
+    } = count_refs(q, ctx, &mut rep)?;
+
+    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > overflows) {
+        fix_entries(q, ctx, &bad, &mut rep)?;
+        rebuild_refcounts(q, ctx)?;
+        fix_copied(q, ctx, &mut rep, true)?;
+        rep.corruptions_fixed += rep.corruptions;
+        rep.corruptions = 0;
+        return recheck(q, ctx, rep);
+    }
+
+    let pre_compare = rep.clone();
+    let cmp = compare(q, ctx, &counts, &mut rep, Repair::None)?;
+    let mut highest = cmp.highest;
+    if cmp.rebuild && repair == Repair::All {
+        rep.messages.push("Rebuilding refcount structure".into());
+        let order = ctx.header.refcount_order;
+        // The old structures stay counted: the pass below frees them as
+        // leaks, as qemu-img reports it.
+        write_rebuilt(q, ctx, order, &counts)?;
+        let mut scratch = CheckReport::default();
+        let counts = count_refs(q, ctx, &mut scratch)?.counts;
+        let after = compare(q, ctx, &counts, &mut scratch, Repair::Leaks)?;
+        highest = after.highest;
+        rep.messages.append(&mut scratch.messages);
+        if after.rebuild {
+            rep.messages
+                .push("ERROR rebuilt refcount structure is still broken".into());
+        }
+        rep.corruptions_fixed += rep.corruptions;
+        rep.leaks_fixed += rep.leaks;
+        rep.corruptions = scratch.corruptions;
+        rep.leaks = scratch.leaks;
+    } else if repair != Repair::None {
+        if cmp.rebuild {
+            rep.messages
+                .push("ERROR need to rebuild refcount structures".into());
+            rep.check_errors += 1;
+            return Ok(rep);
+        }
+        if rep.leaks > 0 || rep.corruptions > 0 {
+            let mut msgs = std::mem::take(&mut rep.messages);
+            rep = pre_compare;
+            let n = rep.messages.len();
+            compare(q, ctx, &counts, &mut rep, repair)?;
+            // qemu-img prints both passes' lines.
+            msgs.extend(rep.messages.drain(n..));
+            rep.messages = msgs;
         }
     }
     rep.image_end_offset = (highest + 1) * cs;
-    let copied_errors = fix_copied(q, ctx, &mut rep, false)?;
-
-    match repair {
-        Repair::None => Ok(rep),
-        Repair::Leaks if rep.leaks == 0 => Ok(rep),
-        Repair::Leaks => {
-            for &(c, extra) in &leaks_to_fix {
-                ctx.rc
-                    .update_range(st, c * cs, cs, -(extra as i64), |_| {})?;
-                rep.messages.push(format!(
-                    "Repairing cluster {c} refcount={} reference={}",
-                    counts[c as usize] as u64 + extra,
-                    counts[c as usize]
-                ));
-            }
-            ctx.rc.flush(st)?;
-            rep.leaks_fixed = rep.leaks;
-            // As qemu-img: with the leaks gone and nothing else wrong,
-            // COPIED flags the new refcounts contradict are corrected too
-            // (a leak on a shared cluster hid them).
-            if rep.corruptions == 0 {
-                rep.corruptions_fixed += fix_copied(q, ctx, &mut rep, true)?;
-            }
-            recheck(q, ctx, rep)
-        }
-        Repair::All => {
-            if rep.leaks == 0 && rep.corruptions == 0 {
-                return Ok(rep);
-            }
-            let refcount_errors = rep.corruptions - copied_errors;
-            if rep.leaks > 0 || refcount_errors > 0 {
-                rebuild_refcounts(q, ctx)?;
-                rep.leaks_fixed = rep.leaks;
-            }
-            fix_copied(q, ctx, &mut rep, true)?;
-            rep.corruptions_fixed = rep.corruptions;
-            recheck(q, ctx, rep)
-        }
+    // With the leaks repaired and nothing else wrong, COPIED flags the
+    // new refcounts contradict are corrected too (a leak on a shared
+    // cluster hid them), as qemu-img does.
+    let fix = repair == Repair::All
+        || (repair == Repair::Leaks && rep.leaks_fixed > 0 && rep.corruptions == 0);
+    fix_copied(q, ctx, &mut rep, fix)?;
+    if repair != Repair::None && (rep.corruptions_fixed > 0 || rep.leaks_fixed > 0) {
+        return recheck(q, ctx, rep);
     }
+    Ok(rep)
 }
 
 /// Checks again after a repair; the result keeps the "fixed" counts and
@@ -725,6 +709,7 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
                 let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
                 ctx.l1[i] = ne;
                 st.write_at(&ne.to_be_bytes(), ctx.header.l1_table_offset + i as u64 * 8)?;
+                rep.corruptions_fixed += 1;
                 rep.messages.push(format!(
                     "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
                 ));
@@ -770,6 +755,7 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
                     };
                     l2buf[at..at + 8].copy_from_slice(&ne.to_be_bytes());
                     changed = true;
+                    rep.corruptions_fixed += 1;
                     rep.messages.push(format!(
                         "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
                     ));
@@ -800,10 +786,24 @@ impl Qcow2 {
             return Err(Error::ReadOnly);
         }
         self.flush()?;
-        let (sn_msgs, sn_found) = self.check_snapshot_table(repair == Repair::All)?;
-        let rep = self.with_meta(|ctx| {
+        let fix = repair == Repair::All;
+        let (sn_msgs, sn_found) = self.check_snapshot_table(fix, false)?;
+        let first = self.with_meta(|ctx| {
             ctx.drop_l2_cache();
-            let mut rep = check(self, ctx, repair)?;
+            check(self, ctx, repair)
+        })?;
+        if fix && sn_found > 0 {
+            self.check_snapshot_table(true, true)?;
+        }
+        let rep = self.with_meta(|ctx| {
+            let mut rep = if fix && sn_found > 0 {
+                // The table was rewritten after the refcount check: check
+                // again, as qemu-img does after any repair.
+                ctx.drop_l2_cache();
+                recheck(self, ctx, first)?
+            } else {
+                first
+            };
             rep.messages.splice(0..0, sn_msgs);
             if repair == Repair::All {
                 rep.corruptions_fixed += sn_found;

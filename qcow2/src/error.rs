@@ -65,11 +65,38 @@ pub enum Error {
     /// The message is QEMU's wording, printed as is.
     #[error("{0}")]
     Crypto(String),
+    /// The snapshot table is over one of QEMU's limits; `check -r all`
+    /// can cut it down (qemu-img's two lines: the problem, the remedy).
+    #[error("{open}")]
+    SnapshotTableLimit {
+        /// What opening the image says.
+        open: String,
+        /// What `check` (without -r all) says instead.
+        check: String,
+    },
+    /// An internal snapshot could not be loaded for reading (qemu-img's
+    /// wording after "Failed to load snapshot: ").
+    #[error("{0}")]
+    SnapshotLoad(String),
+    /// The virtual size needs an L1 table of more than 2^31 entries
+    /// (qemu-img's wording).
+    #[error("Image is too big")]
+    ImageTooBig { size: u64 },
+    /// The header's L1 table cannot map the whole virtual size.
+    #[error("L1 table is too small")]
+    L1TooSmall { entries: u32, size: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// A snapshot table limit error whose check message is the open one
+    /// after "ERROR failed to read the snapshot table: ".
+    pub fn snapshot_table_limit(open: String) -> Self {
+        let check = format!("ERROR failed to read the snapshot table: {open}");
+        Error::SnapshotTableLimit { open, check }
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {

@@ -387,11 +387,15 @@ impl Header {
                 h.l1_size
             )));
         }
-        if (h.l1_size as u64) < Header::l1_entries_with(cluster_bits, h.l2_bits(), h.size) {
-            return Err(bad(format!(
-                "L1 table has {} entries, too few for virtual size {}",
-                h.l1_size, h.size
-            )));
+        let need = Header::l1_entries_with(cluster_bits, h.l2_bits(), h.size);
+        if need > i32::MAX as u64 {
+            return Err(Error::ImageTooBig { size: h.size });
+        }
+        if (h.l1_size as u64) < need {
+            return Err(Error::L1TooSmall {
+                entries: h.l1_size,
+                size: h.size,
+            });
         }
         validate_table(
             "L1 table",
@@ -427,14 +431,14 @@ impl Header {
             return Err(bad("refcount table offset is 0"));
         }
         // Snapshot table.
-        if h.nb_snapshots > MAX_SNAPSHOTS {
-            return Err(Error::TooLarge(format!("{} snapshots", h.nb_snapshots)));
-        }
+        // More than MAX_SNAPSHOTS is refused when the image is opened
+        // (a repair drops the overhanging ones); the table's first
+        // MAX_SNAPSHOTS entries must be valid either way.
         // A snapshot header is at least 40 bytes (qcow2.rst "Snapshot table").
         validate_table(
             "snapshot table",
             h.snapshots_offset,
-            h.nb_snapshots as u64,
+            h.nb_snapshots.min(MAX_SNAPSHOTS) as u64,
             40,
             cluster_size,
         )?;

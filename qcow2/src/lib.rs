@@ -39,6 +39,7 @@ pub mod open;
 pub(crate) mod overlap;
 pub mod qcow;
 pub mod raw;
+pub(crate) mod rebuild;
 pub(crate) mod refcount;
 pub mod snapshot;
 pub mod storage;

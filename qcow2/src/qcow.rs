@@ -276,6 +276,21 @@ impl Qcow2 {
         if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
+        let max = crate::header::MAX_SNAPSHOTS;
+        let too_many = header.nb_snapshots.saturating_sub(max);
+        if too_many > 0 {
+            if !opts.repair {
+                return Err(Error::SnapshotTableLimit {
+                    open: "Snapshot table too large".into(),
+                    check: format!(
+                        "ERROR snapshot table too large\nYou can force-remove all {too_many} overhanging snapshots with qemu-img check -r all"
+                    ),
+                });
+            }
+            // The repair reads the first MAX_SNAPSHOTS entries and drops
+            // the others from the header (check_snapshot_table).
+            header.nb_snapshots = max;
+        }
         // The encrypted data paths know neither subclusters nor a data
         // file: the combinations are refused rather than written in clear.
         if header.crypt_method != 0
@@ -349,7 +364,7 @@ impl Qcow2 {
     fn prepare_for_writing(&self) -> Result<()> {
         let mut m = self.lock();
         if m.header.is_dirty() && !self.opts.repair {
-            crate::check::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
+            crate::rebuild::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
             m.header.incompatible_features &= !incompat::DIRTY;
             let bits = m.header.incompatible_features.to_be_bytes();
             m.rc.overlap.write(
@@ -1472,8 +1487,10 @@ impl Qcow2 {
             let m = self.lock();
             let mut m = self.wait_inflight(m, c, chunk)?;
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
-            if !has_table && (!zero || !self.has_backing_file) {
-                // Unallocated already reads as zeros without a backing file.
+            if !has_table && !zero {
+                // Unallocated already reads as zeros without a backing file;
+                // zero clusters are still written (QEMU's write-zeroes sets
+                // the flag in version 3, table or not).
                 c += chunk;
                 continue;
             }
@@ -2625,14 +2642,35 @@ impl Qcow2 {
     /// (left out when the image was opened for repair) and, in version 3,
     /// incomplete entries. With `fix` the table is written back without
     /// them. Returns the messages and the number of problems found.
-    pub(crate) fn check_snapshot_table(&self, fix: bool) -> Result<(Vec<String>, u64)> {
+    ///
+    /// As qemu-img, dropping overhanging entries (a header update) comes
+    /// before the refcount check, so that it finds their clusters leaked;
+    /// rewriting the table comes after it (`rewrite`), like the messages.
+    pub(crate) fn check_snapshot_table(
+        &self,
+        fix: bool,
+        rewrite: bool,
+    ) -> Result<(Vec<String>, u64)> {
         let m = self.lock();
         let mut m = self.quiesce(m);
         let mut msgs = Vec::new();
         let mut found = 0;
         let mut overhanging = 0;
         let snaps = m.snapshots.clone();
+        // The header on disk: the open may have cut its count down.
+        let mut raw = [0u8; 4];
+        self.st.read_at(&mut raw, field::NB_SNAPSHOTS)?;
+        let on_disk = u32::from_be_bytes(raw);
         if self.opts.repair {
+            let too_many = on_disk.saturating_sub(crate::header::MAX_SNAPSHOTS);
+            if too_many > 0 {
+                msgs.push(format!(
+                    "{} {too_many} overhanging snapshots",
+                    if fix { "Discarding" } else { "ERROR" }
+                ));
+                overhanging += too_many as u64;
+                found += too_many as u64;
+            }
             let (_, _, fixes) = Snapshot::read_table_repairing(&self.st, &m.header, true)?;
             for &(n, len) in &fixes.extra_dropped {
                 msgs.push(format!(
@@ -2648,8 +2686,8 @@ impl Qcow2 {
                     if fix { "Discarding" } else { "ERROR" },
                     fixes.overhanging
                 ));
-                overhanging = fixes.overhanging as u64;
-                found += overhanging;
+                overhanging += fixes.overhanging as u64;
+                found += fixes.overhanging as u64;
             }
         }
         if m.header.version >= 3 {
@@ -2663,11 +2701,12 @@ impl Qcow2 {
                 }
             }
         }
-        let rewrite = found > overhanging;
-        if fix && rewrite {
-            self.flush_locked(&mut m)?;
-            self.write_snapshot_table(&mut m, snaps, false)?;
-        } else if fix && overhanging > 0 {
+        if rewrite {
+            if fix && found > overhanging {
+                self.flush_locked(&mut m)?;
+                self.write_snapshot_table(&mut m, snaps, false)?;
+            }
+        } else if fix && overhanging > 0 && on_disk != snaps.len() as u32 {
             // Only entries at the end go: the table stays where it is and
             // the header counts fewer (as QEMU repairs it).
             m.rc.overlap.write(
@@ -2731,12 +2770,6 @@ impl Qcow2 {
         }
         let m = self.lock();
         let mut m = self.quiesce(m);
-        if m.rc.max_refcount() < 2 && m.l1.iter().any(|&e| L1Entry(e).l2_offset() != 0) {
-            // Every allocated cluster would need a refcount of 2.
-            return Err(Error::RefcountOverflow(
-                L1Entry(m.l1.iter().copied().find(|&e| e != 0).unwrap_or(0)).l2_offset(),
-            ));
-        }
         if m.snapshots.len() as u32 >= crate::header::MAX_SNAPSHOTS {
             return Err(Error::TooLarge("too many snapshots".into()));
         }
@@ -2825,6 +2858,51 @@ impl Qcow2 {
         }
         self.refresh_copied(&mut m)?;
         self.flush_locked(&mut m)
+    }
+
+    /// Makes this read-only image read as an internal snapshot (by ID or
+    /// name, or both when `id` is given): its L1 table replaces the active
+    /// one in memory only, as qemu-img convert -l does.
+    pub fn snapshot_load_tmp(&self, key: &str, id: Option<&str>) -> Result<()> {
+        if self.st.writable() {
+            return Err(Error::InvalidArgument(
+                "a snapshot is loaded only into a read-only image".into(),
+            ));
+        }
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        let found = match id {
+            Some(id) => m
+                .snapshots
+                .iter()
+                .find(|s| s.id == id && (key.is_empty() || s.name == key))
+                .cloned(),
+            None => Snapshot::find(&m.snapshots, key).map(|(_, s)| s.clone()),
+        };
+        let Some(sn) = found else {
+            return Err(Error::SnapshotLoad("Can't find snapshot".into()));
+        };
+        // qemu-img's checks of the table (qcow2_validate_table's wording).
+        if sn.l1_size as u64 > crate::header::MAX_L1_BYTES / 8 {
+            return Err(Error::SnapshotLoad("Snapshot L1 table too large".into()));
+        }
+        let cs = self.cluster_size();
+        if sn.l1_table_offset & (cs - 1) != 0
+            || sn
+                .l1_table_offset
+                .checked_add(sn.l1_size as u64 * 8)
+                .is_none_or(|e| e > i64::MAX as u64)
+        {
+            return Err(Error::SnapshotLoad(
+                "Snapshot L1 table offset invalid".into(),
+            ));
+        }
+        let mut l1 = self.read_l1_at(sn.l1_table_offset, sn.l1_size)?;
+        // Reads past the snapshot's table find nothing allocated.
+        l1.resize(l1.len().max(m.l1.len()), 0);
+        m.l1 = l1;
+        m.l1_dirty = None;
+        Ok(())
     }
 
     /// Reverts the disk to an internal snapshot (by ID or name).

@@ -83,8 +83,8 @@ impl Snapshot {
                 limited + 40 + extra_len.min(MAX_EXTRA_DATA) as u64 + (id_len + name_len) as u64;
             if limit_end > MAX_TABLE_BYTES {
                 if !repair {
-                    return Err(bad(format!(
-                        "larger than 64 MiB; `check -r all` removes the {} overhanging snapshots",
+                    return Err(Error::snapshot_table_limit(format!(
+                        "Snapshot table is too big\nYou can force-remove all {} overhanging snapshots with qemu-img check -r all",
                         h.nb_snapshots - n
                     )));
                 }
@@ -94,8 +94,8 @@ impl Snapshot {
             // Extra data kept: at most the known fields when over the limit.
             let kept_extra = if extra_len > MAX_EXTRA_DATA {
                 if !repair {
-                    return Err(bad(format!(
-                        "snapshot {n} has {extra_len} bytes of extra data; `check -r all` drops them"
+                    return Err(Error::snapshot_table_limit(format!(
+                        "Too much extra metadata in snapshot table entry {n}\nYou can force-remove this extra metadata with qemu-img check -r all"
                     )));
                 }
                 fixes.extra_dropped.push((n, extra_len));

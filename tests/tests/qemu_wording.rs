@@ -1,0 +1,375 @@
+//! rimg against qemu-img, step for step, where the iotests compare their
+//! words: check -r (039, 138, 214, 112), "Image is too big" (054),
+//! snapshot and amend errors (080, 112), rebase -c and -u -F (314, 031),
+//! convert -l (029) and convert's allocation order (122). Each case runs
+//! the same commands with both tools in twin directories and compares
+//! exit codes and output; qemu-img then checks every image written.
+
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::process::Command;
+
+use rimg_tests::{assert_qemu_check_clean, tempdir, workspace_bin};
+
+const IMG: &str = "t.qcow2";
+
+/// Twin directories: one worked on by qemu-img, one by rimg.
+struct Twins {
+    _tmp: tempfile::TempDir,
+    q: PathBuf,
+    r: PathBuf,
+    rimg: PathBuf,
+}
+
+impl Twins {
+    fn new() -> Twins {
+        let tmp = tempdir();
+        let (q, r) = (tmp.path().join("q"), tmp.path().join("r"));
+        std::fs::create_dir(&q).unwrap();
+        std::fs::create_dir(&r).unwrap();
+        Twins {
+            _tmp: tmp,
+            q,
+            r,
+            rimg: workspace_bin("rimg"),
+        }
+    }
+
+    /// Runs a setup command (always qemu-img or qemu-io) in both.
+    fn both(&self, tool: &str, args: &[&str]) {
+        for d in [&self.q, &self.r] {
+            let o = Command::new(tool)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "{tool} {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    }
+
+    /// Writes `bytes` at `off` into `file` in both directories.
+    fn poke(&self, file: &str, off: u64, bytes: &[u8]) {
+        for d in [&self.q, &self.r] {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(d.join(file))
+                .unwrap();
+            f.write_all_at(bytes, off).unwrap();
+        }
+    }
+
+    fn be64(&self, file: &str, off: u64) -> u64 {
+        let f = std::fs::File::open(self.q.join(file)).unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, off).unwrap();
+        u64::from_be_bytes(b)
+    }
+
+    /// Runs `args` with qemu-img in one twin and rimg in the other and
+    /// asserts the same exit code, stdout and stderr; returns stderr.
+    fn same(&self, args: &[&str]) -> String {
+        let q = Command::new("qemu-img")
+            .args(args)
+            .current_dir(&self.q)
+            .output()
+            .unwrap();
+        let r = Command::new(&self.rimg)
+            .args(args)
+            .current_dir(&self.r)
+            .output()
+            .unwrap();
+        let norm = |b: &[u8]| String::from_utf8_lossy(b).replace("rimg:", "qemu-img:");
+        assert_eq!(
+            (q.status.code(), norm(&q.stdout), norm(&q.stderr)),
+            (r.status.code(), norm(&r.stdout), norm(&r.stderr)),
+            "{args:?}: qemu-img (left) and rimg (right) differ"
+        );
+        norm(&q.stderr)
+    }
+
+    /// As [`Twins::same`], for exit code and messages only: where a rebuild
+    /// puts the new refcount structures (and so the image end) differs.
+    fn same_msgs(&self, args: &[&str]) {
+        let run = |tool: &std::path::Path, d: &PathBuf| {
+            let o = Command::new(tool)
+                .args(args)
+                .current_dir(d)
+                .output()
+                .unwrap();
+            let e = String::from_utf8_lossy(&o.stderr).replace("rimg:", "qemu-img:");
+            (o.status.code(), e)
+        };
+        assert_eq!(
+            run(std::path::Path::new("qemu-img"), &self.q),
+            run(&self.rimg, &self.r),
+            "{args:?}"
+        );
+    }
+
+    /// qemu-img's view of `file` in both twins: these lines of its
+    /// `info` must be the same.
+    fn same_info(&self, file: &str, keep: &str) {
+        let lines = |d: &PathBuf| {
+            let o = Command::new("qemu-img")
+                .args(["info", "-U", file])
+                .current_dir(d)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains(keep))
+                .map(String::from)
+                .collect::<Vec<_>>()
+        };
+        let q = lines(&self.q);
+        assert!(!q.is_empty(), "no '{keep}' in qemu-img info");
+        assert_eq!(q, lines(&self.r));
+    }
+
+    fn check_clean(&self, file: &str) {
+        assert_qemu_check_clean(&self.q.join(file));
+        assert_qemu_check_clean(&self.r.join(file));
+    }
+}
+
+/// Host offsets of the refcount block, the first L2 table and the first
+/// data cluster of `IMG`.
+fn layout(t: &Twins) -> (u64, u64, u64) {
+    let rt = t.be64(IMG, 48);
+    let l1 = t.be64(IMG, 40);
+    let refblock = t.be64(IMG, rt) & !511;
+    let l2 = t.be64(IMG, l1) & 0x00ff_ffff_ffff_fe00;
+    let data = t.be64(IMG, l2) & 0x00ff_ffff_ffff_fe00;
+    (refblock, l2, data)
+}
+
+fn image_with_data(t: &Twins, opts: &str) {
+    t.both(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, IMG, "1M"],
+    );
+    t.both("qemu-io", &["-c", "write -P 0x5a 0 64k", IMG]);
+}
+
+#[test]
+fn check_rebuilds_for_a_zero_refcount() {
+    let t = Twins::new();
+    image_with_data(&t, "cluster_size=65536");
+    let (refblock, _, data) = layout(&t);
+    t.poke(IMG, refblock + (data >> 16) * 2, &[0, 0]);
+    t.same(&["check", IMG]);
+    let err = t.same(&["check", "-r", "all", IMG]);
+    assert!(err.contains("Rebuilding refcount structure"), "{err}");
+    t.check_clean(IMG);
+}
+
+#[test]
+fn check_repairs_refcounts_one_by_one() {
+    // Too low (a snapshot shares the data cluster) and too high.
+    let t = Twins::new();
+    image_with_data(&t, "cluster_size=65536");
+    t.both("qemu-img", &["snapshot", "-c", "s", IMG]);
+    let (refblock, _, data) = layout(&t);
+    t.poke(IMG, refblock + (data >> 16) * 2, &[0, 1]);
+    t.poke(IMG, refblock, &[0, 2]);
+    t.same(&["check", IMG]);
+    let err = t.same(&["check", "-r", "all", IMG]);
+    assert!(
+        err.contains("Repairing cluster 0 refcount=2 reference=1"),
+        "{err}"
+    );
+    t.check_clean(IMG);
+    t.same(&["check", "-r", "leaks", IMG]);
+}
+
+#[test]
+fn check_reports_references_past_the_refcount_width() {
+    let t = Twins::new();
+    image_with_data(&t, "refcount_bits=1");
+    let (_, l2, _) = layout(&t);
+    let e = t.be64(IMG, l2);
+    t.poke(IMG, l2 + 8, &e.to_be_bytes());
+    let err = t.same(&["check", IMG]);
+    assert!(err.contains("ERROR: overflow cluster offset="), "{err}");
+    t.same(&["check", "-r", "all", IMG]);
+    t.same(&["amend", "-o", "refcount_bits=2", IMG]);
+    t.same(&["check", "-r", "all", IMG]);
+    t.check_clean(IMG);
+}
+
+#[test]
+fn open_refuses_an_image_too_big() {
+    let t = Twins::new();
+    t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "4G"]);
+    t.poke(IMG, 24, &(1u64 << 60).to_be_bytes());
+    assert!(t.same(&["info", IMG]).contains("Image is too big"));
+    t.poke(IMG, 24, &(1u64 << 40).to_be_bytes());
+    assert!(t.same(&["info", IMG]).contains("L1 table is too small"));
+}
+
+#[test]
+fn snapshot_create_errors_are_errnos() {
+    // refcount_bits=1: a snapshot would need refcounts of 2.
+    let t = Twins::new();
+    image_with_data(&t, "refcount_bits=1");
+    let err = t.same(&["snapshot", "-c", "foo", IMG]);
+    assert!(err.contains("Could not create snapshot 'foo': Invalid argument"));
+    t.same(&["check", IMG]);
+    t.same(&["check", "-r", "all", IMG]);
+    t.check_clean(IMG);
+    // A full snapshot table.
+    let t = Twins::new();
+    t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
+    t.poke(IMG, 64, &0x1_0000_0000u64.to_be_bytes());
+    t.poke(IMG, 60, &0x10000u32.to_be_bytes());
+    let err = t.same(&["snapshot", "-c", "test", IMG]);
+    assert!(err.contains("File too large"), "{err}");
+}
+
+#[test]
+fn amend_refcount_width_messages() {
+    let t = Twins::new();
+    image_with_data(&t, "refcount_bits=64");
+    t.same(&["amend", "-o", "compat=0.10", IMG]);
+    t.same(&["amend", "-o", "compat=0.10,refcount_bits=16", IMG]);
+    t.same_info(IMG, "refcount bits");
+    t.same(&["amend", "-o", "compat=1.1", IMG]);
+    t.same(&["amend", "-o", "refcount_bits=32,compat=0.10", IMG]);
+    t.check_clean(IMG);
+    // A shared cluster cannot go down to one bit.
+    t.both("qemu-img", &["snapshot", "-c", "s", IMG]);
+    let err = t.same(&["amend", "-o", "refcount_bits=1", IMG]);
+    assert!(err.contains("Cannot decrease refcount entry width to 1 bits"));
+    t.same(&["amend", "-o", "refcount_bits=2", IMG]);
+    t.check_clean(IMG);
+}
+
+#[test]
+fn rebase_compressed_and_unsafe_format_names() {
+    let t = Twins::new();
+    t.both(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"],
+    );
+    t.both("qemu-io", &["-c", "write -P 0xaa 0 2M", "b.qcow2"]);
+    t.both(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG,
+        ],
+    );
+    t.both("qemu-io", &["-c", "write -c -P 0xbb 2M 2M", IMG]);
+    t.same(&["rebase", "-c", "-f", "qcow2", "-b", "", IMG]);
+    t.same(&["check", IMG]);
+    t.check_clean(IMG);
+    t.same(&["compare", "-f", "qcow2", "-F", "qcow2", IMG, "../q/t.qcow2"]);
+    t.both("qemu-img", &["create", "-q", "-f", "raw", "r.raw", "1M"]);
+    t.same(&["rebase", "-c", "-f", "raw", "-b", "", "r.raw"]);
+    t.same(&["rebase", "-u", "-b", "/some/path", "-F", "host_device", IMG]);
+    t.same(&["rebase", "-u", "-b", "/some/path", "-F", "nosuch", IMG]);
+    t.same_info(IMG, "backing");
+}
+
+#[test]
+fn convert_from_an_internal_snapshot() {
+    let t = Twins::new();
+    image_with_data(&t, "cluster_size=65536");
+    t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
+    t.both("qemu-io", &["-c", "write -P 0x22 32k 128k", IMG]);
+    t.same(&["convert", "-l", "foo", "-O", "qcow2", IMG, "s.qcow2"]);
+    t.same(&["convert", "-l", "snapshot.id=1", "-O", "raw", IMG, "s.raw"]);
+    t.same(&["convert", "-l", "nope", IMG, "n.raw"]);
+    t.check_clean("s.qcow2");
+    t.same(&["compare", "s.qcow2", "s.raw"]);
+    t.same(&["compare", "s.qcow2", "../q/s.qcow2"]);
+}
+
+#[test]
+fn convert_allocates_in_guest_order() {
+    let t = Twins::new();
+    t.both(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"],
+    );
+    t.both("qemu-io", &["-c", "write -P 0x11 0 64M", "b.qcow2"]);
+    t.both(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG,
+        ],
+    );
+    t.both("qemu-io", &["-c", "write -P 0x22 0 3M", IMG]);
+    t.same(&["convert", "-O", "qcow2", "-S", "0", IMG, "o.qcow2"]);
+    t.same(&["map", "--output=json", "o.qcow2"]);
+    t.check_clean("o.qcow2");
+}
+
+#[test]
+fn snapshot_table_with_too_much_extra_data() {
+    // As iotest 261: the table is rewritten past the end of the file (no
+    // refcounts for it) with 64 KiB of extra data in its one entry.
+    let t = Twins::new();
+    image_with_data(&t, "cluster_size=65536");
+    t.both("qemu-img", &["snapshot", "-c", "s", IMG]);
+    let table = t.be64(IMG, 64);
+    let f = std::fs::File::open(t.q.join(IMG)).unwrap();
+    let mut fixed = [0u8; 40];
+    f.read_exact_at(&mut fixed, table).unwrap();
+    let extra_len = u32::from_be_bytes(fixed[36..40].try_into().unwrap()) as usize;
+    let names = (u16::from_be_bytes([fixed[12], fixed[13]])
+        + u16::from_be_bytes([fixed[14], fixed[15]])) as usize;
+    let mut rest = vec![0u8; extra_len + names];
+    f.read_exact_at(&mut rest, table + 40).unwrap();
+    let mut raw = fixed[..36].to_vec();
+    raw.extend_from_slice(&65536u32.to_be_bytes());
+    raw.extend_from_slice(&rest[..extra_len]);
+    raw.resize(40 + 65536, 0);
+    raw.extend_from_slice(&rest[extra_len..]);
+    raw.resize(raw.len().next_multiple_of(8), 0);
+    let at = f.metadata().unwrap().len().next_multiple_of(65536);
+    t.poke(IMG, at, &raw);
+    t.poke(IMG, 64, &at.to_be_bytes());
+    let err = t.same(&["info", IMG]);
+    assert!(err.contains("Too much extra metadata in snapshot table entry 0"));
+    t.same(&["check", IMG]);
+    t.same_msgs(&["check", "-r", "all", IMG]);
+    t.check_clean(IMG);
+    t.same_info(IMG, "Snapshot list");
+}
+
+#[test]
+fn convert_n_writes_zeros_over_the_target() {
+    // As iotest 122: -n assumes nothing of the target, so zero regions
+    // become zero clusters (v3), stay unallocated (v2 alone) or are
+    // written as data (v2 over a backing file).
+    for (compat, backing) in [
+        ("1.1", false),
+        ("0.10", false),
+        ("1.1", true),
+        ("0.10", true),
+    ] {
+        let t = Twins::new();
+        t.both(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "o.qcow2", "4M"],
+        );
+        t.both(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"],
+        );
+        let opt = format!("compat={compat}");
+        let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opt];
+        if backing {
+            args.extend(["-b", "b.qcow2", "-F", "qcow2"]);
+        }
+        args.extend([IMG, "4M"]);
+        t.both("qemu-img", &args);
+        t.same(&["convert", "-O", "qcow2", "-n", "o.qcow2", IMG]);
+        t.same(&["map", "--output=json", IMG]);
+        t.check_clean(IMG);
+    }
+}
