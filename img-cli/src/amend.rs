@@ -45,6 +45,7 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     };
     let mut luks_given = false;
     let mut am = Amend::default();
+    let mut new_size = None;
     for (k, v) in &list.items {
         match k.as_str() {
             "compat" => {
@@ -82,9 +83,14 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
                 ))
             }
             "size" => {
-                return Err(CliError::new(
-                    "Changing the size with amend is not supported; use resize",
-                ))
+                new_size = Some(crate::size::parse_size(v).ok_or_else(|| {
+                    // QemuOpts' wording for a bad size option.
+                    CliError::new(
+                        "Parameter 'size' expects a non-negative number below 2^64\n\
+                         Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                         and exabytes, respectively.",
+                    )
+                })?)
             }
             k if k.starts_with("encrypt.") => {
                 encrypt_option(&mut luks, k, v)?;
@@ -118,6 +124,23 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             "Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.",
         ));
     }
+    // QEMU's order: an upgrade and the other changes, then the size,
+    // then a downgrade (which must see the new size).
+    let downgrade = am.version.is_some_and(|v| v < q.header().version);
+    let resize = || -> Result<(), CliError> {
+        match new_size {
+            Some(n) if n != img.size() => img.resize(n).map_err(|e| {
+                CliError::new(match e {
+                    qcow2::Error::InvalidArgument(m) => crate::common::sentence(&m),
+                    e => e.to_string(),
+                })
+            }),
+            _ => Ok(()),
+        }
+    };
+    if downgrade {
+        resize()?;
+    }
     q.amend(&am).map_err(|e| {
         CliError::new(match e {
             // qemu-img prints the driver's reason as it is (a sentence,
@@ -131,6 +154,9 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             e => e.to_string(),
         })
     })?;
+    if !downgrade {
+        resize()?;
+    }
     Ok(0)
 }
 

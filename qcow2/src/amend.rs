@@ -114,7 +114,7 @@ impl Qcow2 {
         if version == 2 && h.version == 3 {
             if !self.snapshots().is_empty() {
                 return Err(Error::InvalidArgument(
-                    "downgrading an image with internal snapshots is not supported".into(),
+                    "Internal snapshots prevent downgrade of image".into(),
                 ));
             }
             self.expand_zero_clusters()?;

@@ -1,6 +1,6 @@
 //! rimg against qemu-img, step for step, where the iotests compare their
 //! words: check -r (039, 138, 214, 112), "Image is too big" (054),
-//! snapshot and amend errors (080, 112), rebase -c and -u -F (314, 031),
+//! snapshot and amend errors (080, 112), amend size=, rebase -c and -u -F (314, 031),
 //! convert -l (029) and convert's allocation order (122). Each case runs
 //! the same commands with both tools in twin directories and compares
 //! exit codes and output; qemu-img then checks every image written.
@@ -245,6 +245,32 @@ fn amend_refcount_width_messages() {
     let err = t.same(&["amend", "-o", "refcount_bits=1", IMG]);
     assert!(err.contains("Cannot decrease refcount entry width to 1 bits"));
     t.same(&["amend", "-o", "refcount_bits=2", IMG]);
+    t.check_clean(IMG);
+}
+
+/// `amend -o size=` grows and shrinks as qemu-img's does, also with
+/// internal snapshots (version 3), and changes the size before a
+/// downgrade, which then fails on the snapshot with qemu-img's words
+/// (the size change stays, as in qemu-img).
+#[test]
+fn amend_changes_the_size() {
+    let t = Twins::new();
+    image_with_data(&t, "compat=1.1");
+    t.same(&["amend", "-o", "size=2M", IMG]);
+    t.same_info(IMG, "virtual size");
+    t.same(&["amend", "-o", "size=32k", IMG]);
+    t.same_info(IMG, "virtual size");
+    t.check_clean(IMG);
+    t.both("qemu-img", &["snapshot", "-c", "s", IMG]);
+    t.same(&["amend", "-o", "size=4M", IMG]);
+    t.same_info(IMG, "virtual size");
+    let err = t.same(&["amend", "-o", "compat=0.10,size=1M", IMG]);
+    assert!(
+        err.contains("Internal snapshots prevent downgrade"),
+        "{err}"
+    );
+    t.same_info(IMG, "virtual size");
+    t.same(&["amend", "-o", "size=junk", IMG]);
     t.check_clean(IMG);
 }
 
