@@ -172,22 +172,7 @@ pub fn parse_filename(name: &str) -> Result<Spec, CliError> {
 /// `,,` standing for a comma.
 pub fn parse_image_opts(s: &str) -> Result<Spec, CliError> {
     let mut flat = Flat::new();
-    let mut items = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                cur.push(',');
-            } else {
-                items.push(std::mem::take(&mut cur));
-            }
-        } else {
-            cur.push(c);
-        }
-    }
-    items.push(cur);
+    let items = crate::opts::split_options(s);
     for it in items.iter().filter(|i| !i.is_empty()) {
         let Some((k, v)) = it.split_once('=') else {
             return Err(err(format!("Invalid parameter '{it}'")));

@@ -1,5 +1,27 @@
 //! qemu-img's `-o key=value,...` option lists.
 
+/// Splits a QEMU option string at its commas, `,,` standing for a
+/// literal comma (QemuOpts' syntax, shared by `-o` and `--image-opts`).
+pub fn split_options(s: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == ',' {
+            if chars.peek() == Some(&',') {
+                chars.next();
+                cur.push(',');
+            } else {
+                parts.push(std::mem::take(&mut cur));
+            }
+        } else {
+            cur.push(c);
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
 /// Parsed `-o` options, in the order given (later values win).
 #[derive(Debug, Default, Clone)]
 pub struct OptList {
@@ -12,22 +34,7 @@ impl OptList {
     pub fn parse(args: &[String]) -> Result<OptList, String> {
         let mut items = Vec::new();
         for arg in args {
-            let mut cur = String::new();
-            let mut parts = Vec::new();
-            let mut chars = arg.chars().peekable();
-            while let Some(c) = chars.next() {
-                if c == ',' {
-                    if chars.peek() == Some(&',') {
-                        chars.next();
-                        cur.push(',');
-                    } else {
-                        parts.push(std::mem::take(&mut cur));
-                    }
-                } else {
-                    cur.push(c);
-                }
-            }
-            parts.push(cur);
+            let parts = split_options(arg);
             for p in parts.into_iter().filter(|p| !p.is_empty()) {
                 match p.split_once('=') {
                     Some((k, v)) => items.push((k.to_string(), v.to_string())),
