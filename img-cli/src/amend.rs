@@ -4,6 +4,7 @@ use clap::Args;
 use qcow2::{Amend, Format, OpenOptions};
 
 use crate::opts::{parse_bool, OptList};
+use crate::progress::Progress;
 use crate::CliError;
 
 #[derive(Args)]
@@ -30,7 +31,7 @@ pub struct AmendArgs {
 }
 
 pub fn run(a: AmendArgs) -> Result<u8, CliError> {
-    let _ = (a.progress, a.quiet, &a.cache, a.force);
+    let _ = &a.cache;
     let format = match &a.format {
         Some(f) => Some(
             Format::from_name(f)
@@ -115,6 +116,26 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             img.format().name()
         )));
     };
+    // qemu-img prints 0 % before the driver's own figures and 100 % after
+    // them, whether the amend worked or not.
+    let progress = Progress::new(a.progress && !a.quiet, "Amending", 10_000, 1.0);
+    let r = amend_qcow2(q, &img, &am, &luks, luks_given, new_size, &progress);
+    progress.set_percent(100.0);
+    progress.finish();
+    r
+}
+
+/// The amend proper, once the image is open.
+fn amend_qcow2(
+    q: &qcow2::Qcow2,
+    img: &std::sync::Arc<dyn qcow2::Image>,
+    am: &Amend,
+    luks: &qcow2::luks_amend::LuksAmend,
+    luks_given: bool,
+    new_size: Option<u64>,
+    progress: &Progress,
+) -> Result<u8, CliError> {
+    let mut luks = luks.clone();
     if luks_given {
         luks.secret = q.encrypt_key().map(|k| k.0.clone());
         qcow2::luks_amend::amend_luks(q, &luks).map_err(|e| CliError::new(e.to_string()))?;
@@ -141,7 +162,11 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     if downgrade {
         resize()?;
     }
-    q.amend(&am).map_err(|e| {
+    let mut report = |done: u64, total: u64| {
+        // amend_status_cb's arithmetic, in single precision.
+        progress.set_percent(100.0f32 * done as f32 / total as f32)
+    };
+    q.amend_with_progress(am, &mut report).map_err(|e| {
         CliError::new(match e {
             // qemu-img prints the driver's reason as it is (a sentence,
             // unless it starts with an option name).

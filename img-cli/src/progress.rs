@@ -119,6 +119,36 @@ impl Progress {
         self.show();
     }
 
+    /// Shows `pct` percent as qemu_progress_print(pct, 0) does, for
+    /// commands whose figure is computed rather than counted (amend's may
+    /// go back). qemu-img works in single precision; so does this, so the
+    /// same steps print.
+    pub fn set_percent(&self, pct: f32) {
+        let pct = pct.clamp(0.0, 100.0);
+        match &self.kind {
+            Kind::Off => {}
+            Kind::Bar(b) => {
+                let pos = (f64::from(pct) / 100.0 * self.total as f64) as u64;
+                self.done.store(pos, Ordering::Relaxed);
+                b.set_position(pos);
+            }
+            Kind::Lines {
+                min_skip,
+                last,
+                out,
+            } => {
+                let mut last = last.lock().unwrap();
+                let (l, skip) = (*last as f32, *min_skip as f32);
+                if pct > l + skip || pct < l - skip || pct == 0.0 || pct == 100.0 {
+                    *last = f64::from(pct);
+                    let mut out = out.lock().unwrap();
+                    let _ = write!(out, "    ({pct:.2}/100%)\r");
+                    let _ = out.flush();
+                }
+            }
+        }
+    }
+
     /// Runs `f` (which prints to the terminal) with the bar out of the way.
     pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
         match &self.kind {
@@ -270,6 +300,23 @@ mod tests {
         assert!(figs.len() > 100, "{}", figs.len());
         assert!(figs.windows(2).all(|w| w[0] <= w[1]), "{figs:?}");
         assert_eq!(figs.last(), Some(&100.0));
+    }
+
+    #[test]
+    fn percent_figures_may_go_back() {
+        let buf = Shared::default();
+        let b2 = buf.clone();
+        let p = Progress::with_target(Target::Lines, "x", 10000, 1.0, move || Box::new(b2));
+        for f in [0.0, 0.5, 1.04, 66.67, 50.0, 50.5, 100.0] {
+            p.set_percent(f);
+        }
+        p.complete();
+        p.finish();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(
+            text,
+            "    (0.00/100%)\r    (0.00/100%)\r    (1.04/100%)\r    (66.67/100%)\r    (50.00/100%)\r    (100.00/100%)\r    (100.00/100%)\r\n"
+        );
     }
 
     #[test]

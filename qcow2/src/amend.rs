@@ -2,6 +2,7 @@
 //! (compat), refcount width, lazy refcounts. The backing file fields may
 //! only be restated as they are (QEMU's rule; `rebase -u` changes them).
 
+use crate::amend_progress::{AmendProgress, Pass, ProgressFn, WidthModel};
 use crate::error::{Error, Result};
 use crate::header::{compat, incompat, Header};
 use crate::image::{ExtentKind, Image};
@@ -46,6 +47,13 @@ impl Qcow2 {
     /// a downgrade, refcounts rebuilt for a new width); the header changes
     /// last, so an interrupted amend leaves a valid image in the old format.
     pub fn amend(&self, a: &Amend) -> Result<()> {
+        self.amend_with_progress(a, &mut |_, _| {})
+    }
+
+    /// As [`amend`](Self::amend), reporting progress to `out` as
+    /// `(done, total)` with qemu-img's figures (see
+    /// [`crate::amend_progress`]).
+    pub fn amend_with_progress(&self, a: &Amend, out: ProgressFn<'_>) -> Result<()> {
         let h = self.header();
         let version = a.version.unwrap_or(h.version);
         let bits = a.refcount_bits.unwrap_or(h.refcount_bits());
@@ -103,12 +111,25 @@ impl Qcow2 {
                 ));
             }
         }
+        let passes = u64::from(version != h.version) + u64::from(bits != h.refcount_bits());
+        let mut progress = AmendProgress::new(passes, out);
+        if version == 3 && h.version == 2 {
+            // QEMU's upgrade reports three fixed steps before anything else.
+            progress.begin(Pass::Upgrade);
+            for i in 0..3 {
+                progress.report(i, 2);
+            }
+        }
         if bits != h.refcount_bits() {
             let order = bits.trailing_zeros();
             self.flush()?;
+            progress.begin(Pass::RefcountWidth);
             self.with_meta(|ctx| {
                 ctx.drop_l2_cache();
-                crate::rebuild::change_refcount_width(self, ctx, order)
+                let model = self.width_model(ctx, order)?;
+                crate::rebuild::change_refcount_width(self, ctx, order)?;
+                model.report(&mut progress);
+                Ok::<_, Error>(())
             })?;
         }
         if version == 2 && h.version == 3 {
@@ -117,7 +138,8 @@ impl Qcow2 {
                     "Internal snapshots prevent downgrade of image".into(),
                 ));
             }
-            self.expand_zero_clusters()?;
+            progress.begin(Pass::Downgrade);
+            self.expand_zero_clusters(&mut progress)?;
         }
         if version == 3 && h.version == 2 {
             // Version 3 requires every snapshot entry to carry the disk
@@ -165,9 +187,19 @@ impl Qcow2 {
 
     /// Replaces zero clusters (which version 2 cannot express) with real
     /// zeros, or with unallocated clusters where nothing shows through.
-    fn expand_zero_clusters(&self) -> Result<()> {
+    fn expand_zero_clusters(&self, progress: &mut AmendProgress<'_>) -> Result<()> {
         let size = self.size();
         let cs = self.cluster_size();
+        // One step per L1 entry, as qemu-img counts.
+        let l1_span = cs * (cs / 8);
+        let l1_entries = u64::from(self.header().l1_size);
+        let mut reported = 0;
+        let mut report_to = |n: u64, p: &mut AmendProgress<'_>| {
+            while reported < n.min(l1_entries) {
+                reported += 1;
+                p.report(reported, l1_entries);
+            }
+        };
         let has_backing = self.header().backing_file.is_some();
         let zeros = vec![0u8; cs as usize];
         let mut pos = 0;
@@ -187,7 +219,29 @@ impl Qcow2 {
                 }
             }
             pos += e.len;
+            report_to(pos / l1_span, progress);
         }
+        report_to(l1_entries, progress);
         self.flush()
+    }
+
+    /// The state QEMU's refcount width change walks over (see
+    /// [`WidthModel`]).
+    fn width_model(&self, ctx: &mut crate::qcow::MetaCtx<'_>, order: u32) -> Result<WidthModel> {
+        let st = self.storage();
+        let cb = ctx.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let clusters = st.len()?.div_ceil(cs);
+        let mut used = Vec::with_capacity(clusters as usize);
+        for c in 0..clusters {
+            used.push(ctx.rc.get(st, c)? != 0);
+        }
+        Ok(WidthModel {
+            table_entries: ctx.rc.table_clusters() * cs / 8,
+            old_per_block: 1 << (cb + 3 - ctx.header.refcount_order),
+            new_per_block: 1 << (cb + 3 - order),
+            cluster_size: cs,
+            used,
+        })
     }
 }

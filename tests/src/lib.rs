@@ -257,6 +257,7 @@ pub mod guest;
 pub mod net;
 pub mod rings;
 pub mod torture;
+pub mod twins;
 pub mod vmm;
 
 /// The workspace's cargo target directory (`CARGO_TARGET_DIR` or
