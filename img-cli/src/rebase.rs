@@ -149,8 +149,16 @@ fn copy_differences(
 ) -> Result<(), CliError> {
     let size = img.size();
     // Differences are copied per subcluster with extended L2 entries,
-    // so that only those become allocated (as qemu-img does).
-    let cs = img.as_qcow2().map_or(65536, |q| q.subcluster_size());
+    // so that only those become allocated (as qemu-img does); compressed
+    // writes take whole clusters, so with -c a cluster with any difference
+    // is written whole.
+    let cs = img.as_qcow2().map_or(65536, |q| {
+        if compress {
+            q.cluster_size()
+        } else {
+            q.subcluster_size()
+        }
+    });
     let zero_clusters = img.as_qcow2().is_some_and(|q| q.header().version >= 3);
     let had_backing = img.backing().is_some();
     let step = (1u64 << 20).max(cs);

@@ -94,6 +94,14 @@ pub(crate) struct Walk<'r> {
     overflows: u64,
     /// Length of the image file.
     file_len: u64,
+    /// `check -r all`: entries QEMU repairs during the walk itself are
+    /// repaired here too (see [`Walk::misaligned`]).
+    fix_errors: bool,
+    /// Corruptions that no repair touches (misaligned data clusters):
+    /// they alone do not send `check -r all` to rimg's entry repair.
+    unfixable: u64,
+    /// Entries were rewritten on disk: cached L2 tables are stale.
+    rewrote: bool,
 }
 
 impl Walk<'_> {
@@ -177,6 +185,56 @@ impl Walk<'_> {
         true
     }
 
+    /// A data cluster entry whose offset is not cluster aligned, handled
+    /// as qemu-img does: one that holds no data (preallocated zeros) is
+    /// repaired on the spot by `-r all` (becoming a zero entry; returns
+    /// true: nothing to count); one that holds data cannot be repaired
+    /// and stays an error, its (misaligned) range counted as referenced.
+    fn misaligned(
+        &mut self,
+        st: &Storage,
+        l2off: u64,
+        k: usize,
+        host: u64,
+        data: bool,
+        bitmap: u64,
+    ) -> Result<bool> {
+        self.report.corruptions += 1;
+        if data {
+            self.unfixable += 1;
+            self.report.messages.push(format!(
+                "ERROR offset={host:x}: Data cluster is not properly aligned; L2 entry corrupted."
+            ));
+            return Ok(false);
+        }
+        let what = if self.fix_errors {
+            "Repairing"
+        } else {
+            "ERROR"
+        };
+        self.report.messages.push(format!(
+            "{what} offset={host:x}: Preallocated cluster is not properly aligned; L2 entry corrupted."
+        ));
+        if !self.fix_errors {
+            self.unfixable += 1;
+            return Ok(false);
+        }
+        if self.extl2 {
+            // Subclusters that were allocated read as zeros now.
+            let zeros = (bitmap | bitmap << 32) & (0xffff_ffffu64 << 32);
+            let mut e = [0u8; 16];
+            e[8..].copy_from_slice(&zeros.to_be_bytes());
+            st.write_at(&e, l2off + k as u64 * 16)?;
+        } else {
+            st.write_at(&ZERO.to_be_bytes(), l2off + k as u64 * 8)?;
+        }
+        st.sync()?;
+        self.rewrote = true;
+        self.report.corruptions -= 1;
+        self.report.corruptions_fixed += 1;
+        Ok(true)
+    }
+
     /// Counts the L2 tables and data clusters under one L1 table.
     fn l1(&mut self, st: &Storage, l1: &[u64], active: bool, l2buf: &mut [u8]) -> Result<()> {
         let cs = 1u64 << self.cluster_bits;
@@ -257,14 +315,14 @@ impl Walk<'_> {
                             continue;
                         }
                         if host & (cs - 1) != 0 {
-                            self.report.corruptions += 1;
-                            self.report.messages.push(format!(
-                                "ERROR offset={host:x}: Cluster is not properly aligned; L2 entry corrupted."
-                            ));
-                            if active {
-                                self.bad.push(BadEntry::L2(l2off, k));
+                            let data = if self.extl2 {
+                                bitmap & 0xffff_ffff != 0
+                            } else {
+                                matches!(entry, L2Entry::Normal { .. })
+                            };
+                            if self.misaligned(st, l2off, k, host, data, bitmap)? {
+                                continue;
                             }
-                            continue;
                         }
                         if !self.add(host, cs) {
                             if active {
@@ -331,6 +389,7 @@ pub(crate) fn walk<'r>(
     q: &Qcow2,
     ctx: &MetaCtx<'_>,
     report: &'r mut CheckReport,
+    fix_errors: bool,
 ) -> Result<Walk<'r>> {
     let st = q.storage();
     let cb = ctx.header.cluster_bits;
@@ -353,6 +412,9 @@ pub(crate) fn walk<'r>(
         max: ctx.rc.max_refcount().min(u32::MAX as u64) as u32,
         overflows: 0,
         file_len: st.len()?,
+        fix_errors,
+        unfixable: 0,
+        rewrote: false,
     };
     // Every cluster's use first: metadata, then L2 tables of every L1.
     w.mark(0, cs, Use::Meta);
@@ -413,10 +475,19 @@ pub(crate) fn walk<'r>(
 
 /// References to every host cluster, those from the refcount structures
 /// included, and the active entries that cannot be used as they are.
-fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Counted> {
+fn count_refs(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    rep: &mut CheckReport,
+    fix_errors: bool,
+) -> Result<Counted> {
     let cs = 1u64 << ctx.header.cluster_bits;
-    let w = walk(q, ctx, rep)?;
+    let w = walk(q, ctx, rep, fix_errors)?;
     let (counts, bad, max, overflows, file_len) = (w.counts, w.bad, w.max, w.overflows, w.file_len);
+    let unfixable = w.unfixable;
+    if w.rewrote {
+        ctx.drop_l2_cache();
+    }
     let mut extra = Walk {
         counts,
         uses: Vec::new(),
@@ -429,6 +500,9 @@ fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Cou
         max,
         overflows,
         file_len,
+        fix_errors: false,
+        unfixable: 0,
+        rewrote: false,
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     let blocks: Vec<(usize, u64)> = ctx
@@ -453,6 +527,7 @@ fn count_refs(q: &Qcow2, ctx: &MetaCtx<'_>, rep: &mut CheckReport) -> Result<Cou
         counts: extra.counts,
         bad,
         overflows: extra.overflows,
+        unfixable,
     })
 }
 
@@ -463,6 +538,8 @@ struct Counted {
     /// References past the largest refcount (reported, not counted);
     /// no repair fixes those, a wider refcount does.
     overflows: u64,
+    /// Misaligned data clusters, which no repair changes.
+    unfixable: u64,
 }
 
 /// What comparing stored refcounts with references found.
@@ -553,9 +630,10 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         counts,
         bad,
         overflows,
-    } = count_refs(q, ctx, &mut rep)?;
+        unfixable,
+    } = count_refs(q, ctx, &mut rep, repair == Repair::All)?;
 
-    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > overflows) {
+    if repair == Repair::All && (!bad.is_empty() || rep.corruptions > overflows + unfixable) {
         fix_entries(q, ctx, &bad, &mut rep)?;
         rebuild_refcounts(q, ctx)?;
         fix_copied(q, ctx, &mut rep, true)?;
@@ -574,7 +652,10 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         // leaks, as qemu-img reports it.
         write_rebuilt(q, ctx, order, &counts)?;
         let mut scratch = CheckReport::default();
-        let counts = count_refs(q, ctx, &mut scratch)?.counts;
+        let counts = count_refs(q, ctx, &mut scratch, false)?.counts;
+        // What the walk still finds stays (misaligned data clusters);
+        // the rest of the first pass counts as fixed (qemu-img's sums).
+        let (walk_corruptions, walk_leaks) = (scratch.corruptions, scratch.leaks);
         let after = compare(q, ctx, &counts, &mut scratch, Repair::Leaks)?;
         highest = after.highest;
         rep.messages.append(&mut scratch.messages);
@@ -582,8 +663,8 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
             rep.messages
                 .push("ERROR rebuilt refcount structure is still broken".into());
         }
-        rep.corruptions_fixed += rep.corruptions;
-        rep.leaks_fixed += rep.leaks;
+        rep.corruptions_fixed += rep.corruptions.saturating_sub(walk_corruptions);
+        rep.leaks_fixed += rep.leaks.saturating_sub(walk_leaks);
         rep.corruptions = scratch.corruptions;
         rep.leaks = scratch.leaks;
     } else if repair != Repair::None {

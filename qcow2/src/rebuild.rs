@@ -13,7 +13,7 @@ use crate::refcount::entry_set;
 /// metadata has invalid entries (those need `check -r all`).
 fn count_for_rebuild(q: &Qcow2, ctx: &MetaCtx<'_>) -> Result<Vec<u32>> {
     let mut report = CheckReport::default();
-    let w = walk(q, ctx, &mut report)?;
+    let w = walk(q, ctx, &mut report, false)?;
     let counts = w.counts;
     if report.corruptions > 0 {
         return Err(Error::Corrupt(format!(

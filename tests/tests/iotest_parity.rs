@@ -80,3 +80,110 @@ fn amend_progress_of_a_downgrade() {
     t.check_clean(IMG);
     t.same_judge("qemu-io", &["-c", "read -P 0 1G 64k", IMG]);
 }
+
+/// An extended-L2 image over a raw backing file with data at 4k..6k of
+/// its first cluster, whose L2 entry then gets a misaligned offset
+/// (iotest 271).
+fn misaligned_extl2(t: &Twins, zero_it: bool) {
+    t.both("qemu-img", &["create", "-q", "-f", "raw", "b.raw", "128k"]);
+    t.both(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -q -P 0xff 0 128k", "b.raw"],
+    );
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-F",
+            "raw",
+            "-b",
+            "b.raw",
+            IMG,
+        ],
+    );
+    t.both("qemu-io", &["-c", "write -q -P 1 4k 2k", IMG]);
+    if zero_it {
+        t.both("qemu-io", &["-c", "write -q -z 4k 2k", IMG]);
+    }
+    let l1 = t.be64(IMG, 40);
+    let l2 = t.be64(IMG, l1) & !(1 << 63);
+    t.poke(IMG, l2 + 6, &[2]);
+}
+
+/// iotest 271: a misaligned entry whose subclusters hold data cannot be
+/// repaired: check -r all says so each pass, counts the references of
+/// its range (a rebuild follows) and still fails.
+#[test]
+fn check_keeps_a_misaligned_data_cluster() {
+    let t = Twins::new();
+    misaligned_extl2(&t, false);
+    let (_, err) = t.same(&["check", "-r", "all", IMG]);
+    assert_eq!(
+        err.matches("Data cluster is not properly aligned").count(),
+        3,
+        "{err}"
+    );
+    assert!(err.contains("Rebuilding refcount structure"), "{err}");
+    t.same(&["check", IMG]);
+}
+
+/// iotest 271: a misaligned entry with no allocated subcluster is
+/// repaired in place (its cluster then leaks, and is freed).
+#[test]
+fn check_repairs_a_misaligned_preallocated_cluster() {
+    let t = Twins::new();
+    misaligned_extl2(&t, true);
+    t.same(&["check", IMG]);
+    misaligned_extl2(&t, true);
+    let (out, err) = t.same(&["check", "-r", "all", IMG]);
+    assert!(
+        err.contains("Repairing offset=50200: Preallocated cluster is not properly aligned"),
+        "{err}"
+    );
+    assert!(out.contains("1 leaked clusters"), "{out}");
+    t.check_clean(IMG);
+    t.same_judge(
+        "qemu-io",
+        &["-c", "read -P 0xff 0 4k", "-c", "read -P 0 4k 2k", IMG],
+    );
+}
+
+/// iotest 271: rebase -c onto a new backing file writes whole clusters
+/// compressed, even where the old backing file differs in one subcluster.
+#[test]
+fn rebase_compressed_with_subclusters() {
+    let t = Twins::new();
+    let ext = "cluster_size=1M,extended_l2=on";
+    t.both(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", ext, "base.qcow2", "3M"],
+    );
+    for (img, back) in [("mid.qcow2", "base.qcow2"), (IMG, "mid.qcow2")] {
+        t.both(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-o", ext, "-b", back, "-F", "qcow2", img, "3M",
+            ],
+        );
+    }
+    t.both("qemu-io", &["-c", "write -P 0x11 1M 1M", "base.qcow2"]);
+    t.both(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x22 992k 32k",
+            "-c",
+            "write -P 0x33 2M 32k",
+            "mid.qcow2",
+        ],
+    );
+    t.same(&["rebase", "-c", "-b", "base.qcow2", "-F", "qcow2", IMG]);
+    let map = t.same_judge("qemu-img", &["map", "--output=json", IMG]);
+    assert_eq!(map.matches("\"compressed\": true").count(), 2, "{map}");
+    t.check_clean(IMG);
+}
