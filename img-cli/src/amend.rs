@@ -168,6 +168,13 @@ fn amend_qcow2(
     };
     q.amend_with_progress(am, &mut report).map_err(|e| {
         CliError::new(match e {
+            // The downgrade's zero expansion met a snapshot's invalid L1
+            // table: qemu-img's two lines.
+            qcow2::Error::SnapshotL1(p) => format!(
+                "{p}\n{}: Failed to turn zero into data clusters: {}",
+                crate::prog_name(),
+                p.errno_text()
+            ),
             // qemu-img prints the driver's reason as it is (a sentence,
             // unless it starts with an option name).
             qcow2::Error::InvalidArgument(m)

@@ -69,8 +69,16 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
             ))
         })?;
     } else if let Some(name) = &a.apply {
-        q.snapshot_apply(name)
-            .map_err(|e| CliError::new(format!("Could not apply snapshot '{name}': {e}")))?;
+        q.snapshot_apply(name).map_err(|e| match e {
+            // qemu-img reports the table's problem, then the apply's
+            // failure by errno.
+            qcow2::Error::SnapshotL1(p) => CliError::new(format!(
+                "{p}\n{}: Could not apply snapshot '{name}': Failed to load snapshot: {}",
+                crate::prog_name(),
+                p.errno_text()
+            )),
+            e => CliError::new(format!("Could not apply snapshot '{name}': {e}")),
+        })?;
     } else if let Some(name) = &a.delete {
         q.snapshot_delete(name).map_err(|e| {
             CliError::new(format!(
@@ -90,6 +98,11 @@ fn create_error(e: &qcow2::Error) -> String {
     match e {
         qcow2::Error::RefcountOverflow(_) => "Invalid argument".into(),
         qcow2::Error::TooLarge(_) => "File too large".into(),
+        // An errno alone, as qemu-img prints it (EAGAIN where a refcount
+        // block for a cluster past the end of the file would be needed).
+        qcow2::Error::Io { source, .. } if source.raw_os_error() == Some(libc::EAGAIN) => {
+            "Resource temporarily unavailable".into()
+        }
         e => e.to_string(),
     }
 }

@@ -133,6 +133,10 @@ impl Qcow2 {
             })?;
         }
         if version == 2 && h.version == 3 {
+            // The zero expansion reads every snapshot's L1 table first.
+            for sn in self.snapshots() {
+                sn.check_l1(self.cluster_size())?;
+            }
             if !self.snapshots().is_empty() {
                 return Err(Error::InvalidArgument(
                     "Internal snapshots prevent downgrade of image".into(),

@@ -8,6 +8,7 @@ use crate::image::Image;
 use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow::{MetaCtx, Qcow2};
 use crate::rebuild::{rebuild_refcounts, write_rebuilt};
+use crate::snapshot::Snapshot;
 use crate::storage::Storage;
 
 /// Largest number of host clusters a check or rebuild will count (the
@@ -441,14 +442,20 @@ pub(crate) fn walk<'r>(
             w.mark(b, cs, Use::Meta);
         }
     }
-    for s in ctx.snapshots {
+    // Entries whose L1 table is invalid are reported below, not walked.
+    let snapshots: Vec<&Snapshot> = ctx
+        .snapshots
+        .iter()
+        .filter(|s| s.l1_problem(cs).is_none())
+        .collect();
+    for s in &snapshots {
         w.mark(s.l1_table_offset, s.l1_size as u64 * 8, Use::Meta);
     }
     if let Some((off, len)) = ctx.header.crypto_area() {
         w.mark(off, len, Use::Meta);
     }
     w.mark_l2_tables(ctx.l1);
-    for s in ctx.snapshots {
+    for s in &snapshots {
         if s.l1_table_offset >> cb < clusters {
             w.mark_l2_tables(&crate::l2::read_l1(st, s.l1_table_offset, s.l1_size)?);
         }
@@ -464,6 +471,13 @@ pub(crate) fn walk<'r>(
         w.add(ctx.header.snapshots_offset, ctx.snapshot_table_bytes);
     }
     for s in ctx.snapshots {
+        if let Some(p) = s.l1_problem(cs) {
+            w.report.corruptions += 1;
+            w.report.messages.push(s.l1_check_message(p));
+            // No repair rewrites the entry (qemu-img's neither).
+            w.unfixable += 1;
+            continue;
+        }
         if !w.add(s.l1_table_offset, s.l1_size as u64 * 8) {
             continue;
         }

@@ -78,6 +78,10 @@ pub enum Error {
     /// wording after "Failed to load snapshot: ").
     #[error("{0}")]
     SnapshotLoad(String),
+    /// A snapshot's L1 table reference is invalid; found when the table
+    /// is used (QEMU opens such images).
+    #[error("{0}")]
+    SnapshotL1(crate::snapshot_l1::L1Problem),
     /// The virtual size needs an L1 table of more than 2^31 entries
     /// (qemu-img's wording).
     #[error("Image is too big")]

@@ -43,6 +43,8 @@ pub mod raw;
 pub(crate) mod rebuild;
 pub(crate) mod refcount;
 pub mod snapshot;
+pub mod snapshot_l1;
+mod snapshot_refs;
 pub mod storage;
 pub mod sync;
 

@@ -515,12 +515,7 @@ impl Qcow2 {
         if !snaps.is_empty() {
             map.add(Kind::SnapshotTable, table, bytes);
         }
-        map.extend(
-            Kind::SnapshotL1,
-            snaps
-                .iter()
-                .map(|s| (s.l1_table_offset, s.l1_size as u64 * 8)),
-        );
+        map.extend(Kind::SnapshotL1, snaps.iter().filter_map(|s| s.l1_range()));
     }
 
     /// Rewrites the header cluster after applying `f` (backing file,
@@ -2746,6 +2741,12 @@ impl Qcow2 {
                     continue;
                 };
                 if o.checked_add(l).is_none_or(|end| end > file_end) {
+                    // qemu-img's errno where it fails before any corruption.
+                    if let Some(e) =
+                        crate::snapshot_refs::past_eof_error(&m.rc, m.header.cluster_bits, o)
+                    {
+                        return Err(e);
+                    }
                     return Ok(Some(format!(
                         "L2 entry {k} of the table at {off:#x} maps a cluster at {o:#x}, past the end of the file"
                     )));
@@ -2836,6 +2837,7 @@ impl Qcow2 {
                 "snapshot '{key}' not found"
             )));
         };
+        sn.check_l1(self.cluster_size())?;
         self.flush_locked(&mut m)?;
         let mut snaps = m.snapshots.clone();
         snaps.remove(idx);
@@ -2916,6 +2918,7 @@ impl Qcow2 {
                 "snapshot '{key}' not found"
             )));
         };
+        sn.check_l1(self.cluster_size())?;
         if sn.disk_size.is_some_and(|s| s != m.header.size) || sn.l1_size as usize > m.l1.len() {
             return Err(Error::InvalidArgument(
                 "applying a snapshot taken at another disk size is not supported".into(),

@@ -187,3 +187,79 @@ fn rebase_compressed_with_subclusters() {
     assert_eq!(map.matches("\"compressed\": true").count(), 2, "{map}");
     t.check_clean(IMG);
 }
+
+/// iotest 080: snapshot -c with an L2 entry mapping a cluster far past the
+/// end of the file fails by errno, as qemu-img (EFBIG where the refcount
+/// table could not grow enough, EAGAIN where a refcount block would be
+/// allocated), and leaves the image usable.
+#[test]
+fn snapshot_create_past_eof_errnos() {
+    let t = Twins::new();
+    t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
+    t.both("qemu-io", &["-c", "write 0 512", IMG]);
+    let l1 = t.be64(IMG, 40);
+    let l2 = t.be64(IMG, l1) & !(1 << 63);
+    t.poke(IMG, l2, &0xbfff_ffff_ffff_0000u64.to_be_bytes());
+    let (_, err) = t.same(&["snapshot", "-c", "test", IMG]);
+    assert!(err.contains("File too large"), "{err}");
+    t.poke(IMG, l2, &0x8000_00ff_ffff_0000u64.to_be_bytes());
+    let (q, r) = t.run(&["snapshot", "-c", "test", IMG]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(q.status.code(), r.status.code());
+    assert!(
+        err.contains("Could not create snapshot 'test': Resource temporarily unavailable"),
+        "{err}"
+    );
+    // Not marked corrupt: it still opens for writing.
+    t.same(&["snapshot", "-l", IMG]);
+    let o = std::process::Command::new("qemu-io")
+        .args(["-c", "write 4k 512", IMG])
+        .current_dir(&t.r)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// iotest 080: an image whose snapshot names an invalid L1 table opens;
+/// what uses the table fails with qemu-img's words, check reports it.
+#[test]
+fn snapshot_l1_checked_where_used() {
+    for (field, bytes, errno) in [
+        (
+            0u64,
+            0x40_0200u64.to_be_bytes().to_vec(),
+            "Invalid argument",
+        ),
+        (8, 0x1000_0000u32.to_be_bytes().to_vec(), "File too large"),
+    ] {
+        let t = Twins::new();
+        t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
+        t.both("qemu-io", &["-c", "write 0 512", IMG]);
+        t.both("qemu-img", &["snapshot", "-c", "test", IMG]);
+        let table = t.be64(IMG, 64);
+        t.poke(IMG, table + field, &bytes);
+        let (_, err) = t.same(&["convert", "-l", "test", IMG, "x.qcow2"]);
+        assert!(
+            err.contains("Failed to load snapshot: Snapshot L1 table"),
+            "{err}"
+        );
+        let (_, err) = t.same(&["amend", "-o", "compat=0.10", IMG]);
+        assert!(
+            err.contains(&format!("Failed to turn zero into data clusters: {errno}")),
+            "{err}"
+        );
+        let (_, err) = t.same(&["snapshot", "-a", "test", IMG]);
+        assert!(
+            err.contains(&format!("Failed to load snapshot: {errno}")),
+            "{err}"
+        );
+        let (_, err) = t.same(&["snapshot", "-d", "test", IMG]);
+        assert!(
+            err.contains("Could not delete snapshot 'test': Snapshot L1 table"),
+            "{err}"
+        );
+        let (_, err) = t.same(&["check", IMG]);
+        assert!(err.contains("snapshot table entry corrupted"), "{err}");
+        t.same(&["info", IMG]);
+    }
+}
