@@ -604,5 +604,19 @@ pub fn open_image(
     opts: qcow2::OpenOptions,
 ) -> Result<qcow2::Result<Arc<dyn qcow2::Image>>, CliError> {
     let (path, opts) = open_options(name, image_opts, opts)?;
-    Ok(qcow2::open(&path, &opts))
+    let img = qcow2::open(&path, &opts);
+    if let Ok(i) = &img {
+        print_open_messages(i.as_ref());
+    }
+    Ok(img)
+}
+
+/// Prints the lines of the repair a dirty image had as it was opened for
+/// writing, on stderr as qemu-img's driver prints them.
+pub fn print_open_messages(img: &dyn qcow2::Image) {
+    if let Some(q) = img.as_qcow2() {
+        for line in q.take_open_messages() {
+            eprintln!("{line}");
+        }
+    }
 }

@@ -61,8 +61,10 @@ fn open_layer(
         opts.qcow2.encrypt_key = keys.get(depth).cloned().flatten();
         opts.backing_keys = keys.iter().skip(depth + 1).cloned().collect();
     }
-    qcow2::open(&path, &opts)
-        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))
+    let img = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", path.display())))?;
+    crate::blockopts::print_open_messages(img.as_ref());
+    Ok(img)
 }
 
 /// A layer to open: its name (a resolved path, or a json:/blkdebug:

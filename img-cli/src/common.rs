@@ -38,12 +38,14 @@ pub fn open_opts(
         ..Default::default()
     };
     let (path, opts) = crate::blockopts::open_options(name, image_opts, opts)?;
-    qcow2::open(&path, &opts).map_err(|e| match e {
+    let img = qcow2::open(&path, &opts).map_err(|e| match e {
         qcow2::Error::Open { source, .. } => {
             CliError::new(format!("Could not open '{name}': {source}"))
         }
         e => CliError::new(format!("Could not open '{name}': {e}")),
-    })
+    })?;
+    crate::blockopts::print_open_messages(img.as_ref());
+    Ok(img)
 }
 
 /// The length QEMU gives an image: raw files count in whole 512-byte

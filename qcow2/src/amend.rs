@@ -88,7 +88,7 @@ impl Qcow2 {
         let lazy = a.lazy_refcounts.unwrap_or(h.lazy_refcounts());
         if version == 2 && lazy && !h.lazy_refcounts() {
             return Err(Error::InvalidArgument(
-                "lazy refcounts only supported with compatibility level 1.1 and above".into(),
+                "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)".into(),
             ));
         }
         let lazy = lazy && version >= 3;
@@ -104,6 +104,14 @@ impl Qcow2 {
                 return Err(Error::InvalidArgument(
                     "compat=0.10 requires refcount_bits=16".into(),
                 ));
+            }
+            // Version 2 can express none of these (the dirty bit is
+            // cleared by the open's repair); qemu-img names them in hex.
+            let incompatible = h.incompatible_features & !(incompat::COMPRESSION | incompat::DIRTY);
+            if h.version == 3 && incompatible != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "Cannot downgrade an image with incompatible features {incompatible:#x} set"
+                )));
             }
             if h.version == 3 && h.incompatible_features & incompat::COMPRESSION != 0 {
                 return Err(Error::InvalidArgument(

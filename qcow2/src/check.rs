@@ -7,7 +7,7 @@ use crate::header::{field, incompat};
 use crate::image::Image;
 use crate::l2::{CompressedGeometry, L2Entry, COPIED, OFFSET_MASK, ZERO};
 use crate::qcow::{MetaCtx, Qcow2};
-use crate::rebuild::{rebuild_refcounts, write_rebuilt};
+use crate::rebuild::{rebuild_refcounts, write_rebuilt_laid_out};
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;
 
@@ -664,7 +664,7 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         let order = ctx.header.refcount_order;
         // The old structures stay counted: the pass below frees them as
         // leaks, as qemu-img reports it.
-        write_rebuilt(q, ctx, order, &counts)?;
+        write_rebuilt_laid_out(q, ctx, order, &counts, true)?;
         let mut scratch = CheckReport::default();
         let counts = count_refs(q, ctx, &mut scratch, false)?.counts;
         // What the walk still finds stays (misaligned data clusters);

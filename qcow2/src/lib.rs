@@ -27,6 +27,7 @@ pub mod compress;
 pub mod create;
 pub mod crypto;
 pub mod datafile;
+mod dirty_open;
 pub mod encrypt;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]

@@ -248,6 +248,8 @@ pub struct Qcow2 {
     data: Option<DataFile>,
     /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
     extl2: bool,
+    /// Lines of the repair a dirty image had at open (see `dirty_open`).
+    open_messages: Mutex<Vec<String>>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -352,6 +354,7 @@ impl Qcow2 {
             cipher,
             data,
             extl2: header.extended_l2(),
+            open_messages: Mutex::new(Vec::new()),
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
@@ -359,12 +362,22 @@ impl Qcow2 {
         Ok(q)
     }
 
+    /// The lines of the repair a dirty image had when opened (qemu-img
+    /// prints them on stderr); empty after the first call.
+    pub fn take_open_messages(&self) -> Vec<String> {
+        std::mem::take(&mut *self.open_messages.lock().unwrap())
+    }
+
     /// Before the first write: rebuild refcounts of a dirty image and clear
     /// autoclear bits whose structures this crate does not maintain.
     fn prepare_for_writing(&self) -> Result<()> {
         let mut m = self.lock();
         if m.header.is_dirty() && !self.opts.repair {
-            crate::rebuild::rebuild_refcounts(self, &mut m.header_mut_ctx())?;
+            let (lines, clean) = crate::dirty_open::repair(self, &mut m.header_mut_ctx())?;
+            *self.open_messages.lock().unwrap() = lines;
+            if !clean {
+                return Ok(());
+            }
             m.header.incompatible_features &= !incompat::DIRTY;
             let bits = m.header.incompatible_features.to_be_bytes();
             m.rc.overlap.write(
@@ -1934,7 +1947,8 @@ impl Qcow2 {
     /// of such an image, even to the same size. Version 3 records it per
     /// snapshot.
     fn check_resizable(&self, m: &Meta) -> Result<()> {
-        if !m.snapshots.is_empty() && self.version < 3 {
+        // The header's version: an amend may have upgraded it since open.
+        if !m.snapshots.is_empty() && m.header.version < 3 {
             return Err(Error::InvalidArgument(
                 "Can't resize a v2 image which has snapshots".into(),
             ));

@@ -96,6 +96,19 @@ pub(crate) fn write_rebuilt(
     order: u32,
     counts: &[u32],
 ) -> Result<()> {
+    write_rebuilt_laid_out(q, ctx, order, counts, false)
+}
+
+/// As [`write_rebuilt`], with the refcount blocks before the table where
+/// `blocks_first` (check's rebuild: qemu-img writes its refcount blocks
+/// first and the table after them, and scripts read where the table is).
+pub(crate) fn write_rebuilt_laid_out(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    order: u32,
+    counts: &[u32],
+    blocks_first: bool,
+) -> Result<()> {
     let st = q.storage();
     let cb = ctx.header.cluster_bits;
     let cs = 1u64 << cb;
@@ -147,10 +160,21 @@ pub(crate) fn write_rebuilt(
         ));
     }
     let area = start..start + tc + groups.len() as u64;
+    let table_at = if blocks_first {
+        start + groups.len() as u64
+    } else {
+        start
+    };
     let mut table = vec![0u64; (tc * cs / 8) as usize];
     let mut block = vec![0u8; cs as usize];
     for (k, &g) in groups.iter().enumerate() {
-        let boff = (start + tc + k as u64) * cs;
+        let boff = (start
+            + if blocks_first {
+                k as u64
+            } else {
+                tc + k as u64
+            })
+            * cs;
         table[g as usize] = boff;
         block.fill(0);
         for i in 0..per_block {
@@ -173,19 +197,19 @@ pub(crate) fn write_rebuilt(
     for (k, e) in table.iter().enumerate() {
         raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
     }
-    st.write_at(&raw, start * cs)?;
+    st.write_at(&raw, table_at * cs)?;
     st.sync()?;
     if order == ctx.header.refcount_order {
         let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&(start * cs).to_be_bytes());
+        hdr[..8].copy_from_slice(&(table_at * cs).to_be_bytes());
         hdr[8..].copy_from_slice(&(tc as u32).to_be_bytes());
         st.write_at(&hdr, field::REFCOUNT_TABLE)?;
         st.sync()?;
-        ctx.header.refcount_table_offset = start * cs;
+        ctx.header.refcount_table_offset = table_at * cs;
         ctx.header.refcount_table_clusters = tc as u32;
     } else {
         let mut h = ctx.header.clone();
-        h.refcount_table_offset = start * cs;
+        h.refcount_table_offset = table_at * cs;
         h.refcount_table_clusters = tc as u32;
         h.refcount_order = order;
         let first = h.encode()?;
@@ -193,11 +217,17 @@ pub(crate) fn write_rebuilt(
         st.sync()?;
         *ctx.header = h;
         let overlap = ctx.rc.take_overlap();
-        *ctx.rc =
-            crate::refcount::Refcounts::load(st, start * cs, tc, order, cb, ctx.rc.cache_bytes())?;
+        *ctx.rc = crate::refcount::Refcounts::load(
+            st,
+            table_at * cs,
+            tc,
+            order,
+            cb,
+            ctx.rc.cache_bytes(),
+        )?;
         ctx.rc.install_overlap(overlap);
     }
-    ctx.rc.reset(start * cs, table);
+    ctx.rc.reset(table_at * cs, table);
     ctx.rc.note_end(area.end);
     Ok(())
 }

@@ -263,3 +263,129 @@ fn snapshot_l1_checked_where_used() {
         t.same(&["info", IMG]);
     }
 }
+
+/// A lazy-refcounts image left dirty by a killed writer (iotest 061).
+fn dirty_image(t: &Twins) {
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=1.1,lazy_refcounts=on",
+            IMG,
+            "64M",
+        ],
+    );
+    for d in [&t.q, &t.r] {
+        // qemu-io dies by its own signal: its exit status is not success.
+        let o = std::process::Command::new("qemu-io")
+            .args([
+                "-c",
+                "write -P 0x2a 0 128k",
+                "-c",
+                "flush",
+                "-c",
+                "sigraise 9",
+                IMG,
+            ])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(!o.status.success());
+    }
+}
+
+/// iotest 061: opening a dirty image for writing repairs it with the
+/// check's lines on stderr, and the rebuilt refcount table lands where
+/// qemu-img puts it.
+#[test]
+fn dirty_image_repaired_at_open() {
+    for opt in ["compat=0.10", "lazy_refcounts=off"] {
+        let t = Twins::new();
+        dirty_image(&t);
+        let (_, err) = t.same(&["amend", "-o", opt, IMG]);
+        assert!(err.contains("Rebuilding refcount structure"), "{err}");
+        let q = std::fs::read(t.q.join(IMG)).unwrap();
+        let r = std::fs::read(t.r.join(IMG)).unwrap();
+        // Version, features, refcount table offset and size.
+        assert_eq!(q[..104], r[..104]);
+        t.check_clean(IMG);
+        t.same_judge("qemu-io", &["-c", "read -P 0x2a 0 128k", IMG]);
+    }
+}
+
+/// iotest 061: amend's refusals in qemu-img's words.
+#[test]
+fn amend_refusals_as_qemu_img() {
+    let t = Twins::new();
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            IMG,
+            "64M",
+        ],
+    );
+    for o in [
+        "lazy_refcounts=on",
+        "compat=0.10,lazy_refcounts=on",
+        "compat=0.42",
+        "foo=bar",
+        "cluster_size=1k",
+        "encryption=on",
+        "preallocation=on",
+    ] {
+        let (_, err) = t.same(&["amend", "-o", o, IMG]);
+        assert!(!err.is_empty(), "{o}");
+    }
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            IMG,
+            "64M",
+        ],
+    );
+    let (_, err) = t.same(&["amend", "-o", "compat=0.10", IMG]);
+    assert!(err.contains("incompatible features 0x10"), "{err}");
+    t.check_clean(IMG);
+}
+
+/// iotest 061: an upgrade makes a resize possible in the same amend on a
+/// version 2 image with snapshots.
+#[test]
+fn amend_upgrade_then_resize_with_snapshots() {
+    let t = Twins::new();
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            IMG,
+            "32M",
+        ],
+    );
+    t.both("qemu-io", &["-c", "write -P 0x2a 24M 64k", IMG]);
+    t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
+    t.same(&["resize", IMG, "64M"]);
+    t.same(&["amend", "-o", "compat=1.1,size=128M", IMG]);
+    t.same_judge("qemu-img", &["info", IMG]);
+    t.check_clean(IMG);
+}
