@@ -69,7 +69,7 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
             ))
         })?;
     } else if let Some(name) = &a.apply {
-        q.snapshot_apply(name).map_err(|e| match e {
+        q.snapshot_goto(name).map_err(|e| match e {
             // qemu-img reports the table's problem, then the apply's
             // failure by errno.
             qcow2::Error::SnapshotL1(p) => CliError::new(format!(

@@ -145,7 +145,12 @@ impl Qcow2 {
             for sn in self.snapshots() {
                 sn.check_l1(self.cluster_size())?;
             }
-            if !self.snapshots().is_empty() {
+            // Version 2 entries have no disk size: each must match the
+            // disk's (QEMU's rule; a missing one reads as the disk's).
+            let size = self.size();
+            if self.snapshots().iter().any(|s| {
+                s.vm_state_size > u32::MAX as u64 || s.disk_size.is_some_and(|d| d != size)
+            }) {
                 return Err(Error::InvalidArgument(
                     "Internal snapshots prevent downgrade of image".into(),
                 ));
@@ -204,10 +209,16 @@ impl Qcow2 {
         let cs = self.cluster_size();
         // One step per L1 entry, as qemu-img counts.
         let l1_span = cs * (cs / 8);
-        let l1_entries = u64::from(self.header().l1_size);
+        let active_entries = u64::from(self.header().l1_size);
+        let l1_entries = active_entries
+            + self
+                .snapshots()
+                .iter()
+                .map(|s| u64::from(s.l1_size))
+                .sum::<u64>();
         let mut reported = 0;
         let mut report_to = |n: u64, p: &mut AmendProgress<'_>| {
-            while reported < n.min(l1_entries) {
+            while reported < n.min(active_entries) {
                 reported += 1;
                 p.report(reported, l1_entries);
             }
@@ -233,8 +244,18 @@ impl Qcow2 {
             pos += e.len;
             report_to(pos / l1_span, progress);
         }
-        report_to(l1_entries, progress);
-        self.flush()
+        report_to(active_entries, progress);
+        self.flush()?;
+        self.with_meta(|ctx| {
+            crate::downgrade::expand_inactive(
+                self,
+                ctx,
+                has_backing,
+                progress,
+                active_entries,
+                l1_entries,
+            )
+        })
     }
 
     /// The state QEMU's refcount width change walks over (see

@@ -28,6 +28,7 @@ pub mod create;
 pub mod crypto;
 pub mod datafile;
 mod dirty_open;
+mod downgrade;
 pub mod encrypt;
 pub mod error;
 #[cfg(feature = "fuzz-targets")]

@@ -96,3 +96,21 @@ impl Snapshot {
         }
     }
 }
+
+impl crate::qcow::Qcow2 {
+    /// Reverts the disk to an internal snapshot as `qemu-img snapshot -a`
+    /// does: the snapshot's L1 table is checked first, and a snapshot
+    /// taken at another disk size first gives the disk that size back
+    /// (iotest 061).
+    pub fn snapshot_goto(&self, key: &str) -> Result<()> {
+        use crate::image::Image;
+        let snaps = self.snapshots();
+        if let Some((_, sn)) = Snapshot::find(&snaps, key) {
+            sn.check_l1(self.cluster_size())?;
+            if let Some(size) = sn.disk_size.filter(|&s| s != self.size()) {
+                self.resize(size)?;
+            }
+        }
+        self.snapshot_apply(key)
+    }
+}

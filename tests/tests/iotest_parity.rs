@@ -389,3 +389,106 @@ fn amend_upgrade_then_resize_with_snapshots() {
     t.same_judge("qemu-img", &["info", IMG]);
     t.check_clean(IMG);
 }
+
+/// iotest 061: a downgrade expands zero clusters in the snapshots' L2
+/// tables too (shared with the active table or not, with and without a
+/// backing file), reporting one step per L1 entry of every table.
+#[test]
+fn downgrade_expands_snapshot_zero_clusters() {
+    let create = |t: &Twins, backed: bool| {
+        if backed {
+            t.both(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"],
+            );
+            t.both("qemu-io", &["-c", "write -P 0x2a 0 128k", "b.qcow2"]);
+            t.both(
+                "qemu-img",
+                &[
+                    "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG, "64M",
+                ],
+            );
+        } else {
+            t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
+        }
+    };
+    for (backed, overwrite) in [(false, true), (false, false), (true, true), (true, false)] {
+        let t = Twins::new();
+        create(&t, backed);
+        t.both(
+            "qemu-io",
+            &["-c", "write -z 0 64k", "-c", "write 64k 64k", IMG],
+        );
+        t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
+        if overwrite {
+            // The active table stops sharing the snapshot's L2 table.
+            t.both("qemu-io", &["-c", "write -P 0x42 0 128k", IMG]);
+        }
+        let (out, _) = t.same(&["amend", "-p", "-o", "compat=0.10", IMG]);
+        assert!(out.contains("(50.00/100%)"), "{out}");
+        t.check_clean(IMG);
+        t.same(&["snapshot", "-a", "foo", IMG]);
+        t.check_clean(IMG);
+        t.same_judge("qemu-io", &["-c", "read -P 0 0 64k", IMG]);
+    }
+}
+
+/// iotest 061: applying a snapshot taken at another disk size gives the
+/// disk that size back; a downgrade then works once every snapshot has
+/// the disk's size.
+#[test]
+fn snapshot_apply_restores_its_disk_size() {
+    let t = Twins::new();
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            IMG,
+            "32M",
+        ],
+    );
+    t.both("qemu-io", &["-c", "write -P 0x2a 24M 64k", IMG]);
+    t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
+    t.same(&["amend", "-o", "compat=1.1,size=128M", IMG]);
+    t.both("qemu-img", &["snapshot", "-c", "bar", IMG]);
+    t.same(&["resize", "--shrink", IMG, "64M"]);
+    let (_, err) = t.same(&["amend", "-o", "compat=0.10,size=32M", IMG]);
+    assert!(
+        err.contains("Internal snapshots prevent downgrade"),
+        "{err}"
+    );
+    t.same(&["snapshot", "-a", "bar", IMG]);
+    same_size_and_version(&t);
+    t.same(&["snapshot", "-d", "bar", IMG]);
+    t.same(&["amend", "-o", "compat=0.10,size=32M", IMG]);
+    same_size_and_version(&t);
+    t.check_clean(IMG);
+    t.same_judge("qemu-io", &["-c", "read -P 0x2a 24M 64k", IMG]);
+}
+
+/// qemu-img's info of both twins agrees on size, version and snapshots.
+fn same_size_and_version(t: &Twins) {
+    let lines = |d: &std::path::Path| {
+        let o = std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", IMG])
+            .current_dir(d)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let names: Vec<_> = v["snapshots"]
+            .as_array()
+            .map(|a| a.iter().map(|s| s["name"].clone()).collect())
+            .unwrap_or_default();
+        (
+            v["virtual-size"].clone(),
+            v["format-specific"]["data"]["compat"].clone(),
+            names,
+        )
+    };
+    assert_eq!(lines(&t.q), lines(&t.r));
+}
