@@ -52,6 +52,9 @@ pub struct Spec {
     /// backing images nearest first (`backing.encrypt.key-secret`,
     /// `backing.backing.encrypt.key-secret`, ...).
     pub keys: Vec<Option<String>>,
+    /// The external data file given in place of the header's
+    /// (`data-file.filename`).
+    pub data_file: Option<PathBuf>,
 }
 
 impl Spec {
@@ -165,6 +168,7 @@ pub fn parse_filename(name: &str) -> Result<Spec, CliError> {
         node: Node::Probe(Box::new(node)),
         name,
         keys: Vec::new(),
+        data_file: None,
     })
 }
 
@@ -260,7 +264,15 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
     while keys.last().is_some_and(Option::is_none) {
         keys.pop();
     }
-    Ok(Spec { node, name, keys })
+    let data_file = get_str(flat, "data-file.filename")
+        .or_else(|| get_str(flat, "data-file.file.filename"))
+        .map(PathBuf::from);
+    Ok(Spec {
+        node,
+        name,
+        keys,
+        data_file,
+    })
 }
 
 /// Keys a node of each driver understands (the rest are refused, as
@@ -528,6 +540,9 @@ pub fn open_options(
         opts.format = Some(f);
     }
     opts.no_backing |= spec.no_backing();
+    if spec.data_file.is_some() {
+        opts.qcow2.data_file = spec.data_file.clone();
+    }
     if let Some(f) = spec.faults() {
         opts.faults = Some(f);
     }

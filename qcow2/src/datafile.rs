@@ -26,17 +26,29 @@ pub struct DataFile {
 impl DataFile {
     /// Opens the data file named by the header of the image at
     /// `image` (relative names are resolved as backing file names are),
-    /// or None when the image has none.
-    pub fn open_for(image: &Path, h: &Header, writable: bool) -> Result<Option<DataFile>> {
+    /// or `given` in its place (QEMU's `data-file` option, which also
+    /// opens an image whose header lost the name), or None when the image
+    /// has none.
+    pub fn open_for(
+        image: &Path,
+        h: &Header,
+        writable: bool,
+        given: Option<&Path>,
+    ) -> Result<Option<DataFile>> {
         if !h.has_data_file() {
             return Ok(None);
         }
-        let Some(name) = h.data_file() else {
-            return Err(Error::InvalidArgument(
-                "'data-file' is required for this image".into(),
-            ));
+        let name = h.data_file();
+        let path = match (given, &name) {
+            (Some(p), _) => p.to_path_buf(),
+            (None, Some(n)) => resolve_backing(image, n),
+            (None, None) => {
+                return Err(Error::InvalidArgument(
+                    "'data-file' is required for this image".into(),
+                ))
+            }
         };
-        let path = resolve_backing(image, &name);
+        let name = name.unwrap_or_default();
         let st = Storage::open(&path, writable)?;
         Ok(Some(DataFile {
             st,

@@ -99,6 +99,9 @@ pub struct Qcow2Options {
     /// Open an encrypted image without its key, for metadata only (as
     /// qemu-img info does); data I/O is then refused.
     pub no_io: bool,
+    /// The external data file to use in place of the one the header
+    /// names (QEMU's `data-file` option).
+    pub data_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Qcow2Options {
@@ -111,6 +114,7 @@ impl Default for Qcow2Options {
             preallocate_ahead: 0,
             encrypt_key: None,
             no_io: false,
+            data_file: None,
         }
     }
 }
@@ -305,7 +309,8 @@ impl Qcow2 {
         }
         let cipher = crate::encrypt::unlock(&st, &header, opts.encrypt_key.as_ref(), opts.no_io)?;
         let cb = header.cluster_bits;
-        let data = DataFile::open_for(st.path(), &header, st.writable())?;
+        let data =
+            DataFile::open_for(st.path(), &header, st.writable(), opts.data_file.as_deref())?;
         let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
             &st,

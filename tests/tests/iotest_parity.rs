@@ -492,3 +492,25 @@ fn same_size_and_version(t: &Twins) {
     };
     assert_eq!(lines(&t.q), lines(&t.r));
 }
+
+/// iotest 061: `data-file.filename` opens an image whose data file the
+/// header names wrongly (or no longer names), and amend can drop the name.
+#[test]
+fn data_file_given_in_place_of_the_headers() {
+    let t = Twins::new();
+    let data = format!("compat=1.1,data_file={IMG}.data");
+    t.both(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", &data, IMG, "64M"],
+    );
+    t.both("qemu-io", &["-c", "write -P 0x2a 0 4k", IMG]);
+    t.same(&["amend", "-o", "data_file=foo", IMG]);
+    let opts = format!("data-file.filename={IMG}.data,file.filename={IMG}");
+    let (info, _) = t.same(&["info", "--image-opts", &opts]);
+    assert!(info.contains("data file: foo"), "{info}");
+    t.same(&["amend", "-o", "data_file=", "--image-opts", &opts]);
+    let (info, _) = t.same(&["info", "--image-opts", &opts]);
+    assert!(!info.contains("data file:"), "{info}");
+    t.same(&["convert", "-O", "raw", "--image-opts", &opts, "out.raw"]);
+    t.same_judge("qemu-io", &["-f", "raw", "-c", "read -P 0x2a 0 4k", "out.raw"]);
+}
