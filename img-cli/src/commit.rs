@@ -190,7 +190,13 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     // would show through; and a named base is kept apart from the top).
     if !a.keep && a.base.is_none() {
         if let Some(q) = layers[0].as_qcow2() {
-            q.deallocate(0, size)?;
+            q.make_empty().map_err(|e| {
+                CliError::new(format!(
+                    "Failed to empty {}: {}",
+                    a.filename,
+                    crate::common::os_error_text(&e)
+                ))
+            })?;
         }
         layers[0].flush()?;
     }

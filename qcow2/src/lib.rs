@@ -38,6 +38,7 @@ pub mod image;
 pub mod l2;
 pub mod luks;
 pub mod luks_amend;
+mod make_empty;
 pub mod open;
 pub(crate) mod overlap;
 pub mod qcow;

@@ -476,6 +476,13 @@ impl Storage {
 
     /// Writes zeros over a range, through a bounded buffer.
     pub fn write_zeroes(&self, off: u64, len: u64) -> Result<()> {
+        // A write request to the fault injector, as blkdebug counts it.
+        self.injected(
+            IoKind::Write,
+            off,
+            len.min(usize::MAX as u64) as usize,
+            "write",
+        )?;
         if self.fallocate(libc::FALLOC_FL_ZERO_RANGE, off, len).is_ok() {
             return Ok(());
         }

@@ -512,5 +512,54 @@ fn data_file_given_in_place_of_the_headers() {
     let (info, _) = t.same(&["info", "--image-opts", &opts]);
     assert!(!info.contains("data file:"), "{info}");
     t.same(&["convert", "-O", "raw", "--image-opts", &opts, "out.raw"]);
-    t.same_judge("qemu-io", &["-f", "raw", "-c", "read -P 0x2a 0 4k", "out.raw"]);
+    t.same_judge(
+        "qemu-io",
+        &["-f", "raw", "-c", "read -P 0x2a 0 4k", "out.raw"],
+    );
+}
+
+/// iotest 098: commit empties the top image in qemu-img's steps; an
+/// error injected at any step's blkdebug event fails the commit and
+/// leaves what qemu-img leaves (the next open repairs it the same way).
+#[test]
+fn commit_empties_the_top_in_qemu_img_steps() {
+    for event in [
+        None,
+        Some("l1_update"),
+        Some("empty_image_prepare"),
+        Some("reftable_update"),
+        Some("refblock_alloc"),
+    ] {
+        let t = Twins::new();
+        t.both(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"],
+        );
+        t.both(
+            "qemu-img",
+            &[
+                "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG, "64M",
+            ],
+        );
+        t.both("qemu-io", &["-c", "write 0 64k", IMG]);
+        let target = match event {
+            Some(e) => {
+                for d in [&t.q, &t.r] {
+                    std::fs::write(
+                        d.join("bd.conf"),
+                        format!("[inject-error]\nevent = \"{e}\"\n"),
+                    )
+                    .unwrap();
+                }
+                format!("blkdebug:bd.conf:{IMG}")
+            }
+            None => IMG.to_string(),
+        };
+        let (_, err) = t.same(&["commit", &target]);
+        if event.is_some() {
+            assert!(err.contains("Failed to empty"), "{err}");
+        }
+        t.same_judge("qemu-io", &["-c", "close", IMG]);
+        t.same_judge("qemu-img", &["check", IMG]);
+    }
 }
