@@ -20,6 +20,7 @@
 //! image allocates at most a few tens of MiB and never panics.
 
 pub mod amend;
+pub mod bitmap;
 pub(crate) mod cache;
 pub mod check;
 pub mod compress;

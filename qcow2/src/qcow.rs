@@ -248,6 +248,9 @@ pub struct Qcow2 {
     data: Option<DataFile>,
     /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
     extl2: bool,
+    /// Enabled persistent dirty bitmaps of a writable image (see
+    /// [`crate::bitmap::track`]).
+    bitmaps: std::sync::OnceLock<crate::bitmap::track::Tracker>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -352,9 +355,11 @@ impl Qcow2 {
             cipher,
             data,
             extl2: header.extended_l2(),
+            bitmaps: std::sync::OnceLock::new(),
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
+            q.load_bitmaps()?;
         }
         Ok(q)
     }
@@ -382,6 +387,8 @@ impl Qcow2 {
         } else {
             0
         };
+        // So is the bitmaps bit: the bitmaps are kept right (bitmap::track).
+        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header, self.opts.repair)?;
         if m.header.version == 3 && m.header.autoclear_features != keep {
             m.header.autoclear_features = keep;
             m.rc.overlap.write(
@@ -1169,6 +1176,7 @@ impl Qcow2 {
     /// Maps the write after the lock was taken and the first cluster is
     /// known not to be in flight.
     fn begin_locked(&self, mut m: MutexGuard<'_, Meta>, pos: u64, len: usize) -> Result<WriteIo> {
+        self.mark_dirty(pos, len as u64)?;
         match self.plan_write(&mut m, pos, len)? {
             WritePlan::InPlace { host, len } => Ok(WriteIo {
                 host,
@@ -1468,6 +1476,7 @@ impl Qcow2 {
     /// (`zero`) or deallocates them, dropping their host clusters.
     fn unmap_clusters(&self, gc: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
         let cs = self.cluster_size();
+        self.mark_dirty(gc * cs, n * cs)?;
         let mut keep_alloc = keep_alloc;
         if let Some(d) = self.data.as_ref().filter(|d| d.raw) {
             // The raw data file must read as the disk does: zeros go into
@@ -1939,6 +1948,7 @@ impl Qcow2 {
     /// of such an image, even to the same size. Version 3 records it per
     /// snapshot.
     fn check_resizable(&self, m: &Meta) -> Result<()> {
+        crate::bitmap::track::check_resizable(&m.header)?;
         if !m.snapshots.is_empty() && self.version < 3 {
             return Err(Error::InvalidArgument(
                 "Can't resize a v2 image which has snapshots".into(),
@@ -2162,6 +2172,7 @@ impl Qcow2 {
                 "compressed writes take whole clusters".into(),
             ));
         }
+        self.mark_dirty(off, data.len() as u64)?;
         let padded;
         let cluster: &[u8] = if data.len() as u64 == cs {
             data
@@ -2451,6 +2462,9 @@ impl Image for Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        // Errors leave the bitmaps marked in use (inconsistent), never
+        // wrong; `store_bitmaps` reports them.
+        let _ = self.store_bitmaps();
         if self.st.writable() {
             if let Ok(mut m) = self.meta.lock() {
                 // Errors here cannot be reported; callers that care flush
@@ -2459,6 +2473,47 @@ impl Drop for Qcow2 {
                 let _ = self.trim_reserved(&mut m);
             }
         }
+    }
+}
+
+// ----- persistent dirty bitmaps: hooks into crate::bitmap::track -----
+
+impl Qcow2 {
+    /// At a writable open, after `prepare_for_writing`.
+    fn load_bitmaps(&self) -> Result<()> {
+        if self.opts.repair {
+            return Ok(());
+        }
+        if let Some(t) = crate::bitmap::track::load(self)? {
+            let _ = self.bitmaps.set(t);
+        }
+        Ok(())
+    }
+
+    /// Records a change of guest bytes [off, off + len) in the enabled
+    /// bitmaps; every path that changes guest data calls it first.
+    fn mark_dirty(&self, off: u64, len: u64) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.mark(off, len.min(self.size().saturating_sub(off))),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores the enabled bitmaps and clears their in-use flags (done at
+    /// drop too, where errors cannot be reported). Later writes fail.
+    pub fn store_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => crate::bitmap::track::store(self, t),
+            None => Ok(()),
+        }
+    }
+
+    /// Names of the bitmaps this open image keeps up to date.
+    pub fn tracked_bitmaps(&self) -> Vec<String> {
+        self.bitmaps
+            .get()
+            .map(|t| t.live_names())
+            .unwrap_or_default()
     }
 }
 
