@@ -2484,9 +2484,8 @@ impl Qcow2 {
         if self.opts.repair {
             return Ok(());
         }
-        if let Some(t) = crate::bitmap::track::load(self)? {
-            let _ = self.bitmaps.set(t);
-        }
+        let t = crate::bitmap::track::load(self)?;
+        let _ = self.bitmaps.set(t);
         Ok(())
     }
 
@@ -2499,21 +2498,19 @@ impl Qcow2 {
         }
     }
 
-    /// Stores the enabled bitmaps and clears their in-use flags (done at
-    /// drop too, where errors cannot be reported). Later writes fail.
+    /// Stores the bitmaps and clears their in-use flags (done at drop
+    /// too, where errors cannot be reported). Later writes fail.
     pub fn store_bitmaps(&self) -> Result<()> {
         match self.bitmaps.get() {
-            Some(t) => crate::bitmap::track::store(self, t),
+            Some(t) => t.store(self),
             None => Ok(()),
         }
     }
 
-    /// Names of the bitmaps this open image keeps up to date.
-    pub fn tracked_bitmaps(&self) -> Vec<String> {
-        self.bitmaps
-            .get()
-            .map(|t| t.live_names())
-            .unwrap_or_default()
+    /// The bitmaps of this writable image (None when read-only or opened
+    /// for repair), for edits (`crate::bitmap::edit`).
+    pub fn bitmap_tracker(&self) -> Option<&crate::bitmap::track::Tracker> {
+        self.bitmaps.get()
     }
 }
 

@@ -312,3 +312,146 @@ fn a_broken_directory_refuses_writing_not_reading() {
     q.read_at(&mut b, 0).unwrap();
     assert_eq!(b, [1; 512]);
 }
+
+/// Runs `args` with rimg and with qemu-img; both must give the same
+/// messages (program name aside) and exit status.
+fn same_as_qemu(args: &[&str]) {
+    let r = rimg(args);
+    let q = qemu_img(args);
+    let norm = |o: &std::process::Output| {
+        let t = String::from_utf8_lossy(&o.stderr).replace("qemu-img", "rimg");
+        // QEMU names the node by a generated name, rimg by the file.
+        let t = regex_lite_block(&t);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            t,
+        )
+    };
+    assert_eq!(norm(&r), norm(&q), "{args:?}");
+}
+
+/// Replaces the node name in "persistent in '...'" by a placeholder.
+fn regex_lite_block(t: &str) -> String {
+    match (t.find("persistent in '"), t.find("': ")) {
+        (Some(a), Some(b)) if b > a => format!("{}NODE{}", &t[..a + 15], &t[b..]),
+        _ => t.to_string(),
+    }
+}
+
+#[test]
+fn bitmap_command_matches_qemu_img() {
+    let dir = tempdir();
+    let r = dir.path().join("r.qcow2");
+    let q = dir.path().join("q.qcow2");
+    let v2 = dir.path().join("v2.qcow2");
+    for p in [&r, &q] {
+        ok(qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            p.to_str().unwrap(),
+            "64M",
+        ]));
+    }
+    let v = v2.to_str().unwrap();
+    ok(qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "compat=0.10",
+        v,
+        "1M",
+    ]));
+    for args in [
+        vec!["bitmap", "--add", v, "b"],
+        vec!["bitmap", v, "b"],
+        vec!["bitmap", "--add", v],
+        vec!["bitmap", "-g", "4096", "--remove", v, "x"],
+        vec!["bitmap", "--add", "-g", "256", v, "z"],
+        vec!["bitmap", "--add", "-g", "4G", v, "z"],
+        vec!["bitmap", "--add", v, ""],
+        vec!["bitmap", "--bogus", v, "x"],
+        vec!["bitmap", "--add", "-F", "qcow2", v, "x"],
+        vec!["bitmap", "--add", "-b", v, v, "x"],
+        vec!["bitmap", "--remove", v, "nope"],
+        vec!["bitmap", "--add", "-g"],
+        vec!["bitmap", "--add", v, "x", "--merge"],
+    ] {
+        same_as_qemu(&args);
+    }
+    // The same edits by both tools, with guest writes between them.
+    for (img, tool) in [(&r, "rimg"), (&q, "qemu-img")] {
+        let p = img.to_str().unwrap();
+        let run = |args: &[&str]| {
+            // Options, then the file, then the bitmap name (last).
+            let (name, opts) = args.split_last().unwrap();
+            let mut a = vec!["bitmap"];
+            a.extend_from_slice(opts);
+            a.extend([p, *name]);
+            let o = if tool == "rimg" {
+                rimg(&a)
+            } else {
+                qemu_img(&a)
+            };
+            (
+                o.status.code(),
+                String::from_utf8_lossy(&o.stderr).replace(tool, "X"),
+            )
+        };
+        assert_eq!(run(&["--add", "a"]).0, Some(0));
+        assert_eq!(run(&["--add", "-g", "4096", "--disable", "b"]).0, Some(0));
+        assert_eq!(run(&["--add", "--remove", "c"]).0, Some(0));
+        assert_eq!(
+            run(&["--add", "a"]),
+            (
+                Some(1),
+                "X: Operation add on bitmap a failed: Bitmap already exists: a\n".into()
+            )
+        );
+        qemu_io(img, &["write 1M 64k", "write 9M 1k"]);
+        assert_eq!(run(&["--merge", "a", "b"]).0, Some(0));
+        assert_eq!(run(&["--clear", "a"]).0, Some(0));
+        assert_eq!(run(&["--enable", "b"]).0, Some(0));
+        assert_eq!(run(&["--disable", "a"]).0, Some(0));
+        qemu_io(img, &["write 20M 4k"]);
+        assert_eq!(run(&["--add", "-g", "1M", "d"]).0, Some(0));
+        assert_eq!(run(&["--merge", "b", "d"]).0, Some(0));
+        assert_qemu_check_clean(img);
+    }
+    assert_eq!(qemu_bitmaps(&r), qemu_bitmaps(&q));
+    for b in ["a", "b", "d"] {
+        assert_eq!(qemu_dirty(&r, b), qemu_dirty(&q, b), "bitmap {b}");
+    }
+    // A source in another image (-b).
+    for (img, tool) in [(&r, "rimg"), (&q, "qemu-img")] {
+        let p = img.to_str().unwrap();
+        let other = if tool == "rimg" { &q } else { &r };
+        let a = [
+            "bitmap",
+            "--merge",
+            "d",
+            "-b",
+            other.to_str().unwrap(),
+            "-F",
+            "qcow2",
+            p,
+            "a",
+        ];
+        let o = if tool == "rimg" {
+            rimg(&a)
+        } else {
+            qemu_img(&a)
+        };
+        ok(o);
+    }
+    assert_eq!(qemu_dirty(&r, "a"), qemu_dirty(&q, "a"));
+    // info shows the bitmaps as qemu-img does, human and JSON.
+    for fmt in ["human", "json"] {
+        let a = ["info", "--output", fmt, r.to_str().unwrap()];
+        assert_eq!(ok(rimg(&a)), ok(qemu_img(&a)), "info --output {fmt}");
+    }
+}

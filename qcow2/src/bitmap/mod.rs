@@ -8,7 +8,8 @@
 //! its clusters are leaks). Keeping the bitmaps right while the image is
 //! written is in [`track`].
 
-pub(crate) mod track;
+pub mod edit;
+pub mod track;
 
 use crate::header::{autoclear, ext, Header};
 
@@ -95,8 +96,9 @@ pub enum BitmapError {
     TableSize { name: String, have: u32, want: u64 },
     #[error("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory")]
     Resize,
-    #[error("Bitmap directory is full: at most {MAX_BITMAPS} bitmaps")]
-    DirectoryFull,
+    /// An edit (`qemu-img bitmap`) refused, in QEMU's words.
+    #[error("{0}")]
+    Edit(String),
 }
 
 /// The bitmaps header extension.
@@ -225,7 +227,7 @@ impl DirEntry {
     pub fn auto(&self) -> bool {
         self.flags & flags::AUTO != 0
     }
-    fn encoded_len(&self) -> usize {
+    pub(crate) fn encoded_len(&self) -> usize {
         (ENTRY_FIXED + self.name.len()).next_multiple_of(8)
     }
 

@@ -4,15 +4,17 @@
 //! (not `in_use`) is loaded into memory and marked `in_use` on disk before
 //! any guest write: a crash from then on leaves it marked inconsistent,
 //! never silently wrong. Every guest write, write-zeroes, discard and
-//! deallocation sets the bits of the ranges it touches (lock-free, atomic
-//! words: no metadata lock is taken for it). At close the bitmaps are
+//! deallocation sets the bits of the ranges it touches (atomic words under
+//! a read lock; the metadata lock is not taken). At close the bitmaps are
 //! stored: new data clusters and tables, a new directory, then one header
 //! update switching to it with `in_use` clear; only after that header is
 //! durable are the old structures freed, so a crash leaves leaks at most.
 //!
-//! Disabled bitmaps and bitmaps found `in_use` are left as they are.
+//! Disabled bitmaps and bitmaps found `in_use` stay on disk untouched
+//! unless an edit (`rimg bitmap`, see [`super::edit`]) changes them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{
     encode_directory, entry, flags, parse_directory, parse_table, table_size_for, BitmapError,
@@ -25,26 +27,99 @@ use crate::overlap::Allow;
 use crate::qcow::Qcow2;
 use crate::storage::Storage;
 
-/// An enabled bitmap held in memory while the image is open.
-struct Live {
-    /// Index in the directory.
-    index: usize,
-    granularity_bits: u8,
-    /// Bit k (LSB first, as the on-disk data) is the k-th granule.
-    words: Vec<AtomicU64>,
+/// Bits of one bitmap in memory: bit k (LSB first, as the on-disk data)
+/// is the k-th granule.
+pub(crate) struct Words {
+    pub(crate) words: Vec<AtomicU64>,
     /// Number of granules.
-    bits: u64,
-    /// The table and data clusters on disk at open (freed once the new
-    /// ones are in force).
-    old_table: Vec<u64>,
+    pub(crate) bits: u64,
+}
+
+impl Words {
+    pub(crate) fn zeroed(bits: u64) -> Words {
+        Words {
+            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
+    }
+
+    /// Sets granules [first, last].
+    pub(crate) fn set(&self, first: u64, last: u64) {
+        let last = last.min(self.bits.saturating_sub(1));
+        if first > last {
+            return;
+        }
+        let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
+        for (w, word) in self.words.iter().enumerate().take(w1 + 1).skip(w0) {
+            let lo = if w == w0 { first % 64 } else { 0 };
+            let hi = if w == w1 { last % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            word.fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self, k: u64) -> bool {
+        self.words[(k / 64) as usize].load(Ordering::Relaxed) & (1 << (k % 64)) != 0
+    }
+
+    /// A copy of the current bits.
+    pub(crate) fn snapshot(&self) -> Words {
+        Words {
+            words: self
+                .words
+                .iter()
+                .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
+                .collect(),
+            bits: self.bits,
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Where a bitmap's content is.
+pub(crate) enum Content {
+    /// On disk, untouched: written back as it is.
+    OnDisk,
+    /// In memory; `old` is the table on disk (freed once the new one is
+    /// in force).
+    Loaded { words: Words, old: Option<Vec<u64>> },
+}
+
+/// One bitmap of the image as this session sees it.
+pub(crate) struct Bitmap {
+    /// The directory entry: the on-disk table and flags for `OnDisk`,
+    /// the flags to store (without in use) for `Loaded`.
+    pub(crate) entry: DirEntry,
+    pub(crate) content: Content,
+}
+
+impl Bitmap {
+    /// Tracks writes: loaded and enabled.
+    fn tracks(&self) -> bool {
+        matches!(self.content, Content::Loaded { .. }) && self.entry.auto()
+    }
+}
+
+pub(crate) struct State {
+    /// The extension as on disk (None: no bitmaps there).
+    pub(crate) ext: Option<BitmapsExt>,
+    pub(crate) bitmaps: Vec<Bitmap>,
+    /// Structures of removed bitmaps, freed at the next store.
+    pub(crate) removed: Vec<(u64, u64)>,
+    /// Something is to be stored at close.
+    pub(crate) changed: bool,
 }
 
 /// The bitmaps of a writable image (see the module docs).
 pub struct Tracker {
-    /// The directory as on disk (the live bitmaps marked in use).
-    dir: Vec<DirEntry>,
-    ext: BitmapsExt,
-    live: Vec<Live>,
+    state: RwLock<State>,
+    /// Some bitmap tracks writes (fast path for images without).
+    tracking: AtomicBool,
     /// Stored: later writes could no longer be recorded.
     closed: AtomicBool,
 }
@@ -52,13 +127,12 @@ pub struct Tracker {
 impl std::fmt::Debug for Tracker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tracker")
-            .field("bitmaps", &self.dir.len())
-            .field("live", &self.live.len())
+            .field("bitmaps", &self.read().bitmaps.len())
             .finish()
     }
 }
 
-fn bad(e: BitmapError) -> Error {
+pub(crate) fn bad(e: BitmapError) -> Error {
     Error::Bitmap(e)
 }
 
@@ -131,28 +205,22 @@ pub fn references(st: &Storage, h: &Header) -> (Vec<(u64, u64)>, Vec<String>) {
     };
     let cs = h.cluster_size();
     for d in &dir {
-        refs.push((d.table_offset, d.table_size as u64 * 8));
         let table = match read_table(st, d, cs) {
             Ok(t) => t,
             Err(err) => {
+                refs.push((d.table_offset, d.table_size as u64 * 8));
                 errs.push(format!("ERROR bitmap table: {err}"));
                 // As qemu-img: one bad table ends the bitmap walk.
                 break;
             }
         };
-        refs.extend(
-            table
-                .iter()
-                .map(|t| t & entry::OFFSET)
-                .filter(|&o| o != 0)
-                .map(|o| (o, cs)),
-        );
+        refs.extend(table_ranges(d.table_offset, &table, cs));
     }
     (refs, errs)
 }
 
-/// Resizing needs every bitmap resized with the disk; rimg keeps only
-/// enabled bitmaps in memory, so an image with any bitmap is refused (as
+/// Resizing needs every bitmap resized with the disk; rimg keeps
+/// disabled bitmaps on disk, so an image with any bitmap is refused (as
 /// QEMU refuses when a bitmap is not loaded or is inconsistent).
 pub fn check_resizable(h: &Header) -> Result<()> {
     match BitmapsExt::from_header(h) {
@@ -161,54 +229,16 @@ pub fn check_resizable(h: &Header) -> Result<()> {
     }
 }
 
-impl Tracker {
-    /// Sets the bits of every enabled bitmap for guest bytes
-    /// [off, off + len). Fails once the bitmaps were stored: a write then
-    /// would go unrecorded.
-    pub fn mark(&self, off: u64, len: u64) -> Result<()> {
-        if len == 0 || self.live.is_empty() {
-            return Ok(());
-        }
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::InvalidArgument(
-                "write after the persistent bitmaps were stored".into(),
-            ));
-        }
-        for b in &self.live {
-            let first = off >> b.granularity_bits;
-            let last = ((off + len - 1) >> b.granularity_bits).min(b.bits.saturating_sub(1));
-            if first > last {
-                continue;
-            }
-            set_bits(&b.words, first, last);
-        }
-        Ok(())
-    }
-
-    /// The names of the bitmaps being tracked.
-    pub fn live_names(&self) -> Vec<String> {
-        self.live
-            .iter()
-            .map(|b| self.dir[b.index].name_str())
-            .collect()
-    }
-}
-
-/// Sets bits [first, last] of `words`.
-fn set_bits(words: &[AtomicU64], first: u64, last: u64) {
-    let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
-    for (w, word) in words.iter().enumerate().take(w1 + 1).skip(w0) {
-        let lo = if w == w0 { first % 64 } else { 0 };
-        let hi = if w == w1 { last % 64 } else { 63 };
-        let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-        word.fetch_or(mask, Ordering::Relaxed);
-    }
-}
-
-/// Loads the bitmap data of `d` (table `table`) into words.
-fn load_words(st: &Storage, d: &DirEntry, table: &[u64], cs: u64, bits: u64) -> Result<Vec<u64>> {
-    let nwords = bits.div_ceil(64) as usize;
-    let mut words = vec![0u64; nwords];
+/// Loads the bitmap data of `d` (table `table`) for a disk of `size`.
+pub(crate) fn load_words(
+    st: &Storage,
+    d: &DirEntry,
+    table: &[u64],
+    cs: u64,
+    size: u64,
+) -> Result<Words> {
+    let bits = size.div_ceil(d.granularity());
+    let mut words = vec![0u64; bits.div_ceil(64) as usize];
     let bytes = bits.div_ceil(8);
     let mut buf = vec![0u8; cs as usize];
     for (i, &e) in table.iter().enumerate() {
@@ -241,7 +271,10 @@ fn load_words(st: &Storage, d: &DirEntry, table: &[u64], cs: u64, bits: u64) -> 
             *w &= (1u64 << (bits % 64)) - 1;
         }
     }
-    Ok(words)
+    Ok(Words {
+        words: words.into_iter().map(AtomicU64::new).collect(),
+        bits,
+    })
 }
 
 /// Allocates clusters for `data` (padded to whole clusters), writes it
@@ -271,88 +304,229 @@ fn free_ranges(q: &Qcow2, ranges: &[(u64, u64)]) -> Result<()> {
     })
 }
 
-/// Writes `dir` as a new directory and switches the header to it; then
-/// frees the old directory and `also_free`.
+/// The clusters a bitmap table and its data use.
+fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
+    let mut r = vec![(table_offset, table.len() as u64 * 8)];
+    r.extend(
+        table
+            .iter()
+            .map(|e| e & entry::OFFSET)
+            .filter(|&o| o != 0)
+            .map(|o| (o, cs)),
+    );
+    r
+}
+
+/// Writes `dir` as a new directory (none when empty) and switches the
+/// header to it; then frees the old directory and `also_free`.
 fn switch_directory(
     q: &Qcow2,
-    old: &BitmapsExt,
+    old: Option<BitmapsExt>,
     dir: &[DirEntry],
     also_free: &[(u64, u64)],
-) -> Result<BitmapsExt> {
-    let raw = encode_directory(dir);
-    let off = write_new(q, &raw)?;
-    let new = BitmapsExt {
-        nb_bitmaps: dir.len() as u32,
-        directory_size: raw.len() as u64,
-        directory_offset: off,
+) -> Result<Option<BitmapsExt>> {
+    let new = if dir.is_empty() {
+        None
+    } else {
+        let raw = encode_directory(dir);
+        let off = write_new(q, &raw)?;
+        Some(BitmapsExt {
+            nb_bitmaps: dir.len() as u32,
+            directory_size: raw.len() as u64,
+            directory_offset: off,
+        })
     };
     // update_header flushes the refcounts of the new clusters (and syncs)
     // before the header names them.
     q.update_header(|h| {
-        BitmapsExt::install(h, Some(new));
+        BitmapsExt::install(h, new);
         Ok(())
     })?;
-    let mut frees = vec![(old.directory_offset, old.directory_size)];
+    let mut frees: Vec<(u64, u64)> = old
+        .map(|e| (e.directory_offset, e.directory_size))
+        .into_iter()
+        .collect();
     frees.extend_from_slice(also_free);
     free_ranges(q, &frees)?;
     Ok(new)
 }
 
-/// At a writable open: loads the enabled, consistent bitmaps and marks
-/// them in use on disk. None when there is nothing to track.
-pub fn load(q: &Qcow2) -> Result<Option<Tracker>> {
+/// At a writable open (version 3): loads the enabled, consistent bitmaps
+/// and marks them in use on disk.
+pub fn load(q: &Qcow2) -> Result<Tracker> {
     let st = q.storage();
     let h = q.header();
-    let Some((ext, mut dir)) = read_directory(st, &h)? else {
-        return Ok(None);
+    let (ext, dir) = match read_directory(st, &h)? {
+        Some((e, d)) => (Some(e), d),
+        None => (None, Vec::new()),
     };
     let cs = h.cluster_size();
-    let mut live = Vec::new();
-    for (index, d) in dir.iter().enumerate() {
+    let mut bitmaps = Vec::new();
+    for d in dir {
         if d.in_use() || !d.auto() {
+            bitmaps.push(Bitmap {
+                entry: d,
+                content: Content::OnDisk,
+            });
             continue;
         }
-        let want = table_size_for(h.size, d.granularity_bits, cs);
-        if want != d.table_size as u64 {
-            return Err(bad(BitmapError::TableSize {
-                name: d.name_str(),
-                have: d.table_size,
-                want,
-            }));
-        }
-        let table = read_table(st, d, cs)?;
-        let bits = h.size.div_ceil(d.granularity());
-        let words = load_words(st, d, &table, cs, bits)?;
-        live.push(Live {
-            index,
-            granularity_bits: d.granularity_bits,
-            words: words.into_iter().map(AtomicU64::new).collect(),
-            bits,
-            old_table: table,
+        let words = load_checked(st, &d, cs, h.size)?;
+        bitmaps.push(Bitmap {
+            content: Content::Loaded {
+                words: words.0,
+                old: Some(words.1),
+            },
+            entry: d,
         });
     }
-    if live.is_empty() {
-        return Ok(None);
-    }
-    for b in &live {
-        dir[b.index].flags |= flags::IN_USE;
-    }
-    let ext = switch_directory(q, &ext, &dir, &[])?;
-    Ok(Some(Tracker {
-        dir,
-        ext,
-        live,
+    let t = Tracker {
+        state: RwLock::new(State {
+            ext,
+            bitmaps,
+            removed: Vec::new(),
+            changed: false,
+        }),
+        tracking: AtomicBool::new(false),
         closed: AtomicBool::new(false),
-    }))
+    };
+    let mut s = t.write();
+    if s.bitmaps.iter().any(Bitmap::tracks) {
+        let dir: Vec<DirEntry> = s
+            .bitmaps
+            .iter()
+            .map(|b| {
+                let mut e = b.entry.clone();
+                if b.tracks() {
+                    e.flags |= flags::IN_USE;
+                }
+                e
+            })
+            .collect();
+        s.ext = switch_directory(q, s.ext, &dir, &[])?;
+        s.changed = true;
+        t.tracking.store(true, Ordering::Release);
+    }
+    drop(s);
+    Ok(t)
 }
 
-/// Writes the bitmap data of `b` into new clusters and returns its table.
-fn store_data(q: &Qcow2, b: &Live) -> Result<Vec<u64>> {
+/// Checks the table size of `d` against the disk and loads its data.
+pub(crate) fn load_checked(
+    st: &Storage,
+    d: &DirEntry,
+    cs: u64,
+    size: u64,
+) -> Result<(Words, Vec<u64>)> {
+    let want = table_size_for(size, d.granularity_bits, cs);
+    if want != d.table_size as u64 {
+        return Err(bad(BitmapError::TableSize {
+            name: d.name_str(),
+            have: d.table_size,
+            want,
+        }));
+    }
+    let table = read_table(st, d, cs)?;
+    let words = load_words(st, d, &table, cs, size)?;
+    Ok((words, table))
+}
+
+impl Tracker {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().expect("bitmap state lock poisoned")
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().expect("bitmap state lock poisoned")
+    }
+
+    /// Whether a bitmap tracks writes now (after an edit).
+    pub(crate) fn refresh_tracking(&self, s: &State) {
+        self.tracking
+            .store(s.bitmaps.iter().any(Bitmap::tracks), Ordering::Release);
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument(
+                "the persistent bitmaps were already stored".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the bits of every enabled bitmap for guest bytes
+    /// [off, off + len). Fails once the bitmaps were stored: a write then
+    /// would go unrecorded.
+    pub fn mark(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 || !self.tracking.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.check_open()?;
+        let s = self.read();
+        for b in s.bitmaps.iter().filter(|b| b.tracks()) {
+            if let Content::Loaded { words, .. } = &b.content {
+                let g = b.entry.granularity_bits;
+                words.set(off >> g, (off + len - 1) >> g);
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the bitmaps being tracked.
+    pub fn live_names(&self) -> Vec<String> {
+        let s = self.read();
+        s.bitmaps
+            .iter()
+            .filter(|b| b.tracks())
+            .map(|b| b.entry.name_str())
+            .collect()
+    }
+
+    /// At close: stores the loaded bitmaps, clears their in-use flags and
+    /// frees what was replaced or removed. Later writes are refused.
+    pub fn store(&self, q: &Qcow2) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut s = self.write();
+        if !s.changed {
+            return Ok(());
+        }
+        let cs = q.cluster_size();
+        let mut dir = Vec::with_capacity(s.bitmaps.len());
+        let mut frees = std::mem::take(&mut s.removed);
+        for b in &s.bitmaps {
+            let mut d = b.entry.clone();
+            if let Content::Loaded { words, old } = &b.content {
+                let table = store_data(q, words)?;
+                let mut raw = Vec::with_capacity(table.len() * 8);
+                for e in &table {
+                    raw.extend_from_slice(&e.to_be_bytes());
+                }
+                let off = write_new(q, &raw)?;
+                if let Some(old) = old {
+                    frees.extend(table_ranges(b.entry.table_offset, old, cs));
+                }
+                d.table_offset = off;
+                d.table_size = table.len() as u32;
+                d.flags &= !flags::IN_USE;
+            }
+            dir.push(d);
+        }
+        let old = s.ext;
+        s.ext = switch_directory(q, old, &dir, &frees)?;
+        Ok(())
+    }
+}
+
+/// Writes bitmap data into new clusters and returns its table: all-zero
+/// clusters are left out, whole all-one clusters are flagged.
+fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
     let cs = q.cluster_size();
-    let bytes = b.bits.div_ceil(8);
-    let mut data = Vec::with_capacity(b.words.len() * 8);
-    for w in &b.words {
-        data.extend_from_slice(&w.load(Ordering::Relaxed).to_le_bytes());
+    let bytes = w.bits.div_ceil(8);
+    let mut data = Vec::with_capacity(w.words.len() * 8);
+    for x in &w.words {
+        data.extend_from_slice(&x.load(Ordering::Relaxed).to_le_bytes());
     }
     data.truncate(bytes as usize);
     let mut table = Vec::new();
@@ -367,43 +541,4 @@ fn store_data(q: &Qcow2, b: &Live) -> Result<Vec<u64>> {
         table.push(e);
     }
     Ok(table)
-}
-
-/// The clusters a bitmap table and its data use.
-fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
-    let mut r = vec![(table_offset, table.len() as u64 * 8)];
-    r.extend(
-        table
-            .iter()
-            .map(|e| e & entry::OFFSET)
-            .filter(|&o| o != 0)
-            .map(|o| (o, cs)),
-    );
-    r
-}
-
-/// At close: stores the tracked bitmaps and clears their in-use flags.
-/// Later writes are refused by [`Tracker::mark`].
-pub fn store(q: &Qcow2, t: &Tracker) -> Result<()> {
-    if t.closed.swap(true, Ordering::AcqRel) {
-        return Ok(());
-    }
-    let cs = q.cluster_size();
-    let mut dir = t.dir.clone();
-    let mut frees = Vec::new();
-    for b in &t.live {
-        let table = store_data(q, b)?;
-        let mut raw = Vec::with_capacity(table.len() * 8);
-        for e in &table {
-            raw.extend_from_slice(&e.to_be_bytes());
-        }
-        let off = write_new(q, &raw)?;
-        let d = &mut dir[b.index];
-        frees.extend(table_ranges(d.table_offset, &b.old_table, cs));
-        d.table_offset = off;
-        d.table_size = table.len() as u32;
-        d.flags &= !flags::IN_USE;
-    }
-    switch_directory(q, &t.ext, &dir, &frees)?;
-    Ok(())
 }
