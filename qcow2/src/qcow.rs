@@ -1814,6 +1814,7 @@ impl Qcow2 {
         self.st.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        self.resize_bitmaps(new_size);
         Ok(())
     }
 
@@ -1856,6 +1857,7 @@ impl Qcow2 {
             // A packing cluster for compressed data may be freed below.
             m.compressed_tail = 0;
             self.size.store(new_size, Ordering::Release);
+            self.resize_bitmaps(new_size);
             old_clusters
         };
         // The partial cluster at the new end keeps its data, as in QEMU
@@ -1948,7 +1950,7 @@ impl Qcow2 {
     /// of such an image, even to the same size. Version 3 records it per
     /// snapshot.
     fn check_resizable(&self, m: &Meta) -> Result<()> {
-        crate::bitmap::track::check_resizable(&m.header)?;
+        crate::bitmap::track::check_resizable(self.bitmaps.get(), &m.header)?;
         if !m.snapshots.is_empty() && self.version < 3 {
             return Err(Error::InvalidArgument(
                 "Can't resize a v2 image which has snapshots".into(),
@@ -1966,6 +1968,7 @@ impl Qcow2 {
             return Image::resize(self, new_size);
         }
         self.check_writable()?;
+        self.prepare_bitmaps_for_resize()?;
         let cs = self.cluster_size();
         let m = self.lock();
         let mut m = self.quiesce(m);
@@ -2422,6 +2425,7 @@ impl Image for Qcow2 {
 
     fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
+        self.prepare_bitmaps_for_resize()?;
         let m = self.lock();
         let mut m = self.quiesce(m);
         let old = m.header.size;
@@ -2504,6 +2508,22 @@ impl Qcow2 {
         match self.bitmaps.get() {
             Some(t) => t.store(self),
             None => Ok(()),
+        }
+    }
+
+    /// Before a resize, without the metadata lock (see
+    /// `Tracker::prepare_resize`).
+    fn prepare_bitmaps_for_resize(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.prepare_resize(self),
+            None => Ok(()),
+        }
+    }
+
+    /// After the virtual size changed (metadata lock held).
+    fn resize_bitmaps(&self, new_size: u64) {
+        if let Some(t) = self.bitmaps.get() {
+            t.resize(new_size);
         }
     }
 

@@ -262,18 +262,41 @@ fn cli_writers_keep_bitmaps() {
 }
 
 #[test]
-fn resize_is_refused_with_bitmaps() {
+fn resize_keeps_bitmaps_as_qemu_img_does() {
     let dir = tempdir();
-    let img = image_with_bitmaps(dir.path());
-    let q = rw(&img);
-    let e = q.resize(128 << 20).unwrap_err();
+    let r = image_with_bitmaps(dir.path());
+    let q = dir.path().join("q.qcow2");
+    std::fs::copy(&r, &q).unwrap();
+    for size in ["128M", "32M"] {
+        for (img, tool) in [(&r, "rimg"), (&q, "qemu-img")] {
+            let a = ["resize", "--shrink", img.to_str().unwrap(), size];
+            ok(if tool == "rimg" {
+                rimg(&a)
+            } else {
+                qemu_img(&a)
+            });
+            qemu_io(img, &["write 30M 64k"]);
+            assert_qemu_check_clean(img);
+        }
+        assert_eq!(qemu_bitmaps(&r), qemu_bitmaps(&q));
+        for b in ["on", "big", "off"] {
+            assert_eq!(qemu_dirty(&r, b), qemu_dirty(&q, b), "{b} at {size}");
+        }
+    }
+    // An inconsistent bitmap refuses the resize before anything changes.
+    let c = rw(&r);
+    std::mem::forget(c);
+    let crashed = dir.path().join("crashed.qcow2");
+    std::fs::copy(&r, &crashed).unwrap();
+    let before = std::fs::read(&crashed).unwrap();
+    let o = rimg(&["resize", crashed.to_str().unwrap(), "64M"]);
+    assert!(!o.status.success());
     assert!(
-        e.to_string()
-            .contains("Cannot resize qcow2 with persistent bitmaps"),
-        "{e}"
+        String::from_utf8_lossy(&o.stderr).contains("is inconsistent"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
     );
-    drop(q);
-    assert_qemu_check_clean(&img);
+    assert!(std::fs::read(&crashed).unwrap() == before);
 }
 
 #[test]

@@ -91,6 +91,8 @@ impl Tracker {
             }
             None => default_granularity(q.cluster_size()),
         };
+        // Read before the state lock (lock order: metadata first).
+        let version = q.header().version;
         let mut s = self.write();
         if s.find(name).is_some() {
             return Err(edit(format!("Bitmap already exists: {name}")));
@@ -101,7 +103,7 @@ impl Tracker {
                 q.path().display()
             ))
         };
-        if q.header().version < 3 {
+        if version < 3 {
             return Err(refuse(
                 "Cannot store dirty bitmaps in qcow2 v2 files".into(),
             ));

@@ -219,10 +219,13 @@ pub fn references(st: &Storage, h: &Header) -> (Vec<(u64, u64)>, Vec<String>) {
     (refs, errs)
 }
 
-/// Resizing needs every bitmap resized with the disk; rimg keeps
-/// disabled bitmaps on disk, so an image with any bitmap is refused (as
-/// QEMU refuses when a bitmap is not loaded or is inconsistent).
-pub fn check_resizable(h: &Header) -> Result<()> {
+/// Resizing needs every bitmap resized with the disk: all of them loaded
+/// ([`Tracker::prepare_resize`]); otherwise an image with bitmaps is
+/// refused (as QEMU refuses when a bitmap is not loaded).
+pub fn check_resizable(t: Option<&Tracker>, h: &Header) -> Result<()> {
+    if t.is_some_and(Tracker::resizable) {
+        return Ok(());
+    }
     match BitmapsExt::from_header(h) {
         Ok(None) => Ok(()),
         _ => Err(bad(BitmapError::Resize)),
@@ -484,28 +487,45 @@ impl Tracker {
 
     /// At close: stores the loaded bitmaps, clears their in-use flags and
     /// frees what was replaced or removed. Later writes are refused.
+    ///
+    /// Lock order: the metadata lock is taken before this state's (guest
+    /// writes mark bits with it held), so the state is copied out first
+    /// and the I/O runs without it.
     pub fn store(&self, q: &Qcow2) -> Result<()> {
         if self.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let mut s = self.write();
-        if !s.changed {
-            return Ok(());
-        }
+        let (old_ext, removed, plan) = {
+            let s = self.write();
+            if !s.changed {
+                return Ok(());
+            }
+            let plan: Vec<(DirEntry, Option<(Words, Option<Vec<u64>>)>)> = s
+                .bitmaps
+                .iter()
+                .map(|b| {
+                    let c = match &b.content {
+                        Content::Loaded { words, old } => Some((words.snapshot(), old.clone())),
+                        Content::OnDisk => None,
+                    };
+                    (b.entry.clone(), c)
+                })
+                .collect();
+            (s.ext, s.removed.clone(), plan)
+        };
         let cs = q.cluster_size();
-        let mut dir = Vec::with_capacity(s.bitmaps.len());
-        let mut frees = std::mem::take(&mut s.removed);
-        for b in &s.bitmaps {
-            let mut d = b.entry.clone();
-            if let Content::Loaded { words, old } = &b.content {
-                let table = store_data(q, words)?;
+        let mut dir = Vec::with_capacity(plan.len());
+        let mut frees = removed;
+        for (mut d, content) in plan {
+            if let Some((words, old)) = content {
+                let table = store_data(q, &words)?;
                 let mut raw = Vec::with_capacity(table.len() * 8);
                 for e in &table {
                     raw.extend_from_slice(&e.to_be_bytes());
                 }
                 let off = write_new(q, &raw)?;
                 if let Some(old) = old {
-                    frees.extend(table_ranges(b.entry.table_offset, old, cs));
+                    frees.extend(table_ranges(d.table_offset, &old, cs));
                 }
                 d.table_offset = off;
                 d.table_size = table.len() as u32;
@@ -513,9 +533,90 @@ impl Tracker {
             }
             dir.push(d);
         }
-        let old = s.ext;
-        s.ext = switch_directory(q, old, &dir, &frees)?;
+        let new = switch_directory(q, old_ext, &dir, &frees)?;
+        let mut s = self.write();
+        s.ext = new;
+        s.removed.clear();
+        s.changed = false;
         Ok(())
+    }
+
+    /// Before a resize: every bitmap must be consistent; all are loaded
+    /// and marked in use on disk (a crash after the size changed leaves
+    /// them inconsistent, never too small and valid).
+    pub fn prepare_resize(&self, q: &Qcow2) -> Result<()> {
+        self.check_open()?;
+        let h = q.header();
+        let cs = h.cluster_size();
+        let mut s = self.write();
+        if s.bitmaps.is_empty() {
+            return Ok(());
+        }
+        for b in &mut s.bitmaps {
+            if let Content::OnDisk = b.content {
+                if b.entry.in_use() {
+                    return Err(bad(BitmapError::Edit(format!(
+                        "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
+                        b.entry.name_str()
+                    ))));
+                }
+                let (words, table) = load_checked(q.storage(), &b.entry, cs, h.size)?;
+                b.content = Content::Loaded {
+                    words,
+                    old: Some(table),
+                };
+            }
+        }
+        let dir: Vec<DirEntry> = s
+            .bitmaps
+            .iter()
+            .map(|b| {
+                let mut e = b.entry.clone();
+                e.flags |= flags::IN_USE;
+                e
+            })
+            .collect();
+        let old = s.ext;
+        s.changed = true;
+        drop(s);
+        // update_header takes the metadata lock: not under this state's.
+        let new = switch_directory(q, old, &dir, &[])?;
+        self.write().ext = new;
+        Ok(())
+    }
+
+    /// Whether the image may be resized now (see [`Self::prepare_resize`]).
+    pub fn resizable(&self) -> bool {
+        let s = self.read();
+        s.bitmaps
+            .iter()
+            .all(|b| matches!(b.content, Content::Loaded { .. }))
+    }
+
+    /// After the virtual size changed: bits are kept up to the new end,
+    /// new granules are clean (as QEMU truncates its bitmaps).
+    pub fn resize(&self, new_size: u64) {
+        let mut s = self.write();
+        for b in &mut s.bitmaps {
+            if let Content::Loaded { words, .. } = &mut b.content {
+                let bits = new_size.div_ceil(b.entry.granularity());
+                let mut v: Vec<u64> = words
+                    .words
+                    .iter()
+                    .map(|w| w.load(Ordering::Relaxed))
+                    .collect();
+                v.resize(bits.div_ceil(64) as usize, 0);
+                if !bits.is_multiple_of(64) {
+                    if let Some(w) = v.last_mut() {
+                        *w &= (1u64 << (bits % 64)) - 1;
+                    }
+                }
+                *words = Words {
+                    words: v.into_iter().map(AtomicU64::new).collect(),
+                    bits,
+                };
+            }
+        }
     }
 }
 
