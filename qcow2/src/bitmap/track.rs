@@ -81,6 +81,10 @@ impl Words {
     }
 }
 
+/// A directory entry to store, with the bits and old table of a loaded
+/// bitmap.
+type Planned = (DirEntry, Option<(Words, Option<Vec<u64>>)>);
+
 /// Where a bitmap's content is.
 pub(crate) enum Content {
     /// On disk, untouched: written back as it is.
@@ -500,7 +504,7 @@ impl Tracker {
             if !s.changed {
                 return Ok(());
             }
-            let plan: Vec<(DirEntry, Option<(Words, Option<Vec<u64>>)>)> = s
+            let plan: Vec<Planned> = s
                 .bitmaps
                 .iter()
                 .map(|b| {
