@@ -478,3 +478,22 @@ fn bitmap_command_matches_qemu_img() {
         assert_eq!(ok(rimg(&a)), ok(qemu_img(&a)), "info --output {fmt}");
     }
 }
+
+#[test]
+fn measure_reports_bitmaps_size_as_qemu_img() {
+    let dir = tempdir();
+    let img = image_with_bitmaps(dir.path());
+    let p = img.to_str().unwrap();
+    for opts in [
+        vec!["-O", "qcow2"],
+        vec!["--output=json", "-O", "qcow2", "-o", "cluster_size=2M"],
+        vec!["-O", "qcow2", "-o", "cluster_size=512"],
+        vec!["-O", "qcow2", "-o", "compat=0.10"],
+        vec!["-O", "raw"],
+    ] {
+        let mut a = vec!["measure"];
+        a.extend(&opts);
+        a.extend(["-f", "qcow2", p]);
+        assert_eq!(ok(rimg(&a)), ok(qemu_img(&a)), "{a:?}");
+    }
+}

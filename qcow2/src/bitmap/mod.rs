@@ -387,5 +387,20 @@ pub fn check_new_bitmap(
     Ok(())
 }
 
+/// Bytes the bitmaps `list` of a disk of `disk_size` bytes take in an
+/// image with `cluster_size` clusters, all data allocated (`qemu-img
+/// measure`'s "bitmaps size"): data clusters, tables, the directory.
+pub fn measure(list: &[DirEntry], disk_size: u64, cluster_size: u64) -> u64 {
+    let mut total = 0;
+    let mut dir = 0u64;
+    for d in list {
+        let clusters = data_bytes(disk_size, d.granularity_bits).div_ceil(cluster_size);
+        total += clusters * cluster_size;
+        total += (clusters * 8).next_multiple_of(cluster_size);
+        dir += d.encoded_len() as u64;
+    }
+    total + dir.next_multiple_of(cluster_size)
+}
+
 #[cfg(test)]
 mod tests;
