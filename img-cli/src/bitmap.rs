@@ -3,7 +3,7 @@
 //! checks and messages.
 
 use clap::Args;
-use qcow2::{Format, OpenOptions};
+use qcow2::{Format, Image, OpenOptions};
 
 use crate::CliError;
 
@@ -243,4 +243,84 @@ pub fn run(a: BitmapArgs) -> Result<u8, CliError> {
     })?;
     img.flush()?;
     Ok(0)
+}
+
+// ----- convert --bitmaps -----
+
+/// The source's bitmaps to copy (`convert --bitmaps`), checked as
+/// qemu-img checks them before converting.
+pub fn convert_check(
+    src: &dyn qcow2::Image,
+    skip_broken: bool,
+) -> Result<Vec<qcow2::bitmap::DirEntry>, CliError> {
+    let Some(q) = src.as_qcow2().filter(|q| q.header().version >= 3) else {
+        return Err(CliError::new("Source lacks bitmap support"));
+    };
+    let list = qcow2::bitmap::track::read_directory(q.storage(), &q.header())?
+        .map(|(_, d)| d)
+        .unwrap_or_default();
+    // QEMU walks its bitmaps newest first: the last inconsistent one in
+    // the directory is the one it names.
+    if !skip_broken {
+        if let Some(d) = list.iter().rev().find(|d| d.in_use()) {
+            return Err(CliError::new(format!(
+                "Cannot copy inconsistent bitmap '{}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it",
+                d.name_str()
+            )));
+        }
+    }
+    Ok(list)
+}
+
+/// The target must store bitmaps (qcow2 version 3).
+pub fn convert_target_check(target: &dyn qcow2::Image) -> Result<(), CliError> {
+    let ok = target
+        .as_qcow2()
+        .is_some_and(|q| q.header().version >= 3 && q.bitmap_tracker().is_some());
+    if !ok {
+        return Err(CliError::new(format!(
+            "Format driver '{}' does not support bitmaps",
+            target.format().name()
+        )));
+    }
+    Ok(())
+}
+
+/// After the data: creates each bitmap in the target with its
+/// granularity and state, and merges the source's bits into it.
+pub fn convert_copy(
+    src: &dyn qcow2::Image,
+    target: &dyn qcow2::Image,
+    list: &[qcow2::bitmap::DirEntry],
+) -> Result<(), CliError> {
+    let (Some(sq), Some(tq)) = (src.as_qcow2(), target.as_qcow2()) else {
+        return Ok(());
+    };
+    let t = tq
+        .bitmap_tracker()
+        .ok_or_else(|| CliError::new("target opened without bitmap support"))?;
+    // Warnings in QEMU's order (newest first); the copies keep the
+    // directory's order, as QEMU's target ends up with.
+    for d in list.iter().rev().filter(|d| d.in_use()) {
+        eprintln!(
+            "{}: warning: Skipping inconsistent bitmap '{}'",
+            crate::prog_name(),
+            d.name_str()
+        );
+    }
+    for d in list.iter().filter(|d| !d.in_use()) {
+        let name = d.name_str();
+        t.add(tq, &name, Some(d.granularity()), !d.auto())
+            .map_err(|e| CliError::new(format!("Failed to create bitmap {name}: {e}")))?;
+        let merged =
+            qcow2::bitmap::edit::source_from(sq, &name).and_then(|s| t.merge(tq, &name, &s));
+        if let Err(e) = merged {
+            let _ = t.remove(tq, &name);
+            return Err(CliError::new(format!(
+                "Failed to populate bitmap {name}: {e}"
+            )));
+        }
+    }
+    tq.store_bitmaps()?;
+    Ok(())
 }

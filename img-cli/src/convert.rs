@@ -76,6 +76,12 @@ pub struct ConvertArgs {
     /// Copy offloading (accepted for compatibility)
     #[arg(short = 'C')]
     copy_offload: bool,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2)
+    #[arg(long = "bitmaps")]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps instead of failing
+    #[arg(long = "skip-broken-bitmaps")]
+    skip_broken_bitmaps: bool,
     /// Internal snapshot to convert from
     #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
@@ -104,6 +110,11 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.copy_offload,
         a.quiet,
     );
+    if a.skip_broken_bitmaps && !a.bitmaps {
+        return Err(CliError::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
+    }
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
     if a.snapshot.is_some() && srcs.len() > 1 {
@@ -152,6 +163,19 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(sn) = &a.snapshot {
         load_snapshot(parts[0].as_ref(), sn)?;
     }
+    let src_bitmaps = if a.bitmaps {
+        if parts.len() > 1 {
+            return Err(CliError::new(
+                "Copying bitmaps only possible with single source",
+            ));
+        }
+        Some(crate::bitmap::convert_check(
+            parts[0].as_ref(),
+            a.skip_broken_bitmaps,
+        )?)
+    } else {
+        None
+    };
     let sources = Sources::new(parts);
     let total = sources.size;
 
@@ -224,6 +248,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             target.size()
         )));
     }
+    if src_bitmaps.is_some() {
+        crate::bitmap::convert_target_check(target.as_ref())?;
+    }
     target.storage().set_no_flush(unsafe_cache);
     if a.compress && target.as_qcow2().is_none() {
         return Err(CliError::new(
@@ -279,6 +306,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(e) = job.error.lock().unwrap().take() {
         return Err(e);
     }
+    if let Some(list) = &src_bitmaps {
+        crate::bitmap::convert_copy(sources.first(), target.as_ref(), list)?;
+    }
     target.flush()?;
     job.progress.complete();
     job.progress.finish();
@@ -302,6 +332,11 @@ impl Sources {
             size += n;
         }
         Sources { parts, size }
+    }
+
+    /// The first (with --bitmaps, the only) source.
+    fn first(&self) -> &dyn Image {
+        self.parts[0].1.as_ref()
     }
 
     /// The part holding byte `pos`, and how far it goes from there.

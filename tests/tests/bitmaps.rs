@@ -497,3 +497,59 @@ fn measure_reports_bitmaps_size_as_qemu_img() {
         assert_eq!(ok(rimg(&a)), ok(qemu_img(&a)), "{a:?}");
     }
 }
+
+#[test]
+fn convert_copies_bitmaps_as_qemu_img() {
+    let dir = tempdir();
+    let src = image_with_bitmaps(dir.path());
+    let s = src.to_str().unwrap();
+    let out = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+    let (r, q) = (out("r.qcow2"), out("q.qcow2"));
+    ok(rimg(&["convert", "--bitmaps", "-O", "qcow2", s, &r]));
+    ok(qemu_img(&["convert", "--bitmaps", "-O", "qcow2", s, &q]));
+    let (r, q) = (Path::new(&r), Path::new(&q));
+    assert_qemu_check_clean(r);
+    assert_eq!(qemu_bitmaps(r), qemu_bitmaps(q));
+    for b in ["on", "big", "off"] {
+        assert_eq!(qemu_dirty(r, b), qemu_dirty(q, b), "{b}");
+    }
+    // Refusals, with qemu-img's words.
+    let raw = out("x.raw");
+    for args in [
+        vec!["convert", "--bitmaps", "-O", "raw", s, &raw],
+        vec!["convert", "--skip-broken-bitmaps", "-O", "qcow2", s, &raw],
+        vec!["convert", "--bitmaps", "-O", "qcow2", "-f", "raw", s, &raw],
+        vec!["convert", "--bitmaps", "-O", "qcow2", s, s, &raw],
+    ] {
+        same_as_qemu(&args);
+    }
+    // An inconsistent bitmap: refused, or skipped with a warning.
+    let c = rw(&src);
+    std::mem::forget(c);
+    let crashed = out("crashed.qcow2");
+    std::fs::copy(&src, &crashed).unwrap();
+    let o1 = out("o1.qcow2");
+    same_as_qemu(&["convert", "--bitmaps", "-O", "qcow2", &crashed, &o1]);
+    let (r2, q2) = (out("r2.qcow2"), out("q2.qcow2"));
+    let a = |dst: &str| {
+        vec![
+            "convert".to_string(),
+            "--bitmaps".into(),
+            "--skip-broken-bitmaps".into(),
+            "-O".into(),
+            "qcow2".into(),
+            crashed.clone(),
+            dst.to_string(),
+        ]
+    };
+    let ra = a(&r2);
+    let qa = a(&q2);
+    let ro = rimg(&ra.iter().map(String::as_str).collect::<Vec<_>>());
+    let qo = qemu_img(&qa.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(ro.status.code(), qo.status.code());
+    assert_eq!(
+        String::from_utf8_lossy(&ro.stderr).replace("rimg", "qemu-img"),
+        String::from_utf8_lossy(&qo.stderr)
+    );
+    assert_eq!(qemu_bitmaps(Path::new(&r2)), qemu_bitmaps(Path::new(&q2)));
+}
