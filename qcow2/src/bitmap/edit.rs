@@ -109,6 +109,10 @@ impl Tracker {
             ));
         }
         check_new_bitmap(name, g, q.size(), q.cluster_size()).map_err(refuse)?;
+        // A bitmap table cannot be empty: QEMU fails to store one too.
+        if q.size() == 0 {
+            return Err(refuse("the disk is empty (0 bytes)".into()));
+        }
         let entry = DirEntry {
             table_offset: 0,
             table_size: 0,

@@ -209,6 +209,17 @@ pub fn references(st: &Storage, h: &Header) -> (Vec<(u64, u64)>, Vec<String>) {
     };
     let cs = h.cluster_size();
     for d in &dir {
+        // A consistent bitmap's table must cover the disk exactly (what a
+        // writable open requires of it).
+        let want = table_size_for(h.size, d.granularity_bits, cs);
+        if !d.in_use() && want != d.table_size as u64 {
+            let e = BitmapError::TableSize {
+                name: d.name_str(),
+                have: d.table_size,
+                want,
+            };
+            errs.push(format!("ERROR bitmap table: {e}"));
+        }
         let table = match read_table(st, d, cs) {
             Ok(t) => t,
             Err(err) => {
@@ -284,17 +295,16 @@ pub(crate) fn load_words(
     })
 }
 
-/// Allocates clusters for `data` (padded to whole clusters), writes it
-/// there and returns the offset.
+/// Allocates clusters for `data`, writes it there and returns the
+/// offset. The rest of the last cluster is not written (as QEMU does):
+/// nothing reads past a table's or the directory's size.
 fn write_new(q: &Qcow2, data: &[u8]) -> Result<u64> {
     let cs = q.cluster_size();
     let n = (data.len() as u64).div_ceil(cs).max(1);
-    let mut buf = data.to_vec();
-    buf.resize((n * cs) as usize, 0);
     let st = q.storage();
     q.with_meta(|ctx| {
         let off = ctx.rc.alloc(st, n)?;
-        ctx.rc.overlap.write(st, &buf, off, Allow::NOTHING)?;
+        ctx.rc.overlap.write(st, data, off, Allow::NOTHING)?;
         Ok(off)
     })
 }
