@@ -553,3 +553,59 @@ fn convert_copies_bitmaps_as_qemu_img() {
     );
     assert_eq!(qemu_bitmaps(Path::new(&r2)), qemu_bitmaps(Path::new(&q2)));
 }
+
+/// rimg-vhost-blk serving an image with bitmaps: what a vhost-user-blk
+/// client (libblkio) writes, zeroes and discards is what QEMU reads as
+/// dirty afterwards; a SIGKILL leaves the bitmaps marked in use.
+#[test]
+fn vhost_blk_writes_are_recorded_and_a_kill_leaves_them_in_use() {
+    use rimg_tests::blk::{Client, Daemon};
+    let dir = tempdir();
+    let img = image_with_bitmaps(dir.path());
+    let off_before = qemu_dirty(&img, "off");
+    let sock = dir.path().join("blk.sock");
+    let daemon = Daemon::start(&sock, &img, &["--num-queues", "2"]).expect("daemon");
+    let mut c = Client::connect(&sock, 2, false).expect("connect");
+    let writes = [(2u64 << 20, 4096u64), (5 << 20, 192 << 10), (63 << 20, 512)];
+    for (i, &(o, l)) in writes.iter().enumerate() {
+        c.write(i % 2, o, &vec![i as u8 + 1; l as usize])
+            .expect("write");
+    }
+    c.write_zeroes(0, 12 << 20, 1 << 20, false)
+        .expect("write zeroes");
+    c.discard(1, 30 << 20, 2 << 20).expect("discard");
+    c.flush(0).expect("flush");
+    drop(c);
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert_qemu_check_clean(&img);
+    let flags = qemu_bitmaps(&img);
+    assert!(
+        flags.contains(&("on".into(), vec!["auto".into()])),
+        "{flags:?}"
+    );
+    let mut all = vec![(0, 12 << 10)];
+    all.extend(writes);
+    all.extend([(12 << 20, 1 << 20), (30 << 20, 2 << 20)]);
+    assert_eq!(qemu_dirty(&img, "on"), granular(&all, 4096));
+    assert_eq!(qemu_dirty(&img, "big"), granular(&all, 65536));
+    assert_eq!(qemu_dirty(&img, "off"), off_before);
+
+    // SIGKILL while serving: the enabled bitmaps stay in use on disk.
+    let daemon = Daemon::start(&sock, &img, &[]).expect("daemon");
+    let mut c = Client::connect(&sock, 1, false).expect("connect");
+    c.write(0, 40 << 20, &[7; 4096]).expect("write");
+    c.flush(0).expect("flush");
+    daemon.signal(libc::SIGKILL);
+    drop(c);
+    let (_, _) = daemon.terminate();
+    let flags = qemu_bitmaps(&img);
+    assert!(
+        flags.contains(&("on".into(), vec!["in-use".into(), "auto".into()])),
+        "{flags:?}"
+    );
+    assert!(flags.contains(&("off".into(), vec![])), "{flags:?}");
+    let o = qemu_img(&["check", "--output=json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{v}");
+}
