@@ -248,7 +248,7 @@ pub struct Qcow2 {
     data: Option<DataFile>,
     /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
     extl2: bool,
-    /// Enabled persistent dirty bitmaps of a writable image (see
+    /// Persistent dirty bitmaps of a writable image (see
     /// [`crate::bitmap::track`]).
     bitmaps: std::sync::OnceLock<crate::bitmap::track::Tracker>,
 }
