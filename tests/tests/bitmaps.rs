@@ -609,3 +609,39 @@ fn vhost_blk_writes_are_recorded_and_a_kill_leaves_them_in_use() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{v}");
 }
+
+/// An image whose bitmaps bit a program without bitmap support cleared:
+/// the bitmaps no longer count (QEMU ignores them too), their clusters
+/// are leaks that both checks report alike and `check -r leaks` frees.
+#[test]
+fn cleared_autoclear_bit_makes_bitmap_clusters_leaks_as_in_qemu() {
+    let dir = tempdir();
+    let img = image_with_bitmaps(dir.path());
+    let mut f = std::fs::read(&img).unwrap();
+    f[88..96].fill(0);
+    std::fs::write(&img, &f).unwrap();
+    let p = img.to_str().unwrap();
+    let r = rimg(&["check", "--output=json", p]);
+    let q = qemu_img(&["check", "--output=json", p]);
+    let j = |o: &std::process::Output| -> serde_json::Value {
+        let mut v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        v.as_object_mut().unwrap().remove("filename");
+        v
+    };
+    assert_eq!(r.status.code(), q.status.code());
+    assert_eq!(j(&r), j(&q));
+    assert!(j(&q)["leaks"].as_u64().unwrap() > 0);
+    ok(rimg(&["check", "-r", "leaks", p]));
+    assert_qemu_check_clean(&img);
+    // Opened for writing, the stale extension goes (as QEMU drops it):
+    // qemu-img warns no more.
+    drop(rw(&img));
+    assert!(qemu_bitmaps(&img).is_empty());
+    assert_qemu_check_clean(&img);
+    let o = qemu_img(&["info", p]);
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}

@@ -372,7 +372,22 @@ fn switch_directory(
 /// and marks them in use on disk.
 pub fn load(q: &Qcow2) -> Result<Tracker> {
     let st = q.storage();
-    let h = q.header();
+    let mut h = q.header();
+    // An extension whose bit a program without bitmap support cleared is
+    // dropped, as QEMU drops it (its clusters are leaks for check -r).
+    let stale = |h: &Header| {
+        !super::has_valid_bit(h)
+            && h.other_extensions
+                .iter()
+                .any(|e| e.kind == crate::header::ext::BITMAPS)
+    };
+    if stale(&h) {
+        q.update_header(|h| {
+            BitmapsExt::install(h, None);
+            Ok(())
+        })?;
+        h = q.header();
+    }
     let (ext, dir) = match read_directory(st, &h)? {
         Some((e, d)) => (Some(e), d),
         None => (None, Vec::new()),
