@@ -52,6 +52,29 @@ struct Parsed {
     operands: Vec<String>,
 }
 
+const HELP: &str = "\
+Edit the persistent dirty bitmaps of a qcow2 image (as qemu-img bitmap)
+
+Usage: rimg bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...
+       [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [--object OBJECTDEF]
+       [--image-opts | -f FMT] FILENAME BITMAP
+
+Actions, applied in command-line order to BITMAP:
+      --add                add an enabled, empty bitmap
+      --remove             remove it
+      --clear              clear all its bits
+      --enable             record writes in it from now on
+      --disable            stop recording writes in it
+      --merge SOURCE       set in it every bit set in bitmap SOURCE
+Options:
+  -g, --granularity SIZE   granularity of a new bitmap (with --add)
+  -b, --source-file FILE   the image SOURCE is in (with --merge)
+  -F, --source-format FMT  its format
+  -f FMT                   the image's format
+      --image-opts         FILENAME is an option string
+      --object OBJECTDEF   a secret, as for the other commands
+  -h, --help               print this help";
+
 /// Usage errors are printed as getopt and qemu-img print them, with the
 /// subcommand in the prefix; `code` 2 marks them (exit status 1).
 fn usage_error(msg: String) -> CliError {
@@ -112,7 +135,7 @@ fn parse(args: &[String]) -> Result<Parsed, CliError> {
             "-f" => p.fmt = Some(value(a)?),
             "-h" | "--help" => {
                 return Err(CliError {
-                    msg: "usage: rimg bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)... [-b source_file [-F source_fmt]] [-g granularity] [--object OBJECTDEF] [--image-opts | -f fmt] filename bitmap".into(),
+                    msg: HELP.into(),
                     code: 0,
                 })
             }
