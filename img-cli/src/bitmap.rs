@@ -270,13 +270,32 @@ pub fn run(a: BitmapArgs) -> Result<u8, CliError> {
 
 // ----- convert --bitmaps -----
 
-/// The source's bitmaps to copy (`convert --bitmaps`), checked as
-/// qemu-img checks them before converting.
+/// The option rule qemu-img checks before opening anything.
+pub fn convert_flags(bitmaps: bool, skip_broken: bool) -> Result<(), CliError> {
+    if skip_broken && !bitmaps {
+        return Err(CliError::new(
+            "Use of --skip-broken-bitmaps requires --bitmaps",
+        ));
+    }
+    Ok(())
+}
+
+/// With `bitmaps`: the source's bitmaps to copy (`convert --bitmaps`),
+/// checked as qemu-img checks them before converting.
 pub fn convert_check(
-    src: &dyn qcow2::Image,
+    srcs: &[std::sync::Arc<dyn qcow2::Image>],
+    bitmaps: bool,
     skip_broken: bool,
-) -> Result<Vec<qcow2::bitmap::DirEntry>, CliError> {
-    let Some(q) = src.as_qcow2().filter(|q| q.header().version >= 3) else {
+) -> Result<Option<Vec<qcow2::bitmap::DirEntry>>, CliError> {
+    if !bitmaps {
+        return Ok(None);
+    }
+    if srcs.len() > 1 {
+        return Err(CliError::new(
+            "Copying bitmaps only possible with single source",
+        ));
+    }
+    let Some(q) = srcs[0].as_qcow2().filter(|q| q.header().version >= 3) else {
         return Err(CliError::new("Source lacks bitmap support"));
     };
     let list = qcow2::bitmap::track::read_directory(q.storage(), &q.header())?
@@ -292,14 +311,15 @@ pub fn convert_check(
             )));
         }
     }
-    Ok(list)
+    Ok(Some(list))
 }
 
-/// The target must store bitmaps (qcow2 version 3).
-pub fn convert_target_check(target: &dyn qcow2::Image) -> Result<(), CliError> {
-    let ok = target
-        .as_qcow2()
-        .is_some_and(|q| q.header().version >= 3 && q.bitmap_tracker().is_some());
+/// With bitmaps to copy, the target must store them (qcow2 version 3).
+pub fn convert_target_check(copy: bool, target: &dyn qcow2::Image) -> Result<(), CliError> {
+    let ok = !copy
+        || target
+            .as_qcow2()
+            .is_some_and(|q| q.header().version >= 3 && q.bitmap_tracker().is_some());
     if !ok {
         return Err(CliError::new(format!(
             "Format driver '{}' does not support bitmaps",
@@ -312,11 +332,11 @@ pub fn convert_target_check(target: &dyn qcow2::Image) -> Result<(), CliError> {
 /// After the data: creates each bitmap in the target with its
 /// granularity and state, and merges the source's bits into it.
 pub fn convert_copy(
+    list: &Option<Vec<qcow2::bitmap::DirEntry>>,
     src: &dyn qcow2::Image,
     target: &dyn qcow2::Image,
-    list: &[qcow2::bitmap::DirEntry],
 ) -> Result<(), CliError> {
-    let (Some(sq), Some(tq)) = (src.as_qcow2(), target.as_qcow2()) else {
+    let (Some(list), Some(sq), Some(tq)) = (list, src.as_qcow2(), target.as_qcow2()) else {
         return Ok(());
     };
     let t = tq

@@ -77,10 +77,10 @@ pub struct ConvertArgs {
     #[arg(short = 'C')]
     copy_offload: bool,
     /// Copy the source's persistent bitmaps (qcow2 to qcow2)
-    #[arg(long = "bitmaps")]
+    #[arg(long)]
     bitmaps: bool,
     /// With --bitmaps: skip inconsistent bitmaps instead of failing
-    #[arg(long = "skip-broken-bitmaps")]
+    #[arg(long)]
     skip_broken_bitmaps: bool,
     /// Internal snapshot to convert from
     #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
@@ -110,11 +110,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.copy_offload,
         a.quiet,
     );
-    if a.skip_broken_bitmaps && !a.bitmaps {
-        return Err(CliError::new(
-            "Use of --skip-broken-bitmaps requires --bitmaps",
-        ));
-    }
+    crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
     if a.snapshot.is_some() && srcs.len() > 1 {
@@ -163,19 +159,8 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(sn) = &a.snapshot {
         load_snapshot(parts[0].as_ref(), sn)?;
     }
-    let src_bitmaps = if a.bitmaps {
-        if parts.len() > 1 {
-            return Err(CliError::new(
-                "Copying bitmaps only possible with single source",
-            ));
-        }
-        Some(crate::bitmap::convert_check(
-            parts[0].as_ref(),
-            a.skip_broken_bitmaps,
-        )?)
-    } else {
-        None
-    };
+    let src_bitmaps = crate::bitmap::convert_check(&parts, a.bitmaps, a.skip_broken_bitmaps)?;
+    let first_src = parts[0].clone();
     let sources = Sources::new(parts);
     let total = sources.size;
 
@@ -248,9 +233,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             target.size()
         )));
     }
-    if src_bitmaps.is_some() {
-        crate::bitmap::convert_target_check(target.as_ref())?;
-    }
+    crate::bitmap::convert_target_check(src_bitmaps.is_some(), target.as_ref())?;
     target.storage().set_no_flush(unsafe_cache);
     if a.compress && target.as_qcow2().is_none() {
         return Err(CliError::new(
@@ -306,9 +289,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(e) = job.error.lock().unwrap().take() {
         return Err(e);
     }
-    if let Some(list) = &src_bitmaps {
-        crate::bitmap::convert_copy(sources.first(), target.as_ref(), list)?;
-    }
+    crate::bitmap::convert_copy(&src_bitmaps, first_src.as_ref(), target.as_ref())?;
     target.flush()?;
     job.progress.complete();
     job.progress.finish();
@@ -332,11 +313,6 @@ impl Sources {
             size += n;
         }
         Sources { parts, size }
-    }
-
-    /// The first (with --bitmaps, the only) source.
-    fn first(&self) -> &dyn Image {
-        self.parts[0].1.as_ref()
     }
 
     /// The part holding byte `pos`, and how far it goes from there.
