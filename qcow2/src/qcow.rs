@@ -2527,6 +2527,15 @@ impl Qcow2 {
         }
     }
 
+    /// Applying a snapshot rewrites the whole disk behind the bitmaps'
+    /// back: refused while the image has any (as QEMU refuses).
+    fn refuse_with_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.refuse_snapshot_apply(),
+            None => Ok(()),
+        }
+    }
+
     /// The bitmaps of this writable image (None when read-only or opened
     /// for repair), for edits (`crate::bitmap::edit`).
     pub fn bitmap_tracker(&self) -> Option<&crate::bitmap::track::Tracker> {
@@ -2980,6 +2989,7 @@ impl Qcow2 {
     /// Reverts the disk to an internal snapshot (by ID or name).
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_with_bitmaps()?;
         self.refuse_snapshots_with_data_file()?;
         let m = self.lock();
         let mut m = self.quiesce(m);

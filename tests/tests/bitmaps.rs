@@ -645,3 +645,20 @@ fn cleared_autoclear_bit_makes_bitmap_clusters_leaks_as_in_qemu() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn snapshot_apply_is_refused_with_bitmaps_as_in_qemu() {
+    let dir = tempdir();
+    let r = dir.path().join("r.qcow2");
+    let p = r.to_str().unwrap();
+    ok(qemu_img(&["create", "-q", "-f", "qcow2", p, "1M"]));
+    ok(qemu_img(&["snapshot", "-c", "s1", p]));
+    ok(qemu_img(&["bitmap", "--add", "--disable", p, "b"]));
+    same_as_qemu(&["snapshot", "-a", "s1", p]);
+    same_as_qemu(&["snapshot", "-a", "nope", p]);
+    assert_eq!(qemu_bitmaps(&r), vec![("b".into(), vec![])]);
+    assert_qemu_check_clean(&r);
+    ok(qemu_img(&["bitmap", "--remove", p, "b"]));
+    ok(rimg(&["snapshot", "-a", "s1", p]));
+    assert_qemu_check_clean(&r);
+}

@@ -96,6 +96,8 @@ pub enum BitmapError {
     TableSize { name: String, have: u32, want: u64 },
     #[error("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory")]
     Resize,
+    #[error("Device has active dirty bitmaps")]
+    ActiveBitmaps,
     /// An edit (`qemu-img bitmap`) refused, in QEMU's words.
     #[error("{0}")]
     Edit(String),

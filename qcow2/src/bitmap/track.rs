@@ -614,6 +614,15 @@ impl Tracker {
         Ok(())
     }
 
+    /// Refuses to apply an internal snapshot while the image has bitmaps.
+    pub fn refuse_snapshot_apply(&self) -> Result<()> {
+        if self.read().bitmaps.is_empty() {
+            Ok(())
+        } else {
+            Err(bad(BitmapError::ActiveBitmaps))
+        }
+    }
+
     /// Whether the image may be resized now (see [`Self::prepare_resize`]).
     pub fn resizable(&self) -> bool {
         let s = self.read();
