@@ -6,6 +6,8 @@
 
 use super::track::{bad, load_checked, read_directory, Bitmap, Content, State, Tracker, Words};
 use super::{check_new_bitmap, flags, BitmapError, DirEntry, MAX_BITMAPS, MAX_DIRECTORY_SIZE};
+use std::sync::atomic::Ordering;
+
 use crate::error::Result;
 use crate::image::Image;
 use crate::qcow::Qcow2;
@@ -235,10 +237,20 @@ impl Tracker {
             unreachable!("loaded above");
         };
         let (gs, gd) = (src.granularity_bits, b.entry.granularity_bits);
-        for k in 0..src.words.bits {
-            if src.words.get(k) {
-                let (start, end) = (k << gs, ((k + 1) << gs) - 1);
-                words.set(start >> gd, end >> gd);
+        if gs == gd {
+            // Same granules: word by word.
+            for (d, w) in words.words.iter().zip(&src.words.words) {
+                d.fetch_or(w.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        } else {
+            for (i, w) in src.words.words.iter().enumerate() {
+                let mut x = w.load(Ordering::Relaxed);
+                while x != 0 {
+                    let k = i as u64 * 64 + x.trailing_zeros() as u64;
+                    x &= x - 1;
+                    let (start, end) = (k << gs, ((k + 1) << gs) - 1);
+                    words.set(start >> gd, end >> gd);
+                }
             }
         }
         s.changed = true;

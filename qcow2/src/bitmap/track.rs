@@ -46,7 +46,7 @@ impl Words {
     /// Sets granules [first, last].
     pub(crate) fn set(&self, first: u64, last: u64) {
         let last = last.min(self.bits.saturating_sub(1));
-        if first > last {
+        if first > last || self.bits == 0 {
             return;
         }
         let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
@@ -56,10 +56,6 @@ impl Words {
             let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
             word.fetch_or(mask, Ordering::Relaxed);
         }
-    }
-
-    pub(crate) fn get(&self, k: u64) -> bool {
-        self.words[(k / 64) as usize].load(Ordering::Relaxed) & (1 << (k % 64)) != 0
     }
 
     /// A copy of the current bits.
