@@ -76,6 +76,12 @@ pub struct ConvertArgs {
     /// Copy offloading (accepted for compatibility)
     #[arg(short = 'C')]
     copy_offload: bool,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2)
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps instead of failing
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
     /// Internal snapshot to convert from
     #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
@@ -104,6 +110,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.copy_offload,
         a.quiet,
     );
+    crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
     if a.snapshot.is_some() && srcs.len() > 1 {
@@ -152,6 +159,8 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(sn) = &a.snapshot {
         load_snapshot(parts[0].as_ref(), sn)?;
     }
+    let src_bitmaps = crate::bitmap::convert_check(&parts, a.bitmaps, a.skip_broken_bitmaps)?;
+    let first_src = parts[0].clone();
     let sources = Sources::new(parts);
     let total = sources.size;
 
@@ -224,6 +233,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             target.size()
         )));
     }
+    crate::bitmap::convert_target_check(src_bitmaps.is_some(), target.as_ref())?;
     target.storage().set_no_flush(unsafe_cache);
     if a.compress && target.as_qcow2().is_none() {
         return Err(CliError::new(
@@ -279,6 +289,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     if let Some(e) = job.error.lock().unwrap().take() {
         return Err(e);
     }
+    crate::bitmap::convert_copy(&src_bitmaps, first_src.as_ref(), target.as_ref())?;
     target.flush()?;
     job.progress.complete();
     job.progress.finish();

@@ -50,6 +50,8 @@ struct ImageInfo {
     backing: Option<(String, Option<String>)>,
     /// crypt_method 2: the LUKS header.
     luks: Option<qcow2::luks::LuksHeader>,
+    /// Persistent dirty bitmaps (the `bitmaps` list of qemu-img info).
+    bitmaps: Vec<qcow2::bitmap::DirEntry>,
 }
 
 fn open_one(
@@ -97,6 +99,15 @@ fn open_one(
         }
         _ => None,
     };
+    // A directory that does not hold is left out (it refuses writing).
+    let bitmaps = match (img.as_qcow2(), &qh) {
+        (Some(q), Some(h)) => qcow2::bitmap::track::read_directory(q.storage(), h)
+            .ok()
+            .flatten()
+            .map(|(_, d)| d)
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let (shown, dir) = if image_opts || crate::blockopts::is_special(name) {
         let spec = crate::blockopts::parse(name, image_opts)?;
         let dir = spec.dirname();
@@ -129,7 +140,29 @@ fn open_one(
         snapshots,
         backing,
         luks,
+        bitmaps,
     })
+}
+
+/// The `bitmaps` list of format-specific information.
+fn bitmaps_json(list: &[qcow2::bitmap::DirEntry]) -> Option<Value> {
+    if list.is_empty() {
+        return None;
+    }
+    let v = list
+        .iter()
+        .map(|d| {
+            let mut flags = Vec::new();
+            if d.in_use() {
+                flags.push("in-use");
+            }
+            if d.auto() {
+                flags.push("auto");
+            }
+            json!({"flags": flags, "name": d.name_str(), "granularity": d.granularity()})
+        })
+        .collect();
+    Some(Value::Array(v))
 }
 
 /// The `encrypt` block of format-specific information, keys in
@@ -256,6 +289,9 @@ fn to_json(i: &ImageInfo) -> Value {
         d.insert("compression-type".into(), json!(h.compression_type.name()));
         if h.version == 3 {
             d.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        }
+        if let Some(b) = bitmaps_json(&i.bitmaps) {
+            d.insert("bitmaps".into(), b);
         }
         d.insert("refcount-bits".into(), json!(h.refcount_bits()));
         if let Some(f) = h.data_file() {
@@ -384,6 +420,9 @@ fn to_human(i: &ImageInfo) -> String {
         s += &format!("    compression type: {}\n", h.compression_type.name());
         if h.version == 3 {
             s += &format!("    lazy refcounts: {}\n", h.lazy_refcounts());
+        }
+        if let Some(b) = bitmaps_json(&i.bitmaps) {
+            human_value("bitmaps", &b, 4, &mut s);
         }
         s += &format!("    refcount bits: {}\n", h.refcount_bits());
         if let Some(f) = h.data_file() {

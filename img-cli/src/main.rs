@@ -4,6 +4,7 @@
 
 mod amend;
 mod bench;
+mod bitmap;
 mod blkdebug;
 mod blockopts;
 mod blockstatus;
@@ -76,6 +77,8 @@ enum Cmd {
     Resize(resize::ResizeArgs),
     /// Copy input to a new output image, dd style
     Dd(dd::DdArgs),
+    /// Edit the persistent dirty bitmaps of a qcow2 image
+    Bitmap(bitmap::BitmapArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(hide = true)]
     Completions(docs::CompletionsArgs),
@@ -169,6 +172,7 @@ fn main() -> ExitCode {
         Cmd::Compare(a) => compare::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
+        Cmd::Bitmap(a) => bitmap::run(a),
         Cmd::Completions(a) => docs::completions(a, Cli::command()),
         Cmd::Man(a) => docs::man(a, Cli::command()),
     };

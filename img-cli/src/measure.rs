@@ -164,7 +164,21 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
                     .and_then(|i| i.as_qcow2())
                     .is_some_and(|q| q.header().version >= 3);
             if bitmaps {
-                m.insert("bitmaps".into(), json!(0));
+                // Every bitmap of the input, inconsistent ones included
+                // (QEMU loads those too); a directory that does not hold
+                // counts as none.
+                let q = input.as_ref().and_then(|i| i.as_qcow2()).unwrap();
+                let list = qcow2::bitmap::track::read_directory(q.storage(), &q.header())
+                    .ok()
+                    .flatten()
+                    .map(|(_, d)| d)
+                    .unwrap_or_default();
+                let b = if list.is_empty() {
+                    0
+                } else {
+                    qcow2::bitmap::measure(&list, size, cs)
+                };
+                m.insert("bitmaps".into(), json!(b));
             }
             m.insert(
                 "required".into(),

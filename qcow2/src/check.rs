@@ -454,6 +454,11 @@ pub(crate) fn walk<'r>(
     if let Some((off, len)) = ctx.header.crypto_area() {
         w.mark(off, len, Use::Meta);
     }
+    // Persistent bitmaps: directory, tables and data are metadata.
+    let (bitmap_refs, bitmap_errs) = crate::bitmap::track::references(st, ctx.header);
+    for &(off, len) in &bitmap_refs {
+        w.mark(off, len, Use::Meta);
+    }
     w.mark_l2_tables(ctx.l1);
     for s in &snapshots {
         if s.l1_table_offset >> cb < clusters {
@@ -484,6 +489,11 @@ pub(crate) fn walk<'r>(
         let l1 = crate::l2::read_l1(st, s.l1_table_offset, s.l1_size)?;
         w.l1(st, &l1, false, &mut l2buf)?;
     }
+    for &(off, len) in &bitmap_refs {
+        w.add(off, len);
+    }
+    w.report.corruptions += bitmap_errs.len() as u64;
+    w.report.messages.extend(bitmap_errs);
     Ok(w)
 }
 

@@ -86,6 +86,10 @@ pub enum Error {
     /// (qemu-img's wording).
     #[error("Image is too big")]
     ImageTooBig { size: u64 },
+    /// A persistent dirty bitmap structure that does not hold, or an
+    /// operation bitmaps forbid (QEMU's wording).
+    #[error("{0}")]
+    Bitmap(crate::bitmap::BitmapError),
     /// The header's L1 table cannot map the whole virtual size.
     #[error("L1 table is too small")]
     L1TooSmall { entries: u32, size: u64 },

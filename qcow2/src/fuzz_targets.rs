@@ -40,6 +40,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("open_walk", open_walk),
     ("read_all", read_all),
     ("check_repair", check_repair),
+    ("bitmaps", bitmaps),
 ];
 
 /// An in-memory file holding `data`.
@@ -277,6 +278,55 @@ pub fn check_repair(data: &[u8]) {
         harmful.is_empty(),
         "writes to a repaired image corrupted it: {harmful:?}"
     );
+}
+
+/// Persistent dirty bitmaps: the extension, directory and tables are
+/// parsed from hostile bytes; a writable open either refuses the image or
+/// keeps its bitmaps valid: after writes, edits and the store at close,
+/// the directory parses again and every consistent bitmap's table holds.
+pub fn bitmaps(data: &[u8]) {
+    use crate::bitmap::track::{read_directory, read_table};
+    let f = memfile(data);
+    let again = f.try_clone().expect("dup of the memfd");
+    let ro = f.try_clone().expect("dup of the memfd");
+    if let Some(q) = open_file(ro, false, Qcow2Options::default()) {
+        if let Ok(Some((_, dir))) = read_directory(q.storage(), &q.header()) {
+            for d in &dir {
+                let _ = read_table(q.storage(), d, q.cluster_size());
+            }
+        }
+    }
+    let Some(q) = open_file(f, true, Qcow2Options::default()) else {
+        return;
+    };
+    let size = q.size();
+    let cs = q.cluster_size();
+    let buf = vec![0x5au8; cs as usize];
+    for off in [0, size / 3, size.saturating_sub(1)] {
+        let n = (buf.len() as u64).min(size.saturating_sub(off)) as usize;
+        if n > 0 {
+            let _ = q.write_at(&buf[..n], off);
+        }
+    }
+    let _ = q.discard(0, size.min(4 * cs));
+    if let Some(t) = q.bitmap_tracker() {
+        let _ = t.add(&q, "fuzz", None, false);
+        let _ = t.clear(&q, "fuzz");
+    }
+    if q.store_bitmaps().is_err() || q.flush().is_err() {
+        return;
+    }
+    drop(q);
+    let q = open_file(again, false, Qcow2Options::default())
+        .expect("an image rimg stored bitmaps in does not open");
+    let dir = read_directory(q.storage(), &q.header())
+        .expect("rimg stored a bitmap directory that does not parse")
+        .map(|(_, d)| d)
+        .unwrap_or_default();
+    for d in dir.iter().filter(|d| !d.in_use()) {
+        read_table(q.storage(), d, q.cluster_size())
+            .expect("rimg stored a bitmap table that does not parse");
+    }
 }
 
 /// Whether a check message reports an entry without COPIED whose cluster

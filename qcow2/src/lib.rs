@@ -21,6 +21,7 @@
 
 pub mod amend;
 pub mod amend_progress;
+pub mod bitmap;
 pub(crate) mod cache;
 pub mod check;
 pub mod compress;

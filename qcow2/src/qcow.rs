@@ -254,6 +254,9 @@ pub struct Qcow2 {
     extl2: bool,
     /// Lines of the repair a dirty image had at open (see `dirty_open`).
     open_messages: Mutex<Vec<String>>,
+    /// Persistent dirty bitmaps of a writable image (see
+    /// [`crate::bitmap::track`]).
+    bitmaps: std::sync::OnceLock<crate::bitmap::track::Tracker>,
 }
 
 impl std::fmt::Debug for Qcow2 {
@@ -360,9 +363,11 @@ impl Qcow2 {
             data,
             extl2: header.extended_l2(),
             open_messages: Mutex::new(Vec::new()),
+            bitmaps: std::sync::OnceLock::new(),
         };
         if q.st.writable() {
             q.prepare_for_writing()?;
+            q.load_bitmaps()?;
         }
         Ok(q)
     }
@@ -400,6 +405,8 @@ impl Qcow2 {
         } else {
             0
         };
+        // So is the bitmaps bit: the bitmaps are kept right (bitmap::track).
+        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header, self.opts.repair)?;
         if m.header.version == 3 && m.header.autoclear_features != keep {
             m.header.autoclear_features = keep;
             m.rc.overlap.write(
@@ -1182,6 +1189,7 @@ impl Qcow2 {
     /// Maps the write after the lock was taken and the first cluster is
     /// known not to be in flight.
     fn begin_locked(&self, mut m: MutexGuard<'_, Meta>, pos: u64, len: usize) -> Result<WriteIo> {
+        self.mark_dirty(pos, len as u64)?;
         match self.plan_write(&mut m, pos, len)? {
             WritePlan::InPlace { host, len } => Ok(WriteIo {
                 host,
@@ -1481,6 +1489,7 @@ impl Qcow2 {
     /// (`zero`) or deallocates them, dropping their host clusters.
     fn unmap_clusters(&self, gc: u64, n: u64, zero: bool, keep_alloc: bool) -> Result<()> {
         let cs = self.cluster_size();
+        self.mark_dirty(gc * cs, n * cs)?;
         let mut keep_alloc = keep_alloc;
         if let Some(d) = self.data.as_ref().filter(|d| d.raw) {
             // The raw data file must read as the disk does: zeros go into
@@ -1818,6 +1827,7 @@ impl Qcow2 {
         self.st.sync()?;
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
+        self.resize_bitmaps(new_size);
         Ok(())
     }
 
@@ -1860,6 +1870,7 @@ impl Qcow2 {
             // A packing cluster for compressed data may be freed below.
             m.compressed_tail = 0;
             self.size.store(new_size, Ordering::Release);
+            self.resize_bitmaps(new_size);
             old_clusters
         };
         // The partial cluster at the new end keeps its data, as in QEMU
@@ -1952,6 +1963,7 @@ impl Qcow2 {
     /// of such an image, even to the same size. Version 3 records it per
     /// snapshot.
     fn check_resizable(&self, m: &Meta) -> Result<()> {
+        crate::bitmap::track::check_resizable(self.bitmaps.get(), &m.header)?;
         // The header's version: an amend may have upgraded it since open.
         if !m.snapshots.is_empty() && m.header.version < 3 {
             return Err(Error::InvalidArgument(
@@ -1970,6 +1982,7 @@ impl Qcow2 {
             return Image::resize(self, new_size);
         }
         self.check_writable()?;
+        self.prepare_bitmaps_for_resize()?;
         let cs = self.cluster_size();
         let m = self.lock();
         let mut m = self.quiesce(m);
@@ -2176,6 +2189,7 @@ impl Qcow2 {
                 "compressed writes take whole clusters".into(),
             ));
         }
+        self.mark_dirty(off, data.len() as u64)?;
         let padded;
         let cluster: &[u8] = if data.len() as u64 == cs {
             data
@@ -2425,6 +2439,7 @@ impl Image for Qcow2 {
 
     fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
+        self.prepare_bitmaps_for_resize()?;
         let m = self.lock();
         let mut m = self.quiesce(m);
         let old = m.header.size;
@@ -2465,6 +2480,9 @@ impl Image for Qcow2 {
 
 impl Drop for Qcow2 {
     fn drop(&mut self) {
+        // Errors leave the bitmaps marked in use (inconsistent), never
+        // wrong; `store_bitmaps` reports them.
+        let _ = self.store_bitmaps();
         if self.st.writable() {
             if let Ok(mut m) = self.meta.lock() {
                 // Errors here cannot be reported; callers that care flush
@@ -2473,6 +2491,69 @@ impl Drop for Qcow2 {
                 let _ = self.trim_reserved(&mut m);
             }
         }
+    }
+}
+
+// ----- persistent dirty bitmaps: hooks into crate::bitmap::track -----
+
+impl Qcow2 {
+    /// At a writable open, after `prepare_for_writing`.
+    fn load_bitmaps(&self) -> Result<()> {
+        if self.opts.repair {
+            return Ok(());
+        }
+        let t = crate::bitmap::track::load(self)?;
+        let _ = self.bitmaps.set(t);
+        Ok(())
+    }
+
+    /// Records a change of guest bytes [off, off + len) in the enabled
+    /// bitmaps; every path that changes guest data calls it first.
+    fn mark_dirty(&self, off: u64, len: u64) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.mark(off, len.min(self.size().saturating_sub(off))),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores the bitmaps and clears their in-use flags (done at drop
+    /// too, where errors cannot be reported). Later writes fail.
+    pub fn store_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.store(self),
+            None => Ok(()),
+        }
+    }
+
+    /// Before a resize, without the metadata lock (see
+    /// `Tracker::prepare_resize`).
+    fn prepare_bitmaps_for_resize(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.prepare_resize(self),
+            None => Ok(()),
+        }
+    }
+
+    /// After the virtual size changed (metadata lock held).
+    fn resize_bitmaps(&self, new_size: u64) {
+        if let Some(t) = self.bitmaps.get() {
+            t.resize(new_size);
+        }
+    }
+
+    /// Applying a snapshot rewrites the whole disk behind the bitmaps'
+    /// back: refused while the image has any (as QEMU refuses).
+    fn refuse_with_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.refuse_snapshot_apply(),
+            None => Ok(()),
+        }
+    }
+
+    /// The bitmaps of this writable image (None when read-only or opened
+    /// for repair), for edits (`crate::bitmap::edit`).
+    pub fn bitmap_tracker(&self) -> Option<&crate::bitmap::track::Tracker> {
+        self.bitmaps.get()
     }
 }
 
@@ -2929,6 +3010,7 @@ impl Qcow2 {
     /// Reverts the disk to an internal snapshot (by ID or name).
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
         self.check_writable()?;
+        self.refuse_with_bitmaps()?;
         self.refuse_snapshots_with_data_file()?;
         let m = self.lock();
         let mut m = self.quiesce(m);

@@ -61,17 +61,20 @@ struct Variant {
     lazy: bool,
     writer: Writer,
     kills: usize,
+    /// Persistent bitmaps: `on` (enabled, 4 KiB) and `off` (disabled).
+    bitmaps: bool,
 }
 
 impl Variant {
     fn name(&self) -> String {
         format!(
-            "{:?} cluster={} compat={}{}{}",
+            "{:?} cluster={} compat={}{}{}{}",
             self.writer,
             self.cluster,
             self.compat,
             if self.backing { " backing" } else { "" },
-            if self.lazy { " lazy_refcounts" } else { "" }
+            if self.lazy { " lazy_refcounts" } else { "" },
+            if self.bitmaps { " bitmaps" } else { "" }
         )
     }
 }
@@ -90,7 +93,13 @@ const fn v(
         lazy,
         writer,
         kills: 8,
+        bitmaps: false,
     }
+}
+
+/// A variant whose image has persistent bitmaps.
+const fn with_bitmaps(v: Variant) -> Variant {
+    Variant { bitmaps: true, ..v }
 }
 
 const VARIANTS: &[Variant] = &[
@@ -104,6 +113,8 @@ const VARIANTS: &[Variant] = &[
     v(65536, "1.1", true, false, Writer::Blk(2)),
     v(4096, "0.10", false, false, Writer::Blk(1)),
     v(512, "1.1", false, true, Writer::Blk(2)),
+    with_bitmaps(v(65536, "1.1", true, false, Writer::Lib(2))),
+    with_bitmaps(v(4096, "1.1", false, true, Writer::Blk(2))),
 ];
 
 fn ok(o: std::process::Output, what: &str) {
@@ -151,7 +162,39 @@ fn make_image(dir: &Path, var: &Variant) -> PathBuf {
     let size = SIZE.to_string();
     args.extend([img.to_str().unwrap(), size.as_str()]);
     ok(qemu_img(&args), "create");
+    if var.bitmaps {
+        let p = img.to_str().unwrap();
+        ok(
+            qemu_img(&["bitmap", "--add", "-g", "4096", p, "on"]),
+            "bitmap on",
+        );
+        ok(
+            qemu_img(&["bitmap", "--add", "--disable", p, "off"]),
+            "bitmap off",
+        );
+    }
     img
+}
+
+/// (name, flags) of each bitmap, as `qemu-img info` reports them.
+fn bitmap_flags(img: &Path) -> Vec<(String, Vec<String>)> {
+    let o = qemu_img(&["info", "-U", "--output=json", img.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("info json");
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            let flags = b["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|f| f.as_str().unwrap().to_string())
+                .collect();
+            (b["name"].as_str().unwrap().to_string(), flags)
+        })
+        .collect()
 }
 
 /// Reads the writer's stdout lines into a channel (closed at EOF).
@@ -425,6 +468,8 @@ fn killed_writers_leave_consistent_images_with_every_flushed_write() {
         let img = make_image(dir.path(), var);
         let mut init = qemu_raw_content(&img, &dir.path().join("init.raw"));
         let mut rng = StdRng::seed_from_u64(master ^ ((vi as u64 + 1) << 32));
+        // A writer has flushed since the bitmaps were added.
+        let mut flushed_once = false;
         for round in 0..(var.kills * mult) as u64 {
             let seed: u64 = rng.random();
             let ctx = format!(
@@ -461,6 +506,19 @@ fn killed_writers_leave_consistent_images_with_every_flushed_write() {
                 String::from_utf8_lossy(&o.stderr)
             );
             assert_qemu_check_clean(&img);
+
+            // Bitmaps: the enabled one was marked in use before the first
+            // write (once inconsistent, it stays so), the disabled one is
+            // untouched; check -r leaks freed none of their clusters.
+            if var.bitmaps {
+                let flags = bitmap_flags(&img);
+                flushed_once |= last.is_some();
+                if flushed_once {
+                    let want = vec!["in-use".to_string(), "auto".to_string()];
+                    assert_eq!(flags[0], ("on".into(), want), "{ctx}: {flags:?}");
+                }
+                assert_eq!(flags[1], ("off".into(), vec![]), "{ctx}: {flags:?}");
+            }
 
             // Every flushed write is there.
             let got = qemu_raw_content(&img, &dir.path().join("got.raw"));

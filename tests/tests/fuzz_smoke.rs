@@ -98,6 +98,10 @@ fn metadata(img: &[u8]) -> Vec<Range<usize>> {
     if h.nb_snapshots > 0 {
         tables.extend(clamp(h.snapshots_offset, 512));
     }
+    // The bitmap directory (its entries point at the bitmap tables).
+    if let Ok(Some(e)) = qcow2::bitmap::BitmapsExt::from_header(&h) {
+        tables.extend(clamp(e.directory_offset, 512));
+    }
     out.extend(tables.into_iter().filter(|r| r.start >= 8));
     out
 }

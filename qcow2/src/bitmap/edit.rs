@@ -1,0 +1,282 @@
+//! Edits of a writable image's bitmaps (`qemu-img bitmap`): add, remove,
+//! clear, enable, disable, merge. Edits change the session's state; the
+//! store at close writes them (new structures, one header switch, then
+//! the old ones freed), so a crash before that leaves the image as it was.
+//! Error messages are QEMU's.
+
+use super::track::{bad, load_checked, read_directory, Bitmap, Content, State, Tracker, Words};
+use super::{check_new_bitmap, flags, BitmapError, DirEntry, MAX_BITMAPS, MAX_DIRECTORY_SIZE};
+use std::sync::atomic::Ordering;
+
+use crate::error::Result;
+use crate::image::Image;
+use crate::qcow::Qcow2;
+
+fn edit(msg: impl Into<String>) -> crate::error::Error {
+    bad(BitmapError::Edit(msg.into()))
+}
+
+fn not_found(name: &str) -> crate::error::Error {
+    edit(format!("Dirty bitmap '{name}' not found"))
+}
+
+fn inconsistent(name: &str) -> crate::error::Error {
+    edit(format!(
+        "Bitmap '{name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk"
+    ))
+}
+
+/// The default granularity of a new bitmap: the cluster size, within
+/// [4 KiB, 64 KiB].
+pub fn default_granularity(cluster_size: u64) -> u64 {
+    cluster_size.clamp(4096, 65536)
+}
+
+/// A bitmap's bits and granularity, for a merge.
+pub struct Source {
+    granularity_bits: u8,
+    words: Words,
+    disk_size: u64,
+}
+
+impl State {
+    fn find(&self, name: &str) -> Option<usize> {
+        self.bitmaps
+            .iter()
+            .position(|b| b.entry.name == name.as_bytes())
+    }
+
+    fn find_usable(&self, name: &str) -> Result<usize> {
+        let i = self.find(name).ok_or_else(|| not_found(name))?;
+        if self.bitmaps[i].entry.in_use() && matches!(self.bitmaps[i].content, Content::OnDisk) {
+            return Err(inconsistent(name));
+        }
+        Ok(i)
+    }
+
+    /// Loads bitmap `i` into memory (it will be stored at close).
+    fn load(&mut self, q: &Qcow2, i: usize) -> Result<()> {
+        let b = &mut self.bitmaps[i];
+        if matches!(b.content, Content::OnDisk) {
+            let (words, table) = load_checked(q.storage(), &b.entry, q.cluster_size(), q.size())?;
+            b.content = Content::Loaded {
+                words,
+                old: Some(table),
+            };
+        }
+        Ok(())
+    }
+}
+
+impl Tracker {
+    /// Adds an empty bitmap (enabled unless `disabled`). `granularity`
+    /// None: the default.
+    pub fn add(
+        &self,
+        q: &Qcow2,
+        name: &str,
+        granularity: Option<u64>,
+        disabled: bool,
+    ) -> Result<()> {
+        self.check_open()?;
+        if name.is_empty() {
+            return Err(edit("Bitmap name cannot be empty"));
+        }
+        let g = match granularity {
+            // QEMU takes the granularity as 32 bits.
+            Some(g) => {
+                let g = g as u32 as u64;
+                if g < 512 || !g.is_power_of_two() {
+                    return Err(edit("Granularity must be power of 2 and at least 512"));
+                }
+                g
+            }
+            None => default_granularity(q.cluster_size()),
+        };
+        // Read before the state lock (lock order: metadata first).
+        let version = q.header().version;
+        let mut s = self.write();
+        if s.find(name).is_some() {
+            return Err(edit(format!("Bitmap already exists: {name}")));
+        }
+        let refuse = |why: String| {
+            edit(format!(
+                "Can't make bitmap '{name}' persistent in '{}': {why}",
+                q.path().display()
+            ))
+        };
+        if version < 3 {
+            return Err(refuse(
+                "Cannot store dirty bitmaps in qcow2 v2 files".into(),
+            ));
+        }
+        check_new_bitmap(name, g, q.size(), q.cluster_size()).map_err(refuse)?;
+        // A bitmap table cannot be empty: QEMU fails to store one too.
+        if q.size() == 0 {
+            return Err(refuse("the disk is empty (0 bytes)".into()));
+        }
+        let entry = DirEntry {
+            table_offset: 0,
+            table_size: 0,
+            flags: if disabled { 0 } else { flags::AUTO },
+            granularity_bits: g.trailing_zeros() as u8,
+            name: name.as_bytes().to_vec(),
+        };
+        let dir_size: u64 = s
+            .bitmaps
+            .iter()
+            .map(|b| b.entry.encoded_len() as u64)
+            .sum::<u64>()
+            + entry.encoded_len() as u64;
+        if s.bitmaps.len() as u32 >= MAX_BITMAPS {
+            return Err(refuse(
+                "Maximum number of persistent bitmaps is already reached".into(),
+            ));
+        }
+        if dir_size > MAX_DIRECTORY_SIZE {
+            return Err(refuse("Not enough space in the bitmap directory".into()));
+        }
+        let bits = q.size().div_ceil(g);
+        s.bitmaps.push(Bitmap {
+            entry,
+            content: Content::Loaded {
+                words: Words::zeroed(bits),
+                old: None,
+            },
+        });
+        s.changed = true;
+        self.refresh_tracking(&s);
+        Ok(())
+    }
+
+    /// Removes a bitmap (inconsistent ones too); its clusters are freed
+    /// at the store.
+    pub fn remove(&self, q: &Qcow2, name: &str) -> Result<()> {
+        self.check_open()?;
+        let mut s = self.write();
+        let i = s.find(name).ok_or_else(|| not_found(name))?;
+        let b = s.bitmaps.remove(i);
+        let cs = q.cluster_size();
+        let old = match b.content {
+            Content::Loaded { old, .. } => old,
+            // An unreadable table of an inconsistent bitmap: its data
+            // clusters leak (check -r frees them), the table is freed.
+            Content::OnDisk => super::track::read_table(q.storage(), &b.entry, cs).ok(),
+        };
+        if b.entry.table_offset != 0 {
+            s.removed
+                .push((b.entry.table_offset, b.entry.table_size as u64 * 8));
+            for e in old.unwrap_or_default() {
+                let off = e & super::entry::OFFSET;
+                if off != 0 {
+                    s.removed.push((off, cs));
+                }
+            }
+        }
+        s.changed = true;
+        self.refresh_tracking(&s);
+        Ok(())
+    }
+
+    /// Clears every bit of a bitmap.
+    pub fn clear(&self, q: &Qcow2, name: &str) -> Result<()> {
+        self.check_open()?;
+        let mut s = self.write();
+        let i = s.find_usable(name)?;
+        s.load(q, i)?;
+        if let Content::Loaded { words, .. } = &s.bitmaps[i].content {
+            words.clear();
+        }
+        s.changed = true;
+        Ok(())
+    }
+
+    /// Enables (tracks writes) or disables a bitmap.
+    pub fn set_enabled(&self, q: &Qcow2, name: &str, enabled: bool) -> Result<()> {
+        self.check_open()?;
+        let mut s = self.write();
+        let i = s.find_usable(name)?;
+        if enabled {
+            s.load(q, i)?;
+            s.bitmaps[i].entry.flags |= flags::AUTO;
+        } else {
+            s.bitmaps[i].entry.flags &= !flags::AUTO;
+        }
+        s.changed = true;
+        self.refresh_tracking(&s);
+        Ok(())
+    }
+
+    /// A bitmap of this image, for a merge.
+    pub fn source(&self, q: &Qcow2, name: &str) -> Result<Source> {
+        let mut s = self.write();
+        let i = s.find_usable(name)?;
+        s.load(q, i)?;
+        let b = &s.bitmaps[i];
+        let Content::Loaded { words, .. } = &b.content else {
+            unreachable!("loaded above");
+        };
+        Ok(Source {
+            granularity_bits: b.entry.granularity_bits,
+            words: words.snapshot(),
+            disk_size: q.size(),
+        })
+    }
+
+    /// Sets in bitmap `dst` every range dirty in `src`.
+    pub fn merge(&self, q: &Qcow2, dst: &str, src: &Source) -> Result<()> {
+        self.check_open()?;
+        let mut s = self.write();
+        let i = s.find_usable(dst)?;
+        if src.disk_size != q.size() {
+            return Err(edit("Bitmaps are incompatible and can't be merged"));
+        }
+        s.load(q, i)?;
+        let b = &s.bitmaps[i];
+        let Content::Loaded { words, .. } = &b.content else {
+            unreachable!("loaded above");
+        };
+        let (gs, gd) = (src.granularity_bits, b.entry.granularity_bits);
+        if gs == gd {
+            // Same granules: word by word.
+            for (d, w) in words.words.iter().zip(&src.words.words) {
+                d.fetch_or(w.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+        } else {
+            for (i, w) in src.words.words.iter().enumerate() {
+                let mut x = w.load(Ordering::Relaxed);
+                while x != 0 {
+                    let k = i as u64 * 64 + x.trailing_zeros() as u64;
+                    x &= x - 1;
+                    let (start, end) = (k << gs, ((k + 1) << gs) - 1);
+                    words.set(start >> gd, end >> gd);
+                }
+            }
+        }
+        s.changed = true;
+        Ok(())
+    }
+}
+
+/// A bitmap of another image (opened read-only), for a merge.
+pub fn source_from(q: &Qcow2, name: &str) -> Result<Source> {
+    if let Some(t) = q.bitmap_tracker() {
+        return t.source(q, name);
+    }
+    let st = q.storage();
+    let h = q.header();
+    let dir = read_directory(st, &h)?.map(|d| d.1).unwrap_or_default();
+    let d = dir
+        .iter()
+        .find(|d| d.name == name.as_bytes())
+        .ok_or_else(|| not_found(name))?;
+    if d.in_use() {
+        return Err(inconsistent(name));
+    }
+    let (words, _) = load_checked(st, d, h.cluster_size(), h.size)?;
+    Ok(Source {
+        granularity_bits: d.granularity_bits,
+        words,
+        disk_size: h.size,
+    })
+}

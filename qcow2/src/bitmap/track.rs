@@ -1,0 +1,679 @@
+//! Keeping persistent bitmaps right while an image is written.
+//!
+//! At a writable open, every enabled (`auto`) bitmap that is consistent
+//! (not `in_use`) is loaded into memory and marked `in_use` on disk before
+//! any guest write: a crash from then on leaves it marked inconsistent,
+//! never silently wrong. Every guest write, write-zeroes, discard and
+//! deallocation sets the bits of the ranges it touches (atomic words under
+//! a read lock; the metadata lock is not taken). At close the bitmaps are
+//! stored: new data clusters and tables, a new directory, then one header
+//! update switching to it with `in_use` clear; only after that header is
+//! durable are the old structures freed, so a crash leaves leaks at most.
+//!
+//! Disabled bitmaps and bitmaps found `in_use` stay on disk untouched
+//! unless an edit (`rimg bitmap`, see [`super::edit`]) changes them.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::{
+    encode_directory, entry, flags, parse_directory, parse_table, table_size_for, BitmapError,
+    BitmapsExt, DirEntry,
+};
+use crate::error::{Error, Result};
+use crate::header::Header;
+use crate::image::Image;
+use crate::overlap::Allow;
+use crate::qcow::Qcow2;
+use crate::storage::Storage;
+
+/// Bits of one bitmap in memory: bit k (LSB first, as the on-disk data)
+/// is the k-th granule.
+pub(crate) struct Words {
+    pub(crate) words: Vec<AtomicU64>,
+    /// Number of granules.
+    pub(crate) bits: u64,
+}
+
+impl Words {
+    pub(crate) fn zeroed(bits: u64) -> Words {
+        Words {
+            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            bits,
+        }
+    }
+
+    /// Sets granules [first, last].
+    pub(crate) fn set(&self, first: u64, last: u64) {
+        let last = last.min(self.bits.saturating_sub(1));
+        if first > last || self.bits == 0 {
+            return;
+        }
+        let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
+        for (w, word) in self.words.iter().enumerate().take(w1 + 1).skip(w0) {
+            let lo = if w == w0 { first % 64 } else { 0 };
+            let hi = if w == w1 { last % 64 } else { 63 };
+            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
+            word.fetch_or(mask, Ordering::Relaxed);
+        }
+    }
+
+    /// A copy of the current bits.
+    pub(crate) fn snapshot(&self) -> Words {
+        Words {
+            words: self
+                .words
+                .iter()
+                .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
+                .collect(),
+            bits: self.bits,
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        for w in &self.words {
+            w.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A directory entry to store, with the bits and old table of a loaded
+/// bitmap.
+type Planned = (DirEntry, Option<(Words, Option<Vec<u64>>)>);
+
+/// Where a bitmap's content is.
+pub(crate) enum Content {
+    /// On disk, untouched: written back as it is.
+    OnDisk,
+    /// In memory; `old` is the table on disk (freed once the new one is
+    /// in force).
+    Loaded { words: Words, old: Option<Vec<u64>> },
+}
+
+/// One bitmap of the image as this session sees it.
+pub(crate) struct Bitmap {
+    /// The directory entry: the on-disk table and flags for `OnDisk`,
+    /// the flags to store (without in use) for `Loaded`.
+    pub(crate) entry: DirEntry,
+    pub(crate) content: Content,
+}
+
+impl Bitmap {
+    /// Tracks writes: loaded and enabled.
+    fn tracks(&self) -> bool {
+        matches!(self.content, Content::Loaded { .. }) && self.entry.auto()
+    }
+}
+
+pub(crate) struct State {
+    /// The extension as on disk (None: no bitmaps there).
+    pub(crate) ext: Option<BitmapsExt>,
+    pub(crate) bitmaps: Vec<Bitmap>,
+    /// Structures of removed bitmaps, freed at the next store.
+    pub(crate) removed: Vec<(u64, u64)>,
+    /// Something is to be stored at close.
+    pub(crate) changed: bool,
+}
+
+/// The bitmaps of a writable image (see the module docs).
+pub struct Tracker {
+    state: RwLock<State>,
+    /// Some bitmap tracks writes (fast path for images without).
+    tracking: AtomicBool,
+    /// Stored: later writes could no longer be recorded.
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Tracker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tracker")
+            .field("bitmaps", &self.read().bitmaps.len())
+            .finish()
+    }
+}
+
+pub(crate) fn bad(e: BitmapError) -> Error {
+    Error::Bitmap(e)
+}
+
+/// Reads `len` bytes at `off`, refusing ranges past the end of the file.
+fn read_in_file(st: &Storage, off: u64, len: u64, past_end: BitmapError) -> Result<Vec<u8>> {
+    let file_len = st.len()?;
+    if off.checked_add(len).is_none_or(|e| e > file_len) {
+        return Err(bad(past_end));
+    }
+    let mut buf = vec![0u8; len as usize];
+    st.read_at(&mut buf, off)?;
+    Ok(buf)
+}
+
+/// The bitmap directory of the image, if its bitmaps count (see
+/// [`BitmapsExt::from_header`]), parsed and checked.
+pub fn read_directory(st: &Storage, h: &Header) -> Result<Option<(BitmapsExt, Vec<DirEntry>)>> {
+    let Some(e) = BitmapsExt::from_header(h).map_err(bad)? else {
+        return Ok(None);
+    };
+    if e.directory_size == 0 {
+        return Err(bad(BitmapError::DirectoryEmpty));
+    }
+    let buf = read_in_file(
+        st,
+        e.directory_offset,
+        e.directory_size,
+        BitmapError::DirectoryPastEnd {
+            offset: e.directory_offset,
+            size: e.directory_size,
+        },
+    )?;
+    let dir = parse_directory(&buf, &e, h.cluster_size(), h.size).map_err(bad)?;
+    Ok(Some((e, dir)))
+}
+
+/// Reads and checks the bitmap table of `d`.
+pub fn read_table(st: &Storage, d: &DirEntry, cluster_size: u64) -> Result<Vec<u64>> {
+    let buf = read_in_file(
+        st,
+        d.table_offset,
+        d.table_size as u64 * 8,
+        BitmapError::TablePastEnd(d.name_str()),
+    )?;
+    parse_table(&buf, d, cluster_size).map_err(bad)
+}
+
+/// What the bitmaps reference, for `check`: (offset, length) of the
+/// directory, every table and every data cluster, and the problems found
+/// (each one a corruption, in qemu-img's terms).
+pub fn references(st: &Storage, h: &Header) -> (Vec<(u64, u64)>, Vec<String>) {
+    let mut refs = Vec::new();
+    let mut errs = Vec::new();
+    let e = match BitmapsExt::from_header(h) {
+        Ok(Some(e)) => e,
+        Ok(None) => return (refs, errs),
+        Err(err) => {
+            errs.push(format!("ERROR bitmaps extension: {err}"));
+            return (refs, errs);
+        }
+    };
+    refs.push((e.directory_offset, e.directory_size));
+    let dir = match read_directory(st, h) {
+        Ok(Some((_, d))) => d,
+        Ok(None) => return (refs, errs),
+        Err(err) => {
+            errs.push(format!("ERROR bitmap directory: {err}"));
+            return (refs, errs);
+        }
+    };
+    let cs = h.cluster_size();
+    for d in &dir {
+        // A consistent bitmap's table must cover the disk exactly (what a
+        // writable open requires of it).
+        let want = table_size_for(h.size, d.granularity_bits, cs);
+        if !d.in_use() && want != d.table_size as u64 {
+            let e = BitmapError::TableSize {
+                name: d.name_str(),
+                have: d.table_size,
+                want,
+            };
+            errs.push(format!("ERROR bitmap table: {e}"));
+        }
+        let table = match read_table(st, d, cs) {
+            Ok(t) => t,
+            Err(err) => {
+                refs.push((d.table_offset, d.table_size as u64 * 8));
+                errs.push(format!("ERROR bitmap table: {err}"));
+                // As qemu-img: one bad table ends the bitmap walk.
+                break;
+            }
+        };
+        refs.extend(table_ranges(d.table_offset, &table, cs));
+    }
+    (refs, errs)
+}
+
+/// Resizing needs every bitmap resized with the disk: all of them loaded
+/// ([`Tracker::prepare_resize`]); otherwise an image with bitmaps is
+/// refused (as QEMU refuses when a bitmap is not loaded).
+pub fn check_resizable(t: Option<&Tracker>, h: &Header) -> Result<()> {
+    if t.is_some_and(Tracker::resizable) {
+        return Ok(());
+    }
+    match BitmapsExt::from_header(h) {
+        Ok(None) => Ok(()),
+        _ => Err(bad(BitmapError::Resize)),
+    }
+}
+
+/// Loads the bitmap data of `d` (table `table`) for a disk of `size`.
+pub(crate) fn load_words(
+    st: &Storage,
+    d: &DirEntry,
+    table: &[u64],
+    cs: u64,
+    size: u64,
+) -> Result<Words> {
+    let bits = size.div_ceil(d.granularity());
+    let mut words = vec![0u64; bits.div_ceil(64) as usize];
+    let bytes = bits.div_ceil(8);
+    let mut buf = vec![0u8; cs as usize];
+    for (i, &e) in table.iter().enumerate() {
+        let start = i as u64 * cs;
+        if start >= bytes {
+            break;
+        }
+        let n = (bytes - start).min(cs) as usize;
+        let off = e & entry::OFFSET;
+        if off != 0 {
+            let past = BitmapError::TableEntry {
+                name: d.name_str(),
+                index: i,
+                entry: e,
+            };
+            buf = read_in_file(st, off, cs, past)?;
+        } else if e & entry::ALL_ONES != 0 {
+            buf.fill(0xff);
+        } else {
+            continue;
+        }
+        for (k, &byte) in buf[..n].iter().enumerate() {
+            let j = start as usize + k;
+            words[j / 8] |= (byte as u64) << ((j % 8) * 8);
+        }
+    }
+    // Bits past the disk's end are padding.
+    if !bits.is_multiple_of(64) {
+        if let Some(w) = words.last_mut() {
+            *w &= (1u64 << (bits % 64)) - 1;
+        }
+    }
+    Ok(Words {
+        words: words.into_iter().map(AtomicU64::new).collect(),
+        bits,
+    })
+}
+
+/// Allocates clusters for `data`, writes it there and returns the
+/// offset. The rest of the last cluster is not written (as QEMU does):
+/// nothing reads past a table's or the directory's size.
+fn write_new(q: &Qcow2, data: &[u8]) -> Result<u64> {
+    let cs = q.cluster_size();
+    let n = (data.len() as u64).div_ceil(cs).max(1);
+    let st = q.storage();
+    q.with_meta(|ctx| {
+        let off = ctx.rc.alloc(st, n)?;
+        ctx.rc.overlap.write(st, data, off, Allow::NOTHING)?;
+        Ok(off)
+    })
+}
+
+/// Drops one reference to every cluster of each range.
+fn free_ranges(q: &Qcow2, ranges: &[(u64, u64)]) -> Result<()> {
+    let st = q.storage();
+    q.with_meta(|ctx| {
+        for &(off, len) in ranges {
+            ctx.rc.update_range(st, off, len, -1, |_| {})?;
+        }
+        ctx.rc.flush(st)?;
+        st.sync()
+    })
+}
+
+/// The clusters a bitmap table and its data use.
+fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
+    let mut r = vec![(table_offset, table.len() as u64 * 8)];
+    r.extend(
+        table
+            .iter()
+            .map(|e| e & entry::OFFSET)
+            .filter(|&o| o != 0)
+            .map(|o| (o, cs)),
+    );
+    r
+}
+
+/// Writes `dir` as a new directory (none when empty) and switches the
+/// header to it; then frees the old directory and `also_free`.
+fn switch_directory(
+    q: &Qcow2,
+    old: Option<BitmapsExt>,
+    dir: &[DirEntry],
+    also_free: &[(u64, u64)],
+) -> Result<Option<BitmapsExt>> {
+    let new = if dir.is_empty() {
+        None
+    } else {
+        let raw = encode_directory(dir);
+        let off = write_new(q, &raw)?;
+        Some(BitmapsExt {
+            nb_bitmaps: dir.len() as u32,
+            directory_size: raw.len() as u64,
+            directory_offset: off,
+        })
+    };
+    // update_header flushes the refcounts of the new clusters (and syncs)
+    // before the header names them.
+    q.update_header(|h| {
+        BitmapsExt::install(h, new);
+        Ok(())
+    })?;
+    let mut frees: Vec<(u64, u64)> = old
+        .map(|e| (e.directory_offset, e.directory_size))
+        .into_iter()
+        .collect();
+    frees.extend_from_slice(also_free);
+    free_ranges(q, &frees)?;
+    Ok(new)
+}
+
+/// At a writable open (version 3): loads the enabled, consistent bitmaps
+/// and marks them in use on disk.
+pub fn load(q: &Qcow2) -> Result<Tracker> {
+    let st = q.storage();
+    let mut h = q.header();
+    // An extension whose bit a program without bitmap support cleared is
+    // dropped, as QEMU drops it (its clusters are leaks for check -r).
+    let stale = |h: &Header| {
+        !super::has_valid_bit(h)
+            && h.other_extensions
+                .iter()
+                .any(|e| e.kind == crate::header::ext::BITMAPS)
+    };
+    if stale(&h) {
+        q.update_header(|h| {
+            BitmapsExt::install(h, None);
+            Ok(())
+        })?;
+        h = q.header();
+    }
+    let (ext, dir) = match read_directory(st, &h)? {
+        Some((e, d)) => (Some(e), d),
+        None => (None, Vec::new()),
+    };
+    let cs = h.cluster_size();
+    let mut bitmaps = Vec::new();
+    for d in dir {
+        if d.in_use() || !d.auto() {
+            bitmaps.push(Bitmap {
+                entry: d,
+                content: Content::OnDisk,
+            });
+            continue;
+        }
+        let words = load_checked(st, &d, cs, h.size)?;
+        bitmaps.push(Bitmap {
+            content: Content::Loaded {
+                words: words.0,
+                old: Some(words.1),
+            },
+            entry: d,
+        });
+    }
+    let t = Tracker {
+        state: RwLock::new(State {
+            ext,
+            bitmaps,
+            removed: Vec::new(),
+            changed: false,
+        }),
+        tracking: AtomicBool::new(false),
+        closed: AtomicBool::new(false),
+    };
+    let mut s = t.write();
+    if s.bitmaps.iter().any(Bitmap::tracks) {
+        let dir: Vec<DirEntry> = s
+            .bitmaps
+            .iter()
+            .map(|b| {
+                let mut e = b.entry.clone();
+                if b.tracks() {
+                    e.flags |= flags::IN_USE;
+                }
+                e
+            })
+            .collect();
+        s.ext = switch_directory(q, s.ext, &dir, &[])?;
+        s.changed = true;
+        t.tracking.store(true, Ordering::Release);
+    }
+    drop(s);
+    Ok(t)
+}
+
+/// Checks the table size of `d` against the disk and loads its data.
+pub(crate) fn load_checked(
+    st: &Storage,
+    d: &DirEntry,
+    cs: u64,
+    size: u64,
+) -> Result<(Words, Vec<u64>)> {
+    let want = table_size_for(size, d.granularity_bits, cs);
+    if want != d.table_size as u64 {
+        return Err(bad(BitmapError::TableSize {
+            name: d.name_str(),
+            have: d.table_size,
+            want,
+        }));
+    }
+    let table = read_table(st, d, cs)?;
+    let words = load_words(st, d, &table, cs, size)?;
+    Ok((words, table))
+}
+
+impl Tracker {
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().expect("bitmap state lock poisoned")
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().expect("bitmap state lock poisoned")
+    }
+
+    /// Whether a bitmap tracks writes now (after an edit).
+    pub(crate) fn refresh_tracking(&self, s: &State) {
+        self.tracking
+            .store(s.bitmaps.iter().any(Bitmap::tracks), Ordering::Release);
+    }
+
+    pub(crate) fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument(
+                "the persistent bitmaps were already stored".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the bits of every enabled bitmap for guest bytes
+    /// [off, off + len). Fails once the bitmaps were stored: a write then
+    /// would go unrecorded.
+    pub fn mark(&self, off: u64, len: u64) -> Result<()> {
+        if len == 0 || !self.tracking.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.check_open()?;
+        let s = self.read();
+        for b in s.bitmaps.iter().filter(|b| b.tracks()) {
+            if let Content::Loaded { words, .. } = &b.content {
+                let g = b.entry.granularity_bits;
+                words.set(off >> g, (off + len - 1) >> g);
+            }
+        }
+        Ok(())
+    }
+
+    /// The names of the bitmaps being tracked.
+    pub fn live_names(&self) -> Vec<String> {
+        let s = self.read();
+        s.bitmaps
+            .iter()
+            .filter(|b| b.tracks())
+            .map(|b| b.entry.name_str())
+            .collect()
+    }
+
+    /// At close: stores the loaded bitmaps, clears their in-use flags and
+    /// frees what was replaced or removed. Later writes are refused.
+    ///
+    /// Lock order: the metadata lock is taken before this state's (guest
+    /// writes mark bits with it held), so the state is copied out first
+    /// and the I/O runs without it.
+    pub fn store(&self, q: &Qcow2) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let (old_ext, removed, plan) = {
+            let s = self.write();
+            if !s.changed {
+                return Ok(());
+            }
+            let plan: Vec<Planned> = s
+                .bitmaps
+                .iter()
+                .map(|b| {
+                    let c = match &b.content {
+                        Content::Loaded { words, old } => Some((words.snapshot(), old.clone())),
+                        Content::OnDisk => None,
+                    };
+                    (b.entry.clone(), c)
+                })
+                .collect();
+            (s.ext, s.removed.clone(), plan)
+        };
+        let cs = q.cluster_size();
+        let mut dir = Vec::with_capacity(plan.len());
+        let mut frees = removed;
+        for (mut d, content) in plan {
+            if let Some((words, old)) = content {
+                let table = store_data(q, &words)?;
+                let mut raw = Vec::with_capacity(table.len() * 8);
+                for e in &table {
+                    raw.extend_from_slice(&e.to_be_bytes());
+                }
+                let off = write_new(q, &raw)?;
+                if let Some(old) = old {
+                    frees.extend(table_ranges(d.table_offset, &old, cs));
+                }
+                d.table_offset = off;
+                d.table_size = table.len() as u32;
+                d.flags &= !flags::IN_USE;
+            }
+            dir.push(d);
+        }
+        let new = switch_directory(q, old_ext, &dir, &frees)?;
+        let mut s = self.write();
+        s.ext = new;
+        s.removed.clear();
+        s.changed = false;
+        Ok(())
+    }
+
+    /// Before a resize: every bitmap must be consistent; all are loaded
+    /// and marked in use on disk (a crash after the size changed leaves
+    /// them inconsistent, never too small and valid).
+    pub fn prepare_resize(&self, q: &Qcow2) -> Result<()> {
+        self.check_open()?;
+        let h = q.header();
+        let cs = h.cluster_size();
+        let mut s = self.write();
+        if s.bitmaps.is_empty() {
+            return Ok(());
+        }
+        for b in &mut s.bitmaps {
+            if let Content::OnDisk = b.content {
+                if b.entry.in_use() {
+                    return Err(bad(BitmapError::Edit(format!(
+                        "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
+                        b.entry.name_str()
+                    ))));
+                }
+                let (words, table) = load_checked(q.storage(), &b.entry, cs, h.size)?;
+                b.content = Content::Loaded {
+                    words,
+                    old: Some(table),
+                };
+            }
+        }
+        let dir: Vec<DirEntry> = s
+            .bitmaps
+            .iter()
+            .map(|b| {
+                let mut e = b.entry.clone();
+                e.flags |= flags::IN_USE;
+                e
+            })
+            .collect();
+        let old = s.ext;
+        s.changed = true;
+        drop(s);
+        // update_header takes the metadata lock: not under this state's.
+        let new = switch_directory(q, old, &dir, &[])?;
+        self.write().ext = new;
+        Ok(())
+    }
+
+    /// Refuses to apply an internal snapshot while the image has bitmaps.
+    pub fn refuse_snapshot_apply(&self) -> Result<()> {
+        if self.read().bitmaps.is_empty() {
+            Ok(())
+        } else {
+            Err(bad(BitmapError::ActiveBitmaps))
+        }
+    }
+
+    /// Whether the image may be resized now (see [`Self::prepare_resize`]).
+    pub fn resizable(&self) -> bool {
+        let s = self.read();
+        s.bitmaps
+            .iter()
+            .all(|b| matches!(b.content, Content::Loaded { .. }))
+    }
+
+    /// After the virtual size changed: bits are kept up to the new end,
+    /// new granules are clean (as QEMU truncates its bitmaps).
+    pub fn resize(&self, new_size: u64) {
+        let mut s = self.write();
+        for b in &mut s.bitmaps {
+            if let Content::Loaded { words, .. } = &mut b.content {
+                let bits = new_size.div_ceil(b.entry.granularity());
+                let mut v: Vec<u64> = words
+                    .words
+                    .iter()
+                    .map(|w| w.load(Ordering::Relaxed))
+                    .collect();
+                v.resize(bits.div_ceil(64) as usize, 0);
+                if !bits.is_multiple_of(64) {
+                    if let Some(w) = v.last_mut() {
+                        *w &= (1u64 << (bits % 64)) - 1;
+                    }
+                }
+                *words = Words {
+                    words: v.into_iter().map(AtomicU64::new).collect(),
+                    bits,
+                };
+            }
+        }
+    }
+}
+
+/// Writes bitmap data into new clusters and returns its table: all-zero
+/// clusters are left out, whole all-one clusters are flagged.
+fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
+    let cs = q.cluster_size();
+    let bytes = w.bits.div_ceil(8);
+    let mut data = Vec::with_capacity(w.words.len() * 8);
+    for x in &w.words {
+        data.extend_from_slice(&x.load(Ordering::Relaxed).to_le_bytes());
+    }
+    data.truncate(bytes as usize);
+    let mut table = Vec::new();
+    for chunk in data.chunks(cs as usize) {
+        let e = if chunk.iter().all(|&x| x == 0) {
+            0
+        } else if chunk.len() as u64 == cs && chunk.iter().all(|&x| x == 0xff) {
+            entry::ALL_ONES
+        } else {
+            write_new(q, chunk)?
+        };
+        table.push(e);
+    }
+    Ok(table)
+}
