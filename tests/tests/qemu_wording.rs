@@ -6,135 +6,10 @@
 //! exit codes and output; qemu-img then checks every image written.
 
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
-use std::process::Command;
 
-use rimg_tests::{assert_qemu_check_clean, tempdir, workspace_bin};
+use rimg_tests::twins::Twins;
 
 const IMG: &str = "t.qcow2";
-
-/// Twin directories: one worked on by qemu-img, one by rimg.
-struct Twins {
-    _tmp: tempfile::TempDir,
-    q: PathBuf,
-    r: PathBuf,
-    rimg: PathBuf,
-}
-
-impl Twins {
-    fn new() -> Twins {
-        let tmp = tempdir();
-        let (q, r) = (tmp.path().join("q"), tmp.path().join("r"));
-        std::fs::create_dir(&q).unwrap();
-        std::fs::create_dir(&r).unwrap();
-        Twins {
-            _tmp: tmp,
-            q,
-            r,
-            rimg: workspace_bin("rimg"),
-        }
-    }
-
-    /// Runs a setup command (always qemu-img or qemu-io) in both.
-    fn both(&self, tool: &str, args: &[&str]) {
-        for d in [&self.q, &self.r] {
-            let o = Command::new(tool)
-                .args(args)
-                .current_dir(d)
-                .output()
-                .unwrap();
-            assert!(
-                o.status.success(),
-                "{tool} {args:?}: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-    }
-
-    /// Writes `bytes` at `off` into `file` in both directories.
-    fn poke(&self, file: &str, off: u64, bytes: &[u8]) {
-        for d in [&self.q, &self.r] {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(d.join(file))
-                .unwrap();
-            f.write_all_at(bytes, off).unwrap();
-        }
-    }
-
-    fn be64(&self, file: &str, off: u64) -> u64 {
-        let f = std::fs::File::open(self.q.join(file)).unwrap();
-        let mut b = [0u8; 8];
-        f.read_exact_at(&mut b, off).unwrap();
-        u64::from_be_bytes(b)
-    }
-
-    /// Runs `args` with qemu-img in one twin and rimg in the other and
-    /// asserts the same exit code, stdout and stderr; returns stderr.
-    fn same(&self, args: &[&str]) -> String {
-        let q = Command::new("qemu-img")
-            .args(args)
-            .current_dir(&self.q)
-            .output()
-            .unwrap();
-        let r = Command::new(&self.rimg)
-            .args(args)
-            .current_dir(&self.r)
-            .output()
-            .unwrap();
-        let norm = |b: &[u8]| String::from_utf8_lossy(b).replace("rimg:", "qemu-img:");
-        assert_eq!(
-            (q.status.code(), norm(&q.stdout), norm(&q.stderr)),
-            (r.status.code(), norm(&r.stdout), norm(&r.stderr)),
-            "{args:?}: qemu-img (left) and rimg (right) differ"
-        );
-        norm(&q.stderr)
-    }
-
-    /// As [`Twins::same`], for exit code and messages only: where a rebuild
-    /// puts the new refcount structures (and so the image end) differs.
-    fn same_msgs(&self, args: &[&str]) {
-        let run = |tool: &std::path::Path, d: &PathBuf| {
-            let o = Command::new(tool)
-                .args(args)
-                .current_dir(d)
-                .output()
-                .unwrap();
-            let e = String::from_utf8_lossy(&o.stderr).replace("rimg:", "qemu-img:");
-            (o.status.code(), e)
-        };
-        assert_eq!(
-            run(std::path::Path::new("qemu-img"), &self.q),
-            run(&self.rimg, &self.r),
-            "{args:?}"
-        );
-    }
-
-    /// qemu-img's view of `file` in both twins: these lines of its
-    /// `info` must be the same.
-    fn same_info(&self, file: &str, keep: &str) {
-        let lines = |d: &PathBuf| {
-            let o = Command::new("qemu-img")
-                .args(["info", "-U", file])
-                .current_dir(d)
-                .output()
-                .unwrap();
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| l.contains(keep))
-                .map(String::from)
-                .collect::<Vec<_>>()
-        };
-        let q = lines(&self.q);
-        assert!(!q.is_empty(), "no '{keep}' in qemu-img info");
-        assert_eq!(q, lines(&self.r));
-    }
-
-    fn check_clean(&self, file: &str) {
-        assert_qemu_check_clean(&self.q.join(file));
-        assert_qemu_check_clean(&self.r.join(file));
-    }
-}
 
 /// Host offsets of the refcount block, the first L2 table and the first
 /// data cluster of `IMG`.
@@ -162,7 +37,7 @@ fn check_rebuilds_for_a_zero_refcount() {
     let (refblock, _, data) = layout(&t);
     t.poke(IMG, refblock + (data >> 16) * 2, &[0, 0]);
     t.same(&["check", IMG]);
-    let err = t.same(&["check", "-r", "all", IMG]);
+    let (_, err) = t.same(&["check", "-r", "all", IMG]);
     assert!(err.contains("Rebuilding refcount structure"), "{err}");
     t.check_clean(IMG);
 }
@@ -177,7 +52,7 @@ fn check_repairs_refcounts_one_by_one() {
     t.poke(IMG, refblock + (data >> 16) * 2, &[0, 1]);
     t.poke(IMG, refblock, &[0, 2]);
     t.same(&["check", IMG]);
-    let err = t.same(&["check", "-r", "all", IMG]);
+    let (_, err) = t.same(&["check", "-r", "all", IMG]);
     assert!(
         err.contains("Repairing cluster 0 refcount=2 reference=1"),
         "{err}"
@@ -193,7 +68,7 @@ fn check_reports_references_past_the_refcount_width() {
     let (_, l2, _) = layout(&t);
     let e = t.be64(IMG, l2);
     t.poke(IMG, l2 + 8, &e.to_be_bytes());
-    let err = t.same(&["check", IMG]);
+    let (_, err) = t.same(&["check", IMG]);
     assert!(err.contains("ERROR: overflow cluster offset="), "{err}");
     t.same(&["check", "-r", "all", IMG]);
     t.same(&["amend", "-o", "refcount_bits=2", IMG]);
@@ -206,9 +81,9 @@ fn open_refuses_an_image_too_big() {
     let t = Twins::new();
     t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "4G"]);
     t.poke(IMG, 24, &(1u64 << 60).to_be_bytes());
-    assert!(t.same(&["info", IMG]).contains("Image is too big"));
+    assert!(t.same(&["info", IMG]).1.contains("Image is too big"));
     t.poke(IMG, 24, &(1u64 << 40).to_be_bytes());
-    assert!(t.same(&["info", IMG]).contains("L1 table is too small"));
+    assert!(t.same(&["info", IMG]).1.contains("L1 table is too small"));
 }
 
 #[test]
@@ -216,7 +91,7 @@ fn snapshot_create_errors_are_errnos() {
     // refcount_bits=1: a snapshot would need refcounts of 2.
     let t = Twins::new();
     image_with_data(&t, "refcount_bits=1");
-    let err = t.same(&["snapshot", "-c", "foo", IMG]);
+    let (_, err) = t.same(&["snapshot", "-c", "foo", IMG]);
     assert!(err.contains("Could not create snapshot 'foo': Invalid argument"));
     t.same(&["check", IMG]);
     t.same(&["check", "-r", "all", IMG]);
@@ -226,7 +101,7 @@ fn snapshot_create_errors_are_errnos() {
     t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
     t.poke(IMG, 64, &0x1_0000_0000u64.to_be_bytes());
     t.poke(IMG, 60, &0x10000u32.to_be_bytes());
-    let err = t.same(&["snapshot", "-c", "test", IMG]);
+    let (_, err) = t.same(&["snapshot", "-c", "test", IMG]);
     assert!(err.contains("File too large"), "{err}");
 }
 
@@ -242,7 +117,7 @@ fn amend_refcount_width_messages() {
     t.check_clean(IMG);
     // A shared cluster cannot go down to one bit.
     t.both("qemu-img", &["snapshot", "-c", "s", IMG]);
-    let err = t.same(&["amend", "-o", "refcount_bits=1", IMG]);
+    let (_, err) = t.same(&["amend", "-o", "refcount_bits=1", IMG]);
     assert!(err.contains("Cannot decrease refcount entry width to 1 bits"));
     t.same(&["amend", "-o", "refcount_bits=2", IMG]);
     t.check_clean(IMG);
@@ -264,7 +139,7 @@ fn amend_changes_the_size() {
     t.both("qemu-img", &["snapshot", "-c", "s", IMG]);
     t.same(&["amend", "-o", "size=4M", IMG]);
     t.same_info(IMG, "virtual size");
-    let err = t.same(&["amend", "-o", "compat=0.10,size=1M", IMG]);
+    let (_, err) = t.same(&["amend", "-o", "compat=0.10,size=1M", IMG]);
     assert!(
         err.contains("Internal snapshots prevent downgrade"),
         "{err}"
@@ -359,7 +234,7 @@ fn snapshot_table_with_too_much_extra_data() {
     let at = f.metadata().unwrap().len().next_multiple_of(65536);
     t.poke(IMG, at, &raw);
     t.poke(IMG, 64, &at.to_be_bytes());
-    let err = t.same(&["info", IMG]);
+    let (_, err) = t.same(&["info", IMG]);
     assert!(err.contains("Too much extra metadata in snapshot table entry 0"));
     t.same(&["check", IMG]);
     t.same_msgs(&["check", "-r", "all", IMG]);
