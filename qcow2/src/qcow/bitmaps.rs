@@ -1,0 +1,64 @@
+//! Hooks into the persistent dirty bitmaps ([`crate::bitmap::track`]).
+
+use super::*;
+
+impl Qcow2 {
+    /// At a writable open, after `prepare_for_writing`.
+    pub(super) fn load_bitmaps(&self) -> Result<()> {
+        if self.opts.repair {
+            return Ok(());
+        }
+        let t = crate::bitmap::track::load(self)?;
+        let _ = self.bitmaps.set(t);
+        Ok(())
+    }
+
+    /// Records a change of guest bytes [off, off + len) in the enabled
+    /// bitmaps; every path that changes guest data calls it first.
+    pub(super) fn mark_dirty(&self, off: u64, len: u64) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.mark(off, len.min(self.size().saturating_sub(off))),
+            None => Ok(()),
+        }
+    }
+
+    /// Stores the bitmaps and clears their in-use flags (done at drop
+    /// too, where errors cannot be reported). Later writes fail.
+    pub fn store_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.store(self),
+            None => Ok(()),
+        }
+    }
+
+    /// Before a resize, without the metadata lock (see
+    /// `Tracker::prepare_resize`).
+    pub(super) fn prepare_bitmaps_for_resize(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.prepare_resize(self),
+            None => Ok(()),
+        }
+    }
+
+    /// After the virtual size changed (metadata lock held).
+    pub(super) fn resize_bitmaps(&self, new_size: u64) {
+        if let Some(t) = self.bitmaps.get() {
+            t.resize(new_size);
+        }
+    }
+
+    /// Applying a snapshot rewrites the whole disk behind the bitmaps'
+    /// back: refused while the image has any (as QEMU refuses).
+    pub(super) fn refuse_with_bitmaps(&self) -> Result<()> {
+        match self.bitmaps.get() {
+            Some(t) => t.refuse_snapshot_apply(),
+            None => Ok(()),
+        }
+    }
+
+    /// The bitmaps of this writable image (None when read-only or opened
+    /// for repair), for edits (`crate::bitmap::edit`).
+    pub fn bitmap_tracker(&self) -> Option<&crate::bitmap::track::Tracker> {
+        self.bitmaps.get()
+    }
+}

@@ -1,0 +1,109 @@
+//! I/O tickets and epochs, deferred frees, and flush: the rules that keep
+//! a freed cluster from being reused while an old pointer may exist.
+
+use super::*;
+
+impl Qcow2 {
+    /// Starts data I/O that maps guest ranges ([`map_read`](Self::map_read),
+    /// [`begin_write`](Self::begin_write)) and then reads or writes the
+    /// host clusters outside the metadata lock. Until the ticket is
+    /// returned with [`io_end`](Self::io_end), no cluster freed after this
+    /// call is reused, so the I/O cannot touch another guest range's data
+    /// even when the guest discards the range concurrently.
+    pub fn io_begin(&self) -> IoTicket {
+        let mut e = self.epochs();
+        let epoch = e.current;
+        *e.active.entry(epoch).or_default() += 1;
+        IoTicket { epoch }
+    }
+
+    /// Ends the data I/O started with [`io_begin`](Self::io_begin).
+    pub fn io_end(&self, t: IoTicket) {
+        let mut e = self.epochs();
+        if let Some(n) = e.active.get_mut(&t.epoch) {
+            *n -= 1;
+            if *n == 0 {
+                e.active.remove(&t.epoch);
+            }
+        }
+    }
+
+    pub(super) fn epochs(&self) -> MutexGuard<'_, Epochs> {
+        self.epochs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a host range whose last reference was just dropped in
+    /// memory, tagged with the current epoch (then advanced).
+    pub(super) fn queue_free(&self, m: &mut Meta, (off, len): (u64, u64)) {
+        let mut e = self.epochs();
+        m.pending_free.push((off, len, e.current));
+        e.current += 1;
+    }
+
+    /// Flushes metadata in the order described in the module docs and
+    /// releases queued frees.
+    pub(super) fn flush_locked(&self, m: &mut Meta) -> Result<()> {
+        if !self.st.writable() {
+            return Ok(());
+        }
+        m.rc.overlap.usable()?;
+        m.rc.flush(&self.st)?;
+        let dirty = m.l2.dirty_slots();
+        for &i in &dirty {
+            Self::write_l2(&self.st, m, i)?;
+        }
+        if let Some((a, b)) = m.l1_dirty.take() {
+            if !dirty.is_empty() {
+                self.st.sync()?;
+            }
+            let mut raw = Vec::with_capacity((b - a + 1) * 8);
+            for e in &m.l1[a..=b] {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            let at = m.header.l1_table_offset + a as u64 * 8;
+            if let Err(e) =
+                m.rc.overlap
+                    .write(&self.st, &raw, at, Allow::only(Kind::ActiveL1))
+            {
+                m.l1_dirty = Some((a, b));
+                return Err(e);
+            }
+        }
+        self.st.sync()?;
+        if let Some(d) = &self.data {
+            d.st.sync()?;
+        }
+        if !m.pending_free.is_empty() {
+            // Only frees queued after every running I/O began: older I/O
+            // may still read or write the cluster it mapped before.
+            let oldest = self.epochs().active.keys().next().copied();
+            let (frees, later): (Vec<_>, Vec<_>) = std::mem::take(&mut m.pending_free)
+                .into_iter()
+                .partition(|&(_, _, ep)| oldest.is_none_or(|o| ep < o));
+            m.pending_free = later;
+            let mut freed = Vec::new();
+            for &(off, len, _) in &frees {
+                // A freed L2 table must not be found in the cache again.
+                m.l2.remove(off);
+                m.rc.update_range(&self.st, off, len, -1, |c| freed.push(c))?;
+            }
+            if self.opts.discard_passthrough {
+                freed.sort_unstable();
+                let cs = self.cluster_size();
+                let mut k = 0;
+                while k < freed.len() {
+                    let mut j = k + 1;
+                    while j < freed.len() && freed[j] == freed[j - 1] + 1 {
+                        j += 1;
+                    }
+                    // A freed cluster must be no metadata any more.
+                    m.rc.overlap
+                        .punch_hole(&self.st, freed[k] * cs, (j - k) as u64 * cs)?;
+                    k = j;
+                }
+            }
+            m.rc.flush(&self.st)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,677 @@
+//! The qcow2 image: guest reads and writes mapped through L1/L2 tables,
+//! cluster allocation with copy-on-write, and the write ordering that keeps
+//! the file consistent across a crash.
+//!
+//! # Locking
+//! All metadata (header copy, L1, the L2 and refcount caches, the in-flight
+//! allocation set, pending frees) lives in one [`Meta`] behind a mutex. The
+//! mutex is held only to look up or change metadata, never across guest
+//! data I/O: a request maps its range under the lock, drops it, and does
+//! its data I/O on the shared file (pread/pwrite take `&self`).
+//!
+//! A write that needs new clusters registers the guest clusters it
+//! allocates in `inflight` before dropping the lock. Any other request that
+//! would change the mapping of one of those guest clusters (another
+//! allocating write, a discard, write-zeroes) waits on `alloc_done` until
+//! the first one has committed its L2 entries. Reads and in-place writes
+//! never wait: they see the old mapping until the commit.
+//!
+//! # Write ordering (crash safety)
+//! - Data and copy-on-write fill are written (pwrite completed) before the
+//!   L2 entry that maps them is changed, even in the cache.
+//! - Refcount increases are durable before any L2 or L1 entry that uses
+//!   them reaches the disk: writing back an L2 table (eviction or flush)
+//!   first flushes the refcount cache and syncs.
+//! - A new L2 table is durable before the L1 entry pointing to it is
+//!   written (L1 entries are written at flush, after the L2 tables).
+//! - A reference is removed on disk before the refcount drops: frees are
+//!   queued in `pending_free` and applied only after the flush that made
+//!   the new L2/L1 entries durable. Queued clusters cannot be reused
+//!   before that, so no freed cluster is overwritten while an old pointer
+//!   to it may still be on disk.
+//! - `flush` makes every completed write durable.
+//! - A freed cluster is not reused while data I/O that may have mapped it
+//!   is still running outside the lock: such I/O holds an [`IoTicket`]
+//!   from [`Qcow2::io_begin`] to [`Qcow2::io_end`], frees are tagged with
+//!   the epoch they were queued in, and a flush applies only frees queued
+//!   after every active ticket was taken (the rest wait for a later flush).
+//! - Space reserved at the end of the file ahead of new clusters
+//!   (`Qcow2Options::preallocate_ahead`) has no refcounts and nothing
+//!   points into it until an allocation takes it, as any free cluster.
+//!
+//! A crash at any point therefore leaves at worst leaked clusters.
+//!
+//! # Metadata overlap checks
+//! Every write (guest data in place or into new clusters, metadata tables,
+//! header fields, holes for freed clusters) is first checked against the
+//! map of where the metadata is ([`crate::overlap`], kept in `Meta::rc`);
+//! a write that would land on other metadata is refused and the image is
+//! marked corrupt. The map follows the L1 entries (`set_l1`), the refcount
+//! structures (the `refcount` module), the L1 and snapshot tables.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::cache::TableCache;
+use crate::compress;
+use crate::create::Preallocation;
+use crate::datafile::DataFile;
+use crate::error::{Error, Result};
+use crate::header::{field, incompat, Header};
+use crate::image::{Extent, ExtentKind, Format, Image};
+use crate::l2::{CompressedGeometry, L1Entry, L2Entry, OFFSET_MASK};
+use crate::overlap::{Allow, Kind, MetadataMap};
+use crate::refcount::Refcounts;
+use crate::snapshot::Snapshot;
+use crate::storage::Storage;
+use crate::sync::{AllocWaker, Condvar, Mutex, MutexGuard, Waiters};
+
+mod bitmaps;
+mod compressed;
+mod discard;
+mod flush;
+mod image;
+mod read;
+mod resize;
+mod snapshots;
+mod subcluster;
+mod tables;
+#[cfg(test)]
+mod tests;
+mod write;
+
+/// Tunables for opening a qcow2 image.
+#[derive(Debug, Clone)]
+pub struct Qcow2Options {
+    /// Bytes of L2 tables to keep cached.
+    pub l2_cache_bytes: u64,
+    /// Bytes of refcount blocks to keep cached.
+    pub refcount_cache_bytes: u64,
+    /// Punch holes in the host file for clusters freed by discard.
+    pub discard_passthrough: bool,
+    /// Open for repair: images marked corrupt may be opened for writing,
+    /// and a dirty image's refcounts are left for the check to rebuild.
+    pub repair: bool,
+    /// When a data allocation reaches past the space reserved at the end
+    /// of the file, reserve this many bytes more beyond it (fallocate,
+    /// extending the file); 0: never. Guest writes into new clusters then
+    /// land in space the filesystem has already allocated, which for
+    /// O_DIRECT writes avoids extending the file once per cluster (ext4
+    /// serializes those). The unused tail is cut off again when the image
+    /// is dropped; after a crash it is only free space at the end of the
+    /// file (no cluster there has a refcount). QEMU's `preallocate`
+    /// filter does the same.
+    pub preallocate_ahead: u64,
+    /// Password of an encrypted image (`encrypt.key-secret`).
+    pub encrypt_key: Option<crate::encrypt::Secret>,
+    /// Open an encrypted image without its key, for metadata only (as
+    /// qemu-img info does); data I/O is then refused.
+    pub no_io: bool,
+    /// The external data file to use in place of the one the header
+    /// names (QEMU's `data-file` option).
+    pub data_file: Option<std::path::PathBuf>,
+}
+
+impl Default for Qcow2Options {
+    fn default() -> Self {
+        Qcow2Options {
+            l2_cache_bytes: 32 << 20,
+            refcount_cache_bytes: 4 << 20,
+            discard_passthrough: true,
+            repair: false,
+            preallocate_ahead: 0,
+            encrypt_key: None,
+            no_io: false,
+            data_file: None,
+        }
+    }
+}
+
+struct Meta {
+    header: Header,
+    /// Bytes per L2 entry: 8, or 16 with extended L2 entries.
+    l2_stride: usize,
+    l1: Vec<u64>,
+    /// Range of L1 indices changed since the last flush.
+    l1_dirty: Option<(usize, usize)>,
+    l2: TableCache,
+    rc: Refcounts,
+    /// Host byte ranges whose reference was dropped in memory, with the
+    /// I/O epoch they were dropped in; their refcounts are decreased after
+    /// a flush, once no I/O that started before them is still running.
+    pending_free: Vec<(u64, u64, u64)>,
+    /// Guest clusters whose allocation is in progress.
+    inflight: HashSet<u64>,
+    /// Callers refused by `try_begin_write`, woken when the cluster they
+    /// found in `inflight` leaves it (see [`crate::sync`]).
+    waiters: Waiters,
+    snapshots: Vec<Snapshot>,
+    snapshot_table_bytes: u64,
+    /// Next free byte in the host cluster that compressed clusters are
+    /// being packed into (0: none).
+    compressed_tail: u64,
+    /// Host bytes below this are reserved in the file (its length at
+    /// open, then the end of the last `preallocate_ahead` extension).
+    reserved_end: u64,
+    /// The file's length at open: never trimmed below.
+    len_at_open: u64,
+    /// The file was extended ahead of its data (to be trimmed at drop);
+    /// None after a failed extension (not tried again).
+    preallocated: Option<bool>,
+}
+
+/// Data I/O epochs: which epochs have I/O running outside the lock.
+#[derive(Default)]
+struct Epochs {
+    current: u64,
+    /// Epoch -> number of tickets taken in it and not yet returned.
+    active: std::collections::BTreeMap<u64, u32>,
+}
+
+/// Held by data I/O that maps guest ranges and accesses host clusters
+/// outside the metadata lock (see [`Qcow2::io_begin`]).
+#[must_use = "an I/O ticket must be returned with io_end"]
+#[derive(Debug)]
+pub struct IoTicket {
+    epoch: u64,
+}
+
+/// What a run of guest bytes maps to in this layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Stored at this host file offset.
+    Data(u64),
+    /// Reads as zeros (with the preallocated host offset, if any).
+    Zero(Option<u64>),
+    /// Not stored here: the backing image, or zeros.
+    Unallocated,
+    /// Inside a compressed cluster.
+    Compressed(L2Entry),
+}
+
+/// A guest write mapped to one host extent, between
+/// [`Qcow2::begin_write`] and [`Qcow2::end_write`].
+#[must_use = "a mapped write must be finished with end_write"]
+pub struct WriteIo {
+    /// Host file offset where the data goes.
+    pub host: u64,
+    /// Bytes of the request this extent covers.
+    pub len: usize,
+    alloc: Option<Alloc>,
+}
+
+/// An allocation handed out by `plan_write` and finished by `commit`.
+struct Alloc {
+    /// First guest cluster and count.
+    gc: u64,
+    n: u64,
+    /// Host offset of the first new cluster (contiguous).
+    host: u64,
+    /// The existing preallocated zero cluster is reused (n == 1).
+    reuse: bool,
+    /// The new clusters lie past everything ever written: they read as
+    /// zeros without being written.
+    fresh: bool,
+    /// Old entries of the first and last cluster: copy-on-write sources.
+    first_old: L2Entry,
+    last_old: L2Entry,
+    /// Extended L2 entries: the subclusters [a, b) the write touches
+    /// (None: the whole cluster is copied), see [`subcluster`].
+    sub: Option<(u32, u32)>,
+    /// Extended L2 entries: whether the head and tail subclusters need
+    /// copy-on-write fill.
+    cow_ends: (bool, bool),
+}
+
+enum WritePlan {
+    InPlace { host: u64, len: usize },
+    Alloc(Alloc),
+}
+
+thread_local! {
+    /// Cluster-sized buffer for copy-on-write of partial clusters.
+    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Input and output buffers for compressed cluster reads.
+    static DECOMP: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+pub struct Qcow2 {
+    st: Storage,
+    cluster_bits: u32,
+    geom: CompressedGeometry,
+    version: u32,
+    compression: crate::header::CompressionType,
+    size: AtomicU64,
+    backing: Option<Arc<dyn Image>>,
+    /// The header names a backing file (whether or not it was opened):
+    /// decides zero clusters versus deallocation, so that data of the
+    /// backing file never shows through where zeros were written.
+    has_backing_file: bool,
+    meta: Mutex<Meta>,
+    /// Lock order: `meta` before `epochs`.
+    epochs: Mutex<Epochs>,
+    alloc_done: Condvar,
+    opts: Qcow2Options,
+    /// crypt_method of the header (0: clear).
+    crypt_method: u32,
+    /// The data cipher of an unlocked encrypted image.
+    cipher: Option<crate::encrypt::DataCipher>,
+    /// The external data file guest data lives in, if any.
+    data: Option<DataFile>,
+    /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
+    extl2: bool,
+    /// Lines of the repair a dirty image had at open (see `dirty_open`).
+    open_messages: Mutex<Vec<String>>,
+    /// Persistent dirty bitmaps of a writable image (see
+    /// [`crate::bitmap::track`]).
+    bitmaps: std::sync::OnceLock<crate::bitmap::track::Tracker>,
+}
+
+impl std::fmt::Debug for Qcow2 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("path", &self.st.path())
+            .finish()
+    }
+}
+
+impl Qcow2 {
+    /// Opens a qcow2 image on `st`. `backing` is the already opened backing
+    /// image (or None to read unallocated clusters as zeros).
+    pub fn open(st: Storage, backing: Option<Arc<dyn Image>>, opts: Qcow2Options) -> Result<Qcow2> {
+        let mut first = vec![0u8; 1 << crate::header::MAX_CLUSTER_BITS];
+        let file_len = st.len()?;
+        first.truncate(file_len.min(first.len() as u64) as usize);
+        st.read_at(&mut first, 0)?;
+        // Parse from at most one cluster of the file.
+        let mut header = Header::parse(&first)?;
+        let cs = header.cluster_size();
+        if (first.len() as u64) > cs {
+            first.truncate(cs as usize);
+            header = Header::parse(&first)?;
+        }
+        if st.writable() && header.is_corrupt() && !opts.repair {
+            return Err(Error::MarkedCorrupt);
+        }
+        let max = crate::header::MAX_SNAPSHOTS;
+        let too_many = header.nb_snapshots.saturating_sub(max);
+        if too_many > 0 {
+            if !opts.repair {
+                return Err(Error::SnapshotTableLimit {
+                    open: "Snapshot table too large".into(),
+                    check: format!(
+                        "ERROR snapshot table too large\nYou can force-remove all {too_many} overhanging snapshots with qemu-img check -r all"
+                    ),
+                });
+            }
+            // The repair reads the first MAX_SNAPSHOTS entries and drops
+            // the others from the header (check_snapshot_table).
+            header.nb_snapshots = max;
+        }
+        // The encrypted data paths know neither subclusters nor a data
+        // file: the combinations are refused rather than written in clear.
+        if header.crypt_method != 0
+            && (header.extended_l2() || header.has_data_file())
+            && !opts.no_io
+        {
+            return Err(Error::UnsupportedFeature(
+                "encryption with extended L2 entries or an external data file".into(),
+            ));
+        }
+        let cipher = crate::encrypt::unlock(&st, &header, opts.encrypt_key.as_ref(), opts.no_io)?;
+        let cb = header.cluster_bits;
+        let data =
+            DataFile::open_for(st.path(), &header, st.writable(), opts.data_file.as_deref())?;
+        let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
+        let rc = Refcounts::load(
+            &st,
+            header.refcount_table_offset,
+            header.refcount_table_clusters as u64,
+            header.refcount_order,
+            cb,
+            opts.refcount_cache_bytes,
+        )?;
+        // A repair opens tables over QEMU's limits (check -r all fixes them).
+        let (snapshots, snapshot_table_bytes, _) =
+            Snapshot::read_table_repairing(&st, &header, opts.repair)?;
+        let meta = Meta {
+            l2_stride: if header.extended_l2() { 16 } else { 8 },
+            reserved_end: file_len,
+            len_at_open: file_len,
+            preallocated: Some(false),
+            l1,
+            l1_dirty: None,
+            l2: TableCache::new(cs as usize, opts.l2_cache_bytes),
+            rc,
+            pending_free: Vec::new(),
+            inflight: HashSet::new(),
+            waiters: Waiters::default(),
+            snapshots,
+            snapshot_table_bytes,
+            compressed_tail: 0,
+            header: header.clone(),
+        };
+        let mut meta = meta;
+        Self::rebuild_overlap(&mut meta, None);
+        let q = Qcow2 {
+            cluster_bits: cb,
+            geom: CompressedGeometry::new(cb),
+            version: header.version,
+            compression: header.compression_type,
+            size: AtomicU64::new(header.size),
+            has_backing_file: header.backing_file.is_some(),
+            backing,
+            meta: Mutex::new(meta),
+            epochs: Mutex::new(Epochs::default()),
+            alloc_done: Condvar::new(),
+            opts,
+            st,
+            crypt_method: header.crypt_method,
+            cipher,
+            data,
+            extl2: header.extended_l2(),
+            open_messages: Mutex::new(Vec::new()),
+            bitmaps: std::sync::OnceLock::new(),
+        };
+        if q.st.writable() {
+            q.prepare_for_writing()?;
+            q.load_bitmaps()?;
+        }
+        Ok(q)
+    }
+
+    /// The lines of the repair a dirty image had when opened (qemu-img
+    /// prints them on stderr); empty after the first call.
+    pub fn take_open_messages(&self) -> Vec<String> {
+        std::mem::take(&mut *self.open_messages.lock().unwrap())
+    }
+
+    /// Before the first write: rebuild refcounts of a dirty image and clear
+    /// autoclear bits whose structures this crate does not maintain.
+    fn prepare_for_writing(&self) -> Result<()> {
+        let mut m = self.lock();
+        if m.header.is_dirty() && !self.opts.repair {
+            let (lines, clean) = crate::dirty_open::repair(self, &mut m.header_mut_ctx())?;
+            *self.open_messages.lock().unwrap() = lines;
+            if !clean {
+                return Ok(());
+            }
+            m.header.incompatible_features &= !incompat::DIRTY;
+            let bits = m.header.incompatible_features.to_be_bytes();
+            m.rc.overlap.write(
+                &self.st,
+                &bits,
+                field::INCOMPATIBLE,
+                Allow::only(Kind::Header),
+            )?;
+            self.st.sync()?;
+        }
+        // The raw data file bit is kept: every write here keeps the data
+        // file a raw image of the disk (guest offset == host offset).
+        let keep = if self.data.is_some() {
+            m.header.autoclear_features & crate::header::autoclear::DATA_FILE_RAW
+        } else {
+            0
+        };
+        // So is the bitmaps bit: the bitmaps are kept right (bitmap::track).
+        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header, self.opts.repair)?;
+        if m.header.version == 3 && m.header.autoclear_features != keep {
+            m.header.autoclear_features = keep;
+            m.rc.overlap.write(
+                &self.st,
+                &keep.to_be_bytes(),
+                field::AUTOCLEAR,
+                Allow::only(Kind::Header),
+            )?;
+            self.st.sync()?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock leaves metadata in an unknown
+        // state; continuing would risk writing it, so propagate.
+        self.meta.lock().expect("qcow2 metadata lock poisoned")
+    }
+
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// The allocation unit of guest data: the cluster, or with extended
+    /// L2 entries one of its 32 subclusters.
+    pub fn subcluster_size(&self) -> u64 {
+        self.cluster_size() >> if self.extl2 { 5 } else { 0 }
+    }
+
+    /// The file guest data clusters live in: the external data file, or
+    /// the image file itself.
+    pub fn data_storage(&self) -> &Storage {
+        self.data.as_ref().map_or(&self.st, |d| &d.st)
+    }
+
+    /// The external data file's name as stored, if the image has one.
+    pub fn data_file_name(&self) -> Option<&str> {
+        self.data.as_ref().map(|d| d.name.as_str())
+    }
+
+    /// Internal snapshots would share data clusters, which a data file
+    /// (one cluster per guest offset, no refcounts) cannot: QEMU refuses
+    /// them too.
+    fn refuse_snapshots_with_data_file(&self) -> Result<()> {
+        if self.data.is_some() {
+            return Err(Error::UnsupportedFeature(
+                "internal snapshots of an image with an external data file".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that guest data at host [off, off + len) lands on no
+    /// metadata: only possible when data shares the image file.
+    fn check_data_overlap(&self, m: &mut Meta, off: u64, len: u64) -> Result<()> {
+        if self.data.is_some() {
+            return Ok(());
+        }
+        m.rc.overlap.check(&self.st, off, len, Allow::NOTHING)
+    }
+    /// The header as it stands now (fields the engine moved, such as the
+    /// refcount table, included).
+    pub fn header(&self) -> Header {
+        Self::current_header(&self.lock())
+    }
+
+    fn current_header(m: &Meta) -> Header {
+        let mut h = m.header.clone();
+        h.refcount_table_offset = m.rc.table_offset();
+        h.refcount_table_clusters = m.rc.table_clusters() as u32;
+        if m.rc.overlap.refused().is_some() && h.version >= 3 {
+            h.incompatible_features |= incompat::CORRUPT;
+        }
+        h
+    }
+
+    /// Why this image refuses writes, if a write was refused for
+    /// overlapping metadata (the image is then marked corrupt).
+    pub fn overlap_refused(&self) -> Option<String> {
+        self.lock().rc.overlap.refused().map(str::to_string)
+    }
+
+    /// Builds the metadata overlap map from the metadata as it stands
+    /// (open, and after changes made outside the usual paths: repair,
+    /// header rewrites). `refused` carries an earlier refusal over.
+    fn rebuild_overlap(m: &mut Meta, refused: Option<String>) {
+        let cb = m.header.cluster_bits;
+        let cs = 1u64 << cb;
+        let mut map = MetadataMap::new(cb, m.header.version >= 3);
+        if let Some(r) = refused {
+            map.set_refused(r);
+        }
+        map.add(Kind::Header, 0, cs);
+        map.add(
+            Kind::ActiveL1,
+            m.header.l1_table_offset,
+            m.l1.len() as u64 * 8,
+        );
+        let l2s =
+            m.l1.iter()
+                .map(|&e| L1Entry(e).l2_offset())
+                .filter(|&o| o != 0)
+                .map(|o| (o, cs));
+        map.extend(Kind::ActiveL2, l2s);
+        Self::register_snapshots(
+            &mut map,
+            m.header.snapshots_offset,
+            m.snapshot_table_bytes,
+            &m.snapshots,
+        );
+        m.rc.install_overlap(map);
+    }
+
+    /// Rebuilds the overlap map after a repair; `repaired` forgets an
+    /// earlier refusal.
+    pub(crate) fn refresh_overlap(&self, repaired: bool) {
+        let mut m = self.lock();
+        let refused = if repaired {
+            None
+        } else {
+            m.rc.overlap.refused().map(str::to_string)
+        };
+        Self::rebuild_overlap(&mut m, refused);
+    }
+
+    /// Registers the snapshot table and the snapshots' L1 tables in place
+    /// of those registered before.
+    fn register_snapshots(map: &mut MetadataMap, table: u64, bytes: u64, snaps: &[Snapshot]) {
+        map.clear_kind(Kind::SnapshotTable);
+        map.clear_kind(Kind::SnapshotL1);
+        if !snaps.is_empty() {
+            map.add(Kind::SnapshotTable, table, bytes);
+        }
+        map.extend(Kind::SnapshotL1, snaps.iter().filter_map(|s| s.l1_range()));
+    }
+
+    /// Rewrites the header cluster after applying `f` (backing file,
+    /// feature bits). Extensions this crate does not interpret are kept.
+    /// The first cluster holds nothing else, and QEMU rewrites it the same
+    /// way.
+    pub fn update_header(&self, f: impl FnOnce(&mut Header) -> Result<()>) -> Result<()> {
+        self.check_writable()?;
+        let m = self.lock();
+        let mut m = self.quiesce(m);
+        self.flush_locked(&mut m)?;
+        let mut h = Self::current_header(&m);
+        f(&mut h)?;
+        let first = h.encode()?;
+        m.rc.overlap
+            .write(&self.st, &first, 0, Allow::only(Kind::Header))?;
+        self.st.sync()?;
+        m.header = h;
+        // The version (whether there is a corrupt bit) may have changed.
+        let refused = m.rc.overlap.refused().map(str::to_string);
+        Self::rebuild_overlap(&mut m, refused);
+        Ok(())
+    }
+
+    /// Makes the whole clusters of [off, off + len) unallocated in this
+    /// layer, so that the backing file shows through (commit, rebase).
+    pub fn deallocate(&self, off: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(off, len)?;
+        let cs = self.cluster_size();
+        let end = off + len;
+        let first = off.next_multiple_of(cs);
+        let last = if end == self.size() {
+            end.next_multiple_of(cs)
+        } else {
+            end - end % cs
+        };
+        if first < last {
+            self.unmap_clusters(first / cs, (last - first) / cs, false, false)?;
+        }
+        Ok(())
+    }
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        self.lock().snapshots.clone()
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange {
+                offset: off,
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    /// The password the image was opened with.
+    pub fn encrypt_key(&self) -> Option<&crate::encrypt::Secret> {
+        self.opts.encrypt_key.as_ref()
+    }
+
+    /// Whether the image's data is encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        self.crypt_method != 0
+    }
+
+    /// Refuses paths that move guest data without the cipher: writes
+    /// (rimg does not encrypt data yet) and raw host mappings.
+    fn check_clear(&self) -> Result<()> {
+        if self.crypt_method != 0 {
+            return Err(Error::Crypto(
+                "encrypted images need the engine's own read and write paths (no raw host access, no compression)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.st.writable() {
+            Ok(())
+        } else {
+            Err(Error::ReadOnly)
+        }
+    }
+
+    pub(crate) fn with_meta<R>(&self, f: impl FnOnce(&mut MetaCtx<'_>) -> R) -> R {
+        let mut m = self.lock();
+        f(&mut m.header_mut_ctx())
+    }
+}
+
+/// Access to metadata for the check module, with the lock held.
+pub(crate) struct MetaCtx<'a> {
+    pub header: &'a mut Header,
+    pub l1: &'a mut Vec<u64>,
+    pub snapshots: &'a [Snapshot],
+    pub snapshot_table_bytes: u64,
+    l2: &'a mut TableCache,
+    pub rc: &'a mut Refcounts,
+}
+
+impl Meta {
+    fn header_mut_ctx(&mut self) -> MetaCtx<'_> {
+        MetaCtx {
+            header: &mut self.header,
+            l1: &mut self.l1,
+            snapshots: &self.snapshots,
+            snapshot_table_bytes: self.snapshot_table_bytes,
+            l2: &mut self.l2,
+            rc: &mut self.rc,
+        }
+    }
+}
+
+impl MetaCtx<'_> {
+    /// Forgets cached L2 tables (all were flushed before a rebuild).
+    pub fn drop_l2_cache(&mut self) {
+        self.l2.clear();
+    }
+}
