@@ -272,6 +272,8 @@ impl Walk<'_> {
                 continue;
             }
             st.read_at(l2buf, l2off)?;
+            // Fragmentation is counted within each L2 table, as QEMU does.
+            self.next_contiguous = 0;
             let stride = if self.extl2 { 16 } else { 8 };
             for (k, raw) in l2buf.chunks_exact(stride).enumerate() {
                 // Extended L2 entries (qcow2.rst, "Extended L2 Entries"):

@@ -662,3 +662,48 @@ fn snapshot_apply_is_refused_with_bitmaps_as_in_qemu() {
     ok(rimg(&["snapshot", "-a", "s1", p]));
     assert_qemu_check_clean(&r);
 }
+
+/// Emptying the top image after a commit changes nothing the guest sees:
+/// its bitmaps keep exactly what they had, as with qemu-img (rimg used to
+/// mark the whole disk dirty, turning the next incremental backup into a
+/// full one). Discard and write-zeroes of the guest still mark.
+#[test]
+fn commit_leaves_the_top_bitmaps_as_qemu_img_does() {
+    let tmp = tempdir();
+    let mut dirty = Vec::new();
+    for tool in ["qemu-img", "rimg"] {
+        let d = tmp.path().join(tool);
+        std::fs::create_dir(&d).unwrap();
+        let (base, top) = (d.join("base.qcow2"), d.join("top.qcow2"));
+        let (b, t) = (base.to_str().unwrap(), top.to_str().unwrap());
+        ok(qemu_img(&["create", "-q", "-f", "qcow2", b, "10M"]));
+        qemu_io(&base, &["write -P 1 0 2M"]);
+        ok(qemu_img(&["bitmap", "--add", b, "bb"]));
+        ok(qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t,
+        ]));
+        ok(qemu_img(&["bitmap", "--add", t, "tb"]));
+        qemu_io(
+            &top,
+            &[
+                "write -P 2 100k 8k",
+                "write -z 1M 128k",
+                "discard 3M 64k",
+                "write -P 3 5M 1k",
+            ],
+        );
+        let before = qemu_dirty(&top, "tb");
+        assert_eq!(before.len(), 4, "{before:?}");
+        let o = if tool == "rimg" {
+            rimg(&["commit", "-q", t])
+        } else {
+            qemu_img(&["commit", "-q", t])
+        };
+        ok(o);
+        assert_eq!(qemu_dirty(&top, "tb"), before, "{tool}: top's bitmap");
+        assert_qemu_check_clean(&top);
+        assert_qemu_check_clean(&base);
+        dirty.push((qemu_dirty(&base, "bb"), before));
+    }
+    assert_eq!(dirty[0], dirty[1], "qemu-img (left) and rimg (right)");
+}

@@ -274,3 +274,31 @@ fn convert_n_writes_zeros_over_the_target() {
         t.check_clean(IMG);
     }
 }
+
+/// Fragmentation is counted within each L2 table (a data cluster that
+/// follows the previous table's last one is not "fragmented").
+#[test]
+fn check_counts_fragmentation_per_l2_table() {
+    let t = Twins::new();
+    t.both(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            IMG,
+            "3M",
+        ],
+    );
+    t.both(
+        "qemu-io",
+        &["-c", "write 512 4608", "-c", "write 1000960 4608", IMG],
+    );
+    let (out, _) = t.same(&["check", "--output=json", IMG]);
+    assert!(!out.contains("fragmented-clusters"), "{out}");
+    t.same(&["check", IMG]);
+    t.check_clean(IMG);
+}

@@ -489,8 +489,11 @@ impl Tracker {
         if len == 0 || !self.tracking.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.check_open()?;
+        // `closed` is read under the state lock and set under it by
+        // `store`: a write either marks before the store copies the bits
+        // or is refused, never recorded after the copy.
         let s = self.read();
+        self.check_open()?;
         for b in s.bitmaps.iter().filter(|b| b.tracks()) {
             if let Content::Loaded { words, .. } = &b.content {
                 let g = b.entry.granularity_bits;
@@ -517,11 +520,11 @@ impl Tracker {
     /// writes mark bits with it held), so the state is copied out first
     /// and the I/O runs without it.
     pub fn store(&self, q: &Qcow2) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
         let (old_ext, removed, plan) = {
             let s = self.write();
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return Ok(());
+            }
             if !s.changed {
                 return Ok(());
             }
@@ -670,8 +673,15 @@ fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
             0
         } else if chunk.len() as u64 == cs && chunk.iter().all(|&x| x == 0xff) {
             entry::ALL_ONES
-        } else {
+        } else if chunk.len() as u64 == cs {
             write_new(q, chunk)?
+        } else {
+            // The last cluster is padded with zeros, as QEMU writes it:
+            // readers load whole 64-bit words, so bits past the disk's end
+            // must be clear.
+            let mut padded = chunk.to_vec();
+            padded.resize(cs as usize, 0);
+            write_new(q, &padded)?
         };
         table.push(e);
     }
