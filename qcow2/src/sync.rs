@@ -22,6 +22,13 @@
 //!    `WriteIo` dropped without either would keep its clusters in flight
 //!    for good (`#[must_use]`; callers end every one).
 //!
+//! 4. The same holds for in-place writes, which write-zeroes that keeps
+//!    the host cluster allocated waits for: an in-place write counts
+//!    itself on its clusters under the lock when it is mapped, and
+//!    `end_write` uncounts it and takes the wakers registered on those
+//!    clusters in one critical section. An in-place write never waits,
+//!    so its end never depends on the zeroing.
+//!
 //! So a refused request's waker is called after the allocation it found
 //! ends; the caller retries then, and either succeeds or is refused by a
 //! newer allocation, on which it is registered again. A request can be

@@ -17,6 +17,11 @@
 //! - `zeroing_waits_for_allocations`: write-zeroes against an in-flight
 //!   allocation of the same clusters ends, per cluster, in one of the two
 //!   orders.
+//! - `zeroing_waits_for_inplace_writes`: write-zeroes that keeps the host
+//!   cluster, racing an in-place write and a write that then reuses the
+//!   cluster: once the first two have ended, what the in-place write's
+//!   range reads as never changes again (a late in-place write used to
+//!   reappear when the reusing write committed).
 #![cfg(feature = "shuttle")]
 
 use std::collections::VecDeque;
@@ -387,4 +392,56 @@ fn zeroing_waits_for_allocations() {
     let images = Arc::new(Images::new("zero"));
     let i = images.clone();
     shuttle::check_random(move || zeroes_against_allocation(&i), iters(1000));
+}
+
+/// An in-place write (its data I/O outside the lock, as a queue's ring
+/// does it), write-zeroes over its cluster keeping the host cluster, and
+/// a write to another part of the cluster (which reuses the host cluster
+/// when it finds it zeroed). Once the in-place write and the zeroing have
+/// ended, the in-place write's range reads the same before and after the
+/// third write ends.
+fn zeroes_against_inplace_write(images: &Images) {
+    let (img, _p) = images.fresh();
+    img.write_at(&[0x11; CS as usize], CS).unwrap();
+    let inplace = {
+        let img = img.clone();
+        shuttle::thread::spawn(move || {
+            let t = img.io_begin();
+            let w = img.begin_write(CS, 64).unwrap();
+            shuttle::thread::yield_now();
+            let ok = img.storage().write_at(&[0xaa; 64], w.host).is_ok();
+            img.end_write(w, ok).unwrap();
+            img.io_end(t);
+        })
+    };
+    let zeroer = {
+        let img = img.clone();
+        shuttle::thread::spawn(move || img.write_zeroes(CS, CS, false).unwrap())
+    };
+    let other = {
+        let img = img.clone();
+        shuttle::thread::spawn(move || img.write_at(&[0xbb; 64], CS + 256).unwrap())
+    };
+    inplace.join().unwrap();
+    zeroer.join().unwrap();
+    let mut before = [0u8; 64];
+    img.read_at(&mut before, CS).unwrap();
+    other.join().unwrap();
+    let mut after = [0u8; 64];
+    img.read_at(&mut after, CS).unwrap();
+    assert_eq!(
+        before, after,
+        "the in-place write's range changed after it and the zeroing had ended"
+    );
+    img.flush().unwrap();
+    assert_clean(&img);
+}
+
+#[test]
+fn zeroing_waits_for_inplace_writes() {
+    let images = Arc::new(Images::new("inplace"));
+    let i = images.clone();
+    shuttle::check_random(move || zeroes_against_inplace_write(&i), iters(1000));
+    let i = images.clone();
+    shuttle::check_pct(move || zeroes_against_inplace_write(&i), iters(1000), 3);
 }

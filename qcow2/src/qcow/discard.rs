@@ -33,7 +33,9 @@ impl Qcow2 {
             let l1i = (c >> self.l2_bits()) as usize;
             let chunk = (l2n - (c & (l2n - 1))).min(gc + n - c);
             let m = self.lock();
-            let mut m = self.wait_inflight(m, c, chunk)?;
+            // Zeros that keep the host cluster also wait for in-place
+            // writes into it (see the module docs).
+            let mut m = self.wait_busy(m, c, chunk, zero && keep_alloc)?;
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
             if !has_table && !zero {
                 // Unallocated already reads as zeros without a backing file;

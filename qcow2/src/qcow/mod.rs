@@ -16,6 +16,13 @@
 //! the first one has committed its L2 entries. Reads and in-place writes
 //! never wait: they see the old mapping until the commit.
 //!
+//! An in-place write counts itself in `inplace` (per guest cluster) until
+//! its data is written. Write-zeroes that keeps the host cluster allocated
+//! (no unmap) waits for those writes too: otherwise a late one would land
+//! in a cluster that now reads as zeros, and reappear when a later write
+//! reuses the cluster and commits (the zeroing frees nothing, so the I/O
+//! tickets below do not cover it).
+//!
 //! # Write ordering (crash safety)
 //! - Data and copy-on-write fill are written (pwrite completed) before the
 //!   L2 entry that maps them is changed, even in the cache.
@@ -50,7 +57,7 @@
 //! structures (the `refcount` module), the L1 and snapshot tables.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -145,6 +152,10 @@ struct Meta {
     pending_free: Vec<(u64, u64, u64)>,
     /// Guest clusters whose allocation is in progress.
     inflight: HashSet<u64>,
+    /// Guest clusters with in-place writes in progress, and how many.
+    inplace: HashMap<u64, u32>,
+    /// Threads blocked on `alloc_done` (in `wait_busy`).
+    sleepers: u32,
     /// Callers refused by `try_begin_write`, woken when the cluster they
     /// found in `inflight` leaves it (see [`crate::sync`]).
     waiters: Waiters,
@@ -201,6 +212,9 @@ pub struct WriteIo {
     /// Bytes of the request this extent covers.
     pub len: usize,
     alloc: Option<Alloc>,
+    /// An in-place write: the guest clusters [first, first + n) it
+    /// counts itself in (`Meta::inplace`) until it ends.
+    inplace: Option<(u64, u64)>,
 }
 
 /// An allocation handed out by `plan_write` and finished by `commit`.
@@ -348,6 +362,8 @@ impl Qcow2 {
             rc,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
+            inplace: HashMap::new(),
+            sleepers: 0,
             waiters: Waiters::default(),
             snapshots,
             snapshot_table_bytes,

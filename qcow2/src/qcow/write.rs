@@ -317,27 +317,70 @@ impl Qcow2 {
         }
     }
 
+    /// An in-place write into guest clusters [first, first + n) ended:
+    /// zeroing that waits for it (`wait_busy`) is woken.
+    fn end_inplace(&self, first: u64, n: u64) {
+        let mut m = self.lock();
+        for c in first..first + n {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = m.inplace.entry(c) {
+                *e.get_mut() -= 1;
+                if *e.get() == 0 {
+                    e.remove();
+                }
+            }
+        }
+        let wake = m.waiters.take(first, n);
+        // Most in-place writes end with nobody waiting: no wake-up call.
+        let sleepers = m.sleepers > 0;
+        drop(m);
+        if sleepers {
+            self.alloc_done.notify_all();
+        }
+        for w in wake {
+            w.wake();
+        }
+    }
+
     /// Waits until none of the guest clusters [gc, gc + n) is being
     /// allocated; in non-blocking mode ([`crate::sync::without_blocking`])
     /// registers the thread's waker on a busy one and fails instead.
     pub(super) fn wait_inflight<'a>(
         &'a self,
-        mut m: MutexGuard<'a, Meta>,
+        m: MutexGuard<'a, Meta>,
         gc: u64,
         n: u64,
     ) -> Result<MutexGuard<'a, Meta>> {
-        while !m.inflight.is_empty() {
-            let Some(busy) = (gc..gc + n).find(|c| m.inflight.contains(c)) else {
+        self.wait_busy(m, gc, n, false)
+    }
+
+    /// As [`wait_inflight`](Self::wait_inflight), and with `inplace` also
+    /// until no in-place write into those clusters is in progress.
+    pub(super) fn wait_busy<'a>(
+        &'a self,
+        mut m: MutexGuard<'a, Meta>,
+        gc: u64,
+        n: u64,
+        inplace: bool,
+    ) -> Result<MutexGuard<'a, Meta>> {
+        loop {
+            if m.inflight.is_empty() && (!inplace || m.inplace.is_empty()) {
+                break;
+            }
+            let Some(busy) = (gc..gc + n)
+                .find(|c| m.inflight.contains(c) || (inplace && m.inplace.contains_key(c)))
+            else {
                 break;
             };
             if let Some(w) = crate::sync::nonblocking_waker() {
                 m.waiters.register(busy, &w);
                 return Err(Error::WouldBlock);
             }
+            m.sleepers += 1;
             m = self
                 .alloc_done
                 .wait(m)
                 .expect("qcow2 metadata lock poisoned");
+            m.sleepers -= 1;
         }
         Ok(m)
     }
@@ -352,11 +395,19 @@ impl Qcow2 {
     ) -> Result<WriteIo> {
         self.mark_dirty(pos, len as u64)?;
         match self.plan_write(&mut m, pos, len)? {
-            WritePlan::InPlace { host, len } => Ok(WriteIo {
-                host,
-                len,
-                alloc: None,
-            }),
+            WritePlan::InPlace { host, len } => {
+                let first = pos >> self.cluster_bits;
+                let n = ((pos + len as u64 - 1) >> self.cluster_bits) - first + 1;
+                for c in first..first + n {
+                    *m.inplace.entry(c).or_default() += 1;
+                }
+                Ok(WriteIo {
+                    host,
+                    len,
+                    alloc: None,
+                    inplace: Some((first, n)),
+                })
+            }
             WritePlan::Alloc(a) => {
                 drop(m);
                 let in_cl = pos - (a.gc << self.cluster_bits);
@@ -371,6 +422,7 @@ impl Qcow2 {
                     host: a.host + in_cl,
                     len: n as usize,
                     alloc: Some(a),
+                    inplace: None,
                 })
             }
         }
@@ -438,9 +490,10 @@ impl Qcow2 {
         inflight.sort_unstable();
         let active: u32 = self.epochs().active.values().sum();
         format!(
-            "clusters being allocated {:?}; waiters {} on clusters {:?}; \
-             I/O tickets held {active}; frees pending {}",
+            "clusters being allocated {:?}; clusters with in-place writes {}; \
+             waiters {} on clusters {:?}; I/O tickets held {active}; frees pending {}",
             inflight,
+            m.inplace.len(),
             m.waiters.len(),
             m.waiters.clusters(),
             m.pending_free.len()
@@ -451,6 +504,9 @@ impl Qcow2 {
     /// (`ok`), points the L2 entries at the new clusters; otherwise gives
     /// the clusters back.
     pub fn end_write(&self, io: WriteIo, ok: bool) -> Result<()> {
+        if let Some((first, n)) = io.inplace {
+            self.end_inplace(first, n);
+        }
         let Some(a) = io.alloc else {
             return Ok(());
         };
@@ -475,6 +531,8 @@ impl Qcow2 {
     pub fn abandon_write(&self, io: WriteIo) {
         let Some(a) = io.alloc else {
             // In place: the late write lands in the request's own range.
+            // The clusters stay counted for good: zeroing that keeps them
+            // waits rather than let the late data reappear.
             return;
         };
         let mut m = self.lock();
