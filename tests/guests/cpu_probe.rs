@@ -9,8 +9,8 @@
 //! command line holds `fault`, it makes a few marked exits (port 0x80,
 //! an MMIO read) and triple-faults: an empty IDT and a divide by zero
 //! (#DE cannot be delivered, nor the #GP that raises, nor the #DF).
-//! Otherwise it
-//! powers off through the ACPI sleep register.
+//! Otherwise it powers off through the ACPI sleep register, or with
+//! `stay` halts for good (a guest that hangs).
 
 #![no_std]
 #![no_main]
@@ -273,7 +273,12 @@ extern "C" fn guest_main() -> ! {
         triple_fault();
     }
     print("cpu: done\n");
-    outb(0x3c0, (5 << 2) | 0x20);
+    if cmdline_has(b"stay") {
+        // Runs on (halted) until the VMM is killed.
+        print("cpu: staying\n");
+    } else {
+        outb(0x3c0, (5 << 2) | 0x20);
+    }
     loop {
         // SAFETY: halts until the VMM stops the vCPU.
         unsafe { asm!("hlt") };

@@ -289,12 +289,23 @@ nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
 # The inner VMM's output goes to the console as it comes (a hang shows
 # how far the guest got) and to /tmp/inner.log.
-# A hang is ended (SIGKILL) well before the test's deadline, so the
-# daemons' logs still come out.
-( timeout -s KILL 150 @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
+# A hang is ended well before the test's deadline, so the dumps and the
+# daemons' logs still come out: SIGUSR1 first (rimg-vmm dumps every
+# vCPU's state and runs on), SIGKILL 5 s later.
+( timeout -s USR1 -k 5 150 @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
 rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
 echo "vmm-exit ${rc:-none (killed by the watchdog?)}"
-[ "$rc" = 0 ] || { cat /tmp/blk.log /tmp/net.log; exit 1; }
+if [ "$rc" != 0 ]; then
+  # What the daemons hold (requests taken, in flight, parked): a guest
+  # waiting on a request the backend lost shows here.
+  kill -USR1 $BLK $NET
+  n=0
+  until grep -q 'state dump end' /tmp/blk.log && grep -q 'state dump end' /tmp/net.log || [ $n -ge 250 ]; do
+    usleep 20000; n=$((n+1))
+  done
+  cat /tmp/blk.log /tmp/net.log
+  exit 1
+fi
 grep -q INNER-PASS /tmp/inner.log
 @REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"

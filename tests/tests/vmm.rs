@@ -516,3 +516,63 @@ fn triple_fault_dumps_registers_and_recent_exits() {
         "{e}"
     );
 }
+
+/// SIGUSR1 while the guest runs (here: both vCPUs halted for good, a
+/// guest that hangs): every vCPU writes its state dump on stderr and
+/// the VMM runs on; a second SIGUSR1 gives a second round.
+#[test]
+fn sigusr1_dumps_every_vcpu_and_the_guest_runs_on() {
+    let d = tempdir();
+    let (out, err) = (d.path().join("out"), d.path().join("err"));
+    let mut child = std::process::Command::new(rimg_tests::workspace_bin("rimg-vmm"))
+        .args(["--kernel", s(cpu_guest()), "--memory", "64M", "--cpus", "2"])
+        .args(["--cmdline", "twocpus stay"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default();
+    // Polls a file until `ok` holds for its text (the VMM writes it as it
+    // goes); fails with both files after the deadline.
+    let until = |p: &std::path::Path, ok: &dyn Fn(&str) -> bool| {
+        let deadline = std::time::Instant::now() + T;
+        while !ok(&read(p)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "stdout:\n{}\nstderr:\n{}",
+                read(&out),
+                read(&err)
+            );
+            // A poll interval, not a synchronisation: the condition decides.
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let dumps = |e: &str, id: u32| {
+        e.matches(&format!(
+            "rimg-vmm: vCPU {id} state (on request (SIGUSR1); running on):"
+        ))
+        .count()
+    };
+    // The AP reported, both vCPUs run: the handler is long installed.
+    until(&out, &|o| o.contains("cpu: staying"));
+    for round in 1..=2 {
+        // SAFETY: kill(2) on our child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
+        until(&err, &|e| dumps(e, 0) == round && dumps(e, 1) == round);
+        assert!(child.try_wait().unwrap().is_none(), "{}", read(&err));
+    }
+    let e = read(&err);
+    for needle in [
+        "registers:\n  rip 0x",
+        "  cr0 0x",
+        " cr3 0x",
+        "recent exits (",
+        "  events: ",
+    ] {
+        assert!(e.contains(needle), "{needle:?} in\n{e}");
+    }
+    assert!(!e.contains("panicked"), "{e}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

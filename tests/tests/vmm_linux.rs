@@ -47,6 +47,12 @@ fn check(run: &StackRun, vmm: InnerVmm) -> Result<(), String> {
     let c = &out.console;
     ensure(!out.timed_out, "the outer guest timed out")?;
     ensure(c.contains("/dev/kvm"), "no /dev/kvm in the outer guest")?;
+    // 137: SIGKILL from the outer script's watchdog, after SIGUSR1 asked
+    // rimg-vmm for its vCPUs' state and the daemons for theirs.
+    ensure(
+        field(c, "vmm-exit ") != Ok("137"),
+        "the inner guest hung: the watchdog killed the inner VMM (vCPU and daemon dumps above)",
+    )?;
     ensure(field(c, "inner-cpus ")? == "2", "inner guest CPUs")?;
     if vmm == InnerVmm::Rimg {
         ensure(

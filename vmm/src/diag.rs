@@ -6,7 +6,9 @@
 //!
 //! When one vCPU fails, the others are taken out of KVM_RUN (a signal,
 //! [`Kick`]) and dump their state too, before the VMM exits: what the
-//! rest of the guest was doing when one CPU died.
+//! rest of the guest was doing when one CPU died. SIGUSR1 asks every
+//! vCPU for the same dump while the guest goes on running: where a
+//! guest that hangs is stuck.
 //!
 //! On AMD (SVM) KVM re-initialises a vCPU after a SHUTDOWN intercept
 //! (the VMCB is undefined after one), so a triple fault the hardware
@@ -15,8 +17,8 @@
 //! what shows where the guest was.
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_dtable, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
@@ -302,13 +304,54 @@ pub fn dump(id: usize, why: &str, vcpu: &VcpuFd, ring: &ExitRing) -> String {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Stopping every vCPU for a dump once one has failed.
+/// The running VM's [`Kick`], for the SIGUSR1 handler.
+static KICK: OnceLock<Arc<Kick>> = OnceLock::new();
+
+/// SIGUSR1, on whichever thread it lands: every vCPU is asked for a
+/// dump of its state and taken out of KVM_RUN to write it, then goes on
+/// running (an operator's or a test's view of a guest that hangs). Only
+/// atomics and tgkill here: async-signal-safe.
+extern "C" fn on_dump_request(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if let Some(k) = KICK.get() {
+        k.dumps.fetch_add(1, Ordering::AcqRel);
+        k.kick_all(None);
+    }
+}
+
+/// Installs [`on_dump_request`] for SIGUSR1. SA_RESTART: the signal may
+/// land on any thread, and the blocking reads of the others (stdin, the
+/// vhost-user sockets) go on rather than fail with EINTR.
+fn install_dump_handler() -> crate::error::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid value (no handler, empty
+    // mask), filled in below.
+    let mut act: libc::sigaction = unsafe { std::mem::zeroed() };
+    act.sa_sigaction = on_dump_request as *const () as usize;
+    act.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+    // SAFETY: `act` is initialised, and the handler only touches
+    // atomics and calls tgkill (async-signal-safe); the old action is not
+    // asked for.
+    let r = unsafe {
+        libc::sigemptyset(&mut act.sa_mask);
+        libc::sigaction(libc::SIGUSR1, &act, std::ptr::null_mut())
+    };
+    if r != 0 {
+        return Err(crate::error::Error::Io {
+            what: "installing the SIGUSR1 handler".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Stopping every vCPU for a dump: once one has failed, or on SIGUSR1.
 pub struct Kick {
     /// This process's ID, read before the seccomp filter forbids getpid.
     pid: libc::pid_t,
     /// Thread ID of each vCPU thread (0 until it registers).
-    tids: Mutex<Vec<libc::pid_t>>,
+    tids: Vec<AtomicI32>,
     requested: AtomicBool,
+    /// SIGUSR1 dumps asked for so far.
+    dumps: AtomicU64,
     dumped: Mutex<usize>,
     cv: Condvar,
 }
@@ -316,8 +359,8 @@ pub struct Kick {
 impl Kick {
     /// For `n` vCPUs; installs the (empty) handler of
     /// [`rimg_vmm::seccomp::kick_signal`], whose only effect is that
-    /// KVM_RUN returns EINTR.
-    pub fn new(n: usize) -> crate::error::Result<Kick> {
+    /// KVM_RUN returns EINTR, and the SIGUSR1 handler (dumps on request).
+    pub fn new(n: usize) -> crate::error::Result<Arc<Kick>> {
         let sig = rimg_vmm::seccomp::kick_signal();
         vmm_sys_util::signal::register_signal_handler(sig, on_kick).map_err(|e| {
             crate::error::Error::Io {
@@ -325,25 +368,61 @@ impl Kick {
                 source: e.into(),
             }
         })?;
-        Ok(Kick {
+        let k = Arc::new(Kick {
             pid: std::process::id() as libc::pid_t,
-            tids: Mutex::new(vec![0; n]),
+            tids: (0..n).map(|_| AtomicI32::new(0)).collect(),
             requested: AtomicBool::new(false),
+            dumps: AtomicU64::new(0),
             dumped: Mutex::new(0),
             cv: Condvar::new(),
-        })
+        });
+        // One VM per process: a second would keep the first's.
+        if KICK.set(k.clone()).is_ok() {
+            install_dump_handler()?;
+        }
+        Ok(k)
     }
 
     /// Called by vCPU thread `id` before it first enters the guest.
     pub fn register(&self, id: usize) {
         // SAFETY: gettid has no arguments and cannot fail.
         let tid = unsafe { libc::gettid() };
-        lock(&self.tids)[id] = tid;
+        self.tids[id].store(tid, Ordering::Release);
     }
 
     /// Whether another vCPU failed and wants this one's dump.
     pub fn requested(&self) -> bool {
         self.requested.load(Ordering::Acquire)
+    }
+
+    /// Whether a SIGUSR1 dump was asked for since `seen` (which is then
+    /// brought up to date).
+    pub fn dump_asked(&self, seen: &mut u64) -> bool {
+        let now = self.dumps.load(Ordering::Acquire);
+        std::mem::replace(seen, now) != now
+    }
+
+    /// Sends the kick signal to every registered vCPU thread but `skip`.
+    fn kick_all(&self, skip: Option<usize>) -> usize {
+        let mut n = 0;
+        for (i, t) in self.tids.iter().enumerate() {
+            let tid = t.load(Ordering::Acquire);
+            if Some(i) == skip || tid == 0 {
+                continue;
+            }
+            // SAFETY: tgkill to a thread of this process with a signal
+            // whose handler does nothing.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_tgkill,
+                    self.pid,
+                    tid,
+                    rimg_vmm::seccomp::kick_signal(),
+                )
+            };
+            n += 1;
+        }
+        n
     }
 
     /// vCPU `me` failed: the others are asked for their dumps, and given
@@ -354,29 +433,11 @@ impl Kick {
             self.done();
             return false;
         }
-        let others: Vec<libc::pid_t> = lock(&self.tids)
-            .iter()
-            .enumerate()
-            .filter(|(i, t)| *i != me && **t != 0)
-            .map(|(_, t)| *t)
-            .collect();
         let deadline = Instant::now() + Duration::from_secs(1);
         let mut dumped = lock(&self.dumped);
-        while *dumped < others.len() && Instant::now() < deadline {
-            // Again each round: a signal that lands while a vCPU is out
-            // of KVM_RUN (handling an exit) does not stop it.
-            for &tid in &others {
-                // SAFETY: tgkill to a thread of this process with a
-                // signal whose handler does nothing.
-                unsafe {
-                    libc::syscall(
-                        libc::SYS_tgkill,
-                        self.pid,
-                        tid,
-                        rimg_vmm::seccomp::kick_signal(),
-                    )
-                };
-            }
+        // Again each round: a signal that lands while a vCPU is out of
+        // KVM_RUN (handling an exit) does not stop it.
+        while *dumped < self.kick_all(Some(me)) && Instant::now() < deadline {
             dumped = self
                 .cv
                 .wait_timeout(dumped, Duration::from_millis(20))

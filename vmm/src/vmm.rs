@@ -243,7 +243,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         vcpus.push(vcpu);
     }
     let vcpu_fds: Vec<RawFd> = vcpus.iter().map(|v| v.as_raw_fd()).collect();
-    let kick = Arc::new(Kick::new(vcpus.len())?);
+    let kick = Kick::new(vcpus.len())?;
     // The vCPUs enter the guest only once the filter is on.
     let go = Arc::new(Barrier::new(vcpus.len() + 1));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -330,7 +330,14 @@ fn keep<T: Send + 'static>(t: T) {
 
 fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus, kick: &Kick) -> Option<Stop> {
     let mut ring = ExitRing::default();
+    let mut dumps_seen = 0;
     let why = loop {
+        if kick.dump_asked(&mut dumps_seen) {
+            let report = diag::dump(id, "on request (SIGUSR1); running on", &vcpu, &ring);
+            let _ = std::io::stderr()
+                .lock()
+                .write_all(format!("rimg-vmm: {report}").as_bytes());
+        }
         if kick.requested() {
             let report = diag::dump(id, "stopped after another vCPU failed", &vcpu, &ring);
             let _ = std::io::stderr()
