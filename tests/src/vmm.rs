@@ -292,7 +292,9 @@ until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usl
 # A hang is ended well before the test's deadline, so the dumps and the
 # daemons' logs still come out: SIGUSR1 first (rimg-vmm dumps every
 # vCPU's state and runs on), SIGKILL 5 s later.
-( timeout -s USR1 -k 5 150 @RUN_INNER@ 2>&1; echo "inner-vmm-rc $?" ) | tee /tmp/inner.log | sed 's/^/inner| /'
+# (The script runs under sh -e: the status is taken with ||, or a failing
+# VMM would end the subshell before it is printed.)
+( rc=0; timeout -s USR1 -k 5 150 @RUN_INNER@ 2>&1 || rc=$?; echo "inner-vmm-rc $rc" ) | tee /tmp/inner.log | sed 's/^/inner| /'
 rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
 echo "vmm-exit ${rc:-none (killed by the watchdog?)}"
 if [ "$rc" != 0 ]; then
@@ -340,7 +342,10 @@ echo "reboot-exit $rc"
 "#;
 
 /// QEMU 7.2 (the guest kit's, its libraries and firmware in the outer
-/// guest's /lib) as the inner VMM. `vhost-user-blk` and `virtio-net-device` are the
+/// guest's /lib) as the inner VMM. Its guest reboots by triple fault
+/// (`reboot=t`), which ends QEMU (`-no-reboot`): microvm has no keyboard
+/// controller, and Linux's next fallback (the BIOS reset vector) would
+/// boot the guest again. `vhost-user-blk` and `virtio-net-device` are the
 /// virtio-mmio forms of the devices.
 const QEMU_INNER: &str = "env LD_LIBRARY_PATH=/lib /lib/ld-linux-x86-64.so.2 \\
   /bin/qemu-system-x86_64 -L /lib \\
@@ -348,7 +353,7 @@ const QEMU_INNER: &str = "env LD_LIBRARY_PATH=/lib /lib/ld-linux-x86-64.so.2 \\
   -object memory-backend-memfd,id=mem,size=256M,share=on \\
   -global virtio-mmio.force-legacy=false \\
   -nodefaults -no-reboot -display none -monitor none -serial stdio \\
-  -kernel /vmlinuz -initrd /inner.cpio -append \"console=ttyS0 quiet panic=-1 reboot=k\" \\
+  -kernel /vmlinuz -initrd /inner.cpio -append \"console=ttyS0 quiet panic=-1 reboot=t\" \\
   -chardev socket,id=blk,path=/tmp/blk.sock -device vhost-user-blk,chardev=blk,num-queues=1 \\
   -chardev socket,id=net,path=/tmp/net.sock -netdev vhost-user,id=n,chardev=net,queues=2 \\
   -device virtio-net-device,netdev=n,mac=52:54:00:12:34:56,mq=on < /dev/null";
