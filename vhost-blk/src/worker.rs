@@ -140,7 +140,8 @@ impl AllocWaker for EventFdWaker {
     }
 }
 
-/// Where data I/O goes: the image file, opened a second time with
+/// Where data I/O goes: the file holding guest data (the image file, or
+/// a qcow2 image's external data file), opened a second time with
 /// O_DIRECT when the daemon runs with `--direct`.
 pub struct DataFiles {
     pub buffered: RawFd,
@@ -789,7 +790,7 @@ impl Worker {
             let pos = host + k;
             let file = match &self.files.direct {
                 Some(f) if (pos | c as u64).is_multiple_of(DIRECT_ALIGN as u64) => f,
-                _ => self.img.storage().file(),
+                _ => crate::server::data_storage(self.img.as_ref()).file(),
             };
             let buf = &mut self.bounce[self.bounce_at..][..c];
             if write {
