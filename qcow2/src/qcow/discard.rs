@@ -41,7 +41,7 @@ impl Qcow2 {
                 // zeros, so none lands in the data file after the zeros
                 // (it would show there, not in the image).
                 let end = ((c + chunk) * cs).min(self.size());
-                d.st.write_zeroes(c * cs, end - c * cs)?;
+                d.st.zero_data_range(c * cs, end - c * cs)?;
             }
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
             if !has_table && !zero {
