@@ -1,7 +1,10 @@
 //! One virtqueue's request engine: requests are decoded from the ring,
 //! mapped through the image (allocating qcow2 clusters where needed), and
-//! their data moves between guest memory and the image file through this
-//! queue's own io_uring. The ring's completion eventfd is polled by the
+//! their data moves between guest memory and the file holding guest data
+//! (the image file, or its external data file) through this queue's own
+//! io_uring. With extended L2 entries a mapping ends where the kind of
+//! subcluster changes: only data subclusters are read from the file, zero
+//! and unallocated ones go through the bounce buffer. The ring's completion eventfd is polled by the
 //! same epoll loop as the queue's kick, so the thread never blocks on
 //! guest data I/O.
 //!
