@@ -1,8 +1,8 @@
 //! rimg-vhost-blk driven by libblkio's virtio-blk-vhost-user driver (a
 //! real vhost-user-blk frontend): verified reads and writes at queue
 //! depth, flush, discard and write-zeroes on raw and qcow2 images, with a
-//! backing file, one and two queues, read-only mode, reconnects, locks and
-//! SIGTERM under load. Every image is then checked by `qemu-img check` and
+//! backing file, one and two queues, read-only mode, reconnects, locks,
+//! SIGTERM under load, and the subcluster kinds of extended L2 entries. Every image is then checked by `qemu-img check` and
 //! compared with a model of what the client wrote.
 
 use std::path::Path;
