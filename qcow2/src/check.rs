@@ -284,7 +284,11 @@ impl Walk<'_> {
                     0
                 };
                 let raw = u64::from_be_bytes(raw[..8].try_into().unwrap());
-                let raw = if self.extl2 { raw & !ZERO } else { raw };
+                let raw = if self.extl2 {
+                    crate::l2::strip_ext_zero(raw)
+                } else {
+                    raw
+                };
                 let entry = L2Entry::decode_in(raw, g, self.data_file);
                 match entry {
                     L2Entry::Unallocated | L2Entry::Zero { host: None, .. } => {
@@ -833,7 +837,11 @@ fn fix_copied(q: &Qcow2, ctx: &mut MetaCtx<'_>, rep: &mut CheckReport, fix: bool
         for k in 0..(cs as usize / stride) {
             let at = k * stride;
             let raw = u64::from_be_bytes(l2buf[at..at + 8].try_into().unwrap());
-            let raw = if stride == 16 { raw & !ZERO } else { raw };
+            let raw = if stride == 16 {
+                crate::l2::strip_ext_zero(raw)
+            } else {
+                raw
+            };
             let host = match L2Entry::decode_in(raw, g, ctx.header.has_data_file()) {
                 L2Entry::Normal { host, .. }
                 | L2Entry::Zero {

@@ -10,6 +10,17 @@ pub const COPIED: u64 = 1 << 63;
 pub const COMPRESSED: u64 = 1 << 62;
 /// Bit 0 of a standard L2 entry (version 3): the cluster reads as zeros.
 pub const ZERO: u64 = 1;
+/// An extended L2 entry's first word as a standard entry decodes it:
+/// bit 0 is no zero flag there (the bitmap says which subclusters read
+/// as zeros), except in a compressed entry, where it is part of the
+/// byte-granular host offset.
+pub fn strip_ext_zero(raw: u64) -> u64 {
+    if raw & COMPRESSED != 0 {
+        raw
+    } else {
+        raw & !ZERO
+    }
+}
 /// Bits 9-55: host cluster offset in L1 and standard L2 entries.
 pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Reserved bits of an L1 entry (1-8, 56-62) that must be zero.

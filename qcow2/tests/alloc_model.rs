@@ -22,6 +22,11 @@
 //!   cluster: once the first two have ended, what the in-place write's
 //!   range reads as never changes again (a late in-place write used to
 //!   reappear when the reusing write committed).
+//! - `raw_data_file_zeroing_is_ordered_with_writes`: write-zeroes on an
+//!   image with a raw external data file, racing a write into the same
+//!   cluster: afterwards the data file reads as the image does (the zeros
+//!   went into it before waiting for the write, which then landed over
+//!   them while the image read zeros).
 #![cfg(feature = "shuttle")]
 
 use std::collections::VecDeque;
@@ -64,14 +69,21 @@ impl Images {
     }
 
     fn fresh(&self) -> (Arc<Qcow2>, PathBuf) {
+        self.fresh_with(|_, _| {})
+    }
+
+    /// A fresh image whose creation options `f` adjusts (given the image's
+    /// path).
+    fn fresh_with(&self, f: impl FnOnce(&Path, &mut CreateOptions)) -> (Arc<Qcow2>, PathBuf) {
         let p = self
             .dir
             .join(format!("{}.qcow2", self.n.fetch_add(1, Ordering::Relaxed)));
-        let o = CreateOptions {
+        let mut o = CreateOptions {
             size: 64 * CS,
             cluster_size: CS,
             ..CreateOptions::default()
         };
+        f(&p, &mut o);
         qcow2::create(&p, &o).unwrap();
         (open(&p), p)
     }
@@ -444,4 +456,47 @@ fn zeroing_waits_for_inplace_writes() {
     shuttle::check_random(move || zeroes_against_inplace_write(&i), iters(1000));
     let i = images.clone();
     shuttle::check_pct(move || zeroes_against_inplace_write(&i), iters(1000), 3);
+}
+
+fn raw_data_file_zeroes_against_write(images: &Images) {
+    let (img, p) = images.fresh_with(|p, o| {
+        o.data_file = Some(p.with_extension("data").display().to_string());
+        o.data_file_raw = true;
+    });
+    img.write_at(&[0x11; CS as usize], CS).unwrap();
+    let writer = {
+        let img = img.clone();
+        shuttle::thread::spawn(move || img.write_at(&[0xbb; 64], CS + 256).unwrap())
+    };
+    let zeroer = {
+        let img = img.clone();
+        shuttle::thread::spawn(move || img.write_zeroes(CS, CS, false).unwrap())
+    };
+    writer.join().unwrap();
+    zeroer.join().unwrap();
+    let mut disk = [0u8; CS as usize];
+    img.read_at(&mut disk, CS).unwrap();
+    let mut raw = [0u8; CS as usize];
+    img.data_storage().read_at(&mut raw, CS).unwrap();
+    assert_eq!(
+        disk.to_vec(),
+        raw.to_vec(),
+        "the raw data file {} differs from the image",
+        p.with_extension("data").display()
+    );
+    img.flush().unwrap();
+    assert_clean(&img);
+}
+
+#[test]
+fn raw_data_file_zeroing_is_ordered_with_writes() {
+    let images = Arc::new(Images::new("rawdata"));
+    let i = images.clone();
+    shuttle::check_random(move || raw_data_file_zeroes_against_write(&i), iters(200));
+    let i = images.clone();
+    shuttle::check_pct(
+        move || raw_data_file_zeroes_against_write(&i),
+        iters(200),
+        3,
+    );
 }

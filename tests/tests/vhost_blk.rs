@@ -1,8 +1,8 @@
 //! rimg-vhost-blk driven by libblkio's virtio-blk-vhost-user driver (a
 //! real vhost-user-blk frontend): verified reads and writes at queue
 //! depth, flush, discard and write-zeroes on raw and qcow2 images, with a
-//! backing file, one and two queues, read-only mode, reconnects, locks and
-//! SIGTERM under load. Every image is then checked by `qemu-img check` and
+//! backing file, one and two queues, read-only mode, reconnects, locks,
+//! SIGTERM under load, and the subcluster kinds of extended L2 entries. Every image is then checked by `qemu-img check` and
 //! compared with a model of what the client wrote.
 
 use std::path::Path;
@@ -330,6 +330,70 @@ fn sigusr1_dumps_state_and_keeps_serving() {
         assert!(log.contains(needle), "dump lacks {needle:?}: {log}");
     }
     exercise(&mut c, 2, &mut model, 6, 40);
+    drop(c);
+    finish_and_verify(daemon, &img, &model, d.path());
+}
+
+/// Extended L2 entries through the daemon, deterministically: a cluster
+/// whose data subclusters surround zero subclusters that still have the
+/// old data under them (QEMU's write -z into an allocated cluster), and a
+/// cluster with one data subcluster among unallocated ones over a backing
+/// file. Reads spanning every kind must show zeros and the backing data,
+/// never the host data under them; writes into zero and unallocated
+/// subclusters and a NO_UNMAP write-zeroes then read back as the model.
+#[test]
+fn extended_l2_subcluster_kinds_read_and_write_as_qemu() {
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    let img = d.path().join("ext.qcow2");
+    ok(
+        qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "4M"]),
+        "create base",
+    );
+    rimg_tests::qemu_io(&base, &["write -P 0xcc 0 512k"]);
+    qemu_overlay(&img, "base.qcow2", &["cluster_size=65536,extended_l2=on"]);
+    rimg_tests::qemu_io(
+        &img,
+        &[
+            "write -P 0xaa 0 64k",
+            "write -z 4k 8k",
+            "write -P 0xbb 130k 2k",
+            "write -z 200k 6k",
+        ],
+    );
+    let mut model = rimg_tests::qemu_raw_content(&img, &d.path().join("q.raw"));
+    assert_eq!(model[4096], 0, "qemu-io made no zero subclusters");
+    let sock = d.path().join("ext.sock");
+    let daemon = Daemon::start(&sock, &img, &["--num-queues", "2"]).expect("daemon");
+    let mut c = Client::connect(&sock, 2, false).expect("connect");
+    for (q, off, len) in [
+        (0, 0, 512 << 10),
+        (1, 2048, 20 << 10),
+        (0, 129 << 10, 8 << 10),
+    ] {
+        let got = c.read(q, off, len).expect("read");
+        assert_eq!(
+            got,
+            model[off as usize..off as usize + len],
+            "read {off}+{len}"
+        );
+    }
+    let mut put = |c: &mut Client, q: usize, off: u64, data: &[u8]| {
+        c.write(q, off, data).expect("write");
+        model[off as usize..off as usize + data.len()].copy_from_slice(data);
+    };
+    put(&mut c, 0, 4096 + 512, &[0x11; 512]);
+    put(&mut c, 1, 128 << 10, &[0x22; 1536]);
+    put(&mut c, 0, 200 << 10, &[0x33; 3000 / 512 * 512]);
+    c.write_zeroes(1, 32 << 10, 16 << 10, false)
+        .expect("write zeroes");
+    model[32 << 10..48 << 10].fill(0);
+    let got = c.read(0, 0, 512 << 10).expect("read back");
+    assert!(
+        got == model[..512 << 10],
+        "read back differs from the model"
+    );
+    c.flush(0).expect("flush");
     drop(c);
     finish_and_verify(daemon, &img, &model, d.path());
 }

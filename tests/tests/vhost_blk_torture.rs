@@ -6,7 +6,9 @@
 //! its deadline (else the daemon's state is dumped), every read matches
 //! the model, the daemon exits 0 after SIGTERM (seccomp in kill mode),
 //! `qemu-img check` is clean and every sector reads back as the model
-//! allows. A failure prints the seed, the configuration and the command
+//! allows. Images with extended L2 entries (subclusters) and with external
+//! data files (raw ones are also compared with the qcow2's content) are
+//! served the same way. A failure prints the seed, the configuration and the command
 //! that replays it; `scripts/soak.sh` runs the same for longer.
 
 use rimg_tests::torture::{assert_run, Config, End, Mix};
@@ -33,8 +35,13 @@ fn bug_a_two_queue_qcow2_cluster_allocation_race() {
 /// pinned where the spread needs it (so each of the features the soak
 /// covers at random is here at least once).
 fn case(seed: u64, f: impl FnOnce(&mut Config)) {
-    let mut c = Config::random(seed, 2500);
+    case_ms(seed, 2500, f)
+}
+
+fn case_ms(seed: u64, phase_ms: u64, f: impl FnOnce(&mut Config)) {
+    let mut c = Config::random(seed, phase_ms);
     c.mix = Mix::Full;
+    (c.extl2, c.data) = (false, "off".into());
     f(&mut c);
     assert_run(seed, &c);
 }
@@ -90,5 +97,70 @@ fn qcow2_64k_backing_four_queues_direct() {
         (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 4, 16, true, true);
         (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 256);
         (c.span_mib, c.reconnects, c.end) = (256, 1, End::Quiet);
+    });
+}
+
+/// Extended L2 entries, 64 KiB clusters (2 KiB subclusters): sector-sized
+/// and unaligned requests allocate single subclusters, leave zero and
+/// unallocated ones beside data in the same cluster (which must read as
+/// zeros, never as the host data under them), and discards and
+/// write-zeroes mix in.
+#[test]
+fn qcow2_extl2_64k_two_queues() {
+    case_ms(21, 1500, |c| {
+        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, false);
+        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
+        (c.span_mib, c.reconnects, c.end) = (64, 1, End::Quiet);
+        (c.extl2, c.data) = (true, "off".into());
+    });
+}
+
+/// Extended L2 over a backing chain (compressed, zero and partial
+/// clusters below): unallocated subclusters of an allocated cluster read
+/// from the backing file; --direct, SIGTERM under load.
+#[test]
+fn qcow2_extl2_64k_backing_direct_sigterm_under_load() {
+    case_ms(22, 1500, |c| {
+        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 8, true, true);
+        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
+        (c.span_mib, c.reconnects, c.end) = (64, 0, End::UnderLoad);
+        (c.extl2, c.data) = (true, "off".into());
+    });
+}
+
+/// An external data file with data_file_raw=on: guest data goes to the
+/// data file (the image file holds metadata only), and at the end the data
+/// file, read by qemu-img as a raw image, equals `qemu-img convert -O raw`
+/// of the qcow2 image.
+#[test]
+fn qcow2_raw_data_file_two_queues() {
+    case_ms(23, 1500, |c| {
+        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, false);
+        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
+        (c.span_mib, c.reconnects, c.end) = (64, 1, End::Quiet);
+        (c.extl2, c.data) = (false, "raw".into());
+    });
+}
+
+/// The same with --direct (the data file opened with O_DIRECT, the image
+/// file's metadata through the page cache) and 4 KiB clusters.
+#[test]
+fn qcow2_raw_data_file_direct_4k() {
+    case_ms(24, 1500, |c| {
+        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 8, true, false);
+        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), true, 4096, 32);
+        (c.span_mib, c.reconnects, c.end) = (32, 0, End::Quiet);
+        (c.extl2, c.data) = (false, "raw".into());
+    });
+}
+
+/// A data file (not raw) with extended L2 entries over a backing chain.
+#[test]
+fn qcow2_data_file_extl2_backing() {
+    case_ms(25, 1500, |c| {
+        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, true);
+        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
+        (c.span_mib, c.reconnects, c.end) = (64, 0, End::Quiet);
+        (c.extl2, c.data) = (true, "on".into());
     });
 }

@@ -46,8 +46,6 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("{0}: {1} not supported by the block daemon")]
-    Unsupported(PathBuf, &'static str),
 }
 
 /// Serves the image until a termination signal; returns after the final
@@ -75,23 +73,11 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
-    // The io_uring data path reads and writes guest data in the image
-    // file at the mapped offsets: images whose data lives elsewhere, or
-    // whose clusters map only in part, would be read wrongly there.
-    if let Some(h) = img.as_qcow2().map(|q| q.header()) {
-        if h.has_data_file() {
-            return Err(Error::Unsupported(
-                cfg.image.clone(),
-                "external data files are",
-            ));
-        }
-        if h.extended_l2() {
-            return Err(Error::Unsupported(
-                cfg.image.clone(),
-                "extended L2 entries (subclusters) are",
-            ));
-        }
-    }
+    // Guest data moves between guest memory and the file that holds it at
+    // the offsets the engine maps: the image file, or its external data
+    // file (the engine keeps its own metadata in the image file).
+    let data = data_storage(img.as_ref());
+    let data_path = data.path().to_path_buf();
     // SAFETY: sysconf has no memory effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
     let small_clusters = img.as_qcow2().filter(|q| q.cluster_size() < page);
@@ -106,25 +92,28 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         );
         None
     } else if cfg.direct {
+        // Only the file holding guest data is opened with O_DIRECT: with
+        // a data file, the image file holds metadata alone, which the
+        // engine keeps writing through the page cache.
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(!cfg.readonly)
             .custom_flags(libc::O_DIRECT)
-            .open(&cfg.image)
-            .map_err(|e| Error::Direct(cfg.image.clone(), e))?;
-        check_direct_alignment(&f).map_err(|e| Error::Direct(cfg.image.clone(), e))?;
+            .open(&data_path)
+            .map_err(|e| Error::Direct(data_path.clone(), e))?;
+        check_direct_alignment(&f).map_err(|e| Error::Direct(data_path.clone(), e))?;
         // The engine's own guest-data writes (copy-on-write fill, partial
         // write-zeroes) bypass the cache too.
         let engine = f
             .try_clone()
-            .map_err(|e| Error::Direct(cfg.image.clone(), e))?;
-        img.storage().set_direct(engine);
+            .map_err(|e| Error::Direct(data_path.clone(), e))?;
+        data.set_direct(engine);
         Some(f)
     } else {
         None
     };
     let files = Arc::new(DataFiles {
-        buffered: img.storage().file().as_raw_fd(),
+        buffered: data.file().as_raw_fd(),
         direct,
     });
     let opt_io = img
@@ -169,6 +158,13 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     img.flush()
         .map_err(|e| Error::Image(cfg.image.clone(), e))?;
     Ok(())
+}
+
+/// Where guest data lives: a qcow2 image's data file (itself when it has
+/// none), a raw image's file.
+pub fn data_storage(img: &dyn Image) -> &qcow2::storage::Storage {
+    img.as_qcow2()
+        .map_or_else(|| img.storage(), |q| q.data_storage())
 }
 
 /// Requests are sector-aligned: O_DIRECT must take 512-byte reads at

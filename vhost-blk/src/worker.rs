@@ -1,7 +1,10 @@
 //! One virtqueue's request engine: requests are decoded from the ring,
 //! mapped through the image (allocating qcow2 clusters where needed), and
-//! their data moves between guest memory and the image file through this
-//! queue's own io_uring. The ring's completion eventfd is polled by the
+//! their data moves between guest memory and the file holding guest data
+//! (the image file, or its external data file) through this queue's own
+//! io_uring. With extended L2 entries a mapping ends where the kind of
+//! subcluster changes: only data subclusters are read from the file, zero
+//! and unallocated ones go through the bounce buffer. The ring's completion eventfd is polled by the
 //! same epoll loop as the queue's kick, so the thread never blocks on
 //! guest data I/O.
 //!
@@ -140,7 +143,8 @@ impl AllocWaker for EventFdWaker {
     }
 }
 
-/// Where data I/O goes: the image file, opened a second time with
+/// Where data I/O goes: the file holding guest data (the image file, or
+/// a qcow2 image's external data file), opened a second time with
 /// O_DIRECT when the daemon runs with `--direct`.
 pub struct DataFiles {
     pub buffered: RawFd,
@@ -789,7 +793,7 @@ impl Worker {
             let pos = host + k;
             let file = match &self.files.direct {
                 Some(f) if (pos | c as u64).is_multiple_of(DIRECT_ALIGN as u64) => f,
-                _ => self.img.storage().file(),
+                _ => crate::server::data_storage(self.img.as_ref()).file(),
             };
             let buf = &mut self.bounce[self.bounce_at..][..c];
             if write {

@@ -17,14 +17,13 @@ impl Qcow2 {
     ) -> Result<()> {
         let cs = self.cluster_size();
         let mut keep_alloc = keep_alloc;
-        if let Some(d) = self.data.as_ref().filter(|d| d.raw) {
-            // The raw data file must read as the disk does: zeros go into
-            // it, and its clusters stay mapped.
+        // The raw data file must read as the disk does: zeros go into it
+        // (below, per chunk), and its clusters stay mapped.
+        let raw = self.data.as_ref().filter(|d| d.raw);
+        if raw.is_some() {
             if !zero {
                 return Ok(()); // Discard is advisory.
             }
-            let end = ((gc + n) * cs).min(self.size());
-            d.st.write_zeroes(gc * cs, end - gc * cs)?;
             keep_alloc = true;
         }
         let l2n = 1u64 << self.l2_bits();
@@ -36,6 +35,14 @@ impl Qcow2 {
             // Zeros that keep the host cluster also wait for in-place
             // writes into it (see the module docs).
             let mut m = self.wait_busy(m, c, chunk, zero && keep_alloc)?;
+            if let Some(d) = raw {
+                // Only now, under the lock: no write into these clusters
+                // is in flight or can begin until their entries read as
+                // zeros, so none lands in the data file after the zeros
+                // (it would show there, not in the image).
+                let end = ((c + chunk) * cs).min(self.size());
+                d.st.zero_data_range(c * cs, end - c * cs)?;
+            }
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
             if !has_table && !zero {
                 // Unallocated already reads as zeros without a backing file;

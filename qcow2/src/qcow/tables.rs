@@ -80,10 +80,11 @@ impl Qcow2 {
     }
 
     pub(super) fn decode(&self, raw: u64) -> Result<L2Entry> {
-        // Bit 0 is no zero flag with extended L2 entries: the bitmap
-        // says which subclusters read as zeros.
+        // Bit 0 is no zero flag with extended L2 entries (but for
+        // compressed ones): the bitmap says which subclusters read as
+        // zeros.
         let raw = if self.extl2 {
-            raw & !crate::l2::ZERO
+            crate::l2::strip_ext_zero(raw)
         } else {
             raw
         };

@@ -51,6 +51,12 @@ pub struct Config {
     /// Submit QD requests together and wait for all of them before the
     /// next batch (instead of refilling each slot as it completes).
     pub batch: bool,
+    /// qcow2 with extended L2 entries (subclusters; clusters of 16 KiB
+    /// and up).
+    pub extl2: bool,
+    /// qcow2 guest data in an external data file: "off", "on", or "raw"
+    /// (data_file_raw=on: the data file is the disk as a raw image).
+    pub data: String,
 }
 
 impl Config {
@@ -74,6 +80,8 @@ impl Config {
             end: End::Quiet,
             deadline_ms: 10_000,
             batch: false,
+            extl2: false,
+            data: "off".into(),
         }
     }
 
@@ -96,7 +104,7 @@ impl Config {
             4096 => 128,
             _ => [64, 256, 512][r.random_range(0..3)],
         };
-        Config {
+        let mut c = Config {
             queues,
             qd,
             size_mib,
@@ -121,11 +129,30 @@ impl Config {
             },
             deadline_ms: 10_000,
             batch: r.random_bool(0.25),
+            extl2: false,
+            data: "off".into(),
+        };
+        // Drawn last, so that the draws above (and the CI cases pinned
+        // from them) stay what they were before these existed.
+        c.extl2 = c.is_qcow2() && c.cluster >= 16384 && r.random_bool(0.25);
+        if c.is_qcow2() && c.prealloc == "off" && r.random_bool(0.2) {
+            c.data = if c.backing || r.random_bool(0.5) {
+                "on"
+            } else {
+                "raw"
+            }
+            .into();
         }
+        c
     }
 
     pub fn is_qcow2(&self) -> bool {
         self.fmt == "qcow2"
+    }
+
+    /// Guest data in an external data file.
+    pub fn has_data_file(&self) -> bool {
+        self.data != "off"
     }
 
     pub fn parse(s: &str) -> Result<Config, String> {
@@ -169,6 +196,8 @@ impl Config {
                 }
                 "deadline" => c.deadline_ms = num(v)?,
                 "batch" => c.batch = flag(v)?,
+                "extl2" => c.extl2 = flag(v)?,
+                "data" if ["off", "on", "raw"].contains(&v) => c.data = v.into(),
                 _ => return Err(format!("unknown or invalid setting '{kv}'")),
             }
         }
@@ -178,7 +207,10 @@ impl Config {
             && (512..=2 << 20).contains(&c.cluster)
             && c.span_mib >= 1
             && c.span_mib <= c.size_mib
-            && !(c.backing && c.prealloc != "off");
+            && !(c.backing && c.prealloc != "off")
+            && (!c.extl2 || c.is_qcow2() && c.cluster >= 16384)
+            && (!c.has_data_file() || c.is_qcow2() && c.prealloc == "off")
+            && !(c.data == "raw" && c.backing);
         if !ok {
             return Err(format!("inconsistent configuration '{s}'"));
         }
@@ -191,7 +223,7 @@ impl std::fmt::Display for Config {
         write!(
             f,
             "q={},qd={},size={},span={},fmt={},cs={},pre={},lazy={},back={},direct={},\
-             mix={},ms={},reconnects={},end={},deadline={},batch={}",
+             mix={},ms={},reconnects={},end={},deadline={},batch={},extl2={},data={}",
             self.queues,
             self.qd,
             self.size_mib,
@@ -213,7 +245,9 @@ impl std::fmt::Display for Config {
                 End::UnderLoad => "load",
             },
             self.deadline_ms,
-            u8::from(self.batch)
+            u8::from(self.batch),
+            u8::from(self.extl2),
+            self.data
         )
     }
 }
@@ -230,5 +264,8 @@ mod tests {
         }
         assert!(Config::parse("q=3").is_err());
         assert!(Config::parse("back=1,pre=falloc").is_err());
+        assert!(Config::parse("extl2=1,cs=4096").is_err());
+        assert!(Config::parse("back=1,data=raw").is_err());
+        assert!(Config::parse("fmt=raw,data=on").is_err());
     }
 }

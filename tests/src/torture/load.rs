@@ -111,6 +111,9 @@ pub struct Layout {
     pub cluster: u64,
     /// Discards zero whole clusters only (qcow2); raw zeroes the range.
     pub qcow2: bool,
+    /// Discards change nothing (qcow2 with a raw data file: the data
+    /// file must keep reading as the disk, and discard is advisory).
+    pub discard_keeps: bool,
 }
 
 impl Layout {
@@ -128,11 +131,15 @@ impl Layout {
             hot_len,
             cluster,
             qcow2: cfg.is_qcow2(),
+            discard_keeps: cfg.data == "raw",
         }
     }
 
     /// The sectors a discard of [off, off + len) is certain to zero.
     fn discard_zeroes(&self, off: u64, len: u64) -> Option<(u64, u64)> {
+        if self.discard_keeps {
+            return None;
+        }
         let (s, e) = if self.qcow2 {
             let e = off + len;
             let last = if e == self.size {

@@ -366,6 +366,13 @@ pub fn run(seed: u64, cfg: &Config) -> Outcome {
                 sh.fail(Failure::Check(e));
             }
         }
+        if cfg.data == "raw" {
+            let data = setup::data_file(dir.path(), cfg).expect("data file");
+            let scratch = dir.path().join("raw-compare");
+            if let Err(e) = setup::raw_data_file_matches(&img, &data, &scratch) {
+                sh.fail(Failure::Verify(e));
+            }
+        }
         let m = sh.model.lock().unwrap_or_else(|p| p.into_inner());
         match setup::read_back(&img, &dir.path().join("final.raw"), &m) {
             Ok(bad) if bad.is_empty() => {}

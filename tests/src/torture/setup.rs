@@ -151,17 +151,22 @@ pub fn make_image(dir: &Path, cfg: &Config, seed: u64) -> Result<(PathBuf, Initi
         if cfg.lazy {
             opts.push("lazy_refcounts=on".into());
         }
+        opts.extend(layout_opts(dir, cfg));
         let opts: Vec<&str> = opts.iter().map(String::as_str).collect();
         crate::qemu_overlay(&img, "mid.qcow2", &opts);
         return Ok((img, init));
     }
     if cfg.is_qcow2() {
-        let o = format!(
+        let mut o = format!(
             "cluster_size={},preallocation={},lazy_refcounts={}",
             cfg.cluster,
             cfg.prealloc,
             if cfg.lazy { "on" } else { "off" }
         );
+        for x in layout_opts(dir, cfg) {
+            o.push(',');
+            o.push_str(&x);
+        }
         must(
             "qemu-img",
             &["create", "-q", "-f", "qcow2", "-o", &o, p, &sz],
@@ -172,10 +177,10 @@ pub fn make_image(dir: &Path, cfg: &Config, seed: u64) -> Result<(PathBuf, Initi
     if cfg.mix == Mix::Writes4k {
         return Ok((img, init)); // A fresh image, as in bug (a).
     }
-    // Some old data, zeroed ranges and (on qcow2 without preallocation,
-    // where QEMU can write them) compressed clusters.
+    // Some old data, zeroed ranges and (on qcow2 without preallocation or
+    // data file, where QEMU can write them) compressed clusters.
     let cluster = if cfg.is_qcow2() { cfg.cluster } else { 65536 };
-    let compress = cfg.is_qcow2() && cfg.prealloc == "off";
+    let compress = cfg.is_qcow2() && cfg.prealloc == "off" && !cfg.has_data_file();
     let mut l = Layer {
         path: &img,
         fmt: &cfg.fmt,
@@ -196,6 +201,26 @@ pub fn make_image(dir: &Path, cfg: &Config, seed: u64) -> Result<(PathBuf, Initi
     }
     l.apply()?;
     Ok((img, init))
+}
+
+/// The external data file of `cfg`'s image in `dir`, if it has one.
+pub fn data_file(dir: &Path, cfg: &Config) -> Option<PathBuf> {
+    cfg.has_data_file().then(|| dir.join("disk.data"))
+}
+
+/// qcow2 creation options for extended L2 entries and a data file.
+fn layout_opts(dir: &Path, cfg: &Config) -> Vec<String> {
+    let mut o = Vec::new();
+    if cfg.extl2 {
+        o.push("extended_l2=on".into());
+    }
+    if let Some(d) = data_file(dir, cfg) {
+        o.push(format!("data_file={}", d.display()));
+        if cfg.data == "raw" {
+            o.push("data_file_raw=on".into());
+        }
+    }
+    o
 }
 
 /// `qemu-img check`: no corruption, leak or check error.
@@ -260,6 +285,78 @@ pub fn read_back(img: &Path, scratch: &Path, model: &Model) -> Result<Vec<Mismat
     }
     let _ = std::fs::remove_file(scratch);
     Ok(bad)
+}
+
+/// A raw data file must read as the disk: `qemu-img convert` of it as a
+/// raw image must equal `qemu-img convert -O raw` of the qcow2 image,
+/// byte for byte (scratch files `scratch`.1 and .2, removed after).
+pub fn raw_data_file_matches(img: &Path, data: &Path, scratch: &Path) -> Result<(), String> {
+    let (a, b) = (scratch.with_extension("1"), scratch.with_extension("2"));
+    let conv = |fmt: &str, from: &Path, to: &Path| {
+        must(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                fmt,
+                "-O",
+                "raw",
+                from.to_str().unwrap(),
+                to.to_str().unwrap(),
+            ],
+        )
+    };
+    let r = conv("qcow2", img, &a)
+        .and_then(|()| conv("raw", data, &b))
+        .and_then(|()| first_difference(&a, &b));
+    let _ = std::fs::remove_file(&a);
+    let _ = std::fs::remove_file(&b);
+    match r {
+        Ok(None) => Ok(()),
+        Ok(Some(at)) => Err(format!(
+            "raw data file {} differs from the qcow2 image's content at byte {at}",
+            data.display()
+        )),
+        Err(e) => Err(e),
+    }
+}
+
+/// The first byte offset where files `a` and `b` differ (a length
+/// difference counts), if any.
+fn first_difference(a: &Path, b: &Path) -> Result<Option<u64>, String> {
+    let open = |p: &Path| std::fs::File::open(p).map_err(|e| format!("{}: {e}", p.display()));
+    let (mut fa, mut fb) = (open(a)?, open(b)?);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut pos = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba)?;
+        let nb = read_full(&mut fb, &mut bb)?;
+        if let Some(i) = ba[..na.min(nb)]
+            .iter()
+            .zip(&bb[..na.min(nb)])
+            .position(|(x, y)| x != y)
+        {
+            return Ok(Some(pos + i as u64));
+        }
+        if na != nb {
+            return Ok(Some(pos + na.min(nb) as u64));
+        }
+        if na == 0 {
+            return Ok(None);
+        }
+        pos += na as u64;
+    }
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> Result<usize, String> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]).map_err(|e| e.to_string())? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 /// What the daemon says about itself when a request is late: its SIGUSR1
