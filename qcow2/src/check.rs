@@ -457,7 +457,7 @@ pub(crate) fn walk<'r>(
         w.mark(off, len, Use::Meta);
     }
     // Persistent bitmaps: directory, tables and data are metadata.
-    let (bitmap_refs, bitmap_errs) = crate::bitmap::track::references(st, ctx.header);
+    let (bitmap_refs, bitmap_errs) = crate::bitmap::track::references(st, ctx.header)?;
     for &(off, len) in &bitmap_refs {
         w.mark(off, len, Use::Meta);
     }
@@ -492,7 +492,11 @@ pub(crate) fn walk<'r>(
         w.l1(st, &l1, false, &mut l2buf)?;
     }
     for &(off, len) in &bitmap_refs {
-        w.add(off, len);
+        // As in qemu-img, bitmap structures past the end of the file are
+        // reported, not a reason to rebuild the refcounts.
+        if !w.add(off, len) {
+            w.unfixable += 1;
+        }
     }
     w.report.corruptions += bitmap_errs.len() as u64;
     w.report.messages.extend(bitmap_errs);

@@ -159,14 +159,14 @@ impl Tracker {
         let cs = q.cluster_size();
         let old = match b.content {
             Content::Loaded { old, .. } => old,
-            // An unreadable table of an inconsistent bitmap: its data
-            // clusters leak (check -r frees them), the table is freed.
+            // An unreadable table of an inconsistent bitmap: the table and
+            // its data clusters leak (check -r frees them), as in QEMU.
             Content::OnDisk => super::track::read_table(q.storage(), &b.entry, cs).ok(),
         };
-        if b.entry.table_offset != 0 {
+        if let (true, Some(old)) = (b.entry.table_offset != 0, old) {
             s.removed
                 .push((b.entry.table_offset, b.entry.table_size as u64 * 8));
-            for e in old.unwrap_or_default() {
+            for e in old {
                 let off = e & super::entry::OFFSET;
                 if off != 0 {
                     s.removed.push((off, cs));

@@ -392,6 +392,9 @@ impl Qcow2 {
             open_messages: Mutex::new(Vec::new()),
             bitmaps: std::sync::OnceLock::new(),
         };
+        // QEMU loads the bitmaps at every open: one that cannot be loaded
+        // refuses the image, read-only and for a check too.
+        crate::bitmap::track::validate(&q.st, &header)?;
         if q.st.writable() {
             q.prepare_for_writing()?;
             q.load_bitmaps()?;
