@@ -100,7 +100,7 @@ pub(crate) struct Bitmap {
 
 impl Bitmap {
     /// Tracks writes: loaded and enabled.
-    fn tracks(&self) -> bool {
+    pub(crate) fn tracks(&self) -> bool {
         matches!(self.content, Content::Loaded { .. }) && self.entry.auto()
     }
 }
@@ -113,6 +113,24 @@ pub(crate) struct State {
     pub(crate) removed: Vec<(u64, u64)>,
     /// Something is to be stored at close.
     pub(crate) changed: bool,
+}
+
+impl State {
+    /// The directory to have on disk during the session: the bitmaps
+    /// already there, those that track writes (or will) marked in use.
+    pub(crate) fn interim_directory(&self) -> Vec<DirEntry> {
+        self.bitmaps
+            .iter()
+            .filter(|b| b.entry.table_offset != 0)
+            .map(|b| {
+                let mut e = b.entry.clone();
+                if b.tracks() {
+                    e.flags |= flags::IN_USE;
+                }
+                e
+            })
+            .collect()
+    }
 }
 
 /// The bitmaps of a writable image (see the module docs).
@@ -344,7 +362,7 @@ fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
 
 /// Writes `dir` as a new directory (none when empty) and switches the
 /// header to it; then frees the old directory and `also_free`.
-fn switch_directory(
+pub(crate) fn switch_directory(
     q: &Qcow2,
     old: Option<BitmapsExt>,
     dir: &[DirEntry],
