@@ -941,6 +941,7 @@ impl Qcow2 {
             // The repair changed tables outside the paths that keep the
             // overlap map; a repaired image takes writes again.
             self.refresh_overlap(rep.corruptions == 0);
+            self.load_bitmaps_after_repair();
         }
         Ok(rep)
     }

@@ -220,29 +220,15 @@ fn bitmap_structures_past_the_end_of_the_file_as_qemu_img() {
             &[
                 &["info", "t.qcow2"],
                 &["check", "t.qcow2"],
-                // (Not check -r: qemu-img also stores the bitmaps at the
-                // end of a repair; rimg does not, see the report.)
+                // The repairs fix the leaks; the bitmaps are then stored
+                // (as qemu-img's close stores them) without the stray
+                // reference, whose clusters cannot be freed.
+                &["check", "-r", "leaks", "t.qcow2"],
+                &["check", "-r", "all", "t.qcow2"],
                 &["bitmap", "--clear", "t.qcow2", "x"],
                 &["bitmap", "--add", "t.qcow2", "y"],
                 &["convert", "-O", "raw", "t.qcow2", "t.raw"],
             ],
         );
-        // The repair itself: the same findings and fixes on stdout, the
-        // same exit status, the same image afterwards but for what the
-        // bitmaps' store changes.
-        for fix in ["leaks", "all"] {
-            let mut outs = Vec::new();
-            for (tag, prog) in [("r", workspace_bin("rimg")), ("q", "qemu-img".into())] {
-                let d = dir.path().join(format!("{tag}-{fix}"));
-                std::fs::create_dir_all(&d).unwrap();
-                std::fs::copy(bad, d.join("t.qcow2")).unwrap();
-                let (code, stdout, _) = run_in(&d, &prog, &["check", "-r", fix, "t.qcow2"]);
-                // The repaired image: no leak left.
-                let c = run_in(&d, "qemu-img".as_ref(), &["check", "t.qcow2"]);
-                assert!(!c.1.contains("leaked"), "{tag} check -r {fix}: {c:?}");
-                outs.push((code, stdout));
-            }
-            assert_eq!(outs[0], outs[1], "check -r {fix} on {}", bad.display());
-        }
     }
 }

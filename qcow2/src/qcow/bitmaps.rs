@@ -38,6 +38,22 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// After a repair (which opens without them): loads the bitmaps as
+    /// any writable open does, so that the close stores them, as qemu-img
+    /// check -r stores the bitmaps its open loaded (rewriting their tables
+    /// without what lay past the end of the file, say). A failure leaves
+    /// them as they are on disk: the check's outcome is the result.
+    pub(crate) fn load_bitmaps_after_repair(&self) {
+        if self.bitmaps.get().is_some() || !self.st.writable() {
+            return;
+        }
+        // No message on failure: qemu-img prints none here (its load was
+        // part of the open the check needed).
+        if let Ok(t) = crate::bitmap::track::load(self) {
+            let _ = self.bitmaps.set(t);
+        }
+    }
+
     /// Records a change of guest bytes [off, off + len) in the enabled
     /// bitmaps; every path that changes guest data calls it first.
     pub(super) fn mark_dirty(&self, off: u64, len: u64) -> Result<()> {
