@@ -190,13 +190,13 @@ impl BitmapsExt {
 }
 
 /// The autoclear bits a writable open keeps for bitmaps: the bitmaps bit
-/// when the extension holds. A broken extension refuses the open (as in
-/// QEMU), except for a repair, which drops it (its clusters become leaks).
-pub fn autoclear_to_keep(h: &Header, repair: bool) -> crate::error::Result<u64> {
+/// when the extension holds. A broken extension refuses the open, repairs
+/// included (as in QEMU; every open checks it first, see
+/// [`track::validate`]).
+pub fn autoclear_to_keep(h: &Header) -> crate::error::Result<u64> {
     match BitmapsExt::from_header(h) {
         Ok(Some(_)) => Ok(autoclear::BITMAPS),
         Ok(None) => Ok(0),
-        Err(_) if repair => Ok(0),
         Err(e) => Err(crate::error::Error::Bitmap(e)),
     }
 }

@@ -436,7 +436,7 @@ impl Qcow2 {
             0
         };
         // So is the bitmaps bit: the bitmaps are kept right (bitmap::track).
-        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header, self.opts.repair)?;
+        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header)?;
         if m.header.version == 3 && m.header.autoclear_features != keep {
             m.header.autoclear_features = keep;
             m.rc.overlap.write(
