@@ -165,6 +165,30 @@ fn a_bitmap_beyond_qemus_limits_refuses_every_open() {
     }
     let gran = damaged(&img, "gran.qcow2", |f, e, _| f[e + 17] = 40);
     same_as_qemu(&gran, EVERY_OPEN);
+    // A reserved flag, an unknown type.
+    let flag = damaged(&img, "flag.qcow2", |f, e, _| put32(f, e + 12, 6));
+    same_as_qemu(&flag, EVERY_OPEN);
+    let kind = damaged(&img, "type.qcow2", |f, e, _| f[e + 16] = 2);
+    same_as_qemu(&kind, EVERY_OPEN);
+    // The extension: more bitmaps than QEMU supports, a directory larger
+    // than it allows.
+    let ext = |f: &[u8]| {
+        let mut at = be32(f, 100) as usize;
+        while be32(f, at) != BITMAPS_EXT {
+            at += 8 + (be32(f, at + 4) as usize).next_multiple_of(8);
+        }
+        at + 8
+    };
+    let many = damaged(&img, "many.qcow2", |f, _, _| {
+        let at = ext(f);
+        put32(f, at, 65536)
+    });
+    same_as_qemu(&many, EVERY_OPEN);
+    let dir_size = damaged(&img, "dirsize.qcow2", |f, _, _| {
+        let at = ext(f);
+        put64(f, at + 8, 1024 * 65535 + 8)
+    });
+    same_as_qemu(&dir_size, EVERY_OPEN);
     // A table larger than the disk needs (within the limits): QEMU fails
     // to load the bitmap, and refuses the image.
     let big = damaged(&img, "big.qcow2", |f, e, _| put32(f, e + 8, 2));
