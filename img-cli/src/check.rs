@@ -89,6 +89,12 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
     };
     let rep = match q.check_repair(repair) {
         Ok(r) => r,
+        Err(qcow2::Error::Bitmap(qcow2::bitmap::BitmapError::TableLoad(_))) => {
+            // qemu-img's check stops at a bitmap table it cannot load
+            // (EINVAL), with no report.
+            eprintln!("{}: Check failed: Invalid argument", crate::prog_name());
+            return Ok(1);
+        }
         Err(e) => {
             // The check could not complete.
             eprintln!("{}: Check failed: {e}", crate::prog_name());

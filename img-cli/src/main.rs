@@ -157,6 +157,11 @@ fn main() -> ExitCode {
         eprintln!("{}: {}", prog_name(), e.msg);
         return ExitCode::from(e.code);
     }
+    // Failures the engine carries on after are printed as qemu-img prints
+    // them ("qcow2_free_clusters failed: ...").
+    qcow2::storage::set_swallowed_reporter(|what, e| {
+        eprintln!("{what}: {}", common::os_error_text(e));
+    });
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),

@@ -461,7 +461,7 @@ pub(crate) fn walk<'r>(
         w.mark(off, len, Use::Meta);
     }
     // Persistent bitmaps: directory, tables and data are metadata.
-    let (bitmap_refs, bitmap_errs) = crate::bitmap::track::references(st, ctx.header);
+    let (bitmap_refs, bitmap_errs) = crate::bitmap::track::references(st, ctx.header)?;
     for &(off, len) in &bitmap_refs {
         w.mark(off, len, Use::Meta);
     }
@@ -496,7 +496,11 @@ pub(crate) fn walk<'r>(
         w.l1(st, &l1, false, &mut l2buf)?;
     }
     for &(off, len) in &bitmap_refs {
-        w.add(off, len);
+        // As in qemu-img, bitmap structures past the end of the file are
+        // reported, not a reason to rebuild the refcounts.
+        if !w.add(off, len) {
+            w.unfixable += 1;
+        }
     }
     w.report.corruptions += bitmap_errs.len() as u64;
     w.report.messages.extend(bitmap_errs);
@@ -945,6 +949,7 @@ impl Qcow2 {
             // The repair changed tables outside the paths that keep the
             // overlap map; a repaired image takes writes again.
             self.refresh_overlap(rep.corruptions == 0);
+            self.load_bitmaps_after_repair();
         }
         Ok(rep)
     }

@@ -47,6 +47,17 @@ pub trait Faults: Send + Sync + std::fmt::Debug {
     fn swallowed(&self, what: &str, err: &crate::error::Error);
 }
 
+/// Where failures the engine carried on after go when no fault injector
+/// is installed (qemu-img prints them on stderr; a library user may not
+/// want them).
+static SWALLOWED: std::sync::OnceLock<fn(&str, &crate::error::Error)> = std::sync::OnceLock::new();
+
+/// Sets, once per process, the reporter of failures the engine carried
+/// on after (`what` names the step, as QEMU's message does).
+pub fn set_swallowed_reporter(f: fn(&str, &crate::error::Error)) {
+    let _ = SWALLOWED.set(f);
+}
+
 /// Alignment of buffers, offsets and lengths for O_DIRECT here.
 const DIRECT_ALIGN: u64 = 512;
 
@@ -277,10 +288,13 @@ impl Storage {
     }
 
     /// Reports a failure the engine carried on after, to the fault
-    /// injector (the only source of such failures that is looked at).
+    /// injector or else to the process's reporter (see
+    /// [`set_swallowed_reporter`]).
     pub fn report_swallowed(&self, what: &str, err: &Error) {
         if let Some(f) = self.faults.get() {
             f.swallowed(what, err);
+        } else if let Some(r) = SWALLOWED.get() {
+            r(what, err);
         }
     }
 

@@ -159,14 +159,14 @@ impl Tracker {
         let cs = q.cluster_size();
         let old = match b.content {
             Content::Loaded { old, .. } => old,
-            // An unreadable table of an inconsistent bitmap: its data
-            // clusters leak (check -r frees them), the table is freed.
+            // An unreadable table of an inconsistent bitmap: the table and
+            // its data clusters leak (check -r frees them), as in QEMU.
             Content::OnDisk => super::track::read_table(q.storage(), &b.entry, cs).ok(),
         };
-        if b.entry.table_offset != 0 {
+        if let (true, Some(old)) = (b.entry.table_offset != 0, old) {
             s.removed
                 .push((b.entry.table_offset, b.entry.table_size as u64 * 8));
-            for e in old.unwrap_or_default() {
+            for e in old {
                 let off = e & super::entry::OFFSET;
                 if off != 0 {
                     s.removed.push((off, cs));
@@ -191,18 +191,36 @@ impl Tracker {
         Ok(())
     }
 
-    /// Enables (tracks writes) or disables a bitmap.
+    /// Enables (tracks writes) or disables a bitmap. A bitmap that starts
+    /// tracking is marked in use on disk first, as every tracking bitmap
+    /// is (QEMU marks them all at its open): a crash from then on leaves
+    /// it inconsistent, never missing writes.
     pub fn set_enabled(&self, q: &Qcow2, name: &str, enabled: bool) -> Result<()> {
         self.check_open()?;
         let mut s = self.write();
         let i = s.find_usable(name)?;
-        if enabled {
-            s.load(q, i)?;
-            s.bitmaps[i].entry.flags |= flags::AUTO;
-        } else {
+        if !enabled {
             s.bitmaps[i].entry.flags &= !flags::AUTO;
+            s.changed = true;
+            self.refresh_tracking(&s);
+            return Ok(());
         }
+        s.load(q, i)?;
+        let was_tracking = s.bitmaps[i].tracks();
+        s.bitmaps[i].entry.flags |= flags::AUTO;
         s.changed = true;
+        if was_tracking || s.bitmaps[i].entry.table_offset == 0 {
+            // Marked already, or new in this session (not on disk yet).
+            self.refresh_tracking(&s);
+            return Ok(());
+        }
+        let (old, dir) = (s.ext, s.interim_directory());
+        drop(s);
+        // The header update takes the metadata lock: not under this
+        // state's (lock order), and before the bitmap tracks.
+        let new = super::track::switch_directory(q, old, &dir, &[])?;
+        let mut s = self.write();
+        s.ext = new;
         self.refresh_tracking(&s);
         Ok(())
     }

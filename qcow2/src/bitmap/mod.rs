@@ -90,10 +90,13 @@ pub enum BitmapError {
         index: usize,
         entry: u64,
     },
-    #[error("Bitmap '{0}': the bitmap table lies past the end of the file")]
-    TablePastEnd(String),
-    #[error("Bitmap '{name}': table size {have} does not match the bitmap's {want} clusters")]
-    TableSize { name: String, have: u32, want: u64 },
+    /// A table entry is invalid (QEMU: EINVAL loading the table).
+    #[error("Could not read bitmap_table table from image for bitmap '{0}': Invalid argument")]
+    TableLoad(String),
+    /// The table does not cover the disk exactly (QEMU: EINVAL loading
+    /// the data).
+    #[error("Could not read bitmap '{0}' from image: Invalid argument")]
+    DataLoad(String),
     #[error("Cannot resize qcow2 with persistent bitmaps that were not loaded into memory")]
     Resize,
     #[error("Device has active dirty bitmaps")]
@@ -187,13 +190,13 @@ impl BitmapsExt {
 }
 
 /// The autoclear bits a writable open keeps for bitmaps: the bitmaps bit
-/// when the extension holds. A broken extension refuses the open (as in
-/// QEMU), except for a repair, which drops it (its clusters become leaks).
-pub fn autoclear_to_keep(h: &Header, repair: bool) -> crate::error::Result<u64> {
+/// when the extension holds. A broken extension refuses the open, repairs
+/// included (as in QEMU; every open checks it first, see
+/// [`track::validate`]).
+pub fn autoclear_to_keep(h: &Header) -> crate::error::Result<u64> {
     match BitmapsExt::from_header(h) {
         Ok(Some(_)) => Ok(autoclear::BITMAPS),
         Ok(None) => Ok(0),
-        Err(_) if repair => Ok(0),
         Err(e) => Err(crate::error::Error::Bitmap(e)),
     }
 }

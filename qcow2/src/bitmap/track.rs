@@ -100,7 +100,7 @@ pub(crate) struct Bitmap {
 
 impl Bitmap {
     /// Tracks writes: loaded and enabled.
-    fn tracks(&self) -> bool {
+    pub(crate) fn tracks(&self) -> bool {
         matches!(self.content, Content::Loaded { .. }) && self.entry.auto()
     }
 }
@@ -113,6 +113,24 @@ pub(crate) struct State {
     pub(crate) removed: Vec<(u64, u64)>,
     /// Something is to be stored at close.
     pub(crate) changed: bool,
+}
+
+impl State {
+    /// The directory to have on disk during the session: the bitmaps
+    /// already there, those that track writes (or will) marked in use.
+    pub(crate) fn interim_directory(&self) -> Vec<DirEntry> {
+        self.bitmaps
+            .iter()
+            .filter(|b| b.entry.table_offset != 0)
+            .map(|b| {
+                let mut e = b.entry.clone();
+                if b.tracks() {
+                    e.flags |= flags::IN_USE;
+                }
+                e
+            })
+            .collect()
+    }
 }
 
 /// The bitmaps of a writable image (see the module docs).
@@ -169,65 +187,74 @@ pub fn read_directory(st: &Storage, h: &Header) -> Result<Option<(BitmapsExt, Ve
     Ok(Some((e, dir)))
 }
 
-/// Reads and checks the bitmap table of `d`.
+/// Reads and checks the bitmap table of `d`. Bytes past the end of the
+/// file read as zeros (unallocated entries), as QEMU reads them.
 pub fn read_table(st: &Storage, d: &DirEntry, cluster_size: u64) -> Result<Vec<u64>> {
-    let buf = read_in_file(
-        st,
-        d.table_offset,
-        d.table_size as u64 * 8,
-        BitmapError::TablePastEnd(d.name_str()),
-    )?;
-    parse_table(&buf, d, cluster_size).map_err(bad)
+    let mut buf = vec![0u8; d.table_size as usize * 8];
+    st.read_at(&mut buf, d.table_offset)?;
+    parse_table(&buf, d, cluster_size).map_err(|_| bad(BitmapError::TableLoad(d.name_str())))
 }
+
+/// The table of a consistent bitmap, checked as QEMU checks it when it
+/// loads the bitmap: valid entries, then exactly the clusters the disk
+/// needs.
+fn loadable_table(st: &Storage, d: &DirEntry, cs: u64, size: u64) -> Result<Vec<u64>> {
+    let table = read_table(st, d, cs)?;
+    if table_size_for(size, d.granularity_bits, cs) != d.table_size as u64 {
+        return Err(bad(BitmapError::DataLoad(d.name_str())));
+    }
+    Ok(table)
+}
+
+/// What QEMU checks of the bitmaps at every open, read-only ones and
+/// checks included: the extension and directory, and the table of every
+/// consistent bitmap (it loads them all). Any failure refuses the open.
+pub fn validate(st: &Storage, h: &Header) -> Result<()> {
+    let Some((_, dir)) = read_directory(st, h)? else {
+        return Ok(());
+    };
+    for d in dir.iter().filter(|d| !d.in_use()) {
+        loadable_table(st, d, h.cluster_size(), h.size)?;
+    }
+    Ok(())
+}
+
+/// (offset, length) of what the bitmaps use, and the problems found.
+pub type Referenced = (Vec<(u64, u64)>, Vec<String>);
 
 /// What the bitmaps reference, for `check`: (offset, length) of the
 /// directory, every table and every data cluster, and the problems found
-/// (each one a corruption, in qemu-img's terms).
-pub fn references(st: &Storage, h: &Header) -> (Vec<(u64, u64)>, Vec<String>) {
+/// (each one a corruption, in qemu-img's terms). A table that cannot be
+/// loaded is an error: qemu-img's check fails then.
+pub fn references(st: &Storage, h: &Header) -> Result<Referenced> {
     let mut refs = Vec::new();
     let mut errs = Vec::new();
     let e = match BitmapsExt::from_header(h) {
         Ok(Some(e)) => e,
-        Ok(None) => return (refs, errs),
+        Ok(None) => return Ok((refs, errs)),
         Err(err) => {
             errs.push(format!("ERROR bitmaps extension: {err}"));
-            return (refs, errs);
+            return Ok((refs, errs));
         }
     };
     refs.push((e.directory_offset, e.directory_size));
     let dir = match read_directory(st, h) {
         Ok(Some((_, d))) => d,
-        Ok(None) => return (refs, errs),
+        Ok(None) => return Ok((refs, errs)),
         Err(err) => {
             errs.push(format!("ERROR bitmap directory: {err}"));
-            return (refs, errs);
+            return Ok((refs, errs));
         }
     };
     let cs = h.cluster_size();
     for d in &dir {
-        // A consistent bitmap's table must cover the disk exactly (what a
-        // writable open requires of it).
-        let want = table_size_for(h.size, d.granularity_bits, cs);
-        if !d.in_use() && want != d.table_size as u64 {
-            let e = BitmapError::TableSize {
-                name: d.name_str(),
-                have: d.table_size,
-                want,
-            };
-            errs.push(format!("ERROR bitmap table: {e}"));
-        }
-        let table = match read_table(st, d, cs) {
-            Ok(t) => t,
-            Err(err) => {
-                refs.push((d.table_offset, d.table_size as u64 * 8));
-                errs.push(format!("ERROR bitmap table: {err}"));
-                // As qemu-img: one bad table ends the bitmap walk.
-                break;
-            }
-        };
-        refs.extend(table_ranges(d.table_offset, &table, cs));
+        refs.push((d.table_offset, d.table_size as u64 * 8));
+        // A table that does not load fails the check as in qemu-img (the
+        // open already refused the image unless the bitmap is in use).
+        let table = read_table(st, d, cs)?;
+        refs.extend(table_ranges(d.table_offset, &table, cs).into_iter().skip(1));
     }
-    (refs, errs)
+    Ok((refs, errs))
 }
 
 /// Resizing needs every bitmap resized with the disk: all of them loaded
@@ -263,12 +290,8 @@ pub(crate) fn load_words(
         let n = (bytes - start).min(cs) as usize;
         let off = e & entry::OFFSET;
         if off != 0 {
-            let past = BitmapError::TableEntry {
-                name: d.name_str(),
-                index: i,
-                entry: e,
-            };
-            buf = read_in_file(st, off, cs, past)?;
+            // Past the end of the file: zeros, as QEMU reads them.
+            st.read_at(&mut buf, off)?;
         } else if e & entry::ALL_ONES != 0 {
             buf.fill(0xff);
         } else {
@@ -305,12 +328,19 @@ fn write_new(q: &Qcow2, data: &[u8]) -> Result<u64> {
     })
 }
 
-/// Drops one reference to every cluster of each range.
+/// Drops one reference to every cluster of each range. A range that
+/// cannot be freed (past the end of the file, say) is left as it is: the
+/// new structures are in force already, and QEMU only reports such a
+/// failure and goes on.
 fn free_ranges(q: &Qcow2, ranges: &[(u64, u64)]) -> Result<()> {
     let st = q.storage();
     q.with_meta(|ctx| {
         for &(off, len) in ranges {
-            ctx.rc.update_range(st, off, len, -1, |_| {})?;
+            if ctx.rc.update_range(st, off, len, -1, |_| {}).is_err() {
+                // QEMU's refcount update refuses such a range with EINVAL.
+                let e = Error::io("free", std::io::Error::from_raw_os_error(libc::EINVAL));
+                st.report_swallowed("qcow2_free_clusters failed", &e);
+            }
         }
         ctx.rc.flush(st)?;
         st.sync()
@@ -332,7 +362,7 @@ fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
 
 /// Writes `dir` as a new directory (none when empty) and switches the
 /// header to it; then frees the old directory and `also_free`.
-fn switch_directory(
+pub(crate) fn switch_directory(
     q: &Qcow2,
     old: Option<BitmapsExt>,
     dir: &[DirEntry],
@@ -445,15 +475,7 @@ pub(crate) fn load_checked(
     cs: u64,
     size: u64,
 ) -> Result<(Words, Vec<u64>)> {
-    let want = table_size_for(size, d.granularity_bits, cs);
-    if want != d.table_size as u64 {
-        return Err(bad(BitmapError::TableSize {
-            name: d.name_str(),
-            have: d.table_size,
-            want,
-        }));
-    }
-    let table = read_table(st, d, cs)?;
+    let table = loadable_table(st, d, cs, size)?;
     let words = load_words(st, d, &table, cs, size)?;
     Ok((words, table))
 }

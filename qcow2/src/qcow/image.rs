@@ -171,7 +171,7 @@ impl Image for Qcow2 {
             }
         }
         if hide_backing {
-            self.write_zeroes(old, new_size - old, false)?;
+            self.untracked(|| self.write_zeroes(old, new_size - old, false))?;
             self.flush()?;
         }
         Ok(())

@@ -392,6 +392,9 @@ impl Qcow2 {
             open_messages: Mutex::new(Vec::new()),
             bitmaps: std::sync::OnceLock::new(),
         };
+        // QEMU loads the bitmaps at every open: one that cannot be loaded
+        // refuses the image, read-only and for a check too.
+        crate::bitmap::track::validate(&q.st, &header)?;
         if q.st.writable() {
             q.prepare_for_writing()?;
             q.load_bitmaps()?;
@@ -433,7 +436,7 @@ impl Qcow2 {
             0
         };
         // So is the bitmaps bit: the bitmaps are kept right (bitmap::track).
-        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header, self.opts.repair)?;
+        let keep = keep | crate::bitmap::autoclear_to_keep(&m.header)?;
         if m.header.version == 3 && m.header.autoclear_features != keep {
             m.header.autoclear_features = keep;
             m.rc.overlap.write(

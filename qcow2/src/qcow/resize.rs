@@ -265,7 +265,7 @@ impl Qcow2 {
         let head_end = old.next_multiple_of(cs).min(new_size);
         if head_end > old {
             let zeros = vec![0u8; (head_end - old) as usize];
-            self.write_at(&zeros, old)?;
+            self.untracked(|| self.write_at(&zeros, old))?;
         }
         let bitmap = match prealloc {
             Preallocation::Metadata => subcluster::ALL_ZERO,
