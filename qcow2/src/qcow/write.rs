@@ -466,12 +466,18 @@ impl Qcow2 {
         self.begin_locked(m, off, len).map(Some)
     }
 
-    /// Waits until some allocation ends, or `timeout` passes (for callers
-    /// that poll with `try_begin_write` and may not block for good).
+    /// Waits until some allocation or in-place write ends, or `timeout`
+    /// passes (for callers that poll with `try_begin_write` or in
+    /// non-blocking mode and may not block for good).
     pub fn wait_for_allocations(&self, timeout: std::time::Duration) {
-        let m = self.lock();
-        if !m.inflight.is_empty() {
-            let _ = self.alloc_done.wait_timeout(m, timeout);
+        let mut m = self.lock();
+        if !m.inflight.is_empty() || !m.inplace.is_empty() {
+            m.sleepers += 1;
+            let (mut m, _) = self
+                .alloc_done
+                .wait_timeout(m, timeout)
+                .expect("qcow2 metadata lock poisoned");
+            m.sleepers -= 1;
         }
     }
 
