@@ -433,7 +433,9 @@ impl Qcow2 {
     /// extent, allocating and doing copy-on-write fill where needed. The
     /// caller writes `io.len` bytes of its data at `io.host`, then calls
     /// [`end_write`](Self::end_write) with the outcome. Blocks while
-    /// another request is allocating the same guest cluster.
+    /// another request is allocating the same guest cluster. Until
+    /// `end_write`, write-zeroes without unmap over these clusters waits
+    /// for it: a thread must not run one while it holds the `WriteIo`.
     pub fn begin_write(&self, off: u64, len: usize) -> Result<WriteIo> {
         self.check_writable()?;
         self.check_clear()?;
