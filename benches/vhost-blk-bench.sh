@@ -19,7 +19,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 cargo build --release -q -p rimg-vhost-blk -p rimg-tests --bin rimg-vhost-blk --example blk_bench
 BENCH=$ROOT/target/release/examples/blk_bench
-RIMG=$ROOT/target/release/rimg-vhost-blk
+# RIMG_VHOST_BLK=PATH measures another build of the daemon (A/B runs).
+RIMG=${RIMG_VHOST_BLK:-$ROOT/target/release/rimg-vhost-blk}
 W=$(mktemp -d "${BENCH_DIR:-/tmp}/rimg-blkbench.XXXXXX")
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
