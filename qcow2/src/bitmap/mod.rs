@@ -9,6 +9,7 @@
 //! written is in [`track`].
 
 pub mod edit;
+mod read;
 pub mod track;
 
 use crate::header::{autoclear, ext, Header};

@@ -1,0 +1,151 @@
+//! Counting every reference (the refcount structures' own included) and
+//! comparing the counts with the stored refcounts.
+
+use super::walk::{walk, BadEntry, Walk};
+use super::{CheckReport, Repair};
+use crate::error::Result;
+use crate::image::Image;
+use crate::qcow::{MetaCtx, Qcow2};
+
+/// References to every host cluster, those from the refcount structures
+/// included, and the active entries that cannot be used as they are.
+pub(super) fn count_refs(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    rep: &mut CheckReport,
+    fix_errors: bool,
+) -> Result<Counted> {
+    let cs = 1u64 << ctx.header.cluster_bits;
+    let w = walk(q, ctx, rep, fix_errors)?;
+    let (counts, bad, max, overflows, file_len) = (w.counts, w.bad, w.max, w.overflows, w.file_len);
+    let unfixable = w.unfixable;
+    if w.rewrote {
+        ctx.drop_l2_cache();
+    }
+    let mut extra = Walk {
+        counts,
+        uses: Vec::new(),
+        cluster_bits: ctx.header.cluster_bits,
+        report: rep,
+        bad: Vec::new(),
+        next_contiguous: 0,
+        data_file: ctx.header.has_data_file(),
+        extl2: ctx.header.extended_l2(),
+        max,
+        overflows,
+        file_len,
+        fix_errors: false,
+        unfixable: 0,
+        rewrote: false,
+    };
+    extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
+    let blocks: Vec<(usize, u64)> = ctx
+        .rc
+        .table()
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (i, e & !511))
+        .filter(|&(_, o)| o != 0)
+        .collect();
+    for (i, b) in blocks {
+        if b & (cs - 1) != 0 {
+            extra.report.corruptions += 1;
+            extra.report.messages.push(format!(
+                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+            ));
+            continue;
+        }
+        extra.add(b, cs);
+    }
+    Ok(Counted {
+        counts: extra.counts,
+        bad,
+        overflows: extra.overflows,
+        unfixable,
+    })
+}
+
+/// What [`count_refs`] found.
+pub(super) struct Counted {
+    pub(super) counts: Vec<u32>,
+    pub(super) bad: Vec<BadEntry>,
+    /// References past the largest refcount (reported, not counted);
+    /// no repair fixes those, a wider refcount does.
+    pub(super) overflows: u64,
+    /// Misaligned data clusters, which no repair changes.
+    pub(super) unfixable: u64,
+}
+
+/// What comparing stored refcounts with references found.
+pub(super) struct Compared {
+    /// A referenced cluster has refcount 0: only a rebuild can fix that.
+    pub(super) rebuild: bool,
+    pub(super) highest: u64,
+}
+
+/// Compares stored refcounts with `counts`, reporting each mismatch and
+/// correcting (one cluster at a time) what `fix` allows: leaks for
+/// `Leaks`, also too-low refcounts for `All`. A stored refcount of 0 is
+/// never corrected here; it asks for a rebuild.
+pub(super) fn compare(
+    q: &Qcow2,
+    ctx: &mut MetaCtx<'_>,
+    counts: &[u32],
+    rep: &mut CheckReport,
+    fix: Repair,
+) -> Result<Compared> {
+    let st = q.storage();
+    let cs = 1u64 << ctx.header.cluster_bits;
+    let mut out = Compared {
+        rebuild: false,
+        highest: 0,
+    };
+    let mut changed = false;
+    for (c, &want) in counts.iter().enumerate() {
+        let c = c as u64;
+        let want = want as u64;
+        let have = ctx.rc.get(st, c)?;
+        if have > 0 || want > 0 {
+            out.highest = c;
+        }
+        if have == want {
+            continue;
+        }
+        let fixable = if have == 0 {
+            out.rebuild = true;
+            false
+        } else if have > want {
+            fix != Repair::None
+        } else {
+            fix == Repair::All
+        };
+        let what = if fixable {
+            "Repairing"
+        } else if have < want {
+            "ERROR"
+        } else {
+            "Leaked"
+        };
+        rep.messages.push(format!(
+            "{what} cluster {c} refcount={have} reference={want}"
+        ));
+        if fixable {
+            let delta = want as i64 - have as i64;
+            ctx.rc.update_range(st, c * cs, cs, delta, |_| {})?;
+            changed = true;
+            if have > want {
+                rep.leaks_fixed += 1;
+            } else {
+                rep.corruptions_fixed += 1;
+            }
+        } else if have < want {
+            rep.corruptions += 1;
+        } else {
+            rep.leaks += 1;
+        }
+    }
+    if changed {
+        ctx.rc.flush(st)?;
+    }
+    Ok(out)
+}
