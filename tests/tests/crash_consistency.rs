@@ -63,18 +63,21 @@ struct Variant {
     kills: usize,
     /// Persistent bitmaps: `on` (enabled, 4 KiB) and `off` (disabled).
     bitmaps: bool,
+    /// Extended L2 entries (subclusters).
+    extl2: bool,
 }
 
 impl Variant {
     fn name(&self) -> String {
         format!(
-            "{:?} cluster={} compat={}{}{}{}",
+            "{:?} cluster={} compat={}{}{}{}{}",
             self.writer,
             self.cluster,
             self.compat,
             if self.backing { " backing" } else { "" },
             if self.lazy { " lazy_refcounts" } else { "" },
-            if self.bitmaps { " bitmaps" } else { "" }
+            if self.bitmaps { " bitmaps" } else { "" },
+            if self.extl2 { " extended_l2" } else { "" }
         )
     }
 }
@@ -94,12 +97,18 @@ const fn v(
         writer,
         kills: 8,
         bitmaps: false,
+        extl2: false,
     }
 }
 
 /// A variant whose image has persistent bitmaps.
 const fn with_bitmaps(v: Variant) -> Variant {
     Variant { bitmaps: true, ..v }
+}
+
+/// A variant whose image has extended L2 entries.
+const fn with_extl2(v: Variant) -> Variant {
+    Variant { extl2: true, ..v }
 }
 
 const VARIANTS: &[Variant] = &[
@@ -115,6 +124,8 @@ const VARIANTS: &[Variant] = &[
     v(512, "1.1", false, true, Writer::Blk(2)),
     with_bitmaps(v(65536, "1.1", true, false, Writer::Lib(2))),
     with_bitmaps(v(4096, "1.1", false, true, Writer::Blk(2))),
+    with_extl2(v(65536, "1.1", true, false, Writer::Lib(2))),
+    with_extl2(v(32768, "1.1", true, true, Writer::Blk(2))),
 ];
 
 fn ok(o: std::process::Output, what: &str) {
@@ -133,6 +144,9 @@ fn make_image(dir: &Path, var: &Variant) -> PathBuf {
     let mut opts = format!("cluster_size={},compat={}", var.cluster, var.compat);
     if var.lazy {
         opts += ",lazy_refcounts=on";
+    }
+    if var.extl2 {
+        opts += ",extended_l2=on";
     }
     let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opts];
     if var.backing {
