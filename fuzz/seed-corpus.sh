@@ -11,12 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")"
 work=${FUZZ_WORK:-.}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps)
 
 small=$(mktemp -d)
 trap 'rm -rf "$small"' EXIT
 if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
   mk() { local name=$1 opts=$2; shift 2
+    # Options later in the list win: cluster_size can be overridden.
     qemu-img create -q -f qcow2 -o "cluster_size=512,$opts" "$small/$name.qcow2" 256k
     local a=(); for c in "$@"; do a+=(-c "$c"); done
     [ ${#a[@]} -eq 0 ] || qemu-io -f qcow2 "${a[@]}" "$small/$name.qcow2" >/dev/null
@@ -32,6 +33,13 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
   mk small-snap compat=1.1 "write -P 0x91 0 2k"
   qemu-img snapshot -c s1 "$small/small-snap.qcow2"
   qemu-io -f qcow2 -c "write -P 0x92 512 1k" "$small/small-snap.qcow2" >/dev/null
+  # Extended L2 entries need 16 KiB clusters at least.
+  mk small-extl2 cluster_size=16k,extended_l2=on "write -P 0xa1 0 1k" "write -P 0xa2 17k 2k" \
+    "write -z 40k 1k" "write -c -P 0xa3 64k 16k"
+  mk small-bitmaps compat=1.1 "write -P 0xb1 0 1k"
+  qemu-img bitmap --add -g 512 "$small/small-bitmaps.qcow2" on
+  qemu-img bitmap --add --disable "$small/small-bitmaps.qcow2" off
+  qemu-io -f qcow2 -c "write -P 0xb2 100k 1k" "$small/small-bitmaps.qcow2" >/dev/null
   qemu-img create -q -f qcow2 -o cluster_size=512 -b small-v3.qcow2 -F qcow2 \
     "$small/small-backed.qcow2"
 else
