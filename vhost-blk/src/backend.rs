@@ -1,7 +1,8 @@
 //! The vhost-user backend: one worker (and one thread) per queue.
 //!
-//! Threads, event routing and teardown hooks are the shared
-//! [`Workers`] layer's; this is what is specific to a block device.
+//! The vhost-user protocol, threads, event routing and teardown hooks are
+//! the shared layer's ([`rimg_vhost_server::device`], [`Workers`]); this
+//! is what is specific to a block device.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,9 +12,6 @@ use log::warn;
 use qcow2::Image;
 use rimg_vhost_server::workers::{QueueWorker, Workers};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::VhostUserBackend;
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::config::DeviceConfig;
 use crate::worker::{DataFiles, Vring, Worker, GM};
@@ -108,32 +106,10 @@ impl BlkBackend {
 }
 
 impl rimg_vhost_server::Device for BlkBackend {
-    fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
-        self.workers.listeners()
-    }
+    type Worker = Worker;
 
-    fn dump_state(&self) -> String {
-        let mut out = self.workers.dump_state();
-        if let Some(q) = self.img.as_qcow2() {
-            out.push_str(&format!("image: {}\n", q.alloc_state()));
-        }
-        out
-    }
-
-    fn disconnected(&self) {
-        self.drain();
-        if let Err(e) = self.img.flush() {
-            warn!("flush after disconnect: {e}");
-        }
-    }
-}
-
-impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = Vring;
-
-    fn num_queues(&self) -> usize {
-        usize::from(self.cfg.num_queues)
+    fn workers(&self) -> &Workers<Worker> {
+        &self.workers
     }
 
     fn max_queue_size(&self) -> usize {
@@ -151,16 +127,10 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.workers.set_event_idx(enabled)
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        rimg_vhost_server::config_window(
-            &self.cfg.encode(self.writeback.load(Ordering::Relaxed)),
-            offset,
-            size,
-        )
+    fn config_space(&self) -> Vec<u8> {
+        self.cfg
+            .encode(self.writeback.load(Ordering::Relaxed))
+            .to_vec()
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
@@ -181,32 +151,18 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 
-    fn update_memory(&self, _mem: GM) -> std::io::Result<()> {
-        // Workers share the framework's GuestMemoryAtomic and load the
-        // current map for each request.
-        Ok(())
+    fn disconnected(&self) {
+        self.drain();
+        if let Err(e) = self.img.flush() {
+            warn!("flush after disconnect: {e}");
+        }
     }
 
-    fn queues_per_thread(&self) -> Vec<u64> {
-        self.workers.queues_per_thread()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.workers.exit_event(thread_index)
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
-        self.workers.stop_vring(queue_index);
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
-    ) -> std::io::Result<()> {
-        self.workers.handle_event(device_event, vrings, thread_id)
+    fn dump_state(&self) -> String {
+        let mut out = self.workers.dump_state();
+        if let Some(q) = self.img.as_qcow2() {
+            out.push_str(&format!("image: {}\n", q.alloc_state()));
+        }
+        out
     }
 }

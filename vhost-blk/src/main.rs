@@ -6,7 +6,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use rimg_vhost_blk::server::{self, ServerConfig};
-use rimg_vhost_server::SeccompAction;
+use rimg_vhost_server::cli::{self, SeccompArg, SocketArg};
+
+/// Serves until SIGTERM or SIGINT; exits 0 once the image is flushed.
+fn main() -> ExitCode {
+    cli::run("rimg-vhost-blk", serve)
+}
 
 #[derive(Parser)]
 #[command(
@@ -15,10 +20,8 @@ use rimg_vhost_server::SeccompAction;
     about = "vhost-user-blk daemon serving raw and qcow2 images through io_uring"
 )]
 struct Args {
-    /// Path of the vhost-user UNIX socket to listen on (created; an old
-    /// socket file there is replaced)
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Disk image to serve (backing files are opened read-only)
     #[arg(long, value_name = "FILE")]
     image: PathBuf,
@@ -43,31 +46,20 @@ struct Args {
     /// Bytes of qcow2 L2 tables to cache (default 32 MiB)
     #[arg(long, value_name = "BYTES")]
     cache_size: Option<u64>,
-    /// Seccomp filter, installed once the image/TAP is open and the socket
-    /// bound: `kill` (default) kills the daemon on any syscall outside its
-    /// list, `log` allows such calls and has the kernel log them (audit
-    /// type 1326), `off` installs no filter
-    #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
-    seccomp: SeccompAction,
+    #[command(flatten)]
+    seccomp: SeccompArg,
 }
 
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
-    let a = Args::parse();
+fn serve(a: Args) -> Result<(), String> {
     let format = match a.format.as_deref() {
         None => None,
         Some(f) => match qcow2::Format::from_name(f) {
             Some(f) => Some(f),
-            None => {
-                eprintln!("rimg-vhost-blk: unknown format '{f}' (expected qcow2 or raw)");
-                return ExitCode::FAILURE;
-            }
+            None => return Err(format!("unknown format '{f}' (expected qcow2 or raw)")),
         },
     };
     let cfg = ServerConfig {
-        socket: a.socket,
+        socket: a.socket.socket,
         image: a.image,
         format,
         readonly: a.readonly,
@@ -76,13 +68,7 @@ fn main() -> ExitCode {
         serial: a.serial,
         direct: a.direct,
         l2_cache_bytes: a.cache_size,
-        seccomp: a.seccomp,
+        seccomp: a.seccomp.seccomp,
     };
-    match server::run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rimg-vhost-blk: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    server::run(cfg).map_err(|e| e.to_string())
 }

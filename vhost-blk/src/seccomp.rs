@@ -3,7 +3,7 @@
 //! (positioned I/O for metadata and bounce buffers, flushes, discards and
 //! zeroing through fallocate), which the vring workers need too.
 
-use rimg_vhost_server::seccomp::{self, Sandbox};
+use rimg_vhost_server::seccomp::Sandbox;
 
 /// What the image engine calls from any thread (guest data itself goes
 /// through io_uring).
@@ -20,19 +20,16 @@ const IMAGE_IO: [libc::c_long; 4] = [
 /// Everything `rimg-vhost-blk` may call once it serves guests, and what
 /// its vring workers may.
 pub fn sandbox() -> Sandbox {
-    let mut process = seccomp::common();
-    process.allow(&IMAGE_IO);
-    let mut vring_worker = seccomp::vring_worker_common();
-    vring_worker.allow(&IMAGE_IO);
-    Sandbox {
-        process,
-        vring_worker,
-    }
+    let mut s = Sandbox::daemon();
+    s.process.allow(&IMAGE_IO);
+    s.vring_worker.allow(&IMAGE_IO);
+    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rimg_vhost_server::seccomp::PROCESS_ONLY;
 
     #[test]
     fn lists() {
@@ -53,12 +50,7 @@ mod tests {
         ] {
             assert!(!s.process.contains(nr), "{nr}");
         }
-        for nr in [
-            libc::SYS_socket,
-            libc::SYS_recvmsg,
-            libc::SYS_io_uring_setup,
-            libc::SYS_clone,
-        ] {
+        for nr in PROCESS_ONLY {
             assert!(s.process.contains(nr), "{nr}");
             assert!(!s.vring_worker.contains(nr), "{nr}");
         }

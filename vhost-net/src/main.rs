@@ -1,13 +1,12 @@
 //! `rimg-vhost-net`: bridges a guest's virtio-net queues (vhost-user
 //! frontends: QEMU, DPDK virtio-user, rimg-vmm) to a Linux TAP device.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser};
 use rimg_vhost_net::config::Mac;
 use rimg_vhost_net::server::{self, ServerConfig};
-use rimg_vhost_server::SeccompAction;
+use rimg_vhost_server::cli::{self, SeccompArg, SocketArg};
 
 #[derive(Parser)]
 #[command(
@@ -17,10 +16,8 @@ use rimg_vhost_server::SeccompAction;
     group(ArgGroup::new("tapdev").required(true).args(["tap", "tap_create"]))
 )]
 struct Args {
-    /// Path of the vhost-user UNIX socket to listen on (created; an old
-    /// socket file there is replaced)
-    #[arg(long, value_name = "PATH")]
-    socket: PathBuf,
+    #[command(flatten)]
+    socket: SocketArg,
     /// Attach to the existing TAP device NAME (created with vnet_hdr, and
     /// multi_queue when more than one queue pair is used)
     #[arg(long, value_name = "NAME")]
@@ -42,39 +39,30 @@ struct Args {
     /// MTU offered to the guest (VIRTIO_NET_F_MTU) and set on a created TAP
     #[arg(long, value_name = "N")]
     mtu: Option<u16>,
-    /// Seccomp filter, installed once the image/TAP is open and the socket
-    /// bound: `kill` (default) kills the daemon on any syscall outside its
-    /// list, `log` allows such calls and has the kernel log them (audit
-    /// type 1326), `off` installs no filter
-    #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
-    seccomp: SeccompAction,
+    #[command(flatten)]
+    seccomp: SeccompArg,
 }
 
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
-    let a = Args::parse();
+fn serve(a: Args) -> Result<(), String> {
     let (tap, create) = match (a.tap, a.tap_create) {
         (Some(t), None) => (t, false),
         (None, Some(t)) => (t, true),
         _ => unreachable!("clap enforces exactly one of --tap and --tap-create"),
     };
     let cfg = ServerConfig {
-        socket: a.socket,
+        socket: a.socket.socket,
         tap,
         create,
         mac: a.mac.unwrap_or_else(Mac::random),
         queue_pairs: a.num_queue_pairs,
         queue_size: a.queue_size,
         mtu: a.mtu,
-        seccomp: a.seccomp,
+        seccomp: a.seccomp.seccomp,
     };
-    match server::run(cfg) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("rimg-vhost-net: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    server::run(cfg).map_err(|e| e.to_string())
+}
+
+/// Serves until SIGTERM or SIGINT.
+fn main() -> ExitCode {
+    cli::run("rimg-vhost-net", serve)
 }

@@ -1,13 +1,20 @@
-//! The life of a rimg vhost-user daemon, shared by the block and net
-//! daemons: listen on a UNIX socket and serve one frontend connection at a
-//! time, forever. A disconnect ends that connection's device state (rings,
-//! guest memory); the next frontend gets a fresh backend on the same
-//! resources (image, TAP). SIGTERM or SIGINT ends the current connection
-//! and makes [`serve`] return, so the caller can flush and exit 0.
+//! The daemon layer shared by rimg's vhost-user daemons, which keep only
+//! what is specific to blocks or frames: the connection loop ([`serve`]),
+//! the vhost-user backend built from a [`Device`] and its [`workers`],
+//! ring checks ([`avail`]) and used-ring notification ([`used`]), worker
+//! io_uring rings with one submission and teardown policy ([`uring`]),
+//! seccomp lists, capped warnings and the common command line ([`cli`]).
+//!
+//! The life of a daemon: listen on a UNIX socket and serve one frontend
+//! connection at a time, forever. A disconnect ends that connection's
+//! device state (rings, guest memory); the next frontend gets a fresh
+//! device on the same resources (image, TAP). SIGTERM or SIGINT ends the
+//! current connection and makes [`serve`] return, so the caller can flush
+//! and exit 0.
 
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -17,21 +24,28 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VhostUserDaemon, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+pub mod avail;
+pub mod cli;
+pub mod device;
 mod relay;
 pub mod seccomp;
+#[cfg(test)]
+mod test_queue;
 pub mod uring;
+pub mod used;
 pub mod warn;
 pub mod workers;
 
+pub use device::{config_window, Backend, Device};
 pub use seccomp::{Sandbox, SeccompAction, SyscallList};
-pub use uring::restricted_ring;
+pub use uring::{restricted_ring, RingOwner, WorkerRing};
 pub use warn::CappedWarnings;
 
 /// Guest memory as the daemons see it.
@@ -39,35 +53,8 @@ pub type Mem = GuestMemoryMmap<()>;
 pub type GM = GuestMemoryAtomic<Mem>;
 pub type Vring = VringRwLock<GM>;
 
-/// A backend the loop can serve.
-pub trait Device: VhostUserBackend<Vring = Vring, Bitmap = ()> + 'static {
-    /// Extra fds for the worker threads' epoll loops, as (thread index,
-    /// fd, event id); ids must be above `num_queues()`.
-    fn listeners(&self) -> Vec<(usize, RawFd, u64)>;
-    /// The connection ended and the worker threads stopped: finish or
-    /// drop what is still in flight.
-    fn disconnected(&self);
-    /// What the queues hold right now, for the state dump on SIGUSR1
-    /// (must not block on a busy worker).
-    fn dump_state(&self) -> String {
-        String::new()
-    }
-}
-
 /// The current connection's backend, as the signal thread sees it.
 type Current = Arc<Mutex<Option<(ShutdownHandle, Arc<dyn Fn() -> String + Send + Sync>)>>>;
-
-/// The `size` bytes at `offset` of a device's config space `cfg`, zero
-/// beyond its end (GET_CONFIG; the size is the frontend's and is capped).
-pub fn config_window(cfg: &[u8], offset: u32, size: u32) -> Vec<u8> {
-    let (o, s) = (offset as usize, size as usize);
-    let mut out = vec![0u8; s.min(4096)];
-    if o < cfg.len() {
-        let n = (cfg.len() - o).min(out.len());
-        out[..n].copy_from_slice(&cfg[o..o + n]);
-    }
-    out
-}
 
 /// Worker-thread exit events, one per thread, handed to the framework
 /// through `VhostUserBackend::exit_event`.
@@ -104,9 +91,9 @@ pub enum Error {
 /// the socket is bound and the seccomp filters of `sandbox` (plus this
 /// loop's own needs, see [`seccomp`]) are installed for `action` (daemons
 /// print their "serving" line there, which tests and scripts wait for);
-/// `make` builds a fresh backend for each connection, whose
-/// `handle_event` calls [`seccomp::enter_vring_worker`] first. Returns
-/// after the last connection's backend was dropped.
+/// `make` builds a fresh device for each connection (its workers' threads
+/// call [`seccomp::enter_vring_worker`] first, see [`workers`]). Returns
+/// after the last connection's device was dropped.
 pub fn serve<D, F>(
     name: &str,
     socket: &Path,
@@ -149,10 +136,10 @@ where
     while !terminating.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = make(mem.clone())?;
-        let mut daemon =
-            VhostUserDaemon::new(name.to_string(), backend.clone(), mem).map_err(Error::Daemon)?;
+        let mut daemon = VhostUserDaemon::new(name.to_string(), Backend(backend.clone()), mem)
+            .map_err(Error::Daemon)?;
         let handlers = daemon.get_epoll_handlers();
-        for (thread, fd, id) in backend.listeners() {
+        for (thread, fd, id) in backend.workers().listeners() {
             if let Some(h) = handlers.get(thread) {
                 h.register_listener(fd, EventSet::IN, id)?;
             }

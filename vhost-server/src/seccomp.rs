@@ -41,7 +41,26 @@ pub struct Sandbox {
 /// The vring workers' filter, armed by [`Sandbox::install`].
 static VRING_WORKER: std::sync::OnceLock<BpfProgram> = std::sync::OnceLock::new();
 
+/// What only the process filter allows, never a vring worker's: a
+/// worker receives no descriptors, creates no sockets, threads or rings.
+pub const PROCESS_ONLY: [libc::c_long; 4] = [
+    libc::SYS_recvmsg,
+    libc::SYS_socket,
+    libc::SYS_clone,
+    libc::SYS_io_uring_setup,
+];
+
 impl Sandbox {
+    /// The daemons' shared lists ([`common`] for the process,
+    /// [`vring_worker_common`] for the workers), for a daemon to extend
+    /// with what its data path needs.
+    pub fn daemon() -> Sandbox {
+        Sandbox {
+            process: common(),
+            vring_worker: vring_worker_common(),
+        }
+    }
+
     /// Installs the process filter for `action` on every thread and arms
     /// the vring workers' filter. `extra` is added to the process list
     /// (the serving loop's own rules).
@@ -178,6 +197,9 @@ mod tests {
         }
         // fcntl: F_GETFD from the runtime, F_DUPFD_CLOEXEC for the relay.
         assert_eq!((c.rules(libc::SYS_fcntl), w.rules(libc::SYS_fcntl)), (2, 1));
+        for nr in PROCESS_ONLY {
+            assert!(c.contains(nr) && !w.contains(nr), "{nr}");
+        }
         // ENOSYS, EACCES, the list.
         let p = common().compile(SeccompAction::Kill).unwrap().unwrap();
         assert_eq!(p.len(), 3);

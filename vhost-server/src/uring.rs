@@ -18,11 +18,31 @@
 //!
 //! Kernels before 5.10 know neither: there the ring is created without
 //! restrictions, with a warning.
+//!
+//! # Submission and teardown ([`WorkerRing`])
+//! Every worker ring is driven the same way: an entry is pushed, and
+//! while the submission queue is full what it holds is handed to the
+//! kernel; when the kernel refuses more (its completion queue is full)
+//! the worker reaps and pushes again ([`RingOwner::push_entry`]).
+//!
+//! The one teardown policy: an operation's buffers (worker slots, iovec
+//! arrays, the guest memory map they point into) live until its
+//! completion is reaped, and nothing the kernel may still read or write
+//! is ever freed. A worker drains its ring ([`RingOwner::drain_ring`],
+//! after cancelling what would never complete on its own) before it and
+//! its buffers go away. If the ring cannot be waited on (an
+//! `io_uring_enter` error other than EINTR, EAGAIN or EBUSY) it is
+//! wedged for good: its operations may still run, so the ring itself is
+//! never closed or unmapped ([`WorkerRing`]'s `Drop` leaks it while
+//! anything is in flight) and the worker leaks what they use
+//! ([`WorkerRing::retire`]). A leak, never damage.
 
+use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
 
 use io_uring::register::Restriction;
-use io_uring::IoUring;
+use io_uring::{cqueue, squeue, IoUring};
+use log::error;
 
 /// Creates an io_uring of `entries` entries that accepts only the
 /// submission opcodes `ops` and has `eventfd` registered as its
@@ -72,6 +92,196 @@ pub fn restricted_ring(
     Ok(ring)
 }
 
+/// The kernel takes no more submissions until completions are reaped
+/// (its completion queue is full).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompletionsFull;
+
+/// A worker's io_uring, counting what is in flight in it, with the
+/// daemons' teardown policy (see the module docs).
+pub struct WorkerRing {
+    /// Dropped only when nothing is in flight in it (see `Drop`).
+    ring: ManuallyDrop<IoUring>,
+    /// Entries pushed whose completion was not reaped yet.
+    inflight: usize,
+    wedged: bool,
+}
+
+impl WorkerRing {
+    pub fn new(ring: IoUring) -> WorkerRing {
+        WorkerRing {
+            ring: ManuallyDrop::new(ring),
+            inflight: 0,
+            wedged: false,
+        }
+    }
+
+    /// A [`restricted_ring`] (see there for the arguments).
+    pub fn restricted(
+        entries: u32,
+        ops: &[u8],
+        eventfd: RawFd,
+        files: &[RawFd],
+    ) -> std::io::Result<WorkerRing> {
+        restricted_ring(entries, ops, eventfd, files).map(WorkerRing::new)
+    }
+
+    /// Queues `sqe`, handing queued entries to the kernel while the
+    /// submission queue is full. Every entry gets exactly one completion
+    /// (no entry flag that skips it is ever allowed on a worker ring).
+    ///
+    /// # Safety
+    /// Everything `sqe` points at (buffers, iovec arrays, the memory they
+    /// point into) must stay valid until its completion is reaped through
+    /// [`Self::completions`], or forever if it never is (the ring is then
+    /// wedged and the owner leaks them: [`Self::retire`]).
+    pub unsafe fn push(&mut self, sqe: &squeue::Entry) -> Result<(), CompletionsFull> {
+        loop {
+            // SAFETY: the caller keeps what the entry points at valid
+            // until its completion (this function's contract).
+            if unsafe { self.ring.submission().push(sqe) }.is_ok() {
+                self.inflight += 1;
+                return Ok(());
+            }
+            if let Err(e) = self.ring.submit() {
+                match e.raw_os_error() {
+                    Some(libc::EBUSY) | Some(libc::EAGAIN) => return Err(CompletionsFull),
+                    Some(libc::EINTR) => {}
+                    _ => error!("io_uring submit: {e}"),
+                }
+            }
+        }
+    }
+
+    /// Hands the queued entries to the kernel (errors are logged: the
+    /// entries stay queued for the next submission).
+    pub fn submit(&mut self) {
+        if let Err(e) = self.ring.submit() {
+            error!("io_uring submit: {e}");
+        }
+    }
+
+    /// The completions available now; each one taken is no longer in
+    /// flight.
+    pub fn completions(&mut self) -> Completions<'_> {
+        Completions {
+            cq: self.ring.completion(),
+            inflight: &mut self.inflight,
+        }
+    }
+
+    /// Entries pushed whose completions were not reaped yet.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// Submits what is queued and waits for at least one completion.
+    /// EINTR, EAGAIN and EBUSY (completions to reap first) are not
+    /// errors. Any other error wedges the ring for good: it is returned
+    /// once, and every later wait fails at once.
+    pub fn wait(&mut self) -> std::io::Result<()> {
+        if self.wedged {
+            return Err(std::io::Error::other("the ring is wedged"));
+        }
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => {
+                self.wedged = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// The ring could not be waited on: what is in flight stays in flight.
+    pub fn is_wedged(&self) -> bool {
+        self.wedged
+    }
+
+    /// Ends the life of `what`, something in-flight operations may read
+    /// or write (a buffer pool, a guest memory map): dropped when nothing
+    /// is in flight, leaked otherwise (a wedged ring's operations may
+    /// still run).
+    pub fn retire<T>(&self, what: T) {
+        if self.inflight > 0 {
+            std::mem::forget(what);
+        }
+    }
+}
+
+impl Drop for WorkerRing {
+    fn drop(&mut self) {
+        if self.inflight > 0 {
+            // The kernel may still complete into the ring: leave it
+            // mapped and open.
+            error!(
+                "io_uring dropped with {} operations in flight: leaked",
+                self.inflight
+            );
+            return;
+        }
+        // SAFETY: nothing is in flight, and `self.ring` is not used again
+        // (this is the end of `drop`).
+        unsafe { ManuallyDrop::drop(&mut self.ring) };
+    }
+}
+
+/// The completions of a [`WorkerRing`] available when it was made.
+pub struct Completions<'a> {
+    cq: io_uring::CompletionQueue<'a>,
+    inflight: &'a mut usize,
+}
+
+impl Iterator for Completions<'_> {
+    type Item = cqueue::Entry;
+
+    fn next(&mut self) -> Option<cqueue::Entry> {
+        let cqe = self.cq.next()?;
+        *self.inflight -= 1;
+        Some(cqe)
+    }
+}
+
+/// A worker that owns a [`WorkerRing`] and reaps its completions: the
+/// push-or-reap and drain loops every worker runs.
+pub trait RingOwner {
+    fn worker_ring(&mut self) -> &mut WorkerRing;
+
+    /// Processes every available completion (through
+    /// [`WorkerRing::completions`]).
+    fn reap_completions(&mut self);
+
+    /// Queues `sqe`; when the kernel's completion queue is full, reaps
+    /// and tries again.
+    ///
+    /// # Safety
+    /// As for [`WorkerRing::push`].
+    unsafe fn push_entry(&mut self, sqe: &squeue::Entry) {
+        // SAFETY: this function's contract is `push`'s.
+        while unsafe { self.worker_ring().push(sqe) }.is_err() {
+            self.reap_completions();
+        }
+    }
+
+    /// Waits for and reaps completions until nothing is in flight. An
+    /// error means the ring is wedged (see [`WorkerRing::wait`]): what is
+    /// in flight then stays there, and its buffers must be leaked.
+    fn drain_ring(&mut self) -> std::io::Result<()> {
+        while self.worker_ring().inflight() > 0 {
+            self.worker_ring().wait()?;
+            self.reap_completions();
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +320,71 @@ mod tests {
         // No register operation once enabled.
         let e = ring.submitter().unregister_eventfd().unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+    }
+
+    /// A worker writing to an eventfd through a small ring.
+    struct Writer {
+        ring: WorkerRing,
+        reaped: Vec<i32>,
+    }
+
+    impl RingOwner for Writer {
+        fn worker_ring(&mut self) -> &mut WorkerRing {
+            &mut self.ring
+        }
+        fn reap_completions(&mut self) {
+            for cqe in self.ring.completions() {
+                self.reaped.push(cqe.result());
+            }
+        }
+    }
+
+    #[test]
+    fn pushes_past_a_full_queue_and_drains() {
+        let note = EventFd::new(0).unwrap();
+        let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ring =
+            WorkerRing::restricted(2, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+        let mut w = Writer {
+            ring,
+            reaped: Vec::new(),
+        };
+        let b = 1u64.to_ne_bytes();
+        // More entries than the submission queue holds: it is submitted
+        // when full; each entry counts as in flight until reaped.
+        for _ in 0..5 {
+            let sqe = opcode::Write::new(types::Fd(efd.as_raw_fd()), b.as_ptr(), 8).build();
+            // SAFETY: `b` outlives the ring's operations (drained below).
+            unsafe { w.push_entry(&sqe) };
+        }
+        assert_eq!(w.ring.inflight() + w.reaped.len(), 5);
+        w.drain_ring().unwrap();
+        assert_eq!(w.ring.inflight(), 0);
+        assert_eq!(w.reaped, vec![8; 5]);
+        assert_eq!(efd.read().unwrap(), 5);
+        assert!(!w.ring.is_wedged());
+    }
+
+    #[test]
+    fn retire_leaks_only_while_in_flight() {
+        use std::rc::Rc;
+        let note = EventFd::new(0).unwrap();
+        let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut ring =
+            WorkerRing::restricted(4, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+        let kept = Rc::new(());
+        ring.retire(kept.clone());
+        assert_eq!(Rc::strong_count(&kept), 1, "dropped: nothing in flight");
+        // An entry counts as in flight until its completion is reaped.
+        let b = 1u64.to_ne_bytes();
+        let sqe = opcode::Write::new(types::Fd(efd.as_raw_fd()), b.as_ptr(), 8).build();
+        // SAFETY: `b` outlives the write (waited for below).
+        unsafe { ring.push(&sqe) }.unwrap();
+        ring.retire(kept.clone());
+        assert_eq!(Rc::strong_count(&kept), 2, "leaked: a write in flight");
+        ring.wait().unwrap();
+        let r: Vec<i32> = ring.completions().map(|c| c.result()).collect();
+        assert_eq!(r, vec![8]);
+        assert_eq!(ring.inflight(), 0);
     }
 }

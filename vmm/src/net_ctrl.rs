@@ -12,9 +12,10 @@
 //! line either way. Nothing a guest writes makes this code panic or loop
 //! for longer than one pass over the ring.
 
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
-
+use rimg_vhost_server::avail::{self, AvailError};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_MQ, VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, VIRTIO_NET_ERR as ERR, VIRTIO_NET_OK as OK,
+};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
@@ -22,11 +23,11 @@ use crate::memory::Mem;
 use crate::vhost_user::RingAddrs;
 
 /// `ack` values (5.1.6.5).
-pub const VIRTIO_NET_OK: u8 = 0;
-pub const VIRTIO_NET_ERR: u8 = 1;
+pub const VIRTIO_NET_OK: u8 = OK as u8;
+pub const VIRTIO_NET_ERR: u8 = ERR as u8;
 /// `class` VIRTIO_NET_CTRL_MQ and its command VQ_PAIRS_SET (5.1.6.5.5).
-const CLASS_MQ: u8 = 4;
-const MQ_VQ_PAIRS_SET: u8 = 0;
+const CLASS_MQ: u8 = VIRTIO_NET_CTRL_MQ as u8;
+const MQ_VQ_PAIRS_SET: u8 = VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET as u8;
 /// Readable bytes kept for decoding: class, command and the largest
 /// command-specific data decoded here (VQ_PAIRS_SET's le16). Longer
 /// commands are still measured and their memory checked.
@@ -195,20 +196,15 @@ impl CtrlQueue {
     /// virtio-queue yields nothing from a ring that does not, and the
     /// queue is left alone until the driver repairs it.
     fn avail_sane(&mut self, mem: &Mem) -> bool {
-        match self.queue.avail_idx(mem, Ordering::Acquire) {
-            Ok(avail) => {
-                let ahead = (avail - Wrapping(self.queue.next_avail())).0;
-                if ahead > self.queue.size() {
-                    self.warn(format_args!(
-                        "avail index {} is {ahead} entries ahead (queue size {}): ignored",
-                        avail.0,
-                        self.queue.size()
-                    ));
-                    return false;
-                }
-                true
+        match avail::available(&self.queue, mem) {
+            Ok(_) => true,
+            Err(AvailError::TooFarAhead { avail, ahead, size }) => {
+                self.warn(format_args!(
+                    "avail index {avail} is {ahead} entries ahead (queue size {size}): ignored"
+                ));
+                false
             }
-            Err(e) => {
+            Err(AvailError::Unreadable(e)) => {
                 self.warn(format_args!("avail ring unreadable: {e}"));
                 false
             }

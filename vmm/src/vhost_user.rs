@@ -10,10 +10,13 @@ use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::virtio_blk_config;
 use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
-    VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MQ,
+    virtio_net_config, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS, VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_VLAN, VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MQ,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use vmm_sys_util::eventfd::EventFd;
@@ -35,8 +38,11 @@ const TRANSPORT_BITS: u64 = bit(VIRTIO_F_ANY_LAYOUT)
     | bit(VIRTIO_RING_F_EVENT_IDX)
     | VERSION_1;
 /// Device-specific feature bits 0 to 23 (virtio 1.2, 6 "Reserved Feature
-/// Bits") pass through.
-const DEVICE_BITS: u64 = bit(24) - 1;
+/// Bits": 24 to 41 are the transport's) pass through.
+const DEVICE_BITS: u64 = bit(DEVICE_FEATURES_END) - 1;
+/// The first feature bit past the device-specific ones (virtio 1.2, 6;
+/// virtio-bindings only knows Linux's VIRTIO_TRANSPORT_F_START, 28).
+const DEVICE_FEATURES_END: u32 = 24;
 const VERSION_1: u64 = bit(VIRTIO_F_VERSION_1);
 /// The control virtqueue, run by the VMM.
 pub const NET_F_CTRL_VQ: u64 = bit(VIRTIO_NET_F_CTRL_VQ);
@@ -53,7 +59,7 @@ const NET_CTRL_BITS: u64 = bit(VIRTIO_NET_F_CTRL_GUEST_OFFLOADS)
     | NET_F_MQ
     | bit(VIRTIO_NET_F_CTRL_MAC_ADDR);
 /// Offset of `max_virtqueue_pairs` (le16) in struct virtio_net_config.
-const NET_CONFIG_MAX_PAIRS: usize = 8;
+const NET_CONFIG_MAX_PAIRS: usize = std::mem::offset_of!(virtio_net_config, max_virtqueue_pairs);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -64,19 +70,21 @@ pub enum Kind {
 impl Kind {
     pub fn device_id(self) -> u32 {
         match self {
-            Kind::Block => 2,
-            Kind::Net => 1,
+            Kind::Block => VIRTIO_ID_BLOCK,
+            Kind::Net => VIRTIO_ID_NET,
         }
     }
 
     /// Config space size asked from the backend.
     fn config_len(self) -> u32 {
-        match self {
-            // struct virtio_blk_config up to write_zeroes_may_unmap.
-            Kind::Block => 60,
+        let len = match self {
+            // struct virtio_blk_config up to write_zeroes_may_unmap and
+            // its padding.
+            Kind::Block => std::mem::offset_of!(virtio_blk_config, max_secure_erase_sectors),
             // mac, status, max_virtqueue_pairs, mtu.
-            Kind::Net => 12,
-        }
+            Kind::Net => std::mem::offset_of!(virtio_net_config, speed),
+        };
+        len as u32
     }
 
     fn name(self) -> &'static str {
@@ -393,6 +401,15 @@ mod tests {
         assert_eq!(PROTOCOL_FEATURES, 0x4000_0000);
         assert_eq!(DEVICE_BITS, 0xff_ffff);
         assert_eq!(NET_CTRL_BITS, 0xee_0004);
+    }
+
+    #[test]
+    fn ids_and_config_layout_are_the_spec_values() {
+        // virtio 1.2, 5 "Device Types": net 1, block 2; the config spaces
+        // asked for (5.1.4, 5.2.4) and max_virtqueue_pairs in net's.
+        assert_eq!((Kind::Net.device_id(), Kind::Block.device_id()), (1, 2));
+        assert_eq!((Kind::Net.config_len(), Kind::Block.config_len()), (12, 60));
+        assert_eq!(NET_CONFIG_MAX_PAIRS, 8);
     }
 
     #[test]

@@ -30,14 +30,20 @@
 //! # Teardown
 //! Posted reads write into the slots: before the worker (and its slots)
 //! goes away, they are cancelled and every in-flight operation is reaped.
+//! A ring that cannot be waited on keeps the slots and memory maps its
+//! operations use for good (the daemons' one policy:
+//! `rimg_vhost_server::uring`).
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use log::{error, info, warn};
+use log::{error, info};
+use rimg_vhost_server::avail::{self, AvailError};
+use rimg_vhost_server::used::{add_used_burst, signal_used, signal_used_burst};
+use rimg_vhost_server::workers::QueueWorker;
+use rimg_vhost_server::{CappedWarnings, Mem, RingOwner, Vring, WorkerRing, GM};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
@@ -45,13 +51,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::Negotiated;
 use crate::tap::{Tap, TAP_HDR_LEN};
-use rimg_vhost_server::{CappedWarnings, Mem, Vring, GM};
 
 mod ring;
 mod rx;
 mod tx;
 
-use ring::{add_used_burst, collect, read_guest, used_notification_needed, Seg};
+use ring::{collect, read_guest, Seg};
 use rx::RxChain;
 use tx::{TxWalked, TX_LOOKAHEAD};
 
@@ -132,7 +137,7 @@ pub struct PairWorker {
     pair: usize,
     tap: Arc<Tap>,
     mem: GM,
-    ring: IoUring,
+    ring: WorkerRing,
     efd: EventFd,
     neg: Negotiated,
     event_idx: bool,
@@ -169,7 +174,7 @@ pub struct PairWorker {
 impl PairWorker {
     pub fn new(pair: usize, tap: Arc<Tap>, mem: GM) -> std::io::Result<PairWorker> {
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        let ring = ring(RING_ENTRIES, &efd, tap.queue_fd(pair))?;
+        let ring = WorkerRing::new(ring(RING_ENTRIES, &efd, tap.queue_fd(pair))?);
         Ok(PairWorker {
             pair,
             tap,
@@ -203,16 +208,8 @@ impl PairWorker {
         })
     }
 
-    pub fn completion_fd(&self) -> RawFd {
-        self.efd.as_raw_fd()
-    }
-
     pub fn set_negotiated(&mut self, n: Negotiated) {
         self.neg = n;
-    }
-
-    pub fn set_event_idx(&mut self, on: bool) {
-        self.event_idx = on;
     }
 
     fn warn(&mut self, msg: std::fmt::Arguments<'_>) {
@@ -226,24 +223,8 @@ impl PairWorker {
         })
     }
 
-    /// A kick on the RX (`tx == false`) or TX queue, or the vring-enable
-    /// event: remember the rings, then move whatever can move.
-    pub fn handle_kick(&mut self, rx: &Vring, tx: &Vring) {
-        if self.rx_vring.is_none() {
-            self.rx_vring = Some(rx.clone());
-            self.tx_vring = Some(tx.clone());
-        }
-        self.update_attachment();
-        self.check_avail_idx(true);
-        self.check_avail_idx(false);
-        self.process_tx();
-        self.deliver_rx();
-        self.post_reads();
-        self.submit();
-    }
-
     /// Logs an avail index more than the queue size ahead of the device
-    /// (see [`Self::avail_sane`]).
+    /// (see [`Self::serving`]).
     fn check_avail_idx(&mut self, tx: bool) {
         let v = if tx { &self.tx_vring } else { &self.rx_vring };
         if !Self::usable(v) {
@@ -252,44 +233,33 @@ impl PairWorker {
         let Some(v) = v.clone() else {
             return;
         };
-        if let Err((avail, ahead, size)) = Self::avail_sane(&v, &self.mem.memory()) {
+        let checked = avail::available(v.get_ref().get_queue(), &*self.mem.memory());
+        if let Err(e @ AvailError::TooFarAhead { .. }) = checked {
             let which = if tx { "TX" } else { "RX" };
             self.warn(format_args!(
-                "{which} avail index {avail} is {ahead} entries ahead of the device \
-                 (queue size {size}): ignoring the queue until the driver repairs it"
+                "{which} {e}: ignoring the queue until the driver repairs it"
             ));
         }
     }
 
-    /// Whether the driver's avail index is at most the queue size ahead
-    /// of the device; if not, (index, distance, size). virtio-queue yields
-    /// nothing from such a ring (and logs an error for every attempt), so
-    /// the queue is left alone until the driver publishes a sane index.
-    fn avail_sane(v: &Vring, mem: &Mem) -> Result<(), (u16, u16, u16)> {
-        let g = v.get_ref();
-        let q = g.get_queue();
-        let Ok(avail) = q.avail_idx(mem, Ordering::Acquire) else {
-            return Ok(());
-        };
-        let ahead = avail.0.wrapping_sub(q.next_avail());
-        if ahead > q.size() {
-            return Err((avail.0, ahead, q.size()));
+    /// The TX (or RX) vring and the current memory map, when the queue
+    /// can be served: enabled, ready, and its avail index at most the
+    /// queue size ahead of the device. virtio-queue yields nothing from a
+    /// ring further ahead (and logs an error for every attempt), so the
+    /// queue is left alone until the driver publishes a sane index. (An
+    /// unreadable index is left to the queue's own walk to refuse.)
+    fn serving(&self, tx: bool) -> Option<(Vring, Arc<Mem>)> {
+        let v = if tx { &self.tx_vring } else { &self.rx_vring };
+        if !Self::usable(v) {
+            return None;
         }
-        Ok(())
-    }
-
-    /// The io_uring completion eventfd fired.
-    pub fn handle_completions(&mut self) {
-        let _ = self.efd.read();
-        self.reap();
-        self.return_tx_used(false);
-        self.update_attachment();
-        if self.tx_blocked {
-            self.process_tx();
+        let vring = v.clone()?;
+        let mem = self.mem.memory().into_inner();
+        let checked = avail::available(vring.get_ref().get_queue(), &*mem);
+        if let Err(AvailError::TooFarAhead { .. }) = checked {
+            return None;
         }
-        self.deliver_rx();
-        self.post_reads();
-        self.submit();
+        Some((vring, mem))
     }
 
     /// A multi-queue TAP steers frames to every attached queue: detach
@@ -327,22 +297,19 @@ impl PairWorker {
         // the op completes. Slots are not reused before their completion
         // is reaped; the guest memory map an in-place write reads is held
         // in `tx_mem` until the last such completion is reaped; teardown
-        // (`quiesce`, also run on drop) reaps everything.
-        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
-            self.submit();
-        }
+        // (`quiesce`, also run on drop) reaps everything, or leaks both
+        // when the ring cannot be waited on.
+        unsafe { self.push_entry(&sqe) }
     }
 
     fn submit(&mut self) {
-        if let Err(e) = self.ring.submit() {
-            error!("io_uring submit: {e}");
-        }
+        self.ring.submit();
     }
 
     fn reap(&mut self) {
         let mut cq = std::mem::take(&mut self.cq);
         cq.clear();
-        for cqe in self.ring.completion() {
+        for cqe in self.ring.completions() {
             cq.push((cqe.user_data(), cqe.result()));
         }
         for &(ud, res) in &cq {
@@ -391,16 +358,19 @@ impl PairWorker {
     /// or write (the pools, the guest memory map in-place writes read) is
     /// leaked, never freed under the kernel, and fresh pools take over.
     fn abandon_inflight(&mut self) {
-        std::mem::forget(std::mem::replace(&mut self.rx, Pool::new(RX_SLOTS)));
-        std::mem::forget(std::mem::replace(&mut self.tx, Pool::new(TX_SLOTS)));
-        std::mem::forget(self.tx_mem.take());
+        self.ring
+            .retire(std::mem::replace(&mut self.rx, Pool::new(RX_SLOTS)));
+        self.ring
+            .retire(std::mem::replace(&mut self.tx, Pool::new(TX_SLOTS)));
+        self.ring.retire(self.tx_mem.take());
         self.rx_posted = 0;
         self.tx_inflight = 0;
         self.tx_in_place = 0;
         self.ready.clear();
     }
 
-    /// Cancels posted reads and waits for every in-flight operation.
+    /// Cancels posted reads and waits for every in-flight operation (the
+    /// cancellations included).
     pub fn quiesce(&mut self) {
         if self.rx_posted > 0 {
             for slot in 0..RX_SLOTS {
@@ -410,16 +380,9 @@ impl PairWorker {
                 self.push(sqe);
             }
         }
-        while self.rx_posted + self.tx_inflight > 0 {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                let transient = [libc::EINTR, libc::EAGAIN, libc::EBUSY];
-                if !e.raw_os_error().is_some_and(|c| transient.contains(&c)) {
-                    error!("io_uring wait: {e}: abandoning in-flight operations");
-                    self.abandon_inflight();
-                    break;
-                }
-            }
-            self.reap();
+        if let Err(e) = self.drain_ring() {
+            error!("io_uring wait: {e}: abandoning in-flight operations");
+            self.abandon_inflight();
         }
         while let Some((slot, _)) = self.ready.pop_front() {
             self.rx.free.push(slot);
@@ -434,9 +397,56 @@ impl PairWorker {
     pub fn pair(&self) -> usize {
         self.pair
     }
+}
+
+impl QueueWorker for PairWorker {
+    /// Queues 2i (RX) and 2i + 1 (TX) form pair i.
+    const QUEUES_PER_THREAD: usize = 2;
+
+    fn completion_fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    /// A kick on the RX or TX queue, or the vring-enabled event (both
+    /// may let frames move): remember the rings, then move whatever can.
+    fn handle_kick(&mut self, _event: u16, vrings: &[Vring]) {
+        if self.rx_vring.is_none() {
+            self.rx_vring = Some(vrings[0].clone());
+            self.tx_vring = Some(vrings[1].clone());
+        }
+        self.update_attachment();
+        self.check_avail_idx(true);
+        self.check_avail_idx(false);
+        self.process_tx();
+        self.deliver_rx();
+        self.post_reads();
+        self.submit();
+    }
+
+    /// The io_uring completion eventfd fired.
+    fn handle_completions(&mut self) {
+        let _ = self.efd.read();
+        self.reap();
+        self.return_tx_used(false);
+        self.update_attachment();
+        if self.tx_blocked {
+            self.process_tx();
+        }
+        self.deliver_rx();
+        self.post_reads();
+        self.submit();
+    }
+
+    fn stop(&mut self) {
+        self.quiesce()
+    }
 
     /// What the pair holds right now, for the SIGUSR1 state dump.
-    pub fn state(&self) -> String {
+    fn state(&self) -> String {
         let s = &self.stats;
         format!(
             "pair {}: rx {} reads posted, {} frames waiting for buffers; \
@@ -456,14 +466,15 @@ impl PairWorker {
             s.rx_frames
         )
     }
+}
 
-    fn signal(vring: &Vring, mem: &Mem) {
-        let needed = vring.get_mut().get_queue_mut().needs_notification(mem);
-        if needed.unwrap_or(true) {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!("signal used queue: {e}");
-            }
-        }
+impl RingOwner for PairWorker {
+    fn worker_ring(&mut self) -> &mut WorkerRing {
+        &mut self.ring
+    }
+
+    fn reap_completions(&mut self) {
+        self.reap()
     }
 }
 

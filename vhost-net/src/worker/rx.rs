@@ -5,7 +5,7 @@ use std::sync::Arc;
 use io_uring::opcode;
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{Address, Bytes, GuestAddressSpace};
+use vm_memory::{Address, Bytes};
 
 use crate::tap::TAP_HDR_LEN;
 use rimg_vhost_server::Mem;
@@ -42,16 +42,9 @@ impl PairWorker {
         if self.ready.is_empty() {
             return;
         }
-        let Some(vring) = self.rx_vring.clone() else {
+        let Some((vring, mem)) = self.serving(false) else {
             return;
         };
-        if !Self::usable(&self.rx_vring) {
-            return;
-        }
-        let mem = self.mem.memory().into_inner();
-        if Self::avail_sane(&vring, &mem).is_err() {
-            return;
-        }
         let mut used_any = false;
         {
             let mut g = vring.get_mut();
@@ -85,7 +78,7 @@ impl PairWorker {
             }
         }
         if used_any {
-            Self::signal(&vring, &mem);
+            signal_used(&vring, &mem);
         }
     }
 

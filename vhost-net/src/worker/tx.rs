@@ -5,13 +5,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use io_uring::opcode;
-use log::warn;
 use vhost_user_backend::VringT;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::tap::TAP_HDR_LEN;
-use rimg_vhost_server::{Mem, Vring};
+use rimg_vhost_server::Mem;
 
 use super::*;
 
@@ -47,16 +46,9 @@ impl PairWorker {
 
     pub(super) fn process_tx(&mut self) {
         self.tx_blocked = false;
-        let Some(vring) = self.tx_vring.clone() else {
+        let Some((vring, mem)) = self.serving(true) else {
             return;
         };
-        if !Self::usable(&self.tx_vring) {
-            return;
-        }
-        let mem = self.mem.memory().into_inner();
-        if Self::avail_sane(&vring, &mem).is_err() {
-            return;
-        }
         // Chains returned by this call: counted, since more than 65535
         // would wrap the used index back to where it started.
         let mut returned = 0usize;
@@ -93,17 +85,7 @@ impl PairWorker {
                 _ => break,
             }
         }
-        Self::signal_tx(&vring, &mem, returned);
-    }
-
-    /// Signals the TX queue's used buffers if the driver wants to hear of
-    /// the last `returned` entries (see [`used_notification_needed`]).
-    pub(super) fn signal_tx(vring: &Vring, mem: &Mem, returned: usize) {
-        if returned > 0 && used_notification_needed(vring.get_ref().get_queue(), mem, returned) {
-            if let Err(e) = vring.signal_used_queue() {
-                warn!("signal used queue: {e}");
-            }
-        }
+        signal_used_burst(&vring, &mem, returned);
     }
 
     /// Takes up to `free` available chains and submits their TAP writes;
@@ -215,7 +197,7 @@ impl PairWorker {
             }
         }
         self.tx_used.clear();
-        Self::signal_tx(&vring, &mem, n);
+        signal_used_burst(&vring, &mem, n);
     }
 
     /// Walks a TX chain and starts loading the first PREFETCH_MAX bytes of

@@ -16,15 +16,17 @@ mod tx_rx;
 const MEM: u64 = 2 << 20;
 const QSIZE: u16 = 16;
 const BUFS: u64 = 0x1000;
+/// Why `collect` refuses a chain.
+const CUT_SHORT: &str = "descriptor chain loops, is longer than the queue or has a bad next index";
+const OUTSIDE: &str = "address outside guest memory";
+const EMPTY: &str = "empty descriptor chain";
+/// Two buffers the chains point at, and an indirect table.
 const BUF: u64 = 0x10000;
 const BUF2: u64 = 0x20000;
 const TABLE: u64 = 0x40000;
 const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 const NEXT: u16 = VRING_DESC_F_NEXT as u16;
 const INDIRECT: u16 = VRING_DESC_F_INDIRECT as u16;
-const CUT_SHORT: &str = "descriptor chain loops, is longer than the queue or has a bad next index";
-const OUTSIDE: &str = "address outside guest memory";
-const EMPTY: &str = "empty descriptor chain";
 
 fn guest() -> Mem {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
