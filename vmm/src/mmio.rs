@@ -37,8 +37,7 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 0x40;
 const INT_VRING: u32 = 1;
 const INT_CONFIG: u32 = 2;
-/// VIRTIO_RING_F_EVENT_IDX.
-const F_EVENT_IDX: u64 = 1 << 29;
+const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
 #[derive(Default, Clone, Copy)]
 struct Queue {
