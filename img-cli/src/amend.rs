@@ -1,7 +1,7 @@
 //! `rimg amend`: changes format options of an existing qcow2 image.
 
 use clap::Args;
-use qcow2::{Amend, Format, OpenOptions};
+use qcow2::{Amend, OpenOptions};
 
 use crate::opts::{parse_bool, OptList};
 use crate::progress::Progress;
@@ -32,13 +32,7 @@ pub struct AmendArgs {
 
 pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     let _ = &a.cache;
-    let format = match &a.format {
-        Some(f) => Some(
-            Format::from_name(f)
-                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
-        ),
-        None => None,
-    };
+    let format = crate::common::parse_format(&a.format)?;
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
     let mut luks = qcow2::luks_amend::LuksAmend {
         force: a.force,

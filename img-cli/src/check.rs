@@ -3,7 +3,7 @@
 //! 63 format without checks).
 
 use clap::{Args, ValueEnum};
-use qcow2::{CheckReport, Format, OpenOptions, Repair};
+use qcow2::{CheckReport, OpenOptions, Repair};
 use serde_json::{json, Map, Value};
 
 use crate::info::Output;
@@ -40,13 +40,7 @@ pub struct CheckArgs {
 
 pub fn run(a: CheckArgs) -> Result<u8, CliError> {
     let _ = &a.cache;
-    let format = match &a.format {
-        Some(f) => Some(
-            Format::from_name(f)
-                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
-        ),
-        None => None,
-    };
+    let format = crate::common::parse_format(&a.format)?;
     let repair = match a.repair {
         None => Repair::None,
         Some(RepairArg::Leaks) => Repair::Leaks,

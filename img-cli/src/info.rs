@@ -452,13 +452,7 @@ fn to_human(i: &ImageInfo) -> String {
 }
 
 pub fn run(a: InfoArgs) -> Result<u8, CliError> {
-    let fmt = match &a.format {
-        Some(f) => Some(
-            Format::from_name(f)
-                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
-        ),
-        None => None,
-    };
+    let fmt = crate::common::parse_format(&a.format)?;
     let mut chain = vec![open_one(&a.filename, a.image_opts, fmt, a.force_share)?];
     if a.backing_chain {
         let top =

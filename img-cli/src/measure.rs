@@ -67,16 +67,7 @@ fn prealloc_size(size: u64, cs: u64, refcount_order: u32, extl2: bool) -> u64 {
 }
 
 pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
-    let fmt = |f: &Option<String>| -> Result<Option<Format>, CliError> {
-        match f {
-            Some(f) => {
-                Ok(Some(Format::from_name(f).ok_or_else(|| {
-                    CliError::new(format!("Unknown file format '{f}'"))
-                })?))
-            }
-            None => Ok(None),
-        }
-    };
+    let fmt = crate::common::parse_format;
     let out_fmt = fmt(&a.out_format)?.unwrap_or(Format::Raw);
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
     let Parsed { o, encrypt, .. } = parse_options(out_fmt, &list)?;

@@ -1,7 +1,7 @@
 //! `rimg snapshot`: list, create, apply and delete internal snapshots.
 
 use clap::Args;
-use qcow2::{Format, OpenOptions};
+use qcow2::OpenOptions;
 
 use crate::CliError;
 
@@ -34,13 +34,7 @@ pub struct SnapshotArgs {
 
 pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
     let _ = a.quiet;
-    let format = match &a.format {
-        Some(f) => Some(
-            Format::from_name(f)
-                .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'")))?,
-        ),
-        None => None,
-    };
+    let format = crate::common::parse_format(&a.format)?;
     let writable = a.apply.is_some() || a.create.is_some() || a.delete.is_some();
     let img = crate::blockopts::open_image(
         &a.filename,

@@ -19,6 +19,88 @@ pub fn qemu_img(args: &[&str]) -> Output {
     run("qemu-img", args)
 }
 
+/// Runs the workspace's `rimg` binary and returns its output.
+pub fn rimg(args: &[&str]) -> Output {
+    Command::new(workspace_bin("rimg"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run rimg {args:?}: {e}"))
+}
+
+/// Runs `name` with `args`: "rimg" is the workspace's binary, any other
+/// name a program on PATH (qemu-img for the same step by QEMU).
+pub fn tool(name: &str, args: &[&str]) -> Output {
+    match name {
+        "rimg" => rimg(args),
+        _ => run(name, args),
+    }
+}
+
+/// Asserts that a command exited 0 (its output in the message if not);
+/// returns its stdout.
+pub fn ok(o: Output) -> String {
+    ok_as(o, "command").stdout_text()
+}
+
+/// As [`ok`], naming `what` ran in the message; returns the output.
+pub fn ok_as(o: Output, what: &str) -> Output {
+    assert!(
+        o.status.success(),
+        "{what}: exit {:?}\n{}{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// Runs `cmd`, asserts that it succeeded; returns its stdout.
+pub fn run_ok(cmd: &str, args: &[&str]) -> String {
+    ok_as(run(cmd, args), &format!("{cmd} {args:?}")).stdout_text()
+}
+
+/// A command's output as text (lossy UTF-8).
+pub trait OutputText {
+    fn stdout_text(&self) -> String;
+    fn stderr_text(&self) -> String;
+}
+
+impl OutputText for Output {
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+/// Creates a qcow2 image with qemu-img (`opts` passed as `-o` unless
+/// empty); asserts success.
+pub fn qemu_create(img: impl AsRef<Path>, opts: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([img.as_ref().to_str().unwrap(), size]);
+    ok_as(qemu_img(&args), &format!("qemu-img {args:?}"));
+}
+
+/// As [`qemu_create`], over the backing file `backing` of format
+/// `backing_fmt` (named as given: absolute, or relative to `img`'s
+/// directory; `size` may be empty for the backing file's).
+pub fn qemu_create_backed(img: &Path, opts: &str, backing: &Path, backing_fmt: &str, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend(["-F", backing_fmt, "-b", backing.to_str().unwrap()]);
+    args.push(img.to_str().unwrap());
+    if !size.is_empty() {
+        args.push(size);
+    }
+    ok_as(qemu_img(&args), &format!("qemu-img {args:?}"));
+}
+
 /// Runs qemu-io with one `-c` per command on `img`; asserts success.
 pub fn qemu_io(img: &Path, cmds: &[&str]) {
     let mut args = Vec::new();
@@ -63,6 +145,17 @@ pub fn qemu_raw_content(img: &Path, scratch: &Path) -> Vec<u8> {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     std::fs::read(scratch).unwrap()
+}
+
+/// `qemu-img map --output=json` of `img` without host offsets (the
+/// tools compared may place clusters differently).
+pub fn qemu_map_without_offsets(img: &Path) -> Vec<serde_json::Value> {
+    let out = run_ok("qemu-img", &["map", "--output=json", img.to_str().unwrap()]);
+    let mut v: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    for e in &mut v {
+        e.as_object_mut().unwrap().remove("offset");
+    }
+    v
 }
 
 /// Asserts that `qemu-img check` finds neither errors nor leaks.
@@ -250,10 +343,12 @@ impl Drop for WatchedChild {
     }
 }
 
+pub mod bitmaps;
 pub mod blk;
 pub mod crash;
 pub mod daemon;
 pub mod guest;
+pub mod image;
 pub mod net;
 pub mod rings;
 pub mod torture;

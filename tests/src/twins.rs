@@ -52,6 +52,34 @@ impl Twins {
         }
     }
 
+    /// Creates the qcow2 image `file` in both (`opts` as `-o` unless
+    /// empty, over the qcow2 `backing` if any; an empty `size` for the
+    /// backing file's).
+    pub fn create(&self, file: &str, opts: &str, backing: Option<&str>, size: &str) {
+        let mut args = vec!["create", "-q", "-f", "qcow2"];
+        if !opts.is_empty() {
+            args.extend(["-o", opts]);
+        }
+        if let Some(b) = backing {
+            args.extend(["-b", b, "-F", "qcow2"]);
+        }
+        args.push(file);
+        if !size.is_empty() {
+            args.push(size);
+        }
+        self.both("qemu-img", &args);
+    }
+
+    /// Runs qemu-io with one `-c` per command on `file` in both.
+    pub fn io(&self, file: &str, cmds: &[&str]) {
+        let mut args = Vec::new();
+        for c in cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(file);
+        self.both("qemu-io", &args);
+    }
+
     /// Writes `bytes` at `off` into `file` in both directories.
     pub fn poke(&self, file: &str, off: u64, bytes: &[u8]) {
         for d in [&self.q, &self.r] {

@@ -5,28 +5,14 @@
 use std::path::Path;
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_overlay, run, tempdir,
-    workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, ok_as as ok, qemu_create, qemu_img,
+    qemu_overlay, run, tempdir, workspace_bin,
 };
-
-fn ok(o: std::process::Output, what: &str) -> std::process::Output {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\n{}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// A qcow2 image with data, zero clusters and a compressed cluster.
 fn populated(path: &Path, opts: &str) {
     let p = path.to_str().unwrap();
-    ok(
-        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p, "16M"]),
-        "create",
-    );
+    qemu_create(p, opts, "16M");
     ok(
         run(
             "qemu-io",

@@ -8,15 +8,11 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
-use std::process::Output;
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, run, tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, ok_as as ok, qemu_create, qemu_img,
+    qemu_io, rimg, tempdir,
 };
-
-fn rimg(args: &[&str]) -> Output {
-    run(workspace_bin("rimg").to_str().unwrap(), args)
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -24,17 +20,6 @@ fn s(p: &Path) -> &str {
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn ok(o: Output, what: &str) -> Output {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\n{}{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    );
-    o
 }
 
 /// The report without the measured time: every line but the last, and
@@ -204,17 +189,8 @@ fn writes_match_qemu_img_in_every_cache_mode() {
 fn partial_writes_over_a_backing_file_match_qemu_img() {
     let d = tempdir();
     let base = d.path().join("base.qcow2");
-    ok(
-        qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "8M"]),
-        "create base",
-    );
-    ok(
-        run(
-            "qemu-io",
-            &["-f", "qcow2", "-c", "write -P 0x11 0 8M", s(&base)],
-        ),
-        "fill base",
-    );
+    qemu_create(&base, "", "8M");
+    qemu_io(&base, &["write -P 0x11 0 8M"]);
     // Each 4 KiB write at 1 KiB into a cluster: the rest of the cluster
     // is copied from the backing file.
     for cache in ["writeback", "none"] {
@@ -321,27 +297,15 @@ fn long_options_and_accepted_options_match_qemu_img() {
 fn reads_match_qemu_img() {
     let d = tempdir();
     let img = d.path().join("data.qcow2");
-    ok(
-        qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "16M"]),
-        "create",
-    );
+    qemu_create(&img, "", "16M");
     // Data, zero and unallocated clusters, and a compressed one.
-    ok(
-        run(
-            "qemu-io",
-            &[
-                "-f",
-                "qcow2",
-                "-c",
-                "write -P 0x44 0 4M",
-                "-c",
-                "write -z 4M 1M",
-                "-c",
-                "write -c -P 0x55 6M 64k",
-                s(&img),
-            ],
-        ),
-        "fill",
+    qemu_io(
+        &img,
+        &[
+            "write -P 0x44 0 4M",
+            "write -z 4M 1M",
+            "write -c -P 0x55 6M 64k",
+        ],
     );
     for args in [
         &["-c", "2000", "-s", "4k"][..],
@@ -360,10 +324,7 @@ fn reads_match_qemu_img() {
 fn refusals_match_qemu_img() {
     let d = tempdir();
     let img = d.path().join("small.qcow2");
-    ok(
-        qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "1M"]),
-        "create",
-    );
+    qemu_create(&img, "", "1M");
     for args in [
         &["-t", "foo"][..],
         &["-c", "0"][..],
@@ -415,10 +376,7 @@ fn reserved_space_is_trimmed_at_exit() {
     let q = d.path().join("q.qcow2");
     let r = d.path().join("r.qcow2");
     for p in [&q, &r] {
-        ok(
-            qemu_img(&["create", "-q", "-f", "qcow2", s(p), "1G"]),
-            "create",
-        );
+        qemu_create(p, "", "1G");
     }
     let args = ["-w", "-t", "none", "-c", "1000", "-s", "4k", "-S", "64k"];
     ok(qemu_img(&bench(&args, &q)), "qemu-img bench");
@@ -449,10 +407,7 @@ fn reserved_tail_left_by_a_crash_is_free_space() {
     use qcow2::{OpenOptions, Qcow2Options};
     let d = tempdir();
     let p = d.path().join("crash.qcow2");
-    ok(
-        qemu_img(&["create", "-q", "-f", "qcow2", s(&p), "1G"]),
-        "create",
-    );
+    qemu_create(&p, "", "1G");
     let open = |ahead: u64| {
         qcow2::open(
             &p,

@@ -5,29 +5,18 @@
 //! that hold.)
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use rimg_tests::{qemu_img, qemu_io, tempdir, workspace_bin};
+use rimg_tests::{ok, qemu_create, qemu_img, qemu_io, tempdir, workspace_bin};
 
 const BITMAPS_EXT: u32 = 0x2385_2875;
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 /// A 64 MiB image with an enabled bitmap `x` whose one table entry points
 /// to a data cluster (QEMU wrote 64 KiB while it tracked).
 fn base(dir: &Path) -> PathBuf {
     let img = dir.join("base.qcow2");
-    let p = img.to_str().unwrap();
-    ok(qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]));
-    ok(qemu_img(&["bitmap", "--add", p, "x"]));
+    qemu_create(&img, "", "64M");
+    ok(qemu_img(&["bitmap", "--add", img.to_str().unwrap(), "x"]));
     qemu_io(&img, &["write 0 64k"]);
     img
 }

@@ -3,106 +3,19 @@
 //! bitmap flags and the same dirty ranges (read back by QEMU: qemu-nbd
 //! exporting the bitmap, `qemu-img map` with x-dirty-bitmap).
 
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::sync::Arc;
+use std::path::Path;
 
-use qcow2::{open, Image, OpenOptions};
-use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, tempdir, workspace_bin};
-
-fn ok(o: Output) -> String {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn tool(name: &str, args: &[&str]) -> Output {
-    let prog = match name {
-        "rimg" => workspace_bin("rimg"),
-        _ => PathBuf::from(name),
-    };
-    std::process::Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// (name, flags) of each bitmap, as `qemu-img info` reports them.
-fn qemu_bitmaps(img: &Path) -> Vec<(String, Vec<String>)> {
-    let out = ok(qemu_img(&[
-        "info",
-        "-U",
-        "--output=json",
-        img.to_str().unwrap(),
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let list = v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    list.iter()
-        .map(|b| {
-            let flags = b["flags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f.as_str().unwrap().to_string())
-                .collect();
-            (b["name"].as_str().unwrap().to_string(), flags)
-        })
-        .collect()
-}
-
-/// The dirty ranges of bitmap `name` as QEMU reads them (qemu-nbd exits
-/// when its one client is done).
-fn qemu_dirty(img: &Path, name: &str) -> Vec<(u64, u64)> {
-    let sock = img.with_extension(format!("{name}.sock"));
-    let s = sock.to_str().unwrap();
-    ok(rimg_tests::run(
-        "qemu-nbd",
-        &[
-            "--fork",
-            "-r",
-            "-k",
-            s,
-            "-f",
-            "qcow2",
-            "-B",
-            name,
-            img.to_str().unwrap(),
-        ],
-    ));
-    let out = ok(qemu_img(&[
-        "map",
-        "--output=json",
-        "--image-opts",
-        &format!(
-            "driver=nbd,server.type=unix,server.path={s},x-dirty-bitmap=qemu:dirty-bitmap:{name}"
-        ),
-    ]));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let mut r: Vec<(u64, u64)> = Vec::new();
-    for e in v.as_array().unwrap() {
-        if !e["data"].as_bool().unwrap() {
-            let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
-            match r.last_mut() {
-                Some(l) if l.0 + l.1 == start => l.1 += len,
-                _ => r.push((start, len)),
-            }
-        }
-    }
-    r
-}
+use rimg_tests::bitmaps::{assert_no_corruption, bitmap, qemu_bitmaps, qemu_dirty};
+use rimg_tests::image::open_rw;
+use rimg_tests::{
+    assert_qemu_check_clean, ok, qemu_create, qemu_create_backed, qemu_img, qemu_io, tempdir, tool,
+};
 
 /// A 64 MiB image with bitmaps `e` (enabled) and `d` (disabled), 64 KiB
 /// written while `e` tracked.
 fn two_bitmaps(img: &Path) {
+    qemu_create(img, "", "64M");
     let p = img.to_str().unwrap();
-    ok(qemu_img(&["create", "-q", "-f", "qcow2", p, "64M"]));
     ok(qemu_img(&["bitmap", "--add", p, "e"]));
     ok(qemu_img(&["bitmap", "--add", "--disable", p, "d"]));
     qemu_io(img, &["write 0 64k"]);
@@ -146,14 +59,7 @@ fn enable_marks_in_use_while_tracking_and_ends_as_qemu_img() {
     // In a session: `d` enabled, one write, then a crash (no close).
     let img = dir.path().join("session.qcow2");
     std::fs::copy(&base, &img).unwrap();
-    let q: Arc<dyn Image> = open(
-        &img,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let q = open_rw(&img);
     let q2 = q.as_qcow2().unwrap();
     q2.bitmap_tracker()
         .unwrap()
@@ -165,15 +71,13 @@ fn enable_marks_in_use_while_tracking_and_ends_as_qemu_img() {
     let crashed = dir.path().join("crashed.qcow2");
     std::fs::copy(&img, &crashed).unwrap();
     let flags = qemu_bitmaps(&crashed);
-    let in_use_auto = vec!["in-use".to_string(), "auto".to_string()];
-    assert!(
-        flags.contains(&("d".into(), in_use_auto.clone())),
-        "{flags:?}"
-    );
-    assert!(flags.contains(&("e".into(), in_use_auto)), "{flags:?}");
-    let o = qemu_img(&["check", "--output=json", crashed.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert_eq!(v["corruptions"].as_u64().unwrap_or(0), 0, "{v}");
+    for name in ["d", "e"] {
+        assert!(
+            flags.contains(&bitmap(name, &["in-use", "auto"])),
+            "{flags:?}"
+        );
+    }
+    assert_no_corruption(&crashed);
 }
 
 /// Growing an image over a longer backing file zeroes the new area (so
@@ -184,16 +88,13 @@ fn enable_marks_in_use_while_tracking_and_ends_as_qemu_img() {
 fn growing_over_a_longer_backing_file_leaves_the_new_area_clean() {
     let dir = tempdir();
     let backing = dir.path().join("backing.qcow2");
-    let b = backing.to_str().unwrap();
-    ok(qemu_img(&["create", "-q", "-f", "qcow2", b, "128M"]));
+    qemu_create(&backing, "", "128M");
     qemu_io(&backing, &["write -P 7 0 128M"]);
     // An old size on a cluster boundary, and one that is not.
     for (size, g) in [("64M", "65536"), ("67109376", "512")] {
         let top = dir.path().join("top.qcow2");
+        qemu_create_backed(&top, "", &backing, "qcow2", size);
         let t = top.to_str().unwrap();
-        ok(qemu_img(&[
-            "create", "-q", "-f", "qcow2", "-b", b, "-F", "qcow2", t, size,
-        ]));
         ok(qemu_img(&["bitmap", "--add", "-g", g, t, "e"]));
         ok(qemu_img(&["bitmap", "--add", "--disable", t, "d"]));
         qemu_io(&top, &["write 0 64k"]);

@@ -6,34 +6,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use rimg_tests::{assert_qemu_check_clean, qemu_io, run, tempdir, workspace_bin};
+use rimg_tests::{
+    assert_qemu_check_clean, qemu_io, qemu_map_without_offsets as map, run, run_ok as ok, tempdir,
+    workspace_bin,
+};
 use serde_json::Value;
 
 const K: u64 = 1024;
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// qemu-img's map of one image alone (no backing), without host offsets
-/// (the two tools may place clusters differently).
-fn map(img: &Path) -> Vec<Value> {
-    let out = ok("qemu-img", &["map", "--output=json", img.to_str().unwrap()]);
-    let v: Vec<Value> = serde_json::from_str(&out).unwrap();
-    v.into_iter()
-        .map(|mut e| {
-            e.as_object_mut().unwrap().remove("offset");
-            e
-        })
-        .collect()
-}
 
 fn create(img: &Path, backing: Option<&str>, opts: &str, size: u64) {
     let mut a = vec!["create", "-q", "-f", "qcow2", "-o", opts];

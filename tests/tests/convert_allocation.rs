@@ -8,19 +8,15 @@
 use std::path::Path;
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_io, run, tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_create, qemu_io, run, run_ok, tempdir,
+    workspace_bin,
 };
-use serde_json::Value;
 
+/// Runs `cmd`, asserts that it succeeded.
 fn ok(cmd: &str, args: &[&str]) {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
+    run_ok(cmd, args);
 }
+use serde_json::Value;
 
 /// qemu-img's map without host offsets, adjacent equal extents merged.
 fn map(img: &Path) -> Vec<Value> {
@@ -79,10 +75,7 @@ fn same_as_qemu_img(dir: &Path, args: &[&str], sources: &[&Path]) -> Vec<Value> 
 fn s0_allocates_everything() {
     let dir = tempdir();
     let src = dir.path().join("src.qcow2");
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", src.to_str().unwrap(), "64M"],
-    );
+    qemu_create(&src, "", "64M");
     qemu_io(&src, &["write -P 0x22 0 3M", "write -P 0 3M 3M"]);
     let m = same_as_qcow2_map(dir.path(), &["-O", "qcow2", "-S", "0"], &src);
     assert_eq!(m.len(), 1, "one data extent over the whole disk: {m:?}");
@@ -101,19 +94,7 @@ fn s_n_makes_holes_of_long_zero_runs_only() {
     let dir = tempdir();
     let src = dir.path().join("src.qcow2");
     let s = src.to_str().unwrap();
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=1k",
-            s,
-            "64M",
-        ],
-    );
+    qemu_create(s, "cluster_size=1k", "64M");
     qemu_io(
         &src,
         &[
@@ -144,19 +125,7 @@ fn compression_over_concatenated_sources() {
     let dir = tempdir();
     let (one, two) = (dir.path().join("1.qcow2"), dir.path().join("2.qcow2"));
     for p in [&one, &two] {
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                "cluster_size=1024",
-                p.to_str().unwrap(),
-                "1023k",
-            ],
-        );
+        qemu_create(p, "cluster_size=1024", "1023k");
     }
     qemu_io(
         &one,

@@ -35,10 +35,12 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rimg_tests::bitmaps::qemu_bitmaps;
 use rimg_tests::blk::Daemon;
 use rimg_tests::crash::{effect, pattern, DiscardRule, Op, Val, Workload, SECTOR};
 use rimg_tests::{
-    assert_qemu_check_clean, qemu_img, qemu_raw_content, run, tempdir, wait_unlocked, workspace_bin,
+    assert_qemu_check_clean, ok_as, qemu_create, qemu_img, qemu_io, qemu_raw_content, run, tempdir,
+    wait_unlocked, workspace_bin,
 };
 
 const SIZE: u64 = 16 << 20;
@@ -128,15 +130,6 @@ const VARIANTS: &[Variant] = &[
     with_extl2(v(32768, "1.1", true, true, Writer::Blk(2))),
 ];
 
-fn ok(o: std::process::Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
 /// The image of a variant (and its backing file, with data in parts of
 /// it: plain, and a compressed stretch).
 fn make_image(dir: &Path, var: &Variant) -> PathBuf {
@@ -151,64 +144,32 @@ fn make_image(dir: &Path, var: &Variant) -> PathBuf {
     let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opts];
     if var.backing {
         let base = dir.join("base.qcow2");
-        let b = base.to_str().unwrap();
-        ok(
-            qemu_img(&["create", "-q", "-f", "qcow2", b, &SIZE.to_string()]),
-            "create base",
-        );
-        ok(
-            run(
-                "qemu-io",
-                &[
-                    "-c",
-                    "write -P 0x5a 0 5M",
-                    "-c",
-                    "write -P 0xa5 9M 2M",
-                    "-c",
-                    "write -c -P 0x33 13M 1M",
-                    b,
-                ],
-            ),
-            "qemu-io base",
+        qemu_create(&base, "", &SIZE.to_string());
+        qemu_io(
+            &base,
+            &[
+                "write -P 0x5a 0 5M",
+                "write -P 0xa5 9M 2M",
+                "write -c -P 0x33 13M 1M",
+            ],
         );
         args.extend(["-b", "base.qcow2", "-F", "qcow2"]);
     }
     let size = SIZE.to_string();
     args.extend([img.to_str().unwrap(), size.as_str()]);
-    ok(qemu_img(&args), "create");
+    ok_as(qemu_img(&args), "create");
     if var.bitmaps {
         let p = img.to_str().unwrap();
-        ok(
+        ok_as(
             qemu_img(&["bitmap", "--add", "-g", "4096", p, "on"]),
             "bitmap on",
         );
-        ok(
+        ok_as(
             qemu_img(&["bitmap", "--add", "--disable", p, "off"]),
             "bitmap off",
         );
     }
     img
-}
-
-/// (name, flags) of each bitmap, as `qemu-img info` reports them.
-fn bitmap_flags(img: &Path) -> Vec<(String, Vec<String>)> {
-    let o = qemu_img(&["info", "-U", "--output=json", img.to_str().unwrap()]);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("info json");
-    v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-        .iter()
-        .map(|b| {
-            let flags = b["flags"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|f| f.as_str().unwrap().to_string())
-                .collect();
-            (b["name"].as_str().unwrap().to_string(), flags)
-        })
-        .collect()
 }
 
 /// Reads the writer's stdout lines into a channel (closed at EOF).
@@ -525,7 +486,7 @@ fn killed_writers_leave_consistent_images_with_every_flushed_write() {
             // write (once inconsistent, it stays so), the disabled one is
             // untouched; check -r leaks freed none of their clusters.
             if var.bitmaps {
-                let flags = bitmap_flags(&img);
+                let flags = qemu_bitmaps(&img);
                 flushed_once |= last.is_some();
                 if flushed_once {
                     let want = vec!["in-use".to_string(), "auto".to_string()];

@@ -10,20 +10,35 @@ use std::time::{Duration, Instant};
 
 use qcow2::encrypt::Secret;
 use qcow2::{Image, OpenOptions, Qcow2Options};
-use rimg_tests::{run, tempdir, workspace_bin};
+use rimg_tests::{ok_as, rimg as rimg_output, run, run_ok as ok, tempdir, OutputText};
 
 const PW: &str = "123456";
 const SECRET: &str = "secret,id=sec0,data=123456";
+/// LUKS with key `sec0`, quick to unlock.
+const LUKS: &str = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
 
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+/// `create` arguments for the encrypted qcow2 image `img` (`opts` holds
+/// the key's name; `secret` defines it).
+fn create_args<'a>(secret: &'a str, opts: &'a str, img: &'a str, size: &'a str) -> Vec<&'a str> {
+    vec![
+        "create", "-q", "--object", secret, "-f", "qcow2", "-o", opts, img, size,
+    ]
+}
+
+/// `convert` arguments from the raw image `src` to the qcow2 `dst`
+/// encrypted with key `sec0` and `opts`.
+fn convert_args<'a>(opts: &'a str, src: &'a Path, dst: &'a Path) -> Vec<&'a str> {
+    vec![
+        "convert",
+        "--object",
+        SECRET,
+        "-O",
+        "qcow2",
+        "-o",
+        opts,
+        src.to_str().unwrap(),
+        dst.to_str().unwrap(),
+    ]
 }
 
 fn spec(img: &Path) -> String {
@@ -57,9 +72,9 @@ fn qcheck(img: &Path) {
     );
 }
 
+/// Runs rimg, asserts it succeeded; returns its stdout.
 fn rimg(args: &[&str]) -> String {
-    let bin = workspace_bin("rimg");
-    ok(bin.to_str().unwrap(), args)
+    ok_as(rimg_output(args), &format!("rimg {args:?}")).stdout_text()
 }
 
 fn open_rimg(img: &Path, pw: &str, writable: bool) -> qcow2::Result<std::sync::Arc<dyn Image>> {
@@ -77,28 +92,14 @@ fn open_rimg(img: &Path, pw: &str, writable: bool) -> qcow2::Result<std::sync::A
 }
 
 fn create_rimg(img: &Path, opts: &str) {
-    rimg(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "--object",
-        SECRET,
-        "-o",
-        opts,
-        img.to_str().unwrap(),
-        "4M",
-    ]);
+    rimg(&create_args(SECRET, opts, img.to_str().unwrap(), "4M"));
 }
 
 #[test]
 fn rimg_creates_luks_and_aes_images_qemu_reads_and_writes() {
     let dir = tempdir();
     for (name, opts) in [
-        (
-            "luks.qcow2",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        ),
+        ("luks.qcow2", LUKS),
         (
             "essiv.qcow2",
             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,\
@@ -160,21 +161,7 @@ fn qemu_created_image_decrypts_and_converts_with_rimg() {
     let dir = tempdir();
     let img = dir.path().join("q.qcow2");
     let i = img.to_str().unwrap();
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "--object",
-            SECRET,
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-            i,
-            "4M",
-        ],
-    );
+    ok("qemu-img", &create_args(SECRET, LUKS, i, "4M"));
     qio(&img, &["write -P 0x42 4096 8192"]);
     let q = open_rimg(&img, PW, false).unwrap();
     let mut all = vec![0u8; 4 << 20];
@@ -186,17 +173,7 @@ fn qemu_created_image_decrypts_and_converts_with_rimg() {
     assert!(all[..4096].iter().all(|&x| x == 0));
     // rimg convert encrypts a raw image; QEMU finds the same content.
     let out = dir.path().join("conv.qcow2");
-    rimg(&[
-        "convert",
-        "--object",
-        SECRET,
-        "-O",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        raw.to_str().unwrap(),
-        out.to_str().unwrap(),
-    ]);
+    rimg(&convert_args(LUKS, &raw, &out));
     let r = format!("driver=raw,file.filename={}", raw.display());
     let judge = |out: &Path| {
         qcheck(out);
@@ -215,33 +192,20 @@ fn qemu_created_image_decrypts_and_converts_with_rimg() {
     // Preallocated clusters of an encrypted image read as noise: convert
     // must write the zeros (188).
     let pre = dir.path().join("pre.qcow2");
-    rimg(&[
-        "convert",
-        "--object",
-        SECRET,
-        "-O",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10,preallocation=metadata",
-        raw.to_str().unwrap(),
-        pre.to_str().unwrap(),
-    ]);
+    rimg(&convert_args(
+        &format!("{LUKS},preallocation=metadata"),
+        &raw,
+        &pre,
+    ));
     judge(&pre);
-    let o = run(
-        workspace_bin("rimg").to_str().unwrap(),
-        &[
-            "convert",
-            "-c",
-            "--object",
-            SECRET,
-            "-O",
-            "qcow2",
-            "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0",
-            raw.to_str().unwrap(),
-            dir.path().join("c.qcow2").to_str().unwrap(),
-        ],
+    let compressed = dir.path().join("c.qcow2");
+    let mut args = convert_args(
+        "encrypt.format=luks,encrypt.key-secret=sec0",
+        &raw,
+        &compressed,
     );
+    args.insert(1, "-c");
+    let o = rimg_output(&args);
     assert!(String::from_utf8_lossy(&o.stderr)
         .contains("Compression and encryption not supported at the same time"));
 }
@@ -250,10 +214,7 @@ fn qemu_created_image_decrypts_and_converts_with_rimg() {
 fn wrong_password_and_missing_key_are_errors() {
     let dir = tempdir();
     let img = dir.path().join("w.qcow2");
-    create_rimg(
-        &img,
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-    );
+    create_rimg(&img, LUKS);
     let e = open_rimg(&img, "nope", false).unwrap_err().to_string();
     assert_eq!(e, "Invalid password, cannot unlock any keyslot");
     let e = qcow2::open(&img, &OpenOptions::default())
@@ -261,10 +222,7 @@ fn wrong_password_and_missing_key_are_errors() {
         .to_string();
     assert_eq!(e, "Parameter 'encrypt.key-secret' is required for cipher");
     // Without the key: info only; no data path.
-    let o = run(
-        workspace_bin("rimg").to_str().unwrap(),
-        &["check", img.to_str().unwrap()],
-    );
+    let o = rimg_output(&["check", img.to_str().unwrap()]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("key-secret"));
 }
@@ -273,10 +231,7 @@ fn wrong_password_and_missing_key_are_errors() {
 fn hostile_luks_headers_are_refused_quickly() {
     let dir = tempdir();
     let img = dir.path().join("h.qcow2");
-    create_rimg(
-        &img,
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-    );
+    create_rimg(&img, LUKS);
     let q = qcow2::open(
         &img,
         &OpenOptions {
@@ -319,10 +274,7 @@ fn luks_key_slots_are_amended_as_qemu_amends_them() {
     use qcow2::luks_amend::{amend_luks, LuksAmend};
     let dir = tempdir();
     let img = dir.path().join("k.qcow2");
-    create_rimg(
-        &img,
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-    );
+    create_rimg(&img, LUKS);
     let amend = |pw: &str, a: LuksAmend| {
         let i = open_rimg(&img, pw, true).unwrap();
         let r = amend_luks(
@@ -442,38 +394,13 @@ fn commit_through_an_encrypted_chain_with_image_opts() {
     let b = base.to_str().unwrap();
     let t = top.to_str().unwrap();
     let luks = "encrypt.format=luks,encrypt.iter-time=10";
+    let base_opts = format!("{luks},encrypt.key-secret=sec0");
+    ok("qemu-img", &create_args(s0, &base_opts, b, "4M"));
+    let top_opts = format!("{luks},encrypt.key-secret=sec1");
+    let args = ["-o", &top_opts, "-b", b, "-F", "qcow2", t];
     ok(
         "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            s0,
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("{luks},encrypt.key-secret=sec0"),
-            b,
-            "4M",
-        ],
-    );
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "--object",
-            s1,
-            "-f",
-            "qcow2",
-            "-o",
-            &format!("{luks},encrypt.key-secret=sec1"),
-            "-b",
-            b,
-            "-F",
-            "qcow2",
-            t,
-        ],
+        &[&["create", "-q", "--object", s1, "-f", "qcow2"], &args[..]].concat(),
     );
     let spec_top = format!(
         "driver=qcow2,file.filename={t},encrypt.key-secret=sec1,\
@@ -563,26 +490,12 @@ fn commit_through_an_encrypted_chain_with_image_opts() {
 #[test]
 fn encryption_with_subclusters_or_data_file_is_refused_not_written_in_clear() {
     let d = tempdir();
-    let luks = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
     for (i, extra) in ["extended_l2=on", "data_file=DATA"].iter().enumerate() {
         let ours = d.path().join(format!("ours{i}.qcow2"));
         let theirs = d.path().join(format!("theirs{i}.qcow2"));
         let extra = extra.replace("DATA", d.path().join(format!("d{i}")).to_str().unwrap());
-        let o = run(
-            workspace_bin("rimg").to_str().unwrap(),
-            &[
-                "create",
-                "-q",
-                "--object",
-                SECRET,
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("{luks},{extra}"),
-                ours.to_str().unwrap(),
-                "1M",
-            ],
-        );
+        let opts = format!("{LUKS},{extra}");
+        let o = rimg_output(&create_args(SECRET, &opts, ours.to_str().unwrap(), "1M"));
         assert!(!o.status.success());
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("Unsupported"),
@@ -591,24 +504,10 @@ fn encryption_with_subclusters_or_data_file_is_refused_not_written_in_clear() {
         assert!(!ours.exists());
         ok(
             "qemu-img",
-            &[
-                "create",
-                "-q",
-                "--object",
-                SECRET,
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("{luks},{extra}"),
-                theirs.to_str().unwrap(),
-                "1M",
-            ],
+            &create_args(SECRET, &opts, theirs.to_str().unwrap(), "1M"),
         );
         let s = spec(&theirs);
-        let o = run(
-            workspace_bin("rimg").to_str().unwrap(),
-            &["check", "--object", SECRET, "--image-opts", &s],
-        );
+        let o = rimg_output(&["check", "--object", SECRET, "--image-opts", &s]);
         assert!(!o.status.success());
         assert!(
             String::from_utf8_lossy(&o.stderr).contains("Unsupported"),

@@ -5,34 +5,12 @@
 
 use std::path::Path;
 
-use qcow2::{open, Image, OpenOptions};
-use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, qemu_raw_content, tempdir};
-
-fn ok(o: std::process::Output) {
-    assert!(
-        o.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn rw(img: &Path) -> std::sync::Arc<dyn Image> {
-    open(
-        img,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-}
-
-fn read_all(img: &dyn Image) -> Vec<u8> {
-    let mut v = vec![0u8; img.size() as usize];
-    img.read_at(&mut v, 0).unwrap();
-    v
-}
+use qcow2::Image;
+use rimg_tests::image::{open_rw as rw, read_all};
+use rimg_tests::{
+    assert_qemu_check_clean, ok, qemu_create, qemu_create_backed, qemu_img, qemu_io,
+    qemu_map_without_offsets, qemu_raw_content, rimg, tempdir,
+};
 
 /// A deterministic pseudo-random sequence (no dependency on a seedable
 /// generator's stream staying the same across versions).
@@ -72,27 +50,22 @@ fn scribble(img: &dyn Image, model: &mut [u8], seed: u64) {
     img.flush().unwrap();
 }
 
+/// Scribbles over `path` with the engine (see [`scribble`], `model`
+/// following), then has QEMU judge: `qemu-img check` clean, and the
+/// content it reads (through `scratch`) is the model.
+fn scribble_then_qemu_reads_it(path: &Path, model: &mut [u8], seed: u64, scratch: &Path) {
+    scribble(rw(path).as_ref(), model, seed);
+    assert_qemu_check_clean(path);
+    assert_eq!(qemu_raw_content(path, scratch), model);
+}
+
 #[test]
 fn subcluster_writes_over_a_backing_file_read_as_qemu_reads_them() {
     let dir = tempdir();
     let base = dir.path().join("base.raw");
     let top = dir.path().join("top.qcow2");
     std::fs::write(&base, vec![0xffu8; 1 << 20]).unwrap();
-    let o = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        "-F",
-        "raw",
-        "-b",
-        base.to_str().unwrap(),
-        top.to_str().unwrap(),
-        "1M",
-    ]);
-    ok(o);
+    qemu_create_backed(&top, "extended_l2=on", &base, "raw", "1M");
     // QEMU writes some subclusters first: we start from its layout.
     qemu_io(
         &top,
@@ -126,55 +99,40 @@ fn subcluster_writes_over_a_backing_file_read_as_qemu_reads_them() {
 fn extended_l2_images_we_create_pass_qemu_check() {
     let dir = tempdir();
     let img_path = dir.path().join("x.qcow2");
-    let rimg = rimg_tests::workspace_bin("rimg");
-    let o = std::process::Command::new(&rimg)
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on,cluster_size=32k",
-        ])
-        .arg(&img_path)
-        .arg("3M")
-        .output()
-        .unwrap();
-    ok(o);
+    ok(rimg(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=32k",
+        img_path.to_str().unwrap(),
+        "3M",
+    ]));
     let info = qemu_img(&["info", img_path.to_str().unwrap()]);
     ok(info.clone());
     assert!(String::from_utf8_lossy(&info.stdout).contains("extended l2: true"));
     let mut model = vec![0u8; 3 << 20];
-    {
-        let img = rw(&img_path);
-        scribble(img.as_ref(), &mut model, 3);
-    }
-    assert_qemu_check_clean(&img_path);
-    assert_eq!(
-        qemu_raw_content(&img_path, &dir.path().join("x.raw")),
-        model
-    );
+    scribble_then_qemu_reads_it(&img_path, &mut model, 3, &dir.path().join("x.raw"));
 }
 
 #[test]
 fn data_file_images_we_write_read_the_same_in_qemu() {
     let dir = tempdir();
-    let rimg = rimg_tests::workspace_bin("rimg");
     for raw in [false, true] {
         let img_path = dir.path().join(format!("d{raw}.qcow2"));
         let data = dir.path().join(format!("d{raw}.data"));
-        let opts = format!(
-            "data_file={}{}",
-            data.display(),
-            if raw { ",data_file_raw=on" } else { "" }
-        );
-        let o = std::process::Command::new(&rimg)
-            .args(["create", "-q", "-f", "qcow2", "-o", &opts])
-            .arg(&img_path)
-            .arg("2M")
-            .output()
-            .unwrap();
-        ok(o);
+        let opts = data_file_opts(&data, raw);
+        ok(rimg(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            img_path.to_str().unwrap(),
+            "2M",
+        ]));
         let info = qemu_img(&["info", img_path.to_str().unwrap()]);
         ok(info.clone());
         let text = String::from_utf8_lossy(&info.stdout).to_string();
@@ -184,15 +142,7 @@ fn data_file_images_we_write_read_the_same_in_qemu() {
         );
         assert!(text.contains(&format!("data file raw: {raw}")), "{text}");
         let mut model = vec![0u8; 2 << 20];
-        {
-            let img = rw(&img_path);
-            scribble(img.as_ref(), &mut model, 11);
-        }
-        assert_qemu_check_clean(&img_path);
-        assert_eq!(
-            qemu_raw_content(&img_path, &dir.path().join("d.raw")),
-            model
-        );
+        scribble_then_qemu_reads_it(&img_path, &mut model, 11, &dir.path().join("d.raw"));
         if raw {
             // The data file alone is the disk.
             assert_eq!(std::fs::read(&data).unwrap(), model);
@@ -207,17 +157,8 @@ fn images_qemu_made_with_data_files_and_subclusters_read_the_same() {
     let dir = tempdir();
     let img_path = dir.path().join("q.qcow2");
     let data = dir.path().join("q.data");
-    let o = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("extended_l2=on,data_file={}", data.display()),
-        img_path.to_str().unwrap(),
-        "1M",
-    ]);
-    ok(o);
+    let opts = format!("extended_l2=on,data_file={}", data.display());
+    qemu_create(&img_path, &opts, "1M");
     qemu_io(
         &img_path,
         &[
@@ -227,45 +168,27 @@ fn images_qemu_made_with_data_files_and_subclusters_read_the_same() {
         ],
     );
     let want = qemu_raw_content(&img_path, &dir.path().join("q.raw"));
-    let mut model = want.clone();
-    {
-        let img = rw(&img_path);
-        assert_eq!(read_all(img.as_ref()), want);
-        scribble(img.as_ref(), &mut model, 5);
-    }
-    assert_qemu_check_clean(&img_path);
-    assert_eq!(
-        qemu_raw_content(&img_path, &dir.path().join("q2.raw")),
-        model
-    );
+    assert_eq!(read_all(rw(&img_path).as_ref()), want);
+    let mut model = want;
+    scribble_then_qemu_reads_it(&img_path, &mut model, 5, &dir.path().join("q2.raw"));
 }
 
 #[test]
 fn amend_renames_the_data_file_and_clears_the_raw_bit() {
     let dir = tempdir();
-    let rimg = rimg_tests::workspace_bin("rimg");
     let img_path = dir.path().join("a.qcow2");
     let data = dir.path().join("a.data");
     let moved = dir.path().join("b.data");
-    ok(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &format!("data_file={},data_file_raw=on", data.display()),
-        img_path.to_str().unwrap(),
-        "1M",
-    ]));
+    let opts = format!("data_file={},data_file_raw=on", data.display());
+    qemu_create(&img_path, &opts, "1M");
     qemu_io(&img_path, &["write -P 0x42 0 100k"]);
     std::fs::copy(&data, &moved).unwrap();
-    let o = std::process::Command::new(&rimg)
-        .args(["amend", "-o"])
-        .arg(format!("data_file={},data_file_raw=off", moved.display()))
-        .arg(&img_path)
-        .output()
-        .unwrap();
-    ok(o);
+    ok(rimg(&[
+        "amend",
+        "-o",
+        &format!("data_file={},data_file_raw=off", moved.display()),
+        img_path.to_str().unwrap(),
+    ]));
     std::fs::remove_file(&data).unwrap();
     let info = qemu_img(&["info", img_path.to_str().unwrap()]);
     ok(info.clone());
@@ -278,11 +201,12 @@ fn amend_renames_the_data_file_and_clears_the_raw_bit() {
     assert_qemu_check_clean(&img_path);
     qemu_io(&img_path, &["read -P 0x42 0 100k"]);
     // Setting the raw bit on an existing image is refused, as in QEMU.
-    let o = std::process::Command::new(&rimg)
-        .args(["amend", "-o", "data_file_raw=on"])
-        .arg(&img_path)
-        .output()
-        .unwrap();
+    let o = rimg(&[
+        "amend",
+        "-o",
+        "data_file_raw=on",
+        img_path.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     let q = qemu_img(&[
         "amend",
@@ -290,11 +214,7 @@ fn amend_renames_the_data_file_and_clears_the_raw_bit() {
         "data_file_raw=on",
         img_path.to_str().unwrap(),
     ]);
-    let tail = |e: &[u8]| {
-        let s = String::from_utf8_lossy(e).to_string();
-        s.split_once(": ").map(|x| x.1.to_string()).unwrap_or(s)
-    };
-    assert_eq!(tail(&o.stderr), tail(&q.stderr));
+    assert_eq!(message(&o.stderr), message(&q.stderr));
 }
 
 /// A compressed cluster's host offset is byte-granular: with extended L2
@@ -306,16 +226,7 @@ fn amend_renames_the_data_file_and_clears_the_raw_bit() {
 fn compressed_clusters_at_odd_offsets_in_extended_l2_images() {
     let dir = tempdir();
     let img_path = dir.path().join("c.qcow2");
-    ok(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536,extended_l2=on",
-        img_path.to_str().unwrap(),
-        "4M",
-    ]));
+    qemu_create(&img_path, "cluster_size=65536,extended_l2=on", "4M");
     // Four compressed clusters packed one after another: most start at
     // odd host offsets.
     qemu_io(&img_path, &["write -c -P 0x71 1M 256k"]);
@@ -341,23 +252,17 @@ fn compressed_clusters_at_odd_offsets_in_extended_l2_images() {
     );
 }
 
-fn rimg(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(rimg_tests::workspace_bin("rimg"))
-        .args(args)
-        .output()
-        .unwrap()
+/// The `-o` options of an image whose guest data is in `data`
+/// (data_file_raw=on with `raw`).
+fn data_file_opts(data: &Path, raw: bool) -> String {
+    let raw = if raw { ",data_file_raw=on" } else { "" };
+    format!("data_file={}{raw}", data.display())
 }
 
-/// `qemu-img map --output=json` without host offsets (allocation order
-/// may differ).
-fn map_shape(img: &Path) -> Vec<serde_json::Value> {
-    let o = qemu_img(&["map", "--output=json", img.to_str().unwrap()]);
-    ok(o.clone());
-    let mut v: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
-    for e in &mut v {
-        e.as_object_mut().unwrap().remove("offset");
-    }
-    v
+/// An error message without the program's name before it.
+fn message(stderr: &[u8]) -> String {
+    let s = String::from_utf8_lossy(stderr).to_string();
+    s.split_once(": ").map(|x| x.1.to_string()).unwrap_or(s)
 }
 
 #[test]
@@ -365,31 +270,9 @@ fn rebase_allocates_only_the_differing_subclusters_as_qemu_img() {
     let dir = tempdir();
     let p = |n: &str| dir.path().join(n);
     let opts = "cluster_size=1M,extended_l2=on";
-    ok(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        opts,
-        p("base").to_str().unwrap(),
-        "1M",
-    ]));
+    qemu_create(p("base"), opts, "1M");
     for (img, back) in [("mid", "base"), ("top", "mid")] {
-        ok(qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            "-F",
-            "qcow2",
-            "-b",
-            p(back).to_str().unwrap(),
-            p(img).to_str().unwrap(),
-            "1M",
-        ]));
+        qemu_create_backed(&p(img), opts, &p(back), "qcow2", "1M");
     }
     qemu_io(
         &p("mid"),
@@ -415,7 +298,10 @@ fn rebase_allocates_only_the_differing_subclusters_as_qemu_img() {
     ]));
     assert_qemu_check_clean(&p("top"));
     assert_eq!(qemu_raw_content(&p("top"), &p("after.raw")), want);
-    assert_eq!(map_shape(&p("top")), map_shape(&p("top2")));
+    assert_eq!(
+        qemu_map_without_offsets(&p("top")),
+        qemu_map_without_offsets(&p("top2"))
+    );
 }
 
 #[test]
@@ -425,20 +311,7 @@ fn resize_with_preallocation_hides_the_backing_file_per_subcluster() {
     std::fs::write(&base, vec![0xffu8; 1 << 20]).unwrap();
     for mode in ["metadata", "falloc", "full"] {
         let img = dir.path().join(format!("{mode}.qcow2"));
-        ok(qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "-F",
-            "raw",
-            "-b",
-            base.to_str().unwrap(),
-            img.to_str().unwrap(),
-            "503k",
-        ]));
+        qemu_create_backed(&img, "extended_l2=on", &base, "raw", "503k");
         ok(rimg(&[
             "resize",
             &format!("--preallocation={mode}"),
@@ -476,11 +349,7 @@ fn measure_counts_extended_entries_as_qemu_img() {
         let b = qemu_img(&[&["measure"][..], &args[..]].concat());
         assert_eq!(a.status.code(), b.status.code(), "{args:?}");
         assert_eq!(a.stdout, b.stdout, "{args:?}");
-        let strip = |e: &[u8]| {
-            let s = String::from_utf8_lossy(e).to_string();
-            s.split_once(": ").map(|x| x.1.to_string()).unwrap_or(s)
-        };
-        assert_eq!(strip(&a.stderr), strip(&b.stderr), "{args:?}");
+        assert_eq!(message(&a.stderr), message(&b.stderr), "{args:?}");
     }
 }
 
@@ -488,16 +357,7 @@ fn measure_counts_extended_entries_as_qemu_img() {
 fn check_finds_the_bitmap_errors_qemu_img_finds() {
     let dir = tempdir();
     let img = dir.path().join("c.qcow2");
-    ok(qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on",
-        img.to_str().unwrap(),
-        "1M",
-    ]));
+    qemu_create(&img, "extended_l2=on", "1M");
     // Cluster #4 gets the L2 table; #1 (unallocated) gets an allocation
     // bit, #4 both bits of subcluster 0.
     qemu_io(&img, &["write -q 256k 1k"]);
@@ -530,21 +390,8 @@ fn resize_grows_the_data_file_and_keeps_a_raw_one_mapped() {
     for raw in [false, true] {
         let img = dir.path().join(format!("r{raw}.qcow2"));
         let data = dir.path().join(format!("r{raw}.data"));
-        let o = format!(
-            "data_file={}{}",
-            data.display(),
-            if raw { ",data_file_raw=on" } else { "" }
-        );
-        ok(qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &o,
-            img.to_str().unwrap(),
-            "1M",
-        ]));
+        let o = data_file_opts(&data, raw);
+        qemu_create(&img, &o, "1M");
         ok(rimg(&["resize", img.to_str().unwrap(), "3M"]));
         assert_eq!(std::fs::metadata(&data).unwrap().len(), 3 << 20);
         assert_qemu_check_clean(&img);

@@ -13,38 +13,14 @@ const IMG: &str = "t.qcow2";
 #[test]
 fn amend_progress_follows_the_refcount_walks() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "refcount_bits=1,cluster_size=512",
-            IMG,
-            "64k",
-        ],
-    );
-    t.both("qemu-io", &["-c", &format!("write 0 {}", 58 * 512), IMG]);
+    t.create(IMG, "refcount_bits=1,cluster_size=512", None, "64k");
+    t.io(IMG, &[&format!("write 0 {}", 58 * 512)]);
     let (out, _) = t.same(&["amend", "-p", "-o", "refcount_bits=64", IMG]);
     assert!(out.contains("(66.67/100%)\r    (50.00/100%)"), "{out:?}");
     t.check_clean(IMG);
     // An upgrade with a width change: two passes, projected.
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            IMG,
-            "64M",
-        ],
-    );
-    t.both("qemu-io", &["-c", "write 0 1M", IMG]);
+    t.create(IMG, "compat=0.10", None, "64M");
+    t.io(IMG, &["write 0 1M"]);
     t.same(&["amend", "-p", "-o", "compat=1.1,refcount_bits=4", IMG]);
     t.check_clean(IMG);
 }
@@ -53,27 +29,11 @@ fn amend_progress_follows_the_refcount_walks() {
 #[test]
 fn amend_progress_of_a_downgrade() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "b.qcow2", "4G"],
-    );
-    t.both(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG, "4G",
-        ],
-    );
-    t.both(
-        "qemu-io",
-        &[
-            "-c",
-            "write -z 0 64k",
-            "-c",
-            "write -z 1G 64k",
-            "-c",
-            "write -z 3G 64k",
-            IMG,
-        ],
+    t.create("b.qcow2", "", None, "4G");
+    t.create(IMG, "", Some("b.qcow2"), "4G");
+    t.io(
+        IMG,
+        &["write -z 0 64k", "write -z 1G 64k", "write -z 3G 64k"],
     );
     let (out, _) = t.same(&["amend", "-p", "-o", "compat=0.10", IMG]);
     assert!(out.contains("(12.50/100%)"), "{out:?}");
@@ -106,9 +66,9 @@ fn misaligned_extl2(t: &Twins, zero_it: bool) {
             IMG,
         ],
     );
-    t.both("qemu-io", &["-c", "write -q -P 1 4k 2k", IMG]);
+    t.io(IMG, &["write -q -P 1 4k 2k"]);
     if zero_it {
-        t.both("qemu-io", &["-c", "write -q -z 4k 2k", IMG]);
+        t.io(IMG, &["write -q -z 4k 2k"]);
     }
     let l1 = t.be64(IMG, 40);
     let l2 = t.be64(IMG, l1) & !(1 << 63);
@@ -159,28 +119,14 @@ fn check_repairs_a_misaligned_preallocated_cluster() {
 fn rebase_compressed_with_subclusters() {
     let t = Twins::new();
     let ext = "cluster_size=1M,extended_l2=on";
-    t.both(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", ext, "base.qcow2", "3M"],
-    );
+    t.create("base.qcow2", ext, None, "3M");
     for (img, back) in [("mid.qcow2", "base.qcow2"), (IMG, "mid.qcow2")] {
-        t.both(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-o", ext, "-b", back, "-F", "qcow2", img, "3M",
-            ],
-        );
+        t.create(img, ext, Some(back), "3M");
     }
-    t.both("qemu-io", &["-c", "write -P 0x11 1M 1M", "base.qcow2"]);
-    t.both(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x22 992k 32k",
-            "-c",
-            "write -P 0x33 2M 32k",
-            "mid.qcow2",
-        ],
+    t.io("base.qcow2", &["write -P 0x11 1M 1M"]);
+    t.io(
+        "mid.qcow2",
+        &["write -P 0x22 992k 32k", "write -P 0x33 2M 32k"],
     );
     t.same(&["rebase", "-c", "-b", "base.qcow2", "-F", "qcow2", IMG]);
     let map = t.same_judge("qemu-img", &["map", "--output=json", IMG]);
@@ -195,8 +141,8 @@ fn rebase_compressed_with_subclusters() {
 #[test]
 fn snapshot_create_past_eof_errnos() {
     let t = Twins::new();
-    t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
-    t.both("qemu-io", &["-c", "write 0 512", IMG]);
+    t.create(IMG, "", None, "64M");
+    t.io(IMG, &["write 0 512"]);
     let l1 = t.be64(IMG, 40);
     let l2 = t.be64(IMG, l1) & !(1 << 63);
     t.poke(IMG, l2, &0xbfff_ffff_ffff_0000u64.to_be_bytes());
@@ -233,8 +179,8 @@ fn snapshot_l1_checked_where_used() {
         (8, 0x1000_0000u32.to_be_bytes().to_vec(), "File too large"),
     ] {
         let t = Twins::new();
-        t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
-        t.both("qemu-io", &["-c", "write 0 512", IMG]);
+        t.create(IMG, "", None, "64M");
+        t.io(IMG, &["write 0 512"]);
         t.both("qemu-img", &["snapshot", "-c", "test", IMG]);
         let table = t.be64(IMG, 64);
         t.poke(IMG, table + field, &bytes);
@@ -266,19 +212,7 @@ fn snapshot_l1_checked_where_used() {
 
 /// A lazy-refcounts image left dirty by a killed writer (iotest 061).
 fn dirty_image(t: &Twins) {
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=1.1,lazy_refcounts=on",
-            IMG,
-            "64M",
-        ],
-    );
+    t.create(IMG, "compat=1.1,lazy_refcounts=on", None, "64M");
     for d in [&t.q, &t.r] {
         // qemu-io dies by its own signal: its exit status is not success.
         let o = std::process::Command::new("qemu-io")
@@ -321,19 +255,7 @@ fn dirty_image_repaired_at_open() {
 #[test]
 fn amend_refusals_as_qemu_img() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            IMG,
-            "64M",
-        ],
-    );
+    t.create(IMG, "compat=0.10", None, "64M");
     for o in [
         "lazy_refcounts=on",
         "compat=0.10,lazy_refcounts=on",
@@ -346,19 +268,7 @@ fn amend_refusals_as_qemu_img() {
         let (_, err) = t.same(&["amend", "-o", o, IMG]);
         assert!(!err.is_empty(), "{o}");
     }
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            IMG,
-            "64M",
-        ],
-    );
+    t.create(IMG, "extended_l2=on", None, "64M");
     let (_, err) = t.same(&["amend", "-o", "compat=0.10", IMG]);
     assert!(err.contains("incompatible features 0x10"), "{err}");
     t.check_clean(IMG);
@@ -369,20 +279,8 @@ fn amend_refusals_as_qemu_img() {
 #[test]
 fn amend_upgrade_then_resize_with_snapshots() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            IMG,
-            "32M",
-        ],
-    );
-    t.both("qemu-io", &["-c", "write -P 0x2a 24M 64k", IMG]);
+    t.create(IMG, "compat=0.10", None, "32M");
+    t.io(IMG, &["write -P 0x2a 24M 64k"]);
     t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
     t.same(&["resize", IMG, "64M"]);
     t.same(&["amend", "-o", "compat=1.1,size=128M", IMG]);
@@ -397,32 +295,21 @@ fn amend_upgrade_then_resize_with_snapshots() {
 fn downgrade_expands_snapshot_zero_clusters() {
     let create = |t: &Twins, backed: bool| {
         if backed {
-            t.both(
-                "qemu-img",
-                &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"],
-            );
-            t.both("qemu-io", &["-c", "write -P 0x2a 0 128k", "b.qcow2"]);
-            t.both(
-                "qemu-img",
-                &[
-                    "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG, "64M",
-                ],
-            );
+            t.create("b.qcow2", "", None, "64M");
+            t.io("b.qcow2", &["write -P 0x2a 0 128k"]);
+            t.create(IMG, "", Some("b.qcow2"), "64M");
         } else {
-            t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
+            t.create(IMG, "", None, "64M");
         }
     };
     for (backed, overwrite) in [(false, true), (false, false), (true, true), (true, false)] {
         let t = Twins::new();
         create(&t, backed);
-        t.both(
-            "qemu-io",
-            &["-c", "write -z 0 64k", "-c", "write 64k 64k", IMG],
-        );
+        t.io(IMG, &["write -z 0 64k", "write 64k 64k"]);
         t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
         if overwrite {
             // The active table stops sharing the snapshot's L2 table.
-            t.both("qemu-io", &["-c", "write -P 0x42 0 128k", IMG]);
+            t.io(IMG, &["write -P 0x42 0 128k"]);
         }
         let (out, _) = t.same(&["amend", "-p", "-o", "compat=0.10", IMG]);
         assert!(out.contains("(50.00/100%)"), "{out}");
@@ -439,20 +326,8 @@ fn downgrade_expands_snapshot_zero_clusters() {
 #[test]
 fn snapshot_apply_restores_its_disk_size() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "compat=0.10",
-            IMG,
-            "32M",
-        ],
-    );
-    t.both("qemu-io", &["-c", "write -P 0x2a 24M 64k", IMG]);
+    t.create(IMG, "compat=0.10", None, "32M");
+    t.io(IMG, &["write -P 0x2a 24M 64k"]);
     t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
     t.same(&["amend", "-o", "compat=1.1,size=128M", IMG]);
     t.both("qemu-img", &["snapshot", "-c", "bar", IMG]);
@@ -499,11 +374,8 @@ fn same_size_and_version(t: &Twins) {
 fn data_file_given_in_place_of_the_headers() {
     let t = Twins::new();
     let data = format!("compat=1.1,data_file={IMG}.data");
-    t.both(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", &data, IMG, "64M"],
-    );
-    t.both("qemu-io", &["-c", "write -P 0x2a 0 4k", IMG]);
+    t.create(IMG, &data, None, "64M");
+    t.io(IMG, &["write -P 0x2a 0 4k"]);
     t.same(&["amend", "-o", "data_file=foo", IMG]);
     let opts = format!("data-file.filename={IMG}.data,file.filename={IMG}");
     let (info, _) = t.same(&["info", "--image-opts", &opts]);
@@ -531,17 +403,9 @@ fn commit_empties_the_top_in_qemu_img_steps() {
         Some("refblock_alloc"),
     ] {
         let t = Twins::new();
-        t.both(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"],
-        );
-        t.both(
-            "qemu-img",
-            &[
-                "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG, "64M",
-            ],
-        );
-        t.both("qemu-io", &["-c", "write 0 64k", IMG]);
+        t.create("b.qcow2", "", None, "64M");
+        t.create(IMG, "", Some("b.qcow2"), "64M");
+        t.io(IMG, &["write 0 64k"]);
         let target = match event {
             Some(e) => {
                 for d in [&t.q, &t.r] {

@@ -9,23 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, run, tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, ok_as as ok, qemu_img, rimg, run, tempdir,
 };
-
-fn ok(o: Output, what: &str) -> Output {
-    assert!(
-        o.status.success(),
-        "{what}: exit {:?}\n{}{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-fn rimg(args: &[&str]) -> Output {
-    run(workspace_bin("rimg").to_str().unwrap(), args)
-}
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()

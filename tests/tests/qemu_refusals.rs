@@ -6,19 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use rimg_tests::{
-    assert_qemu_check_clean, qemu_img, qemu_io, qemu_raw_content, run, tempdir, workspace_bin,
+    assert_qemu_check_clean, qemu_create, qemu_img, qemu_io, qemu_raw_content, run, run_ok as ok,
+    tempdir, workspace_bin,
 };
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn be64(p: &Path, off: u64) -> u64 {
     let mut b = [0u8; 8];
@@ -34,12 +24,27 @@ fn info(p: &Path) -> serde_json::Value {
     serde_json::from_str(&out).unwrap()
 }
 
+/// Asserts that `rimg snapshot -c test` on `img` fails with `want` in its
+/// message, leaving the file's length and no snapshot; returns qemu-img's
+/// info of the image.
+fn snapshot_refused(img: &Path, want: &str) -> serde_json::Value {
+    let len_before = std::fs::metadata(img).unwrap().len();
+    let o = rimg_tests::rimg(&["snapshot", "-c", "test", img.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "rimg snapshot -c: {err}");
+    assert!(err.contains(want), "{err}");
+    assert_eq!(std::fs::metadata(img).unwrap().len(), len_before);
+    let v = info(img);
+    assert!(v.get("snapshots").is_none(), "{v}");
+    v
+}
+
 /// An image whose first L2 entry maps the cluster at `poked`, past the
 /// end of the file; returns it and a copy for qemu-img.
 fn image_mapping_past_its_end(dir: &Path, poked: u64) -> (std::path::PathBuf, std::path::PathBuf) {
     let img = dir.join("t.qcow2");
     let p = img.to_str().unwrap();
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_create(p, "", "64M");
     qemu_io(&img, &["write 0 512"]);
     let l2 = be64(&img, be64(&img, 40)) & 0x00ff_ffff_ffff_fe00;
     std::fs::OpenOptions::new()
@@ -60,22 +65,11 @@ fn image_mapping_past_its_end(dir: &Path, poked: u64) -> (std::path::PathBuf, st
 /// file to 1 TiB) and leaves the image usable.
 #[test]
 fn snapshot_of_an_image_mapping_past_its_end_is_refused() {
-    let rimg = workspace_bin("rimg");
-    let rimg = rimg.to_str().unwrap();
     let dir = tempdir();
     let (img, judge_copy) = image_mapping_past_its_end(dir.path(), 0xff_ffff_0000);
-    let p = img.to_str().unwrap();
     let judge = qemu_img(&["snapshot", "-c", "test", judge_copy.to_str().unwrap()]);
     assert!(!judge.status.success(), "qemu-img refuses");
-
-    let len_before = std::fs::metadata(&img).unwrap().len();
-    let o = run(rimg, &["snapshot", "-c", "test", p]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "rimg snapshot -c: {err}");
-    assert!(err.contains("Resource temporarily unavailable"), "{err}");
-    assert_eq!(std::fs::metadata(&img).unwrap().len(), len_before);
-    let v = info(&img);
-    assert!(v.get("snapshots").is_none(), "{v}");
+    let v = snapshot_refused(&img, "Resource temporarily unavailable");
     assert_eq!(v["format-specific"]["data"]["corrupt"], false, "{v}");
 }
 
@@ -90,14 +84,7 @@ fn snapshot_mapping_a_missing_cluster_marks_corrupt() {
     let dir = tempdir();
     let (img, _) = image_mapping_past_its_end(dir.path(), 0x1000_0000);
     let p = img.to_str().unwrap();
-    let len_before = std::fs::metadata(&img).unwrap().len();
-    let o = run(rimg, &["snapshot", "-c", "test", p]);
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "rimg snapshot -c: {err}");
-    assert!(err.contains("past the end of the file"), "{err}");
-    assert_eq!(std::fs::metadata(&img).unwrap().len(), len_before);
-    let v = info(&img);
-    assert!(v.get("snapshots").is_none(), "{v}");
+    let v = snapshot_refused(&img, "past the end of the file");
     assert_eq!(v["format-specific"]["data"]["corrupt"], true, "{v}");
     let o = run(rimg, &["snapshot", "-c", "test", p]);
     assert_eq!(o.status.code(), Some(1));
@@ -113,8 +100,8 @@ fn amend_does_not_set_a_backing_file() {
     let img = dir.path().join("t.qcow2");
     let base = dir.path().join("t.qcow2.base");
     let (p, b) = (img.to_str().unwrap(), base.to_str().unwrap());
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", b, "64M"]);
+    qemu_create(p, "", "64M");
+    qemu_create(b, "", "64M");
     qemu_io(&base, &["write -P 0x2a 0 128k"]);
     let opts = format!("backing_file={b},backing_fmt=qcow2");
     for tool in ["qemu-img", rimg] {
@@ -146,8 +133,8 @@ fn rebase_requires_the_backing_format() {
     let img = dir.path().join("t.qcow2");
     let base = dir.path().join("t.qcow2.base");
     let (p, b) = (img.to_str().unwrap(), base.to_str().unwrap());
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", b, "64M"]);
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_create(b, "", "64M");
+    qemu_create(p, "", "64M");
     for unsafe_mode in [true, false] {
         for tool in ["qemu-img", rimg] {
             let mut args = vec!["rebase"];

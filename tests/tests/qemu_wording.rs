@@ -23,11 +23,8 @@ fn layout(t: &Twins) -> (u64, u64, u64) {
 }
 
 fn image_with_data(t: &Twins, opts: &str) {
-    t.both(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", opts, IMG, "1M"],
-    );
-    t.both("qemu-io", &["-c", "write -P 0x5a 0 64k", IMG]);
+    t.create(IMG, opts, None, "1M");
+    t.io(IMG, &["write -P 0x5a 0 64k"]);
 }
 
 #[test]
@@ -79,7 +76,7 @@ fn check_reports_references_past_the_refcount_width() {
 #[test]
 fn open_refuses_an_image_too_big() {
     let t = Twins::new();
-    t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "4G"]);
+    t.create(IMG, "", None, "4G");
     t.poke(IMG, 24, &(1u64 << 60).to_be_bytes());
     assert!(t.same(&["info", IMG]).1.contains("Image is too big"));
     t.poke(IMG, 24, &(1u64 << 40).to_be_bytes());
@@ -98,7 +95,7 @@ fn snapshot_create_errors_are_errnos() {
     t.check_clean(IMG);
     // A full snapshot table.
     let t = Twins::new();
-    t.both("qemu-img", &["create", "-q", "-f", "qcow2", IMG, "64M"]);
+    t.create(IMG, "", None, "64M");
     t.poke(IMG, 64, &0x1_0000_0000u64.to_be_bytes());
     t.poke(IMG, 60, &0x10000u32.to_be_bytes());
     let (_, err) = t.same(&["snapshot", "-c", "test", IMG]);
@@ -152,18 +149,10 @@ fn amend_changes_the_size() {
 #[test]
 fn rebase_compressed_and_unsafe_format_names() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"],
-    );
-    t.both("qemu-io", &["-c", "write -P 0xaa 0 2M", "b.qcow2"]);
-    t.both(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG,
-        ],
-    );
-    t.both("qemu-io", &["-c", "write -c -P 0xbb 2M 2M", IMG]);
+    t.create("b.qcow2", "", None, "4M");
+    t.io("b.qcow2", &["write -P 0xaa 0 2M"]);
+    t.create(IMG, "", Some("b.qcow2"), "");
+    t.io(IMG, &["write -c -P 0xbb 2M 2M"]);
     t.same(&["rebase", "-c", "-f", "qcow2", "-b", "", IMG]);
     t.same(&["check", IMG]);
     t.check_clean(IMG);
@@ -180,7 +169,7 @@ fn convert_from_an_internal_snapshot() {
     let t = Twins::new();
     image_with_data(&t, "cluster_size=65536");
     t.both("qemu-img", &["snapshot", "-c", "foo", IMG]);
-    t.both("qemu-io", &["-c", "write -P 0x22 32k 128k", IMG]);
+    t.io(IMG, &["write -P 0x22 32k 128k"]);
     t.same(&["convert", "-l", "foo", "-O", "qcow2", IMG, "s.qcow2"]);
     t.same(&["convert", "-l", "snapshot.id=1", "-O", "raw", IMG, "s.raw"]);
     t.same(&["convert", "-l", "nope", IMG, "n.raw"]);
@@ -192,18 +181,10 @@ fn convert_from_an_internal_snapshot() {
 #[test]
 fn convert_allocates_in_guest_order() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "b.qcow2", "64M"],
-    );
-    t.both("qemu-io", &["-c", "write -P 0x11 0 64M", "b.qcow2"]);
-    t.both(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", IMG,
-        ],
-    );
-    t.both("qemu-io", &["-c", "write -P 0x22 0 3M", IMG]);
+    t.create("b.qcow2", "", None, "64M");
+    t.io("b.qcow2", &["write -P 0x11 0 64M"]);
+    t.create(IMG, "", Some("b.qcow2"), "");
+    t.io(IMG, &["write -P 0x22 0 3M"]);
     t.same(&["convert", "-O", "qcow2", "-S", "0", IMG, "o.qcow2"]);
     t.same(&["map", "--output=json", "o.qcow2"]);
     t.check_clean("o.qcow2");
@@ -254,14 +235,8 @@ fn convert_n_writes_zeros_over_the_target() {
         ("0.10", true),
     ] {
         let t = Twins::new();
-        t.both(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "o.qcow2", "4M"],
-        );
-        t.both(
-            "qemu-img",
-            &["create", "-q", "-f", "qcow2", "b.qcow2", "4M"],
-        );
+        t.create("o.qcow2", "", None, "4M");
+        t.create("b.qcow2", "", None, "4M");
         let opt = format!("compat={compat}");
         let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &opt];
         if backing {
@@ -280,23 +255,8 @@ fn convert_n_writes_zeros_over_the_target() {
 #[test]
 fn check_counts_fragmentation_per_l2_table() {
     let t = Twins::new();
-    t.both(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=512",
-            IMG,
-            "3M",
-        ],
-    );
-    t.both(
-        "qemu-io",
-        &["-c", "write 512 4608", "-c", "write 1000960 4608", IMG],
-    );
+    t.create(IMG, "cluster_size=512", None, "3M");
+    t.io(IMG, &["write 512 4608", "write 1000960 4608"]);
     let (out, _) = t.same(&["check", "--output=json", IMG]);
     assert!(!out.contains("fragmented-clusters"), "{out}");
     t.same(&["check", IMG]);

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, run, tempdir, workspace_bin};
+use rimg_tests::{
+    assert_qemu_check_clean, qemu_create, qemu_img, qemu_io, run, tempdir, workspace_bin,
+};
 use serde_json::Value;
 
 fn content(img: &Path, snapshot: Option<&str>) -> Vec<u8> {
@@ -36,19 +38,7 @@ fn rimg_snapshots_work_in_qemu_img() {
     for cs in ["512", "65536"] {
         let img = dir.path().join(format!("a{cs}.qcow2"));
         let p = img.to_str().unwrap();
-        ok(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-o",
-                &format!("cluster_size={cs}"),
-                p,
-                "8M",
-            ],
-        );
+        qemu_create(p, &format!("cluster_size={cs}"), "8M");
         qemu_io(&img, &["write -P 0x41 0 3M"]);
         let s1 = content(&img, None);
         ok(rimg, &["snapshot", "-c", "first", p]);
@@ -105,7 +95,7 @@ fn qemu_img_snapshots_work_in_rimg() {
     let dir = tempdir();
     let img = dir.path().join("b.qcow2");
     let p = img.to_str().unwrap();
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "8M"]);
+    qemu_create(p, "", "8M");
     qemu_io(&img, &["write -P 0x51 0 2M", "write -c -P 0x52 4M 64k"]);
     let s1 = content(&img, None);
     ok("qemu-img", &["snapshot", "-c", "one", p]);
@@ -150,19 +140,7 @@ fn snapshot_errors() {
     let dir = tempdir();
     let img = dir.path().join("c.qcow2");
     let p = img.to_str().unwrap();
-    ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "refcount_bits=1",
-            p,
-            "1M",
-        ],
-    );
+    qemu_create(p, "refcount_bits=1", "1M");
     // With data allocated, a snapshot would need refcounts of 2: both
     // tools refuse.
     qemu_io(&img, &["write -P 1 0 64k"]);

@@ -7,20 +7,11 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use rimg_tests::{assert_qemu_check_clean, qemu_img, run, tempdir, workspace_bin};
+use rimg_tests::{
+    assert_qemu_check_clean, qemu_create, qemu_img, run, run_ok as ok, tempdir, workspace_bin,
+};
 
 const SIZE: u64 = 64 << 20;
-
-fn ok(cmd: &str, args: &[&str]) -> String {
-    let o = run(cmd, args);
-    assert!(
-        o.status.success(),
-        "{cmd} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 fn peek(p: &Path, off: u64, n: usize) -> Vec<u8> {
     let mut b = vec![0u8; n];
@@ -104,10 +95,7 @@ fn virtual_size(p: &Path) -> u64 {
 fn v2_with_short_entries(dir: &Path) -> std::path::PathBuf {
     let img = dir.join("v2.qcow2");
     let p = img.to_str().unwrap();
-    ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", p, "64M"],
-    );
+    qemu_create(p, "compat=0.10", "64M");
     for sn in ["sn0", "sn1", "sn2"] {
         ok("qemu-img", &["snapshot", "-c", sn, p]);
     }
@@ -214,7 +202,7 @@ fn table_over_the_limit_is_refused_and_repaired() {
     let dir = tempdir();
     let img = dir.path().join("big.qcow2");
     let p = img.to_str().unwrap();
-    ok("qemu-img", &["create", "-q", "-f", "qcow2", p, "64M"]);
+    qemu_create(p, "", "64M");
     // Entries of 1 KiB extra data and 64 KiB ID and name each, at 1 MiB,
     // until the table passes 64 MiB (261's "Snapshot table too big").
     let mut entry = vec![0u8; 40];

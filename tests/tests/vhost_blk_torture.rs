@@ -31,73 +31,148 @@ fn bug_a_two_queue_qcow2_cluster_allocation_race() {
     }
 }
 
-/// A fixed spread of configurations, each drawn from its seed and then
+/// One of a fixed spread of configurations: drawn from its seed, then
 /// pinned where the spread needs it (so each of the features the soak
-/// covers at random is here at least once).
-fn case(seed: u64, f: impl FnOnce(&mut Config)) {
-    case_ms(seed, 2500, f)
+/// covers at random is here at least once). Every field is pinned; the
+/// defaults of [`Pinned::seed`] are the common values.
+struct Pinned {
+    seed: u64,
+    phase_ms: u64,
+    fmt: &'static str,
+    queues: usize,
+    qd: usize,
+    direct: bool,
+    backing: bool,
+    prealloc: &'static str,
+    lazy: bool,
+    cluster: u64,
+    /// The disk's size, and the span of the wide random range.
+    size_mib: u64,
+    reconnects: u32,
+    end: End,
+    extl2: bool,
+    data: &'static str,
 }
 
-fn case_ms(seed: u64, phase_ms: u64, f: impl FnOnce(&mut Config)) {
-    let mut c = Config::random(seed, phase_ms);
-    c.mix = Mix::Full;
-    (c.extl2, c.data) = (false, "off".into());
-    f(&mut c);
-    assert_run(seed, &c);
+impl Pinned {
+    /// A buffered qcow2 image of 64 KiB clusters on one queue, no backing
+    /// file, no preallocation, no reconnect, a quiet end.
+    fn seed(seed: u64) -> Pinned {
+        Pinned {
+            seed,
+            phase_ms: 2500,
+            fmt: "qcow2",
+            queues: 1,
+            qd: 1,
+            direct: false,
+            backing: false,
+            prealloc: "off",
+            lazy: false,
+            cluster: 65536,
+            size_mib: 64,
+            reconnects: 0,
+            end: End::Quiet,
+            extl2: false,
+            data: "off",
+        }
+    }
+
+    fn run(self) {
+        let mut c = Config::random(self.seed, self.phase_ms);
+        c.mix = Mix::Full;
+        (c.fmt, c.queues, c.qd) = (self.fmt.into(), self.queues, self.qd);
+        (c.direct, c.backing) = (self.direct, self.backing);
+        (c.prealloc, c.lazy) = (self.prealloc.into(), self.lazy);
+        (c.cluster, c.size_mib, c.span_mib) = (self.cluster, self.size_mib, self.size_mib);
+        (c.reconnects, c.end) = (self.reconnects, self.end);
+        (c.extl2, c.data) = (self.extl2, self.data.into());
+        assert_run(self.seed, &c);
+    }
 }
 
 #[test]
 fn raw_direct_four_queues() {
-    case(11, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("raw".into(), 4, 32, true, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 128);
-        (c.span_mib, c.reconnects, c.end) = (128, 1, End::Quiet);
-    });
+    Pinned {
+        fmt: "raw",
+        queues: 4,
+        qd: 32,
+        direct: true,
+        size_mib: 128,
+        reconnects: 1,
+        ..Pinned::seed(11)
+    }
+    .run();
 }
 
 #[test]
 fn qcow2_512b_clusters_one_queue_qd64() {
-    case(12, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 1, 64, false, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), true, 512, 32);
-        (c.span_mib, c.reconnects, c.end) = (32, 0, End::Quiet);
-    });
+    Pinned {
+        queues: 1,
+        qd: 64,
+        lazy: true,
+        cluster: 512,
+        size_mib: 32,
+        ..Pinned::seed(12)
+    }
+    .run();
 }
 
 #[test]
 fn qcow2_4k_clusters_backing_chain_reconnects() {
-    case(13, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, true);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), true, 4096, 128);
-        (c.span_mib, c.reconnects, c.end) = (128, 2, End::Quiet);
-    });
+    Pinned {
+        queues: 2,
+        qd: 16,
+        backing: true,
+        lazy: true,
+        cluster: 4096,
+        size_mib: 128,
+        reconnects: 2,
+        ..Pinned::seed(13)
+    }
+    .run();
 }
 
 #[test]
 fn qcow2_2m_clusters_falloc_sigterm_under_load() {
-    case(14, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 4, 8, true, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("falloc".into(), false, 2 << 20, 256);
-        (c.span_mib, c.reconnects, c.end) = (256, 1, End::UnderLoad);
-    });
+    Pinned {
+        queues: 4,
+        qd: 8,
+        direct: true,
+        prealloc: "falloc",
+        cluster: 2 << 20,
+        size_mib: 256,
+        reconnects: 1,
+        end: End::UnderLoad,
+        ..Pinned::seed(14)
+    }
+    .run();
 }
 
 #[test]
 fn qcow2_64k_metadata_prealloc_two_queues_qd4() {
-    case(15, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 4, false, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("metadata".into(), false, 65536, 512);
-        (c.span_mib, c.reconnects, c.end) = (512, 0, End::UnderLoad);
-    });
+    Pinned {
+        queues: 2,
+        qd: 4,
+        prealloc: "metadata",
+        size_mib: 512,
+        end: End::UnderLoad,
+        ..Pinned::seed(15)
+    }
+    .run();
 }
 
 #[test]
 fn qcow2_64k_backing_four_queues_direct() {
-    case(16, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 4, 16, true, true);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 256);
-        (c.span_mib, c.reconnects, c.end) = (256, 1, End::Quiet);
-    });
+    Pinned {
+        queues: 4,
+        qd: 16,
+        direct: true,
+        backing: true,
+        size_mib: 256,
+        reconnects: 1,
+        ..Pinned::seed(16)
+    }
+    .run();
 }
 
 /// Extended L2 entries, 64 KiB clusters (2 KiB subclusters): sector-sized
@@ -107,12 +182,16 @@ fn qcow2_64k_backing_four_queues_direct() {
 /// write-zeroes mix in.
 #[test]
 fn qcow2_extl2_64k_two_queues() {
-    case_ms(21, 1500, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
-        (c.span_mib, c.reconnects, c.end) = (64, 1, End::Quiet);
-        (c.extl2, c.data) = (true, "off".into());
-    });
+    Pinned {
+        phase_ms: 1500,
+        queues: 2,
+        qd: 16,
+        size_mib: 64,
+        reconnects: 1,
+        extl2: true,
+        ..Pinned::seed(21)
+    }
+    .run();
 }
 
 /// Extended L2 over a backing chain (compressed, zero and partial
@@ -120,12 +199,18 @@ fn qcow2_extl2_64k_two_queues() {
 /// from the backing file; --direct, SIGTERM under load.
 #[test]
 fn qcow2_extl2_64k_backing_direct_sigterm_under_load() {
-    case_ms(22, 1500, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 8, true, true);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
-        (c.span_mib, c.reconnects, c.end) = (64, 0, End::UnderLoad);
-        (c.extl2, c.data) = (true, "off".into());
-    });
+    Pinned {
+        phase_ms: 1500,
+        queues: 2,
+        qd: 8,
+        direct: true,
+        backing: true,
+        size_mib: 64,
+        end: End::UnderLoad,
+        extl2: true,
+        ..Pinned::seed(22)
+    }
+    .run();
 }
 
 /// An external data file with data_file_raw=on: guest data goes to the
@@ -134,33 +219,48 @@ fn qcow2_extl2_64k_backing_direct_sigterm_under_load() {
 /// of the qcow2 image.
 #[test]
 fn qcow2_raw_data_file_two_queues() {
-    case_ms(23, 1500, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
-        (c.span_mib, c.reconnects, c.end) = (64, 1, End::Quiet);
-        (c.extl2, c.data) = (false, "raw".into());
-    });
+    Pinned {
+        phase_ms: 1500,
+        queues: 2,
+        qd: 16,
+        size_mib: 64,
+        reconnects: 1,
+        data: "raw",
+        ..Pinned::seed(23)
+    }
+    .run();
 }
 
 /// The same with --direct (the data file opened with O_DIRECT, the image
 /// file's metadata through the page cache) and 4 KiB clusters.
 #[test]
 fn qcow2_raw_data_file_direct_4k() {
-    case_ms(24, 1500, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 8, true, false);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), true, 4096, 32);
-        (c.span_mib, c.reconnects, c.end) = (32, 0, End::Quiet);
-        (c.extl2, c.data) = (false, "raw".into());
-    });
+    Pinned {
+        phase_ms: 1500,
+        queues: 2,
+        qd: 8,
+        direct: true,
+        lazy: true,
+        cluster: 4096,
+        size_mib: 32,
+        data: "raw",
+        ..Pinned::seed(24)
+    }
+    .run();
 }
 
 /// A data file (not raw) with extended L2 entries over a backing chain.
 #[test]
 fn qcow2_data_file_extl2_backing() {
-    case_ms(25, 1500, |c| {
-        (c.fmt, c.queues, c.qd, c.direct, c.backing) = ("qcow2".into(), 2, 16, false, true);
-        (c.prealloc, c.lazy, c.cluster, c.size_mib) = ("off".into(), false, 65536, 64);
-        (c.span_mib, c.reconnects, c.end) = (64, 0, End::Quiet);
-        (c.extl2, c.data) = (true, "on".into());
-    });
+    Pinned {
+        phase_ms: 1500,
+        queues: 2,
+        qd: 16,
+        backing: true,
+        size_mib: 64,
+        extl2: true,
+        data: "on",
+        ..Pinned::seed(25)
+    }
+    .run();
 }

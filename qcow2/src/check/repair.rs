@@ -65,6 +65,28 @@ pub(super) fn fix_entries(
     Ok(())
 }
 
+/// `entry` with its COPIED flag set to `on`.
+fn with_copied(entry: u64, on: bool) -> u64 {
+    if on {
+        entry | COPIED
+    } else {
+        entry & !COPIED
+    }
+}
+
+/// Counts a COPIED flag that disagreed with the refcount of `what`: as
+/// repaired (the caller has corrected it) with `fix`, else as found, each
+/// with its message in qemu-img's words.
+fn count_copied_error(rep: &mut CheckReport, fix: bool, what: std::fmt::Arguments<'_>) {
+    if fix {
+        rep.corruptions_fixed += 1;
+        rep.messages.push(format!("Repairing OFLAG_COPIED {what}"));
+    } else {
+        rep.corruptions += 1;
+        rep.messages.push(format!("ERROR OFLAG_COPIED {what}"));
+    }
+}
+
 /// Checks (and with `fix`, corrects) the COPIED flags of the active L1
 /// and L2 tables against the stored refcounts. Returns errors found.
 pub(super) fn fix_copied(
@@ -90,19 +112,15 @@ pub(super) fn fix_copied(
         if (rc == 1) != (e & COPIED != 0) {
             errors += 1;
             if fix {
-                let ne = if rc == 1 { e | COPIED } else { e & !COPIED };
+                let ne = with_copied(e, rc == 1);
                 ctx.l1[i] = ne;
                 st.write_at(&ne.to_be_bytes(), ctx.header.l1_table_offset + i as u64 * 8)?;
-                rep.corruptions_fixed += 1;
-                rep.messages.push(format!(
-                    "Repairing OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                ));
-            } else {
-                rep.corruptions += 1;
-                rep.messages.push(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"
-                ));
             }
+            count_copied_error(
+                rep,
+                fix,
+                format_args!("L2 cluster: l1_index={i} l1_entry={e:x} refcount={rc}"),
+            );
         }
         st.read_at(&mut l2buf, l2off)?;
         let mut changed = false;
@@ -136,23 +154,15 @@ pub(super) fn fix_copied(
                 if fix {
                     // Bit 0 as it was (reserved with extended L2 entries).
                     let orig = u64::from_be_bytes(l2buf[at..at + 8].try_into().unwrap());
-                    let ne = if rc == 1 {
-                        orig | COPIED
-                    } else {
-                        orig & !COPIED
-                    };
+                    let ne = with_copied(orig, rc == 1);
                     l2buf[at..at + 8].copy_from_slice(&ne.to_be_bytes());
                     changed = true;
-                    rep.corruptions_fixed += 1;
-                    rep.messages.push(format!(
-                        "Repairing OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
-                    ));
-                } else {
-                    rep.corruptions += 1;
-                    rep.messages.push(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
-                    ));
                 }
+                count_copied_error(
+                    rep,
+                    fix,
+                    format_args!("data cluster: l2_entry={raw:x} refcount={rc}"),
+                );
             }
         }
         if changed {
