@@ -13,7 +13,8 @@ use std::sync::Arc;
 
 use qcow2::encrypt::Secret;
 use qcow2::{open, Image, OpenOptions, Qcow2Options};
-use rimg_tests::{run, tempdir, workspace_bin};
+use rimg_tests::bitmaps::{bitmap, granular, qemu_bitmaps, qemu_dirty};
+use rimg_tests::{ok_as, run, tempdir, tool, OutputText};
 
 const SIZE: u64 = 16 << 20;
 const CLUSTER_SIZES: [&str; 3] = ["512", "64k", "2M"];
@@ -64,18 +65,12 @@ struct Case {
     cs: &'static str,
 }
 
-fn ok(o: std::process::Output, what: &str) -> String {
-    assert!(
-        o.status.success(),
-        "{what}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn rimg(args: &[&str]) -> std::process::Output {
-    run(workspace_bin("rimg").to_str().unwrap(), args)
+/// The tool's name as `rimg_tests::tool` takes it.
+fn name(t: Tool) -> &'static str {
+    match t {
+        Tool::Qemu => "qemu-img",
+        Tool::Rimg => "rimg",
+    }
 }
 
 impl Case {
@@ -113,7 +108,7 @@ impl Case {
     }
 
     /// `create` (and, for bitmaps, `bitmap --add`) by `tool`.
-    fn create(&self, tool: Tool) -> std::process::Output {
+    fn create(&self, t: Tool) -> std::process::Output {
         let opts = self.create_options();
         let size = SIZE.to_string();
         let args = [
@@ -128,20 +123,10 @@ impl Case {
             self.path(),
             &size,
         ];
-        let o = match tool {
-            Tool::Qemu => run("qemu-img", &args),
-            Tool::Rimg => rimg(&args),
-        };
+        let o = tool(name(t), &args);
         if o.status.success() && self.feature == Feature::Bitmap {
             let args = ["bitmap", "--add", self.path(), BITMAP];
-            let what = format!("{tool:?} bitmap --add");
-            ok(
-                match tool {
-                    Tool::Qemu => run("qemu-img", &args),
-                    Tool::Rimg => rimg(&args),
-                },
-                &what,
-            );
+            ok_as(tool(name(t), &args), &format!("{t:?} bitmap --add"));
         }
         o
     }
@@ -174,7 +159,7 @@ impl Case {
         }
         args.extend(self.qemu_spec());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let out = ok(run("qemu-io", &args), "qemu-io");
+        let out = ok_as(run("qemu-io", &args), "qemu-io").stdout_text();
         assert!(!out.contains("failed"), "qemu-io: {out}");
     }
 
@@ -211,7 +196,7 @@ impl Case {
         let mut args = vec!["check".to_string()];
         args.extend(self.qemu_spec());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(run("qemu-img", &args), &format!("{self:?}: qemu-img check"));
+        ok_as(run("qemu-img", &args), &format!("{self:?}: qemu-img check"));
     }
 
     fn qemu_content(&self) -> Vec<u8> {
@@ -221,7 +206,7 @@ impl Case {
         // `-f` must come before the source; with --image-opts there is none.
         args.extend(["-O".into(), "raw".into(), raw.to_str().unwrap().into()]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        ok(run("qemu-img", &args), "qemu-img convert");
+        ok_as(run("qemu-img", &args), "qemu-img convert");
         let v = std::fs::read(&raw).unwrap();
         std::fs::remove_file(&raw).unwrap();
         v
@@ -234,63 +219,23 @@ impl Case {
         v
     }
 
+    /// The granularity of bitmap `BITMAP`, which QEMU must see enabled
+    /// and consistent.
     fn bitmap_granularity(&self) -> u64 {
-        let out = ok(
+        assert_eq!(
+            qemu_bitmaps(&self.img),
+            [bitmap(BITMAP, &["auto"])],
+            "{self:?}"
+        );
+        let out = ok_as(
             run("qemu-img", &["info", "-U", "--output=json", self.path()]),
             "qemu-img info",
-        );
+        )
+        .stdout_text();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let b = &v["format-specific"]["data"]["bitmaps"][0];
-        assert_eq!(b["name"], BITMAP, "{self:?}: {out}");
-        let flags: Vec<&str> = b["flags"]
-            .as_array()
+        v["format-specific"]["data"]["bitmaps"][0]["granularity"]
+            .as_u64()
             .unwrap()
-            .iter()
-            .map(|f| f.as_str().unwrap())
-            .collect();
-        assert_eq!(flags, ["auto"], "{self:?}: {out}");
-        b["granularity"].as_u64().unwrap()
-    }
-
-    /// Bitmap `BITMAP`'s dirty ranges as QEMU reads them: qemu-nbd exports
-    /// it (and exits after its one client), `qemu-img map` reports dirty
-    /// ranges as "data": false.
-    fn qemu_dirty(&self) -> Vec<(u64, u64)> {
-        let sock = self.img.with_extension("sock");
-        let s = sock.to_str().unwrap();
-        ok(
-            run(
-                "qemu-nbd",
-                &[
-                    "--fork",
-                    "-r",
-                    "-k",
-                    s,
-                    "-f",
-                    "qcow2",
-                    "-B",
-                    BITMAP,
-                    self.path(),
-                ],
-            ),
-            "qemu-nbd",
-        );
-        let opts = format!(
-            "driver=nbd,server.type=unix,server.path={s},x-dirty-bitmap=qemu:dirty-bitmap:{BITMAP}"
-        );
-        let out = ok(
-            run("qemu-img", &["map", "--output=json", "--image-opts", &opts]),
-            "qemu-img map",
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let ranges: Vec<(u64, u64)> = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|e| !e["data"].as_bool().unwrap())
-            .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-            .collect();
-        merged(ranges, 1)
     }
 }
 
@@ -298,23 +243,6 @@ impl std::fmt::Debug for Case {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:?} cluster_size={}", self.feature, self.cs)
     }
-}
-
-/// Ranges rounded out to `g`, sorted and merged where they touch.
-fn merged(ranges: Vec<(u64, u64)>, g: u64) -> Vec<(u64, u64)> {
-    let mut v: Vec<(u64, u64)> = ranges
-        .into_iter()
-        .map(|(o, l)| (o - o % g, (o + l).next_multiple_of(g)))
-        .collect();
-    v.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (a, b) in v {
-        match out.last_mut() {
-            Some(l) if a <= l.0 + l.1 => l.1 = l.1.max(b - l.0),
-            _ => out.push((a, b - a)),
-        }
-    }
-    out
 }
 
 fn model(writes: &[&[Write]]) -> Vec<u8> {
@@ -329,7 +257,7 @@ fn model(writes: &[&[Write]]) -> Vec<u8> {
 /// with the other tool, then judges the result.
 fn round_trip(feature: Feature, cs: &'static str, maker: Tool) {
     let c = Case::new(feature, cs);
-    ok(c.create(maker), &format!("{c:?}: {maker:?} create"));
+    ok_as(c.create(maker), &format!("{c:?}: {maker:?} create"));
     type Writer = fn(&Case, &[Write]);
     let (a, b): (Writer, Writer) = match maker {
         Tool::Qemu => (Case::qemu_write, Case::rimg_write),
@@ -354,14 +282,14 @@ fn round_trip(feature: Feature, cs: &'static str, maker: Tool) {
     }
     if feature == Feature::Bitmap {
         let g = c.bitmap_granularity();
-        let written = FIRST
+        let written: Vec<(u64, u64)> = FIRST
             .iter()
             .chain(&SECOND)
             .map(|&(o, l, _)| (o, l))
             .collect();
         assert_eq!(
-            c.qemu_dirty(),
-            merged(written, g),
+            qemu_dirty(&c.img, BITMAP),
+            granular(&written, g),
             "{c:?} made by {maker:?}"
         );
     }
