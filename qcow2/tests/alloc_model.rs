@@ -11,9 +11,9 @@
 //!   the engine calls when the allocation ends. Without that waker (the
 //!   daemon before the fix, `lost_wake_up_is_found`) shuttle finds the
 //!   schedule in which a queue sleeps forever on a parked write.
-//! - `freed_clusters_wait_for_io_tickets`: a cluster freed by a discard
+//! - `freed_clusters_wait_for_io_epochs`: a cluster freed by a discard
 //!   is not reused by another allocation while an I/O that mapped it
-//!   still holds its ticket, whatever the interleaving with flushes.
+//!   still holds its epoch guard, whatever the interleaving with flushes.
 //! - `zeroing_waits_for_allocations`: write-zeroes against an in-flight
 //!   allocation of the same clusters ends, per cluster, in one of the two
 //!   orders.
@@ -311,8 +311,8 @@ fn lost_wake_up_is_found() {
 }
 
 /// An I/O that mapped a cluster keeps it from being reused while it holds
-/// its ticket, even if the guest discards the range and flushes.
-fn ticket_holds_freed_cluster(images: &Images) {
+/// its epoch guard, even if the guest discards the range and flushes.
+fn epoch_holds_freed_cluster(images: &Images) {
     let (img, _p) = images.fresh();
     img.write_at(&[0x11; CS as usize], 0).unwrap();
     img.flush().unwrap();
@@ -359,12 +359,12 @@ fn ticket_holds_freed_cluster(images: &Images) {
 }
 
 #[test]
-fn freed_clusters_wait_for_io_tickets() {
+fn freed_clusters_wait_for_io_epochs() {
     let images = Arc::new(Images::new("epoch"));
     let i = images.clone();
-    shuttle::check_random(move || ticket_holds_freed_cluster(&i), iters(1000));
+    shuttle::check_random(move || epoch_holds_freed_cluster(&i), iters(1000));
     let i = images.clone();
-    shuttle::check_pct(move || ticket_holds_freed_cluster(&i), iters(1000), 3);
+    shuttle::check_pct(move || epoch_holds_freed_cluster(&i), iters(1000), 3);
 }
 
 /// Write-zeroes over a cluster that a queue is allocating waits for the
@@ -424,8 +424,12 @@ fn zeroes_against_inplace_write(images: &Images) {
             let w = img.clone().begin_write(CS, 64).unwrap();
             shuttle::thread::yield_now();
             let ok = img.storage().write_at(&[0xaa; 64], w.host()).is_ok();
+            // A failed data write is rolled back by dropping the guard,
+            // before the epoch ends.
             if ok {
                 w.commit().unwrap();
+            } else {
+                drop(w);
             }
             drop(epoch);
         })
