@@ -235,15 +235,14 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     }
     crate::bitmap::convert_target_check(src_bitmaps.is_some(), target.as_ref())?;
     target.storage().set_no_flush(unsafe_cache);
-    if a.compress && target.as_qcow2().is_none() {
+    if a.compress && !target.supports_compression() {
         return Err(CliError::new(
             "Compression not supported for this file format",
         ));
     }
-    let cluster = target.as_qcow2().map_or(65536, |q| q.cluster_size());
     let job = Job {
         target: target.as_ref(),
-        cluster,
+        cluster: target.cluster_size(),
         compress: a.compress,
         sparse,
         // Zeros need not be written where the target already reads as
@@ -357,7 +356,8 @@ impl Sources {
 
 struct Job<'a> {
     target: &'a dyn Image,
-    cluster: u64,
+    /// The target's cluster size; None for a raw target.
+    cluster: Option<u64>,
     compress: bool,
     /// -S: zero runs shorter than this are written as data; 0 allocates
     /// everything.
@@ -485,7 +485,7 @@ impl Job<'_> {
             return Ok(len);
         }
         let mut data_bytes = 0;
-        if self.target.as_qcow2().is_none() {
+        let Some(g) = self.cluster else {
             // Raw target: copy data regions, leave holes.
             let mut pos = off;
             while pos < end {
@@ -502,11 +502,10 @@ impl Job<'_> {
                 pos += n;
             }
             return Ok(data_bytes);
-        }
+        };
         // qcow2 target: decide per target cluster, so that a cluster whose
         // source has both data and holes is written whole (and can be
         // compressed whole).
-        let g = self.cluster;
         let mut pos = off;
         let mut run: Option<(u64, bool)> = None; // (start, is_data)
         let finish = |from: u64,
@@ -590,11 +589,7 @@ impl Job<'_> {
     fn data(&self, at: u64, b: &[u8], cmp: &mut Vec<u8>) -> Result<(), CliError> {
         // Granularity: whole target clusters for qcow2 (a cluster with any
         // data is allocated anyway), the -S size for raw.
-        let gran = if self.target.as_qcow2().is_some() {
-            self.cluster
-        } else {
-            self.sparse
-        };
+        let gran = self.cluster.unwrap_or(self.sparse);
         let backing = self.target.backing().cloned();
         if backing.is_none() && !self.compress {
             // -S decides which zero runs become holes (with -c only whole
@@ -633,7 +628,7 @@ impl Job<'_> {
                     false
                 }
             } else {
-                is_zero(piece) && (self.target_zero || self.target.as_qcow2().is_some())
+                is_zero(piece) && (self.target_zero || self.cluster.is_some())
             };
             if skip {
                 if let Some(s) = run_start.take() {
@@ -659,17 +654,17 @@ impl Job<'_> {
         if !self.compress {
             return Ok(self.target.write_at(data, at)?);
         }
-        let q = self.target.as_qcow2().expect("compression needs qcow2");
-        let cs = self.cluster as usize;
+        let t = self.target;
+        let cs = self.cluster.expect("compression needs clusters") as usize;
         let mut k = 0;
         while k < data.len() {
             let pos = at + k as u64;
             let n = (cs - (pos % cs as u64) as usize).min(data.len() - k);
-            let whole = pos.is_multiple_of(cs as u64) && (n == cs || pos + n as u64 == q.size());
+            let whole = pos.is_multiple_of(cs as u64) && (n == cs || pos + n as u64 == t.size());
             if whole {
-                q.write_compressed(pos, &data[k..k + n])?;
+                t.write_compressed(pos, &data[k..k + n])?;
             } else {
-                q.write_at(&data[k..k + n], pos)?;
+                t.write_at(&data[k..k + n], pos)?;
             }
             k += n;
         }

@@ -80,7 +80,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
         },
     )?
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
-    if a.compress && img.as_qcow2().is_none() {
+    if a.compress && !img.supports_compression() {
         return Err(CliError::new(
             "Compression not supported for this file format",
         ));
@@ -152,14 +152,13 @@ fn copy_differences(
     // so that only those become allocated (as qemu-img does); compressed
     // writes take whole clusters, so with -c a cluster with any difference
     // is written whole.
-    let cs = img.as_qcow2().map_or(65536, |q| {
-        if compress {
-            q.cluster_size()
-        } else {
-            q.subcluster_size()
-        }
-    });
-    let zero_clusters = img.as_qcow2().is_some_and(|q| q.header().version >= 3);
+    let unit = if compress {
+        img.cluster_size()
+    } else {
+        img.subcluster_size()
+    };
+    let cs = unit.unwrap_or(65536);
+    let zero_clusters = img.supports_zero_clusters();
     let had_backing = img.backing().is_some();
     let step = (1u64 << 20).max(cs);
     let mut old_buf = vec![0u8; step as usize];
@@ -189,14 +188,14 @@ fn copy_differences(
                     // (Version 2 has none: zeros written there would read
                     // as "unallocated", showing the new backing file.)
                     img.write_zeroes(pos + k as u64, (j - k) as u64, false)?;
-                } else if let Some(q) = img.as_qcow2().filter(|_| compress) {
+                } else if compress {
                     let at = pos + k as u64;
                     let whole = at.is_multiple_of(cs)
                         && ((j - k) as u64 == cs || j == len && pos + e.len == size);
                     if whole {
-                        q.write_compressed(at, &old_buf[k..j])?;
+                        img.write_compressed(at, &old_buf[k..j])?;
                     } else {
-                        q.write_at(&old_buf[k..j], at)?;
+                        img.write_at(&old_buf[k..j], at)?;
                     }
                 } else {
                     img.write_at(&old_buf[k..j], pos + k as u64)?;

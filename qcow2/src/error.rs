@@ -53,6 +53,10 @@ pub enum Error {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// An operation the image's format does not have (compressed writes
+    /// to a raw image); the text names the operation.
+    #[error("{0} not supported for this file format")]
+    NotSupportedByFormat(&'static str),
     #[error("backing chain: {0}")]
     Backing(String),
     #[error("compressed cluster at host offset {offset:#x}: {reason}")]

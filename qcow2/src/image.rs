@@ -2,9 +2,13 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
+use crate::datapath::{IoEpoch, Mapping, PendingWrite};
 use crate::error::Result;
 use crate::qcow::Qcow2;
+use crate::storage::Storage;
+use crate::sync::AllocWaker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -50,9 +54,16 @@ pub struct Extent {
     pub compressed: bool,
 }
 
-/// A disk image. All methods take `&self` and may be called from several
-/// threads at once; implementations order concurrent requests on the same
-/// data themselves.
+/// A disk image. All methods take `&self` (or a shared `Arc`) and may be
+/// called from several threads at once; implementations order concurrent
+/// requests on the same data themselves.
+///
+/// Besides whole reads and writes, the trait has the split data path for
+/// callers that move guest data themselves (a daemon's io_uring): map a
+/// range ([`map_read`](Self::map_read), [`begin_write`](Self::begin_write)),
+/// do the I/O on [`data_storage`](Self::data_storage) at the mapped host
+/// offsets while holding an [`io_epoch`](Self::io_epoch), then end the
+/// write through its guard (see [`crate::datapath`]).
 pub trait Image: Send + Sync + std::fmt::Debug {
     fn format(&self) -> Format;
     /// Virtual disk size in bytes.
@@ -82,7 +93,92 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// Changes the virtual size.
     fn resize(&self, new_size: u64) -> Result<()>;
     /// The host file under the image.
-    fn storage(&self) -> &crate::storage::Storage;
+    fn storage(&self) -> &Storage;
+
+    // ----- the split data path -----
+
+    /// The file guest data lives in, at the host offsets the mappings
+    /// below return: the image file, or a qcow2 image's external data
+    /// file.
+    fn data_storage(&self) -> &Storage {
+        self.storage()
+    }
+    /// Begins data I/O that maps guest ranges and then reads or writes
+    /// host clusters outside the engine's lock: until the guard is
+    /// dropped, no cluster freed after this call is reused, so the I/O
+    /// cannot touch another guest range's data even when the guest
+    /// discards the range concurrently.
+    fn io_epoch(&self) -> IoEpoch {
+        IoEpoch::none()
+    }
+    /// Maps a prefix of the guest range [off, off + len) for reading:
+    /// how it is stored in this layer, and the prefix length.
+    /// [`Mapping::Data`] can be read from [`data_storage`](Self::data_storage)
+    /// directly at the returned offset (under an
+    /// [`io_epoch`](Self::io_epoch)); every kind can be read with
+    /// [`read_mapped`](Self::read_mapped).
+    fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)>;
+    /// Reads guest bytes at `off` that [`map_read`](Self::map_read)
+    /// mapped as `mapping`.
+    fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()>;
+    /// Maps a prefix of the guest write [off, off + len) to one host
+    /// extent, allocating and doing copy-on-write fill where needed (see
+    /// [`PendingWrite`]). Blocks while another request is allocating the
+    /// same guest cluster.
+    fn begin_write(self: Arc<Self>, off: u64, len: usize) -> Result<PendingWrite>;
+    /// As [`begin_write`](Self::begin_write), but returns `Ok(None)`
+    /// instead of waiting when another request is allocating the cluster
+    /// (for event loops that must not block on another queue). `waker`
+    /// is then registered on that cluster and called once its allocation
+    /// ends: retry after that (the protocol is in [`crate::sync`]).
+    fn try_begin_write(
+        self: Arc<Self>,
+        off: u64,
+        len: usize,
+        waker: &Arc<dyn AllocWaker>,
+    ) -> Result<Option<PendingWrite>>;
+    /// Waits until some allocation or in-place write ends, or `timeout`
+    /// passes (for callers that poll with `try_begin_write` or in
+    /// non-blocking mode and may not block for good). Images that never
+    /// refuse return at once.
+    fn wait_for_allocations(&self, _timeout: Duration) {}
+    /// The allocation state, for a daemon's state dump; None for formats
+    /// without one. Never blocks.
+    fn alloc_state(&self) -> Option<String> {
+        None
+    }
+
+    // ----- capabilities -----
+
+    /// The unit in which the format allocates guest data; None when it
+    /// maps every guest byte to the same file offset (raw).
+    fn cluster_size(&self) -> Option<u64> {
+        None
+    }
+    /// The smallest unit allocated on its own: the cluster, or one of its
+    /// subclusters (qcow2 extended L2 entries).
+    fn subcluster_size(&self) -> Option<u64> {
+        self.cluster_size()
+    }
+    /// Guest data lives in a separate file (see
+    /// [`data_storage`](Self::data_storage)).
+    fn has_external_data_file(&self) -> bool {
+        false
+    }
+    /// Write-zeroes can record zeros without writing them (qcow2 version 3
+    /// zero clusters).
+    fn supports_zero_clusters(&self) -> bool {
+        false
+    }
+    /// [`write_compressed`](Self::write_compressed) is available.
+    fn supports_compression(&self) -> bool {
+        false
+    }
+    /// Writes one whole cluster (or the image's last, partial one) at
+    /// cluster-aligned `off`, compressed.
+    fn write_compressed(&self, _off: u64, _data: &[u8]) -> Result<()> {
+        Err(crate::Error::NotSupportedByFormat("Compression"))
+    }
 }
 
 /// How a guest range reads through the whole backing chain.

@@ -13,6 +13,10 @@
 //! for the allocation to commit. See [`qcow`] for the exact model and the
 //! write ordering that keeps images consistent across crashes.
 //!
+//! Callers that move guest data themselves (a daemon's io_uring) use the
+//! split data path on [`Image`]: map, do the I/O outside the lock, end it
+//! through the guards of [`datapath`], the same way for raw and qcow2.
+//!
 //! # Untrusted input
 //! Every header field, table entry and offset read from a file is
 //! validated before use. Tables are bounded as QEMU bounds them (L1 at
@@ -28,6 +32,7 @@ pub mod compress;
 pub mod create;
 pub mod crypto;
 pub mod datafile;
+pub mod datapath;
 mod dirty_open;
 mod downgrade;
 pub mod encrypt;
@@ -55,6 +60,7 @@ pub mod sync;
 pub use amend::Amend;
 pub use check::{CheckReport, Repair};
 pub use create::{create, create_luks, CreateOptions, Preallocation};
+pub use datapath::{IoEpoch, Mapping, PendingWrite};
 pub use error::{Error, Result};
 pub use header::{CompressionType, Header};
 pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};

@@ -5,9 +5,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::datapath::{Mapping, PendingWrite};
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image};
 use crate::storage::Storage;
+use crate::sync::AllocWaker;
 
 #[derive(Debug)]
 pub struct Raw {
@@ -138,5 +140,38 @@ impl Image for Raw {
         self.st.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
+    }
+
+    // The identity mapping: guest offset = file offset, nothing allocated,
+    // nothing to end.
+    fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.check_range(off, len)?;
+        Ok((Mapping::Data(off), len))
+    }
+    fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
+        match mapping {
+            Mapping::Data(host) => self.st.read_at(buf, host),
+            Mapping::Zero(_) | Mapping::Unallocated => {
+                buf.fill(0);
+                Ok(())
+            }
+            // A raw image maps nothing compressed: read what is there.
+            Mapping::Compressed(_) => self.read_at(buf, off),
+        }
+    }
+    fn begin_write(self: Arc<Self>, off: u64, len: usize) -> Result<PendingWrite> {
+        if !self.st.writable() {
+            return Err(Error::ReadOnly);
+        }
+        self.check_range(off, len as u64)?;
+        Ok(PendingWrite::identity(off, len))
+    }
+    fn try_begin_write(
+        self: Arc<Self>,
+        off: u64,
+        len: usize,
+        _waker: &Arc<dyn AllocWaker>,
+    ) -> Result<Option<PendingWrite>> {
+        self.begin_write(off, len).map(Some)
     }
 }

@@ -8,7 +8,7 @@
 //!
 //! # Wake-up protocol (no lost requests)
 //! An event-loop caller (a block daemon queue) must not block on another
-//! queue's allocation, so [`Qcow2::try_begin_write`] refuses instead of
+//! queue's allocation, so [`Image::try_begin_write`] refuses instead of
 //! waiting and registers the caller's [`AllocWaker`] on the guest cluster
 //! that is being allocated. The invariants:
 //! 1. Registration happens under the metadata lock, in the same critical
@@ -18,9 +18,11 @@
 //!    then wakes them after the lock is dropped.
 //! 3. Every allocation is released: `end_write` ends it whatever the
 //!    outcome of the data write, and `abandon_write` when the outcome
-//!    will never be known (it leaks the new clusters instead). A
-//!    `WriteIo` dropped without either would keep its clusters in flight
-//!    for good (`#[must_use]`; callers end every one).
+//!    will never be known (it leaks the new clusters instead). Callers
+//!    outside the engine hold the mapped write in a [`PendingWrite`]:
+//!    `commit`, `abandon`, or its `Drop` (which rolls back) is the one
+//!    way to let go of it, so none is left in flight. (The engine's own
+//!    write paths end their `WriteIo` in the same function.)
 //!
 //! 4. The same holds for in-place writes, which write-zeroes that keeps
 //!    the host cluster allocated waits for: an in-place write counts
@@ -36,7 +38,8 @@
 //! starves as long as every allocation ends. A waker must not block and
 //! may be called spuriously (after the caller retried for another reason).
 //!
-//! [`Qcow2::try_begin_write`]: crate::Qcow2::try_begin_write
+//! [`Image::try_begin_write`]: crate::Image::try_begin_write
+//! [`PendingWrite`]: crate::PendingWrite
 
 #[cfg(feature = "shuttle")]
 pub(crate) use shuttle::sync::{Condvar, Mutex, MutexGuard};

@@ -11,9 +11,9 @@
 //!   the engine calls when the allocation ends. Without that waker (the
 //!   daemon before the fix, `lost_wake_up_is_found`) shuttle finds the
 //!   schedule in which a queue sleeps forever on a parked write.
-//! - `freed_clusters_wait_for_io_tickets`: a cluster freed by a discard
+//! - `freed_clusters_wait_for_io_epochs`: a cluster freed by a discard
 //!   is not reused by another allocation while an I/O that mapped it
-//!   still holds its ticket, whatever the interleaving with flushes.
+//!   still holds its epoch guard, whatever the interleaving with flushes.
 //! - `zeroing_waits_for_allocations`: write-zeroes against an in-flight
 //!   allocation of the same clusters ends, per cluster, in one of the two
 //!   orders.
@@ -34,9 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use qcow2::qcow::{Mapping, WriteIo};
 use qcow2::storage::Storage;
-use qcow2::{AllocWaker, CreateOptions, Image, Qcow2, Qcow2Options};
+use qcow2::{AllocWaker, CreateOptions, Image, Mapping, PendingWrite, Qcow2, Qcow2Options};
 use shuttle::sync::{Condvar, Mutex};
 
 const CS: u64 = 512;
@@ -157,7 +156,7 @@ struct Req {
 
 /// One queue's worker, reduced to its scheduling: requests are mapped
 /// extent by extent with `try_begin_write`; an extent's data write sits in
-/// the "ring" until the loop reaps it (then `end_write` and a completion
+/// the "ring" until the loop reaps it (then its commit and a completion
 /// that writes the eventfd); a refused request is parked and retried
 /// whenever the loop handles its eventfd. The loop sleeps only when its
 /// ring is empty, as the daemon's epoll loop does.
@@ -165,7 +164,7 @@ struct Queue {
     img: Arc<Qcow2>,
     efd: Arc<EventFd>,
     waker: Arc<dyn AllocWaker>,
-    ring: VecDeque<(WriteIo, u8)>,
+    ring: VecDeque<(PendingWrite, u8)>,
     /// Requests with bytes still to map: (request, bytes done).
     parked: VecDeque<(Req, u64)>,
 }
@@ -192,13 +191,14 @@ impl Queue {
         while done < r.len {
             let w = self
                 .img
+                .clone()
                 .try_begin_write(r.off + done, (r.len - done) as usize, &self.waker)
                 .unwrap();
             let Some(w) = w else {
                 self.parked.push_back((r, done));
                 return;
             };
-            done += w.len as u64;
+            done += w.len() as u64;
             self.ring.push_back((w, r.fill));
         }
     }
@@ -206,9 +206,12 @@ impl Queue {
     /// Reaps one data write: writes it, commits it, signals completion.
     fn reap_one(&mut self) {
         let (w, fill) = self.ring.pop_front().unwrap();
-        let data = vec![fill; w.len];
-        let ok = self.img.storage().write_at(&data, w.host).is_ok();
-        self.img.end_write(w, ok).unwrap();
+        let data = vec![fill; w.len()];
+        let ok = self.img.storage().write_at(&data, w.host()).is_ok();
+        // A failed data write is rolled back by dropping the guard.
+        if ok {
+            w.commit().unwrap();
+        }
         self.efd.write();
     }
 
@@ -308,25 +311,24 @@ fn lost_wake_up_is_found() {
 }
 
 /// An I/O that mapped a cluster keeps it from being reused while it holds
-/// its ticket, even if the guest discards the range and flushes.
-fn ticket_holds_freed_cluster(images: &Images) {
+/// its epoch guard, even if the guest discards the range and flushes.
+fn epoch_holds_freed_cluster(images: &Images) {
     let (img, _p) = images.fresh();
     img.write_at(&[0x11; CS as usize], 0).unwrap();
     img.flush().unwrap();
     let reader = {
         let img = img.clone();
         shuttle::thread::spawn(move || {
-            let t = img.io_begin();
+            let epoch = img.io_epoch();
             let (m, _) = img.map_read(0, CS).unwrap();
             let Mapping::Data(host) = m else {
                 // The discard came first: nothing mapped, nothing to hold.
-                img.io_end(t);
                 return;
             };
             shuttle::thread::yield_now();
             let mut buf = vec![0u8; CS as usize];
             img.storage().read_at(&mut buf, host).unwrap();
-            img.io_end(t);
+            drop(epoch);
             assert!(
                 buf.iter().all(|&b| b == 0x11),
                 "host cluster {host:#x} was reused while an I/O held it"
@@ -357,12 +359,12 @@ fn ticket_holds_freed_cluster(images: &Images) {
 }
 
 #[test]
-fn freed_clusters_wait_for_io_tickets() {
+fn freed_clusters_wait_for_io_epochs() {
     let images = Arc::new(Images::new("epoch"));
     let i = images.clone();
-    shuttle::check_random(move || ticket_holds_freed_cluster(&i), iters(1000));
+    shuttle::check_random(move || epoch_holds_freed_cluster(&i), iters(1000));
     let i = images.clone();
-    shuttle::check_pct(move || ticket_holds_freed_cluster(&i), iters(1000), 3);
+    shuttle::check_pct(move || epoch_holds_freed_cluster(&i), iters(1000), 3);
 }
 
 /// Write-zeroes over a cluster that a queue is allocating waits for the
@@ -418,12 +420,18 @@ fn zeroes_against_inplace_write(images: &Images) {
     let inplace = {
         let img = img.clone();
         shuttle::thread::spawn(move || {
-            let t = img.io_begin();
-            let w = img.begin_write(CS, 64).unwrap();
+            let epoch = img.io_epoch();
+            let w = img.clone().begin_write(CS, 64).unwrap();
             shuttle::thread::yield_now();
-            let ok = img.storage().write_at(&[0xaa; 64], w.host).is_ok();
-            img.end_write(w, ok).unwrap();
-            img.io_end(t);
+            let ok = img.storage().write_at(&[0xaa; 64], w.host()).is_ok();
+            // A failed data write is rolled back by dropping the guard,
+            // before the epoch ends.
+            if ok {
+                w.commit().unwrap();
+            } else {
+                drop(w);
+            }
+            drop(epoch);
         })
     };
     let zeroer = {

@@ -37,9 +37,9 @@ const CS: u64 = 65536;
 const W: (u64, usize) = (CS + 0x3e00, 0xa00);
 const W2: (u64, usize) = (CS + 0x3800, 0x600);
 
-fn open(p: &Path) -> Qcow2 {
+fn open(p: &Path) -> Arc<Qcow2> {
     let st = Storage::open(p, true).unwrap();
-    Qcow2::open(st, None, Qcow2Options::default()).unwrap()
+    Arc::new(Qcow2::open(st, None, Qcow2Options::default()).unwrap())
 }
 
 fn late_write_after_zeroing(extended_l2: bool) {
@@ -61,8 +61,8 @@ fn late_write_after_zeroing(extended_l2: bool) {
     q.write_at(&[0x11; CS as usize], CS).unwrap();
 
     // W: mapped in place, its data not yet written (slow I/O).
-    let tw = q.io_begin();
-    let w = q.begin_write(W.0, W.1).unwrap();
+    let tw = q.io_epoch();
+    let w = q.clone().begin_write(W.0, W.1).unwrap();
     // Z: write-zeroes over the whole cluster, host cluster kept. Refused
     // while W is in flight.
     let count = Arc::new(Count::default());
@@ -72,23 +72,23 @@ fn late_write_after_zeroing(extended_l2: bool) {
     assert_eq!(count.0.load(Ordering::SeqCst), 0);
     // W's data lands, W completes: Z's waker is called.
     q.data_storage()
-        .write_data_at(&[0xaa; W.1], w.host)
+        .write_data_at(&[0xaa; W.1], w.host())
         .unwrap();
-    q.end_write(w, true).unwrap();
-    q.io_end(tw);
+    w.commit().unwrap();
+    drop(tw);
     assert_eq!(count.0.load(Ordering::SeqCst), 1);
     zero().unwrap();
     // W2: another part of the cluster; its data I/O is in flight too.
-    let t2 = q.io_begin();
-    let w2 = q.begin_write(W2.0, W2.1).unwrap();
+    let t2 = q.io_epoch();
+    let w2 = q.clone().begin_write(W2.0, W2.1).unwrap();
     let mut r0 = vec![0u8; W.1];
     q.read_at(&mut r0, W.0).unwrap();
     // W2 lands and commits.
     q.data_storage()
-        .write_data_at(&[0xbb; W2.1], w2.host)
+        .write_data_at(&[0xbb; W2.1], w2.host())
         .unwrap();
-    q.end_write(w2, true).unwrap();
-    q.io_end(t2);
+    w2.commit().unwrap();
+    drop(t2);
     let mut r1 = vec![0u8; W.1];
     q.read_at(&mut r1, W.0).unwrap();
     assert!(

@@ -62,7 +62,7 @@ fn failed_commit_leaves_no_entry_on_a_freed_cluster() {
     // The smallest cache (4 tables): five L2 tables in use evict each
     // other.
     let image = open_rw(&img, CS);
-    let q = image.as_qcow2().unwrap();
+    let q = &image;
     for t in 0..5 {
         q.write_at(&[0x11; 4096], t * L2_SPAN).unwrap();
     }
@@ -70,14 +70,14 @@ fn failed_commit_leaves_no_entry_on_a_freed_cluster() {
     let before = std::fs::read(&img).unwrap();
 
     // Guest clusters 1..=4: one allocation, data written by the caller.
-    let io = q.begin_write(CS, 4 * CS as usize).unwrap();
-    assert_eq!(io.len, 4 * CS as usize, "one allocation of four clusters");
+    let io = q.clone().begin_write(CS, 4 * CS as usize).unwrap();
+    assert_eq!(io.len(), 4 * CS as usize, "one allocation of four clusters");
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open(&img)
         .unwrap();
-    file.write_all_at(&[0x22; 4 * CS as usize], io.host)
+    file.write_all_at(&[0x22; 4 * CS as usize], io.host())
         .unwrap();
 
     // Corrupt guest cluster 3's entry in the file (not cluster aligned)
@@ -92,7 +92,7 @@ fn failed_commit_leaves_no_entry_on_a_freed_cluster() {
         q.read_at(&mut b, t * L2_SPAN).unwrap();
     }
 
-    let e = q.end_write(io, true).unwrap_err();
+    let e = io.commit().unwrap_err();
     assert!(matches!(e, Error::Corrupt(_)), "{e}");
     q.flush().unwrap();
     drop(image);
@@ -182,22 +182,22 @@ fn abandoned_write_leaks_and_lets_others_go_on() {
         ]);
         assert!(o.status.success(), "{o:?}");
         let im = open_rw(&img, 1 << 20);
-        let q = im.as_qcow2().unwrap();
         if prealloc == "zero-allocated" {
             im.write_at(&[0x11; CS as usize], 3 * CS).unwrap();
             im.write_zeroes(3 * CS, CS, false).unwrap();
         }
-        let w = q.begin_write(3 * CS, CS as usize).unwrap();
+        let w = im.clone().begin_write(3 * CS, CS as usize).unwrap();
         let count = Arc::new(Count(AtomicU32::new(0)));
         let waker: Arc<dyn qcow2::AllocWaker> = count.clone();
         assert!(
-            q.try_begin_write(3 * CS, CS as usize, &waker)
+            im.clone()
+                .try_begin_write(3 * CS, CS as usize, &waker)
                 .unwrap()
                 .is_none(),
             "{prealloc}: the cluster is being allocated"
         );
-        let host = w.host;
-        q.abandon_write(w);
+        let host = w.host();
+        w.abandon();
         assert_eq!(
             count.0.load(Ordering::SeqCst),
             1,
@@ -211,13 +211,20 @@ fn abandoned_write_leaks_and_lets_others_go_on() {
             buf.iter().all(|&b| b == 0),
             "{prealloc}: the late write shows"
         );
-        let w = q
+        let w = im
+            .clone()
             .try_begin_write(3 * CS, CS as usize, &waker)
             .unwrap()
             .expect("the cluster is free to allocate again");
-        assert_ne!(w.host, host, "{prealloc}: the abandoned cluster was reused");
-        im.storage().write_at(&[0x33; CS as usize], w.host).unwrap();
-        q.end_write(w, true).unwrap();
+        assert_ne!(
+            w.host(),
+            host,
+            "{prealloc}: the abandoned cluster was reused"
+        );
+        im.storage()
+            .write_at(&[0x33; CS as usize], w.host())
+            .unwrap();
+        w.commit().unwrap();
         im.read_at(&mut buf, 3 * CS).unwrap();
         assert!(buf.iter().all(|&b| b == 0x33), "{prealloc}: new data");
         im.flush().unwrap();

@@ -160,8 +160,8 @@ impl rimg_vhost_server::Device for BlkBackend {
 
     fn dump_state(&self) -> String {
         let mut out = self.workers.dump_state();
-        if let Some(q) = self.img.as_qcow2() {
-            out.push_str(&format!("image: {}\n", q.alloc_state()));
+        if let Some(state) = self.img.alloc_state() {
+            out.push_str(&format!("image: {state}\n"));
         }
         out
     }

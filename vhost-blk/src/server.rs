@@ -4,7 +4,6 @@
 //! drains in-flight requests and flushes. SIGTERM or SIGINT ends the
 //! current connection; the image is flushed and `run` returns.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -76,19 +75,18 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     // Guest data moves between guest memory and the file that holds it at
     // the offsets the engine maps: the image file, or its external data
     // file (the engine keeps its own metadata in the image file).
-    let data = data_storage(img.as_ref());
+    let data = img.data_storage();
     let data_path = data.path().to_path_buf();
     // SAFETY: sysconf has no memory effects.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64;
-    let small_clusters = img.as_qcow2().filter(|q| q.cluster_size() < page);
-    let direct = if let (true, Some(q)) = (cfg.direct, small_clusters) {
+    let small_clusters = img.cluster_size().filter(|&cs| cs < page);
+    let direct = if let (true, Some(cluster_size)) = (cfg.direct, small_clusters) {
         // Guest data would share pages with other clusters and with
         // metadata, which the engine writes through the page cache: the
         // kernel cannot keep both paths coherent on one page.
         warn!(
-            "--direct ignored: {}-byte clusters share {page}-byte pages with each other and \
-             with metadata; guest data goes through the page cache",
-            q.cluster_size()
+            "--direct ignored: {cluster_size}-byte clusters share {page}-byte pages with each \
+             other and with metadata; guest data goes through the page cache"
         );
         None
     } else if cfg.direct {
@@ -112,13 +110,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     } else {
         None
     };
-    let files = Arc::new(DataFiles {
-        buffered: data.file().as_raw_fd(),
-        direct,
-    });
+    let files = Arc::new(DataFiles { direct });
     let opt_io = img
-        .as_qcow2()
-        .map(|q| q.cluster_size() as u32)
+        .cluster_size()
+        .map(|cs| cs as u32)
         .unwrap_or(4096)
         .max(512);
     let dev = DeviceConfig {
@@ -158,13 +153,6 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     img.flush()
         .map_err(|e| Error::Image(cfg.image.clone(), e))?;
     Ok(())
-}
-
-/// Where guest data lives: a qcow2 image's data file (itself when it has
-/// none), a raw image's file.
-pub fn data_storage(img: &dyn Image) -> &qcow2::storage::Storage {
-    img.as_qcow2()
-        .map_or_else(|| img.storage(), |q| q.data_storage())
 }
 
 /// Requests are sector-aligned: O_DIRECT must take 512-byte reads at

@@ -59,13 +59,11 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
     })?;
     img.storage().set_no_flush(p.cache.no_flush);
     // The ring does guest data I/O on the image file at mapped offsets.
-    if let Some(h) = img.as_qcow2().map(|q| q.header()) {
-        if h.has_data_file() || h.extended_l2() {
-            return Err(CliError::new(format!(
-                "'{}': bench does not support external data files or extended L2 entries",
-                a.filename
-            )));
-        }
+    if img.has_external_data_file() || img.subcluster_size() != img.cluster_size() {
+        return Err(CliError::new(format!(
+            "'{}': bench does not support external data files or extended L2 entries",
+            a.filename
+        )));
     }
     // Data I/O with O_DIRECT goes through a descriptor of its own; the
     // engine keeps its metadata I/O on the buffered one.
@@ -99,7 +97,7 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
         println!("Sending flush every {} requests", p.flush_interval);
     }
     let start = Instant::now();
-    execute(img.as_ref(), &p, a.write, !a.no_drain, direct.as_ref())?;
+    execute(&img, &p, a.write, !a.no_drain, direct.as_ref())?;
     println!(
         "Run completed in {:.3} seconds.",
         start.elapsed().as_secs_f64()

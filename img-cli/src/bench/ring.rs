@@ -3,10 +3,10 @@
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
-use qcow2::qcow::{Mapping, WriteIo};
-use qcow2::Image;
+use qcow2::{Image, IoEpoch, Mapping, PendingWrite};
 
 use super::options::Params;
 use crate::CliError;
@@ -18,8 +18,11 @@ struct Slot {
     /// Guest offset of the request and bytes already done.
     off: u64,
     done: usize,
+    /// Held from the request's first mapping until it is done: its I/O
+    /// runs outside the engine's lock.
+    epoch: Option<IoEpoch>,
     /// The mapped write of the segment in flight.
-    wio: Option<WriteIo>,
+    wio: Option<PendingWrite>,
     /// The segment in flight: length, host offset, whether O_DIRECT.
     seg_len: usize,
     seg_host: u64,
@@ -29,7 +32,7 @@ struct Slot {
 /// Runs the requests of `p` on `img` (data I/O with O_DIRECT through
 /// `direct` where given); returns the number of flushes made.
 pub(super) fn execute(
-    img: &dyn Image,
+    img: &Arc<dyn Image>,
     p: &Params,
     write: bool,
     drain: bool,
@@ -61,7 +64,7 @@ pub(super) fn execute(
         in_flight: 0,
         in_ring: 0,
         free: (0..depth).rev().collect(),
-        fd: types::Fd(img.storage().file().as_raw_fd()),
+        fd: types::Fd(img.data_storage().file().as_raw_fd()),
         direct_fd: direct.map(|f| types::Fd(f.as_raw_fd())),
         waiting: Vec::new(),
         finished: Vec::new(),
@@ -103,7 +106,7 @@ fn no_wake() -> &'static std::sync::Arc<dyn qcow2::AllocWaker> {
 const ALIGN: usize = 4096;
 
 struct Bench<'a> {
-    img: &'a dyn Image,
+    img: &'a Arc<dyn Image>,
     write: bool,
     ring: IoUring,
     buf: &'a mut [u8],
@@ -254,6 +257,7 @@ impl Bench<'_> {
         let s = &mut self.slots[i];
         s.off = off;
         s.done = 0;
+        s.epoch = Some(self.img.io_epoch());
         self.submit_segment(i)
     }
 
@@ -263,42 +267,39 @@ impl Bench<'_> {
             let s = &self.slots[i];
             (s.off + s.done as u64, self.size - s.done)
         };
-        let q = self.img.as_qcow2();
         let (host, len) = if self.write {
-            match q {
-                // The only allocations this single thread can wait for are
-                // its own requests in the ring: their completions retry it.
-                Some(q) => match q.try_begin_write(pos, rest, no_wake()).map_err(failed)? {
-                    Some(io) => {
-                        let r = (io.host, io.len);
-                        self.slots[i].wio = Some(io);
-                        r
-                    }
-                    None => {
-                        self.waiting.push(i);
-                        return Ok(());
-                    }
-                },
-                None => (pos, rest),
+            // The only allocations this single thread can wait for are its
+            // own requests in the ring: their completions retry it.
+            match self
+                .img
+                .clone()
+                .try_begin_write(pos, rest, no_wake())
+                .map_err(failed)?
+            {
+                Some(io) => {
+                    let r = (io.host(), io.len());
+                    self.slots[i].wio = Some(io);
+                    r
+                }
+                None => {
+                    self.waiting.push(i);
+                    return Ok(());
+                }
             }
         } else {
-            match q {
-                Some(q) => {
-                    let (m, n) = q.map_read(pos, rest as u64).map_err(failed)?;
-                    match m {
-                        Mapping::Data(h) => (h, n as usize),
-                        other => {
-                            // Zeros, backing data, compressed: no host
-                            // extent of ours to read; done synchronously.
-                            let at = i * self.size + self.slots[i].done;
-                            q.read_mapped(other, &mut self.buf[at..at + n as usize], pos)
-                                .map_err(failed)?;
-                            self.slots[i].seg_len = n as usize;
-                            return self.finish_sync(i);
-                        }
-                    }
+            let (m, n) = self.img.map_read(pos, rest as u64).map_err(failed)?;
+            match m {
+                Mapping::Data(h) => (h, n as usize),
+                other => {
+                    // Zeros, backing data, compressed: no host extent of
+                    // ours to read; done synchronously.
+                    let at = i * self.size + self.slots[i].done;
+                    self.img
+                        .read_mapped(other, &mut self.buf[at..at + n as usize], pos)
+                        .map_err(failed)?;
+                    self.slots[i].seg_len = n as usize;
+                    return self.finish_sync(i);
                 }
-                None => (pos, rest),
             }
         };
         let s = &mut self.slots[i];
@@ -354,6 +355,7 @@ impl Bench<'_> {
     }
 
     fn end_request(&mut self, i: usize) {
+        self.slots[i].epoch = None;
         self.in_flight -= 1;
         self.free.push(i);
     }
@@ -377,8 +379,9 @@ impl Bench<'_> {
             self.buf[at + res as usize..at + s.seg_len].fill(0);
             ok = true;
         }
-        if let (Some(q), Some(io)) = (self.img.as_qcow2(), s.wio.take()) {
-            q.end_write(io, ok).map_err(failed)?;
+        // Committed once its data is written; dropped (rolled back) when not.
+        if let Some(io) = s.wio.take().filter(|_| ok) {
+            io.commit().map_err(failed)?;
         }
         if !ok {
             let err = if res < 0 {

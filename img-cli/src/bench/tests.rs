@@ -66,44 +66,16 @@ fn flushes_on_qemu_img_schedule() {
     // Draining: a flush each time the requests not yet sent are a
     // multiple of 8 (96, 88, ..., 8 after the first four went out),
     // and one when all are done.
-    let n = execute(
-        img.as_ref(),
-        &params(100, 4, 8, "writeback"),
-        true,
-        true,
-        None,
-    )
-    .unwrap();
+    let n = execute(&img, &params(100, 4, 8, "writeback"), true, true, None).unwrap();
     assert_eq!(n, 13);
     // Without draining: the same points, but at the end every request
     // still in flight completes with 0 unsent and flushes.
-    let n = execute(
-        img.as_ref(),
-        &params(100, 4, 8, "writeback"),
-        true,
-        false,
-        None,
-    )
-    .unwrap();
+    let n = execute(&img, &params(100, 4, 8, "writeback"), true, false, None).unwrap();
     assert_eq!(n, 12 + 4);
     // No interval: no flushes; writethrough: one per request.
-    let n = execute(
-        img.as_ref(),
-        &params(100, 4, 0, "writeback"),
-        true,
-        true,
-        None,
-    )
-    .unwrap();
+    let n = execute(&img, &params(100, 4, 0, "writeback"), true, true, None).unwrap();
     assert_eq!(n, 0);
-    let n = execute(
-        img.as_ref(),
-        &params(20, 4, 0, "writethrough"),
-        true,
-        true,
-        None,
-    )
-    .unwrap();
+    let n = execute(&img, &params(20, 4, 0, "writethrough"), true, true, None).unwrap();
     assert_eq!(n, 20);
     // The data went where the requests say: 100 requests of 4 KiB
     // from offset 0 cover the first 400 KiB with the pattern.

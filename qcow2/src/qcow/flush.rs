@@ -1,35 +1,21 @@
-//! I/O tickets and epochs, deferred frees, and flush: the rules that keep
-//! a freed cluster from being reused while an old pointer may exist.
+//! I/O epochs, deferred frees, and flush: the rules that keep a freed
+//! cluster from being reused while an old pointer may exist.
 
 use super::*;
 
 impl Qcow2 {
-    /// Starts data I/O that maps guest ranges ([`map_read`](Self::map_read),
-    /// [`begin_write`](Self::begin_write)) and then reads or writes the
-    /// host clusters outside the metadata lock. Until the ticket is
-    /// returned with [`io_end`](Self::io_end), no cluster freed after this
-    /// call is reused, so the I/O cannot touch another guest range's data
-    /// even when the guest discards the range concurrently.
-    pub fn io_begin(&self) -> IoTicket {
-        let mut e = self.epochs();
-        let epoch = e.current;
-        *e.active.entry(epoch).or_default() += 1;
-        IoTicket { epoch }
+    /// Starts data I/O that maps guest ranges and then reads or writes the
+    /// host clusters outside the metadata lock (the engine's own reads and
+    /// writes, and callers of the split data path through
+    /// [`Image::io_epoch`]). Until the guard is dropped, no cluster freed
+    /// after this call is reused, so the I/O cannot touch another guest
+    /// range's data even when the guest discards the range concurrently.
+    pub(crate) fn epoch(&self) -> IoEpoch {
+        IoEpoch::begin(&self.epochs)
     }
 
-    /// Ends the data I/O started with [`io_begin`](Self::io_begin).
-    pub fn io_end(&self, t: IoTicket) {
-        let mut e = self.epochs();
-        if let Some(n) = e.active.get_mut(&t.epoch) {
-            *n -= 1;
-            if *n == 0 {
-                e.active.remove(&t.epoch);
-            }
-        }
-    }
-
-    pub(super) fn epochs(&self) -> MutexGuard<'_, Epochs> {
-        self.epochs.lock().unwrap_or_else(|p| p.into_inner())
+    pub(super) fn epochs(&self) -> MutexGuard<'_, crate::datapath::Epochs> {
+        crate::datapath::lock_epochs(&self.epochs)
     }
 
     /// Queues a host range whose last reference was just dropped in

@@ -27,10 +27,8 @@ impl Image for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
-        let t = self.io_begin();
-        let r = self.read_inner(buf, off);
-        self.io_end(t);
-        r
+        let _epoch = self.epoch();
+        self.read_inner(buf, off)
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
@@ -135,6 +133,57 @@ impl Image for Qcow2 {
                 compressed: true,
             },
         })
+    }
+
+    fn data_storage(&self) -> &Storage {
+        Qcow2::data_storage(self)
+    }
+    fn io_epoch(&self) -> IoEpoch {
+        self.epoch()
+    }
+    fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.map_for_read(off, len)
+    }
+    fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
+        self.read_run(mapping, buf, off)
+    }
+    fn begin_write(self: Arc<Self>, off: u64, len: usize) -> Result<PendingWrite> {
+        let io = self.map_write(off, len)?;
+        Ok(write::QcowWrite::guard(self, io))
+    }
+    fn try_begin_write(
+        self: Arc<Self>,
+        off: u64,
+        len: usize,
+        waker: &Arc<dyn AllocWaker>,
+    ) -> Result<Option<PendingWrite>> {
+        let io = self.try_map_write(off, len, waker)?;
+        Ok(io.map(|io| write::QcowWrite::guard(self, io)))
+    }
+    fn wait_for_allocations(&self, timeout: std::time::Duration) {
+        self.wait_any_allocation(timeout)
+    }
+    fn alloc_state(&self) -> Option<String> {
+        Some(self.describe_allocations())
+    }
+
+    fn cluster_size(&self) -> Option<u64> {
+        Some(Qcow2::cluster_size(self))
+    }
+    fn subcluster_size(&self) -> Option<u64> {
+        Some(Qcow2::subcluster_size(self))
+    }
+    fn has_external_data_file(&self) -> bool {
+        self.data.is_some()
+    }
+    fn supports_zero_clusters(&self) -> bool {
+        self.lock().header.version >= 3
+    }
+    fn supports_compression(&self) -> bool {
+        true
+    }
+    fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
+        Qcow2::write_compressed(self, off, data)
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {

@@ -21,7 +21,7 @@
 //! (no unmap) waits for those writes too: otherwise a late one would land
 //! in a cluster that now reads as zeros, and reappear when a later write
 //! reuses the cluster and commits (the zeroing frees nothing, so the I/O
-//! tickets below do not cover it).
+//! epochs below do not cover it).
 //!
 //! # Write ordering (crash safety)
 //! - Data and copy-on-write fill are written (pwrite completed) before the
@@ -38,10 +38,10 @@
 //!   to it may still be on disk.
 //! - `flush` makes every completed write durable.
 //! - A freed cluster is not reused while data I/O that may have mapped it
-//!   is still running outside the lock: such I/O holds an [`IoTicket`]
-//!   from [`Qcow2::io_begin`] to [`Qcow2::io_end`], frees are tagged with
-//!   the epoch they were queued in, and a flush applies only frees queued
-//!   after every active ticket was taken (the rest wait for a later flush).
+//!   is still running outside the lock: such I/O holds an [`IoEpoch`]
+//!   guard ([`Image::io_epoch`]) until it ends, frees are tagged with the
+//!   epoch they were queued in, and a flush applies only frees queued
+//!   after every live guard was taken (the rest wait for a later flush).
 //! - Space reserved at the end of the file ahead of new clusters
 //!   (`Qcow2Options::preallocate_ahead`) has no refcounts and nothing
 //!   points into it until an allocation takes it, as any free cluster.
@@ -66,6 +66,7 @@ use crate::cache::TableCache;
 use crate::compress;
 use crate::create::Preallocation;
 use crate::datafile::DataFile;
+use crate::datapath::{IoEpoch, Mapping, PendingWrite, SharedEpochs, WriteEnd};
 use crate::error::{Error, Result};
 use crate::header::{field, incompat, Header};
 use crate::image::{Extent, ExtentKind, Format, Image};
@@ -81,6 +82,7 @@ mod compressed;
 mod discard;
 mod flush;
 mod image;
+mod inflight;
 mod read;
 mod resize;
 mod snapshots;
@@ -174,43 +176,14 @@ struct Meta {
     preallocated: Option<bool>,
 }
 
-/// Data I/O epochs: which epochs have I/O running outside the lock.
-#[derive(Default)]
-struct Epochs {
-    current: u64,
-    /// Epoch -> number of tickets taken in it and not yet returned.
-    active: std::collections::BTreeMap<u64, u32>,
-}
-
-/// Held by data I/O that maps guest ranges and accesses host clusters
-/// outside the metadata lock (see [`Qcow2::io_begin`]).
-#[must_use = "an I/O ticket must be returned with io_end"]
-#[derive(Debug)]
-pub struct IoTicket {
-    epoch: u64,
-}
-
-/// What a run of guest bytes maps to in this layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
-    /// Stored at this host file offset.
-    Data(u64),
-    /// Reads as zeros (with the preallocated host offset, if any).
-    Zero(Option<u64>),
-    /// Not stored here: the backing image, or zeros.
-    Unallocated,
-    /// Inside a compressed cluster.
-    Compressed(L2Entry),
-}
-
-/// A guest write mapped to one host extent, between
-/// [`Qcow2::begin_write`] and [`Qcow2::end_write`].
-#[must_use = "a mapped write must be finished with end_write"]
-pub struct WriteIo {
+/// A guest write mapped to one host extent, between `map_write` and
+/// `end_write` (or `abandon_write`). Callers outside the engine hold it
+/// inside a [`PendingWrite`], which ends it.
+pub(crate) struct WriteIo {
     /// Host file offset where the data goes.
-    pub host: u64,
+    pub(crate) host: u64,
     /// Bytes of the request this extent covers.
-    pub len: usize,
+    pub(crate) len: usize,
     alloc: Option<Alloc>,
     /// An in-place write: the guest clusters [first, first + n) it
     /// counts itself in (`Meta::inplace`) until it ends.
@@ -265,8 +238,9 @@ pub struct Qcow2 {
     /// backing file never shows through where zeros were written.
     has_backing_file: bool,
     meta: Mutex<Meta>,
-    /// Lock order: `meta` before `epochs`.
-    epochs: Mutex<Epochs>,
+    /// Lock order: `meta` before `epochs`. Shared with the epoch guards
+    /// of running I/O ([`IoEpoch`]).
+    epochs: SharedEpochs,
     alloc_done: Condvar,
     opts: Qcow2Options,
     /// crypt_method of the header (0: clear).
@@ -381,7 +355,7 @@ impl Qcow2 {
             has_backing_file: header.backing_file.is_some(),
             backing,
             meta: Mutex::new(meta),
-            epochs: Mutex::new(Epochs::default()),
+            epochs: Arc::new(Mutex::new(Default::default())),
             alloc_done: Condvar::new(),
             opts,
             st,

@@ -113,28 +113,24 @@ impl Qcow2 {
                 let mut m = self.lock();
                 self.map_run(&mut m, pos, (buf.len() - done) as u64)?
             };
-            self.read_mapped(run, &mut buf[done..done + n as usize], pos)?;
+            self.read_run(run, &mut buf[done..done + n as usize], pos)?;
             done += n as usize;
         }
         Ok(())
     }
 
-    // ----- writes -----
-
-    /// Maps a prefix of the guest range [off, off + len) for reading:
-    /// returns how it is stored in this layer and the prefix length. Data
-    /// can be read from the host file directly at the returned offset; the
-    /// other kinds go through [`read_mapped`](Self::read_mapped).
-    pub fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    /// [`Image::map_read`]: encrypted images refuse (their host bytes are
+    /// not the guest's).
+    pub(super) fn map_for_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
         self.check_clear()?;
         self.check_range(off, len)?;
         let mut m = self.lock();
         self.map_run(&mut m, off, len)
     }
 
-    /// Reads guest bytes at `off` that [`map_read`](Self::map_read) mapped
+    /// Reads guest bytes at `off` that [`map_run`](Self::map_run) mapped
     /// as `mapping` (any kind).
-    pub fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
+    pub(super) fn read_run(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
             Mapping::Data(host) if self.crypt_method != 0 => {
                 self.st.debug_event("read_aio");

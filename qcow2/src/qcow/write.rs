@@ -301,90 +301,6 @@ impl Qcow2 {
         self.release_inflight(m, a.gc, a.n);
     }
 
-    /// Ends the allocation of guest clusters [gc, gc + n): they leave the
-    /// in-flight set, and whoever waits for them (blocked in
-    /// `wait_inflight`, or refused by `try_begin_write`) is woken. The one
-    /// place an allocation ends (see [`crate::sync`]).
-    pub(super) fn release_inflight(&self, mut m: MutexGuard<'_, Meta>, gc: u64, n: u64) {
-        for k in 0..n {
-            m.inflight.remove(&(gc + k));
-        }
-        let wake = m.waiters.take(gc, n);
-        drop(m);
-        self.alloc_done.notify_all();
-        for w in wake {
-            w.wake();
-        }
-    }
-
-    /// An in-place write into guest clusters [first, first + n) ended:
-    /// zeroing that waits for it (`wait_busy`) is woken.
-    fn end_inplace(&self, first: u64, n: u64) {
-        let mut m = self.lock();
-        for c in first..first + n {
-            if let std::collections::hash_map::Entry::Occupied(mut e) = m.inplace.entry(c) {
-                *e.get_mut() -= 1;
-                if *e.get() == 0 {
-                    e.remove();
-                }
-            }
-        }
-        let wake = m.waiters.take(first, n);
-        // Most in-place writes end with nobody waiting: no wake-up call.
-        let sleepers = m.sleepers > 0;
-        drop(m);
-        if sleepers {
-            self.alloc_done.notify_all();
-        }
-        for w in wake {
-            w.wake();
-        }
-    }
-
-    /// Waits until none of the guest clusters [gc, gc + n) is being
-    /// allocated; in non-blocking mode ([`crate::sync::without_blocking`])
-    /// registers the thread's waker on a busy one and fails instead.
-    pub(super) fn wait_inflight<'a>(
-        &'a self,
-        m: MutexGuard<'a, Meta>,
-        gc: u64,
-        n: u64,
-    ) -> Result<MutexGuard<'a, Meta>> {
-        self.wait_busy(m, gc, n, false)
-    }
-
-    /// As [`wait_inflight`](Self::wait_inflight), and with `inplace` also
-    /// until no in-place write into those clusters is in progress.
-    pub(super) fn wait_busy<'a>(
-        &'a self,
-        mut m: MutexGuard<'a, Meta>,
-        gc: u64,
-        n: u64,
-        inplace: bool,
-    ) -> Result<MutexGuard<'a, Meta>> {
-        loop {
-            if m.inflight.is_empty() && (!inplace || m.inplace.is_empty()) {
-                break;
-            }
-            let Some(busy) = (gc..gc + n)
-                .find(|c| m.inflight.contains(c) || (inplace && m.inplace.contains_key(c)))
-            else {
-                break;
-            };
-            if let Some(w) = crate::sync::nonblocking_waker() {
-                m.waiters.register(busy, &w);
-                return Err(Error::WouldBlock);
-            }
-            m.sleepers += 1;
-            m = self
-                .alloc_done
-                .wait(m)
-                .expect("qcow2 metadata lock poisoned");
-            m.sleepers -= 1;
-        }
-        Ok(m)
-    }
-
     /// Maps the write after the lock was taken and the first cluster is
     /// known not to be in flight.
     pub(super) fn begin_locked(
@@ -428,15 +344,17 @@ impl Qcow2 {
         }
     }
 
-    /// First step of a guest write, for callers that do the data I/O
-    /// themselves (io_uring): maps a prefix of [off, off + len) to one host
-    /// extent, allocating and doing copy-on-write fill where needed. The
-    /// caller writes `io.len` bytes of its data at `io.host`, then calls
+    /// First step of a guest write whose data I/O the caller does itself:
+    /// maps a prefix of [off, off + len) to one host extent, allocating
+    /// and doing copy-on-write fill where needed. The caller writes
+    /// `io.len` bytes of its data at `io.host`, then calls
     /// [`end_write`](Self::end_write) with the outcome. Blocks while
     /// another request is allocating the same guest cluster. Until
     /// `end_write`, write-zeroes without unmap over these clusters waits
     /// for it: a thread must not run one while it holds the `WriteIo`.
-    pub fn begin_write(&self, off: u64, len: usize) -> Result<WriteIo> {
+    /// Callers outside the engine get it in a [`PendingWrite`]
+    /// ([`Image::begin_write`]), which ends it.
+    pub(crate) fn map_write(&self, off: u64, len: usize) -> Result<WriteIo> {
         self.check_writable()?;
         self.check_clear()?;
         self.check_range(off, len as u64)?;
@@ -445,12 +363,12 @@ impl Qcow2 {
         self.begin_locked(m, off, len)
     }
 
-    /// As [`begin_write`](Self::begin_write), but returns `Ok(None)`
-    /// instead of waiting when another request is allocating the cluster
-    /// (for event loops that must not block on another queue). `waker` is
-    /// then registered on that cluster and called once its allocation
-    /// ends: retry after that (the protocol is in [`crate::sync`]).
-    pub fn try_begin_write(
+    /// As [`map_write`](Self::map_write), but returns `Ok(None)` instead
+    /// of waiting when another request is allocating the cluster (for
+    /// event loops that must not block on another queue). `waker` is then
+    /// registered on that cluster and called once its allocation ends:
+    /// retry after that (the protocol is in [`crate::sync`]).
+    pub(crate) fn try_map_write(
         &self,
         off: u64,
         len: usize,
@@ -468,50 +386,10 @@ impl Qcow2 {
         self.begin_locked(m, off, len).map(Some)
     }
 
-    /// Waits until some allocation or in-place write ends, or `timeout`
-    /// passes (for callers that poll with `try_begin_write` or in
-    /// non-blocking mode and may not block for good).
-    pub fn wait_for_allocations(&self, timeout: std::time::Duration) {
-        let mut m = self.lock();
-        if !m.inflight.is_empty() || !m.inplace.is_empty() {
-            m.sleepers += 1;
-            let (mut m, _) = self
-                .alloc_done
-                .wait_timeout(m, timeout)
-                .expect("qcow2 metadata lock poisoned");
-            m.sleepers -= 1;
-        }
-    }
-
-    /// The allocation state, for a daemon's state dump: guest clusters
-    /// being allocated, and those that refused callers wait on. Never
-    /// blocks: a busy metadata lock is reported as such.
-    pub fn alloc_state(&self) -> String {
-        let m = match self.meta.try_lock() {
-            Ok(m) => m,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                return "metadata lock held (busy or stuck)".into()
-            }
-        };
-        let mut inflight: Vec<u64> = m.inflight.iter().copied().collect();
-        inflight.sort_unstable();
-        let active: u32 = self.epochs().active.values().sum();
-        format!(
-            "clusters being allocated {:?}; clusters with in-place writes {}; \
-             waiters {} on clusters {:?}; I/O tickets held {active}; frees pending {}",
-            inflight,
-            m.inplace.len(),
-            m.waiters.len(),
-            m.waiters.clusters(),
-            m.pending_free.len()
-        )
-    }
-
     /// Second step of a guest write: once the data write completed
     /// (`ok`), points the L2 entries at the new clusters; otherwise gives
     /// the clusters back.
-    pub fn end_write(&self, io: WriteIo, ok: bool) -> Result<()> {
+    pub(crate) fn end_write(&self, io: WriteIo, ok: bool) -> Result<()> {
         if let Some((first, n)) = io.inplace {
             self.end_inplace(first, n);
         }
@@ -536,7 +414,7 @@ impl Qcow2 {
     /// keeps its old mapping and the host clusters the write went to are
     /// leaked, never referenced nor reused, so a late write into them
     /// damages nothing; whoever waits for the guest clusters goes on.
-    pub fn abandon_write(&self, io: WriteIo) {
+    pub(crate) fn abandon_write(&self, io: WriteIo) {
         let Some(a) = io.alloc else {
             // In place: the late write lands in the request's own range.
             // The clusters stay counted for good: zeroing that keeps them
@@ -573,17 +451,15 @@ impl Qcow2 {
     }
 
     pub(super) fn write_inner(&self, buf: &[u8], off: u64) -> Result<()> {
-        let t = self.io_begin();
-        let r = if self.crypt_method != 0 {
+        let _epoch = self.epoch();
+        if self.crypt_method != 0 {
             self.write_encrypted(buf, off)
         } else {
-            self.write_inner_ticketed(buf, off)
-        };
-        self.io_end(t);
-        r
+            self.write_inner_in_epoch(buf, off)
+        }
     }
 
-    pub(super) fn write_inner_ticketed(&self, buf: &[u8], off: u64) -> Result<()> {
+    pub(super) fn write_inner_in_epoch(&self, buf: &[u8], off: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = off + done as u64;
@@ -685,5 +561,34 @@ impl Qcow2 {
             done += k as u64;
         }
         Ok(off)
+    }
+}
+
+/// How a qcow2 write mapped for a caller outside the engine ends (the
+/// engine side of a [`PendingWrite`]).
+pub(super) struct QcowWrite {
+    pub(super) img: Arc<Qcow2>,
+    pub(super) io: WriteIo,
+}
+
+impl WriteEnd for QcowWrite {
+    fn commit(self: Box<Self>) -> Result<()> {
+        self.img.end_write(self.io, true)
+    }
+    fn rollback(self: Box<Self>) {
+        // Cannot fail: without the data nothing is committed.
+        let _ = self.img.end_write(self.io, false);
+    }
+    fn abandon(self: Box<Self>) {
+        self.img.abandon_write(self.io)
+    }
+}
+
+impl QcowWrite {
+    /// The guard handed to the caller: it owns the image, so it may be
+    /// kept across completions (a block daemon keeps it in a slot).
+    pub(super) fn guard(img: Arc<Qcow2>, io: WriteIo) -> PendingWrite {
+        let (host, len) = (io.host, io.len);
+        PendingWrite::new(host, len, Box::new(QcowWrite { img, io }))
     }
 }

@@ -1,0 +1,227 @@
+//! One virtqueue's request engine: requests are decoded from the ring,
+//! mapped through the image (allocating qcow2 clusters where needed), and
+//! their data moves between guest memory and the file holding guest data
+//! (the image file, or its external data file) through this queue's own
+//! io_uring. With extended L2 entries a mapping ends where the kind of
+//! subcluster changes: only data subclusters are read from the file, zero
+//! and unallocated ones go through the bounce buffer. The ring's
+//! completion eventfd is polled by the same epoll loop as the queue's
+//! kick, so the thread never blocks on guest data I/O.
+//!
+//! # Ordering and progress
+//! - A serving thread never blocks on another queue's allocation: its
+//!   blocker may be a request in another queue's ring, and at shutdown
+//!   that queue's thread may already be gone, leaving its ring unreaped
+//!   until every thread has stopped.
+//! - A write extent is begun with `try_begin_write`: when another
+//!   request is allocating the same cluster, the request is parked and the
+//!   engine registers this queue's waker on that cluster. The waker writes
+//!   the completion eventfd, so the epoll loop runs `handle_completions`,
+//!   which retries the parked requests, once the allocation has ended
+//!   (the protocol and why nothing is lost: `qcow2::sync`). A parked
+//!   request holds no allocation.
+//! - DISCARD and WRITE_ZEROES run synchronously in the engine's
+//!   non-blocking mode (`qcow2::sync::without_blocking`): where the engine
+//!   would wait for an allocation it registers the waker and refuses, and
+//!   the request is parked and run again whole when woken (zeroing is
+//!   idempotent). FLUSH waits for this queue's own ring only.
+//! - `drain_all` (stop_vring, on the connection thread) waits for other
+//!   queues' allocations with a timeout, and drops requests still parked
+//!   after a while unanswered (never returned into the stopped ring).
+//! - When the worker threads are gone (disconnect), `drain_stopped`
+//!   drains every queue's ring before retrying parked requests, without
+//!   blocking: a parked request's blocker may sit in another queue's ring.
+//! - A request's status is written and its descriptor returned only after
+//!   all of its data I/O and metadata commits completed.
+//! - Guest memory stays mapped while any I/O into it is in flight: each
+//!   request holds a reference to the memory map it was decoded against,
+//!   and dropping a worker drains its ring first.
+//!
+//! # Where the code is
+//! - `slot`: a request slot and its lifecycle, from the decoded chain to
+//!   the status byte (`start`, `finish`), and DISCARD/WRITE_ZEROES.
+//! - `kick`: taking requests from the virtqueue, completions, parked
+//!   requests and notifying the driver.
+//! - `plan`: mapping a read or write request's extents through the image.
+//! - `uring`: the io_uring submit/reap path and the bounce buffer.
+//! - `teardown`: draining at stop and disconnect, and dropping a worker.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use io_uring::{opcode, IoUring};
+use qcow2::{AllocWaker, Image};
+use rimg_vhost_server::CappedWarnings;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::DeviceConfig;
+
+pub use rimg_vhost_server::{Mem, Vring, GM};
+
+mod kick;
+mod plan;
+mod slot;
+mod teardown;
+mod uring;
+
+use slot::Slot;
+
+const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
+const S_IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+/// Most iovecs one readv/writev takes (IOV_MAX).
+const IOV_MAX: usize = 1024;
+/// Bounce buffer for data that does not come straight from the file
+/// (backing images, compressed clusters, iovec overflow, guest buffers
+/// not aligned for O_DIRECT).
+const BOUNCE_LEN: usize = 1 << 20;
+/// Alignment of buffers, file offsets and lengths for O_DIRECT (the
+/// daemon checks at start that the file system accepts it).
+pub const DIRECT_ALIGN: usize = 512;
+
+/// The io_uring operations a queue's ring accepts: guest data moves with
+/// vectored reads and writes, nothing else (flushes, discards and zeroing
+/// are synchronous calls).
+pub const RING_OPS: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
+
+/// A queue's io_uring: `entries` entries, restricted to [`RING_OPS`],
+/// completions signalled on `efd`.
+pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd(), &[])
+}
+
+/// Wakes a queue's epoll loop when an allocation its parked requests wait
+/// for has ended: a write to its completion eventfd.
+struct EventFdWaker(EventFd);
+
+impl AllocWaker for EventFdWaker {
+    fn wake(&self) {
+        // Fails only if the counter would overflow: it is readable then.
+        let _ = self.0.write(1);
+    }
+}
+
+/// The file holding guest data (the image file, or a qcow2 image's
+/// external data file) opened a second time with O_DIRECT, when the
+/// daemon runs with `--direct`. Buffered data I/O goes to the engine's own
+/// descriptor of that file ([`Image::data_storage`]), borrowed from the
+/// image each worker holds.
+pub struct DataFiles {
+    pub direct: Option<std::fs::File>,
+}
+
+pub struct Worker {
+    img: Arc<dyn Image>,
+    files: Arc<DataFiles>,
+    cfg: Arc<DeviceConfig>,
+    writeback: Arc<AtomicBool>,
+    mem: GM,
+    /// Dropped only when nothing is in flight in it (see `Drop`).
+    ring: std::mem::ManuallyDrop<IoUring>,
+    efd: EventFd,
+    /// Registered by the engine for parked requests; writes `efd`.
+    waker: Arc<dyn AllocWaker>,
+    /// The ring could not be waited on: what is in flight stays in flight,
+    /// so nothing it touches may be freed (see `Drop`).
+    wedged: bool,
+    queue: usize,
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+    parked: VecDeque<usize>,
+    inflight_ops: usize,
+    /// BOUNCE_LEN bytes from `bounce_at` on, aligned for O_DIRECT (the
+    /// vector is never resized, so the address stays).
+    bounce: Vec<u8>,
+    bounce_at: usize,
+    vring: Option<Vring>,
+    /// Used entries were added since the last notification check.
+    need_signal: bool,
+    event_idx: bool,
+    /// The ring could not be read at the last kick (avail index far
+    /// ahead): said once, until the driver repairs it.
+    stalled: bool,
+    /// Warnings the guest can cause, capped.
+    warnings: CappedWarnings,
+}
+
+impl Worker {
+    pub fn new(
+        queue: usize,
+        img: Arc<dyn Image>,
+        files: Arc<DataFiles>,
+        cfg: Arc<DeviceConfig>,
+        writeback: Arc<AtomicBool>,
+        mem: GM,
+    ) -> std::io::Result<Worker> {
+        let qs = usize::from(cfg.queue_size);
+        let efd = EventFd::new(EFD_NONBLOCK)?;
+        let ring = ring((qs * 2).next_power_of_two() as u32, &efd)?;
+        let waker: Arc<dyn AllocWaker> = Arc::new(EventFdWaker(efd.try_clone()?));
+        let bounce = vec![0u8; BOUNCE_LEN + 4096];
+        Ok(Worker {
+            img,
+            files,
+            cfg,
+            writeback,
+            mem,
+            ring: std::mem::ManuallyDrop::new(ring),
+            efd,
+            waker,
+            wedged: false,
+            queue,
+            slots: (0..qs).map(|_| Slot::default()).collect(),
+            free: (0..qs).rev().collect(),
+            parked: VecDeque::new(),
+            inflight_ops: 0,
+            bounce_at: bounce.as_ptr().align_offset(4096),
+            bounce,
+            vring: None,
+            need_signal: false,
+            event_idx: false,
+            stalled: false,
+            warnings: CappedWarnings::new(module_path!(), format!("queue {queue}")),
+        })
+    }
+
+    /// The fd that becomes readable when the ring has completions.
+    pub fn completion_fd(&self) -> RawFd {
+        self.efd.as_raw_fd()
+    }
+
+    pub fn set_event_idx(&mut self, on: bool) {
+        self.event_idx = on;
+    }
+
+    pub fn is_wedged(&self) -> bool {
+        self.wedged
+    }
+
+    /// What this queue holds, for the daemon's state dump (SIGUSR1).
+    pub fn state(&self) -> String {
+        use std::fmt::Write;
+        let busy = self.slots.iter().filter(|s| s.busy).count();
+        let mut out = format!(
+            "queue {}: {busy} requests taken, {} data I/Os in the ring, {} parked{}{}",
+            self.queue,
+            self.inflight_ops,
+            self.parked.len(),
+            if self.stalled {
+                ", ring unreadable"
+            } else {
+                ""
+            },
+            if self.wedged { ", ring wedged" } else { "" },
+        );
+        for &idx in &self.parked {
+            let s = &self.slots[idx];
+            let _ = write!(
+                out,
+                "\n  parked: head {} {:?} offset {} len {} at byte {} ({} I/Os pending)",
+                s.req.head, s.req.kind, s.req.offset, s.req.len, s.done, s.pending
+            );
+        }
+        out
+    }
+}
