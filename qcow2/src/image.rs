@@ -10,6 +10,8 @@ use crate::qcow::Qcow2;
 pub enum Format {
     Raw,
     Qcow2,
+    /// A LUKS1 volume (QEMU's `luks` driver).
+    Luks,
 }
 
 impl Format {
@@ -17,12 +19,14 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Luks => "luks",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
         match s {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
+            "luks" => Some(Format::Luks),
             _ => None,
         }
     }

@@ -73,6 +73,12 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    // The io_uring data path moves guest data without decrypting it.
+    if img.format() == Format::Luks {
+        return Err(Error::Config(
+            "the luks format is not served (guest data would not be decrypted)".into(),
+        ));
+    }
     // Guest data moves between guest memory and the file that holds it at
     // the offsets the engine maps: the image file, or its external data
     // file (the engine keeps its own metadata in the image file).

@@ -58,7 +58,14 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
         e => CliError::new(format!("Could not open '{}': {e}", a.filename)),
     })?;
     img.storage().set_no_flush(p.cache.no_flush);
-    // The ring does guest data I/O on the image file at mapped offsets.
+    // The ring does guest data I/O on the image file at mapped offsets:
+    // a luks payload would be read and written in clear.
+    if img.format() == qcow2::Format::Luks {
+        return Err(CliError::new(format!(
+            "'{}': bench does not support the luks format (its data path does not decrypt)",
+            a.filename
+        )));
+    }
     if let Some(h) = img.as_qcow2().map(|q| q.header()) {
         if h.has_data_file() || h.extended_l2() {
             return Err(CliError::new(format!(
