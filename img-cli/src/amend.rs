@@ -1,4 +1,5 @@
-//! `rimg amend`: changes format options of an existing qcow2 image.
+//! `rimg amend`: changes format options of an existing qcow2 image, or
+//! the key slots of a luks volume.
 
 use clap::Args;
 use qcow2::{Amend, OpenOptions};
@@ -41,7 +42,20 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     let mut luks_given = false;
     let mut am = Amend::default();
     let mut new_size = None;
+    // The first option of each kind: qcow2's, and the luks format's
+    // (its key slot options, unprefixed); each refuses the other's.
+    let (mut qcow2_key, mut volume_key, mut state_given) = (None, None, false);
     for (k, v) in &list.items {
+        if matches!(
+            k.as_str(),
+            "state" | "keyslot" | "iter-time" | "new-secret" | "old-secret"
+        ) {
+            encrypt_option(&mut luks, k, v)?;
+            volume_key.get_or_insert(k.clone());
+            state_given |= k == "state";
+            continue;
+        }
+        qcow2_key.get_or_insert(k.clone());
         match k.as_str() {
             "compat" => {
                 am.version = Some(match v.as_str() {
@@ -86,7 +100,7 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
     }
-    let img = crate::blockopts::open_image(
+    let (path, opts) = crate::blockopts::open_options(
         &a.filename,
         a.image_opts,
         OpenOptions {
@@ -94,8 +108,26 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             format,
             ..Default::default()
         },
-    )?
-    .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    )?;
+    let img = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    crate::blockopts::print_open_messages(img.as_ref());
+    if img.format() == Format::Luks {
+        if let Some(k) = qcow2_key {
+            return Err(CliError::new(format!("Invalid parameter '{k}'")));
+        }
+        if !state_given {
+            return Err(CliError::new("Parameter 'state' is missing"));
+        }
+        luks.secret = opts.qcow2.encrypt_key.map(|k| k.0);
+        qcow2::luks_amend::amend_luks_volume(img.storage(), &luks)
+            .map_err(|e| CliError::new(e.to_string()))?;
+        img.flush()?;
+        return Ok(0);
+    }
+    if let Some(k) = volume_key {
+        return Err(CliError::new(format!("Invalid parameter '{k}'")));
+    }
     let Some(q) = img.as_qcow2() else {
         return Err(CliError::new(format!(
             "Format driver '{}' does not support option amendment",
@@ -178,22 +210,27 @@ fn amend_qcow2(
     Ok(0)
 }
 
-/// One `encrypt.*` amend option (LUKS key slot management).
+/// One LUKS key slot management option: qcow2's `encrypt.*`, or the
+/// luks format's, the same unprefixed.
 fn encrypt_option(l: &mut qcow2::luks_amend::LuksAmend, k: &str, v: &str) -> Result<(), CliError> {
     let bad = || CliError::new(format!("Parameter '{k}' does not accept value '{v}'"));
-    match k {
-        "encrypt.state" => {
+    let name = match k.strip_prefix("encrypt.") {
+        Some(n) => n,
+        None => k,
+    };
+    match name {
+        "format" if v == "luks" && k != name => {}
+        "state" => {
             l.active = match v {
                 "active" => true,
                 "inactive" => false,
                 _ => return Err(bad()),
             }
         }
-        "encrypt.keyslot" => l.keyslot = Some(v.parse().map_err(|_| bad())?),
-        "encrypt.iter-time" => l.iter_time_ms = Some(v.parse().map_err(|_| bad())?),
-        "encrypt.new-secret" => l.new_secret = Some(crate::object::secret(v)?),
-        "encrypt.old-secret" => l.old_secret = Some(crate::object::secret(v)?),
-        "encrypt.format" if v == "luks" => {}
+        "keyslot" => l.keyslot = Some(v.parse().map_err(|_| bad())?),
+        "iter-time" => l.iter_time_ms = Some(v.parse().map_err(|_| bad())?),
+        "new-secret" => l.new_secret = Some(crate::object::secret(v)?),
+        "old-secret" => l.old_secret = Some(crate::object::secret(v)?),
         _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
     }
     Ok(())

@@ -3,7 +3,7 @@
 //! (`driver=qcow2,file.filename=X`), and the `blkdebug:CONFIG:FILE`
 //! protocol prefix. Both forms become one flat map of dotted keys (as
 //! QEMU flattens its option dicts), then a tree of nodes: format drivers
-//! (qcow2, raw) over protocol ones (file, blkdebug, quorum, null-co).
+//! (qcow2, raw, luks) over protocol ones (file, blkdebug, quorum, null-co).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -249,7 +249,7 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
     };
     // A key is one of qcow2's "strong" runtime options: with one, no
     // plain filename says what was opened (QEMU's bdrv_refresh_filename).
-    let strong = flat.keys().any(|k| k.ends_with("encrypt.key-secret"));
+    let strong = flat.keys().any(|k| k.ends_with("key-secret"));
     let name = match plain_name(&node) {
         Some(n) if !strong => n,
         _ => json_name(flat),
@@ -258,7 +258,11 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
     let mut prefix = String::new();
     // As deep as the keys given go (each level is a longer key).
     while flat.keys().any(|k| k.starts_with(&prefix)) {
-        keys.push(get_str(flat, &format!("{prefix}encrypt.key-secret")));
+        // qcow2 names its key `encrypt.key-secret`, luks `key-secret`.
+        keys.push(
+            get_str(flat, &format!("{prefix}encrypt.key-secret"))
+                .or_else(|| get_str(flat, &format!("{prefix}key-secret"))),
+        );
         prefix.push_str("backing.");
     }
     while keys.last().is_some_and(Option::is_none) {
@@ -314,13 +318,18 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
     }
     let driver = get_str(flat, "driver");
     match driver.as_deref() {
-        Some(d @ ("qcow2" | "raw")) => {
+        Some(d @ ("qcow2" | "raw" | "luks")) => {
             let format = Format::from_name(d).unwrap();
             check_keys(
                 flat,
                 d,
                 &[
                     "driver",
+                    if format == Format::Luks {
+                        "key-secret"
+                    } else {
+                        "driver"
+                    },
                     "backing",
                     "node-name",
                     "read-only",

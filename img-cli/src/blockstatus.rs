@@ -111,6 +111,13 @@ impl Chain {
         let bytes = bytes.min(l.len - off);
         let mut s = match l.img.format() {
             Format::Raw => file_status(l.img.as_ref(), l.len, off, bytes)?,
+            // All data, no offset: the payload is encrypted (QEMU's
+            // crypto driver has no block status of its own).
+            Format::Luks => Status {
+                flags: DATA,
+                len: bytes,
+                offset: None,
+            },
             Format::Qcow2 => {
                 let e = l.img.block_status(off, bytes)?;
                 match e.kind {

@@ -49,12 +49,12 @@ pub fn open_opts(
 }
 
 /// The length QEMU gives an image: raw files count in whole 512-byte
-/// sectors (the block layer rounds their length up), qcow2 sizes are
-/// exact.
+/// sectors (the block layer rounds their length up), qcow2 and luks
+/// sizes are exact.
 pub fn qemu_len(img: &dyn Image) -> u64 {
     match img.format() {
         Format::Raw => img.size().next_multiple_of(512),
-        Format::Qcow2 => img.size(),
+        Format::Qcow2 | Format::Luks => img.size(),
     }
 }
 

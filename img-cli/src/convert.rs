@@ -181,15 +181,21 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     } else {
         let list = OptList::parse(&a.options).map_err(CliError::new)?;
         let Parsed { mut o, encrypt, .. } = parse_options(out_fmt, &list)?;
-        o.encrypt = crate::object::encryption(&encrypt, "encrypt.")
-            .map_err(|m| CliError::new(format!("{dst}: {m}")))?;
+        o.encrypt = match out_fmt {
+            Format::Luks => crate::create::luks_encryption(&encrypt)
+                .map_err(|m| CliError::new(format!("{dst}: error while converting luks: {m}")))?,
+            _ => crate::object::encryption(&encrypt, "encrypt.")
+                .map_err(|m| CliError::new(format!("{dst}: {m}")))?,
+        };
         if a.compress && o.encrypt.is_some() {
             return Err(CliError::new(
                 "Compression and encryption not supported at the same time",
             ));
         }
         target_key = o.encrypt.as_ref().map(|(_, k)| k.clone());
-        noise_init = o.encrypt.is_some() && o.preallocation != qcow2::Preallocation::Off;
+        // A luks payload never reads as zeros before it is written.
+        noise_init = out_fmt == Format::Luks
+            || (o.encrypt.is_some() && o.preallocation != qcow2::Preallocation::Off);
         if a.backing.is_some() {
             o.backing_file = a.backing.clone();
         }

@@ -11,7 +11,7 @@ use crate::CliError;
 
 #[derive(Args)]
 pub struct CreateArgs {
-    /// Image format: qcow2 or raw (default raw, as qemu-img)
+    /// Image format: qcow2, raw or luks (default raw, as qemu-img)
     #[arg(short = 'f', value_name = "FMT")]
     format: Option<String>,
     /// Backing file (relative names resolve against the new image's directory)
@@ -191,39 +191,64 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
 /// `create -f luks`: a LUKS volume (header, key material, payload).
 fn create_luks(a: &CreateArgs) -> Result<u8, CliError> {
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
-    let mut size_arg = a.size.clone();
-    let mut enc = Vec::new();
-    for (k, v) in &list.items {
-        match k.as_str() {
-            "size" => size_arg = size_arg.or(Some(v.clone())),
-            _ => enc.push((k.clone(), v.clone())),
-        }
+    if list.wants_help() {
+        println!("{LUKS_OPTS}");
+        return Ok(0);
     }
-    let Some(s) = size_arg else {
+    let Parsed {
+        mut o,
+        size: size_arg,
+        prealloc,
+        encrypt,
+        ..
+    } = parse_options(Format::Luks, &list)?;
+    let Some(s) = a.size.clone().or(size_arg) else {
         return Err(CliError::new(format!(
             "{}: Image creation needs a size parameter",
             a.filename
         )));
     };
-    let size = parse_size(&s)
+    o.size = parse_size(&s)
         .ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'.")))?;
     if !a.quiet {
-        println!(
-            "Formatting '{}', fmt=luks size={size}{}",
+        let mut line = format!(
+            "Formatting '{}', fmt=luks size={}{}",
             a.filename,
-            crate::object::echo_encrypt(&enc, "")
+            o.size,
+            crate::object::echo_encrypt(&encrypt, "")
         );
+        if let Some(p) = prealloc {
+            line += &format!(" preallocation={p}");
+        }
+        println!("{line}");
     }
     let fail = |m: String| CliError::new(format!("{}: {m}", a.filename));
-    let Some((qcow2::encrypt::EncryptFormat::Luks(p), key)) =
-        crate::object::encryption(&enc, "").map_err(fail)?
-    else {
-        return Err(fail(
-            "Parameter 'format' does not accept value 'aes'".into(),
-        ));
-    };
-    qcow2::create_luks(Path::new(&a.filename), size, &p, &key).map_err(|e| fail(e.to_string()))?;
+    o.encrypt = luks_encryption(&encrypt).map_err(fail)?;
+    qcow2::create(Path::new(&a.filename), &o).map_err(|e| fail(e.to_string()))?;
     Ok(0)
+}
+
+const LUKS_OPTS: &str = "Supported luks options:
+  cipher-alg=<str>       - Name of encryption cipher algorithm
+  cipher-mode=<str>      - Name of encryption cipher mode
+  detached-header=<bool (on/off)> - Create a detached LUKS header
+  hash-alg=<str>         - Name of encryption hash algorithm
+  iter-time=<num>        - Time to spend in PBKDF in milliseconds
+  ivgen-alg=<str>        - Name of IV generator algorithm
+  ivgen-hash-alg=<str>   - Name of IV generator hash algorithm
+  key-secret=<str>       - ID of the secret that provides the keyslot passphrase
+  preallocation=<str>    - Preallocation mode (allowed values: off, metadata, falloc, full)
+  size=<size>            - Virtual disk size";
+
+/// The encryption of a new luks image from its options (the LUKS
+/// options without qcow2's `encrypt.` prefix; `key-secret` required).
+pub fn luks_encryption(
+    given: &[(String, String)],
+) -> Result<Option<(qcow2::encrypt::EncryptFormat, qcow2::encrypt::Secret)>, String> {
+    match crate::object::encryption(given, "")? {
+        Some(e @ (qcow2::encrypt::EncryptFormat::Luks(_), _)) => Ok(Some(e)),
+        _ => Err("Parameter 'format' does not accept value 'aes'".into()),
+    }
 }
 
 /// Image options from `-o`, as qemu-img create and convert take them.
@@ -298,6 +323,16 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
             (Format::Qcow2, k) if k == "encryption" || k.starts_with("encrypt.") => {
                 encrypt.push((k.to_string(), v.clone()))
             }
+            (Format::Luks, "detached-header") => {
+                if parse_bool(k, v).map_err(CliError::new)? {
+                    return Err(CliError::new(
+                        "detached LUKS headers are not supported by rimg (use detached-header=off)",
+                    ));
+                }
+            }
+            (Format::Luks, k) if crate::object::is_luks_option(k) => {
+                encrypt.push((k.to_string(), v.clone()))
+            }
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
     }
@@ -350,7 +385,7 @@ fn formatting_line(
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
     s += &crate::object::echo_encrypt(encrypt, "encrypt.");
     match o.format {
-        Format::Raw => {
+        Format::Raw | Format::Luks => {
             s += &format!(" size={size}");
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");

@@ -48,7 +48,7 @@ struct ImageInfo {
     /// Backing name as stored and as resolved against the image's directory.
     /// (None: QEMU cannot determine a directory for this node.)
     backing: Option<(String, Option<String>)>,
-    /// crypt_method 2: the LUKS header.
+    /// crypt_method 2 or the luks format: the LUKS header.
     luks: Option<qcow2::luks::LuksHeader>,
     /// Persistent dirty bitmaps (the `bitmaps` list of qemu-img info).
     bitmaps: Vec<qcow2::bitmap::DirEntry>,
@@ -97,6 +97,11 @@ fn open_one(
         (Some(q), Some(h)) if h.crypt_method == qcow2::header::crypt::LUKS => {
             Some(qcow2::encrypt::read_luks(q.storage(), h)?)
         }
+        _ if img.format() == Format::Luks => {
+            let mut b = vec![0u8; qcow2::luks::HEADER_LEN];
+            img.storage().read_at(&mut b, 0)?;
+            Some(qcow2::luks::LuksHeader::parse(&b)?)
+        }
         _ => None,
     };
     // A directory that does not hold is left out (it refuses writing).
@@ -144,6 +149,12 @@ fn open_one(
     })
 }
 
+impl ImageInfo {
+    fn encrypted(&self) -> bool {
+        self.format == Format::Luks || self.qcow2.as_ref().is_some_and(|h| h.crypt_method != 0)
+    }
+}
+
 /// The `bitmaps` list of format-specific information.
 fn bitmaps_json(list: &[qcow2::bitmap::DirEntry]) -> Option<Value> {
     if list.is_empty() {
@@ -174,6 +185,12 @@ fn encrypt_json(h: &qcow2::Header, luks: Option<&qcow2::luks::LuksHeader>) -> Op
     let Some(l) = luks else {
         return Some(json!({"format": "aes"}));
     };
+    Some(Value::Object(luks_json(l, true)))
+}
+
+/// A LUKS header as QEMU's info describes it, keys in its order; with
+/// `format` (inside qcow2) the `"format": "luks"` key QEMU adds there.
+fn luks_json(l: &qcow2::luks::LuksHeader, format: bool) -> Map<String, Value> {
     let mut e = Map::new();
     e.insert("ivgen-alg".into(), json!(l.ivgen.name()));
     e.insert("detached-header".into(), json!(false));
@@ -183,7 +200,9 @@ fn encrypt_json(h: &qcow2::Header, luks: Option<&qcow2::luks::LuksHeader>) -> Op
     if let Some(ih) = l.ivhash {
         e.insert("ivgen-hash-alg".into(), json!(ih.name()));
     }
-    e.insert("format".into(), json!("luks"));
+    if format {
+        e.insert("format".into(), json!("luks"));
+    }
     e.insert("cipher-mode".into(), json!(l.mode.name()));
     let slots: Vec<Value> = l
         .slots
@@ -200,7 +219,7 @@ fn encrypt_json(h: &qcow2::Header, luks: Option<&qcow2::luks::LuksHeader>) -> Op
     e.insert("slots".into(), Value::Array(slots));
     e.insert("payload-offset".into(), json!(l.payload_offset()));
     e.insert("master-key-iters".into(), json!(l.mk_iterations));
-    Some(Value::Object(e))
+    e
 }
 
 /// qemu-img's human rendering of a JSON value, nested by 4 spaces.
@@ -312,13 +331,19 @@ fn to_json(i: &ImageInfo) -> Value {
             json!({"type": "qcow2", "data": Value::Object(d)}),
         );
     }
+    if let (Format::Luks, Some(l)) = (i.format, &i.luks) {
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "luks", "data": Value::Object(luks_json(l, false))}),
+        );
+    }
     if let Some((b, full)) = &i.backing {
         if let Some(full) = full {
             m.insert("full-backing-filename".into(), json!(full));
         }
         m.insert("backing-filename".into(), json!(b));
     }
-    if i.qcow2.as_ref().is_some_and(|h| h.crypt_method != 0) {
+    if i.encrypted() {
         m.insert("encrypted".into(), json!(true));
     }
     m.insert(
@@ -393,8 +418,14 @@ fn to_human(i: &ImageInfo) -> String {
         i.virtual_size
     );
     s += &format!("disk size: {}\n", size_to_str(i.actual_size));
-    if i.qcow2.as_ref().is_some_and(|h| h.crypt_method != 0) {
+    if i.encrypted() {
         s += "encrypted: yes\n";
+    }
+    if let (Format::Luks, Some(l)) = (i.format, &i.luks) {
+        s += "Format specific information:\n";
+        for (k, v) in luks_json(l, false) {
+            human_value(&k.replace('-', " "), &v, 4, &mut s);
+        }
     }
     if let Some(h) = &i.qcow2 {
         s += &format!("cluster_size: {}\n", h.cluster_size());

@@ -70,14 +70,25 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
     let fmt = crate::common::parse_format;
     let out_fmt = fmt(&a.out_format)?.unwrap_or(Format::Raw);
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
-    let Parsed { o, encrypt, .. } = parse_options(out_fmt, &list)?;
-    // A LUKS header area takes whole clusters of its own.
-    let luks_area = match crate::object::encryption(&encrypt, "encrypt.").map_err(CliError::new)? {
+    let Parsed { mut o, encrypt, .. } = parse_options(out_fmt, &list)?;
+    // A LUKS header area takes whole clusters of its own in qcow2; the
+    // luks format's payload follows it directly.
+    let luks_header = match out_fmt {
+        Format::Luks => crate::create::luks_encryption(&encrypt),
+        _ => crate::object::encryption(&encrypt, "encrypt."),
+    }
+    .map_err(CliError::new)?;
+    let luks_area = match &luks_header {
         Some((qcow2::encrypt::EncryptFormat::Luks(p), _)) => {
-            qcow2::luks::LuksHeader::area_len(p.key_bytes).next_multiple_of(o.cluster_size)
+            let len = qcow2::luks::LuksHeader::area_len(p.key_bytes);
+            match out_fmt {
+                Format::Luks => len,
+                _ => len.next_multiple_of(o.cluster_size),
+            }
         }
         _ => 0,
     };
+    o.encrypt = luks_header;
     o.validate().map_err(|e| match e {
         // qemu-img words these as sentences of their own.
         qcow2::Error::InvalidArgument(m) => CliError::new(crate::common::sentence(&m)),
@@ -110,6 +121,10 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
             let required = size.next_multiple_of(512);
             m.insert("required".into(), json!(required));
             m.insert("fully-allocated".into(), json!(required));
+        }
+        Format::Luks => {
+            m.insert("required".into(), json!(luks_area + size));
+            m.insert("fully-allocated".into(), json!(luks_area + size));
         }
         Format::Qcow2 => {
             let cs = o.cluster_size;

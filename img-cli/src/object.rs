@@ -104,6 +104,12 @@ const ENCRYPT_KEYS: &[&str] = &[
     "iter-time",
 ];
 
+/// Whether `k` is an option of the luks format's (they are qcow2's
+/// `encrypt.*` options, unprefixed, less `format`).
+pub fn is_luks_option(k: &str) -> bool {
+    k != "format" && ENCRYPT_KEYS.contains(&k)
+}
+
 /// " encryption=on encrypt.format=luks ..." for the Formatting line.
 pub fn echo_encrypt(given: &[(String, String)], prefix: &str) -> String {
     let mut s = String::new();

@@ -103,11 +103,15 @@ pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
             img.resize(total).map_err(engine_err)?;
             if total > old {
                 let st = img.storage();
+                // Where guest byte 0 is in the file: a luks payload
+                // follows its header (QEMU preallocates the file's tail).
+                let base = st.len().map_err(engine_err)?.saturating_sub(total);
+                let at = base + old;
                 match prealloc {
                     Preallocation::Off | Preallocation::Metadata => Ok(()),
-                    Preallocation::Falloc => st.allocate(old, total - old),
+                    Preallocation::Falloc => st.allocate(at, total - old),
                     // Allocated zeros, not holes.
-                    Preallocation::Full => st.write_zeroes(old, total - old),
+                    Preallocation::Full => st.write_zeroes(at, total - old),
                 }
                 .map_err(engine_err)?;
             }

@@ -99,6 +99,17 @@ impl CreateOptions {
             }
             return Ok(());
         }
+        if self.format == Format::Luks {
+            if self.backing_file.is_some() {
+                return inval("luks images cannot have a backing file");
+            }
+            if !matches!(self.encrypt, Some((EncryptFormat::Luks(_), _))) {
+                return inval("Parameter 'key-secret' is required for cipher");
+            }
+            // preallocation=metadata is accepted and, with no metadata
+            // in the payload, means off (as QEMU's).
+            return Ok(());
+        }
         if self.encrypt.is_some() && (self.extended_l2 || self.data_file.is_some()) {
             // The encrypted data paths know neither (see Qcow2::open).
             return Err(Error::UnsupportedFeature(
@@ -186,6 +197,16 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             st.sync()
         }
         Format::Qcow2 => create_qcow2(st, o),
+        Format::Luks => {
+            let Some((EncryptFormat::Luks(p), key)) = &o.encrypt else {
+                return Err(Error::InvalidArgument(
+                    "Parameter 'key-secret' is required for cipher".into(),
+                ));
+            };
+            let payload = write_luks(&st, o.size, p, key)?;
+            preallocate_range(&st, o.preallocation, payload, o.size)?;
+            st.sync()
+        }
     }
 }
 
@@ -331,7 +352,6 @@ pub fn create_luks(
     key: &Secret,
 ) -> Result<()> {
     let path = crate::open::host_path(path);
-    let area = luks_area(p, key)?;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -343,7 +363,19 @@ pub fn create_luks(
             source,
         })?;
     let st = Storage::from_file(file, path, true);
-    st.write_at(&area, 0)?;
-    st.set_len(area.len() as u64 + size)?;
+    write_luks(&st, size, p, key)?;
     st.sync()
+}
+
+/// Writes a LUKS header into empty `st` and sizes it for `size` bytes of
+/// payload; returns the payload offset.
+fn write_luks(st: &Storage, size: u64, p: &crate::luks::LuksParams, key: &Secret) -> Result<u64> {
+    let area = luks_area(p, key)?;
+    let payload = area.len() as u64;
+    let len = payload
+        .checked_add(size)
+        .ok_or_else(|| Error::TooLarge(format!("virtual size {size}")))?;
+    st.write_at(&area, 0)?;
+    st.set_len(len)?;
+    Ok(payload)
 }

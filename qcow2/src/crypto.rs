@@ -201,8 +201,10 @@ pub struct SectorCipher {
     mode: CipherMode,
     ivgen: IvGen,
     data: Aes,
-    /// XTS: the tweak key; ESSIV: the IV key.
-    aux: Option<Aes>,
+    /// XTS: the tweak key.
+    tweak: Option<Aes>,
+    /// ESSIV: the IV key (XTS with ESSIV has both).
+    essiv: Option<Aes>,
 }
 
 impl std::fmt::Debug for SectorCipher {
@@ -219,7 +221,7 @@ impl SectorCipher {
         ivgen: IvGen,
         ivhash: Option<HashAlg>,
     ) -> Result<SectorCipher> {
-        let (data, mut aux) = if mode == CipherMode::Xts {
+        let (data, tweak) = if mode == CipherMode::Xts {
             if !key.len().is_multiple_of(2) {
                 return Err(Error::InvalidArgument("odd XTS key length".into()));
             }
@@ -228,15 +230,18 @@ impl SectorCipher {
         } else {
             (Aes::new(key)?, None)
         };
-        if ivgen == IvGen::Essiv {
+        let essiv = if ivgen == IvGen::Essiv {
             let h = ivhash.ok_or_else(|| Error::InvalidArgument("essiv needs a hash".into()))?;
-            aux = Some(Aes::new(&h.hash(&[key]))?);
-        }
+            Some(Aes::new(&h.hash(&[key]))?)
+        } else {
+            None
+        };
         Ok(SectorCipher {
             mode,
             ivgen,
             data,
-            aux,
+            tweak,
+            essiv,
         })
     }
 
@@ -247,7 +252,7 @@ impl SectorCipher {
             IvGen::Plain64 => iv[..8].copy_from_slice(&sector.to_le_bytes()),
             IvGen::Essiv => {
                 iv[..8].copy_from_slice(&sector.to_le_bytes());
-                if let Some(k) = &self.aux {
+                if let Some(k) = &self.essiv {
                     k.enc(&mut iv);
                 }
             }
@@ -298,7 +303,7 @@ impl SectorCipher {
             }
             CipherMode::Xts => {
                 let mut t = iv;
-                if let Some(k) = &self.aux {
+                if let Some(k) = &self.tweak {
                     k.enc(&mut t);
                 }
                 for b in s.chunks_exact_mut(16) {

@@ -14,6 +14,8 @@ use crate::sync::AllocWaker;
 pub enum Format {
     Raw,
     Qcow2,
+    /// A LUKS1 volume (QEMU's `luks` driver).
+    Luks,
 }
 
 impl Format {
@@ -21,12 +23,14 @@ impl Format {
         match self {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
+            Format::Luks => "luks",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
         match s {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
+            "luks" => Some(Format::Luks),
             _ => None,
         }
     }
@@ -149,6 +153,14 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     }
 
     // ----- capabilities -----
+
+    /// The bytes the split data path maps are the guest's own bytes.
+    /// False for encrypted images: their split data path refuses
+    /// (`map_read`, `begin_write`) or decrypts (`read_mapped`), and
+    /// callers that move data themselves must not serve them.
+    fn data_in_clear(&self) -> bool {
+        true
+    }
 
     /// The unit in which the format allocates guest data; None when it
     /// maps every guest byte to the same file offset (raw).

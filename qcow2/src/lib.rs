@@ -1,4 +1,4 @@
-//! rimg's qcow2 engine: qcow2 (versions 2 and 3) and raw disk images
+//! rimg's qcow2 engine: qcow2 (versions 2 and 3), raw and LUKS disk images
 //! behind one [`Image`] interface.
 //!
 //! The on-disk format is QEMU's, as specified in docs/interop/qcow2.rst;
@@ -44,6 +44,7 @@ pub mod image;
 pub mod l2;
 pub mod luks;
 pub mod luks_amend;
+pub mod luks_image;
 mod make_empty;
 pub mod open;
 pub(crate) mod overlap;
@@ -64,6 +65,7 @@ pub use datapath::{IoEpoch, Mapping, PendingWrite};
 pub use error::{Error, Result};
 pub use header::{CompressionType, Header};
 pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};
+pub use luks_image::LuksImage;
 pub use open::{open, probe, resolve_backing, OpenOptions};
 pub use qcow::{Qcow2, Qcow2Options};
 pub use raw::Raw;

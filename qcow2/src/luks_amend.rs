@@ -1,13 +1,14 @@
 //! Amending LUKS key slots of an encrypted qcow2 image (qemu-img amend
 //! `encrypt.state`, `encrypt.keyslot`, `encrypt.new-secret`,
-//! `encrypt.old-secret`, `encrypt.iter-time`), with QEMU's checks and
-//! wording.
+//! `encrypt.old-secret`, `encrypt.iter-time`) or of a `luks` volume (the
+//! same options unprefixed), with QEMU's checks and wording.
 
 use crate::error::{Error, Result};
 use crate::header::crypt;
 use crate::image::Image;
 use crate::luks::{LuksHeader, SLOTS};
 use crate::qcow::Qcow2;
+use crate::storage::Storage;
 
 /// What to change. `active`: add a key (`new_secret`, unlocking with
 /// the image's key); inactive: erase slots (`keyslot` or those
@@ -45,9 +46,24 @@ pub fn amend_luks(q: &Qcow2, a: &LuksAmend) -> Result<()> {
     if h.crypt_method != crypt::LUKS {
         return Err(err("Only LUKS encryption options can be amended"));
     }
-    let st = q.storage();
     let (area, len) = h.crypto_area().expect("method 2 has a crypto header");
-    let mut l = crate::encrypt::read_luks(st, &h)?;
+    let l = crate::encrypt::read_luks(q.storage(), &h)?;
+    amend_area(q.storage(), area, len, l, a)
+}
+
+/// Applies `a` to the header of a `luks` volume (QEMU's luks driver
+/// amends the same options, unprefixed), open for writing in `st`.
+pub fn amend_luks_volume(st: &Storage, a: &LuksAmend) -> Result<()> {
+    let mut b = vec![0u8; crate::luks::HEADER_LEN];
+    st.read_at(&mut b, 0)?;
+    let l = LuksHeader::parse(&b)?;
+    let len = l.payload_offset();
+    amend_area(st, 0, len, l, a)
+}
+
+/// Amends the LUKS header `l` stored at `area` (`len` bytes of header
+/// and key material) in `st`.
+fn amend_area(st: &Storage, area: u64, len: u64, mut l: LuksHeader, a: &LuksAmend) -> Result<()> {
     let mut read = |at: u64, buf: &mut [u8]| {
         if at.checked_add(buf.len() as u64).is_none_or(|e| e > len) {
             return Err(err("Request for data outside of extension header"));
@@ -135,11 +151,10 @@ pub fn amend_luks(q: &Qcow2, a: &LuksAmend) -> Result<()> {
             writes.push(l.erase_key(i)?);
         }
     }
-    write_back(q, area, &l, writes)
+    write_back(st, area, &l, writes)
 }
 
-fn write_back(q: &Qcow2, area: u64, l: &LuksHeader, writes: Vec<(u64, Vec<u8>)>) -> Result<()> {
-    let st = q.storage();
+fn write_back(st: &Storage, area: u64, l: &LuksHeader, writes: Vec<(u64, Vec<u8>)>) -> Result<()> {
     // Key material first, then the header that makes it live (as QEMU).
     for (off, data) in writes {
         st.write_at(&data, area + off)?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::header::MAGIC;
 use crate::image::{Format, Image};
+use crate::luks_image::LuksImage;
 use crate::qcow::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::Storage;
@@ -52,21 +53,25 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
     open_at_depth(path, opts.format, opts.writable, opts, 0, &mut seen)
 }
 
-/// Reads the first bytes of a file to decide its format: qcow2 by magic,
-/// anything else is raw (as QEMU's probing falls back to raw).
+/// Reads the first bytes of a file to decide its format: qcow2 and LUKS
+/// by magic, anything else is raw (as QEMU's probing falls back to raw).
 pub fn probe(path: &Path) -> Result<Format> {
     let st = Storage::open(host_path(path), false)?;
     probe_storage(&st)
 }
 
 fn probe_storage(st: &Storage) -> Result<Format> {
-    let mut magic = [0u8; 4];
+    let mut magic = [0u8; 6];
     st.read_at(&mut magic, 0)?;
-    Ok(if u32::from_be_bytes(magic) == MAGIC {
-        Format::Qcow2
-    } else {
-        Format::Raw
-    })
+    Ok(
+        if u32::from_be_bytes(magic[..4].try_into().unwrap()) == MAGIC {
+            Format::Qcow2
+        } else if crate::luks_image::is_luks(&magic) {
+            Format::Luks
+        } else {
+            Format::Raw
+        },
+    )
 }
 
 /// Where a backing file name points, as QEMU resolves it: absolute names
@@ -117,6 +122,14 @@ fn open_at_depth(
     };
     match format {
         Format::Raw => Ok(Arc::new(Raw::open(st)?)),
+        Format::Luks => {
+            let key = match depth {
+                0 => opts.qcow2.encrypt_key.clone(),
+                d => opts.backing_keys.get(d - 1).cloned().flatten(),
+            };
+            let no_io = opts.qcow2.no_io;
+            Ok(Arc::new(LuksImage::open(st, key.as_ref(), no_io)?))
+        }
         Format::Qcow2 => {
             let backing = if opts.no_backing {
                 None

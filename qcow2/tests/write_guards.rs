@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use qcow2::encrypt::Secret;
 use qcow2::{AllocWaker, CreateOptions, Error, Image, Mapping, OpenOptions};
 
 const CS: u64 = 65536;
@@ -40,14 +41,27 @@ fn create(p: &Path, format: qcow2::Format) {
         qcow2::Format::Raw => {
             std::fs::File::create(p).unwrap().set_len(16 << 20).unwrap();
         }
+        qcow2::Format::Luks => {
+            let params = qcow2::luks::LuksParams {
+                iter_time_ms: 10,
+                ..Default::default()
+            };
+            qcow2::create_luks(p, 16 << 20, &params, &Secret(KEY.to_vec())).unwrap();
+        }
     }
 }
+
+const KEY: &[u8] = b"guards";
 
 fn open(p: &Path) -> Arc<dyn Image> {
     qcow2::open(
         p,
         &OpenOptions {
             writable: true,
+            qcow2: qcow2::Qcow2Options {
+                encrypt_key: Some(Secret(KEY.to_vec())),
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -194,4 +208,33 @@ fn raw_maps_identity_and_needs_no_ending() {
         Err(Error::NotSupportedByFormat(_))
     ));
     assert!(img.clone().begin_write(16 << 20, 1).is_err());
+}
+
+/// Encrypted data has no host range a caller could move in clear: the
+/// split data path refuses it, the whole-request path works.
+#[test]
+fn encrypted_images_refuse_the_split_data_path() {
+    let dir = Dir::new("luks");
+    let p = dir.0.join("t.luks");
+    create(&p, qcow2::Format::Luks);
+    let img = open(&p);
+    assert_eq!(img.format(), qcow2::Format::Luks);
+    assert!(!img.data_in_clear());
+    assert!(matches!(
+        img.map_read(0, 4096),
+        Err(Error::NotSupportedByFormat(_))
+    ));
+    assert!(img.clone().begin_write(0, 4096).is_err());
+    let waker: Arc<dyn AllocWaker> = Arc::new(NoWake);
+    assert!(img.clone().try_begin_write(0, 4096, &waker).is_err());
+    img.write_at(&[0x5a; 4096], 4096).unwrap();
+    let mut buf = vec![0u8; 4096];
+    img.read_mapped(Mapping::Data(0), &mut buf, 4096).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    // The payload on disk is not the guest's bytes.
+    let raw = std::fs::read(&p).unwrap();
+    assert!(!raw.chunks(512).any(|c| c.iter().all(|&b| b == 0x5a)));
+    let q = dir.0.join("t.qcow2");
+    create(&q, qcow2::Format::Qcow2);
+    assert!(open(&q).data_in_clear());
 }

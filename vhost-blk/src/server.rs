@@ -72,6 +72,13 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    // The io_uring data path moves guest data without decrypting it.
+    if !img.data_in_clear() {
+        return Err(Error::Config(format!(
+            "{} images are not served encrypted (guest data would not be decrypted)",
+            img.format().name()
+        )));
+    }
     // Guest data moves between guest memory and the file that holds it at
     // the offsets the engine maps: the image file, or its external data
     // file (the engine keeps its own metadata in the image file).

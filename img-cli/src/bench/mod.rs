@@ -58,7 +58,14 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
         e => CliError::new(format!("Could not open '{}': {e}", a.filename)),
     })?;
     img.storage().set_no_flush(p.cache.no_flush);
-    // The ring does guest data I/O on the image file at mapped offsets.
+    // The ring does guest data I/O on the image file at mapped offsets:
+    // an encrypted payload would be read and written in clear.
+    if !img.data_in_clear() {
+        return Err(CliError::new(format!(
+            "'{}': bench does not support encrypted images (its data path does not decrypt)",
+            a.filename
+        )));
+    }
     if img.has_external_data_file() || img.subcluster_size() != img.cluster_size() {
         return Err(CliError::new(format!(
             "'{}': bench does not support external data files or extended L2 entries",

@@ -167,6 +167,9 @@ impl Image for Qcow2 {
         Some(self.describe_allocations())
     }
 
+    fn data_in_clear(&self) -> bool {
+        !self.is_encrypted()
+    }
     fn cluster_size(&self) -> Option<u64> {
         Some(Qcow2::cluster_size(self))
     }
