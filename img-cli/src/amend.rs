@@ -112,7 +112,7 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     let img = qcow2::open(&path, &opts)
         .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     crate::blockopts::print_open_messages(img.as_ref());
-    if img.format() == Format::Luks {
+    if img.format() == qcow2::Format::Luks {
         if let Some(k) = qcow2_key {
             return Err(CliError::new(format!("Invalid parameter '{k}'")));
         }
