@@ -20,15 +20,16 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::l2::L2Entry;
 use crate::sync::{Mutex, MutexGuard};
+use crate::units::{GuestOffset, HostOffset};
 
 /// What a run of guest bytes maps to in this layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
     /// Stored at this host file offset (in the file `data_storage`
     /// returns).
-    Data(u64),
+    Data(HostOffset),
     /// Reads as zeros (with the preallocated host offset, if any).
-    Zero(Option<u64>),
+    Zero(Option<HostOffset>),
     /// Not stored here: the backing image, or zeros.
     Unallocated,
     /// Inside a compressed cluster.
@@ -117,7 +118,7 @@ pub(crate) trait WriteEnd: Send {
 /// [`Image::data_storage`]: crate::Image::data_storage
 #[must_use = "a pending write is rolled back when dropped: commit it once its data is written"]
 pub struct PendingWrite {
-    host: u64,
+    host: HostOffset,
     len: usize,
     end: Option<Box<dyn WriteEnd>>,
 }
@@ -135,13 +136,13 @@ impl PendingWrite {
     /// A write that needs no ending (raw: guest offset = host offset).
     pub(crate) fn identity(off: u64, len: usize) -> PendingWrite {
         PendingWrite {
-            host: off,
+            host: HostOffset::identity(GuestOffset(off)),
             len,
             end: None,
         }
     }
 
-    pub(crate) fn new(host: u64, len: usize, end: Box<dyn WriteEnd>) -> PendingWrite {
+    pub(crate) fn new(host: HostOffset, len: usize, end: Box<dyn WriteEnd>) -> PendingWrite {
         PendingWrite {
             host,
             len,
@@ -150,7 +151,7 @@ impl PendingWrite {
     }
 
     /// Host file offset where the data goes.
-    pub fn host(&self) -> u64 {
+    pub fn host(&self) -> HostOffset {
         self.host
     }
 

@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::header::{crypt, ext, Extension, Header};
 use crate::luks::{LuksHeader, LuksParams, HEADER_LEN};
 use crate::storage::Storage;
+use crate::units::{GuestOffset, HostOffset};
 
 /// A password for an image (QEMU's `encrypt.key-secret`); never printed.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -39,14 +40,16 @@ pub struct DataCipher {
 }
 
 impl DataCipher {
-    fn sector(&self, host: u64, guest: u64) -> u64 {
-        (if self.physical { host } else { guest }) / SECTOR
+    /// The IV's sector number: swapping the two offsets would encrypt
+    /// with the wrong IV, hence the types.
+    fn sector(&self, host: HostOffset, guest: GuestOffset) -> u64 {
+        (if self.physical { host.0 } else { guest.0 }) / SECTOR
     }
     /// Encrypts sector-aligned `buf` bound for `host`, guest offset `guest`.
-    pub fn encrypt(&self, host: u64, guest: u64, buf: &mut [u8]) {
+    pub fn encrypt(&self, host: HostOffset, guest: GuestOffset, buf: &mut [u8]) {
         self.cipher.encrypt(self.sector(host, guest), buf)
     }
-    pub fn decrypt(&self, host: u64, guest: u64, buf: &mut [u8]) {
+    pub fn decrypt(&self, host: HostOffset, guest: GuestOffset, buf: &mut [u8]) {
         self.cipher.decrypt(self.sector(host, guest), buf)
     }
 }

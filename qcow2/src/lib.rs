@@ -57,6 +57,7 @@ pub mod snapshot_l1;
 mod snapshot_refs;
 pub mod storage;
 pub mod sync;
+pub mod units;
 
 pub use amend::Amend;
 pub use check::{CheckReport, Repair};
@@ -71,6 +72,7 @@ pub use qcow::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use snapshot::Snapshot;
 pub use sync::AllocWaker;
+pub use units::{GuestCluster, GuestOffset, HostOffset};
 
 /// A shared buffer of zeros for writing zero ranges in bounded pieces.
 pub(crate) fn zero_buf() -> &'static [u8] {

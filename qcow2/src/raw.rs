@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image};
 use crate::storage::Storage;
 use crate::sync::AllocWaker;
+use crate::units::{GuestOffset, HostOffset};
 
 #[derive(Debug)]
 pub struct Raw {
@@ -146,11 +147,11 @@ impl Image for Raw {
     // nothing to end.
     fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
         self.check_range(off, len)?;
-        Ok((Mapping::Data(off), len))
+        Ok((Mapping::Data(HostOffset::identity(GuestOffset(off))), len))
     }
     fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
-            Mapping::Data(host) => self.st.read_at(buf, host),
+            Mapping::Data(host) => self.st.read_at(buf, host.0),
             Mapping::Zero(_) | Mapping::Unallocated => {
                 buf.fill(0);
                 Ok(())

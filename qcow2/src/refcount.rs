@@ -27,6 +27,7 @@ use crate::error::{Error, Result};
 use crate::header::{field, MAX_REFTABLE_BYTES};
 use crate::overlap::{Allow, Kind, MetadataMap};
 use crate::storage::Storage;
+use crate::units::HostOffset;
 
 pub(crate) struct Refcounts {
     /// Host offsets of refcount blocks (0 = none); bits 0-8 are reserved.
@@ -267,6 +268,25 @@ impl Refcounts {
             }
         }
         Ok(())
+    }
+
+    /// [`alloc`](Self::alloc) for guest data: the host offset of `n` new
+    /// contiguous clusters, typed as the data path uses it.
+    pub(crate) fn alloc_data(&mut self, st: &Storage, n: u64) -> Result<HostOffset> {
+        self.alloc(st, n).map(HostOffset)
+    }
+
+    /// Drops one reference from every host cluster touched by [host,
+    /// host + len): data given back or freed. `freed` as in
+    /// [`update_range`](Self::update_range).
+    pub(crate) fn unref(
+        &mut self,
+        st: &Storage,
+        host: HostOffset,
+        len: u64,
+        freed: impl FnMut(u64),
+    ) -> Result<()> {
+        self.update_range(st, host.0, len, -1, freed)
     }
 
     /// Allocates `n` contiguous free clusters, sets their refcounts to 1 and

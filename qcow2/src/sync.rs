@@ -48,6 +48,8 @@ pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
 use std::sync::Arc;
 
+use crate::units::GuestCluster;
+
 /// Wakes a caller whose write was refused because another request was
 /// allocating the same cluster (see the module docs). For an event loop,
 /// typically a write to an eventfd it polls.
@@ -86,26 +88,26 @@ pub(crate) fn nonblocking_waker() -> Option<Arc<dyn AllocWaker>> {
 
 /// Wakers registered on guest clusters that are being allocated.
 #[derive(Default)]
-pub(crate) struct Waiters(Vec<(u64, Arc<dyn AllocWaker>)>);
+pub(crate) struct Waiters(Vec<(GuestCluster, Arc<dyn AllocWaker>)>);
 
 impl Waiters {
     /// Registers `w` on guest cluster `gc`, once (a caller refused again
     /// on the same cluster is not registered twice, so the list stays
     /// bounded by callers times clusters in flight).
-    pub(crate) fn register(&mut self, gc: u64, w: &Arc<dyn AllocWaker>) {
+    pub(crate) fn register(&mut self, gc: GuestCluster, w: &Arc<dyn AllocWaker>) {
         if !self.0.iter().any(|(c, o)| *c == gc && Arc::ptr_eq(o, w)) {
             self.0.push((gc, w.clone()));
         }
     }
 
     /// Removes and returns the wakers registered on clusters [gc, gc + n).
-    pub(crate) fn take(&mut self, gc: u64, n: u64) -> Vec<Arc<dyn AllocWaker>> {
+    pub(crate) fn take(&mut self, gc: GuestCluster, n: u64) -> Vec<Arc<dyn AllocWaker>> {
         if self.0.is_empty() {
             return Vec::new();
         }
         let mut out = Vec::new();
         self.0.retain(|(c, w)| {
-            let hit = (gc..gc + n).contains(c);
+            let hit = c.within(gc, n);
             if hit {
                 out.push(w.clone());
             }
@@ -120,7 +122,7 @@ impl Waiters {
 
     /// The clusters someone waits on, for state dumps.
     pub(crate) fn clusters(&self) -> Vec<u64> {
-        let mut v: Vec<u64> = self.0.iter().map(|(c, _)| *c).collect();
+        let mut v: Vec<u64> = self.0.iter().map(|(c, _)| c.0).collect();
         v.sort_unstable();
         v.dedup();
         v

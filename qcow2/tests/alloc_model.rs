@@ -35,7 +35,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use qcow2::storage::Storage;
-use qcow2::{AllocWaker, CreateOptions, Image, Mapping, PendingWrite, Qcow2, Qcow2Options};
+use qcow2::{
+    AllocWaker, CreateOptions, HostOffset, Image, Mapping, PendingWrite, Qcow2, Qcow2Options,
+};
 use shuttle::sync::{Condvar, Mutex};
 
 const CS: u64 = 512;
@@ -207,7 +209,7 @@ impl Queue {
     fn reap_one(&mut self) {
         let (w, fill) = self.ring.pop_front().unwrap();
         let data = vec![fill; w.len()];
-        let ok = self.img.storage().write_at(&data, w.host()).is_ok();
+        let ok = self.img.storage().write_at(&data, w.host().0).is_ok();
         // A failed data write is rolled back by dropping the guard.
         if ok {
             w.commit().unwrap();
@@ -321,7 +323,7 @@ fn epoch_holds_freed_cluster(images: &Images) {
         shuttle::thread::spawn(move || {
             let epoch = img.io_epoch();
             let (m, _) = img.map_read(0, CS).unwrap();
-            let Mapping::Data(host) = m else {
+            let Mapping::Data(HostOffset(host)) = m else {
                 // The discard came first: nothing mapped, nothing to hold.
                 return;
             };
@@ -423,7 +425,7 @@ fn zeroes_against_inplace_write(images: &Images) {
             let epoch = img.io_epoch();
             let w = img.clone().begin_write(CS, 64).unwrap();
             shuttle::thread::yield_now();
-            let ok = img.storage().write_at(&[0xaa; 64], w.host()).is_ok();
+            let ok = img.storage().write_at(&[0xaa; 64], w.host().0).is_ok();
             // A failed data write is rolled back by dropping the guard,
             // before the epoch ends.
             if ok {

@@ -72,7 +72,7 @@ fn late_write_after_zeroing(extended_l2: bool) {
     assert_eq!(count.0.load(Ordering::SeqCst), 0);
     // W's data lands, W completes: Z's waker is called.
     q.data_storage()
-        .write_data_at(&[0xaa; W.1], w.host())
+        .write_data_at(&[0xaa; W.1], w.host().0)
         .unwrap();
     w.commit().unwrap();
     drop(tw);
@@ -85,7 +85,7 @@ fn late_write_after_zeroing(extended_l2: bool) {
     q.read_at(&mut r0, W.0).unwrap();
     // W2 lands and commits.
     q.data_storage()
-        .write_data_at(&[0xbb; W2.1], w2.host())
+        .write_data_at(&[0xbb; W2.1], w2.host().0)
         .unwrap();
     w2.commit().unwrap();
     drop(t2);

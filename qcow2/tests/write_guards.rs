@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qcow2::encrypt::Secret;
-use qcow2::{AllocWaker, CreateOptions, Error, Image, Mapping, OpenOptions};
+use qcow2::{AllocWaker, CreateOptions, Error, HostOffset, Image, Mapping, OpenOptions};
 
 const CS: u64 = 65536;
 
@@ -109,7 +109,7 @@ fn dropped_allocating_write_rolls_back() {
         .is_none());
     // Its data lands, but it is never committed.
     img.data_storage()
-        .write_data_at(&[0xaa; 4096], w.host())
+        .write_data_at(&[0xaa; 4096], w.host().0)
         .unwrap();
     drop(w);
 
@@ -127,7 +127,7 @@ fn dropped_allocating_write_rolls_back() {
         .unwrap()
         .expect("the cluster is no longer in flight");
     img.data_storage()
-        .write_data_at(&[0xbb; 4096], w2.host())
+        .write_data_at(&[0xbb; 4096], w2.host().0)
         .unwrap();
     w2.commit().unwrap();
     img.read_at(&mut buf, CS).unwrap();
@@ -192,12 +192,12 @@ fn raw_maps_identity_and_needs_no_ending() {
     let _epoch = img.io_epoch();
     assert_eq!(
         img.map_read(4096, 1 << 20).unwrap(),
-        (Mapping::Data(4096), 1 << 20)
+        (Mapping::Data(HostOffset(4096)), 1 << 20)
     );
     let w = img.clone().begin_write(8192, 4096).unwrap();
-    assert_eq!((w.host(), w.len()), (8192, 4096));
+    assert_eq!((w.host(), w.len()), (HostOffset(8192), 4096));
     img.data_storage()
-        .write_at(&[0xcc; 4096], w.host())
+        .write_at(&[0xcc; 4096], w.host().0)
         .unwrap();
     w.commit().unwrap();
     let mut buf = vec![0u8; 4096];
@@ -229,7 +229,8 @@ fn encrypted_images_refuse_the_split_data_path() {
     assert!(img.clone().try_begin_write(0, 4096, &waker).is_err());
     img.write_at(&[0x5a; 4096], 4096).unwrap();
     let mut buf = vec![0u8; 4096];
-    img.read_mapped(Mapping::Data(0), &mut buf, 4096).unwrap();
+    img.read_mapped(Mapping::Data(HostOffset(0)), &mut buf, 4096)
+        .unwrap();
     assert!(buf.iter().all(|&b| b == 0x5a));
     // The payload on disk is not the guest's bytes.
     let raw = std::fs::read(&p).unwrap();

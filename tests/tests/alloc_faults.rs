@@ -77,7 +77,7 @@ fn failed_commit_leaves_no_entry_on_a_freed_cluster() {
         .write(true)
         .open(&img)
         .unwrap();
-    file.write_all_at(&[0x22; 4 * CS as usize], io.host())
+    file.write_all_at(&[0x22; 4 * CS as usize], io.host().0)
         .unwrap();
 
     // Corrupt guest cluster 3's entry in the file (not cluster aligned)
@@ -204,7 +204,7 @@ fn abandoned_write_leaks_and_lets_others_go_on() {
             "{prealloc}: waiter woken"
         );
         // The late data write of the abandoned request.
-        im.storage().write_at(&[0xee; CS as usize], host).unwrap();
+        im.storage().write_at(&[0xee; CS as usize], host.0).unwrap();
         let mut buf = vec![0xffu8; CS as usize];
         im.read_at(&mut buf, 3 * CS).unwrap();
         assert!(
@@ -222,7 +222,7 @@ fn abandoned_write_leaks_and_lets_others_go_on() {
             "{prealloc}: the abandoned cluster was reused"
         );
         im.storage()
-            .write_at(&[0x33; CS as usize], w.host())
+            .write_at(&[0x33; CS as usize], w.host().0)
             .unwrap();
         w.commit().unwrap();
         im.read_at(&mut buf, 3 * CS).unwrap();

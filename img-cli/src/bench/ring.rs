@@ -277,7 +277,7 @@ impl Bench<'_> {
                 .map_err(failed)?
             {
                 Some(io) => {
-                    let r = (io.host(), io.len());
+                    let r = (io.host().0, io.len());
                     self.slots[i].wio = Some(io);
                     r
                 }
@@ -289,7 +289,7 @@ impl Bench<'_> {
         } else {
             let (m, n) = self.img.map_read(pos, rest as u64).map_err(failed)?;
             match m {
-                Mapping::Data(h) => (h, n as usize),
+                Mapping::Data(h) => (h.0, n as usize),
                 other => {
                     // Zeros, backing data, compressed: no host extent of
                     // ours to read; done synchronously.

@@ -45,10 +45,9 @@ impl Qcow2 {
         let Some(z) = compress::compress(self.compression, cluster) else {
             return self.write_at(data, off);
         };
-        let gc = off >> self.cluster_bits;
-        let l2n = 1u64 << self.l2_bits();
-        let l1i = (gc >> self.l2_bits()) as usize;
-        let idx = (gc & (l2n - 1)) as usize;
+        let gc = GuestOffset(off).cluster(self.cluster_bits);
+        let l1i = gc.l1_index(self.l2_bits());
+        let idx = gc.l2_index(self.l2_bits());
         let m = self.lock();
         let mut m = self.wait_inflight(m, gc, 1)?;
         let slot = self.l2_writable(&mut m, l1i)?;
@@ -60,7 +59,8 @@ impl Qcow2 {
                 )))
             }
         }
-        let host = self.alloc_bytes(&mut m, z.len() as u64)?;
+        let at = self.alloc_bytes(&mut m, z.len() as u64)?;
+        let host = at.0;
         m.rc.overlap
             .check(&self.st, host, z.len() as u64, Allow::NOTHING)?;
         m.inflight.insert(gc);
@@ -86,8 +86,7 @@ impl Qcow2 {
         let r = match r {
             Ok(inner) => inner,
             Err(e) => {
-                let _ =
-                    m.rc.update_range(&self.st, host, z.len() as u64, -1, |_| {});
+                let _ = m.rc.unref(&self.st, at, z.len() as u64, |_| {});
                 Err(e)
             }
         };

@@ -10,7 +10,7 @@ impl Qcow2 {
     /// a shrink) does not, as in QEMU.
     pub(super) fn unmap_clusters(
         &self,
-        gc: u64,
+        gc: GuestCluster,
         n: u64,
         zero: bool,
         keep_alloc: bool,
@@ -26,11 +26,12 @@ impl Qcow2 {
             }
             keep_alloc = true;
         }
-        let l2n = 1u64 << self.l2_bits();
+        let l2b = self.l2_bits();
+        let l2n = 1u64 << l2b;
         let mut c = gc;
         while c < gc + n {
-            let l1i = (c >> self.l2_bits()) as usize;
-            let chunk = (l2n - (c & (l2n - 1))).min(gc + n - c);
+            let l1i = c.l1_index(l2b);
+            let chunk = (l2n - c.l2_index(l2b) as u64).min((gc + n).0 - c.0);
             let m = self.lock();
             // Zeros that keep the host cluster also wait for in-place
             // writes into it (see the module docs).
@@ -40,8 +41,9 @@ impl Qcow2 {
                 // is in flight or can begin until their entries read as
                 // zeros, so none lands in the data file after the zeros
                 // (it would show there, not in the image).
-                let end = ((c + chunk) * cs).min(self.size());
-                d.st.zero_data_range(c * cs, end - c * cs)?;
+                let start = c.offset(self.cluster_bits).0;
+                let end = (c + chunk).offset(self.cluster_bits).0.min(self.size());
+                d.st.zero_data_range(start, end - start)?;
             }
             let has_table = L1Entry(m.l1[l1i]).l2_offset() != 0;
             if !has_table && !zero {
@@ -52,8 +54,8 @@ impl Qcow2 {
                 continue;
             }
             let slot = self.l2_writable(&mut m, l1i)?;
-            for k in 0..chunk {
-                let idx = ((c + k) & (l2n - 1)) as usize;
+            for gk in c.span(chunk) {
+                let idx = gk.l2_index(l2b);
                 let old = self.decode(Self::l2_get(&m, slot, idx))?;
                 if self.extl2 {
                     let (new, bm) = Self::unmapped_ext(old, zero, keep_alloc);
@@ -65,8 +67,8 @@ impl Qcow2 {
                     if new == old {
                         continue; // The host cluster is kept.
                     }
-                    if let Some(r) = old.host_range(cs) {
-                        self.release_data(&mut m, r)?;
+                    if let Some((host, len)) = old.host_range(cs) {
+                        self.release_data(&mut m, HostOffset(host), len)?;
                     }
                     continue;
                 }
@@ -97,8 +99,8 @@ impl Qcow2 {
                 Self::l2_set(&mut m, slot, idx, new.encode(self.geom));
                 let kept = matches!(new, L2Entry::Zero { host: Some(_), .. });
                 if !kept {
-                    if let Some(r) = old.host_range(cs) {
-                        self.release_data(&mut m, r)?;
+                    if let Some((host, len)) = old.host_range(cs) {
+                        self.release_data(&mut m, HostOffset(host), len)?;
                     }
                 }
             }
@@ -109,11 +111,11 @@ impl Qcow2 {
     }
 
     /// Drops the reference of an unmapped entry to its host range.
-    pub(super) fn release_data(&self, m: &mut Meta, r: (u64, u64)) -> Result<()> {
+    pub(super) fn release_data(&self, m: &mut Meta, host: HostOffset, len: u64) -> Result<()> {
         match &self.data {
-            None => self.queue_free(m, r),
+            None => self.queue_free(m, host, len),
             // No refcounts there: only give the space back.
-            Some(d) if self.opts.discard_passthrough => d.st.punch_hole(r.0, r.1)?,
+            Some(d) if self.opts.discard_passthrough => d.st.punch_hole(host.0, len)?,
             Some(_) => {}
         }
         Ok(())

@@ -20,9 +20,13 @@ impl Qcow2 {
 
     /// Queues a host range whose last reference was just dropped in
     /// memory, tagged with the current epoch (then advanced).
-    pub(super) fn queue_free(&self, m: &mut Meta, (off, len): (u64, u64)) {
+    pub(super) fn queue_free(&self, m: &mut Meta, host: HostOffset, len: u64) {
         let mut e = self.epochs();
-        m.pending_free.push((off, len, e.current));
+        m.pending_free.push(QueuedFree {
+            host,
+            len,
+            epoch: e.current,
+        });
         e.current += 1;
     }
 
@@ -65,13 +69,13 @@ impl Qcow2 {
             let oldest = self.epochs().active.keys().next().copied();
             let (frees, later): (Vec<_>, Vec<_>) = std::mem::take(&mut m.pending_free)
                 .into_iter()
-                .partition(|&(_, _, ep)| oldest.is_none_or(|o| ep < o));
+                .partition(|f| oldest.is_none_or(|o| f.epoch < o));
             m.pending_free = later;
             let mut freed = Vec::new();
-            for &(off, len, _) in &frees {
+            for f in &frees {
                 // A freed L2 table must not be found in the cache again.
-                m.l2.remove(off);
-                m.rc.update_range(&self.st, off, len, -1, |c| freed.push(c))?;
+                m.l2.remove(f.host.0);
+                m.rc.unref(&self.st, f.host, f.len, |c| freed.push(c))?;
             }
             if self.opts.discard_passthrough {
                 freed.sort_unstable();

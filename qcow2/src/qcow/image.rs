@@ -55,7 +55,7 @@ impl Image for Qcow2 {
         if off < first_full {
             self.write_zero_bytes(off, first_full - off)?;
         }
-        let (gc, n) = (first_full / cs, (last_full - first_full) / cs);
+        let (gc, n) = (GuestCluster(first_full / cs), (last_full - first_full) / cs);
         self.mark_dirty(first_full, last_full - first_full)?;
         if self.version >= 3 {
             self.unmap_clusters(gc, n, true, !unmap)?;
@@ -93,7 +93,12 @@ impl Image for Qcow2 {
             return Ok(());
         }
         self.mark_dirty(first_full, last_full - first_full)?;
-        self.unmap_clusters(first_full / cs, (last_full - first_full) / cs, zero, false)
+        self.unmap_clusters(
+            GuestCluster(first_full / cs),
+            (last_full - first_full) / cs,
+            zero,
+            false,
+        )
     }
 
     fn flush(&self) -> Result<()> {
@@ -104,20 +109,20 @@ impl Image for Qcow2 {
     fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
         self.check_range(off, len)?;
         let mut m = self.lock();
-        let (run, n) = self.map_run(&mut m, off, len)?;
+        let (run, n) = self.map_run(&mut m, GuestOffset(off), len)?;
         Ok(match run {
             // Encrypted data has no offset where its guest bytes can be
             // read (QEMU reports none either).
             Mapping::Data(h) => Extent {
                 len: n,
                 kind: ExtentKind::Data,
-                offset: (self.crypt_method == 0).then_some(h),
+                offset: (self.crypt_method == 0).then_some(h.0),
                 compressed: false,
             },
             Mapping::Zero(h) => Extent {
                 len: n,
                 kind: ExtentKind::Zero,
-                offset: h,
+                offset: h.map(|h| h.0),
                 compressed: false,
             },
             Mapping::Unallocated => Extent {

@@ -9,9 +9,9 @@ impl Qcow2 {
     /// in-flight set, and whoever waits for them (blocked in
     /// `wait_inflight`, or refused by `try_begin_write`) is woken. The one
     /// place an allocation ends (see [`crate::sync`]).
-    pub(super) fn release_inflight(&self, mut m: MutexGuard<'_, Meta>, gc: u64, n: u64) {
-        for k in 0..n {
-            m.inflight.remove(&(gc + k));
+    pub(super) fn release_inflight(&self, mut m: MutexGuard<'_, Meta>, gc: GuestCluster, n: u64) {
+        for c in gc.span(n) {
+            m.inflight.remove(&c);
         }
         let wake = m.waiters.take(gc, n);
         drop(m);
@@ -23,9 +23,9 @@ impl Qcow2 {
 
     /// An in-place write into guest clusters [first, first + n) ended:
     /// zeroing that waits for it (`wait_busy`) is woken.
-    pub(super) fn end_inplace(&self, first: u64, n: u64) {
+    pub(super) fn end_inplace(&self, first: GuestCluster, n: u64) {
         let mut m = self.lock();
-        for c in first..first + n {
+        for c in first.span(n) {
             if let std::collections::hash_map::Entry::Occupied(mut e) = m.inplace.entry(c) {
                 *e.get_mut() -= 1;
                 if *e.get() == 0 {
@@ -51,7 +51,7 @@ impl Qcow2 {
     pub(super) fn wait_inflight<'a>(
         &'a self,
         m: MutexGuard<'a, Meta>,
-        gc: u64,
+        gc: GuestCluster,
         n: u64,
     ) -> Result<MutexGuard<'a, Meta>> {
         self.wait_busy(m, gc, n, false)
@@ -62,7 +62,7 @@ impl Qcow2 {
     pub(super) fn wait_busy<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
-        gc: u64,
+        gc: GuestCluster,
         n: u64,
         inplace: bool,
     ) -> Result<MutexGuard<'a, Meta>> {
@@ -70,7 +70,8 @@ impl Qcow2 {
             if m.inflight.is_empty() && (!inplace || m.inplace.is_empty()) {
                 break;
             }
-            let Some(busy) = (gc..gc + n)
+            let Some(busy) = gc
+                .span(n)
                 .find(|c| m.inflight.contains(c) || (inplace && m.inplace.contains_key(c)))
             else {
                 break;
@@ -115,7 +116,7 @@ impl Qcow2 {
                 return "metadata lock held (busy or stuck)".into()
             }
         };
-        let mut inflight: Vec<u64> = m.inflight.iter().copied().collect();
+        let mut inflight: Vec<u64> = m.inflight.iter().map(|c| c.0).collect();
         inflight.sort_unstable();
         let active: u32 = self.epochs().active.values().sum();
         format!(

@@ -76,6 +76,7 @@ use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;
 use crate::sync::{AllocWaker, Condvar, Mutex, MutexGuard, Waiters};
+use crate::units::{GuestCluster, GuestOffset, HostOffset};
 
 mod bitmaps;
 mod compressed;
@@ -148,14 +149,14 @@ struct Meta {
     l1_dirty: Option<(usize, usize)>,
     l2: TableCache,
     rc: Refcounts,
-    /// Host byte ranges whose reference was dropped in memory, with the
-    /// I/O epoch they were dropped in; their refcounts are decreased after
-    /// a flush, once no I/O that started before them is still running.
-    pending_free: Vec<(u64, u64, u64)>,
+    /// Host byte ranges whose reference was dropped in memory; their
+    /// refcounts are decreased after a flush, once no I/O that started
+    /// before them is still running.
+    pending_free: Vec<QueuedFree>,
     /// Guest clusters whose allocation is in progress.
-    inflight: HashSet<u64>,
+    inflight: HashSet<GuestCluster>,
     /// Guest clusters with in-place writes in progress, and how many.
-    inplace: HashMap<u64, u32>,
+    inplace: HashMap<GuestCluster, u32>,
     /// Threads blocked on `alloc_done` (in `wait_busy`).
     sleepers: u32,
     /// Callers refused by `try_begin_write`, woken when the cluster they
@@ -181,22 +182,22 @@ struct Meta {
 /// inside a [`PendingWrite`], which ends it.
 pub(crate) struct WriteIo {
     /// Host file offset where the data goes.
-    pub(crate) host: u64,
+    pub(crate) host: HostOffset,
     /// Bytes of the request this extent covers.
     pub(crate) len: usize,
     alloc: Option<Alloc>,
     /// An in-place write: the guest clusters [first, first + n) it
     /// counts itself in (`Meta::inplace`) until it ends.
-    inplace: Option<(u64, u64)>,
+    inplace: Option<(GuestCluster, u64)>,
 }
 
 /// An allocation handed out by `plan_write` and finished by `commit`.
 struct Alloc {
     /// First guest cluster and count.
-    gc: u64,
+    gc: GuestCluster,
     n: u64,
     /// Host offset of the first new cluster (contiguous).
-    host: u64,
+    host: HostOffset,
     /// The existing preallocated zero cluster is reused (n == 1).
     reuse: bool,
     /// The new clusters lie past everything ever written: they read as
@@ -214,8 +215,19 @@ struct Alloc {
 }
 
 enum WritePlan {
-    InPlace { host: u64, len: usize },
+    InPlace { host: HostOffset, len: usize },
     Alloc(Alloc),
+}
+
+/// A host byte range whose last reference was dropped in memory, queued
+/// until a flush has made the dropping durable (see the write ordering
+/// above).
+struct QueuedFree {
+    host: HostOffset,
+    len: u64,
+    /// The I/O epoch it was queued in: applied only once every I/O that
+    /// began before it has ended.
+    epoch: u64,
 }
 
 thread_local! {
@@ -465,11 +477,11 @@ impl Qcow2 {
 
     /// Checks that guest data at host [off, off + len) lands on no
     /// metadata: only possible when data shares the image file.
-    fn check_data_overlap(&self, m: &mut Meta, off: u64, len: u64) -> Result<()> {
+    fn check_data_overlap(&self, m: &mut Meta, off: HostOffset, len: u64) -> Result<()> {
         if self.data.is_some() {
             return Ok(());
         }
-        m.rc.overlap.check(&self.st, off, len, Allow::NOTHING)
+        m.rc.overlap.check(&self.st, off.0, len, Allow::NOTHING)
     }
     /// The header as it stands now (fields the engine moved, such as the
     /// refcount table, included).
@@ -583,7 +595,7 @@ impl Qcow2 {
             end - end % cs
         };
         if first < last {
-            self.unmap_clusters(first / cs, (last - first) / cs, false, false)?;
+            self.unmap_clusters(GuestCluster(first / cs), (last - first) / cs, false, false)?;
         }
         Ok(())
     }

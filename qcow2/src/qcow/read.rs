@@ -6,17 +6,22 @@ use super::*;
 impl Qcow2 {
     /// Maps the run of guest bytes starting at `off` (at most `len`) that
     /// share one kind of mapping in this layer.
-    pub(super) fn map_run(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    pub(super) fn map_run(
+        &self,
+        m: &mut Meta,
+        off: GuestOffset,
+        len: u64,
+    ) -> Result<(Mapping, u64)> {
         if self.extl2 {
             return self.map_run_ext(m, off, len);
         }
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
-        let gc = off >> cb;
-        let in_cl = off & (cs - 1);
-        let l1i = (gc >> self.l2_bits()) as usize;
-        let l2i = gc & (l2n - 1);
+        let gc = off.cluster(cb);
+        let in_cl = off.in_cluster(cb);
+        let l1i = gc.l1_index(self.l2_bits());
+        let l2i = gc.l2_index(self.l2_bits()) as u64;
         // Clusters this request may span within the current L2 table.
         let want = (in_cl + len).div_ceil(cs).min(l2n - l2i);
         let Some(slot) = self.l2_for(m, l1i)? else {
@@ -38,7 +43,7 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
-                Mapping::Data(host + in_cl)
+                Mapping::Data(HostOffset(host) + in_cl)
             }
             L2Entry::Zero { host, .. } => {
                 // A run is either all plain zero clusters or preallocated
@@ -54,7 +59,7 @@ impl Qcow2 {
                         _ => break,
                     }
                 }
-                Mapping::Zero(host.map(|h| h + in_cl))
+                Mapping::Zero(host.map(|h| HostOffset(h) + in_cl))
             }
             L2Entry::Unallocated => {
                 while n < want {
@@ -111,7 +116,7 @@ impl Qcow2 {
             let pos = off + done as u64;
             let (run, n) = {
                 let mut m = self.lock();
-                self.map_run(&mut m, pos, (buf.len() - done) as u64)?
+                self.map_run(&mut m, GuestOffset(pos), (buf.len() - done) as u64)?
             };
             self.read_run(run, &mut buf[done..done + n as usize], pos)?;
             done += n as usize;
@@ -125,7 +130,7 @@ impl Qcow2 {
         self.check_clear()?;
         self.check_range(off, len)?;
         let mut m = self.lock();
-        self.map_run(&mut m, off, len)
+        self.map_run(&mut m, GuestOffset(off), len)
     }
 
     /// Reads guest bytes at `off` that [`map_run`](Self::map_run) mapped
@@ -134,11 +139,11 @@ impl Qcow2 {
         match mapping {
             Mapping::Data(host) if self.crypt_method != 0 => {
                 self.st.debug_event("read_aio");
-                self.read_encrypted(buf, host, off)
+                self.read_encrypted(buf, host, GuestOffset(off))
             }
             Mapping::Data(host) => {
                 self.st.debug_event("read_aio");
-                self.data_storage().read_at(buf, host)
+                self.data_storage().read_at(buf, host.0)
             }
             Mapping::Zero(_) => {
                 buf.fill(0);
@@ -154,13 +159,19 @@ impl Qcow2 {
 
     /// Reads and decrypts data at `host` (guest offset `off`), whole
     /// 512-byte sectors around it.
-    pub(super) fn read_encrypted(&self, buf: &mut [u8], host: u64, off: u64) -> Result<()> {
+    pub(super) fn read_encrypted(
+        &self,
+        buf: &mut [u8],
+        host: HostOffset,
+        off: GuestOffset,
+    ) -> Result<()> {
         let c = self.data_cipher()?;
-        let skip = host % crate::crypto::SECTOR;
+        let skip = host.0 % crate::crypto::SECTOR;
         let len = (skip + buf.len() as u64).next_multiple_of(crate::crypto::SECTOR);
         let mut tmp = vec![0u8; len as usize];
-        self.data_storage().read_at(&mut tmp, host - skip)?;
-        c.decrypt(host - skip, off - skip, &mut tmp);
+        let (host, off) = (HostOffset(host.0 - skip), GuestOffset(off.0 - skip));
+        self.data_storage().read_at(&mut tmp, host.0)?;
+        c.decrypt(host, off, &mut tmp);
         buf.copy_from_slice(&tmp[skip as usize..skip as usize + buf.len()]);
         Ok(())
     }

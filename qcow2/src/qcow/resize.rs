@@ -137,7 +137,7 @@ impl Qcow2 {
         let keep_l1 = Header::l1_entries_with(self.cluster_bits, self.l2_bits(), new_size);
         let partial_end = (keep_l1 * l2n).min(old_clusters);
         if first < partial_end {
-            self.unmap_clusters(first, partial_end - first, false, false)?;
+            self.unmap_clusters(GuestCluster(first), partial_end - first, false, false)?;
         }
         let m = self.lock();
         let mut m = self.quiesce(m);
@@ -165,10 +165,10 @@ impl Qcow2 {
                 }
             }
             ranges.extend(run);
-            for r in ranges {
-                self.queue_free(&mut m, r);
+            for (off, len) in ranges {
+                self.queue_free(&mut m, HostOffset(off), len);
             }
-            self.queue_free(&mut m, (table, cs));
+            self.queue_free(&mut m, HostOffset(table), cs);
             Self::set_l1(&mut m, i, 0);
         }
         // L2 tables, then the L1, durable; then the queued frees.
@@ -274,7 +274,7 @@ impl Qcow2 {
         self.preallocate_with(head_end, new_size, bitmap)?;
         if prealloc != Preallocation::Metadata {
             for (off, len) in self.data_extents_range(head_end, new_size)? {
-                self.check_data_overlap(&mut self.lock(), off, len)?;
+                self.check_data_overlap(&mut self.lock(), HostOffset(off), len)?;
                 let st = self.data_storage();
                 match prealloc {
                     Preallocation::Falloc => st.allocate(off, len)?,
@@ -380,9 +380,9 @@ impl Qcow2 {
         while pos < to {
             let (run, n) = {
                 let mut m = self.lock();
-                self.map_run(&mut m, pos, to - pos)?
+                self.map_run(&mut m, GuestOffset(pos), to - pos)?
             };
-            if let Mapping::Data(h) = run {
+            if let Mapping::Data(HostOffset(h)) = run {
                 match out.last_mut() {
                     Some((s, l)) if *s + *l == h => *l += n,
                     _ => out.push((h, n)),

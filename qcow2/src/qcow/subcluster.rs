@@ -85,8 +85,8 @@ impl Qcow2 {
     /// bytes at `in_cl` into its cluster.
     fn sc_mapping(e: L2Entry, k: ScKind, in_cl: u64) -> Result<Mapping> {
         let host = match e {
-            L2Entry::Normal { host, .. } => host + in_cl,
-            _ => 0,
+            L2Entry::Normal { host, .. } => HostOffset(host) + in_cl,
+            _ => HostOffset(0),
         };
         Ok(match k {
             ScKind::Data => Mapping::Data(host),
@@ -104,14 +104,19 @@ impl Qcow2 {
 
     /// `map_run` for extended L2 entries: runs of subclusters of one kind
     /// (and contiguous host offsets, where they have one).
-    pub(super) fn map_run_ext(&self, m: &mut Meta, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    pub(super) fn map_run_ext(
+        &self,
+        m: &mut Meta,
+        off: GuestOffset,
+        len: u64,
+    ) -> Result<(Mapping, u64)> {
         let cs = self.cluster_size();
         let scs = self.sc_size();
         let l2n = 1u64 << self.l2_bits();
-        let gc = off >> self.cluster_bits;
-        let in_cl = off & (cs - 1);
-        let l1i = (gc >> self.l2_bits()) as usize;
-        let l2i = gc & (l2n - 1);
+        let gc = off.cluster(self.cluster_bits);
+        let in_cl = off.in_cluster(self.cluster_bits);
+        let l1i = gc.l1_index(self.l2_bits());
+        let l2i = gc.l2_index(self.l2_bits()) as u64;
         let want = (in_cl + len).div_ceil(cs).min(l2n - l2i);
         let Some(slot) = self.l2_for(m, l1i)? else {
             return Ok((Mapping::Unallocated, (want * cs - in_cl).min(len)));
@@ -167,14 +172,18 @@ impl Qcow2 {
     }
 
     /// `plan_write` for extended L2 entries, one guest cluster at a time.
-    pub(super) fn plan_write_ext(&self, m: &mut Meta, pos: u64, len: usize) -> Result<WritePlan> {
+    pub(super) fn plan_write_ext(
+        &self,
+        m: &mut Meta,
+        pos: GuestOffset,
+        len: usize,
+    ) -> Result<WritePlan> {
         let cs = self.cluster_size();
         let scs = self.sc_size();
-        let l2n = 1u64 << self.l2_bits();
-        let gc = pos >> self.cluster_bits;
-        let in_cl = pos & (cs - 1);
-        let l1i = (gc >> self.l2_bits()) as usize;
-        let idx = (gc & (l2n - 1)) as usize;
+        let gc = pos.cluster(self.cluster_bits);
+        let in_cl = pos.in_cluster(self.cluster_bits);
+        let l1i = gc.l1_index(self.l2_bits());
+        let idx = gc.l2_index(self.l2_bits());
         let end = (in_cl + len as u64).min(cs);
         let bytes = (end - in_cl) as usize;
         let (sa, sb) = ((in_cl / scs) as u32, end.div_ceil(scs) as u32);
@@ -182,6 +191,7 @@ impl Qcow2 {
             let e = self.decode(Self::l2_get(m, slot, idx))?;
             let bm = Self::l2_bitmap_get(m, slot, idx);
             if let L2Entry::Normal { host, copied: true } = e {
+                let host = HostOffset(host);
                 if (sa..sb).any(|i| kind(e, bm, i) == ScKind::Invalid) {
                     Self::sc_mapping(e, ScKind::Invalid, 0)?;
                 }
@@ -223,11 +233,12 @@ impl Qcow2 {
             _ => Some((sa, sb)),
         };
         let (host, fresh) = if self.data.is_some() {
-            (gc << self.cluster_bits, false)
+            // Data file clusters sit at the guest offset (see plan_write).
+            (HostOffset::identity(gc.offset(self.cluster_bits)), false)
         } else {
             let fresh_from = m.rc.end();
-            let host = m.rc.alloc(&self.st, 1)?;
-            let fresh = host >> self.cluster_bits >= fresh_from;
+            let host = m.rc.alloc_data(&self.st, 1)?;
+            let fresh = host.cluster(self.cluster_bits) >= fresh_from;
             if fresh {
                 self.reserve_ahead(m, host + cs);
             }
@@ -252,11 +263,12 @@ impl Qcow2 {
     /// write [pos, pos + len) does not cover get what they read as now.
     /// The guest cluster is in flight, so its mapping cannot change under
     /// the reads.
-    pub(super) fn cow_fill_ext(&self, a: &Alloc, pos: u64, len: u64) -> Result<()> {
+    pub(super) fn cow_fill_ext(&self, a: &Alloc, pos: GuestOffset, len: u64) -> Result<()> {
         let cs = self.cluster_size();
         let scs = self.sc_size();
-        let base = a.gc << self.cluster_bits;
+        let base = a.gc.offset(self.cluster_bits);
         let in_cl = pos - base;
+        let base = base.0;
         let end = in_cl + len;
         let (from, to) = match a.sub {
             Some((sa, sb)) => (sa as u64 * scs, sb as u64 * scs),
@@ -285,7 +297,7 @@ impl Qcow2 {
                 if a.fresh && buf.iter().all(|&x| x == 0) {
                     return Ok(());
                 }
-                self.data_storage().write_data_at(buf, a.host + f)
+                self.data_storage().write_data_at(buf, (a.host + f).0)
             })?;
         }
         Ok(())

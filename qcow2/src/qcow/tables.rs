@@ -145,7 +145,7 @@ impl Qcow2 {
         m.l2.assign(i, new, true);
         Self::set_l1(m, l1i, L1Entry::new(new, true).0);
         if old != 0 {
-            self.queue_free(m, (old, cs));
+            self.queue_free(m, HostOffset(old), cs);
         }
         Ok(i)
     }

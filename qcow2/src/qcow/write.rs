@@ -8,17 +8,22 @@ impl Qcow2 {
     /// Decides how to write `len` bytes at guest offset `pos`: in place
     /// into clusters we own, or into newly allocated clusters. Called with
     /// the lock held and the first cluster not in flight.
-    pub(super) fn plan_write(&self, m: &mut Meta, pos: u64, len: usize) -> Result<WritePlan> {
+    pub(super) fn plan_write(
+        &self,
+        m: &mut Meta,
+        pos: GuestOffset,
+        len: usize,
+    ) -> Result<WritePlan> {
         if self.extl2 {
             return self.plan_write_ext(m, pos, len);
         }
         let cs = self.cluster_size();
         let cb = self.cluster_bits;
         let l2n = 1u64 << self.l2_bits();
-        let gc = pos >> cb;
-        let in_cl = pos & (cs - 1);
-        let l1i = (gc >> self.l2_bits()) as usize;
-        let l2i = gc & (l2n - 1);
+        let gc = pos.cluster(cb);
+        let in_cl = pos.in_cluster(cb);
+        let l1i = gc.l1_index(self.l2_bits());
+        let l2i = gc.l2_index(self.l2_bits()) as u64;
         let want = (in_cl + len as u64).div_ceil(cs).min(l2n - l2i);
         if let Some(slot) = self.l2_for(m, l1i)? {
             if let L2Entry::Normal { host, copied: true } =
@@ -35,12 +40,10 @@ impl Qcow2 {
                     }
                 }
                 let bytes = ((n * cs - in_cl) as usize).min(len);
+                let host = HostOffset(host) + in_cl;
                 // The mapping may point at metadata (a corrupt image).
-                self.check_data_overlap(m, host + in_cl, bytes as u64)?;
-                return Ok(WritePlan::InPlace {
-                    host: host + in_cl,
-                    len: bytes,
-                });
+                self.check_data_overlap(m, host, bytes as u64)?;
+                return Ok(WritePlan::InPlace { host, len: bytes });
             }
         }
         let slot = self.l2_writable(m, l1i)?;
@@ -51,12 +54,13 @@ impl Qcow2 {
             copied: true,
         } = first_old
         {
-            self.check_data_overlap(m, h, cs)?;
+            let host = HostOffset(h);
+            self.check_data_overlap(m, host, cs)?;
             m.inflight.insert(gc);
             return Ok(WritePlan::Alloc(Alloc {
                 gc,
                 n: 1,
-                host: h,
+                host,
                 reuse: true,
                 fresh: false,
                 first_old,
@@ -84,13 +88,11 @@ impl Qcow2 {
         if self.data.is_some() {
             // Data clusters of a data file sit at the guest offset and
             // have no refcounts (qcow2.rst, "External data file").
-            for k in 0..n {
-                m.inflight.insert(gc + k);
-            }
+            m.inflight.extend(gc.span(n));
             return Ok(WritePlan::Alloc(Alloc {
                 gc,
                 n,
-                host: gc << cb,
+                host: HostOffset::identity(gc.offset(cb)),
                 reuse: false,
                 fresh: false,
                 first_old,
@@ -100,11 +102,9 @@ impl Qcow2 {
             }));
         }
         let fresh_from = m.rc.end();
-        let host = m.rc.alloc(&self.st, n)?;
-        for k in 0..n {
-            m.inflight.insert(gc + k);
-        }
-        let fresh = host >> self.cluster_bits >= fresh_from;
+        let host = m.rc.alloc_data(&self.st, n)?;
+        m.inflight.extend(gc.span(n));
+        let fresh = host.cluster(cb) >= fresh_from;
         if fresh {
             self.reserve_ahead(m, host + n * cs);
         }
@@ -125,7 +125,8 @@ impl Qcow2 {
     /// to `end`, reserving `preallocate_ahead` bytes past it when not.
     /// Only an optimization: a filesystem that cannot reserve space is not
     /// asked again, and the data writes report any real lack of space.
-    pub(super) fn reserve_ahead(&self, m: &mut Meta, end: u64) {
+    pub(super) fn reserve_ahead(&self, m: &mut Meta, end: HostOffset) {
+        let end = end.0;
         let ahead = self.opts.preallocate_ahead;
         if ahead == 0 || end <= m.reserved_end || m.preallocated.is_none() {
             return;
@@ -160,7 +161,8 @@ impl Qcow2 {
 
     /// Fills `out` (one cluster) with what guest cluster `gc` reads as in
     /// the mapping `old`: the copy-on-write source.
-    pub(super) fn cow_source(&self, gc: u64, old: L2Entry, out: &mut [u8]) -> Result<()> {
+    pub(super) fn cow_source(&self, gc: GuestCluster, old: L2Entry, out: &mut [u8]) -> Result<()> {
+        let guest = gc.offset(self.cluster_bits);
         match old {
             // Copy-on-write needs the real backing data.
             L2Entry::Unallocated if self.has_backing_file && self.backing.is_none() => {
@@ -168,14 +170,14 @@ impl Qcow2 {
                     "the backing file is not open: cannot fill a partial cluster from it".into(),
                 ))
             }
-            L2Entry::Unallocated => self.read_unallocated(out, gc << self.cluster_bits),
+            L2Entry::Unallocated => self.read_unallocated(out, guest.0),
             L2Entry::Zero { .. } => {
                 out.fill(0);
                 Ok(())
             }
             L2Entry::Normal { host, .. } if self.crypt_method != 0 => {
                 self.st.debug_event("read_aio");
-                self.read_encrypted(out, host, gc << self.cluster_bits)
+                self.read_encrypted(out, HostOffset(host), guest)
             }
             L2Entry::Normal { host, .. } => {
                 self.st.debug_event("read_aio");
@@ -194,12 +196,12 @@ impl Qcow2 {
     /// Copy-on-write fill of the parts of newly allocated clusters that the
     /// guest write [pos, pos + len) does not cover: the head of the first
     /// cluster and the tail of the last, from what they read as before.
-    pub(super) fn cow_fill(&self, a: &Alloc, pos: u64, len: u64) -> Result<()> {
+    pub(super) fn cow_fill(&self, a: &Alloc, pos: GuestOffset, len: u64) -> Result<()> {
         if self.extl2 {
             return self.cow_fill_ext(a, pos, len);
         }
         let cs = self.cluster_size();
-        let in_cl = pos - (a.gc << self.cluster_bits);
+        let in_cl = pos - a.gc.offset(self.cluster_bits);
         let end = in_cl + len; // relative to the first cluster
         let last = a.n - 1;
         let mut regions: [(u64, L2Entry, u64, u64); 2] = [(0, a.first_old, 0, 0); 2];
@@ -216,7 +218,7 @@ impl Qcow2 {
             let host = a.host + k * cs;
             if let Some(c) = &self.cipher {
                 // Encrypted: even zeros are written, encrypted for here.
-                let guest = (a.gc + k) << self.cluster_bits;
+                let guest = (a.gc + k).offset(self.cluster_bits);
                 BOUNCE.with(|b| -> Result<()> {
                     let mut bounce = b.borrow_mut();
                     bounce.resize(cs as usize, 0);
@@ -227,14 +229,14 @@ impl Qcow2 {
                     }
                     let part = &mut bounce[from as usize..to as usize];
                     c.encrypt(host + from, guest + from, part);
-                    self.data_storage().write_data_at(part, host + from)
+                    self.data_storage().write_data_at(part, (host + from).0)
                 })?;
                 continue;
             }
             if self.reads_zero(old) {
                 if !a.fresh {
                     self.data_storage()
-                        .write_data_zeroes(host + from, to - from)?;
+                        .write_data_zeroes((host + from).0, to - from)?;
                 }
                 continue;
             }
@@ -243,7 +245,7 @@ impl Qcow2 {
                 bounce.resize(cs as usize, 0);
                 self.cow_source(a.gc + k, old, &mut bounce)?;
                 self.data_storage()
-                    .write_data_at(&bounce[from as usize..to as usize], host + from)
+                    .write_data_at(&bounce[from as usize..to as usize], (host + from).0)
             })?;
         }
         Ok(())
@@ -256,7 +258,7 @@ impl Qcow2 {
             // Nothing points at the new clusters yet, so they can be freed
             // at once. On failure they stay allocated: a leak, not damage.
             let _ =
-                m.rc.update_range(&self.st, a.host, a.n * self.cluster_size(), -1, |_| {});
+                m.rc.unref(&self.st, a.host, a.n * self.cluster_size(), |_| {});
         }
     }
 
@@ -266,10 +268,9 @@ impl Qcow2 {
     /// points at.
     pub(super) fn commit_alloc(&self, m: &mut Meta, a: &Alloc) -> Result<()> {
         let cs = self.cluster_size();
-        let l2n = 1u64 << self.l2_bits();
-        let l1i = (a.gc >> self.l2_bits()) as usize;
+        let l1i = a.gc.l1_index(self.l2_bits());
         let slot = self.l2_writable(m, l1i)?;
-        let idx = |k: u64| ((a.gc + k) & (l2n - 1)) as usize;
+        let idx = |k: u64| (a.gc + k).l2_index(self.l2_bits());
         // The table may have been evicted and read back since plan_write
         // decoded the entries: decode them all before changing any.
         for k in 0..a.n {
@@ -280,7 +281,7 @@ impl Qcow2 {
             // Cannot fail: the same entry decoded above, lock held.
             let old = self.decode(Self::l2_get(m, slot, idx))?;
             let new = L2Entry::Normal {
-                host: a.host + k * cs,
+                host: (a.host + k * cs).0,
                 copied: true,
             };
             Self::l2_set(m, slot, idx, new.encode(self.geom));
@@ -289,8 +290,8 @@ impl Qcow2 {
             }
             // Data file clusters have no refcounts (and stay where they are).
             if !a.reuse && self.data.is_none() {
-                if let Some(r) = old.host_range(cs) {
-                    self.queue_free(m, r);
+                if let Some((host, len)) = old.host_range(cs) {
+                    self.queue_free(m, HostOffset(host), len);
                 }
             }
         }
@@ -306,15 +307,16 @@ impl Qcow2 {
     pub(super) fn begin_locked(
         &self,
         mut m: MutexGuard<'_, Meta>,
-        pos: u64,
+        pos: GuestOffset,
         len: usize,
     ) -> Result<WriteIo> {
-        self.mark_dirty(pos, len as u64)?;
+        self.mark_dirty(pos.0, len as u64)?;
         match self.plan_write(&mut m, pos, len)? {
             WritePlan::InPlace { host, len } => {
-                let first = pos >> self.cluster_bits;
-                let n = ((pos + len as u64 - 1) >> self.cluster_bits) - first + 1;
-                for c in first..first + n {
+                let cb = self.cluster_bits;
+                let first = pos.cluster(cb);
+                let n = GuestOffset(pos.0 + len as u64 - 1).cluster(cb).0 - first.0 + 1;
+                for c in first.span(n) {
                     *m.inplace.entry(c).or_default() += 1;
                 }
                 Ok(WriteIo {
@@ -326,7 +328,7 @@ impl Qcow2 {
             }
             WritePlan::Alloc(a) => {
                 drop(m);
-                let in_cl = pos - (a.gc << self.cluster_bits);
+                let in_cl = pos - a.gc.offset(self.cluster_bits);
                 let n = (len as u64).min(a.n * self.cluster_size() - in_cl);
                 if let Err(e) = self.cow_fill(&a, pos, n) {
                     let mut m = self.lock();
@@ -358,8 +360,9 @@ impl Qcow2 {
         self.check_writable()?;
         self.check_clear()?;
         self.check_range(off, len as u64)?;
+        let off = GuestOffset(off);
         let m = self.lock();
-        let m = self.wait_inflight(m, off >> self.cluster_bits, 1)?;
+        let m = self.wait_inflight(m, off.cluster(self.cluster_bits), 1)?;
         self.begin_locked(m, off, len)
     }
 
@@ -377,8 +380,9 @@ impl Qcow2 {
         self.check_writable()?;
         self.check_clear()?;
         self.check_range(off, len as u64)?;
+        let off = GuestOffset(off);
         let mut m = self.lock();
-        let gc = off >> self.cluster_bits;
+        let gc = off.cluster(self.cluster_bits);
         if m.inflight.contains(&gc) {
             m.waiters.register(gc, waker);
             return Ok(None);
@@ -432,13 +436,12 @@ impl Qcow2 {
         if a.reuse {
             // The preallocated cluster stays allocated but is no longer
             // this guest cluster's: unmap it (zero without a host).
-            let l2n = 1u64 << self.l2_bits();
-            let idx = (a.gc & (l2n - 1)) as usize;
+            let idx = a.gc.l2_index(self.l2_bits());
             let unmapped = L2Entry::Zero {
                 host: None,
                 copied: false,
             };
-            match self.l2_writable(&mut m, (a.gc >> self.l2_bits()) as usize) {
+            match self.l2_writable(&mut m, a.gc.l1_index(self.l2_bits())) {
                 Ok(slot) => Self::l2_set(&mut m, slot, idx, unmapped.encode(self.geom)),
                 Err(_) => {
                     // Cannot unmap it: the guest cluster stays in flight
@@ -462,15 +465,15 @@ impl Qcow2 {
     pub(super) fn write_inner_in_epoch(&self, buf: &[u8], off: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = off + done as u64;
+            let pos = GuestOffset(off + done as u64);
             let m = self.lock();
-            let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
+            let m = self.wait_inflight(m, pos.cluster(self.cluster_bits), 1)?;
             let io = self.begin_locked(m, pos, buf.len() - done)?;
             let n = io.len;
             self.st.debug_event("write_aio");
             let r = self
                 .data_storage()
-                .write_data_at(&buf[done..done + n], io.host);
+                .write_data_at(&buf[done..done + n], io.host.0);
             self.end_write(io, r.is_ok())?;
             r?;
             done += n;
@@ -502,14 +505,14 @@ impl Qcow2 {
         plain[skip..skip + buf.len()].copy_from_slice(buf);
         let mut done = 0usize;
         while done < plain.len() {
-            let pos = start + done as u64;
+            let pos = GuestOffset(start + done as u64);
             let m = self.lock();
-            let m = self.wait_inflight(m, pos >> self.cluster_bits, 1)?;
+            let m = self.wait_inflight(m, pos.cluster(self.cluster_bits), 1)?;
             let io = self.begin_locked(m, pos, plain.len() - done)?;
             let n = io.len;
             let chunk = &mut plain[done..done + n];
             c.encrypt(io.host, pos, chunk);
-            let r = self.data_storage().write_data_at(chunk, io.host);
+            let r = self.data_storage().write_data_at(chunk, io.host.0);
             self.end_write(io, r.is_ok())?;
             r?;
             done += n;
@@ -520,7 +523,7 @@ impl Qcow2 {
     /// Host bytes for `len` bytes of compressed data, packed after the
     /// previous compressed cluster as QEMU packs them: each host cluster
     /// the data touches gets one more reference.
-    pub(super) fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<u64> {
+    pub(super) fn alloc_bytes(&self, m: &mut Meta, len: u64) -> Result<HostOffset> {
         let cs = self.cluster_size();
         let tail = m.compressed_tail;
         let room = if tail == 0 { 0 } else { cs - (tail & (cs - 1)) };
@@ -540,7 +543,7 @@ impl Qcow2 {
         };
         let end = off + len;
         m.compressed_tail = if end & (cs - 1) == 0 { 0 } else { end };
-        Ok(off)
+        Ok(HostOffset(off))
     }
 
     /// Allocates zeroed host clusters for `len` bytes (the LUKS header

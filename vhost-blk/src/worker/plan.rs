@@ -52,7 +52,7 @@ impl Worker {
         // Raw images map the whole rest at the guest offset.
         let (m, n) = self.img.map_read(off, rem)?;
         match m {
-            Mapping::Data(host) => self.issue(idx, done, n, host, false, None),
+            Mapping::Data(host) => self.issue(idx, done, n, host.0, false, None),
             other => {
                 // Zeros, the backing image, compressed data: synchronous,
                 // through the bounce buffer.
@@ -82,7 +82,7 @@ impl Worker {
         let Some(w) = self.img.clone().try_begin_write(off, len, &self.waker)? else {
             return Ok(None);
         };
-        let (n, host) = (w.len() as u64, w.host());
+        let (n, host) = (w.len() as u64, w.host().0);
         self.issue(idx, done, n, host, true, Some(w));
         Ok(Some(n))
     }
