@@ -135,7 +135,7 @@ impl Qcow2 {
             self.with_meta(|ctx| {
                 ctx.drop_l2_cache();
                 let model = self.width_model(ctx, order)?;
-                crate::rebuild::change_refcount_width(self, ctx, order)?;
+                crate::check::rebuild::change_refcount_width(self, ctx, order)?;
                 model.report(&mut progress);
                 Ok::<_, Error>(())
             })?;

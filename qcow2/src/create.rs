@@ -13,34 +13,7 @@ use crate::qcow::{Qcow2, Qcow2Options};
 use crate::refcount::entry_set;
 use crate::storage::Storage;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Preallocation {
-    #[default]
-    Off,
-    Metadata,
-    Falloc,
-    Full,
-}
-
-impl Preallocation {
-    pub fn name(self) -> &'static str {
-        match self {
-            Preallocation::Off => "off",
-            Preallocation::Metadata => "metadata",
-            Preallocation::Falloc => "falloc",
-            Preallocation::Full => "full",
-        }
-    }
-    pub fn from_name(s: &str) -> Option<Self> {
-        Some(match s {
-            "off" => Preallocation::Off,
-            "metadata" => Preallocation::Metadata,
-            "falloc" => Preallocation::Falloc,
-            "full" => Preallocation::Full,
-            _ => return None,
-        })
-    }
-}
+pub use crate::preallocation::Preallocation;
 
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -177,7 +150,7 @@ impl CreateOptions {
 
 /// Creates (or truncates) `path` as a new image.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
-    let path = crate::open::host_path(path);
+    let path = crate::paths::host_path(path);
     o.validate()?;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -239,7 +212,7 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
     let o = &o;
     if let Some(name) = &o.data_file {
         // Created empty (or truncated), as qemu-img creates it.
-        let path = crate::open::resolve_backing(st.path(), name);
+        let path = crate::paths::resolve_backing(st.path(), name);
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -351,7 +324,7 @@ pub fn create_luks(
     p: &crate::luks::LuksParams,
     key: &Secret,
 ) -> Result<()> {
-    let path = crate::open::host_path(path);
+    let path = crate::paths::host_path(path);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::header::Header;
-use crate::open::resolve_backing;
+use crate::paths::resolve_backing;
 use crate::storage::Storage;
 
 /// The open external data file of an image.

@@ -85,7 +85,7 @@ pub enum Error {
     /// A snapshot's L1 table reference is invalid; found when the table
     /// is used (QEMU opens such images).
     #[error("{0}")]
-    SnapshotL1(crate::snapshot_l1::L1Problem),
+    SnapshotL1(L1Problem),
     /// The virtual size needs an L1 table of more than 2^31 entries
     /// (qemu-img's wording).
     #[error("Image is too big")]
@@ -93,7 +93,7 @@ pub enum Error {
     /// A persistent dirty bitmap structure that does not hold, or an
     /// operation bitmaps forbid (QEMU's wording).
     #[error("{0}")]
-    Bitmap(crate::bitmap::BitmapError),
+    Bitmap(crate::bitmap::limits::BitmapError),
     /// The header's L1 table cannot map the whole virtual size.
     #[error("L1 table is too small")]
     L1TooSmall { entries: u32, size: u64 },
@@ -126,5 +126,38 @@ pub(crate) trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(what(), e))
+    }
+}
+
+/// What is wrong with a snapshot's L1 table reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L1Problem {
+    /// More entries than an L1 table may have.
+    TooLarge,
+    /// Not cluster aligned, or ending past the largest file offset.
+    BadOffset,
+}
+
+impl L1Problem {
+    /// qemu-img's line for the problem.
+    pub fn message(self) -> &'static str {
+        match self {
+            L1Problem::TooLarge => "Snapshot L1 table too large",
+            L1Problem::BadOffset => "Snapshot L1 table offset invalid",
+        }
+    }
+
+    /// The errno qemu-img reports it as, where it adds one.
+    pub fn errno_text(self) -> &'static str {
+        match self {
+            L1Problem::TooLarge => "File too large",
+            L1Problem::BadOffset => "Invalid argument",
+        }
+    }
+}
+
+impl std::fmt::Display for L1Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message())
     }
 }

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use crate::datapath::{IoEpoch, Mapping, PendingWrite};
 use crate::error::Result;
-use crate::qcow::Qcow2;
 use crate::storage::Storage;
 use crate::sync::AllocWaker;
 
@@ -75,9 +74,10 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn path(&self) -> &Path;
     fn is_writable(&self) -> bool;
     fn backing(&self) -> Option<&Arc<dyn Image>>;
-    fn as_qcow2(&self) -> Option<&Qcow2> {
-        None
-    }
+    /// The concrete image, for operations only one format has (see
+    /// `as_qcow2`, defined beside the qcow2 type so that this interface
+    /// does not import it).
+    fn as_any(&self) -> &dyn std::any::Any;
 
     /// Reads `buf.len()` bytes at guest offset `offset`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;

@@ -173,6 +173,9 @@ impl LuksImage {
 }
 
 impl Image for LuksImage {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn format(&self) -> Format {
         Format::Luks
     }

@@ -12,6 +12,8 @@ use crate::qcow::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::Storage;
 
+pub use crate::paths::{host_path, resolve_backing};
+
 /// Deepest backing chain followed; deeper chains are refused.
 pub const MAX_CHAIN_DEPTH: usize = 64;
 
@@ -33,17 +35,6 @@ pub struct OpenOptions {
     /// `backing.encrypt.key-secret`, `backing.backing.encrypt...`); the
     /// top image's is `qcow2.encrypt_key`.
     pub backing_keys: Vec<Option<crate::encrypt::Secret>>,
-}
-
-/// The host file a filename names: QEMU's `file:` protocol prefix
-/// (which lets a name hold a colon) is taken off.
-pub fn host_path(path: &Path) -> &Path {
-    use std::os::unix::ffi::OsStrExt;
-    let b = path.as_os_str().as_bytes();
-    match b.strip_prefix(b"file:") {
-        Some(rest) => Path::new(std::ffi::OsStr::from_bytes(rest)),
-        None => path,
-    }
 }
 
 /// Opens an image and, unless told not to, its backing chain.
@@ -72,20 +63,6 @@ fn probe_storage(st: &Storage) -> Result<Format> {
             Format::Raw
         },
     )
-}
-
-/// Where a backing file name points, as QEMU resolves it: absolute names
-/// and protocol names as they are, relative names against the directory
-/// of the image that names them.
-pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
-    let b = Path::new(backing);
-    if b.is_absolute() {
-        return b.to_path_buf();
-    }
-    match image.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
-        _ => b.to_path_buf(),
-    }
 }
 
 fn open_at_depth(

@@ -50,6 +50,9 @@ impl Raw {
 }
 
 impl Image for Raw {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn storage(&self) -> &Storage {
         &self.st
     }

@@ -12,38 +12,7 @@ use crate::error::{Error, Result};
 use crate::header::MAX_L1_BYTES;
 use crate::snapshot::Snapshot;
 
-/// What is wrong with a snapshot's L1 table reference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum L1Problem {
-    /// More entries than an L1 table may have.
-    TooLarge,
-    /// Not cluster aligned, or ending past the largest file offset.
-    BadOffset,
-}
-
-impl L1Problem {
-    /// qemu-img's line for the problem.
-    pub fn message(self) -> &'static str {
-        match self {
-            L1Problem::TooLarge => "Snapshot L1 table too large",
-            L1Problem::BadOffset => "Snapshot L1 table offset invalid",
-        }
-    }
-
-    /// The errno qemu-img reports it as, where it adds one.
-    pub fn errno_text(self) -> &'static str {
-        match self {
-            L1Problem::TooLarge => "File too large",
-            L1Problem::BadOffset => "Invalid argument",
-        }
-    }
-}
-
-impl std::fmt::Display for L1Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.message())
-    }
-}
+pub use crate::error::L1Problem;
 
 impl Snapshot {
     /// The problem with this snapshot's L1 table reference, checked in

@@ -220,6 +220,59 @@ fn partial_writes_over_a_backing_file_match_qemu_img() {
     }
 }
 
+/// Extended L2 entries over a backing file (a write copies only the
+/// subclusters it partly covers) and an external data file (the ring does
+/// its I/O there): the same content as qemu-img bench leaves, aligned and
+/// unaligned, through the page cache and with O_DIRECT.
+#[test]
+fn subcluster_and_data_file_writes_match_qemu_img() {
+    let d = tempdir();
+    let base = d.path().join("base.qcow2");
+    qemu_create(&base, "", "8M");
+    qemu_io(&base, &["write -P 0x11 0 8M"]);
+    let backed = ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2"];
+    for cache in ["writeback", "none"] {
+        for (size, at) in [("4k", "0"), ("4k", "1k"), ("1536", "3584")] {
+            let args = [
+                "-w",
+                "-t",
+                cache,
+                "-c",
+                "100",
+                "-d",
+                "8",
+                "-s",
+                size,
+                "-S",
+                "64k",
+                "-o",
+                at,
+                "--pattern",
+                "0x22",
+            ];
+            let name = format!("ext-{cache}-{size}-{at}");
+            let mut create = backed.to_vec();
+            create.extend(["-o", "extended_l2=on"]);
+            side_by_side(d.path(), &name, &create, "8M", &args);
+            // A data file each: the two images must not share one.
+            let q = d.path().join(format!("data-{name}.q"));
+            let r = d.path().join(format!("data-{name}.r"));
+            for p in [&q, &r] {
+                let opt = format!("data_file={}.data", s(p));
+                ok(
+                    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opt, s(p), "8M"]),
+                    "qemu-img create",
+                );
+            }
+            same_report(&q, &r, &args);
+            assert_qemu_check_clean(&r);
+            assert_qemu_compare_equal(&q, &r);
+            let data = std::fs::read(format!("{}.data", s(&r))).unwrap();
+            assert!(data.contains(&0x22), "no data in the data file of {name}");
+        }
+    }
+}
+
 #[test]
 fn flush_intervals_match_qemu_img() {
     let d = tempdir();

@@ -66,27 +66,31 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
             a.filename
         )));
     }
-    if img.has_external_data_file() || img.subcluster_size() != img.cluster_size() {
-        return Err(CliError::new(format!(
-            "'{}': bench does not support external data files or extended L2 entries",
-            a.filename
-        )));
-    }
-    // Data I/O with O_DIRECT goes through a descriptor of its own; the
-    // engine keeps its metadata I/O on the buffered one.
+    // Data I/O with O_DIRECT goes through a descriptor of its own on the
+    // file that holds guest data (the image file, or its external data
+    // file); the engine keeps its metadata I/O on the buffered one, and
+    // its own guest-data writes (copy-on-write fill, as around a
+    // subcluster) take the direct one too, so that no page holds guest
+    // data written both ways.
     let direct = if p.cache.direct {
+        let data = img.data_storage();
+        let name = data.path().display().to_string();
+        let open_failed = |e: std::io::Error| {
+            CliError::new(format!(
+                "Could not open '{0}': Could not open '{0}': {1}",
+                name,
+                crate::common::strerror(&e)
+            ))
+        };
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(a.write)
             .custom_flags(libc::O_DIRECT)
-            .open(&a.filename)
-            .map_err(|e| {
-                CliError::new(format!(
-                    "Could not open '{0}': Could not open '{0}': {1}",
-                    a.filename,
-                    crate::common::strerror(&e)
-                ))
-            })?;
+            .open(data.path())
+            .map_err(open_failed)?;
+        if a.write {
+            data.set_direct(f.try_clone().map_err(open_failed)?);
+        }
         Some(f)
     } else {
         None

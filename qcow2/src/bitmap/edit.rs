@@ -4,7 +4,8 @@
 //! the old ones freed), so a crash before that leaves the image as it was.
 //! Error messages are QEMU's.
 
-use super::track::{bad, load_checked, read_directory, Bitmap, Content, State, Tracker, Words};
+use super::read::bad;
+use super::track::{load_checked, read_directory, Bitmap, Content, State, Tracker, Words};
 use super::{check_new_bitmap, flags, BitmapError, DirEntry, MAX_BITMAPS, MAX_DIRECTORY_SIZE};
 use std::sync::atomic::Ordering;
 

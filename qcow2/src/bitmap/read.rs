@@ -1,9 +1,10 @@
 //! Reading the bitmaps' on-disk structures: the directory and the
 //! tables, checked as QEMU checks them, and what they reference.
 
-use super::track::{bad, table_ranges};
-use super::{parse_directory, parse_table, table_size_for, BitmapError, BitmapsExt, DirEntry};
-use crate::error::Result;
+use super::{
+    entry, parse_directory, parse_table, table_size_for, BitmapError, BitmapsExt, DirEntry,
+};
+use crate::error::{Error, Result};
 use crate::header::Header;
 use crate::storage::Storage;
 
@@ -108,4 +109,22 @@ pub fn references(st: &Storage, h: &Header) -> Result<Referenced> {
         refs.extend(table_ranges(d.table_offset, &table, cs).into_iter().skip(1));
     }
     Ok((refs, errs))
+}
+
+/// A bitmap problem as the engine's error.
+pub(crate) fn bad(e: BitmapError) -> Error {
+    Error::Bitmap(e)
+}
+
+/// The clusters a bitmap table and its data use.
+pub(super) fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
+    let mut r = vec![(table_offset, table.len() as u64 * 8)];
+    r.extend(
+        table
+            .iter()
+            .map(|e| e & entry::OFFSET)
+            .filter(|&o| o != 0)
+            .map(|o| (o, cs)),
+    );
+    r
 }

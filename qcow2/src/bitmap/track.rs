@@ -24,7 +24,7 @@ use crate::overlap::Allow;
 use crate::qcow::Qcow2;
 use crate::storage::Storage;
 
-use super::read::loadable_table;
+use super::read::{bad, loadable_table, table_ranges};
 pub use super::read::{read_directory, read_table, references, validate, Referenced};
 
 /// Bits of one bitmap in memory: bit k (LSB first, as the on-disk data)
@@ -150,10 +150,6 @@ impl std::fmt::Debug for Tracker {
     }
 }
 
-pub(crate) fn bad(e: BitmapError) -> Error {
-    Error::Bitmap(e)
-}
-
 /// Resizing needs every bitmap resized with the disk: all of them loaded
 /// ([`Tracker::prepare_resize`]); otherwise an image with bitmaps is
 /// refused (as QEMU refuses when a bitmap is not loaded).
@@ -242,19 +238,6 @@ fn free_ranges(q: &Qcow2, ranges: &[(u64, u64)]) -> Result<()> {
         ctx.rc.flush(st)?;
         st.sync()
     })
-}
-
-/// The clusters a bitmap table and its data use.
-pub(super) fn table_ranges(table_offset: u64, table: &[u64], cs: u64) -> Vec<(u64, u64)> {
-    let mut r = vec![(table_offset, table.len() as u64 * 8)];
-    r.extend(
-        table
-            .iter()
-            .map(|e| e & entry::OFFSET)
-            .filter(|&o| o != 0)
-            .map(|o| (o, cs)),
-    );
-    r
 }
 
 /// Writes `dir` as a new directory (none when empty) and switches the

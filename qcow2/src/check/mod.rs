@@ -2,6 +2,7 @@
 //! counts with the stored refcounts, as `check` (and `check -r`) does;
 //! the rebuild of the refcount structures is in `rebuild`.
 
+pub(crate) mod rebuild;
 mod refcounts;
 mod repair;
 mod walk;
@@ -10,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::header::{field, incompat};
 use crate::image::Image;
 use crate::qcow::{MetaCtx, Qcow2};
-use crate::rebuild::{rebuild_refcounts, write_rebuilt_laid_out};
+use rebuild::{rebuild_refcounts, write_rebuilt_laid_out};
 use refcounts::{compare, count_refs, Counted};
 use repair::{fix_copied, fix_entries};
 pub(crate) use walk::walk;

@@ -2,6 +2,14 @@
 
 use super::*;
 
+impl<'a> dyn Image + 'a {
+    /// The qcow2 image behind this one, for what only qcow2 has
+    /// (snapshots, bitmaps, amend, repair); None for other formats.
+    pub fn as_qcow2(&self) -> Option<&Qcow2> {
+        self.as_any().downcast_ref()
+    }
+}
+
 impl Image for Qcow2 {
     fn storage(&self) -> &Storage {
         &self.st
@@ -21,8 +29,8 @@ impl Image for Qcow2 {
     fn backing(&self) -> Option<&Arc<dyn Image>> {
         self.backing.as_ref()
     }
-    fn as_qcow2(&self) -> Option<&Qcow2> {
-        Some(self)
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {

@@ -64,7 +64,6 @@ use std::sync::Arc;
 
 use crate::cache::TableCache;
 use crate::compress;
-use crate::create::Preallocation;
 use crate::datafile::DataFile;
 use crate::datapath::{IoEpoch, Mapping, PendingWrite, SharedEpochs, WriteEnd};
 use crate::error::{Error, Result};
@@ -72,6 +71,7 @@ use crate::header::{field, incompat, Header};
 use crate::image::{Extent, ExtentKind, Format, Image};
 use crate::l2::{CompressedGeometry, L1Entry, L2Entry, OFFSET_MASK};
 use crate::overlap::{Allow, Kind, MetadataMap};
+use crate::preallocation::Preallocation;
 use crate::refcount::Refcounts;
 use crate::snapshot::Snapshot;
 use crate::storage::Storage;

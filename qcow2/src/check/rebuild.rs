@@ -2,7 +2,7 @@
 //! holds (a dirty image, `check -r all`), or from the stored refcounts at
 //! another width (`amend -o refcount_bits`).
 
-use crate::check::{walk, CheckReport, MAX_CHECK_CLUSTERS};
+use super::{walk, CheckReport, MAX_CHECK_CLUSTERS};
 use crate::error::{Error, Result};
 use crate::header::field;
 use crate::image::Image;
