@@ -12,6 +12,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::{Mutex, MutexGuard, TryLockError};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
@@ -135,20 +136,102 @@ impl<W: QueueWorker> Workers<W> {
         Ok(())
     }
 
-    /// Device::dump_state: every worker's state; a worker busy right now
-    /// (or blocked) is said to be, rather than waited for.
+    /// Device::dump_state: every worker's state. A worker holds its lock
+    /// while it handles an event, which may be at the very moment of the
+    /// dump (a worker finishing the event that answered the driver's last
+    /// request): the lock is retried until [`DUMP_PATIENCE`] has passed
+    /// since the dump began, then a worker still holding it (stuck, or
+    /// never idle) is said to be busy rather than waited for.
     pub fn dump_state(&self) -> String {
+        self.dump_state_within(DUMP_PATIENCE)
+    }
+
+    fn dump_state_within(&self, patience: Duration) -> String {
+        let deadline = Instant::now() + patience;
         let mut out = String::new();
         for (t, w) in self.workers.iter().enumerate() {
-            match w.try_lock() {
-                Ok(w) => out.push_str(&w.state()),
-                Err(TryLockError::Poisoned(p)) => out.push_str(&p.into_inner().state()),
-                Err(TryLockError::WouldBlock) => {
-                    out.push_str(&format!("thread {t}: busy (its lock is held)"))
-                }
+            match lock_before(w, deadline) {
+                Some(w) => out.push_str(&w.state()),
+                None => out.push_str(&format!(
+                    "thread {t}: busy (its lock held for over {patience:?})"
+                )),
             }
             out.push('\n');
         }
         out
+    }
+}
+
+/// How long a state dump waits for the workers' locks, all together: a
+/// worker handles an event in far less unless it is stuck.
+pub const DUMP_PATIENCE: Duration = Duration::from_secs(2);
+
+/// `m` locked (poisoned or not), if it is free at some moment before
+/// `deadline`; tried at least once. Between tries the thread parks (a
+/// futex wait, which every daemon thread may make; `thread::sleep`'s
+/// clock_nanosleep is not in the daemons' seccomp filters).
+fn lock_before<W>(m: &Mutex<W>, deadline: Instant) -> Option<MutexGuard<'_, W>> {
+    loop {
+        match m.try_lock() {
+            Ok(g) => return Some(g),
+            Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => {}
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        std::thread::park_timeout((deadline - now).min(Duration::from_millis(1)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Named(&'static str);
+
+    impl QueueWorker for Named {
+        const QUEUES_PER_THREAD: usize = 1;
+        fn completion_fd(&self) -> RawFd {
+            -1
+        }
+        fn set_event_idx(&mut self, _on: bool) {}
+        fn handle_kick(&mut self, _event: u16, _vrings: &[Vring]) {}
+        fn handle_completions(&mut self) {}
+        fn stop(&mut self) {}
+        fn state(&self) -> String {
+            self.0.into()
+        }
+    }
+
+    #[test]
+    fn dump_waits_for_a_worker_that_is_handling_an_event() {
+        let ws = Workers::new(vec![Named("queue 0"), Named("queue 1")]).unwrap();
+        let (held, go) = (std::sync::Barrier::new(2), std::sync::Barrier::new(2));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _g = ws.lock(1);
+                held.wait();
+                go.wait();
+                std::thread::sleep(Duration::from_millis(100));
+            });
+            held.wait();
+            go.wait();
+            assert_eq!(ws.dump_state(), "queue 0\nqueue 1\n");
+        });
+    }
+
+    #[test]
+    fn dump_says_busy_once_its_patience_is_over() {
+        let ws = Workers::new(vec![Named("queue 0"), Named("queue 1")]).unwrap();
+        let _g = ws.lock(0);
+        let start = Instant::now();
+        let out = ws.dump_state_within(Duration::from_millis(50));
+        assert!(start.elapsed() >= Duration::from_millis(50));
+        assert_eq!(
+            out,
+            "thread 0: busy (its lock held for over 50ms)\nqueue 1\n"
+        );
     }
 }

@@ -107,14 +107,24 @@ impl Qcow2 {
 
     /// The allocation state, for a daemon's state dump: guest clusters
     /// being allocated, and those that refused callers wait on. Never
-    /// blocks: a busy metadata lock is reported as such.
+    /// blocks for long: the metadata lock, which a request holds briefly
+    /// (possibly at the very moment of the dump), is retried for up to
+    /// `DUMP_PATIENCE`; still held then, it is reported as such.
     pub(super) fn describe_allocations(&self) -> String {
-        let m = match self.meta.try_lock() {
-            Ok(m) => m,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                return "metadata lock held (busy or stuck)".into()
+        const DUMP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(1);
+        let deadline = std::time::Instant::now() + DUMP_PATIENCE;
+        let m = loop {
+            match self.meta.try_lock() {
+                Ok(m) => break m,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
             }
+            if std::time::Instant::now() >= deadline {
+                return "metadata lock held (busy or stuck)".into();
+            }
+            // A futex wait: allowed where clock_nanosleep (sleep) may not
+            // be (a daemon's seccomp filter).
+            std::thread::park_timeout(std::time::Duration::from_millis(1));
         };
         let mut inflight: Vec<u64> = m.inflight.iter().map(|c| c.0).collect();
         inflight.sort_unstable();

@@ -2,10 +2,11 @@
 //! the ring's completions, retrying parked requests, and notifying the
 //! driver of used entries.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
+use rimg_vhost_server::avail::{self, AvailError};
+use rimg_vhost_server::used::signal_used;
 use vhost_user_backend::VringT;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestAddressSpace;
@@ -98,7 +99,7 @@ impl Worker {
                 }
             }
         }
-        self.submit();
+        self.ring.submit();
         self.signal();
     }
 
@@ -111,27 +112,18 @@ impl Worker {
     fn ring_unreadable(&mut self, vring: &Vring, mem: &Mem, e: virtio_queue::Error) {
         if !self.stalled {
             self.stalled = true;
-            let g = vring.get_ref();
-            let q = g.get_queue();
-            let avail = q.avail_idx(mem, Ordering::Acquire).map(|a| a.0);
-            match (e, avail) {
-                (virtio_queue::Error::InvalidAvailRingIndex, Ok(avail)) => {
-                    let ahead = avail.wrapping_sub(q.next_avail());
-                    let size = q.size();
-                    drop(g);
-                    self.warnings.warn(format_args!(
-                        "avail index {avail} is {ahead} entries ahead of the device \
-                         (queue size {size}): ignoring the queue until the driver repairs it"
-                    ));
+            // Why, from the avail index (virtio-queue's error does not say
+            // how far ahead it is); other refusals as they came.
+            let why = match e {
+                virtio_queue::Error::InvalidAvailRingIndex => {
+                    avail::available(vring.get_ref().get_queue(), mem).err()
                 }
-                (e, _) => {
-                    drop(g);
-                    self.warnings.warn(format_args!(
-                        "available ring unreadable ({e}): ignoring the queue until the \
-                         driver repairs it"
-                    ));
-                }
-            }
+                _ => None,
+            };
+            let why = why.unwrap_or(AvailError::Unreadable(e));
+            self.warnings.warn(format_args!(
+                "{why}: ignoring the queue until the driver repairs it"
+            ));
         }
         if self.event_idx {
             let _ = vring.get_mut().get_queue_mut().enable_notification(mem);
@@ -143,7 +135,7 @@ impl Worker {
         let _ = self.efd.read();
         self.reap();
         self.run_parked();
-        self.submit();
+        self.ring.submit();
         self.signal();
         // A kick that found no free slot left requests in the ring.
         if let Some(v) = self.vring.clone() {
@@ -170,12 +162,6 @@ impl Worker {
         }
         self.need_signal = false;
         let Some(v) = &self.vring else { return };
-        let mem = self.mem.memory();
-        let needed = v.get_mut().get_queue_mut().needs_notification(&*mem);
-        if needed.unwrap_or(true) {
-            if let Err(e) = v.signal_used_queue() {
-                warn!("signal used queue: {e}");
-            }
-        }
+        signal_used(v, &self.mem.memory());
     }
 }

@@ -53,7 +53,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, IoUring};
 use qcow2::{AllocWaker, Image};
-use rimg_vhost_server::CappedWarnings;
+use rimg_vhost_server::{CappedWarnings, RingOwner, WorkerRing};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -118,19 +118,16 @@ pub struct Worker {
     cfg: Arc<DeviceConfig>,
     writeback: Arc<AtomicBool>,
     mem: GM,
-    /// Dropped only when nothing is in flight in it (see `Drop`).
-    ring: std::mem::ManuallyDrop<IoUring>,
+    /// Counts the data I/Os in flight; never closed while any is (see
+    /// `Drop`).
+    ring: WorkerRing,
     efd: EventFd,
     /// Registered by the engine for parked requests; writes `efd`.
     waker: Arc<dyn AllocWaker>,
-    /// The ring could not be waited on: what is in flight stays in flight,
-    /// so nothing it touches may be freed (see `Drop`).
-    wedged: bool,
     queue: usize,
     slots: Vec<Slot>,
     free: Vec<usize>,
     parked: VecDeque<usize>,
-    inflight_ops: usize,
     /// BOUNCE_LEN bytes from `bounce_at` on, aligned for O_DIRECT (the
     /// vector is never resized, so the address stays).
     bounce: Vec<u8>,
@@ -157,7 +154,7 @@ impl Worker {
     ) -> std::io::Result<Worker> {
         let qs = usize::from(cfg.queue_size);
         let efd = EventFd::new(EFD_NONBLOCK)?;
-        let ring = ring((qs * 2).next_power_of_two() as u32, &efd)?;
+        let ring = WorkerRing::new(ring((qs * 2).next_power_of_two() as u32, &efd)?);
         let waker: Arc<dyn AllocWaker> = Arc::new(EventFdWaker(efd.try_clone()?));
         let bounce = vec![0u8; BOUNCE_LEN + 4096];
         Ok(Worker {
@@ -166,15 +163,13 @@ impl Worker {
             cfg,
             writeback,
             mem,
-            ring: std::mem::ManuallyDrop::new(ring),
+            ring,
             efd,
             waker,
-            wedged: false,
             queue,
             slots: (0..qs).map(|_| Slot::default()).collect(),
             free: (0..qs).rev().collect(),
             parked: VecDeque::new(),
-            inflight_ops: 0,
             bounce_at: bounce.as_ptr().align_offset(4096),
             bounce,
             vring: None,
@@ -194,8 +189,10 @@ impl Worker {
         self.event_idx = on;
     }
 
+    /// The ring could not be waited on: what is in flight stays in
+    /// flight, so nothing it touches may be freed (see `Drop`).
     pub fn is_wedged(&self) -> bool {
-        self.wedged
+        self.ring.is_wedged()
     }
 
     /// What this queue holds, for the daemon's state dump (SIGUSR1).
@@ -205,14 +202,18 @@ impl Worker {
         let mut out = format!(
             "queue {}: {busy} requests taken, {} data I/Os in the ring, {} parked{}{}",
             self.queue,
-            self.inflight_ops,
+            self.ring.inflight(),
             self.parked.len(),
             if self.stalled {
                 ", ring unreadable"
             } else {
                 ""
             },
-            if self.wedged { ", ring wedged" } else { "" },
+            if self.ring.is_wedged() {
+                ", ring wedged"
+            } else {
+                ""
+            },
         );
         for &idx in &self.parked {
             let s = &self.slots[idx];
@@ -223,5 +224,15 @@ impl Worker {
             );
         }
         out
+    }
+}
+
+impl RingOwner for Worker {
+    fn worker_ring(&mut self) -> &mut WorkerRing {
+        &mut self.ring
+    }
+
+    fn reap_completions(&mut self) {
+        self.reap()
     }
 }

@@ -2,6 +2,7 @@
 //! dropping a worker, which never frees what the kernel may still touch.
 
 use log::{error, warn};
+use rimg_vhost_server::RingOwner;
 
 use super::Worker;
 
@@ -27,8 +28,8 @@ impl Worker {
         let deadline = std::time::Instant::now() + STOP_PATIENCE;
         while self.drain() && !self.parked.is_empty() {
             self.run_parked();
-            self.submit();
-            if self.inflight_ops == 0 && !self.parked.is_empty() {
+            self.ring.submit();
+            if self.ring.inflight() == 0 && !self.parked.is_empty() {
                 if std::time::Instant::now() >= deadline {
                     warn!(
                         "queue {}: stopping with {} requests still waiting for other \
@@ -72,28 +73,22 @@ impl Worker {
             return false;
         }
         self.run_parked();
-        self.submit();
+        self.ring.submit();
         self.signal();
-        self.inflight_ops > 0 || !self.parked.is_empty()
+        self.ring.inflight() > 0 || !self.parked.is_empty()
     }
 
     /// Waits until this queue has no I/O in flight. False when the ring
     /// cannot be waited on: the worker is then wedged for good, and what
     /// is in flight is never freed (see `Drop`).
     pub(super) fn drain(&mut self) -> bool {
-        while self.inflight_ops > 0 && !self.wedged {
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                match e.raw_os_error() {
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
-                    _ => {
-                        error!("io_uring wait: {e}: queue {} stops here", self.queue);
-                        self.wedged = true;
-                    }
-                }
-            }
-            self.reap();
+        if self.ring.is_wedged() {
+            return false;
         }
-        !self.wedged
+        if let Err(e) = self.drain_ring() {
+            error!("io_uring wait: {e}: queue {} stops here", self.queue);
+        }
+        !self.ring.is_wedged()
     }
 }
 
@@ -104,31 +99,29 @@ impl Drop for Worker {
         // drained every queue already (`drain_stopped`); this is the last
         // guard, and never blocks on another queue.
         self.drain();
-        if self.wedged && self.inflight_ops > 0 {
-            // The kernel may still read or write the iovecs, the guest
-            // memory they point into and the ring: leak them all rather
-            // than free them under it. Their allocations are abandoned
-            // (the new clusters leaked, so a late write lands nowhere that
-            // matters) and their epoch guards are leaked with the slots, so
-            // nothing they mapped is reused: a leak, never damage.
+        if self.ring.inflight() > 0 {
+            // Only a wedged ring stops draining early. The kernel may
+            // still read or write the iovecs, the guest memory they point
+            // into and the ring: the ring leaks itself (WorkerRing's
+            // Drop), and the slots are leaked rather than freed under it.
+            // Their allocations are abandoned (the new clusters leaked, so
+            // a late write lands nowhere that matters) and their epoch
+            // guards are leaked with the slots, so nothing they mapped is
+            // reused: a leak, never damage.
             error!(
                 "queue {}: {} I/Os still in flight: leaking their memory",
-                self.queue, self.inflight_ops
+                self.queue,
+                self.ring.inflight()
             );
             for op in self.slots.iter_mut().flat_map(|s| s.ops.iter_mut()) {
                 if let Some(w) = op.as_mut().and_then(|op| op.wio.take()) {
                     w.abandon();
                 }
             }
-            std::mem::forget(std::mem::take(&mut self.slots));
-            return;
+            self.ring.retire(std::mem::take(&mut self.slots));
         }
-        // SAFETY: nothing is in flight (drained), and `self.ring` is not
-        // used again: this is the end of `drop`, and no field's own drop
-        // touches it.
-        unsafe { std::mem::ManuallyDrop::drop(&mut self.ring) };
-        // Requests still parked hold no allocation; their epoch guards end
-        // as the slots drop, or the engine would keep every later free
-        // pending.
+        // Otherwise requests still parked hold no allocation; their epoch
+        // guards end as the slots drop, or the engine would keep every
+        // later free pending.
     }
 }

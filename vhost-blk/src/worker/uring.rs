@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use io_uring::{opcode, squeue, types};
 use log::error;
 use qcow2::PendingWrite;
+use rimg_vhost_server::RingOwner;
 use vm_memory::{Address, GuestMemoryBackend};
 
 use super::plan::end_write;
@@ -81,29 +82,14 @@ impl Worker {
                 .build()
         };
         let entry: squeue::Entry = entry.user_data(((idx as u64) << 32) | opi as u64);
-        self.inflight_ops += 1;
-        loop {
-            // SAFETY: the iovec array and the guest memory it points into
-            // stay alive until the completion is reaped: the array is owned
-            // by the op in its slot (not touched until then), and the slot
-            // holds an Arc of the memory map; a worker drains its ring
-            // before it is dropped.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                break;
-            }
-            // Submission queue full: hand what is queued to the kernel.
-            // With the completion queue overflowing the kernel refuses
-            // (EBUSY) until completions are reaped: reap them (this
-            // request has `pending` > 0, so it is not completed under us).
-            if let Err(e) = self.ring.submit() {
-                match e.raw_os_error() {
-                    Some(libc::EBUSY) | Some(libc::EAGAIN) => self.reap(),
-                    Some(libc::EINTR) => {}
-                    _ => error!("io_uring submit: {e}"),
-                }
-            }
-        }
+        // SAFETY: the iovec array and the guest memory it points into
+        // stay alive until the completion is reaped: the array is owned
+        // by the op in its slot (not touched until then), and the slot
+        // holds an Arc of the memory map; a worker drains its ring
+        // before it is dropped, and leaks the slots when it cannot.
+        // Completions reaped while the kernel's queue is full do not
+        // complete this request under us: it has `pending` > 0.
+        unsafe { self.push_entry(&entry) }
     }
 
     /// Moves request data bytes [at, at + n) to or from file offset
@@ -148,18 +134,11 @@ impl Worker {
         Ok(())
     }
 
-    pub(super) fn submit(&mut self) {
-        if let Err(e) = self.ring.submit() {
-            error!("io_uring submit: {e}");
-        }
-    }
-
     /// Processes every available completion.
     pub(super) fn reap(&mut self) {
         loop {
-            let cqe = self.ring.completion().next();
+            let cqe = self.ring.completions().next();
             let Some(cqe) = cqe else { break };
-            self.inflight_ops -= 1;
             let ud = cqe.user_data();
             let (idx, opi) = ((ud >> 32) as usize, (ud & 0xffff_ffff) as usize);
             let res = cqe.result();
