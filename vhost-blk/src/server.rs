@@ -47,6 +47,20 @@ pub enum Error {
     Config(String),
 }
 
+/// The format the image is served as: the one given, else qcow2 when the
+/// file says so and raw otherwise. The daemon serves no encrypted format,
+/// so a LUKS header is not probed for: a guest that formatted its whole
+/// disk with LUKS must find it served as the raw disk it wrote.
+fn served_format(image: &std::path::Path, given: Option<Format>) -> qcow2::Result<Format> {
+    if let Some(f) = given {
+        return Ok(f);
+    }
+    Ok(match qcow2::probe(image)? {
+        Format::Qcow2 => Format::Qcow2,
+        _ => Format::Raw,
+    })
+}
+
 /// Serves the image until a termination signal; returns after the final
 /// flush.
 pub fn run(cfg: ServerConfig) -> Result<(), Error> {
@@ -62,11 +76,13 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     if let Some(b) = cfg.l2_cache_bytes {
         qopts.l2_cache_bytes = b;
     }
+    let format =
+        served_format(&cfg.image, cfg.format).map_err(|e| Error::Image(cfg.image.clone(), e))?;
     let img: Arc<dyn Image> = qcow2::open(
         &cfg.image,
         &OpenOptions {
             writable: !cfg.readonly,
-            format: cfg.format,
+            format: Some(format),
             qcow2: qopts,
             ..Default::default()
         },
@@ -176,5 +192,33 @@ fn check_direct_alignment(f: &std::fs::File) -> std::io::Result<()> {
             "O_DIRECT does not take 512-byte aligned I/O on this file system",
         )),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_raw_disk_with_a_luks_header_is_served_raw() {
+        let p = std::env::temp_dir().join(format!("rimg-served-format-{}", std::process::id()));
+        let mut disk = vec![0u8; 1 << 20];
+        disk[..6].copy_from_slice(b"LUKS\xba\xbe");
+        std::fs::write(&p, &disk).unwrap();
+        assert_eq!(qcow2::probe(&p).unwrap(), Format::Luks);
+        assert_eq!(served_format(&p, None).unwrap(), Format::Raw);
+        assert_eq!(served_format(&p, Some(Format::Luks)).unwrap(), Format::Luks);
+        let q = p.with_extension("qcow2");
+        qcow2::create(
+            &q,
+            &qcow2::CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(served_format(&q, None).unwrap(), Format::Qcow2);
+        let _ = std::fs::remove_file(&p);
+        let _ = std::fs::remove_file(&q);
     }
 }
