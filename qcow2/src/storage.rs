@@ -61,6 +61,22 @@ pub fn set_swallowed_reporter(f: fn(&str, &crate::error::Error)) {
 /// Alignment of buffers, offsets and lengths for O_DIRECT here.
 const DIRECT_ALIGN: u64 = 512;
 
+/// Whether O_DIRECT takes sector-sized (512-byte) I/O at sector offsets
+/// on `f` (opened with O_DIRECT): some devices need 4 KiB, and a caller
+/// that would then fall back to the page cache must not mix the two on
+/// one file.
+pub fn check_direct_alignment(f: &File) -> io::Result<()> {
+    let mut buf = vec![0u8; 2 * DIRECT_ALIGN as usize];
+    let at = buf.as_ptr().align_offset(DIRECT_ALIGN as usize);
+    match f.read_at(&mut buf[at..at + DIRECT_ALIGN as usize], 0) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(io::Error::other(
+            "O_DIRECT does not take 512-byte aligned I/O on this file system",
+        )),
+        Err(e) => Err(e),
+    }
+}
+
 thread_local! {
     /// An aligned buffer for O_DIRECT writes of the engine's own data.
     static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };

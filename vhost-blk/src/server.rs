@@ -122,7 +122,8 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             .custom_flags(libc::O_DIRECT)
             .open(&data_path)
             .map_err(|e| Error::Direct(data_path.clone(), e))?;
-        check_direct_alignment(&f).map_err(|e| Error::Direct(data_path.clone(), e))?;
+        qcow2::storage::check_direct_alignment(&f)
+            .map_err(|e| Error::Direct(data_path.clone(), e))?;
         // The engine's own guest-data writes (copy-on-write fill, partial
         // write-zeroes) bypass the cache too.
         let engine = f
@@ -176,23 +177,6 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     img.flush()
         .map_err(|e| Error::Image(cfg.image.clone(), e))?;
     Ok(())
-}
-
-/// Requests are sector-aligned: O_DIRECT must take 512-byte reads at
-/// 512-byte offsets on this file (some devices need 4 KiB; the daemon
-/// would then have to fall back to the page cache, which it does not mix
-/// with O_DIRECT).
-fn check_direct_alignment(f: &std::fs::File) -> std::io::Result<()> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; 2 * crate::worker::DIRECT_ALIGN];
-    let at = buf.as_ptr().align_offset(crate::worker::DIRECT_ALIGN);
-    match f.read_at(&mut buf[at..at + crate::worker::DIRECT_ALIGN], 0) {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Err(std::io::Error::other(
-            "O_DIRECT does not take 512-byte aligned I/O on this file system",
-        )),
-        Err(e) => Err(e),
-    }
 }
 
 #[cfg(test)]
