@@ -156,6 +156,15 @@ impl Bench<'_> {
             while self.in_ring > 0 && self.ring.submit_and_wait(1).is_ok() {
                 self.in_ring -= self.ring.completion().count();
             }
+            if self.in_ring > 0 {
+                // Writes whose outcome is unknown keep their clusters out
+                // of use rather than roll back under a late write.
+                for s in &mut self.slots {
+                    if let Some(w) = s.wio.take() {
+                        w.abandon();
+                    }
+                }
+            }
         }
         r
     }
