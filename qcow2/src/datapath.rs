@@ -180,6 +180,10 @@ impl PendingWrite {
     /// range keeps its old mapping and the host clusters the write may
     /// land in are leaked, never referenced nor reused: a late write
     /// damages nothing, and whoever waits for the clusters goes on.
+    /// Except where host offset == guest offset (raw images, external
+    /// data files): there is no other place for the data, and a late
+    /// write lands in the guest's own range, possibly after newer writes
+    /// to it (the range is not fenced off; an open issue).
     pub fn abandon(mut self) {
         if let Some(e) = self.end.take() {
             e.abandon();
