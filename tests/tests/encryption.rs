@@ -8,7 +8,6 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qcow2::encrypt::Secret;
 use qcow2::{Image, OpenOptions, Qcow2Options};
 use rimg_tests::{ok_as, rimg as rimg_output, run, run_ok as ok, tempdir, OutputText};
 
@@ -78,17 +77,7 @@ fn rimg(args: &[&str]) -> String {
 }
 
 fn open_rimg(img: &Path, pw: &str, writable: bool) -> qcow2::Result<std::sync::Arc<dyn Image>> {
-    qcow2::open(
-        img,
-        &OpenOptions {
-            writable,
-            qcow2: Qcow2Options {
-                encrypt_key: Some(Secret(pw.as_bytes().to_vec())),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
+    rimg_tests::image::open_with_key(img, pw, writable)
 }
 
 fn create_rimg(img: &Path, opts: &str) {

@@ -10,8 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use qcow2::encrypt::Secret;
-use qcow2::{Format, Image, OpenOptions, Qcow2Options};
+use qcow2::{Format, Image, OpenOptions};
 use rimg_tests::{run, tempdir, workspace_bin};
 
 const PW: &str = "123456";
@@ -93,17 +92,7 @@ fn qemu_create(img: &Path, opts: &str, size: &str) {
 }
 
 fn open_rimg(img: &Path, pw: &str, writable: bool) -> qcow2::Result<std::sync::Arc<dyn Image>> {
-    qcow2::open(
-        img,
-        &OpenOptions {
-            writable,
-            qcow2: Qcow2Options {
-                encrypt_key: Some(Secret(pw.as_bytes().to_vec())),
-                ..Default::default()
-            },
-            ..Default::default()
-        },
-    )
+    rimg_tests::image::open_with_key(img, pw, writable)
 }
 
 /// `qemu-img compare` of a raw file and a luks volume; asserts equality.
