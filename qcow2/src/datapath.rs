@@ -10,17 +10,24 @@
 //!   allocation back, so its clusters never stay in flight.
 //!
 //! Raw images map guest offsets to the same file offsets: their guards
-//! hold nothing.
+//! hold nothing but the range, for [`PendingWrite::abandon`].
+//!
+//! A write given up on while its I/O may still run ([`PendingWrite::abandon`])
+//! fences off the guest range it may land in ([`Fence`]): where the data
+//! has no other place to go than that range, every later change there is
+//! refused rather than be overtaken by the late write.
 //!
 //! [`Image`]: crate::Image
 
 use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::l2::L2Entry;
 use crate::sync::{Mutex, MutexGuard};
-use crate::units::{GuestOffset, HostOffset};
+use crate::units::HostOffset;
 
 /// What a run of guest bytes maps to in this layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,15 +140,6 @@ impl std::fmt::Debug for PendingWrite {
 }
 
 impl PendingWrite {
-    /// A write that needs no ending (raw: guest offset = host offset).
-    pub(crate) fn identity(off: u64, len: usize) -> PendingWrite {
-        PendingWrite {
-            host: HostOffset::identity(GuestOffset(off)),
-            len,
-            end: None,
-        }
-    }
-
     pub(crate) fn new(host: HostOffset, len: usize, end: Box<dyn WriteEnd>) -> PendingWrite {
         PendingWrite {
             host,
@@ -180,10 +178,13 @@ impl PendingWrite {
     /// range keeps its old mapping and the host clusters the write may
     /// land in are leaked, never referenced nor reused: a late write
     /// damages nothing, and whoever waits for the clusters goes on.
-    /// Except where host offset == guest offset (raw images, external
-    /// data files): there is no other place for the data, and a late
-    /// write lands in the guest's own range, possibly after newer writes
-    /// to it (the range is not fenced off; an open issue).
+    ///
+    /// Where the write has no other place to land than the guest's own
+    /// range (raw images, external data files, writes in place) that
+    /// range is fenced off instead ([`Fence`]): until the image is opened
+    /// again every write, zeroing or discard touching it fails with
+    /// [`Error::Fenced`], so the late write never overtakes a newer one.
+    /// Reads there return the old data or the late write's.
     pub fn abandon(mut self) {
         if let Some(e) = self.end.take() {
             e.abandon();
@@ -197,4 +198,49 @@ impl Drop for PendingWrite {
             e.rollback();
         }
     }
+}
+
+/// Guest byte ranges where an abandoned write may still land (see
+/// [`PendingWrite::abandon`]). Empty in a healthy process: checking it is
+/// one atomic load until something is fenced.
+#[derive(Debug, Default)]
+pub(crate) struct Fence {
+    any: AtomicBool,
+    ranges: Mutex<Vec<Range<u64>>>,
+}
+
+impl Fence {
+    /// Fences off [off, off + len) for good.
+    pub(crate) fn add(&self, off: u64, len: u64) {
+        let mut r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        r.push(off..off.saturating_add(len));
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Fails with [`Error::Fenced`] when [off, off + len) touches a
+    /// fenced range. Callers that order changes under a lock check under
+    /// it, so that a change and a fence are never concurrent.
+    pub(crate) fn check(&self, off: u64, len: u64) -> Result<()> {
+        if !self.any.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let end = off.saturating_add(len.max(1));
+        let r = self.ranges.lock().unwrap_or_else(|p| p.into_inner());
+        match r.iter().find(|f| f.start < end && off < f.end) {
+            Some(f) => Err(Error::Fenced {
+                offset: f.start,
+                len: f.end - f.start,
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A mapped write covers at least one byte: refuses empty ones (their
+/// last byte would be before their first).
+pub(crate) fn check_write_len(len: usize) -> Result<()> {
+    if len == 0 {
+        return Err(Error::InvalidArgument("empty write".into()));
+    }
+    Ok(())
 }

@@ -53,6 +53,15 @@ pub enum Error {
     OutOfRange { offset: u64, len: u64, size: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A change to a guest range where a write that was given up on (its
+    /// I/O could not be waited for) may still land: refused so that the
+    /// late write can never overtake a newer one. Lasts until the image
+    /// is opened again.
+    #[error(
+        "[{offset}, +{len}) may still receive an abandoned write: \
+         changes there are refused until the image is reopened"
+    )]
+    Fenced { offset: u64, len: u64 },
     /// An operation the image's format does not have (compressed writes
     /// to a raw image); the text names the operation.
     #[error("{0} not supported for this file format")]

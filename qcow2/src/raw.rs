@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::datapath::{Mapping, PendingWrite};
+use crate::datapath::{check_write_len, Fence, Mapping, PendingWrite, WriteEnd};
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image};
 use crate::storage::Storage;
@@ -16,6 +16,8 @@ use crate::units::{GuestOffset, HostOffset};
 pub struct Raw {
     st: Storage,
     size: AtomicU64,
+    /// Where abandoned writes may still land: no change goes there.
+    fence: Fence,
 }
 
 impl Raw {
@@ -24,6 +26,7 @@ impl Raw {
         Ok(Raw {
             st,
             size: AtomicU64::new(size),
+            fence: Fence::default(),
         })
     }
 
@@ -37,6 +40,15 @@ impl Raw {
             });
         }
         Ok(())
+    }
+
+    /// A change to [off, off + len): in range, writable, not fenced.
+    fn check_change(&self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        if !self.st.writable() {
+            return Err(Error::ReadOnly);
+        }
+        self.fence.check(off, len)
     }
 
     /// lseek(SEEK_DATA/SEEK_HOLE) from `off`; None when unsupported.
@@ -76,14 +88,11 @@ impl Image for Raw {
         self.st.read_at(buf, off)
     }
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.check_range(off, buf.len() as u64)?;
+        self.check_change(off, buf.len() as u64)?;
         self.st.write_at(buf, off)
     }
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
-        self.check_range(off, len)?;
-        if !self.st.writable() {
-            return Err(Error::ReadOnly);
-        }
+        self.check_change(off, len)?;
         if unmap {
             self.st.punch_hole(off, len)
         } else {
@@ -91,10 +100,7 @@ impl Image for Raw {
         }
     }
     fn discard(&self, off: u64, len: u64) -> Result<()> {
-        self.check_range(off, len)?;
-        if !self.st.writable() {
-            return Err(Error::ReadOnly);
-        }
+        self.check_change(off, len)?;
         self.st.punch_hole(off, len)
     }
     fn flush(&self) -> Result<()> {
@@ -164,11 +170,18 @@ impl Image for Raw {
         }
     }
     fn begin_write(self: Arc<Self>, off: u64, len: usize) -> Result<PendingWrite> {
-        if !self.st.writable() {
-            return Err(Error::ReadOnly);
-        }
-        self.check_range(off, len as u64)?;
-        Ok(PendingWrite::identity(off, len))
+        check_write_len(len)?;
+        self.check_change(off, len as u64)?;
+        let host = HostOffset::identity(GuestOffset(off));
+        Ok(PendingWrite::new(
+            host,
+            len,
+            Box::new(RawWrite {
+                img: self,
+                off,
+                len,
+            }),
+        ))
     }
     fn try_begin_write(
         self: Arc<Self>,
@@ -177,5 +190,23 @@ impl Image for Raw {
         _waker: &Arc<dyn AllocWaker>,
     ) -> Result<Option<PendingWrite>> {
         self.begin_write(off, len).map(Some)
+    }
+}
+
+/// How a raw write ends: nothing to commit or give back; abandoned, its
+/// range is fenced off (the late write can land nowhere else).
+struct RawWrite {
+    img: Arc<Raw>,
+    off: u64,
+    len: usize,
+}
+
+impl WriteEnd for RawWrite {
+    fn commit(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+    fn rollback(self: Box<Self>) {}
+    fn abandon(self: Box<Self>) {
+        self.img.fence.add(self.off, self.len as u64);
     }
 }

@@ -18,7 +18,9 @@
 //!    then wakes them after the lock is dropped.
 //! 3. Every allocation is released: `end_write` ends it whatever the
 //!    outcome of the data write, and `abandon_write` when the outcome
-//!    will never be known (it leaks the new clusters instead). Callers
+//!    will never be known (it leaks the new clusters instead, or fences
+//!    the guest clusters off where the late write can land only there:
+//!    changes to them then fail instead of waiting). Callers
 //!    outside the engine hold the mapped write in a [`PendingWrite`]:
 //!    `commit`, `abandon`, or its `Drop` (which rolls back) is the one
 //!    way to let go of it, so none is left in flight. (The engine's own

@@ -298,6 +298,24 @@ pub fn install_on_current_thread(prog: &BpfProgram) -> Result<(), Error> {
     seccompiler::apply_filter(prog).map_err(Error::Apply)
 }
 
+/// Makes the system calls `nrs` fail with `errno` on the calling thread
+/// only, everything else unchanged. For tests that need a system call to
+/// fail for real (an io_uring that cannot be entered any more). It cannot
+/// be removed: run it on a thread of its own.
+pub fn fail_on_current_thread(nrs: &[libc::c_long], errno: i32) -> Result<(), Error> {
+    let arch = std::env::consts::ARCH.try_into().map_err(Error::Build)?;
+    let rules = nrs.iter().map(|&nr| (nr, Vec::new())).collect();
+    let f = SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(errno as u32),
+        arch,
+    )
+    .map_err(Error::Build)?;
+    let prog: BpfProgram = f.try_into().map_err(Error::Build)?;
+    install_on_current_thread(&prog)
+}
+
 /// The clone(2) flags glibc's pthread_create uses: threads only, never a
 /// new process.
 pub const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM

@@ -35,7 +35,10 @@
 //! wedged for good: its operations may still run, so the ring itself is
 //! never closed or unmapped ([`WorkerRing`]'s `Drop` leaks it while
 //! anything is in flight) and the worker leaks what they use
-//! ([`WorkerRing::retire`]). A leak, never damage.
+//! ([`WorkerRing::retire`]). A leak, never damage. A wedged ring yields
+//! no completion any more (a late one would name buffers the worker has
+//! given up on) and queues nothing (a new entry counts as in flight for
+//! good), so its worker serves nothing more and never spins on it.
 
 use std::mem::ManuallyDrop;
 use std::os::fd::RawFd;
@@ -128,7 +131,9 @@ impl WorkerRing {
 
     /// Queues `sqe`, handing queued entries to the kernel while the
     /// submission queue is full. Every entry gets exactly one completion
-    /// (no entry flag that skips it is ever allowed on a worker ring).
+    /// (no entry flag that skips it is ever allowed on a worker ring). On
+    /// a wedged ring the entry is not queued but counts as in flight for
+    /// good, like those before it: its owner leaks what it points at.
     ///
     /// # Safety
     /// Everything `sqe` points at (buffers, iovec arrays, the memory they
@@ -137,6 +142,10 @@ impl WorkerRing {
     /// wedged and the owner leaks them: [`Self::retire`]).
     pub unsafe fn push(&mut self, sqe: &squeue::Entry) -> Result<(), CompletionsFull> {
         loop {
+            if self.wedged {
+                self.inflight += 1;
+                return Ok(());
+            }
             // SAFETY: the caller keeps what the entry points at valid
             // until its completion (this function's contract).
             if unsafe { self.ring.submission().push(sqe) }.is_ok() {
@@ -147,25 +156,46 @@ impl WorkerRing {
                 match e.raw_os_error() {
                     Some(libc::EBUSY) | Some(libc::EAGAIN) => return Err(CompletionsFull),
                     Some(libc::EINTR) => {}
-                    _ => error!("io_uring submit: {e}"),
+                    _ => self.wedge("submit", &e),
                 }
             }
         }
     }
 
-    /// Hands the queued entries to the kernel (errors are logged: the
-    /// entries stay queued for the next submission).
+    /// Hands the queued entries to the kernel. EINTR, EAGAIN and EBUSY
+    /// leave them queued for the next submission; any other error wedges
+    /// the ring.
     pub fn submit(&mut self) {
+        if self.wedged {
+            return;
+        }
         if let Err(e) = self.ring.submit() {
-            error!("io_uring submit: {e}");
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+            ) {
+                self.wedge("submit", &e);
+            }
         }
     }
 
+    /// The ring cannot be entered: what is in flight stays in flight for
+    /// good (see the module docs).
+    fn wedge(&mut self, what: &str, e: &std::io::Error) {
+        error!(
+            "io_uring {what}: {e}: the ring is wedged, {} operations stay in flight",
+            self.inflight
+        );
+        self.wedged = true;
+    }
+
     /// The completions available now; each one taken is no longer in
-    /// flight.
+    /// flight. None on a wedged ring, even those the kernel still posts:
+    /// its owner gave up on what was in flight (and may have handed the
+    /// buffers a late completion names to something else).
     pub fn completions(&mut self) -> Completions<'_> {
         Completions {
-            cq: self.ring.completion(),
+            cq: (!self.wedged).then(|| self.ring.completion()),
             inflight: &mut self.inflight,
         }
     }
@@ -194,7 +224,7 @@ impl WorkerRing {
                 Ok(())
             }
             Err(e) => {
-                self.wedged = true;
+                self.wedge("wait", &e);
                 Err(e)
             }
         }
@@ -235,7 +265,7 @@ impl Drop for WorkerRing {
 
 /// The completions of a [`WorkerRing`] available when it was made.
 pub struct Completions<'a> {
-    cq: io_uring::CompletionQueue<'a>,
+    cq: Option<io_uring::CompletionQueue<'a>>,
     inflight: &'a mut usize,
 }
 
@@ -243,7 +273,7 @@ impl Iterator for Completions<'_> {
     type Item = cqueue::Entry;
 
     fn next(&mut self) -> Option<cqueue::Entry> {
-        let cqe = self.cq.next()?;
+        let cqe = self.cq.as_mut()?.next()?;
         *self.inflight -= 1;
         Some(cqe)
     }
@@ -386,5 +416,64 @@ mod tests {
         let r: Vec<i32> = ring.completions().map(|c| c.result()).collect();
         assert_eq!(r, vec![8]);
         assert_eq!(ring.inflight(), 0);
+    }
+
+    /// A ring whose io_uring_enter fails (a per-thread seccomp filter
+    /// makes it fail for real) is wedged: a read still posted completes
+    /// in the kernel afterwards, but its completion is never handed out
+    /// (its buffer may have been given to something else), and new
+    /// entries count as in flight without being queued or spun on.
+    #[test]
+    fn a_wedged_ring_hands_out_nothing() {
+        std::thread::spawn(|| {
+            let note = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let mut fds = [0; 2];
+            // SAFETY: pipe2 fills the two descriptors it is given.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            let codes = [opcode::Read::CODE, opcode::Write::CODE];
+            let mut ring = WorkerRing::restricted(4, &codes, note.as_raw_fd(), &[]).unwrap();
+            // Leaked: the read may write into it whenever it completes.
+            let buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
+            let rd = opcode::Read::new(types::Fd(fds[0]), buf.as_mut_ptr(), 8).build();
+            // SAFETY: the buffer is leaked, valid for good.
+            unsafe { ring.push(&rd) }.unwrap();
+            ring.submit();
+            assert_eq!(ring.inflight(), 1);
+
+            rimg_seccomp::fail_on_current_thread(&[libc::SYS_io_uring_enter], libc::EIO).unwrap();
+            let e = ring.wait().unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EIO));
+            assert!(ring.is_wedged());
+
+            // The read completes now; its completion event wakes `note`.
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: writes 8 bytes from a live buffer to the pipe.
+            assert_eq!(unsafe { libc::write(fds[1], one.as_ptr().cast(), 8) }, 8);
+            let mut pfd = libc::pollfd {
+                fd: note.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one pollfd, valid for the call.
+            let ready = unsafe { libc::poll(&mut pfd, 1, 10_000) };
+            assert_eq!(ready, 1, "the read never completed in the kernel");
+            assert_eq!(ring.ring.completion().len(), 1, "the kernel posted it");
+            assert_eq!(ring.completions().count(), 0, "but it is not handed out");
+            assert_eq!(ring.inflight(), 1);
+
+            // A new entry counts as in flight for good; nothing is queued.
+            let b: &'static [u8; 8] = Box::leak(Box::new(one));
+            let w = opcode::Write::new(types::Fd(efd.as_raw_fd()), b.as_ptr(), 8).build();
+            // SAFETY: the buffer is leaked, valid for good.
+            unsafe { ring.push(&w) }.unwrap();
+            ring.submit();
+            assert_eq!(ring.inflight(), 2);
+            assert_eq!(ring.ring.submission().len(), 0);
+            assert!(efd.read().is_err(), "the write never ran");
+            // Dropped with operations in flight: the ring is leaked.
+        })
+        .join()
+        .expect("test thread");
     }
 }

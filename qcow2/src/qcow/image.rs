@@ -161,6 +161,7 @@ impl Image for Qcow2 {
         self.read_run(mapping, buf, off)
     }
     fn begin_write(self: Arc<Self>, off: u64, len: usize) -> Result<PendingWrite> {
+        crate::datapath::check_write_len(len)?;
         let io = self.map_write(off, len)?;
         Ok(write::QcowWrite::guard(self, io))
     }
@@ -170,6 +171,7 @@ impl Image for Qcow2 {
         len: usize,
         waker: &Arc<dyn AllocWaker>,
     ) -> Result<Option<PendingWrite>> {
+        crate::datapath::check_write_len(len)?;
         let io = self.try_map_write(off, len, waker)?;
         Ok(io.map(|io| write::QcowWrite::guard(self, io)))
     }

@@ -58,7 +58,9 @@ impl Qcow2 {
     }
 
     /// As [`wait_inflight`](Self::wait_inflight), and with `inplace` also
-    /// until no in-place write into those clusters is in progress.
+    /// until no in-place write into those clusters is in progress. Fails
+    /// at once where an abandoned write fenced the clusters off (checked
+    /// under the lock, as the fence is added).
     pub(super) fn wait_busy<'a>(
         &'a self,
         mut m: MutexGuard<'a, Meta>,
@@ -66,6 +68,8 @@ impl Qcow2 {
         n: u64,
         inplace: bool,
     ) -> Result<MutexGuard<'a, Meta>> {
+        let cb = self.cluster_bits;
+        self.fence.check(gc.offset(cb).0, n << cb)?;
         loop {
             if m.inflight.is_empty() && (!inplace || m.inplace.is_empty()) {
                 break;

@@ -254,6 +254,9 @@ pub struct Qcow2 {
     /// of running I/O ([`IoEpoch`]).
     epochs: SharedEpochs,
     alloc_done: Condvar,
+    /// Guest clusters where abandoned writes may still land: no change
+    /// goes there (checked and added under `meta`).
+    fence: crate::datapath::Fence,
     opts: Qcow2Options,
     /// crypt_method of the header (0: clear).
     crypt_method: u32,
@@ -369,6 +372,7 @@ impl Qcow2 {
             meta: Mutex::new(meta),
             epochs: Arc::new(Mutex::new(Default::default())),
             alloc_done: Condvar::new(),
+            fence: Default::default(),
             opts,
             st,
             crypt_method: header.crypt_method,

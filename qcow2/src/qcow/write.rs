@@ -310,6 +310,7 @@ impl Qcow2 {
         pos: GuestOffset,
         len: usize,
     ) -> Result<WriteIo> {
+        self.fence.check(pos.0, len as u64)?;
         self.mark_dirty(pos.0, len as u64)?;
         match self.plan_write(&mut m, pos, len)? {
             WritePlan::InPlace { host, len } => {
@@ -415,25 +416,27 @@ impl Qcow2 {
 
     /// Ends a write whose data I/O may still be running and will never be
     /// waited for (its io_uring could not be waited on). The guest cluster
-    /// keeps its old mapping and the host clusters the write went to are
-    /// leaked, never referenced nor reused, so a late write into them
-    /// damages nothing; whoever waits for the guest clusters goes on.
+    /// keeps its old mapping. Where the late write can land only in host
+    /// space that stays the guest cluster's (in place, an external data
+    /// file, or a cluster whose other subclusters hold data) the guest
+    /// clusters are fenced off: later changes there fail rather than be
+    /// overtaken. Elsewhere the new host clusters are leaked, never
+    /// referenced nor reused, so a late write into them damages nothing.
+    /// Whoever waits for the clusters goes on either way.
     pub(crate) fn abandon_write(&self, io: WriteIo) {
+        let cb = self.cluster_bits;
+        if let Some((first, n)) = io.inplace {
+            let m = self.lock();
+            self.fence.add(first.offset(cb).0, n << cb);
+            drop(m);
+            self.end_inplace(first, n);
+        }
         let Some(a) = io.alloc else {
-            // In place: the late write lands in the request's own range.
-            // The clusters stay counted for good: zeroing that keeps them
-            // waits rather than let the late data reappear.
             return;
         };
         let mut m = self.lock();
-        if a.reuse && self.extl2 {
-            // Our own cluster, with other subclusters' data: it cannot be
-            // unmapped, so the guest cluster stays in flight for good
-            // (writes to it wait) and the late write lands on nothing
-            // that is read.
-            return;
-        }
-        if a.reuse {
+        let mut fence = self.data.is_some() || (a.reuse && self.extl2);
+        if a.reuse && !fence {
             // The preallocated cluster stays allocated but is no longer
             // this guest cluster's: unmap it (zero without a host).
             let idx = a.gc.l2_index(self.l2_bits());
@@ -443,12 +446,11 @@ impl Qcow2 {
             };
             match self.l2_writable(&mut m, a.gc.l1_index(self.l2_bits())) {
                 Ok(slot) => Self::l2_set(&mut m, slot, idx, unmapped.encode(self.geom)),
-                Err(_) => {
-                    // Cannot unmap it: the guest cluster stays in flight
-                    // for good (writes to it wait) rather than risk reuse.
-                    return;
-                }
+                Err(_) => fence = true,
             }
+        }
+        if fence {
+            self.fence.add(a.gc.offset(cb).0, a.n << cb);
         }
         self.finish_alloc(m, &a);
     }

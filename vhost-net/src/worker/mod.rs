@@ -357,6 +357,8 @@ impl PairWorker {
     /// The ring cannot be waited on: what its in-flight operations read
     /// or write (the pools, the guest memory map in-place writes read) is
     /// leaked, never freed under the kernel, and fresh pools take over.
+    /// The wedged ring hands out no completion any more, so none of the
+    /// old pools' slots ever comes back into the new ones.
     fn abandon_inflight(&mut self) {
         self.ring
             .retire(std::mem::replace(&mut self.rx, Pool::new(RX_SLOTS)));
