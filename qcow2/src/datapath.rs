@@ -185,6 +185,10 @@ impl PendingWrite {
     /// again every write, zeroing or discard touching it fails with
     /// [`Error::Fenced`], so the late write never overtakes a newer one.
     /// Reads there return the old data or the late write's.
+    ///
+    /// The caller must also leak (`std::mem::forget`) the [`IoEpoch`] the
+    /// write was mapped under: host clusters freed later are then never
+    /// reused, wherever the late write goes.
     pub fn abandon(mut self) {
         if let Some(e) = self.end.take() {
             e.abandon();

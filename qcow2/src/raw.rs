@@ -147,6 +147,11 @@ impl Image for Raw {
         if !self.st.writable() {
             return Err(Error::ReadOnly);
         }
+        // A late write into a cut range would bring it back on growth.
+        let size = self.size();
+        if new_size < size {
+            self.fence.check(new_size, size - new_size)?;
+        }
         self.st.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())

@@ -123,6 +123,10 @@ fn raw_fences_the_abandoned_range() {
     now(|| img.write_at(&[1; 512], 8192 - 512)).unwrap();
     now(|| img.write_at(&[2; 512], 8192 + 4096)).unwrap();
     assert_eq!(read(&img, 8192 + 4096, 512), vec![2; 512]);
+    // Cutting the range off would let a later growth show the late data.
+    assert_fenced(img.resize(8192), "shrink over it");
+    assert_eq!(img.size(), 1 << 20);
+    img.resize(16384).unwrap();
     drop(img);
     // Reopened: nothing is in flight any more.
     let img = open(&p);
@@ -187,6 +191,14 @@ fn qcow2_in_place_fences_the_cluster() {
     // The next cluster is not fenced.
     now(|| img.write_at(&[0x22; 512], 2 * CS)).unwrap();
     now(|| img.write_zeroes(3 * CS, CS, false)).unwrap();
+    // A shrink would free the cluster for reuse, a snapshot share it:
+    // both refused before anything changes.
+    assert_fenced(img.resize(CS), "shrink over it");
+    assert_eq!(img.size(), 4 << 20);
+    let q = img.as_qcow2().unwrap();
+    assert_fenced(q.snapshot_create("s"), "snapshot");
+    assert!(q.snapshots().is_empty());
+    img.resize(3 * CS).unwrap();
     img.flush().unwrap();
     drop(img);
     qemu_img_check(&p, false);
@@ -284,4 +296,55 @@ fn qcow2_fresh_cluster_is_leaked_not_fenced() {
     img.flush().unwrap();
     drop(img);
     qemu_img_check(&p, true);
+}
+
+/// A write-zeroes already blocked on an in-place write (a library caller
+/// blocks, a daemon does not) fails once that write is abandoned, rather
+/// than zero a range the late write may still land in (with a raw data
+/// file, the zeros would go into the file and the late data over them).
+#[test]
+fn a_blocked_zeroing_sees_the_fence() {
+    for raw_data in [false, true] {
+        let d = Dir::new(&format!("blocked-{raw_data}"));
+        let p = d.0.join("t.qcow2");
+        let o = CreateOptions {
+            size: 4 << 20,
+            cluster_size: CS,
+            data_file: raw_data.then(|| d.0.join("t.data").to_str().unwrap().into()),
+            data_file_raw: raw_data,
+            ..CreateOptions::default()
+        };
+        qcow2::create(&p, &o).unwrap();
+        let img = open(&p);
+        img.write_at(&vec![0x11; CS as usize], CS).unwrap();
+        let _epoch = img.io_epoch();
+        let w = img.clone().begin_write(CS + 4096, 4096).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let zeroer = {
+            let img = img.clone();
+            std::thread::spawn(move || tx.send(img.write_zeroes(CS, CS, false)).unwrap())
+        };
+        // The zeroing is blocked on the in-place write (the engine's
+        // state dump counts blocked threads).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let state = img.alloc_state().unwrap();
+            if state.contains("threads blocked 1;") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never blocked: {state}"
+            );
+            std::thread::yield_now();
+        }
+        w.abandon();
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("still blocked: {}", img.alloc_state().unwrap()));
+        zeroer.join().unwrap();
+        assert_fenced(r, "the blocked write-zeroes");
+        drop(img);
+        qemu_img_check(&p, false);
+    }
 }

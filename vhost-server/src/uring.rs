@@ -476,4 +476,29 @@ mod tests {
         .join()
         .expect("test thread");
     }
+
+    /// A submission the kernel refuses for good (not EINTR, EAGAIN or
+    /// EBUSY) while the submission queue is full wedges the ring: `push`
+    /// returns instead of retrying for ever, the entry counted in flight.
+    #[test]
+    fn a_refused_submission_wedges_the_ring() {
+        std::thread::spawn(|| {
+            let note = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            let mut ring =
+                WorkerRing::restricted(2, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+            let b: &'static [u8; 8] = Box::leak(Box::new(1u64.to_ne_bytes()));
+            let w = opcode::Write::new(types::Fd(efd.as_raw_fd()), b.as_ptr(), 8).build();
+            rimg_seccomp::fail_on_current_thread(&[libc::SYS_io_uring_enter], libc::ENXIO).unwrap();
+            for _ in 0..3 {
+                // SAFETY: the buffer is leaked, valid for good.
+                unsafe { ring.push(&w) }.unwrap();
+            }
+            assert!(ring.is_wedged());
+            assert_eq!(ring.inflight(), 3);
+            assert!(efd.read().is_err(), "nothing ran");
+        })
+        .join()
+        .expect("test thread");
+    }
 }

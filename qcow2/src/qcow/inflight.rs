@@ -69,8 +69,10 @@ impl Qcow2 {
         inplace: bool,
     ) -> Result<MutexGuard<'a, Meta>> {
         let cb = self.cluster_bits;
-        self.fence.check(gc.offset(cb).0, n << cb)?;
         loop {
+            // Again after each wait: what it waited for may have been
+            // abandoned, fencing the clusters.
+            self.fence.check(gc.offset(cb).0, n << cb)?;
             if m.inflight.is_empty() && (!inplace || m.inplace.is_empty()) {
                 break;
             }
@@ -135,11 +137,13 @@ impl Qcow2 {
         let active: u32 = self.epochs().active.values().sum();
         format!(
             "clusters being allocated {:?}; clusters with in-place writes {}; \
-             waiters {} on clusters {:?}; I/O epochs held {active}; frees pending {}",
+             waiters {} on clusters {:?}; threads blocked {}; I/O epochs held {active}; \
+             frees pending {}",
             inflight,
             m.inplace.len(),
             m.waiters.len(),
             m.waiters.clusters(),
+            m.sleepers,
             m.pending_free.len()
         )
     }

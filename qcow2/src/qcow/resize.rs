@@ -115,6 +115,10 @@ impl Qcow2 {
         let old_clusters = {
             let m = self.lock();
             let mut m = self.quiesce(m);
+            // Before anything changes: a cut range an abandoned write may
+            // still land in would be freed for reuse.
+            self.fence
+                .check(new_size, m.header.size.saturating_sub(new_size))?;
             self.flush_locked(&mut m)?;
             let old_clusters = m.header.size.div_ceil(cs);
             m.rc.overlap.write(

@@ -314,6 +314,9 @@ impl Qcow2 {
         }
         let m = self.lock();
         let mut m = self.quiesce(m);
+        // A snapshot would share clusters an abandoned write may still
+        // land in.
+        self.fence.check(0, u64::MAX)?;
         if m.snapshots.len() as u32 >= crate::header::MAX_SNAPSHOTS {
             return Err(Error::TooLarge("too many snapshots".into()));
         }

@@ -15,6 +15,12 @@ impl Worker {
     pub(super) fn plan(&mut self, idx: usize) {
         let write = self.slots[idx].req.kind == Some(Kind::Out);
         while !self.slots[idx].failed && self.slots[idx].done < self.slots[idx].req.len {
+            if self.ring.is_wedged() {
+                // Nothing reaches the file through a wedged ring: fail
+                // the rest rather than hold clusters for good.
+                self.slots[idx].failed = true;
+                break;
+            }
             let slot = &self.slots[idx];
             let done = slot.done;
             let off = slot.req.offset + done;

@@ -13,7 +13,26 @@ impl Worker {
     /// queue. The next kick hands the ring back.
     pub fn stop(&mut self) {
         self.drain_all();
+        if self.ring.is_wedged() {
+            // The frontend may start the queue again on this connection
+            // (a guest reboot): from now on the writes still in the ring
+            // must fence their ranges, not hold them.
+            self.abandon_writes();
+        }
         self.vring = None;
+    }
+
+    /// Ends the writes still in a wedged ring (their data may land at
+    /// any time): the engine leaks their new clusters or fences the
+    /// ranges they may land in, so that nothing waits for them and no
+    /// newer write is overtaken. Their epoch guards stay with the slots,
+    /// which are never freed under the kernel (see `Drop`).
+    fn abandon_writes(&mut self) {
+        for op in self.slots.iter_mut().flat_map(|s| s.ops.iter_mut()) {
+            if let Some(w) = op.as_mut().and_then(|op| op.wio.take()) {
+                w.abandon();
+            }
+        }
     }
 
     /// Completes everything in flight and parked while the other queues'
@@ -113,11 +132,7 @@ impl Drop for Worker {
                 self.queue,
                 self.ring.inflight()
             );
-            for op in self.slots.iter_mut().flat_map(|s| s.ops.iter_mut()) {
-                if let Some(w) = op.as_mut().and_then(|op| op.wio.take()) {
-                    w.abandon();
-                }
-            }
+            self.abandon_writes();
             self.ring.retire(std::mem::take(&mut self.slots));
         }
         // Otherwise requests still parked hold no allocation; their epoch

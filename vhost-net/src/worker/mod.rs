@@ -138,6 +138,8 @@ pub struct PairWorker {
     tap: Arc<Tap>,
     mem: GM,
     ring: WorkerRing,
+    /// The ring wedged and what was in flight in it was abandoned.
+    abandoned: bool,
     efd: EventFd,
     neg: Negotiated,
     event_idx: bool,
@@ -196,6 +198,7 @@ impl PairWorker {
             rx_vring: None,
             tx_vring: None,
             tx_blocked: false,
+            abandoned: false,
             attached: true,
             warnings: CappedWarnings::new(module_path!(), format!("pair {pair}")),
             tx_ahead: VecDeque::with_capacity(TX_LOOKAHEAD),
@@ -382,9 +385,13 @@ impl PairWorker {
                 self.push(sqe);
             }
         }
-        if let Err(e) = self.drain_ring() {
+        if self.abandoned {
+            // Wedged and abandoned already: nothing was pushed since (no
+            // read is posted, frames are dropped), the pools are fresh.
+        } else if let Err(e) = self.drain_ring() {
             error!("io_uring wait: {e}: abandoning in-flight operations");
             self.abandon_inflight();
+            self.abandoned = true;
         }
         while let Some((slot, _)) = self.ready.pop_front() {
             self.rx.free.push(slot);
@@ -453,7 +460,7 @@ impl QueueWorker for PairWorker {
         format!(
             "pair {}: rx {} reads posted, {} frames waiting for buffers; \
              tx {} writes in flight ({} from guest memory){}; \
-             tx {} frames, rx {} frames",
+             tx {} frames, rx {} frames{}",
             self.pair,
             self.rx_posted,
             self.ready.len(),
@@ -465,7 +472,12 @@ impl QueueWorker for PairWorker {
                 ""
             },
             s.tx_frames,
-            s.rx_frames
+            s.rx_frames,
+            if self.ring.is_wedged() {
+                "; ring wedged: frames are dropped"
+            } else {
+                ""
+            }
         )
     }
 }

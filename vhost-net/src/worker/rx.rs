@@ -24,7 +24,7 @@ impl PairWorker {
     /// Keeps reads posted in every free slot while frames flow; none while
     /// delivered frames wait for guest buffers or the queue is off.
     pub(super) fn post_reads(&mut self) {
-        if !self.ready.is_empty() || !Self::usable(&self.rx_vring) {
+        if !self.ready.is_empty() || !Self::usable(&self.rx_vring) || self.ring.is_wedged() {
             return;
         }
         while let Some(slot) = self.rx.free.pop() {

@@ -123,6 +123,16 @@ impl PairWorker {
                 self.tx_ahead.push_back(next);
             }
             taken += 1;
+            if self.ring.is_wedged() {
+                // Nothing reaches the TAP through a wedged ring: the
+                // frame is dropped and its chain returned.
+                self.tx_spare.push(w.segs);
+                self.stats.tx_dropped += 1;
+                if w.head < size {
+                    self.tx_used.push(w.head);
+                }
+                continue;
+            }
             let slot = self.tx.free.pop().expect("a free slot per chain");
             let frame = w.walked.and_then(|()| self.prepare_tx(&w.segs, mem, slot));
             self.tx_spare.push(w.segs);
