@@ -1,6 +1,7 @@
 //! rimg-vhost-blk: a vhost-user-blk backend serving raw and qcow2 images
 //! (backing chains included) through the rimg qcow2 engine, with guest
-//! data I/O on one io_uring per queue.
+//! data I/O on one io_uring per queue; encrypted images (qcow2 with
+//! encryption, LUKS) have their data decrypted by the engine instead.
 //!
 //! - [`config`]: offered virtio features and the config space.
 //! - [`request`]: decoding and validating requests from descriptor chains.

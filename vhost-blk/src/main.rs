@@ -1,10 +1,11 @@
-//! `rimg-vhost-blk`: serves a raw or qcow2 image to vhost-user-blk
+//! `rimg-vhost-blk`: serves a raw, qcow2 or LUKS image to vhost-user-blk
 //! frontends (QEMU, cloud-hypervisor, libblkio, rimg-vmm).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use qcow2::encrypt::Secret;
 use rimg_vhost_blk::server::{self, ServerConfig};
 use rimg_vhost_server::cli::{self, SeccompArg, SocketArg};
 
@@ -17,7 +18,7 @@ fn main() -> ExitCode {
 #[command(
     name = "rimg-vhost-blk",
     version,
-    about = "vhost-user-blk daemon serving raw and qcow2 images through io_uring"
+    about = "vhost-user-blk daemon serving raw, qcow2 and LUKS images through io_uring"
 )]
 struct Args {
     #[command(flatten)]
@@ -25,9 +26,15 @@ struct Args {
     /// Disk image to serve (backing files are opened read-only)
     #[arg(long, value_name = "FILE")]
     image: PathBuf,
-    /// Image format; probed from the file when absent
-    #[arg(long, value_name = "qcow2|raw")]
+    /// Image format; probed from the file when absent (as qcow2 or raw:
+    /// a LUKS volume is served decrypted only when `luks` is given)
+    #[arg(long, value_name = "qcow2|raw|luks")]
     format: Option<String>,
+    /// Password of an encrypted image (qcow2 with encryption, or luks):
+    /// the file's whole content, byte for byte (a trailing newline is
+    /// part of it), as QEMU's `--object secret,file=FILE` reads it
+    #[arg(long, value_name = "FILE")]
+    key_file: Option<PathBuf>,
     /// Serve read-only: the device offers VIRTIO_BLK_F_RO and refuses writes
     #[arg(long)]
     readonly: bool,
@@ -55,13 +62,25 @@ fn serve(a: Args) -> Result<(), String> {
         None => None,
         Some(f) => match qcow2::Format::from_name(f) {
             Some(f) => Some(f),
-            None => return Err(format!("unknown format '{f}' (expected qcow2 or raw)")),
+            None => {
+                return Err(format!(
+                    "unknown format '{f}' (expected qcow2, raw or luks)"
+                ))
+            }
         },
+    };
+    // Read once, here: the engine keeps what it derives from it.
+    let key = match &a.key_file {
+        None => None,
+        Some(p) => Some(Secret(
+            std::fs::read(p).map_err(|e| format!("--key-file {}: {e}", p.display()))?,
+        )),
     };
     let cfg = ServerConfig {
         socket: a.socket.socket,
         image: a.image,
         format,
+        key,
         readonly: a.readonly,
         num_queues: a.num_queues,
         queue_size: a.queue_size,

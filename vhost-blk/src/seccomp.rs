@@ -6,9 +6,10 @@
 use rimg_vhost_server::seccomp::Sandbox;
 
 /// What the image engine calls from any thread (guest data itself goes
-/// through io_uring).
+/// through io_uring, except an encrypted image's, which the engine reads
+/// and writes with the same positioned I/O).
 const IMAGE_IO: [libc::c_long; 4] = [
-    // Metadata and bounce-buffer I/O.
+    // Metadata, bounce-buffer and encrypted-data I/O.
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     // FLUSH.

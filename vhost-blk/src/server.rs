@@ -5,12 +5,13 @@
 //! current connection; the image is flushed and `run` returns.
 
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use qcow2::encrypt::Secret;
 use qcow2::{Format, Image, OpenOptions, Qcow2Options};
 
-use log::warn;
+use log::{debug, warn};
 
 use crate::backend::BlkBackend;
 use crate::config::DeviceConfig;
@@ -22,6 +23,9 @@ pub struct ServerConfig {
     pub socket: PathBuf,
     pub image: PathBuf,
     pub format: Option<Format>,
+    /// Password of an encrypted image (`--key-file`); its Debug form
+    /// never shows the bytes.
+    pub key: Option<Secret>,
     pub readonly: bool,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -37,6 +41,8 @@ pub struct ServerConfig {
 pub enum Error {
     #[error("{0}: {1}")]
     Image(PathBuf, qcow2::Error),
+    #[error("{0}: the image is encrypted ({1}): give its password with --key-file FILE")]
+    KeyRequired(PathBuf, &'static str),
     #[error("{0}: cannot open for O_DIRECT: {1}")]
     Direct(PathBuf, std::io::Error),
     #[error(transparent)]
@@ -48,10 +54,11 @@ pub enum Error {
 }
 
 /// The format the image is served as: the one given, else qcow2 when the
-/// file says so and raw otherwise. The daemon serves no encrypted format,
-/// so a LUKS header is not probed for: a guest that formatted its whole
-/// disk with LUKS must find it served as the raw disk it wrote.
-fn served_format(image: &std::path::Path, given: Option<Format>) -> qcow2::Result<Format> {
+/// file says so and raw otherwise. A LUKS header is not probed for: a
+/// guest that formatted its whole disk with LUKS must find it served as
+/// the raw disk it wrote; a LUKS volume is decrypted only when
+/// `--format luks` says so.
+fn served_format(image: &Path, given: Option<Format>) -> qcow2::Result<Format> {
     if let Some(f) = given {
         return Ok(f);
     }
@@ -61,9 +68,32 @@ fn served_format(image: &std::path::Path, given: Option<Format>) -> qcow2::Resul
     })
 }
 
+/// What the image served as `format` is encrypted with, when it cannot be
+/// opened without a password. Asked only when none was given, so that the
+/// error names the daemon's option (the engine's names QEMU's).
+fn encryption_of(image: &Path, format: Format) -> qcow2::Result<Option<&'static str>> {
+    Ok(match format {
+        Format::Raw => None,
+        Format::Luks => Some("luks"),
+        Format::Qcow2 => {
+            let st = qcow2::storage::Storage::open(qcow2::open::host_path(image), false)?;
+            // The header and its extensions lie in the first cluster.
+            let len = st.len()?.min(1 << qcow2::header::MAX_CLUSTER_BITS);
+            let mut first = vec![0u8; len as usize];
+            st.read_at(&mut first, 0)?;
+            match qcow2::Header::parse(&first)?.crypt_method {
+                qcow2::header::crypt::NONE => None,
+                qcow2::header::crypt::LUKS => Some("qcow2, encrypt.format=luks"),
+                _ => Some("qcow2, encrypt.format=aes"),
+            }
+        }
+    })
+}
+
 /// Serves the image until a termination signal; returns after the final
 /// flush.
-pub fn run(cfg: ServerConfig) -> Result<(), Error> {
+pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
+    debug!("{cfg:?}");
     if cfg.num_queues == 0 || cfg.num_queues > 64 {
         return Err(Error::Config("--num-queues must be 1..=64".into()));
     }
@@ -78,6 +108,16 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
     }
     let format =
         served_format(&cfg.image, cfg.format).map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    let key_given = cfg.key.is_some();
+    if !key_given {
+        if let Some(how) =
+            encryption_of(&cfg.image, format).map_err(|e| Error::Image(cfg.image.clone(), e))?
+        {
+            return Err(Error::KeyRequired(cfg.image.clone(), how));
+        }
+    }
+    // Moved, not copied: the engine keeps what it needs of it.
+    qopts.encrypt_key = cfg.key.take();
     let img: Arc<dyn Image> = qcow2::open(
         &cfg.image,
         &OpenOptions {
@@ -88,12 +128,11 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
-    // The io_uring data path moves guest data without decrypting it.
-    if !img.data_in_clear() {
-        return Err(Error::Config(format!(
-            "{} images are not served encrypted (guest data would not be decrypted)",
-            img.format().name()
-        )));
+    // Encrypted guest data is never moved by the workers' io_uring: the
+    // engine decrypts it (see `worker::engine_io`).
+    let in_clear = img.data_in_clear();
+    if in_clear && key_given {
+        warn!("--key-file ignored: the image is not encrypted");
     }
     // Guest data moves between guest memory and the file that holds it at
     // the offsets the engine maps: the image file, or its external data
@@ -125,12 +164,15 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         qcow2::storage::check_direct_alignment(&f)
             .map_err(|e| Error::Direct(data_path.clone(), e))?;
         // The engine's own guest-data writes (copy-on-write fill, partial
-        // write-zeroes) bypass the cache too.
+        // write-zeroes, and all of an encrypted image's) bypass the cache
+        // too; its reads go through the cache, which O_DIRECT writes keep
+        // coherent.
         let engine = f
             .try_clone()
             .map_err(|e| Error::Direct(data_path.clone(), e))?;
         data.set_direct(engine);
-        Some(f)
+        // The workers move no encrypted data themselves.
+        in_clear.then_some(f)
     } else {
         None
     };
@@ -204,5 +246,35 @@ mod tests {
         assert_eq!(served_format(&q, None).unwrap(), Format::Qcow2);
         let _ = std::fs::remove_file(&p);
         let _ = std::fs::remove_file(&q);
+    }
+
+    #[test]
+    fn encryption_is_told_from_the_header() {
+        let p = std::env::temp_dir().join(format!("rimg-encryption-of-{}", std::process::id()));
+        let create = |encrypt| {
+            qcow2::create(
+                &p,
+                &qcow2::CreateOptions {
+                    size: 1 << 20,
+                    encrypt,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        create(None);
+        assert_eq!(encryption_of(&p, Format::Qcow2).unwrap(), None);
+        assert_eq!(encryption_of(&p, Format::Raw).unwrap(), None);
+        // What the file holds does not matter for a luks volume: it
+        // always needs its password.
+        assert_eq!(encryption_of(&p, Format::Luks).unwrap(), Some("luks"));
+        let _ = std::fs::remove_file(&p);
+        let key = Secret(b"pw".to_vec());
+        create(Some((qcow2::encrypt::EncryptFormat::Aes, key)));
+        assert_eq!(
+            encryption_of(&p, Format::Qcow2).unwrap(),
+            Some("qcow2, encrypt.format=aes")
+        );
+        let _ = std::fs::remove_file(&p);
     }
 }

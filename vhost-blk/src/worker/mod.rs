@@ -2,9 +2,11 @@
 //! mapped through the image (allocating qcow2 clusters where needed), and
 //! their data moves between guest memory and the file holding guest data
 //! (the image file, or its external data file) through this queue's own
-//! io_uring. With extended L2 entries a mapping ends where the kind of
-//! subcluster changes: only data subclusters are read from the file, zero
-//! and unallocated ones go through the bounce buffer. The ring's
+//! io_uring. Encrypted images are the exception: the engine reads and
+//! writes their data itself, synchronously (`engine_io`). With extended
+//! L2 entries a mapping ends where the kind of subcluster changes: only
+//! data subclusters are read from the file, zero and unallocated ones go
+//! through the bounce buffer. The ring's
 //! completion eventfd is polled by the same epoll loop as the queue's
 //! kick, so the thread never blocks on guest data I/O.
 //!
@@ -43,6 +45,7 @@
 //! - `kick`: taking requests from the virtqueue, completions, parked
 //!   requests and notifying the driver.
 //! - `plan`: mapping a read or write request's extents through the image.
+//! - `engine_io`: reads and writes done by the engine (encrypted images).
 //! - `uring`: the io_uring submit/reap path and the bounce buffer.
 //! - `teardown`: draining at stop and disconnect, and dropping a worker.
 
@@ -61,6 +64,7 @@ use crate::config::DeviceConfig;
 
 pub use rimg_vhost_server::{Mem, Vring, GM};
 
+mod engine_io;
 mod kick;
 mod plan;
 mod slot;
@@ -114,6 +118,9 @@ pub struct DataFiles {
 
 pub struct Worker {
     img: Arc<dyn Image>,
+    /// The image's mapped bytes are the guest's ([`Image::data_in_clear`]):
+    /// reads and writes go to the ring; otherwise through the engine.
+    data_in_clear: bool,
     files: Arc<DataFiles>,
     cfg: Arc<DeviceConfig>,
     writeback: Arc<AtomicBool>,
@@ -158,6 +165,7 @@ impl Worker {
         let waker: Arc<dyn AllocWaker> = Arc::new(EventFdWaker(efd.try_clone()?));
         let bounce = vec![0u8; BOUNCE_LEN + 4096];
         Ok(Worker {
+            data_in_clear: img.data_in_clear(),
             img,
             files,
             cfg,

@@ -1,5 +1,6 @@
 //! A request slot and its lifecycle: a decoded request starts (or is
-//! answered at once when invalid), reads and writes go to planning,
+//! answered at once when invalid), reads and writes go to planning (or,
+//! for an encrypted image, to the engine),
 //! DISCARD and WRITE_ZEROES run in the engine in non-blocking mode, and
 //! a request that is done gets its status byte and goes to the used ring.
 
@@ -79,10 +80,11 @@ impl Worker {
         slot.parked = false;
         slot.ops.clear();
         match slot.req.kind.expect("parsed") {
-            Kind::In | Kind::Out => {
+            Kind::In | Kind::Out if self.data_in_clear => {
                 slot.epoch = Some(self.img.io_epoch());
                 self.plan(idx)
             }
+            Kind::In | Kind::Out => self.engine_rw(idx),
             Kind::Flush => {
                 if !self.drain() {
                     self.finish(idx, Some(S_IOERR), 0);
