@@ -22,6 +22,8 @@
 # acceptance ratio, which is against plain `qemu-img bench`.
 #
 # Usage: benches/qcow2-bench.sh [COUNT] [DEPTH] [REPS]
+# BENCH_DIR=DIR measures on DIR's file system (default: target/ in the
+# working tree, the file system users keep images on; not tmpfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count=${1:-100000}
@@ -29,7 +31,8 @@ depth=${2:-32}
 reps=${3:-5}
 cargo build --release --quiet --bin rimg
 rimg=$PWD/target/release/rimg
-work=$(mktemp -d)
+work=$(mktemp -d "${BENCH_DIR:-$PWD/target}/rimg-qcow2bench.XXXXXX")
+echo "measuring on $(dirname "$work") ($(stat -f -c %T "$work"))"
 trap 'rm -rf "$work"' EXIT
 img=$work/img.qcow2
 args=(-c "$count" -d "$depth" -s 4k -S 64k)

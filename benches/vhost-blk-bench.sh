@@ -7,7 +7,8 @@
 # through its own io_uring driver.
 #
 # Usage: benches/vhost-blk-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
-# BENCH_DIR=DIR puts the images there (default /tmp). On a disk file
+# BENCH_DIR=DIR puts the images there (default: target/ in the working
+# tree, the file system users keep images on). On a disk file
 # system, buffered raw writes at depth 32 measure the file system (ext4
 # serializes buffered writes per inode, and both daemons reach the
 # client's own io_uring ceiling); on tmpfs (BENCH_DIR=/dev/shm) the
@@ -21,7 +22,8 @@ cargo build --release -q -p rimg-vhost-blk -p rimg-tests --bin rimg-vhost-blk --
 BENCH=$ROOT/target/release/examples/blk_bench
 # RIMG_VHOST_BLK=PATH measures another build of the daemon (A/B runs).
 RIMG=${RIMG_VHOST_BLK:-$ROOT/target/release/rimg-vhost-blk}
-W=$(mktemp -d "${BENCH_DIR:-/tmp}/rimg-blkbench.XXXXXX")
+W=$(mktemp -d "${BENCH_DIR:-$ROOT/target}/rimg-blkbench.XXXXXX")
+echo "measuring on $(dirname "$W") ($(stat -f -c %T "$W"))"
 PIDS=()
 cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
 trap cleanup EXIT

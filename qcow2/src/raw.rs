@@ -83,12 +83,15 @@ impl Image for Raw {
     fn backing(&self) -> Option<&Arc<dyn Image>> {
         None
     }
+    // The blkdebug events QEMU's raw driver reports for its data I/O.
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
+        self.st.debug_event("read_aio");
         self.st.read_at(buf, off)
     }
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_change(off, buf.len() as u64)?;
+        self.st.debug_event("write_aio");
         self.st.write_at(buf, off)
     }
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
@@ -165,7 +168,10 @@ impl Image for Raw {
     }
     fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
-            Mapping::Data(host) => self.st.read_at(buf, host.0),
+            Mapping::Data(host) => {
+                self.st.debug_event("read_aio");
+                self.st.read_at(buf, host.0)
+            }
             Mapping::Zero(_) | Mapping::Unallocated => {
                 buf.fill(0);
                 Ok(())

@@ -290,6 +290,12 @@ impl Storage {
         }
     }
 
+    /// Whether faults are injected into this file's I/O (blkdebug): then
+    /// its data must be read through it, never around it.
+    pub fn has_faults(&self) -> bool {
+        self.faults.get().is_some()
+    }
+
     /// From now on, I/O here may fail as `f` says (once; later calls are
     /// ignored).
     pub fn set_faults(&self, f: std::sync::Arc<dyn Faults>) {

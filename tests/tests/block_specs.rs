@@ -299,3 +299,49 @@ fn snapshot_delete_with_failing_frees_leaks_as_qemu_img() {
     }
     assert_eq!(checks[0], checks[1]);
 }
+
+/// A source read failing in the middle of a convert, while several
+/// workers copy in guest order (each waits for the chunk before it to
+/// map its writes): the convert ends with the error as qemu-img's does,
+/// no worker waits for good, and the partial target is consistent.
+#[test]
+fn convert_stops_cleanly_at_a_failing_source_read() {
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    let o = qemu_img(&["create", "-q", "-f", "raw", src.to_str().unwrap(), "32M"]);
+    assert!(o.status.success());
+    qemu_io(&src, &["write -P 7 0 32M"]);
+    let conf = dir.path().join("blkdebug.conf");
+    // 20 MiB in: chunks before it and after it are being copied.
+    std::fs::write(
+        &conf,
+        "[inject-error]\nevent = \"read_aio\"\nerrno = \"5\"\nsector = \"40960\"\nonce = \"off\"\n",
+    )
+    .unwrap();
+    let spec = format!("blkdebug:{}:{}", conf.display(), src.display());
+    let rimg = workspace_bin("rimg");
+    for tool in [rimg.to_str().unwrap(), "qemu-img"] {
+        let dst = dir.path().join("dst.qcow2");
+        let _ = std::fs::remove_file(&dst);
+        // A worker waiting for good would be killed here: status 124.
+        let (code, _, e) = out(
+            "timeout",
+            &[
+                "60",
+                tool,
+                "convert",
+                "-O",
+                "qcow2",
+                &spec,
+                dst.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code, 1, "{tool}: {e}");
+        let name = Path::new(tool).file_name().unwrap().to_str().unwrap();
+        assert_eq!(
+            e,
+            format!("{name}: error while reading at byte 20971520: Input/output error\n")
+        );
+        assert_qemu_check_clean(&dst);
+    }
+}

@@ -485,9 +485,9 @@ impl Qcow2 {
 
     /// Writes to an encrypted image: whole 512-byte sectors (partial ones
     /// read, decrypted and merged first), each host extent encrypted for
-    /// where it lands. Not atomic against a concurrent writer of the same
-    /// sector; vhost-blk, the one concurrent user, refuses encrypted
-    /// images.
+    /// where it lands. A partial sector is not atomic against a concurrent
+    /// writer of the same sector; vhost-blk, the one concurrent user,
+    /// writes whole sectors only (virtio-blk requests are in sectors).
     pub(super) fn write_encrypted(&self, buf: &[u8], off: u64) -> Result<()> {
         let c = self.data_cipher()?;
         let sec = crate::crypto::SECTOR;

@@ -1,0 +1,451 @@
+//! The copy itself: each worker takes the next chunk of the sources,
+//! plans what the target gets (data runs, zero runs) and carries it out.
+//!
+//! Without -W the target is written in guest order, so that a fresh
+//! image's clusters lie in guest order as qemu-img's do. Where the target
+//! takes the split data path (data in clear, no compression), workers
+//! still copy in parallel: they map their writes (allocating clusters)
+//! one chunk after the other, in turn ([`Turn`]), and move the data and
+//! commit outside the turn. Elsewhere a single worker writes in order;
+//! with -W or -c the workers write as they go.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use qcow2::{chain_status, ChainStatus, Image, PendingWrite};
+
+use super::sources::Sources;
+use super::CHUNK;
+use crate::progress::Progress;
+use crate::CliError;
+
+pub(super) struct Job<'a> {
+    pub(super) target: &'a Arc<dyn Image>,
+    /// The target's cluster size; None for a raw target.
+    pub(super) cluster: Option<u64>,
+    pub(super) compress: bool,
+    /// -S: zero runs shorter than this are written as data; 0 allocates
+    /// everything.
+    pub(super) sparse: u64,
+    pub(super) target_zero: bool,
+    /// -n without -B: zero regions are written whatever the target holds.
+    pub(super) overwrite_zeros: bool,
+    pub(super) progress: Progress,
+    /// Progress is shown: count the data of each chunk for it.
+    pub(super) count_data: bool,
+    /// Writes are mapped in guest order, turn by turn (see the module
+    /// docs); None: each worker writes as it goes.
+    pub(super) turn: Option<Turn>,
+    pub(super) failed: AtomicBool,
+    pub(super) error: Mutex<Option<CliError>>,
+}
+
+/// What a chunk's plan asks of the target, in guest order.
+enum Op<'b> {
+    Write(u64, &'b [u8]),
+    Zeroes(u64, u64),
+}
+
+/// Chunk numbers taking turns: the chunk whose turn it is maps its
+/// writes, then passes the turn to the next one.
+#[derive(Default)]
+pub(super) struct Turn {
+    next: Mutex<u64>,
+    cv: Condvar,
+}
+
+/// A chunk's place in the turn order, taken when the chunk is claimed.
+/// Dropped without having passed the turn on (an error, a panic), it
+/// waits for the turn and passes it: every claimed chunk takes its turn,
+/// so none waits for one that never comes.
+struct Ticket<'t> {
+    turn: &'t Turn,
+    chunk: u64,
+    passed: bool,
+}
+
+impl Turn {
+    fn ticket(&self, chunk: u64) -> Ticket<'_> {
+        Ticket {
+            turn: self,
+            chunk,
+            passed: false,
+        }
+    }
+}
+
+impl Ticket<'_> {
+    /// Waits until it is this chunk's turn.
+    fn wait(&self) {
+        let mut n = self.turn.next.lock().unwrap_or_else(|p| p.into_inner());
+        while *n != self.chunk {
+            n = self.turn.cv.wait(n).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Gives the turn to the next chunk (after [`wait`](Self::wait)).
+    fn pass(&mut self) {
+        *self.turn.next.lock().unwrap_or_else(|p| p.into_inner()) = self.chunk + 1;
+        self.passed = true;
+        self.turn.cv.notify_all();
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        if !self.passed {
+            self.wait();
+            self.pass();
+        }
+    }
+}
+
+/// Hands out disjoint, increasing parts of a chunk's buffer, so that the
+/// runs planned from it can be borrowed all at once.
+struct Carve<'b> {
+    rest: &'b mut [u8],
+    /// Source offset of `rest[0]`.
+    at: u64,
+}
+
+impl<'b> Carve<'b> {
+    fn take(&mut self, from: u64, to: u64) -> &'b mut [u8] {
+        let rest = std::mem::take(&mut self.rest);
+        let (_, rest) = rest.split_at_mut((from - self.at) as usize);
+        let (part, rest) = rest.split_at_mut((to - from) as usize);
+        self.rest = rest;
+        self.at = to;
+        part
+    }
+}
+
+/// Splits `b`, to be written at offset `at`, into (from, to, is_data)
+/// runs by qemu-img's -S rule: zeros become a hole only in a run of at
+/// least `min` bytes; runs are judged in 512-byte sectors and their ends
+/// aligned to `min` rounded down to a power of two (a data run's end up,
+/// a hole's end down; a short zero run ending past a boundary is data).
+/// A buffer that starts with zeros starts with a hole.
+fn sparse_runs(b: &[u8], at: u64, min: u64) -> Vec<(usize, usize, bool)> {
+    const SECTOR: usize = 512;
+    let n = b.len();
+    let min = (min as usize).min(n);
+    let align = 1u64 << (min.max(SECTOR) as u64).ilog2();
+    let zero_at = |i: usize| is_zero(&b[i..(i + SECTOR).min(n)]);
+    // The run starting at `i`: its end and whether it is data.
+    let run = |i: usize| -> (usize, bool) {
+        let zero = zero_at(i);
+        let mut j = (i + SECTOR).min(n);
+        while j < n && zero_at(j) == zero {
+            j = (j + SECTOR).min(n);
+        }
+        if j == n {
+            return (n, !zero);
+        }
+        let tail = ((at + j as u64) % align) as usize;
+        if tail == 0 {
+            return (j, !zero);
+        }
+        if !zero || j - i <= tail {
+            ((j + align as usize - tail).min(n), true)
+        } else {
+            (j - tail, false)
+        }
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < n {
+        let (j, data) = run(i);
+        if !data {
+            out.push((i, j, false));
+            i = j;
+            continue;
+        }
+        // Data goes on over zero runs shorter than `min`.
+        let mut used = j;
+        let mut k = j;
+        while k < n {
+            let (e, d) = run(k);
+            if d {
+                used = e;
+            } else if e - k >= min {
+                break;
+            }
+            k = e;
+        }
+        out.push((i, used, true));
+        i = used;
+    }
+    out
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let (pre, mid, post) = {
+        // SAFETY: reinterpreting initialised bytes as u128 words is valid
+        // for any bit pattern; align_to only yields aligned middle words.
+        unsafe { b.align_to::<u128>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
+}
+
+impl Job<'_> {
+    pub(super) fn worker(&self, src: &Sources, next: &AtomicU64) {
+        let mut buf = vec![0u8; CHUNK as usize];
+        let mut cmp = Vec::new();
+        let size = src.size;
+        loop {
+            if self.failed.load(Ordering::Relaxed) {
+                return;
+            }
+            let off = next.fetch_add(CHUNK, Ordering::Relaxed);
+            if off >= size {
+                return;
+            }
+            let len = CHUNK.min(size - off);
+            let mut ops = Vec::new();
+            let ticket = self.turn.as_ref().map(|t| t.ticket(off / CHUNK));
+            let r = self
+                .plan(src, off, len, &mut buf, &mut cmp, &mut ops)
+                .and_then(|data| self.apply(ticket, ops).map(|()| data));
+            match r {
+                Ok(data) => self.progress.add(data),
+                Err(e) => {
+                    self.failed.store(true, Ordering::Relaxed);
+                    self.error.lock().unwrap().get_or_insert(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Carries out a chunk's plan. In turn, the zeroing and the mapping of
+    /// each write (allocation happens here); then, as other chunks take
+    /// their turns, the data and the commits.
+    fn apply(&self, ticket: Option<Ticket<'_>>, ops: Vec<Op<'_>>) -> Result<(), CliError> {
+        let Some(mut ticket) = ticket else {
+            for op in ops {
+                match op {
+                    Op::Write(at, b) => self.write(at, b)?,
+                    Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+                }
+            }
+            return Ok(());
+        };
+        let _epoch = self.target.io_epoch();
+        let mut mapped: Vec<(PendingWrite, &[u8])> = Vec::new();
+        ticket.wait();
+        for op in ops {
+            match op {
+                Op::Write(at, b) => {
+                    let mut done = 0;
+                    while done < b.len() {
+                        let at = at + done as u64;
+                        let w = self.target.clone().begin_write(at, b.len() - done)?;
+                        let n = w.len();
+                        mapped.push((w, &b[done..done + n]));
+                        done += n;
+                    }
+                }
+                Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+            }
+        }
+        ticket.pass();
+        let file = self.target.data_storage();
+        for (w, b) in mapped {
+            // As the engine's own writes do (blkdebug rules).
+            self.target.storage().debug_event("write_aio");
+            file.write_data_at(b, w.host().0)?;
+            w.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Plans source bytes [off, off + len) for the same target offset;
+    /// returns how many of them were data (read from the source), or all
+    /// of them with -S 0.
+    fn plan<'b>(
+        &self,
+        src: &'b Sources,
+        off: u64,
+        len: u64,
+        buf: &'b mut [u8],
+        cmp: &mut Vec<u8>,
+        ops: &mut Vec<Op<'b>>,
+    ) -> Result<u64, CliError> {
+        let end = off + len;
+        let mut carve = Carve { rest: buf, at: off };
+        if self.sparse == 0 {
+            // -S 0: everything is written, zeros included.
+            let b = src.bytes(off, carve.take(off, end))?;
+            ops.push(Op::Write(off, b));
+            return Ok(len);
+        }
+        let mut data_bytes = 0;
+        let Some(g) = self.cluster else {
+            // Raw target: copy data regions, leave holes.
+            let mut pos = off;
+            while pos < end {
+                let (st, n) = src.status(pos, end - pos)?;
+                match st {
+                    ChainStatus::Zero => self.zeros(pos, n, ops)?,
+                    ChainStatus::Data => {
+                        let b = src.bytes(pos, carve.take(pos, pos + n))?;
+                        self.data(pos, b, cmp, ops)?;
+                        data_bytes += n;
+                    }
+                }
+                pos += n;
+            }
+            return Ok(data_bytes);
+        };
+        // qcow2 target: decide per target cluster, so that a cluster whose
+        // source has both data and holes is written whole (and can be
+        // compressed whole).
+        let mut pos = off;
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new(); // (from, to, is_data)
+        while pos < end {
+            let w_end = ((pos / g + 1) * g).min(end);
+            let mut data = false;
+            let mut p = pos;
+            while p < w_end {
+                let (st, n) = src.status(p, w_end - p)?;
+                if st == ChainStatus::Data {
+                    data = true;
+                    break;
+                }
+                p += n;
+            }
+            match runs.last_mut() {
+                Some((_, to, d)) if *d == data => *to = w_end,
+                _ => runs.push((pos, w_end, data)),
+            }
+            pos = w_end;
+        }
+        for (from, to, data) in runs {
+            if data {
+                let b = src.bytes(from, carve.take(from, to))?;
+                self.data(from, b, cmp, ops)?;
+            } else {
+                self.zeros(from, to - from, ops)?;
+            }
+        }
+        if self.count_data {
+            data_bytes = src.data_bytes(off, end)?;
+        }
+        Ok(data_bytes)
+    }
+
+    fn zeros(&self, at: u64, len: u64, ops: &mut Vec<Op<'_>>) -> Result<(), CliError> {
+        if self.target_zero {
+            return Ok(());
+        }
+        if self.overwrite_zeros {
+            // -n: qemu-img assumes nothing of the target and writes zeros
+            // over every zero region.
+            ops.push(Op::Zeroes(at, len));
+            return Ok(());
+        }
+        if let Some(b) = self.target.backing() {
+            // Unallocated target clusters read from the backing file:
+            // only where that reads as zeros may they stay unallocated.
+            if at < b.size() {
+                let mut pos = at;
+                let end = at + len;
+                while pos < end.min(b.size()) {
+                    let (st, n) = chain_status(b.as_ref(), pos, end.min(b.size()) - pos)?;
+                    if st == ChainStatus::Data {
+                        ops.push(Op::Zeroes(pos, n));
+                    }
+                    pos += n;
+                }
+            }
+            return Ok(());
+        }
+        ops.push(Op::Zeroes(at, len));
+        Ok(())
+    }
+
+    /// Plans one run of source data at target offset `at`, leaving out
+    /// zeros (and, over a backing file, what the backing file already has).
+    fn data<'b>(
+        &self,
+        at: u64,
+        b: &'b [u8],
+        cmp: &mut Vec<u8>,
+        ops: &mut Vec<Op<'b>>,
+    ) -> Result<(), CliError> {
+        // Granularity: whole target clusters for qcow2 (a cluster with any
+        // data is allocated anyway), the -S size for raw.
+        let gran = self.cluster.unwrap_or(self.sparse);
+        let backing = self.target.backing().cloned();
+        if backing.is_none() && !self.compress {
+            // -S decides which zero runs become holes (with -c only whole
+            // zero clusters do, as in qemu-img).
+            for (from, to, data) in sparse_runs(b, at, self.sparse) {
+                if data {
+                    ops.push(Op::Write(at + from as u64, &b[from..to]));
+                } else if !self.target_zero {
+                    ops.push(Op::Zeroes(at + from as u64, (to - from) as u64));
+                }
+            }
+            return Ok(());
+        }
+        let mut i = 0usize;
+        let mut run_start: Option<usize> = None;
+        while i < b.len() {
+            // Piece up to the next granularity boundary in target space.
+            let g_end = ((at + i as u64) / gran + 1) * gran;
+            let j = ((g_end - at) as usize).min(b.len());
+            let piece = &b[i..j];
+            let skip = if let Some(bk) = &backing {
+                // Same as what the backing file shows there: not needed.
+                let pos = at + i as u64;
+                cmp.resize(piece.len(), 0);
+                if pos + piece.len() as u64 <= bk.size() {
+                    bk.read_at(cmp, pos)?;
+                    cmp[..] == *piece
+                } else {
+                    false
+                }
+            } else {
+                is_zero(piece) && (self.target_zero || self.cluster.is_some())
+            };
+            if skip {
+                if let Some(s) = run_start.take() {
+                    ops.push(Op::Write(at + s as u64, &b[s..i]));
+                }
+                if backing.is_none() && !self.target_zero {
+                    // A zero piece over data the target may hold.
+                    ops.push(Op::Zeroes(at + i as u64, piece.len() as u64));
+                }
+            } else if run_start.is_none() {
+                run_start = Some(i);
+            }
+            i = j;
+        }
+        if let Some(s) = run_start {
+            ops.push(Op::Write(at + s as u64, &b[s..]));
+        }
+        Ok(())
+    }
+
+    fn write(&self, at: u64, data: &[u8]) -> Result<(), CliError> {
+        if !self.compress {
+            return Ok(self.target.write_at(data, at)?);
+        }
+        let t = self.target;
+        let cs = self.cluster.expect("compression needs clusters") as usize;
+        let mut k = 0;
+        while k < data.len() {
+            let pos = at + k as u64;
+            let n = (cs - (pos % cs as u64) as usize).min(data.len() - k);
+            let whole = pos.is_multiple_of(cs as u64) && (n == cs || pos + n as u64 == t.size());
+            if whole {
+                t.write_compressed(pos, &data[k..k + n])?;
+            } else {
+                t.write_at(&data[k..k + n], pos)?;
+            }
+            k += n;
+        }
+        Ok(())
+    }
+}

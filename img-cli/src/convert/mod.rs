@@ -1,0 +1,339 @@
+//! `rimg convert`: copies guest data between images and formats.
+//!
+//! Worker threads (one per core, `-m` at most; one without -W or -c, as
+//! qemu-img then writes in guest order) each take the next chunk of
+//! the source, find out through block status what is stored there, read
+//! it, detect zeros, compress (`-c`) and write it: reading, zero
+//! detection, compression and writing overlap across the workers. Regions
+//! that read as zeros are never read, and are written only where the
+//! target would not read as zeros anyway.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use clap::Args;
+use qcow2::{Format, Image, OpenOptions};
+
+use crate::create::{parse_options, Parsed};
+use crate::opts::OptList;
+use crate::progress::Progress;
+use crate::size::parse_size;
+use crate::CliError;
+
+mod copy;
+mod sources;
+use copy::{Job, Turn};
+use sources::Sources;
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Source format (probed when absent)
+    #[arg(short = 'f', value_name = "FMT")]
+    format: Option<String>,
+    /// Output format (default raw)
+    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    out_format: Option<String>,
+    /// Output image options, as for create
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Compress the output (qcow2)
+    #[arg(short = 'c')]
+    compress: bool,
+    /// Backing file of the output; only data that differs from it is written
+    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    backing: Option<String>,
+    /// Format of the output's backing file
+    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    backing_fmt: Option<String>,
+    /// Do not create the output: write into the existing image
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// Runs of zeros at least this long become holes / zero clusters
+    #[arg(short = 'S', value_name = "SPARSE_SIZE", default_value = "4k")]
+    sparse: String,
+    /// Output cache mode: unsafe (default, no flushes), writeback,
+    /// writethrough, none, directsync
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
+    cache: String,
+    /// Source cache mode (accepted for compatibility)
+    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    src_cache: Option<String>,
+    /// Allow out-of-order writes (several workers write at once)
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Parallel requests (threads, at most one per core are used)
+    #[arg(short = 'm', value_name = "NUM", default_value_t = 8)]
+    parallel: usize,
+    /// The existing output reads as zeros: skip writing zeros (with -n)
+    #[arg(long = "target-is-zero")]
+    target_is_zero: bool,
+    /// Show progress
+    #[arg(short = 'p')]
+    progress: bool,
+    #[arg(short = 'q')]
+    quiet: bool,
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The filename is an option string (driver=qcow2,file.filename=...)
+    #[arg(long = "image-opts")]
+    image_opts: bool,
+    /// Copy offloading (accepted for compatibility)
+    #[arg(short = 'C')]
+    copy_offload: bool,
+    /// Copy the source's persistent bitmaps (qcow2 to qcow2)
+    #[arg(long)]
+    bitmaps: bool,
+    /// With --bitmaps: skip inconsistent bitmaps instead of failing
+    #[arg(long)]
+    skip_broken_bitmaps: bool,
+    /// Internal snapshot to convert from
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
+    /// Source image(s), concatenated, then the output image
+    #[arg(required = true, num_args = 2..)]
+    files: Vec<String>,
+}
+
+/// Bytes handed to a worker at a time.
+const CHUNK: u64 = 2 << 20;
+
+fn fmt_arg(f: &Option<String>) -> Result<Option<Format>, CliError> {
+    match f {
+        None => Ok(None),
+        Some(f) => Format::from_name(f)
+            .map(Some)
+            .ok_or_else(|| CliError::new(format!("Unknown file format '{f}'"))),
+    }
+}
+
+pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
+    let _ = (
+        &a.src_cache,
+        a.out_of_order,
+        a.force_share,
+        a.copy_offload,
+        a.quiet,
+    );
+    crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
+    let (srcs, dst) = a.files.split_at(a.files.len() - 1);
+    let dst = &dst[0];
+    if a.snapshot.is_some() && srcs.len() > 1 {
+        return Err(CliError::new(
+            "No support for concatenating multiple snapshot",
+        ));
+    }
+    if srcs.len() > 1 && a.backing.is_some() {
+        return Err(CliError::new(
+            "Having a backing file for the target makes no sense when concatenating multiple input images",
+        ));
+    }
+    let src_fmt = fmt_arg(&a.format)?;
+    let out_fmt = fmt_arg(&a.out_format)?.unwrap_or(Format::Raw);
+    if a.compress && out_fmt != Format::Qcow2 {
+        return Err(CliError::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    let sparse = parse_size(&a.sparse)
+        .ok_or_else(|| CliError::new("Invalid buffer size for sparse output specified"))?;
+    let unsafe_cache = match a.cache.as_str() {
+        "unsafe" => true,
+        "writeback" | "writethrough" | "none" | "directsync" => false,
+        c => return Err(CliError::new(format!("Invalid cache option: {c}"))),
+    };
+    let parts: Vec<Arc<dyn Image>> = srcs
+        .iter()
+        .map(|s| {
+            if let Some(img) = crate::blockopts::open_null(s, a.image_opts)? {
+                return Ok(img);
+            }
+            let (path, opts) = crate::blockopts::open_options(
+                s,
+                a.image_opts,
+                OpenOptions {
+                    format: src_fmt,
+                    force_share: a.force_share,
+                    ..Default::default()
+                },
+            )?;
+            qcow2::open(&path, &opts)
+                .map_err(|e| CliError::new(format!("Could not open '{s}': {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(sn) = &a.snapshot {
+        load_snapshot(parts[0].as_ref(), sn)?;
+    }
+    let src_bitmaps = crate::bitmap::convert_check(&parts, a.bitmaps, a.skip_broken_bitmaps)?;
+    let first_src = parts[0].clone();
+    let sources = Sources::new(parts);
+    let total = sources.size;
+
+    let target_fresh = !a.no_create;
+    let mut target_key = None;
+    // Preallocated clusters of an encrypted image decrypt to noise, not
+    // zeros (QEMU's has_zero_init is false for them too).
+    let mut noise_init = false;
+    if a.no_create {
+        // -B names what the existing target is taken to be based on; rimg
+        // compares with the target's own backing file (if any) instead,
+        // which writes no less than is needed.
+        if !a.options.is_empty() {
+            return Err(CliError::new(
+                "-o has no effect when skipping image creation",
+            ));
+        }
+    } else {
+        let list = OptList::parse(&a.options).map_err(CliError::new)?;
+        let Parsed { mut o, encrypt, .. } = parse_options(out_fmt, &list)?;
+        o.encrypt = match out_fmt {
+            Format::Luks => crate::create::luks_encryption(&encrypt)
+                .map_err(|m| CliError::new(format!("{dst}: error while converting luks: {m}")))?,
+            _ => crate::object::encryption(&encrypt, "encrypt.")
+                .map_err(|m| CliError::new(format!("{dst}: {m}")))?,
+        };
+        if a.compress && o.encrypt.is_some() {
+            return Err(CliError::new(
+                "Compression and encryption not supported at the same time",
+            ));
+        }
+        target_key = o.encrypt.as_ref().map(|(_, k)| k.clone());
+        // A luks payload never reads as zeros before it is written.
+        noise_init = out_fmt == Format::Luks
+            || (o.encrypt.is_some() && o.preallocation != qcow2::Preallocation::Off);
+        if a.backing.is_some() {
+            o.backing_file = a.backing.clone();
+        }
+        if a.backing_fmt.is_some() {
+            o.backing_format = a.backing_fmt.clone();
+        }
+        if o.backing_file.is_some() && o.backing_format.is_none() {
+            // qemu-img's wording (not create's: convert has its own).
+            return Err(CliError::new(
+                "Use of backing file requires explicit backing format",
+            ));
+        }
+        o.size = if out_fmt == Format::Qcow2 {
+            total.next_multiple_of(512)
+        } else {
+            total
+        };
+        qcow2::create(Path::new(dst), &o).map_err(|e| {
+            CliError::new(format!(
+                "{dst}: error while converting {}: {e}",
+                out_fmt.name()
+            ))
+        })?;
+    }
+    let target = qcow2::open(
+        Path::new(dst),
+        &OpenOptions {
+            writable: true,
+            format: if a.no_create { None } else { Some(out_fmt) },
+            qcow2: qcow2::Qcow2Options {
+                encrypt_key: target_key,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .map_err(|e| CliError::new(format!("Could not open '{dst}': {e}")))?;
+    if target.size() < total {
+        return Err(CliError::new(format!(
+            "Target image '{dst}' is smaller than the source ({} < {total} bytes)",
+            target.size()
+        )));
+    }
+    crate::bitmap::convert_target_check(src_bitmaps.is_some(), target.as_ref())?;
+    target.storage().set_no_flush(unsafe_cache);
+    if a.compress && !target.supports_compression() {
+        return Err(CliError::new(
+            "Compression not supported for this file format",
+        ));
+    }
+    // Without -W qemu-img writes in guest order, so a fresh target's
+    // clusters lie in guest order (map shows one extent, not several).
+    // Workers still copy in parallel where the target takes the split
+    // data path, mapping their writes in turn (see `copy`); elsewhere one
+    // worker writes in order. Compression keeps its workers out of order:
+    // that is where they pay off.
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let in_turn = !a.out_of_order && !a.compress && target.data_in_clear();
+    let workers = if a.out_of_order || a.compress || in_turn {
+        a.parallel.clamp(1, cores)
+    } else {
+        1
+    };
+    let job = Job {
+        target: &target,
+        cluster: target.cluster_size(),
+        compress: a.compress,
+        sparse,
+        // Zeros need not be written where the target already reads as
+        // zeros: a new image without backing file, or one declared zero.
+        target_zero: (target_fresh && target.backing().is_none() && !noise_init)
+            || a.target_is_zero,
+        overwrite_zeros: a.no_create && a.backing.is_none(),
+        // As qemu-img: progress counts the data to copy (everything with
+        // -S 0), not the holes.
+        progress: Progress::new(
+            a.progress && !a.quiet,
+            "Converting",
+            if sparse == 0 || !a.progress || a.quiet {
+                total
+            } else {
+                sources.data_bytes(0, total)?
+            },
+            1.0,
+        ),
+        count_data: a.progress && !a.quiet,
+        turn: (in_turn && workers > 1).then(Turn::default),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+    };
+    // The sources as one disk: a target cluster that straddles two of
+    // them is still written (and compressed) whole.
+    let next = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| job.worker(&sources, &next));
+        }
+    });
+    if let Some(e) = job.error.lock().unwrap().take() {
+        return Err(e);
+    }
+    crate::bitmap::convert_copy(&src_bitmaps, first_src.as_ref(), target.as_ref())?;
+    target.flush()?;
+    job.progress.complete();
+    job.progress.finish();
+    Ok(0)
+}
+
+/// Makes the source read as internal snapshot `spec`: an ID or name, or
+/// `snapshot.id=ID[,snapshot.name=NAME]` / `snapshot.name=NAME`.
+fn load_snapshot(img: &dyn Image, spec: &str) -> Result<(), CliError> {
+    let (mut id, mut name) = (None, None);
+    if spec.starts_with("snapshot.") {
+        for kv in spec.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    return Err(CliError::new(format!(
+                        "Failed in parsing snapshot param '{spec}'"
+                    )))
+                }
+            }
+        }
+    } else {
+        name = Some(spec);
+    }
+    let Some(q) = img.as_qcow2() else {
+        return Err(CliError::new(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support internal snapshots",
+            img.format().name()
+        )));
+    };
+    q.snapshot_load_tmp(name.unwrap_or(""), id)
+        .map_err(|e| CliError::new(format!("Failed to load snapshot: {e}")))
+}

@@ -1,0 +1,208 @@
+//! The sources of a conversion, read as one disk, one after the other.
+//!
+//! Data a layer stores in clear in a file is borrowed from a read-only
+//! mapping of that file instead of being copied out of the page cache:
+//! a buffered convert otherwise spends about half its time in that copy
+//! (the other half is the copy into the target's page cache, which
+//! remains). Everything else (zeros, backing layers, compressed or
+//! encrypted clusters, files that cannot be mapped) is read as usual.
+
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+use qcow2::{chain_status, ChainStatus, Image, Mapping};
+
+use crate::CliError;
+
+pub(super) struct Sources {
+    parts: Vec<Part>,
+    pub(super) size: u64,
+}
+
+struct Part {
+    /// First byte of this image in the concatenation.
+    start: u64,
+    img: Arc<dyn Image>,
+    /// The file holding the image's data in clear, mapped.
+    map: Option<FileMap>,
+}
+
+impl Sources {
+    pub(super) fn new(images: Vec<Arc<dyn Image>>) -> Sources {
+        let mut parts = Vec::with_capacity(images.len());
+        let mut size = 0;
+        for img in images {
+            let n = img.size();
+            // Injected faults (blkdebug) apply to reads through the file.
+            let faults = img.storage().has_faults() || img.data_storage().has_faults();
+            let map = (img.data_in_clear() && !faults)
+                .then(|| FileMap::new(img.data_storage().file()))
+                .flatten();
+            parts.push(Part {
+                start: size,
+                img,
+                map,
+            });
+            size += n;
+        }
+        Sources { parts, size }
+    }
+
+    /// The part holding byte `pos`, the offset in it, and how far it
+    /// goes from there.
+    fn part(&self, pos: u64) -> (&Part, u64, u64) {
+        let i = self.parts.partition_point(|p| p.start <= pos) - 1;
+        let p = &self.parts[i];
+        (p, pos - p.start, p.start + p.img.size() - pos)
+    }
+
+    /// As [`chain_status`], within one part.
+    pub(super) fn status(&self, pos: u64, len: u64) -> Result<(ChainStatus, u64), CliError> {
+        let (p, at, left) = self.part(pos);
+        Ok(chain_status(p.img.as_ref(), at, len.min(left))?)
+    }
+
+    /// Bytes of [from, to) some layer stores data for (what qemu-img's
+    /// progress counts).
+    pub(super) fn data_bytes(&self, from: u64, to: u64) -> Result<u64, CliError> {
+        let mut n = 0;
+        let mut pos = from;
+        while pos < to {
+            let (st, len) = self.status(pos, to - pos)?;
+            if st == ChainStatus::Data {
+                n += len;
+            }
+            pos += len;
+        }
+        Ok(n)
+    }
+
+    /// The bytes [pos, pos + buf.len()): borrowed from a mapping when one
+    /// extent of one file holds them all, otherwise read into `buf`.
+    pub(super) fn bytes<'a>(&'a self, pos: u64, buf: &'a mut [u8]) -> Result<&'a [u8], CliError> {
+        let (p, at, left) = self.part(pos);
+        if let Some(map) = &p.map {
+            if buf.len() as u64 <= left {
+                if let Ok((Mapping::Data(host), n)) = p.img.map_read(at, buf.len() as u64) {
+                    if n == buf.len() as u64 {
+                        if let Some(b) = map.get(host.0, buf.len()) {
+                            return Ok(b);
+                        }
+                    }
+                }
+            }
+        }
+        self.read_at(buf, pos)?;
+        Ok(buf)
+    }
+
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<(), CliError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let (p, at, left) = self.part(pos + done as u64);
+            let n = (left as usize).min(buf.len() - done);
+            p.img
+                .read_at(&mut buf[done..done + n], at)
+                .map_err(|e| read_error(pos, e))?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// A failed source read, as qemu-img reports it (where the read began,
+/// the system's text of the error).
+fn read_error(pos: u64, e: qcow2::Error) -> CliError {
+    match e {
+        qcow2::Error::Io { .. } => CliError::new(format!(
+            "error while reading at byte {pos}: {}",
+            crate::common::os_error_text(&e)
+        )),
+        e => e.into(),
+    }
+}
+
+/// A whole file mapped read-only and shared: its page cache pages, seen
+/// without a copy.
+struct FileMap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value until Drop;
+// reading it from several threads is reading shared memory.
+unsafe impl Send for FileMap {}
+// SAFETY: as above: only shared reads, never a write through it.
+unsafe impl Sync for FileMap {}
+
+impl FileMap {
+    /// Maps `file` whole; None when it is empty or cannot be mapped (a
+    /// pipe, a character device), which the copying path then serves.
+    fn new(file: &std::fs::File) -> Option<FileMap> {
+        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
+        let len = if len == 0 {
+            // Block devices report 0 here: ask the device.
+            // SAFETY: lseek on a descriptor the caller holds open; the
+            // position is not used by anything (all I/O is positioned).
+            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
+            usize::try_from(end).ok().filter(|&n| n > 0)?
+        } else {
+            len
+        };
+        // SAFETY: a new read-only shared mapping of `len` bytes of an open
+        // file at an address the kernel picks; nothing else is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        Some(FileMap {
+            ptr: NonNull::new(p.cast())?,
+            len,
+        })
+    }
+
+    /// Bytes [off, off + len) of the file, page tables filled in one call
+    /// rather than one fault per few pages.
+    fn get(&self, off: u64, len: usize) -> Option<&[u8]> {
+        let off = usize::try_from(off).ok()?;
+        if off.checked_add(len)? > self.len {
+            return None;
+        }
+        const MADV_POPULATE_READ: i32 = 22;
+        let page = off & !4095;
+        // SAFETY: advice on a range inside this mapping; it only fills
+        // page tables (Linux 5.14+, an error before, which is ignored).
+        unsafe {
+            libc::madvise(
+                self.ptr.as_ptr().add(page).cast(),
+                off + len - page,
+                MADV_POPULATE_READ,
+            )
+        };
+        // SAFETY: the range is inside the mapping, which lives as long as
+        // `self`. The bytes are the file's: the source is opened read-only
+        // and locked against writers (QEMU's shared locks), and any value
+        // is a valid u8; a writer that ignores the locks can at worst
+        // make them torn, as with read(2). Truncating the file under a
+        // running convert is not defended against (SIGBUS).
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) })
+    }
+}
+
+impl Drop for FileMap {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no slice of it
+        // outlives `self` (they borrow it).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
