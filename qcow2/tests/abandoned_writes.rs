@@ -42,6 +42,21 @@ fn open(p: &Path) -> Arc<dyn Image> {
     qcow2::open(p, &o).unwrap()
 }
 
+/// A fresh 4 MiB qcow2 image with 64 KiB clusters in `d`, its creation
+/// options adjusted by `f` (given the directory), opened for writing.
+fn qcow2_image(d: &Dir, f: impl FnOnce(&Path, &mut CreateOptions)) -> (PathBuf, Arc<dyn Image>) {
+    let p = d.0.join("t.qcow2");
+    let mut o = CreateOptions {
+        size: 4 << 20,
+        cluster_size: CS,
+        ..CreateOptions::default()
+    };
+    f(&d.0, &mut o);
+    qcow2::create(&p, &o).unwrap();
+    let img = open(&p);
+    (p, img)
+}
+
 struct NoWake;
 
 impl AllocWaker for NoWake {
@@ -169,14 +184,7 @@ fn empty_writes_are_refused() {
 #[test]
 fn qcow2_in_place_fences_the_cluster() {
     let d = Dir::new("inplace");
-    let p = d.0.join("t.qcow2");
-    let o = CreateOptions {
-        size: 4 << 20,
-        cluster_size: CS,
-        ..CreateOptions::default()
-    };
-    qcow2::create(&p, &o).unwrap();
-    let img = open(&p);
+    let (p, img) = qcow2_image(&d, |_, _| {});
     img.write_at(&vec![0x11; 2 * CS as usize], CS).unwrap();
     let _epoch = img.io_epoch();
     let w = img.clone().begin_write(CS + 4096, 4096).unwrap();
@@ -208,16 +216,10 @@ fn qcow2_in_place_fences_the_cluster() {
 fn qcow2_external_data_file_fences_the_cluster() {
     for raw in [false, true] {
         let d = Dir::new(&format!("datafile-{raw}"));
-        let p = d.0.join("t.qcow2");
-        let o = CreateOptions {
-            size: 4 << 20,
-            cluster_size: CS,
-            data_file: Some(d.0.join("t.data").to_str().unwrap().into()),
-            data_file_raw: raw,
-            ..CreateOptions::default()
-        };
-        qcow2::create(&p, &o).unwrap();
-        let img = open(&p);
+        let (p, img) = qcow2_image(&d, |dir, o| {
+            o.data_file = Some(dir.join("t.data").to_str().unwrap().into());
+            o.data_file_raw = raw;
+        });
         let w = img.clone().begin_write(CS + 512, 512).unwrap();
         // host = guest offset: the data file has no other place for it.
         assert_eq!(w.host().0, CS + 512);
@@ -238,15 +240,7 @@ fn qcow2_external_data_file_fences_the_cluster() {
 #[test]
 fn qcow2_subcluster_of_an_allocated_cluster_is_fenced() {
     let d = Dir::new("extl2");
-    let p = d.0.join("t.qcow2");
-    let o = CreateOptions {
-        size: 4 << 20,
-        cluster_size: CS,
-        extended_l2: true,
-        ..CreateOptions::default()
-    };
-    qcow2::create(&p, &o).unwrap();
-    let img = open(&p);
+    let (p, img) = qcow2_image(&d, |_, o| o.extended_l2 = true);
     // Subcluster 0 of guest cluster 1 holds data; subcluster 5 does not.
     img.write_at(&[0x11; 2048], CS).unwrap();
     let _epoch = img.io_epoch();
@@ -269,14 +263,7 @@ fn qcow2_subcluster_of_an_allocated_cluster_is_fenced() {
 #[test]
 fn qcow2_fresh_cluster_is_leaked_not_fenced() {
     let d = Dir::new("fresh");
-    let p = d.0.join("t.qcow2");
-    let o = CreateOptions {
-        size: 4 << 20,
-        cluster_size: CS,
-        ..CreateOptions::default()
-    };
-    qcow2::create(&p, &o).unwrap();
-    let img = open(&p);
+    let (p, img) = qcow2_image(&d, |_, _| {});
     // The epoch of the abandoned I/O is never ended (as a daemon leaks
     // it): nothing freed after it began is reused.
     std::mem::forget(img.io_epoch());
@@ -306,16 +293,10 @@ fn qcow2_fresh_cluster_is_leaked_not_fenced() {
 fn a_blocked_zeroing_sees_the_fence() {
     for raw_data in [false, true] {
         let d = Dir::new(&format!("blocked-{raw_data}"));
-        let p = d.0.join("t.qcow2");
-        let o = CreateOptions {
-            size: 4 << 20,
-            cluster_size: CS,
-            data_file: raw_data.then(|| d.0.join("t.data").to_str().unwrap().into()),
-            data_file_raw: raw_data,
-            ..CreateOptions::default()
-        };
-        qcow2::create(&p, &o).unwrap();
-        let img = open(&p);
+        let (p, img) = qcow2_image(&d, |dir, o| {
+            o.data_file = raw_data.then(|| dir.join("t.data").to_str().unwrap().into());
+            o.data_file_raw = raw_data;
+        });
         img.write_at(&vec![0x11; CS as usize], CS).unwrap();
         let _epoch = img.io_epoch();
         let w = img.clone().begin_write(CS + 4096, 4096).unwrap();
