@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, qemu_io, qemu_overlay, run,
-    tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, ok, qemu_img, qemu_io, qemu_overlay, run,
+    tempdir, tool, workspace_bin,
 };
 use serde_json::Value;
 
@@ -321,5 +321,26 @@ fn convert_errors_like_qemu_img() {
         );
         let err = String::from_utf8_lossy(&r.stderr);
         assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+/// qemu-img parses with getopt, which lets options come between the file
+/// names: `convert SRC -O qcow2 DST` converts; one name alone is refused
+/// with qemu-img's words.
+#[test]
+fn options_between_file_names() {
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    std::fs::write(&src, vec![7u8; 1 << 20]).unwrap();
+    for t in ["rimg", "qemu-img"] {
+        let dst = dir.path().join(format!("{t}.qcow2"));
+        let (s, d) = (src.to_str().unwrap(), dst.to_str().unwrap());
+        ok(tool(t, &["convert", s, "-O", "qcow2", d, "-f", "raw"]));
+        ok(tool("qemu-img", &["compare", s, d]));
+        assert_qemu_check_clean(&dst);
+        let o = tool(t, &["convert", s]);
+        assert_eq!(o.status.code(), Some(1), "{t}");
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(err, format!("{t}: Must specify image file name\n"));
     }
 }

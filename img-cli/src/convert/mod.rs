@@ -90,8 +90,9 @@ pub struct ConvertArgs {
     /// Internal snapshot to convert from
     #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
     snapshot: Option<String>,
-    /// Source image(s), concatenated, then the output image
-    #[arg(required = true, num_args = 2..)]
+    /// Source image(s), concatenated, then the output image (options
+    /// may come between them, as with qemu-img's getopt)
+    #[arg(num_args = 0..)]
     files: Vec<String>,
 }
 
@@ -116,6 +117,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.quiet,
     );
     crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
+    if a.files.len() < 2 {
+        return Err(CliError::new("Must specify image file name"));
+    }
     let (srcs, dst) = a.files.split_at(a.files.len() - 1);
     let dst = &dst[0];
     if a.snapshot.is_some() && srcs.len() > 1 {
