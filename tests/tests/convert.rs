@@ -344,3 +344,47 @@ fn options_between_file_names() {
         assert_eq!(err, format!("{t}: Must specify image file name\n"));
     }
 }
+
+/// Runs of data and zeros inside one target cluster (4 KiB data, 8 KiB
+/// zeros, 4 KiB data): the workers copying in guest order map the first
+/// run's write (its cluster in flight until committed) before the second
+/// run's write or zeroing into the same cluster, which the engine would
+/// wait for: a convert that hung here (fresh target, and `-n` into an
+/// existing one, where the zero runs are written). A hang is killed
+/// after 60 s (status 124).
+#[test]
+fn runs_inside_one_cluster() {
+    let dir = tempdir();
+    let src = dir.path().join("src.raw");
+    let mut b = vec![0u8; 8 << 20];
+    for c in b.chunks_mut(65536) {
+        c[..4096].fill(0x11);
+        c[12288..16384].fill(0x22);
+    }
+    std::fs::write(&src, &b).unwrap();
+    let s = src.to_str().unwrap();
+    for extl2 in ["off", "on"] {
+        let dst = dir.path().join(format!("dst-{extl2}.qcow2"));
+        let d = dst.to_str().unwrap();
+        let o = format!("extended_l2={extl2}");
+        let r = workspace_bin("rimg");
+        let r = r.to_str().unwrap();
+        let o = run(
+            "timeout",
+            &["60", r, "convert", "-O", "qcow2", "-o", &o, s, d],
+        );
+        assert_eq!(o.status.code(), Some(0), "fresh, extended_l2={extl2}");
+        assert_qemu_compare_equal(&src, &dst);
+        assert_qemu_check_clean(&dst);
+        // Into the existing image, now full of other data: the zero runs
+        // are written too.
+        qemu_io(&dst, &["write -P 0x33 0 8M"]);
+        let o = run(
+            "timeout",
+            &["60", r, "convert", "-n", "-f", "raw", "-O", "qcow2", s, d],
+        );
+        assert_eq!(o.status.code(), Some(0), "-n, extended_l2={extl2}");
+        assert_qemu_compare_equal(&src, &dst);
+        assert_qemu_check_clean(&dst);
+    }
+}

@@ -46,6 +46,15 @@ enum Op<'b> {
     Zeroes(u64, u64),
 }
 
+/// A chunk's writes mapped in its turn, in guest order, data not yet
+/// written; dropped unfinished, they roll back.
+#[derive(Default)]
+struct Mapped<'b> {
+    writes: Vec<(PendingWrite, &'b [u8])>,
+    /// Guest offset where the last one ends.
+    end: u64,
+}
+
 /// Chunk numbers taking turns: the chunk whose turn it is maps its
 /// writes, then passes the turn to the next one.
 #[derive(Default)]
@@ -231,7 +240,7 @@ impl Job<'_> {
             return Ok(());
         };
         let _epoch = self.target.io_epoch();
-        let mut mapped: Vec<(PendingWrite, &[u8])> = Vec::new();
+        let mut mapped = Mapped::default();
         ticket.wait();
         for op in ops {
             match op {
@@ -239,18 +248,43 @@ impl Job<'_> {
                     let mut done = 0;
                     while done < b.len() {
                         let at = at + done as u64;
+                        self.unshare(&mut mapped, at)?;
                         let w = self.target.clone().begin_write(at, b.len() - done)?;
                         let n = w.len();
-                        mapped.push((w, &b[done..done + n]));
+                        mapped.writes.push((w, &b[done..done + n]));
+                        mapped.end = at + n as u64;
                         done += n;
                     }
                 }
-                Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+                Op::Zeroes(at, len) => {
+                    self.unshare(&mut mapped, at)?;
+                    self.target.write_zeroes(at, len, true)?;
+                }
             }
         }
         ticket.pass();
+        self.finish(&mut mapped)
+    }
+
+    /// Before the chunk maps or zeroes from `at`: the cluster holding
+    /// `at` may be one its last mapped write allocates, in flight until
+    /// committed, which the engine would wait for (for good: the commit
+    /// is this thread's). Then the writes mapped so far are finished
+    /// first.
+    fn unshare(&self, mapped: &mut Mapped<'_>, at: u64) -> Result<(), CliError> {
+        let Some(cs) = self.cluster else {
+            return Ok(()); // Raw: nothing is ever in flight.
+        };
+        if !mapped.writes.is_empty() && (mapped.end - 1) / cs == at / cs {
+            self.finish(mapped)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the data of the mapped writes and commits them.
+    fn finish(&self, mapped: &mut Mapped<'_>) -> Result<(), CliError> {
         let file = self.target.data_storage();
-        for (w, b) in mapped {
+        for (w, b) in mapped.writes.drain(..) {
             // As the engine's own writes do (blkdebug rules).
             self.target.storage().debug_event("write_aio");
             file.write_data_at(b, w.host().0)?;
