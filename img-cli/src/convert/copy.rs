@@ -212,9 +212,16 @@ impl Job<'_> {
             let len = CHUNK.min(size - off);
             let mut ops = Vec::new();
             let ticket = self.turn.as_ref().map(|t| t.ticket(off / CHUNK));
-            let r = self
-                .plan(src, off, len, &mut buf, &mut cmp, &mut ops)
-                .and_then(|data| self.apply(ticket, ops).map(|()| data));
+            let r = match self.plan(src, off, len, &mut buf, &mut cmp, &mut ops) {
+                Ok(data) => self.apply(ticket, ops).map(|()| data),
+                Err(e) => {
+                    // Others stop taking chunks now, not once this one's
+                    // turn (which its ticket waits for) has come.
+                    self.failed.store(true, Ordering::Relaxed);
+                    drop(ticket);
+                    Err(e)
+                }
+            };
             match r {
                 Ok(data) => self.progress.add(data),
                 Err(e) => {

@@ -137,19 +137,31 @@ unsafe impl Send for FileMap {}
 unsafe impl Sync for FileMap {}
 
 impl FileMap {
-    /// Maps `file` whole; None when it is empty or cannot be mapped (a
-    /// pipe, a character device), which the copying path then serves.
+    /// Maps `file` whole. None (the copying path then serves it) unless
+    /// it is a non-empty regular file outside tmpfs: a block device's
+    /// media error would arrive as SIGBUS instead of EIO, and a read
+    /// fault on a tmpfs or memfd hole allocates memory (read(2) returns
+    /// the zero page).
     fn new(file: &std::fs::File) -> Option<FileMap> {
-        let len = usize::try_from(file.metadata().ok()?.len()).ok()?;
-        let len = if len == 0 {
-            // Block devices report 0 here: ask the device.
-            // SAFETY: lseek on a descriptor the caller holds open; the
-            // position is not used by anything (all I/O is positioned).
-            let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-            usize::try_from(end).ok().filter(|&n| n > 0)?
-        } else {
-            len
-        };
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.len() == 0 {
+            return None;
+        }
+        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: fstatfs fills the struct it is given, for a descriptor
+        // the caller holds open.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
+            return None;
+        }
+        // SAFETY: fstatfs succeeded, so the struct is initialised.
+        let fs = unsafe { fs.assume_init() };
+        const TMPFS_MAGIC: i64 = 0x0102_1994;
+        // f_type is i64 here, narrower on other architectures.
+        #[allow(clippy::unnecessary_cast)]
+        if fs.f_type as i64 == TMPFS_MAGIC {
+            return None;
+        }
+        let len = usize::try_from(meta.len()).ok()?;
         // SAFETY: a new read-only shared mapping of `len` bytes of an open
         // file at an address the kernel picks; nothing else is affected.
         let p = unsafe {
@@ -171,24 +183,32 @@ impl FileMap {
         })
     }
 
-    /// Bytes [off, off + len) of the file, page tables filled in one call
-    /// rather than one fault per few pages.
+    /// Bytes [off, off + len) of the file, read in and their page tables
+    /// filled in one call (MADV_POPULATE_READ, Linux 5.14) rather than
+    /// one fault per few pages. None when that fails: a read error then
+    /// reaches the copying path as EIO, where touching the mapping would
+    /// raise SIGBUS; older kernels take the copying path too.
     fn get(&self, off: u64, len: usize) -> Option<&[u8]> {
         let off = usize::try_from(off).ok()?;
         if off.checked_add(len)? > self.len {
             return None;
         }
         const MADV_POPULATE_READ: i32 = 22;
-        let page = off & !4095;
-        // SAFETY: advice on a range inside this mapping; it only fills
-        // page tables (Linux 5.14+, an error before, which is ignored).
-        unsafe {
+        // SAFETY: sysconf has no memory effects.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let page = off & !(page_size - 1);
+        // SAFETY: advice on a range inside this mapping; it only reads
+        // the file's pages in and fills page tables.
+        let r = unsafe {
             libc::madvise(
                 self.ptr.as_ptr().add(page).cast(),
                 off + len - page,
                 MADV_POPULATE_READ,
             )
         };
+        if r != 0 {
+            return None;
+        }
         // SAFETY: the range is inside the mapping, which lives as long as
         // `self`. The bytes are the file's: the source is opened read-only
         // and locked against writers (QEMU's shared locks), and any value
