@@ -70,12 +70,15 @@ pub fn read_padded(img: &dyn Image, buf: &mut [u8], off: u64) -> qcow2::Result<(
     Ok(())
 }
 
-/// Whether `b` is all zeros.
+/// Whether `b` is all zeros (compared in aligned 16-byte words: much
+/// faster than byte by byte).
 pub fn is_zero(b: &[u8]) -> bool {
-    // Compare word-sized pieces: much faster than byte by byte.
-    let mut chunks = b.chunks_exact(16);
-    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap()) == 0)
-        && chunks.remainder().iter().all(|&x| x == 0)
+    let (pre, mid, post) = {
+        // SAFETY: reinterpreting initialised bytes as u128 words is valid
+        // for any bit pattern; align_to only yields aligned middle words.
+        unsafe { b.align_to::<u128>() }
+    };
+    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
 
 /// An I/O error as C's strerror prints it ("Input/output error"), without

@@ -16,6 +16,7 @@ use qcow2::{chain_status, ChainStatus, Image, PendingWrite};
 
 use super::sources::Sources;
 use super::CHUNK;
+use crate::common::is_zero;
 use crate::progress::Progress;
 use crate::CliError;
 
@@ -185,15 +186,6 @@ fn sparse_runs(b: &[u8], at: u64, min: u64) -> Vec<(usize, usize, bool)> {
         i = used;
     }
     out
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    let (pre, mid, post) = {
-        // SAFETY: reinterpreting initialised bytes as u128 words is valid
-        // for any bit pattern; align_to only yields aligned middle words.
-        unsafe { b.align_to::<u128>() }
-    };
-    pre.iter().all(|&x| x == 0) && mid.iter().all(|&x| x == 0) && post.iter().all(|&x| x == 0)
 }
 
 impl Job<'_> {
