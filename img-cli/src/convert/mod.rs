@@ -1,10 +1,12 @@
 //! `rimg convert`: copies guest data between images and formats.
 //!
-//! Worker threads (one per core, `-m` at most; one without -W or -c, as
-//! qemu-img then writes in guest order) each take the next chunk of
-//! the source, find out through block status what is stored there, read
-//! it, detect zeros, compress (`-c`) and write it: reading, zero
-//! detection, compression and writing overlap across the workers. Regions
+//! Worker threads (one per core, `-m` at most) each take the next chunk
+//! of the source, find out through block status what is stored there,
+//! read it, detect zeros, compress (`-c`) and write it: reading, zero
+//! detection, compression and writing overlap across the workers.
+//! Without -W, writes are mapped in guest order, chunk after chunk, as
+//! qemu-img writes (see `copy`); where the target cannot take the split
+//! data path (encrypted), one worker writes in order. Regions
 //! that read as zeros are never read, and are written only where the
 //! target would not read as zeros anyway.
 
