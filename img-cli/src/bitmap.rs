@@ -231,9 +231,9 @@ pub fn run(a: BitmapArgs) -> Result<u8, CliError> {
         let r = match act {
             Action::Add => t.add(q, bitmap, granularity, false),
             Action::Remove => t.remove(q, bitmap),
-            Action::Clear => t.clear(q, bitmap),
-            Action::Enable => t.set_enabled(q, bitmap, true),
-            Action::Disable => t.set_enabled(q, bitmap, false),
+            Action::Clear => t.clear(bitmap),
+            Action::Enable => t.set_enabled(bitmap, true),
+            Action::Disable => t.set_enabled(bitmap, false),
             Action::Merge(from) => {
                 let s = match &src {
                     Some(si) => match si.as_qcow2() {

@@ -284,28 +284,22 @@ pub fn check_repair(data: &[u8]) {
 /// parsed from hostile bytes; a writable open either refuses the image or
 /// keeps its bitmaps valid: after writes, edits and the store at close,
 /// the image opens again, its directory parses and every consistent
-/// bitmap's table holds. That last part only for images whose refcounts
-/// were consistent to begin with: where they count a bitmap table as
-/// free (check: "refcount=0 reference=1"), rimg allocates data over the
-/// table of a bitmap it keeps as it found it (a disabled one), and the
-/// image no longer opens. A known gap: QEMU, which re-stores every
-/// bitmap of a writable image, leaves such an image openable with its
-/// bitmaps marked in use. Once rimg does too, this applies to all inputs.
+/// bitmap's table holds. Also where the refcounts count bitmap structures
+/// as free and new data lands on them: the content of a bitmap is in
+/// memory from the open on, and the directory is protected like the
+/// other metadata.
 pub fn bitmaps(data: &[u8]) {
     use crate::bitmap::track::{read_directory, read_table};
     let f = memfile(data);
     let again = f.try_clone().expect("dup of the memfd");
     let ro = f.try_clone().expect("dup of the memfd");
-    let mut consistent = false;
     if let Some(q) = open_file(ro, false, Qcow2Options::default()) {
         if let Ok(Some((_, dir))) = read_directory(q.storage(), &q.header()) {
             for d in &dir {
                 let _ = read_table(q.storage(), d, q.cluster_size());
             }
         }
-        consistent = q
-            .check()
-            .is_ok_and(|r| r.corruptions == 0 && r.check_errors == 0);
+        let _ = q.check();
     }
     let Some(q) = open_file(f, true, Qcow2Options::default()) else {
         return;
@@ -322,9 +316,9 @@ pub fn bitmaps(data: &[u8]) {
     let _ = q.discard(0, size.min(4 * cs));
     if let Some(t) = q.bitmap_tracker() {
         let _ = t.add(&q, "fuzz", None, false);
-        let _ = t.clear(&q, "fuzz");
+        let _ = t.clear("fuzz");
     }
-    if q.store_bitmaps().is_err() || q.flush().is_err() || !consistent {
+    if q.store_bitmaps().is_err() || q.flush().is_err() {
         return;
     }
     drop(q);

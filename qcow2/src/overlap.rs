@@ -11,7 +11,9 @@
 //! - the active L2 tables: every table the active L1 names, in the L2
 //!   cache or not,
 //! - the refcount table and every refcount block it names,
-//! - the snapshot table and every snapshot's L1 table.
+//! - the snapshot table and every snapshot's L1 table,
+//! - the bitmap directory (bitmap tables and data are not tracked, as in
+//!   QEMU: a writable open keeps their content in memory).
 //!
 //! L2 tables that only snapshots reference are not tracked, as in QEMU's
 //! default mode (they are reachable only by reading every snapshot L1).
@@ -55,9 +57,11 @@ pub(crate) enum Kind {
     RefcountBlock = 4,
     SnapshotTable = 5,
     SnapshotL1 = 6,
+    BitmapDirectory = 7,
 }
 
-const KINDS: [Kind; 7] = [
+/// Every kind, by number (three bits of a map key).
+const KINDS: [Kind; 8] = [
     Kind::Header,
     Kind::ActiveL1,
     Kind::ActiveL2,
@@ -65,6 +69,7 @@ const KINDS: [Kind; 7] = [
     Kind::RefcountBlock,
     Kind::SnapshotTable,
     Kind::SnapshotL1,
+    Kind::BitmapDirectory,
 ];
 
 impl Kind {
@@ -77,6 +82,7 @@ impl Kind {
             Kind::RefcountBlock => "refcount block",
             Kind::SnapshotTable => "snapshot table",
             Kind::SnapshotL1 => "snapshot L1 table",
+            Kind::BitmapDirectory => "bitmap directory",
         }
     }
 

@@ -47,25 +47,20 @@ impl State {
             .position(|b| b.entry.name == name.as_bytes())
     }
 
+    /// A consistent bitmap: loaded since the open (or added since).
     fn find_usable(&self, name: &str) -> Result<usize> {
         let i = self.find(name).ok_or_else(|| not_found(name))?;
-        if self.bitmaps[i].entry.in_use() && matches!(self.bitmaps[i].content, Content::OnDisk) {
-            return Err(inconsistent(name));
+        match self.bitmaps[i].content {
+            Content::OnDisk => Err(inconsistent(name)),
+            Content::Loaded { .. } => Ok(i),
         }
-        Ok(i)
     }
 
-    /// Loads bitmap `i` into memory (it will be stored at close).
-    fn load(&mut self, q: &Qcow2, i: usize) -> Result<()> {
-        let b = &mut self.bitmaps[i];
-        if matches!(b.content, Content::OnDisk) {
-            let (words, table) = load_checked(q.storage(), &b.entry, q.cluster_size(), q.size())?;
-            b.content = Content::Loaded {
-                words,
-                old: Some(table),
-            };
+    fn words(&self, i: usize) -> &Words {
+        match &self.bitmaps[i].content {
+            Content::Loaded { words, .. } => words,
+            Content::OnDisk => unreachable!("find_usable returns loaded bitmaps only"),
         }
-        Ok(())
     }
 }
 
@@ -180,64 +175,39 @@ impl Tracker {
     }
 
     /// Clears every bit of a bitmap.
-    pub fn clear(&self, q: &Qcow2, name: &str) -> Result<()> {
+    pub fn clear(&self, name: &str) -> Result<()> {
         self.check_open()?;
         let mut s = self.write();
         let i = s.find_usable(name)?;
-        s.load(q, i)?;
-        if let Content::Loaded { words, .. } = &s.bitmaps[i].content {
-            words.clear();
-        }
+        s.words(i).clear();
         s.changed = true;
         Ok(())
     }
 
-    /// Enables (tracks writes) or disables a bitmap. A bitmap that starts
-    /// tracking is marked in use on disk first, as every tracking bitmap
-    /// is (QEMU marks them all at its open): a crash from then on leaves
-    /// it inconsistent, never missing writes.
-    pub fn set_enabled(&self, q: &Qcow2, name: &str, enabled: bool) -> Result<()> {
+    /// Enables (tracks writes) or disables a bitmap. It is marked in use
+    /// on disk already (every loaded bitmap is, from the open on): a
+    /// crash leaves it inconsistent, never missing writes.
+    pub fn set_enabled(&self, name: &str, enabled: bool) -> Result<()> {
         self.check_open()?;
         let mut s = self.write();
         let i = s.find_usable(name)?;
-        if !enabled {
+        if enabled {
+            s.bitmaps[i].entry.flags |= flags::AUTO;
+        } else {
             s.bitmaps[i].entry.flags &= !flags::AUTO;
-            s.changed = true;
-            self.refresh_tracking(&s);
-            return Ok(());
         }
-        s.load(q, i)?;
-        let was_tracking = s.bitmaps[i].tracks();
-        s.bitmaps[i].entry.flags |= flags::AUTO;
         s.changed = true;
-        if was_tracking || s.bitmaps[i].entry.table_offset == 0 {
-            // Marked already, or new in this session (not on disk yet).
-            self.refresh_tracking(&s);
-            return Ok(());
-        }
-        let (old, dir) = (s.ext, s.interim_directory());
-        drop(s);
-        // The header update takes the metadata lock: not under this
-        // state's (lock order), and before the bitmap tracks.
-        let new = super::track::switch_directory(q, old, &dir, &[])?;
-        let mut s = self.write();
-        s.ext = new;
         self.refresh_tracking(&s);
         Ok(())
     }
 
     /// A bitmap of this image, for a merge.
     pub fn source(&self, q: &Qcow2, name: &str) -> Result<Source> {
-        let mut s = self.write();
+        let s = self.read();
         let i = s.find_usable(name)?;
-        s.load(q, i)?;
-        let b = &s.bitmaps[i];
-        let Content::Loaded { words, .. } = &b.content else {
-            unreachable!("loaded above");
-        };
         Ok(Source {
-            granularity_bits: b.entry.granularity_bits,
-            words: words.snapshot(),
+            granularity_bits: s.bitmaps[i].entry.granularity_bits,
+            words: s.words(i).snapshot(),
             disk_size: q.size(),
         })
     }
@@ -250,12 +220,9 @@ impl Tracker {
         if src.disk_size != q.size() {
             return Err(edit("Bitmaps are incompatible and can't be merged"));
         }
-        s.load(q, i)?;
-        let b = &s.bitmaps[i];
-        let Content::Loaded { words, .. } = &b.content else {
-            unreachable!("loaded above");
-        };
-        let (gs, gd) = (src.granularity_bits, b.entry.granularity_bits);
+        let words = s.words(i);
+        let gd = s.bitmaps[i].entry.granularity_bits;
+        let gs = src.granularity_bits;
         if gs == gd {
             // Same granules: word by word.
             for (d, w) in words.words.iter().zip(&src.words.words) {

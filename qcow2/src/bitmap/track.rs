@@ -1,17 +1,20 @@
 //! Keeping persistent bitmaps right while an image is written.
 //!
-//! At a writable open, every enabled (`auto`) bitmap that is consistent
-//! (not `in_use`) is loaded into memory and marked `in_use` on disk before
-//! any guest write: a crash from then on leaves it marked inconsistent,
-//! never silently wrong. Every guest write, write-zeroes, discard and
-//! deallocation sets the bits of the ranges it touches (atomic words under
+//! At a writable open, every consistent bitmap (not `in_use`), enabled
+//! or not, is loaded into memory and marked `in_use` on disk before any
+//! guest write, as QEMU does: a crash from then on leaves it marked
+//! inconsistent, never silently wrong, and its old structures are never
+//! read again (an image whose refcounts call them free may have them
+//! overwritten by new data; the copy in memory is what gets stored). Every
+//! guest write, write-zeroes, discard and deallocation sets the bits of
+//! the enabled (`auto`) ones for the ranges it touches (atomic words under
 //! a read lock; the metadata lock is not taken). At close the bitmaps are
 //! stored: new data clusters and tables, a new directory, then one header
 //! update switching to it with `in_use` clear; only after that header is
 //! durable are the old structures freed, so a crash leaves leaks at most.
 //!
-//! Disabled bitmaps and bitmaps found `in_use` stay on disk untouched
-//! unless an edit (`rimg bitmap`, see [`super::edit`]) changes them.
+//! Bitmaps found `in_use` (inconsistent) stay on disk as found: they can
+//! only be removed ([`super::edit`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -83,7 +86,8 @@ type Planned = (DirEntry, Option<(Words, Option<Vec<u64>>)>);
 
 /// Where a bitmap's content is.
 pub(crate) enum Content {
-    /// On disk, untouched: written back as it is.
+    /// An inconsistent bitmap (found `in_use`), on disk as found: written
+    /// back as it is; its bits are never used.
     OnDisk,
     /// In memory; `old` is the table on disk (freed once the new one is
     /// in force).
@@ -117,14 +121,15 @@ pub(crate) struct State {
 
 impl State {
     /// The directory to have on disk during the session: the bitmaps
-    /// already there, those that track writes (or will) marked in use.
+    /// already there, every loaded one marked in use (its content is in
+    /// memory and may change until the store).
     pub(crate) fn interim_directory(&self) -> Vec<DirEntry> {
         self.bitmaps
             .iter()
             .filter(|b| b.entry.table_offset != 0)
             .map(|b| {
                 let mut e = b.entry.clone();
-                if b.tracks() {
+                if matches!(b.content, Content::Loaded { .. }) {
                     e.flags |= flags::IN_USE;
                 }
                 e
@@ -274,8 +279,8 @@ pub(crate) fn switch_directory(
     Ok(new)
 }
 
-/// At a writable open (version 3): loads the enabled, consistent bitmaps
-/// and marks them in use on disk.
+/// At a writable open (version 3): loads the consistent bitmaps and
+/// marks them in use on disk.
 pub fn load(q: &Qcow2) -> Result<Tracker> {
     let st = q.storage();
     let mut h = q.header();
@@ -301,7 +306,7 @@ pub fn load(q: &Qcow2) -> Result<Tracker> {
     let cs = h.cluster_size();
     let mut bitmaps = Vec::new();
     for d in dir {
-        if d.in_use() || !d.auto() {
+        if d.in_use() {
             bitmaps.push(Bitmap {
                 entry: d,
                 content: Content::OnDisk,
@@ -328,21 +333,14 @@ pub fn load(q: &Qcow2) -> Result<Tracker> {
         closed: AtomicBool::new(false),
     };
     let mut s = t.write();
-    if s.bitmaps.iter().any(Bitmap::tracks) {
-        let dir: Vec<DirEntry> = s
-            .bitmaps
-            .iter()
-            .map(|b| {
-                let mut e = b.entry.clone();
-                if b.tracks() {
-                    e.flags |= flags::IN_USE;
-                }
-                e
-            })
-            .collect();
+    if s.bitmaps
+        .iter()
+        .any(|b| matches!(b.content, Content::Loaded { .. }))
+    {
+        let dir = s.interim_directory();
         s.ext = switch_directory(q, s.ext, &dir, &[])?;
         s.changed = true;
-        t.tracking.store(true, Ordering::Release);
+        t.refresh_tracking(&s);
     }
     drop(s);
     Ok(t)
@@ -471,47 +469,25 @@ impl Tracker {
         Ok(())
     }
 
-    /// Before a resize: every bitmap must be consistent; all are loaded
-    /// and marked in use on disk (a crash after the size changed leaves
-    /// them inconsistent, never too small and valid).
-    pub fn prepare_resize(&self, q: &Qcow2) -> Result<()> {
+    /// Before a resize: every bitmap must be consistent (loaded since the
+    /// open, hence marked in use on disk: a crash after the size changed
+    /// leaves them inconsistent, never too small and valid).
+    pub fn prepare_resize(&self) -> Result<()> {
         self.check_open()?;
-        let h = q.header();
-        let cs = h.cluster_size();
         let mut s = self.write();
-        if s.bitmaps.is_empty() {
-            return Ok(());
-        }
-        for b in &mut s.bitmaps {
-            if let Content::OnDisk = b.content {
-                if b.entry.in_use() {
-                    return Err(bad(BitmapError::Edit(format!(
-                        "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
-                        b.entry.name_str()
-                    ))));
-                }
-                let (words, table) = load_checked(q.storage(), &b.entry, cs, h.size)?;
-                b.content = Content::Loaded {
-                    words,
-                    old: Some(table),
-                };
-            }
-        }
-        let dir: Vec<DirEntry> = s
+        if let Some(b) = s
             .bitmaps
             .iter()
-            .map(|b| {
-                let mut e = b.entry.clone();
-                e.flags |= flags::IN_USE;
-                e
-            })
-            .collect();
-        let old = s.ext;
-        s.changed = true;
-        drop(s);
-        // update_header takes the metadata lock: not under this state's.
-        let new = switch_directory(q, old, &dir, &[])?;
-        self.write().ext = new;
+            .find(|b| matches!(b.content, Content::OnDisk))
+        {
+            return Err(bad(BitmapError::Edit(format!(
+                "Bitmap '{}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk",
+                b.entry.name_str()
+            ))));
+        }
+        if !s.bitmaps.is_empty() {
+            s.changed = true;
+        }
         Ok(())
     }
 

@@ -79,7 +79,7 @@ impl Qcow2 {
     /// `Tracker::prepare_resize`).
     pub(super) fn prepare_bitmaps_for_resize(&self) -> Result<()> {
         match self.bitmaps.get() {
-            Some(t) => t.prepare_resize(self),
+            Some(t) => t.prepare_resize(),
             None => Ok(()),
         }
     }

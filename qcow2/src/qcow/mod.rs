@@ -537,6 +537,10 @@ impl Qcow2 {
             m.snapshot_table_bytes,
             &m.snapshots,
         );
+        // The directory changes only with the header (bitmap::track).
+        if let Ok(Some(e)) = crate::bitmap::BitmapsExt::from_header(&m.header) {
+            map.add(Kind::BitmapDirectory, e.directory_offset, e.directory_size);
+        }
         m.rc.install_overlap(map);
     }
 
