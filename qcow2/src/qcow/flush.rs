@@ -20,7 +20,22 @@ impl Qcow2 {
 
     /// Queues a host range whose last reference was just dropped in
     /// memory, tagged with the current epoch (then advanced).
+    ///
+    /// Only if every cluster of it has a refcount: on a corrupt image a
+    /// reference may have none (refcount 0), and the deferred decrement
+    /// would then hit whatever the allocator put there meanwhile (a new
+    /// bitmap directory, say). Such a range is left alone, as QEMU's
+    /// immediate decrement refuses it (EINVAL: the refcount would go
+    /// below zero). Two references counted once pass here; the second
+    /// decrement is refused at the flush (see there).
     pub(super) fn queue_free(&self, m: &mut Meta, host: HostOffset, len: u64) {
+        let cs = self.cluster_size();
+        let (first, end) = (host.0 / cs, (host.0 + len.max(1)).div_ceil(cs));
+        if !(first..end).all(|c| m.rc.get(&self.st, c).is_ok_and(|r| r > 0)) {
+            let e = Error::io("free", std::io::Error::from_raw_os_error(libc::EINVAL));
+            self.st.report_swallowed("qcow2_free_clusters failed", &e);
+            return;
+        }
         let mut e = self.epochs();
         m.pending_free.push(QueuedFree {
             host,
@@ -75,7 +90,16 @@ impl Qcow2 {
             for f in &frees {
                 // A freed L2 table must not be found in the cache again.
                 m.l2.remove(f.host.0);
-                m.rc.unref(&self.st, f.host, f.len, |c| freed.push(c))?;
+                // Below zero (a corrupt image counted two references as
+                // one, both now dropped): reported and left, as QEMU's
+                // free refuses it. The cluster was not allocatable while
+                // queued (its refcount was not 0), so nothing else is hit.
+                match m.rc.unref(&self.st, f.host, f.len, |c| freed.push(c)) {
+                    Err(e @ Error::Corrupt(_)) => {
+                        self.st.report_swallowed("qcow2_free_clusters failed", &e)
+                    }
+                    r => r?,
+                }
             }
             if self.opts.discard_passthrough {
                 freed.sort_unstable();
