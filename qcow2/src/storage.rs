@@ -24,6 +24,27 @@ pub struct Storage {
     direct: std::sync::OnceLock<File>,
     /// Fault injection (qemu-img's blkdebug), when set.
     faults: std::sync::OnceLock<std::sync::Arc<dyn Faults>>,
+    /// QEMU's lock bytes were taken ([`Storage::open_locked`]): released
+    /// explicitly when dropped (see `Drop`).
+    locked: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Storage {
+    /// Lets go of the lock bytes before the descriptor closes. Closing
+    /// alone releases them only with the last reference to the open file,
+    /// and a child process forked by another thread holds one until it
+    /// executes its program: another program opening the image right after
+    /// this one closed it (a script's next command, a test's qemu-img
+    /// check) would find it still locked.
+    fn drop(&mut self) {
+        if self.locked.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut fl = Self::flock(libc::F_UNLCK, lockbytes::ARBITER);
+            fl.l_len = lockbytes::SHARED_BASE + 100 - lockbytes::ARBITER;
+            // SAFETY: fcntl reads the flock struct we pass; the descriptor
+            // is still open (it closes after this).
+            unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        }
+    }
 }
 
 /// The kinds of I/O a fault rule may fail (blkdebug's iotypes).
@@ -116,6 +137,7 @@ impl Storage {
         let st = Storage::open(path, writable)?;
         if !force_share {
             st.lock(writable)?;
+            st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(st)
     }
@@ -276,6 +298,7 @@ impl Storage {
             no_flush: Default::default(),
             direct: Default::default(),
             faults: Default::default(),
+            locked: Default::default(),
         })
     }
 
@@ -287,6 +310,7 @@ impl Storage {
             no_flush: Default::default(),
             direct: Default::default(),
             faults: Default::default(),
+            locked: Default::default(),
         }
     }
 

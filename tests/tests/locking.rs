@@ -364,3 +364,69 @@ fn racing_library_openers_exactly_one_wins() {
         assert!(won == 1, "round {round}: {won} writers opened the image");
     }
 }
+
+/// Closing an image lets go of its locks at once, even while a child
+/// process forked meanwhile still holds a copy of the descriptor (until
+/// it executes its program; here it waits there for a second): the next
+/// program opens the image for writing. Closing the descriptor alone
+/// would leave the locks to the child's copy.
+#[test]
+fn closing_releases_the_locks_a_forked_child_still_shares() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempdir();
+    let img = dir.path().join("c.qcow2");
+    let p = img.to_str().unwrap();
+    assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"])
+        .status
+        .success());
+    let w = open(
+        &img,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // The child tells it has been forked through a pipe, then waits a
+    // second before its exec.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-element array we own.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    let (rd, wr) = (fds[0], fds[1]);
+    let child = std::thread::spawn(move || {
+        let mut cmd = Command::new("true");
+        // SAFETY: the closure runs in the forked child before exec and
+        // calls only async-signal-safe functions (write, nanosleep) on a
+        // descriptor the parent keeps open until the child has run.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::write(wr, b"x".as_ptr().cast(), 1);
+                let ts = libc::timespec {
+                    tv_sec: 1,
+                    tv_nsec: 0,
+                };
+                libc::nanosleep(&ts, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        // Returns once the child has executed `true`.
+        cmd.status().unwrap()
+    });
+    let mut b = [0u8; 1];
+    // SAFETY: reads one byte into a buffer we own from our pipe.
+    assert_eq!(unsafe { libc::read(rd, b.as_mut_ptr().cast(), 1) }, 1);
+    // The child exists now and holds the image's descriptor.
+    drop(w);
+    let o = run("qemu-io", &["-c", "write 0 4k", p]);
+    assert!(
+        o.status.success(),
+        "the image stayed locked after the close: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(child.join().unwrap().success());
+    // SAFETY: both ends are ours and no longer used.
+    unsafe {
+        libc::close(rd);
+        libc::close(wr);
+    }
+}
