@@ -212,7 +212,7 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
     let o = &o;
     if let Some(name) = &o.data_file {
         // Created empty (or truncated), as qemu-img creates it.
-        let path = crate::paths::resolve_backing(st.path(), name);
+        let path = crate::paths::resolve_data_file(name);
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)

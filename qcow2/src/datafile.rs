@@ -10,7 +10,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::header::Header;
-use crate::paths::resolve_backing;
+use crate::paths::resolve_data_file;
 use crate::storage::Storage;
 
 /// The open external data file of an image.
@@ -24,24 +24,20 @@ pub struct DataFile {
 }
 
 impl DataFile {
-    /// Opens the data file named by the header of the image at
-    /// `image` (relative names are resolved as backing file names are),
+    /// Opens the data file named by the image's header `h` (a relative
+    /// name from the working directory, as QEMU opens it:
+    /// [`resolve_data_file`]),
     /// or `given` in its place (QEMU's `data-file` option, which also
     /// opens an image whose header lost the name), or None when the image
     /// has none.
-    pub fn open_for(
-        image: &Path,
-        h: &Header,
-        writable: bool,
-        given: Option<&Path>,
-    ) -> Result<Option<DataFile>> {
+    pub fn open_for(h: &Header, writable: bool, given: Option<&Path>) -> Result<Option<DataFile>> {
         if !h.has_data_file() {
             return Ok(None);
         }
         let name = h.data_file();
         let path = match (given, &name) {
             (Some(p), _) => p.to_path_buf(),
-            (None, Some(n)) => resolve_backing(image, n),
+            (None, Some(n)) => resolve_data_file(n),
             (None, None) => {
                 return Err(Error::InvalidArgument(
                     "'data-file' is required for this image".into(),

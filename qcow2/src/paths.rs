@@ -1,5 +1,6 @@
-//! File names as QEMU reads them: the `file:` protocol prefix, and backing
-//! (or data) file names relative to the image that names them.
+//! File names as QEMU reads them: the `file:` protocol prefix, backing
+//! file names relative to the image that names them, and data file names
+//! relative to the working directory.
 
 use std::path::{Path, PathBuf};
 
@@ -26,4 +27,13 @@ pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
         Some(dir) if !dir.as_os_str().is_empty() => dir.join(b),
         _ => b.to_path_buf(),
     }
+}
+
+/// Where an external data file name points, as QEMU opens it: as given
+/// (less a `file:` prefix). Unlike a backing file name, a relative name
+/// is relative to the working directory, not to the image: QEMU opens the
+/// data file as a child by that file name, and an image with a relative
+/// data file name opens only from the directory it was made in.
+pub fn resolve_data_file(name: &str) -> PathBuf {
+    host_path(Path::new(name)).to_path_buf()
 }

@@ -413,3 +413,151 @@ fn resize_grows_the_data_file_and_keeps_a_raw_one_mapped() {
         }
     }
 }
+
+/// Runs `tool` ("rimg" or a program on PATH) in `dir`.
+fn in_dir(dir: &Path, tool: &str, args: &[&str]) -> std::process::Output {
+    let prog = match tool {
+        "rimg" => rimg_tests::workspace_bin("rimg"),
+        t => t.into(),
+    };
+    std::process::Command::new(prog)
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {tool} {args:?}: {e}"))
+}
+
+/// A relative data file name is relative to the working directory, not
+/// to the image (QEMU opens the data file by that name as it is, unlike a
+/// backing file): made from the parent directory, `sd/x.qcow2` with
+/// `data_file=sd/x.data` keeps its data in `sd/x.data`, and from inside
+/// `sd` it does not open. Both ways: each tool makes and writes, the
+/// other reads.
+#[test]
+fn relative_data_file_names_are_relative_to_the_working_directory() {
+    let dir = tempdir();
+    let d = dir.path();
+    std::fs::create_dir(d.join("sd")).unwrap();
+    for (maker, reader) in [("qemu-img", "rimg"), ("rimg", "qemu-img")] {
+        let (img, data) = (format!("sd/{maker}.qcow2"), format!("sd/{maker}.data"));
+        let opts = format!("data_file={data}");
+        ok(in_dir(
+            d,
+            maker,
+            &["create", "-q", "-f", "qcow2", "-o", &opts, &img, "1M"],
+        ));
+        assert!(d.join(&data).is_file(), "{maker} made no {data}");
+        assert!(!d.join("sd/sd").exists(), "{maker} made sd/sd");
+        // Data written through the image lands in the data file.
+        let pattern = d.join("pattern.raw");
+        let mut bytes = vec![0x3c; 65536];
+        bytes.resize(1 << 20, 0);
+        std::fs::write(&pattern, &bytes).unwrap();
+        let p = pattern.to_str().unwrap();
+        ok(in_dir(
+            d,
+            maker,
+            &["convert", "-n", "-f", "raw", "-O", "qcow2", p, &img],
+        ));
+        let got = std::fs::read(d.join(&data)).unwrap();
+        assert_eq!(
+            &got[..65536],
+            &[0x3c; 65536][..],
+            "{maker}: data not in {data}"
+        );
+        // The other tool reads it from the same directory...
+        let out = d.join(format!("{reader}-read.raw"));
+        ok(in_dir(
+            d,
+            reader,
+            &["convert", "-O", "raw", &img, out.to_str().unwrap()],
+        ));
+        assert_eq!(&std::fs::read(&out).unwrap()[..65536], &[0x3c; 65536][..]);
+        // ...and neither opens it from inside `sd`.
+        for t in ["rimg", "qemu-img"] {
+            let name = format!("{maker}.qcow2");
+            let o = in_dir(
+                &d.join("sd"),
+                t,
+                &["convert", "-O", "raw", &name, out.to_str().unwrap()],
+            );
+            assert!(!o.status.success(), "{t} opened {name} from sd/");
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(err.contains(&format!("'{data}'")), "{t}: {err}");
+        }
+    }
+}
+
+/// Preallocation falloc/full with extended L2 entries allocates the data
+/// clusters as qemu-img does (their subclusters stay unallocated in the
+/// tables, which must not hide the host clusters from preallocation),
+/// in the image or in its external data file.
+#[test]
+fn falloc_and_full_preallocation_allocate_with_subclusters() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempdir();
+    let allocated = |p: &Path| std::fs::metadata(p).unwrap().blocks() * 512;
+    for prealloc in ["falloc", "full"] {
+        for data_file in [false, true] {
+            let mut sizes = Vec::new();
+            for t in ["qemu-img", "rimg"] {
+                let img = dir.path().join(format!("{t}-{prealloc}.qcow2"));
+                let data = img.with_extension("data");
+                let _ = std::fs::remove_file(&data);
+                let mut opts = format!("extended_l2=on,preallocation={prealloc}");
+                if data_file {
+                    opts += &format!(",data_file={}", data.display());
+                }
+                let i = img.to_str().unwrap();
+                ok(rimg_tests::tool(
+                    t,
+                    &["create", "-q", "-f", "qcow2", "-o", &opts, i, "64M"],
+                ));
+                assert_qemu_check_clean(&img);
+                let stored = if data_file { &data } else { &img };
+                sizes.push(allocated(stored));
+            }
+            let ctx = format!("{prealloc}, data file {data_file}: {sizes:?}");
+            assert!(sizes[1] >= 64 << 20, "{ctx}");
+            // The same but for metadata blocks (QEMU's header cluster is
+            // written whole, ours in part): within one cluster.
+            assert!(sizes[0].abs_diff(sizes[1]) <= 65536, "{ctx}");
+        }
+    }
+}
+
+/// Shrinking an image with an external data file: the dropped clusters
+/// have no refcounts (they are in the data file), so nothing in the qcow2
+/// file may lose one; the data file is cut to the new size. As qemu-img,
+/// small clusters (many L2 tables dropped) and large.
+#[test]
+fn shrinking_with_a_data_file_frees_nothing_in_the_image() {
+    let dir = tempdir();
+    for (cs, size, new) in [("512", "16M", "32K"), ("65536", "256M", "10M")] {
+        let mut imgs = Vec::new();
+        for t in ["qemu-img", "rimg"] {
+            let img = dir.path().join(format!("{t}-{cs}.qcow2"));
+            let data = img.with_extension("data");
+            let _ = std::fs::remove_file(&data);
+            let opts = format!("cluster_size={cs},data_file={}", data.display());
+            qemu_create(&img, &opts, size);
+            qemu_io(&img, &[&format!("write -P 0x11 0 {size}")]);
+            let out = rimg_tests::tool(t, &["resize", "--shrink", img.to_str().unwrap(), new]);
+            let text = ok(out);
+            assert!(!text.contains("failed"), "{t} {cs}: {text}");
+            assert_qemu_check_clean(&img);
+            let want = ok(qemu_img(&["info", "--output=json", img.to_str().unwrap()]));
+            assert!(!want.contains("\"corrupt\": true"), "{t} {cs}: {want}");
+            let len = std::fs::metadata(&data).unwrap().len();
+            assert_eq!(len, imgs_len(new), "{t} {cs}: data file length");
+            imgs.push(img);
+        }
+        rimg_tests::assert_qemu_compare_equal(&imgs[0], &imgs[1]);
+    }
+}
+
+/// Bytes of a qemu-img size argument ("32K", "10M").
+fn imgs_len(s: &str) -> u64 {
+    let (n, unit) = s.split_at(s.len() - 1);
+    n.parse::<u64>().unwrap() << if unit == "K" { 10 } else { 20 }
+}

@@ -326,8 +326,7 @@ impl Qcow2 {
         }
         let cipher = crate::encrypt::unlock(&st, &header, opts.encrypt_key.as_ref(), opts.no_io)?;
         let cb = header.cluster_bits;
-        let data =
-            DataFile::open_for(st.path(), &header, st.writable(), opts.data_file.as_deref())?;
+        let data = DataFile::open_for(&header, st.writable(), opts.data_file.as_deref())?;
         let l1 = crate::l2::read_l1(&st, header.l1_table_offset, header.l1_size)?;
         let rc = Refcounts::load(
             &st,

@@ -170,7 +170,8 @@ impl Qcow2 {
             }
             ranges.extend(run);
             for (off, len) in ranges {
-                self.queue_free(&mut m, HostOffset(off), len);
+                // In a data file: no refcounts, only the space goes back.
+                self.release_data(&mut m, HostOffset(off), len)?;
             }
             self.queue_free(&mut m, HostOffset(table), cs);
             Self::set_l1(&mut m, i, 0);
@@ -186,6 +187,12 @@ impl Qcow2 {
         if last * cs < file_len {
             self.st.set_len(last * cs)?;
             self.st.sync()?;
+        }
+        drop(m);
+        // The data file ends where the disk does, as QEMU truncates it.
+        if let Some(d) = &self.data {
+            d.st.set_len(new_size)?;
+            d.st.sync()?;
         }
         Ok(())
     }
@@ -376,23 +383,40 @@ impl Qcow2 {
         self.data_extents_range(0, self.size())
     }
 
-    /// Host extents of the data clusters mapping guest bytes [from, to).
+    /// Host extents of the clusters mapping guest bytes [from, to)
+    /// (`from` on a cluster boundary), whatever their content reads as:
+    /// preallocated clusters read as zeros or, with extended L2 entries,
+    /// hold unallocated subclusters (QEMU's preallocation leaves their
+    /// bitmaps clear), and falloc/full must still allocate their host
+    /// clusters. The last extent ends at `to`, as QEMU preallocates.
     pub fn data_extents_range(&self, from: u64, to: u64) -> Result<Vec<(u64, u64)>> {
         self.check_range(from, to.saturating_sub(from))?;
+        let cs = self.cluster_size();
+        debug_assert!(from.is_multiple_of(cs), "unaligned start {from:#x}");
+        let l2n = 1u64 << self.l2_bits();
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut pos = from;
         while pos < to {
-            let (run, n) = {
-                let mut m = self.lock();
-                self.map_run(&mut m, GuestOffset(pos), to - pos)?
-            };
-            if let Mapping::Data(HostOffset(h)) = run {
-                match out.last_mut() {
-                    Some((s, l)) if *s + *l == h => *l += n,
-                    _ => out.push((h, n)),
+            let g = GuestOffset(pos).cluster(self.cluster_bits);
+            let first = g.l2_index(self.l2_bits()) as u64;
+            // The clusters of this L2 table within the range.
+            let n = ((to - pos).div_ceil(cs)).min(l2n - first);
+            let mut m = self.lock();
+            if let Some(slot) = self.l2_for(&mut m, g.l1_index(self.l2_bits()))? {
+                for i in 0..n {
+                    let host = match self.decode(Self::l2_get(&m, slot, (first + i) as usize))? {
+                        L2Entry::Normal { host, .. } => host,
+                        L2Entry::Zero { host: Some(h), .. } => h,
+                        _ => continue,
+                    };
+                    let len = cs.min(to - (pos + i * cs));
+                    match out.last_mut() {
+                        Some((s, l)) if *s + *l == host => *l += len,
+                        _ => out.push((host, len)),
+                    }
                 }
             }
-            pos += n;
+            pos += n * cs;
         }
         Ok(out)
     }
