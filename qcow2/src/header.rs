@@ -547,7 +547,21 @@ impl Header {
     }
 
     fn parse_extensions(&mut self, buf: &[u8], cluster_size: u64) -> Result<()> {
-        let end = (cluster_size as usize).min(buf.len());
+        // As QEMU bounds them (qcow2_do_open's ext_end): the first cluster,
+        // or up to the backing file name where that comes first; bytes past
+        // the end of a short file read as zeros (an END marker).
+        let mut end = cluster_size;
+        if self.backing_file_offset != 0 {
+            end = end.min(self.backing_file_offset);
+        }
+        let end = end as usize;
+        let padded;
+        let buf = if buf.len() < end {
+            padded = [buf, &vec![0u8; end - buf.len()]].concat();
+            &padded[..]
+        } else {
+            buf
+        };
         let mut at = self.header_length as usize;
         // A header extension area must end with an END marker or the
         // cluster end; both are accepted, as QEMU does.
