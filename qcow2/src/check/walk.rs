@@ -60,8 +60,9 @@ pub(crate) struct Walk<'r> {
     /// `check -r all`: entries QEMU repairs during the walk itself are
     /// repaired here too (see [`Walk::misaligned`]).
     pub(super) fix_errors: bool,
-    /// Corruptions that no repair touches (misaligned data clusters):
-    /// they alone do not send `check -r all` to rimg's entry repair.
+    /// Corruptions that no repair touches (misaligned data clusters,
+    /// compressed entries with a subcluster bitmap or a data file): they
+    /// alone do not send `check -r all` to rimg's entry repair.
     pub(super) unfixable: u64,
     /// Entries were rewritten on disk: cached L2 tables are stale.
     pub(super) rewrote: bool,
@@ -314,7 +315,10 @@ impl Walk<'_> {
                         self.report.messages.push(format!(
                             "ERROR compressed cluster {k} with data file, entry={raw:#x}"
                         ));
-                        break;
+                        // Reported, never repaired (as in QEMU); the
+                        // walk goes on with the next entry.
+                        self.unfixable += 1;
+                        continue;
                     }
                     L2Entry::Compressed {
                         offset, sectors, ..
@@ -330,6 +334,9 @@ impl Walk<'_> {
                             self.report.messages.push(format!(
                                 "ERROR compressed cluster {k} with non-zero subcluster allocation bitmap, entry={raw:#x}"
                             ));
+                            // Reported, never repaired (as in QEMU, which
+                            // repairs the rest around it).
+                            self.unfixable += 1;
                             continue;
                         }
                         if !self.add(offset & !511, sectors * 512) {
