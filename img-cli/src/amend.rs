@@ -229,8 +229,8 @@ fn encrypt_option(l: &mut qcow2::luks_amend::LuksAmend, k: &str, v: &str) -> Res
         }
         "keyslot" => l.keyslot = Some(v.parse().map_err(|_| bad())?),
         "iter-time" => l.iter_time_ms = Some(v.parse().map_err(|_| bad())?),
-        "new-secret" => l.new_secret = Some(crate::object::secret(v)?),
-        "old-secret" => l.old_secret = Some(crate::object::secret(v)?),
+        "new-secret" => l.new_secret = Some(crate::object::passphrase(v)?),
+        "old-secret" => l.old_secret = Some(crate::object::passphrase(v)?),
         _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
     }
     Ok(())

@@ -559,7 +559,7 @@ pub fn open_options(
     // not look the secret up then.
     let no_io = opts.qcow2.no_io;
     let secret = |id: &Option<String>| -> Result<_, CliError> {
-        match id.as_deref().map(crate::object::secret) {
+        match id.as_deref().map(crate::object::passphrase) {
             Some(Ok(k)) => Ok(Some(qcow2::encrypt::Secret(k))),
             Some(Err(_)) if no_io => Ok(None),
             Some(Err(e)) => Err(e),

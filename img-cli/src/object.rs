@@ -37,6 +37,18 @@ pub fn secret(id: &str) -> Result<Vec<u8>, CliError> {
         .ok_or_else(|| CliError::new(format!("No secret with id '{id}'")))
 }
 
+/// The secret with id `id` as a passphrase: UTF-8, as QEMU's encryption
+/// drivers (LUKS, and qcow's AES) take every key.
+pub fn passphrase(id: &str) -> Result<Vec<u8>, CliError> {
+    let s = secret(id)?;
+    if std::str::from_utf8(&s).is_err() {
+        return Err(CliError::new(format!(
+            "Data from secret {id} is not valid UTF-8"
+        )));
+    }
+    Ok(s)
+}
+
 fn parse_secret(def: &str) -> Result<(String, Vec<u8>), CliError> {
     let mut kind = None;
     let mut props: HashMap<String, String> = HashMap::new();
@@ -165,7 +177,7 @@ pub fn encryption(
     };
     let key = find("key-secret")
         .ok_or_else(|| format!("Parameter '{prefix}key-secret' is required for cipher"))?;
-    let secret = Secret(self::secret(key).map_err(|e| e.msg)?);
+    let secret = Secret(passphrase(key).map_err(|e| e.msg)?);
     match format {
         "aes" => {
             // The legacy format has no parameters beyond its key.

@@ -563,3 +563,65 @@ fn key_slots_are_amended_as_qemu_amends_them() {
         );
     }
 }
+
+/// A passphrase must be UTF-8, as QEMU takes every LUKS key: a secret
+/// that is not is refused with QEMU's words, when creating (luks and
+/// qcow2 with LUKS) and when opening, and no image is written.
+#[test]
+fn secrets_that_are_not_utf8_are_refused_as_qemu_refuses_them() {
+    let dir = tempdir();
+    let key = dir.path().join("key");
+    std::fs::write(&key, b":<;\xff").unwrap();
+    let secret = format!("secret,id=sec0,file={}", key.display());
+    for (fmt, opt) in [
+        ("luks", "key-secret=sec0"),
+        ("qcow2", "encrypt.format=luks,encrypt.key-secret=sec0"),
+    ] {
+        let mut seen = Vec::new();
+        for tool in ["qemu-img".to_string(), rimg_bin()] {
+            let img = dir.path().join(format!("v.{fmt}"));
+            let _ = std::fs::remove_file(&img);
+            let o = run(
+                &tool,
+                &[
+                    "create",
+                    "-q",
+                    "-f",
+                    fmt,
+                    "--object",
+                    &secret,
+                    "-o",
+                    opt,
+                    img.to_str().unwrap(),
+                    "4M",
+                ],
+            );
+            assert!(!o.status.success(), "{tool} {fmt}: created");
+            assert!(!img.exists(), "{tool} {fmt}: left an image");
+            let err = String::from_utf8_lossy(&o.stderr).to_string();
+            assert!(
+                err.contains("Data from secret sec0 is not valid UTF-8"),
+                "{tool} {fmt}: {err}"
+            );
+            seen.push(o.status.code());
+        }
+        assert_eq!(seen[0], seen[1], "{fmt}: exit codes");
+    }
+    // Opening a volume with such a secret.
+    let img = dir.path().join("ok.luks");
+    qemu_create(&img, "key-secret=sec0,iter-time=10", "4M");
+    let spec = format!(
+        "driver=luks,file.filename={},key-secret=sec0",
+        img.display()
+    );
+    let o = run(
+        &rimg_bin(),
+        &["compare", "--object", &secret, "--image-opts", &spec, &spec],
+    );
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("Data from secret sec0 is not valid UTF-8"),
+        "{err}"
+    );
+}
