@@ -121,6 +121,7 @@ pub fn vring_worker_common() -> SyscallList {
         SYS_sendto,
         SYS_io_uring_enter,
     ]);
+    l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_OFD_SETLK as u32)]);
     l
 }
 
@@ -175,6 +176,9 @@ pub fn common() -> SyscallList {
     l.allow_if(SYS_prctl, &[Arg::Eq32(0, PR_SET_NAME as u32)]);
     // Duplicates (the relay's stream clones); `runtime` has F_GETFD.
     l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_DUPFD_CLOEXEC as u32)]);
+    // An image closed on any thread (the last reference to it may be a
+    // worker's) lets go of its lock bytes (qcow2's `Storage`).
+    l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_OFD_SETLK as u32)]);
     l
 }
 
@@ -195,8 +199,9 @@ mod tests {
         for nr in [libc::SYS_futex, libc::SYS_mmap, libc::SYS_fcntl] {
             assert!(c.contains(nr) && w.contains(nr), "{nr}");
         }
-        // fcntl: F_GETFD from the runtime, F_DUPFD_CLOEXEC for the relay.
-        assert_eq!((c.rules(libc::SYS_fcntl), w.rules(libc::SYS_fcntl)), (2, 1));
+        // fcntl: F_GETFD from the runtime, F_DUPFD_CLOEXEC for the relay,
+        // F_OFD_SETLK for closing an image (its lock bytes).
+        assert_eq!((c.rules(libc::SYS_fcntl), w.rules(libc::SYS_fcntl)), (3, 2));
         for nr in PROCESS_ONLY {
             assert!(c.contains(nr) && !w.contains(nr), "{nr}");
         }
