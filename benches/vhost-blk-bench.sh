@@ -8,7 +8,10 @@
 #
 # Usage: benches/vhost-blk-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
 # BENCH_DIR=DIR puts the images there (default: target/ in the working
-# tree, the file system users keep images on). On a disk file
+# tree, the file system users keep images on). FS=xfs measures on XFS
+# instead: a file system made on a loop device whose backing file is in
+# BENCH_DIR (so on the same disk), mounted for the run and removed after
+# (needs root; installs xfsprogs if mkfs.xfs is missing). On a disk file
 # system, buffered raw writes at depth 32 measure the file system (ext4
 # serializes buffered writes per inode, and both daemons reach the
 # client's own io_uring ceiling); on tmpfs (BENCH_DIR=/dev/shm) the
@@ -22,11 +25,31 @@ cargo build --release -q -p rimg-vhost-blk -p rimg-tests --bin rimg-vhost-blk --
 BENCH=$ROOT/target/release/examples/blk_bench
 # RIMG_VHOST_BLK=PATH measures another build of the daemon (A/B runs).
 RIMG=${RIMG_VHOST_BLK:-$ROOT/target/release/rimg-vhost-blk}
-W=$(mktemp -d "${BENCH_DIR:-$ROOT/target}/rimg-blkbench.XXXXXX")
-echo "measuring on $(dirname "$W") ($(stat -f -c %T "$W"))"
+BASE=${BENCH_DIR:-$ROOT/target}
 PIDS=()
-cleanup() { for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$W"; }
+LOOP="" MNT="" LOOPFILE=""
+cleanup() {
+  for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  rm -rf "${W:-}"
+  if [ -n "$MNT" ]; then umount "$MNT" 2>/dev/null || true; rmdir "$MNT"; fi
+  if [ -n "$LOOP" ]; then losetup -d "$LOOP" 2>/dev/null || true; fi
+  if [ -n "$LOOPFILE" ]; then rm -f "$LOOPFILE"; fi
+}
 trap cleanup EXIT
+if [ "${FS:-}" = xfs ]; then
+  command -v mkfs.xfs >/dev/null || apt-get install -y -qq xfsprogs >/dev/null
+  # Room for the two daemons' images and the ceiling's at once.
+  bytes=$(numfmt --from=iec "$SIZE")
+  LOOPFILE=$BASE/rimg-blkbench-xfs.img
+  truncate -s $((bytes * 4 + (1 << 30))) "$LOOPFILE"
+  LOOP=$(losetup -f --show "$LOOPFILE")
+  mkfs.xfs -q -f "$LOOP"
+  MNT=$(mktemp -d /tmp/rimg-blkbench-xfs.XXXXXX)
+  mount "$LOOP" "$MNT"
+  BASE=$MNT
+fi
+W=$(mktemp -d "$BASE/rimg-blkbench.XXXXXX")
+echo "measuring on $(dirname "$W") ($(stat -f -c %T "$W"))"
 
 make_image() { # kind path
   case $1 in
