@@ -30,6 +30,8 @@ PIDS=()
 LOOP="" MNT="" LOOPFILE=""
 cleanup() {
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
+  # The daemons must be gone before their file system is unmounted.
+  wait 2>/dev/null || true
   rm -rf "${W:-}"
   if [ -n "$MNT" ]; then umount "$MNT" 2>/dev/null || true; rmdir "$MNT"; fi
   if [ -n "$LOOP" ]; then losetup -d "$LOOP" 2>/dev/null || true; fi
