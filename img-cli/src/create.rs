@@ -88,10 +88,19 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
         encrypt,
     } = parse_options(format, &list)?;
     if a.size.is_some() {
+        if size_arg.is_some() {
+            return Err(twice(&a.filename));
+        }
         size_arg = a.size.clone();
     }
     if a.backing.is_some() {
         o.backing_file = a.backing.clone();
+    }
+    if o.backing_file.as_deref() == Some("") {
+        return Err(CliError::new(format!(
+            "{}: Expected backing file name, got empty string",
+            a.filename
+        )));
     }
     if a.backing_fmt.is_some() {
         o.backing_format = a.backing_fmt.clone();
@@ -202,6 +211,9 @@ fn create_luks(a: &CreateArgs) -> Result<u8, CliError> {
         encrypt,
         ..
     } = parse_options(Format::Luks, &list)?;
+    if a.size.is_some() && size_arg.is_some() {
+        return Err(twice(&a.filename));
+    }
     let Some(s) = a.size.clone().or(size_arg) else {
         return Err(CliError::new(format!(
             "{}: Image creation needs a size parameter",
@@ -429,4 +441,11 @@ fn formatting_line(
         }
     }
     s
+}
+
+/// The size given both as `-o size=` and as an argument (QEMU's words).
+fn twice(filename: &str) -> CliError {
+    CliError::new(format!(
+        "{filename}: The image size must be specified only once"
+    ))
 }

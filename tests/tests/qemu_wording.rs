@@ -262,3 +262,51 @@ fn check_counts_fragmentation_per_l2_table() {
     t.same(&["check", IMG]);
     t.check_clean(IMG);
 }
+
+/// Bad `create` arguments (QEMU's iotest 049): the size given twice, an
+/// empty backing file name. Same message, same exit code, no image.
+#[test]
+fn create_refuses_a_size_given_twice_and_an_empty_backing_name() {
+    let dir = rimg_tests::tempdir();
+    let cases: [&[&str]; 4] = [
+        &["-f", "qcow2", "-o", "size=10M", "IMG", "20M"],
+        &["-f", "qcow2", "-b", "", "IMG", "20M"],
+        &[
+            "-f",
+            "qcow2",
+            "-o",
+            "backing_file=",
+            "-F",
+            "raw",
+            "IMG",
+            "20M",
+        ],
+        &[
+            "-f",
+            "luks",
+            "--object",
+            "secret,id=s,data=x",
+            "-o",
+            "key-secret=s,size=1M",
+            "IMG",
+            "2M",
+        ],
+    ];
+    for case in cases {
+        let mut seen = Vec::new();
+        for tool in ["qemu-img", "rimg"] {
+            let img = dir.path().join(format!("{tool}.img"));
+            let p = img.to_str().unwrap();
+            let args: Vec<&str> = std::iter::once("create")
+                .chain(case.iter().map(|&a| if a == "IMG" { p } else { a }))
+                .collect();
+            let o = rimg_tests::tool(tool, &args);
+            assert!(!img.exists(), "{tool} {case:?}: made an image");
+            let err = String::from_utf8_lossy(&o.stderr)
+                .replace(p, "IMG")
+                .replacen(&format!("{tool}: "), "", 1);
+            seen.push((o.status.code(), err));
+        }
+        assert_eq!(seen[0], seen[1], "{case:?}");
+    }
+}
