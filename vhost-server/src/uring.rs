@@ -164,9 +164,19 @@ impl WorkerRing {
 
     /// Hands the queued entries to the kernel. EINTR, EAGAIN and EBUSY
     /// leave them queued for the next submission; any other error wedges
-    /// the ring.
+    /// the ring. Nothing queued and no completion held back by the
+    /// kernel (an overflowed completion queue, which an enter flushes):
+    /// no system call (the worker submits after every kick and every
+    /// completion, most of which queue nothing).
     pub fn submit(&mut self) {
         if self.wedged {
+            return;
+        }
+        let idle = {
+            let sq = self.ring.submission();
+            sq.is_empty() && !sq.cq_overflow()
+        };
+        if idle {
             return;
         }
         if let Err(e) = self.ring.submit() {
