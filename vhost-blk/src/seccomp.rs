@@ -8,10 +8,12 @@ use rimg_vhost_server::seccomp::Sandbox;
 /// What the image engine calls from any thread (guest data itself goes
 /// through io_uring, except an encrypted image's, which the engine reads
 /// and writes with the same positioned I/O).
-const IMAGE_IO: [libc::c_long; 4] = [
+const IMAGE_IO: [libc::c_long; 5] = [
     // Metadata, bounce-buffer and encrypted-data I/O.
     libc::SYS_pread64,
     libc::SYS_pwrite64,
+    // Buffered guest writes made by the worker itself (worker::inline).
+    libc::SYS_pwritev2,
     // FLUSH.
     libc::SYS_fdatasync,
     // DISCARD and WRITE_ZEROES (punch hole, zero range).
@@ -58,6 +60,6 @@ mod tests {
         // The serving loop adds unlinkat (the socket's directory only),
         // and seccomp and prctl(PR_SET_NO_NEW_PRIVS) for the workers'
         // own filter.
-        assert_eq!((s.process.len(), s.vring_worker.len()), (44, 29));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (45, 30));
     }
 }

@@ -12,6 +12,7 @@ use qcow2::PendingWrite;
 use rimg_vhost_server::RingOwner;
 use vm_memory::{Address, GuestMemoryBackend};
 
+use super::inline::{self, Inline};
 use super::plan::end_write;
 use super::slot::{IoVecs, Op};
 use super::{Mem, Worker, BOUNCE_LEN, DIRECT_ALIGN, IOV_MAX};
@@ -48,6 +49,30 @@ impl Worker {
                 self.slots[idx].failed = true;
             }
             return;
+        }
+        if write && !direct {
+            // Buffered: written here unless it would block on a file
+            // system that can tell ([`inline`]).
+            let fd = self.img.data_storage().file().as_raw_fd();
+            // SAFETY: the iovecs point into guest memory that `mem` (an
+            // Arc of the map, held across the call) keeps mapped.
+            let r = unsafe { inline::write(&mut self.inline, fd, &iov.0, host, n) };
+            drop(mem);
+            let written = match r {
+                Inline::Punt => None,
+                Inline::Done => Some(true),
+                Inline::Failed(e) => {
+                    error!("write at file offset {host}: {e}");
+                    Some(false)
+                }
+            };
+            if let Some(ok) = written {
+                let committed = wio.is_none_or(|w| end_write(w, ok));
+                if !ok || !committed {
+                    self.slots[idx].failed = true;
+                }
+                return;
+            }
         }
         let op = Op {
             iov,
