@@ -6,7 +6,8 @@
 //! takes the split data path (data in clear, no compression), workers
 //! still copy in parallel: they map their writes (allocating clusters)
 //! one chunk after the other, in turn ([`Turn`]), and move the data and
-//! commit outside the turn. Elsewhere a single worker writes in order;
+//! commit outside the turn; a raw target allocates nothing, so its
+//! workers write as they go. Elsewhere a single worker writes in order;
 //! with -W or -c the workers write as they go.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,7 +17,7 @@ use qcow2::{chain_status, ChainStatus, Image, PendingWrite};
 
 use super::sources::Sources;
 use super::CHUNK;
-use crate::common::is_zero;
+use crate::common::{is_zero, zero_prefix};
 use crate::progress::Progress;
 use crate::CliError;
 
@@ -60,8 +61,18 @@ struct Mapped<'b> {
 /// writes, then passes the turn to the next one.
 #[derive(Default)]
 pub(super) struct Turn {
-    next: Mutex<u64>,
+    state: Mutex<TurnState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct TurnState {
+    /// The chunk whose turn it is.
+    next: u64,
+    /// Workers waiting for their turn: a pass wakes them only if there
+    /// are any (a notify is a system call even with no waiter, and most
+    /// chunks find their turn has come).
+    waiting: usize,
 }
 
 /// A chunk's place in the turn order, taken when the chunk is claimed.
@@ -87,17 +98,22 @@ impl Turn {
 impl Ticket<'_> {
     /// Waits until it is this chunk's turn.
     fn wait(&self) {
-        let mut n = self.turn.next.lock().unwrap_or_else(|p| p.into_inner());
-        while *n != self.chunk {
-            n = self.turn.cv.wait(n).unwrap_or_else(|p| p.into_inner());
+        let mut s = self.turn.state.lock().unwrap_or_else(|p| p.into_inner());
+        while s.next != self.chunk {
+            s.waiting += 1;
+            s = self.turn.cv.wait(s).unwrap_or_else(|p| p.into_inner());
+            s.waiting -= 1;
         }
     }
 
     /// Gives the turn to the next chunk (after [`wait`](Self::wait)).
     fn pass(&mut self) {
-        *self.turn.next.lock().unwrap_or_else(|p| p.into_inner()) = self.chunk + 1;
+        let mut s = self.turn.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.next = self.chunk + 1;
         self.passed = true;
-        self.turn.cv.notify_all();
+        if s.waiting > 0 {
+            self.turn.cv.notify_all();
+        }
     }
 }
 
@@ -129,6 +145,25 @@ impl<'b> Carve<'b> {
     }
 }
 
+const SECTOR: usize = 512;
+
+/// Where the run of sectors (counted from `i`) that are all zero, or
+/// (`zero` false) all hold data, ends.
+fn same_sectors(b: &[u8], i: usize, zero: bool) -> usize {
+    let n = b.len();
+    if zero {
+        // Up to the sector holding the first non-zero byte, found in one
+        // pass over the run.
+        let z = zero_prefix(&b[i..]);
+        return if i + z >= n { n } else { i + z - z % SECTOR };
+    }
+    let mut j = (i + SECTOR).min(n);
+    while j < n && !is_zero(&b[j..(j + SECTOR).min(n)]) {
+        j = (j + SECTOR).min(n);
+    }
+    j
+}
+
 /// Splits `b`, to be written at offset `at`, into (from, to, is_data)
 /// runs by qemu-img's -S rule: zeros become a hole only in a run of at
 /// least `min` bytes; runs are judged in 512-byte sectors and their ends
@@ -136,18 +171,13 @@ impl<'b> Carve<'b> {
 /// a hole's end down; a short zero run ending past a boundary is data).
 /// A buffer that starts with zeros starts with a hole.
 fn sparse_runs(b: &[u8], at: u64, min: u64) -> Vec<(usize, usize, bool)> {
-    const SECTOR: usize = 512;
     let n = b.len();
     let min = (min as usize).min(n);
     let align = 1u64 << (min.max(SECTOR) as u64).ilog2();
-    let zero_at = |i: usize| is_zero(&b[i..(i + SECTOR).min(n)]);
     // The run starting at `i`: its end and whether it is data.
     let run = |i: usize| -> (usize, bool) {
-        let zero = zero_at(i);
-        let mut j = (i + SECTOR).min(n);
-        while j < n && zero_at(j) == zero {
-            j = (j + SECTOR).min(n);
-        }
+        let zero = is_zero(&b[i..(i + SECTOR).min(n)]);
+        let j = same_sectors(b, i, zero);
         if j == n {
             return (n, !zero);
         }
@@ -480,5 +510,72 @@ impl Job<'_> {
             k += n;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{same_sectors, sparse_runs, SECTOR};
+
+    /// The run end judged sector by sector, byte by byte.
+    fn by_sectors(b: &[u8], i: usize, zero: bool) -> usize {
+        let n = b.len();
+        let is_zero = |k: usize| b[k..(k + SECTOR).min(n)].iter().all(|&x| x == 0);
+        let mut j = (i + SECTOR).min(n);
+        while j < n && is_zero(j) == zero {
+            j = (j + SECTOR).min(n);
+        }
+        j
+    }
+
+    #[test]
+    fn run_ends_match_a_sector_by_sector_scan() {
+        // Sparse non-zero bytes at pseudo-random places, sizes that end
+        // mid-sector, runs starting at every sector.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for round in 0..40 {
+            let n = 20_000 + (next() % 50_000) as usize;
+            let mut b = vec![0u8; n];
+            for _ in 0..(round % 8) * 3 {
+                let k = (next() % n as u64) as usize;
+                b[k] = 1 + (next() % 255) as u8;
+            }
+            let mut i = 0;
+            while i < n {
+                let zero = b[i..(i + SECTOR).min(n)].iter().all(|&x| x == 0);
+                assert_eq!(
+                    same_sectors(&b, i, zero),
+                    by_sectors(&b, i, zero),
+                    "round {round} n {n} i {i}"
+                );
+                i += SECTOR;
+            }
+        }
+    }
+
+    #[test]
+    fn zero_runs_end_at_the_sector_of_the_first_data_byte() {
+        let mut b = vec![0u8; 64 << 10];
+        // Data in the middle of sector 70 and in the last byte.
+        b[70 * 512 + 300] = 1;
+        let n = b.len();
+        b[n - 1] = 7;
+        // Zeros up to the 4 KiB boundary below sector 70, data up to the
+        // boundary above it, then zeros, then the last 4 KiB as data.
+        assert_eq!(
+            sparse_runs(&b, 0, 4096),
+            vec![
+                (0, 32768, false),
+                (32768, 36864, true),
+                (36864, n - 4096, false),
+                (n - 4096, n, true),
+            ]
+        );
     }
 }

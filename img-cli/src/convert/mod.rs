@@ -270,9 +270,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     } else {
         1
     };
+    let cluster = target.cluster_size();
     let job = Job {
         target: &target,
-        cluster: target.cluster_size(),
+        cluster,
         compress: a.compress,
         sparse,
         // Zeros need not be written where the target already reads as
@@ -293,7 +294,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             1.0,
         ),
         count_data: a.progress && !a.quiet,
-        turn: (in_turn && workers > 1).then(Turn::default),
+        // A raw target allocates nothing: its offsets are fixed, so its
+        // workers write as they go.
+        turn: (in_turn && workers > 1 && cluster.is_some()).then(Turn::default),
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
     };
