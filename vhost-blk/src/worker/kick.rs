@@ -100,6 +100,10 @@ impl Worker {
             }
         }
         self.ring.submit();
+        // What the kernel completed during the submission (reads from the
+        // page cache) is answered now, not after the completion eventfd's
+        // round through epoll (which then finds nothing left to reap).
+        self.reap();
         self.signal();
     }
 
