@@ -163,16 +163,19 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             source,
         })?;
     let st = Storage::from_file(file, path, true);
-    // No flushes while creating, as QEMU creates images
-    // (BDRV_O_NO_FLUSH): nothing in a new image is worth a journal commit
-    // (the file system's, many milliseconds on a busy disk), and the first
-    // flush of whoever writes the image makes all of it durable.
+    // One flush at the end instead of one per step (each a journal
+    // commit, milliseconds on a busy disk): QEMU's format layer creates
+    // with BDRV_O_NO_FLUSH too, and its file layer flushes once it closes.
     st.set_no_flush(true);
     match o.format {
         Format::Raw => {
             st.set_len(o.size)?;
             preallocate_range(&st, o.preallocation, 0, o.size)?;
-            st.sync()
+            // QEMU syncs a raw image only after writing its zeros.
+            if o.preallocation == Preallocation::Full {
+                durable(&st)?;
+            }
+            Ok(())
         }
         Format::Qcow2 => create_qcow2(st, o),
         Format::Luks => {
@@ -183,9 +186,15 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             };
             let payload = write_luks(&st, o.size, p, key)?;
             preallocate_range(&st, o.preallocation, payload, o.size)?;
-            st.sync()
+            durable(&st)
         }
     }
+}
+
+/// Makes what creation wrote durable (flushes were off until now).
+fn durable(st: &Storage) -> Result<()> {
+    st.set_no_flush(false);
+    st.sync()
 }
 
 fn preallocate_range(st: &Storage, mode: Preallocation, off: u64, len: u64) -> Result<()> {
@@ -318,6 +327,8 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
             })?;
         }
     }
+    q.storage().set_no_flush(false);
+    q.data_storage().set_no_flush(false);
     q.flush()
 }
 
@@ -344,7 +355,7 @@ pub fn create_luks(
     let st = Storage::from_file(file, path, true);
     st.set_no_flush(true); // as in `create`
     write_luks(&st, size, p, key)?;
-    st.sync()
+    durable(&st)
 }
 
 /// Writes a LUKS header into empty `st` and sizes it for `size` bytes of
