@@ -564,8 +564,12 @@ impl Header {
         };
         let mut at = self.header_length as usize;
         // A header extension area must end with an END marker or the
-        // cluster end; both are accepted, as QEMU does.
-        while at + 8 <= end {
+        // cluster end; both are accepted, as QEMU does. An extension
+        // header cut by the end is refused, as QEMU refuses it.
+        while at < end {
+            if at + 8 > end {
+                return Err(bad("header extension too large"));
+            }
             let kind = be32(buf, at);
             let len = be32(buf, at + 4) as usize;
             at += 8;

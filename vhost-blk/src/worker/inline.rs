@@ -52,8 +52,11 @@ pub(super) unsafe fn write(
 ) -> Inline {
     let mut iov = iov.to_vec();
     let mut done = 0u64;
+    // The nonblocking attempt failed otherwise than by EAGAIN: this write
+    // is made blocking, as the ring would make it.
+    let mut retry_blocking = false;
     while done < n {
-        let nowait = *mode != Mode::Blocking && done == 0;
+        let nowait = *mode != Mode::Blocking && done == 0 && !retry_blocking;
         let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
         // SAFETY: the iovecs describe readable memory (this function's
         // contract), advanced past what was written only.
@@ -78,6 +81,10 @@ pub(super) unsafe fn write(
                     *mode = Mode::NoWait;
                     return Inline::Punt;
                 }
+                // A file system may refuse RWF_NOWAIT otherwise (EINVAL
+                // where it has FMODE_NOWAIT but no nonblocking buffered
+                // writes); the error that counts is the blocking one's.
+                _ if nowait => retry_blocking = true,
                 _ => return Inline::Failed(e),
             }
         }
