@@ -561,3 +561,41 @@ fn imgs_len(s: &str) -> u64 {
     let (n, unit) = s.split_at(s.len() - 1);
     n.parse::<u64>().unwrap() << if unit == "K" { 10 } else { 20 }
 }
+
+/// `convert -c` into an image with an external data file fails with
+/// both tools, whether or not anything would be compressed (iotest 314
+/// with data_file), new target or -n.
+#[test]
+fn compressed_convert_into_a_data_file_image_fails_as_in_qemu() {
+    let dir = tempdir();
+    let empty = dir.path().join("empty.raw");
+    std::fs::write(&empty, vec![0u8; 1 << 20]).unwrap();
+    let data = dir.path().join("data.raw");
+    std::fs::write(&data, vec![0x42u8; 1 << 20]).unwrap();
+    for src in [&empty, &data] {
+        for t in ["qemu-img", "rimg"] {
+            let img = dir.path().join(format!("{t}.qcow2"));
+            let df = img.with_extension("data");
+            let o = format!("data_file={}", df.display());
+            let args = ["convert", "-c", "-O", "qcow2", "-o", &o];
+            let args: Vec<&str> = args
+                .into_iter()
+                .chain([src.to_str().unwrap(), img.to_str().unwrap()])
+                .collect();
+            let out = rimg_tests::tool(t, &args);
+            assert_eq!(out.status.code(), Some(1), "{t} {}", src.display());
+            qemu_create(&img, &o, "1M");
+            let args = [
+                "convert",
+                "-n",
+                "-c",
+                "-O",
+                "qcow2",
+                src.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ];
+            let out = rimg_tests::tool(t, &args);
+            assert_eq!(out.status.code(), Some(1), "{t} -n {}", src.display());
+        }
+    }
+}

@@ -257,6 +257,19 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             "Compression not supported for this file format",
         ));
     }
+    // Compressed clusters live in the image file, which has no room for
+    // data with an external data file: qemu-img's convert -c fails there
+    // even when nothing gets compressed (without a message); so does
+    // this one, before writing anything, and says why.
+    if a.compress
+        && target
+            .as_qcow2()
+            .is_some_and(|q| q.header().has_data_file())
+    {
+        return Err(CliError::new(
+            "Compression is not supported with an external data file",
+        ));
+    }
     // Without -W qemu-img writes in guest order, so a fresh target's
     // clusters lie in guest order (map shows one extent, not several).
     // Workers still copy in parallel where the target takes the split
