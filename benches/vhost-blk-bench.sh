@@ -23,7 +23,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 cargo build --release -q -p rimg-vhost-blk -p rimg-tests --bin rimg-vhost-blk --example blk_bench
 BENCH=$ROOT/target/release/examples/blk_bench
-# RIMG_VHOST_BLK=PATH measures another build of the daemon (A/B runs).
+# RIMG_VHOST_BLK=PATH measures another build of the daemon (A/B runs);
+# RIMG_ARGS adds options to it (e.g. RIMG_ARGS="--poll-us 50").
 RIMG=${RIMG_VHOST_BLK:-$ROOT/target/release/rimg-vhost-blk}
 BASE=${BENCH_DIR:-$ROOT/target}
 PIDS=()
@@ -76,7 +77,8 @@ start_daemon() { # which fmt image sock
   fi
   case $fmt in raw*) fmt=raw ;; *) fmt=qcow2 ;; esac
   if [ "$1" = rimg ]; then
-    "$RIMG" --socket "$4" --image "$3" --format "$fmt" --num-queues 2 $rflags 2>"$W/daemon.log" &
+    # shellcheck disable=SC2086 # RIMG_ARGS is a list of options
+    "$RIMG" --socket "$4" --image "$3" --format "$fmt" --num-queues 2 $rflags ${RIMG_ARGS:-} 2>"$W/daemon.log" &
   else
     qemu-storage-daemon --blockdev driver=file,node-name=f,filename="$3"$qflags \
       --blockdev driver=$fmt,node-name=q,file=f \

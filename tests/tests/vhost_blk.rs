@@ -169,11 +169,17 @@ fn finish_and_verify(d: Daemon, img: &Path, model: &[u8], dir: &Path) {
 }
 
 fn serve_and_exercise(fmt: &str, backing: bool, queues: usize) {
+    serve_and_exercise_with(fmt, backing, queues, &[]);
+}
+
+fn serve_and_exercise_with(fmt: &str, backing: bool, queues: usize, extra: &[&str]) {
     let d = tempdir();
     let (img, mut model) = make_image(d.path(), fmt, backing);
     let sock = d.path().join("blk.sock");
     let nq = queues.to_string();
-    let daemon = Daemon::start(&sock, &img, &["--num-queues", &nq]).expect("daemon");
+    let mut args = vec!["--num-queues", &nq];
+    args.extend_from_slice(extra);
+    let daemon = Daemon::start(&sock, &img, &args).expect("daemon");
     let mut c = Client::connect(&sock, queues, false).expect("connect");
     assert_eq!(c.capacity(), SIZE);
     exercise(&mut c, queues, &mut model, 7 + queues as u64, 300);
@@ -204,6 +210,13 @@ fn qcow2_two_queues() {
 #[test]
 fn qcow2_backing_two_queues() {
     serve_and_exercise("qcow2", true, 2);
+}
+
+/// Busy polling (`--poll-us`): the same load, answers and end state, and
+/// SIGTERM still ends the daemon cleanly while its workers poll.
+#[test]
+fn qcow2_two_queues_polling() {
+    serve_and_exercise_with("qcow2", true, 2, &["--poll-us", "200"]);
 }
 
 #[test]

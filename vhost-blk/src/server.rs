@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub serial: String,
     pub direct: bool,
     pub l2_cache_bytes: Option<u64>,
+    /// Busy-polling time of each worker, in microseconds (0: none).
+    pub poll_us: u32,
     /// What a syscall outside the daemon's seccomp list does (or no
     /// filter).
     pub seccomp: rimg_vhost_server::SeccompAction,
@@ -190,6 +192,7 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         serial: cfg.serial.as_bytes().iter().copied().take(20).collect(),
         opt_io_size: opt_io,
         blk_size: 512,
+        poll: std::time::Duration::from_micros(cfg.poll_us.into()),
     };
 
     let name = cfg.socket.display().to_string();

@@ -199,6 +199,11 @@ impl WorkerRing {
         self.wedged = true;
     }
 
+    /// Whether a completion is waiting (never on a wedged ring).
+    pub fn has_completions(&mut self) -> bool {
+        !self.wedged && !self.ring.completion().is_empty()
+    }
+
     /// The completions available now; each one taken is no longer in
     /// flight. None on a wedged ring, even those the kernel still posts:
     /// its owner gave up on what was in flight (and may have handed the

@@ -57,6 +57,8 @@ pub struct Config {
     /// qcow2 guest data in an external data file: "off", "on", or "raw"
     /// (data_file_raw=on: the data file is the disk as a raw image).
     pub data: String,
+    /// The daemon's `--poll-us` (0: no polling).
+    pub poll_us: u32,
 }
 
 impl Config {
@@ -82,6 +84,7 @@ impl Config {
             batch: false,
             extl2: false,
             data: "off".into(),
+            poll_us: 0,
         }
     }
 
@@ -131,6 +134,7 @@ impl Config {
             batch: r.random_bool(0.25),
             extl2: false,
             data: "off".into(),
+            poll_us: 0,
         };
         // Drawn last, so that the draws above (and the CI cases pinned
         // from them) stay what they were before these existed.
@@ -142,6 +146,9 @@ impl Config {
                 "raw"
             }
             .into();
+        }
+        if r.random_bool(0.2) {
+            c.poll_us = [20, 500][r.random_range(0..2)];
         }
         c
     }
@@ -198,6 +205,7 @@ impl Config {
                 "batch" => c.batch = flag(v)?,
                 "extl2" => c.extl2 = flag(v)?,
                 "data" if ["off", "on", "raw"].contains(&v) => c.data = v.into(),
+                "poll" => c.poll_us = num(v)? as u32,
                 _ => return Err(format!("unknown or invalid setting '{kv}'")),
             }
         }
@@ -223,7 +231,7 @@ impl std::fmt::Display for Config {
         write!(
             f,
             "q={},qd={},size={},span={},fmt={},cs={},pre={},lazy={},back={},direct={},\
-             mix={},ms={},reconnects={},end={},deadline={},batch={},extl2={},data={}",
+             mix={},ms={},reconnects={},end={},deadline={},batch={},extl2={},data={},poll={}",
             self.queues,
             self.qd,
             self.size_mib,
@@ -247,7 +255,8 @@ impl std::fmt::Display for Config {
             self.deadline_ms,
             u8::from(self.batch),
             u8::from(self.extl2),
-            self.data
+            self.data,
+            self.poll_us
         )
     }
 }

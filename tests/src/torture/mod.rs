@@ -261,6 +261,10 @@ pub fn run(seed: u64, cfg: &Config) -> Outcome {
     if cfg.direct {
         args.push("--direct");
     }
+    let poll = cfg.poll_us.to_string();
+    if cfg.poll_us > 0 {
+        args.extend(["--poll-us", poll.as_str()]);
+    }
     let mut daemon = match Daemon::start(&sock, &img, &args) {
         Ok(d) => Some(d),
         Err(e) => {
