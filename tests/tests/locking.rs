@@ -376,17 +376,8 @@ fn closing_releases_the_locks_a_forked_child_still_shares() {
     let dir = tempdir();
     let img = dir.path().join("c.qcow2");
     let p = img.to_str().unwrap();
-    assert!(qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"])
-        .status
-        .success());
-    let w = open(
-        &img,
-        &OpenOptions {
-            writable: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    rimg_tests::qemu_create(&img, "", "16M");
+    let w = rimg_tests::image::open_rw(&img);
     // The child tells it has been forked through a pipe, then waits a
     // second before its exec.
     let mut fds = [0i32; 2];
