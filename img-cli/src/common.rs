@@ -106,6 +106,15 @@ pub fn strerror(e: &std::io::Error) -> String {
     }
 }
 
+/// An error's whole message without Rust's " (os error N)" suffix.
+pub fn without_os_code(e: &qcow2::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}
+
 /// `msg` with its first letter capitalised, as qemu-img starts messages.
 pub fn sentence(msg: &str) -> String {
     let mut c = msg.chars();

@@ -178,23 +178,44 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
             )
         );
     }
-    o.encrypt = crate::object::encryption(&encrypt, "encrypt.")
-        .map_err(|m| CliError::new(format!("{}: {m}", a.filename)))?;
-    qcow2::create(Path::new(&a.filename), &o).map_err(|e| match e {
+    let made = crate::object::encryption(&encrypt, "encrypt.")
+        .map_err(|m| CliError::new(format!("{}: {m}", a.filename)))
+        .and_then(|e| {
+            o.encrypt = e;
+            make(&a.filename, &o, format)
+        });
+    if format != Format::Raw {
+        discard_on_error(&a.filename, &made);
+    }
+    made
+}
+
+fn make(filename: &str, o: &CreateOptions, format: Format) -> Result<u8, CliError> {
+    qcow2::create(Path::new(filename), o).map_err(|e| match e {
         // qemu-img words these as sentences of their own.
         qcow2::Error::InvalidArgument(m) => CliError::new(format!(
             "{}: {}",
-            a.filename,
+            filename,
             crate::common::sentence(&m)
         )),
         qcow2::Error::TooLarge(_) => CliError::new(format!(
             "{}: The image size is too large for file format '{}' (try using a larger cluster size)",
-            a.filename,
+            filename,
             format.name()
         )),
-        e => CliError::new(format!("{}: {e}", a.filename)),
+        e => CliError::new(format!("{filename}: {}", crate::common::without_os_code(&e))),
     })?;
     Ok(0)
+}
+
+/// After a failed qcow2 or LUKS creation the file holds a partial image
+/// (a file that existed was truncated first): qemu-img deletes it, so
+/// nothing half-made is left to be opened later. Devices stay.
+fn discard_on_error(filename: &str, made: &Result<u8, CliError>) {
+    let path = qcow2::paths::host_path(Path::new(filename));
+    if made.is_err() && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// `create -f luks`: a LUKS volume (header, key material, payload).
@@ -235,9 +256,14 @@ fn create_luks(a: &CreateArgs) -> Result<u8, CliError> {
         println!("{line}");
     }
     let fail = |m: String| CliError::new(format!("{}: {m}", a.filename));
-    o.encrypt = luks_encryption(&encrypt).map_err(fail)?;
-    qcow2::create(Path::new(&a.filename), &o).map_err(|e| fail(e.to_string()))?;
-    Ok(0)
+    let made = luks_encryption(&encrypt).map_err(fail).and_then(|e| {
+        o.encrypt = e;
+        qcow2::create(Path::new(&a.filename), &o)
+            .map(|()| 0)
+            .map_err(|e| fail(crate::common::without_os_code(&e)))
+    });
+    discard_on_error(&a.filename, &made);
+    made
 }
 
 const LUKS_OPTS: &str = "Supported luks options:

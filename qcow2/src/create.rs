@@ -232,7 +232,10 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
             .create(true)
             .truncate(true)
             .open(&path)
-            .map_err(|source| Error::Open { path, source })?;
+            .map_err(|source| Error::Io {
+                context: format!("Could not create '{}'", path.display()),
+                source,
+            })?;
     }
     let cs = o.cluster_size;
     let cluster_bits = cs.trailing_zeros();

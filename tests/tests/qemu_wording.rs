@@ -310,3 +310,83 @@ fn create_refuses_a_size_given_twice_and_an_empty_backing_name() {
         assert_eq!(seen[0], seen[1], "{case:?}");
     }
 }
+
+#[test]
+fn a_failed_creation_leaves_no_file() {
+    // qemu-img deletes what a failed qcow2 or LUKS creation began, even a
+    // file that existed before (iotest 282); a backing file that does not
+    // open fails before anything is touched, so that file stays.
+    let dir = rimg_tests::tempdir();
+    let bad = dir.path().join("bad-secret");
+    std::fs::write(&bad, b"\x3a\x3c\x3b\xff").unwrap();
+    let secret = format!("secret,id=s,file={}", bad.display());
+    let cases: [(&[&str], bool); 4] = [
+        (
+            &[
+                "-f",
+                "qcow2",
+                "--object",
+                &secret,
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=s",
+                "IMG",
+                "4M",
+            ],
+            false,
+        ),
+        (
+            &[
+                "-f",
+                "luks",
+                "--object",
+                &secret,
+                "-o",
+                "key-secret=s",
+                "IMG",
+                "4M",
+            ],
+            false,
+        ),
+        (
+            &["-f", "qcow2", "-o", "data_file=/nonexistent/x", "IMG", "4M"],
+            false,
+        ),
+        (
+            &[
+                "-f",
+                "qcow2",
+                "-b",
+                "nonexistent",
+                "-F",
+                "qcow2",
+                "IMG",
+                "4M",
+            ],
+            true,
+        ),
+    ];
+    for (case, stays) in cases {
+        for existed in [false, true] {
+            let mut seen = Vec::new();
+            for tool in ["qemu-img", "rimg"] {
+                let img = dir.path().join(format!("{tool}.img"));
+                let p = img.to_str().unwrap();
+                if existed {
+                    std::fs::write(&img, b"old").unwrap();
+                }
+                let args: Vec<&str> = std::iter::once("create")
+                    .chain(case.iter().map(|&a| if a == "IMG" { p } else { a }))
+                    .collect();
+                let o = rimg_tests::tool(tool, &args);
+                assert!(!o.status.success(), "{tool} {case:?}");
+                assert_eq!(img.exists(), existed && stays, "{tool} {case:?} {existed}");
+                let _ = std::fs::remove_file(&img);
+                let err = String::from_utf8_lossy(&o.stderr)
+                    .replace(p, "IMG")
+                    .replacen(&format!("{tool}: "), "", 1);
+                seen.push((o.status.code(), err));
+            }
+            assert_eq!(seen[0], seen[1], "{case:?}");
+        }
+    }
+}
