@@ -14,6 +14,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod ctl;
 mod dd;
 mod docs;
 mod info;
@@ -79,6 +80,8 @@ enum Cmd {
     Dd(dd::DdArgs),
     /// Edit the persistent dirty bitmaps of a qcow2 image
     Bitmap(bitmap::BitmapArgs),
+    /// Send a command to a running daemon's control socket
+    Ctl(ctl::CtlArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     #[command(hide = true)]
     Completions(docs::CompletionsArgs),
@@ -178,6 +181,7 @@ fn main() -> ExitCode {
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),
+        Cmd::Ctl(a) => ctl::run(a),
         Cmd::Completions(a) => docs::completions(a, Cli::command()),
         Cmd::Man(a) => docs::man(a, Cli::command()),
     };

@@ -2,8 +2,11 @@
 //! -SIZE, with qemu-img resize's checks, messages and exit codes (1 for
 //! every error).
 
+use std::path::{Path, PathBuf};
+
 use clap::Args;
 use qcow2::Preallocation;
+use serde_json::json;
 
 use crate::common::{open_opts, parse_format, qemu_len};
 use crate::size::parse_size;
@@ -55,6 +58,11 @@ pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
             ))
         }
     };
+    if !a.image_opts {
+        if let Some(link) = daemon_link(&a.filename) {
+            return via_daemon(&a, &link, sign, n, prealloc);
+        }
+    }
     let img = open_opts(
         &a.filename,
         a.image_opts,
@@ -130,4 +138,60 @@ fn engine_err(e: qcow2::Error) -> CliError {
         qcow2::Error::InvalidArgument(m) => CliError::new(m),
         e => CliError::new(e.to_string()),
     }
+}
+
+/// The control socket of a running daemon serving `filename`
+/// (rimg-vhost-blk started with `--control` publishes a link to it,
+/// `qcow2::paths::control_link`), if one answers there.
+fn daemon_link(filename: &str) -> Option<PathBuf> {
+    let meta = std::fs::metadata(qcow2::paths::host_path(Path::new(filename))).ok()?;
+    let link = qcow2::paths::control_link(&meta);
+    if !qcow2::paths::trusted_dir(link.parent()?) {
+        return None;
+    }
+    // A link left by a daemon that was killed leads nowhere.
+    crate::ctl::request(&link, &json!({"execute": "query-status"})).ok()?;
+    Some(link)
+}
+
+/// Resizes through the daemon serving the image: the guest sees the new
+/// size at once. The daemon only grows a disk, with no preallocation.
+fn via_daemon(
+    a: &ResizeArgs,
+    link: &Path,
+    sign: i128,
+    n: u64,
+    prealloc: Preallocation,
+) -> Result<u8, CliError> {
+    let served =
+        |m: &str| CliError::new(format!("{}: served by a running daemon: {m}", a.filename));
+    let block = crate::ctl::request(link, &json!({"execute": "query-block"}))?;
+    let current = block["virtual-size"]
+        .as_u64()
+        .ok_or_else(|| served("it did not say the disk's size"))?;
+    let total = if sign == 0 {
+        n as i128
+    } else {
+        current as i128 + sign * n as i128
+    };
+    if total <= 0 {
+        return Err(CliError::new("New image size must be positive"));
+    }
+    if total < current as i128 && !a.shrink {
+        return Err(CliError::new(
+            "Use the --shrink option to perform a shrink operation.",
+        ));
+    }
+    if prealloc != Preallocation::Off {
+        return Err(served("online resize takes no --preallocation"));
+    }
+    crate::ctl::request(
+        link,
+        &json!({"execute": "resize", "arguments": {"size": total as u64}}),
+    )
+    .map_err(|e| served(&e.msg))?;
+    if !a.quiet {
+        println!("Image resized.");
+    }
+    Ok(0)
 }

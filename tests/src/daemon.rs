@@ -148,8 +148,15 @@ impl DaemonProcess {
     /// Sends SIGTERM and waits at most `timeout` for the exit, then
     /// SIGKILLs it. Returns the status (None if it had to be killed) and
     /// the whole log.
-    pub fn terminate_within(mut self, timeout: Duration) -> (Option<ExitStatus>, String) {
+    pub fn terminate_within(self, timeout: Duration) -> (Option<ExitStatus>, String) {
         self.signal(libc::SIGTERM);
+        self.exit_within(timeout)
+    }
+
+    /// Waits for the daemon to exit by itself (no signal sent); if it has
+    /// not within `timeout`, its state dump and threads join the log and
+    /// it is killed (None).
+    pub fn exit_within(mut self, timeout: Duration) -> (Option<ExitStatus>, String) {
         let end = Instant::now() + timeout;
         let st = loop {
             match self.child.try_wait() {

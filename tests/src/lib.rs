@@ -345,6 +345,7 @@ impl Drop for WatchedChild {
 
 pub mod bitmaps;
 pub mod blk;
+pub mod control;
 pub mod crash;
 pub mod daemon;
 pub mod guest;

@@ -4,6 +4,7 @@
 //! image with qemu-img and reads back what the guest wrote.
 
 use std::path::Path;
+use std::time::Duration;
 
 use rand::{RngCore, SeedableRng};
 use rimg_tests::blk::Daemon;
@@ -152,4 +153,96 @@ fn guest_script_failure_is_reported() {
     assert!(!out.timed_out, "{}", out.console);
     assert_eq!(out.status, Some(7), "{}", out.console);
     assert!(out.console.contains("before"));
+}
+
+/// Online resize end to end: the control socket's `resize` grows the
+/// image while the guest runs, rimg-vhost-blk tells QEMU on the backend
+/// request channel (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG), QEMU raises
+/// the config interrupt, and the guest's virtio_blk sees the new
+/// capacity without a reboot and can write past the old end.
+#[test]
+fn linux_guest_sees_the_disk_grow_online() {
+    const OLD_MIB: u64 = 64;
+    const NEW_MIB: u64 = 128;
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    let o = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        &format!("{OLD_MIB}M"),
+    ]);
+    assert!(o.status.success());
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let mut pattern = vec![0u8; PATTERN_LEN];
+    rand::rngs::StdRng::seed_from_u64(0x7265_7369).fill_bytes(&mut pattern);
+    let daemon = Daemon::start(&sock, &img, &["--control", ctl.to_str().unwrap()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (old, new) = (OLD_MIB << 11, NEW_MIB << 11);
+    // The guest waits (bounded) for the new size, then writes past the
+    // old end and reads it back.
+    let script = format!(
+        r#"
+echo "size-before $(cat /sys/block/vda/size)"
+# A GET_ID request: the host's cue to resize.
+cat /sys/block/vda/serial >/dev/null
+i=0
+while [ "$(cat /sys/block/vda/size)" = {old} ] && [ $i -lt 1200 ]; do
+  sleep 0.1
+  i=$((i + 1))
+done
+echo "size-after $(cat /sys/block/vda/size)"
+dmesg | grep -i "capacity change"
+test "$(cat /sys/block/vda/size)" = {new}
+dd if=/pattern of=/dev/vda bs=64k seek={seek} oflag=direct conv=notrunc 2>/dev/null
+dd if=/dev/vda of=/tmp/rb bs=64k skip={seek} count=4 iflag=direct 2>/dev/null
+cmp /tmp/rb /pattern
+echo GUEST-OK
+"#,
+        seek = (NEW_MIB - 8) * 16,
+    );
+    let guest = Guest::new(&script)
+        .file("/pattern", pattern.clone(), 0o644)
+        .vhost_user_blk(&sock, 1);
+    let run = std::thread::spawn(move || guest.run());
+    // The guest has seen the old size and asked for the serial number:
+    // now grow the disk under it.
+    let cued = rimg_tests::net::wait_for(Duration::from_secs(300), || {
+        let s = rimg_tests::control::ok(&ctl, "query-stats", serde_json::json!({}));
+        s["queues"][0]["get-ids"].as_u64().unwrap_or(0) > 0 || run.is_finished()
+    });
+    assert!(cued, "the guest never asked for its serial");
+    let r = rimg_tests::control::ok(&ctl, "resize", serde_json::json!({ "size": NEW_MIB << 20 }));
+    assert_eq!(r["frontend-notified"], true, "{r}");
+    let out = run.join().unwrap();
+    let (st, log) = daemon.terminate();
+    println!("{}", out.console);
+    out.assert_success();
+    assert!(
+        out.console.contains(&format!("size-before {old}")),
+        "{}",
+        out.console
+    );
+    assert!(
+        out.console.contains(&format!("size-after {new}")),
+        "{}",
+        out.console
+    );
+    // The kernel's own record of the online change.
+    assert!(
+        out.console
+            .contains(&format!("capacity change from {old} to {new}")),
+        "{}",
+        out.console
+    );
+    assert!(out.console.contains("GUEST-OK"), "{}", out.console);
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert_qemu_check_clean(&img);
+    let content = qemu_raw_content(&img, &dir.path().join("content.raw"));
+    assert_eq!(content.len() as u64, NEW_MIB << 20);
+    let off = ((NEW_MIB - 8) << 20) as usize;
+    assert!(content[off..off + PATTERN_LEN] == pattern[..]);
 }

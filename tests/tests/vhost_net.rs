@@ -61,11 +61,24 @@ fn testpmd_txonly_frames_reach_tap_and_reconnect() {
     let ns = Netns::new("ntx");
     let dir = tempdir();
     let sock = dir.path().join("net.sock");
-    let d = NetDaemon::start_in(&ns, &sock, &["--tap-create", "rt0", "--mac", MAC]).unwrap();
+    let ctl = dir.path().join("ctl.sock");
+    let c = ctl.to_str().unwrap();
+    let d = NetDaemon::start_in(
+        &ns,
+        &sock,
+        &["--tap-create", "rt0", "--mac", MAC, "--control", c],
+    )
+    .unwrap();
     // Two frontends one after the other on the same daemon and TAP; small
     // frames (copied) then large ones (written from guest memory).
     let a = txonly_round(&ns, &sock, "rt0", "ntx1", 64);
     let b = txonly_round(&ns, &sock, "rt0", "ntx2", 1500);
+    // The control socket counts both connections' frames.
+    let s = rimg_tests::control::ok(&ctl, "query-stats", serde_json::json!({}));
+    assert_eq!(s["pairs"][0]["tx-frames"], a + b, "{s}");
+    assert_eq!(s["pairs"][0]["tx-dropped"], 0, "{s}");
+    let st = rimg_tests::control::ok(&ctl, "query-status", serde_json::json!({}));
+    assert_eq!(st["connections"], 2, "{st}");
     let (st, log) = d.terminate();
     assert!(st.success(), "daemon exit {st}: {log}");
     let stats = pair_stats(&log);

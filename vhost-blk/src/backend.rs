@@ -14,6 +14,7 @@ use rimg_vhost_server::workers::{QueueWorker, Workers};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use crate::config::DeviceConfig;
+use crate::control::QueueStats;
 use crate::worker::{DataFiles, Vring, Worker, GM};
 
 pub struct BlkBackend {
@@ -60,6 +61,7 @@ impl BlkBackend {
         files: Arc<DataFiles>,
         cfg: DeviceConfig,
         mem: GM,
+        stats: &[Arc<QueueStats>],
     ) -> std::io::Result<BlkBackend> {
         let cfg = Arc::new(cfg);
         let writeback = Arc::new(AtomicBool::new(true));
@@ -72,6 +74,7 @@ impl BlkBackend {
                 cfg.clone(),
                 writeback.clone(),
                 mem.clone(),
+                stats.get(q).cloned().unwrap_or_default(),
             )?);
         }
         Ok(BlkBackend {
@@ -121,7 +124,9 @@ impl rimg_vhost_server::Device for BlkBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // BACKEND_REQ: the channel `resize` announces a new capacity on.
         VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::BACKEND_REQ
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS

@@ -1,6 +1,9 @@
 //! The virtio-blk device: offered features and the configuration space
 //! (virtio 1.2, section 5.2.4), encoded little-endian as the guest reads it.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -16,11 +19,12 @@ pub const MAX_DISCARD_SEG: u32 = 32;
 /// `write_zeroes_may_unmap` and its padding).
 pub const CONFIG_LEN: usize = 60;
 
-/// What the daemon was started with; fixed for the daemon's life.
+/// What the daemon was started with; fixed for the daemon's life but for
+/// the capacity, which the control socket's `resize` grows.
 #[derive(Debug, Clone)]
 pub struct DeviceConfig {
     /// Virtual disk size in bytes (rounded down to sectors for the guest).
-    pub capacity: u64,
+    pub capacity: Arc<AtomicU64>,
     pub num_queues: u16,
     pub queue_size: u16,
     pub readonly: bool,
@@ -36,6 +40,11 @@ pub struct DeviceConfig {
 }
 
 impl DeviceConfig {
+    /// The disk's size in bytes, as requests are checked against it now.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
     /// virtio feature bits offered to the driver.
     pub fn features(&self) -> u64 {
         let mut f = (1u64 << VIRTIO_BLK_F_SIZE_MAX)
@@ -63,7 +72,7 @@ impl DeviceConfig {
     pub fn encode(&self, writeback: bool) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
-        put(0, &(self.capacity >> 9).to_le_bytes());
+        put(0, &(self.capacity() >> 9).to_le_bytes());
         put(8, &SEG_SIZE_MAX.to_le_bytes());
         // Leave room for the header and status descriptors.
         put(
@@ -95,7 +104,7 @@ mod tests {
     #[test]
     fn config_layout() {
         let d = DeviceConfig {
-            capacity: 1 << 30,
+            capacity: Arc::new(AtomicU64::new(1 << 30)),
             num_queues: 2,
             queue_size: 128,
             readonly: false,

@@ -8,9 +8,11 @@
 //! - [`worker`]: a queue's request engine and its io_uring.
 //! - [`backend`]: the `VhostUserBackend` glue, one thread per queue.
 //! - [`server`]: the socket loop (reconnects, signals, shutdown).
+//! - [`control`]: the control socket's commands (statistics, resize).
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod request;
 pub mod seccomp;
 pub mod server;

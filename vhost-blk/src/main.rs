@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use qcow2::encrypt::Secret;
 use rimg_vhost_blk::server::{self, ServerConfig};
-use rimg_vhost_server::cli::{self, SeccompArg, SocketArg};
+use rimg_vhost_server::cli::{self, ControlArg, SeccompArg, SocketArg};
 
 /// Serves until SIGTERM or SIGINT; exits 0 once the image is flushed.
 fn main() -> ExitCode {
@@ -60,6 +60,8 @@ struct Args {
     #[arg(long, default_value_t = 0, value_name = "MICROSECONDS")]
     poll_us: u32,
     #[command(flatten)]
+    control: ControlArg,
+    #[command(flatten)]
     seccomp: SeccompArg,
 }
 
@@ -94,6 +96,7 @@ fn serve(a: Args) -> Result<(), String> {
         direct: a.direct,
         l2_cache_bytes: a.cache_size,
         poll_us: a.poll_us,
+        control: a.control.control,
         seccomp: a.seccomp.seccomp,
     };
     server::run(cfg).map_err(|e| e.to_string())

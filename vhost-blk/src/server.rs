@@ -15,7 +15,9 @@ use log::{debug, warn};
 
 use crate::backend::BlkBackend;
 use crate::config::DeviceConfig;
+use crate::control::BlkControl;
 use crate::worker::DataFiles;
+use rimg_vhost_server::Control;
 
 /// Everything the daemon is started with.
 #[derive(Debug, Clone)]
@@ -34,6 +36,8 @@ pub struct ServerConfig {
     pub l2_cache_bytes: Option<u64>,
     /// Busy-polling time of each worker, in microseconds (0: none).
     pub poll_us: u32,
+    /// The control socket to create (`--control`).
+    pub control: Option<PathBuf>,
     /// What a syscall outside the daemon's seccomp list does (or no
     /// filter).
     pub seccomp: rimg_vhost_server::SeccompAction,
@@ -184,8 +188,13 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         .map(|cs| cs as u32)
         .unwrap_or(4096)
         .max(512);
+    let control = Arc::new(BlkControl::new(
+        img.clone(),
+        cfg.num_queues.into(),
+        cfg.readonly,
+    ));
     let dev = DeviceConfig {
-        capacity: img.size() & !511,
+        capacity: control.capacity.clone(),
         num_queues: cfg.num_queues,
         queue_size: cfg.queue_size,
         readonly: cfg.readonly,
@@ -204,9 +213,32 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             img.size(),
         )
     };
+    let commands = cfg.control.clone().map(|path| {
+        // Published for `rimg resize IMAGE`, which then asks this daemon
+        // instead of failing on the image's lock. Not for a read-only
+        // disk: it cannot be resized, and several read-only daemons may
+        // serve one image.
+        let links = (!cfg.readonly)
+            .then(|| std::fs::metadata(qcow2::open::host_path(&cfg.image)).ok())
+            .flatten()
+            .map(|m| qcow2::paths::control_link(&m))
+            .and_then(|link| match crate::control::publish_link(&link, &path) {
+                Ok(()) => Some(link),
+                Err(e) => {
+                    warn!("{}: not published: {e}", link.display());
+                    None
+                }
+            });
+        Control {
+            path,
+            commands: control.clone(),
+            links: links.into_iter().collect(),
+        }
+    });
     rimg_vhost_server::serve(
         "rimg-vhost-blk",
         &cfg.socket,
+        commands,
         cfg.seccomp,
         &crate::seccomp::sandbox(),
         announce,
@@ -216,6 +248,7 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
                 files.clone(),
                 dev.clone(),
                 mem,
+                &control.stats,
             )?))
         },
     )?;

@@ -13,6 +13,7 @@ use rimg_vhost_server::workers::Workers;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
 use crate::config::{Negotiated, NetConfig};
+use crate::control::NetControl;
 use crate::tap::Tap;
 use crate::worker::PairWorker;
 use rimg_vhost_server::GM;
@@ -21,18 +22,26 @@ pub struct NetBackend {
     cfg: NetConfig,
     tap: Arc<Tap>,
     workers: Workers<PairWorker>,
+    control: Arc<NetControl>,
 }
 
 impl NetBackend {
-    pub fn new(cfg: NetConfig, tap: Arc<Tap>, mem: GM) -> std::io::Result<NetBackend> {
+    pub fn new(
+        cfg: NetConfig,
+        tap: Arc<Tap>,
+        mem: GM,
+        control: Arc<NetControl>,
+    ) -> std::io::Result<NetBackend> {
         let mut workers = Vec::new();
         for p in 0..usize::from(cfg.queue_pairs) {
             workers.push(PairWorker::new(p, tap.clone(), mem.clone())?);
         }
+        control.attach(workers.iter().map(|w| w.stats.clone()).collect());
         Ok(NetBackend {
             cfg,
             tap,
             workers: Workers::new(workers)?,
+            control,
         })
     }
 }
@@ -77,17 +86,13 @@ impl rimg_vhost_server::Device for NetBackend {
     fn disconnected(&self) {
         self.workers.for_each(|w| {
             w.quiesce();
-            let s = w.stats;
+            let [tx, tx_gso, tx_dropped, rx, rx_gso, rx_dropped] = w.stats.values();
             log::info!(
-                "pair {}: tx {} frames ({} gso, {} dropped), rx {} frames ({} gso, {} dropped)",
+                "pair {}: tx {tx} frames ({tx_gso} gso, {tx_dropped} dropped), \
+                 rx {rx} frames ({rx_gso} gso, {rx_dropped} dropped)",
                 w.pair(),
-                s.tx_frames,
-                s.tx_gso,
-                s.tx_dropped,
-                s.rx_frames,
-                s.rx_gso,
-                s.rx_dropped
             );
         });
+        self.control.detach();
     }
 }

@@ -3,10 +3,12 @@
 //!
 //! Modules: [`config`] (features and config space), [`tap`] (the TAP
 //! device and its offload ioctls), [`worker`] (one queue pair's data
-//! path), [`backend`] (the vhost-user backend), [`server`] (the daemon).
+//! path), [`backend`] (the vhost-user backend), [`server`] (the daemon),
+//! [`control`] (the control socket's commands).
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod seccomp;
 pub mod server;
 pub mod tap;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser};
 use rimg_vhost_net::config::Mac;
 use rimg_vhost_net::server::{self, ServerConfig};
-use rimg_vhost_server::cli::{self, SeccompArg, SocketArg};
+use rimg_vhost_server::cli::{self, ControlArg, SeccompArg, SocketArg};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +40,8 @@ struct Args {
     #[arg(long, value_name = "N")]
     mtu: Option<u16>,
     #[command(flatten)]
+    control: ControlArg,
+    #[command(flatten)]
     seccomp: SeccompArg,
 }
 
@@ -57,6 +59,7 @@ fn serve(a: Args) -> Result<(), String> {
         queue_pairs: a.num_queue_pairs,
         queue_size: a.queue_size,
         mtu: a.mtu,
+        control: a.control.control,
         seccomp: a.seccomp.seccomp,
     };
     server::run(cfg).map_err(|e| e.to_string())

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use crate::backend::NetBackend;
 use crate::config::{Mac, NetConfig};
+use crate::control::NetControl;
 use crate::tap::{self, Tap};
+use rimg_vhost_server::Control;
 
 /// Everything the daemon is started with.
 #[derive(Debug, Clone)]
@@ -22,6 +24,8 @@ pub struct ServerConfig {
     pub queue_pairs: u16,
     pub queue_size: u16,
     pub mtu: Option<u16>,
+    /// The control socket to create (`--control`).
+    pub control: Option<PathBuf>,
     /// What a syscall outside the daemon's seccomp list does (or no
     /// filter).
     pub seccomp: rimg_vhost_server::SeccompAction,
@@ -84,13 +88,27 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             cfg.socket.display()
         )
     };
+    let control = Arc::new(NetControl::default());
+    let commands = cfg.control.clone().map(|path| Control {
+        path,
+        commands: control.clone(),
+        links: Vec::new(),
+    });
     rimg_vhost_server::serve(
         "rimg-vhost-net",
         &cfg.socket,
+        commands,
         cfg.seccomp,
         &crate::seccomp::sandbox(),
         announce,
-        |mem| Ok(Arc::new(NetBackend::new(net.clone(), tap.clone(), mem)?)),
+        |mem| {
+            Ok(Arc::new(NetBackend::new(
+                net.clone(),
+                tap.clone(),
+                mem,
+                control.clone(),
+            )?))
+        },
     )?;
     Ok(())
 }

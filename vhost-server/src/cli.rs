@@ -16,6 +16,16 @@ pub struct SocketArg {
     pub socket: PathBuf,
 }
 
+/// `--control`, the control socket (see [`crate::control`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ControlArg {
+    /// Path of a control socket to create (mode 0600): JSON requests, one
+    /// per line, QMP's shapes (`{"execute": "query-status"}`); `rimg ctl`
+    /// is a client
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
 /// `--seccomp`, flattened last into a daemon's arguments.
 #[derive(clap::Args, Debug, Clone)]
 pub struct SeccompArg {

@@ -33,9 +33,12 @@ use vmm_sys_util::event::{
 
 pub mod avail;
 pub mod cli;
+pub mod control;
 pub mod device;
+pub mod frontend;
 mod relay;
 pub mod seccomp;
+pub mod stats;
 #[cfg(test)]
 mod test_queue;
 pub mod uring;
@@ -43,7 +46,9 @@ pub mod used;
 pub mod warn;
 pub mod workers;
 
+pub use control::{CommandError, Commands, Control};
 pub use device::{config_window, Backend, Device};
+pub use frontend::Frontend;
 pub use seccomp::{Sandbox, SeccompAction, SyscallList};
 pub use uring::{restricted_ring, RingOwner, WorkerRing};
 pub use warn::CappedWarnings;
@@ -87,16 +92,19 @@ pub enum Error {
     Seccomp(#[from] seccomp::Error),
 }
 
-/// Serves frontends on `socket` until SIGTERM or SIGINT. `ready` runs once
-/// the socket is bound and the seccomp filters of `sandbox` (plus this
-/// loop's own needs, see [`seccomp`]) are installed for `action` (daemons
-/// print their "serving" line there, which tests and scripts wait for);
-/// `make` builds a fresh device for each connection (its workers' threads
-/// call [`seccomp::enter_vring_worker`] first, see [`workers`]). Returns
-/// after the last connection's device was dropped.
+/// Serves frontends on `socket` until SIGTERM, SIGINT or the control
+/// socket's `quit`. `control` is the control socket and the daemon's
+/// commands there (see [`control`]). `ready` runs once the sockets are
+/// bound and the seccomp filters of `sandbox` (plus this loop's own
+/// needs, see [`seccomp`]) are installed for `action` (daemons print
+/// their "serving" line there, which tests and scripts wait for); `make`
+/// builds a fresh device for each connection (its workers' threads call
+/// [`seccomp::enter_vring_worker`] first, see [`workers`]). Returns after
+/// the last connection's device was dropped.
 pub fn serve<D, F>(
     name: &str,
     socket: &Path,
+    control: Option<Control>,
     action: SeccompAction,
     sandbox: &Sandbox,
     ready: impl FnOnce(),
@@ -121,15 +129,39 @@ where
     let (dir, file_name) = socket_dir(socket)?;
     let (private, listener) = PrivateSocket::new()?;
     let mut listener = Listener::from(listener);
-    let terminating = Arc::new(AtomicBool::new(false));
-    let current: Current = Arc::new(Mutex::new(None));
-    spawn_signal_thread(socket.to_path_buf(), terminating.clone(), current.clone())?;
-
+    let ending = Ending {
+        socket: socket.to_path_buf(),
+        terminating: Arc::new(AtomicBool::new(false)),
+        current: Arc::new(Mutex::new(None)),
+    };
+    let terminating = ending.terminating.clone();
+    let current = ending.current.clone();
+    let frontend = Frontend::default();
     let mut own = seccomp::common();
-    own.allow_if(
-        libc::SYS_unlinkat,
-        &[seccomp::Arg::Eq32(0, dir.as_raw_fd() as u32)],
-    );
+    let mut sockets = vec![(dir, file_name)];
+    if let Some(c) = control {
+        let l = control::owner_only_listener(&c.path)
+            .map_err(|e| Error::Listen(c.path.clone(), vhost::vhost_user::Error::SocketError(e)))?;
+        sockets.push(socket_dir(&c.path)?);
+        for link in &c.links {
+            sockets.push(socket_dir(link)?);
+        }
+        let end = ending.clone();
+        let shared = control::Shared {
+            commands: c.commands,
+            frontend: frontend.clone(),
+            quit: Box::new(move || end.terminate()),
+        };
+        control::spawn(l, Arc::new(shared))?;
+    }
+    spawn_signal_thread(ending)?;
+
+    for (dir, _) in &sockets {
+        own.allow_if(
+            libc::SYS_unlinkat,
+            &[seccomp::Arg::Eq32(0, dir.as_raw_fd() as u32)],
+        );
+    }
     sandbox.install(action, &own)?;
     ready();
 
@@ -148,7 +180,8 @@ where
         let (front, _) = public.accept()?;
         let back = private.connect()?;
         daemon.start(&mut listener).map_err(Error::Daemon)?;
-        let relay = relay::spawn(front, back)?;
+        frontend.connected();
+        let relay = relay::spawn(front, back, frontend.clone())?;
         {
             let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
             let h = daemon.shutdown_handle();
@@ -173,6 +206,7 @@ where
             Err(e) => warn!("connection ended: {e}"),
         }
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        frontend.disconnected();
 
         // Dropping the daemon stops the worker threads; the backend then
         // finishes what they left in flight, before the next connection.
@@ -184,14 +218,16 @@ where
         drop(backend);
         info!("frontend disconnected");
     }
-    // SAFETY: unlinkat with a directory descriptor we hold open and a
-    // NUL-terminated name that outlives the call.
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), file_name.as_ptr(), 0) } != 0 {
-        warn!(
-            "cannot remove {}: {}",
-            socket.display(),
-            std::io::Error::last_os_error()
-        );
+    for (dir, file_name) in &sockets {
+        // SAFETY: unlinkat with a directory descriptor we hold open and a
+        // NUL-terminated name that outlives the call.
+        if unsafe { libc::unlinkat(dir.as_raw_fd(), file_name.as_ptr(), 0) } != 0 {
+            warn!(
+                "cannot remove {:?}: {}",
+                file_name,
+                std::io::Error::last_os_error()
+            );
+        }
     }
     Ok(())
 }
@@ -277,39 +313,51 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
     Ok(dir)
 }
 
-/// On SIGTERM/SIGINT: mark termination, end the current connection, and
-/// wake a pending accept with a throwaway connection so the loop sees the
-/// flag. On SIGUSR1: print the current connection's state dump
-/// ([`Device::dump_state`]) on stderr, for hangs to be diagnosed.
-fn spawn_signal_thread(
+/// How the daemon ends: SIGTERM, SIGINT or the control socket's `quit`
+/// mark termination, end the current connection, and wake a pending
+/// accept with a throwaway connection so the loop sees the flag.
+#[derive(Clone)]
+struct Ending {
     socket: PathBuf,
     terminating: Arc<AtomicBool>,
     current: Current,
-) -> std::io::Result<()> {
+}
+
+impl Ending {
+    fn terminate(&self) {
+        let cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if self.terminating.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some((h, _)) = cur.as_ref() {
+            h.shutdown();
+        }
+        drop(cur);
+        let _ = UnixStream::connect(&self.socket);
+    }
+}
+
+/// On SIGTERM/SIGINT: [`Ending::terminate`]. On SIGUSR1: print the
+/// current connection's state dump ([`Device::dump_state`]) on stderr,
+/// for hangs to be diagnosed.
+fn spawn_signal_thread(ending: Ending) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR1])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let cur = current.lock().unwrap_or_else(|p| p.into_inner());
-                if sig == SIGUSR1 {
-                    // Dumped outside the lock: SIGTERM must still work if
-                    // the dump is slow.
-                    let dump = cur.as_ref().map(|(_, d)| d.clone());
-                    drop(cur);
-                    let dump = dump.map_or_else(|| "no frontend connected\n".into(), |d| d());
-                    eprint!("state dump (SIGUSR1):\n{dump}state dump end\n");
+                if sig != SIGUSR1 {
+                    ending.terminate();
                     continue;
                 }
-                if terminating.swap(true, Ordering::SeqCst) {
-                    continue;
-                }
-                if let Some((h, _)) = cur.as_ref() {
-                    h.shutdown();
-                }
+                // Dumped outside the lock: SIGTERM must still work if the
+                // dump is slow.
+                let cur = ending.current.lock().unwrap_or_else(|p| p.into_inner());
+                let dump = cur.as_ref().map(|(_, d)| d.clone());
                 drop(cur);
-                let _ = UnixStream::connect(&socket);
+                let dump = dump.map_or_else(|| "no frontend connected\n".into(), |d| d());
+                eprint!("state dump (SIGUSR1):\n{dump}state dump end\n");
             }
         })?;
     Ok(())

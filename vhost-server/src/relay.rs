@@ -11,6 +11,10 @@
 //! acked PROTOCOL_FEATURES. Everything else passes through unchanged,
 //! file descriptors included. Only control messages cross the relay; the
 //! data path (rings, kicks, calls) never does.
+//!
+//! The relay also keeps a duplicate of the backend request channel that
+//! SET_BACKEND_REQ_FD carries, for the daemon's own messages to the
+//! frontend ([`Frontend::config_changed`]).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -21,6 +25,8 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::frontend::Frontend;
+
 const HDR_LEN: usize = 12;
 /// Larger payloads than any vhost-user request carries mean a broken or
 /// hostile peer: the connection is closed.
@@ -28,6 +34,7 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_FDS: usize = 32;
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_SET_BACKEND_REQ_FD: u32 = 21;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -38,6 +45,7 @@ const PROTOCOL_FEATURES: u64 = 1 << 30;
 pub fn spawn(
     front: UnixStream,
     back: UnixStream,
+    frontend: Frontend,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let front_w = Arc::new(Mutex::new(front.try_clone()?));
     let back_r = back.try_clone()?;
@@ -46,7 +54,7 @@ pub fn spawn(
         std::thread::Builder::new()
             .name("vu-relay-f2b".into())
             .spawn(move || {
-                if let Err(e) = frontend_to_backend(&front, &back, &front_w) {
+                if let Err(e) = frontend_to_backend(&front, &back, &front_w, &frontend) {
                     debug!("relay frontend->backend ended: {e}");
                 }
                 let _ = front.shutdown(std::net::Shutdown::Both);
@@ -138,6 +146,7 @@ fn frontend_to_backend(
     front: &UnixStream,
     back: &UnixStream,
     front_w: &Mutex<UnixStream>,
+    frontend: &Frontend,
 ) -> std::io::Result<()> {
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
@@ -174,6 +183,14 @@ fn frontend_to_backend(
                     warn!("frontend enabled rings without acking PROTOCOL_FEATURES");
                     held.clear();
                 }
+            }
+            REQ_SET_BACKEND_REQ_FD => {
+                if let [fd] = &m.fds[..] {
+                    frontend.set_channel(UnixStream::from(std::os::fd::OwnedFd::from(
+                        fd.try_clone()?,
+                    )));
+                }
+                m.send(back)?
             }
             _ => m.send(back)?,
         }

@@ -39,7 +39,7 @@ impl Worker {
     /// Takes every available request from the queue and issues it.
     fn take_requests(&mut self, vring: &Vring) {
         let mut mem = self.mem.memory().into_inner();
-        let (capacity, readonly) = (self.cfg.capacity, self.cfg.readonly);
+        let (capacity, readonly) = (self.cfg.capacity(), self.cfg.readonly);
         loop {
             if self.event_idx {
                 if let Err(e) = vring.get_mut().get_queue_mut().disable_notification(&*mem) {
@@ -64,6 +64,7 @@ impl Worker {
                 self.free.pop();
                 let slot = &mut self.slots[idx];
                 slot.busy = true;
+                slot.started = Some(std::time::Instant::now());
                 let mut r = slot.req.parse(chain, &*mem, capacity, readonly);
                 if r.is_err() {
                     // The frontend may have added memory (ADD_MEM_REG,

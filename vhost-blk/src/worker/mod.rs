@@ -63,6 +63,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::DeviceConfig;
+use crate::control::QueueStats;
 
 pub use rimg_vhost_server::{Mem, Vring, GM};
 
@@ -153,6 +154,8 @@ pub struct Worker {
     warnings: CappedWarnings,
     /// How buffered writes go ([`inline`]).
     inline: inline::Mode,
+    /// This queue's counters (`query-stats`), kept across connections.
+    stats: Arc<QueueStats>,
 }
 
 impl Worker {
@@ -163,6 +166,7 @@ impl Worker {
         cfg: Arc<DeviceConfig>,
         writeback: Arc<AtomicBool>,
         mem: GM,
+        stats: Arc<QueueStats>,
     ) -> std::io::Result<Worker> {
         let qs = usize::from(cfg.queue_size);
         let efd = EventFd::new(EFD_NONBLOCK)?;
@@ -191,6 +195,7 @@ impl Worker {
             stalled: false,
             warnings: CappedWarnings::new(module_path!(), format!("queue {queue}")),
             inline: inline::Mode::default(),
+            stats,
         })
     }
 

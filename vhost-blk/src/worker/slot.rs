@@ -54,6 +54,8 @@ pub(super) struct Slot {
     pub(super) ops: Vec<Option<Op>>,
     /// Held while the request's mappings are in use.
     pub(super) epoch: Option<IoEpoch>,
+    /// When the request was taken from the ring (for `query-stats`).
+    pub(super) started: Option<std::time::Instant>,
 }
 
 impl Worker {
@@ -166,7 +168,7 @@ impl Worker {
             if !write_zeroes && seg.unmap {
                 return Some(virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8);
             }
-            let Some((off, len)) = seg.byte_range(self.cfg.capacity) else {
+            let Some((off, len)) = seg.byte_range(self.cfg.capacity()) else {
                 self.warnings.warn(format_args!(
                     "discard/write-zeroes past the end of the disk"
                 ));
@@ -229,6 +231,11 @@ impl Worker {
                 self.warnings
                     .warn(format_args!("status byte outside guest memory"));
             }
+        }
+        if let Some(t) = slot.started.take() {
+            let ok = status == Some(S_OK);
+            self.stats
+                .answered(slot.req.kind, ok, slot.req.len, t.elapsed());
         }
         slot.busy = false;
         slot.ops.clear();

@@ -41,6 +41,7 @@ use std::sync::Arc;
 use io_uring::{opcode, types, IoUring};
 use log::{error, info};
 use rimg_vhost_server::avail::{self, AvailError};
+use rimg_vhost_server::stats::Counter;
 use rimg_vhost_server::used::{add_used_burst, signal_used, signal_used_burst};
 use rimg_vhost_server::workers::QueueWorker;
 use rimg_vhost_server::{CappedWarnings, Mem, RingOwner, Vring, WorkerRing, GM};
@@ -102,17 +103,32 @@ pub fn ring(entries: u32, efd: &EventFd, tap: RawFd) -> std::io::Result<IoUring>
 /// The TAP queue, as the ring's fixed file.
 pub const TAP: types::Fixed = types::Fixed(0);
 
-/// Counters, for tests and logs.
-#[derive(Debug, Default, Clone, Copy)]
+/// One connection's counters of a pair, for logs, tests and the control
+/// socket's `query-stats` (which reads them while the worker runs).
+#[derive(Debug, Default)]
 pub struct Stats {
-    pub tx_frames: u64,
+    pub tx_frames: Counter,
     /// TX frames the guest handed over unsegmented (GSO type set).
-    pub tx_gso: u64,
-    pub tx_dropped: u64,
-    pub rx_frames: u64,
+    pub tx_gso: Counter,
+    pub tx_dropped: Counter,
+    pub rx_frames: Counter,
     /// RX frames the TAP handed over unsegmented.
-    pub rx_gso: u64,
-    pub rx_dropped: u64,
+    pub rx_gso: Counter,
+    pub rx_dropped: Counter,
+}
+
+impl Stats {
+    /// The counters in the order of the log line.
+    pub fn values(&self) -> [u64; 6] {
+        [
+            self.tx_frames.get(),
+            self.tx_gso.get(),
+            self.tx_dropped.get(),
+            self.rx_frames.get(),
+            self.rx_gso.get(),
+            self.rx_dropped.get(),
+        ]
+    }
 }
 
 struct Pool {
@@ -170,7 +186,7 @@ pub struct PairWorker {
     tx_mem: Option<Arc<Mem>>,
     /// Completions of one reap (reused: no allocation per burst).
     cq: Vec<(u64, i32)>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
 }
 
 impl PairWorker {
@@ -207,7 +223,7 @@ impl PairWorker {
             tx_in_place: 0,
             tx_mem: None,
             cq: Vec::with_capacity(RING_ENTRIES as usize),
-            stats: Stats::default(),
+            stats: Arc::default(),
         })
     }
 
@@ -288,7 +304,7 @@ impl PairWorker {
                 // Frames already read for a disabled queue are dropped.
                 while let Some((slot, _)) = self.ready.pop_front() {
                     self.rx.free.push(slot);
-                    self.stats.rx_dropped += 1;
+                    self.stats.rx_dropped.add(1);
                 }
             }
         }
@@ -331,7 +347,7 @@ impl PairWorker {
                     }
                 }
                 if res < 0 {
-                    self.stats.tx_dropped += 1;
+                    self.stats.tx_dropped.add(1);
                 }
                 continue;
             }
@@ -471,8 +487,8 @@ impl QueueWorker for PairWorker {
             } else {
                 ""
             },
-            s.tx_frames,
-            s.rx_frames,
+            s.tx_frames.get(),
+            s.rx_frames.get(),
             if self.ring.is_wedged() {
                 "; ring wedged: frames are dropped"
             } else {

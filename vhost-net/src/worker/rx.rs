@@ -53,14 +53,14 @@ impl PairWorker {
                 match self.place(q, &mem, slot, len) {
                     Some(true) => {
                         used_any = true;
-                        self.stats.rx_frames += 1;
+                        self.stats.rx_frames.add(1);
                         if self.rx.slot(slot)[1] != 0 {
-                            self.stats.rx_gso += 1;
+                            self.stats.rx_gso.add(1);
                         }
                     }
                     Some(false) => {
                         used_any = true;
-                        self.stats.rx_dropped += 1;
+                        self.stats.rx_dropped.add(1);
                     }
                     None => {
                         // Out of guest buffers: ask for a kick, unless

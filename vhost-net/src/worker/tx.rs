@@ -127,7 +127,7 @@ impl PairWorker {
                 // Nothing reaches the TAP through a wedged ring: the
                 // frame is dropped and its chain returned.
                 self.tx_spare.push(w.segs);
-                self.stats.tx_dropped += 1;
+                self.stats.tx_dropped.add(1);
                 if w.head < size {
                     self.tx_used.push(w.head);
                 }
@@ -152,7 +152,7 @@ impl PairWorker {
                 }
                 Err(why) => {
                     self.tx.free.push(slot);
-                    self.stats.tx_dropped += 1;
+                    self.stats.tx_dropped.add(1);
                     let head = w.head;
                     self.warn(format_args!("dropping TX chain {head}: {why}"));
                     // A head outside the queue cannot be returned, and
@@ -248,9 +248,9 @@ impl PairWorker {
                 if let Ok(s) = mem.get_slice(d.addr, len) {
                     // virtio_net_hdr byte 1 is gso_type.
                     if s.load::<u8>(1, Ordering::Relaxed).is_ok_and(|t| t != 0) {
-                        self.stats.tx_gso += 1;
+                        self.stats.tx_gso.add(1);
                     }
-                    self.stats.tx_frames += 1;
+                    self.stats.tx_frames.add(1);
                     return Ok(TxFrame::InPlace(s.ptr_guard().as_ptr(), len));
                 }
             }
@@ -306,9 +306,9 @@ impl PairWorker {
         buf[ghdr..ghdr + gap].fill(0);
         // virtio_net_hdr byte 1 is gso_type.
         if buf[1] != 0 {
-            self.stats.tx_gso += 1;
+            self.stats.tx_gso.add(1);
         }
-        self.stats.tx_frames += 1;
+        self.stats.tx_frames.add(1);
         Ok(pos + gap)
     }
 

@@ -67,7 +67,7 @@ fn tx_frame_copied_with_its_header() {
     };
     assert_eq!(&w.tx.slot(0)[..12], &hdr[..]);
     assert_eq!(&w.tx.slot(0)[12..72], &frame[..]);
-    assert_eq!((w.stats.tx_frames, w.stats.tx_dropped), (1, 0));
+    assert_eq!((w.stats.tx_frames.get(), w.stats.tx_dropped.get()), (1, 0));
 }
 
 /// A 10-byte guest header: the frame lands after a zero gap, at the

@@ -1,0 +1,391 @@
+//! The daemons' control sockets (`--control`), driven as an operator's
+//! tool would: malformed input, too many clients, the socket's owner-only
+//! mode, statistics against what a libblkio frontend did, online resize
+//! (refusals, and growth while two queues write), `quit`; every daemon
+//! with seccomp in kill mode, its exit status asserted and the image
+//! checked by qemu-img afterwards.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rimg_tests::blk::{Client, Daemon};
+use rimg_tests::control::{error, execute, ok, request};
+use rimg_tests::{assert_qemu_check_clean, qemu_img, tempdir};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+
+fn qcow2(dir: &Path, mib: u64) -> std::path::PathBuf {
+    let img = dir.join("disk.qcow2");
+    let o = qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        &format!("{mib}M"),
+    ]);
+    assert!(o.status.success());
+    img
+}
+
+fn virtual_size(img: &Path) -> u64 {
+    let o = qemu_img(&["info", "--output=json", img.to_str().unwrap()]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    v["virtual-size"].as_u64().unwrap()
+}
+
+fn line(r: &mut BufReader<UnixStream>) -> String {
+    let mut l = String::new();
+    r.read_line(&mut l).unwrap();
+    l
+}
+
+#[test]
+fn blk_control_answers_bad_input_and_counts_what_the_frontend_did() {
+    let dir = tempdir();
+    let img = qcow2(dir.path(), 64);
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let d = Daemon::start(
+        &sock,
+        &img,
+        &["--control", ctl.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let meta = std::fs::metadata(&ctl).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(meta.uid(), unsafe { libc::getuid() });
+
+    let st = ok(&ctl, "query-status", json!({}));
+    assert_eq!(
+        (st["frontend"].clone(), st["connections"].clone()),
+        (json!(false), json!(0))
+    );
+
+    // Bad input on one connection: each line answered, the connection
+    // kept; an id comes back with its answer.
+    let c = UnixStream::connect(&ctl).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let mut r = BufReader::new(c);
+    for (bad, want) in [
+        ("\u{1}\u{2}garbage", "JSON parse error"),
+        ("[1,2]", "Expected a JSON object"),
+        (r#"{"arguments":{}}"#, "Expected 'execute'"),
+        (
+            r#"{"execute":"resize","arguments":5}"#,
+            "'arguments' must be an object",
+        ),
+        (r#"{"execute":"no-such"}"#, "has not been found"),
+        (r#"{"execute":"resize"}"#, "'size'"),
+        (
+            r#"{"execute":"resize","arguments":{"size":"big"}}"#,
+            "'size'",
+        ),
+    ] {
+        writeln!(w, "{bad}").unwrap();
+        let a = line(&mut r);
+        assert!(a.contains(want), "{bad}: {a}");
+    }
+    writeln!(w, r#"{{"execute":"query-status","id":"x1"}}"#).unwrap();
+    let a: Value = serde_json::from_str(&line(&mut r)).unwrap();
+    assert_eq!(a["id"], "x1");
+    assert_eq!(a["return"]["status"], "running");
+
+    // A line past the limit: an error, then the daemon closes.
+    let mut long = UnixStream::connect(&ctl).unwrap();
+    let _ = long.write_all(&vec![b' '; 70_000]);
+    let _ = long.write_all(b"x\n");
+    let mut got = String::new();
+    let _ = long.read_to_string(&mut got);
+    assert!(got.contains("longer than"), "{got}");
+
+    // Eight clients at once are served (`w` is one); the ninth is told
+    // and closed; once one leaves, a new one is served.
+    let held: Vec<UnixStream> = (0..7).map(|_| UnixStream::connect(&ctl).unwrap()).collect();
+    let mut ninth = UnixStream::connect(&ctl).unwrap();
+    let mut got = String::new();
+    ninth.read_to_string(&mut got).unwrap();
+    assert!(got.contains("too many control clients"), "{got}");
+    drop(held);
+    drop(r);
+    drop(w);
+    let served = rimg_tests::net::wait_for(Duration::from_secs(10), || {
+        let a = request(&ctl, r#"{"execute":"query-status"}"#);
+        a.get("return").is_some()
+    });
+    assert!(served, "no client served after the others left");
+
+    // What the frontend does is what query-stats counts.
+    let mut cl = Client::connect(&sock, 2, false).unwrap();
+    let st = ok(&ctl, "query-status", json!({}));
+    assert_eq!(
+        (st["frontend"].clone(), st["connections"].clone()),
+        (json!(true), json!(1))
+    );
+    let before = ok(&ctl, "query-stats", json!({}));
+    let data = vec![0x5au8; 8192];
+    for i in 0..10u64 {
+        cl.write(0, i * 65536, &data).unwrap();
+    }
+    for i in 0..7u64 {
+        cl.read(1, i * 65536, 4096).unwrap();
+    }
+    cl.flush(1).unwrap();
+    let after = ok(&ctl, "query-stats", json!({}));
+    let diff = |q: usize, k: &str| {
+        after["queues"][q][k].as_u64().unwrap() - before["queues"][q][k].as_u64().unwrap()
+    };
+    assert_eq!(
+        (
+            diff(0, "writes"),
+            diff(0, "written-bytes"),
+            diff(0, "reads")
+        ),
+        (10, 10 * 8192, 0),
+        "{after}"
+    );
+    assert_eq!(
+        (diff(1, "reads"), diff(1, "read-bytes"), diff(1, "flushes")),
+        (7, 7 * 4096, 1),
+        "{after}"
+    );
+    assert_eq!(diff(0, "failed") + diff(1, "failed"), 0, "{after}");
+    let hist: u64 = after["queues"][0]["latency"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert!(hist >= 10, "{after}");
+    drop(cl);
+
+    let a = execute(&ctl, "quit", json!({}));
+    assert_eq!(a, json!({"return": {}}));
+    let (st, log) = d.exit_within(Duration::from_secs(30));
+    let st = st.unwrap_or_else(|| panic!("quit did not end the daemon: {log}"));
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert!(!ctl.exists() && !sock.exists(), "sockets left behind");
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn blk_resize_refusals() {
+    let dir = tempdir();
+    let img = qcow2(dir.path(), 64);
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let c = ctl.to_str().unwrap();
+    let d = Daemon::start(&sock, &img, &["--control", c]).unwrap();
+    let e = error(&ctl, "resize", json!({"size": 64 * MIB + 100}));
+    assert!(e.contains("not a multiple of 512"), "{e}");
+    let e = error(&ctl, "resize", json!({"size": 32 * MIB}));
+    assert!(e.contains("only grows"), "{e}");
+    let e = error(&ctl, "resize", json!({"size": -1}));
+    assert!(e.contains("'size'"), "{e}");
+    // Past what qcow2 can address with 64 KiB clusters: the engine's
+    // refusal, and the disk unchanged.
+    let e = error(&ctl, "resize", json!({"size": 1u64 << 62}));
+    assert!(e.contains("resize"), "{e}");
+    // Its own size: nothing to do, the frontend still told.
+    let r = ok(&ctl, "resize", json!({"size": 64 * MIB}));
+    assert_eq!(r["old-size"], 64 * MIB);
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert_eq!(virtual_size(&img), 64 * MIB);
+    assert_qemu_check_clean(&img);
+
+    let d = Daemon::start(&sock, &img, &["--control", c, "--readonly"]).unwrap();
+    let e = error(&ctl, "resize", json!({"size": 128 * MIB}));
+    assert!(e.contains("read-only"), "{e}");
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+}
+
+/// Growth while a frontend writes and reads back on two queues (the
+/// resize quiesces the engine's allocations, which those writes make):
+/// nothing is lost, every resize lands, and a new connection sees the
+/// final capacity and can use it.
+#[test]
+fn blk_grows_while_two_queues_write_qcow2() {
+    let dir = tempdir();
+    grows_while_two_queues_write(&qcow2(dir.path(), 64));
+}
+
+/// A raw file grows by truncation, which only the control thread may do.
+#[test]
+fn blk_grows_while_two_queues_write_raw() {
+    let dir = tempdir();
+    let img = dir.path().join("disk.raw");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(64 * MIB)
+        .unwrap();
+    grows_while_two_queues_write(&img);
+}
+
+fn grows_while_two_queues_write(img: &Path) {
+    let dir = img.parent().unwrap();
+    let img = img.to_path_buf();
+    let sock = dir.join("blk.sock");
+    let ctl = dir.join("ctl.sock");
+    let d = Daemon::start(
+        &sock,
+        &img,
+        &["--control", ctl.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let mut cl = Client::connect(&sock, 2, false).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let io = {
+        let (stop, done) = (stop.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut round = 0u64;
+            while !stop.load(Ordering::Acquire) || round < 4 {
+                for q in 0..2usize {
+                    // Fresh clusters each round (allocations), spread over
+                    // the old 64 MiB.
+                    let off = ((round * 2 + q as u64) * 65536 * 7) % (64 * MIB - 65536);
+                    let data = vec![(round as u8) ^ (q as u8 * 0x80); 65536];
+                    cl.write(q, off, &data).unwrap();
+                    assert_eq!(cl.read(q, off, 65536).unwrap(), data, "round {round}");
+                }
+                round += 1;
+                done.store(round, Ordering::Release);
+            }
+            round
+        })
+    };
+    let mut size = 64 * MIB;
+    for i in 0..8 {
+        // Each resize while the frontend is between rounds i and i + 1 or
+        // later: interleaved with its writes, not before them all.
+        let going = rimg_tests::net::wait_for(Duration::from_secs(30), || {
+            done.load(Ordering::Acquire) >= i
+        });
+        assert!(going, "the frontend made no progress");
+        size += 8 * MIB + 65536;
+        let r = ok(&ctl, "resize", json!({ "size": size }));
+        assert_eq!(r["size"], size);
+        println!("resize to {size}: {r}");
+    }
+    stop.store(true, Ordering::Release);
+    let rounds = io.join().unwrap();
+    assert!(rounds >= 4);
+
+    let mut cl = Client::connect(&sock, 2, false).unwrap();
+    assert_eq!(cl.capacity(), size);
+    let tail = vec![0xc3u8; 65536];
+    cl.write(1, size - 65536, &tail).unwrap();
+    assert_eq!(cl.read(0, size - 65536, 65536).unwrap(), tail);
+    drop(cl);
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert!(!log.contains("seccomp"), "{log}");
+    assert_eq!(virtual_size(&img), size);
+    if img.extension().is_some_and(|e| e == "qcow2") {
+        assert_qemu_check_clean(&img);
+    }
+}
+
+/// `rimg resize` of an image a daemon serves asks that daemon (through
+/// the link it published next to its control socket) instead of failing
+/// on the image's lock; qemu-img resize's checks come first; a link in a
+/// directory others could write, or one a killed daemon left, is not
+/// followed.
+#[test]
+fn rimg_resize_asks_the_daemon_serving_the_image() {
+    use std::process::Command;
+    let dir = tempdir();
+    let img = qcow2(dir.path(), 64);
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let run_dir = dir.path().join("run");
+    let start = || {
+        let mut cmd = Command::new(rimg_tests::workspace_bin("rimg-vhost-blk"));
+        cmd.env("RIMG_RUNTIME_DIR", &run_dir)
+            .arg("--socket")
+            .arg(&sock)
+            .arg("--image")
+            .arg(&img)
+            .arg("--control")
+            .arg(&ctl);
+        rimg_tests::daemon::DaemonProcess::spawn(cmd, &sock).unwrap()
+    };
+    let resize = |args: &[&str], size: &str| {
+        let o = Command::new(rimg_tests::workspace_bin("rimg"))
+            .env("RIMG_RUNTIME_DIR", &run_dir)
+            .arg("resize")
+            .args(args)
+            .arg(&img)
+            .arg(size)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let d = start();
+    let mut cl = Client::connect(&sock, 1, false).unwrap();
+    cl.write(0, 0, &[0x11; 4096]).unwrap();
+    let (code, out, err) = resize(&[], "+64M");
+    assert_eq!((code, out.as_str()), (Some(0), "Image resized.\n"), "{err}");
+    let size = |ctl: &Path| {
+        ok(ctl, "query-block", json!({}))["virtual-size"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(size(&ctl), 128 * MIB);
+    // The connected frontend keeps working.
+    cl.write(0, 4096, &[0x22; 4096]).unwrap();
+    let (code, _, err) = resize(&[], "32M");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("Use the --shrink option"), "{err}");
+    let (code, _, err) = resize(&["--shrink"], "32M");
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("served by a running daemon") && err.contains("only grows"),
+        "{err}"
+    );
+    let (code, _, err) = resize(&["--preallocation=full"], "+1M");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--preallocation"), "{err}");
+    assert_eq!(size(&ctl), 128 * MIB);
+
+    // A directory others could write: its links are not followed, so
+    // the image's lock stands.
+    let mode = |m| std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(m)).unwrap();
+    mode(0o755);
+    let (code, _, err) = resize(&[], "+1M");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("lock"), "{err}");
+    mode(0o700);
+    drop(cl);
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    let links = || std::fs::read_dir(&run_dir).unwrap().count();
+    assert_eq!(links(), 0, "link left behind");
+    assert_eq!(virtual_size(&img), 128 * MIB);
+    assert_qemu_check_clean(&img);
+
+    // A daemon killed: its link stays but leads nowhere, and rimg resizes
+    // the (now unlocked) image itself.
+    let d = start();
+    assert_eq!(links(), 1);
+    d.signal(libc::SIGKILL);
+    let (st, _) = d.exit_within(Duration::from_secs(10));
+    assert!(st.is_some());
+    let (code, _, err) = resize(&[], "+64M");
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(virtual_size(&img), 192 * MIB);
+    assert_qemu_check_clean(&img);
+}
