@@ -13,9 +13,13 @@
 //! commands and chains are answered ERR or returned unused, then frames
 //! go out on both pairs and one comes in on either; after a reset, CTRL_VQ
 //! alone (control queue at index 2) and one more frame on pair 0.
+//! With `blk-resize` on the command line, the block device then waits
+//! for a configuration change (the test resizes the disk): the device's
+//! interrupt, InterruptStatus, ConfigGeneration and the new capacity.
 //!
 //! One module per concern: `io` (serial, memory, MMIO), `virtio`
-//! (rings, initialisation), `blk`, `net`.
+//! (rings, initialisation), `blk`, `net`, `irq` (taking the device's
+//! interrupt).
 
 #![no_std]
 #![no_main]
@@ -26,6 +30,8 @@
 mod blk;
 #[path = "virtio_probe/io.rs"]
 mod io;
+#[path = "virtio_probe/irq.rs"]
+mod irq;
 #[path = "virtio_probe/net.rs"]
 mod net;
 #[path = "virtio_probe/virtio.rs"]
@@ -59,8 +65,10 @@ extern "C" fn guest_main() -> ! {
         }
         found += 1;
         let id = r32(base + 8);
+        // rimg-vmm gives device i IOAPIC pin 5 + i (vmm/src/layout.rs).
+        let irq = 5 + i as u32;
         let pass = match id {
-            2 => blk::blk(base),
+            2 => blk::blk(base, irq, cmdline_has(b"blk-resize")),
             1 => net::net(base),
             _ => true,
         };
@@ -88,3 +96,5 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 
 // memset, memcpy, memmove, memcmp and the personality stub.
 include!("libc_shim.rs");
+// cmdline_has.
+include!("cmdline.rs");
