@@ -61,8 +61,6 @@ extern "C" {
 }
 
 const COM1: u16 = 0x3f8;
-/// Boot protocol: %rsi points here; cmd_line_ptr is at offset 0x228.
-const ZERO_PAGE: u64 = 0x7000;
 const TRAMP: u64 = 0x1_0000;
 const AP_DONE: u32 = 0x600d_0a90;
 const LAPIC: u64 = 0xfee0_0000;
@@ -191,25 +189,6 @@ fn start_ap() {
     print("\n");
 }
 
-fn cmdline_has(word: &[u8]) -> bool {
-    let p = r32(ZERO_PAGE + 0x228) as u64;
-    if p == 0 {
-        return false;
-    }
-    let mut i = 0u64;
-    loop {
-        // SAFETY: the command line is a NUL-terminated string in guest RAM.
-        let at = |k: u64| unsafe { read_volatile((p + k) as *const u8) };
-        if at(i) == 0 {
-            return false;
-        }
-        if (0..word.len()).all(|k| at(i + k as u64) == word[k]) {
-            return true;
-        }
-        i += 1;
-    }
-}
-
 #[repr(C, packed)]
 struct Idtr {
     limit: u16,
@@ -294,3 +273,5 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
 
 // memset, memcpy, memmove, memcmp and the personality stub.
 include!("libc_shim.rs");
+// cmdline_has.
+include!("cmdline.rs");

@@ -1,5 +1,6 @@
 //! A daemon under test (rimg-vhost-blk, rimg-vhost-net): started, waited
-//! for until it listens, stopped with SIGTERM; its log is kept.
+//! for until it listens, stopped with SIGTERM; its log is kept. And what
+//! /proc shows of a process's threads.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -224,6 +225,25 @@ pub fn proc_threads(pid: u32) -> String {
                 out.push_str(&format!("    {l}\n"));
             }
         }
+    }
+    out
+}
+
+/// For every thread of `pid`: its name, seccomp mode (2 = filter) and
+/// number of filters.
+pub fn thread_seccomp(pid: u32) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} line"))
+                .trim()
+                .to_string()
+        };
+        out.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
     }
     out
 }

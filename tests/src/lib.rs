@@ -246,10 +246,24 @@ pub fn run_watched(cmd: Command, timeout: std::time::Duration) -> Watched {
 pub struct WatchedChild {
     pid: u32,
     stdin: Option<std::process::ChildStdin>,
-    out_t: Option<std::thread::JoinHandle<Vec<u8>>>,
+    stdout: std::sync::Arc<Collected>,
+    out_t: Option<std::thread::JoinHandle<()>>,
     err_t: Option<std::thread::JoinHandle<Vec<u8>>>,
     waiter: Option<std::thread::JoinHandle<std::io::Result<std::process::ExitStatus>>>,
     exited: std::sync::mpsc::Receiver<()>,
+}
+
+/// A child's stdout as it comes, and a signal for each new piece.
+#[derive(Default)]
+struct Collected {
+    bytes: std::sync::Mutex<Vec<u8>>,
+    more: std::sync::Condvar,
+}
+
+impl Collected {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.bytes.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Starts `cmd` with `stdin` (with `Stdio::piped()` the pipe stays open
@@ -263,10 +277,21 @@ pub fn spawn_watched(mut cmd: Command, stdin: std::process::Stdio) -> WatchedChi
     let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let mut stdout = child.stdout.take().unwrap();
     let mut stderr = child.stderr.take().unwrap();
+    let collected = std::sync::Arc::new(Collected::default());
+    let sink = collected.clone();
     let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = stdout.read_to_end(&mut v);
-        v
+        let mut buf = [0u8; 4096];
+        loop {
+            match stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    sink.lock().extend_from_slice(&buf[..n]);
+                    sink.more.notify_all();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
     });
     let err_t = std::thread::spawn(move || {
         let mut v = Vec::new();
@@ -284,6 +309,7 @@ pub fn spawn_watched(mut cmd: Command, stdin: std::process::Stdio) -> WatchedChi
     WatchedChild {
         pid,
         stdin,
+        stdout: collected,
         out_t: Some(out_t),
         err_t: Some(err_t),
         waiter: Some(waiter),
@@ -294,6 +320,33 @@ pub fn spawn_watched(mut cmd: Command, stdin: std::process::Stdio) -> WatchedChi
 impl WatchedChild {
     pub fn id(&self) -> u32 {
         self.pid
+    }
+
+    /// Waits until the child's stdout so far contains `needle`; false if
+    /// `timeout` passes first.
+    pub fn wait_for_stdout(&self, needle: &str, timeout: std::time::Duration) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        let mut out = self.stdout.lock();
+        loop {
+            if String::from_utf8_lossy(&out).contains(needle) {
+                return true;
+            }
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            out = self
+                .stdout
+                .more
+                .wait_timeout(out, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// What the child wrote on stdout so far.
+    pub fn stdout_so_far(&self) -> Vec<u8> {
+        self.stdout.lock().clone()
     }
 
     /// Closes the child's stdin and waits for its exit; after `timeout`
@@ -309,12 +362,11 @@ impl WatchedChild {
             .take()
             .and_then(|w| w.join().ok())
             .and_then(|r| r.ok());
+        if let Some(t) = self.out_t.take() {
+            let _ = t.join();
+        }
         Watched {
-            stdout: self
-                .out_t
-                .take()
-                .and_then(|t| t.join().ok())
-                .unwrap_or_default(),
+            stdout: std::mem::take(&mut *self.stdout.lock()),
             stderr: self
                 .err_t
                 .take()
@@ -351,6 +403,7 @@ pub mod daemon;
 pub mod guest;
 pub mod image;
 pub mod net;
+pub mod qsd;
 pub mod rings;
 pub mod torture;
 pub mod twins;

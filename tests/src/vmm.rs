@@ -110,6 +110,17 @@ impl VmmProcess {
         self.0.id()
     }
 
+    /// Waits until the guest's console so far contains `needle`; false if
+    /// `timeout` passes first.
+    pub fn wait_for_console(&self, needle: &str, timeout: Duration) -> bool {
+        self.0.wait_for_stdout(needle, timeout)
+    }
+
+    /// The guest's console so far.
+    pub fn console_so_far(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout_so_far()).replace('\r', "")
+    }
+
     /// Closes its stdin and waits for the exit (killed after `timeout`).
     pub fn finish(self, timeout: Duration) -> VmmRun {
         self.0.wait(timeout).into()

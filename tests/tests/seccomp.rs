@@ -17,6 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rimg_tests::blk::{Client, Daemon};
+use rimg_tests::daemon::thread_seccomp;
 use rimg_tests::net::{NetDaemon, Netns};
 use rimg_tests::vmm::{guest_frame, packet_socket, probe_guest, send_frame, VmmProcess};
 use rimg_tests::{qemu_img, tempdir, workspace_bin};
@@ -197,25 +198,6 @@ fn vmm_filter_allows_its_kvm_ioctls_and_nothing_else() {
     ] {
         assert_killed("vmm", call);
     }
-}
-
-/// For every thread of `pid`: its name, seccomp mode (2 = filter) and
-/// number of filters.
-fn thread_seccomp(pid: u32) -> Vec<(String, String, String)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} line"))
-                .trim()
-                .to_string()
-        };
-        out.push((field("Name:"), field("Seccomp:"), field("Seccomp_filters:")));
-    }
-    out
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! rimg-vmm on this machine's /dev/kvm with a freestanding probe guest
 //! (tests/guests/virtio_probe.rs): a virtio-mmio disk served by
 //! rimg-vhost-blk and a NIC served by rimg-vhost-net, driven by the guest
-//! through rings in its own memory, the VMM only relaying the setup.
+//! through rings in its own memory, the VMM only relaying the setup; a
+//! disk served by qemu-storage-daemon and resized while the guest runs.
 //! Plus what the vCPUs see of CPUID and the application-processor start
 //! (tests/guests/cpu_probe.rs), the dump a triple fault leaves, and the
 //! VMM's usage errors.
@@ -10,9 +11,13 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use rimg_tests::blk::Daemon;
+use rimg_tests::daemon::thread_seccomp;
 use rimg_tests::net::{pair_stats, NetDaemon, Netns};
-use rimg_tests::vmm::{cpu_guest, guest_frame, packet_socket, probe_guest, run_vmm, send_frame};
-use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_raw_content, tempdir};
+use rimg_tests::qsd::Qsd;
+use rimg_tests::vmm::{
+    cpu_guest, guest_frame, packet_socket, probe_guest, run_vmm, send_frame, VmmProcess,
+};
+use rimg_tests::{assert_qemu_check_clean, qemu_create, qemu_img, qemu_raw_content, tempdir};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -64,6 +69,90 @@ fn probe_guest_writes_reads_and_flushes_a_vhost_blk_disk() {
     }
     assert!(raw[..at].iter().all(|&b| b == 0));
     assert!(raw[at + 4096..].iter().all(|&b| b == 0));
+}
+
+/// qemu-storage-daemon serves the disk, which the test grows from 64 to
+/// 128 MiB (QMP block_resize) while the guest waits: the daemon announces
+/// the change on the backend request channel (CONFIG_CHANGE_MSG), the VMM
+/// fetches the config space again, moves ConfigGeneration on and raises
+/// the configuration-change interrupt. The probe guest takes the
+/// device's interrupt, finds InterruptStatus bit 1 (cleared by its ack),
+/// a new generation and the new capacity, and writes 4 KiB past the old
+/// end. The VMM runs with its default seccomp filter (kill), its
+/// request-channel thread included.
+#[test]
+fn probe_guest_sees_an_online_resize_announced_by_qemu_storage_daemon() {
+    let d = tempdir();
+    let img = d.path().join("disk.qcow2");
+    let sock = d.path().join("qsd.sock");
+    qemu_create(&img, "", "64M");
+    let mut qsd = Qsd::start_blk(&img, &sock);
+    let disk = format!("socket={}", s(&sock));
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        s(probe_guest()),
+        "--memory",
+        "64M",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "blk-resize",
+    ]);
+    assert!(
+        vmm.wait_for_console("blk: waiting for a config change", T),
+        "the guest never got to its wait:\n{}",
+        vmm.console_so_far()
+    );
+    let req = thread_seccomp(vmm.id())
+        .into_iter()
+        .find(|t| t.0 == "vhost-req")
+        .expect("a request-channel thread (qemu-storage-daemon offers BACKEND_REQ)");
+    assert_eq!((req.1.as_str(), req.2.as_str()), ("2", "2"), "{req:?}");
+    qsd.qmp(
+        "block_resize",
+        serde_json::json!({ "node-name": "disk", "size": 128 << 20 }),
+    )
+    .unwrap_or_else(|e| panic!("block_resize: {e}"));
+    let r = vmm.finish(T);
+    assert!(
+        !r.console.contains("blk: timeout"),
+        "the guest saw no configuration change in time:\n{}\n{}",
+        r.console,
+        r.stderr
+    );
+    r.assert_clean_exit();
+    for line in [
+        "blk: capacity 0x20000 sectors",
+        "blk: flush status 0x0",
+        "blk: interrupt, InterruptStatus 0x3",
+        "blk: InterruptStatus after the ack 0x1",
+        "blk: new capacity 0x40000 sectors",
+        "blk: past the old end: data verified",
+        "probe: PASS",
+    ] {
+        assert!(r.console.contains(line), "missing {line:?}:\n{}", r.console);
+    }
+    let generations = r
+        .console
+        .lines()
+        .find_map(|l| l.strip_prefix("blk: config generation "))
+        .and_then(|g| g.split_once(" -> "))
+        .unwrap_or_else(|| panic!("no generation line:\n{}", r.console));
+    assert_ne!(generations.0, generations.1, "ConfigGeneration unchanged");
+    assert!(!r.stderr.contains("request channel"), "{}", r.stderr);
+    let (st, log) = qsd.quit();
+    assert!(st.success(), "qemu-storage-daemon: {log}");
+    assert_qemu_check_clean(&img);
+    let info = qemu_img(&["info", "--output=json", s(&img)]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["virtual-size"], 128 << 20, "{info}");
+    // The guest's 4 KiB at the old end (sector 0x20000).
+    let raw = qemu_raw_content(&img, &d.path().join("raw"));
+    let at = 64 << 20;
+    for i in 0..4096usize {
+        let want = (i as u8) ^ 0x5a ^ ((i >> 8) as u8);
+        assert_eq!(raw[at + i], want, "byte {i} past the old end");
+    }
 }
 
 #[test]

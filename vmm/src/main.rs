@@ -2,6 +2,7 @@
 //! disks and NICs.
 
 mod acpi;
+mod backend_req;
 mod config;
 mod cpu;
 mod cpuid;

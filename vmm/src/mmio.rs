@@ -8,6 +8,12 @@
 //! always reports a used-buffer interrupt once the device runs (the driver
 //! then checks its rings, which is harmless when nothing is new).
 //!
+//! The configuration-change bit is the VMM's own, and the only one
+//! InterruptACK clears: it is set when the VMM marks the device failed
+//! (NEEDS_RESET) or the backend announces a configuration change on its
+//! request channel (backend_req.rs), and raised on the same irqfd, the
+//! device's one interrupt line.
+//!
 //! A multiqueue NIC's control queue is the exception: it has no
 //! ioeventfd, so its QueueNotify write exits here and the VMM answers the
 //! commands itself (net_ctrl.rs) and raises the same irqfd. A data queue
@@ -45,8 +51,8 @@ struct Queue {
     ring: RingAddrs,
 }
 
-/// State a watcher thread shares with the transport: set when the
-/// backend hangs up.
+/// State the backend watcher thread shares with the transport: set when
+/// the backend hangs up.
 pub struct Health {
     pub failed: AtomicBool,
     pub interrupt_status: AtomicU32,
@@ -407,7 +413,23 @@ impl MmioDevice {
     /// Marks the device as needing a reset and tells the driver.
     pub fn fail(&mut self) {
         self.health.failed.store(true, Ordering::Release);
-        notify_failed(&self.health, &self.call);
+        config_interrupt(&self.health, &self.call);
+    }
+
+    /// The backend announced a configuration change (on its request
+    /// channel): the config space is fetched again (GET_CONFIG, on the
+    /// connection this device's lock guards), ConfigGeneration moves on
+    /// so a driver reading the fields across the change reads again
+    /// (virtio 1.2, 2.5.1 and 4.2.2), and a running device (DRIVER_OK)
+    /// raises the configuration-change interrupt. Before DRIVER_OK the
+    /// driver reads the new values when it gets to them.
+    pub fn config_changed(&mut self) -> crate::error::Result<()> {
+        self.backend.refresh_config()?;
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.status & STATUS_DRIVER_OK != 0 {
+            config_interrupt(&self.health, &self.call);
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -432,9 +454,9 @@ impl MmioDevice {
     }
 }
 
-/// Raises a configuration-change interrupt so the driver reads the
-/// NEEDS_RESET status.
-pub fn notify_failed(health: &Health, call: &EventFd) {
+/// Raises a configuration-change interrupt: the driver then reads the
+/// status (NEEDS_RESET) and the config space.
+pub fn config_interrupt(health: &Health, call: &EventFd) {
     health
         .interrupt_status
         .fetch_or(INT_CONFIG, Ordering::AcqRel);

@@ -3,8 +3,9 @@
 //! Everything that needs more is done first: opening /dev/kvm, the kernel
 //! and the initrd, creating guest memory (memfd, mmap), the VM, its
 //! irqchip, PIT, memory slots, irqfds and ioeventfds, the vCPUs and their
-//! state, connecting to the vhost-user backends and starting every
-//! thread (vCPUs, console input, backend watchers). The filter is then
+//! state, connecting to the vhost-user backends (and creating their
+//! request channels' socket pairs) and starting every thread (vCPUs,
+//! console input, backend watchers, request channels). The filter is then
 //! installed on every thread (TSYNC) before any vCPU enters the guest.
 //!
 //! While the guest runs the VMM only:
@@ -16,8 +17,11 @@
 //! - stops the other vCPUs when one fails, so they dump their state
 //!   too: `tgkill` to this process's threads with [`kick_signal`] only;
 //! - talks vhost-user to the backends from the vCPU threads, when the
-//!   driver starts or resets a device or (control queue) enables queues:
+//!   driver starts or resets a device or (control queue) enables queues,
+//!   and from a request-channel thread, to fetch a changed config space:
 //!   `sendmsg` with the rings' descriptors, `recvmsg` for replies;
+//! - serves the backends' request channels: `read` a request, `write`
+//!   the reply;
 //! - signals irqfds (`write` on eventfds), prints the console (`write`),
 //!   reads console input (`read`), watches the backends' sockets
 //!   (`poll`);

@@ -2,8 +2,11 @@
 //! (rimg-vhost-blk, rimg-vhost-net, qemu-storage-daemon, ...), learns its
 //! features, queues and config space, and hands it the rings when the
 //! guest driver starts the device. Data never passes through the VMM.
+//! A backend offering BACKEND_REQ also gets a request channel, on which
+//! it announces configuration changes (backend_req.rs).
 
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
@@ -104,11 +107,20 @@ pub struct RingAddrs {
     pub used: u64,
 }
 
+/// The VMM's one handle on a backend's vhost-user connection. Every
+/// message goes through `&mut self` and the `Backend` is owned by its
+/// device, which lives in a `Mutex` (`vmm.rs`, `Bus::devices`): the vCPU
+/// threads (register writes that start, reset or reconfigure the device)
+/// and the request-channel thread (a configuration change's GET_CONFIG)
+/// both hold that lock for a whole exchange, so neither messages nor
+/// multi-message sequences such as [`Self::start`] interleave on the
+/// socket.
 pub struct Backend {
     pub kind: Kind,
     pub socket: PathBuf,
     fe: Frontend,
     backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
     /// Features offered to the guest.
     pub features: u64,
     /// Queues the backend serves (for a multiqueue NIC: 2 * max pairs).
@@ -116,7 +128,15 @@ pub struct Backend {
     /// A multiqueue NIC's number of queue pairs (> 1): the device then
     /// has one more queue, the control queue, which the VMM runs.
     pub max_pairs: Option<u16>,
+    /// The config space the guest reads: the backend's, with the VMM's
+    /// own values applied (`max_virtqueue_pairs`, a `--net mac=`).
     pub config: Vec<u8>,
+    /// A MAC address given on the command line, which replaces the
+    /// backend's.
+    mac: Option<[u8; 6]>,
+    /// The VMM's end of the backend request channel, until
+    /// [`Self::take_request_channel`].
+    requests: Option<UnixStream>,
 }
 
 fn vhost_err(socket: &Path, what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
@@ -165,9 +185,28 @@ impl Backend {
                 & (VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK);
+            // The request channel serves configuration changes only: of
+            // use with CONFIG alone.
+            let channel =
+                VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::CONFIG;
+            if offered.contains(channel) {
+                protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
+            }
             fe.set_protocol_features(protocol)
                 .map_err(vhost_err(socket, "SET_PROTOCOL_FEATURES"))?;
         }
+        let requests = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
+            let (ours, theirs) = UnixStream::pair().map_err(|e| Error::Vhost {
+                socket: socket.into(),
+                what: "SET_BACKEND_REQ_FD",
+                msg: format!("socketpair: {e}"),
+            })?;
+            fe.set_backend_request_fd(&theirs)
+                .map_err(vhost_err(socket, "SET_BACKEND_REQ_FD"))?;
+            Some(ours)
+        } else {
+            None
+        };
         let queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
             fe.get_queue_num()
                 .map_err(vhost_err(socket, "GET_QUEUE_NUM"))? as usize
@@ -184,21 +223,7 @@ impl Backend {
                 msg: format!("unusable queue count {queues}"),
             });
         }
-        let config = if protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            let len = kind.config_len();
-            let (_, data) = fe
-                .get_config(
-                    0,
-                    len,
-                    VhostUserConfigFlags::WRITABLE,
-                    &vec![0; len as usize],
-                )
-                .map_err(vhost_err(socket, "GET_CONFIG"))?;
-            data
-        } else {
-            vec![0; kind.config_len() as usize]
-        };
-        let mut config = config;
+        let config = backend_config(&mut fe, kind, protocol, socket)?;
         let mut queues = queues;
         let mut features =
             (backend_features & (TRANSPORT_BITS | DEVICE_BITS)) | (extra & DEVICE_BITS);
@@ -217,21 +242,59 @@ impl Backend {
                 // pairs than the backend has queues for).
                 features |= NET_F_CTRL_VQ | NET_F_MQ;
                 queues = 2 * usize::from(pairs);
-                config[NET_CONFIG_MAX_PAIRS..NET_CONFIG_MAX_PAIRS + 2]
-                    .copy_from_slice(&pairs.to_le_bytes());
                 max_pairs = Some(pairs);
             }
         }
-        Ok(Backend {
+        let mut b = Backend {
             kind,
             socket: socket.into(),
             fe,
             backend_features,
+            protocol,
             features,
             queues,
             max_pairs,
-            config,
-        })
+            config: Vec::new(),
+            mac: None,
+            requests,
+        };
+        b.config = b.device_config(config);
+        Ok(b)
+    }
+
+    /// The backend's config space as the guest sees it: with the number
+    /// of queue pairs the VMM honours and the command line's MAC.
+    fn device_config(&self, mut config: Vec<u8>) -> Vec<u8> {
+        if let Some(pairs) = self.max_pairs {
+            config[NET_CONFIG_MAX_PAIRS..NET_CONFIG_MAX_PAIRS + 2]
+                .copy_from_slice(&pairs.to_le_bytes());
+        }
+        if let Some(mac) = self.mac {
+            config[..6].copy_from_slice(&mac);
+        }
+        config
+    }
+
+    /// A NIC's MAC address from the command line, in place of the
+    /// backend's (now and after every configuration change).
+    pub fn set_mac(&mut self, mac: [u8; 6]) {
+        self.mac = Some(mac);
+        let config = std::mem::take(&mut self.config);
+        self.config = self.device_config(config);
+    }
+
+    /// The VMM's end of the backend request channel, if BACKEND_REQ was
+    /// negotiated (once: whoever takes it serves it).
+    pub fn take_request_channel(&mut self) -> Option<UnixStream> {
+        self.requests.take()
+    }
+
+    /// Fetches the config space again (GET_CONFIG), after the backend
+    /// announced a change; the VMM's own values stay applied.
+    pub fn refresh_config(&mut self) -> Result<()> {
+        let raw = backend_config(&mut self.fe, self.kind, self.protocol, &self.socket)?;
+        self.config = self.device_config(raw);
+        Ok(())
     }
 
     /// Queues the guest sees: the backend's, plus a multiqueue NIC's
@@ -352,6 +415,36 @@ impl Backend {
         }
         Ok(())
     }
+}
+
+/// The backend's config space (GET_CONFIG), or zeros without the CONFIG
+/// protocol feature.
+fn backend_config(
+    fe: &mut Frontend,
+    kind: Kind,
+    protocol: VhostUserProtocolFeatures,
+    socket: &Path,
+) -> Result<Vec<u8>> {
+    let len = kind.config_len();
+    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
+        return Ok(vec![0; len as usize]);
+    }
+    let (_, data) = fe
+        .get_config(
+            0,
+            len,
+            VhostUserConfigFlags::WRITABLE,
+            &vec![0; len as usize],
+        )
+        .map_err(vhost_err(socket, "GET_CONFIG"))?;
+    if data.len() != len as usize {
+        return Err(Error::Vhost {
+            socket: socket.into(),
+            what: "GET_CONFIG",
+            msg: format!("{} bytes of config space, expected {len}", data.len()),
+        });
+    }
+    Ok(data)
 }
 
 /// Queue pairs a vhost-user-net backend can run under this VMM: its

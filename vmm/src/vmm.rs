@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::mpsc;
@@ -16,6 +17,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
+use crate::backend_req;
 use crate::config::{DiskSpec, NetSpec};
 use crate::cpu;
 use crate::diag::{self, ExitKind, ExitRing, Kick};
@@ -79,6 +81,10 @@ type Uart = Serial<IrqLine, NoEvents, Console>;
 
 struct Bus {
     serial: Mutex<Uart>,
+    /// Each device (base address, device) behind the lock that also
+    /// serialises its vhost-user connection (see `vhost_user::Backend`):
+    /// the vCPUs take it for register accesses, the request-channel
+    /// thread for a configuration change.
     devices: Vec<(u64, Mutex<MmioDevice>)>,
 }
 
@@ -126,7 +132,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         let extra = if n.mac.is_some() { VIRTIO_NET_F_MAC } else { 0 };
         let mut b = Backend::connect(Kind::Net, &n.socket, extra)?;
         if let Some(mac) = n.mac {
-            b.config[..6].copy_from_slice(&mac);
+            b.set_mac(mac);
         }
         backends.push(b);
     }
@@ -166,8 +172,9 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     let mut threads = Threads::new();
     let mut devices = Vec::new();
     let mut acpi_devs = Vec::new();
+    let mut channels = Vec::new();
     let mut cmdline = cfg.cmdline.clone();
-    for (i, backend) in backends.into_iter().enumerate() {
+    for (i, mut backend) in backends.into_iter().enumerate() {
         let base = layout::virtio_mmio(i);
         let irq = layout::virtio_irq(i);
         let call = EventFd::new(libc::EFD_NONBLOCK).io_ctx(|| "eventfd")?;
@@ -203,6 +210,9 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
             health.clone(),
             call.try_clone().io_ctx(|| "eventfd")?,
         )?;
+        if let Some(ch) = backend.take_request_channel() {
+            channels.push((i, ch, backend.socket.clone()));
+        }
         devices.push((
             base,
             Mutex::new(MmioDevice::new(
@@ -232,6 +242,9 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         devices,
     });
     spawn_stdin(&mut threads, bus.clone())?;
+    for (i, ch, socket) in channels {
+        serve_backend_requests(&mut threads, bus.clone(), i, ch, socket)?;
+    }
 
     let (tx, rx) = mpsc::channel();
     let mut vcpus = Vec::new();
@@ -506,8 +519,32 @@ fn watch_backend(
             health
                 .failed
                 .store(true, std::sync::atomic::Ordering::Release);
-            mmio::notify_failed(&health, &call);
+            mmio::config_interrupt(&health, &call);
             return;
+        }
+    })
+}
+
+/// Serves device `i`'s backend request channel (backend_req.rs): a
+/// configuration change is handled under the device's lock, which also
+/// keeps its GET_CONFIG apart from the vCPUs' use of the connection. A
+/// backend breaking the channel's protocol loses the channel (dropped
+/// here, so closed), not the device.
+fn serve_backend_requests(
+    threads: &mut Threads,
+    bus: Arc<Bus>,
+    i: usize,
+    ch: UnixStream,
+    socket: PathBuf,
+) -> Result<()> {
+    // Used as a plain descriptor: std's socket reads are recv(2), which
+    // the filter does not allow; read(2) and write(2) it does.
+    let mut ch = std::fs::File::from(std::os::fd::OwnedFd::from(ch));
+    threads.spawn("vhost-req".into(), move || {
+        let name = socket.display().to_string();
+        let r = backend_req::serve(&mut ch, &name, || lock(&bus.devices[i].1).config_changed());
+        if let Err(e) = r {
+            eprintln!("rimg-vmm: backend {name}: request channel: {e}; channel closed");
         }
     })
 }
