@@ -82,11 +82,57 @@ fn probe_guest_writes_reads_and_flushes_a_vhost_blk_disk() {
 /// request-channel thread included.
 #[test]
 fn probe_guest_sees_an_online_resize_announced_by_qemu_storage_daemon() {
+    online_resize(
+        Qsd::start_blk,
+        |qsd| {
+            qsd.qmp(
+                "block_resize",
+                serde_json::json!({ "node-name": "disk", "size": 128 << 20 }),
+            )
+            .unwrap_or_else(|e| panic!("block_resize: {e}"));
+        },
+        |qsd| {
+            let (st, log) = qsd.quit();
+            assert!(st.success(), "qemu-storage-daemon: {log}");
+        },
+    );
+}
+
+/// The same with rimg-vhost-blk, resized through its control socket.
+#[test]
+fn probe_guest_sees_an_online_resize_announced_by_rimg_vhost_blk() {
+    online_resize(
+        |img, sock| {
+            let ctl = sock.with_extension("ctl");
+            let d = Daemon::start(sock, img, &["--control", s(&ctl)]).unwrap();
+            (d, ctl)
+        },
+        |(_, ctl)| {
+            let r =
+                rimg_tests::control::ok(ctl, "resize", serde_json::json!({ "size": 128 << 20 }));
+            assert_eq!(r["frontend-notified"], true, "{r}");
+        },
+        |(d, _)| {
+            let (st, log) = d.terminate();
+            assert!(st.success(), "rimg-vhost-blk: {log}");
+        },
+    );
+}
+
+/// A 64 MiB qcow2 disk served by the backend `start` makes, grown to
+/// 128 MiB by `resize` while the probe guest waits for the change; the
+/// guest must take the config interrupt, see the new capacity and write
+/// past the old end. `stop` ends the backend (its exit checked there).
+fn online_resize<B>(
+    start: impl FnOnce(&std::path::Path, &std::path::Path) -> B,
+    resize: impl FnOnce(&mut B),
+    stop: impl FnOnce(B),
+) {
     let d = tempdir();
     let img = d.path().join("disk.qcow2");
-    let sock = d.path().join("qsd.sock");
+    let sock = d.path().join("blk.sock");
     qemu_create(&img, "", "64M");
-    let mut qsd = Qsd::start_blk(&img, &sock);
+    let mut backend = start(&img, &sock);
     let disk = format!("socket={}", s(&sock));
     let vmm = VmmProcess::spawn(&[
         "--kernel",
@@ -106,13 +152,9 @@ fn probe_guest_sees_an_online_resize_announced_by_qemu_storage_daemon() {
     let req = thread_seccomp(vmm.id())
         .into_iter()
         .find(|t| t.0 == "vhost-req")
-        .expect("a request-channel thread (qemu-storage-daemon offers BACKEND_REQ)");
+        .expect("a request-channel thread (the backend offers BACKEND_REQ)");
     assert_eq!((req.1.as_str(), req.2.as_str()), ("2", "2"), "{req:?}");
-    qsd.qmp(
-        "block_resize",
-        serde_json::json!({ "node-name": "disk", "size": 128 << 20 }),
-    )
-    .unwrap_or_else(|e| panic!("block_resize: {e}"));
+    resize(&mut backend);
     let r = vmm.finish(T);
     assert!(
         !r.console.contains("blk: timeout"),
@@ -140,8 +182,7 @@ fn probe_guest_sees_an_online_resize_announced_by_qemu_storage_daemon() {
         .unwrap_or_else(|| panic!("no generation line:\n{}", r.console));
     assert_ne!(generations.0, generations.1, "ConfigGeneration unchanged");
     assert!(!r.stderr.contains("request channel"), "{}", r.stderr);
-    let (st, log) = qsd.quit();
-    assert!(st.success(), "qemu-storage-daemon: {log}");
+    stop(backend);
     assert_qemu_check_clean(&img);
     let info = qemu_img(&["info", "--output=json", s(&img)]);
     let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
