@@ -210,8 +210,8 @@ pub fn send_frame(pkt: &OwnedFd, frame: &[u8]) {
     );
 }
 
-/// rimg-vmm, rimg-vhost-blk and rimg-vhost-net (and the benchmark aid
-/// `first_line`) linked statically (for the outer TCG guest, which has
+/// rimg-vmm, rimg-vhost-blk, rimg-vhost-net and rimg (and the benchmark
+/// aid `first_line`) linked statically (for the outer TCG guest, which has
 /// no libraries), built under
 /// target/static; returns the directory holding them.
 pub fn static_bins() -> &'static Path {
@@ -236,6 +236,8 @@ pub fn static_bins() -> &'static Path {
                 "rimg-vhost-blk",
                 "-p",
                 "rimg-vhost-net",
+                "-p",
+                "rimg",
             ])
             .status()
             .expect("cargo build");
@@ -245,7 +247,10 @@ pub fn static_bins() -> &'static Path {
 }
 
 /// The inner Linux guest's script (on rimg-vmm): filesystem on the qcow2
-/// disk verified across a remount, ping and TCP both ways to the TAP side.
+/// disk verified across a remount, the disk grown online (`rimg resize`
+/// on the outer side, cued by the GET_ID request that reading the serial
+/// makes) and written past its old end, ping and TCP both ways to the
+/// TAP side.
 pub const INNER: &str = r#"
 if grep -q rimg_reboot /proc/cmdline; then echo INNER-REBOOT; reboot -f; fi
 echo "inner-cpus $(grep -c ^processor /proc/cpuinfo)"
@@ -257,6 +262,17 @@ umount /mnt
 mount /dev/vda /mnt
 sha256sum -c /tmp/sum
 umount /mnt
+echo "inner-size-before $(cat /sys/block/vda/size)"
+cat /sys/block/vda/serial > /dev/null
+i=0
+while [ "$(cat /sys/block/vda/size)" = 131072 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+echo "inner-size-after $(cat /sys/block/vda/size)"
+dmesg | grep "capacity change" || true
+dd if=/dev/urandom of=/tmp/tail bs=64k count=4 2>/dev/null
+dd if=/tmp/tail of=/dev/vda bs=64k seek=1600 oflag=direct conv=notrunc 2>/dev/null
+dd if=/dev/vda of=/tmp/tail2 bs=64k skip=1600 count=4 iflag=direct 2>/dev/null
+cmp /tmp/tail /tmp/tail2
+echo inner-grown-ok
 echo "virtio devices: $(cat /sys/bus/virtio/devices/*/device | tr '\n' ' ')"
 ip link set eth0 up
 ip addr add 10.0.0.2/24 dev eth0
@@ -283,7 +299,8 @@ echo INNER-PASS
 pub const OUTER: &str = r#"
 ls -l /dev/kvm
 ip link set lo up
-rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 @QUEUE_SIZE@ > /tmp/blk.log 2>&1 &
+export RIMG_RUNTIME_DIR=/tmp/rimg-run
+rimg-vhost-blk --socket /tmp/blk.sock --image /disk.qcow2 --control /tmp/blk.ctl @QUEUE_SIZE@ > /tmp/blk.log 2>&1 &
 BLK=$!
 RUST_LOG=info rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 --num-queue-pairs 2 @QUEUE_SIZE@ \
   > /tmp/net.log 2>&1 &
@@ -298,6 +315,16 @@ nc -l -p 5001 < /tmp/hold > /tmp/recv &
 RECV=$!
 nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
+# The disk grows by 64 MiB once the inner guest reads its serial number
+# (a GET_ID request, counted by the daemon): rimg resize finds the daemon
+# through the link it published and asks it.
+( n=0
+  until rimg ctl /tmp/blk.ctl query-stats 2>/dev/null | grep -q '"get-ids": [1-9]' || [ $n -ge 3000 ]; do
+    usleep 50000; n=$((n+1))
+  done
+  rc=0; rimg resize /disk.qcow2 +64M > /tmp/resize.log 2>&1 || rc=$?
+  echo "resize-rc $rc" >> /tmp/resize.log ) &
+RESIZE=$!
 # The inner VMM's output goes to the console as it comes (a hang shows
 # how far the guest got) and to /tmp/inner.log.
 # A hang is ended well before the test's deadline, so the dumps and the
@@ -319,6 +346,8 @@ if [ "$rc" != 0 ]; then
   cat /tmp/blk.log /tmp/net.log
   exit 1
 fi
+wait $RESIZE || true
+sed 's/^/resize| /' /tmp/resize.log
 grep -q INNER-PASS /tmp/inner.log
 @REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
@@ -522,6 +551,7 @@ pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
             read(&bins.join("rimg-vhost-net")),
             0o755,
         )
+        .file("/bin/rimg", read(&bins.join("rimg")), 0o755)
         .qemu_args([
             "-drive".to_string(),
             format!("file={},format=raw,if=virtio", back.display()),

@@ -196,6 +196,124 @@ fn online_resize<B>(
     }
 }
 
+/// rimg-vmm's control socket: the owner's only, query-status and
+/// query-devices, malformed input answered, `pause` holding the guest
+/// while its disk grows under it (the config interrupt waits with the
+/// parked vCPU: no guest output in that window), `resume`, and `quit`
+/// ending the VMM with status 0; the seccomp filter in kill mode.
+#[test]
+fn vmm_control_socket_pauses_resumes_and_quits() {
+    use rimg_tests::control::{error, ok, request};
+    use serde_json::json;
+    let d = tempdir();
+    let img = d.path().join("disk.qcow2");
+    let sock = d.path().join("blk.sock");
+    let blk_ctl = d.path().join("blk.ctl");
+    let vmm_ctl = d.path().join("vmm.ctl");
+    qemu_create(&img, "", "64M");
+    let daemon = Daemon::start(&sock, &img, &["--control", s(&blk_ctl)]).unwrap();
+    let disk = format!("socket={}", s(&sock));
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        s(probe_guest()),
+        "--memory",
+        "64M",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "blk-resize",
+        "--control",
+        s(&vmm_ctl),
+    ]);
+    assert!(
+        vmm.wait_for_console("blk: waiting for a config change", T),
+        "the guest never got to its wait:\n{}",
+        vmm.console_so_far()
+    );
+    let mode = std::fs::metadata(&vmm_ctl).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let st = ok(&vmm_ctl, "query-status", json!({}));
+    assert_eq!(st, json!({"status": "running", "running": true}));
+    let devs = ok(&vmm_ctl, "query-devices", json!({}));
+    assert_eq!(devs[0]["type"], "virtio-blk", "{devs}");
+    assert_eq!(devs[0]["socket"], s(&sock), "{devs}");
+    assert_eq!(devs[0]["failed"], false, "{devs}");
+    let bad = request(&vmm_ctl, "{not json");
+    assert!(
+        bad["error"]["desc"].as_str().unwrap().contains("JSON"),
+        "{bad}"
+    );
+    assert!(error(&vmm_ctl, "no-such", json!({})).contains("not been found"));
+
+    ok(&vmm_ctl, "pause", json!({}));
+    assert_eq!(ok(&vmm_ctl, "query-status", json!({}))["status"], "paused");
+    let r = ok(&blk_ctl, "resize", json!({ "size": 128 << 20 }));
+    assert_eq!(r["frontend-notified"], true, "{r}");
+    // An observation window, not a synchronisation: a paused guest must
+    // not take the interrupt.
+    assert!(
+        !vmm.wait_for_console("blk: interrupt", Duration::from_millis(700)),
+        "the guest ran while paused:\n{}",
+        vmm.console_so_far()
+    );
+    ok(&vmm_ctl, "resume", json!({}));
+    assert!(
+        vmm.wait_for_console("probe: PASS", T),
+        "the guest did not finish after resume:\n{}",
+        vmm.console_so_far()
+    );
+    let r = vmm.finish(T);
+    r.assert_clean_exit();
+    assert!(
+        r.console.contains("blk: new capacity 0x40000 sectors"),
+        "{}",
+        r.console
+    );
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "rimg-vhost-blk: {log}");
+    assert_qemu_check_clean(&img);
+}
+
+/// `quit` on the control socket ends a running guest's VMM with status 0.
+#[test]
+fn vmm_control_quit_ends_the_vmm() {
+    let d = tempdir();
+    let img = d.path().join("disk.qcow2");
+    let sock = d.path().join("blk.sock");
+    let vmm_ctl = d.path().join("vmm.ctl");
+    qemu_create(&img, "", "64M");
+    let daemon = Daemon::start(&sock, &img, &[]).unwrap();
+    let disk = format!("socket={}", s(&sock));
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        s(probe_guest()),
+        "--memory",
+        "64M",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "blk-resize",
+        "--control",
+        s(&vmm_ctl),
+    ]);
+    assert!(
+        vmm.wait_for_console("blk: waiting for a config change", T),
+        "{}",
+        vmm.console_so_far()
+    );
+    let a = rimg_tests::control::request(&vmm_ctl, r#"{"execute":"quit"}"#);
+    assert_eq!(a, serde_json::json!({"return": {}}));
+    let r = vmm.finish(T);
+    r.assert_clean_exit();
+    assert!(r.stderr.contains("quit (control socket)"), "{}", r.stderr);
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "rimg-vhost-blk: {log}");
+    assert_qemu_check_clean(&img);
+}
+
 #[test]
 fn probe_guest_sends_and_receives_frames_through_vhost_net() {
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

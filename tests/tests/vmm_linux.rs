@@ -4,7 +4,9 @@
 //! rimg-vhost-blk and rimg-vhost-net; rimg-vmm boots the Debian 6.1 cloud
 //! kernel with 2 vCPUs, a qcow2 disk and a NIC with 2 queue pairs. The
 //! inner guest makes a filesystem, verifies files across a remount, sees
-//! both queue pairs, pings the TAP side and moves data both ways over TCP
+//! its disk grow online (`rimg resize` on the outer side, through the
+//! daemon's control socket) and writes past the old end, sees both queue
+//! pairs, pings the TAP side and moves data both ways over TCP
 //! (one flow per vCPU, so both pairs carry frames both ways), then powers
 //! off. The qcow2 image comes back to the host on a raw virtio disk of the
 //! outer guest and passes `qemu-img check`. (Scripts and setup:
@@ -61,6 +63,23 @@ fn check(run: &StackRun, vmm: InnerVmm) -> Result<(), String> {
         )?;
     }
     ensure(c.contains("/mnt/f: OK"), "file check after remount")?;
+    // rimg resize through the daemon's control socket, seen by the guest
+    // at once (the kernel's own line) and usable past the old end.
+    ensure(c.contains("resize| Image resized."), "rimg resize")?;
+    ensure(
+        field(c, "resize| resize-rc ")? == "0",
+        "rimg resize exit status",
+    )?;
+    ensure(field(c, "inner-size-before ")? == "131072", "size before")?;
+    ensure(
+        field(c, "inner-size-after ")? == "262144",
+        "size after the resize",
+    )?;
+    ensure(
+        c.contains("capacity change from 131072 to 262144"),
+        "no capacity change in the guest's kernel log",
+    )?;
+    ensure(c.contains("inner-grown-ok"), "data past the old end")?;
     // Two combined channels: the guest took MQ and VQ_PAIRS_SET 2 was
     // answered OK by the VMM's control queue.
     ensure(

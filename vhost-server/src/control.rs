@@ -23,6 +23,7 @@
 //! thread and the commands take no lock the data path waits on for long.
 
 use std::ffi::CString;
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -30,6 +31,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, warn};
 use serde_json::{json, Map, Value};
@@ -179,17 +181,18 @@ pub(crate) fn spawn(listener: UnixListener, shared: Arc<Shared>) -> std::io::Res
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
+                let Ok(conn) = conn else { continue };
+                let conn = as_file(conn);
                 if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
                     clients.fetch_sub(1, Ordering::AcqRel);
-                    let _ = reply(&mut conn, &failure("too many control clients"), None);
+                    let _ = reply(&conn, &failure("too many control clients"), None);
                     continue;
                 }
                 let (shared, clients2) = (shared.clone(), clients.clone());
                 let spawned = std::thread::Builder::new()
                     .name("control-client".into())
                     .spawn(move || {
-                        if let Err(e) = serve_client(conn, &shared) {
+                        if let Err(e) = serve_client(&conn, &shared, None) {
                             debug!("control client: {e}");
                         }
                         clients2.fetch_sub(1, Ordering::AcqRel);
@@ -203,26 +206,77 @@ pub(crate) fn spawn(listener: UnixListener, shared: Arc<Shared>) -> std::io::Res
     Ok(())
 }
 
+/// Serves control clients on `listener` one after the other, on the
+/// calling thread, forever: for a process that creates no threads once
+/// it runs (rimg-vmm, under its seccomp filter). A client idle for
+/// `idle` is disconnected, so one that stays connected cannot shut the
+/// others out for long. `quit` runs `quit`.
+pub fn serve_in_turn(
+    listener: UnixListener,
+    commands: Arc<dyn Commands>,
+    quit: Box<dyn Fn() + Send + Sync>,
+    idle: Duration,
+) {
+    let shared = Shared {
+        commands,
+        frontend: Frontend::default(),
+        quit,
+    };
+    for conn in listener.incoming() {
+        let Ok(conn) = conn else { continue };
+        if let Err(e) = serve_client(&as_file(conn), &shared, Some(idle)) {
+            debug!("control client: {e}");
+        }
+    }
+}
+
+/// A client's connection as a plain descriptor: read(2) and write(2), the
+/// calls every seccomp list here has (std's socket reads are recvfrom).
+fn as_file(conn: UnixStream) -> File {
+    File::from(OwnedFd::from(conn))
+}
+
+/// Waits up to `t` for `f` to be readable; false on timeout.
+fn readable_within(f: &File, t: Duration) -> std::io::Result<bool> {
+    let mut p = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = t.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one pollfd that outlives the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n > 0)
+}
+
 fn failure(desc: &str) -> Value {
     CommandError::Failed(desc.into()).answer()
 }
 
-fn reply(conn: &mut UnixStream, answer: &Value, id: Option<&Value>) -> std::io::Result<()> {
+fn reply(conn: &File, answer: &Value, id: Option<&Value>) -> std::io::Result<()> {
     let mut answer = answer.clone();
     if let (Some(id), Some(o)) = (id, answer.as_object_mut()) {
         o.insert("id".into(), id.clone());
     }
     let mut line = answer.to_string();
     line.push('\n');
-    conn.write_all(line.as_bytes())
+    let mut w = conn;
+    w.write_all(line.as_bytes())
 }
 
-fn serve_client(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
-    let mut out = conn.try_clone()?;
+fn serve_client(conn: &File, shared: &Shared, idle: Option<Duration>) -> std::io::Result<()> {
     let mut input = BufReader::new(conn);
     let mut line = Vec::new();
     loop {
         line.clear();
+        if let Some(t) = idle {
+            if !input.buffer().contains(&b'\n') && !readable_within(conn, t)? {
+                return reply(conn, &failure("idle too long: disconnected"), None);
+            }
+        }
         let n = (&mut input)
             .take(MAX_LINE as u64 + 1)
             .read_until(b'\n', &mut line)?;
@@ -231,13 +285,13 @@ fn serve_client(conn: UnixStream, shared: &Shared) -> std::io::Result<()> {
         }
         if line.len() > MAX_LINE {
             let desc = format!("request longer than {MAX_LINE} bytes");
-            return reply(&mut out, &failure(&desc), None);
+            return reply(conn, &failure(&desc), None);
         }
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
         let (answer, id, quit) = answer(&line, shared);
-        reply(&mut out, &answer, id.as_ref())?;
+        reply(conn, &answer, id.as_ref())?;
         if quit {
             (shared.quit)();
             return Ok(());
@@ -268,8 +322,17 @@ fn answer(line: &[u8], shared: &Shared) -> (Value, Option<Value>, bool) {
         Ok(v) => json!({ "return": v }),
         Err(e) => e.answer(),
     };
+    if name == "query-status" {
+        // A process with a status of its own (the VMM: paused or not)
+        // answers itself.
+        let st = shared.commands.execute(name, args, &shared.frontend);
+        return (
+            done(st.unwrap_or_else(|| Ok(status(&shared.frontend)))),
+            id,
+            false,
+        );
+    }
     match name {
-        "query-status" => (done(Ok(status(&shared.frontend))), id, false),
         "query-commands" => {
             let mut names = vec!["query-status", "query-commands", "quit"];
             names.extend(shared.commands.names());

@@ -425,6 +425,11 @@ impl Kick {
         n
     }
 
+    /// Brings every vCPU out of KVM_RUN (to see a pause).
+    pub fn kick_vcpus(&self) {
+        self.kick_all(None);
+    }
+
     /// vCPU `me` failed: the others are asked for their dumps, and given
     /// up to a second to write them. Returns false if another vCPU
     /// started this first (then `me` only adds its own dump).

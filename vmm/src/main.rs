@@ -4,6 +4,7 @@
 mod acpi;
 mod backend_req;
 mod config;
+mod control;
 mod cpu;
 mod cpuid;
 mod diag;
@@ -13,6 +14,7 @@ mod loader;
 mod memory;
 mod mmio;
 mod net_ctrl;
+mod pause;
 mod vhost_user;
 mod vmm;
 
@@ -59,6 +61,11 @@ struct Args {
     /// `off` installs no filter
     #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
     seccomp: SeccompAction,
+    /// Control socket to create (mode 0600): JSON requests, one per line
+    /// (query-status, query-devices, pause, resume, quit); `rimg ctl` is
+    /// a client
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 fn build(a: Args) -> error::Result<vmm::VmConfig> {
@@ -79,6 +86,7 @@ fn build(a: Args) -> error::Result<vmm::VmConfig> {
             .map(|n| config::parse_net(n))
             .collect::<error::Result<_>>()?,
         seccomp: a.seccomp,
+        control: a.control,
     })
 }
 

@@ -73,7 +73,7 @@ pub fn kick_signal() -> i32 {
 
 /// Everything rimg-vmm may call while the guest runs, for the VM
 /// descriptor `vm` and the vCPU descriptors `vcpus`.
-pub fn filter(vm: RawFd, vcpus: &[RawFd]) -> SyscallList {
+pub fn filter(vm: RawFd, vcpus: &[RawFd], control: Option<RawFd>) -> SyscallList {
     use libc::*;
     let mut l = rimg_seccomp::runtime();
     l.allow(&[
@@ -90,6 +90,10 @@ pub fn filter(vm: RawFd, vcpus: &[RawFd]) -> SyscallList {
             Arg::Eq32(2, kick_signal() as u32),
         ],
     );
+    if let Some(fd) = control {
+        // The control socket's clients, on its listening descriptor only.
+        l.allow_if(SYS_accept4, &[Arg::Eq32(0, fd as u32)]);
+    }
     for req in vm_ioctls() {
         l.allow_if(SYS_ioctl, &[Arg::Eq32(0, vm as u32), Arg::Eq32(1, req)]);
     }
@@ -116,7 +120,7 @@ mod tests {
 
     #[test]
     fn list() {
-        let l = filter(10, &[11, 12]);
+        let l = filter(10, &[11, 12], None);
         for nr in [
             libc::SYS_ioctl,
             libc::SYS_sendmsg,
@@ -149,7 +153,7 @@ mod tests {
         // 64 vCPUs still make a program the kernel takes (4096
         // instructions at most).
         let fds: Vec<RawFd> = (100..164).collect();
-        let p = filter(99, &fds)
+        let p = filter(99, &fds, Some(98))
             .compile(SeccompAction::Kill)
             .unwrap()
             .unwrap();

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi;
 use crate::backend_req;
 use crate::config::{DiskSpec, NetSpec};
+use crate::control::{DeviceInfo, VmmControl};
 use crate::cpu;
 use crate::diag::{self, ExitKind, ExitRing, Kick};
 use crate::error::{Error, IoContext, KvmContext, Result};
@@ -26,6 +27,7 @@ use crate::layout;
 use crate::loader;
 use crate::memory::GuestRam;
 use crate::mmio::{self, Health, MmioDevice};
+use crate::pause::Pause;
 use crate::vhost_user::{Backend, Kind};
 
 pub struct VmConfig {
@@ -39,6 +41,8 @@ pub struct VmConfig {
     /// What a system call outside the VMM's seccomp list does (or no
     /// filter).
     pub seccomp: SeccompAction,
+    /// The control socket to create (`--control`).
+    pub control: Option<PathBuf>,
 }
 
 /// Why the VM stopped.
@@ -173,6 +177,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     let mut devices = Vec::new();
     let mut acpi_devs = Vec::new();
     let mut channels = Vec::new();
+    let mut infos = Vec::new();
     let mut cmdline = cfg.cmdline.clone();
     for (i, mut backend) in backends.into_iter().enumerate() {
         let base = layout::virtio_mmio(i);
@@ -210,6 +215,13 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
             health.clone(),
             call.try_clone().io_ctx(|| "eventfd")?,
         )?;
+        infos.push(DeviceInfo {
+            kind: backend.kind,
+            socket: backend.socket.clone(),
+            base,
+            irq,
+            health: health.clone(),
+        });
         if let Some(ch) = backend.take_request_channel() {
             channels.push((i, ch, backend.socket.clone()));
         }
@@ -257,6 +269,19 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     }
     let vcpu_fds: Vec<RawFd> = vcpus.iter().map(|v| v.as_raw_fd()).collect();
     let kick = Kick::new(vcpus.len())?;
+    let pause = Arc::new(Pause::new(vcpus.len()));
+    let control_fd = match &cfg.control {
+        Some(path) => Some(spawn_control(
+            &mut threads,
+            path,
+            VmmControl {
+                devices: infos,
+                pause: pause.clone(),
+                kick: kick.clone(),
+            },
+        )?),
+        None => None,
+    };
     // The vCPUs enter the guest only once the filter is on.
     let go = Arc::new(Barrier::new(vcpus.len() + 1));
     for (id, vcpu) in vcpus.into_iter().enumerate() {
@@ -264,12 +289,13 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         let tx = tx.clone();
         let go = go.clone();
         let kick = kick.clone();
+        let pause = pause.clone();
         threads.spawn(format!("vcpu{id}"), move || {
             kick.register(id);
             go.wait();
             // None: this vCPU was stopped for another's failure, which
             // that one reports.
-            if let Some(stop) = run_vcpu(id, vcpu, &bus, &kick) {
+            if let Some(stop) = run_vcpu(id, vcpu, &bus, &kick, &pause) {
                 let _ = tx.send(stop);
             }
         })?;
@@ -278,7 +304,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     // Every thread is past its start-up: from here on only the calls the
     // running VM needs.
     threads.wait_started();
-    rimg_vmm::seccomp::filter(vm.as_raw_fd(), &vcpu_fds).install(cfg.seccomp)?;
+    rimg_vmm::seccomp::filter(vm.as_raw_fd(), &vcpu_fds, control_fd).install(cfg.seccomp)?;
     go.wait();
     let stop = rx
         .recv()
@@ -335,16 +361,38 @@ impl Threads {
     }
 }
 
+/// The control socket at `path`, served by a thread of its own (one
+/// client at a time: no thread can be made once the filter is on);
+/// returns the listening descriptor, the one the filter lets accept.
+fn spawn_control(threads: &mut Threads, path: &Path, control: VmmControl) -> Result<RawFd> {
+    let listener = rimg_vhost_server::control::owner_only_listener(path)
+        .io_ctx(|| format!("control socket {}", path.display()))?;
+    let fd = listener.as_raw_fd();
+    threads.spawn("control".into(), move || {
+        let quit = Box::new(|| {
+            eprintln!("rimg-vmm: quit (control socket)");
+            std::process::exit(0);
+        });
+        rimg_vhost_server::control::serve_in_turn(listener, Arc::new(control), quit, CONTROL_IDLE)
+    })?;
+    Ok(fd)
+}
+
+/// A control client silent this long is disconnected (clients are served
+/// one at a time).
+const CONTROL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Objects the vCPU threads use through raw pointers (guest memory) or
 /// descriptors (the VM) must outlive them: they live until process exit.
 fn keep<T: Send + 'static>(t: T) {
     std::mem::forget(t);
 }
 
-fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus, kick: &Kick) -> Option<Stop> {
+fn run_vcpu(id: usize, mut vcpu: VcpuFd, bus: &Bus, kick: &Kick, pause: &Pause) -> Option<Stop> {
     let mut ring = ExitRing::default();
     let mut dumps_seen = 0;
     let why = loop {
+        pause.park_if_paused();
         if kick.dump_asked(&mut dumps_seen) {
             let report = diag::dump(id, "on request (SIGUSR1); running on", &vcpu, &ring);
             let _ = std::io::stderr()

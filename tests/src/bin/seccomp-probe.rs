@@ -270,7 +270,7 @@ fn main() {
             call(&name2, true, &efd, &kvm);
         });
         started.recv().unwrap();
-        rimg_vmm::seccomp::filter(vm.as_raw_fd(), &[vcpu.as_raw_fd()])
+        rimg_vmm::seccomp::filter(vm.as_raw_fd(), &[vcpu.as_raw_fd()], None)
             .install(action)
             .expect("install filter");
         go.send(()).unwrap();

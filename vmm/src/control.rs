@@ -1,0 +1,92 @@
+//! rimg-vmm's control socket (`--control PATH`; the protocol is the
+//! daemons', `rimg_vhost_server::control`): `query-status` (running or
+//! paused), `query-devices`, `pause`, `resume`, and `quit`, which ends
+//! the VM at once (exit status 0). Served by one thread, started before
+//! the seccomp filter, one client at a time.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rimg_vhost_server::{CommandError, Commands, Frontend};
+use serde_json::{json, Map, Value};
+
+use crate::diag::Kick;
+use crate::mmio::Health;
+use crate::pause::Pause;
+use crate::vhost_user::Kind;
+
+/// What `query-devices` reports of one device.
+pub struct DeviceInfo {
+    pub kind: Kind,
+    pub socket: PathBuf,
+    pub base: u64,
+    pub irq: u32,
+    pub health: Arc<Health>,
+}
+
+pub struct VmmControl {
+    pub devices: Vec<DeviceInfo>,
+    pub pause: Arc<Pause>,
+    pub kick: Arc<Kick>,
+}
+
+impl VmmControl {
+    fn status(&self) -> Value {
+        let paused = self.pause.is_paused();
+        json!({
+            "status": if paused { "paused" } else { "running" },
+            "running": !paused,
+        })
+    }
+
+    fn devices(&self) -> Value {
+        let list: Vec<Value> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                json!({
+                    "id": i,
+                    "type": match d.kind {
+                        Kind::Block => "virtio-blk",
+                        Kind::Net => "virtio-net",
+                    },
+                    "socket": d.socket,
+                    "mmio-base": d.base,
+                    "irq": d.irq,
+                    "failed": d.health.failed.load(Ordering::Acquire),
+                })
+            })
+            .collect();
+        Value::Array(list)
+    }
+}
+
+impl Commands for VmmControl {
+    fn names(&self) -> &'static [&'static str] {
+        &["query-devices", "pause", "resume"]
+    }
+
+    fn execute(
+        &self,
+        name: &str,
+        _args: &Map<String, Value>,
+        _frontend: &Frontend,
+    ) -> Option<Result<Value, CommandError>> {
+        Some(match name {
+            "query-status" => Ok(self.status()),
+            "query-devices" => Ok(self.devices()),
+            "pause" => self
+                .pause
+                .pause(&self.kick)
+                .map(|()| json!({}))
+                .map_err(CommandError::Failed),
+            "resume" => {
+                self.pause.resume();
+                Ok(json!({}))
+            }
+            _ => return None,
+        })
+    }
+}
