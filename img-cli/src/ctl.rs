@@ -11,8 +11,9 @@ use serde_json::{json, Map, Value};
 
 use crate::CliError;
 
-/// How long an answer may take (a resize allocates and flushes).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long an answer may take (a resize over a longer backing file
+/// writes zeros over the whole new range).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(clap::Args)]
 pub struct CtlArgs {
@@ -59,7 +60,15 @@ pub fn run(a: CtlArgs) -> Result<u8, CliError> {
 
 fn value(v: &str) -> Value {
     if let Ok(j) = serde_json::from_str::<Value>(v) {
-        return j;
+        // 1e9 and 2.0 are whole numbers to a user: sent as integers.
+        return match j.as_f64() {
+            Some(f)
+                if !j.is_u64() && !j.is_i64() && f.fract() == 0.0 && (0.0..1.8e19).contains(&f) =>
+            {
+                json!(f as u64)
+            }
+            _ => j,
+        };
     }
     match crate::size::parse_size(v) {
         Some(n) => json!(n),
@@ -72,6 +81,14 @@ fn value(v: &str) -> Value {
 pub fn request(socket: &Path, req: &Value) -> Result<Value, CliError> {
     let fail = |e: std::io::Error| CliError::new(format!("{}: {e}", socket.display()));
     let mut conn = UnixStream::connect(socket).map_err(fail)?;
+    // A socket in a shared directory may have been bound by another
+    // user once ours was gone: talk only to our own processes.
+    if peer_uid(&conn).map_err(fail)? != current_uid() {
+        return Err(CliError::new(format!(
+            "{}: the process there is another user's",
+            socket.display()
+        )));
+    }
     conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(fail)?;
     let mut line = req.to_string();
     line.push('\n');
@@ -91,4 +108,35 @@ pub fn request(socket: &Path, req: &Value) -> Result<Value, CliError> {
     }
     let desc = v["error"]["desc"].as_str().unwrap_or("unknown error");
     Err(CliError::new(desc.to_string()))
+}
+
+fn current_uid() -> u32 {
+    // SAFETY: getuid has no preconditions.
+    unsafe { libc::getuid() }
+}
+
+/// The user id of the process at the other end (SO_PEERCRED).
+fn peer_uid(conn: &UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, which
+    // outlives the call.
+    let r = unsafe {
+        libc::getsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
 }

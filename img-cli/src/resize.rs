@@ -166,6 +166,30 @@ fn via_daemon(
     let served =
         |m: &str| CliError::new(format!("{}: served by a running daemon: {m}", a.filename));
     let block = crate::ctl::request(link, &json!({"execute": "query-block"}))?;
+    // The link may be stale and its socket taken by a daemon serving
+    // another image: only the daemon of this very file is asked.
+    let meta = std::fs::metadata(qcow2::paths::host_path(Path::new(&a.filename)))
+        .map_err(|e| CliError::new(format!("{}: {e}", a.filename)))?;
+    let same = {
+        use std::os::unix::fs::MetadataExt;
+        block["file-dev"].as_u64() == Some(meta.dev())
+            && block["file-ino"].as_u64() == Some(meta.ino())
+    };
+    if !same {
+        return Err(served(&format!(
+            "{} answers for another image ({}): remove that stale link",
+            link.display(),
+            block["image"],
+        )));
+    }
+    if let Some(f) = &a.format {
+        if block["format"].as_str() != Some(f.as_str()) {
+            return Err(served(&format!(
+                "it serves the image as {}",
+                block["format"]
+            )));
+        }
+    }
     let current = block["virtual-size"]
         .as_u64()
         .ok_or_else(|| served("it did not say the disk's size"))?;

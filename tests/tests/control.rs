@@ -389,3 +389,128 @@ fn rimg_resize_asks_the_daemon_serving_the_image() {
     assert_eq!(virtual_size(&img), 192 * MIB);
     assert_qemu_check_clean(&img);
 }
+
+/// An image with an external data file grows through the control socket
+/// too (its length is read with fstat under the filter), raw data file
+/// or not.
+#[test]
+fn blk_resize_of_an_image_with_a_data_file() {
+    for raw in ["off", "on"] {
+        let dir = tempdir();
+        let img = dir.path().join("disk.qcow2");
+        let data = dir.path().join("disk.data");
+        let o = qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={},data_file_raw={raw}", data.display()),
+            img.to_str().unwrap(),
+            "64M",
+        ]);
+        assert!(o.status.success(), "{o:?}");
+        let sock = dir.path().join("blk.sock");
+        let ctl = dir.path().join("ctl.sock");
+        let d = Daemon::start(&sock, &img, &["--control", ctl.to_str().unwrap()]).unwrap();
+        let mut cl = Client::connect(&sock, 1, false).unwrap();
+        cl.write(0, 0, &[0x42; 65536]).unwrap();
+        let r = ok(&ctl, "resize", json!({ "size": 96 * MIB }));
+        assert_eq!(r["size"], 96 * MIB);
+        drop(cl);
+        let mut cl = Client::connect(&sock, 1, false).unwrap();
+        cl.write(0, 95 * MIB, &[0x43; 65536]).unwrap();
+        assert_eq!(cl.read(0, 0, 65536).unwrap(), vec![0x42; 65536]);
+        drop(cl);
+        let (st, log) = d.terminate();
+        assert!(st.success(), "data_file_raw={raw}: daemon exit {st}: {log}");
+        assert_eq!(virtual_size(&img), 96 * MIB);
+        assert_qemu_check_clean(&img);
+    }
+}
+
+/// A daemon with a control socket closes its image when it ends, so its
+/// persistent bitmaps are stored and not left in use (the control
+/// threads held the image until process exit).
+#[test]
+fn blk_control_daemon_leaves_bitmaps_consistent() {
+    for how in ["quit", "sigterm"] {
+        let dir = tempdir();
+        let img = qcow2(dir.path(), 64);
+        let o = qemu_img(&["bitmap", "--add", img.to_str().unwrap(), "b0"]);
+        assert!(o.status.success());
+        let sock = dir.path().join("blk.sock");
+        let ctl = dir.path().join("ctl.sock");
+        let d = Daemon::start(&sock, &img, &["--control", ctl.to_str().unwrap()]).unwrap();
+        let mut cl = Client::connect(&sock, 1, false).unwrap();
+        cl.write(0, 0, &[1; 65536]).unwrap();
+        // A control client still connected when the daemon ends.
+        let _idle = UnixStream::connect(&ctl).unwrap();
+        drop(cl);
+        let (st, log) = match how {
+            "quit" => {
+                ok(&ctl, "quit", json!({}));
+                d.exit_within(Duration::from_secs(30))
+            }
+            _ => d.terminate_within(Duration::from_secs(30)),
+        };
+        let st = st.unwrap_or_else(|| panic!("{how}: the daemon did not end: {log}"));
+        assert!(st.success(), "{how}: daemon exit {st}: {log}");
+        let o = qemu_img(&["info", "--output=json", img.to_str().unwrap()]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let flags = &v["format-specific"]["data"]["bitmaps"][0]["flags"];
+        assert_eq!(flags, &json!(["auto"]), "{how}: {v}");
+        assert_qemu_check_clean(&img);
+    }
+}
+
+/// A second daemon may not take a control socket another one answers
+/// on; and `rimg resize` does not follow a stale link to a socket that
+/// now serves another image.
+#[test]
+fn control_paths_are_not_taken_over() {
+    use std::process::Command;
+    let dir = tempdir();
+    let a = dir.path().join("a.qcow2");
+    let b = dir.path().join("b.qcow2");
+    for p in [&a, &b] {
+        let o = qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
+        assert!(o.status.success());
+    }
+    let ctl = dir.path().join("shared.ctl");
+    let run_dir = dir.path().join("run");
+    let start = |img: &Path, sock: &str| {
+        let mut cmd = Command::new(rimg_tests::workspace_bin("rimg-vhost-blk"));
+        cmd.env("RIMG_RUNTIME_DIR", &run_dir)
+            .arg("--socket")
+            .arg(dir.path().join(sock))
+            .arg("--image")
+            .arg(img)
+            .arg("--control")
+            .arg(&ctl);
+        rimg_tests::daemon::DaemonProcess::spawn(cmd, &dir.path().join(sock))
+    };
+    let da = start(&a, "a.sock").unwrap();
+    let e = start(&b, "b.sock")
+        .err()
+        .expect("a second daemon took the socket");
+    assert!(e.contains("a running process listens there"), "{e}");
+    // Daemon A dies without cleaning up; B then serves b on that path.
+    da.signal(libc::SIGKILL);
+    let (st, _) = da.exit_within(Duration::from_secs(10));
+    assert!(st.is_some());
+    let db = start(&b, "b.sock").unwrap();
+    let o = Command::new(rimg_tests::workspace_bin("rimg"))
+        .env("RIMG_RUNTIME_DIR", &run_dir)
+        .args(["resize", a.to_str().unwrap(), "+64M"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("another image"), "{err}");
+    assert_eq!(ok(&ctl, "query-block", json!({}))["virtual-size"], 64 * MIB);
+    let (st, log) = db.terminate();
+    assert!(st.success(), "{log}");
+    assert_eq!(virtual_size(&a), 64 * MIB);
+    assert_eq!(virtual_size(&b), 64 * MIB);
+}

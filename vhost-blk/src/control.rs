@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use log::warn;
 use qcow2::Image;
 use rimg_vhost_server::stats::{Counter, Histogram};
 use rimg_vhost_server::{CommandError, Commands, Frontend};
@@ -32,9 +33,10 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
-    /// A request was answered (`kind` None: it could not be decoded)
-    /// after `took`; `bytes` of data moved when `ok`.
-    pub fn answered(&self, kind: Option<Kind>, ok: bool, bytes: u64, took: Duration) {
+    /// A request ended (`kind` None: it could not be decoded), answered
+    /// after `took` (None: returned without a status); `bytes` of data
+    /// moved when `ok`.
+    pub fn answered(&self, kind: Option<Kind>, ok: bool, bytes: u64, took: Option<Duration>) {
         let c = match kind {
             Some(Kind::In) => &self.reads,
             Some(Kind::Out) => &self.writes,
@@ -55,7 +57,9 @@ impl QueueStats {
                 _ => {}
             }
         }
-        self.latency.record(took);
+        if let Some(t) = took {
+            self.latency.record(t);
+        }
     }
 
     fn to_json(&self, queue: usize) -> Value {
@@ -84,13 +88,22 @@ pub struct BlkControl {
     pub capacity: Arc<AtomicU64>,
     pub stats: Vec<Arc<QueueStats>>,
     pub readonly: bool,
+    /// The image file's device and inode, for `rimg resize` to check it
+    /// asks the daemon serving the file it was given.
+    pub file_id: Option<(u64, u64)>,
     /// One resize at a time.
     resizing: Mutex<()>,
 }
 
 impl BlkControl {
-    pub fn new(img: Arc<dyn Image>, queues: usize, readonly: bool) -> BlkControl {
+    pub fn new(
+        img: Arc<dyn Image>,
+        queues: usize,
+        readonly: bool,
+        file_id: Option<(u64, u64)>,
+    ) -> BlkControl {
         BlkControl {
+            file_id,
             capacity: Arc::new(AtomicU64::new(img.size() & !511)),
             img,
             stats: (0..queues).map(|_| Arc::default()).collect(),
@@ -147,10 +160,18 @@ impl BlkControl {
                 .map_err(|e| CommandError::Failed(format!("flush after resize: {e}")))?;
         }
         self.capacity.store(size, Ordering::Release);
-        let notified = frontend
-            .config_changed()
-            .map_err(|e| CommandError::Failed(format!("telling the frontend: {e}")))?;
-        Ok(json!({ "size": size, "old-size": old, "frontend-notified": notified }))
+        // The disk has grown whatever the frontend does with the news: a
+        // channel that fails is reported, not an error.
+        let mut answer = json!({ "size": size, "old-size": old });
+        match frontend.config_changed() {
+            Ok(n) => answer["frontend-notified"] = json!(n),
+            Err(e) => {
+                warn!("resize: telling the frontend: {e}");
+                answer["frontend-notified"] = json!(false);
+                answer["notify-error"] = json!(e.to_string());
+            }
+        }
+        Ok(answer)
     }
 }
 
@@ -171,6 +192,8 @@ impl Commands for BlkControl {
                 "format": self.img.format().name(),
                 "virtual-size": self.img.size(),
                 "read-only": self.readonly,
+                "file-dev": self.file_id.map(|i| i.0),
+                "file-ino": self.file_id.map(|i| i.1),
             }))),
             "query-stats" => Some(Ok(self.stats())),
             "resize" => Some(self.resize(args, frontend)),

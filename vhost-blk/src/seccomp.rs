@@ -3,7 +3,7 @@
 //! (positioned I/O for metadata and bounce buffers, flushes, discards and
 //! zeroing through fallocate), which the vring workers need too.
 
-use rimg_vhost_server::seccomp::Sandbox;
+use rimg_vhost_server::seccomp::{Arg, Sandbox};
 
 /// What the image engine calls from any thread (guest data itself goes
 /// through io_uring, except an encrypted image's, which the engine reads
@@ -27,8 +27,12 @@ pub fn sandbox() -> Sandbox {
     s.process.allow(&IMAGE_IO);
     s.vring_worker.allow(&IMAGE_IO);
     // The control socket's `resize` (a raw or LUKS file, or a data
-    // file, grows by truncation); never from a vring worker.
+    // file, grows by truncation; a data file's length is read with
+    // statx on its descriptor: AT_EMPTY_PATH, the flags std passes);
+    // never from a vring worker.
     s.process.allow(&[libc::SYS_ftruncate]);
+    s.process
+        .allow_if(libc::SYS_statx, &[Arg::Eq32(2, libc::AT_EMPTY_PATH as u32)]);
     s
 }
 
@@ -64,7 +68,8 @@ mod tests {
         // and seccomp and prctl(PR_SET_NO_NEW_PRIVS) for the workers'
         // own filter.
         assert!(s.process.contains(libc::SYS_ftruncate));
+        assert!(s.process.contains(libc::SYS_statx));
         assert!(!s.vring_worker.contains(libc::SYS_ftruncate));
-        assert_eq!((s.process.len(), s.vring_worker.len()), (47, 30));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (49, 30));
     }
 }

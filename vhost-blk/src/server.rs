@@ -188,10 +188,17 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         .map(|cs| cs as u32)
         .unwrap_or(4096)
         .max(512);
+    let file_id = std::fs::metadata(qcow2::open::host_path(&cfg.image))
+        .ok()
+        .map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
     let control = Arc::new(BlkControl::new(
         img.clone(),
         cfg.num_queues.into(),
         cfg.readonly,
+        file_id,
     ));
     let dev = DeviceConfig {
         capacity: control.capacity.clone(),

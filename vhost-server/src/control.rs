@@ -29,8 +29,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use log::{debug, warn};
@@ -114,8 +114,24 @@ pub(crate) struct Shared {
 /// renamed to `path`, so no other user can slip in between, and a client
 /// that waits for the file to appear finds it answering.
 pub fn owner_only_listener(path: &Path) -> std::io::Result<UnixListener> {
+    if UnixStream::connect(path).is_ok() {
+        // Another process answers there: taking its name would cut its
+        // clients off (and its exit would remove ours).
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{}: a running process listens there", path.display()),
+        ));
+    }
+    // An unpredictable temporary name: one another user made first
+    // could not make us fail.
+    let salt = {
+        use std::hash::{BuildHasher, Hasher};
+        std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+    };
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
+    tmp.push(format!(".{}.{salt:016x}.tmp", std::process::id()));
     let tmp = std::path::PathBuf::from(tmp);
     let l = listening(&tmp);
     let renamed = l.and_then(|l| std::fs::rename(&tmp, path).map(|()| l));
@@ -173,37 +189,96 @@ fn listening(path: &Path) -> std::io::Result<UnixListener> {
     Ok(UnixListener::from(sock))
 }
 
-/// Accepts control clients on `listener` for the daemon's life, each on
-/// a thread of its own.
-pub(crate) fn spawn(listener: UnixListener, shared: Arc<Shared>) -> std::io::Result<()> {
-    let clients = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new()
+/// How long a client may stay silent before it is disconnected: clients
+/// hold one of [`MAX_CLIENTS`] places (or, in the VMM, the only one).
+pub const IDLE: Duration = Duration::from_secs(30);
+
+/// The control socket's threads, until [`Running::stop`]: they hold the
+/// daemon's commands, and so its image, which must be closed (bitmaps
+/// stored, locks released) once the daemon ends, not at process exit.
+pub(crate) struct Running {
+    /// A duplicate of the listening socket: shut down to end `accept`.
+    listener: UnixListener,
+    stopping: Arc<AtomicBool>,
+    accept: std::thread::JoinHandle<()>,
+    clients: Arc<Mutex<Vec<Client>>>,
+}
+
+/// A client's thread and a duplicate of its connection, shut down to end
+/// the thread's read.
+struct Client {
+    conn: UnixStream,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Running {
+    /// Ends the accept thread and every client's (a command running
+    /// finishes first), so that the commands are dropped.
+    pub(crate) fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // SAFETY: shutdown(2) on a descriptor we own: a blocked accept on
+        // a listening socket returns (EINVAL) once it is shut down.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = self.accept.join();
+        let clients = std::mem::take(&mut *lock(&self.clients));
+        for c in clients {
+            let _ = c.conn.shutdown(std::net::Shutdown::Both);
+            let _ = c.thread.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Accepts control clients on `listener`, each on a thread of its own,
+/// until [`Running::stop`].
+pub(crate) fn spawn(listener: UnixListener, shared: Arc<Shared>) -> std::io::Result<Running> {
+    let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
+    let stopping = Arc::new(AtomicBool::new(false));
+    let dup = listener.try_clone()?;
+    let (list, stop) = (clients.clone(), stopping.clone());
+    let accept = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let Ok(conn) = conn else { continue };
+                let mut list = lock(&list);
+                list.retain(|c| !c.thread.is_finished());
+                let Ok(keep) = conn.try_clone() else { continue };
                 let conn = as_file(conn);
-                if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
-                    clients.fetch_sub(1, Ordering::AcqRel);
+                if list.len() >= MAX_CLIENTS {
                     let _ = reply(&conn, &failure("too many control clients"), None);
                     continue;
                 }
-                let (shared, clients2) = (shared.clone(), clients.clone());
+                let shared = shared.clone();
                 let spawned = std::thread::Builder::new()
                     .name("control-client".into())
                     .spawn(move || {
-                        if let Err(e) = serve_client(&conn, &shared, None) {
+                        if let Err(e) = serve_client(&conn, &shared, Some(IDLE)) {
                             debug!("control client: {e}");
                         }
-                        clients2.fetch_sub(1, Ordering::AcqRel);
+                        // The accept thread's duplicate keeps the socket
+                        // open: the client sees the end only this way.
+                        // SAFETY: shutdown(2) on a descriptor we own.
+                        unsafe { libc::shutdown(conn.as_raw_fd(), libc::SHUT_RDWR) };
                     });
-                if let Err(e) = spawned {
-                    clients.fetch_sub(1, Ordering::AcqRel);
-                    warn!("control client thread: {e}");
+                match spawned {
+                    Ok(thread) => list.push(Client { conn: keep, thread }),
+                    Err(e) => warn!("control client thread: {e}"),
                 }
             }
         })?;
-    Ok(())
+    Ok(Running {
+        listener: dup,
+        stopping,
+        accept,
+        clients,
+    })
 }
 
 /// Serves control clients on `listener` one after the other, on the
@@ -367,6 +442,7 @@ fn status(f: &Frontend) -> Value {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::sync::atomic::AtomicUsize;
 
     struct Echo;
     impl Commands for Echo {

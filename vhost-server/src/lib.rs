@@ -139,6 +139,7 @@ where
     let frontend = Frontend::default();
     let mut own = seccomp::common();
     let mut sockets = vec![(dir, file_name)];
+    let mut control_threads = None;
     if let Some(c) = control {
         let l = control::owner_only_listener(&c.path)
             .map_err(|e| Error::Listen(c.path.clone(), vhost::vhost_user::Error::SocketError(e)))?;
@@ -152,7 +153,7 @@ where
             frontend: frontend.clone(),
             quit: Box::new(move || end.terminate()),
         };
-        control::spawn(l, Arc::new(shared))?;
+        control_threads = Some(control::spawn(l, Arc::new(shared))?);
     }
     spawn_signal_thread(ending)?;
 
@@ -206,7 +207,6 @@ where
             Err(e) => warn!("connection ended: {e}"),
         }
         *current.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        frontend.disconnected();
 
         // Dropping the daemon stops the worker threads; the backend then
         // finishes what they left in flight, before the next connection.
@@ -214,9 +214,17 @@ where
         for t in relay {
             let _ = t.join();
         }
+        // After the relay: a late SET_BACKEND_REQ_FD cannot leave the old
+        // frontend's channel behind.
+        frontend.disconnected();
         backend.disconnected();
         drop(backend);
         info!("frontend disconnected");
+    }
+    // The commands hold the daemon's image: they must be gone before the
+    // caller closes it.
+    if let Some(c) = control_threads {
+        c.stop();
     }
     for (dir, file_name) in &sockets {
         // SAFETY: unlinkat with a directory descriptor we hold open and a

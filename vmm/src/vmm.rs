@@ -373,14 +373,15 @@ fn spawn_control(threads: &mut Threads, path: &Path, control: VmmControl) -> Res
             eprintln!("rimg-vmm: quit (control socket)");
             std::process::exit(0);
         });
-        rimg_vhost_server::control::serve_in_turn(listener, Arc::new(control), quit, CONTROL_IDLE)
+        rimg_vhost_server::control::serve_in_turn(
+            listener,
+            Arc::new(control),
+            quit,
+            rimg_vhost_server::control::IDLE,
+        )
     })?;
     Ok(fd)
 }
-
-/// A control client silent this long is disconnected (clients are served
-/// one at a time).
-const CONTROL_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Objects the vCPU threads use through raw pointers (guest memory) or
 /// descriptors (the VM) must outlive them: they live until process exit.

@@ -232,10 +232,12 @@ impl Worker {
                     .warn(format_args!("status byte outside guest memory"));
             }
         }
+        // Counted once answered: a request returned without a status (the
+        // guest sees no answer) is a failure, and takes no latency sample.
         if let Some(t) = slot.started.take() {
-            let ok = status == Some(S_OK);
-            self.stats
-                .answered(slot.req.kind, ok, slot.req.len, t.elapsed());
+            let took = (used > 0).then(|| t.elapsed());
+            let ok = status == Some(S_OK) && used > 0;
+            self.stats.answered(slot.req.kind, ok, slot.req.len, took);
         }
         slot.busy = false;
         slot.ops.clear();
