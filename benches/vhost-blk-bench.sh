@@ -2,7 +2,8 @@
 # rimg-vhost-blk against qemu-storage-daemon's vhost-user-blk export, same
 # client (libblkio, benches' blk_bench), same images, same run.
 # 4 KiB random reads and writes, queue depth 1 and 32, 1 and 2 queues, on
-# raw, preallocated qcow2 and growing qcow2. Prints IOPS, p50/p99 latency
+# raw, preallocated qcow2, growing qcow2 and a qcow2 overlay over a raw
+# backing file. Prints IOPS, p50/p99 latency
 # and the ratio rimg/qsd, plus the ceiling: the client reading and writing the raw file
 # through its own io_uring driver.
 #
@@ -62,6 +63,11 @@ make_image() { # kind path
     qcow2-prealloc) qemu-img create -q -f qcow2 -o preallocation=metadata "$2" "$SIZE"
          qemu-io -f qcow2 -c "write -P 0x5a 0 $SIZE" "$2" >/dev/null ;;
     qcow2-growing) qemu-img create -q -f qcow2 "$2" "$SIZE" ;;
+    # An empty overlay over a written raw base: reads come from the
+    # backing file, writes copy the rest of their cluster up first.
+    qcow2-backing) qemu-img create -q -f raw "$2.base" "$SIZE"
+         qemu-io -f raw -c "write -P 0x5a 0 $SIZE" "$2.base" >/dev/null
+         qemu-img create -q -f qcow2 -b "$2.base" -F raw "$2" "$SIZE" ;;
   esac
   # Let the prefill's writeback finish: writes into pages under writeback
   # wait for it, which would measure the disk instead of the daemons.
@@ -97,7 +103,7 @@ field() { sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 
 printf "%-15s %-5s %2s %2s | %9s %8s %8s | %9s %8s %8s | %6s %6s\n" \
   image rw qd q "rimg IOPS" "p50 us" "p99 us" "qsd IOPS" "p50 us" "p99 us" ratio p99r
-for kind in ${KINDS:-raw raw-direct qcow2-prealloc qcow2-growing}; do
+for kind in ${KINDS:-raw raw-direct qcow2-prealloc qcow2-growing qcow2-backing}; do
   declare -A R=()
   for d in rimg qsd; do
     img=$W/$d.img
@@ -113,7 +119,7 @@ for kind in ${KINDS:-raw raw-direct qcow2-prealloc qcow2-growing}; do
     done
     stop_daemon
     if [ "${kind#raw}" = "$kind" ]; then qemu-img check -q "$img" || { echo "qemu-img check failed on $d $kind"; exit 1; }; fi
-    rm -f "$img"
+    rm -f "$img" "$img.base"
   done
   for rw in write read; do
     for qd in 1 32; do

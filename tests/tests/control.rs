@@ -514,3 +514,77 @@ fn control_paths_are_not_taken_over() {
     assert_eq!(virtual_size(&a), 64 * MIB);
     assert_eq!(virtual_size(&b), 64 * MIB);
 }
+
+/// Persistent dirty bitmaps edited through the control socket while a
+/// frontend writes (QMP's block-dirty-bitmap-* names), read back by
+/// QEMU: exactly the writes made while each bitmap was enabled, at its
+/// granularity.
+#[test]
+fn blk_bitmaps_edited_online_as_qemu_reads_them() {
+    use rimg_tests::bitmaps::{bitmap, granular, qemu_bitmaps, qemu_dirty};
+    let dir = tempdir();
+    let img = qcow2(dir.path(), 64);
+    let o = qemu_img(&["bitmap", "--add", img.to_str().unwrap(), "old"]);
+    assert!(o.status.success());
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let d = Daemon::start(&sock, &img, &["--control", ctl.to_str().unwrap()]).unwrap();
+    let mut cl = Client::connect(&sock, 1, false).unwrap();
+    cl.write(0, 0, &[9; 4096]).unwrap();
+    let add = |args: Value| ok(&ctl, "block-dirty-bitmap-add", args);
+    add(json!({"name": "live", "granularity": 65536}));
+    add(json!({"name": "off", "disabled": true}));
+    let e = error(&ctl, "block-dirty-bitmap-add", json!({"name": "live"}));
+    assert!(e.contains("already exists"), "{e}");
+    let e = error(
+        &ctl,
+        "block-dirty-bitmap-add",
+        json!({"name": "g", "granularity": 1000}),
+    );
+    assert!(e.contains("power of 2"), "{e}");
+    let e = error(&ctl, "block-dirty-bitmap-remove", json!({"name": "nope"}));
+    assert!(e.contains("not found"), "{e}");
+    let e = error(&ctl, "block-dirty-bitmap-clear", json!({}));
+    assert!(e.contains("'name'"), "{e}");
+    cl.write(0, MIB, &[1; 4096]).unwrap();
+    cl.write(0, 10 * MIB, &[2; 8192]).unwrap();
+    ok(&ctl, "block-dirty-bitmap-disable", json!({"name": "live"}));
+    cl.write(0, 20 * MIB, &[3; 4096]).unwrap();
+    ok(&ctl, "block-dirty-bitmap-enable", json!({"name": "off"}));
+    cl.write(0, 30 * MIB, &[4; 4096]).unwrap();
+    drop(cl);
+    let (st, log) = d.terminate();
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert_qemu_check_clean(&img);
+    let mut got = qemu_bitmaps(&img);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            bitmap("live", &[]),
+            bitmap("off", &["auto"]),
+            bitmap("old", &["auto"]),
+        ]
+    );
+    assert_eq!(
+        qemu_dirty(&img, "live"),
+        granular(&[(MIB, 4096), (10 * MIB, 8192)], 65536)
+    );
+    assert_eq!(
+        qemu_dirty(&img, "off"),
+        granular(&[(30 * MIB, 4096)], 65536)
+    );
+    assert_eq!(
+        qemu_dirty(&img, "old"),
+        granular(
+            &[
+                (0, 4096),
+                (MIB, 4096),
+                (10 * MIB, 8192),
+                (20 * MIB, 4096),
+                (30 * MIB, 4096)
+            ],
+            65536
+        )
+    );
+}

@@ -175,9 +175,70 @@ impl BlkControl {
     }
 }
 
+impl BlkControl {
+    /// QMP's block-dirty-bitmap-{add,remove,clear,enable,disable} on the
+    /// served image (`name`; add: `granularity`, `disabled`; a bitmap is
+    /// always persistent, stored when the daemon closes the image). The
+    /// engine records the edits in its session state, as `rimg bitmap`
+    /// does; guest writes mark enabled bitmaps from then on.
+    fn bitmap(&self, cmd: &str, args: &Map<String, Value>) -> Option<Result<Value, CommandError>> {
+        let op = cmd.strip_prefix("block-dirty-bitmap-")?;
+        if !["add", "remove", "clear", "enable", "disable"].contains(&op) {
+            return None;
+        }
+        Some((|| {
+            let name = args
+                .get("name")
+                .and_then(Value::as_str)
+                .ok_or_else(|| CommandError::Invalid("'name' (a string) is required".into()))?;
+            let q = self.img.as_qcow2().ok_or_else(|| {
+                CommandError::Invalid(format!(
+                    "a {} image has no dirty bitmaps",
+                    self.img.format().name()
+                ))
+            })?;
+            let t = q.bitmap_tracker().ok_or_else(|| {
+                CommandError::Invalid(
+                    "the image is served read-only: its bitmaps cannot change".into(),
+                )
+            })?;
+            let r = match op {
+                "add" => {
+                    let g = match args.get("granularity") {
+                        None => None,
+                        Some(v) => Some(v.as_u64().ok_or_else(|| {
+                            CommandError::Invalid("'granularity' must be an integer".into())
+                        })?),
+                    };
+                    let disabled = args
+                        .get("disabled")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    t.add(q, name, g, disabled)
+                }
+                "remove" => t.remove(q, name),
+                "clear" => t.clear(name),
+                "enable" => t.set_enabled(name, true),
+                _ => t.set_enabled(name, false),
+            };
+            r.map(|()| json!({}))
+                .map_err(|e| CommandError::Failed(e.to_string()))
+        })())
+    }
+}
+
 impl Commands for BlkControl {
     fn names(&self) -> &'static [&'static str] {
-        &["query-block", "query-stats", "resize"]
+        &[
+            "query-block",
+            "query-stats",
+            "resize",
+            "block-dirty-bitmap-add",
+            "block-dirty-bitmap-remove",
+            "block-dirty-bitmap-clear",
+            "block-dirty-bitmap-enable",
+            "block-dirty-bitmap-disable",
+        ]
     }
 
     fn execute(
@@ -197,6 +258,7 @@ impl Commands for BlkControl {
             }))),
             "query-stats" => Some(Ok(self.stats())),
             "resize" => Some(self.resize(args, frontend)),
+            n if n.starts_with("block-dirty-bitmap-") => self.bitmap(n, args),
             _ => None,
         }
     }
