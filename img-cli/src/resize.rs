@@ -71,30 +71,7 @@ pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
         false,
     )?;
     let current = qemu_len(img.as_ref());
-    let total = if sign == 0 {
-        n as i128
-    } else {
-        current as i128 + sign * n as i128
-    };
-    if total <= 0 {
-        return Err(CliError::new("New image size must be positive"));
-    }
-    if total > i64::MAX as i128 {
-        return Err(CliError::new(
-            "Parameter 'size' expects a non-negative number below 2^64",
-        ));
-    }
-    let total = total as u64;
-    if total <= current && prealloc != Preallocation::Off {
-        return Err(CliError::new(
-            "Preallocation can only be used for growing images",
-        ));
-    }
-    if total < current && !a.shrink {
-        return Err(CliError::new(
-            "Use the --shrink option to perform a shrink operation.",
-        ));
-    }
+    let total = new_size(&a, current, sign, n, prealloc)?;
     match img.as_qcow2() {
         Some(q) => {
             if !total.is_multiple_of(512) {
@@ -130,6 +107,42 @@ pub fn run(a: ResizeArgs) -> Result<u8, CliError> {
         println!("Image resized.");
     }
     Ok(0)
+}
+
+/// The size asked for (SIZE, or +SIZE / -SIZE from `current`), with
+/// qemu-img resize's checks in its order.
+fn new_size(
+    a: &ResizeArgs,
+    current: u64,
+    sign: i128,
+    n: u64,
+    prealloc: Preallocation,
+) -> Result<u64, CliError> {
+    let total = if sign == 0 {
+        n as i128
+    } else {
+        current as i128 + sign * n as i128
+    };
+    if total <= 0 {
+        return Err(CliError::new("New image size must be positive"));
+    }
+    if total > i64::MAX as i128 {
+        return Err(CliError::new(
+            "Parameter 'size' expects a non-negative number below 2^64",
+        ));
+    }
+    let total = total as u64;
+    if total <= current && prealloc != Preallocation::Off {
+        return Err(CliError::new(
+            "Preallocation can only be used for growing images",
+        ));
+    }
+    if total < current && !a.shrink {
+        return Err(CliError::new(
+            "Use the --shrink option to perform a shrink operation.",
+        ));
+    }
+    Ok(total)
 }
 
 /// Engine errors carry qemu-img's message where there is one.
@@ -193,25 +206,13 @@ fn via_daemon(
     let current = block["virtual-size"]
         .as_u64()
         .ok_or_else(|| served("it did not say the disk's size"))?;
-    let total = if sign == 0 {
-        n as i128
-    } else {
-        current as i128 + sign * n as i128
-    };
-    if total <= 0 {
-        return Err(CliError::new("New image size must be positive"));
-    }
-    if total < current as i128 && !a.shrink {
-        return Err(CliError::new(
-            "Use the --shrink option to perform a shrink operation.",
-        ));
-    }
+    let total = new_size(a, current, sign, n, prealloc)?;
     if prealloc != Preallocation::Off {
         return Err(served("online resize takes no --preallocation"));
     }
     crate::ctl::request(
         link,
-        &json!({"execute": "resize", "arguments": {"size": total as u64}}),
+        &json!({"execute": "resize", "arguments": {"size": total}}),
     )
     .map_err(|e| served(&e.msg))?;
     if !a.quiet {

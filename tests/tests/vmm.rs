@@ -119,6 +119,33 @@ fn probe_guest_sees_an_online_resize_announced_by_rimg_vhost_blk() {
     );
 }
 
+/// The probe guest in its resize mode on the disk served at `sock`
+/// (with the VMM's control socket at `control`), once it waits for the
+/// configuration change.
+fn resize_guest(sock: &std::path::Path, control: Option<&std::path::Path>) -> VmmProcess {
+    let disk = format!("socket={}", s(sock));
+    let mut args = vec![
+        "--kernel",
+        s(probe_guest()),
+        "--memory",
+        "64M",
+        "--disk",
+        &disk,
+        "--cmdline",
+        "blk-resize",
+    ];
+    if let Some(c) = control {
+        args.extend(["--control", s(c)]);
+    }
+    let vmm = VmmProcess::spawn(&args);
+    assert!(
+        vmm.wait_for_console("blk: waiting for a config change", T),
+        "the guest never got to its wait:\n{}",
+        vmm.console_so_far()
+    );
+    vmm
+}
+
 /// A 64 MiB qcow2 disk served by the backend `start` makes, grown to
 /// 128 MiB by `resize` while the probe guest waits for the change; the
 /// guest must take the config interrupt, see the new capacity and write
@@ -133,22 +160,7 @@ fn online_resize<B>(
     let sock = d.path().join("blk.sock");
     qemu_create(&img, "", "64M");
     let mut backend = start(&img, &sock);
-    let disk = format!("socket={}", s(&sock));
-    let vmm = VmmProcess::spawn(&[
-        "--kernel",
-        s(probe_guest()),
-        "--memory",
-        "64M",
-        "--disk",
-        &disk,
-        "--cmdline",
-        "blk-resize",
-    ]);
-    assert!(
-        vmm.wait_for_console("blk: waiting for a config change", T),
-        "the guest never got to its wait:\n{}",
-        vmm.console_so_far()
-    );
+    let vmm = resize_guest(&sock, None);
     let req = thread_seccomp(vmm.id())
         .into_iter()
         .find(|t| t.0 == "vhost-req")
@@ -212,24 +224,7 @@ fn vmm_control_socket_pauses_resumes_and_quits() {
     let vmm_ctl = d.path().join("vmm.ctl");
     qemu_create(&img, "", "64M");
     let daemon = Daemon::start(&sock, &img, &["--control", s(&blk_ctl)]).unwrap();
-    let disk = format!("socket={}", s(&sock));
-    let vmm = VmmProcess::spawn(&[
-        "--kernel",
-        s(probe_guest()),
-        "--memory",
-        "64M",
-        "--disk",
-        &disk,
-        "--cmdline",
-        "blk-resize",
-        "--control",
-        s(&vmm_ctl),
-    ]);
-    assert!(
-        vmm.wait_for_console("blk: waiting for a config change", T),
-        "the guest never got to its wait:\n{}",
-        vmm.console_so_far()
-    );
+    let vmm = resize_guest(&sock, Some(&vmm_ctl));
     let mode = std::fs::metadata(&vmm_ctl).unwrap().permissions();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
@@ -286,24 +281,7 @@ fn vmm_control_quit_ends_the_vmm() {
     let vmm_ctl = d.path().join("vmm.ctl");
     qemu_create(&img, "", "64M");
     let daemon = Daemon::start(&sock, &img, &[]).unwrap();
-    let disk = format!("socket={}", s(&sock));
-    let vmm = VmmProcess::spawn(&[
-        "--kernel",
-        s(probe_guest()),
-        "--memory",
-        "64M",
-        "--disk",
-        &disk,
-        "--cmdline",
-        "blk-resize",
-        "--control",
-        s(&vmm_ctl),
-    ]);
-    assert!(
-        vmm.wait_for_console("blk: waiting for a config change", T),
-        "{}",
-        vmm.console_so_far()
-    );
+    let vmm = resize_guest(&sock, Some(&vmm_ctl));
     let a = rimg_tests::control::request(&vmm_ctl, r#"{"execute":"quit"}"#);
     assert_eq!(a, serde_json::json!({"return": {}}));
     let r = vmm.finish(T);
