@@ -15,22 +15,14 @@ use std::time::Duration;
 
 use rimg_tests::blk::{Client, Daemon};
 use rimg_tests::control::{error, execute, ok, request};
-use rimg_tests::{assert_qemu_check_clean, qemu_img, tempdir};
+use rimg_tests::{assert_qemu_check_clean, qemu_create, qemu_img, tempdir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
 fn qcow2(dir: &Path, mib: u64) -> std::path::PathBuf {
     let img = dir.join("disk.qcow2");
-    let o = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().unwrap(),
-        &format!("{mib}M"),
-    ]);
-    assert!(o.status.success());
+    qemu_create(&img, "", &format!("{mib}M"));
     img
 }
 
@@ -399,17 +391,11 @@ fn blk_resize_of_an_image_with_a_data_file() {
         let dir = tempdir();
         let img = dir.path().join("disk.qcow2");
         let data = dir.path().join("disk.data");
-        let o = qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
+        qemu_create(
+            &img,
             &format!("data_file={},data_file_raw={raw}", data.display()),
-            img.to_str().unwrap(),
             "64M",
-        ]);
-        assert!(o.status.success(), "{o:?}");
+        );
         let sock = dir.path().join("blk.sock");
         let ctl = dir.path().join("ctl.sock");
         let d = Daemon::start(&sock, &img, &["--control", ctl.to_str().unwrap()]).unwrap();
@@ -474,8 +460,7 @@ fn control_paths_are_not_taken_over() {
     let a = dir.path().join("a.qcow2");
     let b = dir.path().join("b.qcow2");
     for p in [&a, &b] {
-        let o = qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
-        assert!(o.status.success());
+        qemu_create(p, "", "64M");
     }
     let ctl = dir.path().join("shared.ctl");
     let run_dir = dir.path().join("run");

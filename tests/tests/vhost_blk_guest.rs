@@ -166,15 +166,7 @@ fn linux_guest_sees_the_disk_grow_online() {
     const NEW_MIB: u64 = 128;
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
-    let o = qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        img.to_str().unwrap(),
-        &format!("{OLD_MIB}M"),
-    ]);
-    assert!(o.status.success());
+    rimg_tests::qemu_create(&img, "", &format!("{OLD_MIB}M"));
     let sock = dir.path().join("blk.sock");
     let ctl = dir.path().join("ctl.sock");
     let mut pattern = vec![0u8; PATTERN_LEN];
