@@ -116,6 +116,11 @@ impl VmmProcess {
         self.0.wait_for_stdout(needle, timeout)
     }
 
+    /// Types `bytes` on the guest's console (the UART's input).
+    pub fn send_console(&mut self, bytes: &[u8]) {
+        self.0.write_stdin(bytes)
+    }
+
     /// The guest's console so far.
     pub fn console_so_far(&self) -> String {
         String::from_utf8_lossy(&self.0.stdout_so_far()).replace('\r', "")

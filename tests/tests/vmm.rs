@@ -236,6 +236,8 @@ fn vmm_control_socket_pauses_resumes_and_quits() {
     assert_eq!(devs[0]["type"], "virtio-blk", "{devs}");
     assert_eq!(devs[0]["socket"], s(&sock), "{devs}");
     assert_eq!(devs[0]["failed"], false, "{devs}");
+    assert_eq!(devs[0]["state"], "up", "{devs}");
+    assert_eq!(devs[0]["reconnects"], 0, "{devs}");
     let bad = request(&vmm_ctl, "{not json");
     assert!(
         bad["error"]["desc"].as_str().unwrap().contains("JSON"),

@@ -1,7 +1,8 @@
 //! rimg-vmm's control socket (`--control PATH`; the protocol is the
 //! daemons', `rimg_vhost_server::control`): `query-status` (running or
 //! paused), `query-devices` (each device's link to its backend: `state`
-//! up, reconnecting or failed, and `reconnects` so far), `pause`, `resume`, and `quit`, which ends
+//! up, reconnecting or failed, `reconnects` so far, and `inflight`: whether
+//! the backend tracks its requests in an inflight region), `pause`, `resume`, and `quit`, which ends
 //! the VM at once (exit status 0). Served by one thread, started before
 //! the seccomp filter, one client at a time.
 
@@ -59,6 +60,7 @@ impl VmmControl {
                     "failed": d.health.failed(),
                     "state": d.health.link().name(),
                     "reconnects": d.health.reconnects.load(Ordering::Acquire),
+                    "inflight": d.health.inflight,
                 })
             })
             .collect();

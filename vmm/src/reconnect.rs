@@ -62,15 +62,20 @@ pub struct Health {
     pub interrupt_status: AtomicU32,
     /// How long the device waits for a backend that went away.
     pub reconnect: Reconnect,
+    /// Whether the backend tracks the requests it takes in an inflight
+    /// region (INFLIGHT_SHMFD), so a backend that replaces it finishes
+    /// them; without, requests in flight when one goes away are lost.
+    pub inflight: bool,
 }
 
 impl Health {
-    pub fn new(reconnect: Reconnect) -> Health {
+    pub fn new(reconnect: Reconnect, inflight: bool) -> Health {
         Health {
             link: AtomicU8::new(Link::Up as u8),
             reconnects: AtomicU64::new(0),
             interrupt_status: AtomicU32::new(0),
             reconnect,
+            inflight,
         }
     }
 
@@ -249,7 +254,7 @@ mod tests {
 
     #[test]
     fn failed_is_for_good_and_only_a_return_counts() {
-        let h = Health::new(Reconnect(1));
+        let h = Health::new(Reconnect(1), false);
         assert_eq!(h.link(), Link::Up);
         assert_eq!(h.restored(), 0);
         h.lost();

@@ -15,7 +15,7 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::VhostUserInflight;
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{Bytes, GuestAddress};
@@ -139,10 +139,7 @@ impl Backend {
     /// replaces a dead one finds the requests that one took and did not
     /// finish. Only with INFLIGHT_SHMFD negotiated (disks).
     fn set_inflight(&mut self) -> Result<()> {
-        if !self
-            .protocol
-            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-        {
+        if !self.tracks_inflight() {
             return Ok(());
         }
         let s = self.socket.clone();

@@ -245,6 +245,12 @@ impl Backend {
         Ok(b)
     }
 
+    /// Whether the backend keeps an inflight region (INFLIGHT_SHMFD).
+    pub fn tracks_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
     /// What this connection settled, for the handshake with a backend
     /// that replaces it.
     pub(crate) fn settled(&self) -> Settled {

@@ -206,7 +206,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
             }
             kicks.push(kick);
         }
-        let health = Arc::new(Health::new(reconnect));
+        let health = Arc::new(Health::new(reconnect, backend.tracks_inflight()));
         watchers.push(Watcher {
             socket: backend.socket.clone(),
             health: health.clone(),
