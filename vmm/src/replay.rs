@@ -204,3 +204,6 @@ fn guest_used_idx(mem: &Mem, r: &RingAddrs) -> Result<u16> {
         .map_err(|e| Error::Memory(format!("used ring at {:#x}: {e}", r.used)))?;
     Ok(u16::from_le(idx))
 }
+
+#[cfg(test)]
+mod tests;
