@@ -3,7 +3,9 @@
 //! (tests/guests/virtio_probe/blk_loop.rs) writing, reading back and
 //! comparing 4 KiB rounds throughout: rimg-vhost-blk and
 //! qemu-storage-daemon killed and started again while the guest waits
-//! between rounds, and a backend that never comes back. The VMM runs with
+//! between rounds, and a backend that never comes back. And a NIC whose
+//! rimg-vhost-net is killed and started again between the guest's
+//! frame out and the test's frame in. The VMM runs with
 //! its seccomp filter in kill mode, so reconnecting needs nothing the
 //! filter does not allow.
 
@@ -12,8 +14,11 @@ use std::time::{Duration, Instant};
 
 use rimg_tests::blk::Daemon;
 use rimg_tests::control::ok;
+use rimg_tests::net::{NetDaemon, Netns};
 use rimg_tests::qsd::Qsd;
-use rimg_tests::vmm::{probe_guest, VmmProcess};
+use rimg_tests::vmm::{
+    frame_to_guest, guest_frame, packet_socket, probe_guest, send_frame, VmmProcess,
+};
 use rimg_tests::{assert_qemu_check_clean, qemu_create, qemu_raw_content, tempdir};
 use serde_json::{json, Value};
 
@@ -248,4 +253,66 @@ fn a_backend_that_never_returns_fails_the_device_after_reconnect_secs() {
         r.console
     );
     assert!(r.console.contains("probe: FAIL"), "{}", r.console);
+}
+
+/// rimg-vhost-net on a persistent TAP, killed (SIGKILL) and started again
+/// after the guest's frame went out, while the guest waits with its
+/// receive buffers posted: the VMM replays the rings from the guest's
+/// used indexes, the new daemon finds the buffers, and the test's frame
+/// reaches the guest.
+#[test]
+fn probe_guest_receives_a_frame_after_rimg_vhost_net_restarts() {
+    const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+    let ns = Netns::new("vmmre");
+    // Persistent: it outlives the daemons (one queue pair, so no
+    // multi_queue).
+    ns.ip(&["tuntap", "add", "vr0", "mode", "tap", "vnet_hdr"]);
+    ns.ip(&["link", "set", "vr0", "up"]);
+    ns.command("sysctl")
+        .args(["-qw", "net.ipv6.conf.vr0.disable_ipv6=1"])
+        .status()
+        .unwrap();
+    let d = tempdir();
+    let sock = d.path().join("net.sock");
+    let ctl = d.path().join("vmm.ctl");
+    let daemon = NetDaemon::start_in(&ns, &sock, &["--tap", "vr0"]).unwrap();
+    let pkt = ns.run_in(|| packet_socket("vr0"));
+    let net = format!("socket={},mac=52:54:00:12:34:56,reconnect=10", s(&sock));
+    let vmm = VmmProcess::spawn(&[
+        "--kernel",
+        s(probe_guest()),
+        "--memory",
+        "64M",
+        "--net",
+        &net,
+        "--control",
+        s(&ctl),
+    ]);
+    let frame = guest_frame(&pkt, T);
+    assert_eq!(&frame[14..25], b"RIMG-VMM-TX");
+    drop(daemon);
+    // The dead daemon's TAP queue is let go by its io_uring's teardown,
+    // which may run after the process was reaped: EBUSY until then.
+    let end = Instant::now() + T;
+    let daemon = loop {
+        match NetDaemon::start_in(&ns, &sock, &["--tap", "vr0"]) {
+            Ok(d) => break d,
+            Err(e) if e.contains("busy") && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    wait_reconnected(&ctl, 1);
+    assert_eq!(device(&ctl)["inflight"], false);
+    send_frame(&pkt, &frame_to_guest(MAC));
+    let r = vmm.finish(T);
+    r.assert_clean_exit();
+    for line in ["net: tx done", "net: rx payload RIMG-VMM-RX", "probe: PASS"] {
+        assert!(r.console.contains(line), "missing {line:?}:\n{}", r.console);
+    }
+    assert!(r.stderr.contains(" reconnected (1)"), "{}", r.stderr);
+    assert!(!r.stderr.contains("marked failed"), "{}", r.stderr);
+    let (st, log) = daemon.terminate();
+    assert!(st.success(), "rimg-vhost-net: {log}");
 }
