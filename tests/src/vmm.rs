@@ -116,6 +116,11 @@ impl VmmProcess {
         self.0.wait_for_stdout(needle, timeout)
     }
 
+    /// Types `bytes` on the guest's console (the UART's input).
+    pub fn send_console(&mut self, bytes: &[u8]) {
+        self.0.write_stdin(bytes)
+    }
+
     /// The guest's console so far.
     pub fn console_so_far(&self) -> String {
         String::from_utf8_lossy(&self.0.stdout_so_far()).replace('\r', "")
@@ -575,4 +580,15 @@ pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
         image: img,
         _dir: dir,
     }
+}
+
+/// The frame the tests write into the TAP for the probe guest: to `mac`,
+/// ethertype 0x88b6, payload "RIMG-VMM-RX", padded to the 60-byte minimum.
+pub fn frame_to_guest(mac: [u8; 6]) -> [u8; 60] {
+    let mut out = [0u8; 60];
+    out[..6].copy_from_slice(&mac);
+    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    out[12..14].copy_from_slice(&[0x88, 0xb6]);
+    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
+    out
 }
