@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    let run = rimg_tests::vmm::run_linux_stack(Duration::from_secs(300));
+    let run = rimg_tests::nested::run_linux_stack(Duration::from_secs(300));
     println!("{}", run.out.console);
     let passed = run.out.status == Some(0) && run.out.console.contains("INNER-PASS");
     if !passed {

@@ -19,7 +19,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use rimg_tests::guest::{kit, Guest};
-use rimg_tests::vmm::static_bins;
+use rimg_tests::nested::static_bins;
 
 const CMDLINE: &str = "console=ttyS0 quiet panic=-1 reboot=k";
 

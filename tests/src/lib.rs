@@ -410,6 +410,8 @@ pub mod crash;
 pub mod daemon;
 pub mod guest;
 pub mod image;
+pub mod nested;
+pub mod nested_restart;
 pub mod net;
 pub mod qsd;
 pub mod rings;

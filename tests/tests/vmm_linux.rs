@@ -10,7 +10,7 @@
 //! (one flow per vCPU, so both pairs carry frames both ways), then powers
 //! off. The qcow2 image comes back to the host on a raw virtio disk of the
 //! outer guest and passes `qemu-img check`. (Scripts and setup:
-//! rimg_tests::vmm.)
+//! rimg_tests::nested.)
 //!
 //! Stress mode: `RIMG_NESTED_ROUNDS=N` boots the whole stack N times in a
 //! row, each round in a fresh outer guest with a fresh image, and fails
@@ -24,8 +24,8 @@
 
 use std::time::{Duration, Instant};
 
+use rimg_tests::nested::{run_linux_stack_on, InnerVmm, StackRun};
 use rimg_tests::net::pair_stats;
-use rimg_tests::vmm::{run_linux_stack_on, InnerVmm, StackRun};
 
 fn field<'a>(console: &'a str, tag: &str) -> Result<&'a str, String> {
     console
