@@ -69,7 +69,7 @@ pub use header::{CompressionType, Header};
 pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};
 pub use luks_image::LuksImage;
 pub use open::{open, probe, resolve_backing, OpenOptions};
-pub use qcow::{Qcow2, Qcow2Options};
+pub use qcow::{MetadataPersistence, Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use snapshot::Snapshot;
 pub use sync::AllocWaker;

@@ -124,13 +124,16 @@ impl Refcounts {
         self.overlap.extend(Kind::RefcountBlock, blocks);
     }
 
-    /// Writes back the dirty block in cache slot `i`.
+    /// Writes back the changed part of the dirty block in cache slot `i`.
     fn write_block(&mut self, st: &Storage, i: usize) -> Result<()> {
-        let key = self.cache.key(i);
+        let Some(r) = self.cache.dirty_range(i) else {
+            return Ok(());
+        };
+        let at = self.cache.key(i) + r.start as u64;
         self.overlap.write(
             st,
-            self.cache.data(i),
-            key,
+            &self.cache.data(i)[r],
+            at,
             Allow::only(Kind::RefcountBlock),
         )?;
         self.cache.mark_clean(i);
@@ -165,6 +168,13 @@ impl Refcounts {
     }
     pub fn note_end(&mut self, cluster_end: u64) {
         self.end = self.end.max(cluster_end);
+    }
+    /// Clusters `run`, allocated and never written, were given back: if
+    /// they end the used area, it ends before them.
+    pub fn unnote_end(&mut self, run: Range<u64>) {
+        if self.end == run.end {
+            self.end = run.start;
+        }
     }
 
     fn block_offset(&self, group: u64) -> Result<Option<u64>> {
@@ -223,7 +233,8 @@ impl Refcounts {
         };
         let i = self.block_slot(st, off)?;
         let idx = (cluster & ((1 << self.block_bits) - 1)) as usize;
-        entry_set(self.cache.data_mut(i), idx, self.order, value);
+        let b = self.cache.data_mut_part(i, entry_bytes(idx, self.order));
+        entry_set(b, idx, self.order, value);
         if value == 0 {
             self.free_hint = self.free_hint.min(cluster);
         } else {
@@ -599,6 +610,12 @@ impl Refcounts {
     }
 }
 
+/// The bytes of a block that refcount entry `idx` lies in.
+fn entry_bytes(idx: usize, order: u32) -> Range<usize> {
+    let (bit, bits) = (idx << order, 1usize << order);
+    bit / 8..(bit + bits).div_ceil(8)
+}
+
 /// Reads refcount entry `idx` of a block (qcow2.rst: widths below 8 bits
 /// are packed from the least significant bit of each byte; wider ones are
 /// big-endian).
@@ -657,6 +674,14 @@ mod tests {
                     (i as u64 * 7) & max,
                     "order {order} idx {i}"
                 );
+                // Setting an entry changes only the bytes said to hold it.
+                let r = entry_bytes(i, order);
+                let mut b = block.clone();
+                entry_set(&mut b, i, order, !entry_get(&block, i, order) & max);
+                for (k, (x, y)) in block.iter().zip(&b).enumerate() {
+                    assert!(x == y || r.contains(&k), "order {order} idx {i} byte {k}");
+                }
+                assert_ne!(block[r.clone()], b[r]);
             }
         }
     }

@@ -108,7 +108,11 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             "--queue-size must be a power of two up to 1024".into(),
         ));
     }
-    let mut qopts = Qcow2Options::default();
+    // A restarted daemon must find every write it completed (issue 20).
+    let mut qopts = Qcow2Options {
+        metadata_persistence: qcow2::MetadataPersistence::ProcessDeath,
+        ..Default::default()
+    };
     if let Some(b) = cfg.l2_cache_bytes {
         qopts.l2_cache_bytes = b;
     }

@@ -90,6 +90,7 @@ impl Qcow2 {
                 Err(e)
             }
         };
+        let r = r.and_then(|()| self.persist(&mut m));
         self.release_inflight(m, gc, 1);
         r
     }

@@ -104,6 +104,7 @@ impl Qcow2 {
                     }
                 }
             }
+            self.persist(&mut m)?;
             drop(m);
             c += chunk;
         }

@@ -45,6 +45,32 @@ impl Qcow2 {
         e.current += 1;
     }
 
+    /// Writes every metadata change to the file in the order described
+    /// in the module docs, syncing only where that order needs it: after
+    /// refcount changes, and between L2 tables and the L1 entries that may
+    /// point at them.
+    pub(super) fn write_back(&self, m: &mut Meta) -> Result<()> {
+        m.rc.flush(&self.st)?;
+        for i in m.l2.dirty_slots() {
+            Self::write_l2(&self.st, m, i)?;
+        }
+        if let Some((a, b)) = m.l1_dirty {
+            if m.l2_unsynced {
+                self.st.sync()?;
+                m.l2_unsynced = false;
+            }
+            let mut raw = Vec::with_capacity((b - a + 1) * 8);
+            for e in &m.l1[a..=b] {
+                raw.extend_from_slice(&e.to_be_bytes());
+            }
+            let at = m.header.l1_table_offset + a as u64 * 8;
+            m.rc.overlap
+                .write(&self.st, &raw, at, Allow::only(Kind::ActiveL1))?;
+            m.l1_dirty = None;
+        }
+        Ok(())
+    }
+
     /// Flushes metadata in the order described in the module docs and
     /// releases queued frees.
     pub(super) fn flush_locked(&self, m: &mut Meta) -> Result<()> {
@@ -52,29 +78,9 @@ impl Qcow2 {
             return Ok(());
         }
         m.rc.overlap.usable()?;
-        m.rc.flush(&self.st)?;
-        let dirty = m.l2.dirty_slots();
-        for &i in &dirty {
-            Self::write_l2(&self.st, m, i)?;
-        }
-        if let Some((a, b)) = m.l1_dirty.take() {
-            if !dirty.is_empty() {
-                self.st.sync()?;
-            }
-            let mut raw = Vec::with_capacity((b - a + 1) * 8);
-            for e in &m.l1[a..=b] {
-                raw.extend_from_slice(&e.to_be_bytes());
-            }
-            let at = m.header.l1_table_offset + a as u64 * 8;
-            if let Err(e) =
-                m.rc.overlap
-                    .write(&self.st, &raw, at, Allow::only(Kind::ActiveL1))
-            {
-                m.l1_dirty = Some((a, b));
-                return Err(e);
-            }
-        }
+        self.write_back(m)?;
         self.st.sync()?;
+        m.l2_unsynced = false;
         if let Some(d) = &self.data {
             d.st.sync()?;
         }

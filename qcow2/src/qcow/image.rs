@@ -252,6 +252,7 @@ impl Drop for Qcow2 {
         let _ = self.store_bitmaps();
         if self.st.writable() {
             if let Ok(mut m) = self.meta.lock() {
+                self.release_reserve(&mut m);
                 // Errors here cannot be reported; callers that care flush
                 // explicitly before dropping.
                 let _ = self.flush_locked(&mut m);

@@ -37,6 +37,13 @@
 //!   before that, so no freed cluster is overwritten while an old pointer
 //!   to it may still be on disk.
 //! - `flush` makes every completed write durable.
+//! - With [`MetadataPersistence::ProcessDeath`], each operation also
+//!   writes (pwrite, no fsync) the metadata it changed before it returns,
+//!   in the order above, so that a killed process loses no completed
+//!   write. For a power loss the order must hold on disk too: guest data
+//!   clusters come from a reserve whose refcounts were made durable when
+//!   it was taken, and a new L2 table is synced before its L1 entry (see
+//!   [`persist`]).
 //! - A freed cluster is not reused while data I/O that may have mapped it
 //!   is still running outside the lock: such I/O holds an [`IoEpoch`]
 //!   guard ([`Image::io_epoch`]) until it ends, frees are tagged with the
@@ -84,6 +91,7 @@ mod discard;
 mod flush;
 mod image;
 mod inflight;
+mod persist;
 mod read;
 mod resize;
 mod snapshots;
@@ -92,6 +100,23 @@ mod tables;
 #[cfg(test)]
 mod tests;
 mod write;
+
+/// What a completed but unflushed change survives, by when the metadata
+/// mapping it (L2 entries, refcounts, the L1 table) reaches the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MetadataPersistence {
+    /// At flush or cache eviction only (QEMU's writeback cache): a write
+    /// completed since the last flush may read back as before when the
+    /// process dies.
+    #[default]
+    Flush,
+    /// Before each operation returns (into the page cache, no fsync): a
+    /// completed write reads back after the process is killed, as its
+    /// data does. A power loss still loses what was not flushed (and
+    /// leaves at worst leaked clusters). For a daemon that may be
+    /// restarted under a running guest.
+    ProcessDeath,
+}
 
 /// Tunables for opening a qcow2 image.
 #[derive(Debug, Clone)]
@@ -123,6 +148,8 @@ pub struct Qcow2Options {
     /// The external data file to use in place of the one the header
     /// names (QEMU's `data-file` option).
     pub data_file: Option<std::path::PathBuf>,
+    /// When changed metadata is written to the file.
+    pub metadata_persistence: MetadataPersistence,
 }
 
 impl Default for Qcow2Options {
@@ -136,6 +163,7 @@ impl Default for Qcow2Options {
             encrypt_key: None,
             no_io: false,
             data_file: None,
+            metadata_persistence: MetadataPersistence::Flush,
         }
     }
 }
@@ -148,6 +176,12 @@ struct Meta {
     /// Range of L1 indices changed since the last flush.
     l1_dirty: Option<(usize, usize)>,
     l2: TableCache,
+    /// L2 tables were written since the last sync: an L1 entry may point
+    /// at one only after a sync.
+    l2_unsynced: bool,
+    /// Guest data clusters with durable refcounts, not yet used
+    /// ([`MetadataPersistence::ProcessDeath`] only).
+    reserve: persist::Reserve,
     rc: Refcounts,
     /// Host byte ranges whose reference was dropped in memory; their
     /// refcounts are decreased after a flush, once no I/O that started
@@ -347,6 +381,8 @@ impl Qcow2 {
             l1,
             l1_dirty: None,
             l2: TableCache::new(cs as usize, opts.l2_cache_bytes),
+            l2_unsynced: false,
+            reserve: Default::default(),
             rc,
             pending_free: Vec::new(),
             inflight: HashSet::new(),
@@ -654,6 +690,9 @@ impl Qcow2 {
 
     pub(crate) fn with_meta<R>(&self, f: impl FnOnce(&mut MetaCtx<'_>) -> R) -> R {
         let mut m = self.lock();
+        // Whoever walks or rebuilds the refcounts must not see reserved
+        // clusters as leaks (nor free them under the reserve).
+        self.release_reserve(&mut m);
         f(&mut m.header_mut_ctx())
     }
 }

@@ -18,6 +18,8 @@ impl Qcow2 {
                 .wait(m)
                 .expect("qcow2 metadata lock poisoned");
         }
+        // Metadata is walked or changed as a whole: no reserved clusters.
+        self.release_reserve(&mut m);
         m
     }
 

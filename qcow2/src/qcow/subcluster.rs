@@ -78,7 +78,7 @@ impl Qcow2 {
 
     pub(super) fn l2_bitmap_set(m: &mut Meta, slot: usize, idx: usize, v: u64) {
         let at = idx * 16 + 8;
-        m.l2.data_mut(slot)[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        m.l2.data_mut_part(slot, at..at + 8)[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
 
     /// A subcluster of kind `k` in entry `e` as the mapping of the guest
@@ -236,9 +236,7 @@ impl Qcow2 {
             // Data file clusters sit at the guest offset (see plan_write).
             (HostOffset::identity(gc.offset(self.cluster_bits)), false)
         } else {
-            let fresh_from = m.rc.end();
-            let host = m.rc.alloc_data(&self.st, 1)?;
-            let fresh = host.cluster(self.cluster_bits) >= fresh_from;
+            let (host, _, fresh) = self.alloc_data_clusters(m, 1)?;
             if fresh {
                 self.reserve_ahead(m, host + cs);
             }

@@ -19,12 +19,17 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes the L2 table in cache slot `i` (overlap checked).
+    /// Writes the changed part of the L2 table in cache slot `i`
+    /// (overlap checked).
     pub(super) fn write_l2(st: &Storage, m: &mut Meta, i: usize) -> Result<()> {
-        let key = m.l2.key(i);
+        let Some(r) = m.l2.dirty_range(i) else {
+            return Ok(());
+        };
+        let at = m.l2.key(i) + r.start as u64;
         m.rc.overlap
-            .write(st, m.l2.data(i), key, Allow::only(Kind::ActiveL2))?;
+            .write(st, &m.l2.data(i)[r], at, Allow::only(Kind::ActiveL2))?;
         m.l2.mark_clean(i);
+        m.l2_unsynced = true;
         Ok(())
     }
 
@@ -56,7 +61,7 @@ impl Qcow2 {
 
     pub(super) fn l2_set(m: &mut Meta, slot: usize, idx: usize, v: u64) {
         let at = idx * m.l2_stride;
-        m.l2.data_mut(slot)[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        m.l2.data_mut_part(slot, at..at + 8)[at..at + 8].copy_from_slice(&v.to_be_bytes());
     }
 
     /// Sets an active L1 entry (in memory; written at the next flush) and

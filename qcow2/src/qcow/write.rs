@@ -101,10 +101,18 @@ impl Qcow2 {
                 cow_ends: (true, true),
             }));
         }
-        let fresh_from = m.rc.end();
-        let host = m.rc.alloc_data(&self.st, n)?;
+        let (host, got, fresh) = self.alloc_data_clusters(m, n)?;
+        if got < n {
+            // A shorter run: the write maps a shorter prefix.
+            n = got;
+            if n > 1 {
+                // Decoded in the loop above: cannot fail.
+                last_old = self.decode(Self::l2_get(m, slot, (l2i + n - 1) as usize))?;
+            } else {
+                last_old = first_old;
+            }
+        }
         m.inflight.extend(gc.span(n));
-        let fresh = host.cluster(cb) >= fresh_from;
         if fresh {
             self.reserve_ahead(m, host + n * cs);
         }
@@ -410,6 +418,7 @@ impl Qcow2 {
         if !ok || r.is_err() {
             self.rollback_alloc(&mut m, &a);
         }
+        let r = r.and_then(|()| self.persist(&mut m));
         self.finish_alloc(m, &a);
         r
     }
@@ -451,6 +460,9 @@ impl Qcow2 {
         }
         if fence {
             self.fence.add(a.gc.offset(cb).0, a.n << cb);
+        }
+        if let Err(e) = self.persist(&mut m) {
+            self.st.report_swallowed("qcow2 metadata write failed", &e);
         }
         self.finish_alloc(m, &a);
     }

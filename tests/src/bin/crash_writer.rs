@@ -11,11 +11,16 @@
 //! batch's flush completed: everything the batches up to it wrote is then
 //! guaranteed. Any failed request ends the process with a message and
 //! exit code 1 (the test expects to kill it, never to see it exit).
+//!
+//! With a last argument `noflush`, batches are not flushed and `C <batch>`
+//! follows each batch's completion instead (the library then persists
+//! metadata as rimg-vhost-blk does, `MetadataPersistence::ProcessDeath`):
+//! a killed process must still have lost none of it.
 
 use std::io::Write;
 use std::path::Path;
 
-use qcow2::{Image, OpenOptions};
+use qcow2::{Image, MetadataPersistence, OpenOptions, Qcow2Options};
 use rimg_tests::blk::{Client, Req};
 use rimg_tests::crash::{Op, Workload, SECTOR};
 
@@ -32,11 +37,20 @@ fn say(line: &str) {
     }
 }
 
-fn run_lib(image: &Path, seed: u64, round: u64, threads: usize) -> ! {
+fn run_lib(image: &Path, seed: u64, round: u64, threads: usize, flush: bool) -> ! {
+    let metadata_persistence = if flush {
+        MetadataPersistence::Flush
+    } else {
+        MetadataPersistence::ProcessDeath
+    };
     let img = qcow2::open(
         image,
         &OpenOptions {
             writable: true,
+            qcow2: Qcow2Options {
+                metadata_persistence,
+                ..Default::default()
+            },
             ..Default::default()
         },
     )
@@ -65,15 +79,23 @@ fn run_lib(image: &Path, seed: u64, round: u64, threads: usize) -> ! {
                 });
             }
         });
-        if let Err(e) = img.flush() {
-            die(format!("batch {b}: flush: {e}"));
-        }
-        say(&format!("F {b}"));
+        done(b, flush, || img.flush().map_err(|e| e.to_string()));
     }
     unreachable!()
 }
 
-fn run_blk(socket: &Path, seed: u64, round: u64, queues: usize) -> ! {
+/// The end of batch `b`: flushed and said so, or only said complete.
+fn done(b: u64, flush: bool, f: impl FnOnce() -> Result<(), String>) {
+    if !flush {
+        return say(&format!("C {b}"));
+    }
+    if let Err(e) = f() {
+        die(format!("batch {b}: flush: {e}"));
+    }
+    say(&format!("F {b}"));
+}
+
+fn run_blk(socket: &Path, seed: u64, round: u64, queues: usize, flush: bool) -> ! {
     let mut c = Client::connect(socket, queues, false)
         .unwrap_or_else(|e| die(format!("connect {}: {e}", socket.display())));
     let mut wl = Workload::new(seed, round, c.capacity() / SECTOR);
@@ -101,10 +123,7 @@ fn run_blk(socket: &Path, seed: u64, round: u64, queues: usize) -> ! {
                 die(format!("batch {b}: {op:?}: error {r}"));
             }
         }
-        if let Err(r) = c.flush(0) {
-            die(format!("batch {b}: flush: error {r}"));
-        }
-        say(&format!("F {b}"));
+        done(b, flush, || c.flush(0).map_err(|r| format!("error {r}")));
     }
     unreachable!()
 }
@@ -116,15 +135,20 @@ fn main() {
             .and_then(|s| s.parse().ok())
             .unwrap_or_else(|| die(format!("argument {i}: a number expected")))
     };
+    let flush = match a.get(6).map(String::as_str) {
+        None => true,
+        Some("noflush") if a.len() == 7 => false,
+        _ => die("a last argument `noflush` or none expected".into()),
+    };
     match a.get(1).map(String::as_str) {
-        Some("lib") if a.len() == 6 => {
-            run_lib(Path::new(&a[2]), num(3), num(4), num(5).max(1) as usize)
+        Some("lib") if a.len() >= 6 => {
+            run_lib(Path::new(&a[2]), num(3), num(4), num(5).max(1) as usize, flush)
         }
-        Some("blk") if a.len() == 6 => {
-            run_blk(Path::new(&a[2]), num(3), num(4), num(5).max(1) as usize)
+        Some("blk") if a.len() >= 6 => {
+            run_blk(Path::new(&a[2]), num(3), num(4), num(5).max(1) as usize, flush)
         }
         _ => die(
-            "usage: crash_writer lib IMAGE SEED ROUND THREADS | blk SOCKET SEED ROUND QUEUES"
+            "usage: crash_writer lib IMAGE SEED ROUND THREADS [noflush] | blk SOCKET SEED ROUND QUEUES [noflush]"
                 .into(),
         ),
     }

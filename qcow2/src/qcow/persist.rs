@@ -1,0 +1,131 @@
+//! [`MetadataPersistence::ProcessDeath`]: the metadata an operation
+//! changed is written to the file before the operation returns, so that
+//! a process killed after completing a write loses nothing of it (its
+//! data was written with pwrite already; the page cache outlives the
+//! process).
+//!
+//! The write ordering of the module docs must then hold without the
+//! flush that usually separates its steps, also for a power loss, where
+//! the kernel may write pages back in any order. Syncing per request
+//! would cost what this mode must not, so:
+//! - guest data clusters come from a reserve taken ahead in batches
+//!   whose refcounts are written and synced once per batch: an L2 entry
+//!   then never reaches the disk before the refcount it needs. After a
+//!   crash, the unused rest of the batch is a leak (at most
+//!   [`RESERVE_CLUSTERS`] or [`RESERVE_BYTES`]); it is given back when the
+//!   image is closed or its metadata is walked as a whole (`quiesce`,
+//!   `with_meta`);
+//! - rarer changes (a new L2 table or refcount block, a rollback) sync
+//!   through `write_back`: refcounts before L2 tables, L2 tables before
+//!   the L1 entries pointing at them.
+
+use std::collections::VecDeque;
+
+use super::*;
+
+/// Guest data clusters reserved at once: this many, or more to make
+/// [`RESERVE_BYTES`]. One sync per reserve: with 64 KiB clusters, one per
+/// 128 allocating writes at most.
+pub(super) const RESERVE_CLUSTERS: u64 = 128;
+pub(super) const RESERVE_BYTES: u64 = 1 << 20;
+
+/// Runs of clusters whose refcount is 1 on disk and that nothing
+/// references yet.
+#[derive(Default)]
+pub(super) struct Reserve {
+    runs: VecDeque<Run>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    /// First host cluster and count.
+    first: u64,
+    n: u64,
+    /// The clusters lie past everything written when they were taken.
+    fresh: bool,
+}
+
+impl Qcow2 {
+    /// Writes the metadata changed so far to the file, if this image
+    /// persists metadata before operations complete.
+    pub(super) fn persist(&self, m: &mut Meta) -> Result<()> {
+        if self.opts.metadata_persistence != MetadataPersistence::ProcessDeath {
+            return Ok(());
+        }
+        self.write_back(m)
+    }
+
+    /// Up to `n` contiguous new clusters for guest data: their host
+    /// offset, how many (at least 1), and whether they are fresh (read as
+    /// zeros unwritten).
+    pub(super) fn alloc_data_clusters(
+        &self,
+        m: &mut Meta,
+        n: u64,
+    ) -> Result<(HostOffset, u64, bool)> {
+        let cb = self.cluster_bits;
+        if self.opts.metadata_persistence != MetadataPersistence::ProcessDeath {
+            let fresh_from = m.rc.end();
+            let host = m.rc.alloc_data(&self.st, n)?;
+            return Ok((host, n, host.cluster(cb) >= fresh_from));
+        }
+        if m.reserve.runs.is_empty() {
+            self.refill_reserve(m, n)?;
+        }
+        let run = m.reserve.runs.front_mut().expect("refilled");
+        let got = run.n.min(n);
+        let host = HostOffset(run.first << cb);
+        let fresh = run.fresh;
+        run.first += got;
+        run.n -= got;
+        if run.n == 0 {
+            m.reserve.runs.pop_front();
+        }
+        Ok((host, got, fresh))
+    }
+
+    /// Takes at least `n` clusters (and a reserve's worth) into the
+    /// reserve and makes their refcounts durable. Until that succeeded
+    /// none is handed out (on failure they leak).
+    fn refill_reserve(&self, m: &mut Meta, n: u64) -> Result<()> {
+        let cb = self.cluster_bits;
+        let want = n.max(RESERVE_CLUSTERS).max(RESERVE_BYTES >> cb);
+        let fresh_from = m.rc.end();
+        let mut runs: Vec<Run> = Vec::new();
+        for _ in 0..want {
+            let c = m.rc.alloc(&self.st, 1)? >> cb;
+            let fresh = c >= fresh_from;
+            match runs.last_mut() {
+                Some(r) if r.first + r.n == c && r.fresh == fresh => r.n += 1,
+                _ => runs.push(Run {
+                    first: c,
+                    n: 1,
+                    fresh,
+                }),
+            }
+        }
+        m.rc.flush(&self.st)?;
+        m.reserve.runs.extend(runs);
+        Ok(())
+    }
+
+    /// Gives the reserved clusters back. Nothing references them, so their
+    /// refcounts may drop at once; a failure leaves them leaked.
+    pub(super) fn release_reserve(&self, m: &mut Meta) {
+        let cs = self.cluster_size();
+        while let Some(r) = m.reserve.runs.pop_back() {
+            let host = HostOffset(r.first * cs);
+            if let Err(e) = m.rc.unref(&self.st, host, r.n * cs, |_| {}) {
+                self.st.report_swallowed("qcow2 reserve release failed", &e);
+                continue;
+            }
+            if r.fresh {
+                // Never written: the file need not reach past them.
+                m.rc.unnote_end(r.first..r.first + r.n);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
