@@ -36,6 +36,7 @@ pub mod cli;
 pub mod control;
 pub mod device;
 pub mod frontend;
+pub mod inflight;
 mod relay;
 pub mod seccomp;
 pub mod stats;
