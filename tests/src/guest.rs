@@ -507,6 +507,29 @@ impl Guest {
         .module("virtio_blk")
     }
 
+    /// A vhost-user-blk-pci disk served on `socket` whose connection QEMU
+    /// re-establishes (every `reconnect` seconds) when the daemon goes
+    /// away, passing the inflight region back to the new one.
+    pub fn vhost_user_blk_reconnecting(
+        self,
+        socket: &Path,
+        num_queues: u32,
+        reconnect: u32,
+    ) -> Guest {
+        let id = format!("blk{}", self.qemu_args.len());
+        self.qemu_args([
+            "-chardev".to_string(),
+            format!(
+                "socket,id={id},path={},reconnect={reconnect}",
+                socket.display()
+            ),
+            "-device".to_string(),
+            format!("vhost-user-blk-pci,chardev={id},num-queues={num_queues}"),
+        ])
+        .module("virtio_pci")
+        .module("virtio_blk")
+    }
+
     /// A virtio-net-pci NIC on a vhost-user netdev served on `socket`.
     /// QEMU 7.2 under TCG crashes starting vhost-user-net with MSI-X
     /// (shared/TESTBED.md), hence `vectors=0`; `romfile=` skips iPXE.
