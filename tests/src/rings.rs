@@ -274,8 +274,7 @@ impl Driver {
             .map_err(e("set_vring_addr"))?;
             fence(Ordering::SeqCst);
             let used = shm.u16_at(queue.used + 2);
-            fe.set_vring_base(q, used.into())
-                .map_err(e("set_vring_base"))?;
+            fe.set_vring_base(q, used).map_err(e("set_vring_base"))?;
             fe.set_vring_call(q, &queue.call)
                 .map_err(e("set_vring_call"))?;
             fe.set_vring_kick(q, &queue.kick)

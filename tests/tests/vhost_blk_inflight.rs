@@ -9,7 +9,7 @@
 //! connection, a region that makes no sense is reset with a warning.
 //! Daemons run with the default seccomp filter (kill).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use rimg_tests::rings::{
     inflight_stride, Driver, InflightRegion, DATA, F_WRITE, INFLIGHT_USED_IDX,
 };
 use rimg_tests::{assert_qemu_check_clean, qemu_create, tempdir, workspace_bin};
+use tempfile::TempDir;
 
 const MEM: usize = 16 << 20;
 const QS: u16 = 32;
@@ -33,6 +34,24 @@ fn daemon(sock: &Path, img: &Path) -> Daemon {
         .args(["--num-queues", "2"])
         .env("RUST_LOG", "info");
     Daemon::spawn(cmd, sock).expect("daemon")
+}
+
+/// A fresh 16 MiB qcow2 image served by [`daemon`]: the directory
+/// holding both, the image, the socket, the daemon.
+fn setup() -> (TempDir, PathBuf, PathBuf, Daemon) {
+    let dir = tempdir();
+    let img = dir.path().join("disk.qcow2");
+    qemu_create(&img, "", "16M");
+    let sock = dir.path().join("blk.sock");
+    let daemon = daemon(&sock, &img);
+    (dir, img, sock, daemon)
+}
+
+/// Ends the daemon: a clean exit, no panic, a clean image.
+fn finish(daemon: Daemon, img: &Path) {
+    let (st, log) = daemon.terminate();
+    assert!(st.success() && !log.contains("panicked"), "{st}\n{log}");
+    assert_qemu_check_clean(img);
 }
 
 /// Request `k` of queue `q`: its chain at head `3k` (header, one 4 KiB
@@ -111,11 +130,7 @@ fn disconnect(daemon: &Daemon, d: Driver, n: usize) -> Driver {
 
 #[test]
 fn taken_requests_run_once_after_a_restart() {
-    let dir = tempdir();
-    let img = dir.path().join("disk.qcow2");
-    qemu_create(&img, "", "16M");
-    let sock = dir.path().join("blk.sock");
-    let daemon = daemon(&sock, &img);
+    let (_dir, img, sock, daemon) = setup();
     let mut d = Driver::connect_inflight(&sock, MEM, 2, QS, |f| f & !(1 << 29), None).unwrap();
     // Tracked: marks come and go, the used index is logged.
     let r0 = req(1, 0);
@@ -155,18 +170,12 @@ fn taken_requests_run_once_after_a_restart() {
     assert_eq!(d.used_idx(1), 5);
     assert_eq!(read(&mut d, 0, 16), vec![0xbb; 4096]);
     drop(d);
-    let (st, log) = daemon.terminate();
-    assert!(st.success() && !log.contains("panicked"), "{st}\n{log}");
-    assert_qemu_check_clean(&img);
+    finish(daemon, &img);
 }
 
 #[test]
 fn returned_requests_do_not_run_again() {
-    let dir = tempdir();
-    let img = dir.path().join("disk.qcow2");
-    qemu_create(&img, "", "16M");
-    let sock = dir.path().join("blk.sock");
-    let daemon = daemon(&sock, &img);
+    let (_dir, img, sock, daemon) = setup();
     let d = Driver::connect_inflight(&sock, MEM, 1, QS, |f| f & !(1 << 29), None).unwrap();
     let mut d = disconnect(&daemon, d, 1);
 
@@ -219,18 +228,12 @@ fn returned_requests_do_not_run_again() {
     }
     assert_eq!(d.used_idx(0), 10, "one used entry per request");
     drop(d);
-    let (st, log) = daemon.terminate();
-    assert!(st.success() && !log.contains("panicked"), "{st}\n{log}");
-    assert_qemu_check_clean(&img);
+    finish(daemon, &img);
 }
 
 #[test]
 fn a_fresh_region_on_a_running_ring_resubmits_nothing() {
-    let dir = tempdir();
-    let img = dir.path().join("disk.qcow2");
-    qemu_create(&img, "", "16M");
-    let sock = dir.path().join("blk.sock");
-    let daemon = daemon(&sock, &img);
+    let (_dir, img, sock, daemon) = setup();
     // Untracked at first.
     let mut d = Driver::connect(&sock, MEM, 1, QS, |f| f & !(1 << 29));
     read(&mut d, 0, 0);
@@ -251,17 +254,12 @@ fn a_fresh_region_on_a_running_ring_resubmits_nothing() {
     assert_eq!(d.inflight.as_ref().unwrap().header(0), [1, QS, a.head, 3]);
     assert_eq!(read(&mut d, 0, 8), vec![0x5a; 4096]);
     drop(d);
-    let (st, log) = daemon.terminate();
-    assert!(st.success() && !log.contains("panicked"), "{st}\n{log}");
+    finish(daemon, &img);
 }
 
 #[test]
 fn hostile_regions_neither_crash_nor_hang() {
-    let dir = tempdir();
-    let img = dir.path().join("disk.qcow2");
-    qemu_create(&img, "", "16M");
-    let sock = dir.path().join("blk.sock");
-    let daemon = daemon(&sock, &img);
+    let (_dir, img, sock, daemon) = setup();
     let mut disconnects = 0;
     let stride = inflight_stride(QS) as u64;
     let features = |f| f & !(1 << 29);
@@ -329,7 +327,5 @@ fn hostile_regions_neither_crash_nor_hang() {
         );
     }
     drop(d);
-    let (st, log) = daemon.terminate();
-    assert!(st.success() && !log.contains("panicked"), "{st}\n{log}");
-    assert_qemu_check_clean(&img);
+    finish(daemon, &img);
 }

@@ -12,6 +12,14 @@
 //!
 //! The host tells the guest to stop by writing STOP into a small second
 //! disk that QEMU serves itself.
+//!
+//! The image's metadata is preallocated. Without it, a write that
+//! allocated a cluster and was answered before the kill (the guest never
+//! flushed: the disk is in writeback mode) can come back as zeros: its L2
+//! entry was still in the killed daemon's cache. That is the engine's
+//! writeback contract (only flushed writes survive a crash), which
+//! inflight tracking cannot change; the requests it does cover (taken,
+//! not answered) are what this test kills into.
 
 use std::path::Path;
 use std::process::Command;
@@ -183,6 +191,7 @@ fn resubmitted(log: &str) -> Vec<usize> {
 fn guest_io_survives_daemon_kills() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
+    // See the module docs for why the metadata is preallocated.
     qemu_create(&img, "preallocation=metadata", "64M");
     let ctl = dir.path().join("ctl.raw");
     std::fs::write(&ctl, vec![0u8; 1 << 20]).unwrap();

@@ -14,7 +14,8 @@
 //! after a later completion is published, marks cleared before the
 //! publication, no batch links) must be caught.
 
-use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rimg_vhost_server::inflight::{stride, QueueLog, RegionMem};
 
@@ -39,45 +40,46 @@ enum Store {
 /// Region bytes, with every store recorded (and the guest's post count
 /// when it was made).
 struct Recorder {
-    bytes: RefCell<Vec<u8>>,
-    stores: RefCell<Vec<(Store, usize)>>,
-    posts: Cell<usize>,
+    bytes: Mutex<Vec<u8>>,
+    stores: Mutex<Vec<(Store, usize)>>,
+    posts: AtomicUsize,
 }
 
 impl Recorder {
     fn new(bytes: Vec<u8>) -> Recorder {
         Recorder {
-            bytes: RefCell::new(bytes),
-            stores: RefCell::default(),
-            posts: Cell::new(0),
+            bytes: Mutex::new(bytes),
+            stores: Mutex::default(),
+            posts: AtomicUsize::new(0),
         }
     }
     fn load<const K: usize>(&self, at: usize) -> [u8; K] {
-        self.bytes.borrow()[at..at + K].try_into().unwrap()
+        self.bytes.lock().unwrap()[at..at + K].try_into().unwrap()
     }
     fn store(&self, at: usize, b: &[u8]) {
-        self.bytes.borrow_mut()[at..at + b.len()].copy_from_slice(b);
-        self.stores.borrow_mut().push((
+        self.bytes.lock().unwrap()[at..at + b.len()].copy_from_slice(b);
+        self.stores.lock().unwrap().push((
             Store::Region {
                 at,
                 bytes: b.to_vec(),
             },
-            self.posts.get(),
+            self.posts.load(Ordering::Relaxed),
         ));
     }
     fn publish(&self, idx: u16, reqs: Vec<usize>) {
-        self.stores
-            .borrow_mut()
-            .push((Store::Used { idx, reqs }, self.posts.get()));
+        self.stores.lock().unwrap().push((
+            Store::Used { idx, reqs },
+            self.posts.load(Ordering::Relaxed),
+        ));
     }
     fn stores(&self) -> usize {
-        self.stores.borrow().len()
+        self.stores.lock().unwrap().len()
     }
 }
 
 impl RegionMem for Recorder {
     fn len(&self) -> usize {
-        self.bytes.borrow().len()
+        self.bytes.lock().unwrap().len()
     }
     fn load8(&self, at: usize) -> u8 {
         self.load::<1>(at)[0]
@@ -136,11 +138,11 @@ struct Run {
 
 fn run(seed: u64, device: Device) -> Run {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let rec = Recorder::new(vec![0; stride(N)]);
-    let mut log = QueueLog::new(&rec, 0, N).unwrap();
+    let rec = Arc::new(Recorder::new(vec![0; stride(N)]));
+    let mut log = QueueLog::new(rec.clone(), 0, N).unwrap();
     assert_eq!(log.recover(BASE, N), Ok(vec![]));
-    let initial = rec.bytes.borrow().clone();
-    rec.stores.borrow_mut().clear();
+    let initial = rec.bytes.lock().unwrap().clone();
+    rec.stores.lock().unwrap().clear();
     let mut posts: Vec<u16> = Vec::new();
     let mut free: Vec<u16> = (0..N).collect();
     let (mut next_avail, mut used) = (0usize, BASE);
@@ -157,7 +159,7 @@ fn run(seed: u64, device: Device) -> Run {
                     }
                     let h = free.swap_remove(rng.below(free.len()));
                     posts.push(h);
-                    rec.posts.set(posts.len());
+                    rec.posts.store(posts.len(), Ordering::Relaxed);
                 }
             }
             1 => {
@@ -219,7 +221,7 @@ fn run(seed: u64, device: Device) -> Run {
             }
         }
     }
-    let stores = rec.stores.borrow().clone();
+    let stores = rec.stores.lock().unwrap().clone();
     Run {
         stores,
         posts,
@@ -230,13 +232,13 @@ fn run(seed: u64, device: Device) -> Run {
 
 /// Kills the run after its first `p` stores and checks the recovery.
 fn crash(run: &Run, p: usize) -> Result<(), String> {
-    let mem = Recorder::new(run.initial.clone());
+    let mem = Arc::new(Recorder::new(run.initial.clone()));
     let mut used = BASE;
     let mut published = vec![false; run.posts.len()];
     for (s, _) in &run.stores[..p] {
         match s {
             Store::Region { at, bytes } => {
-                mem.bytes.borrow_mut()[*at..*at + bytes.len()].copy_from_slice(bytes)
+                mem.bytes.lock().unwrap()[*at..*at + bytes.len()].copy_from_slice(bytes)
             }
             Store::Used { idx, reqs } => {
                 used = *idx;
@@ -262,7 +264,7 @@ fn crash(run: &Run, p: usize) -> Result<(), String> {
     let outstanding: Vec<usize> = (0..posts.len()).filter(|&r| !published[r]).collect();
     let request_of = |h: u16| outstanding.iter().copied().find(|&r| posts[r] == h);
 
-    let resubmitted = QueueLog::new(&mem, 0, N)
+    let resubmitted = QueueLog::new(mem.clone(), 0, N)
         .unwrap()
         .recover(used, N)
         .map_err(|e| format!("recover: {e}"))?;

@@ -81,30 +81,6 @@ pub trait RegionMem {
     fn store64(&self, at: usize, v: u64);
 }
 
-impl<R: RegionMem + ?Sized> RegionMem for &R {
-    fn len(&self) -> usize {
-        (**self).len()
-    }
-    fn load8(&self, at: usize) -> u8 {
-        (**self).load8(at)
-    }
-    fn load16(&self, at: usize) -> u16 {
-        (**self).load16(at)
-    }
-    fn load64(&self, at: usize) -> u64 {
-        (**self).load64(at)
-    }
-    fn store8(&self, at: usize, v: u8) {
-        (**self).store8(at, v)
-    }
-    fn store16(&self, at: usize, v: u16) {
-        (**self).store16(at, v)
-    }
-    fn store64(&self, at: usize, v: u64) {
-        (**self).store64(at, v)
-    }
-}
-
 /// Why a queue's region cannot be trusted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InflightError {

@@ -222,7 +222,9 @@ impl RegionMem for Region {
     }
 }
 
-impl<R: RegionMem> RegionMem for Arc<R> {
+/// Through a shared pointer: the workers' logs share the connection's
+/// region, the model tests their recording memory.
+impl<R: RegionMem + ?Sized> RegionMem for Arc<R> {
     fn len(&self) -> usize {
         (**self).len()
     }

@@ -1,26 +1,26 @@
-use std::cell::RefCell;
 use std::fs::File;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 
 /// A region in a plain vector.
-struct Plain(RefCell<Vec<u8>>);
+struct Plain(Mutex<Vec<u8>>);
 
 impl Plain {
     fn new(len: usize) -> Plain {
-        Plain(RefCell::new(vec![0; len]))
+        Plain(Mutex::new(vec![0; len]))
     }
     fn get<const N: usize>(&self, at: usize) -> [u8; N] {
-        self.0.borrow()[at..at + N].try_into().unwrap()
+        self.0.lock().unwrap()[at..at + N].try_into().unwrap()
     }
     fn put(&self, at: usize, b: &[u8]) {
-        self.0.borrow_mut()[at..at + b.len()].copy_from_slice(b)
+        self.0.lock().unwrap()[at..at + b.len()].copy_from_slice(b)
     }
 }
 
 impl RegionMem for Plain {
     fn len(&self) -> usize {
-        self.0.borrow().len()
+        self.0.lock().unwrap().len()
     }
     fn load8(&self, at: usize) -> u8 {
         self.get::<1>(at)[0]
@@ -53,14 +53,19 @@ fn stride_matches_the_spec() {
     }
 }
 
-/// A fresh two-queue region of 8 entries and queue 1's log.
-fn log(mem: &Plain) -> QueueLog<&Plain> {
-    QueueLog::new(mem, stride(8), 8).unwrap()
+/// A fresh two-queue region of 8 entries.
+fn plain() -> Arc<Plain> {
+    Arc::new(Plain::new(2 * stride(8)))
+}
+
+/// Queue 1's log.
+fn log(mem: &Arc<Plain>) -> QueueLog<Arc<Plain>> {
+    QueueLog::new(mem.clone(), stride(8), 8).unwrap()
 }
 
 #[test]
 fn marks_survive_and_come_back_in_take_order() {
-    let mem = Plain::new(2 * stride(8));
+    let mem = plain();
     let mut l = log(&mem);
     assert_eq!(l.recover(0, 8), Ok(vec![]));
     assert_eq!(mem.load16(stride(8) + VERSION), REGION_VERSION);
@@ -71,7 +76,7 @@ fn marks_survive_and_come_back_in_take_order() {
     l.complete_begin(&[2]);
     l.complete_end(&[2], 1);
     // Queue 0's region is untouched.
-    assert!(mem.0.borrow()[..stride(8)].iter().all(|&b| b == 0));
+    assert!(mem.0.lock().unwrap()[..stride(8)].iter().all(|&b| b == 0));
     let mut again = log(&mem);
     assert_eq!(again.recover(1, 8), Ok(vec![5, 7, 0]));
     // The counter goes on after the largest.
@@ -81,7 +86,7 @@ fn marks_survive_and_come_back_in_take_order() {
 
 #[test]
 fn a_published_batch_with_marks_left_is_cleared() {
-    let mem = Plain::new(2 * stride(8));
+    let mem = plain();
     let mut l = log(&mem);
     l.recover(100, 8).unwrap();
     for h in [1, 2, 3, 4] {
@@ -92,7 +97,7 @@ fn a_published_batch_with_marks_left_is_cleared() {
     assert_eq!(log(&mem).recover(103, 8), Ok(vec![2]));
     assert_eq!(mem.load16(stride(8) + USED_IDX), 103);
     // Killed before: all four come back.
-    let mem2 = Plain::new(2 * stride(8));
+    let mem2 = plain();
     let mut l = log(&mem2);
     l.recover(100, 8).unwrap();
     for h in [1, 2, 3, 4] {
@@ -106,7 +111,7 @@ fn a_published_batch_with_marks_left_is_cleared() {
 fn hostile_regions_are_refused_and_reset() {
     let base = stride(8);
     let fresh = || {
-        let mem = Plain::new(2 * stride(8));
+        let mem = plain();
         let mut l = log(&mem);
         l.recover(10, 8).unwrap();
         l.take(6);
@@ -182,11 +187,11 @@ fn hostile_regions_are_refused_and_reset() {
 
 #[test]
 fn logs_fit_their_memory() {
-    let mem = Plain::new(2 * stride(8));
-    assert!(QueueLog::new(&mem, 2 * stride(8), 8).is_none());
-    assert!(QueueLog::new(&mem, 0, 0).is_none());
-    assert!(QueueLog::new(&mem, 8, 8).is_none());
-    assert!(QueueLog::new(&mem, 0, 9).is_some());
+    let mem = plain();
+    assert!(QueueLog::new(mem.clone(), 2 * stride(8), 8).is_none());
+    assert!(QueueLog::new(mem.clone(), 0, 0).is_none());
+    assert!(QueueLog::new(mem.clone(), 8, 8).is_none());
+    assert!(QueueLog::new(mem, 0, 9).is_some());
 }
 
 fn description(queues: u16, queue_size: u16) -> Description {
