@@ -16,6 +16,8 @@
 //! With `blk-resize` on the command line, the block device then waits
 //! for a configuration change (the test resizes the disk): the device's
 //! interrupt, InterruptStatus, ConfigGeneration and the new capacity.
+//! With `blk-loop`, rounds of verified I/O until the test types `q` on
+//! the console, while it restarts the disk's backend (blk_loop.rs).
 //!
 //! One module per concern: `io` (serial, memory, MMIO), `virtio`
 //! (rings, initialisation), `blk`, `net`, `irq` (taking the device's
@@ -28,6 +30,8 @@
 // are found by path.
 #[path = "virtio_probe/blk.rs"]
 mod blk;
+#[path = "virtio_probe/blk_loop.rs"]
+mod blk_loop;
 #[path = "virtio_probe/io.rs"]
 mod io;
 #[path = "virtio_probe/irq.rs"]
@@ -68,7 +72,12 @@ extern "C" fn guest_main() -> ! {
         // rimg-vmm gives device i IOAPIC pin 5 + i (vmm/src/layout.rs).
         let irq = 5 + i as u32;
         let pass = match id {
-            2 => blk::blk(base, irq, cmdline_has(b"blk-resize")),
+            2 => blk::blk(
+                base,
+                irq,
+                cmdline_has(b"blk-resize"),
+                cmdline_has(b"blk-loop"),
+            ),
             1 => net::net(base),
             _ => true,
         };

@@ -146,6 +146,14 @@ impl DaemonProcess {
         })
     }
 
+    /// SIGKILLs the daemon and reaps it; returns the status and the log.
+    pub fn kill(mut self) -> (ExitStatus, String) {
+        let _ = self.child.kill();
+        let st = self.child.wait().expect("wait daemon");
+        let _ = self.stderr.take().unwrap().join();
+        (st, self.log())
+    }
+
     /// Sends SIGTERM and waits at most `timeout` for the exit, then
     /// SIGKILLs it. Returns the status (None if it had to be killed) and
     /// the whole log.

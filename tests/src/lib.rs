@@ -344,6 +344,14 @@ impl WatchedChild {
         }
     }
 
+    /// Writes `bytes` to the child's stdin (piped, see [`spawn_watched`]).
+    pub fn write_stdin(&mut self, bytes: &[u8]) {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().expect("stdin piped and open");
+        stdin.write_all(bytes).expect("write the child's stdin");
+        stdin.flush().expect("flush the child's stdin");
+    }
+
     /// What the child wrote on stdout so far.
     pub fn stdout_so_far(&self) -> Vec<u8> {
         self.stdout.lock().clone()

@@ -116,6 +116,11 @@ impl VmmProcess {
         self.0.wait_for_stdout(needle, timeout)
     }
 
+    /// Types `bytes` on the guest's console (the UART's input).
+    pub fn send_console(&mut self, bytes: &[u8]) {
+        self.0.write_stdin(bytes)
+    }
+
     /// The guest's console so far.
     pub fn console_so_far(&self) -> String {
         String::from_utf8_lossy(&self.0.stdout_so_far()).replace('\r', "")
@@ -248,8 +253,8 @@ pub fn static_bins() -> &'static Path {
 
 /// The inner Linux guest's script (on rimg-vmm): filesystem on the qcow2
 /// disk verified across a remount, the disk grown online (`rimg resize`
-/// on the outer side, cued by the GET_ID request that reading the serial
-/// makes) and written past its old end, ping and TCP both ways to the
+/// on the outer side, cued by the guest's own line with the old size)
+/// and written past its old end, ping and TCP both ways to the
 /// TAP side.
 pub const INNER: &str = r#"
 if grep -q rimg_reboot /proc/cmdline; then echo INNER-REBOOT; reboot -f; fi
@@ -263,7 +268,6 @@ mount /dev/vda /mnt
 sha256sum -c /tmp/sum
 umount /mnt
 echo "inner-size-before $(cat /sys/block/vda/size)"
-cat /sys/block/vda/serial > /dev/null
 i=0
 while [ "$(cat /sys/block/vda/size)" = 131072 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
 echo "inner-size-after $(cat /sys/block/vda/size)"
@@ -306,6 +310,7 @@ RUST_LOG=info rimg-vhost-net --socket /tmp/net.sock --tap-create tap0 --num-queu
   > /tmp/net.log 2>&1 &
 NET=$!
 until grep -q serving /tmp/blk.log && grep -q serving /tmp/net.log; do usleep 20000; done
+echo "outer-step daemons-serving at $(cut -d' ' -f1 /proc/uptime) s"
 ip addr add 10.0.0.1/24 dev tap0
 dd if=/dev/urandom of=/tmp/blob bs=1M count=4 2>/dev/null
 echo "outer-blob $(sha256sum /tmp/blob)"
@@ -315,16 +320,17 @@ nc -l -p 5001 < /tmp/hold > /tmp/recv &
 RECV=$!
 nc -l -p 5002 < /tmp/blob &
 until netstat -ltn | grep -q ':5001 ' && netstat -ltn | grep -q ':5002 '; do usleep 20000; done
-# The disk grows by 64 MiB once the inner guest reads its serial number
-# (a GET_ID request, counted by the daemon): rimg resize finds the daemon
-# through the link it published and asks it.
-( n=0
-  until rimg ctl /tmp/blk.ctl query-stats 2>/dev/null | grep -q '"get-ids": [1-9]' || [ $n -ge 3000 ]; do
-    usleep 50000; n=$((n+1))
-  done
+# Each step's time since boot: a round that stalls shows where.
+step() { echo "outer-step $1 at $(cut -d' ' -f1 /proc/uptime) s"; }
+step inner-vmm
+# The disk grows by 64 MiB once the inner guest has read its size (its
+# "inner-size-before" line, seen as the console passes by): rimg resize
+# finds the daemon through the link it published and asks it.
+grow() {
   rc=0; rimg resize /disk.qcow2 +64M > /tmp/resize.log 2>&1 || rc=$?
-  echo "resize-rc $rc" >> /tmp/resize.log ) &
-RESIZE=$!
+  echo "resize-rc $rc" >> /tmp/resize.log
+  step resized
+}
 # The inner VMM's output goes to the console as it comes (a hang shows
 # how far the guest got) and to /tmp/inner.log.
 # A hang is ended well before the test's deadline, so the dumps and the
@@ -332,7 +338,11 @@ RESIZE=$!
 # vCPU's state and runs on), SIGKILL 5 s later.
 # (The script runs under sh -e: the status is taken with ||, or a failing
 # VMM would end the subshell before it is printed.)
-( rc=0; timeout -s USR1 -k 5 150 @RUN_INNER@ 2>&1 || rc=$?; echo "inner-vmm-rc $rc" ) | tee /tmp/inner.log | sed 's/^/inner| /'
+( rc=0; timeout -s USR1 -k 5 150 @RUN_INNER@ 2>&1 || rc=$?; echo "inner-vmm-rc $rc" ) | tee /tmp/inner.log |
+  while IFS= read -r l; do
+    echo "inner| $l"
+    case "$l" in "inner-size-before "*) grow ;; esac
+  done
 rc=$(sed -n 's/^inner-vmm-rc //p' /tmp/inner.log)
 echo "vmm-exit ${rc:-none (killed by the watchdog?)}"
 if [ "$rc" != 0 ]; then
@@ -346,8 +356,7 @@ if [ "$rc" != 0 ]; then
   cat /tmp/blk.log /tmp/net.log
   exit 1
 fi
-wait $RESIZE || true
-sed 's/^/resize| /' /tmp/resize.log
+if [ -f /tmp/resize.log ]; then sed 's/^/resize| /' /tmp/resize.log; else echo "resize| never ran"; fi
 grep -q INNER-PASS /tmp/inner.log
 @REBOOT_RUN@wait $RECV
 echo "outer-recv $(sha256sum /tmp/recv)"
@@ -571,4 +580,15 @@ pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
         image: img,
         _dir: dir,
     }
+}
+
+/// The frame the tests write into the TAP for the probe guest: to `mac`,
+/// ethertype 0x88b6, payload "RIMG-VMM-RX", padded to the 60-byte minimum.
+pub fn frame_to_guest(mac: [u8; 6]) -> [u8; 60] {
+    let mut out = [0u8; 60];
+    out[..6].copy_from_slice(&mac);
+    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    out[12..14].copy_from_slice(&[0x88, 0xb6]);
+    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
+    out
 }

@@ -15,7 +15,8 @@ use rimg_tests::daemon::thread_seccomp;
 use rimg_tests::net::{pair_stats, NetDaemon, Netns};
 use rimg_tests::qsd::Qsd;
 use rimg_tests::vmm::{
-    cpu_guest, guest_frame, packet_socket, probe_guest, run_vmm, send_frame, VmmProcess,
+    cpu_guest, frame_to_guest, guest_frame, packet_socket, probe_guest, run_vmm, send_frame,
+    VmmProcess,
 };
 use rimg_tests::{assert_qemu_check_clean, qemu_create, qemu_img, qemu_raw_content, tempdir};
 
@@ -236,6 +237,8 @@ fn vmm_control_socket_pauses_resumes_and_quits() {
     assert_eq!(devs[0]["type"], "virtio-blk", "{devs}");
     assert_eq!(devs[0]["socket"], s(&sock), "{devs}");
     assert_eq!(devs[0]["failed"], false, "{devs}");
+    assert_eq!(devs[0]["state"], "up", "{devs}");
+    assert_eq!(devs[0]["reconnects"], 0, "{devs}");
     let bad = request(&vmm_ctl, "{not json");
     assert!(
         bad["error"]["desc"].as_str().unwrap().contains("JSON"),
@@ -538,17 +541,6 @@ fn usage_errors_are_one_clear_line() {
     drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
     let stale_spec = format!("socket={}", s(&stale));
     one_line_error(&["--kernel", k, "--disk", &stale_spec], "stale.sock");
-}
-
-/// The frame the tests write into the TAP for the probe guest: to `mac`,
-/// ethertype 0x88b6, payload "RIMG-VMM-RX", padded to the 60-byte minimum.
-fn frame_to_guest(mac: [u8; 6]) -> [u8; 60] {
-    let mut out = [0u8; 60];
-    out[..6].copy_from_slice(&mac);
-    out[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    out[12..14].copy_from_slice(&[0x88, 0xb6]);
-    out[14..25].copy_from_slice(b"RIMG-VMM-RX");
-    out
 }
 
 /// `cpuid LEAF SUB eax ebx ecx edx` lines of the CPU probe guest.

@@ -48,16 +48,38 @@ fn notify(vring: &Vring) {
 
 /// Returns `heads` to the used ring (length 0) with one store of the used
 /// index: virtio-queue's add_used stores it for every chain, and it is a
-/// cache line the driver keeps reading. The elements before the last are
-/// written here (virtio 1.x "The Virtqueue Used Ring": a le32 id and a
-/// le32 len each, after the 4-byte flags and idx); the last goes through
-/// add_used, whose release store of the index publishes them all.
+/// cache line the driver keeps reading.
 pub fn add_used_burst(
     q: &mut virtio_queue::Queue,
     mem: &Mem,
     heads: &[u16],
 ) -> Result<(), virtio_queue::Error> {
-    let Some((&last, rest)) = heads.split_last() else {
+    add_used_elems(q, mem, heads.len(), |i| (heads[i], 0))
+}
+
+/// Returns `elems` (head, bytes written) to the used ring with one store
+/// of the used index: the driver sees all of them or none, e.g. every
+/// buffer of a merged receive frame, even if the daemon dies meanwhile.
+pub fn add_used_lens(
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    elems: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    add_used_elems(q, mem, elems.len(), |i| elems[i])
+}
+
+/// The `n` used elements `elem(0..n)`, published with one store of the
+/// used index. The elements before the last are written here (virtio 1.x
+/// "The Virtqueue Used Ring": a le32 id and a le32 len each, after the
+/// 4-byte flags and idx); the last goes through add_used, whose release
+/// store of the index publishes them all.
+fn add_used_elems(
+    q: &mut virtio_queue::Queue,
+    mem: &Mem,
+    n: usize,
+    elem: impl Fn(usize) -> (u16, u32),
+) -> Result<(), virtio_queue::Error> {
+    let Some(last) = n.checked_sub(1) else {
         return Ok(());
     };
     let size = q.size();
@@ -70,12 +92,13 @@ pub fn add_used_burst(
     // at setup that the ring lies in guest memory: one that does not (or
     // spans regions) is written element by element, and may fail.
     let ring = mem.get_slice(elems, 8 * usize::from(size)).ok();
-    for &head in rest {
+    for i in 0..last {
+        let (head, len) = elem(i);
         if head >= size {
             return Err(virtio_queue::Error::InvalidDescriptorIndex);
         }
         let off = 8 * u64::from(next.0 % size);
-        let val = u64::from(head).to_le();
+        let val = (u64::from(head) | u64::from(len) << 32).to_le();
         match &ring {
             Some(r) => r
                 .write_obj(val, off as usize)
@@ -90,8 +113,9 @@ pub fn add_used_burst(
         }
         next += Wrapping(1);
     }
+    let (head, len) = elem(last);
     q.set_next_used(next.0);
-    q.add_used(mem, last, 0)
+    q.add_used(mem, head, len)
 }
 
 /// Whether the driver wants a used-buffer notification now that the last
@@ -158,6 +182,22 @@ mod tests {
         assert_eq!(q.next_used(), 10);
         add_used_burst(&mut q, &mem, &[]).unwrap();
         assert_eq!(q.next_used(), 10);
+    }
+
+    #[test]
+    fn lengths_go_with_their_heads_and_one_index_store_publishes_them() {
+        let (mem, mut q) = setup(false);
+        q.set_next_used(SIZE - 1);
+        add_used_lens(&mut q, &mem, &[(4, 1500), (6, 7), (2, 0)]).unwrap();
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(idx, SIZE + 2);
+        assert_eq!(used(&mem, u64::from(SIZE - 1)), (4, 1500));
+        assert_eq!(used(&mem, 0), (6, 7));
+        assert_eq!(used(&mem, 1), (2, 0));
+        // A bad head anywhere: the index does not move.
+        assert!(add_used_lens(&mut q, &mem, &[(1, 9), (SIZE, 9), (3, 9)]).is_err());
+        let idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(idx, SIZE + 2);
     }
 
     #[test]

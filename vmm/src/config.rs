@@ -27,18 +27,44 @@ pub fn parse_size(s: &str) -> Result<u64> {
     n.checked_mul(mult).ok_or_else(bad)
 }
 
-/// `socket=PATH[,readonly]`
+/// `socket=PATH[,readonly][,reconnect=SECS]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
     pub socket: PathBuf,
     pub readonly: bool,
+    pub reconnect: Reconnect,
 }
 
-/// `socket=PATH[,mac=MAC]`
+/// `socket=PATH[,mac=MAC][,reconnect=SECS]`
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetSpec {
     pub socket: PathBuf,
     pub mac: Option<[u8; 6]>,
+    pub reconnect: Reconnect,
+}
+
+/// How long a device waits for its backend to come back after the
+/// connection broke (`reconnect=SECS`); 0, the default, marks the device
+/// failed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reconnect(pub u32);
+
+impl Reconnect {
+    pub fn enabled(self) -> bool {
+        self.0 > 0
+    }
+
+    fn parse(spec: &str, v: &str) -> Result<Reconnect> {
+        v.parse::<u32>()
+            .ok()
+            .filter(|&n| n <= 24 * 3600)
+            .map(Reconnect)
+            .ok_or_else(|| {
+                Error::Usage(format!(
+                    "'{spec}': reconnect={v}: expected seconds, 0 to 86400"
+                ))
+            })
+    }
 }
 
 fn fields(s: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
@@ -53,21 +79,27 @@ fn fields(s: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
 pub fn parse_disk(s: &str) -> Result<DiskSpec> {
     let mut socket = None;
     let mut readonly = false;
+    let mut reconnect = Reconnect::default();
     for (k, v) in fields(s) {
         match (k, v) {
             ("socket", Some(p)) => socket = Some(PathBuf::from(p)),
             ("readonly", None | Some("on") | Some("true")) => readonly = true,
             ("readonly", Some("off") | Some("false")) => readonly = false,
+            ("reconnect", Some(n)) => reconnect = Reconnect::parse(s, n)?,
             _ => {
                 return Err(Error::Usage(format!(
-                    "--disk '{s}': unknown field '{k}' (expected socket=PATH[,readonly])"
+                    "--disk '{s}': unknown field '{k}' (expected socket=PATH[,readonly][,reconnect=SECS])"
                 )))
             }
         }
     }
     let socket =
         socket.ok_or_else(|| Error::Usage(format!("--disk '{s}': socket=PATH is required")))?;
-    Ok(DiskSpec { socket, readonly })
+    Ok(DiskSpec {
+        socket,
+        readonly,
+        reconnect,
+    })
 }
 
 pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
@@ -90,20 +122,26 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6]> {
 pub fn parse_net(s: &str) -> Result<NetSpec> {
     let mut socket = None;
     let mut mac = None;
+    let mut reconnect = Reconnect::default();
     for (k, v) in fields(s) {
         match (k, v) {
             ("socket", Some(p)) => socket = Some(PathBuf::from(p)),
             ("mac", Some(m)) => mac = Some(parse_mac(m)?),
+            ("reconnect", Some(n)) => reconnect = Reconnect::parse(s, n)?,
             _ => {
                 return Err(Error::Usage(format!(
-                    "--net '{s}': unknown field '{k}' (expected socket=PATH[,mac=MAC])"
+                    "--net '{s}': unknown field '{k}' (expected socket=PATH[,mac=MAC][,reconnect=SECS])"
                 )))
             }
         }
     }
     let socket =
         socket.ok_or_else(|| Error::Usage(format!("--net '{s}': socket=PATH is required")))?;
-    Ok(NetSpec { socket, mac })
+    Ok(NetSpec {
+        socket,
+        mac,
+        reconnect,
+    })
 }
 
 #[cfg(test)]
@@ -127,8 +165,19 @@ mod tests {
             parse_disk("socket=/a/b,readonly").unwrap(),
             DiskSpec {
                 socket: "/a/b".into(),
-                readonly: true
+                readonly: true,
+                reconnect: Reconnect(0),
             }
+        );
+        let r = parse_disk("socket=/a,reconnect=30").unwrap();
+        assert_eq!(r.reconnect, Reconnect(30));
+        assert!(r.reconnect.enabled() && !Reconnect::default().enabled());
+        assert!(parse_disk("socket=/a,reconnect=-1").is_err());
+        assert!(parse_disk("socket=/a,reconnect=1s").is_err());
+        assert!(parse_disk("socket=/a,reconnect").is_err());
+        assert_eq!(
+            parse_net("socket=/s,reconnect=2").unwrap().reconnect,
+            Reconnect(2)
         );
         assert!(parse_disk("readonly").is_err());
         assert!(parse_disk("socket=/x,size=3").is_err());

@@ -1,6 +1,8 @@
 //! rimg-vmm's control socket (`--control PATH`; the protocol is the
 //! daemons', `rimg_vhost_server::control`): `query-status` (running or
-//! paused), `query-devices`, `pause`, `resume`, and `quit`, which ends
+//! paused), `query-devices` (each device's link to its backend: `state`
+//! up, reconnecting or failed, `reconnects` so far, and `inflight`: whether
+//! the backend tracks its requests in an inflight region), `pause`, `resume`, and `quit`, which ends
 //! the VM at once (exit status 0). Served by one thread, started before
 //! the seccomp filter, one client at a time.
 
@@ -12,8 +14,8 @@ use rimg_vhost_server::{CommandError, Commands, Frontend};
 use serde_json::{json, Map, Value};
 
 use crate::diag::Kick;
-use crate::mmio::Health;
 use crate::pause::Pause;
+use crate::reconnect::Health;
 use crate::vhost_user::Kind;
 
 /// What `query-devices` reports of one device.
@@ -55,7 +57,10 @@ impl VmmControl {
                     "socket": d.socket,
                     "mmio-base": d.base,
                     "irq": d.irq,
-                    "failed": d.health.failed.load(Ordering::Acquire),
+                    "failed": d.health.failed(),
+                    "state": d.health.link().name(),
+                    "reconnects": d.health.reconnects.load(Ordering::Acquire),
+                    "inflight": d.health.inflight,
                 })
             })
             .collect();

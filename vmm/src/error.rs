@@ -33,6 +33,14 @@ pub enum Error {
         what: &'static str,
         msg: String,
     },
+    /// The connection broke (the backend went away) during an exchange:
+    /// a device that reconnects waits for the backend to come back.
+    #[error("vhost-user backend at {socket}: {what}: connection lost ({msg})")]
+    BackendLost {
+        socket: PathBuf,
+        what: &'static str,
+        msg: String,
+    },
     #[error(transparent)]
     Seccomp(#[from] rimg_seccomp::Error),
     #[error("{what}: {source}")]
@@ -40,6 +48,14 @@ pub enum Error {
         what: String,
         source: std::io::Error,
     },
+}
+
+impl Error {
+    /// Whether the backend went away, rather than refused or broke the
+    /// protocol.
+    pub fn backend_lost(&self) -> bool {
+        matches!(self, Error::BackendLost { .. })
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

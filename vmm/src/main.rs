@@ -9,12 +9,15 @@ mod cpu;
 mod cpuid;
 mod diag;
 mod error;
+mod handshake;
 mod layout;
 mod loader;
 mod memory;
 mod mmio;
 mod net_ctrl;
 mod pause;
+mod reconnect;
+mod replay;
 mod vhost_user;
 mod vmm;
 
@@ -49,10 +52,15 @@ struct Args {
     /// Number of vCPUs
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u8,
-    /// vhost-user-blk disk: socket=PATH[,readonly]; repeatable
+    /// vhost-user-blk disk: socket=PATH[,readonly][,reconnect=SECS];
+    /// repeatable. reconnect=SECS: when the backend goes away, wait that
+    /// long for it to come back (the guest only sees a pause) before
+    /// marking the device failed (NEEDS_RESET); 0, the default, fails it
+    /// at once
     #[arg(long, value_name = "SPEC")]
     disk: Vec<String>,
-    /// vhost-user-net NIC: socket=PATH[,mac=MAC]; repeatable
+    /// vhost-user-net NIC: socket=PATH[,mac=MAC][,reconnect=SECS];
+    /// repeatable
     #[arg(long, value_name = "SPEC")]
     net: Vec<String>,
     /// seccomp filter, installed once the VM is built, before the guest

@@ -20,14 +20,24 @@
 //! notification that reaches the VMM (one without an ioeventfd, see
 //! `vmm.rs`, or a write KVM did not match) is passed on to the queue's
 //! kick eventfd.
+//!
+//! A device whose backend went away and may come back (`reconnect=SECS`,
+//! reconnect.rs) keeps taking register writes: they change the state
+//! kept here (started rings, enabled pairs, a reset) and nothing is sent
+//! until the watcher hands a new backend the device through
+//! [`MmioDevice::reconnect`].
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::error::{Error, Result};
 use crate::memory::{Mem, Region};
 use crate::net_ctrl::CtrlQueue;
+use crate::reconnect::{Health, Link};
+use crate::replay::{Base, Desired};
 use crate::vhost_user::{Backend, Kind, RingAddrs, NET_F_CTRL_VQ, NET_F_MQ};
 
 const MAGIC: u32 = 0x7472_6976; // "virt"
@@ -49,13 +59,6 @@ const F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_
 struct Queue {
     ready: bool,
     ring: RingAddrs,
-}
-
-/// State the backend watcher thread shares with the transport: set when
-/// the backend hangs up.
-pub struct Health {
-    pub failed: AtomicBool,
-    pub interrupt_status: AtomicU32,
 }
 
 pub struct MmioDevice {
@@ -122,7 +125,7 @@ impl MmioDevice {
     }
 
     fn status(&self) -> u32 {
-        if self.health.failed.load(Ordering::Acquire) {
+        if self.health.failed() {
             self.status | STATUS_NEEDS_RESET
         } else {
             self.status
@@ -239,12 +242,29 @@ impl MmioDevice {
         }
         let starting = v & STATUS_DRIVER_OK != 0 && self.status & STATUS_DRIVER_OK == 0;
         self.status = v;
-        if starting && !self.health.failed.load(Ordering::Acquire) {
+        if starting && !self.health.failed() {
             if let Err(e) = self.start() {
-                eprintln!("rimg-vmm: {e}; device marked failed");
-                self.fail();
+                self.backend_error(e);
             }
         }
+    }
+
+    /// An exchange with the backend failed: the device waits for a
+    /// backend to come back if the connection broke and it may
+    /// (the watcher reconnects and replays), and fails otherwise.
+    fn backend_error(&mut self, e: Error) {
+        if e.backend_lost() && self.health.reconnect.enabled() {
+            self.health.lost();
+        } else {
+            eprintln!("rimg-vmm: {e}; device marked failed");
+            self.fail();
+        }
+    }
+
+    /// Whether messages go to the backend now; false while it is away
+    /// (the state is kept for the replay) or the device failed.
+    fn linked(&self) -> bool {
+        self.health.link() == Link::Up
     }
 
     /// Whether FEATURES_OK may be set: nothing the device did not offer,
@@ -279,7 +299,7 @@ impl MmioDevice {
     /// queue (if any) stays here. With MQ only the first pair is enabled
     /// until the driver's VQ_PAIRS_SET (virtio 1.2, 5.1.6.5.5: the device
     /// starts with one pair).
-    fn start(&mut self) -> crate::error::Result<()> {
+    fn start(&mut self) -> Result<()> {
         let ctrl = self.ctrl_index();
         // Without MQ a multiqueue-capable NIC has one pair (and the
         // control queue, if any, sits where the second pair would be).
@@ -288,31 +308,19 @@ impl MmioDevice {
         } else {
             self.backend.queues
         };
-        let rings: Vec<(usize, RingAddrs)> = self
+        self.running = self
             .queues
             .iter()
             .enumerate()
             .take(data_queues)
             .filter(|(_, q)| q.ready && q.ring.size > 0)
-            .map(|(i, q)| (i, q.ring))
+            .map(|(i, _)| i)
             .collect();
-        self.backend.start(
-            self.driver_features,
-            &self.regions,
-            self.memfd,
-            &rings,
-            &self.kicks,
-            &self.call,
-        )?;
-        self.running = rings.iter().map(|r| r.0).collect();
-        let enabled: Vec<usize> = if self.negotiated(NET_F_MQ) {
-            self.running.iter().copied().filter(|&i| i < 2).collect()
-        } else {
-            self.running.clone()
-        };
-        self.backend.set_rings_enabled(&enabled, true)?;
         self.active_pairs = 1;
         self.ctrl = None;
+        if self.linked() {
+            self.apply(Base::Zero)?;
+        }
         if let Some(i) = ctrl {
             let q = self.queues[i];
             let max_pairs = if self.negotiated(NET_F_MQ) {
@@ -336,6 +344,67 @@ impl MmioDevice {
             }
         }
         Ok(())
+    }
+
+    /// Gives the backend the device as the driver set it up (replay.rs).
+    fn apply(&mut self, base: Base) -> Result<()> {
+        let rings: Vec<(usize, RingAddrs)> = self
+            .running
+            .iter()
+            .map(|&i| (i, self.queues[i].ring))
+            .collect();
+        // With MQ the pairs the driver enabled (VQ_PAIRS_SET), all
+        // started rings otherwise.
+        let enabled: Vec<usize> = if self.negotiated(NET_F_MQ) {
+            let end = 2 * usize::from(self.active_pairs);
+            self.running.iter().copied().filter(|&i| i < end).collect()
+        } else {
+            self.running.clone()
+        };
+        self.backend.apply(&Desired {
+            driver_features: self.driver_features,
+            regions: &self.regions,
+            memfd: self.memfd,
+            mem: &self.mem,
+            rings: &rings,
+            enabled: &enabled,
+            kicks: &self.kicks,
+            call: &self.call,
+            base,
+        })
+    }
+
+    /// A backend took the place of the one that went away (on the
+    /// connection `stream`): the handshake, then, if the driver had
+    /// started the device, the replay of its rings where the guest's
+    /// used indexes are, and one interrupt for completions the old
+    /// backend published without signalling. A config space that changed
+    /// meanwhile is announced as the request channel's change would be.
+    /// The link is up again before the lock is released, so register
+    /// writes that waited for it go to the new backend. Returns the
+    /// number of reconnects so far.
+    pub fn reconnect(&mut self, stream: UnixStream) -> Result<u64> {
+        let changed = self.backend.reconnect(stream)?;
+        let started = self.status & STATUS_DRIVER_OK != 0;
+        if started {
+            self.apply(Base::GuestUsed)?;
+        }
+        let n = self.health.restored();
+        if changed {
+            self.config_generation = self.config_generation.wrapping_add(1);
+            if started {
+                config_interrupt(&self.health, &self.call);
+            }
+        }
+        if started && !self.running.is_empty() {
+            let _ = self.call.write(1);
+        }
+        Ok(n)
+    }
+
+    /// The backend connection's descriptor, for the watcher.
+    pub fn backend_fd(&self) -> i32 {
+        self.backend.raw_fd()
     }
 
     /// A QueueNotify write that KVM did not turn into an ioeventfd.
@@ -374,7 +443,7 @@ impl MmioDevice {
     /// queues to match). False if a pair's rings never started or the
     /// backend refused.
     fn set_active_pairs(&mut self, n: u16) -> bool {
-        if self.health.failed.load(Ordering::Acquire) {
+        if self.health.failed() {
             return false;
         }
         let rings = |p: u16| [2 * usize::from(p), 2 * usize::from(p) + 1];
@@ -383,6 +452,11 @@ impl MmioDevice {
                 "rimg-vmm: net control queue: VQ_PAIRS_SET {n}, but pair {p} was not set up by the driver"
             );
             return false;
+        }
+        if !self.linked() {
+            // Enabled by the replay.
+            self.active_pairs = n;
+            return true;
         }
         let max = self.backend.max_pairs.unwrap_or(1);
         let mut enable = Vec::new();
@@ -403,6 +477,11 @@ impl MmioDevice {
                 self.active_pairs = n;
                 true
             }
+            Err(e) if e.backend_lost() && self.health.reconnect.enabled() => {
+                self.health.lost();
+                self.active_pairs = n;
+                true
+            }
             Err(e) => {
                 eprintln!("rimg-vmm: net control queue: VQ_PAIRS_SET {n}: {e}");
                 false
@@ -412,7 +491,7 @@ impl MmioDevice {
 
     /// Marks the device as needing a reset and tells the driver.
     pub fn fail(&mut self) {
-        self.health.failed.store(true, Ordering::Release);
+        self.health.fail();
         config_interrupt(&self.health, &self.call);
     }
 
@@ -422,9 +501,20 @@ impl MmioDevice {
     /// so a driver reading the fields across the change reads again
     /// (virtio 1.2, 2.5.1 and 4.2.2), and a running device (DRIVER_OK)
     /// raises the configuration-change interrupt. Before DRIVER_OK the
-    /// driver reads the new values when it gets to them.
-    pub fn config_changed(&mut self) -> crate::error::Result<()> {
-        self.backend.refresh_config()?;
+    /// driver reads the new values when it gets to them. While the
+    /// backend is away there is nothing to fetch: the replay reads the
+    /// config space of the one that comes back.
+    pub fn config_changed(&mut self) -> Result<()> {
+        if !self.linked() {
+            return Ok(());
+        }
+        match self.backend.refresh_config() {
+            Err(e) if e.backend_lost() && self.health.reconnect.enabled() => {
+                self.health.lost();
+                return Ok(());
+            }
+            r => r?,
+        }
         self.config_generation = self.config_generation.wrapping_add(1);
         if self.status & STATUS_DRIVER_OK != 0 {
             config_interrupt(&self.health, &self.call);
@@ -433,12 +523,16 @@ impl MmioDevice {
     }
 
     fn reset(&mut self) {
-        if !self.running.is_empty() && !self.health.failed.load(Ordering::Acquire) {
+        if !self.running.is_empty() && self.linked() {
             let running = std::mem::take(&mut self.running);
-            if let Err(e) = self.backend.stop(&running) {
-                eprintln!("rimg-vmm: {e}");
+            match self.backend.stop(&running) {
+                Err(e) if e.backend_lost() && self.health.reconnect.enabled() => self.health.lost(),
+                Err(e) => eprintln!("rimg-vmm: {e}"),
+                Ok(()) => {}
             }
         }
+        // No request of the old rings is pending any more.
+        self.backend.drop_inflight();
         self.running.clear();
         self.ctrl = None;
         self.active_pairs = 0;

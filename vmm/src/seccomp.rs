@@ -25,13 +25,17 @@
 //! - signals irqfds (`write` on eventfds), prints the console (`write`),
 //!   reads console input (`read`), watches the backends' sockets
 //!   (`poll`);
+//! - connects to a backend again after it went away (`reconnect=SECS`,
+//!   reconnect.rs): `socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)`
+//!   only, `connect`, and `poll` with no descriptors to wait between
+//!   attempts;
 //! - and what [`rimg_seccomp::runtime`] allows any thread: memory,
 //!   futexes, signals, clocks, closing descriptors, exit; and what the C
 //!   library does on its own (a heap trim's `openat`, answered EACCES).
 //!
 //! No thread is created once the filter is on (no `clone`), no file
-//! (`open` and `openat` fail with EACCES) or socket opened, no process
-//! started, no other ioctl.
+//! opened (`open` and `openat` fail with EACCES), no socket but a Unix
+//! stream, no process started, no other ioctl.
 
 use std::os::fd::RawFd;
 
@@ -80,9 +84,19 @@ pub fn filter(vm: RawFd, vcpus: &[RawFd], control: Option<RawFd>) -> SyscallList
         // vhost-user requests (with descriptors) and replies.
         SYS_sendmsg,
         SYS_recvmsg,
-        // The backend watchers wait for a hang-up.
+        // The backend watchers wait for a hang-up, and between
+        // connection attempts.
         SYS_poll,
+        // Connecting to a backend that came back (a Unix socket path).
+        SYS_connect,
     ]);
+    l.allow_if(
+        SYS_socket,
+        &[
+            Arg::Eq32(0, AF_UNIX as u32),
+            Arg::Eq32(1, (SOCK_STREAM | SOCK_CLOEXEC) as u32),
+        ],
+    );
     l.allow_if(
         SYS_tgkill,
         &[
@@ -127,6 +141,8 @@ mod tests {
             libc::SYS_recvmsg,
             libc::SYS_poll,
             libc::SYS_write,
+            libc::SYS_socket,
+            libc::SYS_connect,
         ] {
             assert!(l.contains(nr), "{nr}");
         }
@@ -134,8 +150,9 @@ mod tests {
         assert_eq!(l.denied(libc::SYS_clone3), None);
         for nr in [
             libc::SYS_openat,
-            libc::SYS_socket,
-            libc::SYS_connect,
+            libc::SYS_bind,
+            libc::SYS_listen,
+            libc::SYS_socketpair,
             libc::SYS_clone,
             libc::SYS_clone3,
             libc::SYS_execve,
@@ -149,7 +166,9 @@ mod tests {
         // Two requests on the VM, four on each vCPU.
         assert_eq!(l.rules(libc::SYS_ioctl), 2 + 2 * 4);
         assert_eq!(l.rules(libc::SYS_tgkill), 1);
-        assert_eq!(l.len(), 26);
+        // Unix stream sockets only.
+        assert_eq!(l.rules(libc::SYS_socket), 1);
+        assert_eq!(l.len(), 28);
         // 64 vCPUs still make a program the kernel takes (4096
         // instructions at most).
         let fds: Vec<RawFd> = (100..164).collect();

@@ -4,15 +4,20 @@
 //! guest driver starts the device. Data never passes through the VMM.
 //! A backend offering BACKEND_REQ also gets a request channel, on which
 //! it announces configuration changes (backend_req.rs).
+//!
+//! The handshake of a connection is handshake.rs; starting the rings,
+//! at DRIVER_OK and again for a backend that came back, replay.rs.
 
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use vhost::vhost_user::message::VhostUserVirtioFeatures;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use virtio_bindings::virtio_blk::virtio_blk_config;
 use virtio_bindings::virtio_config::{VIRTIO_F_ANY_LAYOUT, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK, VIRTIO_ID_NET};
@@ -22,14 +27,13 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MQ,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
-use crate::memory::Region;
+use crate::handshake::{backend_config, handshake, Settled};
 
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit, never shown to the
 /// guest.
-const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+pub(crate) const PROTOCOL_FEATURES: u64 = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
 const fn bit(b: u32) -> u64 {
     1 << b
 }
@@ -46,7 +50,7 @@ const DEVICE_BITS: u64 = bit(DEVICE_FEATURES_END) - 1;
 /// The first feature bit past the device-specific ones (virtio 1.2, 6;
 /// virtio-bindings only knows Linux's VIRTIO_TRANSPORT_F_START, 28).
 const DEVICE_FEATURES_END: u32 = 24;
-const VERSION_1: u64 = bit(VIRTIO_F_VERSION_1);
+pub(crate) const VERSION_1: u64 = bit(VIRTIO_F_VERSION_1);
 /// The control virtqueue, run by the VMM.
 pub const NET_F_CTRL_VQ: u64 = bit(VIRTIO_NET_F_CTRL_VQ);
 /// Several queue pairs, chosen with VQ_PAIRS_SET on the control queue.
@@ -79,7 +83,7 @@ impl Kind {
     }
 
     /// Config space size asked from the backend.
-    fn config_len(self) -> u32 {
+    pub(crate) fn config_len(self) -> u32 {
         let len = match self {
             // struct virtio_blk_config up to write_zeroes_may_unmap and
             // its padding.
@@ -110,17 +114,19 @@ pub struct RingAddrs {
 /// The VMM's one handle on a backend's vhost-user connection. Every
 /// message goes through `&mut self` and the `Backend` is owned by its
 /// device, which lives in a `Mutex` (`vmm.rs`, `Bus::devices`): the vCPU
-/// threads (register writes that start, reset or reconfigure the device)
-/// and the request-channel thread (a configuration change's GET_CONFIG)
-/// both hold that lock for a whole exchange, so neither messages nor
-/// multi-message sequences such as [`Self::start`] interleave on the
-/// socket.
+/// threads (register writes that start, reset or reconfigure the device),
+/// the request-channel thread (a configuration change's GET_CONFIG) and
+/// the reconnecting watcher (reconnect.rs) all hold that lock for a whole
+/// exchange, so neither messages nor multi-message sequences such as
+/// [`Self::apply`] interleave on the socket.
 pub struct Backend {
     pub kind: Kind,
     pub socket: PathBuf,
-    fe: Frontend,
-    backend_features: u64,
-    protocol: VhostUserProtocolFeatures,
+    pub(crate) fe: Frontend,
+    /// What the first backend offered; a returning one must offer what
+    /// the VMM relies on of it (`settled`).
+    pub(crate) backend_features: u64,
+    pub(crate) protocol: VhostUserProtocolFeatures,
     /// Features offered to the guest.
     pub features: u64,
     /// Queues the backend serves (for a multiqueue NIC: 2 * max pairs).
@@ -137,14 +143,44 @@ pub struct Backend {
     /// The VMM's end of the backend request channel, until
     /// [`Self::take_request_channel`].
     requests: Option<UnixStream>,
+    /// The backend's end of the request channel, kept: each backend that
+    /// connects gets it again (SET_BACKEND_REQ_FD), so the VMM's end never
+    /// sees the end of the stream when one goes away.
+    pub(crate) channel: Option<UnixStream>,
+    /// The inflight region (INFLIGHT_SHMFD) a backend created for this
+    /// device, given to every backend that starts the rings until the
+    /// driver resets the device (replay.rs).
+    pub(crate) inflight: Option<(VhostUserInflight, File)>,
 }
 
-fn vhost_err(socket: &Path, what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
+/// A vhost crate error as the VMM's: a broken connection is
+/// [`Error::BackendLost`], anything else a refusal.
+pub(crate) fn vhost_err(socket: &Path, what: &'static str) -> impl FnOnce(vhost::Error) -> Error {
     let socket = socket.to_path_buf();
-    move |e| Error::Vhost {
-        socket,
-        what,
-        msg: e.to_string(),
+    move |e| {
+        let msg = e.to_string();
+        if connection_lost(&e) {
+            Error::BackendLost { socket, what, msg }
+        } else {
+            Error::Vhost { socket, what, msg }
+        }
+    }
+}
+
+fn connection_lost(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as U;
+    let io_lost = |e: &std::io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN)
+        )
+    };
+    match e {
+        vhost::Error::VhostUserProtocol(
+            U::Disconnected | U::PartialMessage | U::SocketBroken(_),
+        ) => true,
+        vhost::Error::VhostUserProtocol(U::SocketError(e)) | vhost::Error::IOError(e) => io_lost(e),
+        _ => false,
     }
 }
 
@@ -159,74 +195,19 @@ impl Backend {
                 msg: "no such socket (is the backend running?)".into(),
             });
         }
-        let fe = Frontend::connect(socket, 1).map_err(|e| Error::Vhost {
+        // Not `Frontend::connect`, which retries with thread::sleep: the
+        // reconnecting watcher connects the same way, under the seccomp
+        // filter.
+        let stream = UnixStream::connect(socket).map_err(|e| Error::Vhost {
             socket: socket.into(),
             what: "connect",
             msg: format!("{e} (is the {} backend listening?)", kind.name()),
         })?;
-        fe.set_owner().map_err(vhost_err(socket, "SET_OWNER"))?;
-        let backend_features = fe
-            .get_features()
-            .map_err(vhost_err(socket, "GET_FEATURES"))?;
-        if backend_features & VERSION_1 == 0 {
-            return Err(Error::Vhost {
-                socket: socket.into(),
-                what: "GET_FEATURES",
-                msg: "backend does not offer VIRTIO_F_VERSION_1".into(),
-            });
-        }
-        let mut fe = fe;
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if backend_features & PROTOCOL_FEATURES != 0 {
-            let offered = fe
-                .get_protocol_features()
-                .map_err(vhost_err(socket, "GET_PROTOCOL_FEATURES"))?;
-            protocol = offered
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK);
-            // The request channel serves configuration changes only: of
-            // use with CONFIG alone.
-            let channel =
-                VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::CONFIG;
-            if offered.contains(channel) {
-                protocol |= VhostUserProtocolFeatures::BACKEND_REQ;
-            }
-            fe.set_protocol_features(protocol)
-                .map_err(vhost_err(socket, "SET_PROTOCOL_FEATURES"))?;
-        }
-        let requests = if protocol.contains(VhostUserProtocolFeatures::BACKEND_REQ) {
-            let (ours, theirs) = UnixStream::pair().map_err(|e| Error::Vhost {
-                socket: socket.into(),
-                what: "SET_BACKEND_REQ_FD",
-                msg: format!("socketpair: {e}"),
-            })?;
-            fe.set_backend_request_fd(&theirs)
-                .map_err(vhost_err(socket, "SET_BACKEND_REQ_FD"))?;
-            Some(ours)
-        } else {
-            None
-        };
-        let queues = if protocol.contains(VhostUserProtocolFeatures::MQ) {
-            fe.get_queue_num()
-                .map_err(vhost_err(socket, "GET_QUEUE_NUM"))? as usize
-        } else {
-            match kind {
-                Kind::Block => 1,
-                Kind::Net => 2,
-            }
-        };
-        if queues == 0 || queues > 64 {
-            return Err(Error::Vhost {
-                socket: socket.into(),
-                what: "GET_QUEUE_NUM",
-                msg: format!("unusable queue count {queues}"),
-            });
-        }
-        let config = backend_config(&mut fe, kind, protocol, socket)?;
-        let mut queues = queues;
+        let s = handshake(kind, socket, stream, None, None)?;
+        let (requests, channel) = s.new_channel.unzip();
+        let mut queues = s.queues;
         let mut features =
-            (backend_features & (TRANSPORT_BITS | DEVICE_BITS)) | (extra & DEVICE_BITS);
+            (s.backend_features & (TRANSPORT_BITS | DEVICE_BITS)) | (extra & DEVICE_BITS);
         let mut max_pairs = None;
         if kind == Kind::Net {
             // The control queue is the frontend's job in vhost-user (the
@@ -235,7 +216,7 @@ impl Backend {
             // other commands stay hidden: CTRL_RX, CTRL_VLAN,
             // GUEST_ANNOUNCE, CTRL_MAC_ADDR, CTRL_GUEST_OFFLOADS.
             features &= !NET_CTRL_BITS;
-            let pairs = net_max_pairs(backend_features, protocol, queues, &config);
+            let pairs = net_max_pairs(s.backend_features, s.protocol, queues, &s.config);
             if pairs > 1 {
                 // Multiqueue: CTRL_VQ + MQ, 2 * pairs data queues, and
                 // max_virtqueue_pairs as the VMM will honour it (never more
@@ -248,23 +229,41 @@ impl Backend {
         let mut b = Backend {
             kind,
             socket: socket.into(),
-            fe,
-            backend_features,
-            protocol,
+            fe: s.fe,
+            backend_features: s.backend_features,
+            protocol: s.protocol,
             features,
             queues,
             max_pairs,
             config: Vec::new(),
             mac: None,
             requests,
+            channel,
+            inflight: None,
         };
-        b.config = b.device_config(config);
+        b.config = b.device_config(s.config);
         Ok(b)
+    }
+
+    /// Whether the backend keeps an inflight region (INFLIGHT_SHMFD).
+    pub fn tracks_inflight(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// What this connection settled, for the handshake with a backend
+    /// that replaces it.
+    pub(crate) fn settled(&self) -> Settled {
+        Settled {
+            features: self.backend_features & (self.features | PROTOCOL_FEATURES),
+            protocol: self.protocol,
+            queues: self.queues,
+        }
     }
 
     /// The backend's config space as the guest sees it: with the number
     /// of queue pairs the VMM honours and the command line's MAC.
-    fn device_config(&self, mut config: Vec<u8>) -> Vec<u8> {
+    pub(crate) fn device_config(&self, mut config: Vec<u8>) -> Vec<u8> {
         if let Some(pairs) = self.max_pairs {
             config[NET_CONFIG_MAX_PAIRS..NET_CONFIG_MAX_PAIRS + 2]
                 .copy_from_slice(&pairs.to_le_bytes());
@@ -307,85 +306,7 @@ impl Backend {
         self.fe.as_raw_fd()
     }
 
-    /// Starts the device: the features the driver accepted, the memory
-    /// table and each ready ring with its kick (ioeventfd) and call
-    /// (irqfd) descriptors, in the order QEMU uses. The rings stay
-    /// disabled until [`Self::set_rings_enabled`].
-    pub fn start(
-        &mut self,
-        driver_features: u64,
-        regions: &[Region],
-        memfd: i32,
-        rings: &[(usize, RingAddrs)],
-        kicks: &[EventFd],
-        call: &EventFd,
-    ) -> Result<()> {
-        let s = self.socket.clone();
-        let s = s.as_path();
-        // Only what the backend itself offered: CTRL_VQ belongs to the VMM
-        // (the backend never sees the control queue), and bits the VMM adds
-        // (MAC, RO) are the VMM's promise, not the backend's.
-        let acked = (driver_features & self.features & self.backend_features & !NET_F_CTRL_VQ)
-            | (self.backend_features & PROTOCOL_FEATURES);
-        self.fe
-            .set_features(acked)
-            .map_err(vhost_err(s, "SET_FEATURES"))?;
-        let table: Vec<VhostUserMemoryRegionInfo> = regions
-            .iter()
-            .map(|r| VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.guest,
-                memory_size: r.size,
-                userspace_addr: r.host,
-                mmap_offset: r.offset,
-                mmap_handle: memfd,
-            })
-            .collect();
-        self.fe
-            .set_mem_table(&table)
-            .map_err(vhost_err(s, "SET_MEM_TABLE"))?;
-        let host = |gpa: u64| -> Result<u64> {
-            regions
-                .iter()
-                .find(|r| gpa >= r.guest && gpa < r.guest + r.size)
-                .map(|r| r.host + (gpa - r.guest))
-                .ok_or_else(|| Error::Vhost {
-                    socket: s.into(),
-                    what: "SET_VRING_ADDR",
-                    msg: format!("ring address {gpa:#x} is outside guest memory"),
-                })
-        };
-        for &(i, r) in rings {
-            self.fe
-                .set_vring_num(i, r.size)
-                .map_err(vhost_err(s, "SET_VRING_NUM"))?;
-            self.fe
-                .set_vring_addr(
-                    i,
-                    &VringConfigData {
-                        queue_max_size: r.size,
-                        queue_size: r.size,
-                        flags: 0,
-                        desc_table_addr: host(r.desc)?,
-                        used_ring_addr: host(r.used)?,
-                        avail_ring_addr: host(r.avail)?,
-                        log_addr: None,
-                    },
-                )
-                .map_err(vhost_err(s, "SET_VRING_ADDR"))?;
-            self.fe
-                .set_vring_base(i, 0)
-                .map_err(vhost_err(s, "SET_VRING_BASE"))?;
-            self.fe
-                .set_vring_call(i, call)
-                .map_err(vhost_err(s, "SET_VRING_CALL"))?;
-            self.fe
-                .set_vring_kick(i, &kicks[i])
-                .map_err(vhost_err(s, "SET_VRING_KICK"))?;
-        }
-        Ok(())
-    }
-
-    /// Enables or disables rings that `start` set up
+    /// Enables or disables rings that `apply` set up
     /// (SET_VRING_ENABLE). Without PROTOCOL_FEATURES rings run as soon as
     /// they have a kick fd and cannot be disabled: nothing to send.
     pub fn set_rings_enabled(&mut self, rings: &[usize], enable: bool) -> Result<()> {
@@ -415,36 +336,6 @@ impl Backend {
         }
         Ok(())
     }
-}
-
-/// The backend's config space (GET_CONFIG), or zeros without the CONFIG
-/// protocol feature.
-fn backend_config(
-    fe: &mut Frontend,
-    kind: Kind,
-    protocol: VhostUserProtocolFeatures,
-    socket: &Path,
-) -> Result<Vec<u8>> {
-    let len = kind.config_len();
-    if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-        return Ok(vec![0; len as usize]);
-    }
-    let (_, data) = fe
-        .get_config(
-            0,
-            len,
-            VhostUserConfigFlags::WRITABLE,
-            &vec![0; len as usize],
-        )
-        .map_err(vhost_err(socket, "GET_CONFIG"))?;
-    if data.len() != len as usize {
-        return Err(Error::Vhost {
-            socket: socket.into(),
-            what: "GET_CONFIG",
-            msg: format!("{} bytes of config space, expected {len}", data.len()),
-        });
-    }
-    Ok(data)
 }
 
 /// Queue pairs a vhost-user-net backend can run under this VMM: its

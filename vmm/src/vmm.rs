@@ -5,7 +5,6 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -26,8 +25,9 @@ use crate::error::{Error, IoContext, KvmContext, Result};
 use crate::layout;
 use crate::loader;
 use crate::memory::GuestRam;
-use crate::mmio::{self, Health, MmioDevice};
+use crate::mmio::{self, MmioDevice};
 use crate::pause::Pause;
+use crate::reconnect::{Health, Watcher};
 use crate::vhost_user::{Backend, Kind};
 
 pub struct VmConfig {
@@ -88,7 +88,7 @@ struct Bus {
     /// Each device (base address, device) behind the lock that also
     /// serialises its vhost-user connection (see `vhost_user::Backend`):
     /// the vCPUs take it for register accesses, the request-channel
-    /// thread for a configuration change.
+    /// thread for a configuration change, the watcher to reconnect.
     devices: Vec<(u64, Mutex<MmioDevice>)>,
 }
 
@@ -130,7 +130,8 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     let mut backends = Vec::new();
     for d in &cfg.disks {
         let extra = if d.readonly { VIRTIO_BLK_F_RO } else { 0 };
-        backends.push(Backend::connect(Kind::Block, &d.socket, extra)?);
+        let b = Backend::connect(Kind::Block, &d.socket, extra)?;
+        backends.push((b, d.reconnect));
     }
     for n in &cfg.nets {
         let extra = if n.mac.is_some() { VIRTIO_NET_F_MAC } else { 0 };
@@ -138,7 +139,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
         if let Some(mac) = n.mac {
             b.set_mac(mac);
         }
-        backends.push(b);
+        backends.push((b, n.reconnect));
     }
 
     let kvm = Kvm::new().map_err(|e| Error::Kvm {
@@ -177,9 +178,10 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     let mut devices = Vec::new();
     let mut acpi_devs = Vec::new();
     let mut channels = Vec::new();
+    let mut watchers = Vec::new();
     let mut infos = Vec::new();
     let mut cmdline = cfg.cmdline.clone();
-    for (i, mut backend) in backends.into_iter().enumerate() {
+    for (i, (mut backend, reconnect)) in backends.into_iter().enumerate() {
         let base = layout::virtio_mmio(i);
         let irq = layout::virtio_irq(i);
         let call = EventFd::new(libc::EFD_NONBLOCK).io_ctx(|| "eventfd")?;
@@ -204,17 +206,12 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
             }
             kicks.push(kick);
         }
-        let health = Arc::new(Health {
-            failed: AtomicBool::new(false),
-            interrupt_status: AtomicU32::new(0),
+        let health = Arc::new(Health::new(reconnect, backend.tracks_inflight()));
+        watchers.push(Watcher {
+            socket: backend.socket.clone(),
+            health: health.clone(),
+            call: call.try_clone().io_ctx(|| "eventfd")?,
         });
-        watch_backend(
-            &mut threads,
-            backend.raw_fd(),
-            backend.socket.clone(),
-            health.clone(),
-            call.try_clone().io_ctx(|| "eventfd")?,
-        )?;
         infos.push(DeviceInfo {
             kind: backend.kind,
             socket: backend.socket.clone(),
@@ -256,6 +253,9 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     spawn_stdin(&mut threads, bus.clone())?;
     for (i, ch, socket) in channels {
         serve_backend_requests(&mut threads, bus.clone(), i, ch, socket)?;
+    }
+    for (i, w) in watchers.into_iter().enumerate() {
+        watch_backend(&mut threads, bus.clone(), i, w)?;
     }
 
     let (tx, rx) = mpsc::channel();
@@ -534,43 +534,14 @@ fn spawn_stdin(threads: &mut Threads, bus: Arc<Bus>) -> Result<()> {
     })
 }
 
-/// Watches a backend's socket: when the backend goes away the device is
-/// marked failed and the driver told, instead of the guest waiting
-/// forever on a dead ring.
-fn watch_backend(
-    threads: &mut Threads,
-    fd: i32,
-    socket: PathBuf,
-    health: Arc<Health>,
-    call: EventFd,
-) -> Result<()> {
-    threads.spawn("vhost-watch".into(), move || loop {
-        let mut p = libc::pollfd {
-            fd,
-            events: libc::POLLRDHUP,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd; the socket stays open for the
-        // process's lifetime (the device owning it is never dropped
-        // before exit).
-        let r = unsafe { libc::poll(&mut p, 1, -1) };
-        if r < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
-        }
-        if p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
-            eprintln!(
-                "rimg-vmm: backend {} disconnected; device marked failed",
-                socket.display()
-            );
-            health
-                .failed
-                .store(true, std::sync::atomic::Ordering::Release);
-            mmio::config_interrupt(&health, &call);
-            return;
-        }
+/// Watches device `i`'s backend connection (reconnect.rs): when the
+/// backend goes away the device waits for it to come back, or is marked
+/// failed and the driver told, instead of the guest waiting forever on
+/// a dead ring.
+fn watch_backend(threads: &mut Threads, bus: Arc<Bus>, i: usize, w: Watcher) -> Result<()> {
+    let fd = lock(&bus.devices[i].1).backend_fd();
+    threads.spawn("vhost-watch".into(), move || {
+        w.run(fd, || lock(&bus.devices[i].1));
     })
 }
 

@@ -1,11 +1,13 @@
 //! The block device: a write, a read-back and a flush; in `blk-resize`
-//! mode then a resize announced by the backend (see [`resized`]).
+//! mode then a resize announced by the backend (see [`resized`]); in
+//! `blk-loop` mode then rounds of I/O across backend restarts
+//! (blk_loop.rs).
 
 use crate::io::{fill, hex, print, r32, r8, rdtsc, w32, w64, w8};
 use crate::irq;
 use crate::virtio::{init, Queue, BUF, F_NEXT, F_WRITE, SECOND};
 
-fn blk_request(base: u64, q: &mut Queue, kind: u32, sector: u64, data: u64, len: u32) -> u8 {
+pub fn blk_request(base: u64, q: &mut Queue, kind: u32, sector: u64, data: u64, len: u32) -> u8 {
     let hdr = BUF;
     let status = BUF + 0x100;
     w32(hdr, kind);
@@ -70,8 +72,15 @@ fn capacity(base: u64) -> u64 {
     r32(base + 0x100) as u64 | ((r32(base + 0x104) as u64) << 32)
 }
 
-/// `resize`: then wait for the backend's configuration change on `irq`.
-pub fn blk(base: u64, irq: u32, resize: bool) -> bool {
+/// Byte `i` of the 4 KiB the `blk-loop` mode writes in `round` (the
+/// tests compute it too).
+pub fn pattern(round: u64, i: u64) -> u8 {
+    (i as u8) ^ ((i >> 8) as u8) ^ (round as u8).wrapping_mul(0x3b) ^ ((round >> 8) as u8) ^ 0xa5
+}
+
+/// `resize`: then wait for the backend's configuration change on `irq`;
+/// `rounds`: then run the `blk-loop` rounds.
+pub fn blk(base: u64, irq: u32, resize: bool, rounds: bool) -> bool {
     print("blk: capacity ");
     let cap = capacity(base);
     hex(cap);
@@ -90,7 +99,10 @@ pub fn blk(base: u64, irq: u32, resize: bool) -> bool {
     if s != 0 {
         return false;
     }
-    !resize || resized(base, irq, &mut q, cap)
+    if resize && !resized(base, irq, &mut q, cap) {
+        return false;
+    }
+    !rounds || crate::blk_loop::run(base, &mut q)
 }
 
 const INT_CONFIG: u32 = 2;

@@ -11,11 +11,12 @@
 //!   of its write. A frame of `IN_PLACE_MIN` bytes or more in one
 //!   descriptor is written straight from guest memory; others are copied
 //!   into a free slot. One io_uring submission carries the burst's
-//!   writes. A copied chain goes back to the guest at once; one written in
-//!   place when its write completes, which for a TAP is inline, within the
-//!   submission, so the whole burst goes back with one store of the used
-//!   index. Every write, in place or not, takes a slot: with none free, TX
-//!   waits for write completions.
+//!   writes. A copied chain is done at once; one written in place when its
+//!   write completes, which for a TAP is inline, within the submission,
+//!   so the whole burst goes back with one store of the used index.
+//!   Chains go back in the order they were taken ([`order`]). Every
+//!   write, in place or not, takes a slot: with none free, TX waits for
+//!   write completions.
 //!
 //! # Guest memory held by in-place writes
 //! An in-place write reads guest memory after the chain was taken: the
@@ -42,7 +43,7 @@ use io_uring::{opcode, types, IoUring};
 use log::{error, info};
 use rimg_vhost_server::avail::{self, AvailError};
 use rimg_vhost_server::stats::Counter;
-use rimg_vhost_server::used::{add_used_burst, signal_used, signal_used_burst};
+use rimg_vhost_server::used::{add_used_burst, add_used_lens, signal_used_burst};
 use rimg_vhost_server::workers::QueueWorker;
 use rimg_vhost_server::{CappedWarnings, Mem, RingOwner, Vring, WorkerRing, GM};
 use vhost_user_backend::VringT;
@@ -53,10 +54,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::Negotiated;
 use crate::tap::{Tap, TAP_HDR_LEN};
 
+mod order;
 mod ring;
 mod rx;
 mod tx;
 
+use order::TxOrder;
 use ring::{collect, read_guest, Seg};
 use rx::RxChain;
 use tx::{TxWalked, TX_LOOKAHEAD};
@@ -74,9 +77,10 @@ const TX_SLOTS: usize = 64;
 const TX_BIT: u64 = 1 << 32;
 const CANCEL: u64 = 1 << 33;
 /// user_data bit marking a TX write straight from guest memory; the
-/// chain's head is then in bits 40..56, returned when the write completes.
+/// chain's sequence number ([`TxOrder`]) is then in bits 40..64, and the
+/// chain done when the write completes.
 const IN_PLACE: u64 = 1 << 34;
-const HEAD_SHIFT: u32 = 40;
+const SEQ_SHIFT: u32 = 40;
 /// The shortest frame worth writing to the TAP: an Ethernet header.
 const ETH_HLEN: usize = 14;
 
@@ -166,8 +170,10 @@ pub struct PairWorker {
     tx_inflight: usize,
     /// Completed reads not yet delivered: (slot, length), in order.
     ready: VecDeque<(usize, usize)>,
-    /// Chains collected for the frame being delivered (reused).
+    /// Chains collected for the frame being delivered, and their used
+    /// entries (both reused).
     chains: Vec<RxChain>,
+    rx_used: Vec<(u16, u32)>,
     rx_vring: Option<Vring>,
     tx_vring: Option<Vring>,
     tx_blocked: bool,
@@ -178,7 +184,9 @@ pub struct PairWorker {
     /// lists to walk into (reused).
     tx_ahead: VecDeque<TxWalked>,
     tx_spare: Vec<Vec<Seg>>,
-    /// Heads of TX chains done with, to return as one burst (reused).
+    /// TX chains taken and not yet returned, in take order.
+    tx_order: TxOrder,
+    /// Heads of TX chains to return as one burst (reused).
     tx_used: Vec<u16>,
     /// TX writes in flight straight from guest memory, and the memory
     /// they read, held mapped until the last completes.
@@ -211,6 +219,7 @@ impl PairWorker {
             tx_inflight: 0,
             ready: VecDeque::with_capacity(RX_SLOTS),
             chains: (0..64).map(|_| RxChain::default()).collect(),
+            rx_used: Vec::with_capacity(64),
             rx_vring: None,
             tx_vring: None,
             tx_blocked: false,
@@ -219,6 +228,7 @@ impl PairWorker {
             warnings: CappedWarnings::new(module_path!(), format!("pair {pair}")),
             tx_ahead: VecDeque::with_capacity(TX_LOOKAHEAD),
             tx_spare: (0..=TX_LOOKAHEAD).map(|_| Vec::with_capacity(4)).collect(),
+            tx_order: TxOrder::default(),
             tx_used: Vec::with_capacity(TX_SLOTS),
             tx_in_place: 0,
             tx_mem: None,
@@ -340,7 +350,7 @@ impl PairWorker {
                 self.tx_inflight -= 1;
                 self.tx.free.push(slot);
                 if ud & IN_PLACE != 0 {
-                    self.tx_used.push((ud >> HEAD_SHIFT) as u16);
+                    self.tx_order.complete((ud >> SEQ_SHIFT) as u32);
                     self.tx_in_place -= 1;
                     if self.tx_in_place == 0 {
                         self.tx_mem = None;
@@ -384,6 +394,7 @@ impl PairWorker {
         self.ring
             .retire(std::mem::replace(&mut self.tx, Pool::new(TX_SLOTS)));
         self.ring.retire(self.tx_mem.take());
+        self.tx_order.abandon_pending();
         self.rx_posted = 0;
         self.tx_inflight = 0;
         self.tx_in_place = 0;
@@ -415,6 +426,7 @@ impl PairWorker {
         // Chains written in place that completed just now go back to the
         // queue they came from: none may linger for a restarted queue.
         self.return_tx_used(true);
+        self.tx_order.clear();
         self.rx_vring = None;
         self.tx_vring = None;
     }
@@ -442,6 +454,14 @@ impl QueueWorker for PairWorker {
         if self.rx_vring.is_none() {
             self.rx_vring = Some(vrings[0].clone());
             self.tx_vring = Some(vrings[1].clone());
+            // The rings' first event on this connection: a daemon that
+            // died before us may have returned chains without telling
+            // the driver. One spurious interrupt costs less than a stall.
+            for v in &vrings[..2] {
+                if v.get_ref().get_queue().ready() {
+                    let _ = v.signal_used_queue();
+                }
+            }
         }
         self.update_attachment();
         self.check_avail_idx(true);

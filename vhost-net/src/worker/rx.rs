@@ -45,21 +45,24 @@ impl PairWorker {
         let Some((vring, mem)) = self.serving(false) else {
             return;
         };
-        let mut used_any = false;
+        // Used entries added, each frame's with one store of the index.
+        let mut returned = 0usize;
         {
             let mut g = vring.get_mut();
             let q = g.get_queue_mut();
             while let Some(&(slot, len)) = self.ready.front() {
-                match self.place(q, &mem, slot, len) {
+                let placed = self.place(q, &mem, slot, len);
+                if placed.is_some() {
+                    returned += self.rx_used.len();
+                }
+                match placed {
                     Some(true) => {
-                        used_any = true;
                         self.stats.rx_frames.add(1);
                         if self.rx.slot(slot)[1] != 0 {
                             self.stats.rx_gso.add(1);
                         }
                     }
                     Some(false) => {
-                        used_any = true;
                         self.stats.rx_dropped.add(1);
                     }
                     None => {
@@ -77,14 +80,15 @@ impl PairWorker {
                 self.rx.free.push(slot);
             }
         }
-        if used_any {
-            signal_used(&vring, &mem);
-        }
+        signal_used_burst(&vring, &mem, returned);
     }
 
     /// Puts the frame in slot `slot` into guest receive chains. Some(true)
     /// delivered, Some(false) dropped (chain too small or bad), None: not
-    /// enough guest buffers yet (nothing consumed).
+    /// enough guest buffers yet (nothing consumed). The chains it used
+    /// are returned with one store of the used index (and left in
+    /// `rx_used`): a daemon killed meanwhile leaves the guest none of a
+    /// merged frame's buffers, never some of them.
     pub(super) fn place(
         &mut self,
         q: &mut virtio_queue::Queue,
@@ -96,6 +100,7 @@ impl PairWorker {
         let gap = TAP_HDR_LEN - ghdr;
         let total = len - gap;
         let start = q.next_avail();
+        self.rx_used.clear();
         let mut n = 0usize;
         let mut cap = 0usize;
         while cap < total {
@@ -179,9 +184,14 @@ impl PairWorker {
                 src_pos += done;
                 written += done as u32;
             }
-            if let Err(e) = q.add_used(&**mem, c.head, written) {
-                self.warnings.warn(format_args!("add_used: {e}"));
+            // A head outside the queue cannot be returned, and would
+            // keep the frame's other chains from going back.
+            if c.head < q.size() {
+                self.rx_used.push((c.head, written));
             }
+        }
+        if let Err(e) = add_used_lens(q, mem, &self.rx_used) {
+            self.warnings.warn(format_args!("add_used: {e}"));
         }
         Some(ok)
     }
@@ -193,10 +203,12 @@ impl PairWorker {
         mem: &Arc<Mem>,
         n: usize,
     ) -> bool {
-        for c in &self.chains[..n] {
-            if let Err(e) = q.add_used(&**mem, c.head, 0) {
-                self.warnings.warn(format_args!("add_used: {e}"));
-            }
+        self.rx_used.clear();
+        let size = q.size();
+        let heads = self.chains[..n].iter().filter(|c| c.head < size);
+        self.rx_used.extend(heads.map(|c| (c.head, 0)));
+        if let Err(e) = add_used_lens(q, mem, &self.rx_used) {
+            self.warnings.warn(format_args!("add_used: {e}"));
         }
         false
     }

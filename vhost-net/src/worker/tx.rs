@@ -59,7 +59,10 @@ impl PairWorker {
                 let _ = q.disable_notification(&*mem);
             }
             loop {
-                let free = self.tx.free.len();
+                // Every chain takes a slot, and at most a queue's worth is
+                // outstanding, returned or not (see [`TxOrder`]).
+                let room = usize::from(q.size()).saturating_sub(self.tx_order.len());
+                let free = self.tx.free.len().min(room);
                 if free == 0 {
                     self.tx_blocked = true;
                     break;
@@ -67,6 +70,7 @@ impl PairWorker {
                 let taken = self.tx_burst(q, &mem, free);
                 // Also chains written in place that completed earlier
                 // while the queue was disabled.
+                self.tx_order.pop_done(&mut self.tx_used);
                 returned += self.tx_used.len();
                 if let Err(e) = add_used_burst(q, &mem, &self.tx_used) {
                     // Guest-caused (a used ring outside its memory): capped.
@@ -89,8 +93,8 @@ impl PairWorker {
     }
 
     /// Takes up to `free` available chains and submits their TAP writes;
-    /// returns how many it took. The heads of chains done with (copied,
-    /// dropped, or written in place and completed) are left in `tx_used`.
+    /// returns how many it took. Chains done with (copied, dropped, or
+    /// written in place and completed) are marked so in `tx_order`.
     pub(super) fn tx_burst(
         &mut self,
         q: &mut virtio_queue::Queue,
@@ -129,7 +133,7 @@ impl PairWorker {
                 self.tx_spare.push(w.segs);
                 self.stats.tx_dropped.add(1);
                 if w.head < size {
-                    self.tx_used.push(w.head);
+                    self.tx_order.take(w.head, true);
                 }
                 continue;
             }
@@ -138,7 +142,7 @@ impl PairWorker {
             self.tx_spare.push(w.segs);
             let (ptr, len, user_data) = match frame {
                 Ok(TxFrame::Copied(len)) => {
-                    self.tx_used.push(w.head);
+                    self.tx_order.take(w.head, true);
                     (self.tx.slot(slot).as_ptr(), len, TX_BIT | slot as u64)
                 }
                 Ok(TxFrame::InPlace(ptr, len)) => {
@@ -147,8 +151,8 @@ impl PairWorker {
                     }
                     self.tx_in_place += 1;
                     in_place = true;
-                    let head = u64::from(w.head) << HEAD_SHIFT;
-                    (ptr, len, TX_BIT | IN_PLACE | head | slot as u64)
+                    let seq = u64::from(self.tx_order.take(w.head, false)) << SEQ_SHIFT;
+                    (ptr, len, TX_BIT | IN_PLACE | seq | slot as u64)
                 }
                 Err(why) => {
                     self.tx.free.push(slot);
@@ -158,7 +162,7 @@ impl PairWorker {
                     // A head outside the queue cannot be returned, and
                     // would make the burst's other chains unreturnable.
                     if head < size {
-                        self.tx_used.push(head);
+                        self.tx_order.take(head, true);
                     }
                     continue;
                 }
@@ -186,6 +190,7 @@ impl PairWorker {
     /// has its rings, and the frontend reads the avail position that
     /// counts these chains right after.
     pub(super) fn return_tx_used(&mut self, stopping: bool) {
+        self.tx_order.pop_done(&mut self.tx_used);
         if self.tx_used.is_empty() {
             return;
         }
