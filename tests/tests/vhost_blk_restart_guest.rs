@@ -257,6 +257,9 @@ fn guest_io_survives_daemon_kills() {
     println!("resubmitted per daemon and ring start: {counts:?} ({caught} kills with marks)");
     out.assert_success();
     assert!(out.console.contains("GUEST-OK"), "{}", out.console);
+    for l in out.console.lines().filter(|l| l.starts_with('W')) {
+        println!("guest: {l}");
+    }
     assert!(st.success(), "last daemon: {st}\n{}", logs.last().unwrap());
     assert!(
         counts[1..].iter().flatten().any(|&n| n > 0),
