@@ -496,15 +496,7 @@ impl Guest {
 
     /// A vhost-user-blk-pci disk served on `socket`.
     pub fn vhost_user_blk(self, socket: &Path, num_queues: u32) -> Guest {
-        let id = format!("blk{}", self.qemu_args.len());
-        self.qemu_args([
-            "-chardev".to_string(),
-            format!("socket,id={id},path={}", socket.display()),
-            "-device".to_string(),
-            format!("vhost-user-blk-pci,chardev={id},num-queues={num_queues}"),
-        ])
-        .module("virtio_pci")
-        .module("virtio_blk")
+        self.vhost_user_blk_chardev(socket, num_queues, "")
     }
 
     /// A vhost-user-blk-pci disk served on `socket` whose connection QEMU
@@ -516,13 +508,15 @@ impl Guest {
         num_queues: u32,
         reconnect: u32,
     ) -> Guest {
+        self.vhost_user_blk_chardev(socket, num_queues, &format!(",reconnect={reconnect}"))
+    }
+
+    /// A vhost-user-blk-pci disk whose socket chardev has `opts` added.
+    fn vhost_user_blk_chardev(self, socket: &Path, num_queues: u32, opts: &str) -> Guest {
         let id = format!("blk{}", self.qemu_args.len());
         self.qemu_args([
             "-chardev".to_string(),
-            format!(
-                "socket,id={id},path={},reconnect={reconnect}",
-                socket.display()
-            ),
+            format!("socket,id={id},path={}{opts}", socket.display()),
             "-device".to_string(),
             format!("vhost-user-blk-pci,chardev={id},num-queues={num_queues}"),
         ])
