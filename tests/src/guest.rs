@@ -496,10 +496,27 @@ impl Guest {
 
     /// A vhost-user-blk-pci disk served on `socket`.
     pub fn vhost_user_blk(self, socket: &Path, num_queues: u32) -> Guest {
+        self.vhost_user_blk_chardev(socket, num_queues, "")
+    }
+
+    /// A vhost-user-blk-pci disk served on `socket` whose connection QEMU
+    /// re-establishes (every `reconnect` seconds) when the daemon goes
+    /// away, passing the inflight region back to the new one.
+    pub fn vhost_user_blk_reconnecting(
+        self,
+        socket: &Path,
+        num_queues: u32,
+        reconnect: u32,
+    ) -> Guest {
+        self.vhost_user_blk_chardev(socket, num_queues, &format!(",reconnect={reconnect}"))
+    }
+
+    /// A vhost-user-blk-pci disk whose socket chardev has `opts` added.
+    fn vhost_user_blk_chardev(self, socket: &Path, num_queues: u32, opts: &str) -> Guest {
         let id = format!("blk{}", self.qemu_args.len());
         self.qemu_args([
             "-chardev".to_string(),
-            format!("socket,id={id},path={}", socket.display()),
+            format!("socket,id={id},path={}{opts}", socket.display()),
             "-device".to_string(),
             format!("vhost-user-blk-pci,chardev={id},num-queues={num_queues}"),
         ])

@@ -7,12 +7,15 @@
 //! at +0, avail ring at +0x1000, used ring at +0x2000); data buffers go at
 //! [`DATA`] and above. Up to 4 queues of up to 256 entries.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -124,6 +127,12 @@ pub struct Driver {
     pub shm: Shm,
     pub fe: Frontend,
     pub queues: Vec<Queue>,
+    /// The inflight region the driver set (see [`Driver::connect_inflight`]).
+    pub inflight: Option<InflightRegion>,
+    /// The virtio features acked, replayed by [`Driver::reconnect`].
+    pub acked: u64,
+    /// The connection's socket, for [`Driver::hang_up`].
+    conn: std::os::unix::net::UnixStream,
 }
 
 impl Driver {
@@ -139,46 +148,117 @@ impl Driver {
         features: impl FnOnce(u64) -> u64,
     ) -> Driver {
         assert!(nq <= 4 && qs <= 256 && qs.is_power_of_two());
-        let shm = Shm::new(mem_len);
-        let mut fe = Frontend::connect(sock, nq as u64).expect("connect");
-        fe.set_owner().unwrap();
-        let offered = fe.get_features().unwrap();
-        fe.set_features(features(offered)).unwrap();
-        let pf = fe.get_protocol_features().unwrap();
+        let queues = new_queues(nq, qs);
+        Driver::open(
+            sock,
+            Shm::new(mem_len),
+            queues,
+            Acked::Pick(Box::new(features)),
+            Inflight::Off,
+        )
+        .expect("connect")
+    }
+
+    /// Connects as [`connect`](Self::connect) does, with inflight tracking
+    /// (INFLIGHT_SHMFD) as QEMU does it: `region` set (SET_INFLIGHT_FD)
+    /// before the rings start, or with None, a region asked of the daemon
+    /// (GET_INFLIGHT_FD) first. An error where the daemon refused.
+    pub fn connect_inflight(
+        sock: &Path,
+        mem_len: usize,
+        nq: usize,
+        qs: u16,
+        features: impl FnOnce(u64) -> u64,
+        region: Option<InflightRegion>,
+    ) -> Result<Driver, String> {
+        assert!(nq <= 4 && qs <= 256 && qs.is_power_of_two());
+        let queues = new_queues(nq, qs);
+        let inflight = region.map_or(Inflight::Get, Inflight::Set);
+        Driver::open(
+            sock,
+            Shm::new(mem_len),
+            queues,
+            Acked::Pick(Box::new(features)),
+            inflight,
+        )
+    }
+
+    /// A new connection to `sock` (the same daemon, or one started after
+    /// this one's daemon died) over the same guest memory, rings and
+    /// eventfds: the features acked, the inflight region (if any) set
+    /// again, each ring's base its used index (as QEMU does).
+    pub fn reconnect(self, sock: &Path) -> Result<Driver, String> {
+        let inflight = self.inflight.map_or(Inflight::Off, Inflight::Set);
+        Driver::open(
+            sock,
+            self.shm,
+            self.queues,
+            Acked::Exactly(self.acked),
+            inflight,
+        )
+    }
+
+    fn open(
+        sock: &Path,
+        shm: Shm,
+        queues: Vec<Queue>,
+        acked: Acked,
+        inflight: Inflight,
+    ) -> Result<Driver, String> {
+        let nq = queues.len();
+        let stream = std::os::unix::net::UnixStream::connect(sock).map_err(e("connect"))?;
+        let conn = stream.try_clone().map_err(e("connect"))?;
+        let mut fe = Frontend::from_stream(stream, nq as u64);
+        fe.set_owner().map_err(e("set_owner"))?;
+        let offered = fe
+            .get_features()
+            .map_err(|e| format!("get_features: {e}"))?;
+        let acked = match acked {
+            Acked::Pick(f) => f(offered),
+            Acked::Exactly(a) => a,
+        };
+        fe.set_features(acked).map_err(e("set_features"))?;
+        let pf = fe
+            .get_protocol_features()
+            .map_err(e("get_protocol_features"))?;
         // REPLY_ACK makes every message synchronous: when a call returns,
         // the daemon has applied it.
-        fe.set_protocol_features(
-            pf & (VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::MQ
-                | VhostUserProtocolFeatures::REPLY_ACK),
-        )
-        .unwrap();
+        let mut want = VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        if !matches!(inflight, Inflight::Off) {
+            want |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        }
+        fe.set_protocol_features(pf & want)
+            .map_err(e("set_protocol_features"))?;
         if pf.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let region = match inflight {
+            Inflight::Off => None,
+            Inflight::Get => {
+                let ask = VhostUserInflight::new(0, 0, nq as u16, queues[0].size);
+                let (d, file) = fe.get_inflight_fd(&ask).map_err(e("get_inflight_fd"))?;
+                Some(InflightRegion::map(file, d))
+            }
+            Inflight::Set(r) => Some(r),
+        };
+        if let Some(r) = &region {
+            fe.set_inflight_fd(&r.desc, r.file.as_raw_fd())
+                .map_err(e("set_inflight_fd"))?;
         }
         let base = shm.ptr as u64;
         fe.set_mem_table(&[VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
-            memory_size: mem_len as u64,
+            memory_size: shm.len as u64,
             userspace_addr: base,
             mmap_offset: 0,
             mmap_handle: shm.fd.as_raw_fd(),
         }])
-        .unwrap();
-        let mut queues = Vec::new();
-        for q in 0..nq {
-            let at = q as u64 * RING_STRIDE;
-            let queue = Queue {
-                size: qs,
-                desc: at,
-                avail: at + 0x1000,
-                used: at + 0x2000,
-                kick: EventFd::new(0).unwrap(),
-                call: EventFd::new(0).unwrap(),
-                avail_idx: 0,
-                unreturnable: 0,
-            };
-            fe.set_vring_num(q, qs).unwrap();
+        .map_err(e("set_mem_table"))?;
+        for (q, queue) in queues.iter().enumerate() {
+            let qs = queue.size;
+            fe.set_vring_num(q, qs).map_err(e("set_vring_num"))?;
             fe.set_vring_addr(
                 q,
                 &VringConfigData {
@@ -191,16 +271,33 @@ impl Driver {
                     log_addr: None,
                 },
             )
-            .unwrap();
-            fe.set_vring_base(q, 0).unwrap();
-            fe.set_vring_call(q, &queue.call).unwrap();
-            fe.set_vring_kick(q, &queue.kick).unwrap();
-            queues.push(queue);
+            .map_err(e("set_vring_addr"))?;
+            fence(Ordering::SeqCst);
+            let used = shm.u16_at(queue.used + 2);
+            fe.set_vring_base(q, used).map_err(e("set_vring_base"))?;
+            fe.set_vring_call(q, &queue.call)
+                .map_err(e("set_vring_call"))?;
+            fe.set_vring_kick(q, &queue.kick)
+                .map_err(e("set_vring_kick"))?;
         }
         for q in 0..nq {
-            fe.set_vring_enable(q, true).unwrap();
+            fe.set_vring_enable(q, true)
+                .map_err(e("set_vring_enable"))?;
         }
-        Driver { shm, fe, queues }
+        Ok(Driver {
+            shm,
+            fe,
+            queues,
+            inflight: region,
+            acked,
+            conn,
+        })
+    }
+
+    /// Ends the connection (the daemon sees the frontend go); the guest
+    /// memory, rings and region stay, for [`reconnect`](Self::reconnect).
+    pub fn hang_up(&self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
     }
 
     /// Moves queue `q`'s used ring to guest address `used` (SET_VRING_ADDR
@@ -381,5 +478,200 @@ impl Driver {
     pub fn submit(&mut self, q: usize, descs: &[Desc]) -> u32 {
         self.write_chain(q, 0, descs);
         self.submit_head(q, 0)
+    }
+}
+
+/// An error of the vhost-user step `what`, as text.
+fn e<E: std::fmt::Display>(what: &str) -> impl Fn(E) -> String + '_ {
+    move |err| format!("{what}: {err}")
+}
+
+/// Queue `q`'s rings at `q * RING_STRIDE`, with new eventfds.
+fn new_queues(nq: usize, qs: u16) -> Vec<Queue> {
+    (0..nq)
+        .map(|q| {
+            let at = q as u64 * RING_STRIDE;
+            Queue {
+                size: qs,
+                desc: at,
+                avail: at + 0x1000,
+                used: at + 0x2000,
+                kick: EventFd::new(0).unwrap(),
+                call: EventFd::new(0).unwrap(),
+                avail_idx: 0,
+                unreturnable: 0,
+            }
+        })
+        .collect()
+}
+
+/// The virtio features a connection acks.
+enum Acked<'a> {
+    /// Picked from the offered ones.
+    Pick(Box<dyn FnOnce(u64) -> u64 + 'a>),
+    Exactly(u64),
+}
+
+/// What a connection does about inflight tracking.
+enum Inflight {
+    Off,
+    /// GET_INFLIGHT_FD, then SET_INFLIGHT_FD of what came.
+    Get,
+    Set(InflightRegion),
+}
+
+/// An inflight region as a frontend keeps it (vhost-user "Inflight I/O
+/// tracking", split rings): the file, its description and a mapping the
+/// test reads and writes (to craft what a killed daemon left behind).
+pub struct InflightRegion {
+    pub file: File,
+    pub desc: VhostUserInflight,
+    ptr: *mut u8,
+    len: usize,
+}
+
+/// Fields of a queue's inflight region: the header's, then descriptor
+/// state `i` at `INFLIGHT_DESCS + 16 * i` (`inflight` u8 @0, `next` u16
+/// @6, `counter` u64 @8).
+pub const INFLIGHT_VERSION: usize = 8;
+pub const INFLIGHT_DESC_NUM: usize = 10;
+pub const INFLIGHT_LAST_BATCH_HEAD: usize = 12;
+pub const INFLIGHT_USED_IDX: usize = 14;
+pub const INFLIGHT_DESCS: usize = 16;
+
+/// Bytes of one queue's part of a region of `qs` entries.
+pub fn inflight_stride(qs: u16) -> usize {
+    (16 + 16 * usize::from(qs)).next_multiple_of(64)
+}
+
+impl InflightRegion {
+    /// Maps `d.mmap_size` bytes of `file` from `d.mmap_offset` (which the
+    /// file must hold).
+    pub fn map(file: File, desc: VhostUserInflight) -> InflightRegion {
+        let len = desc.mmap_size as usize;
+        // SAFETY: a new shared mapping of our own file; the result is
+        // checked and unmapped only when the region is dropped.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                desc.mmap_offset as libc::off_t,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED, "mmap inflight region");
+        InflightRegion {
+            file,
+            desc,
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    /// A memfd of `len` bytes, sealed against shrinking and growing if
+    /// `sealed`, described as `queues` queues of `qs` entries (a region
+    /// the test makes itself, valid or not).
+    pub fn memfd(len: u64, sealed: bool, queues: u16, qs: u16) -> InflightRegion {
+        // SAFETY: memfd_create with a valid C string; the fd is checked.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"test-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(raw >= 0);
+        // SAFETY: `raw` is a fresh fd we own.
+        let file = unsafe { File::from_raw_fd(raw) };
+        file.set_len(len).unwrap();
+        if sealed {
+            let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+            // SAFETY: fcntl on our own fd with an int argument.
+            assert_eq!(unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, seals) }, 0);
+        }
+        let map_len = len.min(inflight_stride(qs) as u64 * u64::from(queues));
+        let mut r = InflightRegion::map(file, VhostUserInflight::new(map_len, 0, queues, qs));
+        r.desc.mmap_size = inflight_stride(qs) as u64 * u64::from(queues);
+        r
+    }
+
+    fn at(&self, q: usize, off: usize, n: usize) -> *mut u8 {
+        let at = q * inflight_stride(self.desc.queue_size) + off;
+        assert!(
+            at + n <= self.len,
+            "inflight offset {at} outside the mapping"
+        );
+        // SAFETY: in bounds (checked).
+        unsafe { self.ptr.add(at) }
+    }
+
+    /// Writes `b` at byte `off` of queue `q`'s part.
+    pub fn write(&self, q: usize, off: usize, b: &[u8]) {
+        fence(Ordering::SeqCst);
+        // SAFETY: in bounds (`at` checks); the daemon reads the region
+        // with atomics, racing with the test only where a test wants it.
+        unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), self.at(q, off, b.len()), b.len()) };
+        fence(Ordering::SeqCst);
+    }
+
+    pub fn read(&self, q: usize, off: usize, n: usize) -> Vec<u8> {
+        let mut v = vec![0; n];
+        fence(Ordering::SeqCst);
+        // SAFETY: in bounds (`at` checks).
+        unsafe { std::ptr::copy_nonoverlapping(self.at(q, off, n), v.as_mut_ptr(), n) };
+        v
+    }
+
+    pub fn u16_at(&self, q: usize, off: usize) -> u16 {
+        u16::from_ne_bytes(self.read(q, off, 2).try_into().unwrap())
+    }
+
+    /// Queue `q`'s header: version, desc_num, last_batch_head, used_idx.
+    pub fn header(&self, q: usize) -> [u16; 4] {
+        [8, 10, 12, 14].map(|o| self.u16_at(q, o))
+    }
+
+    pub fn set_header(&self, q: usize, [version, desc_num, last, used]: [u16; 4]) {
+        for (o, v) in [(8, version), (10, desc_num), (12, last), (14, used)] {
+            self.write(q, o, &v.to_ne_bytes());
+        }
+    }
+
+    /// Head `h`'s mark of queue `q`.
+    pub fn mark(&self, q: usize, h: u16) -> u8 {
+        self.read(q, INFLIGHT_DESCS + 16 * usize::from(h), 1)[0]
+    }
+
+    /// Head `h`'s counter (its take order) in queue `q`.
+    pub fn counter(&self, q: usize, h: u16) -> u64 {
+        let at = INFLIGHT_DESCS + 16 * usize::from(h) + 8;
+        u64::from_ne_bytes(self.read(q, at, 8).try_into().unwrap())
+    }
+
+    /// Marks head `h` of queue `q` taken, with `counter` (its take order).
+    pub fn set_mark(&self, q: usize, h: u16, mark: u8, counter: u64) {
+        let at = INFLIGHT_DESCS + 16 * usize::from(h);
+        self.write(q, at + 8, &counter.to_ne_bytes());
+        self.write(q, at, &[mark]);
+    }
+
+    /// Head `h`'s link in the last batch's list.
+    pub fn set_next(&self, q: usize, h: u16, next: u16) {
+        self.write(
+            q,
+            INFLIGHT_DESCS + 16 * usize::from(h) + 6,
+            &next.to_ne_bytes(),
+        );
+    }
+}
+
+// SAFETY: the mapping is plain shared memory owned by the region.
+unsafe impl Send for InflightRegion {}
+
+impl Drop for InflightRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }

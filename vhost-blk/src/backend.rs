@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use log::warn;
 use qcow2::Image;
+use rimg_vhost_server::inflight::Inflight;
 use rimg_vhost_server::workers::{QueueWorker, Workers};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
@@ -22,6 +23,7 @@ pub struct BlkBackend {
     cfg: Arc<DeviceConfig>,
     writeback: Arc<AtomicBool>,
     workers: Workers<Worker>,
+    inflight: Inflight,
 }
 
 impl QueueWorker for Worker {
@@ -65,23 +67,28 @@ impl BlkBackend {
     ) -> std::io::Result<BlkBackend> {
         let cfg = Arc::new(cfg);
         let writeback = Arc::new(AtomicBool::new(true));
+        let inflight = Inflight::new(usize::from(cfg.num_queues));
         let mut workers = Vec::new();
         for q in 0..usize::from(cfg.num_queues) {
-            workers.push(Worker::new(
-                q,
-                img.clone(),
-                files.clone(),
-                cfg.clone(),
-                writeback.clone(),
-                mem.clone(),
-                stats.get(q).cloned().unwrap_or_default(),
-            )?);
+            workers.push(
+                Worker::new(
+                    q,
+                    img.clone(),
+                    files.clone(),
+                    cfg.clone(),
+                    writeback.clone(),
+                    mem.clone(),
+                    stats.get(q).cloned().unwrap_or_default(),
+                )?
+                .with_inflight(inflight.clone()),
+            );
         }
         Ok(BlkBackend {
             img,
             cfg,
             writeback,
             workers: Workers::new(workers)?,
+            inflight,
         })
     }
 
@@ -130,6 +137,13 @@ impl rimg_vhost_server::Device for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Served by the relay (vhost-user-backend refuses it); see
+            // `worker::resubmit`.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn inflight(&self) -> Option<&Inflight> {
+        Some(&self.inflight)
     }
 
     fn config_space(&self) -> Vec<u8> {

@@ -3,7 +3,7 @@
 //! (positioned I/O for metadata and bounce buffers, flushes, discards and
 //! zeroing through fallocate), which the vring workers need too.
 
-use rimg_vhost_server::seccomp::{Arg, Sandbox};
+use rimg_vhost_server::seccomp::{self, Arg, Sandbox};
 
 /// What the image engine calls from any thread (guest data itself goes
 /// through io_uring, except an encrypted image's, which the engine reads
@@ -33,6 +33,8 @@ pub fn sandbox() -> Sandbox {
     s.process.allow(&[libc::SYS_ftruncate]);
     s.process
         .allow_if(libc::SYS_statx, &[Arg::Eq32(2, libc::AT_EMPTY_PATH as u32)]);
+    // The relay's GET/SET_INFLIGHT_FD (inflight tracking).
+    s.process.extend(&seccomp::inflight_region());
     s
 }
 
@@ -70,6 +72,10 @@ mod tests {
         assert!(s.process.contains(libc::SYS_ftruncate));
         assert!(s.process.contains(libc::SYS_statx));
         assert!(!s.vring_worker.contains(libc::SYS_ftruncate));
-        assert_eq!((s.process.len(), s.vring_worker.len()), (49, 30));
+        // memfd_create for inflight regions (exact flags), never from a
+        // vring worker.
+        assert!(s.process.contains(libc::SYS_memfd_create));
+        assert!(!s.vring_worker.contains(libc::SYS_memfd_create));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (50, 30));
     }
 }

@@ -35,6 +35,11 @@ pub trait Device: Send + Sync + 'static {
     fn set_config(&self, _offset: u32, _buf: &[u8]) -> std::io::Result<()> {
         Ok(())
     }
+    /// The connection's inflight region, for a device that offers
+    /// INFLIGHT_SHMFD (the relay serves GET/SET_INFLIGHT_FD into it).
+    fn inflight(&self) -> Option<&crate::inflight::Inflight> {
+        None
+    }
     /// The connection ended and the worker threads stopped: finish or
     /// drop what is still in flight.
     fn disconnected(&self);

@@ -32,10 +32,12 @@ use vmm_sys_util::event::{
 };
 
 pub mod avail;
+pub mod chain;
 pub mod cli;
 pub mod control;
 pub mod device;
 pub mod frontend;
+pub mod inflight;
 mod relay;
 pub mod seccomp;
 pub mod stats;
@@ -182,7 +184,7 @@ where
         let back = private.connect()?;
         daemon.start(&mut listener).map_err(Error::Daemon)?;
         frontend.connected();
-        let relay = relay::spawn(front, back, frontend.clone())?;
+        let relay = relay::spawn(front, back, frontend.clone(), backend.inflight().cloned())?;
         {
             let mut cur = current.lock().unwrap_or_else(|p| p.into_inner());
             let h = daemon.shutdown_handle();

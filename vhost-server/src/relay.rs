@@ -15,6 +15,13 @@
 //! The relay also keeps a duplicate of the backend request channel that
 //! SET_BACKEND_REQ_FD carries, for the daemon's own messages to the
 //! frontend ([`Frontend::config_changed`]).
+//!
+//! For a device with inflight tracking ([`Inflight`]), the relay answers
+//! GET_INFLIGHT_FD and SET_INFLIGHT_FD itself: vhost-user-backend refuses
+//! both and ends the connection. Messages are relayed in order, so a
+//! region SET before a ring starts is attached when its first kick comes.
+//! An invalid SET closes the connection: running untracked would turn
+//! the next daemon restart into requests lost without a word.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -26,6 +33,7 @@ use log::{debug, warn};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::frontend::Frontend;
+use crate::inflight::{Description, Inflight};
 
 const HDR_LEN: usize = 12;
 /// Larger payloads than any vhost-user request carries mean a broken or
@@ -35,17 +43,21 @@ const MAX_FDS: usize = 32;
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const REQ_SET_BACKEND_REQ_FD: u32 = 21;
+const REQ_GET_INFLIGHT_FD: u32 = 31;
+const REQ_SET_INFLIGHT_FD: u32 = 32;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 
 /// Relays between `front` (the frontend) and `back` (the handler's end)
-/// until either side closes; then closes both.
+/// until either side closes; then closes both. With `inflight`, the relay
+/// serves the inflight messages into it.
 pub fn spawn(
     front: UnixStream,
     back: UnixStream,
     frontend: Frontend,
+    inflight: Option<Inflight>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<()>>> {
     let front_w = Arc::new(Mutex::new(front.try_clone()?));
     let back_r = back.try_clone()?;
@@ -54,7 +66,13 @@ pub fn spawn(
         std::thread::Builder::new()
             .name("vu-relay-f2b".into())
             .spawn(move || {
-                if let Err(e) = frontend_to_backend(&front, &back, &front_w, &frontend) {
+                let ends = Ends {
+                    back: &back,
+                    front_w: &front_w,
+                    frontend: &frontend,
+                    inflight: inflight.as_ref(),
+                };
+                if let Err(e) = frontend_to_backend(&front, &ends) {
                     debug!("relay frontend->backend ended: {e}");
                 }
                 let _ = front.shutdown(std::net::Shutdown::Both);
@@ -142,28 +160,53 @@ fn recv_msg(from: &UnixStream) -> std::io::Result<Option<Msg>> {
     Ok(Some(Msg { hdr, payload, fds }))
 }
 
-fn frontend_to_backend(
-    front: &UnixStream,
-    back: &UnixStream,
+/// Where the frontend's messages go.
+struct Ends<'a> {
+    back: &'a UnixStream,
+    front_w: &'a Mutex<UnixStream>,
+    frontend: &'a Frontend,
+    inflight: Option<&'a Inflight>,
+}
+
+/// Sends the relay's own reply to request `req` to the frontend.
+fn reply(
     front_w: &Mutex<UnixStream>,
-    frontend: &Frontend,
+    req: u32,
+    payload: &[u8],
+    fds: Vec<File>,
 ) -> std::io::Result<()> {
+    let mut hdr = [0u8; HDR_LEN];
+    hdr[0..4].copy_from_slice(&req.to_le_bytes());
+    hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+    hdr[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    let m = Msg {
+        hdr,
+        payload: payload.to_vec(),
+        fds,
+    };
+    let f = front_w
+        .lock()
+        .map_err(|_| std::io::Error::other("poisoned"))?;
+    m.send(&f)
+}
+
+/// A REPLY_ACK answer (success) to `m`, if it asks for one.
+fn ack(front_w: &Mutex<UnixStream>, m: &Msg) -> std::io::Result<()> {
+    if m.flags() & FLAG_NEED_REPLY == 0 {
+        return Ok(());
+    }
+    reply(front_w, m.request(), &0u64.to_le_bytes(), Vec::new())
+}
+
+fn frontend_to_backend(front: &UnixStream, ends: &Ends) -> std::io::Result<()> {
+    let (back, front_w) = (ends.back, ends.front_w);
     let mut features_seen = false;
     let mut held: Vec<Msg> = Vec::new();
     while let Some(mut m) = recv_msg(front)? {
         match m.request() {
             REQ_SET_VRING_ENABLE if !features_seen => {
                 debug!("holding SET_VRING_ENABLE sent before SET_FEATURES");
-                if m.flags() & FLAG_NEED_REPLY != 0 {
-                    let mut ack = [0u8; HDR_LEN + 8];
-                    ack[0..4].copy_from_slice(&REQ_SET_VRING_ENABLE.to_le_bytes());
-                    ack[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                    ack[8..12].copy_from_slice(&8u32.to_le_bytes());
-                    let f = front_w
-                        .lock()
-                        .map_err(|_| std::io::Error::other("poisoned"))?;
-                    (&*f).write_all(&ack)?;
-                }
+                ack(front_w, &m)?;
                 m.set_flags(m.flags() & !FLAG_NEED_REPLY);
                 held.push(m);
             }
@@ -186,11 +229,36 @@ fn frontend_to_backend(
             }
             REQ_SET_BACKEND_REQ_FD => {
                 if let [fd] = &m.fds[..] {
-                    frontend.set_channel(UnixStream::from(std::os::fd::OwnedFd::from(
-                        fd.try_clone()?,
-                    )));
+                    ends.frontend
+                        .set_channel(UnixStream::from(std::os::fd::OwnedFd::from(
+                            fd.try_clone()?,
+                        )));
                 }
                 m.send(back)?
+            }
+            REQ_GET_INFLIGHT_FD if ends.inflight.is_some() => {
+                let inflight = ends.inflight.expect("checked");
+                let (d, fds) = match inflight.get(&m.payload) {
+                    Ok((d, file)) => (d, vec![file]),
+                    Err(e) => {
+                        // As libvhost-user: a zero size and no descriptor.
+                        warn!("GET_INFLIGHT_FD refused: {e}");
+                        (
+                            Description::decode(&[0; Description::LEN]).expect("zeros"),
+                            Vec::new(),
+                        )
+                    }
+                };
+                reply(front_w, REQ_GET_INFLIGHT_FD, &d.encode(), fds)?;
+            }
+            REQ_SET_INFLIGHT_FD if ends.inflight.is_some() => {
+                let inflight = ends.inflight.expect("checked");
+                if let Err(e) = inflight.set(&m.payload, &m.fds) {
+                    warn!("SET_INFLIGHT_FD refused: {e}: closing the connection");
+                    return Err(std::io::Error::other(e));
+                }
+                debug!("inflight region attached");
+                ack(front_w, &m)?;
             }
             _ => m.send(back)?,
         }

@@ -187,6 +187,26 @@ pub fn common() -> SyscallList {
     l
 }
 
+/// What the relay needs to serve inflight regions
+/// ([`crate::inflight`]), for a daemon that offers them: a sealed memfd
+/// for GET_INFLIGHT_FD (sized with ftruncate), and for SET_INFLIGHT_FD
+/// the seals and the length of the frontend's file (statx on the
+/// descriptor, as `File::metadata` asks). Mapping it is the runtime's
+/// `mmap`.
+pub fn inflight_region() -> SyscallList {
+    use libc::*;
+    let mut l = SyscallList::new();
+    l.allow_if(
+        SYS_memfd_create,
+        &[Arg::Eq32(1, MFD_CLOEXEC | MFD_ALLOW_SEALING)],
+    );
+    l.allow(&[SYS_ftruncate]);
+    l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_ADD_SEALS as u32)]);
+    l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_GET_SEALS as u32)]);
+    l.allow_if(SYS_statx, &[Arg::Eq32(2, AT_EMPTY_PATH as u32)]);
+    l
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -210,6 +230,9 @@ mod tests {
         for nr in PROCESS_ONLY {
             assert!(c.contains(nr) && !w.contains(nr), "{nr}");
         }
+        let i = inflight_region();
+        assert_eq!((i.len(), i.rules(libc::SYS_fcntl)), (4, 2));
+        assert!(!i.contains(libc::SYS_openat));
         // ENOSYS, EACCES, the list.
         let p = common().compile(SeccompAction::Kill).unwrap().unwrap();
         assert_eq!(p.len(), 3);

@@ -11,6 +11,7 @@
 use std::ops::Deref;
 
 use virtio_bindings::virtio_blk::*;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
@@ -69,7 +70,24 @@ impl Request {
         M: Deref<Target = T>,
         T: GuestMemory + GuestMemoryBackend,
     {
-        self.head = chain.head_index();
+        self.parse_descs(chain.head_index(), chain, mem, capacity, readonly)
+    }
+
+    /// Decodes the chain of `head` whose descriptors are `chain` (from
+    /// the avail ring, or walked from a head the inflight region gave:
+    /// `rimg_vhost_server::chain`).
+    pub fn parse_descs<T>(
+        &mut self,
+        head: u16,
+        chain: impl Iterator<Item = Descriptor>,
+        mem: &T,
+        capacity: u64,
+        readonly: bool,
+    ) -> Result<(), Invalid>
+    where
+        T: GuestMemory + GuestMemoryBackend,
+    {
+        self.head = head;
         self.kind = None;
         self.segs.clear();
         self.descs.clear();
@@ -93,8 +111,8 @@ impl Request {
             if d.len() > 0 {
                 self.descs.push((d.addr(), d.len(), d.is_write_only()));
             }
-            // virtio-queue ends the walk quietly after a descriptor that
-            // still has NEXT when it hits a bound.
+            // virtio-queue (and `chain::at`) end the walk quietly after a
+            // descriptor that still has NEXT when they hit a bound.
             cut_short = d.has_next();
         }
         if cut_short {

@@ -29,8 +29,11 @@ impl Worker {
     /// Handles a kick: takes every available request from the queue,
     /// then polls for more (`--poll-us`).
     pub fn handle_kick(&mut self, vring: &Vring) {
+        // The framework kicks a ring once when it starts (a new
+        // connection, or after stop): the inflight region is read then.
         if self.vring.is_none() {
             self.vring = Some(vring.clone());
+            self.resubmit(vring);
         }
         self.take_requests(vring);
         self.poll(vring);
@@ -90,6 +93,10 @@ impl Worker {
                     }
                 }
                 slot.mem = Some(mem.clone());
+                // Marked before it starts (see "Inflight tracking").
+                if let Some(log) = &mut self.log {
+                    log.take(slot.req.head);
+                }
                 self.start(idx, r);
             }
             if let Some(e) = unreadable {

@@ -50,6 +50,17 @@
 //! - `engine_io`: reads and writes done by the engine (encrypted images).
 //! - `uring`: the io_uring submit/reap path and the bounce buffer.
 //! - `teardown`: draining at stop and disconnect, and dropping a worker.
+//! - `resubmit`: inflight tracking at ring start: the requests a killed
+//!   daemon took and never returned run again.
+//!
+//! # Inflight tracking
+//! With an inflight region (INFLIGHT_SHMFD), a head is marked when it is
+//! taken, before its request starts: `start` may finish it, and other
+//! requests with it, and a completion published while a taken head is
+//! unmarked would make a restarted daemon rewind the avail ring past it
+//! or onto a head already returned. `finish` links the head as the last
+//! batch before `add_used` and clears the mark after it; a request
+//! dropped unanswered keeps its mark and runs again at the next start.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
@@ -58,6 +69,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, IoUring};
 use qcow2::{AllocWaker, Image};
+use rimg_vhost_server::inflight::{Inflight, QueueLog, Region};
 use rimg_vhost_server::{CappedWarnings, RingOwner, WorkerRing};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -71,6 +83,7 @@ mod engine_io;
 mod inline;
 mod kick;
 mod plan;
+mod resubmit;
 mod slot;
 mod teardown;
 mod uring;
@@ -156,6 +169,10 @@ pub struct Worker {
     inline: inline::Mode,
     /// This queue's counters (`query-stats`), kept across connections.
     stats: Arc<QueueStats>,
+    /// The connection's inflight region, if the frontend set one.
+    inflight: Inflight,
+    /// This queue's part of it, from the ring's start on.
+    log: Option<QueueLog<Arc<Region>>>,
 }
 
 impl Worker {
@@ -196,7 +213,16 @@ impl Worker {
             warnings: CappedWarnings::new(module_path!(), format!("queue {queue}")),
             inline: inline::Mode::default(),
             stats,
+            inflight: Inflight::new(0),
+            log: None,
         })
+    }
+
+    /// The connection's inflight region handle, which this queue uses
+    /// once the frontend set a region (without one, nothing is tracked).
+    pub fn with_inflight(mut self, inflight: Inflight) -> Worker {
+        self.inflight = inflight;
+        self
     }
 
     /// The fd that becomes readable when the ring has completions.

@@ -246,9 +246,22 @@ impl Worker {
         self.free.push(idx);
         if let Some(v) = &self.vring {
             let mut g = v.get_mut();
-            if let Err(e) = g.get_queue_mut().add_used(&*mem, head, used) {
-                drop(g);
-                self.warnings.warn(format_args!("add_used: {e}"));
+            let q = g.get_queue_mut();
+            if let Some(log) = &self.log {
+                log.complete_begin(&[head]);
+            }
+            match q.add_used(&*mem, head, used) {
+                // The used index is published (a release store): the
+                // mark can go.
+                Ok(()) => {
+                    if let Some(log) = &self.log {
+                        log.complete_end(&[head], q.next_used());
+                    }
+                }
+                Err(e) => {
+                    drop(g);
+                    self.warnings.warn(format_args!("add_used: {e}"));
+                }
             }
             self.need_signal = true;
         }
