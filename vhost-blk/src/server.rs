@@ -96,6 +96,31 @@ fn encryption_of(image: &Path, format: Format) -> qcow2::Result<Option<&'static 
     })
 }
 
+/// One line for the repair of an image a killed daemon left dirty (the
+/// clusters it had reserved leak): the leak count, and whatever else the
+/// check said (a corruption would be worth every line).
+fn log_open_repair(image: &std::path::Path, lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
+    let per_cluster =
+        |l: &&String| l.starts_with("Leaked cluster") || l.starts_with("Repairing cluster");
+    let leaks = lines
+        .iter()
+        .filter(|l| l.starts_with("Leaked cluster"))
+        .count();
+    warn!(
+        "{}: not closed cleanly; repaired as it was opened ({leaks} leaked clusters)",
+        image.display()
+    );
+    for l in lines
+        .iter()
+        .filter(|l| !per_cluster(l) && !l.trim().is_empty())
+    {
+        warn!("{}: {l}", image.display());
+    }
+}
+
 /// Serves the image until a termination signal; returns after the final
 /// flush.
 pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
@@ -138,6 +163,10 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    // A daemon killed before leaves its image dirty; the open repaired it.
+    if let Some(q) = img.as_qcow2() {
+        log_open_repair(&cfg.image, &q.take_open_messages());
+    }
     // Encrypted guest data is never moved by the workers' io_uring: the
     // engine decrypts it (see `worker::engine_io`).
     let in_clear = img.data_in_clear();

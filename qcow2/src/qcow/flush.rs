@@ -51,7 +51,11 @@ impl Qcow2 {
     /// point at them.
     pub(super) fn write_back(&self, m: &mut Meta) -> Result<()> {
         m.rc.flush(&self.st)?;
-        for i in m.l2.dirty_slots() {
+        let dirty = m.l2.dirty_slots();
+        if !dirty.is_empty() {
+            self.sync_cow(m)?;
+        }
+        for i in dirty {
             Self::write_l2(&self.st, m, i)?;
         }
         if let Some((a, b)) = m.l1_dirty {

@@ -255,7 +255,9 @@ impl Drop for Qcow2 {
                 self.release_reserve(&mut m);
                 // Errors here cannot be reported; callers that care flush
                 // explicitly before dropping.
-                let _ = self.flush_locked(&mut m);
+                if self.flush_locked(&mut m).is_ok() {
+                    let _ = self.mark_clean_after_reserve(&mut m);
+                }
                 let _ = self.trim_reserved(&mut m);
             }
         }

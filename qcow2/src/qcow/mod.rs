@@ -179,6 +179,9 @@ struct Meta {
     /// L2 tables were written since the last sync: an L1 entry may point
     /// at one only after a sync.
     l2_unsynced: bool,
+    /// Copy-on-write fill was written, not yet synced, for an entry now
+    /// in the L2 cache: synced before any L2 table is written.
+    cow_unsynced: bool,
     /// Guest data clusters with durable refcounts, not yet used
     /// ([`MetadataPersistence::ProcessDeath`] only).
     reserve: persist::Reserve,
@@ -223,6 +226,9 @@ pub(crate) struct WriteIo {
     /// An in-place write: the guest clusters [first, first + n) it
     /// counts itself in (`Meta::inplace`) until it ends.
     inplace: Option<(GuestCluster, u64)>,
+    /// Copy-on-write fill was written for the allocation: it must be on
+    /// disk before the L2 entries mapping it (`end_write`).
+    cow_written: bool,
 }
 
 /// An allocation handed out by `plan_write` and finished by `commit`.
@@ -382,6 +388,7 @@ impl Qcow2 {
             l1_dirty: None,
             l2: TableCache::new(cs as usize, opts.l2_cache_bytes),
             l2_unsynced: false,
+            cow_unsynced: false,
             reserve: Default::default(),
             rc,
             pending_free: Vec::new(),

@@ -11,10 +11,12 @@
 //! - guest data clusters come from a reserve taken ahead in batches
 //!   whose refcounts are written and synced once per batch: an L2 entry
 //!   then never reaches the disk before the refcount it needs. After a
-//!   crash, the unused rest of the batch is a leak (at most
-//!   [`RESERVE_CLUSTERS`] or [`RESERVE_BYTES`]); it is given back when the
-//!   image is closed or its metadata is walked as a whole (`quiesce`,
-//!   `with_meta`);
+//!   crash, the unused rest of the batch is a leak (see [`reserve_size`]),
+//!   repaired at the next writable open (the dirty bit); it is given
+//!   back when the image is closed or its metadata is walked as a whole
+//!   (`quiesce`, `with_meta`);
+//! - copy-on-write fill is synced before the entry mapping it
+//!   (`end_write`): only writes that copy pay for it;
 //! - rarer changes (a new L2 table or refcount block, a rollback) sync
 //!   through `write_back`: refcounts before L2 tables, L2 tables before
 //!   the L1 entries pointing at them.
@@ -23,17 +25,26 @@ use std::collections::VecDeque;
 
 use super::*;
 
-/// Guest data clusters reserved at once: this many, or more to make
-/// [`RESERVE_BYTES`]. One sync per reserve: with 64 KiB clusters, one per
-/// 128 allocating writes at most.
-pub(super) const RESERVE_CLUSTERS: u64 = 128;
-pub(super) const RESERVE_BYTES: u64 = 1 << 20;
+/// Guest data clusters reserved at once, for a request that needs `n`:
+/// [`RESERVE_BYTES`] worth, but at least 16 and at most 128 clusters
+/// (64 KiB clusters: 128 = 8 MiB; 2 MiB clusters: 16 = 32 MiB), or `n`
+/// if more. One sync per reserve: with 64 KiB clusters, one per 128
+/// allocating writes at most.
+pub(super) fn reserve_size(n: u64, cluster_bits: u32) -> u64 {
+    n.max((RESERVE_BYTES >> cluster_bits).clamp(16, 128))
+}
+const RESERVE_BYTES: u64 = 8 << 20;
 
 /// Runs of clusters whose refcount is 1 on disk and that nothing
 /// references yet.
 #[derive(Default)]
 pub(super) struct Reserve {
     runs: VecDeque<Run>,
+    /// This process set the header's dirty bit (v3) for the reserve: a
+    /// kill leaves the image marked, and the next open for writing
+    /// repairs the leaked reserve as QEMU repairs a lazy-refcounts image
+    /// (`dirty_open`). Cleared on a clean close.
+    marked_dirty: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +100,7 @@ impl Qcow2 {
     /// none is handed out (on failure they leak).
     fn refill_reserve(&self, m: &mut Meta, n: u64) -> Result<()> {
         let cb = self.cluster_bits;
-        let want = n.max(RESERVE_CLUSTERS).max(RESERVE_BYTES >> cb);
+        let want = reserve_size(n, cb);
         let fresh_from = m.rc.end();
         let mut runs: Vec<Run> = Vec::new();
         for _ in 0..want {
@@ -104,8 +115,48 @@ impl Qcow2 {
                 }),
             }
         }
+        self.mark_dirty_for_reserve(m)?;
+        // Syncs the dirty bit with the refcounts.
         m.rc.flush(&self.st)?;
         m.reserve.runs.extend(runs);
+        Ok(())
+    }
+
+    /// Sets the dirty bit (v3 images; v2 has no incompatible features, a
+    /// killed process leaves leaks there for `check -r leaks`). The
+    /// caller syncs it before any reserved cluster is used.
+    fn mark_dirty_for_reserve(&self, m: &mut Meta) -> Result<()> {
+        if m.header.version < 3 || m.header.is_dirty() {
+            return Ok(());
+        }
+        let bits = m.header.incompatible_features | incompat::DIRTY;
+        m.rc.overlap.write(
+            &self.st,
+            &bits.to_be_bytes(),
+            field::INCOMPATIBLE,
+            Allow::only(Kind::Header),
+        )?;
+        m.header.incompatible_features = bits;
+        m.reserve.marked_dirty = true;
+        Ok(())
+    }
+
+    /// Clears the dirty bit this process set, once the reserve is given
+    /// back and the metadata synced (a clean close).
+    pub(super) fn mark_clean_after_reserve(&self, m: &mut Meta) -> Result<()> {
+        if !m.reserve.marked_dirty || !m.reserve.runs.is_empty() {
+            return Ok(());
+        }
+        let bits = m.header.incompatible_features & !incompat::DIRTY;
+        m.rc.overlap.write(
+            &self.st,
+            &bits.to_be_bytes(),
+            field::INCOMPATIBLE,
+            Allow::only(Kind::Header),
+        )?;
+        self.st.sync()?;
+        m.header.incompatible_features = bits;
+        m.reserve.marked_dirty = false;
         Ok(())
     }
 

@@ -261,7 +261,8 @@ impl Qcow2 {
     /// write [pos, pos + len) does not cover get what they read as now.
     /// The guest cluster is in flight, so its mapping cannot change under
     /// the reads.
-    pub(super) fn cow_fill_ext(&self, a: &Alloc, pos: GuestOffset, len: u64) -> Result<()> {
+    /// Returns whether it wrote anything (see [`Qcow2::cow_fill`]).
+    pub(super) fn cow_fill_ext(&self, a: &Alloc, pos: GuestOffset, len: u64) -> Result<bool> {
         let cs = self.cluster_size();
         let scs = self.sc_size();
         let base = a.gc.offset(self.cluster_bits);
@@ -278,6 +279,7 @@ impl Qcow2 {
             (from, in_cl, a.cow_ends.0),
             (end, to.min(limit), a.cow_ends.1),
         ];
+        let mut wrote = false;
         for (f, t, needed) in ends {
             if f >= t || !needed {
                 continue;
@@ -287,18 +289,19 @@ impl Qcow2 {
                     "the backing file is not open: cannot fill a partial cluster from it".into(),
                 ));
             }
-            BOUNCE.with(|b| -> Result<()> {
+            wrote |= BOUNCE.with(|b| -> Result<bool> {
                 let mut bounce = b.borrow_mut();
                 bounce.resize(cs as usize, 0);
                 let buf = &mut bounce[..(t - f) as usize];
                 self.read_inner(buf, base + f)?;
                 if a.fresh && buf.iter().all(|&x| x == 0) {
-                    return Ok(());
+                    return Ok(false);
                 }
-                self.data_storage().write_data_at(buf, (a.host + f).0)
+                self.data_storage().write_data_at(buf, (a.host + f).0)?;
+                Ok(true)
             })?;
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// The bitmap of a committed allocation: the touched subclusters

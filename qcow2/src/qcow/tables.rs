@@ -14,7 +14,18 @@ impl Qcow2 {
     pub(super) fn writeback_l2(&self, m: &mut Meta, i: usize) -> Result<()> {
         if m.l2.is_dirty(i) {
             m.rc.flush(&self.st)?;
+            self.sync_cow(m)?;
             Self::write_l2(&self.st, m, i)?;
+        }
+        Ok(())
+    }
+
+    /// Makes copy-on-write fill durable before an L2 table that may map
+    /// it is written (see `end_write`).
+    pub(super) fn sync_cow(&self, m: &mut Meta) -> Result<()> {
+        if m.cow_unsynced {
+            self.data_storage().sync()?;
+            m.cow_unsynced = false;
         }
         Ok(())
     }

@@ -204,7 +204,10 @@ impl Qcow2 {
     /// Copy-on-write fill of the parts of newly allocated clusters that the
     /// guest write [pos, pos + len) does not cover: the head of the first
     /// cluster and the tail of the last, from what they read as before.
-    pub(super) fn cow_fill(&self, a: &Alloc, pos: GuestOffset, len: u64) -> Result<()> {
+    /// Returns whether it wrote anything: that must be on disk before an
+    /// L2 entry mapping the clusters is (a power loss must not keep the
+    /// entry and lose the copy: the guest's old data would be gone).
+    pub(super) fn cow_fill(&self, a: &Alloc, pos: GuestOffset, len: u64) -> Result<bool> {
         if self.extl2 {
             return self.cow_fill_ext(a, pos, len);
         }
@@ -214,6 +217,7 @@ impl Qcow2 {
         let last = a.n - 1;
         let mut regions: [(u64, L2Entry, u64, u64); 2] = [(0, a.first_old, 0, 0); 2];
         let mut count = 0;
+        let mut wrote = false;
         if in_cl > 0 {
             regions[count] = (0, a.first_old, 0, in_cl);
             count += 1;
@@ -239,12 +243,14 @@ impl Qcow2 {
                     c.encrypt(host + from, guest + from, part);
                     self.data_storage().write_data_at(part, (host + from).0)
                 })?;
+                wrote = true;
                 continue;
             }
             if self.reads_zero(old) {
                 if !a.fresh {
                     self.data_storage()
                         .write_data_zeroes((host + from).0, to - from)?;
+                    wrote = true;
                 }
                 continue;
             }
@@ -255,8 +261,9 @@ impl Qcow2 {
                 self.data_storage()
                     .write_data_at(&bounce[from as usize..to as usize], (host + from).0)
             })?;
+            wrote = true;
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Gives back clusters of an allocation that was never committed (a
@@ -333,23 +340,28 @@ impl Qcow2 {
                     len,
                     alloc: None,
                     inplace: Some((first, n)),
+                    cow_written: false,
                 })
             }
             WritePlan::Alloc(a) => {
                 drop(m);
                 let in_cl = pos - a.gc.offset(self.cluster_bits);
                 let n = (len as u64).min(a.n * self.cluster_size() - in_cl);
-                if let Err(e) = self.cow_fill(&a, pos, n) {
-                    let mut m = self.lock();
-                    self.rollback_alloc(&mut m, &a);
-                    self.finish_alloc(m, &a);
-                    return Err(e);
-                }
+                let cow_written = match self.cow_fill(&a, pos, n) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        let mut m = self.lock();
+                        self.rollback_alloc(&mut m, &a);
+                        self.finish_alloc(m, &a);
+                        return Err(e);
+                    }
+                };
                 Ok(WriteIo {
                     host: a.host + in_cl,
                     len: n as usize,
                     alloc: Some(a),
                     inplace: None,
+                    cow_written,
                 })
             }
         }
@@ -409,14 +421,26 @@ impl Qcow2 {
         let Some(a) = io.alloc else {
             return Ok(());
         };
-        let mut m = self.lock();
-        let r = if ok {
-            self.commit_alloc(&mut m, &a)
+        // The copy-on-write fill reaches the disk before the entry that
+        // maps it (QEMU orders it the same way: a flush before the L2
+        // table is written). Written per request when metadata is, else
+        // at the next write-back; outside the lock either way.
+        let persist_now = self.opts.metadata_persistence == MetadataPersistence::ProcessDeath;
+        let synced = if ok && io.cow_written && persist_now {
+            self.data_storage().sync()
         } else {
             Ok(())
         };
+        let mut m = self.lock();
+        let r = match synced {
+            Ok(()) if ok => self.commit_alloc(&mut m, &a),
+            Ok(()) => Ok(()),
+            Err(e) => Err(e),
+        };
         if !ok || r.is_err() {
             self.rollback_alloc(&mut m, &a);
+        } else if io.cow_written && !persist_now {
+            m.cow_unsynced = true;
         }
         let r = r.and_then(|()| self.persist(&mut m));
         self.finish_alloc(m, &a);

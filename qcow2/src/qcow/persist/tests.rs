@@ -252,3 +252,89 @@ fn metadata_is_written_in_order_and_only_where_it_changed() {
     assert_eq!(rec.take().len(), 1);
     kill(q);
 }
+
+/// A kill leaves the (v3) image marked dirty, so the next open for
+/// writing repairs the leaked reserve as QEMU repairs a dirty image; a
+/// clean close clears the mark.
+#[test]
+fn a_killed_writer_leaves_the_image_dirty_and_the_next_open_repairs_it() {
+    let f = TempFile::new("dirty");
+    let size = 32 << 20;
+    make(&f.0, size, 65536, false);
+    let incompat = || be64_at(&f.0, field::INCOMPATIBLE);
+    let q = open_with(&f.0, MetadataPersistence::ProcessDeath, None);
+    assert_eq!(incompat() & incompat::DIRTY, 0, "marked before allocating");
+    let ops = workload(&q, size);
+    kill(q);
+    assert_ne!(incompat() & incompat::DIRTY, 0, "a kill leaves no mark");
+    // Read-only: no repair; the reserve shows as leaks.
+    let st = Storage::open(&f.0, false).unwrap();
+    let r = Qcow2::open(st, None, Qcow2Options::default())
+        .unwrap()
+        .check()
+        .unwrap();
+    assert_eq!(r.corruptions, 0, "{:?}", r.messages);
+    assert!(r.leaks > 0, "the reserve was not leaked: {:?}", r.messages);
+    // Writable: repaired at open, clean from then on.
+    let q = open_with(&f.0, MetadataPersistence::ProcessDeath, None);
+    assert!(!q.take_open_messages().is_empty(), "no repair at open");
+    verify(&q, &ops, "repaired");
+    q.write_at(&[7; 4096], size - 4096).unwrap();
+    drop(q);
+    assert_eq!(
+        incompat() & incompat::DIRTY,
+        0,
+        "a clean close left the mark"
+    );
+    let q = open_with(&f.0, MetadataPersistence::Flush, None);
+    let r = q.check().unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+}
+
+/// A partial write into a cluster shared with a snapshot copies the rest
+/// of the old cluster: that copy is synced before the L2 entry mapping
+/// the new cluster is written (a power loss keeping the entry and losing
+/// the copy would turn the guest's old data into zeros). In both modes:
+/// per request with ProcessDeath, at the write-back with Flush.
+#[test]
+fn copy_on_write_fill_is_durable_before_the_entry_mapping_it() {
+    for mode in [
+        MetadataPersistence::ProcessDeath,
+        MetadataPersistence::Flush,
+    ] {
+        let f = TempFile::new("cow");
+        let cs = 65536u64;
+        make(&f.0, 8 << 20, cs, false);
+        let rec = Arc::new(Recorder::default());
+        let q = open_with(&f.0, mode, Some(rec.clone()));
+        q.write_at(&vec![0x11; 2 * cs as usize], 0).unwrap();
+        q.snapshot_create("s").unwrap();
+        // Unshares the L2 table: the write below changes only an entry.
+        q.write_at(&[0x22; 4096], 0).unwrap();
+        q.flush().unwrap();
+        rec.take();
+        q.write_at(&[0x33; 4096], cs).unwrap();
+        if mode == MetadataPersistence::Flush {
+            q.flush().unwrap();
+        }
+        let ops = rec.take();
+        let host = q.block_status(cs, 4096).unwrap().offset.unwrap();
+        let cow = ops
+            .iter()
+            .position(|o| o.0 == IoKind::Write && o.1 == host + 4096)
+            .unwrap_or_else(|| panic!("{mode:?}: no copy-on-write fill: {ops:?}"));
+        let l2 = be64_at(&f.0, q.header().l1_table_offset) & crate::l2::OFFSET_MASK;
+        let entry = ops
+            .iter()
+            .position(|o| o.0 == IoKind::Write && (o.1..o.1 + o.2).contains(&(l2 + 8)))
+            .unwrap_or_else(|| panic!("{mode:?}: the entry was not written: {ops:?}"));
+        assert!(
+            ops[cow..entry].iter().any(|o| o.0 == IoKind::Flush),
+            "{mode:?}: no sync between the fill and the entry: {ops:?}"
+        );
+        let mut got = vec![0u8; cs as usize];
+        q.read_at(&mut got, cs).unwrap();
+        assert!(got[..4096].iter().all(|&b| b == 0x33));
+        assert!(got[4096..].iter().all(|&b| b == 0x11));
+    }
+}
