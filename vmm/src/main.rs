@@ -18,6 +18,7 @@ mod net_ctrl;
 mod pause;
 mod reconnect;
 mod replay;
+mod uart;
 mod vhost_user;
 mod vmm;
 

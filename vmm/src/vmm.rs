@@ -11,8 +11,6 @@ use std::sync::{Arc, Barrier, Mutex};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd};
 use rimg_seccomp::SeccompAction;
-use vm_superio::serial::NoEvents;
-use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi;
@@ -56,32 +54,8 @@ pub enum Stop {
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 const VIRTIO_NET_F_MAC: u64 = 1 << 5;
 
-/// Serial interrupt line: an irqfd on IRQ 4.
-struct IrqLine(EventFd);
-
-impl Trigger for IrqLine {
-    type E = std::io::Error;
-    fn trigger(&self) -> std::io::Result<()> {
-        self.0.write(1)
-    }
-}
-
-/// Guest console output, unbuffered so prompts without a newline show.
-struct Console;
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        let mut out = std::io::stdout().lock();
-        out.write_all(b)?;
-        out.flush()?;
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stdout().flush()
-    }
-}
-
-type Uart = Serial<IrqLine, NoEvents, Console>;
+/// The guest's console: IRQ 4 is an irqfd (`crate::uart`).
+type Uart = crate::uart::Uart<EventFd, crate::uart::Console>;
 
 struct Bus {
     serial: Mutex<Uart>,
@@ -247,7 +221,7 @@ pub fn run(cfg: VmConfig) -> Result<Stop> {
     vm.register_irqfd(&serial_irq, layout::SERIAL_IRQ)
         .kvm("KVM_IRQFD")?;
     let bus = Arc::new(Bus {
-        serial: Mutex::new(Serial::new(IrqLine(serial_irq), Console)),
+        serial: Mutex::new(Uart::new(serial_irq, crate::uart::Console)),
         devices,
     });
     spawn_stdin(&mut threads, bus.clone())?;
@@ -485,7 +459,7 @@ fn io_out(bus: &Bus, port: u16, data: &[u8]) -> Option<Stop> {
     let v = data.first().copied().unwrap_or(0);
     match port {
         p if (layout::SERIAL_PORT..layout::SERIAL_PORT + 8).contains(&p) => {
-            let _ = lock(&bus.serial).write((p - layout::SERIAL_PORT) as u8, v);
+            lock(&bus.serial).write((p - layout::SERIAL_PORT) as u8, v);
         }
         layout::I8042_CMD if v == 0xfe => return Some(Stop::Reset),
         layout::ACPI_RESET if v == layout::ACPI_RESET_VALUE => return Some(Stop::Reset),
@@ -523,7 +497,7 @@ fn spawn_stdin(threads: &mut Threads, bus: Arc<Bus>) -> Result<()> {
             }
             let mut rest = &buf[..n];
             while !rest.is_empty() {
-                let took = lock(&bus.serial).enqueue_raw_bytes(rest).unwrap_or(0);
+                let took = lock(&bus.serial).enqueue(rest);
                 rest = &rest[took..];
                 if took == 0 {
                     // FIFO full: let the guest drain it.
