@@ -447,6 +447,10 @@ pub fn tempdir() -> tempfile::TempDir {
 /// (then letting it go). A killed process's locks can outlive it for a
 /// moment: files its io_uring requests hold are released by the kernel's
 /// ring teardown, which runs after the process has been reaped.
+///
+/// Our own lock is released before this returns: the caller's next
+/// command (qemu-nbd, qemu-img check, a daemon) takes the same bytes and
+/// would fail on it ("Failed to lock byte 100").
 pub fn wait_unlocked(path: &Path, timeout: std::time::Duration) {
     use std::os::unix::io::AsRawFd;
     let f = std::fs::OpenOptions::new()
@@ -465,12 +469,20 @@ pub fn wait_unlocked(path: &Path, timeout: std::time::Duration) {
         // SAFETY: fcntl reads the flock struct we own; the descriptor
         // stays open (owned by `f`) for the duration of the call.
         let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLKW, &fl) };
-        let _ = tx.send(if r == 0 {
+        let got = if r == 0 {
             Ok(())
         } else {
             Err(std::io::Error::last_os_error())
-        });
-        // Closing `f` releases the lock.
+        };
+        // Let go of the lock before the caller is told to go on, not when
+        // this thread drops `f` afterwards (it may not run again before
+        // the caller's next command locks the image). Unlocked explicitly
+        // rather than by closing `f`: a child another thread is forking
+        // holds the open file, and so the lock, until it executes.
+        fl.l_type = libc::F_UNLCK as i16;
+        // SAFETY: as above.
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
+        let _ = tx.send(got);
     });
     match rx.recv_timeout(timeout) {
         Ok(Ok(())) => {}
