@@ -23,7 +23,15 @@ fn count(c: &str, needle: &str) -> usize {
     c.lines().filter(|l| l.contains(needle)).count()
 }
 
+/// Not in the default run: it takes 4 to 15 minutes of nested TCG, and
+/// the emulator under it (QEMU 7.2's TCG SVM) kills about one nested
+/// round in ten under load whichever VMM runs inside (issue 24's
+/// measurements): `cargo test -p rimg-tests --test vmm_restart --
+/// --ignored`. The default run keeps the same restarts under a QEMU
+/// guest (vhost_blk_restart_guest, vhost_net_restart) and rimg-vmm's
+/// reconnects (vmm_reconnect).
 #[test]
+#[ignore = "nested TCG, minutes long: run with --ignored (see the docs)"]
 fn guest_keeps_disk_and_network_across_daemon_kills() {
     let t = Instant::now();
     let run = run_restart_stack(Duration::from_secs(900));
