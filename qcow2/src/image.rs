@@ -91,6 +91,14 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn discard(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable.
     fn flush(&self) -> Result<()>;
+    /// A flush for a writer that is done: also gives back what it held
+    /// ahead of need (qcow2: the cluster reserve of
+    /// `MetadataPersistence::ProcessDeath`, and the dirty mark that
+    /// covers it), with errors reported, where dropping the image would
+    /// only try. The image stays usable.
+    fn finish(&self) -> Result<()> {
+        self.flush()
+    }
     /// Status of the range starting at `offset`, covering a prefix of
     /// at most `len` bytes.
     fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;

@@ -114,6 +114,15 @@ impl Image for Qcow2 {
         self.flush_locked(&mut m)
     }
 
+    fn finish(&self) -> Result<()> {
+        let mut m = self.lock();
+        if self.st.writable() {
+            self.release_reserve(&mut m);
+        }
+        self.flush_locked(&mut m)?;
+        self.mark_clean_after_reserve(&mut m)
+    }
+
     fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
         self.check_range(off, len)?;
         let mut m = self.lock();
