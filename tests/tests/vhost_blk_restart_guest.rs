@@ -13,14 +13,12 @@
 //! The host tells the guest to stop by writing STOP into a small second
 //! disk that QEMU serves itself.
 //!
-//! The image's metadata is preallocated. Without it, a write that
-//! allocated a cluster and was answered before the kill can come back as
-//! zeros: its L2 entry was still in the killed daemon's cache. Even a
-//! FLUSH the guest sends after the write does not save it when the flush
-//! reaches the new daemon, whose cache never held that entry (seen with
-//! `dd conv=fsync`). Inflight tracking cannot change that (the engine
-//! keeps metadata until a flush); the requests it covers (taken, not
-//! answered) are what this test kills into.
+//! The image grows as the load writes (no preallocation): a write that
+//! allocated a cluster and was answered before a kill must read back
+//! from the next daemon, which holds because rimg-vhost-blk writes
+//! metadata changes to the file before it answers (the engine's
+//! `MetadataPersistence::ProcessDeath`, DESIGN.md). Inflight tracking
+//! covers the other half: requests taken and not yet answered.
 
 use std::path::Path;
 use std::process::Command;
@@ -32,9 +30,7 @@ use rand::{Rng, SeedableRng};
 use rimg_tests::blk::Daemon;
 use rimg_tests::daemon::proc_threads;
 use rimg_tests::guest::Guest;
-use rimg_tests::{
-    assert_qemu_check_clean, qemu_create, qemu_img, run, tempdir, wait_unlocked, workspace_bin,
-};
+use rimg_tests::{assert_qemu_check_clean, qemu_create, tempdir, wait_unlocked, workspace_bin};
 
 const KILLS: usize = 10;
 /// How long a restarted daemon may take until QEMU has restarted its
@@ -192,8 +188,8 @@ fn resubmitted(log: &str) -> Vec<usize> {
 fn guest_io_survives_daemon_kills() {
     let dir = tempdir();
     let img = dir.path().join("disk.qcow2");
-    // See the module docs for why the metadata is preallocated.
-    qemu_create(&img, "preallocation=metadata", "64M");
+    // Growing: every first write to a cluster allocates (module docs).
+    qemu_create(&img, "", "64M");
     let ctl = dir.path().join("ctl.raw");
     std::fs::write(&ctl, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path().join("blk.sock");
@@ -273,19 +269,12 @@ fn guest_io_survives_daemon_kills() {
         );
     }
 
-    // No corruption; a write that allocated before a kill may leak.
-    let o = qemu_img(&["check", img.to_str().unwrap()]);
+    // A killed daemon leaves the image dirty (its reserve of clusters
+    // leaked); the next one repairs it at open, and the last one closed
+    // cleanly: nothing is left for a check to find.
     assert!(
-        matches!(o.status.code(), Some(0 | 3)),
-        "qemu-img check: {:?}\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout)
+        logs[1..].iter().any(|l| l.contains("not closed cleanly")),
+        "no restarted daemon repaired the image it found dirty"
     );
-    let rimg = workspace_bin("rimg");
-    let o = run(
-        rimg.to_str().unwrap(),
-        &["check", "-r", "leaks", img.to_str().unwrap()],
-    );
-    assert_eq!(o.status.code(), Some(0), "rimg check -r leaks: {o:?}");
     assert_qemu_check_clean(&img);
 }

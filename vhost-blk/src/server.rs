@@ -133,12 +133,11 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             "--queue-size must be a power of two up to 1024".into(),
         ));
     }
-    // Metadata is written at flushes (MetadataPersistence::Flush). The
-    // mode that writes it before each completion, which a restarted
-    // daemon needs to find every write it answered (issue 20), is not the
-    // default yet: giving back its cluster reserve on a clean close still
-    // leaves refcounts behind (a leak `qemu-img check` reports).
-    let mut qopts = Qcow2Options::default();
+    // A restarted daemon must find every write it answered (issue 20).
+    let mut qopts = Qcow2Options {
+        metadata_persistence: qcow2::MetadataPersistence::ProcessDeath,
+        ..Default::default()
+    };
     if let Some(b) = cfg.l2_cache_bytes {
         qopts.l2_cache_bytes = b;
     }

@@ -120,7 +120,8 @@ impl Image for Qcow2 {
             self.release_reserve(&mut m);
         }
         self.flush_locked(&mut m)?;
-        self.mark_clean_after_reserve(&mut m)
+        self.mark_clean_after_reserve(&mut m)?;
+        self.trim_after_reserve(&mut m)
     }
 
     fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
@@ -266,6 +267,7 @@ impl Drop for Qcow2 {
                 // explicitly before dropping.
                 if self.flush_locked(&mut m).is_ok() {
                     let _ = self.mark_clean_after_reserve(&mut m);
+                    let _ = self.trim_after_reserve(&mut m);
                 }
                 let _ = self.trim_reserved(&mut m);
             }

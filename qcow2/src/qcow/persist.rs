@@ -45,6 +45,8 @@ pub(super) struct Reserve {
     /// repairs the leaked reserve as QEMU repairs a lazy-refcounts image
     /// (`dirty_open`). Cleared on a clean close.
     marked_dirty: bool,
+    /// A reserve extended the file (given back at a clean finish).
+    extended: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -116,7 +118,17 @@ impl Qcow2 {
             }
         }
         self.mark_dirty_for_reserve(m)?;
-        // Syncs the dirty bit with the refcounts.
+        // The file covers the reserve: a check (rimg's or QEMU's) counts
+        // refcounts only up to the end of the file, so a reserve past it
+        // would be a leak no repair sees, until the file grows over it.
+        // One zero byte in its last cluster (which reads as zeros anyway)
+        // extends the file: a pwrite, which the queue threads may make
+        // (their seccomp list has no ftruncate nor stat).
+        if let Some(last) = runs.last().filter(|r| r.fresh) {
+            self.st.write_at(&[0], ((last.first + last.n) << cb) - 1)?;
+            m.reserve.extended = true;
+        }
+        // Syncs the dirty bit and the length with the refcounts.
         m.rc.flush(&self.st)?;
         m.reserve.runs.extend(runs);
         Ok(())
@@ -175,6 +187,21 @@ impl Qcow2 {
                 m.rc.unnote_end(r.first..r.first + r.n);
             }
         }
+    }
+
+    /// After the reserve was given back at the end (finish, drop): the
+    /// file back to what the allocated clusters need, never below its
+    /// length at open. From the process's thread (ftruncate, stat).
+    pub(super) fn trim_after_reserve(&self, m: &mut Meta) -> Result<()> {
+        if !m.reserve.extended || !m.reserve.runs.is_empty() {
+            return Ok(());
+        }
+        let end = (m.rc.end() * self.cluster_size()).max(m.len_at_open);
+        if self.st.len()? > end {
+            self.st.set_len(end)?;
+        }
+        m.reserve.extended = false;
+        Ok(())
     }
 }
 

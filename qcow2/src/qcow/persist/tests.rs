@@ -338,3 +338,37 @@ fn copy_on_write_fill_is_durable_before_the_entry_mapping_it() {
         assert!(got[4096..].iter().all(|&b| b == 0x11));
     }
 }
+
+/// A reserve left by a kill is repaired by the next writer even when
+/// nothing was written past it (a check counts refcounts only up to
+/// the end of the file), and a later writer's clean finish leaves
+/// nothing behind.
+#[test]
+fn a_reserve_left_by_a_kill_is_seen_and_repaired() {
+    let f = TempFile::new("reserve-eof");
+    make(&f.0, 64 << 20, 65536, false);
+    let check = || {
+        let st = Storage::open(&f.0, false).unwrap();
+        let r = Qcow2::open(st, None, Qcow2Options::default())
+            .unwrap()
+            .check()
+            .unwrap();
+        (r.corruptions, r.leaks)
+    };
+    let q = open_with(&f.0, MetadataPersistence::ProcessDeath, None);
+    q.write_at(&[1; 512], 0).unwrap();
+    kill(q);
+    let (corrupt, leaks) = check();
+    assert_eq!(corrupt, 0);
+    assert!(
+        leaks > 0,
+        "the killed writer's reserve is invisible to check"
+    );
+    let q = open_with(&f.0, MetadataPersistence::ProcessDeath, None);
+    assert!(!q.take_open_messages().is_empty(), "no repair at open");
+    q.write_at(&[2; 512], 3 << 20).unwrap();
+    q.finish().unwrap();
+    kill(q);
+    assert_eq!(check(), (0, 0), "finish left leaks");
+    assert_eq!(be64_at(&f.0, field::INCOMPATIBLE) & incompat::DIRTY, 0);
+}
