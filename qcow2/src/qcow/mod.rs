@@ -440,6 +440,19 @@ impl Qcow2 {
         std::mem::take(&mut *self.open_messages.lock().unwrap())
     }
 
+    /// The header's incompatible feature bits, in the file (unsynced) and
+    /// in memory.
+    fn write_incompatible(&self, m: &mut Meta, bits: u64) -> Result<()> {
+        m.rc.overlap.write(
+            &self.st,
+            &bits.to_be_bytes(),
+            field::INCOMPATIBLE,
+            Allow::only(Kind::Header),
+        )?;
+        m.header.incompatible_features = bits;
+        Ok(())
+    }
+
     /// Before the first write: rebuild refcounts of a dirty image and clear
     /// autoclear bits whose structures this crate does not maintain.
     fn prepare_for_writing(&self) -> Result<()> {
@@ -450,14 +463,8 @@ impl Qcow2 {
             if !clean {
                 return Ok(());
             }
-            m.header.incompatible_features &= !incompat::DIRTY;
-            let bits = m.header.incompatible_features.to_be_bytes();
-            m.rc.overlap.write(
-                &self.st,
-                &bits,
-                field::INCOMPATIBLE,
-                Allow::only(Kind::Header),
-            )?;
+            let bits = m.header.incompatible_features & !incompat::DIRTY;
+            self.write_incompatible(&mut m, bits)?;
             self.st.sync()?;
         }
         // The raw data file bit is kept: every write here keeps the data

@@ -142,13 +142,7 @@ impl Qcow2 {
             return Ok(());
         }
         let bits = m.header.incompatible_features | incompat::DIRTY;
-        m.rc.overlap.write(
-            &self.st,
-            &bits.to_be_bytes(),
-            field::INCOMPATIBLE,
-            Allow::only(Kind::Header),
-        )?;
-        m.header.incompatible_features = bits;
+        self.write_incompatible(m, bits)?;
         m.reserve.marked_dirty = true;
         Ok(())
     }
@@ -160,14 +154,8 @@ impl Qcow2 {
             return Ok(());
         }
         let bits = m.header.incompatible_features & !incompat::DIRTY;
-        m.rc.overlap.write(
-            &self.st,
-            &bits.to_be_bytes(),
-            field::INCOMPATIBLE,
-            Allow::only(Kind::Header),
-        )?;
+        self.write_incompatible(m, bits)?;
         self.st.sync()?;
-        m.header.incompatible_features = bits;
         m.reserve.marked_dirty = false;
         Ok(())
     }
