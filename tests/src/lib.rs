@@ -493,3 +493,15 @@ pub fn wait_unlocked(path: &Path, timeout: std::time::Duration) {
         ),
     }
 }
+
+/// The first word after `tag` on the console line that starts with it
+/// (a guest script's "tag value" report); panics with the console if
+/// there is none.
+pub fn console_field(console: &str, tag: &str) -> String {
+    console
+        .lines()
+        .find_map(|l| l.strip_prefix(tag))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {tag} line:\n{console}"))
+        .to_string()
+}

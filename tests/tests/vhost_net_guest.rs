@@ -117,13 +117,7 @@ fn guest_run(pairs: u32) -> Vec<(usize, [u64; 4])> {
         c.contains(&queues),
         "guest does not see {pairs} queue pairs:\n{c}"
     );
-    let sum_of = |tag: &str| {
-        c.lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no {tag} line:\n{c}"))
-            .to_string()
-    };
+    let sum_of = |tag: &str| rimg_tests::console_field(c, tag);
     assert_eq!(got_len, LEN, "TAP side received {got_len} bytes");
     assert_eq!(sum_of("out-sum "), got_sum, "guest->TAP data differs");
     assert_eq!(sum_of("in-sum "), sent_sum, "TAP->guest data differs");

@@ -191,13 +191,7 @@ fn tcp_both_ways_survives_ten_daemon_kills() {
     for bad in ["is not a head", "out of range"] {
         assert!(!c.contains(bad), "guest driver saw {bad:?}:\n{c}");
     }
-    let sum_of = |tag: &str| {
-        c.lines()
-            .find_map(|l| l.strip_prefix(tag))
-            .and_then(|l| l.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no {tag} line:\n{c}"))
-            .to_string()
-    };
+    let sum_of = |tag: &str| rimg_tests::console_field(c, tag);
     assert_eq!(got_len, LEN, "TAP side received {got_len} bytes");
     assert_eq!(sum_of("out-sum "), got_sum, "guest->TAP data differs");
     assert_eq!(sum_of("in-sum "), sent_sum, "TAP->guest data differs");
