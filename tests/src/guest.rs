@@ -428,6 +428,8 @@ impl Cpio {
 pub struct Guest {
     script: String,
     modules: Vec<String>,
+    /// Module name -> parameters given to its insmod.
+    module_params: HashMap<String, String>,
     files: Vec<(String, Vec<u8>, u32)>,
     qemu_args: Vec<String>,
     memory_mib: u32,
@@ -467,6 +469,7 @@ impl Guest {
         Guest {
             script: script.to_string(),
             modules: Vec::new(),
+            module_params: HashMap::new(),
             files: Vec::new(),
             qemu_args: Vec::new(),
             memory_mib: 256,
@@ -480,6 +483,14 @@ impl Guest {
     pub fn module(mut self, name: &str) -> Guest {
         self.modules.push(name.to_string());
         self
+    }
+
+    /// Like [`Guest::module`], with `params` ("name=value ...") for its
+    /// insmod.
+    pub fn module_with(mut self, name: &str, params: &str) -> Guest {
+        self.module_params
+            .insert(name.replace('-', "_"), params.to_string());
+        self.module(name)
     }
 
     /// Adds a file to the initramfs (absolute guest path, parents must be
@@ -574,8 +585,9 @@ impl Guest {
              mount -t devtmpfs devtmpfs /dev\n",
         );
         for (name, _) in &order {
+            let params = self.module_params.get(name).map_or("", String::as_str);
             init.push_str(&format!(
-                "insmod /lib/modules/{name}.ko || echo 'RIMG-GUEST: insmod {name} failed'\n"
+                "insmod /lib/modules/{name}.ko {params} || echo 'RIMG-GUEST: insmod {name} failed'\n"
             ));
         }
         init.push_str(&format!(

@@ -12,9 +12,9 @@ use crate::nested::{run_nested, StackRun};
 /// at its own offset (O_DIRECT), reads it back and compares; at the end
 /// every round's data is read and checked again. A kill is cued every
 /// [`KILL_EVERY`] rounds, so the last one lands with rounds to spare.
-pub const ROUNDS: u32 = 150;
+pub const ROUNDS: u32 = 84;
 /// Rounds between two kills.
-pub const KILL_EVERY: u32 = 5;
+pub const KILL_EVERY: u32 = 3;
 // The last kill lands with rounds to spare (a restart may skip a cue).
 const _: () = assert!(ROUNDS > 2 * KILLS * KILL_EVERY + 20);
 /// Kills per daemon.
