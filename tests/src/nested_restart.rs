@@ -10,8 +10,9 @@ use crate::nested::{run_nested, StackRun};
 
 /// Load rounds in the inner guest: round i writes 128 KiB of fresh data
 /// at its own offset (O_DIRECT), reads it back and compares; at the end
-/// every round's data is read and checked again. A kill is cued every
-/// [`KILL_EVERY`] rounds, so the last one lands with rounds to spare.
+/// every round's data is read and checked again. A kill is cued at the
+/// start of every [`KILL_EVERY`]th round (while its I/O is in flight),
+/// so the last one lands with rounds to spare.
 pub const ROUNDS: u32 = 84;
 /// Rounds between two kills.
 pub const KILL_EVERY: u32 = 3;
@@ -42,10 +43,12 @@ RECV=$!
 dd if=/dev/urandom of=/tmp/all bs=128k count=@ROUNDS@ 2>/dev/null
 i=0
 while [ $i -lt @ROUNDS@ ]; do
+  # Announced before its I/O: a kill cued by this line lands while the
+  # round's requests are in flight (they must be resubmitted).
+  echo "load-round $i"
   dd if=/tmp/all of=/dev/vda bs=128k skip=$i seek=$i count=1 oflag=direct conv=notrunc 2>/dev/null
   dd if=/dev/vda of=/tmp/r bs=128k skip=$i count=1 iflag=direct 2>/dev/null
   cmp -n 131072 /tmp/r /tmp/all 0 $((i * 131072))
-  echo "load-round $i"
   i=$((i+1))
 done
 dd if=/dev/vda of=/tmp/r bs=128k count=$i iflag=direct 2>/dev/null
