@@ -8,18 +8,26 @@
 # script adds; cached under target/iotests/, nothing of QEMU's is
 # committed), selects the bash tests that run on qcow2 over plain files
 # without a VM, NBD, FUSE, TLS or storage daemon (scripts/iotests_select.py),
-# and runs each of them twice: with the installed qemu-img (the baseline)
-# and with QEMU_IMG_PROG pointing at rimg, through a link named qemu-img
-# (rimg installed as qemu-img; qemu-io stays QEMU's).
+# and runs each of them with QEMU_IMG_PROG pointing at rimg, through a
+# link named qemu-img (rimg installed as qemu-img; qemu-io stays QEMU's).
+# A test rimg does not pass is then run again with the installed
+# qemu-img, to tell rimg's failures from the environment's: one that
+# fails with qemu-img too is the environment's; one that passes with
+# qemu-img is rimg's regression. (A test rimg passes is not run with
+# qemu-img: the reference output it matches is qemu-img's.)
 #
-# Prints both pass counts and the tests that pass with qemu-img but not
-# with rimg (with the first line where the output differs), and writes
-#   target/iotests/results/{qemu-img,rimg}.txt   "<test> <pass|fail|not run|timeout>"
+# Prints rimg's pass count, rimg's regressions (with the first line where
+# the output differs) and the environment's failures, and writes
+#   target/iotests/results/rimg.txt      "<test> <pass|fail|not run|timeout>",
+#                                        every test of the run
+#   target/iotests/results/qemu-img.txt  the same for qemu-img, only the
+#                                        tests rimg did not pass (re-run)
 #   target/iotests/run/<prog>/<test>/check.log   what ./check printed
 #
 # Environment: RIMG (rimg binary; default: cargo build --bin rimg),
-# IOTESTS_JOBS (parallel tests, default 2), IOTESTS_TIMEOUT (seconds per
-# test, default 300: a hang is a failure, never a stuck run).
+# IOTESTS_JOBS (parallel tests, default 2: the tests are CPU-bound, two
+# keep two cores busy and more are no faster there), IOTESTS_TIMEOUT
+# (seconds per test, default 300: a hang is a failure, never a stuck run).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${CARGO_TARGET_DIR:-$ROOT/target}/iotests
@@ -124,29 +132,49 @@ run_one() {
     fi
     echo "$t ${status:-fail}" >"$tdir/status"
 }
-export -f run_one
+# One test with rimg, then with qemu-img if rimg did not pass it: the
+# re-run follows in the same slot, so the slots stay busy to the end.
+# A qemu-img log of an earlier run is removed, so that run/qemu-img/
+# holds only re-runs of this run for the tests it ran.
+judge_one() {
+    local t=$1
+    run_one rimg "$t"
+    if [ "$(cut -d' ' -f2- "$OUT/run/rimg/${t//\//_}/status")" = pass ]; then
+        rm -rf "$OUT/run/qemu-img/${t//\//_}"
+    else
+        run_one qemu-img "$t"
+    fi
+}
+export -f run_one judge_one
 export OUT SRC RIMG TMO
 
-# Each run_one replaces its own directory; other tests' logs stay.
-for t in "${tests[@]}"; do printf 'qemu-img %s\nrimg %s\n' "$t" "$t"; done |
-    xargs -P "$JOBS" -n 2 bash -c 'run_one "$@"' run_one
+printf '%s\n' "${tests[@]}" | xargs -P "$JOBS" -n 1 bash -c 'judge_one "$1"' judge_one
 
 mkdir -p "$OUT/results"
-for prog in qemu-img rimg; do
-    for t in "${tests[@]}"; do cat "$OUT/run/$prog/${t//\//_}/status"; done >"$OUT/results/$prog.txt"
-done
+for t in "${tests[@]}"; do cat "$OUT/run/rimg/${t//\//_}/status"; done >"$OUT/results/rimg.txt"
+for t in "${tests[@]}"; do
+    f=$OUT/run/qemu-img/${t//\//_}/status
+    if [ -e "$f" ]; then cat "$f"; fi
+done >"$OUT/results/qemu-img.txt"
 
-passing() { awk '$2 == "pass" { print $1 }' "$OUT/results/$1.txt" | sort; }
-base=$(passing qemu-img | wc -l)
-ours=$(passing rimg | wc -l)
-both=$(comm -12 <(passing qemu-img) <(passing rimg) | wc -l)
-echo "iotests (QEMU $upver, -qcow2, ${#tests[@]} tests): qemu-img passes $base, rimg passes $ours" \
-    "($both of qemu-img's)"
+# The tests of a results file whose status is (is not) the one given.
+with() { awk -v s="$2" '{ t = $1; $1 = ""; if (substr($0, 2) == s) print t }' "$OUT/results/$1.txt"; }
+without() { awk -v s="$2" '{ t = $1; $1 = ""; if (substr($0, 2) != s) print t }' "$OUT/results/$1.txt"; }
+ours=$(with rimg pass | wc -l)
+reran=$(wc -l <"$OUT/results/qemu-img.txt")
+regressed=$(with qemu-img pass | wc -l)
+envfail=$(without qemu-img pass | wc -l)
+echo "iotests (QEMU $upver, -qcow2, ${#tests[@]} tests): rimg passes $ours;" \
+    "of the $reran it does not, qemu-img passes $regressed (rimg's) and fails $envfail (the environment's)"
+status_of() { awk '{ $1 = ""; print substr($0, 2) }' "$OUT/run/$1/${2//\//_}/status"; }
 echo "pass with qemu-img, not with rimg:"
-for t in $(comm -23 <(passing qemu-img) <(passing rimg)); do
+for t in $(with qemu-img pass); do
     log=$OUT/run/rimg/${t//\//_}/check.log
-    status=$(awk '{ $1 = ""; print substr($0, 2) }' "$OUT/run/rimg/${t//\//_}/status")
     # The first line of the diff that differs: usually the reason.
     first=$(awk '/^@@/ { d = 1; next } d && /^[-+]/ { print; exit }' "$log" | cut -c1-110)
-    printf '  %-28s %-8s %s\n' "$t" "$status" "$first"
+    printf '  %-28s %-8s %s\n' "$t" "$(status_of rimg "$t")" "$first"
+done
+echo "fail with qemu-img too (the environment's):"
+for t in $(without qemu-img pass); do
+    printf '  %-28s %-8s qemu-img: %s\n' "$t" "$(status_of rimg "$t")" "$(status_of qemu-img "$t")"
 done
