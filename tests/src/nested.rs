@@ -317,21 +317,15 @@ pub fn run_linux_stack_on(vmm: InnerVmm, timeout: Duration) -> StackRun {
     run_nested(&vmm.outer_script(), &inner, extra, timeout)
 }
 
-/// kvm_amd's parameters in the outer guest: `vgif=0` unless
-/// `RIMG_NESTED_KVM_AMD` says otherwise (`RIMG_NESTED_KVM_AMD=vgif=1`
-/// for the module's default); the ones in force are on the console
-/// (`outer-kvm-amd ...`).
-///
-/// Virtual GIF is an SVM feature QEMU's TCG emulates and KVM uses when
-/// offered; nothing here needs it (KVM then tracks GIF itself). The
-/// nested emulator loses rounds to faults of its own (issue 24: inner
-/// triple faults while an interrupt is delivered, and once an outer
-/// kernel running on a wrong GS base right after a VM exit); with
-/// vgif=0 every round measured so far passed, 12 of 12 under heavy
-/// load, against about one failure in ten before. Not proven to be the
-/// cause: one emulated feature fewer is the cheap part.
+/// kvm_amd's parameters in the outer guest: the module's defaults, or
+/// what `RIMG_NESTED_KVM_AMD` gives (e.g. `vgif=0`), to measure whether
+/// an SVM feature QEMU's TCG emulates is behind the nested emulator's
+/// own failures (issue 24). The parameters in force are on the console
+/// (`outer-kvm-amd ...`). Measured so far: vgif=0 did not remove them
+/// (an outer kernel crashed on a wrong GS base after a VM exit with
+/// either setting).
 fn kvm_amd_params() -> String {
-    std::env::var("RIMG_NESTED_KVM_AMD").unwrap_or_else(|_| "vgif=0".into())
+    std::env::var("RIMG_NESTED_KVM_AMD").unwrap_or_default()
 }
 
 /// One outer guest running `outer` with the static binaries, the kernel,
