@@ -65,6 +65,31 @@ fn probe_storage(st: &Storage) -> Result<Format> {
     )
 }
 
+/// What [`Header::parse`](crate::header::Header::parse) reads a qcow2
+/// header from: the file's first cluster, or the whole file if shorter
+/// (nothing past the first cluster counts). One read of 64 KiB (the
+/// default cluster size) holds it for most images; a larger cluster is
+/// read on from there, a smaller one cut to size. With cluster_bits out
+/// of range, what was read is returned: parsing refuses it.
+pub(crate) fn first_cluster(st: &Storage, file_len: u64) -> Result<Vec<u8>> {
+    use crate::header::{MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
+    let mut buf = vec![0u8; file_len.min(64 << 10) as usize];
+    st.read_at(&mut buf, 0)?;
+    let bits = buf
+        .get(20..24)
+        .map(|b| u32::from_be_bytes(b.try_into().unwrap()));
+    if let Some(bits) = bits.filter(|b| (MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(b)) {
+        let want = file_len.min(1 << bits) as usize;
+        let have = buf.len();
+        if want > have {
+            buf.resize(want, 0);
+            st.read_at(&mut buf[have..], have as u64)?;
+        }
+        buf.truncate(want);
+    }
+    Ok(buf)
+}
+
 fn open_at_depth(
     path: &Path,
     format: Option<Format>,
@@ -128,10 +153,7 @@ fn backing_of(
     depth: usize,
     seen: &mut HashSet<PathBuf>,
 ) -> Result<Option<Arc<dyn Image>>> {
-    let mut first = vec![0u8; 1 << crate::header::MAX_CLUSTER_BITS];
-    let len = st.len()?.min(first.len() as u64) as usize;
-    first.truncate(len);
-    st.read_at(&mut first, 0)?;
+    let first = first_cluster(st, st.len()?)?;
     let h = crate::header::Header::parse(&first)?;
     let Some(name) = h.backing_file.as_deref() else {
         return Ok(None);
@@ -154,4 +176,39 @@ fn backing_of(
         )),
     })?;
     Ok(Some(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_cluster;
+    use crate::storage::Storage;
+
+    /// What the header is parsed from, for a file of `len` bytes whose
+    /// cluster_bits field holds `bits`.
+    fn first(len: usize, bits: u32) -> Vec<u8> {
+        let p =
+            std::env::temp_dir().join(format!("rimg-first-{}-{len}-{bits}", std::process::id()));
+        let mut b: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        if len >= 24 {
+            b[20..24].copy_from_slice(&bits.to_be_bytes());
+        }
+        std::fs::write(&p, &b).unwrap();
+        let st = Storage::open(&p, false).unwrap();
+        let got = first_cluster(&st, len as u64).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(got[..], b[..got.len()]);
+        got
+    }
+
+    #[test]
+    fn reads_one_cluster_or_the_whole_shorter_file() {
+        assert_eq!(first(3 << 20, 21).len(), 2 << 20);
+        assert_eq!(first(3 << 20, 16).len(), 64 << 10);
+        assert_eq!(first(3 << 20, 9).len(), 512);
+        assert_eq!(first(10 << 10, 16).len(), 10 << 10);
+        assert_eq!(first(100 << 10, 17).len(), 100 << 10);
+        // Out of range: parsing refuses it from what was read.
+        assert_eq!(first(3 << 20, 40).len(), 64 << 10);
+        assert_eq!(first(10, 0).len(), 10);
+    }
 }

@@ -6,9 +6,11 @@
 //! takes the split data path (data in clear, no compression), workers
 //! still copy in parallel: they map their writes (allocating clusters)
 //! one chunk after the other, in turn ([`Turn`]), and move the data and
-//! commit outside the turn; a raw target allocates nothing, so its
-//! workers write as they go. Elsewhere a single worker writes in order;
-//! with -W or -c the workers write as they go.
+//! commit outside the turn. A raw target's offsets are fixed, but its
+//! workers reserve the file space of their writes in turn (see
+//! [`Job::reserve`]), so that the file's blocks lie in guest order too.
+//! Elsewhere a single worker writes in order; with -W or -c the workers
+//! write as they go.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -39,6 +41,8 @@ pub(super) struct Job<'a> {
     /// docs); None: each worker writes as it goes.
     pub(super) turn: Option<Turn>,
     pub(super) failed: AtomicBool,
+    /// Reserving a raw target's space failed once: not tried again.
+    pub(super) no_reserve: AtomicBool,
     pub(super) error: Mutex<Option<CliError>>,
 }
 
@@ -259,6 +263,23 @@ impl Job<'_> {
     /// each write (allocation happens here); then, as other chunks take
     /// their turns, the data and the commits.
     fn apply(&self, ticket: Option<Ticket<'_>>, ops: Vec<Op<'_>>) -> Result<(), CliError> {
+        if self.cluster.is_none() && !self.compress {
+            // Raw: reserve in turn, write as the others take theirs.
+            if let Some(mut ticket) = ticket {
+                ticket.wait();
+                self.reserve(&ops);
+                ticket.pass();
+            } else {
+                self.reserve(&ops);
+            }
+            for op in ops {
+                match op {
+                    Op::Write(at, b) => self.target.write_at(b, at)?,
+                    Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+                }
+            }
+            return Ok(());
+        }
         let Some(mut ticket) = ticket else {
             for op in ops {
                 match op {
@@ -293,6 +314,30 @@ impl Job<'_> {
         }
         ticket.pass();
         self.finish(&mut mapped)
+    }
+
+    /// Reserves the file space a raw target's writes are about to fill
+    /// (the blocks they would allocate anyway): the buffered writes then
+    /// find their blocks allocated and skip the file system's per-block
+    /// delayed allocation, a fifth of the copy's time on ext4. Reserved in
+    /// guest order (in turn), the blocks lie in guest order, the file
+    /// system leaving room where the holes are (reserved as the workers
+    /// come, they would be scattered). Only an optimization: where the
+    /// file cannot (a block device, a file system without fallocate) it
+    /// is not tried again, and the writes report any real lack of space.
+    fn reserve(&self, ops: &[Op<'_>]) {
+        for op in ops {
+            let Op::Write(at, b) = *op else { continue };
+            let len = b.len() as u64;
+            // Never past the end: a write there fails, a reservation
+            // would grow the file.
+            if self.no_reserve.load(Ordering::Relaxed) || at + len > self.target.size() {
+                return;
+            }
+            if self.target.storage().allocate(at, len).is_err() {
+                self.no_reserve.store(true, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Before the chunk maps or zeroes from `at`: the cluster holding

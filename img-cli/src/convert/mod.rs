@@ -101,6 +101,9 @@ pub struct ConvertArgs {
 /// Bytes handed to a worker at a time.
 const CHUNK: u64 = 2 << 20;
 
+/// How far ahead of a qcow2 target's new clusters file space is reserved.
+const RESERVE_AHEAD: u64 = 128 << 20;
+
 fn fmt_arg(f: &Option<String>) -> Result<Option<Format>, CliError> {
     match f {
         None => Ok(None),
@@ -238,6 +241,11 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             format: if a.no_create { None } else { Some(out_fmt) },
             qcow2: qcow2::Qcow2Options {
                 encrypt_key: target_key,
+                // New clusters land in file space reserved ahead of them:
+                // ext4 and XFS then skip their per-block delayed
+                // allocation in every buffered write (about a tenth of
+                // the copy's time), and the tail is cut off at close.
+                preallocate_ahead: RESERVE_AHEAD,
                 ..Default::default()
             },
             ..Default::default()
@@ -307,10 +315,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             1.0,
         ),
         count_data: a.progress && !a.quiet,
-        // A raw target allocates nothing: its offsets are fixed, so its
-        // workers write as they go.
-        turn: (in_turn && workers > 1 && cluster.is_some()).then(Turn::default),
+        turn: (in_turn && workers > 1).then(Turn::default),
         failed: AtomicBool::new(false),
+        no_reserve: AtomicBool::new(false),
         error: Mutex::new(None),
     };
     // The sources as one disk: a target cluster that straddles two of

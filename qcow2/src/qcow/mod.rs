@@ -325,17 +325,9 @@ impl Qcow2 {
     /// Opens a qcow2 image on `st`. `backing` is the already opened backing
     /// image (or None to read unallocated clusters as zeros).
     pub fn open(st: Storage, backing: Option<Arc<dyn Image>>, opts: Qcow2Options) -> Result<Qcow2> {
-        let mut first = vec![0u8; 1 << crate::header::MAX_CLUSTER_BITS];
         let file_len = st.len()?;
-        first.truncate(file_len.min(first.len() as u64) as usize);
-        st.read_at(&mut first, 0)?;
-        // Parse from at most one cluster of the file.
-        let mut header = Header::parse(&first)?;
+        let mut header = Header::parse(&crate::open::first_cluster(&st, file_len)?)?;
         let cs = header.cluster_size();
-        if (first.len() as u64) > cs {
-            first.truncate(cs as usize);
-            header = Header::parse(&first)?;
-        }
         if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);
         }
