@@ -131,6 +131,14 @@ impl From<qcow2::Error> for CliError {
 }
 
 fn main() -> ExitCode {
+    // Output into a closed pipe (`rimg map ... | head`) ends the process
+    // quietly, as it ends qemu-img, instead of a panic in println!
+    // (Rust's runtime ignores SIGPIPE and turns it into EPIPE errors).
+    // SAFETY: restores the default disposition of one signal before any
+    // thread exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {

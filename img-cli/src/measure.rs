@@ -2,7 +2,7 @@
 //! computes it (its numbers are matched exactly).
 
 use clap::Args;
-use qcow2::{chain_status, ChainStatus, Format, Image, OpenOptions, Preallocation};
+use qcow2::{Format, Image, OpenOptions, Preallocation};
 use serde_json::{json, Map, Value};
 
 use crate::create::{parse_options, Parsed};
@@ -135,11 +135,19 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
                     // Nothing is known about what the backing file shares.
                     required = virtual_size;
                 } else {
+                    // Block status as QEMU's block layer gives it: data
+                    // clusters of an image that looks metadata-preallocated
+                    // are asked of the host file, whose holes are zeros.
+                    use crate::blockstatus::{ALLOCATED, DATA, ZERO};
+                    let chain = crate::blockstatus::Chain::new(i)?;
                     let mut pos = 0;
                     while pos < size {
-                        let (st, n) = chain_status(i.as_ref(), pos, size - pos)?;
-                        let mut n = n;
-                        if st == ChainStatus::Data {
+                        let s = chain.status_above(pos, size - pos)?;
+                        if s.len == 0 {
+                            break;
+                        }
+                        let mut n = s.len;
+                        if !s.has(ZERO) && s.has(DATA) && s.has(ALLOCATED) {
                             // Whole clusters, counted from the first one's start.
                             n = (pos + n).next_multiple_of(cs) - pos;
                             required += pos % cs + n;

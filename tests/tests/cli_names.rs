@@ -174,3 +174,37 @@ fn unknown_features_are_named_as_qemu_img_names_them() {
         "{err}"
     );
 }
+
+/// Output into a pipe nobody reads (`rimg ... | head` after head exits)
+/// ends rimg quietly by SIGPIPE, as it ends most Unix tools: no panic
+/// message, whichever command prints (measure used to panic in println!).
+#[test]
+fn a_closed_pipe_ends_rimg_quietly() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempdir();
+    let img = dir.path().join("a.qcow2");
+    rimg_tests::qemu_create(&img, "", "1M");
+    let img = img.to_str().unwrap();
+    for args in [
+        vec!["measure", "-O", "qcow2", img],
+        vec!["info", img],
+        vec!["map", "--output=json", img],
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe() fills both descriptors, each owned once below.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: fresh descriptors from pipe(), not owned elsewhere.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // The reading end is gone before rimg writes anything.
+        drop(read);
+        let o = Command::new(workspace_bin("rimg"))
+            .args(&args)
+            .stdout(write)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.signal(), Some(libc::SIGPIPE), "{args:?}: {err}");
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
