@@ -255,7 +255,10 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
         size: 0,
         crypt_method: 0,
         l1_size: 0,
-        l1_table_offset: 3 * cs,
+        // No table yet: growing to the virtual size below allocates it
+        // (after the refcount block), and a 0-byte disk keeps none, as
+        // QEMU's create leaves it.
+        l1_table_offset: 0,
         refcount_table_offset: cs,
         refcount_table_clusters: 1,
         nb_snapshots: 0,
