@@ -151,6 +151,10 @@ impl CreateOptions {
 /// Creates (or truncates) `path` as a new image.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let path = crate::paths::host_path(path);
+    // Refused before the file is touched.
+    if o.format.read_only() {
+        return Err(Error::ReadOnlyFormat(o.format.name()));
+    }
     o.validate()?;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -188,6 +192,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             preallocate_range(&st, o.preallocation, payload, o.size)?;
             durable(&st)
         }
+        f @ Format::Vdi => Err(Error::ReadOnlyFormat(f.name())),
     }
 }
 

@@ -15,6 +15,8 @@ pub enum Format {
     Qcow2,
     /// A LUKS1 volume (QEMU's `luks` driver).
     Luks,
+    /// A VirtualBox disk image, read-only (see [`crate::foreign::vdi`]).
+    Vdi,
 }
 
 impl Format {
@@ -23,6 +25,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Luks => "luks",
+            Format::Vdi => "vdi",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
@@ -30,8 +33,15 @@ impl Format {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
             "luks" => Some(Format::Luks),
+            "vdi" => Some(Format::Vdi),
             _ => None,
         }
+    }
+    /// rimg reads images of this format but does not write them yet:
+    /// writable opens and creation are refused
+    /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
+    pub fn read_only(self) -> bool {
+        matches!(self, Format::Vdi)
     }
 }
 
