@@ -4,14 +4,15 @@
 # fixtures/, the committed regression inputs in fuzz/regressions/, and,
 # when qemu-img and qemu-io are installed, a few small images with
 # 512-byte clusters: libFuzzer mutates small inputs much faster, and in
-# those most bytes are metadata rather than guest data.
+# those most bytes are metadata rather than guest data. The vdi target
+# also gets the VDI images of fixtures/make-foreign.sh and two 2 MiB ones.
 #
 # Usage: fuzz/seed-corpus.sh [TARGET...]   (default: every target)
 set -euo pipefail
 cd "$(dirname "$0")"
 work=${FUZZ_WORK:-.}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi)
 
 small=$(mktemp -d)
 trap 'rm -rf "$small"' EXIT
@@ -42,6 +43,11 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
   qemu-io -f qcow2 -c "write -P 0xb2 100k 1k" "$small/small-bitmaps.qcow2" >/dev/null
   qemu-img create -q -f qcow2 -o cluster_size=512 -b small-v3.qcow2 -F qcow2 \
     "$small/small-backed.qcow2"
+  mkdir "$small/vdi"
+  ../fixtures/make-foreign.sh "$small/vdi" >/dev/null
+  qemu-img create -q -f vdi "$small/vdi/small-dyn.vdi" 2M
+  qemu-io -f vdi -c "write -P 0xc1 1M 4k" "$small/vdi/small-dyn.vdi" >/dev/null
+  qemu-img create -q -f vdi -o static=on "$small/vdi/small-static.vdi" 2M
 else
   echo "seed-corpus: qemu-img/qemu-io not found; seeding from fixtures/ only" >&2
 fi
@@ -51,6 +57,7 @@ for t in "${targets[@]}"; do
   mkdir -p "$c"
   cp ../fixtures/*.qcow2 "$c/"
   cp "$small"/*.qcow2 "$c/" 2>/dev/null || true
+  [ "$t" != vdi ] || cp "$small"/vdi/*.vdi "$c/" 2>/dev/null || true
   if [ -d "regressions/$t" ]; then
     cp regressions/"$t"/* "$c/" 2>/dev/null || true
   fi

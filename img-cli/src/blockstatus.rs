@@ -13,7 +13,10 @@
 //!   lies past the backing file's end;
 //! - EOF when the answer reaches the end of the layer;
 //! - a qcow2 image that looks metadata-preallocated also asks its host
-//!   file, and data clusters that are holes there become DATA|ZERO.
+//!   file, and data clusters that are holes there become DATA|ZERO;
+//! - vdi: allocated blocks are DATA with an offset, holes ZERO (not
+//!   unallocated: QEMU's vdi driver says ZERO); a static image's data asks
+//!   its host file as above (the engine's `Extent::recurse`).
 
 use std::sync::Arc;
 
@@ -47,9 +50,12 @@ impl Status {
 struct Layer {
     img: Arc<dyn Image>,
     len: u64,
-    /// The host file of a qcow2 layer that looks metadata-preallocated,
-    /// opened as raw to ask for its holes.
+    /// The host file of a layer whose data may have to ask it for holes,
+    /// opened as raw.
     host: Option<Raw>,
+    /// Every data extent asks the host file (a qcow2 layer that looks
+    /// metadata-preallocated); otherwise only those the engine marks.
+    recurse_all: bool,
 }
 
 /// An image and its backing chain, top first.
@@ -63,16 +69,20 @@ impl Chain {
         let mut cur = Some(top.clone());
         while let Some(img) = cur {
             cur = img.backing().cloned();
-            let host = match img.as_qcow2() {
-                Some(q) if q.metadata_preallocation_detected()? => {
-                    Some(Raw::open(Storage::open(img.path(), false)?)?)
-                }
-                _ => None,
+            let recurse_all = match img.as_qcow2() {
+                Some(q) => q.metadata_preallocation_detected()?,
+                None => false,
+            };
+            let host = if recurse_all || img.format() == Format::Vdi {
+                Some(Raw::open(Storage::open(img.path(), false)?)?)
+            } else {
+                None
             };
             layers.push(Layer {
                 len: qemu_len(img.as_ref()),
                 img,
                 host,
+                recurse_all,
             });
         }
         Ok(Chain { layers })
@@ -118,7 +128,7 @@ impl Chain {
                 len: bytes,
                 offset: None,
             },
-            Format::Qcow2 => {
+            Format::Qcow2 | Format::Vdi => {
                 let e = l.img.block_status(off, bytes)?;
                 match e.kind {
                     ExtentKind::Data if e.compressed => Status {
@@ -133,7 +143,7 @@ impl Chain {
                             offset: e.offset,
                         };
                         match (&l.host, e.offset) {
-                            (Some(h), Some(at)) => recurse(h, s, at)?,
+                            (Some(h), Some(at)) if l.recurse_all || e.recurse => recurse(h, s, at)?,
                             _ => s,
                         }
                     }

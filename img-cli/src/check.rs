@@ -1,9 +1,10 @@
 //! `rimg check`: qemu-img check's output, JSON shape and exit codes
 //! (0 clean, 1 check could not complete, 2 corruptions, 3 leaks only,
-//! 63 format without checks).
+//! 63 format without checks). qcow2 is checked and repaired; vdi is
+//! checked only (a repair gets 63, as with qemu-img).
 
 use clap::{Args, ValueEnum};
-use qcow2::{CheckReport, OpenOptions, Repair};
+use qcow2::{CheckReport, Format, OpenOptions, Repair};
 use serde_json::{json, Map, Value};
 
 use crate::info::Output;
@@ -52,7 +53,7 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         repair: repair != Repair::None,
         ..Default::default()
     };
-    let (path, opts) = crate::blockopts::open_options(
+    let (path, mut opts) = crate::blockopts::open_options(
         &a.filename,
         a.image_opts,
         OpenOptions {
@@ -64,6 +65,16 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
             ..Default::default()
         },
     )?;
+    // qemu-img opens a vdi image for writing to repair it, then finds it
+    // has no repair: rimg, which cannot open it for writing, opens it
+    // read-only and says the same.
+    let read_only = match opts.format {
+        Some(f) => f.read_only(),
+        None => qcow2::probe(&path).is_ok_and(|f| f.read_only()),
+    };
+    if read_only {
+        opts.writable = false;
+    }
     let img = match qcow2::open(&path, &opts) {
         Err(qcow2::Error::SnapshotTableLimit { check, .. }) if repair == Repair::None => {
             // qemu-img opens the image for the check anyway and fails
@@ -75,11 +86,23 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         }
         r => r.map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?,
     };
+    let no_checks = || CliError {
+        msg: "This image format does not support checks".into(),
+        code: 63,
+    };
+    if let Some(rep) = qcow2::foreign::check(img.as_ref()) {
+        if repair != Repair::None {
+            return Err(no_checks());
+        }
+        let rep = rep.map_err(|e| CliError::new(format!("Check failed: {e}")))?;
+        for m in &rep.messages {
+            eprintln!("{m}");
+        }
+        print_report(&a, &rep, repair, img.format());
+        return Ok(if rep.corruptions > 0 { 2 } else { 0 });
+    }
     let Some(q) = img.as_qcow2() else {
-        return Err(CliError {
-            msg: "This image format does not support checks".into(),
-            code: 63,
-        });
+        return Err(no_checks());
     };
     let rep = match q.check_repair(repair) {
         Ok(r) => r,
@@ -96,14 +119,14 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
                 check_errors: 1,
                 ..Default::default()
             };
-            print_report(&a, &r, repair);
+            print_report(&a, &r, repair, img.format());
             return Ok(1);
         }
     };
     for m in &rep.messages {
         eprintln!("{m}");
     }
-    print_report(&a, &rep, repair);
+    print_report(&a, &rep, repair, img.format());
     Ok(if rep.check_errors > 0 {
         1
     } else if rep.corruptions > 0 {
@@ -115,15 +138,18 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
     })
 }
 
-fn print_report(a: &CheckArgs, r: &CheckReport, repair: Repair) {
+fn print_report(a: &CheckArgs, r: &CheckReport, repair: Repair, format: Format) {
     match a.output {
-        Output::Json => println!("{}", crate::json::to_qemu_string(&to_json(&a.filename, r))),
+        Output::Json => println!(
+            "{}",
+            crate::json::to_qemu_string(&to_json(&a.filename, r, format))
+        ),
         Output::Human if !a.quiet => print!("{}", to_human(r, repair)),
         Output::Human => {}
     }
 }
 
-fn to_json(filename: &str, r: &CheckReport) -> Value {
+fn to_json(filename: &str, r: &CheckReport, format: Format) -> Value {
     let mut m = Map::new();
     let opt = |m: &mut Map<String, Value>, k: &str, v: u64| {
         if v != 0 {
@@ -141,7 +167,7 @@ fn to_json(filename: &str, r: &CheckReport) -> Value {
     opt(&mut m, "fragmented-clusters", r.fragmented_clusters);
     opt(&mut m, "compressed-clusters", r.compressed_clusters);
     m.insert("filename".into(), json!(filename));
-    m.insert("format".into(), json!("qcow2"));
+    m.insert("format".into(), json!(format.name()));
     Value::Object(m)
 }
 

@@ -49,13 +49,25 @@ pub fn open_opts(
 }
 
 /// The length QEMU gives an image: raw files count in whole 512-byte
-/// sectors (the block layer rounds their length up), qcow2 and luks
+/// sectors (the block layer rounds their length up), the other formats'
 /// sizes are exact.
 pub fn qemu_len(img: &dyn Image) -> u64 {
     match img.format() {
         Format::Raw => img.size().next_multiple_of(512),
-        Format::Qcow2 | Format::Luks => img.size(),
+        Format::Qcow2 | Format::Luks | Format::Vdi => img.size(),
     }
+}
+
+/// Refuses a target format rimg does not write (`create -f`, `convert
+/// -O`): rimg only reads it so far.
+pub fn writable_format(f: Format) -> Result<(), CliError> {
+    if f.read_only() {
+        return Err(CliError::new(format!(
+            "{} images are read-only in rimg (creating them is not supported yet)",
+            f.name()
+        )));
+    }
+    Ok(())
 }
 
 /// Reads `buf.len()` bytes at `off` within [`qemu_len`]: bytes past the

@@ -68,6 +68,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     }
     let format = Format::from_name(&fmt_name)
         .ok_or_else(|| CliError::new(format!("Unknown file format '{fmt_name}'")))?;
+    crate::common::writable_format(format)?;
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
     if list.wants_help() {
         println!(
@@ -423,7 +424,7 @@ fn formatting_line(
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
     s += &crate::object::echo_encrypt(encrypt, "encrypt.");
     match o.format {
-        Format::Raw | Format::Luks => {
+        Format::Raw | Format::Luks | Format::Vdi => {
             s += &format!(" size={size}");
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");

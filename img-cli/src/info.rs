@@ -41,6 +41,9 @@ struct ImageInfo {
     filename: String,
     format: Format,
     virtual_size: u64,
+    /// The allocation unit qemu-img info reports (qcow2's cluster, a vdi
+    /// block); None for raw and luks.
+    cluster_size: Option<u64>,
     actual_size: u64,
     file_length: u64,
     qcow2: Option<qcow2::Header>,
@@ -139,6 +142,10 @@ fn open_one(
         filename: shown,
         format: img.format(),
         virtual_size: img.size(),
+        cluster_size: match &qh {
+            Some(h) => Some(h.cluster_size()),
+            None => img.cluster_size(),
+        },
         actual_size,
         file_length,
         qcow2: qh,
@@ -294,8 +301,8 @@ fn to_json(i: &ImageInfo) -> Value {
     }
     m.insert("virtual-size".into(), json!(i.virtual_size));
     m.insert("filename".into(), json!(i.filename));
-    if let Some(h) = &i.qcow2 {
-        m.insert("cluster-size".into(), json!(h.cluster_size()));
+    if let Some(cs) = i.cluster_size {
+        m.insert("cluster-size".into(), json!(cs));
     }
     m.insert("format".into(), json!(i.format.name()));
     m.insert("actual-size".into(), json!(i.actual_size));
@@ -427,8 +434,10 @@ fn to_human(i: &ImageInfo) -> String {
             human_value(&k.replace('-', " "), &v, 4, &mut s);
         }
     }
+    if let Some(cs) = i.cluster_size {
+        s += &format!("cluster_size: {cs}\n");
+    }
     if let Some(h) = &i.qcow2 {
-        s += &format!("cluster_size: {}\n", h.cluster_size());
         if let Some((b, full)) = &i.backing {
             match full {
                 Some(full) if b == full => s += &format!("backing file: {b}\n"),

@@ -117,6 +117,14 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
     };
     let mut m = Map::new();
     match out_fmt {
+        // qemu-img's words, after opening the input as it does: QEMU's
+        // vdi driver cannot measure either.
+        Format::Vdi => {
+            return Err(CliError::new(format!(
+                "Block driver '{}' does not support size measurement",
+                out_fmt.name()
+            )))
+        }
         Format::Raw => {
             let required = size.next_multiple_of(512);
             m.insert("required".into(), json!(required));

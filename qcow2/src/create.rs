@@ -151,6 +151,10 @@ impl CreateOptions {
 /// Creates (or truncates) `path` as a new image.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let path = crate::paths::host_path(path);
+    // Refused before the file is touched.
+    if o.format.read_only() {
+        return Err(Error::ReadOnlyFormat(o.format.name()));
+    }
     o.validate()?;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -188,6 +192,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             preallocate_range(&st, o.preallocation, payload, o.size)?;
             durable(&st)
         }
+        f @ Format::Vdi => Err(Error::ReadOnlyFormat(f.name())),
     }
 }
 
@@ -255,7 +260,10 @@ fn create_qcow2(st: Storage, o: &CreateOptions) -> Result<()> {
         size: 0,
         crypt_method: 0,
         l1_size: 0,
-        l1_table_offset: 3 * cs,
+        // No table yet: growing to the virtual size below allocates it
+        // (after the refcount block), and a 0-byte disk keeps none, as
+        // QEMU's create leaves it.
+        l1_table_offset: 0,
         refcount_table_offset: cs,
         refcount_table_clusters: 1,
         nb_snapshots: 0,

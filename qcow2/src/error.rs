@@ -68,6 +68,14 @@ pub enum Error {
     NotSupportedByFormat(&'static str),
     #[error("backing chain: {0}")]
     Backing(String),
+    /// An image of a format other than qcow2 that does not hold (a bad
+    /// VDI header, ...): QEMU's words for why, printed as they are.
+    #[error("{0}")]
+    Format(String),
+    /// A writable open (or a write) of an image whose format rimg only
+    /// reads (see [`Format::read_only`](crate::Format::read_only)).
+    #[error("{0} images are read-only in rimg (writing them is not supported yet)")]
+    ReadOnlyFormat(&'static str),
     #[error("compressed cluster at host offset {offset:#x}: {reason}")]
     Decompress { offset: u64, reason: String },
     #[error("refcount overflow for cluster at host offset {0:#x}")]

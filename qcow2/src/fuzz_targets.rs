@@ -41,6 +41,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("read_all", read_all),
     ("check_repair", check_repair),
     ("bitmaps", bitmaps),
+    ("vdi", vdi),
 ];
 
 /// An in-memory file holding `data`.
@@ -353,4 +354,78 @@ fn copied_clear_on_single_ref(m: &str) -> bool {
         })
         .and_then(|h| u64::from_str_radix(h, 16).ok());
     entry.is_some_and(|e| e & crate::l2::COPIED == 0)
+}
+
+/// A VDI image: opened read-only (a writable open must be refused), its
+/// block status walked, every data run read whole and through the split
+/// data path (which must agree), the first bytes of every zero run read
+/// (zeros), reads across block boundaries, then `check`. Whatever the
+/// header claims, memory stays at about the input's size: map entries
+/// past the end of the input are never held.
+pub fn vdi(data: &[u8]) {
+    use crate::foreign::vdi;
+    let f = memfile(data);
+    let rw = f.try_clone().expect("dup of the memfd");
+    let rw = Storage::from_file(rw, Path::new("fuzz-input.vdi"), true);
+    assert!(vdi::open(rw).is_err(), "a vdi image opened for writing");
+    let st = Storage::from_file(f, Path::new("fuzz-input.vdi"), false);
+    let Ok(img) = vdi::open(st) else {
+        return;
+    };
+    let size = img.size();
+    assert_eq!(size % 512, 0, "the disk size is whole sectors");
+    let bs = vdi::BLOCK_SIZE;
+    let mut budget = Budget::new();
+    let mut whole = Vec::new();
+    let mut mapped = Vec::new();
+    let mut pos = 0;
+    'walk: while pos < size && budget.take(0) {
+        let e = img
+            .block_status(pos, size - pos)
+            .expect("vdi block status cannot fail inside the disk");
+        assert!(e.len > 0 && e.len <= size - pos && e.len <= bs);
+        // Answers never cross a block.
+        assert_eq!(pos / bs, (pos + e.len - 1) / bs, "status crosses a block");
+        match e.kind {
+            ExtentKind::Data => {
+                assert!(e.offset.is_some(), "data without a host offset");
+                if !budget.take(2 * e.len) {
+                    break 'walk;
+                }
+                whole.resize(e.len as usize, 0);
+                mapped.resize(e.len as usize, 0);
+                img.read_at(&mut whole, pos).expect("reading vdi data");
+                let (m, n) = img.map_read(pos, e.len).expect("mapping vdi data");
+                assert_eq!(n, e.len, "map_read and block_status disagree");
+                img.read_mapped(m, &mut mapped, pos)
+                    .expect("reading mapped vdi data");
+                assert!(
+                    whole == mapped,
+                    "read_at and read_mapped differ at {pos:#x}"
+                );
+            }
+            ExtentKind::Zero => {
+                let k = e.len.min(4096) as usize;
+                whole.resize(k, 1);
+                img.read_at(&mut whole, pos).expect("reading a vdi hole");
+                assert!(
+                    whole.iter().all(|&b| b == 0),
+                    "a hole at {pos:#x} is not zeros"
+                );
+            }
+            ExtentKind::Unallocated => panic!("vdi has no unallocated ranges"),
+        }
+        pos += e.len;
+    }
+    // Unaligned reads across block boundaries, near the start and end.
+    for off in [bs - 7, 2 * bs - 1, size.saturating_sub(bs + 3)] {
+        if off < size {
+            let n = (bs + 13).min(size - off) as usize;
+            whole.resize(n, 0);
+            img.read_at(&mut whole, off)
+                .expect("reading across vdi blocks");
+        }
+    }
+    let rep = img.layout().check();
+    assert!(rep.corruptions as usize >= rep.messages.len().saturating_sub(1));
 }

@@ -15,6 +15,8 @@ pub enum Format {
     Qcow2,
     /// A LUKS1 volume (QEMU's `luks` driver).
     Luks,
+    /// A VirtualBox disk image, read-only (see [`crate::foreign::vdi`]).
+    Vdi,
 }
 
 impl Format {
@@ -23,6 +25,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Luks => "luks",
+            Format::Vdi => "vdi",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
@@ -30,8 +33,15 @@ impl Format {
             "raw" => Some(Format::Raw),
             "qcow2" => Some(Format::Qcow2),
             "luks" => Some(Format::Luks),
+            "vdi" => Some(Format::Vdi),
             _ => None,
         }
+    }
+    /// rimg reads images of this format but does not write them yet:
+    /// writable opens and creation are refused
+    /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
+    pub fn read_only(self) -> bool {
+        matches!(self, Format::Vdi)
     }
 }
 
@@ -55,6 +65,10 @@ pub struct Extent {
     /// Host file offset of the first byte, where there is one.
     pub offset: Option<u64>,
     pub compressed: bool,
+    /// The host file decides where this data reads as zeros: its holes
+    /// do (QEMU's BDRV_BLOCK_RECURSE, for formats that preallocate their
+    /// data, such as static VDI images). Only with an `offset`.
+    pub recurse: bool,
 }
 
 /// A disk image. All methods take `&self` (or a shared `Arc`) and may be
@@ -216,7 +230,21 @@ pub enum ChainStatus {
 pub fn chain_status(img: &dyn Image, offset: u64, len: u64) -> Result<(ChainStatus, u64)> {
     let e = img.block_status(offset, len)?;
     match e.kind {
-        ExtentKind::Data => Ok((ChainStatus::Data, e.len)),
+        ExtentKind::Data => match e.offset {
+            // Preallocated data: the file's holes read as zeros (QEMU's
+            // block layer asks the file as well, for qemu-img's convert,
+            // measure, compare and map alike).
+            Some(host) if e.recurse => {
+                let (data, n) = img.data_storage().data_at(host, e.len);
+                let st = if data {
+                    ChainStatus::Data
+                } else {
+                    ChainStatus::Zero
+                };
+                Ok((st, n.min(e.len)))
+            }
+            _ => Ok((ChainStatus::Data, e.len)),
+        },
         ExtentKind::Zero => Ok((ChainStatus::Zero, e.len)),
         ExtentKind::Unallocated => match img.backing() {
             None => Ok((ChainStatus::Zero, e.len)),

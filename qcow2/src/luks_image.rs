@@ -283,6 +283,7 @@ impl Image for LuksImage {
             kind: ExtentKind::Data,
             offset: None,
             compressed: false,
+            recurse: false,
         })
     }
 

@@ -44,21 +44,26 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
     open_at_depth(path, opts.format, opts.writable, opts, 0, &mut seen)
 }
 
-/// Reads the first bytes of a file to decide its format: qcow2 and LUKS
-/// by magic, anything else is raw (as QEMU's probing falls back to raw).
+/// Reads the first bytes of a file to decide its format: qcow2, LUKS and
+/// the foreign formats by their magic, anything else is raw (as QEMU's
+/// probing falls back to raw).
 pub fn probe(path: &Path) -> Result<Format> {
     let st = Storage::open(host_path(path), false)?;
     probe_storage(&st)
 }
 
 fn probe_storage(st: &Storage) -> Result<Format> {
-    let mut magic = [0u8; 6];
-    st.read_at(&mut magic, 0)?;
+    // Zero-padded past the end of a shorter file, as QEMU's probe buffer
+    // (all zeros, an empty file's, matches no magic: raw).
+    let mut first = [0u8; crate::foreign::probe::PROBE_LEN];
+    st.read_at(&mut first, 0)?;
     Ok(
-        if u32::from_be_bytes(magic[..4].try_into().unwrap()) == MAGIC {
+        if u32::from_be_bytes(first[..4].try_into().unwrap()) == MAGIC {
             Format::Qcow2
-        } else if crate::luks_image::is_luks(&magic) {
+        } else if crate::luks_image::is_luks(&first) {
             Format::Luks
+        } else if let Some(f) = crate::foreign::probe::probe(&first) {
+            f
         } else {
             Format::Raw
         },
@@ -124,6 +129,8 @@ fn open_at_depth(
     };
     match format {
         Format::Raw => Ok(Arc::new(Raw::open(st)?)),
+        // No backing files: QEMU refuses VDI images that have a parent.
+        Format::Vdi => Ok(Arc::new(crate::foreign::vdi::open(st)?)),
         Format::Luks => {
             let key = match depth {
                 0 => opts.qcow2.encrypt_key.clone(),

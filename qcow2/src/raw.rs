@@ -117,6 +117,7 @@ impl Image for Raw {
             kind: ExtentKind::Data,
             offset: None,
             compressed: false,
+            recurse: false,
         };
         let Some(d) = self.seek(off, libc::SEEK_DATA) else {
             // ENXIO: no data at or after `off`, the rest is a hole. Other
@@ -128,6 +129,7 @@ impl Image for Raw {
                     kind: ExtentKind::Zero,
                     offset: None,
                     compressed: false,
+                    recurse: false,
                 }
             } else {
                 data(len)
@@ -139,6 +141,7 @@ impl Image for Raw {
                 kind: ExtentKind::Zero,
                 offset: None,
                 compressed: false,
+                recurse: false,
             });
         }
         let h = self.seek(off, libc::SEEK_HOLE).unwrap_or(end);

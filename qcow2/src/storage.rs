@@ -389,6 +389,37 @@ impl Storage {
             * 512)
     }
 
+    /// Whether the file holds data at `off` (false: a hole, or past the
+    /// end of the file), and for how many of the `len` bytes from there
+    /// (at least one) that stays so; the SEEK_DATA/SEEK_HOLE answer QEMU's
+    /// file driver gives. Where the file system cannot tell, all is data.
+    pub fn data_at(&self, off: u64, len: u64) -> (bool, u64) {
+        let len = len.max(1);
+        let end = off.saturating_add(len);
+        let seek = |whence| {
+            let off = i64::try_from(off).ok()?;
+            // SAFETY: lseek on a descriptor this Storage owns; it moves
+            // only the file position, which nothing here relies on (all
+            // I/O is positioned).
+            let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+            Some(if r < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(r as u64)
+            })
+        };
+        match seek(libc::SEEK_DATA) {
+            // ENXIO: no data at or after `off`.
+            Some(Err(e)) if e.raw_os_error() == Some(libc::ENXIO) => (false, len),
+            Some(Ok(d)) if d > off => (false, d.min(end) - off),
+            Some(Ok(_)) => match seek(libc::SEEK_HOLE) {
+                Some(Ok(h)) if h > off => (true, h.min(end) - off),
+                _ => (true, len),
+            },
+            _ => (true, len),
+        }
+    }
+
     /// Reads `buf.len()` bytes at `off`; bytes past the end of the file
     /// read as zeros, as QEMU's file driver returns them.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {

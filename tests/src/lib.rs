@@ -101,6 +101,22 @@ pub fn qemu_create_backed(img: &Path, opts: &str, backing: &Path, backing_fmt: &
     ok_as(qemu_img(&args), &format!("qemu-img {args:?}"));
 }
 
+/// The VDI images `fixtures/make-foreign.sh` makes (see the script).
+pub const FOREIGN_VDI: &[&str] = &[
+    "vdi-dynamic.vdi",
+    "vdi-static.vdi",
+    "vdi-odd.vdi",
+    "vdi-empty.vdi",
+];
+
+/// Makes the foreign-format images of `fixtures/make-foreign.sh` in
+/// `dir` (with qemu-img and qemu-io; nothing binary is committed).
+pub fn make_foreign(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/make-foreign.sh");
+    let o = run("bash", &[script.to_str().unwrap(), dir.to_str().unwrap()]);
+    ok_as(o, "fixtures/make-foreign.sh");
+}
+
 /// Runs qemu-io with one `-c` per command on `img`; asserts success.
 pub fn qemu_io(img: &Path, cmds: &[&str]) {
     let mut args = Vec::new();

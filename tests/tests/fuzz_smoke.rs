@@ -1,9 +1,10 @@
 //! The fuzz targets (`qcow2::fuzz_targets`, which libFuzzer runs from
 //! `fuzz/`) run deterministically in the normal test suite: over every
-//! fixture, every committed regression input (`fuzz/regressions/`), and a
-//! fixed number of seeded mutations aimed at the fixtures' metadata. No
-//! input may make a target panic or fail one of its assertions, and none
-//! may take more than 10 s.
+//! fixture (and the VDI images `fixtures/make-foreign.sh` makes), every
+//! committed regression input (`fuzz/regressions/`), and a fixed number
+//! of seeded mutations aimed at the fixtures' metadata. No input may make
+//! a target panic or fail one of its assertions, and none may take more
+//! than 10 s.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -59,6 +60,36 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
         .collect();
     assert!(images.len() >= 10, "fixtures/ has too few images");
     images
+}
+
+/// The foreign-format images, made at test time (nothing binary is
+/// committed for them).
+fn foreign_fixtures() -> Vec<(String, Vec<u8>)> {
+    let d = rimg_tests::tempdir();
+    rimg_tests::make_foreign(d.path());
+    let all = files(d.path());
+    assert_eq!(
+        all.len(),
+        rimg_tests::FOREIGN_VDI.len(),
+        "make-foreign.sh images"
+    );
+    all
+}
+
+/// Byte ranges of a VDI image's metadata: the header and the block map
+/// (u32 per MiB of disk at the header's map offset).
+fn vdi_metadata(img: &[u8]) -> Vec<Range<usize>> {
+    let len = img.len();
+    let mut out = Vec::new();
+    out.push(0..len.min(512));
+    if len >= 0x184 {
+        let le32 = |at: usize| u32::from_le_bytes(img[at..at + 4].try_into().unwrap()) as usize;
+        let (map, blocks) = (le32(0x154), le32(0x180));
+        if map < len {
+            out.push(map..(map + 4 * blocks.max(1)).min(len));
+        }
+    }
+    out
 }
 
 /// Byte ranges of an image's metadata (header cluster, L1 table, refcount
@@ -205,9 +236,16 @@ fn for_each_case(mut run: impl FnMut(String, &[u8])) {
             run(format!("regression {target}/{n}"), &b);
         }
     }
-    for (i, (name, img)) in fixtures().iter().enumerate() {
+    let qcow2_fixtures = fixtures().into_iter().map(|f| (f, false));
+    let foreign = foreign_fixtures().into_iter().map(|f| (f, true));
+    for (i, ((name, img), vdi)) in qcow2_fixtures.chain(foreign).enumerate() {
+        let img = &img;
         run(format!("fixture {name}"), img);
-        let regions = metadata(img);
+        let regions = if vdi {
+            vdi_metadata(img)
+        } else {
+            metadata(img)
+        };
         let mut rng = StdRng::seed_from_u64(0xf022 + i as u64);
         for m in 0..mutations_per_fixture() {
             let v = mutate(&mut rng, img, &regions);

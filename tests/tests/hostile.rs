@@ -1,8 +1,9 @@
 //! Hostile input: thousands of truncated, bit-flipped, field-overwritten
-//! and size-inflated qcow2 images, each opened read-only and read-write,
-//! read at scattered offsets, written, flushed and checked. Every case must
-//! end in a result or an error: never a panic, never a hang (10 s per case,
-//! detected by a channel timeout), never an allocation past the bound.
+//! and size-inflated qcow2 and VDI images, each opened read-only and
+//! read-write, read at scattered offsets, written, flushed and checked.
+//! Every case must end in a result or an error: never a panic, never a
+//! hang (10 s per case, detected by a channel timeout), never an
+//! allocation past the bound.
 //!
 //! The bound: opening caps the L1 table at 32 MiB and the refcount table at
 //! 8 MiB (QEMU's caps), the L2 and refcount-block caches hold at most 32 MiB
@@ -10,7 +11,10 @@
 //! refcount per cluster of the file it can prove exists. With buffers for
 //! one request on top, 256 MiB above the process's baseline is more than any
 //! case may need; a case above it has an allocation driven by a hostile
-//! field.
+//! field. A VDI image holds at most its file's bytes of block map, however
+//! many blocks its header claims (entries past the end of the file are
+//! zeros and are not held), and its check at most one entry per block
+//! held plus a capped list of messages.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -136,6 +140,12 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
         .status
         .success());
     out.push(("snap".into(), std::fs::read(&p).unwrap()));
+    // VDI images (mutated by `mutate_vdi`): dynamic and static.
+    let vdi = dir.join("vdi");
+    rimg_tests::make_foreign(&vdi);
+    for name in ["vdi-dynamic.vdi", "vdi-static.vdi"] {
+        out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
+    }
     out
 }
 
@@ -231,6 +241,87 @@ fn mutate(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
     v
 }
 
+/// VDI header fields (offset, width), VirtualBox's VDI header as QEMU
+/// reads it: signature, version, header size, type, flags, block map and
+/// data offsets, sector size, disk size, block size, block counts, link
+/// and parent UUIDs (their first bytes).
+const VDI_FIELDS: &[(usize, usize)] = &[
+    (0x40, 4),
+    (0x44, 4),
+    (0x48, 4),
+    (0x4c, 4),
+    (0x50, 4),
+    (0x154, 4),
+    (0x158, 4),
+    (0x168, 4),
+    (0x170, 8),
+    (0x178, 4),
+    (0x180, 4),
+    (0x184, 4),
+    (0x1a8, 4),
+    (0x1b8, 4),
+];
+
+/// One mutation of a VDI image: header bits and fields, block map
+/// entries (little-endian u32 from 0x200), random bytes, truncation, or
+/// a disk inflated together with its block count so that the header
+/// holds and the map runs far past the end of the file.
+fn mutate_vdi(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
+    let mut v = img.to_vec();
+    let le = |v: &mut Vec<u8>, off: usize, w: usize, val: u64| {
+        v[off..off + w].copy_from_slice(&val.to_le_bytes()[..w]);
+    };
+    match rng.random_range(0..6) {
+        0 => {
+            for _ in 0..rng.random_range(1..=4) {
+                let i = rng.random_range(0..512);
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            let (off, w) = VDI_FIELDS[rng.random_range(0..VDI_FIELDS.len())];
+            let val = BOUNDARY[rng.random_range(0..BOUNDARY.len())];
+            le(&mut v, off, w, val);
+        }
+        2 => {
+            // Map entries: boundary values, the two "no data" values,
+            // blocks past the count or the file, duplicates.
+            for _ in 0..rng.random_range(1..=8) {
+                let at = 0x200 + 4 * rng.random_range(0..8);
+                let val = match rng.random_range(0..4) {
+                    0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+                    1 => 0xffff_fffe,
+                    _ => rng.random_range(0..16),
+                };
+                le(&mut v, at, 4, val);
+            }
+        }
+        3 => {
+            for _ in 0..rng.random_range(1..=32) {
+                let i = rng.random_range(0..v.len());
+                v[i] = rng.random();
+            }
+        }
+        4 => {
+            let n = rng.random_range(0..v.len());
+            v.truncate(n);
+        }
+        _ => {
+            // Up to 0x1fffff80 blocks (QEMU's most) or a few more.
+            let blocks: u64 = rng.random_range(0..=0x2000_0000);
+            let size = (blocks << 20).saturating_sub(rng.random_range(0..4) * 512);
+            le(&mut v, 0x170, 8, size);
+            le(&mut v, 0x180, 4, blocks);
+            if rng.random_bool(0.3) {
+                // The map moved to the end of the file or past it.
+                let at = (v.len() as u64 + rng.random_range(0..2) * (1 << 30)) & !511;
+                le(&mut v, 0x154, 4, at.min(u32::MAX as u64 & !511));
+            }
+        }
+    }
+    v
+}
+
 /// Everything a hostile image may be put through; errors are fine.
 fn exercise(path: &Path, rw_path: &Path) {
     let ro = OpenOptions {
@@ -252,6 +343,7 @@ fn exercise(path: &Path, rw_path: &Path) {
         if let Some(q) = img.as_qcow2() {
             let _ = q.check();
         }
+        let _ = qcow2::foreign::check(img.as_ref());
     }
     let rw = OpenOptions {
         writable: true,
@@ -284,11 +376,16 @@ fn hostile_images_fail_cleanly() {
     let rw_path: PathBuf = d.path().join("case-rw.qcow2");
     let mut cases = 0usize;
     let mut opened = 0usize;
+    let mut vdi_opened = 0usize;
     let mut worst = (0usize, String::new());
     for (si, (name, img)) in seeds.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
         for c in 0..CASES_PER_SEED {
-            let m = mutate(&mut rng, img);
+            let m = if name.ends_with(".vdi") {
+                mutate_vdi(&mut rng, img)
+            } else {
+                mutate(&mut rng, img)
+            };
             std::fs::write(&case_path, &m).unwrap();
             std::fs::write(&rw_path, &m).unwrap();
             let label = format!("seed image {name}, case {c}");
@@ -299,8 +396,12 @@ fn hostile_images_fail_cleanly() {
                     ..Default::default()
                 },
             )
-            .is_ok()
-            {
+            .is_ok_and(|i| {
+                if i.format() == qcow2::Format::Vdi {
+                    vdi_opened += 1;
+                }
+                true
+            }) {
                 opened += 1;
             }
             let base = LIVE.load(Ordering::Relaxed);
@@ -331,6 +432,10 @@ fn hostile_images_fail_cleanly() {
         }
     }
     assert!(cases >= 1000, "only {cases} cases");
+    assert!(
+        vdi_opened >= CASES_PER_SEED / 4,
+        "only {vdi_opened} mutated VDI images opened: the mutations miss"
+    );
     eprintln!(
         "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",
         worst.0 >> 10,

@@ -139,6 +139,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     }
     let src_fmt = fmt_arg(&a.format)?;
     let out_fmt = fmt_arg(&a.out_format)?.unwrap_or(Format::Raw);
+    crate::common::writable_format(out_fmt)?;
     if a.compress && out_fmt != Format::Qcow2 {
         return Err(CliError::new(
             "Compression not supported for this file format",

@@ -5,6 +5,7 @@
 pub(crate) mod rebuild;
 mod refcounts;
 mod repair;
+pub mod report;
 mod walk;
 
 use crate::error::{Error, Result};
@@ -14,6 +15,7 @@ use crate::qcow::{MetaCtx, Qcow2};
 use rebuild::{rebuild_refcounts, write_rebuilt_laid_out};
 use refcounts::{compare, count_refs, Counted};
 use repair::{fix_copied, fix_entries};
+pub use report::CheckReport;
 pub(crate) use walk::walk;
 
 /// Largest number of host clusters a check or rebuild will count (the
@@ -29,27 +31,6 @@ pub enum Repair {
     Leaks,
     /// Everything: invalid entries, refcounts (rebuilt), COPIED flags.
     All,
-}
-
-/// What a check found, in qemu-img check's terms.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct CheckReport {
-    /// Problems that may lose data: refcounts too low, invalid entries,
-    /// wrong COPIED flags.
-    pub corruptions: u64,
-    /// Clusters whose refcount is higher than their references.
-    pub leaks: u64,
-    /// Problems that stopped parts of the check.
-    pub check_errors: u64,
-    pub corruptions_fixed: u64,
-    pub leaks_fixed: u64,
-    /// One line per problem (and per repair), as qemu-img prints them.
-    pub messages: Vec<String>,
-    pub allocated_clusters: u64,
-    pub total_clusters: u64,
-    pub fragmented_clusters: u64,
-    pub compressed_clusters: u64,
-    pub image_end_offset: u64,
 }
 
 /// The full check: references against stored refcounts, COPIED flags,

@@ -136,24 +136,28 @@ impl Image for Qcow2 {
                 kind: ExtentKind::Data,
                 offset: (self.crypt_method == 0).then_some(h.0),
                 compressed: false,
+                recurse: false,
             },
             Mapping::Zero(h) => Extent {
                 len: n,
                 kind: ExtentKind::Zero,
                 offset: h.map(|h| h.0),
                 compressed: false,
+                recurse: false,
             },
             Mapping::Unallocated => Extent {
                 len: n,
                 kind: ExtentKind::Unallocated,
                 offset: None,
                 compressed: false,
+                recurse: false,
             },
             Mapping::Compressed(_) => Extent {
                 len: n,
                 kind: ExtentKind::Data,
                 offset: None,
                 compressed: true,
+                recurse: false,
             },
         })
     }

@@ -1,0 +1,224 @@
+//! Formats other than qcow2, raw and luks ("foreign" formats: VDI now;
+//! VHD, VMDK and VHDX to come), read-only.
+//!
+//! Each format decodes its header and tables into a [`Layout`]: how a
+//! guest range is stored. [`ForeignImage`] turns a layout into an
+//! [`Image`], the one interface every tool uses, so reads, block status
+//! and the split data path work the same way for all of them, and every
+//! write path is refused in one place.
+//!
+//! Rules every format here follows, as QEMU's drivers do:
+//! - Bytes past the end of the file read as zeros, tables included: a
+//!   table that runs past the end of the file has zero entries there
+//!   (`table.rs`). Only its in-file part is held in memory, so opening a
+//!   hostile image allocates at most about the size of the file.
+//! - A writable open is refused ([`Error::ReadOnlyFormat`]): rimg does not
+//!   write these formats yet.
+
+pub mod probe;
+pub(crate) mod table;
+pub mod vdi;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::check::report::CheckReport;
+use crate::datapath::{IoEpoch, Mapping, PendingWrite};
+use crate::error::{Error, Result};
+use crate::image::{Extent, ExtentKind, Format, Image};
+use crate::storage::Storage;
+use crate::sync::AllocWaker;
+use crate::units::HostOffset;
+
+/// Where a run of guest bytes is stored in a foreign image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Where {
+    /// In the image file at `host`. With `recurse`, the format
+    /// preallocated the run and the file's own holes read as zeros
+    /// (reported as QEMU's BDRV_BLOCK_RECURSE).
+    Data { host: u64, recurse: bool },
+    /// Reads as zeros, decided by the format (a hole in its tables).
+    Zero,
+}
+
+/// How a foreign format maps guest bytes: what [`ForeignImage`] needs of
+/// a format once its header and tables are decoded.
+pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
+    fn format(&self) -> Format;
+    /// Virtual disk size in bytes.
+    fn size(&self) -> u64;
+    /// The unit the format allocates in, as qemu-img info reports it.
+    fn cluster_size(&self) -> Option<u64>;
+    /// Where [off, off + len) starts, and how much of it (at least one
+    /// byte) is stored the same way, contiguously. Called with a
+    /// non-empty range inside the disk.
+    fn lookup(&self, off: u64, len: u64) -> Result<(Where, u64)>;
+}
+
+/// A read-only image over a format's [`Layout`].
+#[derive(Debug)]
+pub struct ForeignImage<L> {
+    st: Storage,
+    layout: L,
+}
+
+impl<L: Layout> ForeignImage<L> {
+    /// The image of `layout` over its file `st`; a file opened for
+    /// writing is refused, rimg only reads these formats.
+    pub(crate) fn new(st: Storage, layout: L) -> Result<ForeignImage<L>> {
+        if st.writable() {
+            return Err(Error::ReadOnlyFormat(layout.format().name()));
+        }
+        Ok(ForeignImage { st, layout })
+    }
+
+    /// The decoded header and tables.
+    pub fn layout(&self) -> &L {
+        &self.layout
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        if off.checked_add(len).is_none_or(|e| e > size) {
+            return Err(Error::OutOfRange {
+                offset: off,
+                len,
+                size,
+            });
+        }
+        Ok(())
+    }
+
+    fn refuse<T>(&self) -> Result<T> {
+        Err(Error::ReadOnlyFormat(self.layout.format().name()))
+    }
+}
+
+impl<L: Layout> Image for ForeignImage<L> {
+    fn format(&self) -> Format {
+        self.layout.format()
+    }
+    fn size(&self) -> u64 {
+        self.layout.size()
+    }
+    fn path(&self) -> &Path {
+        self.st.path()
+    }
+    fn is_writable(&self) -> bool {
+        false
+    }
+    fn backing(&self) -> Option<&Arc<dyn Image>> {
+        None
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn storage(&self) -> &Storage {
+        &self.st
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        self.check_range(off, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = off + done as u64;
+            let (w, n) = self.layout.lookup(at, (buf.len() - done) as u64)?;
+            let piece = &mut buf[done..done + n as usize];
+            match w {
+                Where::Data { host, .. } => self.st.read_at(piece, host)?,
+                Where::Zero => piece.fill(0),
+            }
+            done += n as usize;
+        }
+        Ok(())
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
+        self.check_range(off, len)?;
+        // One lookup, unmerged: QEMU's drivers answer per block too, and
+        // qemu-img map's merging (and the recursion into the file) see
+        // the same pieces.
+        let (w, n) = self.layout.lookup(off, len)?;
+        Ok(match w {
+            Where::Data { host, recurse } => Extent {
+                len: n,
+                kind: ExtentKind::Data,
+                offset: Some(host),
+                compressed: false,
+                recurse,
+            },
+            Where::Zero => Extent {
+                len: n,
+                kind: ExtentKind::Zero,
+                offset: None,
+                compressed: false,
+                recurse: false,
+            },
+        })
+    }
+
+    fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.check_range(off, len)?;
+        let (w, n) = self.layout.lookup(off, len)?;
+        Ok(match w {
+            Where::Data { host, .. } => (Mapping::Data(HostOffset(host)), n),
+            Where::Zero => (Mapping::Zero(None), n),
+        })
+    }
+    fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
+        match mapping {
+            Mapping::Data(host) => self.st.read_at(buf, host.0),
+            Mapping::Zero(_) | Mapping::Unallocated => {
+                buf.fill(0);
+                Ok(())
+            }
+            // Never mapped here: read what is there.
+            Mapping::Compressed(_) => self.read_at(buf, off),
+        }
+    }
+    fn io_epoch(&self) -> IoEpoch {
+        // Nothing is ever freed: no mapping can go stale.
+        IoEpoch::none()
+    }
+    fn cluster_size(&self) -> Option<u64> {
+        self.layout.cluster_size()
+    }
+
+    // Every change is refused (the open already refused writing).
+    fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
+        self.refuse()
+    }
+    fn write_zeroes(&self, _off: u64, _len: u64, _unmap: bool) -> Result<()> {
+        self.refuse()
+    }
+    fn discard(&self, _off: u64, _len: u64) -> Result<()> {
+        self.refuse()
+    }
+    fn resize(&self, _new_size: u64) -> Result<()> {
+        self.refuse()
+    }
+    fn begin_write(self: Arc<Self>, _off: u64, _len: usize) -> Result<PendingWrite> {
+        self.refuse()
+    }
+    fn try_begin_write(
+        self: Arc<Self>,
+        _off: u64,
+        _len: usize,
+        _waker: &Arc<dyn AllocWaker>,
+    ) -> Result<Option<PendingWrite>> {
+        self.refuse()
+    }
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The format's consistency check (qemu-img check without repair); None
+/// for images whose format has none here.
+pub fn check(img: &dyn Image) -> Option<Result<CheckReport>> {
+    let any = img.as_any();
+    if let Some(v) = any.downcast_ref::<vdi::Vdi>() {
+        return Some(Ok(v.layout().check()));
+    }
+    None
+}

@@ -1,0 +1,38 @@
+//! Recognising foreign formats from the first bytes of a file, as QEMU's
+//! drivers' probes do.
+
+use crate::image::Format;
+
+/// Bytes of the file the probes look at, enough for every format's
+/// header. A shorter file is zero-padded, as in QEMU's fixed-size probe
+/// buffer: a 100-byte file with the VDI signature probes as VDI there
+/// too (and fails to open).
+pub const PROBE_LEN: usize = 2048;
+
+/// The foreign format whose signature `first` (the first [`PROBE_LEN`]
+/// bytes of the file, zero-padded) carries, if any.
+pub fn probe(first: &[u8]) -> Option<Format> {
+    // VDI: the signature after the 64-byte text of the header
+    // (VirtualBox's VDIPREHEADER, as QEMU's vdi_probe reads it).
+    let sig = first.get(super::vdi::SIGNATURE_AT..super::vdi::SIGNATURE_AT + 4)?;
+    if u32::from_le_bytes(sig.try_into().unwrap()) == super::vdi::SIGNATURE {
+        return Some(Format::Vdi);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vdi_signature_at_0x40() {
+        let mut b = vec![0u8; PROBE_LEN];
+        assert_eq!(probe(&b), None);
+        b[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        assert_eq!(probe(&b), Some(Format::Vdi));
+        b[0x40] ^= 1;
+        assert_eq!(probe(&b), None);
+        assert_eq!(probe(&b[..0x42]), None);
+    }
+}

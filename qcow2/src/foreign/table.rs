@@ -1,0 +1,88 @@
+//! On-disk tables of foreign formats (block maps, allocation tables),
+//! clipped to the file.
+//!
+//! QEMU reads a whole table in one request, and whatever of it lies past
+//! the end of the file reads as zeros: those entries exist and are zero.
+//! A [`Table`] keeps only the bytes inside the file and answers zero for
+//! the rest, which gives the same entries while a hostile entry count
+//! costs no memory: what is held is at most the file's length.
+
+use crate::error::Result;
+use crate::storage::Storage;
+
+/// A table of `len` bytes at file offset `offset`, its in-file part held.
+#[derive(Debug)]
+pub(crate) struct Table {
+    bytes: Vec<u8>,
+}
+
+impl Table {
+    /// Reads the part of [offset, offset + len) that lies inside the file.
+    pub(crate) fn load(st: &Storage, offset: u64, len: u64) -> Result<Table> {
+        let file_len = st.len()?;
+        let n = file_len.saturating_sub(offset).min(len);
+        // n <= the file's length, which a Vec can hold on 64-bit hosts.
+        let mut bytes = vec![0u8; n as usize];
+        st.read_at(&mut bytes, offset)?;
+        Ok(Table { bytes })
+    }
+
+    /// Entries of `width` bytes that start inside the file (a last one
+    /// cut by the end of the file included); every later entry is zero.
+    pub(crate) fn entries_in_file(&self, width: u64) -> u64 {
+        (self.bytes.len() as u64).div_ceil(width)
+    }
+
+    /// The `N` bytes of entry `i`, zero past the end of the file.
+    fn entry<const N: usize>(&self, i: u64) -> [u8; N] {
+        let mut e = [0u8; N];
+        let start = i.saturating_mul(N as u64);
+        if start < self.bytes.len() as u64 {
+            let start = start as usize;
+            let end = (start + N).min(self.bytes.len());
+            e[..end - start].copy_from_slice(&self.bytes[start..end]);
+        }
+        e
+    }
+
+    /// Entry `i` as a little-endian u32.
+    pub(crate) fn u32_le(&self, i: u64) -> u32 {
+        u32::from_le_bytes(self.entry(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(file: &[u8], offset: u64, len: u64) -> Table {
+        let p =
+            std::env::temp_dir().join(format!("rimg-table-{}-{offset}-{len}", std::process::id()));
+        std::fs::write(&p, file).unwrap();
+        let st = Storage::open(&p, false).unwrap();
+        let t = Table::load(&st, offset, len).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        t
+    }
+
+    #[test]
+    fn entries_past_the_end_of_the_file_are_zero_and_not_held() {
+        let file: Vec<u8> = (1..=10).collect();
+        // 4 entries from offset 2: bytes 2..10 exist, the rest does not.
+        let t = table(&file, 2, 1 << 40);
+        assert_eq!(t.bytes.len(), 8);
+        assert_eq!(t.entries_in_file(4), 2);
+        assert_eq!(t.u32_le(0), u32::from_le_bytes([3, 4, 5, 6]));
+        assert_eq!(t.u32_le(1), u32::from_le_bytes([7, 8, 9, 10]));
+        assert_eq!(t.u32_le(2), 0);
+        assert_eq!(t.u32_le(u64::MAX), 0);
+        // An entry cut by the end of the file: its missing bytes are zero.
+        let t = table(&file, 4, 100);
+        assert_eq!(t.entries_in_file(4), 2);
+        assert_eq!(t.u32_le(1), u32::from_le_bytes([9, 10, 0, 0]));
+        // A table that starts past the end holds nothing.
+        let t = table(&file, 4096, 100);
+        assert_eq!(t.entries_in_file(4), 0);
+        assert_eq!(t.u32_le(0), 0);
+    }
+}
