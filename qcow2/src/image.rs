@@ -45,6 +45,20 @@ impl Format {
     }
 }
 
+/// Refuses a guest range that does not lie within a disk of `size`
+/// bytes (one whose end overflows included): the bounds check every
+/// format's guest I/O goes through.
+pub(crate) fn check_range(off: u64, len: u64, size: u64) -> Result<()> {
+    if off.checked_add(len).is_none_or(|e| e > size) {
+        return Err(crate::Error::OutOfRange {
+            offset: off,
+            len,
+            size,
+        });
+    }
+    Ok(())
+}
+
 /// How a range of guest bytes is stored in one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExtentKind {

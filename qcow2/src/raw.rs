@@ -31,15 +31,7 @@ impl Raw {
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
-        let size = self.size();
-        if off.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::OutOfRange {
-                offset: off,
-                len,
-                size,
-            });
-        }
-        Ok(())
+        crate::image::check_range(off, len, self.size())
     }
 
     /// A change to [off, off + len): in range, writable, not fenced.

@@ -149,6 +149,28 @@ pub fn qemu_overlay(top: &Path, backing: &str, opts: &[&str]) {
     );
 }
 
+/// Asserts that `image` reads as `want` through `read_at`: in chunks of
+/// each of `chunks` bytes (the 511-byte ones from offset 7), crossing
+/// sectors, clusters and tables at odd places, then in one read.
+pub fn assert_reads_as(image: &dyn qcow2::Image, want: &[u8], name: &str, chunks: &[usize]) {
+    for &chunk in chunks {
+        let mut off = if chunk == 511 { 7 } else { 0 };
+        let mut buf = vec![0u8; chunk];
+        while off < want.len() {
+            let n = chunk.min(want.len() - off);
+            image.read_at(&mut buf[..n], off as u64).unwrap();
+            if buf[..n] != want[off..off + n] {
+                let i = (0..n).find(|&i| buf[i] != want[off + i]).unwrap();
+                panic!("{name}: byte {} differs (chunk {chunk})", off + i);
+            }
+            off += n;
+        }
+    }
+    let mut all = vec![0u8; want.len()];
+    image.read_at(&mut all, 0).unwrap();
+    assert!(all == want, "{name}: whole-disk read differs");
+}
+
 /// The guest content of `img` as qemu-img reads it (`convert -O raw`
 /// into `scratch`, then read back).
 pub fn qemu_raw_content(img: &Path, scratch: &Path) -> Vec<u8> {

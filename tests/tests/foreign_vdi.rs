@@ -78,22 +78,12 @@ fn engine_reads_vdi_like_qemu() {
         assert_eq!(image.size(), want.len() as u64, "{name}: size");
         assert_eq!(image.cluster_size(), Some(1 << 20));
         // Chunks that cross sectors and 1 MiB blocks at odd places.
-        for chunk in [4097usize, 511, 65536 + 3, (1 << 20) + 5] {
-            let mut off = if chunk == 511 { 7 } else { 0 };
-            let mut buf = vec![0u8; chunk];
-            while off < want.len() {
-                let n = chunk.min(want.len() - off);
-                image.read_at(&mut buf[..n], off as u64).unwrap();
-                if buf[..n] != want[off..off + n] {
-                    let i = (0..n).find(|&i| buf[i] != want[off + i]).unwrap();
-                    panic!("{name}: byte {} differs (chunk {chunk})", off + i);
-                }
-                off += n;
-            }
-        }
-        let mut all = vec![0u8; want.len()];
-        image.read_at(&mut all, 0).unwrap();
-        assert!(all == want, "{name}: whole-disk read differs");
+        rimg_tests::assert_reads_as(
+            image.as_ref(),
+            &want,
+            &name,
+            &[4097, 511, 65536 + 3, (1 << 20) + 5],
+        );
         // Block status and the split data path agree with the content.
         let size = image.size();
         let mut pos = 0;

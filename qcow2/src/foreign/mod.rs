@@ -78,15 +78,7 @@ impl<L: Layout> ForeignImage<L> {
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
-        let size = self.size();
-        if off.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::OutOfRange {
-                offset: off,
-                len,
-                size,
-            });
-        }
-        Ok(())
+        crate::image::check_range(off, len, self.size())
     }
 
     fn refuse<T>(&self) -> Result<T> {

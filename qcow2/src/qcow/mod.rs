@@ -653,15 +653,7 @@ impl Qcow2 {
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
-        let size = self.size();
-        if off.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Error::OutOfRange {
-                offset: off,
-                len,
-                size,
-            });
-        }
-        Ok(())
+        crate::image::check_range(off, len, self.size())
     }
 
     /// The password the image was opened with.
