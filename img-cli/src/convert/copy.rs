@@ -263,23 +263,20 @@ impl Job<'_> {
     /// each write (allocation happens here); then, as other chunks take
     /// their turns, the data and the commits.
     fn apply(&self, ticket: Option<Ticket<'_>>, ops: Vec<Op<'_>>) -> Result<(), CliError> {
-        if self.cluster.is_none() && !self.compress {
+        let ticket = match ticket {
             // Raw: reserve in turn, write as the others take theirs.
-            if let Some(mut ticket) = ticket {
-                ticket.wait();
+            Some(mut t) if self.cluster.is_none() => {
+                t.wait();
                 self.reserve(&ops);
-                ticket.pass();
-            } else {
+                t.pass();
+                None
+            }
+            None if self.cluster.is_none() => {
                 self.reserve(&ops);
+                None
             }
-            for op in ops {
-                match op {
-                    Op::Write(at, b) => self.target.write_at(b, at)?,
-                    Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
-                }
-            }
-            return Ok(());
-        }
+            t => t,
+        };
         let Some(mut ticket) = ticket else {
             for op in ops {
                 match op {
