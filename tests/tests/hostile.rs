@@ -186,6 +186,20 @@ const FIELDS: &[(usize, usize)] = &[
     (100, 4), // header_length
 ];
 
+/// Random bytes anywhere (the mutation every format shares).
+fn scribble(rng: &mut StdRng, v: &mut [u8]) {
+    for _ in 0..rng.random_range(1..=32) {
+        let i = rng.random_range(0..v.len());
+        v[i] = rng.random();
+    }
+}
+
+/// Truncation at a random length.
+fn truncate(rng: &mut StdRng, v: &mut Vec<u8>) {
+    let n = rng.random_range(0..v.len());
+    v.truncate(n);
+}
+
 fn mutate(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
     let mut v = img.to_vec();
     match rng.random_range(0..6) {
@@ -215,18 +229,8 @@ fn mutate(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
                 v[i..i + 8].copy_from_slice(&val.to_be_bytes());
             }
         }
-        3 => {
-            // Random bytes anywhere.
-            for _ in 0..rng.random_range(1..=32) {
-                let i = rng.random_range(0..v.len());
-                v[i] = rng.random();
-            }
-        }
-        4 => {
-            // Truncation.
-            let n = rng.random_range(0..v.len());
-            v.truncate(n);
-        }
+        3 => scribble(rng, &mut v),
+        4 => truncate(rng, &mut v),
         _ => {
             // Size inflation: virtual size, L1 size and table sizes grown
             // together, as a "consistent" hostile header would.
@@ -296,16 +300,8 @@ fn mutate_vdi(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
                 le(&mut v, at, 4, val);
             }
         }
-        3 => {
-            for _ in 0..rng.random_range(1..=32) {
-                let i = rng.random_range(0..v.len());
-                v[i] = rng.random();
-            }
-        }
-        4 => {
-            let n = rng.random_range(0..v.len());
-            v.truncate(n);
-        }
+        3 => scribble(rng, &mut v),
+        4 => truncate(rng, &mut v),
         _ => {
             // Up to 0x1fffff80 blocks (QEMU's most) or a few more.
             let blocks: u64 = rng.random_range(0..=0x2000_0000);
