@@ -226,9 +226,12 @@ pub(crate) struct WriteIo {
     /// An in-place write: the guest clusters [first, first + n) it
     /// counts itself in (`Meta::inplace`) until it ends.
     inplace: Option<(GuestCluster, u64)>,
-    /// Copy-on-write fill was written for the allocation: it must be on
-    /// disk before the L2 entries mapping it (`end_write`).
-    cow_written: bool,
+    /// The allocation's data must be on disk before the L2 entries
+    /// mapping it (`end_write`): copy-on-write fill was written (data the
+    /// guest did not write), or a zero cluster is reused in place (an
+    /// entry that reached the disk first would show its old data after a
+    /// power loss).
+    data_first: bool,
 }
 
 /// An allocation handed out by `plan_write` and finished by `commit`.
@@ -240,8 +243,8 @@ struct Alloc {
     host: HostOffset,
     /// The existing preallocated zero cluster is reused (n == 1).
     reuse: bool,
-    /// The new clusters lie past everything ever written: they read as
-    /// zeros without being written.
+    /// The new clusters read as zeros without being written (they lie
+    /// past everything ever written, or a reserve zeroed them).
     fresh: bool,
     /// Old entries of the first and last cluster: copy-on-write sources.
     first_old: L2Entry,
@@ -476,6 +479,16 @@ impl Qcow2 {
                 field::AUTOCLEAR,
                 Allow::only(Kind::Header),
             )?;
+            self.st.sync()?;
+        }
+        // A killed process must leave no leak behind, and every change
+        // of metadata may leak if the process dies halfway (a refcount
+        // written before the entry that uses it, an entry cleared before
+        // the refcount it held drops): the dirty bit is durable before
+        // the first of them, so the next writer repairs the image.
+        if self.opts.metadata_persistence == MetadataPersistence::ProcessDeath
+            && self.mark_dirty_while_open(&mut m)?
+        {
             self.st.sync()?;
         }
         Ok(())

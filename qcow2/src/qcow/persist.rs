@@ -8,18 +8,27 @@
 //! flush that usually separates its steps, also for a power loss, where
 //! the kernel may write pages back in any order. Syncing per request
 //! would cost what this mode must not, so:
+//! - the image is marked dirty (v3), synced, when opened for writing:
+//!   whatever a kill or a power loss leaks halfway through a change is
+//!   repaired by the next writer;
 //! - guest data clusters come from a reserve taken ahead in batches
 //!   whose refcounts are written and synced once per batch: an L2 entry
-//!   then never reaches the disk before the refcount it needs. After a
-//!   crash, the unused rest of the batch is a leak (see [`reserve_size`]),
-//!   repaired at the next writable open (the dirty bit); it is given
-//!   back when the image is closed or its metadata is walked as a whole
-//!   (`quiesce`, `with_meta`);
-//! - copy-on-write fill is synced before the entry mapping it
-//!   (`end_write`): only writes that copy pay for it;
+//!   then never reaches the disk before the refcount it needs. Reused
+//!   clusters are zeroed with that sync, so an entry that reaches the
+//!   disk before its data shows zeros, never another cluster's old data
+//!   (the guest wrote there and did not flush: QEMU may show zeros there
+//!   too, and old data). After a crash, the unused rest of the batch is a
+//!   leak (see [`reserve_size`]), repaired at the next writable open; it
+//!   is given back when the image is closed or its metadata is walked as
+//!   a whole (`quiesce`, `with_meta`);
+//! - copy-on-write fill, and the data of a zero cluster reused in place,
+//!   is synced before the entry mapping it (`end_write`): only those
+//!   writes pay for it;
 //! - rarer changes (a new L2 table or refcount block, a rollback) sync
 //!   through `write_back`: refcounts before L2 tables, L2 tables before
 //!   the L1 entries pointing at them.
+//!
+//! `qcow2/tests/power_loss.rs` checks all of it against crash images.
 
 use std::collections::VecDeque;
 
@@ -56,6 +65,9 @@ struct Run {
     n: u64,
     /// The clusters lie past everything written when they were taken.
     fresh: bool,
+    /// Clusters used before (freed since) were zeroed in the file with
+    /// the batch's sync: see `refill_reserve`.
+    zeroed: bool,
 }
 
 impl Qcow2 {
@@ -88,7 +100,7 @@ impl Qcow2 {
         let run = m.reserve.runs.front_mut().expect("refilled");
         let got = run.n.min(n);
         let host = HostOffset(run.first << cb);
-        let fresh = run.fresh;
+        let fresh = run.fresh || run.zeroed;
         run.first += got;
         run.n -= got;
         if run.n == 0 {
@@ -103,6 +115,12 @@ impl Qcow2 {
     fn refill_reserve(&self, m: &mut Meta, n: u64) -> Result<()> {
         let cb = self.cluster_bits;
         let want = reserve_size(n, cb);
+        // The dirty bit is durable before any refcount of the reserve
+        // can be (a power loss that kept those and lost the bit would
+        // leave leaks no open repairs); usually set at open already.
+        if self.mark_dirty_while_open(m)? {
+            self.st.sync()?;
+        }
         let fresh_from = m.rc.end();
         let mut runs: Vec<Run> = Vec::new();
         for _ in 0..want {
@@ -114,10 +132,20 @@ impl Qcow2 {
                     first: c,
                     n: 1,
                     fresh,
+                    zeroed: false,
                 }),
             }
         }
-        self.mark_dirty_for_reserve(m)?;
+        // Clusters used before still hold someone's old data. An entry
+        // mapping one may reach the disk before the new data does (they
+        // are not synced in between), and a power loss would then show
+        // that old data in another guest cluster. Zeroed with the batch's
+        // sync, such a cluster reads as zeros there instead, as a fresh
+        // one does (and copy-on-write need not write zeros into it).
+        for r in runs.iter_mut().filter(|r| !r.fresh) {
+            self.st.write_zeroes(r.first << cb, r.n << cb)?;
+            r.zeroed = true;
+        }
         // The file covers the reserve: a check (rimg's or QEMU's) counts
         // refcounts only up to the end of the file, so a reserve past it
         // would be a leak no repair sees, until the file grows over it.
@@ -128,23 +156,24 @@ impl Qcow2 {
             self.st.write_at(&[0], ((last.first + last.n) << cb) - 1)?;
             m.reserve.extended = true;
         }
-        // Syncs the dirty bit and the length with the refcounts.
+        // Syncs the length with the refcounts.
         m.rc.flush(&self.st)?;
         m.reserve.runs.extend(runs);
         Ok(())
     }
 
     /// Sets the dirty bit (v3 images; v2 has no incompatible features, a
-    /// killed process leaves leaks there for `check -r leaks`). The
-    /// caller syncs it before any reserved cluster is used.
-    fn mark_dirty_for_reserve(&self, m: &mut Meta) -> Result<()> {
+    /// killed process leaves leaks there for `check -r leaks`); true if
+    /// it was not set. The caller syncs it before any refcount of the
+    /// reserve is written.
+    pub(super) fn mark_dirty_while_open(&self, m: &mut Meta) -> Result<bool> {
         if m.header.version < 3 || m.header.is_dirty() {
-            return Ok(());
+            return Ok(false);
         }
         let bits = m.header.incompatible_features | incompat::DIRTY;
         self.write_incompatible(m, bits)?;
         m.reserve.marked_dirty = true;
-        Ok(())
+        Ok(true)
     }
 
     /// Clears the dirty bit this process set, once the reserve is given

@@ -340,15 +340,20 @@ impl Qcow2 {
                     len,
                     alloc: None,
                     inplace: Some((first, n)),
-                    cow_written: false,
+                    data_first: false,
                 })
             }
             WritePlan::Alloc(a) => {
                 drop(m);
                 let in_cl = pos - a.gc.offset(self.cluster_bits);
                 let n = (len as u64).min(a.n * self.cluster_size() - in_cl);
-                let cow_written = match self.cow_fill(&a, pos, n) {
-                    Ok(w) => w,
+                // A zero cluster reused in place shows its old data if its
+                // entry reaches the disk before the new data does. (New
+                // clusters need no such sync: their refcounts are synced
+                // before the entry, at the write-back or with the reserve,
+                // and a reserve's reused clusters are zeroed then.)
+                let data_first = match self.cow_fill(&a, pos, n) {
+                    Ok(w) => w || a.reuse,
                     Err(e) => {
                         let mut m = self.lock();
                         self.rollback_alloc(&mut m, &a);
@@ -361,7 +366,7 @@ impl Qcow2 {
                     len: n as usize,
                     alloc: Some(a),
                     inplace: None,
-                    cow_written,
+                    data_first,
                 })
             }
         }
@@ -421,12 +426,13 @@ impl Qcow2 {
         let Some(a) = io.alloc else {
             return Ok(());
         };
-        // The copy-on-write fill reaches the disk before the entry that
-        // maps it (QEMU orders it the same way: a flush before the L2
-        // table is written). Written per request when metadata is, else
-        // at the next write-back; outside the lock either way.
+        // Copy-on-write fill (and the data of a reused cluster) reaches
+        // the disk before the entry that maps it (QEMU orders the fill
+        // the same way: a flush before the L2 table is written). Synced
+        // per request when metadata is written per request, else at the
+        // next write-back; outside the lock either way.
         let persist_now = self.opts.metadata_persistence == MetadataPersistence::ProcessDeath;
-        let synced = if ok && io.cow_written && persist_now {
+        let synced = if ok && io.data_first && persist_now {
             self.data_storage().sync()
         } else {
             Ok(())
@@ -439,7 +445,7 @@ impl Qcow2 {
         };
         if !ok || r.is_err() {
             self.rollback_alloc(&mut m, &a);
-        } else if io.cow_written && !persist_now {
+        } else if io.data_first && !persist_now {
             m.cow_unsynced = true;
         }
         let r = r.and_then(|()| self.persist(&mut m));
