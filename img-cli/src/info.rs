@@ -141,7 +141,8 @@ fn open_one(
     Ok(ImageInfo {
         filename: shown,
         format: img.format(),
-        virtual_size: img.size(),
+        // QEMU counts a raw file in whole sectors.
+        virtual_size: crate::common::qemu_len(img.as_ref()),
         cluster_size: match &qh {
             Some(h) => Some(h.cluster_size()),
             None => img.cluster_size(),
