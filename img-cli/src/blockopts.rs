@@ -3,7 +3,8 @@
 //! (`driver=qcow2,file.filename=X`), and the `blkdebug:CONFIG:FILE`
 //! protocol prefix. Both forms become one flat map of dotted keys (as
 //! QEMU flattens its option dicts), then a tree of nodes: format drivers
-//! (qcow2, raw, luks) over protocol ones (file, blkdebug, quorum, null-co).
+//! (qcow2, raw, luks, vdi, vpc) over protocol ones (file, blkdebug, quorum,
+//! null-co).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,8 @@ pub struct Spec {
     /// The external data file given in place of the header's
     /// (`data-file.filename`).
     pub data_file: Option<PathBuf>,
+    /// The vpc driver's `force_size_calc` option, as given.
+    pub vpc_force_size_calc: Option<String>,
 }
 
 impl Spec {
@@ -169,6 +172,7 @@ pub fn parse_filename(name: &str) -> Result<Spec, CliError> {
         name,
         keys: Vec::new(),
         data_file: None,
+        vpc_force_size_calc: None,
     })
 }
 
@@ -247,9 +251,12 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         Node::Blkdebug { ref image, .. } if matches!(**image, Node::Format { .. }) => node,
         n => Node::Probe(Box::new(n)),
     };
-    // A key is one of qcow2's "strong" runtime options: with one, no
-    // plain filename says what was opened (QEMU's bdrv_refresh_filename).
-    let strong = flat.keys().any(|k| k.ends_with("key-secret"));
+    // A key is one of qcow2's "strong" runtime options, force_size_calc
+    // one of vpc's: with one, no plain filename says what was opened
+    // (QEMU's bdrv_refresh_filename).
+    let strong = flat
+        .keys()
+        .any(|k| k.ends_with("key-secret") || k == "force_size_calc");
     let name = match plain_name(&node) {
         Some(n) if !strong => n,
         _ => json_name(flat),
@@ -276,6 +283,7 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         name,
         keys,
         data_file,
+        vpc_force_size_calc: get_str(flat, "force_size_calc"),
     })
 }
 
@@ -318,17 +326,17 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
     }
     let driver = get_str(flat, "driver");
     match driver.as_deref() {
-        Some(d @ ("qcow2" | "raw" | "luks" | "vdi")) => {
+        Some(d @ ("qcow2" | "raw" | "luks" | "vdi" | "vpc")) => {
             let format = Format::from_name(d).unwrap();
             check_keys(
                 flat,
                 d,
                 &[
                     "driver",
-                    if format == Format::Luks {
-                        "key-secret"
-                    } else {
-                        "driver"
+                    match format {
+                        Format::Luks => "key-secret",
+                        Format::Vpc => "force_size_calc",
+                        _ => "driver",
                     },
                     "backing",
                     "node-name",
@@ -551,6 +559,9 @@ pub fn open_options(
     opts.no_backing |= spec.no_backing();
     if spec.data_file.is_some() {
         opts.qcow2.data_file = spec.data_file.clone();
+    }
+    if spec.vpc_force_size_calc.is_some() {
+        opts.vpc_force_size_calc = spec.vpc_force_size_calc.clone();
     }
     if let Some(f) = spec.faults() {
         opts.faults = Some(f);
