@@ -212,7 +212,17 @@ fn info_map_check_match_qemu() {
 fn size_rules_match_qemu() {
     let (d, _) = fixtures();
     let dir = d.path();
+    // QEMU's own app with a current size below the geometry's.
+    sealed(
+        dir,
+        "vpc-dynamic.vhd",
+        "vpc-qemu.vhd",
+        &[(48, be64(5 << 20))],
+    );
     let cases: &[(&str, Option<&str>, u64)] = &[
+        // App "qemu": the geometry, 151/4/17.
+        ("vpc-qemu.vhd", None, 5257216),
+        ("vpc-qemu.vhd", Some("current_size"), 5242880),
         // App "win ": the current size (5242980, rounded down).
         ("vpc-win.vhd", None, 5242880),
         ("vpc-win.vhd", Some("chs"), 5257216),
@@ -240,34 +250,12 @@ fn size_rules_match_qemu() {
         assert_eq!(end, size, "{spec}");
         same(dir, &["compare", "--image-opts", &spec, &spec]);
         same(dir, &["measure", "-O", "qcow2", "--image-opts", &spec]);
-        // info names the image by its options (a json: name whose key
-        // order is QEMU's hash table's): compared as values.
-        let json = |prog: &str| {
-            let o = Command::new(prog)
-                .args(["info", "--output=json", "--image-opts", &spec])
-                .current_dir(dir)
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{prog} {spec}");
-            let mut v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-            let m = v.as_object_mut().unwrap();
-            m.remove("children");
-            let name = m.remove("filename").unwrap();
-            (v, name)
-        };
-        let (q, qname) = json("qemu-img");
-        let (r, rname) = json(rimg_tests::workspace_bin("rimg").to_str().unwrap());
-        assert_eq!(q, r, "{spec}");
-        assert_eq!(q["virtual-size"], size, "{spec}");
-        if calc.is_some() {
-            let parse = |n: &serde_json::Value| -> serde_json::Value {
-                let s = n.as_str().unwrap().strip_prefix("json:").unwrap();
-                let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
-                v["file"].as_object_mut().unwrap().remove("driver");
-                v
-            };
-            assert_eq!(parse(&qname), parse(&rname), "{spec}");
-        }
+        // info names the image by its options: a json: name (keys in
+        // QEMU's hash order), its child by the file's name.
+        let (_, out, _) = same(dir, &["info", "--output=json", "--image-opts", &spec]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["virtual-size"], size, "{spec}");
+        same(dir, &["info", "--image-opts", &spec]);
         // The content at that size, through the engine.
         let out = format!("{name}.{}.raw", calc.unwrap_or("auto"));
         let o = Command::new("qemu-img")
@@ -306,6 +294,16 @@ fn size_rules_match_qemu() {
     let json = r#"json:{"driver":"vpc","file":{"driver":"file","filename":"vpc-win.vhd"},"force_size_calc":"chs"}"#;
     let (_, out, _) = same(dir, &["map", "--output=json", json]);
     assert!(out.contains("\"length\": 1062912"), "{out}");
+    // QEMU's name for it: its strong option, driver and file, keys in
+    // its hash table's order, whatever else was given.
+    let opts = "driver=vpc,file.driver=file,file.filename=vpc-win.vhd,\
+                force_size_calc=chs,read-only=on";
+    let name = r#"json:{"force_size_calc": "chs", "driver": "vpc", "file": {"driver": "file", "filename": "vpc-win.vhd"}}"#;
+    for args in [vec!["info", json], vec!["info", "--image-opts", opts]] {
+        let (_, out, _) = same(dir, &args);
+        assert!(out.starts_with(&format!("image: {name}\n")), "{out}");
+    }
+    same(dir, &["info", "--output=json", json]);
 }
 
 #[test]
