@@ -702,3 +702,44 @@ fn writes_are_refused_clearly() {
         );
     }
 }
+
+/// A qcow2 image over a VHD backing file (`-F vpc`; a fixed one would
+/// probe as raw): reads fall through to the VHD where the top has no
+/// data, and info, map, compare and convert answer as qemu-img's.
+#[test]
+fn vpc_as_a_backing_file() {
+    let (d, _) = fixtures();
+    let dir = d.path();
+    for (top, base) in [
+        ("over-dynamic.qcow2", "vpc-dynamic-6m.vhd"),
+        ("over-fixed.qcow2", "vpc-fixed.vhd"),
+    ] {
+        let t = dir.join(top);
+        rimg_tests::qemu_create_backed(&t, "", &dir.join(base), "vpc", "");
+        rimg_tests::qemu_io(&t, &["write -P 0x77 1M 64k"]);
+        for args in [
+            vec!["info", top],
+            vec!["info", "--backing-chain", "--output=json", top],
+            vec!["map", top],
+            vec!["map", "--output=json", top],
+            vec!["check", top],
+        ] {
+            let (code, ..) = same(dir, &args);
+            assert_eq!(code, Some(0), "{args:?}");
+        }
+        let (code, out, _) = same(dir, &["compare", "-F", "vpc", top, base]);
+        assert_eq!(code, Some(1), "{out}");
+        let want = qemu_content(&t, &[]);
+        let image = qcow2::open(&t, &OpenOptions::default()).unwrap();
+        assert_eq!(image.size(), want.len() as u64);
+        rimg_tests::assert_reads_as(image.as_ref(), &want, top, &[65536 + 7]);
+        assert!(want[(1 << 20)..(1 << 20) + 65536]
+            .iter()
+            .all(|&b| b == 0x77));
+        let below = qemu_content(&dir.join(base), &["-f", "vpc"]);
+        assert!(
+            want[..1 << 20] == below[..1 << 20],
+            "{top}: the base's data"
+        );
+    }
+}
