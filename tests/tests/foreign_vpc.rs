@@ -335,6 +335,32 @@ fn convert_and_compare_match_qemu() {
             same(dir, &["compare", "-s", "-f", "vpc", name, &ours]);
         }
     }
+    // dd reads them too (a window that starts inside a block).
+    for name in ["vpc-dynamic-6m.vhd", "vpc-fixed.vhd"] {
+        let input = format!("if={name}");
+        for (prog, out) in [("rimg", "of=dd.rimg"), ("qemu-img", "of=dd.qemu")] {
+            let args = [
+                "dd", "-f", "vpc", "-O", "raw", "bs=64k", "skip=3", "count=70",
+            ];
+            let mut args = args.to_vec();
+            args.extend([input.as_str(), out]);
+            let code = match prog {
+                "rimg" => rimg(dir, &args).0,
+                _ => {
+                    let o = Command::new(prog).args(&args).current_dir(dir).output();
+                    o.unwrap().status.code()
+                }
+            };
+            assert_eq!(code, Some(0), "{prog} {args:?}");
+        }
+        let a = std::fs::read(dir.join("dd.rimg")).unwrap();
+        assert!(
+            a == std::fs::read(dir.join("dd.qemu")).unwrap(),
+            "dd of {name}"
+        );
+        // qemu-img dd counts the skipped blocks in `count`.
+        assert_eq!(a.len(), 67 * 65536);
+    }
     // Probed (no -f): a dynamic disk is vpc, a fixed one raw.
     for name in ["vpc-dynamic.vhd", "vpc-fixed.vhd"] {
         same(dir, &["convert", "-O", "raw", name, "probed.raw"]);
