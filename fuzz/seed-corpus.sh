@@ -4,15 +4,16 @@
 # fixtures/, the committed regression inputs in fuzz/regressions/, and,
 # when qemu-img and qemu-io are installed, a few small images with
 # 512-byte clusters: libFuzzer mutates small inputs much faster, and in
-# those most bytes are metadata rather than guest data. The vdi target
-# also gets the VDI images of fixtures/make-foreign.sh and two 2 MiB ones.
+# those most bytes are metadata rather than guest data. The vdi and vpc
+# targets also get the VDI (VHD) images of fixtures/make-foreign.sh and
+# two 2 MiB (1 MiB) ones.
 #
 # Usage: fuzz/seed-corpus.sh [TARGET...]   (default: every target)
 set -euo pipefail
 cd "$(dirname "$0")"
 work=${FUZZ_WORK:-.}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc)
 
 small=$(mktemp -d)
 trap 'rm -rf "$small"' EXIT
@@ -48,6 +49,10 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
   qemu-img create -q -f vdi "$small/vdi/small-dyn.vdi" 2M
   qemu-io -f vdi -c "write -P 0xc1 1M 4k" "$small/vdi/small-dyn.vdi" >/dev/null
   qemu-img create -q -f vdi -o static=on "$small/vdi/small-static.vdi" 2M
+  qemu-img create -q -f vpc "$small/vdi/small-dyn.vhd" 1M
+  qemu-io -f vpc -c "write -P 0xd1 512k 4k" "$small/vdi/small-dyn.vhd" >/dev/null
+  qemu-img create -q -f vpc -o subformat=fixed "$small/vdi/small-fixed.vhd" 1M
+  qemu-io -f vpc -c "write -P 0xd2 0 4k" "$small/vdi/small-fixed.vhd" >/dev/null
 else
   echo "seed-corpus: qemu-img/qemu-io not found; seeding from fixtures/ only" >&2
 fi
@@ -58,6 +63,7 @@ for t in "${targets[@]}"; do
   cp ../fixtures/*.qcow2 "$c/"
   cp "$small"/*.qcow2 "$c/" 2>/dev/null || true
   [ "$t" != vdi ] || cp "$small"/vdi/*.vdi "$c/" 2>/dev/null || true
+  [ "$t" != vpc ] || cp "$small"/vdi/*.vhd "$c/" 2>/dev/null || true
   if [ -d "regressions/$t" ]; then
     cp regressions/"$t"/* "$c/" 2>/dev/null || true
   fi

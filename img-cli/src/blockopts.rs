@@ -3,7 +3,8 @@
 //! (`driver=qcow2,file.filename=X`), and the `blkdebug:CONFIG:FILE`
 //! protocol prefix. Both forms become one flat map of dotted keys (as
 //! QEMU flattens its option dicts), then a tree of nodes: format drivers
-//! (qcow2, raw, luks) over protocol ones (file, blkdebug, quorum, null-co).
+//! (qcow2, raw, luks, vdi, vpc) over protocol ones (file, blkdebug, quorum,
+//! null-co).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,8 @@ pub struct Spec {
     /// The external data file given in place of the header's
     /// (`data-file.filename`).
     pub data_file: Option<PathBuf>,
+    /// The vpc driver's `force_size_calc` option, as given.
+    pub vpc_force_size_calc: Option<String>,
 }
 
 impl Spec {
@@ -70,6 +73,16 @@ impl Spec {
             }
         }
         walk(&self.node)
+    }
+
+    /// The plain name of the node holding the image's bytes (the file
+    /// node under the format node), when there is one: what qemu-img
+    /// info shows as its child's filename.
+    pub fn file_name(&self) -> Option<String> {
+        match &self.node {
+            Node::Format { file, .. } | Node::Probe(file) => plain_name(file),
+            n => plain_name(n),
+        }
     }
 
     /// The image format named (outermost format node), None to probe.
@@ -169,6 +182,7 @@ pub fn parse_filename(name: &str) -> Result<Spec, CliError> {
         name,
         keys: Vec::new(),
         data_file: None,
+        vpc_force_size_calc: None,
     })
 }
 
@@ -247,11 +261,34 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         Node::Blkdebug { ref image, .. } if matches!(**image, Node::Format { .. }) => node,
         n => Node::Probe(Box::new(n)),
     };
-    // A key is one of qcow2's "strong" runtime options: with one, no
-    // plain filename says what was opened (QEMU's bdrv_refresh_filename).
-    let strong = flat.keys().any(|k| k.ends_with("key-secret"));
-    let name = match plain_name(&node) {
-        Some(n) if !strong => n,
+    // A key is one of qcow2's "strong" runtime options, force_size_calc
+    // one of vpc's: with one, no plain filename says what was opened
+    // (QEMU's bdrv_refresh_filename).
+    let strong: Vec<&String> = flat
+        .keys()
+        .filter(|k| k.ends_with("key-secret") || *k == "force_size_calc")
+        .collect();
+    // A file node given as options (`file.filename=X`) has no driver.
+    let host_file = |n: &Node| match n {
+        Node::File(f) => Some(f.clone()),
+        Node::Probe(f) => match &**f {
+            Node::File(f) => Some(f.clone()),
+            _ => None,
+        },
+        _ => None,
+    };
+    let name = match (plain_name(&node), &node) {
+        (Some(n), _) if strong.is_empty() => n,
+        // The top node's own strong options only (a backing node's
+        // nest in QEMU's name).
+        (_, Node::Format { format, file, .. })
+            if host_file(file).is_some()
+                && strong.iter().all(|k| {
+                    ["force_size_calc", "key-secret", "encrypt.key-secret"].contains(&k.as_str())
+                }) =>
+        {
+            strong_json_name(flat, &strong, *format, &host_file(file).unwrap())
+        }
         _ => json_name(flat),
     };
     let mut keys = Vec::new();
@@ -276,6 +313,7 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         name,
         keys,
         data_file,
+        vpc_force_size_calc: get_str(flat, "force_size_calc"),
     })
 }
 
@@ -318,17 +356,17 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
     }
     let driver = get_str(flat, "driver");
     match driver.as_deref() {
-        Some(d @ ("qcow2" | "raw" | "luks" | "vdi")) => {
+        Some(d @ ("qcow2" | "raw" | "luks" | "vdi" | "vpc")) => {
             let format = Format::from_name(d).unwrap();
             check_keys(
                 flat,
                 d,
                 &[
                     "driver",
-                    if format == Format::Luks {
-                        "key-secret"
-                    } else {
-                        "driver"
+                    match format {
+                        Format::Luks => "key-secret",
+                        Format::Vpc => "force_size_calc",
+                        _ => "driver",
                     },
                     "backing",
                     "node-name",
@@ -500,6 +538,48 @@ fn plain_name(n: &Node) -> Option<String> {
     }
 }
 
+/// The `json:{...}` name QEMU gives a format node over a file when strong
+/// options are set (bdrv_refresh_filename): those options, the driver,
+/// and the file node (its driver and filename), in the order QEMU's QDict
+/// hash table lists them, printed as QEMU prints JSON.
+fn strong_json_name(flat: &Flat, strong: &[&String], format: Format, file: &str) -> String {
+    let file = qdict_json(&[
+        ("driver", "\"file\"".to_string()),
+        ("filename", Value::from(file).to_string()),
+    ]);
+    let mut items: Vec<(&str, String)> = strong
+        .iter()
+        .map(|k| (k.as_str(), flat[*k].to_string()))
+        .collect();
+    items.push(("driver", Value::from(format.name()).to_string()));
+    items.push(("file", file));
+    format!("json:{}", qdict_json(&items))
+}
+
+/// A JSON object of already serialised values, keys in QEMU's QDict
+/// order: by hash bucket (tdb_hash modulo 512), the later-inserted key
+/// first within a bucket; `{"k": v, ...}` as QEMU's JSON writer spaces it.
+fn qdict_json(items: &[(&str, String)]) -> String {
+    fn bucket(key: &str) -> u32 {
+        let mut v = 0x238f_13afu32.wrapping_mul(key.len() as u32);
+        for (i, &c) in key.as_bytes().iter().enumerate() {
+            v = v.wrapping_add((c as u32) << (i * 5 % 24));
+        }
+        1_103_515_249u32.wrapping_mul(v).wrapping_add(12345) % 512
+    }
+    let mut order: Vec<(u32, std::cmp::Reverse<usize>, usize)> = items
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (bucket(k), std::cmp::Reverse(i), i))
+        .collect();
+    order.sort();
+    let body: Vec<String> = order
+        .iter()
+        .map(|&(_, _, i)| format!("{}: {}", Value::from(items[i].0), items[i].1))
+        .collect();
+    format!("{{{}}}", body.join(", "))
+}
+
 /// The `json:{...}` name QEMU gives a node no plain name describes.
 fn json_name(flat: &Flat) -> String {
     let mut root = serde_json::Map::new();
@@ -551,6 +631,9 @@ pub fn open_options(
     opts.no_backing |= spec.no_backing();
     if spec.data_file.is_some() {
         opts.qcow2.data_file = spec.data_file.clone();
+    }
+    if spec.vpc_force_size_calc.is_some() {
+        opts.vpc_force_size_calc = spec.vpc_force_size_calc.clone();
     }
     if let Some(f) = spec.faults() {
         opts.faults = Some(f);

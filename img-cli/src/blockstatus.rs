@@ -16,7 +16,10 @@
 //!   file, and data clusters that are holes there become DATA|ZERO;
 //! - vdi: allocated blocks are DATA with an offset, holes ZERO (not
 //!   unallocated: QEMU's vdi driver says ZERO); a static image's data asks
-//!   its host file as above (the engine's `Extent::recurse`).
+//!   its host file as above (the engine's `Extent::recurse`);
+//! - vpc: a dynamic disk as vdi (runs of unallocated blocks are one ZERO
+//!   answer, as QEMU's vpc driver gives them); a fixed disk is DATA with
+//!   an offset over its whole range, recursing into the host file.
 
 use std::sync::Arc;
 
@@ -73,7 +76,7 @@ impl Chain {
                 Some(q) => q.metadata_preallocation_detected()?,
                 None => false,
             };
-            let host = if recurse_all || img.format() == Format::Vdi {
+            let host = if recurse_all || matches!(img.format(), Format::Vdi | Format::Vpc) {
                 Some(Raw::open(Storage::open(img.path(), false)?)?)
             } else {
                 None
@@ -128,7 +131,7 @@ impl Chain {
                 len: bytes,
                 offset: None,
             },
-            Format::Qcow2 | Format::Vdi => {
+            Format::Qcow2 | Format::Vdi | Format::Vpc => {
                 let e = l.img.block_status(off, bytes)?;
                 match e.kind {
                     ExtentKind::Data if e.compressed => Status {

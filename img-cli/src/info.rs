@@ -39,6 +39,9 @@ pub struct InfoArgs {
 /// Everything info reports about one image.
 struct ImageInfo {
     filename: String,
+    /// The child node's filename (the file under the format node: its
+    /// plain name even where the image's is a json: one).
+    file_name: String,
     format: Format,
     virtual_size: u64,
     /// The allocation unit qemu-img info reports (qcow2's cluster, a vdi
@@ -116,14 +119,15 @@ fn open_one(
             .unwrap_or_default(),
         _ => Vec::new(),
     };
-    let (shown, dir) = if image_opts || crate::blockopts::is_special(name) {
+    let (shown, dir, file_name) = if image_opts || crate::blockopts::is_special(name) {
         let spec = crate::blockopts::parse(name, image_opts)?;
         let dir = spec.dirname();
-        (spec.name, dir)
+        let file_name = spec.file_name().unwrap_or_else(|| spec.name.clone());
+        (spec.name, dir, file_name)
     } else {
         let shown = crate::common::display_name(name);
         let dir = Path::new(&shown).parent().map(Path::to_path_buf);
-        (shown, Some(dir.unwrap_or_default()))
+        (shown.clone(), Some(dir.unwrap_or_default()), shown)
     };
     let backing = qh.as_ref().and_then(|h| h.backing_file.clone()).map(|b| {
         let full = dir.map(|d| {
@@ -140,8 +144,10 @@ fn open_one(
     let file_length = file_length.next_multiple_of(512);
     Ok(ImageInfo {
         filename: shown,
+        file_name,
         format: img.format(),
-        virtual_size: img.size(),
+        // QEMU counts a raw file in whole sectors.
+        virtual_size: crate::common::qemu_len(img.as_ref()),
         cluster_size: match &qh {
             Some(h) => Some(h.cluster_size()),
             None => img.cluster_size(),
@@ -259,7 +265,7 @@ fn to_json(i: &ImageInfo) -> Value {
             "info": {
                 "children": [],
                 "virtual-size": i.file_length,
-                "filename": i.filename,
+                "filename": i.file_name,
                 "format": "file",
                 "actual-size": i.actual_size,
                 "format-specific": {"type": "file", "data": {}},
@@ -480,7 +486,7 @@ fn to_human(i: &ImageInfo) -> String {
         }
     }
     s += "Child node '/file':\n";
-    s += &format!("    filename: {}\n", i.filename);
+    s += &format!("    filename: {}\n", i.file_name);
     s += "    protocol type: file\n";
     s += &format!(
         "    file length: {} ({} bytes)\n",

@@ -118,8 +118,8 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
     let mut m = Map::new();
     match out_fmt {
         // qemu-img's words, after opening the input as it does: QEMU's
-        // vdi driver cannot measure either.
-        Format::Vdi => {
+        // vdi and vpc drivers cannot measure either.
+        Format::Vdi | Format::Vpc => {
             return Err(CliError::new(format!(
                 "Block driver '{}' does not support size measurement",
                 out_fmt.name()

@@ -42,6 +42,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("check_repair", check_repair),
     ("bitmaps", bitmaps),
     ("vdi", vdi),
+    ("vpc", vpc),
 ];
 
 /// An in-memory file holding `data`.
@@ -372,9 +373,69 @@ pub fn vdi(data: &[u8]) {
     let Ok(img) = vdi::open(st) else {
         return;
     };
+    let bs = vdi::BLOCK_SIZE;
+    walk_foreign(&img, "vdi", |e, pos| {
+        // Answers never cross a block.
+        assert!(e.len <= bs);
+        assert_eq!(pos / bs, (pos + e.len - 1) / bs, "status crosses a block");
+    });
+    let rep = img.layout().check();
+    assert!(rep.corruptions as usize >= rep.messages.len().saturating_sub(1));
+}
+
+/// A VHD image, with each size calculation QEMU's `force_size_calc`
+/// offers: opened read-only (a writable open must be refused) and walked
+/// as [`vdi`] walks its image. A dynamic disk's data never crosses a block
+/// (runs of holes may); a fixed disk is one run of data at the guest's
+/// own offsets. The BAT is held only as far as the input goes.
+pub fn vpc(data: &[u8]) {
+    use crate::foreign::vpc::{self, SizeCalc};
+    let f = memfile(data);
+    for calc in [SizeCalc::Auto, SizeCalc::Chs, SizeCalc::CurrentSize] {
+        let dup = || f.try_clone().expect("dup of the memfd");
+        let rw = Storage::from_file(dup(), Path::new("fuzz-input.vhd"), true);
+        assert!(
+            vpc::open(rw, calc).is_err(),
+            "a vpc image opened for writing"
+        );
+        let st = Storage::from_file(dup(), Path::new("fuzz-input.vhd"), false);
+        let Ok(img) = vpc::open(st, calc) else {
+            continue;
+        };
+        assert!(img.size() <= vpc::MAX_SECTORS * 512, "more than 2040 GiB");
+        let fixed = img.layout().footer().disk_type == vpc::TYPE_FIXED;
+        assert_eq!(
+            fixed,
+            img.cluster_size().is_none(),
+            "cluster size of {calc:?}"
+        );
+        let bs = img.layout().dynamic().map(|d| d.block_size);
+        walk_foreign(&img, "vpc", |e, pos| match (bs, e.kind) {
+            (None, _) => {
+                assert_eq!(e.offset, Some(pos), "fixed data not at its own offset");
+                assert!(e.recurse, "fixed data does not ask the file");
+            }
+            (Some(bs), ExtentKind::Data) => {
+                assert!(e.len <= bs);
+                assert_eq!(pos / bs, (pos + e.len - 1) / bs, "data crosses a block");
+            }
+            _ => {}
+        });
+    }
+}
+
+/// The walk [`vdi`] and [`vpc`] share: block status over the disk (each
+/// answer also judged by `check`, given the answer and where it starts),
+/// data runs read whole and through map_read/read_mapped (which must
+/// agree), the first bytes of zero runs (zeros), then unaligned reads
+/// across 1 MiB boundaries near the start and the end.
+fn walk_foreign<L: crate::foreign::Layout>(
+    img: &crate::foreign::ForeignImage<L>,
+    what: &str,
+    check: impl Fn(&crate::image::Extent, u64),
+) {
     let size = img.size();
     assert_eq!(size % 512, 0, "the disk size is whole sectors");
-    let bs = vdi::BLOCK_SIZE;
     let mut budget = Budget::new();
     let mut whole = Vec::new();
     let mut mapped = Vec::new();
@@ -382,23 +443,25 @@ pub fn vdi(data: &[u8]) {
     'walk: while pos < size && budget.take(0) {
         let e = img
             .block_status(pos, size - pos)
-            .expect("vdi block status cannot fail inside the disk");
-        assert!(e.len > 0 && e.len <= size - pos && e.len <= bs);
-        // Answers never cross a block.
-        assert_eq!(pos / bs, (pos + e.len - 1) / bs, "status crosses a block");
+            .unwrap_or_else(|e| panic!("{what} block status failed inside the disk: {e}"));
+        assert!(e.len > 0 && e.len <= size - pos);
+        check(&e, pos);
         match e.kind {
             ExtentKind::Data => {
                 assert!(e.offset.is_some(), "data without a host offset");
-                if !budget.take(2 * e.len) {
+                // At most 1 MiB of each run: a fixed disk is one run.
+                let n = e.len.min(1 << 20);
+                if !budget.take(2 * n) {
                     break 'walk;
                 }
-                whole.resize(e.len as usize, 0);
-                mapped.resize(e.len as usize, 0);
-                img.read_at(&mut whole, pos).expect("reading vdi data");
-                let (m, n) = img.map_read(pos, e.len).expect("mapping vdi data");
-                assert_eq!(n, e.len, "map_read and block_status disagree");
+                whole.resize(n as usize, 0);
+                mapped.resize(n as usize, 0);
+                img.read_at(&mut whole, pos)
+                    .unwrap_or_else(|e| panic!("reading {what} data: {e}"));
+                let (m, got) = img.map_read(pos, n).expect("mapping data");
+                assert_eq!(got, n, "map_read and block_status disagree");
                 img.read_mapped(m, &mut mapped, pos)
-                    .expect("reading mapped vdi data");
+                    .unwrap_or_else(|e| panic!("reading mapped {what} data: {e}"));
                 assert!(
                     whole == mapped,
                     "read_at and read_mapped differ at {pos:#x}"
@@ -407,25 +470,25 @@ pub fn vdi(data: &[u8]) {
             ExtentKind::Zero => {
                 let k = e.len.min(4096) as usize;
                 whole.resize(k, 1);
-                img.read_at(&mut whole, pos).expect("reading a vdi hole");
+                img.read_at(&mut whole, pos)
+                    .unwrap_or_else(|e| panic!("reading a {what} hole: {e}"));
                 assert!(
                     whole.iter().all(|&b| b == 0),
                     "a hole at {pos:#x} is not zeros"
                 );
             }
-            ExtentKind::Unallocated => panic!("vdi has no unallocated ranges"),
+            ExtentKind::Unallocated => panic!("{what} has no unallocated ranges"),
         }
         pos += e.len;
     }
-    // Unaligned reads across block boundaries, near the start and end.
-    for off in [bs - 7, 2 * bs - 1, size.saturating_sub(bs + 3)] {
+    // Unaligned reads across 1 MiB boundaries, near the start and end.
+    let mib = 1u64 << 20;
+    for off in [mib - 7, 2 * mib - 1, size.saturating_sub(mib + 3)] {
         if off < size {
-            let n = (bs + 13).min(size - off) as usize;
+            let n = (mib + 13).min(size - off) as usize;
             whole.resize(n, 0);
             img.read_at(&mut whole, off)
-                .expect("reading across vdi blocks");
+                .unwrap_or_else(|e| panic!("reading across {what} blocks: {e}"));
         }
     }
-    let rep = img.layout().check();
-    assert!(rep.corruptions as usize >= rep.messages.len().saturating_sub(1));
 }

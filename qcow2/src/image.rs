@@ -17,6 +17,9 @@ pub enum Format {
     Luks,
     /// A VirtualBox disk image, read-only (see [`crate::foreign::vdi`]).
     Vdi,
+    /// A Virtual PC / Hyper-V disk image (VHD, QEMU's `vpc`), read-only
+    /// (see [`crate::foreign::vpc`]).
+    Vpc,
 }
 
 impl Format {
@@ -26,6 +29,7 @@ impl Format {
             Format::Qcow2 => "qcow2",
             Format::Luks => "luks",
             Format::Vdi => "vdi",
+            Format::Vpc => "vpc",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
@@ -34,6 +38,7 @@ impl Format {
             "qcow2" => Some(Format::Qcow2),
             "luks" => Some(Format::Luks),
             "vdi" => Some(Format::Vdi),
+            "vpc" => Some(Format::Vpc),
             _ => None,
         }
     }
@@ -41,7 +46,7 @@ impl Format {
     /// writable opens and creation are refused
     /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
     pub fn read_only(self) -> bool {
-        matches!(self, Format::Vdi)
+        matches!(self, Format::Vdi | Format::Vpc)
     }
 }
 

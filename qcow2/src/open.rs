@@ -35,6 +35,10 @@ pub struct OpenOptions {
     /// `backing.encrypt.key-secret`, `backing.backing.encrypt...`); the
     /// top image's is `qcow2.encrypt_key`.
     pub backing_keys: Vec<Option<crate::encrypt::Secret>>,
+    /// QEMU's vpc option `force_size_calc` as given (`chs` or
+    /// `current_size`; any other value fails the open with QEMU's
+    /// message): how a VHD image's virtual size is decided.
+    pub vpc_force_size_calc: Option<String>,
 }
 
 /// Opens an image and, unless told not to, its backing chain.
@@ -131,6 +135,13 @@ fn open_at_depth(
         Format::Raw => Ok(Arc::new(Raw::open(st)?)),
         // No backing files: QEMU refuses VDI images that have a parent.
         Format::Vdi => Ok(Arc::new(crate::foreign::vdi::open(st)?)),
+        // No backing files either: QEMU reads a differencing VHD as a
+        // dynamic disk of its own.
+        Format::Vpc => {
+            use crate::foreign::vpc;
+            let calc = vpc::SizeCalc::parse(opts.vpc_force_size_calc.as_deref())?;
+            Ok(Arc::new(vpc::open(st, calc)?))
+        }
         Format::Luks => {
             let key = match depth {
                 0 => opts.qcow2.encrypt_key.clone(),

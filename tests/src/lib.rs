@@ -109,6 +109,85 @@ pub const FOREIGN_VDI: &[&str] = &[
     "vdi-empty.vdi",
 ];
 
+/// The VHD images `fixtures/make-foreign.sh` makes (see the script). The
+/// fixed ones probe as raw, as in QEMU: open them with format vpc.
+pub const FOREIGN_VPC: &[&str] = &[
+    "vpc-dynamic.vhd",
+    "vpc-dynamic-force.vhd",
+    "vpc-fixed.vhd",
+    "vpc-fixed-force.vhd",
+    "vpc-dynamic-6m.vhd",
+    "vpc-win.vhd",
+    "vpc-vpc.vhd",
+    "vpc-diff.vhd",
+    "vpc-empty.vhd",
+];
+
+/// Runs `args` with qemu-img and with rimg in `dir` and asserts the same
+/// exit code, stdout and stderr (rimg's error prefix read as qemu-img's);
+/// returns qemu-img's exit code, stdout and stderr.
+pub fn same_as_qemu(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let run = |prog: &Path| {
+        let o = Command::new(prog)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).replace("rimg:", "qemu-img:");
+        (o.status.code(), text(&o.stdout), text(&o.stderr))
+    };
+    let q = run(Path::new("qemu-img"));
+    let r = run(&workspace_bin("rimg"));
+    assert_eq!(q, r, "{args:?}: qemu-img (left) and rimg (right) differ");
+    q
+}
+
+/// Runs rimg with `args` in `dir`: exit code, stdout, stderr.
+pub fn rimg_in(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let o = Command::new(workspace_bin("rimg"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    (
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A copy of `from` named `to` in `dir`, with `bytes` written at each
+/// offset; returns `to`.
+pub fn patched_copy(dir: &Path, from: &str, to: &str, edits: &[(u64, Vec<u8>)]) -> String {
+    use std::os::unix::fs::FileExt;
+    let p = dir.join(to);
+    std::fs::copy(dir.join(from), &p).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    for (off, b) in edits {
+        f.write_all_at(b, *off).unwrap();
+    }
+    to.to_string()
+}
+
+/// Recomputes the checksum of each VHD footer in `img` (the one at its
+/// start and the one in its last 512 bytes, where they say `conectix`):
+/// the one's complement of the byte sum, the checksum field read as 0.
+pub fn seal_vhd_footers(img: &mut [u8]) {
+    let len = img.len();
+    if len < 512 {
+        return;
+    }
+    for at in [0, len - 512] {
+        let f = &mut img[at..at + 512];
+        if &f[..8] != b"conectix" {
+            continue;
+        }
+        f[64..68].fill(0);
+        let sum = f.iter().fold(0u32, |s, &b| s.wrapping_add(b as u32));
+        f[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    }
+}
+
 /// Makes the foreign-format images of `fixtures/make-foreign.sh` in
 /// `dir` (with qemu-img and qemu-io; nothing binary is committed).
 pub fn make_foreign(dir: &Path) {

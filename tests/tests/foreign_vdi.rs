@@ -5,55 +5,24 @@
 //! open error QEMU's vdi driver has, and check's findings, on hand-made
 //! headers and maps; and clear refusals of everything that would write.
 
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use qcow2::{ExtentKind, Format, OpenOptions};
-use rimg_tests::{make_foreign, qemu_raw_content, tempdir, workspace_bin, FOREIGN_VDI};
+use rimg_tests::{make_foreign, qemu_raw_content, tempdir, FOREIGN_VDI};
 
-/// Runs `args` with qemu-img and with rimg in `dir` and asserts the same
-/// exit code, stdout and stderr (rimg's error prefix read as qemu-img's);
-/// returns qemu-img's exit code, stdout and stderr.
 fn same(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let run = |prog: &Path| {
-        let o = Command::new(prog)
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).replace("rimg:", "qemu-img:");
-        (o.status.code(), text(&o.stdout), text(&o.stderr))
-    };
-    let q = run(Path::new("qemu-img"));
-    let r = run(&workspace_bin("rimg"));
-    assert_eq!(q, r, "{args:?}: qemu-img (left) and rimg (right) differ");
-    q
+    rimg_tests::same_as_qemu(dir, args)
 }
 
 fn rimg(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    let o = Command::new(workspace_bin("rimg"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    (
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    rimg_tests::rimg_in(dir, args)
 }
 
 /// A copy of `from` named `to` in `dir`, with `bytes` written at each
 /// offset (little-endian fields, as VDI stores them).
 fn patched(dir: &Path, from: &str, to: &str, edits: &[(u64, Vec<u8>)]) -> String {
-    let p = dir.join(to);
-    std::fs::copy(dir.join(from), &p).unwrap();
-    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
-    for (off, b) in edits {
-        f.write_all_at(b, *off).unwrap();
-    }
-    to.to_string()
+    rimg_tests::patched_copy(dir, from, to, edits)
 }
 
 fn le32(v: u32) -> Vec<u8> {

@@ -1,6 +1,6 @@
 //! The fuzz targets (`qcow2::fuzz_targets`, which libFuzzer runs from
 //! `fuzz/`) run deterministically in the normal test suite: over every
-//! fixture (and the VDI images `fixtures/make-foreign.sh` makes), every
+//! fixture (and the VDI and VHD images `fixtures/make-foreign.sh` makes), every
 //! committed regression input (`fuzz/regressions/`), and a fixed number
 //! of seeded mutations aimed at the fixtures' metadata. No input may make
 //! a target panic or fail one of its assertions, and none may take more
@@ -70,10 +70,32 @@ fn foreign_fixtures() -> Vec<(String, Vec<u8>)> {
     let all = files(d.path());
     assert_eq!(
         all.len(),
-        rimg_tests::FOREIGN_VDI.len(),
+        rimg_tests::FOREIGN_VDI.len() + rimg_tests::FOREIGN_VPC.len(),
         "make-foreign.sh images"
     );
     all
+}
+
+/// Byte ranges of a VHD image's metadata: the footer at the start (a
+/// dynamic disk's) and at the end, and a dynamic disk's header (at the
+/// footer's data offset) and BAT (u32 per block at the header's table
+/// offset).
+fn vpc_metadata(img: &[u8]) -> Vec<Range<usize>> {
+    let len = img.len();
+    let mut out = vec![0..len.min(512), len.saturating_sub(512)..len];
+    let be = |at: usize, w: usize| {
+        img.get(at..at + w)
+            .map(|b| b.iter().fold(0u64, |v, &x| v << 8 | x as u64) as usize)
+    };
+    if let Some(h) = be(16, 8).filter(|&h| h < len) {
+        out.push(h..(h + 1024).min(len));
+        if let (Some(bat), Some(n)) = (be(h + 16, 8), be(h + 28, 4)) {
+            if bat < len {
+                out.push(bat..(bat + 4 * n.max(1)).min(len));
+            }
+        }
+    }
+    out
 }
 
 /// Byte ranges of a VDI image's metadata: the header and the block map
@@ -238,17 +260,23 @@ fn for_each_case(mut run: impl FnMut(String, &[u8])) {
     }
     let qcow2_fixtures = fixtures().into_iter().map(|f| (f, false));
     let foreign = foreign_fixtures().into_iter().map(|f| (f, true));
-    for (i, ((name, img), vdi)) in qcow2_fixtures.chain(foreign).enumerate() {
+    for (i, ((name, img), foreign)) in qcow2_fixtures.chain(foreign).enumerate() {
         let img = &img;
         run(format!("fixture {name}"), img);
-        let regions = if vdi {
+        let regions = if foreign && name.ends_with(".vhd") {
+            vpc_metadata(img)
+        } else if foreign {
             vdi_metadata(img)
         } else {
             metadata(img)
         };
         let mut rng = StdRng::seed_from_u64(0xf022 + i as u64);
         for m in 0..mutations_per_fixture() {
-            let v = mutate(&mut rng, img, &regions);
+            let mut v = mutate(&mut rng, img, &regions);
+            if name.ends_with(".vhd") && m % 2 == 0 {
+                // Past the footer's checksum, to the fields behind it.
+                rimg_tests::seal_vhd_footers(&mut v);
+            }
             run(format!("fixture {name}, mutation {m}"), &v);
         }
     }

@@ -1,5 +1,5 @@
 //! Hostile input: thousands of truncated, bit-flipped, field-overwritten
-//! and size-inflated qcow2 and VDI images, each opened read-only and
+//! and size-inflated qcow2, VDI and VHD images, each opened read-only and
 //! read-write, read at scattered offsets, written, flushed and checked.
 //! Every case must end in a result or an error: never a panic, never a
 //! hang (10 s per case, detected by a channel timeout), never an
@@ -14,7 +14,8 @@
 //! field. A VDI image holds at most its file's bytes of block map, however
 //! many blocks its header claims (entries past the end of the file are
 //! zeros and are not held), and its check at most one entry per block
-//! held plus a capped list of messages.
+//! held plus a capped list of messages. A VHD image holds at most its
+//! file's bytes of BAT, the same way.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -144,6 +145,11 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let vdi = dir.join("vdi");
     rimg_tests::make_foreign(&vdi);
     for name in ["vdi-dynamic.vdi", "vdi-static.vdi"] {
+        out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
+    }
+    // VHD images (mutated by `mutate_vpc`, opened as vpc): dynamic, with
+    // data in three of its four blocks, and fixed.
+    for name in ["vpc-dynamic-6m.vhd", "vpc-fixed.vhd"] {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
     out
@@ -318,10 +324,115 @@ fn mutate_vdi(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
     v
 }
 
+/// VHD footer fields (offset, width; big-endian), Microsoft's VHD spec:
+/// data offset (where the dynamic header is), timestamp, creator
+/// application, current size, geometry (cylinders, heads, sectors), disk
+/// type.
+const VPC_FOOTER_FIELDS: &[(usize, usize)] = &[
+    (16, 8),
+    (24, 4),
+    (28, 4),
+    (48, 8),
+    (56, 2),
+    (58, 1),
+    (59, 1),
+    (60, 4),
+];
+
+/// VHD dynamic header fields (offset from the header, width): data
+/// offset, BAT offset, version, BAT entries, block size, checksum.
+const VPC_HEADER_FIELDS: &[(usize, usize)] = &[(8, 8), (16, 8), (24, 4), (28, 4), (32, 4), (36, 4)];
+
+/// One mutation of a VHD image: footer bits and fields (at the start for
+/// a dynamic disk, at the end for a fixed one), dynamic header fields and
+/// BAT entries, random bytes, truncation, or a disk inflated to QEMU's
+/// limits (2040 GiB, the largest BAT) with the BAT at or past the end of
+/// the file. The footer's checksum is recomputed after most of them, or
+/// the checksum alone would refuse every case.
+fn mutate_vpc(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
+    let mut v = img.to_vec();
+    let be = |v: &mut Vec<u8>, off: usize, w: usize, val: u64| {
+        if off + w <= v.len() {
+            v[off..off + w].copy_from_slice(&val.to_be_bytes()[8 - w..]);
+        }
+    };
+    let footer = if &v[..8] == b"conectix" {
+        0
+    } else {
+        v.len() - 512
+    };
+    // The dynamic header and BAT of a dynamic seed (QEMU's layout).
+    let (header, bat) = (512, 1536);
+    match rng.random_range(0..7) {
+        0 => {
+            for _ in 0..rng.random_range(1..=4) {
+                let i = footer + rng.random_range(0..512);
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            let (off, w) = VPC_FOOTER_FIELDS[rng.random_range(0..VPC_FOOTER_FIELDS.len())];
+            let val = match rng.random_range(0..3) {
+                0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+                // Creator apps that decide the size rule.
+                1 => u32::from_be_bytes(
+                    *[b"vpc ", b"qemu", b"win ", b"qem2"][rng.random_range(0..4)],
+                ) as u64,
+                _ => rng.random_range(0..v.len() as u64 * 2),
+            };
+            be(&mut v, footer + off, w, val);
+        }
+        2 => {
+            let (off, w) = VPC_HEADER_FIELDS[rng.random_range(0..VPC_HEADER_FIELDS.len())];
+            let val = match rng.random_range(0..3) {
+                0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+                1 => 1 << rng.random_range(0..32),
+                _ => rng.random_range(0..v.len() as u64 * 2),
+            };
+            be(&mut v, header + off, w, val);
+        }
+        3 => {
+            // BAT entries: boundary values, "unallocated", sectors inside
+            // or past the file, duplicates.
+            for _ in 0..rng.random_range(1..=8) {
+                let at = bat + 4 * rng.random_range(0..8);
+                let val = match rng.random_range(0..4) {
+                    0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+                    1 => 0xffff_ffff,
+                    _ => rng.random_range(0..v.len() as u64 / 256),
+                };
+                be(&mut v, at, 4, val);
+            }
+        }
+        4 => scribble(rng, &mut v),
+        5 => truncate(rng, &mut v),
+        _ => {
+            // A Hyper-V footer (the current size counts) up to 2040 GiB
+            // or a little more, a BAT as long as QEMU allows with small
+            // blocks, maybe moved to the end of the file or past it.
+            be(&mut v, footer + 28, 4, u32::from_be_bytes(*b"win ") as u64);
+            let size = rng.random_range(0..=0xff00_0010u64) << 9;
+            be(&mut v, footer + 48, 8, size);
+            be(&mut v, header + 28, 4, rng.random_range(0..=0x2000_0000));
+            be(&mut v, header + 32, 4, 512 << rng.random_range(0..13));
+            if rng.random_bool(0.3) {
+                let at = v.len() as u64 + rng.random_range(0..2) * (1 << 30);
+                be(&mut v, header + 16, 8, at & !511);
+            }
+        }
+    }
+    if rng.random_bool(0.8) {
+        rimg_tests::seal_vhd_footers(&mut v);
+    }
+    v
+}
+
 /// Everything a hostile image may be put through; errors are fine.
-fn exercise(path: &Path, rw_path: &Path) {
+/// `format` None: probed.
+fn exercise(path: &Path, rw_path: &Path, format: Option<qcow2::Format>) {
     let ro = OpenOptions {
         no_backing: true,
+        format,
         ..Default::default()
     };
     if let Ok(img) = qcow2::open(path, &ro) {
@@ -344,6 +455,7 @@ fn exercise(path: &Path, rw_path: &Path) {
     let rw = OpenOptions {
         writable: true,
         no_backing: true,
+        format,
         ..Default::default()
     };
     if let Ok(img) = qcow2::open(rw_path, &rw) {
@@ -373,12 +485,18 @@ fn hostile_images_fail_cleanly() {
     let mut cases = 0usize;
     let mut opened = 0usize;
     let mut vdi_opened = 0usize;
+    let mut vpc_opened = 0usize;
     let mut worst = (0usize, String::new());
     for (si, (name, img)) in seeds.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
+        // A fixed VHD probes as raw (as in QEMU): VHD seeds are opened
+        // as vpc.
+        let format = name.ends_with(".vhd").then_some(qcow2::Format::Vpc);
         for c in 0..CASES_PER_SEED {
             let m = if name.ends_with(".vdi") {
                 mutate_vdi(&mut rng, img)
+            } else if format.is_some() {
+                mutate_vpc(&mut rng, img)
             } else {
                 mutate(&mut rng, img)
             };
@@ -389,12 +507,15 @@ fn hostile_images_fail_cleanly() {
                 &case_path,
                 &OpenOptions {
                     no_backing: true,
+                    format,
                     ..Default::default()
                 },
             )
             .is_ok_and(|i| {
-                if i.format() == qcow2::Format::Vdi {
-                    vdi_opened += 1;
+                match i.format() {
+                    qcow2::Format::Vdi => vdi_opened += 1,
+                    qcow2::Format::Vpc => vpc_opened += 1,
+                    _ => {}
                 }
                 true
             }) {
@@ -405,7 +526,7 @@ fn hostile_images_fail_cleanly() {
             let (tx, rx) = mpsc::channel();
             let (p1, p2) = (case_path.clone(), rw_path.clone());
             let h = std::thread::spawn(move || {
-                let r = std::panic::catch_unwind(|| exercise(&p1, &p2));
+                let r = std::panic::catch_unwind(|| exercise(&p1, &p2, format));
                 let _ = tx.send(r.is_ok());
             });
             match rx.recv_timeout(Duration::from_secs(10)) {
@@ -432,6 +553,11 @@ fn hostile_images_fail_cleanly() {
         vdi_opened >= CASES_PER_SEED / 4,
         "only {vdi_opened} mutated VDI images opened: the mutations miss"
     );
+    assert!(
+        vpc_opened >= CASES_PER_SEED / 4,
+        "only {vpc_opened} mutated VHD images opened: the mutations miss"
+    );
+    eprintln!("{vdi_opened} VDI and {vpc_opened} VHD mutants opened");
     eprintln!(
         "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",
         worst.0 >> 10,

@@ -1,5 +1,5 @@
-//! Formats other than qcow2, raw and luks ("foreign" formats: VDI now;
-//! VHD, VMDK and VHDX to come), read-only.
+//! Formats other than qcow2, raw and luks ("foreign" formats: VDI and
+//! VHD now; VMDK and VHDX to come), read-only.
 //!
 //! Each format decodes its header and tables into a [`Layout`]: how a
 //! guest range is stored. [`ForeignImage`] turns a layout into an
@@ -18,6 +18,7 @@
 pub mod probe;
 pub(crate) mod table;
 pub mod vdi;
+pub mod vpc;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -50,8 +51,10 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     /// The unit the format allocates in, as qemu-img info reports it.
     fn cluster_size(&self) -> Option<u64>;
     /// Where [off, off + len) starts, and how much of it (at least one
-    /// byte) is stored the same way, contiguously. Called with a
-    /// non-empty range inside the disk.
+    /// byte) is stored the same way, contiguously, as far as the format's
+    /// QEMU driver answers in one block status (VDI: one block; VHD: one
+    /// block of data, or a run of holes). Called with a non-empty range
+    /// inside the disk.
     fn lookup(&self, off: u64, len: u64) -> Result<(Where, u64)>;
 }
 
@@ -127,9 +130,8 @@ impl<L: Layout> Image for ForeignImage<L> {
 
     fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
         self.check_range(off, len)?;
-        // One lookup, unmerged: QEMU's drivers answer per block too, and
-        // qemu-img map's merging (and the recursion into the file) see
-        // the same pieces.
+        // One lookup, as QEMU's driver answers: qemu-img map's merging
+        // (and the recursion into the file) see the same pieces.
         let (w, n) = self.layout.lookup(off, len)?;
         Ok(match w {
             Where::Data { host, recurse } => Extent {

@@ -12,6 +12,12 @@ pub const PROBE_LEN: usize = 2048;
 /// The foreign format whose signature `first` (the first [`PROBE_LEN`]
 /// bytes of the file, zero-padded) carries, if any.
 pub fn probe(first: &[u8]) -> Option<Format> {
+    // VHD: the footer's cookie at 0 (dynamic disks; a fixed disk has its
+    // footer at the end only and probes as raw). Tested before VDI, whose
+    // signature could sit in a footer's checksum field: QEMU prefers vpc.
+    if super::vpc::probe(first) {
+        return Some(Format::Vpc);
+    }
     // VDI: the signature after the 64-byte text of the header
     // (VirtualBox's VDIPREHEADER, as QEMU's vdi_probe reads it).
     let sig = first.get(super::vdi::SIGNATURE_AT..super::vdi::SIGNATURE_AT + 4)?;
@@ -34,5 +40,19 @@ mod tests {
         b[0x40] ^= 1;
         assert_eq!(probe(&b), None);
         assert_eq!(probe(&b[..0x42]), None);
+    }
+
+    #[test]
+    fn vpc_cookie_at_0_only() {
+        let mut b = vec![0u8; PROBE_LEN];
+        b[512..520].copy_from_slice(b"conectix");
+        assert_eq!(probe(&b), None);
+        b[..8].copy_from_slice(b"conectix");
+        assert_eq!(probe(&b), Some(Format::Vpc));
+        // Ahead of a VDI signature in the same bytes.
+        b[0x40..0x44].copy_from_slice(&0xbeda_107fu32.to_le_bytes());
+        assert_eq!(probe(&b), Some(Format::Vpc));
+        b[7] = b'X';
+        assert_eq!(probe(&b), Some(Format::Vdi));
     }
 }

@@ -49,6 +49,11 @@ impl Table {
     pub(crate) fn u32_le(&self, i: u64) -> u32 {
         u32::from_le_bytes(self.entry(i))
     }
+
+    /// Entry `i` as a big-endian u32.
+    pub(crate) fn u32_be(&self, i: u64) -> u32 {
+        u32::from_be_bytes(self.entry(i))
+    }
 }
 
 #[cfg(test)]
@@ -76,6 +81,7 @@ mod tests {
         assert_eq!(t.u32_le(1), u32::from_le_bytes([7, 8, 9, 10]));
         assert_eq!(t.u32_le(2), 0);
         assert_eq!(t.u32_le(u64::MAX), 0);
+        assert_eq!(t.u32_be(1), u32::from_be_bytes([7, 8, 9, 10]));
         // An entry cut by the end of the file: its missing bytes are zero.
         let t = table(&file, 4, 100);
         assert_eq!(t.entries_in_file(4), 2);
