@@ -538,6 +538,11 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Whether `flush` has something to write (and will sync).
+    pub fn is_dirty(&self) -> bool {
+        self.cache.has_dirty() || self.table_dirty
+    }
+
     /// Writes dirty blocks, then (after they are durable) the table
     /// entries that point to new blocks. Leaves everything durable.
     pub fn flush(&mut self, st: &Storage) -> Result<()> {

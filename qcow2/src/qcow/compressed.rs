@@ -81,6 +81,8 @@ impl Qcow2 {
                 // Compressed clusters have no subclusters.
                 Self::l2_bitmap_set(&mut m, slot, idx, 0);
             }
+            // Durable before the table is written (`sync_before_l2`).
+            m.data_unsynced = true;
             Ok::<(), Error>(())
         });
         let r = match r {

@@ -50,10 +50,11 @@ impl Qcow2 {
     /// refcount changes, and between L2 tables and the L1 entries that may
     /// point at them.
     pub(super) fn write_back(&self, m: &mut Meta) -> Result<()> {
-        m.rc.flush(&self.st)?;
         let dirty = m.l2.dirty_slots();
-        if !dirty.is_empty() {
-            self.sync_cow(m)?;
+        if dirty.is_empty() {
+            m.rc.flush(&self.st)?;
+        } else {
+            self.sync_before_l2(m)?;
         }
         for i in dirty {
             Self::write_l2(&self.st, m, i)?;

@@ -179,9 +179,10 @@ struct Meta {
     /// L2 tables were written since the last sync: an L1 entry may point
     /// at one only after a sync.
     l2_unsynced: bool,
-    /// Copy-on-write fill was written, not yet synced, for an entry now
-    /// in the L2 cache: synced before any L2 table is written.
-    cow_unsynced: bool,
+    /// Data of an allocation whose entry is now in the L2 cache may not
+    /// be durable yet (Flush mode): synced before any L2 table is written,
+    /// unless a refcount sync after the commit covered it.
+    data_unsynced: bool,
     /// Guest data clusters with durable refcounts, not yet used
     /// ([`MetadataPersistence::ProcessDeath`] only).
     reserve: persist::Reserve,
@@ -383,7 +384,7 @@ impl Qcow2 {
             l1_dirty: None,
             l2: TableCache::new(cs as usize, opts.l2_cache_bytes),
             l2_unsynced: false,
-            cow_unsynced: false,
+            data_unsynced: false,
             reserve: Default::default(),
             rc,
             pending_free: Vec::new(),

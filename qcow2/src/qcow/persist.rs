@@ -77,6 +77,11 @@ impl Qcow2 {
         if self.opts.metadata_persistence != MetadataPersistence::ProcessDeath {
             return Ok(());
         }
+        // Marked at open; again if a clean finish cleared the mark and the
+        // image is still written.
+        if self.mark_dirty_while_open(m)? {
+            self.st.sync()?;
+        }
         self.write_back(m)
     }
 
@@ -179,7 +184,9 @@ impl Qcow2 {
     /// Clears the dirty bit this process set, once the reserve is given
     /// back and the metadata synced (a clean close).
     pub(super) fn mark_clean_after_reserve(&self, m: &mut Meta) -> Result<()> {
-        if !m.reserve.marked_dirty || !m.reserve.runs.is_empty() {
+        // Frees still queued (I/O that began before them is running) are
+        // leaks if the process dies now: the mark stays for the repair.
+        if !m.reserve.marked_dirty || !m.reserve.runs.is_empty() || !m.pending_free.is_empty() {
             return Ok(());
         }
         let bits = m.header.incompatible_features & !incompat::DIRTY;

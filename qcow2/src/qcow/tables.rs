@@ -13,19 +13,28 @@ impl Qcow2 {
     /// Writes back a dirty L2 table: refcounts first (see module docs).
     pub(super) fn writeback_l2(&self, m: &mut Meta, i: usize) -> Result<()> {
         if m.l2.is_dirty(i) {
-            m.rc.flush(&self.st)?;
-            self.sync_cow(m)?;
+            self.sync_before_l2(m)?;
             Self::write_l2(&self.st, m, i)?;
         }
         Ok(())
     }
 
-    /// Makes copy-on-write fill durable before an L2 table that may map
-    /// it is written (see `end_write`).
-    pub(super) fn sync_cow(&self, m: &mut Meta) -> Result<()> {
-        if m.cow_unsynced {
+    /// Before an L2 table is written: refcounts written and synced, and
+    /// the data of every committed allocation durable (see `end_write`).
+    /// A refcount sync covers that data when it is in this file: the data
+    /// was written before its commit, and the commit came before this.
+    /// Otherwise (no refcount changed since, as when another thread's
+    /// flush synced them between an allocation and its data write; or
+    /// the data lives in a data file) the data is synced here.
+    pub(super) fn sync_before_l2(&self, m: &mut Meta) -> Result<()> {
+        let synced = m.rc.is_dirty();
+        m.rc.flush(&self.st)?;
+        if synced && self.data.is_none() {
+            m.data_unsynced = false;
+        }
+        if m.data_unsynced {
             self.data_storage().sync()?;
-            m.cow_unsynced = false;
+            m.data_unsynced = false;
         }
         Ok(())
     }

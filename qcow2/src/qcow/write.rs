@@ -347,13 +347,16 @@ impl Qcow2 {
                 drop(m);
                 let in_cl = pos - a.gc.offset(self.cluster_bits);
                 let n = (len as u64).min(a.n * self.cluster_size() - in_cl);
-                // A zero cluster reused in place shows its old data if its
-                // entry reaches the disk before the new data does. (New
-                // clusters need no such sync: their refcounts are synced
-                // before the entry, at the write-back or with the reserve,
-                // and a reserve's reused clusters are zeroed then.)
+                // The data must be durable before the entry when the
+                // entry reaching the disk first would show something the
+                // guest did not write: the old data of a zero cluster
+                // reused in place or of a data file's cluster (freed data
+                // stays there), or the garbage that zeros decrypt to. (A
+                // new cluster in this file reads as zeros until written:
+                // past the file's old end, or zeroed with the reserve.)
+                let always = a.reuse || self.data.is_some() || self.cipher.is_some();
                 let data_first = match self.cow_fill(&a, pos, n) {
-                    Ok(w) => w || a.reuse,
+                    Ok(w) => w || always,
                     Err(e) => {
                         let mut m = self.lock();
                         self.rollback_alloc(&mut m, &a);
@@ -445,8 +448,8 @@ impl Qcow2 {
         };
         if !ok || r.is_err() {
             self.rollback_alloc(&mut m, &a);
-        } else if io.data_first && !persist_now {
-            m.cow_unsynced = true;
+        } else if !persist_now {
+            m.data_unsynced = true;
         }
         let r = r.and_then(|()| self.persist(&mut m));
         self.finish_alloc(m, &a);
