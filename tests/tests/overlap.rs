@@ -24,6 +24,9 @@ const COPIED: u64 = 1 << 63;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const INCOMPATIBLE: usize = 72;
 const CORRUPT: u64 = 2;
+/// The dirty bit: the block daemon sets it when it opens an image for
+/// writing (its metadata is persisted per request; a kill leaks).
+const DIRTY: u64 = 1;
 
 fn be64(f: &[u8], off: u64) -> u64 {
     u64::from_be_bytes(f[off as usize..off as usize + 8].try_into().unwrap())
@@ -163,18 +166,21 @@ fn qemu_check(p: &Path) -> (i32, serde_json::Value) {
 
 /// What a damaged image must show after the refused write, and after the
 /// repair. `guest` is the guest cluster whose mapping was damaged (its
-/// content is allowed to change in the repair).
+/// content is allowed to change in the repair). `marked`: the header bits
+/// the writer set (v3): the corrupt bit, and the dirty bit where the
+/// writer marks the image at open.
 fn assert_refused_then_repaired(
     p: &Path,
     before: &[u8],
     v3: bool,
     snapshot: bool,
     guest: Option<u64>,
+    marked: u64,
 ) {
     let after = std::fs::read(p).unwrap();
     let mut want = before.to_vec();
     if v3 {
-        let bits = be64(before, INCOMPATIBLE as u64) | CORRUPT;
+        let bits = be64(before, INCOMPATIBLE as u64) | marked;
         want[INCOMPATIBLE..INCOMPATIBLE + 8].copy_from_slice(&bits.to_be_bytes());
     }
     assert_eq!(after.len(), want.len(), "file length changed");
@@ -274,7 +280,7 @@ fn in_place_writes_onto_metadata_are_refused() {
         assert!(q.write_at(&[1; 512], 100 << 20).is_err(), "{name}");
         drop(q);
         eprintln!("{name} ({compat}): {msg}");
-        assert_refused_then_repaired(&img, &before, compat == "1.1", snapshot, Some(1));
+        assert_refused_then_repaired(&img, &before, compat == "1.1", snapshot, Some(1), CORRUPT);
     }
 }
 
@@ -303,7 +309,7 @@ fn allocating_clusters_whose_refcount_is_zero_but_are_metadata_is_refused() {
         );
         drop(q);
         eprintln!("{name}: {msg}");
-        assert_refused_then_repaired(&img, &before, true, false, None);
+        assert_refused_then_repaired(&img, &before, true, false, None, CORRUPT);
     }
 }
 
@@ -325,5 +331,5 @@ fn the_block_daemon_refuses_too() {
     drop(c);
     let (_, log) = d.terminate();
     assert!(log.contains("active L2 table"), "daemon log: {log}");
-    assert_refused_then_repaired(&img, &before, true, false, Some(1));
+    assert_refused_then_repaired(&img, &before, true, false, Some(1), CORRUPT | DIRTY);
 }
