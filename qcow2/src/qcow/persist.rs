@@ -49,10 +49,11 @@ const RESERVE_BYTES: u64 = 8 << 20;
 #[derive(Default)]
 pub(super) struct Reserve {
     runs: VecDeque<Run>,
-    /// This process set the header's dirty bit (v3) for the reserve: a
-    /// kill leaves the image marked, and the next open for writing
-    /// repairs the leaked reserve as QEMU repairs a lazy-refcounts image
-    /// (`dirty_open`). Cleared on a clean close.
+    /// This process set the header's dirty bit (v3), at the writable open
+    /// or when it wrote after a clean finish: a kill leaves the image
+    /// marked, and the next open for writing repairs the leaked reserve
+    /// as QEMU repairs a lazy-refcounts image (`dirty_open`). Cleared on a
+    /// clean close.
     marked_dirty: bool,
     /// A reserve extended the file (given back at a clean finish).
     extended: bool,
