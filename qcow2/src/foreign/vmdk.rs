@@ -170,13 +170,14 @@ impl VmdkLayout {
             return Err(not_yet("VMDK3 (COWD) sparse files"));
         }
         if &b[..4] != MAGIC {
-            return Err(descriptor_refusal(st));
+            return Err(descriptor_refusal(st, 0, file_len));
         }
         let h = Header::parse(&b);
         if h.capacity == 0 && h.desc_offset != 0 {
-            return Err(not_yet(
-                "VMDK sparse files with an embedded descriptor of extents",
-            ));
+            // The embedded descriptor stands for the file (QEMU's own
+            // is monolithicSparse: refused by its type).
+            let at = h.desc_offset.wrapping_mul(SECTOR);
+            return Err(descriptor_refusal(st, at, file_len));
         }
         if h.gd_offset == GD_AT_END {
             return Err(not_yet(
@@ -379,19 +380,49 @@ enum GrainAt {
     Data(u64),
 }
 
-/// The refusal of a file that is not a sparse extent: QEMU reads it as a
-/// text descriptor. Without a createType QEMU gives up with its words;
-/// with one, it names extent files, which rimg does not read yet.
-fn descriptor_refusal(st: &Storage) -> Error {
-    let len = st.len().unwrap_or(0).min((1 << 20) - 1);
-    let mut b = vec![0u8; len as usize];
-    if st.read_at(&mut b, 0).is_err() {
-        return refuse("invalid VMDK image descriptor");
+/// The refusal of a text descriptor at `at` (a file that is not a sparse
+/// extent, or a sparse file's embedded one), read as QEMU reads it (at
+/// most 1 MiB - 1 bytes, the file's length): without a createType, or of
+/// a type QEMU does not take from a descriptor, QEMU's words; of a type
+/// it does, rimg does not read it yet (its extents are other files).
+fn descriptor_refusal(st: &Storage, at: u64, file_len: u64) -> Error {
+    let len = file_len.min((1 << 20) - 1);
+    if !readable(at, len) {
+        return refuse("Could not read from file: Input/output error");
     }
-    match find(until_nul(&b), b"createType") {
+    let mut b = vec![0u8; len as usize];
+    if let Err(e) = st.read_at(&mut b, at) {
+        return e;
+    }
+    match create_type(until_nul(&b)) {
         None => refuse("invalid VMDK image descriptor"),
+        Some(t) if !DESCRIPTOR_TYPES.contains(&t.as_slice()) => refuse(format!(
+            "Unsupported image type '{}'",
+            String::from_utf8_lossy(&t)
+        )),
         Some(_) => not_yet("VMDK descriptor files (extents in other files)"),
     }
+}
+
+/// The create types QEMU opens from a text descriptor.
+const DESCRIPTOR_TYPES: &[&[u8]] = &[
+    b"monolithicFlat",
+    b"vmfs",
+    b"vmfsSparse",
+    b"seSparse",
+    b"twoGbMaxExtentSparse",
+    b"twoGbMaxExtentFlat",
+];
+
+/// The value of the first `createType`, as QEMU finds it: two bytes
+/// after the key (its `="`), up to the next `"`, at most 127 bytes.
+fn create_type(text: &[u8]) -> Option<Vec<u8>> {
+    let start = find(text, b"createType")? + b"createType".len() + 2;
+    if start >= text.len() {
+        return None;
+    }
+    let len = text[start..].iter().position(|&c| c == b'"')?;
+    (len < 128).then(|| text[start..start + len].to_vec())
 }
 
 /// The bytes before the first NUL (a C string's).

@@ -29,7 +29,7 @@ fn image(flags: u32, gt0: [u32; 4], desc: &str) -> Vec<u8> {
     f
 }
 
-const DESC: &str = "# Disk DescriptorFile\nversion=1\nCID=836df646\nparentCID=ffffffff\n";
+const DESC: &str = "# Disk DescriptorFile\nversion=1\nCID=836df646\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n";
 
 fn with_file<T>(bytes: &[u8], f: impl FnOnce(&Storage) -> T) -> T {
     use std::sync::atomic::{AtomicU32, Ordering};
@@ -166,7 +166,12 @@ fn open_errors_in_qemus_order_and_words() {
     );
     assert!(err(&set(at::COMPRESSION, &1u16.to_le_bytes())).contains("streamOptimized"));
     assert!(err(&set(at::GD_OFFSET, &u64::MAX.to_le_bytes())).contains("streamOptimized"));
-    assert!(err(&set(at::CAPACITY, &0u64.to_le_bytes())).contains("embedded descriptor"));
+    // No capacity: the embedded descriptor is the image; QEMU's own
+    // (monolithicSparse) is refused by type.
+    assert_eq!(
+        err(&set(at::CAPACITY, &0u64.to_le_bytes())),
+        "Unsupported image type 'monolithicSparse'"
+    );
     let e = err(&set(at::GD_OFFSET, &(1u64 << 54).to_le_bytes()));
     assert!(
         e.starts_with("Could not read l1 table from extent '/"),
@@ -193,6 +198,18 @@ fn open_errors_in_qemus_order_and_words() {
     assert!(err(&f).contains("parent"));
     assert_eq!(err(b"version=1\n"), "invalid VMDK image descriptor");
     assert!(err(b"version=1\ncreateType=\"monolithicFlat\"\n").contains("descriptor files"));
+    assert_eq!(
+        err(b"version=1\ncreateType=\"streamOptimized\"\n"),
+        "Unsupported image type 'streamOptimized'"
+    );
+    assert_eq!(
+        err(b"version=1\ncreateType=\"monolithicFlat\n"),
+        "invalid VMDK image descriptor"
+    );
+    assert_eq!(create_type(b"createType=\"\""), Some(vec![]));
+    assert_eq!(create_type(b"createType="), None);
+    let long = format!("createType=\"{}\"", "a".repeat(128));
+    assert_eq!(create_type(long.as_bytes()), None);
     assert!(err(b"COWD").contains("COWD"));
 }
 
