@@ -1,5 +1,6 @@
 //! Hostile input: thousands of truncated, bit-flipped, field-overwritten
-//! and size-inflated qcow2, VDI and VHD images, each opened read-only and
+//! and size-inflated qcow2, VDI, VHD and VMDK images, each opened
+//! read-only and
 //! read-write, read at scattered offsets, written, flushed and checked.
 //! Every case must end in a result or an error: never a panic, never a
 //! hang (10 s per case, detected by a channel timeout), never an
@@ -15,7 +16,8 @@
 //! many blocks its header claims (entries past the end of the file are
 //! zeros and are not held), and its check at most one entry per block
 //! held plus a capped list of messages. A VHD image holds at most its
-//! file's bytes of BAT, the same way.
+//! file's bytes of BAT, a VMDK image its file's bytes of grain directory
+//! (grain tables are read per lookup), the same way.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -150,6 +152,11 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
     // VHD images (mutated by `mutate_vpc`, opened as vpc): dynamic, with
     // data in three of its four blocks, and fixed.
     for name in ["vpc-dynamic-6m.vhd", "vpc-fixed.vhd"] {
+        out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
+    }
+    // VMDK sparse files (mutated by `mutate_vmdk`, opened as vmdk):
+    // grains at 0, 1M, 3M; zeroed grains.
+    for name in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk"] {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
     out
@@ -427,6 +434,109 @@ fn mutate_vpc(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
     v
 }
 
+/// VMDK sparse header fields (offset, width; little-endian): version,
+/// flags, capacity, grain, descriptor offset and size, GTEs per GT,
+/// redundant GD, GD, first grain, compression.
+const VMDK_FIELDS: &[(usize, usize)] = &[
+    (4, 4),
+    (8, 4),
+    (12, 8),
+    (20, 8),
+    (28, 8),
+    (36, 8),
+    (44, 4),
+    (48, 8),
+    (56, 8),
+    (64, 8),
+    (77, 2),
+];
+
+/// One mutation of a VMDK sparse file: header bits and fields, GD and GT
+/// entries (found through the header, as QEMU lays them out), the
+/// descriptor's CIDs, random bytes, truncation, or a disk inflated to
+/// QEMU's limits (2^54 sectors, 32 Mi GD entries, small grains and
+/// tables) with the GD at or past the end of the file.
+fn mutate_vmdk(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
+    let mut v = img.to_vec();
+    let le = |v: &mut Vec<u8>, off: usize, w: usize, val: u64| {
+        if off + w <= v.len() {
+            v[off..off + w].copy_from_slice(&val.to_le_bytes()[..w]);
+        }
+    };
+    let rd = |v: &[u8], off: usize| u32::from_le_bytes(v[off..off + 4].try_into().unwrap());
+    let gd = rd(&v, 56) as usize * 512;
+    let gt = rd(&v, gd) as usize * 512;
+    match rng.random_range(0..7) {
+        0 => {
+            for _ in 0..rng.random_range(1..=4) {
+                let i = rng.random_range(0..512);
+                v[i] ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            let (off, w) = VMDK_FIELDS[rng.random_range(0..VMDK_FIELDS.len())];
+            let val = match rng.random_range(0..3) {
+                0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+                1 => 1 << rng.random_range(0..40),
+                _ => rng.random_range(0..v.len() as u64 / 256),
+            };
+            le(&mut v, off, w, val);
+        }
+        2 => {
+            // GD and GT entries: boundary values, 0, 1 (a zeroed grain
+            // or sector 1), sectors inside or past the file.
+            for _ in 0..rng.random_range(1..=8) {
+                let at = match rng.random_bool(0.2) {
+                    true => gd + 4 * rng.random_range(0..4),
+                    false => gt + 4 * rng.random_range(0..80),
+                };
+                let val = match rng.random_range(0..4) {
+                    0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+                    1 => rng.random_range(0..2),
+                    _ => rng.random_range(0..v.len() as u64 / 256),
+                };
+                le(&mut v, at, 4, val);
+            }
+        }
+        3 => {
+            // The descriptor: CID keys and values, NULs, a parent's name.
+            let at = 512 + rng.random_range(0..200);
+            let junk: &[&[u8]] = &[
+                b"CID=",
+                b"parentCID=",
+                b"\0",
+                b"zz",
+                b"-1",
+                b"createType=\"",
+            ];
+            let j = junk[rng.random_range(0..junk.len())];
+            v[at..at + j.len()].copy_from_slice(j);
+        }
+        4 => scribble(rng, &mut v),
+        5 => truncate(rng, &mut v),
+        _ => {
+            // Small grains and tables over a huge disk: up to QEMU's 32 Mi
+            // GD entries (a 128 MiB GD), a few more, or a count that
+            // wraps its u32.
+            let span = 1u64 << (rng.random_range(0..12) + rng.random_range(0..10));
+            let grain = span >> rng.random_range(0..10).min(span.trailing_zeros());
+            le(&mut v, 20, 8, grain);
+            le(&mut v, 44, 4, span / grain);
+            let cap = match rng.random_range(0..3) {
+                0 => span * rng.random_range(0..=(32 << 20) + 2),
+                1 => rng.random_range(0..=1u64 << 54),
+                _ => span * ((1 << 32) + rng.random_range(0..64)),
+            };
+            le(&mut v, 12, 8, cap);
+            if rng.random_bool(0.3) {
+                let at = v.len() as u64 / 512 + rng.random_range(0..2) * (1 << 21);
+                le(&mut v, 56, 8, at);
+            }
+        }
+    }
+    v
+}
+
 /// Everything a hostile image may be put through; errors are fine.
 /// `format` None: probed.
 fn exercise(path: &Path, rw_path: &Path, format: Option<qcow2::Format>) {
@@ -486,15 +596,22 @@ fn hostile_images_fail_cleanly() {
     let mut opened = 0usize;
     let mut vdi_opened = 0usize;
     let mut vpc_opened = 0usize;
+    let mut vmdk_opened = 0usize;
     let mut worst = (0usize, String::new());
     for (si, (name, img)) in seeds.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
         // A fixed VHD probes as raw (as in QEMU): VHD seeds are opened
         // as vpc.
-        let format = name.ends_with(".vhd").then_some(qcow2::Format::Vpc);
+        let format = if name.ends_with(".vhd") {
+            Some(qcow2::Format::Vpc)
+        } else {
+            name.ends_with(".vmdk").then_some(qcow2::Format::Vmdk)
+        };
         for c in 0..CASES_PER_SEED {
             let m = if name.ends_with(".vdi") {
                 mutate_vdi(&mut rng, img)
+            } else if name.ends_with(".vmdk") {
+                mutate_vmdk(&mut rng, img)
             } else if format.is_some() {
                 mutate_vpc(&mut rng, img)
             } else {
@@ -515,6 +632,7 @@ fn hostile_images_fail_cleanly() {
                 match i.format() {
                     qcow2::Format::Vdi => vdi_opened += 1,
                     qcow2::Format::Vpc => vpc_opened += 1,
+                    qcow2::Format::Vmdk => vmdk_opened += 1,
                     _ => {}
                 }
                 true
@@ -557,7 +675,11 @@ fn hostile_images_fail_cleanly() {
         vpc_opened >= CASES_PER_SEED / 4,
         "only {vpc_opened} mutated VHD images opened: the mutations miss"
     );
-    eprintln!("{vdi_opened} VDI and {vpc_opened} VHD mutants opened");
+    assert!(
+        vmdk_opened >= CASES_PER_SEED / 4,
+        "only {vmdk_opened} mutated VMDK images opened: the mutations miss"
+    );
+    eprintln!("{vdi_opened} VDI, {vpc_opened} VHD and {vmdk_opened} VMDK mutants opened");
     eprintln!(
         "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",
         worst.0 >> 10,
@@ -611,4 +733,36 @@ fn bad_l2_entry_ends_a_run_without_failing_it() {
     assert!(buf.iter().all(|&b| b == 0x22));
     // A read spanning the bad cluster fails as a whole.
     assert!(q.read_at(&mut vec![0u8; 3 * cs as usize], 99 * cs).is_err());
+}
+
+/// QEMU reads a VMDK grain directory whole: up to 32 Mi entries, 128 MiB,
+/// which the 256 MiB bound above cannot tell from clipping. A 720 KiB
+/// file that claims the largest directory: opening, reading, block status
+/// and check hold at most its in-file part (a few MiB).
+#[test]
+fn vmdk_grain_directory_is_held_only_inside_the_file() {
+    let d = tempdir();
+    rimg_tests::make_foreign(d.path());
+    let mut v = std::fs::read(d.path().join("vmdk-sparse.vmdk")).unwrap();
+    // One-sector grains, one per table: 32 Mi GD entries.
+    v[20..28].copy_from_slice(&1u64.to_le_bytes());
+    v[44..48].copy_from_slice(&1u32.to_le_bytes());
+    v[12..20].copy_from_slice(&(32u64 << 20).to_le_bytes());
+    let p = d.path().join("big-gd.vmdk");
+    std::fs::write(&p, &v).unwrap();
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let ro = OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let img = qcow2::open(&p, &ro).unwrap();
+    assert_eq!(img.size(), 16 << 30);
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, (16 << 30) - 65536).unwrap();
+    let _ = img.block_status(0, img.size());
+    let rep = qcow2::foreign::check(img.as_ref()).unwrap().unwrap();
+    assert!(rep.failed.is_some(), "grains past the end of the file");
+    let used = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    assert!(used < 8 << 20, "{} KiB held for a 128 MiB GD", used >> 10);
 }
