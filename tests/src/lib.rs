@@ -537,6 +537,7 @@ pub mod crash;
 pub mod daemon;
 pub mod guest;
 pub mod image;
+pub mod mutate;
 pub mod nested;
 pub mod nested_restart;
 pub mod net;
