@@ -488,3 +488,38 @@ fn unsupported_vmdk_kinds_are_refused() {
         );
     }
 }
+
+/// A qcow2 image over a VMDK backing file (-F vmdk): the VMDK's
+/// unallocated grains are holes of the chain, its zeroed grains zeros,
+/// as qemu-img reads them.
+#[test]
+fn qcow2_over_a_vmdk_backing_file() {
+    let d = fixtures();
+    let dir = d.path();
+    for base in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk"] {
+        let top = format!("top-{base}.qcow2");
+        qemu(
+            dir,
+            &[
+                "create", "-q", "-f", "qcow2", "-b", base, "-F", "vmdk", &top,
+            ],
+        );
+        rimg_tests::qemu_io(
+            &dir.join(&top),
+            &["write -P 0x99 2M 64k", "write -P 0x98 60k 8k"],
+        );
+        for args in [
+            vec!["info", "--backing-chain", "--output=json", &top],
+            vec!["map", &top],
+            vec!["map", "--output=json", &top],
+            vec!["check", &top],
+        ] {
+            same(dir, &args);
+        }
+        let want = qemu_raw_content(&dir.join(&top), &dir.join(format!("{top}.raw")));
+        let image = qcow2::open(&dir.join(&top), &OpenOptions::default()).unwrap();
+        rimg_tests::assert_reads_as(image.as_ref(), &want, &top, &[65536 + 7, 4096]);
+        let (code, out, _) = same(dir, &["compare", &top, &format!("{top}.raw")]);
+        assert_eq!((code, out.as_str()), (Some(0), "Images are identical.\n"));
+    }
+}
