@@ -17,8 +17,8 @@
 //! What QEMU does, and rimg with it:
 //! - nothing is checked against the file's length at open but the first
 //!   grain's offset; tables and grains past the end read as zeros;
-//! - the GD is held (its in-file part, `table.rs`); GT entries are read
-//!   from the file when a grain is looked up;
+//! - the GD is held (its in-file part, `table.rs`); a GT is read from
+//!   the file when a grain is looked up (the last one kept);
 //! - the CID and parent CID are the first `CID` and `parentCID` found in
 //!   the 10 KiB at 0x200 (where QEMU's monolithic descriptor is, whatever
 //!   the header says), up to its first NUL byte;
@@ -144,6 +144,9 @@ pub struct VmdkLayout {
     zero_grain: bool,
     cid: u32,
     parent_cid: u32,
+    /// The last GT looked up: its sector (0: none) and bytes (at most
+    /// 2 KiB). The image is read-only: a GT never changes.
+    gt_cache: std::sync::Mutex<(u32, Vec<u8>)>,
 }
 
 /// Opens a VMDK image (read-only: a writable `st` is refused).
@@ -264,6 +267,7 @@ impl VmdkLayout {
             gd,
             cid,
             parent_cid,
+            gt_cache: std::sync::Mutex::new((0, Vec::new())),
         })
     }
 
@@ -302,11 +306,17 @@ impl VmdkLayout {
         if gt == 0 {
             return Ok(Some(0));
         }
-        let i = (sector / self.header.grain) % self.header.gtes_per_gt as u64;
-        // At most 2^41 + 2^11: inside what a read takes.
-        let mut e = [0u8; 4];
-        st.read_at(&mut e, gt as u64 * SECTOR + i * 4)?;
-        Ok(Some(u32::from_le_bytes(e)))
+        let i = ((sector / self.header.grain) % self.header.gtes_per_gt as u64) as usize;
+        let mut cache = self.gt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0 != gt {
+            // At most 2^41 + 2^11: inside what a read takes.
+            cache.1.resize(self.header.gtes_per_gt as usize * 4, 0);
+            st.read_at(&mut cache.1, gt as u64 * SECTOR)?;
+            cache.0 = gt;
+        }
+        Ok(Some(u32::from_le_bytes(
+            cache.1[i * 4..i * 4 + 4].try_into().unwrap(),
+        )))
     }
 
     /// How the grain holding `sector` is stored, from its GTE.
