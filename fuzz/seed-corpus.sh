@@ -4,16 +4,16 @@
 # fixtures/, the committed regression inputs in fuzz/regressions/, and,
 # when qemu-img and qemu-io are installed, a few small images with
 # 512-byte clusters: libFuzzer mutates small inputs much faster, and in
-# those most bytes are metadata rather than guest data. The vdi and vpc
-# targets also get the VDI (VHD) images of fixtures/make-foreign.sh and
-# two 2 MiB (1 MiB) ones.
+# those most bytes are metadata rather than guest data. The vdi, vpc and
+# vmdk targets also get the VDI (VHD, VMDK) images of
+# fixtures/make-foreign.sh and two 2 MiB (1 MiB) ones.
 #
 # Usage: fuzz/seed-corpus.sh [TARGET...]   (default: every target)
 set -euo pipefail
 cd "$(dirname "$0")"
 work=${FUZZ_WORK:-.}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk)
 
 small=$(mktemp -d)
 trap 'rm -rf "$small"' EXIT
@@ -53,6 +53,10 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
   qemu-io -f vpc -c "write -P 0xd1 512k 4k" "$small/vdi/small-dyn.vhd" >/dev/null
   qemu-img create -q -f vpc -o subformat=fixed "$small/vdi/small-fixed.vhd" 1M
   qemu-io -f vpc -c "write -P 0xd2 0 4k" "$small/vdi/small-fixed.vhd" >/dev/null
+  qemu-img create -q -f vmdk -o zeroed_grain=on "$small/vdi/small.vmdk" 1M
+  qemu-io -f vmdk -c "write -P 0xe1 0 4k" -c "write -z 512k 64k" "$small/vdi/small.vmdk" >/dev/null
+  qemu-img create -q -f vmdk "$small/vdi/small-plain.vmdk" 1M
+  qemu-io -f vmdk -c "write -P 0xe2 256k 4k" "$small/vdi/small-plain.vmdk" >/dev/null
 else
   echo "seed-corpus: qemu-img/qemu-io not found; seeding from fixtures/ only" >&2
 fi
@@ -64,6 +68,7 @@ for t in "${targets[@]}"; do
   cp "$small"/*.qcow2 "$c/" 2>/dev/null || true
   [ "$t" != vdi ] || cp "$small"/vdi/*.vdi "$c/" 2>/dev/null || true
   [ "$t" != vpc ] || cp "$small"/vdi/*.vhd "$c/" 2>/dev/null || true
+  [ "$t" != vmdk ] || cp "$small"/vdi/*.vmdk "$c/" 2>/dev/null || true
   if [ -d "regressions/$t" ]; then
     cp regressions/"$t"/* "$c/" 2>/dev/null || true
   fi

@@ -3,7 +3,7 @@
 //! (`driver=qcow2,file.filename=X`), and the `blkdebug:CONFIG:FILE`
 //! protocol prefix. Both forms become one flat map of dotted keys (as
 //! QEMU flattens its option dicts), then a tree of nodes: format drivers
-//! (qcow2, raw, luks, vdi, vpc) over protocol ones (file, blkdebug, quorum,
+//! (qcow2, raw, luks, vdi, vpc, vmdk) over protocol ones (file, blkdebug, quorum,
 //! null-co).
 
 use std::collections::BTreeMap;
@@ -356,7 +356,7 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
     }
     let driver = get_str(flat, "driver");
     match driver.as_deref() {
-        Some(d @ ("qcow2" | "raw" | "luks" | "vdi" | "vpc")) => {
+        Some(d @ ("qcow2" | "raw" | "luks" | "vdi" | "vpc" | "vmdk")) => {
             let format = Format::from_name(d).unwrap();
             check_keys(
                 flat,

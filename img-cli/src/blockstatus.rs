@@ -19,7 +19,10 @@
 //!   its host file as above (the engine's `Extent::recurse`);
 //! - vpc: a dynamic disk as vdi (runs of unallocated blocks are one ZERO
 //!   answer, as QEMU's vpc driver gives them); a fixed disk is DATA with
-//!   an offset over its whole range, recursing into the host file.
+//!   an offset over its whole range, recursing into the host file;
+//! - vmdk (sparse): one grain per answer, DATA with an offset, ZERO for a
+//!   zeroed grain, and unallocated grains as qcow2's (the layer below, or
+//!   zeros).
 
 use std::sync::Arc;
 
@@ -131,7 +134,7 @@ impl Chain {
                 len: bytes,
                 offset: None,
             },
-            Format::Qcow2 | Format::Vdi | Format::Vpc => {
+            Format::Qcow2 | Format::Vdi | Format::Vpc | Format::Vmdk => {
                 let e = l.img.block_status(off, bytes)?;
                 match e.kind {
                     ExtentKind::Data if e.compressed => Status {

@@ -1,7 +1,7 @@
 //! `rimg check`: qemu-img check's output, JSON shape and exit codes
 //! (0 clean, 1 check could not complete, 2 corruptions, 3 leaks only,
-//! 63 format without checks). qcow2 is checked and repaired; vdi is
-//! checked only (a repair gets 63, as with qemu-img).
+//! 63 format without checks). qcow2 is checked and repaired; vdi and
+//! vmdk are checked only (a repair gets 63, as with qemu-img).
 
 use clap::{Args, ValueEnum};
 use qcow2::{CheckReport, Format, OpenOptions, Repair};
@@ -97,6 +97,11 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         let rep = rep.map_err(|e| CliError::new(format!("Check failed: {e}")))?;
         for m in &rep.messages {
             eprintln!("{m}");
+        }
+        if let Some(why) = &rep.failed {
+            // The check stopped (vmdk): no report, as qemu-img.
+            eprintln!("{}: Check failed: {why}", crate::prog_name());
+            return Ok(1);
         }
         print_report(&a, &rep, repair, img.format());
         return Ok(if rep.corruptions > 0 { 2 } else { 0 });

@@ -58,6 +58,25 @@ struct ImageInfo {
     luks: Option<qcow2::luks::LuksHeader>,
     /// Persistent dirty bitmaps (the `bitmaps` list of qemu-img info).
     bitmaps: Vec<qcow2::bitmap::DirEntry>,
+    /// A VMDK image's format-specific data (QEMU's ImageInfoSpecificVmdk).
+    vmdk: Option<Map<String, Value>>,
+}
+
+/// QEMU's format-specific data of a VMDK image: CIDs, create type and
+/// the extents (one: the sparse file itself, its type string empty).
+fn vmdk_json(img: &dyn Image, file_name: &str) -> Option<Map<String, Value>> {
+    let l = img.as_any().downcast_ref::<qcow2::Vmdk>()?.layout();
+    let mut extent = Map::new();
+    extent.insert("virtual-size".into(), json!(img.size()));
+    extent.insert("filename".into(), json!(file_name));
+    extent.insert("cluster-size".into(), json!(img.cluster_size()));
+    extent.insert("format".into(), json!(""));
+    let mut d = Map::new();
+    d.insert("cid".into(), json!(l.cid()));
+    d.insert("parent-cid".into(), json!(l.parent_cid()));
+    d.insert("create-type".into(), json!(l.create_type()));
+    d.insert("extents".into(), json!([Value::Object(extent)]));
+    Some(d)
 }
 
 fn open_one(
@@ -142,6 +161,7 @@ fn open_one(
     });
     // QEMU reports the length of the file node in whole 512-byte sectors.
     let file_length = file_length.next_multiple_of(512);
+    let vmdk = vmdk_json(img.as_ref(), &file_name);
     Ok(ImageInfo {
         filename: shown,
         file_name,
@@ -159,6 +179,7 @@ fn open_one(
         backing,
         luks,
         bitmaps,
+        vmdk,
     })
 }
 
@@ -350,6 +371,12 @@ fn to_json(i: &ImageInfo) -> Value {
             json!({"type": "luks", "data": Value::Object(luks_json(l, false))}),
         );
     }
+    if let Some(d) = &i.vmdk {
+        m.insert(
+            "format-specific".into(),
+            json!({"type": "vmdk", "data": Value::Object(d.clone())}),
+        );
+    }
     if let Some((b, full)) = &i.backing {
         if let Some(full) = full {
             m.insert("full-backing-filename".into(), json!(full));
@@ -483,6 +510,12 @@ fn to_human(i: &ImageInfo) -> String {
         if h.version == 3 {
             s += &format!("    corrupt: {}\n", h.is_corrupt());
             s += &format!("    extended l2: {}\n", h.extended_l2());
+        }
+    }
+    if let Some(d) = &i.vmdk {
+        s += "Format specific information:\n";
+        for (k, v) in d {
+            human_value(&k.replace('-', " "), v, 4, &mut s);
         }
     }
     s += "Child node '/file':\n";

@@ -183,6 +183,8 @@ pub fn run(a: MapArgs) -> Result<u8, CliError> {
         let (s, depth) = match chain.map_status(off, length - off) {
             Ok(x) => x,
             Err(e) => {
+                // An errno's words, as qemu-img prints them.
+                let e = crate::common::os_error_text(&e);
                 result = Err(CliError::new(format!("Could not read file metadata: {e}")));
                 break;
             }

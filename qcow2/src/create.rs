@@ -192,7 +192,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             preallocate_range(&st, o.preallocation, payload, o.size)?;
             durable(&st)
         }
-        f @ (Format::Vdi | Format::Vpc) => Err(Error::ReadOnlyFormat(f.name())),
+        f @ (Format::Vdi | Format::Vpc | Format::Vmdk) => Err(Error::ReadOnlyFormat(f.name())),
     }
 }
 

@@ -20,6 +20,8 @@ pub enum Format {
     /// A Virtual PC / Hyper-V disk image (VHD, QEMU's `vpc`), read-only
     /// (see [`crate::foreign::vpc`]).
     Vpc,
+    /// A VMware disk image, read-only (see [`crate::foreign::vmdk`]).
+    Vmdk,
 }
 
 impl Format {
@@ -30,6 +32,7 @@ impl Format {
             Format::Luks => "luks",
             Format::Vdi => "vdi",
             Format::Vpc => "vpc",
+            Format::Vmdk => "vmdk",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
@@ -39,6 +42,7 @@ impl Format {
             "luks" => Some(Format::Luks),
             "vdi" => Some(Format::Vdi),
             "vpc" => Some(Format::Vpc),
+            "vmdk" => Some(Format::Vmdk),
             _ => None,
         }
     }
@@ -46,7 +50,7 @@ impl Format {
     /// writable opens and creation are refused
     /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
     pub fn read_only(self) -> bool {
-        matches!(self, Format::Vdi | Format::Vpc)
+        matches!(self, Format::Vdi | Format::Vpc | Format::Vmdk)
     }
 }
 

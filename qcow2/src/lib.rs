@@ -1,6 +1,6 @@
 //! rimg's qcow2 engine: qcow2 (versions 2 and 3), raw and LUKS disk images
 //! behind one [`Image`] interface, and read-only images of other formats
-//! (VDI, VHD; see [`foreign`]).
+//! (VDI, VHD, VMDK; see [`foreign`]).
 //!
 //! The on-disk format is QEMU's, as specified in docs/interop/qcow2.rst;
 //! module docs cite its sections where the layout is decoded.
@@ -68,6 +68,7 @@ pub use create::{create, create_luks, CreateOptions, Preallocation};
 pub use datapath::{IoEpoch, Mapping, PendingWrite};
 pub use error::{Error, Result};
 pub use foreign::vdi::Vdi;
+pub use foreign::vmdk::Vmdk;
 pub use foreign::vpc::Vpc;
 pub use header::{CompressionType, Header};
 pub use image::{chain_status, ChainStatus, Extent, ExtentKind, Format, Image};

@@ -123,6 +123,16 @@ pub const FOREIGN_VPC: &[&str] = &[
     "vpc-empty.vhd",
 ];
 
+/// The VMDK images `fixtures/make-foreign.sh` makes (see the script).
+/// vmdk-6g.vmdk is 6 GiB: read it in ranges, not whole.
+pub const FOREIGN_VMDK: &[&str] = &[
+    "vmdk-sparse.vmdk",
+    "vmdk-zeroed.vmdk",
+    "vmdk-odd.vmdk",
+    "vmdk-6g.vmdk",
+    "vmdk-empty.vmdk",
+];
+
 /// Runs `args` with qemu-img and with rimg in `dir` and asserts the same
 /// exit code, stdout and stderr (rimg's error prefix read as qemu-img's);
 /// returns qemu-img's exit code, stdout and stderr.
@@ -527,6 +537,7 @@ pub mod crash;
 pub mod daemon;
 pub mod guest;
 pub mod image;
+pub mod mutate;
 pub mod nested;
 pub mod nested_restart;
 pub mod net;

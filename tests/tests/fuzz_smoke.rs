@@ -1,8 +1,8 @@
 //! The fuzz targets (`qcow2::fuzz_targets`, which libFuzzer runs from
 //! `fuzz/`) run deterministically in the normal test suite: over every
-//! fixture (and the VDI and VHD images `fixtures/make-foreign.sh` makes), every
-//! committed regression input (`fuzz/regressions/`), and a fixed number
-//! of seeded mutations aimed at the fixtures' metadata. No input may make
+//! fixture (and the VDI, VHD and VMDK images `fixtures/make-foreign.sh`
+//! makes), every committed regression input (`fuzz/regressions/`), and a
+//! fixed number of seeded mutations aimed at the fixtures' metadata. No input may make
 //! a target panic or fail one of its assertions, and none may take more
 //! than 10 s.
 
@@ -70,7 +70,9 @@ fn foreign_fixtures() -> Vec<(String, Vec<u8>)> {
     let all = files(d.path());
     assert_eq!(
         all.len(),
-        rimg_tests::FOREIGN_VDI.len() + rimg_tests::FOREIGN_VPC.len(),
+        rimg_tests::FOREIGN_VDI.len()
+            + rimg_tests::FOREIGN_VPC.len()
+            + rimg_tests::FOREIGN_VMDK.len(),
         "make-foreign.sh images"
     );
     all
@@ -93,6 +95,25 @@ fn vpc_metadata(img: &[u8]) -> Vec<Range<usize>> {
             if bat < len {
                 out.push(bat..(bat + 4 * n.max(1)).min(len));
             }
+        }
+    }
+    out
+}
+
+/// Byte ranges of a VMDK sparse file's metadata: the header, the
+/// embedded descriptor, the grain directory (at the header's GD sector,
+/// one u32 per table) and the first grain table it names.
+fn vmdk_metadata(img: &[u8]) -> Vec<Range<usize>> {
+    let len = img.len();
+    let mut out = vec![0..len.min(512), len.min(512)..len.min(1536)];
+    let le = |at: usize| {
+        img.get(at..at + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()) as usize * 512)
+    };
+    if let Some(gd) = le(56).filter(|&g| g > 0 && g < len) {
+        out.push(gd..(gd + 512).min(len));
+        if let Some(gt) = le(gd).filter(|&g| g > 0 && g < len) {
+            out.push(gt..(gt + 2048).min(len));
         }
     }
     out
@@ -265,6 +286,8 @@ fn for_each_case(mut run: impl FnMut(String, &[u8])) {
         run(format!("fixture {name}"), img);
         let regions = if foreign && name.ends_with(".vhd") {
             vpc_metadata(img)
+        } else if foreign && name.ends_with(".vmdk") {
+            vmdk_metadata(img)
         } else if foreign {
             vdi_metadata(img)
         } else {

@@ -1,5 +1,6 @@
 //! Hostile input: thousands of truncated, bit-flipped, field-overwritten
-//! and size-inflated qcow2, VDI and VHD images, each opened read-only and
+//! and size-inflated qcow2, VDI, VHD and VMDK images, each opened
+//! read-only and
 //! read-write, read at scattered offsets, written, flushed and checked.
 //! Every case must end in a result or an error: never a panic, never a
 //! hang (10 s per case, detected by a channel timeout), never an
@@ -15,7 +16,8 @@
 //! many blocks its header claims (entries past the end of the file are
 //! zeros and are not held), and its check at most one entry per block
 //! held plus a capped list of messages. A VHD image holds at most its
-//! file's bytes of BAT, the same way.
+//! file's bytes of BAT, a VMDK image its file's bytes of grain directory
+//! (grain tables are read per lookup), the same way.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,7 @@ use std::time::Duration;
 use qcow2::OpenOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rimg_tests::mutate::{mutate_vdi, mutate_vmdk, mutate_vpc, scribble, truncate, BOUNDARY};
 use rimg_tests::{qemu_img, run, tempdir};
 
 /// Counts live heap bytes and the peak since the last reset.
@@ -152,24 +155,13 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
     for name in ["vpc-dynamic-6m.vhd", "vpc-fixed.vhd"] {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
+    // VMDK sparse files (mutated by `mutate_vmdk`, opened as vmdk):
+    // grains at 0, 1M, 3M; zeroed grains.
+    for name in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk"] {
+        out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
+    }
     out
 }
-
-const BOUNDARY: &[u64] = &[
-    0,
-    1,
-    7,
-    9,
-    0x1ff,
-    0x200,
-    0x10000,
-    0x7fff_ffff,
-    0xffff_ffff,
-    1 << 40,
-    1 << 62,
-    u64::MAX >> 1,
-    u64::MAX,
-];
 
 /// Header fields (offset, width) worth aiming at (qcow2.rst, "Header").
 const FIELDS: &[(usize, usize)] = &[
@@ -191,20 +183,6 @@ const FIELDS: &[(usize, usize)] = &[
     (96, 4),  // refcount_order
     (100, 4), // header_length
 ];
-
-/// Random bytes anywhere (the mutation every format shares).
-fn scribble(rng: &mut StdRng, v: &mut [u8]) {
-    for _ in 0..rng.random_range(1..=32) {
-        let i = rng.random_range(0..v.len());
-        v[i] = rng.random();
-    }
-}
-
-/// Truncation at a random length.
-fn truncate(rng: &mut StdRng, v: &mut Vec<u8>) {
-    let n = rng.random_range(0..v.len());
-    v.truncate(n);
-}
 
 fn mutate(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
     let mut v = img.to_vec();
@@ -247,182 +225,6 @@ fn mutate(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
             let rt: u32 = rng.random_range(0..1 << 24);
             v[56..60].copy_from_slice(&rt.to_be_bytes());
         }
-    }
-    v
-}
-
-/// VDI header fields (offset, width), VirtualBox's VDI header as QEMU
-/// reads it: signature, version, header size, type, flags, block map and
-/// data offsets, sector size, disk size, block size, block counts, link
-/// and parent UUIDs (their first bytes).
-const VDI_FIELDS: &[(usize, usize)] = &[
-    (0x40, 4),
-    (0x44, 4),
-    (0x48, 4),
-    (0x4c, 4),
-    (0x50, 4),
-    (0x154, 4),
-    (0x158, 4),
-    (0x168, 4),
-    (0x170, 8),
-    (0x178, 4),
-    (0x180, 4),
-    (0x184, 4),
-    (0x1a8, 4),
-    (0x1b8, 4),
-];
-
-/// One mutation of a VDI image: header bits and fields, block map
-/// entries (little-endian u32 from 0x200), random bytes, truncation, or
-/// a disk inflated together with its block count so that the header
-/// holds and the map runs far past the end of the file.
-fn mutate_vdi(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
-    let mut v = img.to_vec();
-    let le = |v: &mut Vec<u8>, off: usize, w: usize, val: u64| {
-        v[off..off + w].copy_from_slice(&val.to_le_bytes()[..w]);
-    };
-    match rng.random_range(0..6) {
-        0 => {
-            for _ in 0..rng.random_range(1..=4) {
-                let i = rng.random_range(0..512);
-                v[i] ^= 1 << rng.random_range(0..8);
-            }
-        }
-        1 => {
-            let (off, w) = VDI_FIELDS[rng.random_range(0..VDI_FIELDS.len())];
-            let val = BOUNDARY[rng.random_range(0..BOUNDARY.len())];
-            le(&mut v, off, w, val);
-        }
-        2 => {
-            // Map entries: boundary values, the two "no data" values,
-            // blocks past the count or the file, duplicates.
-            for _ in 0..rng.random_range(1..=8) {
-                let at = 0x200 + 4 * rng.random_range(0..8);
-                let val = match rng.random_range(0..4) {
-                    0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
-                    1 => 0xffff_fffe,
-                    _ => rng.random_range(0..16),
-                };
-                le(&mut v, at, 4, val);
-            }
-        }
-        3 => scribble(rng, &mut v),
-        4 => truncate(rng, &mut v),
-        _ => {
-            // Up to 0x1fffff80 blocks (QEMU's most) or a few more.
-            let blocks: u64 = rng.random_range(0..=0x2000_0000);
-            let size = (blocks << 20).saturating_sub(rng.random_range(0..4) * 512);
-            le(&mut v, 0x170, 8, size);
-            le(&mut v, 0x180, 4, blocks);
-            if rng.random_bool(0.3) {
-                // The map moved to the end of the file or past it.
-                let at = (v.len() as u64 + rng.random_range(0..2) * (1 << 30)) & !511;
-                le(&mut v, 0x154, 4, at.min(u32::MAX as u64 & !511));
-            }
-        }
-    }
-    v
-}
-
-/// VHD footer fields (offset, width; big-endian), Microsoft's VHD spec:
-/// data offset (where the dynamic header is), timestamp, creator
-/// application, current size, geometry (cylinders, heads, sectors), disk
-/// type.
-const VPC_FOOTER_FIELDS: &[(usize, usize)] = &[
-    (16, 8),
-    (24, 4),
-    (28, 4),
-    (48, 8),
-    (56, 2),
-    (58, 1),
-    (59, 1),
-    (60, 4),
-];
-
-/// VHD dynamic header fields (offset from the header, width): data
-/// offset, BAT offset, version, BAT entries, block size, checksum.
-const VPC_HEADER_FIELDS: &[(usize, usize)] = &[(8, 8), (16, 8), (24, 4), (28, 4), (32, 4), (36, 4)];
-
-/// One mutation of a VHD image: footer bits and fields (at the start for
-/// a dynamic disk, at the end for a fixed one), dynamic header fields and
-/// BAT entries, random bytes, truncation, or a disk inflated to QEMU's
-/// limits (2040 GiB, the largest BAT) with the BAT at or past the end of
-/// the file. The footer's checksum is recomputed after most of them, or
-/// the checksum alone would refuse every case.
-fn mutate_vpc(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
-    let mut v = img.to_vec();
-    let be = |v: &mut Vec<u8>, off: usize, w: usize, val: u64| {
-        if off + w <= v.len() {
-            v[off..off + w].copy_from_slice(&val.to_be_bytes()[8 - w..]);
-        }
-    };
-    let footer = if &v[..8] == b"conectix" {
-        0
-    } else {
-        v.len() - 512
-    };
-    // The dynamic header and BAT of a dynamic seed (QEMU's layout).
-    let (header, bat) = (512, 1536);
-    match rng.random_range(0..7) {
-        0 => {
-            for _ in 0..rng.random_range(1..=4) {
-                let i = footer + rng.random_range(0..512);
-                v[i] ^= 1 << rng.random_range(0..8);
-            }
-        }
-        1 => {
-            let (off, w) = VPC_FOOTER_FIELDS[rng.random_range(0..VPC_FOOTER_FIELDS.len())];
-            let val = match rng.random_range(0..3) {
-                0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
-                // Creator apps that decide the size rule.
-                1 => u32::from_be_bytes(
-                    *[b"vpc ", b"qemu", b"win ", b"qem2"][rng.random_range(0..4)],
-                ) as u64,
-                _ => rng.random_range(0..v.len() as u64 * 2),
-            };
-            be(&mut v, footer + off, w, val);
-        }
-        2 => {
-            let (off, w) = VPC_HEADER_FIELDS[rng.random_range(0..VPC_HEADER_FIELDS.len())];
-            let val = match rng.random_range(0..3) {
-                0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
-                1 => 1 << rng.random_range(0..32),
-                _ => rng.random_range(0..v.len() as u64 * 2),
-            };
-            be(&mut v, header + off, w, val);
-        }
-        3 => {
-            // BAT entries: boundary values, "unallocated", sectors inside
-            // or past the file, duplicates.
-            for _ in 0..rng.random_range(1..=8) {
-                let at = bat + 4 * rng.random_range(0..8);
-                let val = match rng.random_range(0..4) {
-                    0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
-                    1 => 0xffff_ffff,
-                    _ => rng.random_range(0..v.len() as u64 / 256),
-                };
-                be(&mut v, at, 4, val);
-            }
-        }
-        4 => scribble(rng, &mut v),
-        5 => truncate(rng, &mut v),
-        _ => {
-            // A Hyper-V footer (the current size counts) up to 2040 GiB
-            // or a little more, a BAT as long as QEMU allows with small
-            // blocks, maybe moved to the end of the file or past it.
-            be(&mut v, footer + 28, 4, u32::from_be_bytes(*b"win ") as u64);
-            let size = rng.random_range(0..=0xff00_0010u64) << 9;
-            be(&mut v, footer + 48, 8, size);
-            be(&mut v, header + 28, 4, rng.random_range(0..=0x2000_0000));
-            be(&mut v, header + 32, 4, 512 << rng.random_range(0..13));
-            if rng.random_bool(0.3) {
-                let at = v.len() as u64 + rng.random_range(0..2) * (1 << 30);
-                be(&mut v, header + 16, 8, at & !511);
-            }
-        }
-    }
-    if rng.random_bool(0.8) {
-        rimg_tests::seal_vhd_footers(&mut v);
     }
     v
 }
@@ -486,15 +288,22 @@ fn hostile_images_fail_cleanly() {
     let mut opened = 0usize;
     let mut vdi_opened = 0usize;
     let mut vpc_opened = 0usize;
+    let mut vmdk_opened = 0usize;
     let mut worst = (0usize, String::new());
     for (si, (name, img)) in seeds.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
         // A fixed VHD probes as raw (as in QEMU): VHD seeds are opened
         // as vpc.
-        let format = name.ends_with(".vhd").then_some(qcow2::Format::Vpc);
+        let format = if name.ends_with(".vhd") {
+            Some(qcow2::Format::Vpc)
+        } else {
+            name.ends_with(".vmdk").then_some(qcow2::Format::Vmdk)
+        };
         for c in 0..CASES_PER_SEED {
             let m = if name.ends_with(".vdi") {
                 mutate_vdi(&mut rng, img)
+            } else if name.ends_with(".vmdk") {
+                mutate_vmdk(&mut rng, img)
             } else if format.is_some() {
                 mutate_vpc(&mut rng, img)
             } else {
@@ -515,6 +324,7 @@ fn hostile_images_fail_cleanly() {
                 match i.format() {
                     qcow2::Format::Vdi => vdi_opened += 1,
                     qcow2::Format::Vpc => vpc_opened += 1,
+                    qcow2::Format::Vmdk => vmdk_opened += 1,
                     _ => {}
                 }
                 true
@@ -557,7 +367,11 @@ fn hostile_images_fail_cleanly() {
         vpc_opened >= CASES_PER_SEED / 4,
         "only {vpc_opened} mutated VHD images opened: the mutations miss"
     );
-    eprintln!("{vdi_opened} VDI and {vpc_opened} VHD mutants opened");
+    assert!(
+        vmdk_opened >= CASES_PER_SEED / 4,
+        "only {vmdk_opened} mutated VMDK images opened: the mutations miss"
+    );
+    eprintln!("{vdi_opened} VDI, {vpc_opened} VHD and {vmdk_opened} VMDK mutants opened");
     eprintln!(
         "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",
         worst.0 >> 10,
@@ -611,4 +425,36 @@ fn bad_l2_entry_ends_a_run_without_failing_it() {
     assert!(buf.iter().all(|&b| b == 0x22));
     // A read spanning the bad cluster fails as a whole.
     assert!(q.read_at(&mut vec![0u8; 3 * cs as usize], 99 * cs).is_err());
+}
+
+/// QEMU reads a VMDK grain directory whole: up to 32 Mi entries, 128 MiB,
+/// which the 256 MiB bound above cannot tell from clipping. A 720 KiB
+/// file that claims the largest directory: opening, reading, block status
+/// and check hold at most its in-file part (a few MiB).
+#[test]
+fn vmdk_grain_directory_is_held_only_inside_the_file() {
+    let d = tempdir();
+    rimg_tests::make_foreign(d.path());
+    let mut v = std::fs::read(d.path().join("vmdk-sparse.vmdk")).unwrap();
+    // One-sector grains, one per table: 32 Mi GD entries.
+    v[20..28].copy_from_slice(&1u64.to_le_bytes());
+    v[44..48].copy_from_slice(&1u32.to_le_bytes());
+    v[12..20].copy_from_slice(&(32u64 << 20).to_le_bytes());
+    let p = d.path().join("big-gd.vmdk");
+    std::fs::write(&p, &v).unwrap();
+    let base = LIVE.load(Ordering::Relaxed);
+    PEAK.store(base, Ordering::Relaxed);
+    let ro = OpenOptions {
+        no_backing: true,
+        ..Default::default()
+    };
+    let img = qcow2::open(&p, &ro).unwrap();
+    assert_eq!(img.size(), 16 << 30);
+    let mut buf = vec![0u8; 65536];
+    img.read_at(&mut buf, (16 << 30) - 65536).unwrap();
+    let _ = img.block_status(0, img.size());
+    let rep = qcow2::foreign::check(img.as_ref()).unwrap().unwrap();
+    assert!(rep.failed.is_some(), "grains past the end of the file");
+    let used = PEAK.load(Ordering::Relaxed).saturating_sub(base);
+    assert!(used < 8 << 20, "{} KiB held for a 128 MiB GD", used >> 10);
 }

@@ -75,7 +75,15 @@ impl Sources {
             }
         }
         let (p, at, left) = self.part(pos);
-        let (st, n) = chain_status(p.img.as_ref(), at, left)?;
+        let (st, n) = chain_status(p.img.as_ref(), at, left).map_err(|e| match e {
+            // A format's block status that fails with an errno (vmdk):
+            // qemu-img's words.
+            qcow2::Error::Io { .. } => CliError::new(format!(
+                "error while reading block status at offset {pos}: {}",
+                crate::common::os_error_text(&e)
+            )),
+            e => e.into(),
+        })?;
         *last = Some((pos, pos + n, st));
         Ok((st, n.min(len)))
     }

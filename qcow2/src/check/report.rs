@@ -21,4 +21,7 @@ pub struct CheckReport {
     pub fragmented_clusters: u64,
     pub compressed_clusters: u64,
     pub image_end_offset: u64,
+    /// The check could not complete: qemu-img's "Check failed: " text
+    /// (an errno's), after the messages; no report is printed then.
+    pub failed: Option<String>,
 }

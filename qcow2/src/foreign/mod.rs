@@ -1,5 +1,6 @@
-//! Formats other than qcow2, raw and luks ("foreign" formats: VDI and
-//! VHD now; VMDK and VHDX to come), read-only.
+//! Formats other than qcow2, raw and luks ("foreign" formats: VDI, VHD
+//! and single-file sparse VMDK now; more VMDK and VHDX to come),
+//! read-only.
 //!
 //! Each format decodes its header and tables into a [`Layout`]: how a
 //! guest range is stored. [`ForeignImage`] turns a layout into an
@@ -18,6 +19,7 @@
 pub mod probe;
 pub(crate) mod table;
 pub mod vdi;
+pub mod vmdk;
 pub mod vpc;
 
 use std::path::Path;
@@ -40,6 +42,13 @@ pub enum Where {
     Data { host: u64, recurse: bool },
     /// Reads as zeros, decided by the format (a hole in its tables).
     Zero,
+    /// Not stored in this image (VMDK's unallocated grains): the parent's
+    /// bytes, zeros without one.
+    Unallocated,
+    /// The format cannot say (a VMDK grain directory index past the
+    /// table): reads as [`Where::Unallocated`], block status fails with
+    /// EIO, as QEMU's vmdk driver answers.
+    Broken,
 }
 
 /// How a foreign format maps guest bytes: what [`ForeignImage`] needs of
@@ -54,8 +63,8 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     /// byte) is stored the same way, contiguously, as far as the format's
     /// QEMU driver answers in one block status (VDI: one block; VHD: one
     /// block of data, or a run of holes). Called with a non-empty range
-    /// inside the disk.
-    fn lookup(&self, off: u64, len: u64) -> Result<(Where, u64)>;
+    /// inside the disk. `st` is the image file, for tables read on demand.
+    fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)>;
 }
 
 /// A read-only image over a format's [`Layout`].
@@ -117,11 +126,14 @@ impl<L: Layout> Image for ForeignImage<L> {
         let mut done = 0usize;
         while done < buf.len() {
             let at = off + done as u64;
-            let (w, n) = self.layout.lookup(at, (buf.len() - done) as u64)?;
+            let (w, n) = self
+                .layout
+                .lookup(&self.st, at, (buf.len() - done) as u64)?;
             let piece = &mut buf[done..done + n as usize];
             match w {
                 Where::Data { host, .. } => self.st.read_at(piece, host)?,
-                Where::Zero => piece.fill(0),
+                // No backing files here: unallocated reads as zeros.
+                Where::Zero | Where::Unallocated | Where::Broken => piece.fill(0),
             }
             done += n as usize;
         }
@@ -132,7 +144,7 @@ impl<L: Layout> Image for ForeignImage<L> {
         self.check_range(off, len)?;
         // One lookup, as QEMU's driver answers: qemu-img map's merging
         // (and the recursion into the file) see the same pieces.
-        let (w, n) = self.layout.lookup(off, len)?;
+        let (w, n) = self.layout.lookup(&self.st, off, len)?;
         Ok(match w {
             Where::Data { host, recurse } => Extent {
                 len: n,
@@ -141,22 +153,30 @@ impl<L: Layout> Image for ForeignImage<L> {
                 compressed: false,
                 recurse,
             },
-            Where::Zero => Extent {
+            Where::Zero | Where::Unallocated => Extent {
                 len: n,
-                kind: ExtentKind::Zero,
+                kind: match w {
+                    Where::Zero => ExtentKind::Zero,
+                    _ => ExtentKind::Unallocated,
+                },
                 offset: None,
                 compressed: false,
                 recurse: false,
             },
+            Where::Broken => {
+                let eio = std::io::Error::from_raw_os_error(libc::EIO);
+                return Err(Error::io("block status", eio));
+            }
         })
     }
 
     fn map_read(&self, off: u64, len: u64) -> Result<(Mapping, u64)> {
         self.check_range(off, len)?;
-        let (w, n) = self.layout.lookup(off, len)?;
+        let (w, n) = self.layout.lookup(&self.st, off, len)?;
         Ok(match w {
             Where::Data { host, .. } => (Mapping::Data(HostOffset(host)), n),
             Where::Zero => (Mapping::Zero(None), n),
+            Where::Unallocated | Where::Broken => (Mapping::Unallocated, n),
         })
     }
     fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
@@ -214,5 +234,14 @@ pub fn check(img: &dyn Image) -> Option<Result<CheckReport>> {
     if let Some(v) = any.downcast_ref::<vdi::Vdi>() {
         return Some(Ok(v.layout().check()));
     }
+    if let Some(v) = any.downcast_ref::<vmdk::Vmdk>() {
+        return Some(v.layout().check(v.storage()));
+    }
     None
+}
+
+/// A file to hand the lookups of formats whose tables are all in memory.
+#[cfg(test)]
+pub(crate) fn tests_null() -> Storage {
+    Storage::open(Path::new("/dev/null"), false).unwrap()
 }

@@ -20,9 +20,14 @@ pub fn probe(first: &[u8]) -> Option<Format> {
     }
     // VDI: the signature after the 64-byte text of the header
     // (VirtualBox's VDIPREHEADER, as QEMU's vdi_probe reads it).
-    let sig = first.get(super::vdi::SIGNATURE_AT..super::vdi::SIGNATURE_AT + 4)?;
-    if u32::from_le_bytes(sig.try_into().unwrap()) == super::vdi::SIGNATURE {
-        return Some(Format::Vdi);
+    if let Some(sig) = first.get(super::vdi::SIGNATURE_AT..super::vdi::SIGNATURE_AT + 4) {
+        if u32::from_le_bytes(sig.try_into().unwrap()) == super::vdi::SIGNATURE {
+            return Some(Format::Vdi);
+        }
+    }
+    // VMDK: a sparse magic at 0, or a descriptor's text.
+    if super::vmdk::probe(first) {
+        return Some(Format::Vmdk);
     }
     None
 }
@@ -40,6 +45,28 @@ mod tests {
         b[0x40] ^= 1;
         assert_eq!(probe(&b), None);
         assert_eq!(probe(&b[..0x42]), None);
+    }
+
+    #[test]
+    fn vmdk_magic_or_descriptor_text() {
+        let mut b = vec![0u8; PROBE_LEN];
+        b[..4].copy_from_slice(b"KDMV");
+        assert_eq!(probe(&b), Some(Format::Vmdk));
+        b[..4].copy_from_slice(b"COWD");
+        assert_eq!(probe(&b), Some(Format::Vmdk));
+        b[..4].copy_from_slice(b"KDMW");
+        assert_eq!(probe(&b), None);
+        let text = |t: &[u8]| {
+            let mut b = t.to_vec();
+            b.resize(PROBE_LEN, 0);
+            probe(&b)
+        };
+        assert_eq!(text(b"# c\n   \n \r\nversion=1\nCID=1"), Some(Format::Vmdk));
+        assert_eq!(text(b"version=3\r\n"), Some(Format::Vmdk));
+        assert_eq!(text(b"version=4\n"), None);
+        assert_eq!(text(b"version=1"), None);
+        assert_eq!(text(b"\nversion=1\n"), None);
+        assert_eq!(text(b"  x\nversion=1\n"), None);
     }
 
     #[test]

@@ -203,7 +203,7 @@ impl Layout for VdiLayout {
     fn cluster_size(&self) -> Option<u64> {
         Some(BLOCK_SIZE)
     }
-    fn lookup(&self, off: u64, len: u64) -> Result<(Where, u64)> {
+    fn lookup(&self, _st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
         let block = off / BLOCK_SIZE;
         let in_block = off % BLOCK_SIZE;
         let n = len.min(BLOCK_SIZE - in_block);
@@ -432,7 +432,9 @@ mod tests {
     #[test]
     fn lookup_maps_blocks_and_holes() {
         let l = layout(&[2, u32::MAX, 0xffff_fffe], 3, 1);
-        let (w, n) = l.lookup(100, 10 << 20).unwrap();
+        let (w, n) = l
+            .lookup(&super::super::tests_null(), 100, 10 << 20)
+            .unwrap();
         assert_eq!(
             (w, n),
             (
@@ -443,9 +445,14 @@ mod tests {
                 BLOCK_SIZE - 100
             )
         );
-        assert_eq!(l.lookup(BLOCK_SIZE, 5).unwrap(), (Where::Zero, 5));
         assert_eq!(
-            l.lookup(2 * BLOCK_SIZE + 1, BLOCK_SIZE).unwrap(),
+            l.lookup(&super::super::tests_null(), BLOCK_SIZE, 5)
+                .unwrap(),
+            (Where::Zero, 5)
+        );
+        assert_eq!(
+            l.lookup(&super::super::tests_null(), 2 * BLOCK_SIZE + 1, BLOCK_SIZE)
+                .unwrap(),
             (Where::Zero, BLOCK_SIZE - 1)
         );
     }

@@ -370,7 +370,7 @@ impl Layout for VpcLayout {
     fn cluster_size(&self) -> Option<u64> {
         self.dynamic.as_ref().map(|d| d.block_size)
     }
-    fn lookup(&self, off: u64, len: u64) -> Result<(Where, u64)> {
+    fn lookup(&self, _st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
         let Some(d) = &self.dynamic else {
             // Fixed: guest byte g is file byte g, preallocated (the file's
             // holes read as zeros).
@@ -520,7 +520,7 @@ mod tests {
         let free = UNALLOCATED;
         let l = dynamic(&[8, free, free, 3, free], 4096);
         assert_eq!(
-            l.lookup(100, 1 << 20).unwrap(),
+            l.lookup(&super::super::tests_null(), 100, 1 << 20).unwrap(),
             (
                 Where::Data {
                     host: 8 * 512 + 512 + 100,
@@ -531,13 +531,23 @@ mod tests {
         );
         // Holes run on to the next allocated block, within the request.
         assert_eq!(
-            l.lookup(4097, 1 << 20).unwrap(),
+            l.lookup(&super::super::tests_null(), 4097, 1 << 20)
+                .unwrap(),
             (Where::Zero, 2 * 4096 - 1)
         );
-        assert_eq!(l.lookup(4097, 5000).unwrap(), (Where::Zero, 5000));
-        assert_eq!(l.lookup(4 * 4096, 4096).unwrap(), (Where::Zero, 4096));
         assert_eq!(
-            l.lookup(3 * 4096, 4096).unwrap().0,
+            l.lookup(&super::super::tests_null(), 4097, 5000).unwrap(),
+            (Where::Zero, 5000)
+        );
+        assert_eq!(
+            l.lookup(&super::super::tests_null(), 4 * 4096, 4096)
+                .unwrap(),
+            (Where::Zero, 4096)
+        );
+        assert_eq!(
+            l.lookup(&super::super::tests_null(), 3 * 4096, 4096)
+                .unwrap()
+                .0,
             Where::Data {
                 host: 3 * 512 + 512,
                 recurse: false

@@ -1,0 +1,227 @@
+use super::*;
+
+/// A tiny sparse image: 8 grains of 1 sector, 4 GTEs per GT (2 GTs),
+/// descriptor at 0x200, GD at sector 30, GT 0 at sector 31, GT 1 absent,
+/// grains from sector 32.
+fn image(flags: u32, gt0: [u32; 4], desc: &str) -> Vec<u8> {
+    let mut f = vec![0u8; 40 * 512];
+    f[..4].copy_from_slice(MAGIC);
+    let put32 =
+        |f: &mut Vec<u8>, at: usize, v: u32| f[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 =
+        |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    put32(&mut f, at::VERSION, 1);
+    put32(&mut f, at::FLAGS, flags);
+    put64(&mut f, at::CAPACITY, 8);
+    put64(&mut f, at::GRAIN, 1);
+    put64(&mut f, at::DESC_OFFSET, 1);
+    put32(&mut f, at::GTES_PER_GT, 4);
+    put64(&mut f, at::GD_OFFSET, 30);
+    put64(&mut f, at::GRAIN_OFFSET, 32);
+    f[512..512 + desc.len()].copy_from_slice(desc.as_bytes());
+    put32(&mut f, 30 * 512, 31);
+    for (i, e) in gt0.iter().enumerate() {
+        put32(&mut f, 31 * 512 + i * 4, *e);
+    }
+    for s in 32..40 {
+        f[s * 512..(s + 1) * 512].fill(s as u8);
+    }
+    f
+}
+
+const DESC: &str = "# Disk DescriptorFile\nversion=1\nCID=836df646\nparentCID=ffffffff\ncreateType=\"monolithicSparse\"\n";
+
+fn with_file<T>(bytes: &[u8], f: impl FnOnce(&Storage) -> T) -> T {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let p = std::env::temp_dir().join(format!(
+        "rimg-vmdk-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&p, bytes).unwrap();
+    let st = Storage::open(&p, false).unwrap();
+    std::fs::remove_file(&p).unwrap();
+    f(&st)
+}
+
+fn err(bytes: &[u8]) -> String {
+    with_file(bytes, |st| VmdkLayout::read(st).unwrap_err().to_string())
+}
+
+#[test]
+fn grains_holes_and_zeroed_grains() {
+    let f = image(FLAG_ZERO_GRAIN, [33, 0, 1, 39], DESC);
+    with_file(&f, |st| {
+        let l = VmdkLayout::read(st).unwrap();
+        assert_eq!(l.size(), 8 * 512);
+        assert_eq!(l.cluster_size(), Some(512));
+        assert_eq!((l.cid(), l.parent_cid()), (0x836df646, 0xffff_ffff));
+        let data = |host| Where::Data {
+            host,
+            recurse: false,
+        };
+        // One grain per answer, cut at the grain's end.
+        assert_eq!(l.lookup(st, 10, 4096).unwrap(), (data(33 * 512 + 10), 502));
+        assert_eq!(l.lookup(st, 512, 4096).unwrap(), (Where::Unallocated, 512));
+        assert_eq!(l.lookup(st, 1024, 100).unwrap(), (Where::Zero, 100));
+        assert_eq!(l.lookup(st, 1536, 512).unwrap(), (data(39 * 512), 512));
+        // GT 1 is absent: unallocated.
+        assert_eq!(
+            l.lookup(st, 7 * 512, 512).unwrap(),
+            (Where::Unallocated, 512)
+        );
+        assert_eq!(l.check(st).unwrap(), CheckReport::default());
+    });
+    // Without the flag, GTE 1 is a grain at sector 1.
+    let f = image(0, [33, 0, 1, 39], DESC);
+    with_file(&f, |st| {
+        let l = VmdkLayout::read(st).unwrap();
+        assert_eq!(
+            l.lookup(st, 1024, 512).unwrap().0,
+            Where::Data {
+                host: 512,
+                recurse: false
+            }
+        );
+    });
+}
+
+#[test]
+fn check_stops_at_the_first_grain_past_the_end() {
+    let f = image(0, [33, 40, 41, 0], DESC);
+    with_file(&f, |st| {
+        let r = VmdkLayout::read(st).unwrap().check(st).unwrap();
+        assert_eq!(
+            r.messages,
+            ["ERROR: cluster offset for sector 1 points after EOF"]
+        );
+        assert_eq!(r.failed.as_deref(), Some("Invalid argument"));
+        assert_eq!(r.corruptions, 1);
+    });
+}
+
+#[test]
+fn a_gd_too_short_for_the_disk_cannot_place_grains() {
+    // 2^32 + 8 sectors in GTs of 1 grain: QEMU's u32 count wraps to 8.
+    let mut f = image(0, [33, 0, 0, 0], DESC);
+    f[at::CAPACITY..at::CAPACITY + 8].copy_from_slice(&((1u64 << 32) + 8).to_le_bytes());
+    f[at::GTES_PER_GT..at::GTES_PER_GT + 4].copy_from_slice(&1u32.to_le_bytes());
+    with_file(&f, |st| {
+        let l = VmdkLayout::read(st).unwrap();
+        assert_eq!(l.gd_entries, 8);
+        assert_eq!(l.lookup(st, 8 * 512, 512).unwrap().0, Where::Broken);
+        let r = l.check(st).unwrap();
+        assert_eq!(
+            r.messages,
+            ["ERROR: could not get cluster_offset for sector 8"]
+        );
+        assert_eq!(r.failed.as_deref(), Some("Operation not permitted"));
+    });
+}
+
+#[test]
+fn open_errors_in_qemus_order_and_words() {
+    let good = image(0, [0; 4], DESC);
+    let set = |at: usize, v: &[u8]| {
+        let mut f = good.clone();
+        f[at..at + v.len()].copy_from_slice(v);
+        f
+    };
+    assert_eq!(
+        err(&set(at::VERSION, &4u32.to_le_bytes())),
+        "Unsupported VMDK version 4"
+    );
+    assert_eq!(
+        err(&set(at::GTES_PER_GT, &513u32.to_le_bytes())),
+        "L2 table size too big"
+    );
+    assert_eq!(
+        err(&set(at::GRAIN, &0u64.to_le_bytes())),
+        "L1 entry size is invalid"
+    );
+    // 2^32 sectors times 1 GTE: wraps to 0 in QEMU's u32.
+    let mut f = set(at::GRAIN, &(1u64 << 32).to_le_bytes());
+    f[at::GTES_PER_GT..at::GTES_PER_GT + 4].copy_from_slice(&1u32.to_le_bytes());
+    assert_eq!(err(&f), "L1 entry size is invalid");
+    assert_eq!(
+        err(&set(at::GRAIN_OFFSET, &41u64.to_le_bytes())),
+        "File truncated, expecting at least 20992 bytes"
+    );
+    assert_eq!(
+        err(&set(at::GRAIN, &(MAX_GRAIN_SECTORS + 1).to_le_bytes())),
+        "Invalid granularity, image may be corrupt"
+    );
+    let mut f = set(
+        at::CAPACITY,
+        &(4u64 * (MAX_GD_ENTRIES as u64 + 1)).to_le_bytes(),
+    );
+    assert_eq!(err(&f), "L1 size too big");
+    f[at::CAPACITY..at::CAPACITY + 8].copy_from_slice(&(1u64 << 54).to_le_bytes());
+    f[at::GRAIN..at::GRAIN + 8].copy_from_slice(&MAX_GRAIN_SECTORS.to_le_bytes());
+    f[at::GTES_PER_GT..at::GTES_PER_GT + 4].copy_from_slice(&512u32.to_le_bytes());
+    assert_eq!(
+        err(&f),
+        "Could not refresh total sector count: File too large"
+    );
+    assert!(err(&set(at::COMPRESSION, &1u16.to_le_bytes())).contains("streamOptimized"));
+    assert!(err(&set(at::GD_OFFSET, &u64::MAX.to_le_bytes())).contains("streamOptimized"));
+    // No capacity: the embedded descriptor is the image; QEMU's own
+    // (monolithicSparse) is refused by type.
+    assert_eq!(
+        err(&set(at::CAPACITY, &0u64.to_le_bytes())),
+        "Unsupported image type 'monolithicSparse'"
+    );
+    let e = err(&set(at::GD_OFFSET, &(1u64 << 54).to_le_bytes()));
+    assert!(
+        e.starts_with("Could not read l1 table from extent '/"),
+        "{e}"
+    );
+    assert!(e.ends_with("': Input/output error"), "{e}");
+    // 2^55 sectors wrap to 0 in QEMU's shift: the GD at 0 opens.
+    assert!(with_file(
+        &set(at::GD_OFFSET, &(1u64 << 55).to_le_bytes()),
+        |st| { VmdkLayout::read(st).is_ok() }
+    ));
+    let mut f = set(at::RGD_OFFSET, &(1u64 << 54).to_le_bytes());
+    assert!(with_file(&f, |st| VmdkLayout::read(st).is_ok()));
+    f[at::FLAGS] = FLAG_RGD as u8;
+    assert!(err(&f).starts_with("Could not read l1 backup table from extent '/"));
+    // No CID: EINVAL.
+    let f = image(0, [0; 4], "version=1\nXID=1\nparentXID=2\n");
+    assert!(err(&f).ends_with("': Invalid argument"), "{}", err(&f));
+    let f = image(
+        0,
+        [0; 4],
+        "parentFileNameHint=\"b.vmdk\"\nCID=1\nparentCID=2\n",
+    );
+    assert!(err(&f).contains("parent"));
+    assert_eq!(err(b"version=1\n"), "invalid VMDK image descriptor");
+    assert!(err(b"version=1\ncreateType=\"monolithicFlat\"\n").contains("descriptor files"));
+    assert_eq!(
+        err(b"version=1\ncreateType=\"streamOptimized\"\n"),
+        "Unsupported image type 'streamOptimized'"
+    );
+    assert_eq!(
+        err(b"version=1\ncreateType=\"monolithicFlat\n"),
+        "invalid VMDK image descriptor"
+    );
+    assert_eq!(create_type(b"createType=\"\""), Some(vec![]));
+    assert_eq!(create_type(b"createType="), None);
+    let long = format!("createType=\"{}\"", "a".repeat(128));
+    assert_eq!(create_type(long.as_bytes()), None);
+    assert!(err(b"COWD").contains("COWD"));
+}
+
+#[test]
+fn cids_as_sscanf_reads_them() {
+    assert_eq!(cid_after(b"CID=836df646\n", b"CID"), Some(0x836df646));
+    assert_eq!(cid_after(b"parentCID=ffffffff", b"CID"), Some(0xffff_ffff));
+    assert_eq!(cid_after(b"CID= \t0x1F", b"CID"), Some(0x1f));
+    assert_eq!(cid_after(b"CID=-1", b"CID"), Some(0xffff_ffff));
+    assert_eq!(cid_after(b"CID=123456789abcdef01", b"CID"), Some(u32::MAX));
+    assert_eq!(cid_after(b"CID=zz", b"CID"), None);
+    assert_eq!(cid_after(b"CID", b"CID"), None);
+    assert_eq!(cid_after(b"XID=1", b"CID"), None);
+    assert_eq!(until_nul(b"ab\0CID=1"), b"ab");
+}
