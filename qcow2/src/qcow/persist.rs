@@ -28,7 +28,7 @@
 //!   through `write_back`: refcounts before L2 tables, L2 tables before
 //!   the L1 entries pointing at them.
 //!
-//! `qcow2/tests/power_loss.rs` checks all of it against crash images.
+//! `qcow2/tests/power_loss/` checks all of it against crash images.
 
 use std::collections::VecDeque;
 
