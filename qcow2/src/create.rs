@@ -83,12 +83,6 @@ impl CreateOptions {
             // in the payload, means off (as QEMU's).
             return Ok(());
         }
-        if self.encrypt.is_some() && (self.extended_l2 || self.data_file.is_some()) {
-            // The encrypted data paths know neither (see Qcow2::open).
-            return Err(Error::UnsupportedFeature(
-                "encryption with extended L2 entries or an external data file".into(),
-            ));
-        }
         let cs = self.cluster_size;
         if !cs.is_power_of_two() || !(512..=2 << 20).contains(&cs) {
             return inval("cluster size must be a power of two between 512 and 2048k");

@@ -1,5 +1,6 @@
 //! rimg-vhost-blk serving encrypted images that qemu-img created (qcow2
-//! with LUKS or legacy AES encryption, plain LUKS volumes), the password
+//! with LUKS or legacy AES encryption, LUKS with extended L2 entries or a
+//! data file, plain LUKS volumes), the password
 //! read from `--key-file` as QEMU reads `--object secret,file=`: the same
 //! key file serves both (its trailing newline is part of the password).
 //! A libblkio client on four queues writes known patterns (inside and
@@ -35,6 +36,11 @@ enum Enc {
     Qcow2Aes,
     /// A plain LUKS volume (`-f luks`).
     Luks,
+    /// qcow2 with LUKS and extended L2 entries (2 KiB subclusters: a
+    /// sector's write fills the rest of its subcluster).
+    Qcow2LuksExtL2,
+    /// qcow2 with LUKS and an external data file.
+    Qcow2LuksDataFile,
 }
 
 impl Enc {
@@ -45,9 +51,23 @@ impl Enc {
         }
     }
 
-    fn create_opts(self) -> &'static str {
+    /// `-o` for qemu-img create (a data file goes in `dir`).
+    fn create_opts(self, dir: &Path) -> String {
+        const LUKS: &str = "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10";
         match self {
-            Enc::Qcow2Luks => "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            Enc::Qcow2LuksExtL2 => format!("{LUKS},extended_l2=on"),
+            Enc::Qcow2LuksDataFile => {
+                format!("{LUKS},data_file={}", dir.join("disk.data").display())
+            }
+            other => other.create_opts_plain().into(),
+        }
+    }
+
+    fn create_opts_plain(self) -> &'static str {
+        match self {
+            Enc::Qcow2Luks | Enc::Qcow2LuksExtL2 | Enc::Qcow2LuksDataFile => {
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
+            }
             Enc::Qcow2Aes => "encrypt.format=aes,encrypt.key-secret=sec0",
             Enc::Luks => "key-secret=sec0,iter-time=10",
         }
@@ -101,7 +121,7 @@ impl Setup {
                 "-f",
                 enc.format(),
                 "-o",
-                enc.create_opts(),
+                &enc.create_opts(s.dir.path()),
                 s.img.to_str().unwrap(),
                 &SIZE.to_string(),
             ],
@@ -418,6 +438,16 @@ fn qcow2_aes_daemon_writes_qemu_reads() {
 #[test]
 fn luks_daemon_writes_qemu_reads() {
     daemon_writes_qemu_reads(Enc::Luks, &[]);
+}
+
+/// Encryption with subclusters (each partial write's fill encrypted per
+/// subcluster) and with a data file.
+#[test]
+fn qcow2_luks_with_subclusters_or_data_file_daemon_writes_qemu_reads() {
+    daemon_writes_qemu_reads(Enc::Qcow2LuksExtL2, &[]);
+    daemon_writes_qemu_reads(Enc::Qcow2LuksDataFile, &[]);
+    qemu_writes_daemon_reads(Enc::Qcow2LuksExtL2);
+    qemu_writes_daemon_reads(Enc::Qcow2LuksDataFile);
 }
 
 /// With `--direct` the engine writes through the O_DIRECT descriptor.

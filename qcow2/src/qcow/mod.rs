@@ -350,16 +350,6 @@ impl Qcow2 {
             // the others from the header (check_snapshot_table).
             header.nb_snapshots = max;
         }
-        // The encrypted data paths know neither subclusters nor a data
-        // file: the combinations are refused rather than written in clear.
-        if header.crypt_method != 0
-            && (header.extended_l2() || header.has_data_file())
-            && !opts.no_io
-        {
-            return Err(Error::UnsupportedFeature(
-                "encryption with extended L2 entries or an external data file".into(),
-            ));
-        }
         let cipher = crate::encrypt::unlock(&st, &header, opts.encrypt_key.as_ref(), opts.no_io)?;
         let cb = header.cluster_bits;
         let data = DataFile::open_for(&header, st.writable(), opts.data_file.as_deref())?;

@@ -294,7 +294,11 @@ impl Qcow2 {
                 bounce.resize(cs as usize, 0);
                 let buf = &mut bounce[..(t - f) as usize];
                 self.read_inner(buf, base + f)?;
-                if a.fresh && buf.iter().all(|&x| x == 0) {
+                if let Some(c) = &self.cipher {
+                    // Even zeros are written, encrypted for here (the
+                    // subcluster bounds are whole sectors).
+                    c.encrypt(a.host + f, GuestOffset(base + f), buf);
+                } else if a.fresh && buf.iter().all(|&x| x == 0) {
                     return Ok(false);
                 }
                 self.data_storage().write_data_at(buf, (a.host + f).0)?;

@@ -549,10 +549,17 @@ fn configs(mode: MetadataPersistence) -> Vec<Config> {
         ..Config::new(4096, mode)
     });
     v.push(Config {
+        extended_l2: true,
         backing: true,
         bitmap: true,
         encrypt: true,
         ..Config::new(65536, mode)
+    });
+    v.push(Config {
+        punch: true,
+        encrypt: true,
+        data_file: Some(false),
+        ..Config::new(16384, mode)
     });
     v
 }
