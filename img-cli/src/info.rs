@@ -63,10 +63,14 @@ struct ImageInfo {
 }
 
 /// QEMU's format-specific data of a VMDK image: CIDs, create type and
-/// the extents (one: the sparse file itself, its type string empty).
+/// the extents (one: the sparse file itself, its type string empty,
+/// "compressed" only when it is).
 fn vmdk_json(img: &dyn Image, file_name: &str) -> Option<Map<String, Value>> {
     let l = img.as_any().downcast_ref::<qcow2::Vmdk>()?.layout();
     let mut extent = Map::new();
+    if l.compressed() {
+        extent.insert("compressed".into(), json!(true));
+    }
     extent.insert("virtual-size".into(), json!(img.size()));
     extent.insert("filename".into(), json!(file_name));
     extent.insert("cluster-size".into(), json!(img.cluster_size()));

@@ -131,6 +131,8 @@ pub const FOREIGN_VMDK: &[&str] = &[
     "vmdk-odd.vmdk",
     "vmdk-6g.vmdk",
     "vmdk-empty.vmdk",
+    "vmdk-stream.vmdk",
+    "vmdk-stream-end.vmdk",
 ];
 
 /// Runs `args` with qemu-img and with rimg in `dir` and asserts the same

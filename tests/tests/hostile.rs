@@ -156,8 +156,8 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
     // VMDK sparse files (mutated by `mutate_vmdk`, opened as vmdk):
-    // grains at 0, 1M, 3M; zeroed grains.
-    for name in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk"] {
+    // grains at 0, 1M, 3M; zeroed grains; compressed grains (a stream).
+    for name in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk", "vmdk-stream.vmdk"] {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
     out

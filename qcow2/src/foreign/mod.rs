@@ -29,6 +29,7 @@ use crate::check::report::CheckReport;
 use crate::datapath::{IoEpoch, Mapping, PendingWrite};
 use crate::error::{Error, Result};
 use crate::image::{Extent, ExtentKind, Format, Image};
+use crate::l2::L2Entry;
 use crate::storage::Storage;
 use crate::sync::AllocWaker;
 use crate::units::HostOffset;
@@ -40,6 +41,9 @@ pub enum Where {
     /// preallocated the run and the file's own holes read as zeros
     /// (reported as QEMU's BDRV_BLOCK_RECURSE).
     Data { host: u64, recurse: bool },
+    /// Compressed (VMDK stream grains): the unit stored at `host`, the
+    /// run starting `skip` bytes into its uncompressed data.
+    Compressed { host: u64, skip: u64 },
     /// Reads as zeros, decided by the format (a hole in its tables).
     Zero,
     /// Not stored in this image (VMDK's unallocated grains): the parent's
@@ -65,6 +69,20 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     /// block of data, or a run of holes). Called with a non-empty range
     /// inside the disk. `st` is the image file, for tables read on demand.
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)>;
+    /// Reads `buf.len()` bytes from `skip` on of the compressed unit at
+    /// `host` (formats whose lookups answer [`Where::Compressed`]).
+    fn read_compressed(
+        &self,
+        _st: &Storage,
+        _host: u64,
+        _skip: u64,
+        _buf: &mut [u8],
+    ) -> Result<()> {
+        Err(Error::Format(format!(
+            "{} has no compressed data",
+            self.format().name()
+        )))
+    }
 }
 
 /// A read-only image over a format's [`Layout`].
@@ -132,6 +150,9 @@ impl<L: Layout> Image for ForeignImage<L> {
             let piece = &mut buf[done..done + n as usize];
             match w {
                 Where::Data { host, .. } => self.st.read_at(piece, host)?,
+                Where::Compressed { host, skip } => {
+                    self.layout.read_compressed(&self.st, host, skip, piece)?
+                }
                 // No backing files here: unallocated reads as zeros.
                 Where::Zero | Where::Unallocated | Where::Broken => piece.fill(0),
             }
@@ -152,6 +173,14 @@ impl<L: Layout> Image for ForeignImage<L> {
                 offset: Some(host),
                 compressed: false,
                 recurse,
+            },
+            // Data with no offset a reader could use, as QEMU answers.
+            Where::Compressed { .. } => Extent {
+                len: n,
+                kind: ExtentKind::Data,
+                offset: None,
+                compressed: true,
+                recurse: false,
             },
             Where::Zero | Where::Unallocated => Extent {
                 len: n,
@@ -175,6 +204,15 @@ impl<L: Layout> Image for ForeignImage<L> {
         let (w, n) = self.layout.lookup(&self.st, off, len)?;
         Ok(match w {
             Where::Data { host, .. } => (Mapping::Data(HostOffset(host)), n),
+            // Read through read_at (see read_mapped).
+            Where::Compressed { host, .. } => (
+                Mapping::Compressed(L2Entry::Compressed {
+                    offset: host,
+                    len: 0,
+                    sectors: 0,
+                }),
+                n,
+            ),
             Where::Zero => (Mapping::Zero(None), n),
             Where::Unallocated | Where::Broken => (Mapping::Unallocated, n),
         })
@@ -186,7 +224,7 @@ impl<L: Layout> Image for ForeignImage<L> {
                 buf.fill(0);
                 Ok(())
             }
-            // Never mapped here: read what is there.
+            // Compressed grains: read_at inflates them.
             Mapping::Compressed(_) => self.read_at(buf, off),
         }
     }

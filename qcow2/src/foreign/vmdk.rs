@@ -1,8 +1,8 @@
 //! VMDK images, read-only, as QEMU's vmdk driver reads them: for now a
 //! single sparse file (monolithicSparse, what `qemu-img create -f vmdk`
-//! makes). streamOptimized (compressed grains), descriptor files naming
-//! extent files, and parents (`parentFileNameHint`) are refused with a
-//! clear error, not read.
+//! makes, and streamOptimized, with compressed grains: `stream.rs`).
+//! Descriptor files naming extent files, and parents
+//! (`parentFileNameHint`) are refused with a clear error, not read.
 //!
 //! Layout of a sparse extent (VMware's "Virtual Disk Format 5.0"; every
 //! field little-endian, sizes and offsets in 512-byte sectors):
@@ -39,11 +39,13 @@ pub const MAGIC: &[u8; 4] = b"KDMV";
 /// The old VMFS sparse ("COWD") magic: QEMU reads it, rimg does not.
 pub const MAGIC_COWD: &[u8; 4] = b"COWD";
 const SECTOR: u64 = 512;
-/// Bytes of the header QEMU reads.
+/// Bytes of the header QEMU reads (and of each footer sector).
 pub const HEADER_LEN: usize = 512;
 /// Flag bits.
 pub const FLAG_RGD: u32 = 1 << 1;
 pub const FLAG_ZERO_GRAIN: u32 = 1 << 2;
+/// Compressed grains start with a marker (streamOptimized).
+pub const FLAG_MARKER: u32 = 1 << 17;
 /// GD offset of stream files, whose GD is found through a footer.
 pub const GD_AT_END: u64 = u64::MAX;
 /// Compression algorithm 1: deflate (streamOptimized).
@@ -147,6 +149,11 @@ pub struct VmdkLayout {
     /// The last GT looked up: its sector (0: none) and bytes (at most
     /// 2 KiB). The image is read-only: a GT never changes.
     gt_cache: std::sync::Mutex<(u32, Vec<u8>)>,
+    /// Grains are deflate-compressed (streamOptimized).
+    compressed: bool,
+    /// The last grain inflated whole: its host offset (0: none) and
+    /// bytes (grains up to [`stream::CACHED_GRAIN`]).
+    grain_cache: std::sync::Mutex<(u64, Vec<u8>)>,
 }
 
 /// Opens a VMDK image (read-only: a writable `st` is refused).
@@ -175,7 +182,7 @@ impl VmdkLayout {
         if &b[..4] != MAGIC {
             return Err(descriptor_refusal(st, 0, file_len));
         }
-        let h = Header::parse(&b);
+        let mut h = Header::parse(&b);
         if h.capacity == 0 && h.desc_offset != 0 {
             // The embedded descriptor stands for the file (QEMU's own
             // is monolithicSparse: refused by its type).
@@ -183,9 +190,8 @@ impl VmdkLayout {
             return Err(descriptor_refusal(st, at, file_len));
         }
         if h.gd_offset == GD_AT_END {
-            return Err(not_yet(
-                "streamOptimized VMDK images (grain directory at the end)",
-            ));
+            // A stream as VMware writes it: the footer's header counts.
+            h = stream::footer_header(st, file_len)?;
         }
         if h.version > 3 {
             return Err(refuse(format!("Unsupported VMDK version {}", h.version)));
@@ -212,9 +218,6 @@ impl VmdkLayout {
         }
         if gd_entries > MAX_GD_ENTRIES {
             return Err(refuse("L1 size too big"));
-        }
-        if h.compression == COMPRESSION_DEFLATE {
-            return Err(not_yet("streamOptimized VMDK images (compressed grains)"));
         }
         // Grain at most 2^21 sectors and at most 512 GTEs: the u32 above
         // did not wrap.
@@ -259,6 +262,7 @@ impl VmdkLayout {
                 ))
             }
         }
+        let compressed = h.compression == COMPRESSION_DEFLATE;
         Ok(VmdkLayout {
             zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
             header: h,
@@ -268,6 +272,8 @@ impl VmdkLayout {
             cid,
             parent_cid,
             gt_cache: std::sync::Mutex::new((0, Vec::new())),
+            compressed,
+            grain_cache: std::sync::Mutex::new((0, Vec::new())),
         })
     }
 
@@ -286,9 +292,18 @@ impl VmdkLayout {
     }
 
     /// qemu-img info's create type: the descriptor's is not read for a
-    /// sparse file.
+    /// sparse file; compressed grains make it a stream, as in QEMU.
     pub fn create_type(&self) -> &'static str {
-        "monolithicSparse"
+        if self.compressed {
+            "streamOptimized"
+        } else {
+            "monolithicSparse"
+        }
+    }
+
+    /// Whether grains are compressed (streamOptimized).
+    pub fn compressed(&self) -> bool {
+        self.compressed
     }
 
     fn grain_bytes(&self) -> u64 {
@@ -503,12 +518,45 @@ impl Layout for VmdkLayout {
             GrainAt::Broken => Where::Broken,
             GrainAt::Unallocated => Where::Unallocated,
             GrainAt::Zero => Where::Zero,
+            GrainAt::Data(host) if self.compressed => Where::Compressed {
+                host,
+                skip: in_grain,
+            },
             GrainAt::Data(host) => Where::Data {
                 host: host + in_grain,
                 recurse: false,
             },
         };
         Ok((w, n))
+    }
+    fn read_compressed(&self, st: &Storage, host: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
+        let grain = self.grain_bytes();
+        let marker = self.header.flags & FLAG_MARKER != 0;
+        let need = skip + buf.len() as u64;
+        if grain > stream::CACHED_GRAIN {
+            return stream::inflate(st, host, grain, marker, need, |at, piece| {
+                stream::copy_overlap(piece, at, skip, buf)
+            });
+        }
+        let mut cache = self.grain_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0 != host || cache.0 == 0 {
+            cache.0 = 0;
+            cache.1.clear();
+            let bytes = &mut cache.1;
+            stream::inflate(st, host, grain, marker, 0, |_, piece| {
+                bytes.extend_from_slice(piece)
+            })?;
+            cache.0 = host;
+        }
+        // What QEMU's read asks of the inflated grain: to cover the range.
+        let data = cache.1.get(skip as usize..need as usize).ok_or_else(|| {
+            Error::io(
+                "compressed grain",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )
+        })?;
+        buf.copy_from_slice(data);
+        Ok(())
     }
 }
 
@@ -550,5 +598,6 @@ pub fn probe(first: &[u8]) -> bool {
     false
 }
 
+mod stream;
 #[cfg(test)]
 mod tests;

@@ -164,8 +164,11 @@ fn open_errors_in_qemus_order_and_words() {
         err(&f),
         "Could not refresh total sector count: File too large"
     );
-    assert!(err(&set(at::COMPRESSION, &1u16.to_le_bytes())).contains("streamOptimized"));
-    assert!(err(&set(at::GD_OFFSET, &u64::MAX.to_le_bytes())).contains("streamOptimized"));
+    // The GD "at the end" without a footer there.
+    assert_eq!(
+        err(&set(at::GD_OFFSET, &u64::MAX.to_le_bytes())),
+        "Invalid footer"
+    );
     // No capacity: the embedded descriptor is the image; QEMU's own
     // (monolithicSparse) is refused by type.
     assert_eq!(
@@ -224,4 +227,71 @@ fn cids_as_sscanf_reads_them() {
     assert_eq!(cid_after(b"CID", b"CID"), None);
     assert_eq!(cid_after(b"XID=1", b"CID"), None);
     assert_eq!(until_nul(b"ab\0CID=1"), b"ab");
+}
+
+/// A stream: grain 0 deflated after a marker at sector 33, the GD "at
+/// the end" and the header in a footer; a marker QEMU refuses is EINVAL.
+#[test]
+fn compressed_grains_through_a_footer() {
+    use std::io::Write;
+    let mut f = image(FLAG_MARKER, [33, 0, 0, 0], DESC);
+    f[at::COMPRESSION..at::COMPRESSION + 2].copy_from_slice(&1u16.to_le_bytes());
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&[0xab; 512]).unwrap();
+    let z = z.finish().unwrap();
+    let grain = 33 * 512;
+    f[grain..grain + 8].copy_from_slice(&0u64.to_le_bytes());
+    f[grain + 8..grain + 12].copy_from_slice(&(z.len() as u32).to_le_bytes());
+    f[grain + 12..grain + 12 + z.len()].copy_from_slice(&z);
+    let header = f[..512].to_vec();
+    f[at::GD_OFFSET..at::GD_OFFSET + 8].copy_from_slice(&GD_AT_END.to_le_bytes());
+    let mut marker = vec![0u8; 512];
+    marker[..8].copy_from_slice(&1u64.to_le_bytes());
+    marker[12..16].copy_from_slice(&3u32.to_le_bytes());
+    f.extend_from_slice(&marker);
+    f.extend_from_slice(&header);
+    f.extend_from_slice(&[0u8; 512]);
+    with_file(&f, |st| {
+        let l = VmdkLayout::read(st).unwrap();
+        assert_eq!(l.create_type(), "streamOptimized");
+        assert_eq!(
+            l.lookup(st, 100, 1000).unwrap(),
+            (
+                Where::Compressed {
+                    host: 33 * 512,
+                    skip: 100
+                },
+                412
+            )
+        );
+        let mut b = [0u8; 300];
+        l.read_compressed(st, 33 * 512, 100, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0xab));
+        // More than the grain holds: EINVAL, as QEMU.
+        let mut b = [0u8; 513];
+        assert!(l.read_compressed(st, 33 * 512, 0, &mut b).is_err());
+    });
+    // A compressed length of 0, or past two grains: EINVAL.
+    for bad in [0u32, 1025] {
+        let mut g = f.clone();
+        g[grain + 8..grain + 12].copy_from_slice(&bad.to_le_bytes());
+        with_file(&g, |st| {
+            let l = VmdkLayout::read(st).unwrap();
+            let e = l
+                .read_compressed(st, 33 * 512, 0, &mut [0u8; 512])
+                .unwrap_err();
+            assert!(e.to_string().contains("Invalid argument"), "{e}");
+        });
+    }
+    // The footer's checks, one field at a time.
+    let end = f.len();
+    for (at, v) in [
+        (end - 1536 + 12, 2u32),
+        (end - 1536 + 8, 1),
+        (end - 512 + 12, 1),
+    ] {
+        let mut g = f.clone();
+        g[at..at + 4].copy_from_slice(&v.to_le_bytes());
+        assert_eq!(err(&g), "Invalid footer");
+    }
 }
