@@ -599,3 +599,88 @@ fn compressed_convert_into_a_data_file_image_fails_as_in_qemu() {
         }
     }
 }
+
+/// Growing an extended-L2 image with preallocation maps the new clusters
+/// as qemu-img's resize does: subclusters unallocated, zero where a longer
+/// backing file must not show through (data where falloc/full zeroed the
+/// file itself), with or without a data file. An encrypted image's new
+/// area reads as zeros (plaintext zeros in the file would decrypt to
+/// noise), whatever the mode.
+#[test]
+fn preallocated_growth_maps_subclusters_as_qemu() {
+    let d = tempdir();
+    let base = d.path().join("base.raw");
+    std::fs::write(&base, vec![7u8; 3 << 20]).unwrap();
+    let b = base.to_str().unwrap();
+    for data_file in [false, true] {
+        for backing in [false, true] {
+            for mode in ["metadata", "falloc", "full"] {
+                let what = format!("data file {data_file}, backing {backing}, {mode}");
+                let mut maps = Vec::new();
+                for who in ["qemu-img", "rimg"] {
+                    let img = d.path().join(format!("{who}.qcow2"));
+                    let data = d.path().join(format!("{who}.data"));
+                    let mut o = "extended_l2=on".to_string();
+                    if data_file {
+                        o += &format!(",data_file={}", data.display());
+                    }
+                    let i = img.to_str().unwrap();
+                    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &o];
+                    if backing {
+                        args.extend(["-b", b, "-F", "raw"]);
+                    }
+                    args.extend([i, "1M"]);
+                    ok(qemu_img(&args));
+                    let p = format!("--preallocation={mode}");
+                    let args = ["resize", "-q", &p, i, "2M"];
+                    ok(match who {
+                        "rimg" => rimg(&args),
+                        _ => qemu_img(&args),
+                    });
+                    assert_qemu_check_clean(&img);
+                    maps.push(qemu_map_without_offsets(&img));
+                }
+                assert_eq!(maps[0], maps[1], "{what}: qemu-img's map, then rimg's");
+            }
+        }
+    }
+    let secret = "secret,id=s0,data=pw";
+    for backing in [false, true] {
+        for mode in ["metadata", "falloc", "full"] {
+            let img = d.path().join("enc.qcow2");
+            let _ = std::fs::remove_file(&img);
+            let i = img.to_str().unwrap();
+            let o = "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10,extended_l2=on";
+            let mut args = vec!["create", "-q", "--object", secret, "-f", "qcow2", "-o", o];
+            if backing {
+                args.extend(["-b", b, "-F", "raw"]);
+            }
+            args.extend([i, "1M"]);
+            ok(qemu_img(&args));
+            let spec = format!("driver=qcow2,file.filename={i},encrypt.key-secret=s0");
+            let p = format!("--preallocation={mode}");
+            ok(rimg(&[
+                "resize",
+                "-q",
+                "--object",
+                secret,
+                "--image-opts",
+                &spec,
+                &p,
+                "2M",
+            ]));
+            let out = ok(run_qemu_io_spec(secret, &spec, "read -P 0 1M 1M"));
+            assert!(
+                !out.contains("verification failed"),
+                "encrypted, backing {backing}, {mode}: {out}"
+            );
+        }
+    }
+}
+
+fn run_qemu_io_spec(secret: &str, spec: &str, cmd: &str) -> std::process::Output {
+    rimg_tests::run(
+        "qemu-io",
+        &["--object", secret, "--image-opts", spec, "-c", cmd],
+    )
+}

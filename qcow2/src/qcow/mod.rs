@@ -331,6 +331,11 @@ impl Qcow2 {
     pub fn open(st: Storage, backing: Option<Arc<dyn Image>>, opts: Qcow2Options) -> Result<Qcow2> {
         let file_len = st.len()?;
         let mut header = Header::parse(&crate::open::first_cluster(&st, file_len)?)?;
+        // QEMU sees the disk in whole sectors (its total_sectors is the
+        // size / 512) and writes that size back with the header; a size
+        // another tool left odd would also end in a partial sector, which
+        // an encrypted image cannot hold.
+        header.size &= !511;
         let cs = header.cluster_size();
         if st.writable() && header.is_corrupt() && !opts.repair {
             return Err(Error::MarkedCorrupt);

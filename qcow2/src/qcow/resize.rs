@@ -278,8 +278,18 @@ impl Qcow2 {
             let zeros = vec![0u8; (head_end - old) as usize];
             self.untracked(|| self.write_at(&zeros, old))?;
         }
+        // As QEMU links preallocated clusters: their subclusters stay
+        // unallocated (zeros, whatever the host cluster holds: an encrypted
+        // image's plaintext zeros would read as noise). Where a longer
+        // backing file must not show through, they read as zeros: data
+        // when the file itself is zeroed here (falloc, full), else zero
+        // subclusters (metadata; a data file, whose zeros QEMU leaves to
+        // the zero flags; encryption, where QEMU's data would read as
+        // noise).
         let bitmap = match prealloc {
+            _ if !hide_backing => 0,
             Preallocation::Metadata => subcluster::ALL_ZERO,
+            _ if self.data.is_some() || self.cipher.is_some() => subcluster::ALL_ZERO,
             _ => subcluster::ALL_ALLOC,
         };
         self.preallocate_with(head_end, new_size, bitmap)?;
