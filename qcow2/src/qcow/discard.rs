@@ -115,8 +115,14 @@ impl Qcow2 {
     pub(super) fn release_data(&self, m: &mut Meta, host: HostOffset, len: u64) -> Result<()> {
         match &self.data {
             None => self.queue_free(m, host, len),
-            // No refcounts there: only give the space back.
-            Some(d) if self.opts.discard_passthrough => d.st.punch_hole(host.0, len)?,
+            // No refcounts there: only give the space back, at once (as
+            // QEMU does). Not under encryption: until the cleared entry
+            // reaches the disk, a crash keeps the old one, and the zeros
+            // of a hole decrypt to noise there (the old ciphertext reads
+            // as the old data, which the unflushed discard may leave).
+            Some(d) if self.opts.discard_passthrough && self.cipher.is_none() => {
+                d.st.punch_hole(host.0, len)?
+            }
             Some(_) => {}
         }
         Ok(())

@@ -405,10 +405,13 @@ fn bitmap_not_wrong(q: &Qcow2, guest: &[u8], cfg: Config) -> Result<(), String> 
 }
 
 fn run(cfg: Config, seed: u64, plan: Option<&[(Kind, u64, u64)]>, randoms: usize) {
+    // One directory per run: the tests run at once, and a replayed seed
+    // is the same in all of them.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = Dir(std::env::temp_dir().join(format!(
-        "rimg-power-loss-{}-{seed}-{}",
+        "rimg-power-loss-{}-{run}-{seed}",
         std::process::id(),
-        cfg.cs
     )));
     std::fs::create_dir_all(&dir.0).unwrap();
     let files = Files::in_dir(&dir.0, "t", cfg);
@@ -548,13 +551,15 @@ fn configs(mode: MetadataPersistence) -> Vec<Config> {
         encrypt: true,
         ..Config::new(4096, mode)
     });
-    v.push(Config {
-        extended_l2: true,
-        backing: true,
-        bitmap: true,
-        encrypt: true,
-        ..Config::new(65536, mode)
-    });
+    for extended_l2 in [false, true] {
+        v.push(Config {
+            extended_l2,
+            backing: true,
+            bitmap: true,
+            encrypt: true,
+            ..Config::new(65536, mode)
+        });
+    }
     v.push(Config {
         punch: true,
         encrypt: true,
