@@ -620,3 +620,62 @@ fn bad_usage_is_one_line() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// A qcow2 header whose size is not whole sectors (another tool's, or a
+/// hand edit): QEMU sees the disk rounded down to a sector and writes
+/// that size back; rimg the same: info, map, dd and a resize agree.
+#[test]
+fn a_size_in_part_sectors_is_rounded_down_as_qemu() {
+    let d = tempdir();
+    let p = |n: &str| d.path().join(n);
+    for who in ["qemu", "rimg"] {
+        let img = p(&format!("{who}.qcow2"));
+        create(&img, "qcow2", &[], "1M");
+        qio(&img, "qcow2", &["write -P 0x5a 1047552 512"]);
+        // 1048476: 412 bytes into the last sector but one.
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &1_048_476u64.to_be_bytes(), 24).unwrap();
+    }
+    let (q, r) = (p("qemu.qcow2"), p("rimg.qcow2"));
+    let json = |tool: &str, args: &[&str]| -> serde_json::Value {
+        let o = match tool {
+            "rimg" => rimg(args),
+            _ => qemu_img(args),
+        };
+        serde_json::from_slice(&ok(o, "info").stdout).unwrap()
+    };
+    let size =
+        |tool, img: &Path| json(tool, &["info", "--output=json", s(img)])["virtual-size"].clone();
+    assert_eq!(size("rimg", &r), size("qemu-img", &q));
+    assert_eq!(size("rimg", &r), serde_json::json!(1_048_064));
+    same(&["map", "--output=json", s(&r)]);
+    let (dr, dq) = (p("r.raw"), p("q.raw"));
+    ok(
+        rimg(&[
+            "dd",
+            "-O",
+            "raw",
+            &format!("if={}", s(&r)),
+            &format!("of={}", s(&dr)),
+        ]),
+        "dd",
+    );
+    ok(
+        qemu_img(&[
+            "dd",
+            "-O",
+            "raw",
+            &format!("if={}", s(&q)),
+            &format!("of={}", s(&dq)),
+        ]),
+        "dd",
+    );
+    assert!(std::fs::read(&dr).unwrap() == std::fs::read(&dq).unwrap());
+    // A resize writes the header back: both write the rounded size's
+    // successor, and the data stays.
+    ok(rimg(&["resize", s(&r), "+512"]), "rimg resize");
+    ok(qemu_img(&["resize", s(&q), "+512"]), "qemu-img resize");
+    assert_eq!(size("qemu-img", &r), size("qemu-img", &q));
+    assert_qemu_check_clean(&r);
+    assert_qemu_compare_equal(&r, &q);
+}
