@@ -135,6 +135,32 @@ pub const FOREIGN_VMDK: &[&str] = &[
     "vmdk-stream-end.vmdk",
 ];
 
+/// The read-only commands the foreign-format tests compare with
+/// qemu-img's on image `name` of format `fmt`: info (human, JSON, the
+/// format named), map (human, JSON, a window), check (human, JSON, both
+/// repairs) and measure.
+pub fn read_only_commands<'a>(name: &'a str, fmt: &'a str) -> Vec<Vec<&'a str>> {
+    vec![
+        vec!["info", name],
+        vec!["info", "--output=json", name],
+        vec!["info", "-f", fmt, name],
+        vec!["map", name],
+        vec!["map", "--output=json", name],
+        vec![
+            "map",
+            "--output=json",
+            "--start-offset=1000",
+            "--max-length=2500001",
+            name,
+        ],
+        vec!["check", name],
+        vec!["check", "--output=json", name],
+        vec!["check", "-r", "all", name],
+        vec!["check", "-r", "leaks", name],
+        vec!["measure", "-O", "qcow2", name],
+    ]
+}
+
 /// Runs `args` with qemu-img and with rimg in `dir` and asserts the same
 /// exit code, stdout and stderr (rimg's error prefix read as qemu-img's);
 /// returns qemu-img's exit code, stdout and stderr.

@@ -119,25 +119,7 @@ fn info_map_check_measure_match_qemu() {
     let d = fixtures();
     let dir = d.path();
     for name in FOREIGN_VMDK {
-        for args in [
-            vec!["info", name],
-            vec!["info", "--output=json", name],
-            vec!["info", "-f", "vmdk", name],
-            vec!["map", name],
-            vec!["map", "--output=json", name],
-            vec![
-                "map",
-                "--output=json",
-                "--start-offset=1000",
-                "--max-length=2500001",
-                name,
-            ],
-            vec!["check", name],
-            vec!["check", "--output=json", name],
-            vec!["check", "-r", "all", name],
-            vec!["check", "-r", "leaks", name],
-            vec!["measure", "-O", "qcow2", name],
-        ] {
+        for args in rimg_tests::read_only_commands(name, "vmdk") {
             same(dir, &args);
         }
     }

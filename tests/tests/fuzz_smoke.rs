@@ -16,6 +16,7 @@ use qcow2::fuzz_targets::TARGETS;
 use qcow2::Header;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rimg_tests::mutate::BOUNDARY;
 
 /// Mutations per fixture; each mutated image goes through every target.
 /// `RIMG_FUZZ_SMOKE_MUTATIONS` overrides it for a longer (still seeded)
@@ -179,20 +180,6 @@ fn metadata(img: &[u8]) -> Vec<Range<usize>> {
     out.extend(tables.into_iter().filter(|r| r.start >= 8));
     out
 }
-
-const BOUNDARY: &[u64] = &[
-    0,
-    1,
-    0x1ff,
-    0x200,
-    0x10000,
-    0x7fff_ffff,
-    0xffff_ffff,
-    1 << 40,
-    1 << 62,
-    u64::MAX >> 1,
-    u64::MAX,
-];
 
 /// Header fields (offset, width), qcow2.rst "Header".
 const FIELDS: &[(usize, usize)] = &[
