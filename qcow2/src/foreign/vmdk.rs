@@ -549,12 +549,10 @@ impl Layout for VmdkLayout {
             cache.0 = host;
         }
         // What QEMU's read asks of the inflated grain: to cover the range.
-        let data = cache.1.get(skip as usize..need as usize).ok_or_else(|| {
-            Error::io(
-                "compressed grain",
-                std::io::Error::from_raw_os_error(libc::EINVAL),
-            )
-        })?;
+        let data = cache
+            .1
+            .get(skip as usize..need as usize)
+            .ok_or_else(stream::einval)?;
         buf.copy_from_slice(data);
         Ok(())
     }

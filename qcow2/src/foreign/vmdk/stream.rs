@@ -51,7 +51,7 @@ pub(super) fn footer_header(st: &Storage, file_len: u64) -> Result<Header> {
 }
 
 /// QEMU's answer to a compressed grain it cannot read.
-fn einval() -> Error {
+pub(super) fn einval() -> Error {
     Error::io(
         "compressed grain",
         std::io::Error::from_raw_os_error(libc::EINVAL),
