@@ -538,28 +538,29 @@ impl Tracker {
 /// Writes bitmap data into new clusters and returns its table: all-zero
 /// clusters are left out, whole all-one clusters are flagged.
 fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
-    let cs = q.cluster_size();
-    let bytes = w.bits.div_ceil(8);
-    let mut data = Vec::with_capacity(w.words.len() * 8);
-    for x in &w.words {
-        data.extend_from_slice(&x.load(Ordering::Relaxed).to_le_bytes());
-    }
-    data.truncate(bytes as usize);
-    let mut table = Vec::new();
-    for chunk in data.chunks(cs as usize) {
+    let cs = q.cluster_size() as usize;
+    let bytes = w.bits.div_ceil(8) as usize;
+    // One cluster of the bitmap at a time: a huge bitmap is not copied
+    // again as bytes (it may be hundreds of MiB).
+    let mut chunk = vec![0u8; cs];
+    let mut table = Vec::with_capacity(bytes.div_ceil(cs));
+    for start in (0..bytes).step_by(cs) {
+        let len = (bytes - start).min(cs);
+        // Words are whole multiples of 8 bytes; a cluster holds whole words.
+        let words = &w.words[start / 8..(start + len).div_ceil(8)];
+        for (k, x) in words.iter().enumerate() {
+            chunk[k * 8..k * 8 + 8].copy_from_slice(&x.load(Ordering::Relaxed).to_le_bytes());
+        }
+        // The last cluster is padded with zeros, as QEMU writes it:
+        // readers load whole 64-bit words, so bits past the disk's end
+        // must be clear.
+        chunk[len..].fill(0);
         let e = if chunk.iter().all(|&x| x == 0) {
             0
-        } else if chunk.len() as u64 == cs && chunk.iter().all(|&x| x == 0xff) {
+        } else if len == cs && chunk.iter().all(|&x| x == 0xff) {
             entry::ALL_ONES
-        } else if chunk.len() as u64 == cs {
-            write_new(q, chunk)?
         } else {
-            // The last cluster is padded with zeros, as QEMU writes it:
-            // readers load whole 64-bit words, so bits past the disk's end
-            // must be clear.
-            let mut padded = chunk.to_vec();
-            padded.resize(cs as usize, 0);
-            write_new(q, &padded)?
+            write_new(q, &chunk)?
         };
         table.push(e);
     }

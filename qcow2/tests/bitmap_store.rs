@@ -1,0 +1,56 @@
+//! A stored bitmap whose data ends inside its last cluster has that
+//! cluster padded with zeros (QEMU's readers load whole words: bits past
+//! the disk's end must be clear), whatever the cluster before it held.
+
+use qcow2::bitmap::entry;
+use qcow2::bitmap::track::{read_directory, read_table};
+use qcow2::storage::Storage;
+use qcow2::{CreateOptions, Image, Qcow2, Qcow2Options};
+
+#[test]
+fn the_last_bitmap_cluster_is_padded_with_zeros() {
+    let dir = std::env::temp_dir().join(format!("rimg-bitmap-store-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("b.qcow2");
+    // 512-byte clusters and granules: a data cluster holds 4096 granules
+    // (2 MiB of disk); 4896 granules leave 100 bytes in the second one.
+    let size = 4896 * 512;
+    let o = CreateOptions {
+        size,
+        cluster_size: 512,
+        ..Default::default()
+    };
+    qcow2::create(&p, &o).unwrap();
+    let q = Qcow2::open(
+        Storage::open(&p, true).unwrap(),
+        None,
+        Qcow2Options::default(),
+    )
+    .unwrap();
+    let t = q.bitmap_tracker().expect("a v3 image tracks bitmaps");
+    t.add(&q, "b", Some(512), false).unwrap();
+    // The first data cluster all ones, and the last granule.
+    q.write_at(&vec![1u8; 2 << 20], 0).unwrap();
+    q.write_at(&[2u8; 512], size - 512).unwrap();
+    q.finish().unwrap();
+    drop(q);
+    let q = Qcow2::open(
+        Storage::open(&p, false).unwrap(),
+        None,
+        Qcow2Options::default(),
+    )
+    .unwrap();
+    let (_, bitmaps) = read_directory(q.storage(), &q.header()).unwrap().unwrap();
+    let table = read_table(q.storage(), &bitmaps[0], 512).unwrap();
+    assert_eq!(table.len(), 2);
+    assert_eq!(table[0], entry::ALL_ONES);
+    let mut data = [1u8; 512];
+    q.storage()
+        .read_at(&mut data, table[1] & entry::OFFSET)
+        .unwrap();
+    // Granule 4895: bit 7 of byte 99; nothing after it.
+    let mut want = [0u8; 512];
+    want[99] = 0x80;
+    assert_eq!(data, want);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
