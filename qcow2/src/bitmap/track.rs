@@ -417,23 +417,27 @@ impl Tracker {
     /// frees what was replaced or removed. Later writes are refused.
     ///
     /// Lock order: the metadata lock is taken before this state's (guest
-    /// writes mark bits with it held), so the state is copied out first
+    /// writes mark bits with it held), so the bits are taken out first
     /// and the I/O runs without it.
     pub fn store(&self, q: &Qcow2) -> Result<()> {
         let (old_ext, removed, plan) = {
-            let s = self.write();
+            let mut s = self.write();
             if self.closed.swap(true, Ordering::AcqRel) {
                 return Ok(());
             }
             if !s.changed {
                 return Ok(());
             }
+            // `closed` is set: marks are refused from now on, so the words
+            // are moved out, not copied (a bitmap may be hundreds of MiB).
             let plan: Vec<Planned> = s
                 .bitmaps
-                .iter()
+                .iter_mut()
                 .map(|b| {
-                    let c = match &b.content {
-                        Content::Loaded { words, old } => Some((words.snapshot(), old.clone())),
+                    let c = match &mut b.content {
+                        Content::Loaded { words, old } => {
+                            Some((std::mem::replace(words, Words::zeroed(0)), old.clone()))
+                        }
                         Content::OnDisk => None,
                     };
                     (b.entry.clone(), c)
