@@ -722,7 +722,7 @@ pub fn open_image(
 /// writing, on stderr as qemu-img's driver prints them.
 pub fn print_open_messages(img: &dyn qcow2::Image) {
     if let Some(q) = img.as_qcow2() {
-        for line in q.take_open_messages() {
+        for line in q.take_open_messages().unwrap_or_default() {
             eprintln!("{line}");
         }
     }

@@ -269,9 +269,10 @@ fn guest_io_survives_daemon_kills() {
         );
     }
 
-    // A killed daemon leaves the image dirty (its reserve of clusters
-    // leaked); the next one repairs it at open, and the last one closed
-    // cleanly: nothing is left for a check to find.
+    // A killed daemon leaves the image dirty (marked at its open; the
+    // clusters it had reserved, if any, leaked); the next one repairs it
+    // at open, and the last one closed cleanly: nothing is left for a
+    // check to find.
     assert!(
         logs[1..].iter().any(|l| l.contains("not closed cleanly")),
         "no restarted daemon repaired the image it found dirty"

@@ -97,12 +97,9 @@ fn encryption_of(image: &Path, format: Format) -> qcow2::Result<Option<&'static 
 }
 
 /// One line for the repair of an image a killed daemon left dirty (the
-/// clusters it had reserved leak): the leak count, and whatever else the
-/// check said (a corruption would be worth every line).
+/// clusters it had reserved leak, if it had any): the leak count, and
+/// whatever else the check said (a corruption would be worth every line).
 fn log_open_repair(image: &std::path::Path, lines: &[String]) {
-    if lines.is_empty() {
-        return;
-    }
     let per_cluster =
         |l: &&String| l.starts_with("Leaked cluster") || l.starts_with("Repairing cluster");
     let leaks = lines
@@ -165,7 +162,9 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
     // A daemon killed before leaves its image dirty; the open repaired it.
     if let Some(q) = img.as_qcow2() {
-        log_open_repair(&cfg.image, &q.take_open_messages());
+        if let Some(lines) = q.take_open_messages() {
+            log_open_repair(&cfg.image, &lines);
+        }
     }
     // Encrypted guest data is never moved by the workers' io_uring: the
     // engine decrypts it (see `worker::engine_io`).

@@ -311,7 +311,8 @@ pub struct Qcow2 {
     /// L2 entries carry subcluster bitmaps (see [`subcluster`]).
     extl2: bool,
     /// Lines of the repair a dirty image had at open (see `dirty_open`).
-    open_messages: Mutex<Vec<String>>,
+    /// The repair's lines when the image was dirty at open (None: clean).
+    open_messages: Mutex<Option<Vec<String>>>,
     /// Persistent dirty bitmaps of a writable image (see
     /// [`crate::bitmap::track`]).
     bitmaps: std::sync::OnceLock<crate::bitmap::track::Tracker>,
@@ -412,7 +413,7 @@ impl Qcow2 {
             cipher,
             data,
             extl2: header.extended_l2(),
-            open_messages: Mutex::new(Vec::new()),
+            open_messages: Mutex::new(None),
             bitmaps: std::sync::OnceLock::new(),
         };
         // QEMU loads the bitmaps at every open: one that cannot be loaded
@@ -426,9 +427,10 @@ impl Qcow2 {
     }
 
     /// The lines of the repair a dirty image had when opened (qemu-img
-    /// prints them on stderr); empty after the first call.
-    pub fn take_open_messages(&self) -> Vec<String> {
-        std::mem::take(&mut *self.open_messages.lock().unwrap())
+    /// prints them on stderr; none when it found nothing to repair), or
+    /// None when the image was clean; None after the first call.
+    pub fn take_open_messages(&self) -> Option<Vec<String>> {
+        self.open_messages.lock().unwrap().take()
     }
 
     /// The header's incompatible feature bits, in the file (unsynced) and
@@ -450,7 +452,7 @@ impl Qcow2 {
         let mut m = self.lock();
         if m.header.is_dirty() && !self.opts.repair {
             let (lines, clean) = crate::dirty_open::repair(self, &mut m.header_mut_ctx())?;
-            *self.open_messages.lock().unwrap() = lines;
+            *self.open_messages.lock().unwrap() = Some(lines);
             if !clean {
                 return Ok(());
             }
