@@ -27,7 +27,7 @@
 use std::sync::Arc;
 
 use qcow2::storage::Storage;
-use qcow2::{ExtentKind, Format, Image, Raw};
+use qcow2::{ExtentKind, Format, Image};
 
 use crate::common::qemu_len;
 
@@ -45,6 +45,8 @@ pub struct Status {
     pub len: u64,
     /// Host offset of the first byte (with OFFSET_VALID).
     pub offset: Option<u64>,
+    /// The layer's file the offset is in (`Image::data_file`).
+    pub file: u32,
 }
 
 impl Status {
@@ -56,9 +58,6 @@ impl Status {
 struct Layer {
     img: Arc<dyn Image>,
     len: u64,
-    /// The host file of a layer whose data may have to ask it for holes,
-    /// opened as raw.
-    host: Option<Raw>,
     /// Every data extent asks the host file (a qcow2 layer that looks
     /// metadata-preallocated); otherwise only those the engine marks.
     recurse_all: bool,
@@ -79,15 +78,9 @@ impl Chain {
                 Some(q) => q.metadata_preallocation_detected()?,
                 None => false,
             };
-            let host = if recurse_all || matches!(img.format(), Format::Vdi | Format::Vpc) {
-                Some(Raw::open(Storage::open(img.path(), false)?)?)
-            } else {
-                None
-            };
             layers.push(Layer {
                 len: qemu_len(img.as_ref()),
                 img,
-                host,
                 recurse_all,
             });
         }
@@ -103,13 +96,14 @@ impl Chain {
         self.layers[0].img.as_ref()
     }
 
-    /// File name of layer `depth` (0 = top), as opened.
-    pub fn file_name(&self, depth: usize) -> String {
+    /// Name of the file of layer `depth` (0 = top) that an offset in
+    /// `file` points into, as opened: the image file, a qcow2 image's
+    /// external data file, a VMDK extent file.
+    pub fn file_name(&self, depth: usize, file: u32) -> String {
         let img = &self.layers[depth].img;
-        // Data of an image with an external data file is in that file.
-        match img.as_qcow2() {
-            Some(q) => q.data_storage().path().display().to_string(),
-            None => img.path().display().to_string(),
+        match (img.as_qcow2(), file) {
+            (None, 0) => img.path().display().to_string(),
+            _ => img.data_file(file).path().display().to_string(),
         }
     }
 
@@ -122,6 +116,7 @@ impl Chain {
                 flags: EOF,
                 len: 0,
                 offset: None,
+                file: 0,
             });
         }
         let bytes = bytes.min(l.len - off);
@@ -133,6 +128,7 @@ impl Chain {
                 flags: DATA,
                 len: bytes,
                 offset: None,
+                file: 0,
             },
             Format::Qcow2 | Format::Vdi | Format::Vpc | Format::Vmdk => {
                 let e = l.img.block_status(off, bytes)?;
@@ -141,15 +137,19 @@ impl Chain {
                         flags: DATA | COMPRESSED,
                         len: e.len,
                         offset: None,
+                        file: 0,
                     },
                     ExtentKind::Data => {
                         let s = Status {
                             flags: DATA | OFFSET_VALID,
                             len: e.len,
                             offset: e.offset,
+                            file: e.file,
                         };
-                        match (&l.host, e.offset) {
-                            (Some(h), Some(at)) if l.recurse_all || e.recurse => recurse(h, s, at)?,
+                        match e.offset {
+                            Some(at) if l.recurse_all || e.recurse => {
+                                recurse(l.img.data_file(e.file), s, at)?
+                            }
                             _ => s,
                         }
                     }
@@ -157,11 +157,13 @@ impl Chain {
                         flags: ZERO | if e.offset.is_some() { OFFSET_VALID } else { 0 },
                         len: e.len,
                         offset: e.offset,
+                        file: e.file,
                     },
                     ExtentKind::Unallocated => Status {
                         flags: 0,
                         len: e.len,
                         offset: None,
+                        file: 0,
                     },
                 }
             }
@@ -200,6 +202,7 @@ impl Chain {
                     flags: ZERO | ALLOCATED,
                     len: bytes,
                     offset: None,
+                    file: 0,
                 };
                 break;
             }
@@ -243,6 +246,7 @@ fn file_status(f: &dyn Image, len: u64, off: u64, bytes: u64) -> qcow2::Result<S
             flags: ZERO | OFFSET_VALID,
             len: bytes,
             offset: Some(off),
+            file: 0,
         });
     }
     let e = f.block_status(off, bytes.min(real - off))?;
@@ -254,28 +258,34 @@ fn file_status(f: &dyn Image, len: u64, off: u64, bytes: u64) -> qcow2::Result<S
         } | OFFSET_VALID,
         len: e.len,
         offset: Some(off),
+        file: 0,
     })
 }
 
 /// QEMU's BDRV_BLOCK_RECURSE: asks the host file whether the data at host
-/// offset `at` is a hole. A hole makes the range read as zeros; the answer
-/// is cut where the host file's status changes, except at its end.
-fn recurse(host: &Raw, s: Status, at: u64) -> qcow2::Result<Status> {
-    let host_len = host.size().next_multiple_of(512);
+/// offset `at` is a hole. A hole (or the range past the file's end) makes
+/// the range read as zeros; the answer is cut where the host file's status
+/// changes, except at its end (in whole sectors, as QEMU sees the file).
+fn recurse(host: &Storage, s: Status, at: u64) -> qcow2::Result<Status> {
+    let real = host.len()?;
+    let host_len = real.next_multiple_of(512);
     let mut s = s;
     if at >= host_len {
         s.flags |= ZERO;
         return Ok(s);
     }
-    let f = file_status(host, host_len, at, s.len)?;
-    let at_eof = at + f.len == host_len;
-    if at_eof && f.has(ZERO) {
+    let bytes = s.len.min(host_len - at);
+    // The sector-rounded tail past the real end is a hole.
+    let (data, n) = match at < real {
+        true => host.data_at(at, bytes.min(real - at)),
+        false => (false, bytes),
+    };
+    if !data {
         s.flags |= ZERO;
-    } else {
-        s.len = f.len;
-        if f.has(ZERO) {
-            s.flags |= ZERO;
-        }
+    }
+    // A hole that reaches the file's end covers the whole answer.
+    if data || at + n != host_len {
+        s.len = n;
     }
     Ok(s)
 }

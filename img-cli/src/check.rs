@@ -92,6 +92,14 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
     };
     if let Some(rep) = qcow2::foreign::check(img.as_ref()) {
         if repair != Repair::None {
+            if let Some(name) = repeated_extent_file(img.as_ref()) {
+                // qemu-img's writable open of a descriptor that lists one
+                // file twice conflicts with its own lock on the first.
+                return Err(CliError::new(format!(
+                    "Could not open '{}': Failed to get \"resize\" lock\nIs another process using the image [{name}]?",
+                    a.filename
+                )));
+            }
             return Err(no_checks());
         }
         let rep = rep.map_err(|e| CliError::new(format!("Check failed: {e}")))?;
@@ -221,4 +229,16 @@ fn to_human(r: &CheckReport, repair: Repair) -> String {
         s += &format!("Image end offset: {}\n", r.image_end_offset);
     }
     s
+}
+
+/// The name of the first VMDK extent file that an earlier extent's file
+/// already is (the same device and inode).
+fn repeated_extent_file(img: &dyn qcow2::Image) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let v = img.as_any().downcast_ref::<qcow2::Vmdk>()?;
+    let mut seen = std::collections::HashSet::new();
+    v.layout().extent_files().iter().find_map(|st| {
+        let md = st.file().metadata().ok()?;
+        (!seen.insert((md.dev(), md.ino()))).then(|| st.path().display().to_string())
+    })
 }

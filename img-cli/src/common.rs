@@ -111,20 +111,7 @@ pub fn zero_prefix(b: &[u8]) -> usize {
 /// An I/O error as C's strerror prints it ("Input/output error"), without
 /// Rust's " (os error N)" suffix.
 pub fn strerror(e: &std::io::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) if s.ends_with(')') => s[..i].to_string(),
-        _ => s,
-    }
-}
-
-/// An error's whole message without Rust's " (os error N)" suffix.
-pub fn without_os_code(e: &qcow2::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) if s.ends_with(')') => s[..i].to_string(),
-        _ => s,
-    }
+    qcow2::error::strerror(e)
 }
 
 /// `msg` with its first letter capitalised, as qemu-img starts messages.
@@ -143,10 +130,7 @@ pub fn os_error_text(e: &qcow2::Error) -> String {
         qcow2::Error::Open { source, .. } | qcow2::Error::Io { source, .. } => source.to_string(),
         e => e.to_string(),
     };
-    match inner.rfind(" (os error ") {
-        Some(i) if inner.ends_with(')') => inner[..i].to_string(),
-        _ => inner,
-    }
+    qcow2::error::without_os_code(inner)
 }
 
 /// A filename as QEMU shows it: without a `file:` prefix, and a relative
@@ -162,9 +146,5 @@ pub fn display_name(given: &str) -> String {
 /// An engine error's text without Rust's " (os error N)" suffix, as
 /// qemu-img prints an errno.
 pub fn error_text(e: &qcow2::Error) -> String {
-    let s = e.to_string();
-    match s.rfind(" (os error ") {
-        Some(i) if s.ends_with(')') => s[..i].to_string(),
-        _ => s,
-    }
+    qcow2::error::without_os_code(e.to_string())
 }

@@ -204,7 +204,7 @@ fn make(filename: &str, o: &CreateOptions, format: Format) -> Result<u8, CliErro
             filename,
             format.name()
         )),
-        e => CliError::new(format!("{filename}: {}", crate::common::without_os_code(&e))),
+        e => CliError::new(format!("{filename}: {}", crate::common::error_text(&e))),
     })?;
     Ok(0)
 }
@@ -261,7 +261,7 @@ fn create_luks(a: &CreateArgs) -> Result<u8, CliError> {
         o.encrypt = e;
         qcow2::create(Path::new(&a.filename), &o)
             .map(|()| 0)
-            .map_err(|e| fail(crate::common::without_os_code(&e)))
+            .map_err(|e| fail(crate::common::error_text(&e)))
     });
     discard_on_error(&a.filename, &made);
     made

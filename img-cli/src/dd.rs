@@ -145,6 +145,7 @@ pub fn run(a: DdArgs) -> Result<u8, CliError> {
     while pos < size {
         let n = (size - pos).min(PIECE) as usize;
         read_padded(src.as_ref(), &mut buf[..n], pos).map_err(|e| {
+            let e = crate::common::os_error_text(&e);
             CliError::new(format!("error while reading from input image file: {e}"))
         })?;
         dst.write_at(&buf[..n], pos - start)

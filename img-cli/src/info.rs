@@ -39,16 +39,12 @@ pub struct InfoArgs {
 /// Everything info reports about one image.
 struct ImageInfo {
     filename: String,
-    /// The child node's filename (the file under the format node: its
-    /// plain name even where the image's is a json: one).
-    file_name: String,
     format: Format,
     virtual_size: u64,
     /// The allocation unit qemu-img info reports (qcow2's cluster, a vdi
     /// block); None for raw and luks.
     cluster_size: Option<u64>,
     actual_size: u64,
-    file_length: u64,
     qcow2: Option<qcow2::Header>,
     snapshots: Vec<qcow2::Snapshot>,
     /// Backing name as stored and as resolved against the image's directory.
@@ -60,27 +56,79 @@ struct ImageInfo {
     bitmaps: Vec<qcow2::bitmap::DirEntry>,
     /// A VMDK image's format-specific data (QEMU's ImageInfoSpecificVmdk).
     vmdk: Option<Map<String, Value>>,
+    /// The protocol nodes under the image, in QEMU's order: a VMDK
+    /// descriptor's extent files (last first), then the image file.
+    children: Vec<Child>,
+    /// None where QEMU's get_info fails (VMDK extents of mixed types):
+    /// no dirty flag is shown then.
+    dirty_flag: Option<bool>,
+}
+
+/// A protocol node under the image: its name among the children, file
+/// name, length in whole sectors and allocated bytes.
+struct Child {
+    name: String,
+    /// QEMU's protocol driver: `file`, or `host_device` for a device
+    /// under /dev.
+    protocol: &'static str,
+    filename: String,
+    length: u64,
+    actual: u64,
+}
+
+impl Child {
+    fn of(name: String, st: &qcow2::storage::Storage) -> Result<Child, CliError> {
+        use std::os::unix::fs::FileTypeExt;
+        let t = st
+            .file()
+            .metadata()
+            .map_err(|e| CliError::new(e.to_string()))?
+            .file_type();
+        let device = st.path().starts_with("/dev/") && (t.is_block_device() || t.is_char_device());
+        Ok(Child {
+            name,
+            protocol: if device { "host_device" } else { "file" },
+            filename: st.path().display().to_string(),
+            length: st.len()?.next_multiple_of(512),
+            actual: st.allocated_bytes()?,
+        })
+    }
 }
 
 /// QEMU's format-specific data of a VMDK image: CIDs, create type and
-/// the extents (one: the sparse file itself, its type string empty,
-/// "compressed" only when it is).
-fn vmdk_json(img: &dyn Image, file_name: &str) -> Option<Map<String, Value>> {
-    let l = img.as_any().downcast_ref::<qcow2::Vmdk>()?.layout();
-    let mut extent = Map::new();
-    if l.compressed() {
-        extent.insert("compressed".into(), json!(true));
-    }
-    extent.insert("virtual-size".into(), json!(img.size()));
-    extent.insert("filename".into(), json!(file_name));
-    extent.insert("cluster-size".into(), json!(img.cluster_size()));
-    extent.insert("format".into(), json!(""));
+/// the extents (a sparse image file is its own, with an empty type word;
+/// "compressed" only when it is, no "cluster-size" for a flat one).
+fn vmdk_json(l: &qcow2::foreign::vmdk::VmdkLayout, file_name: &str) -> Map<String, Value> {
+    let extents: Vec<Value> = l
+        .extents_info()
+        .iter()
+        .map(|e| {
+            let mut x = Map::new();
+            if e.compressed {
+                x.insert("compressed".into(), json!(true));
+            }
+            x.insert("virtual-size".into(), json!(e.virtual_size));
+            let name = match e.file {
+                0 => file_name.to_string(),
+                k => l.extent_files()[k as usize - 1]
+                    .path()
+                    .display()
+                    .to_string(),
+            };
+            x.insert("filename".into(), json!(name));
+            if let Some(cs) = e.cluster_size {
+                x.insert("cluster-size".into(), json!(cs));
+            }
+            x.insert("format".into(), json!(e.format));
+            Value::Object(x)
+        })
+        .collect();
     let mut d = Map::new();
     d.insert("cid".into(), json!(l.cid()));
     d.insert("parent-cid".into(), json!(l.parent_cid()));
     d.insert("create-type".into(), json!(l.create_type()));
-    d.insert("extents".into(), json!([Value::Object(extent)]));
-    Some(d)
+    d.insert("extents".into(), Value::Array(extents));
+    d
 }
 
 fn open_one(
@@ -165,10 +213,36 @@ fn open_one(
     });
     // QEMU reports the length of the file node in whole 512-byte sectors.
     let file_length = file_length.next_multiple_of(512);
-    let vmdk = vmdk_json(img.as_ref(), &file_name);
+    let vmdk_layout = img
+        .as_any()
+        .downcast_ref::<qcow2::Vmdk>()
+        .map(|v| v.layout());
+    let vmdk = vmdk_layout.map(|l| vmdk_json(l, &file_name));
+    let mut children = Vec::new();
+    let file_actual = actual_size;
+    let mut actual_size = actual_size;
+    if let Some(l) = vmdk_layout {
+        for (i, st) in l.extent_files().iter().enumerate().rev() {
+            let c = Child::of(format!("extents.{i}"), st)?;
+            actual_size += c.actual;
+            children.push(c);
+        }
+    }
+    // The file under the format node: its plain name even where the
+    // image's is a json: one.
+    children.push(Child {
+        name: "file".into(),
+        protocol: "file",
+        filename: file_name.clone(),
+        length: file_length,
+        actual: file_actual,
+    });
+    let dirty_flag = match vmdk_layout {
+        Some(l) if !l.uniform() => None,
+        _ => Some(qh.as_ref().is_some_and(|h| h.is_dirty())),
+    };
     Ok(ImageInfo {
         filename: shown,
-        file_name,
         format: img.format(),
         // QEMU counts a raw file in whole sectors.
         virtual_size: crate::common::qemu_len(img.as_ref()),
@@ -177,13 +251,14 @@ fn open_one(
             None => img.cluster_size(),
         },
         actual_size,
-        file_length,
         qcow2: qh,
         snapshots,
         backing,
         luks,
         bitmaps,
         vmdk,
+        children,
+        dirty_flag,
     })
 }
 
@@ -283,21 +358,25 @@ fn human_value(name: &str, v: &Value, indent: usize, out: &mut String) {
 
 fn to_json(i: &ImageInfo) -> Value {
     let mut m = Map::new();
-    m.insert(
-        "children".into(),
-        json!([{
-            "name": "file",
-            "info": {
-                "children": [],
-                "virtual-size": i.file_length,
-                "filename": i.file_name,
-                "format": "file",
-                "actual-size": i.actual_size,
-                "format-specific": {"type": "file", "data": {}},
-                "dirty-flag": false
-            }
-        }]),
-    );
+    let children: Vec<Value> = i
+        .children
+        .iter()
+        .map(|c| {
+            json!({
+                "name": c.name,
+                "info": {
+                    "children": [],
+                    "virtual-size": c.length,
+                    "filename": c.filename,
+                    "format": c.protocol,
+                    "actual-size": c.actual,
+                    "format-specific": {"type": "file", "data": {}},
+                    "dirty-flag": false
+                }
+            })
+        })
+        .collect();
+    m.insert("children".into(), Value::Array(children));
     if let Some(h) = &i.qcow2 {
         if let Some(f) = &h.backing_format {
             m.insert("backing-filename-format".into(), json!(f));
@@ -390,10 +469,9 @@ fn to_json(i: &ImageInfo) -> Value {
     if i.encrypted() {
         m.insert("encrypted".into(), json!(true));
     }
-    m.insert(
-        "dirty-flag".into(),
-        json!(i.qcow2.as_ref().is_some_and(|h| h.is_dirty())),
-    );
+    if let Some(d) = i.dirty_flag {
+        m.insert("dirty-flag".into(), json!(d));
+    }
     Value::Object(m)
 }
 
@@ -522,15 +600,17 @@ fn to_human(i: &ImageInfo) -> String {
             human_value(&k.replace('-', " "), v, 4, &mut s);
         }
     }
-    s += "Child node '/file':\n";
-    s += &format!("    filename: {}\n", i.file_name);
-    s += "    protocol type: file\n";
-    s += &format!(
-        "    file length: {} ({} bytes)\n",
-        size_to_str(i.file_length),
-        i.file_length
-    );
-    s += &format!("    disk size: {}\n", size_to_str(i.actual_size));
+    for c in &i.children {
+        s += &format!("Child node '/{}':\n", c.name);
+        s += &format!("    filename: {}\n", c.filename);
+        s += &format!("    protocol type: {}\n", c.protocol);
+        s += &format!(
+            "    file length: {} ({} bytes)\n",
+            size_to_str(c.length),
+            c.length
+        );
+        s += &format!("    disk size: {}\n", size_to_str(c.actual));
+    }
     s
 }
 

@@ -58,7 +58,7 @@ impl Entry {
             data: s.has(DATA),
             compressed: s.has(COMPRESSED),
             offset,
-            file: offset.map(|_| chain.file_name(depth)),
+            file: offset.map(|_| chain.file_name(depth, s.file)),
         }
     }
 
@@ -73,7 +73,7 @@ impl Entry {
             && self.file == next.file
             && match (self.offset, next.offset) {
                 (None, None) => true,
-                (Some(a), Some(b)) => a + self.length == b,
+                (Some(a), Some(b)) => a.wrapping_add(self.length) == b,
                 _ => false,
             }
     }
@@ -84,7 +84,8 @@ impl Entry {
             self.start, self.length, self.depth, self.present, self.zero, self.data, self.compressed
         );
         if let Some(o) = self.offset {
-            s += &format!(", \"offset\": {o}");
+            // QEMU's int64: a VMDK flat extent's offset may wrap.
+            s += &format!(", \"offset\": {}", o as i64);
         }
         s.push('}');
         s

@@ -178,3 +178,17 @@ impl std::fmt::Display for L1Problem {
         f.write_str(self.message())
     }
 }
+
+/// An I/O error as C's strerror prints it ("Input/output error"), without
+/// Rust's " (os error N)" suffix: QEMU's words in messages.
+pub fn strerror(e: &io::Error) -> String {
+    without_os_code(e.to_string())
+}
+
+/// A message without the " (os error N)" suffix Rust gives an I/O error.
+pub fn without_os_code(s: String) -> String {
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
+    }
+}

@@ -431,43 +431,72 @@ pub fn vpc(data: &[u8]) {
     }
 }
 
-/// A VMDK sparse file: opened read-only (a writable open must be
+/// A VMDK image: a sparse file or a descriptor. Its extent files come
+/// from the input too: the file an extent line names is the input from
+/// sector N on, N the name's length modulo 64 (so a descriptor can name
+/// sparse extents placed after it). Opened read-only (a writable open must be
 /// refused) and walked as [`vdi`] walks its image (block status may fail
-/// where the grain directory cannot place a grain, as QEMU's does). Every
-/// answer stays within one grain; zeroed and unallocated grains have no
-/// offset. Then `check`, when the disk has at most 2^22 grains and 2^16
-/// grain tables (it visits every grain of an allocated table, as QEMU's
-/// does, reading each table: millions of them would stall the fuzzer). The grain
-/// directory is held only as far as the input goes.
+/// where a grain directory cannot place a grain, as QEMU's does). In a
+/// sparse file every answer stays within one grain; zeroed and
+/// unallocated grains have no offset. Then `check`, when the disk has at
+/// most 2^22 grains and 2^16 grain tables (it visits every grain of an
+/// allocated table, as QEMU's does, reading each table: millions of them
+/// would stall the fuzzer). Grain directories are held only as far as the
+/// input goes.
 pub fn vmdk(data: &[u8]) {
     use crate::foreign::vmdk;
+    use std::collections::HashMap;
     let f = memfile(data);
-    let dup = || f.try_clone().expect("dup of the memfd");
-    let rw = Storage::from_file(dup(), Path::new("fuzz-input.vmdk"), true);
-    assert!(vmdk::open(rw).is_err(), "a vmdk image opened for writing");
-    let st = Storage::from_file(dup(), Path::new("fuzz-input.vmdk"), false);
-    let Ok(img) = vmdk::open(st) else {
+    let dup = |f: &File| f.try_clone().expect("dup of the memfd");
+    let rw = Storage::from_file(dup(&f), Path::new("fuzz-input.vmdk"), true);
+    let refuse = |_: &Path| -> crate::Result<Storage> { unreachable!("opened extents") };
+    assert!(
+        vmdk::open(rw, &refuse).is_err(),
+        "a vmdk image opened for writing"
+    );
+    // One memfd per start: lines naming the same one share its inode.
+    let files = std::cell::RefCell::new(HashMap::<usize, File>::new());
+    let opener = |p: &Path| {
+        // At most 64 files: a line of any length names one of them.
+        let k = (p.as_os_str().len() % 64 * 512).min(data.len());
+        let mut files = files.borrow_mut();
+        let f = files.entry(k).or_insert_with(|| memfile(&data[k..]));
+        // Thousands of lines run out of descriptors: an error, as QEMU's.
+        let f = f.try_clone().map_err(|e| crate::Error::io("dup", e))?;
+        Ok(Storage::from_file(f, p, false))
+    };
+    let st = Storage::from_file(dup(&f), Path::new("fuzz-input.vmdk"), false);
+    let Ok(img) = vmdk::open(st, &opener) else {
         return;
     };
-    let grain = img.cluster_size().expect("a sparse file has grains");
-    assert!(grain > 0 && grain <= vmdk::MAX_GRAIN_SECTORS * 512);
     assert!(img.size() < 1 << 63, "past QEMU's largest disk");
-    let compressed = img.layout().compressed();
+    let l = img.layout();
+    let compressed = l.compressed();
+    let one_file = l.extent_files().is_empty();
+    let grain = img.cluster_size();
+    if let Some(g) = grain {
+        assert!(g > 0 && g <= vmdk::MAX_GRAIN_SECTORS * 512);
+    }
     walk_foreign(&img, "vmdk", true, compressed, |e, pos| {
-        assert!(e.len <= grain);
-        assert_eq!(
-            pos / grain,
-            (pos + e.len - 1) / grain,
-            "status crosses a grain"
-        );
+        if let (true, Some(grain)) = (one_file, grain) {
+            assert!(e.len <= grain);
+            assert_eq!(
+                pos / grain,
+                (pos + e.len - 1) / grain,
+                "status crosses a grain"
+            );
+        }
         if e.kind != ExtentKind::Data {
             assert_eq!(e.offset, None, "a hole with an offset");
         }
     });
-    let h = img.layout().header();
-    let tables = h.capacity / (h.grain * h.gtes_per_gt as u64).max(1);
-    if h.capacity / h.grain <= 1 << 22 && tables <= 1 << 16 {
-        if let Ok(rep) = img.layout().check(img.storage()) {
+    let (mut grains, mut tables) = (0u64, 0u64);
+    for h in l.sparse_headers() {
+        grains += h.capacity / h.grain;
+        tables += h.capacity / (h.grain * h.gtes_per_gt as u64).max(1);
+    }
+    if grains <= 1 << 22 && tables <= 1 << 16 {
+        if let Ok(rep) = l.check(img.storage()) {
             assert!(rep.failed.is_none() || rep.messages.len() == 1);
             assert_eq!(rep.corruptions, rep.failed.is_some() as u64);
         }
@@ -532,6 +561,11 @@ fn walk_foreign<L: crate::foreign::Layout>(
                         "read_at and read_mapped differ at {pos:#x}"
                     ),
                     (Err(_), Err(_)) if e.compressed => {}
+                    // Past QEMU's largest offset (a VMDK flat extent's):
+                    // EIO, as its block layer answers.
+                    (Err(_), Err(_))
+                        if e.offset
+                            .is_some_and(|o| o.saturating_add(n) > crate::foreign::MAX_OFFSET) => {}
                     (a, b) => panic!("reading {what} data: {a:?} directly, {b:?} mapped"),
                 }
             }

@@ -87,6 +87,9 @@ pub struct Extent {
     pub kind: ExtentKind,
     /// Host file offset of the first byte, where there is one.
     pub offset: Option<u64>,
+    /// The file `offset` is in ([`Image::data_file`]): 0 for every
+    /// format but VMDK with extent files.
+    pub file: u32,
     pub compressed: bool,
     /// The host file decides where this data reads as zeros: its holes
     /// do (QEMU's BDRV_BLOCK_RECURSE, for formats that preallocate their
@@ -151,6 +154,13 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     /// file.
     fn data_storage(&self) -> &Storage {
         self.storage()
+    }
+    /// The file an [`Extent`]'s `file` names: 0 is
+    /// [`data_storage`](Self::data_storage); a format whose data spans
+    /// several files (VMDK extents) numbers the others from 1.
+    fn data_file(&self, file: u32) -> &Storage {
+        debug_assert_eq!(file, 0);
+        self.data_storage()
     }
     /// Begins data I/O that maps guest ranges and then reads or writes
     /// host clusters outside the engine's lock: until the guard is
@@ -258,7 +268,7 @@ pub fn chain_status(img: &dyn Image, offset: u64, len: u64) -> Result<(ChainStat
             // block layer asks the file as well, for qemu-img's convert,
             // measure, compare and map alike).
             Some(host) if e.recurse => {
-                let (data, n) = img.data_storage().data_at(host, e.len);
+                let (data, n) = img.data_file(e.file).data_at(host, e.len);
                 let st = if data {
                     ChainStatus::Data
                 } else {

@@ -274,6 +274,7 @@ impl Image for LuksImage {
             len,
             kind: ExtentKind::Data,
             offset: None,
+            file: 0,
             compressed: false,
             recurse: false,
         })

@@ -142,8 +142,12 @@ fn open_at_depth(
             let calc = vpc::SizeCalc::parse(opts.vpc_force_size_calc.as_deref())?;
             Ok(Arc::new(vpc::open(st, calc)?))
         }
-        // A single sparse file for now: a parent is refused at open.
-        Format::Vmdk => Ok(Arc::new(crate::foreign::vmdk::open(st)?)),
+        // A parent is refused at open, for now.
+        Format::Vmdk => {
+            use crate::foreign::vmdk;
+            let opener = |p: &Path| vmdk::open_extent_file(p, opts.force_share);
+            Ok(Arc::new(vmdk::open(st, &opener)?))
+        }
         Format::Luks => {
             let key = match depth {
                 0 => opts.qcow2.encrypt_key.clone(),

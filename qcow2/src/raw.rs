@@ -108,6 +108,7 @@ impl Image for Raw {
             len,
             kind: ExtentKind::Data,
             offset: None,
+            file: 0,
             compressed: false,
             recurse: false,
         };
@@ -120,6 +121,7 @@ impl Image for Raw {
                     len,
                     kind: ExtentKind::Zero,
                     offset: None,
+                    file: 0,
                     compressed: false,
                     recurse: false,
                 }
@@ -132,6 +134,7 @@ impl Image for Raw {
                 len: d.min(end) - off,
                 kind: ExtentKind::Zero,
                 offset: None,
+                file: 0,
                 compressed: false,
                 recurse: false,
             });

@@ -218,7 +218,7 @@ impl Storage {
 
     fn lock_error(&self, bit: i64, shared: bool) -> Error {
         Error::Locked(format!(
-            "Failed to get {}\"{}\" lock: is another process using the image [{}]?",
+            "Failed to get {}\"{}\" lock\nIs another process using the image [{}]?",
             if shared { "shared " } else { "" },
             lockbytes::name(bit),
             self.path.display()
@@ -300,6 +300,17 @@ impl Storage {
             faults: Default::default(),
             locked: Default::default(),
         })
+    }
+
+    /// A file opened read-only by the caller, locked as a reader as
+    /// [`open_locked`](Self::open_locked) locks it.
+    pub fn from_file_locked(file: File, path: &Path, force_share: bool) -> Result<Storage> {
+        let st = Storage::from_file(file, path, false);
+        if !force_share {
+            st.lock(false)?;
+            st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(st)
     }
 
     pub fn from_file(file: File, path: &Path, writable: bool) -> Storage {
@@ -409,6 +420,8 @@ impl Storage {
             })
         };
         match seek(libc::SEEK_DATA) {
+            // Past any file's end.
+            None => (false, len),
             // ENXIO: no data at or after `off`.
             Some(Err(e)) if e.raw_os_error() == Some(libc::ENXIO) => (false, len),
             Some(Ok(d)) if d > off => (false, d.min(end) - off),

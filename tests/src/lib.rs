@@ -135,6 +135,16 @@ pub const FOREIGN_VMDK: &[&str] = &[
     "vmdk-stream-end.vmdk",
 ];
 
+/// The VMDK text descriptors of make-foreign.sh (their extent files are
+/// beside them, some of 2 GiB, mostly holes).
+pub const FOREIGN_VMDK_DESCRIPTORS: &[&str] = &[
+    "vmdk-flat.vmdk",
+    "vmdk-2gflat.vmdk",
+    "vmdk-2gsparse.vmdk",
+    "vmdk-vmfs.vmdk",
+    "vmdk-multi.vmdk",
+];
+
 /// The read-only commands the foreign-format tests compare with
 /// qemu-img's on image `name` of format `fmt`: info (human, JSON, the
 /// format named), map (human, JSON, a window), check (human, JSON, both

@@ -1,5 +1,5 @@
 //! VMDK images (single sparse files made by `fixtures/make-foreign.sh` at
-//! test time) read by the engine and the CLI exactly as qemu-img reads
+//! test time; descriptors with extent files: `foreign_vmdk_extents.rs`) read by the engine and the CLI exactly as qemu-img reads
 //! them: content at odd offsets and lengths, unallocated and zeroed
 //! grains, `info` (the vmdk block), `map`, `check` (human and JSON, exit
 //! codes, findings), `convert`, `compare`, `measure`, `dd`; QEMU's open
@@ -443,11 +443,8 @@ fn unsupported_vmdk_kinds_are_refused() {
     let d = fixtures();
     let dir = d.path();
     let src = "vmdk-sparse.vmdk";
-    let desc = b"# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\ncreateType=\"monolithicFlat\"\nRW 10240 FLAT \"f.raw\" 0\n";
-    std::fs::write(dir.join("flat.vmdk"), desc).unwrap();
     let hint = b"parentFileNameHint=\"base.vmdk\"\n";
     let cases = [
-        ("flat.vmdk".to_string(), "VMDK descriptor files"),
         (
             patched(dir, src, "cowd.vmdk", &[(0, b"COWD".to_vec())]),
             "COWD",

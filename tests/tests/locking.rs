@@ -98,9 +98,16 @@ fn qemu_writer_excludes_rimg() {
             Some(1),
             "rimg {args:?} while qemu-io writes"
         );
+        // QEMU's two lines: the lock, then the question.
         let err = String::from_utf8_lossy(&r.stderr);
-        assert_eq!(err.lines().count(), 1, "{err}");
-        assert!(err.contains("lock"), "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{err}");
+        assert!(lines[0].ends_with("\"write\" lock"), "{err}");
+        assert_eq!(
+            lines[1],
+            format!("Is another process using the image [{p}]?"),
+            "{err}"
+        );
     }
     assert!(
         run(rimg, &["info", "-U", p]).status.success(),

@@ -1,6 +1,5 @@
 //! Formats other than qcow2, raw and luks ("foreign" formats: VDI, VHD
-//! and single-file sparse VMDK now; more VMDK and VHDX to come),
-//! read-only.
+//! and VMDK now; VHDX to come), read-only.
 //!
 //! Each format decodes its header and tables into a [`Layout`]: how a
 //! guest range is stored. [`ForeignImage`] turns a layout into an
@@ -34,16 +33,21 @@ use crate::storage::Storage;
 use crate::sync::AllocWaker;
 use crate::units::HostOffset;
 
+/// QEMU's largest byte offset (2^63 - 2^30): its block layer refuses I/O
+/// past it.
+pub(crate) const MAX_OFFSET: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 /// Where a run of guest bytes is stored in a foreign image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Where {
-    /// In the image file at `host`. With `recurse`, the format
-    /// preallocated the run and the file's own holes read as zeros
+    /// In file `file` at `host` (file 0 is the image file, k > 0 the
+    /// format's k-th other file, [`Layout::files`]). With `recurse`, the
+    /// format preallocated the run and the file's own holes read as zeros
     /// (reported as QEMU's BDRV_BLOCK_RECURSE).
-    Data { host: u64, recurse: bool },
-    /// Compressed (VMDK stream grains): the unit stored at `host`, the
-    /// run starting `skip` bytes into its uncompressed data.
-    Compressed { host: u64, skip: u64 },
+    Data { file: u32, host: u64, recurse: bool },
+    /// Compressed (VMDK stream grains): the unit stored in file `file` at
+    /// `host`, the run starting `skip` bytes into its uncompressed data.
+    Compressed { file: u32, host: u64, skip: u64 },
     /// Reads as zeros, decided by the format (a hole in its tables).
     Zero,
     /// Not stored in this image (VMDK's unallocated grains): the parent's
@@ -69,11 +73,18 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     /// block of data, or a run of holes). Called with a non-empty range
     /// inside the disk. `st` is the image file, for tables read on demand.
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)>;
+    /// The files other than the image file that hold guest data (VMDK
+    /// extent files): file k of [`Where`] is `files()[k - 1]`.
+    fn files(&self) -> &[Storage] {
+        &[]
+    }
     /// Reads `buf.len()` bytes from `skip` on of the compressed unit at
-    /// `host` (formats whose lookups answer [`Where::Compressed`]).
+    /// `host` in file `file` (formats whose lookups answer
+    /// [`Where::Compressed`]). `st` is the image file.
     fn read_compressed(
         &self,
         _st: &Storage,
+        _file: u32,
         _host: u64,
         _skip: u64,
         _buf: &mut [u8],
@@ -111,6 +122,14 @@ impl<L: Layout> ForeignImage<L> {
         crate::image::check_range(off, len, self.size())
     }
 
+    /// File `file` of a [`Where`].
+    fn file(&self, file: u32) -> &Storage {
+        match file {
+            0 => &self.st,
+            k => &self.layout.files()[k as usize - 1],
+        }
+    }
+
     fn refuse<T>(&self) -> Result<T> {
         Err(Error::ReadOnlyFormat(self.layout.format().name()))
     }
@@ -138,6 +157,9 @@ impl<L: Layout> Image for ForeignImage<L> {
     fn storage(&self) -> &Storage {
         &self.st
     }
+    fn data_file(&self, file: u32) -> &Storage {
+        self.file(file)
+    }
 
     fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
@@ -149,10 +171,17 @@ impl<L: Layout> Image for ForeignImage<L> {
                 .lookup(&self.st, at, (buf.len() - done) as u64)?;
             let piece = &mut buf[done..done + n as usize];
             match w {
-                Where::Data { host, .. } => self.st.read_at(piece, host)?,
-                Where::Compressed { host, skip } => {
-                    self.layout.read_compressed(&self.st, host, skip, piece)?
+                Where::Data { file, host, .. } => {
+                    // QEMU's block layer refuses offsets past its largest.
+                    if host.checked_add(n).is_none_or(|end| end > MAX_OFFSET) {
+                        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+                        return Err(Error::io("read", eio));
+                    }
+                    self.file(file).read_at(piece, host)?
                 }
+                Where::Compressed { file, host, skip } => self
+                    .layout
+                    .read_compressed(&self.st, file, host, skip, piece)?,
                 // No backing files here: unallocated reads as zeros.
                 Where::Zero | Where::Unallocated | Where::Broken => piece.fill(0),
             }
@@ -167,18 +196,24 @@ impl<L: Layout> Image for ForeignImage<L> {
         // (and the recursion into the file) see the same pieces.
         let (w, n) = self.layout.lookup(&self.st, off, len)?;
         Ok(match w {
-            Where::Data { host, recurse } => Extent {
+            Where::Data {
+                file,
+                host,
+                recurse,
+            } => Extent {
                 len: n,
                 kind: ExtentKind::Data,
                 offset: Some(host),
+                file,
                 compressed: false,
                 recurse,
             },
             // Data with no offset a reader could use, as QEMU answers.
-            Where::Compressed { .. } => Extent {
+            Where::Compressed { file, .. } => Extent {
                 len: n,
                 kind: ExtentKind::Data,
                 offset: None,
+                file,
                 compressed: true,
                 recurse: false,
             },
@@ -189,6 +224,7 @@ impl<L: Layout> Image for ForeignImage<L> {
                     _ => ExtentKind::Unallocated,
                 },
                 offset: None,
+                file: 0,
                 compressed: false,
                 recurse: false,
             },
@@ -203,9 +239,10 @@ impl<L: Layout> Image for ForeignImage<L> {
         self.check_range(off, len)?;
         let (w, n) = self.layout.lookup(&self.st, off, len)?;
         Ok(match w {
-            Where::Data { host, .. } => (Mapping::Data(HostOffset(host)), n),
-            // Read through read_at (see read_mapped).
-            Where::Compressed { host, .. } => (
+            Where::Data { file: 0, host, .. } => (Mapping::Data(HostOffset(host)), n),
+            // Read through read_at (see read_mapped): the split data path
+            // reads only the image file.
+            Where::Data { host, .. } | Where::Compressed { host, .. } => (
                 Mapping::Compressed(L2Entry::Compressed {
                     offset: host,
                     len: 0,
@@ -224,7 +261,7 @@ impl<L: Layout> Image for ForeignImage<L> {
                 buf.fill(0);
                 Ok(())
             }
-            // Compressed grains: read_at inflates them.
+            // Compressed grains and other files: read_at reads them.
             Mapping::Compressed(_) => self.read_at(buf, off),
         }
     }

@@ -217,6 +217,7 @@ impl Layout for VdiLayout {
         let host = self.header.offset_data as u64 + e as u64 * BLOCK_SIZE + in_block;
         Ok((
             Where::Data {
+                file: 0,
                 host,
                 recurse: self.header.is_static,
             },
@@ -439,6 +440,7 @@ mod tests {
             (w, n),
             (
                 Where::Data {
+                    file: 0,
                     host: 4096 + 2 * BLOCK_SIZE + 100,
                     recurse: false
                 },

@@ -1,84 +1,57 @@
-//! VMDK images, read-only, as QEMU's vmdk driver reads them: for now a
-//! single sparse file (monolithicSparse, what `qemu-img create -f vmdk`
-//! makes, and streamOptimized, with compressed grains: `stream.rs`).
-//! Descriptor files naming extent files, and parents
-//! (`parentFileNameHint`) are refused with a clear error, not read.
+//! VMDK images, read-only, as QEMU's vmdk driver reads them:
+//! - a single sparse file (monolithicSparse, what `qemu-img create -f
+//!   vmdk` makes, and streamOptimized, with compressed grains): `sparse.rs`
+//!   and `stream.rs`;
+//! - a text descriptor naming extent files (monolithicFlat,
+//!   twoGbMaxExtentFlat, vmfs, twoGbMaxExtentSparse, vmfsSparse), parsed
+//!   as QEMU parses it (`desc.rs`): FLAT and VMFS extents are raw files
+//!   from an offset on, SPARSE and VMFSSPARSE extents sparse files.
 //!
-//! Layout of a sparse extent (VMware's "Virtual Disk Format 5.0"; every
-//! field little-endian, sizes and offsets in 512-byte sectors):
-//! - a header at 0 (magic `KDMV`): capacity, grain size, the embedded
-//!   text descriptor's place, grain table entries per table, where the
-//!   grain directory (GD) and its redundant copy are, flags;
-//! - the GD: one u32 per grain table (GT), the GT's sector (0: none, the
-//!   whole range it covers is unallocated);
-//! - each GT: one u32 per grain, the grain's sector (0: unallocated, read
-//!   from the parent or as zeros; 1 with the zeroed-grain flag: zeros).
+//! The extents lie one after the other in the disk, in the order the
+//! descriptor lists them. Parents (`parentFileNameHint`), seSparse and
+//! COWD extents are refused with a clear error, not read.
 //!
 //! What QEMU does, and rimg with it:
-//! - nothing is checked against the file's length at open but the first
-//!   grain's offset; tables and grains past the end read as zeros;
-//! - the GD is held (its in-file part, `table.rs`); a GT is read from
-//!   the file when a grain is looked up (the last one kept);
+//! - an extent's file is opened as its own file: a relative name is
+//!   joined to the descriptor's name as a string;
+//! - a flat extent is one run of data (block status recurses into its
+//!   file for holes); reads past its file's end are zeros;
+//! - a sparse extent's size is its header's capacity, not the line's;
 //! - the CID and parent CID are the first `CID` and `parentCID` found in
-//!   the 10 KiB at 0x200 (where QEMU's monolithic descriptor is, whatever
-//!   the header says), up to its first NUL byte;
-//! - block status answers one grain at a time.
+//!   the 10 KiB at the descriptor (at 0x200 in a sparse file, whatever
+//!   its header says), up to its first NUL byte.
 
-use super::table::Table;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
 use super::{ForeignImage, Layout, Where};
 use crate::check::report::CheckReport;
 use crate::error::{Error, Result};
 use crate::image::Format;
 use crate::storage::Storage;
 
+pub use sparse::{
+    at, Header, COMPRESSION_DEFLATE, FLAG_MARKER, FLAG_RGD, FLAG_ZERO_GRAIN, GD_AT_END, HEADER_LEN,
+    MAGIC, MAX_GD_ENTRIES, MAX_GRAIN_SECTORS, MAX_GTES,
+};
+use sparse::{GrainAt, Sparse};
+
 /// A VMDK image.
 pub type Vmdk = ForeignImage<VmdkLayout>;
 
-/// The sparse extent magic, at 0 (a big-endian u32 for the probe).
-pub const MAGIC: &[u8; 4] = b"KDMV";
 /// The old VMFS sparse ("COWD") magic: QEMU reads it, rimg does not.
 pub const MAGIC_COWD: &[u8; 4] = b"COWD";
 const SECTOR: u64 = 512;
-/// Bytes of the header QEMU reads (and of each footer sector).
-pub const HEADER_LEN: usize = 512;
-/// Flag bits.
-pub const FLAG_RGD: u32 = 1 << 1;
-pub const FLAG_ZERO_GRAIN: u32 = 1 << 2;
-/// Compressed grains start with a marker (streamOptimized).
-pub const FLAG_MARKER: u32 = 1 << 17;
-/// GD offset of stream files, whose GD is found through a footer.
-pub const GD_AT_END: u64 = u64::MAX;
-/// Compression algorithm 1: deflate (streamOptimized).
-pub const COMPRESSION_DEFLATE: u16 = 1;
-/// GTE of a zeroed grain (with [`FLAG_ZERO_GRAIN`]).
-const GTE_ZEROED: u32 = 1;
-/// Most grain table entries per table QEMU takes.
-pub const MAX_GTES: u32 = 512;
-/// Largest grain QEMU takes, in sectors (1 GiB).
-pub const MAX_GRAIN_SECTORS: u64 = 0x20_0000;
-/// Most GD entries QEMU takes.
-pub const MAX_GD_ENTRIES: u32 = 32 * 1024 * 1024;
-/// Where the descriptor is searched for the CIDs, and how much of it.
+/// Where a sparse file's descriptor is searched for the CIDs, and how
+/// much of it.
 const DESC_AT: u64 = 0x200;
 const DESC_SIZE: usize = 20 * 512;
-/// QEMU's largest offset (2^63 - 2^30) and request (2^31 - 512).
-const MAX_OFFSET: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
-const MAX_REQUEST: u64 = (i32::MAX as u64) & !(SECTOR - 1);
+/// The most of a descriptor QEMU reads (a C string of 1 MiB).
+const MAX_DESC: u64 = (1 << 20) - 1;
 
-/// Header field offsets (from the start of the file, magic included).
-pub mod at {
-    pub const VERSION: usize = 4;
-    pub const FLAGS: usize = 8;
-    pub const CAPACITY: usize = 12;
-    pub const GRAIN: usize = 20;
-    pub const DESC_OFFSET: usize = 28;
-    pub const DESC_SIZE: usize = 36;
-    pub const GTES_PER_GT: usize = 44;
-    pub const RGD_OFFSET: usize = 48;
-    pub const GD_OFFSET: usize = 56;
-    pub const GRAIN_OFFSET: usize = 64;
-    pub const COMPRESSION: usize = 77;
-}
+/// Opens the file an extent line names (read-only).
+pub type ExtentOpener<'a> = &'a dyn Fn(&Path) -> Result<Storage>;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
@@ -92,156 +65,195 @@ fn refuse(msg: impl Into<String>) -> Error {
     Error::Format(msg.into())
 }
 
-/// Whether QEMU's block layer reads `len` bytes at `off`.
-fn readable(off: u64, len: u64) -> bool {
-    len <= MAX_REQUEST && off <= MAX_OFFSET - len.min(MAX_OFFSET)
-}
-
-/// The sparse extent header fields rimg uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
-    pub version: u32,
-    pub flags: u32,
-    /// Sectors.
-    pub capacity: u64,
-    /// Sectors per grain.
-    pub grain: u64,
-    pub desc_offset: u64,
-    pub gtes_per_gt: u32,
-    pub rgd_offset: u64,
-    pub gd_offset: u64,
-    pub grain_offset: u64,
-    pub compression: u16,
-}
-
-impl Header {
-    pub fn parse(b: &[u8; HEADER_LEN]) -> Header {
-        Header {
-            version: le32(b, at::VERSION),
-            flags: le32(b, at::FLAGS),
-            capacity: le64(b, at::CAPACITY),
-            grain: le64(b, at::GRAIN),
-            desc_offset: le64(b, at::DESC_OFFSET),
-            gtes_per_gt: le32(b, at::GTES_PER_GT),
-            rgd_offset: le64(b, at::RGD_OFFSET),
-            gd_offset: le64(b, at::GD_OFFSET),
-            grain_offset: le64(b, at::GRAIN_OFFSET),
-            compression: u16::from_le_bytes([b[at::COMPRESSION], b[at::COMPRESSION + 1]]),
-        }
-    }
-}
-
-/// A monolithicSparse image's header, grain directory and CIDs.
-#[derive(Debug)]
-pub struct VmdkLayout {
-    header: Header,
-    /// Sectors one GD entry covers (GTEs per GT times the grain), at most
-    /// 2^30.
-    gd_entry_sectors: u64,
-    /// GD entries, as QEMU counts them (its u32, wrapped): a lookup past
-    /// them cannot say where the grain is.
-    gd_entries: u32,
-    /// The GD (u32 GT sectors); past the end of the file, zero.
-    gd: Table,
-    zero_grain: bool,
-    cid: u32,
-    parent_cid: u32,
-    /// The last GT looked up: its sector (0: none) and bytes (at most
-    /// 2 KiB). The image is read-only: a GT never changes.
-    gt_cache: std::sync::Mutex<(u32, Vec<u8>)>,
-    /// Grains are deflate-compressed (streamOptimized).
-    compressed: bool,
-    /// The last grain inflated whole: its host offset (0: none) and
-    /// bytes (grains up to [`stream::CACHED_GRAIN`]).
-    grain_cache: std::sync::Mutex<(u64, Vec<u8>)>,
-}
-
-/// Opens a VMDK image (read-only: a writable `st` is refused).
-pub fn open(st: Storage) -> Result<Vmdk> {
-    let layout = VmdkLayout::read(&st)?;
-    ForeignImage::new(st, layout)
-}
-
 /// What rimg does not read yet, said plainly.
 fn not_yet(what: &str) -> Error {
     refuse(format!("{what} are not supported by rimg yet"))
 }
 
+/// How an extent's guest bytes are stored.
+#[derive(Debug)]
+enum Data {
+    /// Raw, from this byte of the file on (QEMU's int64 shift of the
+    /// line's sector, wrapped).
+    Flat { offset: u64 },
+    /// A sparse extent; shared by the extents whose lines name the same
+    /// file (its tables are held once).
+    Sparse(Arc<Sparse>),
+}
+
+#[derive(Debug)]
+struct Extent {
+    /// First disk sector.
+    start: u64,
+    sectors: u64,
+    /// The file: 0 is the image file itself, k the k-th extent file.
+    file: u32,
+    data: Data,
+    /// The line's type; None for a sparse image file read directly.
+    kind: Option<desc::Kind>,
+}
+
+impl Extent {
+    fn end(&self) -> u64 {
+        self.start + self.sectors
+    }
+
+    fn sparse(&self) -> Option<&Sparse> {
+        match &self.data {
+            Data::Sparse(s) => Some(s),
+            Data::Flat { .. } => None,
+        }
+    }
+
+    /// QEMU's vmdk_extents_type_eq.
+    fn type_eq(&self, o: &Extent) -> bool {
+        match (self.sparse(), o.sparse()) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                a.compressed == b.compressed && a.grain_sectors() == b.grain_sectors()
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What qemu-img info shows of one extent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtentInfo {
+    pub virtual_size: u64,
+    /// Index into [`VmdkLayout::extent_files`] plus one; 0: the image
+    /// file.
+    pub file: u32,
+    /// The grain; None for a flat extent.
+    pub cluster_size: Option<u64>,
+    /// The line's type word; "" for a sparse image file read directly.
+    pub format: &'static str,
+    pub compressed: bool,
+}
+
+/// A VMDK image's extents, CIDs and create type.
+#[derive(Debug)]
+pub struct VmdkLayout {
+    extents: Vec<Extent>,
+    /// A descriptor's extent files, one per extent, in order.
+    files: Vec<Storage>,
+    /// Disk sectors.
+    sectors: u64,
+    cid: u32,
+    parent_cid: u32,
+    create_type: String,
+}
+
+/// Opens a VMDK image (read-only: a writable `st` is refused); extent
+/// files are opened with `opener`.
+pub fn open(st: Storage, opener: ExtentOpener) -> Result<Vmdk> {
+    if st.writable() {
+        return Err(Error::ReadOnlyFormat("vmdk"));
+    }
+    let layout = VmdkLayout::read(&st, opener)?;
+    ForeignImage::new(st, layout)
+}
+
+/// Opens an extent file as QEMU's file driver would take it: read-only,
+/// locked as a reader unless `force_share`; a regular file, or a device
+/// under /dev (QEMU's host_device). Anything else (a directory, a FIFO
+/// that would block the open) is refused with QEMU's words.
+pub fn open_extent_file(path: &Path, force_share: bool) -> Result<Storage> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let shown = path.display();
+    let could_not = |e: std::io::Error| {
+        let e = crate::error::strerror(&e);
+        refuse(format!("Could not open '{shown}': {e}"))
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(could_not)?;
+    let t = f.metadata().map_err(could_not)?.file_type();
+    let device = path.starts_with("/dev/") && (t.is_block_device() || t.is_char_device());
+    if !t.is_file() && !device {
+        return Err(refuse(format!(
+            "'file' driver requires '{shown}' to be a regular file"
+        )));
+    }
+    Storage::from_file_locked(f, path, force_share)
+}
+
+/// The descriptor text at `at` of a file `file_len` bytes long (in whole
+/// sectors), read as QEMU reads it: at most 1 MiB - 1 bytes, up to the
+/// first NUL.
+fn read_desc(st: &Storage, at: u64, file_len: u64) -> Result<Vec<u8>> {
+    let len = file_len.min(MAX_DESC);
+    if !sparse::readable(at, len) {
+        return Err(refuse("Could not read from file: Input/output error"));
+    }
+    let mut b = vec![0u8; len as usize];
+    st.read_at(&mut b, at)?;
+    let n = desc::until_nul(&b).len();
+    b.truncate(n);
+    Ok(b)
+}
+
+/// A file's length as QEMU's block layer sees it: in whole sectors.
+fn sectors_len(st: &Storage) -> Result<u64> {
+    Ok(st.len()?.next_multiple_of(SECTOR))
+}
+
+/// The extents a descriptor lists, its extent files and create type.
+struct Described {
+    extents: Vec<Extent>,
+    files: Vec<Storage>,
+    create_type: String,
+}
+
 impl VmdkLayout {
-    fn read(st: &Storage) -> Result<VmdkLayout> {
-        // QEMU's block layer sees the file in whole sectors.
-        let file_len = st.len()?.next_multiple_of(SECTOR);
+    fn read(st: &Storage, opener: ExtentOpener) -> Result<VmdkLayout> {
+        let file_len = sectors_len(st)?;
         if file_len < 4 {
             return Err(refuse("File is too small, not a valid image"));
         }
         let mut b = [0u8; HEADER_LEN];
         st.read_at(&mut b, 0)?;
-        if &b[..4] == MAGIC_COWD {
+        let (d, desc_at) = if &b[..4] == MAGIC_COWD {
             return Err(not_yet("VMDK3 (COWD) sparse files"));
-        }
-        if &b[..4] != MAGIC {
-            return Err(descriptor_refusal(st, 0, file_len));
-        }
-        let mut h = Header::parse(&b);
-        if h.capacity == 0 && h.desc_offset != 0 {
-            // The embedded descriptor stands for the file (QEMU's own
-            // is monolithicSparse: refused by its type).
-            let at = h.desc_offset.wrapping_mul(SECTOR);
-            return Err(descriptor_refusal(st, at, file_len));
-        }
-        if h.gd_offset == GD_AT_END {
-            // A stream as VMware writes it: the footer's header counts.
-            h = stream::footer_header(st, file_len)?;
-        }
-        if h.version > 3 {
-            return Err(refuse(format!("Unsupported VMDK version {}", h.version)));
-        }
-        if h.gtes_per_gt > MAX_GTES {
-            return Err(refuse("L2 table size too big"));
-        }
-        // QEMU holds this product in a u32.
-        let gd_entry_sectors = (h.gtes_per_gt as u64).wrapping_mul(h.grain) as u32;
-        if gd_entry_sectors == 0 {
-            return Err(refuse("L1 entry size is invalid"));
-        }
-        // QEMU's u64 arithmetic, kept in its u32.
-        let gd_entries =
-            (h.capacity.wrapping_add(gd_entry_sectors as u64 - 1) / gd_entry_sectors as u64) as u32;
-        if file_len / SECTOR < h.grain_offset {
-            return Err(refuse(format!(
-                "File truncated, expecting at least {} bytes",
-                h.grain_offset.wrapping_mul(SECTOR) as i64
-            )));
-        }
-        if h.grain > MAX_GRAIN_SECTORS {
-            return Err(refuse("Invalid granularity, image may be corrupt"));
-        }
-        if gd_entries > MAX_GD_ENTRIES {
-            return Err(refuse("L1 size too big"));
-        }
-        // Grain at most 2^21 sectors and at most 512 GTEs: the u32 above
-        // did not wrap.
-        let gd_entry_sectors = gd_entry_sectors as u64;
-        let gd_len = gd_entries as u64 * 4;
-        let name = st.path().display();
-        let gd_at = h.gd_offset.wrapping_mul(SECTOR);
-        if !readable(gd_at, gd_len) {
-            return Err(refuse(format!(
-                "Could not read l1 table from extent '{name}': Input/output error"
-            )));
-        }
-        let gd = Table::load(st, gd_at, gd_len)?;
-        if h.flags & FLAG_RGD != 0 && !readable(h.rgd_offset.wrapping_mul(SECTOR), gd_len) {
-            // QEMU reads the copy too (and never uses it).
-            return Err(refuse(format!(
-                "Could not read l1 backup table from extent '{name}': Input/output error"
-            )));
-        }
+        } else if &b[..4] == MAGIC {
+            let h = Header::parse(&b);
+            if h.capacity == 0 && h.desc_offset != 0 {
+                // The embedded descriptor stands for the file; the CIDs
+                // are still looked for at 0x200.
+                let text = read_desc(st, h.desc_offset.wrapping_mul(SECTOR), file_len)?;
+                (Self::described(st, &text, opener, file_len)?, DESC_AT)
+            } else {
+                let s = Sparse::read(st, h, file_len)?;
+                let create_type = if s.compressed {
+                    "streamOptimized"
+                } else {
+                    "monolithicSparse"
+                };
+                let e = Extent {
+                    start: 0,
+                    sectors: s.header.capacity,
+                    file: 0,
+                    data: Data::Sparse(Arc::new(s)),
+                    kind: None,
+                };
+                let d = Described {
+                    extents: vec![e],
+                    files: Vec::new(),
+                    create_type: create_type.into(),
+                };
+                (d, DESC_AT)
+            }
+        } else {
+            let text = read_desc(st, 0, file_len)?;
+            (Self::described(st, &text, opener, file_len)?, 0)
+        };
         // The descriptor, for the CIDs and the parent's name.
         let mut desc = vec![0u8; DESC_SIZE];
-        st.read_at(&mut desc, DESC_AT)?;
-        let text = until_nul(&desc);
-        if find(text, b"parentFileNameHint").is_some() {
+        st.read_at(&mut desc, desc_at)?;
+        let text = desc::until_nul(&desc);
+        if desc::find(text, b"parentFileNameHint").is_some() {
             return Err(not_yet("VMDK images with a parent (parentFileNameHint)"));
         }
         let einval = || {
@@ -250,35 +262,132 @@ impl VmdkLayout {
                 st.path().display()
             ))
         };
-        let cid = cid_after(text, b"CID").ok_or_else(einval)?;
-        let parent_cid = cid_after(text, b"parentCID").ok_or_else(einval)?;
-        // capacity * 512 past QEMU's largest length (or u64): EFBIG from
-        // the block layer once the driver has opened.
-        match h.capacity.checked_mul(SECTOR) {
-            Some(n) if n <= MAX_OFFSET => {}
+        let cid = desc::cid_after(text, b"CID").ok_or_else(einval)?;
+        let parent_cid = desc::cid_after(text, b"parentCID").ok_or_else(einval)?;
+        // The disk's length past QEMU's largest (or u64): EFBIG from the
+        // block layer once the driver has opened.
+        let sectors = d
+            .extents
+            .iter()
+            .try_fold(0u64, |t, e| t.checked_add(e.sectors));
+        match sectors.and_then(|s| s.checked_mul(SECTOR)) {
+            Some(n) if n <= super::MAX_OFFSET => {}
             _ => {
                 return Err(refuse(
                     "Could not refresh total sector count: File too large",
                 ))
             }
         }
-        let compressed = h.compression == COMPRESSION_DEFLATE;
+        let mut start = 0;
+        let mut extents = d.extents;
+        for e in &mut extents {
+            e.start = start;
+            start += e.sectors;
+        }
         Ok(VmdkLayout {
-            zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
-            header: h,
-            gd_entry_sectors,
-            gd_entries,
-            gd,
+            extents,
+            files: d.files,
+            sectors: start,
             cid,
             parent_cid,
-            gt_cache: std::sync::Mutex::new((0, Vec::new())),
-            compressed,
-            grain_cache: std::sync::Mutex::new((0, Vec::new())),
+            create_type: d.create_type,
         })
     }
 
-    pub fn header(&self) -> &Header {
-        &self.header
+    /// The extents descriptor `text` of image file `st` lists, their
+    /// files opened (QEMU's vmdk_open_desc_file). `desc_len` is the image
+    /// file's length, which QEMU finds a stream extent's footer against.
+    fn described(
+        st: &Storage,
+        text: &[u8],
+        opener: ExtentOpener,
+        desc_len: u64,
+    ) -> Result<Described> {
+        let mut create_type = match desc::create_type(text) {
+            None => return Err(refuse("invalid VMDK image descriptor")),
+            Some(t) if !desc::DESCRIPTOR_TYPES.contains(&t.as_slice()) => {
+                return Err(refuse(format!(
+                    "Unsupported image type '{}'",
+                    String::from_utf8_lossy(&t)
+                )))
+            }
+            Some(t) => String::from_utf8_lossy(&t).into_owned(),
+        };
+        let mut extents = Vec::new();
+        let mut files = Vec::new();
+        // Sparse extents by file (device, inode): one set of tables each,
+        // whatever the lines repeat.
+        let mut sparse: HashMap<(u64, u64), Arc<Sparse>> = HashMap::new();
+        for line in desc::extent_lines(text)? {
+            let path = desc::extent_path(st.path(), &line.name);
+            let f = opener(&path)?;
+            let file = files.len() as u32 + 1;
+            let (sectors, data) = match line.kind {
+                desc::Kind::Flat | desc::Kind::Vmfs => (
+                    line.sectors,
+                    Data::Flat {
+                        offset: line.offset.wrapping_shl(9),
+                    },
+                ),
+                desc::Kind::Sparse | desc::Kind::VmfsSparse => {
+                    let s = Self::sparse_extent(&f, desc_len, &mut sparse)?;
+                    if s.compressed {
+                        create_type = "streamOptimized".into();
+                    }
+                    (s.header.capacity, Data::Sparse(s))
+                }
+                desc::Kind::SeSparse => return Err(not_yet("seSparse extents")),
+            };
+            extents.push(Extent {
+                start: 0,
+                sectors,
+                file,
+                data,
+                kind: Some(line.kind),
+            });
+            files.push(f);
+        }
+        Ok(Described {
+            extents,
+            files,
+            create_type,
+        })
+    }
+
+    /// The sparse extent in file `f` (QEMU's vmdk_open_sparse), or the
+    /// one already read from the same file.
+    fn sparse_extent(
+        f: &Storage,
+        desc_len: u64,
+        seen: &mut HashMap<(u64, u64), Arc<Sparse>>,
+    ) -> Result<Arc<Sparse>> {
+        use std::os::unix::fs::MetadataExt;
+        let md = f
+            .file()
+            .metadata()
+            .map_err(|e| Error::io("stat an extent", e))?;
+        let key = (md.dev(), md.ino());
+        if let Some(s) = seen.get(&key) {
+            return Ok(s.clone());
+        }
+        if sectors_len(f)? < 4 {
+            return Err(refuse("File is too small, not a valid image"));
+        }
+        let mut b = [0u8; HEADER_LEN];
+        f.read_at(&mut b, 0)?;
+        if &b[..4] == MAGIC_COWD {
+            return Err(not_yet("VMDK3 (COWD) sparse files"));
+        }
+        if &b[..4] != MAGIC {
+            return Err(refuse("Image not in VMDK format"));
+        }
+        let h = Header::parse(&b);
+        if h.capacity == 0 && h.desc_offset != 0 {
+            return Err(not_yet("descriptors embedded in extent files"));
+        }
+        let s = Arc::new(Sparse::read(f, h, desc_len)?);
+        seen.insert(key, s.clone());
+        Ok(s)
     }
 
     /// The descriptor's CID.
@@ -291,64 +400,73 @@ impl VmdkLayout {
         self.parent_cid
     }
 
-    /// qemu-img info's create type: the descriptor's is not read for a
-    /// sparse file; compressed grains make it a stream, as in QEMU.
-    pub fn create_type(&self) -> &'static str {
-        if self.compressed {
-            "streamOptimized"
-        } else {
-            "monolithicSparse"
-        }
+    /// qemu-img info's create type: the descriptor's; for a sparse file
+    /// read directly, monolithicSparse; compressed grains make it a
+    /// stream, as in QEMU.
+    pub fn create_type(&self) -> &str {
+        &self.create_type
     }
 
     /// Whether grains are compressed (streamOptimized).
     pub fn compressed(&self) -> bool {
-        self.compressed
+        self.extents
+            .iter()
+            .any(|e| e.sparse().is_some_and(|s| s.compressed))
     }
 
-    fn grain_bytes(&self) -> u64 {
-        self.header.grain * SECTOR
+    /// A descriptor's extent files, in extent order (QEMU's children
+    /// `extents.0`, `extents.1`, ...); empty for a sparse image file.
+    pub fn extent_files(&self) -> &[Storage] {
+        &self.files
     }
 
-    /// The GTE of the grain holding guest sector `sector`: None when the
-    /// GD cannot say (QEMU's VMDK_ERROR), Some(0) when unallocated.
-    fn gte(&self, st: &Storage, sector: u64) -> Result<Option<u32>> {
-        let gd_index = sector / self.gd_entry_sectors;
-        if gd_index >= self.gd_entries as u64 {
-            return Ok(None);
-        }
-        let gt = self.gd.u32_le(gd_index);
-        if gt == 0 {
-            return Ok(Some(0));
-        }
-        let i = ((sector / self.header.grain) % self.header.gtes_per_gt as u64) as usize;
-        let mut cache = self.gt_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.0 != gt {
-            // At most 2^41 + 2^11: inside what a read takes.
-            cache.1.resize(self.header.gtes_per_gt as usize * 4, 0);
-            st.read_at(&mut cache.1, gt as u64 * SECTOR)?;
-            cache.0 = gt;
-        }
-        Ok(Some(u32::from_le_bytes(
-            cache.1[i * 4..i * 4 + 4].try_into().unwrap(),
-        )))
+    /// The extents as qemu-img info lists them.
+    pub fn extents_info(&self) -> Vec<ExtentInfo> {
+        self.extents
+            .iter()
+            .map(|e| ExtentInfo {
+                virtual_size: e.sectors * SECTOR,
+                file: e.file,
+                cluster_size: e.sparse().map(Sparse::grain_bytes),
+                format: e.kind.map_or("", desc::Kind::word),
+                compressed: e.sparse().is_some_and(|s| s.compressed),
+            })
+            .collect()
     }
 
-    /// How the grain holding `sector` is stored, from its GTE.
-    fn grain_at(&self, gte: Option<u32>) -> GrainAt {
-        match gte {
-            None => GrainAt::Broken,
-            Some(0) => GrainAt::Unallocated,
-            Some(GTE_ZEROED) if self.zero_grain => GrainAt::Zero,
-            Some(s) => GrainAt::Data(s as u64 * SECTOR),
+    /// Whether every extent is of the first one's type (QEMU's get_info
+    /// answers, and info shows a cluster size and dirty flag, only then).
+    pub fn uniform(&self) -> bool {
+        self.extents.iter().all(|e| e.type_eq(&self.extents[0]))
+    }
+
+    /// The headers of the sparse extents, once per extent.
+    #[cfg(feature = "fuzz-targets")]
+    pub(crate) fn sparse_headers(&self) -> impl Iterator<Item = &Header> {
+        self.extents
+            .iter()
+            .filter_map(|e| e.sparse().map(|s| &s.header))
+    }
+
+    fn file<'a>(&'a self, st: &'a Storage, file: u32) -> &'a Storage {
+        match file {
+            0 => st,
+            k => &self.files[k as usize - 1],
         }
     }
 
-    /// qemu-img check: every grain's offset against the file's length;
-    /// the first one past it (or a grain the GD cannot place) stops the
-    /// check with its error, as QEMU's does. Each GT is read once and a
-    /// missing one passed over whole: the answers are QEMU's, the work
-    /// bounded by the GD.
+    /// The extent holding disk sector `sector`, searched from `from` on
+    /// (QEMU's find_extent with a hint).
+    fn extent_at(&self, sector: u64, from: usize) -> usize {
+        from + self.extents[from..].partition_point(|e| e.end() <= sector)
+    }
+
+    /// qemu-img check, as QEMU's walks the disk: from sector 0, one step
+    /// per grain of the extent the step lands in (one per flat extent);
+    /// the first grain or flat extent that starts past its file's end,
+    /// or a grain the GD cannot place, stops the check with its error.
+    /// A missing GT is passed over whole: the answers are QEMU's, the
+    /// work bounded by the GDs.
     pub fn check(&self, st: &Storage) -> Result<CheckReport> {
         let mut rep = CheckReport::default();
         let mut fail = |message: String, errno: &str| {
@@ -357,147 +475,44 @@ impl VmdkLayout {
             rep.corruptions += 1;
             Ok(std::mem::take(&mut rep))
         };
-        let total = self.header.capacity;
-        // QEMU's block layer: the file in whole sectors.
-        let file_len = st.len()?.next_multiple_of(SECTOR);
-        let grain = self.header.grain;
-        let gtes = self.header.gtes_per_gt as u64;
-        let mut gt = vec![0u8; gtes as usize * 4];
         let mut sector = 0u64;
-        while sector < total {
-            let gd_index = sector / self.gd_entry_sectors;
-            if gd_index >= self.gd_entries as u64 {
-                // QEMU's VMDK_ERROR (-1), read as an errno.
-                return fail(
-                    format!("ERROR: could not get cluster_offset for sector {sector}"),
-                    "Operation not permitted",
-                );
-            }
-            let end = ((gd_index + 1) * self.gd_entry_sectors).min(total);
-            let gt_sector = self.gd.u32_le(gd_index);
-            if gt_sector == 0 {
-                sector += (end - sector).div_ceil(grain) * grain;
-                continue;
-            }
-            st.read_at(&mut gt, gt_sector as u64 * SECTOR)?;
-            while sector < end {
-                let i = ((sector / grain) % gtes) as usize;
-                let e = u32::from_le_bytes(gt[i * 4..i * 4 + 4].try_into().unwrap());
-                if let GrainAt::Data(off) = self.grain_at(Some(e)) {
-                    if off >= file_len {
-                        return fail(
-                            format!("ERROR: cluster offset for sector {sector} points after EOF"),
-                            "Invalid argument",
-                        );
+        let mut i = 0;
+        while sector < self.sectors {
+            i = self.extent_at(sector, i);
+            let e = &self.extents[i];
+            let f = self.file(st, e.file);
+            let (host, step) = match &e.data {
+                Data::Flat { offset } => (Some(*offset), e.sectors),
+                Data::Sparse(s) => {
+                    let rel = sector - e.start;
+                    let g = s.grain_sectors();
+                    if let Some(end) = s.missing_gt_end(rel) {
+                        sector += (end.min(e.sectors) - rel).div_ceil(g) * g;
+                        continue;
+                    }
+                    match s.grain_at(f, rel)? {
+                        // QEMU's VMDK_ERROR (-1), read as an errno.
+                        GrainAt::Broken => {
+                            return fail(
+                                format!("ERROR: could not get cluster_offset for sector {sector}"),
+                                "Operation not permitted",
+                            )
+                        }
+                        GrainAt::Data(off) => (Some(off), g),
+                        GrainAt::Zero | GrainAt::Unallocated => (None, g),
                     }
                 }
-                sector += grain;
+            };
+            if host.is_some_and(|h| h >= sectors_len(f).unwrap_or(0)) {
+                return fail(
+                    format!("ERROR: cluster offset for sector {sector} points after EOF"),
+                    "Invalid argument",
+                );
             }
+            sector += step;
         }
         Ok(rep)
     }
-}
-
-enum GrainAt {
-    Broken,
-    Unallocated,
-    Zero,
-    Data(u64),
-}
-
-/// The refusal of a text descriptor at `at` (a file that is not a sparse
-/// extent, or a sparse file's embedded one), read as QEMU reads it (at
-/// most 1 MiB - 1 bytes, the file's length): without a createType, or of
-/// a type QEMU does not take from a descriptor, QEMU's words; of a type
-/// it does, rimg does not read it yet (its extents are other files).
-fn descriptor_refusal(st: &Storage, at: u64, file_len: u64) -> Error {
-    let len = file_len.min((1 << 20) - 1);
-    if !readable(at, len) {
-        return refuse("Could not read from file: Input/output error");
-    }
-    let mut b = vec![0u8; len as usize];
-    if let Err(e) = st.read_at(&mut b, at) {
-        return e;
-    }
-    match create_type(until_nul(&b)) {
-        None => refuse("invalid VMDK image descriptor"),
-        Some(t) if !DESCRIPTOR_TYPES.contains(&t.as_slice()) => refuse(format!(
-            "Unsupported image type '{}'",
-            String::from_utf8_lossy(&t)
-        )),
-        Some(_) => not_yet("VMDK descriptor files (extents in other files)"),
-    }
-}
-
-/// The create types QEMU opens from a text descriptor.
-const DESCRIPTOR_TYPES: &[&[u8]] = &[
-    b"monolithicFlat",
-    b"vmfs",
-    b"vmfsSparse",
-    b"seSparse",
-    b"twoGbMaxExtentSparse",
-    b"twoGbMaxExtentFlat",
-];
-
-/// The value of the first `createType`, as QEMU finds it: two bytes
-/// after the key (its `="`), up to the next `"`, at most 127 bytes.
-fn create_type(text: &[u8]) -> Option<Vec<u8>> {
-    let start = find(text, b"createType")? + b"createType".len() + 2;
-    if start >= text.len() {
-        return None;
-    }
-    let len = text[start..].iter().position(|&c| c == b'"')?;
-    (len < 128).then(|| text[start..start + len].to_vec())
-}
-
-/// The bytes before the first NUL (a C string's).
-fn until_nul(b: &[u8]) -> &[u8] {
-    match b.iter().position(|&c| c == 0) {
-        Some(i) => &b[..i],
-        None => b,
-    }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// The hex number after the first `key` and one more byte (its `=`), as
-/// QEMU's sscanf("%x") reads it: blanks skipped, a sign, an optional 0x,
-/// at least one digit; too large saturates, as strtoul does.
-fn cid_after(text: &[u8], key: &[u8]) -> Option<u32> {
-    let start = find(text, key)? + key.len() + 1;
-    let mut p = text.get(start..).unwrap_or(&[]);
-    while let Some((c, rest)) = p.split_first() {
-        if !c.is_ascii_whitespace() {
-            break;
-        }
-        p = rest;
-    }
-    let neg = p.first() == Some(&b'-');
-    if matches!(p.first(), Some(b'-' | b'+')) {
-        p = &p[1..];
-    }
-    if p.len() > 2 && p[0] == b'0' && matches!(p[1], b'x' | b'X') && p[2].is_ascii_hexdigit() {
-        p = &p[2..];
-    }
-    let digits = p.iter().take_while(|c| c.is_ascii_hexdigit()).count();
-    if digits == 0 {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for &c in &p[..digits] {
-        let d = (c as char).to_digit(16).unwrap() as u64;
-        v = v
-            .checked_mul(16)
-            .and_then(|v| v.checked_add(d))
-            .unwrap_or(u64::MAX);
-        if v == u64::MAX {
-            break;
-        }
-    }
-    let v = if neg { v.wrapping_neg() } else { v };
-    Some(v as u32)
 }
 
 impl Layout for VmdkLayout {
@@ -505,56 +520,47 @@ impl Layout for VmdkLayout {
         Format::Vmdk
     }
     fn size(&self) -> u64 {
-        self.header.capacity * SECTOR
+        self.sectors * SECTOR
     }
     fn cluster_size(&self) -> Option<u64> {
-        Some(self.grain_bytes())
+        match self.extents.first() {
+            Some(e) if self.uniform() => e.sparse().map(Sparse::grain_bytes),
+            _ => None,
+        }
+    }
+    fn files(&self) -> &[Storage] {
+        &self.files
     }
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
-        let grain = self.grain_bytes();
-        let in_grain = off % grain;
-        let n = len.min(grain - in_grain);
-        let w = match self.grain_at(self.gte(st, off / SECTOR)?) {
-            GrainAt::Broken => Where::Broken,
-            GrainAt::Unallocated => Where::Unallocated,
-            GrainAt::Zero => Where::Zero,
-            GrainAt::Data(host) if self.compressed => Where::Compressed {
-                host,
-                skip: in_grain,
-            },
-            GrainAt::Data(host) => Where::Data {
-                host: host + in_grain,
-                recurse: false,
-            },
-        };
-        Ok((w, n))
+        let e = &self.extents[self.extent_at(off / SECTOR, 0)];
+        let rel = off - e.start * SECTOR;
+        match &e.data {
+            Data::Flat { offset } => Ok((
+                Where::Data {
+                    file: e.file,
+                    host: offset.wrapping_add(rel),
+                    recurse: true,
+                },
+                len.min(e.sectors * SECTOR - rel),
+            )),
+            Data::Sparse(s) => s.lookup(self.file(st, e.file), e.file, rel, len),
+        }
     }
-    fn read_compressed(&self, st: &Storage, host: u64, skip: u64, buf: &mut [u8]) -> Result<()> {
-        let grain = self.grain_bytes();
-        let marker = self.header.flags & FLAG_MARKER != 0;
-        let need = skip + buf.len() as u64;
-        if grain > stream::CACHED_GRAIN {
-            return stream::inflate(st, host, grain, marker, need, |at, piece| {
-                stream::copy_overlap(piece, at, skip, buf)
-            });
-        }
-        let mut cache = self.grain_cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.0 != host || cache.0 == 0 {
-            cache.0 = 0;
-            cache.1.clear();
-            let bytes = &mut cache.1;
-            stream::inflate(st, host, grain, marker, 0, |_, piece| {
-                bytes.extend_from_slice(piece)
-            })?;
-            cache.0 = host;
-        }
-        // What QEMU's read asks of the inflated grain: to cover the range.
-        let data = cache
-            .1
-            .get(skip as usize..need as usize)
+    fn read_compressed(
+        &self,
+        st: &Storage,
+        file: u32,
+        host: u64,
+        skip: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        // File k holds extent k - 1; a sparse image file, extent 0.
+        let s = self
+            .extents
+            .get(file.saturating_sub(1) as usize)
+            .and_then(Extent::sparse)
             .ok_or_else(stream::einval)?;
-        buf.copy_from_slice(data);
-        Ok(())
+        s.read_compressed(self.file(st, file), host, skip, buf)
     }
 }
 
@@ -596,6 +602,8 @@ pub fn probe(first: &[u8]) -> bool {
     false
 }
 
+mod desc;
+mod sparse;
 mod stream;
 #[cfg(test)]
 mod tests;

@@ -376,6 +376,7 @@ impl Layout for VpcLayout {
             // holes read as zeros).
             return Ok((
                 Where::Data {
+                    file: 0,
                     host: off,
                     recurse: true,
                 },
@@ -388,6 +389,7 @@ impl Layout for VpcLayout {
         if let Some(data) = d.block_data(block) {
             return Ok((
                 Where::Data {
+                    file: 0,
                     host: data + in_block,
                     recurse: false,
                 },
@@ -523,6 +525,7 @@ mod tests {
             l.lookup(&super::super::tests_null(), 100, 1 << 20).unwrap(),
             (
                 Where::Data {
+                    file: 0,
                     host: 8 * 512 + 512 + 100,
                     recurse: false
                 },
@@ -549,6 +552,7 @@ mod tests {
                 .unwrap()
                 .0,
             Where::Data {
+                file: 0,
                 host: 3 * 512 + 512,
                 recurse: false
             }
