@@ -57,6 +57,15 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
   qemu-io -f vmdk -c "write -P 0xe1 0 4k" -c "write -z 512k 64k" "$small/vdi/small.vmdk" >/dev/null
   qemu-img create -q -f vmdk "$small/vdi/small-plain.vmdk" 1M
   qemu-io -f vmdk -c "write -P 0xe2 256k 4k" "$small/vdi/small-plain.vmdk" >/dev/null
+  # Descriptors: the target reads the file a line names from sector
+  # (name length % 64) of the input, so a sparse extent can follow one.
+  head='# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n'
+  printf "${head}createType=\"monolithicFlat\"\nRW 64 FLAT \"f\" 0\n\nRW 8 VMFS \"ab\"\n" \
+    > "$small/vdi/desc-flat.vmdk"
+  printf "${head}createType=\"twoGbMaxExtentSparse\"\nRW 2048 SPARSE \"12345678\"\nRW 8 FLAT \"x\" 2\n" \
+    > "$small/vdi/desc-sparse.vmdk"
+  truncate -s 4096 "$small/vdi/desc-sparse.vmdk"
+  cat "$small/vdi/small-plain.vmdk" >> "$small/vdi/desc-sparse.vmdk"
 else
   echo "seed-corpus: qemu-img/qemu-io not found; seeding from fixtures/ only" >&2
 fi

@@ -165,12 +165,7 @@ fn open(
         ..Default::default()
     };
     let (path, opts) = crate::blockopts::open_options(name, image_opts, opts)?;
-    qcow2::open(&path, &opts).map_err(|e| match e {
-        qcow2::Error::Open { source, .. } => {
-            CliError::new(format!("Could not open '{name}': {source}"))
-        }
-        e => CliError::new(format!("Could not open '{name}': {e}")),
-    })
+    qcow2::open(&path, &opts).map_err(|e| CliError::new(format!("Could not open '{name}': {e}")))
 }
 
 pub fn run(a: BitmapArgs) -> Result<u8, CliError> {

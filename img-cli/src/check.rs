@@ -59,7 +59,8 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         OpenOptions {
             writable: repair != Repair::None,
             format,
-            no_backing: true,
+            // qemu-img opens the chain: a backing file that does not open
+            // fails the check.
             force_share: a.force_share,
             qcow2: q2,
             ..Default::default()

@@ -38,12 +38,8 @@ pub fn open_opts(
         ..Default::default()
     };
     let (path, opts) = crate::blockopts::open_options(name, image_opts, opts)?;
-    let img = qcow2::open(&path, &opts).map_err(|e| match e {
-        qcow2::Error::Open { source, .. } => {
-            CliError::new(format!("Could not open '{name}': {source}"))
-        }
-        e => CliError::new(format!("Could not open '{name}': {e}")),
-    })?;
+    let img = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{name}': {e}")))?;
     crate::blockopts::print_open_messages(img.as_ref());
     Ok(img)
 }

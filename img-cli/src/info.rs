@@ -50,6 +50,9 @@ struct ImageInfo {
     /// Backing name as stored and as resolved against the image's directory.
     /// (None: QEMU cannot determine a directory for this node.)
     backing: Option<(String, Option<String>)>,
+    /// The backing file's format as the image records it (a VMDK
+    /// parent's is always vmdk).
+    backing_format: Option<String>,
     /// crypt_method 2 or the luks format: the LUKS header.
     luks: Option<qcow2::luks::LuksHeader>,
     /// Persistent dirty bitmaps (the `bitmaps` list of qemu-img info).
@@ -151,12 +154,8 @@ fn open_one(
             ..Default::default()
         },
     )?;
-    let img: Arc<dyn Image> = qcow2::open(&path, &opts).map_err(|e| match e {
-        qcow2::Error::Open { source, .. } => {
-            CliError::new(format!("Could not open '{name}': {source}"))
-        }
-        e => CliError::new(format!("Could not open '{name}': {e}")),
-    })?;
+    let img: Arc<dyn Image> = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{name}': {e}")))?;
     let (actual_size, file_length) = match img.as_qcow2() {
         Some(q) => (q.storage().allocated_bytes()?, q.storage().len()?),
         None => {
@@ -200,7 +199,16 @@ fn open_one(
         let dir = Path::new(&shown).parent().map(Path::to_path_buf);
         (shown.clone(), Some(dir.unwrap_or_default()), shown)
     };
-    let backing = qh.as_ref().and_then(|h| h.backing_file.clone()).map(|b| {
+    let vmdk_layout = img
+        .as_any()
+        .downcast_ref::<qcow2::Vmdk>()
+        .map(|v| v.layout());
+    let (backing_name, backing_format) = match (&qh, vmdk_layout) {
+        (Some(h), _) => (h.backing_file.clone(), h.backing_format.clone()),
+        (None, Some(l)) => (l.parent(), l.parent().map(|_| "vmdk".to_string())),
+        _ => (None, None),
+    };
+    let backing = backing_name.map(|b| {
         let full = dir.map(|d| {
             let full = if Path::new(&b).is_absolute() || d.as_os_str().is_empty() {
                 PathBuf::from(&b)
@@ -213,10 +221,6 @@ fn open_one(
     });
     // QEMU reports the length of the file node in whole 512-byte sectors.
     let file_length = file_length.next_multiple_of(512);
-    let vmdk_layout = img
-        .as_any()
-        .downcast_ref::<qcow2::Vmdk>()
-        .map(|v| v.layout());
     let vmdk = vmdk_layout.map(|l| vmdk_json(l, &file_name));
     let mut children = Vec::new();
     let file_actual = actual_size;
@@ -254,6 +258,7 @@ fn open_one(
         qcow2: qh,
         snapshots,
         backing,
+        backing_format,
         luks,
         bitmaps,
         vmdk,
@@ -377,37 +382,36 @@ fn to_json(i: &ImageInfo) -> Value {
         })
         .collect();
     m.insert("children".into(), Value::Array(children));
-    if let Some(h) = &i.qcow2 {
-        if let Some(f) = &h.backing_format {
-            m.insert("backing-filename-format".into(), json!(f));
-        }
-        if !i.snapshots.is_empty() {
-            let snaps: Vec<Value> = i
-                .snapshots
-                .iter()
-                .map(|s| {
-                    let mut o = Map::new();
-                    if let Some(ic) = s.icount {
-                        o.insert("icount".into(), json!(ic));
-                    }
-                    o.insert(
-                        "vm-clock-nsec".into(),
-                        json!(s.vm_clock_nsec % 1_000_000_000),
-                    );
-                    o.insert("name".into(), json!(s.name));
-                    o.insert("date-sec".into(), json!(s.date_sec));
-                    o.insert("date-nsec".into(), json!(s.date_nsec));
-                    o.insert(
-                        "vm-clock-sec".into(),
-                        json!(s.vm_clock_nsec / 1_000_000_000),
-                    );
-                    o.insert("id".into(), json!(s.id));
-                    o.insert("vm-state-size".into(), json!(s.vm_state_size));
-                    Value::Object(o)
-                })
-                .collect();
-            m.insert("snapshots".into(), Value::Array(snaps));
-        }
+    if let Some(f) = &i.backing_format {
+        m.insert("backing-filename-format".into(), json!(f));
+    }
+    // Only qcow2 images have snapshots.
+    if !i.snapshots.is_empty() {
+        let snaps: Vec<Value> = i
+            .snapshots
+            .iter()
+            .map(|s| {
+                let mut o = Map::new();
+                if let Some(ic) = s.icount {
+                    o.insert("icount".into(), json!(ic));
+                }
+                o.insert(
+                    "vm-clock-nsec".into(),
+                    json!(s.vm_clock_nsec % 1_000_000_000),
+                );
+                o.insert("name".into(), json!(s.name));
+                o.insert("date-sec".into(), json!(s.date_sec));
+                o.insert("date-nsec".into(), json!(s.date_nsec));
+                o.insert(
+                    "vm-clock-sec".into(),
+                    json!(s.vm_clock_nsec / 1_000_000_000),
+                );
+                o.insert("id".into(), json!(s.id));
+                o.insert("vm-state-size".into(), json!(s.vm_state_size));
+                Value::Object(o)
+            })
+            .collect();
+        m.insert("snapshots".into(), Value::Array(snaps));
     }
     m.insert("virtual-size".into(), json!(i.virtual_size));
     m.insert("filename".into(), json!(i.filename));
@@ -552,17 +556,17 @@ fn to_human(i: &ImageInfo) -> String {
     if let Some(cs) = i.cluster_size {
         s += &format!("cluster_size: {cs}\n");
     }
+    if let Some((b, full)) = &i.backing {
+        match full {
+            Some(full) if b == full => s += &format!("backing file: {b}\n"),
+            Some(full) => s += &format!("backing file: {b} (actual path: {full})\n"),
+            None => s += &format!("backing file: {b} (cannot determine actual path)\n"),
+        }
+    }
+    if let Some(f) = &i.backing_format {
+        s += &format!("backing file format: {f}\n");
+    }
     if let Some(h) = &i.qcow2 {
-        if let Some((b, full)) = &i.backing {
-            match full {
-                Some(full) if b == full => s += &format!("backing file: {b}\n"),
-                Some(full) => s += &format!("backing file: {b} (actual path: {full})\n"),
-                None => s += &format!("backing file: {b} (cannot determine actual path)\n"),
-            }
-        }
-        if let Some(f) = &h.backing_format {
-            s += &format!("backing file format: {f}\n");
-        }
         if h.is_dirty() {
             s += "cleanly shut down: no\n";
         }
@@ -622,12 +626,7 @@ pub fn run(a: InfoArgs) -> Result<u8, CliError> {
             crate::blockopts::open_options(&a.filename, a.image_opts, OpenOptions::default())?.0;
         let mut seen = vec![std::fs::canonicalize(&top).unwrap_or(top)];
         while let Some((_, Some(full))) = chain.last().unwrap().backing.clone() {
-            let bfmt = chain
-                .last()
-                .unwrap()
-                .qcow2
-                .as_ref()
-                .and_then(|h| h.backing_format.clone());
+            let bfmt = chain.last().unwrap().backing_format.clone();
             let canon = std::fs::canonicalize(&full).unwrap_or_else(|_| PathBuf::from(&full));
             if seen.contains(&canon) {
                 return Err(CliError::new(format!(

@@ -20,7 +20,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("could not open '{}': {source}", path.display())]
+    /// QEMU's words: "Could not open 'x': No such file or directory".
+    #[error("Could not open '{}': {}", path.display(), strerror(source))]
     Open {
         path: PathBuf,
         #[source]
@@ -66,7 +67,9 @@ pub enum Error {
     /// to a raw image); the text names the operation.
     #[error("{0} not supported for this file format")]
     NotSupportedByFormat(&'static str),
-    #[error("backing chain: {0}")]
+    /// The backing chain could not be opened or used; the text says
+    /// why, in QEMU's words where QEMU has them.
+    #[error("{0}")]
     Backing(String),
     /// An image of a format other than qcow2 that does not hold (a bad
     /// VDI header, ...): QEMU's words for why, printed as they are.

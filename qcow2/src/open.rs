@@ -142,11 +142,19 @@ fn open_at_depth(
             let calc = vpc::SizeCalc::parse(opts.vpc_force_size_calc.as_deref())?;
             Ok(Arc::new(vpc::open(st, calc)?))
         }
-        // A parent is refused at open, for now.
+        // A parent is a VMDK whatever it is (QEMU forces the format).
         Format::Vmdk => {
             use crate::foreign::vmdk;
             let opener = |p: &Path| vmdk::open_extent_file(p, opts.force_share);
-            Ok(Arc::new(vmdk::open(st, &opener)?))
+            let img = vmdk::open(st, &opener)?;
+            let backing = match img.layout().parent() {
+                Some(name) if !opts.no_backing => {
+                    let bpath = resolve_backing(img.path(), &name);
+                    Some(open_backing(&bpath, Some(Format::Vmdk), opts, depth, seen)?)
+                }
+                _ => None,
+            };
+            Ok(Arc::new(img.with_backing(backing)))
         }
         Format::Luks => {
             let key = match depth {
@@ -171,6 +179,19 @@ fn open_at_depth(
     }
 }
 
+/// Opens the backing file at `path` of an image at `depth`; a failure
+/// reads as QEMU's "Could not open backing file: ...", once per level.
+fn open_backing(
+    path: &Path,
+    format: Option<Format>,
+    opts: &OpenOptions,
+    depth: usize,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<Arc<dyn Image>> {
+    open_at_depth(path, format, false, opts, depth + 1, seen)
+        .map_err(|e| Error::Backing(format!("Could not open backing file: {e}")))
+}
+
 fn backing_of(
     st: &Storage,
     opts: &OpenOptions,
@@ -192,14 +213,7 @@ fn backing_of(
             ))
         })?),
     };
-    let b = open_at_depth(&bpath, bfmt, false, opts, depth + 1, seen).map_err(|e| match e {
-        e @ Error::Backing(_) => e,
-        e => Error::Backing(format!(
-            "could not open backing file '{}': {e}",
-            bpath.display()
-        )),
-    })?;
-    Ok(Some(b))
+    open_backing(&bpath, bfmt, opts, depth, seen).map(Some)
 }
 
 #[cfg(test)]

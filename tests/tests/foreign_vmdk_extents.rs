@@ -283,3 +283,197 @@ fn unreadable_extents_are_refused_plainly() {
         assert_eq!(err, format!("rimg: Could not open 'r.vmdk': {want}\n"));
     }
 }
+
+/// Edits `bytes` of a copy of `from` named `to`: the first `find` in it
+/// becomes `with` (padded with blanks to the same length).
+fn edited(dir: &Path, from: &str, to: &str, find: &str, with: &str) -> String {
+    let mut b = std::fs::read(dir.join(from)).unwrap();
+    let at = b
+        .windows(find.len())
+        .position(|w| w == find.as_bytes())
+        .unwrap_or_else(|| panic!("{find} not in {from}"));
+    assert!(with.len() <= find.len());
+    let with = format!("{with:<width$}", width = find.len());
+    b[at..at + find.len()].copy_from_slice(with.as_bytes());
+    std::fs::write(dir.join(to), b).unwrap();
+    to.to_string()
+}
+
+/// VMDK parents (`parentFileNameHint`, VMware's snapshot chains): a
+/// monolithicSparse child, a twoGbMaxExtentSparse grandchild, a qcow2
+/// image over them, read through the chain as qemu-img reads it; a
+/// parentCID that does not match (reads of unallocated grains fail with
+/// EINVAL, map and check do not), a qcow2 file as the parent (opened as
+/// VMDK, as QEMU forces), empty, unterminated and too long hints, a
+/// missing parent.
+#[test]
+fn parents_read_like_qemu() {
+    let d = tempdir();
+    let dir = d.path();
+    let io = |f: &str, fmt: &str, cmd: &str| {
+        let o = Command::new("qemu-io")
+            .args(["-f", fmt, "-c", cmd, f])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+    };
+    qemu(dir, &["create", "-q", "-f", "vmdk", "base.vmdk", "4M"]);
+    io("base.vmdk", "vmdk", "write -P 0x11 0 1M");
+    io("base.vmdk", "vmdk", "write -P 0x12 3M 64k");
+    let child = [
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+    ];
+    qemu(dir, &[&child[..], &["child.vmdk"]].concat());
+    io("child.vmdk", "vmdk", "write -P 0x22 512k 64k");
+    qemu(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=twoGbMaxExtentSparse",
+            "-b",
+            "child.vmdk",
+            "-F",
+            "vmdk",
+            "gchild.vmdk",
+        ],
+    );
+    io("gchild.vmdk", "vmdk", "write -P 0x33 1M 64k");
+    qemu(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "gchild.vmdk",
+            "-F",
+            "vmdk",
+            "top.qcow2",
+        ],
+    );
+    io("top.qcow2", "qcow2", "write -P 0x44 3M 4k");
+    qemu(dir, &["create", "-q", "-f", "qcow2", "q.qcow2", "4M"]);
+    let hint = "parentFileNameHint=\"base.vmdk\"";
+    let bad = [
+        {
+            // One hex digit of the parentCID changed.
+            let mut b = std::fs::read(dir.join("child.vmdk")).unwrap();
+            let at = b.windows(10).position(|w| w == b"parentCID=").unwrap() + 10;
+            b[at] = if b[at] == b'0' { b'1' } else { b'0' };
+            std::fs::write(dir.join("cidbad.vmdk"), b).unwrap();
+            "cidbad.vmdk".to_string()
+        },
+        edited(
+            dir,
+            "child.vmdk",
+            "qparent.vmdk",
+            hint,
+            "parentFileNameHint=\"q.qcow2\"",
+        ),
+        edited(
+            dir,
+            "child.vmdk",
+            "empty.vmdk",
+            hint,
+            "parentFileNameHint=\"\"",
+        ),
+        edited(
+            dir,
+            "child.vmdk",
+            "unterm.vmdk",
+            hint,
+            "parentFileNameHint=\"base.vmdk",
+        ),
+        edited(dir, "child.vmdk", "nocid.vmdk", "parentCID=", "parentXID="),
+    ];
+    std::fs::create_dir(dir.join("miss")).unwrap();
+    std::fs::copy(dir.join("child.vmdk"), dir.join("miss/child.vmdk")).unwrap();
+    let mut names: Vec<String> = ["child.vmdk", "gchild.vmdk", "top.qcow2", "miss/child.vmdk"]
+        .map(String::from)
+        .to_vec();
+    names.extend(bad);
+    for name in &names {
+        let n = name.as_str();
+        for args in [
+            vec!["info", n],
+            vec!["info", "--output=json", n],
+            vec!["info", "--backing-chain", "--output=json", n],
+            vec!["map", n],
+            vec!["map", "--output=json", n],
+            vec!["check", n],
+            vec!["compare", n, "base.vmdk"],
+            vec!["dd", &format!("if={n}"), "of=dd.raw", "bs=64k", "count=20"],
+        ] {
+            same_as_qemu(dir, &args);
+        }
+        // One error line per request in flight in qemu-img's convert: the
+        // first (and the status) is what counts.
+        let (q, r) = (format!("{n}.qemu.raw"), format!("{n}.rimg.raw"));
+        let o = Command::new("qemu-img")
+            .args(["convert", "-O", "raw", n, &q])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        let (code, _, err) = rimg_tests::rimg_in(dir, &["convert", "-O", "raw", n, &r]);
+        assert_eq!(o.status.code(), code, "{n}: {err}");
+        let first = String::from_utf8_lossy(&o.stderr)
+            .lines()
+            .next()
+            .map(String::from);
+        assert_eq!(
+            first.map(|l| l.replacen("qemu-img:", "rimg:", 1)),
+            err.lines().next().map(String::from),
+            "{n}"
+        );
+        if code == Some(0) {
+            let a = std::fs::read(dir.join(&q)).unwrap();
+            assert!(a == std::fs::read(dir.join(&r)).unwrap(), "{n}: converted");
+        }
+    }
+    // What they look like.
+    let (_, out, _) = same_as_qemu(dir, &["info", "miss/child.vmdk"]);
+    assert!(
+        out.contains(
+            "backing file: base.vmdk (actual path: miss/base.vmdk)\nbacking file format: vmdk\n"
+        ),
+        "{out}"
+    );
+    let (code, _, err) = same_as_qemu(dir, &["compare", "cidbad.vmdk", "base.vmdk"]);
+    assert_eq!(code, Some(4), "{err}");
+    let (code, _, err) = same_as_qemu(dir, &["map", "qparent.vmdk"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.ends_with("Could not open backing file: invalid VMDK image descriptor\n"),
+        "{err}"
+    );
+    // The engine reads the chain as qemu-img does.
+    for n in ["child.vmdk", "gchild.vmdk", "top.qcow2"] {
+        let want = qemu_raw_content(&dir.join(n), &dir.join(format!("{n}.want")));
+        let img = qcow2::open(&dir.join(n), &OpenOptions::default()).unwrap();
+        rimg_tests::assert_reads_as(img.as_ref(), &want, n, &[65536 + 7, 4096]);
+    }
+    // A hint that names the child itself: QEMU loops; rimg stops.
+    edited(
+        dir,
+        "child.vmdk",
+        "self.vmdk",
+        hint,
+        "parentFileNameHint=\"self.vmdk\"",
+    );
+    let (code, _, err) = rimg_tests::rimg_in(dir, &["map", "self.vmdk"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("creates an infinite loop"), "{err}");
+}

@@ -78,6 +78,11 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     fn files(&self) -> &[Storage] {
         &[]
     }
+    /// Whether guest data may be read from `backing` through this image
+    /// (VMDK compares its parent's CID); an error says why not.
+    fn backing_readable(&self, _backing: &dyn Image) -> Result<()> {
+        Ok(())
+    }
     /// Reads `buf.len()` bytes from `skip` on of the compressed unit at
     /// `host` in file `file` (formats whose lookups answer
     /// [`Where::Compressed`]). `st` is the image file.
@@ -96,11 +101,13 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
-/// A read-only image over a format's [`Layout`].
+/// A read-only image over a format's [`Layout`], and its backing image
+/// (VMDK's parent), if any.
 #[derive(Debug)]
 pub struct ForeignImage<L> {
     st: Storage,
     layout: L,
+    backing: Option<Arc<dyn Image>>,
 }
 
 impl<L: Layout> ForeignImage<L> {
@@ -110,7 +117,31 @@ impl<L: Layout> ForeignImage<L> {
         if st.writable() {
             return Err(Error::ReadOnlyFormat(layout.format().name()));
         }
-        Ok(ForeignImage { st, layout })
+        Ok(ForeignImage {
+            st,
+            layout,
+            backing: None,
+        })
+    }
+
+    /// This image over `backing`: unallocated ranges read from it.
+    pub(crate) fn with_backing(mut self, backing: Option<Arc<dyn Image>>) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// Reads unallocated guest bytes at `off`: the backing image's (zeros
+    /// past its end, as QEMU's block layer pads), zeros without one.
+    fn read_unallocated(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        self.layout.backing_readable(b.as_ref())?;
+        let n = (buf.len() as u64).min(b.size().saturating_sub(off)) as usize;
+        b.read_at(&mut buf[..n], off)?;
+        buf[n..].fill(0);
+        Ok(())
     }
 
     /// The decoded header and tables.
@@ -149,7 +180,7 @@ impl<L: Layout> Image for ForeignImage<L> {
         false
     }
     fn backing(&self) -> Option<&Arc<dyn Image>> {
-        None
+        self.backing.as_ref()
     }
     fn as_any(&self) -> &dyn std::any::Any {
         self
@@ -182,8 +213,10 @@ impl<L: Layout> Image for ForeignImage<L> {
                 Where::Compressed { file, host, skip } => self
                     .layout
                     .read_compressed(&self.st, file, host, skip, piece)?,
-                // No backing files here: unallocated reads as zeros.
-                Where::Zero | Where::Unallocated | Where::Broken => piece.fill(0),
+                Where::Zero => piece.fill(0),
+                // QEMU reads a grain its GD cannot place from the parent
+                // too.
+                Where::Unallocated | Where::Broken => self.read_unallocated(piece, at)?,
             }
             done += n as usize;
         }
@@ -257,10 +290,11 @@ impl<L: Layout> Image for ForeignImage<L> {
     fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
         match mapping {
             Mapping::Data(host) => self.st.read_at(buf, host.0),
-            Mapping::Zero(_) | Mapping::Unallocated => {
+            Mapping::Zero(_) => {
                 buf.fill(0);
                 Ok(())
             }
+            Mapping::Unallocated => self.read_unallocated(buf, off),
             // Compressed grains and other files: read_at reads them.
             Mapping::Compressed(_) => self.read_at(buf, off),
         }

@@ -8,8 +8,10 @@
 //!   from an offset on, SPARSE and VMFSSPARSE extents sparse files.
 //!
 //! The extents lie one after the other in the disk, in the order the
-//! descriptor lists them. Parents (`parentFileNameHint`), seSparse and
-//! COWD extents are refused with a clear error, not read.
+//! descriptor lists them. A parent (`parentFileNameHint`, a VMware
+//! snapshot's delta disk) is opened as a VMDK backing image: unallocated
+//! grains read from it once its CID matches the child's parentCID.
+//! seSparse and COWD extents are refused with a clear error, not read.
 //!
 //! What QEMU does, and rimg with it:
 //! - an extent's file is opened as its own file: a relative name is
@@ -142,6 +144,8 @@ pub struct VmdkLayout {
     cid: u32,
     parent_cid: u32,
     create_type: String,
+    /// The parent's name as the descriptor gives it (None: none, or "").
+    parent: Option<Vec<u8>>,
 }
 
 /// Opens a VMDK image (read-only: a writable `st` is refused); extent
@@ -253,15 +257,13 @@ impl VmdkLayout {
         let mut desc = vec![0u8; DESC_SIZE];
         st.read_at(&mut desc, desc_at)?;
         let text = desc::until_nul(&desc);
-        if desc::find(text, b"parentFileNameHint").is_some() {
-            return Err(not_yet("VMDK images with a parent (parentFileNameHint)"));
-        }
         let einval = || {
             refuse(format!(
                 "Could not open '{}': Invalid argument",
                 st.path().display()
             ))
         };
+        let parent = desc::parent_hint(&desc).map_err(|()| einval())?;
         let cid = desc::cid_after(text, b"CID").ok_or_else(einval)?;
         let parent_cid = desc::cid_after(text, b"parentCID").ok_or_else(einval)?;
         // The disk's length past QEMU's largest (or u64): EFBIG from the
@@ -291,6 +293,7 @@ impl VmdkLayout {
             cid,
             parent_cid,
             create_type: d.create_type,
+            parent,
         })
     }
 
@@ -398,6 +401,14 @@ impl VmdkLayout {
     /// The descriptor's parentCID (0xffffffff: no parent).
     pub fn parent_cid(&self) -> u32 {
         self.parent_cid
+    }
+
+    /// The parent image's name as the descriptor writes it
+    /// (`parentFileNameHint`), if there is one: a VMDK backing file.
+    pub fn parent(&self) -> Option<String> {
+        self.parent
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
     }
 
     /// qemu-img info's create type: the descriptor's; for a sparse file
@@ -530,6 +541,17 @@ impl Layout for VmdkLayout {
     }
     fn files(&self) -> &[Storage] {
         &self.files
+    }
+    /// QEMU's vmdk_is_cid_valid: the parent's CID must be the child's
+    /// parentCID, or its data cannot be read through the child (EINVAL).
+    fn backing_readable(&self, backing: &dyn crate::image::Image) -> Result<()> {
+        match backing.as_any().downcast_ref::<Vmdk>() {
+            Some(p) if p.layout().cid == self.parent_cid => Ok(()),
+            _ => Err(Error::io(
+                "the VMDK parent's CID is not the parentCID",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            )),
+        }
     }
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
         let e = &self.extents[self.extent_at(off / SECTOR, 0)];

@@ -79,6 +79,28 @@ pub(super) fn cid_after(text: &[u8], key: &[u8]) -> Option<u32> {
     Some(v as u32)
 }
 
+/// The parent's name in descriptor bytes `desc` (QEMU's 10 KiB, NULs
+/// and all), as vmdk_parent_open takes it: 20 bytes after the first
+/// `parentFileNameHint` (its `="`) up to the next `"`; None when there
+/// is none or it is empty. Err (QEMU's EINVAL) when no `"` ends it before
+/// a NUL, or it is longer than 4095 bytes.
+pub(super) fn parent_hint(desc: &[u8]) -> std::result::Result<Option<Vec<u8>>, ()> {
+    const KEY: &[u8] = b"parentFileNameHint";
+    let Some(at) = find(until_nul(desc), KEY) else {
+        return Ok(None);
+    };
+    let rest = desc.get(at + KEY.len() + 2..).unwrap_or(&[]);
+    let end = rest
+        .iter()
+        .position(|&c| c == b'"' || c == 0)
+        .filter(|&i| rest[i] == b'"')
+        .ok_or(())?;
+    if end > 4095 {
+        return Err(());
+    }
+    Ok((end > 0).then(|| rest[..end].to_vec()))
+}
+
 /// The kinds of extent QEMU reads from a descriptor line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Kind {
@@ -414,6 +436,42 @@ mod tests {
         assert_eq!(cid_after(b"CID", b"CID"), None);
         assert_eq!(cid_after(b"XID=1", b"CID"), None);
         assert_eq!(until_nul(b"ab\0CID=1"), b"ab");
+    }
+
+    #[test]
+    fn parent_hints_as_qemu_takes_them() {
+        let h = |t: &[u8]| parent_hint(t);
+        assert_eq!(
+            h(b"x\nparentFileNameHint=\"b.vmdk\"\n"),
+            Ok(Some(b"b.vmdk".to_vec()))
+        );
+        assert_eq!(h(b"parentFileNameHint=\"\""), Ok(None));
+        assert_eq!(h(b"none"), Ok(None));
+        // The value runs to the next quote, across lines; only the first
+        // key counts.
+        assert_eq!(
+            h(b"parentFileNameHint=\"a\nb\"parentFileNameHint=\"c\""),
+            Ok(Some(b"a\nb".to_vec()))
+        );
+        assert_eq!(h(b"parentFileNameHint=\"open"), Err(()));
+        assert_eq!(h(b"parentFileNameHint=\"a\0b\""), Err(()));
+        assert_eq!(h(b"parentFileNameHint"), Err(()));
+        // Two bytes skipped whatever they are, a NUL among them.
+        assert_eq!(h(b"parentFileNameHint=\0\"x"), Ok(None));
+        let long = [
+            b"parentFileNameHint=\"".to_vec(),
+            vec![b'a'; 4096],
+            b"\"".to_vec(),
+        ]
+        .concat();
+        assert_eq!(h(&long), Err(()));
+        let longest = [
+            b"parentFileNameHint=\"".to_vec(),
+            vec![b'a'; 4095],
+            b"\"".to_vec(),
+        ]
+        .concat();
+        assert_eq!(h(&longest), Ok(Some(vec![b'a'; 4095])));
     }
 
     #[test]
