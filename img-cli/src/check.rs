@@ -93,11 +93,11 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
     };
     if let Some(rep) = qcow2::foreign::check(img.as_ref()) {
         if repair != Repair::None {
-            if let Some(name) = repeated_extent_file(img.as_ref()) {
+            if let Some(conflict) = extent_lock_conflict(img.as_ref()) {
                 // qemu-img's writable open of a descriptor that lists one
-                // file twice conflicts with its own lock on the first.
+                // file twice conflicts with its own locks.
                 return Err(CliError::new(format!(
-                    "Could not open '{}': Failed to get \"resize\" lock\nIs another process using the image [{name}]?",
+                    "Could not open '{}': {conflict}",
                     a.filename
                 )));
             }
@@ -232,14 +232,51 @@ fn to_human(r: &CheckReport, repair: Repair) -> String {
     s
 }
 
-/// The name of the first VMDK extent file that an earlier extent's file
-/// already is (the same device and inode).
-fn repeated_extent_file(img: &dyn qcow2::Image) -> Option<String> {
+/// The lock conflict qemu-img's writable open of a VMDK descriptor runs
+/// into when it names one file twice (or itself), in its words: opening a
+/// sparse extent (data and tables) conflicts with an earlier sparse one
+/// or the descriptor ("write") or flat one ("resize"), a flat extent
+/// (data only) with an earlier sparse one or the descriptor (shared
+/// "resize"), each named as the later one; two flat extents conflict
+/// only once all are open ("resize", named as the earlier).
+fn extent_lock_conflict(img: &dyn qcow2::Image) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     let v = img.as_any().downcast_ref::<qcow2::Vmdk>()?;
-    let mut seen = std::collections::HashSet::new();
-    v.layout().extent_files().iter().find_map(|st| {
+    let l = v.layout();
+    let id = |st: &qcow2::storage::Storage| {
         let md = st.file().metadata().ok()?;
-        (!seen.insert((md.dev(), md.ino()))).then(|| st.path().display().to_string())
-    })
+        Some((md.dev(), md.ino()))
+    };
+    // The descriptor first (None: it holds tables, as a sparse one),
+    // then each extent file with whether it is flat.
+    let mut opened = vec![(id(img.storage())?, false, img.storage())];
+    let mut flat_pair = None;
+    for (e, st) in l.extents_info().iter().zip(l.extent_files()) {
+        let flat = matches!(e.format, "FLAT" | "VMFS");
+        let me = id(st)?;
+        for &(other, other_flat, other_st) in &opened {
+            if other != me {
+                continue;
+            }
+            let lock = match (other_flat, flat) {
+                (true, true) => {
+                    flat_pair.get_or_insert(other_st);
+                    continue;
+                }
+                (false, false) => "\"write\"",
+                (true, false) => "\"resize\"",
+                (false, true) => "shared \"resize\"",
+            };
+            return Some(lock_message(lock, st));
+        }
+        opened.push((me, flat, st));
+    }
+    flat_pair.map(|st| lock_message("\"resize\"", st))
+}
+
+fn lock_message(lock: &str, st: &qcow2::storage::Storage) -> String {
+    format!(
+        "Failed to get {lock} lock\nIs another process using the image [{}]?",
+        st.path().display()
+    )
 }

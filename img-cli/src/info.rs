@@ -72,7 +72,7 @@ struct ImageInfo {
 struct Child {
     name: String,
     /// QEMU's protocol driver: `file`, or `host_device` for a device
-    /// under /dev.
+    /// (found by stat, whatever its name).
     protocol: &'static str,
     filename: String,
     length: u64,
@@ -87,7 +87,7 @@ impl Child {
             .metadata()
             .map_err(|e| CliError::new(e.to_string()))?
             .file_type();
-        let device = st.path().starts_with("/dev/") && (t.is_block_device() || t.is_char_device());
+        let device = t.is_block_device() || t.is_char_device();
         Ok(Child {
             name,
             protocol: if device { "host_device" } else { "file" },

@@ -449,14 +449,14 @@ pub fn vmdk(data: &[u8]) {
     let f = memfile(data);
     let dup = |f: &File| f.try_clone().expect("dup of the memfd");
     let rw = Storage::from_file(dup(&f), Path::new("fuzz-input.vmdk"), true);
-    let refuse = |_: &Path| -> crate::Result<Storage> { unreachable!("opened extents") };
+    let refuse = |_: &Path, _| -> crate::Result<Storage> { unreachable!("opened extents") };
     assert!(
         vmdk::open(rw, &refuse).is_err(),
         "a vmdk image opened for writing"
     );
     // One memfd per start: lines naming the same one share its inode.
     let files = std::cell::RefCell::new(HashMap::<usize, File>::new());
-    let opener = |p: &Path| {
+    let opener = |p: &Path, _| {
         // At most 64 files: a line of any length names one of them.
         let k = (p.as_os_str().len() % 64 * 512).min(data.len());
         let mut files = files.borrow_mut();

@@ -145,7 +145,7 @@ fn open_at_depth(
         // A parent is a VMDK whatever it is (QEMU forces the format).
         Format::Vmdk => {
             use crate::foreign::vmdk;
-            let opener = |p: &Path| vmdk::open_extent_file(p, opts.force_share);
+            let opener = |p: &Path, meta| vmdk::open_extent_file(p, opts.force_share, meta);
             let img = vmdk::open(st, &opener)?;
             let backing = match img.layout().parent() {
                 Some(name) if !opts.no_backing => {

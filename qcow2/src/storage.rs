@@ -127,6 +127,23 @@ mod lockbytes {
     }
 }
 
+/// What an opener takes the image for, and what it lets others do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Write,
+    Read,
+    ReadSharingWrite,
+}
+
+impl Access {
+    fn from_writable(writable: bool) -> Access {
+        match writable {
+            true => Access::Write,
+            false => Access::Read,
+        }
+    }
+}
+
 impl Storage {
     /// Opens an image file and takes QEMU-compatible locks: writers hold
     /// read/write/resize and share neither write nor resize; readers hold
@@ -136,7 +153,7 @@ impl Storage {
     pub fn open_locked(path: &Path, writable: bool, force_share: bool) -> Result<Storage> {
         let st = Storage::open(path, writable)?;
         if !force_share {
-            st.lock(writable)?;
+            st.lock(Access::from_writable(writable))?;
             st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(st)
@@ -154,12 +171,12 @@ impl Storage {
     /// we try again a few times after random pauses growing from about 1
     /// to 32 ms. So of racing writers with rimg among them, exactly one
     /// wins. An image really in use still fails, some 50 ms later.
-    fn lock(&self, writable: bool) -> Result<()> {
+    fn lock(&self, access: Access) -> Result<()> {
         const TRIES: u32 = 8;
         let mut k = 0;
         loop {
-            let arbiter = writable && self.ofd_lock_briefly(lockbytes::ARBITER);
-            let r = self.try_lock(writable);
+            let arbiter = access == Access::Write && self.ofd_lock_briefly(lockbytes::ARBITER);
+            let r = self.try_lock(access);
             if arbiter {
                 self.ofd_lock(lockbytes::ARBITER, libc::F_UNLCK);
             }
@@ -181,12 +198,12 @@ impl Storage {
         }
     }
 
-    fn try_lock(&self, writable: bool) -> Result<()> {
+    fn try_lock(&self, access: Access) -> Result<()> {
         use lockbytes::*;
-        let (held, unshared): (&[i64], &[i64]) = if writable {
-            (&[CONSISTENT_READ, WRITE, RESIZE], &[WRITE, RESIZE])
-        } else {
-            (&[CONSISTENT_READ], &[WRITE])
+        let (held, unshared): (&[i64], &[i64]) = match access {
+            Access::Write => (&[CONSISTENT_READ, WRITE, RESIZE], &[WRITE, RESIZE]),
+            Access::Read => (&[CONSISTENT_READ], &[WRITE]),
+            Access::ReadSharingWrite => (&[CONSISTENT_READ], &[]),
         };
         let ours = || {
             let held = held.iter().map(|&b| PERM_BASE + b);
@@ -303,11 +320,21 @@ impl Storage {
     }
 
     /// A file opened read-only by the caller, locked as a reader as
-    /// [`open_locked`](Self::open_locked) locks it.
-    pub fn from_file_locked(file: File, path: &Path, force_share: bool) -> Result<Storage> {
+    /// [`open_locked`](Self::open_locked) locks it; with `share_write`,
+    /// others may write it meanwhile (QEMU's data-only children, such as
+    /// a VMDK flat extent).
+    pub fn from_file_locked(
+        file: File,
+        path: &Path,
+        force_share: bool,
+        share_write: bool,
+    ) -> Result<Storage> {
         let st = Storage::from_file(file, path, false);
         if !force_share {
-            st.lock(false)?;
+            st.lock(match share_write {
+                true => Access::ReadSharingWrite,
+                false => Access::Read,
+            })?;
             st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(st)
@@ -382,11 +409,26 @@ impl Storage {
     /// Length of the file in bytes.
     #[allow(clippy::len_without_is_empty)] // a file's emptiness is not a question we ask
     pub fn len(&self) -> Result<u64> {
-        Ok(self
+        use std::os::unix::fs::FileTypeExt;
+        let md = self
             .file
             .metadata()
-            .ctx(|| format!("stat {}", self.path.display()))?
-            .len())
+            .ctx(|| format!("stat {}", self.path.display()))?;
+        if !md.file_type().is_block_device() {
+            return Ok(md.len());
+        }
+        // stat gives a block device no size: its end does.
+        // SAFETY: lseek on a descriptor this Storage owns; it moves only
+        // the file position, which nothing here relies on (all I/O is
+        // positioned).
+        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        if end < 0 {
+            return Err(Error::io(
+                format!("size of {}", self.path.display()),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(end as u64)
     }
 
     /// Bytes the file occupies on disk (st_blocks * 512).

@@ -236,6 +236,33 @@ pub fn seal_vhd_footers(img: &mut [u8]) {
     }
 }
 
+/// A little-endian u32 field's bytes, for [`patched_copy`].
+pub fn le32(v: u32) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// A little-endian u64 field's bytes, for [`patched_copy`].
+pub fn le64(v: u64) -> Vec<u8> {
+    v.to_le_bytes().to_vec()
+}
+
+/// A temporary directory holding make-foreign.sh's images.
+pub fn foreign_fixtures() -> tempfile::TempDir {
+    let d = tempdir();
+    make_foreign(d.path());
+    d
+}
+
+/// Runs qemu-img with `args` in `dir` and asserts it succeeds.
+pub fn qemu_img_in(dir: &Path, args: &[&str]) {
+    let o = Command::new("qemu-img")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
+}
+
 /// Makes the foreign-format images of `fixtures/make-foreign.sh` in
 /// `dir` (with qemu-img and qemu-io; nothing binary is committed).
 pub fn make_foreign(dir: &Path) {

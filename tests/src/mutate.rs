@@ -314,3 +314,74 @@ pub fn mutate_vmdk(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
     }
     v
 }
+
+/// A VMDK text descriptor, mutated as text: a number (sectors, offset,
+/// CID) replaced by a boundary value, a type or access word by another,
+/// an extent file by another of `files`, a line repeated, dropped or
+/// followed by a blank one, a quote, NUL or CR dropped in, or bytes
+/// flipped and the text cut.
+pub fn mutate_vmdk_descriptor(rng: &mut StdRng, text: &[u8], files: &[&str]) -> Vec<u8> {
+    const NUMBERS: &[&str] = &[
+        "0",
+        "-1",
+        "1",
+        "7",
+        "2147483648",
+        "18014398509481984",
+        "9223372036854775807",
+        "99999999999999999999",
+        "4194304",
+    ];
+    const TYPES: &[&str] = &[
+        "FLAT",
+        "SPARSE",
+        "VMFS",
+        "VMFSSPARSE",
+        "SESPARSE",
+        "ZERO",
+        "flat",
+    ];
+    const ACCESS: &[&str] = &["RW", "RDONLY", "NOACCESS", "RWX"];
+    let t = String::from_utf8_lossy(text).into_owned();
+    let mut lines: Vec<String> = t.lines().map(String::from).collect();
+    if lines.is_empty() {
+        return text.to_vec();
+    }
+    let i = rng.random_range(0..lines.len());
+    let mut words: Vec<String> = lines[i].split(' ').map(String::from).collect();
+    let k = rng.random_range(0..words.len());
+    fn pick(rng: &mut StdRng, list: &[&str]) -> String {
+        list[rng.random_range(0..list.len())].to_string()
+    }
+    match rng.random_range(0..9) {
+        0 => words[k] = pick(rng, NUMBERS),
+        1 => words[k] = pick(rng, TYPES),
+        2 => words[0] = pick(rng, ACCESS),
+        3 => words[k] = format!("\"{}\"", pick(rng, files)),
+        4 => lines.insert(i, lines[i].clone()),
+        5 => drop(lines.remove(i)),
+        6 => lines.insert(i, String::new()),
+        7 => {
+            let at = rng.random_range(0..=lines[i].len());
+            if lines[i].is_char_boundary(at) {
+                let junk = pick(rng, &["\"", "\0", "\r", " ", "\t", "="]);
+                lines[i].insert_str(at, &junk);
+            }
+        }
+        _ => {
+            let mut v = text.to_vec();
+            scribble(rng, &mut v);
+            truncate(rng, &mut v);
+            return v;
+        }
+    }
+    if let (Some(l), true) = (
+        lines.get_mut(i),
+        words.join(" ") != t.lines().nth(i).unwrap_or(""),
+    ) {
+        *l = words.join(" ");
+    }
+    let mut out = lines.join("\n").into_bytes();
+    out.push(b'\n');
+    out
+}

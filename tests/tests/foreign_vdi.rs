@@ -5,29 +5,14 @@
 //! open error QEMU's vdi driver has, and check's findings, on hand-made
 //! headers and maps; and clear refusals of everything that would write.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use qcow2::{ExtentKind, Format, OpenOptions};
-use rimg_tests::{make_foreign, qemu_raw_content, tempdir, FOREIGN_VDI};
-
-fn same(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    rimg_tests::same_as_qemu(dir, args)
-}
-
-fn rimg(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    rimg_tests::rimg_in(dir, args)
-}
-
-/// A copy of `from` named `to` in `dir`, with `bytes` written at each
-/// offset (little-endian fields, as VDI stores them).
-fn patched(dir: &Path, from: &str, to: &str, edits: &[(u64, Vec<u8>)]) -> String {
-    rimg_tests::patched_copy(dir, from, to, edits)
-}
-
-fn le32(v: u32) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
+use rimg_tests::{
+    le32, make_foreign, patched_copy as patched, qemu_raw_content, rimg_in as rimg,
+    same_as_qemu as same, tempdir, FOREIGN_VDI,
+};
 
 fn fixtures() -> (tempfile::TempDir, Vec<PathBuf>) {
     let d = tempdir();

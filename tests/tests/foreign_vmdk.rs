@@ -8,31 +8,14 @@
 //! streamOptimized files (made by qemu-img, and turned into the form
 //! VMware writes, the header in a footer).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use qcow2::{ExtentKind, Format, OpenOptions};
-use rimg_tests::{make_foreign, qemu_raw_content, tempdir, FOREIGN_VMDK};
-
-fn same(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    rimg_tests::same_as_qemu(dir, args)
-}
-
-fn rimg(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    rimg_tests::rimg_in(dir, args)
-}
-
-fn patched(dir: &Path, from: &str, to: &str, edits: &[(u64, Vec<u8>)]) -> String {
-    rimg_tests::patched_copy(dir, from, to, edits)
-}
-
-fn le32(v: u32) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
-
-fn le64(v: u64) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
+use rimg_tests::{
+    foreign_fixtures as fixtures, le32, le64, patched_copy as patched, qemu_img_in as qemu,
+    qemu_raw_content, rimg_in as rimg, same_as_qemu as same, FOREIGN_VMDK,
+};
 
 /// The images small enough to read whole.
 const SMALL: &[&str] = &[
@@ -42,21 +25,6 @@ const SMALL: &[&str] = &[
     "vmdk-stream.vmdk",
     "vmdk-stream-end.vmdk",
 ];
-
-fn fixtures() -> tempfile::TempDir {
-    let d = tempdir();
-    make_foreign(d.path());
-    d
-}
-
-fn qemu(dir: &Path, args: &[&str]) {
-    let o = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "qemu-img {args:?}: {o:?}");
-}
 
 #[test]
 fn engine_reads_vmdk_like_qemu() {

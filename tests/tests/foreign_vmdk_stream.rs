@@ -9,19 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use rimg_tests::{make_foreign, tempdir};
-
-fn same(dir: &Path, args: &[&str]) -> (Option<i32>, String, String) {
-    rimg_tests::same_as_qemu(dir, args)
-}
-
-fn le32(v: u32) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
-
-fn le64(v: u64) -> Vec<u8> {
-    v.to_le_bytes().to_vec()
-}
+use rimg_tests::{le32, le64, make_foreign, same_as_qemu as same, tempdir};
 
 /// Header offsets (the magic included).
 const GTES: u64 = 44;

@@ -28,7 +28,9 @@ use std::time::Duration;
 use qcow2::OpenOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rimg_tests::mutate::{mutate_vdi, mutate_vmdk, mutate_vpc, scribble, truncate, BOUNDARY};
+use rimg_tests::mutate::{
+    mutate_vdi, mutate_vmdk, mutate_vmdk_descriptor, mutate_vpc, scribble, truncate, BOUNDARY,
+};
 use rimg_tests::{qemu_img, run, tempdir};
 
 /// Counts live heap bytes and the peak since the last reset.
@@ -160,8 +162,26 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
     for name in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk", "vmdk-stream.vmdk"] {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
+    // A VMDK descriptor (mutated as text by `mutate_vmdk_descriptor`):
+    // flat, VMFS and sparse extents over the files above, named from
+    // where the cases are written.
+    let desc = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType=\"twoGbMaxExtentSparse\"\n\nRW 2048 FLAT \"vdi/vmdk-flat-flat.vmdk\" 8\nRW 100 VMFS \"vdi/vmdk-short.raw\"\nRW 1 SPARSE \"vdi/vmdk-sparse.vmdk\"\nRW 1 SPARSE \"vdi/vmdk-stream.vmdk\"\n";
+    out.push(("vmdk-desc.vmdk".into(), desc.as_bytes().to_vec()));
     out
 }
+
+/// The files the VMDK descriptor seed's mutations name.
+const DESC_FILES: &[&str] = &[
+    "vdi/vmdk-flat-flat.vmdk",
+    "vdi/vmdk-sparse.vmdk",
+    "vdi/vmdk-zeroed.vmdk",
+    "vdi/vmdk-short.raw",
+    "vdi/vmdk-2gsparse-s001.vmdk",
+    "vdi",
+    "case.qcow2",
+    "/dev/zero",
+    "nope",
+];
 
 /// Header fields (offset, width) worth aiming at (qcow2.rst, "Header").
 const FIELDS: &[(usize, usize)] = &[
@@ -289,6 +309,7 @@ fn hostile_images_fail_cleanly() {
     let mut vdi_opened = 0usize;
     let mut vpc_opened = 0usize;
     let mut vmdk_opened = 0usize;
+    let mut desc_opened = 0usize;
     let mut worst = (0usize, String::new());
     for (si, (name, img)) in seeds.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
@@ -302,6 +323,8 @@ fn hostile_images_fail_cleanly() {
         for c in 0..CASES_PER_SEED {
             let m = if name.ends_with(".vdi") {
                 mutate_vdi(&mut rng, img)
+            } else if name == "vmdk-desc.vmdk" {
+                mutate_vmdk_descriptor(&mut rng, img, DESC_FILES)
             } else if name.ends_with(".vmdk") {
                 mutate_vmdk(&mut rng, img)
             } else if format.is_some() {
@@ -324,6 +347,7 @@ fn hostile_images_fail_cleanly() {
                 match i.format() {
                     qcow2::Format::Vdi => vdi_opened += 1,
                     qcow2::Format::Vpc => vpc_opened += 1,
+                    qcow2::Format::Vmdk if name == "vmdk-desc.vmdk" => desc_opened += 1,
                     qcow2::Format::Vmdk => vmdk_opened += 1,
                     _ => {}
                 }
@@ -371,7 +395,13 @@ fn hostile_images_fail_cleanly() {
         vmdk_opened >= CASES_PER_SEED / 4,
         "only {vmdk_opened} mutated VMDK images opened: the mutations miss"
     );
-    eprintln!("{vdi_opened} VDI, {vpc_opened} VHD and {vmdk_opened} VMDK mutants opened");
+    assert!(
+        desc_opened >= CASES_PER_SEED / 4,
+        "only {desc_opened} mutated VMDK descriptors opened: the mutations miss"
+    );
+    eprintln!(
+        "{vdi_opened} VDI, {vpc_opened} VHD, {vmdk_opened} VMDK and {desc_opened} VMDK descriptor mutants opened"
+    );
     eprintln!(
         "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",
         worst.0 >> 10,

@@ -52,8 +52,10 @@ const DESC_SIZE: usize = 20 * 512;
 /// The most of a descriptor QEMU reads (a C string of 1 MiB).
 const MAX_DESC: u64 = (1 << 20) - 1;
 
-/// Opens the file an extent line names (read-only).
-pub type ExtentOpener<'a> = &'a dyn Fn(&Path) -> Result<Storage>;
+/// Opens the file an extent line names (read-only); `metadata` when the
+/// extent has tables in it (sparse): others may then not write the file,
+/// as they may write a flat extent's (QEMU's data-only child).
+pub type ExtentOpener<'a> = &'a dyn Fn(&Path, bool) -> Result<Storage>;
 
 fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
@@ -162,7 +164,7 @@ pub fn open(st: Storage, opener: ExtentOpener) -> Result<Vmdk> {
 /// locked as a reader unless `force_share`; a regular file, or a device
 /// under /dev (QEMU's host_device). Anything else (a directory, a FIFO
 /// that would block the open) is refused with QEMU's words.
-pub fn open_extent_file(path: &Path, force_share: bool) -> Result<Storage> {
+pub fn open_extent_file(path: &Path, force_share: bool, metadata: bool) -> Result<Storage> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let shown = path.display();
     let could_not = |e: std::io::Error| {
@@ -175,13 +177,12 @@ pub fn open_extent_file(path: &Path, force_share: bool) -> Result<Storage> {
         .open(path)
         .map_err(could_not)?;
     let t = f.metadata().map_err(could_not)?.file_type();
-    let device = path.starts_with("/dev/") && (t.is_block_device() || t.is_char_device());
-    if !t.is_file() && !device {
+    if !t.is_file() && !t.is_block_device() && !t.is_char_device() {
         return Err(refuse(format!(
             "'file' driver requires '{shown}' to be a regular file"
         )));
     }
-    Storage::from_file_locked(f, path, force_share)
+    Storage::from_file_locked(f, path, force_share, !metadata)
 }
 
 /// The descriptor text at `at` of a file `file_len` bytes long (in whole
@@ -256,7 +257,6 @@ impl VmdkLayout {
         // The descriptor, for the CIDs and the parent's name.
         let mut desc = vec![0u8; DESC_SIZE];
         st.read_at(&mut desc, desc_at)?;
-        let text = desc::until_nul(&desc);
         let einval = || {
             refuse(format!(
                 "Could not open '{}': Invalid argument",
@@ -264,8 +264,8 @@ impl VmdkLayout {
             ))
         };
         let parent = desc::parent_hint(&desc).map_err(|()| einval())?;
-        let cid = desc::cid_after(text, b"CID").ok_or_else(einval)?;
-        let parent_cid = desc::cid_after(text, b"parentCID").ok_or_else(einval)?;
+        let cid = desc::cid_after(&desc, b"CID").ok_or_else(einval)?;
+        let parent_cid = desc::cid_after(&desc, b"parentCID").ok_or_else(einval)?;
         // The disk's length past QEMU's largest (or u64): EFBIG from the
         // block layer once the driver has opened.
         let sectors = d
@@ -306,24 +306,16 @@ impl VmdkLayout {
         opener: ExtentOpener,
         desc_len: u64,
     ) -> Result<Described> {
-        let mut create_type = match desc::create_type(text) {
-            None => return Err(refuse("invalid VMDK image descriptor")),
-            Some(t) if !desc::DESCRIPTOR_TYPES.contains(&t.as_slice()) => {
-                return Err(refuse(format!(
-                    "Unsupported image type '{}'",
-                    String::from_utf8_lossy(&t)
-                )))
-            }
-            Some(t) => String::from_utf8_lossy(&t).into_owned(),
-        };
+        let mut create_type = desc::check_create_type(text)?;
         let mut extents = Vec::new();
         let mut files = Vec::new();
         // Sparse extents by file (device, inode): one set of tables each,
         // whatever the lines repeat.
         let mut sparse: HashMap<(u64, u64), Arc<Sparse>> = HashMap::new();
-        for line in desc::extent_lines(text)? {
-            let path = desc::extent_path(st.path(), &line.name);
-            let f = opener(&path)?;
+        desc::for_each_extent_line(text, |line| {
+            let path = desc::extent_path(st.path(), line.name);
+            let metadata = !matches!(line.kind, desc::Kind::Flat | desc::Kind::Vmfs);
+            let f = opener(&path, metadata)?;
             let file = files.len() as u32 + 1;
             let (sectors, data) = match line.kind {
                 desc::Kind::Flat | desc::Kind::Vmfs => (
@@ -349,7 +341,8 @@ impl VmdkLayout {
                 kind: Some(line.kind),
             });
             files.push(f);
-        }
+            Ok(())
+        })?;
         Ok(Described {
             extents,
             files,
@@ -386,6 +379,9 @@ impl VmdkLayout {
         }
         let h = Header::parse(&b);
         if h.capacity == 0 && h.desc_offset != 0 {
+            // QEMU opens it as a descriptor (its type checked first).
+            let text = read_desc(f, h.desc_offset.wrapping_mul(SECTOR), sectors_len(f)?)?;
+            desc::check_create_type(&text)?;
             return Err(not_yet("descriptors embedded in extent files"));
         }
         let s = Arc::new(Sparse::read(f, h, desc_len)?);
@@ -554,7 +550,11 @@ impl Layout for VmdkLayout {
         }
     }
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
-        let e = &self.extents[self.extent_at(off / SECTOR, 0)];
+        // Only an empty range at the disk's end (of no extents, or all
+        // empty) lies in no extent.
+        let Some(e) = self.extents.get(self.extent_at(off / SECTOR, 0)) else {
+            return Ok((Where::Zero, len));
+        };
         let rel = off - e.start * SECTOR;
         match &e.data {
             Data::Flat { offset } => Ok((

@@ -41,12 +41,30 @@ pub(super) fn create_type(text: &[u8]) -> Option<Vec<u8>> {
     (len < 128).then(|| text[start..start + len].to_vec())
 }
 
-/// The hex number after the first `key` and one more byte (its `=`), as
-/// QEMU's sscanf("%x") reads it: blanks skipped, a sign, an optional 0x,
-/// at least one digit; too large saturates, as strtoul does.
-pub(super) fn cid_after(text: &[u8], key: &[u8]) -> Option<u32> {
-    let start = find(text, key)? + key.len() + 1;
-    let mut p = text.get(start..).unwrap_or(&[]);
+/// The create type of descriptor `text`, if QEMU opens a descriptor of
+/// that type; QEMU's refusal otherwise.
+pub(super) fn check_create_type(text: &[u8]) -> Result<String> {
+    match create_type(text) {
+        None => Err(refuse("invalid VMDK image descriptor")),
+        Some(t) if !DESCRIPTOR_TYPES.contains(&t.as_slice()) => Err(refuse(format!(
+            "Unsupported image type '{}'",
+            String::from_utf8_lossy(&t)
+        ))),
+        Some(t) => Ok(String::from_utf8_lossy(&t).into_owned()),
+    }
+}
+
+/// The hex number after the first `key` and one more byte (its `=`) in
+/// descriptor bytes `desc` (QEMU's 10 KiB, its last byte made a NUL), as
+/// vmdk_read_cid finds it: the key in the C string, the number read by
+/// sscanf("%x") from there, even past a NUL the skip stepped over
+/// (blanks skipped, a sign, an optional 0x, at least one digit; too large
+/// saturates, as strtoul does).
+pub(super) fn cid_after(desc: &[u8], key: &[u8]) -> Option<u32> {
+    let last = desc.len().saturating_sub(1);
+    let desc = &desc[..last];
+    let start = find(until_nul(desc), key)? + key.len() + 1;
+    let mut p = desc.get(start..).unwrap_or(&[]);
     while let Some((c, rest)) = p.split_first() {
         if !c.is_ascii_whitespace() {
             break;
@@ -137,12 +155,12 @@ impl Kind {
 
 /// One extent line: `RW <sectors> <TYPE> "<file>" [<offset>]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Line {
+pub(super) struct Line<'a> {
     /// As written (positive); a sparse extent's size is its header's.
     pub sectors: u64,
     pub kind: Kind,
     /// The file's name as written (no CR, LF or `"` in it).
-    pub name: Vec<u8>,
+    pub name: &'a [u8],
     /// Where a FLAT extent starts in its file, in sectors (0 for VMFS).
     pub offset: u64,
 }
@@ -269,13 +287,16 @@ fn scan(p: &[u8]) -> Fields<'_> {
     f
 }
 
-/// The extent lines of descriptor `text` (a C string), as QEMU's
-/// vmdk_parse_extents takes them: a line is scanned from its start over
-/// the rest of the text; lines that are not `RW` extents, or have no
-/// sectors, or an unknown type, are passed over; a malformed `RW` line
-/// fails the open with QEMU's words.
-pub(super) fn extent_lines(text: &[u8]) -> Result<Vec<Line>> {
-    let mut out = Vec::new();
+/// Hands each extent line of descriptor `text` (a C string) to `take`,
+/// as QEMU's vmdk_parse_extents takes them, one at a time (QEMU opens a
+/// line's file before it reads the next line, so its errors come first):
+/// a line is scanned from its start over the rest of the text; lines that
+/// are not `RW` extents, or have no sectors, or an unknown type, are
+/// passed over; a malformed `RW` line fails the open with QEMU's words.
+pub(super) fn for_each_extent_line<'a>(
+    text: &'a [u8],
+    mut take: impl FnMut(Line<'a>) -> Result<()>,
+) -> Result<()> {
     let mut p = text;
     while !p.is_empty() {
         let f = scan(p);
@@ -301,16 +322,16 @@ pub(super) fn extent_lines(text: &[u8]) -> Result<Vec<Line>> {
             )));
         };
         if let (Some(kind), true) = (kind, f.sectors > 0) {
-            out.push(Line {
+            take(Line {
                 sectors: f.sectors as u64,
                 kind,
-                name: f.name.to_vec(),
+                name: f.name,
                 offset,
-            });
+            })?;
         }
         p = next;
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Where an extent's file is, as QEMU finds it: an absolute name as it
@@ -335,6 +356,15 @@ pub(super) fn extent_path(descriptor: &std::path::Path, name: &[u8]) -> PathBuf 
 mod tests {
     use super::*;
 
+    fn extent_lines(t: &[u8]) -> Result<Vec<Line<'_>>> {
+        let mut v = Vec::new();
+        for_each_extent_line(t, |l| {
+            v.push(l);
+            Ok(())
+        })?;
+        Ok(v)
+    }
+
     fn lines(t: &str) -> Vec<(u64, &'static str, String, u64)> {
         extent_lines(t.as_bytes())
             .unwrap()
@@ -343,7 +373,7 @@ mod tests {
                 (
                     l.sectors,
                     l.kind.word(),
-                    String::from_utf8(l.name).unwrap(),
+                    String::from_utf8(l.name.to_vec()).unwrap(),
                     l.offset,
                 )
             })
@@ -427,14 +457,22 @@ mod tests {
 
     #[test]
     fn cids_as_sscanf_reads_them() {
-        assert_eq!(cid_after(b"CID=836df646\n", b"CID"), Some(0x836df646));
-        assert_eq!(cid_after(b"parentCID=ffffffff", b"CID"), Some(0xffff_ffff));
-        assert_eq!(cid_after(b"CID= \t0x1F", b"CID"), Some(0x1f));
-        assert_eq!(cid_after(b"CID=-1", b"CID"), Some(0xffff_ffff));
-        assert_eq!(cid_after(b"CID=123456789abcdef01", b"CID"), Some(u32::MAX));
-        assert_eq!(cid_after(b"CID=zz", b"CID"), None);
-        assert_eq!(cid_after(b"CID", b"CID"), None);
-        assert_eq!(cid_after(b"XID=1", b"CID"), None);
+        // The last byte of the 10 KiB is made a NUL: pad with one.
+        let c = |t: &[u8], k: &[u8]| cid_after(&[t, b"!"].concat(), k);
+        assert_eq!(c(b"CID=836df646\n", b"CID"), Some(0x836df646));
+        assert_eq!(c(b"parentCID=ffffffff", b"CID"), Some(0xffff_ffff));
+        assert_eq!(c(b"CID= \t0x1F", b"CID"), Some(0x1f));
+        assert_eq!(c(b"CID=-1", b"CID"), Some(0xffff_ffff));
+        assert_eq!(c(b"CID=123456789abcdef01", b"CID"), Some(u32::MAX));
+        assert_eq!(c(b"CID=zz", b"CID"), None);
+        assert_eq!(c(b"CID", b"CID"), None);
+        assert_eq!(c(b"XID=1", b"CID"), None);
+        assert_eq!(c(b"CID=12\0CID=34", b"CID"), Some(0x12));
+        // The skip steps over a NUL; the key must be before it.
+        assert_eq!(c(b"parentCID\x001234abcd", b"parentCID"), Some(0x1234abcd));
+        assert_eq!(c(b"x\0CID=1", b"CID"), None);
+        // The last byte never counts.
+        assert_eq!(cid_after(b"CID=12", b"CID"), Some(1));
         assert_eq!(until_nul(b"ab\0CID=1"), b"ab");
     }
 

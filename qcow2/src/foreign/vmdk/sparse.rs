@@ -216,7 +216,7 @@ impl Sparse {
     /// The GTE of the grain holding extent sector `sector`: None when the
     /// GD cannot say (QEMU's VMDK_ERROR), Some(0) when unallocated.
     fn gte(&self, st: &Storage, sector: u64) -> Result<Option<u32>> {
-        let gd_index = sector / self.gd_entry_sectors;
+        let gd_index = self.gd_index(sector);
         if gd_index >= self.gd_entries as u64 {
             return Ok(None);
         }
@@ -251,9 +251,15 @@ impl Sparse {
     /// sector `sector` ends (None: its GT exists, or the GD cannot say),
     /// so that a walk passes over it at once.
     pub(super) fn missing_gt_end(&self, sector: u64) -> Option<u64> {
-        let gd_index = sector / self.gd_entry_sectors;
+        let gd_index = self.gd_index(sector);
         (gd_index < self.gd_entries as u64 && self.gd.u32_le(gd_index) == 0)
-            .then(|| (gd_index + 1) * self.gd_entry_sectors)
+            .then(|| (sector / self.gd_entry_sectors + 1) * self.gd_entry_sectors)
+    }
+
+    /// The GD index of extent sector `sector`, in QEMU's unsigned int
+    /// (wrapped past 2^32 entries' worth of sectors).
+    fn gd_index(&self, sector: u64) -> u64 {
+        (sector / self.gd_entry_sectors) as u32 as u64
     }
 
     /// Where extent bytes [off, off + len) start (in file `file`, which
