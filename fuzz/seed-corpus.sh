@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 work=${FUZZ_WORK:-.}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk vhdx)
 
 small=$(mktemp -d)
 trap 'rm -rf "$small"' EXIT
@@ -69,6 +69,48 @@ if command -v qemu-img >/dev/null && command -v qemu-io >/dev/null; then
 else
   echo "seed-corpus: qemu-img/qemu-io not found; seeding from fixtures/ only" >&2
 fi
+# VHDX: compact images (QEMU's own are 8 MiB and more): the header
+# section, metadata at 256 KiB, the BAT at 384 KiB, blocks after it. The
+# checksums are left 0: the target fills them in.
+mkdir -p "$small/vdi"
+python3 - "$small/vdi" <<'PY'
+import struct, sys, uuid
+def g(s): return uuid.UUID(s).bytes_le
+def image(size, bs, bat, log_guid=False):
+    f = bytearray(0x61000)
+    f[0:8] = b"vhdxfile"
+    for i, base in enumerate((0x10000, 0x20000)):
+        struct.pack_into("<IIQ", f, base, 0x64616568, 0, 10 + i)
+        if log_guid:
+            f[base + 48:base + 64] = bytes(range(1, 17))
+        struct.pack_into("<HHIQ", f, base + 64, 0, 1, 0x100000, 0x100000)
+    rt = 0x30000
+    struct.pack_into("<IIII", f, rt, 0x69676572, 0, 2, 0)
+    f[rt + 16:rt + 32] = g("2dc27766-f623-4200-9d64-115e9bfd4a08")
+    struct.pack_into("<QII", f, rt + 32, 0x60000, 0x1000, 1)
+    f[rt + 48:rt + 64] = g("8b7ca206-4790-4b9a-b8fe-575f050f886e")
+    struct.pack_into("<QII", f, rt + 64, 0x40000, 0x20000, 1)
+    md = 0x40000
+    f[md:md + 8] = b"metadata"
+    struct.pack_into("<HH", f, md + 8, 0, 5)
+    items = [("caa16737-fa36-4d43-b3b6-33f0aa44e76b", 0x10000, struct.pack("<II", bs, 0)),
+             ("2fa54224-cd1b-4876-b211-5dbed83bf4b8", 0x10008, struct.pack("<Q", size)),
+             ("beca12ab-b2e6-4523-93ef-c309e000c746", 0x10010, bytes(range(16))),
+             ("8141bf1d-a96f-4709-ba47-f233a8faab5f", 0x10020, struct.pack("<I", 512)),
+             ("cda348c7-445d-4471-9cc9-e9885251c556", 0x10024, struct.pack("<I", 4096))]
+    for i, (gid, off, val) in enumerate(items):
+        e = md + 32 + 32 * i
+        f[e:e + 16] = g(gid)
+        struct.pack_into("<IIII", f, e + 16, off, len(val), 6 if i else 4, 0)
+        f[md + off:md + off + len(val)] = val
+    for i, raw in bat:
+        struct.pack_into("<Q", f, 0x60000 + 8 * i, raw)
+    return f
+out = sys.argv[1]
+open(out + "/vhdx-states.vhdx", "wb").write(image(5 << 20, 1 << 20, [(0, 2), (1, 4), (2, 7), (3, 0x6)]))
+open(out + "/vhdx-zero.vhdx", "wb").write(image(3 << 20, 1 << 20, [(0, 2), (1, 3), (2, 0)]))
+open(out + "/vhdx-log.vhdx", "wb").write(image(3 << 20, 1 << 20, [], log_guid=True))
+PY
 
 for t in "${targets[@]}"; do
   c=$work/corpus/$t
@@ -77,7 +119,10 @@ for t in "${targets[@]}"; do
   cp "$small"/*.qcow2 "$c/" 2>/dev/null || true
   [ "$t" != vdi ] || cp "$small"/vdi/*.vdi "$c/" 2>/dev/null || true
   [ "$t" != vpc ] || cp "$small"/vdi/*.vhd "$c/" 2>/dev/null || true
-  [ "$t" != vmdk ] || cp "$small"/vdi/*.vmdk "$c/" 2>/dev/null || true
+  # Images up to 4 MiB (not the extent files of GiBs, nor QEMU's vhdx).
+  for f in "$small"/vdi/*."$t"; do
+    [ -f "$f" ] && [ "$(stat -c %s "$f")" -le $((4 << 20)) ] && cp "$f" "$c/"
+  done
   if [ -d "regressions/$t" ]; then
     cp regressions/"$t"/* "$c/" 2>/dev/null || true
   fi

@@ -356,7 +356,7 @@ fn node(flat: &Flat, depth: usize) -> Result<Node, CliError> {
     }
     let driver = get_str(flat, "driver");
     match driver.as_deref() {
-        Some(d @ ("qcow2" | "raw" | "luks" | "vdi" | "vpc" | "vmdk")) => {
+        Some(d @ ("qcow2" | "raw" | "luks" | "vdi" | "vpc" | "vmdk" | "vhdx")) => {
             let format = Format::from_name(d).unwrap();
             check_keys(
                 flat,

@@ -123,8 +123,9 @@ impl Chain {
         let mut s = match l.img.format() {
             Format::Raw => file_status(l.img.as_ref(), l.len, off, bytes)?,
             // All data, no offset: the payload is encrypted (QEMU's
-            // crypto driver has no block status of its own).
-            Format::Luks => Status {
+            // crypto driver has no block status of its own), or the
+            // format has none (vhdx).
+            Format::Luks | Format::Vhdx => Status {
                 flags: DATA,
                 len: bytes,
                 offset: None,

@@ -62,6 +62,7 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
             // qemu-img opens the chain: a backing file that does not open
             // fails the check.
             force_share: a.force_share,
+            for_check: true,
             qcow2: q2,
             ..Default::default()
         },
@@ -92,7 +93,8 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
         code: 63,
     };
     if let Some(rep) = qcow2::foreign::check(img.as_ref()) {
-        if repair != Repair::None {
+        // QEMU's vhdx check runs the same with -r (it repairs nothing).
+        if repair != Repair::None && img.format() != Format::Vhdx {
             if let Some(conflict) = extent_lock_conflict(img.as_ref()) {
                 // qemu-img's writable open of a descriptor that lists one
                 // file twice conflicts with its own locks.

@@ -50,7 +50,9 @@ pub fn open_opts(
 pub fn qemu_len(img: &dyn Image) -> u64 {
     match img.format() {
         Format::Raw => img.size().next_multiple_of(512),
-        Format::Qcow2 | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk => img.size(),
+        Format::Qcow2 | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
+            img.size()
+        }
     }
 }
 

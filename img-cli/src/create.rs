@@ -424,7 +424,7 @@ fn formatting_line(
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
     s += &crate::object::echo_encrypt(encrypt, "encrypt.");
     match o.format {
-        Format::Raw | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk => {
+        Format::Raw | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             s += &format!(" size={size}");
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");

@@ -85,10 +85,6 @@ fn parse_operands(args: &[String]) -> Result<Operands, String> {
     Ok(o)
 }
 
-/// Bytes copied at a time: the copy is the same whatever the block size,
-/// so small blocks need not mean small I/O.
-const PIECE: u64 = 1 << 20;
-
 pub fn run(a: DdArgs) -> Result<u8, CliError> {
     let o = parse_operands(&a.operands).map_err(CliError::new)?;
     let (input, output) = (o.input.unwrap(), o.output.unwrap());
@@ -140,10 +136,14 @@ pub fn run(a: DdArgs) -> Result<u8, CliError> {
             crate::prog_name()
         );
     }
-    let mut buf = vec![0u8; PIECE.min(size - start).max(1) as usize];
+    // One block of bs bytes at a time, as qemu-img reads: where a format
+    // answers by where a read starts (a VMDK grain that runs on past its
+    // extent, a VHDX block at offset 0), the bytes are the same; and the
+    // blocks before a failing read are written.
+    let mut buf = vec![0u8; o.bs.min(size - start).max(1) as usize];
     let mut pos = start;
     while pos < size {
-        let n = (size - pos).min(PIECE) as usize;
+        let n = (size - pos).min(o.bs) as usize;
         read_padded(src.as_ref(), &mut buf[..n], pos).map_err(|e| {
             let e = crate::common::os_error_text(&e);
             CliError::new(format!("error while reading from input image file: {e}"))

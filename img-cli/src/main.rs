@@ -173,6 +173,8 @@ fn main() -> ExitCode {
     qcow2::storage::set_swallowed_reporter(|what, e| {
         eprintln!("{what}: {}", common::os_error_text(e));
     });
+    // QEMU's error_report lines, before the error they lead to.
+    qcow2::storage::set_error_reporter(|msg| eprintln!("{}: {msg}", prog_name()));
     let r = match cli.cmd {
         Cmd::Create(a) => create::run(a),
         Cmd::Info(a) => info::run(a),

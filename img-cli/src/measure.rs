@@ -119,7 +119,7 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
     match out_fmt {
         // qemu-img's words, after opening the input as it does: QEMU's
         // vdi and vpc drivers cannot measure either.
-        Format::Vdi | Format::Vpc | Format::Vmdk => {
+        Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             return Err(CliError::new(format!(
                 "Block driver '{}' does not support size measurement",
                 out_fmt.name()

@@ -186,7 +186,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             preallocate_range(&st, o.preallocation, payload, o.size)?;
             durable(&st)
         }
-        f @ (Format::Vdi | Format::Vpc | Format::Vmdk) => Err(Error::ReadOnlyFormat(f.name())),
+        f @ (Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx) => {
+            Err(Error::ReadOnlyFormat(f.name()))
+        }
     }
 }
 

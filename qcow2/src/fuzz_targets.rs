@@ -44,6 +44,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vdi", vdi),
     ("vpc", vpc),
     ("vmdk", vmdk),
+    ("vhdx", vhdx),
 ];
 
 /// An in-memory file holding `data`.
@@ -500,6 +501,73 @@ pub fn vmdk(data: &[u8]) {
             assert!(rep.failed.is_none() || rep.messages.len() == 1);
             assert_eq!(rep.corruptions, rep.failed.is_some() as u64);
         }
+    }
+}
+
+/// A VHDX image. Checksums the input leaves 0 (the two headers', the
+/// region table's) are filled in first, so that mutations reach what
+/// they guard; a mutated non-zero checksum tests the checksums. Opened
+/// read-only both ways (as qemu-img check opens it, and not), a writable
+/// open refused; block status is all data; reads sampled at block
+/// boundaries must agree with the split data path (or both fail); then
+/// `check`.
+pub fn vhdx(data: &[u8]) {
+    use crate::foreign::{crc32c::crc32c_without, vhdx};
+    let mut d = data.to_vec();
+    for (at, len) in [(0x10000usize, 4096usize), (0x20000, 4096), (0x30000, 65536)] {
+        if d.len() >= at + len && d[at + 4..at + 8] == [0; 4] {
+            let c = crc32c_without(&d[at..at + len], 4);
+            d[at + 4..at + 8].copy_from_slice(&c.to_le_bytes());
+        }
+    }
+    let f = memfile(&d);
+    let dup = || f.try_clone().expect("dup of the memfd");
+    let rw = Storage::from_file(dup(), Path::new("fuzz-input.vhdx"), true);
+    assert!(
+        vhdx::open(rw, false).is_err(),
+        "a vhdx image opened for writing"
+    );
+    for for_check in [false, true] {
+        let st = Storage::from_file(dup(), Path::new("fuzz-input.vhdx"), false);
+        let Ok(img) = vhdx::open(st, for_check) else {
+            continue;
+        };
+        let size = img.size();
+        assert!(size < 1 << 63 && size % 512 == 0, "size {size}");
+        let bs = img.cluster_size().expect("a block size");
+        assert!((1 << 20..=256 << 20).contains(&bs) && bs.is_power_of_two());
+        if size > 0 {
+            let e = img.block_status(0, size).expect("block status");
+            assert_eq!((e.len, e.offset), (size, None), "all data, no offset");
+        }
+        let mut a = vec![0u8; 4096];
+        let mut b = vec![0u8; 4096];
+        let blocks = size.div_ceil(bs);
+        let spots = blocks.clamp(1, 64);
+        for k in 0..blocks.min(64) {
+            // Spread over the disk: the first, the last, and between.
+            let blk = k * blocks / spots;
+            for off in [blk * bs, blk * bs + bs - 4096, blk * bs + 1000] {
+                if off >= size {
+                    continue;
+                }
+                let n = 4096.min(size - off) as usize;
+                let direct = img.read_at(&mut a[..n], off);
+                let mapped = img.map_read(off, n as u64).and_then(|(m, got)| {
+                    let got = (got as usize).min(n);
+                    img.read_mapped(m, &mut b[..got], off).map(|()| got)
+                });
+                match (direct, mapped) {
+                    (Ok(()), Ok(got)) => assert!(a[..got] == b[..got], "reads differ at {off}"),
+                    (Err(_), Err(_)) => {}
+                    // A read that runs on into a block QEMU cannot read.
+                    (Err(_), Ok(got)) => assert!(got < n, "only the mapped read failed at {off}"),
+                    (Ok(()), Err(e)) => panic!("the mapped read failed at {off}: {e}"),
+                }
+            }
+        }
+        let rep = img.layout().check(img.storage()).expect("check");
+        assert_eq!(rep.check_errors, 0);
     }
 }
 

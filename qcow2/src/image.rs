@@ -22,6 +22,9 @@ pub enum Format {
     Vpc,
     /// A VMware disk image, read-only (see [`crate::foreign::vmdk`]).
     Vmdk,
+    /// A Hyper-V disk image (VHDX), read-only (see
+    /// [`crate::foreign::vhdx`]).
+    Vhdx,
 }
 
 impl Format {
@@ -33,6 +36,7 @@ impl Format {
             Format::Vdi => "vdi",
             Format::Vpc => "vpc",
             Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
         }
     }
     pub fn from_name(s: &str) -> Option<Format> {
@@ -43,6 +47,7 @@ impl Format {
             "vdi" => Some(Format::Vdi),
             "vpc" => Some(Format::Vpc),
             "vmdk" => Some(Format::Vmdk),
+            "vhdx" => Some(Format::Vhdx),
             _ => None,
         }
     }
@@ -50,7 +55,10 @@ impl Format {
     /// writable opens and creation are refused
     /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
     pub fn read_only(self) -> bool {
-        matches!(self, Format::Vdi | Format::Vpc | Format::Vmdk)
+        matches!(
+            self,
+            Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx
+        )
     }
 }
 

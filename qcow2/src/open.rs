@@ -35,6 +35,9 @@ pub struct OpenOptions {
     /// `backing.encrypt.key-secret`, `backing.backing.encrypt...`); the
     /// top image's is `qcow2.encrypt_key`.
     pub backing_keys: Vec<Option<crate::encrypt::Secret>>,
+    /// Opened for qemu-img check (QEMU's BDRV_O_CHECK): checks the check
+    /// reports itself are not run at open (a VHDX BAT's).
+    pub for_check: bool,
     /// QEMU's vpc option `force_size_calc` as given (`chs` or
     /// `current_size`; any other value fails the open with QEMU's
     /// message): how a VHD image's virtual size is decided.
@@ -142,6 +145,10 @@ fn open_at_depth(
             let calc = vpc::SizeCalc::parse(opts.vpc_force_size_calc.as_deref())?;
             Ok(Arc::new(vpc::open(st, calc)?))
         }
+        Format::Vhdx => Ok(Arc::new(crate::foreign::vhdx::open(
+            st,
+            depth == 0 && opts.for_check,
+        )?)),
         // A parent is a VMDK whatever it is (QEMU forces the format).
         Format::Vmdk => {
             use crate::foreign::vmdk;

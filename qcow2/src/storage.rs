@@ -79,6 +79,24 @@ pub fn set_swallowed_reporter(f: fn(&str, &crate::error::Error)) {
     let _ = SWALLOWED.set(f);
 }
 
+/// Where the engine's lines in QEMU's error_report form go (a finding
+/// printed before the error it leads to, such as a VHDX BAT entry past
+/// the file's end); nowhere until a program sets it.
+static REPORT: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Sets, once per process, where [`error_report`] lines go (qemu-img
+/// prints them as "qemu-img: line").
+pub fn set_error_reporter(f: fn(&str)) {
+    let _ = REPORT.set(f);
+}
+
+/// Reports a line as QEMU's error_report does.
+pub(crate) fn error_report(msg: &str) {
+    if let Some(r) = REPORT.get() {
+        r(msg);
+    }
+}
+
 /// Alignment of buffers, offsets and lengths for O_DIRECT here.
 const DIRECT_ALIGN: u64 = 512;
 

@@ -48,7 +48,10 @@ fn create(p: &Path, format: qcow2::Format) {
             };
             qcow2::create_luks(p, 16 << 20, &params, &Secret(KEY.to_vec())).unwrap();
         }
-        f @ (qcow2::Format::Vdi | qcow2::Format::Vpc | qcow2::Format::Vmdk) => {
+        f @ (qcow2::Format::Vdi
+        | qcow2::Format::Vpc
+        | qcow2::Format::Vmdk
+        | qcow2::Format::Vhdx) => {
             panic!("rimg does not write {} images", f.name())
         }
     }

@@ -135,6 +135,20 @@ pub const FOREIGN_VMDK: &[&str] = &[
     "vmdk-stream-end.vmdk",
 ];
 
+/// The VHDX images of make-foreign.sh (vhdx-diff.vhdx, a differencing
+/// disk QEMU refuses, apart).
+pub const FOREIGN_VHDX: &[&str] = &[
+    "vhdx-dynamic.vhdx",
+    "vhdx-np.vhdx",
+    "vhdx-fixed.vhdx",
+    "vhdx-fixed-zero.vhdx",
+    "vhdx-default.vhdx",
+    "vhdx-log2m.vhdx",
+    "vhdx-b256.vhdx",
+    "vhdx-eio.vhdx",
+    "vhdx-off0.vhdx",
+];
+
 /// The VMDK text descriptors of make-foreign.sh (their extent files are
 /// beside them, some of 2 GiB, mostly holes).
 pub const FOREIGN_VMDK_DESCRIPTORS: &[&str] = &[
@@ -251,6 +265,15 @@ pub fn foreign_fixtures() -> tempfile::TempDir {
     let d = tempdir();
     make_foreign(d.path());
     d
+}
+
+/// Runs `cmd` with `args` in `dir`.
+pub fn run_in(cmd: &str, dir: &Path, args: &[&str]) -> Output {
+    Command::new(cmd)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }
 
 /// Runs qemu-img with `args` in `dir` and asserts it succeeds.

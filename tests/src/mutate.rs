@@ -385,3 +385,76 @@ pub fn mutate_vmdk_descriptor(rng: &mut StdRng, text: &[u8], files: &[&str]) -> 
     out.push(b'\n');
     out
 }
+
+/// A VHDX image laid out as qemu-img makes a small one (headers at 64
+/// and 128 KiB, region table at 192 KiB, BAT at 2 MiB, metadata at
+/// 3 MiB, its items 64 KiB on): BAT entries (every state, offsets inside,
+/// past and far past the file, in the header section), metadata items
+/// (block size, disk size, sector sizes, flags), region table and header
+/// fields (their checksums resealed, or left broken), or bytes scribbled
+/// and the file cut.
+pub fn mutate_vhdx(rng: &mut StdRng, img: &[u8]) -> Vec<u8> {
+    use qcow2::foreign::crc32c::crc32c_without;
+    let mut v = img.to_vec();
+    let put = |v: &mut Vec<u8>, at: usize, w: usize, val: u64| {
+        if at + w <= v.len() {
+            v[at..at + w].copy_from_slice(&val.to_le_bytes()[..w]);
+        }
+    };
+    let val = |rng: &mut StdRng, len: usize| match rng.random_range(0..4) {
+        0 => BOUNDARY[rng.random_range(0..BOUNDARY.len())],
+        1 => 1 << rng.random_range(0..64),
+        _ => rng.random_range(0..len as u64 * 2),
+    };
+    match rng.random_range(0..6) {
+        0 => {
+            for _ in 0..rng.random_range(1..=6) {
+                let i = 0x20_0000 + 8 * rng.random_range(0..8);
+                let off = rng.random_range(0..v.len() as u64 * 2) & !0xf_ffff;
+                let e = match rng.random_range(0..3) {
+                    0 => val(rng, v.len()),
+                    _ => off | rng.random_range(0..8),
+                };
+                put(&mut v, i, 8, e);
+            }
+        }
+        1 => {
+            // Items: block size, flags, disk size (8), sector sizes.
+            let (at, w) = [(0, 4), (4, 4), (8, 8), (0x20, 4), (0x24, 4)][rng.random_range(0..5)];
+            let x = val(rng, v.len());
+            put(&mut v, 0x31_0000 + at, w, x);
+        }
+        2 => {
+            // The metadata table: count, an entry's offset or flags.
+            let at = [10, 48, 56, 80, 88][rng.random_range(0..5)];
+            let x = val(rng, 64);
+            put(&mut v, 0x30_0000 + at, if at == 10 { 2 } else { 4 }, x);
+        }
+        3 => {
+            // Region table or header fields, resealed.
+            let (base, len, fields): (usize, usize, &[(usize, usize)]) = match rng.random_bool(0.5)
+            {
+                true => (
+                    0x3_0000,
+                    65536,
+                    &[(8, 4), (32, 8), (40, 4), (44, 4), (64, 8), (72, 4)],
+                ),
+                false => (
+                    0x1_0000 * rng.random_range(1..=2),
+                    4096,
+                    &[(8, 8), (48, 8), (64, 2), (66, 2), (68, 4), (72, 8)],
+                ),
+            };
+            let (at, w) = fields[rng.random_range(0..fields.len())];
+            let x = val(rng, v.len());
+            put(&mut v, base + at, w, x);
+            if base + len <= v.len() && rng.random_bool(0.9) {
+                let c = crc32c_without(&v[base..base + len], 4);
+                put(&mut v, base + 4, 4, c as u64);
+            }
+        }
+        4 => scribble(rng, &mut v),
+        _ => truncate(rng, &mut v),
+    }
+    v
+}

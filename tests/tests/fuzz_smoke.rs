@@ -74,6 +74,7 @@ fn foreign_fixtures() -> Vec<(String, Vec<u8>)> {
         rimg_tests::FOREIGN_VPC,
         rimg_tests::FOREIGN_VMDK,
         rimg_tests::FOREIGN_VMDK_DESCRIPTORS,
+        &["vhdx-dynamic.vhdx"],
     ]
     .concat();
     names
@@ -283,6 +284,10 @@ fn for_each_case(mut run: impl FnMut(String, &[u8])) {
             vpc_metadata(img)
         } else if foreign && name.ends_with(".vmdk") {
             vmdk_metadata(img)
+        } else if foreign && name.ends_with(".vhdx") {
+            // The BAT, the metadata table and its items (no checksum
+            // covers them).
+            vec![0x200000..0x200040, 0x300000..0x3000e0, 0x310000..0x310028]
         } else if foreign {
             vdi_metadata(img)
         } else {

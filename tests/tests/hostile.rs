@@ -29,7 +29,8 @@ use qcow2::OpenOptions;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rimg_tests::mutate::{
-    mutate_vdi, mutate_vmdk, mutate_vmdk_descriptor, mutate_vpc, scribble, truncate, BOUNDARY,
+    mutate_vdi, mutate_vhdx, mutate_vmdk, mutate_vmdk_descriptor, mutate_vpc, scribble, truncate,
+    BOUNDARY,
 };
 use rimg_tests::{qemu_img, run, tempdir};
 
@@ -160,6 +161,11 @@ fn seeds(dir: &Path) -> Vec<(String, Vec<u8>)> {
     // VMDK sparse files (mutated by `mutate_vmdk`, opened as vmdk):
     // grains at 0, 1M, 3M; zeroed grains; compressed grains (a stream).
     for name in ["vmdk-sparse.vmdk", "vmdk-zeroed.vmdk", "vmdk-stream.vmdk"] {
+        out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
+    }
+    // VHDX images (mutated by `mutate_vhdx`, opened as vhdx): dynamic
+    // with present and zero blocks, and fixed.
+    for name in ["vhdx-dynamic.vhdx", "vhdx-fixed.vhdx"] {
         out.push((name.into(), std::fs::read(vdi.join(name)).unwrap()));
     }
     // A VMDK descriptor (mutated as text by `mutate_vmdk_descriptor`):
@@ -310,6 +316,7 @@ fn hostile_images_fail_cleanly() {
     let mut vpc_opened = 0usize;
     let mut vmdk_opened = 0usize;
     let mut desc_opened = 0usize;
+    let mut vhdx_opened = 0usize;
     let mut worst = (0usize, String::new());
     for (si, (name, img)) in seeds.iter().enumerate() {
         let mut rng = StdRng::seed_from_u64(0x5eed + si as u64);
@@ -317,12 +324,16 @@ fn hostile_images_fail_cleanly() {
         // as vpc.
         let format = if name.ends_with(".vhd") {
             Some(qcow2::Format::Vpc)
+        } else if name.ends_with(".vhdx") {
+            Some(qcow2::Format::Vhdx)
         } else {
             name.ends_with(".vmdk").then_some(qcow2::Format::Vmdk)
         };
         for c in 0..CASES_PER_SEED {
             let m = if name.ends_with(".vdi") {
                 mutate_vdi(&mut rng, img)
+            } else if name.ends_with(".vhdx") {
+                mutate_vhdx(&mut rng, img)
             } else if name == "vmdk-desc.vmdk" {
                 mutate_vmdk_descriptor(&mut rng, img, DESC_FILES)
             } else if name.ends_with(".vmdk") {
@@ -347,6 +358,7 @@ fn hostile_images_fail_cleanly() {
                 match i.format() {
                     qcow2::Format::Vdi => vdi_opened += 1,
                     qcow2::Format::Vpc => vpc_opened += 1,
+                    qcow2::Format::Vhdx => vhdx_opened += 1,
                     qcow2::Format::Vmdk if name == "vmdk-desc.vmdk" => desc_opened += 1,
                     qcow2::Format::Vmdk => vmdk_opened += 1,
                     _ => {}
@@ -396,11 +408,15 @@ fn hostile_images_fail_cleanly() {
         "only {vmdk_opened} mutated VMDK images opened: the mutations miss"
     );
     assert!(
+        vhdx_opened >= CASES_PER_SEED / 4,
+        "only {vhdx_opened} mutated VHDX images opened: the mutations miss"
+    );
+    assert!(
         desc_opened >= CASES_PER_SEED / 4,
         "only {desc_opened} mutated VMDK descriptors opened: the mutations miss"
     );
     eprintln!(
-        "{vdi_opened} VDI, {vpc_opened} VHD, {vmdk_opened} VMDK and {desc_opened} VMDK descriptor mutants opened"
+        "{vdi_opened} VDI, {vpc_opened} VHD, {vmdk_opened} VMDK, {desc_opened} VMDK descriptor and {vhdx_opened} VHDX mutants opened"
     );
     eprintln!(
         "{cases} hostile images, {opened} opened; peak allocation {} KiB ({})",

@@ -79,7 +79,7 @@ fn served_format(image: &Path, given: Option<Format>) -> qcow2::Result<Format> {
 /// error names the daemon's option (the engine's names QEMU's).
 fn encryption_of(image: &Path, format: Format) -> qcow2::Result<Option<&'static str>> {
     Ok(match format {
-        Format::Raw | Format::Vdi | Format::Vpc | Format::Vmdk => None,
+        Format::Raw | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => None,
         Format::Luks => Some("luks"),
         Format::Qcow2 => {
             let st = qcow2::storage::Storage::open(qcow2::open::host_path(image), false)?;

@@ -15,9 +15,11 @@
 //! - A writable open is refused ([`Error::ReadOnlyFormat`]): rimg does not
 //!   write these formats yet.
 
+pub mod crc32c;
 pub mod probe;
 pub(crate) mod table;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 
@@ -57,6 +59,8 @@ pub enum Where {
     /// table): reads as [`Where::Unallocated`], block status fails with
     /// EIO, as QEMU's vmdk driver answers.
     Broken,
+    /// Reads fail with EIO (a VHDX block state QEMU does not read).
+    Eio,
 }
 
 /// How a foreign format maps guest bytes: what [`ForeignImage`] needs of
@@ -67,6 +71,11 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     fn size(&self) -> u64;
     /// The unit the format allocates in, as qemu-img info reports it.
     fn cluster_size(&self) -> Option<u64>;
+    /// Block status is the block layer's default, not the format's
+    /// (QEMU's driver has none: VHDX): all data, no offset.
+    fn opaque_status(&self) -> bool {
+        false
+    }
     /// Where [off, off + len) starts, and how much of it (at least one
     /// byte) is stored the same way, contiguously, as far as the format's
     /// QEMU driver answers in one block status (VDI: one block; VHD: one
@@ -205,8 +214,7 @@ impl<L: Layout> Image for ForeignImage<L> {
                 Where::Data { file, host, .. } => {
                     // QEMU's block layer refuses offsets past its largest.
                     if host.checked_add(n).is_none_or(|end| end > MAX_OFFSET) {
-                        let eio = std::io::Error::from_raw_os_error(libc::EIO);
-                        return Err(Error::io("read", eio));
+                        return Err(eio("read"));
                     }
                     self.file(file).read_at(piece, host)?
                 }
@@ -214,6 +222,7 @@ impl<L: Layout> Image for ForeignImage<L> {
                     .layout
                     .read_compressed(&self.st, file, host, skip, piece)?,
                 Where::Zero => piece.fill(0),
+                Where::Eio => return Err(eio("read")),
                 // QEMU reads a grain its GD cannot place from the parent
                 // too.
                 Where::Unallocated | Where::Broken => self.read_unallocated(piece, at)?,
@@ -225,6 +234,16 @@ impl<L: Layout> Image for ForeignImage<L> {
 
     fn block_status(&self, off: u64, len: u64) -> Result<Extent> {
         self.check_range(off, len)?;
+        if self.layout.opaque_status() {
+            return Ok(Extent {
+                len,
+                kind: ExtentKind::Data,
+                offset: None,
+                file: 0,
+                compressed: false,
+                recurse: false,
+            });
+        }
         // One lookup, as QEMU's driver answers: qemu-img map's merging
         // (and the recursion into the file) see the same pieces.
         let (w, n) = self.layout.lookup(&self.st, off, len)?;
@@ -261,10 +280,7 @@ impl<L: Layout> Image for ForeignImage<L> {
                 compressed: false,
                 recurse: false,
             },
-            Where::Broken => {
-                let eio = std::io::Error::from_raw_os_error(libc::EIO);
-                return Err(Error::io("block status", eio));
-            }
+            Where::Broken | Where::Eio => return Err(eio("block status")),
         })
     }
 
@@ -272,6 +288,9 @@ impl<L: Layout> Image for ForeignImage<L> {
         self.check_range(off, len)?;
         let (w, n) = self.layout.lookup(&self.st, off, len)?;
         Ok(match w {
+            Where::Data { host, .. } if host.checked_add(n).is_none_or(|e| e > MAX_OFFSET) => {
+                return Err(eio("read"))
+            }
             Where::Data { file: 0, host, .. } => (Mapping::Data(HostOffset(host)), n),
             // Read through read_at (see read_mapped): the split data path
             // reads only the image file.
@@ -285,6 +304,7 @@ impl<L: Layout> Image for ForeignImage<L> {
             ),
             Where::Zero => (Mapping::Zero(None), n),
             Where::Unallocated | Where::Broken => (Mapping::Unallocated, n),
+            Where::Eio => return Err(eio("read")),
         })
     }
     fn read_mapped(&self, mapping: Mapping, buf: &mut [u8], off: u64) -> Result<()> {
@@ -346,7 +366,15 @@ pub fn check(img: &dyn Image) -> Option<Result<CheckReport>> {
     if let Some(v) = any.downcast_ref::<vmdk::Vmdk>() {
         return Some(v.layout().check(v.storage()));
     }
+    if let Some(v) = any.downcast_ref::<vhdx::Vhdx>() {
+        return Some(v.layout().check(v.storage()));
+    }
     None
+}
+
+/// QEMU's EIO for `what`.
+fn eio(what: &str) -> Error {
+    Error::io(what, std::io::Error::from_raw_os_error(libc::EIO))
 }
 
 /// A file to hand the lookups of formats whose tables are all in memory.

@@ -12,6 +12,11 @@ pub const PROBE_LEN: usize = 2048;
 /// The foreign format whose signature `first` (the first [`PROBE_LEN`]
 /// bytes of the file, zero-padded) carries, if any.
 pub fn probe(first: &[u8]) -> Option<Format> {
+    // VHDX: its file identifier (a VDI signature in its creator text
+    // loses, as in QEMU).
+    if super::vhdx::probe(first) {
+        return Some(Format::Vhdx);
+    }
     // VHD: the footer's cookie at 0 (dynamic disks; a fixed disk has its
     // footer at the end only and probes as raw). Tested before VDI, whose
     // signature could sit in a footer's checksum field: QEMU prefers vpc.

@@ -50,6 +50,11 @@ impl Table {
         u32::from_le_bytes(self.entry(i))
     }
 
+    /// Entry `i` as a little-endian u64.
+    pub(crate) fn u64_le(&self, i: u64) -> u64 {
+        u64::from_le_bytes(self.entry(i))
+    }
+
     /// Entry `i` as a big-endian u32.
     pub(crate) fn u32_be(&self, i: u64) -> u32 {
         u32::from_be_bytes(self.entry(i))
