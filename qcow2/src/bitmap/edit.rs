@@ -62,6 +62,13 @@ impl State {
             Content::OnDisk => unreachable!("find_usable returns loaded bitmaps only"),
         }
     }
+
+    fn words_mut(&mut self, i: usize) -> &mut Words {
+        match &mut self.bitmaps[i].content {
+            Content::Loaded { words, .. } => words,
+            Content::OnDisk => unreachable!("find_usable returns loaded bitmaps only"),
+        }
+    }
 }
 
 impl Tracker {
@@ -179,7 +186,7 @@ impl Tracker {
         self.check_open()?;
         let mut s = self.write();
         let i = s.find_usable(name)?;
-        s.words(i).clear();
+        s.words_mut(i).clear();
         s.changed = true;
         Ok(())
     }

@@ -38,10 +38,32 @@ pub(crate) struct Words {
     pub(crate) bits: u64,
 }
 
+/// `n` zeroed words, allocated zeroed (calloc): the pages of a large
+/// bitmap are mapped only as bits are set in them, so a bitmap over a
+/// huge disk costs the memory of its set bits, not of its size.
+fn zeroed_words(n: usize) -> Vec<AtomicU64> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(n).expect("bitmap size");
+    // SAFETY: the layout is not zero-sized (n > 0). All-zero bytes are a
+    // valid AtomicU64 (it has u64's size and bit validity). The pointer
+    // comes from the global allocator with exactly this layout (size
+    // n * 8, AtomicU64's alignment), so a Vec of length and capacity n
+    // may own it and free it with the same layout.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<AtomicU64>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(p, n, n)
+    }
+}
+
 impl Words {
     pub(crate) fn zeroed(bits: u64) -> Words {
         Words {
-            words: (0..bits.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: zeroed_words(bits.div_ceil(64) as usize),
             bits,
         }
     }
@@ -73,10 +95,10 @@ impl Words {
         }
     }
 
-    pub(crate) fn clear(&self) {
-        for w in &self.words {
-            w.store(0, Ordering::Relaxed);
-        }
+    /// Clears every bit: fresh zeroed words (writing zeros would map
+    /// every page of the bitmap).
+    pub(crate) fn clear(&mut self) {
+        self.words = zeroed_words(self.words.len());
     }
 }
 
