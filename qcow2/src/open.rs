@@ -145,10 +145,8 @@ fn open_at_depth(
             let calc = vpc::SizeCalc::parse(opts.vpc_force_size_calc.as_deref())?;
             Ok(Arc::new(vpc::open(st, calc)?))
         }
-        Format::Vhdx => Ok(Arc::new(crate::foreign::vhdx::open(
-            st,
-            depth == 0 && opts.for_check,
-        )?)),
+        // QEMU passes its check open down the chain.
+        Format::Vhdx => Ok(Arc::new(crate::foreign::vhdx::open(st, opts.for_check)?)),
         // A parent is a VMDK whatever it is (QEMU forces the format).
         Format::Vmdk => {
             use crate::foreign::vmdk;

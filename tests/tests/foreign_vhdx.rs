@@ -211,6 +211,12 @@ fn open_errors_match_qemu() {
         ("overflow", vec![(BAT, 0xFFFF_FFFF_FFF0_0006, 8)]),
         ("two", vec![(BAT, 0x100006, 8), (BAT + 16, 0xb000_0006, 8)]),
         ("reserved", vec![(BAT + 16, 0x9f_fff6, 8)]),
+        // A log of a length not in whole MiB: refused before the region
+        // table is read (whose overlap with it would print first).
+        (
+            "loglen-guid",
+            [both(68, 0x100800, 4), both(48, guid, 8)].concat(),
+        ),
     ];
     for (n, edits) in &cases {
         let name = patched(dir, &format!("{n}.vhdx"), edits);
@@ -233,6 +239,44 @@ fn open_errors_match_qemu() {
     for args in [vec!["info", &name], vec!["check", &name]] {
         same(dir, &args);
     }
+    // Blocks past the BAT's count are not checked at open: one at the
+    // top of the address space, reached through QEMU's u32 wrap of the
+    // block number, reads where QEMU's wrapping sum points.
+    let name = patched(
+        dir,
+        "wrap.vhdx",
+        &[
+            (ITEMS, 0x200000, 4),
+            (ITEMS + 8, 0x20_0000_0020_0000, 8),
+            (BAT + 40, 0xFFFF_FFFF_FFF0_0006, 8),
+        ],
+    );
+    let (i, o) = (format!("if={name}"), "of=wrap.dd");
+    let args = ["dd", "bs=1M", "skip=11", "count=12", &i, o];
+    rimg_tests::run_in("qemu-img", dir, &args);
+    let want = std::fs::read(dir.join("wrap.dd")).unwrap();
+    assert_eq!(rimg(dir, &args).0, Some(0));
+    assert!(want == std::fs::read(dir.join("wrap.dd")).unwrap());
+    // qemu-img check opens a backing VHDX for the check too: its BAT is
+    // not checked at open there either.
+    let name = patched(dir, "bad-bat.vhdx", &[(BAT + 8, 0x1000_0006, 8)]);
+    qemu(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &name,
+            "-F",
+            "vhdx",
+            "-u",
+            "top.qcow2",
+            "5M",
+        ],
+    );
+    same(dir, &["check", "top.qcow2"]);
     // A log that may hold entries: rimg does not read logs yet.
     let name = patched(dir, "log.vhdx", &both(48, guid, 8));
     let (code, _, err) = rimg(dir, &["info", &name]);

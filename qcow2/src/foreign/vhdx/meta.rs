@@ -115,7 +115,6 @@ pub(super) fn overlap_message(start: u64, len: u64, r: &Region) -> String {
 /// What the header section says.
 #[derive(Debug)]
 pub(super) struct Meta {
-    pub header: Header,
     /// In registration order (the log's first); QEMU names the most
     /// recent overlapping one.
     pub regions: Vec<Region>,
@@ -152,13 +151,22 @@ impl Meta {
         }
         let header = Self::header(st)?;
         let mut regions = vec![Region::new(header.log_offset, header.log_length as u64)];
-        // vhdx_parse_log's checks of an empty log too.
+        // vhdx_parse_log's checks (of an empty log too), before the
+        // region table is read.
         if header.log_offset < MIB || header.log_offset % MIB != 0 || header.log_version != 0 {
             return Err(einval(st));
         }
+        if header.log_guid != [0; 16] && header.log_length != 0 {
+            if !(header.log_length as u64).is_multiple_of(MIB) {
+                return Err(einval(st));
+            }
+            // QEMU searches the log here (and replays it when writable).
+            return Err(refuse(
+                "VHDX images with a log (not known to be empty) are not supported by rimg yet",
+            ));
+        }
         let (bat, metadata) = Self::regions(st, &mut regions)?;
         let mut meta = Meta {
-            header,
             regions,
             bat_offset: bat.0,
             bat_length: bat.1,
