@@ -35,6 +35,26 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     let _ = &a.cache;
     let format = crate::common::parse_format(&a.format)?;
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
+    let (path, opts) = crate::blockopts::open_options(
+        &a.filename,
+        a.image_opts,
+        OpenOptions {
+            writable: true,
+            format,
+            ..Default::default()
+        },
+    )?;
+    let img = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    crate::blockopts::print_open_messages(img.as_ref());
+    // As qemu-img: the image is opened first, and the options are parsed
+    // against its driver's, if it has any.
+    if !matches!(img.format(), qcow2::Format::Qcow2 | qcow2::Format::Luks) {
+        return Err(CliError::new(format!(
+            "Format driver '{}' does not support option amendment",
+            img.format().name()
+        )));
+    }
     let mut luks = qcow2::luks_amend::LuksAmend {
         force: a.force,
         ..Default::default()
@@ -100,18 +120,6 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
             _ => return Err(CliError::new(format!("Invalid parameter '{k}'"))),
         }
     }
-    let (path, opts) = crate::blockopts::open_options(
-        &a.filename,
-        a.image_opts,
-        OpenOptions {
-            writable: true,
-            format,
-            ..Default::default()
-        },
-    )?;
-    let img = qcow2::open(&path, &opts)
-        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
-    crate::blockopts::print_open_messages(img.as_ref());
     if img.format() == qcow2::Format::Luks {
         if let Some(k) = qcow2_key {
             return Err(CliError::new(format!("Invalid parameter '{k}'")));

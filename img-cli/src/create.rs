@@ -57,6 +57,13 @@ const QCOW2_OPTS: &str = "Supported options:
   refcount_bits=<num>    - Width of a reference count entry in bits
   size=<size>            - Virtual disk size";
 
+const VDI_OPTS: &str = "Supported options:
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+  static=<bool (on/off)> - VDI static (pre-allocated) image";
+
 const RAW_OPTS: &str = "Supported options:
   preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size";
@@ -73,21 +80,24 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     if list.wants_help() {
         println!(
             "{}",
-            if format == Format::Qcow2 {
-                QCOW2_OPTS
-            } else {
-                RAW_OPTS
+            match format {
+                Format::Qcow2 => QCOW2_OPTS,
+                Format::Vdi => VDI_OPTS,
+                _ => RAW_OPTS,
             }
         );
         return Ok(0);
     }
+    // create names the image in its option errors (convert does not).
     let Parsed {
         mut o,
         size: mut size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
+        given_static,
         encrypt,
-    } = parse_options(format, &list)?;
+    } = parse_options(format, &list)
+        .map_err(|e| CliError::new(format!("{}: {}", a.filename, e.msg)))?;
     if a.size.is_some() {
         if size_arg.is_some() {
             return Err(twice(&a.filename));
@@ -106,10 +116,12 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     if a.backing_fmt.is_some() {
         o.backing_format = a.backing_fmt.clone();
     }
-    if o.backing_file.is_some() && format == Format::Raw {
-        return Err(CliError::new(
-            "Backing file not supported for file format 'raw'",
-        ));
+    if o.backing_file.is_some() && !matches!(format, Format::Qcow2 | Format::Vmdk) {
+        return Err(CliError::new(format!(
+            "{}: Backing file not supported for file format '{}'",
+            a.filename,
+            format.name()
+        )));
     }
     if let Some(b) = &o.backing_file {
         if o.backing_format.is_none() {
@@ -175,6 +187,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
                 size,
                 given_prealloc.as_deref(),
                 given_compat.as_deref(),
+                given_static.as_deref(),
                 &encrypt,
             )
         );
@@ -297,6 +310,8 @@ pub struct Parsed {
     /// Values given explicitly (qemu-img echoes only those).
     pub prealloc: Option<String>,
     pub compat: Option<String>,
+    /// VDI's `static`, as given.
+    pub given_static: Option<String>,
     /// `encryption` and `encrypt.*` options as given (built into
     /// `o.encrypt` by [`crate::object::encryption`] once echoed).
     pub encrypt: Vec<(String, String)>,
@@ -310,6 +325,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
     let mut size_arg = None;
     let mut given_prealloc = None;
     let mut given_compat = None;
+    let mut given_static = None;
     let mut encrypt = Vec::new();
     for (k, v) in &list.items {
         let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
@@ -362,6 +378,10 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
             (Format::Qcow2, k) if k == "encryption" || k.starts_with("encrypt.") => {
                 encrypt.push((k.to_string(), v.clone()))
             }
+            (Format::Vdi, "static") => {
+                o.foreign.is_static = parse_bool(k, v).map_err(CliError::new)?;
+                given_static = Some(v.clone());
+            }
             (Format::Luks, "detached-header") => {
                 if parse_bool(k, v).map_err(CliError::new)? {
                     return Err(CliError::new(
@@ -380,6 +400,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
         size: size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
+        given_static,
         encrypt,
     })
 }
@@ -419,6 +440,7 @@ fn formatting_line(
     size: u64,
     prealloc: Option<&str>,
     compat: Option<&str>,
+    given_static: Option<&str>,
     encrypt: &[(String, String)],
 ) -> String {
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
@@ -426,6 +448,9 @@ fn formatting_line(
     match o.format {
         Format::Raw | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             s += &format!(" size={size}");
+            if o.format == Format::Vdi {
+                s += &format!(" static={}", given_static.unwrap_or("off"));
+            }
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");
             }

@@ -49,11 +49,19 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
     )?
     .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
     let Some(q) = img.as_qcow2() else {
-        return Err(CliError::new(format!(
-            "Could not {} snapshot: the {} format does not support snapshots",
-            if writable { "change" } else { "list" },
-            img.format().name()
-        )));
+        // qemu-img's words for a driver without internal snapshots.
+        return match (&a.create, &a.apply, &a.delete) {
+            (Some(n), ..) => Err(CliError::new(format!(
+                "Could not create snapshot '{n}': Operation not supported"
+            ))),
+            (_, Some(n), _) => Err(CliError::new(format!(
+                "Could not apply snapshot '{n}': Block driver does not support snapshots"
+            ))),
+            (.., Some(n)) => Err(CliError::new(format!(
+                "Could not delete snapshot '{n}': snapshot not found"
+            ))),
+            _ => Ok(0),
+        };
     };
     if let Some(name) = &a.create {
         q.snapshot_create(name).map_err(|e| {

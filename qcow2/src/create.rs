@@ -36,6 +36,8 @@ pub struct CreateOptions {
     pub data_file_raw: bool,
     /// Extended L2 entries (subclusters).
     pub extended_l2: bool,
+    /// What the other formats take (VDI's `static`).
+    pub foreign: crate::foreign::CreateOptions,
 }
 
 impl Default for CreateOptions {
@@ -55,6 +57,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             extended_l2: false,
+            foreign: Default::default(),
         }
     }
 }
@@ -81,6 +84,24 @@ impl CreateOptions {
             }
             // preallocation=metadata is accepted and, with no metadata
             // in the payload, means off (as QEMU's).
+            return Ok(());
+        }
+        if matches!(
+            self.format,
+            Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx
+        ) {
+            if self.backing_file.is_some() {
+                return inval(&format!(
+                    "Backing file not supported for file format '{}'",
+                    self.format.name()
+                ));
+            }
+            // QEMU's file layer refuses it (the format never sees it).
+            if self.preallocation == Preallocation::Metadata {
+                return Err(Error::Format(
+                    "Unsupported preallocation mode: metadata".into(),
+                ));
+            }
             return Ok(());
         }
         let cs = self.cluster_size;
@@ -186,9 +207,13 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             preallocate_range(&st, o.preallocation, payload, o.size)?;
             durable(&st)
         }
-        f @ (Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx) => {
-            Err(Error::ReadOnlyFormat(f.name()))
+        // The file layer's falloc and full preallocate nothing here: the
+        // format's header replaces the file QEMU made.
+        Format::Vdi => {
+            crate::foreign::vdi::create(&st, o.size, o.foreign.is_static)?;
+            durable(&st)
         }
+        f @ (Format::Vpc | Format::Vmdk | Format::Vhdx) => Err(Error::ReadOnlyFormat(f.name())),
     }
 }
 

@@ -79,6 +79,9 @@ pub enum Error {
     /// reads (see [`Format::read_only`](crate::Format::read_only)).
     #[error("{0} images are read-only in rimg (writing them is not supported yet)")]
     ReadOnlyFormat(&'static str),
+    /// Resizing an image of a format whose QEMU driver cannot (VDI).
+    #[error("Image format driver does not support resize")]
+    ResizeUnsupported,
     #[error("compressed cluster at host offset {offset:#x}: {reason}")]
     Decompress { offset: u64, reason: String },
     #[error("refcount overflow for cluster at host offset {0:#x}")]

@@ -15,7 +15,7 @@ pub enum Format {
     Qcow2,
     /// A LUKS1 volume (QEMU's `luks` driver).
     Luks,
-    /// A VirtualBox disk image, read-only (see [`crate::foreign::vdi`]).
+    /// A VirtualBox disk image (see [`crate::foreign::vdi`]).
     Vdi,
     /// A Virtual PC / Hyper-V disk image (VHD, QEMU's `vpc`), read-only
     /// (see [`crate::foreign::vpc`]).
@@ -55,10 +55,7 @@ impl Format {
     /// writable opens and creation are refused
     /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
     pub fn read_only(self) -> bool {
-        matches!(
-            self,
-            Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx
-        )
+        matches!(self, Format::Vpc | Format::Vmdk | Format::Vhdx)
     }
 }
 

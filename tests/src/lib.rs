@@ -391,6 +391,34 @@ pub fn assert_qemu_check_clean(path: &Path) {
     }
 }
 
+/// Writes a raw image of `size` bytes at `path` whose content mixes what
+/// convert must tell apart, in pieces of 4 KiB to 192 KiB that straddle
+/// any format's blocks: random data, zeros written out, half data and
+/// half zeros, and holes. The same `seed` gives the same file.
+pub fn write_mixed_raw(path: &Path, size: u64, seed: u64) {
+    use rand::{Rng, SeedableRng};
+    use std::os::unix::fs::FileExt;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+    let mut off = 0u64;
+    while off < size {
+        let len = (rng.random_range(1..=48u64) * 4096).min(size - off);
+        let mut piece = vec![0u8; len as usize];
+        match rng.random_range(0..20) {
+            0..=9 => rng.fill(&mut piece[..]),
+            10..=12 => {}
+            13..=14 => rng.fill(&mut piece[..len as usize / 2]),
+            _ => {
+                off += len;
+                continue;
+            }
+        }
+        f.write_all_at(&piece, off).unwrap();
+        off += len;
+    }
+}
+
 /// Asserts that `qemu-img compare` finds the two images' contents equal.
 pub fn assert_qemu_compare_equal(a: &Path, b: &Path) {
     let out = qemu_img(&["compare", a.to_str().unwrap(), b.to_str().unwrap()]);

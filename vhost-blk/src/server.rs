@@ -140,6 +140,14 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     }
     let format =
         served_format(&cfg.image, cfg.format).map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    // The workers write guest data where the engine's split data path
+    // maps it, which only raw, qcow2 and luks images have.
+    if !cfg.readonly && !matches!(format, Format::Raw | Format::Qcow2 | Format::Luks) {
+        return Err(Error::Config(format!(
+            "{} images are served read-only (use --readonly)",
+            format.name()
+        )));
+    }
     let key_given = cfg.key.is_some();
     if !key_given {
         if let Some(how) =

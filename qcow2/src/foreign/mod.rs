@@ -1,5 +1,5 @@
-//! Formats other than qcow2, raw and luks ("foreign" formats: VDI, VHD
-//! and VMDK now; VHDX to come), read-only.
+//! Formats other than qcow2, raw and luks ("foreign" formats: VDI, VHD,
+//! VMDK and VHDX).
 //!
 //! Each format decodes its header and tables into a [`Layout`]: how a
 //! guest range is stored. [`ForeignImage`] turns a layout into an
@@ -12,8 +12,11 @@
 //!   table that runs past the end of the file has zero entries there
 //!   (`table.rs`). Only its in-file part is held in memory, so opening a
 //!   hostile image allocates at most about the size of the file.
-//! - A writable open is refused ([`Error::ReadOnlyFormat`]): rimg does not
-//!   write these formats yet.
+//! - A format rimg writes allocates in whole units ([`Layout::alloc_unit`]):
+//!   a write into a unit the tables do not place yet stores the unit whole
+//!   (zeros around the written bytes, as QEMU's drivers pad) and then
+//!   records it, so a reader never finds a table entry before its data.
+//!   Other formats refuse a writable open ([`Error::ReadOnlyFormat`]).
 
 pub mod crc32c;
 pub mod probe;
@@ -34,6 +37,14 @@ use crate::l2::L2Entry;
 use crate::storage::Storage;
 use crate::sync::AllocWaker;
 use crate::units::HostOffset;
+
+/// Creation options of the formats here that rimg writes (qemu-img's
+/// `-o` names).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// VDI `static`: every block allocated when the image is made.
+    pub is_static: bool,
+}
 
 /// QEMU's largest byte offset (2^63 - 2^30): its block layer refuses I/O
 /// past it.
@@ -108,28 +119,46 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
             self.format().name()
         )))
     }
+    /// The unit new data is allocated in, for a format rimg writes; None
+    /// for one it only reads (its writable opens are refused).
+    fn alloc_unit(&self) -> Option<u64> {
+        None
+    }
+    /// Stores `data`, the whole new contents of allocation unit `index`
+    /// (one [`Layout::alloc_unit`] long), in new space of the image file
+    /// and records it in the tables, on disk and then in memory. Called
+    /// one at a time (under [`ForeignImage`]'s allocation lock), only for
+    /// a unit whose lookup answers [`Where::Zero`] or
+    /// [`Where::Unallocated`].
+    fn allocate(&self, _st: &Storage, _index: u64, _data: &[u8]) -> Result<()> {
+        Err(Error::ReadOnlyFormat(self.format().name()))
+    }
 }
 
-/// A read-only image over a format's [`Layout`], and its backing image
-/// (VMDK's parent), if any.
+/// An image over a format's [`Layout`], and its backing image (VMDK's
+/// parent), if any.
 #[derive(Debug)]
 pub struct ForeignImage<L> {
     st: Storage,
     layout: L,
     backing: Option<Arc<dyn Image>>,
+    /// Held while a unit is allocated: two writers into one new unit
+    /// must not both allocate it.
+    alloc: crate::sync::Mutex<()>,
 }
 
 impl<L: Layout> ForeignImage<L> {
     /// The image of `layout` over its file `st`; a file opened for
-    /// writing is refused, rimg only reads these formats.
+    /// writing is refused for a format rimg only reads.
     pub(crate) fn new(st: Storage, layout: L) -> Result<ForeignImage<L>> {
-        if st.writable() {
+        if st.writable() && layout.alloc_unit().is_none() {
             return Err(Error::ReadOnlyFormat(layout.format().name()));
         }
         Ok(ForeignImage {
             st,
             layout,
             backing: None,
+            alloc: crate::sync::Mutex::new(()),
         })
     }
 
@@ -173,6 +202,56 @@ impl<L: Layout> ForeignImage<L> {
     fn refuse<T>(&self) -> Result<T> {
         Err(Error::ReadOnlyFormat(self.layout.format().name()))
     }
+
+    /// The allocation unit of an image open for writing; refused for an
+    /// image open read-only (or a format rimg only reads).
+    fn unit(&self) -> Result<u64> {
+        match self.layout.alloc_unit() {
+            Some(u) if self.st.writable() => Ok(u),
+            Some(_) => Err(Error::ReadOnly),
+            None => self.refuse(),
+        }
+    }
+
+    /// Writes `data` at `at`, a range within one allocation unit of
+    /// `unit` bytes.
+    fn write_in_unit(&self, data: &[u8], at: u64, unit: u64) -> Result<()> {
+        let (w, n) = self.layout.lookup(&self.st, at, data.len() as u64)?;
+        match w {
+            // Placed already (so for good: nothing here is ever freed).
+            Where::Data { file, host, .. } => {
+                if host.checked_add(n).is_none_or(|end| end > MAX_OFFSET) {
+                    return Err(eio("write"));
+                }
+                self.file(file).write_at(&data[..n as usize], host)?;
+                if (n as usize) < data.len() {
+                    return self.write_in_unit(&data[n as usize..], at + n, unit);
+                }
+                Ok(())
+            }
+            Where::Zero | Where::Unallocated => {
+                let _held = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+                // Another writer may have placed the unit meanwhile.
+                let (again, _) = self.layout.lookup(&self.st, at, data.len() as u64)?;
+                if let Where::Data { .. } = again {
+                    drop(_held);
+                    return self.write_in_unit(data, at, unit);
+                }
+                let start = at - at % unit;
+                let mut whole = vec![0u8; unit as usize];
+                if again == Where::Unallocated {
+                    let n = unit.min(self.size() - start) as usize;
+                    self.read_unallocated(&mut whole[..n], start)?;
+                }
+                let skip = (at - start) as usize;
+                whole[skip..skip + data.len()].copy_from_slice(data);
+                self.layout.allocate(&self.st, start / unit, &whole)
+            }
+            // Compressed units are never rewritten in place (as QEMU's
+            // vmdk driver refuses); the others fail as reads do.
+            Where::Compressed { .. } | Where::Broken | Where::Eio => Err(eio("write")),
+        }
+    }
 }
 
 impl<L: Layout> Image for ForeignImage<L> {
@@ -186,7 +265,7 @@ impl<L: Layout> Image for ForeignImage<L> {
         self.st.path()
     }
     fn is_writable(&self) -> bool {
-        false
+        self.st.writable()
     }
     fn backing(&self) -> Option<&Arc<dyn Image>> {
         self.backing.as_ref()
@@ -326,19 +405,51 @@ impl<L: Layout> Image for ForeignImage<L> {
     fn cluster_size(&self) -> Option<u64> {
         self.layout.cluster_size()
     }
-
-    // Every change is refused (the open already refused writing).
-    fn write_at(&self, _buf: &[u8], _off: u64) -> Result<()> {
-        self.refuse()
+    fn data_in_clear(&self) -> bool {
+        // A writable image places a unit only once its data is known
+        // (write_at stores it whole): there is no split write path to
+        // hand callers that move data themselves.
+        !self.st.writable()
     }
-    fn write_zeroes(&self, _off: u64, _len: u64, _unmap: bool) -> Result<()> {
-        self.refuse()
+
+    fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
+        let unit = self.unit()?;
+        self.check_range(off, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = off + done as u64;
+            let n = ((buf.len() - done) as u64).min(unit - at % unit) as usize;
+            self.write_in_unit(&buf[done..done + n], at, unit)?;
+            done += n;
+        }
+        Ok(())
+    }
+    fn write_zeroes(&self, off: u64, len: u64, _unmap: bool) -> Result<()> {
+        let unit = self.unit()?;
+        self.check_range(off, len)?;
+        let mut done = 0u64;
+        while done < len {
+            let at = off + done;
+            let (w, n) = self.layout.lookup(&self.st, at, (len - done).min(unit))?;
+            let reads_zero =
+                w == Where::Zero || (w == Where::Unallocated && self.backing.is_none());
+            if !reads_zero {
+                // Zeros stored as data (QEMU's drivers have no cheaper
+                // way either).
+                self.write_at(&vec![0u8; n as usize], at)?;
+            }
+            done += n;
+        }
+        Ok(())
     }
     fn discard(&self, _off: u64, _len: u64) -> Result<()> {
-        self.refuse()
+        // A hint the formats here have no way to take (QEMU's drivers
+        // ignore it too).
+        self.unit().map(|_| ())
     }
     fn resize(&self, _new_size: u64) -> Result<()> {
-        self.refuse()
+        self.unit()?;
+        Err(Error::ResizeUnsupported)
     }
     fn begin_write(self: Arc<Self>, _off: u64, _len: usize) -> Result<PendingWrite> {
         self.refuse()
@@ -352,7 +463,7 @@ impl<L: Layout> Image for ForeignImage<L> {
         self.refuse()
     }
     fn flush(&self) -> Result<()> {
-        Ok(())
+        self.st.sync()
     }
 }
 

@@ -7,6 +7,8 @@
 //! the rest, which gives the same entries while a hostile entry count
 //! costs no memory: what is held is at most the file's length.
 
+use std::collections::BTreeMap;
+
 use crate::error::Result;
 use crate::storage::Storage;
 
@@ -14,6 +16,10 @@ use crate::storage::Storage;
 #[derive(Debug)]
 pub(crate) struct Table {
     bytes: Vec<u8>,
+    /// Bytes set past the held part by a writable image (an entry far
+    /// out in a table the file did not reach): one entry per allocation,
+    /// so memory follows what was written, not the entry's index.
+    past: BTreeMap<u64, u8>,
 }
 
 impl Table {
@@ -24,7 +30,10 @@ impl Table {
         // n <= the file's length, which a Vec can hold on 64-bit hosts.
         let mut bytes = vec![0u8; n as usize];
         st.read_at(&mut bytes, offset)?;
-        Ok(Table { bytes })
+        Ok(Table {
+            bytes,
+            past: BTreeMap::new(),
+        })
     }
 
     /// Entries of `width` bytes that start inside the file (a last one
@@ -37,10 +46,19 @@ impl Table {
     fn entry<const N: usize>(&self, i: u64) -> [u8; N] {
         let mut e = [0u8; N];
         let start = i.saturating_mul(N as u64);
-        if start < self.bytes.len() as u64 {
-            let start = start as usize;
-            let end = (start + N).min(self.bytes.len());
-            e[..end - start].copy_from_slice(&self.bytes[start..end]);
+        let held = self.bytes.len() as u64;
+        if start < held {
+            let s = start as usize;
+            let end = (s + N).min(self.bytes.len());
+            e[..end - s].copy_from_slice(&self.bytes[s..end]);
+        }
+        if !self.past.is_empty() && start.saturating_add(N as u64) > held {
+            for (k, b) in e.iter_mut().enumerate() {
+                let at = start.saturating_add(k as u64);
+                if at >= held {
+                    *b = self.past.get(&at).copied().unwrap_or(0);
+                }
+            }
         }
         e
     }
@@ -55,6 +73,34 @@ impl Table {
         u64::from_le_bytes(self.entry(i))
     }
 
+    /// Sets entry `i` to the little-endian `v` (a writable image's table,
+    /// after `v` is written to the file: the held part grows with the
+    /// file, never past it).
+    pub(crate) fn set_u32_le(&mut self, i: u64, v: u32) {
+        let start = i * 4;
+        let held = self.bytes.len() as u64;
+        // Just past the held part (a table the file ends inside), the
+        // held part grows; far past it, the bytes go to `past`.
+        if start + 4 <= held + 4096 {
+            let s = start as usize;
+            if self.bytes.len() < s + 4 {
+                self.bytes.resize(s + 4, 0);
+            }
+            self.bytes[s..s + 4].copy_from_slice(&v.to_le_bytes());
+        } else {
+            for (k, b) in v.to_le_bytes().into_iter().enumerate() {
+                self.past.insert(start + k as u64, b);
+            }
+        }
+    }
+
+    /// The table's bytes in [start, start + len) (a sector to write back).
+    pub(crate) fn bytes(&self, start: u64, len: usize) -> Vec<u8> {
+        (0..len as u64)
+            .map(|k| self.entry::<1>(start + k)[0])
+            .collect()
+    }
+
     /// Entry `i` as a big-endian u32.
     pub(crate) fn u32_be(&self, i: u64) -> u32 {
         u32::from_be_bytes(self.entry(i))
@@ -66,8 +112,9 @@ mod tests {
     use super::*;
 
     fn table(file: &[u8], offset: u64, len: u64) -> Table {
-        let p =
-            std::env::temp_dir().join(format!("rimg-table-{}-{offset}-{len}", std::process::id()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("rimg-table-{}-{n}", std::process::id()));
         std::fs::write(&p, file).unwrap();
         let st = Storage::open(&p, false).unwrap();
         let t = Table::load(&st, offset, len).unwrap();
@@ -95,5 +142,22 @@ mod tests {
         let t = table(&file, 4096, 100);
         assert_eq!(t.entries_in_file(4), 0);
         assert_eq!(t.u32_le(0), 0);
+    }
+
+    #[test]
+    fn set_entries_grow_the_held_part_or_stay_apart() {
+        let file: Vec<u8> = (1..=10).collect();
+        let mut t = table(&file, 2, 1 << 40);
+        t.set_u32_le(1, 0xaabbccdd);
+        t.set_u32_le(3, 7);
+        assert_eq!((t.u32_le(1), t.u32_le(3), t.u32_le(2)), (0xaabbccdd, 7, 0));
+        assert_eq!(t.bytes.len(), 16);
+        // Far out: held apart, nothing allocated up to it.
+        t.set_u32_le(1 << 28, 0x01020304);
+        assert_eq!(t.bytes.len(), 16);
+        assert_eq!(t.u32_le(1 << 28), 0x01020304);
+        assert_eq!(t.u32_le((1 << 28) - 1), 0);
+        assert_eq!(t.bytes((1 << 30) - 2, 8), [0, 0, 4, 3, 2, 1, 0, 0]);
+        assert_eq!(t.bytes(12, 6), [7, 0, 0, 0, 0, 0]);
     }
 }

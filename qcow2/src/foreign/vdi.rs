@@ -1,5 +1,5 @@
-//! VirtualBox VDI images (version 1.1), read-only, as QEMU's vdi driver
-//! reads them.
+//! VirtualBox VDI images (version 1.1), as QEMU's vdi driver reads,
+//! creates and writes them.
 //!
 //! Layout (VirtualBox's VDI header, `VDIPREHEADER` + `VDIHEADER1`, as
 //! QEMU's `VdiHeader` lays it out; all fields little-endian): a 512-byte
@@ -17,8 +17,15 @@
 //!
 //! Opening validates the header in QEMU's order with QEMU's messages
 //! (qemu-img prints them after `Could not open 'F': `).
+//!
+//! Writing allocates whole blocks at the end of the data area, in QEMU's
+//! order: the block, then the header's allocated count, then the map
+//! sector. A crash in between leaves a block counted but unmapped (check
+//! reports the count), never a mapped block the next allocation reuses.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::RwLock;
 
 use super::table::Table;
 use super::{ForeignImage, Layout, Where};
@@ -55,6 +62,7 @@ const FIRST_FREE_ENTRY: u32 = 0xffff_fffe;
 /// Header field offsets (VDIHEADER1 after the 72-byte pre-header).
 mod at {
     pub const VERSION: usize = 0x44;
+    pub const HEADER_SIZE: usize = 0x48;
     pub const IMAGE_TYPE: usize = 0x4c;
     pub const OFFSET_BMAP: usize = 0x154;
     pub const OFFSET_DATA: usize = 0x158;
@@ -63,6 +71,8 @@ mod at {
     pub const BLOCK_SIZE: usize = 0x178;
     pub const BLOCKS_IN_IMAGE: usize = 0x180;
     pub const BLOCKS_ALLOCATED: usize = 0x184;
+    pub const UUID_IMAGE: usize = 0x188;
+    pub const UUID_LAST_SNAP: usize = 0x198;
     /// 16-byte UUIDs: this image's, the last snapshot's, then these two
     /// (differencing images), which must be null.
     pub const UUID_LINK: usize = 0x1a8;
@@ -177,7 +187,10 @@ pub struct VdiLayout {
     header: Header,
     /// `blocks_in_image` u32 entries; those past the end of the file are
     /// zero (block 0), as QEMU's zero-filled read of the map gives them.
-    bmap: Table,
+    bmap: RwLock<Table>,
+    /// The header's count of allocated blocks, which names the next
+    /// block a write allocates.
+    allocated: AtomicU32,
 }
 
 /// Opens a VDI image (read-only: a writable `st` is refused).
@@ -190,7 +203,7 @@ pub fn open(st: Storage) -> Result<Vdi> {
         header.offset_bmap as u64,
         header.blocks_in_image as u64 * 4,
     )?;
-    ForeignImage::new(st, VdiLayout { header, bmap })
+    ForeignImage::new(st, VdiLayout::new(header, bmap))
 }
 
 impl Layout for VdiLayout {
@@ -209,7 +222,7 @@ impl Layout for VdiLayout {
         let n = len.min(BLOCK_SIZE - in_block);
         // block < blocks_in_image: the header check bounds the disk by
         // the map.
-        let e = self.bmap.u32_le(block);
+        let e = self.map().u32_le(block);
         if e >= FIRST_FREE_ENTRY {
             return Ok((Where::Zero, n));
         }
@@ -224,6 +237,105 @@ impl Layout for VdiLayout {
             n,
         ))
     }
+    fn alloc_unit(&self) -> Option<u64> {
+        Some(BLOCK_SIZE)
+    }
+    fn allocate(&self, st: &Storage, index: u64, data: &[u8]) -> Result<()> {
+        let e = self.allocated.load(Ordering::Relaxed);
+        if e >= FIRST_FREE_ENTRY - 1 {
+            // The next entry would read as free: the count is hostile.
+            return Err(Error::Format(format!(
+                "VDI image has no room for another block ({e} allocated)"
+            )));
+        }
+        let host = self.header.offset_data as u64 + e as u64 * BLOCK_SIZE;
+        // A hostile header can place the next block over the header or
+        // the map, which QEMU would overwrite: refused instead.
+        let map = self.header.offset_bmap as u64..self.header.offset_bmap as u64 + self.map_len();
+        if host < HEADER_LEN as u64 || (host < map.end && host + BLOCK_SIZE > map.start) {
+            return Err(Error::Format(format!(
+                "VDI image's next block (at {host:#x}) would overlap its header or block map"
+            )));
+        }
+        st.write_at(data, host)?;
+        st.write_at(&(e + 1).to_le_bytes(), at::BLOCKS_ALLOCATED as u64)?;
+        self.allocated.store(e + 1, Ordering::Relaxed);
+        let mut map = self.bmap.write().unwrap_or_else(|p| p.into_inner());
+        map.set_u32_le(index, e);
+        // The whole map sector, as QEMU writes it.
+        let first = index * 4 / SECTOR * SECTOR;
+        st.write_at(
+            &map.bytes(first, SECTOR as usize),
+            self.header.offset_bmap as u64 + first,
+        )
+    }
+}
+
+/// Writes a new VDI image of `size` bytes (rounded up to a sector) into
+/// the empty file `st`, as QEMU's vdi_co_do_create does: a dynamic
+/// image's map has every block unallocated; a static one maps block i to
+/// i and the file is extended (sparse) to hold them all.
+pub fn create(st: &Storage, size: u64, is_static: bool) -> Result<()> {
+    let size = size.next_multiple_of(SECTOR);
+    if size > MAX_DISK_SIZE {
+        return Err(Error::Format(format!(
+            "Unsupported VDI image size (size is {size:#x}, max supported is {MAX_DISK_SIZE:#x})"
+        )));
+    }
+    // At most MAX_BLOCKS, whose map fits a u32 offset.
+    let blocks = size.div_ceil(BLOCK_SIZE);
+    let bmap_len = (blocks * 4).next_multiple_of(SECTOR);
+    let offset_bmap = HEADER_LEN as u64;
+    let offset_data = offset_bmap + bmap_len;
+    let mut h = [0u8; HEADER_LEN];
+    let text = b"<<< QEMU VM Virtual Disk Image >>>\n";
+    h[..text.len()].copy_from_slice(text);
+    let mut put = |at: usize, v: u32| h[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    put(SIGNATURE_AT, SIGNATURE);
+    put(at::VERSION, VERSION_1_1);
+    put(at::HEADER_SIZE, 0x180);
+    put(at::IMAGE_TYPE, if is_static { TYPE_STATIC } else { 1 });
+    put(at::OFFSET_BMAP, offset_bmap as u32);
+    put(at::OFFSET_DATA, offset_data as u32);
+    put(at::SECTOR_SIZE, SECTOR as u32);
+    put(at::BLOCK_SIZE, BLOCK_SIZE as u32);
+    put(at::BLOCKS_IN_IMAGE, blocks as u32);
+    if is_static {
+        put(at::BLOCKS_ALLOCATED, blocks as u32);
+    }
+    h[at::DISK_SIZE..at::DISK_SIZE + 8].copy_from_slice(&size.to_le_bytes());
+    // Random (version 4) UUIDs for the image and its last snapshot.
+    for uuid_at in [at::UUID_IMAGE, at::UUID_LAST_SNAP] {
+        let u = &mut h[uuid_at..uuid_at + 16];
+        crate::crypto::random_bytes(u)?;
+        // Stored as QEMU stores it: the first three fields little-endian,
+        // so the version nibble lies in byte 7.
+        u[7] = (u[7] & 0x0f) | 0x40;
+        u[8] = (u[8] & 0x3f) | 0x80;
+    }
+    st.write_at(&h, 0)?;
+    // Written in pieces: a map can be 2 GiB.
+    const PIECE: u64 = 1 << 20;
+    let mut done = 0;
+    while done < bmap_len {
+        let n = PIECE.min(bmap_len - done);
+        let mut piece = vec![0u8; n as usize];
+        for (k, e) in piece.chunks_exact_mut(4).enumerate() {
+            let i = done / 4 + k as u64;
+            let v = match i < blocks {
+                true if is_static => i as u32,
+                true => u32::MAX,
+                false => 0,
+            };
+            e.copy_from_slice(&v.to_le_bytes());
+        }
+        st.write_at(&piece, offset_bmap + done)?;
+        done += n;
+    }
+    if is_static {
+        st.set_len(offset_data + blocks * BLOCK_SIZE)?;
+    }
+    Ok(())
 }
 
 /// Most check messages kept; a hostile map can make one per block (half
@@ -231,6 +343,30 @@ impl Layout for VdiLayout {
 const MAX_MESSAGES: usize = 10_000;
 
 impl VdiLayout {
+    fn new(header: Header, bmap: Table) -> VdiLayout {
+        VdiLayout {
+            allocated: AtomicU32::new(header.blocks_allocated),
+            header,
+            bmap: RwLock::new(bmap),
+        }
+    }
+
+    /// Bytes of the block map, whole sectors as QEMU reads it.
+    fn map_len(&self) -> u64 {
+        (self.header.blocks_in_image as u64 * 4).next_multiple_of(SECTOR)
+    }
+
+    /// Whether the block map and the data area stay clear of each other
+    /// and of the header, as every image QEMU or rimg makes has them.
+    pub fn areas_apart(&self) -> bool {
+        let bmap = self.header.offset_bmap as u64;
+        bmap >= HEADER_LEN as u64 && self.header.offset_data as u64 >= bmap + self.map_len()
+    }
+
+    fn map(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.bmap.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub fn header(&self) -> &Header {
         &self.header
     }
@@ -255,9 +391,10 @@ impl VdiLayout {
         // Held entries only: at most one per 4 bytes of the file.
         let mut used: HashSet<u32> = HashSet::new();
         let mut allocated = 0u64;
-        let in_file = self.bmap.entries_in_file(4).min(blocks);
+        let bmap = self.map();
+        let in_file = bmap.entries_in_file(4).min(blocks);
         for b in 0..in_file {
-            let e = self.bmap.u32_le(b);
+            let e = bmap.u32_le(b);
             if e >= FIRST_FREE_ENTRY {
                 continue;
             }
@@ -294,11 +431,11 @@ impl VdiLayout {
                 "ERROR: {dropped} more errors like the above not listed"
             ));
         }
-        if allocated != self.header.blocks_allocated as u64 {
+        let counted = self.allocated.load(Ordering::Relaxed);
+        if allocated != counted as u64 {
             rep.corruptions += 1;
             rep.messages.push(format!(
-                "ERROR: allocated blocks mismatch, is {allocated}, should be {}",
-                self.header.blocks_allocated
+                "ERROR: allocated blocks mismatch, is {allocated}, should be {counted}"
             ));
         }
         rep
@@ -396,7 +533,7 @@ mod tests {
             blocks_in_image: blocks,
             blocks_allocated: allocated,
         };
-        VdiLayout { header, bmap }
+        VdiLayout::new(header, bmap)
     }
 
     #[test]
