@@ -64,6 +64,14 @@ const VDI_OPTS: &str = "Supported options:
   size=<size>            - Virtual disk size
   static=<bool (on/off)> - VDI static (pre-allocated) image";
 
+const VPC_OPTS: &str = "Supported options:
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  force_size=<bool (on/off)> - Force disk size calculation to use the actual size specified, rather than using the nearest CHS-based calculation
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+  subformat=<str>        - Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} ";
+
 const RAW_OPTS: &str = "Supported options:
   preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size";
@@ -83,6 +91,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
             match format {
                 Format::Qcow2 => QCOW2_OPTS,
                 Format::Vdi => VDI_OPTS,
+                Format::Vpc => VPC_OPTS,
                 _ => RAW_OPTS,
             }
         );
@@ -94,7 +103,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
         size: mut size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
-        given_static,
+        echo,
         encrypt,
     } = parse_options(format, &list)
         .map_err(|e| CliError::new(format!("{}: {}", a.filename, e.msg)))?;
@@ -187,7 +196,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
                 size,
                 given_prealloc.as_deref(),
                 given_compat.as_deref(),
-                given_static.as_deref(),
+                &echo,
                 &encrypt,
             )
         );
@@ -198,7 +207,9 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
             o.encrypt = e;
             make(&a.filename, &o, format)
         });
-    if format != Format::Raw {
+    // qemu-img deletes what a failed qcow2 creation left; the other
+    // drivers leave the file their file layer made (empty, or partial).
+    if format == Format::Qcow2 {
         discard_on_error(&a.filename, &made);
     }
     made
@@ -207,15 +218,18 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
 fn make(filename: &str, o: &CreateOptions, format: Format) -> Result<u8, CliError> {
     qcow2::create(Path::new(filename), o).map_err(|e| match e {
         // qemu-img words these as sentences of their own.
-        qcow2::Error::InvalidArgument(m) => CliError::new(format!(
-            "{}: {}",
-            filename,
-            crate::common::sentence(&m)
-        )),
+        qcow2::Error::InvalidArgument(m) => {
+            CliError::new(format!("{}: {}", filename, crate::common::sentence(&m)))
+        }
         qcow2::Error::TooLarge(_) => CliError::new(format!(
-            "{}: The image size is too large for file format '{}' (try using a larger cluster size)",
+            "{}: The image size is too large for file format '{}'{}",
             filename,
-            format.name()
+            format.name(),
+            if format == Format::Qcow2 {
+                " (try using a larger cluster size)"
+            } else {
+                ""
+            }
         )),
         e => CliError::new(format!("{filename}: {}", crate::common::error_text(&e))),
     })?;
@@ -310,8 +324,9 @@ pub struct Parsed {
     /// Values given explicitly (qemu-img echoes only those).
     pub prealloc: Option<String>,
     pub compat: Option<String>,
-    /// VDI's `static`, as given.
-    pub given_static: Option<String>,
+    /// Other format options as `key=value`, as given, for the
+    /// "Formatting" line (before the file layer's).
+    pub echo: Vec<String>,
     /// `encryption` and `encrypt.*` options as given (built into
     /// `o.encrypt` by [`crate::object::encryption`] once echoed).
     pub encrypt: Vec<(String, String)>,
@@ -325,7 +340,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
     let mut size_arg = None;
     let mut given_prealloc = None;
     let mut given_compat = None;
-    let mut given_static = None;
+    let mut given = std::collections::HashMap::new();
     let mut encrypt = Vec::new();
     for (k, v) in &list.items {
         let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
@@ -378,9 +393,17 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
             (Format::Qcow2, k) if k == "encryption" || k.starts_with("encrypt.") => {
                 encrypt.push((k.to_string(), v.clone()))
             }
+            (Format::Vpc, "subformat") => {
+                o.foreign.subformat = Some(v.clone());
+                given.insert("subformat", v.clone());
+            }
+            (Format::Vpc, "force_size") => {
+                o.foreign.force_size = parse_bool(k, v).map_err(CliError::new)?;
+                given.insert("force_size", v.clone());
+            }
             (Format::Vdi, "static") => {
                 o.foreign.is_static = parse_bool(k, v).map_err(CliError::new)?;
-                given_static = Some(v.clone());
+                given.insert("static", v.clone());
             }
             (Format::Luks, "detached-header") => {
                 if parse_bool(k, v).map_err(CliError::new)? {
@@ -400,7 +423,16 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
         size: size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
-        given_static,
+        // In the order of the driver's option list, the last value given
+        // (VDI's static always: its default is echoed too).
+        echo: ["subformat", "force_size", "static"]
+            .iter()
+            .filter_map(|&k| match given.get(k) {
+                Some(v) => Some(format!("{k}={v}")),
+                None if k == "static" && format == Format::Vdi => Some("static=off".into()),
+                None => None,
+            })
+            .collect(),
         encrypt,
     })
 }
@@ -440,7 +472,7 @@ fn formatting_line(
     size: u64,
     prealloc: Option<&str>,
     compat: Option<&str>,
-    given_static: Option<&str>,
+    echo: &[String],
     encrypt: &[(String, String)],
 ) -> String {
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
@@ -448,8 +480,8 @@ fn formatting_line(
     match o.format {
         Format::Raw | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             s += &format!(" size={size}");
-            if o.format == Format::Vdi {
-                s += &format!(" static={}", given_static.unwrap_or("off"));
+            for e in echo {
+                s += &format!(" {e}");
             }
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");

@@ -39,7 +39,12 @@ impl OptList {
                 match p.split_once('=') {
                     Some((k, v)) => items.push((k.to_string(), v.to_string())),
                     None if p == "help" || p == "?" => items.push((p, String::new())),
-                    None => return Err(format!("Invalid parameter '{p}'")),
+                    // QemuOpts' implied booleans: `key` is key=on, `nokey`
+                    // key=off (whatever the key).
+                    None => match p.strip_prefix("no") {
+                        Some(k) => items.push((k.to_string(), "off".into())),
+                        None => items.push((p, "on".into())),
+                    },
                 }
             }
         }

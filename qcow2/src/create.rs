@@ -170,7 +170,15 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     if o.format.read_only() {
         return Err(Error::ReadOnlyFormat(o.format.name()));
     }
-    o.validate()?;
+    // QEMU's other drivers judge their options once the file layer has
+    // made the file (a refusal leaves it empty); qcow2 and raw first.
+    let foreign = matches!(
+        o.format,
+        Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx
+    );
+    if !foreign {
+        o.validate()?;
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -182,6 +190,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             source,
         })?;
     let st = Storage::from_file(file, path, true);
+    if foreign {
+        o.validate()?;
+    }
     // One flush at the end instead of one per step (each a journal
     // commit, milliseconds on a busy disk): QEMU's format layer creates
     // with BDRV_O_NO_FLUSH too, and its file layer flushes once it closes.
@@ -213,7 +224,12 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             crate::foreign::vdi::create(&st, o.size, o.foreign.is_static)?;
             durable(&st)
         }
-        f @ (Format::Vpc | Format::Vmdk | Format::Vhdx) => Err(Error::ReadOnlyFormat(f.name())),
+        Format::Vpc => {
+            let f = &o.foreign;
+            crate::foreign::vpc::create(&st, o.size, f.subformat.as_deref(), f.force_size)?;
+            durable(&st)
+        }
+        f @ (Format::Vmdk | Format::Vhdx) => Err(Error::ReadOnlyFormat(f.name())),
     }
 }
 

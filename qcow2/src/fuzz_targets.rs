@@ -425,13 +425,8 @@ pub fn vdi(data: &[u8]) {
 pub fn vpc(data: &[u8]) {
     use crate::foreign::vpc::{self, SizeCalc};
     let f = memfile(data);
+    let dup = || f.try_clone().expect("dup of the memfd");
     for calc in [SizeCalc::Auto, SizeCalc::Chs, SizeCalc::CurrentSize] {
-        let dup = || f.try_clone().expect("dup of the memfd");
-        let rw = Storage::from_file(dup(), Path::new("fuzz-input.vhd"), true);
-        assert!(
-            vpc::open(rw, calc).is_err(),
-            "a vpc image opened for writing"
-        );
         let st = Storage::from_file(dup(), Path::new("fuzz-input.vhd"), false);
         let Ok(img) = vpc::open(st, calc) else {
             continue;
@@ -457,6 +452,26 @@ pub fn vpc(data: &[u8]) {
             _ => {}
         });
     }
+    // Writes into the hostile image (last: they change the input):
+    // pieces at the start, the middle and the end, a zeroing; blocks
+    // placed over each other or over the metadata may clobber what was
+    // written, as in QEMU, but nothing may panic or take memory the
+    // image did not give.
+    let rw = Storage::from_file(dup(), Path::new("fuzz-input.vhd"), true);
+    let Ok(img) = vpc::open(rw, SizeCalc::Auto) else {
+        return;
+    };
+    let size = img.size();
+    for (k, off) in [0, size / 2, size.saturating_sub(3000)]
+        .into_iter()
+        .enumerate()
+    {
+        let n = 3000.min(size - off) as usize;
+        if n > 0 && img.write_at(&vec![0xb0 + k as u8; n], off).is_ok() {
+            let _ = img.read_at(&mut vec![0u8; n], off);
+        }
+    }
+    let _ = img.write_zeroes(0, size.min(5 << 20), false);
 }
 
 /// A VMDK image: a sparse file or a descriptor. Its extent files come

@@ -17,8 +17,8 @@ pub enum Format {
     Luks,
     /// A VirtualBox disk image (see [`crate::foreign::vdi`]).
     Vdi,
-    /// A Virtual PC / Hyper-V disk image (VHD, QEMU's `vpc`), read-only
-    /// (see [`crate::foreign::vpc`]).
+    /// A Virtual PC / Hyper-V disk image (VHD, QEMU's `vpc`; see
+    /// [`crate::foreign::vpc`]).
     Vpc,
     /// A VMware disk image, read-only (see [`crate::foreign::vmdk`]).
     Vmdk,
@@ -55,7 +55,7 @@ impl Format {
     /// writable opens and creation are refused
     /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
     pub fn read_only(self) -> bool {
-        matches!(self, Format::Vpc | Format::Vmdk | Format::Vhdx)
+        matches!(self, Format::Vmdk | Format::Vhdx)
     }
 }
 

@@ -44,6 +44,11 @@ use crate::units::HostOffset;
 pub struct CreateOptions {
     /// VDI `static`: every block allocated when the image is made.
     pub is_static: bool,
+    /// VHD `subformat` (`dynamic` or `fixed`), as given: judged when the
+    /// image is made, as QEMU judges it.
+    pub subformat: Option<String>,
+    /// VHD `force_size`: the size as given, not rounded to a geometry.
+    pub force_size: bool,
 }
 
 /// QEMU's largest byte offset (2^63 - 2^30): its block layer refuses I/O
@@ -124,13 +129,24 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     fn alloc_unit(&self) -> Option<u64> {
         None
     }
+    /// Called before guest bytes at `off` are written into a unit the
+    /// tables already place (VHD marks the block's sectors present).
+    fn before_write(&self, _st: &Storage, _off: u64) -> Result<()> {
+        Ok(())
+    }
     /// Stores `data`, the whole new contents of allocation unit `index`
-    /// (one [`Layout::alloc_unit`] long), in new space of the image file
-    /// and records it in the tables, on disk and then in memory. Called
-    /// one at a time (under [`ForeignImage`]'s allocation lock), only for
-    /// a unit whose lookup answers [`Where::Zero`] or
-    /// [`Where::Unallocated`].
-    fn allocate(&self, _st: &Storage, _index: u64, _data: &[u8]) -> Result<()> {
+    /// (one [`Layout::alloc_unit`] long, of which the write that asks
+    /// gave `written`), in new space of the image file and records it in
+    /// the tables, on disk and then in memory. Called one at a time
+    /// (under [`ForeignImage`]'s allocation lock), only for a unit whose
+    /// lookup answers [`Where::Zero`] or [`Where::Unallocated`].
+    fn allocate(
+        &self,
+        _st: &Storage,
+        _index: u64,
+        _data: &[u8],
+        _written: std::ops::Range<usize>,
+    ) -> Result<()> {
         Err(Error::ReadOnlyFormat(self.format().name()))
     }
 }
@@ -223,6 +239,7 @@ impl<L: Layout> ForeignImage<L> {
                 if host.checked_add(n).is_none_or(|end| end > MAX_OFFSET) {
                     return Err(eio("write"));
                 }
+                self.layout.before_write(&self.st, at)?;
                 self.file(file).write_at(&data[..n as usize], host)?;
                 if (n as usize) < data.len() {
                     return self.write_in_unit(&data[n as usize..], at + n, unit);
@@ -245,7 +262,8 @@ impl<L: Layout> ForeignImage<L> {
                 }
                 let skip = (at - start) as usize;
                 whole[skip..skip + data.len()].copy_from_slice(data);
-                self.layout.allocate(&self.st, start / unit, &whole)
+                self.layout
+                    .allocate(&self.st, start / unit, &whole, skip..skip + data.len())
             }
             // Compressed units are never rewritten in place (as QEMU's
             // vmdk driver refuses); the others fail as reads do.

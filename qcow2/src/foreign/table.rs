@@ -74,21 +74,29 @@ impl Table {
     }
 
     /// Sets entry `i` to the little-endian `v` (a writable image's table,
-    /// after `v` is written to the file: the held part grows with the
-    /// file, never past it).
+    /// after `v` is written to the file).
     pub(crate) fn set_u32_le(&mut self, i: u64, v: u32) {
-        let start = i * 4;
+        self.set(i * 4, v.to_le_bytes());
+    }
+
+    /// Sets entry `i` to the big-endian `v`.
+    pub(crate) fn set_u32_be(&mut self, i: u64, v: u32) {
+        self.set(i * 4, v.to_be_bytes());
+    }
+
+    fn set(&mut self, start: u64, v: [u8; 4]) {
         let held = self.bytes.len() as u64;
         // Just past the held part (a table the file ends inside), the
-        // held part grows; far past it, the bytes go to `past`.
+        // held part grows (the file has grown as far); far past it, the
+        // bytes go to `past`.
         if start + 4 <= held + 4096 {
             let s = start as usize;
             if self.bytes.len() < s + 4 {
                 self.bytes.resize(s + 4, 0);
             }
-            self.bytes[s..s + 4].copy_from_slice(&v.to_le_bytes());
+            self.bytes[s..s + 4].copy_from_slice(&v);
         } else {
-            for (k, b) in v.to_le_bytes().into_iter().enumerate() {
+            for (k, b) in v.into_iter().enumerate() {
                 self.past.insert(start + k as u64, b);
             }
         }
@@ -149,7 +157,7 @@ mod tests {
         let file: Vec<u8> = (1..=10).collect();
         let mut t = table(&file, 2, 1 << 40);
         t.set_u32_le(1, 0xaabbccdd);
-        t.set_u32_le(3, 7);
+        t.set_u32_be(3, 7 << 24);
         assert_eq!((t.u32_le(1), t.u32_le(3), t.u32_le(2)), (0xaabbccdd, 7, 0));
         assert_eq!(t.bytes.len(), 16);
         // Far out: held apart, nothing allocated up to it.

@@ -240,7 +240,13 @@ impl Layout for VdiLayout {
     fn alloc_unit(&self) -> Option<u64> {
         Some(BLOCK_SIZE)
     }
-    fn allocate(&self, st: &Storage, index: u64, data: &[u8]) -> Result<()> {
+    fn allocate(
+        &self,
+        st: &Storage,
+        index: u64,
+        data: &[u8],
+        _written: std::ops::Range<usize>,
+    ) -> Result<()> {
         let e = self.allocated.load(Ordering::Relaxed);
         if e >= FIRST_FREE_ENTRY - 1 {
             // The next entry would read as free: the count is hostile.
@@ -257,6 +263,7 @@ impl Layout for VdiLayout {
                 "VDI image's next block (at {host:#x}) would overlap its header or block map"
             )));
         }
+        // The whole block, zeros around the write included (QEMU's).
         st.write_at(data, host)?;
         st.write_at(&(e + 1).to_le_bytes(), at::BLOCKS_ALLOCATED as u64)?;
         self.allocated.store(e + 1, Ordering::Relaxed);

@@ -1,5 +1,6 @@
 //! VHD images (Connectix/Microsoft Virtual PC, QEMU's `vpc` driver),
-//! fixed and dynamic, read-only, as QEMU's vpc driver reads them.
+//! fixed and dynamic, as QEMU's vpc driver reads them (creating and
+//! writing them: `vpc/write.rs`).
 //!
 //! Layout (Microsoft's "Virtual Hard Disk Image Format Specification";
 //! every field big-endian):
@@ -28,6 +29,9 @@
 //!
 //! Opening refuses what QEMU refuses, in its order and with its words
 //! (qemu-img prints them after `Could not open 'F': `).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use super::table::Table;
 use super::{ForeignImage, Layout, Where};
@@ -63,23 +67,36 @@ pub const MAX_TABLE_ENTRIES: u32 = i32::MAX as u32 / 4;
 const MAX_OFFSET: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 const MAX_REQUEST: u64 = (i32::MAX as u64) & !(SECTOR - 1);
 
+mod write;
+pub use write::{create, Subformat};
+
 /// Footer field offsets.
 mod at {
+    pub const FEATURES: usize = 8;
+    pub const VERSION: usize = 12;
     pub const DATA_OFFSET: usize = 16;
+    pub const TIMESTAMP: usize = 24;
     pub const CREATOR_APP: usize = 28;
+    pub const CREATOR_VERSION: usize = 32;
+    pub const CREATOR_OS: usize = 36;
+    pub const ORIG_SIZE: usize = 40;
     pub const CURRENT_SIZE: usize = 48;
     pub const CYLINDERS: usize = 56;
     pub const HEADS: usize = 58;
     pub const SECTORS: usize = 59;
     pub const DISK_TYPE: usize = 60;
     pub const CHECKSUM: usize = 64;
+    pub const UUID: usize = 68;
 }
 
 /// Dynamic header field offsets.
 mod dyn_at {
+    pub const DATA_OFFSET: usize = 8;
     pub const TABLE_OFFSET: usize = 16;
+    pub const VERSION: usize = 24;
     pub const MAX_TABLE_ENTRIES: usize = 28;
     pub const BLOCK_SIZE: usize = 32;
+    pub const CHECKSUM: usize = 36;
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -198,19 +215,31 @@ pub struct Dynamic {
     pub bitmap_size: u64,
     /// The header's entry count (at most [`MAX_TABLE_ENTRIES`]).
     pub max_table_entries: u32,
+    /// Where the BAT lies in the file.
+    table_offset: u64,
     /// The BAT (u32 sector numbers); entries past the end of the file
     /// are zero, as QEMU's zero-filled read gives them: a block at
     /// sector 0.
-    bat: Table,
+    bat: RwLock<Table>,
+    /// Where the next block goes (QEMU's free_data_block_offset): past
+    /// the BAT and every allocated block, where the footer is.
+    next: AtomicU64,
+    /// The block whose bitmap a write last set (QEMU's
+    /// last_bitmap_offset, as a block number).
+    last_bitmap: AtomicU64,
 }
 
 impl Dynamic {
+    fn table(&self) -> RwLockReadGuard<'_, Table> {
+        self.bat.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// BAT entry of guest block `b`: unallocated past the table.
     fn entry(&self, b: u64) -> u32 {
         if b >= self.max_table_entries as u64 {
             return UNALLOCATED;
         }
-        self.bat.u32_be(b)
+        self.table().u32_be(b)
     }
 
     /// Where the data of guest block `b` starts in the file, None when
@@ -228,6 +257,9 @@ impl Dynamic {
 #[derive(Debug)]
 pub struct VpcLayout {
     footer: Footer,
+    /// The footer as read, which a dynamic disk's writes move to the new
+    /// end of the file unchanged (as QEMU does).
+    footer_bytes: [u8; FOOTER_LEN],
     /// Virtual size in bytes.
     size: u64,
     /// None when the footer's type says fixed: the guest's bytes are the
@@ -235,8 +267,7 @@ pub struct VpcLayout {
     dynamic: Option<Dynamic>,
 }
 
-/// Opens a VHD image (read-only: a writable `st` is refused), its size
-/// decided as `calc` says.
+/// Opens a VHD image, its size decided as `calc` says.
 pub fn open(st: Storage, calc: SizeCalc) -> Result<Vpc> {
     let layout = VpcLayout::read(&st, calc)?;
     ForeignImage::new(st, layout)
@@ -275,6 +306,7 @@ impl VpcLayout {
         Ok(VpcLayout {
             dynamic: dynamic.filter(|_| footer.disk_type != TYPE_FIXED),
             footer,
+            footer_bytes: b,
             size,
         })
     }
@@ -329,20 +361,14 @@ fn read_dynamic(st: &Storage, footer: &Footer, size: u64, file_len: u64) -> Resu
     }
     // Held: the part inside the file (so at most the file's size).
     let bat = Table::load(st, table_offset, table_len)?;
-    let dynamic = Dynamic {
-        block_size,
-        bitmap_size,
-        max_table_entries: raw_entries,
-        bat,
-    };
     // Where QEMU would allocate the next block: past the BAT and past
     // every allocated block. Past the end of the file means the file was
     // cut short; this bounds every block by the file.
     let mut next = (table_offset + table_len).next_multiple_of(SECTOR);
-    let held = dynamic.bat.entries_in_file(4).min(raw_entries as u64);
+    let held = bat.entries_in_file(4).min(raw_entries as u64);
     let block_end = |e: u32| e as u64 * SECTOR + bitmap_size + block_size;
     for i in 0..held {
-        match dynamic.bat.u32_be(i) {
+        match bat.u32_be(i) {
             UNALLOCATED => {}
             e => next = next.max(block_end(e)),
         }
@@ -357,7 +383,15 @@ fn read_dynamic(st: &Storage, footer: &Footer, size: u64, file_len: u64) -> Resu
              The image has been truncated.",
         ));
     }
-    Ok(dynamic)
+    Ok(Dynamic {
+        block_size,
+        bitmap_size,
+        max_table_entries: raw_entries,
+        table_offset,
+        bat: RwLock::new(bat),
+        next: AtomicU64::new(next),
+        last_bitmap: AtomicU64::new(u64::MAX),
+    })
 }
 
 impl Layout for VpcLayout {
@@ -406,6 +440,28 @@ impl Layout for VpcLayout {
             next += 1;
         }
         Ok((Where::Zero, n))
+    }
+    fn alloc_unit(&self) -> Option<u64> {
+        Some(
+            self.dynamic
+                .as_ref()
+                .map_or(write::FIXED_UNIT, |d| d.block_size),
+        )
+    }
+    fn before_write(&self, st: &Storage, off: u64) -> Result<()> {
+        match &self.dynamic {
+            Some(d) => write::mark_block(d, st, off / d.block_size),
+            None => Ok(()),
+        }
+    }
+    fn allocate(
+        &self,
+        st: &Storage,
+        index: u64,
+        data: &[u8],
+        written: std::ops::Range<usize>,
+    ) -> Result<()> {
+        write::allocate(self, st, index, data, written)
     }
 }
 
@@ -507,12 +563,16 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         VpcLayout {
             footer: Footer::parse(&footer()).unwrap(),
+            footer_bytes: footer(),
             size: entries.len() as u64 * block_size,
             dynamic: Some(Dynamic {
                 block_size,
                 bitmap_size: 512,
                 max_table_entries: entries.len() as u32,
-                bat,
+                table_offset: 0,
+                bat: RwLock::new(bat),
+                next: AtomicU64::new(0),
+                last_bitmap: AtomicU64::new(u64::MAX),
             }),
         }
     }
