@@ -67,12 +67,13 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
             ..Default::default()
         },
     )?;
-    // qemu-img opens a vdi image for writing to repair it, then finds it
-    // has no repair: rimg, which cannot open it for writing, opens it
+    // qemu-img opens a foreign image for writing to repair it, then
+    // finds it has no repair (or, vhdx, repairs nothing): rimg opens it
     // read-only and says the same.
+    let foreign = |f: Format| matches!(f, Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx);
     let read_only = match opts.format {
-        Some(f) => f.read_only(),
-        None => qcow2::probe(&path).is_ok_and(|f| f.read_only()),
+        Some(f) => foreign(f),
+        None => qcow2::probe(&path).is_ok_and(foreign),
     };
     if read_only {
         opts.writable = false;

@@ -1,5 +1,6 @@
 //! `rimg create`.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use clap::Args;
@@ -72,6 +73,20 @@ const VPC_OPTS: &str = "Supported options:
   size=<size>            - Virtual disk size
   subformat=<str>        - Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} ";
 
+const VMDK_OPTS: &str = "Supported options:
+  adapter_type=<str>     - Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX
+  backing_file=<str>     - File name of a base image
+  backing_fmt=<str>      - Must be 'vmdk' if present
+  compat6=<bool (on/off)> - VMDK version 6 image
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  hwversion=<str>        - VMDK hardware version
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size
+  subformat=<str>        - VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} 
+  toolsversion=<str>     - VMware guest tools version
+  zeroed_grain=<bool (on/off)> - Enable efficient zero writes using the zeroed-grain GTE feature";
+
 const RAW_OPTS: &str = "Supported options:
   preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size";
@@ -92,6 +107,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
                 Format::Qcow2 => QCOW2_OPTS,
                 Format::Vdi => VDI_OPTS,
                 Format::Vpc => VPC_OPTS,
+                Format::Vmdk => VMDK_OPTS,
                 _ => RAW_OPTS,
             }
         );
@@ -103,7 +119,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
         size: mut size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
-        echo,
+        given,
         encrypt,
     } = parse_options(format, &list)
         .map_err(|e| CliError::new(format!("{}: {}", a.filename, e.msg)))?;
@@ -196,7 +212,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
                 size,
                 given_prealloc.as_deref(),
                 given_compat.as_deref(),
-                &echo,
+                &given,
                 &encrypt,
             )
         );
@@ -324,9 +340,9 @@ pub struct Parsed {
     /// Values given explicitly (qemu-img echoes only those).
     pub prealloc: Option<String>,
     pub compat: Option<String>,
-    /// Other format options as `key=value`, as given, for the
-    /// "Formatting" line (before the file layer's).
-    pub echo: Vec<String>,
+    /// The foreign formats' options as given (the last value of each),
+    /// for the "Formatting" line.
+    pub given: HashMap<&'static str, String>,
     /// `encryption` and `encrypt.*` options as given (built into
     /// `o.encrypt` by [`crate::object::encryption`] once echoed).
     pub encrypt: Vec<(String, String)>,
@@ -340,7 +356,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
     let mut size_arg = None;
     let mut given_prealloc = None;
     let mut given_compat = None;
-    let mut given = std::collections::HashMap::new();
+    let mut given = HashMap::new();
     let mut encrypt = Vec::new();
     for (k, v) in &list.items {
         let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
@@ -401,6 +417,33 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                 o.foreign.force_size = parse_bool(k, v).map_err(CliError::new)?;
                 given.insert("force_size", v.clone());
             }
+            (Format::Vmdk, "adapter_type") => {
+                o.foreign.adapter_type = Some(v.clone());
+                given.insert("adapter_type", v.clone());
+            }
+            (Format::Vmdk, "hwversion") => {
+                // "undefined" is the option's default: no version given.
+                o.foreign.hwversion = (v != "undefined").then(|| v.clone());
+                given.insert("hwversion", v.clone());
+            }
+            (Format::Vmdk, "toolsversion") => {
+                o.foreign.toolsversion = Some(v.clone());
+                given.insert("toolsversion", v.clone());
+            }
+            (Format::Vmdk, "compat6") => {
+                o.foreign.compat6 = parse_bool(k, v).map_err(CliError::new)?;
+                given.insert("compat6", v.clone());
+            }
+            (Format::Vmdk, "zeroed_grain") => {
+                o.foreign.zeroed_grain = parse_bool(k, v).map_err(CliError::new)?;
+                given.insert("zeroed_grain", v.clone());
+            }
+            (Format::Vmdk, "subformat") => {
+                o.foreign.subformat = Some(v.clone());
+                given.insert("subformat", v.clone());
+            }
+            (Format::Vmdk, "backing_file") => o.backing_file = Some(v.clone()),
+            (Format::Vmdk, "backing_fmt") => o.backing_format = Some(v.clone()),
             (Format::Vdi, "static") => {
                 o.foreign.is_static = parse_bool(k, v).map_err(CliError::new)?;
                 given.insert("static", v.clone());
@@ -423,16 +466,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
         size: size_arg,
         prealloc: given_prealloc,
         compat: given_compat,
-        // In the order of the driver's option list, the last value given
-        // (VDI's static always: its default is echoed too).
-        echo: ["subformat", "force_size", "static"]
-            .iter()
-            .filter_map(|&k| match given.get(k) {
-                Some(v) => Some(format!("{k}={v}")),
-                None if k == "static" && format == Format::Vdi => Some("static=off".into()),
-                None => None,
-            })
-            .collect(),
+        given,
         encrypt,
     })
 }
@@ -472,7 +506,7 @@ fn formatting_line(
     size: u64,
     prealloc: Option<&str>,
     compat: Option<&str>,
-    echo: &[String],
+    given: &HashMap<&'static str, String>,
     encrypt: &[(String, String)],
 ) -> String {
     let mut s = format!("Formatting '{name}', fmt={}", o.format.name());
@@ -480,9 +514,7 @@ fn formatting_line(
     match o.format {
         Format::Raw | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             s += &format!(" size={size}");
-            for e in echo {
-                s += &format!(" {e}");
-            }
+            s += &driver_options(o, given);
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");
             }
@@ -522,6 +554,43 @@ fn formatting_line(
                 if o.lazy_refcounts { "on" } else { "off" },
                 o.refcount_bits
             );
+        }
+    }
+    s
+}
+
+/// A foreign driver's options for the "Formatting" line, in the order
+/// of its option list: those given (the last value of each), and those
+/// QEMU echoes with their defaults.
+fn driver_options(o: &CreateOptions, given: &HashMap<&'static str, String>) -> String {
+    let (keys, defaults): (&[&str], &[(&str, &str)]) = match o.format {
+        Format::Vdi => (&["static"], &[("static", "off")]),
+        Format::Vpc => (&["subformat", "force_size"], &[]),
+        Format::Vmdk => (
+            &[
+                "adapter_type",
+                "backing_file",
+                "backing_fmt",
+                "compat6",
+                "hwversion",
+                "toolsversion",
+                "subformat",
+                "zeroed_grain",
+            ],
+            &[("compat6", "off"), ("hwversion", "undefined")],
+        ),
+        _ => (&[], &[]),
+    };
+    let mut s = String::new();
+    for &k in keys {
+        let v = match k {
+            "backing_file" => o.backing_file.as_ref().map(|b| b.replace(',', ",,")),
+            "backing_fmt" => o.backing_format.clone(),
+            _ => given.get(k).cloned(),
+        };
+        let v = v.or_else(|| defaults.iter().find(|d| d.0 == k).map(|d| d.1.to_string()));
+        if let Some(v) = v {
+            s += &format!(" {k}={v}");
         }
     }
     s

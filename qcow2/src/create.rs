@@ -90,7 +90,7 @@ impl CreateOptions {
             self.format,
             Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx
         ) {
-            if self.backing_file.is_some() {
+            if self.backing_file.is_some() && self.format != Format::Vmdk {
                 return inval(&format!(
                     "Backing file not supported for file format '{}'",
                     self.format.name()
@@ -179,6 +179,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     if !foreign {
         o.validate()?;
     }
+    if o.format == Format::Vmdk {
+        crate::foreign::vmdk::check_options(o)?;
+    }
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -229,8 +232,28 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             crate::foreign::vpc::create(&st, o.size, f.subformat.as_deref(), f.force_size)?;
             durable(&st)
         }
-        f @ (Format::Vmdk | Format::Vhdx) => Err(Error::ReadOnlyFormat(f.name())),
+        Format::Vmdk => {
+            let parent_cid = match &o.backing_file {
+                Some(b) => Some(vmdk_cid(&crate::paths::resolve_backing(path, b))?),
+                None => None,
+            };
+            crate::foreign::vmdk::create(&st, path, o, parent_cid)?;
+            durable(&st)
+        }
+        f @ Format::Vhdx => Err(Error::ReadOnlyFormat(f.name())),
     }
+}
+
+/// The CID of the VMDK image at `path` (a new image's parent).
+fn vmdk_cid(path: &Path) -> Result<u32> {
+    let opts = crate::open::OpenOptions {
+        format: Some(Format::Vmdk),
+        no_backing: true,
+        ..Default::default()
+    };
+    let img = crate::open::open(path, &opts)?;
+    let v = img.as_any().downcast_ref::<crate::foreign::vmdk::Vmdk>();
+    Ok(v.map_or(u32::MAX, |v| v.layout().cid()))
 }
 
 /// Makes what creation wrote durable (flushes were off until now).

@@ -359,7 +359,7 @@ fn copied_clear_on_single_ref(m: &str) -> bool {
     entry.is_some_and(|e| e & crate::l2::COPIED == 0)
 }
 
-/// A VDI image: opened read-only (a writable open must be refused), its
+/// A VDI image: opened read-only, its
 /// block status walked, every data run read whole and through the split
 /// data path (which must agree), the first bytes of every zero run read
 /// (zeros), reads across block boundaries, then `check`. Whatever the
@@ -418,7 +418,7 @@ pub fn vdi(data: &[u8]) {
 }
 
 /// A VHD image, with each size calculation QEMU's `force_size_calc`
-/// offers: opened read-only (a writable open must be refused) and walked
+/// offers: opened read-only and walked
 /// as [`vdi`] walks its image. A dynamic disk's data never crosses a block
 /// (runs of holes may); a fixed disk is one run of data at the guest's
 /// own offsets. The BAT is held only as far as the input goes.
@@ -477,26 +477,19 @@ pub fn vpc(data: &[u8]) {
 /// A VMDK image: a sparse file or a descriptor. Its extent files come
 /// from the input too: the file an extent line names is the input from
 /// sector N on, N the name's length modulo 64 (so a descriptor can name
-/// sparse extents placed after it). Opened read-only (a writable open must be
-/// refused) and walked as [`vdi`] walks its image (block status may fail
+/// sparse extents placed after it). Opened read-only and walked as [`vdi`] walks its image (block status may fail
 /// where a grain directory cannot place a grain, as QEMU's does). In a
 /// sparse file every answer stays within one grain; zeroed and
 /// unallocated grains have no offset. Then `check`, when the disk has at
 /// most 2^22 grains and 2^16 grain tables (it visits every grain of an
 /// allocated table, as QEMU's does, reading each table: millions of them
 /// would stall the fuzzer). Grain directories are held only as far as the
-/// input goes.
+/// input goes. Then, opened for writing, written.
 pub fn vmdk(data: &[u8]) {
     use crate::foreign::vmdk;
     use std::collections::HashMap;
     let f = memfile(data);
     let dup = |f: &File| f.try_clone().expect("dup of the memfd");
-    let rw = Storage::from_file(dup(&f), Path::new("fuzz-input.vmdk"), true);
-    let refuse = |_: &Path, _| -> crate::Result<Storage> { unreachable!("opened extents") };
-    assert!(
-        vmdk::open(rw, &refuse).is_err(),
-        "a vmdk image opened for writing"
-    );
     // One memfd per start: lines naming the same one share its inode.
     let files = std::cell::RefCell::new(HashMap::<usize, File>::new());
     let opener = |p: &Path, _| {
@@ -544,6 +537,29 @@ pub fn vmdk(data: &[u8]) {
             assert_eq!(rep.corruptions, rep.failed.is_some() as u64);
         }
     }
+    drop(img);
+    // Writes into the hostile image (last: they change the input). Only
+    // a monolithicSparse file opens for writing; tables placed over each
+    // other may clobber what was written, as in QEMU, but nothing may
+    // panic or take memory the image did not give.
+    let rw = Storage::from_file(dup(&f), Path::new("fuzz-input.vmdk"), true);
+    let no_extents = |_: &Path, _| -> crate::Result<Storage> {
+        Err(crate::Error::Format("no extent files here".into()))
+    };
+    let Ok(img) = vmdk::open(rw, &no_extents) else {
+        return;
+    };
+    let size = img.size();
+    for (k, off) in [0, size / 2, size.saturating_sub(3000)]
+        .into_iter()
+        .enumerate()
+    {
+        let n = 3000.min(size - off) as usize;
+        if n > 0 && img.write_at(&vec![0xc0 + k as u8; n], off).is_ok() {
+            let _ = img.read_at(&mut vec![0u8; n], off);
+        }
+    }
+    let _ = img.write_zeroes(0, size.min(1 << 20), false);
 }
 
 /// A VHDX image. Checksums the input leaves 0 (the two headers', the

@@ -20,7 +20,7 @@ pub enum Format {
     /// A Virtual PC / Hyper-V disk image (VHD, QEMU's `vpc`; see
     /// [`crate::foreign::vpc`]).
     Vpc,
-    /// A VMware disk image, read-only (see [`crate::foreign::vmdk`]).
+    /// A VMware disk image (see [`crate::foreign::vmdk`]).
     Vmdk,
     /// A Hyper-V disk image (VHDX), read-only (see
     /// [`crate::foreign::vhdx`]).
@@ -55,7 +55,7 @@ impl Format {
     /// writable opens and creation are refused
     /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
     pub fn read_only(self) -> bool {
-        matches!(self, Format::Vmdk | Format::Vhdx)
+        matches!(self, Format::Vhdx)
     }
 }
 

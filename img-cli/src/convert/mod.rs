@@ -140,7 +140,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     let src_fmt = fmt_arg(&a.format)?;
     let out_fmt = fmt_arg(&a.out_format)?.unwrap_or(Format::Raw);
     crate::common::writable_format(out_fmt)?;
-    if a.compress && out_fmt != Format::Qcow2 {
+    // QEMU's vmdk driver writes a compressed write into a monolithicSparse
+    // extent as a plain one: -c is taken and changes nothing.
+    let compress = a.compress && out_fmt != Format::Vmdk;
+    if compress && out_fmt != Format::Qcow2 {
         return Err(CliError::new(
             "Compression not supported for this file format",
         ));
@@ -202,7 +205,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             _ => crate::object::encryption(&encrypt, "encrypt.")
                 .map_err(|m| CliError::new(format!("{dst}: {m}")))?,
         };
-        if a.compress && o.encrypt.is_some() {
+        if compress && o.encrypt.is_some() {
             return Err(CliError::new(
                 "Compression and encryption not supported at the same time",
             ));
@@ -261,7 +264,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     }
     crate::bitmap::convert_target_check(src_bitmaps.is_some(), target.as_ref())?;
     target.storage().set_no_flush(unsafe_cache);
-    if a.compress && !target.supports_compression() {
+    if compress && !target.supports_compression() {
         return Err(CliError::new(
             "Compression not supported for this file format",
         ));
@@ -270,7 +273,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     // data with an external data file: qemu-img's convert -c fails there
     // even when nothing gets compressed (without a message); so does
     // this one, before writing anything, and says why.
-    if a.compress
+    if compress
         && target
             .as_qcow2()
             .is_some_and(|q| q.header().has_data_file())
@@ -286,8 +289,8 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     // worker writes in order. Compression keeps its workers out of order:
     // that is where they pay off.
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let in_turn = !a.out_of_order && !a.compress && target.data_in_clear();
-    let workers = if a.out_of_order || a.compress || in_turn {
+    let in_turn = !a.out_of_order && !compress && target.data_in_clear();
+    let workers = if a.out_of_order || compress || in_turn {
         a.parallel.clamp(1, cores)
     } else {
         1
@@ -296,7 +299,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     let job = Job {
         target: &target,
         cluster,
-        compress: a.compress,
+        compress,
         sparse,
         // Zeros need not be written where the target already reads as
         // zeros: a new image without backing file, or one declared zero.

@@ -49,6 +49,16 @@ pub struct CreateOptions {
     pub subformat: Option<String>,
     /// VHD `force_size`: the size as given, not rounded to a geometry.
     pub force_size: bool,
+    /// VMDK `adapter_type` (ide, buslogic, lsilogic, legacyESX).
+    pub adapter_type: Option<String>,
+    /// VMDK `hwversion` (written as given).
+    pub hwversion: Option<String>,
+    /// VMDK `compat6`: hardware version 6.
+    pub compat6: bool,
+    /// VMDK `toolsversion` (written as given).
+    pub toolsversion: Option<String>,
+    /// VMDK `zeroed_grain`: the zeroed-grain flag (version 2).
+    pub zeroed_grain: bool,
 }
 
 /// QEMU's largest byte offset (2^63 - 2^30): its block layer refuses I/O

@@ -1,4 +1,5 @@
-//! VMDK images, read-only, as QEMU's vmdk driver reads them:
+//! VMDK images, as QEMU's vmdk driver reads them (monolithicSparse ones
+//! are created and written too: `write.rs`):
 //! - a single sparse file (monolithicSparse, what `qemu-img create -f
 //!   vmdk` makes, and streamOptimized, with compressed grains): `sparse.rs`
 //!   and `stream.rs`;
@@ -148,14 +149,13 @@ pub struct VmdkLayout {
     create_type: String,
     /// The parent's name as the descriptor gives it (None: none, or "").
     parent: Option<Vec<u8>>,
+    /// A write has put a new CID in the descriptor (once per open).
+    cid_updated: std::sync::atomic::AtomicBool,
 }
 
-/// Opens a VMDK image (read-only: a writable `st` is refused); extent
-/// files are opened with `opener`.
+/// Opens a VMDK image (for writing: a monolithicSparse one only);
+/// extent files are opened with `opener`.
 pub fn open(st: Storage, opener: ExtentOpener) -> Result<Vmdk> {
-    if st.writable() {
-        return Err(Error::ReadOnlyFormat("vmdk"));
-    }
     let layout = VmdkLayout::read(&st, opener)?;
     ForeignImage::new(st, layout)
 }
@@ -294,6 +294,7 @@ impl VmdkLayout {
             parent_cid,
             create_type: d.create_type,
             parent,
+            cid_updated: Default::default(),
         })
     }
 
@@ -549,6 +550,22 @@ impl Layout for VmdkLayout {
             )),
         }
     }
+    fn alloc_unit(&self) -> Option<u64> {
+        self.writable_sparse().map(Sparse::grain_bytes)
+    }
+    fn before_write(&self, st: &Storage, _off: u64) -> Result<()> {
+        self.update_cid(st)
+    }
+    fn allocate(
+        &self,
+        st: &Storage,
+        index: u64,
+        data: &[u8],
+        _written: std::ops::Range<usize>,
+    ) -> Result<()> {
+        // The whole grain, as QEMU writes it.
+        self.allocate_grain(st, index, data)
+    }
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
         // Only an empty range at the disk's end (of no extents, or all
         // empty) lies in no extent.
@@ -629,3 +646,5 @@ mod sparse;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod write;
+pub use write::{check_options, create};

@@ -120,10 +120,15 @@ pub struct Sparse {
     gd: Table,
     zero_grain: bool,
     /// The last GT looked up: its sector (0: none) and bytes (at most
-    /// 2 KiB). The image is read-only: a GT never changes.
+    /// 2 KiB); a write's new GTE is put in it ([`Sparse::note_gte`]).
     gt_cache: std::sync::Mutex<(u32, Vec<u8>)>,
     /// Grains are deflate-compressed (streamOptimized).
     pub(super) compressed: bool,
+    /// The redundant GD (with [`FLAG_RGD`]), which writes keep in step.
+    rgd: Option<Table>,
+    /// Sector of the next grain a write allocates: the file's end,
+    /// rounded up to a grain (QEMU's next_cluster_sector).
+    pub(super) next: std::sync::atomic::AtomicU64,
     /// The last grain inflated whole: its host offset (0: none) and
     /// bytes (grains up to [`stream::CACHED_GRAIN`]).
     grain_cache: std::sync::Mutex<(u64, Vec<u8>)>,
@@ -186,12 +191,18 @@ impl Sparse {
             )));
         }
         let gd = Table::load(st, gd_at, gd_len)?;
-        if h.flags & FLAG_RGD != 0 && !readable(h.rgd_offset.wrapping_mul(SECTOR), gd_len) {
-            // QEMU reads the copy too (and never uses it).
+        let rgd_at = h.rgd_offset.wrapping_mul(SECTOR);
+        if h.flags & FLAG_RGD != 0 && !readable(rgd_at, gd_len) {
+            // QEMU reads the copy too (and uses it to write).
             return Err(refuse(format!(
                 "Could not read l1 backup table from extent '{name}': Input/output error"
             )));
         }
+        let rgd = match h.flags & FLAG_RGD != 0 && st.writable() {
+            true => Some(Table::load(st, rgd_at, gd_len)?),
+            false => None,
+        };
+        let next = (file_len / SECTOR).next_multiple_of(h.grain.max(1));
         Ok(Sparse {
             zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
             compressed: h.compression == COMPRESSION_DEFLATE,
@@ -201,7 +212,34 @@ impl Sparse {
             gd,
             gt_cache: std::sync::Mutex::new((0, Vec::new())),
             grain_cache: std::sync::Mutex::new((0, Vec::new())),
+            rgd,
+            next: std::sync::atomic::AtomicU64::new(next),
         })
+    }
+
+    /// The GT (a sector, never 0) and entry index of the grain holding
+    /// extent sector `sector`; None where the GD has no table for it.
+    pub(super) fn gt_slot(&self, sector: u64) -> Option<(u32, u64)> {
+        let gd_index = self.gd_index(sector);
+        let gt = (gd_index < self.gd_entries as u64).then(|| self.gd.u32_le(gd_index))?;
+        let i = (sector / self.header.grain) % self.header.gtes_per_gt as u64;
+        (gt != 0).then_some((gt, i))
+    }
+
+    /// The redundant GT of extent sector `sector`, if there is one.
+    pub(super) fn backup_gt(&self, sector: u64) -> Option<u32> {
+        let gd_index = self.gd_index(sector);
+        let gt = self.rgd.as_ref()?.u32_le(gd_index);
+        (gd_index < self.gd_entries as u64 && gt != 0).then_some(gt)
+    }
+
+    /// A GTE just written to the file: the cached GT follows it.
+    pub(super) fn note_gte(&self, gt: u32, i: u64, v: u32) {
+        let mut cache = self.gt_cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.0 == gt {
+            let i = i as usize * 4;
+            cache.1[i..i + 4].copy_from_slice(&v.to_le_bytes());
+        }
     }
 
     /// Sectors per grain.
