@@ -246,6 +246,11 @@ pub trait Image: Send + Sync + std::fmt::Debug {
     fn supports_compression(&self) -> bool {
         false
     }
+    /// Every write must be a compressed whole cluster (a streamOptimized
+    /// VMDK): convert writes it as `-c` would, whether asked or not.
+    fn compressed_writes_only(&self) -> bool {
+        false
+    }
     /// Writes one whole cluster (or the image's last, partial one) at
     /// cluster-aligned `off`, compressed.
     fn write_compressed(&self, _off: u64, _data: &[u8]) -> Result<()> {

@@ -1,4 +1,5 @@
-//! monolithicSparse VMDK images written by rimg as qemu-img writes them:
+//! monolithicSparse and streamOptimized VMDK images written by rimg as
+//! qemu-img writes them:
 //! `create` (every option, parents, refusals and words; the same bytes
 //! but for the random CID), `convert -O vmdk` and `dd -O vmdk` (the same
 //! grains in the same places), and the engine's own writes (odd offsets,
@@ -73,6 +74,8 @@ fn create_matches_qemu() {
         "compat6",
         "hwversion=7,subformat=monolithicSparse",
         "preallocation=full",
+        "subformat=streamOptimized",
+        "subformat=streamOptimized,zeroed_grain=on,adapter_type=lsilogic",
     ] {
         for size in ["1000", "1M", "64M", "1G", "3T"] {
             let mut args = vec!["create", "-f", "vmdk"];
@@ -198,7 +201,11 @@ fn create_matches_qemu() {
         );
     }
     // What rimg does not write yet says so, and leaves nothing.
-    for sub in ["streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse"] {
+    for sub in [
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+        "twoGbMaxExtentFlat",
+    ] {
         let o = format!("subformat={sub}");
         let (code, _, err) =
             rimg_tests::rimg_in(dir, &["create", "-f", "vmdk", "-o", &o, "n.vmdk", "1M"]);
@@ -408,7 +415,8 @@ fn what_rimg_or_qemu_cannot_write_is_refused() {
     let d = tempdir();
     let dir = d.path();
     qemu_img_in(dir, &["create", "-f", "vmdk", "x.vmdk", "4M"]);
-    for sub in ["streamOptimized", "monolithicFlat"] {
+    {
+        let sub = "monolithicFlat";
         let o = format!("subformat={sub}");
         qemu_img_in(
             dir,
@@ -445,4 +453,69 @@ fn what_rimg_or_qemu_cannot_write_is_refused() {
     ] {
         same(dir, args);
     }
+}
+
+/// streamOptimized as qemu-img writes it: grains compressed (zlib, so
+/// not byte for byte: compared as content), the same tables and header,
+/// whole grains only, each written once.
+#[test]
+fn stream_optimized_images_take_whole_grains_once() {
+    let d = tempdir();
+    let dir = d.path();
+    write_mixed_raw(&dir.join("in.raw"), (13 << 20) + 1000, 11);
+    for opts in [&[][..], &["-S", "0"], &["-W"]] {
+        let args = [
+            &["convert", "-O", "vmdk", "-o", "subformat=streamOptimized"],
+            opts,
+            &["in.raw"],
+        ]
+        .concat();
+        qemu_img_in(dir, &[&args[..], &["q.vmdk"]].concat());
+        same(dir, &[&args[..], &["r.vmdk"]].concat());
+        let (q, r) = (
+            std::fs::read(dir.join("q.vmdk")).unwrap(),
+            std::fs::read(dir.join("r.vmdk")).unwrap(),
+        );
+        assert!(q[..SECTOR] == r[..SECTOR], "{opts:?}: headers differ");
+        assert_eq!(descriptor(&q, "q.vmdk"), descriptor(&r, "r.vmdk"));
+        assert_qemu_check_clean(&dir.join("r.vmdk"));
+        assert_qemu_compare_equal(&dir.join("in.raw"), &dir.join("r.vmdk"));
+        for cmd in ["info", "check"] {
+            same(dir, &[cmd, "--output=json", "r.vmdk"]);
+        }
+    }
+    // The engine: whole grains go in once; a part of a grain, or a grain
+    // again, is refused (EINVAL, EIO) as QEMU refuses them.
+    let o = qcow2::CreateOptions {
+        format: qcow2::Format::Vmdk,
+        size: (1 << 20) + 4096,
+        foreign: qcow2::foreign::CreateOptions {
+            subformat: Some("streamOptimized".into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let path = dir.join("s.vmdk");
+    qcow2::create(&path, &o).unwrap();
+    let img = open_rw(&path);
+    assert!(img.compressed_writes_only());
+    let errno = |r: qcow2::Result<()>| match r {
+        Err(qcow2::Error::Io { source, .. }) => source.raw_os_error(),
+        r => panic!("{r:?}"),
+    };
+    assert_eq!(errno(img.write_at(&[1; 4096], 0)), Some(libc::EINVAL));
+    img.write_at(&[2; 65536], 65536).unwrap();
+    img.write_compressed(0, &[3; 65536]).unwrap();
+    assert_eq!(errno(img.write_at(&[4; 65536], 65536)), Some(libc::EIO));
+    // The last grain, short: up to the disk's end.
+    img.write_at(&[5; 4096], 1 << 20).unwrap();
+    let mut want = vec![0u8; (1 << 20) + 4096];
+    want[..65536].fill(3);
+    want[65536..131072].fill(2);
+    want[1 << 20..].fill(5);
+    assert!(read_all(img.as_ref()) == want);
+    drop(img);
+    std::fs::write(dir.join("s.raw"), &want).unwrap();
+    assert_qemu_check_clean(&path);
+    assert_qemu_compare_equal(&dir.join("s.raw"), &path);
 }

@@ -544,8 +544,18 @@ impl Job<'_> {
             let pos = at + k as u64;
             let n = (cs - (pos % cs as u64) as usize).min(data.len() - k);
             let whole = pos.is_multiple_of(cs as u64) && (n == cs || pos + n as u64 == t.size());
+            // The source's last bytes, short of the target's end (which
+            // is rounded up to a sector): a stream's last grain, padded
+            // (it takes nothing else).
+            let last = pos.is_multiple_of(cs as u64)
+                && pos + cs as u64 >= t.size()
+                && t.compressed_writes_only();
             if whole {
                 t.write_compressed(pos, &data[k..k + n])?;
+            } else if last && k + n == data.len() {
+                let mut padded = data[k..k + n].to_vec();
+                padded.resize((t.size() - pos) as usize, 0);
+                t.write_compressed(pos, &padded)?;
             } else {
                 t.write_at(&data[k..k + n], pos)?;
             }

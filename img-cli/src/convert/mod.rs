@@ -288,6 +288,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     // data path, mapping their writes in turn (see `copy`); elsewhere one
     // worker writes in order. Compression keeps its workers out of order:
     // that is where they pay off.
+    // A stream target takes compressed whole clusters only (qemu-img's
+    // compressed mode, which it enters by itself there too).
+    let compress = compress || target.compressed_writes_only();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let in_turn = !a.out_of_order && !compress && target.data_in_clear();
     let workers = if a.out_of_order || compress || in_turn {

@@ -139,6 +139,11 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     fn alloc_unit(&self) -> Option<u64> {
         None
     }
+    /// Units are stored compressed, whole (VMDK streams): a write that is
+    /// not a whole unit is refused, and placed units are never rewritten.
+    fn compressed_writes_only(&self) -> bool {
+        false
+    }
     /// Called before guest bytes at `off` are written into a unit the
     /// tables already place (VHD marks the block's sectors present).
     fn before_write(&self, _st: &Storage, _off: u64) -> Result<()> {
@@ -432,6 +437,19 @@ impl<L: Layout> Image for ForeignImage<L> {
     }
     fn cluster_size(&self) -> Option<u64> {
         self.layout.cluster_size()
+    }
+    fn supports_compression(&self) -> bool {
+        self.st.writable() && self.layout.compressed_writes_only()
+    }
+    fn compressed_writes_only(&self) -> bool {
+        self.supports_compression()
+    }
+    fn write_compressed(&self, off: u64, data: &[u8]) -> Result<()> {
+        // Every new unit of such a format is stored compressed.
+        match self.supports_compression() {
+            true => self.write_at(data, off),
+            false => Err(Error::NotSupportedByFormat("Compression")),
+        }
     }
     fn data_in_clear(&self) -> bool {
         // A writable image places a unit only once its data is known

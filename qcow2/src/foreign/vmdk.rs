@@ -43,6 +43,9 @@ use sparse::{GrainAt, Sparse};
 /// A VMDK image.
 pub type Vmdk = ForeignImage<VmdkLayout>;
 
+/// The largest grain rimg writes (QEMU and VMware make 64 KiB ones).
+const MAX_WRITTEN_GRAIN: u64 = 2 << 20;
+
 /// The old VMFS sparse ("COWD") magic: QEMU reads it, rimg does not.
 pub const MAGIC_COWD: &[u8; 4] = b"COWD";
 const SECTOR: u64 = 512;
@@ -551,7 +554,15 @@ impl Layout for VmdkLayout {
         }
     }
     fn alloc_unit(&self) -> Option<u64> {
-        self.writable_sparse().map(Sparse::grain_bytes)
+        // A write stages a whole grain in memory: grains past 2 MiB
+        // (none that QEMU or VMware make; hostile headers claim up to
+        // 1 GiB) are not written.
+        self.writable_sparse()
+            .map(Sparse::grain_bytes)
+            .filter(|&g| g <= MAX_WRITTEN_GRAIN)
+    }
+    fn compressed_writes_only(&self) -> bool {
+        self.writable_sparse().is_some_and(|s| s.compressed)
     }
     fn before_write(&self, st: &Storage, _off: u64) -> Result<()> {
         self.update_cid(st)
@@ -561,10 +572,9 @@ impl Layout for VmdkLayout {
         st: &Storage,
         index: u64,
         data: &[u8],
-        _written: std::ops::Range<usize>,
+        written: std::ops::Range<usize>,
     ) -> Result<()> {
-        // The whole grain, as QEMU writes it.
-        self.allocate_grain(st, index, data)
+        self.allocate_grain(st, index, data, written)
     }
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
         // Only an empty range at the disk's end (of no extents, or all

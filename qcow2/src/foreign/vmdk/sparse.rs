@@ -35,6 +35,8 @@ pub const HEADER_LEN: usize = 512;
 /// Flag bits.
 pub const FLAG_RGD: u32 = 1 << 1;
 pub const FLAG_ZERO_GRAIN: u32 = 1 << 2;
+/// Grains are compressed (streamOptimized).
+pub const FLAG_COMPRESSED: u32 = 1 << 16;
 /// Compressed grains start with a marker (streamOptimized).
 pub const FLAG_MARKER: u32 = 1 << 17;
 /// GD offset of stream files, whose GD is found through a footer.
@@ -124,6 +126,8 @@ pub struct Sparse {
     gt_cache: std::sync::Mutex<(u32, Vec<u8>)>,
     /// Grains are deflate-compressed (streamOptimized).
     pub(super) compressed: bool,
+    /// The GD was found through a footer (a stream as VMware writes it).
+    pub(super) gd_at_end: bool,
     /// The redundant GD (with [`FLAG_RGD`]), which writes keep in step.
     rgd: Option<Table>,
     /// Sector of the next grain a write allocates: the file's end,
@@ -149,7 +153,8 @@ impl Sparse {
     /// QEMU takes the image file's, the descriptor's for an extent file.
     pub(super) fn read(st: &Storage, mut h: Header, footer_len: u64) -> Result<Sparse> {
         let file_len = st.len()?.next_multiple_of(SECTOR);
-        if h.gd_offset == GD_AT_END {
+        let gd_at_end = h.gd_offset == GD_AT_END;
+        if gd_at_end {
             // A stream as VMware writes it: the footer's header counts.
             h = stream::footer_header(st, footer_len)?;
         }
@@ -206,6 +211,7 @@ impl Sparse {
         Ok(Sparse {
             zero_grain: h.flags & FLAG_ZERO_GRAIN != 0,
             compressed: h.compression == COMPRESSION_DEFLATE,
+            gd_at_end,
             header: h,
             gd_entry_sectors,
             gd_entries,

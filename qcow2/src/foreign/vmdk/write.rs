@@ -1,6 +1,7 @@
-//! Creating monolithicSparse VMDK images and writing grains into them, as
-//! QEMU's vmdk driver does (`vmdk_co_do_create`, `vmdk_init_extent`,
-//! `get_cluster_offset`, `vmdk_L2update`, `vmdk_write_cid`).
+//! Creating monolithicSparse and streamOptimized VMDK images and writing
+//! grains into them, as QEMU's vmdk driver does (`vmdk_co_do_create`,
+//! `vmdk_init_extent`, `get_cluster_offset`, `vmdk_write_extent`,
+//! `vmdk_L2update`, `vmdk_write_cid`).
 //!
 //! - Create: a sparse header in sector 0, the descriptor in sectors 1 to
 //!   20, the redundant grain directory (GD) and its grain tables (GTs),
@@ -13,11 +14,20 @@
 //!   never change. The first write of every writable open puts a new
 //!   random CID in the descriptor (so a child made before no longer reads
 //!   through it), as QEMU does.
+//! - streamOptimized, as QEMU writes it (not as VMware streams it): the
+//!   same header (version 3, compressed, markers) and preallocated
+//!   tables; each grain a marker (its first sector, the length) and its
+//!   zlib stream, packed one after another on sector boundaries. Only
+//!   whole grains are written (the disk's last, short one up to the
+//!   disk's end), once each.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 
-use super::sparse::{at, Sparse, FLAG_RGD, FLAG_ZERO_GRAIN, HEADER_LEN, MAGIC};
+use super::sparse::{
+    at, Sparse, COMPRESSION_DEFLATE, FLAG_COMPRESSED, FLAG_MARKER, FLAG_RGD, FLAG_ZERO_GRAIN,
+    HEADER_LEN, MAGIC,
+};
 use super::{VmdkLayout, DESC_AT, DESC_SIZE, SECTOR};
 use crate::create::CreateOptions;
 use crate::error::{Error, Result};
@@ -71,15 +81,21 @@ pub fn check_options(o: &CreateOptions) -> Result<()> {
         return Err(inval("Flat image can't enable zeroed grain"));
     }
     match f.subformat.as_deref() {
-        None | Some("monolithicSparse") => Ok(()),
+        None | Some("monolithicSparse" | "streamOptimized") => Ok(()),
         Some(sub) => Err(inval(format!(
-            "VMDK subformat '{sub}' is not supported by rimg yet (monolithicSparse is)"
+            "VMDK subformat '{sub}' is not supported by rimg yet (monolithicSparse and streamOptimized are)"
         ))),
     }
 }
 
 /// The header of a sparse extent of `capacity` sectors.
-fn header(capacity: u64, gd: u64, grain_offset: u64, zeroed_grain: bool) -> [u8; HEADER_LEN] {
+fn header(
+    capacity: u64,
+    gd: u64,
+    grain_offset: u64,
+    zeroed_grain: bool,
+    stream: bool,
+) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     let put32 = |h: &mut [u8; HEADER_LEN], at: usize, v: u32| {
         h[at..at + 4].copy_from_slice(&v.to_le_bytes());
@@ -88,11 +104,23 @@ fn header(capacity: u64, gd: u64, grain_offset: u64, zeroed_grain: bool) -> [u8;
         h[at..at + 8].copy_from_slice(&v.to_le_bytes());
     };
     h[..4].copy_from_slice(MAGIC);
-    // Version 2 says the zeroed-grain flag may be set.
-    put32(&mut h, at::VERSION, if zeroed_grain { 2 } else { 1 });
-    // Bit 0: newline detection; bit 1: a redundant GD.
+    // Version 2 says the zeroed-grain flag may be set, 3 that grains are
+    // compressed.
+    let version = match (stream, zeroed_grain) {
+        (true, _) => 3,
+        (false, true) => 2,
+        (false, false) => 1,
+    };
+    put32(&mut h, at::VERSION, version);
+    // Bit 0: newline detection; bit 1: a redundant GD; 16 and 17:
+    // compressed grains with markers.
     let zero = if zeroed_grain { FLAG_ZERO_GRAIN } else { 0 };
-    put32(&mut h, at::FLAGS, 1 | FLAG_RGD | zero);
+    let compressed = if stream {
+        FLAG_COMPRESSED | FLAG_MARKER
+    } else {
+        0
+    };
+    put32(&mut h, at::FLAGS, 1 | FLAG_RGD | zero | compressed);
     put64(&mut h, at::CAPACITY, capacity);
     put64(&mut h, at::GRAIN, GRAIN_SECTORS);
     put64(&mut h, at::DESC_OFFSET, DESC_AT / SECTOR);
@@ -103,6 +131,9 @@ fn header(capacity: u64, gd: u64, grain_offset: u64, zeroed_grain: bool) -> [u8;
     put64(&mut h, at::GRAIN_OFFSET, grain_offset);
     // The check bytes that catch a file mangled by a text transfer.
     h[73..77].copy_from_slice(b"\n \r\n");
+    if stream {
+        h[at::COMPRESSION..at::COMPRESSION + 2].copy_from_slice(&COMPRESSION_DEFLATE.to_le_bytes());
+    }
     h
 }
 
@@ -125,7 +156,8 @@ fn directory(gd: u64, gd_sectors: u64, gt_count: u64) -> Vec<u8> {
 /// CID of the backing image `o.backing_file` names, if any.
 pub fn create(st: &Storage, path: &Path, o: &CreateOptions, parent_cid: Option<u32>) -> Result<()> {
     let f = &o.foreign;
-    let sub = "monolithicSparse";
+    let sub = f.subformat.as_deref().unwrap_or("monolithicSparse");
+    let stream = sub == "streamOptimized";
     let hw = match (f.compat6, f.hwversion.as_deref()) {
         (true, _) => "6",
         (false, v) => v.unwrap_or("4"),
@@ -170,7 +202,10 @@ pub fn create(st: &Storage, path: &Path, o: &CreateOptions, parent_cid: Option<u
     if desc.len() >= DESC_SIZE {
         return Err(inval("VMDK descriptor too long for its 20 sectors"));
     }
-    st.write_at(&header(capacity, gd, grain_offset, f.zeroed_grain), 0)?;
+    st.write_at(
+        &header(capacity, gd, grain_offset, f.zeroed_grain, stream),
+        0,
+    )?;
     st.set_len(grain_offset * SECTOR)?;
     st.write_at(&directory(RGD, gd_sectors, gt_count), RGD * SECTOR)?;
     st.write_at(&directory(gd, gd_sectors, gt_count), gd * SECTOR)?;
@@ -178,21 +213,28 @@ pub fn create(st: &Storage, path: &Path, o: &CreateOptions, parent_cid: Option<u
 }
 
 impl VmdkLayout {
-    /// The one sparse extent of a monolithicSparse image, the only VMDK
-    /// images rimg writes.
+    /// The one sparse extent of a monolithicSparse or streamOptimized
+    /// image, the only VMDK images rimg writes (a stream with its GD in
+    /// the header, as QEMU writes them).
     pub(super) fn writable_sparse(&self) -> Option<&Sparse> {
         match &self.extents[..] {
-            [e] if e.file == 0 => e.sparse().filter(|s| !s.compressed),
+            [e] if e.file == 0 => e.sparse().filter(|s| !s.gd_at_end),
             _ => None,
         }
     }
 
     /// Stores grain `index` (`data`, one grain) at the end of the file,
     /// then records it in the primary GT and the redundant one.
-    pub(super) fn allocate_grain(&self, st: &Storage, index: u64, data: &[u8]) -> Result<()> {
-        let s = self
-            .writable_sparse()
-            .ok_or_else(|| inval("only monolithicSparse VMDK images are written"))?;
+    pub(super) fn allocate_grain(
+        &self,
+        st: &Storage,
+        index: u64,
+        data: &[u8],
+        written: std::ops::Range<usize>,
+    ) -> Result<()> {
+        let s = self.writable_sparse().ok_or_else(|| {
+            inval("only monolithicSparse and streamOptimized VMDK images are written")
+        })?;
         let grain = s.grain_sectors();
         let sector = index * grain;
         let Some((gt, i)) = s.gt_slot(sector) else {
@@ -202,6 +244,14 @@ impl VmdkLayout {
             ));
         };
         let at = s.next.load(Ordering::Relaxed);
+        let (stored, next) = match s.compressed {
+            false => (data.to_vec(), at + grain),
+            true => {
+                let m = self.marked_grain(index, data, written)?;
+                let next = at + (m.len() as u64).div_ceil(SECTOR);
+                (m, next)
+            }
+        };
         // Grain table entries are u32 sectors.
         if at + grain > u32::MAX as u64 {
             return Err(Error::io(
@@ -209,15 +259,57 @@ impl VmdkLayout {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        st.write_at(data, at * SECTOR)?;
+        st.write_at(&stored, at * SECTOR)?;
+        if s.compressed {
+            // QEMU zeroes a whole grain at the marker's sector first: the
+            // file ends a grain past the last marker (a hole here).
+            let end = (at + grain) * SECTOR;
+            if st.len()? < end {
+                st.set_len(end)?;
+            }
+        }
         let gte = (at as u32).to_le_bytes();
         st.write_at(&gte, gt as u64 * SECTOR + i * 4)?;
         if let Some(rgt) = s.backup_gt(sector) {
             st.write_at(&gte, rgt as u64 * SECTOR + i * 4)?;
         }
         s.note_gte(gt, i, at as u32);
-        s.next.store(at + grain, Ordering::Relaxed);
+        s.next.store(next, Ordering::Relaxed);
         self.update_cid(st)
+    }
+
+    /// A stream's grain `index` as stored: its marker (first sector, then
+    /// the compressed length) and zlib stream (level 6, as QEMU's
+    /// compress()), padded to a sector. Only the whole grain may be
+    /// written, or the disk's last grain up to the disk's end (EINVAL).
+    fn marked_grain(
+        &self,
+        index: u64,
+        data: &[u8],
+        written: std::ops::Range<usize>,
+    ) -> Result<Vec<u8>> {
+        use std::io::Write;
+        let start = index * data.len() as u64;
+        let len = (data.len() as u64).min(self.sectors * SECTOR - start) as usize;
+        if written != (0..len) {
+            return Err(Error::io(
+                "a streamOptimized VMDK takes whole grains only",
+                std::io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+        z.write_all(&data[..len])
+            .and_then(|()| z.flush())
+            .map_err(|e| Error::io("deflate", e))?;
+        let packed = z.finish().map_err(|e| Error::io("deflate", e))?;
+        let grain_sectors = data.len() as u64 / SECTOR;
+        let mut m = Vec::with_capacity(12 + packed.len() + SECTOR as usize);
+        m.extend((index * grain_sectors).to_le_bytes());
+        // At most a little over the grain (64 KiB): a u32.
+        m.extend((packed.len() as u32).to_le_bytes());
+        m.extend(packed);
+        m.resize(m.len().next_multiple_of(SECTOR as usize), 0);
+        Ok(m)
     }
 
     /// On the first write of this open: a new random CID in the
