@@ -442,11 +442,13 @@ impl Layout for VpcLayout {
         Ok((Where::Zero, n))
     }
     fn alloc_unit(&self) -> Option<u64> {
-        Some(
-            self.dynamic
-                .as_ref()
-                .map_or(write::FIXED_UNIT, |d| d.block_size),
-        )
+        // A new block is staged in memory: blocks past 32 MiB (QEMU,
+        // Virtual PC and Hyper-V make 2 MiB ones; a hostile header may
+        // claim 2 GiB) are not written.
+        match &self.dynamic {
+            None => Some(write::FIXED_UNIT),
+            Some(d) => (d.block_size <= 32 << 20).then_some(d.block_size),
+        }
     }
     fn before_write(&self, st: &Storage, off: u64) -> Result<()> {
         match &self.dynamic {
