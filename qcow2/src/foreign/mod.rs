@@ -144,6 +144,18 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     fn compressed_writes_only(&self) -> bool {
         false
     }
+    /// What [`Layout::allocate`] is to store for unit `index` (its whole
+    /// new contents `data`, of which a write gave `written`), made before
+    /// the allocation lock is taken; None: `data` itself. VMDK streams
+    /// compress here, and refuse what is not a whole grain.
+    fn encode(
+        &self,
+        _index: u64,
+        _data: &[u8],
+        _written: std::ops::Range<usize>,
+    ) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
     /// Called before guest bytes at `off` are written into a unit the
     /// tables already place (VHD marks the block's sectors present).
     fn before_write(&self, _st: &Storage, _off: u64) -> Result<()> {
@@ -151,7 +163,7 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Stores `data`, the whole new contents of allocation unit `index`
     /// (one [`Layout::alloc_unit`] long, of which the write that asks
-    /// gave `written`), in new space of the image file and records it in
+    /// gave `written`; or what [`Layout::encode`] made of it), in new space of the image file and records it in
     /// the tables, on disk and then in memory. Called one at a time
     /// (under [`ForeignImage`]'s allocation lock), only for a unit whose
     /// lookup answers [`Where::Zero`] or [`Where::Unallocated`].
@@ -262,23 +274,32 @@ impl<L: Layout> ForeignImage<L> {
                 Ok(())
             }
             Where::Zero | Where::Unallocated => {
-                let _held = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
-                // Another writer may have placed the unit meanwhile.
-                let (again, _) = self.layout.lookup(&self.st, at, data.len() as u64)?;
-                if let Where::Data { .. } = again {
-                    drop(_held);
-                    return self.write_in_unit(data, at, unit);
-                }
+                // The unit's new contents, made (and encoded: VMDK streams
+                // compress) before the lock, so writers of different
+                // units do that work in parallel.
                 let start = at - at % unit;
                 let mut whole = vec![0u8; unit as usize];
-                if again == Where::Unallocated {
+                if w == Where::Unallocated {
                     let n = unit.min(self.size() - start) as usize;
                     self.read_unallocated(&mut whole[..n], start)?;
                 }
                 let skip = (at - start) as usize;
                 whole[skip..skip + data.len()].copy_from_slice(data);
+                let written = skip..skip + data.len();
+                let stored = self.layout.encode(start / unit, &whole, written.clone())?;
+                let _held = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+                // Another writer may have placed the unit meanwhile.
+                let (again, _) = self.layout.lookup(&self.st, at, data.len() as u64)?;
+                match again {
+                    Where::Zero | Where::Unallocated => {}
+                    _ => {
+                        drop(_held);
+                        return self.write_in_unit(data, at, unit);
+                    }
+                }
+                let stored = stored.as_deref().unwrap_or(&whole);
                 self.layout
-                    .allocate(&self.st, start / unit, &whole, skip..skip + data.len())
+                    .allocate(&self.st, start / unit, stored, written)
             }
             // Compressed units are never rewritten in place (as QEMU's
             // vmdk driver refuses); the others fail as reads do.

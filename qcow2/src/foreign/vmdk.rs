@@ -564,6 +564,17 @@ impl Layout for VmdkLayout {
     fn compressed_writes_only(&self) -> bool {
         self.writable_sparse().is_some_and(|s| s.compressed)
     }
+    fn encode(
+        &self,
+        index: u64,
+        data: &[u8],
+        written: std::ops::Range<usize>,
+    ) -> Result<Option<Vec<u8>>> {
+        match self.compressed_writes_only() {
+            true => self.marked_grain(index, data, written).map(Some),
+            false => Ok(None),
+        }
+    }
     fn before_write(&self, st: &Storage, _off: u64) -> Result<()> {
         self.update_cid(st)
     }
@@ -572,9 +583,9 @@ impl Layout for VmdkLayout {
         st: &Storage,
         index: u64,
         data: &[u8],
-        written: std::ops::Range<usize>,
+        _written: std::ops::Range<usize>,
     ) -> Result<()> {
-        self.allocate_grain(st, index, data, written)
+        self.allocate_grain(st, index, data)
     }
     fn lookup(&self, st: &Storage, off: u64, len: u64) -> Result<(Where, u64)> {
         // Only an empty range at the disk's end (of no extents, or all

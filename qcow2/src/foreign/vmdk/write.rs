@@ -225,13 +225,8 @@ impl VmdkLayout {
 
     /// Stores grain `index` (`data`, one grain) at the end of the file,
     /// then records it in the primary GT and the redundant one.
-    pub(super) fn allocate_grain(
-        &self,
-        st: &Storage,
-        index: u64,
-        data: &[u8],
-        written: std::ops::Range<usize>,
-    ) -> Result<()> {
+    /// `data` is the grain, or a stream's marked grain ([`Self::marked_grain`]).
+    pub(super) fn allocate_grain(&self, st: &Storage, index: u64, data: &[u8]) -> Result<()> {
         let s = self.writable_sparse().ok_or_else(|| {
             inval("only monolithicSparse and streamOptimized VMDK images are written")
         })?;
@@ -244,13 +239,9 @@ impl VmdkLayout {
             ));
         };
         let at = s.next.load(Ordering::Relaxed);
-        let (stored, next) = match s.compressed {
-            false => (data.to_vec(), at + grain),
-            true => {
-                let m = self.marked_grain(index, data, written)?;
-                let next = at + (m.len() as u64).div_ceil(SECTOR);
-                (m, next)
-            }
+        let next = match s.compressed {
+            false => at + grain,
+            true => at + (data.len() as u64).div_ceil(SECTOR),
         };
         // Grain table entries are u32 sectors.
         if at + grain > u32::MAX as u64 {
@@ -259,7 +250,7 @@ impl VmdkLayout {
                 std::io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        st.write_at(&stored, at * SECTOR)?;
+        st.write_at(data, at * SECTOR)?;
         if s.compressed {
             // QEMU zeroes a whole grain at the marker's sector first: the
             // file ends a grain past the last marker (a hole here).
@@ -282,7 +273,7 @@ impl VmdkLayout {
     /// the compressed length) and zlib stream (level 6, as QEMU's
     /// compress()), padded to a sector. Only the whole grain may be
     /// written, or the disk's last grain up to the disk's end (EINVAL).
-    fn marked_grain(
+    pub(super) fn marked_grain(
         &self,
         index: u64,
         data: &[u8],
