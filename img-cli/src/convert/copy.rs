@@ -40,6 +40,9 @@ pub(super) struct Job<'a> {
     /// Writes are mapped in guest order, turn by turn (see the module
     /// docs); None: each worker writes as it goes.
     pub(super) turn: Option<Turn>,
+    /// The target maps writes (`begin_write`); without, a chunk's turn
+    /// covers its whole writes.
+    pub(super) split_writes: bool,
     pub(super) failed: AtomicBool,
     /// Reserving a raw target's space failed once: not tried again.
     pub(super) no_reserve: AtomicBool,
@@ -264,6 +267,22 @@ impl Job<'_> {
     /// their turns, the data and the commits.
     fn apply(&self, ticket: Option<Ticket<'_>>, ops: Vec<Op<'_>>) -> Result<(), CliError> {
         let ticket = match ticket {
+            // No split write path: the writes themselves, in turn.
+            Some(mut t) if !self.split_writes => {
+                t.wait();
+                if self.cluster.is_none() {
+                    // A raw-like target (a fixed VHD): reserved as raw.
+                    self.reserve(&ops);
+                }
+                for op in ops {
+                    match op {
+                        Op::Write(at, b) => self.write(at, b)?,
+                        Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+                    }
+                }
+                t.pass();
+                return Ok(());
+            }
             // Raw: reserve in turn, write as the others take theirs.
             Some(mut t) if self.cluster.is_none() => {
                 t.wait();

@@ -292,7 +292,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     // compressed mode, which it enters by itself there too).
     let compress = compress || target.compressed_writes_only();
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let in_turn = !a.out_of_order && !compress && target.data_in_clear();
+    // Targets without a split write path (foreign formats, encrypted
+    // images) still read and plan in parallel, and write in turn.
+    let in_turn = !a.out_of_order && !compress;
     let workers = if a.out_of_order || compress || in_turn {
         a.parallel.clamp(1, cores)
     } else {
@@ -323,6 +325,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         ),
         count_data: a.progress && !a.quiet,
         turn: (in_turn && workers > 1).then(Turn::default),
+        split_writes: target.data_in_clear(),
         failed: AtomicBool::new(false),
         no_reserve: AtomicBool::new(false),
         error: Mutex::new(None),
