@@ -217,22 +217,35 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
             )
         );
     }
+    let mut locked = false;
     let made = crate::object::encryption(&encrypt, "encrypt.")
         .map_err(|m| CliError::new(format!("{}: {m}", a.filename)))
         .and_then(|e| {
             o.encrypt = e;
-            make(&a.filename, &o, format)
+            make(&a.filename, &o, format, &mut locked)
         });
     // qemu-img deletes what a failed qcow2 creation left; the other
     // drivers leave the file their file layer made (empty, or partial).
-    if format == Format::Qcow2 {
+    // A file whose lock another holds was never touched: it stays.
+    if format == Format::Qcow2 && !locked {
         discard_on_error(&a.filename, &made);
     }
     made
 }
 
-fn make(filename: &str, o: &CreateOptions, format: Format) -> Result<u8, CliError> {
+/// Makes the image; `locked` tells that its file was in use (and left as
+/// it was).
+fn make(
+    filename: &str,
+    o: &CreateOptions,
+    format: Format,
+    locked: &mut bool,
+) -> Result<u8, CliError> {
     qcow2::create(Path::new(filename), o).map_err(|e| match e {
+        e @ qcow2::Error::Locked(_) => {
+            *locked = true;
+            CliError::new(format!("{filename}: {}", crate::common::error_text(&e)))
+        }
         // qemu-img words these as sentences of their own.
         qcow2::Error::InvalidArgument(m) => {
             CliError::new(format!("{}: {}", filename, crate::common::sentence(&m)))
@@ -300,13 +313,19 @@ fn create_luks(a: &CreateArgs) -> Result<u8, CliError> {
         println!("{line}");
     }
     let fail = |m: String| CliError::new(format!("{}: {m}", a.filename));
+    let mut locked = false;
     let made = luks_encryption(&encrypt).map_err(fail).and_then(|e| {
         o.encrypt = e;
         qcow2::create(Path::new(&a.filename), &o)
             .map(|()| 0)
-            .map_err(|e| fail(crate::common::error_text(&e)))
+            .map_err(|e| {
+                locked = matches!(e, qcow2::Error::Locked(_));
+                fail(crate::common::error_text(&e))
+            })
     });
-    discard_on_error(&a.filename, &made);
+    if !locked {
+        discard_on_error(&a.filename, &made);
+    }
     made
 }
 

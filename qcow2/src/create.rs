@@ -182,17 +182,7 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     if o.format == Format::Vmdk {
         crate::foreign::vmdk::check_options(o)?;
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(|source| Error::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    let st = Storage::from_file(file, path, true);
+    let st = Storage::create_locked(path)?;
     if foreign {
         o.validate()?;
     }

@@ -177,6 +177,32 @@ impl Storage {
         Ok(st)
     }
 
+    /// Opens `path` to make a new image in, created if need be, and takes
+    /// the write lock before emptying it (as QEMU's file layer does): an
+    /// image another process uses, or the source of the same command, is
+    /// refused, never truncated.
+    pub fn create_locked(path: &Path) -> Result<Storage> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let st = Storage::from_file(file, path, true);
+        st.lock(Access::Write)?;
+        st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
+        // A device keeps its size (QEMU's host_device is not truncated).
+        let regular = st.file.metadata().is_ok_and(|m| m.is_file());
+        if regular {
+            st.set_len(0)?;
+        }
+        Ok(st)
+    }
+
     /// Takes the lock bytes, then looks for conflicting ones, as QEMU
     /// does (raw_apply_lock_bytes, then raw_check_lock_bytes). Looking
     /// first would let two openers racing each other both pass before

@@ -428,3 +428,64 @@ fn closing_releases_the_locks_a_forked_child_still_shares() {
         libc::close(wr);
     }
 }
+
+/// A new image is made only once its file's write lock is held, as QEMU's
+/// file layer makes it: create, convert and dd over an image in use, or
+/// over their own source, are refused in qemu-img's words and leave the
+/// file as it was (rimg used to truncate it first). A writable open with
+/// -U is refused.
+#[test]
+fn making_an_image_over_one_in_use_leaves_it_alone() {
+    use rimg_tests::same_as_qemu as same;
+    let d = tempdir();
+    let dir = d.path();
+    let img = dir.join("busy.qcow2");
+    assert!(
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"])
+            .status
+            .success()
+    );
+    std::fs::write(dir.join("src.raw"), vec![7u8; 1 << 20]).unwrap();
+    let holder = open(
+        &img,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    holder.write_at(&[9u8; 4096], 0).unwrap();
+    holder.flush().unwrap();
+    let before = std::fs::read(&img).unwrap();
+    for args in [
+        &["create", "-f", "vdi", "busy.qcow2", "1M"][..],
+        &["create", "-f", "qcow2", "busy.qcow2", "1M"],
+        &["create", "-f", "raw", "busy.qcow2", "1M"],
+        &["convert", "-O", "raw", "src.raw", "busy.qcow2"],
+        &["convert", "-O", "vmdk", "src.raw", "busy.qcow2"],
+        &["dd", "-O", "vpc", "if=src.raw", "of=busy.qcow2"],
+        &["snapshot", "-c", "s1", "-U", "busy.qcow2"],
+    ] {
+        let (code, ..) = same(dir, args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "{args:?} changed the image"
+        );
+    }
+    drop(holder);
+    // Its own source as the target.
+    let src = std::fs::read(dir.join("src.raw")).unwrap();
+    for args in [
+        &["convert", "-f", "raw", "-O", "raw", "src.raw", "src.raw"][..],
+        &["convert", "-f", "raw", "-O", "qcow2", "src.raw", "src.raw"],
+        &["snapshot", "-c", "s1", "-U", "busy.qcow2"],
+    ] {
+        let (code, ..) = same(dir, args);
+        assert_eq!(code, Some(1), "{args:?}");
+        assert!(
+            std::fs::read(dir.join("src.raw")).unwrap() == src,
+            "{args:?}"
+        );
+    }
+}
