@@ -36,6 +36,13 @@ pub fn run(a: SnapshotArgs) -> Result<u8, CliError> {
     let _ = a.quiet;
     let format = crate::common::parse_format(&a.format)?;
     let writable = a.apply.is_some() || a.create.is_some() || a.delete.is_some();
+    if writable && a.force_share {
+        // QEMU's block layer: sharing is for readers only.
+        return Err(CliError::new(format!(
+            "Could not open '{}': force-share=on can only be used with read-only images",
+            a.filename
+        )));
+    }
     let img = crate::blockopts::open_image(
         &a.filename,
         a.image_opts,

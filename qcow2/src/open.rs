@@ -46,12 +46,6 @@ pub struct OpenOptions {
 
 /// Opens an image and, unless told not to, its backing chain.
 pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
-    if opts.writable && opts.force_share {
-        // QEMU's words: sharing is for readers only.
-        return Err(Error::Format(
-            "force-share=on can only be used with read-only images".into(),
-        ));
-    }
     let path = host_path(path);
     let mut seen = HashSet::new();
     open_at_depth(path, opts.format, opts.writable, opts, 0, &mut seen)

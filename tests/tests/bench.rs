@@ -457,26 +457,25 @@ fn reserved_space_is_trimmed_at_exit() {
 /// checks clean and takes more writes.
 #[test]
 fn reserved_tail_left_by_a_crash_is_free_space() {
-    use qcow2::{OpenOptions, Qcow2Options};
+    use qcow2::{Image, Qcow2Options};
     let d = tempdir();
     let p = d.path().join("crash.qcow2");
     qemu_create(&p, "", "1G");
+    // The crashed writer's descriptor (and its locks) is still open in
+    // this process: the image is opened below the lock layer (a writable
+    // open with force-share is refused, as in QEMU).
     let open = |ahead: u64| {
-        qcow2::open(
-            &p,
-            &OpenOptions {
-                writable: true,
-                // The crashed writer's descriptor (and its locks) is
-                // still open in this process.
-                force_share: true,
-                qcow2: Qcow2Options {
-                    preallocate_ahead: ahead,
-                    ..Default::default()
-                },
+        let st = qcow2::storage::Storage::open(&p, true).expect("open");
+        let q = qcow2::Qcow2::open(
+            st,
+            None,
+            Qcow2Options {
+                preallocate_ahead: ahead,
                 ..Default::default()
             },
         )
-        .expect("open")
+        .expect("open");
+        std::sync::Arc::new(q)
     };
     let img = open(8 << 20);
     let data = vec![0x6bu8; 4096];

@@ -38,7 +38,6 @@ fn scratch(name: &str, len: u64) -> (Scratch, std::sync::Arc<dyn Image>) {
         &OpenOptions {
             writable: true,
             format: Some(qcow2::Format::Raw),
-            force_share: true,
             ..Default::default()
         },
     )
