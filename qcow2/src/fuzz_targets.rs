@@ -461,17 +461,25 @@ pub fn vpc(data: &[u8]) {
     let Ok(img) = vpc::open(rw, SizeCalc::Auto) else {
         return;
     };
+    write_hostile(&img, 0xb0, 5 << 20);
+}
+
+/// Writes into a hostile image opened for writing: 3000-byte pieces at
+/// the start, the middle and the end of the disk (filled from `fill`),
+/// each read back, then a zeroing of the first `zero` bytes. Errors are
+/// fine; a panic, a hang or a runaway allocation is not.
+fn write_hostile(img: &dyn Image, fill: u8, zero: u64) {
     let size = img.size();
     for (k, off) in [0, size / 2, size.saturating_sub(3000)]
         .into_iter()
         .enumerate()
     {
         let n = 3000.min(size - off) as usize;
-        if n > 0 && img.write_at(&vec![0xb0 + k as u8; n], off).is_ok() {
+        if n > 0 && img.write_at(&vec![fill + k as u8; n], off).is_ok() {
             let _ = img.read_at(&mut vec![0u8; n], off);
         }
     }
-    let _ = img.write_zeroes(0, size.min(5 << 20), false);
+    let _ = img.write_zeroes(0, size.min(zero), false);
 }
 
 /// A VMDK image: a sparse file or a descriptor. Its extent files come
@@ -549,17 +557,7 @@ pub fn vmdk(data: &[u8]) {
     let Ok(img) = vmdk::open(rw, &no_extents) else {
         return;
     };
-    let size = img.size();
-    for (k, off) in [0, size / 2, size.saturating_sub(3000)]
-        .into_iter()
-        .enumerate()
-    {
-        let n = 3000.min(size - off) as usize;
-        if n > 0 && img.write_at(&vec![0xc0 + k as u8; n], off).is_ok() {
-            let _ = img.read_at(&mut vec![0u8; n], off);
-        }
-    }
-    let _ = img.write_zeroes(0, size.min(1 << 20), false);
+    write_hostile(&img, 0xc0, 1 << 20);
 }
 
 /// A VHDX image. Checksums the input leaves 0 (the two headers', the
