@@ -56,18 +56,6 @@ pub fn qemu_len(img: &dyn Image) -> u64 {
     }
 }
 
-/// Refuses a target format rimg does not write (`create -f`, `convert
-/// -O`): rimg only reads it so far.
-pub fn writable_format(f: Format) -> Result<(), CliError> {
-    if f.read_only() {
-        return Err(CliError::new(format!(
-            "{} images are read-only in rimg (creating them is not supported yet)",
-            f.name()
-        )));
-    }
-    Ok(())
-}
-
 /// Reads `buf.len()` bytes at `off` within [`qemu_len`]: bytes past the
 /// end of a raw file (its last partial sector) read as zeros, as in QEMU.
 pub fn read_padded(img: &dyn Image, buf: &mut [u8], off: u64) -> qcow2::Result<()> {

@@ -87,6 +87,16 @@ const VMDK_OPTS: &str = "Supported options:
   toolsversion=<str>     - VMware guest tools version
   zeroed_grain=<bool (on/off)> - Enable efficient zero writes using the zeroed-grain GTE feature";
 
+const VHDX_OPTS: &str = "Supported options:
+  block_size=<size>      - Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.
+  block_state_zero=<bool (on/off)> - Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set to 'off' when using 'qemu-img convert' with subformat=dynamic.
+  extent_size_hint=<size> - Extent size hint for the image file, 0 to disable
+  log_size=<size>        - Log size; min 1MB.
+  nocow=<bool (on/off)>  - Turn off copy-on-write (valid only on btrfs)
+  preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
+  size=<size>            - Virtual disk size; max of 64TB.
+  subformat=<str>        - VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.";
+
 const RAW_OPTS: &str = "Supported options:
   preallocation=<str>    - Preallocation mode (allowed values: off, falloc, full)
   size=<size>            - Virtual disk size";
@@ -98,7 +108,6 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
     }
     let format = Format::from_name(&fmt_name)
         .ok_or_else(|| CliError::new(format!("Unknown file format '{fmt_name}'")))?;
-    crate::common::writable_format(format)?;
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
     if list.wants_help() {
         println!(
@@ -108,6 +117,7 @@ pub fn run(a: CreateArgs) -> Result<u8, CliError> {
                 Format::Vdi => VDI_OPTS,
                 Format::Vpc => VPC_OPTS,
                 Format::Vmdk => VMDK_OPTS,
+                Format::Vhdx => VHDX_OPTS,
                 _ => RAW_OPTS,
             }
         );
@@ -379,6 +389,16 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
     let mut encrypt = Vec::new();
     for (k, v) in &list.items {
         let bad = || CliError::new(format!("Invalid value '{v}' for option '{k}'"));
+        // A size option's value, refused in QEMU's words.
+        let size_value = || {
+            parse_size(v).ok_or_else(|| {
+                CliError::new(format!(
+                    "Parameter '{k}' expects a non-negative number below 2^64\n\
+                     Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n\
+                     and exabytes, respectively."
+                ))
+            })
+        };
         match (format, k.as_str()) {
             (_, "size") => size_arg = Some(v.clone()),
             (_, "preallocation") => {
@@ -386,7 +406,7 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                     .ok_or_else(|| CliError::new(format!("Invalid preallocation mode: '{v}'")))?;
                 given_prealloc = Some(v.clone());
             }
-            (Format::Qcow2, "cluster_size") => o.cluster_size = parse_size(v).ok_or_else(bad)?,
+            (Format::Qcow2, "cluster_size") => o.cluster_size = size_value()?,
             (Format::Qcow2, "compat") => {
                 o.version = match v.as_str() {
                     "0.10" | "v2" => 2,
@@ -463,6 +483,24 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
             }
             (Format::Vmdk, "backing_file") => o.backing_file = Some(v.clone()),
             (Format::Vmdk, "backing_fmt") => o.backing_format = Some(v.clone()),
+            (Format::Vhdx, "log_size") => {
+                let n = size_value()?;
+                o.foreign.log_size = Some(n);
+                given.insert("log_size", n.to_string());
+            }
+            (Format::Vhdx, "block_size") => {
+                let n = size_value()?;
+                o.foreign.block_size = Some(n);
+                given.insert("block_size", n.to_string());
+            }
+            (Format::Vhdx, "subformat") => {
+                o.foreign.subformat = Some(v.clone());
+                given.insert("subformat", v.clone());
+            }
+            (Format::Vhdx, "block_state_zero") => {
+                o.foreign.block_state_zero = Some(parse_bool(k, v).map_err(CliError::new)?);
+                given.insert("block_state_zero", v.clone());
+            }
             (Format::Vdi, "static") => {
                 o.foreign.is_static = parse_bool(k, v).map_err(CliError::new)?;
                 given.insert("static", v.clone());
@@ -585,6 +623,10 @@ fn driver_options(o: &CreateOptions, given: &HashMap<&'static str, String>) -> S
     let (keys, defaults): (&[&str], &[(&str, &str)]) = match o.format {
         Format::Vdi => (&["static"], &[("static", "off")]),
         Format::Vpc => (&["subformat", "force_size"], &[]),
+        Format::Vhdx => (
+            &["log_size", "block_size", "subformat", "block_state_zero"],
+            &[("log_size", "1048576"), ("block_size", "0")],
+        ),
         Format::Vmdk => (
             &[
                 "adapter_type",

@@ -89,7 +89,6 @@ pub fn run(a: DdArgs) -> Result<u8, CliError> {
     let o = parse_operands(&a.operands).map_err(CliError::new)?;
     let (input, output) = (o.input.unwrap(), o.output.unwrap());
     let out_fmt = parse_format(&a.out_format)?.unwrap_or(Format::Raw);
-    crate::common::writable_format(out_fmt)?;
     let src = open_opts(
         &input,
         a.image_opts,

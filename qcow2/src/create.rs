@@ -166,10 +166,6 @@ impl CreateOptions {
 /// Creates (or truncates) `path` as a new image.
 pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
     let path = crate::paths::host_path(path);
-    // Refused before the file is touched.
-    if o.format.read_only() {
-        return Err(Error::ReadOnlyFormat(o.format.name()));
-    }
     // QEMU's other drivers judge their options once the file layer has
     // made the file (a refusal leaves it empty); qcow2 and raw first.
     let foreign = matches!(
@@ -230,7 +226,10 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
             crate::foreign::vmdk::create(&st, path, o, parent_cid)?;
             durable(&st)
         }
-        f @ Format::Vhdx => Err(Error::ReadOnlyFormat(f.name())),
+        Format::Vhdx => {
+            crate::foreign::vhdx::create(&st, o.size, &o.foreign)?;
+            durable(&st)
+        }
     }
 }
 

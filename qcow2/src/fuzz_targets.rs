@@ -563,10 +563,10 @@ pub fn vmdk(data: &[u8]) {
 /// A VHDX image. Checksums the input leaves 0 (the two headers', the
 /// region table's) are filled in first, so that mutations reach what
 /// they guard; a mutated non-zero checksum tests the checksums. Opened
-/// read-only both ways (as qemu-img check opens it, and not), a writable
-/// open refused; block status is all data; reads sampled at block
-/// boundaries must agree with the split data path (or both fail); then
-/// `check`.
+/// read-only both ways (as qemu-img check opens it, and not); block
+/// status is all data; reads sampled at block boundaries must agree with
+/// the split data path (or both fail); then `check`. Then, opened for
+/// writing, written.
 pub fn vhdx(data: &[u8]) {
     use crate::foreign::{crc32c::crc32c_without, vhdx};
     let mut d = data.to_vec();
@@ -578,11 +578,6 @@ pub fn vhdx(data: &[u8]) {
     }
     let f = memfile(&d);
     let dup = || f.try_clone().expect("dup of the memfd");
-    let rw = Storage::from_file(dup(), Path::new("fuzz-input.vhdx"), true);
-    assert!(
-        vhdx::open(rw, false).is_err(),
-        "a vhdx image opened for writing"
-    );
     for for_check in [false, true] {
         let st = Storage::from_file(dup(), Path::new("fuzz-input.vhdx"), false);
         let Ok(img) = vhdx::open(st, for_check) else {
@@ -625,6 +620,11 @@ pub fn vhdx(data: &[u8]) {
         let rep = img.layout().check(img.storage()).expect("check");
         assert_eq!(rep.check_errors, 0);
     }
+    let rw = Storage::from_file(dup(), Path::new("fuzz-input.vhdx"), true);
+    let Ok(img) = vhdx::open(rw, false) else {
+        return;
+    };
+    write_hostile(&img, 0xd0, 3 << 20);
 }
 
 /// The walk [`vdi`], [`vpc`] and [`vmdk`] share: block status over the disk (each

@@ -51,12 +51,6 @@ impl Format {
             _ => None,
         }
     }
-    /// rimg reads images of this format but does not write them yet:
-    /// writable opens and creation are refused
-    /// ([`Error::ReadOnlyFormat`](crate::Error::ReadOnlyFormat)).
-    pub fn read_only(self) -> bool {
-        matches!(self, Format::Vhdx)
-    }
 }
 
 /// Refuses a guest range that does not lie within a disk of `size`

@@ -28,8 +28,9 @@
 //!   went into it before waiting for the write, which then landed over
 //!   them while the image read zeros).
 //! - `foreign_units_are_allocated_once`: writers into the same new block
-//!   of a VDI image (the foreign formats' allocation lock): the block is
-//!   allocated once and holds every writer's bytes.
+//!   of a VDI image and of a VHDX image (the foreign formats' allocation
+//!   lock, whole and sparse units): the block is allocated once and holds
+//!   every writer's bytes.
 #![cfg(feature = "shuttle")]
 
 use std::collections::VecDeque;
@@ -514,20 +515,26 @@ fn raw_data_file_zeroing_is_ordered_with_writes() {
     );
 }
 
-/// Three writers into one new VDI block and one into the next: whatever
-/// the interleaving, each block is allocated once (the file holds two
-/// blocks, check is clean) and every write reads back.
-fn vdi_writers_share_new_blocks(images: &Images) {
+/// Three writers into one new block of a foreign image (VDI, or VHDX
+/// with 1 MiB blocks, whose first write also updates the headers) and
+/// one into the next: whatever the interleaving, each block is
+/// allocated once (the file grows by two blocks, check is clean) and
+/// every write reads back.
+fn foreign_writers_share_new_blocks(images: &Images, format: qcow2::Format) {
     const MB: u64 = 1 << 20;
-    let p = images
-        .dir
-        .join(format!("{}.vdi", images.n.fetch_add(1, Ordering::Relaxed)));
-    let o = CreateOptions {
-        format: qcow2::Format::Vdi,
+    let p = images.dir.join(format!(
+        "{}.{}",
+        images.n.fetch_add(1, Ordering::Relaxed),
+        format.name()
+    ));
+    let mut o = CreateOptions {
+        format,
         size: 2 * MB,
         ..CreateOptions::default()
     };
+    o.foreign.block_size = Some(MB);
     qcow2::create(&p, &o).unwrap();
+    let empty = std::fs::metadata(&p).unwrap().len();
     let opts = qcow2::OpenOptions {
         writable: true,
         ..Default::default()
@@ -551,12 +558,17 @@ fn vdi_writers_share_new_blocks(images: &Images) {
     }
     let r = qcow2::foreign::check(img.as_ref()).unwrap().unwrap();
     assert_eq!(r.corruptions, 0, "{:?}", r.messages);
-    assert_eq!(std::fs::metadata(&p).unwrap().len(), 1024 + 2 * MB);
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), empty + 2 * MB);
 }
 
 #[test]
 fn foreign_units_are_allocated_once() {
-    let images = Arc::new(Images::new("vdi"));
-    let i = images.clone();
-    shuttle::check_random(move || vdi_writers_share_new_blocks(&i), iters(500));
+    let images = Arc::new(Images::new("foreign"));
+    for format in [qcow2::Format::Vdi, qcow2::Format::Vhdx] {
+        let i = images.clone();
+        shuttle::check_random(
+            move || foreign_writers_share_new_blocks(&i, format),
+            iters(500),
+        );
+    }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{Image, OpenOptions};
-use rimg_tests::image::{open_rw, read_all};
+use rimg_tests::image::{open_rw, race_new_units, read_all};
 use rimg_tests::{
     assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img_in, same_as_qemu as same, tempdir,
     write_mixed_raw,
@@ -257,9 +257,7 @@ fn engine_writes_read_back_and_check_clean() {
 /// thread's pieces.
 #[test]
 fn racing_writers_allocate_each_block_once() {
-    const THREADS: usize = 8;
     const BLOCKS: u64 = 24;
-    const PIECE: u64 = 4096;
     let d = tempdir();
     let path = d.path().join("race.vdi");
     for round in 0..4u64 {
@@ -273,27 +271,7 @@ fn racing_writers_allocate_each_block_once() {
         )
         .unwrap();
         let img: Arc<dyn Image> = open_rw(&path);
-        std::thread::scope(|s| {
-            for t in 0..THREADS as u64 {
-                let img = &img;
-                s.spawn(move || {
-                    for k in 0..BLOCKS {
-                        // Every thread starts on another block.
-                        let b = (k + t * 3 + round) % BLOCKS;
-                        let mut piece = (b << 20) + t * PIECE;
-                        while piece < (b + 1) << 20 {
-                            img.write_at(&[t as u8 + 1; PIECE as usize], piece).unwrap();
-                            piece += THREADS as u64 * PIECE;
-                        }
-                    }
-                });
-            }
-        });
-        let got = read_all(img.as_ref());
-        for (i, chunk) in got.chunks(PIECE as usize).enumerate() {
-            let want = (i % THREADS) as u8 + 1;
-            assert!(chunk.iter().all(|&x| x == want), "round {round}: piece {i}");
-        }
+        race_new_units(&img, BLOCKS, 1 << 20, round);
         drop(img);
         assert_qemu_check_clean(&path);
         let file = std::fs::metadata(&path).unwrap().len();

@@ -282,7 +282,7 @@ fn open_errors_match_qemu() {
     let (code, _, err) = rimg(dir, &["info", &name]);
     assert_eq!(code, Some(1));
     assert!(err.contains("not supported by rimg yet"), "{err}");
-    // Writing is refused plainly.
+    // Resizing is refused (as by QEMU: foreign_vhdx_write.rs).
     let (code, _, err) = rimg(dir, &["resize", "vhdx-dynamic.vhdx", "6M"]);
     assert_eq!(code, Some(1), "{err}");
     qemu(dir, &["info", "vhdx-dynamic.vhdx"]);

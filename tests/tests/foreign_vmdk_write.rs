@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{Image, OpenOptions};
-use rimg_tests::image::read_all;
+use rimg_tests::image::{race_new_units, read_all};
 use rimg_tests::{
     assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img_in, same_as_qemu as same, tempdir,
     write_mixed_raw,
@@ -364,9 +364,7 @@ fn engine_writes_read_back_and_check_clean() {
 /// grain is allocated once.
 #[test]
 fn racing_writers_allocate_each_grain_once() {
-    const THREADS: usize = 8;
     const GRAINS: u64 = 48;
-    const PIECE: u64 = 4096;
     const GRAIN: u64 = 64 << 10;
     let d = tempdir();
     let path = d.path().join("race.vmdk");
@@ -379,26 +377,7 @@ fn racing_writers_allocate_each_grain_once() {
         qcow2::create(&path, &o).unwrap();
         let empty = std::fs::metadata(&path).unwrap().len();
         let img = open_rw(&path);
-        std::thread::scope(|s| {
-            for t in 0..THREADS as u64 {
-                let img = &img;
-                s.spawn(move || {
-                    for k in 0..GRAINS {
-                        let g = (k + t * 5 + round) % GRAINS;
-                        let mut piece = g * GRAIN + t * PIECE;
-                        while piece < (g + 1) * GRAIN {
-                            img.write_at(&[t as u8 + 1; PIECE as usize], piece).unwrap();
-                            piece += THREADS as u64 * PIECE;
-                        }
-                    }
-                });
-            }
-        });
-        let got = read_all(img.as_ref());
-        for (i, chunk) in got.chunks(PIECE as usize).enumerate() {
-            let want = (i % THREADS) as u8 + 1;
-            assert!(chunk.iter().all(|&x| x == want), "round {round}: piece {i}");
-        }
+        race_new_units(&img, GRAINS, GRAIN, round);
         drop(img);
         let file = std::fs::metadata(&path).unwrap().len();
         assert_eq!(

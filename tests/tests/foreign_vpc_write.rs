@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{Image, OpenOptions};
-use rimg_tests::image::read_all;
+use rimg_tests::image::{race_new_units, read_all};
 use rimg_tests::{qemu_img_in, same_as_qemu as same, tempdir, write_mixed_raw};
 
 /// A footer's fields that differ from run to run: the timestamp, the
@@ -385,35 +385,14 @@ fn a_write_marks_its_block_present() {
 /// different orders: each block is allocated once.
 #[test]
 fn racing_writers_allocate_each_block_once() {
-    const THREADS: usize = 8;
     const BLOCKS: u64 = 12;
-    const PIECE: u64 = 4096;
     const BLOCK: u64 = 2 << 20;
     let d = tempdir();
     let path = d.path().join("race.vhd");
     for round in 0..4u64 {
         create(&path, BLOCKS * BLOCK, "dynamic");
         let img = open_rw(&path);
-        std::thread::scope(|s| {
-            for t in 0..THREADS as u64 {
-                let img = &img;
-                s.spawn(move || {
-                    for k in 0..BLOCKS {
-                        let b = (k + t * 3 + round) % BLOCKS;
-                        let mut piece = b * BLOCK + t * PIECE;
-                        while piece < (b + 1) * BLOCK {
-                            img.write_at(&[t as u8 + 1; PIECE as usize], piece).unwrap();
-                            piece += THREADS as u64 * PIECE;
-                        }
-                    }
-                });
-            }
-        });
-        let got = read_all(img.as_ref());
-        for (i, chunk) in got.chunks(PIECE as usize).enumerate() {
-            let want = (i % THREADS) as u8 + 1;
-            assert!(chunk.iter().all(|&x| x == want), "round {round}: piece {i}");
-        }
+        let got = race_new_units(&img, BLOCKS, BLOCK, round);
         drop(img);
         // Footer, header, one BAT sector, the blocks with their bitmaps,
         // the footer.

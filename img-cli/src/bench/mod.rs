@@ -59,10 +59,21 @@ pub fn run(a: BenchArgs) -> Result<u8, CliError> {
     })?;
     img.storage().set_no_flush(p.cache.no_flush);
     // The ring does guest data I/O on the image file at mapped offsets:
-    // an encrypted payload would be read and written in clear.
+    // an encrypted payload would be read and written in clear, and a
+    // writable foreign image places new data only through its own
+    // writes.
     if !img.data_in_clear() {
+        let why = match img.format() {
+            qcow2::Format::Qcow2 | qcow2::Format::Luks => {
+                "encrypted images (its data path does not decrypt)".to_string()
+            }
+            f => format!(
+                "writing to {} images (its data path maps writes for qcow2 and raw only)",
+                f.name()
+            ),
+        };
         return Err(CliError::new(format!(
-            "'{}': bench does not support encrypted images (its data path does not decrypt)",
+            "'{}': bench does not support {why}",
             a.filename
         )));
     }

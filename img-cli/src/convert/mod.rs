@@ -139,7 +139,6 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     }
     let src_fmt = fmt_arg(&a.format)?;
     let out_fmt = fmt_arg(&a.out_format)?.unwrap_or(Format::Raw);
-    crate::common::writable_format(out_fmt)?;
     // QEMU's vmdk driver writes a compressed write into a monolithicSparse
     // extent as a plain one: -c is taken and changes nothing.
     let compress = a.compress && out_fmt != Format::Vmdk;

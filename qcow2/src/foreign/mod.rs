@@ -59,6 +59,13 @@ pub struct CreateOptions {
     pub toolsversion: Option<String>,
     /// VMDK `zeroed_grain`: the zeroed-grain flag (version 2).
     pub zeroed_grain: bool,
+    /// VHDX `log_size` in bytes, as given (rounded when the image is made).
+    pub log_size: Option<u64>,
+    /// VHDX `block_size` in bytes, as given (0: chosen by size).
+    pub block_size: Option<u64>,
+    /// VHDX `block_state_zero` (default on): new blocks' BAT entries say
+    /// ZERO rather than NOT_PRESENT.
+    pub block_state_zero: Option<bool>,
 }
 
 /// QEMU's largest byte offset (2^63 - 2^30): its block layer refuses I/O
@@ -139,6 +146,12 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     fn alloc_unit(&self) -> Option<u64> {
         None
     }
+    /// A new unit's unwritten bytes read as zeros without being written
+    /// (VHDX: the file's holes), so [`Layout::allocate`] gets only the
+    /// written bytes of a unit that read as zeros.
+    fn sparse_units(&self) -> bool {
+        false
+    }
     /// Units are stored compressed, whole (VMDK streams): a write that is
     /// not a whole unit is refused, and placed units are never rewritten.
     fn compressed_writes_only(&self) -> bool {
@@ -163,7 +176,9 @@ pub trait Layout: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Stores `data`, the whole new contents of allocation unit `index`
     /// (one [`Layout::alloc_unit`] long, of which the write that asks
-    /// gave `written`; or what [`Layout::encode`] made of it), in new space of the image file and records it in
+    /// gave `written`; or what [`Layout::encode`] made of it; with
+    /// [`Layout::sparse_units`], of a unit that read as zeros, only the
+    /// written bytes), in new space of the image file and records it in
     /// the tables, on disk and then in memory. Called one at a time
     /// (under [`ForeignImage`]'s allocation lock), only for a unit whose
     /// lookup answers [`Where::Zero`] or [`Where::Unallocated`].
@@ -272,6 +287,18 @@ impl<L: Layout> ForeignImage<L> {
                     return self.write_in_unit(&data[n as usize..], at + n, unit);
                 }
                 Ok(())
+            }
+            Where::Zero if self.layout.sparse_units() => {
+                let start = at - at % unit;
+                let skip = (at - start) as usize;
+                let _held = self.alloc.lock().unwrap_or_else(|e| e.into_inner());
+                let (again, _) = self.layout.lookup(&self.st, at, data.len() as u64)?;
+                if again != Where::Zero {
+                    drop(_held);
+                    return self.write_in_unit(data, at, unit);
+                }
+                self.layout
+                    .allocate(&self.st, start / unit, data, skip..skip + data.len())
             }
             Where::Zero | Where::Unallocated => {
                 // The unit's new contents, made (and encoded: VMDK streams

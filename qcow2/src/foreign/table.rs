@@ -84,17 +84,22 @@ impl Table {
         self.set(i * 4, v.to_be_bytes());
     }
 
-    fn set(&mut self, start: u64, v: [u8; 4]) {
+    /// Sets entry `i` to the little-endian `v`.
+    pub(crate) fn set_u64_le(&mut self, i: u64, v: u64) {
+        self.set(i * 8, v.to_le_bytes());
+    }
+
+    fn set<const N: usize>(&mut self, start: u64, v: [u8; N]) {
         let held = self.bytes.len() as u64;
         // Just past the held part (a table the file ends inside), the
         // held part grows (the file has grown as far); far past it, the
         // bytes go to `past`.
-        if start + 4 <= held + 4096 {
+        if start + N as u64 <= held + 4096 {
             let s = start as usize;
-            if self.bytes.len() < s + 4 {
-                self.bytes.resize(s + 4, 0);
+            if self.bytes.len() < s + N {
+                self.bytes.resize(s + N, 0);
             }
-            self.bytes[s..s + 4].copy_from_slice(&v);
+            self.bytes[s..s + N].copy_from_slice(&v);
         } else {
             for (k, b) in v.into_iter().enumerate() {
                 self.past.insert(start + k as u64, b);
@@ -163,9 +168,15 @@ mod tests {
         // Far out: held apart, nothing allocated up to it.
         t.set_u32_le(1 << 28, 0x01020304);
         assert_eq!(t.bytes.len(), 16);
+        t.set_u64_le(1 << 28, 9);
+        assert_eq!(t.u64_le(1 << 28), 9);
         assert_eq!(t.u32_le(1 << 28), 0x01020304);
         assert_eq!(t.u32_le((1 << 28) - 1), 0);
         assert_eq!(t.bytes((1 << 30) - 2, 8), [0, 0, 4, 3, 2, 1, 0, 0]);
         assert_eq!(t.bytes(12, 6), [7, 0, 0, 0, 0, 0]);
+        t.set_u64_le(2, 0x1122_3344_5566_7788);
+        assert_eq!(t.u64_le(2), 0x1122_3344_5566_7788);
+        assert_eq!((t.u32_le(4), t.u32_le(5)), (0x5566_7788, 0x1122_3344));
+        assert_eq!(t.bytes.len(), 24);
     }
 }

@@ -1,8 +1,9 @@
-//! VHDX images (Hyper-V, Azure), read-only, as QEMU's vhdx driver reads
-//! them: dynamic and fixed disks. Differencing disks are refused as QEMU
-//! refuses them (a parent locator is "not supported"), and so, for now,
-//! is an image whose log may hold entries (QEMU replays it only when
-//! writable; rimg does not read logs yet).
+//! VHDX images (Hyper-V, Azure), as QEMU's vhdx driver reads and writes
+//! them (writes and creation in `vhdx/write.rs`): dynamic and fixed
+//! disks. Differencing disks are refused as QEMU refuses them (a parent
+//! locator is "not supported"), and so, for now, is an image whose log
+//! may hold entries (QEMU replays it only when writable; rimg does not
+//! read logs yet), and a writable open of one whose log is not empty.
 //!
 //! Layout (MS-VHDX; little-endian): the header section (`vhdx/meta.rs`),
 //! then the BAT: one u64 per payload block (state in bits 0-2, the file
@@ -20,6 +21,8 @@
 //!   and the regions (`check` reports them all); the BAT is held only as
 //!   far as the file goes.
 
+use std::sync::RwLock;
+
 use super::table::Table;
 use super::{ForeignImage, Layout, Where};
 use crate::check::report::CheckReport;
@@ -28,7 +31,9 @@ use crate::image::Format;
 use crate::storage::Storage;
 
 mod meta;
+mod write;
 use meta::{overlap_message, readable, Meta, Region};
+pub use write::create;
 
 /// A VHDX image.
 pub type Vhdx = ForeignImage<VhdxLayout>;
@@ -68,17 +73,16 @@ pub struct VhdxLayout {
     /// Entries QEMU holds (the BAT region's length / 8): past them an
     /// index reads as 0.
     bat_slots: u64,
-    bat: Table,
+    bat_offset: u64,
+    bat: RwLock<Table>,
     regions: Vec<Region>,
+    /// The headers, when open for writing.
+    headers: Option<write::Headers>,
 }
 
-/// Opens a VHDX image (read-only: a writable `st` is refused); `for_check`
-/// as qemu-img check opens it: the BAT is checked by the check, not at
-/// open.
+/// Opens a VHDX image; `for_check` as qemu-img check opens it: the BAT
+/// is checked by the check, not at open.
 pub fn open(st: Storage, for_check: bool) -> Result<Vhdx> {
-    if st.writable() {
-        return Err(Error::ReadOnlyFormat("vhdx"));
-    }
     let layout = VhdxLayout::read(&st, !for_check)?;
     ForeignImage::new(st, layout)
 }
@@ -87,6 +91,18 @@ impl VhdxLayout {
     /// QEMU's vhdx_open; `check_bat` unless opened for qemu-img check.
     fn read(st: &Storage, check_bat: bool) -> Result<VhdxLayout> {
         let m = Meta::read(st)?;
+        let h = &m.header;
+        // QEMU replays a log with entries at a writable open (rimg does
+        // not yet), or fails its first allocation with an unexpected
+        // log GUID.
+        if st.writable() && h.log_guid != [0; 16] {
+            return Err(refuse(
+                "VHDX images with a log (not known to be empty) are not supported for writing by rimg yet",
+            ));
+        }
+        let headers = st
+            .writable()
+            .then(|| write::Headers::new(h.raw.clone(), h.current));
         let bs = m.block_size as u64;
         let chunk_ratio = (1u64 << 32) / bs;
         let chunk_ratio_bits = chunk_ratio.trailing_zeros();
@@ -106,8 +122,10 @@ impl VhdxLayout {
             size: (m.virtual_disk_size >> 9) << 9,
             bat_entries,
             bat_slots: m.bat_length as u64 / 8,
-            bat,
+            bat_offset: m.bat_offset,
+            bat: RwLock::new(bat),
             regions: m.regions,
+            headers,
         };
         if check_bat && l.bat_errors(st, true)? > 0 {
             return Err(einval(st));
@@ -131,7 +149,14 @@ impl VhdxLayout {
         if i >= self.bat_slots {
             return 0;
         }
-        self.bat.u64_le(i)
+        self.bat.read().unwrap_or_else(|e| e.into_inner()).u64_le(i)
+    }
+
+    /// The BAT index of the block holding guest offset `off` (QEMU's u32
+    /// block number and index: both wrap).
+    fn index(&self, off: u64) -> u64 {
+        let b = (off / self.block_size) as u32;
+        b.wrapping_add(b >> self.chunk_ratio_bits) as u64
     }
 
     /// QEMU's vhdx_check_bat_entries: every fully present entry against
@@ -145,7 +170,12 @@ impl VhdxLayout {
         let mut count = 0;
         let mut payblocks = 1u64 << self.chunk_ratio_bits;
         // Entries past the file's part of the BAT are 0: not present.
-        let n = self.bat.entries_in_file(8).min(self.bat_entries as u64);
+        let n = self
+            .bat
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .entries_in_file(8);
+        let n = n.min(self.bat_entries as u64);
         for i in 0..n {
             let raw = self.entry(i);
             if raw & STATE_MASK != FULLY_PRESENT {
@@ -254,10 +284,7 @@ impl Layout for VhdxLayout {
         let bs = self.block_size;
         let in_block = off % bs;
         let n = len.min(bs - in_block);
-        // QEMU's u32 block number and BAT index: both wrap.
-        let b = (off / bs) as u32;
-        let idx = b.wrapping_add(b >> self.chunk_ratio_bits);
-        let raw = self.entry(idx as u64);
+        let raw = self.entry(self.index(off));
         let w = match raw & STATE_MASK {
             FULLY_PRESENT => {
                 let base = raw & OFFSET_MASK;
@@ -279,6 +306,24 @@ impl Layout for VhdxLayout {
             _ => Where::Zero,
         };
         Ok((w, n))
+    }
+    fn alloc_unit(&self) -> Option<u64> {
+        Some(self.block_size)
+    }
+    fn sparse_units(&self) -> bool {
+        true
+    }
+    fn before_write(&self, st: &Storage, off: u64) -> Result<()> {
+        VhdxLayout::before_write(self, st, off)
+    }
+    fn allocate(
+        &self,
+        st: &Storage,
+        index: u64,
+        data: &[u8],
+        written: std::ops::Range<usize>,
+    ) -> Result<()> {
+        VhdxLayout::allocate(self, st, index, data, written)
     }
 }
 

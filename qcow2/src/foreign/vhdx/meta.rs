@@ -10,24 +10,24 @@ use crate::error::Result;
 use crate::storage::Storage;
 
 pub(super) const MIB: u64 = 1 << 20;
-const HEADERS: [u64; 2] = [0x10000, 0x20000];
+pub(super) const HEADERS: [u64; 2] = [0x10000, 0x20000];
 /// A header's checksum covers 4 KiB; QEMU compares 80 bytes of two.
-const HEADER_CRC_LEN: usize = 4096;
-const HEADER_LEN: usize = 80;
-const REGION_TABLE: u64 = 0x30000;
-const TABLE_LEN: usize = 64 << 10;
+pub(super) const HEADER_CRC_LEN: usize = 4096;
+pub(super) const HEADER_LEN: usize = 80;
+pub(super) const REGION_TABLE: u64 = 0x30000;
+pub(super) const TABLE_LEN: usize = 64 << 10;
 const MAX_REGIONS: u32 = 2047;
 /// Metadata entries past these bytes of the table do not fit (QEMU).
 const METADATA_ENTRIES_END: usize = 65504;
 
 /// Region and metadata item GUIDs, as stored (little-endian fields).
-const BAT_GUID: [u8; 16] = guid("6677c22d23f600429d64115e9bfd4a08");
-const METADATA_GUID: [u8; 16] = guid("06a27c8b90479a4bb8fe575f050f886e");
-const FILE_PARAMETERS: [u8; 16] = guid("3767a1ca36fa434db3b633f0aa44e76b");
-const VIRTUAL_DISK_SIZE: [u8; 16] = guid("2442a52f1bcd7648b2115dbed83bf4b8");
-const PAGE83: [u8; 16] = guid("ab12cabee6b2234593efc309e000c746");
-const LOGICAL_SECTOR_SIZE: [u8; 16] = guid("1dbf41816fa90947ba47f233a8faab5f");
-const PHYSICAL_SECTOR_SIZE: [u8; 16] = guid("c748a3cd5d4471449cc9e9885251c556");
+pub(super) const BAT_GUID: [u8; 16] = guid("6677c22d23f600429d64115e9bfd4a08");
+pub(super) const METADATA_GUID: [u8; 16] = guid("06a27c8b90479a4bb8fe575f050f886e");
+pub(super) const FILE_PARAMETERS: [u8; 16] = guid("3767a1ca36fa434db3b633f0aa44e76b");
+pub(super) const VIRTUAL_DISK_SIZE: [u8; 16] = guid("2442a52f1bcd7648b2115dbed83bf4b8");
+pub(super) const PAGE83: [u8; 16] = guid("ab12cabee6b2234593efc309e000c746");
+pub(super) const LOGICAL_SECTOR_SIZE: [u8; 16] = guid("1dbf41816fa90947ba47f233a8faab5f");
+pub(super) const PHYSICAL_SECTOR_SIZE: [u8; 16] = guid("c748a3cd5d4471449cc9e9885251c556");
 const PARENT_LOCATOR: [u8; 16] = guid("2d5fd3a80bb34d45abf7d3d84834ab0c");
 /// The items an image must have, and no others (QEMU's check).
 const REQUIRED: [[u8; 16]; 5] = [
@@ -64,17 +64,21 @@ fn le32(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
 }
 
-fn le64(b: &[u8], at: usize) -> u64 {
+pub(super) fn le64(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// The header in use (MS-VHDX 2.2.2).
+/// The header in use (MS-VHDX 2.2.2), and both headers' 4 KiB as read
+/// (a writer updates the other one).
 #[derive(Debug, Clone)]
 pub(super) struct Header {
     pub log_guid: [u8; 16],
     pub log_version: u16,
     pub log_length: u32,
     pub log_offset: u64,
+    pub raw: [Vec<u8>; 2],
+    /// Which of `raw` is in use.
+    pub current: usize,
 }
 
 /// A registered range of the file, [start, end) as QEMU's wrapping sum
@@ -115,6 +119,7 @@ pub(super) fn overlap_message(start: u64, len: u64, r: &Region) -> String {
 /// What the header section says.
 #[derive(Debug)]
 pub(super) struct Meta {
+    pub header: Header,
     /// In registration order (the log's first); QEMU names the most
     /// recent overlapping one.
     pub regions: Vec<Region>,
@@ -167,6 +172,7 @@ impl Meta {
         }
         let (bat, metadata) = Self::regions(st, &mut regions)?;
         let mut meta = Meta {
+            header,
             regions,
             bat_offset: bat.0,
             bat_length: bat.1,
@@ -201,6 +207,8 @@ impl Meta {
             log_version: le16(b, 64),
             log_length: le32(b, 68),
             log_offset: le64(b, 72),
+            raw: [h[0].2.clone(), h[1].2.clone()],
+            current: pick,
         })
     }
 
