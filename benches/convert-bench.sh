@@ -5,7 +5,8 @@
 # zeros with 1 MiB of data every 16 MiB. Each case runs RUNS times per
 # tool, alternating which goes first, with a sync before every run; every
 # run's wall times and ratio rimg/qemu-img are printed (lower is better),
-# then the median and the worst ratio: the target is the worst one.
+# then the median and the worst ratio: the target is the worst one. Each
+# case's runs follow warm-up pairs, not counted (see there).
 # Outputs are verified with qemu-img compare and check.
 #
 # Usage: benches/convert-bench.sh [RUNS]
@@ -13,7 +14,7 @@
 # working tree, the file system users keep images on; not tmpfs).
 # CASES="..." picks cases by name (default: every uncompressed case of
 # raw and qcow2). Names are INPUT:SRC->DST with SRC and DST among raw,
-# qcow2, vdi, vpc, vmdk, vmdks (streamOptimized) and vhdx (source only),
+# qcow2, vdi, vpc, vmdk, vmdks (streamOptimized) and vhdx,
 # or raw->qcow2-zlib / raw->qcow2-zstd; FOREIGN=1 adds every foreign
 # format to qcow2 and back on the mixed input (issue 21's table).
 set -euo pipefail
@@ -65,7 +66,7 @@ if [ "${FOREIGN:-0}" = 1 ]; then
   all=""
   for f in $foreign; do
     all+=" mixed:$f->qcow2"
-    [ $f != vhdx ] && all+=" mixed:qcow2->$f"
+    all+=" mixed:qcow2->$f"
   done
 fi
 printf '%-24s %4s %10s %10s %8s\n' case run qemu-img_s rimg_s ratio
@@ -81,8 +82,22 @@ for case in ${CASES:-$all}; do
       read -r -a args <<< "$(out_args "$dst")"
       ;;
   esac
-  # Warm the input's pages: both tools read it from the cache.
+  # Warm the input's pages: both tools read it from the cache. Then
+  # warm-up pairs (not counted) until each tool's time is within 25 % of
+  # its previous warm-up (at most 6 pairs): the first runs after the
+  # inputs were written, or after another case, were up to 5x slower for
+  # either tool, and which one met that was luck.
   cat "$in" >/dev/null
+  pq=0; pr=0; warm=0
+  while [ $warm -lt 6 ]; do
+    wq=$(timeit "$work/q.out" qemu-img convert "${args[@]}" "$in" "$work/q.out")
+    wr=$(timeit "$work/r.out" "$rimg" convert "${args[@]}" "$in" "$work/r.out")
+    warm=$((warm + 1))
+    steady=$(echo "$wq <= $pq * 1.25 && $pq <= $wq * 1.25 && $wr <= $pr * 1.25 && $pr <= $wr * 1.25" | bc -l)
+    [ "$steady" = 1 ] && break
+    pq=$wq; pr=$wr
+  done
+  printf '%-24s warm-up: %d pairs\n' "$case" "$warm"
   ratios=()
   for i in $(seq "$runs"); do
     if [ $((i % 2)) = 1 ]; then
