@@ -23,7 +23,28 @@ runs=${1:-10}
 cargo build --release --quiet --bin rimg
 rimg=$PWD/target/release/rimg
 work=$(mktemp -d "${BENCH_DIR:-$PWD/target}/rimg-convertbench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# In a virtual machine with free page reporting (virtio-balloon), memory
+# one run frees (the page cache of the output it replaced) goes back to
+# the host at once, and the next run to take it pays the host's page
+# faults: measured here, 2-3 s of kernel time in the copy into the page
+# cache instead of 0.3 s, for whichever tool came next. Where the kernel
+# lets root delay reporting (page_reporting.min_free_ms), the bench holds
+# freed pages for a minute and restores the setting at exit;
+# BENCH_PAGE_REPORTING=keep leaves it alone.
+knob=/sys/module/page_reporting/parameters/min_free_ms
+saved=""
+if [ "${BENCH_PAGE_REPORTING:-}" != keep ] && [ -w "$knob" ]; then
+  saved=$(cat "$knob")
+  echo 60000 > "$knob"
+  echo "free page reporting delayed for the bench ($knob: $saved -> 60000)"
+elif [ -e "$knob" ]; then
+  echo "free page reporting active: runs may stall when reused memory faults in from the host"
+fi
+restore() {
+  if [ -n "$saved" ]; then echo "$saved" > "$knob"; fi
+  rm -rf "$work"
+}
+trap restore EXIT
 echo "measuring on $(dirname "$work") ($(stat -f -c %T "$work")), $runs runs per case"
 # qemu-img's output options for a format name.
 out_args() {
@@ -84,9 +105,7 @@ for case in ${CASES:-$all}; do
   esac
   # Warm the input's pages: both tools read it from the cache. Then
   # warm-up pairs (not counted) until each tool's time is within 25 % of
-  # its previous warm-up (at most 6 pairs): the first runs after the
-  # inputs were written, or after another case, were up to 5x slower for
-  # either tool, and which one met that was luck.
+  # its previous warm-up (at most 6 pairs).
   cat "$in" >/dev/null
   pq=0; pr=0; warm=0
   while [ $warm -lt 6 ]; do
