@@ -71,3 +71,32 @@ pub fn race_new_units(img: &Arc<dyn Image>, units: u64, unit: u64, round: u64) -
     }
     got
 }
+
+/// Writes and zeroings through the engine, against a model of the disk:
+/// 200 pieces of 1 byte to 3 MiB at offsets and contents from `seed`
+/// (every fifth a write-zeroes with unmap), then 0x77 over the last
+/// sector; a write past the end must fail. Returns the model.
+pub fn scattered_writes(img: &dyn Image, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let size = img.size();
+    let mut model = vec![0u8; size as usize];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for i in 0..200 {
+        let len = rng.random_range(1..(3u64 << 20).min(size));
+        let off = rng.random_range(0..size - len);
+        let range = off as usize..(off + len) as usize;
+        if i % 5 == 4 {
+            img.write_zeroes(off, len, true).unwrap();
+            model[range].fill(0);
+        } else {
+            let mut b = vec![0u8; len as usize];
+            rng.fill(&mut b[..]);
+            img.write_at(&b, off).unwrap();
+            model[range].copy_from_slice(&b);
+        }
+    }
+    img.write_at(&[0x77; 512], size - 512).unwrap();
+    model[size as usize - 512..].fill(0x77);
+    assert!(img.write_at(&[1; 2], size - 1).is_err());
+    model
+}

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{Image, OpenOptions};
-use rimg_tests::image::{open_rw, race_new_units, read_all};
+use rimg_tests::image::{open_rw, race_new_units, read_all, scattered_writes};
 use rimg_tests::{
     assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img_in, same_as_qemu as same, tempdir,
     write_mixed_raw,
@@ -202,7 +202,6 @@ fn convert_and_dd_lay_blocks_out_as_qemu() {
 /// them, against a model of the disk.
 #[test]
 fn engine_writes_read_back_and_check_clean() {
-    use rand::{Rng, SeedableRng};
     let d = tempdir();
     let dir = d.path();
     let size = (9 << 20) + 512;
@@ -217,26 +216,7 @@ fn engine_writes_read_back_and_check_clean() {
         qcow2::create(&path, &o).unwrap();
         let img = open_rw(&path);
         assert!(img.is_writable());
-        let mut model = vec![0u8; size as usize];
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        for i in 0..200 {
-            let len = rng.random_range(1..(3 << 20)) as u64;
-            let off = rng.random_range(0..size - len);
-            let range = off as usize..(off + len) as usize;
-            if i % 5 == 4 {
-                img.write_zeroes(off, len, true).unwrap();
-                model[range].fill(0);
-            } else {
-                let mut b = vec![0u8; len as usize];
-                rng.fill(&mut b[..]);
-                img.write_at(&b, off).unwrap();
-                model[range].copy_from_slice(&b);
-            }
-        }
-        // The last, partial block, and a write past the end.
-        img.write_at(&[0x77; 512], size - 512).unwrap();
-        model[size as usize - 512..].fill(0x77);
-        assert!(img.write_at(&[1; 2], size - 1).is_err());
+        let model = scattered_writes(img.as_ref(), 5);
         img.discard(0, 4096).unwrap();
         assert!(read_all(img.as_ref()) == model, "engine reads differ");
         assert!(matches!(
