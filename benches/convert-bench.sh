@@ -23,25 +23,11 @@ runs=${1:-10}
 cargo build --release --quiet --bin rimg
 rimg=$PWD/target/release/rimg
 work=$(mktemp -d "${BENCH_DIR:-$PWD/target}/rimg-convertbench.XXXXXX")
-# In a virtual machine with free page reporting (virtio-balloon), memory
-# one run frees (the page cache of the output it replaced) goes back to
-# the host at once, and the next run to take it pays the host's page
-# faults: measured here, 2-3 s of kernel time in the copy into the page
-# cache instead of 0.3 s, for whichever tool came next. Where the kernel
-# lets root delay reporting (page_reporting.min_free_ms), the bench holds
-# freed pages for a minute and restores the setting at exit;
-# BENCH_PAGE_REPORTING=keep leaves it alone.
-knob=/sys/module/page_reporting/parameters/min_free_ms
-saved=""
-if [ "${BENCH_PAGE_REPORTING:-}" != keep ] && [ -w "$knob" ]; then
-  saved=$(cat "$knob")
-  echo 60000 > "$knob"
-  echo "free page reporting delayed for the bench ($knob: $saved -> 60000)"
-elif [ -e "$knob" ]; then
-  echo "free page reporting active: runs may stall when reused memory faults in from the host"
-fi
+# Free page reporting would stall whichever run reuses freed memory.
+. benches/page-reporting.sh
+hold_page_reporting
 restore() {
-  if [ -n "$saved" ]; then echo "$saved" > "$knob"; fi
+  restore_page_reporting
   rm -rf "$work"
 }
 trap restore EXIT

@@ -30,7 +30,10 @@ RIMG=${RIMG_VHOST_BLK:-$ROOT/target/release/rimg-vhost-blk}
 BASE=${BENCH_DIR:-$ROOT/target}
 PIDS=()
 LOOP="" MNT="" LOOPFILE=""
+# Free page reporting would stall whichever run reuses freed memory.
+. "$ROOT/benches/page-reporting.sh"
 cleanup() {
+  restore_page_reporting
   for p in "${PIDS[@]:-}"; do kill "$p" 2>/dev/null || true; done
   # The daemons must be gone before their file system is unmounted.
   wait 2>/dev/null || true
@@ -40,6 +43,7 @@ cleanup() {
   if [ -n "$LOOPFILE" ]; then rm -f "$LOOPFILE"; fi
 }
 trap cleanup EXIT
+hold_page_reporting
 if [ "${FS:-}" = xfs ]; then
   command -v mkfs.xfs >/dev/null || apt-get install -y -qq xfsprogs >/dev/null
   # Room for the two daemons' images and the ceiling's at once.
