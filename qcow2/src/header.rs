@@ -47,6 +47,9 @@ pub mod compat {
 pub mod autoclear {
     pub const BITMAPS: u64 = 1 << 0;
     pub const DATA_FILE_RAW: u64 = 1 << 1;
+    /// rimg's intent log is live (rimg's own bit, far from QEMU's; see
+    /// `qcow::ilog`).
+    pub const INTENT_LOG: u64 = 1 << 63;
 }
 
 /// Header extension types (qcow2.rst, "Header extensions").
@@ -68,6 +71,8 @@ pub mod ext {
     pub const BITMAPS: u32 = 0x2385_2875;
     pub const CRYPTO: u32 = 0x0537_be77;
     pub const DATA_FILE: u32 = 0x4441_5441;
+    /// rimg's intent log ("rimg"; in no QEMU list).
+    pub const INTENT_LOG: u32 = 0x7269_6d67;
 }
 
 /// Compression used by compressed clusters (header byte 104).

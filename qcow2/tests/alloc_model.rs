@@ -27,6 +27,12 @@
 //!   cluster: afterwards the data file reads as the image does (the zeros
 //!   went into it before waiting for the write, which then landed over
 //!   them while the image read zeros).
+//! - `logged_fills_reach_tables_only_after_a_sync`: queues writing into
+//!   new clusters over a backing file with the intent log (a log of 2
+//!   records, so it fills and drains) and a flush racing them: an L2
+//!   table write that carries an entry always follows a sync that
+//!   followed the last write of that entry's cluster, and every write
+//!   reads back.
 //! - `foreign_units_are_allocated_once`: writers into the same new block
 //!   of a VDI image and of a VHDX image (the foreign formats' allocation
 //!   lock, whole and sparse units): the block is allocated once and holds
@@ -571,4 +577,131 @@ fn foreign_units_are_allocated_once() {
             iters(500),
         );
     }
+}
+
+/// The engine's writes and syncs, in order; at each one (the ones before
+/// it have completed: shuttle runs one thread at a time and switches only
+/// at its own primitives), the L2 table in the file is checked: every
+/// entry in it maps a cluster whose last write came before a sync.
+#[derive(Debug, Default)]
+struct Events {
+    log: std::sync::Mutex<Vec<(qcow2::storage::IoKind, u64, u64)>>,
+    /// The image and its L2 table's offset, once known.
+    table: std::sync::Mutex<Option<(PathBuf, u64)>>,
+}
+
+impl Events {
+    fn check_table(&self) {
+        use qcow2::storage::IoKind;
+        use std::os::unix::fs::FileExt;
+        let Some((path, l2)) = self.table.lock().unwrap().clone() else {
+            return;
+        };
+        let ev = self.log.lock().unwrap();
+        let mut t = vec![0u8; CS as usize];
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_exact_at(&mut t, l2)
+            .unwrap();
+        for (i, e) in t.chunks(8).enumerate() {
+            let host = u64::from_be_bytes(e.try_into().unwrap()) & qcow2::l2::OFFSET_MASK;
+            if host == 0 {
+                continue;
+            }
+            let last = ev
+                .iter()
+                .rposition(|&(k, o, l)| k != IoKind::Flush && o < host + CS && host < o + l);
+            if let Some(last) = last {
+                assert!(
+                    ev[last..].iter().any(|x| x.0 == IoKind::Flush),
+                    "the entry of cluster {i} is in the file, but its data (event \
+                     {last}) was not synced: {ev:?}"
+                );
+            }
+        }
+    }
+}
+
+impl qcow2::storage::Faults for Events {
+    fn event(&self, _: &str) {}
+    fn check(&self, kind: qcow2::storage::IoKind, off: u64, len: u64) -> Option<i32> {
+        use qcow2::storage::IoKind;
+        self.check_table();
+        if matches!(kind, IoKind::Write | IoKind::WriteZeroes | IoKind::Flush) {
+            self.log.lock().unwrap().push((kind, off, len));
+        }
+        None
+    }
+    fn swallowed(&self, _: &str, _: &qcow2::Error) {}
+}
+
+fn logged_writers_and_a_flush(images: &Images) {
+    let n = images.n.fetch_add(1, Ordering::Relaxed);
+    let base = images.dir.join(format!("{n}.raw"));
+    std::fs::write(&base, vec![0x5b; 64 * CS as usize]).unwrap();
+    let p = images.dir.join(format!("{n}.qcow2"));
+    let o = CreateOptions {
+        size: 64 * CS,
+        cluster_size: CS,
+        backing_file: Some(base.display().to_string()),
+        backing_format: Some("raw".into()),
+        ..CreateOptions::default()
+    };
+    qcow2::create(&p, &o).unwrap();
+    let events = Arc::new(Events::default());
+    let st = Storage::open(&p, true).unwrap();
+    st.set_faults(events.clone());
+    let b = qcow2::Raw::open(Storage::open(&base, false).unwrap()).unwrap();
+    let opts = Qcow2Options {
+        metadata_persistence: qcow2::MetadataPersistence::ProcessDeath,
+        intent_log: true,
+        boot_id: Some([1; 16]),
+        intent_log_records: Some(2),
+        ..Default::default()
+    };
+    let img = Arc::new(Qcow2::open(st, Some(Arc::new(b)), opts).unwrap());
+    // The L2 table exists before the race.
+    img.write_at(&[1; 100], 0).unwrap();
+    img.flush().unwrap();
+    let mut e = [0u8; 8];
+    img.storage()
+        .read_at(&mut e, img.header().l1_table_offset)
+        .unwrap();
+    let l2 = u64::from_be_bytes(e) & qcow2::l2::OFFSET_MASK;
+    *events.table.lock().unwrap() = Some((p.clone(), l2));
+    let writes = [(0u8, [2u64, 3, 4]), (1, [5, 6, 7])];
+    let mut threads = Vec::new();
+    for (t, clusters) in writes {
+        let img = img.clone();
+        threads.push(shuttle::thread::spawn(move || {
+            for c in clusters {
+                img.write_at(&[0x10 + t; 200], c * CS + 100).unwrap();
+            }
+        }));
+    }
+    let flusher = img.clone();
+    threads.push(shuttle::thread::spawn(move || flusher.flush().unwrap()));
+    for t in threads {
+        t.join().unwrap();
+    }
+    img.flush().unwrap();
+    events.check_table();
+    for (t, clusters) in writes {
+        for c in clusters {
+            let mut got = [0u8; CS as usize];
+            img.read_at(&mut got, c * CS).unwrap();
+            let mut want = [0x5b; CS as usize];
+            want[100..300].fill(0x10 + t);
+            assert_eq!(got.to_vec(), want.to_vec(), "cluster {c}");
+        }
+    }
+    assert_clean(&img);
+}
+#[test]
+fn logged_fills_reach_tables_only_after_a_sync() {
+    let images = Arc::new(Images::new("ilog"));
+    let i = images.clone();
+    shuttle::check_random(move || logged_writers_and_a_flush(&i), iters(300));
+    let i = images.clone();
+    shuttle::check_pct(move || logged_writers_and_a_flush(&i), iters(300), 3);
 }

@@ -59,6 +59,12 @@ struct Args {
     /// it sleeps at once)
     #[arg(long, default_value_t = 0, value_name = "MICROSECONDS")]
     poll_us: u32,
+    /// Sync the copy-on-write fill of every write into a new cluster over
+    /// a backing file before answering, instead of keeping its mapping in
+    /// the image's intent log until the next flush (slower; the log is
+    /// replayed by the next writable open after a kill)
+    #[arg(long)]
+    no_intent_log: bool,
     #[command(flatten)]
     control: ControlArg,
     #[command(flatten)]
@@ -96,6 +102,7 @@ fn serve(a: Args) -> Result<(), String> {
         direct: a.direct,
         l2_cache_bytes: a.cache_size,
         poll_us: a.poll_us,
+        intent_log: !a.no_intent_log,
         control: a.control.control,
         seccomp: a.seccomp.seccomp,
     };

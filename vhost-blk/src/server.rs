@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub l2_cache_bytes: Option<u64>,
     /// Busy-polling time of each worker, in microseconds (0: none).
     pub poll_us: u32,
+    /// Keep copy-on-write mappings in the image's intent log rather than
+    /// syncing each fill (`Qcow2Options::intent_log`).
+    pub intent_log: bool,
     /// The control socket to create (`--control`).
     pub control: Option<PathBuf>,
     /// What a syscall outside the daemon's seccomp list does (or no
@@ -133,6 +136,7 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     // A restarted daemon must find every write it answered (issue 20).
     let mut qopts = Qcow2Options {
         metadata_persistence: qcow2::MetadataPersistence::ProcessDeath,
+        intent_log: cfg.intent_log,
         ..Default::default()
     };
     if let Some(b) = cfg.l2_cache_bytes {

@@ -241,9 +241,9 @@ fn write_new(q: &Qcow2, data: &[u8]) -> Result<u64> {
     let cs = q.cluster_size();
     let n = (data.len() as u64).div_ceil(cs).max(1);
     let st = q.storage();
-    q.with_meta(|ctx| {
-        let off = ctx.rc.alloc(st, n)?;
-        ctx.rc.overlap.write(st, data, off, Allow::NOTHING)?;
+    q.with_refcounts(|rc| {
+        let off = rc.alloc(st, n)?;
+        rc.overlap.write(st, data, off, Allow::NOTHING)?;
         Ok(off)
     })
 }
@@ -254,15 +254,15 @@ fn write_new(q: &Qcow2, data: &[u8]) -> Result<u64> {
 /// failure and goes on.
 fn free_ranges(q: &Qcow2, ranges: &[(u64, u64)]) -> Result<()> {
     let st = q.storage();
-    q.with_meta(|ctx| {
+    q.with_refcounts(|rc| {
         for &(off, len) in ranges {
-            if ctx.rc.update_range(st, off, len, -1, |_| {}).is_err() {
+            if rc.update_range(st, off, len, -1, |_| {}).is_err() {
                 // QEMU's refcount update refuses such a range with EINVAL.
                 let e = Error::io("free", std::io::Error::from_raw_os_error(libc::EINVAL));
                 st.report_swallowed("qcow2_free_clusters failed", &e);
             }
         }
-        ctx.rc.flush(st)?;
+        rc.flush(st)?;
         st.sync()
     })
 }

@@ -36,6 +36,11 @@ impl Qcow2 {
             // Zeros that keep the host cluster also wait for in-place
             // writes into it (see the module docs).
             let mut m = self.wait_busy(m, c, chunk, zero && keep_alloc)?;
+            // Entries of intent log records change only after they are in
+            // the file, head included (see `ilog`).
+            if m.ilog.holds(L1Entry(m.l1[l1i]).l2_offset()) {
+                self.log_checkpoint_written(&mut m)?;
+            }
             if let Some(d) = raw {
                 // Only now, under the lock: no write into these clusters
                 // is in flight or can begin until their entries read as

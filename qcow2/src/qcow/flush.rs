@@ -50,7 +50,12 @@ impl Qcow2 {
     /// refcount changes, and between L2 tables and the L1 entries that may
     /// point at them.
     pub(super) fn write_back(&self, m: &mut Meta) -> Result<()> {
-        let dirty = m.l2.dirty_slots();
+        let mut dirty = m.l2.dirty_slots();
+        if dirty.iter().any(|&i| m.ilog.holds(m.l2.key(i))) {
+            // A table with intent log entries: they go with it.
+            self.log_checkpoint(m)?;
+            dirty = m.l2.dirty_slots();
+        }
         if dirty.is_empty() {
             m.rc.flush(&self.st)?;
         } else {
@@ -73,7 +78,8 @@ impl Qcow2 {
                 .write(&self.st, &raw, at, Allow::only(Kind::ActiveL1))?;
             m.l1_dirty = None;
         }
-        Ok(())
+        // Last: the tables and L1 entries hold every record below it.
+        self.log_write_head(m)
     }
 
     /// Flushes metadata in the order described in the module docs and
@@ -83,6 +89,7 @@ impl Qcow2 {
             return Ok(());
         }
         m.rc.overlap.usable()?;
+        self.log_checkpoint(m)?;
         self.write_back(m)?;
         self.st.sync()?;
         m.l2_unsynced = false;

@@ -120,6 +120,7 @@ impl Image for Qcow2 {
             self.release_reserve(&mut m);
         }
         self.flush_locked(&mut m)?;
+        self.log_close(&mut m)?;
         self.mark_clean_after_reserve(&mut m)?;
         self.trim_after_reserve(&mut m)
     }
@@ -273,7 +274,7 @@ impl Drop for Qcow2 {
                 self.release_reserve(&mut m);
                 // Errors here cannot be reported; callers that care flush
                 // explicitly before dropping.
-                if self.flush_locked(&mut m).is_ok() {
+                if self.flush_locked(&mut m).is_ok() && self.log_close(&mut m).is_ok() {
                     let _ = self.mark_clean_after_reserve(&mut m);
                     let _ = self.trim_after_reserve(&mut m);
                 }

@@ -89,6 +89,7 @@ mod bitmaps;
 mod compressed;
 mod discard;
 mod flush;
+mod ilog;
 mod image;
 mod inflight;
 mod persist;
@@ -150,6 +151,17 @@ pub struct Qcow2Options {
     pub data_file: Option<std::path::PathBuf>,
     /// When changed metadata is written to the file.
     pub metadata_persistence: MetadataPersistence,
+    /// With [`MetadataPersistence::ProcessDeath`] and a backing file:
+    /// copy-on-write fills are not synced per write; an intent log in
+    /// the image keeps their entries until a checkpoint (see `ilog`).
+    pub intent_log: bool,
+    /// The boot id the intent log is written and replayed under (tests
+    /// only; None: this machine's).
+    #[doc(hidden)]
+    pub boot_id: Option<[u8; 16]>,
+    /// Records in an intent log (tests only; None: 4032).
+    #[doc(hidden)]
+    pub intent_log_records: Option<u64>,
 }
 
 impl Default for Qcow2Options {
@@ -164,6 +176,9 @@ impl Default for Qcow2Options {
             no_io: false,
             data_file: None,
             metadata_persistence: MetadataPersistence::Flush,
+            intent_log: false,
+            boot_id: None,
+            intent_log_records: None,
         }
     }
 }
@@ -213,6 +228,8 @@ struct Meta {
     /// The file was extended ahead of its data (to be trimmed at drop);
     /// None after a failed extension (not tried again).
     preallocated: Option<bool>,
+    /// The intent log of copying writes (see [`ilog`]).
+    ilog: ilog::Log,
 }
 
 /// A guest write mapped to one host extent, between `map_write` and
@@ -256,6 +273,8 @@ struct Alloc {
     /// Extended L2 entries: whether the head and tail subclusters need
     /// copy-on-write fill.
     cow_ends: (bool, bool),
+    /// Whether its entries may go to the intent log.
+    log: ilog::Slot,
 }
 
 enum WritePlan {
@@ -392,6 +411,7 @@ impl Qcow2 {
             snapshot_table_bytes,
             compressed_tail: 0,
             header: header.clone(),
+            ilog: Default::default(),
         };
         let mut meta = meta;
         Self::rebuild_overlap(&mut meta, None);
@@ -422,6 +442,8 @@ impl Qcow2 {
         if q.st.writable() {
             q.prepare_for_writing()?;
             q.load_bitmaps()?;
+        } else {
+            q.log_load_read_only();
         }
         Ok(q)
     }
@@ -450,6 +472,8 @@ impl Qcow2 {
     /// autoclear bits whose structures this crate does not maintain.
     fn prepare_for_writing(&self) -> Result<()> {
         let mut m = self.lock();
+        // Before the repair: it would free what the log maps.
+        self.log_recover(&mut m)?;
         if m.header.is_dirty() && !self.opts.repair {
             let (lines, clean) = crate::dirty_open::repair(self, &mut m.header_mut_ctx())?;
             *self.open_messages.lock().unwrap() = Some(lines);
@@ -489,6 +513,7 @@ impl Qcow2 {
         {
             self.st.sync()?;
         }
+        self.log_open(&mut m);
         Ok(())
     }
 
@@ -697,11 +722,23 @@ impl Qcow2 {
         }
     }
 
+    /// The refcounts alone, for allocating and freeing structures this
+    /// module does not walk (bitmaps).
+    pub(crate) fn with_refcounts<R>(&self, f: impl FnOnce(&mut Refcounts) -> R) -> R {
+        f(&mut self.lock().rc)
+    }
+
+    /// Metadata for walking or rebuilding it as a whole (check, amend,
+    /// make_empty).
     pub(crate) fn with_meta<R>(&self, f: impl FnOnce(&mut MetaCtx<'_>) -> R) -> R {
         let mut m = self.lock();
         // Whoever walks or rebuilds the refcounts must not see reserved
-        // clusters as leaks (nor free them under the reserve).
+        // clusters as leaks (nor free them under the reserve), nor the
+        // intent log's area.
         self.release_reserve(&mut m);
+        if let Err(e) = self.log_close(&mut m) {
+            self.st.report_swallowed("rimg intent log not closed", &e);
+        }
         f(&mut m.header_mut_ctx())
     }
 }

@@ -23,7 +23,8 @@
 //!   a whole (`quiesce`, `with_meta`);
 //! - copy-on-write fill, and the data of a zero cluster reused in place,
 //!   is synced before the entry mapping it (`end_write`): only those
-//!   writes pay for it;
+//!   writes pay for it; with the intent log, fills from a backing file
+//!   are synced at a checkpoint instead (see `ilog`);
 //! - rarer changes (a new L2 table or refcount block, a rollback) sync
 //!   through `write_back`: refcounts before L2 tables, L2 tables before
 //!   the L1 entries pointing at them.
@@ -230,5 +231,7 @@ impl Qcow2 {
     }
 }
 
+#[cfg(test)]
+mod ilog_tests;
 #[cfg(test)]
 mod tests;

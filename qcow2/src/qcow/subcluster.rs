@@ -220,6 +220,7 @@ impl Qcow2 {
                         kind(e, bm, sa) != ScKind::Data,
                         kind(e, bm, sb - 1) != ScKind::Data,
                     ),
+                    log: ilog::Slot::No,
                 }));
             }
         }
@@ -253,6 +254,7 @@ impl Qcow2 {
             last_old: e,
             sub,
             cow_ends: (true, true),
+            log: ilog::Slot::No,
         }))
     }
 

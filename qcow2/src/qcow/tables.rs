@@ -10,8 +10,13 @@ impl Qcow2 {
 
     // ----- metadata access (lock held) -----
 
-    /// Writes back a dirty L2 table: refcounts first (see module docs).
+    /// Writes back a dirty L2 table before its slot is reused: refcounts
+    /// first (see module docs). A table holding intent log entries (not
+    /// marked dirty) is written after a checkpoint.
     pub(super) fn writeback_l2(&self, m: &mut Meta, i: usize) -> Result<()> {
+        if m.ilog.holds(m.l2.key(i)) {
+            self.log_checkpoint_written(m)?;
+        }
         if m.l2.is_dirty(i) {
             self.sync_before_l2(m)?;
             Self::write_l2(&self.st, m, i)?;
@@ -69,6 +74,7 @@ impl Qcow2 {
         let i = m.l2.victim();
         self.writeback_l2(m, i)?;
         self.st.read_at(m.l2.buffer(i), off)?;
+        m.ilog.overlay(off, m.l2.buffer(i), m.l2_stride);
         m.l2.assign(i, off, false);
         Ok(i)
     }

@@ -67,10 +67,14 @@ impl Qcow2 {
                 last_old: first_old,
                 sub: None,
                 cow_ends: (true, true),
+                log: ilog::Slot::No,
             }));
         }
         let mut n = 1;
         let mut last_old = first_old;
+        // Whether no old entry has a host cluster (only then may the
+        // allocation go to the intent log).
+        let mut hostless = first_old.host_range(cs).is_none();
         while n < want {
             if m.inflight.contains(&(gc + n)) {
                 break;
@@ -81,7 +85,10 @@ impl Qcow2 {
                     host: Some(_),
                     copied: true,
                 } => break,
-                e => last_old = e,
+                e => {
+                    hostless &= e.host_range(cs).is_none();
+                    last_old = e;
+                }
             }
             n += 1;
         }
@@ -99,6 +106,7 @@ impl Qcow2 {
                 last_old,
                 sub: None,
                 cow_ends: (true, true),
+                log: ilog::Slot::No,
             }));
         }
         let (host, got, fresh) = self.alloc_data_clusters(m, n)?;
@@ -116,6 +124,11 @@ impl Qcow2 {
         if fresh {
             self.reserve_ahead(m, host + n * cs);
         }
+        let log = if self.log_eligible(m, false, hostless) {
+            m.ilog.reserve()
+        } else {
+            ilog::Slot::No
+        };
         Ok(WritePlan::Alloc(Alloc {
             gc,
             n,
@@ -126,6 +139,7 @@ impl Qcow2 {
             last_old,
             sub: None,
             cow_ends: (true, true),
+            log,
         }))
     }
 
@@ -281,7 +295,10 @@ impl Qcow2 {
     /// clusters' references for release. All or nothing: on error no
     /// entry has changed, so `rollback_alloc` frees clusters nothing
     /// points at.
-    pub(super) fn commit_alloc(&self, m: &mut Meta, a: &Alloc) -> Result<()> {
+    ///
+    /// `logged`: the fill was not synced; the record goes to the intent
+    /// log and the entries stay out of the file until a checkpoint.
+    pub(super) fn commit_alloc(&self, m: &mut Meta, a: &Alloc, logged: bool) -> Result<()> {
         let cs = self.cluster_size();
         let l1i = a.gc.l1_index(self.l2_bits());
         let slot = self.l2_writable(m, l1i)?;
@@ -290,6 +307,22 @@ impl Qcow2 {
         // decoded the entries: decode them all before changing any.
         for k in 0..a.n {
             self.decode(Self::l2_get(m, slot, idx(k)))?;
+        }
+        if logged {
+            let table = m.l2.key(slot);
+            self.log_append(m, a, table)?;
+            for k in 0..a.n {
+                let new = L2Entry::Normal {
+                    host: (a.host + k * cs).0,
+                    copied: true,
+                };
+                // In the cached table only (not marked dirty): the
+                // checkpoint writes it, after the sync its fill needs.
+                let at = idx(k) * m.l2_stride;
+                m.l2.buffer(slot)[at..at + 8].copy_from_slice(&new.encode(self.geom).to_be_bytes());
+            }
+            // The old entries had no host cluster: nothing to free.
+            return Ok(());
         }
         for k in 0..a.n {
             let idx = idx(k);
@@ -313,7 +346,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    pub(super) fn finish_alloc(&self, m: MutexGuard<'_, Meta>, a: &Alloc) {
+    pub(super) fn finish_alloc(&self, mut m: MutexGuard<'_, Meta>, a: &Alloc) {
+        m.ilog.release(a.log);
         self.release_inflight(m, a.gc, a.n);
     }
 
@@ -434,15 +468,23 @@ impl Qcow2 {
         // the same way: a flush before the L2 table is written). Synced
         // per request when metadata is written per request, else at the
         // next write-back; outside the lock either way.
+        // With the intent log, the fill is synced at the next checkpoint
+        // instead (see `ilog`).
         let persist_now = self.opts.metadata_persistence == MetadataPersistence::ProcessDeath;
-        let synced = if ok && io.data_first && persist_now {
+        let logged = ok && io.data_first && persist_now && a.log == ilog::Slot::Reserved;
+        let sync = ok && io.data_first && persist_now && !logged;
+        let synced = if sync {
             self.data_storage().sync()
         } else {
             Ok(())
         };
         let mut m = self.lock();
+        if let (true, Ok(()), ilog::Slot::Full { upto }) = (sync, &synced, a.log) {
+            // That sync covered the fills of the records before `upto`.
+            self.log_settle(&mut m, Some(upto));
+        }
         let r = match synced {
-            Ok(()) if ok => self.commit_alloc(&mut m, &a),
+            Ok(()) if ok => self.commit_alloc(&mut m, &a, logged),
             Ok(()) => Ok(()),
             Err(e) => Err(e),
         };

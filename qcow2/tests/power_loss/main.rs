@@ -78,7 +78,14 @@ struct Config {
     data_file: Option<bool>,
     /// LUKS-encrypted data.
     encrypt: bool,
+    /// The writer keeps copy-on-write mappings in the intent log.
+    intent_log: bool,
 }
+
+/// The boot the writer ran in; a reader in it replays the writer's
+/// intent log (a killed process), one in another drops it (a power loss).
+const BOOT_A: [u8; 16] = [0xa; 16];
+const BOOT_B: [u8; 16] = [0xb; 16];
 
 impl Config {
     fn new(cs: u64, mode: MetadataPersistence) -> Config {
@@ -92,15 +99,17 @@ impl Config {
             small_cache: false,
             data_file: None,
             encrypt: false,
+            intent_log: false,
         }
     }
 
-    /// The options every open of the image takes: the key, and the
-    /// data file in place of the one the header names (`data`).
-    fn open_options(&self, data: Option<&Path>) -> Qcow2Options {
+    /// The options every open of the image takes: the key, the data
+    /// file in place of the one the header names (`data`), and the boot.
+    fn open_options(&self, data: Option<&Path>, boot: [u8; 16]) -> Qcow2Options {
         Qcow2Options {
             encrypt_key: self.encrypt.then(|| Secret(KEY.to_vec())),
             data_file: data.map(Path::to_path_buf),
+            boot_id: Some(boot),
             ..Default::default()
         }
     }
@@ -183,7 +192,10 @@ fn workload(
         discard_passthrough: cfg.punch,
         l2_cache_bytes: if cfg.small_cache { 1 } else { 32 << 20 },
         refcount_cache_bytes: if cfg.small_cache { 1 } else { 4 << 20 },
-        ..cfg.open_options(None)
+        intent_log: cfg.intent_log,
+        // A small log fills and drains within a workload.
+        intent_log_records: cfg.small_cache.then_some(4),
+        ..cfg.open_options(None, BOOT_A)
     };
     let q = Qcow2::open(st, backing.map(open_backing), opts).unwrap();
     if files.data.is_some() {
@@ -301,6 +313,7 @@ fn judge(
     backing: Option<&Path>,
     ok: &[Vec<u8>],
     repair: Option<bool>,
+    boot: [u8; 16],
 ) -> Result<(), String> {
     let files = Files::in_dir(dir, "crash", cfg);
     for (p, bytes) in files.all().into_iter().zip(crash) {
@@ -308,7 +321,7 @@ fn judge(
     }
     let data = files.data.as_deref();
     let st = Storage::open(&files.img, false).unwrap();
-    let q = Qcow2::open(st, backing.map(open_backing), cfg.open_options(data))
+    let q = Qcow2::open(st, backing.map(open_backing), cfg.open_options(data, boot))
         .map_err(|e| format!("does not open: {e}"))?;
     let r = q.check().map_err(|e| format!("check failed: {e}"))?;
     if r.corruptions != 0 || r.check_errors != 0 {
@@ -337,7 +350,7 @@ fn judge(
         // power loss leaks may stay (for `check -r`, as with QEMU), but
         // never a corruption.
         let st = Storage::open(&files.img, true).unwrap();
-        let q = Qcow2::open(st, backing.map(open_backing), cfg.open_options(data))
+        let q = Qcow2::open(st, backing.map(open_backing), cfg.open_options(data, boot))
             .map_err(|e| format!("does not open for writing: {e}"))?;
         let r = q.check().map_err(|e| format!("check failed: {e}"))?;
         let leaks = if leaks_too { r.leaks } else { 0 };
@@ -453,7 +466,7 @@ fn run(cfg: Config, seed: u64, plan: Option<&[(Kind, u64, u64)]>, randoms: usize
     .unwrap();
     if cfg.bitmap {
         let st = Storage::open(img, true).unwrap();
-        let q = Qcow2::open(st, None, cfg.open_options(None)).unwrap();
+        let q = Qcow2::open(st, None, cfg.open_options(None, BOOT_A)).unwrap();
         let t = q.bitmap_tracker().expect("a v3 image tracks bitmaps");
         t.add(&q, "b", None, false).unwrap();
         q.finish().unwrap();
@@ -487,7 +500,7 @@ fn run(cfg: Config, seed: u64, plan: Option<&[(Kind, u64, u64)]>, randoms: usize
         for (i, pick) in picks.enumerate() {
             let image = crash(p, pick, &mut rng);
             let repair = (i == 2 && p % 4 == 0).then_some(false);
-            if let Err(e) = judge(&dir.0, &image, cfg, backing, &ok, repair) {
+            if let Err(e) = judge(&dir.0, &image, cfg, backing, &ok, repair, BOOT_B) {
                 fail(format!(
                     "power loss at event {p} of {} ({pick:?}): {e}",
                     events.len()
@@ -498,7 +511,7 @@ fn run(cfg: Config, seed: u64, plan: Option<&[(Kind, u64, u64)]>, randoms: usize
             let ok = allowed(&ops, p, cfg, true);
             let image = crash(p, Pick::Newest, &mut rng);
             let repair = (p % 4 == 0).then_some(true);
-            if let Err(e) = judge(&dir.0, &image, cfg, backing, &ok, repair) {
+            if let Err(e) = judge(&dir.0, &image, cfg, backing, &ok, repair, BOOT_A) {
                 fail(format!(
                     "process killed at event {p} of {}: {e}",
                     events.len()
@@ -529,10 +542,23 @@ fn configs(mode: MetadataPersistence) -> Vec<Config> {
                 bitmap: backing,
                 punch: !backing,
                 small_cache: cs == 4096 || extended_l2,
+                intent_log: backing,
                 ..Config::new(cs, mode)
             });
         }
     }
+    // Over a backing file without the intent log (fills synced per
+    // write), and with it where tables of 64 entries are evicted often.
+    v.push(Config {
+        backing: true,
+        ..Config::new(65536, mode)
+    });
+    v.push(Config {
+        backing: true,
+        small_cache: true,
+        intent_log: true,
+        ..Config::new(512, mode)
+    });
     // External data files (data before entries: no refcount sync covers
     // them), raw or not; LUKS (zeros in the file decrypt to garbage).
     v.push(Config {

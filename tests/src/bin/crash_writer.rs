@@ -49,6 +49,8 @@ fn run_lib(image: &Path, seed: u64, round: u64, threads: usize, flush: bool) -> 
             writable: true,
             qcow2: Qcow2Options {
                 metadata_persistence,
+                // As rimg-vhost-blk: copying writes go to the intent log.
+                intent_log: !flush,
                 ..Default::default()
             },
             ..Default::default()

@@ -6,9 +6,9 @@ use crate::create::{create, CreateOptions};
 use crate::storage::{Faults, IoKind};
 use std::path::PathBuf;
 
-struct TempFile(PathBuf);
+pub(super) struct TempFile(pub(super) PathBuf);
 impl TempFile {
-    fn new(tag: &str) -> TempFile {
+    pub(super) fn new(tag: &str) -> TempFile {
         static N: AtomicU64 = AtomicU64::new(0);
         TempFile(std::env::temp_dir().join(format!(
             "rimg-persist-{tag}-{}-{}.qcow2",
@@ -23,7 +23,7 @@ impl Drop for TempFile {
     }
 }
 
-fn make(p: &Path, size: u64, cs: u64, extl2: bool) {
+pub(super) fn make(p: &Path, size: u64, cs: u64, extl2: bool) {
     create(
         p,
         &CreateOptions {
@@ -49,7 +49,7 @@ fn open_with(p: &Path, mode: MetadataPersistence, faults: Option<Arc<Recorder>>)
 }
 
 /// A writer that is killed: no drop, no flush, no release of the reserve.
-fn kill(q: Qcow2) {
+pub(super) fn kill(q: Qcow2) {
     std::mem::forget(q);
 }
 
@@ -167,7 +167,7 @@ fn flush_mode_loses_unflushed_mappings_when_killed() {
 
 /// Records the engine's writes and syncs, in order.
 #[derive(Debug, Default)]
-struct Recorder(std::sync::Mutex<Vec<(IoKind, u64, u64)>>);
+pub(super) struct Recorder(std::sync::Mutex<Vec<(IoKind, u64, u64)>>);
 impl Faults for Recorder {
     fn event(&self, _: &str) {}
     fn check(&self, kind: IoKind, off: u64, len: u64) -> Option<i32> {
@@ -179,12 +179,12 @@ impl Faults for Recorder {
     fn swallowed(&self, _: &str, _: &Error) {}
 }
 impl Recorder {
-    fn take(&self) -> Vec<(IoKind, u64, u64)> {
+    pub(super) fn take(&self) -> Vec<(IoKind, u64, u64)> {
         std::mem::take(&mut self.0.lock().unwrap())
     }
 }
 
-fn be64_at(p: &Path, off: u64) -> u64 {
+pub(super) fn be64_at(p: &Path, off: u64) -> u64 {
     let mut b = [0u8; 8];
     std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(p).unwrap(), &mut b, off)
         .unwrap();
