@@ -40,7 +40,8 @@
 //!   - Record `seq` at page 0 + 4096 + (seq % slots) * 64: CRC-32C at 0,
 //!     kind (u32, 1: map) at 4, seq at 8, log id at 16, first guest
 //!     cluster at 24, cluster count at 32, first host offset at 40 (the
-//!     clusters are contiguous, in one L2 table).
+//!     clusters are contiguous, in one L2 table), the raw L2 entry every
+//!     one of them had before (the same for all) at 48.
 //!
 //! Only fills from a backing file into clusters with no host cluster
 //! before are logged (extended L2 entries, data files, encryption and
@@ -102,14 +103,15 @@ impl Ext {
     }
 }
 
-/// A record: `n` guest clusters from `gc` now map the host clusters from
-/// `host`.
+/// A record: `n` guest clusters from `gc`, each with raw entry `old`
+/// before, now map the host clusters from `host`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Record {
     pub seq: u64,
     pub gc: u64,
     pub n: u64,
     pub host: u64,
+    pub old: u64,
 }
 
 /// CRC-32C of a record or page, the 4 bytes at `at` (where it is kept)
@@ -127,6 +129,7 @@ impl Record {
         b[24..32].copy_from_slice(&self.gc.to_be_bytes());
         b[32..40].copy_from_slice(&self.n.to_be_bytes());
         b[40..48].copy_from_slice(&self.host.to_be_bytes());
+        b[48..56].copy_from_slice(&self.old.to_be_bytes());
         let c = crc(&b, 0);
         b[0..4].copy_from_slice(&c.to_be_bytes());
         b
@@ -145,6 +148,7 @@ impl Record {
             gc: u64_at(24),
             n: u64_at(32),
             host: u64_at(40),
+            old: u64_at(48),
         })
     }
 }
@@ -236,11 +240,12 @@ pub(super) struct Log {
     next: u64,
     /// Slots reserved by planned writes.
     reserved: u64,
-    /// First record whose entries are not in the file's tables (every
-    /// record from here on is pending).
+    /// The head in page 0: a replay starts there. Slots from it on are
+    /// never reused until a later head is written.
     head: u64,
-    /// `head` moved since page 0 was last written.
-    head_dirty: bool,
+    /// Records below this are settled (their entries are ordinary dirty
+    /// ones): the head to write once the tables hold them.
+    settled: u64,
     /// Entries of records, by L2 table offset: (index, raw entry). They
     /// are in the cached table, which is not marked dirty for them.
     pending: HashMap<u64, Vec<(usize, u64)>>,
@@ -290,12 +295,13 @@ impl Log {
 }
 
 impl Qcow2 {
-    /// Whether an allocation of new clusters over `old` entries may be
-    /// logged rather than synced (see the module docs).
-    pub(super) fn log_eligible(&self, m: &Meta, reuse: bool, hostless: bool) -> bool {
+    /// Whether an allocation of new clusters may be logged rather than
+    /// synced (see the module docs): `same_hostless`, its old entries
+    /// are all the same and have no host cluster.
+    pub(super) fn log_eligible(&self, m: &Meta, reuse: bool, same_hostless: bool) -> bool {
         m.ilog.is_live()
             && !reuse
-            && hostless
+            && same_hostless
             && self.data.is_none()
             && self.cipher.is_none()
             && !self.extl2
@@ -304,13 +310,15 @@ impl Qcow2 {
     /// Appends the record of `a` (under the lock, after its data and
     /// fill were written) and notes its entries as pending. The caller
     /// sets them in the cached table without marking it dirty.
-    pub(super) fn log_append(&self, m: &mut Meta, a: &Alloc, table: u64) -> Result<()> {
+    pub(super) fn log_append(&self, m: &mut Meta, a: &Alloc, table: u64, old: u64) -> Result<()> {
+        // A log is closed only with no slot reserved (`log_close`).
         let area = m.ilog.area.as_ref().expect("a reserved slot has a log");
         let rec = Record {
             seq: m.ilog.next,
             gc: a.gc.0,
             n: a.n,
             host: a.host.0,
+            old,
         };
         let at = area.offset + PAGE + (rec.seq % area.slots) * REC as u64;
         let b = rec.encode(area.id);
@@ -350,8 +358,7 @@ impl Qcow2 {
                 Self::l2_set(m, slot, idx, raw);
             }
         }
-        m.ilog.head = m.ilog.next;
-        m.ilog.head_dirty = true;
+        m.ilog.settled = m.ilog.next;
     }
 
     /// A checkpoint before tables holding pending entries are written:
@@ -367,20 +374,20 @@ impl Qcow2 {
     /// Writes page 0 with the current head, once the tables hold every
     /// entry below it (end of `write_back`).
     pub(super) fn log_write_head(&self, m: &mut Meta) -> Result<()> {
-        if !m.ilog.head_dirty {
+        if m.ilog.settled == m.ilog.head {
             return Ok(());
         }
         if let Some(a) = &m.ilog.area {
             let page = Page {
                 id: a.id,
                 boot: a.boot,
-                head: m.ilog.head,
+                head: m.ilog.settled,
                 slots: a.slots,
             };
             m.rc.overlap
                 .write(&self.st, &page.encode(), a.offset, Allow::NOTHING)?;
         }
-        m.ilog.head_dirty = false;
+        m.ilog.head = m.ilog.settled;
         Ok(())
     }
 
@@ -473,7 +480,9 @@ impl Qcow2 {
     /// the bit off on disk before the area's clusters are given back.
     /// Writes after this sync their fills.
     pub(super) fn log_close(&self, m: &mut Meta) -> Result<()> {
-        if !m.ilog.is_live() {
+        // A write planned with a slot ends by appending its record: the
+        // log stays (and the image dirty, see `mark_clean_after_reserve`).
+        if !m.ilog.is_live() || m.ilog.reserved > 0 {
             return Ok(());
         }
         self.log_checkpoint_written(m)?;
@@ -505,10 +514,20 @@ impl Qcow2 {
         }
         let cs = self.cluster_size();
         let mut mapped = 0;
-        if let Some(ext) = Ext::from_header(&m.header, cs) {
+        // A live log leaves the image dirty (rimg marks it before the
+        // log starts and clean after it ends); a clean one was closed by
+        // another writer since, which may have changed what it maps.
+        let ext = Ext::from_header(&m.header, cs).filter(|_| m.header.is_dirty());
+        if let Some(ext) = ext {
             let boot = self.opts.boot_id.or_else(boot_id);
-            for rec in self.log_read(&ext, boot)? {
-                mapped += self.log_replay(m, &rec, false)?;
+            let recs = self.log_read(&ext, boot)?;
+            if !recs.is_empty() {
+                // The killed writer's fills are in the page cache only:
+                // durable before any table that maps them is written.
+                self.data_storage().sync()?;
+            }
+            for rec in &recs {
+                mapped += self.log_replay(m, rec, false)?;
             }
             if mapped > 0 {
                 self.write_back(m)?;
@@ -594,17 +613,26 @@ impl Qcow2 {
             if e.l2_offset() == 0 || !e.copied() {
                 continue;
             }
-            let slot = self.l2_slot(m, e.l2_offset())?;
+            // A table that cannot be read as one (a corrupt L1 entry) is
+            // left to the repair; an I/O error fails the open.
+            let slot = match self.l2_slot(m, e.l2_offset()) {
+                Ok(s) => s,
+                Err(Error::Corrupt(_)) => continue,
+                Err(e) => return Err(e),
+            };
             let idx = gc.l2_index(self.l2_bits());
             let new = L2Entry::Normal { host, copied: true }.encode(self.geom);
             let cur = Self::l2_get(m, slot, idx);
             if cur == new {
                 continue;
             }
-            let hostless = self.decode(cur).is_ok_and(|c| c.host_range(cs).is_none());
+            // Only over what the record replaced: anything else was
+            // written since, by a writer that did not replay the log.
+            let unchanged =
+                cur == rec.old && self.decode(cur).is_ok_and(|c| c.host_range(cs).is_none());
             let ours = m.rc.get(&self.st, host >> cb).is_ok_and(|r| r >= 1)
                 && m.rc.overlap.find(host, cs, Allow::NOTHING).is_none();
-            if hostless && ours {
+            if unchanged && ours {
                 if read_only {
                     let at = idx * m.l2_stride;
                     m.l2.buffer(slot)[at..at + 8].copy_from_slice(&new.to_be_bytes());
@@ -634,6 +662,7 @@ mod tests {
             gc: 3,
             n: 2,
             host: 0x30000,
+            old: 1,
         };
         let b = r.encode(42);
         assert_eq!(Record::decode(&b, 42, 7), Some(r));

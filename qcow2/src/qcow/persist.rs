@@ -188,7 +188,12 @@ impl Qcow2 {
     pub(super) fn mark_clean_after_reserve(&self, m: &mut Meta) -> Result<()> {
         // Frees still queued (I/O that began before them is running) are
         // leaks if the process dies now: the mark stays for the repair.
-        if !m.reserve.marked_dirty || !m.reserve.runs.is_empty() || !m.pending_free.is_empty() {
+        // So it does while the intent log is live (a replay needs it).
+        if !m.reserve.marked_dirty
+            || !m.reserve.runs.is_empty()
+            || !m.pending_free.is_empty()
+            || m.ilog.is_live()
+        {
             return Ok(());
         }
         let bits = m.header.incompatible_features & !incompat::DIRTY;

@@ -72,9 +72,9 @@ impl Qcow2 {
         }
         let mut n = 1;
         let mut last_old = first_old;
-        // Whether no old entry has a host cluster (only then may the
-        // allocation go to the intent log).
-        let mut hostless = first_old.host_range(cs).is_none();
+        // Whether the old entries are all the same and have no host
+        // cluster (only then may the allocation go to the intent log).
+        let mut same_hostless = first_old.host_range(cs).is_none();
         while n < want {
             if m.inflight.contains(&(gc + n)) {
                 break;
@@ -86,7 +86,7 @@ impl Qcow2 {
                     copied: true,
                 } => break,
                 e => {
-                    hostless &= e.host_range(cs).is_none();
+                    same_hostless &= e == first_old;
                     last_old = e;
                 }
             }
@@ -124,7 +124,7 @@ impl Qcow2 {
         if fresh {
             self.reserve_ahead(m, host + n * cs);
         }
-        let log = if self.log_eligible(m, false, hostless) {
+        let log = if self.log_eligible(m, false, same_hostless) {
             m.ilog.reserve()
         } else {
             ilog::Slot::No
@@ -310,7 +310,9 @@ impl Qcow2 {
         }
         if logged {
             let table = m.l2.key(slot);
-            self.log_append(m, a, table)?;
+            // All the same (`plan_write`): the first one stands for all.
+            let old = Self::l2_get(m, slot, idx(0));
+            self.log_append(m, a, table, old)?;
             for k in 0..a.n {
                 let new = L2Entry::Normal {
                     host: (a.host + k * cs).0,

@@ -351,3 +351,67 @@ fn zeroing_a_logged_cluster_sticks() {
         check_clean(&q, false);
     }
 }
+
+/// The next writer replays a killed writer's records only over what the
+/// records replaced, only while the image is still marked dirty (a clean
+/// image was closed by another writer since), and syncs the killed
+/// writer's fills before the first table that maps them.
+#[test]
+fn a_replay_is_durable_and_touches_only_what_the_log_replaced() {
+    let cs = 65536;
+    for case in ["replay", "changed-entry", "clean"] {
+        let o = Overlay::new("ilog-replay", cs, 4 << 20);
+        let q = o.logged(BOOT_A, 64, None);
+        q.write_at(&[1; 512], 0).unwrap();
+        q.flush().unwrap();
+        q.write_at(&[2; 1024], 3 * cs + 512).unwrap();
+        let l2 = be64_at(&o.img.0, q.header().l1_table_offset) & crate::l2::OFFSET_MASK;
+        kill(q);
+        let file = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&o.img.0)
+                .unwrap()
+        };
+        use std::os::unix::fs::FileExt;
+        match case {
+            // Another writer zeroed the cluster (QEMU's zero flag).
+            "changed-entry" => file()
+                .write_all_at(&1u64.to_be_bytes(), l2 + 3 * 8)
+                .unwrap(),
+            // Another writer closed the image cleanly.
+            "clean" => {
+                let bits = be64_at(&o.img.0, field::INCOMPATIBLE) & !incompat::DIRTY;
+                file()
+                    .write_all_at(&bits.to_be_bytes(), field::INCOMPATIBLE)
+                    .unwrap();
+            }
+            _ => {}
+        }
+        let rec = Arc::new(Recorder::default());
+        let q = o.logged(BOOT_A, 64, Some(rec.clone()));
+        let ops = rec.take();
+        let mut got = vec![0u8; 1024];
+        q.read_at(&mut got, 3 * cs + 512).unwrap();
+        let want: Vec<u8> = (0..1024u64)
+            .map(|i| match case {
+                "replay" => 2,
+                "changed-entry" => 0,
+                _ => backing_byte(3 * cs + 512 + i),
+            })
+            .collect();
+        assert!(got == want, "{case}: reads {:#x}", got[0]);
+        if case == "replay" {
+            let table_write = ops
+                .iter()
+                .position(|op| op.0 == IoKind::Write && op.1 >= l2 && op.1 < l2 + cs)
+                .expect("the replay wrote no table");
+            assert!(
+                ops[..table_write].iter().any(|op| op.0 == IoKind::Flush),
+                "the fill was not synced before its table: {ops:?}"
+            );
+        }
+        // A clean image is not repaired at open: its leaks stay.
+        check_clean(&q, case == "clean");
+    }
+}
