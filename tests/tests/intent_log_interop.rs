@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use qcow2::{open, Image, MetadataPersistence, OpenOptions, Qcow2Options};
-use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, rimg_in, tempdir};
+use rimg_tests::{assert_qemu_check_clean, qemu_img, qemu_io, qemu_raw_content, rimg_in, tempdir};
 
 const SIZE: u64 = 8 << 20;
 const AUTOCLEAR: u64 = 88;
@@ -110,19 +110,6 @@ fn write_and_die(img: &Path) -> Vec<u8> {
     writes(None)
 }
 
-fn qemu_content(img: &Path, dir: &Path) -> Vec<u8> {
-    let raw = dir.join("out.raw");
-    let o = qemu_img(&[
-        "convert",
-        "-O",
-        "raw",
-        img.to_str().unwrap(),
-        raw.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    std::fs::read(raw).unwrap()
-}
-
 /// qemu-img check: exit 0 or 3 (leaks), no corruption.
 fn qemu_check_leaks_at_most(img: &Path) {
     let o = qemu_img(&["check", "--output=json", img.to_str().unwrap()]);
@@ -158,7 +145,7 @@ fn rimg_replays_a_killed_writer_s_log_and_qemu_reads_the_result() {
     assert_eq!(be64(&img, AUTOCLEAR) & LOG_BIT, 0);
     assert_qemu_check_clean(&img);
     assert!(
-        qemu_content(&img, dir.path()) == want,
+        qemu_raw_content(&img, &dir.path().join("out.raw")) == want,
         "QEMU reads otherwise"
     );
 }
@@ -182,7 +169,7 @@ fn a_writable_qemu_open_ends_the_log_and_rimg_does_not_replay_it() {
     assert_eq!(code, Some(0), "{err}");
     assert_qemu_check_clean(&img);
     assert!(
-        qemu_content(&img, dir.path()) == want,
+        qemu_raw_content(&img, &dir.path().join("out.raw")) == want,
         "a dropped log was replayed"
     );
     // And a rimg writer later starts a new log and closes cleanly.
@@ -191,5 +178,5 @@ fn a_writable_qemu_open_ends_the_log_and_rimg_does_not_replay_it() {
     want[5_000_000..5_000_100].fill(9);
     drop(q);
     assert_qemu_check_clean(&img);
-    assert!(qemu_content(&img, dir.path()) == want);
+    assert!(qemu_raw_content(&img, &dir.path().join("out.raw")) == want);
 }

@@ -476,6 +476,20 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Autoclear bit 63 off, durably: no replay of this log from now on.
+    fn log_bit_off(&self, m: &mut Meta) -> Result<()> {
+        let bits = m.header.autoclear_features & !crate::header::autoclear::INTENT_LOG;
+        m.rc.overlap.write(
+            &self.st,
+            &bits.to_be_bytes(),
+            field::AUTOCLEAR,
+            Allow::only(Kind::Header),
+        )?;
+        self.st.sync()?;
+        m.header.autoclear_features = bits;
+        Ok(())
+    }
+
     /// Ends the log at a clean close (after a flush, which checkpointed):
     /// the bit off on disk before the area's clusters are given back.
     /// Writes after this sync their fills.
@@ -486,15 +500,7 @@ impl Qcow2 {
             return Ok(());
         }
         self.log_checkpoint_written(m)?;
-        let bits = m.header.autoclear_features & !crate::header::autoclear::INTENT_LOG;
-        m.rc.overlap.write(
-            &self.st,
-            &bits.to_be_bytes(),
-            field::AUTOCLEAR,
-            Allow::only(Kind::Header),
-        )?;
-        self.st.sync()?;
-        m.header.autoclear_features = bits;
+        self.log_bit_off(m)?;
         let area = m.ilog.area.take().expect("live");
         m.ilog = Log::default();
         m.rc.unref(&self.st, HostOffset(area.offset), area.bytes, |_| {})?;
@@ -534,15 +540,7 @@ impl Qcow2 {
                 self.st.sync()?;
             }
         }
-        let bits = m.header.autoclear_features & !crate::header::autoclear::INTENT_LOG;
-        m.rc.overlap.write(
-            &self.st,
-            &bits.to_be_bytes(),
-            field::AUTOCLEAR,
-            Allow::only(Kind::Header),
-        )?;
-        self.st.sync()?;
-        m.header.autoclear_features = bits;
+        self.log_bit_off(m)?;
         // The area and any record not replayed are leaks of a dirty image,
         // which the repair that follows frees.
         Ok(mapped)
