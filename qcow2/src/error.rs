@@ -75,8 +75,8 @@ pub enum Error {
     /// VDI header, ...): QEMU's words for why, printed as they are.
     #[error("{0}")]
     Format(String),
-    /// A writable open (or a write) of an image whose format rimg only
-    /// reads (see [`Format::read_only`](crate::Format::read_only)).
+    /// A writable open (or a write) of an image rimg only reads (a VMDK
+    /// subformat or extent kind it does not write).
     #[error("{0} images are read-only in rimg (writing them is not supported yet)")]
     ReadOnlyFormat(&'static str),
     /// Resizing an image of a format whose QEMU driver cannot (VDI).
