@@ -6,7 +6,7 @@
 #   -t SECONDS  fuzz each target this long (default 600)
 #   -n RUNS     or this many executions each
 #   TARGET      header, open_walk, read_all, check_repair, bitmaps, vdi, vpc,
-#               vmdk, vhdx (default: all)
+#               vmdk, vhdx, nbd_server, nbd_client (default: all)
 # Environment: SANITIZER (default none; "address" for ASan),
 #   FUZZ_ARGS (extra libFuzzer flags), FUZZ_WORK (where corpus/,
 #   artifacts/ and logs/ go; default fuzz/, where git ignores them).
@@ -26,7 +26,7 @@ while getopts "t:n:h" o; do
 done
 shift $((OPTIND - 1))
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk vhdx)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk vhdx nbd_server nbd_client)
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 # cargo-fuzz builds with -Z flags (sanitizer, coverage instrumentation);

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 work=${FUZZ_WORK:-.}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk vhdx)
+[ ${#targets[@]} -gt 0 ] || targets=(header open_walk read_all check_repair bitmaps vdi vpc vmdk vhdx nbd_server nbd_client)
 
 small=$(mktemp -d)
 trap 'rm -rf "$small"' EXIT
@@ -115,6 +115,67 @@ PY
 for t in "${targets[@]}"; do
   c=$work/corpus/$t
   mkdir -p "$c"
+  if [ "$t" = nbd_server ]; then
+    # Client sessions, not images: flags, options, then requests, with
+    # compact and with extended headers.
+    python3 - "$c" <<'PY'
+import struct, sys
+def opt(o, d=b""): return struct.pack(">QII", 0x49484156454F5054, o, len(d)) + d
+def meta(*qs):
+    d = struct.pack(">I", 0) + struct.pack(">I", len(qs))
+    for q in qs: d += struct.pack(">I", len(q)) + q
+    return d
+go = opt(7, struct.pack(">IH", 0, 1) + struct.pack(">H", 3))
+def reqs(ext):
+    out = b""
+    for kind, ln in [(1, 512), (0, 4096), (7, 65536), (6, 4096), (4, 512), (3, 0), (5, 512)]:
+        if ext: out += struct.pack(">IHHQQQ", 0x21e41c71, 0, kind, 1, 4096, ln)
+        else: out += struct.pack(">IHHQQI", 0x25609513, 0, kind, 1, 4096, ln)
+        if kind == 1: out += b"\x11" * ln
+    return out + (struct.pack(">IHHQQQ", 0x21e41c71, 0, 2, 0, 0, 0) if ext else struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
+q = meta(b"base:allocation", b"qemu:allocation-depth")
+d = sys.argv[1]
+open(d + "/simple", "wb").write(struct.pack(">I", 3) + go + reqs(False))
+open(d + "/structured", "wb").write(struct.pack(">I", 3) + opt(8) + opt(10, q) + go + reqs(False))
+open(d + "/extended", "wb").write(struct.pack(">I", 3) + opt(11) + opt(9, meta()) + opt(10, q) + opt(3) + go + reqs(True))
+open(d + "/export-name", "wb").write(struct.pack(">I", 3) + opt(1, b"ro") + reqs(False))
+PY
+    continue
+  fi
+  if [ "$t" = nbd_client ]; then
+    # Server transcripts: greeting, option replies, then replies to the
+    # client's requests (cookies 1 on), extended, structured and simple.
+    python3 - "$c" <<'PY'
+import struct, sys
+R = 0x3e889045565a9
+def rep(o, t, d=b""): return struct.pack(">QIII", R, o, t, len(d)) + d
+ACK, UNSUP = 1, (1 << 31) + 1
+hello = struct.pack(">QQH", 0x4e42444d41474943, 0x49484156454F5054, 3)
+size, flags = 1 << 20, 0x0fed
+info = rep(7, 3, struct.pack(">HQH", 0, size, flags)) + rep(7, 3, struct.pack(">HIII", 3, 1, 4096, 1 << 25)) + rep(7, ACK)
+meta = rep(10, 4, struct.pack(">I", 1) + b"base:allocation") + rep(10, ACK)
+def ext(cookie, t, payload=b"", off=0):
+    return struct.pack(">IHHQQQ", 0x6e8a278c, 1, t, cookie, off, len(payload)) + payload
+def sr(cookie, t, payload=b""):
+    return struct.pack(">IHHQI", 0x668e33ef, 1, t, cookie, len(payload)) + payload
+def simple(cookie): return struct.pack(">IIQ", 0x67446698, 0, cookie)
+data = b"\x5a" * 8192
+d = sys.argv[1]
+# Extended: read, block status, write, zeroes, trim, flush, read.
+e = hello + rep(11, ACK) + meta + info
+e += ext(1, 1, struct.pack(">Q", 0) + data) + ext(2, 6, struct.pack(">IIQQ", 1, 1, 65536, 0))
+e += b"".join(ext(k, 0) for k in (3, 4, 5, 6)) + ext(7, 2, struct.pack(">QI", size - 8192, 8192))
+open(d + "/extended", "wb").write(e)
+s_ = hello + rep(11, UNSUP) + rep(8, ACK) + meta + info
+s_ += sr(1, 1, struct.pack(">Q", 0) + data) + sr(2, 5, struct.pack(">III", 1, 65536, 3))
+s_ += b"".join(simple(k) for k in (3, 4, 5, 6)) + sr(7, 0x8001, struct.pack(">IH", 5, 4) + b"oops")
+open(d + "/structured", "wb").write(s_)
+p = hello + rep(11, UNSUP) + rep(8, UNSUP) + info
+p += simple(1) + data + b"".join(simple(k) for k in (2, 3, 4, 5)) + simple(6) + data
+open(d + "/simple", "wb").write(p)
+PY
+    continue
+  fi
   cp ../fixtures/*.qcow2 "$c/"
   cp "$small"/*.qcow2 "$c/" 2>/dev/null || true
   [ "$t" != vdi ] || cp "$small"/vdi/*.vdi "$c/" 2>/dev/null || true

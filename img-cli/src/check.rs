@@ -247,7 +247,7 @@ fn extent_lock_conflict(img: &dyn qcow2::Image) -> Option<String> {
     let v = img.as_any().downcast_ref::<qcow2::Vmdk>()?;
     let l = v.layout();
     let id = |st: &qcow2::storage::Storage| {
-        let md = st.file().metadata().ok()?;
+        let md = st.file()?.metadata().ok()?;
         Some((md.dev(), md.ino()))
     };
     // The descriptor first (None: it holds tables, as a sparse one),

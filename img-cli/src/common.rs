@@ -44,29 +44,7 @@ pub fn open_opts(
     Ok(img)
 }
 
-/// The length QEMU gives an image: raw files count in whole 512-byte
-/// sectors (the block layer rounds their length up), the other formats'
-/// sizes are exact.
-pub fn qemu_len(img: &dyn Image) -> u64 {
-    match img.format() {
-        Format::Raw => img.size().next_multiple_of(512),
-        Format::Qcow2 | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
-            img.size()
-        }
-    }
-}
-
-/// Reads `buf.len()` bytes at `off` within [`qemu_len`]: bytes past the
-/// end of a raw file (its last partial sector) read as zeros, as in QEMU.
-pub fn read_padded(img: &dyn Image, buf: &mut [u8], off: u64) -> qcow2::Result<()> {
-    let real = img.size();
-    let n = real.saturating_sub(off).min(buf.len() as u64) as usize;
-    if n > 0 {
-        img.read_at(&mut buf[..n], off)?;
-    }
-    buf[n..].fill(0);
-    Ok(())
-}
+pub use qcow2::blockstatus::{qemu_len, read_padded};
 
 /// Whether `b` is all zeros.
 pub fn is_zero(b: &[u8]) -> bool {
@@ -122,6 +100,9 @@ pub fn os_error_text(e: &qcow2::Error) -> String {
 /// A filename as QEMU shows it: without a `file:` prefix, and a relative
 /// name with a colon (which would read as a protocol prefix) as `./name`.
 pub fn display_name(given: &str) -> String {
+    if qcow2::nbd::is_nbd(given) {
+        return qcow2::nbd::display_name(given);
+    }
     match given.strip_prefix("file:") {
         Some(rest) if !rest.starts_with('/') && rest.contains(':') => format!("./{rest}"),
         Some(rest) => rest.to_string(),

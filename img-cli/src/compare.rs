@@ -11,10 +11,10 @@
 
 use clap::Args;
 
-use crate::blockstatus::{Chain, ALLOCATED, ZERO};
 use crate::common::{is_zero, open_opts, parse_format, read_padded};
 use crate::progress::Progress;
 use crate::CliError;
+use qcow2::blockstatus::{Chain, ALLOCATED, ZERO};
 
 #[derive(Args)]
 pub struct CompareArgs {
@@ -89,7 +89,7 @@ impl Side {
         })
     }
 
-    fn status(&self, off: u64, bytes: u64) -> Result<crate::blockstatus::Status, CliError> {
+    fn status(&self, off: u64, bytes: u64) -> Result<qcow2::blockstatus::Status, CliError> {
         self.chain.status_above(off, bytes).map_err(|e| {
             fail(
                 3,

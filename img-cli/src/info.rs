@@ -44,7 +44,8 @@ struct ImageInfo {
     /// The allocation unit qemu-img info reports (qcow2's cluster, a vdi
     /// block); None for raw and luks.
     cluster_size: Option<u64>,
-    actual_size: u64,
+    /// Unknown for an image on an NBD server (QEMU: "unavailable").
+    actual_size: Option<u64>,
     qcow2: Option<qcow2::Header>,
     snapshots: Vec<qcow2::Snapshot>,
     /// Backing name as stored and as resolved against the image's directory.
@@ -76,14 +77,17 @@ struct Child {
     protocol: &'static str,
     filename: String,
     length: u64,
-    actual: u64,
+    /// None: unknown (an NBD export).
+    actual: Option<u64>,
 }
 
 impl Child {
     fn of(name: String, st: &qcow2::storage::Storage) -> Result<Child, CliError> {
         use std::os::unix::fs::FileTypeExt;
-        let t = st
-            .file()
+        let Some(file) = st.file() else {
+            return Ok(Child::nbd(name, st));
+        };
+        let t = file
             .metadata()
             .map_err(|e| CliError::new(e.to_string()))?
             .file_type();
@@ -93,8 +97,19 @@ impl Child {
             protocol: if device { "host_device" } else { "file" },
             filename: st.path().display().to_string(),
             length: st.len()?.next_multiple_of(512),
-            actual: st.allocated_bytes()?,
+            actual: Some(st.allocated_bytes()?),
         })
+    }
+
+    /// An NBD export under a format (QEMU's nbd protocol node).
+    fn nbd(name: String, st: &qcow2::storage::Storage) -> Child {
+        Child {
+            name,
+            protocol: "nbd",
+            filename: qcow2::nbd::display_name(&st.path().to_string_lossy()),
+            length: st.nbd().map_or(0, |c| c.size),
+            actual: None,
+        }
     }
 }
 
@@ -157,12 +172,13 @@ fn open_one(
     let img: Arc<dyn Image> = qcow2::open(&path, &opts)
         .map_err(|e| CliError::new(format!("Could not open '{name}': {e}")))?;
     let (actual_size, file_length) = match img.as_qcow2() {
-        Some(q) => (q.storage().allocated_bytes()?, q.storage().len()?),
+        _ if img.storage().nbd().is_some() => (None, img.storage().len()?),
+        Some(q) => (Some(q.storage().allocated_bytes()?), q.storage().len()?),
         None => {
             let md = std::fs::metadata(qcow2::open::host_path(&path))
                 .map_err(|e| CliError::new(format!("{name}: {e}")))?;
             use std::os::unix::fs::MetadataExt;
-            (md.blocks() * 512, md.len())
+            (Some(md.blocks() * 512), md.len())
         }
     };
     let (qh, snapshots) = match img.as_qcow2() {
@@ -210,7 +226,10 @@ fn open_one(
     };
     let backing = backing_name.map(|b| {
         let full = dir.map(|d| {
-            let full = if Path::new(&b).is_absolute() || d.as_os_str().is_empty() {
+            let full = if Path::new(&b).is_absolute()
+                || d.as_os_str().is_empty()
+                || qcow2::nbd::is_nbd(&b)
+            {
                 PathBuf::from(&b)
             } else {
                 d.join(&b)
@@ -228,21 +247,27 @@ fn open_one(
     if let Some(l) = vmdk_layout {
         for (i, st) in l.extent_files().iter().enumerate().rev() {
             let c = Child::of(format!("extents.{i}"), st)?;
-            actual_size += c.actual;
+            actual_size = actual_size.zip(c.actual).map(|(a, b)| a + b);
             children.push(c);
         }
     }
     // The file under the format node: its plain name even where the
     // image's is a json: one.
-    children.push(Child {
-        name: "file".into(),
-        protocol: "file",
-        filename: file_name.clone(),
-        length: file_length,
-        actual: file_actual,
+    children.push(match img.storage().nbd() {
+        Some(_) => Child::nbd("file".into(), img.storage()),
+        None => Child {
+            name: "file".into(),
+            protocol: "file",
+            filename: file_name.clone(),
+            length: file_length,
+            actual: file_actual,
+        },
     });
     let dirty_flag = match vmdk_layout {
         Some(l) if !l.uniform() => None,
+        // QEMU's raw driver asks its file, and the nbd driver has no
+        // such information to give.
+        _ if img.format() == Format::Raw && img.storage().nbd().is_some() => None,
         _ => Some(qh.as_ref().is_some_and(|h| h.is_dirty())),
     };
     Ok(ImageInfo {
@@ -366,19 +391,29 @@ fn to_json(i: &ImageInfo) -> Value {
     let children: Vec<Value> = i
         .children
         .iter()
-        .map(|c| {
-            json!({
+        .map(|c| match c.actual {
+            Some(actual) => json!({
                 "name": c.name,
                 "info": {
                     "children": [],
                     "virtual-size": c.length,
                     "filename": c.filename,
                     "format": c.protocol,
-                    "actual-size": c.actual,
+                    "actual-size": actual,
                     "format-specific": {"type": "file", "data": {}},
                     "dirty-flag": false
                 }
-            })
+            }),
+            // QEMU's nbd node: no size on disk, no format-specific data.
+            None => json!({
+                "name": c.name,
+                "info": {
+                    "children": [],
+                    "virtual-size": c.length,
+                    "filename": c.filename,
+                    "format": c.protocol
+                }
+            }),
         })
         .collect();
     m.insert("children".into(), Value::Array(children));
@@ -419,7 +454,9 @@ fn to_json(i: &ImageInfo) -> Value {
         m.insert("cluster-size".into(), json!(cs));
     }
     m.insert("format".into(), json!(i.format.name()));
-    m.insert("actual-size".into(), json!(i.actual_size));
+    if let Some(a) = i.actual_size {
+        m.insert("actual-size".into(), json!(a));
+    }
     if let Some(h) = &i.qcow2 {
         let mut d = Map::new();
         d.insert(
@@ -543,7 +580,7 @@ fn to_human(i: &ImageInfo) -> String {
         size_to_str(i.virtual_size),
         i.virtual_size
     );
-    s += &format!("disk size: {}\n", size_to_str(i.actual_size));
+    s += &format!("disk size: {}\n", disk_size(i.actual_size));
     if i.encrypted() {
         s += "encrypted: yes\n";
     }
@@ -613,9 +650,14 @@ fn to_human(i: &ImageInfo) -> String {
             size_to_str(c.length),
             c.length
         );
-        s += &format!("    disk size: {}\n", size_to_str(c.actual));
+        s += &format!("    disk size: {}\n", disk_size(c.actual));
     }
     s
+}
+
+/// A size on disk as qemu-img prints it, "unavailable" when unknown.
+fn disk_size(n: Option<u64>) -> String {
+    n.map_or_else(|| "unavailable".into(), size_to_str)
 }
 
 pub fn run(a: InfoArgs) -> Result<u8, CliError> {

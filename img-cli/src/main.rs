@@ -7,7 +7,6 @@ mod bench;
 mod bitmap;
 mod blkdebug;
 mod blockopts;
-mod blockstatus;
 mod check;
 mod commit;
 mod common;

@@ -3,11 +3,11 @@
 
 use clap::Args;
 
-use crate::blockstatus::{Chain, Status, ALLOCATED, COMPRESSED, DATA, OFFSET_VALID, ZERO};
 use crate::common::{open_opts, parse_format};
 use crate::info::Output;
 use crate::size::cvtnum;
 use crate::CliError;
+use qcow2::blockstatus::{Chain, Status, ALLOCATED, COMPRESSED, DATA, OFFSET_VALID, ZERO};
 
 #[derive(Args)]
 pub struct MapArgs {

@@ -146,8 +146,8 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
                     // Block status as QEMU's block layer gives it: data
                     // clusters of an image that looks metadata-preallocated
                     // are asked of the host file, whose holes are zeros.
-                    use crate::blockstatus::{ALLOCATED, DATA, ZERO};
-                    let chain = crate::blockstatus::Chain::new(i)?;
+                    use qcow2::blockstatus::{ALLOCATED, DATA, ZERO};
+                    let chain = qcow2::blockstatus::Chain::new(i)?;
                     let mut pos = 0;
                     while pos < size {
                         let s = chain.status_above(pos, size - pos)?;

@@ -27,7 +27,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    #[error("image is not in qcow2 format")]
+    #[error("Image is not in qcow2 format")]
     NotQcow2,
     #[error("invalid qcow2 header: {0}")]
     InvalidHeader(String),

@@ -45,7 +45,14 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("vpc", vpc),
     ("vmdk", vmdk),
     ("vhdx", vhdx),
+    ("nbd_client", nbd_client),
 ];
+
+/// The NBD client against a server whose every byte is `data` (see
+/// [`crate::nbd::fuzz`]).
+pub fn nbd_client(data: &[u8]) {
+    crate::nbd::fuzz::client(data)
+}
 
 /// An in-memory file holding `data`.
 fn memfile(data: &[u8]) -> File {

@@ -27,6 +27,7 @@
 pub mod amend;
 pub mod amend_progress;
 pub mod bitmap;
+pub mod blockstatus;
 pub(crate) mod cache;
 pub mod check;
 pub mod compress;
@@ -48,6 +49,7 @@ pub mod luks;
 pub mod luks_amend;
 pub mod luks_image;
 mod make_empty;
+pub mod nbd;
 pub mod open;
 pub(crate) mod overlap;
 pub mod paths;

@@ -55,7 +55,10 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Arc<dyn Image>> {
 /// the foreign formats by their magic, anything else is raw (as QEMU's
 /// probing falls back to raw).
 pub fn probe(path: &Path) -> Result<Format> {
-    let st = Storage::open(host_path(path), false)?;
+    let st = match path.to_str().filter(|n| crate::nbd::is_nbd(n)) {
+        Some(n) => Storage::open_nbd(n, false)?,
+        None => Storage::open(host_path(path), false)?,
+    };
     probe_storage(&st)
 }
 
@@ -116,17 +119,25 @@ fn open_at_depth(
             path.display()
         )));
     }
-    let canon = std::fs::canonicalize(path).map_err(|source| Error::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    // An NBD address (QEMU's nbd protocol driver) instead of a file.
+    let nbd = path.to_str().filter(|n| crate::nbd::is_nbd(n));
+    let canon = match nbd {
+        Some(n) => PathBuf::from(n),
+        None => std::fs::canonicalize(path).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?,
+    };
     if !seen.insert(canon) {
         return Err(Error::Backing(format!(
             "backing file '{}' creates an infinite loop",
             path.display()
         )));
     }
-    let st = Storage::open_locked(path, writable, opts.force_share)?;
+    let st = match nbd {
+        Some(n) => Storage::open_nbd(n, writable)?,
+        None => Storage::open_locked(path, writable, opts.force_share)?,
+    };
     if let (0, Some(f)) = (depth, &opts.faults) {
         st.set_faults(f.clone());
     }

@@ -20,7 +20,7 @@ pub fn host_path(path: &Path) -> &Path {
 /// of the image that names them.
 pub fn resolve_backing(image: &Path, backing: &str) -> PathBuf {
     let b = Path::new(backing);
-    if b.is_absolute() {
+    if b.is_absolute() || crate::nbd::is_nbd(backing) {
         return b.to_path_buf();
     }
     match image.parent() {

@@ -1,6 +1,5 @@
 //! Raw images: guest offset = file offset.
 
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -41,15 +40,6 @@ impl Raw {
             return Err(Error::ReadOnly);
         }
         self.fence.check(off, len)
-    }
-
-    /// lseek(SEEK_DATA/SEEK_HOLE) from `off`; None when unsupported.
-    fn seek(&self, off: u64, whence: i32) -> Option<u64> {
-        // SAFETY: lseek on a descriptor owned by `self.st`; it changes only
-        // the file position, which this crate never relies on (all I/O is
-        // positioned).
-        let r = unsafe { libc::lseek(self.st.file().as_raw_fd(), off as i64, whence) };
-        (r >= 0).then_some(r as u64)
     }
 }
 
@@ -112,37 +102,18 @@ impl Image for Raw {
             compressed: false,
             recurse: false,
         };
-        let Some(d) = self.seek(off, libc::SEEK_DATA) else {
-            // ENXIO: no data at or after `off`, the rest is a hole. Other
-            // errors: treat as data.
-            let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
-            return Ok(if enxio {
-                Extent {
-                    len,
-                    kind: ExtentKind::Zero,
-                    offset: None,
-                    file: 0,
-                    compressed: false,
-                    recurse: false,
-                }
-            } else {
-                data(len)
-            });
-        };
-        if d > off {
-            return Ok(Extent {
-                len: d.min(end) - off,
+        // SEEK_DATA/SEEK_HOLE, or an NBD export's base:allocation.
+        let (is_data, n) = self.st.try_data_at(off, end - off)?;
+        Ok(match is_data {
+            true => Extent {
+                offset: Some(off),
+                ..data(n)
+            },
+            false => Extent {
                 kind: ExtentKind::Zero,
-                offset: None,
-                file: 0,
-                compressed: false,
-                recurse: false,
-            });
-        }
-        let h = self.seek(off, libc::SEEK_HOLE).unwrap_or(end);
-        let mut e = data(h.min(end).max(off + 1) - off);
-        e.offset = Some(off);
-        Ok(e)
+                ..data(n)
+            },
+        })
     }
     fn resize(&self, new_size: u64) -> Result<()> {
         if !self.st.writable() {

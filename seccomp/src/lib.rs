@@ -351,6 +351,10 @@ pub const THREAD_CLONE_FLAGS: u64 = (libc::CLONE_VM
 ///   read (hpet, acpi_pm: some VMs) it falls back to `clock_gettime`.
 /// - `madvise` with any advice but the privileged ones that poison or
 ///   take offline physical pages (MADV_HWPOISON and up).
+/// - a blocking call interrupted by SIGSTOP (a debugger, job control,
+///   a container freezer) resumes through `restart_syscall`.
+/// - a panic's backtrace (RUST_BACKTRACE) asks for the working directory:
+///   `getcwd` is answered EACCES, and the backtrace goes on without it.
 pub fn runtime() -> SyscallList {
     use libc::*;
     let mut l = SyscallList::new();
@@ -369,6 +373,7 @@ pub fn runtime() -> SyscallList {
         SYS_rt_sigreturn,
         SYS_sigaltstack,
         SYS_getrandom,
+        SYS_restart_syscall,
         SYS_read,
         SYS_write,
         SYS_close,
@@ -379,7 +384,7 @@ pub fn runtime() -> SyscallList {
     l.allow_if(SYS_madvise, &[Arg::Lt32(2, MADV_HWPOISON as u32)]);
     // Debug builds check that a descriptor is open before closing it.
     l.allow_if(SYS_fcntl, &[Arg::Eq32(1, F_GETFD as u32)]);
-    l.deny_with(&[SYS_openat, SYS_open], EACCES);
+    l.deny_with(&[SYS_openat, SYS_open, SYS_getcwd], EACCES);
     l
 }
 

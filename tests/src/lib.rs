@@ -432,6 +432,42 @@ pub fn assert_qemu_compare_equal(a: &Path, b: &Path) {
     );
 }
 
+/// Installs Debian's package `pkg` unless program `bin` is on PATH
+/// already (once per test process and program): tests that need a tool
+/// install it rather than skip.
+pub fn ensure_tool(bin: &str, pkg: &str) {
+    static DONE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut done = DONE.lock().unwrap_or_else(|p| p.into_inner());
+    if done.iter().any(|b| b == bin) {
+        return;
+    }
+    let on_path = |b: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(b).is_file()))
+    };
+    if !on_path(bin) {
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", pkg])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .output()
+                .expect("apt-get")
+        };
+        let mut o = install();
+        if !o.status.success() {
+            // Stale or missing package lists: refresh once and retry.
+            let _ = Command::new("apt-get").args(["update", "-q"]).output();
+            o = install();
+        }
+        assert!(
+            o.status.success() && on_path(bin),
+            "installing {pkg} for {bin}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    done.push(bin.to_string());
+}
+
 /// Path of a binary built from this workspace (target/<profile>/NAME),
 /// building it first if needed (once per test process and name).
 pub fn workspace_bin(name: &str) -> PathBuf {
@@ -654,6 +690,7 @@ pub mod daemon;
 pub mod guest;
 pub mod image;
 pub mod mutate;
+pub mod nbd;
 pub mod nested;
 pub mod nested_restart;
 pub mod net;

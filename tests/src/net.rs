@@ -150,36 +150,7 @@ pub fn pair_stats(log: &str) -> Vec<(usize, [u64; 4])> {
 
 /// Installs DPDK's testpmd if the machine lacks it.
 pub fn ensure_testpmd() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        if Command::new("dpdk-testpmd")
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-        {
-            return;
-        }
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "-q", "dpdk-dev"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .output()
-                .expect("apt-get")
-        };
-        let mut o = install();
-        if !o.status.success() {
-            // Stale or missing package lists: refresh once and retry.
-            let _ = Command::new("apt-get").args(["update", "-q"]).output();
-            o = install();
-        }
-        assert!(
-            o.status.success(),
-            "installing dpdk-dev: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    });
+    crate::ensure_tool("dpdk-testpmd", "dpdk-dev");
 }
 
 /// A running testpmd (non-interactive: it forwards until a line arrives

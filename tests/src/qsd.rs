@@ -33,20 +33,48 @@ impl Qsd {
     /// Exports the qcow2 `image` (node `disk`) writable as vhost-user-blk
     /// on `socket`. Returns once the monitor's greeting came: the daemon
     /// handles its options in order, so the export, named before the
-    /// monitor, listens by then.
+    /// monitor, listens by then (the same for [`Qsd::start_nbd`]).
     pub fn start_blk(image: &Path, socket: &Path) -> Qsd {
+        Qsd::start(
+            image,
+            &[
+                "--export".into(),
+                format!(
+                    "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on",
+                    opt_path(socket)
+                ),
+            ],
+            false,
+        )
+    }
+
+    /// Exports the qcow2 `image` over NBD on the UNIX socket `socket` as
+    /// export `name`, writable or not.
+    pub fn start_nbd(image: &Path, socket: &Path, name: &str, writable: bool) -> Qsd {
+        let on = if writable { "on" } else { "off" };
+        Qsd::start(
+            image,
+            &[
+                "--nbd-server".into(),
+                format!("addr.type=unix,addr.path={}", opt_path(socket)),
+                "--export".into(),
+                format!("type=nbd,id=export,node-name=disk,name={name},writable={on}"),
+            ],
+            !writable,
+        )
+    }
+
+    fn start(image: &Path, export: &[String], read_only: bool) -> Qsd {
+        let ro = if read_only { ",read-only=on" } else { "" };
         let mut cmd = Command::new("qemu-storage-daemon");
         cmd.arg("--blockdev")
             .arg(format!(
-                "driver=file,node-name=file,filename={}",
+                "driver=file,node-name=file,filename={}{ro}",
                 opt_path(image)
             ))
-            .args(["--blockdev", "driver=qcow2,node-name=disk,file=file"])
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=export,node-name=disk,addr.type=unix,addr.path={},writable=on",
-                opt_path(socket)
-            ))
+            .arg("--blockdev")
+            .arg(format!("driver=qcow2,node-name=disk,file=file{ro}"))
+            .args(export)
             .args(["--chardev", "stdio,id=qmp", "--monitor", "chardev=qmp"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

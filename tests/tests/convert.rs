@@ -388,3 +388,27 @@ fn runs_inside_one_cluster() {
         assert_qemu_check_clean(&dst);
     }
 }
+
+/// `-n` opens the existing target in the format `-O` names, as
+/// qemu-img does: a raw file is not a qcow2 target (it used to be probed
+/// and written raw, exit 0), and the words are qemu-img's.
+#[test]
+fn existing_target_opens_in_the_format_given() {
+    let dir = tempdir();
+    let d = dir.path();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        d.join("s.qcow2").to_str().unwrap(),
+        "16M",
+    ]);
+    std::fs::write(d.join("t.raw"), vec![0u8; 16 << 20]).unwrap();
+    rimg_tests::same_as_qemu(d, &["convert", "-n", "-O", "qcow2", "s.qcow2", "t.raw"]);
+    assert!(std::fs::read(d.join("t.raw"))
+        .unwrap()
+        .iter()
+        .all(|&b| b == 0));
+    rimg_tests::same_as_qemu(d, &["info", "-f", "qcow2", "t.raw"]);
+}

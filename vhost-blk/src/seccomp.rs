@@ -21,11 +21,18 @@ const IMAGE_IO: [libc::c_long; 5] = [
 ];
 
 /// Everything `rimg-vhost-blk` may call once it serves guests, and what
-/// its vring workers may.
-pub fn sandbox() -> Sandbox {
+/// its vring workers may. With `nbd`, an image of the chain is on an NBD
+/// server (a backing file named by an NBD URL): the workers read it (and
+/// copy-on-write fills from it) on the connection opened at start-up, so
+/// they may receive and send on sockets they already have.
+pub fn sandbox(nbd: bool) -> Sandbox {
     let mut s = Sandbox::daemon();
     s.process.allow(&IMAGE_IO);
     s.vring_worker.allow(&IMAGE_IO);
+    if nbd {
+        s.vring_worker
+            .allow(&[libc::SYS_recvfrom, libc::SYS_sendto]);
+    }
     // The control socket's `resize` (a raw or LUKS file, or a data
     // file, grows by truncation; a data file's length is read with
     // statx on its descriptor: AT_EMPTY_PATH, the flags std passes);
@@ -45,7 +52,9 @@ mod tests {
 
     #[test]
     fn lists() {
-        let s = sandbox();
+        let s = sandbox(false);
+        assert!(!s.vring_worker.contains(libc::SYS_recvfrom));
+        assert!(sandbox(true).vring_worker.contains(libc::SYS_sendto));
         for nr in [
             libc::SYS_fallocate,
             libc::SYS_fdatasync,
@@ -76,6 +85,6 @@ mod tests {
         // vring worker.
         assert!(s.process.contains(libc::SYS_memfd_create));
         assert!(!s.vring_worker.contains(libc::SYS_memfd_create));
-        assert_eq!((s.process.len(), s.vring_worker.len()), (50, 30));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (51, 31));
     }
 }

@@ -178,6 +178,14 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             log_open_repair(&cfg.image, &lines);
         }
     }
+    // The workers' io_uring needs the data's host file.
+    if img.data_storage().file().is_none() {
+        return Err(Error::Config(format!(
+            "{}: guest data on an NBD server cannot be served here (the queue workers \
+             need a host file)",
+            cfg.image.display()
+        )));
+    }
     // Encrypted guest data is never moved by the workers' io_uring: the
     // engine decrypts it (see `worker::engine_io`).
     let in_clear = img.data_in_clear();
@@ -286,12 +294,22 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             links: links.into_iter().collect(),
         }
     });
+    // An image of the chain on an NBD server (a backing file's URL).
+    let on_nbd = {
+        let mut cur = Some(img.clone());
+        let mut any = false;
+        while let Some(i) = cur {
+            any |= i.storage().nbd().is_some();
+            cur = i.backing().cloned();
+        }
+        any
+    };
     rimg_vhost_server::serve(
         "rimg-vhost-blk",
         &cfg.socket,
         commands,
         cfg.seccomp,
-        &crate::seccomp::sandbox(),
+        &crate::seccomp::sandbox(on_nbd),
         announce,
         |mem| {
             Ok(Arc::new(BlkBackend::new(

@@ -40,6 +40,6 @@ mod tests {
         // The serving loop adds unlinkat (the socket's directory only),
         // and seccomp and prctl(PR_SET_NO_NEW_PRIVS) for the workers'
         // own filter.
-        assert_eq!((s.process.len(), s.vring_worker.len()), (43, 26));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (44, 27));
     }
 }

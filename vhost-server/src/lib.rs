@@ -367,7 +367,13 @@ fn spawn_signal_thread(ending: Ending) -> std::io::Result<()> {
                 let dump = cur.as_ref().map(|(_, d)| d.clone());
                 drop(cur);
                 let dump = dump.map_or_else(|| "no frontend connected\n".into(), |d| d());
-                eprint!("state dump (SIGUSR1):\n{dump}state dump end\n");
+                // Never a panic here: with stderr closed, the signal
+                // thread must live on to handle SIGTERM.
+                use std::io::Write;
+                let _ = write!(
+                    std::io::stderr(),
+                    "state dump (SIGUSR1):\n{dump}state dump end\n"
+                );
             }
         })?;
     Ok(())

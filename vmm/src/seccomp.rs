@@ -168,7 +168,7 @@ mod tests {
         assert_eq!(l.rules(libc::SYS_tgkill), 1);
         // Unix stream sockets only.
         assert_eq!(l.rules(libc::SYS_socket), 1);
-        assert_eq!(l.len(), 28);
+        assert_eq!(l.len(), 29);
         // 64 vCPUs still make a program the kernel takes (4096
         // instructions at most).
         let fds: Vec<RawFd> = (100..164).collect();

@@ -38,6 +38,11 @@ pub(super) fn execute(
     drain: bool,
     direct: Option<&File>,
 ) -> Result<u64, CliError> {
+    let Some(file) = img.data_storage().file() else {
+        return Err(CliError::new(
+            "bench runs its own io_uring on the image's file: not on an NBD export",
+        ));
+    };
     // No more slots than requests (qemu-img would try to allocate a
     // buffer for every one of a huge depth).
     let depth = p.depth.min(p.count as usize);
@@ -64,7 +69,7 @@ pub(super) fn execute(
         in_flight: 0,
         in_ring: 0,
         free: (0..depth).rev().collect(),
-        fd: types::Fd(img.data_storage().file().as_raw_fd()),
+        fd: types::Fd(file.as_raw_fd()),
         direct_fd: direct.map(|f| types::Fd(f.as_raw_fd())),
         waiting: Vec::new(),
         finished: Vec::new(),

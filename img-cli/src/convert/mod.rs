@@ -241,7 +241,14 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         Path::new(dst),
         &OpenOptions {
             writable: true,
-            format: if a.no_create { None } else { Some(out_fmt) },
+            // -n opens the existing target as -O says, as qemu-img does
+            // (a qcow2 -O on a raw file is refused, not written raw);
+            // without -O it is probed.
+            format: if a.no_create && a.out_format.is_none() {
+                None
+            } else {
+                Some(out_fmt)
+            },
             qcow2: qcow2::Qcow2Options {
                 encrypt_key: target_key,
                 // New clusters land in file space reserved ahead of them:

@@ -42,8 +42,9 @@ impl Sources {
             // Injected faults (blkdebug) apply to reads through the file.
             let faults = img.storage().has_faults() || img.data_storage().has_faults();
             let map = (img.data_in_clear() && !faults)
-                .then(|| FileMap::new(img.data_storage().file()))
-                .flatten();
+                .then(|| img.data_storage().file())
+                .flatten()
+                .and_then(FileMap::new);
             parts.push(Part {
                 start: size,
                 img,

@@ -38,6 +38,62 @@ pub struct Source {
     granularity_bits: u8,
     words: Words,
     disk_size: u64,
+    /// The bitmap records writes (its auto flag): it changes while the
+    /// image is written.
+    enabled: bool,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("granularity_bits", &self.granularity_bits)
+            .field("granules", &self.words.bits)
+            .field("enabled", &self.enabled)
+            .finish()
+    }
+}
+
+impl Source {
+    /// Whether the bitmap records writes.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Whether the granule holding guest offset `off` is dirty, and for
+    /// how many of the `len` bytes from `off` (at least one) that stays
+    /// so, whole granules at a time: QEMU's dirty-bitmap block status.
+    pub fn dirty_run(&self, off: u64, len: u64) -> (bool, u64) {
+        let g = self.granularity_bits;
+        let end = off
+            .saturating_add(len.max(1))
+            .min(self.disk_size.max(off + 1));
+        let bit = |k: u64| {
+            self.words
+                .words
+                .get((k / 64) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) >> (k % 64) & 1 == 1)
+        };
+        let first = off >> g;
+        let dirty = bit(first);
+        let last = (end - 1) >> g;
+        let mut k = first + 1;
+        while k <= last {
+            // A whole word of the same state at once.
+            if k.is_multiple_of(64) && k + 63 <= last {
+                let w = self.words.words[(k / 64) as usize].load(Ordering::Relaxed);
+                if w == if dirty { u64::MAX } else { 0 } {
+                    k += 64;
+                    continue;
+                }
+            }
+            if bit(k) != dirty {
+                break;
+            }
+            k += 1;
+        }
+        let run_end = (k << g).min(end);
+        (dirty, run_end - off)
+    }
 }
 
 impl State {
@@ -216,6 +272,7 @@ impl Tracker {
             granularity_bits: s.bitmaps[i].entry.granularity_bits,
             words: s.words(i).snapshot(),
             disk_size: q.size(),
+            enabled: s.bitmaps[i].entry.flags & flags::AUTO != 0,
         })
     }
 
@@ -271,5 +328,6 @@ pub fn source_from(q: &Qcow2, name: &str) -> Result<Source> {
         granularity_bits: d.granularity_bits,
         words,
         disk_size: h.size,
+        enabled: d.auto(),
     })
 }

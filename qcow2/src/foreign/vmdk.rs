@@ -364,6 +364,7 @@ impl VmdkLayout {
         use std::os::unix::fs::MetadataExt;
         let md = f
             .file()
+            .ok_or(Error::NotSupportedByFormat("VMDK extents on NBD"))?
             .metadata()
             .map_err(|e| Error::io("stat an extent", e))?;
         let key = (md.dev(), md.ino());

@@ -206,7 +206,12 @@ impl Qcow2 {
     pub fn metadata_preallocation_detected(&self) -> Result<bool> {
         let cs = self.cluster_size();
         let end = self.st.len()?.div_ceil(cs);
-        let real = self.st.allocated_bytes()? / cs;
+        // Unknown (an NBD export): not detected, as in QEMU, whose check
+        // fails there and is taken as a no.
+        let Ok(real) = self.st.allocated_bytes() else {
+            return Ok(false);
+        };
+        let real = real / cs;
         let threshold = (real * 10 / 9).max(real + 2);
         let mut m = self.lock();
         let mut count = 0;

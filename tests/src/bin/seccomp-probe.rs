@@ -283,7 +283,7 @@ fn main() {
         None => (kind.as_str(), false),
     };
     let sandbox = match daemon {
-        "blk" => rimg_vhost_blk::seccomp::sandbox(),
+        "blk" => rimg_vhost_blk::seccomp::sandbox(false),
         "net" => rimg_vhost_net::seccomp::sandbox(),
         _ => panic!("unknown daemon {daemon}"),
     };

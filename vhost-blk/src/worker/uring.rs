@@ -17,6 +17,10 @@ use super::plan::end_write;
 use super::slot::{IoVecs, Op};
 use super::{Mem, Worker, BOUNCE_LEN, DIRECT_ALIGN, IOV_MAX};
 
+/// The server refuses images whose data is not in a host file (an NBD
+/// export) before any worker starts.
+const HOST_FILE: &str = "served images keep their data in a host file";
+
 impl Worker {
     /// Queues the transfer of request data bytes [at, at + n) to or from
     /// file offset `host`.
@@ -53,7 +57,7 @@ impl Worker {
         if write && !direct {
             // Buffered: written here unless it would block on a file
             // system that can tell ([`inline`]).
-            let fd = self.img.data_storage().file().as_raw_fd();
+            let fd = self.img.data_storage().file().expect(HOST_FILE).as_raw_fd();
             // SAFETY: the iovecs point into guest memory that `mem` (an
             // Arc of the map, held across the call) keeps mapped.
             let r = unsafe { inline::write(&mut self.inline, fd, &iov.0, host, n) };
@@ -95,7 +99,7 @@ impl Worker {
         let fd = match (&self.files.direct, op.direct) {
             (Some(f), true) => f.as_raw_fd(),
             // Borrowed from the image, which this worker holds.
-            _ => self.img.data_storage().file().as_raw_fd(),
+            _ => self.img.data_storage().file().expect(HOST_FILE).as_raw_fd(),
         };
         let entry = if op.write {
             opcode::Writev::new(types::Fd(fd), op.iov.0.as_ptr(), op.iov.0.len() as u32)
@@ -140,7 +144,7 @@ impl Worker {
             let pos = host + k;
             let file = match &self.files.direct {
                 Some(f) if (pos | c as u64).is_multiple_of(DIRECT_ALIGN as u64) => f,
-                _ => self.img.data_storage().file(),
+                _ => self.img.data_storage().file().expect(HOST_FILE),
             };
             let buf = &mut self.bounce[self.bounce_at..][..c];
             if write {

@@ -1,5 +1,7 @@
-//! Block status as QEMU's block layer reports it to qemu-img map and
-//! compare: the BDRV_BLOCK_* flags per layer and through the backing
+//! An image as QEMU's block layer presents it: its length (raw files in
+//! whole sectors, [`qemu_len`]), reads of that padded tail
+//! ([`read_padded`]), and block status as qemu-img map and compare and
+//! QEMU's NBD server report it: the BDRV_BLOCK_* flags per layer and through the backing
 //! chain, with the lengths QEMU's drivers answer. `map` prints these flags
 //! and `compare -s` compares them, so they follow QEMU's rules closely:
 //!
@@ -26,10 +28,8 @@
 
 use std::sync::Arc;
 
-use qcow2::storage::Storage;
-use qcow2::{ExtentKind, Format, Image};
-
-use crate::common::qemu_len;
+use crate::image::{ExtentKind, Format, Image};
+use crate::storage::Storage;
 
 pub const DATA: u32 = 0x01;
 pub const ZERO: u32 = 0x02;
@@ -55,6 +55,7 @@ impl Status {
     }
 }
 
+#[derive(Debug)]
 struct Layer {
     img: Arc<dyn Image>,
     len: u64,
@@ -64,12 +65,13 @@ struct Layer {
 }
 
 /// An image and its backing chain, top first.
+#[derive(Debug)]
 pub struct Chain {
     layers: Vec<Layer>,
 }
 
 impl Chain {
-    pub fn new(top: &Arc<dyn Image>) -> qcow2::Result<Chain> {
+    pub fn new(top: &Arc<dyn Image>) -> crate::Result<Chain> {
         let mut layers = Vec::new();
         let mut cur = Some(top.clone());
         while let Some(img) = cur {
@@ -92,6 +94,10 @@ impl Chain {
         self.layers[0].len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn top(&self) -> &dyn Image {
         self.layers[0].img.as_ref()
     }
@@ -101,15 +107,20 @@ impl Chain {
     /// external data file, a VMDK extent file.
     pub fn file_name(&self, depth: usize, file: u32) -> String {
         let img = &self.layers[depth].img;
-        match (img.as_qcow2(), file) {
-            (None, 0) => img.path().display().to_string(),
-            _ => img.data_file(file).path().display().to_string(),
+        let name = match (img.as_qcow2(), file) {
+            (None, 0) => img.path(),
+            _ => img.data_file(file).path(),
+        };
+        // An NBD export by the name QEMU gives it once open.
+        match img.data_file(file).nbd() {
+            Some(_) => crate::nbd::display_name(&name.to_string_lossy()),
+            None => name.display().to_string(),
         }
     }
 
     /// Status of one layer (bdrv_co_do_block_status): a prefix of
     /// [off, off + bytes); length 0 with EOF past the layer's end.
-    fn layer_status(&self, depth: usize, off: u64, bytes: u64) -> qcow2::Result<Status> {
+    fn layer_status(&self, depth: usize, off: u64, bytes: u64) -> crate::Result<Status> {
         let l = &self.layers[depth];
         if off >= l.len {
             return Ok(Status {
@@ -187,7 +198,7 @@ impl Chain {
     /// Status through the whole chain (bdrv_block_status_above with no
     /// base), as compare asks for it: ALLOCATED when any layer stores the
     /// range.
-    pub fn status_above(&self, off: u64, bytes: u64) -> qcow2::Result<Status> {
+    pub fn status_above(&self, off: u64, bytes: u64) -> crate::Result<Status> {
         let mut s = self.layer_status(0, off, bytes)?;
         if s.len == 0 || s.has(ALLOCATED) || self.layers.len() == 1 {
             return Ok(s);
@@ -222,7 +233,7 @@ impl Chain {
 
     /// Status as `map` asks for it: layer by layer from the top until one
     /// decides (DATA or ZERO); returns the status and that layer's depth.
-    pub fn map_status(&self, off: u64, bytes: u64) -> qcow2::Result<(Status, usize)> {
+    pub fn map_status(&self, off: u64, bytes: u64) -> crate::Result<(Status, usize)> {
         let mut bytes = bytes;
         let mut depth = 0;
         loop {
@@ -239,7 +250,7 @@ impl Chain {
 /// Status of a host file (file-posix): data or hole from SEEK_DATA and
 /// SEEK_HOLE, always with an offset; `len` is the file's length as QEMU
 /// sees it (rounded up to a sector), past the real end is a hole.
-fn file_status(f: &dyn Image, len: u64, off: u64, bytes: u64) -> qcow2::Result<Status> {
+fn file_status(f: &dyn Image, len: u64, off: u64, bytes: u64) -> crate::Result<Status> {
     let real = f.size();
     let bytes = bytes.min(len.saturating_sub(off));
     if off >= real {
@@ -267,7 +278,7 @@ fn file_status(f: &dyn Image, len: u64, off: u64, bytes: u64) -> qcow2::Result<S
 /// offset `at` is a hole. A hole (or the range past the file's end) makes
 /// the range read as zeros; the answer is cut where the host file's status
 /// changes, except at its end (in whole sectors, as QEMU sees the file).
-fn recurse(host: &Storage, s: Status, at: u64) -> qcow2::Result<Status> {
+fn recurse(host: &Storage, s: Status, at: u64) -> crate::Result<Status> {
     let real = host.len()?;
     let host_len = real.next_multiple_of(512);
     let mut s = s;
@@ -289,4 +300,28 @@ fn recurse(host: &Storage, s: Status, at: u64) -> qcow2::Result<Status> {
         s.len = n;
     }
     Ok(s)
+}
+
+/// The length QEMU gives an image: raw files count in whole 512-byte
+/// sectors (the block layer rounds their length up), the other formats'
+/// sizes are exact.
+pub fn qemu_len(img: &dyn Image) -> u64 {
+    match img.format() {
+        Format::Raw => img.size().next_multiple_of(512),
+        Format::Qcow2 | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
+            img.size()
+        }
+    }
+}
+
+/// Reads `buf.len()` bytes at `off` within [`qemu_len`]: bytes past the
+/// end of a raw file (its last partial sector) read as zeros, as in QEMU.
+pub fn read_padded(img: &dyn Image, buf: &mut [u8], off: u64) -> crate::Result<()> {
+    let real = img.size();
+    let n = real.saturating_sub(off).min(buf.len() as u64) as usize;
+    if n > 0 {
+        img.read_at(&mut buf[..n], off)?;
+    }
+    buf[n..].fill(0);
+    Ok(())
 }

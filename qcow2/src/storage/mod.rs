@@ -9,9 +9,19 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 
+mod lock;
+
+/// What the bytes are in.
+#[derive(Debug)]
+enum Backend {
+    File(File),
+    /// An export on an NBD server (`nbd://...`, see [`crate::nbd`]).
+    Nbd(crate::nbd::Client),
+}
+
 #[derive(Debug)]
 pub struct Storage {
-    file: File,
+    backend: Backend,
     path: PathBuf,
     writable: bool,
     /// cache=unsafe: flushes are not passed to the host (a crash may lose
@@ -27,24 +37,6 @@ pub struct Storage {
     /// QEMU's lock bytes were taken ([`Storage::open_locked`]): released
     /// explicitly when dropped (see `Drop`).
     locked: std::sync::atomic::AtomicBool,
-}
-
-impl Drop for Storage {
-    /// Lets go of the lock bytes before the descriptor closes. Closing
-    /// alone releases them only with the last reference to the open file,
-    /// and a child process forked by another thread holds one until it
-    /// executes its program: another program opening the image right after
-    /// this one closed it (a script's next command, a test's qemu-img
-    /// check) would find it still locked.
-    fn drop(&mut self) {
-        if self.locked.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut fl = Self::flock(libc::F_UNLCK, lockbytes::ARBITER);
-            fl.l_len = lockbytes::SHARED_BASE + 100 - lockbytes::ARBITER;
-            // SAFETY: fcntl reads the flock struct we pass; the descriptor
-            // is still open (it closes after this).
-            unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-        }
-    }
 }
 
 /// The kinds of I/O a fault rule may fail (blkdebug's iotypes).
@@ -121,222 +113,7 @@ thread_local! {
     static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// QEMU's lock bytes (block/file-posix.c): a process holding permission
-/// `i` keeps a shared lock on byte 100 + i; one that does not let others
-/// have permission `i` keeps a shared lock on byte 200 + i. Permission bits:
-/// 0 consistent read, 1 write, 2 write unchanged, 3 resize.
-mod lockbytes {
-    pub const PERM_BASE: i64 = 100;
-    pub const SHARED_BASE: i64 = 200;
-    pub const CONSISTENT_READ: i64 = 0;
-    pub const WRITE: i64 = 1;
-    pub const RESIZE: i64 = 3;
-    /// rimg's own byte, below QEMU's ranges: held exclusively while a
-    /// writer takes and checks its lock bytes, so rimg writers do that one
-    /// at a time and never tie with each other.
-    pub const ARBITER: i64 = 99;
-    pub fn name(bit: i64) -> &'static str {
-        match bit {
-            0 => "consistent read",
-            1 => "write",
-            2 => "write unchanged",
-            _ => "resize",
-        }
-    }
-}
-
-/// What an opener takes the image for, and what it lets others do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Write,
-    Read,
-    ReadSharingWrite,
-}
-
-impl Access {
-    fn from_writable(writable: bool) -> Access {
-        match writable {
-            true => Access::Write,
-            false => Access::Read,
-        }
-    }
-}
-
 impl Storage {
-    /// Opens an image file and takes QEMU-compatible locks: writers hold
-    /// read/write/resize and share neither write nor resize; readers hold
-    /// consistent read and do not share write. So rimg, qemu-img,
-    /// qemu-storage-daemon and QEMU exclude each other as they exclude
-    /// themselves. `force_share` (qemu-img's -U) takes no locks.
-    pub fn open_locked(path: &Path, writable: bool, force_share: bool) -> Result<Storage> {
-        let st = Storage::open(path, writable)?;
-        if !force_share {
-            st.lock(Access::from_writable(writable))?;
-            st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(st)
-    }
-
-    /// Opens `path` to make a new image in, created if need be, and takes
-    /// the write lock before emptying it (as QEMU's file layer does): an
-    /// image another process uses, or the source of the same command, is
-    /// refused, never truncated.
-    pub fn create_locked(path: &Path) -> Result<Storage> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        let st = Storage::from_file(file, path, true);
-        st.lock(Access::Write)?;
-        st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
-        // A device keeps its size (QEMU's host_device is not truncated).
-        let regular = st.file.metadata().is_ok_and(|m| m.is_file());
-        if regular {
-            st.set_len(0)?;
-        }
-        Ok(st)
-    }
-
-    /// Takes the lock bytes, then looks for conflicting ones, as QEMU
-    /// does (raw_apply_lock_bytes, then raw_check_lock_bytes). Looking
-    /// first would let two openers racing each other both pass before
-    /// either had taken its bytes; this way at most one of them does.
-    /// Two openers that take their bytes at the same instant both see a
-    /// conflict and let go, and QEMU then fails both. rimg writers take
-    /// and check one at a time (the ARBITER byte, an exclusive lock, which
-    /// needs a writable descriptor), so they never tie with each other;
-    /// against any other opener that tied with us (QEMU gives up at once)
-    /// we try again a few times after random pauses growing from about 1
-    /// to 32 ms. So of racing writers with rimg among them, exactly one
-    /// wins. An image really in use still fails, some 50 ms later.
-    fn lock(&self, access: Access) -> Result<()> {
-        const TRIES: u32 = 8;
-        let mut k = 0;
-        loop {
-            let arbiter = access == Access::Write && self.ofd_lock_briefly(lockbytes::ARBITER);
-            let r = self.try_lock(access);
-            if arbiter {
-                self.ofd_lock(lockbytes::ARBITER, libc::F_UNLCK);
-            }
-            match r {
-                Err(Error::Locked(_)) if k + 1 < TRIES => {
-                    use std::hash::{BuildHasher, Hasher};
-                    let jitter = std::collections::hash_map::RandomState::new()
-                        .build_hasher()
-                        .finish();
-                    // Random exponential back-off: racers that keep
-                    // colliding (a loaded machine preempts one inside its
-                    // check) spread out further each time.
-                    let span = 1000u64 << k.min(5);
-                    std::thread::sleep(std::time::Duration::from_micros(200 + jitter % span));
-                    k += 1;
-                }
-                r => return r,
-            }
-        }
-    }
-
-    fn try_lock(&self, access: Access) -> Result<()> {
-        use lockbytes::*;
-        let (held, unshared): (&[i64], &[i64]) = match access {
-            Access::Write => (&[CONSISTENT_READ, WRITE, RESIZE], &[WRITE, RESIZE]),
-            Access::Read => (&[CONSISTENT_READ], &[WRITE]),
-            Access::ReadSharingWrite => (&[CONSISTENT_READ], &[]),
-        };
-        let ours = || {
-            let held = held.iter().map(|&b| PERM_BASE + b);
-            held.chain(unshared.iter().map(|&b| SHARED_BASE + b))
-        };
-        for byte in ours() {
-            self.ofd_lock(byte, libc::F_RDLCK);
-        }
-        // Nobody may forbid what we take, nor hold what we forbid.
-        let conflict = held
-            .iter()
-            .find(|&&b| self.lock_held_by_other(SHARED_BASE + b))
-            .map(|&b| self.lock_error(b, false))
-            .or_else(|| {
-                unshared
-                    .iter()
-                    .find(|&&b| self.lock_held_by_other(PERM_BASE + b))
-                    .map(|&b| self.lock_error(b, true))
-            });
-        if let Some(e) = conflict {
-            // Let go at once: the other opener may be checking too.
-            for byte in ours() {
-                self.ofd_lock(byte, libc::F_UNLCK);
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    fn lock_error(&self, bit: i64, shared: bool) -> Error {
-        Error::Locked(format!(
-            "Failed to get {}\"{}\" lock\nIs another process using the image [{}]?",
-            if shared { "shared " } else { "" },
-            lockbytes::name(bit),
-            self.path.display()
-        ))
-    }
-
-    fn flock(kind: i32, byte: i64) -> libc::flock {
-        // SAFETY: flock is a plain C struct; all-zero is a valid value.
-        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-        fl.l_type = kind as i16;
-        fl.l_whence = libc::SEEK_SET as i16;
-        fl.l_start = byte;
-        fl.l_len = 1;
-        fl
-    }
-
-    /// Takes a shared OFD lock on one byte (`kind` F_RDLCK) or releases
-    /// ours (F_UNLCK). Shared locks never conflict with each other, and
-    /// failures (filesystems without locks) are ignored, as QEMU's
-    /// locking=auto does.
-    fn ofd_lock(&self, byte: i64, kind: i32) {
-        let fl = Self::flock(kind, byte);
-        // SAFETY: fcntl reads the flock struct we pass and owns no memory;
-        // the descriptor is ours for the lifetime of `self`.
-        unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-    }
-
-    /// Takes an exclusive OFD lock on one byte, waiting up to about 200 ms
-    /// for a holder to let go (an opener stopped inside its check must not
-    /// hold everyone else up). False when it was not taken: busy for that
-    /// long, or no locks on this file system.
-    fn ofd_lock_briefly(&self, byte: i64) -> bool {
-        let fl = Self::flock(libc::F_WRLCK, byte);
-        for _ in 0..200 {
-            // SAFETY: as in `ofd_lock`.
-            let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
-            if r == 0 {
-                return true;
-            }
-            match std::io::Error::last_os_error().raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EACCES) | Some(libc::EINTR) => {
-                    std::thread::sleep(std::time::Duration::from_millis(1))
-                }
-                _ => return false,
-            }
-        }
-        false
-    }
-
-    /// Whether another open file description holds a lock on `byte`.
-    fn lock_held_by_other(&self, byte: i64) -> bool {
-        let mut fl = Self::flock(libc::F_WRLCK, byte);
-        // SAFETY: as above; F_OFD_GETLK writes into `fl`, which we own.
-        let r = unsafe { libc::fcntl(self.file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-        r == 0 && fl.l_type != libc::F_UNLCK as i16
-    }
-
     pub fn open(path: &Path, writable: bool) -> Result<Storage> {
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -353,7 +130,7 @@ impl Storage {
             });
         }
         Ok(Storage {
-            file,
+            backend: Backend::File(file),
             path: path.to_path_buf(),
             writable,
             no_flush: Default::default(),
@@ -363,30 +140,9 @@ impl Storage {
         })
     }
 
-    /// A file opened read-only by the caller, locked as a reader as
-    /// [`open_locked`](Self::open_locked) locks it; with `share_write`,
-    /// others may write it meanwhile (QEMU's data-only children, such as
-    /// a VMDK flat extent).
-    pub fn from_file_locked(
-        file: File,
-        path: &Path,
-        force_share: bool,
-        share_write: bool,
-    ) -> Result<Storage> {
-        let st = Storage::from_file(file, path, false);
-        if !force_share {
-            st.lock(match share_write {
-                true => Access::ReadSharingWrite,
-                false => Access::Read,
-            })?;
-            st.locked.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(st)
-    }
-
     pub fn from_file(file: File, path: &Path, writable: bool) -> Storage {
         Storage {
-            file,
+            backend: Backend::File(file),
             path: path.to_path_buf(),
             writable,
             no_flush: Default::default(),
@@ -443,8 +199,50 @@ impl Storage {
     pub fn path(&self) -> &Path {
         &self.path
     }
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The host file, unless the bytes are on an NBD server.
+    pub fn file(&self) -> Option<&File> {
+        match &self.backend {
+            Backend::File(f) => Some(f),
+            Backend::Nbd(_) => None,
+        }
+    }
+
+    /// The NBD export the bytes are on, if they are.
+    pub fn nbd(&self) -> Option<&crate::nbd::Client> {
+        match &self.backend {
+            Backend::Nbd(c) => Some(c),
+            Backend::File(_) => None,
+        }
+    }
+
+    /// The descriptor for fcntl, lseek and fallocate; -1 (every such call
+    /// fails with EBADF) for an NBD export, whose callers go another way
+    /// first.
+    fn raw_fd(&self) -> i32 {
+        self.file().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// Connects to the NBD export `name` names (see [`crate::nbd::uri`]).
+    /// No locks: NBD has none (the server keeps its own image's).
+    pub fn open_nbd(name: &str, writable: bool) -> Result<Storage> {
+        let addr = crate::nbd::parse(name).map_err(|e| Error::Open {
+            path: name.into(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, e),
+        })?;
+        let client =
+            crate::nbd::Client::connect(&addr, writable).map_err(|source| Error::Open {
+                path: name.into(),
+                source,
+            })?;
+        Ok(Storage {
+            backend: Backend::Nbd(client),
+            path: name.into(),
+            writable,
+            no_flush: Default::default(),
+            direct: Default::default(),
+            faults: Default::default(),
+            locked: Default::default(),
+        })
     }
     pub fn writable(&self) -> bool {
         self.writable
@@ -454,8 +252,11 @@ impl Storage {
     #[allow(clippy::len_without_is_empty)] // a file's emptiness is not a question we ask
     pub fn len(&self) -> Result<u64> {
         use std::os::unix::fs::FileTypeExt;
-        let md = self
-            .file
+        let file = match &self.backend {
+            Backend::File(f) => f,
+            Backend::Nbd(c) => return Ok(c.size),
+        };
+        let md = file
             .metadata()
             .ctx(|| format!("stat {}", self.path.display()))?;
         if !md.file_type().is_block_device() {
@@ -465,7 +266,7 @@ impl Storage {
         // SAFETY: lseek on a descriptor this Storage owns; it moves only
         // the file position, which nothing here relies on (all I/O is
         // positioned).
-        let end = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+        let end = unsafe { libc::lseek(self.raw_fd(), 0, libc::SEEK_END) };
         if end < 0 {
             return Err(Error::io(
                 format!("size of {}", self.path.display()),
@@ -478,8 +279,12 @@ impl Storage {
     /// Bytes the file occupies on disk (st_blocks * 512).
     pub fn allocated_bytes(&self) -> Result<u64> {
         use std::os::unix::fs::MetadataExt;
-        Ok(self
-            .file
+        let Backend::File(file) = &self.backend else {
+            return Err(Error::NotSupportedByFormat(
+                "the space an NBD export takes is not known",
+            ));
+        };
+        Ok(file
             .metadata()
             .ctx(|| format!("stat {}", self.path.display()))?
             .blocks()
@@ -491,14 +296,33 @@ impl Storage {
     /// (at least one) that stays so; the SEEK_DATA/SEEK_HOLE answer QEMU's
     /// file driver gives. Where the file system cannot tell, all is data.
     pub fn data_at(&self, off: u64, len: u64) -> (bool, u64) {
+        self.try_data_at(off, len).unwrap_or((true, len.max(1)))
+    }
+
+    /// As [`data_at`](Self::data_at), with an NBD server's failure to
+    /// answer as the error it is (a file system that cannot tell is
+    /// still all data).
+    pub fn try_data_at(&self, off: u64, len: u64) -> Result<(bool, u64)> {
         let len = len.max(1);
+        if let Backend::Nbd(c) = &self.backend {
+            return match off < c.size {
+                true => c
+                    .data_at(off, len.min(c.size - off))
+                    .ctx(|| format!("block status of {}", self.path.display())),
+                false => Ok((false, len)),
+            };
+        }
+        Ok(self.file_data_at(off, len))
+    }
+
+    fn file_data_at(&self, off: u64, len: u64) -> (bool, u64) {
         let end = off.saturating_add(len);
         let seek = |whence| {
             let off = i64::try_from(off).ok()?;
             // SAFETY: lseek on a descriptor this Storage owns; it moves
             // only the file position, which nothing here relies on (all
             // I/O is positioned).
-            let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+            let r = unsafe { libc::lseek(self.raw_fd(), off, whence) };
             Some(if r < 0 {
                 Err(io::Error::last_os_error())
             } else {
@@ -523,9 +347,20 @@ impl Storage {
     /// read as zeros, as QEMU's file driver returns them.
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.injected(IoKind::Read, off, buf.len(), "read")?;
+        let file = match &self.backend {
+            Backend::File(f) => f,
+            Backend::Nbd(c) => {
+                // Past the export's end reads as zeros, as past a file's.
+                let n = c.size.saturating_sub(off).min(buf.len() as u64) as usize;
+                buf[n..].fill(0);
+                return c
+                    .read(&mut buf[..n], off)
+                    .ctx(|| format!("read {n} bytes at {off:#x} from {}", self.path.display()));
+            }
+        };
         let mut done = 0;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], off + done as u64) {
+            match file.read_at(&mut buf[done..], off + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -552,7 +387,11 @@ impl Storage {
             return Err(Error::ReadOnly);
         }
         self.injected(IoKind::Write, off, buf.len(), "write")?;
-        self.file.write_all_at(buf, off).ctx(|| {
+        let res = match &self.backend {
+            Backend::File(f) => f.write_all_at(buf, off),
+            Backend::Nbd(c) => c.write(buf, off),
+        };
+        res.ctx(|| {
             format!(
                 "write {} bytes at {off:#x} to {}",
                 buf.len(),
@@ -652,20 +491,30 @@ impl Storage {
             return Ok(());
         }
         self.injected(IoKind::Flush, 0, 0, "flush")?;
-        self.file
-            .sync_data()
-            .ctx(|| format!("fdatasync {}", self.path.display()))
+        match &self.backend {
+            Backend::File(f) => f.sync_data(),
+            Backend::Nbd(c) => c.flush(),
+        }
+        .ctx(|| format!("fdatasync {}", self.path.display()))
     }
 
     pub fn set_len(&self, len: u64) -> Result<()> {
-        self.file
-            .set_len(len)
-            .ctx(|| format!("truncate {} to {len}", self.path.display()))
+        match &self.backend {
+            Backend::File(f) => f.set_len(len),
+            Backend::Nbd(c) if c.size == len => Ok(()),
+            Backend::Nbd(_) => Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
+        }
+        .ctx(|| format!("truncate {} to {len}", self.path.display()))
     }
 
     /// Deallocates a range, keeping the file size; reads then return zeros.
     /// Falls back to writing zeros where the filesystem cannot punch holes.
     pub fn punch_hole(&self, off: u64, len: u64) -> Result<()> {
+        if let Backend::Nbd(c) = &self.backend {
+            return c
+                .write_zeroes(off, len, true)
+                .ctx(|| format!("zero {len} bytes at {off:#x} of {}", self.path.display()));
+        }
         if self
             .fallocate(
                 libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -681,6 +530,10 @@ impl Storage {
 
     /// Reserves disk space for a range (posix_fallocate semantics).
     pub fn allocate(&self, off: u64, len: u64) -> Result<()> {
+        if self.nbd().is_some() {
+            // The server decides how its export is provisioned.
+            return Ok(());
+        }
         self.fallocate(0, off, len).ctx(|| {
             format!(
                 "fallocate {len} bytes at {off:#x} in {}",
@@ -698,6 +551,11 @@ impl Storage {
             len.min(usize::MAX as u64) as usize,
             "write",
         )?;
+        if let Backend::Nbd(c) = &self.backend {
+            return c
+                .write_zeroes(off, len, false)
+                .ctx(|| format!("zero {len} bytes at {off:#x} of {}", self.path.display()));
+        }
         if self.fallocate(libc::FALLOC_FL_ZERO_RANGE, off, len).is_ok() {
             return Ok(());
         }
@@ -717,7 +575,7 @@ impl Storage {
         }
         // SAFETY: fallocate takes a file descriptor we own for the lifetime
         // of `self` and plain integers; it does not touch our memory.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off as i64, len as i64) };
+        let r = unsafe { libc::fallocate(self.raw_fd(), mode, off as i64, len as i64) };
         if r == 0 {
             Ok(())
         } else {

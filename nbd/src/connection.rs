@@ -1,0 +1,159 @@
+//! One client, from the greeting to its disconnect: the handshake under
+//! its deadline, TLS when the server requires it (the client's
+//! `NBD_OPT_STARTTLS`, then option haggling again inside TLS), then
+//! transmission.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use log::{debug, warn};
+use rustls::{ServerConnection, StreamOwned};
+
+use crate::export::Exports;
+use crate::handshake::{self, HandshakeError, Outcome, Session, Tls};
+use crate::server::Stream;
+use crate::tls::TlsCreds;
+use crate::transmission::{self, Policy};
+
+/// The client's socket; while `end` is set, every read and write must
+/// end by then (the handshake's deadline): each waits at most for the
+/// time left, so a client that trickles bytes or never reads is cut off
+/// when the time is up, in TLS as in clear.
+struct Timed {
+    s: Stream,
+    end: Option<Instant>,
+}
+
+impl Timed {
+    fn arm(&self) -> io::Result<()> {
+        let Some(end) = self.end else {
+            return Ok(());
+        };
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.s.set_timeouts(Some(left))
+    }
+
+    /// The handshake is over: no deadline any more.
+    fn disarm(&mut self) -> io::Result<()> {
+        self.end = None;
+        self.s.set_timeouts(None::<Duration>)
+    }
+}
+
+impl Read for Timed {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.s.read(b)
+    }
+}
+
+impl Write for Timed {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.s.write(b)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves client `id` on `s` until it disconnects.
+pub fn run(
+    id: u64,
+    s: Stream,
+    exports: &Exports,
+    policy: Policy,
+    limit: Option<Duration>,
+    tls: Option<&TlsCreds>,
+) {
+    let mut t = Timed {
+        s,
+        end: limit.map(|l| Instant::now() + l),
+    };
+    let mode = if tls.is_some() {
+        Tls::Required
+    } else {
+        Tls::Off
+    };
+    let first = handshake::greet(&mut t).and_then(|no_zeroes| {
+        Ok((
+            no_zeroes,
+            handshake::options(&mut t, exports, no_zeroes, mode)?,
+        ))
+    });
+    let (no_zeroes, outcome) = match first {
+        Ok(x) => x,
+        Err(e) => return report(id, e),
+    };
+    match (outcome, tls) {
+        (Outcome::Session(session), _) => {
+            if let Err(e) = t.disarm() {
+                return warn!("client {id}: {e}");
+            }
+            transmit(id, &mut t, &session, policy);
+        }
+        (Outcome::StartTls, Some(creds)) => {
+            let conn = match ServerConnection::new(creds.config.clone()) {
+                Ok(c) => c,
+                Err(e) => return warn!("client {id}: TLS: {e}"),
+            };
+            // The TLS handshake runs on the first read, under the same
+            // deadline.
+            let mut tls = StreamOwned::new(conn, t);
+            let session = match handshake::options(&mut tls, exports, no_zeroes, Tls::Active) {
+                Ok(Outcome::Session(s)) => s,
+                Ok(Outcome::StartTls) => return warn!("client {id}: STARTTLS inside TLS"),
+                Err(e) => return report(id, e),
+            };
+            if let Err(e) = tls.sock.disarm() {
+                return warn!("client {id}: {e}");
+            }
+            transmit(id, &mut tls, &session, policy);
+            // The spec's end of a TLS session: close_notify.
+            tls.conn.send_close_notify();
+            let _ = tls.conn.complete_io(&mut tls.sock);
+        }
+        (Outcome::StartTls, None) => warn!("client {id}: STARTTLS without credentials"),
+    }
+}
+
+fn transmit<S: Read + Write>(id: u64, s: &mut S, session: &Session, policy: Policy) {
+    debug!(
+        "client {id}: export '{}', {:?}, contexts {:?}",
+        session.export.name, session.headers, session.contexts
+    );
+    if let Err(e) = transmission::serve(s, session, policy) {
+        warn!("client {id}: {e}");
+    }
+}
+
+/// Logs how a handshake failed: quietly for clients that just left.
+fn report(id: u64, e: HandshakeError) {
+    match e {
+        HandshakeError::Aborted => debug!("client {id}: ended the handshake"),
+        // A client that asked its question (a list, an info) and left
+        // without reading the last reply.
+        HandshakeError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            debug!("client {id}: left during the handshake: {e}")
+        }
+        HandshakeError::Io(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            warn!("client {id}: handshake not finished within the limit: disconnected")
+        }
+        e => warn!("client {id}: handshake: {e}"),
+    }
+}

@@ -1,0 +1,27 @@
+//! rimg's NBD server (`rimg-nbd`): exports images over the NBD protocol
+//! ([`nbd_proto`]) to qemu-img, qemu-io, libnbd's tools, the Linux
+//! kernel's client and rimg's own.
+//!
+//! - [`export`]: what is served, under which names and flags;
+//! - [`handshake`]: option haggling until the client picks an export;
+//! - [`transmission`]: one connection's requests on the engine;
+//! - [`status`]: block status for the metadata contexts;
+//! - [`server`]: listeners, one thread per connection, signals;
+//! - [`connection`]: one client from greeting to disconnect, TLS;
+//! - [`tls`]: X.509 credentials as qemu-nbd takes them;
+//! - [`seccomp`]: the filter the server runs under;
+//! - [`fuzz`]: the fuzzing entry point.
+
+pub mod connection;
+pub mod export;
+pub mod fuzz;
+pub mod handshake;
+pub mod seccomp;
+pub mod server;
+pub mod status;
+pub mod tls;
+pub mod transmission;
+
+pub use export::{Context, Export, Exports};
+pub use server::{run, Listen, ServerConfig};
+pub use transmission::Policy;

@@ -1,0 +1,287 @@
+//! `rimg-nbd`: serves images over NBD, with qemu-nbd's options for the
+//! common cases (one image: `rimg-nbd [-r] [-x NAME] [-k SOCKET | -p PORT]
+//! FILE`) and `--export` for several.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use qcow2::{Format, OpenOptions, Qcow2Options};
+use rimg_nbd::{Export, Exports, Listen, Policy, ServerConfig};
+use rimg_vhost_server::cli::{self, SeccompArg};
+
+fn main() -> ExitCode {
+    cli::run("rimg-nbd", serve)
+}
+
+#[derive(Parser)]
+#[command(
+    name = "rimg-nbd",
+    version,
+    about = "NBD server exporting raw, qcow2 and other disk images (qemu-nbd's options)"
+)]
+struct Args {
+    /// Image to export (backing files are opened read-only); more with
+    /// --export
+    #[arg(value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Format of FILE; probed from the file when absent
+    #[arg(short = 'f', long, value_name = "FORMAT")]
+    format: Option<String>,
+    /// Export FILE read-only
+    #[arg(short = 'r', long)]
+    read_only: bool,
+    /// Name of FILE's export
+    #[arg(short = 'x', long, default_value = "", value_name = "NAME")]
+    export_name: String,
+    /// Description of FILE's export, sent to clients that ask
+    #[arg(short = 'D', long, default_value = "", value_name = "TEXT")]
+    description: String,
+    /// Offer the qemu:allocation-depth metadata context for FILE
+    #[arg(short = 'A', long)]
+    allocation_depth: bool,
+    /// Offer FILE's persistent dirty bitmap NAME as the
+    /// qemu:dirty-bitmap:NAME context (repeatable; a bitmap that records
+    /// writes only on a read-only export)
+    #[arg(short = 'B', long = "bitmap", value_name = "NAME")]
+    bitmaps: Vec<String>,
+    /// Another export: name=NAME,file=FILE[,format=FORMAT][,readonly=on]
+    /// [,description=TEXT][,allocation-depth=on][,bitmap=NAME...]
+    /// (repeatable)
+    #[arg(long = "export", value_name = "SPEC")]
+    exports: Vec<String>,
+    /// Listen on this UNIX socket instead of TCP
+    #[arg(short = 'k', long, value_name = "PATH", conflicts_with_all = ["port", "bind"])]
+    socket: Option<PathBuf>,
+    /// TCP port to listen on
+    #[arg(short = 'p', long, default_value_t = nbd_proto::consts::DEFAULT_PORT)]
+    port: u16,
+    /// Address to listen on (loopback unless told otherwise)
+    #[arg(short = 'b', long, default_value = "127.0.0.1", value_name = "ADDR")]
+    bind: IpAddr,
+    /// Clients served at once (0: no limit); more wait to be accepted
+    #[arg(short = 'e', long, default_value_t = 1, value_name = "N")]
+    shared: usize,
+    /// Keep serving after the last client disconnects
+    #[arg(short = 't', long)]
+    persistent: bool,
+    /// What TRIM does: `ignore` it, or `unmap` (free the space), as
+    /// qemu-nbd's --discard
+    #[arg(long, default_value = "ignore", value_name = "ignore|unmap")]
+    discard: String,
+    /// QEMU's TLS credentials object:
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=off]
+    /// (DIR holds ca-cert.pem, server-cert.pem and server-key.pem)
+    #[arg(long, value_name = "SPEC")]
+    object: Vec<String>,
+    /// Require TLS with the credentials object ID: clients must start TLS
+    /// before anything else (and, unless verify-peer=off, present a
+    /// certificate the CA signed)
+    #[arg(long, value_name = "ID")]
+    tls_creds: Option<String>,
+    /// Seconds a client has to finish its handshake (0: no limit)
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    handshake_limit: u64,
+    /// Bytes of qcow2 L2 tables to cache per image (default 32 MiB)
+    #[arg(long, value_name = "BYTES")]
+    cache_size: Option<u64>,
+    #[command(flatten)]
+    seccomp: SeccompArg,
+}
+
+/// One export as given on the command line.
+struct Spec {
+    name: String,
+    file: PathBuf,
+    format: Option<String>,
+    readonly: bool,
+    description: String,
+    allocation_depth: bool,
+    bitmaps: Vec<String>,
+}
+
+fn parse_spec(s: &str) -> Result<Spec, String> {
+    let mut spec = Spec {
+        name: String::new(),
+        file: PathBuf::new(),
+        format: None,
+        readonly: false,
+        description: String::new(),
+        allocation_depth: false,
+        bitmaps: Vec::new(),
+    };
+    let on = |k: &str, v: &str| match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(format!("--export: {k}={v}: expected on or off")),
+    };
+    let mut have_name = false;
+    for part in s.split(',') {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("--export: '{part}' is not KEY=VALUE"))?;
+        match k {
+            "name" => {
+                spec.name = v.into();
+                have_name = true;
+            }
+            "file" => spec.file = v.into(),
+            "format" => spec.format = Some(v.into()),
+            "readonly" => spec.readonly = on(k, v)?,
+            "description" => spec.description = v.into(),
+            "allocation-depth" => spec.allocation_depth = on(k, v)?,
+            "bitmap" => spec.bitmaps.push(v.into()),
+            _ => return Err(format!("--export: unknown key '{k}'")),
+        }
+    }
+    if !have_name || spec.file.as_os_str().is_empty() {
+        return Err(format!("--export {s}: name= and file= are required"));
+    }
+    Ok(spec)
+}
+
+fn open(spec: Spec, cache_size: Option<u64>) -> Result<Export, String> {
+    let format = match spec.format.as_deref() {
+        None => None,
+        Some(f) => Some(Format::from_name(f).ok_or_else(|| format!("unknown format '{f}'"))?),
+    };
+    // As the block daemon: a killed server loses no answered write, and
+    // copy-on-write fills are kept in the image's intent log.
+    let mut q = Qcow2Options {
+        metadata_persistence: qcow2::MetadataPersistence::ProcessDeath,
+        intent_log: true,
+        ..Default::default()
+    };
+    if let Some(b) = cache_size {
+        q.l2_cache_bytes = b;
+    }
+    let img = qcow2::open(
+        &spec.file,
+        &OpenOptions {
+            writable: !spec.readonly,
+            format,
+            qcow2: q,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| format!("{}: {e}", spec.file.display()))?;
+    let file = spec.file.display().to_string();
+    let mut e = Export::new(
+        spec.name,
+        spec.description,
+        img,
+        spec.readonly,
+        spec.allocation_depth,
+    )
+    .map_err(|e| format!("{file}: {e}"))?;
+    for b in &spec.bitmaps {
+        e = e.with_bitmap(b).map_err(|err| format!("{file}: {err}"))?;
+    }
+    Ok(e)
+}
+
+/// The listening socket systemd passed (socket activation, sd_listen_fds
+/// with one descriptor): LISTEN_PID names this process and LISTEN_FDS is
+/// 1; the socket is descriptor 3. The variables are removed so that
+/// nothing started later takes them for its own.
+fn activated() -> Result<Option<i32>, String> {
+    let (Some(pid), Some(fds)) = (
+        std::env::var_os("LISTEN_PID"),
+        std::env::var_os("LISTEN_FDS"),
+    ) else {
+        return Ok(None);
+    };
+    if pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
+        return Ok(None);
+    }
+    // SAFETY: no other thread runs yet (the server has not started any),
+    // so nothing reads the environment while it changes.
+    unsafe {
+        std::env::remove_var("LISTEN_PID");
+        std::env::remove_var("LISTEN_FDS");
+        std::env::remove_var("LISTEN_FDNAMES");
+    }
+    match fds.to_str() {
+        Some("1") => Ok(Some(3)),
+        _ => Err(format!(
+            "socket activation: LISTEN_FDS={}, expected one listening socket",
+            fds.to_string_lossy()
+        )),
+    }
+}
+
+fn serve(a: Args) -> Result<(), String> {
+    // First: the socket-activation variables, read and cleared.
+    let listen = match (activated()?, a.socket) {
+        (Some(fd), _) => Listen::Fd(fd),
+        (None, Some(p)) => Listen::Unix(p),
+        (None, None) => Listen::Tcp(SocketAddr::new(a.bind, a.port)),
+    };
+    let mut specs = Vec::new();
+    if let Some(file) = a.file {
+        specs.push(Spec {
+            name: a.export_name,
+            file,
+            format: a.format,
+            readonly: a.read_only,
+            description: a.description,
+            allocation_depth: a.allocation_depth,
+            bitmaps: a.bitmaps,
+        });
+    }
+    for s in &a.exports {
+        specs.push(parse_spec(s)?);
+    }
+    if specs.is_empty() {
+        return Err("nothing to export: give FILE or --export".into());
+    }
+    let mut exports = Exports::default();
+    for s in specs {
+        if exports.get(&s.name).is_some() {
+            return Err(format!("export name '{}' given twice", s.name));
+        }
+        if s.name.len() > nbd_proto::MAX_STRING || s.description.len() > nbd_proto::MAX_STRING {
+            return Err(format!(
+                "export '{}': name or description over 4096 bytes",
+                s.name
+            ));
+        }
+        let mut e = open(s, a.cache_size)?;
+        e.multi_conn = a.shared != 1;
+        exports.list.push(Arc::new(e));
+    }
+    let unmap = match a.discard.as_str() {
+        "ignore" | "off" => false,
+        "unmap" | "on" => true,
+        d => return Err(format!("--discard {d}: expected ignore or unmap")),
+    };
+    let objects = a
+        .object
+        .iter()
+        .map(|o| rimg_nbd::tls::X509Object::parse(o))
+        .collect::<Result<Vec<_>, _>>()?;
+    let tls = match &a.tls_creds {
+        None => None,
+        Some(id) => {
+            let o = objects
+                .iter()
+                .find(|o| &o.id == id)
+                .ok_or_else(|| format!("--tls-creds {id}: no --object with id={id}"))?;
+            Some(rimg_nbd::tls::TlsCreds::load(o)?)
+        }
+    };
+    rimg_nbd::run(ServerConfig {
+        exports,
+        listen,
+        shared: a.shared,
+        persistent: a.persistent,
+        policy: Policy { unmap },
+        handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
+        tls,
+        seccomp: a.seccomp.seccomp,
+    })
+    .map_err(|e| e.to_string())
+}

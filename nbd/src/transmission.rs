@@ -1,0 +1,426 @@
+//! The transmission phase, server side (§Transmission, §Request types):
+//! one connection's requests, answered in order on the engine. Requests
+//! are checked before anything is done: a bad range, flag or length is
+//! an error reply; only a request that breaks the framing (bad magic, a
+//! payload beyond the limit) ends the connection.
+
+use std::io::{self, BufReader, Read, Write};
+
+use nbd_proto::consts::{chunk, cmd, cmd_flags, errno, reply_flags};
+use nbd_proto::reply;
+use nbd_proto::request::{Headers, Request};
+use nbd_proto::{WireError, MAX_PAYLOAD};
+
+use crate::export::Export;
+use crate::handshake::Session;
+use crate::status;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("malformed request: {0}")]
+    Wire(#[from] WireError),
+    #[error("request payload of {0} bytes is over the {MAX_PAYLOAD}-byte limit")]
+    PayloadTooLong(u64),
+}
+
+/// How a request failed: the error value sent, and a message for humans
+/// (sent only in structured and extended replies).
+#[derive(Debug)]
+struct Failure {
+    errno: u32,
+    msg: String,
+}
+
+fn fail<T>(errno: u32, msg: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure {
+        errno,
+        msg: msg.into(),
+    })
+}
+
+impl From<qcow2::Error> for Failure {
+    fn from(e: qcow2::Error) -> Failure {
+        use qcow2::Error as E;
+        let errno = match &e {
+            E::ReadOnly | E::ReadOnlyFormat(_) => errno::EPERM,
+            E::OutOfRange { .. } | E::InvalidArgument(_) => errno::EINVAL,
+            E::NotSupportedByFormat(_) => errno::ENOTSUP,
+            E::Io { source, .. }
+                if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)) =>
+            {
+                errno::ENOSPC
+            }
+            _ => errno::EIO,
+        };
+        Failure {
+            errno,
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// What a connection may do beyond the export's own flags.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// TRIM and WRITE_ZEROES without NO_HOLE free space (qemu-nbd's
+    /// `--discard=unmap`); otherwise TRIM is a no-op.
+    pub unmap: bool,
+}
+
+/// Serves requests on `s` until the client disconnects (`NBD_CMD_DISC`
+/// or closing its end).
+pub fn serve<S: Read + Write>(
+    s: S,
+    session: &Session,
+    policy: Policy,
+) -> Result<(), TransmissionError> {
+    let mut conn = Conn {
+        r: BufReader::with_capacity(256 << 10, s),
+        out: Vec::with_capacity(64 << 10),
+        data: Vec::new(),
+        session,
+        policy,
+    };
+    conn.run()
+}
+
+/// Buffer capacity a connection keeps between requests.
+const KEEP: usize = 4 << 20;
+
+struct Conn<'a, S: Read + Write> {
+    r: BufReader<S>,
+    /// The reply being built (header and payload, written at once).
+    out: Vec<u8>,
+    /// A request's payload.
+    data: Vec<u8>,
+    session: &'a Session,
+    policy: Policy,
+}
+
+impl<S: Read + Write> Conn<'_, S> {
+    fn headers(&self) -> Headers {
+        self.session.headers
+    }
+
+    fn export(&self) -> &Export {
+        &self.session.export
+    }
+
+    fn run(&mut self) -> Result<(), TransmissionError> {
+        let h = self.headers();
+        let mut hdr = [0u8; 32];
+        loop {
+            let hdr = &mut hdr[..h.request_len()];
+            match self.r.read_exact(hdr) {
+                Ok(()) => {}
+                // The client closed between requests: a disconnect.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+            let req = Request::parse(hdr, h)?;
+            let plen = req.payload_len(h);
+            if plen > MAX_PAYLOAD as u64 {
+                return Err(TransmissionError::PayloadTooLong(plen));
+            }
+            // Taken as it arrives: a header that announces 32 MiB and
+            // sends nothing commits nothing.
+            self.data.clear();
+            let got = (&mut self.r).take(plen).read_to_end(&mut self.data)?;
+            if got as u64 != plen {
+                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            }
+            if req.kind == cmd::DISC {
+                return Ok(());
+            }
+            self.out.clear();
+            match self.execute(&req) {
+                Ok(()) => {}
+                Err(f) => {
+                    self.out.clear();
+                    self.error_reply(&req, &f);
+                }
+            }
+            self.r.get_mut().write_all(&self.out)?;
+            // One large request does not keep its buffers for good.
+            for b in [&mut self.data, &mut self.out] {
+                if b.capacity() > KEEP {
+                    *b = Vec::with_capacity(KEEP);
+                }
+            }
+        }
+    }
+
+    /// Checks `req` and does it, leaving a successful reply in `out`.
+    fn execute(&mut self, req: &Request) -> Result<(), Failure> {
+        let h = self.headers();
+        let known = cmd_flags::FUA
+            | cmd_flags::NO_HOLE
+            | cmd_flags::DF
+            | cmd_flags::REQ_ONE
+            | cmd_flags::FAST_ZERO
+            | if h == Headers::Extended {
+                cmd_flags::PAYLOAD_LEN
+            } else {
+                0
+            };
+        if req.flags & !known != 0 {
+            return fail(
+                errno::EINVAL,
+                format!("unknown command flags {:#x}", req.flags),
+            );
+        }
+        if req.kind != cmd::WRITE && req.payload_len(h) > 0 {
+            return fail(errno::EINVAL, "this command takes no payload");
+        }
+        let writes = matches!(req.kind, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+        if writes && self.export().readonly {
+            return fail(errno::EPERM, "the export is read-only");
+        }
+        match req.kind {
+            cmd::READ => self.read(req),
+            cmd::WRITE => {
+                self.range(req, req.len)?;
+                let img = self.export().image.as_ref();
+                if req.len > 0 {
+                    // Into a raw file's padded last sector: the file grows
+                    // to the size exported, as under qemu-nbd.
+                    if req.offset + req.len > img.size() {
+                        img.resize(self.export().size)?;
+                    }
+                    img.write_at(&self.data, req.offset)?;
+                }
+                self.fua(req)?;
+                self.ok(req);
+                Ok(())
+            }
+            cmd::FLUSH => {
+                self.export().image.flush()?;
+                self.ok(req);
+                Ok(())
+            }
+            cmd::TRIM => {
+                self.range(req, req.len)?;
+                // Not past the file's end (a raw file's padded sector).
+                let img = self.export().image.as_ref();
+                let len = req.len.min(img.size().saturating_sub(req.offset));
+                if self.policy.unmap && len > 0 {
+                    img.discard(req.offset, len)?;
+                }
+                self.fua(req)?;
+                self.ok(req);
+                Ok(())
+            }
+            cmd::WRITE_ZEROES => self.write_zeroes(req),
+            cmd::CACHE => {
+                // Nothing to warm: reads go through the host's page cache.
+                self.range(req, req.len)?;
+                self.ok(req);
+                Ok(())
+            }
+            cmd::BLOCK_STATUS => self.block_status(req),
+            _ => fail(errno::EINVAL, format!("unknown command {}", req.kind)),
+        }
+    }
+
+    /// Refuses a range that does not lie within the export; writes past
+    /// the end get ENOSPC, other commands EINVAL (§Request types).
+    fn range(&self, req: &Request, len: u64) -> Result<(), Failure> {
+        let size = self.export().size;
+        if req.offset.checked_add(len).is_none_or(|end| end > size) {
+            let e = match req.kind {
+                cmd::WRITE | cmd::WRITE_ZEROES => errno::ENOSPC,
+                _ => errno::EINVAL,
+            };
+            return fail(
+                e,
+                format!(
+                    "range {}+{len} is past the end of the export ({size} bytes)",
+                    req.offset
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn fua(&self, req: &Request) -> Result<(), Failure> {
+        if req.flags & cmd_flags::FUA != 0 {
+            self.export().image.flush()?;
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, req: &Request) -> Result<(), Failure> {
+        if req.len > MAX_PAYLOAD as u64 {
+            return fail(
+                errno::EOVERFLOW,
+                format!(
+                    "read of {} bytes is over the {MAX_PAYLOAD}-byte limit",
+                    req.len
+                ),
+            );
+        }
+        self.range(req, req.len)?;
+        let h = self.headers();
+        let n = req.len as usize;
+        if n == 0 {
+            // No content chunk may describe nothing: a structured reply
+            // (never a simple one, for a read) is then NONE alone.
+            match h.structured() {
+                true => reply::chunk_header(
+                    &mut self.out,
+                    h,
+                    reply_flags::DONE,
+                    chunk::NONE,
+                    req.cookie,
+                    req.offset,
+                    0,
+                ),
+                false => reply::simple(&mut self.out, 0, req.cookie),
+            }
+            return Ok(());
+        }
+        let at = if h.structured() {
+            reply::chunk_header(
+                &mut self.out,
+                h,
+                reply_flags::DONE,
+                chunk::OFFSET_DATA,
+                req.cookie,
+                req.offset,
+                8 + req.len,
+            );
+            self.out.extend_from_slice(&req.offset.to_be_bytes());
+            self.out.len()
+        } else {
+            reply::simple(&mut self.out, 0, req.cookie);
+            self.out.len()
+        };
+        self.out.resize(at + n, 0);
+        let img = self.session.export.image.as_ref();
+        qcow2::blockstatus::read_padded(img, &mut self.out[at..], req.offset)?;
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, req: &Request) -> Result<(), Failure> {
+        self.range(req, req.len)?;
+        let no_hole = req.flags & cmd_flags::NO_HOLE != 0;
+        let unmap = self.policy.unmap && !no_hole;
+        if req.flags & cmd_flags::FAST_ZERO != 0 && !self.zeroes_fast(req) {
+            return fail(errno::ENOTSUP, "zeroing this range would not be fast");
+        }
+        if req.len > 0 {
+            let img = self.export().image.as_ref();
+            // A raw file's padded tail (QEMU's whole last sector) is not
+            // in the file: nothing to zero there.
+            let real = img.size();
+            let len = req.len.min(real.saturating_sub(req.offset));
+            if len > 0 {
+                img.write_zeroes(req.offset, len, unmap)?;
+            }
+        }
+        self.fua(req)?;
+        self.ok(req);
+        Ok(())
+    }
+
+    /// Whether zeroing the range changes only metadata or asks the file
+    /// system to (`NBD_CMD_FLAG_FAST_ZERO`): a raw file's range is one
+    /// fallocate; a qcow2 v3 image's whole clusters become zero clusters.
+    fn zeroes_fast(&self, req: &Request) -> bool {
+        let img = self.export().image.as_ref();
+        match img.as_qcow2() {
+            Some(q) => {
+                let cs = q.cluster_size();
+                let end = req.offset + req.len;
+                q.header().version >= 3
+                    && req.offset % cs == 0
+                    && (end % cs == 0 || end == img.size())
+            }
+            None => img.format() == qcow2::Format::Raw,
+        }
+    }
+
+    fn block_status(&mut self, req: &Request) -> Result<(), Failure> {
+        let h = self.headers();
+        if !h.structured() || self.session.contexts.is_empty() {
+            return fail(errno::EINVAL, "no metadata context was selected");
+        }
+        let size = self.export().size;
+        if req.offset >= size {
+            return fail(
+                errno::EINVAL,
+                format!(
+                    "offset {} is past the end of the export ({size} bytes)",
+                    req.offset
+                ),
+            );
+        }
+        // The length is a hint: a range past the end is cut at it.
+        let len = req.len.min(size - req.offset);
+        if len == 0 {
+            return fail(errno::EINVAL, "block status of an empty range");
+        }
+        let one = req.flags & cmd_flags::REQ_ONE != 0;
+        let n = self.session.contexts.len();
+        let mut payload = Vec::new();
+        for (i, (id, ctx)) in self.session.contexts.iter().enumerate() {
+            let ext = status::extents(self.export(), ctx, req.offset, len, one)?;
+            payload.clear();
+            reply::block_status_payload(&mut payload, h, *id, &ext);
+            let kind = match h {
+                Headers::Extended => chunk::BLOCK_STATUS_EXT,
+                _ => chunk::BLOCK_STATUS,
+            };
+            let flags = if i + 1 == n { reply_flags::DONE } else { 0 };
+            reply::chunk_header(
+                &mut self.out,
+                h,
+                flags,
+                kind,
+                req.cookie,
+                req.offset,
+                payload.len() as u64,
+            );
+            self.out.extend_from_slice(&payload);
+        }
+        Ok(())
+    }
+
+    /// A successful reply without payload.
+    fn ok(&mut self, req: &Request) {
+        match self.headers() {
+            Headers::Extended => reply::chunk_header(
+                &mut self.out,
+                Headers::Extended,
+                reply_flags::DONE,
+                chunk::NONE,
+                req.cookie,
+                req.offset,
+                0,
+            ),
+            Headers::Compact { .. } => reply::simple(&mut self.out, 0, req.cookie),
+        }
+    }
+
+    fn error_reply(&mut self, req: &Request, f: &Failure) {
+        let h = self.headers();
+        if !h.structured() {
+            reply::simple(&mut self.out, f.errno, req.cookie);
+            return;
+        }
+        let mut p = Vec::new();
+        reply::error_payload(&mut p, f.errno, &f.msg);
+        reply::chunk_header(
+            &mut self.out,
+            h,
+            reply_flags::DONE,
+            chunk::ERROR,
+            req.cookie,
+            req.offset,
+            p.len() as u64,
+        );
+        self.out.extend_from_slice(&p);
+    }
+}

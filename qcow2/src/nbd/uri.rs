@@ -1,0 +1,262 @@
+//! NBD addresses as QEMU accepts them for a filename: the URI forms
+//! `nbd://HOST[:PORT]/EXPORT`, `nbd+tcp://...` and
+//! `nbd+unix:///EXPORT?socket=PATH`, and the legacy
+//! `nbd:HOST:PORT[:exportname=NAME]` and `nbd:unix:PATH[:exportname=NAME]`.
+//! With TLS, libnbd's forms: `nbds://HOST[:PORT]/EXPORT?tls-certificates=DIR`
+//! and `nbds+unix:///EXPORT?socket=PATH&tls-certificates=DIR`, where DIR
+//! holds `ca-cert.pem` (and `client-cert.pem`, `client-key.pem` for a
+//! server that asks for a client certificate), QEMU's and libnbd's file
+//! names; `tls-hostname=NAME` sets the name the server's certificate
+//! must carry (by default the host, or `localhost` over a UNIX socket).
+
+use std::path::PathBuf;
+
+use nbd_proto::consts::DEFAULT_PORT;
+
+/// Where an NBD export is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    pub server: Server,
+    pub export: String,
+    /// TLS (an `nbds` scheme), with what it needs.
+    pub tls: Option<TlsParams>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsParams {
+    /// The directory of `ca-cert.pem` (and a client certificate).
+    pub certificates: PathBuf,
+    /// The name the server's certificate must carry.
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Server {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+/// The name QEMU gives the export at `name` once opened (its nbd
+/// driver's refresh_filename): the port always, the export only when it
+/// has one. A name that does not parse is shown as given.
+pub fn display_name(name: &str) -> String {
+    match parse(name) {
+        Ok(Address {
+            server: Server::Unix(p),
+            export,
+            tls: None,
+        }) => match export.is_empty() {
+            true => format!("nbd+unix://?socket={}", p.display()),
+            false => format!("nbd+unix:///{export}?socket={}", p.display()),
+        },
+        Ok(Address {
+            server: Server::Tcp { host, port },
+            export,
+            tls: None,
+        }) => match export.is_empty() {
+            true => format!("nbd://{host}:{port}"),
+            false => format!("nbd://{host}:{port}/{export}"),
+        },
+        // QEMU has no nbds names: shown as given.
+        _ => name.to_string(),
+    }
+}
+
+/// Whether `name` is meant as an NBD address rather than a file.
+pub fn is_nbd(name: &str) -> bool {
+    [
+        "nbd:",
+        "nbd+tcp:",
+        "nbd+unix:",
+        "nbds:",
+        "nbds+tcp:",
+        "nbds+unix:",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+}
+
+/// Parses an NBD address; the error says what is wrong with it.
+pub fn parse(name: &str) -> Result<Address, String> {
+    let tls = name.starts_with("nbds");
+    let query_of = |q: &str, key: &str| -> Result<Option<String>, String> {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix(key).and_then(|v| v.strip_prefix('=')))
+            .map(percent_decode)
+            .transpose()
+    };
+    let tls_params = |q: &str, host: &str| -> Result<Option<TlsParams>, String> {
+        if !tls {
+            return Ok(None);
+        }
+        let certificates = query_of(q, "tls-certificates")?
+            .ok_or_else(|| format!("{name}: nbds needs tls-certificates=DIR"))?;
+        Ok(Some(TlsParams {
+            certificates: certificates.into(),
+            hostname: query_of(q, "tls-hostname")?.unwrap_or_else(|| host.to_string()),
+        }))
+    };
+    if let Some(rest) = name
+        .strip_prefix("nbd+unix://")
+        .or_else(|| name.strip_prefix("nbds+unix://"))
+    {
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let export = path.strip_prefix('/').unwrap_or(path);
+        let socket = query_of(query, "socket")?
+            .ok_or_else(|| format!("{name}: nbd+unix needs ?socket=PATH"))?;
+        return Ok(Address {
+            server: Server::Unix(socket.into()),
+            export: percent_decode(export)?,
+            tls: tls_params(query, "localhost")?,
+        });
+    }
+    if let Some(rest) = ["nbd://", "nbd+tcp://", "nbds://", "nbds+tcp://"]
+        .iter()
+        .find_map(|p| name.strip_prefix(p))
+    {
+        let (auth, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        if !tls && !query.is_empty() {
+            return Err(format!("{name}: nbd over TCP takes no query"));
+        }
+        let (host, port) = host_port(auth).ok_or_else(|| format!("{name}: bad host or port"))?;
+        let tls = tls_params(query, &host)?;
+        return Ok(Address {
+            server: Server::Tcp { host, port },
+            export: percent_decode(path)?,
+            tls,
+        });
+    }
+    if let Some(rest) = name.strip_prefix("nbd:") {
+        let (main, export) = match rest.split_once(":exportname=") {
+            Some((m, e)) => (m, e.to_string()),
+            None => (rest, String::new()),
+        };
+        if let Some(path) = main.strip_prefix("unix:") {
+            return Ok(Address {
+                server: Server::Unix(path.into()),
+                export,
+                tls: None,
+            });
+        }
+        let (host, port) = host_port(main).ok_or_else(|| format!("{name}: bad host or port"))?;
+        return Ok(Address {
+            server: Server::Tcp { host, port },
+            export,
+            tls: None,
+        });
+    }
+    Err(format!("{name}: not an NBD address"))
+}
+
+/// `host`, `host:port`, `[v6]`, `[v6]:port`.
+fn host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(r) = s.strip_prefix('[') {
+        let (h, after) = r.split_once(']')?;
+        match after.strip_prefix(':') {
+            Some(p) => (h, Some(p)),
+            None if after.is_empty() => (h, None),
+            None => return None,
+        }
+    } else {
+        match s.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    if host.is_empty() {
+        return None;
+    }
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => DEFAULT_PORT,
+    };
+    Some((host.to_string(), port))
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent escape in '{s}'"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("'{s}' is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16, export: &str) -> Address {
+        Address {
+            server: Server::Tcp {
+                host: host.into(),
+                port,
+            },
+            export: export.into(),
+            tls: None,
+        }
+    }
+
+    #[test]
+    fn the_forms_qemu_accepts() {
+        assert_eq!(parse("nbd://localhost/"), Ok(tcp("localhost", 10809, "")));
+        assert_eq!(parse("nbd://h:1234/disk"), Ok(tcp("h", 1234, "disk")));
+        assert_eq!(parse("nbd+tcp://[::1]:99/a%20b"), Ok(tcp("::1", 99, "a b")));
+        assert_eq!(parse("nbd:h:77:exportname=x"), Ok(tcp("h", 77, "x")));
+        assert_eq!(
+            parse("nbd+unix:///golden?socket=/run/n.sock"),
+            Ok(Address {
+                server: Server::Unix("/run/n.sock".into()),
+                export: "golden".into(),
+                tls: None
+            })
+        );
+        assert_eq!(
+            parse("nbd:unix:/tmp/s:exportname=e"),
+            Ok(Address {
+                server: Server::Unix("/tmp/s".into()),
+                export: "e".into(),
+                tls: None
+            })
+        );
+        assert!(is_nbd("nbd+unix:///?socket=x") && !is_nbd("nbd.qcow2"));
+        let a = parse("nbds://h:5/e?tls-certificates=/pki").unwrap();
+        assert_eq!(
+            a.tls,
+            Some(TlsParams {
+                certificates: "/pki".into(),
+                hostname: "h".into()
+            })
+        );
+        let a = parse("nbds+unix:///e?socket=/s&tls-certificates=/p&tls-hostname=srv").unwrap();
+        assert_eq!(a.server, Server::Unix("/s".into()));
+        assert_eq!(a.tls.unwrap().hostname, "srv");
+    }
+
+    #[test]
+    fn bad_addresses_say_why() {
+        for bad in [
+            "nbd+unix:///x",
+            "nbd://:80/x",
+            "nbd://h:port/x",
+            "nbd://h/x?socket=y",
+            "nbds://h/x",
+            "nbds+unix:///x?socket=/s",
+            "nbd://h/%zz",
+        ] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
+}

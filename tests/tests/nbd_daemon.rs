@@ -1,0 +1,253 @@
+//! rimg-nbd as a long-lived daemon under abuse (seccomp in kill mode, as
+//! in production): stopped and resumed, clients that announce huge
+//! payloads and send nothing, clients that trickle their handshake, a
+//! descriptor limit reached; after each the server still serves, and
+//! SIGTERM ends it with status 0.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use nbd_proto::consts::{cmd, opt};
+use nbd_proto::option::{InfoRequest, OptionHeader};
+use nbd_proto::request::{Headers, Request};
+use rimg_tests::daemon::DaemonProcess;
+use rimg_tests::nbd::{self, unix_uri};
+use rimg_tests::{run_ok, tempdir};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A raw client that has finished the handshake on `sock` (export "").
+fn connected(sock: &Path) -> UnixStream {
+    let mut c = UnixStream::connect(sock).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&3u32.to_be_bytes()).unwrap();
+    let go = InfoRequest {
+        name: String::new(),
+        items: vec![],
+    };
+    c.write_all(&OptionHeader::encode(opt::GO, &go.encode()))
+        .unwrap();
+    // NBD_REP_INFO (export) and NBD_REP_ACK, then INFO (block size).
+    let mut reply = [0u8; 20];
+    loop {
+        c.read_exact(&mut reply).unwrap();
+        let len = u32::from_be_bytes(reply[16..20].try_into().unwrap()) as usize;
+        let mut d = vec![0u8; len];
+        c.read_exact(&mut d).unwrap();
+        if u32::from_be_bytes(reply[12..16].try_into().unwrap()) == 1 {
+            return c;
+        }
+    }
+}
+
+/// The server's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// CPU time the server used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+fn reads_back(sock: &Path) {
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x42 0 64k",
+            &unix_uri(sock, ""),
+        ],
+    );
+    assert!(out.contains("read 65536/65536"), "{out}");
+}
+
+#[test]
+fn stop_and_continue_and_hostile_payload_headers() {
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 4 << 20]).unwrap();
+    let sock = d.path().join("nbd.sock");
+    let srv = nbd::start(
+        &sock,
+        &["-k", s(&sock), "-t", "-e", "0", "-f", "raw", s(&img)],
+    );
+    // Job control: the accept loop's poll resumes through
+    // restart_syscall, which the filter must allow.
+    srv.signal(libc::SIGSTOP);
+    srv.signal(libc::SIGCONT);
+    reads_back(&sock);
+    assert!(!srv.exited(), "SIGSTOP/SIGCONT killed the server");
+    // 24 clients each announce a 32 MiB write and send nothing: the
+    // server commits memory as payload arrives, not as announced.
+    let before = rss_kib(srv.pid());
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let mut c = connected(&sock);
+        let mut b = Vec::new();
+        Request {
+            flags: 0,
+            kind: cmd::WRITE,
+            cookie: i,
+            offset: 0,
+            len: 32 << 20,
+        }
+        .encode(Headers::Compact { structured: false }, &mut b);
+        c.write_all(&b).unwrap();
+        c.write_all(&[0x42; 100]).unwrap();
+        held.push(c);
+    }
+    reads_back(&sock);
+    let grown = rss_kib(srv.pid()).saturating_sub(before);
+    assert!(
+        grown < 64 << 10,
+        "24 announced payloads grew RSS by {grown} KiB"
+    );
+    drop(held);
+    reads_back(&sock);
+    nbd::stop(srv);
+}
+
+/// With the default single client slot, a client that trickles its
+/// handshake is cut off at the handshake limit (a deadline, not a
+/// per-read timeout), and the next client is served.
+#[test]
+fn a_trickling_handshake_is_cut_off_at_the_limit() {
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let sock = d.path().join("nbd.sock");
+    let srv = nbd::start(
+        &sock,
+        &[
+            "-k",
+            s(&sock),
+            "-t",
+            "--handshake-limit",
+            "1",
+            "-f",
+            "raw",
+            s(&img),
+        ],
+    );
+    let mut c = UnixStream::connect(&sock).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    let start = Instant::now();
+    // One byte of the client flags every 200 ms: each read succeeds.
+    let mut cut = false;
+    for i in 0..25 {
+        if c.write_all(&[[0, 0, 0, 3][i % 4]]).is_err() {
+            cut = true;
+            break;
+        }
+        // The client's own pace, not synchronization: it trickles.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut rest = Vec::new();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let closed = cut || c.read_to_end(&mut rest).is_ok();
+    assert!(closed, "the trickling client was never disconnected");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "cut off after {:?}, limit 1 s",
+        start.elapsed()
+    );
+    reads_back(&sock);
+    nbd::stop(srv);
+}
+
+/// Out of descriptors: clients are turned away while the limit is
+/// reached, the server neither exits nor spins, and it serves again once
+/// clients leave.
+#[test]
+fn a_descriptor_limit_turns_clients_away_without_spinning() {
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let sock = d.path().join("nbd.sock");
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--nofile=24")
+        .arg(rimg_tests::workspace_bin("rimg-nbd"))
+        .args(["-k", s(&sock), "-t", "-e", "0", "-f", "raw", s(&img)]);
+    let srv = DaemonProcess::spawn(cmd, &sock).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        held.push(UnixStream::connect(&sock).unwrap());
+    }
+    let t0 = cpu_ticks(srv.pid());
+    let start = Instant::now();
+    // Time passing is what is measured here: CPU used over a second
+    // while clients wait in the backlog.
+    std::thread::sleep(Duration::from_secs(1));
+    let used = cpu_ticks(srv.pid()) - t0;
+    let elapsed_ticks = start.elapsed().as_millis() as u64 / 10;
+    assert!(
+        used * 5 < elapsed_ticks,
+        "the server spun: {used} ticks of CPU in {elapsed_ticks}"
+    );
+    assert!(!srv.exited(), "the server exited at the descriptor limit");
+    drop(held);
+    reads_back(&sock);
+    let log = nbd::stop(srv);
+    assert!(
+        log.matches("Too many open files").count() <= 4,
+        "warnings were not rate-limited:\n{log}"
+    );
+}
+
+/// Socket activation as systemd does it: a listening socket on
+/// descriptor 3, LISTEN_PID naming the server and LISTEN_FDS=1. The
+/// server serves on it and ends on SIGTERM with status 0.
+#[test]
+fn socket_activation() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let sock = d.path().join("activated.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let fd = listener.as_raw_fd();
+    // LISTEN_PID must name the server itself: the shell sets it to its
+    // own pid and then becomes the server.
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" -t -e 0 -f raw \"$1\"")
+        .arg(rimg_tests::workspace_bin("rimg-nbd"))
+        .arg(&img);
+    // SAFETY: between fork and exec only dup2 and fcntl run, which are
+    // async-signal-safe; they put the listener on descriptor 3 without
+    // close-on-exec (cleared explicitly: when the listener already is
+    // descriptor 3, dup2 does nothing).
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd != 3 && libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let srv = DaemonProcess::spawn(cmd, &sock).unwrap();
+    drop(listener);
+    reads_back(&sock);
+    assert!(srv.log().contains("activated.sock"), "{}", srv.log());
+    nbd::stop(srv);
+}
