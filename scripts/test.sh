@@ -7,5 +7,6 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The engine's cross-thread protocols under shuttle's scheduler
-# (qcow2/tests/alloc_model.rs; a feature build of its own).
-cargo test -p rimg-qcow2 --features shuttle --test alloc_model
+# (qcow2/tests/alloc_model.rs, and the NBD client's pipelining in
+# qcow2/tests/nbd_model.rs; a feature build of its own).
+cargo test -p rimg-qcow2 --features shuttle --test alloc_model --test nbd_model

@@ -176,6 +176,13 @@ enum Next {
     ExportName(Arc<Export>),
 }
 
+/// An option's parsed data, or an `NBD_REP_ERR_INVALID` reply saying
+/// what is wrong with it.
+fn parsed<T>(o: u32, r: Result<T, WireError>, out: &mut Replies) -> Option<T> {
+    r.map_err(|e| out.error(o, rep::ERR_INVALID, &e.to_string()))
+        .ok()
+}
+
 struct State<'a> {
     exports: &'a Exports,
     no_zeroes: bool,
@@ -185,7 +192,17 @@ struct State<'a> {
     meta: Option<(String, Vec<(u32, Context)>)>,
 }
 
-impl State<'_> {
+impl<'a> State<'a> {
+    /// The export a client names, by its exact name; an unknown name is
+    /// answered with `NBD_REP_ERR_UNKNOWN` to option `o`.
+    fn export(&self, o: u32, name: &str, out: &mut Replies) -> Option<&'a Arc<Export>> {
+        let e = self.exports.get(name);
+        if e.is_none() {
+            out.error(o, rep::ERR_UNKNOWN, &format!("export '{name}' not present"));
+        }
+        e
+    }
+
     fn option(&mut self, o: u32, data: &[u8], out: &mut Replies) -> Result<Next, HandshakeError> {
         let no_data = |out: &mut Replies| {
             if data.is_empty() {
@@ -247,19 +264,10 @@ impl State<'_> {
                 }
             }
             opt::INFO | opt::GO => {
-                let r = match InfoRequest::parse(data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        out.error(o, rep::ERR_INVALID, &e.to_string());
-                        return Ok(Next::More);
-                    }
+                let Some(r) = parsed(o, InfoRequest::parse(data), out) else {
+                    return Ok(Next::More);
                 };
-                let Some(e) = self.exports.get(&r.name) else {
-                    out.error(
-                        o,
-                        rep::ERR_UNKNOWN,
-                        &format!("export '{}' not present", r.name),
-                    );
+                let Some(e) = self.export(o, &r.name, out) else {
                     return Ok(Next::More);
                 };
                 out.info_export(o, e.size, e.flags(self.headers.structured()));
@@ -310,19 +318,10 @@ impl State<'_> {
                     );
                     return Ok(Next::More);
                 }
-                let r = match MetaRequest::parse(data) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        out.error(o, rep::ERR_INVALID, &e.to_string());
-                        return Ok(Next::More);
-                    }
+                let Some(r) = parsed(o, MetaRequest::parse(data), out) else {
+                    return Ok(Next::More);
                 };
-                let Some(e) = self.exports.get(&r.export) else {
-                    out.error(
-                        o,
-                        rep::ERR_UNKNOWN,
-                        &format!("export '{}' not present", r.export),
-                    );
+                let Some(e) = self.export(o, &r.export, out) else {
                     return Ok(Next::More);
                 };
                 let offered = e.contexts();

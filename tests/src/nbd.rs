@@ -18,6 +18,17 @@ pub fn start(socket: &Path, args: &[&str]) -> Server {
     DaemonProcess::spawn(cmd, socket).unwrap_or_else(|e| panic!("rimg-nbd {args:?}: {e}"))
 }
 
+/// Starts a persistent `rimg-nbd` (`-t`) on the UNIX socket `socket`
+/// with `args`.
+pub fn serve(socket: &Path, args: &[&str]) -> Server {
+    let path = socket.to_str().expect("UTF-8 socket path");
+    let all: Vec<&str> = ["-k", path, "-t"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    start(socket, &all)
+}
+
 /// Stops a server with SIGTERM and asserts it exits 0 within 10 s.
 pub fn stop(s: Server) -> String {
     let (st, log) = s.terminate_within(Duration::from_secs(10));

@@ -42,7 +42,7 @@ fn read_only_commands_match_qemu_img_through_each_server() {
     let qsd_sock = d.path().join("qsd.sock");
     let qsd = Qsd::start_nbd(&img, &qsd_sock, "disk", false);
     let rs = d.path().join("r.sock");
-    let r = nbd::start(&rs, &["-k", s(&rs), "-t", "-e", "0", "-r", s(&img)]);
+    let r = nbd::serve(&rs, &["-e", "0", "-r", s(&img)]);
     for u in [
         unix_uri(&q.socket, ""),
         unix_uri(&qsd_sock, "disk"),
@@ -98,7 +98,7 @@ fn convert_writes_into_exports() {
             assert_eq!(code, Some(0), "{err}");
             drop(q);
         } else {
-            let r = nbd::start(&sock, &["-k", s(&sock), "-t", "-f", "qcow2", s(&target)]);
+            let r = nbd::serve(&sock, &["-f", "qcow2", s(&target)]);
             let (code, _, err) = rimg_in(dir, &convert);
             assert_eq!(code, Some(0), "{err}");
             nbd::stop(r);
@@ -131,20 +131,7 @@ fn an_overlay_backed_by_an_nbd_url() {
     let d = tempdir();
     let (golden, raw) = sample(d.path());
     let sock = d.path().join("golden.sock");
-    let r = nbd::start(
-        &sock,
-        &[
-            "-k",
-            s(&sock),
-            "-t",
-            "-e",
-            "0",
-            "-r",
-            "-x",
-            "golden",
-            s(&golden),
-        ],
-    );
+    let r = nbd::serve(&sock, &["-e", "0", "-r", "-x", "golden", s(&golden)]);
     let u = unix_uri(&sock, "golden");
     let top = d.path().join("top.qcow2");
     run_ok(
@@ -170,7 +157,7 @@ fn bad_addresses_and_exports_are_clear_errors() {
     let d = tempdir();
     let (img, _) = sample(d.path());
     let sock = d.path().join("r.sock");
-    let r = nbd::start(&sock, &["-k", s(&sock), "-t", "-r", "-x", "a", s(&img)]);
+    let r = nbd::serve(&sock, &["-r", "-x", "a", s(&img)]);
     let cases = [
         (unix_uri(&sock, "b"), "export 'b' not present"),
         (

@@ -82,10 +82,7 @@ fn stop_and_continue_and_hostile_payload_headers() {
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 4 << 20]).unwrap();
     let sock = d.path().join("nbd.sock");
-    let srv = nbd::start(
-        &sock,
-        &["-k", s(&sock), "-t", "-e", "0", "-f", "raw", s(&img)],
-    );
+    let srv = nbd::serve(&sock, &["-e", "0", "-f", "raw", s(&img)]);
     // Job control: the accept loop's poll resumes through
     // restart_syscall, which the filter must allow.
     srv.signal(libc::SIGSTOP);
@@ -131,19 +128,7 @@ fn a_trickling_handshake_is_cut_off_at_the_limit() {
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let sock = d.path().join("nbd.sock");
-    let srv = nbd::start(
-        &sock,
-        &[
-            "-k",
-            s(&sock),
-            "-t",
-            "--handshake-limit",
-            "1",
-            "-f",
-            "raw",
-            s(&img),
-        ],
-    );
+    let srv = nbd::serve(&sock, &["--handshake-limit", "1", "-f", "raw", s(&img)]);
     let mut c = UnixStream::connect(&sock).unwrap();
     let mut hello = [0u8; 18];
     c.read_exact(&mut hello).unwrap();

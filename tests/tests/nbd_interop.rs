@@ -60,19 +60,7 @@ fn qemu_io_writes_through_rimg_nbd_land_in_the_image() {
         rimg_tests::qemu_io(&img, &["write -P 0x77 30M 1M"]);
         run_ok("qemu-img", &["convert", "-O", "raw", s(&img), s(&model)]);
         let sock = d.path().join("nbd.sock");
-        let srv = nbd::start(
-            &sock,
-            &[
-                "-k",
-                s(&sock),
-                "-t",
-                "--discard",
-                "unmap",
-                "-f",
-                fmt,
-                s(&img),
-            ],
-        );
+        let srv = nbd::serve(&sock, &["--discard", "unmap", "-f", fmt, s(&img)]);
         qemu_io_ok(&unix_uri(&sock, ""), &cmds);
         // Read back through the server what was written.
         qemu_io_ok(
@@ -141,10 +129,7 @@ fn block_status_and_export_info_match_qemu_nbd() {
     for (img, fmt) in [(&top, "qcow2"), (&sparse, "raw")] {
         let q = QemuNbd::start(&d.path().join("q.sock"), &["-r", "-A", "-f", fmt, s(img)]);
         let rs = d.path().join("r.sock");
-        let r = nbd::start(
-            &rs,
-            &["-k", s(&rs), "-t", "-e", "0", "-r", "-A", "-f", fmt, s(img)],
-        );
+        let r = nbd::serve(&rs, &["-e", "0", "-r", "-A", "-f", fmt, s(img)]);
         let report = |sock: &Path| {
             let u = unix_uri(sock, "");
             let json = run_ok("nbdinfo", &["--json", &u]).replace(s(sock), "SOCKET");
@@ -183,7 +168,7 @@ fn nbdcopy_and_qemu_img_convert_copy_through_the_server() {
     let img = d.path().join("disk.qcow2");
     run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "48M"]);
     let sock = d.path().join("nbd.sock");
-    let srv = nbd::start(&sock, &["-k", s(&sock), "-t", "-e", "0", s(&img)]);
+    let srv = nbd::serve(&sock, &["-e", "0", s(&img)]);
     let u = unix_uri(&sock, "");
     run_ok(
         "nbdcopy",
@@ -219,19 +204,9 @@ fn exports_are_listed_and_reached_only_by_their_names() {
     let sock = d.path().join("nbd.sock");
     let spec_a = format!("name=alpha,file={},description=the first", s(&a));
     let spec_b = format!("name=beta,file={},format=raw,readonly=on", s(&b));
-    let srv = nbd::start(
+    let srv = nbd::serve(
         &sock,
-        &[
-            "-k",
-            s(&sock),
-            "-t",
-            "-e",
-            "0",
-            "--export",
-            &spec_a,
-            "--export",
-            &spec_b,
-        ],
+        &["-e", "0", "--export", &spec_a, "--export", &spec_b],
     );
     let list = run_ok("nbdinfo", &["--list", "--json", &unix_uri(&sock, "")]);
     let v: serde_json::Value = serde_json::from_str(&list).unwrap();
@@ -308,19 +283,7 @@ fn a_raw_files_padded_last_sector_takes_writes_as_under_qemu_nbd() {
         std::fs::write(&img, vec![0x5au8; 1_000_001]).unwrap();
         let sock = d.path().join(format!("{server}.sock"));
         if server == "rimg" {
-            let srv = nbd::start(
-                &sock,
-                &[
-                    "-k",
-                    s(&sock),
-                    "-t",
-                    "--discard",
-                    "unmap",
-                    "-f",
-                    "raw",
-                    s(&img),
-                ],
-            );
+            let srv = nbd::serve(&sock, &["--discard", "unmap", "-f", "raw", s(&img)]);
             qemu_io_ok(&unix_uri(&sock, ""), &cmds);
             nbd::stop(srv);
         } else {
@@ -380,22 +343,7 @@ fn dirty_bitmaps_are_exported_as_qemu_nbd_exports_them() {
         report(&q.socket)
     };
     let rs = d.path().join("r.sock");
-    let r = nbd::start(
-        &rs,
-        &[
-            "-k",
-            s(&rs),
-            "-t",
-            "-e",
-            "0",
-            "-r",
-            "-B",
-            "b0",
-            "-B",
-            "b1",
-            s(&img),
-        ],
-    );
+    let r = nbd::serve(&rs, &["-e", "0", "-r", "-B", "b0", "-B", "b1", s(&img)]);
     let got = report(&rs);
     nbd::stop(r);
     assert!(
@@ -420,10 +368,7 @@ fn dirty_bitmaps_are_exported_as_qemu_nbd_exports_them() {
             maps.push(map(&u));
             drop(q);
         } else {
-            let r = nbd::start(
-                &sock,
-                &["-k", s(&sock), "-t", "-e", "0", "-B", "b0", s(&copy)],
-            );
+            let r = nbd::serve(&sock, &["-e", "0", "-B", "b0", s(&copy)]);
             qemu_io_ok(&u, &write);
             maps.push(map(&u));
             nbd::stop(r);
@@ -456,38 +401,22 @@ fn multi_conn_is_offered_only_where_several_clients_may_connect() {
     let img = d.path().join("disk.qcow2");
     run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "16M"]);
     for shared in [None, Some("2")] {
-        let mut qargs = vec!["-r"];
-        let qs = d.path().join("q.sock");
-        let mut rargs = vec!["-t", "-r"];
+        // QemuNbd::start passes -e 0; a later -e wins (1 is the default).
+        let e = shared.unwrap_or("1");
+        let qs = d.path().join(format!("q{e}.sock"));
+        let q = QemuNbd::start(&qs, &["-e", e, "-r", s(&img)]);
+        let rs = d.path().join(format!("r{e}.sock"));
+        let mut rargs = vec!["-r"];
         if let Some(n) = shared {
             rargs.extend(["-e", n]);
         }
-        let rs = d.path().join("r.sock");
-        let rk = ["-k", s(&rs)];
-        rargs.extend(rk);
         rargs.push(s(&img));
-        qargs.push(s(&img));
-        // QemuNbd::start passes -e 0: this test starts qemu-nbd itself.
-        let pidfile = d.path().join("q.pid");
-        let mut cmd = std::process::Command::new("qemu-nbd");
-        cmd.args(["--fork", "-t", "-k", s(&qs), "--pid-file", s(&pidfile)]);
-        if let Some(n) = shared {
-            cmd.args(["-e", n]);
-        }
-        let o = cmd.args(&qargs).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let r = nbd::start(&rs, &rargs);
+        let r = nbd::serve(&rs, &rargs);
         let json = |sock: &Path| {
             run_ok("nbdinfo", &["--json", &unix_uri(sock, "")]).replace(s(sock), "SOCKET")
         };
         let (want, got) = (json(&qs), json(&rs));
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        // SAFETY: kill(2) on the pid qemu-nbd wrote for itself.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        drop(q);
         nbd::stop(r);
         assert_eq!(
             got, want,

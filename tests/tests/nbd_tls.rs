@@ -132,20 +132,9 @@ fn clients_without_the_right_credentials_are_refused() {
     rimg_tests::qemu_io(&img, &["write -P 0x42 0 64k"]);
     let sock = d.path().join("tls.sock");
     let obj = creds_object(&t.server, "server");
-    let r = nbd::start(
+    let r = nbd::serve(
         &sock,
-        &[
-            "-k",
-            s(&sock),
-            "-t",
-            "-e",
-            "0",
-            "--object",
-            &obj,
-            "--tls-creds",
-            "tls0",
-            s(&img),
-        ],
+        &["-e", "0", "--object", &obj, "--tls-creds", "tls0", s(&img)],
     );
     let plain = format!("nbd+unix:///?socket={}", s(&sock));
     // In clear: refused, and no export is listed or described.
@@ -175,19 +164,9 @@ fn clients_without_the_right_credentials_are_refused() {
     // verify-peer=off: a client without a certificate of its own is
     // served (it still checks the server's).
     let obj = format!("{},verify-peer=off", creds_object(&t.server, "server"));
-    let r = nbd::start(
+    let r = nbd::serve(
         &sock,
-        &[
-            "-k",
-            s(&sock),
-            "-t",
-            "--object",
-            &obj,
-            "--tls-creds",
-            "tls0",
-            "-r",
-            s(&img),
-        ],
+        &["--object", &obj, "--tls-creds", "tls0", "-r", s(&img)],
     );
     let o = run("nbdinfo", &[&nbds_uri(&sock, &t.anonymous)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

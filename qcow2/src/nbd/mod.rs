@@ -6,8 +6,10 @@
 pub mod client;
 #[cfg(feature = "fuzz-targets")]
 pub mod fuzz;
+pub mod socket;
 pub mod tls;
 pub mod uri;
 
 pub use client::Client;
+pub use socket::Socket;
 pub use uri::{display_name, is_nbd, parse, Address};

@@ -16,7 +16,7 @@ mod lock;
 enum Backend {
     File(File),
     /// An export on an NBD server (`nbd://...`, see [`crate::nbd`]).
-    Nbd(crate::nbd::Client),
+    Nbd(Box<crate::nbd::Client>),
 }
 
 #[derive(Debug)]
@@ -129,21 +129,17 @@ impl Storage {
                 source: io::Error::new(io::ErrorKind::InvalidInput, "is a directory"),
             });
         }
-        Ok(Storage {
-            backend: Backend::File(file),
-            path: path.to_path_buf(),
-            writable,
-            no_flush: Default::default(),
-            direct: Default::default(),
-            faults: Default::default(),
-            locked: Default::default(),
-        })
+        Ok(Storage::from_file(file, path, writable))
     }
 
     pub fn from_file(file: File, path: &Path, writable: bool) -> Storage {
+        Storage::new(Backend::File(file), path.to_path_buf(), writable)
+    }
+
+    fn new(backend: Backend, path: PathBuf, writable: bool) -> Storage {
         Storage {
-            backend: Backend::File(file),
-            path: path.to_path_buf(),
+            backend,
+            path,
             writable,
             no_flush: Default::default(),
             direct: Default::default(),
@@ -234,16 +230,9 @@ impl Storage {
                 path: name.into(),
                 source,
             })?;
-        Ok(Storage {
-            backend: Backend::Nbd(client),
-            path: name.into(),
-            writable,
-            no_flush: Default::default(),
-            direct: Default::default(),
-            faults: Default::default(),
-            locked: Default::default(),
-        })
+        Ok(Storage::new(Backend::Nbd(Box::new(client)), name.into(), writable))
     }
+
     pub fn writable(&self) -> bool {
         self.writable
     }

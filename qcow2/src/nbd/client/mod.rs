@@ -1,28 +1,30 @@
 //! The NBD client under the engine's files: one connection to one export,
 //! opened with the fixed newstyle handshake (extended headers, else
-//! structured replies, with `base:allocation` for block status), and
-//! requests answered in order under one lock. A reply that breaks the
-//! framing or the request's bounds poisons the connection: every later
-//! call fails, rather than read someone else's data.
+//! structured replies, with `base:allocation` for block status), with
+//! the requests of many threads in flight at once ([`transport`]). A
+//! reply that breaks the framing or the request's bounds poisons the
+//! connection: every later call fails, rather than read someone else's
+//! data.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
-use std::sync::{Mutex, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
 
-use nbd_proto::consts::{
-    client, cmd, cmd_flags, handshake, info, opt, rep, state, tflags, IHAVEOPT, NBDMAGIC,
-};
-use nbd_proto::option::{Info, InfoRequest, MetaRequest, OptionHeader, ReplyHeader};
+use nbd_proto::consts::{cmd, cmd_flags, state, tflags};
 use nbd_proto::request::{Headers, Request};
-use nbd_proto::{Cursor, MAX_PAYLOAD};
 
 use super::uri::{Address, Server};
+use super::Socket;
+pub use transport::Sink;
+use transport::Transport;
 
+mod negotiate;
 mod receive;
 #[cfg(test)]
 mod tests;
+mod transport;
 
 /// The longest option reply accepted from a server, and the most bytes
 /// of replies kept for one option.
@@ -33,12 +35,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A byte stream to a server other than a socket (the fuzzing target's
 /// replay of a server's bytes).
-pub trait Duplex: Read + Write + Send + std::fmt::Debug {}
+pub trait Duplex: Read + Write + Send + std::fmt::Debug {
+    /// A second handle that writes to the same peer, so that requests go
+    /// out while another thread waits for replies ([`transport`]); None:
+    /// this one handle does both.
+    fn split(&self) -> Option<Box<dyn Sink>> {
+        None
+    }
+}
 
 #[derive(Debug)]
 enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
+    Socket(Socket),
     Other(Box<dyn Duplex>),
     /// Inside TLS, over one of the above.
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Stream>>),
@@ -53,8 +61,7 @@ fn closed() -> io::Error {
 impl Read for Stream {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
-            Stream::Unix(s) => s.read(b),
-            Stream::Tcp(s) => s.read(b),
+            Stream::Socket(s) => s.read(b),
             Stream::Other(s) => s.read(b),
             Stream::Tls(s) => s.read(b),
             Stream::Closed => Err(closed()),
@@ -65,8 +72,7 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         match self {
-            Stream::Unix(s) => s.write(b),
-            Stream::Tcp(s) => s.write(b),
+            Stream::Socket(s) => s.write(b),
             Stream::Other(s) => s.write(b),
             Stream::Tls(s) => s.write(b),
             Stream::Closed => Err(closed()),
@@ -80,34 +86,24 @@ impl Write for Stream {
 impl Stream {
     fn set_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Stream::Unix(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
-            Stream::Tcp(s) => {
-                s.set_read_timeout(t)?;
-                s.set_write_timeout(t)
-            }
+            Stream::Socket(s) => s.set_timeouts(t),
             Stream::Tls(s) => s.sock.set_timeout(t),
             Stream::Other(_) | Stream::Closed => Ok(()),
         }
     }
 }
 
+/// A connection in its handshake.
 #[derive(Debug)]
 struct Conn {
     s: Stream,
     h: Headers,
-    cookie: u64,
-    /// A reply broke the protocol: nothing more is sent.
-    poisoned: bool,
-    buf: Vec<u8>,
 }
 
 /// A connected export.
 #[derive(Debug)]
 pub struct Client {
-    conn: Mutex<Conn>,
+    t: Transport,
     /// Export size in bytes.
     pub size: u64,
     /// Transmission flags.
@@ -180,11 +176,11 @@ impl Client {
     /// a writable export (a read-only one is an error then).
     pub fn connect(addr: &Address, writable: bool) -> io::Result<Client> {
         let s = match &addr.server {
-            Server::Unix(p) => Stream::Unix(UnixStream::connect(p)?),
+            Server::Unix(p) => Stream::Socket(Socket::Unix(UnixStream::connect(p)?)),
             Server::Tcp { host, port } => {
                 let s = connect_tcp(host, *port)?;
                 s.set_nodelay(true)?;
-                Stream::Tcp(s)
+                Stream::Socket(Socket::Tcp(s))
             }
         };
         Client::over(s, &addr.export, writable, addr.tls.as_ref())
@@ -205,14 +201,11 @@ impl Client {
         let mut c = Conn {
             s,
             h: Headers::Compact { structured: false },
-            cookie: 1,
-            poisoned: false,
-            buf: Vec::new(),
         };
         let (size, flags, max_payload, min_block, allocation) = c.handshake(export, tls)?;
         c.s.set_timeout(None)?;
         let client = Client {
-            conn: Mutex::new(c),
+            t: Transport::new(c),
             size,
             flags,
             max_payload,
@@ -230,12 +223,9 @@ impl Client {
         Ok(client)
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Conn) -> io::Result<T>) -> io::Result<T> {
-        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if c.poisoned {
-            return Err(bad("the NBD connection was closed after a protocol error"));
-        }
-        f(&mut c)
+    /// One request without payload and its reply.
+    fn request(&self, kind: u16, flags: u16, offset: u64, len: u64) -> io::Result<()> {
+        self.t.call(req(kind, flags, offset, len), &[], None, None)
     }
 
     /// The whole blocks around [off, off + len), when that range is not
@@ -266,7 +256,8 @@ impl Client {
         let step = self.max_payload as usize;
         for (i, piece) in buf.chunks_mut(step).enumerate() {
             let at = off + (i * step) as u64;
-            self.with(|c| c.request(cmd::READ, 0, at, piece.len() as u64, &[], Some(piece)))?;
+            let r = req(cmd::READ, 0, at, piece.len() as u64);
+            self.t.call(r, &[], Some(piece), None)?;
         }
         Ok(())
     }
@@ -288,7 +279,8 @@ impl Client {
         let step = self.max_payload as usize;
         for (i, piece) in buf.chunks(step).enumerate() {
             let at = off + (i * step) as u64;
-            self.with(|c| c.request(cmd::WRITE, 0, at, piece.len() as u64, piece, None))?;
+            let r = req(cmd::WRITE, 0, at, piece.len() as u64);
+            self.t.call(r, piece, None, None)?;
         }
         Ok(())
     }
@@ -327,8 +319,8 @@ impl Client {
         }
         let flags = if may_unmap { 0 } else { cmd_flags::NO_HOLE };
         let _shared = self.rmw.read().unwrap_or_else(|p| p.into_inner());
-        self.chunked(off, len, |c, at, n| {
-            c.request(cmd::WRITE_ZEROES, flags, at, n, &[], None)
+        self.chunked(off, len, |at, n| {
+            self.request(cmd::WRITE_ZEROES, flags, at, n)
         })
     }
 
@@ -345,16 +337,14 @@ impl Client {
             return Ok(());
         }
         let (off, len) = (start, end - start);
-        self.chunked(off, len, |c, at, n| {
-            c.request(cmd::TRIM, 0, at, n, &[], None)
-        })
+        self.chunked(off, len, |at, n| self.request(cmd::TRIM, 0, at, n))
     }
 
     pub fn flush(&self) -> io::Result<()> {
         if self.flags & tflags::SEND_FLUSH == 0 {
             return Ok(());
         }
-        self.with(|c| c.request(cmd::FLUSH, 0, 0, 0, &[], None))
+        self.request(cmd::FLUSH, 0, 0, 0)
     }
 
     /// Ranges without a payload, cut to what a compact header holds.
@@ -362,13 +352,13 @@ impl Client {
         &self,
         off: u64,
         len: u64,
-        f: impl Fn(&mut Conn, u64, u64) -> io::Result<()>,
+        f: impl Fn(u64, u64) -> io::Result<()>,
     ) -> io::Result<()> {
         let step = 1u64 << 30;
         let mut done = 0;
         while done < len {
             let n = (len - done).min(step);
-            self.with(|c| f(c, off + done, n))?;
+            f(off + done, n)?;
             done += n;
         }
         Ok(())
@@ -382,7 +372,12 @@ impl Client {
             return Ok((true, len));
         };
         let len = len.min(u32::MAX as u64 & !0xfff).max(1);
-        let (n, flags) = self.with(|c| c.block_status(id, off, len))?;
+        let r = req(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, off, len);
+        let mut first = None;
+        self.t.call(r, &[], None, Some((id, &mut first)))?;
+        let (n, flags) = first.ok_or_else(|| {
+            bad("the NBD server's block status had no extent for base:allocation")
+        })?;
         // A hole that does not read as zeros is data to a reader.
         let zero = flags & state::ZERO != 0;
         Ok((!zero, n.min(len)))
@@ -391,257 +386,17 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let c = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
-        if !c.poisoned {
-            let mut b = Vec::new();
-            Request {
-                flags: 0,
-                kind: cmd::DISC,
-                cookie: 0,
-                offset: 0,
-                len: 0,
-            }
-            .encode(c.h, &mut b);
-            let _ = c.s.write_all(&b);
-        }
+        self.t.disconnect();
     }
 }
 
-impl Conn {
-    /// The handshake: returns size, flags, largest payload, minimum block
-    /// size and the `base:allocation` context id.
-    fn handshake(
-        &mut self,
-        export: &str,
-        tls: Option<&super::uri::TlsParams>,
-    ) -> io::Result<(u64, u16, u32, u32, Option<u32>)> {
-        let mut hello = [0u8; 18];
-        self.s.read_exact(&mut hello)?;
-        let mut c = Cursor::new(&hello);
-        let magic = c.u64().map_err(|e| bad(e.to_string()))?;
-        let opt_magic = c.u64().map_err(|e| bad(e.to_string()))?;
-        let hflags = c.u16().map_err(|e| bad(e.to_string()))?;
-        if magic != NBDMAGIC || opt_magic != IHAVEOPT {
-            return Err(bad("not an NBD server speaking the newstyle handshake"));
-        }
-        if hflags & handshake::FIXED_NEWSTYLE == 0 {
-            return Err(bad("the NBD server does not speak fixed newstyle"));
-        }
-        let no_zeroes = hflags & handshake::NO_ZEROES != 0;
-        let cflags = client::FIXED_NEWSTYLE | if no_zeroes { client::NO_ZEROES } else { 0 };
-        self.s.write_all(&cflags.to_be_bytes())?;
-        if let Some(p) = tls {
-            self.start_tls(p)?;
-        }
-        if self
-            .option(opt::EXTENDED_HEADERS, &[])?
-            .last()
-            .is_some_and(|r| r.0 == rep::ACK)
-        {
-            self.h = Headers::Extended;
-        } else if self
-            .option(opt::STRUCTURED_REPLY, &[])?
-            .last()
-            .is_some_and(|r| r.0 == rep::ACK)
-        {
-            self.h = Headers::Compact { structured: true };
-        }
-        let mut allocation = None;
-        if self.h.structured() {
-            let m = MetaRequest {
-                export: export.into(),
-                queries: vec!["base:allocation".into()],
-            };
-            let replies = self.option(opt::SET_META_CONTEXT, &m.encode())?;
-            if replies.last().is_some_and(|r| r.0 == rep::ACK) {
-                for (t, d) in &replies {
-                    if *t == rep::META_CONTEXT && d.len() >= 4 && &d[4..] == b"base:allocation" {
-                        allocation = Some(u32::from_be_bytes(d[..4].try_into().unwrap()));
-                    }
-                }
-            }
-        }
-        let go = InfoRequest {
-            name: export.into(),
-            items: vec![info::BLOCK_SIZE],
-        };
-        let replies = self.option(opt::GO, &go.encode())?;
-        let (last, msg) = replies
-            .last()
-            .cloned()
-            .unwrap_or((rep::ERR_UNSUP, Vec::new()));
-        if last == rep::ERR_UNSUP && self.h != Headers::Extended {
-            // An old server: the name alone, and no way to hear an error.
-            self.s
-                .write_all(&OptionHeader::encode(opt::EXPORT_NAME, export.as_bytes()))?;
-            let mut b = [0u8; 10];
-            self.s.read_exact(&mut b)?;
-            if !no_zeroes {
-                let mut z = [0u8; 124];
-                self.s.read_exact(&mut z)?;
-            }
-            let size = u64::from_be_bytes(b[..8].try_into().unwrap());
-            let flags = u16::from_be_bytes(b[8..].try_into().unwrap());
-            check_size(size)?;
-            return Ok((size, flags, MAX_PAYLOAD, 1, allocation));
-        }
-        if last != rep::ACK {
-            let text = printable(&String::from_utf8_lossy(&msg));
-            return Err(io::Error::new(
-                match last {
-                    rep::ERR_UNKNOWN => io::ErrorKind::NotFound,
-                    _ => io::ErrorKind::Other,
-                },
-                format!("NBD server refused export '{export}': {text}"),
-            ));
-        }
-        let (mut size, mut flags, mut max, mut min) = (None, 0, MAX_PAYLOAD, 1);
-        for (t, d) in &replies {
-            if *t != rep::INFO {
-                continue;
-            }
-            match Info::parse(d).map_err(|e| bad(format!("NBD_REP_INFO: {e}")))? {
-                Info::Export { size: s, flags: f } => {
-                    size = Some(s);
-                    flags = f;
-                }
-                Info::BlockSize { min: n, max: m, .. } => {
-                    // The spec's bounds: a power of two up to 64 KiB.
-                    if !n.is_power_of_two() || n > 65536 {
-                        return Err(bad(format!("NBD minimum block size {n}")));
-                    }
-                    min = n;
-                    max = m.clamp(512, MAX_PAYLOAD);
-                }
-                _ => {}
-            }
-        }
-        let size = size.ok_or_else(|| bad("the NBD server sent no export size"))?;
-        check_size(size)?;
-        // Payloads in whole blocks.
-        let max = (max - max % min).max(min);
-        Ok((size, flags, max, min, allocation))
-    }
-
-    /// NBD_OPT_STARTTLS, then the TLS handshake: everything after it
-    /// travels inside TLS.
-    fn start_tls(&mut self, p: &super::uri::TlsParams) -> io::Result<()> {
-        let config = super::tls::client_config(p).map_err(io::Error::other)?;
-        let replies = self.option(opt::STARTTLS, &[])?;
-        if let Some((t, msg)) = replies.last().filter(|r| r.0 != rep::ACK) {
-            return Err(io::Error::other(format!(
-                "the NBD server refused TLS ({t:#x}): {}",
-                String::from_utf8_lossy(msg)
-            )));
-        }
-        let name = rustls::pki_types::ServerName::try_from(p.hostname.clone())
-            .map_err(|e| io::Error::other(format!("tls-hostname {}: {e}", p.hostname)))?;
-        let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
-        let raw = std::mem::replace(&mut self.s, Stream::Closed);
-        let mut tls = rustls::StreamOwned::new(conn, raw);
-        // The TLS handshake now, so that a refusal is reported here.
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock)?;
-        }
-        self.s = Stream::Tls(Box::new(tls));
-        Ok(())
-    }
-
-    /// Sends an option; returns its replies, the final one last.
-    fn option(&mut self, o: u32, data: &[u8]) -> io::Result<Vec<(u32, Vec<u8>)>> {
-        self.s.write_all(&OptionHeader::encode(o, data))?;
-        let mut v = Vec::new();
-        let mut kept = 0usize;
-        loop {
-            let mut h = [0u8; ReplyHeader::LEN];
-            self.s.read_exact(&mut h)?;
-            let h = ReplyHeader::parse(&h).map_err(|e| bad(e.to_string()))?;
-            kept += h.len as usize;
-            let misplaced = h.reply == rep::SERVER && o != opt::LIST;
-            if h.option != o || h.len > MAX_OPTION_REPLY || kept > MAX_OPTION_REPLIES || misplaced {
-                return Err(bad("the NBD server's option reply does not fit the option"));
-            }
-            let mut d = vec![0u8; h.len as usize];
-            self.s.read_exact(&mut d)?;
-            let last = h.reply == rep::ACK || rep::is_error(h.reply);
-            v.push((h.reply, d));
-            if last {
-                return Ok(v);
-            }
-        }
-    }
-
-    /// One request and its whole reply; a read's data lands in `into`.
-    fn request(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        len: u64,
-        payload: &[u8],
-        into: Option<&mut [u8]>,
-    ) -> io::Result<()> {
-        let r = self.send(kind, flags, offset, len, payload);
-        let r = self.poison_on_err(r)?;
-        let res = self.receive(&r, into, None);
-        match self.poison_on_err(res)? {
-            None => Ok(()),
-            Some(server_error) => Err(server_error),
-        }
-    }
-
-    fn send(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        len: u64,
-        payload: &[u8],
-    ) -> io::Result<Request> {
-        let r = Request {
-            flags: if self.h == Headers::Extended && !payload.is_empty() {
-                flags | cmd_flags::PAYLOAD_LEN
-            } else {
-                flags
-            },
-            kind,
-            cookie: self.cookie,
-            offset,
-            len,
-        };
-        self.cookie += 1;
-        self.buf.clear();
-        r.encode(self.h, &mut self.buf);
-        if payload.len() < 64 << 10 {
-            self.buf.extend_from_slice(payload);
-            self.s.write_all(&self.buf)?;
-        } else {
-            self.s.write_all(&self.buf)?;
-            self.s.write_all(payload)?;
-        }
-        Ok(r)
-    }
-
-    /// A failed send, or a reply that could not be read whole, leaves
-    /// the stream mid-message: the connection is not used again.
-    fn poison_on_err<T>(&mut self, res: io::Result<T>) -> io::Result<T> {
-        if res.is_err() {
-            self.poisoned = true;
-        }
-        res
-    }
-
-    fn block_status(&mut self, id: u32, offset: u64, len: u64) -> io::Result<(u64, u32)> {
-        let r = self.send(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, offset, len, &[]);
-        let r = self.poison_on_err(r)?;
-        let mut first = None;
-        let res = self.receive(&r, None, Some((id, &mut first)));
-        if let Some(server_error) = self.poison_on_err(res)? {
-            return Err(server_error);
-        }
-        first.ok_or_else(|| {
-            self.poisoned = true;
-            bad("the NBD server's block status had no extent for base:allocation")
-        })
+/// A request; its cookie is given when it is sent.
+fn req(kind: u16, flags: u16, offset: u64, len: u64) -> Request {
+    Request {
+        flags,
+        kind,
+        cookie: 0,
+        offset,
+        len,
     }
 }

@@ -11,14 +11,15 @@ use nbd_proto::reply::{self, ReplyHeader as Rh};
 use nbd_proto::request::Request;
 use nbd_proto::{Cursor, MAX_PAYLOAD};
 
-use super::{bad, errno_error, Conn};
+use super::transport::Reader;
+use super::{bad, errno_error};
 
-impl Conn {
+impl Reader<'_> {
     /// Reads the reply to `r`: a read's data (checked to lie within the
     /// request), a block status's first extent. Returns the error the
     /// server reported, if any; an `Err` is a transport or framing
     /// failure.
-    pub(super) fn receive(
+    pub(super) fn reply(
         &mut self,
         r: &Request,
         mut into: Option<&mut [u8]>,
@@ -42,24 +43,10 @@ impl Conn {
             Ok(())
         };
         loop {
-            let mut first = [0u8; 32];
-            let n = Rh::first_len(self.h);
-            self.s.read_exact(&mut first[..n])?;
-            let hdr = match Rh::parse(&first[..n], self.h).map_err(|e| bad(e.to_string()))? {
-                Ok(h) => h,
-                Err(more) => {
-                    let mut full = [0u8; 20];
-                    full[..16].copy_from_slice(&first[..16]);
-                    self.s.read_exact(&mut full[16..16 + more])?;
-                    Rh::structured(&full).map_err(|e| bad(e.to_string()))?
-                }
-            };
+            let hdr = self.next_header(r.cookie)?;
             match hdr {
-                Rh::Simple { error: e, cookie } => {
-                    if cookie != r.cookie {
-                        return Err(bad("NBD reply to a request never sent"));
-                    }
-                    if r.kind == cmd::READ && self.h.structured() {
+                Rh::Simple { error: e, .. } => {
+                    if r.kind == cmd::READ && self.headers().structured() {
                         return Err(bad("NBD simple reply to a read after structured replies"));
                     }
                     if e != 0 {
@@ -67,19 +54,13 @@ impl Conn {
                     }
                     if r.kind == cmd::READ {
                         let buf = into.ok_or_else(|| bad("read without a buffer"))?;
-                        self.s.read_exact(buf)?;
+                        self.stream().read_exact(buf)?;
                     }
                     return Ok(None);
                 }
                 Rh::Chunk {
-                    flags,
-                    kind,
-                    cookie,
-                    len,
+                    flags, kind, len, ..
                 } => {
-                    if cookie != r.cookie {
-                        return Err(bad("NBD reply to a request never sent"));
-                    }
                     if len > MAX_PAYLOAD as u64 + 64 {
                         return Err(bad(format!("NBD reply chunk of {len} bytes")));
                     }
@@ -89,7 +70,7 @@ impl Conn {
                             if len < 9 {
                                 return Err(bad("short NBD data chunk"));
                             }
-                            self.s.read_exact(&mut o)?;
+                            self.stream().read_exact(&mut o)?;
                             let at = u64::from_be_bytes(o);
                             let n = len - 8;
                             let buf = into.as_deref_mut().ok_or_else(|| bad("no buffer"))?;
@@ -98,12 +79,12 @@ impl Conn {
                                 .filter(|s| s.checked_add(n).is_some_and(|e| e <= buf.len() as u64))
                                 .ok_or_else(|| bad("NBD data chunk outside the read"))?;
                             cover(start, n)?;
-                            self.s
+                            self.stream()
                                 .read_exact(&mut buf[start as usize..(start + n) as usize])?;
                         }
                         chunk::OFFSET_HOLE if r.kind == cmd::READ && len == 12 => {
                             let mut p = [0u8; 12];
-                            self.s.read_exact(&mut p)?;
+                            self.stream().read_exact(&mut p)?;
                             let at = u64::from_be_bytes(p[..8].try_into().unwrap());
                             let n = u32::from_be_bytes(p[8..].try_into().unwrap()) as u64;
                             let buf = into.as_deref_mut().ok_or_else(|| bad("no buffer"))?;
@@ -118,7 +99,7 @@ impl Conn {
                             if r.kind == cmd::BLOCK_STATUS =>
                         {
                             let mut p = vec![0u8; len as usize];
-                            self.s.read_exact(&mut p)?;
+                            self.stream().read_exact(&mut p)?;
                             let ext = kind == chunk::BLOCK_STATUS_EXT;
                             let mut c = Cursor::new(&p);
                             let bad_chunk = |_| bad("malformed NBD block status chunk");
@@ -148,7 +129,7 @@ impl Conn {
                         chunk::NONE if len == 0 && flags & reply_flags::DONE != 0 => {}
                         k if chunk::is_error(k) => {
                             let mut p = vec![0u8; len as usize];
-                            self.s.read_exact(&mut p)?;
+                            self.stream().read_exact(&mut p)?;
                             let (e, msg) =
                                 reply::parse_error(&p).map_err(|e| bad(e.to_string()))?;
                             error.get_or_insert(errno_error(e, &msg));

@@ -1,0 +1,177 @@
+//! The client's handshake (§Handshake): fixed newstyle, TLS first when
+//! asked, extended headers else structured replies, `base:allocation`,
+//! then NBD_OPT_GO (or NBD_OPT_EXPORT_NAME for an old server).
+
+use std::io::{self, Read, Write};
+
+use nbd_proto::consts::{client, handshake, info, opt, rep, IHAVEOPT, NBDMAGIC};
+use nbd_proto::option::{Info, InfoRequest, MetaRequest, OptionHeader, ReplyHeader};
+use nbd_proto::request::Headers;
+use nbd_proto::{Cursor, MAX_PAYLOAD};
+
+use super::{bad, check_size, printable, Conn, Stream, MAX_OPTION_REPLIES, MAX_OPTION_REPLY};
+
+impl Conn {
+    /// The handshake: returns size, flags, largest payload, minimum block
+    /// size and the `base:allocation` context id.
+    pub(super) fn handshake(
+        &mut self,
+        export: &str,
+        tls: Option<&crate::nbd::uri::TlsParams>,
+    ) -> io::Result<(u64, u16, u32, u32, Option<u32>)> {
+        let mut hello = [0u8; 18];
+        self.s.read_exact(&mut hello)?;
+        let mut c = Cursor::new(&hello);
+        let magic = c.u64().map_err(|e| bad(e.to_string()))?;
+        let opt_magic = c.u64().map_err(|e| bad(e.to_string()))?;
+        let hflags = c.u16().map_err(|e| bad(e.to_string()))?;
+        if magic != NBDMAGIC || opt_magic != IHAVEOPT {
+            return Err(bad("not an NBD server speaking the newstyle handshake"));
+        }
+        if hflags & handshake::FIXED_NEWSTYLE == 0 {
+            return Err(bad("the NBD server does not speak fixed newstyle"));
+        }
+        let no_zeroes = hflags & handshake::NO_ZEROES != 0;
+        let cflags = client::FIXED_NEWSTYLE | if no_zeroes { client::NO_ZEROES } else { 0 };
+        self.s.write_all(&cflags.to_be_bytes())?;
+        if let Some(p) = tls {
+            self.start_tls(p)?;
+        }
+        if self
+            .option(opt::EXTENDED_HEADERS, &[])?
+            .last()
+            .is_some_and(|r| r.0 == rep::ACK)
+        {
+            self.h = Headers::Extended;
+        } else if self
+            .option(opt::STRUCTURED_REPLY, &[])?
+            .last()
+            .is_some_and(|r| r.0 == rep::ACK)
+        {
+            self.h = Headers::Compact { structured: true };
+        }
+        let mut allocation = None;
+        if self.h.structured() {
+            let m = MetaRequest {
+                export: export.into(),
+                queries: vec!["base:allocation".into()],
+            };
+            let replies = self.option(opt::SET_META_CONTEXT, &m.encode())?;
+            if replies.last().is_some_and(|r| r.0 == rep::ACK) {
+                for (t, d) in &replies {
+                    if *t == rep::META_CONTEXT && d.len() >= 4 && &d[4..] == b"base:allocation" {
+                        allocation = Some(u32::from_be_bytes(d[..4].try_into().unwrap()));
+                    }
+                }
+            }
+        }
+        let go = InfoRequest {
+            name: export.into(),
+            items: vec![info::BLOCK_SIZE],
+        };
+        let replies = self.option(opt::GO, &go.encode())?;
+        let (last, msg) = replies
+            .last()
+            .cloned()
+            .unwrap_or((rep::ERR_UNSUP, Vec::new()));
+        if last == rep::ERR_UNSUP && self.h != Headers::Extended {
+            // An old server: the name alone, and no way to hear an error.
+            self.s
+                .write_all(&OptionHeader::encode(opt::EXPORT_NAME, export.as_bytes()))?;
+            let mut b = [0u8; 10];
+            self.s.read_exact(&mut b)?;
+            if !no_zeroes {
+                let mut z = [0u8; 124];
+                self.s.read_exact(&mut z)?;
+            }
+            let size = u64::from_be_bytes(b[..8].try_into().unwrap());
+            let flags = u16::from_be_bytes(b[8..].try_into().unwrap());
+            check_size(size)?;
+            return Ok((size, flags, MAX_PAYLOAD, 1, allocation));
+        }
+        if last != rep::ACK {
+            let text = printable(&String::from_utf8_lossy(&msg));
+            return Err(io::Error::new(
+                match last {
+                    rep::ERR_UNKNOWN => io::ErrorKind::NotFound,
+                    _ => io::ErrorKind::Other,
+                },
+                format!("NBD server refused export '{export}': {text}"),
+            ));
+        }
+        let (mut size, mut flags, mut max, mut min) = (None, 0, MAX_PAYLOAD, 1);
+        for (t, d) in &replies {
+            if *t != rep::INFO {
+                continue;
+            }
+            match Info::parse(d).map_err(|e| bad(format!("NBD_REP_INFO: {e}")))? {
+                Info::Export { size: s, flags: f } => {
+                    size = Some(s);
+                    flags = f;
+                }
+                Info::BlockSize { min: n, max: m, .. } => {
+                    // The spec's bounds: a power of two up to 64 KiB.
+                    if !n.is_power_of_two() || n > 65536 {
+                        return Err(bad(format!("NBD minimum block size {n}")));
+                    }
+                    min = n;
+                    max = m.clamp(512, MAX_PAYLOAD);
+                }
+                _ => {}
+            }
+        }
+        let size = size.ok_or_else(|| bad("the NBD server sent no export size"))?;
+        check_size(size)?;
+        // Payloads in whole blocks.
+        let max = (max - max % min).max(min);
+        Ok((size, flags, max, min, allocation))
+    }
+
+    /// NBD_OPT_STARTTLS, then the TLS handshake: everything after it
+    /// travels inside TLS.
+    fn start_tls(&mut self, p: &crate::nbd::uri::TlsParams) -> io::Result<()> {
+        let config = crate::nbd::tls::client_config(p).map_err(io::Error::other)?;
+        let replies = self.option(opt::STARTTLS, &[])?;
+        if let Some((t, msg)) = replies.last().filter(|r| r.0 != rep::ACK) {
+            return Err(io::Error::other(format!(
+                "the NBD server refused TLS ({t:#x}): {}",
+                String::from_utf8_lossy(msg)
+            )));
+        }
+        let name = rustls::pki_types::ServerName::try_from(p.hostname.clone())
+            .map_err(|e| io::Error::other(format!("tls-hostname {}: {e}", p.hostname)))?;
+        let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+        let raw = std::mem::replace(&mut self.s, Stream::Closed);
+        let mut tls = rustls::StreamOwned::new(conn, raw);
+        // The TLS handshake now, so that a refusal is reported here.
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock)?;
+        }
+        self.s = Stream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    /// Sends an option; returns its replies, the final one last.
+    fn option(&mut self, o: u32, data: &[u8]) -> io::Result<Vec<(u32, Vec<u8>)>> {
+        self.s.write_all(&OptionHeader::encode(o, data))?;
+        let mut v = Vec::new();
+        let mut kept = 0usize;
+        loop {
+            let mut h = [0u8; ReplyHeader::LEN];
+            self.s.read_exact(&mut h)?;
+            let h = ReplyHeader::parse(&h).map_err(|e| bad(e.to_string()))?;
+            kept += h.len as usize;
+            let misplaced = h.reply == rep::SERVER && o != opt::LIST;
+            if h.option != o || h.len > MAX_OPTION_REPLY || kept > MAX_OPTION_REPLIES || misplaced {
+                return Err(bad("the NBD server's option reply does not fit the option"));
+            }
+            let mut d = vec![0u8; h.len as usize];
+            self.s.read_exact(&mut d)?;
+            let last = h.reply == rep::ACK || rep::is_error(h.reply);
+            v.push((h.reply, d));
+            if last {
+                return Ok(v);
+            }
+        }
+    }
+}
