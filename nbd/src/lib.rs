@@ -8,11 +8,13 @@
 //! - [`status`]: block status for the metadata contexts;
 //! - [`server`]: listeners, one thread per connection, signals;
 //! - [`connection`]: one client from greeting to disconnect, TLS;
+//! - [`daemon`]: `--fork` and `--pid-file`;
 //! - [`tls`]: X.509 credentials as qemu-nbd takes them;
 //! - [`seccomp`]: the filter the server runs under;
 //! - [`fuzz`]: the fuzzing entry point.
 
 pub mod connection;
+pub mod daemon;
 pub mod export;
 pub mod fuzz;
 pub mod handshake;

@@ -88,6 +88,13 @@ struct Args {
     /// Bytes of qcow2 L2 tables to cache per image (default 32 MiB)
     #[arg(long, value_name = "BYTES")]
     cache_size: Option<u64>,
+    /// Run in the background: return once the server is listening
+    /// (exit 1 with its error if it could not start)
+    #[arg(long)]
+    fork: bool,
+    /// Write the server's process id to PATH, locked while it runs
+    #[arg(long, value_name = "PATH")]
+    pid_file: Option<PathBuf>,
     #[command(flatten)]
     seccomp: SeccompArg,
 }
@@ -220,6 +227,14 @@ fn serve(a: Args) -> Result<(), String> {
         (None, Some(p)) => Listen::Unix(p),
         (None, None) => Listen::Tcp(SocketAddr::new(a.bind, a.port)),
     };
+    // Before anything opens an image or starts a thread.
+    let ready = match a.fork {
+        true => Some(rimg_nbd::daemon::fork()?),
+        false => None,
+    };
+    if let Some(p) = &a.pid_file {
+        rimg_nbd::daemon::pid_file(p)?;
+    }
     let mut specs = Vec::new();
     if let Some(file) = a.file {
         specs.push(Spec {
@@ -282,6 +297,7 @@ fn serve(a: Args) -> Result<(), String> {
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
         tls,
         seccomp: a.seccomp.seccomp,
+        ready,
     })
     .map_err(|e| e.to_string())
 }

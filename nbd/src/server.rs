@@ -49,6 +49,8 @@ pub struct ServerConfig {
     /// TLS credentials: with them, clients must start TLS first.
     pub tls: Option<TlsCreds>,
     pub seccomp: rimg_seccomp::SeccompAction,
+    /// `--fork`: tell the waiting parent once the server is up.
+    pub ready: Option<crate::daemon::Ready>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -310,7 +312,7 @@ struct Live {
 
 /// Serves until a termination signal, or (not persistent) until the last
 /// client has gone; returns after every image is flushed.
-pub fn run(cfg: ServerConfig) -> Result<(), Error> {
+pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     let listener = Listener::open(&cfg.listen)?;
     listener.set_nonblocking()?;
     let socket_file = match &cfg.listen {
@@ -361,13 +363,25 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
             &[rimg_seccomp::Arg::Eq32(0, f.dir.as_raw_fd() as u32)],
         );
     }
-    let place = listener.describe();
-    sandbox.install(cfg.seccomp)?;
     // Tests and scripts wait for this line: the socket is bound.
-    eprintln!(
-        "rimg-nbd: serving {} export(s) on {place}",
-        cfg.exports.list.len()
+    let line = format!(
+        "rimg-nbd: serving {} export(s) on {}",
+        cfg.exports.list.len(),
+        listener.describe()
     );
+    match cfg.ready.take() {
+        // Forked: the line goes to the parent, which returns once the
+        // streams are let go (dup2, before the filter forbids it).
+        Some(ready) => {
+            eprintln!("{line}");
+            ready.signal();
+            sandbox.install(cfg.seccomp)?;
+        }
+        None => {
+            sandbox.install(cfg.seccomp)?;
+            eprintln!("{line}");
+        }
+    }
     let exports = Arc::new(cfg.exports);
     let mut served = false;
     // One warning per streak of failed accepts, not one per attempt.

@@ -7,12 +7,20 @@
 //! is wrong data. Run with
 //! `cargo test -p rimg-qcow2 --features shuttle --test nbd_model`.
 //!
+//! The pipes hold 64 bytes, so writers block until the other side
+//! reads, as on a socket whose buffers are full; a write request's
+//! payload and every read reply outgrow them.
+//!
 //! - `interleaved_replies_reach_their_readers`: the stream split (as a
-//!   socket is): requests go out while another thread reads replies.
+//!   socket is): requests go out while other threads read replies; two
+//!   readers and a writer (answered with a simple reply) per run.
 //! - `an_unsplit_stream_serializes_without_hanging`: one handle for both
-//!   directions (as TLS is): sends wait for the reader.
+//!   directions (as TLS is), against a server that answers in order and
+//!   reads no request while its reply is unread (as rimg-nbd's): a
+//!   reader and a writer.
 //! - `a_reply_for_no_request_fails_every_waiter`: a stray cookie
-//!   poisons the connection; every thread gets an error, none hangs.
+//!   poisons the connection; every thread gets the protocol error, none
+//!   hangs.
 #![cfg(feature = "shuttle")]
 
 use std::collections::VecDeque;
@@ -24,6 +32,8 @@ use shuttle::sync::{Condvar, Mutex};
 
 const SIZE: u64 = 1 << 20;
 const LEN: usize = 1024;
+/// What a pipe holds before its writer blocks.
+const CAP: usize = 64;
 
 fn iters(n: usize) -> usize {
     let scale = std::env::var("RIMG_MODEL_SCALE")
@@ -33,36 +43,54 @@ fn iters(n: usize) -> usize {
     n * scale
 }
 
-/// One direction of a connection: bytes in order, blocking reads.
+/// One direction of a connection: bytes in order, blocking reads and
+/// writes; once closed (the client gone), writes are dropped and reads
+/// at the end return nothing.
 #[derive(Default)]
 struct Pipe {
-    buf: Mutex<VecDeque<u8>>,
+    buf: Mutex<(VecDeque<u8>, bool)>,
     cv: Condvar,
 }
 
 impl Pipe {
-    fn put(&self, b: &[u8]) {
-        self.buf.lock().unwrap().extend(b);
-        self.cv.notify_all();
+    fn put(&self, mut b: &[u8]) {
+        let mut g = self.buf.lock().unwrap();
+        while !b.is_empty() && !g.1 {
+            while g.0.len() >= CAP && !g.1 {
+                g = self.cv.wait(g).unwrap();
+            }
+            let n = b.len().min(CAP - g.0.len());
+            g.0.extend(&b[..n]);
+            b = &b[n..];
+            self.cv.notify_all();
+        }
     }
 
     fn get(&self, out: &mut [u8]) -> usize {
         let mut g = self.buf.lock().unwrap();
-        while g.is_empty() {
+        while g.0.is_empty() && !g.1 {
             g = self.cv.wait(g).unwrap();
         }
-        let n = out.len().min(g.len());
-        for (o, b) in out.iter_mut().zip(g.drain(..n)) {
+        let n = out.len().min(g.0.len());
+        for (o, b) in out.iter_mut().zip(g.0.drain(..n)) {
             *o = b;
         }
+        self.cv.notify_all();
         n
+    }
+
+    fn close(&self) {
+        self.buf.lock().unwrap().1 = true;
+        self.cv.notify_all();
     }
 
     fn take(&self, n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
         let mut at = 0;
         while at < n {
-            at += self.get(&mut v[at..]);
+            let got = self.get(&mut v[at..]);
+            assert!(got > 0, "the client closed mid-message");
+            at += got;
         }
         v
     }
@@ -78,6 +106,13 @@ struct End {
 impl std::fmt::Debug for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("End")
+    }
+}
+
+impl Drop for End {
+    fn drop(&mut self) {
+        self.from_server.close();
+        self.to_server.close();
     }
 }
 
@@ -131,21 +166,29 @@ fn option_reply(o: u32, t: u32, d: &[u8]) -> Vec<u8> {
     v
 }
 
-/// Greeting and option replies: no extended headers, structured
-/// replies, no contexts, an export of SIZE bytes.
-fn handshake() -> Vec<u8> {
+/// The greeting: fixed newstyle, no zeroes.
+fn greeting() -> Vec<u8> {
     let mut v = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
     v.extend(0x4948_4156_454f_5054u64.to_be_bytes());
     v.extend(3u16.to_be_bytes());
-    v.extend(option_reply(11, (1 << 31) + 1, b""));
-    v.extend(option_reply(8, 1, b""));
-    v.extend(option_reply(10, 1, b""));
-    let mut info = 0u16.to_be_bytes().to_vec();
-    info.extend(SIZE.to_be_bytes());
-    info.extend(0x0001u16.to_be_bytes());
-    v.extend(option_reply(7, 3, &info));
-    v.extend(option_reply(7, 1, b""));
     v
+}
+
+/// The reply to option `o`: no extended headers, structured replies, no
+/// contexts, an export of SIZE bytes.
+fn answer(o: u32) -> Vec<u8> {
+    match o {
+        11 => option_reply(11, (1 << 31) + 1, b""),
+        7 => {
+            let mut info = 0u16.to_be_bytes().to_vec();
+            info.extend(SIZE.to_be_bytes());
+            info.extend(0x0001u16.to_be_bytes());
+            let mut v = option_reply(7, 3, &info);
+            v.extend(option_reply(7, 1, b""));
+            v
+        }
+        o => option_reply(o, 1, b""),
+    }
 }
 
 /// A byte of the export: what every read must return.
@@ -170,13 +213,14 @@ fn data_chunk(cookie: u64, off: u64, n: usize, done: bool) -> Vec<u8> {
 /// every second half. With `stray`, a chunk for a cookie never sent
 /// comes before the first batch's answers.
 fn serve(from_client: Arc<Pipe>, to_client: Arc<Pipe>, reads: usize, batch: usize, stray: bool) {
-    to_client.put(&handshake());
+    to_client.put(&greeting());
     from_client.take(4);
     loop {
         let h = from_client.take(16);
         let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
         let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
         from_client.take(len as usize);
+        to_client.put(&answer(opt));
         if opt == 7 {
             break;
         }
@@ -185,16 +229,33 @@ fn serve(from_client: Arc<Pipe>, to_client: Arc<Pipe>, reads: usize, batch: usiz
     let mut stray = stray;
     while left > 0 {
         let mut reqs = Vec::new();
+        let mut writes = Vec::new();
         for _ in 0..batch.min(left) {
             let r = from_client.take(28);
+            let kind = u16::from_be_bytes(r[6..8].try_into().unwrap());
             let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
             let off = u64::from_be_bytes(r[16..24].try_into().unwrap());
             let len = u32::from_be_bytes(r[24..28].try_into().unwrap()) as usize;
-            reqs.push((cookie, off, len));
+            left -= 1;
+            if kind == 1 {
+                let data = from_client.take(len);
+                assert!(
+                    data.iter().zip(off..).all(|(&b, o)| b == byte(o)),
+                    "a write's payload arrived changed"
+                );
+                writes.push(cookie);
+            } else {
+                reqs.push((cookie, off, len));
+            }
         }
-        left -= reqs.len();
         if std::mem::take(&mut stray) {
             to_client.put(&data_chunk(999, 0, 8, true));
+        }
+        for cookie in writes {
+            let mut v = 0x6744_6698u32.to_be_bytes().to_vec();
+            v.extend(0u32.to_be_bytes());
+            v.extend(cookie.to_be_bytes());
+            to_client.put(&v);
         }
         let half = LEN / 2;
         for &(cookie, off, _) in reqs.iter().rev() {
@@ -206,19 +267,18 @@ fn serve(from_client: Arc<Pipe>, to_client: Arc<Pipe>, reads: usize, batch: usiz
     }
 }
 
-/// `readers` threads each read LEN bytes at their own offset over one
-/// connection; returns how many reads failed (the data of those that
-/// succeeded is checked). An unsplit stream gets its replies request by
-/// request, as real servers give them: a server that waited for a
-/// second request before answering the first would wait for ever on a
-/// client whose sends wait for its reader.
-fn run(readers: usize, split: bool, stray: bool) -> usize {
-    let batch = if split { readers } else { 1 };
+/// `threads` threads over one connection, the first a writer and the
+/// others readers, each of LEN bytes at its own offset; returns each
+/// one's error (the data of reads that succeeded is checked). An
+/// unsplit stream gets its replies request by request, as servers that
+/// answer in order give them.
+fn run(threads: usize, split: bool, stray: bool) -> Vec<Option<String>> {
+    let batch = if split { threads } else { 1 };
     let from_server = Arc::new(Pipe::default());
     let to_server = Arc::new(Pipe::default());
     let server = {
         let (a, b) = (to_server.clone(), from_server.clone());
-        shuttle::thread::spawn(move || serve(a, b, readers, batch, stray))
+        shuttle::thread::spawn(move || serve(a, b, threads, batch, stray))
     };
     let end = End {
         from_server,
@@ -226,39 +286,60 @@ fn run(readers: usize, split: bool, stray: bool) -> usize {
         split,
     };
     let c = Arc::new(Client::over_stream(Box::new(end), "", false).expect("handshake"));
-    let threads: Vec<_> = (0..readers)
+    let handles: Vec<_> = (0..threads)
         .map(|i| {
             let c = c.clone();
             shuttle::thread::spawn(move || {
                 let off = (i * 4 * LEN) as u64 + 3;
+                let want: Vec<u8> = (off..off + LEN as u64).map(byte).collect();
+                if i == 0 {
+                    return c.write(&want, off).err().map(|e| e.to_string());
+                }
                 let mut buf = vec![0u8; LEN];
                 let r = c.read(&mut buf, off);
                 if r.is_ok() {
-                    let want: Vec<u8> = (off..off + LEN as u64).map(byte).collect();
                     assert!(buf == want, "reader {i} got another request's data");
                 }
-                r.is_err() as usize
+                r.err().map(|e| e.to_string())
             })
         })
         .collect();
-    let failed = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    let errors = handles.into_iter().map(|t| t.join().unwrap()).collect();
+    // The connection closes: a server still writing replies nobody
+    // reads (after a poisoning) ends.
+    drop(c);
     server.join().unwrap();
-    failed
+    errors
+}
+
+fn all_ok(errors: Vec<Option<String>>) {
+    assert!(errors.iter().all(Option::is_none), "{errors:?}");
 }
 
 #[test]
 fn interleaved_replies_reach_their_readers() {
-    shuttle::check_random(|| assert_eq!(run(3, true, false), 0), iters(2000));
-    shuttle::check_pct(|| assert_eq!(run(3, true, false), 0), iters(1000), 3);
+    shuttle::check_random(|| all_ok(run(3, true, false)), iters(2000));
+    shuttle::check_pct(|| all_ok(run(3, true, false)), iters(1000), 3);
 }
 
 #[test]
 fn an_unsplit_stream_serializes_without_hanging() {
-    shuttle::check_random(|| assert_eq!(run(2, false, false), 0), iters(1000));
-    shuttle::check_pct(|| assert_eq!(run(2, false, false), 0), iters(500), 3);
+    shuttle::check_random(|| all_ok(run(2, false, false)), iters(1000));
+    shuttle::check_pct(|| all_ok(run(2, false, false)), iters(500), 3);
 }
 
 #[test]
 fn a_reply_for_no_request_fails_every_waiter() {
-    shuttle::check_random(|| assert_eq!(run(3, true, true), 3), iters(1000));
+    shuttle::check_random(
+        || {
+            for e in run(3, true, true) {
+                let e = e.expect("a call succeeded on a poisoned connection");
+                assert!(
+                    e.contains("never sent") || e.contains("protocol error"),
+                    "{e}"
+                );
+            }
+        },
+        iters(1000),
+    );
 }

@@ -236,3 +236,90 @@ fn socket_activation() {
     assert!(srv.log().contains("activated.sock"), "{}", srv.log());
     nbd::stop(srv);
 }
+
+/// Whether process `pid` (not our child) has ended: gone, or a zombie
+/// that nobody reaps.
+fn ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(st) => st
+            .rsplit_once(')')
+            .is_some_and(|(_, r)| r.trim_start().starts_with('Z')),
+    }
+}
+
+/// qemu-nbd's `--fork` and `--pid-file`: the command returns once the
+/// server serves (its "serving" line on the command's stderr, and its
+/// streams let go, so that reading the command's output to the end
+/// returns), with the filter on in every thread; the pid file names the
+/// server and stays locked (a second server given it fails), a server
+/// that cannot open its image fails with the reason, and SIGTERM ends
+/// the forked server, which removes its socket.
+#[test]
+fn fork_returns_once_serving_and_locks_its_pid_file() {
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let sock = d.path().join("forked.sock");
+    let other = d.path().join("other.sock");
+    let pidfile = d.path().join("nbd.pid");
+    let bin = rimg_tests::workspace_bin("rimg-nbd");
+    let run = |args: &[&str]| {
+        let o = Command::new(&bin).args(args).output().unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&[
+        "--fork",
+        "--pid-file",
+        s(&pidfile),
+        "-t",
+        "-k",
+        s(&sock),
+        "-f",
+        "raw",
+        s(&img),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("serving 1 export(s)"), "{err}");
+    let pid: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    reads_back(&sock);
+    for (name, mode, _) in rimg_tests::daemon::thread_seccomp(pid as u32) {
+        assert_eq!(
+            mode, "2",
+            "thread {name} of the forked server has no filter"
+        );
+    }
+    let (code, err) = run(&[
+        "--fork",
+        "--pid-file",
+        s(&pidfile),
+        "-k",
+        s(&other),
+        s(&img),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("Cannot lock pid file"), "{err}");
+    let missing = d.path().join("missing.raw");
+    let (code, err) = run(&["--fork", "-k", s(&other), s(&missing)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("No such file"), "{err}");
+    reads_back(&sock);
+    // SAFETY: kill(2) on the pid the server wrote for itself.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !ended(pid) {
+        assert!(
+            Instant::now() < end,
+            "the forked server outlived SIGTERM by 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!sock.exists(), "the socket outlived the server");
+}

@@ -230,7 +230,11 @@ impl Storage {
                 path: name.into(),
                 source,
             })?;
-        Ok(Storage::new(Backend::Nbd(Box::new(client)), name.into(), writable))
+        Ok(Storage::new(
+            Backend::Nbd(Box::new(client)),
+            name.into(),
+            writable,
+        ))
     }
 
     pub fn writable(&self) -> bool {

@@ -375,9 +375,14 @@ impl Client {
         let r = req(cmd::BLOCK_STATUS, cmd_flags::REQ_ONE, off, len);
         let mut first = None;
         self.t.call(r, &[], None, Some((id, &mut first)))?;
-        let (n, flags) = first.ok_or_else(|| {
-            bad("the NBD server's block status had no extent for base:allocation")
-        })?;
+        let Some((n, flags)) = first else {
+            // The context asked for is missing: nothing it says can be
+            // trusted any more.
+            self.t.poison();
+            return Err(bad(
+                "the NBD server's block status had no extent for base:allocation",
+            ));
+        };
         // A hole that does not read as zeros is data to a reader.
         let zero = flags & state::ZERO != 0;
         Ok((!zero, n.min(len)))

@@ -5,9 +5,7 @@
 //!
 //! # Protocol
 //! - Sending takes `tx`: the request gets the next cookie, is entered in
-//!   `in_flight`, then written. Where the stream cannot be split (TLS:
-//!   one state machine for both directions), the write also takes `rx`,
-//!   so requests then wait for a reader between replies.
+//!   `in_flight`, then written.
 //! - Replies are read under `rx`, one header at a time, by whichever
 //!   waiting thread holds it. A header for the holder's own request: it
 //!   reads the payload into its own buffer. A header for another request
@@ -16,18 +14,24 @@
 //!   thread that sent that request takes a held header, so each payload
 //!   lands in its owner's buffer without a copy, and no thread reads the
 //!   stream while a header is held.
-//! - A thread whose reply is complete leaves `in_flight` and wakes the
-//!   waiters, one of which goes on reading.
+//! - However a call ends, its request leaves `in_flight` and the waiters
+//!   are woken ([`Reader`]'s `Drop`), one of which goes on reading.
 //! - A header for no request in flight, a reply that breaks the framing,
-//!   or a failed write poisons the connection (under `rx`, waking every
-//!   waiter): every call fails from then on, rather than read someone
-//!   else's data.
+//!   a failed write or a panic mid-reply poisons the connection (under
+//!   `rx`, waking every waiter): every call fails from then on, rather
+//!   than read someone else's data.
+//! - Where the stream cannot be split (TLS: one state machine for both
+//!   directions), a call holds `rx` from its send to the end of its
+//!   reply: one request at a time, since a server that answers in order
+//!   (rimg-nbd's, qemu-nbd's for one client) would not read a request
+//!   while the reply to another waits to be read.
 //!
-//! Lock order: `tx` before `rx`; `in_flight` is taken last and alone.
-//! A thread waits on `turn` only while a header is held for another
-//! thread, which is past its send and on its way to `rx`; so some thread
-//! always makes progress while replies arrive (`qcow2/tests/nbd_model.rs`
-//! explores the interleavings).
+//! Lock order: split, `tx` then `rx` (only to poison); unsplit, `rx`
+//! then `tx`; `in_flight` is taken last and alone. A thread waits on
+//! `turn` only while a header is held for another thread, which is past
+//! its send and on its way to `rx`; so some thread always makes progress
+//! while replies arrive (`qcow2/tests/nbd_model.rs` explores the
+//! interleavings).
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -92,6 +96,8 @@ pub(super) struct Transport {
     /// Cookies of requests sent whose replies have not ended.
     in_flight: Mutex<HashSet<u64>>,
     poisoned: AtomicBool,
+    /// Requests go through the reply stream (see the module docs).
+    unsplit: bool,
 }
 
 fn cookie(h: &Rh) -> u64 {
@@ -126,6 +132,29 @@ impl Rx {
 pub(super) struct Reader<'a> {
     t: &'a Transport,
     g: Option<MutexGuard<'a, Rx>>,
+    /// The request whose reply this thread reads, once sent.
+    cookie: Option<u64>,
+}
+
+/// However the call ends (a reply, an error, a panic mid-payload), its
+/// request leaves `in_flight` and the waiters are woken, one of which
+/// goes on reading; a panic poisons the connection first, since the
+/// stream may be mid-payload.
+impl Drop for Reader<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.t.poisoned.store(true, Ordering::Release);
+        }
+        if let Some(c) = self.cookie {
+            self.t
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&c);
+        }
+        drop(self.g.take());
+        self.t.turn.notify_all();
+    }
 }
 
 impl Reader<'_> {
@@ -195,6 +224,7 @@ impl Transport {
             Stream::Other(d) => d.split().map(Writer::Other),
             Stream::Tls(_) | Stream::Closed => None,
         };
+        let unsplit = w.is_none();
         Transport {
             h: c.h,
             tx: Mutex::new(Tx {
@@ -206,6 +236,7 @@ impl Transport {
             turn: Condvar::new(),
             in_flight: Mutex::new(HashSet::new()),
             poisoned: AtomicBool::new(false),
+            unsplit,
         }
     }
 
@@ -220,29 +251,45 @@ impl Transport {
         into: Option<&mut [u8]>,
         status: Option<(u32, &mut Option<(u64, u32)>)>,
     ) -> io::Result<()> {
-        let r = self.send(r, payload)?;
         let mut rd = Reader {
             t: self,
-            g: Some(self.rx.lock().unwrap_or_else(|p| p.into_inner())),
+            g: None,
+            cookie: None,
         };
+        if self.unsplit {
+            // One request at a time, as a serial server may need: it
+            // would not read a request while its reply to another waits
+            // to be read.
+            rd.g = Some(self.rx.lock().unwrap_or_else(|p| p.into_inner()));
+        }
+        let r = self.send(r, payload, rd.g.as_deref_mut())?;
+        rd.cookie = Some(r.cookie);
+        if rd.g.is_none() {
+            rd.g = Some(self.rx.lock().unwrap_or_else(|p| p.into_inner()));
+        }
         let res = rd.reply(&r, into, status);
         if res.is_err() {
             self.poisoned.store(true, Ordering::Release);
         }
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&r.cookie);
         drop(rd);
-        self.turn.notify_all();
         match res? {
             None => Ok(()),
             Some(server_error) => Err(server_error),
         }
     }
 
-    /// Writes request `r` (its cookie assigned here) and its payload.
-    fn send(&self, mut r: Request, payload: &[u8]) -> io::Result<Request> {
+    /// Poisons the connection: every waiter wakes and fails, and every
+    /// later call fails.
+    pub(super) fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+        // Under `rx`: a waiter is either before its check or in its wait.
+        drop(self.rx.lock().unwrap_or_else(|p| p.into_inner()));
+        self.turn.notify_all();
+    }
+
+    /// Writes request `r` (its cookie assigned here) and its payload;
+    /// through `rx`, held by the caller, where the stream is unsplit.
+    fn send(&self, mut r: Request, payload: &[u8], rx: Option<&mut Rx>) -> io::Result<Request> {
         let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         if self.poisoned.load(Ordering::Acquire) {
             return Err(poisoned_error());
@@ -263,23 +310,28 @@ impl Transport {
         if small {
             tx.buf.extend_from_slice(payload);
         }
-        let res = match tx.w.as_mut() {
-            Some(w) => write_request(w, &tx.buf, payload, small),
-            None => {
-                let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-                let res = write_request(&mut rx.s, &tx.buf, payload, small);
-                if res.is_err() {
-                    self.poisoned.store(true, Ordering::Release);
-                }
-                res
-            }
+        let res = match (tx.w.as_mut(), rx) {
+            (Some(w), _) => write_request(w, &tx.buf, payload, small),
+            (None, Some(rx)) => write_request(&mut rx.s, &tx.buf, payload, small),
+            (None, None) => unreachable!("an unsplit stream is written under rx"),
         };
         if let Err(e) = res {
             // Mid-request: nothing more may follow it. A reader blocked
-            // on the socket sees its end and wakes the others.
-            self.poisoned.store(true, Ordering::Release);
-            if let Some(Writer::Socket(s)) = &tx.w {
-                s.shutdown();
+            // on the socket sees its end; waiters for a header held for
+            // this request are woken to fail.
+            self.in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&r.cookie);
+            match &tx.w {
+                Some(w) => {
+                    if let Writer::Socket(s) = w {
+                        s.shutdown();
+                    }
+                    self.poison();
+                }
+                // `rx` is the caller's: it poisons and wakes on return.
+                None => self.poisoned.store(true, Ordering::Release),
             }
             return Err(e);
         }
