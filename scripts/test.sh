@@ -10,3 +10,5 @@ cargo test --workspace
 # (qcow2/tests/alloc_model.rs, and the NBD client's pipelining in
 # qcow2/tests/nbd_model.rs; a feature build of its own).
 cargo test -p rimg-qcow2 --features shuttle --test alloc_model --test nbd_model
+# rimg-nbd's queue between a connection's reader and its workers.
+cargo test -p rimg-nbd --features shuttle --test queue_model

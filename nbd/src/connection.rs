@@ -93,7 +93,10 @@ pub fn run(
             if let Err(e) = t.disarm() {
                 return warn!("client {id}: {e}");
             }
-            transmit(id, &mut t, &session, policy);
+            log_session(id, &session);
+            if let Err(e) = crate::concurrent::serve(&t.s, &session, policy) {
+                warn!("client {id}: {e}");
+            }
         }
         (Outcome::StartTls, Some(creds)) => {
             let conn = match ServerConnection::new(creds.config.clone()) {
@@ -120,11 +123,16 @@ pub fn run(
     }
 }
 
-fn transmit<S: Read + Write>(id: u64, s: &mut S, session: &Session, policy: Policy) {
+fn log_session(id: u64, session: &Session) {
     debug!(
         "client {id}: export '{}', {:?}, contexts {:?}",
         session.export.name, session.headers, session.contexts
     );
+}
+
+/// Requests one at a time (TLS: one state machine for both directions).
+fn transmit<S: Read + Write>(id: u64, s: &mut S, session: &Session, policy: Policy) {
+    log_session(id, session);
     if let Err(e) = transmission::serve(s, session, policy) {
         warn!("client {id}: {e}");
     }

@@ -4,20 +4,24 @@
 //!
 //! - [`export`]: what is served, under which names and flags;
 //! - [`handshake`]: option haggling until the client picks an export;
-//! - [`transmission`]: one connection's requests on the engine;
+//! - [`transmission`]: requests checked and answered on the engine;
 //! - [`status`]: block status for the metadata contexts;
 //! - [`server`]: listeners, one thread per connection, signals;
 //! - [`connection`]: one client from greeting to disconnect, TLS;
+//! - [`concurrent`]: a socket's requests answered by several workers,
+//!   fed through a [`queue`];
 //! - [`daemon`]: `--fork` and `--pid-file`;
 //! - [`tls`]: X.509 credentials as qemu-nbd takes them;
 //! - [`seccomp`]: the filter the server runs under;
 //! - [`fuzz`]: the fuzzing entry point.
 
+pub mod concurrent;
 pub mod connection;
 pub mod daemon;
 pub mod export;
 pub mod fuzz;
 pub mod handshake;
+pub mod queue;
 pub mod seccomp;
 pub mod server;
 pub mod status;

@@ -1,5 +1,6 @@
 //! The transmission phase, server side (§Transmission, §Request types):
-//! one connection's requests, answered in order on the engine. Requests
+//! requests read and answered on the engine, one at a time by [`serve`]
+//! (over TLS) or by [`crate::concurrent`]'s workers (sockets). Requests
 //! are checked before anything is done: a bad range, flag or length is
 //! an error reply; only a request that breaks the framing (bad magic, a
 //! payload beyond the limit) ends the connection.
@@ -70,36 +71,84 @@ pub struct Policy {
 }
 
 /// Serves requests on `s` until the client disconnects (`NBD_CMD_DISC`
-/// or closing its end).
+/// or closing its end), one at a time (TLS streams; sockets go through
+/// [`crate::concurrent`]).
 pub fn serve<S: Read + Write>(
     s: S,
     session: &Session,
     policy: Policy,
 ) -> Result<(), TransmissionError> {
-    let mut conn = Conn {
-        r: BufReader::with_capacity(256 << 10, s),
-        out: Vec::with_capacity(64 << 10),
-        data: Vec::new(),
-        session,
-        policy,
-    };
-    conn.run()
+    let mut r = BufReader::with_capacity(256 << 10, s);
+    let mut data = Vec::new();
+    let mut exec = Exec::new(session, policy);
+    while let Some(req) = next_request(&mut r, session.headers, &mut data, |_| {})? {
+        exec.answer(&req, &data);
+        r.get_mut().write_all(&exec.out)?;
+        exec.trim();
+        trim(&mut data);
+    }
+    Ok(())
 }
 
-/// Buffer capacity a connection keeps between requests.
+/// Buffer capacity kept between requests.
 const KEEP: usize = 4 << 20;
 
-struct Conn<'a, S: Read + Write> {
-    r: BufReader<S>,
-    /// The reply being built (header and payload, written at once).
-    out: Vec<u8>,
-    /// A request's payload.
-    data: Vec<u8>,
+/// One large request does not keep its buffer for good.
+fn trim(b: &mut Vec<u8>) {
+    if b.capacity() > KEEP {
+        *b = Vec::with_capacity(KEEP);
+    }
+}
+
+/// Reads the next request and its payload (into `data`); None when the
+/// client has gone (`NBD_CMD_DISC`, or its end closed between requests).
+/// `before_payload` sees the request before its payload is read.
+pub(crate) fn next_request<R: Read>(
+    r: &mut R,
+    h: Headers,
+    data: &mut Vec<u8>,
+    before_payload: impl FnOnce(&Request),
+) -> Result<Option<Request>, TransmissionError> {
+    let mut hdr = [0u8; 32];
+    let hdr = &mut hdr[..h.request_len()];
+    match r.read_exact(hdr) {
+        Ok(()) => {}
+        // The client closed between requests: a disconnect.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let req = Request::parse(hdr, h)?;
+    let plen = req.payload_len(h);
+    if plen > MAX_PAYLOAD as u64 {
+        return Err(TransmissionError::PayloadTooLong(plen));
+    }
+    before_payload(&req);
+    // Taken as it arrives: a header that announces 32 MiB and sends
+    // nothing commits nothing.
+    data.clear();
+    let got = r.take(plen).read_to_end(data)?;
+    if got as u64 != plen {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok((req.kind != cmd::DISC).then_some(req))
+}
+
+/// Answers requests of one session: each answer is left in `out`.
+pub(crate) struct Exec<'a> {
+    pub(crate) out: Vec<u8>,
     session: &'a Session,
     policy: Policy,
 }
 
-impl<S: Read + Write> Conn<'_, S> {
+impl<'a> Exec<'a> {
+    pub(crate) fn new(session: &'a Session, policy: Policy) -> Exec<'a> {
+        Exec {
+            out: Vec::with_capacity(64 << 10),
+            session,
+            policy,
+        }
+    }
+
     fn headers(&self) -> Headers {
         self.session.headers
     }
@@ -108,52 +157,22 @@ impl<S: Read + Write> Conn<'_, S> {
         &self.session.export
     }
 
-    fn run(&mut self) -> Result<(), TransmissionError> {
-        let h = self.headers();
-        let mut hdr = [0u8; 32];
-        loop {
-            let hdr = &mut hdr[..h.request_len()];
-            match self.r.read_exact(hdr) {
-                Ok(()) => {}
-                // The client closed between requests: a disconnect.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e.into()),
-            }
-            let req = Request::parse(hdr, h)?;
-            let plen = req.payload_len(h);
-            if plen > MAX_PAYLOAD as u64 {
-                return Err(TransmissionError::PayloadTooLong(plen));
-            }
-            // Taken as it arrives: a header that announces 32 MiB and
-            // sends nothing commits nothing.
-            self.data.clear();
-            let got = (&mut self.r).take(plen).read_to_end(&mut self.data)?;
-            if got as u64 != plen {
-                return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
-            }
-            if req.kind == cmd::DISC {
-                return Ok(());
-            }
+    /// Does `req` (with its payload `data`) and leaves its reply, or its
+    /// error reply, in `out`.
+    pub(crate) fn answer(&mut self, req: &Request, data: &[u8]) {
+        self.out.clear();
+        if let Err(f) = self.execute(req, data) {
             self.out.clear();
-            match self.execute(&req) {
-                Ok(()) => {}
-                Err(f) => {
-                    self.out.clear();
-                    self.error_reply(&req, &f);
-                }
-            }
-            self.r.get_mut().write_all(&self.out)?;
-            // One large request does not keep its buffers for good.
-            for b in [&mut self.data, &mut self.out] {
-                if b.capacity() > KEEP {
-                    *b = Vec::with_capacity(KEEP);
-                }
-            }
+            self.error_reply(req, &f);
         }
     }
 
+    pub(crate) fn trim(&mut self) {
+        trim(&mut self.out);
+    }
+
     /// Checks `req` and does it, leaving a successful reply in `out`.
-    fn execute(&mut self, req: &Request) -> Result<(), Failure> {
+    fn execute(&mut self, req: &Request, data: &[u8]) -> Result<(), Failure> {
         let h = self.headers();
         let known = cmd_flags::FUA
             | cmd_flags::NO_HOLE
@@ -189,7 +208,7 @@ impl<S: Read + Write> Conn<'_, S> {
                     if req.offset + req.len > img.size() {
                         img.resize(self.export().size)?;
                     }
-                    img.write_at(&self.data, req.offset)?;
+                    img.write_at(data, req.offset)?;
                 }
                 self.fua(req)?;
                 self.ok(req);

@@ -242,7 +242,11 @@ pub fn proc_threads(pid: u32) -> String {
 pub fn thread_seccomp(pid: u32) -> Vec<(String, String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        // A thread that ended since the listing (a connection's worker)
+        // has no filter left to check.
+        let Ok(status) = std::fs::read_to_string(t.unwrap().path().join("status")) else {
+            continue;
+        };
         let field = |name: &str| {
             status
                 .lines()

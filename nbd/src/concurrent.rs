@@ -1,0 +1,112 @@
+//! Requests of one plain-socket connection answered concurrently, as
+//! clients that keep many requests in flight (QEMU's NBD client, nbdcopy,
+//! the kernel's) expect: on a disk, a read that waits for the device
+//! does not hold up the others. The spec lets a server answer in any
+//! order; a flush still covers every write answered before it arrived,
+//! since a write is answered only once the engine has done it.
+//!
+//! # Protocol
+//! - The connection's thread reads requests and queues them ([`Queue`],
+//!   which states why nothing waits for ever); workers
+//!   (at most [`WORKERS`], started while queued requests outnumber idle
+//!   workers) take them, answer, and write each reply whole under the
+//!   writer lock.
+//! - Requests in the queue or being answered hold a share of
+//!   [`BUDGET`] bytes (payload plus reply data): the reader waits for
+//!   room before it queues more, so a client cannot make the server
+//!   hold more than that, however many requests it sends.
+//! - At the end (the client's disconnect, or a broken socket) the queue
+//!   is closed: workers finish what is queued and exit, and the scope
+//!   joins them before the connection ends. A worker whose reply cannot
+//!   be written shuts the socket down, which ends the reader.
+//! - With no worker at all (a spawn that fails), the reader answers the
+//!   request itself.
+
+use std::io::{BufReader, Write};
+use std::sync::Mutex;
+
+use nbd_proto::consts::cmd;
+use nbd_proto::request::Request;
+use nbd_proto::MAX_PAYLOAD;
+
+use crate::handshake::Session;
+use crate::queue::Queue;
+use crate::server::Stream;
+use crate::transmission::{next_request, Exec, Policy, TransmissionError};
+
+/// Most workers per connection.
+pub const WORKERS: usize = 8;
+/// Most bytes of payloads and replies held per connection.
+pub const BUDGET: u64 = 64 << 20;
+
+struct Job {
+    req: Request,
+    data: Vec<u8>,
+    cost: u64,
+}
+
+/// Serves requests on socket `s` until the client disconnects, answering
+/// them concurrently.
+pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), TransmissionError> {
+    let writer = Mutex::new(s.try_clone()?);
+    let mut reader = BufReader::with_capacity(256 << 10, s.try_clone()?);
+    let q = Queue::new(BUDGET, WORKERS);
+    let h = session.headers;
+    std::thread::scope(|sc| {
+        let worker = || {
+            let mut exec = Exec::new(session, policy);
+            while let Some(job) = q.take() {
+                answer(&mut exec, &job, &writer, s);
+                q.release(job.cost);
+            }
+        };
+        let mut inline = Exec::new(session, policy);
+        let res = loop {
+            let mut data = Vec::new();
+            // Room for the payload and the reply before the payload is
+            // read (a read's reply is bounded as its request is checked).
+            let mut cost = 0;
+            let got = next_request(&mut reader, h, &mut data, |req| {
+                let reply = if req.kind == cmd::READ { req.len } else { 0 };
+                cost = req.payload_len(h) + reply.min(MAX_PAYLOAD as u64);
+                q.reserve(cost);
+            });
+            let req = match got {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    q.release(cost);
+                    break Ok(());
+                }
+                Err(e) => {
+                    q.release(cost);
+                    break Err(e);
+                }
+            };
+            let job = Job { req, data, cost };
+            let start = || {
+                std::thread::Builder::new()
+                    .name("nbd-worker".into())
+                    .spawn_scoped(sc, worker)
+                    .is_ok()
+            };
+            if let Some(job) = q.dispatch(job, start) {
+                answer(&mut inline, &job, &writer, s);
+                q.release(job.cost);
+            }
+        };
+        q.close();
+        res
+    })
+}
+
+/// Answers one job and writes its reply; a reply that cannot be written
+/// ends the connection (the socket is shut down, so the reader stops).
+fn answer(exec: &mut Exec, job: &Job, writer: &Mutex<Stream>, s: &Stream) {
+    exec.answer(&job.req, &job.data);
+    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+    if w.write_all(&exec.out).is_err() {
+        s.shutdown();
+    }
+    drop(w);
+    exec.trim();
+}

@@ -1,0 +1,89 @@
+//! Model checking of the queue between a connection's reader and its
+//! workers (`nbd/src/queue.rs`) with shuttle: the reader reserves budget
+//! and dispatches jobs of several sizes (one larger than the budget),
+//! workers start as the queue asks and take, do and release jobs, and
+//! the reader closes the queue at the end. Shuttle explores the
+//! interleavings: a lost wake-up is a deadlock it reports; every job
+//! must be done exactly once, and the bytes held never exceed the
+//! budget unless one job alone holds them. Run with
+//! `cargo test -p rimg-nbd --features shuttle --test queue_model`.
+#![cfg(feature = "shuttle")]
+
+use std::sync::Arc;
+
+use rimg_nbd::queue::Queue;
+use shuttle::sync::Mutex;
+
+const BUDGET: u64 = 64;
+
+fn iters(n: usize) -> usize {
+    let scale = std::env::var("RIMG_MODEL_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    n * scale
+}
+
+/// Jobs (id, cost) through a queue of at most `workers` workers, each
+/// start succeeding if `starts` says so; returns the ids done, in order.
+fn run(costs: &[u64], workers: usize, starts: bool) -> Vec<usize> {
+    let q = Arc::new(Queue::<(usize, u64)>::new(BUDGET, workers));
+    let done = Arc::new(Mutex::new(Vec::new()));
+    let handles = Arc::new(Mutex::new(Vec::new()));
+    let worker = {
+        let (q, done) = (q.clone(), done.clone());
+        move || {
+            while let Some((id, cost)) = q.take() {
+                done.lock().unwrap().push(id);
+                q.release(cost);
+            }
+        }
+    };
+    for (id, &cost) in costs.iter().enumerate() {
+        q.reserve(cost);
+        let held = q.held();
+        assert!(held <= BUDGET || held == cost, "{held} bytes held");
+        let start = || {
+            if starts {
+                let w = worker.clone();
+                handles.lock().unwrap().push(shuttle::thread::spawn(w));
+            }
+            starts
+        };
+        if let Some((id, cost)) = q.dispatch((id, cost), start) {
+            done.lock().unwrap().push(id);
+            q.release(cost);
+        }
+    }
+    q.close();
+    let hs: Vec<_> = std::mem::take(&mut *handles.lock().unwrap());
+    assert!(hs.len() <= workers, "{} workers started", hs.len());
+    for h in hs {
+        h.join().unwrap();
+    }
+    assert_eq!(q.held(), 0, "bytes still held");
+    let mut v = done.lock().unwrap().clone();
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn every_job_is_done_once_within_the_budget() {
+    const COSTS: [u64; 6] = [40, 30, 100, 10, 50, 64];
+    let all = || (0..COSTS.len()).collect::<Vec<_>>();
+    shuttle::check_random(move || assert_eq!(run(&COSTS, 2, true), all()), iters(3000));
+    shuttle::check_pct(
+        move || assert_eq!(run(&COSTS, 3, true), all()),
+        iters(1000),
+        3,
+    );
+}
+
+#[test]
+fn without_workers_the_reader_does_the_jobs() {
+    const COSTS: [u64; 3] = [40, 30, 100];
+    shuttle::check_random(
+        || assert_eq!(run(&COSTS, 2, false), vec![0, 1, 2]),
+        iters(200),
+    );
+}
