@@ -12,18 +12,23 @@
 //!   workers) take them, answer, and write each reply whole under the
 //!   writer lock.
 //! - Requests in the queue or being answered hold a share of
-//!   [`BUDGET`] bytes (payload plus reply data): the reader waits for
-//!   room before it queues more, so a client cannot make the server
-//!   hold more than that, however many requests it sends.
+//!   [`BUDGET`] bytes (payload, reply data, and [`OVERHEAD`] each, so
+//!   that requests without data count too): the reader waits for room
+//!   before it reads a payload, so a client that sends and never reads
+//!   makes the server stop reading, as a serial server would.
 //! - At the end (the client's disconnect, or a broken socket) the queue
 //!   is closed: workers finish what is queued and exit, and the scope
 //!   joins them before the connection ends. A worker whose reply cannot
-//!   be written shuts the socket down, which ends the reader.
+//!   be written, or that panics, shuts the socket down, which ends the
+//!   reader (a panic also closes the queue: the reader does not wait for
+//!   the room the lost request held).
 //! - With no worker at all (a spawn that fails), the reader answers the
 //!   request itself.
 
 use std::io::{BufReader, Write};
 use std::sync::Mutex;
+
+use log::debug;
 
 use nbd_proto::consts::cmd;
 use nbd_proto::request::Request;
@@ -38,6 +43,13 @@ use crate::transmission::{next_request, Exec, Policy, TransmissionError};
 pub const WORKERS: usize = 8;
 /// Most bytes of payloads and replies held per connection.
 pub const BUDGET: u64 = 64 << 20;
+/// What every request counts against the budget beyond its payload and
+/// reply data (its place in the queue, its header), so that requests
+/// without data are bounded too: at most BUDGET / OVERHEAD queued.
+pub const OVERHEAD: u64 = 4 << 10;
+/// A block status reply's count: 65536 extents of 16 bytes per context
+/// at the most.
+const STATUS_REPLY: u64 = 1 << 20;
 
 struct Job {
     req: Request,
@@ -50,14 +62,17 @@ struct Job {
 pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), TransmissionError> {
     let writer = Mutex::new(s.try_clone()?);
     let mut reader = BufReader::with_capacity(256 << 10, s.try_clone()?);
-    let q = Queue::new(BUDGET, WORKERS);
+    let q: Queue<Job> = Queue::new(BUDGET, WORKERS);
     let h = session.headers;
     std::thread::scope(|sc| {
         let worker = || {
             let mut exec = Exec::new(session, policy);
             while let Some(job) = q.take() {
-                answer(&mut exec, &job, &writer, s);
-                q.release(job.cost);
+                let cost = job.cost;
+                let failed = Failed { q: &q, s, cost };
+                answer(&mut exec, job, &writer, s);
+                std::mem::forget(failed);
+                q.release(cost);
             }
         };
         let mut inline = Exec::new(session, policy);
@@ -67,8 +82,12 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
             // read (a read's reply is bounded as its request is checked).
             let mut cost = 0;
             let got = next_request(&mut reader, h, &mut data, |req| {
-                let reply = if req.kind == cmd::READ { req.len } else { 0 };
-                cost = req.payload_len(h) + reply.min(MAX_PAYLOAD as u64);
+                let reply = match req.kind {
+                    cmd::READ => req.len.min(MAX_PAYLOAD as u64),
+                    cmd::BLOCK_STATUS => STATUS_REPLY * session.contexts.len() as u64,
+                    _ => 0,
+                };
+                cost = OVERHEAD + req.payload_len(h) + reply;
                 q.reserve(cost);
             });
             let req = match got {
@@ -90,8 +109,9 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
                     .is_ok()
             };
             if let Some(job) = q.dispatch(job, start) {
-                answer(&mut inline, &job, &writer, s);
-                q.release(job.cost);
+                let cost = job.cost;
+                answer(&mut inline, job, &writer, s);
+                q.release(cost);
             }
         };
         q.close();
@@ -101,12 +121,31 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
 
 /// Answers one job and writes its reply; a reply that cannot be written
 /// ends the connection (the socket is shut down, so the reader stops).
-fn answer(exec: &mut Exec, job: &Job, writer: &Mutex<Stream>, s: &Stream) {
+fn answer(exec: &mut Exec, job: Job, writer: &Mutex<Stream>, s: &Stream) {
     exec.answer(&job.req, &job.data);
+    drop(job);
     let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    if w.write_all(&exec.out).is_err() {
+    if let Err(e) = w.write_all(&exec.out) {
+        debug!("reply not sent, ending the connection: {e}");
         s.shutdown();
     }
     drop(w);
     exec.trim();
+}
+
+/// Armed while a worker answers: if it panics instead, its request will
+/// never be answered, so the connection ends (the socket shut down, the
+/// queue closed so that the reader does not wait for the room it held).
+struct Failed<'a> {
+    q: &'a Queue<Job>,
+    s: &'a Stream,
+    cost: u64,
+}
+
+impl Drop for Failed<'_> {
+    fn drop(&mut self) {
+        self.s.shutdown();
+        self.q.close();
+        self.q.release(self.cost);
+    }
 }

@@ -60,11 +60,11 @@ impl<T> Queue<T> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until `cost` more bytes fit (always, when nothing is held),
-    /// and holds them.
+    /// Waits until `cost` more bytes fit (always, when nothing is held,
+    /// or once the queue is closed), and holds them.
     pub fn reserve(&self, cost: u64) {
         let mut s = self.lock();
-        while s.held > 0 && s.held + cost > self.budget {
+        while s.held > 0 && s.held + cost > self.budget && !s.closed {
             s = self.room.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         s.held += cost;
@@ -79,9 +79,12 @@ impl<T> Queue<T> {
     /// Queues `job`, first calling `start` (under the lock; true if a
     /// worker started) when queued jobs would outnumber idle workers and
     /// fewer than the maximum run. Returns the job back when no worker
-    /// runs at all: the caller does it itself.
+    /// runs at all, or the queue is closed: the caller does it itself.
     pub fn dispatch(&self, job: T, start: impl FnOnce() -> bool) -> Option<T> {
         let mut s = self.lock();
+        if s.closed {
+            return Some(job);
+        }
         if s.jobs.len() >= s.idle && s.workers < self.max_workers && start() {
             s.workers += 1;
         }
@@ -110,10 +113,17 @@ impl<T> Queue<T> {
         }
     }
 
-    /// No more jobs: workers finish the queued ones and end.
+    /// No more jobs: workers finish the queued ones and end, and a
+    /// reader waiting for room goes on (a worker that failed closes the
+    /// queue so that nothing waits for the room it held).
     pub fn close(&self) {
         self.lock().closed = true;
         self.work.notify_all();
+        self.room.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Bytes held now (for tests).

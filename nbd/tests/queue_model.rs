@@ -25,8 +25,10 @@ fn iters(n: usize) -> usize {
 }
 
 /// Jobs (id, cost) through a queue of at most `workers` workers, each
-/// start succeeding if `starts` says so; returns the ids done, in order.
-fn run(costs: &[u64], workers: usize, starts: bool) -> Vec<usize> {
+/// start succeeding if `starts` says so; a worker that takes job `fail`
+/// fails as a panicking one does (closes the queue, gives its room
+/// back, ends). Returns the ids done, in order.
+fn run(costs: &[u64], workers: usize, starts: bool, fail: Option<usize>) -> Vec<usize> {
     let q = Arc::new(Queue::<(usize, u64)>::new(BUDGET, workers));
     let done = Arc::new(Mutex::new(Vec::new()));
     let handles = Arc::new(Mutex::new(Vec::new()));
@@ -34,6 +36,11 @@ fn run(costs: &[u64], workers: usize, starts: bool) -> Vec<usize> {
         let (q, done) = (q.clone(), done.clone());
         move || {
             while let Some((id, cost)) = q.take() {
+                if Some(id) == fail {
+                    q.close();
+                    q.release(cost);
+                    return;
+                }
                 done.lock().unwrap().push(id);
                 q.release(cost);
             }
@@ -42,7 +49,12 @@ fn run(costs: &[u64], workers: usize, starts: bool) -> Vec<usize> {
     for (id, &cost) in costs.iter().enumerate() {
         q.reserve(cost);
         let held = q.held();
-        assert!(held <= BUDGET || held == cost, "{held} bytes held");
+        // Past the budget only alone, or once closed (the connection
+        // ends: nothing more is read).
+        assert!(
+            held <= BUDGET || held == cost || q.is_closed(),
+            "{held} bytes held"
+        );
         let start = || {
             if starts {
                 let w = worker.clone();
@@ -69,11 +81,14 @@ fn run(costs: &[u64], workers: usize, starts: bool) -> Vec<usize> {
 
 #[test]
 fn every_job_is_done_once_within_the_budget() {
-    const COSTS: [u64; 6] = [40, 30, 100, 10, 50, 64];
+    const COSTS: [u64; 7] = [40, 30, 100, 0, 10, 50, 64];
     let all = || (0..COSTS.len()).collect::<Vec<_>>();
-    shuttle::check_random(move || assert_eq!(run(&COSTS, 2, true), all()), iters(3000));
+    shuttle::check_random(
+        move || assert_eq!(run(&COSTS, 2, true, None), all()),
+        iters(3000),
+    );
     shuttle::check_pct(
-        move || assert_eq!(run(&COSTS, 3, true), all()),
+        move || assert_eq!(run(&COSTS, 3, true, None), all()),
         iters(1000),
         3,
     );
@@ -83,7 +98,22 @@ fn every_job_is_done_once_within_the_budget() {
 fn without_workers_the_reader_does_the_jobs() {
     const COSTS: [u64; 3] = [40, 30, 100];
     shuttle::check_random(
-        || assert_eq!(run(&COSTS, 2, false), vec![0, 1, 2]),
+        || assert_eq!(run(&COSTS, 2, false, None), vec![0, 1, 2]),
         iters(200),
+    );
+}
+
+/// A worker that fails while the reader waits for room (its job held
+/// most of the budget): the reader goes on and everything ends; the
+/// failed job is never done.
+#[test]
+fn a_failed_worker_leaves_nothing_waiting() {
+    const COSTS: [u64; 4] = [60, 60, 10, 60];
+    shuttle::check_random(
+        || {
+            let done = run(&COSTS, 2, true, Some(0));
+            assert!(!done.contains(&0), "{done:?}");
+        },
+        iters(2000),
     );
 }

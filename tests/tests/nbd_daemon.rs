@@ -323,3 +323,60 @@ fn fork_returns_once_serving_and_locks_its_pid_file() {
     }
     assert!(!sock.exists(), "the socket outlived the server");
 }
+
+/// A client that pipelines requests and never reads a reply: the server
+/// stops reading it once its queue's budget is spent (requests without
+/// data count too), as a server that answers in order would, keeps
+/// serving others, and ends on SIGTERM though that client's replies can
+/// never be sent.
+#[test]
+fn a_client_that_never_reads_replies_is_held_back() {
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let sock = d.path().join("nbd.sock");
+    let srv = nbd::serve(&sock, &["-e", "0", "-f", "raw", s(&img)]);
+    let mut c = connected(&sock);
+    let mut b = Vec::new();
+    for i in 0..500_000u64 {
+        Request {
+            flags: 0,
+            kind: if i % 2 == 0 {
+                cmd::FLUSH
+            } else {
+                cmd::BLOCK_STATUS
+            },
+            cookie: i,
+            offset: 0,
+            len: 0,
+        }
+        .encode(Headers::Compact { structured: false }, &mut b);
+    }
+    // Sent until the server has not read for 2 s.
+    c.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut sent = 0;
+    while sent < b.len() {
+        match c.write(&b[sent..(sent + (64 << 10)).min(b.len())]) {
+            Ok(n) => sent += n,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                    "{e}"
+                );
+                break;
+            }
+        }
+    }
+    assert!(
+        sent < 4 << 20,
+        "the server read {sent} of {} bytes of requests whose replies nobody read",
+        b.len()
+    );
+    reads_back(&sock);
+    let log = nbd::stop(srv);
+    drop(c);
+    assert!(!log.contains("panicked"), "{log}");
+}

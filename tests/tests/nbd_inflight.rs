@@ -1,6 +1,6 @@
 //! Many requests in flight on one connection: QEMU's NBD client (qemu-io
-//! `aio_*`, up to 16 requests at once) against rimg-nbd, whose workers
-//! answer them concurrently and out of order. Every read checks its
+//! `aio_*`, up to 16 requests at once, flushes among them) against
+//! rimg-nbd, whose workers answer them concurrently and out of order. Every read checks its
 //! pattern; afterwards the image equals a model made by the same
 //! commands on a local raw file (`qemu-img compare`), and `qemu-img
 //! check` is clean. Seeded; `RIMG_SEED` replays a run.
@@ -27,8 +27,9 @@ impl Rng {
 }
 
 /// qemu-io commands: a first batch of asynchronous writes into disjoint
-/// slots, a flush, then reads of that batch (checked) interleaved with
-/// writes into other slots and discards, a flush.
+/// slots, a drain, then reads of that batch (checked) interleaved with
+/// writes (some FUA, some of zeros), discards of whole 64 KiB blocks into
+/// other slots, and flushes sent while those are in flight; a drain.
 fn commands(seed: u64, slots: u64, slot: u64) -> Vec<String> {
     let mut r = Rng(seed | 1);
     let mut first = Vec::new();
@@ -46,9 +47,22 @@ fn commands(seed: u64, slots: u64, slot: u64) -> Vec<String> {
         let j = slots / 2 + i as u64;
         let len = (1 + r.below(slot / 512 - 1)) * 512;
         let off = j * slot + r.below((slot - len) / 512 + 1) * 512;
-        match r.below(4) {
+        let p = 1 + (j % 250);
+        match r.below(6) {
             0 => c.push(format!("aio_write -z {off} {len}")),
-            _ => c.push(format!("aio_write -P {} {off} {len}", 1 + (j % 250))),
+            1 => c.push(format!("aio_write -f -P {p} {off} {len}")),
+            2 => {
+                let blocks = slot >> 16;
+                let k = r.below(blocks);
+                let n = 1 + r.below(blocks - k);
+                c.push(format!("aio_write -P {p} {} {}", j * slot, slot));
+                c.push("aio_flush".into());
+                c.push(format!("discard {} {}", j * slot + (k << 16), n << 16));
+            }
+            _ => c.push(format!("aio_write -P {p} {off} {len}")),
+        }
+        if i % 16 == 15 {
+            c.push("flush".into());
         }
     }
     c.push("aio_flush".into());
@@ -80,7 +94,7 @@ fn requests_in_flight_are_answered_concurrently_and_correctly() {
         run_ok("qemu-img", &["create", "-f", "raw", s(&model), &size]);
         let cmds = commands(seed, slots, slot);
         let sock = d.path().join(format!("{fmt}.sock"));
-        let srv = nbd::serve(&sock, &["-f", fmt, s(&img)]);
+        let srv = nbd::serve(&sock, &["--discard", "unmap", "-f", fmt, s(&img)]);
         let out = qemu_io("raw", &unix_uri(&sock, ""), &cmds);
         let log = nbd::stop(srv);
         assert!(
