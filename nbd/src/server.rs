@@ -25,6 +25,9 @@ use crate::export::Exports;
 use crate::tls::TlsCreds;
 use crate::transmission::Policy;
 
+/// How often failed accepts are reported at the most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Where to listen.
 #[derive(Debug, Clone)]
 pub enum Listen {
@@ -384,8 +387,10 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     }
     let exports = Arc::new(cfg.exports);
     let mut served = false;
-    // One warning per streak of failed accepts, not one per attempt.
-    let mut failing = false;
+    // At most one warning every WARN_EVERY about failed accepts, not one
+    // per attempt: a server at its descriptor limit, whose clients come
+    // and go, would otherwise warn at each turn.
+    let mut warned: Option<std::time::Instant> = None;
     loop {
         wake.drain();
         if stop.load(Ordering::SeqCst) {
@@ -408,10 +413,10 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         // away (or left in the backlog) and the loop waits for a
         // connection to end, or a second, before it tries again.
         let mut back_off = |what: &str, e: io::Error| -> io::Result<()> {
-            if !failing {
+            if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                 warn!("{what}: {e} (retrying once a client leaves, or each second)");
+                warned = Some(std::time::Instant::now());
             }
-            failing = true;
             poll_in_for(&[wake.r.as_raw_fd()], 1000)
         };
         let stream = match accept_ready(&listener) {
@@ -460,7 +465,6 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             }
         };
         served = true;
-        failing = false;
         let mut l = lock(&live);
         l.threads.push(t);
         // Joined at the end; finished ones are reaped as they pile up.
