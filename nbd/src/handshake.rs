@@ -136,15 +136,7 @@ pub fn options<S: Read + Write>(
             Next::StartTls => return Ok(Outcome::StartTls),
             Next::Abort => return Err(HandshakeError::Aborted),
             Next::Go(export) => {
-                let contexts = match st.meta.take() {
-                    Some((name, c)) if name == export.name => c,
-                    _ => Vec::new(),
-                };
-                return Ok(Outcome::Session(Session {
-                    export,
-                    headers: st.headers,
-                    contexts,
-                }));
+                return Ok(Outcome::Session(st.session(export)));
             }
             Next::ExportName(export) => {
                 let mut b = Vec::with_capacity(134);
@@ -154,15 +146,7 @@ pub fn options<S: Read + Write>(
                     b.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&b)?;
-                let contexts = match st.meta.take() {
-                    Some((name, c)) if name == export.name => c,
-                    _ => Vec::new(),
-                };
-                return Ok(Outcome::Session(Session {
-                    export,
-                    headers: st.headers,
-                    contexts,
-                }));
+                return Ok(Outcome::Session(st.session(export)));
             }
         }
     }
@@ -193,6 +177,20 @@ struct State<'a> {
 }
 
 impl<'a> State<'a> {
+    /// The session on `export`: its contexts are the last selection, if
+    /// it was made for that export.
+    fn session(&mut self, export: Arc<Export>) -> Session {
+        let contexts = match self.meta.take() {
+            Some((name, c)) if name == export.name => c,
+            _ => Vec::new(),
+        };
+        Session {
+            export,
+            headers: self.headers,
+            contexts,
+        }
+    }
+
     /// The export a client names, by its exact name; an unknown name is
     /// answered with `NBD_REP_ERR_UNKNOWN` to option `o`.
     fn export(&self, o: u32, name: &str, out: &mut Replies) -> Option<&'a Arc<Export>> {
