@@ -574,6 +574,12 @@ fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
         let len = (bytes - start).min(cs);
         // Words are whole multiples of 8 bytes; a cluster holds whole words.
         let words = &w.words[start / 8..(start + len).div_ceil(8)];
+        // Most of a bitmap is usually clear: skip those clusters word by
+        // word, before any copy.
+        if words.iter().all(|x| x.load(Ordering::Relaxed) == 0) {
+            table.push(0);
+            continue;
+        }
         for (k, x) in words.iter().enumerate() {
             chunk[k * 8..k * 8 + 8].copy_from_slice(&x.load(Ordering::Relaxed).to_le_bytes());
         }
