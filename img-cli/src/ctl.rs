@@ -21,7 +21,7 @@ pub struct CtlArgs {
     #[arg(value_name = "SOCKET")]
     socket: PathBuf,
     /// Command name (query-status, query-stats, query-commands, resize,
-    /// quit), or a whole JSON request ({"execute": ...})
+    /// checksum, quit), or a whole JSON request ({"execute": ...})
     #[arg(value_name = "COMMAND")]
     command: String,
     /// Arguments as KEY=VALUE: a VALUE that reads as JSON is taken as

@@ -8,6 +8,7 @@ mod bitmap;
 mod blkdebug;
 mod blockopts;
 mod check;
+mod checksum;
 mod commit;
 mod common;
 mod compare;
@@ -73,6 +74,8 @@ enum Cmd {
     Map(map::MapArgs),
     /// Check whether two images have the same content
     Compare(compare::CompareArgs),
+    /// Print a checksum of the guest-visible content, whatever the format
+    Checksum(checksum::ChecksumArgs),
     /// Change the virtual size of an image
     Resize(resize::ResizeArgs),
     /// Copy input to a new output image, dd style
@@ -187,6 +190,7 @@ fn main() -> ExitCode {
         Cmd::Rebase(a) => rebase::run(a),
         Cmd::Map(a) => map::run(a),
         Cmd::Compare(a) => compare::run(a),
+        Cmd::Checksum(a) => checksum::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),

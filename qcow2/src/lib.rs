@@ -30,6 +30,7 @@ pub mod bitmap;
 pub mod blockstatus;
 pub(crate) mod cache;
 pub mod check;
+pub mod checksum;
 pub mod compress;
 pub mod create;
 pub mod crypto;
@@ -63,6 +64,7 @@ mod snapshot_refs;
 pub mod storage;
 pub mod sync;
 pub mod units;
+pub mod zeros;
 
 pub use amend::Amend;
 pub use check::{CheckReport, Repair};

@@ -573,3 +573,46 @@ fn blk_bitmaps_edited_online_as_qemu_reads_them() {
         )
     );
 }
+
+/// `checksum` of a served disk follows the guest's writes and is what
+/// `rimg checksum` gives for the file once the daemon has let it go.
+#[test]
+fn blk_checksum_of_a_served_disk_is_rimg_checksum_of_the_file() {
+    let dir = tempdir();
+    let img = qcow2(dir.path(), 64);
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let d = Daemon::start(
+        &sock,
+        &img,
+        &["--control", ctl.to_str().unwrap(), "--num-queues", "2"],
+    )
+    .unwrap();
+    let mut cl = Client::connect(&sock, 2, false).unwrap();
+    let empty = ok(&ctl, "checksum", json!({}));
+    assert_eq!(empty["size"], json!(64 * MIB), "{empty}");
+    // Pieces across blocks and clusters, from both queues.
+    for i in 0..8u64 {
+        let piece = vec![i as u8 + 1; 65536 + 512];
+        cl.write((i % 2) as usize, i * 7 * MIB + i * 4096, &piece)
+            .unwrap();
+    }
+    cl.flush(0).unwrap();
+    cl.flush(1).unwrap();
+    let served = ok(&ctl, "checksum", json!({}));
+    assert_ne!(served["checksum"], empty["checksum"]);
+    drop(cl);
+    assert_eq!(execute(&ctl, "quit", json!({})), json!({"return": {}}));
+    let (st, log) = d.exit_within(Duration::from_secs(30));
+    let st = st.unwrap_or_else(|| panic!("quit did not end the daemon: {log}"));
+    assert!(st.success(), "daemon exit {st}: {log}");
+    assert_qemu_check_clean(&img);
+    let file = |p: &Path| {
+        let out = rimg_tests::ok(rimg_tests::rimg(&["checksum", p.to_str().unwrap()]));
+        json!(out[..64])
+    };
+    assert_eq!(served["checksum"], file(&img));
+    let fresh = dir.path().join("fresh.qcow2");
+    qemu_create(&fresh, "", "64M");
+    assert_eq!(empty["checksum"], file(&fresh));
+}

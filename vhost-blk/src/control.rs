@@ -1,7 +1,8 @@
 //! The block daemon's control commands (see `rimg_vhost_server::control`
 //! for the socket and the shared ones): `query-block` (the image),
-//! `query-stats`, per queue, and `resize`, which grows the image under a
-//! running guest and tells the frontend to read the new capacity.
+//! `query-stats`, per queue, `resize`, which grows the image under a
+//! running guest and tells the frontend to read the new capacity, the
+//! dirty bitmap edits and `checksum`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -227,6 +228,23 @@ impl BlkControl {
     }
 }
 
+impl BlkControl {
+    /// `rimg checksum` of the served content (`qcow2::checksum`), hashed
+    /// on the control thread alone: other commands wait meanwhile, the
+    /// queues do not. Writes that land during it may or may not count:
+    /// a value to compare needs a quiet guest.
+    fn checksum(&self) -> Result<Value, CommandError> {
+        let chain = qcow2::blockstatus::Chain::new(&self.img)
+            .map_err(|e| CommandError::Failed(format!("checksum: {e}")))?;
+        let d = qcow2::checksum::checksum(&chain, 1, &|_| {})
+            .map_err(|e| CommandError::Failed(format!("checksum: {e}")))?;
+        Ok(json!({
+            "checksum": qcow2::checksum::hex(&d),
+            "size": chain.len(),
+        }))
+    }
+}
+
 impl Commands for BlkControl {
     fn names(&self) -> &'static [&'static str] {
         &[
@@ -238,6 +256,7 @@ impl Commands for BlkControl {
             "block-dirty-bitmap-clear",
             "block-dirty-bitmap-enable",
             "block-dirty-bitmap-disable",
+            "checksum",
         ]
     }
 
@@ -258,6 +277,7 @@ impl Commands for BlkControl {
             }))),
             "query-stats" => Some(Ok(self.stats())),
             "resize" => Some(self.resize(args, frontend)),
+            "checksum" => Some(self.checksum()),
             n if n.starts_with("block-dirty-bitmap-") => self.bitmap(n, args),
             _ => None,
         }

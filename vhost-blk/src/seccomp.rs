@@ -38,6 +38,9 @@ pub fn sandbox(nbd: bool) -> Sandbox {
     // statx on its descriptor: AT_EMPTY_PATH, the flags std passes);
     // never from a vring worker.
     s.process.allow(&[libc::SYS_ftruncate]);
+    // The control thread's `checksum` asks block status (SEEK_DATA,
+    // SEEK_HOLE) to skip holes; the queues never do.
+    s.process.allow(&[libc::SYS_lseek]);
     s.process
         .allow_if(libc::SYS_statx, &[Arg::Eq32(2, libc::AT_EMPTY_PATH as u32)]);
     // The relay's GET/SET_INFLIGHT_FD (inflight tracking).
@@ -85,6 +88,8 @@ mod tests {
         // vring worker.
         assert!(s.process.contains(libc::SYS_memfd_create));
         assert!(!s.vring_worker.contains(libc::SYS_memfd_create));
-        assert_eq!((s.process.len(), s.vring_worker.len()), (51, 31));
+        assert!(s.process.contains(libc::SYS_lseek));
+        assert!(!s.vring_worker.contains(libc::SYS_lseek));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (52, 31));
     }
 }
