@@ -5,7 +5,7 @@ use clap::Args;
 use qcow2::{Amend, OpenOptions};
 
 use crate::opts::{parse_bool, OptList};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressOpt};
 use crate::CliError;
 
 #[derive(Args)]
@@ -16,8 +16,8 @@ pub struct AmendArgs {
     /// backing_file, backing_fmt
     #[arg(short = 'o', value_name = "OPTIONS", required = true)]
     options: Vec<String>,
-    #[arg(short = 'p')]
-    progress: bool,
+    #[command(flatten)]
+    progress: ProgressOpt,
     #[arg(short = 'q')]
     quiet: bool,
     #[arg(short = 't', value_name = "CACHE")]
@@ -144,7 +144,7 @@ pub fn run(a: AmendArgs) -> Result<u8, CliError> {
     };
     // qemu-img prints 0 % before the driver's own figures and 100 % after
     // them, whether the amend worked or not.
-    let progress = Progress::new(a.progress && !a.quiet, "Amending", 10_000, 1.0);
+    let progress = Progress::new(a.progress.target(a.quiet), "Amending", 10_000, 1.0);
     let r = amend_qcow2(q, &img, &am, &luks, luks_given, new_size, &progress);
     progress.set_percent(100.0);
     progress.finish();

@@ -8,7 +8,7 @@ use clap::Args;
 use qcow2::encrypt::Secret;
 use qcow2::{ExtentKind, Format, Image, OpenOptions};
 
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressOpt};
 use crate::CliError;
 
 #[derive(Args)]
@@ -24,9 +24,8 @@ pub struct CommitArgs {
     /// Keep the top image's data (do not empty it)
     #[arg(short = 'd')]
     keep: bool,
-    /// Show progress
-    #[arg(short = 'p')]
-    progress: bool,
+    #[command(flatten)]
+    progress: ProgressOpt,
     #[arg(short = 'q')]
     quiet: bool,
     /// Rate limit (accepted for compatibility)
@@ -175,7 +174,7 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     if base.size() < size {
         base.resize(size)?;
     }
-    let progress = Progress::new(a.progress && !a.quiet, "Committing", size, 1.0);
+    let progress = Progress::new(a.progress.target(a.quiet), "Committing", size, 1.0);
     // Failures while copying are the block job's, as qemu-img words them.
     copy_down(&layers, base.as_ref(), size, &progress)
         .and_then(|()| base.flush())

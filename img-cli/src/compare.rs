@@ -12,7 +12,7 @@
 use clap::Args;
 
 use crate::common::{is_zero, open_opts, parse_format, read_padded};
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressOpt};
 use crate::CliError;
 use qcow2::blockstatus::{Chain, ALLOCATED, ZERO};
 
@@ -30,9 +30,8 @@ pub struct CompareArgs {
     /// Quiet: print nothing, the exit status tells
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Show progress
-    #[arg(short = 'p', long = "progress")]
-    progress: bool,
+    #[command(flatten)]
+    progress: ProgressOpt,
     /// Cache mode (accepted for compatibility)
     #[arg(short = 'T', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
@@ -125,7 +124,12 @@ pub fn run(a: CompareArgs) -> Result<u8, CliError> {
     let two = open_side(&a.filename2, &a.format2)?;
     let (size1, size2) = (one.chain.len(), two.chain.len());
     let total = size1.min(size2);
-    let progress = Progress::new(a.progress && !a.quiet, "Comparing", size1.max(size2), 2.0);
+    let progress = Progress::new(
+        a.progress.target(a.quiet),
+        "Comparing",
+        size1.max(size2),
+        2.0,
+    );
     // qemu-img's stdout is fully buffered into a pipe: its lines come
     // after an error on stderr there, so they wait for the end here too.
     use std::io::IsTerminal;

@@ -1,15 +1,29 @@
-//! Progress of long operations (`-p` of convert, commit, rebase and
-//! compare), shown only when asked for, as in qemu-img.
+//! Progress of long operations (`-p` of convert, commit, rebase,
+//! compare, amend and checksum), shown only when asked for, as in
+//! qemu-img.
 //!
 //! On a terminal (stderr is a TTY) it is an indicatif bar on stderr.
 //! Anywhere else it is qemu-img's own progress output on stdout, which
 //! scripts read: `    (12.34/100%)\r` each time the figure has moved by
 //! more than the command's step (qemu_progress_init's min_skip), always
 //! at 0 and 100 %, and a newline at the end.
+//!
+//! `--progress=json` prints one JSON object per line on stderr (stdout
+//! keeps the command's own output), at the same steps and at the end:
+//! `{"phase":"converting","done":N,"total":N,"percent":P,"rate":R,"elapsed":S}`,
+//! with bytes (amend: ten-thousandths), bytes per second and seconds;
+//! `done` never goes back, and the last line adds `"end":true`.
+//!
+//! SIGUSR1 never ends the command: without `-p` it prints the figure on
+//! stderr (`    (12.34/100%)\n`) at the next step, as qemu-img does; with
+//! `--progress=json` it prints a line at the next step.
 
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
+
+use clap::Args;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -21,6 +35,8 @@ pub enum Target {
     Bar,
     /// qemu-img's lines on stdout.
     Lines,
+    /// JSON objects, one per line, on stderr.
+    Json,
 }
 
 impl Target {
@@ -36,6 +52,58 @@ impl Target {
     }
 }
 
+/// The progress option every command that shows progress takes.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ProgressOpt {
+    /// Show progress (-p); --progress=json prints JSON lines on stderr
+    #[arg(
+        short = 'p',
+        long = "progress",
+        value_name = "FORMAT",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "human",
+        value_parser = ["human", "json"]
+    )]
+    progress: Option<String>,
+}
+
+impl ProgressOpt {
+    /// Where progress goes; `quiet` (-q) turns qemu-img's progress off,
+    /// not the JSON lines a script asked for by name.
+    pub fn target(&self, quiet: bool) -> Target {
+        match self.progress.as_deref() {
+            Some("json") => Target::Json,
+            Some(_) if !quiet => Target::detect(true),
+            _ => Target::Off,
+        }
+    }
+}
+
+/// Set by the SIGUSR1 handler, taken by the next step.
+static USR1: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_usr1(_: libc::c_int) {
+    USR1.store(true, Ordering::Relaxed);
+}
+
+/// Catches SIGUSR1 (whose default ends the process) for the figure.
+fn catch_usr1() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed sigaction is a valid value to fill in; the
+        // handler only stores to an atomic, which is async-signal-safe;
+        // sa_mask is initialised by sigfillset before use.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_usr1 as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            sa.sa_flags = libc::SA_RESTART;
+            libc::sigfillset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        }
+    });
+}
+
 /// Progress of `total` units of work; shared by worker threads.
 pub struct Progress {
     total: u64,
@@ -46,6 +114,14 @@ pub struct Progress {
 enum Kind {
     Off,
     Bar(ProgressBar),
+    Json {
+        phase: String,
+        min_skip: f64,
+        /// The percent and `done` last printed.
+        last: Mutex<(f64, u64)>,
+        start: Instant,
+        out: Mutex<Box<dyn Write + Send>>,
+    },
     Lines {
         min_skip: f64,
         /// The figure last printed.
@@ -57,14 +133,16 @@ enum Kind {
 impl Progress {
     /// Starts showing progress for a command doing `what` (a word for the
     /// bar: "Converting") in steps of at least `min_skip` percent.
-    pub fn new(on: bool, what: &str, total: u64, min_skip: f64) -> Progress {
-        Self::with_target(Target::detect(on), what, total, min_skip, || {
-            Box::new(std::io::stdout())
+    pub fn new(target: Target, what: &str, total: u64, min_skip: f64) -> Progress {
+        catch_usr1();
+        Self::with_target(target, what, total, min_skip, move || match target {
+            Target::Json => Box::new(std::io::stderr()),
+            _ => Box::new(std::io::stdout()),
         })
     }
 
-    /// As [`new`](Self::new) with the target chosen and qemu-img's lines
-    /// written to `out()` (for tests).
+    /// As [`new`](Self::new), qemu-img's lines or the JSON ones written
+    /// to `out()` (for tests), SIGUSR1 left alone.
     pub fn with_target(
         target: Target,
         what: &str,
@@ -90,13 +168,23 @@ impl Progress {
                 last: Mutex::new(0.0),
                 out: Mutex::new(out()),
             },
+            Target::Json => Kind::Json {
+                phase: what.to_lowercase(),
+                min_skip,
+                last: Mutex::new((0.0, 0)),
+                start: Instant::now(),
+                out: Mutex::new(out()),
+            },
         };
         let p = Progress {
             total,
             done: AtomicU64::new(0),
             kind,
         };
-        p.show();
+        match &p.kind {
+            Kind::Json { last, .. } => p.print_json(&mut last.lock().unwrap(), true, false),
+            _ => p.show(),
+        }
         p
     }
 
@@ -106,17 +194,95 @@ impl Progress {
             // Nothing done (a hole): qemu-img prints no step for it.
             return;
         }
-        if let Kind::Lines { last, .. } = &self.kind {
-            // Counted and judged under the lock: two workers adding at once
-            // print the steps the same adds in a row would (a step is not
-            // swallowed by the other's larger total).
-            let mut last = last.lock().unwrap();
-            self.done.fetch_add(n, Ordering::Relaxed);
-            self.print_line(&mut last);
+        match &self.kind {
+            // Counted and judged under the lock: two workers adding at
+            // once print the steps the same adds in a row would (a step
+            // is not swallowed by the other's larger total).
+            Kind::Lines { last, .. } => {
+                let mut last = last.lock().unwrap();
+                self.done.fetch_add(n, Ordering::Relaxed);
+                self.print_line(&mut last);
+            }
+            Kind::Json { last, .. } => {
+                let mut last = last.lock().unwrap();
+                self.done.fetch_add(n, Ordering::Relaxed);
+                self.print_json(&mut last, false, false);
+            }
+            _ => {
+                self.done.fetch_add(n, Ordering::Relaxed);
+                self.show();
+            }
+        }
+        self.poked();
+    }
+
+    /// The figure now, in percent.
+    fn percent(&self) -> f64 {
+        let done = self.done.load(Ordering::Relaxed);
+        if self.total == 0 {
+            100.0
+        } else {
+            (done.min(self.total) as f64 * 100.0 / self.total as f64).min(100.0)
+        }
+    }
+
+    /// After SIGUSR1: the figure on stderr without -p (qemu-img's
+    /// dummy progress), a JSON line with --progress=json.
+    fn poked(&self) {
+        if !USR1.load(Ordering::Relaxed) || !USR1.swap(false, Ordering::Relaxed) {
             return;
         }
-        self.done.fetch_add(n, Ordering::Relaxed);
-        self.show();
+        match &self.kind {
+            Kind::Off => eprintln!("    ({:.2}/100%)", self.percent()),
+            Kind::Json { last, .. } => {
+                let mut last = last.lock().unwrap();
+                self.print_json(&mut last, true, false);
+            }
+            _ => {}
+        }
+    }
+
+    /// Prints a JSON line if the figure moved by the step since `last`
+    /// (the percent and `done` printed before, its lock held), or
+    /// `force`; `end` marks the last line.
+    fn print_json(&self, last: &mut (f64, u64), force: bool, end: bool) {
+        let Kind::Json {
+            phase,
+            min_skip,
+            start,
+            out,
+            ..
+        } = &self.kind
+        else {
+            return;
+        };
+        let cur = self.percent();
+        let moved = (cur - last.0).abs() > *min_skip || (cur == 100.0 && last.0 != 100.0);
+        if !(force || end || moved) {
+            return;
+        }
+        let done = self
+            .done
+            .load(Ordering::Relaxed)
+            .min(self.total)
+            .max(last.1);
+        *last = (cur, done);
+        let secs = start.elapsed().as_secs_f64();
+        let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
+        let mut v = serde_json::json!({
+            "phase": phase,
+            "done": done,
+            "total": self.total,
+            "percent": (cur * 100.0).round() / 100.0,
+            "rate": rate.round() as u64,
+            "elapsed": (secs * 1000.0).round() / 1000.0,
+        });
+        if end {
+            v["end"] = true.into();
+        }
+        let mut out = out.lock().unwrap();
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
     }
 
     /// Shows `pct` percent as qemu_progress_print(pct, 0) does, for
@@ -127,6 +293,12 @@ impl Progress {
         let pct = pct.clamp(0.0, 100.0);
         match &self.kind {
             Kind::Off => {}
+            Kind::Json { last, .. } => {
+                let mut last = last.lock().unwrap();
+                let pos = (f64::from(pct) / 100.0 * self.total as f64) as u64;
+                self.done.store(pos, Ordering::Relaxed);
+                self.print_json(&mut last, false, false);
+            }
             Kind::Bar(b) => {
                 let pos = (f64::from(pct) / 100.0 * self.total as f64) as u64;
                 self.done.store(pos, Ordering::Relaxed);
@@ -147,6 +319,7 @@ impl Progress {
                 }
             }
         }
+        self.poked();
     }
 
     /// Runs `f` (which prints to the terminal) with the bar out of the way.
@@ -182,6 +355,10 @@ impl Progress {
                 let _ = writeln!(out);
                 let _ = out.flush();
             }
+            Kind::Json { last, .. } => {
+                let mut last = last.lock().unwrap();
+                self.print_json(&mut last, false, true);
+            }
         }
     }
 
@@ -195,6 +372,10 @@ impl Progress {
                 let mut last = last.lock().unwrap();
                 self.print_line(&mut last);
             }
+            Kind::Json { last, .. } => {
+                let mut last = last.lock().unwrap();
+                self.print_json(&mut last, false, false);
+            }
         }
     }
 
@@ -204,12 +385,7 @@ impl Progress {
         let Kind::Lines { min_skip, out, .. } = &self.kind else {
             return;
         };
-        let done = self.done.load(Ordering::Relaxed);
-        let cur = if self.total == 0 {
-            100.0
-        } else {
-            (done.min(self.total) as f64 * 100.0 / self.total as f64).min(100.0)
-        };
+        let cur = self.percent();
         // qemu_progress_print's rule.
         if cur > *last + min_skip || cur < *last - min_skip || cur == 0.0 || cur == 100.0 {
             *last = cur;

@@ -8,7 +8,7 @@ use std::path::Path;
 use clap::Args;
 use qcow2::{ExtentKind, Format, Image, OpenOptions};
 
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressOpt};
 use crate::CliError;
 
 #[derive(Args)]
@@ -28,9 +28,8 @@ pub struct RebaseArgs {
     cache: Option<String>,
     #[arg(short = 'T', value_name = "SRC_CACHE")]
     src_cache: Option<String>,
-    /// Show progress
-    #[arg(short = 'p')]
-    progress: bool,
+    #[command(flatten)]
+    progress: ProgressOpt,
     /// Write the copied clusters compressed
     #[arg(short = 'c', long = "compress")]
     compress: bool,
@@ -101,7 +100,7 @@ pub fn run(a: RebaseArgs) -> Result<u8, CliError> {
             a.backing
         )));
     }
-    let progress = Progress::new(a.progress && !a.quiet, "Rebasing", img.size(), 2.0);
+    let progress = Progress::new(a.progress.target(a.quiet), "Rebasing", img.size(), 2.0);
     let new_fmt_name = a.backing_fmt.clone();
     if !a.unsafe_mode {
         let new = match &new_name {

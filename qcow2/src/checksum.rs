@@ -13,8 +13,13 @@
 //! on a raw copy:
 //!
 //! ```text
+//! qemu-img convert -O raw IMAGE disk.raw
 //! split -b 64K --filter='sha256sum | head -c 64 | xxd -r -p' disk.raw | sha256sum
 //! ```
+//!
+//! (A raw file's size counts rounded up to 512-byte sectors, as QEMU
+//! shows it to a guest: run the pipeline on QEMU's copy, or on the file
+//! padded with zeros to a multiple of 512.)
 //!
 //! # Why it is fast
 //! Blocks are independent: ranges of [`UNIT`] bytes are hashed by
@@ -49,6 +54,9 @@ pub enum ChecksumError {
     Status { offset: u64, source: crate::Error },
     #[error("error while reading offset {offset}: {source}")]
     Read { offset: u64, source: crate::Error },
+    /// The caller's cancel flag was set.
+    #[error("cancelled")]
+    Cancelled,
 }
 
 fn sha256(b: &[u8]) -> Digest {
@@ -62,11 +70,13 @@ pub fn hex(d: &Digest) -> String {
 
 /// The checksum of `chain`'s content, hashed by `threads` threads (1:
 /// on the caller's thread alone); `progress` is told of each range
-/// done, in bytes.
+/// done, in bytes. Setting `cancel` ends it within a unit per thread (a
+/// daemon stopping must not wait for a disk's worth of hashing).
 pub fn checksum(
     chain: &Chain,
     threads: usize,
     progress: &(dyn Fn(u64) + Sync),
+    cancel: &AtomicBool,
 ) -> Result<Digest, ChecksumError> {
     let size = chain.len();
     let zero = sha256(&[0u8; BLOCK as usize]);
@@ -83,6 +93,11 @@ pub fn checksum(
         let work = || {
             let mut buf = Vec::new();
             while !failed.load(Ordering::Relaxed) {
+                if cancel.load(Ordering::Relaxed) {
+                    failed.store(true, Ordering::Relaxed);
+                    lock(&error).get_or_insert(ChecksumError::Cancelled);
+                    break;
+                }
                 let u = next.fetch_add(1, Ordering::Relaxed);
                 if u >= end {
                     break;
@@ -90,13 +105,15 @@ pub fn checksum(
                 let start = u * UNIT;
                 let len = UNIT.min(size - start);
                 match hash_unit(chain, start, len, &zero, &mut buf) {
-                    Ok(d) => *lock(&digests[(u - first) as usize]) = d,
+                    Ok(d) => {
+                        *lock(&digests[(u - first) as usize]) = d;
+                        progress(len);
+                    }
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
                         lock(&error).get_or_insert(e);
                     }
                 }
-                progress(len);
             }
         };
         match threads.min((end - first) as usize) {
@@ -181,10 +198,9 @@ fn hash_unit(
         let from = start + i as u64 * BLOCK;
         let n = (start + j as u64 * BLOCK).min(end) - from;
         buf.resize(n as usize, 0);
-        read_padded(chain.top(), buf, from).map_err(|source| ChecksumError::Read {
-            offset: from,
-            source,
-        })?;
+        if let Err(source) = read_padded(chain.top(), buf, from) {
+            return Err(failed_read(chain, from, n, source));
+        }
         for b in buf.chunks(BLOCK as usize) {
             out.push(if b.len() == BLOCK as usize && crate::zeros::is_zero(b) {
                 *zero
@@ -195,4 +211,26 @@ fn hash_unit(
         i = j;
     }
     Ok(out)
+}
+
+/// The error of a failed read of [from, from + len), at the first block
+/// that fails on its own: the offset names where the damage is, not
+/// where the read began.
+fn failed_read(chain: &Chain, from: u64, len: u64, first: crate::Error) -> ChecksumError {
+    let mut b = vec![0u8; BLOCK.min(len) as usize];
+    let mut off = from;
+    while off < from + len {
+        let n = BLOCK.min(from + len - off) as usize;
+        if let Err(source) = read_padded(chain.top(), &mut b[..n], off) {
+            return ChecksumError::Read {
+                offset: off,
+                source,
+            };
+        }
+        off += n as u64;
+    }
+    ChecksumError::Read {
+        offset: from,
+        source: first,
+    }
 }

@@ -616,3 +616,35 @@ fn blk_checksum_of_a_served_disk_is_rimg_checksum_of_the_file() {
     qemu_create(&fresh, "", "64M");
     assert_eq!(empty["checksum"], file(&fresh));
 }
+
+/// A checksum of an exabyte disk runs for days: one at a time, and
+/// SIGTERM cancels it instead of waiting for it.
+#[test]
+fn blk_checksum_runs_once_and_sigterm_cancels_it() {
+    let dir = tempdir();
+    let img = dir.path().join("huge.qcow2");
+    qemu_create(&img, "cluster_size=2M", "2E");
+    let sock = dir.path().join("blk.sock");
+    let ctl = dir.path().join("ctl.sock");
+    let d = Daemon::start(&sock, &img, &["--control", ctl.to_str().unwrap()]).unwrap();
+    // Two ask at once: whichever runs, the other is refused while it
+    // does (so it is known to run).
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..2 {
+        let mut c = UnixStream::connect(&ctl).unwrap();
+        c.write_all(b"{\"execute\": \"checksum\"}\n").unwrap();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut answer = String::new();
+            let _ = BufReader::new(&c).read_line(&mut answer);
+            let _ = tx.send(answer);
+        });
+    }
+    let refused = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(refused.contains("running already"), "{refused}");
+    let (st, log) = d.terminate_within(Duration::from_secs(30));
+    let st = st.unwrap_or_else(|| panic!("SIGTERM waited for the checksum: {log}"));
+    assert!(st.success(), "daemon exit {st}: {log}");
+    let answer = rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    assert!(!answer.contains("\"return\""), "{answer}");
+}

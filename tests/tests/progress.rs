@@ -3,6 +3,9 @@
 //! 0.00 to 100.00, never going back, then a newline) followed by the same
 //! messages as qemu-img's; nothing without `-p` or with `-q`; on a
 //! terminal (a pty from `script`), an indicatif bar on stderr instead.
+//! `--progress=json`: JSON lines on stderr that parse and never go back.
+//! SIGUSR1 without `-p`: the figure on stderr, as qemu-img prints it,
+//! and the command goes on.
 
 use std::path::Path;
 use std::process::Output;
@@ -272,4 +275,179 @@ fn convert_progress_counts_data() {
     }
     assert_eq!(lines[1], lines[0], "rimg's progress, then qemu-img's");
     assert!(lines[0].contains("(25.00/100%)"), "{:?}", lines[0]);
+}
+
+/// The JSON progress lines of `stderr`: each parses, names `phase`,
+/// keeps its total, never goes back; the first is at 0 and only the last
+/// ends. Returns the last `done` and whether it reached the total.
+fn json_lines(stderr: &[u8], phase: &str) -> (u64, bool) {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}\n{text}")))
+        .collect();
+    assert!(lines.len() >= 2, "{text}");
+    let total = lines[0]["total"].as_u64().unwrap();
+    let mut done = 0;
+    let mut pct = 0.0;
+    for (i, v) in lines.iter().enumerate() {
+        assert_eq!(v["phase"], phase, "{text}");
+        assert_eq!(v["total"].as_u64(), Some(total), "{text}");
+        let d = v["done"].as_u64().unwrap();
+        let p = v["percent"].as_f64().unwrap();
+        assert!(
+            d >= done && p >= pct && d <= total,
+            "went back at line {i}: {text}"
+        );
+        assert!(
+            v["rate"].is_u64() && v["elapsed"].as_f64().unwrap() >= 0.0,
+            "{v}"
+        );
+        assert_eq!(v.get("end").is_some(), i == lines.len() - 1, "{text}");
+        (done, pct) = (d, p);
+    }
+    assert_eq!(lines[0]["done"], 0, "{text}");
+    (done, done == total)
+}
+
+#[test]
+fn json_progress_lines_parse_and_never_go_back() {
+    let d = tempdir();
+    make_chain(d.path());
+    let top = d.path().join("top.qcow2");
+    let dst = d.path().join("conv.qcow2");
+    let o = rimg(&[
+        "convert",
+        "--progress=json",
+        "-O",
+        "qcow2",
+        s(&top),
+        s(&dst),
+    ]);
+    assert_eq!(out(&o, "convert", 0), "");
+    assert_eq!(json_lines(&o.stderr, "converting"), (48 << 20, true));
+    // -q silences qemu-img's progress, not JSON asked for by name.
+    let o = rimg(&["compare", "-q", "--progress=json", s(&top), s(&dst)]);
+    assert_eq!(out(&o, "compare", 0), "");
+    assert!(json_lines(&o.stderr, "comparing").1);
+    let o = rimg(&["compare", "--progress=json", s(&top), s(&dst)]);
+    assert_eq!(out(&o, "compare", 0), "Images are identical.\n");
+    let o = rimg(&["checksum", "--progress=json", s(&top)]);
+    assert!(out(&o, "checksum", 0).ends_with(&format!("  {}\n", s(&top))));
+    assert_eq!(json_lines(&o.stderr, "checksumming"), (64 << 20, true));
+    let t = copy_chain(d.path(), "json");
+    let top = t.join("top.qcow2");
+    let new = t.join("new.qcow2");
+    out(
+        &qemu_img(&["create", "-q", "-f", "qcow2", s(&new), "64M"]),
+        "create",
+        0,
+    );
+    let o = rimg(&[
+        "rebase",
+        "--progress=json",
+        "-b",
+        "new.qcow2",
+        "-F",
+        "qcow2",
+        s(&top),
+    ]);
+    assert_eq!(out(&o, "rebase", 0), "");
+    assert!(json_lines(&o.stderr, "rebasing").1);
+    let o = rimg(&["commit", "--progress=json", s(&top)]);
+    assert_eq!(out(&o, "commit", 0), "Image committed.\n");
+    assert!(json_lines(&o.stderr, "committing").1);
+    let o = rimg(&["amend", "--progress=json", "-o", "compat=0.10", s(&new)]);
+    out(&o, "amend", 0);
+    assert!(json_lines(&o.stderr, "amending").1);
+    // A format it does not know is refused.
+    let o = rimg(&["checksum", "--progress=xml", s(&top)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("xml"));
+}
+
+/// Whether `pid` has a handler for SIGUSR1 (bit 10 of SigCgt).
+fn catches_usr1(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1 << (libc::SIGUSR1 - 1)) != 0)
+}
+
+/// SIGUSR1 without -p prints the figure on stderr at the next step, as
+/// qemu-img does, and the command goes on. The source is an NBD export
+/// that qemu-storage-daemon throttles to 16 MiB/s, so that 64 MiB take
+/// seconds, whatever the machine.
+#[test]
+fn sigusr1_prints_the_figure_and_the_command_goes_on() {
+    use rimg_tests::qsd::Qsd;
+    use serde_json::json;
+    use std::time::{Duration, Instant};
+    let d = tempdir();
+    let img = d.path().join("data.qcow2");
+    out(
+        &qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "64M"]),
+        "create",
+        0,
+    );
+    assert!(run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 7 0 64M", s(&img)]
+    )
+    .status
+    .success());
+    let sock = d.path().join("nbd.sock");
+    let mut qsd = Qsd::start_nbd(&img, &sock, "disk", false);
+    qsd.qmp(
+        "object-add",
+        json!({"qom-type": "throttle-group", "id": "tg", "limits": {"bps-read": 16 << 20}}),
+    )
+    .unwrap();
+    qsd.qmp(
+        "blockdev-add",
+        json!({"driver": "throttle", "node-name": "slow", "throttle-group": "tg", "file": "disk"}),
+    )
+    .unwrap();
+    qsd.qmp(
+        "block-export-add",
+        json!({"type": "nbd", "id": "slowexp", "node-name": "slow", "name": "slow"}),
+    )
+    .unwrap();
+    let uri = format!("nbd+unix:///slow?socket={}", s(&sock));
+    for tool in ["qemu-img", "rimg"] {
+        let bin = match tool {
+            "rimg" => workspace_bin("rimg"),
+            _ => "qemu-img".into(),
+        };
+        let dst = d.path().join(format!("{tool}.raw"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["convert", "-f", "raw", "-O", "raw", &uri, s(&dst)]);
+        let child = rimg_tests::spawn_watched(cmd, std::process::Stdio::null());
+        let end = Instant::now() + Duration::from_secs(20);
+        while !catches_usr1(child.id()) {
+            assert!(Instant::now() < end, "{tool} never caught SIGUSR1");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // SAFETY: kill(2) on our child, running (watched, not reaped).
+        unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+        let w = child.wait(Duration::from_secs(60));
+        assert!(
+            w.status.is_some_and(|s| s.success()),
+            "{tool}: {:?}",
+            w.status
+        );
+        let err = String::from_utf8(w.stderr).unwrap();
+        let fig: f64 = err
+            .strip_prefix("    (")
+            .and_then(|r| r.strip_suffix("/100%)\n"))
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("{tool}'s stderr: {err:?}"));
+        assert!((0.0..100.0).contains(&fig), "{tool}: {fig}");
+        assert!(w.stdout.is_empty(), "{tool}");
+        assert_eq!(std::fs::metadata(&dst).unwrap().len(), 64 << 20);
+    }
+    let (st, log) = qsd.quit();
+    assert!(st.success(), "{log}");
 }

@@ -5,7 +5,7 @@
 //! dirty bitmap edits and `checksum`.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,6 +94,10 @@ pub struct BlkControl {
     pub file_id: Option<(u64, u64)>,
     /// One resize at a time.
     resizing: Mutex<()>,
+    /// One checksum at a time.
+    checksumming: Mutex<()>,
+    /// Set when the daemon stops: a running checksum ends.
+    cancel: AtomicBool,
 }
 
 impl BlkControl {
@@ -110,6 +114,8 @@ impl BlkControl {
             stats: (0..queues).map(|_| Arc::default()).collect(),
             readonly,
             resizing: Mutex::new(()),
+            checksumming: Mutex::new(()),
+            cancel: AtomicBool::new(false),
         }
     }
 
@@ -230,13 +236,19 @@ impl BlkControl {
 
 impl BlkControl {
     /// `rimg checksum` of the served content (`qcow2::checksum`), hashed
-    /// on the control thread alone: other commands wait meanwhile, the
-    /// queues do not. Writes that land during it may or may not count:
-    /// a value to compare needs a quiet guest.
+    /// on the asking client's thread alone, one checksum at a time (it
+    /// reads the whole disk); the queues go on. Writes that land during
+    /// it may or may not count: a value to compare needs a quiet guest.
+    /// A stopping daemon cancels it.
     fn checksum(&self) -> Result<Value, CommandError> {
+        let Ok(_one) = self.checksumming.try_lock() else {
+            return Err(CommandError::Invalid(
+                "a checksum is running already".into(),
+            ));
+        };
         let chain = qcow2::blockstatus::Chain::new(&self.img)
             .map_err(|e| CommandError::Failed(format!("checksum: {e}")))?;
-        let d = qcow2::checksum::checksum(&chain, 1, &|_| {})
+        let d = qcow2::checksum::checksum(&chain, 1, &|_| {}, &self.cancel)
             .map_err(|e| CommandError::Failed(format!("checksum: {e}")))?;
         Ok(json!({
             "checksum": qcow2::checksum::hex(&d),
@@ -281,6 +293,10 @@ impl Commands for BlkControl {
             n if n.starts_with("block-dirty-bitmap-") => self.bitmap(n, args),
             _ => None,
         }
+    }
+
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
     }
 }
 

@@ -73,6 +73,9 @@ pub trait Commands: Send + Sync + 'static {
         args: &Map<String, Value>,
         frontend: &Frontend,
     ) -> Option<Result<Value, CommandError>>;
+    /// The daemon is stopping: a command still running should end soon
+    /// (stopping waits for it).
+    fn cancel(&self) {}
 }
 
 /// A daemon with no commands of its own.
@@ -202,6 +205,7 @@ pub(crate) struct Running {
     stopping: Arc<AtomicBool>,
     accept: std::thread::JoinHandle<()>,
     clients: Arc<Mutex<Vec<Client>>>,
+    commands: Arc<dyn Commands>,
 }
 
 /// A client's thread and a duplicate of its connection, shut down to end
@@ -216,6 +220,7 @@ impl Running {
     /// finishes first), so that the commands are dropped.
     pub(crate) fn stop(self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.commands.cancel();
         // SAFETY: shutdown(2) on a descriptor we own: a blocked accept on
         // a listening socket returns (EINVAL) once it is shut down.
         unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
@@ -238,6 +243,7 @@ pub(crate) fn spawn(listener: UnixListener, shared: Arc<Shared>) -> std::io::Res
     let clients: Arc<Mutex<Vec<Client>>> = Arc::default();
     let stopping = Arc::new(AtomicBool::new(false));
     let dup = listener.try_clone()?;
+    let commands = shared.commands.clone();
     let (list, stop) = (clients.clone(), stopping.clone());
     let accept = std::thread::Builder::new()
         .name("control".into())
@@ -278,6 +284,7 @@ pub(crate) fn spawn(listener: UnixListener, shared: Arc<Shared>) -> std::io::Res
         stopping,
         accept,
         clients,
+        commands,
     })
 }
 

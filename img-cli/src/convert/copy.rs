@@ -252,7 +252,9 @@ impl Job<'_> {
                 }
             };
             match r {
-                Ok(data) => self.progress.add(data),
+                // Without -p the figure (SIGUSR1's) is of the guest
+                // bytes passed, as the total is.
+                Ok(data) => self.progress.add(if self.count_data { data } else { len }),
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
                     self.error.lock().unwrap().get_or_insert(e);

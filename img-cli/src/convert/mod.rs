@@ -19,7 +19,7 @@ use qcow2::{Format, Image, OpenOptions};
 
 use crate::create::{parse_options, Parsed};
 use crate::opts::OptList;
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressOpt, Target};
 use crate::size::parse_size;
 use crate::CliError;
 
@@ -70,9 +70,8 @@ pub struct ConvertArgs {
     /// The existing output reads as zeros: skip writing zeros (with -n)
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
-    /// Show progress
-    #[arg(short = 'p')]
-    progress: bool,
+    #[command(flatten)]
+    progress: ProgressOpt,
     #[arg(short = 'q')]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
@@ -307,6 +306,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         1
     };
     let cluster = target.cluster_size();
+    let shown = a.progress.target(a.quiet);
     let job = Job {
         target: &target,
         cluster,
@@ -320,16 +320,16 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         // As qemu-img: progress counts the data to copy (everything with
         // -S 0), not the holes.
         progress: Progress::new(
-            a.progress && !a.quiet,
+            shown,
             "Converting",
-            if sparse == 0 || !a.progress || a.quiet {
+            if sparse == 0 || shown == Target::Off {
                 total
             } else {
                 sources.data_bytes(0, total)?
             },
             1.0,
         ),
-        count_data: a.progress && !a.quiet,
+        count_data: shown != Target::Off,
         turn: (in_turn && workers > 1).then(Turn::default),
         split_writes: target.data_in_clear(),
         failed: AtomicBool::new(false),
