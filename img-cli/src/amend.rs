@@ -10,17 +10,17 @@ use crate::CliError;
 
 #[derive(Args)]
 pub struct AmendArgs {
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Options to change: compat, refcount_bits, lazy_refcounts,
     /// backing_file, backing_fmt
-    #[arg(short = 'o', value_name = "OPTIONS", required = true)]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS", required = true)]
     options: Vec<String>,
     #[command(flatten)]
     progress: ProgressOpt,
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Allow changes that qemu-img guards with --force (accepted)
     #[arg(long)]

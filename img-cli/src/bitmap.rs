@@ -70,7 +70,7 @@ Options:
   -g, --granularity SIZE   granularity of a new bitmap (with --add)
   -b, --source-file FILE   the image SOURCE is in (with --merge)
   -F, --source-format FMT  its format
-  -f FMT                   the image's format
+  -f, --format FMT         the image's format
       --image-opts         FILENAME is an option string
       --object OBJECTDEF   a secret, as for the other commands
   -h, --help               print this help";
@@ -132,7 +132,7 @@ fn parse(args: &[String]) -> Result<Parsed, CliError> {
             }
             "-b" | "--source-file" => p.src_file = Some(value(a)?),
             "-F" | "--source-format" => p.src_fmt = Some(value(a)?),
-            "-f" => p.fmt = Some(value(a)?),
+            "-f" | "--format" => p.fmt = Some(value(a)?),
             "-h" | "--help" => {
                 return Err(CliError {
                     msg: HELP.into(),

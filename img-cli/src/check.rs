@@ -18,18 +18,18 @@ pub enum RepairArg {
 
 #[derive(Args)]
 pub struct CheckArgs {
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
     /// Repair: leaks, or all (refcounts rebuilt, invalid entries and
     /// COPIED flags corrected; every change is reported)
-    #[arg(short = 'r', value_enum)]
+    #[arg(short = 'r', long = "repair", value_enum)]
     repair: Option<RepairArg>,
     /// Cache mode (accepted for compatibility)
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "cache", value_name = "SRC_CACHE")]
     cache: Option<String>,
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,

@@ -13,23 +13,28 @@ use crate::CliError;
 
 #[derive(Args)]
 pub struct CommitArgs {
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Cache mode (accepted for compatibility)
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
     /// Commit into this image of the backing chain (default: the backing file)
-    #[arg(short = 'b', value_name = "BASE")]
+    #[arg(short = 'b', long = "base", value_name = "BASE")]
     base: Option<String>,
     /// Keep the top image's data (do not empty it)
-    #[arg(short = 'd')]
+    #[arg(short = 'd', long = "drop")]
     keep: bool,
     #[command(flatten)]
     progress: ProgressOpt,
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     /// Rate limit (accepted for compatibility)
-    #[arg(short = 'r', value_name = "RATE")]
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
     rate: Option<String>,
     /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
@@ -113,7 +118,8 @@ fn names(layer: &Path, given: &str, backing: &Path) -> bool {
 }
 
 pub fn run(a: CommitArgs) -> Result<u8, CliError> {
-    let _ = (&a.cache, &a.rate);
+    let _ = &a.cache;
+    let limit = crate::rate::Limit::parse(&a.rate)?;
     let format = match &a.format {
         Some(f) => Some(
             Format::from_name(f)
@@ -176,7 +182,7 @@ pub fn run(a: CommitArgs) -> Result<u8, CliError> {
     }
     let progress = Progress::new(a.progress.target(a.quiet), "Committing", size, 1.0);
     // Failures while copying are the block job's, as qemu-img words them.
-    copy_down(&layers, base.as_ref(), size, &progress)
+    copy_down(&layers, base.as_ref(), size, &progress, limit.as_ref())
         .and_then(|()| base.flush())
         .map_err(|e| {
             CliError::new(format!(
@@ -213,6 +219,7 @@ fn copy_down(
     base: &dyn Image,
     size: u64,
     progress: &Progress,
+    limit: Option<&crate::rate::Limit>,
 ) -> qcow2::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut pos = 0;
@@ -239,6 +246,9 @@ fn copy_down(
                 let b = &mut buf[..len as usize];
                 l.read_at(b, pos)?;
                 base.write_at(b, pos)?;
+                if let Some(l) = limit {
+                    l.take(len);
+                }
             }
             None => {}
         }

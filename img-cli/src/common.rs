@@ -91,3 +91,33 @@ pub fn display_name(given: &str) -> String {
 pub fn error_text(e: &qcow2::Error) -> String {
     qcow2::error::without_os_code(e.to_string())
 }
+
+/// Makes `img` read as internal snapshot `spec` (convert's and
+/// measure's -l): an ID or name, or
+/// `snapshot.id=ID[,snapshot.name=NAME]` / `snapshot.name=NAME`.
+pub fn load_snapshot(img: &dyn Image, spec: &str) -> Result<(), CliError> {
+    let (mut id, mut name) = (None, None);
+    if spec.starts_with("snapshot.") {
+        for kv in spec.split(',') {
+            match kv.split_once('=') {
+                Some(("snapshot.id", v)) => id = Some(v),
+                Some(("snapshot.name", v)) => name = Some(v),
+                _ => {
+                    return Err(CliError::new(format!(
+                        "Failed in parsing snapshot param '{spec}'"
+                    )))
+                }
+            }
+        }
+    } else {
+        name = Some(spec);
+    }
+    let Some(q) = img.as_qcow2() else {
+        return Err(CliError::new(format!(
+            "Failed to load snapshot: Block format '{}' used by device '' does not support temporarily loading internal snapshots",
+            img.format().name()
+        )));
+    };
+    q.snapshot_load_tmp(name.unwrap_or(""), id)
+        .map_err(|e| CliError::new(format!("Failed to load snapshot: {e}")))
+}

@@ -13,25 +13,25 @@ use crate::CliError;
 #[derive(Args)]
 pub struct CreateArgs {
     /// Image format: qcow2, raw or luks (default raw, as qemu-img)
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Backing file (relative names resolve against the new image's directory)
-    #[arg(short = 'b', value_name = "BACKING_FILE")]
+    #[arg(short = 'b', long = "backing", value_name = "BACKING_FILE")]
     backing: Option<String>,
     /// Backing file format
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_fmt: Option<String>,
     /// Do not open the backing file (its size is then required)
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_backing: bool,
     /// Format options: cluster_size, compat, refcount_bits, lazy_refcounts,
     /// preallocation, backing_file, backing_fmt, compression_type, size,
     /// encrypt.format (luks, aes), encrypt.key-secret and the other
     /// encrypt.* options, encryption=on
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Quiet: print nothing on success
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     filename: String,
     /// Virtual size, with optional k/M/G/T suffix

@@ -19,7 +19,7 @@ pub enum Output {
 #[derive(Args)]
 pub struct InfoArgs {
     /// Image format (probed when absent)
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     #[arg(long, value_enum, default_value = "human")]
     output: Output,

@@ -25,6 +25,7 @@ mod object;
 mod opts;
 mod progress;
 mod qjson;
+mod rate;
 mod rebase;
 mod resize;
 mod size;
@@ -38,6 +39,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 #[command(
     name = "rimg",
     version,
+    // A long option may be shortened while it stays unambiguous
+    // (--out=json), as getopt_long lets qemu-img's be.
+    infer_long_args = true,
     about = "Disk image tool for qcow2 and raw images (qemu-img compatible)"
 )]
 struct Cli {

@@ -16,13 +16,13 @@ pub struct MeasureArgs {
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
     /// Input format (probed when absent)
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// Output format (default raw)
-    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     out_format: Option<String>,
     /// Output image options, as for create
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Measure a new empty image of this size instead of an input image
     #[arg(long, value_name = "SIZE", conflicts_with = "filename")]
@@ -32,6 +32,10 @@ pub struct MeasureArgs {
     /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
     image_opts: bool,
+    /// Measure internal snapshot SNAPSHOT of the input (an ID or name, or
+    /// snapshot.id=ID / snapshot.name=NAME)
+    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    snapshot: Option<String>,
     #[arg(required_unless_present = "size")]
     filename: Option<String>,
 }
@@ -67,6 +71,11 @@ fn prealloc_size(size: u64, cs: u64, refcount_order: u32, extl2: bool) -> u64 {
 }
 
 pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
+    if a.filename.is_none() && (a.image_opts || a.format.is_some() || a.snapshot.is_some()) {
+        return Err(CliError::new(
+            "--image-opts, -f, and -l require a filename argument.",
+        ));
+    }
     let fmt = crate::common::parse_format;
     let out_fmt = fmt(&a.out_format)?.unwrap_or(Format::Raw);
     let list = OptList::parse(&a.options).map_err(CliError::new)?;
@@ -109,6 +118,9 @@ pub fn run(a: MeasureArgs) -> Result<u8, CliError> {
         ),
         None => None,
     };
+    if let (Some(sn), Some(img)) = (&a.snapshot, &input) {
+        crate::common::load_snapshot(img.as_ref(), sn)?;
+    }
     let size = match (&a.size, &input) {
         (Some(s), _) => parse_size(s)
             .ok_or_else(|| CliError::new(format!("Invalid image size specified: '{s}'")))?,

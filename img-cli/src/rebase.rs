@@ -13,27 +13,32 @@ use crate::CliError;
 
 #[derive(Args)]
 pub struct RebaseArgs {
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
     /// New backing file ("" for none)
-    #[arg(short = 'b', value_name = "BACKING_FILE", required = true)]
+    #[arg(
+        short = 'b',
+        long = "backing",
+        value_name = "BACKING_FILE",
+        required = true
+    )]
     backing: String,
     /// Format of the new backing file
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_fmt: Option<String>,
     /// Unsafe: only change the backing file name, copy nothing
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     unsafe_mode: bool,
-    #[arg(short = 't', value_name = "CACHE")]
+    #[arg(short = 't', long = "cache", value_name = "CACHE")]
     cache: Option<String>,
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "backing-cache", value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     #[command(flatten)]
     progress: ProgressOpt,
     /// Write the copied clusters compressed
     #[arg(short = 'c', long = "compress")]
     compress: bool,
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,

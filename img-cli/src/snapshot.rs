@@ -20,9 +20,9 @@ pub struct SnapshotArgs {
     /// Delete a snapshot
     #[arg(short = 'd', value_name = "SNAPSHOT")]
     delete: Option<String>,
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,

@@ -35,8 +35,13 @@ pub(super) struct Job<'a> {
     /// -n without -B: zero regions are written whatever the target holds.
     pub(super) overwrite_zeros: bool,
     pub(super) progress: Progress,
-    /// Progress is shown: count the data of each chunk for it.
+    /// Count the data of each chunk (for progress or the rate limit).
     pub(super) count_data: bool,
+    /// Progress is shown, and counts data (the total is the data to
+    /// copy); otherwise it counts guest bytes.
+    pub(super) progress_data: bool,
+    /// -r: data copied per second.
+    pub(super) limit: Option<crate::rate::Limit>,
     /// Writes are mapped in guest order, turn by turn (see the module
     /// docs); None: each worker writes as it goes.
     pub(super) turn: Option<Turn>,
@@ -252,9 +257,15 @@ impl Job<'_> {
                 }
             };
             match r {
-                // Without -p the figure (SIGUSR1's) is of the guest
-                // bytes passed, as the total is.
-                Ok(data) => self.progress.add(if self.count_data { data } else { len }),
+                Ok(data) => {
+                    if let Some(l) = &self.limit {
+                        l.take(data);
+                    }
+                    // Without -p the figure (SIGUSR1's) is of the guest
+                    // bytes passed, as the total is.
+                    self.progress
+                        .add(if self.progress_data { data } else { len })
+                }
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
                     self.error.lock().unwrap().get_or_insert(e);

@@ -31,56 +31,79 @@ use sources::Sources;
 #[derive(Args)]
 pub struct ConvertArgs {
     /// Source format (probed when absent)
-    #[arg(short = 'f', value_name = "FMT")]
+    #[arg(short = 'f', long = "source-format", value_name = "FMT")]
     format: Option<String>,
     /// Output format (default raw)
-    #[arg(short = 'O', value_name = "OUTPUT_FMT")]
+    #[arg(short = 'O', long = "target-format", value_name = "OUTPUT_FMT")]
     out_format: Option<String>,
     /// Output image options, as for create
-    #[arg(short = 'o', value_name = "OPTIONS")]
+    #[arg(short = 'o', long = "target-options", value_name = "OPTIONS")]
     options: Vec<String>,
     /// Compress the output (qcow2)
-    #[arg(short = 'c')]
+    #[arg(short = 'c', long = "compress")]
     compress: bool,
     /// Backing file of the output; only data that differs from it is written
-    #[arg(short = 'B', value_name = "BACKING_FILE")]
+    #[arg(short = 'B', long = "backing", value_name = "BACKING_FILE")]
     backing: Option<String>,
     /// Format of the output's backing file
-    #[arg(short = 'F', value_name = "BACKING_FMT")]
+    #[arg(short = 'F', long = "backing-format", value_name = "BACKING_FMT")]
     backing_fmt: Option<String>,
     /// Do not create the output: write into the existing image
-    #[arg(short = 'n')]
+    #[arg(short = 'n', long = "no-create")]
     no_create: bool,
     /// Runs of zeros at least this long become holes / zero clusters
-    #[arg(short = 'S', value_name = "SPARSE_SIZE", default_value = "4k")]
+    #[arg(
+        short = 'S',
+        long = "sparse-size",
+        value_name = "SPARSE_SIZE",
+        default_value = "4k"
+    )]
     sparse: String,
     /// Output cache mode: unsafe (default, no flushes), writeback,
     /// writethrough, none, directsync
-    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe")]
+    #[arg(
+        short = 't',
+        long = "target-cache",
+        value_name = "CACHE",
+        default_value = "unsafe"
+    )]
     cache: String,
     /// Source cache mode (accepted for compatibility)
-    #[arg(short = 'T', value_name = "SRC_CACHE")]
+    #[arg(short = 'T', long = "source-cache", value_name = "SRC_CACHE")]
     src_cache: Option<String>,
     /// Allow out-of-order writes (several workers write at once)
-    #[arg(short = 'W')]
+    #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
     /// Parallel requests (threads, at most one per core are used)
-    #[arg(short = 'm', value_name = "NUM", default_value_t = 8)]
+    #[arg(
+        short = 'm',
+        long = "parallel",
+        value_name = "NUM",
+        default_value_t = 8
+    )]
     parallel: usize,
     /// The existing output reads as zeros: skip writing zeros (with -n)
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
     #[command(flatten)]
     progress: ProgressOpt,
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     quiet: bool,
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
     /// The filename is an option string (driver=qcow2,file.filename=...)
-    #[arg(long = "image-opts")]
+    #[arg(long = "image-opts", visible_alias = "source-image-opts")]
     image_opts: bool,
     /// Copy offloading (accepted for compatibility)
-    #[arg(short = 'C')]
+    /// Copy at most RATE bytes of data per second (suffixes as for sizes)
+    #[arg(
+        short = 'r',
+        long = "rate",
+        value_name = "RATE",
+        allow_hyphen_values = true
+    )]
+    rate: Option<String>,
+    #[arg(short = 'C', long = "copy-range-offloading")]
     copy_offload: bool,
     /// Copy the source's persistent bitmaps (qcow2 to qcow2)
     #[arg(long)]
@@ -89,7 +112,12 @@ pub struct ConvertArgs {
     #[arg(long)]
     skip_broken_bitmaps: bool,
     /// Internal snapshot to convert from
-    #[arg(short = 'l', long = "snapshot", value_name = "SNAPSHOT")]
+    #[arg(
+        short = 'l',
+        long = "source-snapshot",
+        visible_alias = "snapshot",
+        value_name = "SNAPSHOT"
+    )]
     snapshot: Option<String>,
     /// Source image(s), concatenated, then the output image (options
     /// may come between them, as with qemu-img's getopt)
@@ -121,6 +149,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         a.quiet,
     );
     crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
+    let limit = crate::rate::Limit::parse(&a.rate)?;
     if a.files.len() < 2 {
         return Err(CliError::new("Must specify image file name"));
     }
@@ -173,7 +202,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         })
         .collect::<Result<_, _>>()?;
     if let Some(sn) = &a.snapshot {
-        load_snapshot(parts[0].as_ref(), sn)?;
+        crate::common::load_snapshot(parts[0].as_ref(), sn)?;
     }
     let src_bitmaps = crate::bitmap::convert_check(&parts, a.bitmaps, a.skip_broken_bitmaps)?;
     let first_src = parts[0].clone();
@@ -329,7 +358,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             },
             1.0,
         ),
-        count_data: shown != Target::Off,
+        count_data: shown != Target::Off || limit.is_some(),
+        progress_data: shown != Target::Off,
+        limit,
         turn: (in_turn && workers > 1).then(Turn::default),
         split_writes: target.data_in_clear(),
         failed: AtomicBool::new(false),
@@ -352,33 +383,4 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     job.progress.complete();
     job.progress.finish();
     Ok(0)
-}
-
-/// Makes the source read as internal snapshot `spec`: an ID or name, or
-/// `snapshot.id=ID[,snapshot.name=NAME]` / `snapshot.name=NAME`.
-fn load_snapshot(img: &dyn Image, spec: &str) -> Result<(), CliError> {
-    let (mut id, mut name) = (None, None);
-    if spec.starts_with("snapshot.") {
-        for kv in spec.split(',') {
-            match kv.split_once('=') {
-                Some(("snapshot.id", v)) => id = Some(v),
-                Some(("snapshot.name", v)) => name = Some(v),
-                _ => {
-                    return Err(CliError::new(format!(
-                        "Failed in parsing snapshot param '{spec}'"
-                    )))
-                }
-            }
-        }
-    } else {
-        name = Some(spec);
-    }
-    let Some(q) = img.as_qcow2() else {
-        return Err(CliError::new(format!(
-            "Failed to load snapshot: Block format '{}' used by device '' does not support internal snapshots",
-            img.format().name()
-        )));
-    };
-    q.snapshot_load_tmp(name.unwrap_or(""), id)
-        .map_err(|e| CliError::new(format!("Failed to load snapshot: {e}")))
 }
