@@ -190,39 +190,9 @@ fn open(spec: Spec, cache_size: Option<u64>) -> Result<Export, String> {
     Ok(e)
 }
 
-/// The listening socket systemd passed (socket activation, sd_listen_fds
-/// with one descriptor): LISTEN_PID names this process and LISTEN_FDS is
-/// 1; the socket is descriptor 3. The variables are removed so that
-/// nothing started later takes them for its own.
-fn activated() -> Result<Option<i32>, String> {
-    let (Some(pid), Some(fds)) = (
-        std::env::var_os("LISTEN_PID"),
-        std::env::var_os("LISTEN_FDS"),
-    ) else {
-        return Ok(None);
-    };
-    if pid.to_str().and_then(|p| p.parse::<u32>().ok()) != Some(std::process::id()) {
-        return Ok(None);
-    }
-    // SAFETY: no other thread runs yet (the server has not started any),
-    // so nothing reads the environment while it changes.
-    unsafe {
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDS");
-        std::env::remove_var("LISTEN_FDNAMES");
-    }
-    match fds.to_str() {
-        Some("1") => Ok(Some(3)),
-        _ => Err(format!(
-            "socket activation: LISTEN_FDS={}, expected one listening socket",
-            fds.to_string_lossy()
-        )),
-    }
-}
-
 fn serve(a: Args) -> Result<(), String> {
-    // First: the socket-activation variables, read and cleared.
-    let listen = match (activated()?, a.socket) {
+    // A socket systemd passed (cli::run read the variables first).
+    let listen = match (rimg_vhost_server::activation::passed(), a.socket) {
         (Some(fd), _) => Listen::Fd(fd),
         (None, Some(p)) => Listen::Unix(p),
         (None, None) => Listen::Tcp(SocketAddr::new(a.bind, a.port)),

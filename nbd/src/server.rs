@@ -133,17 +133,10 @@ impl Listener {
             Listen::Fd(fd) => {
                 // Checked before it is owned: a descriptor that is not a
                 // listening socket may belong to something else here.
-                if !listening(*fd) {
-                    return Err(Error::Listen(
-                        format!("descriptor {fd}"),
-                        io::Error::new(io::ErrorKind::InvalidInput, "not a listening socket"),
-                    ));
-                }
-                // SAFETY: the descriptor was handed to this process to own
-                // (LISTEN_FDS), is a listening socket, and is taken once,
-                // here.
-                let owned = unsafe { OwnedFd::from_raw_fd(*fd) };
-                let unix = socket_family(owned.as_raw_fd())? == libc::AF_UNIX;
+                let owned = rimg_vhost_server::activation::take_listener(*fd)
+                    .map_err(|e| Error::Listen(format!("descriptor {fd}"), e))?;
+                let unix =
+                    rimg_vhost_server::activation::family(owned.as_raw_fd())? == libc::AF_UNIX;
                 Ok(match unix {
                     true => Listener::Unix(UnixListener::from(owned)),
                     false => Listener::Tcp(TcpListener::from(owned)),
@@ -193,36 +186,6 @@ impl Listener {
             }
         })
     }
-}
-
-/// Whether `fd` is a socket that listens (SO_ACCEPTCONN).
-fn listening(fd: RawFd) -> bool {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `v`, which we own.
-    let r = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    r == 0 && v == 1
-}
-
-fn socket_family(fd: RawFd) -> io::Result<i32> {
-    // SAFETY: sockaddr_storage is plain data; getsockname writes at most
-    // `len` bytes into it.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above; `fd` is open for the call.
-    let r = unsafe { libc::getsockname(fd, &mut ss as *mut _ as *mut libc::sockaddr, &mut len) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(ss.ss_family.into())
 }
 
 /// The accept loop's wake-up pipe.
@@ -372,6 +335,7 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         cfg.exports.list.len(),
         listener.describe()
     );
+    let notifier = rimg_vhost_server::notify::Notifier::from_env();
     match cfg.ready.take() {
         // Forked: the line goes to the parent, which returns once the
         // streams are let go (dup2, before the filter forbids it).
@@ -384,6 +348,9 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             sandbox.install(cfg.seccomp)?;
             eprintln!("{line}");
         }
+    }
+    if let Some(n) = &notifier {
+        n.ready();
     }
     let exports = Arc::new(cfg.exports);
     let mut served = false;
@@ -476,6 +443,9 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
                 let _ = t.join();
             }
         }
+    }
+    if let Some(n) = &notifier {
+        n.stopping();
     }
     let threads = {
         let mut l = lock(&live);

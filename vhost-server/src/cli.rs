@@ -11,7 +11,8 @@ use crate::SeccompAction;
 #[derive(clap::Args, Debug, Clone)]
 pub struct SocketArg {
     /// Path of the vhost-user UNIX socket to listen on (created; an old
-    /// socket file there is replaced)
+    /// socket file there is replaced). Under socket activation
+    /// (LISTEN_FDS) the socket passed is used instead, and left in place
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
 }
@@ -45,6 +46,12 @@ pub fn run<A: clap::Parser, E: std::fmt::Display>(
     name: &str,
     serve: impl FnOnce(A) -> Result<(), E>,
 ) -> ExitCode {
+    // First, while the process has one thread: it clears the
+    // environment's socket-activation variables.
+    if let Err(e) = crate::activation::take_from_env() {
+        eprintln!("{name}: {e}");
+        return ExitCode::FAILURE;
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();

@@ -31,6 +31,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+pub mod activation;
 pub mod avail;
 pub mod chain;
 pub mod cli;
@@ -38,6 +39,7 @@ pub mod control;
 pub mod device;
 pub mod frontend;
 pub mod inflight;
+pub mod notify;
 mod relay;
 pub mod seccomp;
 pub mod stats;
@@ -118,21 +120,44 @@ where
 {
     // Frontends connect to the public socket; each connection is relayed
     // (see `relay`) to the vhost-user handler through a private socket.
-    let _ = std::fs::remove_file(socket);
-    let public = UnixListener::bind(socket).map_err(|e| {
+    // A socket the service manager passed (socket activation) is its
+    // own: used as it is, and left in place at exit.
+    let listen_err = |e| {
         Error::Listen(
             socket.to_path_buf(),
             vhost::vhost_user::Error::SocketError(e),
         )
-    })?;
+    };
+    let (public, activated) = match activation::passed() {
+        Some(fd) => {
+            let owned = activation::take_listener(fd).map_err(listen_err)?;
+            if activation::family(std::os::fd::AsRawFd::as_raw_fd(&owned)).map_err(listen_err)?
+                != libc::AF_UNIX
+            {
+                return Err(listen_err(std::io::Error::other(
+                    "the socket passed (LISTEN_FDS) is not a UNIX socket",
+                )));
+            }
+            (UnixListener::from(owned), true)
+        }
+        None => {
+            let _ = std::fs::remove_file(socket);
+            (UnixListener::bind(socket).map_err(listen_err)?, false)
+        }
+    };
     // The socket's directory stays open: removing the socket at exit is
     // the one path operation left once the filter is in place, and it is
     // allowed relative to this descriptor only.
-    let (dir, file_name) = socket_dir(socket)?;
     let (private, listener) = PrivateSocket::new()?;
     let mut listener = Listener::from(listener);
     let ending = Ending {
-        socket: socket.to_path_buf(),
+        // Where `terminate` connects to wake the accept: the listener's
+        // own name (a passed socket's may differ from --socket).
+        socket: public
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_else(|| socket.to_path_buf()),
         terminating: Arc::new(AtomicBool::new(false)),
         current: Arc::new(Mutex::new(None)),
     };
@@ -140,7 +165,10 @@ where
     let current = ending.current.clone();
     let frontend = Frontend::default();
     let mut own = seccomp::common();
-    let mut sockets = vec![(dir, file_name)];
+    let mut sockets = Vec::new();
+    if !activated {
+        sockets.push(socket_dir(socket)?);
+    }
     let mut control_threads = None;
     if let Some(c) = control {
         let l = control::owner_only_listener(&c.path)
@@ -165,8 +193,12 @@ where
             &[seccomp::Arg::Eq32(0, dir.as_raw_fd() as u32)],
         );
     }
+    let notifier = notify::Notifier::from_env();
     sandbox.install(action, &own)?;
     ready();
+    if let Some(n) = &notifier {
+        n.ready();
+    }
 
     while !terminating.load(Ordering::SeqCst) {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -222,6 +254,9 @@ where
         backend.disconnected();
         drop(backend);
         info!("frontend disconnected");
+    }
+    if let Some(n) = &notifier {
+        n.stopping();
     }
     // The commands hold the daemon's image: they must be gone before the
     // caller closes it.

@@ -1,0 +1,184 @@
+//! The daemons as systemd runs them: a listening socket passed on
+//! descriptor 3 (socket activation), readiness and stopping told on
+//! NOTIFY_SOCKET (Type=notify), seccomp in kill mode, SIGTERM at the end
+//! with status 0; and the unit files in contrib/systemd pass
+//! `systemd-analyze verify`.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rimg_tests::blk::Client;
+use rimg_tests::daemon::DaemonProcess;
+use rimg_tests::{assert_qemu_check_clean, qemu_create, tempdir, workspace_bin};
+
+/// `bin ARGS` under `sh`, with `listener` on descriptor 3 and
+/// LISTEN_PID/LISTEN_FDS set as systemd sets them, and NOTIFY_SOCKET
+/// naming `notify`.
+fn activated(bin: &str, args: &[&str], listener: &UnixListener, notify: &Path) -> Command {
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    // LISTEN_PID must name the daemon itself: the shell sets it to its
+    // own pid and then becomes the daemon.
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"")
+        .arg("sh")
+        .arg(workspace_bin(bin))
+        .args(args)
+        .env("NOTIFY_SOCKET", notify);
+    // SAFETY: between fork and exec only dup2 and fcntl run, which are
+    // async-signal-safe; they put the listener on descriptor 3 without
+    // close-on-exec (cleared explicitly: when the listener already is
+    // descriptor 3, dup2 does nothing).
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd != 3 && libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// The next message on the notify socket.
+fn message(n: &UnixDatagram) -> String {
+    let mut b = [0u8; 256];
+    let len = n
+        .recv(&mut b)
+        .expect("a message on NOTIFY_SOCKET within 30 s");
+    String::from_utf8_lossy(&b[..len]).into_owned()
+}
+
+fn notify_socket(dir: &Path) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.join("notify");
+    let n = UnixDatagram::bind(&path).unwrap();
+    n.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    (n, path)
+}
+
+/// rimg-vhost-blk on a socket systemd made: it tells READY=1 with its
+/// pid once it serves, serves libblkio on that socket (two queues), tells
+/// STOPPING=1 on SIGTERM, exits 0 and leaves the socket, which is
+/// systemd's, in place.
+#[test]
+fn vhost_blk_serves_a_passed_socket_and_notifies() {
+    let d = tempdir();
+    let img = d.path().join("disk.qcow2");
+    qemu_create(&img, "", "64M");
+    let sock = d.path().join("activated.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let (n, notify) = notify_socket(d.path());
+    // --socket names another path: the passed socket is the one served.
+    let named = d.path().join("unused.sock");
+    let cmd = activated(
+        "rimg-vhost-blk",
+        &[
+            "--socket",
+            named.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--num-queues",
+            "2",
+        ],
+        &listener,
+        &notify,
+    );
+    let daemon = DaemonProcess::spawn(cmd, &sock).unwrap();
+    drop(listener);
+    assert_eq!(
+        message(&n),
+        format!("READY=1\nMAINPID={}", daemon.pid()),
+        "{}",
+        daemon.log()
+    );
+    let mut c = Client::connect(&sock, 2, false).unwrap();
+    c.write(1, 4096, &[0x5a; 8192]).unwrap();
+    assert_eq!(c.read(0, 4096, 8192).unwrap(), vec![0x5a; 8192]);
+    drop(c);
+    let (st, log) = daemon.terminate_within(Duration::from_secs(30));
+    assert_eq!(message(&n), "STOPPING=1", "{log}");
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
+    assert!(sock.exists(), "the passed socket was removed");
+    assert!(!named.exists(), "--socket was bound too");
+    assert_qemu_check_clean(&img);
+}
+
+/// rimg-nbd notifies the same way.
+#[test]
+fn nbd_notifies_ready_and_stopping() {
+    let d = tempdir();
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![7u8; 1 << 20]).unwrap();
+    let sock = d.path().join("nbd.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let (n, notify) = notify_socket(d.path());
+    let cmd = activated(
+        "rimg-nbd",
+        &["-t", "-f", "raw", img.to_str().unwrap()],
+        &listener,
+        &notify,
+    );
+    let daemon = DaemonProcess::spawn(cmd, &sock).unwrap();
+    drop(listener);
+    assert_eq!(message(&n), format!("READY=1\nMAINPID={}", daemon.pid()));
+    let uri = rimg_tests::nbd::unix_uri(&sock, "");
+    let mut io = Command::new("qemu-io");
+    io.args(["-f", "raw", "-c", "read -P 7 0 1M", &uri]);
+    let o = rimg_tests::run_watched(io, Duration::from_secs(60));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.is_some_and(|s| s.success()) && !out.contains("fail"),
+        "qemu-io (timed out: {}): {out}",
+        o.timed_out
+    );
+    let (st, log) = daemon.terminate_within(Duration::from_secs(30));
+    assert_eq!(message(&n), "STOPPING=1", "{log}");
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
+}
+
+/// Each unit in contrib/systemd, as an instance, passes
+/// `systemd-analyze verify` without a word (warnings count: it exits 0 on
+/// most of them), its binaries pointed at the ones built here. Man pages
+/// are not checked: the daemons have none yet.
+#[test]
+fn unit_files_pass_systemd_analyze_verify() {
+    rimg_tests::ensure_tool("systemd-analyze", "systemd");
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd");
+    let d = tempdir();
+    let mut args = vec!["verify".to_string(), "--man=no".to_string()];
+    let mut seen = 0;
+    for e in std::fs::read_dir(&units).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().into_string().unwrap();
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        let mut text = text.clone();
+        for bin in ["rimg-vhost-blk", "rimg-vhost-net", "rimg-nbd"] {
+            let built = workspace_bin(bin);
+            text = text.replace(
+                &format!("/usr/bin/{bin} "),
+                &format!("{} ", built.display()),
+            );
+        }
+        std::fs::write(d.path().join(&name), text).unwrap();
+        // The template, and an instance of it for verify.
+        let instance = name.replace("@.", "@test0.");
+        args.push(d.path().join(instance).to_str().unwrap().to_string());
+        seen += 1;
+    }
+    assert!(seen >= 6, "{seen} units in {}", units.display());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = rimg_tests::run("systemd-analyze", &args);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success() && said.trim().is_empty(), "{said}");
+}
