@@ -99,8 +99,8 @@ fn parse(args: &[String]) -> Result<Parsed, CliError> {
         }
         let (name, inline) = match a.strip_prefix("--") {
             Some(long) => match long.split_once('=') {
-                Some((n, v)) => (format!("--{n}"), Some(v.to_string())),
-                None => (a.clone(), None),
+                Some((n, v)) => (full_name(&format!("--{n}"))?, Some(v.to_string())),
+                None => (full_name(a)?, None),
             },
             None if a.starts_with('-') && a.len() > 2 => (a[..2].to_string(), Some(a[2..].into())),
             None => (a.clone(), None),
@@ -146,6 +146,48 @@ fn parse(args: &[String]) -> Result<Parsed, CliError> {
         }
     }
     Ok(p)
+}
+
+/// The long options, for getopt_long's shortening (`--gran=64k`).
+const LONG: &[&str] = &[
+    "--add",
+    "--remove",
+    "--clear",
+    "--enable",
+    "--disable",
+    "--merge",
+    "--image-opts",
+    "--object",
+    "--granularity",
+    "--source-file",
+    "--source-format",
+    "--format",
+    "--help",
+];
+
+/// `opt` spelled out: itself when it is a long option, else the one long
+/// option it begins; an ambiguous prefix is refused as getopt_long
+/// refuses it, one that matches none is left to be reported.
+fn full_name(opt: &str) -> Result<String, CliError> {
+    if LONG.contains(&opt) {
+        return Ok(opt.to_string());
+    }
+    let m: Vec<&str> = LONG
+        .iter()
+        .copied()
+        .filter(|l| l.starts_with(opt))
+        .collect();
+    match m.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Ok(opt.to_string()),
+        _ => Err(usage_error(format!(
+            "option '{opt}' is ambiguous; possibilities: {}",
+            m.iter()
+                .map(|x| format!("'{x}'"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ))),
+    }
 }
 
 fn format_of(f: &Option<String>) -> Result<Option<Format>, CliError> {

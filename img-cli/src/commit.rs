@@ -28,7 +28,7 @@ pub struct CommitArgs {
     progress: ProgressOpt,
     #[arg(short = 'q', long = "quiet")]
     quiet: bool,
-    /// Rate limit (accepted for compatibility)
+    /// Copy at most RATE bytes of data per second (suffixes as for sizes)
     #[arg(
         short = 'r',
         long = "rate",

@@ -137,6 +137,7 @@ impl From<qcow2::Error> for CliError {
 }
 
 fn main() -> ExitCode {
+    progress::catch_usr1();
     // Output into a closed pipe (`rimg map ... | head`) ends the process
     // quietly, as it ends qemu-img, instead of a panic in println!
     // (Rust's runtime ignores SIGPIPE and turns it into EPIPE errors).

@@ -87,8 +87,10 @@ extern "C" fn on_usr1(_: libc::c_int) {
     USR1.store(true, Ordering::Relaxed);
 }
 
-/// Catches SIGUSR1 (whose default ends the process) for the figure.
-fn catch_usr1() {
+/// Catches SIGUSR1 (whose default ends the process) for the figure;
+/// `main` calls it first, so that no signal early on kills rimg, as none
+/// kills qemu-img.
+pub fn catch_usr1() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: a zeroed sigaction is a valid value to fill in; the
@@ -134,7 +136,6 @@ impl Progress {
     /// Starts showing progress for a command doing `what` (a word for the
     /// bar: "Converting") in steps of at least `min_skip` percent.
     pub fn new(target: Target, what: &str, total: u64, min_skip: f64) -> Progress {
-        catch_usr1();
         Self::with_target(target, what, total, min_skip, move || match target {
             Target::Json => Box::new(std::io::stderr()),
             _ => Box::new(std::io::stdout()),
@@ -291,16 +292,16 @@ impl Progress {
     /// same steps print.
     pub fn set_percent(&self, pct: f32) {
         let pct = pct.clamp(0.0, 100.0);
+        let pos = (f64::from(pct) / 100.0 * self.total as f64) as u64;
         match &self.kind {
-            Kind::Off => {}
+            // Recorded for SIGUSR1's figure.
+            Kind::Off => self.done.store(pos, Ordering::Relaxed),
             Kind::Json { last, .. } => {
                 let mut last = last.lock().unwrap();
-                let pos = (f64::from(pct) / 100.0 * self.total as f64) as u64;
                 self.done.store(pos, Ordering::Relaxed);
                 self.print_json(&mut last, false, false);
             }
             Kind::Bar(b) => {
-                let pos = (f64::from(pct) / 100.0 * self.total as f64) as u64;
                 self.done.store(pos, Ordering::Relaxed);
                 b.set_position(pos);
             }

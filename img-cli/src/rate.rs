@@ -1,9 +1,11 @@
 //! `-r RATE` of convert and commit: at most RATE bytes of data copied per
 //! second, as qemu-img limits them (holes and zeros are not counted).
 //! Each worker, after copying, waits until the bytes copied so far are
-//! due at that rate since the start.
+//! due at that rate since the first copy (opening and creating images
+//! earn no credit).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::CliError;
@@ -11,7 +13,8 @@ use crate::CliError;
 pub struct Limit {
     /// Bytes per second, above 0.
     rate: u64,
-    start: Instant,
+    /// When the first copy ended.
+    start: OnceLock<Instant>,
     done: AtomicU64,
 }
 
@@ -24,7 +27,7 @@ impl Limit {
             crate::size::cvtnum("rate limit", s, 0, i64::MAX as u64).map_err(CliError::new)?;
         Ok((rate > 0).then(|| Limit {
             rate,
-            start: Instant::now(),
+            start: OnceLock::new(),
             done: AtomicU64::new(0),
         }))
     }
@@ -34,9 +37,10 @@ impl Limit {
         if bytes == 0 {
             return;
         }
+        let start = *self.start.get_or_init(Instant::now);
         let total = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let due = Duration::from_secs_f64(total as f64 / self.rate as f64);
-        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
             std::thread::sleep(wait);
         }
     }

@@ -9,16 +9,16 @@ use crate::CliError;
 #[command(group(clap::ArgGroup::new("op").args(["list", "apply", "create", "delete"])))]
 pub struct SnapshotArgs {
     /// List snapshots (the default)
-    #[arg(short = 'l')]
+    #[arg(short = 'l', long = "list")]
     list: bool,
     /// Revert the disk to a snapshot
-    #[arg(short = 'a', value_name = "SNAPSHOT")]
+    #[arg(short = 'a', long = "apply", value_name = "SNAPSHOT")]
     apply: Option<String>,
     /// Create a snapshot
-    #[arg(short = 'c', value_name = "SNAPSHOT")]
+    #[arg(short = 'c', long = "create", value_name = "SNAPSHOT")]
     create: Option<String>,
     /// Delete a snapshot
-    #[arg(short = 'd', value_name = "SNAPSHOT")]
+    #[arg(short = 'd', long = "delete", value_name = "SNAPSHOT")]
     delete: Option<String>,
     #[arg(short = 'f', long = "format", value_name = "FMT")]
     format: Option<String>,

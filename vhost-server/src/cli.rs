@@ -46,8 +46,9 @@ pub fn run<A: clap::Parser, E: std::fmt::Display>(
     name: &str,
     serve: impl FnOnce(A) -> Result<(), E>,
 ) -> ExitCode {
-    // First, while the process has one thread: it clears the
-    // environment's socket-activation variables.
+    // First, while the process has one thread: this clears the
+    // environment's service-manager variables.
+    crate::notify::take_from_env();
     if let Err(e) = crate::activation::take_from_env() {
         eprintln!("{name}: {e}");
         return ExitCode::FAILURE;

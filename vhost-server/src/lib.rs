@@ -150,16 +150,12 @@ where
     // allowed relative to this descriptor only.
     let (private, listener) = PrivateSocket::new()?;
     let mut listener = Listener::from(listener);
+    let notifier = notify::Notifier::from_env().map(Arc::new);
     let ending = Ending {
-        // Where `terminate` connects to wake the accept: the listener's
-        // own name (a passed socket's may differ from --socket).
-        socket: public
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
-            .unwrap_or_else(|| socket.to_path_buf()),
+        addr: public.local_addr().map_err(listen_err)?,
         terminating: Arc::new(AtomicBool::new(false)),
         current: Arc::new(Mutex::new(None)),
+        notifier: notifier.clone(),
     };
     let terminating = ending.terminating.clone();
     let current = ending.current.clone();
@@ -193,7 +189,6 @@ where
             &[seccomp::Arg::Eq32(0, dir.as_raw_fd() as u32)],
         );
     }
-    let notifier = notify::Notifier::from_env();
     sandbox.install(action, &own)?;
     ready();
     if let Some(n) = &notifier {
@@ -254,9 +249,6 @@ where
         backend.disconnected();
         drop(backend);
         info!("frontend disconnected");
-    }
-    if let Some(n) = &notifier {
-        n.stopping();
     }
     // The commands hold the daemon's image: they must be gone before the
     // caller closes it.
@@ -359,13 +351,20 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
 }
 
 /// How the daemon ends: SIGTERM, SIGINT or the control socket's `quit`
-/// mark termination, end the current connection, and wake a pending
-/// accept with a throwaway connection so the loop sees the flag.
+/// mark termination, tell the service manager, and end the current
+/// connection; with none, they wake the pending accept with a throwaway
+/// connection so the loop sees the flag. (With a connection the loop
+/// sees the flag once it ends: it is set under the lock the loop takes
+/// to clear `current`. A throwaway connection there would stay queued
+/// on a socket systemd holds, and start the daemon again.)
 #[derive(Clone)]
 struct Ending {
-    socket: PathBuf,
+    /// The listener's own address (a passed socket's may differ from
+    /// --socket, or be abstract).
+    addr: std::os::unix::net::SocketAddr,
     terminating: Arc<AtomicBool>,
     current: Current,
+    notifier: Option<Arc<notify::Notifier>>,
 }
 
 impl Ending {
@@ -374,11 +373,16 @@ impl Ending {
         if self.terminating.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Some((h, _)) = cur.as_ref() {
-            h.shutdown();
+        if let Some(n) = &self.notifier {
+            n.stopping();
         }
-        drop(cur);
-        let _ = UnixStream::connect(&self.socket);
+        match cur.as_ref() {
+            Some((h, _)) => h.shutdown(),
+            None => {
+                drop(cur);
+                let _ = UnixStream::connect_addr(&self.addr);
+            }
+        }
     }
 }
 

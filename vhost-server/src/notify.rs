@@ -1,26 +1,40 @@
 //! Readiness for service managers (systemd's `Type=notify`, sd_notify(3)):
 //! when the environment names a datagram socket (`NOTIFY_SOCKET`, a path
 //! or, with a leading `@`, an abstract name), the daemon sends
-//! `READY=1` once it serves, and `STOPPING=1` when it begins to stop. The
-//! socket is made when the daemon starts, before its seccomp filter; the
-//! filters allow the `sendto` that the messages take.
+//! `READY=1` once it serves, and `STOPPING=1` when it begins to stop
+//! (the manager knows the sender's pid from the socket). [`take_from_env`]
+//! reads and clears the variable at start-up (`cli::run`), so that it is
+//! not left for anything else; the socket is made before the seccomp
+//! filter, which allows the `sendto` that the messages take.
 
+use std::ffi::OsString;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Mutex;
+
+/// NOTIFY_SOCKET as [`take_from_env`] found it, until a server takes it.
+static NAME: Mutex<Option<OsString>> = Mutex::new(None);
+
+/// Reads and clears NOTIFY_SOCKET. Call it before the process has other
+/// threads (it changes the environment).
+pub fn take_from_env() {
+    if let Some(v) = std::env::var_os("NOTIFY_SOCKET") {
+        // SAFETY: callers run this first thing, before any other thread
+        // exists, so nothing reads the environment while it changes.
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        *NAME.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+}
 
 pub struct Notifier {
     sock: UnixDatagram,
     addr: SocketAddr,
-    /// Read before the filter, which does not allow getpid.
-    pid: u32,
 }
 
 impl Notifier {
-    /// The service manager's socket, if one asked. The variable stays:
-    /// the daemons start no programs that could inherit it (their
-    /// filters forbid exec).
+    /// The service manager's socket, if one asked ([`take_from_env`]).
     pub fn from_env() -> Option<Notifier> {
-        let name = std::env::var_os("NOTIFY_SOCKET")?;
+        let name = NAME.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         let name = name.to_str()?.to_string();
         let addr = match name.strip_prefix('@') {
             Some(abs) => SocketAddr::from_abstract_name(abs.as_bytes()),
@@ -34,11 +48,7 @@ impl Notifier {
             }
         };
         match UnixDatagram::unbound() {
-            Ok(sock) => Some(Notifier {
-                sock,
-                addr,
-                pid: std::process::id(),
-            }),
+            Ok(sock) => Some(Notifier { sock, addr }),
             Err(e) => {
                 log::warn!("NOTIFY_SOCKET: {e}");
                 None
@@ -48,7 +58,7 @@ impl Notifier {
 
     /// Serving: the manager starts what waits for this daemon.
     pub fn ready(&self) {
-        self.send(&format!("READY=1\nMAINPID={}", self.pid));
+        self.send("READY=1");
     }
 
     /// Stopping (SIGTERM or `quit`): the manager knows it was asked.

@@ -94,7 +94,6 @@ pub struct ConvertArgs {
     /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts", visible_alias = "source-image-opts")]
     image_opts: bool,
-    /// Copy offloading (accepted for compatibility)
     /// Copy at most RATE bytes of data per second (suffixes as for sizes)
     #[arg(
         short = 'r',
@@ -103,6 +102,7 @@ pub struct ConvertArgs {
         allow_hyphen_values = true
     )]
     rate: Option<String>,
+    /// Copy offloading (accepted for compatibility; copies are in-process)
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_offload: bool,
     /// Copy the source's persistent bitmaps (qcow2 to qcow2)
