@@ -259,3 +259,38 @@ pub fn thread_seccomp(pid: u32) -> Vec<(String, String, String)> {
     }
     out
 }
+
+/// `cmd` run as systemd runs a socket-activated service: `bin ARGS`
+/// under `sh`, which sets LISTEN_PID to its own pid and LISTEN_FDS=1 and
+/// then becomes the daemon, with `listener` on descriptor 3.
+pub fn socket_activated(
+    bin: &Path,
+    args: &[&std::ffi::OsStr],
+    listener: &std::os::unix::net::UnixListener,
+) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"")
+        .arg("sh")
+        .arg(bin)
+        .args(args);
+    // SAFETY: between fork and exec only dup2 and fcntl run, which are
+    // async-signal-safe; they put the listener on descriptor 3 without
+    // close-on-exec (cleared explicitly: when the listener already is
+    // descriptor 3, dup2 does nothing).
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd != 3 && libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}

@@ -200,36 +200,18 @@ fn a_descriptor_limit_turns_clients_away_without_spinning() {
 /// server serves on it and ends on SIGTERM with status 0.
 #[test]
 fn socket_activation() {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::process::CommandExt;
     let d = tempdir();
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let sock = d.path().join("activated.sock");
     let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-    let fd = listener.as_raw_fd();
-    // LISTEN_PID must name the server itself: the shell sets it to its
-    // own pid and then becomes the server.
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" -t -e 0 -f raw \"$1\"")
-        .arg(rimg_tests::workspace_bin("rimg-nbd"))
-        .arg(&img);
-    // SAFETY: between fork and exec only dup2 and fcntl run, which are
-    // async-signal-safe; they put the listener on descriptor 3 without
-    // close-on-exec (cleared explicitly: when the listener already is
-    // descriptor 3, dup2 does nothing).
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd != 3 && libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let bin = rimg_tests::workspace_bin("rimg-nbd");
+    let args: Vec<&std::ffi::OsStr> = ["-t", "-e", "0", "-f", "raw"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain([img.as_os_str()])
+        .collect();
+    let cmd = rimg_tests::daemon::socket_activated(&bin, &args, &listener);
     let srv = DaemonProcess::spawn(cmd, &sock).unwrap();
     drop(listener);
     reads_back(&sock);

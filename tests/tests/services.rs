@@ -4,46 +4,21 @@
 //! with status 0; and the unit files in contrib/systemd pass
 //! `systemd-analyze verify`.
 
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use rimg_tests::blk::Client;
-use rimg_tests::daemon::DaemonProcess;
+use rimg_tests::daemon::{socket_activated, DaemonProcess};
 use rimg_tests::{assert_qemu_check_clean, qemu_create, tempdir, workspace_bin};
 
-/// `bin ARGS` under `sh`, with `listener` on descriptor 3 and
-/// LISTEN_PID/LISTEN_FDS set as systemd sets them, and NOTIFY_SOCKET
-/// naming `notify`.
+/// `bin ARGS` socket-activated on `listener`, with NOTIFY_SOCKET naming
+/// `notify`.
 fn activated(bin: &str, args: &[&str], listener: &UnixListener, notify: &Path) -> Command {
-    let fd = listener.as_raw_fd();
-    let mut cmd = Command::new("sh");
-    // LISTEN_PID must name the daemon itself: the shell sets it to its
-    // own pid and then becomes the daemon.
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ LISTEN_FDS=1 exec \"$@\"")
-        .arg("sh")
-        .arg(workspace_bin(bin))
-        .args(args)
-        .env("NOTIFY_SOCKET", notify);
-    // SAFETY: between fork and exec only dup2 and fcntl run, which are
-    // async-signal-safe; they put the listener on descriptor 3 without
-    // close-on-exec (cleared explicitly: when the listener already is
-    // descriptor 3, dup2 does nothing).
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd != 3 && libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let mut cmd = socket_activated(&workspace_bin(bin), &args, listener);
+    cmd.env("NOTIFY_SOCKET", notify);
     cmd
 }
 
