@@ -53,6 +53,7 @@ mod make_empty;
 pub mod nbd;
 pub mod open;
 pub(crate) mod overlap;
+pub mod pagebuf;
 pub mod paths;
 pub mod preallocation;
 pub mod qcow;
@@ -84,8 +85,4 @@ pub use snapshot::Snapshot;
 pub use sync::AllocWaker;
 pub use units::{GuestCluster, GuestOffset, HostOffset};
 
-/// A shared buffer of zeros for writing zero ranges in bounded pieces.
-pub(crate) fn zero_buf() -> &'static [u8] {
-    static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
-    &ZEROS
-}
+pub(crate) use pagebuf::zero_buf;

@@ -216,8 +216,10 @@ struct QueuedFree {
 }
 
 thread_local! {
-    /// Cluster-sized buffer for copy-on-write of partial clusters.
-    static BOUNCE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Cluster-sized buffer for copy-on-write of partial clusters
+    /// (page-aligned: see `crate::pagebuf`).
+    static BOUNCE: RefCell<crate::pagebuf::PageBuf> =
+        const { RefCell::new(crate::pagebuf::PageBuf::new()) };
     /// Input and output buffers for compressed cluster reads.
     static DECOMP: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }

@@ -280,7 +280,7 @@ impl Qcow2 {
         // too), which mapping a fresh cluster there would lose.
         let head_end = old.next_multiple_of(cs).min(new_size);
         if head_end > old {
-            let zeros = vec![0u8; (head_end - old) as usize];
+            let zeros = crate::pagebuf::PageBuf::zeroed((head_end - old) as usize);
             self.untracked(|| self.write_at(&zeros, old))?;
         }
         // As QEMU links preallocated clusters: their subclusters stay

@@ -293,7 +293,7 @@ impl Qcow2 {
             }
             wrote |= BOUNCE.with(|b| -> Result<bool> {
                 let mut bounce = b.borrow_mut();
-                bounce.resize(cs as usize, 0);
+                bounce.resize(cs as usize);
                 let buf = &mut bounce[..(t - f) as usize];
                 self.read_inner(buf, base + f)?;
                 if let Some(c) = &self.cipher {

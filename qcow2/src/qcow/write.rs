@@ -247,7 +247,7 @@ impl Qcow2 {
                 let guest = (a.gc + k).offset(self.cluster_bits);
                 BOUNCE.with(|b| -> Result<()> {
                     let mut bounce = b.borrow_mut();
-                    bounce.resize(cs as usize, 0);
+                    bounce.resize(cs as usize);
                     if self.reads_zero(old) {
                         bounce.fill(0);
                     } else {
@@ -270,7 +270,7 @@ impl Qcow2 {
             }
             BOUNCE.with(|b| -> Result<()> {
                 let mut bounce = b.borrow_mut();
-                bounce.resize(cs as usize, 0);
+                bounce.resize(cs as usize);
                 self.cow_source(a.gc + k, old, &mut bounce)?;
                 self.data_storage()
                     .write_data_at(&bounce[from as usize..to as usize], (host + from).0)
@@ -582,7 +582,7 @@ impl Qcow2 {
         let sec = crate::crypto::SECTOR;
         let start = off - off % sec;
         let end = (off + buf.len() as u64).next_multiple_of(sec);
-        let mut plain = vec![0u8; (end - start) as usize];
+        let mut plain = crate::pagebuf::PageBuf::zeroed((end - start) as usize);
         // The image size is a multiple of 512 (create rounds it), so the
         // merged sectors lie inside it.
         if start < off {

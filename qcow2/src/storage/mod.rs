@@ -110,7 +110,8 @@ pub fn check_direct_alignment(f: &File) -> io::Result<()> {
 
 thread_local! {
     /// An aligned buffer for O_DIRECT writes of the engine's own data.
-    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    static DIRECT_BUF: std::cell::RefCell<crate::pagebuf::PageBuf> =
+        const { std::cell::RefCell::new(crate::pagebuf::PageBuf::new()) };
 }
 
 impl Storage {
@@ -413,13 +414,9 @@ impl Storage {
         }
         DIRECT_BUF.with(|b| {
             let mut b = b.borrow_mut();
-            let need = buf.len() + 4096;
-            if b.len() < need {
-                b.resize(need, 0);
-            }
-            let at = b.as_ptr().align_offset(4096);
-            b[at..at + buf.len()].copy_from_slice(buf);
-            direct.write_all_at(&b[at..at + buf.len()], off).ctx(|| {
+            b.resize(buf.len());
+            b.copy_from_slice(buf);
+            direct.write_all_at(&b, off).ctx(|| {
                 format!(
                     "write {} bytes at {off:#x} to {} (O_DIRECT)",
                     buf.len(),

@@ -20,6 +20,7 @@
 use std::io::Write;
 use std::path::Path;
 
+use qcow2::pagebuf::PageBuf;
 use qcow2::{Image, MetadataPersistence, OpenOptions, Qcow2Options};
 use rimg_tests::blk::{Client, Req};
 use rimg_tests::crash::{Op, Workload, SECTOR};
@@ -70,7 +71,14 @@ fn run_lib(image: &Path, seed: u64, round: u64, threads: usize, flush: bool) -> 
                         let (sector, count) = op.range();
                         let (off, len) = (sector * SECTOR, count * SECTOR);
                         let r = match *op {
-                            Op::Write { .. } => img.write_at(&op.data(), off),
+                            Op::Write { .. } => {
+                                // Sector-aligned, as a guest's buffers:
+                                // a kill then cuts only between sectors
+                                // (`qcow2::pagebuf`).
+                                let mut b = PageBuf::zeroed(len as usize);
+                                b.copy_from_slice(&op.data());
+                                img.write_at(&b, off)
+                            }
                             Op::Zero { unmap, .. } => img.write_zeroes(off, len, unmap),
                             Op::Discard { .. } => img.discard(off, len),
                         };

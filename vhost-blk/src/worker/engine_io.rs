@@ -25,7 +25,7 @@ impl Worker {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(BOUNCE_LEN as u64) as usize;
-            let buf = &mut self.bounce[self.bounce_at..][..n];
+            let buf = &mut self.bounce[..n];
             let req = &self.slots[idx].req;
             let r = if write {
                 if req.read_data(&*mem, done, buf) {

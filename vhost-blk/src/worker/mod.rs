@@ -152,10 +152,9 @@ pub struct Worker {
     slots: Vec<Slot>,
     free: Vec<usize>,
     parked: VecDeque<usize>,
-    /// BOUNCE_LEN bytes from `bounce_at` on, aligned for O_DIRECT (the
-    /// vector is never resized, so the address stays).
-    bounce: Vec<u8>,
-    bounce_at: usize,
+    /// BOUNCE_LEN bytes, page-aligned (for O_DIRECT, and so that a
+    /// write cut short by a kill ends on a sector: `qcow2::pagebuf`).
+    bounce: qcow2::pagebuf::PageBuf,
     vring: Option<Vring>,
     /// Used entries were added since the last notification check.
     need_signal: bool,
@@ -189,7 +188,6 @@ impl Worker {
         let efd = EventFd::new(EFD_NONBLOCK)?;
         let ring = WorkerRing::new(ring((qs * 2).next_power_of_two() as u32, &efd)?);
         let waker: Arc<dyn AllocWaker> = Arc::new(EventFdWaker(efd.try_clone()?));
-        let bounce = vec![0u8; BOUNCE_LEN + 4096];
         Ok(Worker {
             data_in_clear: img.data_in_clear(),
             img,
@@ -204,8 +202,7 @@ impl Worker {
             slots: (0..qs).map(|_| Slot::default()).collect(),
             free: (0..qs).rev().collect(),
             parked: VecDeque::new(),
-            bounce_at: bounce.as_ptr().align_offset(4096),
-            bounce,
+            bounce: qcow2::pagebuf::PageBuf::zeroed(BOUNCE_LEN),
             vring: None,
             need_signal: false,
             event_idx: false,

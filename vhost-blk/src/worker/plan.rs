@@ -66,7 +66,7 @@ impl Worker {
                 let mut k = 0u64;
                 while k < n {
                     let c = (n - k).min(BOUNCE_LEN as u64) as usize;
-                    let buf = &mut self.bounce[self.bounce_at..][..c];
+                    let buf = &mut self.bounce[..c];
                     self.img.read_mapped(other, buf, off + k)?;
                     if !self.slots[idx].req.write_data(&*mem, done + k, buf) {
                         return Err(qcow2::Error::io(

@@ -146,7 +146,7 @@ impl Worker {
                 Some(f) if (pos | c as u64).is_multiple_of(DIRECT_ALIGN as u64) => f,
                 _ => self.img.data_storage().file().expect(HOST_FILE),
             };
-            let buf = &mut self.bounce[self.bounce_at..][..c];
+            let buf = &mut self.bounce[..c];
             if write {
                 if !slot.req.read_data(&*mem, at + k, buf) {
                     return Err(std::io::Error::other("guest buffer not readable"));
