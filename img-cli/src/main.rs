@@ -11,6 +11,7 @@ mod check;
 mod checksum;
 mod commit;
 mod common;
+mod compact;
 mod compare;
 mod convert;
 mod create;
@@ -80,6 +81,8 @@ enum Cmd {
     Compare(compare::CompareArgs),
     /// Print a checksum of the guest-visible content, whatever the format
     Checksum(checksum::ChecksumArgs),
+    /// Shrink a qcow2 image in place: move clusters into holes, cut the file
+    Compact(compact::CompactArgs),
     /// Change the virtual size of an image
     Resize(resize::ResizeArgs),
     /// Copy input to a new output image, dd style
@@ -196,6 +199,7 @@ fn main() -> ExitCode {
         Cmd::Map(a) => map::run(a),
         Cmd::Compare(a) => compare::run(a),
         Cmd::Checksum(a) => checksum::run(a),
+        Cmd::Compact(a) => compact::run(a),
         Cmd::Resize(a) => resize::run(a),
         Cmd::Dd(a) => dd::run(a),
         Cmd::Bitmap(a) => bitmap::run(a),

@@ -22,6 +22,8 @@
 
 use std::ops::Range;
 
+mod relocate;
+
 use crate::cache::TableCache;
 use crate::error::{Error, Result};
 use crate::header::{field, MAX_REFTABLE_BYTES};

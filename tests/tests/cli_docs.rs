@@ -84,7 +84,7 @@ fn bash_completion_covers_every_subcommand() {
     };
     assert_eq!(
         complete(&["rimg", "co"]),
-        ["commit", "compare", "completions", "convert"]
+        ["commit", "compact", "compare", "completions", "convert"]
     );
     assert_eq!(complete(&["rimg", "bench", "--fl"]), ["--flush-interval"]);
 }

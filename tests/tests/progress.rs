@@ -360,6 +360,9 @@ fn json_progress_lines_parse_and_never_go_back() {
     let o = rimg(&["amend", "--progress=json", "-o", "compat=0.10", s(&new)]);
     out(&o, "amend", 0);
     assert!(json_lines(&o.stderr, "amending").1);
+    let o = rimg(&["compact", "--progress=json", s(&top)]);
+    assert!(out(&o, "compact", 0).starts_with("Image compacted: "));
+    assert!(json_lines(&o.stderr, "compacting").1);
     // A format it does not know is refused.
     let o = rimg(&["checksum", "--progress=xml", s(&top)]);
     assert_eq!(o.status.code(), Some(1));

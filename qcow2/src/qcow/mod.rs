@@ -86,6 +86,7 @@ use crate::sync::{AllocWaker, Condvar, Mutex, MutexGuard, Waiters};
 use crate::units::{GuestCluster, GuestOffset, HostOffset};
 
 mod bitmaps;
+mod compact;
 mod compressed;
 mod discard;
 mod flush;
@@ -103,6 +104,7 @@ mod tables;
 mod tests;
 mod write;
 
+pub use compact::CompactStats;
 pub use options::{MetadataPersistence, Qcow2Options};
 
 struct Meta {
