@@ -53,7 +53,7 @@ const STATUS_REPLY: u64 = 1 << 20;
 
 struct Job {
     req: Request,
-    data: Vec<u8>,
+    data: qcow2::pagebuf::PageBuf,
     cost: u64,
 }
 
@@ -77,7 +77,7 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
         };
         let mut inline = Exec::new(session, policy);
         let res = loop {
-            let mut data = Vec::new();
+            let mut data = qcow2::pagebuf::PageBuf::new();
             // Room for the payload and the reply before the payload is
             // read (a read's reply is bounded as its request is checked).
             let mut cost = 0;

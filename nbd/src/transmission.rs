@@ -7,6 +7,8 @@
 
 use std::io::{self, BufReader, Read, Write};
 
+use qcow2::pagebuf::PageBuf;
+
 use nbd_proto::consts::{chunk, cmd, cmd_flags, errno, reply_flags};
 use nbd_proto::reply;
 use nbd_proto::request::{Headers, Request};
@@ -79,24 +81,33 @@ pub fn serve<S: Read + Write>(
     policy: Policy,
 ) -> Result<(), TransmissionError> {
     let mut r = BufReader::with_capacity(256 << 10, s);
-    let mut data = Vec::new();
+    let mut data = PageBuf::new();
     let mut exec = Exec::new(session, policy);
     while let Some(req) = next_request(&mut r, session.headers, &mut data, |_| {})? {
         exec.answer(&req, &data);
         r.get_mut().write_all(&exec.out)?;
         exec.trim();
-        trim(&mut data);
+        trim_payload(&mut data);
     }
     Ok(())
 }
 
 /// Buffer capacity kept between requests.
 const KEEP: usize = 4 << 20;
+/// A payload is read (and its buffer grown) this much at a time.
+const PIECE: u64 = 1 << 20;
 
 /// One large request does not keep its buffer for good.
 fn trim(b: &mut Vec<u8>) {
     if b.capacity() > KEEP {
         *b = Vec::with_capacity(KEEP);
+    }
+}
+
+/// As `trim`, for a payload buffer.
+fn trim_payload(b: &mut PageBuf) {
+    if b.capacity() > KEEP {
+        *b = PageBuf::new();
     }
 }
 
@@ -106,7 +117,7 @@ fn trim(b: &mut Vec<u8>) {
 pub(crate) fn next_request<R: Read>(
     r: &mut R,
     h: Headers,
-    data: &mut Vec<u8>,
+    data: &mut PageBuf,
     before_payload: impl FnOnce(&Request),
 ) -> Result<Option<Request>, TransmissionError> {
     let mut hdr = [0u8; 32];
@@ -123,12 +134,15 @@ pub(crate) fn next_request<R: Read>(
         return Err(TransmissionError::PayloadTooLong(plen));
     }
     before_payload(&req);
-    // Taken as it arrives: a header that announces 32 MiB and sends
-    // nothing commits nothing.
-    data.clear();
-    let got = r.take(plen).read_to_end(data)?;
-    if got as u64 != plen {
-        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    // Taken as it arrives, a piece at a time: a header that announces
+    // 32 MiB and sends nothing commits nothing. Page-aligned, as the
+    // engine's own buffers: a write that a kill cuts short ends on a
+    // sector (`qcow2::pagebuf`).
+    data.resize(0);
+    while (data.len() as u64) < plen {
+        let at = data.len();
+        data.resize(at + (plen - at as u64).min(PIECE) as usize);
+        r.read_exact(&mut data[at..])?;
     }
     Ok((req.kind != cmd::DISC).then_some(req))
 }

@@ -258,14 +258,7 @@ fn preallocate_range(st: &Storage, mode: Preallocation, off: u64, len: u64) -> R
         Preallocation::Full => {
             // Write real zeros (not a zero-range request), as
             // preallocation=full promises allocated blocks.
-            let zeros = crate::zero_buf();
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(zeros.len() as u64) as usize;
-                st.write_at(&zeros[..n], off + done)?;
-                done += n as u64;
-            }
-            Ok(())
+            crate::pagebuf::zero_pieces(off, len, |z, at| st.write_at(z, at))
         }
     }
 }

@@ -84,5 +84,3 @@ pub use raw::Raw;
 pub use snapshot::Snapshot;
 pub use sync::AllocWaker;
 pub use units::{GuestCluster, GuestOffset, HostOffset};
-
-pub(crate) use pagebuf::zero_buf;

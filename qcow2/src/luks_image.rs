@@ -144,10 +144,12 @@ impl LuksImage {
             _shared = self.rmw.read().unwrap_or_else(|e| e.into_inner());
         }
         let mut at = start;
-        let mut buf = Vec::new();
+        // Page-aligned: a kill cuts a write only between sectors (a cut
+        // encrypted sector would decrypt to noise; `crate::pagebuf`).
+        let mut buf = crate::pagebuf::PageBuf::new();
         while at < end {
             let n = (end - at).min(CHUNK);
-            buf.resize(n as usize, 0);
+            buf.resize(n as usize);
             // Edge sectors keep the bytes the request does not cover.
             let head_partial = at < off;
             let tail_partial = at + n > off + len;

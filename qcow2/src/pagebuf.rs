@@ -12,8 +12,12 @@
 //! sector-aligned offset, a cut falls on a sector boundary: every sector
 //! holds its old or its new contents, as a disk promises.
 //!
-//! Buffers the caller passes (`Image::write_at`, guest memory) are the
-//! caller's: sector-aligned ones get the same guarantee.
+//! Zeros are written with `zero_pieces`, which takes each piece at the
+//! offset within a page that its destination has, so that even a write
+//! starting inside a sector is cut only where the destination crosses a
+//! page. Buffers the caller passes (`Image::write_at`, guest memory) are
+//! the caller's: sector-aligned ones get the same guarantee; the NBD
+//! server reads payloads into a `PageBuf`.
 
 /// Bytes in a page (the smallest on the hosts rimg runs on).
 pub const PAGE: usize = 4096;
@@ -29,11 +33,34 @@ struct Zeros([u8; 64 * 1024]);
 
 static ZEROS: Zeros = Zeros([0; 64 * 1024]);
 
-/// A shared, page-aligned buffer of zeros for writing zero ranges in
-/// bounded pieces (slice it from its start).
-pub(crate) fn zero_buf() -> &'static [u8] {
+/// The shared, page-aligned buffer of zeros (see `zero_pieces`).
+fn zero_buf() -> &'static [u8] {
     &ZEROS.0
 }
+
+/// Calls `write(piece, at)` over [off, off + len) with pieces of the
+/// zero buffer, each taken at the same offset within a page as the byte
+/// it lands on: a cut falls on a page boundary of the destination,
+/// whatever the offset (NBD writes may start anywhere).
+pub(crate) fn zero_pieces<E>(
+    off: u64,
+    len: u64,
+    mut write: impl FnMut(&[u8], u64) -> Result<(), E>,
+) -> Result<(), E> {
+    let zeros = zero_buf();
+    let mut done = 0;
+    while done < len {
+        let at = off + done;
+        let skew = (at % PAGE as u64) as usize;
+        let n = (len - done).min((zeros.len() - skew) as u64) as usize;
+        write(&zeros[skew..skew + n], at)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+// `Page` is its bytes and nothing else (the `Deref`s rely on it).
+const _: () = assert!(std::mem::size_of::<Page>() == PAGE);
 
 /// A growable byte buffer whose first byte is page-aligned.
 #[derive(Default)]
@@ -55,6 +82,11 @@ impl PageBuf {
         let mut b = PageBuf::new();
         b.resize(len);
         b
+    }
+
+    /// Bytes it holds room for.
+    pub fn capacity(&self) -> usize {
+        self.pages.len() * PAGE
     }
 
     /// Makes the buffer `len` bytes long: bytes it held are kept, new
@@ -122,5 +154,27 @@ mod tests {
         assert_eq!(z.len(), 10_000);
         assert_eq!(z.as_ptr() as usize % PAGE, 0);
         assert!(z.iter().all(|&x| x == 0));
+    }
+
+    #[test]
+    fn zero_pieces_cover_the_range_aligned_like_their_destination() {
+        for (off, len) in [
+            (0u64, 1u64),
+            (512, 200_000),
+            (4095, 70_000),
+            (123, 0),
+            (65_536, 65_536),
+        ] {
+            let mut next = off;
+            zero_pieces(off, len, |z, at| -> Result<(), ()> {
+                assert_eq!(at, next, "contiguous");
+                assert!(!z.is_empty() && z.iter().all(|&b| b == 0));
+                assert_eq!(z.as_ptr() as usize % PAGE, (at % PAGE as u64) as usize);
+                next += z.len() as u64;
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(next, off + len);
+        }
     }
 }

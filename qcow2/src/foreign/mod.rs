@@ -529,8 +529,8 @@ impl<L: Layout> Image for ForeignImage<L> {
                 w == Where::Zero || (w == Where::Unallocated && self.backing.is_none());
             if !reads_zero {
                 // Zeros stored as data (QEMU's drivers have no cheaper
-                // way either).
-                self.write_at(&vec![0u8; n as usize], at)?;
+                // way either), from the page-aligned zero buffer.
+                crate::pagebuf::zero_pieces(at, n, |z, p| self.write_at(z, p))?;
             }
             done += n;
         }

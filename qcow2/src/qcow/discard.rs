@@ -135,13 +135,6 @@ impl Qcow2 {
 
     /// Writes zeros through the normal write path, in bounded pieces.
     pub(super) fn write_zero_bytes(&self, off: u64, len: u64) -> Result<()> {
-        let zeros = crate::zero_buf();
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64);
-            self.write_inner(&zeros[..n as usize], off + done)?;
-            done += n;
-        }
-        Ok(())
+        crate::pagebuf::zero_pieces(off, len, |z, at| self.write_inner(z, at))
     }
 }

@@ -647,13 +647,7 @@ impl Qcow2 {
             let mut m = self.lock();
             m.rc.alloc(&self.st, n)?
         };
-        let zeros = crate::zero_buf();
-        let mut done = 0;
-        while done < n * cs {
-            let k = (n * cs - done).min(zeros.len() as u64) as usize;
-            self.st.write_at(&zeros[..k], off + done)?;
-            done += k as u64;
-        }
+        crate::pagebuf::zero_pieces(off, n * cs, |z, at| self.st.write_at(z, at))?;
         Ok(off)
     }
 }

@@ -434,14 +434,7 @@ impl Storage {
         if self.direct.get().is_none() || !(off | len).is_multiple_of(DIRECT_ALIGN) {
             return self.write_zeroes(off, len);
         }
-        let zeros = crate::zero_buf();
-        let mut k = 0;
-        while k < len {
-            let n = (len - k).min(zeros.len() as u64);
-            self.write_data_at(&zeros[..n as usize], off + k)?;
-            k += n;
-        }
-        Ok(())
+        crate::pagebuf::zero_pieces(off, len, |z, at| self.write_data_at(z, at))
     }
 
     /// Zeroes a possibly large range of guest data at `off`: by zeroing
@@ -549,14 +542,7 @@ impl Storage {
         if self.fallocate(libc::FALLOC_FL_ZERO_RANGE, off, len).is_ok() {
             return Ok(());
         }
-        let zeros = crate::zero_buf();
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], off + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        crate::pagebuf::zero_pieces(off, len, |z, at| self.write_at(z, at))
     }
 
     fn fallocate(&self, mode: i32, off: u64, len: u64) -> io::Result<()> {
