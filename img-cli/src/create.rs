@@ -431,6 +431,11 @@ pub fn parse_options(format: Format, list: &OptList) -> Result<Parsed, CliError>
                 o.compression_type = CompressionType::from_name(v)
                     .ok_or_else(|| CliError::new(format!("Invalid compression type '{v}'")))?
             }
+            // btrfs's NOCOW attribute on the new file (a hint elsewhere).
+            (_, "nocow") => {
+                o.nocow = parse_bool(k, v).map_err(CliError::new)?;
+                given.insert("nocow", if o.nocow { "on" } else { "off" }.into());
+            }
             // A hint to the host filesystem (XFS extent size); rimg
             // leaves extent sizes to the filesystem.
             (_, "extent_size_hint") => {
@@ -572,6 +577,10 @@ fn formatting_line(
         Format::Raw | Format::Luks | Format::Vdi | Format::Vpc | Format::Vmdk | Format::Vhdx => {
             s += &format!(" size={size}");
             s += &driver_options(o, given);
+            // The file layer's option, after the driver's (QEMU's list).
+            if let Some(n) = given.get("nocow") {
+                s += &format!(" nocow={n}");
+            }
             if let Some(p) = prealloc {
                 s += &format!(" preallocation={p}");
             }
@@ -611,6 +620,9 @@ fn formatting_line(
                 if o.lazy_refcounts { "on" } else { "off" },
                 o.refcount_bits
             );
+            if let Some(n) = given.get("nocow") {
+                s += &format!(" nocow={n}");
+            }
         }
     }
     s

@@ -12,6 +12,7 @@ use clap::Args;
 use qcow2::{CreateOptions, Format, OpenOptions};
 
 use crate::common::{open_opts, parse_format, qemu_len, read_padded};
+use crate::progress::{Progress, ProgressOpt};
 use crate::size::cvtnum;
 use crate::CliError;
 
@@ -29,6 +30,8 @@ pub struct DdArgs {
     /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts")]
     image_opts: bool,
+    #[command(flatten)]
+    progress: ProgressOpt,
     /// bs=BLOCK_SIZE (default 512), count=BLOCKS, skip=BLOCKS, if=INPUT,
     /// of=OUTPUT
     #[arg(value_name = "OPERAND")]
@@ -140,6 +143,12 @@ pub fn run(a: DdArgs) -> Result<u8, CliError> {
     // extent, a VHDX block at offset 0), the bytes are the same; and the
     // blocks before a failing read are written.
     let mut buf = vec![0u8; o.bs.min(size - start).max(1) as usize];
+    let progress = Progress::new(
+        a.progress.target(false),
+        "Copying",
+        (size - start).max(1),
+        1.0,
+    );
     let mut pos = start;
     while pos < size {
         let n = (size - pos).min(o.bs) as usize;
@@ -150,9 +159,14 @@ pub fn run(a: DdArgs) -> Result<u8, CliError> {
         dst.write_at(&buf[..n], pos - start)
             .map_err(|e| CliError::new(format!("error while writing to output image file: {e}")))?;
         pos += n as u64;
+        progress.add(n as u64);
     }
     dst.flush()
         .map_err(|e| CliError::new(format!("error while writing to output image file: {e}")))?;
+    if size == start {
+        progress.add(1);
+    }
+    progress.finish();
     Ok(0)
 }
 

@@ -35,6 +35,8 @@ pub struct CreateOptions {
     /// Keep the data file a raw image of the disk.
     pub data_file_raw: bool,
     /// Extended L2 entries (subclusters).
+    /// Copy-on-write off for the new file (btrfs; a hint elsewhere).
+    pub nocow: bool,
     pub extended_l2: bool,
     /// What the other formats take (VDI's `static`).
     pub foreign: crate::foreign::CreateOptions,
@@ -57,6 +59,7 @@ impl Default for CreateOptions {
             data_file: None,
             data_file_raw: false,
             extended_l2: false,
+            nocow: false,
             foreign: Default::default(),
         }
     }
@@ -179,6 +182,9 @@ pub fn create(path: &Path, o: &CreateOptions) -> Result<()> {
         crate::foreign::vmdk::check_options(o)?;
     }
     let st = Storage::create_locked(path)?;
+    if o.nocow {
+        st.set_nocow();
+    }
     if foreign {
         o.validate()?;
     }

@@ -360,6 +360,16 @@ fn json_progress_lines_parse_and_never_go_back() {
     let o = rimg(&["amend", "--progress=json", "-o", "compat=0.10", s(&new)]);
     out(&o, "amend", 0);
     assert!(json_lines(&o.stderr, "amending").1);
+    let copy = d.path().join("dd.raw");
+    let o = rimg(&[
+        "dd",
+        "--progress=json",
+        "bs=1M",
+        &format!("if={}", s(&top)),
+        &format!("of={}", s(&copy)),
+    ]);
+    assert_eq!(out(&o, "dd", 0), "");
+    assert!(json_lines(&o.stderr, "copying").1);
     let o = rimg(&["compact", "--progress=json", s(&top)]);
     assert!(out(&o, "compact", 0).starts_with("Image compacted: "));
     assert!(json_lines(&o.stderr, "compacting").1);
