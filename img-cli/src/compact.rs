@@ -4,7 +4,7 @@
 
 use clap::Args;
 
-use crate::common::{open_opts, parse_format, sentence};
+use crate::common::{parse_format, sentence};
 use crate::progress::{Progress, ProgressOpt};
 use crate::CliError;
 
@@ -28,13 +28,20 @@ pub struct CompactArgs {
 }
 
 pub fn run(a: CompactArgs) -> Result<u8, CliError> {
-    let img = open_opts(
-        &a.filename,
-        a.image_opts,
-        parse_format(&a.format)?,
-        true,
-        false,
-    )?;
+    // The bitmaps stay on disk as they are (`Qcow2Options::bitmaps_on_disk`).
+    let opts = qcow2::OpenOptions {
+        writable: true,
+        format: parse_format(&a.format)?,
+        qcow2: qcow2::Qcow2Options {
+            bitmaps_on_disk: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (path, opts) = crate::blockopts::open_options(&a.filename, a.image_opts, opts)?;
+    let img = qcow2::open(&path, &opts)
+        .map_err(|e| CliError::new(format!("Could not open '{}': {e}", a.filename)))?;
+    crate::blockopts::print_open_messages(img.as_ref());
     let Some(q) = img.as_qcow2() else {
         return Err(CliError::new(format!(
             "compact: '{}' is not a qcow2 image: only qcow2 images can be compacted",

@@ -30,7 +30,7 @@ impl Qcow2 {
 
     /// At a writable open, after `prepare_for_writing`.
     pub(super) fn load_bitmaps(&self) -> Result<()> {
-        if self.opts.repair {
+        if self.opts.repair || self.opts.bitmaps_on_disk {
             return Ok(());
         }
         let t = crate::bitmap::track::load(self)?;
@@ -44,7 +44,7 @@ impl Qcow2 {
     /// without what lay past the end of the file, say). A failure leaves
     /// them as they are on disk: the check's outcome is the result.
     pub(crate) fn load_bitmaps_after_repair(&self) {
-        if self.bitmaps.get().is_some() || !self.st.writable() {
+        if self.bitmaps.get().is_some() || !self.st.writable() || self.opts.bitmaps_on_disk {
             return;
         }
         // No message on failure: qemu-img prints none here (its load was

@@ -5,13 +5,16 @@
 //! # What moves
 //! A guest data cluster or an L2 table that the active tables reference
 //! once and whose refcount is 1 (qcow2.rst, "Cluster mapping" and
-//! "Reference counts"), and refcount blocks (which a growing file leaves
-//! all along it). The persistent bitmaps are stored first, into the
-//! lowest free clusters, as every close stores them. Everything else
-//! stays where it is: the header, the L1 and refcount tables,
-//! snapshots' tables and the clusters they share, compressed clusters
-//! (packed several to a cluster). The file then ends after the last of
-//! those, or after the moved clusters.
+//! "Reference counts"), refcount blocks (which a growing file leaves
+//! all along it) and the refcount table. Everything else stays where it
+//! is: the header, the L1 table, snapshots' tables and the clusters they
+//! share, compressed clusters (packed several to a cluster), and the
+//! persistent bitmaps' directory, tables and data. The file then ends
+//! after the last of those, or after the moved clusters.
+//!
+//! The image is opened with its bitmaps left on disk
+//! (`Qcow2Options::bitmaps_on_disk`): what the guest reads does not
+//! change, so they stay valid, and a kill cannot leave them in use.
 //!
 //! # Crash safety
 //! Moves go in batches. In each, every step is written and synced before
@@ -107,7 +110,8 @@ impl Qcow2 {
                 "compacting encrypted images".into(),
             ));
         }
-        let zeroed = if zero_detect { self.zero_detect()? } else { 0 };
+        // Nothing is written before the check passed: on a corrupt image
+        // a cluster in use may look free.
         let report = self.check_repair(Repair::Leaks)?;
         if report.corruptions > 0 || report.check_errors > 0 {
             return Err(Error::Corrupt(format!(
@@ -115,9 +119,7 @@ impl Qcow2 {
                 report.corruptions, report.check_errors
             )));
         }
-        // Rewritten now into the lowest free clusters (as a close would,
-        // at the end of the file): the bitmaps' old clusters are freed.
-        self.store_bitmaps()?;
+        let zeroed = if zero_detect { self.zero_detect()? } else { 0 };
         let m = self.lock();
         let mut m = self.quiesce(m);
         self.log_close(&mut m)?;

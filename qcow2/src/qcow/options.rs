@@ -49,6 +49,11 @@ pub struct Qcow2Options {
     pub data_file: Option<std::path::PathBuf>,
     /// When changed metadata is written to the file.
     pub metadata_persistence: MetadataPersistence,
+    /// Leaves the persistent bitmaps on disk as they are: not loaded,
+    /// not marked in use, not stored (for work that does not change
+    /// what the guest reads, `compact`: a kill then cannot leave them
+    /// inconsistent, and the open allocates nothing).
+    pub bitmaps_on_disk: bool,
     /// With [`MetadataPersistence::ProcessDeath`] and a backing file:
     /// copy-on-write fills are not synced per write; an intent log in
     /// the image keeps their entries until a checkpoint (see `ilog`).
@@ -75,6 +80,7 @@ impl Default for Qcow2Options {
             data_file: None,
             metadata_persistence: MetadataPersistence::Flush,
             intent_log: false,
+            bitmaps_on_disk: false,
             boot_id: None,
             intent_log_records: None,
         }
