@@ -15,7 +15,8 @@ pub(super) fn count_refs(
     rep: &mut CheckReport,
     fix_errors: bool,
 ) -> Result<Counted> {
-    let cs = 1u64 << ctx.header.cluster_bits;
+    let cb = ctx.header.cluster_bits;
+    let cs = 1u64 << cb;
     let w = walk(q, ctx, rep, fix_errors)?;
     let (counts, bad, max, overflows, file_len) = (w.counts, w.bad, w.max, w.overflows, w.file_len);
     let unfixable = w.unfixable;
@@ -39,23 +40,41 @@ pub(super) fn count_refs(
         rewrote: false,
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
-    let blocks: Vec<(usize, u64)> = ctx
-        .rc
-        .table()
-        .iter()
-        .enumerate()
-        .map(|(i, e)| (i, e & !511))
-        .filter(|&(_, o)| o != 0)
-        .collect();
-    for (i, b) in blocks {
-        if b & (cs - 1) != 0 {
+    // The refcount blocks, with qemu-img's checks and messages in its
+    // order (check_refblocks). Each problem asks for a rebuild, which
+    // `-r all` does.
+    let table: Vec<u64> = ctx.rc.table().to_vec();
+    for (i, e) in table.into_iter().enumerate() {
+        let b = e & !511;
+        let err = |extra: &mut Walk<'_>, msg: String| {
             extra.report.corruptions += 1;
-            extra.report.messages.push(format!(
-                "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-            ));
-            continue;
+            extra.report.messages.push(msg);
+        };
+        if e & 511 != 0 {
+            err(
+                &mut extra,
+                format!("ERROR refcount table entry {i} has reserved bits set"),
+            );
+        } else if b & (cs - 1) != 0 {
+            err(
+                &mut extra,
+                format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ),
+            );
+        } else if b >> cb >= extra.counts.len() as u64 {
+            let what = if fix_errors { "Repairing" } else { "ERROR" };
+            err(
+                &mut extra,
+                format!("{what} refcount block {i} is outside image"),
+            );
+        } else if b != 0 {
+            extra.add(b, cs);
+            let n = extra.counts[(b >> cb) as usize];
+            if n != 1 {
+                err(&mut extra, format!("ERROR refcount block {i} refcount={n}"));
+            }
         }
-        extra.add(b, cs);
     }
     Ok(Counted {
         counts: extra.counts,

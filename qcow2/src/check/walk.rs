@@ -118,18 +118,19 @@ impl Walk<'_> {
             .map_or(u64::MAX, |e| e >> self.cluster_bits);
         // As qemu-img: a range ending less than a cluster past the end of
         // the file is counted (the file may end mid-cluster).
+        // Judged per range, not by what earlier ranges made countable.
         let past_end = off
             .checked_add(len)
             .map_or(u64::MAX, |e| e.saturating_sub(self.file_len));
-        if past_end < 1 << self.cluster_bits && last >= self.counts.len() as u64 {
-            self.counts.resize(last as usize + 1, 0);
-        }
-        if last >= self.counts.len() as u64 {
+        if past_end >= 1 << self.cluster_bits {
             self.report.corruptions += 1;
             self.report.messages.push(format!(
                 "ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset {off:#x} size {len:#x}"
             ));
             return false;
+        }
+        if last >= self.counts.len() as u64 {
+            self.counts.resize(last as usize + 1, 0);
         }
         for c in first..=last {
             if self.counts[c as usize] >= self.max {
@@ -320,9 +321,7 @@ impl Walk<'_> {
                         self.unfixable += 1;
                         continue;
                     }
-                    L2Entry::Compressed {
-                        offset, sectors, ..
-                    } => {
+                    L2Entry::Compressed { offset, len, .. } => {
                         if raw & COPIED != 0 {
                             self.report.corruptions += 1;
                             self.report.messages.push(format!(
@@ -339,17 +338,19 @@ impl Walk<'_> {
                             self.unfixable += 1;
                             continue;
                         }
-                        if !self.add(offset & !511, sectors * 512) {
-                            if active {
-                                self.bad.push(BadEntry::L2(l2off, k));
-                            }
-                            continue;
-                        }
+                        // The exact stored range, as qemu-img reports it;
+                        // it covers the same clusters as the sector-aligned one.
+                        let counted = self.add(offset, len);
                         if active {
+                            // Counted even when the data lies past the end,
+                            // as qemu-img does.
                             self.report.allocated_clusters += 1;
                             self.report.compressed_clusters += 1;
                             // Compressed clusters are fragmented by nature.
                             self.report.fragmented_clusters += 1;
+                            if !counted {
+                                self.bad.push(BadEntry::L2(l2off, k));
+                            }
                         }
                     }
                 }
