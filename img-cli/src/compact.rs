@@ -24,6 +24,11 @@ pub struct CompactArgs {
     quiet: bool,
     #[command(flatten)]
     progress: ProgressOpt,
+    /// Clusters moved per batch (each batch syncs four to six times);
+    /// for tests, which cut between any two moves with 1
+    #[arg(long = "batch-clusters", hide = true, default_value_t = qcow2::qcow::DEFAULT_BATCH,
+          value_parser = clap::value_parser!(usize))]
+    batch_clusters: usize,
     filename: String,
 }
 
@@ -51,7 +56,11 @@ pub fn run(a: CompactArgs) -> Result<u8, CliError> {
     let target = a.progress.target(a.quiet);
     let mut bar: Option<Progress> = None;
     let mut shown = 0;
-    let r = q.compact(a.zero_detect, &mut |done, total| {
+    let copts = qcow2::qcow::CompactOptions {
+        zero_detect: a.zero_detect,
+        batch: a.batch_clusters,
+    };
+    let r = q.compact(&copts, &mut |done, total| {
         let p = bar.get_or_insert_with(|| Progress::new(target, "Compacting", total.max(1), 1.0));
         p.add(done - shown);
         shown = done;

@@ -2,9 +2,9 @@
 //! `qemu-img convert` writes, with the same content (`qemu-img compare`)
 //! and a clean `qemu-img check`, whatever its layout holds (snapshots,
 //! bitmaps, a backing file, compressed clusters, extended L2 entries,
-//! version 2); and SIGKILLs at random moments of a compaction (55 of
+//! version 2); and SIGKILLs at random moments of a compaction (67 of
 //! them, `RIMG_COMPACT_SEED` to vary) leave a consistent image (leaks at
-//! most) with the same content.
+//! most) with the same content and bitmaps.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rimg_tests::bitmaps::{qemu_bitmaps, qemu_dirty, Flags};
 use rimg_tests::{
     assert_qemu_check_clean, assert_qemu_compare_equal, ok_as, qemu_img, qemu_io, rimg, tempdir,
     workspace_bin,
@@ -54,6 +55,54 @@ fn fragmented(dir: &Path, name: &str, opts: &str, backing: Option<&str>) -> Path
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&img, &cmds);
     img
+}
+
+/// A 64 MiB image with 4 KiB clusters whose persistent bitmaps (`b0`,
+/// 4 KiB granularity; `second-bitmap`, 64 KiB; `off`, disabled) lie at
+/// the end of the file, above 16 MiB of clusters that hold zeros:
+/// `--zero-detect` frees those, and only moving the bitmaps' directory,
+/// tables and data lets the file shrink. Names of different lengths put
+/// the directory's entries at uneven offsets.
+fn bitmaps_at_the_end(dir: &Path, name: &str) -> PathBuf {
+    let img = dir.join(name);
+    ok_as(
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4096",
+            s(&img),
+            "64M",
+        ]),
+        "create",
+    );
+    qemu_io(&img, &["write -P 0x11 0 16M", "write -P 0 16M 16M"]);
+    ok_as(qemu_img(&["bitmap", "--add", s(&img), "b0"]), "bitmap b0");
+    ok_as(
+        qemu_img(&["bitmap", "--add", "-g", "65536", s(&img), "second-bitmap"]),
+        "bitmap second-bitmap",
+    );
+    ok_as(
+        qemu_img(&["bitmap", "--add", "--disable", s(&img), "off"]),
+        "bitmap off",
+    );
+    // No free cluster below: QEMU stores the bitmaps after this data.
+    qemu_io(&img, &["write -P 0x12 40M 2M", "write -P 0x13 50M 64k"]);
+    img
+}
+
+/// What QEMU reads of the bitmaps of `img`: names and flags, and each
+/// one's dirty ranges.
+fn bitmap_state(img: &Path) -> Vec<(Flags, Vec<(u64, u64)>)> {
+    qemu_bitmaps(img)
+        .into_iter()
+        .map(|f| {
+            let dirty = qemu_dirty(img, &f.0);
+            (f, dirty)
+        })
+        .collect()
 }
 
 fn converted_len(img: &Path, dir: &Path, opts: &str) -> u64 {
@@ -180,8 +229,8 @@ fn pinned_structures_stay_and_the_rest_moves() {
         "the snapshot's content changed"
     );
 
-    // Persistent bitmaps (their tables and data stay) and compressed
-    // clusters (several to a host cluster: they stay too).
+    // Persistent bitmaps and compressed clusters (several to a host
+    // cluster: they stay).
     let img = d.join("bm.qcow2");
     ok_as(
         qemu_img(&[
@@ -215,11 +264,40 @@ fn pinned_structures_stay_and_the_rest_moves() {
         bitmaps.as_array().is_some_and(|a| a.len() == 1),
         "{bitmaps}"
     );
-    // Left on disk as they are: never marked in use (a kill cannot
-    // spoil them), not moved.
+    let state = bitmap_state(&img);
+    // Never marked in use (a kill cannot spoil them).
     let (l0, l1) = compact_checked(&img, &["--zero-detect"]);
     assert!(l1 < l0, "bitmaps: {l0} -> {l1}");
     assert_eq!(info(&img), bitmaps, "the bitmaps changed");
+    assert_eq!(bitmap_state(&img), state, "the bitmaps' bits changed");
+}
+
+#[test]
+fn bitmaps_at_the_end_move_down() {
+    let dir = tempdir();
+    let img = bitmaps_at_the_end(dir.path(), "bm.qcow2");
+    let before = bitmap_state(&img);
+    assert_eq!(before.len(), 3, "{before:?}");
+    assert_eq!(
+        before.iter().filter(|(_, dirty)| !dirty.is_empty()).count(),
+        2,
+        "{before:?}"
+    );
+    let conv = converted_len(&img, dir.path(), "cluster_size=4096");
+    let (l0, l1) = compact_checked(&img, &["--zero-detect"]);
+    println!("bitmaps at the end: {l0} -> {l1} bytes; qemu-img convert: {conv}");
+    // Convert drops the bitmaps: their directory, three tables and two
+    // data clusters (at most) are the difference.
+    assert!(l1 <= conv + 6 * 4096, "{l0} -> {l1}");
+    assert_eq!(bitmap_state(&img), before, "the bitmaps changed");
+    // Once more: nothing left to move.
+    let o = ok_as(rimg(&["compact", s(&img)]), "again");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(" 0 clusters moved"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_eq!(len(&img), l1);
 }
 
 #[test]
@@ -313,12 +391,16 @@ fn kill_round(
     rimg_bin: &Path,
     template: &Path,
     img: &Path,
+    extra: &[&str],
     span: Duration,
+    max_lines: usize,
     rng: &mut StdRng,
 ) -> bool {
     std::fs::copy(template, img).unwrap();
     let mut child = Command::new(rimg_bin)
-        .args(["compact", "--progress=json", s(img)])
+        .arg("compact")
+        .args(extra)
+        .args(["--progress=json", s(img)])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -326,7 +408,7 @@ fn kill_round(
     if rng.random_bool(0.3) {
         // The first line comes before any move, the next after each
         // batch.
-        let lines = rng.random_range(1..=2);
+        let lines = rng.random_range(1..=max_lines);
         let err = child.stderr.take().unwrap();
         for l in BufReader::new(err).lines().take(lines) {
             if l.is_err() {
@@ -361,19 +443,31 @@ fn killed_compactions_leave_consistent_images_with_the_same_content() {
     let mut rounds = 0;
     // Kills wanted per variant (64 KiB clusters, version 2: data only;
     // 4 KiB: L2 tables and refcount blocks move too; 512 B: the refcount
-    // table too, and empty tables are dropped). A round that finished
-    // before its kill counts no kill; at most 100 rounds each.
+    // table too, and empty tables are dropped; bitmaps: zero detection,
+    // then the bitmaps' data, tables and directory move). A round that
+    // finished before its kill counts no kill; at most 100 rounds each.
     for (opts, want) in [
         ("cluster_size=4096", 25),
         ("cluster_size=65536,compat=0.10", 15),
         ("cluster_size=512", 15),
+        ("bitmaps", 12),
     ] {
-        let template = fragmented(d, "template.qcow2", opts, None);
+        // Bitmaps: one move per batch, so that kills fall between the
+        // moves of data, tables and the directory.
+        let (template, extra): (PathBuf, &[&str]) = if opts == "bitmaps" {
+            (
+                bitmaps_at_the_end(d, "template.qcow2"),
+                &["--zero-detect", "--batch-clusters", "1"],
+            )
+        } else {
+            (fragmented(d, "template.qcow2", opts, None), &[])
+        };
+        let bitmaps = bitmap_state(&template);
         let img = d.join("img.qcow2");
         // How long an uninterrupted compaction takes: kills fall inside.
         std::fs::copy(&template, &img).unwrap();
         let t = Instant::now();
-        compact_checked(&img, &[]);
+        compact_checked(&img, extra);
         let span = t.elapsed();
         let target = len(&img);
         let mut got = 0;
@@ -387,7 +481,10 @@ fn killed_compactions_leave_consistent_images_with_the_same_content() {
             }
             rounds += 1;
             let ctx = format!("{opts} round {round} (RIMG_COMPACT_SEED={seed})");
-            if kill_round(&rimg_bin, &template, &img, span, &mut rng) {
+            // One line per batch of 1024, more often with one-move
+            // batches (a line per percent).
+            let max_lines = if opts == "bitmaps" { 6 } else { 2 };
+            if kill_round(&rimg_bin, &template, &img, extra, span, max_lines, &mut rng) {
                 got += 1;
                 kills += 1;
             }
@@ -402,14 +499,20 @@ fn killed_compactions_leave_consistent_images_with_the_same_content() {
                 assert_eq!(j[k].as_u64().unwrap_or(0), 0, "{ctx}: {k}: {j}");
             }
             assert_qemu_compare_equal(&template, &img);
+            if !bitmaps.is_empty() {
+                assert_eq!(bitmap_state(&img), bitmaps, "{ctx}: the bitmaps changed");
+            }
             // Every few rounds, a compaction after the kill finishes
             // the job: leaks given back, the same size as uninterrupted.
             if round % 6 == 5 {
-                compact_checked(&img, &[]);
+                compact_checked(&img, extra);
                 assert_eq!(len(&img), target, "{ctx}");
+                if !bitmaps.is_empty() {
+                    assert_eq!(bitmap_state(&img), bitmaps, "{ctx}: the bitmaps changed");
+                }
             }
         }
     }
     println!("compact: {kills} kills in {rounds} rounds, no corruption, content kept");
-    assert!(kills >= 50);
+    assert!(kills >= 67);
 }

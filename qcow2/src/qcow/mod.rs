@@ -104,7 +104,7 @@ mod tables;
 mod tests;
 mod write;
 
-pub use compact::CompactStats;
+pub use compact::{CompactOptions, CompactStats, DEFAULT_BATCH};
 pub use options::{MetadataPersistence, Qcow2Options};
 
 struct Meta {

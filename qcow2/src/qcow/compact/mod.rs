@@ -8,13 +8,14 @@
 //! "Reference counts"), refcount blocks (which a growing file leaves
 //! all along it) and the refcount table. Everything else stays where it
 //! is: the header, the L1 table, snapshots' tables and the clusters they
-//! share, compressed clusters (packed several to a cluster), and the
-//! persistent bitmaps' directory, tables and data. The file then ends
-//! after the last of those, or after the moved clusters.
+//! share, compressed clusters (packed several to a cluster), and tables
+//! longer than a cluster. The file then ends after the last of those, or
+//! after the moved clusters.
 //!
-//! The image is opened with its bitmaps left on disk
-//! (`Qcow2Options::bitmaps_on_disk`): what the guest reads does not
-//! change, so they stay valid, and a kill cannot leave them in use.
+//! The persistent bitmaps move too (see `bitmaps`): the image is opened
+//! with its bitmaps left on disk (`Qcow2Options::bitmaps_on_disk`). What
+//! the guest reads does not change, so they stay valid, and a kill
+//! cannot leave them in use.
 //!
 //! # Crash safety
 //! Moves go in batches. In each, every step is written and synced before
@@ -26,27 +27,50 @@
 //! 3. the L2 tables are written with the new offsets (a table that moves
 //!    is written whole, with its moved entries, to its new place), then
 //!    the L1 entries of moved tables: each entry points at the old place
-//!    or the new one, both complete and counted;
+//!    or the new one, both complete and counted (bitmaps: tables, then
+//!    the directory, then the header);
 //! 4. the old clusters' refcounts are set to 0.
 //!
 //! The file is cut only after the last batch.
 
+mod bitmaps;
+
 use super::*;
 use crate::check::Repair;
 use crate::pagebuf::PageBuf;
+use bitmaps::BitmapEdits;
 
-/// Clusters moved per batch (four syncs each): 64 MiB with 64 KiB
-/// clusters.
-const BATCH: usize = 1024;
+/// Clusters moved per batch by default (four syncs each, five or six
+/// when bitmaps move): 64 MiB with 64 KiB clusters.
+pub const DEFAULT_BATCH: usize = 1024;
 
 /// Passes over the file at most (each after the last one's dropped
 /// refcount blocks).
 const MAX_PASSES: usize = 4;
 
+/// How a compaction goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactOptions {
+    /// First make data clusters of zeros zero clusters.
+    pub zero_detect: bool,
+    /// Clusters moved per batch (at least 1): smaller batches sync more
+    /// often (tests use 1 to cut between any two moves).
+    pub batch: usize,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        CompactOptions {
+            zero_detect: false,
+            batch: DEFAULT_BATCH,
+        }
+    }
+}
+
 /// What a compaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CompactStats {
-    /// Clusters moved (data and L2 tables).
+    /// Clusters moved (data, tables, refcount structures, bitmaps).
     pub moved: u64,
     /// Data clusters of zeros made zero clusters (`zero_detect`).
     pub zeroed: u64,
@@ -68,6 +92,12 @@ enum Owner {
     Data { l1i: usize, idx: usize },
     /// The refcount block of `group` (its refcount table entry).
     RefBlock { group: u64 },
+    /// The table of bitmap `bitmap` (its directory entry's index).
+    BitmapTable { bitmap: usize },
+    /// Entry `idx` of that table: a cluster of bitmap data.
+    BitmapData { bitmap: usize, idx: usize },
+    /// The bitmap directory (the header extension names it).
+    BitmapDirectory,
 }
 
 /// A planned move of one cluster.
@@ -96,7 +126,7 @@ impl Qcow2 {
     /// image with corruptions, an external data file, or encryption.
     pub fn compact(
         &self,
-        zero_detect: bool,
+        opts: &CompactOptions,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<CompactStats> {
         self.check_writable()?;
@@ -119,7 +149,11 @@ impl Qcow2 {
                 report.corruptions, report.check_errors
             )));
         }
-        let zeroed = if zero_detect { self.zero_detect()? } else { 0 };
+        let zeroed = if opts.zero_detect {
+            self.zero_detect()?
+        } else {
+            0
+        };
         let m = self.lock();
         let mut m = self.quiesce(m);
         self.log_close(&mut m)?;
@@ -133,6 +167,8 @@ impl Qcow2 {
         Self::refresh_map(&mut m);
         // Refcount blocks that moved down, then count nothing, are dropped
         // after a pass: the holes they leave take another (short) pass.
+        // Not before the first: a block counting nothing yet covers free
+        // clusters that moves may fill.
         for _ in 0..MAX_PASSES {
             moved += self.compact_reftable(&mut m, len_before)?;
             let moves = self.compact_plan(&mut m, len_before)?;
@@ -141,7 +177,7 @@ impl Qcow2 {
             }
             let total = moved + moves.len() as u64;
             progress(moved, total);
-            for batch in moves.chunks(BATCH) {
+            for batch in moves.chunks(opts.batch.max(1)) {
                 self.compact_batch(&mut m, batch)?;
                 Self::refresh_map(&mut m);
                 moved += batch.len() as u64;
@@ -149,6 +185,9 @@ impl Qcow2 {
             }
             m.rc.drop_unused_blocks(&self.st)?;
         }
+        // Also when nothing moved: a killed compaction may have left such
+        // blocks at the end.
+        m.rc.drop_unused_blocks(&self.st)?;
         let end = self
             .last_used_cluster(&mut m, len_before)?
             .map_or(0, |c| c + 1);
@@ -374,6 +413,7 @@ impl Qcow2 {
                 }
             }
         }
+        self.note_bitmaps(m, &mut note)?;
         let mut moves = Vec::new();
         let mut free = free.into_iter();
         for c in (used..n).rev() {
@@ -423,7 +463,7 @@ impl Qcow2 {
         // 2. Data copied (tables are written in 3, with their new entries).
         let mut buf = PageBuf::zeroed(cs as usize);
         for mv in &moves {
-            if let Owner::Data { .. } = mv.owner {
+            if let Owner::Data { .. } | Owner::BitmapData { .. } = mv.owner {
                 self.st.read_at(&mut buf, mv.from << cb)?;
                 self.st.write_at(&buf, mv.to << cb)?;
             }
@@ -438,7 +478,7 @@ impl Qcow2 {
                 Owner::Data { l1i, idx } => {
                     tables.entry(l1i).or_default().1.push((idx, mv.to << cb))
                 }
-                Owner::RefBlock { .. } => {}
+                _ => {}
             }
         }
         let mut l1_moved = Vec::new();
@@ -456,15 +496,21 @@ impl Qcow2 {
                 l1_moved.push((l1i, *to));
             }
         }
+        let bitmaps = BitmapEdits::new(&moves, cb);
+        self.write_bitmap_tables(m, &bitmaps)?;
         self.st.sync()?;
-        if !l1_moved.is_empty() {
+        if !l1_moved.is_empty() || bitmaps.repoints() {
             for &(l1i, to) in &l1_moved {
                 m.l1[l1i] = (m.l1[l1i] & !OFFSET_MASK) | to;
                 let e = m.l1[l1i].to_be_bytes();
                 self.st
                     .write_at(&e, m.header.l1_table_offset + l1i as u64 * 8)?;
             }
+            self.write_bitmap_directory(m, &bitmaps)?;
             self.st.sync()?;
+        }
+        if let Some(to) = bitmaps.directory {
+            self.switch_bitmap_directory(m, to)?;
         }
         // 4. The old clusters given back.
         for mv in &moves {
