@@ -2,7 +2,8 @@
 //! definitions: the bash script names every subcommand that `rimg --help`
 //! lists and completes them in a real bash; the other shells' scripts are
 //! generated; the manual pages are roff with rimg's header and name every
-//! subcommand (and a subcommand's page its options).
+//! subcommand (and a subcommand's page its options); the daemons and
+//! rimg-vmm print theirs with `--man`.
 
 use std::process::Output;
 
@@ -142,4 +143,31 @@ fn man_pages_render() {
         String::from_utf8_lossy(&o.stderr).trim(),
         "rimg: no subcommand 'nosuch'"
     );
+}
+
+#[test]
+fn daemons_print_their_manual_pages() {
+    for (bin, option) in [
+        ("rimg-vhost-blk", "\\-\\-image"),
+        ("rimg-vhost-net", "\\-\\-tap"),
+        ("rimg-nbd", "\\-\\-socket"),
+        ("rimg-vmm", "\\-\\-kernel"),
+    ] {
+        let path = workspace_bin(bin);
+        let exe = path.to_str().unwrap();
+        let o = run(exe, &["--man"]);
+        assert!(o.status.success(), "{bin} --man: {o:?}");
+        let page = String::from_utf8(o.stdout).expect("utf-8 page");
+        let th = page
+            .lines()
+            .find(|l| l.starts_with(".TH "))
+            .unwrap_or_else(|| panic!("{bin}: no .TH header"));
+        assert!(th.starts_with(&format!(".TH {bin} 1 ")), "{th}");
+        for want in [".SH NAME", ".SH SYNOPSIS", ".SH OPTIONS", option] {
+            assert!(page.contains(want), "{bin}: no {want} in its page");
+        }
+        // Only alone: with other arguments it is refused (status 2).
+        let o = run(exe, &["--man", "--socket", "/nonexistent/s"]);
+        assert_eq!(o.status.code(), Some(2), "{bin}: {o:?}");
+    }
 }

@@ -2,7 +2,7 @@
 //! descriptor 3 (socket activation), readiness and stopping told on
 //! NOTIFY_SOCKET (Type=notify), seccomp in kill mode, SIGTERM at the end
 //! with status 0; and the unit files in contrib/systemd pass
-//! `systemd-analyze verify`.
+//! `systemd-analyze verify`, manual pages included.
 
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::Path;
@@ -115,14 +115,23 @@ fn nbd_notifies_ready_and_stopping() {
 
 /// Each unit in contrib/systemd, as an instance, passes
 /// `systemd-analyze verify` without a word (warnings count: it exits 0 on
-/// most of them), its binaries pointed at the ones built here. Man pages
-/// are not checked: the daemons have none yet.
+/// most of them), its binaries pointed at the ones built here, and the
+/// manual pages its Documentation= names found (MANPATH: the pages the
+/// daemons print with `--man`).
 #[test]
 fn unit_files_pass_systemd_analyze_verify() {
     rimg_tests::ensure_tool("systemd-analyze", "systemd");
+    rimg_tests::ensure_tool("man", "man-db");
     let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib/systemd");
     let d = tempdir();
-    let mut args = vec!["verify".to_string(), "--man=no".to_string()];
+    let man1 = d.path().join("man/man1");
+    std::fs::create_dir_all(&man1).unwrap();
+    for bin in ["rimg-vhost-blk", "rimg-vhost-net", "rimg-nbd"] {
+        let o = rimg_tests::run(workspace_bin(bin).to_str().unwrap(), &["--man"]);
+        assert!(o.status.success(), "{bin} --man: {o:?}");
+        std::fs::write(man1.join(format!("{bin}.1")), o.stdout).unwrap();
+    }
+    let mut args = vec!["verify".to_string()];
     let mut seen = 0;
     for e in std::fs::read_dir(&units).unwrap() {
         let e = e.unwrap();
@@ -143,8 +152,11 @@ fn unit_files_pass_systemd_analyze_verify() {
         seen += 1;
     }
     assert!(seen >= 6, "{seen} units in {}", units.display());
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let o = rimg_tests::run("systemd-analyze", &args);
+    let o = Command::new("systemd-analyze")
+        .args(&args)
+        .env("MANPATH", d.path().join("man"))
+        .output()
+        .unwrap();
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),

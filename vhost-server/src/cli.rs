@@ -1,6 +1,6 @@
 //! What the daemons' command lines share: the socket to listen on, the
-//! seccomp choice, logging, and how a result becomes the exit status
-//! ([`run`]).
+//! seccomp choice, the manual page (`--man`), logging, and how a result
+//! becomes the exit status ([`run`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,14 +53,64 @@ pub fn run<A: clap::Parser, E: std::fmt::Display>(
         eprintln!("{name}: {e}");
         return ExitCode::FAILURE;
     }
+    let args = parse::<A>();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
         .format_timestamp(None)
         .init();
-    match serve(A::parse()) {
+    match serve(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name}: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// `cmd` with `--man`, which [`parse`] takes only alone on the command
+/// line (clap's `exclusive` does not waive required groups).
+fn with_man(cmd: clap::Command) -> clap::Command {
+    cmd.arg(
+        clap::Arg::new("man")
+            .long("man")
+            .action(clap::ArgAction::SetTrue)
+            .exclusive(true)
+            .help("Print this manual page (roff, for man(1)) to stdout and exit"),
+    )
+}
+
+/// The manual page of the program whose arguments are `A`, in roff,
+/// generated from the same clap definition as its parsing, so that the
+/// two never drift apart (section 1, as qemu-storage-daemon's).
+pub fn man_page<A: clap::CommandFactory>() -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    clap_mangen::Man::new(with_man(A::command())).render(&mut out)?;
+    Ok(out)
+}
+
+/// The arguments `A` from the command line (exits with clap's message
+/// and status 2 on bad ones); `--man` prints the manual page and exits.
+pub fn parse<A: clap::Parser>() -> A {
+    if std::env::args_os()
+        .skip(1)
+        .eq([std::ffi::OsString::from("--man")])
+    {
+        use std::io::Write;
+        let wrote = man_page::<A>().and_then(|page| {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&page)?;
+            out.flush()
+        });
+        match wrote {
+            Ok(()) => std::process::exit(0),
+            // `--man | head`: a closed pipe is no failure.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+            Err(e) => {
+                eprintln!("cannot write the manual page: {e}");
+                std::process::exit(1)
+            }
+        }
+    }
+    // `--man` with anything else is refused here (it is exclusive).
+    let m = with_man(A::command()).get_matches();
+    A::from_arg_matches(&m).unwrap_or_else(|e| e.exit())
 }

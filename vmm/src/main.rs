@@ -100,7 +100,7 @@ fn build(a: Args) -> error::Result<vmm::VmConfig> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args: Args = rimg_vhost_server::cli::parse();
     let stop = build(args).and_then(vmm::run);
     match stop {
         Ok(vmm::Stop::PowerOff) => ExitCode::SUCCESS,
