@@ -143,6 +143,10 @@ pub fn run(a: CheckArgs) -> Result<u8, CliError> {
     for m in &rep.messages {
         eprintln!("{m}");
     }
+    if let Some(why) = &rep.failed {
+        eprintln!("{}: Check failed: {why}", crate::prog_name());
+        return Ok(1);
+    }
     print_report(&a, &rep, repair, img.format());
     Ok(if rep.check_errors > 0 {
         1

@@ -48,6 +48,7 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
         bad,
         overflows,
         unfixable,
+        rebuild: bad_blocks,
     } = count_refs(q, ctx, &mut rep, repair == Repair::All)?;
 
     if repair == Repair::All && (!bad.is_empty() || rep.corruptions > overflows + unfixable) {
@@ -60,7 +61,8 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
     }
 
     let pre_compare = rep.clone();
-    let cmp = compare(q, ctx, &counts, &mut rep, Repair::None)?;
+    let mut cmp = compare(q, ctx, &counts, &mut rep, Repair::None)?;
+    cmp.rebuild |= bad_blocks;
     let mut highest = cmp.highest;
     if cmp.rebuild && repair == Repair::All {
         rep.messages.push("Rebuilding refcount structure".into());
@@ -89,6 +91,8 @@ pub(crate) fn check(q: &Qcow2, ctx: &mut MetaCtx<'_>, repair: Repair) -> Result<
             rep.messages
                 .push("ERROR need to rebuild refcount structures".into());
             rep.check_errors += 1;
+            // qemu-img's check fails with EIO here: no report follows.
+            rep.failed = Some("Input/output error".into());
             return Ok(rep);
         }
         if rep.leaks > 0 || rep.corruptions > 0 {

@@ -41,8 +41,9 @@ pub(super) fn count_refs(
     };
     extra.add(ctx.rc.table_offset(), ctx.rc.table_clusters() * cs);
     // The refcount blocks, with qemu-img's checks and messages in its
-    // order (check_refblocks). Each problem asks for a rebuild, which
-    // `-r all` does.
+    // order (check_refblocks). All but a block outside the image ask for
+    // a rebuild, as there (`-r all` rebuilds for any corruption).
+    let mut rebuild = false;
     let table: Vec<u64> = ctx.rc.table().to_vec();
     for (i, e) in table.into_iter().enumerate() {
         let b = e & !511;
@@ -51,11 +52,13 @@ pub(super) fn count_refs(
             extra.report.messages.push(msg);
         };
         if e & 511 != 0 {
+            rebuild = true;
             err(
                 &mut extra,
                 format!("ERROR refcount table entry {i} has reserved bits set"),
             );
         } else if b & (cs - 1) != 0 {
+            rebuild = true;
             err(
                 &mut extra,
                 format!(
@@ -72,6 +75,7 @@ pub(super) fn count_refs(
             extra.add(b, cs);
             let n = extra.counts[(b >> cb) as usize];
             if n != 1 {
+                rebuild = true;
                 err(&mut extra, format!("ERROR refcount block {i} refcount={n}"));
             }
         }
@@ -81,6 +85,7 @@ pub(super) fn count_refs(
         bad,
         overflows: extra.overflows,
         unfixable,
+        rebuild,
     })
 }
 
@@ -93,6 +98,8 @@ pub(super) struct Counted {
     pub(super) overflows: u64,
     /// Misaligned data clusters, which no repair changes.
     pub(super) unfixable: u64,
+    /// A refcount block is unusable: only a rebuild repairs that.
+    pub(super) rebuild: bool,
 }
 
 /// What comparing stored refcounts with references found.

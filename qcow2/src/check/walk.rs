@@ -311,22 +311,23 @@ impl Walk<'_> {
                             }
                         }
                     }
-                    L2Entry::Compressed { .. } if self.data_file => {
-                        self.report.corruptions += 1;
-                        self.report.messages.push(format!(
-                            "ERROR compressed cluster {k} with data file, entry={raw:#x}"
-                        ));
-                        // Reported, never repaired (as in QEMU); the
-                        // walk goes on with the next entry.
-                        self.unfixable += 1;
-                        continue;
-                    }
                     L2Entry::Compressed { offset, len, .. } => {
                         if raw & COPIED != 0 {
                             self.report.corruptions += 1;
                             self.report.messages.push(format!(
-                                "ERROR: coffset={offset:#x}: Compressed cluster entry has QCOW_OFLAG_COPIED flag set"
+                                "ERROR: coffset={offset:#x}: copied flag must never be set for compressed clusters"
                             ));
+                        }
+                        if self.data_file {
+                            self.report.corruptions += 1;
+                            self.report.messages.push(format!(
+                                "ERROR compressed cluster {k} with data file, entry={:#x}",
+                                raw & !COPIED
+                            ));
+                            // Reported, never repaired (as in QEMU); the
+                            // walk goes on with the next entry.
+                            self.unfixable += 1;
+                            continue;
                         }
                         if bitmap != 0 {
                             self.report.corruptions += 1;
@@ -412,9 +413,11 @@ pub(crate) fn walk<'r>(
         ctx.rc.table_clusters() * cs,
         Use::Meta,
     );
+    // An entry with reserved bits set names no block (reported with the
+    // blocks, as qemu-img does).
     for &e in ctx.rc.table() {
         let b = e & !511;
-        if b != 0 && b & (cs - 1) == 0 {
+        if e & 511 == 0 && b != 0 && b & (cs - 1) == 0 {
             w.mark(b, cs, Use::Meta);
         }
     }
