@@ -59,6 +59,14 @@ fn set_refcount(f: &std::fs::File, l: &Layout, cluster: u64, v: u16) {
         .unwrap();
 }
 
+/// `tool ARGS`: its exit code and what it said (stdout, then stderr),
+/// the image path `img` written as IMG.
+fn said(tool: &str, args: &[&str], img: &str) -> (Option<i32>, String) {
+    let o = run(tool, args);
+    let text = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+    (o.status.code(), text.replace(img, "IMG"))
+}
+
 fn check_json(cmd: &str, path: &Path) -> (i32, Value) {
     let out = run(cmd, &["check", "--output=json", path.to_str().unwrap()]);
     let v = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
@@ -235,10 +243,8 @@ fn compressed_entries_with_a_subcluster_bitmap_are_reported_not_fatal() {
     for tool in ["qemu-img", workspace_bin("rimg").to_str().unwrap()] {
         let img = dir.path().join("t.qcow2");
         std::fs::copy(&base, &img).unwrap();
-        let o = run(tool, &["check", "-r", "all", img.to_str().unwrap()]);
-        let text =
-            String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
-        outs.push((o.status.code(), text.replace(img.to_str().unwrap(), "IMG")));
+        let p = img.to_str().unwrap();
+        outs.push(said(tool, &["check", "-r", "all", p], p));
     }
     assert_eq!(outs[0], outs[1], "qemu-img vs rimg");
     assert!(outs[0].1.contains("non-zero subcluster allocation bitmap"));
@@ -293,10 +299,7 @@ fn truncated_compressed_images_match_qemu_img_and_repair() {
             let p = img.to_str().unwrap();
             let mut outs = Vec::new();
             for tool in ["qemu-img", rimg.to_str().unwrap()] {
-                let o = run(tool, &["check", p]);
-                let text = String::from_utf8_lossy(&o.stdout).to_string()
-                    + &String::from_utf8_lossy(&o.stderr);
-                outs.push((o.status.code(), text.replace(p, "IMG")));
+                outs.push(said(tool, &["check", p], p));
             }
             assert_eq!(
                 outs[0], outs[1],
@@ -364,17 +367,15 @@ fn damaged_refcount_tables_match_qemu_img() {
                 let mut args = vec!["check"];
                 args.extend(mode);
                 args.push(p);
-                let o = run(tool, &args);
-                let text = String::from_utf8_lossy(&o.stdout).to_string()
-                    + &String::from_utf8_lossy(&o.stderr);
+                let (code, text) = said(tool, &args, p);
                 // qemu-img's block layer adds its own corruption event
                 // line, which rimg does not print.
                 let text: String = text
                     .lines()
                     .filter(|l| !l.starts_with("qcow2: Image is corrupt"))
-                    .map(|l| l.replace(p, "IMG").replace("rimg:", "qemu-img:") + "\n")
+                    .map(|l| l.replace("rimg:", "qemu-img:") + "\n")
                     .collect();
-                outs.push((o.status.code(), text));
+                outs.push((code, text));
             }
             assert_eq!(outs[0], outs[1], "qemu-img vs rimg: {what}, {mode:?}");
         }
