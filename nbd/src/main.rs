@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Parser;
 use qcow2::{Format, OpenOptions, Qcow2Options};
 use rimg_nbd::{Export, Exports, Listen, Policy, ServerConfig};
-use rimg_vhost_server::cli::{self, SeccompArg};
+use rimg_vhost_server::cli::{self, SeccompArg, UserArg};
 
 fn main() -> ExitCode {
     cli::run("rimg-nbd", serve)
@@ -95,6 +95,8 @@ struct Args {
     /// Write the server's process id to PATH, locked while it runs
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    #[command(flatten)]
+    user: UserArg,
     #[command(flatten)]
     seccomp: SeccompArg,
 }
@@ -266,6 +268,7 @@ fn serve(a: Args) -> Result<(), String> {
         policy: Policy { unmap },
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
         tls,
+        user: a.user.user,
         seccomp: a.seccomp.seccomp,
         ready,
     })

@@ -51,6 +51,9 @@ pub struct ServerConfig {
     pub handshake_limit: Option<Duration>,
     /// TLS credentials: with them, clients must start TLS first.
     pub tls: Option<TlsCreds>,
+    /// The user to become once the images are open and the socket bound
+    /// (`--user`).
+    pub user: Option<rimg_seccomp::RunAs>,
     pub seccomp: rimg_seccomp::SeccompAction,
     /// `--fork`: tell the waiting parent once the server is up.
     pub ready: Option<crate::daemon::Ready>,
@@ -64,6 +67,8 @@ pub enum Error {
     Io(#[from] io::Error),
     #[error("seccomp: {0}")]
     Seccomp(#[from] rimg_seccomp::Error),
+    #[error("--user: {0}")]
+    User(#[from] rimg_seccomp::user::UserError),
     #[error("flushing export '{0}': {1}")]
     Flush(String, qcow2::Error),
 }
@@ -285,6 +290,13 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         Listen::Unix(p) => Some(SocketFile::new(p)?),
         _ => None,
     };
+    if let Some(user) = &cfg.user {
+        // The socket becomes the user's, who still accepts on it.
+        if let Listen::Unix(p) = &cfg.listen {
+            std::os::unix::fs::lchown(p, Some(user.uid), Some(user.gid))?;
+        }
+        user.assume()?;
+    }
     let live = Arc::new(Mutex::new(Live {
         next_id: 0,
         conns: Vec::new(),

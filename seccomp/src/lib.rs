@@ -16,12 +16,18 @@
 //! [`SeccompAction::Log`] lets such calls through and has the kernel log
 //! them (audit type 1326 in the kernel log), which is how a list is
 //! checked against a new workload.
+//!
+//! Before its filter, a daemon can also give up root for a given user
+//! ([`user`], the `--user` option).
+
+pub mod user;
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
 pub use seccompiler::BpfProgram;
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule};
+pub use user::RunAs;
 
 /// What happens on a syscall outside the list (the `--seccomp` option of
 /// the daemons and the VMM).

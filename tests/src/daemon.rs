@@ -294,3 +294,52 @@ pub fn socket_activated(
     }
     cmd
 }
+
+/// The ids `user` (a name) has on this machine: (uid, primary gid).
+pub fn account_ids(user: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let o = Command::new("id").args([flag, user]).output().unwrap();
+        assert!(o.status.success(), "id {flag} {user}: {o:?}");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    (id("-u"), id("-g"))
+}
+
+/// Asserts that every thread of `pid` runs as `uid`/`gid` (real,
+/// effective, saved and file-system ids), with `gid` as its only
+/// supplementary group and no capability left.
+pub fn assert_runs_as(pid: u32, uid: u32, gid: u32) {
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(!tasks.is_empty());
+    for t in tasks {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {status}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            field("Uid:"),
+            format!("{uid} {uid} {uid} {uid}"),
+            "{status}"
+        );
+        assert_eq!(
+            field("Gid:"),
+            format!("{gid} {gid} {gid} {gid}"),
+            "{status}"
+        );
+        assert_eq!(field("Groups:"), gid.to_string(), "{status}");
+        assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
+        assert_eq!(field("CapPrm:"), "0000000000000000", "{status}");
+    }
+}

@@ -164,3 +164,117 @@ fn unit_files_pass_systemd_analyze_verify() {
     );
     assert!(o.status.success() && said.trim().is_empty(), "{said}");
 }
+
+/// A directory `uid`/`gid` may write to (for the sockets a daemon that
+/// gave up root removes at exit), with an image only root may open.
+fn root_image_and_user_dir(
+    d: &Path,
+    uid: u32,
+    gid: u32,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let img = d.join("disk.qcow2");
+    qemu_create(&img, "", "64M");
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let run = d.join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::os::unix::fs::chown(&run, Some(uid), Some(gid)).unwrap();
+    (img, run)
+}
+
+/// `--user nobody`: rimg-vhost-blk opens an image only root may open and
+/// binds its sockets (which become nobody's), then runs as nobody for
+/// good, every thread, no capability left, while it serves two queues in
+/// kill mode; at SIGTERM it removes its sockets and exits 0.
+#[test]
+fn vhost_blk_gives_up_root_for_user() {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = rimg_tests::daemon::account_ids("nobody");
+    let d = tempdir();
+    let (img, run) = root_image_and_user_dir(d.path(), uid, gid);
+    let sock = run.join("blk.sock");
+    let ctl = run.join("blk.ctl");
+    let mut cmd = Command::new(workspace_bin("rimg-vhost-blk"));
+    cmd.arg("--socket").arg(&sock).arg("--control").arg(&ctl);
+    cmd.arg("--image").arg(&img);
+    cmd.args(["--num-queues", "2", "--user", "nobody"]);
+    let daemon = DaemonProcess::spawn(cmd, &sock).unwrap();
+    for s in [&sock, &ctl] {
+        let m = std::fs::symlink_metadata(s).unwrap();
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", s.display());
+    }
+    let mut c = Client::connect(&sock, 2, false).unwrap();
+    rimg_tests::daemon::assert_runs_as(daemon.pid(), uid, gid);
+    c.write(1, 4096, &[0x5a; 8192]).unwrap();
+    assert_eq!(c.read(0, 4096, 8192).unwrap(), vec![0x5a; 8192]);
+    c.flush(0).unwrap();
+    drop(c);
+    let st = rimg_tests::control::ok(&ctl, "query-status", serde_json::json!({}));
+    assert_eq!(st["connections"], 1, "{st}");
+    let (st, log) = daemon.terminate_within(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
+    assert!(!log.contains("cannot remove"), "{log}");
+    assert!(!sock.exists() && !ctl.exists(), "{log}");
+    assert_eq!(std::fs::metadata(&img).unwrap().uid(), 0);
+    assert_qemu_check_clean(&img);
+    let o = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x5a 4096 8192"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success() && !out.contains("fail"), "{out}");
+}
+
+/// rimg-nbd gives up root the same way, and a user that does not exist
+/// is refused before anything is served (status 2, clap's error).
+#[test]
+fn nbd_gives_up_root_for_user() {
+    use std::os::unix::fs::MetadataExt;
+    let (uid, gid) = rimg_tests::daemon::account_ids("nobody");
+    let d = tempdir();
+    let (img, run) = root_image_and_user_dir(d.path(), uid, gid);
+    let sock = run.join("nbd.sock");
+    let user = format!("nobody:{gid}");
+    let s = rimg_tests::nbd::serve(
+        &sock,
+        &["-f", "qcow2", "--user", &user, img.to_str().unwrap()],
+    );
+    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().uid(), uid);
+    let uri = rimg_tests::nbd::unix_uri(&sock, "");
+    let mut io = Command::new("qemu-io");
+    io.args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 7 1M 64k",
+        "-c",
+        "read -P 7 1M 64k",
+        &uri,
+    ]);
+    let o = rimg_tests::run_watched(io, Duration::from_secs(60));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.is_some_and(|s| s.success()) && !out.contains("fail"),
+        "{out}"
+    );
+    rimg_tests::daemon::assert_runs_as(s.pid(), uid, gid);
+    rimg_tests::nbd::stop(s);
+    assert!(!sock.exists());
+    assert_qemu_check_clean(&img);
+
+    let o = rimg_tests::run(
+        workspace_bin("rimg-nbd").to_str().unwrap(),
+        &[
+            "-k",
+            sock.to_str().unwrap(),
+            "--user",
+            "no-such-user-rimg",
+            img.to_str().unwrap(),
+        ],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no user named \"no-such-user-rimg\""), "{err}");
+    assert!(!sock.exists());
+}

@@ -206,3 +206,76 @@ fn bad_configuration_is_a_clear_error() {
         assert!(!line.contains("panicked"), "{e}");
     }
 }
+
+/// `--user nobody` on an existing two-pair TAP of root's: the daemon
+/// attaches its queues as root (TUNSETIFF, refused to nobody on a TAP
+/// owned by root), then runs as nobody; testpmd's frames on both pairs
+/// reach the TAP, across nobody's TUNSETOFFLOAD at connection.
+#[test]
+fn runs_as_a_user_on_a_multi_queue_tap() {
+    let (uid, gid) = rimg_tests::daemon::account_ids("nobody");
+    let ns = Netns::new("nusr");
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "mode",
+        "tap",
+        "multi_queue",
+        "name",
+        "ru0",
+        "user",
+        "0",
+        "group",
+        "0",
+    ]);
+    ns.ip(&["link", "set", "ru0", "up"]);
+    let dir = tempdir();
+    let sock = dir.path().join("net.sock");
+    let d = NetDaemon::start_in(
+        &ns,
+        &sock,
+        &[
+            "--tap",
+            "ru0",
+            "--mac",
+            MAC,
+            "--num-queue-pairs",
+            "2",
+            "--user",
+            "nobody",
+        ],
+    )
+    .unwrap();
+    rimg_tests::daemon::assert_runs_as(d.pid(), uid, gid);
+    let vdev = virtio_user(&sock, 2);
+    let pmd = Testpmd::start(
+        &ns,
+        "nusr",
+        &["--vdev", &vdev],
+        &[
+            "--forward-mode=txonly",
+            "--total-num-mbufs=8192",
+            "--txq=2",
+            "--rxq=2",
+            "-a",
+        ],
+    );
+    assert!(
+        pmd.wait_started(Duration::from_secs(60)),
+        "testpmd did not start"
+    );
+    assert!(
+        wait_for(Duration::from_secs(60), || ns.counter("ru0", "rx_packets")
+            >= 50_000),
+        "frames did not reach the TAP"
+    );
+    let (st, out) = pmd.stop();
+    assert!(st.tx > 0, "{out}");
+    let (es, log) = d.terminate();
+    assert!(es.success(), "{log}");
+    let pairs: Vec<usize> = pair_stats(&log).iter().map(|p| p.0).collect();
+    assert!(
+        pairs.contains(&0) && pairs.contains(&1),
+        "both pairs sent: {log}"
+    );
+}

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use qcow2::encrypt::Secret;
 use rimg_vhost_blk::server::{self, ServerConfig};
-use rimg_vhost_server::cli::{self, ControlArg, SeccompArg, SocketArg};
+use rimg_vhost_server::cli::{self, ControlArg, SeccompArg, SocketArg, UserArg};
 
 /// Serves until SIGTERM or SIGINT; exits 0 once the image is flushed.
 fn main() -> ExitCode {
@@ -68,6 +68,8 @@ struct Args {
     #[command(flatten)]
     control: ControlArg,
     #[command(flatten)]
+    user: UserArg,
+    #[command(flatten)]
     seccomp: SeccompArg,
 }
 
@@ -104,6 +106,7 @@ fn serve(a: Args) -> Result<(), String> {
         poll_us: a.poll_us,
         intent_log: !a.no_intent_log,
         control: a.control.control,
+        user: a.user.user,
         seccomp: a.seccomp.seccomp,
     };
     server::run(cfg).map_err(|e| e.to_string())

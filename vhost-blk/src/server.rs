@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub intent_log: bool,
     /// The control socket to create (`--control`).
     pub control: Option<PathBuf>,
+    /// The user to become once set up (`--user`).
+    pub user: Option<rimg_vhost_server::seccomp::RunAs>,
     /// What a syscall outside the daemon's seccomp list does (or no
     /// filter).
     pub seccomp: rimg_vhost_server::SeccompAction,
@@ -276,8 +278,10 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         // Published for `rimg resize IMAGE`, which then asks this daemon
         // instead of failing on the image's lock. Not for a read-only
         // disk: it cannot be resized, and several read-only daemons may
-        // serve one image.
-        let links = (!cfg.readonly)
+        // serve one image. Nor under --user: the link would be in the
+        // starting user's runtime directory, where the daemon could not
+        // remove it at exit.
+        let links = (!cfg.readonly && cfg.user.is_none())
             .then(|| std::fs::metadata(qcow2::open::host_path(&cfg.image)).ok())
             .flatten()
             .map(|m| qcow2::paths::control_link(&m))
@@ -309,7 +313,10 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         &cfg.socket,
         commands,
         cfg.seccomp,
-        &crate::seccomp::sandbox(on_nbd),
+        &rimg_vhost_server::Sandbox {
+            run_as: cfg.user.clone(),
+            ..crate::seccomp::sandbox(on_nbd)
+        },
         announce,
         |mem| {
             Ok(Arc::new(BlkBackend::new(

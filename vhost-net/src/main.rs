@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{ArgGroup, Parser};
 use rimg_vhost_net::config::Mac;
 use rimg_vhost_net::server::{self, ServerConfig};
-use rimg_vhost_server::cli::{self, ControlArg, SeccompArg, SocketArg};
+use rimg_vhost_server::cli::{self, ControlArg, SeccompArg, SocketArg, UserArg};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,8 @@ struct Args {
     #[command(flatten)]
     control: ControlArg,
     #[command(flatten)]
+    user: UserArg,
+    #[command(flatten)]
     seccomp: SeccompArg,
 }
 
@@ -60,6 +62,7 @@ fn serve(a: Args) -> Result<(), String> {
         queue_size: a.queue_size,
         mtu: a.mtu,
         control: a.control.control,
+        user: a.user.user,
         seccomp: a.seccomp.seccomp,
     };
     server::run(cfg).map_err(|e| e.to_string())

@@ -10,6 +10,7 @@ use crate::backend::NetBackend;
 use crate::config::{Mac, NetConfig};
 use crate::control::NetControl;
 use crate::tap::{self, Tap};
+use rimg_vhost_server::seccomp::RunAs;
 use rimg_vhost_server::Control;
 
 /// Everything the daemon is started with.
@@ -26,6 +27,8 @@ pub struct ServerConfig {
     pub mtu: Option<u16>,
     /// The control socket to create (`--control`).
     pub control: Option<PathBuf>,
+    /// The user to become once set up (`--user`).
+    pub user: Option<RunAs>,
     /// What a syscall outside the daemon's seccomp list does (or no
     /// filter).
     pub seccomp: rimg_vhost_server::SeccompAction,
@@ -99,7 +102,10 @@ pub fn run(cfg: ServerConfig) -> Result<(), Error> {
         &cfg.socket,
         commands,
         cfg.seccomp,
-        &crate::seccomp::sandbox(),
+        &rimg_vhost_server::Sandbox {
+            run_as: cfg.user.clone(),
+            ..crate::seccomp::sandbox()
+        },
         announce,
         |mem| {
             Ok(Arc::new(NetBackend::new(

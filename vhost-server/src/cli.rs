@@ -1,5 +1,5 @@
 //! What the daemons' command lines share: the socket to listen on, the
-//! seccomp choice, the manual page (`--man`), logging, and how a result
+//! user to become, the seccomp choice, the manual page (`--man`), logging, and how a result
 //! becomes the exit status ([`run`]).
 
 use std::path::PathBuf;
@@ -36,6 +36,17 @@ pub struct SeccompArg {
     /// type 1326), `off` installs no filter
     #[arg(long, default_value_t = SeccompAction::Kill, value_name = "kill|log|off")]
     pub seccomp: SeccompAction,
+}
+
+/// `--user`, flattened before `--seccomp`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UserArg {
+    /// Once the image/TAP is open and the sockets are bound (they become
+    /// the user's), become USER for good: its user id, GROUP's id (by
+    /// default the user's own group) and its supplementary groups, with
+    /// no way back to root. Names or numeric ids; needs root to start
+    #[arg(long, value_name = "USER[:GROUP]")]
+    pub user: Option<rimg_seccomp::RunAs>,
 }
 
 /// A daemon's whole life: logging to stderr (warnings and errors unless

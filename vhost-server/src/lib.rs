@@ -94,6 +94,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Seccomp(#[from] seccomp::Error),
+    #[error("--user: {0}")]
+    User(#[from] rimg_seccomp::user::UserError),
 }
 
 /// Serves frontends on `socket` until SIGTERM, SIGINT or the control
@@ -145,11 +147,6 @@ where
             (UnixListener::bind(socket).map_err(listen_err)?, false)
         }
     };
-    // The socket's directory stays open: removing the socket at exit is
-    // the one path operation left once the filter is in place, and it is
-    // allowed relative to this descriptor only.
-    let (private, listener) = PrivateSocket::new()?;
-    let mut listener = Listener::from(listener);
     let notifier = notify::Notifier::from_env().map(Arc::new);
     let ending = Ending {
         addr: public.local_addr().map_err(listen_err)?,
@@ -161,18 +158,46 @@ where
     let current = ending.current.clone();
     let frontend = Frontend::default();
     let mut own = seccomp::common();
+    // The sockets' directories stay open: removing the sockets at exit is
+    // the one path operation left once the filter is in place, and it is
+    // allowed relative to these descriptors only.
     let mut sockets = Vec::new();
+    let mut made = Vec::new();
     if !activated {
         sockets.push(socket_dir(socket)?);
+        made.push(socket);
     }
-    let mut control_threads = None;
-    if let Some(c) = control {
-        let l = control::owner_only_listener(&c.path)
-            .map_err(|e| Error::Listen(c.path.clone(), vhost::vhost_user::Error::SocketError(e)))?;
-        sockets.push(socket_dir(&c.path)?);
-        for link in &c.links {
-            sockets.push(socket_dir(link)?);
+    let control = match control {
+        Some(c) => {
+            let l = control::owner_only_listener(&c.path).map_err(|e| {
+                Error::Listen(c.path.clone(), vhost::vhost_user::Error::SocketError(e))
+            })?;
+            sockets.push(socket_dir(&c.path)?);
+            for link in &c.links {
+                sockets.push(socket_dir(link)?);
+            }
+            Some((c, l))
         }
+        None => None,
+    };
+    if let Some(user) = &sandbox.run_as {
+        // The sockets this process bound become the user's, so that it
+        // can still accept on them (and its peers reach the control
+        // socket as that user).
+        for p in made
+            .iter()
+            .copied()
+            .chain(control.iter().map(|(c, _)| c.path.as_path()))
+        {
+            std::os::unix::fs::lchown(p, Some(user.uid), Some(user.gid))?;
+        }
+        user.assume()?;
+    }
+    // Made as the user the daemon runs as from here on, who connects to it.
+    let (private, listener) = PrivateSocket::new()?;
+    let mut listener = Listener::from(listener);
+    let mut control_threads = None;
+    if let Some((c, l)) = control {
         let end = ending.clone();
         let shared = control::Shared {
             commands: c.commands,

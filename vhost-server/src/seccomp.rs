@@ -22,7 +22,7 @@
 //! loop and relay; each daemon adds what its data path needs.
 
 pub use rimg_seccomp::{
-    install_on_current_thread, runtime, Arg, BpfProgram, Error, SeccompAction, SyscallList,
+    install_on_current_thread, runtime, Arg, BpfProgram, Error, RunAs, SeccompAction, SyscallList,
     THREAD_CLONE_FLAGS,
 };
 
@@ -36,6 +36,8 @@ pub use rimg_seccomp::{
 pub struct Sandbox {
     pub process: SyscallList,
     pub vring_worker: SyscallList,
+    /// The user to become before the filters go in (`--user`).
+    pub run_as: Option<rimg_seccomp::RunAs>,
 }
 
 /// The vring workers' filter, armed by [`Sandbox::install`].
@@ -58,6 +60,7 @@ impl Sandbox {
         Sandbox {
             process: common(),
             vring_worker: vring_worker_common(),
+            run_as: None,
         }
     }
 
