@@ -118,7 +118,15 @@ impl SocketFile {
     fn remove(&self) {
         // SAFETY: unlinkat with our directory descriptor and a valid C
         // string.
-        unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) };
+        if unsafe { libc::unlinkat(self.dir.as_raw_fd(), self.name.as_ptr(), 0) } != 0 {
+            // A daemon run with --user whose socket's directory is not
+            // its own, say.
+            warn!(
+                "cannot remove the socket {:?}: {}",
+                self.name,
+                io::Error::last_os_error()
+            );
+        }
     }
 }
 
@@ -290,11 +298,9 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         Listen::Unix(p) => Some(SocketFile::new(p)?),
         _ => None,
     };
+    // Connected while still root: a manager's socket may be root's.
+    let notifier = rimg_vhost_server::notify::Notifier::from_env();
     if let Some(user) = &cfg.user {
-        // The socket becomes the user's, who still accepts on it.
-        if let Listen::Unix(p) = &cfg.listen {
-            std::os::unix::fs::lchown(p, Some(user.uid), Some(user.gid))?;
-        }
         user.assume()?;
     }
     let live = Arc::new(Mutex::new(Live {
@@ -347,7 +353,6 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         cfg.exports.list.len(),
         listener.describe()
     );
-    let notifier = rimg_vhost_server::notify::Notifier::from_env();
     match cfg.ready.take() {
         // Forked: the line goes to the parent, which returns once the
         // streams are let go (dup2, before the filter forbids it).

@@ -42,6 +42,12 @@ pub enum UserError {
     },
     #[error("became user {0} but could still become root again")]
     CouldRegainRoot(libc::uid_t),
+    #[error("{0}: an id of -1 means \"no change\" to the kernel, not a user")]
+    NoChange(String),
+    #[error(
+        "{0} is root: the daemon would keep every privilege (leave --user out to run as root)"
+    )]
+    Root(String),
 }
 
 impl FromStr for RunAs {
@@ -52,6 +58,11 @@ impl FromStr for RunAs {
             Some((u, g)) => (u, Some(g)),
             None => (s, None),
         };
+        for part in [Some(user), group].into_iter().flatten() {
+            if part.parse::<u32>() == Ok(u32::MAX) {
+                return Err(UserError::NoChange(part.to_string()));
+            }
+        }
         let account = match user.parse::<libc::uid_t>() {
             Ok(uid) => passwd(Key::Uid(uid), user)?.or(Some(Account {
                 name: None,
@@ -68,6 +79,9 @@ impl FromStr for RunAs {
             },
             None => account.gid.ok_or(UserError::NoPrimaryGroup(account.uid))?,
         };
+        if account.uid == 0 {
+            return Err(UserError::Root(user.to_string()));
+        }
         Ok(RunAs {
             name: account.name,
             uid: account.uid,
@@ -79,7 +93,10 @@ impl FromStr for RunAs {
 impl RunAs {
     /// Becomes this user for good: supplementary groups, then the group,
     /// then the user (the order in which each step is still allowed).
-    /// glibc applies each change to every thread of the process.
+    /// glibc applies each change to every thread of the process. No
+    /// program it may run later gains privileges either (no_new_privs,
+    /// which the seccomp filter sets too, but `--seccomp off` installs
+    /// none).
     pub fn assume(&self) -> Result<(), UserError> {
         let (uid, gid) = (self.uid, self.gid);
         let fail = |step, err| UserError::Switch {
@@ -105,9 +122,11 @@ impl RunAs {
             .map_err(|e| fail("setgroups", e))?;
             ok(libc::setresgid(gid, gid, gid)).map_err(|e| fail("setresgid", e))?;
             ok(libc::setresuid(uid, uid, uid)).map_err(|e| fail("setresuid", e))?;
-            if uid != 0 && libc::setuid(0) == 0 {
+            if libc::setuid(0) == 0 {
                 return Err(UserError::CouldRegainRoot(uid));
             }
+            ok(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))
+                .map_err(|e| fail("no_new_privs", e))?;
         }
         Ok(())
     }
@@ -205,13 +224,27 @@ mod tests {
 
     #[test]
     fn parses_names_ids_and_groups() {
-        let root: RunAs = "root".parse().unwrap();
-        assert_eq!((root.uid, root.gid), (0, 0));
-        assert_eq!(root.name.as_deref(), Some(c"root"));
-        let r: RunAs = "0:0".parse().unwrap();
-        assert_eq!((r.uid, r.gid), (0, 0));
-        let r: RunAs = "root:4321".parse().unwrap();
-        assert_eq!((r.uid, r.gid), (0, 4321));
+        // Accounts every system has besides root: daemon (1) and nobody
+        // (65534) in Debian's base-passwd.
+        let d: RunAs = "daemon".parse().unwrap();
+        assert_eq!(d.uid, 1);
+        assert_eq!(d.name.as_deref(), Some(c"daemon"));
+        let r: RunAs = "1:4321".parse().unwrap();
+        assert_eq!((r.uid, r.gid, r.name), (1, 4321, d.name.clone()));
+        let r: RunAs = "daemon:root".parse().unwrap();
+        assert_eq!((r.uid, r.gid), (1, 0));
+        for root in ["root", "0", "0:0", "root:1"] {
+            assert!(
+                matches!(root.parse::<RunAs>(), Err(UserError::Root(_))),
+                "{root}"
+            );
+        }
+        for none in ["4294967295:1", "daemon:4294967295"] {
+            assert!(
+                matches!(none.parse::<RunAs>(), Err(UserError::NoChange(_))),
+                "{none}"
+            );
+        }
         // An id without an account needs its group.
         let r: RunAs = "4242:4343".parse().unwrap();
         assert_eq!((r.uid, r.gid, r.name), (4242, 4343, None));
@@ -224,7 +257,7 @@ mod tests {
             Err(UserError::NoUser(_))
         ));
         assert!(matches!(
-            "root:no-such-group-rimg".parse::<RunAs>(),
+            "daemon:no-such-group-rimg".parse::<RunAs>(),
             Err(UserError::NoGroup(_))
         ));
         assert!(matches!(

@@ -183,9 +183,11 @@ fn root_image_and_user_dir(
 }
 
 /// `--user nobody`: rimg-vhost-blk opens an image only root may open and
-/// binds its sockets (which become nobody's), then runs as nobody for
-/// good, every thread, no capability left, while it serves two queues in
-/// kill mode; at SIGTERM it removes its sockets and exits 0.
+/// binds its sockets (which stay root's: root's control client still
+/// talks to it), then runs as nobody for good, every thread, no
+/// capability left, while it serves two queues in kill mode; at SIGTERM
+/// with no frontend (nobody may not connect to the socket) it removes its
+/// sockets and exits 0.
 #[test]
 fn vhost_blk_gives_up_root_for_user() {
     use std::os::unix::fs::MetadataExt;
@@ -201,7 +203,7 @@ fn vhost_blk_gives_up_root_for_user() {
     let daemon = DaemonProcess::spawn(cmd, &sock).unwrap();
     for s in [&sock, &ctl] {
         let m = std::fs::symlink_metadata(s).unwrap();
-        assert_eq!((m.uid(), m.gid()), (uid, gid), "{}", s.display());
+        assert_eq!((m.uid(), m.mode() & 0o022), (0, 0), "{}", s.display());
     }
     let mut c = Client::connect(&sock, 2, false).unwrap();
     rimg_tests::daemon::assert_runs_as(daemon.pid(), uid, gid);
@@ -214,6 +216,7 @@ fn vhost_blk_gives_up_root_for_user() {
     let (st, log) = daemon.terminate_within(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
     assert!(!log.contains("cannot remove"), "{log}");
+    assert!(!log.contains("Permission denied"), "{log}");
     assert!(!sock.exists() && !ctl.exists(), "{log}");
     assert_eq!(std::fs::metadata(&img).unwrap().uid(), 0);
     assert_qemu_check_clean(&img);
@@ -224,6 +227,41 @@ fn vhost_blk_gives_up_root_for_user() {
         .unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success() && !out.contains("fail"), "{out}");
+}
+
+/// Socket-activated with `--user`, on a socket of root's alone (mode
+/// 0600, as the unit's SocketMode=): the daemon cannot connect to it, yet
+/// SIGTERM with no frontend ends it at once, status 0, socket left.
+#[test]
+fn vhost_blk_as_user_on_a_passed_socket_stops_at_sigterm() {
+    use std::os::unix::fs::PermissionsExt;
+    let (uid, gid) = rimg_tests::daemon::account_ids("nobody");
+    let d = tempdir();
+    let (img, run) = root_image_and_user_dir(d.path(), uid, gid);
+    let sock = run.join("activated.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (n, notify) = notify_socket(d.path());
+    let args = [
+        "--socket",
+        sock.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--user",
+        "nobody",
+    ];
+    let daemon = DaemonProcess::spawn(
+        activated("rimg-vhost-blk", &args, &listener, &notify),
+        &sock,
+    )
+    .unwrap();
+    drop(listener);
+    assert_eq!(message(&n), "READY=1", "{}", daemon.log());
+    rimg_tests::daemon::assert_runs_as(daemon.pid(), uid, gid);
+    let (st, log) = daemon.terminate_within(Duration::from_secs(30));
+    assert_eq!(message(&n), "STOPPING=1", "{log}");
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
+    assert!(sock.exists(), "the passed socket was removed");
 }
 
 /// rimg-nbd gives up root the same way, and a user that does not exist
@@ -240,7 +278,7 @@ fn nbd_gives_up_root_for_user() {
         &sock,
         &["-f", "qcow2", "--user", &user, img.to_str().unwrap()],
     );
-    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().uid(), uid);
+    assert_eq!(std::fs::symlink_metadata(&sock).unwrap().uid(), 0);
     let uri = rimg_tests::nbd::unix_uri(&sock, "");
     let mut io = Command::new("qemu-io");
     io.args([

@@ -41,10 +41,12 @@ pub struct SeccompArg {
 /// `--user`, flattened before `--seccomp`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct UserArg {
-    /// Once the image/TAP is open and the sockets are bound (they become
-    /// the user's), become USER for good: its user id, GROUP's id (by
-    /// default the user's own group) and its supplementary groups, with
-    /// no way back to root. Names or numeric ids; needs root to start
+    /// Once set up (image or TAP open, sockets bound), become USER for
+    /// good: its user id, GROUP's id (by default the user's own group)
+    /// and its supplementary groups, with no way back to root. Names or
+    /// numeric ids, not root's; needs root to start. The sockets stay
+    /// root's; their directory must be writable by USER for them to be
+    /// removed at exit
     #[arg(long, value_name = "USER[:GROUP]")]
     pub user: Option<rimg_seccomp::RunAs>,
 }

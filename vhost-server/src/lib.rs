@@ -149,12 +149,13 @@ where
     };
     let notifier = notify::Notifier::from_env().map(Arc::new);
     let ending = Ending {
-        addr: public.local_addr().map_err(listen_err)?,
+        wake: Arc::new(vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?),
         terminating: Arc::new(AtomicBool::new(false)),
         current: Arc::new(Mutex::new(None)),
         notifier: notifier.clone(),
     };
     let terminating = ending.terminating.clone();
+    let ending_wake = ending.wake.clone();
     let current = ending.current.clone();
     let frontend = Frontend::default();
     let mut own = seccomp::common();
@@ -162,10 +163,8 @@ where
     // the one path operation left once the filter is in place, and it is
     // allowed relative to these descriptors only.
     let mut sockets = Vec::new();
-    let mut made = Vec::new();
     if !activated {
         sockets.push(socket_dir(socket)?);
-        made.push(socket);
     }
     let control = match control {
         Some(c) => {
@@ -180,22 +179,15 @@ where
         }
         None => None,
     };
-    if let Some(user) = &sandbox.run_as {
-        // The sockets this process bound become the user's, so that it
-        // can still accept on them (and its peers reach the control
-        // socket as that user).
-        for p in made
-            .iter()
-            .copied()
-            .chain(control.iter().map(|(c, _)| c.path.as_path()))
-        {
-            std::os::unix::fs::lchown(p, Some(user.uid), Some(user.gid))?;
-        }
-        user.assume()?;
-    }
-    // Made as the user the daemon runs as from here on, who connects to it.
     let (private, listener) = PrivateSocket::new()?;
     let mut listener = Listener::from(listener);
+    // The sockets stay as they were bound (the control socket root's:
+    // root's `rimg ctl` is the administrator), except the private one,
+    // which the daemon connects to itself.
+    if let Some(user) = &sandbox.run_as {
+        private.give_to(user)?;
+        user.assume()?;
+    }
     let mut control_threads = None;
     if let Some((c, l)) = control {
         let end = ending.clone();
@@ -232,7 +224,9 @@ where
             }
         }
         drop(handlers);
-        let (front, _) = public.accept()?;
+        let Some(front) = accept_unless_ending(&public, &ending_wake)? else {
+            break;
+        };
         let back = private.connect()?;
         daemon.start(&mut listener).map_err(Error::Daemon)?;
         frontend.connected();
@@ -320,7 +314,7 @@ fn socket_dir(socket: &Path) -> std::io::Result<(File, CString)> {
 /// path operation is needed once the seccomp filter is in place.
 struct PrivateSocket {
     path: PathBuf,
-    _inode: File,
+    inode: File,
 }
 
 impl PrivateSocket {
@@ -340,7 +334,7 @@ impl PrivateSocket {
         let (listener, inode) = made?;
         let s = PrivateSocket {
             path: PathBuf::from(format!("/proc/self/fd/{}", inode.as_raw_fd())),
-            _inode: inode,
+            inode,
         };
         // Check the route once now, for a clear error (no /proc?) before
         // any frontend comes.
@@ -357,6 +351,26 @@ impl PrivateSocket {
 
     fn connect(&self) -> std::io::Result<UnixStream> {
         UnixStream::connect(&self.path)
+    }
+
+    /// Makes the socket `user`'s, who connects to it once the daemon
+    /// runs as them: through the descriptor, as the name is gone.
+    fn give_to(&self, user: &rimg_seccomp::RunAs) -> std::io::Result<()> {
+        // SAFETY: fchownat on a descriptor we hold, with an empty
+        // NUL-terminated path (AT_EMPTY_PATH: the descriptor itself).
+        let r = unsafe {
+            libc::fchownat(
+                self.inode.as_raw_fd(),
+                c"".as_ptr(),
+                user.uid,
+                user.gid,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
     }
 }
 
@@ -377,16 +391,15 @@ fn tempfile_dir() -> std::io::Result<PathBuf> {
 
 /// How the daemon ends: SIGTERM, SIGINT or the control socket's `quit`
 /// mark termination, tell the service manager, and end the current
-/// connection; with none, they wake the pending accept with a throwaway
-/// connection so the loop sees the flag. (With a connection the loop
-/// sees the flag once it ends: it is set under the lock the loop takes
-/// to clear `current`. A throwaway connection there would stay queued
-/// on a socket systemd holds, and start the daemon again.)
+/// connection; with none, they wake the pending accept through `wake`.
+/// (With a connection the loop sees the flag once it ends: it is set
+/// under the lock the loop takes to clear `current`.) No connection to
+/// the socket itself: it would stay queued on a socket systemd holds and
+/// start the daemon again, and a daemon run with `--user` may not be
+/// allowed to connect to its own socket.
 #[derive(Clone)]
 struct Ending {
-    /// The listener's own address (a passed socket's may differ from
-    /// --socket, or be abstract).
-    addr: std::os::unix::net::SocketAddr,
+    wake: Arc<vmm_sys_util::eventfd::EventFd>,
     terminating: Arc<AtomicBool>,
     current: Current,
     notifier: Option<Arc<notify::Notifier>>,
@@ -405,8 +418,46 @@ impl Ending {
             Some((h, _)) => h.shutdown(),
             None => {
                 drop(cur);
-                let _ = UnixStream::connect_addr(&self.addr);
+                let _ = self.wake.write(1);
             }
+        }
+    }
+}
+
+/// The next frontend on `public`, or `None` once `wake` is signalled
+/// (the daemon is ending). A connection poll saw stays queued until
+/// accepted, even if its peer closed, so the accept does not block.
+fn accept_unless_ending(
+    public: &UnixListener,
+    wake: &vmm_sys_util::eventfd::EventFd,
+) -> std::io::Result<Option<UnixStream>> {
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: public.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: poll reads and writes the two pollfds, which live
+        // across the call, and nothing else.
+        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if fds[1].revents != 0 {
+            return Ok(None);
+        }
+        if fds[0].revents != 0 {
+            return public.accept().map(|(s, _)| Some(s));
         }
     }
 }

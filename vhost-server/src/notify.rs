@@ -4,8 +4,10 @@
 //! `READY=1` once it serves, and `STOPPING=1` when it begins to stop
 //! (the manager knows the sender's pid from the socket). [`take_from_env`]
 //! reads and clears the variable at start-up (`cli::run`), so that it is
-//! not left for anything else; the socket is made before the seccomp
-//! filter, which allows the `sendto` that the messages take.
+//! not left for anything else; the socket is made and connected before
+//! the daemon gives up root (`--user`: a manager's socket may be root's)
+//! and before the seccomp filter, which allows the `sendto` that the
+//! messages take.
 
 use std::ffi::OsString;
 use std::os::linux::net::SocketAddrExt;
@@ -27,8 +29,9 @@ pub fn take_from_env() {
 }
 
 pub struct Notifier {
+    /// Connected: the permission to write to the manager's socket is
+    /// checked once, here.
     sock: UnixDatagram,
-    addr: SocketAddr,
 }
 
 impl Notifier {
@@ -47,10 +50,10 @@ impl Notifier {
                 return None;
             }
         };
-        match UnixDatagram::unbound() {
-            Ok(sock) => Some(Notifier { sock, addr }),
+        match UnixDatagram::unbound().and_then(|sock| sock.connect_addr(&addr).map(|()| sock)) {
+            Ok(sock) => Some(Notifier { sock }),
             Err(e) => {
-                log::warn!("NOTIFY_SOCKET: {e}");
+                log::warn!("NOTIFY_SOCKET={name}: {e}");
                 None
             }
         }
@@ -68,7 +71,7 @@ impl Notifier {
 
     fn send(&self, msg: &str) {
         // A manager that went away is no reason to stop serving.
-        if let Err(e) = self.sock.send_to_addr(msg.as_bytes(), &self.addr) {
+        if let Err(e) = self.sock.send(msg.as_bytes()) {
             log::warn!("NOTIFY_SOCKET: {e}");
         }
     }
