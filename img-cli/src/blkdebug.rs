@@ -184,14 +184,18 @@ pub struct Blkdebug {
 impl Blkdebug {
     pub fn new(rules: Vec<Rule>) -> Blkdebug {
         let n = rules.len();
-        Blkdebug {
+        let b = Blkdebug {
             rules,
             st: Mutex::new(State {
                 state: 1,
                 active: Vec::new(),
                 removed: vec![false; n],
             }),
-        }
+        };
+        // QEMU's blkdebug ends its open with the event "none": its rules
+        // hold from the first I/O on.
+        b.event("none");
+        b
     }
 }
 
@@ -200,14 +204,17 @@ impl Faults for Blkdebug {
         let mut s = self.st.lock().unwrap();
         let mut new_state = s.state;
         let mut injects = 0;
-        for (i, r) in self.rules.iter().enumerate() {
+        // QEMU keeps an event's rules newest first and puts each one it
+        // activates first: the active set ends up in the order given, and
+        // the first rule given that matches an I/O fails it.
+        for (i, r) in self.rules.iter().enumerate().rev() {
             if r.event != name || s.removed[i] || (r.state != 0 && r.state != s.state) {
                 continue;
             }
             match r.kind {
                 RuleKind::Inject { .. } => {
                     // The first rule an event activates replaces the
-                    // active set; later ones go first.
+                    // active set.
                     if injects == 0 {
                         s.active.clear();
                     }

@@ -58,6 +58,10 @@ pub struct Spec {
     pub data_file: Option<PathBuf>,
     /// The vpc driver's `force_size_calc` option, as given.
     pub vpc_force_size_calc: Option<String>,
+    /// `read-only=on` (or the file node's): no writable open.
+    pub read_only: bool,
+    /// `force-share=on`: for read-only opens only.
+    pub force_share: bool,
 }
 
 impl Spec {
@@ -183,6 +187,8 @@ pub fn parse_filename(name: &str) -> Result<Spec, CliError> {
         keys: Vec::new(),
         data_file: None,
         vpc_force_size_calc: None,
+        read_only: false,
+        force_share: false,
     })
 }
 
@@ -258,6 +264,12 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
     let node = node(flat, 0)?;
     let node = match node {
         n @ (Node::Format { .. } | Node::Probe(_)) => n,
+        // `driver=file` names the file's bytes: raw, never probed.
+        n @ Node::File(_) => Node::Format {
+            format: Format::Raw,
+            file: Box::new(n),
+            no_backing: true,
+        },
         Node::Blkdebug { ref image, .. } if matches!(**image, Node::Format { .. }) => node,
         n => Node::Probe(Box::new(n)),
     };
@@ -314,7 +326,16 @@ fn from_flat(flat: &Flat) -> Result<Spec, CliError> {
         keys,
         data_file,
         vpc_force_size_calc: get_str(flat, "force_size_calc"),
+        read_only: ["read-only", "file.read-only"]
+            .iter()
+            .any(|k| get_str(flat, k).is_some_and(|v| on(&v))),
+        force_share: get_str(flat, "force-share").is_some_and(|v| on(&v)),
     })
+}
+
+/// A boolean option's "yes", as QEMU spells it.
+fn on(v: &str) -> bool {
+    matches!(v, "on" | "true" | "yes")
 }
 
 /// Keys a node of each driver understands (the rest are refused, as
@@ -612,6 +633,16 @@ pub fn open_options(
     }
     let spec =
         parse(name, image_opts).map_err(|e| err(format!("Could not open '{name}': {}", e.msg)))?;
+    if opts.writable && spec.read_only {
+        return Err(err(format!(
+            "Could not open '{name}': Block node is read-only"
+        )));
+    }
+    if opts.writable && spec.force_share {
+        return Err(err(format!(
+            "Could not open '{name}': force-share=on can only be used with read-only images"
+        )));
+    }
     let path = spec.host().ok_or_else(|| {
         err(format!(
             "Could not open '{}': the driver cannot be opened here",

@@ -43,6 +43,9 @@ use clap::{CommandFactory, Parser, Subcommand};
     // A long option may be shortened while it stays unambiguous
     // (--out=json), as getopt_long lets qemu-img's be.
     infer_long_args = true,
+    // An option given twice is taken, the last one counting, as with
+    // qemu-img's getopt.
+    args_override_self = true,
     about = "Disk image tool for qcow2 and raw images (qemu-img compatible)"
 )]
 struct Cli {

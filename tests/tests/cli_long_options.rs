@@ -26,13 +26,7 @@ fn long_options(help: &str) -> Vec<String> {
 /// Options qemu-img 10 lists that rimg does not take yet, with why; the
 /// test fails when one of them starts working (drop it here then) or
 /// when any other goes missing.
-const NOT_YET: &[(&str, &str)] = &[
-    (
-        "convert --salvage",
-        "read errors are not yet turned into zeros",
-    ),
-    ("convert --target-image-opts", "the target is a file name"),
-];
+const NOT_YET: &[(&str, &str)] = &[];
 
 #[test]
 fn every_long_option_of_qemu_img_is_taken() {

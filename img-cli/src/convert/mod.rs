@@ -52,13 +52,9 @@ pub struct ConvertArgs {
     #[arg(short = 'n', long = "no-create")]
     no_create: bool,
     /// Runs of zeros at least this long become holes / zero clusters
-    #[arg(
-        short = 'S',
-        long = "sparse-size",
-        value_name = "SPARSE_SIZE",
-        default_value = "4k"
-    )]
-    sparse: String,
+    /// (default 4k)
+    #[arg(short = 'S', long = "sparse-size", value_name = "SPARSE_SIZE")]
+    sparse: Option<String>,
     /// Output cache mode: unsafe (default, no flushes), writeback,
     /// writethrough, none, directsync
     #[arg(
@@ -94,6 +90,10 @@ pub struct ConvertArgs {
     /// The filename is an option string (driver=qcow2,file.filename=...)
     #[arg(long = "image-opts", visible_alias = "source-image-opts")]
     image_opts: bool,
+    /// The output name is an option string, as for --image-opts (with
+    /// -n: an existing target, whose format the string gives, not -O)
+    #[arg(long = "target-image-opts")]
+    target_image_opts: bool,
     /// Copy at most RATE bytes of data per second (suffixes as for sizes)
     #[arg(
         short = 'r',
@@ -105,6 +105,10 @@ pub struct ConvertArgs {
     /// Copy offloading (accepted for compatibility; copies are in-process)
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_offload: bool,
+    /// Carry on past read errors: what cannot be read is written as
+    /// zeros, and each sector that failed is reported (unless -q)
+    #[arg(long)]
+    salvage: bool,
     /// Copy the source's persistent bitmaps (qcow2 to qcow2)
     #[arg(long)]
     bitmaps: bool,
@@ -140,15 +144,47 @@ fn fmt_arg(f: &Option<String>) -> Result<Option<Format>, CliError> {
     }
 }
 
+/// `-S`'s value, with qemu-img's checks: whole sectors, at most 16 MiB.
+fn sparse_size(v: &str) -> Result<u64, CliError> {
+    let n = parse_size(v).ok_or_else(|| {
+        CliError::new(format!(
+            "Invalid buffer size for sparse output specified: '{v}'."
+        ))
+    })?;
+    if n % 512 != 0 || n > 16 << 20 {
+        return Err(CliError::new(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).",
+        ));
+    }
+    Ok(n)
+}
+
 pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
-    let _ = (
-        &a.src_cache,
-        a.out_of_order,
-        a.force_share,
-        a.copy_offload,
-        a.quiet,
-    );
+    let _ = (&a.src_cache, a.out_of_order, a.force_share, a.copy_offload);
     crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
+    // Values first, as qemu-img's getopt loop checks them.
+    let sparse = sparse_size(a.sparse.as_deref().unwrap_or("4k"))?;
+    if a.copy_offload {
+        // qemu-img's refusals: its offload copies whole ranges as they are.
+        if a.compress {
+            return Err(CliError::new(
+                "Cannot enable copy offloading when -c is used",
+            ));
+        }
+        if a.sparse.is_some() {
+            return Err(CliError::new(
+                "Cannot enable copy offloading when -S is used",
+            ));
+        }
+        if a.salvage {
+            return Err(CliError::new(
+                "Cannot use copy offloading in salvaging mode",
+            ));
+        }
+    }
+    if a.target_image_opts && !a.no_create {
+        return Err(CliError::new("--target-image-opts requires use of -n flag"));
+    }
     let limit = crate::rate::Limit::parse(&a.rate)?;
     if a.files.len() < 2 {
         return Err(CliError::new("Must specify image file name"));
@@ -170,13 +206,12 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     // QEMU's vmdk driver writes a compressed write into a monolithicSparse
     // extent as a plain one: -c is taken and changes nothing.
     let compress = a.compress && out_fmt != Format::Vmdk;
-    if compress && out_fmt != Format::Qcow2 {
+    // An option string's target is checked once open (below).
+    if compress && out_fmt != Format::Qcow2 && !a.target_image_opts {
         return Err(CliError::new(
             "Compression not supported for this file format",
         ));
     }
-    let sparse = parse_size(&a.sparse)
-        .ok_or_else(|| CliError::new("Invalid buffer size for sparse output specified"))?;
     let unsafe_cache = match a.cache.as_str() {
         "unsafe" => true,
         "writeback" | "writethrough" | "none" | "directsync" => false,
@@ -206,7 +241,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     }
     let src_bitmaps = crate::bitmap::convert_check(&parts, a.bitmaps, a.skip_broken_bitmaps)?;
     let first_src = parts[0].clone();
-    let sources = Sources::new(parts);
+    let mut sources = Sources::new(parts);
+    if a.salvage {
+        sources.salvage(a.quiet);
+    }
     let total = sources.size;
 
     let target_fresh = !a.no_create;
@@ -265,9 +303,15 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             ))
         })?;
     }
-    let target = qcow2::open(
-        Path::new(dst),
-        &OpenOptions {
+    if a.target_image_opts && a.out_format.is_some() {
+        return Err(CliError::new(
+            "--image-opts and --format are mutually exclusive",
+        ));
+    }
+    let (target_path, target_opts) = crate::blockopts::open_options(
+        dst,
+        a.target_image_opts,
+        OpenOptions {
             writable: true,
             // -n opens the existing target as -O says, as qemu-img does
             // (a qcow2 -O on a raw file is refused, not written raw);
@@ -288,8 +332,14 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             },
             ..Default::default()
         },
-    )
-    .map_err(|e| CliError::new(format!("Could not open '{dst}': {e}")))?;
+    )?;
+    let target = qcow2::open(&target_path, &target_opts)
+        .map_err(|e| CliError::new(format!("Could not open '{dst}': {e}")))?;
+    // An option string's format is known once open (-c on vmdk: above).
+    let compress = match a.target_image_opts {
+        true => a.compress && target.format() != Format::Vmdk,
+        false => compress,
+    };
     if target.size() < total {
         return Err(CliError::new(format!(
             "Target image '{dst}' is smaller than the source ({} < {total} bytes)",

@@ -23,7 +23,18 @@ pub(super) struct Sources {
     /// raw source two lseeks per ask, 32k per GiB with 64 KiB clusters).
     /// The sources are not written during a conversion.
     last: Mutex<Option<(u64, u64, ChainStatus)>>,
+    /// `--salvage`: read errors are reported (unless quiet) and read as
+    /// zeros, sector by sector, as qemu-img's convert does.
+    salvage: Option<Salvage>,
 }
+
+#[derive(Clone, Copy)]
+struct Salvage {
+    quiet: bool,
+}
+
+/// The unit a salvaging read retries in (qemu-img's BDRV_SECTOR_SIZE).
+const SECTOR: u64 = 512;
 
 struct Part {
     /// First byte of this image in the concatenation.
@@ -56,6 +67,30 @@ impl Sources {
             parts,
             size,
             last: Mutex::new(None),
+            salvage: None,
+        }
+    }
+
+    /// Turns on `--salvage`.
+    pub(super) fn salvage(&mut self, quiet: bool) {
+        self.salvage = Some(Salvage { quiet });
+    }
+
+    /// A failure `--salvage` carries on after, reported as qemu-img
+    /// words it: the system's text of an I/O error, else EIO's (the
+    /// errno QEMU's drivers give a corrupt image; one line a sector, the
+    /// engine's own account would repeat on each).
+    fn warn(&self, what: &str, at: u64, e: &qcow2::Error) {
+        if self.salvage.is_some_and(|s| !s.quiet) {
+            let text = match e {
+                qcow2::Error::Io { .. } => crate::common::os_error_text(e),
+                _ => std::io::Error::from_raw_os_error(libc::EIO).to_string(),
+            };
+            eprintln!(
+                "{}: warning: error while reading {what}{at}: {}",
+                crate::prog_name(),
+                qcow2::error::without_os_code(text)
+            );
         }
     }
 
@@ -76,7 +111,13 @@ impl Sources {
             }
         }
         let (p, at, left) = self.part(pos);
-        let (st, n) = chain_status(p.img.as_ref(), at, left).map_err(|e| match e {
+        let status = chain_status(p.img.as_ref(), at, left);
+        if let (Err(e), Some(_)) = (&status, self.salvage) {
+            // Then read it: one sector taken for data.
+            self.warn("block status at offset ", at, e);
+            return Ok((ChainStatus::Data, SECTOR.min(len)));
+        }
+        let (st, n) = status.map_err(|e| match e {
             // A format's block status that fails with an errno (vmdk):
             // qemu-img's words.
             qcow2::Error::Io { .. } => CliError::new(format!(
@@ -128,12 +169,27 @@ impl Sources {
         while done < buf.len() {
             let (p, at, left) = self.part(pos + done as u64);
             let n = (left as usize).min(buf.len() - done);
-            p.img
-                .read_at(&mut buf[done..done + n], at)
-                .map_err(|e| read_error(pos, e))?;
+            let part = &mut buf[done..done + n];
+            match p.img.read_at(part, at) {
+                Ok(()) => {}
+                Err(_) if self.salvage.is_some() => self.salvage_read(p, part, at),
+                Err(e) => return Err(read_error(pos, e)),
+            }
             done += n;
         }
         Ok(())
+    }
+
+    /// Reads `buf` from `p` at `at` a sector at a time; a sector that
+    /// fails is reported and reads as zeros.
+    fn salvage_read(&self, p: &Part, buf: &mut [u8], at: u64) {
+        for (i, sector) in buf.chunks_mut(SECTOR as usize).enumerate() {
+            let off = at + i as u64 * SECTOR;
+            if let Err(e) = p.img.read_at(sector, off) {
+                self.warn("offset ", off, &e);
+                sector.fill(0);
+            }
+        }
     }
 }
 
