@@ -139,8 +139,7 @@ pub fn pair_stats(log: &str) -> Vec<(usize, [u64; 4])> {
             .filter(|s| !s.is_empty())
             .filter_map(|s| s.parse().ok())
             .collect();
-        // Connections that moved nothing (the throwaway connection that
-        // wakes the accept at shutdown) are skipped.
+        // Connections that moved nothing are skipped.
         if nums.len() == 7 && nums[1..].iter().any(|&n| n != 0) {
             out.push((nums[0] as usize, [nums[1], nums[2], nums[4], nums[5]]));
         }

@@ -174,8 +174,7 @@ pub fn common() -> SyscallList {
     // clone(2), allowed for threads only.
     l.deny_with(&[SYS_clone3], ENOSYS);
     l.allow_if(SYS_clone, &[Arg::Eq64(0, THREAD_CLONE_FLAGS)]);
-    // The relay's connection to the handler, and the signal thread's
-    // wake-up of a pending accept: UNIX sockets only.
+    // The relay's connection to the handler: UNIX sockets only.
     l.allow_if(SYS_socket, &[Arg::Eq32(0, AF_UNIX as u32)]);
     // Naming new threads.
     l.allow_if(SYS_prctl, &[Arg::Eq32(0, PR_SET_NAME as u32)]);
