@@ -6,7 +6,9 @@
 
 use std::path::Path;
 
-use rimg_tests::{assert_qemu_check_clean, qemu_img, rimg, same_as_qemu, tempdir};
+use rimg_tests::{
+    assert_qemu_check_clean, assert_qemu_compare_equal, qemu_img, rimg, same_as_qemu, tempdir,
+};
 
 /// 1 MiB of data deflate shrinks (nibbles), the same every run.
 fn data() -> Vec<u8> {
@@ -118,16 +120,7 @@ fn salvage_zeroes_a_cluster_that_cannot_be_read() {
     ]);
     assert!(ro.status.success(), "{ro:?}");
     assert_qemu_check_clean(&t);
-    let c = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        q.to_str().unwrap(),
-        t.to_str().unwrap(),
-    ]);
-    assert!(c.status.success(), "{c:?}");
+    assert_qemu_compare_equal(&q, &t);
 }
 
 /// blkdebug read errors on a raw source, as qemu-iotests 251 injects them:
@@ -234,16 +227,7 @@ fn target_image_opts_name_an_existing_target() {
     assert_eq!(r.0, Some(0), "{r:?}");
     let t = d.path().join("t.qcow2");
     assert_qemu_check_clean(&t);
-    let c = qemu_img(&[
-        "compare",
-        "-f",
-        "raw",
-        "-F",
-        "qcow2",
-        d.path().join("src.raw").to_str().unwrap(),
-        t.to_str().unwrap(),
-    ]);
-    assert!(c.status.success(), "{c:?}");
+    assert_qemu_compare_equal(&d.path().join("src.raw"), &t);
 }
 
 /// What the option strings and values say is checked as qemu-img checks
