@@ -33,24 +33,22 @@ fn s(p: &Path) -> &str {
 /// Creates `name` in `dir` with `opts` and fragments it: data over the
 /// first 24 MiB and 40-48 MiB, every other MiB of the first part
 /// discarded, then data at 60 MiB (new L2 tables at the end of the file
-/// with small clusters).
-fn fragmented(dir: &Path, name: &str, opts: &str, backing: Option<&str>) -> PathBuf {
+/// with small clusters). With `grow`, the disk grows to that size before
+/// the discards: QEMU moves its L1 table after the data.
+fn fragmented(dir: &Path, name: &str, opts: &str, grow: Option<&str>) -> PathBuf {
     let img = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", opts];
-    if let Some(b) = backing {
-        args.extend(["-b", b, "-F", "qcow2"]);
+    ok_as(
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, s(&img), "64M"]),
+        "create",
+    );
+    qemu_io(&img, &["write -P 0x11 0 24M", "write -P 0x22 40M 8M"]);
+    if let Some(size) = grow {
+        ok_as(qemu_img(&["resize", "-q", s(&img), size]), "resize");
     }
-    args.extend([s(&img), "64M"]);
-    ok_as(qemu_img(&args), "create");
-    let discards: Vec<String> = (0..24)
+    let mut cmds: Vec<String> = (0..24)
         .step_by(2)
         .map(|m| format!("discard {m}M 1M"))
         .collect();
-    let mut cmds = vec![
-        "write -P 0x11 0 24M".to_string(),
-        "write -P 0x22 40M 8M".to_string(),
-    ];
-    cmds.extend(discards);
     cmds.push("write -P 0x33 60M 2M".to_string());
     let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
     qemu_io(&img, &cmds);
@@ -140,13 +138,16 @@ fn fragmented_images_shrink_to_what_convert_writes() {
     let dir = tempdir();
     for (name, opts) in [
         ("c4k", "cluster_size=4096"),
+        // The L1 table at the end of the file moves down too.
+        ("grown", "cluster_size=4096"),
         ("c64k", "cluster_size=65536"),
         ("v2", "compat=0.10"),
         ("c512", "cluster_size=512"),
         ("lazy", "cluster_size=4096,lazy_refcounts=on"),
         ("extl2", "cluster_size=32768,extended_l2=on"),
     ] {
-        let img = fragmented(dir.path(), &format!("{name}.qcow2"), opts, None);
+        let grow = (name == "grown").then_some("4G");
+        let img = fragmented(dir.path(), &format!("{name}.qcow2"), opts, grow);
         let conv = converted_len(&img, dir.path(), opts);
         let (l0, l1) = compact_checked(&img, &[]);
         let cs: u64 = opts
@@ -442,7 +443,7 @@ fn killed_compactions_leave_consistent_images_with_the_same_content() {
     let mut kills = 0;
     let mut rounds = 0;
     // Kills wanted per variant (64 KiB clusters, version 2: data only;
-    // 4 KiB: L2 tables and refcount blocks move too; 512 B: the refcount
+    // 4 KiB: L2 tables, refcount blocks and the L1 table move too; 512 B: the refcount
     // table too, and empty tables are dropped; bitmaps: zero detection,
     // then the bitmaps' data, tables and directory move). A round that
     // finished before its kill counts no kill; at most 100 rounds each.
@@ -460,7 +461,9 @@ fn killed_compactions_leave_consistent_images_with_the_same_content() {
                 &["--zero-detect", "--batch-clusters", "1"],
             )
         } else {
-            (fragmented(d, "template.qcow2", opts, None), &[])
+            // 4 KiB: grown first, so that the L1 table moves as well.
+            let grow = (opts == "cluster_size=4096").then_some("4G");
+            (fragmented(d, "template.qcow2", opts, grow), &[])
         };
         let bitmaps = bitmap_state(&template);
         let img = d.join("img.qcow2");

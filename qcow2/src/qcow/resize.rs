@@ -44,35 +44,7 @@ impl Qcow2 {
                 let clusters = (need as u64 * 8).div_ceil(cs);
                 let new_off = m.rc.alloc(&self.st, clusters)?;
                 m.rc.flush(&self.st)?;
-                // Exactly the table, as QEMU writes it: a new image's file
-                // ends with its L1 table.
-                let mut raw = vec![0u8; need * 8];
-                for (k, e) in m.l1.iter().enumerate() {
-                    raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
-                }
-                m.rc.overlap
-                    .write(&self.st, &raw, new_off, Allow::NOTHING)?;
-                self.st.sync()?;
-                let mut hdr = [0u8; 12];
-                hdr[..4].copy_from_slice(&(need as u32).to_be_bytes());
-                hdr[4..].copy_from_slice(&new_off.to_be_bytes());
-                m.rc.overlap
-                    .write(&self.st, &hdr, field::L1_SIZE, Allow::only(Kind::Header))?;
-                self.st.sync()?;
-                let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len() as u64);
-                m.rc.overlap.remove(Kind::ActiveL1, old_off, old_len * 8);
-                m.rc.overlap.add(Kind::ActiveL1, new_off, need as u64 * 8);
-                m.header.l1_table_offset = new_off;
-                m.l1.resize(need, 0);
-                if old_off != 0 && old_len != 0 {
-                    m.rc.update_range(
-                        &self.st,
-                        old_off,
-                        (old_len * 8).next_multiple_of(cs),
-                        -1,
-                        |_| {},
-                    )?;
-                }
+                self.move_l1(m, new_off, need)?;
             }
             m.header.l1_size = need as u32;
         }
@@ -86,6 +58,48 @@ impl Qcow2 {
         m.header.size = new_size;
         self.size.store(new_size, Ordering::Release);
         self.resize_bitmaps(new_size);
+        Ok(())
+    }
+
+    /// Makes a copy of the active L1 table, `len` entries long (its own
+    /// length or more), at `to` the table of record; `to`'s clusters must be
+    /// counted already. The copy is synced before the header points at
+    /// it (qcow2.rst, "Header": `l1_size` and `l1_table_offset` are
+    /// written together), and the old clusters' counts drop after that,
+    /// so a crash leaves one complete table or the other, and leaks at
+    /// most. The drop is not flushed here.
+    pub(super) fn move_l1(&self, m: &mut Meta, to: u64, len: usize) -> Result<()> {
+        let cs = self.cluster_size();
+        // Exactly the table, as QEMU writes it: a new image's file ends
+        // with its L1 table.
+        debug_assert!(len >= m.l1.len(), "an L1 table moved is never cut");
+        let mut raw = vec![0u8; len * 8];
+        for (k, e) in m.l1.iter().take(len).enumerate() {
+            raw[k * 8..k * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        m.rc.overlap.write(&self.st, &raw, to, Allow::NOTHING)?;
+        self.st.sync()?;
+        let mut hdr = [0u8; 12];
+        hdr[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        hdr[4..].copy_from_slice(&to.to_be_bytes());
+        m.rc.overlap
+            .write(&self.st, &hdr, field::L1_SIZE, Allow::only(Kind::Header))?;
+        self.st.sync()?;
+        let (old_off, old_len) = (m.header.l1_table_offset, m.l1.len() as u64);
+        m.rc.overlap.remove(Kind::ActiveL1, old_off, old_len * 8);
+        m.rc.overlap.add(Kind::ActiveL1, to, len as u64 * 8);
+        m.header.l1_table_offset = to;
+        m.header.l1_size = len as u32;
+        m.l1.resize(len, 0);
+        if old_off != 0 && old_len != 0 {
+            m.rc.update_range(
+                &self.st,
+                old_off,
+                (old_len * 8).next_multiple_of(cs),
+                -1,
+                |_| {},
+            )?;
+        }
         Ok(())
     }
 

@@ -6,8 +6,9 @@
 //! A guest data cluster or an L2 table that the active tables reference
 //! once and whose refcount is 1 (qcow2.rst, "Cluster mapping" and
 //! "Reference counts"), refcount blocks (which a growing file leaves
-//! all along it) and the refcount table. Everything else stays where it
-//! is: the header, the L1 table, snapshots' tables and the clusters they
+//! all along it), the refcount table and the active L1 table (growing
+//! the disk moves it to the end). Everything else stays where it is:
+//! the header, snapshots' tables and the clusters they
 //! share, compressed clusters (packed several to a cluster), and tables
 //! longer than a cluster. The file then ends after the last of those, or
 //! after the moved clusters.
@@ -31,7 +32,10 @@
 //!    the directory, then the header);
 //! 4. the old clusters' refcounts are set to 0.
 //!
-//! The file is cut only after the last batch.
+//! The refcount table and the L1 table move whole, before a pass's
+//! batches, in the same kind of steps: the new clusters counted, the
+//! table written there, the header pointing at it, the old clusters'
+//! counts dropped. The file is cut only after the last batch.
 
 mod bitmaps;
 
@@ -171,6 +175,7 @@ impl Qcow2 {
         // clusters that moves may fill.
         for _ in 0..MAX_PASSES {
             moved += self.compact_reftable(&mut m, len_before)?;
+            moved += self.compact_l1(&mut m, len_before)?;
             let moves = self.compact_plan(&mut m, len_before)?;
             if moves.is_empty() {
                 break;
@@ -306,24 +311,56 @@ impl Qcow2 {
         let cb = self.cluster_bits;
         let tc = m.rc.table_clusters();
         let at = m.rc.table_offset() >> cb;
-        let per_block = 1u64 << (cb + 3 - m.header.refcount_order);
+        let Some(to) = self.lowest_free_run(m, tc, at.min(len >> cb))? else {
+            return Ok(0);
+        };
+        m.rc.relocate_table(&self.st, to << cb)?;
+        Ok(tc)
+    }
+
+    /// Moves the active L1 table (which growing the disk reallocates at
+    /// the end of the file) into the lowest free run that holds it, if
+    /// that lies before it, as growing moves it; returns the clusters
+    /// moved.
+    fn compact_l1(&self, m: &mut Meta, len: u64) -> Result<u64> {
+        let cb = self.cluster_bits;
+        let at = m.header.l1_table_offset >> cb;
+        let n = (m.l1.len() as u64 * 8).div_ceil(self.cluster_size());
+        if at == 0 || n == 0 {
+            return Ok(0);
+        }
+        let Some(to) = self.lowest_free_run(m, n, at.min(len >> cb))? else {
+            return Ok(0);
+        };
+        m.rc.update_range(&self.st, to << cb, n << cb, 1, |_| {})?;
+        m.rc.flush(&self.st)?;
+        self.move_l1(m, to << cb, m.l1.len())?;
+        m.rc.flush(&self.st)?;
+        self.st.sync()?;
+        Ok(n)
+    }
+
+    /// The first of the lowest `n` free clusters in a row below cluster
+    /// `below`, where refcount blocks exist: counting them must not
+    /// allocate a block.
+    fn lowest_free_run(&self, m: &mut Meta, n: u64, below: u64) -> Result<Option<u64>> {
+        let per_block = 1u64 << (self.cluster_bits + 3 - m.header.refcount_order);
         let mut run = 0;
-        for c in 0..at.min(len >> cb) {
+        for c in 0..below {
             let counted =
                 m.rc.table()
                     .get((c / per_block) as usize)
                     .is_some_and(|&e| e != 0);
             if counted && m.rc.get(&self.st, c)? == 0 {
                 run += 1;
-                if run == tc {
-                    m.rc.relocate_table(&self.st, (c + 1 - tc) << cb)?;
-                    return Ok(tc);
+                if run == n {
+                    return Ok(Some(c + 1 - n));
                 }
             } else {
                 run = 0;
             }
         }
-        Ok(0)
+        Ok(None)
     }
 
     /// The metadata map again, after tables moved (a refusal stays).
