@@ -64,9 +64,10 @@ impl Snapshot {
         let mut fixes = TableFixes::default();
         let mut off = h.snapshots_offset;
         let mut limited = 0u64;
+        let mut rd = Forward::new(st)?;
         for n in 0..h.nb_snapshots {
             let mut fixed = [0u8; 40];
-            st.read_at(&mut fixed, off)?;
+            rd.read(&mut fixed, off)?;
             let be32 = |a: usize| u32::from_be_bytes(fixed[a..a + 4].try_into().unwrap());
             let be64 = |a: usize| u64::from_be_bytes(fixed[a..a + 8].try_into().unwrap());
             let l1_table_offset = be64(0);
@@ -104,21 +105,15 @@ impl Snapshot {
             // The L1 table's offset and size are checked where the table
             // is used (see `snapshot_l1`): QEMU opens such images.
             let mut extra = vec![0u8; kept_extra];
-            st.read_at(&mut extra, off + 40)?;
-            let mut names = vec![0u8; id_len + name_len];
-            st.read_at(&mut names, off + 40 + extra_len as u64)?;
+            rd.read(&mut extra, off + 40)?;
+            let names_at = off + 40 + extra_len as u64;
+            let id = rd.read_c_str(names_at, id_len)?;
+            let name = rd.read_c_str(names_at + id_len as u64, name_len)?;
             let e64 = |a: usize| {
                 (extra.len() >= a + 8)
                     .then(|| u64::from_be_bytes(extra[a..a + 8].try_into().unwrap()))
             };
             let vm_state_size = e64(0).unwrap_or(be32(32) as u64);
-            // QEMU keeps them as C strings: they end at the first NUL.
-            let c_str = |b: &[u8]| {
-                let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-                String::from_utf8_lossy(&b[..end]).into_owned()
-            };
-            let id = c_str(&names[..id_len]);
-            let name = c_str(&names[id_len..]);
             out.push(Snapshot {
                 l1_table_offset,
                 l1_size,
@@ -190,5 +185,85 @@ impl Snapshot {
             .enumerate()
             .find(|(_, s)| s.id == key)
             .or_else(|| snaps.iter().enumerate().find(|(_, s)| s.name == key))
+    }
+}
+
+/// Reads a table front to back through a window, so that a table of
+/// many small entries (up to 65536 snapshots) costs a read of the file
+/// per window rather than three per entry. Small windows: a hostile
+/// table's entries may each jump far ahead. Under fault injection each
+/// read goes to the file as asked, as QEMU reads each field.
+struct Forward<'a> {
+    st: &'a Storage,
+    /// The file's length, once: reads past it are zeros.
+    len: u64,
+    window: Vec<u8>,
+    /// The file offset of `window[0]`.
+    at: u64,
+}
+
+impl<'a> Forward<'a> {
+    const WINDOW: u64 = 4096;
+
+    fn new(st: &'a Storage) -> Result<Self> {
+        Ok(Forward {
+            st,
+            len: st.len()?,
+            window: Vec::new(),
+            at: 0,
+        })
+    }
+
+    /// Whether everything from `off` on reads as zeros without a read.
+    fn zeros_at(&self, off: u64) -> bool {
+        off >= self.len && !self.st.has_faults()
+    }
+
+    /// The `len` bytes at `off` as QEMU keeps them, a C string: up to
+    /// the first NUL. Read a window at a time up to that NUL only: a
+    /// hostile entry's names may claim 64 KiB each.
+    fn read_c_str(&mut self, off: u64, len: usize) -> Result<String> {
+        let mut bytes = Vec::new();
+        if self.st.has_faults() {
+            bytes.resize(len, 0);
+            self.st.read_at(&mut bytes, off)?;
+        } else {
+            let mut piece = [0u8; Self::WINDOW as usize];
+            let mut done = 0;
+            while done < len && !self.zeros_at(off + done as u64) {
+                let n = (len - done).min(piece.len());
+                self.read(&mut piece[..n], off + done as u64)?;
+                bytes.extend_from_slice(&piece[..n]);
+                done += n;
+                if piece[..n].contains(&0) {
+                    break;
+                }
+            }
+        }
+        let end = bytes.iter().position(|&c| c == 0).unwrap_or(bytes.len());
+        Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+    }
+
+    fn read(&mut self, buf: &mut [u8], off: u64) -> Result<()> {
+        if self.zeros_at(off) {
+            // Past the end of the file: zeros, as every read there gives.
+            buf.fill(0);
+            return Ok(());
+        }
+        if buf.len() as u64 > Self::WINDOW || self.st.has_faults() {
+            return self.st.read_at(buf, off);
+        }
+        let have = off >= self.at
+            && off.saturating_add(buf.len() as u64)
+                <= self.at.saturating_add(self.window.len() as u64);
+        if !have {
+            let left = (self.len - off).min(Self::WINDOW);
+            self.window.resize((left as usize).max(buf.len()), 0);
+            self.st.read_at(&mut self.window, off)?;
+            self.at = off;
+        }
+        let from = (off - self.at) as usize;
+        buf.copy_from_slice(&self.window[from..from + buf.len()]);
+        Ok(())
     }
 }

@@ -2,7 +2,8 @@
 //! 261, with qemu-img as the judge: entries written for version 2 without
 //! the disk size are completed (image size, icount -1) when rimg upgrades
 //! the image or repairs it, and a table over QEMU's 64 MiB limit is
-//! refused and repaired by `check -r all` as qemu-img repairs it.
+//! refused and repaired by `check -r all` as qemu-img repairs it; a
+//! table of many entries lists as qemu-img lists it.
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -245,4 +246,28 @@ fn table_over_the_limit_is_refused_and_repaired() {
     assert_eq!(be(&img, 60, 4), count - 1);
     let out = ok("qemu-img", &["snapshot", "-l", p]);
     assert_eq!(out.lines().count() as u64, 2 + count - 1, "{out}");
+}
+
+#[test]
+fn a_table_of_many_entries_reads_as_qemu_reads_it() {
+    // rimg reads the table through a window of 4 KiB: entries of every
+    // length straddle its edges, and a name longer than the window is
+    // read in pieces.
+    let rimg = workspace_bin("rimg");
+    let rimg = rimg.to_str().unwrap();
+    let dir = tempdir();
+    let img = dir.path().join("many.qcow2");
+    let p = img.to_str().unwrap();
+    qemu_create(p, "", "64M");
+    for i in 0..40 {
+        let name = format!("s{i}-{}", "n".repeat(i * 53 % 211));
+        ok("qemu-img", &["snapshot", "-c", &name, p]);
+    }
+    ok("qemu-img", &["snapshot", "-c", &"L".repeat(5000), p]);
+    let ours = ok(rimg, &["snapshot", "-l", p]);
+    let theirs = ok("qemu-img", &["snapshot", "-l", p]);
+    assert_eq!(ours.lines().count(), 2 + 41, "{ours}");
+    assert_eq!(ours, theirs);
+    let o = run(rimg, &["check", p]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

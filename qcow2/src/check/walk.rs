@@ -88,7 +88,7 @@ impl Walk<'_> {
 
     /// Marks the L2 tables an L1 table names.
     fn mark_l2_tables(&mut self, l1: &[u64]) {
-        for &e in l1 {
+        for (_, e) in crate::l2::nonzero_entries(l1) {
             let off = e & OFFSET_MASK;
             if off != 0 {
                 self.mark(off, 1, Use::L2);
@@ -204,7 +204,7 @@ impl Walk<'_> {
     fn l1(&mut self, st: &Storage, l1: &[u64], active: bool, l2buf: &mut [u8]) -> Result<()> {
         let cs = 1u64 << self.cluster_bits;
         let g = CompressedGeometry::new(self.cluster_bits);
-        for (i, &e) in l1.iter().enumerate() {
+        for (i, e) in crate::l2::nonzero_entries(l1) {
             let l2off = e & OFFSET_MASK;
             if l2off == 0 {
                 continue;
@@ -415,7 +415,7 @@ pub(crate) fn walk<'r>(
     );
     // An entry with reserved bits set names no block (reported with the
     // blocks, as qemu-img does).
-    for &e in ctx.rc.table() {
+    for (_, e) in crate::l2::nonzero_entries(ctx.rc.table()) {
         let b = e & !511;
         if e & 511 == 0 && b != 0 && b & (cs - 1) == 0 {
             w.mark(b, cs, Use::Meta);
