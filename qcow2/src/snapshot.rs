@@ -214,9 +214,14 @@ impl<'a> Forward<'a> {
         })
     }
 
-    /// Whether everything from `off` on reads as zeros without a read.
-    fn zeros_at(&self, off: u64) -> bool {
-        off >= self.len && !self.st.has_faults()
+    /// Whether `n` bytes at `off` read as zeros without a read: past the
+    /// end of the file, not past what pread takes (there it fails).
+    fn zeros_at(&self, off: u64, n: usize) -> bool {
+        off >= self.len
+            && off
+                .checked_add(n as u64)
+                .is_some_and(|e| e <= i64::MAX as u64)
+            && !self.st.has_faults()
     }
 
     /// The `len` bytes at `off` as QEMU keeps them, a C string: up to
@@ -230,7 +235,7 @@ impl<'a> Forward<'a> {
         } else {
             let mut piece = [0u8; Self::WINDOW as usize];
             let mut done = 0;
-            while done < len && !self.zeros_at(off + done as u64) {
+            while done < len && !self.zeros_at(off + done as u64, len - done) {
                 let n = (len - done).min(piece.len());
                 self.read(&mut piece[..n], off + done as u64)?;
                 bytes.extend_from_slice(&piece[..n]);
@@ -245,7 +250,10 @@ impl<'a> Forward<'a> {
     }
 
     fn read(&mut self, buf: &mut [u8], off: u64) -> Result<()> {
-        if self.zeros_at(off) {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self.zeros_at(off, buf.len()) {
             // Past the end of the file: zeros, as every read there gives.
             buf.fill(0);
             return Ok(());
