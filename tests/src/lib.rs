@@ -684,6 +684,7 @@ impl Drop for WatchedChild {
 
 pub mod bitmaps;
 pub mod blk;
+pub mod btrfs;
 pub mod control;
 pub mod crash;
 pub mod daemon;

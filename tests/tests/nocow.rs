@@ -4,18 +4,10 @@
 //! the block benchmark's XFS). On other file systems the option is a
 //! hint that changes nothing (QEMU ignores the failure too).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use rimg_tests::{assert_qemu_check_clean, ensure_tool, ok_as, run, run_ok, tempdir, tool};
-
-/// Unmounts at the end of the test, whatever happens.
-struct Mounted(PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = run("umount", &[self.0.to_str().unwrap()]);
-    }
-}
+use rimg_tests::btrfs::Btrfs;
+use rimg_tests::{assert_qemu_check_clean, ok_as, run_ok, tempdir, tool};
 
 fn attrs(p: &Path) -> String {
     let out = run_ok("lsattr", &[p.to_str().unwrap()]);
@@ -27,21 +19,9 @@ fn attrs(p: &Path) -> String {
 
 #[test]
 fn nocow_marks_new_files_on_btrfs() {
-    ensure_tool("mkfs.btrfs", "btrfs-progs");
     let dir = tempdir();
-    let fs = dir.path().join("btrfs.img");
-    std::fs::File::create(&fs)
-        .unwrap()
-        .set_len(256 << 20)
-        .unwrap();
-    run_ok("mkfs.btrfs", &["-q", fs.to_str().unwrap()]);
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    run_ok(
-        "mount",
-        &["-o", "loop", fs.to_str().unwrap(), mnt.to_str().unwrap()],
-    );
-    let _m = Mounted(mnt.clone());
+    let fs = Btrfs::new(dir.path());
+    let mnt = &fs.mnt;
     for t in ["qemu-img", "rimg"] {
         for fmt in ["qcow2", "raw"] {
             for on in [true, false] {

@@ -18,8 +18,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use qcow2::{chain_status, ChainStatus, Image, PendingWrite};
 
 use super::sources::Sources;
+use super::sparse::sparse_runs;
 use super::CHUNK;
-use crate::common::{is_zero, zero_prefix};
+use crate::common::is_zero;
 use crate::progress::Progress;
 use crate::CliError;
 
@@ -48,6 +49,9 @@ pub(super) struct Job<'a> {
     /// The target maps writes (`begin_write`); without, a chunk's turn
     /// covers its whole writes.
     pub(super) split_writes: bool,
+    /// -C: data runs are copied by the kernel (see `offload`), until a
+    /// pair of files refuses.
+    pub(super) offload: AtomicBool,
     pub(super) failed: AtomicBool,
     /// Reserving a raw target's space failed once: not tried again.
     pub(super) no_reserve: AtomicBool,
@@ -58,13 +62,22 @@ pub(super) struct Job<'a> {
 enum Op<'b> {
     Write(u64, &'b [u8]),
     Zeroes(u64, u64),
+    /// -C: the source's bytes there, not read (see `offload`).
+    Copy(u64, u64),
+}
+
+/// What a mapped write puts in place.
+enum Payload<'b> {
+    Bytes(&'b [u8]),
+    /// The source's bytes from this offset on (-C).
+    Source(u64),
 }
 
 /// A chunk's writes mapped in its turn, in guest order, data not yet
 /// written; dropped unfinished, they roll back.
 #[derive(Default)]
 struct Mapped<'b> {
-    writes: Vec<(PendingWrite, &'b [u8])>,
+    writes: Vec<(PendingWrite, Payload<'b>)>,
     /// Guest offset where the last one ends.
     end: u64,
 }
@@ -157,79 +170,6 @@ impl<'b> Carve<'b> {
     }
 }
 
-const SECTOR: usize = 512;
-
-/// Where the run of sectors (counted from `i`) that are all zero, or
-/// (`zero` false) all hold data, ends.
-fn same_sectors(b: &[u8], i: usize, zero: bool) -> usize {
-    let n = b.len();
-    if zero {
-        // Up to the sector holding the first non-zero byte, found in one
-        // pass over the run.
-        let z = zero_prefix(&b[i..]);
-        return if i + z >= n { n } else { i + z - z % SECTOR };
-    }
-    let mut j = (i + SECTOR).min(n);
-    while j < n && !is_zero(&b[j..(j + SECTOR).min(n)]) {
-        j = (j + SECTOR).min(n);
-    }
-    j
-}
-
-/// Splits `b`, to be written at offset `at`, into (from, to, is_data)
-/// runs by qemu-img's -S rule: zeros become a hole only in a run of at
-/// least `min` bytes; runs are judged in 512-byte sectors and their ends
-/// aligned to `min` rounded down to a power of two (a data run's end up,
-/// a hole's end down; a short zero run ending past a boundary is data).
-/// A buffer that starts with zeros starts with a hole.
-fn sparse_runs(b: &[u8], at: u64, min: u64) -> Vec<(usize, usize, bool)> {
-    let n = b.len();
-    let min = (min as usize).min(n);
-    let align = 1u64 << (min.max(SECTOR) as u64).ilog2();
-    // The run starting at `i`: its end and whether it is data.
-    let run = |i: usize| -> (usize, bool) {
-        let zero = is_zero(&b[i..(i + SECTOR).min(n)]);
-        let j = same_sectors(b, i, zero);
-        if j == n {
-            return (n, !zero);
-        }
-        let tail = ((at + j as u64) % align) as usize;
-        if tail == 0 {
-            return (j, !zero);
-        }
-        if !zero || j - i <= tail {
-            ((j + align as usize - tail).min(n), true)
-        } else {
-            (j - tail, false)
-        }
-    };
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < n {
-        let (j, data) = run(i);
-        if !data {
-            out.push((i, j, false));
-            i = j;
-            continue;
-        }
-        // Data goes on over zero runs shorter than `min`.
-        let mut used = j;
-        let mut k = j;
-        while k < n {
-            let (e, d) = run(k);
-            if d {
-                used = e;
-            } else if e - k >= min {
-                break;
-            }
-            k = e;
-        }
-        out.push((i, used, true));
-        i = used;
-    }
-    out
-}
-
 impl Job<'_> {
     pub(super) fn worker(&self, src: &Sources, next: &AtomicU64) {
         let mut buf = vec![0u8; CHUNK as usize];
@@ -247,7 +187,7 @@ impl Job<'_> {
             let mut ops = Vec::new();
             let ticket = self.turn.as_ref().map(|t| t.ticket(off / CHUNK));
             let r = match self.plan(src, off, len, &mut buf, &mut cmp, &mut ops) {
-                Ok(data) => self.apply(ticket, ops).map(|()| data),
+                Ok(data) => self.apply(src, ticket, ops).map(|()| data),
                 Err(e) => {
                     // Others stop taking chunks now, not once this one's
                     // turn (which its ticket waits for) has come.
@@ -278,7 +218,12 @@ impl Job<'_> {
     /// Carries out a chunk's plan. In turn, the zeroing and the mapping of
     /// each write (allocation happens here); then, as other chunks take
     /// their turns, the data and the commits.
-    fn apply(&self, ticket: Option<Ticket<'_>>, ops: Vec<Op<'_>>) -> Result<(), CliError> {
+    fn apply(
+        &self,
+        src: &Sources,
+        ticket: Option<Ticket<'_>>,
+        ops: Vec<Op<'_>>,
+    ) -> Result<(), CliError> {
         let ticket = match ticket {
             // No split write path: the writes themselves, in turn.
             Some(mut t) if !self.split_writes => {
@@ -291,6 +236,7 @@ impl Job<'_> {
                     match op {
                         Op::Write(at, b) => self.write(at, b)?,
                         Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+                        Op::Copy(at, len) => self.copy_now(src, at, len)?,
                     }
                 }
                 t.pass();
@@ -314,6 +260,7 @@ impl Job<'_> {
                 match op {
                     Op::Write(at, b) => self.write(at, b)?,
                     Op::Zeroes(at, len) => self.target.write_zeroes(at, len, true)?,
+                    Op::Copy(at, len) => self.copy_now(src, at, len)?,
                 }
             }
             return Ok(());
@@ -323,26 +270,44 @@ impl Job<'_> {
         ticket.wait();
         for op in ops {
             match op {
-                Op::Write(at, b) => {
-                    let mut done = 0;
-                    while done < b.len() {
-                        let at = at + done as u64;
-                        self.unshare(&mut mapped, at)?;
-                        let w = self.target.clone().begin_write(at, b.len() - done)?;
-                        let n = w.len();
-                        mapped.writes.push((w, &b[done..done + n]));
-                        mapped.end = at + n as u64;
-                        done += n;
-                    }
-                }
+                Op::Write(at, b) => self.map(src, &mut mapped, at, b.len(), |d, n| {
+                    Payload::Bytes(&b[d..d + n])
+                })?,
+                Op::Copy(at, len) => self.map(src, &mut mapped, at, len as usize, |d, _| {
+                    Payload::Source(at + d as u64)
+                })?,
                 Op::Zeroes(at, len) => {
-                    self.unshare(&mut mapped, at)?;
+                    self.unshare(src, &mut mapped, at)?;
                     self.target.write_zeroes(at, len, true)?;
                 }
             }
         }
         ticket.pass();
-        self.finish(&mut mapped)
+        self.finish(src, &mut mapped)
+    }
+
+    /// Maps the write of `len` bytes at `at`, in as many pieces as the
+    /// target takes; `payload(done, n)` is what the piece at `at + done`
+    /// puts in place.
+    fn map<'b>(
+        &self,
+        src: &Sources,
+        mapped: &mut Mapped<'b>,
+        at: u64,
+        len: usize,
+        payload: impl Fn(usize, usize) -> Payload<'b>,
+    ) -> Result<(), CliError> {
+        let mut done = 0;
+        while done < len {
+            let pos = at + done as u64;
+            self.unshare(src, mapped, pos)?;
+            let w = self.target.clone().begin_write(pos, len - done)?;
+            let n = w.len();
+            mapped.writes.push((w, payload(done, n)));
+            mapped.end = pos + n as u64;
+            done += n;
+        }
+        Ok(())
     }
 
     /// Reserves the file space a raw target's writes are about to fill
@@ -356,8 +321,11 @@ impl Job<'_> {
     /// is not tried again, and the writes report any real lack of space.
     fn reserve(&self, ops: &[Op<'_>]) {
         for op in ops {
-            let Op::Write(at, b) = *op else { continue };
-            let len = b.len() as u64;
+            let (at, len) = match *op {
+                Op::Write(at, b) => (at, b.len() as u64),
+                Op::Copy(at, len) => (at, len),
+                Op::Zeroes(..) => continue,
+            };
             // Never past the end: a write there fails, a reservation
             // would grow the file.
             if self.no_reserve.load(Ordering::Relaxed) || at + len > self.target.size() {
@@ -374,23 +342,29 @@ impl Job<'_> {
     /// committed, which the engine would wait for (for good: the commit
     /// is this thread's). Then the writes mapped so far are finished
     /// first.
-    fn unshare(&self, mapped: &mut Mapped<'_>, at: u64) -> Result<(), CliError> {
+    fn unshare(&self, src: &Sources, mapped: &mut Mapped<'_>, at: u64) -> Result<(), CliError> {
         let Some(cs) = self.cluster else {
             return Ok(()); // Raw: nothing is ever in flight.
         };
         if !mapped.writes.is_empty() && (mapped.end - 1) / cs == at / cs {
-            self.finish(mapped)?;
+            self.finish(src, mapped)?;
         }
         Ok(())
     }
 
     /// Writes the data of the mapped writes and commits them.
-    fn finish(&self, mapped: &mut Mapped<'_>) -> Result<(), CliError> {
+    fn finish(&self, src: &Sources, mapped: &mut Mapped<'_>) -> Result<(), CliError> {
         let file = self.target.data_storage();
-        for (w, b) in mapped.writes.drain(..) {
+        let mut buf = Vec::new();
+        for (w, payload) in mapped.writes.drain(..) {
             // As the engine's own writes do (blkdebug rules).
             self.target.storage().debug_event("write_aio");
-            file.write_data_at(b, w.host().0)?;
+            match payload {
+                Payload::Bytes(b) => file.write_data_at(b, w.host().0)?,
+                Payload::Source(pos) => {
+                    self.copy_into(src, w.host().0, pos, w.len() as u64, &mut buf)?
+                }
+            }
             w.commit()?;
         }
         Ok(())
@@ -424,6 +398,10 @@ impl Job<'_> {
                 let (st, n) = src.status(pos, end - pos)?;
                 match st {
                     ChainStatus::Zero => self.zeros(pos, n, ops)?,
+                    ChainStatus::Data if self.offloading() => {
+                        ops.push(Op::Copy(pos, n));
+                        data_bytes += n;
+                    }
                     ChainStatus::Data => {
                         let b = src.bytes(pos, carve.take(pos, pos + n))?;
                         self.data(pos, b, cmp, ops)?;
@@ -458,7 +436,9 @@ impl Job<'_> {
             pos = w_end;
         }
         for (from, to, data) in runs {
-            if data {
+            if data && self.offloading() {
+                ops.push(Op::Copy(from, to - from));
+            } else if data {
                 let b = src.bytes(from, carve.take(from, to))?;
                 self.data(from, b, cmp, ops)?;
             } else {
@@ -565,7 +545,7 @@ impl Job<'_> {
         Ok(())
     }
 
-    fn write(&self, at: u64, data: &[u8]) -> Result<(), CliError> {
+    pub(super) fn write(&self, at: u64, data: &[u8]) -> Result<(), CliError> {
         if !self.compress {
             return Ok(self.target.write_at(data, at)?);
         }
@@ -594,72 +574,5 @@ impl Job<'_> {
             k += n;
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{same_sectors, sparse_runs, SECTOR};
-
-    /// The run end judged sector by sector, byte by byte.
-    fn by_sectors(b: &[u8], i: usize, zero: bool) -> usize {
-        let n = b.len();
-        let is_zero = |k: usize| b[k..(k + SECTOR).min(n)].iter().all(|&x| x == 0);
-        let mut j = (i + SECTOR).min(n);
-        while j < n && is_zero(j) == zero {
-            j = (j + SECTOR).min(n);
-        }
-        j
-    }
-
-    #[test]
-    fn run_ends_match_a_sector_by_sector_scan() {
-        // Sparse non-zero bytes at pseudo-random places, sizes that end
-        // mid-sector, runs starting at every sector.
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for round in 0..40 {
-            let n = 20_000 + (next() % 50_000) as usize;
-            let mut b = vec![0u8; n];
-            for _ in 0..(round % 8) * 3 {
-                let k = (next() % n as u64) as usize;
-                b[k] = 1 + (next() % 255) as u8;
-            }
-            let mut i = 0;
-            while i < n {
-                let zero = b[i..(i + SECTOR).min(n)].iter().all(|&x| x == 0);
-                assert_eq!(
-                    same_sectors(&b, i, zero),
-                    by_sectors(&b, i, zero),
-                    "round {round} n {n} i {i}"
-                );
-                i += SECTOR;
-            }
-        }
-    }
-
-    #[test]
-    fn zero_runs_end_at_the_sector_of_the_first_data_byte() {
-        let mut b = vec![0u8; 64 << 10];
-        // Data in the middle of sector 70 and in the last byte.
-        b[70 * 512 + 300] = 1;
-        let n = b.len();
-        b[n - 1] = 7;
-        // Zeros up to the 4 KiB boundary below sector 70, data up to the
-        // boundary above it, then zeros, then the last 4 KiB as data.
-        assert_eq!(
-            sparse_runs(&b, 0, 4096),
-            vec![
-                (0, 32768, false),
-                (32768, 36864, true),
-                (36864, n - 4096, false),
-                (n - 4096, n, true),
-            ]
-        );
     }
 }

@@ -24,7 +24,9 @@ use crate::size::parse_size;
 use crate::CliError;
 
 mod copy;
+mod offload;
 mod sources;
+mod sparse;
 use copy::{Job, Turn};
 use sources::Sources;
 
@@ -102,7 +104,8 @@ pub struct ConvertArgs {
         allow_hyphen_values = true
     )]
     rate: Option<String>,
-    /// Copy offloading (accepted for compatibility; copies are in-process)
+    /// Copy offloading: data goes from file to file inside the kernel
+    /// (copy_file_range; a reflink where the file system shares extents)
     #[arg(short = 'C', long = "copy-range-offloading")]
     copy_offload: bool,
     /// Carry on past read errors: what cannot be read is written as
@@ -160,7 +163,7 @@ fn sparse_size(v: &str) -> Result<u64, CliError> {
 }
 
 pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
-    let _ = (&a.src_cache, a.out_of_order, a.force_share, a.copy_offload);
+    let _ = (&a.src_cache, a.out_of_order, a.force_share);
     crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
     // Values first, as qemu-img's getopt loop checks them.
     let sparse = sparse_size(a.sparse.as_deref().unwrap_or("4k"))?;
@@ -413,6 +416,11 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         limit,
         turn: (in_turn && workers > 1).then(Turn::default),
         split_writes: target.data_in_clear(),
+        // Copies into a target with a backing file would not compare
+        // with it (see `copy`): only onto what needs all the data.
+        offload: AtomicBool::new(
+            a.copy_offload && !compress && target.data_in_clear() && target.backing().is_none(),
+        ),
         failed: AtomicBool::new(false),
         no_reserve: AtomicBool::new(false),
         error: Mutex::new(None),

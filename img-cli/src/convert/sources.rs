@@ -11,6 +11,7 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
+use qcow2::storage::Storage;
 use qcow2::{chain_status, ChainStatus, Image, Mapping};
 
 use crate::CliError;
@@ -40,6 +41,9 @@ struct Part {
     /// First byte of this image in the concatenation.
     start: u64,
     img: Arc<dyn Image>,
+    /// The image's data is in clear in a file, read without injected
+    /// faults: copies of it may bypass the engine (mapped, offloaded).
+    clear: bool,
     /// The file holding the image's data in clear, mapped.
     map: Option<FileMap>,
 }
@@ -52,13 +56,15 @@ impl Sources {
             let n = img.size();
             // Injected faults (blkdebug) apply to reads through the file.
             let faults = img.storage().has_faults() || img.data_storage().has_faults();
-            let map = (img.data_in_clear() && !faults)
+            let clear = img.data_in_clear() && !faults;
+            let map = clear
                 .then(|| img.data_storage().file())
                 .flatten()
                 .and_then(FileMap::new);
             parts.push(Part {
                 start: size,
                 img,
+                clear,
                 map,
             });
             size += n;
@@ -162,6 +168,24 @@ impl Sources {
         }
         self.read_at(buf, pos)?;
         Ok(buf)
+    }
+
+    /// Where a layer's file holds the bytes from `pos` on in clear, as
+    /// they are (for a copy the kernel makes, -C): Ok((that file, the
+    /// offset there, how many bytes, at most `len`)). Otherwise Err(how
+    /// many bytes from `pos` are something else: zeros, a backing
+    /// layer's, compressed or encrypted data, behind injected faults).
+    pub(super) fn in_file(&self, pos: u64, len: u64) -> Result<(&Storage, u64, u64), u64> {
+        let (p, at, left) = self.part(pos);
+        let len = len.min(left);
+        if !p.clear {
+            return Err(len);
+        }
+        match p.img.map_read(at, len) {
+            Ok((Mapping::Data(host), n)) => Ok((p.img.data_storage(), host.0, n)),
+            Ok((_, n)) => Err(n.clamp(1, len)),
+            Err(_) => Err(len),
+        }
     }
 
     fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<(), CliError> {

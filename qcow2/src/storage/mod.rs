@@ -426,6 +426,73 @@ impl Storage {
         })
     }
 
+    /// Copies up to `len` bytes at `src_off` in `src` to `off` here inside
+    /// the kernel (copy_file_range(2): a reflink where the file system
+    /// shares extents, a server-side copy over NFS), without passing them
+    /// through this process. Returns the bytes copied (0 past the end of
+    /// `src`), or None where this pair of files cannot: an NBD export,
+    /// injected faults, a direct file set here (its writes bypass the
+    /// page cache such a copy fills), or a kernel or file system that
+    /// refuses. The caller then copies through memory.
+    pub fn copy_range_from(
+        &self,
+        src: &Storage,
+        src_off: u64,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let (Some(from), Some(to)) = (src.file(), self.file()) else {
+            return Ok(None);
+        };
+        if self.has_faults() || src.has_faults() || self.direct.get().is_some() {
+            return Ok(None);
+        }
+        let mut from_off = src_off as libc::loff_t;
+        let mut to_off = off as libc::loff_t;
+        loop {
+            // SAFETY: both descriptors belong to open Files borrowed for
+            // the call; the kernel reads and advances the two offsets we
+            // pass by pointer, which live on this stack, and touches no
+            // other memory of ours.
+            let n = unsafe {
+                libc::copy_file_range(
+                    from.as_raw_fd(),
+                    &mut from_off,
+                    to.as_raw_fd(),
+                    &mut to_off,
+                    len.min(1 << 30) as usize,
+                    0,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as u64));
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // Another file system (kernels before 5.3 and some since),
+                // none that copies, or a file it will not copy: not an
+                // I/O error, a copy through memory does it.
+                Some(
+                    libc::EXDEV | libc::EOPNOTSUPP | libc::ENOSYS | libc::EINVAL | libc::EBADF,
+                ) => return Ok(None),
+                _ => {
+                    return Err(Error::io(
+                        format!(
+                            "copy {len} bytes at {src_off:#x} of {} to {off:#x} of {}",
+                            src.path.display(),
+                            self.path.display()
+                        ),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+
     /// Zeroes guest data at `off`: as `write_zeroes`, but with a direct
     /// file set and aligned ranges, by writing zeros through it (a file
     /// system zeroes the partial blocks of a zero-range request through
