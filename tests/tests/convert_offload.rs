@@ -1,7 +1,8 @@
 //! `convert -C` (copy offloading): data goes from the source's file to
 //! the target's by copy_file_range(2), seen with strace, and the target
 //! is what `qemu-img convert -C` writes (same content, same allocation,
-//! check clean); on btrfs the copies are reflinks (filefrag shows the
+//! check clean), also with -W and from two sources of sizes that end
+//! mid-block; on btrfs the copies are reflinks (filefrag shows the
 //! target's data extents shared). What the kernel cannot copy from a
 //! file (a backing layer's data, compressed clusters, anything onto
 //! another file system) goes through memory, with the same result.
@@ -71,26 +72,34 @@ fn source(dir: &Path, name: &str, fmt: &str, opts: &str) -> PathBuf {
     img
 }
 
-/// Converts `src` with -C by rimg and by qemu-img; both targets must
-/// hold the source's content with the same allocation. Returns the bytes
-/// rimg had the kernel copy.
-fn compare_with_qemu(dir: &Path, src: &Path, fmt: &str, extra: &[&str]) -> u64 {
+/// Converts `srcs` (one disk, one after the other) with -C by rimg and
+/// by qemu-img; both targets must hold the same content (the source's,
+/// for one source) with the same allocation (not compared with -W,
+/// whose order of allocation is any). Returns the bytes rimg had the
+/// kernel copy.
+fn compare_with_qemu(dir: &Path, srcs: &[&Path], fmt: &str, extra: &[&str]) -> u64 {
     let ours = dir.join(format!("ours.{fmt}"));
     let theirs = dir.join(format!("theirs.{fmt}"));
     let _ = std::fs::remove_file(&ours);
     let _ = std::fs::remove_file(&theirs);
     let mut args = vec!["convert", "-C", "-O", fmt];
     args.extend(extra);
-    args.extend([s(src), s(&ours)]);
+    args.extend(srcs.iter().map(|p| s(p)));
+    args.push(s(&ours));
     let copied = rimg_traced(dir, &args);
     args.pop();
     args.push(s(&theirs));
     ok_as(qemu_img(&args), "qemu-img convert -C");
-    assert_qemu_compare_equal(src, &ours);
+    if let [src] = srcs {
+        assert_qemu_compare_equal(src, &ours);
+    }
+    assert_qemu_compare_equal(&theirs, &ours);
     if fmt == "qcow2" {
         assert_qemu_check_clean(&ours);
     }
-    assert_eq!(map(&ours), map(&theirs), "{src:?} -> {fmt} {extra:?}");
+    if !extra.contains(&"-W") {
+        assert_eq!(map(&ours), map(&theirs), "{srcs:?} -> {fmt} {extra:?}");
+    }
     copied
 }
 
@@ -106,11 +115,11 @@ fn offloaded_copies_write_what_qemu_img_writes() {
     ] {
         let src = source(d, name, fmt, opts);
         for target in ["raw", "qcow2"] {
-            let copied = compare_with_qemu(d, &src, target, &[]);
-            assert_eq!(
-                copied, data,
-                "{name} -> {target}: bytes copied by the kernel"
-            );
+            let copied = compare_with_qemu(d, &[&src], target, &[]);
+            assert_eq!(copied, data, "{name} -> {target}: copied by the kernel");
+            // Out of order, four workers: the same bytes copied.
+            let copied = compare_with_qemu(d, &[&src], target, &["-W", "-m", "4"]);
+            assert_eq!(copied, data, "{name} -> {target} -W");
         }
     }
 
@@ -134,12 +143,35 @@ fn offloaded_copies_write_what_qemu_img_writes() {
         "overlay",
     );
     qemu_io(&top, &["write -P 0x44 1M 1M", "write -c -P 0x55 40M 64k"]);
-    let copied = compare_with_qemu(d, &top, "qcow2", &[]);
+    let copied = compare_with_qemu(d, &[&top], "qcow2", &[]);
     assert_eq!(copied, 1 << 20, "only the overlay's uncompressed data");
+
+    // Two sources of sizes that end mid-block, one after the other: the
+    // second's data lies at target offsets the first one's end shifts.
+    let a = d.join("a.raw");
+    let b = d.join("b.raw");
+    ok_as(
+        qemu_img(&["create", "-q", "-f", "raw", s(&a), "1049088"]),
+        "a",
+    );
+    ok_as(
+        qemu_img(&["create", "-q", "-f", "raw", s(&b), "3147264"]),
+        "b",
+    );
+    qemu_io(&a, &["write -P 0x61 0 1049088"]);
+    qemu_io(
+        &b,
+        &["write -P 0x62 4096 1048576", "write -P 0x63 3146240 1024"],
+    );
+    for fmt in ["raw", "qcow2"] {
+        let copied = compare_with_qemu(d, &[&a, &b], fmt, &[]);
+        assert!(copied >= 1049088 + 1048576, "{fmt}: {copied} bytes copied");
+    }
 }
 
 /// Blocks of `img`'s extents that filefrag marks shared, and all blocks.
 fn shared_blocks(img: &Path) -> (u64, u64) {
+    ensure_tool("filefrag", "e2fsprogs");
     let o = Command::new("filefrag")
         .args(["-v", s(img)])
         .output()
@@ -175,7 +207,7 @@ fn offloaded_copies_on_btrfs_are_reflinks() {
     let d = fs.mnt.as_path();
     let src = source(d, "src.qcow2", "qcow2", "cluster_size=65536");
     for fmt in ["raw", "qcow2"] {
-        let copied = compare_with_qemu(d, &src, fmt, &[]);
+        let copied = compare_with_qemu(d, &[&src], fmt, &[]);
         assert_eq!(copied, 9 << 20);
         let ours = d.join(format!("ours.{fmt}"));
         assert!(Command::new("sync").status().unwrap().success());
@@ -184,9 +216,9 @@ fn offloaded_copies_on_btrfs_are_reflinks() {
         // own metadata is not.
         assert!(shared >= 9 * 256, "{fmt}: {shared} of {all} blocks shared");
     }
-    // Onto another file system the kernel refuses (EXDEV): through
-    // memory, with the same result.
+    // Onto another file system kernels since 5.19 refuse (EXDEV):
+    // through memory, with the same result.
     let other = dir.path().join("other");
     std::fs::create_dir(&other).unwrap();
-    assert_eq!(compare_with_qemu(&other, &src, "qcow2", &[]), 0);
+    assert_eq!(compare_with_qemu(&other, &[&src], "qcow2", &[]), 0);
 }

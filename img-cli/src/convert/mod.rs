@@ -417,9 +417,15 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         turn: (in_turn && workers > 1).then(Turn::default),
         split_writes: target.data_in_clear(),
         // Copies into a target with a backing file would not compare
-        // with it (see `copy`): only onto what needs all the data.
+        // with it (see `copy`): only onto what needs all the data, and a
+        // file the kernel may copy into (not NBD, not under blkdebug).
         offload: AtomicBool::new(
-            a.copy_offload && !compress && target.data_in_clear() && target.backing().is_none(),
+            a.copy_offload
+                && !compress
+                && target.data_in_clear()
+                && target.backing().is_none()
+                && target.data_storage().file().is_some()
+                && !target.data_storage().has_faults(),
         ),
         failed: AtomicBool::new(false),
         no_reserve: AtomicBool::new(false),

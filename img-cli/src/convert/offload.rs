@@ -23,19 +23,10 @@ impl Job<'_> {
     /// Puts the source's bytes [at, at + len) at the same offset of the
     /// target now: mapped piece by piece, each copied, then committed.
     pub(super) fn copy_now(&self, src: &Sources, at: u64, len: u64) -> Result<(), CliError> {
+        // Offloading is planned only where the target maps its writes.
+        debug_assert!(self.split_writes);
+        let _epoch = self.target.io_epoch();
         let mut buf = Vec::new();
-        if !self.split_writes {
-            // No mapping to copy into: read and write.
-            let mut done = 0;
-            while done < len {
-                let n = (len - done).min(CHUNK);
-                buf.resize(n as usize, 0);
-                let b = src.bytes(at + done, &mut buf)?;
-                self.write(at + done, b)?;
-                done += n;
-            }
-            return Ok(());
-        }
         let mut done = 0;
         while done < len {
             let pos = at + done;
