@@ -1,0 +1,141 @@
+//! The Debian package (`scripts/deb.sh`, cargo-deb) installs with dpkg
+//! and works as installed, without systemctl: the five binaries in
+//! /usr/bin, every manual page where man finds it, the completions and
+//! units in place; the units, as installed, pass `systemd-analyze
+//! verify`; the installed rimg-vhost-blk, started on a passed listening
+//! socket as systemd starts it, tells READY=1, serves libblkio (two
+//! queues) and stops at SIGTERM with status 0. The package is removed
+//! at the end (it replaces one installed before, if any).
+
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use rimg_tests::blk::Client;
+use rimg_tests::daemon::{socket_activated, DaemonProcess};
+use rimg_tests::{assert_qemu_check_clean, ensure_tool, qemu_create, run, tempdir};
+
+/// Removes the package when dropped, whatever happens.
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let o = run("dpkg", &["-r", "rimg"]);
+        if !o.status.success() {
+            eprintln!("dpkg -r rimg: {}", String::from_utf8_lossy(&o.stderr));
+        }
+    }
+}
+
+fn ok(o: std::process::Output, what: &str) -> String {
+    assert!(
+        o.status.success(),
+        "{what}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn the_package_installs_verifies_and_serves() {
+    ensure_tool("systemd-analyze", "systemd");
+    ensure_tool("man", "man-db");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    // Built from the test profile's binaries; compressed fast.
+    let out = ok(
+        Command::new(root.join("scripts/deb.sh"))
+            .args(["dev", "--fast"])
+            .output()
+            .unwrap(),
+        "scripts/deb.sh",
+    );
+    let deb = out
+        .lines()
+        .last()
+        .expect("the .deb's path")
+        .trim()
+        .to_string();
+    ok(run("dpkg", &["-i", &deb]), "dpkg -i");
+    let _installed = Installed;
+
+    let bins = [
+        "rimg",
+        "rimg-vhost-blk",
+        "rimg-vhost-net",
+        "rimg-nbd",
+        "rimg-vmm",
+    ];
+    for bin in bins {
+        let path = format!("/usr/bin/{bin}");
+        let v = ok(run(&path, &["--version"]), &path);
+        assert!(v.starts_with(bin), "{path} --version: {v}");
+        let page = ok(run("man", &["-w", bin]), &format!("man -w {bin}"));
+        assert_eq!(page.trim(), format!("/usr/share/man/man1/{bin}.1.gz"));
+    }
+    // A page per subcommand, as `rimg man SUBCOMMAND` prints it.
+    for sub in ["convert", "check", "compact", "checksum", "bitmap"] {
+        ok(run("man", &["-w", &format!("rimg-{sub}")]), sub);
+    }
+    for f in [
+        "/usr/share/bash-completion/completions/rimg",
+        "/usr/share/zsh/vendor-completions/_rimg",
+        "/usr/share/fish/vendor_completions.d/rimg.fish",
+    ] {
+        assert!(Path::new(f).is_file(), "{f}");
+    }
+
+    // The units as installed: an instance of each template.
+    let units: Vec<String> = ["rimg-vhost-blk", "rimg-vhost-net", "rimg-nbd"]
+        .iter()
+        .flat_map(|u| [format!("{u}@test0.service"), format!("{u}@test0.socket")])
+        .collect();
+    for u in &units {
+        let file = format!("/usr/lib/systemd/system/{}", u.replace("@test0", "@"));
+        assert!(Path::new(&file).is_file(), "{file}");
+    }
+    let mut args = vec!["verify"];
+    args.extend(units.iter().map(String::as_str));
+    let o = run("systemd-analyze", &args);
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(o.status.success() && said.trim().is_empty(), "{said}");
+
+    // The installed block daemon, socket-activated, with seccomp (kill
+    // mode, its default) and two queues.
+    let d = tempdir();
+    let img = d.path().join("disk.qcow2");
+    qemu_create(&img, "", "64M");
+    let sock = d.path().join("activated.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let notify = d.path().join("notify");
+    let n = UnixDatagram::bind(&notify).unwrap();
+    n.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let args = [
+        "--socket",
+        sock.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--num-queues",
+        "2",
+    ]
+    .map(std::ffi::OsStr::new);
+    let mut cmd = socket_activated(Path::new("/usr/bin/rimg-vhost-blk"), &args, &listener);
+    cmd.env("NOTIFY_SOCKET", &notify);
+    let daemon = DaemonProcess::spawn(cmd, &sock).unwrap();
+    drop(listener);
+    let mut b = [0u8; 64];
+    let len = n.recv(&mut b).expect("READY=1 within 30 s");
+    assert_eq!(&b[..len], b"READY=1", "{}", daemon.log());
+    let mut c = Client::connect(&sock, 2, false).unwrap();
+    c.write(1, 8192, &[0xa5; 16384]).unwrap();
+    assert_eq!(c.read(0, 8192, 16384).unwrap(), vec![0xa5; 16384]);
+    drop(c);
+    let (st, log) = daemon.terminate_within(Duration::from_secs(30));
+    assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
+    assert_qemu_check_clean(&img);
+}
