@@ -5,7 +5,8 @@
 //! verify`; the installed rimg-vhost-blk, started on a passed listening
 //! socket as systemd starts it, tells READY=1, serves libblkio (two
 //! queues) and stops at SIGTERM with status 0. The package is removed
-//! at the end (it replaces one installed before, if any).
+//! at the end, leaving none of its files; the test refuses to run where
+//! a package of that name is installed already.
 
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::path::Path;
@@ -14,16 +15,35 @@ use std::time::Duration;
 
 use rimg_tests::blk::Client;
 use rimg_tests::daemon::{socket_activated, DaemonProcess};
-use rimg_tests::{assert_qemu_check_clean, ensure_tool, qemu_create, run, tempdir};
+use rimg_tests::{assert_qemu_check_clean, ensure_tool, qemu_create, run, tempdir, workspace_bin};
 
-/// Removes the package when dropped, whatever happens.
-struct Installed;
+/// Removes the package when dropped unless [`Installed::remove`] did:
+/// on a failure, whatever happened.
+struct Installed {
+    removed: bool,
+}
+
+impl Installed {
+    /// `dpkg -r rimg`, which must succeed and leave none of its files.
+    fn remove(mut self) {
+        self.removed = true;
+        ok(run("dpkg", &["-r", "rimg"]), "dpkg -r rimg");
+        assert!(!Path::new("/usr/bin/rimg").exists(), "/usr/bin/rimg left");
+        assert!(
+            !Path::new("/usr/lib/systemd/system/rimg-vhost-blk@.service").exists(),
+            "a unit left"
+        );
+    }
+}
 
 impl Drop for Installed {
     fn drop(&mut self) {
-        let o = run("dpkg", &["-r", "rimg"]);
-        if !o.status.success() {
-            eprintln!("dpkg -r rimg: {}", String::from_utf8_lossy(&o.stderr));
+        if !self.removed {
+            // Also after a dpkg -i that unpacked and failed.
+            let o = run("dpkg", &["-r", "rimg"]);
+            if !o.status.success() {
+                eprintln!("dpkg -r rimg: {}", String::from_utf8_lossy(&o.stderr));
+            }
         }
     }
 }
@@ -42,11 +62,31 @@ fn ok(o: std::process::Output, what: &str) -> String {
 fn the_package_installs_verifies_and_serves() {
     ensure_tool("systemd-analyze", "systemd");
     ensure_tool("man", "man-db");
+    // The test installs and removes the package: never over one the
+    // machine has for its own use.
+    let o = run("dpkg-query", &["-W", "-f=${Status}", "rimg"]);
+    // "install ok installed" (not "unknown ok not-installed").
+    assert!(
+        String::from_utf8_lossy(&o.stdout).split_whitespace().last() != Some("installed"),
+        "a package named rimg is installed here; this test would replace \
+         and remove it: remove it first (dpkg -r rimg)"
+    );
+    let bins = [
+        "rimg",
+        "rimg-vhost-blk",
+        "rimg-vhost-net",
+        "rimg-nbd",
+        "rimg-vmm",
+    ];
+    // The binaries as the suite builds them; compressed fast.
+    for bin in bins {
+        workspace_bin(bin);
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-    // Built from the test profile's binaries; compressed fast.
     let out = ok(
         Command::new(root.join("scripts/deb.sh"))
             .args(["dev", "--fast"])
+            .env("RIMG_DEB_NO_BUILD", "1")
             .output()
             .unwrap(),
         "scripts/deb.sh",
@@ -57,16 +97,9 @@ fn the_package_installs_verifies_and_serves() {
         .expect("the .deb's path")
         .trim()
         .to_string();
+    let installed = Installed { removed: false };
     ok(run("dpkg", &["-i", &deb]), "dpkg -i");
-    let _installed = Installed;
 
-    let bins = [
-        "rimg",
-        "rimg-vhost-blk",
-        "rimg-vhost-net",
-        "rimg-nbd",
-        "rimg-vmm",
-    ];
     for bin in bins {
         let path = format!("/usr/bin/{bin}");
         let v = ok(run(&path, &["--version"]), &path);
@@ -74,16 +107,29 @@ fn the_package_installs_verifies_and_serves() {
         let page = ok(run("man", &["-w", bin]), &format!("man -w {bin}"));
         assert_eq!(page.trim(), format!("/usr/share/man/man1/{bin}.1.gz"));
     }
-    // A page per subcommand, as `rimg man SUBCOMMAND` prints it.
-    for sub in ["convert", "check", "compact", "checksum", "bitmap"] {
-        ok(run("man", &["-w", &format!("rimg-{sub}")]), sub);
+    // Every page the package holds (one per subcommand too), where man
+    // finds it.
+    let files = ok(run("dpkg", &["-L", "rimg"]), "dpkg -L");
+    let pages: Vec<&str> = files
+        .lines()
+        .filter(|f| f.starts_with("/usr/share/man/man1/") && f.ends_with(".1.gz"))
+        .collect();
+    assert!(pages.len() >= 20, "{} pages: {files}", pages.len());
+    for page in &pages {
+        let name = page.rsplit('/').next().unwrap().trim_end_matches(".1.gz");
+        let found = ok(run("man", &["-w", name]), &format!("man -w {name}"));
+        assert_eq!(found.trim(), *page);
     }
-    for f in [
-        "/usr/share/bash-completion/completions/rimg",
-        "/usr/share/zsh/vendor-completions/_rimg",
-        "/usr/share/fish/vendor_completions.d/rimg.fish",
+    for (f, says) in [
+        ("/usr/share/bash-completion/completions/rimg", "convert"),
+        ("/usr/share/zsh/vendor-completions/_rimg", "#compdef rimg"),
+        (
+            "/usr/share/fish/vendor_completions.d/rimg.fish",
+            "complete -c rimg",
+        ),
     ] {
-        assert!(Path::new(f).is_file(), "{f}");
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        assert!(text.contains(says), "{f}: {} bytes", text.len());
     }
 
     // The units as installed: an instance of each template.
@@ -138,4 +184,5 @@ fn the_package_installs_verifies_and_serves() {
     let (st, log) = daemon.terminate_within(Duration::from_secs(30));
     assert!(st.is_some_and(|s| s.success()), "{st:?}: {log}");
     assert_qemu_check_clean(&img);
+    installed.remove();
 }
