@@ -12,8 +12,8 @@ use std::process::Command;
 
 use rimg_tests::btrfs::Btrfs;
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, ensure_tool, ok_as, qemu_img, qemu_io,
-    tempdir, workspace_bin,
+    assert_qemu_check_clean, assert_qemu_compare_equal, ensure_tool, ok_as, qemu_create_backed,
+    qemu_img, qemu_io, tempdir, workspace_bin,
 };
 
 fn s(p: &Path) -> &str {
@@ -127,21 +127,7 @@ fn offloaded_copies_write_what_qemu_img_writes() {
     // (the kernel copies only what the top layer holds in clear).
     let base = source(d, "base.qcow2", "qcow2", "cluster_size=65536");
     let top = d.join("top.qcow2");
-    ok_as(
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&base),
-            "-F",
-            "qcow2",
-            s(&top),
-            "64M",
-        ]),
-        "overlay",
-    );
+    qemu_create_backed(&top, "", &base, "qcow2", "64M");
     qemu_io(&top, &["write -P 0x44 1M 1M", "write -c -P 0x55 40M 64k"]);
     let copied = compare_with_qemu(d, &[&top], "qcow2", &[]);
     assert_eq!(copied, 1 << 20, "only the overlay's uncompressed data");
