@@ -163,24 +163,50 @@ pub fn read_l1(st: &Storage, off: u64, entries: u32) -> Result<Vec<u64>> {
     if entries == 0 {
         return Ok(l1);
     }
-    // An entry cut by the end of the file keeps its bytes in the file
-    // (the rest reads as zero), as every reader of a short file sees it.
-    let in_file = st
-        .len()?
+    let in_file = entries_in_file(st.len()?, off, entries);
+    fill_l1(st, off, &mut l1[..in_file])?;
+    Ok(l1)
+}
+
+/// The entries of the L1 table of `entries` entries at `off` that lie in
+/// the file, `file_len` bytes long: a prefix of the table, whose other
+/// entries read as zero and name no L2 table. For walks that only look
+/// for tables: a hostile snapshot's L1 claiming 32 MiB on a small file
+/// costs nothing past the end (and thousands of them no `stat` each).
+pub(crate) fn read_l1_in_file(
+    st: &Storage,
+    file_len: u64,
+    off: u64,
+    entries: u32,
+) -> Result<Vec<u64>> {
+    let mut l1 = vec![0u64; entries_in_file(file_len, off, entries)];
+    fill_l1(st, off, &mut l1)?;
+    Ok(l1)
+}
+
+/// How many of the table's entries start in the file. An entry cut by
+/// the end of the file keeps its bytes in the file (the rest reads as
+/// zero), as every reader of a short file sees it.
+fn entries_in_file(file_len: u64, off: u64, entries: u32) -> usize {
+    file_len
         .saturating_sub(off)
         .min(entries as u64 * 8)
-        .div_ceil(8);
+        .div_ceil(8) as usize
+}
+
+/// Reads `l1.len()` big-endian entries at `off`.
+fn fill_l1(st: &Storage, off: u64, l1: &mut [u64]) -> Result<()> {
     // In bounded pieces: no second buffer of the table's full size.
     const CHUNK: usize = 8192;
-    let mut raw = vec![0u8; CHUNK.min(in_file as usize) * 8];
-    for (i, part) in l1[..in_file as usize].chunks_mut(CHUNK).enumerate() {
+    let mut raw = vec![0u8; CHUNK.min(l1.len()) * 8];
+    for (i, part) in l1.chunks_mut(CHUNK).enumerate() {
         let raw = &mut raw[..part.len() * 8];
         st.read_at(raw, off + (i * CHUNK * 8) as u64)?;
         for (e, c) in part.iter_mut().zip(raw.chunks_exact(8)) {
             *e = u64::from_be_bytes(c.try_into().unwrap());
         }
     }
-    Ok(l1)
+    Ok(())
 }
 
 /// The entries of a table of offsets (an L1 or refcount table) that are
@@ -270,5 +296,17 @@ mod tests {
         assert!(l1[3..].iter().all(|&e| e == 0));
         // Entirely past the end.
         assert!(read_l1(&st, 1 << 20, 10).unwrap().iter().all(|&e| e == 0));
+        // The walkers' prefix: the entries that start in the file.
+        assert_eq!(
+            read_l1_in_file(&st, st.len().unwrap(), 16, 20_000).unwrap(),
+            &l1[..3]
+        );
+        assert_eq!(
+            read_l1_in_file(&st, st.len().unwrap(), 16, 2).unwrap(),
+            &l1[..2]
+        );
+        assert!(read_l1_in_file(&st, st.len().unwrap(), 1 << 20, 10)
+            .unwrap()
+            .is_empty());
     }
 }

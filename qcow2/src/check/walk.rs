@@ -201,7 +201,7 @@ impl Walk<'_> {
     }
 
     /// Counts the L2 tables and data clusters under one L1 table.
-    fn l1(&mut self, st: &Storage, l1: &[u64], active: bool, l2buf: &mut [u8]) -> Result<()> {
+    fn l1(&mut self, st: &Storage, l1: &[u64], active: bool, l2buf: &mut Vec<u8>) -> Result<()> {
         let cs = 1u64 << self.cluster_bits;
         let g = CompressedGeometry::new(self.cluster_bits);
         for (i, e) in crate::l2::nonzero_entries(l1) {
@@ -235,6 +235,9 @@ impl Walk<'_> {
                 }
                 continue;
             }
+            // Made at the first table: most hostile images have none, and
+            // a 2 MiB cluster zeroed for nothing was a tenth of their check.
+            l2buf.resize(cs as usize, 0);
             st.read_at(l2buf, l2off)?;
             // Fragmentation is counted within each L2 table, as QEMU does.
             self.next_contiguous = 0;
@@ -441,10 +444,15 @@ pub(crate) fn walk<'r>(
     w.mark_l2_tables(ctx.l1);
     for s in &snapshots {
         if s.l1_table_offset >> cb < clusters {
-            w.mark_l2_tables(&crate::l2::read_l1(st, s.l1_table_offset, s.l1_size)?);
+            w.mark_l2_tables(&crate::l2::read_l1_in_file(
+                st,
+                w.file_len,
+                s.l1_table_offset,
+                s.l1_size,
+            )?);
         }
     }
-    let mut l2buf = vec![0u8; cs as usize];
+    let mut l2buf = Vec::new();
     w.add(0, cs);
     w.add(ctx.header.l1_table_offset, ctx.l1.len() as u64 * 8);
     if let Some((off, len)) = ctx.header.crypto_area() {
@@ -465,7 +473,7 @@ pub(crate) fn walk<'r>(
         if !w.add(s.l1_table_offset, s.l1_size as u64 * 8) {
             continue;
         }
-        let l1 = crate::l2::read_l1(st, s.l1_table_offset, s.l1_size)?;
+        let l1 = crate::l2::read_l1_in_file(st, w.file_len, s.l1_table_offset, s.l1_size)?;
         w.l1(st, &l1, false, &mut l2buf)?;
     }
     for &(off, len) in &bitmap_refs {
