@@ -4,7 +4,8 @@
 //! units in place; the units, as installed, pass `systemd-analyze
 //! verify`; the installed rimg-vhost-blk, started on a passed listening
 //! socket as systemd starts it, tells READY=1, serves libblkio (two
-//! queues) and stops at SIGTERM with status 0. The package is removed
+//! queues) and stops at SIGTERM with status 0. Its maintainer scripts
+//! reload systemd where it runs, and only there. The package is removed
 //! at the end, leaving none of its files; the test refuses to run where
 //! a package of that name is installed already.
 
@@ -24,14 +25,21 @@ struct Installed {
 }
 
 impl Installed {
-    /// `dpkg -r rimg`, which must succeed and leave none of its files.
+    /// `dpkg --purge rimg`, which must succeed and leave none of its
+    /// files, nor the package's record (its postrm kept after `-r`).
     fn remove(mut self) {
         self.removed = true;
-        ok(run("dpkg", &["-r", "rimg"]), "dpkg -r rimg");
+        ok(run("dpkg", &["--purge", "rimg"]), "dpkg --purge rimg");
         assert!(!Path::new("/usr/bin/rimg").exists(), "/usr/bin/rimg left");
         assert!(
             !Path::new("/usr/lib/systemd/system/rimg-vhost-blk@.service").exists(),
             "a unit left"
+        );
+        let o = run("dpkg-query", &["-W", "rimg"]);
+        assert!(
+            !o.status.success(),
+            "dpkg still knows rimg: {}",
+            String::from_utf8_lossy(&o.stdout)
         );
     }
 }
@@ -40,9 +48,9 @@ impl Drop for Installed {
     fn drop(&mut self) {
         if !self.removed {
             // Also after a dpkg -i that unpacked and failed.
-            let o = run("dpkg", &["-r", "rimg"]);
+            let o = run("dpkg", &["--purge", "rimg"]);
             if !o.status.success() {
-                eprintln!("dpkg -r rimg: {}", String::from_utf8_lossy(&o.stderr));
+                eprintln!("dpkg --purge rimg: {}", String::from_utf8_lossy(&o.stderr));
             }
         }
     }
@@ -58,10 +66,43 @@ fn ok(o: std::process::Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// Runs the installed maintainer script `script` with `arg` as dpkg
+/// does, with a `systemctl` first in PATH that records its arguments,
+/// and returns them (a line per call). With `systemd`, as where systemd
+/// runs: in a private mount namespace whose /run holds systemd/system.
+fn maintainer_script(dir: &Path, script: &str, arg: &str, systemd: bool) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = dir.join("calls");
+    let fake = bin.join("systemctl");
+    std::fs::write(&fake, "#!/bin/sh\necho \"$*\" >> \"$RIMG_CALLS\"\n").unwrap();
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let _ = std::fs::remove_file(&calls);
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run_it = format!("exec /var/lib/dpkg/info/rimg.{script} {arg}");
+    let mut cmd = if systemd {
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--propagation", "private", "sh", "-ec"]);
+        c.arg(format!(
+            "mount -t tmpfs rimg-test /run; mkdir -p /run/systemd/system; {run_it}"
+        ));
+        c
+    } else {
+        let mut c = Command::new("sh");
+        c.args(["-ec", &run_it]);
+        c
+    };
+    cmd.env("PATH", path).env("RIMG_CALLS", &calls);
+    ok(cmd.output().unwrap(), &format!("{script} {arg}"));
+    std::fs::read_to_string(&calls).unwrap_or_default()
+}
+
 #[test]
 fn the_package_installs_verifies_and_serves() {
     ensure_tool("systemd-analyze", "systemd");
     ensure_tool("man", "man-db");
+    ensure_tool("unshare", "util-linux");
     // The test installs and removes the package: never over one the
     // machine has for its own use.
     let o = run("dpkg-query", &["-W", "-f=${Status}", "rimg"]);
@@ -69,7 +110,7 @@ fn the_package_installs_verifies_and_serves() {
     assert!(
         String::from_utf8_lossy(&o.stdout).split_whitespace().last() != Some("installed"),
         "a package named rimg is installed here; this test would replace \
-         and remove it: remove it first (dpkg -r rimg)"
+         and remove it: remove it first (dpkg --purge rimg)"
     );
     let bins = [
         "rimg",
@@ -150,6 +191,28 @@ fn the_package_installs_verifies_and_serves() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(o.status.success() && said.trim().is_empty(), "{said}");
+
+    // The maintainer scripts tell systemd to reread the templates where
+    // systemd runs; here it does not, and dpkg ran them without. Run
+    // again as under systemd, and as without: a daemon-reload each
+    // where systemd runs, nothing elsewhere, and nothing enabled or
+    // started.
+    let scripts = tempdir();
+    for (script, arg) in [
+        ("postinst", "configure"),
+        ("postinst", "abort-upgrade"),
+        ("postrm", "remove"),
+        ("postrm", "purge"),
+    ] {
+        let calls = maintainer_script(scripts.path(), script, arg, true);
+        assert_eq!(calls, "--system daemon-reload\n", "{script} {arg}");
+        let calls = maintainer_script(scripts.path(), script, arg, false);
+        assert_eq!(calls, "", "{script} {arg} without systemd");
+    }
+    for (script, arg) in [("postrm", "upgrade"), ("postinst", "triggered")] {
+        let calls = maintainer_script(scripts.path(), script, arg, true);
+        assert_eq!(calls, "", "{script} {arg}");
+    }
 
     // The installed block daemon, socket-activated, with seccomp (kill
     // mode, its default) and two queues.
