@@ -67,10 +67,16 @@ fn ok(o: std::process::Output, what: &str) -> String {
 }
 
 /// Runs the installed maintainer script `script` with `arg` as dpkg
-/// does, with a `systemctl` first in PATH that records its arguments,
-/// and returns them (a line per call). With `systemd`, as where systemd
-/// runs: in a private mount namespace whose /run holds systemd/system.
-fn maintainer_script(dir: &Path, script: &str, arg: &str, systemd: bool) -> String {
+/// does, with `env` added and a `systemctl` first in PATH that records its arguments,
+/// and returns them (a line per call); in a private mount namespace
+/// whose /run holds systemd/system with `systemd`, as where it runs.
+fn maintainer_script(
+    dir: &Path,
+    script: &str,
+    arg: &str,
+    systemd: bool,
+    env: &[(&str, &str)],
+) -> String {
     use std::os::unix::fs::PermissionsExt;
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -80,20 +86,21 @@ fn maintainer_script(dir: &Path, script: &str, arg: &str, systemd: bool) -> Stri
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
     let _ = std::fs::remove_file(&calls);
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
-    let run_it = format!("exec /var/lib/dpkg/info/rimg.{script} {arg}");
-    let mut cmd = if systemd {
-        let mut c = Command::new("unshare");
-        c.args(["--mount", "--propagation", "private", "sh", "-ec"]);
-        c.arg(format!(
-            "mount -t tmpfs rimg-test /run; mkdir -p /run/systemd/system; {run_it}"
-        ));
-        c
+    // Both in a private mount namespace with a /run of its own, so that
+    // the host's own (systemd or not) does not count.
+    let setup = if systemd {
+        "mkdir -p /run/systemd/system; "
     } else {
-        let mut c = Command::new("sh");
-        c.args(["-ec", &run_it]);
-        c
+        ""
     };
-    cmd.env("PATH", path).env("RIMG_CALLS", &calls);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-ec"]);
+    cmd.arg(format!(
+        "mount -t tmpfs rimg-test /run; {setup}exec /var/lib/dpkg/info/rimg.{script} {arg}"
+    ));
+    cmd.env("PATH", path)
+        .env("RIMG_CALLS", &calls)
+        .envs(env.iter().copied());
     ok(cmd.output().unwrap(), &format!("{script} {arg}"));
     std::fs::read_to_string(&calls).unwrap_or_default()
 }
@@ -193,8 +200,8 @@ fn the_package_installs_verifies_and_serves() {
     assert!(o.status.success() && said.trim().is_empty(), "{said}");
 
     // The maintainer scripts tell systemd to reread the templates where
-    // systemd runs; here it does not, and dpkg ran them without. Run
-    // again as under systemd, and as without: a daemon-reload each
+    // systemd runs (dpkg ran them already, on whatever this host is).
+    // Run again as under systemd and as without: a daemon-reload each
     // where systemd runs, nothing elsewhere, and nothing enabled or
     // started.
     let scripts = tempdir();
@@ -204,13 +211,17 @@ fn the_package_installs_verifies_and_serves() {
         ("postrm", "remove"),
         ("postrm", "purge"),
     ] {
-        let calls = maintainer_script(scripts.path(), script, arg, true);
+        let calls = maintainer_script(scripts.path(), script, arg, true, &[]);
         assert_eq!(calls, "--system daemon-reload\n", "{script} {arg}");
-        let calls = maintainer_script(scripts.path(), script, arg, false);
+        let calls = maintainer_script(scripts.path(), script, arg, false, &[]);
         assert_eq!(calls, "", "{script} {arg} without systemd");
+        // Installing into another root: not this system's systemd.
+        let other = [("DPKG_ROOT", "/srv/chroot")];
+        let calls = maintainer_script(scripts.path(), script, arg, true, &other);
+        assert_eq!(calls, "", "{script} {arg} with DPKG_ROOT");
     }
     for (script, arg) in [("postrm", "upgrade"), ("postinst", "triggered")] {
-        let calls = maintainer_script(scripts.path(), script, arg, true);
+        let calls = maintainer_script(scripts.path(), script, arg, true, &[]);
         assert_eq!(calls, "", "{script} {arg}");
     }
 
