@@ -233,14 +233,17 @@ impl<'a> Forward<'a> {
             bytes.resize(len, 0);
             self.st.read_at(&mut bytes, off)?;
         } else {
-            let mut piece = [0u8; Self::WINDOW as usize];
+            // Straight into `bytes`, a window's worth at a time: no
+            // buffer zeroed per name (twice per entry of a table that may
+            // hold 65536, mostly empty).
             let mut done = 0;
             while done < len && !self.zeros_at(off + done as u64, len - done) {
-                let n = (len - done).min(piece.len());
-                self.read(&mut piece[..n], off + done as u64)?;
-                bytes.extend_from_slice(&piece[..n]);
+                let n = (len - done).min(Self::WINDOW as usize);
+                bytes.resize(done + n, 0);
+                self.read(&mut bytes[done..], off + done as u64)?;
+                let nul = bytes[done..].contains(&0);
                 done += n;
-                if piece[..n].contains(&0) {
+                if nul {
                     break;
                 }
             }
