@@ -12,6 +12,7 @@ pub mod edit;
 pub mod limits;
 mod read;
 pub mod track;
+mod words;
 
 pub use limits::*;
 

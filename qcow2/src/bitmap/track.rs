@@ -16,7 +16,7 @@
 //! Bitmaps found `in_use` (inconsistent) stay on disk as found: they can
 //! only be removed ([`super::edit`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use super::{encode_directory, entry, flags, BitmapError, BitmapsExt, DirEntry};
@@ -29,78 +29,7 @@ use crate::storage::Storage;
 
 use super::read::{bad, loadable_table, table_ranges};
 pub use super::read::{read_directory, read_table, references, validate, Referenced};
-
-/// Bits of one bitmap in memory: bit k (LSB first, as the on-disk data)
-/// is the k-th granule.
-pub(crate) struct Words {
-    pub(crate) words: Vec<AtomicU64>,
-    /// Number of granules.
-    pub(crate) bits: u64,
-}
-
-/// `n` zeroed words, allocated zeroed (calloc): the pages of a large
-/// bitmap are mapped only as bits are set in them, so a bitmap over a
-/// huge disk costs the memory of its set bits, not of its size.
-fn zeroed_words(n: usize) -> Vec<AtomicU64> {
-    if n == 0 {
-        return Vec::new();
-    }
-    let layout = std::alloc::Layout::array::<AtomicU64>(n).expect("bitmap size");
-    // SAFETY: the layout is not zero-sized (n > 0). All-zero bytes are a
-    // valid AtomicU64 (it has u64's size and bit validity). The pointer
-    // comes from the global allocator with exactly this layout (size
-    // n * 8, AtomicU64's alignment), so a Vec of length and capacity n
-    // may own it and free it with the same layout.
-    unsafe {
-        let p = std::alloc::alloc_zeroed(layout).cast::<AtomicU64>();
-        if p.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Vec::from_raw_parts(p, n, n)
-    }
-}
-
-impl Words {
-    pub(crate) fn zeroed(bits: u64) -> Words {
-        Words {
-            words: zeroed_words(bits.div_ceil(64) as usize),
-            bits,
-        }
-    }
-
-    /// Sets granules [first, last].
-    pub(crate) fn set(&self, first: u64, last: u64) {
-        let last = last.min(self.bits.saturating_sub(1));
-        if first > last || self.bits == 0 {
-            return;
-        }
-        let (w0, w1) = ((first / 64) as usize, (last / 64) as usize);
-        for (w, word) in self.words.iter().enumerate().take(w1 + 1).skip(w0) {
-            let lo = if w == w0 { first % 64 } else { 0 };
-            let hi = if w == w1 { last % 64 } else { 63 };
-            let mask = (u64::MAX >> (63 - hi)) & (u64::MAX << lo);
-            word.fetch_or(mask, Ordering::Relaxed);
-        }
-    }
-
-    /// A copy of the current bits.
-    pub(crate) fn snapshot(&self) -> Words {
-        Words {
-            words: self
-                .words
-                .iter()
-                .map(|w| AtomicU64::new(w.load(Ordering::Relaxed)))
-                .collect(),
-            bits: self.bits,
-        }
-    }
-
-    /// Clears every bit: fresh zeroed words (writing zeros would map
-    /// every page of the bitmap).
-    pub(crate) fn clear(&mut self) {
-        self.words = zeroed_words(self.words.len());
-    }
-}
+pub(crate) use super::words::Words;
 
 /// A directory entry to store, with the bits and old table of a loaded
 /// bitmap.
@@ -199,7 +128,7 @@ pub(crate) fn load_words(
     size: u64,
 ) -> Result<Words> {
     let bits = size.div_ceil(d.granularity());
-    let mut words = vec![0u64; bits.div_ceil(64) as usize];
+    let words = Words::zeroed(bits);
     let bytes = bits.div_ceil(8);
     let mut buf = vec![0u8; cs as usize];
     for (i, &e) in table.iter().enumerate() {
@@ -217,21 +146,18 @@ pub(crate) fn load_words(
         } else {
             continue;
         }
-        for (k, &byte) in buf[..n].iter().enumerate() {
-            let j = start as usize + k;
-            words[j / 8] |= (byte as u64) << ((j % 8) * 8);
+        // A cluster holds whole words (its size is a multiple of 8);
+        // bytes past the bitmap's end are dropped (padding).
+        buf[n..].fill(0);
+        let first = (start / 8) as usize;
+        for (k, b) in buf.chunks_exact(8).enumerate() {
+            words.or_word(
+                first + k,
+                u64::from_le_bytes(b.try_into().expect("8 bytes")),
+            );
         }
     }
-    // Bits past the disk's end are padding.
-    if !bits.is_multiple_of(64) {
-        if let Some(w) = words.last_mut() {
-            *w &= (1u64 << (bits % 64)) - 1;
-        }
-    }
-    Ok(Words {
-        words: words.into_iter().map(AtomicU64::new).collect(),
-        bits,
-    })
+    Ok(words)
 }
 
 /// Allocates clusters for `data`, writes it there and returns the
@@ -541,21 +467,7 @@ impl Tracker {
         for b in &mut s.bitmaps {
             if let Content::Loaded { words, .. } = &mut b.content {
                 let bits = new_size.div_ceil(b.entry.granularity());
-                let mut v: Vec<u64> = words
-                    .words
-                    .iter()
-                    .map(|w| w.load(Ordering::Relaxed))
-                    .collect();
-                v.resize(bits.div_ceil(64) as usize, 0);
-                if !bits.is_multiple_of(64) {
-                    if let Some(w) = v.last_mut() {
-                        *w &= (1u64 << (bits % 64)) - 1;
-                    }
-                }
-                *words = Words {
-                    words: v.into_iter().map(AtomicU64::new).collect(),
-                    bits,
-                };
+                *words = words.copy_resized(bits);
             }
         }
     }
@@ -565,7 +477,7 @@ impl Tracker {
 /// clusters are left out, whole all-one clusters are flagged.
 fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
     let cs = q.cluster_size() as usize;
-    let bytes = w.bits.div_ceil(8) as usize;
+    let bytes = w.bits().div_ceil(8) as usize;
     // One cluster of the bitmap at a time: a huge bitmap is not copied
     // again as bytes (it may be hundreds of MiB).
     let mut chunk = vec![0u8; cs];
@@ -573,15 +485,16 @@ fn store_data(q: &Qcow2, w: &Words) -> Result<Vec<u64>> {
     for start in (0..bytes).step_by(cs) {
         let len = (bytes - start).min(cs);
         // Words are whole multiples of 8 bytes; a cluster holds whole words.
-        let words = &w.words[start / 8..(start + len).div_ceil(8)];
-        // Most of a bitmap is usually clear: skip those clusters before
-        // any copy (an OR of the words, without a branch per word).
-        if words.iter().fold(0, |a, x| a | x.load(Ordering::Relaxed)) == 0 {
+        let (w0, w1) = (start / 8, (start + len).div_ceil(8));
+        // Most of a bitmap is usually clear: such clusters are skipped
+        // by the summary, without reading (or mapping) their words.
+        if !w.may_be_set(w0, w1) {
             table.push(0);
             continue;
         }
-        for (k, x) in words.iter().enumerate() {
-            chunk[k * 8..k * 8 + 8].copy_from_slice(&x.load(Ordering::Relaxed).to_le_bytes());
+        for k in w0..w1 {
+            let at = (k - w0) * 8;
+            chunk[at..at + 8].copy_from_slice(&w.word(k).to_le_bytes());
         }
         // The last cluster is padded with zeros, as QEMU writes it:
         // readers load whole 64-bit words, so bits past the disk's end
