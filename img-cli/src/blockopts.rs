@@ -749,9 +749,14 @@ pub fn open_image(
     Ok(img)
 }
 
-/// Prints the lines of the repair a dirty image had as it was opened for
-/// writing, on stderr as qemu-img's driver prints them.
+/// Prints what opening an image for writing says on stderr, as
+/// qemu-img's drivers print it: the probed-raw warning, the lines of the
+/// repair a dirty image had.
 pub fn print_open_messages(img: &dyn qcow2::Image) {
+    // QEMU's raw driver warns at every writable open of a probed raw.
+    if img.guards_first_sector() {
+        eprintln!("{}", qcow2::raw::probed_warning(img.path()));
+    }
     if let Some(q) = img.as_qcow2() {
         for line in q.take_open_messages().unwrap_or_default() {
             eprintln!("{line}");

@@ -177,6 +177,9 @@ fn open(spec: Spec, cache_size: Option<u64>) -> Result<Export, String> {
         },
     )
     .map_err(|e| format!("{}: {e}", spec.file.display()))?;
+    if img.guards_first_sector() {
+        eprintln!("{}", qcow2::raw::probed_warning(&spec.file));
+    }
     let file = spec.file.display().to_string();
     let mut e = Export::new(
         spec.name,

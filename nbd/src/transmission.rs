@@ -47,7 +47,7 @@ impl From<qcow2::Error> for Failure {
     fn from(e: qcow2::Error) -> Failure {
         use qcow2::Error as E;
         let errno = match &e {
-            E::ReadOnly | E::ReadOnlyFormat(_) => errno::EPERM,
+            E::ReadOnly | E::ReadOnlyFormat(_) | E::FirstSectorFormat => errno::EPERM,
             E::OutOfRange { .. } | E::InvalidArgument(_) => errno::EINVAL,
             E::NotSupportedByFormat(_) => errno::ENOTSUP,
             E::Io { source, .. }

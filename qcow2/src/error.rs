@@ -117,6 +117,13 @@ pub enum Error {
     /// operation bitmaps forbid (QEMU's wording).
     #[error("{0}")]
     Bitmap(crate::bitmap::limits::BitmapError),
+    /// A write to the first sector of a raw image whose format was
+    /// probed would make it probe as another format (QEMU's EPERM).
+    #[error(
+        "Operation not permitted: the first sector of a raw image whose format was \
+         probed may not look like another format (give the format explicitly)"
+    )]
+    FirstSectorFormat,
     /// The header's L1 table cannot map the whole virtual size.
     #[error("L1 table is too small")]
     L1TooSmall { entries: u32, size: u64 },

@@ -216,6 +216,17 @@ pub trait Image: Send + Sync + std::fmt::Debug {
         true
     }
 
+    /// A raw image whose format was probed, open for writing (QEMU's
+    /// probed raw): a write that would make its first 512 bytes look
+    /// like another format is refused, so that the next probe cannot
+    /// open it as one (with a backing file its writer chose). Writes
+    /// there must come through [`write_at`](Self::write_at), where the
+    /// bytes are checked (the split data path refuses them), and
+    /// requests are best 512-byte aligned, as QEMU aligns them.
+    fn guards_first_sector(&self) -> bool {
+        false
+    }
+
     /// The unit in which the format allocates guest data; None when it
     /// maps every guest byte to the same file offset (raw).
     fn cluster_size(&self) -> Option<u64> {

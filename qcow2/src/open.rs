@@ -141,12 +141,13 @@ fn open_at_depth(
     if let (0, Some(f)) = (depth, &opts.faults) {
         st.set_faults(f.clone());
     }
+    let probed = format.is_none();
     let format = match format {
         Some(f) => f,
         None => probe_storage(&st)?,
     };
     match format {
-        Format::Raw => Ok(Arc::new(Raw::open(st)?)),
+        Format::Raw => Ok(Arc::new(Raw::open_as(st, probed)?)),
         // No backing files: QEMU refuses VDI images that have a parent.
         Format::Vdi => Ok(Arc::new(crate::foreign::vdi::open(st)?)),
         // No backing files either: QEMU reads a differencing VHD as a

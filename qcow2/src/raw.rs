@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::datapath::{check_write_len, Fence, Mapping, PendingWrite, WriteEnd};
 use crate::error::{Error, Result};
@@ -11,22 +11,82 @@ use crate::storage::Storage;
 use crate::sync::AllocWaker;
 use crate::units::{GuestOffset, HostOffset};
 
+/// What QEMU's raw driver prints (stderr) when it opens a probed raw
+/// image for writing; for `path` as given.
+pub fn probed_warning(path: &Path) -> String {
+    format!(
+        "WARNING: Image format was not specified for '{}' and probing guessed raw.\n         \
+         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n         \
+         Specify the 'raw' format explicitly to remove the restrictions.",
+        path.display()
+    )
+}
+
+/// The bytes a probe reads, guarded in a probed raw image.
+const FIRST_SECTOR: u64 = crate::foreign::probe::PROBE_LEN as u64;
+
 #[derive(Debug)]
 pub struct Raw {
     st: Storage,
     size: AtomicU64,
     /// Where abandoned writes may still land: no change goes there.
     fence: Fence,
+    /// Some: the format was probed, not given, and the image is
+    /// writable. Changes to the first sector then take this lock, and a
+    /// write that would make it look like another format is refused.
+    first_sector: Option<Mutex<()>>,
 }
 
 impl Raw {
+    /// Opens a raw image whose format was given.
     pub fn open(st: Storage) -> Result<Raw> {
+        Self::open_as(st, false)
+    }
+
+    /// Opens a raw image; `probed`: its format was guessed from its
+    /// content (QEMU's `bs->probed`), so that its first sector must
+    /// keep probing as raw (see [`Image::guards_first_sector`]).
+    pub fn open_as(st: Storage, probed: bool) -> Result<Raw> {
         let size = st.len()?;
+        let first_sector = (probed && st.writable()).then(|| Mutex::new(()));
         Ok(Raw {
             st,
             size: AtomicU64::new(size),
             fence: Fence::default(),
+            first_sector,
         })
+    }
+
+    /// The lock on the first sector, if guarded and [off, off + len)
+    /// touches it.
+    fn first_sector_lock(&self, off: u64) -> Option<std::sync::MutexGuard<'_, ()>> {
+        let lock = self.first_sector.as_ref().filter(|_| off < FIRST_SECTOR)?;
+        Some(lock.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// A write touching the first sector of a guarded image: the sector
+    /// as it would become is checked, from a private copy that is then
+    /// what gets written (the caller's buffer may be guest memory that
+    /// changes meanwhile, as QEMU's raw driver reasons).
+    fn write_first_sector(&self, buf: &[u8], off: u64) -> Result<()> {
+        let _held = self.first_sector_lock(off);
+        let in_file = FIRST_SECTOR.min(self.size()) as usize;
+        let (start, end) = (off as usize, in_file.min(off as usize + buf.len()));
+        // Past the end of a short file: zeros, as a probe reads them.
+        let mut sector = [0u8; FIRST_SECTOR as usize];
+        if start > 0 || end < in_file {
+            self.st.read_at(&mut sector[..in_file], 0)?;
+        }
+        sector[start..end].copy_from_slice(&buf[..end - start]);
+        if crate::foreign::probe::claimed_by_a_format(&sector) {
+            return Err(Error::FirstSectorFormat);
+        }
+        self.st.debug_event("write_aio");
+        self.st.write_at(&sector[start..end], off)?;
+        if buf.len() > end - start {
+            self.st.write_at(&buf[end - start..], end as u64)?;
+        }
+        Ok(())
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
@@ -73,11 +133,17 @@ impl Image for Raw {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> Result<()> {
         self.check_change(off, buf.len() as u64)?;
+        if self.guards_first_sector() && off < FIRST_SECTOR {
+            return self.write_first_sector(buf, off);
+        }
         self.st.debug_event("write_aio");
         self.st.write_at(buf, off)
     }
+    // Zeros claim no format: only the lock, so that a checked write's
+    // view of the sector holds until it is written.
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_change(off, len)?;
+        let _held = self.first_sector_lock(off);
         if unmap {
             self.st.punch_hole(off, len)
         } else {
@@ -86,7 +152,11 @@ impl Image for Raw {
     }
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_change(off, len)?;
+        let _held = self.first_sector_lock(off);
         self.st.punch_hole(off, len)
+    }
+    fn guards_first_sector(&self) -> bool {
+        self.first_sector.is_some()
     }
     fn flush(&self) -> Result<()> {
         self.st.sync()
@@ -152,6 +222,12 @@ impl Image for Raw {
     fn begin_write(self: Arc<Self>, off: u64, len: usize) -> Result<PendingWrite> {
         check_write_len(len)?;
         self.check_change(off, len as u64)?;
+        // The caller would write bytes the engine never sees.
+        if self.guards_first_sector() && off < FIRST_SECTOR {
+            return Err(Error::InvalidArgument(
+                "a write to the first sector of a probed raw image goes through write_at".into(),
+            ));
+        }
         let host = HostOffset::identity(GuestOffset(off));
         Ok(PendingWrite::new(
             host,

@@ -59,6 +59,26 @@ impl QemuNbd {
     /// `qemu-nbd --fork -t -e 0 -k SOCKET ARGS...` (ARGS end with the
     /// image).
     pub fn start(socket: &Path, args: &[&str]) -> QemuNbd {
+        let (q, status, err) = Self::spawn(socket, args);
+        assert!(status.success(), "qemu-nbd {args:?}: {err}");
+        q
+    }
+
+    /// As [`start`](Self::start), for a server that warns as it starts
+    /// (a probed raw image): `qemu-nbd --fork` then exits 1 though its
+    /// server runs, as any message of the child counts as a failure
+    /// there. Returns what it printed; the server must have written its
+    /// pid file and be running.
+    pub fn start_warning(socket: &Path, args: &[&str]) -> (QemuNbd, String) {
+        let (q, _, err) = Self::spawn(socket, args);
+        assert!(
+            Path::new(&format!("/proc/{}", q.pid)).exists(),
+            "qemu-nbd {args:?} is not running: {err}"
+        );
+        (q, err)
+    }
+
+    fn spawn(socket: &Path, args: &[&str]) -> (QemuNbd, std::process::ExitStatus, String) {
         let pidfile = socket.with_extension("pid");
         let o = Command::new("qemu-nbd")
             .arg("--fork")
@@ -69,16 +89,14 @@ impl QemuNbd {
             .args(args)
             .output()
             .expect("qemu-nbd");
-        assert!(
-            o.status.success(),
-            "qemu-nbd {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let pid = std::fs::read_to_string(&pidfile).expect("qemu-nbd pid file");
-        QemuNbd {
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        let pid = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("qemu-nbd {args:?}: no pid file ({e}): {err}"));
+        let q = QemuNbd {
             pid: pid.trim().parse().expect("pid"),
             socket: socket.to_path_buf(),
-        }
+        };
+        (q, o.status, err)
     }
 }
 

@@ -26,8 +26,10 @@ struct Args {
     /// Disk image to serve (backing files are opened read-only)
     #[arg(long, value_name = "FILE")]
     image: PathBuf,
-    /// Image format; probed from the file when absent (as qcow2 or raw:
-    /// a LUKS volume is served decrypted only when `luks` is given)
+    /// Image format; probed from the file when absent (a LUKS volume
+    /// then needs --key-file; a raw image's first sector may not be
+    /// written to look like another format, as QEMU guards probed raw
+    /// images)
     #[arg(long, value_name = "qcow2|raw|luks")]
     format: Option<String>,
     /// Password of an encrypted image (qcow2 with encryption, or luks):

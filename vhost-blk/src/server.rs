@@ -73,10 +73,10 @@ fn served_format(image: &Path, given: Option<Format>) -> qcow2::Result<Format> {
     if let Some(f) = given {
         return Ok(f);
     }
-    Ok(match qcow2::probe(image)? {
-        Format::Qcow2 => Format::Qcow2,
-        _ => Format::Raw,
-    })
+    // As probed: a LUKS volume then needs its key, and a foreign image
+    // is served as what it is (read-only), never as raw bytes its guest
+    // could rewrite into a header naming other files.
+    qcow2::probe(image)
 }
 
 /// What the image served as `format` is encrypted with, when it cannot be
@@ -164,16 +164,21 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     }
     // Moved, not copied: the engine keeps what it needs of it.
     qopts.encrypt_key = cfg.key.take();
+    // The format as given: a probed raw image has its first sector
+    // guarded by the engine (see `Image::guards_first_sector`).
     let img: Arc<dyn Image> = qcow2::open(
         &cfg.image,
         &OpenOptions {
             writable: !cfg.readonly,
-            format: Some(format),
+            format: cfg.format,
             qcow2: qopts,
             ..Default::default()
         },
     )
     .map_err(|e| Error::Image(cfg.image.clone(), e))?;
+    if img.guards_first_sector() {
+        warn!("{}", qcow2::raw::probed_warning(&cfg.image));
+    }
     // A daemon killed before leaves its image dirty; the open repaired it.
     if let Some(q) = img.as_qcow2() {
         if let Some(lines) = q.take_open_messages() {

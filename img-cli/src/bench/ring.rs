@@ -281,6 +281,16 @@ impl Bench<'_> {
             let s = &self.slots[i];
             (s.off + s.done as u64, self.size - s.done)
         };
+        // The first sector of a probed raw image is written by the
+        // engine, which checks it (its split path refuses it).
+        if self.write && pos < 512 && self.img.guards_first_sector() {
+            let at = i * self.size + self.slots[i].done;
+            self.img
+                .write_at(&self.buf[at..at + rest], pos)
+                .map_err(failed)?;
+            self.slots[i].seg_len = rest;
+            return self.finish_sync(i);
+        }
         let (host, len) = if self.write {
             // The only allocations this single thread can wait for are its
             // own requests in the ring: their completions retry it.

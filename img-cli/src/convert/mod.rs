@@ -415,7 +415,8 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
         progress_data: shown != Target::Off,
         limit,
         turn: (in_turn && workers > 1).then(Turn::default),
-        split_writes: target.data_in_clear(),
+        // A probed raw target's first sector is checked by the engine.
+        split_writes: target.data_in_clear() && !target.guards_first_sector(),
         // Copies into a target with a backing file would not compare
         // with it (see `copy`): only onto what needs all the data, and a
         // file the kernel may copy into (not NBD, not under blkdebug).
@@ -423,6 +424,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             a.copy_offload
                 && !compress
                 && target.data_in_clear()
+                && !target.guards_first_sector()
                 && target.backing().is_none()
                 && target.data_storage().file().is_some()
                 && !target.data_storage().has_faults(),

@@ -3,11 +3,35 @@
 
 use crate::image::Format;
 
-/// Bytes of the file the probes look at, enough for every format's
-/// header. A shorter file is zero-padded, as in QEMU's fixed-size probe
+/// Bytes of the file the probes look at: QEMU's probe buffer
+/// (BLOCK_PROBE_BUF_SIZE), so that a signature further on is not seen
+/// here either. A shorter file is zero-padded, as in that fixed-size
 /// buffer: a 100-byte file with the VDI signature probes as VDI there
 /// too (and fails to open).
-pub const PROBE_LEN: usize = 2048;
+pub const PROBE_LEN: usize = 512;
+
+/// Whether some QEMU format driver other than raw would claim a file
+/// whose first [`PROBE_LEN`] bytes are `first` (QEMU's bdrv_probe_all):
+/// the formats rimg reads, and QEMU's others (qcow version 1, QED,
+/// Bochs, cloop, Parallels) by their magic. What the first sector of a
+/// raw image whose format was probed may never become: the next probe
+/// would open it as that format, with whatever backing file or extents
+/// its writer named (QEMU's raw driver refuses such writes).
+pub fn claimed_by_a_format(first: &[u8]) -> bool {
+    let starts = |magic: &[u8]| first.starts_with(magic);
+    starts(&crate::header::MAGIC.to_be_bytes())
+        || crate::luks_image::is_luks(first)
+        || probe(first).is_some()
+        // QED (QED_MAGIC, little-endian), Parallels (either signature).
+        || starts(b"QED\0")
+        || starts(b"WithoutFreeSpace")
+        || starts(b"WithouFreSpacExt")
+        // Bochs: the magic string, NUL-terminated, in its 32-byte field.
+        || starts(b"Bochs Virtual HD Image\0")
+        // cloop: a prefix of its script header claims the file (the
+        // whole header is longer than anything written at once here).
+        || starts(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0")
+}
 
 /// The foreign format whose signature `first` (the first [`PROBE_LEN`]
 /// bytes of the file, zero-padded) carries, if any.
@@ -40,6 +64,41 @@ pub fn probe(first: &[u8]) -> Option<Format> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_qemu_format_claims_its_magic() {
+        let sector = |magic: &[u8], at: usize| {
+            let mut b = vec![0u8; PROBE_LEN];
+            b[at..at + magic.len()].copy_from_slice(magic);
+            b
+        };
+        assert!(!claimed_by_a_format(&[0u8; PROBE_LEN]));
+        assert!(!claimed_by_a_format(b"an MBR or anything else"));
+        for m in [
+            &b"QFI\xfb\0\0\0\x01"[..],
+            b"QFI\xfb\0\0\0\x03",
+            b"LUKS\xba\xbe",
+            b"QED\0",
+            b"WithoutFreeSpace",
+            b"WithouFreSpacExt",
+            b"Bochs Virtual HD Image\0",
+            b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount",
+            b"vhdxfile",
+            b"conectix",
+            b"KDMV",
+            b"# Disk DescriptorFile\nversion=1\n",
+        ] {
+            assert!(claimed_by_a_format(&sector(m, 0)), "{m:?}");
+            // One byte off is no longer that format.
+            let mut b = sector(m, 0);
+            b[0] ^= 0x20;
+            assert!(!claimed_by_a_format(&b), "{m:?} altered");
+        }
+        assert!(claimed_by_a_format(&sector(
+            &0xbeda_107fu32.to_le_bytes(),
+            0x40
+        )));
+    }
 
     #[test]
     fn vdi_signature_at_0x40() {
@@ -76,7 +135,7 @@ mod tests {
 
     #[test]
     fn vpc_cookie_at_0_only() {
-        let mut b = vec![0u8; PROBE_LEN];
+        let mut b = vec![0u8; 1024];
         b[512..520].copy_from_slice(b"conectix");
         assert_eq!(probe(&b), None);
         b[..8].copy_from_slice(b"conectix");

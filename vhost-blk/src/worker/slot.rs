@@ -82,6 +82,11 @@ impl Worker {
         slot.parked = false;
         slot.ops.clear();
         match slot.req.kind.expect("parsed") {
+            // The first sector of a probed raw image is written by the
+            // engine, which checks it (its split path refuses it).
+            Kind::Out if slot.req.offset < 512 && self.img.guards_first_sector() => {
+                self.engine_rw(idx)
+            }
             Kind::In | Kind::Out if self.data_in_clear => {
                 slot.epoch = Some(self.img.io_epoch());
                 self.plan(idx)
