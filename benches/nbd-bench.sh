@@ -53,7 +53,7 @@ qemu-io -f raw -c "write -P 0x5a 0 $SIZE" "$RAW" >/dev/null
 SOCK=$W/nbd.sock
 
 start_rimg() {
-  "$RIMG" -t -e 0 -k "$SOCK" -f qcow2 "$IMG" 2>"$W/rimg.log" &
+  RUST_LOG=info "$RIMG" -t -e 0 -k "$SOCK" -f qcow2 "$IMG" 2>"$W/rimg.log" &
   SERVER=$!
   while ! grep -q serving "$W/rimg.log"; do
     kill -0 "$SERVER" || { cat "$W/rimg.log"; exit 1; }

@@ -95,6 +95,10 @@ struct Args {
     /// Write the server's process id to PATH, locked while it runs
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// Accepted as qemu-nbd's -v, which adds messages only to modes
+    /// rimg-nbd has not (-c); warnings and errors go to stderr anyway
+    #[arg(short = 'v', long)]
+    _verbose: bool,
     #[command(flatten)]
     user: UserArg,
     #[command(flatten)]

@@ -11,9 +11,17 @@ use crate::daemon::DaemonProcess;
 /// A running `rimg-nbd`.
 pub type Server = DaemonProcess;
 
+/// `rimg-nbd` logging its "serving" line (info level: silent by
+/// default, as qemu-nbd).
+pub fn command() -> Command {
+    let mut cmd = Command::new(crate::workspace_bin("rimg-nbd"));
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
 /// Starts `rimg-nbd` with `args` and waits for its "serving" line.
 pub fn start(socket: &Path, args: &[&str]) -> Server {
-    let mut cmd = Command::new(crate::workspace_bin("rimg-nbd"));
+    let mut cmd = command();
     cmd.args(args);
     DaemonProcess::spawn(cmd, socket).unwrap_or_else(|e| panic!("rimg-nbd {args:?}: {e}"))
 }

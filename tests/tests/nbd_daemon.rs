@@ -166,7 +166,8 @@ fn a_descriptor_limit_turns_clients_away_without_spinning() {
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let sock = d.path().join("nbd.sock");
     let mut cmd = Command::new("prlimit");
-    cmd.arg("--nofile=24")
+    cmd.env("RUST_LOG", "info")
+        .arg("--nofile=24")
         .arg(rimg_tests::workspace_bin("rimg-nbd"))
         .args(["-k", s(&sock), "-t", "-e", "0", "-f", "raw", s(&img)]);
     let srv = DaemonProcess::spawn(cmd, &sock).unwrap();
@@ -211,7 +212,8 @@ fn socket_activation() {
         .map(std::ffi::OsStr::new)
         .chain([img.as_os_str()])
         .collect();
-    let cmd = rimg_tests::daemon::socket_activated(&bin, &args, &listener);
+    let mut cmd = rimg_tests::daemon::socket_activated(&bin, &args, &listener);
+    cmd.env("RUST_LOG", "info");
     let srv = DaemonProcess::spawn(cmd, &sock).unwrap();
     drop(listener);
     reads_back(&sock);
@@ -231,7 +233,8 @@ fn ended(pid: i32) -> bool {
 }
 
 /// qemu-nbd's `--fork` and `--pid-file`: the command returns once the
-/// server serves (its "serving" line on the command's stderr, and its
+/// server serves (its "serving" line, logged at info level, on the
+/// command's stderr, and nothing there by default, as qemu-nbd; its
 /// streams let go, so that reading the command's output to the end
 /// returns), with the filter on in every thread; the pid file names the
 /// server and stays locked (a second server given it fails), a server
@@ -247,7 +250,11 @@ fn fork_returns_once_serving_and_locks_its_pid_file() {
     let pidfile = d.path().join("nbd.pid");
     let bin = rimg_tests::workspace_bin("rimg-nbd");
     let run = |args: &[&str]| {
-        let o = Command::new(&bin).args(args).output().unwrap();
+        let o = Command::new(&bin)
+            .env("RUST_LOG", "info")
+            .args(args)
+            .output()
+            .unwrap();
         (
             o.status.code(),
             String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -288,6 +295,29 @@ fn fork_returns_once_serving_and_locks_its_pid_file() {
     ]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("Cannot lock pid file"), "{err}");
+    // By default nothing on stderr, as qemu-nbd (scripts compare it).
+    let quiet = (d.path().join("quiet.raw"), d.path().join("quiet.pid"));
+    std::fs::write(&quiet.0, vec![0x42u8; 1 << 20]).unwrap();
+    let o = Command::new(&bin)
+        .env_remove("RUST_LOG")
+        .args(["--fork", "--pid-file", s(&quiet.1), "-t", "-k", s(&other)])
+        .args(["-f", "raw", s(&quiet.0)])
+        .output()
+        .unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "{o:?}");
+    let quiet_pid: i32 = std::fs::read_to_string(&quiet.1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    reads_back(&other);
+    // SAFETY: kill(2) on the pid the server wrote for itself.
+    assert_eq!(unsafe { libc::kill(quiet_pid, libc::SIGTERM) }, 0);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !ended(quiet_pid) {
+        assert!(Instant::now() < end, "the quiet server outlived SIGTERM");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let missing = d.path().join("missing.raw");
     let (code, err) = run(&["--fork", "-k", s(&other), s(&missing)]);
     assert_eq!(code, Some(1), "{err}");

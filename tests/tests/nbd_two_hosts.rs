@@ -67,19 +67,20 @@ fn a_guest_boots_an_overlay_backed_by_a_golden_image_on_another_host() {
 
     // The storage host: the golden image, read-only, many clients.
     let mut cmd = storage.command(workspace_bin("rimg-nbd"));
-    cmd.args([
-        "-b",
-        "10.77.0.1",
-        "-p",
-        "10809",
-        "-t",
-        "-e",
-        "0",
-        "-r",
-        "-x",
-        "golden",
-    ])
-    .arg(&golden);
+    cmd.env("RUST_LOG", "info")
+        .args([
+            "-b",
+            "10.77.0.1",
+            "-p",
+            "10809",
+            "-t",
+            "-e",
+            "0",
+            "-r",
+            "-x",
+            "golden",
+        ])
+        .arg(&golden);
     let nbd = DaemonProcess::spawn(cmd, &golden).unwrap_or_else(|e| panic!("rimg-nbd: {e}"));
 
     // The compute host: an overlay on the NBD URL (created without
