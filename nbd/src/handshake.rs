@@ -275,7 +275,12 @@ impl<'a> State<'a> {
                 if r.items.contains(&info::DESCRIPTION) && !e.description.is_empty() {
                     out.info_string(o, info::DESCRIPTION, &e.description);
                 }
-                let (min, pref, max) = BLOCK_SIZE;
+                let (mut min, pref, max) = BLOCK_SIZE;
+                // A probed raw image takes whole sectors, as QEMU's
+                // (its first sector is checked whole).
+                if e.image.guards_first_sector() {
+                    min = 512;
+                }
                 out.info_block_size(o, min, pref, max);
                 out.ack(o);
                 if o == opt::GO {

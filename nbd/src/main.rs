@@ -95,6 +95,10 @@ struct Args {
     /// Write the server's process id to PATH, locked while it runs
     #[arg(long, value_name = "PATH")]
     pid_file: Option<PathBuf>,
+    /// List the exports of the server at -k SOCKET (or -b ADDR -p PORT)
+    /// and exit, as qemu-nbd's --list prints them
+    #[arg(short = 'L', long, conflicts_with_all = ["file", "exports", "fork", "pid_file"])]
+    list: bool,
     /// Accepted as qemu-nbd's -v, which adds messages only to modes
     /// rimg-nbd has not (-c); warnings and errors go to stderr anyway
     #[arg(short = 'v', long)]
@@ -199,7 +203,81 @@ fn open(spec: Spec, cache_size: Option<u64>) -> Result<Export, String> {
     Ok(e)
 }
 
+/// qemu-nbd's names of the transmission flags, by bit.
+const FLAG_NAMES: [&str; 13] = [
+    "",
+    "readonly",
+    "flush",
+    "fua",
+    "rotational",
+    "trim",
+    "zeroes",
+    "df",
+    "multi",
+    "resize",
+    "cache",
+    "fast-zero",
+    "block-status-payload",
+];
+
+/// `--list`: the server's exports, in qemu-nbd's words and layout.
+fn list(a: &Args) -> Result<(), String> {
+    use qcow2::nbd::uri::Server;
+    if a.tls_creds.is_some() {
+        return Err("--list over TLS is not supported yet".into());
+    }
+    let (server, shown) = match &a.socket {
+        Some(p) => (Server::Unix(p.clone()), p.display().to_string()),
+        None => (
+            Server::Tcp {
+                host: a.bind.to_string(),
+                port: a.port,
+            },
+            format!("{}:{}", a.bind, a.port),
+        ),
+    };
+    let list = qcow2::nbd::client::list_exports(&server, None).map_err(|e| {
+        let text = match e.raw_os_error() {
+            Some(_) => qcow2::error::strerror(&e),
+            None => e.to_string(),
+        };
+        format!("Failed to connect to '{shown}': {text}")
+    })?;
+    let mut out = format!("exports available: {}\n", list.len());
+    for l in &list {
+        out += &format!(" export: '{}'\n", l.name);
+        if !l.description.is_empty() {
+            out += &format!("  description: {}\n", l.description);
+        }
+        if let Some((size, flags)) = l.export {
+            out += &format!("  size:  {size}\n  flags: {flags:#x} (");
+            for (bit, name) in FLAG_NAMES.iter().enumerate().skip(1) {
+                if flags & (1 << bit) != 0 {
+                    out += &format!(" {name}");
+                }
+            }
+            out += " )\n";
+        }
+        if let Some((min, opt, max)) = l.block {
+            out += &format!("  min block: {min}\n  opt block: {opt}\n  max block: {max}\n");
+        }
+        let size = if l.extended { "64-bit" } else { "32-bit" };
+        out += &format!("  transaction size: {size}\n");
+        if !l.contexts.is_empty() {
+            out += &format!("  available meta contexts: {}\n", l.contexts.len());
+            for c in &l.contexts {
+                out += &format!("   {c}\n");
+            }
+        }
+    }
+    print!("{out}");
+    Ok(())
+}
+
 fn serve(a: Args) -> Result<(), String> {
+    if a.list {
+        return list(&a);
+    }
     // A socket systemd passed (cli::run read the variables first).
     let listen = match (rimg_vhost_server::activation::passed(), a.socket) {
         (Some(fd), _) => Listen::Fd(fd),

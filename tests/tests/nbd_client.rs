@@ -174,3 +174,81 @@ fn bad_addresses_and_exports_are_clear_errors() {
     }
     nbd::stop(r);
 }
+
+/// `rimg-nbd --list` prints what `qemu-nbd --list` prints, through
+/// rimg-nbd (several exports, descriptions, read-only, every context
+/// kind) and through qemu-nbd, and fails as it does without a server.
+#[test]
+fn list_prints_what_qemu_nbd_list_prints() {
+    let d = tempdir();
+    let (img, raw) = sample(d.path());
+    rimg_tests::qemu_img(&["bitmap", "--add", s(&img), "b0"]);
+    let list = |prog: &str, sock: &Path| {
+        let bin = match prog {
+            "rimg" => rimg_tests::workspace_bin("rimg-nbd"),
+            _ => "qemu-nbd".into(),
+        };
+        let o = rimg_tests::run(bin.to_str().unwrap(), &["-L", "-k", s(sock)]);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            err,
+        )
+    };
+    let sock = d.path().join("rimg.sock");
+    let spec = format!("name=two,file={},format=raw,readonly=on", s(&raw));
+    let srv = nbd::serve(
+        &sock,
+        &[
+            "-e",
+            "0",
+            "-A",
+            "-B",
+            "b0",
+            "-x",
+            "one",
+            "-D",
+            "the first",
+            "--export",
+            &spec,
+            s(&img),
+        ],
+    );
+    let ours = list("rimg", &sock);
+    let theirs = list("qemu", &sock);
+    nbd::stop(srv);
+    assert_eq!(ours, theirs, "through rimg-nbd");
+    assert!(ours.1.contains("exports available: 2"), "{}", ours.1);
+
+    let qsock = d.path().join("qemu.sock");
+    let peer = QemuNbd::start(
+        &qsock,
+        &[
+            "-f",
+            "qcow2",
+            "-A",
+            "-B",
+            "b0",
+            "-x",
+            "one",
+            "-D",
+            "the first",
+            s(&img),
+        ],
+    );
+    let ours = list("rimg", &qsock);
+    let theirs = list("qemu", &qsock);
+    drop(peer);
+    assert_eq!(ours, theirs, "through qemu-nbd");
+    assert!(ours.1.contains("qemu:dirty-bitmap:b0"), "{}", ours.1);
+
+    let gone = d.path().join("gone.sock");
+    let (ours, theirs) = (list("rimg", &gone), list("qemu", &gone));
+    assert_eq!(ours.0, theirs.0);
+    assert_eq!(
+        ours.2.replacen("rimg-nbd", "qemu-nbd", 1),
+        theirs.2,
+        "without a server"
+    );
+}

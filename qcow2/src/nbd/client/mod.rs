@@ -17,9 +17,11 @@ use nbd_proto::request::{Headers, Request};
 
 use super::uri::{Address, Server};
 use super::Socket;
+pub use list::Listed;
 pub use transport::Sink;
 use transport::Transport;
 
+mod list;
 mod negotiate;
 mod receive;
 #[cfg(test)]
@@ -171,18 +173,38 @@ fn errno_error(e: u32, msg: &str) -> io::Error {
     }
 }
 
+/// A connection to `server`.
+fn connect_stream(server: &Server) -> io::Result<Stream> {
+    Ok(match server {
+        Server::Unix(p) => Stream::Socket(Socket::Unix(UnixStream::connect(p)?)),
+        Server::Tcp { host, port } => {
+            let s = connect_tcp(host, *port)?;
+            s.set_nodelay(true)?;
+            Stream::Socket(Socket::Tcp(s))
+        }
+    })
+}
+
+/// The exports of `server`, as `qemu-nbd --list` asks for them.
+pub fn list_exports(
+    server: &Server,
+    tls: Option<&super::uri::TlsParams>,
+) -> io::Result<Vec<Listed>> {
+    let s = connect_stream(server)?;
+    s.set_timeout(Some(CONNECT_TIMEOUT))?;
+    let mut c = Conn {
+        s,
+        h: Headers::Compact { structured: false },
+    };
+    c.start(tls)?;
+    c.list()
+}
+
 impl Client {
     /// Connects to `addr` and enters transmission; `writable` asks for
     /// a writable export (a read-only one is an error then).
     pub fn connect(addr: &Address, writable: bool) -> io::Result<Client> {
-        let s = match &addr.server {
-            Server::Unix(p) => Stream::Socket(Socket::Unix(UnixStream::connect(p)?)),
-            Server::Tcp { host, port } => {
-                let s = connect_tcp(host, *port)?;
-                s.set_nodelay(true)?;
-                Stream::Socket(Socket::Tcp(s))
-            }
-        };
+        let s = connect_stream(&addr.server)?;
         Client::over(s, &addr.export, writable, addr.tls.as_ref())
     }
 

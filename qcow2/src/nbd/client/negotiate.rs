@@ -19,6 +19,14 @@ impl Conn {
         export: &str,
         tls: Option<&crate::nbd::uri::TlsParams>,
     ) -> io::Result<(u64, u16, u32, u32, Option<u32>)> {
+        let no_zeroes = self.start(tls)?;
+        self.go(export, no_zeroes)
+    }
+
+    /// The handshake up to the options about an export: the greeting,
+    /// TLS when asked, then extended headers, else structured replies.
+    /// Returns whether the server leaves out the 124 zero bytes.
+    pub(super) fn start(&mut self, tls: Option<&crate::nbd::uri::TlsParams>) -> io::Result<bool> {
         let mut hello = [0u8; 18];
         self.s.read_exact(&mut hello)?;
         let mut c = Cursor::new(&hello);
@@ -50,6 +58,16 @@ impl Conn {
         {
             self.h = Headers::Compact { structured: true };
         }
+        Ok(no_zeroes)
+    }
+
+    /// `base:allocation` for `export`, then NBD_OPT_GO (or
+    /// NBD_OPT_EXPORT_NAME for an old server).
+    fn go(
+        &mut self,
+        export: &str,
+        no_zeroes: bool,
+    ) -> io::Result<(u64, u16, u32, u32, Option<u32>)> {
         let mut allocation = None;
         if self.h.structured() {
             let m = MetaRequest {
@@ -152,7 +170,7 @@ impl Conn {
     }
 
     /// Sends an option; returns its replies, the final one last.
-    fn option(&mut self, o: u32, data: &[u8]) -> io::Result<Vec<(u32, Vec<u8>)>> {
+    pub(super) fn option(&mut self, o: u32, data: &[u8]) -> io::Result<Vec<(u32, Vec<u8>)>> {
         self.s.write_all(&OptionHeader::encode(o, data))?;
         let mut v = Vec::new();
         let mut kept = 0usize;
