@@ -245,6 +245,16 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Sets the refcount of `cluster` to `value` (a repair's: with
+    /// 64-bit refcounts the difference from the current one need not fit
+    /// a signed delta).
+    pub fn set_refcount(&mut self, st: &Storage, cluster: u64, value: u64) -> Result<()> {
+        if value > self.max_refcount() {
+            return Err(Error::RefcountOverflow(cluster << self.cluster_bits));
+        }
+        self.set(st, cluster, value, &(0..0))
+    }
+
     /// Adds `delta` to the refcount of every cluster touched by the byte
     /// range [offset, offset + len). Returns the clusters whose refcount
     /// dropped to zero via `freed`.

@@ -122,7 +122,6 @@ pub(super) fn compare(
     fix: Repair,
 ) -> Result<Compared> {
     let st = q.storage();
-    let cs = 1u64 << ctx.header.cluster_bits;
     let mut out = Compared {
         rebuild: false,
         highest: 0,
@@ -157,8 +156,9 @@ pub(super) fn compare(
             "{what} cluster {c} refcount={have} reference={want}"
         ));
         if fixable {
-            let delta = want as i64 - have as i64;
-            ctx.rc.update_range(st, c * cs, cs, delta, |_| {})?;
+            // Set, not moved by a delta: a 64-bit refcount may be more
+            // than i64::MAX away (QEMU takes the difference unsigned).
+            ctx.rc.set_refcount(st, c, want)?;
             changed = true;
             if have > want {
                 rep.leaks_fixed += 1;
