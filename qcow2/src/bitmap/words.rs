@@ -3,9 +3,10 @@
 //! A bitmap over a huge disk can be hundreds of MiB (QEMU allows up to
 //! 512 MiB) that are almost all clear. The words are allocated zeroed
 //! (calloc), so clear pages are never mapped; the summary keeps it that
-//! way: one bit per page of words, set before that page can hold a set
-//! bit, so storing, copying, merging and walking look only at the pages
-//! that may hold set bits. A pass over every word would map and read
+//! way: one bit per page of words, set (Release) once a bit in that
+//! page is set, so storing, copying, merging and walking look only at
+//! the pages that may hold set bits. A mark still in flight may be
+//! missed by a concurrent copy, as it could be by a copy of every word. A pass over every word would map and read
 //! every page (tens of milliseconds per bitmap).
 
 use std::sync::atomic::{AtomicU64, Ordering};
