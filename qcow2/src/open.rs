@@ -74,6 +74,12 @@ fn probe_storage(st: &Storage) -> Result<Format> {
             Format::Luks
         } else if let Some(f) = crate::foreign::probe::probe(&first) {
             f
+        } else if let Some(name) = crate::foreign::probe::qemu_only_format(&first) {
+            // QEMU would open it as that format; as raw bytes it would be
+            // misread, and writable, its tables rewritten.
+            return Err(Error::Format(format!(
+                "Image is in the {name} format, which rimg does not read"
+            )));
         } else {
             Format::Raw
         },

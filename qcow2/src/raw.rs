@@ -64,6 +64,30 @@ impl Raw {
         Some(lock.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// Zeroing (or discarding) [off, off + len) of a guarded image: the
+    /// lock, held until the zeros are down, once the sector as it would
+    /// become is checked. A zero can complete a magic ("QED\0") or turn
+    /// a line of text into a comment's end (a VMDK descriptor), so a
+    /// partial zeroing is checked as a write is.
+    fn zero_first_sector(
+        &self,
+        off: u64,
+        len: u64,
+    ) -> Result<Option<std::sync::MutexGuard<'_, ()>>> {
+        let Some(held) = self.first_sector_lock(off) else {
+            return Ok(None);
+        };
+        let in_file = FIRST_SECTOR.min(self.size()) as usize;
+        let end = in_file.min((off + len) as usize);
+        let mut sector = [0u8; FIRST_SECTOR as usize];
+        self.st.read_at(&mut sector[..in_file], 0)?;
+        sector[off as usize..end].fill(0);
+        if crate::foreign::probe::claimed_by_a_format(&sector) {
+            return Err(Error::FirstSectorFormat);
+        }
+        Ok(Some(held))
+    }
+
     /// A write touching the first sector of a guarded image: the sector
     /// as it would become is checked, from a private copy that is then
     /// what gets written (the caller's buffer may be guest memory that
@@ -139,11 +163,9 @@ impl Image for Raw {
         self.st.debug_event("write_aio");
         self.st.write_at(buf, off)
     }
-    // Zeros claim no format: only the lock, so that a checked write's
-    // view of the sector holds until it is written.
     fn write_zeroes(&self, off: u64, len: u64, unmap: bool) -> Result<()> {
         self.check_change(off, len)?;
-        let _held = self.first_sector_lock(off);
+        let _held = self.zero_first_sector(off, len)?;
         if unmap {
             self.st.punch_hole(off, len)
         } else {
@@ -152,7 +174,7 @@ impl Image for Raw {
     }
     fn discard(&self, off: u64, len: u64) -> Result<()> {
         self.check_change(off, len)?;
-        let _held = self.first_sector_lock(off);
+        let _held = self.zero_first_sector(off, len)?;
         self.st.punch_hole(off, len)
     }
     fn guards_first_sector(&self) -> bool {

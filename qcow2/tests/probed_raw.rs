@@ -84,14 +84,30 @@ fn a_header_built_from_small_writes_is_refused() {
     assert_eq!(f.probe(), Format::Raw);
 }
 
+/// A zero can complete a magic or end a comment line, so zeroing and
+/// discarding are checked too; whole sectors of zeros always pass.
 #[test]
-fn zeroing_and_discarding_are_never_refused() {
+fn zeroing_that_would_make_a_header_is_refused() {
     let f = File::new("zeros", 1 << 20);
     let img = f.open(None);
     img.write_at(b"data", 0).unwrap();
     img.write_zeroes(0, 4096, false).unwrap();
     img.write_zeroes(0, 512, true).unwrap();
     img.discard(0, 1 << 20).unwrap();
+    // "QEDx" is no format; its last byte zeroed, it is QED's magic.
+    img.write_at(b"QEDx", 0).unwrap();
+    assert!(refused(img.write_zeroes(3, 1, false)));
+    assert!(refused(img.write_zeroes(3, 1, true)));
+    assert!(refused(img.discard(3, 1)));
+    // A line that stops a VMDK descriptor's probe, made part of the
+    // comment before it by zeroing the newline between them.
+    img.write_at(b"#\nX\nversion=1\n", 0).unwrap();
+    assert!(refused(img.write_zeroes(1, 1, false)));
+    // Zeroing the whole sector, or past it, is fine.
+    img.write_zeroes(0, 512, false).unwrap();
+    img.discard(512, 4096).unwrap();
+    drop(img);
+    assert_eq!(f.probe(), Format::Raw);
 }
 
 #[test]
@@ -155,4 +171,23 @@ fn racing_halves_of_a_magic_never_both_land() {
     }
     drop(img);
     assert_eq!(f.probe(), Format::Raw);
+}
+
+/// A file QEMU would open as a format rimg does not read is refused,
+/// not read (or served) as raw bytes.
+#[test]
+fn formats_rimg_does_not_read_are_refused_when_probed() {
+    let f = File::new("qed", 1 << 20);
+    let o = OpenOptions {
+        format: Some(Format::Raw),
+        writable: true,
+        ..Default::default()
+    };
+    qcow2::open(&f.0, &o)
+        .unwrap()
+        .write_at(b"QED\0", 0)
+        .unwrap();
+    let e = qcow2::open(&f.0, &OpenOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("qed format"), "{e}");
+    assert!(qcow2::probe(&f.0).is_err());
 }

@@ -14,7 +14,8 @@ use rimg_tests::{qemu_img, rimg, tempdir};
 
 /// qemu-io writes that build a qcow2 header's first 8 bytes one at a
 /// time (each a read-modify-write of the first sector at the server),
-/// with checks in between; the last byte completes the magic.
+/// with checks in between; the last byte completes the magic. Then a
+/// QED magic whose last byte only a zeroing would write.
 const BUILD_A_HEADER: &[&str] = &[
     "write -P 0x03 7 1",
     "write -P 0x51 0 1",
@@ -24,6 +25,12 @@ const BUILD_A_HEADER: &[&str] = &[
     "write -P 0x51 512 512",
     "read -P 0 3 1",
     "read -P 0x49 2 1",
+    // "QEDx", then zeroing the x would complete QED's magic.
+    "write -P 0x45 1 1",
+    "write -P 0x44 2 1",
+    "write -P 0x78 3 1",
+    "write -z 3 1",
+    "read -P 0x78 3 1",
 ];
 
 /// What qemu-io printed, without its timing lines.
@@ -92,7 +99,8 @@ fn an_nbd_export_of_a_given_format_is_not_guarded() {
     let log = nbd::stop(server);
     assert!(!out.contains("not permitted"), "{out}");
     assert!(!log.contains("WARNING"), "{log}");
-    assert_eq!(&std::fs::read(&img).unwrap()[..8], b"QFI\xfb\0\0\0\x03");
+    // Every write landed: the magic byte, then QED's, zeroed last.
+    assert_eq!(&std::fs::read(&img).unwrap()[..8], b"QED\0\0\0\0\x03");
 }
 
 /// The warning's three lines in a daemon's log.

@@ -64,11 +64,11 @@ pub enum Error {
     Config(String),
 }
 
-/// The format the image is served as: the one given, else qcow2 when the
-/// file says so and raw otherwise. A LUKS header is not probed for: a
-/// guest that formatted its whole disk with LUKS must find it served as
-/// the raw disk it wrote; a LUKS volume is decrypted only when
-/// `--format luks` says so.
+/// The format the image is served as: the one given, else the one
+/// probed, as QEMU probes it. A disk a guest encrypted whole with LUKS
+/// must be served with `--format raw` (probed, it is a LUKS volume, as in
+/// QEMU, and a guest of a probed raw disk cannot write a LUKS header to
+/// its first sector: see `Image::guards_first_sector`).
 fn served_format(image: &Path, given: Option<Format>) -> qcow2::Result<Format> {
     if let Some(f) = given {
         return Ok(f);

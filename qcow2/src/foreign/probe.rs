@@ -18,19 +18,29 @@ pub const PROBE_LEN: usize = 512;
 /// would open it as that format, with whatever backing file or extents
 /// its writer named (QEMU's raw driver refuses such writes).
 pub fn claimed_by_a_format(first: &[u8]) -> bool {
-    let starts = |magic: &[u8]| first.starts_with(magic);
-    starts(&crate::header::MAGIC.to_be_bytes())
+    first.starts_with(&crate::header::MAGIC.to_be_bytes())
         || crate::luks_image::is_luks(first)
         || probe(first).is_some()
-        // QED (QED_MAGIC, little-endian), Parallels (either signature).
-        || starts(b"QED\0")
-        || starts(b"WithoutFreeSpace")
-        || starts(b"WithouFreSpacExt")
-        // Bochs: the magic string, NUL-terminated, in its 32-byte field.
-        || starts(b"Bochs Virtual HD Image\0")
-        // cloop: a prefix of its script header claims the file (the
-        // whole header is longer than anything written at once here).
-        || starts(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0")
+        || qemu_only_format(first).is_some()
+}
+
+/// The QEMU format rimg does not read whose magic `first` starts with:
+/// QED (QED_MAGIC, little-endian), Parallels (either signature), Bochs
+/// (the magic string, NUL-terminated, in its 32-byte field), cloop (a
+/// prefix of its script header, longer than anything written at once).
+pub fn qemu_only_format(first: &[u8]) -> Option<&'static str> {
+    let starts = |magic: &[u8]| first.starts_with(magic);
+    if starts(b"QED\0") {
+        Some("qed")
+    } else if starts(b"WithoutFreeSpace") || starts(b"WithouFreSpacExt") {
+        Some("parallels")
+    } else if starts(b"Bochs Virtual HD Image\0") {
+        Some("bochs")
+    } else if starts(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0") {
+        Some("cloop")
+    } else {
+        None
+    }
 }
 
 /// The foreign format whose signature `first` (the first [`PROBE_LEN`]
