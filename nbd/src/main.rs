@@ -74,12 +74,14 @@ struct Args {
     discard: String,
     /// QEMU's TLS credentials object:
     /// tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=off]
-    /// (DIR holds ca-cert.pem, server-cert.pem and server-key.pem)
+    /// (DIR holds ca-cert.pem, server-cert.pem and server-key.pem); with
+    /// --list, endpoint=client (DIR holds ca-cert.pem, and
+    /// client-cert.pem and client-key.pem if the server wants them)
     #[arg(long, value_name = "SPEC")]
     object: Vec<String>,
     /// Require TLS with the credentials object ID: clients must start TLS
     /// before anything else (and, unless verify-peer=off, present a
-    /// certificate the CA signed)
+    /// certificate the CA signed); with --list, list over TLS
     #[arg(long, value_name = "ID")]
     tls_creds: Option<String>,
     /// Seconds a client has to finish its handshake (0: no limit)
@@ -99,6 +101,10 @@ struct Args {
     /// and exit, as qemu-nbd's --list prints them
     #[arg(short = 'L', long, conflicts_with_all = ["file", "exports", "fork", "pid_file"])]
     list: bool,
+    /// The name the server's certificate must carry, for --list over
+    /// TLS (default: the -b address, or localhost with -k)
+    #[arg(long, value_name = "NAME", requires = "list")]
+    tls_hostname: Option<String>,
     /// Accepted as qemu-nbd's -v, which adds messages only to modes
     /// rimg-nbd has not (-c); warnings and errors go to stderr anyway
     #[arg(short = 'v', long)]
@@ -220,12 +226,32 @@ const FLAG_NAMES: [&str; 13] = [
     "block-status-payload",
 ];
 
-/// `--list`: the server's exports, in qemu-nbd's words and layout.
+/// `--list`: the server's exports, in qemu-nbd's words and layout (over
+/// TLS with `--tls-creds` naming client credentials).
 fn list(a: &Args) -> Result<(), String> {
-    use qcow2::nbd::uri::Server;
-    if a.tls_creds.is_some() {
-        return Err("--list over TLS is not supported yet".into());
-    }
+    use qcow2::nbd::uri::{Server, TlsParams};
+    let tls = match &a.tls_creds {
+        None if a.tls_hostname.is_some() => {
+            return Err("--tls-hostname is not permitted without --tls-creds".into())
+        }
+        None => None,
+        Some(id) => {
+            let objects = a
+                .object
+                .iter()
+                .map(|o| rimg_nbd::tls::X509Object::parse(o))
+                .collect::<Result<Vec<_>, _>>()?;
+            let o = rimg_nbd::tls::X509Object::find(&objects, id, true)?;
+            let host = match &a.socket {
+                Some(_) => "localhost".to_string(),
+                None => a.bind.to_string(),
+            };
+            Some(TlsParams {
+                certificates: o.dir.clone(),
+                hostname: a.tls_hostname.clone().unwrap_or(host),
+            })
+        }
+    };
     let (server, shown) = match &a.socket {
         Some(p) => (Server::Unix(p.clone()), p.display().to_string()),
         None => (
@@ -236,12 +262,15 @@ fn list(a: &Args) -> Result<(), String> {
             format!("{}:{}", a.bind, a.port),
         ),
     };
-    let list = qcow2::nbd::client::list_exports(&server, None).map_err(|e| {
-        let text = match e.raw_os_error() {
-            Some(_) => qcow2::error::strerror(&e),
+    let list = qcow2::nbd::client::list_exports(&server, tls.as_ref()).map_err(|e| {
+        match e.raw_os_error() {
+            Some(_) => format!(
+                "Failed to connect to '{shown}': {}",
+                qcow2::error::strerror(&e)
+            ),
+            // The server's or the protocol's, not the connection's.
             None => e.to_string(),
-        };
-        format!("Failed to connect to '{shown}': {text}")
+        }
     })?;
     let mut out = format!("exports available: {}\n", list.len());
     for l in &list {
@@ -338,10 +367,7 @@ fn serve(a: Args) -> Result<(), String> {
     let tls = match &a.tls_creds {
         None => None,
         Some(id) => {
-            let o = objects
-                .iter()
-                .find(|o| &o.id == id)
-                .ok_or_else(|| format!("--tls-creds {id}: no --object with id={id}"))?;
+            let o = rimg_nbd::tls::X509Object::find(&objects, id, false)?;
             Some(rimg_nbd::tls::TlsCreds::load(o)?)
         }
     };

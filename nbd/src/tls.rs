@@ -27,10 +27,13 @@ pub struct X509Object {
     pub id: String,
     pub dir: PathBuf,
     pub verify_peer: bool,
+    /// `endpoint=client` (QEMU's default): credentials for `--list`;
+    /// a server needs `endpoint=server`.
+    pub client: bool,
 }
 
 impl X509Object {
-    /// `tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=on|off]`.
+    /// `tls-creds-x509,id=ID,dir=DIR[,endpoint=server|client][,verify-peer=on|off]`.
     pub fn parse(spec: &str) -> Result<X509Object, String> {
         let mut parts = spec.split(',');
         match parts.next() {
@@ -45,7 +48,7 @@ impl X509Object {
                 ))
             }
         }
-        let (mut id, mut dir, mut verify_peer) = (None, None, true);
+        let (mut id, mut dir, mut verify_peer, mut client) = (None, None, true, true);
         for kv in parts {
             let (k, v) = kv
                 .split_once('=')
@@ -53,9 +56,16 @@ impl X509Object {
             match k {
                 "id" => id = Some(v.to_string()),
                 "dir" => dir = Some(PathBuf::from(v)),
-                "endpoint" if v == "server" => {}
                 "endpoint" => {
-                    return Err(format!("--object: endpoint={v}: a server's is 'server'"))
+                    client = match v {
+                        "server" => false,
+                        "client" => true,
+                        _ => {
+                            return Err(format!(
+                                "--object: endpoint={v}: expected server or client"
+                            ))
+                        }
+                    }
                 }
                 "verify-peer" => {
                     verify_peer = match v {
@@ -71,7 +81,28 @@ impl X509Object {
             id: id.ok_or("--object tls-creds-x509 needs id=")?,
             dir: dir.ok_or("--object tls-creds-x509 needs dir=")?,
             verify_peer,
+            client,
         })
+    }
+
+    /// The object named `id` among `objects`, for the endpoint `client`
+    /// or server (QEMU's messages).
+    pub fn find<'a>(
+        objects: &'a [X509Object],
+        id: &str,
+        client: bool,
+    ) -> Result<&'a X509Object, String> {
+        let o = objects
+            .iter()
+            .find(|o| o.id == id)
+            .ok_or_else(|| format!("Failed to get TLS creds: No TLS credentials with id '{id}'"))?;
+        if o.client != client {
+            let want = if client { "client" } else { "server" };
+            return Err(format!(
+                "Failed to get TLS creds: Expecting TLS credentials with a {want} endpoint"
+            ));
+        }
+        Ok(o)
     }
 }
 
@@ -117,12 +148,38 @@ mod tests {
             X509Object {
                 id: "tls0".into(),
                 dir: "/etc/pki/nbd".into(),
-                verify_peer: true
+                verify_peer: true,
+                client: false,
             }
         );
         let o = X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=server,verify-peer=off");
         assert!(!o.unwrap().verify_peer);
-        assert!(X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=client").is_err());
+        // QEMU's default endpoint is the client's.
+        assert!(
+            X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=client")
+                .unwrap()
+                .client
+        );
+        assert!(
+            X509Object::parse("tls-creds-x509,id=t,dir=d")
+                .unwrap()
+                .client
+        );
+        assert!(X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=x").is_err());
+        let both = [
+            X509Object::parse("tls-creds-x509,id=c,dir=d").unwrap(),
+            X509Object::parse("tls-creds-x509,id=s,dir=d,endpoint=server").unwrap(),
+        ];
+        assert_eq!(X509Object::find(&both, "s", false).unwrap().id, "s");
+        assert!(X509Object::find(&both, "c", false)
+            .unwrap_err()
+            .contains("a server endpoint"));
+        assert!(X509Object::find(&both, "s", true)
+            .unwrap_err()
+            .contains("a client endpoint"));
+        assert!(X509Object::find(&both, "x", true)
+            .unwrap_err()
+            .contains("No TLS credentials"));
         assert!(X509Object::parse("tls-creds-psk,id=t,dir=d")
             .unwrap_err()
             .contains("PSK"));

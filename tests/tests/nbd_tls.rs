@@ -279,3 +279,66 @@ fn rimg_reads_and_writes_through_nbds() {
         assert_qemu_compare_equal(&img, &src);
     }
 }
+
+/// `rimg-nbd --list` over TLS prints what `qemu-nbd --list` prints with
+/// the same client credentials, through rimg-nbd and through qemu-nbd;
+/// credentials of another CA are refused by both, and a server's
+/// credentials are refused for listing as qemu-nbd refuses them.
+#[test]
+fn list_over_tls_as_qemu_nbd() {
+    let d = tempdir();
+    let t = tls_dirs(d.path());
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let server_obj = creds_object(&t.server, "server");
+    let list = |prog: &str, sock: &Path, creds: &Path, endpoint: &str| {
+        let bin = match prog {
+            "rimg" => rimg_tests::workspace_bin("rimg-nbd"),
+            _ => "qemu-nbd".into(),
+        };
+        let obj = creds_object(creds, endpoint);
+        let o = run(
+            bin.to_str().unwrap(),
+            &[
+                "-L",
+                "-k",
+                s(sock),
+                "--object",
+                &obj,
+                "--tls-creds",
+                "tls0",
+                "--tls-hostname",
+                "localhost",
+            ],
+        );
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let common = ["--object", &server_obj, "--tls-creds", "tls0", "-f", "raw"];
+    let sock = d.path().join("rimg.sock");
+    let mut args = vec!["-k", s(&sock), "-t", "-e", "0", "-x", "disk"];
+    args.extend(common);
+    args.push(s(&img));
+    let r = nbd::start(&sock, &args);
+    let ours = list("rimg", &sock, &t.client, "client");
+    let theirs = list("qemu", &sock, &t.client, "client");
+    assert!(ours.0 && ours.1.contains(" export: 'disk'"), "{ours:?}");
+    assert_eq!(ours, theirs, "through rimg-nbd");
+    assert!(!list("rimg", &sock, &t.rogue, "client").0, "another CA's");
+    assert!(!list("qemu", &sock, &t.rogue, "client").0, "another CA's");
+    assert!(!list("rimg", &sock, &t.client, "server").0, "a server's");
+    nbd::stop(r);
+
+    let qsock = d.path().join("qemu.sock");
+    let mut args = vec!["-x", "disk"];
+    args.extend(common);
+    args.push(s(&img));
+    let q = QemuNbd::start(&qsock, &args);
+    let ours = list("rimg", &qsock, &t.client, "client");
+    let theirs = list("qemu", &qsock, &t.client, "client");
+    drop(q);
+    assert!(ours.0, "{ours:?}");
+    assert_eq!(ours, theirs, "through qemu-nbd");
+}

@@ -30,6 +30,12 @@ impl Conn {
     /// The exports, after [`Conn::start`].
     pub(super) fn list(&mut self) -> io::Result<Vec<Listed>> {
         let replies = self.option(opt::LIST, &[])?;
+        // A server that does not list has none to show (QEMU's client
+        // prints "exports available: 0").
+        if replies.last().is_some_and(|r| r.0 == rep::ERR_UNSUP) {
+            let _ = self.s.write_all(&OptionHeader::encode(opt::ABORT, &[]));
+            return Ok(Vec::new());
+        }
         if let Some((t, msg)) = replies.last().filter(|r| r.0 != rep::ACK) {
             return Err(io::Error::other(format!(
                 "the NBD server refused to list its exports ({t:#x}): {}",

@@ -32,6 +32,8 @@ mod transport;
 /// of replies kept for one option.
 const MAX_OPTION_REPLY: u32 = 1 << 20;
 const MAX_OPTION_REPLIES: usize = 4 << 20;
+/// The most replies kept for one option (empty ones cost no bytes).
+const MAX_OPTION_REPLY_COUNT: usize = 1 << 16;
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -9,7 +9,10 @@ use nbd_proto::option::{Info, InfoRequest, MetaRequest, OptionHeader, ReplyHeade
 use nbd_proto::request::Headers;
 use nbd_proto::{Cursor, MAX_PAYLOAD};
 
-use super::{bad, check_size, printable, Conn, Stream, MAX_OPTION_REPLIES, MAX_OPTION_REPLY};
+use super::{
+    bad, check_size, printable, Conn, Stream, MAX_OPTION_REPLIES, MAX_OPTION_REPLY,
+    MAX_OPTION_REPLY_COUNT,
+};
 
 impl Conn {
     /// The handshake: returns size, flags, largest payload, minimum block
@@ -180,7 +183,8 @@ impl Conn {
             let h = ReplyHeader::parse(&h).map_err(|e| bad(e.to_string()))?;
             kept += h.len as usize;
             let misplaced = h.reply == rep::SERVER && o != opt::LIST;
-            if h.option != o || h.len > MAX_OPTION_REPLY || kept > MAX_OPTION_REPLIES || misplaced {
+            let too_many = kept > MAX_OPTION_REPLIES || v.len() >= MAX_OPTION_REPLY_COUNT;
+            if h.option != o || h.len > MAX_OPTION_REPLY || too_many || misplaced {
                 return Err(bad("the NBD server's option reply does not fit the option"));
             }
             let mut d = vec![0u8; h.len as usize];
