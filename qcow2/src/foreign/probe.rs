@@ -18,25 +18,45 @@ pub const PROBE_LEN: usize = 512;
 /// would open it as that format, with whatever backing file or extents
 /// its writer named (QEMU's raw driver refuses such writes).
 pub fn claimed_by_a_format(first: &[u8]) -> bool {
+    let starts = |magic: &[u8]| first.starts_with(magic);
     first.starts_with(&crate::header::MAGIC.to_be_bytes())
         || crate::luks_image::is_luks(first)
         || probe(first).is_some()
         || qemu_only_format(first).is_some()
+        // Broader than QEMU's probes (magic alone): one write more may
+        // complete the rest of such a header.
+        || starts(b"WithoutFreeSpace")
+        || starts(b"WithouFreSpacExt")
+        || starts(b"Bochs Virtual HD Image\0")
+        || starts(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0")
 }
 
-/// The QEMU format rimg does not read whose magic `first` starts with:
-/// QED (QED_MAGIC, little-endian), Parallels (either signature), Bochs
-/// (the magic string, NUL-terminated, in its 32-byte field), cloop (a
-/// prefix of its script header, longer than anything written at once).
+/// The QEMU format rimg does not read that QEMU's own probe finds in
+/// `first` (the first [`PROBE_LEN`] bytes, zero-padded), exactly as it
+/// decides: QED (its magic), Parallels (a signature and version 2),
+/// Bochs (magic, "Redolog", "Growing", version 1 or 2), cloop (its
+/// whole script line).
 pub fn qemu_only_format(first: &[u8]) -> Option<&'static str> {
-    let starts = |magic: &[u8]| first.starts_with(magic);
-    if starts(b"QED\0") {
+    let at = |off: usize, bytes: &[u8]| first.get(off..off + bytes.len()) == Some(bytes);
+    let le32 = |off: usize| {
+        first
+            .get(off..off + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    if at(0, b"QED\0") {
         Some("qed")
-    } else if starts(b"WithoutFreeSpace") || starts(b"WithouFreSpacExt") {
+    } else if (at(0, b"WithoutFreeSpace") || at(0, b"WithouFreSpacExt")) && le32(16) == Some(2) {
         Some("parallels")
-    } else if starts(b"Bochs Virtual HD Image\0") {
+    } else if at(0, b"Bochs Virtual HD Image\0")
+        && at(32, b"Redolog\0")
+        && at(48, b"Growing\0")
+        && matches!(le32(64), Some(0x0002_0000 | 0x0001_0000))
+    {
         Some("bochs")
-    } else if starts(b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0") {
+    } else if at(
+        0,
+        b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n",
+    ) {
         Some("cloop")
     } else {
         None
@@ -74,6 +94,28 @@ pub fn probe(first: &[u8]) -> Option<Format> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// At open, only what QEMU's own probe would open as that format is
+    /// refused; a raw disk that merely starts with a signature opens.
+    #[test]
+    fn formats_rimg_does_not_read_as_qemu_probes_them() {
+        let mut b = vec![0u8; PROBE_LEN];
+        b[..16].copy_from_slice(b"WithoutFreeSpace");
+        assert_eq!(qemu_only_format(&b), None);
+        assert!(claimed_by_a_format(&b));
+        b[16] = 2;
+        assert_eq!(qemu_only_format(&b), Some("parallels"));
+        let mut b = vec![0u8; PROBE_LEN];
+        b[..23].copy_from_slice(b"Bochs Virtual HD Image\0");
+        b[32..40].copy_from_slice(b"Redolog\0");
+        b[48..56].copy_from_slice(b"Growing\0");
+        assert_eq!(qemu_only_format(&b), None);
+        b[64..68].copy_from_slice(&0x0002_0000u32.to_le_bytes());
+        assert_eq!(qemu_only_format(&b), Some("bochs"));
+        let mut b = vec![0u8; PROBE_LEN];
+        b[..4].copy_from_slice(b"QED\0");
+        assert_eq!(qemu_only_format(&b), Some("qed"));
+    }
 
     #[test]
     fn every_qemu_format_claims_its_magic() {
