@@ -8,12 +8,19 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// What the daemon logged so far, and a signal for each new line.
+/// What the daemon logged so far, and a signal for each new line (and
+/// for the end of its stderr).
 #[derive(Default)]
 struct Log {
     text: Mutex<String>,
     more: Condvar,
+    /// Its stderr reached its end (set under `text`'s lock).
+    ended: std::sync::atomic::AtomicBool,
 }
+
+/// How long a daemon may take to say it serves: a daemon that never says
+/// so is a failure with its log, not a test stuck for ever.
+const SERVING_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A running daemon; killed (SIGKILL) if dropped without `terminate`.
 pub struct DaemonProcess {
@@ -26,7 +33,8 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Spawns `cmd` and waits for its "serving" line on stderr: the
     /// daemons print it only once the socket is bound (warnings may come
-    /// first; they stay in the log). An exit before it is the error.
+    /// first; they stay in the log). An exit before it, or no such line
+    /// within [`SERVING_DEADLINE`], is the error (with the log).
     pub fn spawn(mut cmd: Command, socket: &Path) -> Result<DaemonProcess, String> {
         let mut child = cmd
             .stdin(Stdio::null())
@@ -35,25 +43,8 @@ impl DaemonProcess {
             .spawn()
             .map_err(|e| format!("spawn {cmd:?}: {e}"))?;
         let mut rd = BufReader::new(child.stderr.take().unwrap());
-        let mut before = String::new();
-        loop {
-            let mut line = String::new();
-            let n = rd.read_line(&mut line).map_err(|e| e.to_string())?;
-            before.push_str(&line);
-            if line.contains("serving") {
-                break;
-            }
-            if n == 0 {
-                let st = child.wait().map_err(|e| e.to_string())?;
-                return Err(format!("daemon exited {st}: {before}"));
-            }
-        }
-        // Keep draining stderr so the daemon never blocks on a full pipe.
+        // Keeps draining stderr so the daemon never blocks on a full pipe.
         let log = Arc::new(Log::default());
-        log.text
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_str(&before);
         let sink = log.clone();
         let stderr = std::thread::spawn(move || {
             let mut line = String::new();
@@ -65,13 +56,23 @@ impl DaemonProcess {
                 sink.more.notify_all();
                 line.clear();
             }
+            let _held = sink.text.lock().unwrap_or_else(|p| p.into_inner());
+            sink.ended.store(true, std::sync::atomic::Ordering::Relaxed);
+            sink.more.notify_all();
         });
-        Ok(DaemonProcess {
+        let d = DaemonProcess {
             child,
             socket: socket.to_path_buf(),
             log,
             stderr: Some(stderr),
-        })
+        };
+        if d.wait_for_log("serving", SERVING_DEADLINE) {
+            return Ok(d);
+        }
+        let (st, log) = d.kill();
+        Err(format!(
+            "daemon did not say it serves within {SERVING_DEADLINE:?} (exit {st}): {log}"
+        ))
     }
 
     /// Waits until the daemon's log contains `needle`; false if `timeout`
@@ -90,7 +91,8 @@ impl DaemonProcess {
                 return true;
             }
             let left = end.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            // Nothing more can come once stderr ended.
+            if left.is_zero() || self.log.ended.load(std::sync::atomic::Ordering::Relaxed) {
                 return false;
             }
             text = self

@@ -89,12 +89,14 @@ fn nbd_notifies_ready_and_stopping() {
     let sock = d.path().join("nbd.sock");
     let listener = UnixListener::bind(&sock).unwrap();
     let (n, notify) = notify_socket(d.path());
-    let cmd = activated(
+    let mut cmd = activated(
         "rimg-nbd",
         &["-t", "-f", "raw", img.to_str().unwrap()],
         &listener,
         &notify,
     );
+    // Its "serving" line is info-level (silent by default, as qemu-nbd).
+    cmd.env("RUST_LOG", "info");
     let daemon = DaemonProcess::spawn(cmd, &sock).unwrap();
     drop(listener);
     assert_eq!(message(&n), "READY=1");

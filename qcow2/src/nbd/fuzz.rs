@@ -36,8 +36,15 @@ impl Write for Replay {
 
 impl Duplex for Replay {}
 
-/// One client session against a server whose whole output is `data`.
+/// One client session against a server whose whole output is `data`,
+/// then a listing of its exports (`rimg-nbd --list`) against the same
+/// bytes.
 pub fn client(data: &[u8]) {
+    let listing = Box::new(Replay {
+        input: data.to_vec(),
+        at: 0,
+    });
+    let _ = super::client::list_over_stream(listing);
     let s = Box::new(Replay {
         input: data.to_vec(),
         at: 0,

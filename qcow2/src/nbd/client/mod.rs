@@ -202,6 +202,16 @@ pub fn list_exports(
     c.list()
 }
 
+/// [`list_exports`] on a stream that speaks for a server (fuzzing).
+pub fn list_over_stream(s: Box<dyn Duplex>) -> io::Result<Vec<Listed>> {
+    let mut c = Conn {
+        s: Stream::Other(s),
+        h: Headers::Compact { structured: false },
+    };
+    c.start(None)?;
+    c.list()
+}
+
 impl Client {
     /// Connects to `addr` and enters transmission; `writable` asks for
     /// a writable export (a read-only one is an error then).
