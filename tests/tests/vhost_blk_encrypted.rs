@@ -554,13 +554,14 @@ fn missing_password_names_the_option() {
     }
 }
 
-/// Without `--format luks` a LUKS volume is served as the raw disk it
-/// is (a guest that formatted its disk with LUKS sees its header), and
-/// needs no password.
+/// A LUKS volume is probed as one, as QEMU probes it: without a format
+/// it needs its password (refused, naming --key-file, the password
+/// nowhere). Given `--format raw` it is served as the raw disk it is (a
+/// guest that formatted its whole disk with LUKS sees its header).
 #[test]
-fn luks_volume_is_served_raw_unless_asked() {
+fn luks_volume_is_served_raw_only_when_asked() {
     let s = Setup::new(Enc::Luks);
-    let d = DaemonProcess::spawn(
+    let w = run_watched(
         {
             let mut cmd = Command::new(workspace_bin("rimg-vhost-blk"));
             cmd.arg("--socket")
@@ -568,6 +569,26 @@ fn luks_volume_is_served_raw_unless_asked() {
                 .arg("--image")
                 .arg(&s.img)
                 .arg("--readonly");
+            cmd
+        },
+        Duration::from_secs(60),
+    );
+    let err = String::from_utf8_lossy(&w.stderr).into_owned();
+    assert!(
+        !w.timed_out,
+        "the daemon served a probed LUKS volume:\n{err}"
+    );
+    assert_eq!(w.status.and_then(|s| s.code()), Some(1), "{err}");
+    assert!(err.contains("--key-file"), "{err}");
+    assert_no_password(&err, "stderr");
+    let d = DaemonProcess::spawn(
+        {
+            let mut cmd = Command::new(workspace_bin("rimg-vhost-blk"));
+            cmd.arg("--socket")
+                .arg(s.sock())
+                .arg("--image")
+                .arg(&s.img)
+                .args(["--format", "raw", "--readonly"]);
             cmd
         },
         &s.sock(),
