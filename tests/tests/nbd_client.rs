@@ -198,23 +198,12 @@ fn list_prints_what_qemu_nbd_list_prints() {
     };
     let sock = d.path().join("rimg.sock");
     let spec = format!("name=two,file={},format=raw,readonly=on", s(&raw));
-    let srv = nbd::serve(
-        &sock,
-        &[
-            "-e",
-            "0",
-            "-A",
-            "-B",
-            "b0",
-            "-x",
-            "one",
-            "-D",
-            "the first",
-            "--export",
-            &spec,
-            s(&img),
-        ],
-    );
+    // The same first export from both servers.
+    let one = ["-A", "-B", "b0", "-x", "one", "-D", "the first"];
+    let mut args = vec!["-e", "0", "--export", &spec];
+    args.extend(one);
+    args.push(s(&img));
+    let srv = nbd::serve(&sock, &args);
     let ours = list("rimg", &sock);
     let theirs = list("qemu", &sock);
     nbd::stop(srv);
@@ -222,21 +211,10 @@ fn list_prints_what_qemu_nbd_list_prints() {
     assert!(ours.1.contains("exports available: 2"), "{}", ours.1);
 
     let qsock = d.path().join("qemu.sock");
-    let peer = QemuNbd::start(
-        &qsock,
-        &[
-            "-f",
-            "qcow2",
-            "-A",
-            "-B",
-            "b0",
-            "-x",
-            "one",
-            "-D",
-            "the first",
-            s(&img),
-        ],
-    );
+    let mut args = vec!["-f", "qcow2"];
+    args.extend(one);
+    args.push(s(&img));
+    let peer = QemuNbd::start(&qsock, &args);
     let ours = list("rimg", &qsock);
     let theirs = list("qemu", &qsock);
     drop(peer);
