@@ -64,6 +64,27 @@ impl Raw {
         Some(lock.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// The first sector as `change` would leave its part [off, off +
+    /// len) (bytes past a short file read as zeros, as a probe reads
+    /// them), and where that part ends; refused if a format would claim
+    /// it. Called with the first sector's lock held.
+    fn checked_sector(
+        &self,
+        off: u64,
+        len: u64,
+        change: impl FnOnce(&mut [u8]),
+    ) -> Result<([u8; FIRST_SECTOR as usize], usize)> {
+        let in_file = FIRST_SECTOR.min(self.size()) as usize;
+        let end = in_file.min((off + len) as usize);
+        let mut sector = [0u8; FIRST_SECTOR as usize];
+        self.st.read_at(&mut sector[..in_file], 0)?;
+        change(&mut sector[off as usize..end]);
+        if crate::foreign::probe::claimed_by_a_format(&sector) {
+            return Err(Error::FirstSectorFormat);
+        }
+        Ok((sector, end))
+    }
+
     /// Zeroing (or discarding) [off, off + len) of a guarded image: the
     /// lock, held until the zeros are down, once the sector as it would
     /// become is checked. A zero can complete a magic ("QED\0") or turn
@@ -77,34 +98,20 @@ impl Raw {
         let Some(held) = self.first_sector_lock(off) else {
             return Ok(None);
         };
-        let in_file = FIRST_SECTOR.min(self.size()) as usize;
-        let end = in_file.min((off + len) as usize);
-        let mut sector = [0u8; FIRST_SECTOR as usize];
-        self.st.read_at(&mut sector[..in_file], 0)?;
-        sector[off as usize..end].fill(0);
-        if crate::foreign::probe::claimed_by_a_format(&sector) {
-            return Err(Error::FirstSectorFormat);
-        }
+        self.checked_sector(off, len, |part| part.fill(0))?;
         Ok(Some(held))
     }
 
-    /// A write touching the first sector of a guarded image: the sector
-    /// as it would become is checked, from a private copy that is then
-    /// what gets written (the caller's buffer may be guest memory that
-    /// changes meanwhile, as QEMU's raw driver reasons).
+    /// A write touching the first sector of a guarded image: what gets
+    /// written there is the checked private copy (the caller's buffer
+    /// may be guest memory that changes meanwhile, as QEMU's raw driver
+    /// reasons).
     fn write_first_sector(&self, buf: &[u8], off: u64) -> Result<()> {
         let _held = self.first_sector_lock(off);
-        let in_file = FIRST_SECTOR.min(self.size()) as usize;
-        let (start, end) = (off as usize, in_file.min(off as usize + buf.len()));
-        // Past the end of a short file: zeros, as a probe reads them.
-        let mut sector = [0u8; FIRST_SECTOR as usize];
-        if start > 0 || end < in_file {
-            self.st.read_at(&mut sector[..in_file], 0)?;
-        }
-        sector[start..end].copy_from_slice(&buf[..end - start]);
-        if crate::foreign::probe::claimed_by_a_format(&sector) {
-            return Err(Error::FirstSectorFormat);
-        }
+        let len = buf.len() as u64;
+        let (sector, end) =
+            self.checked_sector(off, len, |part| part.copy_from_slice(&buf[..part.len()]))?;
+        let start = off as usize;
         self.st.debug_event("write_aio");
         self.st.write_at(&sector[start..end], off)?;
         if buf.len() > end - start {
