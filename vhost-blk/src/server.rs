@@ -346,14 +346,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_raw_disk_with_a_luks_header_is_served_raw() {
+    fn a_disk_is_served_as_probed_unless_a_format_is_given() {
         let p = std::env::temp_dir().join(format!("rimg-served-format-{}", std::process::id()));
         let mut disk = vec![0u8; 1 << 20];
         disk[..6].copy_from_slice(b"LUKS\xba\xbe");
         std::fs::write(&p, &disk).unwrap();
         assert_eq!(qcow2::probe(&p).unwrap(), Format::Luks);
-        assert_eq!(served_format(&p, None).unwrap(), Format::Raw);
-        assert_eq!(served_format(&p, Some(Format::Luks)).unwrap(), Format::Luks);
+        // Probed, a LUKS header is LUKS (its key is then needed); only
+        // --format raw serves those bytes raw.
+        assert_eq!(served_format(&p, None).unwrap(), Format::Luks);
+        assert_eq!(served_format(&p, Some(Format::Raw)).unwrap(), Format::Raw);
         let q = p.with_extension("qcow2");
         qcow2::create(
             &q,
