@@ -242,13 +242,21 @@ fn list(a: &Args) -> Result<(), String> {
                 .map(|o| rimg_nbd::tls::X509Object::parse(o))
                 .collect::<Result<Vec<_>, _>>()?;
             let o = rimg_nbd::tls::X509Object::find(&objects, id, true)?;
+            // As qemu-nbd: the name asked for, else the address bound
+            // over TCP; over a UNIX socket there is none to check, which
+            // QEMU refuses unless nothing is checked (verify-peer=off).
             let host = match &a.socket {
-                Some(_) => "localhost".to_string(),
-                None => a.bind.to_string(),
+                Some(_) => None,
+                None => Some(a.bind.to_string()),
             };
+            let hostname = a.tls_hostname.clone().or(host);
+            if hostname.is_none() && o.verify_peer {
+                return Err("No hostname for certificate validation".into());
+            }
             Some(TlsParams {
                 certificates: o.dir.clone(),
-                hostname: a.tls_hostname.clone().unwrap_or(host),
+                hostname,
+                verify_peer: o.verify_peer,
             })
         }
     };

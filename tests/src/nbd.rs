@@ -131,6 +131,9 @@ pub struct TlsDirs {
     pub rogue: PathBuf,
     /// The server's CA only: no client certificate.
     pub anonymous: PathBuf,
+    /// A server's, signed by the CA but naming another host only
+    /// (`nbd.invalid`).
+    pub elsewhere: PathBuf,
 }
 
 /// Makes a CA, a server certificate (localhost, 127.0.0.1) and client
@@ -151,11 +154,10 @@ pub fn tls_dirs(dir: &Path) -> TlsDirs {
     };
     let leaf = |ca: &(rcgen::Certificate, KeyPair), names: Vec<String>, server: bool| {
         let key = KeyPair::generate().unwrap();
+        // The common name is the first name (a server's host).
+        let cn = names[0].clone();
         let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(
-            DnType::CommonName,
-            if server { "localhost" } else { "client" },
-        );
+        p.distinguished_name.push(DnType::CommonName, cn);
         p.is_ca = IsCa::ExplicitNoCa;
         p.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -180,6 +182,7 @@ pub fn tls_dirs(dir: &Path) -> TlsDirs {
         d
     };
     let (sc, sk) = leaf(&good, vec!["localhost".into(), "127.0.0.1".into()], true);
+    let (ec, ek) = leaf(&good, vec!["nbd.invalid".into()], true);
     let (cc, ck) = leaf(&good, vec!["client".into()], false);
     let (rc, rk) = leaf(&bad, vec!["client".into()], false);
     let ca_pem = good.0.pem();
@@ -209,5 +212,13 @@ pub fn tls_dirs(dir: &Path) -> TlsDirs {
             ],
         ),
         anonymous: write("tls-anonymous", &[("ca-cert.pem", &ca_pem)]),
+        elsewhere: write(
+            "tls-elsewhere",
+            &[
+                ("ca-cert.pem", &ca_pem),
+                ("server-cert.pem", &ec),
+                ("server-key.pem", &ek),
+            ],
+        ),
     }
 }

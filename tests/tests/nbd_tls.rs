@@ -280,6 +280,33 @@ fn rimg_reads_and_writes_through_nbds() {
     }
 }
 
+/// `rimg-nbd -L` or `qemu-nbd -L` (`prog` "rimg" or "qemu") on `sock`
+/// over TLS with the credentials `object`: whether it succeeded, and
+/// what it printed.
+fn list_with(prog: &str, sock: &Path, object: &str, hostname: Option<&str>) -> (bool, String) {
+    let bin = match prog {
+        "rimg" => rimg_tests::workspace_bin("rimg-nbd"),
+        _ => "qemu-nbd".into(),
+    };
+    let mut args = vec![
+        "-L",
+        "-k",
+        s(sock),
+        "--object",
+        object,
+        "--tls-creds",
+        "tls0",
+    ];
+    if let Some(h) = hostname {
+        args.extend(["--tls-hostname", h]);
+    }
+    let o = run(bin.to_str().unwrap(), &args);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).to_string(),
+    )
+}
+
 /// `rimg-nbd --list` over TLS prints what `qemu-nbd --list` prints with
 /// the same client credentials, through rimg-nbd and through qemu-nbd;
 /// credentials of another CA are refused by both, and a server's
@@ -292,28 +319,11 @@ fn list_over_tls_as_qemu_nbd() {
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let server_obj = creds_object(&t.server, "server");
     let list = |prog: &str, sock: &Path, creds: &Path, endpoint: &str| {
-        let bin = match prog {
-            "rimg" => rimg_tests::workspace_bin("rimg-nbd"),
-            _ => "qemu-nbd".into(),
-        };
-        let obj = creds_object(creds, endpoint);
-        let o = run(
-            bin.to_str().unwrap(),
-            &[
-                "-L",
-                "-k",
-                s(sock),
-                "--object",
-                &obj,
-                "--tls-creds",
-                "tls0",
-                "--tls-hostname",
-                "localhost",
-            ],
-        );
-        (
-            o.status.success(),
-            String::from_utf8_lossy(&o.stdout).to_string(),
+        list_with(
+            prog,
+            sock,
+            &creds_object(creds, endpoint),
+            Some("localhost"),
         )
     };
     let common = ["--object", &server_obj, "--tls-creds", "tls0", "-f", "raw"];
@@ -341,4 +351,77 @@ fn list_over_tls_as_qemu_nbd() {
     drop(q);
     assert!(ours.0, "{ours:?}");
     assert_eq!(ours, theirs, "through qemu-nbd");
+}
+
+/// The server's certificate judged as QEMU's client judges it (its
+/// chain and the name asked for; over a UNIX socket a name must be
+/// asked for; nothing with `verify-peer=off` on the client's object):
+/// `rimg-nbd -L` against `qemu-nbd -L` with the same objects on a server
+/// whose certificate names another host. Then rimg's `nbds+unix` URIs,
+/// libnbd's form, where no name means the chain only (libnbd checks
+/// nothing over a UNIX socket; QEMU has no such URI).
+#[test]
+fn server_certificates_judged_as_qemu_judges_them() {
+    let d = tempdir();
+    let t = tls_dirs(d.path());
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    // It asks for no client certificate: only the client's judgement of
+    // the server is tested.
+    let obj = format!("{},verify-peer=off", creds_object(&t.elsewhere, "server"));
+    let sock = d.path().join("elsewhere.sock");
+    let args = [
+        "-k",
+        s(&sock),
+        "-t",
+        "-e",
+        "0",
+        "-x",
+        "disk",
+        "--object",
+        &obj,
+        "--tls-creds",
+        "tls0",
+        "-f",
+        "raw",
+        s(&img),
+    ];
+    let r = nbd::start(&sock, &args);
+    let off = ",verify-peer=off";
+    for (creds, extra, hostname, served) in [
+        // No name to check: refused ("No hostname for certificate
+        // validation") unless nothing is checked.
+        (&t.client, "", None, false),
+        (&t.client, off, None, true),
+        (&t.client, "", Some("nbd.invalid"), true),
+        (&t.client, "", Some("localhost"), false),
+        (&t.rogue, "", Some("nbd.invalid"), false),
+        (&t.rogue, off, None, true),
+        (&t.rogue, off, Some("localhost"), true),
+    ] {
+        let object = format!("{}{extra}", creds_object(creds, "client"));
+        let ours = list_with("rimg", &sock, &object, hostname);
+        let theirs = list_with("qemu", &sock, &object, hostname);
+        let case = format!("{object} {hostname:?}");
+        assert_eq!(ours, theirs, "{case}");
+        assert_eq!(ours.0, served, "{case}: {ours:?}");
+    }
+    for (creds, query, served) in [
+        (&t.client, "", true),
+        (&t.client, "&tls-hostname=localhost", false),
+        (&t.client, "&tls-hostname=nbd.invalid", true),
+        (&t.rogue, "", false),
+        (&t.rogue, "&tls-verify-peer=false", true),
+    ] {
+        let u = format!(
+            "nbds+unix:///disk?socket={}&tls-certificates={}{query}",
+            s(&sock),
+            s(creds)
+        );
+        let (code, out, err) = rimg_tests::rimg_in(d.path(), &["info", "-f", "raw", &u]);
+        let case = format!("{}{query}: {out}{err}", creds.display());
+        assert_eq!(code, Some(if served { 0 } else { 1 }), "{case}");
+        assert_eq!(out.contains("virtual size: 1 MiB"), served, "{case}");
+    }
+    nbd::stop(r);
 }

@@ -7,7 +7,8 @@
 //! holds `ca-cert.pem` (and `client-cert.pem`, `client-key.pem` for a
 //! server that asks for a client certificate), QEMU's and libnbd's file
 //! names; `tls-hostname=NAME` sets the name the server's certificate
-//! must carry (by default the host, or `localhost` over a UNIX socket).
+//! must carry (by default the host; over a UNIX socket none, and only
+//! the chain is checked), and `tls-verify-peer=false` trusts any server.
 
 use std::path::PathBuf;
 
@@ -26,8 +27,12 @@ pub struct Address {
 pub struct TlsParams {
     /// The directory of `ca-cert.pem` (and a client certificate).
     pub certificates: PathBuf,
-    /// The name the server's certificate must carry.
-    pub hostname: String,
+    /// The name the server's certificate must carry; `None` checks its
+    /// chain only (QEMU's client over a UNIX socket).
+    pub hostname: Option<String>,
+    /// Whether the server's certificate is checked at all (QEMU's
+    /// `verify-peer`, libnbd's `tls-verify-peer`).
+    pub verify_peer: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,15 +90,25 @@ pub fn parse(name: &str) -> Result<Address, String> {
             .map(percent_decode)
             .transpose()
     };
-    let tls_params = |q: &str, host: &str| -> Result<Option<TlsParams>, String> {
+    let tls_params = |q: &str, host: Option<&str>| -> Result<Option<TlsParams>, String> {
         if !tls {
             return Ok(None);
         }
         let certificates = query_of(q, "tls-certificates")?
             .ok_or_else(|| format!("{name}: nbds needs tls-certificates=DIR"))?;
+        let verify_peer = match query_of(q, "tls-verify-peer")?.as_deref() {
+            None | Some("true" | "on" | "1") => true,
+            Some("false" | "off" | "0") => false,
+            Some(v) => {
+                return Err(format!(
+                    "{name}: tls-verify-peer={v}: expected true or false"
+                ))
+            }
+        };
         Ok(Some(TlsParams {
             certificates: certificates.into(),
-            hostname: query_of(q, "tls-hostname")?.unwrap_or_else(|| host.to_string()),
+            hostname: query_of(q, "tls-hostname")?.or_else(|| host.map(str::to_string)),
+            verify_peer,
         }))
     };
     if let Some(rest) = name
@@ -107,7 +122,7 @@ pub fn parse(name: &str) -> Result<Address, String> {
         return Ok(Address {
             server: Server::Unix(socket.into()),
             export: percent_decode(export)?,
-            tls: tls_params(query, "localhost")?,
+            tls: tls_params(query, None)?,
         });
     }
     if let Some(rest) = ["nbd://", "nbd+tcp://", "nbds://", "nbds+tcp://"]
@@ -120,7 +135,7 @@ pub fn parse(name: &str) -> Result<Address, String> {
             return Err(format!("{name}: nbd over TCP takes no query"));
         }
         let (host, port) = host_port(auth).ok_or_else(|| format!("{name}: bad host or port"))?;
-        let tls = tls_params(query, &host)?;
+        let tls = tls_params(query, Some(&host))?;
         return Ok(Address {
             server: Server::Tcp { host, port },
             export: percent_decode(path)?,
@@ -237,12 +252,16 @@ mod tests {
             a.tls,
             Some(TlsParams {
                 certificates: "/pki".into(),
-                hostname: "h".into()
+                hostname: Some("h".into()),
+                verify_peer: true,
             })
         );
         let a = parse("nbds+unix:///e?socket=/s&tls-certificates=/p&tls-hostname=srv").unwrap();
         assert_eq!(a.server, Server::Unix("/s".into()));
-        assert_eq!(a.tls.unwrap().hostname, "srv");
+        assert_eq!(a.tls.unwrap().hostname.as_deref(), Some("srv"));
+        let a = parse("nbds+unix:///?socket=/s&tls-certificates=/p&tls-verify-peer=false");
+        let tls = a.unwrap().tls.unwrap();
+        assert_eq!((tls.hostname, tls.verify_peer), (None, false));
     }
 
     #[test]
@@ -254,6 +273,7 @@ mod tests {
             "nbd://h/x?socket=y",
             "nbds://h/x",
             "nbds+unix:///x?socket=/s",
+            "nbds+unix:///x?socket=/s&tls-certificates=/p&tls-verify-peer=maybe",
             "nbd://h/%zz",
         ] {
             assert!(parse(bad).is_err(), "{bad}");

@@ -159,8 +159,10 @@ impl Conn {
                 String::from_utf8_lossy(msg)
             )));
         }
-        let name = rustls::pki_types::ServerName::try_from(p.hostname.clone())
-            .map_err(|e| io::Error::other(format!("tls-hostname {}: {e}", p.hostname)))?;
+        // With no name to check, rustls still needs one to send (SNI).
+        let host = p.hostname.clone().unwrap_or_else(|| "localhost".into());
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| io::Error::other(format!("tls-hostname {host}: {e}")))?;
         let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
         let raw = std::mem::replace(&mut self.s, Stream::Closed);
         let mut tls = rustls::StreamOwned::new(conn, raw);
