@@ -280,31 +280,32 @@ fn rimg_reads_and_writes_through_nbds() {
     }
 }
 
-/// `rimg-nbd -L` or `qemu-nbd -L` (`prog` "rimg" or "qemu") on `sock`
-/// over TLS with the credentials `object`: whether it succeeded, and
-/// what it printed.
-fn list_with(prog: &str, sock: &Path, object: &str, hostname: Option<&str>) -> (bool, String) {
+/// What `rimg-nbd -L` or `qemu-nbd -L` did.
+#[derive(Debug)]
+struct Listed {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+/// `rimg-nbd -L` or `qemu-nbd -L` (`prog` "rimg" or "qemu") at `at` (`-k
+/// SOCKET` or `-b ADDR -p PORT`) over TLS with the credentials `object`.
+fn list_with(prog: &str, at: &[&str], object: &str, hostname: Option<&str>) -> Listed {
     let bin = match prog {
         "rimg" => rimg_tests::workspace_bin("rimg-nbd"),
         _ => "qemu-nbd".into(),
     };
-    let mut args = vec![
-        "-L",
-        "-k",
-        s(sock),
-        "--object",
-        object,
-        "--tls-creds",
-        "tls0",
-    ];
+    let mut args = vec!["-L", "--object", object, "--tls-creds", "tls0"];
+    args.extend(at);
     if let Some(h) = hostname {
         args.extend(["--tls-hostname", h]);
     }
     let o = run(bin.to_str().unwrap(), &args);
-    (
-        o.status.success(),
-        String::from_utf8_lossy(&o.stdout).to_string(),
-    )
+    Listed {
+        ok: o.status.success(),
+        stdout: String::from_utf8_lossy(&o.stdout).to_string(),
+        stderr: String::from_utf8_lossy(&o.stderr).to_string(),
+    }
 }
 
 /// `rimg-nbd --list` over TLS prints what `qemu-nbd --list` prints with
@@ -319,12 +320,9 @@ fn list_over_tls_as_qemu_nbd() {
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let server_obj = creds_object(&t.server, "server");
     let list = |prog: &str, sock: &Path, creds: &Path, endpoint: &str| {
-        list_with(
-            prog,
-            sock,
-            &creds_object(creds, endpoint),
-            Some("localhost"),
-        )
+        let object = creds_object(creds, endpoint);
+        let l = list_with(prog, &["-k", s(sock)], &object, Some("localhost"));
+        (l.ok, l.stdout)
     };
     let common = ["--object", &server_obj, "--tls-creds", "tls0", "-f", "raw"];
     let sock = d.path().join("rimg.sock");
@@ -354,12 +352,13 @@ fn list_over_tls_as_qemu_nbd() {
 }
 
 /// The server's certificate judged as QEMU's client judges it (its
-/// chain and the name asked for; over a UNIX socket a name must be
-/// asked for; nothing with `verify-peer=off` on the client's object):
-/// `rimg-nbd -L` against `qemu-nbd -L` with the same objects on a server
-/// whose certificate names another host. Then rimg's `nbds+unix` URIs,
-/// libnbd's form, where no name means the chain only (libnbd checks
-/// nothing over a UNIX socket; QEMU has no such URI).
+/// chain and the name asked for, by default the address over TCP; over a
+/// UNIX socket a name must be asked for; nothing with `verify-peer=off`
+/// on the client's object): `rimg-nbd -L` against `qemu-nbd -L` with the
+/// same objects on a server whose certificate names another host, over
+/// a UNIX socket and TCP. Then rimg's `nbds` URIs, libnbd's form, where
+/// over a UNIX socket no name means the chain only (libnbd checks
+/// nothing there; QEMU has no such URI).
 #[test]
 fn server_certificates_judged_as_qemu_judges_them() {
     let d = tempdir();
@@ -370,58 +369,72 @@ fn server_certificates_judged_as_qemu_judges_them() {
     // the server is tested.
     let obj = format!("{},verify-peer=off", creds_object(&t.elsewhere, "server"));
     let sock = d.path().join("elsewhere.sock");
-    let args = [
-        "-k",
-        s(&sock),
-        "-t",
-        "-e",
-        "0",
-        "-x",
-        "disk",
-        "--object",
-        &obj,
-        "--tls-creds",
-        "tls0",
-        "-f",
-        "raw",
-        s(&img),
-    ];
-    let r = nbd::start(&sock, &args);
+    let common = ["-r", "-t", "-e", "0", "-x", "disk", "--object", &obj];
+    let common = [&common[..], &["--tls-creds", "tls0", "-f", "raw", s(&img)]].concat();
+    let unix = nbd::start(&sock, &[&["-k", s(&sock)], &common[..]].concat());
+    let tcp = nbd::start(&img, &[&["-p", "0"], &common[..]].concat());
+    let log = tcp.log();
+    let port = log
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("{log}"))
+        .to_string();
+    let k = ["-k", s(&sock)];
+    let b = ["-b", "127.0.0.1", "-p", &port];
     let off = ",verify-peer=off";
-    for (creds, extra, hostname, served) in [
-        // No name to check: refused ("No hostname for certificate
-        // validation") unless nothing is checked.
-        (&t.client, "", None, false),
-        (&t.client, off, None, true),
-        (&t.client, "", Some("nbd.invalid"), true),
-        (&t.client, "", Some("localhost"), false),
-        (&t.rogue, "", Some("nbd.invalid"), false),
-        (&t.rogue, off, None, true),
-        (&t.rogue, off, Some("localhost"), true),
+    for (at, creds, extra, hostname, served) in [
+        // No name to check over a UNIX socket: refused ("No hostname for
+        // certificate validation") unless nothing is checked.
+        (&k[..], &t.client, "", None, false),
+        (&k, &t.client, off, None, true),
+        (&k, &t.client, "", Some("nbd.invalid"), true),
+        (&k, &t.client, "", Some("localhost"), false),
+        (&k, &t.rogue, "", Some("nbd.invalid"), false),
+        (&k, &t.rogue, off, None, true),
+        (&k, &t.rogue, off, Some("localhost"), true),
+        // Over TCP the name is the address unless one is asked for.
+        (&b, &t.client, "", None, false),
+        (&b, &t.client, "", Some("nbd.invalid"), true),
+        (&b, &t.rogue, "", Some("nbd.invalid"), false),
+        (&b, &t.rogue, off, None, true),
     ] {
         let object = format!("{}{extra}", creds_object(creds, "client"));
-        let ours = list_with("rimg", &sock, &object, hostname);
-        let theirs = list_with("qemu", &sock, &object, hostname);
-        let case = format!("{object} {hostname:?}");
-        assert_eq!(ours, theirs, "{case}");
-        assert_eq!(ours.0, served, "{case}: {ours:?}");
-    }
-    for (creds, query, served) in [
-        (&t.client, "", true),
-        (&t.client, "&tls-hostname=localhost", false),
-        (&t.client, "&tls-hostname=nbd.invalid", true),
-        (&t.rogue, "", false),
-        (&t.rogue, "&tls-verify-peer=false", true),
-    ] {
-        let u = format!(
-            "nbds+unix:///disk?socket={}&tls-certificates={}{query}",
-            s(&sock),
-            s(creds)
+        let ours = list_with("rimg", at, &object, hostname);
+        let theirs = list_with("qemu", at, &object, hostname);
+        let case = format!("{at:?} {object} {hostname:?}: {ours:?} {theirs:?}");
+        assert_eq!(
+            (ours.ok, &ours.stdout),
+            (theirs.ok, &theirs.stdout),
+            "{case}"
         );
+        assert_eq!(ours.ok, served, "{case}");
+        if at == k && extra.is_empty() && hostname.is_none() {
+            let why = "No hostname for certificate validation";
+            assert!(
+                ours.stderr.contains(why) && theirs.stderr.contains(why),
+                "{case}"
+            );
+        }
+    }
+    let unix_uri = format!("nbds+unix:///disk?socket={}", s(&sock));
+    let tcp_uri = format!("nbds://127.0.0.1:{port}/disk?");
+    for (uri, creds, query, served) in [
+        (&unix_uri, &t.client, "", true),
+        (&unix_uri, &t.client, "&tls-hostname=localhost", false),
+        (&unix_uri, &t.client, "&tls-hostname=nbd.invalid", true),
+        (&unix_uri, &t.rogue, "", false),
+        (&unix_uri, &t.rogue, "&tls-verify-peer=false", true),
+        (&tcp_uri, &t.client, "", false),
+        (&tcp_uri, &t.client, "&tls-hostname=nbd.invalid", true),
+        (&tcp_uri, &t.rogue, "&tls-hostname=nbd.invalid", false),
+        (&tcp_uri, &t.rogue, "&tls-verify-peer=false", true),
+    ] {
+        let u = format!("{uri}&tls-certificates={}{query}", s(creds));
         let (code, out, err) = rimg_tests::rimg_in(d.path(), &["info", "-f", "raw", &u]);
-        let case = format!("{}{query}: {out}{err}", creds.display());
+        let case = format!("{u}: {out}{err}");
         assert_eq!(code, Some(if served { 0 } else { 1 }), "{case}");
         assert_eq!(out.contains("virtual size: 1 MiB"), served, "{case}");
     }
-    nbd::stop(r);
+    nbd::stop(unix);
+    nbd::stop(tcp);
 }
