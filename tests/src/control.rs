@@ -11,14 +11,22 @@ use serde_json::Value;
 
 /// Sends one request line (no newline needed) and returns the answer.
 pub fn request(socket: &Path, line: &str) -> Value {
-    let mut c = UnixStream::connect(socket)
-        .unwrap_or_else(|e| panic!("control socket {}: {e}", socket.display()));
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    c.write_all(line.as_bytes()).unwrap();
-    c.write_all(b"\n").unwrap();
+    try_request(socket, line).unwrap_or_else(|e| panic!("control socket {}: {e}", socket.display()))
+}
+
+/// As [`request`], with what went wrong as an error: for a client that
+/// may be turned away (the daemon closes on it when it has too many).
+pub fn try_request(socket: &Path, line: &str) -> Result<Value, String> {
+    let mut c = UnixStream::connect(socket).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    c.write_all(format!("{line}\n").as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
     let mut answer = String::new();
-    BufReader::new(&c).read_line(&mut answer).unwrap();
-    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("answer {answer:?}: {e}"))
+    BufReader::new(&c)
+        .read_line(&mut answer)
+        .map_err(|e| format!("read: {e}"))?;
+    serde_json::from_str(&answer).map_err(|e| format!("answer {answer:?}: {e}"))
 }
 
 /// Runs command `name` with `args` (a JSON object); the whole answer.
