@@ -576,7 +576,7 @@ impl Refcounts {
     /// them is durable first; only then does a block counted by another
     /// block lose that reference (a self-counting block's count goes with
     /// it).
-    pub fn drop_unused_blocks(&mut self, st: &Storage) -> Result<()> {
+    pub fn drop_unused_blocks(&mut self, st: &Storage) -> Result<usize> {
         self.flush(st)?;
         let per_block = 1u64 << self.block_bits;
         let mut unused = Vec::new();
@@ -595,7 +595,7 @@ impl Refcounts {
             }
         }
         if unused.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         for &(g, off) in &unused {
             self.table[g as usize] = 0;
@@ -612,7 +612,8 @@ impl Refcounts {
             }
             self.free_hint = self.free_hint.min(own);
         }
-        self.flush(st)
+        self.flush(st)?;
+        Ok(unused.len())
     }
 
     /// Drops cached blocks (after the structures were rebuilt elsewhere).

@@ -171,27 +171,30 @@ impl Qcow2 {
         Self::refresh_map(&mut m);
         // Refcount blocks that moved down, then count nothing, are dropped
         // after a pass: the holes they leave take another (short) pass.
-        // Not before the first: a block counting nothing yet covers free
-        // clusters that moves may fill.
+        // Not before the first moves: a block counting nothing yet covers
+        // free clusters that moves may fill. Also after a pass that moved
+        // nothing: a compaction killed before its drop leaves such blocks
+        // low in a file that is otherwise dense, and only another pass
+        // fills their holes.
         for _ in 0..MAX_PASSES {
             moved += self.compact_reftable(&mut m, len_before)?;
             moved += self.compact_l1(&mut m, len_before)?;
             let moves = self.compact_plan(&mut m, len_before)?;
-            if moves.is_empty() {
-                break;
-            }
             let total = moved + moves.len() as u64;
-            progress(moved, total);
+            if !moves.is_empty() {
+                progress(moved, total);
+            }
             for batch in moves.chunks(opts.batch.max(1)) {
                 self.compact_batch(&mut m, batch)?;
                 Self::refresh_map(&mut m);
                 moved += batch.len() as u64;
                 progress(moved, total);
             }
-            m.rc.drop_unused_blocks(&self.st)?;
+            if m.rc.drop_unused_blocks(&self.st)? == 0 && moves.is_empty() {
+                break;
+            }
         }
-        // Also when nothing moved: a killed compaction may have left such
-        // blocks at the end.
+        // When the passes ran out.
         m.rc.drop_unused_blocks(&self.st)?;
         let end = self
             .last_used_cluster(&mut m, len_before)?
