@@ -52,6 +52,8 @@ pub fn roots(ca: &Path) -> Result<RootCertStore, String> {
 /// The client's configuration: the CA of `ca-cert.pem` (required even
 /// when it is not checked, as QEMU requires it), and the client
 /// certificate of `client-cert.pem` and `client-key.pem` when present.
+/// Made per connection and never shared between different `TlsParams`:
+/// a resumed TLS 1.3 session is not judged again by [`ServerCheck`].
 pub fn client_config(p: &TlsParams) -> Result<Arc<ClientConfig>, String> {
     let dir = &p.certificates;
     let provider = Arc::new(provider());
