@@ -53,7 +53,7 @@ pub fn roots(ca: &Path) -> Result<RootCertStore, String> {
 /// when it is not checked, as QEMU requires it), and the client
 /// certificate of `client-cert.pem` and `client-key.pem` when present.
 /// Made per connection and never shared between different `TlsParams`:
-/// a resumed TLS 1.3 session is not judged again by [`ServerCheck`].
+/// a resumed TLS 1.3 session is not judged again by `ServerCheck`.
 pub fn client_config(p: &TlsParams) -> Result<Arc<ClientConfig>, String> {
     let dir = &p.certificates;
     let provider = Arc::new(provider());
