@@ -3,7 +3,8 @@
 //! the vhost-user backend built from a [`Device`] and its [`workers`],
 //! ring checks ([`avail`]) and used-ring notification ([`used`]), worker
 //! io_uring rings with one submission and teardown policy ([`uring`]),
-//! seccomp lists, capped warnings and the common command line ([`cli`]).
+//! buffered writes made inline where the ring would hand them to a
+//! thread ([`inline`]; rimg-nbd's connections use both), seccomp lists, capped warnings and the common command line ([`cli`]).
 //!
 //! The life of a daemon: listen on a UNIX socket and serve one frontend
 //! connection at a time, forever. A disconnect ends that connection's
@@ -39,6 +40,7 @@ pub mod control;
 pub mod device;
 pub mod frontend;
 pub mod inflight;
+pub mod inline;
 pub mod notify;
 mod relay;
 pub mod seccomp;

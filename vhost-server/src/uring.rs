@@ -48,14 +48,14 @@ use io_uring::{cqueue, squeue, IoUring};
 use log::error;
 
 /// Creates an io_uring of `entries` entries that accepts only the
-/// submission opcodes `ops` and has `eventfd` registered as its
+/// submission opcodes `ops` and has `eventfd` (if any) registered as its
 /// completion eventfd. With `files`, they are its fixed files (index =
 /// position) and IOSQE_FIXED_FILE is the one flag allowed; without, no
 /// flag is.
 pub fn restricted_ring(
     entries: u32,
     ops: &[u8],
-    eventfd: RawFd,
+    eventfd: Option<RawFd>,
     files: &[RawFd],
 ) -> std::io::Result<IoUring> {
     let ring = match IoUring::builder().setup_r_disabled().build(entries) {
@@ -70,7 +70,9 @@ pub fn restricted_ring(
                 )
             });
             let ring = IoUring::new(entries)?;
-            ring.submitter().register_eventfd(eventfd)?;
+            if let Some(fd) = eventfd {
+                ring.submitter().register_eventfd(fd)?;
+            }
             if !files.is_empty() {
                 ring.submitter().register_files(files)?;
             }
@@ -79,7 +81,9 @@ pub fn restricted_ring(
         Err(e) => return Err(e),
     };
     let s = ring.submitter();
-    s.register_eventfd(eventfd)?;
+    if let Some(fd) = eventfd {
+        s.register_eventfd(fd)?;
+    }
     let mut allowed: Vec<Restriction> = ops.iter().map(|&op| Restriction::sqe_op(op)).collect();
     if !files.is_empty() {
         s.register_files(files)
@@ -123,7 +127,7 @@ impl WorkerRing {
     pub fn restricted(
         entries: u32,
         ops: &[u8],
-        eventfd: RawFd,
+        eventfd: Option<RawFd>,
         files: &[RawFd],
     ) -> std::io::Result<WorkerRing> {
         restricted_ring(entries, ops, eventfd, files).map(WorkerRing::new)
@@ -347,7 +351,8 @@ mod tests {
     fn only_listed_opcodes_run() {
         let note = EventFd::new(0).unwrap();
         let efd = EventFd::new(0).unwrap();
-        let mut ring = restricted_ring(4, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+        let mut ring =
+            restricted_ring(4, &[opcode::Write::CODE], Some(note.as_raw_fd()), &[]).unwrap();
         let b = 1u64.to_ne_bytes();
         let w = opcode::Write::new(types::Fd(efd.as_raw_fd()), b.as_ptr(), 8).build();
         assert_eq!(run(&mut ring, w), 8);
@@ -389,7 +394,7 @@ mod tests {
         let note = EventFd::new(0).unwrap();
         let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let ring =
-            WorkerRing::restricted(2, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+            WorkerRing::restricted(2, &[opcode::Write::CODE], Some(note.as_raw_fd()), &[]).unwrap();
         let mut w = Writer {
             ring,
             reaped: Vec::new(),
@@ -416,7 +421,7 @@ mod tests {
         let note = EventFd::new(0).unwrap();
         let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut ring =
-            WorkerRing::restricted(4, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+            WorkerRing::restricted(4, &[opcode::Write::CODE], Some(note.as_raw_fd()), &[]).unwrap();
         let kept = Rc::new(());
         ring.retire(kept.clone());
         assert_eq!(Rc::strong_count(&kept), 1, "dropped: nothing in flight");
@@ -447,7 +452,7 @@ mod tests {
             // SAFETY: pipe2 fills the two descriptors it is given.
             assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
             let codes = [opcode::Read::CODE, opcode::Write::CODE];
-            let mut ring = WorkerRing::restricted(4, &codes, note.as_raw_fd(), &[]).unwrap();
+            let mut ring = WorkerRing::restricted(4, &codes, Some(note.as_raw_fd()), &[]).unwrap();
             // Leaked: the read may write into it whenever it completes.
             let buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
             let rd = opcode::Read::new(types::Fd(fds[0]), buf.as_mut_ptr(), 8).build();
@@ -501,7 +506,8 @@ mod tests {
             let note = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let efd = EventFd::new(libc::EFD_NONBLOCK).unwrap();
             let mut ring =
-                WorkerRing::restricted(2, &[opcode::Write::CODE], note.as_raw_fd(), &[]).unwrap();
+                WorkerRing::restricted(2, &[opcode::Write::CODE], Some(note.as_raw_fd()), &[])
+                    .unwrap();
             let b: &'static [u8; 8] = Box::leak(Box::new(1u64.to_ne_bytes()));
             let w = opcode::Write::new(types::Fd(efd.as_raw_fd()), b.as_ptr(), 8).build();
             rimg_seccomp::fail_on_current_thread(&[libc::SYS_io_uring_enter], libc::ENXIO).unwrap();

@@ -80,7 +80,6 @@ use crate::control::QueueStats;
 pub use rimg_vhost_server::{Mem, Vring, GM};
 
 mod engine_io;
-mod inline;
 mod kick;
 mod plan;
 mod resubmit;
@@ -110,7 +109,7 @@ pub const RING_OPS: [u8; 2] = [opcode::Readv::CODE, opcode::Writev::CODE];
 /// A queue's io_uring: `entries` entries, restricted to [`RING_OPS`],
 /// completions signalled on `efd`.
 pub fn ring(entries: u32, efd: &EventFd) -> std::io::Result<IoUring> {
-    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd(), &[])
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, Some(efd.as_raw_fd()), &[])
 }
 
 /// Wakes a queue's epoll loop when an allocation its parked requests wait
@@ -164,8 +163,8 @@ pub struct Worker {
     stalled: bool,
     /// Warnings the guest can cause, capped.
     warnings: CappedWarnings,
-    /// How buffered writes go ([`inline`]).
-    inline: inline::Mode,
+    /// How buffered writes go ([`rimg_vhost_server::inline`]).
+    inline: rimg_vhost_server::inline::Mode,
     /// This queue's counters (`query-stats`), kept across connections.
     stats: Arc<QueueStats>,
     /// The connection's inflight region, if the frontend set one.
@@ -208,7 +207,7 @@ impl Worker {
             event_idx: false,
             stalled: false,
             warnings: CappedWarnings::new(module_path!(), format!("queue {queue}")),
-            inline: inline::Mode::default(),
+            inline: rimg_vhost_server::inline::Mode::default(),
             stats,
             inflight: Inflight::new(0),
             log: None,

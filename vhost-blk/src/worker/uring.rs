@@ -12,10 +12,10 @@ use qcow2::PendingWrite;
 use rimg_vhost_server::RingOwner;
 use vm_memory::{Address, GuestMemoryBackend};
 
-use super::inline::{self, Inline};
 use super::plan::end_write;
 use super::slot::{IoVecs, Op};
 use super::{Mem, Worker, BOUNCE_LEN, DIRECT_ALIGN, IOV_MAX};
+use rimg_vhost_server::inline::{self, Inline};
 
 /// The server refuses images whose data is not in a host file (an NBD
 /// export) before any worker starts.

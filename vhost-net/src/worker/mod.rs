@@ -101,7 +101,7 @@ const RING_ENTRIES: u32 = ((RX_SLOTS + TX_SLOTS) * 2).next_power_of_two() as u32
 /// fixed file [`TAP`] (no file-table lookup and reference count per
 /// frame).
 pub fn ring(entries: u32, efd: &EventFd, tap: RawFd) -> std::io::Result<IoUring> {
-    rimg_vhost_server::restricted_ring(entries, &RING_OPS, efd.as_raw_fd(), &[tap])
+    rimg_vhost_server::restricted_ring(entries, &RING_OPS, Some(efd.as_raw_fd()), &[tap])
 }
 
 /// The TAP queue, as the ring's fixed file.

@@ -19,7 +19,7 @@ use std::os::fd::RawFd;
 
 /// How this worker's buffered writes go (see the module docs).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Mode {
+pub enum Mode {
     /// No buffered write made yet.
     #[default]
     Unknown,
@@ -30,7 +30,7 @@ pub(super) enum Mode {
 }
 
 /// What became of an inline write.
-pub(super) enum Inline {
+pub enum Inline {
     /// All of it written.
     Done,
     /// Nothing written: it would block; the ring takes it.
@@ -43,13 +43,7 @@ pub(super) enum Inline {
 ///
 /// # Safety
 /// Every iovec must describe memory readable for the whole call.
-pub(super) unsafe fn write(
-    mode: &mut Mode,
-    fd: RawFd,
-    iov: &[libc::iovec],
-    off: u64,
-    n: u64,
-) -> Inline {
+pub unsafe fn write(mode: &mut Mode, fd: RawFd, iov: &[libc::iovec], off: u64, n: u64) -> Inline {
     let mut iov = iov.to_vec();
     let mut done = 0u64;
     // The nonblocking attempt failed otherwise than by EAGAIN: this write
