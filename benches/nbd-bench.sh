@@ -11,7 +11,8 @@
 #
 # Usage: benches/nbd-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
 # BENCH_DIR=DIR puts the images there (default: target/ in the working
-# tree, the file system users keep images on).
+# tree, the file system users keep images on). RIMG_NBD_ARGS adds options
+# to rimg-nbd's (`--aio threads` compares its two data paths).
 set -euo pipefail
 SECS=${1:-5}
 SIZE=${2:-1G}
@@ -53,7 +54,8 @@ qemu-io -f raw -c "write -P 0x5a 0 $SIZE" "$RAW" >/dev/null
 SOCK=$W/nbd.sock
 
 start_rimg() {
-  RUST_LOG=info "$RIMG" -t -e 0 -k "$SOCK" -f qcow2 "$IMG" 2>"$W/rimg.log" &
+  # shellcheck disable=SC2086 # options, split on purpose
+  RUST_LOG=info "$RIMG" ${RIMG_NBD_ARGS:-} -t -e 0 -k "$SOCK" -f qcow2 "$IMG" 2>"$W/rimg.log" &
   SERVER=$!
   while ! grep -q serving "$W/rimg.log"; do
     kill -0 "$SERVER" || { cat "$W/rimg.log"; exit 1; }

@@ -28,7 +28,7 @@ impl Headers {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Request {
     pub flags: u16,
     pub kind: u16,

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 use log::debug;
 
 use nbd_proto::consts::cmd;
-use nbd_proto::request::Request;
+use nbd_proto::request::{Headers, Request};
 use nbd_proto::MAX_PAYLOAD;
 
 use crate::handshake::Session;
@@ -50,6 +50,17 @@ pub const OVERHEAD: u64 = 4 << 10;
 /// A block status reply's count: 65536 extents of 16 bytes per context
 /// at the most.
 const STATUS_REPLY: u64 = 1 << 20;
+
+/// What a request holds of the budget: its payload, its reply's data
+/// (bounded as the request is checked) and [`OVERHEAD`].
+pub(crate) fn cost(req: &Request, h: Headers, contexts: usize) -> u64 {
+    let reply = match req.kind {
+        cmd::READ => req.len.min(MAX_PAYLOAD as u64),
+        cmd::BLOCK_STATUS => STATUS_REPLY * contexts as u64,
+        _ => 0,
+    };
+    OVERHEAD + req.payload_len(h) + reply
+}
 
 struct Job {
     req: Request,
@@ -82,12 +93,7 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
             // read (a read's reply is bounded as its request is checked).
             let mut cost = 0;
             let got = next_request(&mut reader, h, &mut data, |req| {
-                let reply = match req.kind {
-                    cmd::READ => req.len.min(MAX_PAYLOAD as u64),
-                    cmd::BLOCK_STATUS => STATUS_REPLY * session.contexts.len() as u64,
-                    _ => 0,
-                };
-                cost = OVERHEAD + req.payload_len(h) + reply;
+                cost = self::cost(req, h, session.contexts.len());
                 q.reserve(cost);
             });
             let req = match got {

@@ -69,6 +69,10 @@ pub fn run(
     limit: Option<Duration>,
     tls: Option<&TlsCreds>,
 ) {
+    // The ring first: then this thread, which reads what the client
+    // sends, gives up making rings (whose operations no filter sees).
+    let ring = crate::uring::Ring::for_policy(policy);
+    crate::seccomp::enter_connection();
     let mut t = Timed {
         s,
         end: limit.map(|l| Instant::now() + l),
@@ -94,7 +98,11 @@ pub fn run(
                 return warn!("client {id}: {e}");
             }
             log_session(id, &session);
-            if let Err(e) = crate::concurrent::serve(&t.s, &session, policy) {
+            let served = match ring {
+                Some(r) => crate::uring::serve(&t.s, &session, policy, r),
+                None => crate::concurrent::serve(&t.s, &session, policy),
+            };
+            if let Err(e) = served {
                 warn!("client {id}: {e}");
             }
         }

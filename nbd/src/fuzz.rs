@@ -66,7 +66,14 @@ fn exports() -> &'static Arc<Exports> {
 pub fn server(data: &[u8]) {
     let mut s = Replay { input: data };
     if let Ok(session) = handshake::negotiate(&mut s, exports()) {
-        let _ = transmission::serve(s, &session, Policy { unmap: true });
+        let _ = transmission::serve(
+            s,
+            &session,
+            Policy {
+                unmap: true,
+                aio: crate::Aio::Threads,
+            },
+        );
     }
 }
 

@@ -8,8 +8,10 @@
 //! - [`status`]: block status for the metadata contexts;
 //! - [`server`]: listeners, one thread per connection, signals;
 //! - [`connection`]: one client from greeting to disconnect, TLS;
+//! - [`uring`]: a socket's requests on an io_uring driven by the
+//!   connection's thread (the default);
 //! - [`concurrent`]: a socket's requests answered by several workers,
-//!   fed through a [`queue`];
+//!   fed through a [`queue`] (`--aio threads`);
 //! - [`daemon`]: `--fork` and `--pid-file`;
 //! - [`tls`]: X.509 credentials as qemu-nbd takes them;
 //! - [`seccomp`]: the filter the server runs under;
@@ -27,7 +29,8 @@ pub mod server;
 pub mod status;
 pub mod tls;
 pub mod transmission;
+pub mod uring;
 
 pub use export::{Context, Export, Exports};
 pub use server::{run, Listen, ServerConfig};
-pub use transmission::Policy;
+pub use transmission::{Aio, Policy};

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use qcow2::{Format, OpenOptions, Qcow2Options};
-use rimg_nbd::{Export, Exports, Listen, Policy, ServerConfig};
+use rimg_nbd::{Aio, Export, Exports, Listen, Policy, ServerConfig};
 use rimg_vhost_server::cli::{self, SeccompArg, UserArg};
 
 fn main() -> ExitCode {
@@ -72,6 +72,10 @@ struct Args {
     /// qemu-nbd's --discard
     #[arg(long, default_value = "ignore", value_name = "ignore|unmap")]
     discard: String,
+    /// How requests run: on an io_uring per connection (`io_uring`, or
+    /// qemu-nbd's `native`), or on worker threads (`threads`)
+    #[arg(long, default_value = "io_uring", value_name = "MODE")]
+    aio: String,
     /// QEMU's TLS credentials object:
     /// tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=off]
     /// (DIR holds ca-cert.pem, server-cert.pem and server-key.pem); with
@@ -367,6 +371,11 @@ fn serve(a: Args) -> Result<(), String> {
         "unmap" | "on" => true,
         d => return Err(format!("--discard {d}: expected ignore or unmap")),
     };
+    let aio = match a.aio.as_str() {
+        "io_uring" | "native" => Aio::IoUring,
+        "threads" => Aio::Threads,
+        m => return Err(format!("--aio {m}: expected io_uring, native or threads")),
+    };
     let objects = a
         .object
         .iter()
@@ -384,7 +393,7 @@ fn serve(a: Args) -> Result<(), String> {
         listen,
         shared: a.shared,
         persistent: a.persistent,
-        policy: Policy { unmap },
+        policy: Policy { unmap, aio },
         handshake_limit: (a.handshake_limit > 0).then(|| Duration::from_secs(a.handshake_limit)),
         tls,
         user: a.user.user,

@@ -29,7 +29,21 @@ pub fn sandbox() -> SyscallList {
         SYS_fallocate,
         SYS_lseek,
         SYS_ftruncate,
+        // Each connection's io_uring (made after the filter, as its
+        // thread starts: see `enter_connection`), and the eventfd that
+        // wakes its loop.
+        SYS_io_uring_setup,
+        SYS_io_uring_enter,
+        SYS_io_uring_register,
+        SYS_eventfd2,
     ]);
+    // What a connection thread needs to narrow its own filter: seccomp(2)
+    // in filter mode (which can only take away) and no_new_privs.
+    l.allow_if(
+        SYS_seccomp,
+        &[Arg::Eq32(0, SECCOMP_SET_MODE_FILTER), Arg::Eq32(1, 0)],
+    );
+    l.allow_if(SYS_prctl, &[Arg::Eq32(0, PR_SET_NO_NEW_PRIVS as u32)]);
     // clone3 passes its flags in memory, where a filter cannot check
     // them: it fails with ENOSYS, and the C library falls back to
     // clone(2), allowed for threads only.
@@ -48,6 +62,20 @@ pub fn sandbox() -> SyscallList {
     // The UNIX socket's file is removed at the end, relative to its
     // directory: the server adds that rule with the descriptor.
     l
+}
+
+/// What a connection thread gives up before it reads from its client:
+/// making io_uring instances and changing them. Operations submitted to a
+/// ring are never seen by seccomp, so a thread that could make an
+/// unrestricted ring could open files or sockets through it; the
+/// connection's own ring is made before this and restricted to its
+/// operations (`rimg_vhost_server::uring`). Threads it starts (`--aio
+/// threads` workers) inherit this.
+pub fn enter_connection() {
+    let nrs = [libc::SYS_io_uring_setup, libc::SYS_io_uring_register];
+    if let Err(e) = rimg_seccomp::fail_on_current_thread(&nrs, libc::EPERM) {
+        log::error!("connection thread seccomp filter: {e}");
+    }
 }
 
 #[cfg(test)]
@@ -70,6 +98,19 @@ mod tests {
         assert!(l.contains(libc::SYS_accept4) && l.contains(libc::SYS_pwrite64));
         assert!(l.compile(rimg_seccomp::SeccompAction::Kill).is_ok());
         // The README's table counts them.
-        assert_eq!((l.len(), l.denied_len()), (40, 4));
+        assert_eq!((l.len(), l.denied_len()), (45, 4));
+    }
+
+    #[test]
+    fn a_connection_thread_makes_no_rings_once_entered() {
+        std::thread::spawn(|| {
+            let before = crate::uring::Ring::new().expect("a ring before");
+            enter_connection();
+            let e = crate::uring::Ring::new().err().expect("no ring after");
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+            drop(before);
+        })
+        .join()
+        .expect("test thread");
     }
 }

@@ -1,6 +1,8 @@
 //! The transmission phase, server side (§Transmission, §Request types):
 //! requests read and answered on the engine, one at a time by [`serve`]
-//! (over TLS) or by [`crate::concurrent`]'s workers (sockets). Requests
+//! (over TLS), by [`crate::concurrent`]'s workers, or on a connection's
+//! io_uring ([`crate::uring`], which answers with the same [`Exec`] what
+//! its split data path does not). Requests
 //! are checked before anything is done: a bad range, flag or length is
 //! an error reply; only a request that breaks the framing (bad magic, a
 //! payload beyond the limit) ends the connection.
@@ -31,16 +33,37 @@ pub enum TransmissionError {
 /// How a request failed: the error value sent, and a message for humans
 /// (sent only in structured and extended replies).
 #[derive(Debug)]
-struct Failure {
+pub(crate) struct Failure {
     errno: u32,
     msg: String,
+    /// The engine refused to wait for another request's allocation
+    /// ([`qcow2::sync::without_blocking`]): nothing is sent, the request
+    /// runs again when woken.
+    would_block: bool,
+}
+
+impl Failure {
+    pub(crate) fn new(errno: u32, msg: impl Into<String>) -> Failure {
+        Failure {
+            errno,
+            msg: msg.into(),
+            would_block: false,
+        }
+    }
+
+    /// A data read or write on the host file that failed with `errno`.
+    pub(crate) fn host_io(what: &str, errno: i32) -> Failure {
+        let e = match errno {
+            libc::ENOSPC | libc::EDQUOT => errno::ENOSPC,
+            _ => errno::EIO,
+        };
+        let msg = format!("{what}: {}", io::Error::from_raw_os_error(errno));
+        Failure::new(e, msg)
+    }
 }
 
 fn fail<T>(errno: u32, msg: impl Into<String>) -> Result<T, Failure> {
-    Err(Failure {
-        errno,
-        msg: msg.into(),
-    })
+    Err(Failure::new(errno, msg))
 }
 
 impl From<qcow2::Error> for Failure {
@@ -60,16 +83,31 @@ impl From<qcow2::Error> for Failure {
         Failure {
             errno,
             msg: e.to_string(),
+            would_block: matches!(e, E::WouldBlock),
         }
     }
 }
 
-/// What a connection may do beyond the export's own flags.
+/// What a connection may do beyond the export's own flags, and how it
+/// is served.
 #[derive(Debug, Clone, Copy)]
 pub struct Policy {
     /// TRIM and WRITE_ZEROES without NO_HOLE free space (qemu-nbd's
     /// `--discard=unmap`); otherwise TRIM is a no-op.
     pub unmap: bool,
+    /// How a plain connection's requests run (TLS ones run one at a
+    /// time whatever this says).
+    pub aio: Aio,
+}
+
+/// qemu-nbd's `--aio`: how a connection's requests are run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Aio {
+    /// On an io_uring driven by the connection's thread
+    /// ([`crate::uring`]); `native` is taken as this.
+    IoUring,
+    /// By worker threads ([`crate::concurrent`]).
+    Threads,
 }
 
 /// Serves requests on `s` until the client disconnects (`NBD_CMD_DISC`
@@ -181,12 +219,41 @@ impl<'a> Exec<'a> {
         }
     }
 
+    /// As [`answer`](Self::answer), in non-blocking mode: false (and
+    /// nothing in `out`) when the engine would have waited for another
+    /// request's allocation; the request is then run again when woken
+    /// (every request the engine can refuse so is idempotent).
+    pub(crate) fn try_answer(&mut self, req: &Request, data: &[u8]) -> bool {
+        self.out.clear();
+        if let Err(f) = self.execute(req, data) {
+            self.out.clear();
+            if f.would_block {
+                return false;
+            }
+            self.error_reply(req, &f);
+        }
+        true
+    }
+
     pub(crate) fn trim(&mut self) {
         trim(&mut self.out);
     }
 
-    /// Checks `req` and does it, leaving a successful reply in `out`.
-    fn execute(&mut self, req: &Request, data: &[u8]) -> Result<(), Failure> {
+    /// Checks a READ or WRITE whose data moves outside the engine's own
+    /// reads and writes (see [`crate::uring`]) as [`execute`] would:
+    /// an error here is the one `execute` would reply.
+    ///
+    /// [`execute`]: Self::execute
+    pub(crate) fn check_data(&self, req: &Request) -> Result<(), Failure> {
+        self.check_common(req)?;
+        if req.kind == cmd::READ {
+            self.check_read_len(req)?;
+        }
+        self.range(req, req.len)
+    }
+
+    /// The checks every command goes through.
+    fn check_common(&self, req: &Request) -> Result<(), Failure> {
         let h = self.headers();
         let known = cmd_flags::FUA
             | cmd_flags::NO_HOLE
@@ -211,6 +278,12 @@ impl<'a> Exec<'a> {
         if writes && self.export().readonly {
             return fail(errno::EPERM, "the export is read-only");
         }
+        Ok(())
+    }
+
+    /// Checks `req` and does it, leaving a successful reply in `out`.
+    fn execute(&mut self, req: &Request, data: &[u8]) -> Result<(), Failure> {
+        self.check_common(req)?;
         match req.kind {
             cmd::READ => self.read(req),
             cmd::WRITE => {
@@ -277,14 +350,14 @@ impl<'a> Exec<'a> {
         Ok(())
     }
 
-    fn fua(&self, req: &Request) -> Result<(), Failure> {
+    pub(crate) fn fua(&self, req: &Request) -> Result<(), Failure> {
         if req.flags & cmd_flags::FUA != 0 {
             self.export().image.flush()?;
         }
         Ok(())
     }
 
-    fn read(&mut self, req: &Request) -> Result<(), Failure> {
+    fn check_read_len(&self, req: &Request) -> Result<(), Failure> {
         if req.len > MAX_PAYLOAD as u64 {
             return fail(
                 errno::EOVERFLOW,
@@ -294,10 +367,15 @@ impl<'a> Exec<'a> {
                 ),
             );
         }
+        Ok(())
+    }
+
+    fn read(&mut self, req: &Request) -> Result<(), Failure> {
+        self.check_read_len(req)?;
         self.range(req, req.len)?;
-        let h = self.headers();
         let n = req.len as usize;
         if n == 0 {
+            let h = self.headers();
             // No content chunk may describe nothing: a structured reply
             // (never a simple one, for a read) is then NONE alone.
             match h.structured() {
@@ -314,7 +392,18 @@ impl<'a> Exec<'a> {
             }
             return Ok(());
         }
-        let at = if h.structured() {
+        let at = self.read_header(req);
+        self.out.resize(at + n, 0);
+        let img = self.session.export.image.as_ref();
+        qcow2::blockstatus::read_padded(img, &mut self.out[at..], req.offset)?;
+        Ok(())
+    }
+
+    /// Puts the header of a read's reply (with data to follow) in `out`;
+    /// returns where the data goes.
+    pub(crate) fn read_header(&mut self, req: &Request) -> usize {
+        let h = self.headers();
+        if h.structured() {
             reply::chunk_header(
                 &mut self.out,
                 h,
@@ -325,15 +414,10 @@ impl<'a> Exec<'a> {
                 8 + req.len,
             );
             self.out.extend_from_slice(&req.offset.to_be_bytes());
-            self.out.len()
         } else {
             reply::simple(&mut self.out, 0, req.cookie);
-            self.out.len()
-        };
-        self.out.resize(at + n, 0);
-        let img = self.session.export.image.as_ref();
-        qcow2::blockstatus::read_padded(img, &mut self.out[at..], req.offset)?;
-        Ok(())
+        }
+        self.out.len()
     }
 
     fn write_zeroes(&mut self, req: &Request) -> Result<(), Failure> {
@@ -422,7 +506,7 @@ impl<'a> Exec<'a> {
     }
 
     /// A successful reply without payload.
-    fn ok(&mut self, req: &Request) {
+    pub(crate) fn ok(&mut self, req: &Request) {
         match self.headers() {
             Headers::Extended => reply::chunk_header(
                 &mut self.out,
@@ -437,7 +521,7 @@ impl<'a> Exec<'a> {
         }
     }
 
-    fn error_reply(&mut self, req: &Request, f: &Failure) {
+    pub(crate) fn error_reply(&mut self, req: &Request, f: &Failure) {
         let h = self.headers();
         if !h.structured() {
             reply::simple(&mut self.out, f.errno, req.cookie);

@@ -54,7 +54,15 @@ fn serve(ex: Arc<Exports>) -> (UnixStream, Served) {
             HandshakeError::Io(_) => "io".to_string(),
             e => format!("handshake: {e}"),
         })?;
-        transmission::serve(s, &session, Policy { unmap: true }).map_err(|e| match e {
+        transmission::serve(
+            s,
+            &session,
+            Policy {
+                unmap: true,
+                aio: rimg_nbd::Aio::Threads,
+            },
+        )
+        .map_err(|e| match e {
             TransmissionError::Io(_) => "io".to_string(),
             e => format!("transmission: {e}"),
         })

@@ -305,9 +305,11 @@ pub fn install_on_current_thread(prog: &BpfProgram) -> Result<(), Error> {
 }
 
 /// Makes the system calls `nrs` fail with `errno` on the calling thread
-/// only, everything else unchanged. For tests that need a system call to
-/// fail for real (an io_uring that cannot be entered any more). It cannot
-/// be removed: run it on a thread of its own.
+/// (and the threads it starts afterwards) only, everything else
+/// unchanged: for a thread that gives them up for good (rimg-nbd's
+/// connections), and for tests that need a system call to fail for real
+/// (an io_uring that cannot be entered any more). It cannot be removed:
+/// in a test, run it on a thread of its own.
 pub fn fail_on_current_thread(nrs: &[libc::c_long], errno: i32) -> Result<(), Error> {
     let arch = std::env::consts::ARCH.try_into().map_err(Error::Build)?;
     let rules = nrs.iter().map(|&nr| (nr, Vec::new())).collect();

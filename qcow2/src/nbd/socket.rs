@@ -44,6 +44,15 @@ impl Socket {
     }
 }
 
+impl std::os::fd::AsRawFd for Socket {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Socket::Unix(s) => s.as_raw_fd(),
+            Socket::Tcp(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Read for Socket {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
