@@ -1,14 +1,21 @@
 //! Many requests in flight on one connection: QEMU's NBD client (qemu-io
 //! `aio_*`, up to 16 requests at once, flushes among them) against
-//! rimg-nbd, whose workers answer them concurrently and out of order. Every read checks its
-//! pattern; afterwards the image equals a model made by the same
-//! commands on a local raw file (`qemu-img compare`), and `qemu-img
-//! check` is clean. Seeded; `RIMG_SEED` replays a run.
+//! rimg-nbd, which answers them concurrently and out of order, on its
+//! io_uring (the default) and on worker threads (`--aio threads`). Every
+//! read checks its pattern; afterwards the image equals a model made by
+//! the same commands on a local raw file (`qemu-img compare`), and
+//! `qemu-img check` is clean. Seeded; `RIMG_SEED` replays a run. Two
+//! connections then allocate the same clusters at once, so that one
+//! waits for the other's allocation.
 
 use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use rimg_tests::nbd::{self, unix_uri};
-use rimg_tests::{run_ok, tempdir};
+use rimg_tests::{run_ok, spawn_watched, tempdir};
+
+const MODES: [&str; 2] = ["io_uring", "threads"];
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -85,21 +92,25 @@ fn requests_in_flight_are_answered_concurrently_and_correctly() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_u64);
     let d = tempdir();
-    for fmt in ["raw", "qcow2"] {
+    for (fmt, aio) in ["raw", "qcow2"]
+        .into_iter()
+        .flat_map(|f| MODES.map(|m| (f, m)))
+    {
         let (slots, slot) = (256u64, 256u64 << 10);
         let size = (slots * slot).to_string();
-        let img = d.path().join(format!("disk.{fmt}"));
-        let model = d.path().join(format!("model.{fmt}.raw"));
+        let img = d.path().join(format!("disk.{aio}.{fmt}"));
+        let model = d.path().join(format!("model.{aio}.{fmt}.raw"));
         run_ok("qemu-img", &["create", "-f", fmt, s(&img), &size]);
         run_ok("qemu-img", &["create", "-f", "raw", s(&model), &size]);
         let cmds = commands(seed, slots, slot);
-        let sock = d.path().join(format!("{fmt}.sock"));
-        let srv = nbd::serve(&sock, &["--discard", "unmap", "-f", fmt, s(&img)]);
+        let sock = d.path().join(format!("{aio}.{fmt}.sock"));
+        let args = ["--discard", "unmap", "--aio", aio, "-f", fmt, s(&img)];
+        let srv = nbd::serve(&sock, &args);
         let out = qemu_io("raw", &unix_uri(&sock, ""), &cmds);
         let log = nbd::stop(srv);
         assert!(
             !out.contains("fail") && !out.contains("error"),
-            "seed {seed} ({fmt}): {out}\nserver: {log}"
+            "seed {seed} ({fmt}, {aio}): {out}\nserver: {log}"
         );
         qemu_io("raw", s(&model), &cmds);
         run_ok(
@@ -107,6 +118,84 @@ fn requests_in_flight_are_answered_concurrently_and_correctly() {
             &["compare", "-f", fmt, "-F", "raw", s(&img), s(&model)],
         );
         if fmt == "qcow2" {
+            run_ok("qemu-img", &["check", s(&img)]);
+        }
+    }
+}
+
+/// Two clients write the two halves of every cluster of a new qcow2
+/// image at once, in the same order, up to 16 requests each in flight:
+/// where both reach a cluster together, one connection's write waits
+/// for the other's allocation (parked and woken on the io_uring path,
+/// blocked on the threaded one). Both must finish (within a deadline: a
+/// lost wake-up is a hang) and every half must hold its writer's bytes.
+#[test]
+fn two_connections_allocating_the_same_clusters_both_finish() {
+    let d = tempdir();
+    let (clusters, cs) = (1024u64, 64u64 << 10);
+    let half = cs / 2;
+    let size = (clusters * cs).to_string();
+    for aio in MODES {
+        for round in 0..2 {
+            let img = d.path().join(format!("race.{aio}.{round}.qcow2"));
+            let model = d.path().join(format!("race.{aio}.{round}.raw"));
+            run_ok(
+                "qemu-img",
+                &[
+                    "create",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=65536",
+                    s(&img),
+                    &size,
+                ],
+            );
+            run_ok("qemu-img", &["create", "-f", "raw", s(&model), &size]);
+            let sock = d.path().join(format!("race.{aio}.{round}.sock"));
+            let srv = nbd::serve(&sock, &["-e", "2", "--aio", aio, "-f", "qcow2", s(&img)]);
+            let writer = |second: u64| -> Vec<String> {
+                let p = 0xa0 + second;
+                let mut c: Vec<String> = (0..clusters)
+                    .map(|k| format!("aio_write -P {p} {} {half}", k * cs + second * half))
+                    .collect();
+                c.push("aio_flush".into());
+                c
+            };
+            let (a, b) = (writer(0), writer(1));
+            let spawn = |cmds: &[String]| {
+                let mut cmd = Command::new("qemu-io");
+                cmd.args(["-f", "raw"]);
+                for c in cmds {
+                    cmd.args(["-c", c]);
+                }
+                cmd.arg(unix_uri(&sock, ""));
+                spawn_watched(cmd, std::process::Stdio::null())
+            };
+            let (ca, cb) = (spawn(&a), spawn(&b));
+            let (ra, rb) = (
+                ca.wait(Duration::from_secs(120)),
+                cb.wait(Duration::from_secs(120)),
+            );
+            let log = nbd::stop(srv);
+            for (who, r) in [("first", &ra), ("second", &rb)] {
+                let out = String::from_utf8_lossy(&r.stdout);
+                assert!(
+                    !r.timed_out,
+                    "{aio}, round {round}: the {who} client hung:\n{out}\nserver: {log}"
+                );
+                assert!(
+                    r.status.is_some_and(|s| s.success()) && !out.contains("fail"),
+                    "{aio}, round {round}: the {who} client: {out}\n{}\nserver: {log}",
+                    String::from_utf8_lossy(&r.stderr)
+                );
+            }
+            qemu_io("raw", s(&model), &a);
+            qemu_io("raw", s(&model), &b);
+            run_ok(
+                "qemu-img",
+                &["compare", "-f", "qcow2", "-F", "raw", s(&img), s(&model)],
+            );
             run_ok("qemu-img", &["check", s(&img)]);
         }
     }

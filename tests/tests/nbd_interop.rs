@@ -300,6 +300,44 @@ fn a_raw_files_padded_last_sector_takes_writes_as_under_qemu_nbd() {
     );
 }
 
+/// A data cluster whose bytes end early in the file (an external data
+/// file shorter than the clusters it holds) reads as zeros past the
+/// file's end, as through qemu-nbd and qemu-io's own reads: on the
+/// io_uring path a read that meets the end of the file is not an error.
+#[test]
+fn data_past_the_end_of_an_external_data_file_reads_as_zeros() {
+    let d = tempdir();
+    let img = d.path().join("ext.qcow2");
+    let data = d.path().join("ext.data");
+    let opt = format!("data_file={}", s(&data));
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", &opt, s(&img), "1M"],
+    );
+    rimg_tests::qemu_io(&img, &["write -P 7 0 4096"]);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let cmds = [
+        "read -P 7 0 4096",
+        "read -P 0 4096 61440",
+        "read -P 7 0 4096",
+    ];
+    for aio in ["io_uring", "threads"] {
+        let sock = d.path().join(format!("{aio}.sock"));
+        let srv = nbd::serve(&sock, &["--aio", aio, "-f", "qcow2", s(&img)]);
+        qemu_io_ok(&unix_uri(&sock, ""), &cmds);
+        nbd::stop(srv);
+    }
+    let sock = d.path().join("qemu.sock");
+    let q = QemuNbd::start(&sock, &["-f", "qcow2", s(&img)]);
+    qemu_io_ok(&unix_uri(&sock, ""), &cmds);
+    drop(q);
+}
+
 /// Persistent dirty bitmaps as `qemu:dirty-bitmap:NAME` (`-B`), as
 /// qemu-nbd gives them: the listed contexts, each bitmap's extents
 /// (nbdinfo, and qemu-img's own reading of a bitmap through block
