@@ -13,6 +13,8 @@ use rimg_vhost_server::RingOwner;
 use super::{Conn, Op, Stage};
 use crate::transmission::Failure;
 
+const INLINE_MAX: usize = 64 << 10;
+
 impl Conn<'_> {
     /// Starts answering a request whose payload has arrived.
     pub(super) fn start(&mut self, idx: usize) {
@@ -178,7 +180,12 @@ impl Conn<'_> {
                 // system that can tell (see `inline`).
                 // SAFETY: the iovec points into the payload, borrowed for
                 // the call.
-                let r = unsafe { inline::write(&mut self.inline, file.0, &iov, host, len as u64) };
+                let r = match len <= INLINE_MAX {
+                    true => unsafe {
+                        inline::write(&mut self.inline, file.0, &iov, host, len as u64)
+                    },
+                    false => Inline::Punt,
+                };
                 match r {
                     // At most MAX_PAYLOAD bytes: an i32.
                     Inline::Done => return self.data_done(idx, k, len as i32),

@@ -452,13 +452,15 @@ impl<'a> Conn<'a> {
         if self.recv_busy || self.eof {
             return;
         }
-        let (p, n) = if let Some(idx) = self.partial {
+        // A payload's piece arrives whole (MSG_WAITALL: one completion,
+        // not one per socket buffer's worth); headers as they come.
+        let (p, n, flags) = if let Some(idx) = self.partial {
             let s = &mut self.slots[idx];
             if s.data.len() == s.got {
                 s.data.resize((s.got + PIECE).min(s.plen));
             }
             let b = &mut s.data[s.got..];
-            (b.as_mut_ptr(), b.len())
+            (b.as_mut_ptr(), b.len(), libc::MSG_WAITALL)
         } else {
             if self.blocked {
                 return;
@@ -467,9 +469,10 @@ impl<'a> Conn<'a> {
             self.rlen -= self.rpos;
             self.rpos = 0;
             let b = &mut self.input[self.rlen..];
-            (b.as_mut_ptr(), b.len())
+            (b.as_mut_ptr(), b.len(), 0)
         };
         let sqe = opcode::Recv::new(types::Fd(self.fd), p, n as u32)
+            .flags(flags)
             .build()
             .user_data(RECV);
         // Set before the push, which may reap, and so run `stop`.
