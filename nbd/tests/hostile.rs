@@ -1,5 +1,6 @@
 //! Clients that break the rules, against the server's handshake and
-//! transmission code over a socket pair: each breach gets the reply the
+//! transmission code over a socket pair (requests served one at a time,
+//! and on a connection's io_uring): each breach gets the reply the
 //! spec gives it, or ends that connection when the framing is lost, and
 //! nothing a client sends makes the server allocate by its word, panic or
 //! reach outside the exported set.
@@ -15,7 +16,7 @@ use nbd_proto::reply::{self, ReplyHeader as Rh};
 use nbd_proto::request::{Headers, Request};
 use rimg_nbd::handshake::{self, HandshakeError};
 use rimg_nbd::transmission::{self, TransmissionError};
-use rimg_nbd::{Export, Exports, Policy};
+use rimg_nbd::{Aio, Export, Exports, Policy};
 
 /// A 1 MiB raw image exported as "disk" (and read-only as "ro").
 fn exports(dir: &std::path::Path) -> Arc<Exports> {
@@ -48,21 +49,30 @@ type Served = JoinHandle<Result<(), String>>;
 /// A server thread on one end of a socket pair: the handshake, then
 /// transmission; its result says how the connection ended.
 fn serve(ex: Arc<Exports>) -> (UnixStream, Served) {
+    serve_on(ex, false)
+}
+
+/// As [`serve`], with requests served on a connection's io_uring
+/// (`rimg_nbd::uring`) when `uring`, else one at a time (the path TLS
+/// connections take).
+fn serve_on(ex: Arc<Exports>, uring: bool) -> (UnixStream, Served) {
     let (c, mut s) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || {
         let session = handshake::negotiate(&mut s, &ex).map_err(|e| match e {
             HandshakeError::Io(_) => "io".to_string(),
             e => format!("handshake: {e}"),
         })?;
-        transmission::serve(
-            s,
-            &session,
-            Policy {
-                unmap: true,
-                aio: rimg_nbd::Aio::Threads,
-            },
-        )
-        .map_err(|e| match e {
+        let aio = if uring { Aio::IoUring } else { Aio::Threads };
+        let policy = Policy { unmap: true, aio };
+        let served = match uring {
+            true => {
+                let ring = rimg_nbd::uring::Ring::new().map_err(|e| format!("ring: {e}"))?;
+                let s = qcow2::nbd::Socket::Unix(s);
+                rimg_nbd::uring::serve(&s, &session, policy, ring)
+            }
+            false => transmission::serve(s, &session, policy),
+        };
+        served.map_err(|e| match e {
             TransmissionError::Io(_) => "io".to_string(),
             e => format!("transmission: {e}"),
         })
@@ -271,8 +281,8 @@ fn handshake_breaches_get_the_specs_answers() {
 fn bad_requests_get_errors_and_the_connection_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let ex = exports(dir.path());
-    for structured in [false, true] {
-        let (c, t) = serve(ex.clone());
+    for (structured, uring) in [(false, false), (true, false), (false, true), (true, true)] {
+        let (c, t) = serve_on(ex.clone(), uring);
         let mut cl = Client::greet(c, 3);
         if structured {
             assert_eq!(cl.option(opt::STRUCTURED_REPLY, &[])[0].0, rep::ACK);
@@ -286,7 +296,7 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
             assert_eq!(
                 cl.request(r, payload).0,
                 want,
-                "{r:?}, structured {structured}"
+                "{r:?}, structured {structured}, uring {uring}"
             );
         };
         expect(req(cmd::READ, 0, size - 512, 1024), &[], errno::EINVAL);
@@ -314,7 +324,11 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
         assert_eq!((e, d.len()), (0, 0));
         // NBD_CMD_DISC has no reply: the server ends the connection.
         cl.send(req(cmd::DISC, 0, 0, 0), &[]);
-        assert_eq!(t.join().unwrap(), Ok(()), "structured {structured}");
+        assert_eq!(
+            t.join().unwrap(),
+            Ok(()),
+            "structured {structured}, uring {uring}"
+        );
     }
 }
 
@@ -322,7 +336,13 @@ fn bad_requests_get_errors_and_the_connection_goes_on() {
 fn read_only_exports_refuse_writes_after_taking_their_payload() {
     let dir = tempfile::tempdir().unwrap();
     let ex = exports(dir.path());
-    let (c, t) = serve(ex);
+    for uring in [false, true] {
+        ro_refuses(&ex, uring);
+    }
+}
+
+fn ro_refuses(ex: &Arc<Exports>, uring: bool) {
+    let (c, t) = serve_on(ex.clone(), uring);
     let mut cl = Client::greet(c, 3);
     cl.go("ro");
     assert_eq!(
@@ -344,16 +364,18 @@ fn read_only_exports_refuse_writes_after_taking_their_payload() {
 fn framing_breaches_end_the_connection() {
     let dir = tempfile::tempdir().unwrap();
     let ex = exports(dir.path());
-    // A payload over the 32 MiB limit: not read, the connection ends.
-    let (c, t) = serve(ex.clone());
-    let mut cl = Client::greet(c, 3);
-    cl.go("disk");
-    cl.send(req(cmd::WRITE, 0, 0, (32 << 20) + 1), &[]);
-    assert!(t.join().unwrap().unwrap_err().contains("over the"));
-    // A bad magic: the stream cannot be followed any more.
-    let (c, t) = serve(ex);
-    let mut cl = Client::greet(c, 3);
-    cl.go("disk");
-    cl.s.write_all(&[0x55; 28]).unwrap();
-    assert!(t.join().unwrap().unwrap_err().contains("magic"));
+    for uring in [false, true] {
+        // A payload over the 32 MiB limit: not read, the connection ends.
+        let (c, t) = serve_on(ex.clone(), uring);
+        let mut cl = Client::greet(c, 3);
+        cl.go("disk");
+        cl.send(req(cmd::WRITE, 0, 0, (32 << 20) + 1), &[]);
+        assert!(t.join().unwrap().unwrap_err().contains("over the"));
+        // A bad magic: the stream cannot be followed any more.
+        let (c, t) = serve_on(ex.clone(), uring);
+        let mut cl = Client::greet(c, 3);
+        cl.go("disk");
+        cl.s.write_all(&[0x55; 28]).unwrap();
+        assert!(t.join().unwrap().unwrap_err().contains("magic"));
+    }
 }
