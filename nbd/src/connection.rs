@@ -69,10 +69,16 @@ pub fn run(
     limit: Option<Duration>,
     tls: Option<&TlsCreds>,
 ) {
-    // The ring first: then this thread, which reads what the client
-    // sends, gives up making rings (whose operations no filter sees).
-    let ring = crate::uring::Ring::for_policy(policy);
-    crate::seccomp::enter_connection();
+    // The ring first (TLS sessions are served one request at a time,
+    // without): then this thread, which reads what the client sends,
+    // gives up making rings (whose operations no filter sees).
+    let ring = match tls {
+        None => crate::uring::Ring::for_policy(policy),
+        Some(_) => None,
+    };
+    if let Err(e) = crate::seccomp::enter_connection() {
+        return warn!("client {id}: not served: connection seccomp filter: {e}");
+    }
     let mut t = Timed {
         s,
         end: limit.map(|l| Instant::now() + l),

@@ -64,18 +64,30 @@ pub fn sandbox() -> SyscallList {
     l
 }
 
+/// The process filter is installed (not `--seccomp off`): connection
+/// threads narrow it ([`enter_connection`]).
+static CONFINED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that the process filter is in place (the server, once
+/// installed with an action other than `Off`).
+pub fn confined() {
+    CONFINED.store(true, std::sync::atomic::Ordering::Release);
+}
+
 /// What a connection thread gives up before it reads from its client:
 /// making io_uring instances and changing them. Operations submitted to a
 /// ring are never seen by seccomp, so a thread that could make an
 /// unrestricted ring could open files or sockets through it; the
 /// connection's own ring is made before this and restricted to its
 /// operations (`rimg_vhost_server::uring`). Threads it starts (`--aio
-/// threads` workers) inherit this.
-pub fn enter_connection() {
-    let nrs = [libc::SYS_io_uring_setup, libc::SYS_io_uring_register];
-    if let Err(e) = rimg_seccomp::fail_on_current_thread(&nrs, libc::EPERM) {
-        log::error!("connection thread seccomp filter: {e}");
+/// threads` workers) inherit this. Nothing without a process filter; an
+/// error means the connection must not be served.
+pub fn enter_connection() -> Result<(), rimg_seccomp::Error> {
+    if !CONFINED.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(());
     }
+    let nrs = [libc::SYS_io_uring_setup, libc::SYS_io_uring_register];
+    rimg_seccomp::fail_on_current_thread(&nrs, libc::EPERM)
 }
 
 #[cfg(test)]
@@ -105,7 +117,10 @@ mod tests {
     fn a_connection_thread_makes_no_rings_once_entered() {
         std::thread::spawn(|| {
             let before = crate::uring::Ring::new().expect("a ring before");
-            enter_connection();
+            enter_connection().unwrap();
+            assert!(crate::uring::Ring::new().is_ok(), "not confined: no filter");
+            confined();
+            enter_connection().unwrap();
             let e = crate::uring::Ring::new().err().expect("no ring after");
             assert_eq!(e.raw_os_error(), Some(libc::EPERM));
             drop(before);

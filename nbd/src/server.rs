@@ -368,6 +368,9 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
             info!("{line}");
         }
     }
+    if cfg.seccomp != rimg_seccomp::SeccompAction::Off {
+        crate::seccomp::confined();
+    }
     if let Some(n) = &notifier {
         n.ready();
     }

@@ -99,6 +99,19 @@ pub fn restricted_ring(
     Ok(ring)
 }
 
+/// Whether this kernel can restrict a ring's operations (5.10 and
+/// later); where it cannot, [`restricted_ring`] makes unrestricted rings.
+/// Probed once.
+pub fn can_restrict() -> bool {
+    static CAN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CAN.get_or_init(|| {
+        IoUring::<squeue::Entry>::builder()
+            .setup_r_disabled()
+            .build(1)
+            .is_ok()
+    })
+}
+
 /// The kernel takes no more submissions until completions are reaped
 /// (its completion queue is full).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

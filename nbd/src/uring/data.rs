@@ -10,7 +10,7 @@ use qcow2::{Mapping, PendingWrite};
 use rimg_vhost_server::inline::{self, Inline};
 use rimg_vhost_server::RingOwner;
 
-use super::{Conn, Op, Stage};
+use super::{Conn, Op, Stage, MAX_INFLIGHT};
 use crate::transmission::Failure;
 
 const INLINE_MAX: usize = 64 << 10;
@@ -76,7 +76,7 @@ impl Conn<'_> {
 
     /// Maps and issues the rest of a split read or write; parks it at a
     /// write extent whose cluster another request is allocating.
-    fn plan(&mut self, idx: usize) {
+    pub(super) fn plan(&mut self, idx: usize) {
         loop {
             let s = &self.slots[idx];
             if s.stage != Stage::Run || s.failed.is_some() || s.done >= s.req.len {
@@ -86,6 +86,10 @@ impl Conn<'_> {
                 let f = Failure::host_io("data I/O", libc::EIO);
                 self.slots[idx].failed = Some(f);
                 break;
+            }
+            if self.ring.inflight() >= MAX_INFLIGHT {
+                // Goes on as completions are reaped.
+                return self.throttled.push(idx);
             }
             let off = s.req.offset + s.done;
             let rem = s.req.len - s.done;
@@ -273,11 +277,21 @@ impl Conn<'_> {
         self.reply(idx);
     }
 
-    /// Parked requests run again (an allocation they waited for ended).
-    pub(super) fn woken(&mut self) {
-        if !self.closing {
+    /// The waker's read completed with `res`: parked requests run again
+    /// (an allocation they waited for ended).
+    pub(super) fn woken(&mut self, res: i32) {
+        if res < 0 && res != -libc::EINTR && res != -libc::EAGAIN {
+            // Not re-armed (it would fail again at once): the loop polls.
+            let e = std::io::Error::from_raw_os_error(-res);
+            log::error!("the connection's waker cannot be read ({e}): polling");
+            self.poll_parked = true;
+        } else if !self.closing {
             self.arm_wake();
         }
+        self.retry_parked();
+    }
+
+    pub(super) fn retry_parked(&mut self) {
         for idx in std::mem::take(&mut self.parked) {
             let s = &mut self.slots[idx];
             s.parked = false;

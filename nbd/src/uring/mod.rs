@@ -73,6 +73,10 @@ pub const SLOTS: usize = 256;
 /// Replies gathered into one send at most.
 pub const BATCH: usize = 64;
 const ENTRIES: u32 = 256;
+/// Most operations in flight: within the completion queue (twice the
+/// entries), so that completions never overflow it however long the loop
+/// is busy elsewhere; a request that would go past waits in `throttled`.
+const MAX_INFLIGHT: usize = 2 * ENTRIES as usize - 8;
 /// The input buffer, where request headers (and small payloads) land.
 const INPUT: usize = 256 << 10;
 /// A payload is received (and its buffer grown) this much at a time.
@@ -106,7 +110,15 @@ pub struct Ring {
 }
 
 impl Ring {
+    /// Refused where rings cannot be restricted (before 5.10): the
+    /// threaded path serves then, rather than an unrestricted ring on the
+    /// thread that talks to the client.
     pub fn new() -> std::io::Result<Ring> {
+        if !rimg_vhost_server::uring::can_restrict() {
+            return Err(std::io::Error::other(
+                "this kernel cannot restrict io_uring operations",
+            ));
+        }
         Ok(Ring {
             ring: WorkerRing::restricted(ENTRIES, &OPS, None, &[])?,
             wake: Arc::new(Waker(EventFd::new(libc::EFD_CLOEXEC)?)),
@@ -255,6 +267,11 @@ struct Conn<'a> {
     free: Vec<usize>,
     held: u64,
     parked: Vec<usize>,
+    /// Requests waiting for room in the ring (`MAX_INFLIGHT`).
+    throttled: Vec<usize>,
+    /// The waker's read failed: parked requests are retried as
+    /// allocations end, polled (`Image::wait_for_allocations`).
+    poll_parked: bool,
 
     outq: std::collections::VecDeque<usize>,
     /// Bytes of the first queued reply already sent.
@@ -306,6 +323,8 @@ impl<'a> Conn<'a> {
             free: Vec::new(),
             held: 0,
             parked: Vec::new(),
+            throttled: Vec::new(),
+            poll_parked: false,
             outq: Default::default(),
             sent_front: 0,
             send_busy: false,
@@ -325,11 +344,20 @@ impl<'a> Conn<'a> {
             if self.finished() {
                 break;
             }
+            if self.poll_parked && !self.parked.is_empty() && self.ring.inflight() == 0 {
+                self.img
+                    .wait_for_allocations(std::time::Duration::from_millis(10));
+                self.retry_parked();
+                continue;
+            }
             if let Err(e) = self.ring.wait() {
                 self.leak();
                 return Err(e.into());
             }
             self.reap_completions();
+            for idx in std::mem::take(&mut self.throttled) {
+                self.plan(idx);
+            }
         }
         // The waker's read completes on this count.
         self.closing = true;
@@ -644,7 +672,7 @@ impl RingOwner for Conn<'_> {
             match ud {
                 RECV => self.received(res),
                 SEND => self.sent(res),
-                WAKE => self.woken(),
+                WAKE => self.woken(res),
                 _ => self.data_done((ud >> 32) as usize, (ud & 0xffff_ffff) as usize, res),
             }
         }
@@ -658,7 +686,9 @@ impl Drop for Conn<'_> {
     /// (which ends its receive and send) and the waker's read ended, then
     /// the ring is drained without handling what completes (writes roll
     /// back, no reply is sent), so that the client is let go; a ring that
-    /// cannot be waited on leaks what its operations use.
+    /// cannot be waited on leaks what its operations use. (A panic that
+    /// poisoned the engine's metadata lock aborts the process instead,
+    /// when a rollback takes that lock: the engine's policy.)
     fn drop(&mut self) {
         if self.ring.inflight() == 0 {
             return;
