@@ -338,6 +338,55 @@ fn data_past_the_end_of_an_external_data_file_reads_as_zeros() {
     drop(q);
 }
 
+/// One 4 MiB read of 8192 separately placed 512-byte clusters (even
+/// ones written first, then odd ones): thousands of ring reads for one
+/// request, more than the ring's completion queue holds, so the request
+/// waits for room part way. The bytes read equal qemu-nbd's.
+#[test]
+fn a_read_of_thousands_of_extents_reads_what_qemu_nbd_reads() {
+    let d = tempdir();
+    let img = d.path().join("frag.qcow2");
+    let o = "cluster_size=512";
+    run_ok(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", o, s(&img), "4M"],
+    );
+    let n = 8192u64;
+    let cmds: Vec<String> = (0..n)
+        .step_by(2)
+        .chain((1..n).step_by(2))
+        .map(|k| format!("write -P {} {} 512", k % 251 + 1, k * 512))
+        .collect();
+    let cmds: Vec<&str> = cmds.iter().map(|c| c.as_str()).collect();
+    rimg_tests::qemu_io(&img, &cmds);
+    // Under a deadline: a request that waits for room and is never
+    // resumed hangs its client.
+    let dump = |uri: &str| -> Vec<String> {
+        let mut cmd = std::process::Command::new("qemu-io");
+        cmd.args(["-f", "raw", "-c", "read -v 0 4M", uri]);
+        let w = rimg_tests::run_watched(cmd, std::time::Duration::from_secs(60));
+        let out = String::from_utf8_lossy(&w.stdout).into_owned();
+        assert!(!w.timed_out, "qemu-io read of {uri} hung");
+        assert!(w.status.is_some_and(|s| s.success()), "{uri}: {out}");
+        out.lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_hexdigit()) && l.contains(':'))
+            .map(String::from)
+            .collect()
+    };
+    let sock = d.path().join("qemu.sock");
+    let q = QemuNbd::start(&sock, &["-f", "qcow2", s(&img)]);
+    let want = dump(&unix_uri(&sock, ""));
+    drop(q);
+    assert_eq!(want.len(), 4 << 16, "qemu-io prints 16 bytes a line");
+    for aio in ["io_uring", "threads"] {
+        let sock = d.path().join(format!("{aio}.sock"));
+        let srv = nbd::serve(&sock, &["--aio", aio, "-f", "qcow2", s(&img)]);
+        let got = dump(&unix_uri(&sock, ""));
+        nbd::stop(srv);
+        assert!(got == want, "{aio}: the bytes read differ from qemu-nbd's");
+    }
+}
+
 /// Persistent dirty bitmaps as `qemu:dirty-bitmap:NAME` (`-B`), as
 /// qemu-nbd gives them: the listed contexts, each bitmap's extents
 /// (nbdinfo, and qemu-img's own reading of a bitmap through block
