@@ -1,7 +1,7 @@
 //! The transmission phase, server side (§Transmission, §Request types):
 //! requests read and answered on the engine, one at a time by [`serve`]
 //! (over TLS), by [`crate::concurrent`]'s workers, or on a connection's
-//! io_uring ([`crate::uring`], which answers with the same [`Exec`] what
+//! io_uring ([`crate::uring`], which answers with the same `Exec` what
 //! its split data path does not). Requests
 //! are checked before anything is done: a bad range, flag or length is
 //! an error reply; only a request that breaks the framing (bad magic, a

@@ -22,7 +22,9 @@
 //!   cluster another request is allocating parks the request; the engine
 //!   calls the connection's waker (an eventfd whose read is always posted
 //!   on the ring) when that allocation ends. A write is answered once
-//!   every extent is committed (and, with FUA, flushed).
+//!   every extent is committed (and, with FUA, flushed). At most
+//!   `MAX_INFLIGHT` operations are in flight, so that completions never
+//!   overflow the ring; a request mapped into more waits for room.
 //! - **Everything else** (FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS, CACHE,
 //!   and the reads and writes the split path cannot do: encrypted images,
 //!   data on an NBD server, a probed raw image's first sector, a raw
@@ -42,7 +44,7 @@
 //!   socket down, which ends the receive in flight. The ring follows the
 //!   daemons' one teardown policy ([`WorkerRing`]): nothing the kernel may
 //!   still read or write is freed, and a ring that cannot be waited on
-//!   leaks what its operations use ([`Conn::leak`]).
+//!   leaks what its operations use (`Conn::leak`).
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
