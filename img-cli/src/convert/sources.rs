@@ -1,14 +1,10 @@
 //! The sources of a conversion, read as one disk, one after the other.
 //!
-//! Data a layer stores in clear in a file is borrowed from a read-only
-//! mapping of that file instead of being copied out of the page cache:
-//! a buffered convert otherwise spends about half its time in that copy
-//! (the other half is the copy into the target's page cache, which
-//! remains). Everything else (zeros, backing layers, compressed or
-//! encrypted clusters, files that cannot be mapped) is read as usual.
+//! Everything is read through the engine, into the worker's buffer. (A
+//! read-only mapping of the files, populated per extent, was tried: on
+//! Linux 6.18 filling its page tables cost more than the copy it saved,
+//! 10-15 % of a 1 GiB convert's time, and unmapping them at exit more.)
 
-use std::os::fd::AsRawFd;
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 use qcow2::storage::Storage;
@@ -42,10 +38,8 @@ struct Part {
     start: u64,
     img: Arc<dyn Image>,
     /// The image's data is in clear in a file, read without injected
-    /// faults: copies of it may bypass the engine (mapped, offloaded).
+    /// faults: copies of it may bypass the engine (offloaded, -C).
     clear: bool,
-    /// The file holding the image's data in clear, mapped.
-    map: Option<FileMap>,
 }
 
 impl Sources {
@@ -57,15 +51,10 @@ impl Sources {
             // Injected faults (blkdebug) apply to reads through the file.
             let faults = img.storage().has_faults() || img.data_storage().has_faults();
             let clear = img.data_in_clear() && !faults;
-            let map = clear
-                .then(|| img.data_storage().file())
-                .flatten()
-                .and_then(FileMap::new);
             parts.push(Part {
                 start: size,
                 img,
                 clear,
-                map,
             });
             size += n;
         }
@@ -151,21 +140,8 @@ impl Sources {
         Ok(n)
     }
 
-    /// The bytes [pos, pos + buf.len()): borrowed from a mapping when one
-    /// extent of one file holds them all, otherwise read into `buf`.
-    pub(super) fn bytes<'a>(&'a self, pos: u64, buf: &'a mut [u8]) -> Result<&'a [u8], CliError> {
-        let (p, at, left) = self.part(pos);
-        if let Some(map) = &p.map {
-            if buf.len() as u64 <= left {
-                if let Ok((Mapping::Data(host), n)) = p.img.map_read(at, buf.len() as u64) {
-                    if n == buf.len() as u64 {
-                        if let Some(b) = map.get(host.0, buf.len()) {
-                            return Ok(b);
-                        }
-                    }
-                }
-            }
-        }
+    /// The bytes [pos, pos + buf.len()), read into `buf`.
+    pub(super) fn bytes<'a>(&self, pos: u64, buf: &'a mut [u8]) -> Result<&'a [u8], CliError> {
         self.read_at(buf, pos)?;
         Ok(buf)
     }
@@ -226,109 +202,5 @@ fn read_error(pos: u64, e: qcow2::Error) -> CliError {
             crate::common::os_error_text(&e)
         )),
         e => e.into(),
-    }
-}
-
-/// A whole file mapped read-only and shared: its page cache pages, seen
-/// without a copy.
-struct FileMap {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by this value until Drop;
-// reading it from several threads is reading shared memory.
-unsafe impl Send for FileMap {}
-// SAFETY: as above: only shared reads, never a write through it.
-unsafe impl Sync for FileMap {}
-
-impl FileMap {
-    /// Maps `file` whole. None (the copying path then serves it) unless
-    /// it is a non-empty regular file outside tmpfs: a block device's
-    /// media error would arrive as SIGBUS instead of EIO, and a read
-    /// fault on a tmpfs or memfd hole allocates memory (read(2) returns
-    /// the zero page).
-    fn new(file: &std::fs::File) -> Option<FileMap> {
-        let meta = file.metadata().ok()?;
-        if !meta.is_file() || meta.len() == 0 {
-            return None;
-        }
-        let mut fs = std::mem::MaybeUninit::<libc::statfs>::uninit();
-        // SAFETY: fstatfs fills the struct it is given, for a descriptor
-        // the caller holds open.
-        if unsafe { libc::fstatfs(file.as_raw_fd(), fs.as_mut_ptr()) } != 0 {
-            return None;
-        }
-        // SAFETY: fstatfs succeeded, so the struct is initialised.
-        let fs = unsafe { fs.assume_init() };
-        const TMPFS_MAGIC: i64 = 0x0102_1994;
-        // f_type is i64 here, narrower on other architectures.
-        #[allow(clippy::unnecessary_cast)]
-        if fs.f_type as i64 == TMPFS_MAGIC {
-            return None;
-        }
-        let len = usize::try_from(meta.len()).ok()?;
-        // SAFETY: a new read-only shared mapping of `len` bytes of an open
-        // file at an address the kernel picks; nothing else is affected.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return None;
-        }
-        Some(FileMap {
-            ptr: NonNull::new(p.cast())?,
-            len,
-        })
-    }
-
-    /// Bytes [off, off + len) of the file, read in and their page tables
-    /// filled in one call (MADV_POPULATE_READ, Linux 5.14) rather than
-    /// one fault per few pages. None when that fails: a read error then
-    /// reaches the copying path as EIO, where touching the mapping would
-    /// raise SIGBUS; older kernels take the copying path too.
-    fn get(&self, off: u64, len: usize) -> Option<&[u8]> {
-        let off = usize::try_from(off).ok()?;
-        if off.checked_add(len)? > self.len {
-            return None;
-        }
-        const MADV_POPULATE_READ: i32 = 22;
-        // SAFETY: sysconf has no memory effects.
-        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let page = off & !(page_size - 1);
-        // SAFETY: advice on a range inside this mapping; it only reads
-        // the file's pages in and fills page tables.
-        let r = unsafe {
-            libc::madvise(
-                self.ptr.as_ptr().add(page).cast(),
-                off + len - page,
-                MADV_POPULATE_READ,
-            )
-        };
-        if r != 0 {
-            return None;
-        }
-        // SAFETY: the range is inside the mapping, which lives as long as
-        // `self`. The bytes are the file's: the source is opened read-only
-        // and locked against writers (QEMU's shared locks), and any value
-        // is a valid u8; a writer that ignores the locks can at worst
-        // make them torn, as with read(2). Truncating the file under a
-        // running convert is not defended against (SIGBUS).
-        Some(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) })
-    }
-}
-
-impl Drop for FileMap {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no slice of it
-        // outlives `self` (they borrow it).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
 }
