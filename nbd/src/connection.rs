@@ -7,6 +7,7 @@ use std::io::{self, Read, Write};
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
+use openssl::ssl::SslStream;
 use rustls::{ServerConnection, StreamOwned};
 
 use crate::export::Exports;
@@ -112,8 +113,31 @@ pub fn run(
                 warn!("client {id}: {e}");
             }
         }
-        (Outcome::StartTls, Some(creds)) => {
-            let conn = match ServerConnection::new(creds.config.clone()) {
+        (Outcome::StartTls, Some(TlsCreds::Psk(ctx))) => {
+            let tls = openssl::ssl::Ssl::new(ctx).and_then(|ssl| SslStream::new(ssl, t));
+            let mut tls = match tls {
+                Ok(s) => s,
+                Err(e) => return warn!("client {id}: TLS: {e}"),
+            };
+            // The handshake under the same deadline; a client with an
+            // unknown identity or the wrong key fails it.
+            if let Err(e) = tls.accept() {
+                let e = e.into_io_error().unwrap_or_else(io::Error::other);
+                return report(id, HandshakeError::Io(e));
+            }
+            let session = match handshake::options(&mut tls, exports, no_zeroes, Tls::Active) {
+                Ok(Outcome::Session(s)) => s,
+                Ok(Outcome::StartTls) => return warn!("client {id}: STARTTLS inside TLS"),
+                Err(e) => return report(id, e),
+            };
+            if let Err(e) = tls.get_mut().disarm() {
+                return warn!("client {id}: {e}");
+            }
+            transmit(id, &mut tls, &session, policy);
+            let _ = tls.shutdown();
+        }
+        (Outcome::StartTls, Some(TlsCreds::X509(config))) => {
+            let conn = match ServerConnection::new(config.clone()) {
                 Ok(c) => c,
                 Err(e) => return warn!("client {id}: TLS: {e}"),
             };

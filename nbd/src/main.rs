@@ -80,12 +80,16 @@ struct Args {
     /// tls-creds-x509,id=ID,dir=DIR,endpoint=server[,verify-peer=off]
     /// (DIR holds ca-cert.pem, server-cert.pem and server-key.pem); with
     /// --list, endpoint=client (DIR holds ca-cert.pem, and
-    /// client-cert.pem and client-key.pem if the server wants them)
+    /// client-cert.pem and client-key.pem if the server wants them). Or
+    /// tls-creds-psk,id=ID,dir=DIR,endpoint=server (DIR holds keys.psk,
+    /// IDENTITY:HEXKEY lines, read once at start); with --list,
+    /// endpoint=client[,username=NAME] (default qemu)
     #[arg(long, value_name = "SPEC")]
     object: Vec<String>,
     /// Require TLS with the credentials object ID: clients must start TLS
     /// before anything else (and, unless verify-peer=off, present a
-    /// certificate the CA signed); with --list, list over TLS
+    /// certificate the CA signed, or hold a key of keys.psk); with
+    /// --list, list over TLS
     #[arg(long, value_name = "ID")]
     tls_creds: Option<String>,
     /// Seconds a client has to finish its handshake (0: no limit)
@@ -233,7 +237,8 @@ const FLAG_NAMES: [&str; 13] = [
 /// `--list`: the server's exports, in qemu-nbd's words and layout (over
 /// TLS with `--tls-creds` naming client credentials).
 fn list(a: &Args) -> Result<(), String> {
-    use qcow2::nbd::uri::{Server, TlsParams};
+    use qcow2::nbd::uri::{Credentials, Server, TlsParams};
+    use rimg_nbd::tls::Kind;
     let tls = match &a.tls_creds {
         None if a.tls_hostname.is_some() => {
             return Err("--tls-hostname is not permitted without --tls-creds".into())
@@ -243,9 +248,9 @@ fn list(a: &Args) -> Result<(), String> {
             let objects = a
                 .object
                 .iter()
-                .map(|o| rimg_nbd::tls::X509Object::parse(o))
+                .map(|o| rimg_nbd::tls::CredsObject::parse(o))
                 .collect::<Result<Vec<_>, _>>()?;
-            let o = rimg_nbd::tls::X509Object::find(&objects, id, true)?;
+            let o = rimg_nbd::tls::CredsObject::find(&objects, id, true)?;
             // As qemu-nbd: the name asked for, else the address bound
             // over TCP; over a UNIX socket there is none to check, which
             // QEMU refuses unless nothing is checked (verify-peer=off).
@@ -254,13 +259,25 @@ fn list(a: &Args) -> Result<(), String> {
                 None => Some(a.bind.to_string()),
             };
             let hostname = a.tls_hostname.clone().or(host);
-            if hostname.is_none() && o.verify_peer {
+            let (creds, verify_peer) = match &o.kind {
+                Kind::X509 { verify_peer } => {
+                    (Credentials::Certificates(o.dir.clone()), *verify_peer)
+                }
+                Kind::Psk { username } => (
+                    Credentials::Psk {
+                        file: o.dir.join("keys.psk"),
+                        username: username.clone(),
+                    },
+                    false,
+                ),
+            };
+            if hostname.is_none() && verify_peer {
                 return Err("No hostname for certificate validation".into());
             }
             Some(TlsParams {
-                certificates: o.dir.clone(),
+                creds,
                 hostname,
-                verify_peer: o.verify_peer,
+                verify_peer,
             })
         }
     };
@@ -379,12 +396,12 @@ fn serve(a: Args) -> Result<(), String> {
     let objects = a
         .object
         .iter()
-        .map(|o| rimg_nbd::tls::X509Object::parse(o))
+        .map(|o| rimg_nbd::tls::CredsObject::parse(o))
         .collect::<Result<Vec<_>, _>>()?;
     let tls = match &a.tls_creds {
         None => None,
         Some(id) => {
-            let o = rimg_nbd::tls::X509Object::find(&objects, id, false)?;
+            let o = rimg_nbd::tls::CredsObject::find(&objects, id, false)?;
             Some(rimg_nbd::tls::TlsCreds::load(o)?)
         }
     };

@@ -1,54 +1,68 @@
-//! TLS for the server, as qemu-nbd sets it up: X.509 credentials from a
-//! directory with QEMU's file names (`ca-cert.pem`, `server-cert.pem`,
-//! `server-key.pem`), given as QEMU's `--object tls-creds-x509,...`, and
-//! client certificates checked against the CA unless `verify-peer=off`.
-//! With credentials the server is in FORCEDTLS mode (§TLS support): no
-//! export is reached, listed or described before `NBD_OPT_STARTTLS`.
-//!
-//! Pre-shared keys (QEMU's `tls-creds-psk`) are not offered: rustls has
-//! no TLS-PSK.
+//! TLS for the server, as qemu-nbd sets it up, from QEMU's `--object`:
+//! `tls-creds-x509`, X.509 credentials from a directory with QEMU's file
+//! names (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`), client
+//! certificates checked against the CA unless `verify-peer=off`; or
+//! `tls-creds-psk`, pre-shared keys from the directory's `keys.psk`
+//! (OpenSSL's TLS-PSK: see `qcow2::nbd::tls`). With credentials the
+//! server is in FORCEDTLS mode (§TLS support): no export is reached,
+//! listed or described before `NBD_OPT_STARTTLS`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use qcow2::nbd::tls::{provider, read_certs, read_key, roots};
+use openssl::ssl::SslContext;
+use qcow2::nbd::tls::{provider, psk_server, read_certs, read_key, read_psk_keys, roots};
 use rustls::server::WebPkiClientVerifier;
 use rustls::ServerConfig;
 
 /// Loaded server credentials.
 #[derive(Debug, Clone)]
-pub struct TlsCreds {
-    pub config: Arc<ServerConfig>,
+pub enum TlsCreds {
+    X509(Arc<ServerConfig>),
+    Psk(SslContext),
 }
 
-/// QEMU's `tls-creds-x509` object, as parsed from `--object`.
+/// QEMU's `tls-creds-x509` or `tls-creds-psk` object, as parsed from
+/// `--object`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct X509Object {
+pub struct CredsObject {
     pub id: String,
     pub dir: PathBuf,
-    pub verify_peer: bool,
+    pub kind: Kind,
     /// `endpoint=client` (QEMU's default): credentials for `--list`;
     /// a server needs `endpoint=server`.
     pub client: bool,
 }
 
-impl X509Object {
-    /// `tls-creds-x509,id=ID,dir=DIR[,endpoint=server|client][,verify-peer=on|off]`.
-    pub fn parse(spec: &str) -> Result<X509Object, String> {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    X509 {
+        verify_peer: bool,
+    },
+    /// `username` is the client's identity (QEMU's default `qemu`); a
+    /// server takes every identity of its `keys.psk`.
+    Psk {
+        username: String,
+    },
+}
+
+impl CredsObject {
+    /// `tls-creds-x509,id=ID,dir=DIR[,endpoint=server|client][,verify-peer=on|off]`
+    /// or `tls-creds-psk,id=ID,dir=DIR[,endpoint=...][,username=NAME]`.
+    pub fn parse(spec: &str) -> Result<CredsObject, String> {
         let mut parts = spec.split(',');
-        match parts.next() {
-            Some("tls-creds-x509") => {}
-            Some("tls-creds-psk") => {
-                return Err("tls-creds-psk: pre-shared keys are not supported (rustls has no TLS-PSK); use tls-creds-x509".into())
-            }
+        let psk = match parts.next() {
+            Some("tls-creds-x509") => false,
+            Some("tls-creds-psk") => true,
             other => {
                 return Err(format!(
-                    "--object {}: only tls-creds-x509 objects are known",
+                    "--object {}: only tls-creds-x509 and tls-creds-psk objects are known",
                     other.unwrap_or("")
                 ))
             }
-        }
+        };
         let (mut id, mut dir, mut verify_peer, mut client) = (None, None, true, true);
+        let mut username = None;
         for kv in parts {
             let (k, v) = kv
                 .split_once('=')
@@ -67,6 +81,7 @@ impl X509Object {
                         }
                     }
                 }
+                "username" if psk => username = Some(v.to_string()),
                 "verify-peer" => {
                     verify_peer = match v {
                         "on" | "yes" | "true" => true,
@@ -77,10 +92,20 @@ impl X509Object {
                 _ => return Err(format!("--object: unknown key '{k}'")),
             }
         }
-        Ok(X509Object {
-            id: id.ok_or("--object tls-creds-x509 needs id=")?,
-            dir: dir.ok_or("--object tls-creds-x509 needs dir=")?,
-            verify_peer,
+        let what = if psk {
+            "tls-creds-psk"
+        } else {
+            "tls-creds-x509"
+        };
+        Ok(CredsObject {
+            id: id.ok_or(format!("--object {what} needs id="))?,
+            dir: dir.ok_or(format!("--object {what} needs dir="))?,
+            kind: match psk {
+                true => Kind::Psk {
+                    username: username.unwrap_or_else(|| "qemu".into()),
+                },
+                false => Kind::X509 { verify_peer },
+            },
             client,
         })
     }
@@ -88,10 +113,10 @@ impl X509Object {
     /// The object named `id` among `objects`, for the endpoint `client`
     /// or server (QEMU's messages).
     pub fn find<'a>(
-        objects: &'a [X509Object],
+        objects: &'a [CredsObject],
         id: &str,
         client: bool,
-    ) -> Result<&'a X509Object, String> {
+    ) -> Result<&'a CredsObject, String> {
         let o = objects
             .iter()
             .find(|o| o.id == id)
@@ -107,9 +132,17 @@ impl X509Object {
 }
 
 impl TlsCreds {
-    /// Loads the server's certificate chain and key from `o.dir`, and
-    /// with `verify_peer` the CA that client certificates must chain to.
-    pub fn load(o: &X509Object) -> Result<TlsCreds, String> {
+    /// Loads the server's credentials from `o.dir`: the keys of
+    /// `keys.psk`, or the certificate chain and key, and with
+    /// `verify_peer` the CA that client certificates must chain to.
+    pub fn load(o: &CredsObject) -> Result<TlsCreds, String> {
+        let verify_peer = match o.kind {
+            Kind::Psk { .. } => {
+                let keys = read_psk_keys(&o.dir.join("keys.psk"))?;
+                return Ok(TlsCreds::Psk(psk_server(keys)?));
+            }
+            Kind::X509 { verify_peer } => verify_peer,
+        };
         let provider = Arc::new(provider());
         let chain = read_certs(&o.dir.join("server-cert.pem"))?;
         let key_path = o.dir.join("server-key.pem");
@@ -117,7 +150,7 @@ impl TlsCreds {
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
-        let builder = if o.verify_peer {
+        let builder = if verify_peer {
             let roots = roots(&o.dir.join("ca-cert.pem"))?;
             let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
@@ -129,9 +162,7 @@ impl TlsCreds {
         let config = builder
             .with_single_cert(chain, key)
             .map_err(|e| format!("{}: {e}", o.dir.display()))?;
-        Ok(TlsCreds {
-            config: Arc::new(config),
-        })
+        Ok(TlsCreds::X509(Arc::new(config)))
     }
 }
 
@@ -142,48 +173,59 @@ mod tests {
     #[test]
     fn objects_as_qemu_writes_them() {
         let o =
-            X509Object::parse("tls-creds-x509,id=tls0,dir=/etc/pki/nbd,endpoint=server").unwrap();
+            CredsObject::parse("tls-creds-x509,id=tls0,dir=/etc/pki/nbd,endpoint=server").unwrap();
         assert_eq!(
             o,
-            X509Object {
+            CredsObject {
                 id: "tls0".into(),
                 dir: "/etc/pki/nbd".into(),
-                verify_peer: true,
+                kind: Kind::X509 { verify_peer: true },
                 client: false,
             }
         );
-        let o = X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=server,verify-peer=off");
-        assert!(!o.unwrap().verify_peer);
+        let o = CredsObject::parse("tls-creds-x509,id=t,dir=d,endpoint=server,verify-peer=off");
+        assert_eq!(o.unwrap().kind, Kind::X509 { verify_peer: false });
         // QEMU's default endpoint is the client's.
         assert!(
-            X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=client")
+            CredsObject::parse("tls-creds-x509,id=t,dir=d,endpoint=client")
                 .unwrap()
                 .client
         );
         assert!(
-            X509Object::parse("tls-creds-x509,id=t,dir=d")
+            CredsObject::parse("tls-creds-x509,id=t,dir=d")
                 .unwrap()
                 .client
         );
-        assert!(X509Object::parse("tls-creds-x509,id=t,dir=d,endpoint=x").is_err());
+        assert!(CredsObject::parse("tls-creds-x509,id=t,dir=d,endpoint=x").is_err());
         let both = [
-            X509Object::parse("tls-creds-x509,id=c,dir=d").unwrap(),
-            X509Object::parse("tls-creds-x509,id=s,dir=d,endpoint=server").unwrap(),
+            CredsObject::parse("tls-creds-x509,id=c,dir=d").unwrap(),
+            CredsObject::parse("tls-creds-x509,id=s,dir=d,endpoint=server").unwrap(),
         ];
-        assert_eq!(X509Object::find(&both, "s", false).unwrap().id, "s");
-        assert!(X509Object::find(&both, "c", false)
+        assert_eq!(CredsObject::find(&both, "s", false).unwrap().id, "s");
+        assert!(CredsObject::find(&both, "c", false)
             .unwrap_err()
             .contains("a server endpoint"));
-        assert!(X509Object::find(&both, "s", true)
+        assert!(CredsObject::find(&both, "s", true)
             .unwrap_err()
             .contains("a client endpoint"));
-        assert!(X509Object::find(&both, "x", true)
+        assert!(CredsObject::find(&both, "x", true)
             .unwrap_err()
             .contains("No TLS credentials"));
-        assert!(X509Object::parse("tls-creds-psk,id=t,dir=d")
-            .unwrap_err()
-            .contains("PSK"));
-        assert!(X509Object::parse("secret,id=s,data=x").is_err());
-        assert!(X509Object::parse("tls-creds-x509,dir=d").is_err());
+        let psk = |s: &str| CredsObject::parse(s).unwrap().kind;
+        assert_eq!(
+            psk("tls-creds-psk,id=t,dir=d"),
+            Kind::Psk {
+                username: "qemu".into()
+            }
+        );
+        assert_eq!(
+            psk("tls-creds-psk,id=t,dir=d,endpoint=client,username=alice"),
+            Kind::Psk {
+                username: "alice".into()
+            }
+        );
+        assert!(CredsObject::parse("tls-creds-x509,id=t,dir=d,username=a").is_err());
+        assert!(CredsObject::parse("secret,id=s,data=x").is_err());
+        assert!(CredsObject::parse("tls-creds-x509,dir=d").is_err());
     }
 }

@@ -1,6 +1,10 @@
 //! TLS for NBD connections, shared by the client here and rimg-nbd:
 //! rustls with the ring provider, and credentials read from a directory
 //! with QEMU's and libnbd's file names.
+//!
+//! Pre-shared keys (QEMU's `tls-creds-psk`, libnbd's `tls-psk-file`)
+//! are OpenSSL's: rustls has no TLS-PSK (rustls issue 174). Only those
+//! sessions use it; the keys file is QEMU's and GnuTLS's `keys.psk`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,7 +16,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::pki_types::{ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
 
-use super::uri::TlsParams;
+use openssl::ssl::{
+    SslContext, SslContextBuilder, SslMethod, SslOptions, SslSessionCacheMode, SslVerifyMode,
+    SslVersion,
+};
+
+use super::uri::{Credentials, TlsParams};
 
 /// rustls's ring provider: its key exchanges are classical (rustls marks
 /// it deprecated for having no post-quantum one), which every NBD peer
@@ -55,7 +64,9 @@ pub fn roots(ca: &Path) -> Result<RootCertStore, String> {
 /// Made per connection and never shared between different `TlsParams`:
 /// a resumed TLS 1.3 session is not judged again by `ServerCheck`.
 pub fn client_config(p: &TlsParams) -> Result<Arc<ClientConfig>, String> {
-    let dir = &p.certificates;
+    let Credentials::Certificates(dir) = &p.creds else {
+        return Err("TLS: not X.509 credentials".into());
+    };
     let provider = Arc::new(provider());
     let chain = WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots(&dir.join("ca-cert.pem"))?),
@@ -140,5 +151,164 @@ impl ServerCertVerifier for ServerCheck {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.chain.supported_verify_schemes()
+    }
+}
+
+/// The longest identity GnuTLS takes (MAX_USERNAME_SIZE 128, with its
+/// NUL), and OpenSSL's longest key (PSK_MAX_PSK_LEN).
+const MAX_IDENTITY: usize = 128;
+const MAX_KEY: usize = 512;
+
+/// The cipher suites of a PSK session before TLS 1.3: AEAD only, with an
+/// ephemeral key exchange where GnuTLS offers one (ECDHE-PSK with
+/// ChaCha20-Poly1305). TLS 1.3 takes its own suites; a key given this
+/// way is used with SHA-256 there.
+const PSK_CIPHERS: &str = "ECDHE-PSK-CHACHA20-POLY1305:PSK-AES256-GCM-SHA384:\
+                           PSK-AES128-GCM-SHA256:PSK-CHACHA20-POLY1305";
+
+/// The identities and keys of a `keys.psk` file: one `identity:hexkey`
+/// per line (GnuTLS's psktool format, which QEMU reads: the identity
+/// ends at the first colon). Blank lines are skipped and trailing white
+/// space ignored; anything else malformed is an error naming its line.
+pub fn read_psk_keys(p: &Path) -> Result<Vec<(String, Vec<u8>)>, String> {
+    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
+    let mut keys = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |why: &str| format!("{}:{}: {why}", p.display(), i + 1);
+        let (id, hex) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected IDENTITY:HEXKEY"))?;
+        if id.is_empty() || id.len() >= MAX_IDENTITY || id.contains('\0') {
+            return Err(bad("identity empty, longer than 127 bytes or with a NUL"));
+        }
+        let key = decode_hex(hex).ok_or_else(|| bad("the key is not hexadecimal"))?;
+        if key.is_empty() || key.len() > MAX_KEY {
+            return Err(bad("key empty or longer than 512 bytes"));
+        }
+        keys.push((id.to_string(), key));
+    }
+    if keys.is_empty() {
+        return Err(format!("{}: no keys", p.display()));
+    }
+    Ok(keys)
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    if !b.len().is_multiple_of(2) {
+        return None;
+    }
+    b.chunks_exact(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect()
+}
+
+fn psk_context(method: SslMethod) -> Result<SslContextBuilder, String> {
+    let mut b = SslContextBuilder::new(method).map_err(|e| format!("TLS: {e}"))?;
+    b.set_min_proto_version(Some(SslVersion::TLS1_2))
+        .and_then(|()| b.set_cipher_list(PSK_CIPHERS))
+        .and_then(|()| b.set_num_tickets(0))
+        .map_err(|e| format!("TLS: {e}"))?;
+    // No resumption, by ticket or by session id: every connection proves
+    // the key again.
+    b.set_options(SslOptions::NO_TICKET);
+    b.set_session_cache_mode(SslSessionCacheMode::OFF);
+    Ok(b)
+}
+
+/// The client's context for a PSK session as `username`, with its key
+/// from `file`. The server must use the key: in TLS 1.3 one may ignore
+/// it and answer with a certificate, which this client never accepts
+/// (see also [`psk_used`]).
+pub fn psk_client(file: &Path, username: &str) -> Result<SslContext, String> {
+    let key = read_psk_keys(file)?
+        .into_iter()
+        .find(|(id, _)| id == username)
+        .map(|(_, k)| k)
+        .ok_or_else(|| format!("{}: no key for '{username}'", file.display()))?;
+    let identity = username.as_bytes().to_vec();
+    let mut b = psk_context(SslMethod::tls_client())?;
+    b.set_verify_callback(SslVerifyMode::PEER, |_, _| false);
+    b.set_psk_client_callback(move |_, _hint, id, psk| {
+        // The file's lengths were checked against OpenSSL's bounds; a
+        // smaller buffer fails the handshake (0: no key), never panics.
+        if identity.len() >= id.len() || key.len() > psk.len() {
+            return Ok(0);
+        }
+        id[..identity.len()].copy_from_slice(&identity);
+        id[identity.len()] = 0;
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    Ok(b.build())
+}
+
+/// After a client's handshake: whether the session was keyed by the
+/// pre-shared key (no certificate came, and in TLS 1.3 the PSK was
+/// taken: OpenSSL reports that as a resumed session).
+pub fn psk_used(ssl: &openssl::ssl::SslRef) -> bool {
+    let tls13 = ssl.version2() == Some(SslVersion::TLS1_3);
+    ssl.peer_certificate().is_none() && (!tls13 || ssl.session_reused())
+}
+
+/// The server's context: the client's identity picks its key among
+/// `keys`; an unknown identity fails the handshake.
+pub fn psk_server(keys: Vec<(String, Vec<u8>)>) -> Result<SslContext, String> {
+    let mut b = psk_context(SslMethod::tls_server())?;
+    b.set_psk_server_callback(move |_, identity, psk| {
+        let found = identity.and_then(|i| keys.iter().find(|(id, _)| id.as_bytes() == i));
+        Ok(match found {
+            Some((_, k)) if k.len() <= psk.len() => {
+                psk[..k.len()].copy_from_slice(k);
+                k.len()
+            }
+            _ => 0,
+        })
+    });
+    Ok(b.build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_files_as_psktool_writes_them() {
+        let dir = std::env::temp_dir().join(format!("rimg-psk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("keys.psk");
+        std::fs::write(&f, "qemu:00ff10\n\nalice:DEADbeef \r\n").unwrap();
+        let keys = read_psk_keys(&f).unwrap();
+        assert_eq!(keys[0], ("qemu".into(), vec![0, 0xff, 0x10]));
+        assert_eq!(keys[1], ("alice".into(), vec![0xde, 0xad, 0xbe, 0xef]));
+        assert!(psk_client(&f, "alice").is_ok());
+        assert!(psk_client(&f, "bob")
+            .unwrap_err()
+            .contains("no key for 'bob'"));
+        let long = format!("{}:00", "i".repeat(128));
+        let nul = "a\0b:00".to_string();
+        for bad in [
+            "qemu",
+            "qemu:0g",
+            "qemu:abc",
+            ":00",
+            "qemu:",
+            "",
+            "qemu:+f+f",
+            "a:b:cc",
+        ] {
+            std::fs::write(&f, bad).unwrap();
+            assert!(read_psk_keys(&f).is_err(), "{bad:?}");
+        }
+        for bad in [long, nul] {
+            std::fs::write(&f, &bad).unwrap();
+            assert!(read_psk_keys(&f).is_err(), "{bad:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

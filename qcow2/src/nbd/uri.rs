@@ -25,14 +25,23 @@ pub struct Address {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsParams {
-    /// The directory of `ca-cert.pem` (and a client certificate).
-    pub certificates: PathBuf,
+    pub creds: Credentials,
     /// The name the server's certificate must carry; `None` checks its
     /// chain only (QEMU's client over a UNIX socket).
     pub hostname: Option<String>,
     /// Whether the server's certificate is checked at all (QEMU's
     /// `verify-peer`, libnbd's `tls-verify-peer`).
     pub verify_peer: bool,
+}
+
+/// What the client proves itself and the server with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credentials {
+    /// X.509: the directory of `ca-cert.pem` (and a client certificate).
+    Certificates(PathBuf),
+    /// A pre-shared key: QEMU's `keys.psk` file (libnbd's
+    /// `tls-psk-file`), and the identity whose key is used.
+    Psk { file: PathBuf, username: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +90,14 @@ pub fn is_nbd(name: &str) -> bool {
     .any(|p| name.starts_with(p))
 }
 
+/// The user's login name ($LOGNAME, else $USER), libnbd's default
+/// TLS-PSK identity.
+fn login_name() -> Option<String> {
+    ["LOGNAME", "USER"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok().filter(|n| !n.is_empty()))
+}
+
 /// Parses an NBD address; the error says what is wrong with it.
 pub fn parse(name: &str) -> Result<Address, String> {
     let tls = name.starts_with("nbds");
@@ -90,39 +107,71 @@ pub fn parse(name: &str) -> Result<Address, String> {
             .map(percent_decode)
             .transpose()
     };
-    let tls_params = |q: &str, host: Option<&str>| -> Result<Option<TlsParams>, String> {
-        if !tls {
-            return Ok(None);
-        }
-        let certificates = query_of(q, "tls-certificates")?
-            .ok_or_else(|| format!("{name}: nbds needs tls-certificates=DIR"))?;
-        let verify_peer = match query_of(q, "tls-verify-peer")?.as_deref() {
-            None | Some("true" | "on" | "1") => true,
-            Some("false" | "off" | "0") => false,
-            Some(v) => {
-                return Err(format!(
-                    "{name}: tls-verify-peer={v}: expected true or false"
-                ))
+    // `user` is the URI's user info (libnbd's TLS-PSK username).
+    let tls_params =
+        |q: &str, host: Option<&str>, user: Option<&str>| -> Result<Option<TlsParams>, String> {
+            if !tls {
+                return Ok(None);
             }
+            // libnbd's keys: a PSK file with the URI's username (the login
+            // name without one), else a certificate directory.
+            let creds = match (
+                query_of(q, "tls-psk-file")?,
+                query_of(q, "tls-certificates")?,
+            ) {
+                (Some(_), Some(_)) => {
+                    return Err(format!(
+                        "{name}: tls-psk-file and tls-certificates exclude each other"
+                    ))
+                }
+                (Some(file), None) => Credentials::Psk {
+                    file: file.into(),
+                    username: match user {
+                        Some(u) => percent_decode(u)?,
+                        None => login_name().ok_or_else(|| {
+                            format!("{name}: tls-psk-file needs a USER@ in the URI")
+                        })?,
+                    },
+                },
+                (None, Some(dir)) => Credentials::Certificates(dir.into()),
+                (None, None) => {
+                    return Err(format!(
+                        "{name}: nbds needs tls-certificates=DIR or tls-psk-file=FILE"
+                    ))
+                }
+            };
+            let verify_peer = match query_of(q, "tls-verify-peer")?.as_deref() {
+                None | Some("true" | "on" | "1") => true,
+                Some("false" | "off" | "0") => false,
+                Some(v) => {
+                    return Err(format!(
+                        "{name}: tls-verify-peer={v}: expected true or false"
+                    ))
+                }
+            };
+            Ok(Some(TlsParams {
+                creds,
+                hostname: query_of(q, "tls-hostname")?.or_else(|| host.map(str::to_string)),
+                verify_peer,
+            }))
         };
-        Ok(Some(TlsParams {
-            certificates: certificates.into(),
-            hostname: query_of(q, "tls-hostname")?.or_else(|| host.map(str::to_string)),
-            verify_peer,
-        }))
-    };
     if let Some(rest) = name
         .strip_prefix("nbd+unix://")
         .or_else(|| name.strip_prefix("nbds+unix://"))
     {
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let export = path.strip_prefix('/').unwrap_or(path);
+        // An authority (nothing, or a user's `USER@`) before the path.
+        let (auth, export) = path.split_once('/').unwrap_or(("", path));
+        let user = auth.strip_suffix('@');
+        if !auth.is_empty() && user.is_none_or(|u| u.contains('@')) {
+            return Err(format!("{name}: nbd+unix takes no host"));
+        }
         let socket = query_of(query, "socket")?
             .ok_or_else(|| format!("{name}: nbd+unix needs ?socket=PATH"))?;
         return Ok(Address {
             server: Server::Unix(socket.into()),
             export: percent_decode(export)?,
-            tls: tls_params(query, None)?,
+            tls: tls_params(query, None, user)?,
         });
     }
     if let Some(rest) = ["nbd://", "nbd+tcp://", "nbds://", "nbds+tcp://"]
@@ -134,8 +183,12 @@ pub fn parse(name: &str) -> Result<Address, String> {
         if !tls && !query.is_empty() {
             return Err(format!("{name}: nbd over TCP takes no query"));
         }
+        let (user, auth) = match auth.rsplit_once('@') {
+            Some((u, a)) => (Some(u), a),
+            None => (None, auth),
+        };
         let (host, port) = host_port(auth).ok_or_else(|| format!("{name}: bad host or port"))?;
-        let tls = tls_params(query, Some(&host))?;
+        let tls = tls_params(query, Some(&host), user)?;
         return Ok(Address {
             server: Server::Tcp { host, port },
             export: percent_decode(path)?,
@@ -251,7 +304,7 @@ mod tests {
         assert_eq!(
             a.tls,
             Some(TlsParams {
-                certificates: "/pki".into(),
+                creds: Credentials::Certificates("/pki".into()),
                 hostname: Some("h".into()),
                 verify_peer: true,
             })
@@ -262,6 +315,25 @@ mod tests {
         let a = parse("nbds+unix:///?socket=/s&tls-certificates=/p&tls-verify-peer=false");
         let tls = a.unwrap().tls.unwrap();
         assert_eq!((tls.hostname, tls.verify_peer), (None, false));
+        let a = parse("nbds://alice@h:5/e?tls-psk-file=/k.psk").unwrap();
+        assert_eq!(
+            (a.server, a.tls.unwrap().creds),
+            (
+                Server::Tcp {
+                    host: "h".into(),
+                    port: 5
+                },
+                Credentials::Psk {
+                    file: "/k.psk".into(),
+                    username: "alice".into()
+                }
+            )
+        );
+        let a = parse("nbds+unix://b%40b@/e?socket=/s&tls-psk-file=/k").unwrap();
+        assert_eq!(a.export, "e");
+        assert!(
+            matches!(a.tls.unwrap().creds, Credentials::Psk { username, .. } if username == "b@b")
+        );
     }
 
     #[test]
@@ -274,6 +346,8 @@ mod tests {
             "nbds://h/x",
             "nbds+unix:///x?socket=/s",
             "nbds+unix:///x?socket=/s&tls-certificates=/p&tls-verify-peer=maybe",
+            "nbds://h/x?tls-certificates=/p&tls-psk-file=/k",
+            "nbd+unix://host/x?socket=/s",
             "nbd://h/%zz",
         ] {
             assert!(parse(bad).is_err(), "{bad}");

@@ -54,6 +54,8 @@ enum Stream {
     Other(Box<dyn Duplex>),
     /// Inside TLS, over one of the above.
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Stream>>),
+    /// Inside a TLS-PSK session (OpenSSL's: see `nbd::tls`).
+    Psk(Box<openssl::ssl::SslStream<Stream>>),
     /// Between the two during the upgrade.
     Closed,
 }
@@ -68,6 +70,7 @@ impl Read for Stream {
             Stream::Socket(s) => s.read(b),
             Stream::Other(s) => s.read(b),
             Stream::Tls(s) => s.read(b),
+            Stream::Psk(s) => s.read(b),
             Stream::Closed => Err(closed()),
         }
     }
@@ -79,6 +82,7 @@ impl Write for Stream {
             Stream::Socket(s) => s.write(b),
             Stream::Other(s) => s.write(b),
             Stream::Tls(s) => s.write(b),
+            Stream::Psk(s) => s.write(b),
             Stream::Closed => Err(closed()),
         }
     }
@@ -92,6 +96,7 @@ impl Stream {
         match self {
             Stream::Socket(s) => s.set_timeouts(t),
             Stream::Tls(s) => s.sock.set_timeout(t),
+            Stream::Psk(s) => s.get_ref().set_timeout(t),
             Stream::Other(_) | Stream::Closed => Ok(()),
         }
     }

@@ -151,7 +151,21 @@ impl Conn {
     /// NBD_OPT_STARTTLS, then the TLS handshake: everything after it
     /// travels inside TLS.
     fn start_tls(&mut self, p: &crate::nbd::uri::TlsParams) -> io::Result<()> {
-        let config = crate::nbd::tls::client_config(p).map_err(io::Error::other)?;
+        use crate::nbd::uri::Credentials;
+        enum Session {
+            Psk(openssl::ssl::SslContext),
+            X509(std::sync::Arc<rustls::ClientConfig>),
+        }
+        // The credentials first: a missing file or key is reported as
+        // such, not as the server's refusal.
+        let session = match &p.creds {
+            Credentials::Psk { file, username } => {
+                Session::Psk(crate::nbd::tls::psk_client(file, username).map_err(io::Error::other)?)
+            }
+            Credentials::Certificates(_) => {
+                Session::X509(crate::nbd::tls::client_config(p).map_err(io::Error::other)?)
+            }
+        };
         let replies = self.option(opt::STARTTLS, &[])?;
         if let Some((t, msg)) = replies.last().filter(|r| r.0 != rep::ACK) {
             return Err(io::Error::other(format!(
@@ -159,18 +173,35 @@ impl Conn {
                 String::from_utf8_lossy(msg)
             )));
         }
-        // With no name to check, rustls still needs one to send (SNI).
-        let host = p.hostname.clone().unwrap_or_else(|| "localhost".into());
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| io::Error::other(format!("tls-hostname {host}: {e}")))?;
-        let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
         let raw = std::mem::replace(&mut self.s, Stream::Closed);
-        let mut tls = rustls::StreamOwned::new(conn, raw);
         // The TLS handshake now, so that a refusal is reported here.
-        while tls.conn.is_handshaking() {
-            tls.conn.complete_io(&mut tls.sock)?;
-        }
-        self.s = Stream::Tls(Box::new(tls));
+        self.s = match session {
+            Session::Psk(ctx) => {
+                let mut tls = openssl::ssl::Ssl::new(&ctx)
+                    .and_then(|ssl| openssl::ssl::SslStream::new(ssl, raw))
+                    .map_err(|e| io::Error::other(format!("TLS: {e}")))?;
+                tls.connect()
+                    .map_err(|e| io::Error::other(format!("TLS handshake: {e}")))?;
+                if !crate::nbd::tls::psk_used(tls.ssl()) {
+                    return Err(io::Error::other(
+                        "TLS handshake: the server did not use the pre-shared key",
+                    ));
+                }
+                Stream::Psk(Box::new(tls))
+            }
+            Session::X509(config) => {
+                // With no name to check, rustls still needs one (SNI).
+                let host = p.hostname.clone().unwrap_or_else(|| "localhost".into());
+                let name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| io::Error::other(format!("tls-hostname {host}: {e}")))?;
+                let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+                let mut tls = rustls::StreamOwned::new(conn, raw);
+                while tls.conn.is_handshaking() {
+                    tls.conn.complete_io(&mut tls.sock)?;
+                }
+                Stream::Tls(Box::new(tls))
+            }
+        };
         Ok(())
     }
 

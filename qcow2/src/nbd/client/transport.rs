@@ -222,7 +222,7 @@ impl Transport {
         let w = match &c.s {
             Stream::Socket(s) => s.try_clone().ok().map(Writer::Socket),
             Stream::Other(d) => d.split().map(Writer::Other),
-            Stream::Tls(_) | Stream::Closed => None,
+            Stream::Tls(_) | Stream::Psk(_) | Stream::Closed => None,
         };
         let unsplit = w.is_none();
         Transport {
