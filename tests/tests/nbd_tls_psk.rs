@@ -428,3 +428,75 @@ fn list_over_psk_as_qemu_nbd() {
     assert!(!list("qemu-nbd", &wrong).0, "a wrong key");
     nbd::stop(r);
 }
+
+/// Hostile clients at the PSK handshake: one that asks for TLS and then
+/// stalls is cut off at the handshake limit (and the log says so), one
+/// that sends garbage for a ClientHello is dropped; the server serves a
+/// right client after both and exits cleanly.
+#[test]
+fn stalled_and_garbage_tls_handshakes_are_cut_off() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+    let d = tempdir();
+    let keys = server_keys(d.path());
+    let img = d.path().join("disk.raw");
+    std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
+    let sock = d.path().join("psk.sock");
+    let obj = server_object(&keys);
+    let r = nbd::serve(
+        &sock,
+        &[
+            "-e",
+            "0",
+            "--handshake-limit",
+            "1",
+            "--object",
+            &obj,
+            "--tls-creds",
+            "tls0",
+            "-f",
+            "raw",
+            s(&img),
+        ],
+    );
+    // The fixed newstyle greeting, then NBD_OPT_STARTTLS and its ACK.
+    let start_tls = || {
+        let mut c = UnixStream::connect(&sock).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut hello = [0u8; 18];
+        c.read_exact(&mut hello).unwrap();
+        c.write_all(&3u32.to_be_bytes()).unwrap();
+        let mut opt = b"IHAVEOPT".to_vec();
+        opt.extend(5u32.to_be_bytes());
+        opt.extend(0u32.to_be_bytes());
+        c.write_all(&opt).unwrap();
+        let mut reply = [0u8; 20];
+        c.read_exact(&mut reply).unwrap();
+        assert_eq!(
+            reply[12..16],
+            1u32.to_be_bytes(),
+            "STARTTLS not acknowledged"
+        );
+        c
+    };
+    let mut stalled = start_tls();
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    let closed = stalled.read_to_end(&mut rest);
+    assert!(closed.is_ok(), "the stalled client was not disconnected");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "cut off after {:?}, limit 1 s",
+        t0.elapsed()
+    );
+    let mut garbage = start_tls();
+    let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let _ = garbage.write_all(&junk);
+    let mut rest = Vec::new();
+    let _ = garbage.read_to_end(&mut rest);
+    let o = qemu_io_psk(&sock, &keys, "alice", &["read -P 0x42 0 64k"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let log = nbd::stop(r);
+    assert!(log.contains("within the limit"), "{log}");
+}
