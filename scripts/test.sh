@@ -12,3 +12,5 @@ cargo test --workspace
 cargo test -p rimg-qcow2 --features shuttle --test alloc_model --test nbd_model
 # rimg-nbd's queue between a connection's reader and its workers.
 cargo test -p rimg-nbd --features shuttle --test queue_model
+# rimg convert's turn order (img-cli/src/convert/turn.rs).
+cargo test -p rimg --features shuttle --bin rimg turn::model

@@ -102,7 +102,7 @@ enum Cmd {
     Man(docs::ManArgs),
 }
 
-/// The name error messages start with: the last component of argv[0], as
+/// The name error messages start with: the last component of `argv[0]`, as
 /// qemu-img does it, so that rimg installed as `qemu-img` speaks as it
 /// (scripts and QEMU's iotests read these lines).
 pub fn prog_name() -> &'static str {

@@ -1,24 +1,26 @@
-//! The copy itself: each worker takes the next chunk of the sources,
-//! plans what the target gets (data runs, zero runs) and carries it out.
+//! The copy itself: each worker claims the next part of the sources
+//! ([`Claims`]), plans what the target gets (data runs, zero runs) and
+//! carries it out.
 //!
 //! Without -W the target is written in guest order, so that a fresh
 //! image's clusters lie in guest order as qemu-img's do. Where the target
 //! takes the split data path (data in clear, no compression), workers
 //! still copy in parallel: they map their writes (allocating clusters)
-//! one chunk after the other, in turn ([`Turn`]), and move the data and
+//! one claim after the other, in turn ([`Turn`]), and move the data and
 //! commit outside the turn. A raw target's offsets are fixed, but its
 //! workers reserve the file space of their writes in turn (see
 //! [`Job::reserve`]), so that the file's blocks lie in guest order too.
-//! Elsewhere a single worker writes in order; with -W or -c the workers
-//! write as they go.
+//! Elsewhere (foreign formats, encrypted images) the workers plan in
+//! parallel and write in turn; with -W or -c they write as they go.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use qcow2::{chain_status, ChainStatus, Image, PendingWrite};
 
 use super::sources::Sources;
 use super::sparse::sparse_runs;
+use super::turn::{Ticket, Turn};
 use super::CHUNK;
 use crate::common::is_zero;
 use crate::progress::Progress;
@@ -36,7 +38,7 @@ pub(super) struct Job<'a> {
     /// -n without -B: zero regions are written whatever the target holds.
     pub(super) overwrite_zeros: bool,
     pub(super) progress: Progress,
-    /// Count the data of each chunk (for progress or the rate limit).
+    /// Count the data of each claim (for progress or the rate limit).
     pub(super) count_data: bool,
     /// Progress is shown, and counts data (the total is the data to
     /// copy); otherwise it counts guest bytes.
@@ -46,7 +48,7 @@ pub(super) struct Job<'a> {
     /// Writes are mapped in guest order, turn by turn (see the module
     /// docs); None: each worker writes as it goes.
     pub(super) turn: Option<Turn>,
-    /// The target maps writes (`begin_write`); without, a chunk's turn
+    /// The target maps writes (`begin_write`); without, a claim's turn
     /// covers its whole writes.
     pub(super) split_writes: bool,
     /// -C: data runs are copied by the kernel (see `offload`), until a
@@ -58,7 +60,7 @@ pub(super) struct Job<'a> {
     pub(super) error: Mutex<Option<CliError>>,
 }
 
-/// What a chunk's plan asks of the target, in guest order.
+/// What a claim's plan asks of the target, in guest order.
 enum Op<'b> {
     Write(u64, &'b [u8]),
     Zeroes(u64, u64),
@@ -73,82 +75,13 @@ enum Payload<'b> {
     Source(u64),
 }
 
-/// A chunk's writes mapped in its turn, in guest order, data not yet
+/// A claim's writes mapped in its turn, in guest order, data not yet
 /// written; dropped unfinished, they roll back.
 #[derive(Default)]
 struct Mapped<'b> {
     writes: Vec<(PendingWrite, Payload<'b>)>,
     /// Guest offset where the last one ends.
     end: u64,
-}
-
-/// Chunk numbers taking turns: the chunk whose turn it is maps its
-/// writes, then passes the turn to the next one.
-#[derive(Default)]
-pub(super) struct Turn {
-    state: Mutex<TurnState>,
-    cv: Condvar,
-}
-
-#[derive(Default)]
-struct TurnState {
-    /// The chunk whose turn it is.
-    next: u64,
-    /// Workers waiting for their turn: a pass wakes them only if there
-    /// are any (a notify is a system call even with no waiter, and most
-    /// chunks find their turn has come).
-    waiting: usize,
-}
-
-/// A chunk's place in the turn order, taken when the chunk is claimed.
-/// Dropped without having passed the turn on (an error, a panic), it
-/// waits for the turn and passes it: every claimed chunk takes its turn,
-/// so none waits for one that never comes.
-struct Ticket<'t> {
-    turn: &'t Turn,
-    chunk: u64,
-    passed: bool,
-}
-
-impl Turn {
-    fn ticket(&self, chunk: u64) -> Ticket<'_> {
-        Ticket {
-            turn: self,
-            chunk,
-            passed: false,
-        }
-    }
-}
-
-impl Ticket<'_> {
-    /// Waits until it is this chunk's turn.
-    fn wait(&self) {
-        let mut s = self.turn.state.lock().unwrap_or_else(|p| p.into_inner());
-        while s.next != self.chunk {
-            s.waiting += 1;
-            s = self.turn.cv.wait(s).unwrap_or_else(|p| p.into_inner());
-            s.waiting -= 1;
-        }
-    }
-
-    /// Gives the turn to the next chunk (after [`wait`](Self::wait)).
-    fn pass(&mut self) {
-        let mut s = self.turn.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.next = self.chunk + 1;
-        self.passed = true;
-        if s.waiting > 0 {
-            self.turn.cv.notify_all();
-        }
-    }
-}
-
-impl Drop for Ticket<'_> {
-    fn drop(&mut self) {
-        if !self.passed {
-            self.wait();
-            self.pass();
-        }
-    }
 }
 
 /// Hands out disjoint, increasing parts of a chunk's buffer, so that the
@@ -170,26 +103,102 @@ impl<'b> Carve<'b> {
     }
 }
 
+/// The most a claim takes of a run that reads as zeros.
+const MAX_SPAN: u64 = 64 * CHUNK;
+
+/// Hands out the sources' bytes in claims, in order: a chunk, or where
+/// the sources read as zeros a span of whole chunks (up to
+/// [`MAX_SPAN`]), so that a sparse image's holes cost a claim (and a
+/// turn) per span rather than per chunk. Claims are numbered in order,
+/// the numbers turns are taken by; a number is handed out only with its
+/// claim, whose ticket then holds it (see `turn`).
+pub(super) struct Claims {
+    /// (next offset, next claim's number).
+    next: Mutex<(u64, u64)>,
+    /// Spans over zeros (not with -S 0, which writes zeros as data).
+    spans: bool,
+}
+
+/// A claimed part of the sources: its number, offset and length, and
+/// whether it is a span known to read as zeros.
+struct Claim {
+    seq: u64,
+    off: u64,
+    len: u64,
+    zeros: bool,
+}
+
+impl Claims {
+    pub(super) fn new(spans: bool) -> Claims {
+        Claims {
+            next: Mutex::new((0, 0)),
+            spans,
+        }
+    }
+
+    /// The next claim, None once the sources are all claimed.
+    fn take(&self, src: &Sources) -> Option<Claim> {
+        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        let (off, seq) = *next;
+        if off >= src.size {
+            return None;
+        }
+        let chunk = CHUNK.min(src.size - off);
+        let run = match self.spans && chunk == CHUNK {
+            true => src.zero_run(off, MAX_SPAN.min(src.size - off)),
+            false => 0,
+        };
+        // Whole chunks: claims stay aligned to them.
+        let (len, zeros) = match run >= CHUNK {
+            true => (run - run % CHUNK, true),
+            false => (chunk, false),
+        };
+        *next = (off + len, seq + 1);
+        Some(Claim {
+            seq,
+            off,
+            len,
+            zeros,
+        })
+    }
+}
+
 impl Job<'_> {
-    pub(super) fn worker(&self, src: &Sources, next: &AtomicU64) {
+    pub(super) fn worker(&self, src: &Sources, claims: &Claims) {
         let mut buf = vec![0u8; CHUNK as usize];
         let mut cmp = Vec::new();
-        let size = src.size;
         loop {
             if self.failed.load(Ordering::Relaxed) {
                 return;
             }
-            let off = next.fetch_add(CHUNK, Ordering::Relaxed);
-            if off >= size {
+            let Some(Claim {
+                seq,
+                off,
+                len,
+                zeros,
+            }) = claims.take(src)
+            else {
                 return;
-            }
-            let len = CHUNK.min(size - off);
+            };
             let mut ops = Vec::new();
-            let ticket = self.turn.as_ref().map(|t| t.ticket(off / CHUNK));
-            let r = match self.plan(src, off, len, &mut buf, &mut cmp, &mut ops) {
+            let ticket = self.turn.as_ref().map(|t| t.ticket(seq));
+            let planned = match zeros {
+                // Known to read as zeros: no data, nothing to read.
+                true => self.zeros(off, len, &mut ops).map(|()| 0),
+                false => self.plan(src, off, len, &mut buf, &mut cmp, &mut ops),
+            };
+            let r = match planned {
+                Ok(data) if ops.is_empty() => {
+                    // Nothing to write (zeros the target needs none for):
+                    // the claims after this one need not wait for it.
+                    if let Some(mut t) = ticket {
+                        t.step_out();
+                    }
+                    Ok(data)
+                }
                 Ok(data) => self.apply(src, ticket, ops).map(|()| data),
                 Err(e) => {
-                    // Others stop taking chunks now, not once this one's
+                    // Others stop claiming now, not once this one's
                     // turn (which its ticket waits for) has come.
                     self.failed.store(true, Ordering::Relaxed);
                     drop(ticket);
@@ -215,8 +224,8 @@ impl Job<'_> {
         }
     }
 
-    /// Carries out a chunk's plan. In turn, the zeroing and the mapping of
-    /// each write (allocation happens here); then, as other chunks take
+    /// Carries out a claim's plan. In turn, the zeroing and the mapping of
+    /// each write (allocation happens here); then, as other claims take
     /// their turns, the data and the commits.
     fn apply(
         &self,
@@ -337,7 +346,7 @@ impl Job<'_> {
         }
     }
 
-    /// Before the chunk maps or zeroes from `at`: the cluster holding
+    /// Before the claim maps or zeroes from `at`: the cluster holding
     /// `at` may be one its last mapped write allocates, in flight until
     /// committed, which the engine would wait for (for good: the commit
     /// is this thread's). Then the writes mapped so far are finished
@@ -383,6 +392,8 @@ impl Job<'_> {
         ops: &mut Vec<Op<'b>>,
     ) -> Result<u64, CliError> {
         let end = off + len;
+        // Claims that are not zero spans are at most a chunk, the buffer.
+        debug_assert!(len <= buf.len() as u64);
         let mut carve = Carve { rest: buf, at: off };
         if self.sparse == 0 {
             // -S 0: everything is written, zeros included.

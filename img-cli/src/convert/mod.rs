@@ -1,17 +1,19 @@
 //! `rimg convert`: copies guest data between images and formats.
 //!
-//! Worker threads (one per core, `-m` at most) each take the next chunk
-//! of the source, find out through block status what is stored there,
-//! read it, detect zeros, compress (`-c`) and write it: reading, zero
-//! detection, compression and writing overlap across the workers.
-//! Without -W, writes are mapped in guest order, chunk after chunk, as
-//! qemu-img writes (see `copy`); where the target cannot take the split
-//! data path (encrypted), one worker writes in order. Regions
-//! that read as zeros are never read, and are written only where the
-//! target would not read as zeros anyway.
+//! Worker threads (one per core, `-m` at most) each claim the next chunk
+//! of the source (or, where it reads as zeros, a span of chunks), find
+//! out through block status what is stored there, read it, detect
+//! zeros, compress (`-c`) and write it: reading, zero detection,
+//! compression and writing overlap across the workers. Without -W,
+//! writes are mapped in guest order, claim after claim, as qemu-img
+//! writes (see `copy` and `turn`); a claim with nothing to write steps
+//! out of that order. Where the target cannot take the split data path
+//! (foreign formats, encrypted images), workers still plan in parallel
+//! and write in turn. Regions that read as zeros are never read, and are
+//! written only where the target would not read as zeros anyway.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use clap::Args;
@@ -27,8 +29,10 @@ mod copy;
 mod offload;
 mod sources;
 mod sparse;
-use copy::{Job, Turn};
+mod turn;
+use copy::Job;
 use sources::Sources;
+use turn::Turn;
 
 #[derive(Args)]
 pub struct ConvertArgs {
@@ -132,7 +136,8 @@ pub struct ConvertArgs {
     files: Vec<String>,
 }
 
-/// Bytes handed to a worker at a time.
+/// Bytes a worker claims at a time (a run of zeros: up to 64 of them,
+/// see `copy::Claims`), and the size of its read buffer.
 const CHUNK: u64 = 2 << 20;
 
 /// How far ahead of a qcow2 target's new clusters file space is reserved.
@@ -435,10 +440,10 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     };
     // The sources as one disk: a target cluster that straddles two of
     // them is still written (and compressed) whole.
-    let next = AtomicU64::new(0);
+    let claims = copy::Claims::new(sparse != 0);
     std::thread::scope(|s| {
         for _ in 0..workers {
-            s.spawn(|| job.worker(&sources, &next));
+            s.spawn(|| job.worker(&sources, &claims));
         }
     });
     if let Some(e) = job.error.lock().unwrap().take() {

@@ -125,6 +125,34 @@ impl Sources {
         Ok((st, n.min(len)))
     }
 
+    /// How many bytes from `pos` (at most `max`) read as zeros, by block
+    /// status; 0 on any error, unreported: a hint for claiming spans,
+    /// whose errors the copy itself meets and reports.
+    pub(super) fn zero_run(&self, pos: u64, max: u64) -> u64 {
+        let (p, at, left) = self.part(pos);
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((from, to, st)) = *last {
+            if (from..to).contains(&pos) {
+                return if st == ChainStatus::Zero {
+                    (to - pos).min(max)
+                } else {
+                    0
+                };
+            }
+        }
+        match chain_status(p.img.as_ref(), at, left) {
+            Ok((st, n)) => {
+                *last = Some((pos, pos + n, st));
+                if st == ChainStatus::Zero {
+                    n.min(max)
+                } else {
+                    0
+                }
+            }
+            Err(_) => 0,
+        }
+    }
+
     /// Bytes of [from, to) some layer stores data for (what qemu-img's
     /// progress counts).
     pub(super) fn data_bytes(&self, from: u64, to: u64) -> Result<u64, CliError> {
