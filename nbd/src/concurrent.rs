@@ -1,4 +1,4 @@
-//! Requests of one plain-socket connection answered concurrently, as
+//! Requests of one connection answered concurrently, as
 //! clients that keep many requests in flight (QEMU's NBD client, nbdcopy,
 //! the kernel's) expect: on a disk, a read that waits for the device
 //! does not hold up the others. The spec lets a server answer in any
@@ -25,7 +25,7 @@
 //! - With no worker at all (a spawn that fails), the reader answers the
 //!   request itself.
 
-use std::io::{BufReader, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::sync::Mutex;
 
 use log::debug;
@@ -68,11 +68,69 @@ struct Job {
     cost: u64,
 }
 
+/// A connection as its reader and workers share it: one reader
+/// receives, workers send whole replies one at a time, and anyone may
+/// end it (which makes the reader's receive return).
+pub trait Wire: Sync {
+    fn recv(&self, b: &mut [u8]) -> io::Result<usize>;
+    /// Sends one reply whole, not interleaved with another's.
+    fn send(&self, reply: &[u8]) -> io::Result<()>;
+    fn shutdown(&self);
+}
+
+/// A socket in clear.
+struct Plain {
+    reader: Mutex<Stream>,
+    writer: Mutex<Stream>,
+    s: Stream,
+}
+
+impl Wire for Plain {
+    fn recv(&self, b: &mut [u8]) -> io::Result<usize> {
+        self.reader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .read(b)
+    }
+    fn send(&self, reply: &[u8]) -> io::Result<()> {
+        self.writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write_all(reply)
+    }
+    fn shutdown(&self) {
+        self.s.shutdown();
+    }
+}
+
+/// The reader's side of a [`Wire`], as a byte stream.
+struct Recv<'a, W>(&'a W);
+
+impl<W: Wire> Read for Recv<'_, W> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        self.0.recv(b)
+    }
+}
+
 /// Serves requests on socket `s` until the client disconnects, answering
 /// them concurrently.
 pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), TransmissionError> {
-    let writer = Mutex::new(s.try_clone()?);
-    let mut reader = BufReader::with_capacity(256 << 10, s.try_clone()?);
+    let plain = Plain {
+        reader: Mutex::new(s.try_clone()?),
+        writer: Mutex::new(s.try_clone()?),
+        s: s.try_clone()?,
+    };
+    serve_on(&plain, session, policy)
+}
+
+/// Serves requests on `wire` until the client disconnects, answering
+/// them concurrently.
+pub fn serve_on<W: Wire>(
+    wire: &W,
+    session: &Session,
+    policy: Policy,
+) -> Result<(), TransmissionError> {
+    let mut reader = BufReader::with_capacity(256 << 10, Recv(wire));
     let q: Queue<Job> = Queue::new(BUDGET, WORKERS);
     let h = session.headers;
     std::thread::scope(|sc| {
@@ -80,8 +138,8 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
             let mut exec = Exec::new(session, policy);
             while let Some(job) = q.take() {
                 let cost = job.cost;
-                let failed = Failed { q: &q, s, cost };
-                answer(&mut exec, job, &writer, s);
+                let failed = Failed { q: &q, wire, cost };
+                answer(&mut exec, job, wire);
                 std::mem::forget(failed);
                 q.release(cost);
             }
@@ -116,7 +174,7 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
             };
             if let Some(job) = q.dispatch(job, start) {
                 let cost = job.cost;
-                answer(&mut inline, job, &writer, s);
+                answer(&mut inline, job, wire);
                 q.release(cost);
             }
         };
@@ -127,30 +185,28 @@ pub fn serve(s: &Stream, session: &Session, policy: Policy) -> Result<(), Transm
 
 /// Answers one job and writes its reply; a reply that cannot be written
 /// ends the connection (the socket is shut down, so the reader stops).
-fn answer(exec: &mut Exec, job: Job, writer: &Mutex<Stream>, s: &Stream) {
+fn answer<W: Wire>(exec: &mut Exec, job: Job, wire: &W) {
     exec.answer(&job.req, &job.data);
     drop(job);
-    let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(e) = w.write_all(&exec.out) {
+    if let Err(e) = wire.send(&exec.out) {
         debug!("reply not sent, ending the connection: {e}");
-        s.shutdown();
+        wire.shutdown();
     }
-    drop(w);
     exec.trim();
 }
 
 /// Armed while a worker answers: if it panics instead, its request will
 /// never be answered, so the connection ends (the socket shut down, the
 /// queue closed so that the reader does not wait for the room it held).
-struct Failed<'a> {
+struct Failed<'a, W: Wire> {
     q: &'a Queue<Job>,
-    s: &'a Stream,
+    wire: &'a W,
     cost: u64,
 }
 
-impl Drop for Failed<'_> {
+impl<W: Wire> Drop for Failed<'_, W> {
     fn drop(&mut self) {
-        self.s.shutdown();
+        self.wire.shutdown();
         self.q.close();
         self.q.release(self.cost);
     }

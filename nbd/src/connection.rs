@@ -4,25 +4,30 @@
 //! transmission.
 
 use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use openssl::ssl::SslStream;
 use rustls::{ServerConnection, StreamOwned};
 
+use crate::duplex::{self, Duplex};
 use crate::export::Exports;
 use crate::handshake::{self, HandshakeError, Outcome, Session, Tls};
 use crate::server::Stream;
 use crate::tls::TlsCreds;
-use crate::transmission::{self, Policy};
+use crate::transmission::Policy;
 
 /// The client's socket; while `end` is set, every read and write must
 /// end by then (the handshake's deadline): each waits at most for the
 /// time left, so a client that trickles bytes or never reads is cut off
 /// when the time is up, in TLS as in clear.
-struct Timed {
+pub(crate) struct Timed {
     s: Stream,
     end: Option<Instant>,
+    /// Past the handshake, under a session shared by several threads
+    /// (see `duplex`): reads and writes never wait (WouldBlock instead).
+    dontwait: bool,
 }
 
 impl Timed {
@@ -42,10 +47,35 @@ impl Timed {
         self.end = None;
         self.s.set_timeouts(None::<Duration>)
     }
+
+    /// Past a TLS handshake: no deadline, no waiting (see `duplex`);
+    /// returns the socket again, to poll and shut down.
+    fn shared(&mut self) -> io::Result<Stream> {
+        self.disarm()?;
+        self.dontwait = true;
+        self.s.try_clone()
+    }
+}
+
+/// A byte count from recv(2) or send(2), or the error it reported.
+fn counted(r: isize) -> io::Result<usize> {
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
 impl Read for Timed {
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        if self.dontwait {
+            // SAFETY: receives into `b`, valid and writable for its length.
+            let r = unsafe {
+                libc::recv(
+                    self.s.as_raw_fd(),
+                    b.as_mut_ptr().cast(),
+                    b.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            return counted(r);
+        }
         self.arm()?;
         self.s.read(b)
     }
@@ -53,6 +83,18 @@ impl Read for Timed {
 
 impl Write for Timed {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        if self.dontwait {
+            // SAFETY: sends from `b`, valid for its length.
+            let r = unsafe {
+                libc::send(
+                    self.s.as_raw_fd(),
+                    b.as_ptr().cast(),
+                    b.len(),
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+                )
+            };
+            return counted(r);
+        }
         self.arm()?;
         self.s.write(b)
     }
@@ -70,9 +112,10 @@ pub fn run(
     limit: Option<Duration>,
     tls: Option<&TlsCreds>,
 ) {
-    // The ring first (TLS sessions are served one request at a time,
-    // without): then this thread, which reads what the client sends,
-    // gives up making rings (whose operations no filter sees).
+    // The ring first (TLS sessions are served by worker threads, see
+    // `duplex`, without one): then this thread, which reads what the
+    // client sends, gives up making rings (whose operations no filter
+    // sees).
     let ring = match tls {
         None => crate::uring::Ring::for_policy(policy),
         Some(_) => None,
@@ -83,6 +126,7 @@ pub fn run(
     let mut t = Timed {
         s,
         end: limit.map(|l| Instant::now() + l),
+        dontwait: false,
     };
     let mode = if tls.is_some() {
         Tls::Required
@@ -130,11 +174,16 @@ pub fn run(
                 Ok(Outcome::StartTls) => return warn!("client {id}: STARTTLS inside TLS"),
                 Err(e) => return report(id, e),
             };
-            if let Err(e) = tls.get_mut().disarm() {
-                return warn!("client {id}: {e}");
-            }
-            transmit(id, &mut tls, &session, policy);
-            let _ = tls.shutdown();
+            let sock = match tls.get_mut().shared() {
+                Ok(s) => s,
+                Err(e) => return warn!("client {id}: {e}"),
+            };
+            serve_tls(
+                id,
+                Duplex::new(duplex::Session::Openssl(tls), sock),
+                &session,
+                policy,
+            );
         }
         (Outcome::StartTls, Some(TlsCreds::X509(config))) => {
             let conn = match ServerConnection::new(config.clone()) {
@@ -149,13 +198,17 @@ pub fn run(
                 Ok(Outcome::StartTls) => return warn!("client {id}: STARTTLS inside TLS"),
                 Err(e) => return report(id, e),
             };
-            if let Err(e) = tls.sock.disarm() {
-                return warn!("client {id}: {e}");
-            }
-            transmit(id, &mut tls, &session, policy);
-            // The spec's end of a TLS session: close_notify.
-            tls.conn.send_close_notify();
-            let _ = tls.conn.complete_io(&mut tls.sock);
+            let sock = match tls.sock.shared() {
+                Ok(s) => s,
+                Err(e) => return warn!("client {id}: {e}"),
+            };
+            let StreamOwned { conn, sock: t } = tls;
+            serve_tls(
+                id,
+                Duplex::new(duplex::Session::Rustls(Box::new(conn), t), sock),
+                &session,
+                policy,
+            );
         }
         (Outcome::StartTls, None) => warn!("client {id}: STARTTLS without credentials"),
     }
@@ -168,12 +221,14 @@ fn log_session(id: u64, session: &Session) {
     );
 }
 
-/// Requests one at a time (TLS: one state machine for both directions).
-fn transmit<S: Read + Write>(id: u64, s: &mut S, session: &Session, policy: Policy) {
+/// A TLS session's requests, answered concurrently (see `duplex`); at
+/// the end the spec's close_notify.
+fn serve_tls(id: u64, d: Duplex, session: &Session, policy: Policy) {
     log_session(id, session);
-    if let Err(e) = transmission::serve(s, session, policy) {
+    if let Err(e) = crate::concurrent::serve_on(&d, session, policy) {
         warn!("client {id}: {e}");
     }
+    d.close();
 }
 
 /// Logs how a handshake failed: quietly for clients that just left.

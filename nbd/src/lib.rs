@@ -20,6 +20,7 @@
 pub mod concurrent;
 pub mod connection;
 pub mod daemon;
+mod duplex;
 pub mod export;
 pub mod fuzz;
 pub mod handshake;

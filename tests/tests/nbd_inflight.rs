@@ -200,3 +200,89 @@ fn two_connections_allocating_the_same_clusters_both_finish() {
         }
     }
 }
+
+/// The same over TLS, X.509 (rustls) and pre-shared keys (OpenSSL):
+/// TLS sessions are answered concurrently too, one TLS state machine
+/// shared by the connection's reader and workers, replies whole.
+#[test]
+fn tls_requests_in_flight_are_answered_concurrently_and_correctly() {
+    let seed = std::env::var("RIMG_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x7157_u64);
+    let d = tempdir();
+    let t = nbd::tls_dirs(d.path());
+    let psk = d.path().join("psk");
+    std::fs::create_dir_all(&psk).unwrap();
+    let key: String = (0..32).map(|i| format!("{:02x}", i * 7 + 1)).collect();
+    std::fs::write(psk.join("keys.psk"), format!("qemu:{key}\n")).unwrap();
+    let creds = [
+        (
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                s(&t.server)
+            ),
+            format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                s(&t.client)
+            ),
+        ),
+        (
+            format!("tls-creds-psk,id=tls0,dir={},endpoint=server", s(&psk)),
+            format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(&psk)),
+        ),
+    ];
+    for (n, (server, client)) in creds.iter().enumerate() {
+        for fmt in ["raw", "qcow2"] {
+            let (slots, slot) = (128u64, 256u64 << 10);
+            let size = (slots * slot).to_string();
+            let img = d.path().join(format!("disk.{n}.{fmt}"));
+            let model = d.path().join(format!("model.{n}.{fmt}.raw"));
+            run_ok("qemu-img", &["create", "-f", fmt, s(&img), &size]);
+            run_ok("qemu-img", &["create", "-f", "raw", s(&model), &size]);
+            let cmds = commands(seed ^ n as u64, slots, slot);
+            let sock = d.path().join(format!("tls.{n}.{fmt}.sock"));
+            let args = [
+                "--discard",
+                "unmap",
+                "--object",
+                server,
+                "--tls-creds",
+                "tls0",
+                "-f",
+                fmt,
+                s(&img),
+            ];
+            let srv = nbd::serve(&sock, &args);
+            let mut qargs: Vec<String> = Vec::new();
+            for c in &cmds {
+                qargs.extend(["-c".into(), c.clone()]);
+            }
+            qargs.extend([
+                "--object".into(),
+                client.clone(),
+                "--image-opts".into(),
+                format!(
+                    "driver=raw,file.driver=nbd,file.server.type=unix,\
+                     file.server.path={},file.tls-creds=tls0,file.tls-hostname=localhost",
+                    s(&sock)
+                ),
+            ]);
+            let qargs: Vec<&str> = qargs.iter().map(String::as_str).collect();
+            let out = run_ok("qemu-io", &qargs);
+            let log = nbd::stop(srv);
+            assert!(
+                !out.contains("fail") && !out.contains("error"),
+                "seed {seed} ({fmt}, {server}): {out}\nserver: {log}"
+            );
+            qemu_io("raw", s(&model), &cmds);
+            run_ok(
+                "qemu-img",
+                &["compare", "-f", fmt, "-F", "raw", s(&img), s(&model)],
+            );
+            if fmt == "qcow2" {
+                run_ok("qemu-img", &["check", s(&img)]);
+            }
+        }
+    }
+}

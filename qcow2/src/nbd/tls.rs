@@ -215,8 +215,13 @@ fn psk_context(method: SslMethod) -> Result<SslContextBuilder, String> {
         .and_then(|()| b.set_num_tickets(0))
         .map_err(|e| format!("TLS: {e}"))?;
     // No resumption, by ticket or by session id: every connection proves
-    // the key again.
-    b.set_options(SslOptions::NO_TICKET);
+    // the key again. No renegotiation (a TLS 1.2 peer's would make a
+    // write wait for reading, which rimg-nbd's workers never do). A peer
+    // that closes without close_notify ends the stream: NBD's framing
+    // catches a request or reply cut short.
+    b.set_options(
+        SslOptions::NO_TICKET | SslOptions::NO_RENEGOTIATION | SslOptions::IGNORE_UNEXPECTED_EOF,
+    );
     b.set_session_cache_mode(SslSessionCacheMode::OFF);
     Ok(b)
 }
