@@ -215,10 +215,11 @@ impl<'a> State<'a> {
             if o == opt::EXPORT_NAME {
                 return Err(HandshakeError::TlsRequired);
             }
+            // qemu-nbd's words (its clients print them).
             out.error(
                 o,
                 rep::ERR_TLS_REQD,
-                "TLS is required: start it with NBD_OPT_STARTTLS",
+                &format!("Option {o:#x} not permitted before TLS"),
             );
             return Ok(Next::More);
         }
@@ -250,14 +251,12 @@ impl<'a> State<'a> {
             opt::STARTTLS => {
                 if no_data(out) {
                     match self.tls {
-                        Tls::Off => {
-                            out.error(o, rep::ERR_POLICY, "TLS is not configured on this server")
-                        }
+                        Tls::Off => out.error(o, rep::ERR_POLICY, "TLS not configured"),
                         Tls::Required => {
                             out.ack(o);
                             return Ok(Next::StartTls);
                         }
-                        Tls::Active => out.error(o, rep::ERR_INVALID, "TLS is already active"),
+                        Tls::Active => out.error(o, rep::ERR_INVALID, "TLS already enabled"),
                     }
                 }
             }

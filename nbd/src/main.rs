@@ -59,9 +59,10 @@ struct Args {
     /// TCP port to listen on
     #[arg(short = 'p', long, default_value_t = nbd_proto::consts::DEFAULT_PORT)]
     port: u16,
-    /// Address to listen on (loopback unless told otherwise)
+    /// Address or host name to listen on (loopback unless told otherwise;
+    /// a name listens on its first address)
     #[arg(short = 'b', long, default_value = "127.0.0.1", value_name = "ADDR")]
-    bind: IpAddr,
+    bind: String,
     /// Clients served at once (0: no limit); more wait to be accepted
     #[arg(short = 'e', long, default_value_t = 1, value_name = "N")]
     shared: usize,
@@ -281,26 +282,17 @@ fn list(a: &Args) -> Result<(), String> {
             })
         }
     };
-    let (server, shown) = match &a.socket {
-        Some(p) => (Server::Unix(p.clone()), p.display().to_string()),
-        None => (
-            Server::Tcp {
-                host: a.bind.to_string(),
-                port: a.port,
-            },
-            format!("{}:{}", a.bind, a.port),
-        ),
+    let server = match &a.socket {
+        Some(p) => Server::Unix(p.clone()),
+        None => Server::Tcp {
+            host: a.bind.clone(),
+            port: a.port,
+        },
     };
-    let list = qcow2::nbd::client::list_exports(&server, tls.as_ref()).map_err(|e| {
-        match e.raw_os_error() {
-            Some(_) => format!(
-                "Failed to connect to '{shown}': {}",
-                qcow2::error::strerror(&e)
-            ),
-            // The server's or the protocol's, not the connection's.
-            None => e.to_string(),
-        }
-    })?;
+    // The client's errors are in QEMU's words ("Failed to connect to
+    // ...", an option the server refused).
+    let list = qcow2::nbd::client::list_exports(&server, tls.as_ref())
+        .map_err(|e| qcow2::error::strerror(&e))?;
     let mut out = format!("exports available: {}\n", list.len());
     for l in &list {
         out += &format!(" export: '{}'\n", l.name);
@@ -332,6 +324,20 @@ fn list(a: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// `-b ADDR` as qemu-nbd takes it: an address, or a name resolved to its
+/// first address (`localhost`).
+fn bind_address(host: &str, port: u16) -> Result<SocketAddr, String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    use std::net::ToSocketAddrs;
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("address resolution failed for {host}:{port}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("address resolution failed for {host}:{port}"))
+}
+
 fn serve(a: Args) -> Result<(), String> {
     if a.list {
         return list(&a);
@@ -340,7 +346,7 @@ fn serve(a: Args) -> Result<(), String> {
     let listen = match (rimg_vhost_server::activation::passed(), a.socket) {
         (Some(fd), _) => Listen::Fd(fd),
         (None, Some(p)) => Listen::Unix(p),
-        (None, None) => Listen::Tcp(SocketAddr::new(a.bind, a.port)),
+        (None, None) => Listen::Tcp(bind_address(&a.bind, a.port)?),
     };
     // Before anything opens an image or starts a thread.
     let ready = match a.fork {

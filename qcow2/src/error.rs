@@ -71,6 +71,11 @@ pub enum Error {
     /// why, in QEMU's words where QEMU has them.
     #[error("{0}")]
     Backing(String),
+    /// An NBD export that could not be reached or opened, in QEMU's
+    /// client's words ("Failed to connect to 'x': ...", "Requested export
+    /// not available" and the server's message).
+    #[error("{0}")]
+    Nbd(String),
     /// An image of a format other than qcow2 that does not hold (a bad
     /// VDI header, ...): QEMU's words for why, printed as they are.
     #[error("{0}")]

@@ -10,8 +10,8 @@ use std::path::Path;
 use rimg_tests::nbd::{self, unix_uri, QemuNbd};
 use rimg_tests::qsd::Qsd;
 use rimg_tests::{
-    assert_qemu_check_clean, assert_qemu_compare_equal, rimg_in, run_ok, same_as_qemu, tempdir,
-    write_mixed_raw,
+    assert_qemu_check_clean, assert_qemu_compare_equal, rimg_in, run, run_ok, same_as_qemu,
+    tempdir, write_mixed_raw,
 };
 
 fn s(p: &Path) -> &str {
@@ -229,4 +229,69 @@ fn list_prints_what_qemu_nbd_list_prints() {
         theirs.2,
         "without a server"
     );
+}
+
+/// Failures to reach or open an export read as qemu-img's and qemu-nbd's,
+/// word for word (program name aside): an export the server does not
+/// have (with the server's message), a socket that is not there, a TCP
+/// port nobody listens on; `-L` against a server without TLS when asked
+/// for TLS, and against one that requires it when not.
+#[test]
+fn open_errors_read_as_qemu_s() {
+    let d = tempdir();
+    let (img, _) = sample(d.path());
+    let sock = d.path().join("r.sock");
+    let r = nbd::serve(&sock, &["-r", "-x", "a", s(&img)]);
+    // A port nobody listens on: one just released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let absent = d.path().join("absent.sock");
+    for u in [
+        unix_uri(&sock, "b"),
+        unix_uri(&absent, ""),
+        format!("nbd://127.0.0.1:{port}/x"),
+    ] {
+        let (code, _, ours) = rimg_in(d.path(), &["info", &u]);
+        let theirs = run("qemu-img", &["info", &u]);
+        assert_eq!(code, Some(1), "{u}: {ours}");
+        assert_eq!(
+            ours.replacen("rimg: ", "", 1),
+            String::from_utf8_lossy(&theirs.stderr).replacen("qemu-img: ", "", 1),
+            "{u}"
+        );
+    }
+    let psk = d.path().join("psk");
+    std::fs::create_dir_all(&psk).unwrap();
+    std::fs::write(psk.join("keys.psk"), "qemu:0011223344556677\n").unwrap();
+    let tls_sock = d.path().join("tls.sock");
+    let server = format!("tls-creds-psk,id=tls0,dir={},endpoint=server", s(&psk));
+    let client = format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(&psk));
+    let t = nbd::serve(
+        &tls_sock,
+        &["-r", "--object", &server, "--tls-creds", "tls0", s(&img)],
+    );
+    let rimg_nbd = rimg_tests::workspace_bin("rimg-nbd");
+    let with_tls = ["--object", client.as_str(), "--tls-creds", "tls0"];
+    for (at, tls) in [(&sock, true), (&tls_sock, false)] {
+        let mut args = vec!["-L", "-k", s(at)];
+        if tls {
+            args.extend(with_tls);
+        }
+        let ours = run(s(&rimg_nbd), &args);
+        let theirs = run("qemu-nbd", &args);
+        assert!(!ours.status.success() && !theirs.status.success());
+        let text = |o: &std::process::Output, name: &str| {
+            String::from_utf8_lossy(&o.stderr).replace(&format!("{name}: "), "")
+        };
+        assert_eq!(
+            text(&ours, "rimg-nbd"),
+            text(&theirs, "qemu-nbd"),
+            "{args:?}"
+        );
+    }
+    nbd::stop(t);
+    nbd::stop(r);
 }

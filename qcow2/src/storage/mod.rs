@@ -226,11 +226,8 @@ impl Storage {
             path: name.into(),
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
         })?;
-        let client =
-            crate::nbd::Client::connect(&addr, writable).map_err(|source| Error::Open {
-                path: name.into(),
-                source,
-            })?;
+        let client = crate::nbd::Client::connect(&addr, writable)
+            .map_err(|e| Error::Nbd(crate::error::strerror(&e)))?;
         Ok(Storage::new(
             Backend::Nbd(Box::new(client)),
             name.into(),

@@ -9,7 +9,7 @@ use nbd_proto::option::{Info, InfoRequest, MetaRequest, OptionHeader};
 use nbd_proto::request::Headers;
 use nbd_proto::Cursor;
 
-use super::{bad, printable, Conn};
+use super::{bad, Conn};
 
 /// What a server says of one of its exports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -37,10 +37,7 @@ impl Conn {
             return Ok(Vec::new());
         }
         if let Some((t, msg)) = replies.last().filter(|r| r.0 != rep::ACK) {
-            return Err(io::Error::other(format!(
-                "the NBD server refused to list its exports ({t:#x}): {}",
-                printable(&String::from_utf8_lossy(msg))
-            )));
+            return Err(super::negotiate::refused(opt::LIST, *t, msg));
         }
         let mut list = Vec::new();
         for (_, d) in replies.iter().filter(|r| r.0 == rep::SERVER) {

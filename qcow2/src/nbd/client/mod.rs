@@ -181,14 +181,25 @@ fn errno_error(e: u32, msg: &str) -> io::Error {
 }
 
 /// A connection to `server`.
+/// Connects to `server`; a failure says so in QEMU's words ("Failed to
+/// connect to 'PATH or HOST:PORT': ...").
 fn connect_stream(server: &Server) -> io::Result<Stream> {
-    Ok(match server {
-        Server::Unix(p) => Stream::Socket(Socket::Unix(UnixStream::connect(p)?)),
-        Server::Tcp { host, port } => {
-            let s = connect_tcp(host, *port)?;
-            s.set_nodelay(true)?;
-            Stream::Socket(Socket::Tcp(s))
-        }
+    let (s, shown) = match server {
+        Server::Unix(p) => (
+            UnixStream::connect(p).map(|s| Stream::Socket(Socket::Unix(s))),
+            p.display().to_string(),
+        ),
+        Server::Tcp { host, port } => (
+            connect_tcp(host, *port).and_then(|s| {
+                s.set_nodelay(true)?;
+                Ok(Stream::Socket(Socket::Tcp(s)))
+            }),
+            format!("{host}:{port}"),
+        ),
+    };
+    s.map_err(|e| {
+        let text = crate::error::strerror(&e);
+        io::Error::new(e.kind(), format!("Failed to connect to '{shown}': {text}"))
     })
 }
 

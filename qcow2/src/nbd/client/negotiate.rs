@@ -111,14 +111,7 @@ impl Conn {
             return Ok((size, flags, MAX_PAYLOAD, 1, allocation));
         }
         if last != rep::ACK {
-            let text = printable(&String::from_utf8_lossy(&msg));
-            return Err(io::Error::new(
-                match last {
-                    rep::ERR_UNKNOWN => io::ErrorKind::NotFound,
-                    _ => io::ErrorKind::Other,
-                },
-                format!("NBD server refused export '{export}': {text}"),
-            ));
+            return Err(refused(opt::GO, last, &msg));
         }
         let (mut size, mut flags, mut max, mut min) = (None, 0, MAX_PAYLOAD, 1);
         for (t, d) in &replies {
@@ -168,10 +161,7 @@ impl Conn {
         };
         let replies = self.option(opt::STARTTLS, &[])?;
         if let Some((t, msg)) = replies.last().filter(|r| r.0 != rep::ACK) {
-            return Err(io::Error::other(format!(
-                "the NBD server refused TLS ({t:#x}): {}",
-                String::from_utf8_lossy(msg)
-            )));
+            return Err(refused(opt::STARTTLS, *t, msg));
         }
         let raw = std::mem::replace(&mut self.s, Stream::Closed);
         // The TLS handshake now, so that a refusal is reported here.
@@ -229,4 +219,46 @@ impl Conn {
             }
         }
     }
+}
+
+/// A refused option in QEMU's client's words (nbd_handle_reply_err):
+/// what was refused, then the server's message on a line of its own.
+/// An export the server does not have is NotFound.
+pub(super) fn refused(o: u32, reply: u32, msg: &[u8]) -> io::Error {
+    let name = match o {
+        opt::EXPORT_NAME => "export name",
+        opt::ABORT => "abort",
+        opt::LIST => "list",
+        opt::STARTTLS => "starttls",
+        opt::INFO => "info",
+        opt::GO => "go",
+        opt::STRUCTURED_REPLY => "structured reply",
+        opt::LIST_META_CONTEXT => "list meta context",
+        opt::SET_META_CONTEXT => "set meta context",
+        opt::EXTENDED_HEADERS => "extended headers",
+        _ => "<unknown>",
+    };
+    let mut text = match reply {
+        rep::ERR_POLICY => format!("Denied by server for option {o} ({name})"),
+        rep::ERR_INVALID => format!("Invalid parameters for option {o} ({name})"),
+        rep::ERR_PLATFORM => format!("Server lacks support for option {o} ({name})"),
+        rep::ERR_TLS_REQD => format!(
+            "TLS negotiation required before option {o} ({name})\nDid you forget a valid tls-creds?"
+        ),
+        rep::ERR_UNKNOWN => "Requested export not available".into(),
+        rep::ERR_SHUTDOWN => format!("Server shutting down before option {o} ({name})"),
+        rep::ERR_BLOCK_SIZE_REQD => {
+            format!("Server requires INFO_BLOCK_SIZE for option {o} ({name})")
+        }
+        _ => format!("Unknown error code when asking for option {o} ({name})"),
+    };
+    if !msg.is_empty() {
+        text.push_str("\nserver reported: ");
+        text.push_str(&printable(&String::from_utf8_lossy(msg)));
+    }
+    let kind = match reply {
+        rep::ERR_UNKNOWN => io::ErrorKind::NotFound,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, text)
 }
