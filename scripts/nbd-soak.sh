@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Soak test for rimg-nbd: rounds of tests/tests/nbd_inflight.rs (QEMU's
 # client with 16 requests in flight on the io_uring and threaded data
-# paths, raw and qcow2, against a model; then two clients allocating the
-# same clusters at once, under a deadline), each with a random seed,
+# paths and over TLS (X.509 and PSK), raw and qcow2, against a model;
+# then two clients allocating the same clusters at once, under a
+# deadline), each with a random seed,
 # until DURATION is over. The server runs as in production: seccomp in
 # kill mode, stopped with SIGTERM, its exit status asserted.
 #
