@@ -185,14 +185,31 @@ pub fn run(
                 policy,
             );
         }
-        (Outcome::StartTls, Some(TlsCreds::X509(config))) => {
+        (Outcome::StartTls, Some(TlsCreds::X509 { config, authz })) => {
             let conn = match ServerConnection::new(config.clone()) {
                 Ok(c) => c,
                 Err(e) => return warn!("client {id}: TLS: {e}"),
             };
-            // The TLS handshake runs on the first read, under the same
-            // deadline.
+            // The TLS handshake first, under the same deadline, so that
+            // the client's certificate can be judged before anything
+            // else (QEMU's order).
             let mut tls = StreamOwned::new(conn, t);
+            while tls.conn.is_handshaking() {
+                if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+                    return report(id, HandshakeError::Io(e));
+                }
+            }
+            if let Some(want) = authz {
+                let subject = tls
+                    .conn
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::authz::subject_dn(c));
+                if subject.as_deref() != Some(want.as_str()) {
+                    let shown = subject.unwrap_or_else(|| "(none)".into());
+                    return warn!("client {id}: TLS x509 authz check for {shown} is denied");
+                }
+            }
             let session = match handshake::options(&mut tls, exports, no_zeroes, Tls::Active) {
                 Ok(Outcome::Session(s)) => s,
                 Ok(Outcome::StartTls) => return warn!("client {id}: STARTTLS inside TLS"),

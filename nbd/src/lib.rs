@@ -17,6 +17,7 @@
 //! - [`seccomp`]: the filter the server runs under;
 //! - [`fuzz`]: the fuzzing entry point.
 
+pub mod authz;
 pub mod concurrent;
 pub mod connection;
 pub mod daemon;

@@ -14,7 +14,18 @@ use rimg_nbd::{Aio, Export, Exports, Listen, Policy, ServerConfig};
 use rimg_vhost_server::cli::{self, SeccompArg, UserArg};
 
 fn main() -> ExitCode {
-    cli::run("rimg-nbd", serve)
+    // The name messages start with: the one it was invoked as, so that
+    // rimg-nbd installed as qemu-nbd speaks as it (QEMU's iotests read
+    // these lines), as rimg does as qemu-img.
+    let name = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "rimg-nbd".into());
+    cli::run(&name, serve)
 }
 
 #[derive(Parser)]
@@ -93,6 +104,11 @@ struct Args {
     /// --list, list over TLS
     #[arg(long, value_name = "ID")]
     tls_creds: Option<String>,
+    /// Admit only the X.509 clients the authz-simple object ID names
+    /// (--object authz-simple,id=ID,identity=DN, the certificate's
+    /// subject as CN=...,O=...,C=..., commas in it doubled)
+    #[arg(long, value_name = "ID")]
+    tls_authz: Option<String>,
     /// Seconds a client has to finish its handshake (0: no limit)
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     handshake_limit: u64,
@@ -249,6 +265,7 @@ fn list(a: &Args) -> Result<(), String> {
             let objects = a
                 .object
                 .iter()
+                .filter(|o| !o.starts_with("authz-"))
                 .map(|o| rimg_nbd::tls::CredsObject::parse(o))
                 .collect::<Result<Vec<_>, _>>()?;
             let o = rimg_nbd::tls::CredsObject::find(&objects, id, true)?;
@@ -399,16 +416,31 @@ fn serve(a: Args) -> Result<(), String> {
         "threads" => Aio::Threads,
         m => return Err(format!("--aio {m}: expected io_uring, native or threads")),
     };
-    let objects = a
-        .object
-        .iter()
-        .map(|o| rimg_nbd::tls::CredsObject::parse(o))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut objects = Vec::new();
+    let mut authz = Vec::new();
+    for o in &a.object {
+        match rimg_nbd::authz::AuthzObject::parse(o)? {
+            Some(z) => authz.push(z),
+            None => objects.push(rimg_nbd::tls::CredsObject::parse(o)?),
+        }
+    }
+    let identity = match (&a.tls_authz, &a.tls_creds) {
+        (None, _) => None,
+        (Some(_), None) => return Err("--tls-authz is not permitted without --tls-creds".into()),
+        (Some(id), Some(_)) => Some(
+            authz
+                .iter()
+                .find(|z| &z.id == id)
+                .ok_or_else(|| format!("No authorization object with id '{id}'"))?
+                .identity
+                .clone(),
+        ),
+    };
     let tls = match &a.tls_creds {
         None => None,
         Some(id) => {
             let o = rimg_nbd::tls::CredsObject::find(&objects, id, false)?;
-            Some(rimg_nbd::tls::TlsCreds::load(o)?)
+            Some(rimg_nbd::tls::TlsCreds::load(o, identity)?)
         }
     };
     rimg_nbd::run(ServerConfig {

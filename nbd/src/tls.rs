@@ -18,7 +18,12 @@ use rustls::ServerConfig;
 /// Loaded server credentials.
 #[derive(Debug, Clone)]
 pub enum TlsCreds {
-    X509(Arc<ServerConfig>),
+    X509 {
+        config: Arc<ServerConfig>,
+        /// `--tls-authz`: the only subject admitted, when client
+        /// certificates are checked (see `authz`).
+        authz: Option<String>,
+    },
     Psk(SslContext),
 }
 
@@ -135,7 +140,7 @@ impl TlsCreds {
     /// Loads the server's credentials from `o.dir`: the keys of
     /// `keys.psk`, or the certificate chain and key, and with
     /// `verify_peer` the CA that client certificates must chain to.
-    pub fn load(o: &CredsObject) -> Result<TlsCreds, String> {
+    pub fn load(o: &CredsObject, authz: Option<String>) -> Result<TlsCreds, String> {
         let verify_peer = match o.kind {
             Kind::Psk { .. } => {
                 let keys = read_psk_keys(&o.dir.join("keys.psk"))?;
@@ -162,7 +167,11 @@ impl TlsCreds {
         let config = builder
             .with_single_cert(chain, key)
             .map_err(|e| format!("{}: {e}", o.dir.display()))?;
-        Ok(TlsCreds::X509(Arc::new(config)))
+        Ok(TlsCreds::X509 {
+            config: Arc::new(config),
+            // As QEMU: checked only where certificates are.
+            authz: authz.filter(|_| verify_peer),
+        })
     }
 }
 

@@ -134,6 +134,10 @@ pub struct TlsDirs {
     /// A server's, signed by the CA but naming another host only
     /// (`nbd.invalid`).
     pub elsewhere: PathBuf,
+    /// A client's, signed by the CA, whose subject has several
+    /// attributes and characters RFC 4514 escapes (C=SP, L=R'lyeh,
+    /// O="Cthulu, Dark+Lord", CN=client a), for `--tls-authz`.
+    pub named: PathBuf,
 }
 
 /// Makes a CA, a server certificate (localhost, 127.0.0.1) and client
@@ -171,6 +175,26 @@ pub fn tls_dirs(dir: &Path) -> TlsDirs {
         let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
         (cert.pem(), key.serialize_pem())
     };
+    let named = |ca: &(rcgen::Certificate, KeyPair)| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for (t, v) in [
+            (DnType::CountryName, "SP"),
+            (DnType::LocalityName, "R'lyeh"),
+            (DnType::OrganizationName, "Cthulu, Dark+Lord"),
+            (DnType::CommonName, "client a"),
+        ] {
+            p.distinguished_name.push(t, v);
+        }
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
     let good = ca("rimg test CA");
     let bad = ca("another CA");
     let write = |sub: &str, files: &[(&str, &str)]| {
@@ -185,6 +209,7 @@ pub fn tls_dirs(dir: &Path) -> TlsDirs {
     let (ec, ek) = leaf(&good, vec!["nbd.invalid".into()], true);
     let (cc, ck) = leaf(&good, vec!["client".into()], false);
     let (rc, rk) = leaf(&bad, vec!["client".into()], false);
+    let (nc, nk) = named(&good);
     let ca_pem = good.0.pem();
     TlsDirs {
         server: write(
@@ -218,6 +243,14 @@ pub fn tls_dirs(dir: &Path) -> TlsDirs {
                 ("ca-cert.pem", &ca_pem),
                 ("server-cert.pem", &ec),
                 ("server-key.pem", &ek),
+            ],
+        ),
+        named: write(
+            "tls-named",
+            &[
+                ("ca-cert.pem", &ca_pem),
+                ("client-cert.pem", &nc),
+                ("client-key.pem", &nk),
             ],
         ),
     }

@@ -187,7 +187,9 @@ impl Conn {
                 let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
                 let mut tls = rustls::StreamOwned::new(conn, raw);
                 while tls.conn.is_handshaking() {
-                    tls.conn.complete_io(&mut tls.sock)?;
+                    tls.conn
+                        .complete_io(&mut tls.sock)
+                        .map_err(|e| certificate_error(e, &host))?;
                 }
                 Stream::Tls(Box::new(tls))
             }
@@ -261,4 +263,20 @@ pub(super) fn refused(o: u32, reply: u32, msg: &[u8]) -> io::Error {
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, text)
+}
+
+/// A server certificate rustls refused, in QEMU's client's words where
+/// it has them (its GnuTLS checks: the name, the issuer).
+fn certificate_error(e: io::Error, host: &str) -> io::Error {
+    use rustls::{CertificateError, Error};
+    let text = match e.get_ref().and_then(|i| i.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => format!("Certificate does not match the hostname {host}"),
+        Some(Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            "The certificate hasn't got a known issuer".into()
+        }
+        _ => return e,
+    };
+    io::Error::new(e.kind(), text)
 }
