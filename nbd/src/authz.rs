@@ -65,7 +65,8 @@ impl AuthzObject {
     }
 }
 
-/// A DER value: its tag and contents, from the front of `b`.
+/// A DER value: its tag and contents, from the front of `b`. Lengths
+/// must be in DER's shortest form.
 fn der(b: &mut &[u8]) -> Option<(u8, Vec<u8>)> {
     let (&tag, rest) = b.split_first()?;
     let (&first, mut rest) = rest.split_first()?;
@@ -75,7 +76,12 @@ fn der(b: &mut &[u8]) -> Option<(u8, Vec<u8>)> {
             let n = (first & 0x7f) as usize;
             let (l, r) = rest.split_at_checked(n)?;
             rest = r;
-            l.iter().fold(0usize, |a, &x| a << 8 | x as usize)
+            let len = l.iter().fold(0usize, |a, &x| a << 8 | x as usize);
+            // Shortest form: no leading zero byte, no long form below 128.
+            if l[0] == 0 || len < 0x80 {
+                return None;
+            }
+            len
         }
         _ => return None,
     };
@@ -89,21 +95,29 @@ fn expect(b: &mut &[u8], tag: u8) -> Option<Vec<u8>> {
     der(b).filter(|(t, _)| *t == tag).map(|(_, c)| c)
 }
 
-/// A dotted OID from its DER contents.
+/// A dotted OID from its DER contents; None unless well formed (every
+/// subidentifier minimal and finished).
 fn oid(c: &[u8]) -> Option<String> {
-    let (&first, rest) = c.split_first()?;
-    let mut parts = vec![
-        (first / 40).min(2) as u64,
-        first as u64 - 40 * (first / 40).min(2) as u64,
-    ];
+    let mut subs = Vec::new();
     let mut v = 0u64;
-    for &x in rest {
+    let mut fresh = true;
+    for &x in c {
+        if fresh && x == 0x80 {
+            return None;
+        }
         v = v.checked_mul(128)? | (x & 0x7f) as u64;
-        if x & 0x80 == 0 {
-            parts.push(v);
+        fresh = x & 0x80 == 0;
+        if fresh {
+            subs.push(v);
             v = 0;
         }
     }
+    if !fresh || subs.is_empty() {
+        return None;
+    }
+    let first = subs[0].min(80) / 40;
+    let mut parts = vec![first, subs[0] - 40 * first];
+    parts.extend(&subs[1..]);
     Some(
         parts
             .iter()
@@ -113,62 +127,91 @@ fn oid(c: &[u8]) -> Option<String> {
     )
 }
 
-/// RFC 4514's short names, as GnuTLS prints them.
-fn short_name(oid: &str) -> Option<&'static str> {
+/// What GnuTLS takes as text for an attribute.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// DirectoryString: Teletex, Printable, Universal, UTF8 or BMP.
+    Directory,
+    Printable,
+    Ia5,
+}
+
+/// GnuTLS's names for the attributes it knows (lib/x509/common.c), and
+/// what it prints as text for each.
+fn attribute(oid: &str) -> Option<(&'static str, Kind)> {
+    use Kind::*;
     Some(match oid {
-        "2.5.4.3" => "CN",
-        "2.5.4.4" => "SN",
-        "2.5.4.5" => "serialNumber",
-        "2.5.4.6" => "C",
-        "2.5.4.7" => "L",
-        "2.5.4.8" => "ST",
-        "2.5.4.9" => "STREET",
-        "2.5.4.10" => "O",
-        "2.5.4.11" => "OU",
-        "2.5.4.12" => "title",
-        "2.5.4.42" => "GN",
-        "2.5.4.43" => "initials",
-        "2.5.4.44" => "generationQualifier",
-        "2.5.4.46" => "dnQualifier",
-        "2.5.4.65" => "pseudonym",
-        "0.9.2342.19200300.100.1.1" => "UID",
-        "0.9.2342.19200300.100.1.25" => "DC",
-        "1.2.840.113549.1.9.1" => "EMAIL",
+        "2.5.4.3" => ("CN", Directory),
+        "2.5.4.4" => ("surName", Directory),
+        "2.5.4.5" => ("serialNumber", Printable),
+        "2.5.4.6" => ("C", Printable),
+        "2.5.4.7" => ("L", Directory),
+        "2.5.4.8" => ("ST", Directory),
+        "2.5.4.9" => ("street", Directory),
+        "2.5.4.10" => ("O", Directory),
+        "2.5.4.11" => ("OU", Directory),
+        "2.5.4.12" => ("title", Directory),
+        "2.5.4.13" => ("description", Directory),
+        "2.5.4.15" => ("businessCategory", Directory),
+        "2.5.4.17" => ("postalCode", Directory),
+        "2.5.4.20" => ("telephoneNumber", Printable),
+        "2.5.4.41" => ("name", Directory),
+        "2.5.4.42" => ("givenName", Directory),
+        "2.5.4.43" => ("initials", Directory),
+        "2.5.4.44" => ("generationQualifier", Directory),
+        "2.5.4.46" => ("dnQualifier", Printable),
+        "2.5.4.65" => ("pseudonym", Directory),
+        "0.9.2342.19200300.100.1.1" => ("UID", Directory),
+        "0.9.2342.19200300.100.1.25" => ("DC", Ia5),
+        "1.2.840.113549.1.9.1" => ("EMAIL", Ia5),
         _ => return None,
     })
 }
 
-/// An attribute value as text, where GnuTLS takes its type for text:
-/// a country only as a PrintableString, a domain component or e-mail
-/// address only as an IA5String, the rest as any directory string;
-/// None (then hex) otherwise.
-fn text(oid: &str, tag: u8, c: &[u8]) -> Option<String> {
-    let allowed = match oid {
-        "2.5.4.6" | "2.5.4.5" | "2.5.4.46" => tag == 0x13,
-        "0.9.2342.19200300.100.1.25" | "1.2.840.113549.1.9.1" => tag == 0x16,
-        _ => matches!(tag, 0x0c | 0x13 | 0x14 | 0x1e | 0x16 | 0x1a),
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// How GnuTLS shows a value: Some(text, already escaped or not), or
+/// None for its DER in hex.
+enum Shown {
+    Text(String),
+    /// Content bytes GnuTLS could not take for text: `\#` and hex.
+    Raw(String),
+}
+
+fn shown(kind: Kind, tag: u8, c: &[u8]) -> Option<Shown> {
+    let ok = match kind {
+        Kind::Directory => matches!(tag, 0x14 | 0x13 | 0x1c | 0x0c | 0x1e),
+        Kind::Printable => tag == 0x13,
+        Kind::Ia5 => tag == 0x16,
     };
-    if !allowed {
+    // A NUL in an 8-bit string: GnuTLS shows the DER instead.
+    if !ok || (!matches!(tag, 0x1c | 0x1e) && c.contains(&0)) {
         return None;
     }
-    match tag {
-        // UTF8String, PrintableString, IA5String, VisibleString.
-        0x0c | 0x13 | 0x16 | 0x1a => String::from_utf8(c.to_vec()).ok(),
-        // TeletexString: taken as Latin-1.
-        0x14 => Some(c.iter().map(|&b| b as char).collect()),
-        // BMPString: UTF-16BE.
+    Some(match tag {
+        // Teletex: text only if it is printable ASCII.
+        0x14 if !c.iter().all(|b| (0x20..0x7f).contains(b)) => Shown::Raw(hex(c)),
+        0x1c => Shown::Raw(hex(c)),
         0x1e => {
+            let c = c.strip_suffix(&[0, 0]).unwrap_or(c);
             let units: Vec<u16> = c
                 .chunks_exact(2)
                 .map(|p| u16::from_be_bytes([p[0], p[1]]))
                 .collect();
-            String::from_utf16(&units).ok()
+            match String::from_utf16(&units) {
+                Ok(t) => Shown::Text(t),
+                Err(_) => Shown::Raw(hex(c)),
+            }
         }
-        _ => None,
-    }
+        // What is not UTF-8 GnuTLS passes as bytes, which no identity
+        // written as text matches: refused.
+        _ => Shown::Text(String::from_utf8(c.to_vec()).ok()?),
+    })
 }
 
-/// RFC 4514's escaping of an attribute value.
+/// RFC 4514's escaping of an attribute value, as GnuTLS does it.
 fn escape(v: &str) -> String {
     let n = v.chars().count();
     let mut out = String::new();
@@ -176,10 +219,6 @@ fn escape(v: &str) -> String {
         let special = matches!(c, '"' | '+' | ',' | ';' | '<' | '>' | '\\')
             || (i == 0 && (c == '#' || c == ' '))
             || (i + 1 == n && c == ' ');
-        if c == '\0' {
-            out.push_str("\\00");
-            continue;
-        }
         if special {
             out.push('\\');
         }
@@ -192,7 +231,8 @@ fn escape(v: &str) -> String {
 /// QEMU: RDNs in the certificate's order, `,` between them and `+`
 /// between an RDN's attributes, values escaped as RFC 4514 says, or as
 /// `#` and their DER in hex where their type is not text for their
-/// attribute; None if the certificate does not parse.
+/// attribute. None (so: refused) if the certificate does not parse as
+/// DER, or its subject is empty or has an empty value, as GnuTLS fails.
 pub fn subject_dn(cert: &[u8]) -> Option<String> {
     let mut b = cert;
     let c = expect(&mut b, 0x30)?;
@@ -219,21 +259,30 @@ pub fn subject_dn(cert: &[u8]) -> Option<String> {
             let mut atv = atv.as_slice();
             let o = oid(&expect(&mut atv, 0x06)?)?;
             let (tag, value) = der(&mut atv)?;
-            let value = match (short_name(&o), text(&o, tag, &value)) {
-                (Some(name), Some(v)) => format!("{name}={}", escape(&v)),
-                // The value's DER in hex (RFC 4514), after the short
-                // name or else the dotted OID.
-                (name, _) => {
+            if !atv.is_empty() || value.is_empty() {
+                return None;
+            }
+            let known = attribute(&o);
+            let text = known.and_then(|(_, kind)| shown(kind, tag, &value));
+            let name = known.map_or(o.as_str(), |(n, _)| n);
+            atvs.push(match text {
+                Some(Shown::Text(v)) => format!("{name}={}", escape(&v)),
+                Some(Shown::Raw(h)) => format!("{name}=\\#{h}"),
+                // The value's DER in hex (RFC 4514).
+                None => {
                     let mut enc = vec![tag];
                     enc.extend(der_length(value.len()));
                     enc.extend(&value);
-                    let hex: String = enc.iter().map(|x| format!("{x:02x}")).collect();
-                    format!("{}=#{hex}", name.unwrap_or(&o))
+                    format!("{name}=#{}", hex(&enc))
                 }
-            };
-            atvs.push(value);
+            });
         }
-        rdns.push(atvs.join("+"));
+        if !atvs.is_empty() {
+            rdns.push(atvs.join("+"));
+        }
+    }
+    if rdns.is_empty() {
+        return None;
     }
     Some(rdns.join(","))
 }
@@ -281,6 +330,87 @@ mod tests {
         assert_eq!(escape("#x"), "\\#x");
         assert_eq!(escape("trail "), "trail\\ ");
         assert_eq!(escape("R'lyeh"), "R'lyeh");
+    }
+
+    /// A certificate whose subject is `subject` (a DER Name's contents),
+    /// the rest placeholders: only its shape is read.
+    fn cert(subject: &[u8]) -> Vec<u8> {
+        let tlv = |tag: u8, c: &[u8]| {
+            let mut v = vec![tag];
+            v.extend(der_length(c.len()));
+            v.extend(c);
+            v
+        };
+        let mut tbs = tlv(0xa0, &tlv(0x02, &[2]));
+        tbs.extend(tlv(0x02, &[1]));
+        tbs.extend(tlv(0x30, &[]));
+        tbs.extend(tlv(0x30, &[]));
+        tbs.extend(tlv(0x30, &[]));
+        tbs.extend(tlv(0x30, subject));
+        tlv(0x30, &tlv(0x30, &tbs))
+    }
+
+    /// One RDN of one attribute.
+    fn rdn(oid: &[u8], tag: u8, v: &[u8]) -> Vec<u8> {
+        let mut atv = vec![0x06, oid.len() as u8];
+        atv.extend(oid);
+        atv.extend([tag, v.len() as u8]);
+        atv.extend(v);
+        let mut seq = vec![0x30, atv.len() as u8];
+        seq.extend(atv);
+        let mut set = vec![0x31, seq.len() as u8];
+        set.extend(seq);
+        set
+    }
+
+    #[test]
+    fn subjects_read_as_gnutls_prints_them() {
+        const CN: &[u8] = &[0x55, 4, 3];
+        const C: &[u8] = &[0x55, 4, 6];
+        const SN: &[u8] = &[0x55, 4, 4];
+        let mut s = rdn(CN, 0x0c, b"a, b+c");
+        s.extend(rdn(C, 0x0c, b"SP"));
+        s.extend(rdn(SN, 0x13, b" lead"));
+        s.extend(rdn(&[0x2a, 3], 0x0c, b"x"));
+        assert_eq!(
+            subject_dn(&cert(&s)).unwrap(),
+            "CN=a\\, b\\+c,C=#0c025350,surName=\\ lead,1.2.3=#0c0178"
+        );
+        // Teletex beyond ASCII, UniversalString: GnuTLS's \# and hex.
+        let mut s = rdn(CN, 0x14, b"jos\xe9");
+        s.extend(rdn(CN, 0x1c, &[0, 0, 0, 0x41]));
+        assert_eq!(
+            subject_dn(&cert(&s)).unwrap(),
+            "CN=\\#6a6f73e9,CN=\\#00000041"
+        );
+        // BMPString: UTF-16.
+        assert_eq!(
+            subject_dn(&cert(&rdn(CN, 0x1e, &[0, b'h', 0, b'i']))).unwrap(),
+            "CN=hi"
+        );
+        // IA5String is not a directory string (GnuTLS 3.7.4 on).
+        assert_eq!(
+            subject_dn(&cert(&rdn(CN, 0x16, b"x"))).unwrap(),
+            "CN=#160178"
+        );
+    }
+
+    #[test]
+    fn malformed_subjects_are_refused() {
+        const CN: &[u8] = &[0x55, 4, 3];
+        for bad in [
+            // Empty subject, empty value, NUL-free but padded OIDs.
+            vec![],
+            rdn(CN, 0x0c, b""),
+            rdn(&[0x55, 4, 0x80, 3], 0x0c, b"x"),
+            rdn(&[0x55, 4, 3, 0x80], 0x0c, b"x"),
+        ] {
+            assert_eq!(subject_dn(&cert(&bad)), None, "{bad:02x?}");
+        }
+        // A long-form length that fits the short form.
+        let mut c = cert(&rdn(CN, 0x0c, b"x"));
+        c.splice(1..2, [0x81, c[1]]);
+        assert_eq!(subject_dn(&c), None);
     }
 
     #[test]

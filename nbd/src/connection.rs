@@ -206,7 +206,13 @@ pub fn run(
                     .and_then(|c| c.first())
                     .and_then(|c| crate::authz::subject_dn(c));
                 if subject.as_deref() != Some(want.as_str()) {
-                    let shown = subject.unwrap_or_else(|| "(none)".into());
+                    // For the log only: a subject may hold control
+                    // characters.
+                    let shown: String = subject
+                        .unwrap_or_else(|| "(none)".into())
+                        .chars()
+                        .map(|c| if c.is_control() { '?' } else { c })
+                        .collect();
                     return warn!("client {id}: TLS x509 authz check for {shown} is denied");
                 }
             }

@@ -256,6 +256,9 @@ const FLAG_NAMES: [&str; 13] = [
 fn list(a: &Args) -> Result<(), String> {
     use qcow2::nbd::uri::{Credentials, Server, TlsParams};
     use rimg_nbd::tls::Kind;
+    if a.tls_authz.is_some() {
+        return Err("TLS authorization is incompatible with export list".into());
+    }
     let tls = match &a.tls_creds {
         None if a.tls_hostname.is_some() => {
             return Err("--tls-hostname is not permitted without --tls-creds".into())

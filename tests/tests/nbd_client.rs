@@ -273,25 +273,54 @@ fn open_errors_read_as_qemu_s() {
         &tls_sock,
         &["-r", "--object", &server, "--tls-creds", "tls0", s(&img)],
     );
+    // The same servers' refusals from qemu-nbd, to judge what rimg-nbd
+    // says as a server too.
+    let q_sock = d.path().join("q.sock");
+    let q = QemuNbd::start(&q_sock, &["-r", "-x", "a", s(&img)]);
+    let q_tls_sock = d.path().join("qt.sock");
+    let qt = QemuNbd::start(
+        &q_tls_sock,
+        &["-r", "--object", &server, "--tls-creds", "tls0", s(&img)],
+    );
     let rimg_nbd = rimg_tests::workspace_bin("rimg-nbd");
-    let with_tls = ["--object", client.as_str(), "--tls-creds", "tls0"];
-    for (at, tls) in [(&sock, true), (&tls_sock, false)] {
-        let mut args = vec!["-L", "-k", s(at)];
-        if tls {
-            args.extend(with_tls);
-        }
-        let ours = run(s(&rimg_nbd), &args);
-        let theirs = run("qemu-nbd", &args);
-        assert!(!ours.status.success() && !theirs.status.success());
-        let text = |o: &std::process::Output, name: &str| {
-            String::from_utf8_lossy(&o.stderr).replace(&format!("{name}: "), "")
+    let text = |o: &std::process::Output, name: &str, at: &Path| {
+        String::from_utf8_lossy(&o.stderr)
+            .replace(&format!("{name}: "), "")
+            .replace(s(at), "SOCK")
+    };
+    for (ours_at, theirs_at, tls) in [(&sock, &q_sock, true), (&tls_sock, &q_tls_sock, false)] {
+        let args = |at: &Path| -> Vec<String> {
+            let mut a: Vec<String> = vec!["-L".into(), "-k".into(), s(at).into()];
+            if tls {
+                a.extend([
+                    "--object".into(),
+                    client.clone(),
+                    "--tls-creds".into(),
+                    "tls0".into(),
+                ]);
+            }
+            a
         };
+        let (a, b) = (args(ours_at), args(theirs_at));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        let b: Vec<&str> = b.iter().map(String::as_str).collect();
+        let ours = run(s(&rimg_nbd), &a);
+        let theirs = run("qemu-nbd", &b);
+        assert!(!ours.status.success() && !theirs.status.success());
         assert_eq!(
-            text(&ours, "rimg-nbd"),
-            text(&theirs, "qemu-nbd"),
-            "{args:?}"
+            text(&ours, "rimg-nbd", ours_at),
+            text(&theirs, "qemu-nbd", theirs_at),
+            "{a:?}"
         );
     }
+    // A missing export, as each server tells qemu-img.
+    let ours = run("qemu-img", &["info", &unix_uri(&sock, "b")]);
+    let theirs = run("qemu-img", &["info", &unix_uri(&q_sock, "b")]);
+    assert_eq!(
+        text(&ours, "qemu-img", &sock),
+        text(&theirs, "qemu-img", &q_sock)
+    );
+    drop((q, qt));
     nbd::stop(t);
     nbd::stop(r);
 }

@@ -148,7 +148,7 @@ fn qemu_nbd_subject(dir: &Path, img: &Path, creds: &str, authz: &str, client: &P
     let sock = dir.join("probe.sock");
     let log = dir.join("probe.log");
     let mut q = std::process::Command::new("qemu-nbd")
-        .args(["-k", s(&sock), "-f", "raw", "-r", "--object", creds])
+        .args(["-k", s(&sock), "-t", "-f", "raw", "-r", "--object", creds])
         .args([
             "--object",
             authz,
@@ -162,7 +162,8 @@ fn qemu_nbd_subject(dir: &Path, img: &Path, creds: &str, authz: &str, client: &P
         .spawn()
         .unwrap();
     let up = std::time::Instant::now();
-    while !sock.exists() {
+    // Listening once a connection goes through (-t: it stays up).
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(up.elapsed().as_secs() < 10, "qemu-nbd did not start");
         // Another process's socket: there is nothing to wait on.
         std::thread::sleep(std::time::Duration::from_millis(20));
