@@ -89,13 +89,21 @@ pub fn checksum(
             (first..end).map(|_| Mutex::new(Vec::new())).collect();
         let next = AtomicU64::new(first);
         let failed = AtomicBool::new(false);
-        let error = Mutex::new(None);
+        // The error of the earliest unit that failed, whichever thread
+        // came to it last: the same image fails the same way every run.
+        let error = Mutex::new(None::<(u64, ChecksumError)>);
+        let fail = |u: u64, e: ChecksumError| {
+            failed.store(true, Ordering::Relaxed);
+            let mut first = lock(&error);
+            if first.as_ref().is_none_or(|(f, _)| u < *f) {
+                *first = Some((u, e));
+            }
+        };
         let work = || {
             let mut buf = Vec::new();
             while !failed.load(Ordering::Relaxed) {
                 if cancel.load(Ordering::Relaxed) {
-                    failed.store(true, Ordering::Relaxed);
-                    lock(&error).get_or_insert(ChecksumError::Cancelled);
+                    fail(u64::MAX, ChecksumError::Cancelled);
                     break;
                 }
                 let u = next.fetch_add(1, Ordering::Relaxed);
@@ -109,10 +117,7 @@ pub fn checksum(
                         *lock(&digests[(u - first) as usize]) = d;
                         progress(len);
                     }
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        lock(&error).get_or_insert(e);
-                    }
+                    Err(e) => fail(u, e),
                 }
             }
         };
@@ -124,7 +129,7 @@ pub fn checksum(
                 }
             }),
         }
-        if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((_, e)) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e);
         }
         for d in digests {

@@ -57,7 +57,9 @@ pub(super) struct Job<'a> {
     pub(super) failed: AtomicBool,
     /// Reserving a raw target's space failed once: not tried again.
     pub(super) no_reserve: AtomicBool,
-    pub(super) error: Mutex<Option<CliError>>,
+    /// The error of the earliest claim that failed: the one qemu-img
+    /// reports (it stops at the first), whichever worker came to it last.
+    pub(super) error: Mutex<Option<(u64, CliError)>>,
 }
 
 /// What a claim's plan asks of the target, in guest order.
@@ -217,7 +219,10 @@ impl Job<'_> {
                 }
                 Err(e) => {
                     self.failed.store(true, Ordering::Relaxed);
-                    self.error.lock().unwrap().get_or_insert(e);
+                    let mut first = self.error.lock().unwrap();
+                    if first.as_ref().is_none_or(|(s, _)| seq < *s) {
+                        *first = Some((seq, e));
+                    }
                     return;
                 }
             }

@@ -446,7 +446,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
             s.spawn(|| job.worker(&sources, &claims));
         }
     });
-    if let Some(e) = job.error.lock().unwrap().take() {
+    if let Some((_, e)) = job.error.lock().unwrap().take() {
         return Err(e);
     }
     crate::bitmap::convert_copy(&src_bitmaps, first_src.as_ref(), target.as_ref())?;
