@@ -8,6 +8,11 @@ use std::time::{Duration, Instant};
 
 use crate::daemon::DaemonProcess;
 
+mod tls;
+pub use tls::{
+    psk_dir, psk_key, rimg_copies_through_both, same_service_as_qemu_nbd, tls_dirs, Creds, TlsDirs,
+};
+
 /// A running `rimg-nbd`.
 pub type Server = DaemonProcess;
 
@@ -43,6 +48,16 @@ pub fn stop(s: Server) -> String {
     let st = st.unwrap_or_else(|| panic!("rimg-nbd did not exit after SIGTERM:\n{log}"));
     assert!(st.success(), "rimg-nbd exited {st}:\n{log}");
     log
+}
+
+/// The loopback address (`127.0.0.1:PORT`) a TCP server says it serves
+/// on.
+pub fn loopback_address(s: &Server) -> String {
+    let log = s.log();
+    log.split_whitespace()
+        .find(|w| w.starts_with("127.0.0.1:"))
+        .unwrap_or_else(|| panic!("no loopback address in: {log}"))
+        .to_string()
 }
 
 /// The NBD URI of `export` on the UNIX socket `socket`.
@@ -121,137 +136,39 @@ impl Drop for QemuNbd {
     }
 }
 
-/// TLS credentials made for a test, in QEMU's directory layouts.
-pub struct TlsDirs {
-    /// ca-cert.pem, server-cert.pem, server-key.pem.
-    pub server: PathBuf,
-    /// ca-cert.pem, client-cert.pem, client-key.pem.
-    pub client: PathBuf,
-    /// The same, signed by another CA (and trusting only it).
-    pub rogue: PathBuf,
-    /// The server's CA only: no client certificate.
-    pub anonymous: PathBuf,
-    /// A server's, signed by the CA but naming another host only
-    /// (`nbd.invalid`).
-    pub elsewhere: PathBuf,
-    /// A client's, signed by the CA, whose subject has several
-    /// attributes and characters RFC 4514 escapes (C=SP, L=R'lyeh,
-    /// O="Cthulu, Dark+Lord", CN=client a), for `--tls-authz`.
-    pub named: PathBuf,
+/// One of the two servers on a UNIX socket, for tests that judge
+/// rimg-nbd by qemu-nbd: both persistent (`-t`) with `-e 0`.
+pub enum Peer {
+    Qemu(QemuNbd),
+    Rimg(Server),
 }
 
-/// Makes a CA, a server certificate (localhost, 127.0.0.1) and client
-/// certificates under `dir`.
-pub fn tls_dirs(dir: &Path) -> TlsDirs {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-        KeyUsagePurpose,
-    };
-    let ca = |name: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let cert = p.self_signed(&key).unwrap();
-        (cert, key)
-    };
-    let leaf = |ca: &(rcgen::Certificate, KeyPair), names: Vec<String>, server: bool| {
-        let key = KeyPair::generate().unwrap();
-        // The common name is the first name (a server's host).
-        let cn = names[0].clone();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let named = |ca: &(rcgen::Certificate, KeyPair)| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        for (t, v) in [
-            (DnType::CountryName, "SP"),
-            (DnType::LocalityName, "R'lyeh"),
-            (DnType::OrganizationName, "Cthulu, Dark+Lord"),
-            (DnType::CommonName, "client a"),
-        ] {
-            p.distinguished_name.push(t, v);
+impl Peer {
+    /// The servers' names, qemu-nbd's first (the reference).
+    pub const BOTH: [&'static str; 2] = ["qemu", "rimg"];
+
+    /// Starts `which` ("qemu" or "rimg") on `socket` with `args`, which
+    /// end with the image.
+    pub fn start(which: &str, socket: &Path, args: &[&str]) -> Peer {
+        match which {
+            "qemu" => Peer::Qemu(QemuNbd::start(socket, args)),
+            "rimg" => {
+                let all: Vec<&str> = ["-e", "0"].iter().chain(args).copied().collect();
+                Peer::Rimg(serve(socket, &all))
+            }
+            _ => panic!("no NBD server called {which}"),
         }
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = p.signed_by(&key, &ca.0, &ca.1).unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let good = ca("rimg test CA");
-    let bad = ca("another CA");
-    let write = |sub: &str, files: &[(&str, &str)]| {
-        let d = dir.join(sub);
-        std::fs::create_dir_all(&d).unwrap();
-        for (name, text) in files {
-            std::fs::write(d.join(name), text).unwrap();
+    }
+
+    /// Stops it (rimg-nbd must exit 0 on SIGTERM, see [`stop`]); returns
+    /// rimg-nbd's log, nothing for qemu-nbd.
+    pub fn stop(self) -> String {
+        match self {
+            Peer::Qemu(q) => {
+                drop(q);
+                String::new()
+            }
+            Peer::Rimg(r) => stop(r),
         }
-        d
-    };
-    let (sc, sk) = leaf(&good, vec!["localhost".into(), "127.0.0.1".into()], true);
-    let (ec, ek) = leaf(&good, vec!["nbd.invalid".into()], true);
-    let (cc, ck) = leaf(&good, vec!["client".into()], false);
-    let (rc, rk) = leaf(&bad, vec!["client".into()], false);
-    let (nc, nk) = named(&good);
-    let ca_pem = good.0.pem();
-    TlsDirs {
-        server: write(
-            "tls-server",
-            &[
-                ("ca-cert.pem", &ca_pem),
-                ("server-cert.pem", &sc),
-                ("server-key.pem", &sk),
-            ],
-        ),
-        client: write(
-            "tls-client",
-            &[
-                ("ca-cert.pem", &ca_pem),
-                ("client-cert.pem", &cc),
-                ("client-key.pem", &ck),
-            ],
-        ),
-        rogue: write(
-            "tls-rogue",
-            &[
-                ("ca-cert.pem", &bad.0.pem()),
-                ("client-cert.pem", &rc),
-                ("client-key.pem", &rk),
-            ],
-        ),
-        anonymous: write("tls-anonymous", &[("ca-cert.pem", &ca_pem)]),
-        elsewhere: write(
-            "tls-elsewhere",
-            &[
-                ("ca-cert.pem", &ca_pem),
-                ("server-cert.pem", &ec),
-                ("server-key.pem", &ek),
-            ],
-        ),
-        named: write(
-            "tls-named",
-            &[
-                ("ca-cert.pem", &ca_pem),
-                ("client-cert.pem", &nc),
-                ("client-key.pem", &nk),
-            ],
-        ),
     }
 }

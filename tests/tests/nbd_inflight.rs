@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use rimg_tests::nbd::{self, unix_uri};
+use rimg_tests::nbd::{self, unix_uri, Creds};
 use rimg_tests::{run_ok, spawn_watched, tempdir};
 
 const MODES: [&str; 2] = ["io_uring", "threads"];
@@ -212,25 +212,10 @@ fn tls_requests_in_flight_are_answered_concurrently_and_correctly() {
         .unwrap_or(0x7157_u64);
     let d = tempdir();
     let t = nbd::tls_dirs(d.path());
-    let psk = d.path().join("psk");
-    std::fs::create_dir_all(&psk).unwrap();
-    let key: String = (0..32).map(|i| format!("{:02x}", i * 7 + 1)).collect();
-    std::fs::write(psk.join("keys.psk"), format!("qemu:{key}\n")).unwrap();
+    let psk = nbd::psk_dir(d.path(), "psk", &[("qemu", &nbd::psk_key(7, 32))]);
     let creds = [
-        (
-            format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=server",
-                s(&t.server)
-            ),
-            format!(
-                "tls-creds-x509,id=tls0,dir={},endpoint=client",
-                s(&t.client)
-            ),
-        ),
-        (
-            format!("tls-creds-psk,id=tls0,dir={},endpoint=server", s(&psk)),
-            format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(&psk)),
-        ),
+        (Creds::X509(&t.server), Creds::X509(&t.client)),
+        (Creds::Psk(&psk, None), Creds::Psk(&psk, None)),
     ];
     for (n, (server, client)) in creds.iter().enumerate() {
         for fmt in ["raw", "qcow2"] {
@@ -242,11 +227,12 @@ fn tls_requests_in_flight_are_answered_concurrently_and_correctly() {
             run_ok("qemu-img", &["create", "-f", "raw", s(&model), &size]);
             let cmds = commands(seed ^ n as u64, slots, slot);
             let sock = d.path().join(format!("tls.{n}.{fmt}.sock"));
+            let object = server.object("server");
             let args = [
                 "--discard",
                 "unmap",
                 "--object",
-                server,
+                &object,
                 "--tls-creds",
                 "tls0",
                 "-f",
@@ -254,26 +240,14 @@ fn tls_requests_in_flight_are_answered_concurrently_and_correctly() {
                 s(&img),
             ];
             let srv = nbd::serve(&sock, &args);
-            let mut qargs: Vec<String> = Vec::new();
-            for c in &cmds {
-                qargs.extend(["-c".into(), c.clone()]);
-            }
-            qargs.extend([
-                "--object".into(),
-                client.clone(),
-                "--image-opts".into(),
-                format!(
-                    "driver=raw,file.driver=nbd,file.server.type=unix,\
-                     file.server.path={},file.tls-creds=tls0,file.tls-hostname=localhost",
-                    s(&sock)
-                ),
-            ]);
-            let qargs: Vec<&str> = qargs.iter().map(String::as_str).collect();
-            let out = run_ok("qemu-io", &qargs);
+            let o = client.qemu_io(&sock, &cmds);
+            let out = String::from_utf8_lossy(&o.stdout);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "seed {seed}: {out}{err}");
             let log = nbd::stop(srv);
             assert!(
                 !out.contains("fail") && !out.contains("error"),
-                "seed {seed} ({fmt}, {server}): {out}\nserver: {log}"
+                "seed {seed} ({fmt}, {object}): {out}\nserver: {log}"
             );
             qemu_io("raw", s(&model), &cmds);
             run_ok(

@@ -252,11 +252,7 @@ fn tcp_on_loopback_and_exit_after_the_last_client() {
     run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "16M"]);
     rimg_tests::qemu_io(&img, &["write -P 0x42 1M 64k"]);
     let srv = nbd::start(&img, &["-p", "0", s(&img)]);
-    let log = srv.log();
-    let addr = log
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("no loopback address in: {log}"));
+    let addr = nbd::loopback_address(&srv);
     qemu_io_ok(&format!("nbd://{addr}/"), &["read -P 0x42 1M 64k"]);
     let (st, log) = srv.exit_within(std::time::Duration::from_secs(10));
     let st = st.unwrap_or_else(|| panic!("server did not end after its last client:\n{log}"));

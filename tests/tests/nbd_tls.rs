@@ -6,48 +6,11 @@
 
 use std::path::Path;
 
-use rimg_tests::nbd::{self, tls_dirs, QemuNbd};
-use rimg_tests::{assert_qemu_check_clean, assert_qemu_compare_equal, run, run_ok, tempdir};
+use rimg_tests::nbd::{self, tls_dirs, Creds, Peer};
+use rimg_tests::{run, run_ok, tempdir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-fn creds_object(dir: &Path, endpoint: &str) -> String {
-    format!("tls-creds-x509,id=tls0,dir={},endpoint={endpoint}", s(dir))
-}
-
-/// qemu-io or qemu-img arguments that reach the export on `sock` over
-/// TLS with the client credentials in `dir`.
-fn tls_target(sock: &Path, dir: &Path) -> Vec<String> {
-    vec![
-        "--object".into(),
-        creds_object(dir, "client"),
-        "--image-opts".into(),
-        format!(
-            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},\
-             file.tls-creds=tls0,file.tls-hostname=localhost",
-            s(sock)
-        ),
-    ]
-}
-
-fn qemu_io_tls(sock: &Path, dir: &Path, cmds: &[&str]) -> std::process::Output {
-    let mut args: Vec<String> = Vec::new();
-    for c in cmds {
-        args.extend(["-c".into(), c.to_string()]);
-    }
-    args.extend(tls_target(sock, dir));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run("qemu-io", &args)
-}
-
-fn nbds_uri(sock: &Path, dir: &Path) -> String {
-    format!(
-        "nbds+unix:///?socket={}&tls-certificates={}",
-        s(sock),
-        s(dir)
-    )
 }
 
 const WRITES: [&str; 6] = [
@@ -61,65 +24,14 @@ const WRITES: [&str; 6] = [
 
 #[test]
 fn tls_clients_get_what_qemu_nbd_gives_them() {
-    nbd::ensure_libnbd();
     let d = tempdir();
     let t = tls_dirs(d.path());
-    let model = d.path().join("model.raw");
-    std::fs::write(&model, vec![0u8; 32 << 20]).unwrap();
-    let mut maps = Vec::new();
-    for server in ["qemu", "rimg"] {
-        let img = d.path().join(format!("{server}.qcow2"));
-        run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "32M"]);
-        let sock = d.path().join(format!("{server}.sock"));
-        let obj = creds_object(&t.server, "server");
-        let common = [
-            "--object",
-            &obj,
-            "--tls-creds",
-            "tls0",
-            "--discard=unmap",
-            "-f",
-            "qcow2",
-        ];
-        let report = |sock: &Path| {
-            let o = qemu_io_tls(sock, &t.client, &WRITES);
-            let text = String::from_utf8_lossy(&o.stdout).to_string();
-            assert!(o.status.success() && !text.contains("failed"), "{text}");
-            let mut map_args = vec!["map".to_string(), "--output=json".into()];
-            map_args.extend(tls_target(sock, &t.client));
-            let map_args: Vec<&str> = map_args.iter().map(String::as_str).collect();
-            let json = run_ok("nbdinfo", &["--json", &nbds_uri(sock, &t.client)]);
-            (
-                run_ok("qemu-img", &map_args),
-                json.replace(s(sock), "SOCKET"),
-            )
-        };
-        if server == "qemu" {
-            let mut args: Vec<&str> = common.to_vec();
-            args.push(s(&img));
-            let q = QemuNbd::start(&sock, &args);
-            maps.push(report(&q.socket));
-        } else {
-            let mut args = vec!["-k", s(&sock), "-t", "-e", "0"];
-            args.extend(common);
-            args.push(s(&img));
-            let r = nbd::start(&sock, &args);
-            maps.push(report(&sock));
-            nbd::stop(r);
-        }
-        assert_qemu_check_clean(&img);
-    }
-    assert_eq!(
-        maps[1], maps[0],
-        "over TLS: rimg-nbd (left), qemu-nbd (right)"
+    nbd::same_service_as_qemu_nbd(
+        d.path(),
+        Creds::X509(&t.server),
+        Creds::X509(&t.client),
+        &WRITES,
     );
-    let mut args = vec!["-f", "raw"];
-    for c in WRITES {
-        args.extend(["-c", c]);
-    }
-    args.push(s(&model));
-    run_ok("qemu-io", &args);
-    assert_qemu_compare_equal(&d.path().join("rimg.qcow2"), &model);
 }
 
 #[test]
@@ -131,7 +43,7 @@ fn clients_without_the_right_credentials_are_refused() {
     run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "16M"]);
     rimg_tests::qemu_io(&img, &["write -P 0x42 0 64k"]);
     let sock = d.path().join("tls.sock");
-    let obj = creds_object(&t.server, "server");
+    let obj = Creds::X509(&t.server).object("server");
     let r = nbd::serve(
         &sock,
         &["-e", "0", "--object", &obj, "--tls-creds", "tls0", s(&img)],
@@ -148,9 +60,9 @@ fn clients_without_the_right_credentials_are_refused() {
     }
     // Another CA's certificate, and none at all: the TLS handshake fails.
     for dir in [&t.rogue, &t.anonymous] {
-        let o = run("nbdinfo", &[&nbds_uri(&sock, dir)]);
+        let o = run("nbdinfo", &[&Creds::X509(dir).uri(&sock)]);
         assert!(!o.status.success(), "{}: must be refused", dir.display());
-        let o = qemu_io_tls(&sock, dir, &["read 0 4k"]);
+        let o = Creds::X509(dir).qemu_io(&sock, &["read 0 4k"]);
         assert!(
             !o.status.success(),
             "{}: qemu-io must be refused",
@@ -158,22 +70,25 @@ fn clients_without_the_right_credentials_are_refused() {
         );
     }
     // The right credentials still work after all that.
-    let o = qemu_io_tls(&sock, &t.client, &["read -P 0x42 0 64k"]);
+    let o = Creds::X509(&t.client).qemu_io(&sock, &["read -P 0x42 0 64k"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     nbd::stop(r);
     // verify-peer=off: a client without a certificate of its own is
     // served (it still checks the server's).
-    let obj = format!("{},verify-peer=off", creds_object(&t.server, "server"));
+    let obj = format!(
+        "{},verify-peer=off",
+        Creds::X509(&t.server).object("server")
+    );
     let r = nbd::serve(
         &sock,
         &["--object", &obj, "--tls-creds", "tls0", "-r", s(&img)],
     );
-    let o = run("nbdinfo", &[&nbds_uri(&sock, &t.anonymous)]);
+    let o = run("nbdinfo", &[&Creds::X509(&t.anonymous).uri(&sock)]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A client that trusts another CA does not trust this server (qemu
     // checks the server's name and chain; libnbd over a UNIX socket
     // skips the check).
-    let o = qemu_io_tls(&sock, &t.rogue, &["read 0 4k"]);
+    let o = Creds::X509(&t.rogue).qemu_io(&sock, &["read 0 4k"]);
     assert!(
         !o.status.success(),
         "a server signed by another CA must not be trusted"
@@ -189,7 +104,7 @@ fn tls_over_tcp() {
     let t = tls_dirs(d.path());
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
-    let obj = creds_object(&t.server, "server");
+    let obj = Creds::X509(&t.server).object("server");
     let r = nbd::start(
         &img,
         &[
@@ -205,12 +120,7 @@ fn tls_over_tcp() {
             s(&img),
         ],
     );
-    let log = r.log();
-    let addr = log
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("{log}"))
-        .to_string();
+    let addr = nbd::loopback_address(&r);
     let u = format!("nbds://{addr}/?tls-certificates={}", s(&t.client));
     let out = run_ok("nbdinfo", &["--json", &u]);
     assert!(out.contains("\"export-size\": 1048576"), "{out}");
@@ -227,57 +137,19 @@ fn rimg_reads_and_writes_through_nbds() {
     let t = tls_dirs(d.path());
     let src = d.path().join("src.raw");
     rimg_tests::write_mixed_raw(&src, 8 << 20, 5);
-    let obj = creds_object(&t.server, "server");
-    for server in ["qemu", "rimg"] {
-        let img = d.path().join(format!("{server}.qcow2"));
-        run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "8M"]);
-        let sock = d.path().join(format!("{server}.sock"));
-        let common = [
-            "--object",
-            obj.as_str(),
-            "--tls-creds",
-            "tls0",
-            "-f",
-            "qcow2",
-        ];
-        let check = |sock: &Path| {
-            let u = nbds_uri(sock, &t.client);
-            let (code, _, err) = rimg_tests::rimg_in(
-                d.path(),
-                &["convert", "-n", "-f", "raw", "-O", "raw", s(&src), &u],
-            );
-            assert_eq!(code, Some(0), "{server}: convert in: {err}");
-            let out = d.path().join(format!("{server}-out.qcow2"));
-            let (code, _, err) = rimg_tests::rimg_in(
-                d.path(),
-                &["convert", "-f", "raw", "-O", "qcow2", &u, s(&out)],
-            );
-            assert_eq!(code, Some(0), "{server}: convert out: {err}");
-            assert_qemu_compare_equal(&out, &src);
-            let (code, info, err) = rimg_tests::rimg_in(d.path(), &["info", "-f", "raw", &u]);
-            assert_eq!(code, Some(0), "{err}");
-            assert!(info.contains("virtual size: 8 MiB"), "{info}");
-            let (code, _, err) =
-                rimg_tests::rimg_in(d.path(), &["info", &nbds_uri(sock, &t.rogue)]);
-            assert_eq!(code, Some(1), "another CA's credentials must be refused");
-            assert!(!err.is_empty());
-        };
-        if server == "qemu" {
-            let mut args: Vec<&str> = common.to_vec();
-            args.push(s(&img));
-            let q = QemuNbd::start(&sock, &args);
-            check(&q.socket);
-        } else {
-            let mut args = vec!["-k", s(&sock), "-t", "-e", "0"];
-            args.extend(common);
-            args.push(s(&img));
-            let r = nbd::start(&sock, &args);
-            check(&sock);
-            nbd::stop(r);
-        }
-        assert_qemu_check_clean(&img);
-        assert_qemu_compare_equal(&img, &src);
-    }
+    let rogue = |which: &str, sock: &Path| {
+        let u = Creds::X509(&t.rogue).uri(sock);
+        let (code, _, err) = rimg_tests::rimg_in(d.path(), &["info", &u]);
+        assert_eq!(code, Some(1), "{which}-nbd: another CA's credentials");
+        assert!(!err.is_empty());
+    };
+    nbd::rimg_copies_through_both(
+        d.path(),
+        Creds::X509(&t.server),
+        Creds::X509(&t.client),
+        &src,
+        &rogue,
+    );
 }
 
 /// What `rimg-nbd -L` or `qemu-nbd -L` did.
@@ -318,18 +190,25 @@ fn list_over_tls_as_qemu_nbd() {
     let t = tls_dirs(d.path());
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
-    let server_obj = creds_object(&t.server, "server");
+    let server_obj = Creds::X509(&t.server).object("server");
     let list = |prog: &str, sock: &Path, creds: &Path, endpoint: &str| {
-        let object = creds_object(creds, endpoint);
+        let object = Creds::X509(creds).object(endpoint);
         let l = list_with(prog, &["-k", s(sock)], &object, Some("localhost"));
         (l.ok, l.stdout)
     };
-    let common = ["--object", &server_obj, "--tls-creds", "tls0", "-f", "raw"];
+    let args = [
+        "-x",
+        "disk",
+        "--object",
+        &server_obj,
+        "--tls-creds",
+        "tls0",
+        "-f",
+        "raw",
+        s(&img),
+    ];
     let sock = d.path().join("rimg.sock");
-    let mut args = vec!["-k", s(&sock), "-t", "-e", "0", "-x", "disk"];
-    args.extend(common);
-    args.push(s(&img));
-    let r = nbd::start(&sock, &args);
+    let r = Peer::start("rimg", &sock, &args);
     let ours = list("rimg", &sock, &t.client, "client");
     let theirs = list("qemu", &sock, &t.client, "client");
     assert!(ours.0 && ours.1.contains(" export: 'disk'"), "{ours:?}");
@@ -337,16 +216,13 @@ fn list_over_tls_as_qemu_nbd() {
     assert!(!list("rimg", &sock, &t.rogue, "client").0, "another CA's");
     assert!(!list("qemu", &sock, &t.rogue, "client").0, "another CA's");
     assert!(!list("rimg", &sock, &t.client, "server").0, "a server's");
-    nbd::stop(r);
+    r.stop();
 
     let qsock = d.path().join("qemu.sock");
-    let mut args = vec!["-x", "disk"];
-    args.extend(common);
-    args.push(s(&img));
-    let q = QemuNbd::start(&qsock, &args);
+    let q = Peer::start("qemu", &qsock, &args);
     let ours = list("rimg", &qsock, &t.client, "client");
     let theirs = list("qemu", &qsock, &t.client, "client");
-    drop(q);
+    q.stop();
     assert!(ours.0, "{ours:?}");
     assert_eq!(ours, theirs, "through qemu-nbd");
 }
@@ -367,20 +243,19 @@ fn server_certificates_judged_as_qemu_judges_them() {
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     // It asks for no client certificate: only the client's judgement of
     // the server is tested.
-    let obj = format!("{},verify-peer=off", creds_object(&t.elsewhere, "server"));
+    let obj = format!(
+        "{},verify-peer=off",
+        Creds::X509(&t.elsewhere).object("server")
+    );
     let sock = d.path().join("elsewhere.sock");
     let common = ["-r", "-t", "-e", "0", "-x", "disk", "--object", &obj];
     let common = [&common[..], &["--tls-creds", "tls0", "-f", "raw", s(&img)]].concat();
     let unix = nbd::start(&sock, &[&["-k", s(&sock)], &common[..]].concat());
     let tcp = nbd::start(&img, &[&["-p", "0"], &common[..]].concat());
-    let log = tcp.log();
-    let port = log
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("{log}"))
-        .to_string();
+    let addr = nbd::loopback_address(&tcp);
+    let port = addr.trim_start_matches("127.0.0.1:");
     let k = ["-k", s(&sock)];
-    let b = ["-b", "127.0.0.1", "-p", &port];
+    let b = ["-b", "127.0.0.1", "-p", port];
     let off = ",verify-peer=off";
     for (at, creds, extra, hostname, served) in [
         // No name to check over a UNIX socket: refused ("No hostname for
@@ -398,7 +273,7 @@ fn server_certificates_judged_as_qemu_judges_them() {
         (&b, &t.rogue, "", Some("nbd.invalid"), false),
         (&b, &t.rogue, off, None, true),
     ] {
-        let object = format!("{}{extra}", creds_object(creds, "client"));
+        let object = format!("{}{extra}", Creds::X509(creds).object("client"));
         let ours = list_with("rimg", at, &object, hostname);
         let theirs = list_with("qemu", at, &object, hostname);
         let case = format!("{at:?} {object} {hostname:?}: {ours:?} {theirs:?}");

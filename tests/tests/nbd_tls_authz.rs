@@ -8,31 +8,17 @@
 
 use std::path::Path;
 
-use rimg_tests::nbd::{self, tls_dirs, QemuNbd};
+use rimg_tests::nbd::{tls_dirs, Creds, Peer};
 use rimg_tests::{run, tempdir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// qemu-io reading the export on `sock` with the X.509 client
+/// credentials in `dir`.
 fn qemu_io_tls(sock: &Path, dir: &Path) -> std::process::Output {
-    let object = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", s(dir));
-    let opts = format!(
-        "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},\
-         file.tls-creds=tls0,file.tls-hostname=localhost",
-        s(sock)
-    );
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            "read -P 0x42 0 64k",
-            "--object",
-            &object,
-            "--image-opts",
-            &opts,
-        ],
-    )
+    Creds::X509(dir).qemu_io(sock, &["read -P 0x42 0 64k"])
 }
 
 #[test]
@@ -41,10 +27,7 @@ fn tls_authz_admits_the_named_subject_only_as_qemu_nbd_does() {
     let t = tls_dirs(d.path());
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
-    let creds = format!(
-        "tls-creds-x509,id=tls0,dir={},endpoint=server",
-        s(&t.server)
-    );
+    let creds = Creds::X509(&t.server).object("server");
     // QEMU's option syntax: a comma in a value is doubled.
     let authz = |identity: &str| {
         format!(
@@ -77,39 +60,27 @@ fn tls_authz_admits_the_named_subject_only_as_qemu_nbd_does() {
             "authz0",
             "-f",
             "raw",
+            s(&img),
         ];
-        for server in ["qemu", "rimg"] {
+        for server in Peer::BOTH {
             let sock = d.path().join(format!("{server}.sock"));
-            let check = |sock: &Path| {
-                for (dir, admitted) in [(&t.named, named_in), (&t.client, plain_in)] {
-                    let o = qemu_io_tls(sock, dir);
-                    assert_eq!(
-                        o.status.success(),
-                        admitted,
-                        "{server}-nbd, identity {identity:?}, client {}: {}",
-                        dir.display(),
-                        String::from_utf8_lossy(&o.stderr)
-                    );
-                }
-            };
-            if server == "qemu" {
-                let mut a: Vec<&str> = args.to_vec();
-                a.push(s(&img));
-                let q = QemuNbd::start(&sock, &a);
-                check(&q.socket);
-            } else {
-                let mut a = vec!["-k", s(&sock), "-t", "-e", "0"];
-                a.extend(args);
-                a.push(s(&img));
-                let r = nbd::start(&sock, &a);
-                check(&sock);
-                let log = nbd::stop(r);
-                if !named_in {
-                    assert!(
-                        log.contains(&format!("authz check for {dn} is denied")),
-                        "{log}"
-                    );
-                }
+            let peer = Peer::start(server, &sock, &args);
+            for (dir, admitted) in [(&t.named, named_in), (&t.client, plain_in)] {
+                let o = qemu_io_tls(&sock, dir);
+                assert_eq!(
+                    o.status.success(),
+                    admitted,
+                    "{server}-nbd, identity {identity:?}, client {}: {}",
+                    dir.display(),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            let log = peer.stop();
+            if server == "rimg" && !named_in {
+                assert!(
+                    log.contains(&format!("authz check for {dn} is denied")),
+                    "{log}"
+                );
             }
         }
     }

@@ -7,33 +7,16 @@
 
 use std::path::{Path, PathBuf};
 
-use rimg_tests::nbd::{self, QemuNbd};
+use rimg_tests::nbd::{self, psk_dir, psk_key as key, Creds, Peer};
 use rimg_tests::{assert_qemu_check_clean, assert_qemu_compare_equal, run, run_ok, tempdir};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A key of `n` bytes, different for each `seed`.
-fn key(seed: u8, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{:02x}", (i as u8).wrapping_mul(31) ^ seed))
-        .collect()
-}
-
-/// A credentials directory holding `keys.psk` with `entries`
-/// (identity, hex key).
-fn keys_dir(parent: &Path, name: &str, entries: &[(&str, &str)]) -> PathBuf {
-    let dir = parent.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let text: String = entries.iter().map(|(u, k)| format!("{u}:{k}\n")).collect();
-    std::fs::write(dir.join("keys.psk"), text).unwrap();
-    dir
-}
-
 /// The server's keys: alice's and qemu's (QEMU's default identity).
 fn server_keys(parent: &Path) -> PathBuf {
-    keys_dir(
+    psk_dir(
         parent,
         "server",
         &[("alice", &key(1, 32)), ("qemu", &key(2, 48))],
@@ -41,44 +24,12 @@ fn server_keys(parent: &Path) -> PathBuf {
 }
 
 fn server_object(dir: &Path) -> String {
-    format!("tls-creds-psk,id=tls0,dir={},endpoint=server", s(dir))
+    Creds::Psk(dir, None).object("server")
 }
 
-/// qemu-io or qemu-img arguments that reach the export on `sock` over
-/// TLS as `user` with the keys in `dir`.
-fn psk_target(sock: &Path, dir: &Path, user: &str) -> Vec<String> {
-    vec![
-        "--object".into(),
-        format!(
-            "tls-creds-psk,id=tls0,dir={},endpoint=client,username={user}",
-            s(dir)
-        ),
-        "--image-opts".into(),
-        format!(
-            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},\
-             file.tls-creds=tls0",
-            s(sock)
-        ),
-    ]
-}
-
-fn qemu_io_psk(sock: &Path, dir: &Path, user: &str, cmds: &[&str]) -> std::process::Output {
-    let mut args: Vec<String> = Vec::new();
-    for c in cmds {
-        args.extend(["-c".into(), c.to_string()]);
-    }
-    args.extend(psk_target(sock, dir, user));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run("qemu-io", &args)
-}
-
-/// libnbd's (and rimg's) URI for the export on `sock` as `user`.
-fn psk_uri(sock: &Path, dir: &Path, user: &str) -> String {
-    format!(
-        "nbds+unix://{user}@/?socket={}&tls-psk-file={}",
-        s(sock),
-        s(&dir.join("keys.psk"))
-    )
+/// A client as `user` with the keys in `dir`.
+fn alias<'a>(dir: &'a Path, user: &'a str) -> Creds<'a> {
+    Creds::Psk(dir, Some(user))
 }
 
 const WRITES: [&str; 5] = [
@@ -94,80 +45,20 @@ const WRITES: [&str; 5] = [
 /// holds what the writes put there.
 #[test]
 fn psk_clients_get_what_qemu_nbd_gives_them() {
-    nbd::ensure_libnbd();
     let d = tempdir();
     let keys = server_keys(d.path());
     // The client's file may hold other identities' keys too.
-    let client = keys_dir(
+    let client = psk_dir(
         d.path(),
         "client",
         &[("bob", &key(9, 16)), ("alice", &key(1, 32))],
     );
-    let model = d.path().join("model.raw");
-    std::fs::write(&model, vec![0u8; 32 << 20]).unwrap();
-    let obj = server_object(&keys);
-    let mut seen = Vec::new();
-    for server in ["qemu", "rimg"] {
-        let img = d.path().join(format!("{server}.qcow2"));
-        run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "32M"]);
-        let sock = d.path().join(format!("{server}.sock"));
-        let common = [
-            "--object",
-            &obj,
-            "--tls-creds",
-            "tls0",
-            "--discard=unmap",
-            "-f",
-            "qcow2",
-        ];
-        let report = |sock: &Path| {
-            let o = qemu_io_psk(sock, &client, "alice", &WRITES);
-            let text = String::from_utf8_lossy(&o.stdout).to_string();
-            let err = String::from_utf8_lossy(&o.stderr);
-            assert!(
-                o.status.success() && !text.contains("failed"),
-                "{server}: {text}{err}"
-            );
-            let mut map_args = vec!["map".to_string(), "--output=json".into()];
-            map_args.extend(psk_target(sock, &client, "alice"));
-            let map_args: Vec<&str> = map_args.iter().map(String::as_str).collect();
-            let json = run_ok("nbdinfo", &["--json", &psk_uri(sock, &client, "alice")]);
-            (
-                run_ok("qemu-img", &map_args),
-                json.replace(s(sock), "SOCKET"),
-            )
-        };
-        if server == "qemu" {
-            let mut args: Vec<&str> = common.to_vec();
-            args.push(s(&img));
-            let q = QemuNbd::start(&sock, &args);
-            seen.push(report(&q.socket));
-        } else {
-            let mut args = vec!["-k", s(&sock), "-t", "-e", "0"];
-            args.extend(common);
-            args.push(s(&img));
-            let r = nbd::start(&sock, &args);
-            seen.push(report(&sock));
-            nbd::stop(r);
-        }
-        assert_qemu_check_clean(&img);
-    }
-    assert!(
-        seen[0].1.contains("\"export-size\": 33554432"),
-        "{}",
-        seen[0].1
+    nbd::same_service_as_qemu_nbd(
+        d.path(),
+        Creds::Psk(&keys, None),
+        alias(&client, "alice"),
+        &WRITES,
     );
-    assert_eq!(
-        seen[1], seen[0],
-        "over TLS-PSK: rimg-nbd (left), qemu-nbd (right)"
-    );
-    let mut args = vec!["-f", "raw"];
-    for c in WRITES {
-        args.extend(["-c", c]);
-    }
-    args.push(s(&model));
-    run_ok("qemu-io", &args);
-    assert_qemu_compare_equal(&d.path().join("rimg.qcow2"), &model);
 }
 
 /// A wrong key, an identity the server does not know and a client in
@@ -188,15 +79,16 @@ fn clients_without_the_right_key_are_refused() {
         &sock,
         &["-e", "0", "--object", &obj, "--tls-creds", "tls0", s(&img)],
     );
-    let wrong = keys_dir(d.path(), "wrong", &[("alice", &key(7, 32))]);
-    let stranger = keys_dir(d.path(), "stranger", &[("mallory", &key(1, 32))]);
+    let wrong = psk_dir(d.path(), "wrong", &[("alice", &key(7, 32))]);
+    let stranger = psk_dir(d.path(), "stranger", &[("mallory", &key(1, 32))]);
     for (dir, user) in [(&wrong, "alice"), (&stranger, "mallory")] {
-        let o = qemu_io_psk(&sock, dir, user, &["read -P 0x42 0 64k"]);
+        let o = alias(dir, user).qemu_io(&sock, &["read -P 0x42 0 64k"]);
         assert!(!o.status.success(), "qemu-io as {user} from {dir:?}");
         assert!(!String::from_utf8_lossy(&o.stdout).contains("read 65536"));
-        let o = run("nbdinfo", &[&psk_uri(&sock, dir, user)]);
+        let o = run("nbdinfo", &[&alias(dir, user).uri(&sock)]);
         assert!(!o.status.success(), "nbdinfo as {user} from {dir:?}");
-        let (code, out, err) = rimg_tests::rimg_in(d.path(), &["info", &psk_uri(&sock, dir, user)]);
+        let u = alias(dir, user).uri(&sock);
+        let (code, out, err) = rimg_tests::rimg_in(d.path(), &["info", &u]);
         assert_eq!(code, Some(1), "rimg info as {user}: {out}");
         assert!(err.contains("TLS"), "{err}");
     }
@@ -207,17 +99,18 @@ fn clients_without_the_right_key_are_refused() {
     assert!(!o.status.success() && err.contains("TLS"), "{err}");
     // A key file without the identity asked for: the client says so
     // before it connects.
-    let (code, _, err) = rimg_tests::rimg_in(d.path(), &["info", &psk_uri(&sock, &keys, "bob")]);
+    let u = alias(&keys, "bob").uri(&sock);
+    let (code, _, err) = rimg_tests::rimg_in(d.path(), &["info", &u]);
     assert_eq!(code, Some(1));
     assert!(err.contains("no key for 'bob'"), "{err}");
     // The right key still works, under either of the server's identities,
     // in TLS 1.3 and (GnuTLS told to stop at 1.2) in TLS 1.2.
     for user in ["alice", "qemu"] {
-        let o = qemu_io_psk(&sock, &keys, user, &["read -P 0x42 0 64k"]);
+        let o = alias(&keys, user).qemu_io(&sock, &["read -P 0x42 0 64k"]);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
     let mut args = vec!["-c".to_string(), "read -P 0x42 0 64k".into()];
-    let mut target = psk_target(&sock, &keys, "alice");
+    let mut target = alias(&keys, "alice").target(&sock);
     target[1].push_str(",priority=NORMAL:-VERS-TLS1.3");
     args.extend(target);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -242,28 +135,30 @@ fn a_psk_client_accepts_no_certificate() {
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let obj = format!(
-        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=off",
-        s(&t.server)
+        "{},verify-peer=off",
+        Creds::X509(&t.server).object("server")
     );
-    let common = ["--object", obj.as_str(), "--tls-creds", "tls0", "-f", "raw"];
+    let args = [
+        "--object",
+        obj.as_str(),
+        "--tls-creds",
+        "tls0",
+        "-f",
+        "raw",
+        s(&img),
+    ];
     let refused = |sock: &Path| {
         let (code, out, err) =
-            rimg_tests::rimg_in(d.path(), &["info", &psk_uri(sock, &keys, "alice")]);
+            rimg_tests::rimg_in(d.path(), &["info", &alias(&keys, "alice").uri(sock)]);
         assert_eq!(code, Some(1), "a certificate instead of the key: {out}");
         assert!(err.contains("TLS handshake"), "{err}");
     };
-    let sock = d.path().join("rimg.sock");
-    let mut args = vec!["-k", s(&sock), "-t", "-e", "0"];
-    args.extend(common);
-    args.push(s(&img));
-    let r = nbd::start(&sock, &args);
-    refused(&sock);
-    nbd::stop(r);
-    let qsock = d.path().join("qemu.sock");
-    let mut args: Vec<&str> = common.to_vec();
-    args.push(s(&img));
-    let q = QemuNbd::start(&qsock, &args);
-    refused(&q.socket);
+    for which in Peer::BOTH {
+        let sock = d.path().join(format!("{which}.sock"));
+        let peer = Peer::start(which, &sock, &args);
+        refused(&sock);
+        peer.stop();
+    }
 }
 
 /// PSK over TCP on loopback, with libnbd's URI (the identity as the
@@ -291,12 +186,7 @@ fn psk_over_tcp() {
             s(&img),
         ],
     );
-    let log = r.log();
-    let addr = log
-        .split_whitespace()
-        .find(|w| w.starts_with("127.0.0.1:"))
-        .unwrap_or_else(|| panic!("{log}"))
-        .to_string();
+    let addr = nbd::loopback_address(&r);
     let file = keys.join("keys.psk");
     let u = format!("nbds://alice@{addr}/?tls-psk-file={}", s(&file));
     let out = run_ok("nbdinfo", &["--json", &u]);
@@ -319,53 +209,8 @@ fn rimg_reads_and_writes_through_psk() {
     let keys = server_keys(d.path());
     let src = d.path().join("src.raw");
     rimg_tests::write_mixed_raw(&src, 8 << 20, 5);
-    let obj = server_object(&keys);
-    for server in ["qemu", "rimg"] {
-        let img = d.path().join(format!("{server}.qcow2"));
-        run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "8M"]);
-        let sock = d.path().join(format!("{server}.sock"));
-        let common = [
-            "--object",
-            obj.as_str(),
-            "--tls-creds",
-            "tls0",
-            "-f",
-            "qcow2",
-        ];
-        let check = |sock: &Path| {
-            let u = psk_uri(sock, &keys, "qemu");
-            let (code, _, err) = rimg_tests::rimg_in(
-                d.path(),
-                &["convert", "-n", "-f", "raw", "-O", "raw", s(&src), &u],
-            );
-            assert_eq!(code, Some(0), "{server}: convert in: {err}");
-            let out = d.path().join(format!("{server}-out.qcow2"));
-            let (code, _, err) = rimg_tests::rimg_in(
-                d.path(),
-                &["convert", "-f", "raw", "-O", "qcow2", &u, s(&out)],
-            );
-            assert_eq!(code, Some(0), "{server}: convert out: {err}");
-            assert_qemu_compare_equal(&out, &src);
-            let (code, info, err) = rimg_tests::rimg_in(d.path(), &["info", "-f", "raw", &u]);
-            assert_eq!(code, Some(0), "{err}");
-            assert!(info.contains("virtual size: 8 MiB"), "{info}");
-        };
-        if server == "qemu" {
-            let mut args: Vec<&str> = common.to_vec();
-            args.push(s(&img));
-            let q = QemuNbd::start(&sock, &args);
-            check(&q.socket);
-        } else {
-            let mut args = vec!["-k", s(&sock), "-t", "-e", "0"];
-            args.extend(common);
-            args.push(s(&img));
-            let r = nbd::start(&sock, &args);
-            check(&sock);
-            nbd::stop(r);
-        }
-        assert_qemu_check_clean(&img);
-        assert_qemu_compare_equal(&img, &src);
-    }
+    let creds = Creds::Psk(&keys, None);
+    nbd::rimg_copies_through_both(d.path(), creds, creds, &src, &|_, _| {});
 }
 
 /// `rimg-nbd -L` with client PSK credentials lists what `qemu-nbd -L`
@@ -375,7 +220,7 @@ fn rimg_reads_and_writes_through_psk() {
 fn list_over_psk_as_qemu_nbd() {
     let d = tempdir();
     let keys = server_keys(d.path());
-    let wrong = keys_dir(d.path(), "wrong", &[("qemu", &key(5, 48))]);
+    let wrong = psk_dir(d.path(), "wrong", &[("qemu", &key(5, 48))]);
     let img = d.path().join("disk.raw");
     std::fs::write(&img, vec![0x42u8; 1 << 20]).unwrap();
     let obj = server_object(&keys);
@@ -401,7 +246,7 @@ fn list_over_psk_as_qemu_nbd() {
     );
     let list = |bin: &str, dir: &Path| {
         // No username: QEMU's default identity, "qemu".
-        let object = format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(dir));
+        let object = Creds::Psk(dir, None).object("client");
         let o = run(
             bin,
             &[
@@ -495,7 +340,7 @@ fn stalled_and_garbage_tls_handshakes_are_cut_off() {
     let _ = garbage.write_all(&junk);
     let mut rest = Vec::new();
     let _ = garbage.read_to_end(&mut rest);
-    let o = qemu_io_psk(&sock, &keys, "alice", &["read -P 0x42 0 64k"]);
+    let o = alias(&keys, "alice").qemu_io(&sock, &["read -P 0x42 0 64k"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let log = nbd::stop(r);
     assert!(log.contains("within the limit"), "{log}");
@@ -517,40 +362,14 @@ fn nbdcopy_and_qemu_img_convert_copy_over_tls() {
         let img = d.path().join(format!("{kind}.qcow2"));
         run_ok("qemu-img", &["create", "-f", "qcow2", s(&img), "48M"]);
         let sock = d.path().join(format!("{kind}.sock"));
-        let (server, client, uri) = match kind {
-            "x509" => (
-                format!(
-                    "tls-creds-x509,id=tls0,dir={},endpoint=server",
-                    s(&t.server)
-                ),
-                format!(
-                    "tls-creds-x509,id=tls0,dir={},endpoint=client",
-                    s(&t.client)
-                ),
-                format!(
-                    "nbds+unix:///?socket={}&tls-certificates={}",
-                    s(&sock),
-                    s(&t.client)
-                ),
-            ),
-            _ => (
-                server_object(&keys),
-                format!("tls-creds-psk,id=tls0,dir={},endpoint=client", s(&keys)),
-                psk_uri(&sock, &keys, "qemu"),
-            ),
+        let (server, client) = match kind {
+            "x509" => (Creds::X509(&t.server), Creds::X509(&t.client)),
+            _ => (Creds::Psk(&keys, None), Creds::Psk(&keys, None)),
         };
-        let srv = nbd::serve(
-            &sock,
-            &[
-                "-e",
-                "0",
-                "--object",
-                &server,
-                "--tls-creds",
-                "tls0",
-                s(&img),
-            ],
-        );
+        let object = server.object("server");
+        let args = ["--object", &object, "--tls-creds", "tls0", s(&img)];
+        let srv = Peer::start("rimg", &sock, &args);
+        let uri = client.uri(&sock);
         run_ok(
             "nbdcopy",
             &["--connections=4", "--requests=32", s(&src), &uri],
@@ -558,25 +377,12 @@ fn nbdcopy_and_qemu_img_convert_copy_over_tls() {
         let back = d.path().join(format!("{kind}-back.raw"));
         run_ok("nbdcopy", &[&uri, s(&back)]);
         let conv = d.path().join(format!("{kind}-conv.qcow2"));
-        let opts = format!(
-            "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path={},\
-             file.tls-creds=tls0,file.tls-hostname=localhost",
-            s(&sock)
-        );
-        run_ok(
-            "qemu-img",
-            &[
-                "convert",
-                "--object",
-                &client,
-                "--image-opts",
-                &opts,
-                "-O",
-                "qcow2",
-                s(&conv),
-            ],
-        );
-        nbd::stop(srv);
+        let mut args = vec!["convert".to_string()];
+        args.extend(client.target(&sock));
+        args.extend(["-O".into(), "qcow2".into(), s(&conv).into()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_ok("qemu-img", &args);
+        srv.stop();
         assert_qemu_check_clean(&img);
         assert_qemu_check_clean(&conv);
         for out in [&img, &back, &conv] {
