@@ -11,18 +11,11 @@
 
 use std::sync::Arc;
 
+use rimg_model::schedules;
 use rimg_nbd::queue::Queue;
 use shuttle::sync::Mutex;
 
 const BUDGET: u64 = 64;
-
-fn iters(n: usize) -> usize {
-    let scale = std::env::var("RIMG_MODEL_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    n * scale
-}
 
 /// Jobs (id, cost) through a queue of at most `workers` workers, each
 /// start succeeding if `starts` says so; a worker that takes job `fail`
@@ -85,11 +78,11 @@ fn every_job_is_done_once_within_the_budget() {
     let all = || (0..COSTS.len()).collect::<Vec<_>>();
     shuttle::check_random(
         move || assert_eq!(run(&COSTS, 2, true, None), all()),
-        iters(3000),
+        schedules(3000),
     );
     shuttle::check_pct(
         move || assert_eq!(run(&COSTS, 3, true, None), all()),
-        iters(1000),
+        schedules(1000),
         3,
     );
 }
@@ -99,7 +92,7 @@ fn without_workers_the_reader_does_the_jobs() {
     const COSTS: [u64; 3] = [40, 30, 100];
     shuttle::check_random(
         || assert_eq!(run(&COSTS, 2, false, None), vec![0, 1, 2]),
-        iters(200),
+        schedules(200),
     );
 }
 
@@ -114,6 +107,6 @@ fn a_failed_worker_leaves_nothing_waiting() {
             let done = run(&COSTS, 2, true, Some(0));
             assert!(!done.contains(&0), "{done:?}");
         },
-        iters(2000),
+        schedules(2000),
     );
 }

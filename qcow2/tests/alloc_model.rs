@@ -48,19 +48,10 @@ use qcow2::storage::Storage;
 use qcow2::{
     AllocWaker, CreateOptions, HostOffset, Image, Mapping, PendingWrite, Qcow2, Qcow2Options,
 };
+use rimg_model::{explore, schedules};
 use shuttle::sync::{Condvar, Mutex};
 
 const CS: u64 = 512;
-
-/// Schedules to explore per scheduler: `n`, times RIMG_MODEL_SCALE (for
-/// longer runs than CI's).
-fn iters(n: usize) -> usize {
-    let scale = std::env::var("RIMG_MODEL_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    n * scale
-}
 
 /// A fresh image per shuttle iteration, in a directory removed at exit.
 struct Images {
@@ -306,9 +297,7 @@ fn two_queues(images: &Images, wake: bool) {
 fn parked_writes_are_woken() {
     let images = Arc::new(Images::new("wake"));
     let i = images.clone();
-    shuttle::check_random(move || two_queues(&i, true), iters(1500));
-    let i = images.clone();
-    shuttle::check_pct(move || two_queues(&i, true), iters(1500), 3);
+    explore(move || two_queues(&i, true), 1500, 1500);
 }
 
 /// The daemon before the fix: a parked write was retried only after the
@@ -374,9 +363,7 @@ fn epoch_holds_freed_cluster(images: &Images) {
 fn freed_clusters_wait_for_io_epochs() {
     let images = Arc::new(Images::new("epoch"));
     let i = images.clone();
-    shuttle::check_random(move || epoch_holds_freed_cluster(&i), iters(1000));
-    let i = images.clone();
-    shuttle::check_pct(move || epoch_holds_freed_cluster(&i), iters(1000), 3);
+    explore(move || epoch_holds_freed_cluster(&i), 1000, 1000);
 }
 
 /// Write-zeroes over a cluster that a queue is allocating waits for the
@@ -417,7 +404,7 @@ fn zeroes_against_allocation(images: &Images) {
 fn zeroing_waits_for_allocations() {
     let images = Arc::new(Images::new("zero"));
     let i = images.clone();
-    shuttle::check_random(move || zeroes_against_allocation(&i), iters(1000));
+    shuttle::check_random(move || zeroes_against_allocation(&i), schedules(1000));
 }
 
 /// An in-place write (its data I/O outside the lock, as a queue's ring
@@ -473,9 +460,7 @@ fn zeroes_against_inplace_write(images: &Images) {
 fn zeroing_waits_for_inplace_writes() {
     let images = Arc::new(Images::new("inplace"));
     let i = images.clone();
-    shuttle::check_random(move || zeroes_against_inplace_write(&i), iters(1000));
-    let i = images.clone();
-    shuttle::check_pct(move || zeroes_against_inplace_write(&i), iters(1000), 3);
+    explore(move || zeroes_against_inplace_write(&i), 1000, 1000);
 }
 
 fn raw_data_file_zeroes_against_write(images: &Images) {
@@ -512,13 +497,7 @@ fn raw_data_file_zeroes_against_write(images: &Images) {
 fn raw_data_file_zeroing_is_ordered_with_writes() {
     let images = Arc::new(Images::new("rawdata"));
     let i = images.clone();
-    shuttle::check_random(move || raw_data_file_zeroes_against_write(&i), iters(200));
-    let i = images.clone();
-    shuttle::check_pct(
-        move || raw_data_file_zeroes_against_write(&i),
-        iters(200),
-        3,
-    );
+    explore(move || raw_data_file_zeroes_against_write(&i), 200, 200);
 }
 
 /// Three writers into one new block of a foreign image (VDI, or VHDX
@@ -574,7 +553,7 @@ fn foreign_units_are_allocated_once() {
         let i = images.clone();
         shuttle::check_random(
             move || foreign_writers_share_new_blocks(&i, format),
-            iters(500),
+            schedules(500),
         );
     }
 }
@@ -701,7 +680,5 @@ fn logged_writers_and_a_flush(images: &Images) {
 fn logged_fills_reach_tables_only_after_a_sync() {
     let images = Arc::new(Images::new("ilog"));
     let i = images.clone();
-    shuttle::check_random(move || logged_writers_and_a_flush(&i), iters(300));
-    let i = images.clone();
-    shuttle::check_pct(move || logged_writers_and_a_flush(&i), iters(300), 3);
+    explore(move || logged_writers_and_a_flush(&i), 300, 300);
 }

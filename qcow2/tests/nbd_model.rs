@@ -28,20 +28,13 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use qcow2::nbd::client::{Client, Duplex, Sink};
+use rimg_model::{explore, schedules};
 use shuttle::sync::{Condvar, Mutex};
 
 const SIZE: u64 = 1 << 20;
 const LEN: usize = 1024;
 /// What a pipe holds before its writer blocks.
 const CAP: usize = 64;
-
-fn iters(n: usize) -> usize {
-    let scale = std::env::var("RIMG_MODEL_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    n * scale
-}
 
 /// One direction of a connection: bytes in order, blocking reads and
 /// writes; once closed (the client gone), writes are dropped and reads
@@ -318,14 +311,12 @@ fn all_ok(errors: Vec<Option<String>>) {
 
 #[test]
 fn interleaved_replies_reach_their_readers() {
-    shuttle::check_random(|| all_ok(run(3, true, false)), iters(2000));
-    shuttle::check_pct(|| all_ok(run(3, true, false)), iters(1000), 3);
+    explore(|| all_ok(run(3, true, false)), 2000, 1000);
 }
 
 #[test]
 fn an_unsplit_stream_serializes_without_hanging() {
-    shuttle::check_random(|| all_ok(run(2, false, false)), iters(1000));
-    shuttle::check_pct(|| all_ok(run(2, false, false)), iters(500), 3);
+    explore(|| all_ok(run(2, false, false)), 1000, 500);
 }
 
 #[test]
@@ -340,6 +331,6 @@ fn a_reply_for_no_request_fails_every_waiter() {
                 );
             }
         },
-        iters(1000),
+        schedules(1000),
     );
 }

@@ -232,19 +232,12 @@ fn run(mark_late: bool) {
     assert_eq!(ran, outstanding, "each outstanding request exactly once");
 }
 
-/// Schedules per check: 3000, times RIMG_MODEL_SCALE.
-fn iters() -> usize {
-    let scale: usize = std::env::var("RIMG_MODEL_SCALE")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    3000 * scale
-}
+/// Schedules per check.
+const SCHEDULES: usize = 3000;
 
 #[test]
 fn killed_anywhere_each_request_runs_once() {
-    shuttle::check_random(|| run(false), iters());
-    shuttle::check_pct(|| run(false), iters(), 3);
+    rimg_model::explore(|| run(false), SCHEDULES, SCHEDULES);
 }
 
 /// The first request marked only after a later completion is published:
@@ -252,5 +245,5 @@ fn killed_anywhere_each_request_runs_once() {
 #[test]
 #[should_panic]
 fn a_late_mark_is_found() {
-    shuttle::check_random(|| run(true), iters());
+    shuttle::check_random(|| run(true), rimg_model::schedules(SCHEDULES));
 }

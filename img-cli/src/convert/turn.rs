@@ -147,14 +147,6 @@ mod model {
     }
     use Kind::*;
 
-    fn iters(n: usize) -> usize {
-        let scale = std::env::var("RIMG_MODEL_SCALE")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(1);
-        n * scale
-    }
-
     #[derive(Default)]
     struct Shared {
         /// (next claim, failed)
@@ -254,8 +246,7 @@ mod model {
         ];
         for kinds in mixes {
             for workers in [2, 3] {
-                shuttle::check_random(move || run(workers, kinds), iters(300));
-                shuttle::check_pct(move || run(workers, kinds), iters(300), 3);
+                rimg_model::explore(move || run(workers, kinds), 300, 300);
             }
         }
     }
