@@ -167,7 +167,7 @@ impl Claims {
 
 impl Job<'_> {
     pub(super) fn worker(&self, src: &Sources, claims: &Claims) {
-        let mut buf = vec![0u8; CHUNK as usize];
+        let mut buf = super::buffer::ChunkBuf::new(CHUNK as usize);
         let mut cmp = Vec::new();
         loop {
             if self.failed.load(Ordering::Relaxed) {

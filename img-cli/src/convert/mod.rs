@@ -25,6 +25,7 @@ use crate::progress::{Progress, ProgressOpt, Target};
 use crate::size::parse_size;
 use crate::CliError;
 
+mod buffer;
 mod copy;
 mod offload;
 mod sources;
