@@ -233,7 +233,8 @@ fn target_image_opts_name_an_existing_target() {
 /// What the option strings and values say is checked as qemu-img checks
 /// it: a read-only or force-share node is not written, `driver=file` is
 /// the file's bytes (not probed), -S takes whole sectors up to 16 MiB
-/// (checked before -C's refusals), and a flag given twice is taken.
+/// (checked before -C's refusals), -m 1 to 16, and a flag given twice
+/// is taken.
 #[test]
 fn option_values_are_checked_like_qemu_img() {
     let d = tempdir();
@@ -271,6 +272,11 @@ fn option_values_are_checked_like_qemu_img() {
         &["convert", "-S", "100", "src.raw", "o.raw"],
         &["convert", "-S", "32M", "src.raw", "o.raw"],
         &["convert", "-C", "-S", "foo", "src.raw", "o.raw"],
+        // -m: qemu-img's 1 to 16 coroutines, as cvtnum reads numbers.
+        &["convert", "-m", "0", "src.raw", "o.raw"],
+        &["convert", "-m", "17", "src.raw", "o.raw"],
+        &["convert", "-m", "-1", "src.raw", "o.raw"],
+        &["convert", "-m", "x", "src.raw", "o.raw"],
     ] {
         let (code, _, err) = same_as_qemu(d.path(), args);
         assert_eq!(code, Some(1), "{args:?}: {err}");
@@ -285,6 +291,8 @@ fn option_values_are_checked_like_qemu_img() {
             "--salvage",
             "-q",
             "-q",
+            "-m",
+            "0x10",
             "-O",
             "raw",
             "src.raw",

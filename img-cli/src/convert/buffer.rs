@@ -16,7 +16,9 @@ const HUGE: usize = 2 << 20;
 /// given after the first touch would leave 4 KiB pages in place).
 pub(super) struct ChunkBuf {
     ptr: NonNull<u8>,
+    /// The bytes asked for, and the mapping's length (whole pages).
     len: usize,
+    mapped: usize,
 }
 
 // SAFETY: ChunkBuf owns its mapping outright (as a Box<[u8]> would own
@@ -25,8 +27,10 @@ unsafe impl Send for ChunkBuf {}
 
 impl ChunkBuf {
     pub(super) fn new(len: usize) -> ChunkBuf {
-        let len = len.max(1).next_multiple_of(4096);
-        let span = len + HUGE;
+        // SAFETY: sysconf reads a value; it has no other effect.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let mapped = len.max(1).next_multiple_of(page);
+        let span = mapped + HUGE;
         // SAFETY: a new private anonymous mapping, at an address the
         // kernel picks; nothing else is affected.
         let base = unsafe {
@@ -44,24 +48,28 @@ impl ChunkBuf {
         }
         let start = (base as usize).next_multiple_of(HUGE);
         let head = start - base as usize;
-        // SAFETY: [base, base + head) and [start + len, base + span) lie
-        // in the mapping just made and are not used: unmapping them
-        // leaves [start, start + len), aligned. MADV_HUGEPAGE on that
+        // SAFETY: [base, base + head) and [start + mapped, base + span)
+        // lie in the mapping just made, are whole pages (base and HUGE
+        // are page-aligned, so start is) and are not used: unmapping them
+        // leaves [start, start + mapped), aligned. MADV_HUGEPAGE on that
         // only changes how it is backed (its pages are still zero), and
         // its failure (THP off, an old kernel) changes nothing.
         unsafe {
             if head > 0 {
-                libc::munmap(base, head);
+                let r = libc::munmap(base, head);
+                debug_assert_eq!(r, 0);
             }
-            let tail = span - head - len;
+            let tail = span - head - mapped;
             if tail > 0 {
-                libc::munmap((start + len) as *mut libc::c_void, tail);
+                let r = libc::munmap((start + mapped) as *mut libc::c_void, tail);
+                debug_assert_eq!(r, 0);
             }
-            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            libc::madvise(start as *mut libc::c_void, mapped, libc::MADV_HUGEPAGE);
         }
         ChunkBuf {
             ptr: NonNull::new(start as *mut u8).expect("mapped"),
             len,
+            mapped,
         }
     }
 }
@@ -69,7 +77,8 @@ impl ChunkBuf {
 impl Deref for ChunkBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        // SAFETY: ptr is the start of a mapping of len bytes, readable
+        // SAFETY: ptr is the start of a mapping of at least len bytes,
+        // readable
         // (zero until written), owned by self and borrowed as it is.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
@@ -85,7 +94,7 @@ impl DerefMut for ChunkBuf {
 impl Drop for ChunkBuf {
     fn drop(&mut self) {
         // SAFETY: the mapping made in new(), unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped) };
     }
 }
 
@@ -95,11 +104,15 @@ mod tests {
 
     #[test]
     fn zeroed_aligned_and_writable() {
-        let mut b = ChunkBuf::new(3 << 20);
-        assert_eq!(b.len(), 3 << 20);
-        assert_eq!(b.as_ptr() as usize % HUGE, 0);
-        assert!(b.iter().all(|&x| x == 0));
-        b[(3 << 20) - 1] = 7;
-        assert_eq!(b[(3 << 20) - 1], 7);
+        for len in [0, 1, 5000, 2 << 20, (3 << 20) + 1] {
+            let mut b = ChunkBuf::new(len);
+            assert_eq!(b.len(), len);
+            assert_eq!(b.as_ptr() as usize % HUGE, 0);
+            assert!(b.iter().all(|&x| x == 0));
+            if let Some(last) = b.last_mut() {
+                *last = 7;
+                assert_eq!(b[len - 1], 7);
+            }
+        }
     }
 }

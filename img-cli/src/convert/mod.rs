@@ -77,14 +77,15 @@ pub struct ConvertArgs {
     /// Allow out-of-order writes (several workers write at once)
     #[arg(short = 'W', long = "oob-writes")]
     out_of_order: bool,
-    /// Parallel requests (threads, at most one per core are used)
+    /// Parallel requests, 1 to 16 (threads, at most one per core are used)
     #[arg(
         short = 'm',
         long = "parallel",
         value_name = "NUM",
-        default_value_t = 8
+        default_value = "8",
+        allow_hyphen_values = true
     )]
-    parallel: usize,
+    parallel: String,
     /// The existing output reads as zeros: skip writing zeros (with -n)
     #[arg(long = "target-is-zero")]
     target_is_zero: bool,
@@ -173,6 +174,9 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     crate::bitmap::convert_flags(a.bitmaps, a.skip_broken_bitmaps)?;
     // Values first, as qemu-img's getopt loop checks them.
     let sparse = sparse_size(a.sparse.as_deref().unwrap_or("4k"))?;
+    // qemu-img's coroutines, at most 16.
+    let parallel = crate::size::cvtint("number of coroutines", &a.parallel, 1, 16)
+        .map_err(CliError::new)? as usize;
     if a.copy_offload {
         // qemu-img's refusals: its offload copies whole ranges as they are.
         if a.compress {
@@ -389,7 +393,7 @@ pub fn run(a: ConvertArgs) -> Result<u8, CliError> {
     // images) still read and plan in parallel, and write in turn.
     let in_turn = !a.out_of_order && !compress;
     let workers = if a.out_of_order || compress || in_turn {
-        a.parallel.clamp(1, cores)
+        parallel.min(cores)
     } else {
         1
     };
