@@ -85,6 +85,24 @@ fn qemu_io(fmt: &str, target: &str, cmds: &[String]) -> String {
     run_ok("qemu-io", &args)
 }
 
+/// A round's verdict: qemu-io reported no failure (`out`), the image
+/// holds what the same commands put in a raw model, and a qcow2 checks
+/// clean.
+fn judge(case: &str, out: &str, log: &str, cmds: &[String], fmt: &str, img: &Path, model: &Path) {
+    assert!(
+        !out.contains("fail") && !out.contains("error"),
+        "{case}: {out}\nserver: {log}"
+    );
+    qemu_io("raw", s(model), cmds);
+    run_ok(
+        "qemu-img",
+        &["compare", "-f", fmt, "-F", "raw", s(img), s(model)],
+    );
+    if fmt == "qcow2" {
+        run_ok("qemu-img", &["check", s(img)]);
+    }
+}
+
 #[test]
 fn requests_in_flight_are_answered_concurrently_and_correctly() {
     let seed = std::env::var("RIMG_SEED")
@@ -108,18 +126,8 @@ fn requests_in_flight_are_answered_concurrently_and_correctly() {
         let srv = nbd::serve(&sock, &args);
         let out = qemu_io("raw", &unix_uri(&sock, ""), &cmds);
         let log = nbd::stop(srv);
-        assert!(
-            !out.contains("fail") && !out.contains("error"),
-            "seed {seed} ({fmt}, {aio}): {out}\nserver: {log}"
-        );
-        qemu_io("raw", s(&model), &cmds);
-        run_ok(
-            "qemu-img",
-            &["compare", "-f", fmt, "-F", "raw", s(&img), s(&model)],
-        );
-        if fmt == "qcow2" {
-            run_ok("qemu-img", &["check", s(&img)]);
-        }
+        let case = format!("seed {seed} ({fmt}, {aio})");
+        judge(&case, &out, &log, &cmds, fmt, &img, &model);
     }
 }
 
@@ -245,18 +253,8 @@ fn tls_requests_in_flight_are_answered_concurrently_and_correctly() {
             let err = String::from_utf8_lossy(&o.stderr);
             assert!(o.status.success(), "seed {seed}: {out}{err}");
             let log = nbd::stop(srv);
-            assert!(
-                !out.contains("fail") && !out.contains("error"),
-                "seed {seed} ({fmt}, {object}): {out}\nserver: {log}"
-            );
-            qemu_io("raw", s(&model), &cmds);
-            run_ok(
-                "qemu-img",
-                &["compare", "-f", fmt, "-F", "raw", s(&img), s(&model)],
-            );
-            if fmt == "qcow2" {
-                run_ok("qemu-img", &["check", s(&img)]);
-            }
+            let case = format!("seed {seed} ({fmt}, {object})");
+            judge(&case, &out, &log, &cmds, fmt, &img, &model);
         }
     }
 }
