@@ -78,8 +78,8 @@ impl Deref for ChunkBuf {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         // SAFETY: ptr is the start of a mapping of at least len bytes,
-        // readable
-        // (zero until written), owned by self and borrowed as it is.
+        // readable (zero until written), owned by self and borrowed as
+        // it is.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
