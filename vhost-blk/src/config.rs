@@ -34,9 +34,8 @@ pub struct DeviceConfig {
     pub opt_io_size: u32,
     /// Logical block size announced with BLK_SIZE.
     pub blk_size: u32,
-    /// How long a worker keeps looking at its queue and ring after its
-    /// last request before it sleeps (`--poll-us`; zero: never).
-    pub poll: std::time::Duration,
+    /// Busy polling (`--poll-us`), shared by the queues' workers.
+    pub poll: Arc<crate::worker::Polling>,
 }
 
 impl DeviceConfig {
@@ -111,7 +110,7 @@ mod tests {
             serial: b"x".to_vec(),
             opt_io_size: 65536,
             blk_size: 512,
-            poll: std::time::Duration::ZERO,
+            poll: crate::worker::Polling::new(std::time::Duration::ZERO),
         };
         let c = d.encode(true);
         assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 2 << 20);

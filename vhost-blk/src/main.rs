@@ -57,8 +57,9 @@ struct Args {
     cache_size: Option<u64>,
     /// After answering, each queue's worker keeps looking for new requests
     /// and completions this long before it sleeps: lower latency at low
-    /// queue depth, for a busy core while the guest does I/O (default 0:
-    /// it sleeps at once)
+    /// queue depth, for a busy core while the guest does I/O; only while
+    /// fewer workers are awake than there are cores (default 0: it
+    /// sleeps at once)
     #[arg(long, default_value_t = 0, value_name = "MICROSECONDS")]
     poll_us: u32,
     /// Sync the copy-on-write fill of every write into a new cluster over

@@ -267,7 +267,7 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
         serial: cfg.serial.as_bytes().iter().copied().take(20).collect(),
         opt_io_size: opt_io,
         blk_size: 512,
-        poll: std::time::Duration::from_micros(cfg.poll_us.into()),
+        poll: crate::worker::Polling::new(std::time::Duration::from_micros(cfg.poll_us.into())),
     };
 
     let name = cfg.socket.display().to_string();

@@ -3,7 +3,6 @@
 //! driver of used entries.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use log::debug;
 use rimg_vhost_server::avail::{self, AvailError};
@@ -29,6 +28,7 @@ impl Worker {
     /// Handles a kick: takes every available request from the queue,
     /// then polls for more (`--poll-us`).
     pub fn handle_kick(&mut self, vring: &Vring) {
+        let _awake = self.cfg.poll.wake();
         // The framework kicks a ring once when it starts (a new
         // connection, or after stop): the inflight region is read then.
         if self.vring.is_none() {
@@ -40,7 +40,7 @@ impl Worker {
     }
 
     /// Takes every available request from the queue and issues it.
-    fn take_requests(&mut self, vring: &Vring) {
+    pub(super) fn take_requests(&mut self, vring: &Vring) {
         let mut mem = self.mem.memory().into_inner();
         let (capacity, readonly) = (self.cfg.capacity(), self.cfg.readonly);
         loop {
@@ -152,6 +152,7 @@ impl Worker {
 
     /// Handles the ring's completion eventfd.
     pub fn handle_completions(&mut self) {
+        let _awake = self.cfg.poll.wake();
         let _ = self.efd.read();
         self.completions();
         // A kick that found no free slot left requests in the ring.
@@ -164,56 +165,15 @@ impl Worker {
     }
 
     /// Reaps the ring, retries parked requests, answers.
-    fn completions(&mut self) {
+    pub(super) fn completions(&mut self) {
         self.reap();
         self.run_parked();
         self.ring.submit();
         self.signal();
     }
 
-    /// With `--poll-us`: keeps looking at the queue and the ring, taking
-    /// what comes, until nothing came for that long; then the worker goes
-    /// back to epoll (a kick or completion that arrives meanwhile is
-    /// found there). Requests that arrive while it looks need no wake-up
-    /// of this thread: at queue depth 1 that is most of the latency on an
-    /// otherwise idle machine. A busy queue returns to epoll every
-    /// `POLL_SLICE` all the same: the thread's other events (stop, exit)
-    /// and the connection thread (which takes this worker's lock) get
-    /// their turn. Between looks it yields the CPU: where threads
-    /// outnumber cores (the guest's or client's own, other queues'
-    /// workers), a spinning worker would keep the very thread that is
-    /// about to submit the next request off the CPU (measured: QD1 reads
-    /// over 2 queues on 2 cores, p99 120-180 us spinning, 35-42 yielding).
-    fn poll(&mut self, vring: &Vring) {
-        const POLL_SLICE: std::time::Duration = std::time::Duration::from_millis(1);
-        if self.cfg.poll.is_zero() || self.stalled {
-            return;
-        }
-        let start = Instant::now();
-        let mut deadline = start + self.cfg.poll;
-        loop {
-            let mut busy = false;
-            if self.ring.has_completions() {
-                self.completions();
-                busy = true;
-            }
-            if !self.free.is_empty() && self.avail_pending(vring) {
-                self.take_requests(vring);
-                busy = true;
-            }
-            let now = Instant::now();
-            if busy {
-                deadline = now + self.cfg.poll;
-            }
-            if now >= deadline || now - start >= POLL_SLICE {
-                return;
-            }
-            std::thread::yield_now();
-        }
-    }
-
     /// Whether the driver made requests available that are not taken.
-    fn avail_pending(&self, vring: &Vring) -> bool {
+    pub(super) fn avail_pending(&self, vring: &Vring) -> bool {
         let mem = self.mem.memory();
         avail::available(vring.get_ref().get_queue(), &*mem).is_ok_and(|n| n > 0)
     }

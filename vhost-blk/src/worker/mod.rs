@@ -82,11 +82,13 @@ pub use rimg_vhost_server::{Mem, Vring, GM};
 mod engine_io;
 mod kick;
 mod plan;
+mod poll;
 mod resubmit;
 mod slot;
 mod teardown;
 mod uring;
 
+pub use poll::Polling;
 use slot::Slot;
 
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;
