@@ -40,7 +40,8 @@ cleanup() {
   # The daemons must be gone before their file system is unmounted.
   wait 2>/dev/null || true
   rm -rf "${W:-}"
-  if [ -n "$MNT" ]; then umount "$MNT" 2>/dev/null || true; rmdir "$MNT"; fi
+  # Lazily: io_uring releases the daemons' files a moment after they exit.
+  if [ -n "$MNT" ]; then umount -l "$MNT" 2>/dev/null || true; rmdir "$MNT"; fi
   if [ -n "$LOOP" ]; then losetup -d "$LOOP" 2>/dev/null || true; fi
   if [ -n "$LOOPFILE" ]; then rm -f "$LOOPFILE"; fi
 }

@@ -7,7 +7,7 @@ use io_uring::{opcode, types};
 
 use nbd_proto::consts::cmd;
 use qcow2::{Mapping, PendingWrite};
-use rimg_vhost_server::inline::{self, Inline};
+use rimg_vhost_server::inline;
 use rimg_vhost_server::RingOwner;
 
 use super::{Conn, Op, Stage, MAX_INFLIGHT};
@@ -180,24 +180,16 @@ impl Conn<'_> {
                     iov_base: b.as_ptr() as *mut libc::c_void,
                     iov_len: len,
                 }];
-                // Buffered: written here unless it would block on a file
-                // system that can tell (see `inline`).
-                // SAFETY: the iovec points into the payload, borrowed for
-                // the call.
-                let r = match len <= INLINE_MAX {
-                    true => unsafe {
-                        inline::write(&mut self.inline, file.0, &iov, host, len as u64)
-                    },
-                    false => Inline::Punt,
-                };
-                match r {
-                    // At most MAX_PAYLOAD bytes: an i32.
-                    Inline::Done => return self.data_done(idx, k, len as i32),
-                    Inline::Failed(e) => {
-                        let errno = e.raw_os_error().unwrap_or(libc::EIO);
-                        return self.data_done(idx, k, -errno);
-                    }
-                    Inline::Punt => {}
+                // Buffered: written here (see `inline`), but for large
+                // writes, which the ring overlaps with the next requests.
+                if len <= INLINE_MAX {
+                    // SAFETY: the iovec points into the payload, borrowed
+                    // for the call.
+                    return match unsafe { inline::write(file.0, &iov, host, len as u64) } {
+                        // At most MAX_PAYLOAD bytes: an i32.
+                        Ok(()) => self.data_done(idx, k, len as i32),
+                        Err(e) => self.data_done(idx, k, -e.raw_os_error().unwrap_or(libc::EIO)),
+                    };
                 }
                 opcode::Write::new(file, b.as_ptr(), len as u32)
                     .offset(host)

@@ -245,8 +245,6 @@ struct Conn<'a> {
     /// through the engine.
     file: Option<RawFd>,
     guards_first_sector: bool,
-    /// How buffered writes go (see `rimg_vhost_server::inline`).
-    inline: rimg_vhost_server::inline::Mode,
     waker: Arc<dyn AllocWaker>,
     wake_fd: Arc<Waker>,
     /// The waker's read is not posted again: the loop is ending.
@@ -309,7 +307,6 @@ impl<'a> Conn<'a> {
             guards_first_sector: img.guards_first_sector(),
             img,
             file,
-            inline: Default::default(),
             waker: wake_fd.clone(),
             wake_fd,
             closing: false,

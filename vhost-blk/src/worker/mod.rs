@@ -9,8 +9,8 @@
 //! through the bounce buffer. The ring's
 //! completion eventfd is polled by the same epoll loop as the queue's
 //! kick, so the thread never waits for guest data I/O on the ring;
-//! buffered writes it makes itself where that is faster (`inline`: the
-//! page cache takes them, on ext4 without the io-wq round trip).
+//! buffered writes it makes itself (`inline`: the page cache takes them
+//! without io-wq's round trip).
 //!
 //! # Ordering and progress
 //! - A serving thread never blocks on another queue's allocation: its
@@ -165,8 +165,6 @@ pub struct Worker {
     stalled: bool,
     /// Warnings the guest can cause, capped.
     warnings: CappedWarnings,
-    /// How buffered writes go ([`rimg_vhost_server::inline`]).
-    inline: rimg_vhost_server::inline::Mode,
     /// This queue's counters (`query-stats`), kept across connections.
     stats: Arc<QueueStats>,
     /// The connection's inflight region, if the frontend set one.
@@ -209,7 +207,6 @@ impl Worker {
             event_idx: false,
             stalled: false,
             warnings: CappedWarnings::new(module_path!(), format!("queue {queue}")),
-            inline: rimg_vhost_server::inline::Mode::default(),
             stats,
             inflight: Inflight::new(0),
             log: None,

@@ -15,7 +15,7 @@ use vm_memory::{Address, GuestMemoryBackend};
 use super::plan::end_write;
 use super::slot::{IoVecs, Op};
 use super::{Mem, Worker, BOUNCE_LEN, DIRECT_ALIGN, IOV_MAX};
-use rimg_vhost_server::inline::{self, Inline};
+use rimg_vhost_server::inline;
 
 /// The server refuses images whose data is not in a host file (an NBD
 /// export) before any worker starts.
@@ -55,28 +55,20 @@ impl Worker {
             return;
         }
         if write && !direct {
-            // Buffered: written here unless it would block on a file
-            // system that can tell ([`inline`]).
+            // Buffered: written here ([`inline`]).
             let fd = self.img.data_storage().file().expect(HOST_FILE).as_raw_fd();
             // SAFETY: the iovecs point into guest memory that `mem` (an
             // Arc of the map, held across the call) keeps mapped.
-            let r = unsafe { inline::write(&mut self.inline, fd, &iov.0, host, n) };
+            let r = unsafe { inline::write(fd, &iov.0, host, n) };
             drop(mem);
-            let written = match r {
-                Inline::Punt => None,
-                Inline::Done => Some(true),
-                Inline::Failed(e) => {
-                    error!("write at file offset {host}: {e}");
-                    Some(false)
-                }
-            };
-            if let Some(ok) = written {
-                let committed = wio.is_none_or(|w| end_write(w, ok));
-                if !ok || !committed {
-                    self.slots[idx].failed = true;
-                }
-                return;
+            if let Err(e) = &r {
+                error!("write at file offset {host}: {e}");
             }
+            let committed = wio.is_none_or(|w| end_write(w, r.is_ok()));
+            if r.is_err() || !committed {
+                self.slots[idx].failed = true;
+            }
+            return;
         }
         let op = Op {
             iov,
