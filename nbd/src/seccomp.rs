@@ -24,6 +24,7 @@ pub fn sandbox() -> SyscallList {
         // block status (SEEK_DATA, SEEK_HOLE), growing files.
         SYS_pread64,
         SYS_pwrite64,
+        // (And the connections' buffered writes, rimg_vhost_server::inline.)
         SYS_pwritev2,
         SYS_fdatasync,
         SYS_fallocate,

@@ -6,13 +6,15 @@
 use rimg_vhost_server::seccomp::{self, Arg, Sandbox};
 
 /// What the image engine calls from any thread (guest data itself goes
-/// through io_uring, except an encrypted image's, which the engine reads
-/// and writes with the same positioned I/O).
+/// through io_uring, except buffered writes, which the workers make
+/// themselves, and an encrypted image's, which the engine reads and
+/// writes with the same positioned I/O).
 const IMAGE_IO: [libc::c_long; 5] = [
     // Metadata, bounce-buffer and encrypted-data I/O.
     libc::SYS_pread64,
     libc::SYS_pwrite64,
-    // Buffered guest writes made by the worker itself (worker::inline).
+    // Buffered guest writes made by the worker itself
+    // (rimg_vhost_server::inline).
     libc::SYS_pwritev2,
     // FLUSH.
     libc::SYS_fdatasync,

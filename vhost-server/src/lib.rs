@@ -3,8 +3,10 @@
 //! the vhost-user backend built from a [`Device`] and its [`workers`],
 //! ring checks ([`avail`]) and used-ring notification ([`used`]), worker
 //! io_uring rings with one submission and teardown policy ([`uring`]),
-//! buffered writes made inline where the ring would hand them to a
-//! thread ([`inline`]; rimg-nbd's connections use both), seccomp lists, capped warnings and the common command line ([`cli`]).
+//! buffered writes made by the worker where the ring would hand them to
+//! a thread ([`inline`]; rimg-nbd's connections use rings and inline
+//! writes too), seccomp lists, capped warnings and the common command
+//! line ([`cli`]).
 //!
 //! The life of a daemon: listen on a UNIX socket and serve one frontend
 //! connection at a time, forever. A disconnect ends that connection's

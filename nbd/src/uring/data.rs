@@ -188,7 +188,15 @@ impl Conn<'_> {
                     return match unsafe { inline::write(file.0, &iov, host, len as u64) } {
                         // At most MAX_PAYLOAD bytes: an i32.
                         Ok(()) => self.data_done(idx, k, len as i32),
-                        Err(e) => self.data_done(idx, k, -e.raw_os_error().unwrap_or(libc::EIO)),
+                        // Final: data_done would retry EAGAIN or EINTR
+                        // (ring results), inline again, without end.
+                        Err(e) => {
+                            let errno = match e.raw_os_error() {
+                                Some(libc::EAGAIN | libc::EINTR) | None => libc::EIO,
+                                Some(n) => n,
+                            };
+                            self.data_done(idx, k, -errno)
+                        }
                     };
                 }
                 opcode::Write::new(file, b.as_ptr(), len as u32)

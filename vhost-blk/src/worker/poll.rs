@@ -5,10 +5,10 @@
 //! only while fewer workers are awake than there are cores: a poller on
 //! a core another worker needs takes CPU from that worker's requests and
 //! from the driver's threads (measured on 2 cores, QD1 buffered writes
-//! over 2 queues on ext4: p99 160-660 us with both workers polling, 170-
-//! 180 with this rule, against 130 without polling and qemu-storage-
-//! daemon's 310-340; one queue keeps polling's gain, p50 62-72 us
-//! against 94 without).
+//! over 2 queues on ext4: p99 160-660 us with both workers polling,
+//! 135-140 with this rule, 130 without polling, qemu-storage-daemon's
+//! 310-340; one queue keeps polling's gain, write p50 58-60 us against
+//! 94 without). On a single core no worker polls.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,7 +22,8 @@ pub struct Polling {
     /// How long a worker keeps looking after its last request (zero:
     /// never).
     time: Duration,
-    /// Workers handling an event now, polling included.
+    /// Workers handling an event now, polling included (also one that
+    /// sleeps in a flush or a blocking write meanwhile: a heuristic).
     awake: AtomicUsize,
     cores: usize,
 }
@@ -40,10 +41,13 @@ impl Polling {
     /// Polling for `time`, on this machine's cores.
     pub fn new(time: Duration) -> Arc<Polling> {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if !time.is_zero() && cores < 2 {
+            log::warn!("--poll-us: one core, which the driver needs: no worker polls");
+        }
         Polling::on_cores(time, cores)
     }
 
-    pub fn on_cores(time: Duration, cores: usize) -> Arc<Polling> {
+    fn on_cores(time: Duration, cores: usize) -> Arc<Polling> {
         Arc::new(Polling {
             time,
             awake: AtomicUsize::new(0),
@@ -53,6 +57,7 @@ impl Polling {
 
     /// Counts the caller awake until the guard drops; nothing is
     /// counted (or polled) with polling off.
+    #[must_use]
     pub fn wake(self: &Arc<Self>) -> Option<Awake> {
         if self.time.is_zero() {
             return None;

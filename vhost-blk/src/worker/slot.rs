@@ -36,7 +36,8 @@ pub(super) struct Op {
     pub(super) expect: usize,
     /// The mapped write this op carries the data of.
     pub(super) wio: Option<PendingWrite>,
-    /// Issued on the O_DIRECT fd (retried buffered on EINVAL).
+    /// Issued on the O_DIRECT fd (retried through the aligned bounce
+    /// buffer on EINVAL).
     pub(super) direct: bool,
 }
 
