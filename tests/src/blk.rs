@@ -25,6 +25,10 @@ impl Daemon {
     }
 }
 
+/// How long a client waits for its requests' completions before it
+/// calls the daemon hung.
+const ANSWER_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A libblkio client with one mapped buffer region per queue.
 pub struct Client {
     blkio: Blkio,
@@ -92,12 +96,23 @@ impl Client {
     }
 
     fn wait(&mut self, q: usize, n: usize) -> Vec<Completion> {
+        let start = std::time::Instant::now();
         let mut out = Vec::new();
         while out.len() < n {
             let mut c: [MaybeUninit<Completion>; 64] = [const { MaybeUninit::uninit() }; 64];
+            // A daemon that stops answering (killed, wedged) fails the
+            // test here, not at CI's timeout.
+            let mut left = ANSWER_LIMIT.saturating_sub(start.elapsed());
             let got = self.queues[q]
-                .do_io(&mut c, 1, None, None)
-                .expect("blkio do_io");
+                .do_io(&mut c, 1, Some(&mut left), None)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "queue {q}: {} of {n} completions after {:?}: {}",
+                        out.len(),
+                        start.elapsed(),
+                        e.message()
+                    )
+                });
             for x in c.iter().take(got) {
                 // SAFETY: do_io initialised the first `got` entries.
                 out.push(unsafe { x.assume_init_read() });

@@ -187,6 +187,25 @@ fn serve_and_exercise_with(fmt: &str, backing: bool, queues: usize, extra: &[&st
     finish_and_verify(daemon, &img, &model, d.path());
 }
 
+/// Images on tmpfs, whose reads the workers make themselves (it has no
+/// nonblocking reads for io_uring), under the default seccomp filter.
+#[test]
+fn tmpfs_reads_made_by_the_worker() {
+    for (fmt, backing) in [("raw", false), ("qcow2", true)] {
+        let d = tempfile::Builder::new()
+            .prefix("rimg-test-")
+            .tempdir_in("/dev/shm")
+            .expect("tempdir on /dev/shm");
+        let (img, mut model) = make_image(d.path(), fmt, backing);
+        let sock = d.path().join("blk.sock");
+        let daemon = Daemon::start(&sock, &img, &["--num-queues", "2"]).expect("daemon");
+        let mut c = Client::connect(&sock, 2, false).expect("connect");
+        exercise(&mut c, 2, &mut model, 11, 300);
+        drop(c);
+        finish_and_verify(daemon, &img, &model, d.path());
+    }
+}
+
 #[test]
 fn raw_one_queue() {
     serve_and_exercise("raw", false, 1);

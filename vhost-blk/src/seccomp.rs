@@ -9,13 +9,14 @@ use rimg_vhost_server::seccomp::{self, Arg, Sandbox};
 /// through io_uring, except buffered writes, which the workers make
 /// themselves, and an encrypted image's, which the engine reads and
 /// writes with the same positioned I/O).
-const IMAGE_IO: [libc::c_long; 5] = [
+const IMAGE_IO: [libc::c_long; 6] = [
     // Metadata, bounce-buffer and encrypted-data I/O.
     libc::SYS_pread64,
     libc::SYS_pwrite64,
-    // Buffered guest writes made by the worker itself
-    // (rimg_vhost_server::inline).
+    // Buffered guest writes made by the worker itself, and reads from
+    // tmpfs (rimg_vhost_server::inline).
     libc::SYS_pwritev2,
+    libc::SYS_preadv2,
     // FLUSH.
     libc::SYS_fdatasync,
     // DISCARD and WRITE_ZEROES (punch hole, zero range).

@@ -241,7 +241,12 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     } else {
         None
     };
-    let files = Arc::new(DataFiles { direct });
+    // Asked now: fstatfs is not on the workers' seccomp list.
+    let reads_here = direct.is_none()
+        && data
+            .file()
+            .is_some_and(rimg_vhost_server::inline::reads_here);
+    let files = Arc::new(DataFiles { direct, reads_here });
     let opt_io = img
         .cluster_size()
         .map(|cs| cs as u32)

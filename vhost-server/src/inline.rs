@@ -49,6 +49,54 @@ pub unsafe fn write(fd: RawFd, iov: &[libc::iovec], off: u64, n: u64) -> io::Res
     Ok(())
 }
 
+/// Whether reads of `file` are made here too: its file system keeps
+/// files in memory, where a read never waits for a device, and has no
+/// nonblocking reads (tmpfs: RWF_NOWAIT fails with EOPNOTSUPP), so that
+/// io_uring would hand every read to io-wq (2 cores, QD32: 293k IOPS
+/// there against ext4's 1.07M from its page cache).
+pub fn reads_here(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the statfs it is given (on success only, when
+    // it is read) and keeps no pointer; the descriptor is `file`'s.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded: it filled `st`.
+    let st = unsafe { st.assume_init() };
+    st.f_type == libc::TMPFS_MAGIC
+}
+
+/// Reads at most `n` bytes at `off` of `fd` into the memory `iov`
+/// describes; returns how many, fewer only at the end of the file.
+///
+/// # Safety
+/// Every iovec must describe memory writable for the whole call.
+pub unsafe fn read(fd: RawFd, iov: &[libc::iovec], off: u64, n: u64) -> io::Result<u64> {
+    let mut iov = iov.to_vec();
+    let mut done = 0u64;
+    while done < n {
+        // preadv2: the call the daemons' seccomp lists allow.
+        // SAFETY: the iovecs describe writable memory (this function's
+        // contract), advanced past what was read only.
+        let r =
+            unsafe { libc::preadv2(fd, iov.as_ptr(), iov.len() as i32, (off + done) as i64, 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            break;
+        }
+        done += r as u64;
+        advance(&mut iov, r as usize);
+    }
+    Ok(done)
+}
+
 /// Drops the first `k` bytes from `iov`.
 fn advance(iov: &mut Vec<libc::iovec>, mut k: usize) {
     let mut skip = 0;
@@ -107,6 +155,32 @@ mod tests {
         let r = unsafe { write(f.as_raw_fd(), &[iov(&a)], 0, 512) };
         std::fs::remove_file(&path).unwrap();
         assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF));
+    }
+
+    #[test]
+    fn reads_stop_at_the_end_of_the_file() {
+        let path = std::env::temp_dir().join(format!("rimg-inline-rd-{}", std::process::id()));
+        let data: Vec<u8> = (0..6000u32).map(|i| i as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = std::fs::File::open(&path).unwrap();
+        let (mut a, mut b) = (vec![0u8; 3000], vec![0u8; 5192]);
+        let v = [
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
+        ];
+        // SAFETY: the iovecs point into `a` and `b`, alive and not
+        // otherwise used during the call.
+        let got = unsafe { read(f.as_raw_fd(), &v, 0, 8192) }.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(got, 6000);
+        assert_eq!(a, data[..3000]);
+        assert_eq!(b[..3000], data[3000..]);
     }
 
     /// A real file: every byte lands, across buffers and calls.

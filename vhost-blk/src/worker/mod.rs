@@ -132,6 +132,9 @@ impl AllocWaker for EventFdWaker {
 /// image each worker holds.
 pub struct DataFiles {
     pub direct: Option<std::fs::File>,
+    /// Buffered reads are made by the worker (see
+    /// [`rimg_vhost_server::inline::reads_here`]).
+    pub reads_here: bool,
 }
 
 pub struct Worker {

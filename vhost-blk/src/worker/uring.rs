@@ -54,6 +54,29 @@ impl Worker {
             }
             return;
         }
+        if !write && self.files.reads_here {
+            // Buffered, from a file system in memory: read here
+            // ([`inline::reads_here`]).
+            let fd = self.img.data_storage().file().expect(HOST_FILE).as_raw_fd();
+            // SAFETY: the iovecs point into guest memory that `mem` (an
+            // Arc of the map, held across the call) keeps mapped, as the
+            // ring's reads into the same buffers do (guest RAM is mapped
+            // writable; the buffers are the request's device-writable
+            // segments).
+            let r = unsafe { inline::read(fd, &iov.0, host, n) };
+            drop(mem);
+            let r = match r {
+                // Past the end of the file: zeros, as `reap` fills them.
+                Ok(k) if k < n => self.bounce_io(idx, at + k, n - k, host + k, false),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                error!("read at file offset {host}: {e}");
+                self.slots[idx].failed = true;
+            }
+            return;
+        }
         if write && !direct {
             // Buffered: written here ([`inline`]).
             let fd = self.img.data_storage().file().expect(HOST_FILE).as_raw_fd();
