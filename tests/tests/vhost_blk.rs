@@ -191,11 +191,17 @@ fn serve_and_exercise_with(fmt: &str, backing: bool, queues: usize, extra: &[&st
 /// nonblocking reads for io_uring), under the default seccomp filter.
 #[test]
 fn tmpfs_reads_made_by_the_worker() {
-    for (fmt, backing) in [("raw", false), ("qcow2", true)] {
+    for (fmt, backing) in [("raw", false), ("qcow2", false), ("qcow2", true)] {
         let d = tempfile::Builder::new()
             .prefix("rimg-test-")
             .tempdir_in("/dev/shm")
             .expect("tempdir on /dev/shm");
+        let probe = d.path().join("probe");
+        std::fs::write(&probe, b"x").unwrap();
+        assert!(
+            rimg_vhost_server::inline::reads_here(&std::fs::File::open(&probe).unwrap()),
+            "/dev/shm is not tmpfs here: this test would not cover worker reads"
+        );
         let (img, mut model) = make_image(d.path(), fmt, backing);
         let sock = d.path().join("blk.sock");
         let daemon = Daemon::start(&sock, &img, &["--num-queues", "2"]).expect("daemon");

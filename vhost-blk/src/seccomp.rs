@@ -6,9 +6,9 @@
 use rimg_vhost_server::seccomp::{self, Arg, Sandbox};
 
 /// What the image engine calls from any thread (guest data itself goes
-/// through io_uring, except buffered writes, which the workers make
-/// themselves, and an encrypted image's, which the engine reads and
-/// writes with the same positioned I/O).
+/// through io_uring, except buffered writes and reads from tmpfs, which
+/// the workers make themselves, and an encrypted image's, which the
+/// engine reads and writes with the same positioned I/O).
 const IMAGE_IO: [libc::c_long; 6] = [
     // Metadata, bounce-buffer and encrypted-data I/O.
     libc::SYS_pread64,
@@ -93,6 +93,9 @@ mod tests {
         assert!(!s.vring_worker.contains(libc::SYS_memfd_create));
         assert!(s.process.contains(libc::SYS_lseek));
         assert!(!s.vring_worker.contains(libc::SYS_lseek));
-        assert_eq!((s.process.len(), s.vring_worker.len()), (52, 31));
+        // Buffered writes and tmpfs reads, made by the workers.
+        assert!(s.vring_worker.contains(libc::SYS_pwritev2));
+        assert!(s.vring_worker.contains(libc::SYS_preadv2));
+        assert_eq!((s.process.len(), s.vring_worker.len()), (53, 32));
     }
 }

@@ -241,7 +241,7 @@ pub fn run(mut cfg: ServerConfig) -> Result<(), Error> {
     } else {
         None
     };
-    // Asked now: fstatfs is not on the workers' seccomp list.
+    // Asked now: fstatfs is on no seccomp list.
     let reads_here = direct.is_none()
         && data
             .file()
