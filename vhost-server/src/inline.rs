@@ -25,28 +25,16 @@ use std::os::fd::{AsRawFd, RawFd};
 /// # Safety
 /// Every iovec must describe memory readable for the whole call.
 pub unsafe fn write(fd: RawFd, iov: &[libc::iovec], off: u64, n: u64) -> io::Result<()> {
-    let mut iov = iov.to_vec();
-    let mut done = 0u64;
-    while done < n {
-        // pwritev2, not pwritev: the call the daemons' seccomp lists allow.
-        // SAFETY: the iovecs describe readable memory (this function's
-        // contract), advanced past what was written only.
-        let r =
-            unsafe { libc::pwritev2(fd, iov.as_ptr(), iov.len() as i32, (off + done) as i64, 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
-        }
-        if r == 0 {
-            return Err(io::Error::from(io::ErrorKind::WriteZero));
-        }
-        done += r as u64;
-        advance(&mut iov, r as usize);
+    // pwritev2, not pwritev: the call the daemons' seccomp lists allow.
+    // SAFETY: the iovecs describe readable memory (this function's
+    // contract), advanced past what was written only.
+    let done = transfer(iov, off, n, |v, at| unsafe {
+        libc::pwritev2(fd, v.as_ptr(), v.len() as i32, at, 0)
+    })?;
+    match done < n {
+        true => Err(io::Error::from(io::ErrorKind::WriteZero)),
+        false => Ok(()),
     }
-    Ok(())
 }
 
 /// Whether reads of `file` are made here too: a regular file on a file
@@ -76,14 +64,27 @@ pub fn reads_here(file: &std::fs::File) -> bool {
 /// # Safety
 /// Every iovec must describe memory writable for the whole call.
 pub unsafe fn read(fd: RawFd, iov: &[libc::iovec], off: u64, n: u64) -> io::Result<u64> {
+    // preadv2: the call rimg-vhost-blk's seccomp lists allow.
+    // SAFETY: the iovecs describe writable memory (this function's
+    // contract), advanced past what was read only.
+    transfer(iov, off, n, |v, at| unsafe {
+        libc::preadv2(fd, v.as_ptr(), v.len() as i32, at, 0)
+    })
+}
+
+/// Moves up to `n` bytes with `call` (on the iovecs not done yet, at
+/// the file offset of the next byte) until all are moved or a call moves
+/// none; returns how many were. EINTR is retried.
+fn transfer(
+    iov: &[libc::iovec],
+    off: u64,
+    n: u64,
+    call: impl Fn(&[libc::iovec], i64) -> isize,
+) -> io::Result<u64> {
     let mut iov = iov.to_vec();
     let mut done = 0u64;
     while done < n {
-        // preadv2: the call rimg-vhost-blk's seccomp lists allow.
-        // SAFETY: the iovecs describe writable memory (this function's
-        // contract), advanced past what was read only.
-        let r =
-            unsafe { libc::preadv2(fd, iov.as_ptr(), iov.len() as i32, (off + done) as i64, 0) };
+        let r = call(&iov, (off + done) as i64);
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::EINTR) {
