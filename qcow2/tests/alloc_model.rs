@@ -97,6 +97,16 @@ impl Drop for Images {
     }
 }
 
+/// Removes a directory when dropped, for a test whose `Images` outlives
+/// it (shuttle keeps the closure it found a deadlock in).
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn open(p: &Path) -> Arc<Qcow2> {
     let st = Storage::open(p, true).unwrap();
     Arc::new(Qcow2::open(st, None, Qcow2Options::default()).unwrap())
@@ -307,6 +317,8 @@ fn parked_writes_are_woken() {
 #[should_panic(expected = "deadlock")]
 fn lost_wake_up_is_found() {
     let images = Arc::new(Images::new("lost"));
+    // Dropped as the deadlock's panic unwinds this test.
+    let _dir = RemoveDir(images.dir.clone());
     let i = images.clone();
     shuttle::check_random(move || two_queues(&i, false), 3000);
 }
