@@ -3,22 +3,22 @@
 # client (libblkio, benches' blk_bench), same images, same run.
 # 4 KiB random reads and writes, queue depth 1 and 32, 1 and 2 queues, on
 # raw, preallocated qcow2, growing qcow2 and a qcow2 overlay over a raw
-# backing file. Prints IOPS, p50/p99 latency
-# and the ratio rimg/qsd, plus the ceiling: the client reading and writing the raw file
-# through its own io_uring driver.
+# backing file. Prints IOPS, p50/p99 latency and the ratio rimg/qsd, plus
+# the ceiling: the client reading and writing the raw file through its
+# own io_uring driver.
 #
 # Usage: benches/vhost-blk-bench.sh [SECONDS_PER_RUN] [IMAGE_SIZE]
 # BENCH_DIR=DIR puts the images there (default: target/ in the working
-# tree, the file system users keep images on). FS=xfs measures on XFS
-# instead: a file system made on a loop device whose backing file is in
-# BENCH_DIR (so on the same disk), mounted for the run and removed after
-# (needs root; installs xfsprogs if mkfs.xfs is missing). On a disk file
-# system, buffered raw writes at depth 32 measure the file system (ext4
-# serializes buffered writes per inode, and both daemons reach the
-# client's own io_uring ceiling); on tmpfs (BENCH_DIR=/dev/shm) the
-# daemons themselves are measured. EVICT=1 drops each image's page cache
-# after its prefill (see make_image): ext4's buffered writes into the
-# large folios a sequential prefill leaves are slow for everyone.
+# tree, the file system users keep images on; tmpfs: /dev/shm). FS=xfs
+# measures on XFS instead: a file system made on a loop device whose
+# backing file is in BENCH_DIR (so on the same disk), mounted for the run
+# and removed after (needs root; installs xfsprogs if mkfs.xfs is
+# missing). CACHE=small (the default), large or none sets the page cache
+# each image starts with, the same for both daemons and the ceiling
+# (benches/recache.py): small is the 4 KiB folios a guest's own I/O
+# leaves; large is what the sequential prefill leaves, in which ext4's
+# 4 KiB buffered writes are slow for every client (the ceiling falls
+# below both daemons); none is cold.
 set -euo pipefail
 SECS=${1:-3}
 SIZE=${2:-1G}
@@ -60,7 +60,7 @@ if [ "${FS:-}" = xfs ]; then
   BASE=$MNT
 fi
 W=$(mktemp -d "$BASE/rimg-blkbench.XXXXXX")
-echo "measuring on $(dirname "$W") ($(stat -f -c %T "$W"))"
+echo "measuring on $(dirname "$W") ($(stat -f -c %T "$W")), page cache ${CACHE:-small}"
 
 make_image() { # kind path
   case $1 in
@@ -79,19 +79,11 @@ make_image() { # kind path
   # Let the prefill's writeback finish: writes into pages under writeback
   # wait for it, which would measure the disk instead of the daemons.
   sync
-  # EVICT=1: drop the prefill's page cache. Written sequentially, it
-  # sits in large folios, and ext4 (6.16+) walks a folio's every buffer
-  # head on each 4 KiB buffered write into it (2 MiB: ~35 us a write,
-  # against ~2 us into a small folio): both daemons then measure that.
-  if [ "${EVICT:-0}" = 1 ]; then
-    for f in "$2" "$2.base"; do
-      if [ -e "$f" ]; then
-        python3 -c 'import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$f"
-      fi
-    done
-  fi
+  # The same page cache state for both daemons and the ceiling.
+  for f in "$2" "$2.base"; do
+    if [ -e "$f" ]; then python3 "$ROOT/benches/recache.py" "${CACHE:-small}" "$f"; fi
+  done
+  sync
 }
 
 start_daemon() { # which fmt image sock
