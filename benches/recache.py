@@ -5,13 +5,15 @@ Usage: recache.py MODE FILE...
   small  drop the file's cache, then cache it again in 4 KiB folios:
          read with O_DIRECT (no cache), written back 4 KiB at a time
          (a buffered write allocates a folio the size of the write).
-         This is the cache a guest's own 4 KiB I/O leaves.
+         This is the cache random 4 KiB I/O leaves.
   none   drop the file's cache: the next read comes from the disk.
   large  leave the cache as the prefill made it. A large sequential
-         write caches the file in large folios (2 MiB on ext4 since
-         6.16), and every 4 KiB buffered write into one of them walks
-         the folio's buffer heads: about 35 us a write for every
-         client, the benchmark's ceiling included.
+         write (or readahead, or a host-side copy) caches the file in
+         large folios (up to 2 MiB on ext4 since 6.16), and every
+         4 KiB buffered write into one of them walks the folio's
+         buffer heads: tens of microseconds a write, for every client,
+         the benchmark's ceiling included.
+Not for tmpfs, whose pages fadvise cannot drop.
 The file's contents and holes are unchanged. The caller syncs
 afterwards.
 """

@@ -13,12 +13,14 @@
 # measures on XFS instead: a file system made on a loop device whose
 # backing file is in BENCH_DIR (so on the same disk), mounted for the run
 # and removed after (needs root; installs xfsprogs if mkfs.xfs is
-# missing). CACHE=small (the default), large or none sets the page cache
-# each image starts with, the same for both daemons and the ceiling
-# (benches/recache.py): small is the 4 KiB folios a guest's own I/O
-# leaves; large is what the sequential prefill leaves, in which ext4's
-# 4 KiB buffered writes are slow for every client (the ceiling falls
-# below both daemons); none is cold.
+# missing; the loop device does direct I/O, so that the raw-direct rows
+# reach the disk). CACHE=small (the default), large or none sets the
+# page cache each image starts with, the same for both daemons and the
+# ceiling (benches/recache.py; not on tmpfs, whose pages it cannot
+# drop): small is the 4 KiB folios random 4 KiB I/O leaves; large is
+# what the sequential prefill leaves (as readahead or a host-side copy
+# would), in which ext4's 4 KiB buffered writes are slow for every
+# client, the ceiling with them; none is cold.
 set -euo pipefail
 SECS=${1:-3}
 SIZE=${2:-1G}
@@ -53,14 +55,15 @@ if [ "${FS:-}" = xfs ]; then
   bytes=$(numfmt --from=iec "$SIZE")
   LOOPFILE=$BASE/rimg-blkbench-xfs.img
   truncate -s $((bytes * 4 + (1 << 30))) "$LOOPFILE"
-  LOOP=$(losetup -f --show "$LOOPFILE")
+  LOOP=$(losetup -f --show --direct-io=on "$LOOPFILE")
   mkfs.xfs -q -f "$LOOP"
   MNT=$(mktemp -d /tmp/rimg-blkbench-xfs.XXXXXX)
   mount "$LOOP" "$MNT"
   BASE=$MNT
 fi
 W=$(mktemp -d "$BASE/rimg-blkbench.XXXXXX")
-echo "measuring on $(dirname "$W") ($(stat -f -c %T "$W")), page cache ${CACHE:-small}"
+fs=$(stat -f -c %T "$W")
+echo "measuring on $(dirname "$W") ($fs), page cache $([ "$fs" = tmpfs ] && echo "tmpfs's own" || echo "${CACHE:-small}")"
 
 make_image() { # kind path
   case $1 in
@@ -81,7 +84,9 @@ make_image() { # kind path
   sync
   # The same page cache state for both daemons and the ceiling.
   for f in "$2" "$2.base"; do
-    if [ -e "$f" ]; then python3 "$ROOT/benches/recache.py" "${CACHE:-small}" "$f"; fi
+    if [ -e "$f" ] && [ "$(stat -f -c %T "$f")" != tmpfs ]; then
+      python3 "$ROOT/benches/recache.py" "${CACHE:-small}" "$f"
+    fi
   done
   sync
 }
