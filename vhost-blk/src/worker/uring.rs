@@ -1,7 +1,7 @@
 //! Guest data on the queue's io_uring: iovecs into guest memory become
 //! READV/WRITEV at the mapped file offsets (buffered writes, and reads
-//! from tmpfs, the worker makes itself: `inline`); what the ring cannot take
-//! (unmapped or fragmented guest memory, buffers not aligned for
+//! from tmpfs, the worker makes itself: `inline`); what the ring cannot
+//! take (unmapped or fragmented guest memory, buffers not aligned for
 //! O_DIRECT, O_DIRECT refusals, reads past the end of the file) moves
 //! synchronously through the bounce buffer.
 
