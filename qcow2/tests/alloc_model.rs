@@ -57,6 +57,7 @@ const CS: u64 = 512;
 struct Images {
     dir: PathBuf,
     n: AtomicUsize,
+    _removed_after: RemoveDir,
 }
 
 impl Images {
@@ -65,6 +66,7 @@ impl Images {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         Images {
+            _removed_after: RemoveDir(dir.clone()),
             dir,
             n: AtomicUsize::new(0),
         }
@@ -91,14 +93,9 @@ impl Images {
     }
 }
 
-impl Drop for Images {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// Removes a directory when dropped, for a test whose `Images` outlives
-/// it (shuttle keeps the closure it found a deadlock in).
+/// Removes a directory when dropped: the `Images`' own, and one more for
+/// a test whose `Images` is never dropped (shuttle keeps the closure it
+/// found a deadlock in).
 struct RemoveDir(PathBuf);
 
 impl Drop for RemoveDir {
